@@ -1,0 +1,1 @@
+//! Ferry benchmarks. See `benches/core.rs` and docs/bench.md.

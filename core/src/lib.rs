@@ -1,0 +1,27 @@
+//! `ferry-core`: the sans-IO heart of Ferry, shared by the relay, the gateway, the peers and the
+//! bench.
+//!
+//! What it does **not** do: open sockets, spawn threads, or read the clock. Time is always a
+//! parameter (`now`), randomness comes from the caller's [`ring::rand::SecureRandom`], so every
+//! state machine here runs the same way in a unit test as in production.
+//!
+//! The pieces, each the implementation of a section of `docs/protocol.md`:
+//!
+//! - [`wire`]: parse relay-layer datagrams by `(type, len)` into borrowed views; encode into
+//!   caller buffers. The stateless header rules live in [`ferry_common::header`], shared with XDP.
+//! - [`token`]: relay tokens minted by a gateway ([`token::TokenMinter`]) and verified by a relay
+//!   ([`token::TokenVerifier`]), with [`seal`] sealing each slot secret to the relay's key.
+//! - [`proof`]: slot proofs, relay MACs and stateless address cookies.
+//! - [`noise`]: the peers' end-to-end `Noise_XX_25519_ChaChaPoly_BLAKE2s` handshake and transport
+//!   with explicit counters, a replay window and rekeying; [`known_peers`] for trust on first use.
+//! - [`keys`]: key files for relays, gateways and peers.
+#![forbid(unsafe_code)]
+
+pub mod keys;
+pub mod known_peers;
+pub mod noise;
+pub mod proof;
+pub mod seal;
+pub mod time;
+pub mod token;
+pub mod wire;

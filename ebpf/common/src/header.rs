@@ -1,0 +1,1 @@
+//! The stateless header rules of docs/protocol.md §2.1.

@@ -1,0 +1,2 @@
+//! Ferry gateway.
+fn main() {}

@@ -1,0 +1,2 @@
+//! Ferry peer CLI.
+fn main() {}

@@ -1,0 +1,2 @@
+//! Ferry relay.
+fn main() {}
