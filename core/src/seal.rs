@@ -1,1 +1,189 @@
-//! See docs/protocol.md.
+//! Sealing a slot secret to a relay's static X25519 key (`docs/protocol.md` §4.1).
+//!
+//! ```text
+//! e, E     = fresh X25519 key pair
+//! shared   = X25519(e, R)            (rejected if all zero)
+//! K_seal   = HKDF-SHA256(salt = "ferry token seal v1", ikm = shared, info = E ‖ R), 32 bytes
+//! sealed   = ChaCha20-Poly1305(K_seal, nonce = 0^12, aad = token bytes 0..64, S)
+//! ```
+//!
+//! The sealed form is `E (32) ‖ ciphertext (32) ‖ tag (16)`, token bytes 64..144.
+
+use chacha20poly1305::aead::array::Array;
+use chacha20poly1305::{AeadInOut, ChaCha20Poly1305, KeyInit, Nonce, Tag};
+use ring::rand::SecureRandom;
+use x25519_dalek::{PublicKey as X25519Public, StaticSecret};
+use zeroize::Zeroizing;
+
+use crate::keys::{RelayPublicKey, RelayStaticKey};
+use crate::proof::{SLOT_SECRET_LEN, SlotSecret, hkdf_sha256_32};
+
+/// Length of the sealed slot secret: ephemeral public key, ciphertext, tag.
+pub const SEALED_LEN: usize = 32 + SLOT_SECRET_LEN + 16;
+/// Length of the associated data: the token's claims, bytes 0..64.
+pub const CLAIMS_AAD_LEN: usize = 64;
+
+const SEAL_SALT: &[u8] = b"ferry token seal v1";
+
+/// Why a slot secret could not be sealed or opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SealError {
+    /// The system random number generator failed (the host is to blame).
+    #[error("the random number generator failed")]
+    Rng,
+    /// The X25519 result is all zero: a low-order public key was used (the sender is to blame).
+    #[error("non-contributory X25519 key exchange (low-order public key)")]
+    NonContributory,
+    /// The AEAD tag does not verify: sealed to another relay's key, or the claims or sealed
+    /// bytes were changed.
+    #[error("slot secret does not unseal (sealed to another relay, or tampered with)")]
+    Open,
+}
+
+/// Draws a fresh slot secret and seals it to `relay_public`, binding it to `claims_aad`
+/// (token bytes 0..64). Returns the 80 sealed bytes and the secret for the peer.
+pub fn seal_slot_secret(
+    rng: &dyn SecureRandom,
+    relay_public: &RelayPublicKey,
+    claims_aad: &[u8; CLAIMS_AAD_LEN],
+) -> Result<([u8; SEALED_LEN], SlotSecret), SealError> {
+    let secret = SlotSecret::generate(rng).map_err(|_| SealError::Rng)?;
+    let mut ephemeral_bytes = Zeroizing::new([0u8; 32]);
+    rng.fill(ephemeral_bytes.as_mut())
+        .map_err(|_| SealError::Rng)?;
+    let ephemeral = StaticSecret::from(*ephemeral_bytes);
+    let ephemeral_public = X25519Public::from(&ephemeral).to_bytes();
+
+    let shared = ephemeral.diffie_hellman(&X25519Public::from(*relay_public.as_bytes()));
+    if !shared.was_contributory() {
+        return Err(SealError::NonContributory);
+    }
+    let cipher = seal_cipher(shared.as_bytes(), &ephemeral_public, relay_public);
+
+    let mut ciphertext = *secret.expose();
+    let tag = cipher
+        .encrypt_inout_detached(&Nonce::default(), claims_aad, (&mut ciphertext[..]).into())
+        .map_err(|_| SealError::Open)?;
+
+    let mut sealed = [0u8; SEALED_LEN];
+    sealed[..32].copy_from_slice(&ephemeral_public);
+    sealed[32..64].copy_from_slice(&ciphertext);
+    sealed[64..].copy_from_slice(&tag);
+    Ok((sealed, secret))
+}
+
+/// Opens a sealed slot secret with the relay's static key. Fails with [`SealError::Open`] when
+/// it was sealed to another key or `sealed` or `claims_aad` changed.
+pub fn open_slot_secret(
+    relay_static: &RelayStaticKey,
+    sealed: &[u8; SEALED_LEN],
+    claims_aad: &[u8; CLAIMS_AAD_LEN],
+) -> Result<SlotSecret, SealError> {
+    let (ephemeral_public, rest) = sealed.split_at(32);
+    let (ciphertext, tag) = rest.split_at(SLOT_SECRET_LEN);
+    let mut ephemeral = [0u8; 32];
+    ephemeral.copy_from_slice(ephemeral_public);
+
+    let shared = relay_static.diffie_hellman(&ephemeral);
+    if !shared.was_contributory() {
+        return Err(SealError::NonContributory);
+    }
+    let cipher = seal_cipher(shared.as_bytes(), &ephemeral, &relay_static.public());
+
+    let mut plaintext = Zeroizing::new([0u8; SLOT_SECRET_LEN]);
+    plaintext.copy_from_slice(ciphertext);
+    let tag = Tag::try_from(tag).map_err(|_| SealError::Open)?;
+    cipher
+        .decrypt_inout_detached(
+            &Nonce::default(),
+            claims_aad,
+            (&mut plaintext[..]).into(),
+            &tag,
+        )
+        .map_err(|_| SealError::Open)?;
+    Ok(SlotSecret::from_bytes(*plaintext))
+}
+
+/// ChaCha20-Poly1305 under `K_seal = HKDF(salt, shared, E ‖ R)`.
+fn seal_cipher(
+    shared: &[u8; 32],
+    ephemeral_public: &[u8; 32],
+    relay_public: &RelayPublicKey,
+) -> ChaCha20Poly1305 {
+    let key = hkdf_sha256_32(
+        SEAL_SALT,
+        shared,
+        &[ephemeral_public, relay_public.as_bytes()],
+    );
+    ChaCha20Poly1305::new(&Array::from(*key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ring::rand::SystemRandom;
+
+    fn claims() -> [u8; CLAIMS_AAD_LEN] {
+        let mut c = [0u8; CLAIMS_AAD_LEN];
+        c.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
+        c
+    }
+
+    #[test]
+    fn round_trip() {
+        let rng = SystemRandom::new();
+        let relay = RelayStaticKey::generate(&rng).unwrap();
+        let (sealed, secret) = seal_slot_secret(&rng, &relay.public(), &claims()).unwrap();
+        let opened = open_slot_secret(&relay, &sealed, &claims()).unwrap();
+        assert_eq!(opened.expose(), secret.expose());
+        // The ciphertext is not the secret in the clear.
+        assert_ne!(&sealed[32..64], secret.expose());
+    }
+
+    #[test]
+    fn wrong_key_fails() {
+        let rng = SystemRandom::new();
+        let relay = RelayStaticKey::generate(&rng).unwrap();
+        let other = RelayStaticKey::generate(&rng).unwrap();
+        let (sealed, _) = seal_slot_secret(&rng, &relay.public(), &claims()).unwrap();
+        assert_eq!(
+            open_slot_secret(&other, &sealed, &claims()).unwrap_err(),
+            SealError::Open
+        );
+    }
+
+    #[test]
+    fn aad_mismatch_or_tampering_fails() {
+        let rng = SystemRandom::new();
+        let relay = RelayStaticKey::generate(&rng).unwrap();
+        let (sealed, _) = seal_slot_secret(&rng, &relay.public(), &claims()).unwrap();
+        let mut other_claims = claims();
+        other_claims[40] ^= 1;
+        assert_eq!(
+            open_slot_secret(&relay, &sealed, &other_claims).unwrap_err(),
+            SealError::Open
+        );
+        for byte in [0, 31, 32, 63, 64, 79] {
+            let mut tampered = sealed;
+            tampered[byte] ^= 0x80;
+            assert!(open_slot_secret(&relay, &tampered, &claims()).is_err());
+        }
+    }
+
+    #[test]
+    fn low_order_points_are_rejected() {
+        let rng = SystemRandom::new();
+        let relay = RelayStaticKey::generate(&rng).unwrap();
+        let zero = RelayPublicKey::from_bytes([0; 32]);
+        assert_eq!(
+            seal_slot_secret(&rng, &zero, &claims()).unwrap_err(),
+            SealError::NonContributory
+        );
+        let sealed = [0u8; SEALED_LEN];
+        assert_eq!(
+            open_slot_secret(&relay, &sealed, &claims()).unwrap_err(),
+            SealError::NonContributory
+        );
+    }
+}
