@@ -1,0 +1,472 @@
+//! TRANSPORT frames with explicit counters, replay windows and rekeying (docs/protocol.md
+//! §9.2, §9.3).
+
+use std::fmt;
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use chacha20poly1305::aead::inout::InOutBuf;
+use chacha20poly1305::{AeadInOut, ChaCha20Poly1305, Key, KeyInit, Nonce, Tag};
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+use super::NoiseError;
+use super::frame::{
+    MAX_PLAINTEXT, TAG_LEN, TRANSPORT_HEADER_LEN, TRANSPORT_OVERHEAD, TransportHeader,
+};
+use super::replay::ReplayWindow;
+
+/// When to rekey and when the session ends (docs/protocol.md §8, §9.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransportLimits {
+    /// Rekey the sending key once this many messages were sent under it (default 2^32).
+    pub rekey_after_messages: u64,
+    /// Rekey the sending key once it is this old (default 120 s).
+    pub rekey_after: Duration,
+    /// Refuse to send or accept anything once the session is this old (default 24 h).
+    pub max_age: Duration,
+}
+
+impl Default for TransportLimits {
+    fn default() -> Self {
+        Self {
+            rekey_after_messages: 1 << 32,
+            rekey_after: Duration::from_secs(120),
+            max_age: Duration::from_secs(24 * 60 * 60),
+        }
+    }
+}
+
+impl TransportLimits {
+    /// Checks the ranges: `rekey_after_messages` in `1..=2^64 − 2` (so no counter ever reaches
+    /// the reserved 2^64 − 1) and non-zero durations.
+    pub fn validate(&self) -> Result<(), NoiseError> {
+        if !(1..=u64::MAX - 1).contains(&self.rekey_after_messages) {
+            return Err(NoiseError::InvalidLimits(
+                "rekey_after_messages must be in 1..=2^64-2",
+            ));
+        }
+        if self.rekey_after.is_zero() {
+            return Err(NoiseError::InvalidLimits("rekey_after must be positive"));
+        }
+        if self.max_age.is_zero() {
+            return Err(NoiseError::InvalidLimits("max_age must be positive"));
+        }
+        Ok(())
+    }
+}
+
+/// Running totals of one transport, for logs and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TransportStats {
+    /// Frames sealed.
+    pub sent: u64,
+    /// Frames that authenticated and were accepted.
+    pub received: u64,
+    /// Frames refused (malformed, replayed, unknown epoch, forged, or after expiry).
+    pub dropped: u64,
+}
+
+/// A ChaCha20-Poly1305 key, zeroized on drop, used with Noise's nonce layout.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+struct CipherKey([u8; 32]);
+
+impl CipherKey {
+    fn aead(&self) -> ChaCha20Poly1305 {
+        ChaCha20Poly1305::new(&Key::from(self.0))
+    }
+
+    /// Noise's ChaChaPoly nonce: 4 zero bytes, then the counter little-endian.
+    fn nonce(counter: u64) -> Nonce {
+        let mut nonce = [0u8; 12];
+        nonce[4..].copy_from_slice(&counter.to_le_bytes());
+        Nonce::from(nonce)
+    }
+
+    fn seal(&self, counter: u64, aad: &[u8], buf: InOutBuf<'_, '_, u8>) -> Result<Tag, NoiseError> {
+        self.aead()
+            .encrypt_inout_detached(&Self::nonce(counter), aad, buf)
+            .map_err(|_| NoiseError::PayloadTooLarge(MAX_PLAINTEXT + 1))
+    }
+
+    fn open(
+        &self,
+        counter: u64,
+        aad: &[u8],
+        buf: InOutBuf<'_, '_, u8>,
+        tag: &[u8],
+    ) -> Result<(), NoiseError> {
+        let tag = Tag::try_from(tag).map_err(|_| NoiseError::Decrypt)?;
+        self.aead()
+            .decrypt_inout_detached(&Self::nonce(counter), aad, buf, &tag)
+            .map_err(|_| NoiseError::Decrypt)
+    }
+
+    /// Noise `REKEY`: the first 32 bytes of `ENCRYPT(k, 2^64 − 1, ∅, 32 zero bytes)`.
+    fn rekey(&self) -> Result<Self, NoiseError> {
+        let mut next = Self([0; 32]);
+        // The tag is discarded; only the ciphertext becomes the new key.
+        self.seal(u64::MAX, &[], next.0.as_mut_slice().into())?;
+        Ok(next)
+    }
+}
+
+/// The sending half: one key, its epoch, the next counter and when the key was made.
+struct Sender {
+    key: CipherKey,
+    epoch: u32,
+    counter: u64,
+    key_born: Instant,
+}
+
+impl Sender {
+    /// Rekeys if due, then hands out the `(epoch, counter)` of the next frame.
+    fn next_nonce(
+        &mut self,
+        now: Instant,
+        limits: &TransportLimits,
+    ) -> Result<TransportHeader, NoiseError> {
+        let key_age = now.saturating_duration_since(self.key_born);
+        if self.counter >= limits.rekey_after_messages || key_age >= limits.rekey_after {
+            self.rekey(now)?;
+        }
+        if self.counter >= u64::MAX - 1 {
+            return Err(NoiseError::CounterExhausted);
+        }
+        let header = TransportHeader {
+            epoch: self.epoch,
+            counter: self.counter,
+        };
+        self.counter += 1;
+        Ok(header)
+    }
+
+    fn rekey(&mut self, now: Instant) -> Result<(), NoiseError> {
+        let epoch = self
+            .epoch
+            .checked_add(1)
+            .ok_or(NoiseError::EpochExhausted)?;
+        self.key = self.key.rekey()?;
+        self.epoch = epoch;
+        self.counter = 0;
+        self.key_born = now;
+        Ok(())
+    }
+}
+
+/// One receive epoch: its key and its replay window.
+struct ReceiveEpoch {
+    key: CipherKey,
+    epoch: u32,
+    window: ReplayWindow,
+}
+
+/// Which key a received frame's epoch selects.
+enum EpochSlot {
+    Current,
+    Previous,
+    Next,
+}
+
+/// An established end-to-end session: seals and opens TRANSPORT frames.
+///
+/// Made by [`Handshake::into_transport`](super::Handshake::into_transport). Keys are zeroized
+/// on drop; `Debug` shows epochs and counters only.
+pub struct Transport {
+    sender: Sender,
+    current: ReceiveEpoch,
+    previous: Option<ReceiveEpoch>,
+    created: Instant,
+    limits: TransportLimits,
+    remote: [u8; 32],
+    stats: TransportStats,
+}
+
+impl fmt::Debug for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Transport")
+            .field("send_epoch", &self.sender.epoch)
+            .field("send_counter", &self.sender.counter)
+            .field("recv_epoch", &self.current.epoch)
+            .field("limits", &self.limits)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Transport {
+    /// A transport from the two split keys, created at `now`. `limits` must be valid.
+    pub(crate) fn new(
+        send_key: [u8; 32],
+        recv_key: [u8; 32],
+        remote: [u8; 32],
+        now: Instant,
+        limits: TransportLimits,
+    ) -> Self {
+        Self {
+            sender: Sender {
+                key: CipherKey(send_key),
+                epoch: 0,
+                counter: 0,
+                key_born: now,
+            },
+            current: ReceiveEpoch {
+                key: CipherKey(recv_key),
+                epoch: 0,
+                window: ReplayWindow::new(),
+            },
+            previous: None,
+            created: now,
+            limits,
+            remote,
+            stats: TransportStats::default(),
+        }
+    }
+
+    /// The authenticated static key of the peer.
+    pub fn remote_identity(&self) -> &[u8; 32] {
+        &self.remote
+    }
+
+    /// The epoch of the sending key (the number of rekeys done on it).
+    pub fn send_epoch(&self) -> u32 {
+        self.sender.epoch
+    }
+
+    /// The counter the next sealed frame will carry, unless a rekey resets it first.
+    pub fn send_counter(&self) -> u64 {
+        self.sender.counter
+    }
+
+    /// The newest epoch a received frame authenticated in (0 before any).
+    pub fn recv_epoch(&self) -> u32 {
+        self.current.epoch
+    }
+
+    /// The limits this transport enforces.
+    pub fn limits(&self) -> &TransportLimits {
+        &self.limits
+    }
+
+    /// Frames sent, received and dropped so far.
+    pub fn stats(&self) -> TransportStats {
+        self.stats
+    }
+
+    /// Whether the session is past its maximum age at `now`: no frame is sealed or opened any
+    /// more, and the peers must run a new handshake.
+    pub fn is_expired(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.created) >= self.limits.max_age
+    }
+
+    fn check_age(&self, now: Instant) -> Result<(), NoiseError> {
+        match self.is_expired(now) {
+            true => Err(NoiseError::SessionExpired),
+            false => Ok(()),
+        }
+    }
+
+    /// Seals `plaintext` into a whole TRANSPORT frame written at the start of `out`; returns
+    /// the frame's length (`plaintext.len() + 29`).
+    pub fn seal(
+        &mut self,
+        now: Instant,
+        plaintext: &[u8],
+        out: &mut [u8],
+    ) -> Result<usize, NoiseError> {
+        let frame_len = Self::check_seal_sizes(plaintext.len(), out.len())?;
+        let (header, body) = out[..frame_len].split_at_mut(TRANSPORT_HEADER_LEN);
+        let (ciphertext, tag) = body.split_at_mut(plaintext.len());
+        let buf = InOutBuf::new(plaintext, ciphertext)
+            .map_err(|_| NoiseError::BufferTooSmall { needed: frame_len })?;
+        self.seal_parts(now, header, buf, tag)?;
+        Ok(frame_len)
+    }
+
+    /// Seals in place: the plaintext sits at `buf[13..13 + plaintext_len]`; the header goes in
+    /// front of it and the tag after it. Returns the frame's length (`plaintext_len + 29`).
+    ///
+    /// Lets a caller reserve room for its own headers before `buf` and send without copying.
+    pub fn seal_in_place(
+        &mut self,
+        now: Instant,
+        buf: &mut [u8],
+        plaintext_len: usize,
+    ) -> Result<usize, NoiseError> {
+        let frame_len = Self::check_seal_sizes(plaintext_len, buf.len())?;
+        let (header, body) = buf[..frame_len].split_at_mut(TRANSPORT_HEADER_LEN);
+        let (plaintext, tag) = body.split_at_mut(plaintext_len);
+        self.seal_parts(now, header, plaintext.into(), tag)?;
+        Ok(frame_len)
+    }
+
+    fn check_seal_sizes(plaintext_len: usize, out_len: usize) -> Result<usize, NoiseError> {
+        if plaintext_len > MAX_PLAINTEXT {
+            return Err(NoiseError::PayloadTooLarge(plaintext_len));
+        }
+        let frame_len = plaintext_len + TRANSPORT_OVERHEAD;
+        if out_len < frame_len {
+            return Err(NoiseError::BufferTooSmall { needed: frame_len });
+        }
+        Ok(frame_len)
+    }
+
+    /// Writes the header, encrypts `buf` and writes the tag; `header` is 13 bytes and `tag` 16.
+    fn seal_parts(
+        &mut self,
+        now: Instant,
+        header: &mut [u8],
+        buf: InOutBuf<'_, '_, u8>,
+        tag: &mut [u8],
+    ) -> Result<(), NoiseError> {
+        self.check_age(now)?;
+        let nonce = self.sender.next_nonce(now, &self.limits)?;
+        header.copy_from_slice(&nonce.encode());
+        let sealed = self.sender.key.seal(nonce.counter, header, buf)?;
+        tag.copy_from_slice(&sealed);
+        self.stats.sent += 1;
+        Ok(())
+    }
+
+    /// Opens a TRANSPORT frame, writing the plaintext at the start of `out`; returns its length.
+    pub fn open(
+        &mut self,
+        now: Instant,
+        frame: &[u8],
+        out: &mut [u8],
+    ) -> Result<usize, NoiseError> {
+        let result = self.open_checked(now, frame, |key, header, aad| {
+            let body = &frame[TRANSPORT_HEADER_LEN..];
+            let (ciphertext, tag) = body.split_at(body.len() - TAG_LEN);
+            let plaintext = out
+                .get_mut(..ciphertext.len())
+                .ok_or(NoiseError::BufferTooSmall {
+                    needed: ciphertext.len(),
+                })?;
+            let buf = InOutBuf::new(ciphertext, plaintext).map_err(|_| NoiseError::Decrypt)?;
+            key.open(header.counter, aad, buf, tag)?;
+            Ok(ciphertext.len())
+        });
+        self.count(result)
+    }
+
+    /// Opens a TRANSPORT frame in place; returns the range of `frame` that holds the plaintext
+    /// (`13..frame.len() - 16`). On error the frame's contents are unspecified.
+    pub fn open_in_place(
+        &mut self,
+        now: Instant,
+        frame: &mut [u8],
+    ) -> Result<Range<usize>, NoiseError> {
+        let header = match TransportHeader::parse(frame) {
+            Ok(header) => header,
+            Err(error) => return self.count(Err(error.into())),
+        };
+        let (aad, body) = frame.split_at_mut(TRANSPORT_HEADER_LEN);
+        let (ciphertext, tag) = body.split_at_mut(body.len() - TAG_LEN);
+        let plaintext = TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + ciphertext.len();
+        let result = self.open_header(now, header, aad, |key, header, aad| {
+            key.open(header.counter, aad, ciphertext.into(), tag)
+        });
+        self.count(result.map(|()| plaintext))
+    }
+
+    fn count<T>(&mut self, result: Result<T, NoiseError>) -> Result<T, NoiseError> {
+        match result {
+            Ok(_) => self.stats.received += 1,
+            Err(_) => self.stats.dropped += 1,
+        }
+        result
+    }
+
+    fn open_checked<T>(
+        &mut self,
+        now: Instant,
+        frame: &[u8],
+        decrypt: impl FnOnce(&CipherKey, TransportHeader, &[u8]) -> Result<T, NoiseError>,
+    ) -> Result<T, NoiseError> {
+        let header = TransportHeader::parse(frame)?;
+        self.open_header(now, header, &frame[..TRANSPORT_HEADER_LEN], decrypt)
+    }
+
+    /// The receive path after parsing: age, epoch, window, decrypt, then commit.
+    fn open_header<T>(
+        &mut self,
+        now: Instant,
+        header: TransportHeader,
+        aad: &[u8],
+        decrypt: impl FnOnce(&CipherKey, TransportHeader, &[u8]) -> Result<T, NoiseError>,
+    ) -> Result<T, NoiseError> {
+        self.check_age(now)?;
+        match self.slot(header.epoch)? {
+            EpochSlot::Current => open_in_epoch(&mut self.current, header, aad, decrypt),
+            EpochSlot::Previous => match self.previous.as_mut() {
+                Some(previous) => open_in_epoch(previous, header, aad, decrypt),
+                None => Err(NoiseError::UnknownEpoch),
+            },
+            EpochSlot::Next => {
+                // Derived tentatively: the shift is committed only once the tag verifies.
+                let mut next = ReceiveEpoch {
+                    key: self.current.key.rekey()?,
+                    epoch: header.epoch,
+                    window: ReplayWindow::new(),
+                };
+                let plaintext = open_in_epoch(&mut next, header, aad, decrypt)?;
+                self.previous = Some(std::mem::replace(&mut self.current, next));
+                Ok(plaintext)
+            }
+        }
+    }
+
+    fn slot(&self, epoch: u32) -> Result<EpochSlot, NoiseError> {
+        let current = self.current.epoch;
+        if epoch == current {
+            Ok(EpochSlot::Current)
+        } else if current.checked_sub(1) == Some(epoch) && self.previous.is_some() {
+            Ok(EpochSlot::Previous)
+        } else if current.checked_add(1) == Some(epoch) {
+            Ok(EpochSlot::Next)
+        } else {
+            Err(NoiseError::UnknownEpoch)
+        }
+    }
+
+    /// Test-only: jump the sending key forward to `epoch` and `counter` (the key is not
+    /// rederived; both peers must be moved alike).
+    #[cfg(test)]
+    pub(crate) fn force_send_state(&mut self, epoch: u32, counter: u64) {
+        self.sender.epoch = epoch;
+        self.sender.counter = counter;
+    }
+
+    /// Test-only: move the receive epoch to `epoch`, as if it had followed the sender there.
+    #[cfg(test)]
+    pub(crate) fn force_recv_epoch(&mut self, epoch: u32) {
+        self.current.epoch = epoch;
+        self.previous = None;
+    }
+
+    /// Test-only: change the limits without validation.
+    #[cfg(test)]
+    pub(crate) fn force_limits(&mut self, limits: TransportLimits) {
+        self.limits = limits;
+    }
+}
+
+/// Window check, decrypt, then mark: a frame that fails to authenticate changes nothing.
+fn open_in_epoch<T>(
+    epoch: &mut ReceiveEpoch,
+    header: TransportHeader,
+    aad: &[u8],
+    decrypt: impl FnOnce(&CipherKey, TransportHeader, &[u8]) -> Result<T, NoiseError>,
+) -> Result<T, NoiseError> {
+    if !epoch.window.will_accept(header.counter) {
+        return Err(match epoch.window.is_too_old(header.counter) {
+            true => NoiseError::TooOld,
+            false => NoiseError::Replayed,
+        });
+    }
+    let plaintext = decrypt(&epoch.key, header, aad)?;
+    match epoch.window.mark_received(header.counter) {
+        true => Ok(plaintext),
+        false => Err(NoiseError::Replayed),
+    }
+}
