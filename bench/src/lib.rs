@@ -1,1 +1,8 @@
-//! Ferry benchmarks. See `benches/core.rs` and docs/bench.md.
+//! `ferry-bench`: Ferry's benchmarks and its in-memory demo.
+//!
+//! - `benches/core.rs`: criterion micro-benchmarks of `ferry-core` (header parse, token
+//!   verification, transport seal+open against the raw AEAD). See docs/bench.md.
+//! - [`demo`]: the gateway, the relay's session table and two peers in one process, joined by
+//!   an in-memory network; `ferry-demo` runs it, `.ci/demo` runs `ferry-demo`.
+
+pub mod demo;

@@ -699,6 +699,22 @@ pub fn load_public_file<K: PublicKey>(path: &Path) -> Result<K, KeyError> {
     Ok(K::from_public_bytes(*bytes))
 }
 
+/// Writes `key` to `secret_path` (mode 0600) and its public key next to it, at
+/// `secret_path` + `.pub` (mode 0644): what every `keygen` command does. Returns the public
+/// key's path.
+pub fn write_key_pair<K: SecretKey>(
+    secret_path: &Path,
+    key: &K,
+    overwrite: bool,
+) -> Result<PathBuf, KeyError> {
+    let mut public = secret_path.as_os_str().to_owned();
+    public.push(".pub");
+    let public = PathBuf::from(public);
+    write_secret_file(secret_path, key, overwrite)?;
+    write_public_file(&public, &key.public_key(), overwrite)?;
+    Ok(public)
+}
+
 #[cfg(test)]
 mod tests {
     use super::sealed::{PublicBytes as _, SecretBytes as _};
@@ -771,6 +787,23 @@ mod tests {
             GatewayPublicKey::load(&dir.path("gateway-ed25519.pub")).unwrap(),
             gateway.public()
         );
+    }
+
+    #[test]
+    fn write_key_pair_puts_the_public_key_next_to_the_secret() {
+        let rng = SystemRandom::new();
+        let dir = TempDir::new("pair");
+        let key = RelayStaticKey::generate(&rng).unwrap();
+        let secret = dir.path("relay.key");
+        let public = write_key_pair(&secret, &key, false).unwrap();
+        assert_eq!(public, dir.path("relay.key.pub"));
+        assert_eq!(mode_of(&secret), 0o600);
+        assert_eq!(mode_of(&public), 0o644);
+        assert_eq!(RelayPublicKey::load(&public).unwrap(), key.public());
+        assert!(matches!(
+            write_key_pair(&secret, &key, false),
+            Err(KeyError::AlreadyExists { .. })
+        ));
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //! bench.
 //!
 //! What it does **not** do: open sockets, spawn threads, or read the clock. Time is always a
-//! parameter (`now`), randomness comes from the caller's [`ring::rand::SecureRandom`], so every
-//! state machine here runs the same way in a unit test as in production.
+//! parameter (`now`), and randomness for keys, token ids and slot secrets comes from the
+//! caller's [`ring::rand::SecureRandom`], so every state machine here runs the same way in a unit
+//! test as in production. (One exception: `snow` draws the Noise handshake's ephemeral keys from
+//! the operating system itself.)
 //!
 //! The pieces, each the implementation of a section of `docs/protocol.md`:
 //!

@@ -1,0 +1,299 @@
+//! Binding a slot on a relay, sans-IO: BIND, CHALLENGE, BIND-ACK/REJECT, REBIND, KEEPALIVE and
+//! CLOSE from the peer's side (docs/protocol.md §3, timers of §8).
+//!
+//! The caller owns the socket and the clock: it passes `now` in, sends what the client writes
+//! into its buffer, and calls [`BindClient::on_timeout`] when [`BindClient::poll_timeout`] says.
+
+use std::time::{Duration, Instant};
+
+use ferry_core::proof::{SlotKeys, SlotSecret};
+use ferry_core::wire::{self, Packet, RejectReason, Slot, TOKEN_LEN};
+
+/// First retransmission delay of an unanswered BIND/REBIND; it doubles up to [`MAX_RETRY`].
+pub const FIRST_RETRY: Duration = Duration::from_secs(1);
+/// Longest delay between retransmissions.
+pub const MAX_RETRY: Duration = Duration::from_secs(8);
+/// A bind attempt with no answer for this long fails.
+pub const BIND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where the binding stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BindState {
+    /// Not started.
+    Idle,
+    /// BIND or REBIND sent, no BIND-ACK yet.
+    Binding,
+    /// The relay acknowledged the slot.
+    Bound,
+    /// The relay refused with an authenticated REJECT, or the bind timed out.
+    Failed,
+    /// The session was closed, by us or by the other peer.
+    Closed,
+}
+
+/// What a received relay packet meant to the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BindEvent {
+    /// Send the first `n` bytes of the output buffer to the relay.
+    Transmit(usize),
+    /// The slot is bound (or re-bound); `peer_present` says whether the other slot is too.
+    Bound {
+        /// Whether the other peer was bound when the relay answered.
+        peer_present: bool,
+    },
+    /// The relay refused. `authenticated` REJECTs are final; others are only hints.
+    Rejected {
+        /// The relay's reason.
+        reason: RejectReason,
+        /// Whether the REJECT carried a valid relay MAC.
+        authenticated: bool,
+    },
+    /// The relay closed the session (the other peer sent CLOSE).
+    Closed,
+    /// The relay echoed a KEEPALIVE: the binding works.
+    KeepaliveEcho,
+    /// Not for us, forged, or stale: ignored.
+    Ignored,
+}
+
+/// One peer's binding to one slot of one relay session.
+pub struct BindClient {
+    session_id: u64,
+    slot: Slot,
+    token: [u8; TOKEN_LEN],
+    keys: SlotKeys,
+    cookie: [u8; 16],
+    /// The next sequence number to use; strictly increasing (docs/protocol.md §3.1).
+    next_seq: u64,
+    /// The sequence number of the BIND/REBIND in flight.
+    pending_seq: u64,
+    /// Whether the request in flight is a REBIND.
+    rebinding: bool,
+    state: BindState,
+    started: Option<Instant>,
+    retry_at: Option<Instant>,
+    retry_delay: Duration,
+    idle_timeout: Duration,
+    last_sent: Option<Instant>,
+}
+
+impl std::fmt::Debug for BindClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BindClient")
+            .field("session_id", &self.session_id)
+            .field("slot", &self.slot)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BindClient {
+    /// A client for the slot that `token` grants, proving ownership with `secret`.
+    /// `first_seq` should be the current Unix time in microseconds, so sequence numbers keep
+    /// increasing across restarts.
+    pub fn new(
+        session_id: u64,
+        slot: Slot,
+        token: [u8; TOKEN_LEN],
+        secret: &SlotSecret,
+        first_seq: u64,
+    ) -> Self {
+        Self {
+            session_id,
+            slot,
+            token,
+            keys: SlotKeys::derive(secret),
+            cookie: [0; 16],
+            next_seq: first_seq.max(1),
+            pending_seq: 0,
+            rebinding: false,
+            state: BindState::Idle,
+            started: None,
+            retry_at: None,
+            retry_delay: FIRST_RETRY,
+            idle_timeout: Duration::from_secs(60),
+            last_sent: None,
+        }
+    }
+
+    /// Where the binding stands.
+    pub fn state(&self) -> BindState {
+        self.state
+    }
+
+    /// The session this client binds.
+    pub fn session_id(&self) -> u64 {
+        self.session_id
+    }
+
+    /// Records that a datagram went to the relay, so keepalives are only sent when idle.
+    pub fn note_sent(&mut self, now: Instant) {
+        self.last_sent = Some(now);
+    }
+
+    /// Starts binding: writes a BIND into `out`.
+    pub fn start(&mut self, now: Instant, out: &mut [u8]) -> Result<usize, wire::WireError> {
+        self.begin(now, false);
+        self.write_request(now, out)
+    }
+
+    /// Moves the binding to a new local address after a NAT change: writes a REBIND.
+    pub fn rebind(&mut self, now: Instant, out: &mut [u8]) -> Result<usize, wire::WireError> {
+        // A cookie is bound to the old address; the relay will CHALLENGE the new one.
+        self.cookie = [0; 16];
+        self.begin(now, true);
+        self.write_request(now, out)
+    }
+
+    /// Ends the session: writes a CLOSE the relay will verify and pass on to the other peer.
+    pub fn close(&mut self, out: &mut [u8]) -> Result<usize, wire::WireError> {
+        let fields = wire::CloseFields {
+            slot: self.slot,
+            seq: self.take_seq(),
+        };
+        let keys = &self.keys;
+        let n = wire::encode_close(out, self.session_id, &fields, |m| keys.peer.mac(m))?;
+        self.state = BindState::Closed;
+        self.retry_at = None;
+        Ok(n)
+    }
+
+    fn begin(&mut self, now: Instant, rebinding: bool) {
+        self.state = BindState::Binding;
+        self.rebinding = rebinding;
+        self.started = Some(now);
+        self.retry_delay = FIRST_RETRY;
+        self.pending_seq = self.take_seq();
+    }
+
+    fn take_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq = self.next_seq.saturating_add(1);
+        seq
+    }
+
+    fn write_request(&mut self, now: Instant, out: &mut [u8]) -> Result<usize, wire::WireError> {
+        let keys = &self.keys;
+        let n = if self.rebinding {
+            let fields = wire::RebindFields {
+                slot: self.slot,
+                bind_seq: self.pending_seq,
+                cookie: self.cookie,
+            };
+            wire::encode_rebind(out, self.session_id, &fields, |m| keys.peer.mac(m))?
+        } else {
+            let fields = wire::BindFields {
+                slot: self.slot,
+                bind_seq: self.pending_seq,
+                cookie: self.cookie,
+                token: &self.token,
+            };
+            wire::encode_bind(out, self.session_id, &fields, |m| keys.peer.mac(m))?
+        };
+        self.retry_at = Some(now + self.retry_delay);
+        self.last_sent = Some(now);
+        Ok(n)
+    }
+
+    /// Handles a datagram received from the relay; may write an answer into `out`.
+    pub fn handle(&mut self, now: Instant, datagram: &[u8], out: &mut [u8]) -> BindEvent {
+        let Ok(packet) = wire::parse(datagram) else {
+            return BindEvent::Ignored;
+        };
+        match packet {
+            Packet::Challenge(c)
+                if c.session_id() == self.session_id
+                    && self.state == BindState::Binding
+                    && c.bind_seq() == self.pending_seq =>
+            {
+                self.cookie = *c.cookie();
+                // The proof covers the cookie, so the request is rebuilt with a new sequence.
+                self.pending_seq = self.take_seq();
+                match self.write_request(now, out) {
+                    Ok(n) => BindEvent::Transmit(n),
+                    Err(_) => BindEvent::Ignored,
+                }
+            }
+            Packet::BindAck(ack)
+                if ack.session_id() == self.session_id
+                    && ack.slot() == self.slot
+                    && self.keys.relay.verify(ack.mac_input(), ack.mac())
+                    && ack.bind_seq() == self.pending_seq =>
+            {
+                self.state = BindState::Bound;
+                self.retry_at = None;
+                self.idle_timeout = Duration::from_secs(u64::from(ack.idle_timeout_secs().max(3)));
+                BindEvent::Bound {
+                    peer_present: ack.peer_present(),
+                }
+            }
+            Packet::Reject(rej)
+                if rej.session_id() == self.session_id && rej.bind_seq() == self.pending_seq =>
+            {
+                let authenticated =
+                    rej.authenticated() && self.keys.relay.verify(rej.mac_input(), rej.mac());
+                if authenticated {
+                    self.state = BindState::Failed;
+                    self.retry_at = None;
+                }
+                BindEvent::Rejected {
+                    reason: rej.reason(),
+                    authenticated,
+                }
+            }
+            Packet::Close(close)
+                if close.session_id() == self.session_id
+                    && close.slot() == self.slot
+                    && self.keys.relay.verify(close.mac_input(), close.mac()) =>
+            {
+                self.state = BindState::Closed;
+                self.retry_at = None;
+                BindEvent::Closed
+            }
+            Packet::Keepalive(ka) if ka.session_id() == self.session_id => BindEvent::KeepaliveEcho,
+            _ => BindEvent::Ignored,
+        }
+    }
+
+    /// When [`on_timeout`](Self::on_timeout) should next be called, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            BindState::Binding => self.retry_at,
+            BindState::Bound => self.last_sent.map(|t| t + self.keepalive_interval()),
+            _ => None,
+        }
+    }
+
+    /// How often a bound client with nothing to send sends KEEPALIVE (§8: idle timeout ÷ 3).
+    pub fn keepalive_interval(&self) -> Duration {
+        self.idle_timeout / 3
+    }
+
+    /// Retransmits an unanswered request, gives up after [`BIND_TIMEOUT`], or sends a
+    /// KEEPALIVE when bound and idle. Returns the bytes to send, if any.
+    pub fn on_timeout(&mut self, now: Instant, out: &mut [u8]) -> Option<usize> {
+        let due = self.poll_timeout().is_some_and(|t| now >= t);
+        if !due {
+            return None;
+        }
+        match self.state {
+            BindState::Binding => {
+                if self
+                    .started
+                    .is_some_and(|s| now.duration_since(s) >= BIND_TIMEOUT)
+                {
+                    self.state = BindState::Failed;
+                    self.retry_at = None;
+                    return None;
+                }
+                self.retry_delay = (self.retry_delay * 2).min(MAX_RETRY);
+                self.write_request(now, out).ok()
+            }
+            BindState::Bound => {
+                self.last_sent = Some(now);
+                wire::encode_keepalive(out, self.session_id).ok()
+            }
+            _ => None,
+        }
+    }
+}
