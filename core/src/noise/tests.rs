@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use super::frame::{MAX_FRAME_LEN, MAX_PLAINTEXT};
+use super::transport::MAX_EPOCH_SKIP;
 use super::*;
 use crate::known_peers::KnownPeers;
 
@@ -446,13 +447,170 @@ fn rekey_by_message_count() {
     assert_eq!(pair.b_open(&frames[99]).expect("late"), 99u32.to_be_bytes());
 }
 
+/// Frames per epoch in the epoch-skip tests.
+const PER_EPOCH: u32 = 3;
+
+/// Seals `PER_EPOCH` frames for each of the epochs `0..epochs`; `frames[e][i]` is the `i`-th
+/// frame of epoch `e` and carries `[e, i]`.
+fn seal_epochs(pair: &mut Pair, epochs: u32) -> Vec<Vec<Vec<u8>>> {
+    (0..epochs)
+        .map(|epoch| {
+            (0..PER_EPOCH)
+                .map(|i| {
+                    let frame = pair.a_seal(&payload(epoch, i));
+                    assert_eq!(&frame[1..5], &epoch.to_be_bytes());
+                    frame
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn payload(epoch: u32, i: u32) -> Vec<u8> {
+    [epoch, i].map(|x| u8::try_from(x).expect("small")).to_vec()
+}
+
+/// Every frame of epochs `1..skip` is lost; the first frame of epoch `skip` still opens.
+fn jump_is_accepted(skip: u32) {
+    let mut pair = Pair::new(small_rekey(PER_EPOCH.into()));
+    let frames = seal_epochs(&mut pair, skip + 2);
+    let index = |x: u32| usize::try_from(x).expect("small");
+    let at = |e: u32, i: u32| &frames[index(e)][index(i)];
+
+    assert_eq!(pair.b_open(at(0, 0)).expect("epoch 0"), payload(0, 0));
+    assert_eq!(pair.b_open(at(skip, 0)).expect("jump"), payload(skip, 0));
+    assert_eq!(pair.b.recv_epoch(), skip);
+    // Late frames of the old current epoch still open, once.
+    for i in 1..PER_EPOCH {
+        assert_eq!(pair.b_open(at(0, i)).expect("late"), payload(0, i));
+        assert!(matches!(pair.b_open(at(0, i)), Err(NoiseError::Replayed)));
+    }
+    assert!(matches!(pair.b_open(at(0, 0)), Err(NoiseError::Replayed)));
+    // Skipped epochs have no key: their frames are dropped if they turn up after all.
+    for e in 1..skip {
+        assert!(matches!(
+            pair.b_open(at(e, 0)),
+            Err(NoiseError::UnknownEpoch)
+        ));
+    }
+    // The new epoch has a fresh window, and the next shift (a jump of one) works as before.
+    assert!(matches!(
+        pair.b_open(at(skip, 0)),
+        Err(NoiseError::Replayed)
+    ));
+    assert_eq!(
+        pair.b_open(at(skip, 2)).expect("new epoch"),
+        payload(skip, 2)
+    );
+    assert_eq!(
+        pair.b_open(at(skip + 1, 0)).expect("next"),
+        payload(skip + 1, 0)
+    );
+    assert_eq!(pair.b.recv_epoch(), skip + 1);
+    assert_eq!(pair.b_open(at(skip, 1)).expect("late"), payload(skip, 1));
+    // Epoch 0 is no longer the previous one.
+    assert!(matches!(
+        pair.b_open(at(0, 1)),
+        Err(NoiseError::UnknownEpoch)
+    ));
+    assert_eq!(pair.b.recv_epoch(), skip + 1);
+}
+
 #[test]
-fn skipping_an_epoch_is_rejected() {
+fn jump_of_two_epochs_is_accepted() {
+    jump_is_accepted(2);
+}
+
+#[test]
+fn jump_of_max_epoch_skip_is_accepted() {
+    jump_is_accepted(MAX_EPOCH_SKIP);
+}
+
+#[test]
+fn jump_beyond_max_epoch_skip_is_rejected() {
+    let mut pair = Pair::new(small_rekey(PER_EPOCH.into()));
+    let frames = seal_epochs(&mut pair, MAX_EPOCH_SKIP + 2);
+    let too_far = usize::try_from(MAX_EPOCH_SKIP + 1).expect("small");
+    for frame in &frames[too_far] {
+        assert!(matches!(pair.b_open(frame), Err(NoiseError::UnknownEpoch)));
+    }
+    assert_eq!(pair.b.recv_epoch(), 0);
+    assert_eq!(pair.b.stats().dropped, u64::from(PER_EPOCH));
+    // Nothing moved: epoch 0 and a jump of exactly MAX_EPOCH_SKIP still work.
+    assert_eq!(pair.b_open(&frames[0][0]).expect("epoch 0"), payload(0, 0));
+    let max = usize::try_from(MAX_EPOCH_SKIP).expect("small");
+    assert_eq!(
+        pair.b_open(&frames[max][0]).expect("jump"),
+        payload(MAX_EPOCH_SKIP, 0)
+    );
+    // Measured from the new current epoch, MAX_EPOCH_SKIP + 1 is now one ahead.
+    assert_eq!(
+        pair.b_open(&frames[too_far][0]).expect("one ahead"),
+        payload(MAX_EPOCH_SKIP + 1, 0)
+    );
+}
+
+#[test]
+fn forged_frame_of_a_later_epoch_moves_nothing() {
+    let mut pair = Pair::new(small_rekey(PER_EPOCH.into()));
+    let frames = seal_epochs(&mut pair, 5);
+    pair.b_open(&frames[0][0]).expect("epoch 0");
+    pair.b_open(&frames[1][0]).expect("epoch 1");
+    assert_eq!(pair.b.recv_epoch(), 1);
+
+    // A frame of the current epoch relabelled as current + 3.
+    let mut relabelled = frames[1][1].clone();
+    relabelled[1..5].copy_from_slice(&4u32.to_be_bytes());
+    // A genuine frame of epoch current + 3 with one ciphertext bit flipped.
+    let mut flipped = frames[4][0].clone();
+    flipped[13] ^= 1;
+    // A frame of the current epoch with a forged tag, relabelled as current + 3.
+    let mut bad_tag = frames[1][2].clone();
+    bad_tag[1..5].copy_from_slice(&4u32.to_be_bytes());
+    let last = bad_tag.len() - 1;
+    bad_tag[last] ^= 0x80;
+    for forged in [&relabelled, &flipped, &bad_tag] {
+        assert!(matches!(pair.b_open(forged), Err(NoiseError::Decrypt)));
+        let mut copy = forged.clone();
+        assert!(matches!(
+            pair.b.open_in_place(pair.clock.now(), &mut copy),
+            Err(NoiseError::Decrypt)
+        ));
+        assert_eq!(pair.b.recv_epoch(), 1);
+    }
+    assert_eq!(pair.b.stats().dropped, 6);
+
+    // The genuine frames still open: current, previous, and the real next epochs in order.
+    assert_eq!(pair.b_open(&frames[1][1]).expect("current"), payload(1, 1));
+    assert_eq!(pair.b_open(&frames[0][1]).expect("previous"), payload(0, 1));
+    assert_eq!(pair.b_open(&frames[2][0]).expect("next"), payload(2, 0));
+    assert_eq!(pair.b_open(&frames[3][0]).expect("next"), payload(3, 0));
+    assert_eq!(pair.b_open(&frames[4][0]).expect("next"), payload(4, 0));
+    assert_eq!(pair.b.recv_epoch(), 4);
+}
+
+#[test]
+fn jump_to_the_last_epoch_does_not_wrap() {
     let mut pair = Pair::new(small_rekey(1));
-    let _lost = pair.a_seal(b"epoch 0");
-    let _lost = pair.a_seal(b"epoch 1");
-    let frame = pair.a_seal(b"epoch 2");
-    assert!(matches!(pair.b_open(&frame), Err(NoiseError::UnknownEpoch)));
+    // Both sides start from the same key; only the epoch labels are moved.
+    pair.a.force_send_state(u32::MAX - 3, 0);
+    pair.b.force_recv_epoch(u32::MAX - 3);
+    let first = pair.a_seal(b"a");
+    pair.b_open(&first).expect("start");
+    let _lost = pair.a_seal(b"b");
+    let _lost = pair.a_seal(b"c");
+    let last = pair.a_seal(b"d");
+    assert_eq!(pair.a.send_epoch(), u32::MAX);
+    assert_eq!(pair.b_open(&last).expect("jump of 3"), b"d");
+    assert_eq!(pair.b.recv_epoch(), u32::MAX);
+    // Epochs past u32::MAX would wrap to 0..MAX_EPOCH_SKIP: never accepted.
+    let mut wrapped = last.clone();
+    wrapped[1..5].copy_from_slice(&0u32.to_be_bytes());
+    assert!(matches!(
+        pair.b_open(&wrapped),
+        Err(NoiseError::UnknownEpoch)
+    ));
+    assert_eq!(pair.b.recv_epoch(), u32::MAX);
 }
 
 #[test]

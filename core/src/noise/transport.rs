@@ -15,6 +15,16 @@ use super::frame::{
 };
 use super::replay::ReplayWindow;
 
+/// How many epochs ahead of the current receive epoch a frame may be (docs/protocol.md §9.3).
+///
+/// A frame of epoch `current + k`, `1 <= k <= MAX_EPOCH_SKIP`, is opened under a key derived by
+/// applying Noise `REKEY` `k` times to a copy of the current receive key; the receiver moves to
+/// that epoch only if the tag verifies. So up to `MAX_EPOCH_SKIP − 1` epochs whose every frame
+/// was lost are survived, and a forged frame costs the receiver at most `MAX_EPOCH_SKIP` `REKEY`s
+/// (each one ChaCha20-Poly1305 encryption of 32 bytes) plus one failed AEAD open, and changes
+/// nothing.
+pub(crate) const MAX_EPOCH_SKIP: u32 = 8;
+
 /// When to rekey and when the session ends (docs/protocol.md §8, §9.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TransportLimits {
@@ -108,6 +118,16 @@ impl CipherKey {
         self.seal(u64::MAX, &[], next.0.as_mut_slice().into())?;
         Ok(next)
     }
+
+    /// The key `steps` epochs ahead: `REKEY` applied `steps` times to a copy of this key.
+    /// The intermediate keys are zeroized as they are dropped.
+    fn rekeyed(&self, steps: u32) -> Result<Self, NoiseError> {
+        let mut key = self.clone();
+        for _ in 0..steps {
+            key = key.rekey()?;
+        }
+        Ok(key)
+    }
 }
 
 /// The sending half: one key, its epoch, the next counter and when the key was made.
@@ -164,7 +184,8 @@ struct ReceiveEpoch {
 enum EpochSlot {
     Current,
     Previous,
-    Next,
+    /// `1..=MAX_EPOCH_SKIP` epochs ahead of the current one.
+    Ahead(u32),
 }
 
 /// An established end-to-end session: seals and opens TRANSPORT frames.
@@ -174,6 +195,9 @@ enum EpochSlot {
 pub struct Transport {
     sender: Sender,
     current: ReceiveEpoch,
+    /// The epoch that was current before the last shift: after a jump from `e` to `e + k` this
+    /// is `e`, whatever `k`. Skipped epochs get no slot: none of their frames arrived before the
+    /// jump, and accepting them afterwards would mean keeping more keys alive.
     previous: Option<ReceiveEpoch>,
     created: Instant,
     limits: TransportLimits,
@@ -402,14 +426,18 @@ impl Transport {
                 Some(previous) => open_in_epoch(previous, header, aad, decrypt),
                 None => Err(NoiseError::UnknownEpoch),
             },
-            EpochSlot::Next => {
-                // Derived tentatively: the shift is committed only once the tag verifies.
+            EpochSlot::Ahead(steps) => {
+                // Derived tentatively from a copy: the shift is committed only once the tag
+                // verifies, so a forged frame costs at most MAX_EPOCH_SKIP rekeys and one failed
+                // open, and moves nothing.
                 let mut next = ReceiveEpoch {
-                    key: self.current.key.rekey()?,
+                    key: self.current.key.rekeyed(steps)?,
                     epoch: header.epoch,
                     window: ReplayWindow::new(),
                 };
                 let plaintext = open_in_epoch(&mut next, header, aad, decrypt)?;
+                // The old current becomes the previous epoch even after a jump of more than
+                // one, so its late frames still open; the old previous is dropped.
                 self.previous = Some(std::mem::replace(&mut self.current, next));
                 Ok(plaintext)
             }
@@ -420,10 +448,10 @@ impl Transport {
         let current = self.current.epoch;
         if epoch == current {
             Ok(EpochSlot::Current)
-        } else if current.checked_sub(1) == Some(epoch) && self.previous.is_some() {
+        } else if self.previous.as_ref().map(|previous| previous.epoch) == Some(epoch) {
             Ok(EpochSlot::Previous)
-        } else if current.checked_add(1) == Some(epoch) {
-            Ok(EpochSlot::Next)
+        } else if epoch > current && epoch - current <= MAX_EPOCH_SKIP {
+            Ok(EpochSlot::Ahead(epoch - current))
         } else {
             Err(NoiseError::UnknownEpoch)
         }
