@@ -69,7 +69,8 @@ pub enum NoiseError {
     /// The frame's counter is older than the replay window of its epoch.
     #[error("frame too old for the replay window")]
     TooOld,
-    /// The frame's epoch is neither the current receive epoch, the previous one, nor the next.
+    /// The frame's epoch is neither the current receive epoch, the previous one, nor 1 to 8
+    /// epochs ahead (docs/protocol.md §9.3).
     #[error("frame from an unknown epoch")]
     UnknownEpoch,
     /// Authentication failed: the frame was forged, corrupted or sealed under another key.
