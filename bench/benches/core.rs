@@ -3,10 +3,11 @@
 //! - `header`: the stateless header check and the full parse+classify of a DATA datagram;
 //! - `token`: verifying a relay token (Ed25519 + X25519 unseal);
 //! - `aead`: seal+open of 64/1200/1400-byte transport messages with Ferry's transport, next to
-//!   the raw `chacha20poly1305` AEAD on the same buffers.
+//!   the raw AEADs on the same buffers: `ring`'s ChaCha20-Poly1305 (which the transport uses)
+//!   and the `chacha20poly1305` crate.
 //!
 //! After criterion, an interleaved A/B run measures the transport-to-raw-AEAD throughput ratio
-//! for 1200-byte messages (goal ≥ 0.8×) and prints it. Raw and Ferry batches alternate, so a
+//! (goal ≥ 0.8× for 1200-byte messages) and prints it. Raw and Ferry batches alternate, so a
 //! noisy neighbour slows both alike and the ratio holds where absolute figures drift.
 
 use std::hint::black_box;
@@ -100,7 +101,56 @@ fn transport_pair(now: Instant) -> (Transport, Transport) {
     )
 }
 
-/// The baseline: the same AEAD, the same buffer layout, no framing, window or rekey logic.
+/// A raw AEAD: seal `buf[13..13+len]` in place with the 13 bytes before it as AAD and the tag
+/// after it, then open it again. No framing, no window, no rekey logic.
+trait RawSealOpen {
+    fn seal_open(&mut self, buf: &mut [u8], len: usize) -> bool;
+}
+
+/// The baseline the transport is held to: `ring`'s ChaCha20-Poly1305, the AEAD it uses.
+struct RawRing {
+    key: ring::aead::LessSafeKey,
+    counter: u64,
+}
+
+impl RawRing {
+    fn new() -> Self {
+        let key = ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, &[0x42u8; 32])
+            .expect("32-byte key");
+        Self {
+            key: ring::aead::LessSafeKey::new(key),
+            counter: 0,
+        }
+    }
+}
+
+impl RawSealOpen for RawRing {
+    fn seal_open(&mut self, buf: &mut [u8], len: usize) -> bool {
+        use ring::aead::{Aad, Nonce, Tag};
+        let mut nonce = [0u8; 12];
+        nonce[4..].copy_from_slice(&self.counter.to_le_bytes());
+        self.counter += 1;
+        let (aad, rest) = buf.split_at_mut(TRANSPORT_HEADER_LEN);
+        let (msg, tag_out) = rest.split_at_mut(len);
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&*aad), msg)
+            .expect("seal");
+        tag_out[..TAG_LEN].copy_from_slice(tag.as_ref());
+        let tag = Tag::try_from(&tag_out[..TAG_LEN]).expect("16 bytes");
+        self.key
+            .open_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&*aad),
+                tag,
+                msg,
+                0..,
+            )
+            .is_ok()
+    }
+}
+
+/// For context: the RustCrypto `chacha20poly1305` crate on the same buffers.
 struct RawAead {
     cipher: ChaCha20Poly1305,
     counter: u64,
@@ -113,8 +163,9 @@ impl RawAead {
             counter: 0,
         }
     }
+}
 
-    /// Seals `buf[13..13+len]` in place with a 13-byte AAD, then opens it again.
+impl RawSealOpen for RawAead {
     fn seal_open(&mut self, buf: &mut [u8], len: usize) -> bool {
         let mut nonce = [0u8; 12];
         nonce[4..].copy_from_slice(&self.counter.to_le_bytes());
@@ -126,7 +177,7 @@ impl RawAead {
             .cipher
             .encrypt_inout_detached(&nonce, aad, InOutBuf::from(&mut *msg))
             .expect("seal");
-        tag_out[..TAG_LEN].copy_from_slice(&tag);
+        tag_out[..TAG_LEN].copy_from_slice(tag.as_slice());
         let tag = Tag::try_from(&tag_out[..TAG_LEN]).expect("16 bytes");
         self.cipher
             .decrypt_inout_detached(&nonce, aad, InOutBuf::from(msg), &tag)
@@ -151,16 +202,22 @@ fn ferry_seal_open(
 fn bench_aead(c: &mut Criterion) {
     let now = Instant::now();
     let (mut tx, mut rx) = transport_pair(now);
-    let mut raw = RawAead::new();
+    let mut baselines: [(&str, Box<dyn RawSealOpen>); 2] = [
+        ("raw ring seal+open", Box::new(RawRing::new())),
+        (
+            "raw chacha20poly1305 crate seal+open",
+            Box::new(RawAead::new()),
+        ),
+    ];
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut g = c.benchmark_group("aead");
     for len in SIZES {
         g.throughput(Throughput::Bytes(len as u64));
-        g.bench_with_input(
-            BenchmarkId::new("raw chacha20poly1305 seal+open", len),
-            &len,
-            |b, &len| b.iter(|| raw.seal_open(black_box(&mut buf), len)),
-        );
+        for (name, raw) in baselines.iter_mut() {
+            g.bench_with_input(BenchmarkId::new(*name, len), &len, |b, &len| {
+                b.iter(|| raw.seal_open(black_box(&mut buf), len))
+            });
+        }
         g.bench_with_input(
             BenchmarkId::new("ferry transport seal+open", len),
             &len,
@@ -170,12 +227,11 @@ fn bench_aead(c: &mut Criterion) {
     g.finish();
 }
 
-/// Interleaved A/B measurement of the transport against the raw AEAD for one size; returns
+/// Interleaved A/B measurement of the transport against a raw AEAD for one size; returns
 /// (raw ns/op, ferry ns/op), medians over rounds.
-fn aead_ratio(len: usize, rounds: usize, batch: usize) -> (f64, f64) {
+fn aead_ratio(raw: &mut dyn RawSealOpen, len: usize, rounds: usize, batch: usize) -> (f64, f64) {
     let now = Instant::now();
     let (mut tx, mut rx) = transport_pair(now);
-    let mut raw = RawAead::new();
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut raw_ns = Vec::with_capacity(rounds);
     let mut ferry_ns = Vec::with_capacity(rounds);
@@ -215,18 +271,24 @@ fn main() {
     c.final_summary();
 
     let (rounds, batch) = if quick { (3, 100) } else { (41, 20_000) };
-    println!(
-        "\nTransport vs raw AEAD, interleaved A/B, median of {rounds} rounds of {batch} seal+open:"
-    );
-    for len in SIZES {
-        let (raw, ferry) = aead_ratio(len, rounds, batch);
-        let gbps = |ns: f64| len as f64 * 8.0 / ns;
+    let baselines: [(&str, Box<dyn RawSealOpen>); 2] = [
+        ("raw ring", Box::new(RawRing::new())),
+        ("raw chacha20poly1305 crate", Box::new(RawAead::new())),
+    ];
+    for (name, mut raw) in baselines {
         println!(
-            "  {len:>5} B: raw {raw:>8.1} ns ({:.2} Gbit/s)  ferry {ferry:>8.1} ns ({:.2} Gbit/s)  ratio {:.3}x{}",
-            gbps(raw),
-            gbps(ferry),
-            raw / ferry,
-            if len == 1200 { "  (goal >= 0.8x)" } else { "" }
+            "\nFerry transport vs {name}, interleaved A/B, median of {rounds} rounds of {batch} seal+open:"
         );
+        for len in SIZES {
+            let (raw_ns, ferry_ns) = aead_ratio(raw.as_mut(), len, rounds, batch);
+            let gbps = |ns: f64| len as f64 * 8.0 / ns;
+            println!(
+                "  {len:>5} B: raw {raw_ns:>8.1} ns ({:.2} Gbit/s)  ferry {ferry_ns:>8.1} ns ({:.2} Gbit/s)  ratio {:.3}x{}",
+                gbps(raw_ns),
+                gbps(ferry_ns),
+                raw_ns / ferry_ns,
+                if len == 1200 { "  (goal >= 0.8x)" } else { "" }
+            );
+        }
     }
 }

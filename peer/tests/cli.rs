@@ -1,4 +1,5 @@
 //! The peer CLI end to end: key generation, refusing readable key files, known peers.
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -15,7 +16,10 @@ impl Scratch {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_nanos();
-        let dir = std::env::temp_dir().join(format!("ferry-peer-cli-{}-{nanos}-{name}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!(
+            "ferry-peer-cli-{}-{nanos}-{name}",
+            std::process::id()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         Self(dir)
     }
@@ -28,7 +32,10 @@ impl Drop for Scratch {
 }
 
 fn run(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().expect("ferry-peer runs")
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("ferry-peer runs")
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -51,7 +58,10 @@ fn keygen_writes_a_private_key_and_pubkey_reads_it_back() {
     let out = run(&["pubkey", path_str(&key)]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let printed = text(&out.stdout);
-    assert!(public.contains(printed.trim()), "{public:?} should contain {printed:?}");
+    assert!(
+        public.contains(printed.trim()),
+        "{public:?} should contain {printed:?}"
+    );
     // The secret never reaches the terminal.
     let secret_line = std::fs::read_to_string(&key).unwrap();
     let secret_b64 = secret_line
@@ -61,7 +71,10 @@ fn keygen_writes_a_private_key_and_pubkey_reads_it_back() {
         .unwrap()
         .to_owned();
     let keygen_again = run(&["keygen", "--out", path_str(&key)]);
-    assert!(!keygen_again.status.success(), "an existing key is never overwritten by default");
+    assert!(
+        !keygen_again.status.success(),
+        "an existing key is never overwritten by default"
+    );
     for out in [&out, &keygen_again] {
         assert!(!text(&out.stdout).contains(&secret_b64));
         assert!(!text(&out.stderr).contains(&secret_b64));
@@ -86,19 +99,36 @@ fn known_peers_can_be_listed_and_forgotten() {
     let dir = Scratch::new("known");
     let file = dir.0.join("known-peers");
     let key = "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=";
-    std::fs::write(&file, format!("# trusted on first use\nbob {key}\ncarol {key}\n")).unwrap();
+    std::fs::write(
+        &file,
+        format!("# trusted on first use\nbob {key}\ncarol {key}\n"),
+    )
+    .unwrap();
     let list = run(&["known-peers", "--file", path_str(&file), "list"]);
     assert!(list.status.success(), "{}", text(&list.stderr));
     let listed = text(&list.stdout);
-    assert!(listed.contains("bob") && listed.contains("carol"), "{listed}");
+    assert!(
+        listed.contains("bob") && listed.contains("carol"),
+        "{listed}"
+    );
     let forget = run(&["known-peers", "--file", path_str(&file), "forget", "bob"]);
     assert!(forget.status.success(), "{}", text(&forget.stderr));
     let listed = text(&run(&["known-peers", "--file", path_str(&file), "list"]).stdout);
-    assert!(!listed.contains("bob") && listed.contains("carol"), "{listed}");
+    assert!(
+        !listed.contains("bob") && listed.contains("carol"),
+        "{listed}"
+    );
     let again = run(&["known-peers", "--file", path_str(&file), "forget", "bob"]);
-    assert!(!again.status.success(), "forgetting an unknown peer is an error");
+    assert!(
+        !again.status.success(),
+        "forgetting an unknown peer is an error"
+    );
     std::fs::write(&file, "bob not-base64\n").unwrap();
     let bad = run(&["known-peers", "--file", path_str(&file), "list"]);
     assert!(!bad.status.success());
-    assert!(text(&bad.stderr).contains("line 1"), "{}", text(&bad.stderr));
+    assert!(
+        text(&bad.stderr).contains("line 1"),
+        "{}",
+        text(&bad.stderr)
+    );
 }

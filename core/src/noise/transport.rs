@@ -5,9 +5,8 @@ use std::fmt;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use chacha20poly1305::aead::inout::InOutBuf;
-use chacha20poly1305::{AeadInOut, ChaCha20Poly1305, Key, KeyInit, Nonce, Tag};
-use zeroize::{Zeroize, ZeroizeOnDrop};
+use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, Tag, UnboundKey};
+use zeroize::Zeroizing;
 
 use super::NoiseError;
 use super::frame::{
@@ -76,51 +75,72 @@ pub struct TransportStats {
     pub dropped: u64,
 }
 
-/// A ChaCha20-Poly1305 key, zeroized on drop, used with Noise's nonce layout.
-#[derive(Clone, Zeroize, ZeroizeOnDrop)]
-struct CipherKey([u8; 32]);
+/// A ChaCha20-Poly1305 key used with Noise's nonce layout.
+///
+/// The AEAD is `ring`'s: on this project's machines it seals a 1200-byte message about four
+/// times faster than the `chacha20poly1305` crate (docs/bench.md). `ring` keeps the expanded
+/// key inside its own type and does not zeroize it on drop; the raw key bytes we handle are
+/// wiped (`Zeroizing`) as soon as the `ring` key is built.
+#[derive(Clone)]
+struct CipherKey(LessSafeKey);
 
 impl CipherKey {
-    fn aead(&self) -> ChaCha20Poly1305 {
-        ChaCha20Poly1305::new(&Key::from(self.0))
+    fn new(bytes: Zeroizing<[u8; 32]>) -> Self {
+        match UnboundKey::new(&CHACHA20_POLY1305, bytes.as_slice()) {
+            Ok(key) => Self(LessSafeKey::new(key)),
+            // ring refuses only keys of the wrong length, and a [u8; 32] is never that.
+            Err(_) => unreachable!("ChaCha20-Poly1305 keys are 32 bytes"),
+        }
     }
 
     /// Noise's ChaChaPoly nonce: 4 zero bytes, then the counter little-endian.
     fn nonce(counter: u64) -> Nonce {
         let mut nonce = [0u8; 12];
         nonce[4..].copy_from_slice(&counter.to_le_bytes());
-        Nonce::from(nonce)
+        Nonce::assume_unique_for_key(nonce)
     }
 
-    fn seal(&self, counter: u64, aad: &[u8], buf: InOutBuf<'_, '_, u8>) -> Result<Tag, NoiseError> {
-        self.aead()
-            .encrypt_inout_detached(&Self::nonce(counter), aad, buf)
-            .map_err(|_| NoiseError::PayloadTooLarge(MAX_PLAINTEXT + 1))
+    /// Encrypts `in_out` in place and returns the tag.
+    fn seal(
+        &self,
+        counter: u64,
+        aad: &[u8],
+        in_out: &mut [u8],
+    ) -> Result<[u8; TAG_LEN], NoiseError> {
+        let tag = self
+            .0
+            .seal_in_place_separate_tag(Self::nonce(counter), Aad::from(aad), in_out)
+            .map_err(|_| NoiseError::PayloadTooLarge(MAX_PLAINTEXT + 1))?;
+        let mut out = [0u8; TAG_LEN];
+        out.copy_from_slice(tag.as_ref());
+        Ok(out)
     }
 
+    /// Decrypts `in_out` in place if `tag` authenticates it (and `aad`).
     fn open(
         &self,
         counter: u64,
         aad: &[u8],
-        buf: InOutBuf<'_, '_, u8>,
+        in_out: &mut [u8],
         tag: &[u8],
     ) -> Result<(), NoiseError> {
         let tag = Tag::try_from(tag).map_err(|_| NoiseError::Decrypt)?;
-        self.aead()
-            .decrypt_inout_detached(&Self::nonce(counter), aad, buf, &tag)
+        self.0
+            .open_in_place_separate_tag(Self::nonce(counter), Aad::from(aad), tag, in_out, 0..)
+            .map(|_| ())
             .map_err(|_| NoiseError::Decrypt)
     }
 
     /// Noise `REKEY`: the first 32 bytes of `ENCRYPT(k, 2^64 − 1, ∅, 32 zero bytes)`.
     fn rekey(&self) -> Result<Self, NoiseError> {
-        let mut next = Self([0; 32]);
+        let mut next = Zeroizing::new([0u8; 32]);
         // The tag is discarded; only the ciphertext becomes the new key.
-        self.seal(u64::MAX, &[], next.0.as_mut_slice().into())?;
-        Ok(next)
+        self.seal(u64::MAX, &[], next.as_mut_slice())?;
+        Ok(Self::new(next))
     }
 
     /// The key `steps` epochs ahead: `REKEY` applied `steps` times to a copy of this key.
-    /// The intermediate keys are zeroized as they are dropped.
+    /// The raw bytes of each intermediate key are wiped as soon as its `ring` key is built.
     fn rekeyed(&self, steps: u32) -> Result<Self, NoiseError> {
         let mut key = self.clone();
         for _ in 0..steps {
@@ -228,13 +248,13 @@ impl Transport {
     ) -> Self {
         Self {
             sender: Sender {
-                key: CipherKey(send_key),
+                key: CipherKey::new(Zeroizing::new(send_key)),
                 epoch: 0,
                 counter: 0,
                 key_born: now,
             },
             current: ReceiveEpoch {
-                key: CipherKey(recv_key),
+                key: CipherKey::new(Zeroizing::new(recv_key)),
                 epoch: 0,
                 window: ReplayWindow::new(),
             },
@@ -300,9 +320,8 @@ impl Transport {
         let frame_len = Self::check_seal_sizes(plaintext.len(), out.len())?;
         let (header, body) = out[..frame_len].split_at_mut(TRANSPORT_HEADER_LEN);
         let (ciphertext, tag) = body.split_at_mut(plaintext.len());
-        let buf = InOutBuf::new(plaintext, ciphertext)
-            .map_err(|_| NoiseError::BufferTooSmall { needed: frame_len })?;
-        self.seal_parts(now, header, buf, tag)?;
+        ciphertext.copy_from_slice(plaintext);
+        self.seal_parts(now, header, ciphertext, tag)?;
         Ok(frame_len)
     }
 
@@ -319,7 +338,7 @@ impl Transport {
         let frame_len = Self::check_seal_sizes(plaintext_len, buf.len())?;
         let (header, body) = buf[..frame_len].split_at_mut(TRANSPORT_HEADER_LEN);
         let (plaintext, tag) = body.split_at_mut(plaintext_len);
-        self.seal_parts(now, header, plaintext.into(), tag)?;
+        self.seal_parts(now, header, plaintext, tag)?;
         Ok(frame_len)
     }
 
@@ -334,24 +353,26 @@ impl Transport {
         Ok(frame_len)
     }
 
-    /// Writes the header, encrypts `buf` and writes the tag; `header` is 13 bytes and `tag` 16.
+    /// Writes the header, encrypts `in_out` in place and writes the tag; `header` is 13 bytes
+    /// and `tag` 16.
     fn seal_parts(
         &mut self,
         now: Instant,
         header: &mut [u8],
-        buf: InOutBuf<'_, '_, u8>,
+        in_out: &mut [u8],
         tag: &mut [u8],
     ) -> Result<(), NoiseError> {
         self.check_age(now)?;
         let nonce = self.sender.next_nonce(now, &self.limits)?;
         header.copy_from_slice(&nonce.encode());
-        let sealed = self.sender.key.seal(nonce.counter, header, buf)?;
+        let sealed = self.sender.key.seal(nonce.counter, header, in_out)?;
         tag.copy_from_slice(&sealed);
         self.stats.sent += 1;
         Ok(())
     }
 
     /// Opens a TRANSPORT frame, writing the plaintext at the start of `out`; returns its length.
+    /// On error the first bytes of `out` are unspecified and must not be used.
     pub fn open(
         &mut self,
         now: Instant,
@@ -366,8 +387,8 @@ impl Transport {
                 .ok_or(NoiseError::BufferTooSmall {
                     needed: ciphertext.len(),
                 })?;
-            let buf = InOutBuf::new(ciphertext, plaintext).map_err(|_| NoiseError::Decrypt)?;
-            key.open(header.counter, aad, buf, tag)?;
+            plaintext.copy_from_slice(ciphertext);
+            key.open(header.counter, aad, plaintext, tag)?;
             Ok(ciphertext.len())
         });
         self.count(result)
@@ -388,7 +409,7 @@ impl Transport {
         let (ciphertext, tag) = body.split_at_mut(body.len() - TAG_LEN);
         let plaintext = TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + ciphertext.len();
         let result = self.open_header(now, header, aad, |key, header, aad| {
-            key.open(header.counter, aad, ciphertext.into(), tag)
+            key.open(header.counter, aad, ciphertext, tag)
         });
         self.count(result.map(|()| plaintext))
     }
