@@ -441,7 +441,7 @@ pub struct VerifiedToken {
 }
 
 /// Verifies tokens for one relay against a set of trusted gateway keys (§4.2).
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct TokenVerifier {
     config: VerifierConfig,
     relay_static: RelayStaticKey,

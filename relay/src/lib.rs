@@ -1,7 +1,18 @@
-//! `ferry-relay`: the relay binary's library half.
+//! `ferry-relay`: the relay binary's library half. From `main.rs`, the data path is two hops
+//! away: [`worker`] (one pinned io_uring loop per core) calls [`shards::Sessions::handle`],
+//! which runs [`session::SessionTable`] (protocol.md §7, sans-IO) for the datagram's session.
 //!
-//! - [`session`]: the sans-IO session table (what the relay does with each packet,
-//!   docs/protocol.md §7). The io_uring workers of issue 5 drive it per datagram; the in-memory
-//!   demo (`ferry-bench`'s `ferry-demo`) drives it today.
+//! - [`config`]: the TOML config, validated before it is applied (`check-config`, SIGHUP).
+//! - [`session`]: the sans-IO session table.
+//! - [`shards`]: the session tables shared by all workers, sharded by session id.
+//! - [`uring`]: the unsafe io_uring plumbing (buffer ring, multishot recvmsg, sends), one module.
+//! - [`worker`]: the per-core loop that drives a ring and the shared sessions.
+//! - [`metrics`], [`admin`]: Prometheus text and the loopback admin listener.
 
+pub mod admin;
+pub mod config;
+pub mod metrics;
 pub mod session;
+pub mod shards;
+pub mod uring;
+pub mod worker;
