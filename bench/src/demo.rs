@@ -20,7 +20,9 @@ use ferry_core::token::{
 use ferry_core::wire::{self, MAX_DATAGRAM, Slot};
 use ferry_peer::bind::{BindClient, BindEvent, BindState};
 use ferry_peer::channel::{Channel, PLAINTEXT_OFFSET};
-use ferry_relay::session::{Outcome, SessionLimits, SessionTable};
+use ferry_relay::limits::IpLimits;
+use ferry_relay::session::{Outcome, SessionLimits};
+use ferry_relay::shards::Sessions;
 use ring::rand::{SecureRandom, SystemRandom};
 
 /// Knobs of one demo run.
@@ -66,7 +68,7 @@ fn addr(last: u8, port: u16) -> SocketAddr {
 
 /// The relay and the datagrams in flight to and from it.
 struct Network {
-    relay: SessionTable,
+    relay: Sessions,
     relay_addr: SocketAddr,
     /// Datagrams the relay sent: (destination, bytes).
     to_peers: VecDeque<(SocketAddr, Vec<u8>)>,
@@ -221,8 +223,9 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoReport> {
     let mut verifier = TokenVerifier::new(VerifierConfig::new(RELAY_ID), relay_key)?;
     verifier.add_trusted_key(GATEWAY_KID, gateway.public());
     let mut net = Network {
-        relay: SessionTable::new(
+        relay: Sessions::new(
             SessionLimits::default(),
+            IpLimits::default(),
             verifier,
             CookieJar::generate(&rng)?,
         ),
@@ -320,11 +323,11 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoReport> {
         "bob should accept the relay's CLOSE"
     );
     ensure!(
-        net.relay.session_count() == 0,
+        net.relay.occupancy() == (0, 0),
         "the relay should forget the session"
     );
 
-    let relay = net.relay.counters().clone();
+    let relay = net.relay.counters();
     let rejected: Vec<String> = (0..=u8::MAX)
         .filter_map(|code| {
             let reason = wire::RejectReason::from_u8(code)?;
@@ -439,7 +442,7 @@ fn attacks(
     log: &mut Log,
 ) -> anyhow::Result<()> {
     let mallory = addr(66, 6666);
-    let before = net.relay.counters().clone();
+    let before = net.relay.counters();
 
     // Mallory rebuilds a BIND around alice's token, with a cookie she got for her own address,
     // but she cannot compute the proof without the slot secret.

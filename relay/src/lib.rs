@@ -3,7 +3,7 @@
 //! which runs [`session::SessionTable`] (protocol.md §7, sans-IO) for the datagram's session.
 //!
 //! - [`config`]: the TOML config, validated before it is applied (`check-config`, SIGHUP).
-//! - [`session`]: the sans-IO session table.
+//! - [`session`]: the sans-IO session table; [`limits`]: token buckets and per-IP accounting.
 //! - [`shards`]: the session tables shared by all workers, sharded by session id.
 //! - [`uring`]: the unsafe io_uring plumbing (buffer ring, multishot recvmsg, sends), one module.
 //! - [`worker`]: the per-core loop that drives a ring and the shared sessions.
@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod limits;
 pub mod metrics;
 pub mod session;
 pub mod shards;

@@ -7,12 +7,15 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ferry_core::proof::{CookieJar, SlotKeys};
 use ferry_core::time::UnixTime;
 use ferry_core::token::{TokenError, TokenReplayCache, TokenVerifier};
-use ferry_core::wire::{self, Packet, RejectReason, Slot};
+use ferry_core::wire::{self, MAX_DATAGRAM, Packet, RejectReason, Slot};
+
+use crate::limits::{IpTable, TokenBucket};
 
 /// Limits of one session table. Defaults are the ones in docs/protocol.md §8.
 #[derive(Clone, Debug)]
@@ -23,6 +26,26 @@ pub struct SessionLimits {
     pub max_sessions: usize,
     /// Token ids remembered for replay protection; when all are live, new BINDs are refused.
     pub replay_cache_capacity: usize,
+    /// Bytes per second a slot may send when its token does not say (claim 0).
+    pub default_session_rate: u64,
+    /// The most bytes per second a token may grant a slot; larger claims are capped.
+    pub max_session_rate: u64,
+}
+
+impl SessionLimits {
+    /// The byte rate a slot gets for a token that claims `claimed` bytes per second.
+    pub fn slot_rate(&self, claimed: u64) -> u64 {
+        match claimed {
+            0 => self.default_session_rate,
+            n => n.min(self.max_session_rate),
+        }
+    }
+
+    /// The burst a slot may send at once: a second of its rate, and never less than two full
+    /// datagrams, so that a slow slot can still send a maximal one.
+    pub fn slot_burst(rate: u64) -> u64 {
+        rate.max(2 * MAX_DATAGRAM as u64)
+    }
 }
 
 impl Default for SessionLimits {
@@ -31,6 +54,8 @@ impl Default for SessionLimits {
             idle_timeout: Duration::from_secs(60),
             max_sessions: 100_000,
             replay_cache_capacity: 200_000,
+            default_session_rate: 1_250_000,
+            max_session_rate: 125_000_000,
         }
     }
 }
@@ -69,6 +94,36 @@ pub enum DropReason {
     KeepaliveUnbound,
     /// CLOSE whose proof did not verify, or for an unknown session or slot.
     BadClose,
+    /// DATA over the sending slot's byte budget.
+    RateLimited,
+    /// BIND/REBIND from a source IP over its bind rate.
+    BindRateLimited,
+}
+
+impl DropReason {
+    /// Every reason, in the order of [`DropReason::name`]'s metrics labels.
+    pub const ALL: [DropReason; 7] = [
+        DropReason::Malformed,
+        DropReason::UnexpectedType,
+        DropReason::DataUnbound,
+        DropReason::KeepaliveUnbound,
+        DropReason::BadClose,
+        DropReason::RateLimited,
+        DropReason::BindRateLimited,
+    ];
+
+    /// The reason as a metrics label value.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::UnexpectedType => "unexpected_type",
+            DropReason::DataUnbound => "data_unbound",
+            DropReason::KeepaliveUnbound => "keepalive_unbound",
+            DropReason::BadClose => "bad_close",
+            DropReason::RateLimited => "rate_limited",
+            DropReason::BindRateLimited => "bind_rate_limited",
+        }
+    }
 }
 
 /// Counters of one session table; the relay exports them as Prometheus metrics.
@@ -88,6 +143,10 @@ pub struct Counters {
     pub keepalive_unbound: u64,
     /// Dropped: CLOSE that failed verification.
     pub bad_close: u64,
+    /// Dropped: DATA over its slot's byte budget.
+    pub rate_limited: u64,
+    /// Dropped: BIND/REBIND over its source IP's bind rate.
+    pub bind_rate_limited: u64,
     /// CHALLENGEs sent for BIND/REBIND without a valid cookie.
     pub challenges: u64,
     /// BINDs accepted (including retransmissions re-acknowledged).
@@ -102,6 +161,55 @@ pub struct Counters {
     pub closed: u64,
     /// Bindings reaped because they were idle or their token expired.
     pub reaped: u64,
+    /// Sessions opened (first slot bound).
+    pub sessions_opened: u64,
+    /// Sessions gone (closed, or both slots reaped).
+    pub sessions_closed: u64,
+}
+
+impl Counters {
+    /// Adds `other` into `self` (to sum the shards of a relay).
+    pub fn add(&mut self, other: &Counters) {
+        self.forwarded += other.forwarded;
+        self.forwarded_bytes += other.forwarded_bytes;
+        self.malformed += other.malformed;
+        self.unexpected_type += other.unexpected_type;
+        self.data_unbound += other.data_unbound;
+        self.keepalive_unbound += other.keepalive_unbound;
+        self.bad_close += other.bad_close;
+        self.rate_limited += other.rate_limited;
+        self.bind_rate_limited += other.bind_rate_limited;
+        self.challenges += other.challenges;
+        self.binds_accepted += other.binds_accepted;
+        self.rebinds_accepted += other.rebinds_accepted;
+        for (sum, n) in self.binds_rejected.iter_mut().zip(other.binds_rejected) {
+            *sum += n;
+        }
+        self.keepalives += other.keepalives;
+        self.closed += other.closed;
+        self.reaped += other.reaped;
+        self.sessions_opened += other.sessions_opened;
+        self.sessions_closed += other.sessions_closed;
+    }
+
+    /// Drops of `reason` so far.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        match reason {
+            DropReason::Malformed => self.malformed,
+            DropReason::UnexpectedType => self.unexpected_type,
+            DropReason::DataUnbound => self.data_unbound,
+            DropReason::KeepaliveUnbound => self.keepalive_unbound,
+            DropReason::BadClose => self.bad_close,
+            DropReason::RateLimited => self.rate_limited,
+            DropReason::BindRateLimited => self.bind_rate_limited,
+        }
+    }
+}
+
+/// Locks a mutex, carrying on with the data if a panicking thread poisoned it: every update
+/// under these locks leaves the tables consistent between statements that can panic.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// One peer's claim on a slot.
@@ -112,6 +220,10 @@ struct Binding {
     last_seq: u64,
     expires: UnixTime,
     last_seen: Instant,
+    /// The rate the token claimed (0 = the relay's default), kept to re-cap on reload.
+    claimed_rate: u64,
+    /// What the slot may still send.
+    budget: TokenBucket,
 }
 
 #[derive(Default)]
@@ -127,6 +239,14 @@ impl Session {
     }
 }
 
+/// Who asked for what: the part of a BIND or REBIND every answer needs.
+struct Request {
+    from: SocketAddr,
+    session_id: u64,
+    slot: Slot,
+    seq: u64,
+}
+
 /// All sessions of a relay, with the token verifier and the address-cookie jar.
 pub struct SessionTable {
     limits: SessionLimits,
@@ -135,6 +255,7 @@ pub struct SessionTable {
     cookies: CookieJar,
     sessions: HashMap<u64, Session>,
     counters: Counters,
+    ips: Arc<Mutex<IpTable>>,
 }
 
 impl std::fmt::Debug for SessionTable {
@@ -153,10 +274,6 @@ fn slot_index(slot: Slot) -> usize {
     }
 }
 
-fn slot_of_index(index: usize) -> Slot {
-    if index == 0 { Slot::A } else { Slot::B }
-}
-
 /// Maps a token failure to the reason a REJECT carries (docs/protocol.md §3.4).
 fn reject_reason(err: &TokenError) -> RejectReason {
     match err {
@@ -172,9 +289,14 @@ fn reject_reason(err: &TokenError) -> RejectReason {
 }
 
 impl SessionTable {
-    /// A table that admits tokens accepted by `verifier` and answers BINDs with cookies from
-    /// `cookies`.
-    pub fn new(limits: SessionLimits, verifier: TokenVerifier, cookies: CookieJar) -> Self {
+    /// A table that admits tokens accepted by `verifier`, answers BINDs with cookies from
+    /// `cookies`, and accounts binds per source IP in `ips` (shared with the other shards).
+    pub fn new(
+        limits: SessionLimits,
+        verifier: TokenVerifier,
+        cookies: CookieJar,
+        ips: Arc<Mutex<IpTable>>,
+    ) -> Self {
         let replay = TokenReplayCache::new(limits.replay_cache_capacity);
         Self {
             limits,
@@ -183,7 +305,37 @@ impl SessionTable {
             cookies,
             sessions: HashMap::new(),
             counters: Counters::default(),
+            ips,
         }
+    }
+
+    /// The token verifier, to change its trusted gateway keys (SIGHUP).
+    pub fn verifier_mut(&mut self) -> &mut TokenVerifier {
+        &mut self.verifier
+    }
+
+    /// Applies new limits (SIGHUP) without dropping sessions: slot budgets are re-capped at
+    /// the new maximum rate. The replay cache keeps its size until the relay restarts.
+    pub fn set_limits(&mut self, limits: SessionLimits, now: Instant) {
+        for binding in self
+            .sessions
+            .values_mut()
+            .flat_map(|s| s.slots.iter_mut().flatten())
+        {
+            let rate = limits.slot_rate(binding.claimed_rate);
+            binding
+                .budget
+                .set_rate(rate, SessionLimits::slot_burst(rate), now);
+        }
+        self.limits = limits;
+    }
+
+    /// Bound slots now (both slots of every session count).
+    pub fn binding_count(&self) -> usize {
+        self.sessions
+            .values()
+            .map(|s| s.slots.iter().flatten().count())
+            .sum()
     }
 
     /// The counters so far.
@@ -229,6 +381,8 @@ impl SessionTable {
         let idle = self.limits.idle_timeout;
         let skew = self.verifier.config().max_skew_secs;
         let mut reaped = 0;
+        let mut gone = 0;
+        let mut ips = lock(&self.ips);
         self.sessions.retain(|_, session| {
             for slot in session.slots.iter_mut() {
                 let stale = slot.as_ref().is_some_and(|b| {
@@ -236,13 +390,19 @@ impl SessionTable {
                         || wall >= b.expires.saturating_add(skew)
                 });
                 if stale {
-                    *slot = None;
+                    if let Some(b) = slot.take() {
+                        ips.detach(b.addr.ip());
+                    }
                     reaped += 1;
                 }
             }
-            session.slots.iter().any(Option::is_some)
+            let keep = session.slots.iter().any(Option::is_some);
+            gone += u64::from(!keep);
+            keep
         });
+        drop(ips);
         self.counters.reaped += reaped as u64;
+        self.counters.sessions_closed += gone;
         reaped
     }
 
@@ -254,6 +414,8 @@ impl SessionTable {
             DropReason::DataUnbound => c.data_unbound += 1,
             DropReason::KeepaliveUnbound => c.keepalive_unbound += 1,
             DropReason::BadClose => c.bad_close += 1,
+            DropReason::RateLimited => c.rate_limited += 1,
+            DropReason::BindRateLimited => c.bind_rate_limited += 1,
         }
         Outcome::Drop(reason)
     }
@@ -268,41 +430,38 @@ impl SessionTable {
         let Some(to) = session.slots[1 - i].as_ref().map(|b| b.addr) else {
             return self.drop(DropReason::DataUnbound);
         };
-        if let Some(b) = session.slots[i].as_mut() {
-            b.last_seen = now;
+        let Some(sender) = session.slots[i].as_mut() else {
+            return self.drop(DropReason::DataUnbound);
+        };
+        sender.last_seen = now;
+        if !sender.budget.try_take(len as u64, now) {
+            return self.drop(DropReason::RateLimited);
         }
         self.counters.forwarded += 1;
         self.counters.forwarded_bytes += len as u64;
         Outcome::Forward { to }
     }
 
-    fn challenge(
-        &mut self,
-        wall: UnixTime,
-        from: SocketAddr,
-        session_id: u64,
-        slot: Slot,
-        bind_seq: u64,
-        reply: &mut [u8],
-    ) -> Outcome {
+    /// Answers `req` with a CHALLENGE carrying a cookie for its source address.
+    fn challenge(&mut self, wall: UnixTime, req: &Request, reply: &mut [u8]) -> Outcome {
         let cookie = self
             .cookies
-            .issue(wall, session_id, slot_index(slot) as u8, from);
+            .issue(wall, req.session_id, req.slot.as_u8(), req.from);
         self.counters.challenges += 1;
-        let fields = wire::ChallengeFields { bind_seq, cookie };
-        match wire::encode_challenge(reply, session_id, &fields) {
-            Ok(len) => Outcome::Reply { to: from, len },
-            Err(_) => self.drop(DropReason::Malformed),
+        let fields = wire::ChallengeFields {
+            bind_seq: req.seq,
+            cookie,
+        };
+        match wire::encode_challenge(reply, req.session_id, &fields) {
+            Ok(len) => Outcome::Reply { to: req.from, len },
+            Err(_) => Outcome::Consumed,
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Answers `req` with a REJECT, authenticated when the relay knows the slot's keys.
     fn reject(
         &mut self,
-        from: SocketAddr,
-        session_id: u64,
-        slot: Slot,
-        bind_seq: u64,
+        req: &Request,
         reason: RejectReason,
         keys: Option<&SlotKeys>,
         reply: &mut [u8],
@@ -310,44 +469,76 @@ impl SessionTable {
         if let Some(n) = self
             .counters
             .binds_rejected
-            .get_mut(reason.as_u8() as usize)
+            .get_mut(usize::from(reason.as_u8()))
         {
             *n += 1;
         }
         let fields = wire::RejectFields {
             reason,
-            slot,
-            bind_seq,
+            slot: req.slot,
+            bind_seq: req.seq,
         };
         let written = match keys {
-            Some(k) => wire::encode_reject(reply, session_id, &fields, |m| k.relay.mac(m)),
-            None => wire::encode_reject_unauthenticated(reply, session_id, &fields),
+            Some(k) => wire::encode_reject(reply, req.session_id, &fields, |m| k.relay.mac(m)),
+            None => wire::encode_reject_unauthenticated(reply, req.session_id, &fields),
         };
         match written {
-            Ok(len) => Outcome::Reply { to: from, len },
-            Err(_) => self.drop(DropReason::Malformed),
+            Ok(len) => Outcome::Reply { to: req.from, len },
+            Err(_) => Outcome::Consumed,
         }
     }
 
-    fn ack(&self, from: SocketAddr, session_id: u64, slot: Slot, reply: &mut [u8]) -> Outcome {
-        let Some(session) = self.sessions.get(&session_id) else {
+    /// Acknowledges the binding of `req`'s slot.
+    fn ack(&self, req: &Request, reply: &mut [u8]) -> Outcome {
+        let i = slot_index(req.slot);
+        let Some(session) = self.sessions.get(&req.session_id) else {
             return Outcome::Consumed;
         };
-        let i = slot_index(slot);
         let Some(binding) = session.slots[i].as_ref() else {
             return Outcome::Consumed;
         };
         let fields = wire::BindAckFields {
-            slot,
+            slot: req.slot,
             peer_present: session.slots[1 - i].is_some(),
-            idle_timeout_secs: self.limits.idle_timeout.as_secs().min(u32::MAX as u64) as u32,
+            idle_timeout_secs: u32::try_from(self.limits.idle_timeout.as_secs())
+                .unwrap_or(u32::MAX),
             bind_seq: binding.last_seq,
             expires_at: binding.expires.as_secs(),
         };
-        match wire::encode_bind_ack(reply, session_id, &fields, |m| binding.keys.relay.mac(m)) {
-            Ok(len) => Outcome::Reply { to: from, len },
+        match wire::encode_bind_ack(reply, req.session_id, &fields, |m| {
+            binding.keys.relay.mac(m)
+        }) {
+            Ok(len) => Outcome::Reply { to: req.from, len },
             Err(_) => Outcome::Consumed,
         }
+    }
+
+    /// The checks every BIND and REBIND passes before any expensive work: a cookie for its
+    /// source address (docs/protocol.md §5), then the source IP's bind rate. `Err` carries the
+    /// answer (CHALLENGE or a counted drop).
+    fn admit(
+        &mut self,
+        now: Instant,
+        wall: UnixTime,
+        req: &Request,
+        cookie: &[u8; 16],
+        reply: &mut [u8],
+    ) -> Result<(), Outcome> {
+        if !self
+            .cookies
+            .check(wall, cookie, req.session_id, req.slot.as_u8(), req.from)
+        {
+            return Err(self.challenge(wall, req, reply));
+        }
+        // Rate-limited only once the address is proven, so that nobody can spend another
+        // host's bind budget by spoofing its address.
+        if lock(&self.ips)
+            .try_bind_attempt(req.from.ip(), now)
+            .is_err()
+        {
+            return Err(self.drop(DropReason::BindRateLimited));
+        }
+        Ok(())
     }
 
     fn on_bind(
@@ -358,100 +549,86 @@ impl SessionTable {
         bind: &wire::Bind<'_>,
         reply: &mut [u8],
     ) -> Outcome {
-        let (sid, slot, seq) = (bind.session_id(), bind.slot(), bind.bind_seq());
-        // Cheap and stateless first: no signature or X25519 work for a source that cannot
-        // receive at its address (docs/protocol.md §5).
-        if !self
-            .cookies
-            .check(wall, bind.cookie(), sid, slot_index(slot) as u8, from)
-        {
-            return self.challenge(wall, from, sid, slot, seq, reply);
-        }
-        let verified = match self
-            .verifier
-            .verify(bind.token(), wall, sid, slot_index(slot) as u8)
-        {
-            Ok(v) => v,
-            Err(e) => return self.reject(from, sid, slot, seq, reject_reason(&e), None, reply),
+        let req = Request {
+            from,
+            session_id: bind.session_id(),
+            slot: bind.slot(),
+            seq: bind.bind_seq(),
         };
+        if let Err(answer) = self.admit(now, wall, &req, bind.cookie(), reply) {
+            return answer;
+        }
+        let verified =
+            match self
+                .verifier
+                .verify(bind.token(), wall, req.session_id, req.slot.as_u8())
+            {
+                Ok(v) => v,
+                Err(e) => return self.reject(&req, reject_reason(&e), None, reply),
+            };
         let keys = SlotKeys::derive(&verified.slot_secret);
         if !keys.peer.verify(bind.mac_input(), bind.mac()) {
-            return self.reject(from, sid, slot, seq, RejectReason::BadProof, None, reply);
+            return self.reject(&req, RejectReason::BadProof, None, reply);
         }
-        let token_id = verified.claims.token_id;
-        let i = slot_index(slot);
+        let claims = verified.claims;
+        let i = slot_index(req.slot);
 
         // The slot may already be held: by this token (a retransmission or a duplicate), or by
         // another one (a renewal from the same address, or somebody else).
         let held = self
             .sessions
-            .get(&sid)
+            .get(&req.session_id)
             .and_then(|s| s.slots[i].as_ref())
-            .map(|b| (b.token_id == token_id, b.addr == from, b.last_seq));
+            .map(|b| (b.token_id == claims.token_id, b.addr == from, b.last_seq));
         match held {
-            Some((true, true, last)) if seq >= last => {
+            Some((true, true, last)) if req.seq >= last => {
                 // Same token, same place: the ACK was lost, or a newer sequence. Re-ACK.
-                self.touch(sid, i, now, seq);
+                self.touch(req.session_id, i, now, req.seq);
                 self.counters.binds_accepted += 1;
-                return self.ack(from, sid, slot, reply);
+                return self.ack(&req, reply);
             }
             Some((true, _, _)) => {
                 // A token already used from another place, or an old sequence: a replay.
-                return self.reject(
-                    from,
-                    sid,
-                    slot,
-                    seq,
-                    RejectReason::Replayed,
-                    Some(&keys),
-                    reply,
-                );
+                return self.reject(&req, RejectReason::Replayed, Some(&keys), reply);
             }
             Some((false, false, _)) => {
-                return self.reject(
-                    from,
-                    sid,
-                    slot,
-                    seq,
-                    RejectReason::SessionFull,
-                    Some(&keys),
-                    reply,
-                );
+                return self.reject(&req, RejectReason::SessionFull, Some(&keys), reply);
             }
             Some((false, true, _)) | None => {}
         }
-        if !self.sessions.contains_key(&sid) && self.sessions.len() >= self.limits.max_sessions {
-            return self.reject(
-                from,
-                sid,
-                slot,
-                seq,
-                RejectReason::Overloaded,
-                Some(&keys),
-                reply,
-            );
+        let new_session = !self.sessions.contains_key(&req.session_id);
+        if new_session && self.sessions.len() >= self.limits.max_sessions {
+            return self.reject(&req, RejectReason::Overloaded, Some(&keys), reply);
         }
-        let expires = verified.claims.expires;
-        if let Err(e) = self.replay.check_and_insert(
-            token_id,
-            expires,
-            wall,
-            self.verifier.config().max_skew_secs,
-        ) {
-            let reason = reject_reason(&e);
-            return self.reject(from, sid, slot, seq, reason, Some(&keys), reply);
+        // A renewal replaces a binding at the same address, which holds no extra slot.
+        if held.is_none() && lock(&self.ips).may_attach(from.ip()).is_err() {
+            return self.reject(&req, RejectReason::Overloaded, Some(&keys), reply);
         }
+        let skew = self.verifier.config().max_skew_secs;
+        if let Err(e) = self
+            .replay
+            .check_and_insert(claims.token_id, claims.expires, wall, skew)
+        {
+            return self.reject(&req, reject_reason(&e), Some(&keys), reply);
+        }
+        let rate = self.limits.slot_rate(claims.rate_bytes_per_sec);
         let binding = Binding {
             addr: from,
-            token_id,
+            token_id: claims.token_id,
             keys,
-            last_seq: seq,
-            expires,
+            last_seq: req.seq,
+            expires: claims.expires,
             last_seen: now,
+            claimed_rate: claims.rate_bytes_per_sec,
+            budget: TokenBucket::new(rate, SessionLimits::slot_burst(rate), now),
         };
-        self.sessions.entry(sid).or_default().slots[i] = Some(binding);
+        if held.is_none() {
+            lock(&self.ips).attach(from.ip(), now);
+        }
+        self.counters.sessions_opened += u64::from(new_session);
+        self.sessions.entry(req.session_id).or_default().slots[i] = Some(binding);
         self.counters.binds_accepted += 1;
-        self.ack(from, sid, slot, reply)
+        self.ack(&req, reply)
     }
 
     fn touch(&mut self, sid: u64, i: usize, now: Instant, seq: u64) {
@@ -473,50 +650,47 @@ impl SessionTable {
         rebind: &wire::Rebind<'_>,
         reply: &mut [u8],
     ) -> Outcome {
-        let (sid, slot, seq) = (rebind.session_id(), rebind.slot(), rebind.bind_seq());
-        if !self
-            .cookies
-            .check(wall, rebind.cookie(), sid, slot_index(slot) as u8, from)
-        {
-            return self.challenge(wall, from, sid, slot, seq, reply);
+        let req = Request {
+            from,
+            session_id: rebind.session_id(),
+            slot: rebind.slot(),
+            seq: rebind.bind_seq(),
+        };
+        if let Err(answer) = self.admit(now, wall, &req, rebind.cookie(), reply) {
+            return answer;
         }
-        let i = slot_index(slot);
+        let i = slot_index(req.slot);
         let Some(binding) = self
             .sessions
-            .get_mut(&sid)
+            .get_mut(&req.session_id)
             .and_then(|s| s.slots[i].as_mut())
         else {
-            return self.reject(
-                from,
-                sid,
-                slot,
-                seq,
-                RejectReason::UnknownSession,
-                None,
-                reply,
-            );
+            return self.reject(&req, RejectReason::UnknownSession, None, reply);
         };
         if !binding.keys.peer.verify(rebind.mac_input(), rebind.mac()) {
-            return self.reject(from, sid, slot, seq, RejectReason::BadProof, None, reply);
+            return self.reject(&req, RejectReason::BadProof, None, reply);
         }
-        if seq <= binding.last_seq {
+        if req.seq <= binding.last_seq {
             // Authenticated, so the answer can be too; the keys are cloned out of the borrow.
             let keys = binding.keys.clone();
-            return self.reject(
-                from,
-                sid,
-                slot,
-                seq,
-                RejectReason::Replayed,
-                Some(&keys),
-                reply,
-            );
+            return self.reject(&req, RejectReason::Replayed, Some(&keys), reply);
+        }
+        let old = binding.addr;
+        if old.ip() != from.ip() {
+            let mut ips = lock(&self.ips);
+            if ips.may_attach(from.ip()).is_err() {
+                let keys = binding.keys.clone();
+                drop(ips);
+                return self.reject(&req, RejectReason::Overloaded, Some(&keys), reply);
+            }
+            ips.detach(old.ip());
+            ips.attach(from.ip(), now);
         }
         binding.addr = from;
-        binding.last_seq = seq;
+        binding.last_seq = req.seq;
         binding.last_seen = now;
         self.counters.rebinds_accepted += 1;
-        self.ack(from, sid, slot, reply)
+        self.ack(&req, reply)
     }
 
     fn on_keepalive(
@@ -557,11 +731,18 @@ impl SessionTable {
         let Some(session) = self.sessions.remove(&sid) else {
             return Outcome::Consumed;
         };
+        self.counters.sessions_closed += 1;
+        {
+            let mut ips = lock(&self.ips);
+            for b in session.slots.iter().flatten() {
+                ips.detach(b.addr.ip());
+            }
+        }
         let Some(other) = session.slots[1 - i].as_ref() else {
             return Outcome::Consumed;
         };
         let fields = wire::CloseFields {
-            slot: slot_of_index(1 - i),
+            slot: close.slot().other(),
             seq: other.last_seq,
         };
         match wire::encode_close(reply, sid, &fields, |m| other.keys.relay.mac(m)) {
@@ -584,6 +765,7 @@ mod tests {
     use ring::rand::SystemRandom;
 
     use super::*;
+    use crate::limits::IpLimits;
 
     const RELAY_ID: u64 = 77;
     const SID: u64 = 0xfeed_f00d;
@@ -612,8 +794,9 @@ mod tests {
             let mut verifier = TokenVerifier::new(VerifierConfig::new(RELAY_ID), relay).unwrap();
             verifier.add_trusted_key(3, minter.public());
             let cookies = CookieJar::generate(&rng).unwrap();
+            let ips = Arc::new(Mutex::new(IpTable::new(IpLimits::default())));
             Self {
-                table: SessionTable::new(limits, verifier, cookies),
+                table: SessionTable::new(limits, verifier, cookies, ips),
                 minter,
                 relay_public,
                 now: Instant::now(),
@@ -1077,5 +1260,127 @@ mod tests {
         );
         assert_eq!(f.table.counters().malformed, 1);
         assert_eq!(f.table.counters().unexpected_type, 1);
+    }
+
+    #[test]
+    fn data_over_the_slot_budget_is_dropped_and_the_other_direction_is_not() {
+        let limits = SessionLimits {
+            default_session_rate: 10_000,
+            ..SessionLimits::default()
+        };
+        let mut f = Fixture::new(limits);
+        let (a, b) = (v4(1, 1000), v4(2, 2000));
+        f.bound_pair(a, b);
+        let mut big = vec![0; MAX_DATAGRAM];
+        let n = wire::encode_data(&mut big, SID, &[9; 1000]).unwrap();
+        big.truncate(n);
+        // A burst of 10,000 bytes: nine 1016-byte datagrams fit, the tenth does not.
+        let forwarded = (0..10)
+            .filter(|_| f.send(a, &big) == Outcome::Forward { to: b })
+            .count();
+        assert_eq!(forwarded, 9);
+        assert_eq!(f.table.counters().rate_limited, 1);
+        // B's budget is its own.
+        assert_eq!(f.send(b, &big), Outcome::Forward { to: a });
+        // A second later A may send again.
+        f.now += Duration::from_secs(1);
+        assert_eq!(f.send(a, &big), Outcome::Forward { to: b });
+    }
+
+    #[test]
+    fn a_token_rate_claim_is_capped_by_the_relay_and_reload_recaps_it() {
+        let limits = SessionLimits {
+            default_session_rate: 1_000_000,
+            max_session_rate: 2_000_000,
+            ..SessionLimits::default()
+        };
+        assert_eq!(limits.slot_rate(0), 1_000_000);
+        assert_eq!(limits.slot_rate(500), 500);
+        assert_eq!(limits.slot_rate(9_000_000), 2_000_000);
+        let mut f = Fixture::new(limits.clone());
+        let (a, b) = (v4(1, 1000), v4(2, 2000));
+        f.bound_pair(a, b);
+        let data = f.data(SID);
+        let fits = |f: &mut Fixture| {
+            (0..100_000)
+                .take_while(|_| f.send(a, &data) == Outcome::Forward { to: b })
+                .count()
+        };
+        let before = fits(&mut f);
+        assert_eq!(before as u64, 1_000_000 / data.len() as u64);
+        // Cap every slot at 3000 bytes/s: after a refill only a few datagrams fit.
+        let tight = SessionLimits {
+            default_session_rate: 3000,
+            max_session_rate: 3000,
+            ..limits
+        };
+        f.table.set_limits(tight, f.now);
+        f.now += Duration::from_secs(10);
+        assert_eq!(fits(&mut f) as u64, 3000 / data.len() as u64);
+    }
+
+    #[test]
+    fn binds_over_the_per_ip_rate_are_dropped_after_the_cookie() {
+        let mut f = Fixture::new(SessionLimits::default());
+        let ips = IpLimits {
+            bind_rate: 1.0,
+            bind_burst: 2,
+            ..IpLimits::default()
+        };
+        *lock(&f.table.ips) = IpTable::new(ips);
+        let a = v4(1, 1000);
+        let token = f.mint(SID, TokenSlot::A);
+        // Cookie-less BINDs are answered with CHALLENGEs and not charged to the IP.
+        for _ in 0..5 {
+            f.cookie_for(a, &token, Slot::A);
+        }
+        let cookie = f.cookie_for(a, &token, Slot::A);
+        let bind = f.bind_packet(&token, Slot::A, 1, cookie);
+        let outcome = f.send(a, &bind);
+        f.expect_ack(outcome);
+        let outcome = f.send(a, &bind);
+        f.expect_ack(outcome);
+        assert_eq!(f.send(a, &bind), Outcome::Drop(DropReason::BindRateLimited));
+        assert_eq!(f.table.counters().bind_rate_limited, 1);
+    }
+
+    #[test]
+    fn an_ip_may_hold_only_so_many_slots() {
+        let mut f = Fixture::new(SessionLimits::default());
+        let ips = IpLimits {
+            max_bindings: 2,
+            ..IpLimits::default()
+        };
+        *lock(&f.table.ips) = IpTable::new(ips);
+        for (k, port) in [1000u16, 1001].into_iter().enumerate() {
+            let token = f.mint(SID + k as u64, TokenSlot::A);
+            let outcome = f.bind(v4(1, port), &token, Slot::A, 1);
+            f.expect_ack(outcome);
+        }
+        let third = f.mint(SID + 2, TokenSlot::A);
+        let outcome = f.bind(v4(1, 1002), &third, Slot::A, 1);
+        assert_eq!(f.expect_reject(outcome), (RejectReason::Overloaded, true));
+        // Another IP is not affected, and reaping gives the slots back.
+        let outcome = f.bind(v4(2, 1000), &third, Slot::A, 1);
+        f.expect_ack(outcome);
+        f.table.reap(f.now + Duration::from_secs(3600), T0);
+        assert_eq!(lock(&f.table.ips).bindings(v4(1, 0).ip()), 0);
+        assert_eq!(f.table.counters().sessions_opened, 3);
+        assert_eq!(f.table.counters().sessions_closed, 3);
+    }
+
+    #[test]
+    fn removing_a_gateway_key_refuses_its_new_tokens_but_keeps_bound_sessions() {
+        let mut f = Fixture::new(SessionLimits::default());
+        let (a, b) = (v4(1, 1000), v4(2, 2000));
+        f.bound_pair(a, b);
+        f.table.verifier_mut().remove_trusted_key(3);
+        let token = f.mint(SID + 1, TokenSlot::A);
+        let outcome = f.bind(v4(3, 3000), &token, Slot::A, 1);
+        assert_eq!(
+            f.expect_reject(outcome),
+            (RejectReason::TokenInvalid, false)
+        );
+        assert_eq!(f.send(a, &f.data(SID)), Outcome::Forward { to: b });
     }
 }
