@@ -5,6 +5,8 @@
 //!   (retransmissions, CHALLENGE cookies, keepalives, REBIND after a NAT change, CLOSE).
 //! - [`channel::Channel`] runs the end-to-end Noise handshake and transport inside DATA
 //!   datagrams, which the relay forwards without being able to read them.
+//! - [`udp::UdpPeer`] drives both over a blocking `std::net::UdpSocket`, for the CLI and tests.
 
 pub mod bind;
 pub mod channel;
+pub mod udp;

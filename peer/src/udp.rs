@@ -1,0 +1,284 @@
+//! A blocking peer over a real UDP socket: [`BindClient`] and [`Channel`] driven by
+//! `std::net::UdpSocket` with deadlines. For the CLI, integration tests and simple tools; an
+//! event-loop application drives the sans-IO types itself.
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use ferry_core::known_peers::KnownPeers;
+use ferry_core::noise::NoiseError;
+use ferry_core::wire::{self, MAX_DATAGRAM, Packet};
+
+use crate::bind::{BindClient, BindEvent, BindState};
+use crate::channel::{Channel, ChannelError, ChannelOutput};
+
+/// What went wrong driving a peer over UDP.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UdpPeerError {
+    /// The socket failed.
+    #[error("socket error: {0}")]
+    Io(#[from] io::Error),
+    /// Nothing useful arrived before the deadline.
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+    /// The relay refused the bind with an authenticated REJECT.
+    #[error("the relay rejected the bind: {0}")]
+    Rejected(&'static str),
+    /// The session was closed.
+    #[error("the session was closed")]
+    Closed,
+    /// The end-to-end channel failed.
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    /// A packet could not be written.
+    #[error(transparent)]
+    Wire(#[from] wire::WireError),
+}
+
+/// A peer bound (or binding) to one slot on one relay, over one UDP socket.
+#[derive(Debug)]
+pub struct UdpPeer {
+    socket: UdpSocket,
+    relay: SocketAddr,
+    bind: BindClient,
+    channel: Channel,
+    known: KnownPeers,
+    out: Vec<u8>,
+    inbuf: Vec<u8>,
+}
+
+impl UdpPeer {
+    /// A peer that talks to `relay` from `socket`.
+    pub fn new(
+        socket: UdpSocket,
+        relay: SocketAddr,
+        bind: BindClient,
+        channel: Channel,
+        known: KnownPeers,
+    ) -> Self {
+        Self {
+            socket,
+            relay,
+            bind,
+            channel,
+            known,
+            out: vec![0; MAX_DATAGRAM],
+            inbuf: vec![0; MAX_DATAGRAM + 1],
+        }
+    }
+
+    /// The local socket.
+    pub fn socket(&self) -> &UdpSocket {
+        &self.socket
+    }
+
+    /// The known-peers store (updated by trust on first use; the caller saves it).
+    pub fn known_peers(&self) -> &KnownPeers {
+        &self.known
+    }
+
+    /// The end-to-end channel.
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Replaces the socket, e.g. after the local address changed; call [`rebind`](Self::rebind).
+    pub fn set_socket(&mut self, socket: UdpSocket) {
+        self.socket = socket;
+    }
+
+    fn send_out(&mut self, n: usize) -> io::Result<()> {
+        self.socket.send_to(&self.out[..n], self.relay)?;
+        self.bind.note_sent(Instant::now());
+        Ok(())
+    }
+
+    /// Receives one datagram from the relay before `deadline`; `None` at the deadline.
+    fn recv(&mut self, deadline: Instant) -> Result<Option<usize>, UdpPeerError> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            self.socket.set_read_timeout(Some(left))?;
+            match self.socket.recv_from(&mut self.inbuf) {
+                // Only the relay speaks to us; anything else is ignored.
+                Ok((n, from)) if from == self.relay => return Ok(Some(n)),
+                Ok(_) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ok(None);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Binds the slot (BIND, or REBIND when already bound), retransmitting as the bind client
+    /// says, until the relay acknowledges or `timeout` passes. Returns whether the other peer
+    /// was bound at that moment.
+    pub fn bind(&mut self, timeout: Duration) -> Result<bool, UdpPeerError> {
+        let deadline = Instant::now() + timeout;
+        let n = match self.bind.state() {
+            BindState::Bound => self.bind.rebind(Instant::now(), &mut self.out)?,
+            _ => self.bind.start(Instant::now(), &mut self.out)?,
+        };
+        self.send_out(n)?;
+        loop {
+            let wake = self
+                .bind
+                .poll_timeout()
+                .map_or(deadline, |t| t.min(deadline));
+            let Some(len) = self.recv(wake)? else {
+                if Instant::now() >= deadline || self.bind.state() == BindState::Failed {
+                    return Err(UdpPeerError::Timeout("BIND-ACK"));
+                }
+                if let Some(n) = self.bind.on_timeout(Instant::now(), &mut self.out) {
+                    self.send_out(n)?;
+                }
+                continue;
+            };
+            let event = self
+                .bind
+                .handle(Instant::now(), &self.inbuf[..len], &mut self.out);
+            match event {
+                BindEvent::Transmit(n) => self.send_out(n)?,
+                BindEvent::Bound { peer_present } => return Ok(peer_present),
+                BindEvent::Rejected {
+                    reason,
+                    authenticated: true,
+                } => return Err(UdpPeerError::Rejected(reason.name())),
+                BindEvent::Closed => return Err(UdpPeerError::Closed),
+                _ => {}
+            }
+        }
+    }
+
+    /// Runs the end-to-end handshake: the initiator sends message 1 (again every
+    /// `retry`, with a fresh handshake, until answered — the other peer may bind later);
+    /// both sides then answer what arrives until established or `timeout`.
+    pub fn handshake(
+        &mut self,
+        make_initiator: Option<&dyn Fn() -> Result<Channel, ChannelError>>,
+        retry: Duration,
+        timeout: Duration,
+    ) -> Result<(), UdpPeerError> {
+        let deadline = Instant::now() + timeout;
+        let mut next_retry = Instant::now();
+        while !self.channel.is_established() {
+            if let Some(make) = make_initiator {
+                if Instant::now() >= next_retry {
+                    self.channel = make()?;
+                    let n = self.channel.start(&mut self.out)?;
+                    self.send_out(n)?;
+                    next_retry = Instant::now() + retry;
+                }
+            }
+            let wake = match make_initiator {
+                Some(_) => next_retry.min(deadline),
+                None => deadline,
+            };
+            let Some(len) = self.recv(wake)? else {
+                if Instant::now() >= deadline {
+                    return Err(UdpPeerError::Timeout("the handshake"));
+                }
+                continue;
+            };
+            if !matches!(wire::parse(&self.inbuf[..len]), Ok(Packet::Data(_))) {
+                continue;
+            }
+            let now = Instant::now();
+            match self
+                .channel
+                .handle(now, &mut self.inbuf[..len], &mut self.known, &mut self.out)
+            {
+                Ok(output) => {
+                    if let Some(n) = output.transmit {
+                        self.send_out(n)?;
+                    }
+                }
+                // A stale or duplicate handshake message is not fatal; a wrong identity is.
+                Err(e @ ChannelError::Noise(NoiseError::WrongIdentity)) => return Err(e.into()),
+                Err(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Encrypts `plaintext` and sends it through the relay.
+    pub fn send(&mut self, plaintext: &[u8]) -> Result<(), UdpPeerError> {
+        let n = self
+            .channel
+            .send(Instant::now(), plaintext, &mut self.out)?;
+        self.send_out(n)?;
+        Ok(())
+    }
+
+    /// Waits for the next message from the other peer and returns its plaintext. Keepalive
+    /// echoes and stale frames are skipped.
+    pub fn recv_message(&mut self, timeout: Duration) -> Result<Vec<u8>, UdpPeerError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let Some(len) = self.recv(deadline)? else {
+                return Err(UdpPeerError::Timeout("a message"));
+            };
+            match wire::parse(&self.inbuf[..len]) {
+                Ok(Packet::Data(_)) => {}
+                Ok(Packet::Close(_)) => {
+                    if self
+                        .bind
+                        .handle(Instant::now(), &self.inbuf[..len], &mut self.out)
+                        == BindEvent::Closed
+                    {
+                        return Err(UdpPeerError::Closed);
+                    }
+                    continue;
+                }
+                _ => continue,
+            }
+            let output = self.channel.handle(
+                Instant::now(),
+                &mut self.inbuf[..len],
+                &mut self.known,
+                &mut self.out,
+            );
+            if let Ok(ChannelOutput {
+                plaintext: Some(range),
+                ..
+            }) = output
+            {
+                return Ok(self.inbuf[range].to_vec());
+            }
+        }
+    }
+
+    /// Sends a KEEPALIVE and waits for the relay's echo; returns whether it came back.
+    pub fn keepalive(&mut self, timeout: Duration) -> Result<bool, UdpPeerError> {
+        let n = wire::encode_keepalive(&mut self.out, self.bind.session_id())?;
+        self.send_out(n)?;
+        let deadline = Instant::now() + timeout;
+        while let Some(len) = self.recv(deadline)? {
+            if self
+                .bind
+                .handle(Instant::now(), &self.inbuf[..len], &mut self.out)
+                == BindEvent::KeepaliveEcho
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Closes the session at the relay.
+    pub fn close(&mut self) -> Result<(), UdpPeerError> {
+        let n = self.bind.close(&mut self.out)?;
+        self.send_out(n)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,111 @@
+//! Two real UDP peers through the relay's session logic on loopback, driven by a plain
+//! blocking socket loop: the peers' blocking driver and the session tables against real
+//! sockets, without io_uring (the worker tests cover that).
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap fails the test
+
+mod common;
+
+use std::net::UdpSocket;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use ferry_core::proof::CookieJar;
+use ferry_core::time::UnixTime;
+use ferry_core::token::{TokenVerifier, VerifierConfig};
+use ferry_relay::limits::IpLimits;
+use ferry_relay::session::{Outcome, SessionLimits};
+use ferry_relay::shards::Sessions;
+
+use common::{Authority, KID, RELAY_ID, peer_pair};
+
+#[test]
+fn peers_bind_handshake_and_talk_through_a_socket_relay() {
+    let auth = Authority::new();
+    let mut verifier =
+        TokenVerifier::new(VerifierConfig::new(RELAY_ID), auth.relay_key.clone()).unwrap();
+    verifier.add_trusted_key(KID, auth.minter.public());
+    let sessions = Sessions::new(
+        SessionLimits::default(),
+        IpLimits::default(),
+        verifier,
+        CookieJar::generate(&auth.rng).unwrap(),
+    );
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let relay = socket.local_addr().unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let relay_thread = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let (mut buf, mut reply) = (vec![0u8; 2048], vec![0u8; 2048]);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                    continue;
+                };
+                let wall = UnixTime::from(SystemTime::now());
+                match sessions.handle(Instant::now(), wall, from, &buf[..n], &mut reply) {
+                    Outcome::Forward { to } => drop(socket.send_to(&buf[..n], to)),
+                    Outcome::Reply { to, len } => drop(socket.send_to(&reply[..len], to)),
+                    Outcome::Consumed | Outcome::Drop(_) => {}
+                }
+            }
+            sessions.counters()
+        })
+    };
+
+    let any = "127.0.0.1:0".parse().unwrap();
+    let (mut a, mut b, make_a) = peer_pair(&auth, 0xabc, relay, any, any);
+    assert!(!a.bind(Duration::from_secs(5)).unwrap());
+    assert!(b.bind(Duration::from_secs(5)).unwrap());
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            b.handshake(None, Duration::from_secs(1), Duration::from_secs(10))
+                .unwrap()
+        });
+        let make = || Ok(make_a());
+        a.handshake(
+            Some(&make),
+            Duration::from_millis(500),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    });
+    for i in 0..50u32 {
+        let msg = format!("message {i}");
+        a.send(msg.as_bytes()).unwrap();
+        assert_eq!(
+            b.recv_message(Duration::from_secs(5)).unwrap(),
+            msg.as_bytes()
+        );
+        b.send(&i.to_be_bytes()).unwrap();
+        assert_eq!(
+            a.recv_message(Duration::from_secs(5)).unwrap(),
+            i.to_be_bytes()
+        );
+    }
+    assert!(a.keepalive(Duration::from_secs(2)).unwrap());
+
+    // NAT rebinding: A moves to a new socket and proves it with a REBIND.
+    a.set_socket(UdpSocket::bind("127.0.0.1:0").unwrap());
+    assert!(a.bind(Duration::from_secs(5)).unwrap());
+    a.send(b"after the move").unwrap();
+    assert_eq!(
+        b.recv_message(Duration::from_secs(5)).unwrap(),
+        b"after the move"
+    );
+
+    a.close().unwrap();
+    assert!(matches!(
+        b.recv_message(Duration::from_secs(5)),
+        Err(ferry_peer::udp::UdpPeerError::Closed)
+    ));
+    stop.store(true, Ordering::Relaxed);
+    let counters = relay_thread.join().unwrap();
+    assert_eq!(counters.forwarded, 3 + 100 + 1);
+    assert_eq!(counters.rebinds_accepted, 1);
+    assert_eq!(counters.closed, 1);
+}
