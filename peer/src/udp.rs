@@ -172,13 +172,13 @@ impl UdpPeer {
         let deadline = Instant::now() + timeout;
         let mut next_retry = Instant::now();
         while !self.channel.is_established() {
-            if let Some(make) = make_initiator {
-                if Instant::now() >= next_retry {
-                    self.channel = make()?;
-                    let n = self.channel.start(&mut self.out)?;
-                    self.send_out(n)?;
-                    next_retry = Instant::now() + retry;
-                }
+            if let Some(make) = make_initiator
+                && Instant::now() >= next_retry
+            {
+                self.channel = make()?;
+                let n = self.channel.start(&mut self.out)?;
+                self.send_out(n)?;
+                next_retry = Instant::now() + retry;
             }
             let wake = match make_initiator {
                 Some(_) => next_retry.min(deadline),
