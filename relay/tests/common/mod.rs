@@ -1,6 +1,8 @@
 //! Shared set-up for the relay's integration tests: keys, tokens and peers.
 #![allow(dead_code, clippy::unwrap_used)] // shared by several test crates; a failed unwrap fails the test
 
+pub mod netns;
+
 use std::net::{SocketAddr, UdpSocket};
 use std::time::SystemTime;
 
