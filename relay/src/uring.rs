@@ -1,1 +1,587 @@
-//! See the crate docs.
+//! All of the relay's unsafe io_uring plumbing, in one module.
+//!
+//! - [`BufRing`]: a provided-buffer ring. The kernel picks a free buffer for each received
+//!   datagram; we give it back once we are done with the bytes, which for a forwarded datagram
+//!   is when its send completes, so forwarding never copies.
+//! - [`SendSlab`]: fixed storage for in-flight sends (message header, iovec, destination
+//!   address), so every pointer handed to the kernel stays valid until its completion.
+//! - [`Ring`]: the ring with its buffer ring and send slab, the operations the worker needs
+//!   (multishot `recvmsg`, `sendmsg`) and completion decoding.
+//!
+//! Memory lent to the kernel is owned by these types and outlives every operation that uses
+//! it: [`Ring`] drops the `IoUring` (closing the ring, which ends all operations) before the
+//! buffer ring and the send slab. Every `unsafe` block says why it is sound.
+#![allow(unsafe_code)]
+
+use std::alloc::{Layout, alloc_zeroed, dealloc};
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU16, Ordering};
+
+use io_uring::types::{BufRingEntry, RecvMsgOut, SubmitArgs, Timespec};
+use io_uring::{IoUring, Probe, cqueue, opcode, squeue, types};
+
+/// Buffer group id of the relay's only buffer ring.
+const BGID: u16 = 0;
+
+/// Why io_uring cannot be used here.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UringError {
+    /// The kernel refused to create a ring (too old, or `kernel.io_uring_disabled`).
+    #[error(
+        "io_uring is unavailable ({0}); check `sysctl kernel.io_uring_disabled` (must be 0) and \
+         that the kernel is 6.1 or newer"
+    )]
+    Setup(io::Error),
+    /// The kernel lacks an operation the relay needs.
+    #[error("the kernel's io_uring lacks {0}; Ferry needs Linux 6.1 or newer")]
+    Unsupported(&'static str),
+    /// Registering the provided-buffer ring failed (needs Linux 5.19+ and locked memory).
+    #[error("registering the io_uring buffer ring failed ({0}); check `ulimit -l` / LimitMEMLOCK")]
+    BufRing(io::Error),
+    /// Submitting to the ring failed.
+    #[error("io_uring submit failed: {0}")]
+    Submit(io::Error),
+}
+
+/// A ring of provided buffers the kernel fills with received datagrams.
+pub(crate) struct BufRing {
+    entries: *mut BufRingEntry,
+    entries_layout: Layout,
+    count: u16,
+    /// Our copy of the ring's tail; published to the kernel after each give-back.
+    tail: u16,
+    buffers: Box<[u8]>,
+    buf_size: usize,
+}
+
+impl BufRing {
+    /// `count` buffers (a power of two, at most 32768) of `buf_size` bytes each, all free.
+    pub fn new(count: u16, buf_size: usize) -> io::Result<Self> {
+        if !count.is_power_of_two() || count > 32768 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "buffer count must be a power of two up to 32768",
+            ));
+        }
+        let entries_layout =
+            Layout::from_size_align(usize::from(count) * size_of::<BufRingEntry>(), 4096)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        // SAFETY: the layout has a non-zero size (count >= 1) and a valid alignment.
+        let entries = unsafe { alloc_zeroed(entries_layout) }.cast::<BufRingEntry>();
+        if entries.is_null() {
+            return Err(io::Error::new(io::ErrorKind::OutOfMemory, "buffer ring"));
+        }
+        let mut ring = Self {
+            entries,
+            entries_layout,
+            count,
+            tail: 0,
+            buffers: vec![0u8; usize::from(count) * buf_size].into_boxed_slice(),
+            buf_size,
+        };
+        for bid in 0..count {
+            ring.push(bid);
+        }
+        ring.publish();
+        Ok(ring)
+    }
+
+    /// Registers the ring with `ring`'s kernel side under [`BGID`].
+    fn register(&self, ring: &IoUring) -> io::Result<()> {
+        // SAFETY: `entries` points to `count` zero-initialised-then-filled entries in a
+        // page-aligned allocation that lives as long as `self`, and `Ring` keeps `self` alive
+        // until after the `IoUring` (and with it the registration) is gone.
+        unsafe {
+            ring.submitter()
+                .register_buf_ring_with_flags(self.entries as u64, self.count, BGID, 0)
+        }
+    }
+
+    /// Writes buffer `bid` into the next ring slot (not yet visible to the kernel).
+    fn push(&mut self, bid: u16) {
+        let slot = usize::from(self.tail & (self.count - 1));
+        // SAFETY: `slot < count`, so the pointer stays inside the entries allocation; the
+        // kernel only reads slots between its head and our published tail, and this slot is
+        // beyond the published tail until `publish`.
+        let entry = unsafe { &mut *self.entries.add(slot) };
+        let offset = usize::from(bid) * self.buf_size;
+        entry.set_addr(self.buffers[offset..].as_ptr() as u64);
+        entry.set_len(self.buf_size as u32);
+        entry.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Makes pushed buffers visible to the kernel.
+    fn publish(&self) {
+        // SAFETY: `entries` is the base of an initialised buffer ring; `tail` returns the
+        // address of its shared tail field, which is a u16 the kernel reads atomically.
+        let tail = unsafe { &*BufRingEntry::tail(self.entries).cast::<AtomicU16>() };
+        tail.store(self.tail, Ordering::Release);
+    }
+
+    /// Gives buffer `bid` back to the kernel.
+    pub fn give_back(&mut self, bid: u16) {
+        self.push(bid);
+        self.publish();
+    }
+
+    /// The first `len` bytes of buffer `bid`.
+    fn bytes(&self, bid: u16, len: usize) -> &[u8] {
+        let start = usize::from(bid) * self.buf_size;
+        &self.buffers[start..start + len.min(self.buf_size)]
+    }
+
+    /// The address of byte `offset` of buffer `bid`, for a send iovec.
+    fn ptr(&self, bid: u16, offset: usize) -> *const u8 {
+        self.buffers[usize::from(bid) * self.buf_size + offset..].as_ptr()
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this exact layout, freed once.
+        unsafe { dealloc(self.entries.cast(), self.entries_layout) };
+    }
+}
+
+/// What an in-flight send holds on to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendBuf {
+    /// A received buffer being forwarded; give it back on completion.
+    Forward(u16),
+    /// The slot's own reply bytes.
+    Reply,
+}
+
+struct SendSlot {
+    hdr: libc::msghdr,
+    iov: libc::iovec,
+    addr: libc::sockaddr_storage,
+    buf: SendBuf,
+    reply: [u8; ferry_core::wire::MAX_DATAGRAM],
+}
+
+/// Fixed storage for in-flight sends; a slot's pointers stay valid until it is freed.
+pub(crate) struct SendSlab {
+    slots: Box<[SendSlot]>,
+    free: Vec<u32>,
+}
+
+impl SendSlab {
+    fn new(capacity: u32) -> Self {
+        let slots = (0..capacity)
+            .map(|_| SendSlot {
+                // SAFETY: all-zero is a valid value for these plain C structs.
+                hdr: unsafe { zeroed() },
+                iov: libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                },
+                // SAFETY: as above.
+                addr: unsafe { zeroed() },
+                buf: SendBuf::Reply,
+                reply: [0; ferry_core::wire::MAX_DATAGRAM],
+            })
+            .collect();
+        Self {
+            slots,
+            free: (0..capacity).rev().collect(),
+        }
+    }
+}
+
+/// Writes `addr` as a C socket address into `out`; returns its length.
+pub fn write_sockaddr(addr: SocketAddr, out: &mut libc::sockaddr_storage) -> libc::socklen_t {
+    match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is large and aligned enough for any sockaddr type.
+            unsafe { std::ptr::write((out as *mut libc::sockaddr_storage).cast(), sin) };
+            size_of::<libc::sockaddr_in>() as libc::socklen_t
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: as above.
+            unsafe { std::ptr::write((out as *mut libc::sockaddr_storage).cast(), sin6) };
+            size_of::<libc::sockaddr_in6>() as libc::socklen_t
+        }
+    }
+}
+
+/// Reads a C socket address (as the kernel wrote it into a receive buffer).
+pub fn read_sockaddr(name: &[u8]) -> Option<SocketAddr> {
+    let family = u16::from_ne_bytes(name.get(0..2)?.try_into().ok()?);
+    let port = u16::from_be_bytes(name.get(2..4)?.try_into().ok()?);
+    match i32::from(family) {
+        libc::AF_INET => {
+            let ip: [u8; 4] = name.get(4..8)?.try_into().ok()?;
+            Some(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(ip), port)))
+        }
+        libc::AF_INET6 => {
+            let flow = u32::from_ne_bytes(name.get(4..8)?.try_into().ok()?);
+            let ip: [u8; 16] = name.get(8..24)?.try_into().ok()?;
+            let scope = u32::from_ne_bytes(name.get(24..28)?.try_into().ok()?);
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(ip),
+                port,
+                flow,
+                scope,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// What a completion was for, decoded from its `user_data`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Completion {
+    /// A datagram (or an error) from multishot receive on socket `socket`.
+    Recv {
+        /// Index of the socket.
+        socket: usize,
+        /// Bytes received into the selected buffer, or a negative errno.
+        result: i32,
+        /// The completion flags (buffer id, more).
+        flags: u32,
+    },
+    /// A send finished.
+    Send {
+        /// The slab slot, to free.
+        slot: u32,
+        /// Bytes sent, or a negative errno.
+        result: i32,
+    },
+}
+
+const TAG_RECV: u64 = 1 << 62;
+const TAG_SEND: u64 = 2 << 62;
+const TAG_MASK: u64 = 3 << 62;
+
+/// A received datagram, borrowed from its provided buffer.
+#[derive(Debug)]
+pub struct Datagram<'a> {
+    /// Who sent it.
+    pub from: SocketAddr,
+    /// The datagram bytes.
+    pub payload: &'a [u8],
+    /// Offset of the payload in its buffer (for forwarding it in place).
+    pub offset: usize,
+}
+
+/// Why a received completion carried no usable datagram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecvProblem {
+    /// Longer than the buffer: dropped, never forwarded cut short.
+    Truncated,
+    /// The source address could not be read.
+    BadName,
+}
+
+/// One io_uring with its buffer ring, receive headers and send slab.
+pub struct Ring {
+    // Field order matters: the ring is dropped (and closed) first, so the kernel is done
+    // with the buffers, headers and send slots before they are freed.
+    ring: IoUring,
+    bufs: BufRing,
+    recv_hdrs: Box<[libc::msghdr]>,
+    sockets: Vec<RawFd>,
+    slab: SendSlab,
+}
+
+impl std::fmt::Debug for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ring")
+            .field("sockets", &self.sockets.len())
+            .field("sends_in_flight", &self.sends_in_flight())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ring {
+    /// A ring of `entries` submission slots, `buffers` receive buffers of `buf_size` bytes and
+    /// `sends` in-flight sends, for `sockets` (which must outlive the ring).
+    pub fn new(
+        entries: u32,
+        buffers: u16,
+        buf_size: usize,
+        sends: u32,
+        sockets: Vec<RawFd>,
+    ) -> Result<Self, UringError> {
+        let ring = IoUring::builder()
+            .setup_cqsize(entries.saturating_mul(4))
+            .build(entries)
+            .map_err(UringError::Setup)?;
+        let mut probe = Probe::new();
+        ring.submitter()
+            .register_probe(&mut probe)
+            .map_err(UringError::Setup)?;
+        if !probe.is_supported(opcode::RecvMsgMulti::CODE) {
+            return Err(UringError::Unsupported("multishot recvmsg"));
+        }
+        if !probe.is_supported(opcode::SendMsg::CODE) {
+            return Err(UringError::Unsupported("sendmsg"));
+        }
+        let bufs = BufRing::new(buffers, buf_size).map_err(UringError::BufRing)?;
+        bufs.register(&ring).map_err(UringError::BufRing)?;
+        let recv_hdrs = sockets
+            .iter()
+            .map(|_| {
+                // SAFETY: an all-zero msghdr is valid; only the lengths matter to the kernel
+                // for multishot recvmsg (the name and control areas live in each buffer).
+                let mut hdr: libc::msghdr = unsafe { zeroed() };
+                hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+                hdr
+            })
+            .collect();
+        Ok(Self {
+            ring,
+            bufs,
+            recv_hdrs,
+            sockets,
+            slab: SendSlab::new(sends),
+        })
+    }
+
+    /// Arms (or re-arms) multishot receive on socket `index`.
+    pub fn arm_recv(&mut self, index: usize) -> Result<(), UringError> {
+        let hdr: *const libc::msghdr = &self.recv_hdrs[index];
+        let entry = opcode::RecvMsgMulti::new(types::Fd(self.sockets[index]), hdr, BGID)
+            .build()
+            .user_data(TAG_RECV | index as u64);
+        self.push(&entry)
+    }
+
+    fn push(&mut self, entry: &squeue::Entry) -> Result<(), UringError> {
+        loop {
+            // SAFETY: every pointer in `entry` refers to memory owned by `self` (receive
+            // headers, send slots, buffers) that stays valid until the operation completes.
+            let pushed = unsafe { self.ring.submission().push(entry) };
+            if pushed.is_ok() {
+                return Ok(());
+            }
+            // The submission queue is full: hand it to the kernel and try again.
+            self.ring.submit().map_err(UringError::Submit)?;
+        }
+    }
+
+    /// Submits queued work and waits for at least one completion or `timeout`.
+    pub fn submit_and_wait(&mut self, timeout: &Timespec) -> Result<(), UringError> {
+        let args = SubmitArgs::new().timespec(timeout);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(()),
+            // The completion queue is full; the caller drains it next.
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
+            Err(e) => Err(UringError::Submit(e)),
+        }
+    }
+
+    /// Moves every available completion into `out` (cleared first).
+    pub fn drain(&mut self, out: &mut Vec<Completion>) {
+        out.clear();
+        for cqe in self.ring.completion() {
+            let data = cqe.user_data();
+            let index = data & !TAG_MASK;
+            match data & TAG_MASK {
+                TAG_RECV => out.push(Completion::Recv {
+                    socket: index as usize,
+                    result: cqe.result(),
+                    flags: cqe.flags(),
+                }),
+                TAG_SEND => out.push(Completion::Send {
+                    slot: index as u32,
+                    result: cqe.result(),
+                }),
+                _ => {}
+            }
+        }
+    }
+
+    /// The datagram of a successful receive completion on socket `socket`, with its buffer
+    /// id. The buffer stays ours until [`give_back`](Self::give_back) or a forward's
+    /// completion.
+    pub fn datagram(
+        &self,
+        socket: usize,
+        result: i32,
+        flags: u32,
+    ) -> Option<(u16, Result<Datagram<'_>, RecvProblem>)> {
+        let bid = cqueue::buffer_select(flags)?;
+        let len = usize::try_from(result).ok()?;
+        let buffer = self.bufs.bytes(bid, len);
+        let parsed = match RecvMsgOut::parse(buffer, &self.recv_hdrs[socket]) {
+            Err(()) => Err(RecvProblem::Truncated),
+            Ok(out) if out.is_payload_truncated() => Err(RecvProblem::Truncated),
+            Ok(out) => match read_sockaddr(out.name_data()) {
+                None => Err(RecvProblem::BadName),
+                Some(from) => {
+                    let payload = out.payload_data();
+                    let offset = payload.as_ptr() as usize - buffer.as_ptr() as usize;
+                    let len = payload.len();
+                    Ok(Datagram {
+                        from,
+                        payload: &buffer[offset..offset + len],
+                        offset,
+                    })
+                }
+            },
+        };
+        Some((bid, parsed))
+    }
+
+    /// Gives a receive buffer back to the kernel.
+    pub fn give_back(&mut self, bid: u16) {
+        self.bufs.give_back(bid);
+    }
+
+    /// Queues a send of `len` bytes of buffer `bid` from `offset` to `to` on socket `socket`,
+    /// without copying. Returns false (and the caller gives the buffer back) if every send
+    /// slot is in use.
+    pub fn send_forward(
+        &mut self,
+        socket: usize,
+        bid: u16,
+        offset: usize,
+        len: usize,
+        to: SocketAddr,
+    ) -> Result<bool, UringError> {
+        let base = self.bufs.ptr(bid, offset);
+        self.send(socket, to, SendBuf::Forward(bid), base, len)
+    }
+
+    /// Queues a send of a copy of `bytes` to `to` on socket `socket`. Returns false if every
+    /// send slot is in use.
+    pub fn send_reply(
+        &mut self,
+        socket: usize,
+        bytes: &[u8],
+        to: SocketAddr,
+    ) -> Result<bool, UringError> {
+        let Some(&slot) = self.slab.free.last() else {
+            return Ok(false);
+        };
+        let n = bytes.len().min(ferry_core::wire::MAX_DATAGRAM);
+        let reply = &mut self.slab.slots[slot as usize].reply;
+        reply[..n].copy_from_slice(&bytes[..n]);
+        let base = reply.as_ptr();
+        self.send(socket, to, SendBuf::Reply, base, n)
+    }
+
+    fn send(
+        &mut self,
+        socket: usize,
+        to: SocketAddr,
+        buf: SendBuf,
+        base: *const u8,
+        len: usize,
+    ) -> Result<bool, UringError> {
+        let Some(slot) = self.slab.free.pop() else {
+            return Ok(false);
+        };
+        let s = &mut self.slab.slots[slot as usize];
+        let addr_len = write_sockaddr(to, &mut s.addr);
+        s.iov = libc::iovec {
+            iov_base: base.cast_mut().cast(),
+            iov_len: len,
+        };
+        s.hdr.msg_name = (&mut s.addr as *mut libc::sockaddr_storage).cast();
+        s.hdr.msg_namelen = addr_len;
+        s.hdr.msg_iov = &mut s.iov;
+        s.hdr.msg_iovlen = 1;
+        s.buf = buf;
+        let hdr: *const libc::msghdr = &s.hdr;
+        let entry = opcode::SendMsg::new(types::Fd(self.sockets[socket]), hdr)
+            .build()
+            .user_data(TAG_SEND | u64::from(slot));
+        self.push(&entry)?;
+        Ok(true)
+    }
+
+    /// Frees a send slot after its completion; returns what it held.
+    pub fn finish_send(&mut self, slot: u32) -> SendBuf {
+        let buf = self.slab.slots[slot as usize].buf;
+        if let SendBuf::Forward(bid) = buf {
+            self.bufs.give_back(bid);
+        }
+        self.slab.free.push(slot);
+        buf
+    }
+
+    /// Send slots in use now.
+    pub fn sends_in_flight(&self) -> usize {
+        self.slab.slots.len() - self.slab.free.len()
+    }
+
+    /// Whether a receive completion says the multishot receive is still armed.
+    pub fn still_armed(flags: u32) -> bool {
+        cqueue::more(flags)
+    }
+
+    /// The address family a socket index serves, for choosing the socket to send on.
+    pub fn socket_count(&self) -> usize {
+        self.sockets.len()
+    }
+}
+
+/// Whether `ip` is IPv4 (including IPv4-mapped IPv6, which a v6-only socket cannot reach).
+pub fn is_v4(ip: IpAddr) -> bool {
+    matches!(ip, IpAddr::V4(_))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_addresses_round_trip_through_c_structs() {
+        for text in [
+            "198.18.0.1:7000",
+            "[2001:db8::1]:443",
+            "[2001:db8::2%3]:1",
+            "0.0.0.0:0",
+        ] {
+            let addr: SocketAddr = text.parse().unwrap();
+            // SAFETY: all-zero is a valid sockaddr_storage.
+            let mut storage: libc::sockaddr_storage = unsafe { zeroed() };
+            let len = write_sockaddr(addr, &mut storage) as usize;
+            // SAFETY: storage is plain bytes of at least `len` initialised bytes.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    (&storage as *const libc::sockaddr_storage).cast::<u8>(),
+                    len,
+                )
+            };
+            assert_eq!(read_sockaddr(bytes), Some(addr), "{text}");
+        }
+        assert_eq!(read_sockaddr(&[0; 3]), None);
+        assert_eq!(read_sockaddr(&[0xff; 28]), None);
+    }
+
+    #[test]
+    fn buffer_ring_sizes_are_checked() {
+        assert!(BufRing::new(3, 2048).is_err());
+        assert!(BufRing::new(0, 2048).is_err());
+        let ring = BufRing::new(8, 2048).unwrap();
+        assert_eq!(ring.tail, 8, "every buffer starts out given to the kernel");
+    }
+}

@@ -1,1 +1,367 @@
-//! See the crate docs.
+//! One relay worker: a thread pinned to a core, with its own io_uring and its own
+//! `SO_REUSEPORT` socket per listen address, that hands every datagram to a
+//! [`PacketHandler`] and carries out the outcome.
+//!
+//! The loop, per iteration: submit everything queued and wait for a completion (at most
+//! `tick` long); read the clocks once; drain all completions; for each received datagram ask
+//! the handler and queue the send (forwards go out from the receive buffer itself); re-arm
+//! receives the kernel ended; publish counters. No allocation happens per datagram.
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use ferry_core::time::UnixTime;
+use ferry_core::wire::MAX_DATAGRAM;
+use io_uring::types::Timespec;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::session::Outcome;
+use crate::uring::{Completion, RecvProblem, Ring, UringError, is_v4};
+
+/// What the worker asks about each datagram.
+pub trait PacketHandler: Send {
+    /// Decides what to do with `datagram` from `from`; replies go into `reply`.
+    fn handle(
+        &mut self,
+        now: Instant,
+        wall: UnixTime,
+        from: SocketAddr,
+        datagram: &[u8],
+        reply: &mut [u8],
+    ) -> Outcome;
+
+    /// Called about every [`WorkerConfig::tick`], for timers.
+    fn tick(&mut self, now: Instant, wall: UnixTime);
+}
+
+/// Counters one worker publishes for metrics (relaxed atomics, updated once per batch).
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Datagrams received.
+    pub rx_packets: AtomicU64,
+    /// Bytes of received datagrams.
+    pub rx_bytes: AtomicU64,
+    /// Datagrams sent (forwards and replies) that the kernel accepted.
+    pub tx_packets: AtomicU64,
+    /// Bytes of those datagrams.
+    pub tx_bytes: AtomicU64,
+    /// Datagrams dropped because they did not fit a receive buffer.
+    pub rx_truncated: AtomicU64,
+    /// Times the kernel found no free receive buffer (datagrams lost before us).
+    pub rx_no_buffers: AtomicU64,
+    /// Sends the kernel failed (e.g. unreachable destination).
+    pub tx_errors: AtomicU64,
+    /// Sends dropped because every send slot was in use (or no socket of the destination's
+    /// address family is open).
+    pub tx_slots_full: AtomicU64,
+    /// Calls into the kernel to submit and wait.
+    pub submits: AtomicU64,
+    /// Completions handled.
+    pub completions: AtomicU64,
+    /// Multishot receives re-armed after the kernel ended them.
+    pub rearms: AtomicU64,
+}
+
+/// The plain counters of one batch, folded into [`WorkerStats`] at its end.
+#[derive(Default)]
+struct BatchStats {
+    rx_packets: u64,
+    rx_bytes: u64,
+    tx_packets: u64,
+    tx_bytes: u64,
+    rx_truncated: u64,
+    rx_no_buffers: u64,
+    tx_errors: u64,
+    tx_slots_full: u64,
+    completions: u64,
+    rearms: u64,
+}
+
+impl WorkerStats {
+    fn add(&self, b: &BatchStats) {
+        let add = |c: &AtomicU64, n: u64| {
+            if n > 0 {
+                c.fetch_add(n, Ordering::Relaxed);
+            }
+        };
+        add(&self.rx_packets, b.rx_packets);
+        add(&self.rx_bytes, b.rx_bytes);
+        add(&self.tx_packets, b.tx_packets);
+        add(&self.tx_bytes, b.tx_bytes);
+        add(&self.rx_truncated, b.rx_truncated);
+        add(&self.rx_no_buffers, b.rx_no_buffers);
+        add(&self.tx_errors, b.tx_errors);
+        add(&self.tx_slots_full, b.tx_slots_full);
+        add(&self.completions, b.completions);
+        add(&self.rearms, b.rearms);
+        self.submits.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// How to run one worker.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// Addresses to receive on (one `SO_REUSEPORT` socket each).
+    pub listen: Vec<SocketAddr>,
+    /// The CPU to pin the thread to, if any.
+    pub cpu: Option<usize>,
+    /// Submission queue entries.
+    pub ring_entries: u32,
+    /// Receive buffers (a power of two).
+    pub buffers: u16,
+    /// Sends in flight at most.
+    pub sends: u32,
+    /// Longest wait for completions, and so the timer granularity.
+    pub tick: Duration,
+    /// Set to stop the worker.
+    pub stop: Arc<AtomicBool>,
+    /// Where the worker publishes its counters.
+    pub stats: Arc<WorkerStats>,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            listen: Vec::new(),
+            cpu: None,
+            ring_entries: 2048,
+            buffers: 4096,
+            sends: 4096,
+            tick: Duration::from_millis(100),
+            stop: Arc::new(AtomicBool::new(false)),
+            stats: Arc::new(WorkerStats::default()),
+        }
+    }
+}
+
+/// Receive buffer size: room for the kernel's recvmsg header and a full source address, and
+/// for any datagram up to well past [`MAX_DATAGRAM`], so that an oversized datagram is seen
+/// (and dropped by the header rules) rather than truncated.
+pub const RECV_BUF_SIZE: usize = 2048;
+
+/// What a worker did, returned when it stops.
+#[derive(Clone, Debug, Default)]
+pub struct WorkerReport {
+    /// Datagrams received.
+    pub rx_packets: u64,
+    /// Datagrams sent.
+    pub tx_packets: u64,
+}
+
+/// A UDP socket on `addr` with `SO_REUSEPORT`, so every worker can bind the same port and the
+/// kernel spreads source 4-tuples across them. IPv6 sockets are v6-only.
+pub fn bind_reuseport(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let domain = match addr {
+        SocketAddr::V4(_) => Domain::IPV4,
+        SocketAddr::V6(_) => Domain::IPV6,
+    };
+    let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    // Best effort: the kernel caps these at net.core.{r,w}mem_max.
+    let _ = socket.set_recv_buffer_size(8 << 20);
+    let _ = socket.set_send_buffer_size(8 << 20);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_to(cpu: usize) -> io::Result<()> {
+    #[allow(unsafe_code)]
+    // SAFETY: cpu_set_t is plain data; CPU_SET bounds-checks `cpu` against the set size, and
+    // sched_setaffinity(0, …) only reads the set and affects the calling thread.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Why a worker could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// A listen socket could not be bound.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: io::Error,
+    },
+    /// io_uring failed.
+    #[error(transparent)]
+    Uring(#[from] UringError),
+}
+
+/// Runs a worker until `cfg.stop` is set. `ready` is called once the sockets are bound and
+/// receives are armed.
+pub fn run_worker<H: PacketHandler>(
+    cfg: WorkerConfig,
+    mut handler: H,
+    ready: impl FnOnce(),
+) -> Result<WorkerReport, WorkerError> {
+    if let Some(cpu) = cfg.cpu
+        && let Err(e) = pin_to(cpu)
+    {
+        tracing::warn!(cpu, "could not pin the worker to its CPU: {e}");
+    }
+    let sockets = cfg
+        .listen
+        .iter()
+        .map(|&addr| bind_reuseport(addr).map_err(|source| WorkerError::Bind { addr, source }))
+        .collect::<Result<Vec<_>, _>>()?;
+    let fds = sockets.iter().map(AsRawFd::as_raw_fd).collect();
+    let v4_socket = cfg.listen.iter().position(|a| a.is_ipv4());
+    let v6_socket = cfg.listen.iter().position(|a| a.is_ipv6());
+    let mut ring = Ring::new(cfg.ring_entries, cfg.buffers, RECV_BUF_SIZE, cfg.sends, fds)?;
+    for index in 0..ring.socket_count() {
+        ring.arm_recv(index)?;
+    }
+    ready();
+
+    let tick = Timespec::new()
+        .sec(cfg.tick.as_secs())
+        .nsec(cfg.tick.subsec_nanos());
+    let mut completions = Vec::with_capacity(4096);
+    let mut reply = vec![0u8; MAX_DATAGRAM];
+    let mut report = WorkerReport::default();
+    let mut next_tick = Instant::now();
+    while !cfg.stop.load(Ordering::Relaxed) {
+        ring.submit_and_wait(&tick)?;
+        ring.drain(&mut completions);
+        let now = Instant::now();
+        let wall = UnixTime::from(SystemTime::now());
+        let mut batch = BatchStats {
+            completions: completions.len() as u64,
+            ..BatchStats::default()
+        };
+        for &completion in &completions {
+            match completion {
+                Completion::Recv {
+                    socket,
+                    result,
+                    flags,
+                } => {
+                    on_recv(
+                        &mut ring,
+                        &mut handler,
+                        RecvCtx {
+                            now,
+                            wall,
+                            socket,
+                            result,
+                            flags,
+                            v4_socket,
+                            v6_socket,
+                        },
+                        &mut reply,
+                        &mut batch,
+                    )?;
+                    if !Ring::still_armed(flags) {
+                        ring.arm_recv(socket)?;
+                        batch.rearms += 1;
+                    }
+                }
+                Completion::Send { slot, result } => {
+                    ring.finish_send(slot);
+                    match usize::try_from(result) {
+                        Ok(n) => {
+                            batch.tx_packets += 1;
+                            batch.tx_bytes += n as u64;
+                        }
+                        Err(_) => batch.tx_errors += 1,
+                    }
+                }
+            }
+        }
+        if now >= next_tick {
+            handler.tick(now, wall);
+            next_tick = now + cfg.tick;
+        }
+        report.rx_packets += batch.rx_packets;
+        report.tx_packets += batch.tx_packets;
+        cfg.stats.add(&batch);
+    }
+    Ok(report)
+}
+
+/// Everything `on_recv` needs to know about one receive completion.
+struct RecvCtx {
+    now: Instant,
+    wall: UnixTime,
+    socket: usize,
+    result: i32,
+    flags: u32,
+    v4_socket: Option<usize>,
+    v6_socket: Option<usize>,
+}
+
+fn on_recv<H: PacketHandler>(
+    ring: &mut Ring,
+    handler: &mut H,
+    cx: RecvCtx,
+    reply: &mut [u8],
+    batch: &mut BatchStats,
+) -> Result<(), UringError> {
+    if cx.result < 0 {
+        if -cx.result == libc::ENOBUFS {
+            batch.rx_no_buffers += 1;
+        }
+        return Ok(());
+    }
+    let Some((bid, parsed)) = ring.datagram(cx.socket, cx.result, cx.flags) else {
+        return Ok(());
+    };
+    let datagram = match parsed {
+        Ok(d) => d,
+        Err(RecvProblem::Truncated | RecvProblem::BadName) => {
+            batch.rx_truncated += 1;
+            ring.give_back(bid);
+            return Ok(());
+        }
+    };
+    batch.rx_packets += 1;
+    batch.rx_bytes += datagram.payload.len() as u64;
+    let (from, len, offset) = (datagram.from, datagram.payload.len(), datagram.offset);
+    let outcome = handler.handle(cx.now, cx.wall, from, datagram.payload, reply);
+    let out_socket = |to: SocketAddr| match is_v4(to.ip()) {
+        true => cx.v4_socket,
+        false => cx.v6_socket,
+    };
+    match outcome {
+        Outcome::Forward { to } => {
+            let queued = match out_socket(to) {
+                Some(s) => ring.send_forward(s, bid, offset, len, to)?,
+                None => false,
+            };
+            if !queued {
+                batch.tx_slots_full += 1;
+                ring.give_back(bid);
+            }
+        }
+        Outcome::Reply { to, len } => {
+            ring.give_back(bid);
+            let queued = match (out_socket(to), reply.get(..len)) {
+                (Some(s), Some(bytes)) => ring.send_reply(s, bytes, to)?,
+                _ => false,
+            };
+            if !queued {
+                batch.tx_slots_full += 1;
+            }
+        }
+        Outcome::Consumed | Outcome::Drop(_) => ring.give_back(bid),
+    }
+    Ok(())
+}

@@ -1,0 +1,201 @@
+//! The io_uring worker on loopback: zero-copy forwards, replies, oversized datagrams, both
+//! address families, two workers on one port, and a prompt stop.
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap fails the test
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use ferry_core::time::UnixTime;
+use ferry_relay::session::{DropReason, Outcome};
+use ferry_relay::worker::{PacketHandler, WorkerConfig, WorkerError, WorkerStats, run_worker};
+
+/// 'F…' is forwarded to `sink`, 'R…' answered with its bytes reversed, anything else dropped.
+struct TestHandler {
+    sink: SocketAddr,
+}
+
+impl PacketHandler for TestHandler {
+    fn handle(
+        &mut self,
+        _now: Instant,
+        _wall: UnixTime,
+        from: SocketAddr,
+        datagram: &[u8],
+        reply: &mut [u8],
+    ) -> Outcome {
+        match datagram.first() {
+            Some(b'F') => Outcome::Forward { to: self.sink },
+            Some(b'R') => {
+                let n = datagram.len();
+                for (i, b) in datagram.iter().rev().enumerate() {
+                    reply[i] = *b;
+                }
+                Outcome::Reply { to: from, len: n }
+            }
+            _ => Outcome::Drop(DropReason::Malformed),
+        }
+    }
+
+    fn tick(&mut self, _now: Instant, _wall: UnixTime) {}
+}
+
+fn free_port(ip: &str) -> u16 {
+    UdpSocket::bind(format!("{ip}:0"))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Running {
+    stop: Arc<AtomicBool>,
+    stats: Arc<WorkerStats>,
+    thread: std::thread::JoinHandle<Result<ferry_relay::worker::WorkerReport, WorkerError>>,
+}
+
+/// Starts a worker; `None` when io_uring is unavailable and skipping is allowed.
+fn start(listen: Vec<SocketAddr>, sink: SocketAddr) -> Option<Running> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let stats = Arc::new(WorkerStats::default());
+    let cfg = WorkerConfig {
+        listen,
+        stop: Arc::clone(&stop),
+        stats: Arc::clone(&stats),
+        tick: Duration::from_millis(20),
+        ..WorkerConfig::default()
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        let ready = tx.clone();
+        let result = run_worker(cfg, TestHandler { sink }, move || drop(ready.send(None)));
+        if let Err(e) = &result {
+            let _ = tx.send(Some(e.to_string()));
+        }
+        result
+    });
+    match rx.recv_timeout(Duration::from_secs(10)).unwrap() {
+        None => Some(Running {
+            stop,
+            stats,
+            thread,
+        }),
+        Some(e) if std::env::var("FERRY_REQUIRE_PRIVILEGED").as_deref() != Ok("1") => {
+            eprintln!("SKIP worker test: io_uring unavailable: {e}");
+            None
+        }
+        Some(e) => panic!("io_uring worker failed to start and FERRY_REQUIRE_PRIVILEGED=1: {e}"),
+    }
+}
+
+impl Running {
+    fn stop(self) -> Arc<WorkerStats> {
+        let started = Instant::now();
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap().unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "the worker stops promptly"
+        );
+        self.stats
+    }
+}
+
+fn roundtrip(family_ip: &str) {
+    let port = free_port(family_ip);
+    let listen: SocketAddr = format!("{family_ip}:{port}").parse().unwrap();
+    let sink = UdpSocket::bind(format!("{family_ip}:0")).unwrap();
+    sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let Some(worker) = start(vec![listen], sink.local_addr().unwrap()) else {
+        return;
+    };
+    let client = UdpSocket::bind(format!("{family_ip}:0")).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let sizes = [1usize, 2, 64, 500, 1200, 1472];
+    let mut forwarded = 0;
+    for round in 0..200 {
+        for &size in &sizes {
+            let mut msg = vec![(round % 251) as u8; size];
+            msg[0] = b'F';
+            client.send_to(&msg, listen).unwrap();
+            let (n, _) = sink.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..n], &msg[..], "forwarded unchanged");
+            forwarded += 1;
+        }
+    }
+    for size in [1usize, 100, 1472] {
+        let mut msg: Vec<u8> = (0..size).map(|i| i as u8).collect();
+        msg[0] = b'R';
+        client.send_to(&msg, listen).unwrap();
+        let (n, from) = client.recv_from(&mut buf).unwrap();
+        assert_eq!(from, listen);
+        let reversed: Vec<u8> = msg.iter().rev().copied().collect();
+        assert_eq!(&buf[..n], &reversed[..]);
+    }
+    // Bigger than a receive buffer: counted, never forwarded cut short.
+    let mut big = vec![0u8; 3000];
+    big[0] = b'F';
+    client.send_to(&big, listen).unwrap();
+    client.send_to(b"xdrop me", listen).unwrap();
+    let mut marker = b"F-end".to_vec();
+    client.send_to(&marker, listen).unwrap();
+    let (n, _) = sink.recv_from(&mut buf).unwrap();
+    assert_eq!(
+        &buf[..n],
+        &marker[..],
+        "the oversized datagram was not forwarded"
+    );
+    marker.clear();
+    let stats = worker.stop();
+    assert_eq!(stats.rx_truncated.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        stats.rx_packets.load(Ordering::Relaxed),
+        forwarded + 3 + 1 + 1,
+        "every datagram but the oversized one was received"
+    );
+    assert_eq!(stats.tx_packets.load(Ordering::Relaxed), forwarded + 3 + 1);
+    assert_eq!(stats.tx_errors.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn forwards_and_replies_over_ipv4() {
+    roundtrip("127.0.0.1");
+}
+
+#[test]
+fn forwards_and_replies_over_ipv6() {
+    roundtrip("[::1]");
+}
+
+#[test]
+fn two_workers_share_a_port_and_both_receive() {
+    let port = free_port("127.0.0.1");
+    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let sink_addr = sink.local_addr().unwrap();
+    let Some(first) = start(vec![listen], sink_addr) else {
+        return;
+    };
+    let Some(second) = start(vec![listen], sink_addr) else {
+        return;
+    };
+    let mut buf = [0u8; 64];
+    for i in 0..64u8 {
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.send_to(&[b'F', i], listen).unwrap();
+        let (n, _) = sink.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &[b'F', i]);
+    }
+    let a = first.stop().rx_packets.load(Ordering::Relaxed);
+    let b = second.stop().rx_packets.load(Ordering::Relaxed);
+    assert_eq!(a + b, 64);
+    assert!(
+        a > 0 && b > 0,
+        "SO_REUSEPORT spreads 64 source ports over both ({a}, {b})"
+    );
+}
