@@ -1,1 +1,764 @@
-//! See the crate docs.
+//! The relay's config file: one TOML file (`/etc/ferry/relay.toml` by default), parsed
+//! strictly (unknown fields are errors) and validated into [`RelayConfig`] before anything is
+//! applied. Every field is documented in docs/config.md.
+//!
+//! Validation collects every problem, each naming its field, so `ferry-relay check-config`
+//! shows them all at once.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use ferry_core::keys::{GatewayPublicKey, KeyError, RelayStaticKey};
+use ferry_core::token::VerifierConfig;
+use serde::Deserialize;
+
+use crate::limits::IpLimits;
+use crate::session::SessionLimits;
+
+/// Where the relay looks for its config unless told otherwise.
+pub const DEFAULT_PATH: &str = "/etc/ferry/relay.toml";
+
+/// One problem with a config value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// The field, as written in the file (`limits.idle_timeout_secs`, `gateway_keys[1].kid`).
+    pub field: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.problem)
+    }
+}
+
+/// Why a config could not be loaded or applied.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The config file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or has an unknown field or a value of the wrong type.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// Values are out of range or inconsistent; every problem found is listed.
+    #[error("{path}: {} problem(s):\n  {}", .problems.len(), join(.problems))]
+    Invalid {
+        /// The config file.
+        path: PathBuf,
+        /// Each problem, naming its field.
+        problems: Vec<Problem>,
+    },
+    /// The relay's static key file could not be loaded.
+    #[error("relay.static_key: {0}")]
+    Key(#[from] KeyError),
+    /// A reload changed something that only a restart can apply.
+    #[error("these changes need a restart of the relay: {}", .0.join(", "))]
+    NeedsRestart(Vec<String>),
+}
+
+fn join(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n  ")
+}
+
+// ---- The file, as written ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    relay: RelaySection,
+    #[serde(default)]
+    gateway_keys: Vec<GatewayKeyEntry>,
+    #[serde(default)]
+    limits: LimitsSection,
+    #[serde(default)]
+    admin: AdminSection,
+    #[serde(default)]
+    log: LogSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RelaySection {
+    id: u64,
+    #[serde(default = "default_listen")]
+    listen: Vec<String>,
+    static_key: PathBuf,
+    #[serde(default)]
+    workers: usize,
+    #[serde(default)]
+    cpus: Vec<usize>,
+}
+
+fn default_listen() -> Vec<String> {
+    vec!["0.0.0.0:7000".into(), "[::]:7000".into()]
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GatewayKeyEntry {
+    kid: u32,
+    public_key: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct LimitsSection {
+    max_sessions: u64,
+    max_bindings_per_ip: u64,
+    bind_rate_per_ip: f64,
+    bind_burst_per_ip: u64,
+    default_session_rate: u64,
+    max_session_rate: u64,
+    idle_timeout_secs: u64,
+    max_clock_skew_secs: u64,
+    max_token_lifetime_secs: u64,
+    replay_cache_capacity: u64,
+    tracked_ips: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            max_sessions: 100_000,
+            max_bindings_per_ip: 64,
+            bind_rate_per_ip: 20.0,
+            bind_burst_per_ip: 40,
+            default_session_rate: 1_250_000,
+            max_session_rate: 125_000_000,
+            idle_timeout_secs: 60,
+            max_clock_skew_secs: 30,
+            max_token_lifetime_secs: 3600,
+            replay_cache_capacity: 200_000,
+            tracked_ips: 1 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct AdminSection {
+    listen: String,
+    allow_non_loopback: bool,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9477".into(),
+            allow_non_loopback: false,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct LogSection {
+    level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+        }
+    }
+}
+
+// ---- The validated config ----
+
+/// The limits an admin tunes; all of them reload on SIGHUP.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Limits {
+    /// Sessions held at once.
+    pub max_sessions: usize,
+    /// Slots one source IP may hold.
+    pub max_bindings_per_ip: u32,
+    /// BIND/REBIND per second per source IP.
+    pub bind_rate_per_ip: f64,
+    /// BIND/REBIND burst per source IP.
+    pub bind_burst_per_ip: u32,
+    /// Bytes per second a slot gets when its token claims 0.
+    pub default_session_rate: u64,
+    /// The most bytes per second any slot gets.
+    pub max_session_rate: u64,
+    /// A slot silent this long is unbound.
+    pub idle_timeout: Duration,
+    /// Tolerated clock skew on token validity, seconds.
+    pub max_clock_skew_secs: u64,
+    /// Longest token lifetime accepted, seconds.
+    pub max_token_lifetime_secs: u64,
+    /// Token ids remembered against replay.
+    pub replay_cache_capacity: usize,
+    /// Source IPs tracked by the per-IP limits.
+    pub tracked_ips: usize,
+}
+
+/// A validated relay config, ready to apply.
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    /// The config file it came from.
+    pub path: PathBuf,
+    /// The relay id tokens must name.
+    pub relay_id: u64,
+    /// UDP addresses to serve.
+    pub listen: Vec<SocketAddr>,
+    /// The static key file.
+    pub static_key_path: PathBuf,
+    /// The static key (opens slot secrets sealed in tokens).
+    pub static_key: RelayStaticKey,
+    /// Worker threads (resolved: never 0).
+    pub workers: usize,
+    /// CPUs to pin workers to, in worker order; empty = one per CPU in order.
+    pub cpus: Vec<usize>,
+    /// Trusted gateway keys by `kid`.
+    pub gateway_keys: Vec<(u32, GatewayPublicKey)>,
+    /// The limits.
+    pub limits: Limits,
+    /// The admin listener.
+    pub admin_listen: SocketAddr,
+    /// The log level.
+    pub log_level: String,
+}
+
+/// Collects problems while validating.
+struct Check {
+    problems: Vec<Problem>,
+}
+
+impl Check {
+    fn fail(&mut self, field: impl Into<String>, problem: impl Into<String>) {
+        self.problems.push(Problem {
+            field: field.into(),
+            problem: problem.into(),
+        });
+    }
+
+    fn range(&mut self, field: &str, value: u64, min: u64, max: u64) {
+        if value < min || value > max {
+            self.fail(
+                field,
+                format!("must be between {min} and {max}, got {value}"),
+            );
+        }
+    }
+}
+
+/// Reads, parses and validates the config at `path`, and loads its key file.
+pub fn load(path: &Path) -> Result<RelayConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    parse_str(&text, path, base)
+}
+
+/// Parses and validates config `text` (named `path` in messages); relative key paths are
+/// resolved against `base_dir`.
+pub fn parse_str(text: &str, path: &Path, base_dir: &Path) -> Result<RelayConfig, ConfigError> {
+    let file: File = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    let mut check = Check {
+        problems: Vec::new(),
+    };
+    let listen = validate_listen(&file.relay, &mut check);
+    if file.relay.id == 0 {
+        check.fail("relay.id", "must not be 0");
+    }
+    let online = std::thread::available_parallelism().map_or(1, usize::from);
+    let workers = match file.relay.workers {
+        0 if !file.relay.cpus.is_empty() => file.relay.cpus.len(),
+        0 => online,
+        n => n,
+    };
+    check.range("relay.workers", workers as u64, 1, 256);
+    if !file.relay.cpus.is_empty() && file.relay.cpus.len() != workers {
+        check.fail(
+            "relay.cpus",
+            format!("lists {} CPUs for {workers} workers", file.relay.cpus.len()),
+        );
+    }
+    let gateway_keys = validate_gateway_keys(&file.gateway_keys, &mut check);
+    let limits = validate_limits(&file.limits, &mut check);
+    let admin_listen = validate_admin(&file.admin, &mut check);
+    if !["error", "warn", "info", "debug", "trace"].contains(&file.log.level.as_str()) {
+        check.fail(
+            "log.level",
+            format!(
+                "must be one of error, warn, info, debug, trace; got {:?}",
+                file.log.level
+            ),
+        );
+    }
+    if !check.problems.is_empty() {
+        return Err(ConfigError::Invalid {
+            path: path.to_owned(),
+            problems: check.problems,
+        });
+    }
+    let static_key_path = base_dir.join(&file.relay.static_key);
+    let static_key = RelayStaticKey::load(&static_key_path)?;
+    Ok(RelayConfig {
+        path: path.to_owned(),
+        relay_id: file.relay.id,
+        listen,
+        static_key_path,
+        static_key,
+        workers,
+        cpus: file.relay.cpus,
+        gateway_keys,
+        limits,
+        admin_listen,
+        log_level: file.log.level,
+    })
+}
+
+fn validate_listen(relay: &RelaySection, check: &mut Check) -> Vec<SocketAddr> {
+    if relay.listen.is_empty() {
+        check.fail("relay.listen", "needs at least one address");
+    }
+    let mut out = Vec::new();
+    for (i, text) in relay.listen.iter().enumerate() {
+        match SocketAddr::from_str(text) {
+            Ok(addr) if out.contains(&addr) => {
+                check.fail(
+                    format!("relay.listen[{i}]"),
+                    format!("{addr} is listed twice"),
+                );
+            }
+            Ok(addr) if addr.port() == 0 => {
+                check.fail(format!("relay.listen[{i}]"), "needs a port");
+            }
+            Ok(addr) => out.push(addr),
+            Err(_) => check.fail(
+                format!("relay.listen[{i}]"),
+                format!("{text:?} is not an address like 0.0.0.0:7000 or [::]:7000"),
+            ),
+        }
+    }
+    let v4 = out.iter().filter(|a| a.is_ipv4()).count();
+    let v6 = out.len() - v4;
+    if v4 > 1 || v6 > 1 {
+        check.fail(
+            "relay.listen",
+            "at most one IPv4 and one IPv6 address (each worker opens one socket per family)",
+        );
+    }
+    out
+}
+
+fn validate_gateway_keys(
+    entries: &[GatewayKeyEntry],
+    check: &mut Check,
+) -> Vec<(u32, GatewayPublicKey)> {
+    if entries.is_empty() {
+        check.fail(
+            "gateway_keys",
+            "needs at least one [[gateway_keys]] entry: the relay trusts no gateway otherwise",
+        );
+    }
+    let mut out: Vec<(u32, GatewayPublicKey)> = Vec::new();
+    for (i, entry) in entries.iter().enumerate() {
+        if out.iter().any(|(kid, _)| *kid == entry.kid) {
+            check.fail(
+                format!("gateway_keys[{i}].kid"),
+                format!("kid {} is listed twice", entry.kid),
+            );
+            continue;
+        }
+        match GatewayPublicKey::from_str(entry.public_key.trim()) {
+            Ok(key) => out.push((entry.kid, key)),
+            Err(e) => check.fail(format!("gateway_keys[{i}].public_key"), e.to_string()),
+        }
+    }
+    out
+}
+
+fn validate_limits(l: &LimitsSection, check: &mut Check) -> Limits {
+    check.range("limits.max_sessions", l.max_sessions, 1, 10_000_000);
+    check.range(
+        "limits.max_bindings_per_ip",
+        l.max_bindings_per_ip,
+        1,
+        100_000,
+    );
+    if !(l.bind_rate_per_ip.is_finite() && l.bind_rate_per_ip > 0.0 && l.bind_rate_per_ip <= 1e6) {
+        check.fail(
+            "limits.bind_rate_per_ip",
+            format!(
+                "must be above 0 and at most 1000000, got {}",
+                l.bind_rate_per_ip
+            ),
+        );
+    }
+    check.range(
+        "limits.bind_burst_per_ip",
+        l.bind_burst_per_ip,
+        1,
+        1_000_000,
+    );
+    check.range(
+        "limits.default_session_rate",
+        l.default_session_rate,
+        1500,
+        100_000_000_000,
+    );
+    if l.max_session_rate < l.default_session_rate {
+        check.fail(
+            "limits.max_session_rate",
+            format!(
+                "must be at least limits.default_session_rate ({}), got {}",
+                l.default_session_rate, l.max_session_rate
+            ),
+        );
+    }
+    check.range("limits.idle_timeout_secs", l.idle_timeout_secs, 5, 3600);
+    check.range("limits.max_clock_skew_secs", l.max_clock_skew_secs, 0, 300);
+    check.range(
+        "limits.max_token_lifetime_secs",
+        l.max_token_lifetime_secs,
+        60,
+        86_400,
+    );
+    let min_cache = l.max_sessions.saturating_mul(2);
+    if l.replay_cache_capacity < min_cache {
+        check.fail(
+            "limits.replay_cache_capacity",
+            format!(
+                "must be at least twice limits.max_sessions ({min_cache}): every session has two tokens; got {}",
+                l.replay_cache_capacity
+            ),
+        );
+    }
+    check.range("limits.tracked_ips", l.tracked_ips, 1024, 100_000_000);
+    let clamp = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+    Limits {
+        max_sessions: clamp(l.max_sessions),
+        max_bindings_per_ip: u32::try_from(l.max_bindings_per_ip).unwrap_or(u32::MAX),
+        bind_rate_per_ip: l.bind_rate_per_ip,
+        bind_burst_per_ip: u32::try_from(l.bind_burst_per_ip).unwrap_or(u32::MAX),
+        default_session_rate: l.default_session_rate,
+        max_session_rate: l.max_session_rate,
+        idle_timeout: Duration::from_secs(l.idle_timeout_secs),
+        max_clock_skew_secs: l.max_clock_skew_secs,
+        max_token_lifetime_secs: l.max_token_lifetime_secs,
+        replay_cache_capacity: clamp(l.replay_cache_capacity),
+        tracked_ips: clamp(l.tracked_ips),
+    }
+}
+
+fn validate_admin(admin: &AdminSection, check: &mut Check) -> SocketAddr {
+    let fallback = SocketAddr::from(([127, 0, 0, 1], 9477));
+    match SocketAddr::from_str(&admin.listen) {
+        Ok(addr) if !addr.ip().is_loopback() && !admin.allow_non_loopback => {
+            check.fail(
+                "admin.listen",
+                format!(
+                    "{addr} is not a loopback address; the admin listener exposes metrics and \
+                     health, so set admin.allow_non_loopback = true to serve it elsewhere"
+                ),
+            );
+            fallback
+        }
+        Ok(addr) => addr,
+        Err(_) => {
+            check.fail(
+                "admin.listen",
+                format!("{:?} is not an address like 127.0.0.1:9477", admin.listen),
+            );
+            fallback
+        }
+    }
+}
+
+impl RelayConfig {
+    /// The token verifier's settings.
+    pub fn verifier_config(&self) -> VerifierConfig {
+        VerifierConfig {
+            relay_id: self.relay_id,
+            max_skew_secs: self.limits.max_clock_skew_secs,
+            max_lifetime_secs: self.limits.max_token_lifetime_secs,
+        }
+    }
+
+    /// The session tables' limits.
+    pub fn session_limits(&self) -> SessionLimits {
+        SessionLimits {
+            idle_timeout: self.limits.idle_timeout,
+            max_sessions: self.limits.max_sessions,
+            replay_cache_capacity: self.limits.replay_cache_capacity,
+            default_session_rate: self.limits.default_session_rate,
+            max_session_rate: self.limits.max_session_rate,
+        }
+    }
+
+    /// The per-source-IP limits.
+    pub fn ip_limits(&self) -> IpLimits {
+        IpLimits {
+            bind_rate: self.limits.bind_rate_per_ip,
+            bind_burst: self.limits.bind_burst_per_ip,
+            max_bindings: self.limits.max_bindings_per_ip,
+            capacity: self.limits.tracked_ips,
+        }
+    }
+
+    /// The CPU worker `index` is pinned to: the configured list, else CPU `index` modulo the
+    /// CPUs this process may use.
+    pub fn cpu_for_worker(&self, index: usize) -> Option<usize> {
+        match self.cpus.get(index) {
+            Some(&cpu) => Some(cpu),
+            None => {
+                let online = std::thread::available_parallelism().map_or(1, usize::from);
+                Some(index % online)
+            }
+        }
+    }
+
+    /// Checks that `new` (a freshly loaded file) changes only what SIGHUP can apply —
+    /// `[limits]` and `[[gateway_keys]]` — and returns it; otherwise lists what needs a
+    /// restart, and the running config stays in force.
+    pub fn reload_from(&self, new: RelayConfig) -> Result<RelayConfig, ConfigError> {
+        let mut restart = Vec::new();
+        if new.relay_id != self.relay_id {
+            restart.push("relay.id".to_string());
+        }
+        if new.listen != self.listen {
+            restart.push("relay.listen".into());
+        }
+        if new.static_key.public() != self.static_key.public() {
+            restart.push("relay.static_key".into());
+        }
+        if new.workers != self.workers || new.cpus != self.cpus {
+            restart.push("relay.workers / relay.cpus".into());
+        }
+        if new.admin_listen != self.admin_listen {
+            restart.push("admin.listen".into());
+        }
+        if new.log_level != self.log_level {
+            restart.push("log.level".into());
+        }
+        match restart.is_empty() {
+            true => Ok(new),
+            false => Err(ConfigError::NeedsRestart(restart)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ferry_core::keys::{self, GatewaySigningKey};
+    use ring::rand::SystemRandom;
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(name: &str) -> Self {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos();
+            let dir = std::env::temp_dir().join(format!(
+                "ferry-config-{}-{nanos}-{name}",
+                std::process::id()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let rng = SystemRandom::new();
+            let key = RelayStaticKey::generate(&rng).unwrap();
+            keys::write_secret_file(&dir.join("relay.key"), &key, false).unwrap();
+            Self(dir)
+        }
+
+        fn parse(&self, text: &str) -> Result<RelayConfig, ConfigError> {
+            parse_str(text, &self.0.join("relay.toml"), &self.0)
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn gateway_key() -> String {
+        let rng = SystemRandom::new();
+        GatewaySigningKey::generate(&rng)
+            .unwrap()
+            .public()
+            .to_string()
+    }
+
+    fn minimal() -> String {
+        format!(
+            "[relay]\nid = 7\nstatic_key = \"relay.key\"\n\n[[gateway_keys]]\nkid = 1\npublic_key = \"{}\"\n",
+            gateway_key()
+        )
+    }
+
+    fn problems(result: Result<RelayConfig, ConfigError>) -> Vec<Problem> {
+        match result {
+            Err(ConfigError::Invalid { problems, .. }) => problems,
+            other => panic!("expected validation problems, got {other:?}"),
+        }
+    }
+
+    fn fields(result: Result<RelayConfig, ConfigError>) -> Vec<String> {
+        problems(result).into_iter().map(|p| p.field).collect()
+    }
+
+    #[test]
+    fn a_minimal_file_gets_safe_defaults() {
+        let dir = Dir::new("minimal");
+        let cfg = dir.parse(&minimal()).unwrap();
+        assert_eq!(cfg.relay_id, 7);
+        assert_eq!(cfg.listen.len(), 2);
+        assert!(cfg.admin_listen.ip().is_loopback());
+        assert_eq!(cfg.limits.idle_timeout, Duration::from_secs(60));
+        assert!(cfg.workers >= 1);
+        assert_eq!(cfg.gateway_keys.len(), 1);
+        assert_eq!(cfg.verifier_config().relay_id, 7);
+    }
+
+    #[test]
+    fn the_example_file_is_valid() {
+        let dir = Dir::new("example");
+        let text = include_str!("../relay.example.toml")
+            .replace("/etc/ferry/relay.key", "relay.key")
+            .replace("REPLACE-WITH-THE-GATEWAY-PUBLIC-KEY", &gateway_key());
+        let cfg = dir.parse(&text).unwrap();
+        assert_eq!(
+            cfg.limits,
+            validate_limits(&LimitsSection::default(), &mut Check { problems: vec![] })
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_errors_that_name_them() {
+        let dir = Dir::new("unknown");
+        let text = minimal() + "\n[limits]\nidle_timeout = 5\n";
+        match dir.parse(&text) {
+            Err(ConfigError::Parse { message, .. }) => {
+                assert!(message.contains("idle_timeout"), "{message}")
+            }
+            other => panic!("expected a parse error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_field() {
+        let dir = Dir::new("ranges");
+        let text = minimal()
+            + "\n[limits]\nidle_timeout_secs = 2\nmax_clock_skew_secs = 301\nmax_sessions = 0\n\
+               bind_rate_per_ip = -1.0\ndefault_session_rate = 10\n\n[log]\nlevel = \"loud\"\n";
+        let found = fields(dir.parse(&text));
+        for field in [
+            "limits.idle_timeout_secs",
+            "limits.max_clock_skew_secs",
+            "limits.max_sessions",
+            "limits.bind_rate_per_ip",
+            "limits.default_session_rate",
+            "log.level",
+        ] {
+            assert!(
+                found.iter().any(|f| f == field),
+                "{field} missing from {found:?}"
+            );
+        }
+        let message = dir.parse(&text).unwrap_err().to_string();
+        assert!(
+            message.contains("must be between 5 and 3600, got 2"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn gateway_keys_are_checked() {
+        let dir = Dir::new("keys");
+        let key = gateway_key();
+        let text = format!(
+            "[relay]\nid = 1\nstatic_key = \"relay.key\"\n\n[[gateway_keys]]\nkid = 1\npublic_key = \"{key}\"\n\n\
+             [[gateway_keys]]\nkid = 1\npublic_key = \"{key}\"\n\n[[gateway_keys]]\nkid = 2\npublic_key = \"not base64!\"\n"
+        );
+        let found = fields(dir.parse(&text));
+        assert_eq!(found, ["gateway_keys[1].kid", "gateway_keys[2].public_key"]);
+        let none = "[relay]\nid = 1\nstatic_key = \"relay.key\"\n";
+        assert_eq!(fields(dir.parse(none)), ["gateway_keys"]);
+    }
+
+    #[test]
+    fn listen_and_admin_addresses_are_checked() {
+        let dir = Dir::new("listen");
+        let text = minimal().replace(
+            "[relay]\n",
+            "[relay]\nlisten = [\"0.0.0.0:7000\", \"0.0.0.0:7000\", \"nowhere\"]\n",
+        ) + "\n[admin]\nlisten = \"198.18.0.1:9477\"\n";
+        let found = fields(dir.parse(&text));
+        assert!(found.contains(&"relay.listen[1]".to_string()), "{found:?}");
+        assert!(found.contains(&"relay.listen[2]".to_string()), "{found:?}");
+        assert!(found.contains(&"admin.listen".to_string()), "{found:?}");
+        let allowed =
+            minimal() + "\n[admin]\nlisten = \"198.18.0.1:9477\"\nallow_non_loopback = true\n";
+        assert!(dir.parse(&allowed).is_ok());
+    }
+
+    #[test]
+    fn a_readable_key_file_is_refused_with_the_fix() {
+        let dir = Dir::new("perms");
+        std::fs::set_permissions(
+            dir.0.join("relay.key"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let message = dir.parse(&minimal()).unwrap_err().to_string();
+        assert!(message.contains("chmod 600"), "{message}");
+        assert!(message.starts_with("relay.static_key"), "{message}");
+    }
+
+    #[test]
+    fn reload_takes_limits_and_keys_but_not_addresses_or_keys_of_the_relay() {
+        let dir = Dir::new("reload");
+        let old = dir.parse(&minimal()).unwrap();
+        let tighter = dir
+            .parse(&(minimal() + "\n[limits]\nmax_sessions = 10\nreplay_cache_capacity = 20\n"))
+            .unwrap();
+        let applied = old.reload_from(tighter).unwrap();
+        assert_eq!(applied.limits.max_sessions, 10);
+        let moved = dir
+            .parse(&minimal().replace("[relay]\n", "[relay]\nlisten = [\"0.0.0.0:7001\"]\n"))
+            .unwrap();
+        match old.reload_from(moved) {
+            Err(ConfigError::NeedsRestart(fields)) => assert_eq!(fields, ["relay.listen"]),
+            other => panic!("expected NeedsRestart, got {other:?}"),
+        }
+        let other_key = Dir::new("reload-key");
+        let rekeyed = other_key.parse(&minimal()).unwrap();
+        assert!(matches!(
+            old.reload_from(rekeyed),
+            Err(ConfigError::NeedsRestart(_))
+        ));
+    }
+}
