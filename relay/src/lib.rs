@@ -7,10 +7,12 @@
 //! - [`shards`]: the session tables shared by all workers, sharded by session id.
 //! - [`uring`]: the unsafe io_uring plumbing (buffer ring, multishot recvmsg, sends), one module.
 //! - [`worker`]: the per-core loop that drives a ring and the shared sessions.
-//! - [`metrics`], [`admin`]: Prometheus text and the loopback admin listener.
+//! - [`metrics`], [`exporter`], [`admin`]: Prometheus text, the relay's page, and the loopback
+//!   admin listener.
 
 pub mod admin;
 pub mod config;
+pub mod exporter;
 pub mod limits;
 pub mod metrics;
 pub mod session;

@@ -1,22 +1,49 @@
-//! `ferry-relay`: the relay binary. The data path (io_uring workers, issue 5) drives
-//! [`ferry_relay::session::SessionTable`]; today the binary manages the relay's key.
+//! `ferry-relay`: the relay binary.
+//!
+//! The data path, in two hops: [`ferry_relay::worker::run_worker`] (one pinned io_uring loop
+//! per core) hands each datagram to [`ferry_relay::shards::Sessions::handle`], which runs the
+//! session logic of docs/protocol.md §7 and says whether to forward, answer or drop it.
+//! This file only wires things together: config, workers, the admin listener and signals.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ferry_core::keys::{self, RelayStaticKey};
+use ferry_core::proof::CookieJar;
+use ferry_core::time::UnixTime;
+use ferry_core::token::TokenVerifier;
+use ferry_relay::admin::{AdminServer, AdminState};
+use ferry_relay::config::{self, RelayConfig};
+use ferry_relay::exporter;
+use ferry_relay::session::Outcome;
+use ferry_relay::shards::Sessions;
+use ferry_relay::worker::{self, PacketHandler, WorkerConfig, WorkerStats};
 
-/// Ferry relay: forwards end-to-end encrypted datagrams between two bound peers.
+/// Ferry relay: forwards end-to-end encrypted datagrams between two bound peers, blind.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
+    /// The config file.
+    #[arg(long, default_value = "/etc/ferry/relay.toml")]
+    config: PathBuf,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the relay (the default).
+    Run,
+    /// Validate a config file, print every problem found, and exit non-zero if there is one.
+    CheckConfig {
+        /// The config file to check.
+        file: PathBuf,
+    },
     /// Generate the relay's static X25519 key (opens the slot secrets sealed in tokens).
     ///
     /// Writes the secret to OUT with mode 0600 and the public key to OUT.pub; the public key
@@ -36,23 +63,238 @@ enum Command {
     },
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
-        Command::Keygen { out, force } => {
-            let rng = ring::rand::SystemRandom::new();
-            let key = RelayStaticKey::generate(&rng).context("generating the relay key")?;
-            let public = keys::write_key_pair(&out, &key, force)?;
-            println!(
-                "relay key written to {} (public key in {})",
-                out.display(),
-                public.display()
-            );
-            println!("public key: {}", key.public());
-        }
-        Command::Pubkey { key } => {
-            let key = RelayStaticKey::load(&key)?;
-            println!("{}", key.public());
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run(&cli.config),
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Keygen { out, force } => keygen(&out, force),
+        Command::Pubkey { key } => RelayStaticKey::load(&key)
+            .map(|k| println!("{}", k.public()))
+            .map_err(anyhow::Error::from),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry-relay: {e:#}");
+            ExitCode::FAILURE
         }
     }
+}
+
+fn keygen(out: &Path, force: bool) -> anyhow::Result<()> {
+    let rng = ring::rand::SystemRandom::new();
+    let key = RelayStaticKey::generate(&rng).context("generating the relay key")?;
+    let public = keys::write_key_pair(out, &key, force)?;
+    println!(
+        "relay key written to {} (public key in {})",
+        out.display(),
+        public.display()
+    );
+    println!("public key: {}", key.public());
     Ok(())
+}
+
+fn check_config(file: &Path) -> anyhow::Result<()> {
+    let cfg = config::load(file)?;
+    println!(
+        "{}: ok (relay id {}, {} listen address(es), {} worker(s), {} trusted gateway key(s))",
+        file.display(),
+        cfg.relay_id,
+        cfg.listen.len(),
+        cfg.workers,
+        cfg.gateway_keys.len()
+    );
+    Ok(())
+}
+
+/// The workers' view of the shared sessions: a datagram in, an outcome out; reaping on ticks.
+struct SessionsHandler {
+    sessions: Arc<Sessions>,
+    next_reap: Instant,
+}
+
+impl PacketHandler for SessionsHandler {
+    fn handle(
+        &mut self,
+        now: Instant,
+        wall: UnixTime,
+        from: std::net::SocketAddr,
+        datagram: &[u8],
+        reply: &mut [u8],
+    ) -> Outcome {
+        self.sessions.handle(now, wall, from, datagram, reply)
+    }
+
+    fn tick(&mut self, now: Instant, wall: UnixTime) {
+        // Each worker reaps in turn; a second between passes is plenty for 60 s timeouts.
+        if now >= self.next_reap {
+            self.sessions.reap(now, wall);
+            self.next_reap = now + Duration::from_secs(1);
+        }
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn build_sessions(cfg: &RelayConfig) -> anyhow::Result<Sessions> {
+    let mut verifier = TokenVerifier::new(cfg.verifier_config(), cfg.static_key.clone())
+        .context("setting up token verification")?;
+    for (kid, key) in &cfg.gateway_keys {
+        verifier.add_trusted_key(*kid, *key);
+    }
+    let rng = ring::rand::SystemRandom::new();
+    let cookies = CookieJar::generate(&rng).context("drawing the cookie secret")?;
+    Ok(Sessions::new(
+        cfg.session_limits(),
+        cfg.ip_limits(),
+        verifier,
+        cookies,
+    ))
+}
+
+fn run(path: &Path) -> anyhow::Result<()> {
+    let cfg = config::load(path)?;
+    init_logging(&cfg.log_level);
+    let sessions = Arc::new(build_sessions(&cfg)?);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let reload = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, Arc::clone(&stop)).context("installing signals")?;
+    }
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&reload))
+        .context("installing SIGHUP")?;
+
+    let stats: Vec<Arc<WorkerStats>> = (0..cfg.workers)
+        .map(|_| Arc::new(WorkerStats::default()))
+        .collect();
+    let admin_state = Arc::new(AdminState::new({
+        let sessions = Arc::clone(&sessions);
+        let stats = stats.clone();
+        move || exporter::render(&sessions, &stats)
+    }));
+    let admin = AdminServer::start(cfg.admin_listen, Arc::clone(&admin_state))
+        .with_context(|| format!("starting the admin listener on {}", cfg.admin_listen))?;
+
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let mut workers = Vec::with_capacity(cfg.workers);
+    for (index, stats) in stats.iter().enumerate() {
+        let worker_cfg = WorkerConfig {
+            listen: cfg.listen.clone(),
+            cpu: cfg.cpu_for_worker(index),
+            stop: Arc::clone(&stop),
+            stats: Arc::clone(stats),
+            ..WorkerConfig::default()
+        };
+        let handler = SessionsHandler {
+            sessions: Arc::clone(&sessions),
+            next_reap: Instant::now() + Duration::from_millis(index as u64 * 250),
+        };
+        let started = started_tx.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("ferry-worker-{index}"))
+            .spawn(move || {
+                let result = worker::run_worker(worker_cfg, handler, || {
+                    let _ = started.send(Ok(()));
+                });
+                if let Err(e) = &result {
+                    let _ = started.send(Err(e.to_string()));
+                }
+                result
+            })
+            .context("spawning a worker thread")?;
+        workers.push(thread);
+    }
+    drop(started_tx);
+    for _ in 0..cfg.workers {
+        match started_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                stop.store(true, Ordering::Relaxed);
+                anyhow::bail!("a worker failed to start: {e}");
+            }
+            Err(_) => {
+                stop.store(true, Ordering::Relaxed);
+                anyhow::bail!("a worker did not start within 10 seconds");
+            }
+        }
+    }
+    admin_state.ready.store(true, Ordering::Relaxed);
+    tracing::info!(
+        relay_id = cfg.relay_id,
+        listen = ?cfg.listen,
+        workers = cfg.workers,
+        admin = %cfg.admin_listen,
+        "ferry-relay ready"
+    );
+
+    let mut current = cfg;
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+        if reload.swap(false, Ordering::Relaxed) {
+            current = apply_reload(path, current, &sessions);
+        }
+        if !stop.load(Ordering::Relaxed) && workers.iter().any(|w| w.is_finished()) {
+            tracing::error!("a worker stopped unexpectedly; shutting down");
+            stop.store(true, Ordering::Relaxed);
+        }
+    }
+    tracing::info!("stopping");
+    admin_state.ready.store(false, Ordering::Relaxed);
+    let mut failed = None;
+    for worker in workers {
+        match worker.join() {
+            Ok(Ok(report)) => tracing::info!(?report, "worker stopped"),
+            Ok(Err(e)) => failed = Some(anyhow::anyhow!("worker failed: {e}")),
+            Err(_) => failed = Some(anyhow::anyhow!("a worker panicked")),
+        }
+    }
+    admin.shutdown();
+    let counters = sessions.counters();
+    tracing::info!(
+        forwarded = counters.forwarded,
+        binds = counters.binds_accepted,
+        "ferry-relay stopped"
+    );
+    failed.map_or(Ok(()), Err)
+}
+
+/// SIGHUP: re-read the config; apply limits and gateway keys if it is valid and changes
+/// nothing that needs a restart; otherwise log why and keep the old config.
+fn apply_reload(path: &Path, current: RelayConfig, sessions: &Sessions) -> RelayConfig {
+    let new = match config::load(path) {
+        Ok(new) => new,
+        Err(e) => {
+            tracing::error!("reload refused, the running config stays in force: {e}");
+            return current;
+        }
+    };
+    match current.reload_from(new) {
+        Ok(new) => {
+            sessions.reload(
+                Instant::now(),
+                new.session_limits(),
+                new.ip_limits(),
+                &new.gateway_keys,
+            );
+            tracing::info!(
+                gateway_keys = new.gateway_keys.len(),
+                "config reloaded: limits and gateway keys applied, sessions kept"
+            );
+            new
+        }
+        Err(e) => {
+            tracing::error!("reload refused, the running config stays in force: {e}");
+            current
+        }
+    }
 }

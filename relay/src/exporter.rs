@@ -1,0 +1,194 @@
+//! The relay's `/metrics` page: session counters summed over the shards, and each worker's
+//! datagram and io_uring counters.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use ferry_core::wire::RejectReason;
+
+use crate::metrics::{Kind, PromWriter};
+use crate::session::DropReason;
+use crate::shards::Sessions;
+use crate::worker::WorkerStats;
+
+/// One per-worker metric family: name, help, and how to read it.
+type WorkerMetric = (&'static str, &'static str, fn(&WorkerStats) -> u64);
+
+/// Renders the page. Takes each shard's lock briefly, one at a time.
+pub fn render(sessions: &Sessions, workers: &[Arc<WorkerStats>]) -> String {
+    let c = sessions.counters();
+    let (active, bound) = sessions.occupancy();
+    let mut w = PromWriter::new();
+    w.single(
+        "ferry_forwarded_packets_total",
+        "DATA datagrams forwarded to the other slot.",
+        Kind::Counter,
+        c.forwarded,
+    );
+    w.single(
+        "ferry_forwarded_bytes_total",
+        "Bytes of forwarded DATA datagrams, headers included.",
+        Kind::Counter,
+        c.forwarded_bytes,
+    );
+    w.family(
+        "ferry_drops_total",
+        "Datagrams dropped by the session logic, by reason.",
+        Kind::Counter,
+    );
+    for reason in DropReason::ALL {
+        w.sample(
+            "ferry_drops_total",
+            &[("reason", reason.name())],
+            c.dropped(reason),
+        );
+    }
+    w.single(
+        "ferry_sessions_active",
+        "Sessions held now.",
+        Kind::Gauge,
+        active as u64,
+    );
+    w.single(
+        "ferry_bindings_active",
+        "Slots bound now.",
+        Kind::Gauge,
+        bound as u64,
+    );
+    w.single(
+        "ferry_sessions_opened_total",
+        "Sessions opened (first slot bound).",
+        Kind::Counter,
+        c.sessions_opened,
+    );
+    w.single(
+        "ferry_sessions_closed_total",
+        "Sessions gone, closed or reaped.",
+        Kind::Counter,
+        c.sessions_closed,
+    );
+    w.single(
+        "ferry_tracked_ips",
+        "Source IPs tracked by the per-IP limits.",
+        Kind::Gauge,
+        sessions.tracked_ips() as u64,
+    );
+    w.single(
+        "ferry_binds_accepted_total",
+        "BINDs accepted (retransmissions included).",
+        Kind::Counter,
+        c.binds_accepted,
+    );
+    w.single(
+        "ferry_rebinds_accepted_total",
+        "REBINDs accepted: bindings moved to a new address.",
+        Kind::Counter,
+        c.rebinds_accepted,
+    );
+    w.family(
+        "ferry_binds_rejected_total",
+        "BIND and REBIND rejections, by REJECT reason.",
+        Kind::Counter,
+    );
+    for reason in RejectReason::ALL {
+        let n = c
+            .binds_rejected
+            .get(usize::from(reason.as_u8()))
+            .copied()
+            .unwrap_or(0);
+        w.sample(
+            "ferry_binds_rejected_total",
+            &[("reason", reason.name())],
+            n,
+        );
+    }
+    w.single(
+        "ferry_challenges_total",
+        "CHALLENGEs sent to BIND/REBIND without a valid cookie.",
+        Kind::Counter,
+        c.challenges,
+    );
+    w.single(
+        "ferry_keepalives_total",
+        "KEEPALIVEs echoed.",
+        Kind::Counter,
+        c.keepalives,
+    );
+    w.single(
+        "ferry_closes_total",
+        "Sessions closed by a verified CLOSE.",
+        Kind::Counter,
+        c.closed,
+    );
+    w.single(
+        "ferry_reaped_total",
+        "Bindings removed because they were idle or their token expired.",
+        Kind::Counter,
+        c.reaped,
+    );
+
+    let per_worker: [WorkerMetric; 11] = [
+        (
+            "ferry_worker_rx_packets_total",
+            "Datagrams received, per worker.",
+            |s| s.rx_packets.load(Ordering::Relaxed),
+        ),
+        (
+            "ferry_worker_rx_bytes_total",
+            "Bytes received, per worker.",
+            |s| s.rx_bytes.load(Ordering::Relaxed),
+        ),
+        (
+            "ferry_worker_tx_packets_total",
+            "Datagrams sent, per worker.",
+            |s| s.tx_packets.load(Ordering::Relaxed),
+        ),
+        (
+            "ferry_worker_tx_bytes_total",
+            "Bytes sent, per worker.",
+            |s| s.tx_bytes.load(Ordering::Relaxed),
+        ),
+        (
+            "ferry_worker_rx_truncated_total",
+            "Datagrams too large for a receive buffer, dropped.",
+            |s| s.rx_truncated.load(Ordering::Relaxed),
+        ),
+        (
+            "ferry_worker_rx_no_buffers_total",
+            "Times the kernel had no free receive buffer.",
+            |s| s.rx_no_buffers.load(Ordering::Relaxed),
+        ),
+        (
+            "ferry_worker_tx_errors_total",
+            "Sends the kernel failed.",
+            |s| s.tx_errors.load(Ordering::Relaxed),
+        ),
+        (
+            "ferry_worker_tx_slots_full_total",
+            "Sends dropped with every send slot in use.",
+            |s| s.tx_slots_full.load(Ordering::Relaxed),
+        ),
+        (
+            "ferry_uring_submits_total",
+            "io_uring submit-and-wait calls.",
+            |s| s.submits.load(Ordering::Relaxed),
+        ),
+        (
+            "ferry_uring_completions_total",
+            "io_uring completions handled.",
+            |s| s.completions.load(Ordering::Relaxed),
+        ),
+        (
+            "ferry_uring_recv_rearms_total",
+            "Multishot receives re-armed.",
+            |s| s.rearms.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, help, get) in per_worker {
+        w.family(name, help, Kind::Counter);
+        for (i, stats) in workers.iter().enumerate() {
+            w.sample(name, &[("worker", &i.to_string())], get(stats));
+        }
+    }
+    w.finish()
+}

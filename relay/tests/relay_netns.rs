@@ -1,0 +1,382 @@
+//! The real `ferry-relay` process in a network namespace, peers in another, over veth:
+//! binds with tokens, the end-to-end handshake and data over IPv4 and IPv6, strangers and
+//! replays that get nothing forwarded (and the drop counters that say so), a NAT rebind, a
+//! SIGHUP with a bad config that keeps the old one, and metrics scraped by a real HTTP client.
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap fails the test
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::netns::{self, Topology};
+use common::{Authority, KID, RELAY_ID, peer_pair};
+use ferry_core::keys;
+use ferry_core::proof::SlotKeys;
+use ferry_core::token::TokenSlot;
+use ferry_core::wire::{self, BindFields, MAX_DATAGRAM, Packet, RejectReason, Slot};
+
+const PORT: u16 = 7000;
+const ADMIN_PORT: u16 = 9477;
+
+struct Relay {
+    child: Child,
+    dir: PathBuf,
+    ns: String,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn config_text(auth: &Authority, topo: &Topology, extra: &str) -> String {
+    format!(
+        "[relay]\nid = {RELAY_ID}\nlisten = [\"{v4}:{PORT}\", \"[{v6}]:{PORT}\"]\n\
+         static_key = \"relay.key\"\nworkers = 2\n\n[[gateway_keys]]\nkid = {KID}\n\
+         public_key = \"{gw}\"\n\n[admin]\nlisten = \"127.0.0.1:{ADMIN_PORT}\"\n{extra}",
+        v4 = topo.relay_v4(),
+        v6 = topo.relay_v6(),
+        gw = auth.minter.public(),
+    )
+}
+
+/// Runs a Python snippet in the relay's namespace: a real HTTP client for the admin listener.
+fn http_get(ns: &str, path: &str) -> (u16, String) {
+    let script = format!(
+        "import urllib.request, urllib.error, sys\n\
+         try:\n    r = urllib.request.urlopen('http://127.0.0.1:{ADMIN_PORT}{path}', timeout=5)\n    \
+         print(r.status); sys.stdout.write(r.read().decode())\n\
+         except urllib.error.HTTPError as e:\n    print(e.code); sys.stdout.write(e.read().decode())\n"
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c", &script])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (status, body) = text.split_once('\n').unwrap_or(("0", ""));
+    (status.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// The value of one sample line (`name{labels}`) on a metrics page.
+fn metric(page: &str, sample: &str) -> u64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{sample} not on the page"))
+}
+
+fn start_relay(auth: &Authority, topo: &Topology, extra: &str) -> Relay {
+    let dir = std::env::temp_dir().join(format!("ferry-relay-netns-{}", topo.relay_ns));
+    std::fs::create_dir_all(&dir).unwrap();
+    keys::write_secret_file(&dir.join("relay.key"), &auth.relay_key, true).unwrap();
+    std::fs::write(dir.join("relay.toml"), config_text(auth, topo, extra)).unwrap();
+    let child = topo
+        .in_relay_ns(env!("CARGO_BIN_EXE_ferry-relay"))
+        .arg("--config")
+        .arg(dir.join("relay.toml"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("relay.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let relay = Relay {
+        child,
+        dir,
+        ns: topo.relay_ns.clone(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while http_get(&relay.ns, "/readyz").0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "relay not ready: {}",
+            log(&relay.dir)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    relay
+}
+
+fn log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("relay.log")).unwrap_or_default()
+}
+
+fn scrape(relay: &Relay) -> String {
+    let (status, page) = http_get(&relay.ns, "/metrics");
+    assert_eq!(status, 200);
+    page
+}
+
+/// Runs a handshake and a few messages each way between a bound pair.
+fn talk(
+    a: &mut ferry_peer::udp::UdpPeer,
+    b: &mut ferry_peer::udp::UdpPeer,
+    make_a: &dyn Fn() -> ferry_peer::channel::Channel,
+    n: u32,
+) {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            b.handshake(None, Duration::from_secs(1), Duration::from_secs(10))
+                .unwrap()
+        });
+        let make = || Ok(make_a());
+        a.handshake(
+            Some(&make),
+            Duration::from_millis(300),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    });
+    for i in 0..n {
+        let msg = format!("hello {i}");
+        a.send(msg.as_bytes()).unwrap();
+        assert_eq!(
+            b.recv_message(Duration::from_secs(5)).unwrap(),
+            msg.as_bytes()
+        );
+        b.send(msg.as_bytes()).unwrap();
+        assert_eq!(
+            a.recv_message(Duration::from_secs(5)).unwrap(),
+            msg.as_bytes()
+        );
+    }
+}
+
+#[test]
+fn the_relay_process_serves_peers_and_refuses_everyone_else() {
+    if netns::require("relay_netns").is_none() {
+        return;
+    }
+    let topo = Topology::new();
+    let auth = Authority::new();
+    let relay = start_relay(&auth, &topo, "");
+    let relay_v4 = SocketAddr::new(topo.relay_v4(), PORT);
+    let relay_v6 = SocketAddr::new(topo.relay_v6(), PORT);
+    let at = |ip: IpAddr| topo.peer_socket(SocketAddr::new(ip, 0));
+
+    // Two IPv4 peers: bind, handshake, talk.
+    let (mut a, mut b, make_a) = peer_pair_in(
+        &auth,
+        &topo,
+        0x1001,
+        relay_v4,
+        topo.peer_v4(2),
+        topo.peer_v4(3),
+    );
+    assert!(!a.bind(Duration::from_secs(5)).unwrap());
+    assert!(b.bind(Duration::from_secs(5)).unwrap());
+    talk(&mut a, &mut b, &*make_a, 20);
+
+    // Two IPv6 peers in their own session.
+    let (mut c, mut d, make_c) = peer_pair_in(
+        &auth,
+        &topo,
+        0x2002,
+        relay_v6,
+        topo.peer_v6(2),
+        topo.peer_v6(3),
+    );
+    c.bind(Duration::from_secs(5)).unwrap();
+    d.bind(Duration::from_secs(5)).unwrap();
+    talk(&mut c, &mut d, &*make_c, 20);
+
+    let before = scrape(&relay);
+    let forwarded_before = metric(&before, "ferry_forwarded_packets_total");
+
+    // A stranger sends DATA for session 0x1001 from its own address: nothing reaches B.
+    let stranger = at(topo.peer_v4(5));
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let n = wire::encode_data(&mut buf, 0x1001, b"let me in").unwrap();
+    for _ in 0..10 {
+        stranger.send_to(&buf[..n], relay_v4).unwrap();
+    }
+    // Garbage, and a token for another session presented for this one.
+    stranger
+        .send_to(b"GET / HTTP/1.1\r\n\r\n", relay_v4)
+        .unwrap();
+    let other = auth.mint(0x3003, TokenSlot::A, 600);
+    let reject = bind_exchange(&stranger, relay_v4, 0x1001, &other);
+    assert!(
+        matches!(reject, Some((Some(RejectReason::WrongSession), _))),
+        "{reject:?}"
+    );
+    // A valid BIND captured on the wire and replayed verbatim from elsewhere only earns a
+    // CHALLENGE: the cookie inside it belongs to the original sender's address.
+    let victim = at(topo.peer_v4(6));
+    let token = auth.mint(0x4004, TokenSlot::A, 600);
+    let Some((None, captured)) = bind_exchange(&victim, relay_v4, 0x4004, &token) else {
+        panic!("the victim's bind should succeed");
+    };
+    stranger.send_to(&captured, relay_v4).unwrap();
+    stranger
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let (len, _) = stranger.recv_from(&mut buf).unwrap();
+    assert!(matches!(wire::parse(&buf[..len]), Ok(Packet::Challenge(_))));
+
+    // B got nothing of all that; A and B still talk.
+    a.send(b"still here").unwrap();
+    assert_eq!(
+        b.recv_message(Duration::from_secs(5)).unwrap(),
+        b"still here"
+    );
+
+    let after = scrape(&relay);
+    assert_eq!(
+        metric(&after, "ferry_forwarded_packets_total"),
+        forwarded_before + 1,
+        "only A's message was forwarded"
+    );
+    let drops = |page: &str, reason: &str| {
+        metric(page, &format!("ferry_drops_total{{reason=\"{reason}\"}}"))
+    };
+    assert_eq!(
+        drops(&after, "data_unbound") - drops(&before, "data_unbound"),
+        10
+    );
+    assert_eq!(drops(&after, "malformed") - drops(&before, "malformed"), 1);
+    let rejected = |page: &str, reason: &str| {
+        metric(
+            page,
+            &format!("ferry_binds_rejected_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    assert_eq!(rejected(&after, "wrong_session"), 1);
+    assert!(metric(&after, "ferry_sessions_active") >= 3);
+    assert!(after.contains("ferry_worker_rx_packets_total{worker=\"1\"}"));
+
+    // NAT rebinding: A's address changes; a REBIND with proof moves the binding.
+    a.set_socket(at(topo.peer_v4(7)));
+    assert!(a.bind(Duration::from_secs(5)).unwrap());
+    a.send(b"from my new address").unwrap();
+    assert_eq!(
+        b.recv_message(Duration::from_secs(5)).unwrap(),
+        b"from my new address"
+    );
+    b.send(b"got it").unwrap();
+    assert_eq!(a.recv_message(Duration::from_secs(5)).unwrap(), b"got it");
+    assert_eq!(metric(&scrape(&relay), "ferry_rebinds_accepted_total"), 1);
+
+    // SIGHUP with a broken config: refused, the old one stays, traffic flows.
+    std::fs::write(relay.dir.join("relay.toml"), "[relay]\nid = 0\n").unwrap();
+    hup(&relay);
+    a.send(b"after a bad reload").unwrap();
+    assert_eq!(
+        b.recv_message(Duration::from_secs(5)).unwrap(),
+        b"after a bad reload"
+    );
+    // And a good one that tightens a limit applies without dropping the session.
+    std::fs::write(
+        relay.dir.join("relay.toml"),
+        config_text(
+            &auth,
+            &topo,
+            "\n[limits]\nmax_sessions = 50\nreplay_cache_capacity = 100\n",
+        ),
+    )
+    .unwrap();
+    hup(&relay);
+    a.send(b"after a good reload").unwrap();
+    assert_eq!(
+        b.recv_message(Duration::from_secs(5)).unwrap(),
+        b"after a good reload"
+    );
+    let text = log(&relay.dir);
+    assert!(text.contains("reload refused"), "{text}");
+    assert!(text.contains("config reloaded"), "{text}");
+    // No secrets in the log: not a token, not a slot secret.
+    assert!(!text.contains(&base64(&token.bytes)), "a token was logged");
+    assert!(
+        !text.contains(&*token.slot_secret.to_base64()),
+        "a slot secret was logged"
+    );
+
+    // Unknown paths and methods get proper errors.
+    assert_eq!(http_get(&relay.ns, "/nope").0, 404);
+    assert_eq!(http_get(&relay.ns, "/healthz").0, 200);
+}
+
+fn hup(relay: &Relay) {
+    let pid = relay.child.id().to_string();
+    // `ip netns exec` execs the relay, so the child pid is the relay's.
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+fn base64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Two peers whose sockets live in the peers' namespace.
+fn peer_pair_in(
+    auth: &Authority,
+    topo: &Topology,
+    session: u64,
+    relay: SocketAddr,
+    ip_a: IpAddr,
+    ip_b: IpAddr,
+) -> (
+    ferry_peer::udp::UdpPeer,
+    ferry_peer::udp::UdpPeer,
+    Box<dyn Fn() -> ferry_peer::channel::Channel>,
+) {
+    let (mut a, mut b, make) = peer_pair(
+        auth,
+        session,
+        relay,
+        "127.0.0.1:0".parse().unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    a.set_socket(topo.peer_socket(SocketAddr::new(ip_a, 0)));
+    b.set_socket(topo.peer_socket(SocketAddr::new(ip_b, 0)));
+    (a, b, make)
+}
+
+/// BIND `token` under `session` from `socket`, through the CHALLENGE. Returns the REJECT
+/// reason (None if acknowledged) and the final BIND's bytes.
+fn bind_exchange(
+    socket: &UdpSocket,
+    relay: SocketAddr,
+    session: u64,
+    token: &ferry_core::token::MintedToken,
+) -> Option<(Option<RejectReason>, Vec<u8>)> {
+    let keys = SlotKeys::derive(&token.slot_secret);
+    let slot = match token.claims.slot {
+        TokenSlot::A => Slot::A,
+        TokenSlot::B => Slot::B,
+    };
+    socket
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let (mut out, mut inbuf) = (vec![0u8; MAX_DATAGRAM], vec![0u8; MAX_DATAGRAM]);
+    let mut cookie = [0u8; 16];
+    for seq in 1..=2u64 {
+        let fields = BindFields {
+            slot,
+            bind_seq: seq,
+            cookie,
+            token: &token.bytes,
+        };
+        let n = wire::encode_bind(&mut out, session, &fields, |m| keys.peer.mac(m)).unwrap();
+        socket.send_to(&out[..n], relay).unwrap();
+        let (len, _) = socket.recv_from(&mut inbuf).ok()?;
+        match wire::parse(&inbuf[..len]).ok()? {
+            Packet::Challenge(c) => cookie = *c.cookie(),
+            Packet::BindAck(_) => return Some((None, out[..n].to_vec())),
+            Packet::Reject(r) => return Some((Some(r.reason()), out[..n].to_vec())),
+            _ => return None,
+        }
+    }
+    None
+}
