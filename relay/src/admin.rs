@@ -81,7 +81,7 @@ impl Default for AdminOptions {
         Self {
             read_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(5),
-            max_connections: 16,
+            max_connections: 64,
         }
     }
 }
@@ -154,8 +154,9 @@ fn accept_loop(
         }
         let Ok(stream) = stream else { continue };
         if active.load(Ordering::Relaxed) >= options.max_connections {
-            // Over the cap: close at once rather than queue behind slow clients.
-            drop(stream);
+            // Over the cap: answer 503 at once rather than queue behind slow clients.
+            state.count(3, 503);
+            refuse_busy(&stream);
             continue;
         }
         active.fetch_add(1, Ordering::Relaxed);
@@ -163,7 +164,8 @@ fn accept_loop(
         let spawned = std::thread::Builder::new()
             .name("ferry-admin-conn".into())
             .spawn(move || {
-                let _ = serve(stream, &conn_state, options);
+                let _ = serve(&stream, &conn_state, options);
+                linger(&stream);
                 conn_active.fetch_sub(1, Ordering::Relaxed);
             });
         if spawned.is_err() {
@@ -173,7 +175,7 @@ fn accept_loop(
 }
 
 /// Reads a request head (up to the blank line). `Err(status)` for a bad or oversized head.
-fn read_head(stream: &mut TcpStream) -> Result<Vec<u8>, u16> {
+fn read_head(mut stream: &TcpStream) -> Result<Vec<u8>, u16> {
     let mut head = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     loop {
@@ -199,14 +201,50 @@ fn read_head(stream: &mut TcpStream) -> Result<Vec<u8>, u16> {
     }
 }
 
-fn serve(mut stream: TcpStream, state: &AdminState, options: AdminOptions) -> io::Result<()> {
+/// Answers 503 from the accept thread without blocking it: the request (if it has arrived)
+/// is drained without waiting, so closing does not reset the connection.
+fn refuse_busy(stream: &TcpStream) {
+    let _ = stream.set_nonblocking(true);
+    let mut reader = stream;
+    let _ = reader.read(&mut [0u8; MAX_HEAD]);
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+    let _ = respond(
+        stream,
+        503,
+        "text/plain; charset=utf-8",
+        b"busy\n",
+        false,
+        &[("Retry-After", "1")],
+    );
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+}
+
+/// Closes gracefully: stop sending, then read (and discard) what the client still sends for a
+/// moment, so that closing with unread input does not reset the connection and destroy the
+/// response before the client has read it.
+fn linger(stream: &TcpStream) {
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut sink = [0u8; 4096];
+    let mut left: usize = 64 * 1024;
+    let mut reader = stream;
+    while left > 0 {
+        match reader.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => left = left.saturating_sub(n),
+        }
+    }
+}
+
+fn serve(stream: &TcpStream, state: &AdminState, options: AdminOptions) -> io::Result<()> {
     stream.set_read_timeout(Some(options.read_timeout))?;
     stream.set_write_timeout(Some(options.write_timeout))?;
-    let head = match read_head(&mut stream) {
+    let head = match read_head(stream) {
         Ok(head) => head,
         Err(status) => {
             state.count(3, status);
-            return respond(&mut stream, status, "text/plain", b"", false, &[]);
+            return respond(stream, status, "text/plain", b"", false, &[]);
         }
     };
     let line_end = head.windows(2).position(|w| w == b"\r\n").unwrap_or(0);
@@ -218,7 +256,7 @@ fn serve(mut stream: TcpStream, state: &AdminState, options: AdminOptions) -> io
         && target.is_some_and(|t| t.starts_with('/'));
     let (Some(method), Some(target), true) = (method, target, well_formed) else {
         state.count(3, 400);
-        return respond(&mut stream, 400, "text/plain", b"bad request\n", false, &[]);
+        return respond(stream, 400, "text/plain", b"bad request\n", false, &[]);
     };
     let path = target.split('?').next().unwrap_or(target);
     let route = ROUTES.iter().position(|r| *r == path).unwrap_or(3);
@@ -227,7 +265,7 @@ fn serve(mut stream: TcpStream, state: &AdminState, options: AdminOptions) -> io
         state.count(route, 405);
         let allow = [("Allow", "GET, HEAD")];
         return respond(
-            &mut stream,
+            stream,
             405,
             "text/plain",
             b"method not allowed\n",
@@ -247,7 +285,7 @@ fn serve(mut stream: TcpStream, state: &AdminState, options: AdminOptions) -> io
         "/metrics" => "text/plain; version=0.0.4; charset=utf-8",
         _ => "text/plain; charset=utf-8",
     };
-    respond(&mut stream, status, content_type, &body, head_only, &[])
+    respond(stream, status, content_type, &body, head_only, &[])
 }
 
 /// The relay's page followed by the admin server's own request counts.
@@ -271,7 +309,7 @@ fn metrics_page(state: &AdminState) -> String {
 }
 
 fn respond(
-    stream: &mut TcpStream,
+    mut stream: &TcpStream,
     status: u16,
     content_type: &str,
     body: &[u8],

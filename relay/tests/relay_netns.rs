@@ -79,7 +79,8 @@ fn start_relay(auth: &Authority, topo: &Topology, extra: &str) -> Relay {
         .in_relay_ns(env!("CARGO_BIN_EXE_ferry-relay"))
         .arg("--config")
         .arg(dir.join("relay.toml"))
-        .env("RUST_LOG", "info")
+        // The most verbose level: even then nothing secret may appear.
+        .env("RUST_LOG", "trace")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("relay.log")).unwrap())
         .spawn()
