@@ -4,5 +4,8 @@
 //!   verification, transport seal+open against the raw AEAD). See docs/bench.md.
 //! - [`demo`]: the gateway, the relay's session table and two peers in one process, joined by
 //!   an in-memory network; `ferry-demo` runs it, `.ci/demo` runs `ferry-demo`.
+//! - [`udp`]: batched `sendmmsg`/`recvmmsg`; `ferry-plainfwd` (the baseline forwarder) and
+//!   `ferry-fwdbench` (Ferry against that baseline, same run, same topology) are built on it.
 
 pub mod demo;
+pub mod udp;

@@ -1,0 +1,348 @@
+//! `ferry-fwdbench`: forwarded packets per second through the Ferry relay and through the
+//! plain `recvmmsg`/`sendmmsg` forwarder (`ferry-plainfwd`, batch 64, no logic), measured in
+//! the same run on the same topology, with the same generator and sink.
+//!
+//! Topology (loopback): generator and sink threads pinned to one CPU, the forwarder process
+//! pinned to another. For Ferry, the generator's socket is bound to slot A of a session and the
+//! sink's to slot B, with real tokens; the generator then sends DATA datagrams. Besides
+//! packets per second at the sink, it reports the forwarder's CPU time per forwarded packet
+//! (from /proc), which stays meaningful when the generator, not the forwarder, is the limit.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use ferry_bench::udp::{Batch, pin_to, socket};
+use ferry_core::keys::{self, GatewaySigningKey, RelayStaticKey};
+use ferry_core::proof::SlotKeys;
+use ferry_core::time::UnixTime;
+use ferry_core::token::{ClaimsInput, MintedToken, TokenMinter, TokenSlot};
+use ferry_core::wire::{self, BindFields, MAX_DATAGRAM, Packet, Slot};
+
+/// Ferry's relay against a plain batched forwarder, same run, same topology.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Seconds measured per forwarder and size (after a 1 s warm-up).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=120))]
+    seconds: u64,
+    /// DATA payload sizes to test.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![64usize, 1200])]
+    sizes: Vec<usize>,
+    /// CPU for the generator and the sink.
+    #[arg(long, default_value_t = 0)]
+    load_cpu: usize,
+    /// CPU for the forwarder under test.
+    #[arg(long, default_value_t = 1)]
+    forwarder_cpu: usize,
+    /// Where ferry-relay and ferry-plainfwd are (default: next to this program).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+}
+
+const RELAY_ID: u64 = 77;
+
+/// What one measurement saw.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    offered_pps: f64,
+    received_pps: f64,
+    cpu_ns_per_packet: f64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let bin_dir = match &cli.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("no directory for this program")?
+            .to_owned(),
+    };
+    println!(
+        "ferry-fwdbench: loopback, generator+sink on CPU {}, forwarder on CPU {}, {} s per run",
+        cli.load_cpu, cli.forwarder_cpu, cli.seconds
+    );
+    println!(
+        "{:>7} | {:>12} {:>10} | {:>12} {:>10} | {:>7} {:>7}",
+        "payload", "plain pps", "ns/pkt", "ferry pps", "ns/pkt", "pps x", "cpu x"
+    );
+    for &size in &cli.sizes {
+        if !(1..=wire::MAX_DATA_BODY).contains(&size) {
+            bail!("payload size {size} is outside 1..={}", wire::MAX_DATA_BODY);
+        }
+        let plain = run_plain(&cli, &bin_dir, size)?;
+        let ferry = run_ferry(&cli, &bin_dir, size)?;
+        println!(
+            "{:>6}B | {:>12.0} {:>10.0} | {:>12.0} {:>10.0} | {:>6.3}x {:>6.3}x",
+            size,
+            plain.received_pps,
+            plain.cpu_ns_per_packet,
+            ferry.received_pps,
+            ferry.cpu_ns_per_packet,
+            ferry.received_pps / plain.received_pps,
+            plain.cpu_ns_per_packet / ferry.cpu_ns_per_packet,
+        );
+        println!(
+            "{:>7}   offered: plain {:.0} pps, ferry {:.0} pps",
+            "", plain.offered_pps, ferry.offered_pps
+        );
+    }
+    println!(
+        "pps x = Ferry's forwarded rate / plain; cpu x = plain CPU per packet / Ferry's (>1: Ferry cheaper)"
+    );
+    Ok(())
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Total CPU time (user + system) the process `pid` has used, in nanoseconds.
+fn cpu_ns(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').context("bad /proc stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11).context("utime")?.parse::<u64>()?
+        + fields.get(12).context("stime")?.parse::<u64>()?;
+    // USER_HZ, the unit of utime/stime: 100 on every Linux ABI Ferry runs on.
+    let hz = 100u64;
+    Ok(ticks * 1_000_000_000 / hz)
+}
+
+/// Blasts `datagram` from `generator` to `target` and counts what arrives at `sink`, measuring the
+/// forwarder process `pid`'s CPU over the same window.
+fn measure(
+    cli: &Cli,
+    generator: UdpSocket,
+    sink: UdpSocket,
+    target: SocketAddr,
+    datagram: &[u8],
+    pid: u32,
+) -> anyhow::Result<Run> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent, received) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    sink.set_read_timeout(Some(Duration::from_millis(50)))?;
+    let load_cpu = cli.load_cpu;
+    let sink_thread = {
+        let (stop, received) = (Arc::clone(&stop), Arc::clone(&received));
+        std::thread::spawn(move || {
+            let _ = pin_to(load_cpu);
+            let mut batch = Batch::new(64);
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(n) = batch.recv(&sink) {
+                    received.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let gen_thread = {
+        let (stop, sent) = (Arc::clone(&stop), Arc::clone(&sent));
+        let datagram = datagram.to_vec();
+        std::thread::spawn(move || {
+            let _ = pin_to(load_cpu);
+            let mut batch = Batch::new(64);
+            batch.fill(&datagram, target);
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(n) = batch.send(&generator, 64) {
+                    sent.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let (s0, r0, c0, t0) = (
+        sent.load(Ordering::Relaxed),
+        received.load(Ordering::Relaxed),
+        cpu_ns(pid)?,
+        Instant::now(),
+    );
+    std::thread::sleep(Duration::from_secs(cli.seconds));
+    let (s1, r1, c1, t1) = (
+        sent.load(Ordering::Relaxed),
+        received.load(Ordering::Relaxed),
+        cpu_ns(pid)?,
+        Instant::now(),
+    );
+    stop.store(true, Ordering::Relaxed);
+    let _ = gen_thread.join();
+    let _ = sink_thread.join();
+    let secs = (t1 - t0).as_secs_f64();
+    let forwarded = (r1 - r0).max(1);
+    Ok(Run {
+        offered_pps: (s1 - s0) as f64 / secs,
+        received_pps: (r1 - r0) as f64 / secs,
+        cpu_ns_per_packet: (c1 - c0) as f64 / forwarded as f64,
+    })
+}
+
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        // SIGTERM first so the relay shuts down cleanly; then make sure.
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn payload_datagram(session: u64, size: usize) -> anyhow::Result<Vec<u8>> {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let n = wire::encode_data(&mut buf, session, &vec![0xa5u8; size])?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+fn run_plain(cli: &Cli, bin_dir: &Path, size: usize) -> anyhow::Result<Run> {
+    let port = free_port()?;
+    let sink = socket("127.0.0.1:0".parse()?)?;
+    let generator = socket("127.0.0.1:0".parse()?)?;
+    let listen: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let child = Command::new(bin_dir.join("ferry-plainfwd"))
+        .args(["--listen", &listen.to_string()])
+        .args(["--to", &sink.local_addr()?.to_string()])
+        .args(["--seconds", &(cli.seconds + 3).to_string()])
+        .args(["--cpu", &cli.forwarder_cpu.to_string()])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting ferry-plainfwd (build it: cargo build --release -p ferry-bench)")?;
+    let child = Reaped(child);
+    std::thread::sleep(Duration::from_millis(300));
+    measure(
+        cli,
+        generator,
+        sink,
+        listen,
+        &payload_datagram(1, size)?,
+        child.0.id(),
+    )
+}
+
+fn http_ready(admin: SocketAddr) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&admin, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    if s.write_all(b"GET /readyz HTTP/1.1\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.starts_with("HTTP/1.1 200")
+}
+
+fn run_ferry(cli: &Cli, bin_dir: &Path, size: usize) -> anyhow::Result<Run> {
+    let rng = ring::rand::SystemRandom::new();
+    let dir = std::env::temp_dir().join(format!("ferry-fwdbench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let relay_key = RelayStaticKey::generate(&rng)?;
+    keys::write_secret_file(&dir.join("relay.key"), &relay_key, true)?;
+    let minter = TokenMinter::new(1, GatewaySigningKey::generate(&rng)?);
+    let (port, admin_port) = (free_port()?, free_port()?);
+    let listen: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse()?;
+    let config = format!(
+        "[relay]\nid = {RELAY_ID}\nlisten = [\"{listen}\"]\nstatic_key = \"relay.key\"\n\
+         workers = 1\ncpus = [{cpu}]\n\n[[gateway_keys]]\nkid = 1\npublic_key = \"{gw}\"\n\n\
+         [limits]\ndefault_session_rate = 100000000000\nmax_session_rate = 100000000000\n\n\
+         [admin]\nlisten = \"{admin}\"\n\n[log]\nlevel = \"warn\"\n",
+        cpu = cli.forwarder_cpu,
+        gw = minter.public(),
+    );
+    std::fs::write(dir.join("relay.toml"), config)?;
+    let child = Command::new(bin_dir.join("ferry-relay"))
+        .arg("--config")
+        .arg(dir.join("relay.toml"))
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting ferry-relay (build it: cargo build --release -p ferry-relay)")?;
+    let child = Reaped(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !http_ready(admin) {
+        if Instant::now() > deadline {
+            bail!("ferry-relay did not become ready");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let session = u64::from_be_bytes(rand8(&rng)?).max(1);
+    let generator = socket("127.0.0.1:0".parse()?)?;
+    let sink = socket("127.0.0.1:0".parse()?)?;
+    let now = UnixTime::from(SystemTime::now());
+    for (sock, slot) in [(&generator, TokenSlot::A), (&sink, TokenSlot::B)] {
+        let input = ClaimsInput {
+            slot,
+            relay_id: RELAY_ID,
+            session_id: session,
+            not_before: now.saturating_sub(5),
+            expires: now.saturating_add(600),
+            rate_bytes_per_sec: 0,
+        };
+        let token = minter.mint(&rng, &input, &relay_key.public())?;
+        bind(sock, listen, &token)?;
+    }
+    let run = measure(
+        cli,
+        generator,
+        sink,
+        listen,
+        &payload_datagram(session, size)?,
+        child.0.id(),
+    );
+    drop(child);
+    let _ = std::fs::remove_dir_all(&dir);
+    run
+}
+
+fn rand8(rng: &dyn ring::rand::SecureRandom) -> anyhow::Result<[u8; 8]> {
+    let mut b = [0u8; 8];
+    rng.fill(&mut b)
+        .map_err(|_| anyhow::anyhow!("the system RNG failed"))?;
+    Ok(b)
+}
+
+/// BIND, CHALLENGE, BIND, BIND-ACK from `sock`.
+fn bind(sock: &UdpSocket, relay: SocketAddr, token: &MintedToken) -> anyhow::Result<()> {
+    let keys = SlotKeys::derive(&token.slot_secret);
+    let slot = match token.claims.slot {
+        TokenSlot::A => Slot::A,
+        TokenSlot::B => Slot::B,
+    };
+    sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let (mut out, mut inbuf) = (vec![0u8; MAX_DATAGRAM], vec![0u8; MAX_DATAGRAM]);
+    let mut cookie = [0u8; 16];
+    for seq in 1..=3u64 {
+        let fields = BindFields {
+            slot,
+            bind_seq: seq,
+            cookie,
+            token: &token.bytes,
+        };
+        let n = wire::encode_bind(&mut out, token.claims.session_id, &fields, |m| {
+            keys.peer.mac(m)
+        })?;
+        sock.send_to(&out[..n], relay)?;
+        let (len, _) = sock.recv_from(&mut inbuf).context("no answer to BIND")?;
+        match wire::parse(&inbuf[..len]) {
+            Ok(Packet::Challenge(c)) => cookie = *c.cookie(),
+            Ok(Packet::BindAck(_)) => return Ok(()),
+            Ok(Packet::Reject(r)) => bail!("BIND rejected: {}", r.reason().name()),
+            _ => bail!("unexpected answer to BIND"),
+        }
+    }
+    bail!("BIND did not complete")
+}

@@ -1,0 +1,200 @@
+//! Batched UDP with `sendmmsg(2)` / `recvmmsg(2)`, for load generators, sinks and the plain
+//! baseline forwarder. The only unsafe code of the bench crate; every block says why.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::mem::zeroed;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+
+/// Largest datagram a batch slot holds.
+pub const SLOT: usize = 2048;
+
+/// `n` datagram slots with their headers, reused for every call.
+pub struct Batch {
+    bufs: Vec<[u8; SLOT]>,
+    iovs: Vec<libc::iovec>,
+    addrs: Vec<libc::sockaddr_storage>,
+    hdrs: Vec<libc::mmsghdr>,
+}
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch")
+            .field("slots", &self.bufs.len())
+            .finish()
+    }
+}
+
+fn to_storage(addr: SocketAddr, out: &mut libc::sockaddr_storage) -> libc::socklen_t {
+    let sa = socket2::SockAddr::from(addr);
+    let len = sa.len();
+    // SAFETY: `sa` holds `len` valid bytes of a socket address, and sockaddr_storage is large
+    // enough for any of them; the regions do not overlap.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            sa.as_ptr().cast::<u8>(),
+            (out as *mut libc::sockaddr_storage).cast::<u8>(),
+            len as usize,
+        );
+    }
+    len
+}
+
+impl Batch {
+    /// A batch of `n` slots.
+    pub fn new(n: usize) -> Self {
+        let mut batch = Self {
+            bufs: vec![[0u8; SLOT]; n],
+            iovs: Vec::with_capacity(n),
+            // SAFETY: all-zero is a valid sockaddr_storage.
+            addrs: vec![unsafe { zeroed() }; n],
+            hdrs: Vec::with_capacity(n),
+        };
+        for i in 0..n {
+            batch.iovs.push(libc::iovec {
+                iov_base: batch.bufs[i].as_mut_ptr().cast(),
+                iov_len: SLOT,
+            });
+        }
+        for i in 0..n {
+            // SAFETY: all-zero is a valid mmsghdr; the pointers are filled in right after.
+            let mut h: libc::mmsghdr = unsafe { zeroed() };
+            h.msg_hdr.msg_iov = &mut batch.iovs[i];
+            h.msg_hdr.msg_iovlen = 1;
+            h.msg_hdr.msg_name = (&mut batch.addrs[i] as *mut libc::sockaddr_storage).cast();
+            batch.hdrs.push(h);
+        }
+        batch
+    }
+
+    /// Slots in the batch.
+    pub fn len(&self) -> usize {
+        self.bufs.len()
+    }
+
+    /// Whether the batch has no slots.
+    pub fn is_empty(&self) -> bool {
+        self.bufs.is_empty()
+    }
+
+    /// Fills every slot with `datagram` addressed to `to`.
+    pub fn fill(&mut self, datagram: &[u8], to: SocketAddr) {
+        let len = datagram.len().min(SLOT);
+        for i in 0..self.bufs.len() {
+            self.bufs[i][..len].copy_from_slice(&datagram[..len]);
+            self.iovs[i].iov_len = len;
+            let name_len = to_storage(to, &mut self.addrs[i]);
+            self.hdrs[i].msg_hdr.msg_namelen = name_len;
+        }
+    }
+
+    /// Sends the first `n` slots; returns how many the kernel took.
+    pub fn send(&mut self, socket: &UdpSocket, n: usize) -> io::Result<usize> {
+        let n = n.min(self.hdrs.len());
+        // SAFETY: the first `n` headers point at this batch's own buffers, iovecs and
+        // addresses, which live as long as `self` and are not moved during the call.
+        let sent =
+            unsafe { libc::sendmmsg(socket.as_raw_fd(), self.hdrs.as_mut_ptr(), n as u32, 0) };
+        if sent < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(sent as usize)
+        }
+    }
+
+    /// Receives up to a full batch (waiting for the first datagram as the socket's timeout
+    /// allows); returns how many arrived. Lengths are in [`datagram`](Self::datagram).
+    pub fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
+        for (h, iov) in self.hdrs.iter_mut().zip(self.iovs.iter_mut()) {
+            iov.iov_len = SLOT;
+            h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_len = 0;
+        }
+        // SAFETY: as in `send`; the kernel writes at most SLOT bytes per buffer and at most
+        // msg_namelen bytes of address per slot.
+        let got = unsafe {
+            libc::recvmmsg(
+                socket.as_raw_fd(),
+                self.hdrs.as_mut_ptr(),
+                self.hdrs.len() as u32,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        if got < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(got as usize)
+        }
+    }
+
+    /// The datagram received in slot `i`.
+    pub fn datagram(&self, i: usize) -> &[u8] {
+        &self.bufs[i][..(self.hdrs[i].msg_len as usize).min(SLOT)]
+    }
+
+    /// Points the first `n` received datagrams at `to` and sends them on `socket`, unchanged:
+    /// the plain forwarder's whole job.
+    pub fn forward(&mut self, socket: &UdpSocket, n: usize, to: SocketAddr) -> io::Result<usize> {
+        for i in 0..n.min(self.hdrs.len()) {
+            self.iovs[i].iov_len = self.hdrs[i].msg_len as usize;
+            let name_len = to_storage(to, &mut self.addrs[i]);
+            self.hdrs[i].msg_hdr.msg_namelen = name_len;
+        }
+        self.send(socket, n)
+    }
+}
+
+/// Pins the calling thread to `cpu`, best effort.
+pub fn pin_to(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_SET bounds-checks `cpu`; the call only reads the set
+    // and affects the calling thread.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A UDP socket on `addr` with large buffers.
+pub fn socket(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let domain = socket2::Domain::for_address(addr);
+    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    let _ = s.set_recv_buffer_size(8 << 20);
+    let _ = s.set_send_buffer_size(8 << 20);
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_batch_goes_out_and_comes_back_whole() {
+        let rx = socket("127.0.0.1:0".parse().unwrap()).unwrap();
+        rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let tx = socket("127.0.0.1:0".parse().unwrap()).unwrap();
+        let mut out = Batch::new(16);
+        out.fill(b"sixteen of these", rx.local_addr().unwrap());
+        assert_eq!(out.send(&tx, 16).unwrap(), 16);
+        let mut inb = Batch::new(64);
+        let mut got = 0;
+        while got < 16 {
+            let n = inb.recv(&rx).unwrap();
+            for i in 0..n {
+                assert_eq!(inb.datagram(i), b"sixteen of these");
+            }
+            got += n;
+        }
+        assert_eq!(got, 16);
+    }
+}
