@@ -84,7 +84,13 @@ impl UdpPeer {
         &self.channel
     }
 
-    /// Replaces the socket, e.g. after the local address changed; call [`rebind`](Self::rebind).
+    /// Replaces the bind client, e.g. to bind with a fresh token.
+    pub fn replace_bind_client(&mut self, bind: BindClient) {
+        self.bind = bind;
+    }
+
+    /// Replaces the socket, e.g. after the local address changed; then call
+    /// [`bind`](Self::bind), which sends a REBIND.
     pub fn set_socket(&mut self, socket: UdpSocket) {
         self.socket = socket;
     }

@@ -381,3 +381,118 @@ fn bind_exchange(
     }
     None
 }
+
+#[test]
+fn spoofed_sources_idle_and_expired_bindings_get_nothing() {
+    if netns::require("relay_netns_reaping").is_none() {
+        return;
+    }
+    let topo = Topology::new();
+    let auth = Authority::new();
+    let relay = start_relay(
+        &auth,
+        &topo,
+        "\n[limits]\nidle_timeout_secs = 5\nmax_clock_skew_secs = 0\n",
+    );
+    let relay_v4 = SocketAddr::new(topo.relay_v4(), PORT);
+    let (mut a, mut b, make_a) = peer_pair_in(
+        &auth,
+        &topo,
+        0x5005,
+        relay_v4,
+        topo.peer_v4(2),
+        topo.peer_v4(3),
+    );
+    a.bind(Duration::from_secs(5)).unwrap();
+    b.bind(Duration::from_secs(5)).unwrap();
+    talk(&mut a, &mut b, &*make_a, 3);
+
+    // Forged sources: a BIND whose CHALLENGE goes to an address nobody answers from, and DATA
+    // claiming to come from a host that is not bound. Neither binds nor forwards anything.
+    let before = scrape(&relay);
+    let forged = match topo.peer_v4(8) {
+        IpAddr::V4(ip) => std::net::SocketAddrV4::new(ip, 4444),
+        IpAddr::V6(_) => unreachable!(),
+    };
+    let dst = match relay_v4 {
+        SocketAddr::V4(v4) => v4,
+        SocketAddr::V6(_) => unreachable!(),
+    };
+    let token = auth.mint(0x6006, TokenSlot::A, 600);
+    let keys = SlotKeys::derive(&token.slot_secret);
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let fields = BindFields {
+        slot: Slot::A,
+        bind_seq: 1,
+        cookie: [0; 16],
+        token: &token.bytes,
+    };
+    let n = wire::encode_bind(&mut buf, 0x6006, &fields, |m| keys.peer.mac(m)).unwrap();
+    netns::send_spoofed_v4(&topo.peers_ns, forged, dst, &buf[..n]);
+    let n = wire::encode_data(&mut buf, 0x5005, b"forged").unwrap();
+    for _ in 0..5 {
+        netns::send_spoofed_v4(&topo.peers_ns, forged, dst, &buf[..n]);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let after = scrape(&relay);
+    assert_eq!(
+        metric(&after, "ferry_challenges_total") - metric(&before, "ferry_challenges_total"),
+        1
+    );
+    assert_eq!(
+        metric(&after, "ferry_sessions_active"),
+        1,
+        "the forged BIND bound nothing"
+    );
+    let unbound = "ferry_drops_total{reason=\"data_unbound\"}";
+    assert_eq!(metric(&after, unbound) - metric(&before, unbound), 5);
+    assert_eq!(
+        metric(&after, "ferry_forwarded_packets_total"),
+        metric(&before, "ferry_forwarded_packets_total")
+    );
+
+    // Idle: nobody speaks for longer than the 5 s idle timeout; both slots are reaped.
+    std::thread::sleep(Duration::from_secs(7));
+    let page = scrape(&relay);
+    assert_eq!(metric(&page, "ferry_sessions_active"), 0);
+    assert_eq!(metric(&page, "ferry_reaped_total"), 2);
+    a.send(b"anyone?").unwrap();
+    assert!(
+        b.recv_message(Duration::from_millis(500)).is_err(),
+        "a reaped session forwards nothing"
+    );
+
+    // Expired: a session kept busy is still unbound when its tokens expire (skew 0 here).
+    let (mut c, mut d, _) = peer_pair_in(
+        &auth,
+        &topo,
+        0x7007,
+        relay_v4,
+        topo.peer_v4(4),
+        topo.peer_v4(5),
+    );
+    let short_a = auth.mint(0x7007, TokenSlot::A, 4);
+    let short_b = auth.mint(0x7007, TokenSlot::B, 4);
+    for (peer, token, slot) in [(&mut c, &short_a, Slot::A), (&mut d, &short_b, Slot::B)] {
+        peer.replace_bind_client(ferry_peer::bind::BindClient::new(
+            0x7007,
+            slot,
+            token.bytes,
+            &token.slot_secret,
+            1,
+        ));
+        peer.bind(Duration::from_secs(5)).unwrap();
+    }
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        assert!(c.keepalive(Duration::from_secs(1)).unwrap());
+        assert!(d.keepalive(Duration::from_secs(1)).unwrap());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !c.keepalive(Duration::from_millis(500)).unwrap(),
+        "the expired binding is gone"
+    );
+    assert_eq!(metric(&scrape(&relay), "ferry_reaped_total"), 4);
+}

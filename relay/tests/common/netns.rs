@@ -208,3 +208,54 @@ impl Drop for Topology {
         }
     }
 }
+
+/// Sends one UDP datagram over IPv4 with a forged source address, from a raw socket in
+/// namespace `ns` (the kernel fills in the IP checksum; the UDP checksum is left out, which
+/// IPv4 allows).
+pub fn send_spoofed_v4(
+    ns: &str,
+    src: std::net::SocketAddrV4,
+    dst: std::net::SocketAddrV4,
+    payload: &[u8],
+) {
+    let mut packet = Vec::with_capacity(28 + payload.len());
+    let total = (28 + payload.len()) as u16;
+    packet.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0]);
+    packet[2..4].copy_from_slice(&total.to_be_bytes());
+    packet.extend_from_slice(&src.ip().octets());
+    packet.extend_from_slice(&dst.ip().octets());
+    packet.extend_from_slice(&src.port().to_be_bytes());
+    packet.extend_from_slice(&dst.port().to_be_bytes());
+    packet.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    packet.extend_from_slice(&[0, 0]);
+    packet.extend_from_slice(payload);
+    Topology::in_ns(ns, || {
+        // SAFETY: plain socket(2) call; the descriptor is closed below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(dst.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: `packet` and `addr` are valid for the lengths given; IPPROTO_RAW implies
+        // IP_HDRINCL, so the buffer is the whole IP packet.
+        let sent = unsafe {
+            libc::sendto(
+                fd,
+                packet.as_ptr().cast(),
+                packet.len(),
+                0,
+                (&addr as *const libc::sockaddr_in).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        let err = std::io::Error::last_os_error();
+        // SAFETY: closing the descriptor opened above, once.
+        unsafe { libc::close(fd) };
+        assert_eq!(sent, packet.len() as isize, "raw send: {err}");
+    });
+}
