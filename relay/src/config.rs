@@ -107,6 +107,12 @@ struct RelaySection {
     workers: usize,
     #[serde(default)]
     cpus: Vec<usize>,
+    #[serde(default = "yes")]
+    udp_gso: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_listen() -> Vec<String> {
@@ -230,6 +236,8 @@ pub struct RelayConfig {
     pub workers: usize,
     /// CPUs to pin workers to, in worker order; empty = one per CPU in order.
     pub cpus: Vec<usize>,
+    /// Forward bursts for one peer as UDP GSO sends.
+    pub udp_gso: bool,
     /// Trusted gateway keys by `kid`.
     pub gateway_keys: Vec<(u32, GatewayPublicKey)>,
     /// The limits.
@@ -328,6 +336,7 @@ pub fn parse_str(text: &str, path: &Path, base_dir: &Path) -> Result<RelayConfig
         static_key,
         workers,
         cpus: file.relay.cpus,
+        udp_gso: file.relay.udp_gso,
         gateway_keys,
         limits,
         admin_listen,
@@ -552,6 +561,9 @@ impl RelayConfig {
         }
         if new.workers != self.workers || new.cpus != self.cpus {
             restart.push("relay.workers / relay.cpus".into());
+        }
+        if new.udp_gso != self.udp_gso {
+            restart.push("relay.udp_gso".into());
         }
         if new.admin_listen != self.admin_listen {
             restart.push("admin.listen".into());

@@ -127,7 +127,7 @@ pub fn render(sessions: &Sessions, workers: &[Arc<WorkerStats>]) -> String {
         c.reaped,
     );
 
-    let per_worker: [WorkerMetric; 11] = [
+    let per_worker: [WorkerMetric; 12] = [
         (
             "ferry_worker_rx_packets_total",
             "Datagrams received, per worker.",
@@ -182,6 +182,11 @@ pub fn render(sessions: &Sessions, workers: &[Arc<WorkerStats>]) -> String {
             "ferry_uring_recv_rearms_total",
             "Multishot receives re-armed.",
             |s| s.rearms.load(Ordering::Relaxed),
+        ),
+        (
+            "ferry_worker_gso_sends_total",
+            "Sends carrying several datagrams at once (UDP GSO).",
+            |s| s.gso_sends.load(Ordering::Relaxed),
         ),
     ];
     for (name, help, get) in per_worker {

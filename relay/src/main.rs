@@ -191,6 +191,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
         let worker_cfg = WorkerConfig {
             listen: cfg.listen.clone(),
             cpu: cfg.cpu_for_worker(index),
+            gso: cfg.udp_gso,
             stop: Arc::clone(&stop),
             stats: Arc::clone(stats),
             ..WorkerConfig::default()

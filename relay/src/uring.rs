@@ -148,20 +148,23 @@ impl Drop for BufRing {
     }
 }
 
-/// What an in-flight send holds on to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SendBuf {
-    /// A received buffer being forwarded; give it back on completion.
-    Forward(u16),
-    /// The slot's own reply bytes.
-    Reply,
-}
+/// Most datagrams one GSO send carries.
+pub const MAX_SEGMENTS: usize = 64;
+
+/// Largest total payload of one GSO send (a UDP datagram's limit, with headroom).
+pub const MAX_GSO_BYTES: usize = 65_000;
 
 struct SendSlot {
     hdr: libc::msghdr,
-    iov: libc::iovec,
+    iovs: [libc::iovec; MAX_SEGMENTS],
     addr: libc::sockaddr_storage,
-    buf: SendBuf,
+    /// Control message space for UDP_SEGMENT (a cmsghdr and a u16, aligned).
+    control: [u64; 4],
+    /// Receive buffers this send forwards, given back on completion.
+    bids: [u16; MAX_SEGMENTS],
+    nbids: usize,
+    /// Datagrams this send carries.
+    segments: usize,
     reply: [u8; ferry_core::wire::MAX_DATAGRAM],
 }
 
@@ -177,13 +180,16 @@ impl SendSlab {
             .map(|_| SendSlot {
                 // SAFETY: all-zero is a valid value for these plain C structs.
                 hdr: unsafe { zeroed() },
-                iov: libc::iovec {
+                iovs: [libc::iovec {
                     iov_base: std::ptr::null_mut(),
                     iov_len: 0,
-                },
+                }; MAX_SEGMENTS],
                 // SAFETY: as above.
                 addr: unsafe { zeroed() },
-                buf: SendBuf::Reply,
+                control: [0; 4],
+                bids: [0; MAX_SEGMENTS],
+                nbids: 0,
+                segments: 0,
                 reply: [0; ferry_core::wire::MAX_DATAGRAM],
             })
             .collect();
@@ -192,6 +198,15 @@ impl SendSlab {
             free: (0..capacity).rev().collect(),
         }
     }
+}
+
+/// One received datagram to forward: its buffer and where its bytes start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// The receive buffer.
+    pub bid: u16,
+    /// Offset of the datagram in the buffer.
+    pub offset: usize,
 }
 
 /// Writes `addr` as a C socket address into `out`; returns its length.
@@ -454,19 +469,34 @@ impl Ring {
         self.bufs.give_back(bid);
     }
 
-    /// Queues a send of `len` bytes of buffer `bid` from `offset` to `to` on socket `socket`,
-    /// without copying. Returns false (and the caller gives the buffer back) if every send
-    /// slot is in use.
+    /// Queues one send of `segments` (received datagrams of `len` bytes each, in their
+    /// receive buffers, not copied) to `to` on socket `socket`. With more than one segment it
+    /// is a UDP GSO send: one system-level send, split by the kernel into `len`-byte
+    /// datagrams. Returns false (and the caller gives the buffers back) if every send slot is
+    /// in use.
     pub fn send_forward(
         &mut self,
         socket: usize,
-        bid: u16,
-        offset: usize,
+        segments: &[Segment],
         len: usize,
         to: SocketAddr,
     ) -> Result<bool, UringError> {
-        let base = self.bufs.ptr(bid, offset);
-        self.send(socket, to, SendBuf::Forward(bid), base, len)
+        let Some(slot) = self.slab.free.pop() else {
+            return Ok(false);
+        };
+        let n = segments.len().min(MAX_SEGMENTS);
+        let s = &mut self.slab.slots[slot as usize];
+        for (i, seg) in segments[..n].iter().enumerate() {
+            s.iovs[i] = libc::iovec {
+                iov_base: self.bufs.ptr(seg.bid, seg.offset).cast_mut().cast(),
+                iov_len: len,
+            };
+            s.bids[i] = seg.bid;
+        }
+        s.nbids = n;
+        s.segments = n;
+        let gso = (n > 1).then_some(len);
+        self.submit_send(socket, slot, to, n, gso)
     }
 
     /// Queues a send of a copy of `bytes` to `to` on socket `socket`. Returns false if every
@@ -477,38 +507,59 @@ impl Ring {
         bytes: &[u8],
         to: SocketAddr,
     ) -> Result<bool, UringError> {
-        let Some(&slot) = self.slab.free.last() else {
-            return Ok(false);
-        };
-        let n = bytes.len().min(ferry_core::wire::MAX_DATAGRAM);
-        let reply = &mut self.slab.slots[slot as usize].reply;
-        reply[..n].copy_from_slice(&bytes[..n]);
-        let base = reply.as_ptr();
-        self.send(socket, to, SendBuf::Reply, base, n)
-    }
-
-    fn send(
-        &mut self,
-        socket: usize,
-        to: SocketAddr,
-        buf: SendBuf,
-        base: *const u8,
-        len: usize,
-    ) -> Result<bool, UringError> {
         let Some(slot) = self.slab.free.pop() else {
             return Ok(false);
         };
+        let n = bytes.len().min(ferry_core::wire::MAX_DATAGRAM);
+        let s = &mut self.slab.slots[slot as usize];
+        s.reply[..n].copy_from_slice(&bytes[..n]);
+        s.iovs[0] = libc::iovec {
+            iov_base: s.reply.as_mut_ptr().cast(),
+            iov_len: n,
+        };
+        s.nbids = 0;
+        s.segments = 1;
+        self.submit_send(socket, slot, to, 1, None)
+    }
+
+    /// Fills in slot `slot`'s message header (address, `iovs` iovecs, and a UDP_SEGMENT
+    /// control message when `gso` is set) and queues its `sendmsg`.
+    fn submit_send(
+        &mut self,
+        socket: usize,
+        slot: u32,
+        to: SocketAddr,
+        iovs: usize,
+        gso: Option<usize>,
+    ) -> Result<bool, UringError> {
         let s = &mut self.slab.slots[slot as usize];
         let addr_len = write_sockaddr(to, &mut s.addr);
-        s.iov = libc::iovec {
-            iov_base: base.cast_mut().cast(),
-            iov_len: len,
-        };
         s.hdr.msg_name = (&mut s.addr as *mut libc::sockaddr_storage).cast();
         s.hdr.msg_namelen = addr_len;
-        s.hdr.msg_iov = &mut s.iov;
-        s.hdr.msg_iovlen = 1;
-        s.buf = buf;
+        s.hdr.msg_iov = s.iovs.as_mut_ptr();
+        s.hdr.msg_iovlen = iovs;
+        match gso {
+            Some(size) => {
+                // SAFETY: CMSG_SPACE is a pure size computation.
+                let space = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as usize;
+                s.hdr.msg_control = s.control.as_mut_ptr().cast();
+                s.hdr.msg_controllen = space;
+                // SAFETY: msg_control points at `control` (32 bytes, 8-aligned), which holds
+                // CMSG_SPACE(2) = 24 bytes, so CMSG_FIRSTHDR is non-null and the header and its
+                // u16 payload fit.
+                unsafe {
+                    let cmsg = libc::CMSG_FIRSTHDR(&s.hdr);
+                    (*cmsg).cmsg_level = libc::SOL_UDP;
+                    (*cmsg).cmsg_type = libc::UDP_SEGMENT;
+                    (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as usize;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), size as u16);
+                }
+            }
+            None => {
+                s.hdr.msg_control = std::ptr::null_mut();
+                s.hdr.msg_controllen = 0;
+            }
+        }
         let hdr: *const libc::msghdr = &s.hdr;
         let entry = opcode::SendMsg::new(types::Fd(self.sockets[socket]), hdr)
             .build()
@@ -517,14 +568,16 @@ impl Ring {
         Ok(true)
     }
 
-    /// Frees a send slot after its completion; returns what it held.
-    pub fn finish_send(&mut self, slot: u32) -> SendBuf {
-        let buf = self.slab.slots[slot as usize].buf;
-        if let SendBuf::Forward(bid) = buf {
+    /// Frees a send slot after its completion, giving its receive buffers back; returns how
+    /// many datagrams it carried.
+    pub fn finish_send(&mut self, slot: u32) -> usize {
+        let s = &self.slab.slots[slot as usize];
+        let (nbids, segments, bids) = (s.nbids, s.segments, s.bids);
+        for &bid in &bids[..nbids] {
             self.bufs.give_back(bid);
         }
         self.slab.free.push(slot);
-        buf
+        segments
     }
 
     /// Send slots in use now.

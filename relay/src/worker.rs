@@ -20,7 +20,9 @@ use io_uring::types::Timespec;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::session::Outcome;
-use crate::uring::{Completion, RecvProblem, Ring, UringError, is_v4};
+use crate::uring::{
+    Completion, MAX_GSO_BYTES, MAX_SEGMENTS, RecvProblem, Ring, Segment, UringError, is_v4,
+};
 
 /// What the worker asks about each datagram.
 pub trait PacketHandler: Send {
@@ -64,6 +66,8 @@ pub struct WorkerStats {
     pub completions: AtomicU64,
     /// Multishot receives re-armed after the kernel ended them.
     pub rearms: AtomicU64,
+    /// Sends that carried several datagrams at once (UDP GSO).
+    pub gso_sends: AtomicU64,
 }
 
 /// The plain counters of one batch, folded into [`WorkerStats`] at its end.
@@ -79,6 +83,7 @@ struct BatchStats {
     tx_slots_full: u64,
     completions: u64,
     rearms: u64,
+    gso_sends: u64,
 }
 
 impl WorkerStats {
@@ -98,6 +103,7 @@ impl WorkerStats {
         add(&self.tx_slots_full, b.tx_slots_full);
         add(&self.completions, b.completions);
         add(&self.rearms, b.rearms);
+        add(&self.gso_sends, b.gso_sends);
         self.submits.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -117,6 +123,9 @@ pub struct WorkerConfig {
     pub sends: u32,
     /// Longest wait for completions, and so the timer granularity.
     pub tick: Duration,
+    /// Send consecutive datagrams for the same peer as one UDP GSO send. Turned off by the
+    /// worker itself (with a warning) if the kernel refuses it.
+    pub gso: bool,
     /// Set to stop the worker.
     pub stop: Arc<AtomicBool>,
     /// Where the worker publishes its counters.
@@ -132,6 +141,7 @@ impl Default for WorkerConfig {
             buffers: 4096,
             sends: 4096,
             tick: Duration::from_millis(100),
+            gso: true,
             stop: Arc::new(AtomicBool::new(false)),
             stats: Arc::new(WorkerStats::default()),
         }
@@ -238,6 +248,13 @@ pub fn run_worker<H: PacketHandler>(
     let mut reply = vec![0u8; MAX_DATAGRAM];
     let mut report = WorkerReport::default();
     let mut next_tick = Instant::now();
+    let mut pending = PendingForwards {
+        gso: cfg.gso,
+        socket: 0,
+        to: SocketAddr::from(([0, 0, 0, 0], 0)),
+        len: 0,
+        segments: Vec::with_capacity(MAX_SEGMENTS),
+    };
     while !cfg.stop.load(Ordering::Relaxed) {
         ring.submit_and_wait(&tick)?;
         ring.drain(&mut completions);
@@ -257,6 +274,7 @@ pub fn run_worker<H: PacketHandler>(
                     on_recv(
                         &mut ring,
                         &mut handler,
+                        &mut pending,
                         RecvCtx {
                             now,
                             wall,
@@ -275,17 +293,29 @@ pub fn run_worker<H: PacketHandler>(
                     }
                 }
                 Completion::Send { slot, result } => {
-                    ring.finish_send(slot);
+                    let segments = ring.finish_send(slot) as u64;
                     match usize::try_from(result) {
                         Ok(n) => {
-                            batch.tx_packets += 1;
+                            batch.tx_packets += segments;
                             batch.tx_bytes += n as u64;
                         }
-                        Err(_) => batch.tx_errors += 1,
+                        Err(_) => {
+                            batch.tx_errors += segments;
+                            if segments > 1 && pending.gso {
+                                // Degrade instead of failing: some devices and kernels refuse
+                                // UDP GSO. Every later forward goes out on its own.
+                                pending.gso = false;
+                                tracing::warn!(
+                                    errno = -result,
+                                    "the kernel refused a UDP GSO send; sending datagrams one by one"
+                                );
+                            }
+                        }
                     }
                 }
             }
         }
+        pending.flush(&mut ring, &mut batch)?;
         if now >= next_tick {
             handler.tick(now, wall);
             next_tick = now + cfg.tick;
@@ -311,6 +341,7 @@ struct RecvCtx {
 fn on_recv<H: PacketHandler>(
     ring: &mut Ring,
     handler: &mut H,
+    pending: &mut PendingForwards,
     cx: RecvCtx,
     reply: &mut [u8],
     batch: &mut BatchStats,
@@ -341,16 +372,13 @@ fn on_recv<H: PacketHandler>(
         false => cx.v6_socket,
     };
     match outcome {
-        Outcome::Forward { to } => {
-            let queued = match out_socket(to) {
-                Some(s) => ring.send_forward(s, bid, offset, len, to)?,
-                None => false,
-            };
-            if !queued {
+        Outcome::Forward { to } => match out_socket(to) {
+            Some(socket) => pending.add(ring, socket, to, len, Segment { bid, offset }, batch)?,
+            None => {
                 batch.tx_slots_full += 1;
                 ring.give_back(bid);
             }
-        }
+        },
         Outcome::Reply { to, len } => {
             ring.give_back(bid);
             let queued = match (out_socket(to), reply.get(..len)) {
@@ -364,4 +392,59 @@ fn on_recv<H: PacketHandler>(
         Outcome::Consumed | Outcome::Drop(_) => ring.give_back(bid),
     }
     Ok(())
+}
+
+/// Forwards decided in this batch and not yet queued. Consecutive datagrams of one length for
+/// one destination leave as a single UDP GSO send: a bulk flow through the relay costs one
+/// send per batch instead of one per datagram.
+struct PendingForwards {
+    gso: bool,
+    socket: usize,
+    to: SocketAddr,
+    len: usize,
+    segments: Vec<Segment>,
+}
+
+impl PendingForwards {
+    fn add(
+        &mut self,
+        ring: &mut Ring,
+        socket: usize,
+        to: SocketAddr,
+        len: usize,
+        segment: Segment,
+        batch: &mut BatchStats,
+    ) -> Result<(), UringError> {
+        let joins = self.gso
+            && socket == self.socket
+            && to == self.to
+            && len == self.len
+            && self.segments.len() < MAX_SEGMENTS
+            && (self.segments.len() + 1) * len <= MAX_GSO_BYTES;
+        if !joins {
+            self.flush(ring, batch)?;
+            (self.socket, self.to, self.len) = (socket, to, len);
+        }
+        self.segments.push(segment);
+        if !self.gso {
+            self.flush(ring, batch)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, ring: &mut Ring, batch: &mut BatchStats) -> Result<(), UringError> {
+        if self.segments.is_empty() {
+            return Ok(());
+        }
+        if ring.send_forward(self.socket, &self.segments, self.len, self.to)? {
+            batch.gso_sends += u64::from(self.segments.len() > 1);
+        } else {
+            batch.tx_slots_full += self.segments.len() as u64;
+            for segment in &self.segments {
+                ring.give_back(segment.bid);
+            }
+        }
+        self.segments.clear();
+        Ok(())
+    }
 }

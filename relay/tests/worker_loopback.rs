@@ -199,3 +199,52 @@ fn two_workers_share_a_port_and_both_receive() {
         "SO_REUSEPORT spreads 64 source ports over both ({a}, {b})"
     );
 }
+
+#[test]
+fn bursts_for_one_peer_leave_as_gso_sends_and_arrive_whole() {
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let Some(worker) = start(vec![listen], sink.local_addr().unwrap()) else {
+        return;
+    };
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut received = 0;
+    // Bursts of same-size datagrams, so that a batch holds several for the same peer.
+    for round in 0..50u32 {
+        for i in 0..40u32 {
+            let mut msg = vec![0u8; 700];
+            msg[0] = b'F';
+            msg[1..5].copy_from_slice(&round.to_be_bytes());
+            msg[5..9].copy_from_slice(&i.to_be_bytes());
+            client.send_to(&msg, listen).unwrap();
+        }
+        while received < (round + 1) * 40 {
+            let Ok((n, _)) = sink.recv_from(&mut buf) else {
+                break;
+            };
+            assert_eq!(n, 700, "every datagram arrives with its own length");
+            assert_eq!(buf[0], b'F');
+            received += 1;
+        }
+    }
+    let stats = worker.stop();
+    let rx = stats.rx_packets.load(Ordering::Relaxed);
+    assert_eq!(stats.tx_packets.load(Ordering::Relaxed), rx);
+    assert_eq!(
+        u64::from(received),
+        rx,
+        "whatever the worker took in, the sink got"
+    );
+    assert!(
+        rx >= 1900,
+        "loopback may drop a few under a burst, not more ({rx})"
+    );
+    assert!(
+        stats.gso_sends.load(Ordering::Relaxed) > 0,
+        "some bursts went out as GSO sends"
+    );
+}

@@ -41,6 +41,13 @@ struct Cli {
     /// CPU for the forwarder under test.
     #[arg(long, default_value_t = 1)]
     forwarder_cpu: usize,
+    /// Offered load in datagrams per second (0 = as fast as the generator can). A rate both
+    /// forwarders sustain without loss makes CPU time per packet the comparable figure.
+    #[arg(long, default_value_t = 100_000)]
+    rate: u64,
+    /// Run the relay with UDP GSO off (`relay.udp_gso = false`).
+    #[arg(long)]
+    no_gso: bool,
     /// Where ferry-relay and ferry-plainfwd are (default: next to this program).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -66,8 +73,14 @@ fn main() -> anyhow::Result<()> {
             .to_owned(),
     };
     println!(
-        "ferry-fwdbench: loopback, generator+sink on CPU {}, forwarder on CPU {}, {} s per run",
-        cli.load_cpu, cli.forwarder_cpu, cli.seconds
+        "ferry-fwdbench: loopback, generator+sink on CPU {}, forwarder on CPU {}, {} s per run, offered {}",
+        cli.load_cpu,
+        cli.forwarder_cpu,
+        cli.seconds,
+        match cli.rate {
+            0 => "as fast as possible".to_string(),
+            r => format!("{r} pps"),
+        }
     );
     println!(
         "{:>7} | {:>12} {:>10} | {:>12} {:>10} | {:>7} {:>7}",
@@ -146,12 +159,24 @@ fn measure(
     let gen_thread = {
         let (stop, sent) = (Arc::clone(&stop), Arc::clone(&sent));
         let datagram = datagram.to_vec();
+        let rate = cli.rate;
         std::thread::spawn(move || {
             let _ = pin_to(load_cpu);
-            let mut batch = Batch::new(64);
+            let mut batch = Batch::new(16);
             batch.fill(&datagram, target);
+            let started = Instant::now();
+            let mut total = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                if let Ok(n) = batch.send(&generator, 64) {
+                // Paced: stay on the line `rate × elapsed`, in batches of 16.
+                if rate > 0 {
+                    let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
+                    if total >= due {
+                        std::thread::sleep(Duration::from_micros(50));
+                        continue;
+                    }
+                }
+                if let Ok(n) = batch.send(&generator, 16) {
+                    total += n as u64;
                     sent.fetch_add(n as u64, Ordering::Relaxed);
                 }
             }
@@ -233,6 +258,22 @@ fn run_plain(cli: &Cli, bin_dir: &Path, size: usize) -> anyhow::Result<Run> {
     )
 }
 
+/// GET `path` from the admin listener; the whole response, or empty on failure.
+fn http_get(admin: SocketAddr, path: &str) -> String {
+    let Ok(mut s) = TcpStream::connect_timeout(&admin, Duration::from_millis(500)) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes())
+        .is_err()
+    {
+        return String::new();
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
 fn http_ready(admin: SocketAddr) -> bool {
     let Ok(mut s) = TcpStream::connect_timeout(&admin, Duration::from_millis(200)) else {
         return false;
@@ -258,10 +299,11 @@ fn run_ferry(cli: &Cli, bin_dir: &Path, size: usize) -> anyhow::Result<Run> {
     let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse()?;
     let config = format!(
         "[relay]\nid = {RELAY_ID}\nlisten = [\"{listen}\"]\nstatic_key = \"relay.key\"\n\
-         workers = 1\ncpus = [{cpu}]\n\n[[gateway_keys]]\nkid = 1\npublic_key = \"{gw}\"\n\n\
+         workers = 1\ncpus = [{cpu}]\nudp_gso = {gso}\n\n[[gateway_keys]]\nkid = 1\npublic_key = \"{gw}\"\n\n\
          [limits]\ndefault_session_rate = 100000000000\nmax_session_rate = 100000000000\n\n\
          [admin]\nlisten = \"{admin}\"\n\n[log]\nlevel = \"warn\"\n",
         cpu = cli.forwarder_cpu,
+        gso = !cli.no_gso,
         gw = minter.public(),
     );
     std::fs::write(dir.join("relay.toml"), config)?;
@@ -303,6 +345,26 @@ fn run_ferry(cli: &Cli, bin_dir: &Path, size: usize) -> anyhow::Result<Run> {
         &payload_datagram(session, size)?,
         child.0.id(),
     );
+    // Where packets went, from the relay's own counters (the non-zero ones).
+    let page = http_get(admin, "/metrics");
+    let counters: Vec<&str> = page
+        .lines()
+        .filter(|l| {
+            [
+                "ferry_drops_total",
+                "ferry_worker_rx_no_buffers",
+                "ferry_worker_tx_errors",
+                "ferry_worker_tx_slots_full",
+                "ferry_worker_gso_sends",
+                "ferry_worker_rx_packets",
+                "ferry_worker_tx_packets",
+            ]
+            .iter()
+            .any(|p| l.starts_with(p))
+                && !l.ends_with(" 0")
+        })
+        .collect();
+    println!("          relay counters: {}", counters.join(", "));
     drop(child);
     let _ = std::fs::remove_dir_all(&dir);
     run
