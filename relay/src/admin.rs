@@ -174,8 +174,11 @@ fn accept_loop(
     }
 }
 
-/// Reads a request head (up to the blank line). `Err(status)` for a bad or oversized head.
-fn read_head(mut stream: &TcpStream) -> Result<Vec<u8>, u16> {
+/// Reads a request head (up to the blank line) within `timeout` for the *whole* head, so a
+/// client trickling a byte at a time is dropped as soon as a silent one. `Err(status)` for a
+/// bad, oversized or late head.
+fn read_head(mut stream: &TcpStream, timeout: Duration) -> Result<Vec<u8>, u16> {
+    let deadline = std::time::Instant::now() + timeout;
     let mut head = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     loop {
@@ -184,6 +187,10 @@ fn read_head(mut stream: &TcpStream) -> Result<Vec<u8>, u16> {
         }
         if head.len() > MAX_HEAD {
             return Err(431);
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return Err(408);
         }
         match stream.read(&mut chunk) {
             Ok(0) => return Err(400),
@@ -240,7 +247,7 @@ fn linger(stream: &TcpStream) {
 fn serve(stream: &TcpStream, state: &AdminState, options: AdminOptions) -> io::Result<()> {
     stream.set_read_timeout(Some(options.read_timeout))?;
     stream.set_write_timeout(Some(options.write_timeout))?;
-    let head = match read_head(stream) {
+    let head = match read_head(stream, options.read_timeout) {
         Ok(head) => head,
         Err(status) => {
             state.count(3, status);

@@ -124,3 +124,27 @@ fn many_concurrent_clients_are_served() {
     });
     server.shutdown();
 }
+
+#[test]
+fn a_trickling_client_is_dropped_as_soon_as_a_silent_one() {
+    let (server, _state) = server();
+    let addr = server.local_addr();
+    let mut slow = TcpStream::connect(addr).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let started = Instant::now();
+    // One byte every 100 ms never completes a head within the 300 ms budget.
+    let mut answer = String::new();
+    for b in b"GET /metrics HTTP/1.1\r\n" {
+        if slow.write_all(&[*b]).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        if started.elapsed() > Duration::from_secs(2) {
+            break;
+        }
+    }
+    let _ = slow.read_to_string(&mut answer);
+    assert_eq!(status(&answer), 408, "{answer:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    server.shutdown();
+}
