@@ -109,6 +109,8 @@ struct RelaySection {
     cpus: Vec<usize>,
     #[serde(default = "yes")]
     udp_gso: bool,
+    #[serde(default)]
+    send_zc_min_bytes: u64,
 }
 
 fn yes() -> bool {
@@ -238,6 +240,8 @@ pub struct RelayConfig {
     pub cpus: Vec<usize>,
     /// Forward bursts for one peer as UDP GSO sends.
     pub udp_gso: bool,
+    /// Forwards of at least this many bytes use SEND_ZC; `None`: off.
+    pub send_zc_min_bytes: Option<usize>,
     /// Trusted gateway keys by `kid`.
     pub gateway_keys: Vec<(u32, GatewayPublicKey)>,
     /// The limits.
@@ -337,6 +341,10 @@ pub fn parse_str(text: &str, path: &Path, base_dir: &Path) -> Result<RelayConfig
         workers,
         cpus: file.relay.cpus,
         udp_gso: file.relay.udp_gso,
+        send_zc_min_bytes: match file.relay.send_zc_min_bytes {
+            0 => None,
+            n => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+        },
         gateway_keys,
         limits,
         admin_listen,
@@ -562,8 +570,8 @@ impl RelayConfig {
         if new.workers != self.workers || new.cpus != self.cpus {
             restart.push("relay.workers / relay.cpus".into());
         }
-        if new.udp_gso != self.udp_gso {
-            restart.push("relay.udp_gso".into());
+        if new.udp_gso != self.udp_gso || new.send_zc_min_bytes != self.send_zc_min_bytes {
+            restart.push("relay.udp_gso / relay.send_zc_min_bytes".into());
         }
         if new.admin_listen != self.admin_listen {
             restart.push("admin.listen".into());

@@ -192,6 +192,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
             listen: cfg.listen.clone(),
             cpu: cfg.cpu_for_worker(index),
             gso: cfg.udp_gso,
+            zero_copy_min: cfg.send_zc_min_bytes,
             stop: Arc::clone(&stop),
             stats: Arc::clone(stats),
             ..WorkerConfig::default()

@@ -165,6 +165,8 @@ struct SendSlot {
     nbids: usize,
     /// Datagrams this send carries.
     segments: usize,
+    /// Sent with SEND_ZC: the buffers stay lent until the kernel's notification.
+    zero_copy: bool,
     reply: [u8; ferry_core::wire::MAX_DATAGRAM],
 }
 
@@ -190,6 +192,7 @@ impl SendSlab {
                 bids: [0; MAX_SEGMENTS],
                 nbids: 0,
                 segments: 0,
+                zero_copy: false,
                 reply: [0; ferry_core::wire::MAX_DATAGRAM],
             })
             .collect();
@@ -278,12 +281,15 @@ pub enum Completion {
         /// The completion flags (buffer id, more).
         flags: u32,
     },
-    /// A send finished.
+    /// A send finished, or (zero-copy sends) its buffers were released.
     Send {
-        /// The slab slot, to free.
+        /// The slab slot.
         slot: u32,
         /// Bytes sent, or a negative errno.
         result: i32,
+        /// The completion flags (`more`: a zero-copy notification follows; `notif`: this is
+        /// it).
+        flags: u32,
     },
 }
 
@@ -320,6 +326,8 @@ pub struct Ring {
     recv_hdrs: Box<[libc::msghdr]>,
     sockets: Vec<RawFd>,
     slab: SendSlab,
+    /// Forwards of at least this many bytes use SEND_ZC; `None`: never.
+    zero_copy_min: Option<usize>,
 }
 
 impl std::fmt::Debug for Ring {
@@ -373,7 +381,18 @@ impl Ring {
             recv_hdrs,
             sockets,
             slab: SendSlab::new(sends),
+            zero_copy_min: None,
         })
+    }
+
+    /// Sends forwards of at least `min_bytes` with SEND_ZC (zero copy), if the kernel has it.
+    /// Returns whether it will.
+    pub fn set_zero_copy_min(&mut self, min_bytes: Option<usize>) -> bool {
+        let mut probe = Probe::new();
+        let supported = self.ring.submitter().register_probe(&mut probe).is_ok()
+            && probe.is_supported(opcode::SendMsgZc::CODE);
+        self.zero_copy_min = min_bytes.filter(|_| supported);
+        self.zero_copy_min.is_some()
     }
 
     /// Arms (or re-arms) multishot receive on socket `index`.
@@ -426,6 +445,7 @@ impl Ring {
                 TAG_SEND => out.push(Completion::Send {
                     slot: index as u32,
                     result: cqe.result(),
+                    flags: cqe.flags(),
                 }),
                 _ => {}
             }
@@ -495,6 +515,7 @@ impl Ring {
         }
         s.nbids = n;
         s.segments = n;
+        s.zero_copy = self.zero_copy_min.is_some_and(|min| n * len >= min);
         let gso = (n > 1).then_some(len);
         self.submit_send(socket, slot, to, n, gso)
     }
@@ -519,6 +540,7 @@ impl Ring {
         };
         s.nbids = 0;
         s.segments = 1;
+        s.zero_copy = false;
         self.submit_send(socket, slot, to, 1, None)
     }
 
@@ -561,23 +583,29 @@ impl Ring {
             }
         }
         let hdr: *const libc::msghdr = &s.hdr;
-        let entry = opcode::SendMsg::new(types::Fd(self.sockets[socket]), hdr)
-            .build()
-            .user_data(TAG_SEND | u64::from(slot));
-        self.push(&entry)?;
+        let fd = types::Fd(self.sockets[socket]);
+        let entry = match s.zero_copy {
+            true => opcode::SendMsgZc::new(fd, hdr).build(),
+            false => opcode::SendMsg::new(fd, hdr).build(),
+        };
+        self.push(&entry.user_data(TAG_SEND | u64::from(slot)))?;
         Ok(true)
     }
 
-    /// Frees a send slot after its completion, giving its receive buffers back; returns how
-    /// many datagrams it carried.
-    pub fn finish_send(&mut self, slot: u32) -> usize {
+    /// Datagrams the send in `slot` carries.
+    pub fn send_segments(&self, slot: u32) -> usize {
+        self.slab.slots[slot as usize].segments
+    }
+
+    /// Frees a send slot once the kernel is done with it (its completion, or for a zero-copy
+    /// send its notification), giving its receive buffers back.
+    pub fn finish_send(&mut self, slot: u32) {
         let s = &self.slab.slots[slot as usize];
-        let (nbids, segments, bids) = (s.nbids, s.segments, s.bids);
+        let (nbids, bids) = (s.nbids, s.bids);
         for &bid in &bids[..nbids] {
             self.bufs.give_back(bid);
         }
         self.slab.free.push(slot);
-        segments
     }
 
     /// Send slots in use now.

@@ -123,6 +123,8 @@ pub struct WorkerConfig {
     pub sends: u32,
     /// Longest wait for completions, and so the timer granularity.
     pub tick: Duration,
+    /// Forward sends of at least this many bytes with SEND_ZC (zero copy); `None`: never.
+    pub zero_copy_min: Option<usize>,
     /// Send consecutive datagrams for the same peer as one UDP GSO send. Turned off by the
     /// worker itself (with a warning) if the kernel refuses it.
     pub gso: bool,
@@ -142,6 +144,7 @@ impl Default for WorkerConfig {
             sends: 4096,
             tick: Duration::from_millis(100),
             gso: true,
+            zero_copy_min: None,
             stop: Arc::new(AtomicBool::new(false)),
             stats: Arc::new(WorkerStats::default()),
         }
@@ -236,6 +239,9 @@ pub fn run_worker<H: PacketHandler>(
     let v4_socket = cfg.listen.iter().position(|a| a.is_ipv4());
     let v6_socket = cfg.listen.iter().position(|a| a.is_ipv6());
     let mut ring = Ring::new(cfg.ring_entries, cfg.buffers, RECV_BUF_SIZE, cfg.sends, fds)?;
+    if cfg.zero_copy_min.is_some() && !ring.set_zero_copy_min(cfg.zero_copy_min) {
+        tracing::warn!("the kernel lacks SEND_ZC for sendmsg; forwarding with copies");
+    }
     for index in 0..ring.socket_count() {
         ring.arm_recv(index)?;
     }
@@ -292,8 +298,21 @@ pub fn run_worker<H: PacketHandler>(
                         batch.rearms += 1;
                     }
                 }
-                Completion::Send { slot, result } => {
-                    let segments = ring.finish_send(slot) as u64;
+                Completion::Send {
+                    slot,
+                    result,
+                    flags,
+                } => {
+                    // A zero-copy send completes twice: first the result (with `more`), then
+                    // the notification that the buffers are free again.
+                    if io_uring::cqueue::notif(flags) {
+                        ring.finish_send(slot);
+                        continue;
+                    }
+                    let segments = ring.send_segments(slot) as u64;
+                    if !io_uring::cqueue::more(flags) {
+                        ring.finish_send(slot);
+                    }
                     match usize::try_from(result) {
                         Ok(n) => {
                             batch.tx_packets += segments;

@@ -57,6 +57,14 @@ struct Running {
 
 /// Starts a worker; `None` when io_uring is unavailable and skipping is allowed.
 fn start(listen: Vec<SocketAddr>, sink: SocketAddr) -> Option<Running> {
+    start_with(listen, sink, None)
+}
+
+fn start_with(
+    listen: Vec<SocketAddr>,
+    sink: SocketAddr,
+    zero_copy_min: Option<usize>,
+) -> Option<Running> {
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(WorkerStats::default());
     let cfg = WorkerConfig {
@@ -64,6 +72,7 @@ fn start(listen: Vec<SocketAddr>, sink: SocketAddr) -> Option<Running> {
         stop: Arc::clone(&stop),
         stats: Arc::clone(&stats),
         tick: Duration::from_millis(20),
+        zero_copy_min,
         ..WorkerConfig::default()
     };
     let (tx, rx) = std::sync::mpsc::channel();
@@ -247,4 +256,31 @@ fn bursts_for_one_peer_leave_as_gso_sends_and_arrive_whole() {
         stats.gso_sends.load(Ordering::Relaxed) > 0,
         "some bursts went out as GSO sends"
     );
+}
+
+#[test]
+fn zero_copy_forwards_arrive_and_give_their_buffers_back() {
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let Some(worker) = start_with(vec![listen], sink.local_addr().unwrap(), Some(1)) else {
+        return;
+    };
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut buf = vec![0u8; 4096];
+    // More datagrams than the worker has receive buffers: a buffer not given back after its
+    // zero-copy notification would stall the worker long before the end.
+    for i in 0..6000u32 {
+        let mut msg = vec![0u8; 1200];
+        msg[0] = b'F';
+        msg[1..5].copy_from_slice(&i.to_be_bytes());
+        client.send_to(&msg, listen).unwrap();
+        let (n, _) = sink.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &msg[..]);
+    }
+    let stats = worker.stop();
+    assert_eq!(stats.tx_packets.load(Ordering::Relaxed), 6000);
+    assert_eq!(stats.tx_errors.load(Ordering::Relaxed), 0);
 }

@@ -45,6 +45,10 @@ struct Cli {
     /// forwarders sustain without loss makes CPU time per packet the comparable figure.
     #[arg(long, default_value_t = 100_000)]
     rate: u64,
+    /// Run the relay with SEND_ZC for forwards of at least this many bytes
+    /// (`relay.send_zc_min_bytes`; 0 = off).
+    #[arg(long, default_value_t = 0)]
+    zc_min: u64,
     /// Run the relay with UDP GSO off (`relay.udp_gso = false`).
     #[arg(long)]
     no_gso: bool,
@@ -299,11 +303,12 @@ fn run_ferry(cli: &Cli, bin_dir: &Path, size: usize) -> anyhow::Result<Run> {
     let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse()?;
     let config = format!(
         "[relay]\nid = {RELAY_ID}\nlisten = [\"{listen}\"]\nstatic_key = \"relay.key\"\n\
-         workers = 1\ncpus = [{cpu}]\nudp_gso = {gso}\n\n[[gateway_keys]]\nkid = 1\npublic_key = \"{gw}\"\n\n\
+         workers = 1\ncpus = [{cpu}]\nudp_gso = {gso}\nsend_zc_min_bytes = {zc}\n\n[[gateway_keys]]\nkid = 1\npublic_key = \"{gw}\"\n\n\
          [limits]\ndefault_session_rate = 100000000000\nmax_session_rate = 100000000000\n\n\
          [admin]\nlisten = \"{admin}\"\n\n[log]\nlevel = \"warn\"\n",
         cpu = cli.forwarder_cpu,
         gso = !cli.no_gso,
+        zc = cli.zc_min,
         gw = minter.public(),
     );
     std::fs::write(dir.join("relay.toml"), config)?;
