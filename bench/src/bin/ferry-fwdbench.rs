@@ -41,6 +41,10 @@ struct Cli {
     /// CPU for the forwarder under test.
     #[arg(long, default_value_t = 1)]
     forwarder_cpu: usize,
+    /// Alternating plain/Ferry rounds per size; the median ratio is printed. The machine is
+    /// shared and noisy, so a ratio over interleaved rounds holds where one run does not.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=50))]
+    rounds: u16,
     /// Offered load in datagrams per second (0 = as fast as the generator can). A rate both
     /// forwarders sustain without loss makes CPU time per packet the comparable figure.
     #[arg(long, default_value_t = 100_000)]
@@ -94,27 +98,53 @@ fn main() -> anyhow::Result<()> {
         if !(1..=wire::MAX_DATA_BODY).contains(&size) {
             bail!("payload size {size} is outside 1..={}", wire::MAX_DATA_BODY);
         }
-        let plain = run_plain(&cli, &bin_dir, size)?;
-        let ferry = run_ferry(&cli, &bin_dir, size)?;
-        println!(
-            "{:>6}B | {:>12.0} {:>10.0} | {:>12.0} {:>10.0} | {:>6.3}x {:>6.3}x",
-            size,
-            plain.received_pps,
-            plain.cpu_ns_per_packet,
-            ferry.received_pps,
-            ferry.cpu_ns_per_packet,
-            ferry.received_pps / plain.received_pps,
-            plain.cpu_ns_per_packet / ferry.cpu_ns_per_packet,
-        );
-        println!(
-            "{:>7}   offered: plain {:.0} pps, ferry {:.0} pps",
-            "", plain.offered_pps, ferry.offered_pps
-        );
+        let (mut pps_ratios, mut cpu_ratios) = (Vec::new(), Vec::new());
+        for _ in 0..cli.rounds {
+            let plain = run_plain(&cli, &bin_dir, size)?;
+            let ferry = run_ferry(&cli, &bin_dir, size)?;
+            let pps_x = ferry.received_pps / plain.received_pps;
+            let cpu_x = plain.cpu_ns_per_packet / ferry.cpu_ns_per_packet;
+            pps_ratios.push(pps_x);
+            cpu_ratios.push(cpu_x);
+            println!(
+                "{:>6}B | {:>12.0} {:>10.0} | {:>12.0} {:>10.0} | {:>6.3}x {:>6.3}x",
+                size,
+                plain.received_pps,
+                plain.cpu_ns_per_packet,
+                ferry.received_pps,
+                ferry.cpu_ns_per_packet,
+                pps_x,
+                cpu_x,
+            );
+            println!(
+                "{:>7}   offered: plain {:.0} pps, ferry {:.0} pps",
+                "", plain.offered_pps, ferry.offered_pps
+            );
+        }
+        if cli.rounds > 1 {
+            println!(
+                "{:>6}B   median of {} rounds: pps x {:.3} (min {:.3}, max {:.3}), cpu x {:.3} (min {:.3}, max {:.3})",
+                size,
+                cli.rounds,
+                median(&mut pps_ratios),
+                pps_ratios[0],
+                pps_ratios[pps_ratios.len() - 1],
+                median(&mut cpu_ratios),
+                cpu_ratios[0],
+                cpu_ratios[cpu_ratios.len() - 1],
+            );
+        }
     }
     println!(
         "pps x = Ferry's forwarded rate / plain; cpu x = plain CPU per packet / Ferry's (>1: Ferry cheaper)"
     );
     Ok(())
+}
+
+/// Sorts `v` and returns its median.
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 fn free_port() -> anyhow::Result<u16> {
