@@ -417,10 +417,10 @@ impl Ring {
         }
     }
 
-    /// Submits queued work and waits for at least one completion or `timeout`.
-    pub fn submit_and_wait(&mut self, timeout: &Timespec) -> Result<(), UringError> {
+    /// Submits queued work and waits for at least `want` completions or `timeout`.
+    pub fn submit_and_wait(&mut self, want: usize, timeout: &Timespec) -> Result<(), UringError> {
         let args = SubmitArgs::new().timespec(timeout);
-        match self.ring.submitter().submit_with_args(1, &args) {
+        match self.ring.submitter().submit_with_args(want, &args) {
             Ok(_) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::ETIME) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(()),

@@ -123,6 +123,10 @@ pub struct WorkerConfig {
     pub sends: u32,
     /// Longest wait for completions, and so the timer granularity.
     pub tick: Duration,
+    /// Under load, wait for this many completions per batch...
+    pub batch_target: usize,
+    /// ...but never longer than this (under a millisecond).
+    pub coalesce: Duration,
     /// Forward sends of at least this many bytes with SEND_ZC (zero copy); `None`: never.
     pub zero_copy_min: Option<usize>,
     /// Send consecutive datagrams for the same peer as one UDP GSO send. Turned off by the
@@ -143,6 +147,8 @@ impl Default for WorkerConfig {
             buffers: 4096,
             sends: 4096,
             tick: Duration::from_millis(100),
+            batch_target: 32,
+            coalesce: Duration::from_micros(50),
             gso: true,
             zero_copy_min: None,
             stop: Arc::new(AtomicBool::new(false)),
@@ -261,11 +267,20 @@ pub fn run_worker<H: PacketHandler>(
         len: 0,
         segments: Vec::with_capacity(MAX_SEGMENTS),
     };
+    let coalesce = Timespec::new().nsec(cfg.coalesce.subsec_nanos());
+    let mut busy = false;
     while !cfg.stop.load(Ordering::Relaxed) {
-        ring.submit_and_wait(&tick)?;
+        // Busy: wait for a batch worth of completions, but never longer than `coalesce` (like
+        // interrupt coalescing: bigger batches, fewer kernel entries, larger GSO sends).
+        // Idle: sleep until anything arrives or the tick.
+        match busy {
+            true => ring.submit_and_wait(cfg.batch_target, &coalesce)?,
+            false => ring.submit_and_wait(1, &tick)?,
+        }
         ring.drain(&mut completions);
         let now = Instant::now();
         let wall = UnixTime::from(SystemTime::now());
+        busy = completions.len() > 1;
         let mut batch = BatchStats {
             completions: completions.len() as u64,
             ..BatchStats::default()

@@ -483,13 +483,22 @@ fn spoofed_sources_idle_and_expired_bindings_get_nothing() {
         ));
         peer.bind(Duration::from_secs(5)).unwrap();
     }
+    // The tokens expire 4 s after minting: keep the slots busy for 2 of those seconds...
     let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(4) {
+    while started.elapsed() < Duration::from_secs(2) {
         assert!(c.keepalive(Duration::from_secs(1)).unwrap());
         assert!(d.keepalive(Duration::from_secs(1)).unwrap());
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(400));
     }
-    std::thread::sleep(Duration::from_secs(2));
+    // ...then, still well inside the 5 s idle timeout, wait for the expiry and a reap pass.
+    while started.elapsed() < Duration::from_millis(4500) {
+        assert!(
+            c.keepalive(Duration::from_secs(1)).unwrap()
+                || started.elapsed() > Duration::from_secs(3)
+        );
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
     assert!(
         !c.keepalive(Duration::from_millis(500)).unwrap(),
         "the expired binding is gone"
