@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::netns::{self, Topology};
-use common::{Authority, KID, RELAY_ID, peer_pair};
+use common::{Authority, KID, RELAY_ID, peer_pair, talk};
 use ferry_core::keys;
 use ferry_core::proof::SlotKeys;
 use ferry_core::token::TokenSlot;
@@ -110,41 +110,6 @@ fn scrape(relay: &Relay) -> String {
     let (status, page) = http_get(&relay.ns, "/metrics");
     assert_eq!(status, 200);
     page
-}
-
-/// Runs a handshake and a few messages each way between a bound pair.
-fn talk(
-    a: &mut ferry_peer::udp::UdpPeer,
-    b: &mut ferry_peer::udp::UdpPeer,
-    make_a: &dyn Fn() -> ferry_peer::channel::Channel,
-    n: u32,
-) {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            b.handshake(None, Duration::from_secs(1), Duration::from_secs(10))
-                .unwrap()
-        });
-        let make = || Ok(make_a());
-        a.handshake(
-            Some(&make),
-            Duration::from_millis(300),
-            Duration::from_secs(10),
-        )
-        .unwrap();
-    });
-    for i in 0..n {
-        let msg = format!("hello {i}");
-        a.send(msg.as_bytes()).unwrap();
-        assert_eq!(
-            b.recv_message(Duration::from_secs(5)).unwrap(),
-            msg.as_bytes()
-        );
-        b.send(msg.as_bytes()).unwrap();
-        assert_eq!(
-            a.recv_message(Duration::from_secs(5)).unwrap(),
-            msg.as_bytes()
-        );
-    }
 }
 
 #[test]

@@ -17,7 +17,7 @@ use ferry_relay::limits::IpLimits;
 use ferry_relay::session::{Outcome, SessionLimits};
 use ferry_relay::shards::Sessions;
 
-use common::{Authority, KID, RELAY_ID, peer_pair};
+use common::{Authority, KID, RELAY_ID, peer_pair, talk};
 
 #[test]
 fn peers_bind_handshake_and_talk_through_a_socket_relay() {
@@ -61,32 +61,7 @@ fn peers_bind_handshake_and_talk_through_a_socket_relay() {
     let (mut a, mut b, make_a) = peer_pair(&auth, 0xabc, relay, any, any);
     assert!(!a.bind(Duration::from_secs(5)).unwrap());
     assert!(b.bind(Duration::from_secs(5)).unwrap());
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            b.handshake(None, Duration::from_secs(1), Duration::from_secs(10))
-                .unwrap()
-        });
-        let make = || Ok(make_a());
-        a.handshake(
-            Some(&make),
-            Duration::from_millis(500),
-            Duration::from_secs(10),
-        )
-        .unwrap();
-    });
-    for i in 0..50u32 {
-        let msg = format!("message {i}");
-        a.send(msg.as_bytes()).unwrap();
-        assert_eq!(
-            b.recv_message(Duration::from_secs(5)).unwrap(),
-            msg.as_bytes()
-        );
-        b.send(&i.to_be_bytes()).unwrap();
-        assert_eq!(
-            a.recv_message(Duration::from_secs(5)).unwrap(),
-            i.to_be_bytes()
-        );
-    }
+    talk(&mut a, &mut b, &*make_a, 50);
     assert!(a.keepalive(Duration::from_secs(2)).unwrap());
 
     // NAT rebinding: A moves to a new socket and proves it with a REBIND.
@@ -105,7 +80,11 @@ fn peers_bind_handshake_and_talk_through_a_socket_relay() {
     ));
     stop.store(true, Ordering::Relaxed);
     let counters = relay_thread.join().unwrap();
-    assert_eq!(counters.forwarded, 3 + 100 + 1);
+    assert_eq!(
+        counters.forwarded,
+        3 + 100 + 1,
+        "handshake, 50 each way, one after the move"
+    );
     assert_eq!(counters.rebinds_accepted, 1);
     assert_eq!(counters.closed, 1);
 }

@@ -4,7 +4,7 @@
 pub mod netns;
 
 use std::net::{SocketAddr, UdpSocket};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use ferry_core::keys::{GatewaySigningKey, PeerStaticKey, RelayPublicKey, RelayStaticKey};
 use ferry_core::known_peers::KnownPeers;
@@ -115,4 +115,34 @@ pub fn peer_pair(
         KnownPeers::new(),
     );
     (a, b, Box::new(make_a))
+}
+
+/// Runs a handshake and a few messages each way between a bound pair.
+pub fn talk(a: &mut UdpPeer, b: &mut UdpPeer, make_a: &dyn Fn() -> Channel, n: u32) {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            b.handshake(None, Duration::from_secs(1), Duration::from_secs(10))
+                .unwrap()
+        });
+        let make = || Ok(make_a());
+        a.handshake(
+            Some(&make),
+            Duration::from_millis(300),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    });
+    for i in 0..n {
+        let msg = format!("hello {i}");
+        a.send(msg.as_bytes()).unwrap();
+        assert_eq!(
+            b.recv_message(Duration::from_secs(5)).unwrap(),
+            msg.as_bytes()
+        );
+        b.send(msg.as_bytes()).unwrap();
+        assert_eq!(
+            a.recv_message(Duration::from_secs(5)).unwrap(),
+            msg.as_bytes()
+        );
+    }
 }
