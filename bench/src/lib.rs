@@ -8,4 +8,5 @@
 //!   `ferry-fwdbench` (Ferry against that baseline, same run, same topology) are built on it.
 
 pub mod demo;
+pub mod relay_process;
 pub mod udp;

@@ -8,21 +8,19 @@
 //! packets per second at the sink, it reports the forwarder's CPU time per forwarded packet
 //! (from /proc), which stays meaningful when the generator, not the forwarder, is the limit.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use ferry_bench::relay_process::RelayProcess;
 use ferry_bench::udp::{Batch, pin_to, socket};
-use ferry_core::keys::{self, GatewaySigningKey, RelayStaticKey};
 use ferry_core::proof::SlotKeys;
-use ferry_core::time::UnixTime;
-use ferry_core::token::{ClaimsInput, MintedToken, TokenMinter, TokenSlot};
+use ferry_core::token::{MintedToken, TokenSlot};
 use ferry_core::wire::{self, BindFields, MAX_DATAGRAM, Packet, Slot};
 
 /// Ferry's relay against a plain batched forwarder, same run, same topology.
@@ -61,7 +59,6 @@ struct Cli {
     bin_dir: Option<PathBuf>,
 }
 
-const RELAY_ID: u64 = 77;
 
 /// What one measurement saw.
 #[derive(Clone, Copy, Debug)]
@@ -156,9 +153,6 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
-}
 
 /// Total CPU time (user + system) the process `pid` has used, in nanoseconds.
 fn cpu_ns(pid: u32) -> anyhow::Result<u64> {
@@ -277,7 +271,7 @@ fn payload_datagram(session: u64, size: usize) -> anyhow::Result<Vec<u8>> {
 }
 
 fn run_plain(cli: &Cli, bin_dir: &Path, size: usize) -> anyhow::Result<Run> {
-    let port = free_port()?;
+    let port = ferry_bench::relay_process::free_port()?;
     let sink = socket("127.0.0.1:0".parse()?)?;
     let generator = socket("127.0.0.1:0".parse()?)?;
     let listen: SocketAddr = format!("127.0.0.1:{port}").parse()?;
@@ -301,85 +295,26 @@ fn run_plain(cli: &Cli, bin_dir: &Path, size: usize) -> anyhow::Result<Run> {
     )
 }
 
-/// GET `path` from the admin listener; the whole response, or empty on failure.
-fn http_get(admin: SocketAddr, path: &str) -> String {
-    let Ok(mut s) = TcpStream::connect_timeout(&admin, Duration::from_millis(500)) else {
-        return String::new();
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes())
-        .is_err()
-    {
-        return String::new();
-    }
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
 
-fn http_ready(admin: SocketAddr) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(&admin, Duration::from_millis(200)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-    if s.write_all(b"GET /readyz HTTP/1.1\r\n\r\n").is_err() {
-        return false;
-    }
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.starts_with("HTTP/1.1 200")
-}
 
 fn run_ferry(cli: &Cli, bin_dir: &Path, size: usize) -> anyhow::Result<Run> {
+    let relay = RelayProcess::start(
+        &bin_dir.join("ferry-relay"),
+        cli.forwarder_cpu,
+        &format!(
+            "udp_gso = {}\nsend_zc_min_bytes = {}",
+            !cli.no_gso, cli.zc_min
+        ),
+        "[limits]\ndefault_session_rate = 100000000000\nmax_session_rate = 100000000000\n\n\
+         [log]\nlevel = \"warn\"",
+    )?;
+    let listen = relay.listen;
     let rng = ring::rand::SystemRandom::new();
-    let dir = std::env::temp_dir().join(format!("ferry-fwdbench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let relay_key = RelayStaticKey::generate(&rng)?;
-    keys::write_secret_file(&dir.join("relay.key"), &relay_key, true)?;
-    let minter = TokenMinter::new(1, GatewaySigningKey::generate(&rng)?);
-    let (port, admin_port) = (free_port()?, free_port()?);
-    let listen: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse()?;
-    let config = format!(
-        "[relay]\nid = {RELAY_ID}\nlisten = [\"{listen}\"]\nstatic_key = \"relay.key\"\n\
-         workers = 1\ncpus = [{cpu}]\nudp_gso = {gso}\nsend_zc_min_bytes = {zc}\n\n[[gateway_keys]]\nkid = 1\npublic_key = \"{gw}\"\n\n\
-         [limits]\ndefault_session_rate = 100000000000\nmax_session_rate = 100000000000\n\n\
-         [admin]\nlisten = \"{admin}\"\n\n[log]\nlevel = \"warn\"\n",
-        cpu = cli.forwarder_cpu,
-        gso = !cli.no_gso,
-        zc = cli.zc_min,
-        gw = minter.public(),
-    );
-    std::fs::write(dir.join("relay.toml"), config)?;
-    let child = Command::new(bin_dir.join("ferry-relay"))
-        .arg("--config")
-        .arg(dir.join("relay.toml"))
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting ferry-relay (build it: cargo build --release -p ferry-relay)")?;
-    let child = Reaped(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !http_ready(admin) {
-        if Instant::now() > deadline {
-            bail!("ferry-relay did not become ready");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
     let session = u64::from_be_bytes(rand8(&rng)?).max(1);
     let generator = socket("127.0.0.1:0".parse()?)?;
     let sink = socket("127.0.0.1:0".parse()?)?;
-    let now = UnixTime::from(SystemTime::now());
     for (sock, slot) in [(&generator, TokenSlot::A), (&sink, TokenSlot::B)] {
-        let input = ClaimsInput {
-            slot,
-            relay_id: RELAY_ID,
-            session_id: session,
-            not_before: now.saturating_sub(5),
-            expires: now.saturating_add(600),
-            rate_bytes_per_sec: 0,
-        };
-        let token = minter.mint(&rng, &input, &relay_key.public())?;
-        bind(sock, listen, &token)?;
+        bind(sock, listen, &relay.mint(session, slot)?)?;
     }
     let run = measure(
         cli,
@@ -387,10 +322,10 @@ fn run_ferry(cli: &Cli, bin_dir: &Path, size: usize) -> anyhow::Result<Run> {
         sink,
         listen,
         &payload_datagram(session, size)?,
-        child.0.id(),
+        relay.pid(),
     );
     // Where packets went, from the relay's own counters (the non-zero ones).
-    let page = http_get(admin, "/metrics");
+    let page = relay.metrics();
     let counters: Vec<&str> = page
         .lines()
         .filter(|l| {
@@ -409,8 +344,6 @@ fn run_ferry(cli: &Cli, bin_dir: &Path, size: usize) -> anyhow::Result<Run> {
         })
         .collect();
     println!("          relay counters: {}", counters.join(", "));
-    drop(child);
-    let _ = std::fs::remove_dir_all(&dir);
     run
 }
 

@@ -1,0 +1,148 @@
+//! A real `ferry-relay` process on loopback, with keys and a config generated for it, and a
+//! gateway signing key that it trusts: what the live demo and `ferry-fwdbench` start.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, bail};
+use ferry_core::keys::{self, GatewaySigningKey, RelayPublicKey, RelayStaticKey};
+use ferry_core::time::UnixTime;
+use ferry_core::token::{ClaimsInput, MintedToken, TokenMinter, TokenSlot};
+use ring::rand::SystemRandom;
+
+/// The relay id the generated config uses.
+pub const RELAY_ID: u64 = 77;
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// GET `path` from an admin listener; the whole response, or empty on failure.
+pub fn http_get(admin: SocketAddr, path: &str) -> String {
+    let Ok(mut s) = TcpStream::connect_timeout(&admin, Duration::from_millis(500)) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes())
+        .is_err()
+    {
+        return String::new();
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// A running relay; stopped (SIGTERM, then SIGKILL) and its files removed on drop.
+#[derive(Debug)]
+pub struct RelayProcess {
+    child: Child,
+    dir: PathBuf,
+    /// Where it receives.
+    pub listen: SocketAddr,
+    /// Its admin listener.
+    pub admin: SocketAddr,
+    /// A gateway key it trusts (kid 1).
+    pub minter: TokenMinter,
+    /// Its public key, to seal slot secrets to.
+    pub relay_public: RelayPublicKey,
+    rng: SystemRandom,
+}
+
+impl RelayProcess {
+    /// Starts `bin` (the `ferry-relay` binary) on 127.0.0.1 with one worker pinned to `cpu`,
+    /// `relay_extra` appended to its `[relay]` section and `rest` appended to the file, and
+    /// waits until `/readyz` says ready.
+    pub fn start(bin: &Path, cpu: usize, relay_extra: &str, rest: &str) -> anyhow::Result<Self> {
+        let rng = SystemRandom::new();
+        let dir = std::env::temp_dir().join(format!(
+            "ferry-relay-{}-{}",
+            std::process::id(),
+            free_port()?
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let relay_key = RelayStaticKey::generate(&rng)?;
+        keys::write_secret_file(&dir.join("relay.key"), &relay_key, true)?;
+        let minter = TokenMinter::new(1, GatewaySigningKey::generate(&rng)?);
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let config = format!(
+            "[relay]\nid = {RELAY_ID}\nlisten = [\"{listen}\"]\nstatic_key = \"relay.key\"\n\
+             workers = 1\ncpus = [{cpu}]\n{relay_extra}\n\n[[gateway_keys]]\nkid = 1\n\
+             public_key = \"{gw}\"\n\n[admin]\nlisten = \"{admin}\"\n\n{rest}\n",
+            gw = minter.public(),
+        );
+        std::fs::write(dir.join("relay.toml"), config)?;
+        let child = Command::new(bin)
+            .arg("--config")
+            .arg(dir.join("relay.toml"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {} (cargo build --release -p ferry-relay)", bin.display()))?;
+        let relay = Self {
+            child,
+            dir,
+            listen,
+            admin,
+            minter,
+            relay_public: relay_key.public(),
+            rng,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !http_get(admin, "/readyz").starts_with("HTTP/1.1 200") {
+            if Instant::now() > deadline {
+                bail!("ferry-relay did not become ready within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(relay)
+    }
+
+    /// The process id, for CPU accounting.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A token for `slot` of `session`, valid for ten minutes.
+    pub fn mint(&self, session: u64, slot: TokenSlot) -> anyhow::Result<MintedToken> {
+        let now = UnixTime::from(SystemTime::now());
+        let input = ClaimsInput {
+            slot,
+            relay_id: RELAY_ID,
+            session_id: session,
+            not_before: now.saturating_sub(5),
+            expires: now.saturating_add(600),
+            rate_bytes_per_sec: 0,
+        };
+        Ok(self.minter.mint(&self.rng, &input, &self.relay_public)?)
+    }
+
+    /// The relay's `/metrics` page (empty if it cannot be fetched).
+    pub fn metrics(&self) -> String {
+        let page = http_get(self.admin, "/metrics");
+        page.split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_string())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
