@@ -223,8 +223,14 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoReport> {
     let mut verifier = TokenVerifier::new(VerifierConfig::new(RELAY_ID), relay_key)?;
     verifier.add_trusted_key(GATEWAY_KID, gateway.public());
     let mut net = Network {
+        // The relay's default per-slot budget (1.25 MB/s) would throttle a burst of 48 MB
+        // sent as fast as one core can; the demo shows the protocol, so it lifts the budget.
         relay: Sessions::new(
-            SessionLimits::default(),
+            SessionLimits {
+                default_session_rate: 100_000_000_000,
+                max_session_rate: 100_000_000_000,
+                ..SessionLimits::default()
+            },
             IpLimits::default(),
             verifier,
             CookieJar::generate(&rng)?,

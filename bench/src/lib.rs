@@ -8,5 +8,6 @@
 //!   `ferry-fwdbench` (Ferry against that baseline, same run, same topology) are built on it.
 
 pub mod demo;
+pub mod live;
 pub mod relay_process;
 pub mod udp;

@@ -83,7 +83,12 @@ impl RelayProcess {
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
-            .with_context(|| format!("starting {} (cargo build --release -p ferry-relay)", bin.display()))?;
+            .with_context(|| {
+                format!(
+                    "starting {} (cargo build --release -p ferry-relay)",
+                    bin.display()
+                )
+            })?;
         let relay = Self {
             child,
             dir,
@@ -133,7 +138,9 @@ impl RelayProcess {
 
 impl Drop for RelayProcess {
     fn drop(&mut self) {
-        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(3);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {

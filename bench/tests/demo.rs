@@ -34,3 +34,14 @@ fn the_demo_handles_the_largest_and_smallest_payloads() {
         assert_eq!(report.delivered, 12);
     }
 }
+
+#[test]
+fn the_demo_runs_with_its_default_options() {
+    // What `.ci/demo` runs: the README's first command must work as shipped.
+    let report = run(&DemoOptions {
+        verbose: false,
+        ..DemoOptions::default()
+    })
+    .expect("the demo should succeed with its defaults");
+    assert_eq!(report.delivered, 2 * DemoOptions::default().messages + 2);
+}

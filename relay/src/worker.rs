@@ -280,7 +280,6 @@ pub fn run_worker<H: PacketHandler>(
         ring.drain(&mut completions);
         let now = Instant::now();
         let wall = UnixTime::from(SystemTime::now());
-        busy = completions.len() > 1;
         let mut batch = BatchStats {
             completions: completions.len() as u64,
             ..BatchStats::default()
@@ -350,6 +349,9 @@ pub fn run_worker<H: PacketHandler>(
             }
         }
         pending.flush(&mut ring, &mut batch)?;
+        // Busy means datagrams are queueing up, not just a reply and its send completing:
+        // one-at-a-time (interactive) traffic never waits for a batch to fill.
+        busy = batch.rx_packets > 1;
         if now >= next_tick {
             handler.tick(now, wall);
             next_tick = now + cfg.tick;

@@ -59,7 +59,6 @@ struct Cli {
     bin_dir: Option<PathBuf>,
 }
 
-
 /// What one measurement saw.
 #[derive(Clone, Copy, Debug)]
 struct Run {
@@ -152,7 +151,6 @@ fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
-
 
 /// Total CPU time (user + system) the process `pid` has used, in nanoseconds.
 fn cpu_ns(pid: u32) -> anyhow::Result<u64> {
@@ -294,8 +292,6 @@ fn run_plain(cli: &Cli, bin_dir: &Path, size: usize) -> anyhow::Result<Run> {
         child.0.id(),
     )
 }
-
-
 
 fn run_ferry(cli: &Cli, bin_dir: &Path, size: usize) -> anyhow::Result<Run> {
     let relay = RelayProcess::start(
