@@ -215,6 +215,39 @@ fn the_relay_process_serves_peers_and_refuses_everyone_else() {
     assert!(metric(&after, "ferry_sessions_active") >= 3);
     assert!(after.contains("ferry_worker_rx_packets_total{worker=\"1\"}"));
 
+    // A REBIND without the slot secret (the attacker has A's session id and slot, and gets a
+    // cookie for its own address) is refused; A's binding does not move.
+    let hijacker = at(topo.peer_v4(9));
+    hijacker
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut cookie = [0u8; 16];
+    for seq in [u64::MAX - 1, u64::MAX] {
+        let fields = wire::RebindFields {
+            slot: Slot::A,
+            bind_seq: seq,
+            cookie,
+        };
+        let n = wire::encode_rebind(&mut buf, 0x1001, &fields, |_| [0x77; 16]).unwrap();
+        hijacker.send_to(&buf[..n], relay_v4).unwrap();
+        let (len, _) = hijacker.recv_from(&mut buf).unwrap();
+        match wire::parse(&buf[..len]).unwrap() {
+            Packet::Challenge(c) => cookie = *c.cookie(),
+            Packet::Reject(r) => assert_eq!(r.reason(), RejectReason::BadProof),
+            other => panic!("unexpected answer to a forged REBIND: {other:?}"),
+        }
+    }
+    a.send(b"still mine").unwrap();
+    assert_eq!(
+        b.recv_message(Duration::from_secs(5)).unwrap(),
+        b"still mine"
+    );
+    b.send(b"to the real A").unwrap();
+    assert_eq!(
+        a.recv_message(Duration::from_secs(5)).unwrap(),
+        b"to the real A"
+    );
+
     // NAT rebinding: A's address changes; a REBIND with proof moves the binding.
     a.set_socket(at(topo.peer_v4(7)));
     assert!(a.bind(Duration::from_secs(5)).unwrap());
