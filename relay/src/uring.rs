@@ -328,6 +328,9 @@ pub struct Ring {
     slab: SendSlab,
     /// Forwards of at least this many bytes use SEND_ZC; `None`: never.
     zero_copy_min: Option<usize>,
+    /// The receive buffers are also registered as fixed buffer 0, so zero-copy sends skip
+    /// pinning their pages on every send.
+    fixed_buffers: bool,
 }
 
 impl std::fmt::Debug for Ring {
@@ -382,6 +385,7 @@ impl Ring {
             sockets,
             slab: SendSlab::new(sends),
             zero_copy_min: None,
+            fixed_buffers: false,
         })
     }
 
@@ -392,7 +396,21 @@ impl Ring {
         let supported = self.ring.submitter().register_probe(&mut probe).is_ok()
             && probe.is_supported(opcode::SendMsgZc::CODE);
         self.zero_copy_min = min_bytes.filter(|_| supported);
+        if self.zero_copy_min.is_some() {
+            let region = [libc::iovec {
+                iov_base: self.bufs.buffers.as_mut_ptr().cast(),
+                iov_len: self.bufs.buffers.len(),
+            }];
+            // SAFETY: the region is the buffer ring's own memory, which lives as long as `self`
+            // and outlives the ring (field order), so the registration never outlives it.
+            self.fixed_buffers = unsafe { self.ring.submitter().register_buffers(&region) }.is_ok();
+        }
         self.zero_copy_min.is_some()
+    }
+
+    /// Whether zero-copy sends use the registered receive buffers.
+    pub fn uses_fixed_buffers(&self) -> bool {
+        self.fixed_buffers
     }
 
     /// Arms (or re-arms) multishot receive on socket `index`.
@@ -584,9 +602,11 @@ impl Ring {
         }
         let hdr: *const libc::msghdr = &s.hdr;
         let fd = types::Fd(self.sockets[socket]);
-        let entry = match s.zero_copy {
-            true => opcode::SendMsgZc::new(fd, hdr).build(),
-            false => opcode::SendMsg::new(fd, hdr).build(),
+        let entry = match (s.zero_copy, self.fixed_buffers && s.nbids > 0) {
+            // Forwards point into the registered receive buffers: fixed buffer 0.
+            (true, true) => opcode::SendMsgZc::new(fd, hdr).buf_index(Some(0)).build(),
+            (true, false) => opcode::SendMsgZc::new(fd, hdr).build(),
+            (false, _) => opcode::SendMsg::new(fd, hdr).build(),
         };
         self.push(&entry.user_data(TAG_SEND | u64::from(slot)))?;
         Ok(true)

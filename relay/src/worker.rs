@@ -245,8 +245,14 @@ pub fn run_worker<H: PacketHandler>(
     let v4_socket = cfg.listen.iter().position(|a| a.is_ipv4());
     let v6_socket = cfg.listen.iter().position(|a| a.is_ipv6());
     let mut ring = Ring::new(cfg.ring_entries, cfg.buffers, RECV_BUF_SIZE, cfg.sends, fds)?;
-    if cfg.zero_copy_min.is_some() && !ring.set_zero_copy_min(cfg.zero_copy_min) {
-        tracing::warn!("the kernel lacks SEND_ZC for sendmsg; forwarding with copies");
+    if cfg.zero_copy_min.is_some() {
+        match ring.set_zero_copy_min(cfg.zero_copy_min) {
+            false => tracing::warn!("the kernel lacks SEND_ZC for sendmsg; forwarding with copies"),
+            true => tracing::info!(
+                fixed_buffers = ring.uses_fixed_buffers(),
+                "zero-copy sends on for large forwards"
+            ),
+        }
     }
     for index in 0..ring.socket_count() {
         ring.arm_recv(index)?;
