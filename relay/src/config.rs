@@ -554,14 +554,23 @@ impl RelayConfig {
     }
 
     /// Checks that `new` (a freshly loaded file) changes only what SIGHUP can apply —
-    /// `[limits]` and `[[gateway_keys]]` — and returns it; otherwise lists what needs a
-    /// restart, and the running config stays in force.
+    /// `[[gateway_keys]]` and the `[limits]` that [`Self::session_limits`] and
+    /// [`Self::ip_limits`] carry — and returns it; otherwise lists what needs a restart, and
+    /// the running config stays in force.
+    ///
+    /// Three limits are fixed when the session tables are built, so changing them needs a
+    /// restart too: `max_clock_skew_secs` and `max_token_lifetime_secs` (the token
+    /// verifier's settings) and `replay_cache_capacity` (the cache is not resized).
     pub fn reload_from(&self, new: RelayConfig) -> Result<RelayConfig, ConfigError> {
         let mut restart = Vec::new();
         if new.relay_id != self.relay_id {
             restart.push("relay.id".to_string());
         }
-        if new.listen != self.listen {
+        let mut old_listen = self.listen.clone();
+        let mut new_listen = new.listen.clone();
+        old_listen.sort_unstable();
+        new_listen.sort_unstable();
+        if new_listen != old_listen {
             restart.push("relay.listen".into());
         }
         if new.static_key.public() != self.static_key.public() {
@@ -572,6 +581,16 @@ impl RelayConfig {
         }
         if new.udp_gso != self.udp_gso || new.send_zc_min_bytes != self.send_zc_min_bytes {
             restart.push("relay.udp_gso / relay.send_zc_min_bytes".into());
+        }
+        let (old_limits, new_limits) = (&self.limits, &new.limits);
+        if new_limits.max_clock_skew_secs != old_limits.max_clock_skew_secs {
+            restart.push("limits.max_clock_skew_secs".into());
+        }
+        if new_limits.max_token_lifetime_secs != old_limits.max_token_lifetime_secs {
+            restart.push("limits.max_token_lifetime_secs".into());
+        }
+        if new_limits.replay_cache_capacity != old_limits.replay_cache_capacity {
+            restart.push("limits.replay_cache_capacity".into());
         }
         if new.admin_listen != self.admin_listen {
             restart.push("admin.listen".into());
@@ -763,16 +782,38 @@ mod tests {
         let dir = Dir::new("reload");
         let old = dir.parse(&minimal()).unwrap();
         let tighter = dir
-            .parse(&(minimal() + "\n[limits]\nmax_sessions = 10\nreplay_cache_capacity = 20\n"))
+            .parse(&(minimal() + "\n[limits]\nmax_sessions = 10\nidle_timeout_secs = 30\n"))
             .unwrap();
         let applied = old.reload_from(tighter).unwrap();
         assert_eq!(applied.limits.max_sessions, 10);
+        assert_eq!(applied.limits.idle_timeout, Duration::from_secs(30));
+        let reordered = dir
+            .parse(&minimal().replace(
+                "[relay]\n",
+                "[relay]\nlisten = [\"[::]:7000\", \"0.0.0.0:7000\"]\n",
+            ))
+            .unwrap();
+        assert!(old.reload_from(reordered).is_ok());
         let moved = dir
             .parse(&minimal().replace("[relay]\n", "[relay]\nlisten = [\"0.0.0.0:7001\"]\n"))
             .unwrap();
         match old.reload_from(moved) {
             Err(ConfigError::NeedsRestart(fields)) => assert_eq!(fields, ["relay.listen"]),
             other => panic!("expected NeedsRestart, got {other:?}"),
+        }
+        for limit in [
+            "max_clock_skew_secs = 10",
+            "max_token_lifetime_secs = 600",
+            "replay_cache_capacity = 300000",
+        ] {
+            let changed = dir
+                .parse(&(minimal() + "\n[limits]\n" + limit + "\n"))
+                .unwrap();
+            let field = format!("limits.{}", limit.split(' ').next().unwrap());
+            match old.reload_from(changed) {
+                Err(ConfigError::NeedsRestart(fields)) => assert_eq!(fields, [field]),
+                other => panic!("expected NeedsRestart for {field}, got {other:?}"),
+            }
         }
         let other_key = Dir::new("reload-key");
         let rekeyed = other_key.parse(&minimal()).unwrap();
