@@ -299,19 +299,7 @@ pub fn parse_str(text: &str, path: &Path, base_dir: &Path) -> Result<RelayConfig
     if file.relay.id == 0 {
         check.fail("relay.id", "must not be 0");
     }
-    let online = std::thread::available_parallelism().map_or(1, usize::from);
-    let workers = match file.relay.workers {
-        0 if !file.relay.cpus.is_empty() => file.relay.cpus.len(),
-        0 => online,
-        n => n,
-    };
-    check.range("relay.workers", workers as u64, 1, 256);
-    if !file.relay.cpus.is_empty() && file.relay.cpus.len() != workers {
-        check.fail(
-            "relay.cpus",
-            format!("lists {} CPUs for {workers} workers", file.relay.cpus.len()),
-        );
-    }
+    let workers = validate_workers(&file.relay, &mut check);
     let gateway_keys = validate_gateway_keys(&file.gateway_keys, &mut check);
     let limits = validate_limits(&file.limits, &mut check);
     let admin_listen = validate_admin(&file.admin, &mut check);
@@ -350,6 +338,62 @@ pub fn parse_str(text: &str, path: &Path, base_dir: &Path) -> Result<RelayConfig
         admin_listen,
         log_level: file.log.level,
     })
+}
+
+/// Most worker threads a relay runs; `workers = 0` on a larger machine means this many.
+pub const MAX_WORKERS: usize = 256;
+
+/// Resolves `relay.workers` (0: one per usable CPU, or one per entry of `relay.cpus`) and
+/// checks `relay.cpus`.
+fn validate_workers(relay: &RelaySection, check: &mut Check) -> usize {
+    let online = std::thread::available_parallelism().map_or(1, usize::from);
+    let workers = match relay.workers {
+        0 if !relay.cpus.is_empty() => relay.cpus.len(),
+        // Not an error on a machine with more CPUs than that: the operator asked for "all".
+        0 => online.min(MAX_WORKERS),
+        n => n,
+    };
+    if relay.workers > MAX_WORKERS {
+        check.fail(
+            "relay.workers",
+            format!("must be between 0 and {MAX_WORKERS}, got {}", relay.workers),
+        );
+    } else if relay.cpus.len() > MAX_WORKERS {
+        check.fail(
+            "relay.cpus",
+            format!(
+                "lists {} CPUs, more than {MAX_WORKERS} workers",
+                relay.cpus.len()
+            ),
+        );
+    } else if !relay.cpus.is_empty() && relay.cpus.len() != workers {
+        check.fail(
+            "relay.cpus",
+            format!(
+                "lists {} CPUs for {workers} workers (relay.workers); list one per worker",
+                relay.cpus.len()
+            ),
+        );
+    }
+    // sched_setaffinity takes a CPU_SETSIZE-bit set; a CPU beyond it cannot be named.
+    let set_size = usize::try_from(libc::CPU_SETSIZE).unwrap_or(1024);
+    for (i, &cpu) in relay.cpus.iter().enumerate() {
+        if cpu >= set_size {
+            check.fail(
+                format!("relay.cpus[{i}]"),
+                format!(
+                    "CPU {cpu} is out of range: CPUs are numbered 0 to {}",
+                    set_size - 1
+                ),
+            );
+        } else if relay.cpus[..i].contains(&cpu) {
+            check.fail(
+                format!("relay.cpus[{i}]"),
+                format!("CPU {cpu} is listed twice: each worker gets a CPU of its own"),
+            );
+        }
+    }
+    workers
 }
 
 fn validate_listen(relay: &RelaySection, check: &mut Check) -> Vec<SocketAddr> {
@@ -489,7 +533,8 @@ fn validate_limits(l: &LimitsSection, check: &mut Check) -> Limits {
 fn validate_admin(admin: &AdminSection, check: &mut Check) -> SocketAddr {
     let fallback = SocketAddr::from(([127, 0, 0, 1], 9477));
     match SocketAddr::from_str(&admin.listen) {
-        Ok(addr) if !addr.ip().is_loopback() && !admin.allow_non_loopback => {
+        // `to_canonical`: [::ffff:127.0.0.1] is IPv4 loopback too.
+        Ok(addr) if !addr.ip().to_canonical().is_loopback() && !admin.allow_non_loopback => {
             check.fail(
                 "admin.listen",
                 format!(
@@ -762,6 +807,44 @@ mod tests {
         let allowed =
             minimal() + "\n[admin]\nlisten = \"198.18.0.1:9477\"\nallow_non_loopback = true\n";
         assert!(dir.parse(&allowed).is_ok());
+    }
+
+    #[test]
+    fn workers_and_cpus_are_checked() {
+        let dir = Dir::new("workers");
+        let with = |relay: &str| minimal().replace("[relay]\n", &format!("[relay]\n{relay}\n"));
+        let cfg = dir.parse(&with("workers = 0\ncpus = [2, 3]")).unwrap();
+        assert_eq!((cfg.workers, cfg.cpus.as_slice()), (2, [2, 3].as_slice()));
+        assert_eq!(cfg.cpu_for_worker(1), Some(3));
+        let cfg = dir.parse(&with("workers = 0")).unwrap();
+        assert!((1..=MAX_WORKERS).contains(&cfg.workers));
+        assert_eq!(fields(dir.parse(&with("workers = 257"))), ["relay.workers"]);
+        assert_eq!(
+            fields(dir.parse(&with("workers = 3\ncpus = [0, 1]"))),
+            ["relay.cpus"]
+        );
+        assert_eq!(
+            fields(dir.parse(&with("workers = 3\ncpus = [0, 1, 1]"))),
+            ["relay.cpus[2]"]
+        );
+        let problems = problems(dir.parse(&with("workers = 2\ncpus = [0, 4096]")));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].field, "relay.cpus[1]");
+        assert!(problems[0].problem.contains("out of range"), "{problems:?}");
+    }
+
+    #[test]
+    fn the_admin_listener_stays_on_loopback_unless_allowed() {
+        let dir = Dir::new("admin");
+        for ok in ["127.0.0.1:9477", "[::1]:9477", "[::ffff:127.0.0.1]:9477"] {
+            let text = minimal() + &format!("\n[admin]\nlisten = \"{ok}\"\n");
+            assert!(dir.parse(&text).is_ok(), "{ok}");
+        }
+        let text = minimal() + "\n[admin]\nlisten = \"[2001:db8::1]:9477\"\n";
+        let found = problems(dir.parse(&text));
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].field, "admin.listen");
+        assert!(found[0].problem.contains("allow_non_loopback"), "{found:?}");
     }
 
     #[test]
