@@ -64,7 +64,8 @@ pub enum ConfigError {
         /// Each problem, naming its field.
         problems: Vec<Problem>,
     },
-    /// The relay's static key file could not be loaded.
+    /// The relay's static key file could not be loaded, and nothing else is wrong (otherwise
+    /// its problem is one of [`ConfigError::Invalid`]'s, under `relay.static_key`).
     #[error("relay.static_key: {0}")]
     Key(#[from] KeyError),
     /// A reload changed something that only a restart can apply.
@@ -312,14 +313,20 @@ pub fn parse_str(text: &str, path: &Path, base_dir: &Path) -> Result<RelayConfig
             ),
         );
     }
+    // The key is loaded even when other fields are wrong, so that check-config lists its
+    // problem (e.g. the chmod that fixes it) with theirs; alone, it is `ConfigError::Key`.
+    let static_key_path = base_dir.join(&file.relay.static_key);
+    let static_key = RelayStaticKey::load(&static_key_path);
     if !check.problems.is_empty() {
+        if let Err(e) = &static_key {
+            check.fail("relay.static_key", e.to_string());
+        }
         return Err(ConfigError::Invalid {
             path: path.to_owned(),
             problems: check.problems,
         });
     }
-    let static_key_path = base_dir.join(&file.relay.static_key);
-    let static_key = RelayStaticKey::load(&static_key_path)?;
+    let static_key = static_key?;
     Ok(RelayConfig {
         path: path.to_owned(),
         relay_id: file.relay.id,
@@ -858,6 +865,13 @@ mod tests {
         let message = dir.parse(&minimal()).unwrap_err().to_string();
         assert!(message.contains("chmod 600"), "{message}");
         assert!(message.starts_with("relay.static_key"), "{message}");
+        // With other problems, the key's is listed among them.
+        let text = minimal() + "\n[limits]\nidle_timeout_secs = 2\n";
+        let found = problems(dir.parse(&text));
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(found[0].field, "limits.idle_timeout_secs");
+        assert_eq!(found[1].field, "relay.static_key");
+        assert!(found[1].problem.contains("chmod 600"), "{found:?}");
     }
 
     #[test]
