@@ -745,6 +745,102 @@ mod tests {
             cfg.limits,
             validate_limits(&LimitsSection::default(), &mut Check { problems: vec![] })
         );
+        // The example shows the defaults: it means the same as the minimal file.
+        let min = dir.parse(&minimal()).unwrap();
+        assert_eq!(cfg.listen, min.listen);
+        assert_eq!((cfg.workers, &cfg.cpus), (min.workers, &min.cpus));
+        assert_eq!(
+            (cfg.udp_gso, cfg.send_zc_min_bytes),
+            (min.udp_gso, min.send_zc_min_bytes)
+        );
+        assert_eq!(
+            (cfg.admin_listen, &cfg.log_level),
+            (min.admin_listen, &min.log_level)
+        );
+        assert_eq!(cfg.limits, min.limits);
+        // Copied unedited, it fails closed: its gateway key is a placeholder.
+        let unedited =
+            include_str!("../relay.example.toml").replace("/etc/ferry/relay.key", "relay.key");
+        assert_eq!(fields(dir.parse(&unedited)), ["gateway_keys[0].public_key"]);
+    }
+
+    /// The fields of the example file, `section.field`.
+    fn example_fields() -> Vec<String> {
+        let table: toml::Table = toml::from_str(include_str!("../relay.example.toml")).unwrap();
+        let mut out = Vec::new();
+        for (section, value) in &table {
+            let entries = match value {
+                toml::Value::Table(t) => vec![t],
+                toml::Value::Array(a) => a.iter().filter_map(toml::Value::as_table).collect(),
+                other => panic!("{section} = {other} is not a section"),
+            };
+            for entry in entries {
+                out.extend(entry.keys().map(|k| format!("{section}.{k}")));
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// The fields documented in docs/config.md: rows of the table under each section heading.
+    fn documented_fields() -> Vec<String> {
+        let mut out = Vec::new();
+        let mut section = None;
+        for line in include_str!("../../docs/config.md").lines() {
+            if let Some(heading) = line.strip_prefix("## `[") {
+                section = Some(heading.trim_start_matches('[').split(']').next().unwrap());
+            } else if let (Some(section), Some(row)) = (section, line.strip_prefix("| `")) {
+                out.push(format!("{section}.{}", row.split('`').next().unwrap()));
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    #[test]
+    fn every_field_is_in_the_example_and_the_docs() {
+        let example = example_fields();
+        assert_eq!(example, documented_fields());
+        // And the parser knows each of them: a file with all of them parsed above, and here
+        // every section rejects a field it does not know.
+        assert!(example.len() >= 20, "{example:?}");
+        let dir = Dir::new("fields");
+        for section in ["relay", "limits", "admin", "log"] {
+            let text = if section == "relay" {
+                minimal().replace("[relay]\n", "[relay]\nbogus = 1\n")
+            } else {
+                minimal() + &format!("\n[{section}]\nbogus = 1\n")
+            };
+            match dir.parse(&text) {
+                Err(ConfigError::Parse { message, .. }) => {
+                    assert!(message.contains("unknown field `bogus`"), "{message}")
+                }
+                other => panic!("[{section}] took an unknown field: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn parse_errors_say_where() {
+        let dir = Dir::new("where");
+        let text = minimal() + "\n[limits]\nmax_sessions = \"many\"\n";
+        let line = text.lines().count();
+        match dir.parse(&text) {
+            Err(ConfigError::Parse { message, .. }) => {
+                assert!(message.contains(&format!("line {line}")), "{message}");
+                assert!(message.contains("max_sessions"), "{message}");
+            }
+            other => panic!("expected a parse error, got {other:?}"),
+        }
+        let text = minimal().replace("[relay]\n", "[relay]\nbogus = 1\n");
+        match dir.parse(&text) {
+            Err(ConfigError::Parse { message, .. }) => {
+                assert!(message.contains("line 2"), "{message}")
+            }
+            other => panic!("expected a parse error, got {other:?}"),
+        }
     }
 
     #[test]
