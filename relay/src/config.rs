@@ -883,6 +883,107 @@ mod tests {
     }
 
     #[test]
+    fn each_out_of_range_value_names_its_field_alone() {
+        let dir = Dir::new("each");
+        let cases = [
+            ("relay", "id = 0", "relay.id"),
+            ("relay", "listen = []", "relay.listen"),
+            ("relay", "listen = [\"0.0.0.0:0\"]", "relay.listen[0]"),
+            ("relay", "workers = 300", "relay.workers"),
+            ("limits", "max_sessions = 0", "limits.max_sessions"),
+            (
+                "limits",
+                "max_bindings_per_ip = 0",
+                "limits.max_bindings_per_ip",
+            ),
+            (
+                "limits",
+                "max_bindings_per_ip = 100001",
+                "limits.max_bindings_per_ip",
+            ),
+            (
+                "limits",
+                "bind_rate_per_ip = 0.0",
+                "limits.bind_rate_per_ip",
+            ),
+            (
+                "limits",
+                "bind_rate_per_ip = nan",
+                "limits.bind_rate_per_ip",
+            ),
+            (
+                "limits",
+                "bind_rate_per_ip = inf",
+                "limits.bind_rate_per_ip",
+            ),
+            (
+                "limits",
+                "bind_burst_per_ip = 0",
+                "limits.bind_burst_per_ip",
+            ),
+            (
+                "limits",
+                "default_session_rate = 1499",
+                "limits.default_session_rate",
+            ),
+            (
+                "limits",
+                "max_session_rate = 1000000",
+                "limits.max_session_rate",
+            ),
+            (
+                "limits",
+                "idle_timeout_secs = 4",
+                "limits.idle_timeout_secs",
+            ),
+            (
+                "limits",
+                "idle_timeout_secs = 3601",
+                "limits.idle_timeout_secs",
+            ),
+            (
+                "limits",
+                "max_clock_skew_secs = 301",
+                "limits.max_clock_skew_secs",
+            ),
+            (
+                "limits",
+                "max_token_lifetime_secs = 59",
+                "limits.max_token_lifetime_secs",
+            ),
+            (
+                "limits",
+                "max_token_lifetime_secs = 86401",
+                "limits.max_token_lifetime_secs",
+            ),
+            (
+                "limits",
+                "replay_cache_capacity = 199999",
+                "limits.replay_cache_capacity",
+            ),
+            ("limits", "tracked_ips = 1023", "limits.tracked_ips"),
+            ("admin", "listen = \"localhost:9477\"", "admin.listen"),
+            ("log", "level = \"INFO\"", "log.level"),
+        ];
+        for (section, line, field) in cases {
+            let text = match section {
+                "relay" if line.starts_with("id ") => minimal().replace("id = 7", line),
+                "relay" => minimal().replace("[relay]\n", &format!("[relay]\n{line}\n")),
+                _ => minimal() + &format!("\n[{section}]\n{line}\n"),
+            };
+            let found = problems(dir.parse(&text));
+            assert_eq!(found.len(), 1, "{line}: {found:?}");
+            assert_eq!(found[0].field, field, "{line}");
+        }
+        // The bounds themselves are accepted.
+        let edges = minimal()
+            + "\n[limits]\nidle_timeout_secs = 5\nmax_clock_skew_secs = 300\n\
+               max_token_lifetime_secs = 86400\ndefault_session_rate = 1500\n\
+               max_session_rate = 1500\nreplay_cache_capacity = 200000\n";
+        dir.parse(&edges).unwrap();
+    }
+
+    #[test]
     fn gateway_keys_are_checked() {
         let dir = Dir::new("keys");
         let key = gateway_key();
