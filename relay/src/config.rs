@@ -610,9 +610,10 @@ impl RelayConfig {
     /// [`Self::ip_limits`] carry — and returns it; otherwise lists what needs a restart, and
     /// the running config stays in force.
     ///
-    /// Three limits are fixed when the session tables are built, so changing them needs a
-    /// restart too: `max_clock_skew_secs` and `max_token_lifetime_secs` (the token
-    /// verifier's settings) and `replay_cache_capacity` (the cache is not resized).
+    /// Two limits are the token verifier's settings, fixed when the session tables are built,
+    /// so changing them needs a restart too: `max_clock_skew_secs` and
+    /// `max_token_lifetime_secs`. A new `replay_cache_capacity` is accepted (it still bounds
+    /// `max_sessions`) but the running cache keeps its size until the relay restarts.
     pub fn reload_from(&self, new: RelayConfig) -> Result<RelayConfig, ConfigError> {
         let mut restart = Vec::new();
         if new.relay_id != self.relay_id {
@@ -640,9 +641,6 @@ impl RelayConfig {
         }
         if new_limits.max_token_lifetime_secs != old_limits.max_token_lifetime_secs {
             restart.push("limits.max_token_lifetime_secs".into());
-        }
-        if new_limits.replay_cache_capacity != old_limits.replay_cache_capacity {
-            restart.push("limits.replay_cache_capacity".into());
         }
         if new.admin_listen != self.admin_listen {
             restart.push("admin.listen".into());
@@ -1095,11 +1093,7 @@ mod tests {
             Err(ConfigError::NeedsRestart(fields)) => assert_eq!(fields, ["relay.listen"]),
             other => panic!("expected NeedsRestart, got {other:?}"),
         }
-        for limit in [
-            "max_clock_skew_secs = 10",
-            "max_token_lifetime_secs = 600",
-            "replay_cache_capacity = 300000",
-        ] {
+        for limit in ["max_clock_skew_secs = 10", "max_token_lifetime_secs = 600"] {
             let changed = dir
                 .parse(&(minimal() + "\n[limits]\n" + limit + "\n"))
                 .unwrap();
