@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use ferry_core::wire::RejectReason;
+use ferry_core::wire::{HeaderError, RejectReason};
 
 use crate::metrics::{Kind, PromWriter};
 use crate::session::DropReason;
@@ -43,6 +43,21 @@ pub fn render(sessions: &Sessions, workers: &[Arc<WorkerStats>]) -> String {
             c.dropped(reason),
         );
     }
+    w.family(
+        "ferry_malformed_total",
+        "Malformed datagrams, by the first rule of protocol.md section 2.1 they broke (body: a body rule).",
+        Kind::Counter,
+    );
+    for rule in HeaderError::ALL {
+        let n = c
+            .malformed_by_rule
+            .get(rule.as_index())
+            .copied()
+            .unwrap_or(0);
+        w.sample("ferry_malformed_total", &[("rule", rule.name())], n);
+    }
+    let body = c.malformed_by_rule.last().copied().unwrap_or(0);
+    w.sample("ferry_malformed_total", &[("rule", "body")], body);
     w.single(
         "ferry_sessions_active",
         "Sessions held now.",

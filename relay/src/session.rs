@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use ferry_core::proof::{CookieJar, SlotKeys};
 use ferry_core::time::UnixTime;
 use ferry_core::token::{TokenError, TokenReplayCache, TokenVerifier};
-use ferry_core::wire::{self, MAX_DATAGRAM, Packet, RejectReason, Slot};
+use ferry_core::wire::{self, HeaderError, MAX_DATAGRAM, Packet, RejectReason, Slot};
 
 use crate::limits::{IpTable, TokenBucket};
 
@@ -135,6 +135,9 @@ pub struct Counters {
     pub forwarded_bytes: u64,
     /// Dropped: malformed.
     pub malformed: u64,
+    /// Malformed datagrams by the rule they broke: indexed by
+    /// [`HeaderError::as_index`], with the last entry for body-level rules.
+    pub malformed_by_rule: [u64; HeaderError::COUNT + 1],
     /// Dropped: relay-only packet type received.
     pub unexpected_type: u64,
     /// Dropped: DATA not from a bound source of a fully bound session.
@@ -173,6 +176,13 @@ impl Counters {
         self.forwarded += other.forwarded;
         self.forwarded_bytes += other.forwarded_bytes;
         self.malformed += other.malformed;
+        for (sum, n) in self
+            .malformed_by_rule
+            .iter_mut()
+            .zip(other.malformed_by_rule)
+        {
+            *sum += n;
+        }
         self.unexpected_type += other.unexpected_type;
         self.data_unbound += other.data_unbound;
         self.keepalive_unbound += other.keepalive_unbound;
@@ -360,7 +370,18 @@ impl SessionTable {
     ) -> Outcome {
         let packet = match wire::parse(datagram) {
             Ok(p) => p,
-            Err(_) => return self.drop(DropReason::Malformed),
+            Err(e) => {
+                // Counted by the rule it broke (docs/protocol.md §2.1); body-level problems
+                // (reserved bytes, slot, flags) have one bucket of their own.
+                let rule = match e {
+                    wire::WireError::Header(h) => h.as_index(),
+                    _ => HeaderError::COUNT,
+                };
+                if let Some(n) = self.counters.malformed_by_rule.get_mut(rule) {
+                    *n += 1;
+                }
+                return self.drop(DropReason::Malformed);
+            }
         };
         match packet {
             Packet::Data(data) => self.on_data(now, from, data.session_id(), datagram.len()),
@@ -1260,6 +1281,15 @@ mod tests {
         );
         assert_eq!(f.table.counters().malformed, 1);
         assert_eq!(f.table.counters().unexpected_type, 1);
+        // Counted by the rule broken: b"\x00\x01garbage" is 9 bytes, too short for a header.
+        let too_short = HeaderError::TooShort.as_index();
+        assert_eq!(f.table.counters().malformed_by_rule[too_short], 1);
+        let mut bad_magic = buf[..n].to_vec();
+        bad_magic[0] ^= 0xff;
+        f.send(v4(1, 1), &bad_magic);
+        let by_rule = f.table.counters().malformed_by_rule;
+        assert_eq!(by_rule[HeaderError::BadMagic.as_index()], 1);
+        assert_eq!(by_rule.iter().sum::<u64>(), f.table.counters().malformed);
     }
 
     #[test]

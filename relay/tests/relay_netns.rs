@@ -205,6 +205,11 @@ fn the_relay_process_serves_peers_and_refuses_everyone_else() {
         10
     );
     assert_eq!(drops(&after, "malformed") - drops(&before, "malformed"), 1);
+    // ...counted by the rule it broke: an HTTP request does not start with Ferry's magic.
+    assert_eq!(
+        metric(&after, "ferry_malformed_total{rule=\"bad_magic\"}"),
+        1
+    );
     let rejected = |page: &str, reason: &str| {
         metric(
             page,
