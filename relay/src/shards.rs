@@ -46,6 +46,15 @@ fn per_shard_cap(total: usize) -> usize {
     total.div_ceil(SHARDS).max(1)
 }
 
+/// One shard's share of the relay-wide limits.
+fn shard_limits(limits: SessionLimits) -> SessionLimits {
+    SessionLimits {
+        max_sessions: per_shard_cap(limits.max_sessions),
+        replay_cache_capacity: per_shard_cap(limits.replay_cache_capacity),
+        ..limits
+    }
+}
+
 impl Sessions {
     /// Empty tables. Every shard verifies tokens with a copy of `verifier` and checks cookies
     /// with the same secret, so a cookie issued by one shard is valid in all of them.
@@ -56,11 +65,7 @@ impl Sessions {
         cookies: CookieJar,
     ) -> Self {
         let ips = Arc::new(Mutex::new(IpTable::new(ip_limits)));
-        let shard_limits = SessionLimits {
-            max_sessions: per_shard_cap(limits.max_sessions),
-            replay_cache_capacity: per_shard_cap(limits.replay_cache_capacity),
-            ..limits
-        };
+        let shard_limits = shard_limits(limits);
         let shards = (0..SHARDS)
             .map(|_| {
                 Mutex::new(SessionTable::new(
@@ -137,11 +142,7 @@ impl Sessions {
         ip_limits: IpLimits,
         keys: &[(u32, ferry_core::keys::GatewayPublicKey)],
     ) {
-        let shard_limits = SessionLimits {
-            max_sessions: per_shard_cap(limits.max_sessions),
-            replay_cache_capacity: per_shard_cap(limits.replay_cache_capacity),
-            ..limits
-        };
+        let shard_limits = shard_limits(limits);
         for shard in &self.shards {
             let mut table = lock(shard);
             table.set_limits(shard_limits.clone(), now);
