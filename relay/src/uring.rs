@@ -8,17 +8,29 @@
 //! - [`Ring`]: the ring with its buffer ring and send slab, the operations the worker needs
 //!   (multishot `recvmsg`, `sendmsg`) and completion decoding.
 //!
-//! Memory lent to the kernel is owned by these types and outlives every operation that uses
-//! it: [`Ring`] drops the `IoUring` (closing the ring, which ends all operations) before the
-//! buffer ring and the send slab. Every `unsafe` block says why it is sound.
+//! # Memory lent to the kernel
+//!
+//! The buffer ring (its entries and buffers, also registered as fixed buffer 0 for zero-copy
+//! sends), the receive headers and the send slab are lent to the kernel while any request
+//! that points into them is in flight. Closing the ring does *not* end those requests: the
+//! kernel cancels them asynchronously, from a workqueue, after `close` has returned, and a
+//! zero-copy send's buffers stay in use until its notification, however long the network
+//! holds the packet. So [`Ring`] tracks, from the completions it reaps, which multishot
+//! receives are still armed and which sends the kernel has not finished with (a send is
+//! finished by its completion without `IORING_CQE_F_MORE`: the result of a plain send, the
+//! notification of a zero-copy one). [`Ring::shutdown`] (and `Drop for Ring`, as the
+//! backstop) cancels everything, waits a bounded time until nothing is in flight, unregisters
+//! the buffers and only then frees the memory. If the kernel is still not done by then, the
+//! memory is leaked, never freed under it. Every `unsafe` block says why it is sound.
 #![allow(unsafe_code)]
 
 use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::io;
-use std::mem::{size_of, zeroed};
+use std::mem::{ManuallyDrop, size_of, zeroed};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
 
 use io_uring::types::{BufRingEntry, RecvMsgOut, SubmitArgs, Timespec};
 use io_uring::{IoUring, Probe, cqueue, opcode, squeue, types};
@@ -93,8 +105,9 @@ impl BufRing {
     /// Registers the ring with `ring`'s kernel side under [`BGID`].
     fn register(&self, ring: &IoUring) -> io::Result<()> {
         // SAFETY: `entries` points to `count` zero-initialised-then-filled entries in a
-        // page-aligned allocation that lives as long as `self`, and `Ring` keeps `self` alive
-        // until after the `IoUring` (and with it the registration) is gone.
+        // page-aligned allocation that lives as long as `self`. `Ring` frees `self` only after
+        // its shutdown found no request in flight and unregistered the ring, and leaks it
+        // otherwise, so the kernel never reads freed entries or writes freed buffers.
         unsafe {
             ring.submitter()
                 .register_buf_ring_with_flags(self.entries as u64, self.count, BGID, 0)
@@ -143,7 +156,9 @@ impl BufRing {
 
 impl Drop for BufRing {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this exact layout, freed once.
+        // SAFETY: allocated in `new` with this exact layout, freed once. A registered
+        // `BufRing` is dropped only by `Drop for Ring`, after it was unregistered with no
+        // request in flight (otherwise it is leaked and never gets here).
         unsafe { dealloc(self.entries.cast(), self.entries_layout) };
     }
 }
@@ -295,7 +310,34 @@ pub enum Completion {
 
 const TAG_RECV: u64 = 1 << 62;
 const TAG_SEND: u64 = 2 << 62;
+/// Requests of the ring's own (the shutdown's cancel); their completions are not reported.
+const TAG_CTRL: u64 = 3 << 62;
 const TAG_MASK: u64 = 3 << 62;
+
+/// How long dropping a [`Ring`] waits for the kernel to finish with its memory.
+pub const SHUTDOWN_LIMIT: Duration = Duration::from_secs(1);
+
+/// What [`Ring::shutdown`] found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Every request ended (zero-copy sends: their notification arrived) within the limit.
+    pub drained: bool,
+    /// The buffer ring, receive headers and send slab were leaked rather than freed, because
+    /// the kernel might still use them.
+    pub leaked: bool,
+    /// Multishot receives armed when the shutdown began.
+    pub armed_at_start: usize,
+    /// Sends the kernel had not finished with when the shutdown began.
+    pub sends_at_start: usize,
+    /// Multishot receives still armed when it ended (0 when drained).
+    pub armed_left: usize,
+    /// Sends still in the kernel's hands when it ended (0 when drained).
+    pub sends_left: usize,
+    /// Completions reaped while draining.
+    pub completions: usize,
+    /// How long it took.
+    pub elapsed: Duration,
+}
 
 /// A received datagram, borrowed from its provided buffer.
 #[derive(Debug)]
@@ -319,13 +361,21 @@ pub enum RecvProblem {
 
 /// One io_uring with its buffer ring, receive headers and send slab.
 pub struct Ring {
-    // Field order matters: the ring is dropped (and closed) first, so the kernel is done
-    // with the buffers, headers and send slots before they are freed.
     ring: IoUring,
-    bufs: BufRing,
-    recv_hdrs: Box<[libc::msghdr]>,
+    // Memory lent to the kernel: freed by `Drop` only once the shutdown found nothing in
+    // flight, leaked otherwise (see the module documentation).
+    bufs: ManuallyDrop<BufRing>,
+    recv_hdrs: ManuallyDrop<Box<[libc::msghdr]>>,
+    slab: ManuallyDrop<SendSlab>,
     sockets: Vec<RawFd>,
-    slab: SendSlab,
+    /// Per socket: a multishot receive was queued and its last completion (the one without
+    /// `more`) has not been reaped yet.
+    armed: Vec<bool>,
+    /// Sends queued whose last completion (without `more`: the result, or for a zero-copy
+    /// send the notification) has not been reaped yet.
+    sends_in_kernel: usize,
+    /// Set by the shutdown; `Drop` frees the lent memory only if it says so.
+    shut: Option<ShutdownReport>,
     /// Forwards of at least this many bytes use SEND_ZC; `None`: never.
     zero_copy_min: Option<usize>,
     /// The receive buffers are also registered as fixed buffer 0, so zero-copy sends skip
@@ -380,10 +430,13 @@ impl Ring {
             .collect();
         Ok(Self {
             ring,
-            bufs,
-            recv_hdrs,
+            bufs: ManuallyDrop::new(bufs),
+            recv_hdrs: ManuallyDrop::new(recv_hdrs),
+            slab: ManuallyDrop::new(SendSlab::new(sends)),
+            armed: vec![false; sockets.len()],
             sockets,
-            slab: SendSlab::new(sends),
+            sends_in_kernel: 0,
+            shut: None,
             zero_copy_min: None,
             fixed_buffers: false,
         })
@@ -401,8 +454,8 @@ impl Ring {
                 iov_base: self.bufs.buffers.as_mut_ptr().cast(),
                 iov_len: self.bufs.buffers.len(),
             }];
-            // SAFETY: the region is the buffer ring's own memory, which lives as long as `self`
-            // and outlives the ring (field order), so the registration never outlives it.
+            // SAFETY: the region is the buffer ring's own memory, which lives as long as `self`;
+            // `Drop` unregisters it (with no request in flight) before freeing it, or leaks it.
             self.fixed_buffers = unsafe { self.ring.submitter().register_buffers(&region) }.is_ok();
         }
         self.zero_copy_min.is_some()
@@ -419,13 +472,16 @@ impl Ring {
         let entry = opcode::RecvMsgMulti::new(types::Fd(self.sockets[index]), hdr, BGID)
             .build()
             .user_data(TAG_RECV | index as u64);
-        self.push(&entry)
+        self.push(&entry)?;
+        self.armed[index] = true;
+        Ok(())
     }
 
     fn push(&mut self, entry: &squeue::Entry) -> Result<(), UringError> {
         loop {
-            // SAFETY: every pointer in `entry` refers to memory owned by `self` (receive
-            // headers, send slots, buffers) that stays valid until the operation completes.
+            // SAFETY: every pointer in `entry` refers to memory lent to the kernel (receive
+            // headers, send slots, buffers), which `Ring` frees only after the operation's
+            // last completion has been reaped, and otherwise leaks (see `Drop for Ring`).
             let pushed = unsafe { self.ring.submission().push(entry) };
             if pushed.is_ok() {
                 return Ok(());
@@ -454,20 +510,135 @@ impl Ring {
         for cqe in self.ring.completion() {
             let data = cqe.user_data();
             let index = data & !TAG_MASK;
+            let last = !cqueue::more(cqe.flags());
             match data & TAG_MASK {
-                TAG_RECV => out.push(Completion::Recv {
-                    socket: index as usize,
-                    result: cqe.result(),
-                    flags: cqe.flags(),
-                }),
-                TAG_SEND => out.push(Completion::Send {
-                    slot: index as u32,
-                    result: cqe.result(),
-                    flags: cqe.flags(),
-                }),
+                TAG_RECV => {
+                    if last && let Some(armed) = self.armed.get_mut(index as usize) {
+                        *armed = false;
+                    }
+                    out.push(Completion::Recv {
+                        socket: index as usize,
+                        result: cqe.result(),
+                        flags: cqe.flags(),
+                    });
+                }
+                TAG_SEND => {
+                    if last {
+                        self.sends_in_kernel = self.sends_in_kernel.saturating_sub(1);
+                    }
+                    out.push(Completion::Send {
+                        slot: index as u32,
+                        result: cqe.result(),
+                        flags: cqe.flags(),
+                    });
+                }
                 _ => {}
             }
         }
+    }
+
+    /// Multishot receives armed now (queued, last completion not reaped).
+    pub fn recvs_armed(&self) -> usize {
+        self.armed.iter().filter(|&&a| a).count()
+    }
+
+    /// Sends the kernel has not finished with (last completion not reaped). Unlike
+    /// [`sends_in_flight`](Self::sends_in_flight) this does not wait for
+    /// [`finish_send`](Self::finish_send).
+    pub fn sends_in_kernel(&self) -> usize {
+        self.sends_in_kernel
+    }
+
+    /// Whether no request points into the lent memory.
+    fn idle(&self) -> bool {
+        self.sends_in_kernel == 0 && !self.armed.contains(&true)
+    }
+
+    /// Cancels every request and waits, up to `limit`, until none is in flight; then
+    /// unregisters the buffers. Queued but unsubmitted requests are submitted first (ahead of
+    /// the cancel), so they too end. The report says whether `Drop` may free the memory.
+    fn quiesce(&mut self, limit: Duration) -> ShutdownReport {
+        let started = Instant::now();
+        let deadline = started + limit;
+        let mut report = ShutdownReport {
+            armed_at_start: self.recvs_armed(),
+            sends_at_start: self.sends_in_kernel,
+            ..ShutdownReport::default()
+        };
+        let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+            .build()
+            .user_data(TAG_CTRL);
+        let mut scratch = Vec::new();
+        let mut cancel_due = !self.idle();
+        loop {
+            if cancel_due {
+                // Queued behind every unsubmitted request, so it cancels those too. Sent
+                // again after each quiet wait, for a request that was not cancellable yet.
+                if let Err(e) = self.push(&cancel) {
+                    tracing::debug!("queueing the shutdown cancel: {e}");
+                }
+                cancel_due = false;
+            }
+            self.drain(&mut scratch);
+            report.completions += scratch.len();
+            if self.idle() {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            let wait = (deadline - now).min(Duration::from_millis(100));
+            let ts = Timespec::from(wait);
+            let args = SubmitArgs::new().timespec(&ts);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ETIME) => cancel_due = true,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
+                Err(e) => {
+                    tracing::warn!("waiting for io_uring requests to end at shutdown: {e}");
+                    break;
+                }
+            }
+        }
+        report.drained = self.idle();
+        report.armed_left = self.recvs_armed();
+        report.sends_left = self.sends_in_kernel;
+        report.leaked = !report.drained;
+        if report.drained {
+            // Nothing can use the buffers now; unregister them so the kernel holds no
+            // reference to memory about to be freed. Should that fail, leak instead.
+            if let Err(e) = self.ring.submitter().unregister_buf_ring(BGID) {
+                tracing::warn!("unregistering the buffer ring at shutdown: {e}; leaking it");
+                report.leaked = true;
+            }
+            if self.fixed_buffers
+                && let Err(e) = self.ring.submitter().unregister_buffers()
+            {
+                tracing::warn!("unregistering the fixed buffers at shutdown: {e}; leaking them");
+                report.leaked = true;
+            }
+        } else {
+            tracing::warn!(
+                recvs_armed = report.armed_left,
+                sends = report.sends_left,
+                limit_ms = limit.as_millis() as u64,
+                "io_uring requests still in flight at shutdown; leaking their buffers rather \
+                 than freeing memory the kernel may still use"
+            );
+        }
+        report.elapsed = started.elapsed();
+        report
+    }
+
+    /// Cancels every request, waits up to `limit` for the kernel to finish with the ring's
+    /// memory (zero-copy notifications included), then closes the ring and frees that memory,
+    /// or leaks it (with a warning) if the kernel was not done in time. Dropping a `Ring` does
+    /// the same with [`SHUTDOWN_LIMIT`].
+    pub fn shutdown(mut self, limit: Duration) -> ShutdownReport {
+        let report = self.quiesce(limit);
+        self.shut = Some(report);
+        report
     }
 
     /// The datagram of a successful receive completion on socket `socket`, with its buffer
@@ -609,6 +780,7 @@ impl Ring {
             (false, _) => opcode::SendMsg::new(fd, hdr).build(),
         };
         self.push(&entry.user_data(TAG_SEND | u64::from(slot)))?;
+        self.sends_in_kernel += 1;
         Ok(true)
     }
 
@@ -641,6 +813,29 @@ impl Ring {
     /// The address family a socket index serves, for choosing the socket to send on.
     pub fn socket_count(&self) -> usize {
         self.sockets.len()
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        let report = match self.shut {
+            Some(report) => report,
+            None => self.quiesce(SHUTDOWN_LIMIT),
+        };
+        if report.leaked {
+            // The fields are `ManuallyDrop`: the kernel may still use this memory, so it stays
+            // allocated for the rest of the process.
+            return;
+        }
+        // SAFETY: the shutdown reaped the last completion of every request (no receive armed,
+        // every send's result and zero-copy notification seen) and unregistered the buffer
+        // ring and fixed buffers, so the kernel holds no pointer into these; each is dropped
+        // once, here, and not used after (the ring is only closed after this).
+        unsafe {
+            ManuallyDrop::drop(&mut self.slab);
+            ManuallyDrop::drop(&mut self.recv_hdrs);
+            ManuallyDrop::drop(&mut self.bufs);
+        }
     }
 }
 

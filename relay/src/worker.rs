@@ -21,7 +21,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::session::Outcome;
 use crate::uring::{
-    Completion, MAX_GSO_BYTES, MAX_SEGMENTS, RecvProblem, Ring, Segment, UringError, is_v4,
+    Completion, MAX_GSO_BYTES, MAX_SEGMENTS, RecvProblem, Ring, SHUTDOWN_LIMIT, Segment,
+    UringError, is_v4,
 };
 
 /// What the worker asks about each datagram.
@@ -169,6 +170,9 @@ pub struct WorkerReport {
     pub rx_packets: u64,
     /// Datagrams sent.
     pub tx_packets: u64,
+    /// The ring's shutdown saw every request end in time, so its memory was freed rather than
+    /// leaked (see [`Ring::shutdown`]).
+    pub shutdown_drained: bool,
 }
 
 /// A UDP socket on `addr` with `SO_REUSEPORT`, so every worker can bind the same port and the
@@ -366,6 +370,12 @@ pub fn run_worker<H: PacketHandler>(
         report.tx_packets += batch.tx_packets;
         cfg.stats.add(&batch);
     }
+    // Cancel everything and wait for the kernel to let go of the buffers before they are
+    // freed. (On an error return above, dropping the ring does the same.) The sockets outlive
+    // the ring: they were bound before it.
+    let shutdown = ring.shutdown(SHUTDOWN_LIMIT);
+    tracing::debug!(?shutdown, "worker ring shut down");
+    report.shutdown_drained = shutdown.drained;
     Ok(report)
 }
 

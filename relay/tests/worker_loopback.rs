@@ -102,10 +102,14 @@ impl Running {
     fn stop(self) -> Arc<WorkerStats> {
         let started = Instant::now();
         self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().unwrap().unwrap();
+        let report = self.thread.join().unwrap().unwrap();
         assert!(
             started.elapsed() < Duration::from_secs(1),
             "the worker stops promptly"
+        );
+        assert!(
+            report.shutdown_drained,
+            "the worker's ring cancelled and drained every request before freeing its buffers"
         );
         self.stats
     }
