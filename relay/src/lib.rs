@@ -7,6 +7,7 @@
 //! - [`shards`]: the session tables shared by all workers, sharded by session id.
 //! - [`uring`]: the unsafe io_uring plumbing (buffer ring, multishot recvmsg, sends), one module.
 //! - [`worker`]: the per-core loop that drives a ring and the shared sessions.
+//! - [`xdp`]: loads the XDP guard (`ebpf/xdp`), writes its limits and lists, reads its counters.
 //! - [`metrics`], [`exporter`], [`admin`]: Prometheus text, the relay's page, and the loopback
 //!   admin listener.
 
@@ -19,3 +20,4 @@ pub mod session;
 pub mod shards;
 pub mod uring;
 pub mod worker;
+pub mod xdp;

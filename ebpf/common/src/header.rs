@@ -251,6 +251,10 @@ impl Header {
 ///
 /// When `datagram_len` < [`HEADER_LEN`] the contents of `first16` do not matter: rule 1 fails
 /// first.
+///
+/// Always inlined: the XDP program calls it, and BPF functions cannot return a value this
+/// large.
+#[inline(always)]
 pub fn check_header(
     first16: &[u8; HEADER_LEN],
     datagram_len: usize,

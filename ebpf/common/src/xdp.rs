@@ -1,0 +1,475 @@
+//! The contract between the XDP guard (`ebpf/xdp`) and the relay that loads it: map names,
+//! the `#[repr(C)]` types stored in the maps, the counter slots, and the rate arithmetic.
+//!
+//! Every type here is plain old data with no padding, so userspace can write it into a map
+//! byte for byte (the `user` feature implements aya's `Pod` for them).
+//!
+//! ## Rate limiting: GCRA
+//!
+//! Each bucket is a *generic cell rate algorithm* meter, the token bucket written as one
+//! timestamp: the *theoretical arrival time* (TAT) of the next packet if the source kept
+//! exactly to its rate. A packet costs `cost` (the time one unit is worth at the configured
+//! rate); it is admitted when the backlog it would leave, `max(TAT, now) + cost − now`, stays
+//! within `tolerance` (burst × cost). So a silent source may send `burst` units at once, then
+//! one unit every `cost`. Admission only ever adds: no division on the packet path, and no
+//! refill step that could round to nothing at high packet rates.
+//!
+//! Costs are kept in [`RATE_SHIFT`]-bit fixed point (1/65536 ns), so that byte rates of
+//! several gigabytes a second keep their precision; the TAT itself is whole nanoseconds plus a
+//! 16-bit carry ([`Meter`]).
+
+use crate::header::HeaderError;
+
+/// The XDP program's section and function name.
+pub const PROGRAM_NAME: &str = "ferry_xdp";
+
+/// Map: `Array<GuardConfig>` with one entry, written by the loader at start and on reload.
+pub const MAP_CONFIG: &str = "CONFIG";
+/// Map: `PerCpuArray<CounterValue>` with [`COUNTER_SLOTS`] entries, indexed by [`Counter`].
+pub const MAP_COUNTERS: &str = "COUNTERS";
+/// Map: `LruHashMap<SourceKey, SourceState>`, the per-source meters; its size is set by the
+/// loader (`xdp.max_sources`).
+pub const MAP_SOURCES: &str = "SOURCES";
+/// Map: `LpmTrie<[u8; 4], u32>`, IPv4 deny and allow CIDRs ([`LIST_DENY`], [`LIST_ALLOW`]).
+pub const MAP_CIDR_V4: &str = "CIDR_V4";
+/// Map: `LpmTrie<[u8; 16], u32>`, IPv6 deny and allow CIDRs.
+pub const MAP_CIDR_V6: &str = "CIDR_V6";
+
+/// Default number of sources the LRU map tracks before it evicts the least recently seen.
+pub const DEFAULT_MAX_SOURCES: u32 = 262_144;
+/// Entries each CIDR trie can hold.
+pub const MAX_CIDRS: u32 = 16_384;
+
+/// CIDR list value: drop everything from these sources to the relay ports.
+pub const LIST_DENY: u32 = 1;
+/// CIDR list value: exempt these sources from the rate limits (header checks still apply).
+/// The longest matching prefix wins, so an allow entry can carve a hole in a deny entry.
+pub const LIST_ALLOW: u32 = 2;
+
+/// [`GuardConfig::flags`]: the config has been written; until then the program passes all.
+pub const FLAG_ACTIVE: u16 = 1;
+/// [`GuardConfig::flags`]: drop every IP fragment that is not a first fragment, whatever its
+/// port (a non-first fragment carries no UDP header, so its port is unknown).
+pub const FLAG_DROP_ALL_FRAGMENTS: u16 = 2;
+
+/// Most UDP ports the guard protects (the relay's distinct listen ports).
+pub const MAX_PORTS: usize = 4;
+
+/// Fixed-point shift of rate costs and tolerances: units of 2⁻¹⁶ ns.
+pub const RATE_SHIFT: u32 = 16;
+
+/// Longest time a burst may be worth (`burst / rate`), so tolerances stay far from overflow.
+pub const MAX_BURST_SECONDS: u64 = 3600;
+
+/// One rate limit, as the program applies it. `cost == 0` means "no limit".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rate {
+    /// Time one unit (a packet, a byte) is worth, in 2⁻¹⁶ ns.
+    pub cost: u64,
+    /// Backlog allowed, in 2⁻¹⁶ ns: `burst × cost`.
+    pub tolerance: u64,
+}
+
+impl Rate {
+    /// No limit.
+    pub const UNLIMITED: Rate = Rate {
+        cost: 0,
+        tolerance: 0,
+    };
+
+    /// `per_second` units a second with bursts of `burst` units; `None` when either is 0, or
+    /// the burst is worth more than [`MAX_BURST_SECONDS`].
+    pub const fn new(per_second: u64, burst: u64) -> Option<Rate> {
+        if per_second == 0 || burst == 0 || per_second > 1 << 40 {
+            return None;
+        }
+        // 1e9 << 16 < 2^46, so neither this nor the product below can overflow once the
+        // burst is bounded in time.
+        let cost = (1_000_000_000u64 << RATE_SHIFT) / per_second;
+        let cost = if cost == 0 { 1 } else { cost };
+        if burst / per_second >= MAX_BURST_SECONDS {
+            return None;
+        }
+        Some(Rate {
+            cost,
+            tolerance: cost * burst,
+        })
+    }
+}
+
+/// One meter's state: the theoretical arrival time of the next unit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Meter {
+    /// Whole nanoseconds (the clock of `bpf_ktime_get_ns`).
+    pub tat: u64,
+    /// The fraction of a nanosecond past `tat`, in 2⁻¹⁶ ns.
+    pub carry: u64,
+}
+
+impl Meter {
+    /// Admits `units` at time `now` (ns) under `rate`, or refuses them; on refusal the meter
+    /// is unchanged. Returns the meter after admission.
+    #[inline(always)]
+    pub fn admit(&self, rate: &Rate, now: u64, units: u64) -> Option<Meter> {
+        if rate.cost == 0 {
+            return Some(*self);
+        }
+        // Backlog left by earlier units, in 2⁻¹⁶ ns. It never exceeds the tolerance
+        // (< 2^58 by MAX_BURST_SECONDS), so the shift cannot overflow.
+        let backlog = if self.tat > now {
+            ((self.tat - now) << RATE_SHIFT) + self.carry
+        } else {
+            0
+        };
+        // Units are a datagram's bytes or 1 (clamped to 16 bits) and a cost is under 2^47,
+        // so the product stays under 2^63 with the backlog: no overflow, and no 128-bit
+        // multiply (which BPF lacks).
+        let units = if units > 0xffff { 0xffff } else { units };
+        let backlog = backlog + units * rate.cost;
+        if backlog > rate.tolerance {
+            return None;
+        }
+        Some(Meter {
+            tat: now + (backlog >> RATE_SHIFT),
+            carry: backlog & ((1 << RATE_SHIFT) - 1),
+        })
+    }
+}
+
+/// The per-source state: three meters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceState {
+    /// DATA, KEEPALIVE and CLOSE packets.
+    pub data_packets: Meter,
+    /// Bytes of DATA, KEEPALIVE and CLOSE datagrams (UDP payload).
+    pub data_bytes: Meter,
+    /// BIND and REBIND packets: each costs the relay a signature check and X25519.
+    pub handshake: Meter,
+}
+
+/// The key of the per-source map: the IPv6 source masked to the configured prefix, or the
+/// IPv4 source as an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SourceKey {
+    /// The address bytes, network order.
+    pub addr: [u8; 16],
+}
+
+/// Everything the program needs to know, in map [`MAP_CONFIG`] at index 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuardConfig {
+    /// DATA, KEEPALIVE, CLOSE packets per source.
+    pub data_packets: Rate,
+    /// DATA, KEEPALIVE, CLOSE bytes per source.
+    pub data_bytes: Rate,
+    /// BIND and REBIND packets per source.
+    pub handshake: Rate,
+    /// Mask applied to IPv6 sources before metering (`xdp.ipv6_prefix_len`).
+    pub ipv6_mask: [u8; 16],
+    /// The relay's UDP ports, host order; unused entries are 0 (port 0 never matches).
+    pub ports: [u16; MAX_PORTS],
+    /// [`FLAG_ACTIVE`] | [`FLAG_DROP_ALL_FRAGMENTS`].
+    pub flags: u16,
+    /// Zero; keeps the struct free of padding.
+    pub reserved: [u16; 3],
+}
+
+impl GuardConfig {
+    /// The IPv6 mask that keeps the first `prefix_len` bits (clamped to 128).
+    pub const fn ipv6_mask_for(prefix_len: u8) -> [u8; 16] {
+        let mut mask = [0u8; 16];
+        let mut i = 0;
+        while i < 16 {
+            let bits = prefix_len as i32 - (i as i32) * 8;
+            mask[i] = if bits >= 8 {
+                0xff
+            } else if bits <= 0 {
+                0
+            } else {
+                !(0xffu8 >> bits)
+            };
+            i += 1;
+        }
+        mask
+    }
+
+    /// Whether `port` (host order) is one of the relay's.
+    #[inline(always)]
+    pub fn is_relay_port(&self, port: u16) -> bool {
+        port != 0
+            && (port == self.ports[0]
+                || port == self.ports[1]
+                || port == self.ports[2]
+                || port == self.ports[3])
+    }
+}
+
+/// One counter: packets and bytes (whole frames, as the NIC delivered them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterValue {
+    /// Frames.
+    pub packets: u64,
+    /// Bytes of those frames, link-layer header included.
+    pub bytes: u64,
+}
+
+/// What the program did with a frame, and why: one per-CPU counter slot each.
+///
+/// Slots `0..FIRST_MALFORMED` are these variants; slots `FIRST_MALFORMED..COUNTER_SLOTS` are
+/// the header rules of docs/protocol.md §2.1, in [`HeaderError`] order.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Counter {
+    /// A well-formed relay packet within its source's limits: passed to the relay.
+    PassRelay = 0,
+    /// A well-formed relay packet from an allow-listed source: passed without metering.
+    PassAllowListed = 1,
+    /// Not relay traffic (another protocol or port): passed untouched.
+    PassOther = 2,
+    /// An IP fragment of relay traffic (or any non-first fragment with
+    /// `xdp.drop_all_fragments`); relay datagrams are never fragmented.
+    DropFragment = 3,
+    /// An IP header the kernel would drop too: bad version, IHL < 5, lengths beyond the frame,
+    /// or more IPv6 extension headers than the guard walks.
+    DropBadIpHeader = 4,
+    /// A UDP length that disagrees with the IP length, or is under 8.
+    DropBadUdpLength = 5,
+    /// From a deny-listed source.
+    DropDenyListed = 6,
+    /// A relay-only type (CHALLENGE, BIND-ACK, REJECT) sent to the relay.
+    DropUnexpectedType = 7,
+    /// BIND or REBIND over the source's handshake rate.
+    DropRateHandshake = 8,
+    /// DATA, KEEPALIVE or CLOSE over the source's packet rate.
+    DropRateDataPackets = 9,
+    /// DATA, KEEPALIVE or CLOSE over the source's byte rate.
+    DropRateDataBytes = 10,
+}
+
+/// The first slot of the malformed-header counters.
+pub const FIRST_MALFORMED: u32 = 11;
+/// Number of counter slots: the [`Counter`] variants, then one per [`HeaderError`].
+pub const COUNTER_SLOTS: u32 = FIRST_MALFORMED + HeaderError::COUNT as u32;
+
+impl Counter {
+    /// Every variant, in slot order.
+    pub const ALL: [Counter; FIRST_MALFORMED as usize] = [
+        Counter::PassRelay,
+        Counter::PassAllowListed,
+        Counter::PassOther,
+        Counter::DropFragment,
+        Counter::DropBadIpHeader,
+        Counter::DropBadUdpLength,
+        Counter::DropDenyListed,
+        Counter::DropUnexpectedType,
+        Counter::DropRateHandshake,
+        Counter::DropRateDataPackets,
+        Counter::DropRateDataBytes,
+    ];
+
+    /// The counter slot.
+    pub const fn slot(self) -> u32 {
+        self as u32
+    }
+
+    /// The slot counting frames that broke header rule `rule`.
+    pub const fn malformed_slot(rule: HeaderError) -> u32 {
+        FIRST_MALFORMED + rule as u32
+    }
+
+    /// `(action, reason)` labels: action is `pass` or `drop`.
+    pub const fn labels(self) -> (&'static str, &'static str) {
+        match self {
+            Counter::PassRelay => ("pass", "relay"),
+            Counter::PassAllowListed => ("pass", "allow_listed"),
+            Counter::PassOther => ("pass", "not_relay"),
+            Counter::DropFragment => ("drop", "fragment"),
+            Counter::DropBadIpHeader => ("drop", "bad_ip_header"),
+            Counter::DropBadUdpLength => ("drop", "bad_udp_length"),
+            Counter::DropDenyListed => ("drop", "deny_listed"),
+            Counter::DropUnexpectedType => ("drop", "unexpected_type"),
+            Counter::DropRateHandshake => ("drop", "rate_handshake"),
+            Counter::DropRateDataPackets => ("drop", "rate_data_packets"),
+            Counter::DropRateDataBytes => ("drop", "rate_data_bytes"),
+        }
+    }
+}
+
+/// `(action, reason)` labels of any slot in `0..COUNTER_SLOTS`: malformed-header slots are
+/// `("drop", "malformed_<rule>")` as in the relay's own counters.
+pub fn slot_labels(slot: u32) -> Option<(&'static str, &'static str)> {
+    if let Some(counter) = Counter::ALL.get(slot as usize) {
+        return Some(counter.labels());
+    }
+    let rule = HeaderError::ALL.get(slot.checked_sub(FIRST_MALFORMED)? as usize)?;
+    Some(("drop", malformed_reason(*rule)))
+}
+
+/// The counter reason of a header rule: `malformed_<rule name>`.
+pub const fn malformed_reason(rule: HeaderError) -> &'static str {
+    match rule {
+        HeaderError::TooShort => "malformed_too_short",
+        HeaderError::TooLong => "malformed_too_long",
+        HeaderError::BadMagic => "malformed_bad_magic",
+        HeaderError::BadVersion => "malformed_bad_version",
+        HeaderError::UnknownType => "malformed_unknown_type",
+        HeaderError::ZeroSession => "malformed_zero_session",
+        HeaderError::ReservedNonZero => "malformed_reserved_non_zero",
+        HeaderError::LengthMismatch => "malformed_length_mismatch",
+        HeaderError::BodyLengthOutOfRange => "malformed_body_length_out_of_range",
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    //! aya's `Pod`: these types are `#[repr(C)]`, have no padding, and every bit pattern is a
+    //! valid value, so copying them to and from the kernel byte for byte is sound.
+    #![allow(unsafe_code)]
+
+    use super::{CounterValue, GuardConfig, Meter, Rate, SourceKey, SourceState};
+
+    // SAFETY (all five): #[repr(C)], fields are integers or integer arrays laid out without
+    // padding (checked by the size assertions in the tests), so any bytes are a valid value.
+    unsafe impl aya::Pod for Rate {}
+    unsafe impl aya::Pod for Meter {}
+    unsafe impl aya::Pod for SourceState {}
+    unsafe impl aya::Pod for SourceKey {}
+    unsafe impl aya::Pod for GuardConfig {}
+    unsafe impl aya::Pod for CounterValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+
+    use super::*;
+    use core::mem::size_of;
+    use proptest::prelude::*;
+
+    #[test]
+    fn map_types_have_no_padding() {
+        assert_eq!(size_of::<Rate>(), 16);
+        assert_eq!(size_of::<Meter>(), 16);
+        assert_eq!(size_of::<SourceState>(), 48);
+        assert_eq!(size_of::<SourceKey>(), 16);
+        assert_eq!(
+            size_of::<GuardConfig>(),
+            3 * 16 + 16 + 2 * MAX_PORTS + 2 + 6
+        );
+        assert_eq!(size_of::<CounterValue>(), 16);
+    }
+
+    #[test]
+    fn every_slot_has_distinct_labels() {
+        let mut seen = std::collections::HashSet::new();
+        for slot in 0..COUNTER_SLOTS {
+            let labels = slot_labels(slot).expect("every slot is labelled");
+            assert!(seen.insert(labels), "slot {slot} repeats {labels:?}");
+        }
+        assert_eq!(slot_labels(COUNTER_SLOTS), None);
+        for (i, counter) in Counter::ALL.iter().enumerate() {
+            assert_eq!(counter.slot() as usize, i);
+        }
+        assert_eq!(
+            slot_labels(Counter::malformed_slot(HeaderError::BadMagic)),
+            Some(("drop", "malformed_bad_magic"))
+        );
+    }
+
+    #[test]
+    fn ipv6_masks() {
+        assert_eq!(GuardConfig::ipv6_mask_for(0), [0; 16]);
+        assert_eq!(GuardConfig::ipv6_mask_for(128), [0xff; 16]);
+        let m = GuardConfig::ipv6_mask_for(60);
+        assert_eq!(&m[..7], &[0xff; 7]);
+        assert_eq!(m[7], 0xf0);
+        assert_eq!(&m[8..], &[0; 8]);
+    }
+
+    #[test]
+    fn rate_rejects_nonsense() {
+        assert_eq!(Rate::new(0, 10), None);
+        assert_eq!(Rate::new(10, 0), None);
+        assert_eq!(Rate::new(1, MAX_BURST_SECONDS), None);
+        assert!(Rate::new(1, MAX_BURST_SECONDS - 1).is_some());
+        assert!(Rate::new(10_000_000_000, 100_000_000).is_some());
+    }
+
+    #[test]
+    fn a_silent_source_gets_its_burst_then_its_rate() {
+        let rate = Rate::new(1000, 10).expect("valid"); // 1 ms a packet
+        let mut meter = Meter::default();
+        let t0 = 5_000_000_000;
+        for _ in 0..10 {
+            meter = meter.admit(&rate, t0, 1).expect("within burst");
+        }
+        assert_eq!(meter.admit(&rate, t0, 1), None, "burst spent");
+        assert_eq!(meter.admit(&rate, t0 + 999_000, 1), None, "too early");
+        let after = meter.admit(&rate, t0 + 1_000_000, 1);
+        assert!(
+            after.is_some(),
+            "one packet's worth of time refills one packet"
+        );
+    }
+
+    #[test]
+    fn unlimited_admits_everything() {
+        let meter = Meter::default();
+        assert_eq!(meter.admit(&Rate::UNLIMITED, 1, 1 << 40), Some(meter));
+    }
+
+    proptest! {
+        /// Over any arrival pattern, the admitted units never exceed burst + rate × elapsed.
+        #[test]
+        fn admitted_never_exceeds_burst_plus_rate(
+            per_second in 1u64..10_000_000,
+            burst in 1u64..10_000,
+            gaps in proptest::collection::vec(0u64..2_000_000, 1..400),
+            units in 1u64..1500,
+        ) {
+            prop_assume!(burst / per_second < MAX_BURST_SECONDS);
+            let rate = Rate::new(per_second, burst.max(units)).expect("valid");
+            let burst = burst.max(units);
+            let start = 1_000_000_000u64;
+            let mut now = start;
+            let mut meter = Meter::default();
+            let mut admitted = 0u128;
+            for gap in gaps {
+                now += gap;
+                if let Some(m) = meter.admit(&rate, now, units) {
+                    meter = m;
+                    admitted += u128::from(units);
+                }
+            }
+            let elapsed = u128::from(now - start);
+            // Costs round down by under one part in `cost`, admitting that much more.
+            let base = u128::from(burst) + elapsed * u128::from(per_second) / 1_000_000_000 + 1;
+            let bound = base + base / u128::from(rate.cost) + 1;
+            prop_assert!(admitted <= bound, "admitted {admitted} > bound {bound}");
+        }
+
+        /// A source that keeps to its rate is never refused.
+        #[test]
+        fn a_source_at_its_rate_is_never_refused(
+            per_second in 1u64..1_000_000,
+            burst in 1u64..100,
+            n in 1usize..300,
+        ) {
+            prop_assume!(burst / per_second < MAX_BURST_SECONDS);
+            let rate = Rate::new(per_second, burst).expect("valid");
+            let interval = 1_000_000_000 / per_second + 1;
+            let mut meter = Meter::default();
+            let mut now = 1u64 << 40;
+            for _ in 0..n {
+                meter = meter.admit(&rate, now, 1).expect("at its rate");
+                now += interval;
+            }
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! Ferry's XDP guard. For every frame on the relay's interfaces:
+//!
+//! 1. parse Ethernet (up to two VLAN tags), IPv4 (with options) or IPv6 (with up to
+//!    [`MAX_EXT_HEADERS`] extension headers) and UDP; anything that is not UDP to a relay port
+//!    passes untouched (`pass/not_relay`);
+//! 2. drop relay traffic that is fragmented or whose IP/UDP lengths disagree;
+//! 3. drop deny-listed sources (LPM tries; an allow entry exempts from metering);
+//! 4. drop datagrams that break the stateless header rules of docs/protocol.md §2.1 — the very
+//!    same `ferry_common::header::check_header` the relay's userspace parser runs — and
+//!    relay-only types sent to the relay;
+//! 5. meter the source (IPv4 address, or IPv6 masked to its prefix) in an LRU map: BIND and
+//!    REBIND against a strict handshake rate, everything else against packet and byte rates.
+//!
+//! Every outcome increments one per-CPU counter (frames and bytes). The program never writes
+//! to the packet. Each access is bounds-checked against `data_end` right before it, the form
+//! the verifier can follow.
+#![no_std]
+#![no_main]
+
+use core::mem::size_of;
+
+use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS};
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::macros::{map, xdp};
+use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::maps::{Array, LpmTrie, LruHashMap, PerCpuArray};
+use aya_ebpf::programs::XdpContext;
+use ferry_common::header::{HEADER_LEN, PacketType, check_header};
+use ferry_common::xdp::{
+    COUNTER_SLOTS, Counter, CounterValue, DEFAULT_MAX_SOURCES, FLAG_ACTIVE,
+    FLAG_DROP_ALL_FRAGMENTS, GuardConfig, LIST_ALLOW, LIST_DENY, MAX_CIDRS, SourceKey, SourceState,
+};
+
+#[map(name = "CONFIG")]
+static CONFIG: Array<GuardConfig> = Array::with_max_entries(1, 0);
+
+#[map(name = "COUNTERS")]
+static COUNTERS: PerCpuArray<CounterValue> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+#[map(name = "SOURCES")]
+static SOURCES: LruHashMap<SourceKey, SourceState> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_SOURCES, 0);
+
+#[map(name = "CIDR_V4")]
+static CIDR_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
+
+#[map(name = "CIDR_V6")]
+static CIDR_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPPROTO_UDP: u8 = 17;
+const IPV6_HLEN: usize = 40;
+const UDP_HLEN: usize = 8;
+/// IPv6 extension headers the guard walks before it gives up on a frame (and drops it as
+/// `bad_ip_header` if it might be relay traffic). Real traffic carries at most one or two.
+const MAX_EXT_HEADERS: usize = 4;
+/// IPv6 next-header values of the extension headers walked (hop-by-hop, routing,
+/// destination options) and the fragment header.
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_DEST: u8 = 60;
+
+#[xdp]
+pub fn ferry_xdp(ctx: XdpContext) -> u32 {
+    let frame_len = (ctx.data_end() - ctx.data()) as u64;
+    let (action, counter) = guard(&ctx);
+    count(counter, frame_len);
+    action
+}
+
+/// Bumps counter slot `slot` on this CPU.
+#[inline(always)]
+fn count(slot: u32, frame_len: u64) {
+    if let Some(c) = COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: a per-CPU array slot belongs to this CPU while the program runs.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += frame_len;
+        }
+    }
+}
+
+/// A pointer to a `T` at `offset` in the frame, or `None` if it would run past the end.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *const T)
+}
+
+/// Reads a `T` (a byte array: no alignment needed) at `offset`.
+#[inline(always)]
+fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+    // SAFETY: `ptr_at` checked that the whole `T` lies inside the frame; `T` is a byte array,
+    // read unaligned.
+    ptr_at::<T>(ctx, offset).map(|p| unsafe { p.read_unaligned() })
+}
+
+#[inline(always)]
+fn read_u16(ctx: &XdpContext, offset: usize) -> Option<u16> {
+    read::<[u8; 2]>(ctx, offset).map(u16::from_be_bytes)
+}
+
+const PASS_OTHER: (u32, u32) = (XDP_PASS, Counter::PassOther as u32);
+
+#[inline(always)]
+fn drop(counter: Counter) -> (u32, u32) {
+    (XDP_DROP, counter as u32)
+}
+
+/// Where the UDP header is and what the IP layer said about it.
+struct L4 {
+    /// Offset of the UDP header in the frame.
+    offset: usize,
+    /// Bytes from the UDP header to the end of the IP payload.
+    ip_payload_len: usize,
+    /// The source, as the per-source map keys it (before the IPv6 mask).
+    source: [u8; 16],
+    /// The IPv4 source, for the IPv4 trie.
+    v4: Option<[u8; 4]>,
+    /// A first fragment (the UDP header is there, but not the whole datagram).
+    first_fragment: bool,
+}
+
+/// The verdict and counter slot for one frame.
+#[inline(always)]
+fn guard(ctx: &XdpContext) -> (u32, u32) {
+    let Some(cfg) = CONFIG.get(0) else {
+        return PASS_OTHER;
+    };
+    if cfg.flags & FLAG_ACTIVE == 0 {
+        return PASS_OTHER;
+    }
+
+    // ---- Ethernet and VLAN ----
+    let Some(mut proto) = read_u16(ctx, 12) else {
+        return PASS_OTHER;
+    };
+    let mut offset = ETH_HLEN;
+    for _ in 0..2 {
+        if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+            let Some(inner) = read_u16(ctx, offset + 2) else {
+                return PASS_OTHER;
+            };
+            proto = inner;
+            offset += 4;
+        }
+    }
+
+    // ---- IP ----
+    let l4 = match proto {
+        ETH_P_IPV4 => ipv4(ctx, offset, cfg),
+        ETH_P_IPV6 => ipv6(ctx, offset, cfg),
+        _ => return PASS_OTHER,
+    };
+    let l4 = match l4 {
+        Ok(l4) => l4,
+        Err(verdict) => return verdict,
+    };
+
+    // ---- UDP ----
+    let Some(dst_port) = read_u16(ctx, l4.offset + 2) else {
+        // The IP header promised more than the frame holds; ip*() checked lengths, so this
+        // is a UDP header cut short.
+        return drop(Counter::DropBadIpHeader);
+    };
+    if !cfg.is_relay_port(dst_port) {
+        return PASS_OTHER;
+    }
+    if l4.first_fragment {
+        return drop(Counter::DropFragment);
+    }
+    let Some(udp_len) = read_u16(ctx, l4.offset + 4) else {
+        return drop(Counter::DropBadIpHeader);
+    };
+    let udp_len = usize::from(udp_len);
+    if udp_len < UDP_HLEN || udp_len != l4.ip_payload_len {
+        return drop(Counter::DropBadUdpLength);
+    }
+
+    // ---- Deny and allow lists ----
+    let listed = match l4.v4 {
+        Some(v4) => CIDR_V4.get(Key::new(32, v4)).copied(),
+        None => CIDR_V6.get(Key::new(128, l4.source)).copied(),
+    };
+    if listed == Some(LIST_DENY) {
+        return drop(Counter::DropDenyListed);
+    }
+
+    // ---- The relay header (docs/protocol.md §2.1) ----
+    let datagram_len = udp_len - UDP_HLEN;
+    let payload = l4.offset + UDP_HLEN;
+    let first16 = if datagram_len >= HEADER_LEN {
+        match read::<[u8; HEADER_LEN]>(ctx, payload) {
+            Some(bytes) => bytes,
+            None => return drop(Counter::DropBadIpHeader),
+        }
+    } else {
+        // Rule 1 fails on the length alone; the bytes are not looked at.
+        [0; HEADER_LEN]
+    };
+    let header = match check_header(&first16, datagram_len) {
+        Ok(header) => header,
+        Err(rule) => return (XDP_DROP, Counter::malformed_slot(rule)),
+    };
+    if !header.packet_type.sent_by_peer() {
+        return drop(Counter::DropUnexpectedType);
+    }
+    if listed == Some(LIST_ALLOW) {
+        return (XDP_PASS, Counter::PassAllowListed as u32);
+    }
+
+    // ---- Per-source meters ----
+    let mut key = SourceKey { addr: l4.source };
+    if l4.v4.is_none() {
+        for i in 0..16 {
+            key.addr[i] &= cfg.ipv6_mask[i];
+        }
+    }
+    meter(cfg, &key, header.packet_type, datagram_len as u64)
+}
+
+/// Admits or refuses one relay datagram from `key`, updating its meters in place.
+#[inline(always)]
+fn meter(cfg: &GuardConfig, key: &SourceKey, packet_type: PacketType, bytes: u64) -> (u32, u32) {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let existing = SOURCES.get_ptr_mut(key);
+    let mut state = match existing {
+        // SAFETY: the pointer is the map's value for `key`, valid for this run. Two CPUs may
+        // update the same source at once; a lost update admits at most one extra packet.
+        Some(p) => unsafe { *p },
+        None => SourceState::default(),
+    };
+    let handshake = matches!(packet_type, PacketType::Bind | PacketType::Rebind);
+    if handshake {
+        match state.handshake.admit(&cfg.handshake, now, 1) {
+            Some(m) => state.handshake = m,
+            None => return drop(Counter::DropRateHandshake),
+        }
+    } else {
+        let Some(packets) = state.data_packets.admit(&cfg.data_packets, now, 1) else {
+            return drop(Counter::DropRateDataPackets);
+        };
+        let Some(bytes) = state.data_bytes.admit(&cfg.data_bytes, now, bytes) else {
+            return drop(Counter::DropRateDataBytes);
+        };
+        state.data_packets = packets;
+        state.data_bytes = bytes;
+    }
+    match existing {
+        // SAFETY: as above.
+        Some(p) => unsafe { *p = state },
+        None => {
+            // A full LRU map evicts its least recently used entry, so this only fails under
+            // memory pressure; the packet is admitted either way (it was within limits).
+            let _ = SOURCES.insert(key, state, 0);
+        }
+    }
+    (XDP_PASS, Counter::PassRelay as u32)
+}
+
+/// Parses the IPv4 header at `offset`.
+#[inline(always)]
+fn ipv4(ctx: &XdpContext, offset: usize, cfg: &GuardConfig) -> Result<L4, (u32, u32)> {
+    let Some(fixed) = read::<[u8; 20]>(ctx, offset) else {
+        return Err(drop(Counter::DropBadIpHeader));
+    };
+    let version = fixed[0] >> 4;
+    let ihl = usize::from(fixed[0] & 0x0f) * 4;
+    if version != 4 || ihl < 20 {
+        return Err(drop(Counter::DropBadIpHeader));
+    }
+    let total_len = usize::from(u16::from_be_bytes([fixed[2], fixed[3]]));
+    let frame_left = ctx.data_end() - ctx.data() - offset;
+    if total_len < ihl || total_len > frame_left {
+        return Err(drop(Counter::DropBadIpHeader));
+    }
+    if fixed[9] != IPPROTO_UDP {
+        return Err(PASS_OTHER);
+    }
+    let frag = u16::from_be_bytes([fixed[6], fixed[7]]);
+    let more_fragments = frag & 0x2000 != 0;
+    let fragment_offset = frag & 0x1fff;
+    if fragment_offset != 0 {
+        // No UDP header here: the port is unknown.
+        return Err(non_first_fragment(cfg));
+    }
+    let source = [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, fixed[12], fixed[13], fixed[14], fixed[15],
+    ];
+    Ok(L4 {
+        offset: offset + ihl,
+        ip_payload_len: total_len - ihl,
+        source,
+        v4: Some([fixed[12], fixed[13], fixed[14], fixed[15]]),
+        first_fragment: more_fragments,
+    })
+}
+
+/// Parses the IPv6 header at `offset` and walks its extension headers.
+#[inline(always)]
+fn ipv6(ctx: &XdpContext, offset: usize, cfg: &GuardConfig) -> Result<L4, (u32, u32)> {
+    let Some(fixed) = read::<[u8; 8]>(ctx, offset) else {
+        return Err(drop(Counter::DropBadIpHeader));
+    };
+    let Some(source) = read::<[u8; 16]>(ctx, offset + 8) else {
+        return Err(drop(Counter::DropBadIpHeader));
+    };
+    if fixed[0] >> 4 != 6 {
+        return Err(drop(Counter::DropBadIpHeader));
+    }
+    let payload_len = usize::from(u16::from_be_bytes([fixed[4], fixed[5]]));
+    let frame_left = ctx.data_end() - ctx.data() - offset;
+    if IPV6_HLEN + payload_len > frame_left {
+        return Err(drop(Counter::DropBadIpHeader));
+    }
+    let mut next = fixed[6];
+    let mut ext_len = 0usize;
+    let mut first_fragment = false;
+    for _ in 0..MAX_EXT_HEADERS {
+        match next {
+            IPPROTO_UDP => break,
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
+                let Some(ext) = read::<[u8; 2]>(ctx, offset + IPV6_HLEN + ext_len) else {
+                    return Err(drop(Counter::DropBadIpHeader));
+                };
+                next = ext[0];
+                ext_len += (usize::from(ext[1]) + 1) * 8;
+            }
+            NEXTHDR_FRAGMENT => {
+                let Some(ext) = read::<[u8; 8]>(ctx, offset + IPV6_HLEN + ext_len) else {
+                    return Err(drop(Counter::DropBadIpHeader));
+                };
+                next = ext[0];
+                ext_len += 8;
+                let frag = u16::from_be_bytes([ext[2], ext[3]]);
+                if frag & 0xfff8 != 0 {
+                    return Err(non_first_fragment(cfg));
+                }
+                // Offset 0: a first fragment, or an atomic fragment (M = 0); either way not
+                // how relay datagrams travel.
+                first_fragment = true;
+            }
+            _ => return Err(PASS_OTHER),
+        }
+    }
+    match next {
+        IPPROTO_UDP => {}
+        // More extension headers than the guard walks: the transport is unknown, and real
+        // traffic never looks like this.
+        NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_FRAGMENT => {
+            return Err(drop(Counter::DropBadIpHeader));
+        }
+        _ => return Err(PASS_OTHER),
+    }
+    if ext_len > payload_len {
+        return Err(drop(Counter::DropBadIpHeader));
+    }
+    Ok(L4 {
+        offset: offset + IPV6_HLEN + ext_len,
+        ip_payload_len: payload_len - ext_len,
+        source,
+        v4: None,
+        first_fragment,
+    })
+}
+
+/// A non-first fragment: its port is unknown, so it passes unless the admin asked to drop
+/// them all.
+#[inline(always)]
+fn non_first_fragment(cfg: &GuardConfig) -> (u32, u32) {
+    if cfg.flags & FLAG_DROP_ALL_FRAGMENTS != 0 {
+        drop(Counter::DropFragment)
+    } else {
+        PASS_OTHER
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,686 @@
+//! The XDP guard's loader: embeds the program built from `ebpf/xdp` (see `build.rs`), loads it
+//! with aya, writes the relay's limits and CIDR lists into its maps, attaches it to the
+//! configured interfaces, reads its counters, and detaches on drop.
+//!
+//! Attachment uses a BPF link (Linux 5.9+), owned by this process: when the relay exits,
+//! however it exits, the kernel detaches the program. Nothing is pinned in bpffs.
+//!
+//! The program and the relay share one contract, `ferry_common::xdp` (map names, value types,
+//! counter slots), and one header check, `ferry_common::header::check_header`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use aya::maps::lpm_trie::Key;
+use aya::maps::{Array, LpmTrie, MapData, PerCpuArray};
+use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
+use aya::{Ebpf, EbpfLoader};
+use ferry_common::xdp::{
+    COUNTER_SLOTS, CounterValue, FLAG_ACTIVE, FLAG_DROP_ALL_FRAGMENTS, GuardConfig, LIST_ALLOW,
+    LIST_DENY, MAP_CIDR_V4, MAP_CIDR_V6, MAP_CONFIG, MAP_COUNTERS, MAP_SOURCES, MAX_PORTS,
+    PROGRAM_NAME, Rate,
+};
+
+/// The XDP program, built from source by `build.rs`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferry-xdp.o"));
+
+/// XDP's return code for "drop", as [`Guard::test_run`] reports it.
+pub const XDP_DROP: u32 = 1;
+/// XDP's return code for "pass to the kernel".
+pub const XDP_PASS: u32 = 2;
+
+/// How the guard attaches (`xdp.mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Native (driver) mode; generic mode with a warning when the driver lacks XDP.
+    Auto,
+    /// Native mode or fail.
+    Native,
+    /// Generic (SKB) mode: runs after the kernel allocates the packet, so it saves less.
+    Generic,
+    /// No XDP guard: the relay's own checks and limits still apply.
+    Off,
+}
+
+impl Mode {
+    /// The config spelling.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Mode::Auto => "auto",
+            Mode::Native => "native",
+            Mode::Generic => "generic",
+            Mode::Off => "off",
+        }
+    }
+}
+
+impl FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Mode::Auto),
+            "native" => Ok(Mode::Native),
+            "generic" => Ok(Mode::Generic),
+            "off" => Ok(Mode::Off),
+            _ => Err(format!(
+                "must be one of auto, native, generic, off; got {s:?}"
+            )),
+        }
+    }
+}
+
+/// How the program ended up attached to one interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attachment {
+    /// In the driver, before the kernel allocates anything.
+    Native,
+    /// In the kernel's receive path (generic/SKB mode).
+    Generic,
+}
+
+impl Attachment {
+    /// `native` or `generic`, as the metrics label it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Attachment::Native => "native",
+            Attachment::Generic => "generic",
+        }
+    }
+}
+
+/// An IPv4 or IPv6 prefix, written `198.18.0.0/15`, `2001:db8::/32`, or a bare address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    /// The network address (host bits zero).
+    pub addr: IpAddr,
+    /// The prefix length.
+    pub prefix_len: u8,
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP address or CIDR prefix"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix_len = match prefix {
+            None => max,
+            Some(p) => match p.parse::<u8>() {
+                Ok(n) if n <= max => n,
+                _ => return Err(format!("{s:?}: the prefix length must be 0 to {max}")),
+            },
+        };
+        let cidr = Cidr { addr, prefix_len };
+        let network = cidr.network();
+        if network != addr {
+            return Err(format!(
+                "{s:?} has host bits set; the prefix is {network}/{prefix_len}"
+            ));
+        }
+        Ok(cidr)
+    }
+}
+
+impl Cidr {
+    /// The address with every bit past the prefix cleared.
+    fn network(&self) -> IpAddr {
+        match self.addr {
+            IpAddr::V4(a) => {
+                let bits = u32::from(a);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix_len))
+                    .unwrap_or(0);
+                IpAddr::V4((bits & mask).into())
+            }
+            IpAddr::V6(a) => {
+                let bits = u128::from(a);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix_len))
+                    .unwrap_or(0);
+                IpAddr::V6((bits & mask).into())
+            }
+        }
+    }
+
+    /// Whether `ip` is inside this prefix.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let probe = Cidr {
+            addr: ip,
+            prefix_len: self.prefix_len,
+        };
+        ip.is_ipv4() == self.addr.is_ipv4() && probe.network() == self.addr
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+/// The validated `[xdp]` section.
+#[derive(Clone, Debug, PartialEq)]
+pub struct XdpSettings {
+    /// How to attach.
+    pub mode: Mode,
+    /// The interfaces that carry relay traffic.
+    pub interfaces: Vec<String>,
+    /// Sources tracked at once (LRU); a restart applies a change.
+    pub max_sources: u32,
+    /// IPv6 sources are metered by this prefix.
+    pub ipv6_prefix_len: u8,
+    /// Drop every non-first IP fragment, whatever its port.
+    pub drop_all_fragments: bool,
+    /// DATA/KEEPALIVE/CLOSE packets per source.
+    pub data_packets: Rate,
+    /// DATA/KEEPALIVE/CLOSE bytes per source.
+    pub data_bytes: Rate,
+    /// BIND/REBIND packets per source.
+    pub handshake: Rate,
+    /// Sources dropped outright.
+    pub deny: Vec<Cidr>,
+    /// Sources exempt from metering (the longest matching prefix wins over `deny`).
+    pub allow: Vec<Cidr>,
+}
+
+impl XdpSettings {
+    /// The program's config for relay `ports` (at most [`MAX_PORTS`] distinct, checked by
+    /// config validation).
+    pub fn guard_config(&self, ports: &[u16]) -> GuardConfig {
+        let mut cfg = GuardConfig {
+            data_packets: self.data_packets,
+            data_bytes: self.data_bytes,
+            handshake: self.handshake,
+            ipv6_mask: GuardConfig::ipv6_mask_for(self.ipv6_prefix_len),
+            flags: FLAG_ACTIVE,
+            ..GuardConfig::default()
+        };
+        if self.drop_all_fragments {
+            cfg.flags |= FLAG_DROP_ALL_FRAGMENTS;
+        }
+        for (slot, port) in cfg.ports.iter_mut().zip(ports.iter().take(MAX_PORTS)) {
+            *slot = *port;
+        }
+        cfg
+    }
+
+    /// Every list entry with its map value; allow wins over deny for the same prefix
+    /// (validation refuses that anyway).
+    fn lists(&self) -> BTreeMap<Cidr, u32> {
+        let mut lists = BTreeMap::new();
+        for cidr in &self.deny {
+            lists.insert(*cidr, LIST_DENY);
+        }
+        for cidr in &self.allow {
+            lists.insert(*cidr, LIST_ALLOW);
+        }
+        lists
+    }
+}
+
+/// Why the guard could not be loaded, configured or attached.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum XdpError {
+    /// The kernel refused the program or its maps (verifier log included).
+    #[error(
+        "loading the XDP program failed: {0}. It needs root (CAP_BPF and CAP_NET_ADMIN) and \
+         Linux 5.9 or newer; set xdp.mode = \"off\" to run without it"
+    )]
+    Load(String),
+    /// A map the program should have is missing or of the wrong type.
+    #[error("the XDP program's map {name}: {message}")]
+    Map {
+        /// The map.
+        name: &'static str,
+        /// What went wrong.
+        message: String,
+    },
+    /// Attaching to an interface failed.
+    #[error("attaching the XDP guard to {interface} in {mode} mode failed: {message}")]
+    Attach {
+        /// The interface.
+        interface: String,
+        /// The mode tried last.
+        mode: &'static str,
+        /// The kernel's answer.
+        message: String,
+    },
+    /// `BPF_PROG_TEST_RUN` failed.
+    #[error("running the XDP program on a test frame failed: {0}")]
+    TestRun(String),
+}
+
+fn map_error(name: &'static str, e: impl fmt::Display) -> XdpError {
+    XdpError::Map {
+        name,
+        message: e.to_string(),
+    }
+}
+
+/// The result of one `BPF_PROG_TEST_RUN`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TestRunOutcome {
+    /// The XDP action ([`XDP_PASS`], [`XDP_DROP`]).
+    pub action: u32,
+    /// The kernel's mean time per run.
+    pub per_run: Duration,
+}
+
+/// The loaded program with its maps, and the interfaces it is attached to.
+pub struct Guard {
+    ebpf: Ebpf,
+    attached: Vec<(String, Attachment)>,
+    /// The CIDR entries written into the tries, so a reload removes exactly the stale ones.
+    lists: BTreeMap<Cidr, u32>,
+}
+
+impl fmt::Debug for Guard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Guard")
+            .field("attached", &self.attached)
+            .field("lists", &self.lists.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Guard {
+    /// Loads the program into the kernel (verifier included) with room for `max_sources`
+    /// sources, without attaching it or configuring it: until [`Guard::configure`], it
+    /// passes everything.
+    pub fn load(max_sources: u32) -> Result<Self, XdpError> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(MAP_SOURCES, max_sources.max(1))
+            .load(OBJECT)
+            .map_err(|e| XdpError::Load(format!("{e:#}")))?;
+        let program: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or_else(|| XdpError::Load(format!("the object has no program {PROGRAM_NAME}")))?
+            .try_into()
+            .map_err(|e: ProgramError| XdpError::Load(e.to_string()))?;
+        program
+            .load()
+            .map_err(|e| XdpError::Load(verifier_error(&e)))?;
+        Ok(Guard {
+            ebpf,
+            attached: Vec::new(),
+            lists: BTreeMap::new(),
+        })
+    }
+
+    /// Loads, configures for relay `ports`, and attaches to every configured interface;
+    /// `None` when the mode is `off`.
+    pub fn start(settings: &XdpSettings, ports: &[u16]) -> Result<Option<Self>, XdpError> {
+        if settings.mode == Mode::Off {
+            return Ok(None);
+        }
+        let mut guard = Guard::load(settings.max_sources)?;
+        guard.configure(settings, ports)?;
+        for interface in &settings.interfaces {
+            guard.attach(interface, settings.mode)?;
+        }
+        Ok(Some(guard))
+    }
+
+    /// Writes limits, ports and flags, and brings the CIDR tries in line with `settings`;
+    /// the program keeps running throughout (no detach), and source meters are kept.
+    pub fn configure(&mut self, settings: &XdpSettings, ports: &[u16]) -> Result<(), XdpError> {
+        let wanted = settings.lists();
+        {
+            let map = self
+                .ebpf
+                .map_mut(MAP_CIDR_V4)
+                .ok_or_else(|| map_error(MAP_CIDR_V4, "missing"))?;
+            let mut v4: LpmTrie<&mut MapData, [u8; 4], u32> =
+                LpmTrie::try_from(map).map_err(|e| map_error(MAP_CIDR_V4, e))?;
+            sync_v4(&mut v4, &self.lists, &wanted)?;
+        }
+        {
+            let map = self
+                .ebpf
+                .map_mut(MAP_CIDR_V6)
+                .ok_or_else(|| map_error(MAP_CIDR_V6, "missing"))?;
+            let mut v6: LpmTrie<&mut MapData, [u8; 16], u32> =
+                LpmTrie::try_from(map).map_err(|e| map_error(MAP_CIDR_V6, e))?;
+            sync_v6(&mut v6, &self.lists, &wanted)?;
+        }
+        self.lists = wanted;
+        let map = self
+            .ebpf
+            .map_mut(MAP_CONFIG)
+            .ok_or_else(|| map_error(MAP_CONFIG, "missing"))?;
+        let mut config: Array<&mut MapData, GuardConfig> =
+            Array::try_from(map).map_err(|e| map_error(MAP_CONFIG, e))?;
+        config
+            .set(0, settings.guard_config(ports), 0)
+            .map_err(|e| map_error(MAP_CONFIG, e))?;
+        Ok(())
+    }
+
+    /// Attaches to `interface` as `mode` asks: `auto` tries native mode first and falls back
+    /// to generic mode with a warning.
+    pub fn attach(&mut self, interface: &str, mode: Mode) -> Result<Attachment, XdpError> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or_else(|| XdpError::Load(format!("the object has no program {PROGRAM_NAME}")))?
+            .try_into()
+            .map_err(|e: ProgramError| XdpError::Load(e.to_string()))?;
+        let fail = |mode: &'static str, e: ProgramError| XdpError::Attach {
+            interface: interface.to_owned(),
+            mode,
+            message: format!("{e:#}"),
+        };
+        let attachment = match mode {
+            Mode::Native => program
+                .attach(interface, XdpMode::Driver)
+                .map(|_| Attachment::Native)
+                .map_err(|e| fail("native", e))?,
+            Mode::Generic => program
+                .attach(interface, XdpMode::Skb)
+                .map(|_| Attachment::Generic)
+                .map_err(|e| fail("generic", e))?,
+            Mode::Auto => match program.attach(interface, XdpMode::Driver) {
+                Ok(_) => Attachment::Native,
+                Err(native) => {
+                    tracing::warn!(
+                        interface,
+                        error = %native,
+                        "the driver cannot run XDP natively; attaching in generic mode, which \
+                         drops later in the receive path and saves less CPU"
+                    );
+                    program
+                        .attach(interface, XdpMode::Skb)
+                        .map(|_| Attachment::Generic)
+                        .map_err(|e| fail("generic", e))?
+                }
+            },
+            Mode::Off => {
+                return Err(XdpError::Attach {
+                    interface: interface.to_owned(),
+                    mode: "off",
+                    message: "xdp.mode is off".into(),
+                });
+            }
+        };
+        tracing::info!(interface, mode = attachment.name(), "XDP guard attached");
+        self.attached.push((interface.to_owned(), attachment));
+        Ok(attachment)
+    }
+
+    /// The interfaces the guard is attached to, and how.
+    pub fn attached(&self) -> &[(String, Attachment)] {
+        &self.attached
+    }
+
+    /// Every counter slot (`ferry_common::xdp::slot_labels` names them), summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<CounterValue>, XdpError> {
+        let map = self
+            .ebpf
+            .map(MAP_COUNTERS)
+            .ok_or_else(|| map_error(MAP_COUNTERS, "missing"))?;
+        let counters: PerCpuArray<&MapData, CounterValue> =
+            PerCpuArray::try_from(map).map_err(|e| map_error(MAP_COUNTERS, e))?;
+        let mut out = Vec::with_capacity(COUNTER_SLOTS as usize);
+        for slot in 0..COUNTER_SLOTS {
+            let per_cpu = counters
+                .get(&slot, 0)
+                .map_err(|e| map_error(MAP_COUNTERS, e))?;
+            let mut sum = CounterValue::default();
+            for value in per_cpu.iter() {
+                sum.packets = sum.packets.wrapping_add(value.packets);
+                sum.bytes = sum.bytes.wrapping_add(value.bytes);
+            }
+            out.push(sum);
+        }
+        Ok(out)
+    }
+
+    /// Runs the program `repeat` times on `frame` with `BPF_PROG_TEST_RUN` (no interface
+    /// needed; maps and counters are the live ones).
+    pub fn test_run(&self, frame: &[u8], repeat: u32) -> Result<TestRunOutcome, XdpError> {
+        let program: &Xdp = self
+            .ebpf
+            .program(PROGRAM_NAME)
+            .ok_or_else(|| XdpError::Load(format!("the object has no program {PROGRAM_NAME}")))?
+            .try_into()
+            .map_err(|e: ProgramError| XdpError::Load(e.to_string()))?;
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.repeat = repeat.max(1);
+        let result = program
+            .test_run(opts)
+            .map_err(|e| XdpError::TestRun(format!("{e:#}")))?;
+        Ok(TestRunOutcome {
+            action: result.return_value,
+            per_run: result.duration,
+        })
+    }
+}
+
+/// The verifier's complaint, when that is why loading failed.
+fn verifier_error(e: &ProgramError) -> String {
+    match e {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            format!("{io_error}; verifier log:\n{verifier_log}")
+        }
+        other => format!("{other:#}"),
+    }
+}
+
+fn sync_v4(
+    trie: &mut LpmTrie<&mut MapData, [u8; 4], u32>,
+    old: &BTreeMap<Cidr, u32>,
+    new: &BTreeMap<Cidr, u32>,
+) -> Result<(), XdpError> {
+    for cidr in old.keys().filter(|c| !new.contains_key(c)) {
+        if let IpAddr::V4(a) = cidr.addr {
+            // Already gone is fine: the goal is that it is not there.
+            let _ = trie.remove(&Key::new(u32::from(cidr.prefix_len), a.octets()));
+        }
+    }
+    for (cidr, value) in new {
+        if let IpAddr::V4(a) = cidr.addr {
+            trie.insert(&Key::new(u32::from(cidr.prefix_len), a.octets()), value, 0)
+                .map_err(|e| map_error(MAP_CIDR_V4, format!("{cidr}: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
+fn sync_v6(
+    trie: &mut LpmTrie<&mut MapData, [u8; 16], u32>,
+    old: &BTreeMap<Cidr, u32>,
+    new: &BTreeMap<Cidr, u32>,
+) -> Result<(), XdpError> {
+    for cidr in old.keys().filter(|c| !new.contains_key(c)) {
+        if let IpAddr::V6(a) = cidr.addr {
+            let _ = trie.remove(&Key::new(u32::from(cidr.prefix_len), a.octets()));
+        }
+    }
+    for (cidr, value) in new {
+        if let IpAddr::V6(a) = cidr.addr {
+            trie.insert(&Key::new(u32::from(cidr.prefix_len), a.octets()), value, 0)
+                .map_err(|e| map_error(MAP_CIDR_V6, format!("{cidr}: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_parse_strictly() {
+        let c: Cidr = "198.18.0.0/15".parse().unwrap();
+        assert_eq!(c.prefix_len, 15);
+        assert!(c.contains("198.19.255.1".parse().unwrap()));
+        assert!(!c.contains("198.20.0.1".parse().unwrap()));
+        assert!(!c.contains("2001:db8::1".parse().unwrap()));
+        let bare: Cidr = "2001:db8::7".parse().unwrap();
+        assert_eq!(bare.prefix_len, 128);
+        let err = "198.18.0.1/24".parse::<Cidr>().unwrap_err();
+        assert!(err.contains("198.18.0.0/24"), "{err}");
+        assert!("198.18.0.0/33".parse::<Cidr>().is_err());
+        assert!("2001:db8::/129".parse::<Cidr>().is_err());
+        assert!("eth0".parse::<Cidr>().is_err());
+        assert!("0.0.0.0/0".parse::<Cidr>().is_ok());
+        assert!("::/0".parse::<Cidr>().is_ok());
+    }
+
+    #[test]
+    fn modes_parse() {
+        for mode in [Mode::Auto, Mode::Native, Mode::Generic, Mode::Off] {
+            assert_eq!(mode.name().parse::<Mode>(), Ok(mode));
+        }
+        assert!("xdpdrv".parse::<Mode>().is_err());
+    }
+}
+
+/// Builds Ethernet frames carrying UDP, for `BPF_PROG_TEST_RUN` tests and benchmarks of the
+/// guard: VLAN tags, IPv4 options, fragments and wrong length fields on request.
+pub mod frame {
+    use std::net::IpAddr;
+
+    /// What to build. [`Frame::udp`] fills in a well-formed frame; change fields to break it.
+    #[derive(Clone, Debug)]
+    pub struct Frame {
+        /// Source address (its family picks IPv4 or IPv6; the destination must match).
+        pub src: IpAddr,
+        /// Destination address.
+        pub dst: IpAddr,
+        /// UDP source port.
+        pub src_port: u16,
+        /// UDP destination port.
+        pub dst_port: u16,
+        /// 802.1Q tags (VLAN ids), outermost first.
+        pub vlans: Vec<u16>,
+        /// IPv4 option bytes (a multiple of 4, at most 40); IPv6: a destination-options
+        /// extension header of this many bytes (a multiple of 8) instead.
+        pub ip_options: usize,
+        /// IPv4 fragment offset (8-byte units) and more-fragments flag; IPv6: a fragment
+        /// header with these values.
+        pub fragment: Option<(u16, bool)>,
+        /// Added to the IP length field (total length or payload length).
+        pub ip_len_delta: i32,
+        /// Added to the UDP length field.
+        pub udp_len_delta: i32,
+        /// Overrides the IP version nibble.
+        pub ip_version: Option<u8>,
+        /// Overrides the IPv4 IHL (in 4-byte words).
+        pub ihl: Option<u8>,
+        /// Bytes of Ethernet padding after the IP packet.
+        pub trailer: usize,
+    }
+
+    impl Frame {
+        /// A well-formed UDP frame from `src` to `dst`:`dst_port`.
+        pub fn udp(src: IpAddr, dst: IpAddr, dst_port: u16) -> Self {
+            Frame {
+                src,
+                dst,
+                src_port: 40_000,
+                dst_port,
+                vlans: Vec::new(),
+                ip_options: 0,
+                fragment: None,
+                ip_len_delta: 0,
+                udp_len_delta: 0,
+                ip_version: None,
+                ihl: None,
+                trailer: 0,
+            }
+        }
+
+        /// The frame's bytes around UDP `payload`.
+        pub fn build(&self, payload: &[u8]) -> Vec<u8> {
+            let mut out = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+            for vlan in &self.vlans {
+                out.extend_from_slice(&0x8100u16.to_be_bytes());
+                out.extend_from_slice(&(vlan & 0x0fff).to_be_bytes());
+            }
+            let udp_len = 8 + payload.len();
+            let mut udp = Vec::with_capacity(udp_len);
+            udp.extend_from_slice(&self.src_port.to_be_bytes());
+            udp.extend_from_slice(&self.dst_port.to_be_bytes());
+            udp.extend_from_slice(&adjust(udp_len, self.udp_len_delta).to_be_bytes());
+            udp.extend_from_slice(&[0, 0]); // no checksum: the kernel is not asked to verify
+            udp.extend_from_slice(payload);
+            match (self.src, self.dst) {
+                (IpAddr::V4(src), IpAddr::V4(dst)) => {
+                    out.extend_from_slice(&0x0800u16.to_be_bytes());
+                    let ihl = self.ihl.unwrap_or((5 + self.ip_options / 4) as u8);
+                    let header_len = 20 + self.ip_options;
+                    let total = header_len + udp.len();
+                    let version = self.ip_version.unwrap_or(4);
+                    out.push((version << 4) | (ihl & 0x0f));
+                    out.push(0);
+                    out.extend_from_slice(&adjust(total, self.ip_len_delta).to_be_bytes());
+                    out.extend_from_slice(&[0x12, 0x34]);
+                    let frag = match self.fragment {
+                        Some((offset, more)) => (offset & 0x1fff) | if more { 0x2000 } else { 0 },
+                        None => 0x4000, // don't fragment
+                    };
+                    out.extend_from_slice(&frag.to_be_bytes());
+                    out.extend_from_slice(&[64, 17, 0, 0]);
+                    out.extend_from_slice(&src.octets());
+                    out.extend_from_slice(&dst.octets());
+                    // Options: NOPs, then end-of-list.
+                    let mut options = vec![1u8; self.ip_options];
+                    if let Some(last) = options.last_mut() {
+                        *last = 0;
+                    }
+                    out.extend_from_slice(&options);
+                }
+                (IpAddr::V6(src), IpAddr::V6(dst)) => {
+                    out.extend_from_slice(&0x86ddu16.to_be_bytes());
+                    let mut ext = Vec::new();
+                    let mut next = 17u8;
+                    if let Some((offset, more)) = self.fragment {
+                        let field = (offset << 3) | u16::from(more);
+                        let mut frag = vec![next, 0];
+                        frag.extend_from_slice(&field.to_be_bytes());
+                        frag.extend_from_slice(&[0, 0, 0, 1]);
+                        ext.splice(0..0, frag);
+                        next = 44;
+                    }
+                    if self.ip_options >= 8 {
+                        let mut opts = vec![next, (self.ip_options / 8 - 1) as u8];
+                        opts.extend_from_slice(&[1, (self.ip_options - 4) as u8]);
+                        opts.resize(self.ip_options, 0);
+                        ext.splice(0..0, opts);
+                        next = 60;
+                    }
+                    let version = self.ip_version.unwrap_or(6);
+                    out.extend_from_slice(&[version << 4, 0, 0, 0]);
+                    let payload_len = ext.len() + udp.len();
+                    out.extend_from_slice(&adjust(payload_len, self.ip_len_delta).to_be_bytes());
+                    out.extend_from_slice(&[next, 64]);
+                    out.extend_from_slice(&src.octets());
+                    out.extend_from_slice(&dst.octets());
+                    out.extend_from_slice(&ext);
+                }
+                _ => panic!("source and destination must be the same IP family"),
+            }
+            out.extend_from_slice(&udp);
+            out.resize(out.len() + self.trailer, 0);
+            out
+        }
+    }
+
+    fn adjust(len: usize, delta: i32) -> u16 {
+        (len as i64 + i64::from(delta)).clamp(0, 0xffff) as u16
+    }
+}

@@ -1,0 +1,684 @@
+//! The XDP guard on crafted frames with `BPF_PROG_TEST_RUN`: no interface needed, real
+//! kernel verifier, real maps. Every malformed class is dropped with its counter, valid
+//! packets pass (IPv4, IPv6, VLAN, IP options), buckets refill over time, and the CIDR lists
+//! deny and allow by longest prefix.
+//!
+//! Needs root (CAP_BPF); skipped otherwise unless `FERRY_REQUIRE_PRIVILEGED=1`.
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap fails the test
+
+mod common;
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use ferry_common::header::{
+    BIND_BODY_LEN, CHALLENGE_BODY_LEN, HEADER_LEN, Header, HeaderError, KEEPALIVE_BODY_LEN,
+    MAX_DATA_BODY, PacketType, REBIND_BODY_LEN,
+};
+use ferry_common::xdp::{Counter, Rate, slot_labels};
+use ferry_relay::xdp::frame::Frame;
+use ferry_relay::xdp::{Cidr, Guard, Mode, XDP_DROP, XDP_PASS, XdpSettings};
+
+const PORT: u16 = 7000;
+const OTHER_PORT: u16 = 7001;
+
+fn settings() -> XdpSettings {
+    XdpSettings {
+        mode: Mode::Auto,
+        interfaces: Vec::new(),
+        max_sources: 1024,
+        ipv6_prefix_len: 64,
+        drop_all_fragments: false,
+        data_packets: Rate::new(1_000_000, 100_000).unwrap(),
+        data_bytes: Rate::new(1_000_000_000, 100_000_000).unwrap(),
+        handshake: Rate::new(1_000, 1_000).unwrap(),
+        deny: Vec::new(),
+        allow: Vec::new(),
+    }
+}
+
+/// A loaded, configured guard, or `None` when the test must skip.
+fn guard(test: &str, settings: &XdpSettings) -> Option<Guard> {
+    common::netns::require(test)?;
+    let mut guard = Guard::load(settings.max_sources).unwrap();
+    guard.configure(settings, &[PORT, OTHER_PORT]).unwrap();
+    Some(guard)
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+const RELAY4: &str = "198.18.0.1";
+const RELAY6: &str = "2001:db8::1";
+
+/// A datagram with a valid header of `packet_type` and `body_len` zero bytes.
+fn datagram(packet_type: PacketType, body_len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; HEADER_LEN + body_len];
+    let mut first = [0u8; HEADER_LEN];
+    Header {
+        packet_type,
+        session_id: 0x0102_0304_0506_0708,
+        body_len: body_len as u16,
+    }
+    .write(&mut first);
+    out[..HEADER_LEN].copy_from_slice(&first);
+    out
+}
+
+fn data(body_len: usize) -> Vec<u8> {
+    datagram(PacketType::Data, body_len)
+}
+
+fn bind() -> Vec<u8> {
+    datagram(PacketType::Bind, BIND_BODY_LEN)
+}
+
+fn v4_from(src: &str) -> Frame {
+    Frame::udp(ip(src), ip(RELAY4), PORT)
+}
+
+fn v6_from(src: &str) -> Frame {
+    Frame::udp(ip(src), ip(RELAY6), PORT)
+}
+
+/// Runs `frame` once and checks the action and that exactly `slot` counted it.
+fn expect(guard: &Guard, frame: &[u8], action: u32, slot: u32, what: &str) {
+    let before = guard.counters().unwrap();
+    let outcome = guard.test_run(frame, 1).unwrap();
+    let after = guard.counters().unwrap();
+    assert_eq!(
+        outcome.action,
+        action,
+        "{what}: action {} (expected {action}); counters moved: {:?}",
+        outcome.action,
+        moved(&before, &after)
+    );
+    let moved = moved(&before, &after);
+    let (want_action, want_reason) = slot_labels(slot).unwrap();
+    assert_eq!(
+        moved,
+        vec![(want_action, want_reason, frame.len() as u64)],
+        "{what}: counted by the wrong slot"
+    );
+}
+
+/// The counters that changed: (action, reason, bytes added).
+fn moved(
+    before: &[ferry_common::xdp::CounterValue],
+    after: &[ferry_common::xdp::CounterValue],
+) -> Vec<(&'static str, &'static str, u64)> {
+    let mut out = Vec::new();
+    for (slot, (b, a)) in before.iter().zip(after).enumerate() {
+        if a.packets != b.packets {
+            let (action, reason) = slot_labels(slot as u32).unwrap();
+            assert_eq!(a.packets - b.packets, 1, "{reason} counted twice");
+            out.push((action, reason, a.bytes - b.bytes));
+        }
+    }
+    out
+}
+
+const PASS_RELAY: u32 = Counter::PassRelay as u32;
+const PASS_OTHER: u32 = Counter::PassOther as u32;
+
+#[test]
+fn valid_relay_packets_pass_in_every_encapsulation() {
+    let Some(g) = guard(
+        "valid_relay_packets_pass_in_every_encapsulation",
+        &settings(),
+    ) else {
+        return;
+    };
+    let d = data(100);
+    expect(
+        &g,
+        &v4_from("198.18.0.2").build(&d),
+        XDP_PASS,
+        PASS_RELAY,
+        "IPv4",
+    );
+    expect(
+        &g,
+        &v6_from("2001:db8::2").build(&d),
+        XDP_PASS,
+        PASS_RELAY,
+        "IPv6",
+    );
+    let mut f = v4_from("198.18.0.2");
+    f.vlans = vec![100];
+    expect(
+        &g,
+        &f.build(&d),
+        XDP_PASS,
+        PASS_RELAY,
+        "IPv4 in one VLAN tag",
+    );
+    f.vlans = vec![100, 200];
+    expect(&g, &f.build(&d), XDP_PASS, PASS_RELAY, "IPv4 in QinQ");
+    let mut f = v6_from("2001:db8::2");
+    f.vlans = vec![7];
+    expect(&g, &f.build(&d), XDP_PASS, PASS_RELAY, "IPv6 in a VLAN");
+    let mut f = v4_from("198.18.0.2");
+    f.ip_options = 40;
+    expect(
+        &g,
+        &f.build(&d),
+        XDP_PASS,
+        PASS_RELAY,
+        "IPv4 with 40 bytes of options",
+    );
+    let mut f = v6_from("2001:db8::2");
+    f.ip_options = 16;
+    expect(
+        &g,
+        &f.build(&d),
+        XDP_PASS,
+        PASS_RELAY,
+        "IPv6 with destination options",
+    );
+    let mut f = v4_from("198.18.0.2");
+    f.trailer = 20;
+    let tiny = datagram(PacketType::Keepalive, KEEPALIVE_BODY_LEN);
+    expect(
+        &g,
+        &f.build(&tiny),
+        XDP_PASS,
+        PASS_RELAY,
+        "Ethernet padding after IPv4",
+    );
+    let mut f = Frame::udp(ip("198.18.0.2"), ip(RELAY4), OTHER_PORT);
+    f.src_port = 1;
+    expect(
+        &g,
+        &f.build(&d),
+        XDP_PASS,
+        PASS_RELAY,
+        "the second relay port",
+    );
+    for (ty, len) in [
+        (PacketType::Data, 1),
+        (PacketType::Data, MAX_DATA_BODY),
+        (PacketType::Bind, BIND_BODY_LEN),
+        (PacketType::Rebind, REBIND_BODY_LEN),
+        (PacketType::Keepalive, KEEPALIVE_BODY_LEN),
+    ] {
+        let frame = v4_from("198.18.0.3").build(&datagram(ty, len));
+        expect(
+            &g,
+            &frame,
+            XDP_PASS,
+            PASS_RELAY,
+            &format!("{ty:?} of {len}"),
+        );
+    }
+}
+
+#[test]
+fn other_traffic_passes_untouched() {
+    let Some(g) = guard("other_traffic_passes_untouched", &settings()) else {
+        return;
+    };
+    let garbage = [0xffu8; 3];
+    let f = Frame::udp(ip("198.18.0.2"), ip(RELAY4), 53);
+    expect(
+        &g,
+        &f.build(&garbage),
+        XDP_PASS,
+        PASS_OTHER,
+        "UDP to another port",
+    );
+    let f = Frame::udp(ip("2001:db8::2"), ip(RELAY6), 443);
+    expect(
+        &g,
+        &f.build(&garbage),
+        XDP_PASS,
+        PASS_OTHER,
+        "IPv6 UDP to another port",
+    );
+    // ARP: neither IPv4 nor IPv6.
+    let mut arp = vec![0xffu8; 12];
+    arp.extend_from_slice(&[0x08, 0x06]);
+    arp.extend_from_slice(&[0u8; 28]);
+    expect(&g, &arp, XDP_PASS, PASS_OTHER, "ARP");
+    // TCP to the relay port: the guard meters UDP only.
+    let mut tcp = v4_from("198.18.0.2").build(&data(10));
+    tcp[14 + 9] = 6;
+    expect(&g, &tcp, XDP_PASS, PASS_OTHER, "TCP to the relay port");
+    // A bare Ethernet header (BPF_PROG_TEST_RUN needs at least that much).
+    let mut bare = vec![0u8; 12];
+    bare.extend_from_slice(&[0x88, 0xb5]);
+    expect(&g, &bare, XDP_PASS, PASS_OTHER, "a bare Ethernet header");
+    // An IPv4 ethertype with nothing after it: the kernel would drop it too.
+    bare[12..].copy_from_slice(&[0x08, 0x00]);
+    let bad_ip = Counter::DropBadIpHeader as u32;
+    expect(
+        &g,
+        &bare,
+        XDP_DROP,
+        bad_ip,
+        "an IPv4 ethertype and no header",
+    );
+    // A non-first fragment: no UDP header, port unknown, so it passes by default.
+    let mut f = v4_from("198.18.0.2");
+    f.fragment = Some((100, false));
+    expect(
+        &g,
+        &f.build(&garbage),
+        XDP_PASS,
+        PASS_OTHER,
+        "a non-first IPv4 fragment",
+    );
+}
+
+#[test]
+fn every_malformed_class_is_dropped_and_counted() {
+    let Some(g) = guard("every_malformed_class_is_dropped_and_counted", &settings()) else {
+        return;
+    };
+    let drop = |counter: Counter| counter as u32;
+    let rule = Counter::malformed_slot;
+    let good = data(100);
+
+    // Each header rule of protocol.md §2.1, IPv4 and IPv6.
+    let mut cases: Vec<(Vec<u8>, HeaderError)> = Vec::new();
+    cases.push((good[..HEADER_LEN - 1].to_vec(), HeaderError::TooShort));
+    cases.push((data(MAX_DATA_BODY + 1), HeaderError::TooLong));
+    let mut bad = good.clone();
+    bad[0] = b'X';
+    cases.push((bad, HeaderError::BadMagic));
+    let mut bad = good.clone();
+    bad[2] = 9;
+    cases.push((bad, HeaderError::BadVersion));
+    let mut bad = good.clone();
+    bad[3] = 0xee;
+    cases.push((bad, HeaderError::UnknownType));
+    let mut bad = good.clone();
+    bad[4..12].fill(0);
+    cases.push((bad, HeaderError::ZeroSession));
+    let mut bad = good.clone();
+    bad[15] = 1;
+    cases.push((bad, HeaderError::ReservedNonZero));
+    let mut bad = good.clone();
+    bad[13] ^= 1;
+    cases.push((bad, HeaderError::LengthMismatch));
+    cases.push((
+        datagram(PacketType::Bind, BIND_BODY_LEN - 1),
+        HeaderError::BodyLengthOutOfRange,
+    ));
+    assert_eq!(cases.len(), HeaderError::COUNT, "one case per rule");
+    for (payload, err) in &cases {
+        let f4 = v4_from("198.18.0.2").build(payload);
+        expect(&g, &f4, XDP_DROP, rule(*err), &format!("IPv4 {err:?}"));
+        let f6 = v6_from("2001:db8::2").build(payload);
+        expect(&g, &f6, XDP_DROP, rule(*err), &format!("IPv6 {err:?}"));
+    }
+
+    // A relay-only type sent to the relay.
+    let challenge = datagram(PacketType::Challenge, CHALLENGE_BODY_LEN);
+    let f = v4_from("198.18.0.2").build(&challenge);
+    expect(
+        &g,
+        &f,
+        XDP_DROP,
+        drop(Counter::DropUnexpectedType),
+        "CHALLENGE to the relay",
+    );
+
+    // Fragments.
+    let mut f = v4_from("198.18.0.2");
+    f.fragment = Some((0, true));
+    expect(
+        &g,
+        &f.build(&good),
+        XDP_DROP,
+        drop(Counter::DropFragment),
+        "IPv4 first fragment",
+    );
+    let mut f = v6_from("2001:db8::2");
+    f.fragment = Some((0, true));
+    expect(
+        &g,
+        &f.build(&good),
+        XDP_DROP,
+        drop(Counter::DropFragment),
+        "IPv6 first fragment",
+    );
+
+    // UDP length.
+    for delta in [-1, 1, -100] {
+        let mut f = v4_from("198.18.0.2");
+        f.udp_len_delta = delta;
+        let what = format!("IPv4 UDP length off by {delta}");
+        expect(
+            &g,
+            &f.build(&good),
+            XDP_DROP,
+            drop(Counter::DropBadUdpLength),
+            &what,
+        );
+        let mut f = v6_from("2001:db8::2");
+        f.udp_len_delta = delta;
+        let what = format!("IPv6 UDP length off by {delta}");
+        expect(
+            &g,
+            &f.build(&good),
+            XDP_DROP,
+            drop(Counter::DropBadUdpLength),
+            &what,
+        );
+    }
+    let mut f = v4_from("198.18.0.2");
+    f.udp_len_delta = -(good.len() as i32) - 3; // 5: under the UDP header
+    expect(
+        &g,
+        &f.build(&good),
+        XDP_DROP,
+        drop(Counter::DropBadUdpLength),
+        "UDP length 5",
+    );
+
+    // IP headers the kernel would drop too.
+    let bad_ip = drop(Counter::DropBadIpHeader);
+    let mut f = v4_from("198.18.0.2");
+    f.ihl = Some(4);
+    expect(&g, &f.build(&good), XDP_DROP, bad_ip, "IHL 4");
+    let mut f = v4_from("198.18.0.2");
+    f.ip_len_delta = 1;
+    expect(
+        &g,
+        &f.build(&good),
+        XDP_DROP,
+        bad_ip,
+        "IPv4 total length past the frame",
+    );
+    let mut f = v4_from("198.18.0.2");
+    f.ip_version = Some(5);
+    expect(
+        &g,
+        &f.build(&good),
+        XDP_DROP,
+        bad_ip,
+        "IPv4 ethertype, version 5",
+    );
+    let mut f = v6_from("2001:db8::2");
+    f.ip_len_delta = 1;
+    expect(
+        &g,
+        &f.build(&good),
+        XDP_DROP,
+        bad_ip,
+        "IPv6 payload length past the frame",
+    );
+    let mut cut = v4_from("198.18.0.2").build(&good);
+    cut.truncate(14 + 10);
+    expect(
+        &g,
+        &cut,
+        XDP_DROP,
+        bad_ip,
+        "a frame cut inside the IPv4 header",
+    );
+
+    // A shorter IP length with the UDP length left alone: the UDP length now disagrees.
+    let mut f = v4_from("198.18.0.2");
+    f.ip_len_delta = -1;
+    f.trailer = 1;
+    expect(
+        &g,
+        &f.build(&good),
+        XDP_DROP,
+        drop(Counter::DropBadUdpLength),
+        "IP says less",
+    );
+}
+
+#[test]
+fn non_first_fragments_drop_when_configured() {
+    let mut s = settings();
+    s.drop_all_fragments = true;
+    let Some(g) = guard("non_first_fragments_drop_when_configured", &s) else {
+        return;
+    };
+    let mut f = Frame::udp(ip("198.18.0.2"), ip(RELAY4), 53);
+    f.fragment = Some((100, true));
+    let what = "a non-first IPv4 fragment";
+    expect(
+        &g,
+        &f.build(&[1; 64]),
+        XDP_DROP,
+        Counter::DropFragment as u32,
+        what,
+    );
+    let mut f = Frame::udp(ip("2001:db8::2"), ip(RELAY6), 53);
+    f.fragment = Some((100, false));
+    let what = "a non-first IPv6 fragment";
+    expect(
+        &g,
+        &f.build(&[1; 64]),
+        XDP_DROP,
+        Counter::DropFragment as u32,
+        what,
+    );
+}
+
+/// Sends `frame` `n` times, one run each, and returns how many passed.
+fn passed(g: &Guard, frame: &[u8], n: usize) -> usize {
+    (0..n)
+        .filter(|_| g.test_run(frame, 1).unwrap().action == XDP_PASS)
+        .count()
+}
+
+#[test]
+fn handshakes_and_data_have_separate_buckets_that_refill() {
+    let mut s = settings();
+    s.handshake = Rate::new(20, 5).unwrap(); // 50 ms a packet
+    s.data_packets = Rate::new(20, 10).unwrap();
+    let Some(g) = guard("handshakes_and_data_have_separate_buckets_that_refill", &s) else {
+        return;
+    };
+    let hs = v4_from("198.18.0.2").build(&bind());
+    let dat = v4_from("198.18.0.2").build(&data(100));
+    assert_eq!(passed(&g, &hs, 20), 5, "the handshake burst");
+    expect(
+        &g,
+        &hs,
+        XDP_DROP,
+        Counter::DropRateHandshake as u32,
+        "over the rate",
+    );
+    assert_eq!(passed(&g, &dat, 30), 10, "data has its own bucket");
+    expect(
+        &g,
+        &dat,
+        XDP_DROP,
+        Counter::DropRateDataPackets as u32,
+        "over the rate",
+    );
+    // Another source is metered on its own.
+    let other = v4_from("198.18.0.3").build(&bind());
+    assert_eq!(
+        passed(&g, &other, 20),
+        5,
+        "a second source gets its own burst"
+    );
+    // Refill: 20 a second, so 300 ms brings back the whole burst of 5 (and no more).
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(passed(&g, &hs, 20), 5, "refilled to the burst, not beyond");
+}
+
+#[test]
+fn the_byte_rate_counts_datagram_bytes() {
+    let mut s = settings();
+    s.data_bytes = Rate::new(1_000, 3_000).unwrap();
+    let Some(g) = guard("the_byte_rate_counts_datagram_bytes", &s) else {
+        return;
+    };
+    let big = v4_from("198.18.0.2").build(&data(1000 - HEADER_LEN));
+    assert_eq!(
+        passed(&g, &big, 10),
+        3,
+        "3000 bytes of burst: three 1000-byte datagrams"
+    );
+    expect(
+        &g,
+        &big,
+        XDP_DROP,
+        Counter::DropRateDataBytes as u32,
+        "over the byte rate",
+    );
+    // The packet bucket was not charged for the refused ones: small datagrams still pass
+    // until the byte bucket is empty too.
+    let small = v4_from("198.18.0.9").build(&data(10));
+    assert_eq!(
+        passed(&g, &small, 10),
+        10,
+        "another source, small datagrams"
+    );
+}
+
+#[test]
+fn ipv6_sources_share_a_bucket_per_prefix() {
+    let mut s = settings();
+    s.handshake = Rate::new(1, 3).unwrap();
+    s.ipv6_prefix_len = 64;
+    let Some(g) = guard("ipv6_sources_share_a_bucket_per_prefix", &s) else {
+        return;
+    };
+    let a = v6_from("2001:db8:0:1::a").build(&bind());
+    let b = v6_from("2001:db8:0:1:ffff::b").build(&bind());
+    let c = v6_from("2001:db8:0:2::a").build(&bind());
+    assert_eq!(passed(&g, &a, 2), 2);
+    assert_eq!(
+        passed(&g, &b, 5),
+        1,
+        "same /64: one left of the shared burst of 3"
+    );
+    assert_eq!(passed(&g, &c, 5), 3, "another /64: its own burst");
+}
+
+#[test]
+fn cidr_lists_deny_and_allow_by_longest_prefix_and_reload_live() {
+    let mut s = settings();
+    s.handshake = Rate::new(1, 2).unwrap();
+    s.deny = vec![
+        "198.18.0.0/16".parse().unwrap(),
+        "2001:db8:bad::/48".parse().unwrap(),
+    ];
+    s.allow = vec!["198.18.7.0/24".parse::<Cidr>().unwrap()];
+    let Some(mut g) = guard(
+        "cidr_lists_deny_and_allow_by_longest_prefix_and_reload_live",
+        &s,
+    ) else {
+        return;
+    };
+    let deny = Counter::DropDenyListed as u32;
+    let allowed = Counter::PassAllowListed as u32;
+    let d = data(50);
+    expect(
+        &g,
+        &v4_from("198.18.3.3").build(&d),
+        XDP_DROP,
+        deny,
+        "inside the deny /16",
+    );
+    expect(
+        &g,
+        &v6_from("2001:db8:bad:1::1").build(&d),
+        XDP_DROP,
+        deny,
+        "deny /48",
+    );
+    expect(
+        &g,
+        &v6_from("2001:db8:900::1").build(&d),
+        XDP_PASS,
+        PASS_RELAY,
+        "outside",
+    );
+    expect(
+        &g,
+        &v4_from("198.19.0.1").build(&d),
+        XDP_PASS,
+        PASS_RELAY,
+        "outside the /16",
+    );
+    // The allow /24 inside the deny /16 wins, and skips the meters: ten handshakes pass
+    // where the burst is two.
+    let bind_allowed = v4_from("198.18.7.7").build(&bind());
+    for _ in 0..10 {
+        expect(
+            &g,
+            &bind_allowed,
+            XDP_PASS,
+            allowed,
+            "allow-listed handshake",
+        );
+    }
+    // Allow-listed sources still get the header checks.
+    let mut bad = d.clone();
+    bad[0] = 0;
+    let rule = Counter::malformed_slot(HeaderError::BadMagic);
+    expect(
+        &g,
+        &v4_from("198.18.7.7").build(&bad),
+        XDP_DROP,
+        rule,
+        "allow-listed garbage",
+    );
+    // Deny-listed traffic to another port is not the guard's business.
+    let other = Frame::udp(ip("198.18.3.3"), ip(RELAY4), 53).build(&d);
+    expect(
+        &g,
+        &other,
+        XDP_PASS,
+        PASS_OTHER,
+        "deny-listed source, other port",
+    );
+
+    // Reload: the deny /16 goes, a new deny appears; the program never detaches.
+    s.deny = vec!["198.19.0.0/16".parse().unwrap()];
+    s.allow = Vec::new();
+    g.configure(&s, &[PORT]).unwrap();
+    expect(
+        &g,
+        &v4_from("198.18.3.3").build(&d),
+        XDP_PASS,
+        PASS_RELAY,
+        "deny removed",
+    );
+    expect(
+        &g,
+        &v4_from("198.19.0.1").build(&d),
+        XDP_DROP,
+        deny,
+        "deny added",
+    );
+    expect(
+        &g,
+        &v6_from("2001:db8:bad:1::1").build(&d),
+        XDP_PASS,
+        PASS_RELAY,
+        "v6 removed",
+    );
+    // The port list was reloaded too: 7001 is no longer a relay port.
+    let f = Frame::udp(ip("198.18.3.3"), ip(RELAY4), OTHER_PORT).build(&d);
+    expect(
+        &g,
+        &f,
+        XDP_PASS,
+        PASS_OTHER,
+        "port 7001 dropped from the config",
+    );
+}
+
+#[test]
+fn an_unconfigured_guard_passes_everything() {
+    if common::netns::require("an_unconfigured_guard_passes_everything").is_none() {
+        return;
+    }
+    let g = Guard::load(16).unwrap();
+    let mut garbage = v4_from("198.18.0.2").build(&data(10));
+    garbage[14 + 28] = 0; // bad magic
+    expect(&g, &garbage, XDP_PASS, PASS_OTHER, "before configure");
+}
