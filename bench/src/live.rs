@@ -46,16 +46,25 @@ fn micros_now() -> u64 {
 pub fn run(relay_bin: &Path, messages: usize, payload: usize) -> anyhow::Result<LiveReport> {
     // Default limits except the per-slot budget, which the demo's back-to-back round trips
     // would exceed (1.25 MB/s by default).
+    // The XDP guard needs root; as root it runs on loopback in generic mode (loopback has no
+    // driver to run it natively), as it would on a NIC.
+    let xdp = is_root().then_some("lo");
     let relay = RelayProcess::start(
         relay_bin,
         0,
         "",
         "[limits]\ndefault_session_rate = 1000000000\nmax_session_rate = 1000000000\n\n\
          [log]\nlevel = \"warn\"",
+        xdp,
     )?;
     println!(
-        "  ferry-relay running: UDP {} (io_uring), admin http://{}",
-        relay.listen, relay.admin
+        "  ferry-relay running: UDP {} (io_uring), admin http://{}, XDP guard {}",
+        relay.listen,
+        relay.admin,
+        match xdp {
+            Some(_) => "on lo (generic mode)",
+            None => "off (needs root)",
+        }
     );
     let rng = SystemRandom::new();
     let session = micros_now();
@@ -143,9 +152,57 @@ pub fn run(relay_bin: &Path, messages: usize, payload: usize) -> anyhow::Result<
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum::<u64>()
     );
+    if xdp.is_some() {
+        show_the_guard(&relay)?;
+    }
     Ok(LiveReport {
         round_trips: messages,
         elapsed,
         forwarded,
     })
+}
+
+/// Whether this process runs as root (owns `/proc/self`), which loading XDP needs.
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// Sends the relay three datagrams that break the header rules and shows that the XDP guard
+/// dropped them before the relay saw them.
+fn show_the_guard(relay: &RelayProcess) -> anyhow::Result<()> {
+    let before = relay.metrics();
+    let stray = UdpSocket::bind("127.0.0.1:0")?;
+    for garbage in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        &[0u8; 8],
+        &[0x46, 0x52, 9, 0, 1],
+    ] {
+        stray.send_to(garbage, relay.listen)?;
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let after = relay.metrics();
+    let xdp_drops = |page: &str| {
+        page.lines()
+            .filter(|l| l.starts_with("ferry_xdp_packets_total{action=\"drop\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    let dropped = xdp_drops(&after) - xdp_drops(&before);
+    let relay_malformed = metric(&after, "ferry_drops_total{reason=\"malformed\"}")
+        - metric(&before, "ferry_drops_total{reason=\"malformed\"}");
+    ensure!(
+        dropped == 3 && relay_malformed == 0,
+        "the XDP guard should have dropped 3 malformed datagrams before the relay (it dropped \
+         {dropped}, the relay saw {relay_malformed})"
+    );
+    println!(
+        "  XDP guard: passed {} relay datagrams; dropped 3 malformed ones before the relay saw \
+         them (too short, bad magic, bad version)",
+        metric(
+            &after,
+            "ferry_xdp_packets_total{action=\"pass\",reason=\"relay\"}"
+        )
+    );
+    Ok(())
 }

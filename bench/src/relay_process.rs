@@ -56,8 +56,15 @@ pub struct RelayProcess {
 impl RelayProcess {
     /// Starts `bin` (the `ferry-relay` binary) on 127.0.0.1 with one worker pinned to `cpu`,
     /// `relay_extra` appended to its `[relay]` section and `rest` appended to the file, and
-    /// waits until `/readyz` says ready.
-    pub fn start(bin: &Path, cpu: usize, relay_extra: &str, rest: &str) -> anyhow::Result<Self> {
+    /// waits until `/readyz` says ready. With `xdp_generic_on = Some("lo")` the XDP guard runs
+    /// on that interface in generic mode (needs root); with `None` it is off.
+    pub fn start(
+        bin: &Path,
+        cpu: usize,
+        relay_extra: &str,
+        rest: &str,
+        xdp_generic_on: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let rng = SystemRandom::new();
         let dir = std::env::temp_dir().join(format!(
             "ferry-relay-{}-{}",
@@ -73,8 +80,14 @@ impl RelayProcess {
         let config = format!(
             "[relay]\nid = {RELAY_ID}\nlisten = [\"{listen}\"]\nstatic_key = \"relay.key\"\n\
              workers = 1\ncpus = [{cpu}]\n{relay_extra}\n\n[[gateway_keys]]\nkid = 1\n\
-             public_key = \"{gw}\"\n\n[admin]\nlisten = \"{admin}\"\n\n{rest}\n",
+             public_key = \"{gw}\"\n\n[admin]\nlisten = \"{admin}\"\n\n{xdp}\n\n{rest}\n",
             gw = minter.public(),
+            xdp = match xdp_generic_on {
+                Some(interface) => {
+                    format!("[xdp]\nmode = \"generic\"\ninterfaces = [\"{interface}\"]")
+                }
+                None => "[xdp]\nmode = \"off\"".to_string(),
+            },
         );
         std::fs::write(dir.join("relay.toml"), config)?;
         let child = Command::new(bin)

@@ -15,8 +15,12 @@ use ferry_core::keys::{GatewayPublicKey, KeyError, RelayStaticKey};
 use ferry_core::token::VerifierConfig;
 use serde::Deserialize;
 
+use ferry_common::header::MAX_DATAGRAM;
+use ferry_common::xdp::{MAX_BURST_SECONDS, MAX_PORTS, Rate};
+
 use crate::limits::IpLimits;
 use crate::session::SessionLimits;
+use crate::xdp::{Cidr, Mode, XdpSettings};
 
 /// Where the relay looks for its config unless told otherwise.
 pub const DEFAULT_PATH: &str = "/etc/ferry/relay.toml";
@@ -95,6 +99,8 @@ struct File {
     admin: AdminSection,
     #[serde(default)]
     log: LogSection,
+    #[serde(default)]
+    xdp: XdpSection,
 }
 
 #[derive(Debug, Deserialize)]
@@ -193,6 +199,44 @@ impl Default for LogSection {
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct XdpSection {
+    mode: String,
+    interfaces: Vec<String>,
+    max_sources: u64,
+    ipv6_prefix_len: u64,
+    drop_all_fragments: bool,
+    data_packets_per_second: u64,
+    data_packet_burst: u64,
+    data_bytes_per_second: u64,
+    data_byte_burst: u64,
+    handshake_packets_per_second: u64,
+    handshake_packet_burst: u64,
+    deny: Vec<String>,
+    allow: Vec<String>,
+}
+
+impl Default for XdpSection {
+    fn default() -> Self {
+        Self {
+            mode: "auto".into(),
+            interfaces: Vec::new(),
+            max_sources: u64::from(ferry_common::xdp::DEFAULT_MAX_SOURCES),
+            ipv6_prefix_len: 64,
+            drop_all_fragments: false,
+            data_packets_per_second: 50_000,
+            data_packet_burst: 5_000,
+            data_bytes_per_second: 62_500_000,
+            data_byte_burst: 6_250_000,
+            handshake_packets_per_second: 50,
+            handshake_packet_burst: 100,
+            deny: Vec::new(),
+            allow: Vec::new(),
+        }
+    }
+}
+
 // ---- The validated config ----
 
 /// The limits an admin tunes; all of them reload on SIGHUP.
@@ -251,6 +295,8 @@ pub struct RelayConfig {
     pub admin_listen: SocketAddr,
     /// The log level.
     pub log_level: String,
+    /// The XDP guard.
+    pub xdp: XdpSettings,
 }
 
 /// Collects problems while validating.
@@ -304,6 +350,7 @@ pub fn parse_str(text: &str, path: &Path, base_dir: &Path) -> Result<RelayConfig
     let gateway_keys = validate_gateway_keys(&file.gateway_keys, &mut check);
     let limits = validate_limits(&file.limits, &mut check);
     let admin_listen = validate_admin(&file.admin, &mut check);
+    let xdp = validate_xdp(&file.xdp, &listen, &mut check);
     if !["error", "warn", "info", "debug", "trace"].contains(&file.log.level.as_str()) {
         check.fail(
             "log.level",
@@ -344,6 +391,7 @@ pub fn parse_str(text: &str, path: &Path, base_dir: &Path) -> Result<RelayConfig
         limits,
         admin_listen,
         log_level: file.log.level,
+        xdp,
     })
 }
 
@@ -562,7 +610,148 @@ fn validate_admin(admin: &AdminSection, check: &mut Check) -> SocketAddr {
     }
 }
 
+/// Most sources the XDP guard's LRU map may track (about 100 bytes each in the kernel).
+pub const MAX_XDP_SOURCES: u64 = 1 << 24;
+
+/// Checks `[xdp]`; `listen` gives the ports it guards.
+fn validate_xdp(x: &XdpSection, listen: &[SocketAddr], check: &mut Check) -> XdpSettings {
+    let mode = x.mode.parse::<Mode>().unwrap_or_else(|problem| {
+        check.fail("xdp.mode", problem);
+        Mode::Off
+    });
+    if mode != Mode::Off {
+        if x.interfaces.is_empty() {
+            check.fail(
+                "xdp.interfaces",
+                "list the interfaces that carry relay traffic (e.g. [\"eth0\"]), or set \
+                 xdp.mode = \"off\" to run without the XDP guard",
+            );
+        }
+        let mut ports: Vec<u16> = listen.iter().map(SocketAddr::port).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        if ports.len() > MAX_PORTS {
+            check.fail(
+                "relay.listen",
+                format!("the XDP guard protects at most {MAX_PORTS} distinct ports"),
+            );
+        }
+    }
+    for (i, name) in x.interfaces.iter().enumerate() {
+        let valid = !name.is_empty()
+            && name.len() < 16
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
+        if !valid {
+            check.fail(
+                format!("xdp.interfaces[{i}]"),
+                format!("{name:?} is not an interface name (1 to 15 characters, no / or :)"),
+            );
+        } else if x.interfaces[..i].contains(name) {
+            check.fail(
+                format!("xdp.interfaces[{i}]"),
+                format!("{name} is listed twice"),
+            );
+        }
+    }
+    check.range("xdp.max_sources", x.max_sources, 1, MAX_XDP_SOURCES);
+    check.range("xdp.ipv6_prefix_len", x.ipv6_prefix_len, 8, 128);
+    let mut rate = |per_second: (&str, u64), burst: (&str, u64)| -> Rate {
+        check.range(per_second.0, per_second.1, 1, 1 << 40);
+        check.range(burst.0, burst.1, 1, 1 << 40);
+        Rate::new(per_second.1, burst.1).unwrap_or_else(|| {
+            if per_second.1 > 0 && burst.1 > 0 {
+                check.fail(
+                    burst.0,
+                    format!(
+                        "a burst must be worth under {MAX_BURST_SECONDS} seconds at {} = {}",
+                        per_second.0, per_second.1
+                    ),
+                );
+            }
+            Rate::UNLIMITED
+        })
+    };
+    let data_packets = rate(
+        ("xdp.data_packets_per_second", x.data_packets_per_second),
+        ("xdp.data_packet_burst", x.data_packet_burst),
+    );
+    let data_bytes = rate(
+        ("xdp.data_bytes_per_second", x.data_bytes_per_second),
+        ("xdp.data_byte_burst", x.data_byte_burst),
+    );
+    let handshake = rate(
+        (
+            "xdp.handshake_packets_per_second",
+            x.handshake_packets_per_second,
+        ),
+        ("xdp.handshake_packet_burst", x.handshake_packet_burst),
+    );
+    if x.data_byte_burst < MAX_DATAGRAM as u64 {
+        check.fail(
+            "xdp.data_byte_burst",
+            format!(
+                "must be at least {MAX_DATAGRAM} (one full datagram), got {}",
+                x.data_byte_burst
+            ),
+        );
+    }
+    let mut lists = |field: &str, entries: &[String]| -> Vec<Cidr> {
+        let mut out: Vec<Cidr> = Vec::new();
+        for (i, entry) in entries.iter().enumerate() {
+            match entry.parse::<Cidr>() {
+                Ok(cidr) if out.contains(&cidr) => {
+                    check.fail(format!("{field}[{i}]"), format!("{cidr} is listed twice"));
+                }
+                Ok(cidr) => out.push(cidr),
+                Err(problem) => check.fail(format!("{field}[{i}]"), problem),
+            }
+        }
+        out
+    };
+    let deny = lists("xdp.deny", &x.deny);
+    let allow = lists("xdp.allow", &x.allow);
+    for (i, cidr) in allow.iter().enumerate() {
+        if deny.contains(cidr) {
+            check.fail(
+                format!("xdp.allow[{i}]"),
+                format!("{cidr} is also in xdp.deny; list it in one of them"),
+            );
+        }
+    }
+    if deny.len() + allow.len() > ferry_common::xdp::MAX_CIDRS as usize {
+        check.fail(
+            "xdp.deny",
+            format!(
+                "xdp.deny and xdp.allow hold at most {} entries together",
+                ferry_common::xdp::MAX_CIDRS
+            ),
+        );
+    }
+    XdpSettings {
+        mode,
+        interfaces: x.interfaces.clone(),
+        max_sources: u32::try_from(x.max_sources).unwrap_or(u32::MAX),
+        ipv6_prefix_len: u8::try_from(x.ipv6_prefix_len).unwrap_or(128),
+        drop_all_fragments: x.drop_all_fragments,
+        data_packets,
+        data_bytes,
+        handshake,
+        deny,
+        allow,
+    }
+}
+
 impl RelayConfig {
+    /// The distinct UDP ports the relay listens on: the ports the XDP guard protects.
+    pub fn xdp_ports(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = self.listen.iter().map(SocketAddr::port).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+
     /// The token verifier's settings.
     pub fn verifier_config(&self) -> VerifierConfig {
         VerifierConfig {
@@ -614,6 +803,9 @@ impl RelayConfig {
     /// so changing them needs a restart too: `max_clock_skew_secs` and
     /// `max_token_lifetime_secs`. A new `replay_cache_capacity` is accepted (it still bounds
     /// `max_sessions`) but the running cache keeps its size until the relay restarts.
+    ///
+    /// The XDP guard's rates, lists and fragment policy reload live; its mode, interfaces and
+    /// map size need a restart.
     pub fn reload_from(&self, new: RelayConfig) -> Result<RelayConfig, ConfigError> {
         let mut restart = Vec::new();
         if new.relay_id != self.relay_id {
@@ -647,6 +839,13 @@ impl RelayConfig {
         }
         if new.log_level != self.log_level {
             restart.push("log.level".into());
+        }
+        let (old_xdp, new_xdp) = (&self.xdp, &new.xdp);
+        if new_xdp.mode != old_xdp.mode
+            || new_xdp.interfaces != old_xdp.interfaces
+            || new_xdp.max_sources != old_xdp.max_sources
+        {
+            restart.push("xdp.mode / xdp.interfaces / xdp.max_sources".into());
         }
         match restart.is_empty() {
             true => Ok(new),
@@ -703,7 +902,7 @@ mod tests {
 
     fn minimal() -> String {
         format!(
-            "[relay]\nid = 7\nstatic_key = \"relay.key\"\n\n[[gateway_keys]]\nkid = 1\npublic_key = \"{}\"\n",
+            "[relay]\nid = 7\nstatic_key = \"relay.key\"\n\n[[gateway_keys]]\nkid = 1\npublic_key = \"{}\"\n\n[xdp]\ninterfaces = [\"eth0\"]\n",
             gateway_key()
         )
     }
@@ -962,11 +1161,49 @@ mod tests {
             ("limits", "tracked_ips = 1023", "limits.tracked_ips"),
             ("admin", "listen = \"localhost:9477\"", "admin.listen"),
             ("log", "level = \"INFO\"", "log.level"),
+            ("xdp", "mode = \"xdpdrv\"", "xdp.mode"),
+            ("xdp", "interfaces = []", "xdp.interfaces"),
+            (
+                "xdp",
+                "interfaces = [\"eth0\", \"eth0\"]",
+                "xdp.interfaces[1]",
+            ),
+            ("xdp", "interfaces = [\"a/b\"]", "xdp.interfaces[0]"),
+            (
+                "xdp",
+                "interfaces = [\"sixteen-chars-xx\"]",
+                "xdp.interfaces[0]",
+            ),
+            ("xdp", "max_sources = 0", "xdp.max_sources"),
+            ("xdp", "max_sources = 16777217", "xdp.max_sources"),
+            ("xdp", "ipv6_prefix_len = 7", "xdp.ipv6_prefix_len"),
+            ("xdp", "ipv6_prefix_len = 129", "xdp.ipv6_prefix_len"),
+            (
+                "xdp",
+                "data_packets_per_second = 0",
+                "xdp.data_packets_per_second",
+            ),
+            ("xdp", "data_packet_burst = 0", "xdp.data_packet_burst"),
+            (
+                "xdp",
+                "handshake_packet_burst = 180000",
+                "xdp.handshake_packet_burst",
+            ),
+            ("xdp", "data_byte_burst = 1471", "xdp.data_byte_burst"),
+            ("xdp", "deny = [\"198.18.0.1/24\"]", "xdp.deny[0]"),
+            ("xdp", "deny = [\"198.18.0.0/33\"]", "xdp.deny[0]"),
+            ("xdp", "deny = [\"::/0\", \"::/0\"]", "xdp.deny[1]"),
+            ("xdp", "allow = [\"example.com\"]", "xdp.allow[0]"),
         ];
         for (section, line, field) in cases {
             let text = match section {
                 "relay" if line.starts_with("id ") => minimal().replace("id = 7", line),
                 "relay" => minimal().replace("[relay]\n", &format!("[relay]\n{line}\n")),
+                // minimal() lists an interface: this line comes first, so it wins.
+                "xdp" if line.starts_with("interfaces") => {
+                    minimal().replace("interfaces = [\"eth0\"]\n", &format!("{line}\n"))
+                }
+                "xdp" => minimal().replace("[xdp]\n", &format!("[xdp]\n{line}\n")),
                 _ => minimal() + &format!("\n[{section}]\n{line}\n"),
             };
             let found = problems(dir.parse(&text));
@@ -982,16 +1219,35 @@ mod tests {
     }
 
     #[test]
+    fn xdp_lists_and_ports_are_checked() {
+        let dir = Dir::new("xdp");
+        let both = minimal().replace(
+            "[xdp]\n",
+            "[xdp]\ndeny = [\"198.18.0.0/16\"]\nallow = [\"198.18.0.0/16\", \"2001:db8::/32\"]\n",
+        );
+        assert_eq!(fields(dir.parse(&both)), ["xdp.allow[0]"]);
+        let off = "[relay]\nid = 1\nstatic_key = \"relay.key\"\n\n[[gateway_keys]]\nkid = 1\n\
+                   public_key = \"KEY\"\n\n[xdp]\nmode = \"off\"\n"
+            .replace("KEY", &gateway_key());
+        let cfg = dir.parse(&off).unwrap();
+        assert_eq!(cfg.xdp.mode, Mode::Off);
+        let cfg = dir.parse(&minimal()).unwrap();
+        assert_eq!(cfg.xdp.mode, Mode::Auto);
+        assert_eq!(cfg.xdp_ports(), [7000]);
+        assert_eq!(cfg.xdp.interfaces, ["eth0"]);
+    }
+
+    #[test]
     fn gateway_keys_are_checked() {
         let dir = Dir::new("keys");
         let key = gateway_key();
         let text = format!(
             "[relay]\nid = 1\nstatic_key = \"relay.key\"\n\n[[gateway_keys]]\nkid = 1\npublic_key = \"{key}\"\n\n\
-             [[gateway_keys]]\nkid = 1\npublic_key = \"{key}\"\n\n[[gateway_keys]]\nkid = 2\npublic_key = \"not base64!\"\n"
+             [[gateway_keys]]\nkid = 1\npublic_key = \"{key}\"\n\n[[gateway_keys]]\nkid = 2\npublic_key = \"not base64!\"\n\n[xdp]\nmode = \"off\"\n"
         );
         let found = fields(dir.parse(&text));
         assert_eq!(found, ["gateway_keys[1].kid", "gateway_keys[2].public_key"]);
-        let none = "[relay]\nid = 1\nstatic_key = \"relay.key\"\n";
+        let none = "[relay]\nid = 1\nstatic_key = \"relay.key\"\n[xdp]\nmode = \"off\"\n";
         assert_eq!(fields(dir.parse(none)), ["gateway_keys"]);
     }
 
@@ -1101,6 +1357,25 @@ mod tests {
             match old.reload_from(changed) {
                 Err(ConfigError::NeedsRestart(fields)) => assert_eq!(fields, [field]),
                 other => panic!("expected NeedsRestart for {field}, got {other:?}"),
+            }
+        }
+        // The guard's rates and lists reload; its mode, interfaces and map size do not.
+        let xdp = |line: &str| {
+            dir.parse(&minimal().replace("[xdp]\n", &format!("[xdp]\n{line}\n")))
+                .unwrap()
+        };
+        let applied = old
+            .reload_from(xdp(
+                "deny = [\"198.18.0.0/15\"]\ndata_packets_per_second = 10",
+            ))
+            .unwrap();
+        assert_eq!(applied.xdp.deny.len(), 1);
+        for line in ["mode = \"generic\"", "max_sources = 1000"] {
+            match old.reload_from(xdp(line)) {
+                Err(ConfigError::NeedsRestart(fields)) => {
+                    assert_eq!(fields, ["xdp.mode / xdp.interfaces / xdp.max_sources"])
+                }
+                other => panic!("expected NeedsRestart for {line}, got {other:?}"),
             }
         }
         let other_key = Dir::new("reload-key");

@@ -1,21 +1,27 @@
-//! The relay's `/metrics` page: session counters summed over the shards, and each worker's
-//! datagram and io_uring counters.
+//! The relay's `/metrics` page: session counters summed over the shards, each worker's
+//! datagram and io_uring counters, and the XDP guard's verdict counters.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use ferry_common::xdp::{CounterValue, slot_labels};
 use ferry_core::wire::{HeaderError, RejectReason};
 
 use crate::metrics::{Kind, PromWriter};
 use crate::session::DropReason;
 use crate::shards::Sessions;
 use crate::worker::WorkerStats;
+use crate::xdp::Guard;
 
 /// One per-worker metric family: name, help, and how to read it.
 type WorkerMetric = (&'static str, &'static str, fn(&WorkerStats) -> u64);
 
-/// Renders the page. Takes each shard's lock briefly, one at a time.
-pub fn render(sessions: &Sessions, workers: &[Arc<WorkerStats>]) -> String {
+/// One XDP counter family: name, help, and which half of a counter it shows.
+type XdpMetric = (&'static str, &'static str, fn(&CounterValue) -> u64);
+
+/// Renders the page. Takes each shard's lock briefly, one at a time; `xdp` is the guard when
+/// it runs.
+pub fn render(sessions: &Sessions, workers: &[Arc<WorkerStats>], xdp: Option<&Guard>) -> String {
     let c = sessions.counters();
     let (active, bound) = sessions.occupancy();
     let mut w = PromWriter::new();
@@ -210,5 +216,58 @@ pub fn render(sessions: &Sessions, workers: &[Arc<WorkerStats>]) -> String {
             w.sample(name, &[("worker", &i.to_string())], get(stats));
         }
     }
+    render_xdp(&mut w, xdp);
     w.finish()
+}
+
+/// The guard's part: whether it runs, where, and its per-CPU counters summed.
+fn render_xdp(w: &mut PromWriter, xdp: Option<&Guard>) {
+    w.single(
+        "ferry_xdp_enabled",
+        "1 when the XDP guard is loaded (xdp.mode is not off).",
+        Kind::Gauge,
+        u64::from(xdp.is_some()),
+    );
+    let Some(guard) = xdp else {
+        return;
+    };
+    w.family(
+        "ferry_xdp_attached",
+        "Interfaces the XDP guard is attached to, and in which mode.",
+        Kind::Gauge,
+    );
+    for (interface, mode) in guard.attached() {
+        w.sample(
+            "ferry_xdp_attached",
+            &[("interface", interface), ("mode", mode.name())],
+            1,
+        );
+    }
+    let counters = match guard.counters() {
+        Ok(counters) => counters,
+        Err(e) => {
+            tracing::warn!("reading the XDP counters: {e}");
+            return;
+        }
+    };
+    let families: [XdpMetric; 2] = [
+        (
+            "ferry_xdp_packets_total",
+            "Frames the XDP guard passed or dropped, by reason (summed over CPUs).",
+            |c| c.packets,
+        ),
+        (
+            "ferry_xdp_bytes_total",
+            "Bytes of those frames, link-layer header included.",
+            |c| c.bytes,
+        ),
+    ];
+    for (name, help, get) in families {
+        w.family(name, help, Kind::Counter);
+        for (slot, value) in counters.iter().enumerate() {
+            if let Some((action, reason)) = slot_labels(slot as u32) {
+                w.sample(name, &[("action", action), ("reason", reason)], get(value));
+            }
+        }
+    }
 }

@@ -7,8 +7,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -23,6 +23,7 @@ use ferry_relay::exporter;
 use ferry_relay::session::Outcome;
 use ferry_relay::shards::Sessions;
 use ferry_relay::worker::{self, PacketHandler, WorkerConfig, WorkerStats};
+use ferry_relay::xdp::{self, Guard};
 
 /// Ferry relay: forwards end-to-end encrypted datagrams between two bound peers, blind.
 #[derive(Debug, Parser)]
@@ -97,8 +98,16 @@ fn keygen(out: &Path, force: bool) -> anyhow::Result<()> {
 
 fn check_config(file: &Path) -> anyhow::Result<()> {
     let cfg = config::load(file)?;
+    let xdp = match cfg.xdp.mode {
+        xdp::Mode::Off => "XDP guard off".to_string(),
+        mode => format!(
+            "XDP guard {} on {}",
+            mode.name(),
+            cfg.xdp.interfaces.join(", ")
+        ),
+    };
     println!(
-        "{}: ok (relay id {}, {} listen address(es), {} worker(s), {} trusted gateway key(s))",
+        "{}: ok (relay id {}, {} listen address(es), {} worker(s), {} trusted gateway key(s), {xdp})",
         file.display(),
         cfg.relay_id,
         cfg.listen.len(),
@@ -174,13 +183,26 @@ fn run(path: &Path) -> anyhow::Result<()> {
     signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&reload))
         .context("installing SIGHUP")?;
 
+    // The XDP guard first: if it cannot run as the config asks, nothing else starts. Dropping
+    // it (on any return from here) detaches it.
+    let xdp = Arc::new(Mutex::new(
+        Guard::start(&cfg.xdp, &cfg.xdp_ports()).context("starting the XDP guard")?,
+    ));
+    if cfg.xdp.mode == xdp::Mode::Off {
+        tracing::warn!("xdp.mode = \"off\": running without the XDP guard");
+    }
+
     let stats: Vec<Arc<WorkerStats>> = (0..cfg.workers)
         .map(|_| Arc::new(WorkerStats::default()))
         .collect();
     let admin_state = Arc::new(AdminState::new({
         let sessions = Arc::clone(&sessions);
         let stats = stats.clone();
-        move || exporter::render(&sessions, &stats)
+        let xdp = Arc::clone(&xdp);
+        move || {
+            let guard = xdp.lock().unwrap_or_else(PoisonError::into_inner);
+            exporter::render(&sessions, &stats, guard.as_ref())
+        }
     }));
     let admin = AdminServer::start(cfg.admin_listen, Arc::clone(&admin_state))
         .with_context(|| format!("starting the admin listener on {}", cfg.admin_listen))?;
@@ -243,7 +265,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
         if reload.swap(false, Ordering::Relaxed) {
-            current = apply_reload(path, current, &sessions);
+            current = apply_reload(path, current, &sessions, &xdp);
         }
         if !stop.load(Ordering::Relaxed) && workers.iter().any(|w| w.is_finished()) {
             tracing::error!("a worker stopped unexpectedly; shutting down");
@@ -261,6 +283,11 @@ fn run(path: &Path) -> anyhow::Result<()> {
         }
     }
     admin.shutdown();
+    if let Some(guard) = xdp.lock().unwrap_or_else(PoisonError::into_inner).take() {
+        let interfaces: Vec<String> = guard.attached().iter().map(|(i, _)| i.clone()).collect();
+        drop(guard);
+        tracing::info!(?interfaces, "XDP guard detached");
+    }
     let counters = sessions.counters();
     tracing::info!(
         forwarded = counters.forwarded,
@@ -272,7 +299,12 @@ fn run(path: &Path) -> anyhow::Result<()> {
 
 /// SIGHUP: re-read the config; apply limits and gateway keys if it is valid and changes
 /// nothing that needs a restart; otherwise log why and keep the old config.
-fn apply_reload(path: &Path, current: RelayConfig, sessions: &Sessions) -> RelayConfig {
+fn apply_reload(
+    path: &Path,
+    current: RelayConfig,
+    sessions: &Sessions,
+    xdp: &Mutex<Option<Guard>>,
+) -> RelayConfig {
     let new = match config::load(path) {
         Ok(new) => new,
         Err(e) => {
@@ -288,9 +320,16 @@ fn apply_reload(path: &Path, current: RelayConfig, sessions: &Sessions) -> Relay
                 new.ip_limits(),
                 &new.gateway_keys,
             );
+            if let Some(guard) = xdp.lock().unwrap_or_else(PoisonError::into_inner).as_mut() {
+                // Only a kernel refusal (a full CIDR trie) gets here; the maps then hold part
+                // of the new lists, and the next successful reload completes them.
+                if let Err(e) = guard.configure(&new.xdp, &new.xdp_ports()) {
+                    tracing::error!("reload: the XDP guard did not take the new config: {e}");
+                }
+            }
             tracing::info!(
                 gateway_keys = new.gateway_keys.len(),
-                "config reloaded: limits and gateway keys applied, sessions kept"
+                "config reloaded: limits, gateway keys and XDP rates and lists applied, sessions kept"
             );
             new
         }

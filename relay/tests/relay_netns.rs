@@ -39,7 +39,9 @@ fn config_text(auth: &Authority, topo: &Topology, extra: &str) -> String {
     format!(
         "[relay]\nid = {RELAY_ID}\nlisten = [\"{v4}:{PORT}\", \"[{v6}]:{PORT}\"]\n\
          static_key = \"relay.key\"\nworkers = 2\n\n[[gateway_keys]]\nkid = {KID}\n\
-         public_key = \"{gw}\"\n\n[admin]\nlisten = \"127.0.0.1:{ADMIN_PORT}\"\n{extra}",
+         public_key = \"{gw}\"\n\n[admin]\nlisten = \"127.0.0.1:{ADMIN_PORT}\"\n\n\
+         [xdp]\nmode = \"native\"\ninterfaces = [\"{relay_if}\"]\n{extra}",
+        relay_if = topo.relay_if,
         v4 = topo.relay_v4(),
         v6 = topo.relay_v6(),
         gw = auth.minter.public(),
@@ -204,11 +206,28 @@ fn the_relay_process_serves_peers_and_refuses_everyone_else() {
         drops(&after, "data_unbound") - drops(&before, "data_unbound"),
         10
     );
-    assert_eq!(drops(&after, "malformed") - drops(&before, "malformed"), 1);
-    // ...counted by the rule it broke: an HTTP request does not start with Ferry's magic.
+    // The stray HTTP request never reached the relay: the XDP guard dropped it in the veth
+    // driver, counted by the rule it broke (it does not start with Ferry's magic).
+    assert_eq!(drops(&after, "malformed") - drops(&before, "malformed"), 0);
     assert_eq!(
         metric(&after, "ferry_malformed_total{rule=\"bad_magic\"}"),
-        1
+        0
+    );
+    let xdp = |page: &str, action: &str, reason: &str| {
+        metric(
+            page,
+            &format!("ferry_xdp_packets_total{{action=\"{action}\",reason=\"{reason}\"}}"),
+        )
+    };
+    assert_eq!(xdp(&after, "drop", "malformed_bad_magic"), 1);
+    assert!(xdp(&after, "pass", "relay") > xdp(&before, "pass", "relay"));
+    assert_eq!(metric(&after, "ferry_xdp_enabled"), 1);
+    assert!(
+        after.contains(&format!(
+            "ferry_xdp_attached{{interface=\"{}\",mode=\"native\"}} 1",
+            topo.relay_if
+        )),
+        "the guard reports where it runs"
     );
     let rejected = |page: &str, reason: &str| {
         metric(

@@ -303,6 +303,7 @@ fn run_ferry(cli: &Cli, bin_dir: &Path, size: usize) -> anyhow::Result<Run> {
         ),
         "[limits]\ndefault_session_rate = 100000000000\nmax_session_rate = 100000000000\n\n\
          [log]\nlevel = \"warn\"",
+        None,
     )?;
     let listen = relay.listen;
     let rng = ring::rand::SystemRandom::new();

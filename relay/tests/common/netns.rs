@@ -72,6 +72,10 @@ pub struct Topology {
     pub peers_ns: String,
     /// The third octet used in every address of this topology.
     pub net: u8,
+    /// The veth end in the relay's namespace (where the XDP guard attaches).
+    pub relay_if: String,
+    /// The veth end in the peers' namespace.
+    pub peers_if: String,
 }
 
 impl Topology {
@@ -83,13 +87,15 @@ impl Topology {
         // namespaces are private to each topology anyway.
         let net = (pid.wrapping_mul(31).wrapping_add(n) % 200) as u8 + 10;
         let tag = format!("{}-{}", pid, n);
+        let (vr, vp) = (format!("fr{pid}x{n}"), format!("fp{pid}x{n}"));
+        let (vr, vp) = (truncate(&vr), truncate(&vp));
         let topo = Self {
             relay_ns: format!("ferry-r-{tag}"),
             peers_ns: format!("ferry-p-{tag}"),
             net,
+            relay_if: vr.clone(),
+            peers_if: vp.clone(),
         };
-        let (vr, vp) = (format!("fr{pid}x{n}"), format!("fp{pid}x{n}"));
-        let (vr, vp) = (truncate(&vr), truncate(&vp));
         ip(&["netns", "add", &topo.relay_ns]);
         ip(&["netns", "add", &topo.peers_ns]);
         ip(&["link", "add", &vr, "type", "veth", "peer", "name", &vp]);
