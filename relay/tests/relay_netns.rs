@@ -527,3 +527,181 @@ fn spoofed_sources_idle_and_expired_bindings_get_nothing() {
     );
     assert_eq!(metric(&scrape(&relay), "ferry_reaped_total"), 4);
 }
+
+/// Valid DATA datagrams for session `session` from a source that never bound: well-formed, so
+/// only the guard's meter (or, past it, the relay's session lookup) stops them.
+fn flood_datagram(session: u64) -> Vec<u8> {
+    let mut out = vec![0u8; MAX_DATAGRAM];
+    let n = wire::encode_data_header(&mut out, session, 100).unwrap();
+    out.truncate(n + 100);
+    out
+}
+
+/// One flood phase: `flooder` sends valid DATA as fast as it can for `secs` while A sends B a
+/// message every 5 ms. Returns (flood datagrams that reached the relay, flood datagrams the
+/// guard dropped for rate, messages B received of those A sent, seconds the flood lasted).
+fn flood_phase(
+    relay: &Relay,
+    flooder: &UdpSocket,
+    relay_addr: SocketAddr,
+    a: &mut ferry_peer::udp::UdpPeer,
+    b: &mut ferry_peer::udp::UdpPeer,
+    secs: f64,
+) -> (u64, u64, (usize, usize), f64) {
+    let before = scrape(relay);
+    let flood = flood_datagram(0x7777_0000_0000_0001);
+    let mut flood_secs = 0.0;
+    let (sent_legit, got_legit) = std::thread::scope(|s| {
+        let flooding = s.spawn(|| {
+            let start = Instant::now();
+            let deadline = start + Duration::from_secs_f64(secs);
+            let mut sent = 0u64;
+            while Instant::now() < deadline {
+                for _ in 0..64 {
+                    // ENOBUFS under a full-speed flood is fine: the point is pressure.
+                    if flooder.send_to(&flood, relay_addr).is_ok() {
+                        sent += 1;
+                    }
+                }
+            }
+            (sent, start.elapsed().as_secs_f64())
+        });
+        let expected = (secs / 0.005) as usize;
+        let receiver = s.spawn(move || {
+            let mut got = 0usize;
+            while got < expected {
+                match b.recv_message(Duration::from_secs(2)) {
+                    Ok(_) => got += 1,
+                    Err(_) => break,
+                }
+            }
+            got
+        });
+        let mut sent = 0usize;
+        let start = Instant::now();
+        for i in 0..expected {
+            let due = start + Duration::from_millis(5 * i as u64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            a.send(format!("goodput {i}").as_bytes()).unwrap();
+            sent += 1;
+        }
+        let (flood_sent, elapsed) = flooding.join().unwrap();
+        assert!(flood_sent > 0);
+        flood_secs = elapsed;
+        (sent, receiver.join().unwrap())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let after = scrape(relay);
+    let delta = |name: &str| metric(&after, name) - metric(&before, name);
+    let reached = delta("ferry_drops_total{reason=\"data_unbound\"}");
+    let rate_dropped =
+        delta("ferry_xdp_packets_total{action=\"drop\",reason=\"rate_data_packets\"}");
+    (reached, rate_dropped, (sent_legit, got_legit), flood_secs)
+}
+
+#[test]
+fn the_xdp_guard_cuts_a_flood_to_its_rate_and_keeps_the_other_session_going() {
+    if netns::require("relay_netns_xdp_flood").is_none() {
+        return;
+    }
+    let topo = Topology::new();
+    let auth = Authority::new();
+    let limits = |pps: u32| format!("data_packets_per_second = {pps}\ndata_packet_burst = 200\n");
+    let relay = start_relay(&auth, &topo, &limits(2000));
+    let relay_v4 = SocketAddr::new(topo.relay_v4(), PORT);
+    let (mut a, mut b, make_a) = peer_pair_in(
+        &auth,
+        &topo,
+        0x3003,
+        relay_v4,
+        topo.peer_v4(2),
+        topo.peer_v4(3),
+    );
+    assert!(!a.bind(Duration::from_secs(5)).unwrap());
+    assert!(b.bind(Duration::from_secs(5)).unwrap());
+    talk(&mut a, &mut b, &*make_a, 2);
+    let flooder = topo.peer_socket(SocketAddr::new(topo.peer_v4(4), 0));
+
+    // Phase 1: 2000 datagrams a second admitted, burst 200.
+    let (reached, dropped, (sent, got), secs) =
+        flood_phase(&relay, &flooder, relay_v4, &mut a, &mut b, 2.0);
+    eprintln!(
+        "flood at 2000/s: {reached} reached the relay, {dropped} dropped by XDP, \
+         in {secs:.2} s; goodput {got}/{sent}"
+    );
+    let allowed = 2000.0 * secs + 200.0;
+    assert!(
+        (reached as f64) <= allowed * 1.05,
+        "the relay saw {reached} flood datagrams; the limit allows {allowed:.0}"
+    );
+    assert!(
+        (reached as f64) >= 2000.0 * secs * 0.5,
+        "the meter should admit about its rate, not starve the source: {reached}"
+    );
+    assert!(
+        dropped > 4 * reached,
+        "a full-speed flood is several times the rate: {dropped} dropped, {reached} passed"
+    );
+    assert!(
+        got as f64 >= sent as f64 * 0.95,
+        "the other session kept its goodput: {got} of {sent}"
+    );
+
+    // Malformed datagrams never reach the relay socket: its counters stay flat while the
+    // guard's rise.
+    let before = scrape(&relay);
+    let stray = topo.peer_socket(SocketAddr::new(topo.peer_v4(5), 0));
+    let mut bad = flood_datagram(0x42);
+    bad[2] = 9; // version
+    for _ in 0..50 {
+        stray.send_to(&bad, relay_v4).unwrap();
+        stray.send_to(b"\x46\x52", relay_v4).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let after = scrape(&relay);
+    let delta = |name: &str| metric(&after, name) - metric(&before, name);
+    assert_eq!(delta("ferry_drops_total{reason=\"malformed\"}"), 0);
+    let rx = |page: &str| -> u64 {
+        page.lines()
+            .filter(|l| l.starts_with("ferry_worker_rx_packets_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert_eq!(
+        rx(&after),
+        rx(&before),
+        "nothing reached the relay's sockets"
+    );
+    assert_eq!(
+        delta("ferry_xdp_packets_total{action=\"drop\",reason=\"malformed_bad_version\"}"),
+        50
+    );
+    assert_eq!(
+        delta("ferry_xdp_packets_total{action=\"drop\",reason=\"malformed_too_short\"}"),
+        50
+    );
+
+    // A reload changes the limit live: a quarter of the rate, same session, no detach.
+    std::fs::write(
+        relay.dir.join("relay.toml"),
+        config_text(&auth, &topo, &limits(500)),
+    )
+    .unwrap();
+    hup(&relay);
+    std::thread::sleep(Duration::from_millis(500));
+    let (reached, dropped, (sent, got), secs) =
+        flood_phase(&relay, &flooder, relay_v4, &mut a, &mut b, 2.0);
+    eprintln!(
+        "flood at 500/s after SIGHUP: {reached} reached the relay, {dropped} dropped by XDP, \
+         in {secs:.2} s; goodput {got}/{sent}"
+    );
+    let allowed = 500.0 * secs + 200.0;
+    assert!(
+        (reached as f64) <= allowed * 1.05,
+        "after the reload the relay saw {reached} flood datagrams; the limit allows {allowed:.0}"
+    );
+    assert!((reached as f64) >= 500.0 * secs * 0.5, "{reached}");
+    assert!(got as f64 >= sent as f64 * 0.95, "goodput {got} of {sent}");
+}
