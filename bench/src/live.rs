@@ -66,61 +66,12 @@ pub fn run(relay_bin: &Path, messages: usize, payload: usize) -> anyhow::Result<
             None => "off (needs root)",
         }
     );
-    let rng = SystemRandom::new();
-    let session = micros_now();
-    let ids = [
-        PeerStaticKey::generate(&rng)?,
-        PeerStaticKey::generate(&rng)?,
-    ]
-    .map(|k| LocalIdentity::from_secret_bytes(*k.secret_bytes()));
-    let (pub_a, pub_b) = (*ids[0].public(), *ids[1].public());
-    let limits = TransportLimits::default();
-    let make_a = || Channel::initiator(&ids[0], PeerExpectation::Pinned(pub_b), session, limits);
-    let token_a = relay.mint(session, TokenSlot::A)?;
-    let token_b = relay.mint(session, TokenSlot::B)?;
-    let mut alice = UdpPeer::new(
+    let (mut alice, mut bob) = connected_pair(
+        &relay,
         UdpSocket::bind("127.0.0.1:0")?,
-        relay.listen,
-        BindClient::new(
-            session,
-            Slot::A,
-            token_a.bytes,
-            &token_a.slot_secret,
-            micros_now(),
-        ),
-        make_a()?,
-        KnownPeers::new(),
-    );
-    let mut bob = UdpPeer::new(
         UdpSocket::bind("127.0.0.1:0")?,
-        relay.listen,
-        BindClient::new(
-            session,
-            Slot::B,
-            token_b.bytes,
-            &token_b.slot_secret,
-            micros_now(),
-        ),
-        Channel::responder(&ids[1], PeerExpectation::Pinned(pub_a), session, limits)?,
-        KnownPeers::new(),
-    );
-    alice.bind(Duration::from_secs(5)).context("alice's bind")?;
-    bob.bind(Duration::from_secs(5)).context("bob's bind")?;
+    )?;
     println!("  both peers bound (BIND, CHALLENGE, BIND, BIND-ACK over UDP)");
-    std::thread::scope(|s| -> anyhow::Result<()> {
-        let responder =
-            s.spawn(|| bob.handshake(None, Duration::from_secs(1), Duration::from_secs(10)));
-        let make = || make_a();
-        alice.handshake(
-            Some(&make),
-            Duration::from_millis(300),
-            Duration::from_secs(10),
-        )?;
-        responder
-            .join()
-            .map_err(|_| anyhow::anyhow!("the responder thread panicked"))??;
-        Ok(())
-    })?;
     println!("  Noise XX handshake done through the relay; identities pinned on both sides");
 
     let message = vec![0x42u8; payload];
@@ -205,4 +156,68 @@ fn show_the_guard(relay: &RelayProcess) -> anyhow::Result<()> {
         )
     );
     Ok(())
+}
+
+/// Two peers on `socket_a` and `socket_b`, bound to a fresh session on `relay` with its
+/// tokens, their Noise handshake done through it: ready to exchange messages.
+pub fn connected_pair(
+    relay: &RelayProcess,
+    socket_a: UdpSocket,
+    socket_b: UdpSocket,
+) -> anyhow::Result<(UdpPeer, UdpPeer)> {
+    let rng = SystemRandom::new();
+    let session = micros_now();
+    let ids = [
+        PeerStaticKey::generate(&rng)?,
+        PeerStaticKey::generate(&rng)?,
+    ]
+    .map(|k| LocalIdentity::from_secret_bytes(*k.secret_bytes()));
+    let (pub_a, pub_b) = (*ids[0].public(), *ids[1].public());
+    let limits = TransportLimits::default();
+    let make_a = || Channel::initiator(&ids[0], PeerExpectation::Pinned(pub_b), session, limits);
+    let token_a = relay.mint(session, TokenSlot::A)?;
+    let token_b = relay.mint(session, TokenSlot::B)?;
+    let mut alice = UdpPeer::new(
+        socket_a,
+        relay.listen,
+        BindClient::new(
+            session,
+            Slot::A,
+            token_a.bytes,
+            &token_a.slot_secret,
+            micros_now(),
+        ),
+        make_a()?,
+        KnownPeers::new(),
+    );
+    let mut bob = UdpPeer::new(
+        socket_b,
+        relay.listen,
+        BindClient::new(
+            session,
+            Slot::B,
+            token_b.bytes,
+            &token_b.slot_secret,
+            micros_now(),
+        ),
+        Channel::responder(&ids[1], PeerExpectation::Pinned(pub_a), session, limits)?,
+        KnownPeers::new(),
+    );
+    alice.bind(Duration::from_secs(5)).context("alice's bind")?;
+    bob.bind(Duration::from_secs(5)).context("bob's bind")?;
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let responder =
+            s.spawn(|| bob.handshake(None, Duration::from_secs(1), Duration::from_secs(10)));
+        let make = || make_a();
+        alice.handshake(
+            Some(&make),
+            Duration::from_millis(300),
+            Duration::from_secs(10),
+        )?;
+        responder
+            .join()
+            .map_err(|_| anyhow::anyhow!("the responder thread panicked"))??;
+        Ok(())
+    })?;
+    Ok((alice, bob))
 }

@@ -1,5 +1,6 @@
-//! A real `ferry-relay` process on loopback, with keys and a config generated for it, and a
-//! gateway signing key that it trusts: what the live demo and `ferry-fwdbench` start.
+//! A real `ferry-relay` process on loopback (or in a network namespace), with keys and a
+//! config generated for it, and a gateway signing key that it trusts: what the live demo,
+//! `ferry-fwdbench` and `ferry-floodbench` start.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -42,6 +43,7 @@ pub fn http_get(admin: SocketAddr, path: &str) -> String {
 pub struct RelayProcess {
     child: Child,
     dir: PathBuf,
+    netns: Option<String>,
     /// Where it receives.
     pub listen: SocketAddr,
     /// Its admin listener.
@@ -65,6 +67,48 @@ impl RelayProcess {
         rest: &str,
         xdp_generic_on: Option<&str>,
     ) -> anyhow::Result<Self> {
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let xdp = match xdp_generic_on {
+            Some(interface) => {
+                format!("[xdp]\nmode = \"generic\"\ninterfaces = [\"{interface}\"]")
+            }
+            None => "[xdp]\nmode = \"off\"".to_string(),
+        };
+        Self::launch(
+            bin,
+            None,
+            listen,
+            admin,
+            cpu,
+            relay_extra,
+            &format!("{xdp}\n\n{rest}"),
+        )
+    }
+
+    /// Starts `bin` inside network namespace `netns`, listening on `listen`, with `rest`
+    /// (which must hold an `[xdp]` section) appended to the config.
+    pub fn start_in_netns(
+        bin: &Path,
+        netns: &str,
+        listen: SocketAddr,
+        cpu: usize,
+        relay_extra: &str,
+        rest: &str,
+    ) -> anyhow::Result<Self> {
+        let admin: SocketAddr = "127.0.0.1:9477".parse()?;
+        Self::launch(bin, Some(netns), listen, admin, cpu, relay_extra, rest)
+    }
+
+    fn launch(
+        bin: &Path,
+        netns: Option<&str>,
+        listen: SocketAddr,
+        admin: SocketAddr,
+        cpu: usize,
+        relay_extra: &str,
+        rest: &str,
+    ) -> anyhow::Result<Self> {
         let rng = SystemRandom::new();
         let dir = std::env::temp_dir().join(format!(
             "ferry-relay-{}-{}",
@@ -75,22 +119,22 @@ impl RelayProcess {
         let relay_key = RelayStaticKey::generate(&rng)?;
         keys::write_secret_file(&dir.join("relay.key"), &relay_key, true)?;
         let minter = TokenMinter::new(1, GatewaySigningKey::generate(&rng)?);
-        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let config = format!(
             "[relay]\nid = {RELAY_ID}\nlisten = [\"{listen}\"]\nstatic_key = \"relay.key\"\n\
              workers = 1\ncpus = [{cpu}]\n{relay_extra}\n\n[[gateway_keys]]\nkid = 1\n\
-             public_key = \"{gw}\"\n\n[admin]\nlisten = \"{admin}\"\n\n{xdp}\n\n{rest}\n",
+             public_key = \"{gw}\"\n\n[admin]\nlisten = \"{admin}\"\n\n{rest}\n",
             gw = minter.public(),
-            xdp = match xdp_generic_on {
-                Some(interface) => {
-                    format!("[xdp]\nmode = \"generic\"\ninterfaces = [\"{interface}\"]")
-                }
-                None => "[xdp]\nmode = \"off\"".to_string(),
-            },
         );
         std::fs::write(dir.join("relay.toml"), config)?;
-        let child = Command::new(bin)
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = command
             .arg("--config")
             .arg(dir.join("relay.toml"))
             .env("RUST_LOG", "warn")
@@ -105,6 +149,7 @@ impl RelayProcess {
         let relay = Self {
             child,
             dir,
+            netns: netns.map(str::to_owned),
             listen,
             admin,
             minter,
@@ -112,13 +157,21 @@ impl RelayProcess {
             rng,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !http_get(admin, "/readyz").starts_with("HTTP/1.1 200") {
+        while !relay.get("/readyz").starts_with("HTTP/1.1 200") {
             if Instant::now() > deadline {
                 bail!("ferry-relay did not become ready within 10 s");
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(relay)
+    }
+
+    /// GET `path` from the admin listener, from inside the relay's namespace if it has one.
+    fn get(&self, path: &str) -> String {
+        match &self.netns {
+            Some(ns) => crate::netns::in_ns(ns, || http_get(self.admin, path)).unwrap_or_default(),
+            None => http_get(self.admin, path),
+        }
     }
 
     /// The process id, for CPU accounting.
@@ -142,7 +195,7 @@ impl RelayProcess {
 
     /// The relay's `/metrics` page (empty if it cannot be fetched).
     pub fn metrics(&self) -> String {
-        let page = http_get(self.admin, "/metrics");
+        let page = self.get("/metrics");
         page.split_once("\r\n\r\n")
             .map(|(_, body)| body.to_string())
             .unwrap_or_default()

@@ -89,6 +89,18 @@ impl Batch {
         }
     }
 
+    /// Fills slot `i` (if it exists) with `datagram` addressed to `to`.
+    pub fn fill_slot(&mut self, i: usize, datagram: &[u8], to: SocketAddr) {
+        if i >= self.bufs.len() {
+            return;
+        }
+        let len = datagram.len().min(SLOT);
+        self.bufs[i][..len].copy_from_slice(&datagram[..len]);
+        self.iovs[i].iov_len = len;
+        let name_len = to_storage(to, &mut self.addrs[i]);
+        self.hdrs[i].msg_hdr.msg_namelen = name_len;
+    }
+
     /// Sends the first `n` slots; returns how many the kernel took.
     pub fn send(&mut self, socket: &UdpSocket, n: usize) -> io::Result<usize> {
         let n = n.min(self.hdrs.len());

@@ -213,6 +213,9 @@ struct XdpSection {
     data_byte_burst: u64,
     handshake_packets_per_second: u64,
     handshake_packet_burst: u64,
+    handshake_total_per_second: u64,
+    handshake_total_burst: u64,
+    session_filter: bool,
     deny: Vec<String>,
     allow: Vec<String>,
 }
@@ -231,6 +234,9 @@ impl Default for XdpSection {
             data_byte_burst: 6_250_000,
             handshake_packets_per_second: 50,
             handshake_packet_burst: 100,
+            handshake_total_per_second: 5_000,
+            handshake_total_burst: 1_000,
+            session_filter: true,
             deny: Vec::new(),
             allow: Vec::new(),
         }
@@ -688,6 +694,13 @@ fn validate_xdp(x: &XdpSection, listen: &[SocketAddr], check: &mut Check) -> Xdp
         ),
         ("xdp.handshake_packet_burst", x.handshake_packet_burst),
     );
+    let handshake_total = rate(
+        (
+            "xdp.handshake_total_per_second",
+            x.handshake_total_per_second,
+        ),
+        ("xdp.handshake_total_burst", x.handshake_total_burst),
+    );
     if x.data_byte_burst < MAX_DATAGRAM as u64 {
         check.fail(
             "xdp.data_byte_burst",
@@ -738,6 +751,8 @@ fn validate_xdp(x: &XdpSection, listen: &[SocketAddr], check: &mut Check) -> Xdp
         data_packets,
         data_bytes,
         handshake,
+        handshake_total,
+        session_filter: x.session_filter,
         deny,
         allow,
     }

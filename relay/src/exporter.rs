@@ -243,6 +243,12 @@ fn render_xdp(w: &mut PromWriter, xdp: Option<&Guard>) {
             1,
         );
     }
+    w.single(
+        "ferry_xdp_session_map_errors_total",
+        "Session-map updates the kernel refused (that session's datagrams are dropped by the guard).",
+        Kind::Counter,
+        guard.session_filter_errors(),
+    );
     let counters = match guard.counters() {
         Ok(counters) => counters,
         Err(e) => {

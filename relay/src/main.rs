@@ -173,7 +173,6 @@ fn build_sessions(cfg: &RelayConfig) -> anyhow::Result<Sessions> {
 fn run(path: &Path) -> anyhow::Result<()> {
     let cfg = config::load(path)?;
     init_logging(&cfg.log_level);
-    let sessions = Arc::new(build_sessions(&cfg)?);
 
     let stop = Arc::new(AtomicBool::new(false));
     let reload = Arc::new(AtomicBool::new(false));
@@ -191,6 +190,13 @@ fn run(path: &Path) -> anyhow::Result<()> {
     if cfg.xdp.mode == xdp::Mode::Off {
         tracing::warn!("xdp.mode = \"off\": running without the XDP guard");
     }
+    // The guard's session map follows the session tables whenever the guard runs, so that
+    // turning `xdp.session_filter` on by a reload finds it complete.
+    let mut sessions = build_sessions(&cfg)?;
+    if let Some(guard) = xdp.lock().unwrap_or_else(PoisonError::into_inner).as_mut() {
+        sessions = sessions.with_observer(guard.session_filter()?);
+    }
+    let sessions = Arc::new(sessions);
 
     let stats: Vec<Arc<WorkerStats>> = (0..cfg.workers)
         .map(|_| Arc::new(WorkerStats::default()))

@@ -266,6 +266,18 @@ pub struct SessionTable {
     sessions: HashMap<u64, Session>,
     counters: Counters,
     ips: Arc<Mutex<IpTable>>,
+    /// Sessions opened and forgotten since the last [`SessionTable::drain_events`], when the
+    /// owner asked for them ([`SessionTable::record_events`]).
+    events: Option<Vec<SessionEvent>>,
+}
+
+/// A session appearing in or leaving the table: what the XDP guard's session filter follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// The first slot of this session bound.
+    Opened(u64),
+    /// The session was closed or reaped, and is forgotten.
+    Closed(u64),
 }
 
 impl std::fmt::Debug for SessionTable {
@@ -316,6 +328,24 @@ impl SessionTable {
             sessions: HashMap::new(),
             counters: Counters::default(),
             ips,
+            events: None,
+        }
+    }
+
+    /// From now on, record [`SessionEvent`]s for [`SessionTable::drain_events`]; the owner
+    /// must drain them after every call that can open or forget a session (`handle`, `reap`).
+    pub fn record_events(&mut self) {
+        self.events.get_or_insert_with(Vec::new);
+    }
+
+    /// The events recorded since the last call, oldest first.
+    pub fn drain_events(&mut self) -> std::vec::Drain<'_, SessionEvent> {
+        self.events.get_or_insert_with(Vec::new).drain(..)
+    }
+
+    fn event(&mut self, event: SessionEvent) {
+        if let Some(events) = &mut self.events {
+            events.push(event);
         }
     }
 
@@ -404,7 +434,8 @@ impl SessionTable {
         let mut reaped = 0;
         let mut gone = 0;
         let mut ips = lock(&self.ips);
-        self.sessions.retain(|_, session| {
+        let mut forgotten = Vec::new();
+        self.sessions.retain(|&sid, session| {
             for slot in session.slots.iter_mut() {
                 let stale = slot.as_ref().is_some_and(|b| {
                     now.saturating_duration_since(b.last_seen) >= idle
@@ -419,9 +450,15 @@ impl SessionTable {
             }
             let keep = session.slots.iter().any(Option::is_some);
             gone += u64::from(!keep);
+            if !keep {
+                forgotten.push(sid);
+            }
             keep
         });
         drop(ips);
+        for sid in forgotten {
+            self.event(SessionEvent::Closed(sid));
+        }
         self.counters.reaped += reaped as u64;
         self.counters.sessions_closed += gone;
         reaped
@@ -647,6 +684,9 @@ impl SessionTable {
             lock(&self.ips).attach(from.ip(), now);
         }
         self.counters.sessions_opened += u64::from(new_session);
+        if new_session {
+            self.event(SessionEvent::Opened(req.session_id));
+        }
         self.sessions.entry(req.session_id).or_default().slots[i] = Some(binding);
         self.counters.binds_accepted += 1;
         self.ack(&req, reply)
@@ -753,6 +793,7 @@ impl SessionTable {
             return Outcome::Consumed;
         };
         self.counters.sessions_closed += 1;
+        self.event(SessionEvent::Closed(sid));
         {
             let mut ips = lock(&self.ips);
             for b in session.slots.iter().flatten() {

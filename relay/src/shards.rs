@@ -22,7 +22,14 @@ use ferry_core::time::UnixTime;
 use ferry_core::token::TokenVerifier;
 
 use crate::limits::{IpLimits, IpTable};
-use crate::session::{Counters, Outcome, SessionLimits, SessionTable, lock};
+use crate::session::{Counters, Outcome, SessionEvent, SessionLimits, SessionTable, lock};
+
+/// Told when a session opens or is forgotten, in order per session: the XDP guard's session
+/// filter (`crate::xdp::SessionFilter`) follows the tables this way.
+pub trait SessionObserver: Send + Sync + std::fmt::Debug {
+    /// Called with the shard's lock held, so events of one session arrive in order.
+    fn session_event(&self, event: SessionEvent);
+}
 
 /// Shards per relay. A power of two well above the worker count keeps contention rare.
 pub const SHARDS: usize = 64;
@@ -31,6 +38,7 @@ pub const SHARDS: usize = 64;
 pub struct Sessions {
     shards: Vec<Mutex<SessionTable>>,
     ips: Arc<Mutex<IpTable>>,
+    observer: Option<Arc<dyn SessionObserver>>,
 }
 
 impl std::fmt::Debug for Sessions {
@@ -76,7 +84,29 @@ impl Sessions {
                 ))
             })
             .collect();
-        Self { shards, ips }
+        Self {
+            shards,
+            ips,
+            observer: None,
+        }
+    }
+
+    /// Reports every session opened or forgotten from now on to `observer`.
+    pub fn with_observer(mut self, observer: Arc<dyn SessionObserver>) -> Self {
+        for shard in &self.shards {
+            lock(shard).record_events();
+        }
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Hands the shard's recorded events to the observer (with the shard still locked).
+    fn report(&self, table: &mut SessionTable) {
+        if let Some(observer) = &self.observer {
+            for event in table.drain_events() {
+                observer.session_event(event);
+            }
+        }
     }
 
     /// The shard that owns `session_id`.
@@ -100,14 +130,22 @@ impl Sessions {
         let session_id = ferry_common::header::parse_header(datagram)
             .map(|h| h.session_id)
             .unwrap_or(0);
-        lock(self.shard(session_id)).handle(now, wall, from, datagram, reply)
+        let mut table = lock(self.shard(session_id));
+        let outcome = table.handle(now, wall, from, datagram, reply);
+        self.report(&mut table);
+        outcome
     }
 
     /// Reaps idle and expired bindings in every shard; returns how many went.
     pub fn reap(&self, now: Instant, wall: UnixTime) -> usize {
         self.shards
             .iter()
-            .map(|shard| lock(shard).reap(now, wall))
+            .map(|shard| {
+                let mut table = lock(shard);
+                let reaped = table.reap(now, wall);
+                self.report(&mut table);
+                reaped
+            })
             .sum()
     }
 

@@ -12,17 +12,22 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use aya::maps::lpm_trie::Key;
-use aya::maps::{Array, LpmTrie, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray};
 use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use ferry_common::xdp::{
-    COUNTER_SLOTS, CounterValue, FLAG_ACTIVE, FLAG_DROP_ALL_FRAGMENTS, GuardConfig, LIST_ALLOW,
-    LIST_DENY, MAP_CIDR_V4, MAP_CIDR_V6, MAP_CONFIG, MAP_COUNTERS, MAP_SOURCES, MAX_PORTS,
-    PROGRAM_NAME, Rate,
+    COUNTER_SLOTS, CounterValue, FLAG_ACTIVE, FLAG_DROP_ALL_FRAGMENTS, FLAG_SESSION_FILTER,
+    GuardConfig, LIST_ALLOW, LIST_DENY, MAP_CIDR_V4, MAP_CIDR_V6, MAP_CONFIG, MAP_COUNTERS,
+    MAP_SESSIONS, MAP_SOURCES, MAX_PORTS, PROGRAM_NAME, Rate,
 };
+
+use crate::session::SessionEvent;
+use crate::shards::SessionObserver;
 
 /// The XDP program, built from source by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferry-xdp.o"));
@@ -185,6 +190,11 @@ pub struct XdpSettings {
     pub data_bytes: Rate,
     /// BIND/REBIND packets per source.
     pub handshake: Rate,
+    /// BIND/REBIND packets from all sources together.
+    pub handshake_total: Rate,
+    /// Drop DATA, KEEPALIVE, REBIND and CLOSE for sessions the relay does not hold; the relay
+    /// keeps the guard's session map in step through [`SessionFilter`].
+    pub session_filter: bool,
     /// Sources dropped outright.
     pub deny: Vec<Cidr>,
     /// Sources exempt from metering (the longest matching prefix wins over `deny`).
@@ -199,12 +209,16 @@ impl XdpSettings {
             data_packets: self.data_packets,
             data_bytes: self.data_bytes,
             handshake: self.handshake,
+            handshake_total: self.handshake_total,
             ipv6_mask: GuardConfig::ipv6_mask_for(self.ipv6_prefix_len),
             flags: FLAG_ACTIVE,
             ..GuardConfig::default()
         };
         if self.drop_all_fragments {
             cfg.flags |= FLAG_DROP_ALL_FRAGMENTS;
+        }
+        if self.session_filter {
+            cfg.flags |= FLAG_SESSION_FILTER;
         }
         for (slot, port) in cfg.ports.iter_mut().zip(ports.iter().take(MAX_PORTS)) {
             *slot = *port;
@@ -278,6 +292,7 @@ pub struct TestRunOutcome {
 /// The loaded program with its maps, and the interfaces it is attached to.
 pub struct Guard {
     ebpf: Ebpf,
+    filter: Option<Arc<SessionFilter>>,
     attached: Vec<(String, Attachment)>,
     /// The CIDR entries written into the tries, so a reload removes exactly the stale ones.
     lists: BTreeMap<Cidr, u32>,
@@ -311,6 +326,7 @@ impl Guard {
             .map_err(|e| XdpError::Load(verifier_error(&e)))?;
         Ok(Guard {
             ebpf,
+            filter: None,
             attached: Vec::new(),
             lists: BTreeMap::new(),
         })
@@ -416,6 +432,33 @@ impl Guard {
         Ok(attachment)
     }
 
+    /// The writer of the guard's session map, for [`crate::shards::Sessions::with_observer`].
+    /// The first call takes the map from the program's map set; later calls share it.
+    pub fn session_filter(&mut self) -> Result<Arc<SessionFilter>, XdpError> {
+        if let Some(filter) = &self.filter {
+            return Ok(Arc::clone(filter));
+        }
+        let map = self
+            .ebpf
+            .take_map(MAP_SESSIONS)
+            .ok_or_else(|| map_error(MAP_SESSIONS, "missing"))?;
+        let map: HashMap<MapData, u64, u8> =
+            HashMap::try_from(map).map_err(|e| map_error(MAP_SESSIONS, e))?;
+        let filter = Arc::new(SessionFilter {
+            map: Mutex::new(map),
+            errors: AtomicU64::new(0),
+        });
+        self.filter = Some(Arc::clone(&filter));
+        Ok(filter)
+    }
+
+    /// Session map updates the kernel refused (see [`SessionFilter`]).
+    pub fn session_filter_errors(&self) -> u64 {
+        self.filter
+            .as_ref()
+            .map_or(0, |f| f.errors.load(Ordering::Relaxed))
+    }
+
     /// The interfaces the guard is attached to, and how.
     pub fn attached(&self) -> &[(String, Attachment)] {
         &self.attached
@@ -463,6 +506,49 @@ impl Guard {
             action: result.return_value,
             per_run: result.duration,
         })
+    }
+}
+
+/// Keeps the guard's session map equal to the relay's session tables: a session id goes in
+/// when its first slot binds (before the BIND-ACK leaves, so the peer's first DATA finds it)
+/// and out when the session is closed or reaped.
+pub struct SessionFilter {
+    map: Mutex<HashMap<MapData, u64, u8>>,
+    errors: AtomicU64,
+}
+
+impl fmt::Debug for SessionFilter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionFilter")
+            .field("errors", &self.errors.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl SessionFilter {
+    /// Whether `session` is in the map now.
+    pub fn contains(&self, session: u64) -> bool {
+        let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        map.get(&session, 0).is_ok()
+    }
+}
+
+impl SessionObserver for SessionFilter {
+    fn session_event(&self, event: SessionEvent) {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        let result = match event {
+            SessionEvent::Opened(id) => map.insert(id, 1, 0),
+            SessionEvent::Closed(id) => map.remove(&id),
+        };
+        if let Err(e) = result {
+            // The map holds every session `limits.max_sessions` allows, so this is a kernel
+            // allocation failure: that session's datagrams are dropped by the guard until it
+            // is bound again. Counted, and logged once in a while.
+            let n = self.errors.fetch_add(1, Ordering::Relaxed);
+            if n.is_power_of_two() {
+                tracing::warn!(?event, errors = n + 1, "updating the XDP session map: {e}");
+            }
+        }
     }
 }
 

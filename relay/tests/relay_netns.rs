@@ -537,8 +537,9 @@ fn flood_datagram(session: u64) -> Vec<u8> {
     out
 }
 
-/// One flood phase: `flooder` sends valid DATA as fast as it can for `secs` while A sends B a
-/// message every 5 ms. Returns (flood datagrams that reached the relay, flood datagrams the
+/// One flood phase: `flooder` sends valid DATA for A and B's session (as a peer of it might,
+/// from an address it never bound) as fast as it can for `secs` while A sends B a message
+/// every 5 ms. Returns (flood datagrams that reached the relay, flood datagrams the
 /// guard dropped for rate, messages B received of those A sent, seconds the flood lasted).
 fn flood_phase(
     relay: &Relay,
@@ -549,7 +550,7 @@ fn flood_phase(
     secs: f64,
 ) -> (u64, u64, (usize, usize), f64) {
     let before = scrape(relay);
-    let flood = flood_datagram(0x7777_0000_0000_0001);
+    let flood = flood_datagram(FLOODED_SESSION);
     let mut flood_secs = 0.0;
     let (sent_legit, got_legit) = std::thread::scope(|s| {
         let flooding = s.spawn(|| {
@@ -601,6 +602,9 @@ fn flood_phase(
     (reached, rate_dropped, (sent_legit, got_legit), flood_secs)
 }
 
+/// The session the flood tests bind A and B to.
+const FLOODED_SESSION: u64 = 0x3003;
+
 #[test]
 fn the_xdp_guard_cuts_a_flood_to_its_rate_and_keeps_the_other_session_going() {
     if netns::require("relay_netns_xdp_flood").is_none() {
@@ -614,7 +618,7 @@ fn the_xdp_guard_cuts_a_flood_to_its_rate_and_keeps_the_other_session_going() {
     let (mut a, mut b, make_a) = peer_pair_in(
         &auth,
         &topo,
-        0x3003,
+        FLOODED_SESSION,
         relay_v4,
         topo.peer_v4(2),
         topo.peer_v4(3),
@@ -681,6 +685,26 @@ fn the_xdp_guard_cuts_a_flood_to_its_rate_and_keeps_the_other_session_going() {
     assert_eq!(
         delta("ferry_xdp_packets_total{action=\"drop\",reason=\"malformed_too_short\"}"),
         50
+    );
+
+    // Well-formed DATA for a session the relay does not hold dies in the driver too: the
+    // guard's session map follows the relay's tables.
+    let before = scrape(&relay);
+    let made_up = flood_datagram(0x7777_0000_0000_0001);
+    for _ in 0..100 {
+        stray.send_to(&made_up, relay_v4).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let after = scrape(&relay);
+    let delta = |name: &str| metric(&after, name) - metric(&before, name);
+    assert_eq!(
+        rx(&after),
+        rx(&before),
+        "nothing reached the relay's sockets"
+    );
+    assert_eq!(
+        delta("ferry_xdp_packets_total{action=\"drop\",reason=\"unknown_session\"}"),
+        100
     );
 
     // A reload changes the limit live: a quarter of the rate, same session, no detach.

@@ -32,6 +32,8 @@ fn settings() -> XdpSettings {
         data_packets: Rate::new(1_000_000, 100_000).unwrap(),
         data_bytes: Rate::new(1_000_000_000, 100_000_000).unwrap(),
         handshake: Rate::new(1_000, 1_000).unwrap(),
+        handshake_total: Rate::new(1_000_000, 1_000_000).unwrap(),
+        session_filter: false,
         deny: Vec::new(),
         allow: Vec::new(),
     }
@@ -681,4 +683,106 @@ fn an_unconfigured_guard_passes_everything() {
     let mut garbage = v4_from("198.18.0.2").build(&data(10));
     garbage[14 + 28] = 0; // bad magic
     expect(&g, &garbage, XDP_PASS, PASS_OTHER, "before configure");
+}
+
+#[test]
+fn the_session_filter_drops_datagrams_for_sessions_the_relay_does_not_hold() {
+    let mut s = settings();
+    s.session_filter = true;
+    let Some(mut g) = guard(
+        "the_session_filter_drops_datagrams_for_sessions_the_relay_does_not_hold",
+        &s,
+    ) else {
+        return;
+    };
+    use ferry_relay::session::SessionEvent;
+    use ferry_relay::shards::SessionObserver;
+    let filter = g.session_filter().unwrap();
+    let unknown = Counter::DropUnknownSession as u32;
+    let sid = 0x0102_0304_0506_0708; // the session of `datagram()`
+    let d = v4_from("198.18.0.2").build(&data(100));
+    let ka = v4_from("198.18.0.2").build(&datagram(PacketType::Keepalive, KEEPALIVE_BODY_LEN));
+    let rebind = v4_from("198.18.0.2").build(&datagram(PacketType::Rebind, REBIND_BODY_LEN));
+    let hs = v4_from("198.18.0.2").build(&bind());
+    expect(&g, &d, XDP_DROP, unknown, "DATA before the session exists");
+    expect(
+        &g,
+        &ka,
+        XDP_DROP,
+        unknown,
+        "KEEPALIVE before the session exists",
+    );
+    expect(
+        &g,
+        &rebind,
+        XDP_DROP,
+        unknown,
+        "REBIND before the session exists",
+    );
+    expect(
+        &g,
+        &hs,
+        XDP_PASS,
+        PASS_RELAY,
+        "BIND opens sessions, so it passes",
+    );
+    filter.session_event(SessionEvent::Opened(sid));
+    assert!(filter.contains(sid));
+    expect(
+        &g,
+        &d,
+        XDP_PASS,
+        PASS_RELAY,
+        "DATA once the relay holds the session",
+    );
+    expect(
+        &g,
+        &rebind,
+        XDP_PASS,
+        PASS_RELAY,
+        "REBIND once the relay holds the session",
+    );
+    filter.session_event(SessionEvent::Closed(sid));
+    assert!(!filter.contains(sid));
+    expect(&g, &d, XDP_DROP, unknown, "DATA after the session closed");
+    // Turning the filter off by reload passes them again.
+    s.session_filter = false;
+    g.configure(&s, &[PORT]).unwrap();
+    expect(&g, &d, XDP_PASS, PASS_RELAY, "filter off");
+    assert_eq!(g.session_filter_errors(), 0);
+}
+
+#[test]
+fn a_relay_wide_handshake_budget_caps_many_sources_each_under_their_own_rate() {
+    let mut s = settings();
+    s.handshake = Rate::new(100, 10).unwrap();
+    s.handshake_total = Rate::new(1, 25).unwrap();
+    let Some(g) = guard("a_relay_wide_handshake_budget_caps_many_sources", &s) else {
+        return;
+    };
+    let mut admitted = 0;
+    for host in 0..10u8 {
+        let f = v4_from(&format!("198.18.1.{}", host + 10)).build(&bind());
+        admitted += passed(&g, &f, 5);
+    }
+    assert_eq!(
+        admitted, 25,
+        "ten sources, five each, all under their own burst of 10"
+    );
+    let f = v4_from("198.18.1.99").build(&bind());
+    expect(
+        &g,
+        &f,
+        XDP_DROP,
+        Counter::DropRateHandshakeTotal as u32,
+        "a new source, budget spent",
+    );
+    // DATA is not charged to the handshake budget.
+    expect(
+        &g,
+        &v4_from("198.18.1.99").build(&data(10)),
+        XDP_PASS,
+        PASS_RELAY,
+        "DATA",
+    );
 }

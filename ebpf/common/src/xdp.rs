@@ -34,6 +34,16 @@ pub const MAP_SOURCES: &str = "SOURCES";
 pub const MAP_CIDR_V4: &str = "CIDR_V4";
 /// Map: `LpmTrie<[u8; 16], u32>`, IPv6 deny and allow CIDRs.
 pub const MAP_CIDR_V6: &str = "CIDR_V6";
+/// Map: `HashMap<u64, u8>`, the session ids the relay holds now (written by the relay as
+/// sessions open and close). DATA, KEEPALIVE, REBIND and CLOSE for any other session are
+/// dropped, so a flood of well-formed datagrams for made-up sessions dies in the driver.
+pub const MAP_SESSIONS: &str = "SESSIONS";
+/// Map: `Array<Meter>` with one entry, the relay-wide handshake meter.
+pub const MAP_HANDSHAKES: &str = "HANDSHAKES";
+
+/// Entries the session map can hold: the most `limits.max_sessions` allows. The map
+/// allocates per entry (`BPF_F_NO_PREALLOC`), so the bound costs nothing until used.
+pub const MAX_SESSIONS: u32 = 10_000_000;
 
 /// Default number of sources the LRU map tracks before it evicts the least recently seen.
 pub const DEFAULT_MAX_SOURCES: u32 = 262_144;
@@ -51,6 +61,10 @@ pub const FLAG_ACTIVE: u16 = 1;
 /// [`GuardConfig::flags`]: drop every IP fragment that is not a first fragment, whatever its
 /// port (a non-first fragment carries no UDP header, so its port is unknown).
 pub const FLAG_DROP_ALL_FRAGMENTS: u16 = 2;
+
+/// [`GuardConfig::flags`]: drop DATA, KEEPALIVE, REBIND and CLOSE for sessions missing from
+/// [`MAP_SESSIONS`].
+pub const FLAG_SESSION_FILTER: u16 = 4;
 
 /// Most UDP ports the guard protects (the relay's distinct listen ports).
 pub const MAX_PORTS: usize = 4;
@@ -169,11 +183,13 @@ pub struct GuardConfig {
     pub data_bytes: Rate,
     /// BIND and REBIND packets per source.
     pub handshake: Rate,
+    /// BIND and REBIND packets from all sources together.
+    pub handshake_total: Rate,
     /// Mask applied to IPv6 sources before metering (`xdp.ipv6_prefix_len`).
     pub ipv6_mask: [u8; 16],
     /// The relay's UDP ports, host order; unused entries are 0 (port 0 never matches).
     pub ports: [u16; MAX_PORTS],
-    /// [`FLAG_ACTIVE`] | [`FLAG_DROP_ALL_FRAGMENTS`].
+    /// [`FLAG_ACTIVE`] | [`FLAG_DROP_ALL_FRAGMENTS`] | [`FLAG_SESSION_FILTER`].
     pub flags: u16,
     /// Zero; keeps the struct free of padding.
     pub reserved: [u16; 3],
@@ -250,10 +266,14 @@ pub enum Counter {
     DropRateDataPackets = 9,
     /// DATA, KEEPALIVE or CLOSE over the source's byte rate.
     DropRateDataBytes = 10,
+    /// BIND or REBIND over the relay-wide handshake rate (all sources together).
+    DropRateHandshakeTotal = 11,
+    /// DATA, KEEPALIVE, REBIND or CLOSE for a session the relay does not hold.
+    DropUnknownSession = 12,
 }
 
 /// The first slot of the malformed-header counters.
-pub const FIRST_MALFORMED: u32 = 11;
+pub const FIRST_MALFORMED: u32 = 13;
 /// Number of counter slots: the [`Counter`] variants, then one per [`HeaderError`].
 pub const COUNTER_SLOTS: u32 = FIRST_MALFORMED + HeaderError::COUNT as u32;
 
@@ -271,6 +291,8 @@ impl Counter {
         Counter::DropRateHandshake,
         Counter::DropRateDataPackets,
         Counter::DropRateDataBytes,
+        Counter::DropRateHandshakeTotal,
+        Counter::DropUnknownSession,
     ];
 
     /// The counter slot.
@@ -297,6 +319,8 @@ impl Counter {
             Counter::DropRateHandshake => ("drop", "rate_handshake"),
             Counter::DropRateDataPackets => ("drop", "rate_data_packets"),
             Counter::DropRateDataBytes => ("drop", "rate_data_bytes"),
+            Counter::DropRateHandshakeTotal => ("drop", "rate_handshake_total"),
+            Counter::DropUnknownSession => ("drop", "unknown_session"),
         }
     }
 }
@@ -360,7 +384,7 @@ mod tests {
         assert_eq!(size_of::<SourceKey>(), 16);
         assert_eq!(
             size_of::<GuardConfig>(),
-            3 * 16 + 16 + 2 * MAX_PORTS + 2 + 6
+            4 * 16 + 16 + 2 * MAX_PORTS + 2 + 6
         );
         assert_eq!(size_of::<CounterValue>(), 16);
     }

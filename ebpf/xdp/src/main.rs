@@ -19,16 +19,18 @@
 
 use core::mem::size_of;
 
+use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS};
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use aya_ebpf::macros::{map, xdp};
 use aya_ebpf::maps::lpm_trie::Key;
-use aya_ebpf::maps::{Array, LpmTrie, LruHashMap, PerCpuArray};
+use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::XdpContext;
 use ferry_common::header::{HEADER_LEN, PacketType, check_header};
 use ferry_common::xdp::{
     COUNTER_SLOTS, Counter, CounterValue, DEFAULT_MAX_SOURCES, FLAG_ACTIVE,
-    FLAG_DROP_ALL_FRAGMENTS, GuardConfig, LIST_ALLOW, LIST_DENY, MAX_CIDRS, SourceKey, SourceState,
+    FLAG_DROP_ALL_FRAGMENTS, FLAG_SESSION_FILTER, GuardConfig, LIST_ALLOW, LIST_DENY, MAX_CIDRS,
+    MAX_SESSIONS, Meter, SourceKey, SourceState,
 };
 
 #[map(name = "CONFIG")]
@@ -46,6 +48,12 @@ static CIDR_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
 
 #[map(name = "CIDR_V6")]
 static CIDR_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
+
+#[map(name = "SESSIONS")]
+static SESSIONS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_SESSIONS, BPF_F_NO_PREALLOC);
+
+#[map(name = "HANDSHAKES")]
+static HANDSHAKES: Array<Meter> = Array::with_max_entries(1, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IPV4: u16 = 0x0800;
@@ -214,6 +222,13 @@ fn guard(ctx: &XdpContext) -> (u32, u32) {
     if !header.packet_type.sent_by_peer() {
         return drop(Counter::DropUnexpectedType);
     }
+    // Everything but BIND names a session the relay must already hold.
+    if cfg.flags & FLAG_SESSION_FILTER != 0
+        && header.packet_type != PacketType::Bind
+        && SESSIONS.get_ptr(header.session_id).is_none()
+    {
+        return drop(Counter::DropUnknownSession);
+    }
     if listed == Some(LIST_ALLOW) {
         return (XDP_PASS, Counter::PassAllowListed as u32);
     }
@@ -245,6 +260,16 @@ fn meter(cfg: &GuardConfig, key: &SourceKey, packet_type: PacketType, bytes: u64
         match state.handshake.admit(&cfg.handshake, now, 1) {
             Some(m) => state.handshake = m,
             None => return drop(Counter::DropRateHandshake),
+        }
+        // Then the relay-wide budget, so that many sources each under their own rate still
+        // cost the relay at most this many handshakes a second. CPUs race on this one meter;
+        // a lost update admits at most one extra handshake per CPU.
+        if let Some(total) = HANDSHAKES.get_ptr_mut(0) {
+            // SAFETY: index 0 of a one-entry array, valid for this run.
+            match unsafe { (*total).admit(&cfg.handshake_total, now, 1) } {
+                Some(m) => unsafe { *total = m },
+                None => return drop(Counter::DropRateHandshakeTotal),
+            }
         }
     } else {
         let Some(packets) = state.data_packets.admit(&cfg.data_packets, now, 1) else {

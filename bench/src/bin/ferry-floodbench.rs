@@ -1,0 +1,356 @@
+//! `ferry-floodbench`: the XDP guard under a flood. A relay in one network namespace, two
+//! legitimate peers in another, joined by veth; the guard runs natively on the relay's veth.
+//! One peer sends the other a steady stream of messages through the relay while raw sockets
+//! in the peers' namespace flood the relay from many spoofed source addresses
+//! (198.19.0.0/16), as fast as one core can send them.
+//!
+//! Four runs, the same traffic each time: XDP off / on, without and with the flood. Each
+//! prints the legitimate session's goodput (messages delivered per second, and the share of
+//! those sent) and the relay process's CPU time per second of wall time (from
+//! `/proc/<pid>/stat`). The flood is a mix: a third random garbage, a third well-formed DATA
+//! for sessions that do not exist, a third BIND from sources far over the handshake rate.
+//!
+//! Needs root (namespaces, raw sockets, XDP). Every loop is bounded by `--seconds`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use clap::Parser;
+use ferry_bench::live::connected_pair;
+use ferry_bench::netns::{Namespaces, in_ns};
+use ferry_bench::relay_process::RelayProcess;
+use ferry_bench::udp::{Batch, pin_to};
+use ferry_common::header::{BIND_BODY_LEN, HEADER_LEN, Header, PacketType};
+use ring::rand::{SecureRandom, SystemRandom};
+
+/// The XDP guard under a spoofed-source flood: goodput and relay CPU, XDP on and off.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Seconds per run.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Messages per second the legitimate peer sends.
+    #[arg(long, default_value_t = 2000)]
+    legit_rate: u32,
+    /// Bytes per legitimate message (plaintext).
+    #[arg(long, default_value_t = 1000)]
+    payload: usize,
+    /// Distinct spoofed source addresses in the flood.
+    #[arg(long, default_value_t = 1024)]
+    sources: u32,
+    /// CPU the relay's worker is pinned to.
+    #[arg(long, default_value_t = 1)]
+    relay_cpu: usize,
+    /// CPUs the flood senders are pinned to, one sender each (e.g. `0,1`).
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    flood_cpus: Vec<usize>,
+    /// Directory with the release binaries (default: next to this one).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+}
+
+const PORT: u16 = 7000;
+
+/// One run's figures.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    sent: u64,
+    delivered: u64,
+    secs: f64,
+    relay_cpu: f64,
+    flood_sent: u64,
+    xdp_dropped: u64,
+    relay_rx: u64,
+}
+
+fn clock_ticks() -> f64 {
+    100.0 // USER_HZ on Linux x86_64
+}
+
+/// utime + stime of `pid`, in seconds.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name.
+    Ok((get(11) + get(12)) / clock_ticks())
+}
+
+fn sum_metric(page: &str, prefix: &str) -> u64 {
+    page.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+fn datagram(packet_type: PacketType, session_id: u64, body_len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; HEADER_LEN + body_len];
+    let mut first = [0u8; HEADER_LEN];
+    Header {
+        packet_type,
+        session_id,
+        body_len: body_len as u16,
+    }
+    .write(&mut first);
+    out[..HEADER_LEN].copy_from_slice(&first);
+    out
+}
+
+/// An IPv4/UDP packet (for an IPPROTO_RAW socket) from `src` to `dst`.
+fn ip_packet(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let total = (28 + payload.len()) as u16;
+    let mut p = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0];
+    p[2..4].copy_from_slice(&total.to_be_bytes());
+    p.extend_from_slice(&src.ip().octets());
+    p.extend_from_slice(&dst.ip().octets());
+    p.extend_from_slice(&src.port().to_be_bytes());
+    p.extend_from_slice(&dst.port().to_be_bytes());
+    p.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(payload);
+    p
+}
+
+/// The flood's packets: `n` of them cycling garbage, DATA for unknown sessions and BIND,
+/// from `sources` spoofed addresses in 198.19.0.0/16.
+fn flood_packets(n: usize, sources: u32, relay: SocketAddrV4) -> anyhow::Result<Vec<Vec<u8>>> {
+    let rng = SystemRandom::new();
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut r = [0u8; 16];
+        rng.fill(&mut r)
+            .map_err(|_| anyhow::anyhow!("the system RNG failed"))?;
+        let host = u32::from_be_bytes([r[0], r[1], r[2], r[3]]) % sources.max(1);
+        let src = SocketAddrV4::new(
+            Ipv4Addr::new(198, 19, (host >> 8) as u8, host as u8),
+            1024 + (host as u16 % 50_000),
+        );
+        let session = u64::from_be_bytes([r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11]]) | 1;
+        let payload = match i % 3 {
+            0 => {
+                let mut garbage = vec![0u8; 64 + usize::from(r[12]) * 4];
+                rng.fill(&mut garbage)
+                    .map_err(|_| anyhow::anyhow!("the system RNG failed"))?;
+                garbage
+            }
+            1 => datagram(PacketType::Data, session, 1000),
+            _ => datagram(PacketType::Bind, session, BIND_BODY_LEN),
+        };
+        out.push(ip_packet(src, relay, &payload));
+    }
+    Ok(out)
+}
+
+/// A raw IPv4 socket in namespace `ns` (IPPROTO_RAW: we write the IP header).
+fn raw_socket(ns: &str) -> anyhow::Result<UdpSocket> {
+    let socket = in_ns(ns, || {
+        socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::RAW,
+            Some(socket2::Protocol::from(libc::IPPROTO_RAW)),
+        )
+    })??;
+    // sendmmsg only needs a descriptor; the UdpSocket type just carries it.
+    Ok(UdpSocket::from(socket))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    cli: &Cli,
+    bin: &Path,
+    ns: &Namespaces,
+    xdp: bool,
+    flood: bool,
+    packets: &[Vec<u8>],
+) -> anyhow::Result<Run> {
+    let listen = SocketAddr::new(IpAddr::V4(ns.relay_addr()), PORT);
+    let xdp_section = if xdp {
+        format!(
+            "[xdp]\nmode = \"native\"\ninterfaces = [\"{}\"]\n",
+            ns.relay_if
+        )
+    } else {
+        "[xdp]\nmode = \"off\"\n".to_string()
+    };
+    let relay = RelayProcess::start_in_netns(
+        bin,
+        &ns.relay_ns,
+        listen,
+        cli.relay_cpu,
+        "",
+        &format!(
+            "{xdp_section}\n[limits]\ndefault_session_rate = 1000000000\n\
+             max_session_rate = 1000000000\n\n[log]\nlevel = \"error\"\n"
+        ),
+    )?;
+    let peer_socket = |host: u8| {
+        let addr = SocketAddr::new(IpAddr::V4(ns.peer_addr(host)), 0);
+        in_ns(&ns.peers_ns, move || UdpSocket::bind(addr))?.context("a peer socket")
+    };
+    let (mut a, mut b) = connected_pair(&relay, peer_socket(2)?, peer_socket(3)?)?;
+    let raw = raw_socket(&ns.peers_ns)?;
+    let dst = SocketAddr::new(IpAddr::V4(ns.relay_addr()), 0);
+
+    let before = relay.metrics();
+    let cpu_before = cpu_seconds(relay.pid())?;
+    let started = Instant::now();
+    let duration = Duration::from_secs_f64(cli.seconds);
+    let message = vec![0x5au8; cli.payload];
+    let expected = (cli.seconds * f64::from(cli.legit_rate)) as u64;
+    let (sent, delivered, flood_sent) = std::thread::scope(|s| -> anyhow::Result<_> {
+        let flooders: Vec<_> = cli
+            .flood_cpus
+            .iter()
+            .enumerate()
+            .filter(|_| flood)
+            .map(|(k, &cpu)| {
+                let raw = &raw;
+                s.spawn(move || -> u64 {
+                    let _ = pin_to(cpu);
+                    let mut batch = Batch::new(64);
+                    let mut sent = 0u64;
+                    let mut next = k * 997;
+                    while started.elapsed() < duration {
+                        for slot in 0..batch.len() {
+                            batch.fill_slot(slot, &packets[next % packets.len()], dst);
+                            next += 1;
+                        }
+                        if let Ok(n) = batch.send(raw, 64) {
+                            sent += n as u64;
+                        }
+                    }
+                    sent
+                })
+            })
+            .collect();
+        let receiving = s.spawn(|| {
+            let mut got = 0u64;
+            let deadline = started + duration + Duration::from_secs(1);
+            while got < expected && Instant::now() < deadline {
+                if b.recv_message(Duration::from_millis(200)).is_ok() {
+                    got += 1;
+                }
+            }
+            got
+        });
+        let mut sent = 0u64;
+        let interval = 1.0 / f64::from(cli.legit_rate.max(1));
+        for i in 0..expected {
+            let due = started + Duration::from_secs_f64(i as f64 * interval);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            if a.send(&message).is_ok() {
+                sent += 1;
+            }
+        }
+        let mut flood_sent = 0;
+        for flooder in flooders {
+            flood_sent += flooder
+                .join()
+                .map_err(|_| anyhow::anyhow!("a flood thread panicked"))?;
+        }
+        let delivered = receiving
+            .join()
+            .map_err(|_| anyhow::anyhow!("the receiver thread panicked"))?;
+        Ok((sent, delivered, flood_sent))
+    })?;
+    let secs = started.elapsed().as_secs_f64();
+    let relay_cpu = (cpu_seconds(relay.pid())? - cpu_before) / secs;
+    let after = relay.metrics();
+    let delta = |prefix: &str| sum_metric(&after, prefix) - sum_metric(&before, prefix);
+    Ok(Run {
+        sent,
+        delivered,
+        secs,
+        relay_cpu,
+        flood_sent,
+        xdp_dropped: delta("ferry_xdp_packets_total{action=\"drop\""),
+        relay_rx: delta("ferry_worker_rx_packets_total"),
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let bin_dir = match &cli.bin_dir {
+        Some(dir) => dir.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("the binary's directory")?
+            .to_path_buf(),
+    };
+    let bin = bin_dir.join("ferry-relay");
+    ensure!(
+        bin.exists(),
+        "{} not found: cargo build --release -p ferry-relay",
+        bin.display()
+    );
+    let ns = Namespaces::new("fb").context("creating namespaces (needs root)")?;
+    let relay = SocketAddrV4::new(ns.relay_addr(), PORT);
+    let packets = flood_packets(4096, cli.sources, relay)?;
+    println!(
+        "ferry-floodbench: {} s per run; legitimate session {} msg/s of {} B; flood from {} \
+         spoofed sources (garbage, DATA for unknown sessions, BIND), senders on CPUs {:?}; relay \
+         worker on CPU {}",
+        cli.seconds, cli.legit_rate, cli.payload, cli.sources, cli.flood_cpus, cli.relay_cpu
+    );
+    println!(
+        "{:<6} {:<6} {:>12} {:>10} {:>14} {:>13} {:>13} {:>12}",
+        "xdp",
+        "flood",
+        "goodput/s",
+        "delivered",
+        "relay CPU",
+        "flood pps",
+        "XDP drop/s",
+        "relay rx/s"
+    );
+    let mut results = Vec::new();
+    for xdp in [false, true] {
+        for flood in [false, true] {
+            let r = run(&cli, &bin, &ns, xdp, flood, &packets)?;
+            println!(
+                "{:<6} {:<6} {:>12.0} {:>9.1}% {:>13.1}% {:>13.0} {:>13.0} {:>12.0}",
+                if xdp { "on" } else { "off" },
+                if flood { "yes" } else { "no" },
+                r.delivered as f64 / r.secs,
+                100.0 * r.delivered as f64 / r.sent.max(1) as f64,
+                100.0 * r.relay_cpu,
+                r.flood_sent as f64 / r.secs,
+                r.xdp_dropped as f64 / r.secs,
+                r.relay_rx as f64 / r.secs,
+            );
+            results.push(((xdp, flood), r));
+        }
+    }
+    let get = |xdp: bool, flood: bool| {
+        results
+            .iter()
+            .find(|(k, _)| *k == (xdp, flood))
+            .map(|(_, r)| *r)
+    };
+    if let (Some(quiet), Some(flooded), Some(off_flooded)) =
+        (get(true, false), get(true, true), get(false, true))
+    {
+        let goodput = |r: &Run| r.delivered as f64 / r.secs;
+        println!(
+            "with XDP on, the flood leaves {:.1}% of the no-flood goodput (goal >= 95%) and costs \
+             the relay {:.1}% of a core (goal < 5%); with XDP off: {:.1}% and {:.1}%",
+            100.0 * goodput(&flooded) / goodput(&quiet).max(1e-9),
+            100.0 * (flooded.relay_cpu - quiet.relay_cpu).max(0.0),
+            100.0 * goodput(&off_flooded) / goodput(&quiet).max(1e-9),
+            100.0 * (off_flooded.relay_cpu - quiet.relay_cpu).max(0.0),
+        );
+    }
+    Ok(())
+}
