@@ -6,8 +6,10 @@
 //! - [`config`]: the strict TOML config (`ferry-gateway check-config`).
 //! - [`apikey`]: API keys, their stored hashes and scopes.
 //! - [`tls`]: the rustls server configuration (ring provider only).
+//! - [`state`]: what replicas share (join codes, revocations, relay reports), in memory or Redis.
 #![forbid(unsafe_code)]
 
 pub mod apikey;
 pub mod config;
+pub mod state;
 pub mod tls;
