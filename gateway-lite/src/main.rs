@@ -14,12 +14,17 @@ use ferry_gateway::config;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
+    /// The config file.
+    #[arg(long, default_value = config::DEFAULT_PATH)]
+    config: PathBuf,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the gateway (the default).
+    Run,
     /// Validate a config file (and every file it names), print every problem found, and exit
     /// non-zero if there is one.
     CheckConfig {
@@ -70,7 +75,8 @@ enum ApikeyCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
+    let result = match cli.command.unwrap_or(Command::Run) {
+        Command::Run => ferry_gateway::server::run(&cli.config),
         Command::CheckConfig { file } => check_config(&file),
         Command::Keygen { out, force } => keygen(&out, force),
         Command::Pubkey { key } => GatewaySigningKey::load(&key)
