@@ -864,3 +864,52 @@ fn a_slow_client_is_cut_off_by_the_header_read_timeout() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_listed_relay_that_fails_its_probe_is_not_handed_out() {
+    let setup = Setup::new("probe");
+    // A UDP port that never answers stands in for a dead relay.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let config = setup
+        .config(1, "")
+        .replace(
+            "address = \"127.0.0.1:7000\"",
+            &format!("address = \"{}\"", silent.local_addr().unwrap()),
+        )
+        .replace(
+            "[relay_health]\nprobe = false\n",
+            "[relay_health]\nprobe = true\ninterval_secs = 1\ntimeout_ms = 100\n",
+        );
+    let gw = setup.start("gw", &config);
+    let http = client(&setup.pki.ca_pem, None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _, body) = post(
+            &http,
+            &gw.url("/v1/sessions"),
+            Some(setup.key("app")),
+            json!({}),
+        )
+        .await;
+        if status == 503 {
+            assert_eq!(body, json!({ "error": "no_relay_available" }));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dead relay is still handed out"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let page = reqwest::get(gw.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&page, "ferry_gateway_relays{health=\"unhealthy\"}"),
+        1
+    );
+    assert!(metric(&page, "ferry_gateway_no_relay_total") >= 1);
+}
