@@ -832,14 +832,14 @@ async fn relays_register_by_heartbeat_and_the_least_loaded_is_handed_out() {
 }
 
 #[test]
-fn a_slow_client_is_cut_off_by_the_header_read_timeout() {
+fn slow_clients_are_cut_off_by_the_header_and_request_timeouts() {
     let setup = Setup::new("slow");
     let config = setup
         .config(1, "")
         .replace("[tls]\ncert = \"tls.crt\"\nkey = \"tls.key\"\n", "")
         .replace(
             "listen = \"127.0.0.1:0\"\n\n",
-            "listen = \"127.0.0.1:0\"\nplain_http = true\nheader_read_timeout_ms = 300\n\n",
+            "listen = \"127.0.0.1:0\"\nplain_http = true\nheader_read_timeout_ms = 300\nrequest_timeout_ms = 1000\n\n",
         );
     let gw = setup.start("gw", &config);
     let mut stream = std::net::TcpStream::connect(gw.public).unwrap();
@@ -863,6 +863,29 @@ fn a_slow_client_is_cut_off_by_the_header_read_timeout() {
         text.is_empty() || text.starts_with("HTTP/1.1 408"),
         "{text}"
     );
+
+    // A complete head whose body never comes: the request timeout answers 408 and closes.
+    let mut stream = std::net::TcpStream::connect(gw.public).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let head = format!(
+        "POST /v1/sessions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{",
+        setup.key("app")
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    let start = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let _ = stream.read_to_end(&mut buf);
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        start.elapsed()
+    );
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.ends_with("{\"error\":\"request_timeout\"}"), "{text}");
 }
 
 #[tokio::test]
