@@ -1000,6 +1000,10 @@ mod tests {
         let mut out = Vec::new();
         let mut section = None;
         for line in include_str!("../../docs/config.md").lines() {
+            // The gateway's part follows; gateway-lite's tests check it.
+            if line == "# Gateway configuration" {
+                break;
+            }
             if let Some(heading) = line.strip_prefix("## `[") {
                 section = Some(heading.trim_start_matches('[').split(']').next().unwrap());
             } else if let (Some(section), Some(row)) = (section, line.strip_prefix("| `")) {

@@ -1,0 +1,475 @@
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+
+use ferry_core::keys::{self, RelayStaticKey};
+use ring::rand::SystemRandom;
+
+use super::*;
+
+/// A temporary directory with a signing key, a TLS certificate and key, a client CA and a
+/// relay key, removed on drop.
+struct Dir(PathBuf);
+
+fn write_file(path: &Path, text: &str, mode: u32) {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+impl Dir {
+    fn new(name: &str) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let dir = std::env::temp_dir().join(format!(
+            "ferry-gw-config-{}-{nanos}-{name}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let rng = SystemRandom::new();
+        for file in ["gateway-1.key", "gateway-2.key"] {
+            let key = GatewaySigningKey::generate(&rng).unwrap();
+            keys::write_secret_file(&dir.join(file), &key, false).unwrap();
+        }
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        write_file(&dir.join("tls.crt"), &cert.cert.pem(), 0o644);
+        write_file(
+            &dir.join("tls.key"),
+            &cert.signing_key.serialize_pem(),
+            0o600,
+        );
+        let ca = rcgen::generate_simple_self_signed(vec!["clients".to_string()]).unwrap();
+        write_file(&dir.join("ca.crt"), &ca.cert.pem(), 0o644);
+        Self(dir)
+    }
+
+    fn parse(&self, text: &str) -> Result<GatewayConfig, ConfigError> {
+        parse_str(text, &self.0.join("gateway.toml"), &self.0)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn hash() -> String {
+    apikey::generate(&SystemRandom::new(), "x")
+        .unwrap()
+        .hash
+        .to_string()
+}
+
+fn relay_key() -> String {
+    RelayStaticKey::generate(&SystemRandom::new())
+        .unwrap()
+        .public()
+        .to_string()
+}
+
+fn minimal() -> String {
+    "[tls]\ncert = \"tls.crt\"\nkey = \"tls.key\"\n\n[signing]\nactive_kid = 1\n\n\
+     [[signing.keys]]\nkid = 1\nkey_file = \"gateway-1.key\"\n"
+        .to_string()
+}
+
+fn problems(result: Result<GatewayConfig, ConfigError>) -> Vec<Problem> {
+    match result {
+        Err(ConfigError::Invalid { problems, .. }) => problems,
+        other => panic!("expected validation problems, got {other:?}"),
+    }
+}
+
+fn fields(result: Result<GatewayConfig, ConfigError>) -> Vec<String> {
+    problems(result).into_iter().map(|p| p.field).collect()
+}
+
+/// The example file with its paths pointed at `dir`'s files and, if `fill`, its placeholders
+/// filled in.
+fn example_in(dir: &Dir, fill: bool) -> String {
+    let keys = format!(
+        "[[api_keys]]\nid = \"from-file\"\nhash = \"{}\"\nscopes = [\"join:*\"]\n",
+        hash()
+    );
+    write_file(&dir.0.join("api-keys.toml"), &keys, 0o600);
+    let text = include_str!("../../gateway.example.toml")
+        .replace("/etc/ferry/gateway-tls.crt", "tls.crt")
+        .replace("/etc/ferry/gateway-tls.key", "tls.key")
+        .replace("/etc/ferry/gateway-clients-ca.crt", "ca.crt")
+        .replace("/etc/ferry/gateway-1.key", "gateway-1.key")
+        .replace("/etc/ferry/gateway-api-keys.toml", "api-keys.toml");
+    match fill {
+        true => text
+            .replace("sha256:REPLACE-WITH-THE-HASH-FROM-APIKEY-NEW", &hash())
+            .replace("REPLACE-WITH-THE-RELAY-PUBLIC-KEY", &relay_key()),
+        false => text,
+    }
+}
+
+#[test]
+fn a_minimal_file_gets_safe_defaults() {
+    let dir = Dir::new("minimal");
+    let cfg = dir.parse(&minimal()).unwrap();
+    assert!(matches!(cfg.server.transport, Transport::Tls(_)));
+    assert!(!cfg.server.client_auth);
+    assert_eq!(cfg.server.listen, "0.0.0.0:8443".parse().unwrap());
+    assert_eq!(cfg.signing.active.kid(), 1);
+    assert_eq!(cfg.signing.published.len(), 1);
+    assert_eq!(cfg.sessions.token_lifetime_secs, 300);
+    assert!(cfg.admin.listen.ip().is_loopback());
+    assert!(cfg.admin.token_hash.is_none());
+    assert!(matches!(cfg.state, StateBackend::Memory { .. }));
+    assert!(cfg.api_keys.is_empty() && cfg.relays.is_empty());
+}
+
+#[test]
+fn the_example_file_is_valid_and_means_the_defaults() {
+    let dir = Dir::new("example");
+    let cfg = dir.parse(&example_in(&dir, true)).unwrap();
+    assert!(cfg.server.client_auth);
+    assert_eq!(cfg.api_keys.len(), 2);
+    assert_eq!(cfg.api_keys[1].id, "from-file");
+    assert_eq!(cfg.relays.len(), 1);
+    let min = dir.parse(&minimal()).unwrap();
+    assert_eq!(cfg.sessions, min.sessions);
+    assert_eq!(cfg.limits, min.limits);
+    assert_eq!(cfg.state, min.state);
+    assert_eq!(cfg.relay_health, min.relay_health);
+    assert_eq!(cfg.server.listen, min.server.listen);
+    assert_eq!(cfg.server.max_body_bytes, min.server.max_body_bytes);
+    assert_eq!(cfg.server.request_timeout, min.server.request_timeout);
+    assert_eq!(cfg.admin.listen, min.admin.listen);
+    assert_eq!(cfg.log_level, min.log_level);
+    // Copied unedited, it fails closed, naming each placeholder.
+    assert_eq!(
+        fields(dir.parse(&example_in(&dir, false))),
+        ["api_keys[0].hash", "relays[0].public_key"]
+    );
+}
+
+/// The fields of the example file, `section.field` (`signing.keys` tables as `signing.keys.kid`).
+fn example_fields() -> Vec<String> {
+    let table: toml::Table = toml::from_str(include_str!("../../gateway.example.toml")).unwrap();
+    let mut out = Vec::new();
+    fn walk(prefix: &str, value: &toml::Value, out: &mut Vec<String>) {
+        let entries = match value {
+            toml::Value::Table(t) => vec![t],
+            toml::Value::Array(a) if a.iter().all(toml::Value::is_table) => {
+                a.iter().filter_map(toml::Value::as_table).collect()
+            }
+            _ => {
+                out.push(prefix.to_string());
+                return;
+            }
+        };
+        for entry in entries {
+            for (k, v) in entry {
+                walk(&format!("{prefix}.{k}"), v, out);
+            }
+        }
+    }
+    for (section, value) in &table {
+        walk(section, value, &mut out);
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The fields documented in the gateway part of docs/config.md: rows of the table under each
+/// `## Gateway `[section]`` heading.
+fn documented_fields() -> Vec<String> {
+    let docs = include_str!("../../../docs/config.md");
+    let gateway = docs
+        .split_once("\n# Gateway configuration\n")
+        .expect("docs/config.md has a `# Gateway configuration` part")
+        .1;
+    let mut out = Vec::new();
+    let mut section = None;
+    for line in gateway.lines() {
+        if let Some(heading) = line.strip_prefix("## Gateway `[") {
+            section = Some(heading.trim_start_matches('[').split(']').next().unwrap());
+        } else if let (Some(section), Some(row)) = (section, line.strip_prefix("| `")) {
+            out.push(format!("{section}.{}", row.split('`').next().unwrap()));
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[test]
+fn every_field_is_in_the_example_and_the_docs() {
+    let example = example_fields();
+    assert_eq!(example, documented_fields());
+    assert!(example.len() >= 35, "{example:?}");
+    let dir = Dir::new("fields");
+    for section in [
+        "server",
+        "tls",
+        "signing",
+        "sessions",
+        "auth",
+        "relay_health",
+        "limits",
+        "state",
+        "admin",
+        "log",
+    ] {
+        let text = match section {
+            "tls" => minimal().replace("[tls]\n", "[tls]\nbogus = 1\n"),
+            "signing" => minimal().replace("[signing]\n", "[signing]\nbogus = 1\n"),
+            _ => minimal() + &format!("\n[{section}]\nbogus = 1\n"),
+        };
+        match dir.parse(&text) {
+            Err(ConfigError::Parse { message, .. }) => {
+                assert!(message.contains("unknown field `bogus`"), "{message}")
+            }
+            other => panic!("[{section}] took an unknown field: {other:?}"),
+        }
+    }
+    let text = minimal()
+        + "\n[[relays]]\nid = 1\naddress = \"198.51.100.1:7000\"\npublic_key = \"x\"\nbogus = 1\n";
+    assert!(matches!(dir.parse(&text), Err(ConfigError::Parse { .. })));
+}
+
+#[test]
+fn parse_errors_say_where() {
+    let dir = Dir::new("where");
+    let text = minimal() + "\n[sessions]\ntoken_lifetime_secs = \"long\"\n";
+    let line = text.lines().count();
+    match dir.parse(&text) {
+        Err(ConfigError::Parse { message, .. }) => {
+            assert!(message.contains(&format!("line {line}")), "{message}");
+            assert!(message.contains("token_lifetime_secs"), "{message}");
+        }
+        other => panic!("expected a parse error, got {other:?}"),
+    }
+}
+
+#[test]
+fn each_out_of_range_value_names_its_field_alone() {
+    let dir = Dir::new("each");
+    let cases = [
+        ("server", "listen = \"nowhere\"", "server.listen"),
+        ("server", "max_body_bytes = 100", "server.max_body_bytes"),
+        (
+            "server",
+            "request_timeout_ms = 99",
+            "server.request_timeout_ms",
+        ),
+        (
+            "server",
+            "header_read_timeout_ms = 60001",
+            "server.header_read_timeout_ms",
+        ),
+        (
+            "server",
+            "tls_handshake_timeout_ms = 0",
+            "server.tls_handshake_timeout_ms",
+        ),
+        ("server", "max_connections = 0", "server.max_connections"),
+        (
+            "sessions",
+            "token_lifetime_secs = 29",
+            "sessions.token_lifetime_secs",
+        ),
+        (
+            "sessions",
+            "token_lifetime_secs = 3601",
+            "sessions.token_lifetime_secs",
+        ),
+        (
+            "sessions",
+            "join_code_ttl_secs = 9",
+            "sessions.join_code_ttl_secs",
+        ),
+        (
+            "sessions",
+            "rate_bytes_per_sec = 10",
+            "sessions.rate_bytes_per_sec",
+        ),
+        (
+            "relay_health",
+            "interval_secs = 0",
+            "relay_health.interval_secs",
+        ),
+        ("relay_health", "timeout_ms = 10", "relay_health.timeout_ms"),
+        (
+            "relay_health",
+            "heartbeat_ttl_secs = 601",
+            "relay_health.heartbeat_ttl_secs",
+        ),
+        ("limits", "per_ip_rate = 0.0", "limits.per_ip_rate"),
+        ("limits", "per_ip_rate = nan", "limits.per_ip_rate"),
+        ("limits", "per_key_rate = inf", "limits.per_key_rate"),
+        ("limits", "per_ip_burst = 0", "limits.per_ip_burst"),
+        ("limits", "per_key_burst = 1000001", "limits.per_key_burst"),
+        ("limits", "tracked_clients = 999", "limits.tracked_clients"),
+        ("state", "backend = \"etcd\"", "state.backend"),
+        ("state", "backend = \"redis\"", "state.redis_url"),
+        (
+            "state",
+            "redis_url = \"redis://127.0.0.1/\"",
+            "state.redis_url",
+        ),
+        ("state", "key_prefix = \"\"", "state.key_prefix"),
+        ("state", "max_sessions = 10", "state.max_sessions"),
+        ("admin", "listen = \"198.18.0.1:9478\"", "admin.listen"),
+        ("admin", "token_hash = \"plain\"", "admin.token_hash"),
+        ("log", "level = \"INFO\"", "log.level"),
+    ];
+    for (section, line, field) in cases {
+        let text = minimal() + &format!("\n[{section}]\n{line}\n");
+        let found = problems(dir.parse(&text));
+        assert_eq!(found.len(), 1, "{line}: {found:?}");
+        assert_eq!(found[0].field, field, "{line}");
+    }
+    let edges = minimal()
+        + "\n[sessions]\ntoken_lifetime_secs = 3600\njoin_code_ttl_secs = 10\nrate_bytes_per_sec = 1500\n\
+           \n[server]\nmax_body_bytes = 1048576\nrequest_timeout_ms = 100\n";
+    dir.parse(&edges).unwrap();
+}
+
+#[test]
+fn plain_http_only_on_loopback_and_only_when_asked() {
+    let dir = Dir::new("plain");
+    let signing =
+        "[signing]\nactive_kid = 1\n\n[[signing.keys]]\nkid = 1\nkey_file = \"gateway-1.key\"\n";
+    assert_eq!(fields(dir.parse(signing)), ["tls"]);
+    let loopback = format!("[server]\nplain_http = true\nlisten = \"127.0.0.1:8080\"\n\n{signing}");
+    let cfg = dir.parse(&loopback).unwrap();
+    assert!(matches!(cfg.server.transport, Transport::PlainLoopback));
+    let v6 = loopback.replace("127.0.0.1:8080", "[::1]:8080");
+    assert!(dir.parse(&v6).is_ok());
+    let public = loopback.replace("127.0.0.1:8080", "0.0.0.0:8080");
+    assert_eq!(fields(dir.parse(&public)), ["server.plain_http"]);
+    let both = minimal() + "\n[server]\nplain_http = true\nlisten = \"127.0.0.1:8080\"\n";
+    assert_eq!(fields(dir.parse(&both)), ["server.plain_http"]);
+}
+
+#[test]
+fn tls_files_are_checked_naming_the_field() {
+    let dir = Dir::new("tls");
+    let missing = minimal().replace("tls.crt", "nope.crt");
+    assert_eq!(fields(dir.parse(&missing)), ["tls.cert"]);
+    let not_pem = minimal().replace("cert = \"tls.crt\"", "cert = \"gateway-1.key\"");
+    assert_eq!(fields(dir.parse(&not_pem)), ["tls.cert"]);
+    let no_key = minimal().replace("key = \"tls.key\"", "key = \"gateway-1.key\"");
+    assert_eq!(fields(dir.parse(&no_key)), ["tls.key"]);
+    let bad_ca = minimal().replace("[tls]\n", "[tls]\nclient_ca = \"nope.crt\"\n");
+    assert_eq!(fields(dir.parse(&bad_ca)), ["tls.client_ca"]);
+    std::fs::set_permissions(
+        dir.0.join("tls.key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let found = problems(dir.parse(&minimal()));
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].field, "tls.key");
+    assert!(found[0].problem.contains("chmod 600"), "{found:?}");
+}
+
+#[test]
+fn signing_keys_are_checked() {
+    let dir = Dir::new("signing");
+    let two = minimal() + "\n[[signing.keys]]\nkid = 2\nkey_file = \"gateway-2.key\"\n";
+    let cfg = dir.parse(&two).unwrap();
+    assert_eq!(cfg.signing.active.kid(), 1);
+    assert_eq!(
+        cfg.signing
+            .published
+            .iter()
+            .map(|(k, _)| *k)
+            .collect::<Vec<_>>(),
+        [1, 2]
+    );
+    let switched = dir
+        .parse(&two.replace("active_kid = 1", "active_kid = 2"))
+        .unwrap();
+    assert_eq!(switched.signing.active.kid(), 2);
+    assert_eq!(switched.signing.active.public(), cfg.signing.published[1].1);
+    assert_eq!(
+        fields(dir.parse(&minimal().replace("active_kid = 1", "active_kid = 3"))),
+        ["signing.active_kid"]
+    );
+    let dup = minimal() + "\n[[signing.keys]]\nkid = 1\nkey_file = \"gateway-2.key\"\n";
+    assert_eq!(fields(dir.parse(&dup)), ["signing.keys[1].kid"]);
+    let missing = minimal() + "\n[[signing.keys]]\nkid = 2\nkey_file = \"nope.key\"\n";
+    assert_eq!(fields(dir.parse(&missing)), ["signing.keys[1].key_file"]);
+    let none = "[tls]\ncert = \"tls.crt\"\nkey = \"tls.key\"\n\n[signing]\nactive_kid = 1\n";
+    assert_eq!(fields(dir.parse(none)), ["signing.keys"]);
+    std::fs::set_permissions(
+        dir.0.join("gateway-1.key"),
+        std::fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
+    let found = problems(dir.parse(&minimal()));
+    assert_eq!(found[0].field, "signing.keys[0].key_file");
+    assert!(found[0].problem.contains("chmod 600"), "{found:?}");
+}
+
+#[test]
+fn api_keys_are_checked() {
+    let dir = Dir::new("apikeys");
+    let h = hash();
+    let text = minimal()
+        + &format!(
+            "\n[[api_keys]]\nid = \"a\"\nhash = \"{h}\"\nscopes = [\"create:x\"]\n\
+             \n[[api_keys]]\nid = \"a\"\nhash = \"{h}\"\nscopes = [\"join:x\"]\n\
+             \n[[api_keys]]\nid = \"B\"\nhash = \"sha1:00\"\nscopes = [\"admin\"]\n\
+             \n[[api_keys]]\nid = \"c\"\nhash = \"{h}\"\nscopes = []\n"
+        );
+    assert_eq!(
+        fields(dir.parse(&text)),
+        [
+            "api_keys[1].id",
+            "api_keys[2].id",
+            "api_keys[2].hash",
+            "api_keys[2].scopes[0]",
+            "api_keys[3].scopes"
+        ]
+    );
+    let with_file = minimal() + "\n[auth]\nkey_file = \"keys.toml\"\n";
+    assert_eq!(fields(dir.parse(&with_file)), ["auth.key_file"]);
+    write_file(
+        &dir.0.join("keys.toml"),
+        &format!("[[api_keys]]\nid = \"k\"\nhash = \"{h}\"\nscopes = [\"nope\"]\n"),
+        0o600,
+    );
+    let found = fields(dir.parse(&with_file));
+    assert_eq!(found.len(), 1);
+    assert!(found[0].starts_with("auth.key_file ") && found[0].ends_with("api_keys[0].scopes[0]"));
+}
+
+#[test]
+fn relays_are_checked() {
+    let dir = Dir::new("relays");
+    let k = relay_key();
+    let text = minimal()
+        + &format!(
+            "\n[[relays]]\nid = 1\naddress = \"198.51.100.1:7000\"\npublic_key = \"{k}\"\n\
+             \n[[relays]]\nid = 1\naddress = \"198.51.100.2:7000\"\npublic_key = \"{k}\"\n\
+             \n[[relays]]\nid = 0\naddress = \"198.51.100.2:7000\"\npublic_key = \"{k}\"\n\
+             \n[[relays]]\nid = 3\naddress = \"0.0.0.0:7000\"\npublic_key = \"{k}\"\n\
+             \n[[relays]]\nid = 4\naddress = \"198.51.100.4:0\"\npublic_key = \"AAAA\"\n"
+        );
+    assert_eq!(
+        fields(dir.parse(&text)),
+        [
+            "relays[1].id",
+            "relays[2].id",
+            "relays[3].address",
+            "relays[4].address",
+            "relays[4].public_key"
+        ]
+    );
+}

@@ -1,0 +1,348 @@
+//! The Redis backend of [`State`], for several gateway replicas side by side.
+//!
+//! Keys (all under `state.key_prefix`, `P` below):
+//!
+//! | key | type | holds | expires |
+//! |-----|------|-------|---------|
+//! | `P code:<sha256 of join code>` | string | the session id | when the code does |
+//! | `P session:<id>` | string | the [`SessionRecord`] as JSON | with the session |
+//! | `P joined:<id>` | string | the key id that joined | with the session |
+//! | `P sessions` | sorted set | session ids by creation time, for listing | members pruned when their record is gone |
+//! | `P revoked` | set | revoked key ids | never |
+//! | `P relay:<id>` | string | the [`RelayReport`] as JSON | `heartbeat_ttl` after the report |
+//! | `P relays` | set | relay ids that reported | members pruned when their report is gone |
+//!
+//! A join code is used up with one `GETDEL` (Redis 6.2 or newer): whichever replica's command
+//! Redis runs first gets the session id, every other gets nothing. Expiry is checked against
+//! the `now` the caller passes (as in the memory backend); Redis TTLs, set relative to that
+//! `now`, only collect the garbage.
+
+use std::time::Duration;
+
+use ferry_core::time::UnixTime;
+use redis::AsyncCommands as _;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use crate::state::{BoxFuture, JoinCodeHash, RelayReport, SessionRecord, State, StateError};
+
+/// How long one Redis command may take before the request fails with 503.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The Redis backend.
+#[derive(Clone)]
+pub struct RedisState {
+    conn: ConnectionManager,
+    prefix: String,
+}
+
+impl std::fmt::Debug for RedisState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisState")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(e: redis::RedisError) -> StateError {
+    StateError::Unavailable(e.to_string())
+}
+
+fn ttl_secs(until: u64, now: UnixTime) -> u64 {
+    until.saturating_sub(now.as_secs()).max(1)
+}
+
+impl RedisState {
+    /// Connects to `url` (and reconnects by itself later); every key starts with `prefix`.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, StateError> {
+        let client = redis::Client::open(url).map_err(unavailable)?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_connection_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(2);
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(unavailable)?;
+        let state = Self {
+            conn,
+            prefix: prefix.to_owned(),
+        };
+        // Fail at start, not at the first request, if the server is too old for GETDEL.
+        let mut conn = state.conn.clone();
+        let probe = state.key("getdel-probe");
+        let _: Option<String> = redis::cmd("GETDEL")
+            .arg(&probe)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| StateError::Unavailable(format!("{e} (Redis 6.2 or newer is needed)")))?;
+        Ok(state)
+    }
+
+    fn key(&self, rest: &str) -> String {
+        format!("{}{rest}", self.prefix)
+    }
+
+    fn session_key(&self, id: u64) -> String {
+        self.key(&format!("session:{id:016x}"))
+    }
+
+    fn joined_key(&self, id: u64) -> String {
+        self.key(&format!("joined:{id:016x}"))
+    }
+
+    fn code_key(&self, code: JoinCodeHash) -> String {
+        self.key(&format!("code:{}", code.to_hex()))
+    }
+
+    async fn record(&self, id: u64, now: UnixTime) -> Result<Option<SessionRecord>, StateError> {
+        let mut conn = self.conn.clone();
+        let (record, joined): (Option<String>, Option<String>) = redis::pipe()
+            .get(self.session_key(id))
+            .get(self.joined_key(id))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let Some(text) = record else {
+            return Ok(None);
+        };
+        let mut record: SessionRecord =
+            serde_json::from_str(&text).map_err(|e| StateError::Corrupt(e.to_string()))?;
+        if record.expires_at <= now.as_secs() {
+            return Ok(None);
+        }
+        record.joined_by = joined;
+        Ok(Some(record))
+    }
+
+    async fn waiting(
+        &self,
+        code: JoinCodeHash,
+        now: UnixTime,
+    ) -> Result<Option<SessionRecord>, StateError> {
+        let mut conn = self.conn.clone();
+        let id: Option<String> = conn.get(self.code_key(code)).await.map_err(unavailable)?;
+        let Some(id) = id.and_then(|s| u64::from_str_radix(&s, 16).ok()) else {
+            return Ok(None);
+        };
+        Ok(self
+            .record(id, now)
+            .await?
+            .filter(|r| r.join_expires_at > now.as_secs() && r.joined_by.is_none()))
+    }
+}
+
+impl State for RedisState {
+    fn create_session<'a>(
+        &'a self,
+        record: &'a SessionRecord,
+        code: JoinCodeHash,
+        now: UnixTime,
+    ) -> BoxFuture<'a, Result<(), StateError>> {
+        Box::pin(async move {
+            let json =
+                serde_json::to_string(record).map_err(|e| StateError::Corrupt(e.to_string()))?;
+            let id = format!("{:016x}", record.session_id);
+            let mut conn = self.conn.clone();
+            let _: () = redis::pipe()
+                .atomic()
+                .set_ex(
+                    self.session_key(record.session_id),
+                    json,
+                    ttl_secs(record.expires_at, now),
+                )
+                .ignore()
+                .set_ex(
+                    self.code_key(code),
+                    &id,
+                    ttl_secs(record.join_expires_at, now),
+                )
+                .ignore()
+                .zadd(self.key("sessions"), &id, record.created_at)
+                .ignore()
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        })
+    }
+
+    fn peek_join_code(
+        &self,
+        code: JoinCodeHash,
+        now: UnixTime,
+    ) -> BoxFuture<'_, Result<Option<SessionRecord>, StateError>> {
+        Box::pin(self.waiting(code, now))
+    }
+
+    fn consume_join_code<'a>(
+        &'a self,
+        code: JoinCodeHash,
+        joined_by: &'a str,
+        now: UnixTime,
+    ) -> BoxFuture<'a, Result<Option<SessionRecord>, StateError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            // The single atomic step: exactly one GETDEL sees the id.
+            let id: Option<String> = redis::cmd("GETDEL")
+                .arg(self.code_key(code))
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            let Some(id) = id.and_then(|s| u64::from_str_radix(&s, 16).ok()) else {
+                return Ok(None);
+            };
+            let Some(mut record) = self.record(id, now).await? else {
+                return Ok(None);
+            };
+            if record.join_expires_at <= now.as_secs() {
+                return Ok(None);
+            }
+            let _: () = conn
+                .set_ex(
+                    self.joined_key(id),
+                    joined_by,
+                    ttl_secs(record.expires_at, now),
+                )
+                .await
+                .map_err(unavailable)?;
+            record.joined_by = Some(joined_by.to_owned());
+            Ok(Some(record))
+        })
+    }
+
+    fn sessions(
+        &self,
+        now: UnixTime,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<SessionRecord>, StateError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let index = self.key("sessions");
+            let mut out = Vec::new();
+            let mut gone = Vec::new();
+            let mut start = 0isize;
+            let page = limit.clamp(1, 1000) as isize;
+            while out.len() < limit {
+                let ids: Vec<String> = conn
+                    .zrevrange(&index, start, start + page - 1)
+                    .await
+                    .map_err(unavailable)?;
+                if ids.is_empty() {
+                    break;
+                }
+                start += page;
+                for text in ids {
+                    let Ok(id) = u64::from_str_radix(&text, 16) else {
+                        gone.push(text);
+                        continue;
+                    };
+                    match self.record(id, now).await? {
+                        Some(record) if out.len() < limit => out.push(record),
+                        Some(_) => {}
+                        None => gone.push(text),
+                    }
+                }
+            }
+            if !gone.is_empty() {
+                let _: () = conn.zrem(&index, gone).await.map_err(unavailable)?;
+            }
+            Ok(out)
+        })
+    }
+
+    fn revoke_key<'a>(&'a self, key_id: &'a str) -> BoxFuture<'a, Result<bool, StateError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let added: i64 = conn
+                .sadd(self.key("revoked"), key_id)
+                .await
+                .map_err(unavailable)?;
+            Ok(added == 1)
+        })
+    }
+
+    fn is_revoked<'a>(&'a self, key_id: &'a str) -> BoxFuture<'a, Result<bool, StateError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            conn.sismember(self.key("revoked"), key_id)
+                .await
+                .map_err(unavailable)
+        })
+    }
+
+    fn revoked_keys(&self) -> BoxFuture<'_, Result<Vec<String>, StateError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let mut keys: Vec<String> = conn
+                .smembers(self.key("revoked"))
+                .await
+                .map_err(unavailable)?;
+            keys.sort();
+            Ok(keys)
+        })
+    }
+
+    fn report_relay<'a>(
+        &'a self,
+        report: &'a RelayReport,
+    ) -> BoxFuture<'a, Result<(), StateError>> {
+        Box::pin(async move {
+            let json =
+                serde_json::to_string(report).map_err(|e| StateError::Corrupt(e.to_string()))?;
+            let now = UnixTime(report.reported_at);
+            let mut conn = self.conn.clone();
+            let _: () = redis::pipe()
+                .atomic()
+                .set_ex(
+                    self.key(&format!("relay:{}", report.relay_id)),
+                    json,
+                    ttl_secs(report.expires_at, now),
+                )
+                .ignore()
+                .sadd(self.key("relays"), report.relay_id)
+                .ignore()
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        })
+    }
+
+    fn relay_reports(&self, now: UnixTime) -> BoxFuture<'_, Result<Vec<RelayReport>, StateError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let ids: Vec<u64> = conn
+                .smembers(self.key("relays"))
+                .await
+                .map_err(unavailable)?;
+            if ids.is_empty() {
+                return Ok(Vec::new());
+            }
+            let keys: Vec<String> = ids
+                .iter()
+                .map(|id| self.key(&format!("relay:{id}")))
+                .collect();
+            let values: Vec<Option<String>> = conn.mget(&keys).await.map_err(unavailable)?;
+            let mut out = Vec::new();
+            let mut gone = Vec::new();
+            for (id, value) in ids.iter().zip(values) {
+                let Some(text) = value else {
+                    gone.push(*id);
+                    continue;
+                };
+                let report: RelayReport =
+                    serde_json::from_str(&text).map_err(|e| StateError::Corrupt(e.to_string()))?;
+                if report.expires_at > now.as_secs() {
+                    out.push(report);
+                }
+            }
+            if !gone.is_empty() {
+                let _: () = conn
+                    .srem(self.key("relays"), gone)
+                    .await
+                    .map_err(unavailable)?;
+            }
+            out.sort_by_key(|r| r.relay_id);
+            Ok(out)
+        })
+    }
+}

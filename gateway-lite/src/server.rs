@@ -1,0 +1,282 @@
+//! Runs the gateway: loads the config, opens the shared state, serves the public listener
+//! (HTTPS, or plain HTTP on loopback when the config says so) and the admin listener, probes
+//! the listed relays, and shuts down gracefully on SIGTERM or SIGINT.
+//!
+//! Against slow or greedy clients: at most `server.max_connections` connections are served at
+//! once (more wait in the kernel's backlog), the TLS handshake and the request head each have a
+//! deadline, request heads are capped at 16 KiB and 64 headers, bodies at
+//! `server.max_body_bytes`, and every request at `server.request_timeout_ms`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tower::ServiceExt as _;
+
+use crate::api::{self, App, ClientAddr};
+use crate::config::{self, GatewayConfig, StateBackend, Transport};
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::state::{MemoryState, State};
+
+/// Largest request head (request line and headers), bytes.
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Most headers in a request.
+pub const MAX_HEADERS: usize = 64;
+/// How long shutdown waits for requests in flight.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// Loads `config_path` and runs the gateway until SIGTERM or SIGINT.
+pub fn run(config_path: &Path) -> anyhow::Result<()> {
+    let config = config::load(config_path)?;
+    init_logging(&config.log_level);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ferry-gateway")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(config))
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn open_state(backend: &StateBackend) -> anyhow::Result<Arc<dyn State>> {
+    match backend {
+        StateBackend::Memory { max_sessions } => Ok(Arc::new(MemoryState::new(*max_sessions))),
+        StateBackend::Redis { url, key_prefix } => {
+            let state = crate::redis_state::RedisState::connect(url, key_prefix)
+                .await
+                .context("connecting to the Redis state backend (state.redis_url)")?;
+            Ok(Arc::new(state))
+        }
+    }
+}
+
+/// Serves `config` until SIGTERM or SIGINT.
+pub async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
+    let server = config.server.clone();
+    let admin_listen = config.admin.listen;
+    let health = config.relay_health.clone();
+    let state = open_state(&config.state).await?;
+    let registry = Arc::new(Registry::new(&config.relays));
+    let metrics = Arc::new(Metrics::default());
+    let kid = config.signing.active.kid();
+    let app = Arc::new(App::new(
+        config,
+        state,
+        Arc::clone(&registry),
+        Arc::clone(&metrics),
+    )?);
+
+    let public = TcpListener::bind(server.listen)
+        .await
+        .with_context(|| format!("binding server.listen {}", server.listen))?;
+    let admin = TcpListener::bind(admin_listen)
+        .await
+        .with_context(|| format!("binding admin.listen {admin_listen}"))?;
+    let public_addr = public.local_addr()?;
+    let admin_addr = admin.local_addr()?;
+    let scheme = match server.transport {
+        Transport::Tls(_) => "https",
+        Transport::PlainLoopback => "http",
+    };
+    tracing::info!(%public_addr, %admin_addr, kid, scheme, "ferry-gateway serving");
+    // One machine-readable line for supervisors and tests.
+    println!("ferry-gateway listening public={scheme}://{public_addr} admin=http://{admin_addr}");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    if health.probe {
+        let registry = Arc::clone(&registry);
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                let r = Arc::clone(&registry);
+                let timeout = health.timeout;
+                let _ = tokio::task::spawn_blocking(move || {
+                    r.probe_all(&ring::rand::SystemRandom::new(), timeout)
+                })
+                .await;
+                tokio::select! {
+                    _ = tokio::time::sleep(health.interval) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        });
+    }
+
+    let options = ConnOptions {
+        tls: match &server.transport {
+            Transport::Tls(cfg) => Some(tokio_rustls::TlsAcceptor::from(Arc::clone(cfg))),
+            Transport::PlainLoopback => None,
+        },
+        tls_handshake_timeout: server.tls_handshake_timeout,
+        header_read_timeout: server.header_read_timeout,
+        metrics: Arc::clone(&metrics),
+    };
+    let public_task = tokio::spawn(accept_loop(
+        public,
+        api::public_router(Arc::clone(&app)),
+        options.clone(),
+        Arc::new(Semaphore::new(server.max_connections)),
+        stop_rx.clone(),
+    ));
+    let admin_task = tokio::spawn(accept_loop(
+        admin,
+        api::admin_router(Arc::clone(&app)),
+        ConnOptions {
+            tls: None,
+            ..options
+        },
+        Arc::new(Semaphore::new(64)),
+        stop_rx,
+    ));
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: no new connections; draining requests in flight");
+    let _ = stop_tx.send(true);
+    let _ = public_task.await;
+    let _ = admin_task.await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[derive(Clone)]
+struct ConnOptions {
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls_handshake_timeout: Duration,
+    header_read_timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    router: Router,
+    options: ConnOptions,
+    slots: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        // Take a connection slot before accepting: beyond the cap, clients wait in the
+        // kernel's backlog instead of costing a task each.
+        let permit = tokio::select! {
+            permit = Arc::clone(&slots).acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = stop.changed() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let options = options.clone();
+        let router = router.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            options.metrics.connections.fetch_add(1, Ordering::Relaxed);
+            options
+                .metrics
+                .connections_accepted
+                .fetch_add(1, Ordering::Relaxed);
+            serve_connection(stream, peer, router, &options, watcher).await;
+            options.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(DRAIN, graceful.shutdown()).await;
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    router: Router,
+    options: &ConnOptions,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(ClientAddr(peer));
+        router.clone().oneshot(req.map(axum::body::Body::new))
+    });
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(MAX_HEADERS)
+        .keep_alive(true);
+    match &options.tls {
+        Some(acceptor) => {
+            let handshake =
+                tokio::time::timeout(options.tls_handshake_timeout, acceptor.accept(stream)).await;
+            let tls = match handshake {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    options
+                        .metrics
+                        .tls_handshake_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    options
+                        .metrics
+                        .tls_handshake_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let conn = http.serve_connection(TokioIo::new(tls), service);
+            let _ = watcher.watch(conn).await;
+        }
+        None => {
+            let conn = http.serve_connection(TokioIo::new(stream), service);
+            let _ = watcher.watch(conn).await;
+        }
+    }
+}

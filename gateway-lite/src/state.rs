@@ -1,0 +1,527 @@
+//! The state that gateway replicas share, behind one small trait, [`State`]:
+//!
+//! - **sessions and their join codes**: a created session waits for its second peer under the
+//!   hash of its join code; [`State::consume_join_code`] hands it out exactly once, atomically,
+//!   on whichever replica the join lands;
+//! - **revoked API keys**: a revocation on one replica holds on all;
+//! - **relay reports**: relays that register themselves with heartbeats, and the load every
+//!   relay reports.
+//!
+//! Two backends: [`MemoryState`] (the default, for a single gateway) and, with several
+//! replicas side by side, Redis (`state::redis`). Time is always a parameter: the backends
+//! never read the clock, so expiry is tested without sleeping.
+//!
+//! Join codes are stored only as their SHA-256 ([`JoinCodeHash`]): whoever reads the store (a
+//! Redis dump, `KEYS`) cannot join a session with what they find.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+
+use ferry_core::time::UnixTime;
+use serde::{Deserialize, Serialize};
+
+/// A boxed future, so that [`State`] can be used as `dyn State`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Why the shared state could not do what was asked. Callers answer 503 and log it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateError {
+    /// The backend is unreachable or answered with an error (Redis down, timeout).
+    #[error("state backend unavailable: {0}")]
+    Unavailable(String),
+    /// The memory backend holds its maximum of live sessions.
+    #[error("session table full ({0} live sessions)")]
+    Full(usize),
+    /// A stored record could not be decoded (written by an incompatible version).
+    #[error("state backend holds an unreadable record: {0}")]
+    Corrupt(String),
+}
+
+/// SHA-256 of a join code: the only form in which the state holds it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JoinCodeHash(pub [u8; 32]);
+
+impl JoinCodeHash {
+    /// The hash of `code`.
+    pub fn of(code: &str) -> Self {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"ferry join code v1\0");
+        ctx.update(code.as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ctx.finish().as_ref());
+        Self(out)
+    }
+
+    /// Lower-case hex, for store keys.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl std::fmt::Debug for JoinCodeHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A hash is not the code, but there is no reason to print it whole either.
+        write!(f, "JoinCodeHash({}…)", &self.to_hex()[..8])
+    }
+}
+
+/// A session the gateway created, as replicas share it. Holds no secret: no token, no slot
+/// secret, no join code.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// The session id (never 0).
+    pub session_id: u64,
+    /// The realm it was created in.
+    pub realm: String,
+    /// The relay both peers use.
+    pub relay_id: u64,
+    /// The API key id that created it.
+    pub created_by: String,
+    /// When, Unix seconds.
+    pub created_at: u64,
+    /// Until when its join code works, Unix seconds.
+    pub join_expires_at: u64,
+    /// When the record is forgotten (after every token of it has expired), Unix seconds.
+    pub expires_at: u64,
+    /// The creator's own Noise static key (base64), handed to the joiner to pin.
+    pub creator_public_key: Option<String>,
+    /// The key the joiner must have (base64), if the creator named one.
+    pub expected_joiner_public_key: Option<String>,
+    /// The API key id that joined it, once joined.
+    pub joined_by: Option<String>,
+}
+
+/// What a relay reports about itself, by heartbeat.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayReport {
+    /// The relay id.
+    pub relay_id: u64,
+    /// Its public UDP address.
+    pub address: String,
+    /// Its X25519 public key, base64.
+    pub public_key: String,
+    /// Sessions it holds now.
+    pub sessions: u64,
+    /// Sessions it can hold.
+    pub capacity: u64,
+    /// When it reported, Unix seconds.
+    pub reported_at: u64,
+    /// When the report is forgotten without a newer one, Unix seconds.
+    pub expires_at: u64,
+}
+
+/// The state shared by gateway replicas. Every method is one atomic step on the backend.
+pub trait State: Send + Sync + std::fmt::Debug + 'static {
+    /// Stores a new session whose join code hashes to `code`; both are forgotten at
+    /// `record.expires_at`, and the code stops working at `record.join_expires_at`.
+    fn create_session<'a>(
+        &'a self,
+        record: &'a SessionRecord,
+        code: JoinCodeHash,
+        now: UnixTime,
+    ) -> BoxFuture<'a, Result<(), StateError>>;
+
+    /// The session waiting under `code`, without using the code up (to check scopes before
+    /// [`State::consume_join_code`]). `None` if unknown, used or expired.
+    fn peek_join_code(
+        &self,
+        code: JoinCodeHash,
+        now: UnixTime,
+    ) -> BoxFuture<'_, Result<Option<SessionRecord>, StateError>>;
+
+    /// Uses the join code up: returns its session, marked as joined by `joined_by`, to
+    /// exactly one caller across every replica; `None` to everyone else and once expired.
+    fn consume_join_code<'a>(
+        &'a self,
+        code: JoinCodeHash,
+        joined_by: &'a str,
+        now: UnixTime,
+    ) -> BoxFuture<'a, Result<Option<SessionRecord>, StateError>>;
+
+    /// Live sessions, newest first, at most `limit`.
+    fn sessions(
+        &self,
+        now: UnixTime,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<SessionRecord>, StateError>>;
+
+    /// Revokes an API key by id; `true` if it was not revoked before.
+    fn revoke_key<'a>(&'a self, key_id: &'a str) -> BoxFuture<'a, Result<bool, StateError>>;
+
+    /// Whether the API key `key_id` is revoked.
+    fn is_revoked<'a>(&'a self, key_id: &'a str) -> BoxFuture<'a, Result<bool, StateError>>;
+
+    /// Every revoked key id, sorted.
+    fn revoked_keys(&self) -> BoxFuture<'_, Result<Vec<String>, StateError>>;
+
+    /// Stores a relay's heartbeat, replacing its previous one.
+    fn report_relay<'a>(&'a self, report: &'a RelayReport)
+    -> BoxFuture<'a, Result<(), StateError>>;
+
+    /// Every live relay report, by relay id.
+    fn relay_reports(&self, now: UnixTime) -> BoxFuture<'_, Result<Vec<RelayReport>, StateError>>;
+}
+
+/// The embedded backend: everything in this process, for a single gateway. Bounded: at most
+/// `max_sessions` live sessions; expired ones are dropped as new ones arrive.
+#[derive(Debug)]
+pub struct MemoryState {
+    inner: Mutex<Memory>,
+    max_sessions: usize,
+}
+
+#[derive(Debug, Default)]
+struct Memory {
+    sessions: HashMap<u64, SessionRecord>,
+    /// Join code → session id, while the code is unused.
+    codes: HashMap<JoinCodeHash, u64>,
+    /// `(expires_at, session_id)`, to drop expired sessions oldest first.
+    by_expiry: BTreeSet<(u64, u64)>,
+    revoked: HashSet<String>,
+    relays: HashMap<u64, RelayReport>,
+    /// Join code of each session still holding one, to drop it with the session.
+    code_of: HashMap<u64, JoinCodeHash>,
+}
+
+impl Memory {
+    fn forget_expired(&mut self, now: UnixTime) {
+        while let Some(&(expires_at, id)) = self.by_expiry.first() {
+            if expires_at > now.as_secs() {
+                break;
+            }
+            self.by_expiry.pop_first();
+            self.sessions.remove(&id);
+            if let Some(code) = self.code_of.remove(&id) {
+                self.codes.remove(&code);
+            }
+        }
+        self.relays.retain(|_, r| r.expires_at > now.as_secs());
+    }
+
+    fn waiting(&self, code: JoinCodeHash, now: UnixTime) -> Option<&SessionRecord> {
+        let id = self.codes.get(&code)?;
+        self.sessions
+            .get(id)
+            .filter(|r| r.join_expires_at > now.as_secs() && r.expires_at > now.as_secs())
+    }
+}
+
+impl MemoryState {
+    /// An empty state holding at most `max_sessions` live sessions.
+    pub fn new(max_sessions: usize) -> Self {
+        Self {
+            inner: Mutex::new(Memory::default()),
+            max_sessions,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Memory> {
+        // A panic while holding the lock cannot leave the maps inconsistent in a way that
+        // matters more than refusing service would, so a poisoned lock is used as is.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+fn ready<'a, T: Send + 'a>(value: T) -> BoxFuture<'a, T> {
+    Box::pin(std::future::ready(value))
+}
+
+impl State for MemoryState {
+    fn create_session<'a>(
+        &'a self,
+        record: &'a SessionRecord,
+        code: JoinCodeHash,
+        now: UnixTime,
+    ) -> BoxFuture<'a, Result<(), StateError>> {
+        let mut m = self.lock();
+        m.forget_expired(now);
+        if m.sessions.len() >= self.max_sessions {
+            return ready(Err(StateError::Full(self.max_sessions)));
+        }
+        let id = record.session_id;
+        if let Some(old) = m.sessions.insert(id, record.clone()) {
+            // A 64-bit random id collided with a live one: astronomically unlikely; keep the
+            // index consistent anyway.
+            m.by_expiry.remove(&(old.expires_at, id));
+            if let Some(code) = m.code_of.remove(&id) {
+                m.codes.remove(&code);
+            }
+        }
+        m.by_expiry.insert((record.expires_at, id));
+        m.codes.insert(code, id);
+        m.code_of.insert(id, code);
+        ready(Ok(()))
+    }
+
+    fn peek_join_code(
+        &self,
+        code: JoinCodeHash,
+        now: UnixTime,
+    ) -> BoxFuture<'_, Result<Option<SessionRecord>, StateError>> {
+        let m = self.lock();
+        ready(Ok(m.waiting(code, now).cloned()))
+    }
+
+    fn consume_join_code<'a>(
+        &'a self,
+        code: JoinCodeHash,
+        joined_by: &'a str,
+        now: UnixTime,
+    ) -> BoxFuture<'a, Result<Option<SessionRecord>, StateError>> {
+        let mut m = self.lock();
+        if m.waiting(code, now).is_none() {
+            return ready(Ok(None));
+        }
+        let Some(id) = m.codes.remove(&code) else {
+            return ready(Ok(None));
+        };
+        m.code_of.remove(&id);
+        let record = m.sessions.get_mut(&id).map(|record| {
+            record.joined_by = Some(joined_by.to_owned());
+            record.clone()
+        });
+        ready(Ok(record))
+    }
+
+    fn sessions(
+        &self,
+        now: UnixTime,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<SessionRecord>, StateError>> {
+        let mut m = self.lock();
+        m.forget_expired(now);
+        let mut out: Vec<SessionRecord> = m.sessions.values().cloned().collect();
+        out.sort_by_key(|r| std::cmp::Reverse((r.created_at, r.session_id)));
+        out.truncate(limit);
+        ready(Ok(out))
+    }
+
+    fn revoke_key<'a>(&'a self, key_id: &'a str) -> BoxFuture<'a, Result<bool, StateError>> {
+        ready(Ok(self.lock().revoked.insert(key_id.to_owned())))
+    }
+
+    fn is_revoked<'a>(&'a self, key_id: &'a str) -> BoxFuture<'a, Result<bool, StateError>> {
+        ready(Ok(self.lock().revoked.contains(key_id)))
+    }
+
+    fn revoked_keys(&self) -> BoxFuture<'_, Result<Vec<String>, StateError>> {
+        let mut out: Vec<String> = self.lock().revoked.iter().cloned().collect();
+        out.sort();
+        ready(Ok(out))
+    }
+
+    fn report_relay<'a>(
+        &'a self,
+        report: &'a RelayReport,
+    ) -> BoxFuture<'a, Result<(), StateError>> {
+        self.lock().relays.insert(report.relay_id, report.clone());
+        ready(Ok(()))
+    }
+
+    fn relay_reports(&self, now: UnixTime) -> BoxFuture<'_, Result<Vec<RelayReport>, StateError>> {
+        let mut m = self.lock();
+        m.forget_expired(now);
+        let mut out: Vec<RelayReport> = m.relays.values().cloned().collect();
+        out.sort_by_key(|r| r.relay_id);
+        ready(Ok(out))
+    }
+}
+
+/// Behaviour every backend must show; the tests of each backend run these (the Redis backend's
+/// from an integration test, hence public).
+#[doc(hidden)]
+pub mod conformance {
+    use super::*;
+
+    fn record(id: u64, created_at: u64) -> SessionRecord {
+        SessionRecord {
+            session_id: id,
+            realm: "acme".into(),
+            relay_id: 7,
+            created_by: "creator".into(),
+            created_at,
+            join_expires_at: created_at + 60,
+            expires_at: created_at + 400,
+            creator_public_key: Some("AAAA".into()),
+            expected_joiner_public_key: None,
+            joined_by: None,
+        }
+    }
+
+    /// Join codes work once, only while fresh, and sessions are listed until they expire.
+    pub async fn join_codes_work_once(state: &dyn State) {
+        let t0 = 1_000_000;
+        let (a, b) = (JoinCodeHash::of("code-a"), JoinCodeHash::of("code-b"));
+        state
+            .create_session(&record(1, t0), a, UnixTime(t0))
+            .await
+            .expect("create");
+        state
+            .create_session(&record(2, t0 + 1), b, UnixTime(t0 + 1))
+            .await
+            .expect("create");
+        let now = UnixTime(t0 + 10);
+        let peeked = state.peek_join_code(a, now).await.expect("peek");
+        assert_eq!(peeked.map(|r| r.session_id), Some(1));
+        let joined = state
+            .consume_join_code(a, "joiner", now)
+            .await
+            .expect("consume");
+        let joined = joined.expect("first use of the code");
+        assert_eq!(joined.session_id, 1);
+        assert_eq!(joined.joined_by.as_deref(), Some("joiner"));
+        assert_eq!(
+            state
+                .consume_join_code(a, "joiner", now)
+                .await
+                .expect("again"),
+            None
+        );
+        assert_eq!(state.peek_join_code(a, now).await.expect("peek"), None);
+        assert_eq!(
+            state
+                .consume_join_code(JoinCodeHash::of("never"), "x", now)
+                .await
+                .expect("unknown"),
+            None
+        );
+        // Listed newest first, joined or not.
+        let listed = state.sessions(now, 10).await.expect("list");
+        assert_eq!(
+            listed.iter().map(|r| r.session_id).collect::<Vec<_>>(),
+            [2, 1]
+        );
+        assert_eq!(listed[1].joined_by.as_deref(), Some("joiner"));
+        assert_eq!(state.sessions(now, 1).await.expect("list").len(), 1);
+        // Code b expires unused at t0 + 61; the sessions are forgotten at t0 + 400 / 401.
+        let late = UnixTime(t0 + 61);
+        assert_eq!(state.peek_join_code(b, late).await.expect("peek"), None);
+        assert_eq!(
+            state
+                .consume_join_code(b, "x", late)
+                .await
+                .expect("consume"),
+            None
+        );
+        let gone = UnixTime(t0 + 401);
+        assert!(state.sessions(gone, 10).await.expect("list").is_empty());
+    }
+
+    /// Revocations are kept and listed.
+    pub async fn revocations_are_kept(state: &dyn State) {
+        assert!(!state.is_revoked("k1").await.expect("check"));
+        assert!(state.revoke_key("k1").await.expect("revoke"));
+        assert!(!state.revoke_key("k1").await.expect("revoke again"));
+        assert!(state.revoke_key("k0").await.expect("revoke"));
+        assert!(state.is_revoked("k1").await.expect("check"));
+        assert!(!state.is_revoked("k2").await.expect("check"));
+        assert_eq!(state.revoked_keys().await.expect("list"), ["k0", "k1"]);
+    }
+
+    /// Relay reports replace each other and expire.
+    pub async fn relay_reports_expire(state: &dyn State) {
+        let report = |id, sessions, at: u64| RelayReport {
+            relay_id: id,
+            address: "198.51.100.1:7000".into(),
+            public_key: "AAAA".into(),
+            sessions,
+            capacity: 100,
+            reported_at: at,
+            expires_at: at + 30,
+        };
+        let t0 = 2_000_000;
+        state.report_relay(&report(9, 5, t0)).await.expect("report");
+        state.report_relay(&report(3, 1, t0)).await.expect("report");
+        state
+            .report_relay(&report(9, 6, t0 + 10))
+            .await
+            .expect("report");
+        let live = state.relay_reports(UnixTime(t0 + 20)).await.expect("list");
+        assert_eq!(
+            live.iter()
+                .map(|r| (r.relay_id, r.sessions))
+                .collect::<Vec<_>>(),
+            [(3, 1), (9, 6)]
+        );
+        let later = state.relay_reports(UnixTime(t0 + 35)).await.expect("list");
+        assert_eq!(later.iter().map(|r| r.relay_id).collect::<Vec<_>>(), [9]);
+        assert!(
+            state
+                .relay_reports(UnixTime(t0 + 40))
+                .await
+                .expect("list")
+                .is_empty()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block_on<F: Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    }
+
+    #[test]
+    fn memory_backend_conforms() {
+        block_on(conformance::join_codes_work_once(&MemoryState::new(10)));
+        block_on(conformance::revocations_are_kept(&MemoryState::new(10)));
+        block_on(conformance::relay_reports_expire(&MemoryState::new(10)));
+    }
+
+    #[test]
+    fn memory_backend_is_bounded_but_makes_room_as_sessions_expire() {
+        block_on(async {
+            let state = MemoryState::new(2);
+            let record = |id: u64, at: u64| SessionRecord {
+                session_id: id,
+                realm: "r".into(),
+                relay_id: 1,
+                created_by: "k".into(),
+                created_at: at,
+                join_expires_at: at + 10,
+                expires_at: at + 100,
+                creator_public_key: None,
+                expected_joiner_public_key: None,
+                joined_by: None,
+            };
+            for id in 1..=2 {
+                let code = JoinCodeHash::of(&id.to_string());
+                state
+                    .create_session(&record(id, 0), code, UnixTime(0))
+                    .await
+                    .expect("room");
+            }
+            let code = JoinCodeHash::of("3");
+            assert_eq!(
+                state
+                    .create_session(&record(3, 50), code, UnixTime(50))
+                    .await,
+                Err(StateError::Full(2))
+            );
+            state
+                .create_session(&record(3, 100), code, UnixTime(100))
+                .await
+                .expect("room again");
+            assert_eq!(state.lock().codes.len(), 1);
+            assert_eq!(state.lock().code_of.len(), 1);
+        });
+    }
+
+    #[test]
+    fn the_hash_of_a_join_code_does_not_show_it() {
+        let hash = JoinCodeHash::of("secret-code");
+        assert_ne!(hash, JoinCodeHash::of("secret-code2"));
+        assert!(!format!("{hash:?}").contains("secret"));
+        assert_eq!(hash.to_hex().len(), 64);
+    }
+}

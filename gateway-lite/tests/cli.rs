@@ -1,0 +1,89 @@
+//! The CLI: `check-config` lists every problem and fails, `apikey new` prints a key once with
+//! the table to paste, and refuses bad scopes.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn gateway(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry-gateway"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn check_config_accepts_a_good_file_and_lists_every_problem_of_a_bad_one() {
+    let setup = Setup::new("cli");
+    let good = setup.dir.path("good.toml");
+    write_file(&good, &setup.config(1, ""), 0o600);
+    let (ok, stdout, stderr) = gateway(&["check-config", good.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains(": ok (HTTPS on 127.0.0.1:0, signing kid 1, 2 published key(s)"),
+        "{stdout}"
+    );
+    for (kid, key) in &setup.signing {
+        assert!(
+            stdout.contains(&format!("kid {kid}")) && stdout.contains(&key.public().to_string()),
+            "{stdout}"
+        );
+    }
+    let bad = setup.dir.path("bad.toml");
+    let text = setup.config(
+        3,
+        "[sessions]\ntoken_lifetime_secs = 5\n\n[limits]\nper_ip_rate = -1.0\n",
+    );
+    write_file(&bad, &text, 0o600);
+    let (ok, _, stderr) = gateway(&["check-config", bad.to_str().unwrap()]);
+    assert!(!ok);
+    for field in [
+        "signing.active_kid",
+        "sessions.token_lifetime_secs",
+        "limits.per_ip_rate",
+    ] {
+        assert!(stderr.contains(field), "{field} missing: {stderr}");
+    }
+    assert!(stderr.contains("3 problem(s)"), "{stderr}");
+    let (ok, _, stderr) = gateway(&[
+        "check-config",
+        setup.dir.path("none.toml").to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("none.toml"), "{stderr}");
+}
+
+#[test]
+fn apikey_new_prints_the_key_once_and_refuses_bad_input() {
+    let (ok, stdout, _) = gateway(&[
+        "apikey",
+        "new",
+        "--id",
+        "svc",
+        "--scope",
+        "create:acme",
+        "--scope",
+        "join:*",
+    ]);
+    assert!(ok);
+    let key = stdout.lines().nth(1).unwrap().trim();
+    assert!(key.starts_with("fgk1.svc."));
+    assert_eq!(stdout.matches(key).count(), 1);
+    assert!(
+        stdout.contains("scopes = [\"create:acme\", \"join:*\"]"),
+        "{stdout}"
+    );
+    let (ok, _, stderr) = gateway(&["apikey", "new", "--scope", "admin:everything"]);
+    assert!(!ok && stderr.contains("admin:everything"), "{stderr}");
+    let (ok, _, stderr) = gateway(&["apikey", "new", "--id", "Bad Id", "--scope", "join:x"]);
+    assert!(!ok && stderr.contains("key id"), "{stderr}");
+    let (ok, _, _) = gateway(&["apikey", "new"]);
+    assert!(!ok, "a key without scope is refused");
+}

@@ -1,0 +1,940 @@
+//! The real `ferry-gateway` binary, started with generated certificates and keys, driven by a
+//! real HTTPS client (reqwest on rustls): sessions, tokens a relay accepts, authentication,
+//! revocation, join codes, bodies, rate limits, TLS trust, mTLS, key rotation, the audit log.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read as _, Write as _};
+use std::time::Duration;
+
+use common::*;
+use ferry_core::keys::{PeerPublicKey, PeerStaticKey};
+use ferry_core::token::TokenError;
+use serde_json::json;
+
+fn peer_key() -> PeerPublicKey {
+    PeerStaticKey::generate(&ring::rand::SystemRandom::new())
+        .unwrap()
+        .public()
+}
+
+#[tokio::test]
+async fn sessions_are_created_and_joined_with_tokens_the_relay_accepts() {
+    let setup = Setup::new("create-join");
+    let gw = setup.start("gw", &setup.config(1, ""));
+    let http = client(&setup.pki.ca_pem, None);
+    let (a_key, b_key) = (peer_key(), peer_key());
+    let (status, _, created) = post(
+        &http,
+        &gw.url("/v1/sessions"),
+        Some(setup.key("app")),
+        json!({ "peer_public_key": a_key.to_string(), "expected_peer_public_key": b_key.to_string() }),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["slot"], "A");
+    assert_eq!(created["kid"], 1);
+    assert_eq!(created["relay"]["id"], RELAY_ID);
+    assert_eq!(created["relay"]["address"], "127.0.0.1:7000");
+    assert_eq!(
+        created["relay"]["public_key"],
+        setup.relay_key.public().to_string()
+    );
+    assert_eq!(created["expected_peer_public_key"], b_key.to_string());
+    let lifetime =
+        created["expires_at"].as_u64().unwrap() - created["not_before"].as_u64().unwrap();
+    assert_eq!(lifetime, 300);
+    let session = created["session_id"].as_str().unwrap();
+    let code = created["join_code"].as_str().unwrap();
+
+    let relay = setup.verifier(&[1]);
+    let a = verify(&relay, created["token"].as_str().unwrap(), session, 0).unwrap();
+    assert_eq!(
+        a.slot_secret.to_base64().as_str(),
+        created["slot_secret"].as_str().unwrap()
+    );
+
+    // Someone claiming another identity may not join; the code is not used up by trying.
+    let (status, _, body) = post(
+        &http,
+        &gw.url("/v1/sessions/join"),
+        Some(setup.key("app")),
+        json!({ "join_code": code, "peer_public_key": peer_key().to_string() }),
+    )
+    .await;
+    assert_eq!(
+        (status, body),
+        (403, json!({ "error": "peer_identity_mismatch" }))
+    );
+
+    let (status, _, joined) = post(
+        &http,
+        &gw.url("/v1/sessions/join"),
+        Some(setup.key("app")),
+        json!({ "join_code": code, "peer_public_key": b_key.to_string() }),
+    )
+    .await;
+    assert_eq!(status, 200, "{joined}");
+    assert_eq!(joined["slot"], "B");
+    assert_eq!(joined["session_id"], session);
+    assert_eq!(joined["expected_peer_public_key"], a_key.to_string());
+    assert!(joined.get("join_code").is_none());
+    let b = verify(&relay, joined["token"].as_str().unwrap(), session, 1).unwrap();
+    assert_eq!(
+        b.slot_secret.to_base64().as_str(),
+        joined["slot_secret"].as_str().unwrap()
+    );
+    assert_ne!(a.claims.token_id, b.claims.token_id);
+    // A token for slot A is not one for slot B.
+    assert!(matches!(
+        verify(&relay, joined["token"].as_str().unwrap(), session, 0),
+        Err(TokenError::WrongSlot { .. })
+    ));
+
+    // The admin API lists it as joined, by whom; no secret in the listing.
+    let admin = reqwest::Client::new();
+    let list: serde_json::Value = admin
+        .get(gw.admin_url("/admin/v1/sessions"))
+        .bearer_auth(&setup.admin_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["sessions"][0]["session_id"], session);
+    assert_eq!(list["sessions"][0]["joined_by"], "app");
+    assert!(!list.to_string().contains(code));
+    let relays: serde_json::Value = admin
+        .get(gw.admin_url("/admin/v1/relays"))
+        .bearer_auth(&setup.admin_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(relays["relays"][0]["id"], RELAY_ID);
+    assert_eq!(relays["relays"][0]["healthy"], true);
+}
+
+#[tokio::test]
+async fn join_codes_work_once_and_expire() {
+    let setup = Setup::new("codes");
+    let gw = setup.start(
+        "gw",
+        &setup.config(1, "[sessions]\njoin_code_ttl_secs = 10\n"),
+    );
+    let http = client(&setup.pki.ca_pem, None);
+    let (create_url, join_url) = (gw.url("/v1/sessions"), gw.url("/v1/sessions/join"));
+    let create = || post(&http, &create_url, Some(setup.key("app")), json!({}));
+    let join = |code: String| {
+        post(
+            &http,
+            &join_url,
+            Some(setup.key("app")),
+            json!({ "join_code": code }),
+        )
+    };
+    let (_, _, first) = create().await;
+    let code = first["join_code"].as_str().unwrap().to_string();
+    assert_eq!(join(code.clone()).await.0, 200);
+    let (status, _, body) = join(code.clone()).await;
+    assert_eq!(
+        (status, body),
+        (404, json!({ "error": "invalid_join_code" }))
+    );
+    // Unknown and malformed codes get the same answer.
+    assert_eq!(join("a".repeat(26)).await.0, 404);
+    assert_eq!(join("not a code".into()).await.0, 404);
+    let (_, _, second) = create().await;
+    let late = second["join_code"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let (status, _, body) = join(late).await;
+    assert_eq!(
+        (status, body),
+        (404, json!({ "error": "invalid_join_code" }))
+    );
+}
+
+#[tokio::test]
+async fn wrong_unknown_missing_and_revoked_keys_are_refused_and_counted() {
+    let setup = Setup::new("auth");
+    let gw = setup.start("gw", &setup.config(1, ""));
+    let http = client(&setup.pki.ca_pem, None);
+    let url = gw.url("/v1/sessions");
+    let good = setup.key("app").to_string();
+    let wrong_secret = format!("{}{}", &good[..good.len() - 4], "AAAA");
+    let unknown = good.replace("fgk1.app.", "fgk1.nobody.");
+    let cases: [(Option<&str>, &str); 4] = [
+        (None, "missing"),
+        (Some("not-a-key"), "malformed"),
+        (Some(&unknown), "unknown_key"),
+        (Some(&wrong_secret), "wrong_secret"),
+    ];
+    for (key, _) in &cases {
+        let (status, headers, body) = post(&http, &url, *key, json!({})).await;
+        assert_eq!(
+            (status, body),
+            (401, json!({ "error": "unauthorized" })),
+            "{key:?}"
+        );
+        assert_eq!(headers["www-authenticate"], "Bearer");
+    }
+    // A key scoped to realm acme may not create elsewhere.
+    let (status, _, body) = post(
+        &http,
+        &url,
+        Some(setup.key("acme")),
+        json!({ "realm": "other" }),
+    )
+    .await;
+    assert_eq!((status, body), (403, json!({ "error": "forbidden" })));
+    assert_eq!(
+        post(
+            &http,
+            &url,
+            Some(setup.key("acme")),
+            json!({ "realm": "acme" })
+        )
+        .await
+        .0,
+        201
+    );
+    // A key that may join only acme cannot join (or burn) a default-realm code.
+    let (_, _, created) = post(&http, &url, Some(&good), json!({})).await;
+    let join = gw.url("/v1/sessions/join");
+    let code = json!({ "join_code": created["join_code"] });
+    assert_eq!(
+        post(&http, &join, Some(setup.key("acme")), code.clone())
+            .await
+            .0,
+        403
+    );
+    assert_eq!(post(&http, &join, Some(&good), code).await.0, 200);
+
+    // Revocation through the admin API: needs the admin token, then holds at once.
+    let admin = reqwest::Client::new();
+    let revoke = |token: Option<String>| {
+        let mut req = admin
+            .post(gw.admin_url("/admin/v1/keys/revoke"))
+            .json(&json!({ "key_id": "app" }));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send()
+    };
+    assert_eq!(revoke(None).await.unwrap().status(), 401);
+    assert_eq!(revoke(Some(good.clone())).await.unwrap().status(), 401);
+    let answer: serde_json::Value = revoke(Some(setup.admin_token.clone()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        answer,
+        json!({ "key_id": "app", "revoked": true, "already_revoked": false, "configured": true })
+    );
+    let (status, _, _) = post(&http, &url, Some(&good), json!({})).await;
+    assert_eq!(status, 401);
+
+    let page = admin
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (_, reason) in &cases {
+        let sample = format!("ferry_gateway_auth_failures_total{{reason=\"{reason}\"}}");
+        assert_eq!(metric(&page, &sample), 1, "{reason}");
+    }
+    assert_eq!(
+        metric(
+            &page,
+            "ferry_gateway_auth_failures_total{reason=\"revoked\"}"
+        ),
+        1
+    );
+    assert_eq!(
+        metric(&page, "ferry_gateway_auth_failures_total{reason=\"scope\"}"),
+        2
+    );
+    assert_eq!(
+        metric(
+            &page,
+            "ferry_gateway_auth_failures_total{reason=\"admin_token\"}"
+        ),
+        2
+    );
+    assert_eq!(metric(&page, "ferry_gateway_sessions_created_total"), 2);
+    assert!(
+        page.contains("ferry_gateway_requests_total{route=\"/v1/sessions\",status=\"401\"} 5"),
+        "{page}"
+    );
+}
+
+#[tokio::test]
+async fn oversize_malformed_and_mistyped_bodies_get_generic_errors() {
+    let setup = Setup::new("bodies");
+    let config = setup.config(1, "").replace(
+        "listen = \"127.0.0.1:0\"\n\n[tls]",
+        "listen = \"127.0.0.1:0\"\nmax_body_bytes = 1024\n\n[tls]",
+    );
+    let gw = setup.start("gw", &config);
+    let http = client(&setup.pki.ca_pem, None);
+    let url = gw.url("/v1/sessions");
+    let key = setup.key("app");
+    let send = |body: Vec<u8>, content_type: &'static str| {
+        http.post(&url)
+            .bearer_auth(key)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+    let expect = |resp: reqwest::Response, status: u16, code: &'static str| async move {
+        assert_eq!(resp.status().as_u16(), status);
+        assert_eq!(resp.headers()["content-type"], "application/json");
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(body, json!({ "error": code }));
+    };
+    let big = format!("{{\"realm\": \"{}\"}}", "x".repeat(2000)).into_bytes();
+    expect(
+        send(big.clone(), "application/json").await.unwrap(),
+        413,
+        "payload_too_large",
+    )
+    .await;
+    // Without a Content-Length (chunked), the limit holds while reading.
+    let chunked = http
+        .post(&url)
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap(Chunks::new(&big)))
+        .send()
+        .await
+        .unwrap();
+    expect(chunked, 413, "payload_too_large").await;
+    expect(
+        send(b"{\"realm\": ".to_vec(), "application/json")
+            .await
+            .unwrap(),
+        400,
+        "bad_request",
+    )
+    .await;
+    expect(
+        send(b"[1, 2]".to_vec(), "application/json").await.unwrap(),
+        400,
+        "bad_request",
+    )
+    .await;
+    expect(
+        send(
+            b"{\"realm\": \"a\", \"admin\": true}".to_vec(),
+            "application/json",
+        )
+        .await
+        .unwrap(),
+        400,
+        "bad_request",
+    )
+    .await;
+    expect(
+        send(b"{\"realm\": \"Not A Realm\"}".to_vec(), "application/json")
+            .await
+            .unwrap(),
+        400,
+        "bad_request",
+    )
+    .await;
+    expect(
+        send(
+            b"{\"peer_public_key\": \"AAAA\"}".to_vec(),
+            "application/json",
+        )
+        .await
+        .unwrap(),
+        400,
+        "bad_request",
+    )
+    .await;
+    expect(
+        send(b"{}".to_vec(), "text/plain").await.unwrap(),
+        415,
+        "unsupported_media_type",
+    )
+    .await;
+    expect(
+        http.get(&url).send().await.unwrap(),
+        405,
+        "method_not_allowed",
+    )
+    .await;
+    expect(
+        http.get(gw.url("/v2/anything")).send().await.unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    expect(
+        http.get(gw.url("/admin/v1/relays")).send().await.unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    // Still serving.
+    assert_eq!(
+        send(b"{}".to_vec(), "application/json")
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
+}
+
+/// A body sent in 256-byte chunks, without a Content-Length.
+struct Chunks(Vec<Vec<u8>>);
+
+impl Chunks {
+    fn new(bytes: &[u8]) -> Self {
+        Self(bytes.chunks(256).rev().map(<[u8]>::to_vec).collect())
+    }
+}
+
+impl http_body::Body for Chunks {
+    type Data = bytes::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>> {
+        let chunk = self.0.pop();
+        std::task::Poll::Ready(chunk.map(|c| Ok(http_body::Frame::data(bytes::Bytes::from(c)))))
+    }
+}
+
+#[tokio::test]
+async fn rate_limits_answer_429_with_retry_after() {
+    let setup = Setup::new("ratelimit");
+    let per_ip = setup.start(
+        "ip",
+        &setup.config(1, "[limits]\nper_ip_rate = 0.2\nper_ip_burst = 3\n"),
+    );
+    let http = client(&setup.pki.ca_pem, None);
+    let url = per_ip.url("/v1/sessions");
+    for _ in 0..3 {
+        assert_eq!(
+            post(&http, &url, Some(setup.key("app")), json!({})).await.0,
+            201
+        );
+    }
+    // Over the per-IP limit even without a key: checked before authentication.
+    for key in [Some(setup.key("app")), None] {
+        let (status, headers, body) = post(&http, &url, key, json!({})).await;
+        assert_eq!((status, body), (429, json!({ "error": "rate_limited" })));
+        let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((1..=5).contains(&retry), "{retry}");
+    }
+    // Health checks are not limited.
+    assert_eq!(
+        http.get(per_ip.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    let per_key = setup.start(
+        "key",
+        &setup.config(1, "[limits]\nper_key_rate = 0.1\nper_key_burst = 2\n"),
+    );
+    let url = per_key.url("/v1/sessions");
+    for _ in 0..2 {
+        assert_eq!(
+            post(&http, &url, Some(setup.key("app")), json!({})).await.0,
+            201
+        );
+    }
+    let (status, headers, _) = post(&http, &url, Some(setup.key("app")), json!({})).await;
+    assert_eq!(status, 429);
+    // One token per 10 s: the wait is 10 s, less what has refilled since (on a slow machine).
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((8..=10).contains(&retry), "{retry}");
+    // Another key from the same address has its own budget.
+    assert_eq!(
+        post(
+            &http,
+            &url,
+            Some(setup.key("acme")),
+            json!({ "realm": "acme" })
+        )
+        .await
+        .0,
+        201
+    );
+    let page = reqwest::get(per_key.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&page, "ferry_gateway_rate_limited_total{limiter=\"key\"}"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn an_untrusted_certificate_is_refused_and_mtls_needs_a_client_certificate() {
+    let setup = Setup::new("tls");
+    let gw = setup.start("gw", &setup.config(1, ""));
+    // A client that does not trust the gateway's CA refuses to talk.
+    let stranger = client(&Pki::new().ca_pem, None);
+    let err = stranger.get(gw.url("/healthz")).send().await.unwrap_err();
+    assert!(err.is_connect() || err.is_request(), "{err:?}");
+    assert_eq!(
+        client(&setup.pki.ca_pem, None)
+            .get(gw.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    let mtls_config = setup.config(1, "").replace(
+        "key = \"tls.key\"\n",
+        "key = \"tls.key\"\nclient_ca = \"clients-ca.crt\"\n",
+    );
+    let mtls = setup.start("mtls", &mtls_config);
+    let no_cert = client(&setup.pki.ca_pem, None);
+    assert!(no_cert.get(mtls.url("/healthz")).send().await.is_err());
+    let foreign = client(&setup.pki.ca_pem, Some(&Pki::foreign_identity_pem()));
+    assert!(foreign.get(mtls.url("/healthz")).send().await.is_err());
+    let with_cert = client(&setup.pki.ca_pem, Some(&setup.pki.client_identity_pem));
+    assert_eq!(
+        post(
+            &with_cert,
+            &mtls.url("/v1/sessions"),
+            Some(setup.key("app")),
+            json!({})
+        )
+        .await
+        .0,
+        201
+    );
+    let page = reqwest::get(mtls.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metric(&page, "ferry_gateway_tls_handshake_failures_total") >= 2,
+        "{page}"
+    );
+}
+
+#[tokio::test]
+async fn key_rotation_relays_accept_both_keys_during_the_overlap() {
+    let setup = Setup::new("rotation");
+    let http = client(&setup.pki.ca_pem, None);
+    // Step 1: kid 1 signs; kid 2 is listed (published) and added to the relay.
+    let old = setup.start("old", &setup.config(1, ""));
+    let (_, _, before) = post(
+        &http,
+        &old.url("/v1/sessions"),
+        Some(setup.key("app")),
+        json!({}),
+    )
+    .await;
+    assert_eq!(before["kid"], 1);
+    // Step 2: the gateway switches to kid 2 (a restart, one replica after another).
+    assert!(old.stop().success());
+    let new = setup.start("new", &setup.config(2, ""));
+    let (_, _, after) = post(
+        &http,
+        &new.url("/v1/sessions"),
+        Some(setup.key("app")),
+        json!({}),
+    )
+    .await;
+    assert_eq!(after["kid"], 2);
+    let token = |v: &serde_json::Value| {
+        (
+            v["token"].as_str().unwrap().to_string(),
+            v["session_id"].as_str().unwrap().to_string(),
+        )
+    };
+    let (old_token, old_session) = token(&before);
+    let (new_token, new_session) = token(&after);
+    // During the overlap the relay trusts both: tokens of either key verify.
+    let both = setup.verifier(&[1, 2]);
+    verify(&both, &old_token, &old_session, 0).unwrap();
+    verify(&both, &new_token, &new_session, 0).unwrap();
+    // A relay that had not learnt kid 2 would refuse the new tokens: publish first.
+    assert_eq!(
+        verify(&setup.verifier(&[1]), &new_token, &new_session, 0).unwrap_err(),
+        TokenError::UnknownKid { kid: 2 }
+    );
+    // Step 3: after the old tokens expire, the relay drops kid 1; new tokens still verify.
+    verify(&setup.verifier(&[2]), &new_token, &new_session, 0).unwrap();
+    assert_eq!(
+        verify(&setup.verifier(&[2]), &old_token, &old_session, 0).unwrap_err(),
+        TokenError::UnknownKid { kid: 1 }
+    );
+    // The joiner of a session created before the switch gets a kid-2 token for the same session.
+    let (status, _, joined) = post(
+        &http,
+        &new.url("/v1/sessions/join"),
+        Some(setup.key("app")),
+        json!({ "join_code": before["join_code"] }),
+    )
+    .await;
+    // The memory backend does not survive the restart: the code is unknown to the new process.
+    assert_eq!(status, 404, "{joined}");
+}
+
+#[tokio::test]
+async fn the_audit_log_records_grants_and_never_secrets() {
+    let mut setup = Setup::new("audit");
+    let relay_key = setup.add_key("relay9", &["relay:9"]);
+    let gw = setup.start("gw", &setup.config(1, ""));
+    let http = client(&setup.pki.ca_pem, None);
+    let (_, _, created) = post(
+        &http,
+        &gw.url("/v1/sessions"),
+        Some(setup.key("app")),
+        json!({ "peer_public_key": peer_key().to_string() }),
+    )
+    .await;
+    let code = created["join_code"].as_str().unwrap().to_string();
+    let (_, _, joined) = post(
+        &http,
+        &gw.url("/v1/sessions/join"),
+        Some(setup.key("acme")),
+        json!({ "join_code": code }),
+    )
+    .await;
+    assert_eq!(joined["error"], "forbidden");
+    let (_, _, joined) = post(
+        &http,
+        &gw.url("/v1/sessions/join"),
+        Some(setup.key("app")),
+        json!({ "join_code": code }),
+    )
+    .await;
+    let wrong = format!("{}AAAA", &setup.key("app")[..setup.key("app").len() - 4]);
+    post(&http, &gw.url("/v1/sessions"), Some(&wrong), json!({})).await;
+    let relay_public = ferry_core::keys::RelayStaticKey::generate(&ring::rand::SystemRandom::new())
+        .unwrap()
+        .public();
+    let (status, _, _) = post(&http, &gw.url("/v1/relays/heartbeat"), Some(&relay_key), json!({ "relay_id": 9, "address": "127.0.0.1:7009", "public_key": relay_public.to_string(), "sessions": 3, "capacity": 100 })).await;
+    assert_eq!(status, 200);
+    reqwest::Client::new()
+        .post(gw.admin_url("/admin/v1/keys/revoke"))
+        .bearer_auth(&setup.admin_token)
+        .json(&json!({ "key_id": "acme" }))
+        .send()
+        .await
+        .unwrap();
+    let status = gw.stop();
+    assert!(status.success(), "graceful stop: {status:?}");
+    let log = std::fs::read_to_string(setup.dir.path("gw.log")).unwrap();
+    for event in [
+        "session_created",
+        "session_joined",
+        "auth_failure",
+        "key_revoked",
+    ] {
+        assert!(
+            log.contains(event),
+            "{event} missing from the audit log:\n{log}"
+        );
+    }
+    assert!(log.contains("ferry_gateway::audit"), "{log}");
+    let mut secrets = vec![
+        created["token"].as_str().unwrap().to_string(),
+        created["slot_secret"].as_str().unwrap().to_string(),
+        joined["token"].as_str().unwrap().to_string(),
+        joined["slot_secret"].as_str().unwrap().to_string(),
+        code.clone(),
+        setup.admin_token.clone(),
+        wrong.clone(),
+    ];
+    for (_, key) in &setup.api_keys {
+        secrets.push(key.clone());
+    }
+    for secret in &secrets {
+        // The whole secret, and any 16-character piece of its secret part.
+        let tail = secret.rsplit('.').next().unwrap();
+        assert!(!log.contains(secret.as_str()), "a secret is in the log");
+        for start in (0..tail.len().saturating_sub(16)).step_by(8) {
+            assert!(
+                !log.contains(&tail[start..start + 16]),
+                "part of a secret is in the log"
+            );
+        }
+    }
+    // The signing keys' secrets neither.
+    for kid in [1, 2] {
+        let text = std::fs::read_to_string(key_file_path(&setup, kid)).unwrap();
+        let b64 = text
+            .lines()
+            .find(|l| l.starts_with("ferry-secret-v1"))
+            .unwrap()
+            .rsplit(' ')
+            .next()
+            .unwrap();
+        assert!(!log.contains(b64));
+    }
+}
+
+#[tokio::test]
+async fn relays_register_by_heartbeat_and_the_least_loaded_is_handed_out() {
+    let mut setup = Setup::new("heartbeat");
+    let key9 = setup.add_key("relay9", &["relay:9"]);
+    let gw = setup.start("gw", &setup.config(1, ""));
+    let http = client(&setup.pki.ca_pem, None);
+    let relay9 = ferry_core::keys::RelayStaticKey::generate(&ring::rand::SystemRandom::new())
+        .unwrap()
+        .public();
+    let beat = |key: String, id: u64, address: &str, public: String, sessions: u64| {
+        let url = gw.url("/v1/relays/heartbeat");
+        let http = http.clone();
+        let body = json!({ "relay_id": id, "address": address, "public_key": public, "sessions": sessions, "capacity": 100 });
+        async move { post(&http, &url, Some(&key), body).await.0 }
+    };
+    let listed_public = setup.relay_key.public().to_string();
+    let listed_key = setup.key("listed-relay").to_string();
+    let pick = || async {
+        let (_, _, created) = post(
+            &http,
+            &gw.url("/v1/sessions"),
+            Some(setup.key("app")),
+            json!({}),
+        )
+        .await;
+        created["relay"]["id"].as_u64().unwrap()
+    };
+    // Relay 9 registers itself with load 0.1: the listed relay, without a report (load 0),
+    // is still handed out first.
+    assert_eq!(
+        beat(key9.clone(), 9, "127.0.0.1:7009", relay9.to_string(), 10).await,
+        200
+    );
+    assert_eq!(pick().await, RELAY_ID);
+    // The listed relay reports load 0.5 through its own credential: now relay 9 goes first.
+    assert_eq!(
+        beat(
+            listed_key.clone(),
+            RELAY_ID,
+            "127.0.0.1:7000",
+            listed_public.clone(),
+            50
+        )
+        .await,
+        200
+    );
+    for _ in 0..3 {
+        assert_eq!(pick().await, 9);
+    }
+    // A relay credential speaks for its own relay only, and cannot move a listed relay or
+    // change its key; malformed reports are refused.
+    assert_eq!(
+        beat(
+            listed_key.clone(),
+            9,
+            "127.0.0.1:7009",
+            relay9.to_string(),
+            0
+        )
+        .await,
+        403
+    );
+    assert_eq!(
+        beat(
+            key9.clone(),
+            RELAY_ID,
+            "127.0.0.1:7000",
+            listed_public.clone(),
+            0
+        )
+        .await,
+        403
+    );
+    assert_eq!(
+        beat(
+            listed_key.clone(),
+            RELAY_ID,
+            "127.0.0.1:7999",
+            listed_public.clone(),
+            0
+        )
+        .await,
+        403
+    );
+    assert_eq!(
+        beat(
+            listed_key.clone(),
+            RELAY_ID,
+            "127.0.0.1:7000",
+            relay9.to_string(),
+            0
+        )
+        .await,
+        403
+    );
+    assert_eq!(
+        beat(key9.clone(), 9, "0.0.0.0:7009", relay9.to_string(), 10).await,
+        400
+    );
+    assert_eq!(
+        beat(key9.clone(), 9, "127.0.0.1:7009", "AAAA".into(), 10).await,
+        400
+    );
+    assert_eq!(
+        beat(
+            setup.key("app").to_string(),
+            9,
+            "127.0.0.1:7009",
+            relay9.to_string(),
+            10
+        )
+        .await,
+        403
+    );
+    let relays: serde_json::Value = reqwest::Client::new()
+        .get(gw.admin_url("/admin/v1/relays"))
+        .bearer_auth(&setup.admin_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let relays = relays["relays"].as_array().unwrap();
+    assert_eq!(relays.len(), 2, "{relays:?}");
+    let nine = relays.iter().find(|r| r["id"] == 9).unwrap();
+    assert_eq!(
+        (&nine["source"], &nine["sessions"]),
+        (&json!("heartbeat"), &json!(10))
+    );
+    let listed = relays.iter().find(|r| r["id"] == RELAY_ID).unwrap();
+    assert_eq!(
+        (&listed["source"], &listed["sessions"]),
+        (&json!("config"), &json!(50))
+    );
+}
+
+#[test]
+fn slow_clients_are_cut_off_by_the_header_and_request_timeouts() {
+    let setup = Setup::new("slow");
+    let config = setup
+        .config(1, "")
+        .replace("[tls]\ncert = \"tls.crt\"\nkey = \"tls.key\"\n", "")
+        .replace(
+            "listen = \"127.0.0.1:0\"\n\n",
+            "listen = \"127.0.0.1:0\"\nplain_http = true\nheader_read_timeout_ms = 300\nrequest_timeout_ms = 1000\n\n",
+        );
+    let gw = setup.start("gw", &config);
+    let mut stream = std::net::TcpStream::connect(gw.public).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream
+        .write_all(b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut buf = Vec::new();
+    // The server closes the connection (possibly after a 408) well before our 5 s.
+    let _ = stream.read_to_end(&mut buf);
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    let text = String::from_utf8_lossy(&buf);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+
+    // A complete head whose body never comes: the request timeout answers 408 and closes.
+    let mut stream = std::net::TcpStream::connect(gw.public).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let head = format!(
+        "POST /v1/sessions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{",
+        setup.key("app")
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    let start = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let _ = stream.read_to_end(&mut buf);
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        start.elapsed()
+    );
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.ends_with("{\"error\":\"request_timeout\"}"), "{text}");
+}
+
+#[tokio::test]
+async fn a_listed_relay_that_fails_its_probe_is_not_handed_out() {
+    let setup = Setup::new("probe");
+    // A UDP port that never answers stands in for a dead relay.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let config = setup
+        .config(1, "")
+        .replace(
+            "address = \"127.0.0.1:7000\"",
+            &format!("address = \"{}\"", silent.local_addr().unwrap()),
+        )
+        .replace(
+            "[relay_health]\nprobe = false\n",
+            "[relay_health]\nprobe = true\ninterval_secs = 1\ntimeout_ms = 100\n",
+        );
+    let gw = setup.start("gw", &config);
+    let http = client(&setup.pki.ca_pem, None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _, body) = post(
+            &http,
+            &gw.url("/v1/sessions"),
+            Some(setup.key("app")),
+            json!({}),
+        )
+        .await;
+        if status == 503 {
+            assert_eq!(body, json!({ "error": "no_relay_available" }));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dead relay is still handed out"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let page = reqwest::get(gw.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&page, "ferry_gateway_relays{health=\"unhealthy\"}"),
+        1
+    );
+    assert!(metric(&page, "ferry_gateway_no_relay_total") >= 1);
+}

@@ -1,0 +1,116 @@
+//! docs/gateway-openapi.yaml and the gateway's routes stay in step: every route the routers
+//! serve is in the file with its method, every operation in the file is served, and the real
+//! binary answers each of them (never with 404).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::*;
+
+/// `(METHOD, path)` of every operation under `paths:` in the OpenAPI file.
+fn documented() -> BTreeSet<(String, String)> {
+    let text = include_str!("../../docs/gateway-openapi.yaml");
+    let mut out = BTreeSet::new();
+    let mut in_paths = false;
+    let mut path = None;
+    for line in text.lines() {
+        if !line.starts_with(' ') && !line.is_empty() {
+            in_paths = line == "paths:";
+            continue;
+        }
+        if !in_paths {
+            continue;
+        }
+        let indent = line.len() - line.trim_start().len();
+        let key = line.trim().trim_end_matches(':');
+        match indent {
+            2 => {
+                assert!(
+                    key.starts_with('/') && line.ends_with(':'),
+                    "odd path line {line:?}"
+                );
+                path = Some(key.to_string());
+            }
+            4 if line.ends_with(':') => {
+                let method = key.to_uppercase();
+                assert!(
+                    ["GET", "POST", "PUT", "DELETE", "PATCH"].contains(&method.as_str()),
+                    "odd method line {line:?}"
+                );
+                out.insert((method, path.clone().unwrap()));
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn served() -> BTreeSet<(String, String)> {
+    ferry_gateway::api::public_routes()
+        .into_iter()
+        .chain(ferry_gateway::api::admin_routes())
+        .map(|(method, path, _)| (method.to_string(), path.to_string()))
+        .collect()
+}
+
+#[test]
+fn every_route_is_documented_and_every_documented_route_is_served() {
+    let documented = documented();
+    let served = served();
+    assert!(served.len() >= 8, "{served:?}");
+    let missing: Vec<_> = served.difference(&documented).collect();
+    let extra: Vec<_> = documented.difference(&served).collect();
+    assert!(
+        missing.is_empty(),
+        "routes missing from docs/gateway-openapi.yaml: {missing:?}"
+    );
+    assert!(extra.is_empty(), "documented but not served: {extra:?}");
+}
+
+#[test]
+fn every_api_doc_route_is_in_the_openapi_file() {
+    // docs/gateway-api.md names every route in its route table as `METHOD /path`.
+    let doc = include_str!("../../docs/gateway-api.md");
+    let mut named = BTreeSet::new();
+    for line in doc.lines().filter(|l| l.starts_with("| `")) {
+        let cell = line.trim_start_matches("| `").split('`').next().unwrap();
+        if let Some((method, path)) = cell.split_once(' ')
+            && path.starts_with('/')
+        {
+            named.insert((method.to_string(), path.to_string()));
+        }
+    }
+    assert_eq!(named, documented());
+}
+
+#[tokio::test]
+async fn the_binary_serves_every_route_it_documents() {
+    let setup = Setup::new("openapi");
+    let gw = setup.start("gw", &setup.config(1, ""));
+    let https = client(&setup.pki.ca_pem, None);
+    let plain = reqwest::Client::new();
+    let public: BTreeSet<String> = ferry_gateway::api::public_routes()
+        .into_iter()
+        .map(|(_, p, _)| p.to_string())
+        .collect();
+    for (method, path) in documented() {
+        let (client, url) = if public.contains(&path) {
+            (&https, gw.url(&path))
+        } else {
+            (&plain, gw.admin_url(&path))
+        };
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let status = client
+            .request(method.clone(), &url)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert!(
+            [200, 401, 415].contains(&status.as_u16()),
+            "{method} {path}: {status}"
+        );
+    }
+}

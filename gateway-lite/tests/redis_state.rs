@@ -1,0 +1,260 @@
+//! The Redis state backend against a real `redis-server` that the tests start and stop
+//! themselves: the backend conformance tests, then two real gateway processes sharing one
+//! Redis — a join code used on one replica is refused on the other, a revocation on one holds
+//! on the other, a heartbeat to one is seen by the other.
+//!
+//! Without `redis-server` (Debian package `redis-server`) the tests say so and pass, unless
+//! `FERRY_REQUIRE_PRIVILEGED=1` (set in CI), where they fail.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use ferry_gateway::redis_state::RedisState;
+use ferry_gateway::state::conformance;
+use serde_json::json;
+
+/// A `redis-server` on a free loopback port, without persistence; killed on drop.
+struct RedisServer {
+    child: Child,
+    addr: SocketAddr,
+    _dir: TempDir,
+}
+
+impl RedisServer {
+    /// Starts one, or returns `None` (after saying why) if `redis-server` is not installed
+    /// and the environment does not require it.
+    fn start(name: &str) -> Option<Self> {
+        let installed = Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !installed {
+            let required = std::env::var("FERRY_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1");
+            assert!(
+                !required,
+                "redis-server is not installed (apt-get install redis-server) and FERRY_REQUIRE_PRIVILEGED=1"
+            );
+            eprintln!("SKIPPED: redis-server is not installed (apt-get install redis-server)");
+            return None;
+        }
+        let dir = TempDir::new(name);
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(["--dir", dir.0.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = Self {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !server.pong() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(server)
+    }
+
+    fn pong(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut buf = [0u8; 7];
+        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+    }
+
+    fn url(&self) -> String {
+        format!("redis://{}/0", self.addr)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn redis_backend_conforms() {
+    let Some(redis) = RedisServer::start("conformance") else {
+        return;
+    };
+    let state = RedisState::connect(&redis.url(), "t1:").await.unwrap();
+    conformance::join_codes_work_once(&state).await;
+    let state = RedisState::connect(&redis.url(), "t2:").await.unwrap();
+    conformance::revocations_are_kept(&state).await;
+    let state = RedisState::connect(&redis.url(), "t3:").await.unwrap();
+    conformance::relay_reports_expire(&state).await;
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_fails_at_start_with_a_clear_error() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let err = RedisState::connect(&format!("redis://127.0.0.1:{port}/0"), "x:")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("unavailable"), "{err}");
+}
+
+#[tokio::test]
+async fn two_replicas_share_join_codes_revocations_and_relays() {
+    let Some(redis) = RedisServer::start("replicas") else {
+        return;
+    };
+    let mut setup = Setup::new("replicas");
+    let key9 = setup.add_key("relay9", &["relay:9"]);
+    let extra = format!(
+        "[state]\nbackend = \"redis\"\nredis_url = \"{}\"\n",
+        redis.url()
+    );
+    let one = setup.start("one", &setup.config(1, &extra));
+    let two = setup.start("two", &setup.config(1, &extra));
+    let http = client(&setup.pki.ca_pem, None);
+    let app = setup.key("app");
+
+    // Created on one, joined on two; the code is then refused on both.
+    let (status, _, created) = post(&http, &one.url("/v1/sessions"), Some(app), json!({})).await;
+    assert_eq!(status, 201);
+    let code = json!({ "join_code": created["join_code"] });
+    let (status, _, joined) = post(
+        &http,
+        &two.url("/v1/sessions/join"),
+        Some(app),
+        code.clone(),
+    )
+    .await;
+    assert_eq!(status, 200, "{joined}");
+    assert_eq!(joined["session_id"], created["session_id"]);
+    for gw in [&one, &two] {
+        let (status, _, body) =
+            post(&http, &gw.url("/v1/sessions/join"), Some(app), code.clone()).await;
+        assert_eq!(
+            (status, body),
+            (404, json!({ "error": "invalid_join_code" }))
+        );
+    }
+    let relay = setup.verifier(&[1]);
+    let session = created["session_id"].as_str().unwrap();
+    verify(&relay, created["token"].as_str().unwrap(), session, 0).unwrap();
+    verify(&relay, joined["token"].as_str().unwrap(), session, 1).unwrap();
+
+    // Many joins of one code at once, spread over both replicas: exactly one wins.
+    let (_, _, created) = post(&http, &one.url("/v1/sessions"), Some(app), json!({})).await;
+    let code = json!({ "join_code": created["join_code"] });
+    let mut racers = Vec::new();
+    for i in 0..8 {
+        let url = if i % 2 == 0 {
+            one.url("/v1/sessions/join")
+        } else {
+            two.url("/v1/sessions/join")
+        };
+        let (http, code, key) = (http.clone(), code.clone(), app.to_string());
+        racers.push(tokio::spawn(async move {
+            post(&http, &url, Some(&key), code).await.0
+        }));
+    }
+    let mut statuses = Vec::new();
+    for r in racers {
+        statuses.push(r.await.unwrap());
+    }
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 404, 404, 404, 404, 404, 404, 404]);
+
+    // The admin API of either replica lists the sessions of both.
+    let list: serde_json::Value = reqwest::Client::new()
+        .get(two.admin_url("/admin/v1/sessions"))
+        .bearer_auth(&setup.admin_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["sessions"].as_array().unwrap().len(), 2, "{list}");
+
+    // A heartbeat to one is seen by two.
+    let relay9 = ferry_core::keys::RelayStaticKey::generate(&ring::rand::SystemRandom::new())
+        .unwrap()
+        .public();
+    let beat = json!({ "relay_id": 9, "address": "127.0.0.1:7009", "public_key": relay9.to_string(), "sessions": 0, "capacity": 10 });
+    assert_eq!(
+        post(&http, &one.url("/v1/relays/heartbeat"), Some(&key9), beat)
+            .await
+            .0,
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let relays: serde_json::Value = reqwest::Client::new()
+        .get(two.admin_url("/admin/v1/relays"))
+        .bearer_auth(&setup.admin_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        relays["relays"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["id"] == 9),
+        "{relays}"
+    );
+
+    // Revoked through one, refused by two.
+    let answer = reqwest::Client::new()
+        .post(one.admin_url("/admin/v1/keys/revoke"))
+        .bearer_auth(&setup.admin_token)
+        .json(&json!({ "key_id": "app" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let (status, _, body) = post(&http, &two.url("/v1/sessions"), Some(app), json!({})).await;
+    assert_eq!((status, body), (401, json!({ "error": "unauthorized" })));
+    // Another key still works on both.
+    for gw in [&one, &two] {
+        let (status, _, _) = post(
+            &http,
+            &gw.url("/v1/sessions"),
+            Some(setup.key("acme")),
+            json!({ "realm": "acme" }),
+        )
+        .await;
+        assert_eq!(status, 201);
+    }
+
+    // With Redis gone, requests fail with a generic 503, not a hang or a leak.
+    drop(redis);
+    let (status, _, body) = post(
+        &http,
+        &one.url("/v1/sessions"),
+        Some(setup.key("acme")),
+        json!({ "realm": "acme" }),
+    )
+    .await;
+    assert_eq!((status, body), (503, json!({ "error": "unavailable" })));
+}
