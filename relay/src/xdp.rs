@@ -246,8 +246,8 @@ impl XdpSettings {
 pub enum XdpError {
     /// The kernel refused the program or its maps (verifier log included).
     #[error(
-        "loading the XDP program failed: {0}. It needs root (CAP_BPF and CAP_NET_ADMIN) and \
-         Linux 5.9 or newer; set xdp.mode = \"off\" to run without it"
+        "loading the XDP program failed: {0}. It needs root (or CAP_BPF, CAP_PERFMON and \
+         CAP_NET_ADMIN) and Linux 5.9 or newer; set xdp.mode = \"off\" to run without it"
     )]
     Load(String),
     /// A map the program should have is missing or of the wrong type.
