@@ -832,7 +832,13 @@ fn the_kernel_verdict_matches_the_host_header_check_on_random_datagrams() {
         };
         seen.insert(expected.1);
         let frame = v4_from(&format!("198.18.{}.{}", r[6], r[7])).build(&payload);
-        expect(&g, &frame, expected.0, expected.1, &format!("round {round}, {len} bytes"));
+        expect(
+            &g,
+            &frame,
+            expected.0,
+            expected.1,
+            &format!("round {round}, {len} bytes"),
+        );
     }
     // Every rule and both outcomes were exercised.
     assert!(seen.len() >= HeaderError::COUNT, "outcomes seen: {seen:?}");
