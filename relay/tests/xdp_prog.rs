@@ -843,3 +843,60 @@ fn the_kernel_verdict_matches_the_host_header_check_on_random_datagrams() {
     // Every rule and both outcomes were exercised.
     assert!(seen.len() >= HeaderError::COUNT, "outcomes seen: {seen:?}");
 }
+
+/// `ip -d link show dev <interface>` in namespace `ns`: the XDP attachment shows as `xdp` or
+/// `xdpgeneric`.
+fn link_details(ns: &str, interface: &str) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["-n", ns, "-d", "link", "show", "dev", interface])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn attach_modes_fall_back_as_configured_and_dropping_the_guard_detaches() {
+    let Some(_) = common::netns::require("attach_modes_fall_back") else {
+        return;
+    };
+    let topo = common::netns::Topology::new();
+    let ns = topo.relay_ns.clone();
+    type Attach<'a> = &'a mut (dyn FnMut() -> Result<ferry_relay::xdp::Attachment, String> + Send);
+    let in_ns = |f: Attach<'_>| common::netns::Topology::in_ns(&ns, f);
+    let mut g = Guard::load(16).unwrap();
+    g.configure(&settings(), &[PORT]).unwrap();
+
+    // Loopback has no native XDP: `native` fails with a clear error, `auto` falls back.
+    let err = in_ns(&mut || g.attach("lo", Mode::Native).map_err(|e| e.to_string())).unwrap_err();
+    assert!(err.contains("lo") && err.contains("native"), "{err}");
+    let mode = in_ns(&mut || g.attach("lo", Mode::Auto).map_err(|e| e.to_string())).unwrap();
+    assert_eq!(mode, ferry_relay::xdp::Attachment::Generic);
+    assert!(
+        link_details(&ns, "lo").contains("xdpgeneric"),
+        "attached in generic mode"
+    );
+
+    // The veth has a native driver: `native` attaches there.
+    let relay_if = topo.relay_if.clone();
+    let mode = in_ns(&mut || g.attach(&relay_if, Mode::Native).map_err(|e| e.to_string())).unwrap();
+    assert_eq!(mode, ferry_relay::xdp::Attachment::Native);
+    let details = link_details(&ns, &relay_if);
+    assert!(
+        details.contains("xdp") && !details.contains("xdpgeneric"),
+        "{details}"
+    );
+    assert_eq!(g.attached().len(), 2);
+
+    // An interface that does not exist is an error naming it.
+    let err =
+        in_ns(&mut || g.attach("nosuch0", Mode::Auto).map_err(|e| e.to_string())).unwrap_err();
+    assert!(err.contains("nosuch0"), "{err}");
+
+    // Dropping the guard detaches it everywhere.
+    drop(g);
+    assert!(!link_details(&ns, "lo").contains("xdp"), "detached from lo");
+    assert!(
+        !link_details(&ns, &relay_if).contains("xdp"),
+        "detached from the veth"
+    );
+}
