@@ -357,7 +357,7 @@ impl Guard {
                 .ok_or_else(|| map_error(MAP_CIDR_V4, "missing"))?;
             let mut v4: LpmTrie<&mut MapData, [u8; 4], u32> =
                 LpmTrie::try_from(map).map_err(|e| map_error(MAP_CIDR_V4, e))?;
-            sync_v4(&mut v4, &self.lists, &wanted)?;
+            sync_trie(&mut v4, MAP_CIDR_V4, &self.lists, &wanted, v4_key)?;
         }
         {
             let map = self
@@ -366,7 +366,7 @@ impl Guard {
                 .ok_or_else(|| map_error(MAP_CIDR_V6, "missing"))?;
             let mut v6: LpmTrie<&mut MapData, [u8; 16], u32> =
                 LpmTrie::try_from(map).map_err(|e| map_error(MAP_CIDR_V6, e))?;
-            sync_v6(&mut v6, &self.lists, &wanted)?;
+            sync_trie(&mut v6, MAP_CIDR_V6, &self.lists, &wanted, v6_key)?;
         }
         self.lists = wanted;
         let map = self
@@ -565,43 +565,43 @@ fn verifier_error(e: &ProgramError) -> String {
     }
 }
 
-fn sync_v4(
-    trie: &mut LpmTrie<&mut MapData, [u8; 4], u32>,
+/// Brings one CIDR trie from `old` to `new`: removes the entries that went, writes the rest.
+/// `key` gives an entry's trie key, or `None` for the other address family.
+fn sync_trie<K: aya::Pod>(
+    trie: &mut LpmTrie<&mut MapData, K, u32>,
+    name: &'static str,
     old: &BTreeMap<Cidr, u32>,
     new: &BTreeMap<Cidr, u32>,
+    key: impl Fn(&Cidr) -> Option<K>,
 ) -> Result<(), XdpError> {
+    let key = |cidr: &Cidr| key(cidr).map(|k| Key::new(u32::from(cidr.prefix_len), k));
     for cidr in old.keys().filter(|c| !new.contains_key(c)) {
-        if let IpAddr::V4(a) = cidr.addr {
+        if let Some(k) = key(cidr) {
             // Already gone is fine: the goal is that it is not there.
-            let _ = trie.remove(&Key::new(u32::from(cidr.prefix_len), a.octets()));
+            let _ = trie.remove(&k);
         }
     }
     for (cidr, value) in new {
-        if let IpAddr::V4(a) = cidr.addr {
-            trie.insert(&Key::new(u32::from(cidr.prefix_len), a.octets()), value, 0)
-                .map_err(|e| map_error(MAP_CIDR_V4, format!("{cidr}: {e}")))?;
+        if let Some(k) = key(cidr) {
+            trie.insert(&k, value, 0)
+                .map_err(|e| map_error(name, format!("{cidr}: {e}")))?;
         }
     }
     Ok(())
 }
 
-fn sync_v6(
-    trie: &mut LpmTrie<&mut MapData, [u8; 16], u32>,
-    old: &BTreeMap<Cidr, u32>,
-    new: &BTreeMap<Cidr, u32>,
-) -> Result<(), XdpError> {
-    for cidr in old.keys().filter(|c| !new.contains_key(c)) {
-        if let IpAddr::V6(a) = cidr.addr {
-            let _ = trie.remove(&Key::new(u32::from(cidr.prefix_len), a.octets()));
-        }
+fn v4_key(cidr: &Cidr) -> Option<[u8; 4]> {
+    match cidr.addr {
+        IpAddr::V4(a) => Some(a.octets()),
+        IpAddr::V6(_) => None,
     }
-    for (cidr, value) in new {
-        if let IpAddr::V6(a) = cidr.addr {
-            trie.insert(&Key::new(u32::from(cidr.prefix_len), a.octets()), value, 0)
-                .map_err(|e| map_error(MAP_CIDR_V6, format!("{cidr}: {e}")))?;
-        }
+}
+
+fn v6_key(cidr: &Cidr) -> Option<[u8; 16]> {
+    match cidr.addr {
+        IpAddr::V6(a) => Some(a.octets()),
+        IpAddr::V4(_) => None,
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -764,6 +764,27 @@ pub mod frame {
             out.resize(out.len() + self.trailer, 0);
             out
         }
+    }
+
+    /// A relay datagram: a valid header for `packet_type`, `session_id` and a body of
+    /// `body_len` zero bytes (which [`ferry_common::header::check_header`] accepts when the
+    /// length fits the type and the session is not zero).
+    pub fn datagram(
+        packet_type: ferry_common::header::PacketType,
+        session_id: u64,
+        body_len: usize,
+    ) -> Vec<u8> {
+        use ferry_common::header::{HEADER_LEN, Header};
+        let mut out = vec![0u8; HEADER_LEN + body_len];
+        let mut first = [0u8; HEADER_LEN];
+        Header {
+            packet_type,
+            session_id,
+            body_len: u16::try_from(body_len).unwrap_or(u16::MAX),
+        }
+        .write(&mut first);
+        out[..HEADER_LEN].copy_from_slice(&first);
+        out
     }
 
     fn adjust(len: usize, delta: i32) -> u16 {

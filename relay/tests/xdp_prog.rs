@@ -16,7 +16,7 @@ use ferry_common::header::{
     MAX_DATA_BODY, PacketType, REBIND_BODY_LEN,
 };
 use ferry_common::xdp::{Counter, Rate, slot_labels};
-use ferry_relay::xdp::frame::Frame;
+use ferry_relay::xdp::frame::{self, Frame};
 use ferry_relay::xdp::{Cidr, Guard, Mode, XDP_DROP, XDP_PASS, XdpSettings};
 
 const PORT: u16 = 7000;
@@ -56,16 +56,7 @@ const RELAY6: &str = "2001:db8::1";
 
 /// A datagram with a valid header of `packet_type` and `body_len` zero bytes.
 fn datagram(packet_type: PacketType, body_len: usize) -> Vec<u8> {
-    let mut out = vec![0u8; HEADER_LEN + body_len];
-    let mut first = [0u8; HEADER_LEN];
-    Header {
-        packet_type,
-        session_id: 0x0102_0304_0506_0708,
-        body_len: body_len as u16,
-    }
-    .write(&mut first);
-    out[..HEADER_LEN].copy_from_slice(&first);
-    out
+    frame::datagram(packet_type, 0x0102_0304_0506_0708, body_len)
 }
 
 fn data(body_len: usize) -> Vec<u8> {

@@ -22,7 +22,8 @@ use ferry_bench::live::connected_pair;
 use ferry_bench::netns::{Namespaces, in_ns};
 use ferry_bench::relay_process::RelayProcess;
 use ferry_bench::udp::{Batch, pin_to};
-use ferry_common::header::{BIND_BODY_LEN, HEADER_LEN, Header, PacketType};
+use ferry_common::header::{BIND_BODY_LEN, PacketType};
+use ferry_relay::xdp::frame::{Frame, datagram};
 use ring::rand::{SecureRandom, SystemRandom};
 
 /// The XDP guard under a spoofed-source flood: goodput and relay CPU, XDP on and off.
@@ -93,32 +94,12 @@ fn sum_metric(page: &str, prefix: &str) -> u64 {
         .sum()
 }
 
-fn datagram(packet_type: PacketType, session_id: u64, body_len: usize) -> Vec<u8> {
-    let mut out = vec![0u8; HEADER_LEN + body_len];
-    let mut first = [0u8; HEADER_LEN];
-    Header {
-        packet_type,
-        session_id,
-        body_len: body_len as u16,
-    }
-    .write(&mut first);
-    out[..HEADER_LEN].copy_from_slice(&first);
-    out
-}
-
-/// An IPv4/UDP packet (for an IPPROTO_RAW socket) from `src` to `dst`.
+/// An IPv4/UDP packet (for an IPPROTO_RAW socket, which fills in the IP checksum) from `src`
+/// to `dst`: the guard's test frame without its Ethernet header.
 fn ip_packet(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
-    let total = (28 + payload.len()) as u16;
-    let mut p = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0];
-    p[2..4].copy_from_slice(&total.to_be_bytes());
-    p.extend_from_slice(&src.ip().octets());
-    p.extend_from_slice(&dst.ip().octets());
-    p.extend_from_slice(&src.port().to_be_bytes());
-    p.extend_from_slice(&dst.port().to_be_bytes());
-    p.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    p.extend_from_slice(&[0, 0]);
-    p.extend_from_slice(payload);
-    p
+    let mut frame = Frame::udp(IpAddr::V4(*src.ip()), IpAddr::V4(*dst.ip()), dst.port());
+    frame.src_port = src.port();
+    frame.build(payload).split_off(14)
 }
 
 /// The flood's packets: `n` of them cycling garbage, DATA for unknown sessions and BIND,
@@ -305,9 +286,10 @@ fn main() -> anyhow::Result<()> {
         cli.seconds, cli.legit_rate, cli.payload, cli.sources, cli.flood_cpus, cli.relay_cpu
     );
     println!(
-        "{:<6} {:<6} {:>12} {:>10} {:>14} {:>13} {:>13} {:>12}",
+        "{:<6} {:<6} {:>8} {:>12} {:>10} {:>10} {:>11} {:>11} {:>11}",
         "xdp",
         "flood",
+        "sent/s",
         "goodput/s",
         "delivered",
         "relay CPU",

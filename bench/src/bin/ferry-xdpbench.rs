@@ -12,9 +12,9 @@ use std::net::IpAddr;
 
 use anyhow::{Context, ensure};
 use clap::Parser;
-use ferry_common::header::{BIND_BODY_LEN, HEADER_LEN, Header, PacketType};
+use ferry_common::header::{BIND_BODY_LEN, PacketType};
 use ferry_common::xdp::Rate;
-use ferry_relay::xdp::frame::Frame;
+use ferry_relay::xdp::frame::{self, Frame};
 use ferry_relay::xdp::{Cidr, Guard, Mode, XDP_DROP, XDP_PASS, XdpSettings};
 
 /// Nanoseconds per packet of the XDP guard, per verdict, via BPF_PROG_TEST_RUN.
@@ -53,16 +53,7 @@ fn settings(packets: Rate, handshake: Rate) -> XdpSettings {
 }
 
 fn datagram(packet_type: PacketType, body_len: usize) -> Vec<u8> {
-    let mut out = vec![0u8; HEADER_LEN + body_len];
-    let mut first = [0u8; HEADER_LEN];
-    Header {
-        packet_type,
-        session_id: 0x0102_0304_0506_0708,
-        body_len: body_len as u16,
-    }
-    .write(&mut first);
-    out[..HEADER_LEN].copy_from_slice(&first);
-    out
+    frame::datagram(packet_type, 0x0102_0304_0506_0708, body_len)
 }
 
 struct Case {
