@@ -102,6 +102,34 @@ impl Namespaces {
     }
 }
 
+/// The index and MAC address of `interface` in namespace `ns`, from `ip -o link show`.
+pub fn link_info(ns: &str, interface: &str) -> anyhow::Result<(u32, [u8; 6])> {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-o", "link", "show", "dev", interface])
+        .output()
+        .context("running ip (iproute2)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let index = text
+        .split(':')
+        .next()
+        .and_then(|i| i.trim().parse::<u32>().ok())
+        .with_context(|| format!("no interface index for {interface} in {text:?}"))?;
+    let mac_text = text
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .with_context(|| format!("no MAC address for {interface} in {text:?}"))?;
+    let mut mac = [0u8; 6];
+    let parts: Vec<&str> = mac_text.split(':').collect();
+    if parts.len() != 6 {
+        bail!("{mac_text:?} is not a MAC address");
+    }
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        *byte = u8::from_str_radix(part, 16).with_context(|| format!("MAC {mac_text:?}"))?;
+    }
+    Ok((index, mac))
+}
+
 impl Drop for Namespaces {
     fn drop(&mut self) {
         for ns in [&self.relay_ns, &self.peers_ns] {

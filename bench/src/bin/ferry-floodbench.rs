@@ -1,8 +1,8 @@
 //! `ferry-floodbench`: the XDP guard under a flood. A relay in one network namespace, two
 //! legitimate peers in another, joined by veth; the guard runs natively on the relay's veth.
 //! One peer sends the other a steady stream of messages through the relay while raw sockets
-//! in the peers' namespace flood the relay from many spoofed source addresses
-//! (198.19.0.0/16), as fast as one core can send them.
+//! in the peers' namespace (a packet socket on the veth, qdisc bypassed) flood the relay
+//! from many spoofed source addresses (198.19.0.0/16), as fast as one core can send them.
 //!
 //! Four runs, the same traffic each time: XDP off / on, without and with the flood. Each
 //! prints the legitimate session's goodput (messages delivered per second, and the share of
@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use clap::Parser;
 use ferry_bench::live::connected_pair;
-use ferry_bench::netns::{Namespaces, in_ns};
+use ferry_bench::netns::{Namespaces, in_ns, link_info};
 use ferry_bench::relay_process::RelayProcess;
-use ferry_bench::udp::{Batch, pin_to};
+use ferry_bench::udp::{Batch, packet_socket, pin_to};
 use ferry_common::header::{BIND_BODY_LEN, PacketType};
 use ferry_relay::xdp::frame::{Frame, datagram};
 use ring::rand::{SecureRandom, SystemRandom};
@@ -94,17 +94,40 @@ fn sum_metric(page: &str, prefix: &str) -> u64 {
         .sum()
 }
 
-/// An IPv4/UDP packet (for an IPPROTO_RAW socket, which fills in the IP checksum) from `src`
-/// to `dst`: the guard's test frame without its Ethernet header.
-fn ip_packet(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
-    let mut frame = Frame::udp(IpAddr::V4(*src.ip()), IpAddr::V4(*dst.ip()), dst.port());
-    frame.src_port = src.port();
-    frame.build(payload).split_off(14)
+/// An Ethernet frame from `src_mac` to `dst_mac` carrying IPv4/UDP from `src` to `dst`, with
+/// the IPv4 header checksum filled in (a packet socket sends frames as they are, and the
+/// kernel drops IPv4 with a bad checksum before UDP would see it).
+fn frame(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut f = Frame::udp(IpAddr::V4(*src.ip()), IpAddr::V4(*dst.ip()), dst.port());
+    f.src_port = src.port();
+    let mut bytes = f.build(payload);
+    bytes[..6].copy_from_slice(&dst_mac);
+    bytes[6..12].copy_from_slice(&src_mac);
+    let sum: u32 = bytes[14..34]
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    let folded = (sum & 0xffff) + (sum >> 16);
+    let folded = (folded & 0xffff) + (folded >> 16);
+    bytes[24..26].copy_from_slice(&(!(folded as u16)).to_be_bytes());
+    bytes
 }
 
-/// The flood's packets: `n` of them cycling garbage, DATA for unknown sessions and BIND,
-/// from `sources` spoofed addresses in 198.19.0.0/16.
-fn flood_packets(n: usize, sources: u32, relay: SocketAddrV4) -> anyhow::Result<Vec<Vec<u8>>> {
+/// The flood's frames: `n` of them cycling garbage, DATA for unknown sessions and BIND, from
+/// `sources` spoofed addresses in 198.19.0.0/16, addressed to the relay's MAC `dst_mac`.
+fn flood_frames(
+    n: usize,
+    sources: u32,
+    relay: SocketAddrV4,
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+) -> anyhow::Result<Vec<Vec<u8>>> {
     let rng = SystemRandom::new();
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
@@ -127,22 +150,9 @@ fn flood_packets(n: usize, sources: u32, relay: SocketAddrV4) -> anyhow::Result<
             1 => datagram(PacketType::Data, session, 1000),
             _ => datagram(PacketType::Bind, session, BIND_BODY_LEN),
         };
-        out.push(ip_packet(src, relay, &payload));
+        out.push(frame(src_mac, dst_mac, src, relay, &payload));
     }
     Ok(out)
-}
-
-/// A raw IPv4 socket in namespace `ns` (IPPROTO_RAW: we write the IP header).
-fn raw_socket(ns: &str) -> anyhow::Result<UdpSocket> {
-    let socket = in_ns(ns, || {
-        socket2::Socket::new(
-            socket2::Domain::IPV4,
-            socket2::Type::RAW,
-            Some(socket2::Protocol::from(libc::IPPROTO_RAW)),
-        )
-    })??;
-    // sendmmsg only needs a descriptor; the UdpSocket type just carries it.
-    Ok(UdpSocket::from(socket))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -179,8 +189,9 @@ fn run(
         in_ns(&ns.peers_ns, move || UdpSocket::bind(addr))?.context("a peer socket")
     };
     let (mut a, mut b) = connected_pair(&relay, peer_socket(2)?, peer_socket(3)?)?;
-    let raw = raw_socket(&ns.peers_ns)?;
-    let dst = SocketAddr::new(IpAddr::V4(ns.relay_addr()), 0);
+    let (peers_index, _) = link_info(&ns.peers_ns, &ns.peers_if)?;
+    let raw = in_ns(&ns.peers_ns, || packet_socket(peers_index))?
+        .context("a packet socket on the peers' veth")?;
 
     let before = relay.metrics();
     let cpu_before = cpu_seconds(relay.pid())?;
@@ -203,7 +214,7 @@ fn run(
                     let mut next = k * 997;
                     while started.elapsed() < duration {
                         for slot in 0..batch.len() {
-                            batch.fill_slot(slot, &packets[next % packets.len()], dst);
+                            batch.fill_slot_unaddressed(slot, &packets[next % packets.len()]);
                             next += 1;
                         }
                         if let Ok(n) = batch.send(raw, 64) {
@@ -278,7 +289,9 @@ fn main() -> anyhow::Result<()> {
     );
     let ns = Namespaces::new("fb").context("creating namespaces (needs root)")?;
     let relay = SocketAddrV4::new(ns.relay_addr(), PORT);
-    let packets = flood_packets(4096, cli.sources, relay)?;
+    let (_, relay_mac) = link_info(&ns.relay_ns, &ns.relay_if)?;
+    let (_, peers_mac) = link_info(&ns.peers_ns, &ns.peers_if)?;
+    let packets = flood_frames(4096, cli.sources, relay, peers_mac, relay_mac)?;
     println!(
         "ferry-floodbench: {} s per run; legitimate session {} msg/s of {} B; flood from {} \
          spoofed sources (garbage, DATA for unknown sessions, BIND), senders on CPUs {:?}; relay \
