@@ -64,8 +64,11 @@ fn main() {
              and bpf-linker (`cargo install bpf-linker`); `.ci/setup` installs both."
         );
     }
-    let object = target_dir.join(TARGET).join("release").join("ferry-xdp");
-    let dest = out_dir.join("ferry-xdp.o");
-    std::fs::copy(&object, &dest)
-        .unwrap_or_else(|e| panic!("copying {} to {}: {e}", object.display(), dest.display()));
+    // The guard, and the flood generator that ferry-floodbench drives (never attached).
+    for name in ["ferry-xdp", "ferry-flood"] {
+        let object = target_dir.join(TARGET).join("release").join(name);
+        let dest = out_dir.join(format!("{name}.o"));
+        std::fs::copy(&object, &dest)
+            .unwrap_or_else(|e| panic!("copying {} to {}: {e}", object.display(), dest.display()));
+    }
 }

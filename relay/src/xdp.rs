@@ -791,3 +791,97 @@ pub mod frame {
         (len as i64 + i64::from(delta)).clamp(0, 0xffff) as u16
     }
 }
+
+/// A traffic generator for benchmarks (`ferry-floodbench`): the `ferry_flood` program of
+/// `ebpf/xdp`, run with `BPF_PROG_TEST_RUN` in live-frames mode, so the kernel transmits one
+/// template frame out of an interface millions of times a second, each with the next of
+/// `sources` spoofed IPv4 sources (198.19.0.0/16). The relay never loads it.
+pub mod flood {
+    use std::time::{Duration, Instant};
+
+    use aya::maps::{Array, MapData};
+    use aya::programs::{ProgramError, TestRun, TestRunAttrs, TestRunOptions, Xdp};
+    use aya::{Ebpf, EbpfLoader};
+
+    use super::{XdpError, map_error, verifier_error};
+
+    static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferry-flood.o"));
+
+    /// The loaded generator.
+    pub struct Generator {
+        ebpf: Ebpf,
+    }
+
+    impl std::fmt::Debug for Generator {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Generator").finish_non_exhaustive()
+        }
+    }
+
+    impl Generator {
+        /// Loads it, cycling through `sources` source addresses (rounded up to a power of
+        /// two, at most 65,536).
+        pub fn load(sources: u32) -> Result<Self, XdpError> {
+            let mut ebpf = EbpfLoader::new()
+                .load(OBJECT)
+                .map_err(|e| XdpError::Load(format!("{e:#}")))?;
+            let program: &mut Xdp = ebpf
+                .program_mut("ferry_flood")
+                .ok_or_else(|| XdpError::Load("no program ferry_flood".into()))?
+                .try_into()
+                .map_err(|e: ProgramError| XdpError::Load(e.to_string()))?;
+            program
+                .load()
+                .map_err(|e| XdpError::Load(verifier_error(&e)))?;
+            let map = ebpf
+                .map_mut("FLOOD_CFG")
+                .ok_or_else(|| map_error("FLOOD_CFG", "missing"))?;
+            let mut cfg: Array<&mut MapData, u32> =
+                Array::try_from(map).map_err(|e| map_error("FLOOD_CFG", e))?;
+            let sources = sources.clamp(1, 65_536).next_power_of_two();
+            cfg.set(0, sources, 0)
+                .map_err(|e| map_error("FLOOD_CFG", e))?;
+            Ok(Generator { ebpf })
+        }
+
+        /// Transmits `frame` (Ethernet, IPv4 without options, UDP; its source in
+        /// 198.19.0.0/16) out of interface `ifindex` — which must be in the calling thread's
+        /// network namespace — `frames` at a time, until `duration` has passed. Returns how
+        /// many frames the program handled.
+        pub fn run(
+            &self,
+            frame: &[u8],
+            ifindex: u32,
+            frames: u32,
+            duration: Duration,
+        ) -> Result<u64, XdpError> {
+            let program: &Xdp = self
+                .ebpf
+                .program("ferry_flood")
+                .ok_or_else(|| XdpError::Load("no program ferry_flood".into()))?
+                .try_into()
+                .map_err(|e: ProgramError| XdpError::Load(e.to_string()))?;
+            // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+            // egress_ifindex.
+            let fields = [0, frame.len() as u32, 0, ifindex, 0, 0];
+            let mut ctx = Vec::with_capacity(24);
+            for field in fields {
+                ctx.extend_from_slice(&field.to_ne_bytes());
+            }
+            let deadline = Instant::now() + duration;
+            let mut sent = 0u64;
+            while Instant::now() < deadline {
+                let mut opts = TestRunOptions::new();
+                opts.data_in = Some(frame);
+                opts.ctx_in = Some(&ctx);
+                opts.repeat = frames.max(1);
+                opts.attrs = TestRunAttrs::new().xdp_live_frames(64);
+                program
+                    .test_run(opts)
+                    .map_err(|e| XdpError::TestRun(format!("{e:#}")))?;
+                sent += u64::from(frames.max(1));
+            }
+            Ok(sent)
+        }
+    }
+}

@@ -23,6 +23,7 @@ use ferry_bench::netns::{Namespaces, in_ns, link_info};
 use ferry_bench::relay_process::RelayProcess;
 use ferry_bench::udp::{Batch, packet_socket, pin_to};
 use ferry_common::header::{BIND_BODY_LEN, PacketType};
+use ferry_relay::xdp::flood;
 use ferry_relay::xdp::frame::{Frame, datagram};
 use ring::rand::{SecureRandom, SystemRandom};
 
@@ -48,12 +49,27 @@ struct Cli {
     /// CPUs the flood senders are pinned to, one sender each (e.g. `0,1`).
     #[arg(long, value_delimiter = ',', default_value = "0")]
     flood_cpus: Vec<usize>,
+    /// How to generate the flood: `packet` (a packet socket with sendmmsg, about 600,000
+    /// frames a second here) or `xdp` (an XDP program run in BPF_PROG_TEST_RUN live-frames
+    /// mode on the peers' veth, twice that, but it holds its CPU for long stretches, which
+    /// starves the legitimate peers on a 2-core machine).
+    #[arg(long, value_enum, default_value_t = Generator::Packet)]
+    generator: Generator,
     /// Directory with the release binaries (default: next to this one).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
 }
 
 const PORT: u16 = 7000;
+
+/// The flood generators.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Generator {
+    /// An XDP program in live-frames mode.
+    Xdp,
+    /// A packet socket.
+    Packet,
+}
 
 /// One run's figures.
 #[derive(Debug, Clone, Copy)]
@@ -190,6 +206,8 @@ fn run(
     };
     let (mut a, mut b) = connected_pair(&relay, peer_socket(2)?, peer_socket(3)?)?;
     let (peers_index, _) = link_info(&ns.peers_ns, &ns.peers_if)?;
+    // Three templates for the XDP generator, which varies only the source address.
+    let templates: Vec<Vec<u8>> = packets.iter().take(3).cloned().collect();
     let raw = in_ns(&ns.peers_ns, || packet_socket(peers_index))?
         .context("a packet socket on the peers' veth")?;
 
@@ -207,21 +225,52 @@ fn run(
             .filter(|_| flood)
             .map(|(k, &cpu)| {
                 let raw = &raw;
+                let templates = &templates;
+                let peers_ns = ns.peers_ns.as_str();
                 s.spawn(move || -> u64 {
-                    let _ = pin_to(cpu);
-                    let mut batch = Batch::new(64);
-                    let mut sent = 0u64;
-                    let mut next = k * 997;
-                    while started.elapsed() < duration {
-                        for slot in 0..batch.len() {
-                            batch.fill_slot_unaddressed(slot, &packets[next % packets.len()]);
-                            next += 1;
+                    match cli.generator {
+                        Generator::Xdp => {
+                            // Each template in turn, 65,536 frames a call: each call sets up a
+                            // page pool, so smaller calls generate far less (2,048 a call: about
+                            // 80,000 frames a second).
+                            in_ns(peers_ns, || {
+                                let _ = pin_to(cpu);
+                                let Ok(generator) = flood::Generator::load(cli.sources) else {
+                                    return 0;
+                                };
+                                let mut sent = 0;
+                                let mut next = k;
+                                while started.elapsed() < duration {
+                                    let template = &templates[next % templates.len()];
+                                    next += 1;
+                                    let slice = Duration::from_millis(1);
+                                    match generator.run(template, peers_index, 65_536, slice) {
+                                        Ok(n) => sent += n,
+                                        Err(_) => break,
+                                    }
+                                }
+                                sent
+                            })
+                            .unwrap_or(0)
                         }
-                        if let Ok(n) = batch.send(raw, 64) {
-                            sent += n as u64;
+                        Generator::Packet => {
+                            let _ = pin_to(cpu);
+                            let mut batch = Batch::new(64);
+                            let mut sent = 0u64;
+                            let mut next = k * 997;
+                            while started.elapsed() < duration {
+                                for slot in 0..batch.len() {
+                                    let frame = &packets[next % packets.len()];
+                                    batch.fill_slot_unaddressed(slot, frame);
+                                    next += 1;
+                                }
+                                if let Ok(n) = batch.send(raw, 64) {
+                                    sent += n as u64;
+                                }
+                            }
+                            sent
                         }
                     }
-                    sent
                 })
             })
             .collect();
@@ -288,6 +337,25 @@ fn main() -> anyhow::Result<()> {
         bin.display()
     );
     let ns = Namespaces::new("fb").context("creating namespaces (needs root)")?;
+    if cli.generator == Generator::Xdp {
+        // XDP_TX into a veth needs the receiving end's NAPI, which the guard brings when it is
+        // attached; GRO brings it when the guard is off.
+        let status = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns.relay_ns,
+                "ethtool",
+                "-K",
+                &ns.relay_if,
+                "gro",
+                "on",
+            ])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .context("running ethtool (Debian package ethtool)")?;
+        ensure!(status.success(), "ethtool -K {} gro on failed", ns.relay_if);
+    }
     let relay = SocketAddrV4::new(ns.relay_addr(), PORT);
     let (_, relay_mac) = link_info(&ns.relay_ns, &ns.relay_if)?;
     let (_, peers_mac) = link_info(&ns.peers_ns, &ns.peers_if)?;
