@@ -77,7 +77,12 @@ fn main() -> anyhow::Result<()> {
     let strict = Guard::load(65_536)
         .and_then(|mut g| g.configure(&settings(one, one), &[PORT]).map(|()| g))
         .context("loading the XDP guard (needs root)")?;
-    let guards = [&open, &strict];
+    let mut unlisted_settings = settings(generous, generous);
+    unlisted_settings.deny.clear();
+    let unlisted = Guard::load(65_536)
+        .and_then(|mut g| g.configure(&unlisted_settings, &[PORT]).map(|()| g))
+        .context("loading the XDP guard (needs root)")?;
+    let guards = [&open, &strict, &unlisted];
 
     let src: IpAddr = "198.18.0.2".parse()?;
     let dst: IpAddr = "198.18.0.1".parse()?;
@@ -95,6 +100,13 @@ fn main() -> anyhow::Result<()> {
         Case {
             name: "relay DATA passed (1200 B, metered)",
             guard: 0,
+            frame: relay(&datagram(PacketType::Data, 1184)),
+            action: XDP_PASS,
+            samples: Vec::new(),
+        },
+        Case {
+            name: "relay DATA passed, empty deny/allow lists",
+            guard: 2,
             frame: relay(&datagram(PacketType::Data, 1184)),
             action: XDP_PASS,
             samples: Vec::new(),
