@@ -465,8 +465,10 @@ fn passed(g: &Guard, frame: &[u8], n: usize) -> usize {
 #[test]
 fn handshakes_and_data_have_separate_buckets_that_refill() {
     let mut s = settings();
-    s.handshake = Rate::new(20, 5).unwrap(); // 50 ms a packet
-    s.data_packets = Rate::new(20, 10).unwrap();
+    // 250 ms a packet: slow enough that a loaded machine running the loops below cannot earn
+    // an extra packet while they run.
+    s.handshake = Rate::new(4, 5).unwrap();
+    s.data_packets = Rate::new(4, 10).unwrap();
     let Some(g) = guard("handshakes_and_data_have_separate_buckets_that_refill", &s) else {
         return;
     };
@@ -495,8 +497,8 @@ fn handshakes_and_data_have_separate_buckets_that_refill() {
         5,
         "a second source gets its own burst"
     );
-    // Refill: 20 a second, so 300 ms brings back the whole burst of 5 (and no more).
-    std::thread::sleep(Duration::from_millis(300));
+    // Refill: 4 a second, so 1.4 s brings back the whole burst of 5 (and no more).
+    std::thread::sleep(Duration::from_millis(1400));
     assert_eq!(passed(&g, &hs, 20), 5, "refilled to the burst, not beyond");
 }
 
