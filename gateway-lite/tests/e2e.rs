@@ -72,7 +72,14 @@ fn relay_binary() -> &'static Path {
             }
         }
         let out = cargo
-            .args(["build", "--package", "ferry-relay", "--bin", "ferry-relay"])
+            .args([
+                "build",
+                "--locked",
+                "--package",
+                "ferry-relay",
+                "--bin",
+                "ferry-relay",
+            ])
             .args(["--profile", &profile])
             .arg("--target-dir")
             .arg(target_dir)
