@@ -1,7 +1,8 @@
 //! Criterion benchmarks of `ferry-core`'s hot functions, with printed figures:
 //!
 //! - `header`: the stateless header check and the full parse+classify of a DATA datagram;
-//! - `token`: verifying a relay token (Ed25519 + X25519 unseal);
+//! - `token`: verifying a relay token (Ed25519 + X25519 unseal) and minting one (the
+//!   gateway's cost per grant: X25519 seal + Ed25519 sign);
 //! - `aead`: seal+open of 64/1200/1400-byte transport messages with Ferry's transport, next to
 //!   the raw AEADs on the same buffers: `ring`'s ChaCha20-Poly1305 (which the transport uses)
 //!   and the `chacha20poly1305` crate.
@@ -64,6 +65,7 @@ fn bench_token(c: &mut Criterion) {
         rate_bytes_per_sec: 0,
     };
     let token = minter.mint(&rng, &input, &relay.public()).expect("mint");
+    let verifier_relay_public = relay.public();
     let mut verifier = TokenVerifier::new(VerifierConfig::new(42), relay).expect("config");
     verifier.add_trusted_key(7, minter.public());
 
@@ -71,6 +73,10 @@ fn bench_token(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     g.bench_function("verify (Ed25519 + X25519 unseal)", |b| {
         b.iter(|| verifier.verify(black_box(&token.bytes), now, 99, 0).is_ok())
+    });
+    let relay_public = verifier_relay_public;
+    g.bench_function("mint (X25519 seal + Ed25519 sign)", |b| {
+        b.iter(|| minter.mint(&rng, black_box(&input), &relay_public).is_ok())
     });
     g.finish();
 }

@@ -9,11 +9,11 @@
 //! session and relay ids, kids, expiry times, client addresses — and never an API key, a token,
 //! a slot secret or a join code.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::Router;
@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use crate::apikey::{self, KeyHash, PresentedKey, Scopes};
 use crate::config::{ApiKeyConfig, GatewayConfig, SessionSettings};
 use crate::metrics::{AuthFailure, Limiter, Metrics};
+use crate::net::{self as client_net, ClientIp, TrustedProxies};
 use crate::ratelimit::RateLimiter;
 use crate::registry::{Registry, RelayInfo};
 use crate::state::{JoinCodeHash, RelayReport, SessionRecord, State, StateError};
@@ -50,13 +51,41 @@ pub const DEFAULT_REALM: &str = "default";
 #[derive(Clone, Copy, Debug)]
 pub struct ClientAddr(pub SocketAddr);
 
-/// Everything the handlers share.
+/// What a config reload replaces. It is swapped whole, so a request sees the old settings or
+/// the new ones, never a mix.
 #[derive(Debug)]
-pub struct App {
+struct Live {
     minter: TokenMinter,
     sessions: SessionSettings,
     api_keys: HashMap<String, ApiKeyConfig>,
+    revoked: HashSet<String>,
     admin_token: Option<KeyHash>,
+    trusted_proxies: TrustedProxies,
+    ipv6_prefix_len: u8,
+}
+
+impl Live {
+    fn of(config: GatewayConfig) -> Self {
+        Self {
+            minter: config.signing.active,
+            sessions: config.sessions,
+            api_keys: config
+                .api_keys
+                .into_iter()
+                .map(|k| (k.id.clone(), k))
+                .collect(),
+            revoked: config.revoked_keys.into_iter().collect(),
+            admin_token: config.admin.token_hash,
+            trusted_proxies: config.server.trusted_proxies,
+            ipv6_prefix_len: config.limits.ipv6_prefix_len,
+        }
+    }
+}
+
+/// Everything the handlers share.
+#[derive(Debug)]
+pub struct App {
+    live: RwLock<Arc<Live>>,
     heartbeat_ttl: Duration,
     max_body_bytes: usize,
     request_timeout: Duration,
@@ -82,19 +111,12 @@ impl App {
     ) -> Result<Self, apikey::ApiKeyError> {
         let rng = SystemRandom::new();
         let dummy_hash = apikey::generate(&rng, "unknown")?.hash;
-        let limits = &config.limits;
+        let limits = config.limits.clone();
         Ok(Self {
-            minter: config.signing.active,
-            sessions: config.sessions,
-            api_keys: config
-                .api_keys
-                .into_iter()
-                .map(|k| (k.id.clone(), k))
-                .collect(),
-            admin_token: config.admin.token_hash,
             heartbeat_ttl: config.relay_health.heartbeat_ttl,
             max_body_bytes: config.server.max_body_bytes,
             request_timeout: config.server.request_timeout,
+            live: RwLock::new(Arc::new(Live::of(config))),
             state,
             registry,
             ip_limiter: RateLimiter::new(
@@ -111,6 +133,40 @@ impl App {
             rng,
             dummy_hash,
         })
+    }
+
+    /// The settings in force now.
+    fn live(&self) -> Arc<Live> {
+        Arc::clone(
+            &self
+                .live
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Applies a reloaded config: API keys and revocations, the admin token, signing keys,
+    /// session settings, trusted proxies, rate limits and the listed relays. `config` must
+    /// have passed [`crate::config::RestartSettings::check_reload`]: what only a restart
+    /// changes is not looked at here.
+    pub fn reload(&self, config: GatewayConfig) {
+        let limits = &config.limits;
+        self.ip_limiter.set_limits(
+            limits.per_ip_rate,
+            limits.per_ip_burst,
+            limits.tracked_clients,
+        );
+        self.key_limiter.set_limits(
+            limits.per_key_rate,
+            limits.per_key_burst,
+            limits.tracked_clients,
+        );
+        self.registry.set_listed(&config.relays);
+        let live = Arc::new(Live::of(config));
+        *self
+            .live
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = live;
     }
 
     /// The shared state.
@@ -212,6 +268,11 @@ impl IntoResponse for ApiError {
             Self::Unauthorized => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
+            // The rest of the body is not read: say the connection ends here, so that a
+            // client does not send its next request on it and lose it.
+            Self::PayloadTooLarge => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             _ => {}
         }
         response
@@ -274,15 +335,24 @@ pub struct Client {
     pub key_id: String,
     /// What the key may do.
     pub scopes: Scopes,
-    /// The connection's peer address.
-    pub addr: SocketAddr,
+    /// Where the request came from.
+    pub addr: ClientIp,
+    /// The settings in force when the request was authenticated.
+    live: Arc<Live>,
 }
 
-fn client_addr(parts: &Parts) -> SocketAddr {
-    parts
-        .extensions
-        .get::<ClientAddr>()
-        .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |c| c.0)
+/// Where a request came from: what [`guard`] resolved (behind trusted proxies), or the TCP
+/// peer.
+fn client_addr(parts: &Parts) -> ClientIp {
+    if let Some(ip) = parts.extensions.get::<ClientIp>() {
+        return *ip;
+    }
+    ClientIp::direct(
+        parts
+            .extensions
+            .get::<ClientAddr>()
+            .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |c| c.0),
+    )
 }
 
 fn bearer(headers: &HeaderMap) -> Result<&str, AuthFailure> {
@@ -302,7 +372,7 @@ impl App {
         &self,
         reason: AuthFailure,
         key_id: Option<&str>,
-        addr: SocketAddr,
+        addr: ClientIp,
         route: &str,
     ) -> ApiError {
         self.metrics.auth_failure(reason);
@@ -311,7 +381,8 @@ impl App {
             event = "auth_failure",
             reason = reason.name(),
             key_id = key_id.unwrap_or("-"),
-            client = %addr.ip(),
+            client = %addr.ip,
+            via = %addr.via_display(),
             route,
         );
         match reason {
@@ -327,7 +398,8 @@ impl App {
         let presented = PresentedKey::parse(token)
             .map_err(|_| self.auth_failed(AuthFailure::Malformed, None, addr, route))?;
         let id = presented.id();
-        let Some(entry) = self.api_keys.get(id) else {
+        let live = self.live();
+        let Some(entry) = live.api_keys.get(id) else {
             // Same work as a known key, so timing does not tell which ids exist.
             let _ = self.dummy_hash.matches(&presented);
             return Err(self.auth_failed(AuthFailure::UnknownKey, Some(id), addr, route));
@@ -335,18 +407,19 @@ impl App {
         if !entry.hash.matches(&presented) {
             return Err(self.auth_failed(AuthFailure::WrongSecret, Some(id), addr, route));
         }
-        if self.state.is_revoked(id).await? {
+        if live.revoked.contains(id) || self.state.is_revoked(id).await? {
             return Err(self.auth_failed(AuthFailure::Revoked, Some(id), addr, route));
         }
         if let Err(refused) = self.key_limiter.check(&entry.id, Instant::now()) {
             self.metrics.rate_limited(Limiter::Key);
-            tracing::info!(target: AUDIT, event = "rate_limited", limiter = "key", key_id = id, client = %addr.ip());
+            tracing::info!(target: AUDIT, event = "rate_limited", limiter = "key", key_id = id, client = %addr.ip, via = %addr.via_display());
             return Err(ApiError::RateLimited(refused.retry_after_secs()));
         }
         Ok(Client {
             key_id: entry.id.clone(),
             scopes: entry.scopes.clone(),
             addr,
+            live: Arc::clone(&live),
         })
     }
 
@@ -355,7 +428,7 @@ impl App {
         let fail = || self.auth_failed(AuthFailure::AdminToken, None, addr, parts.uri.path());
         let token = bearer(&parts.headers).map_err(|_| fail())?;
         let presented = PresentedKey::parse(token).map_err(|_| fail())?;
-        match &self.admin_token {
+        match &self.live().admin_token {
             Some(hash) if presented.id() == "admin" && hash.matches(&presented) => Ok(()),
             _ => Err(fail()),
         }
@@ -522,6 +595,7 @@ fn random_session_id(rng: &dyn SecureRandom) -> Result<u64, ApiError> {
 impl App {
     fn mint(
         &self,
+        live: &Live,
         slot: TokenSlot,
         session_id: u64,
         relay: &RelayInfo,
@@ -532,10 +606,10 @@ impl App {
             relay_id: relay.id,
             session_id,
             not_before: now,
-            expires: now.saturating_add(self.sessions.token_lifetime_secs),
-            rate_bytes_per_sec: self.sessions.rate_bytes_per_sec,
+            expires: now.saturating_add(live.sessions.token_lifetime_secs),
+            rate_bytes_per_sec: live.sessions.rate_bytes_per_sec,
         };
-        let minted = self
+        let minted = live
             .minter
             .mint(&self.rng, &input, &relay.public_key)
             .map_err(|e| {
@@ -598,14 +672,15 @@ async fn create_session(
     let now = now();
     let Some(relay) = app.registry.pick(app.state.as_ref(), now).await? else {
         app.metrics.no_relay.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(target: AUDIT, event = "session_refused", reason = "no_relay", key_id = %client.key_id, realm, client = %client.addr.ip());
+        tracing::warn!(target: AUDIT, event = "session_refused", reason = "no_relay", key_id = %client.key_id, realm, client = %client.addr.ip, via = %client.addr.via_display());
         return Err(ApiError::NoRelay);
     };
     let session_id = random_session_id(&app.rng)?;
     let code = random_join_code(&app.rng)?;
+    let live = &client.live;
     let join_expires_at = now
         .as_secs()
-        .saturating_add(app.sessions.join_code_ttl_secs);
+        .saturating_add(live.sessions.join_code_ttl_secs);
     let record = SessionRecord {
         session_id,
         realm: realm.clone(),
@@ -614,12 +689,12 @@ async fn create_session(
         created_at: now.as_secs(),
         join_expires_at,
         // The joiner's token may be minted just before the code expires.
-        expires_at: join_expires_at.saturating_add(app.sessions.token_lifetime_secs),
+        expires_at: join_expires_at.saturating_add(live.sessions.token_lifetime_secs),
         creator_public_key: creator_key.map(|k| k.to_string()),
         expected_joiner_public_key: expected.map(|k| k.to_string()),
         joined_by: None,
     };
-    let minted = app.mint(TokenSlot::A, session_id, &relay, now)?;
+    let minted = app.mint(live, TokenSlot::A, session_id, &relay, now)?;
     app.state
         .create_session(&record, JoinCodeHash::of(&code), now)
         .await
@@ -631,7 +706,7 @@ async fn create_session(
         target: AUDIT,
         event = "session_created",
         key_id = %client.key_id,
-        client = %client.addr.ip(),
+        client = %client.addr.ip, via = %client.addr.via_display(),
         realm,
         session_id = %format_args!("{session_id:016x}"),
         relay_id = relay.id,
@@ -662,7 +737,7 @@ async fn join_session(
         app.metrics
             .join_codes_refused
             .fetch_add(1, Ordering::Relaxed);
-        tracing::info!(target: AUDIT, event = "join_refused", reason, key_id = %client.key_id, client = %client.addr.ip());
+        tracing::info!(target: AUDIT, event = "join_refused", reason, key_id = %client.key_id, client = %client.addr.ip, via = %client.addr.via_display());
         ApiError::InvalidJoinCode
     };
     if !well_formed_join_code(&body.join_code) {
@@ -685,9 +760,19 @@ async fn join_session(
     if let Some(expected) = &waiting.expected_joiner_public_key
         && joiner_key.map(|k| k.to_string()).as_ref() != Some(expected)
     {
-        tracing::info!(target: AUDIT, event = "join_refused", reason = "peer_identity_mismatch", key_id = %client.key_id, client = %client.addr.ip(), session_id = %format_args!("{:016x}", waiting.session_id));
+        tracing::info!(target: AUDIT, event = "join_refused", reason = "peer_identity_mismatch", key_id = %client.key_id, client = %client.addr.ip, via = %client.addr.via_display(), session_id = %format_args!("{:016x}", waiting.session_id));
         return Err(ApiError::PeerIdentityMismatch);
     }
+    // The relay too: if it is gone (no longer listed, no heartbeat), the code stays usable
+    // for when it is back.
+    let Some(relay) = app
+        .registry
+        .find(app.state.as_ref(), waiting.relay_id, now)
+        .await?
+    else {
+        tracing::warn!(target: AUDIT, event = "join_refused", reason = "relay_gone", relay_id = waiting.relay_id, key_id = %client.key_id);
+        return Err(ApiError::NoRelay);
+    };
     let Some(record) = app
         .state
         .consume_join_code(code, &client.key_id, now)
@@ -695,21 +780,13 @@ async fn join_session(
     else {
         return Err(refuse("used_concurrently"));
     };
-    let Some(relay) = app
-        .registry
-        .find(app.state.as_ref(), record.relay_id, now)
-        .await?
-    else {
-        tracing::warn!(target: AUDIT, event = "join_refused", reason = "relay_gone", relay_id = record.relay_id, key_id = %client.key_id);
-        return Err(ApiError::NoRelay);
-    };
-    let minted = app.mint(TokenSlot::B, record.session_id, &relay, now)?;
+    let minted = app.mint(&client.live, TokenSlot::B, record.session_id, &relay, now)?;
     app.metrics.sessions_joined.fetch_add(1, Ordering::Relaxed);
     tracing::info!(
         target: AUDIT,
         event = "session_joined",
         key_id = %client.key_id,
-        client = %client.addr.ip(),
+        client = %client.addr.ip, via = %client.addr.via_display(),
         realm = %record.realm,
         created_by = %record.created_by,
         session_id = %format_args!("{:016x}", record.session_id),
@@ -877,8 +954,8 @@ async fn admin_revoke(
         return Err(ApiError::BadRequest);
     }
     let newly = app.state.revoke_key(&body.key_id).await?;
-    let configured = app.api_keys.contains_key(&body.key_id);
-    tracing::info!(target: AUDIT, event = "key_revoked", key_id = %body.key_id, newly, configured, client = %addr.ip());
+    let configured = app.live().api_keys.contains_key(&body.key_id);
+    tracing::info!(target: AUDIT, event = "key_revoked", key_id = %body.key_id, newly, configured, client = %addr.ip);
     Ok(axum::Json(serde_json::json!({
         "key_id": body.key_id,
         "revoked": true,
@@ -887,9 +964,9 @@ async fn admin_revoke(
     })))
 }
 
-/// The connection's peer address as an extractor.
+/// Where the request came from, as an extractor.
 #[derive(Debug, Clone, Copy)]
-pub struct ClientAddrExtractor(pub SocketAddr);
+pub struct ClientAddrExtractor(pub ClientIp);
 
 impl<S: Send + Sync> FromRequestParts<S> for ClientAddrExtractor {
     type Rejection = ApiError;
@@ -968,7 +1045,7 @@ pub fn admin_router(app: Shared) -> Router {
 /// request counter.
 async fn guard(
     AxState((app, listener, paths)): AxState<(Shared, Listener, Arc<Vec<&'static str>>)>,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Response {
     // Every route is a fixed path, so the label is the path when it is one of them.
@@ -978,17 +1055,20 @@ async fn guard(
         .find(|p| *p == req.uri().path())
         .unwrap_or("other");
     let response = async {
-        if listener == Listener::Public && req.uri().path().starts_with("/v1/") {
-            let ip = req
-                .extensions()
-                .get::<ClientAddr>()
-                .map(|c| c.0.ip().to_canonical());
-            if let Some(ip) = ip
-                && let Err(refused) = app.ip_limiter.check(&ip, Instant::now())
-            {
-                app.metrics.rate_limited(Limiter::Ip);
-                tracing::info!(target: AUDIT, event = "rate_limited", limiter = "ip", client = %ip);
-                return ApiError::RateLimited(refused.retry_after_secs()).into_response();
+        let peer = req.extensions().get::<ClientAddr>().map(|c| c.0);
+        if listener == Listener::Public
+            && let Some(peer) = peer
+        {
+            let live = app.live();
+            let client = live.trusted_proxies.client_ip(peer, req.headers());
+            req.extensions_mut().insert(client);
+            if req.uri().path().starts_with("/v1/") {
+                let key = client_net::limit_key(client.ip, live.ipv6_prefix_len);
+                if let Err(refused) = app.ip_limiter.check(&key, Instant::now()) {
+                    app.metrics.rate_limited(Limiter::Ip);
+                    tracing::info!(target: AUDIT, event = "rate_limited", limiter = "ip", client = %client.ip, via = %client.via_display());
+                    return ApiError::RateLimited(refused.retry_after_secs()).into_response();
+                }
             }
         }
         match tokio::time::timeout(app.request_timeout, next.run(req)).await {

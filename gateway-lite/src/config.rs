@@ -15,6 +15,7 @@ use ferry_core::token::TokenMinter;
 use serde::Deserialize;
 
 use crate::apikey::{self, KeyHash, Scope, Scopes};
+use crate::net::{Cidr, TrustedProxies};
 use crate::tls;
 
 /// Where the gateway looks for its config unless told otherwise.
@@ -63,6 +64,18 @@ pub enum ConfigError {
         path: PathBuf,
         /// Each problem, naming its field.
         problems: Vec<Problem>,
+    },
+    /// A reload changes settings that only a restart applies; nothing was applied.
+    #[error(
+        "{path}: changes settings that need a restart: {}; restart the gateway to apply them \
+         (nothing of this file was applied)",
+        .fields.join(", ")
+    )]
+    NeedsRestart {
+        /// The config file.
+        path: PathBuf,
+        /// The fields (or sections) that changed.
+        fields: Vec<String>,
     },
 }
 
@@ -113,6 +126,7 @@ struct ServerSection {
     header_read_timeout_ms: u64,
     tls_handshake_timeout_ms: u64,
     max_connections: u64,
+    trusted_proxies: Vec<String>,
 }
 
 impl Default for ServerSection {
@@ -125,6 +139,7 @@ impl Default for ServerSection {
             header_read_timeout_ms: 5_000,
             tls_handshake_timeout_ms: 5_000,
             max_connections: 10_000,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -174,6 +189,7 @@ impl Default for SessionsSection {
 #[serde(deny_unknown_fields, default)]
 struct AuthSection {
     key_file: Option<PathBuf>,
+    revoked_keys: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -228,6 +244,7 @@ struct LimitsSection {
     per_key_rate: f64,
     per_key_burst: u64,
     tracked_clients: u64,
+    ipv6_prefix_len: u64,
 }
 
 impl Default for LimitsSection {
@@ -238,6 +255,7 @@ impl Default for LimitsSection {
             per_key_rate: 100.0,
             per_key_burst: 200,
             tracked_clients: 100_000,
+            ipv6_prefix_len: 64,
         }
     }
 }
@@ -324,6 +342,8 @@ pub struct ServerSettings {
     pub tls_handshake_timeout: Duration,
     /// Connections served at once; more wait in the kernel's backlog.
     pub max_connections: usize,
+    /// Proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: TrustedProxies,
 }
 
 /// The signing keys: the one that signs, and every key listed (published to relays).
@@ -394,6 +414,8 @@ pub struct RateLimits {
     pub per_key_burst: u32,
     /// IPs and keys tracked at once, each.
     pub tracked_clients: usize,
+    /// IPv6 clients share the per-IP limit per prefix of this length.
+    pub ipv6_prefix_len: u8,
 }
 
 /// Where the state shared by replicas lives.
@@ -435,6 +457,8 @@ pub struct GatewayConfig {
     pub sessions: SessionSettings,
     /// API keys (from the file and `auth.key_file`).
     pub api_keys: Vec<ApiKeyConfig>,
+    /// Key ids refused whatever their secret (`auth.revoked_keys`).
+    pub revoked_keys: Vec<String>,
     /// Relays listed in the config.
     pub relays: Vec<StaticRelay>,
     /// Relay health checking.
@@ -447,6 +471,68 @@ pub struct GatewayConfig {
     pub admin: AdminSettings,
     /// Log level.
     pub log_level: String,
+}
+
+/// The settings only a restart changes, as they were when the gateway started. A reload
+/// (SIGHUP) that changes any of them is refused as a whole; everything else — API keys and
+/// revocations, relays, limits, trusted proxies, session settings, signing keys, the TLS
+/// certificate, key and client CA, the admin token — applies live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestartSettings(Vec<(&'static str, String)>);
+
+impl GatewayConfig {
+    /// The settings of this config that only a restart changes.
+    pub fn restart_settings(&self) -> RestartSettings {
+        let s = &self.server;
+        let transport = match s.transport {
+            Transport::Tls(_) => "https",
+            Transport::PlainLoopback => "plain",
+        };
+        RestartSettings(vec![
+            ("server.listen", s.listen.to_string()),
+            ("server.plain_http / [tls]", transport.to_string()),
+            ("server.max_body_bytes", s.max_body_bytes.to_string()),
+            (
+                "server.request_timeout_ms",
+                format!("{:?}", s.request_timeout),
+            ),
+            (
+                "server.header_read_timeout_ms",
+                format!("{:?}", s.header_read_timeout),
+            ),
+            (
+                "server.tls_handshake_timeout_ms",
+                format!("{:?}", s.tls_handshake_timeout),
+            ),
+            ("server.max_connections", s.max_connections.to_string()),
+            ("[relay_health]", format!("{:?}", self.relay_health)),
+            ("[state]", format!("{:?}", self.state)),
+            ("admin.listen", self.admin.listen.to_string()),
+            ("log.level", self.log_level.clone()),
+        ])
+    }
+}
+
+impl RestartSettings {
+    /// `new` if it changes none of these settings, else [`ConfigError::NeedsRestart`] naming
+    /// every one it changes.
+    pub fn check_reload(&self, new: GatewayConfig) -> Result<GatewayConfig, ConfigError> {
+        let theirs = new.restart_settings();
+        let changed: Vec<String> = self
+            .0
+            .iter()
+            .zip(&theirs.0)
+            .filter(|(a, b)| a != b)
+            .map(|((field, _), _)| (*field).to_string())
+            .collect();
+        match changed.is_empty() {
+            true => Ok(new),
+            false => Err(ConfigError::NeedsRestart {
+                path: new.path,
+                fields: changed,
+            }),
+        }
+    }
 }
 
 struct Check {
@@ -530,6 +616,7 @@ pub fn parse_str(text: &str, path: &Path, base_dir: &Path) -> Result<GatewayConf
             },
         }
     }
+    let revoked_keys = validate_revoked(&file.auth.revoked_keys, &mut check);
     let relays = validate_relays(&file.relays, &mut check);
     let relay_health = validate_relay_health(&file.relay_health, &mut check);
     let limits = validate_limits(&file.limits, &mut check);
@@ -551,6 +638,7 @@ pub fn parse_str(text: &str, path: &Path, base_dir: &Path) -> Result<GatewayConf
             signing,
             sessions,
             api_keys,
+            revoked_keys,
             relays,
             relay_health,
             limits,
@@ -601,6 +689,7 @@ fn validate_server(
         60_000,
     );
     check.range("server.max_connections", s.max_connections, 1, 1_000_000);
+    let trusted_proxies = validate_cidrs(&s.trusted_proxies, "server.trusted_proxies", check);
     let (transport, client_auth) = match (s.plain_http, tls_section) {
         (true, Some(_)) => {
             check.fail(
@@ -669,6 +758,7 @@ fn validate_server(
         header_read_timeout: Duration::from_millis(s.header_read_timeout_ms),
         tls_handshake_timeout: Duration::from_millis(s.tls_handshake_timeout_ms),
         max_connections: clamp(s.max_connections),
+        trusted_proxies: TrustedProxies::new(trusted_proxies),
     })
 }
 
@@ -786,6 +876,52 @@ fn validate_api_keys(
     out
 }
 
+/// Most entries in `server.trusted_proxies`.
+pub const MAX_TRUSTED_PROXIES: usize = 1024;
+
+fn validate_cidrs(entries: &[String], field: &str, check: &mut Check) -> Vec<Cidr> {
+    if entries.len() > MAX_TRUSTED_PROXIES {
+        check.fail(
+            field,
+            format!(
+                "at most {MAX_TRUSTED_PROXIES} entries, got {}",
+                entries.len()
+            ),
+        );
+    }
+    let mut out: Vec<Cidr> = Vec::new();
+    for (i, entry) in entries.iter().enumerate() {
+        match entry.parse::<Cidr>() {
+            Ok(cidr) if out.contains(&cidr) => {
+                check.fail(format!("{field}[{i}]"), format!("{cidr} is listed twice"));
+            }
+            Ok(cidr) => out.push(cidr),
+            Err(e) => check.fail(format!("{field}[{i}]"), e),
+        }
+    }
+    out
+}
+
+fn validate_revoked(entries: &[String], check: &mut Check) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for (i, id) in entries.iter().enumerate() {
+        if !apikey::valid_id(id) {
+            check.fail(
+                format!("auth.revoked_keys[{i}]"),
+                apikey::ApiKeyError::Id.to_string(),
+            );
+        } else if out.contains(id) {
+            check.fail(
+                format!("auth.revoked_keys[{i}]"),
+                format!("key id {id:?} is listed twice"),
+            );
+        } else {
+            out.push(id.clone());
+        }
+    }
+    out
+}
+
 fn validate_relays(entries: &[RelayEntry], check: &mut Check) -> Vec<StaticRelay> {
     let mut out: Vec<StaticRelay> = Vec::new();
     for (i, entry) in entries.iter().enumerate() {
@@ -859,12 +995,14 @@ fn validate_limits(l: &LimitsSection, check: &mut Check) -> RateLimits {
         1000,
         10_000_000,
     );
+    check.range("limits.ipv6_prefix_len", l.ipv6_prefix_len, 8, 128);
     RateLimits {
         per_ip_rate: l.per_ip_rate,
         per_ip_burst: u32::try_from(l.per_ip_burst).unwrap_or(u32::MAX),
         per_key_rate: l.per_key_rate,
         per_key_burst: u32::try_from(l.per_key_burst).unwrap_or(u32::MAX),
         tracked_clients: clamp(l.tracked_clients),
+        ipv6_prefix_len: u8::try_from(l.ipv6_prefix_len).unwrap_or(128),
     }
 }
 

@@ -14,12 +14,14 @@
 //!   in Redis ([`redis_state`]).
 //! - [`registry`]: listed and self-registered relays, their health and load.
 //! - [`ratelimit`], [`metrics`]: token buckets; the Prometheus page.
+//! - [`net`]: CIDR prefixes, the client IP behind trusted proxies, per-IPv6-prefix limit keys.
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod apikey;
 pub mod config;
 pub mod metrics;
+pub mod net;
 pub mod ratelimit;
 pub mod redis_state;
 pub mod registry;

@@ -90,6 +90,10 @@ pub struct Metrics {
     pub connections: AtomicU64,
     /// Connections accepted since start.
     pub connections_accepted: AtomicU64,
+    /// Config reloads (SIGHUP) applied.
+    pub reloads_applied: AtomicU64,
+    /// Config reloads refused (invalid, or needing a restart).
+    pub reloads_refused: AtomicU64,
 }
 
 impl Metrics {
@@ -231,6 +235,21 @@ impl Metrics {
             w.family(name, help, "counter")
                 .sample(name, &[], get(counter));
         }
+        w.family(
+            "ferry_gateway_config_reloads_total",
+            "Config reloads (SIGHUP), by result.",
+            "counter",
+        )
+        .sample(
+            "ferry_gateway_config_reloads_total",
+            &[("result", "applied")],
+            get(&self.reloads_applied),
+        )
+        .sample(
+            "ferry_gateway_config_reloads_total",
+            &[("result", "refused")],
+            get(&self.reloads_refused),
+        );
         w.family(
             "ferry_gateway_connections",
             "Connections open now.",

@@ -21,14 +21,14 @@ struct Bucket {
 /// A table of token buckets.
 #[derive(Debug)]
 pub struct RateLimiter<K> {
-    rate: f64,
-    burst: f64,
-    capacity: usize,
     inner: Mutex<Table<K>>,
 }
 
 #[derive(Debug)]
 struct Table<K> {
+    rate: f64,
+    burst: f64,
+    capacity: usize,
     buckets: HashMap<K, Bucket>,
     last_sweep: Option<Instant>,
 }
@@ -57,14 +57,27 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
     /// `capacity` keys.
     pub fn new(rate: f64, burst: u32, capacity: usize) -> Self {
         Self {
-            rate,
-            burst: f64::from(burst.max(1)),
-            capacity: capacity.max(1),
             inner: Mutex::new(Table {
+                rate,
+                burst: f64::from(burst.max(1)),
+                capacity: capacity.max(1),
                 buckets: HashMap::new(),
                 last_sweep: None,
             }),
         }
+    }
+
+    /// New limits (a config reload). Clients keep their buckets: one that holds more than the
+    /// new burst is cut down to it at its next request, and a table above the new capacity
+    /// shrinks as its idle entries are swept.
+    pub fn set_limits(&self, rate: f64, burst: u32, capacity: usize) {
+        let mut table = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        table.rate = rate;
+        table.burst = f64::from(burst.max(1));
+        table.capacity = capacity.max(1);
     }
 
     /// Takes a token for `key` at `now`, or says how long to wait.
@@ -73,34 +86,34 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
             .inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !table.buckets.contains_key(key) && table.buckets.len() >= self.capacity {
+        let (rate, burst, capacity) = (table.rate, table.burst, table.capacity);
+        if !table.buckets.contains_key(key) && table.buckets.len() >= capacity {
             let due = table
                 .last_sweep
                 .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1));
             if due {
                 table.last_sweep = Some(now);
-                let (rate, burst) = (self.rate, self.burst);
                 table.buckets.retain(|_, b| {
                     let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
                     b.tokens + elapsed * rate < burst
                 });
             }
-            if table.buckets.len() >= self.capacity {
+            if table.buckets.len() >= capacity {
                 return Err(Refused::TableFull);
             }
         }
         let bucket = table.buckets.entry(key.clone()).or_insert(Bucket {
-            tokens: self.burst,
+            tokens: burst,
             last: now,
         });
         let elapsed = now.saturating_duration_since(bucket.last).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.burst);
+        bucket.tokens = (bucket.tokens + elapsed * rate).min(burst);
         bucket.last = now;
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
             Ok(())
         } else {
-            let wait = (1.0 - bucket.tokens) / self.rate;
+            let wait = (1.0 - bucket.tokens) / rate;
             Err(Refused::Empty(Duration::from_secs_f64(wait)))
         }
     }
@@ -139,6 +152,21 @@ mod tests {
         let t1 = t0 + Duration::from_millis(500);
         limiter.check(&"a", t1).unwrap();
         assert!(limiter.check(&"a", t1).is_err());
+    }
+
+    #[test]
+    fn new_limits_apply_to_known_clients_at_once() {
+        let limiter = RateLimiter::new(1.0, 10, 100);
+        let t0 = Instant::now();
+        limiter.check(&"a", t0).unwrap();
+        // A tighter burst cuts the full bucket down at the next request.
+        limiter.set_limits(1.0, 2, 100);
+        limiter.check(&"a", t0).unwrap();
+        limiter.check(&"a", t0).unwrap();
+        assert!(limiter.check(&"a", t0).is_err());
+        // A faster rate refills faster.
+        limiter.set_limits(100.0, 2, 100);
+        limiter.check(&"a", t0 + Duration::from_millis(10)).unwrap();
     }
 
     #[test]

@@ -16,8 +16,8 @@
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::str::FromStr;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use ferry_core::keys::RelayPublicKey;
@@ -77,7 +77,8 @@ struct Cache {
 /// The registry shared by the request handlers and the prober.
 #[derive(Debug)]
 pub struct Registry {
-    listed: Vec<Listed>,
+    /// Replaced whole by a config reload.
+    listed: RwLock<Arc<[Arc<Listed>]>>,
     cache: Mutex<Cache>,
     next: AtomicUsize,
 }
@@ -95,21 +96,59 @@ impl Registry {
     /// healthy for good if probing is off.
     pub fn new(relays: &[StaticRelay]) -> Self {
         Self {
-            listed: relays
-                .iter()
-                .map(|r| Listed {
-                    relay: r.clone(),
-                    healthy: AtomicBool::new(true),
-                })
-                .collect(),
+            listed: RwLock::new(
+                relays
+                    .iter()
+                    .map(|r| {
+                        Arc::new(Listed {
+                            relay: r.clone(),
+                            healthy: AtomicBool::new(true),
+                        })
+                    })
+                    .collect(),
+            ),
             cache: Mutex::new(Cache::default()),
             next: AtomicUsize::new(0),
         }
     }
 
+    fn snapshot(&self) -> Arc<[Arc<Listed>]> {
+        Arc::clone(
+            &self
+                .listed
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Replaces the listed relays (a config reload). A relay listed before with the same id,
+    /// address and key keeps its health; a new or changed one counts as healthy until its
+    /// first probe, as at start. Sessions already created on a relay no longer listed can
+    /// still be joined while it heartbeats.
+    pub fn set_listed(&self, relays: &[StaticRelay]) {
+        let old = self.snapshot();
+        let new: Arc<[Arc<Listed>]> = relays
+            .iter()
+            .map(|r| match old.iter().find(|l| l.relay == *r) {
+                Some(same) => Arc::clone(same),
+                None => Arc::new(Listed {
+                    relay: r.clone(),
+                    healthy: AtomicBool::new(true),
+                }),
+            })
+            .collect();
+        *self
+            .listed
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = new;
+    }
+
     /// The listed relay `id`, if any.
-    pub fn listed(&self, id: u64) -> Option<&StaticRelay> {
-        self.listed.iter().map(|l| &l.relay).find(|r| r.id == id)
+    pub fn listed(&self, id: u64) -> Option<StaticRelay> {
+        self.snapshot()
+            .iter()
+            .find(|l| l.relay.id == id)
+            .map(|l| l.relay.clone())
     }
 
     /// Live reports, from the cache if fetched less than a second ago.
@@ -167,8 +206,9 @@ impl Registry {
                 .get(&id)
                 .map_or(0.0, |r| r.sessions as f64 / r.capacity.max(1) as f64)
         };
+        let listed = self.snapshot();
         let mut candidates: Vec<(f64, RelayInfo)> = Vec::new();
-        for l in &self.listed {
+        for l in listed.iter() {
             if l.healthy.load(Ordering::Relaxed) {
                 candidates.push((
                     load(l.relay.id),
@@ -181,7 +221,7 @@ impl Registry {
             }
         }
         for r in &reports {
-            if self.listed(r.relay_id).is_none()
+            if !listed.iter().any(|l| l.relay.id == r.relay_id)
                 && let Some(info) = info_of_report(r)
             {
                 candidates.push((load(r.relay_id), info));
@@ -229,8 +269,8 @@ impl Registry {
     ) -> Result<Vec<RelayStatus>, StateError> {
         let reports = self.reports(state, now).await?;
         let report = |id: u64| reports.iter().find(|r| r.relay_id == id);
-        let mut out: Vec<RelayStatus> = self
-            .listed
+        let listed = self.snapshot();
+        let mut out: Vec<RelayStatus> = listed
             .iter()
             .map(|l| {
                 let r = report(l.relay.id);
@@ -247,7 +287,7 @@ impl Registry {
             })
             .collect();
         for r in &reports {
-            if self.listed(r.relay_id).is_none() {
+            if !listed.iter().any(|l| l.relay.id == r.relay_id) {
                 out.push(RelayStatus {
                     id: r.relay_id,
                     address: r.address.clone(),
@@ -266,19 +306,19 @@ impl Registry {
 
     /// `(healthy, unhealthy)` listed relays (registered relays are healthy while they report).
     pub fn listed_health(&self) -> (u64, u64) {
-        let healthy = self
-            .listed
+        let listed = self.snapshot();
+        let healthy = listed
             .iter()
             .filter(|l| l.healthy.load(Ordering::Relaxed))
             .count() as u64;
-        (healthy, self.listed.len() as u64 - healthy)
+        (healthy, listed.len() as u64 - healthy)
     }
 
     /// Probes every listed relay once (blocking; run it on a blocking thread) and records the
     /// result. Returns how many answered.
     pub fn probe_all(&self, rng: &dyn SecureRandom, timeout: Duration) -> usize {
         let mut ok = 0;
-        for l in &self.listed {
+        for l in self.snapshot().iter() {
             let healthy = probe(rng, l.relay.address, timeout).is_ok();
             let was = l.healthy.swap(healthy, Ordering::Relaxed);
             if was != healthy {
@@ -401,7 +441,9 @@ mod tests {
         state.report_relay(&report(3, 10)).await.unwrap();
         registry.invalidate();
         assert_eq!(registry.pick(&state, now).await.unwrap().unwrap().id, 2);
-        registry.listed[1].healthy.store(false, Ordering::Relaxed);
+        registry.snapshot()[1]
+            .healthy
+            .store(false, Ordering::Relaxed);
         assert_eq!(registry.pick(&state, now).await.unwrap().unwrap().id, 3);
         // An unhealthy relay is still found for a join.
         assert_eq!(registry.find(&state, 2, now).await.unwrap().unwrap().id, 2);
@@ -411,11 +453,38 @@ mod tests {
         let later = UnixTime(2500);
         registry.invalidate();
         assert_eq!(registry.pick(&state, later).await.unwrap().unwrap().id, 1);
-        registry.listed[0].healthy.store(false, Ordering::Relaxed);
+        registry.snapshot()[0]
+            .healthy
+            .store(false, Ordering::Relaxed);
         assert_eq!(registry.pick(&state, later).await.unwrap(), None);
         let status = registry.status(&state, now).await.unwrap();
         assert_eq!(status.len(), 2);
         assert_eq!(registry.listed_health(), (0, 2));
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_the_health_of_unchanged_relays() {
+        let state = MemoryState::new(1000);
+        let registry = Registry::new(&[relay(1), relay(2)]);
+        let now = UnixTime(1500);
+        registry.snapshot()[0]
+            .healthy
+            .store(false, Ordering::Relaxed);
+        let mut moved = relay(2);
+        moved.address = SocketAddr::from(([198, 51, 100, 99], 7000));
+        registry.set_listed(&[relay(1), moved.clone(), relay(3)]);
+        // Relay 1 is still unhealthy; the moved relay 2 and the new relay 3 start healthy.
+        assert_eq!(registry.listed_health(), (2, 1));
+        assert_eq!(registry.listed(2), Some(moved));
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            seen.push(registry.pick(&state, now).await.unwrap().unwrap().id);
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, [2, 2, 3, 3]);
+        registry.set_listed(&[relay(3)]);
+        assert_eq!(registry.listed(1), None);
+        assert_eq!(registry.pick(&state, now).await.unwrap().unwrap().id, 3);
     }
 
     #[test]

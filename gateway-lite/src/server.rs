@@ -1,6 +1,15 @@
 //! Runs the gateway: loads the config, opens the shared state, serves the public listener
 //! (HTTPS, or plain HTTP on loopback when the config says so) and the admin listener, probes
-//! the listed relays, and shuts down gracefully on SIGTERM or SIGINT.
+//! the listed relays, reloads the config on SIGHUP, and shuts down gracefully on SIGTERM or
+//! SIGINT.
+//!
+//! A reload is all or nothing, like the relay's: the file is read and validated in full
+//! (every file it names loaded), then compared with the settings only a restart changes
+//! ([`config::RestartSettings`]); if anything is wrong or needs a restart, every problem is
+//! logged and the running config stays in force, untouched. Otherwise the new API keys,
+//! revocations, relays, limits, trusted proxies, session settings, signing keys, TLS
+//! certificate and admin token apply to the next request; connections and requests in flight
+//! are not disturbed.
 //!
 //! Against slow or greedy clients: at most `server.max_connections` connections are served at
 //! once (more wait in the kernel's backlog), the TLS handshake and the request head each have a
@@ -8,9 +17,9 @@
 //! `server.max_body_bytes`, and every request at `server.request_timeout_ms`.
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -23,7 +32,7 @@ use tokio::sync::{Semaphore, watch};
 use tower::ServiceExt as _;
 
 use crate::api::{self, App, ClientAddr};
-use crate::config::{self, GatewayConfig, StateBackend, Transport};
+use crate::config::{self, GatewayConfig, RestartSettings, StateBackend, Transport};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::state::{MemoryState, State};
@@ -78,6 +87,12 @@ pub async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
     let registry = Arc::new(Registry::new(&config.relays));
     let metrics = Arc::new(Metrics::default());
     let kid = config.signing.active.kid();
+    let restart = config.restart_settings();
+    let config_path = config.path.clone();
+    let tls = match &server.transport {
+        Transport::Tls(cfg) => Some(Arc::new(RwLock::new(Arc::clone(cfg)))),
+        Transport::PlainLoopback => None,
+    };
     let app = Arc::new(App::new(
         config,
         state,
@@ -97,11 +112,22 @@ pub async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
         Transport::Tls(_) => "https",
         Transport::PlainLoopback => "http",
     };
+    // Installed before the ready line, so a SIGHUP from then on reloads instead of killing.
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
     tracing::info!(%public_addr, %admin_addr, kid, scheme, "ferry-gateway serving");
     // One machine-readable line for supervisors and tests.
     println!("ferry-gateway listening public={scheme}://{public_addr} admin=http://{admin_addr}");
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(reload_on_hangup(
+        hangups,
+        config_path,
+        restart,
+        Arc::clone(&app),
+        tls.clone(),
+        stop_rx.clone(),
+    ));
     if health.probe {
         let registry = Arc::clone(&registry);
         let mut stop = stop_rx.clone();
@@ -122,10 +148,7 @@ pub async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
     }
 
     let options = ConnOptions {
-        tls: match &server.transport {
-            Transport::Tls(cfg) => Some(tokio_rustls::TlsAcceptor::from(Arc::clone(cfg))),
-            Transport::PlainLoopback => None,
-        },
+        tls,
         tls_handshake_timeout: server.tls_handshake_timeout,
         header_read_timeout: server.header_read_timeout,
         metrics: Arc::clone(&metrics),
@@ -156,6 +179,64 @@ pub async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The TLS configuration in force; a reload replaces it for the next connections.
+type LiveTls = Arc<RwLock<Arc<rustls::ServerConfig>>>;
+
+/// Reloads the config at `path` on every SIGHUP until `stop` (see the module doc).
+async fn reload_on_hangup(
+    mut hangups: tokio::signal::unix::Signal,
+    path: PathBuf,
+    running: RestartSettings,
+    app: Arc<App>,
+    tls: Option<LiveTls>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            got = hangups.recv() => if got.is_none() { return },
+            _ = stop.changed() => return,
+        }
+        let file = path.clone();
+        let loaded = tokio::task::spawn_blocking(move || config::load(&file)).await;
+        let checked = match loaded {
+            Ok(result) => result.and_then(|new| running.check_reload(new)),
+            Err(e) => {
+                tracing::error!(error = %e, "reload refused: loading the config failed");
+                app.metrics.reloads_refused.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+        };
+        let new = match checked {
+            Ok(new) => new,
+            Err(e) => {
+                tracing::error!("reload refused, the running config stays in force: {e}");
+                app.metrics.reloads_refused.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+        };
+        if let (Some(live), Transport::Tls(cfg)) = (&tls, &new.server.transport) {
+            *live
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::clone(cfg);
+        }
+        let (kid, keys, relays) = (
+            new.signing.active.kid(),
+            new.api_keys.len(),
+            new.relays.len(),
+        );
+        let revoked = new.revoked_keys.len();
+        app.reload(new);
+        app.metrics.reloads_applied.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            active_kid = kid,
+            api_keys = keys,
+            revoked_keys = revoked,
+            relays,
+            "config reloaded: keys, relays, limits, proxies, sessions, signing and TLS applied"
+        );
+    }
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     match (
@@ -176,7 +257,7 @@ async fn shutdown_signal() {
 
 #[derive(Clone)]
 struct ConnOptions {
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<LiveTls>,
     tls_handshake_timeout: Duration,
     header_read_timeout: Duration,
     metrics: Arc<Metrics>,
@@ -249,7 +330,12 @@ async fn serve_connection(
         .max_headers(MAX_HEADERS)
         .keep_alive(true);
     match &options.tls {
-        Some(acceptor) => {
+        Some(live) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(
+                &live
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            ));
             let handshake =
                 tokio::time::timeout(options.tls_handshake_timeout, acceptor.accept(stream)).await;
             let tls = match handshake {

@@ -938,3 +938,73 @@ async fn a_listed_relay_that_fails_its_probe_is_not_handed_out() {
     );
     assert!(metric(&page, "ferry_gateway_no_relay_total") >= 1);
 }
+
+#[tokio::test]
+async fn forwarded_for_names_the_client_only_behind_trusted_proxies_and_ipv6_counts_by_prefix() {
+    let setup = Setup::new("proxies");
+    let with_proxies = |proxies: &str| {
+        setup
+            .config(
+                1,
+                "[limits]\nper_ip_rate = 0.01\nper_ip_burst = 2\nper_key_rate = 1000.0\nper_key_burst = 1000\n",
+            )
+            .replace(
+                "listen = \"127.0.0.1:0\"\n\n[tls]",
+                &format!("listen = \"127.0.0.1:0\"\ntrusted_proxies = {proxies}\n\n[tls]"),
+            )
+    };
+    let http = client(&setup.pki.ca_pem, None);
+    let create = |gw: &Gateway, forwarded: Option<&'static str>| {
+        let mut req = http
+            .post(gw.url("/v1/sessions"))
+            .bearer_auth(setup.key("app"))
+            .json(&json!({}));
+        if let Some(f) = forwarded {
+            req = req.header("x-forwarded-for", f);
+        }
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+
+    // 127.0.0.1 (this test, standing in for a load balancer) is a trusted proxy.
+    let gw = setup.start("trusted", &with_proxies("[\"127.0.0.1\", \"10.0.0.0/8\"]"));
+    // The client forged the leftmost entry; the rightmost untrusted one is the client.
+    let chain = Some("198.51.100.66, 203.0.113.9, 10.1.2.3");
+    assert_eq!(create(&gw, chain).await, 201);
+    assert_eq!(create(&gw, chain).await, 201);
+    assert_eq!(create(&gw, chain).await, 429);
+    // Changing the forged part does not help; another client has its own bucket.
+    assert_eq!(create(&gw, Some("192.0.2.1, 203.0.113.9")).await, 429);
+    assert_eq!(create(&gw, Some("203.0.113.10")).await, 201);
+    // IPv6 clients share a bucket per /64.
+    assert_eq!(create(&gw, Some("2001:db8:1:2::1")).await, 201);
+    assert_eq!(create(&gw, Some("[2001:db8:1:2:ffff::9]:4711")).await, 201);
+    assert_eq!(create(&gw, Some("2001:db8:1:2:abcd::3")).await, 429);
+    assert_eq!(create(&gw, Some("2001:db8:1:3::1")).await, 201);
+    // Without the header, the proxy itself is the client.
+    assert_eq!(create(&gw, None).await, 201);
+    let log = gw.log_text();
+    assert!(
+        log.contains("event=\"session_created\"") || log.contains("event=session_created"),
+        "{log}"
+    );
+    assert!(log.contains("client=203.0.113.9 via=127.0.0.1"), "{log}");
+    assert!(
+        log.contains("limiter=\"ip\"") || log.contains("limiter=ip"),
+        "{log}"
+    );
+    assert!(
+        log.contains("client=2001:db8:1:2:abcd::3 via=127.0.0.1"),
+        "{log}"
+    );
+    assert!(!log.contains("client=198.51.100.66"), "{log}");
+
+    // When the TCP peer is not a trusted proxy, the header is ignored: every request below
+    // counts against 127.0.0.1, whatever it claims.
+    let untrusted = setup.start("untrusted", &with_proxies("[\"10.0.0.0/8\"]"));
+    assert_eq!(create(&untrusted, Some("203.0.113.1")).await, 201);
+    assert_eq!(create(&untrusted, Some("203.0.113.2")).await, 201);
+    assert_eq!(create(&untrusted, Some("203.0.113.3")).await, 429);
+    let log = untrusted.log_text();
+    assert!(log.contains("client=127.0.0.1 via=-"), "{log}");
+    assert!(!log.contains("203.0.113."), "{log}");
+}

@@ -162,7 +162,7 @@ fn example_fields() -> Vec<String> {
     fn walk(prefix: &str, value: &toml::Value, out: &mut Vec<String>) {
         let entries = match value {
             toml::Value::Table(t) => vec![t],
-            toml::Value::Array(a) if a.iter().all(toml::Value::is_table) => {
+            toml::Value::Array(a) if !a.is_empty() && a.iter().all(toml::Value::is_table) => {
                 a.iter().filter_map(toml::Value::as_table).collect()
             }
             _ => {
@@ -314,6 +314,18 @@ fn each_out_of_range_value_names_its_field_alone() {
         ("limits", "per_ip_burst = 0", "limits.per_ip_burst"),
         ("limits", "per_key_burst = 1000001", "limits.per_key_burst"),
         ("limits", "tracked_clients = 999", "limits.tracked_clients"),
+        ("limits", "ipv6_prefix_len = 7", "limits.ipv6_prefix_len"),
+        ("limits", "ipv6_prefix_len = 129", "limits.ipv6_prefix_len"),
+        (
+            "server",
+            "trusted_proxies = [\"10.0.0.1/8\"]",
+            "server.trusted_proxies[0]",
+        ),
+        (
+            "auth",
+            "revoked_keys = [\"Bad Id\"]",
+            "auth.revoked_keys[0]",
+        ),
         ("state", "backend = \"etcd\"", "state.backend"),
         ("state", "backend = \"redis\"", "state.redis_url"),
         (
@@ -472,4 +484,111 @@ fn relays_are_checked() {
             "relays[4].public_key"
         ]
     );
+}
+
+#[test]
+fn trusted_proxies_and_revoked_keys_are_checked() {
+    let dir = Dir::new("proxies");
+    let text = minimal()
+        + "\n[server]\ntrusted_proxies = [\"127.0.0.1\", \"10.0.0.0/8\", \"2001:db8::/32\", \
+           \"10.0.0.0/8\", \"proxy.example\", \"::1/129\"]\n\
+           \n[auth]\nrevoked_keys = [\"old-app\", \"old-app\"]\n";
+    let found = problems(dir.parse(&text));
+    let fields: Vec<&str> = found.iter().map(|p| p.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "server.trusted_proxies[3]",
+            "server.trusted_proxies[4]",
+            "server.trusted_proxies[5]",
+            "auth.revoked_keys[1]"
+        ]
+    );
+    assert_eq!(found[0].problem, "10.0.0.0/8 is listed twice");
+    let good = minimal()
+        + "\n[server]\ntrusted_proxies = [\"127.0.0.1\", \"10.0.0.0/8\", \"2001:db8::/32\"]\n\
+           \n[auth]\nrevoked_keys = [\"old-app\"]\n\n[limits]\nipv6_prefix_len = 48\n";
+    let cfg = dir.parse(&good).unwrap();
+    assert!(
+        cfg.server
+            .trusted_proxies
+            .trusts("10.9.8.7".parse().unwrap())
+    );
+    assert!(
+        !cfg.server
+            .trusted_proxies
+            .trusts("192.0.2.1".parse().unwrap())
+    );
+    assert_eq!(cfg.revoked_keys, ["old-app"]);
+    assert_eq!(cfg.limits.ipv6_prefix_len, 48);
+    let too_many: Vec<String> = (0..1025)
+        .map(|i| format!("\"10.{}.{}.0/24\"", i / 256, i % 256))
+        .collect();
+    let text = minimal() + &format!("\n[server]\ntrusted_proxies = [{}]\n", too_many.join(", "));
+    assert_eq!(fields_of(dir.parse(&text)), ["server.trusted_proxies"]);
+}
+
+fn fields_of(result: Result<GatewayConfig, ConfigError>) -> Vec<String> {
+    fields(result)
+}
+
+#[test]
+fn a_reload_takes_keys_relays_limits_and_signing_but_not_listeners_or_state() {
+    let dir = Dir::new("reload");
+    let running = dir.parse(&minimal()).unwrap().restart_settings();
+    let reloadable = minimal().replace("active_kid = 1", "active_kid = 2")
+        + &format!(
+            "\n[[signing.keys]]\nkid = 2\nkey_file = \"gateway-2.key\"\n\
+             \n[[api_keys]]\nid = \"new\"\nhash = \"{}\"\nscopes = [\"create:*\"]\n\
+             \n[[relays]]\nid = 9\naddress = \"198.51.100.9:7000\"\npublic_key = \"{}\"\n\
+             \n[limits]\nper_ip_rate = 5.0\nipv6_prefix_len = 56\n\
+             \n[server]\ntrusted_proxies = [\"127.0.0.1\"]\n\
+             \n[sessions]\ntoken_lifetime_secs = 60\n\
+             \n[auth]\nrevoked_keys = [\"gone\"]\n\
+             \n[admin]\ntoken_hash = \"{}\"\n",
+            hash(),
+            relay_key(),
+            hash()
+        );
+    let applied = running
+        .check_reload(dir.parse(&reloadable).unwrap())
+        .unwrap();
+    assert_eq!(applied.signing.active.kid(), 2);
+    assert_eq!(applied.relays.len(), 1);
+    // The TLS files are re-read, and mTLS may be turned on: still HTTPS.
+    let mtls = minimal().replace(
+        "key = \"tls.key\"\n",
+        "key = \"tls.key\"\nclient_ca = \"ca.crt\"\n",
+    );
+    assert!(running.check_reload(dir.parse(&mtls).unwrap()).is_ok());
+    let cases = [
+        ("[server]\nlisten = \"0.0.0.0:9443\"", "server.listen"),
+        ("[server]\nmax_body_bytes = 2048", "server.max_body_bytes"),
+        ("[server]\nmax_connections = 5", "server.max_connections"),
+        ("[relay_health]\nprobe = false", "[relay_health]"),
+        ("[state]\nmax_sessions = 5000", "[state]"),
+        ("[admin]\nlisten = \"127.0.0.1:9999\"", "admin.listen"),
+        ("[log]\nlevel = \"debug\"", "log.level"),
+    ];
+    for (section, field) in cases {
+        let changed = dir.parse(&(minimal() + "\n" + section + "\n")).unwrap();
+        match running.check_reload(changed) {
+            Err(ConfigError::NeedsRestart { fields, .. }) => assert_eq!(fields, [field]),
+            other => panic!("{section}: expected NeedsRestart, got {other:?}"),
+        }
+    }
+    // Several at once are all named; HTTPS to plain HTTP is one of them.
+    let plain = "[server]\nlisten = \"127.0.0.1:8080\"\nplain_http = true\n\n[signing]\nactive_kid = 1\n\n\
+                 [[signing.keys]]\nkid = 1\nkey_file = \"gateway-1.key\"\n";
+    match running.check_reload(dir.parse(plain).unwrap()) {
+        Err(e @ ConfigError::NeedsRestart { .. }) => {
+            let text = e.to_string();
+            assert!(
+                text.contains("server.listen, server.plain_http / [tls]"),
+                "{text}"
+            );
+            assert!(text.contains("nothing of this file was applied"), "{text}");
+        }
+        other => panic!("expected NeedsRestart, got {other:?}"),
+    }
 }

@@ -190,6 +190,16 @@ impl Setup {
         key
     }
 
+    /// The `[[api_keys]]` table of key `id`, as in the config text.
+    pub fn key_table(&self, id: &str) -> String {
+        let start = self
+            .api_key_lines
+            .find(&format!("[[api_keys]]\nid = \"{id}\"\n"))
+            .unwrap();
+        let rest = &self.api_key_lines[start..];
+        rest[..rest.find("\n\n").unwrap() + 1].to_string()
+    }
+
     pub fn key(&self, id: &str) -> &str {
         &self.api_keys.iter().find(|(i, _)| i == id).unwrap().1
     }
@@ -313,6 +323,20 @@ impl Gateway {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap()
+    }
+
+    /// Sends `signal` (e.g. `HUP`) to this gateway's process, by its pid.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
     }
 
     /// Stops the gateway with SIGTERM (graceful), waiting at most 15 s.
