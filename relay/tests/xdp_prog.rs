@@ -893,3 +893,63 @@ fn attach_modes_fall_back_as_configured_and_dropping_the_guard_detaches() {
         "detached from the veth"
     );
 }
+
+/// Random whole frames — random bytes after a random choice of IPv4, IPv6 or VLAN ethertype,
+/// and mutations of valid frames at every byte — each get exactly one verdict and one counter,
+/// never an aborted run.
+#[test]
+fn random_frames_get_exactly_one_verdict_each() {
+    let Some(g) = guard("random_frames_get_exactly_one_verdict_each", &settings()) else {
+        return;
+    };
+    let rng = ring::rand::SystemRandom::new();
+    let fill = |buf: &mut [u8]| ring::rand::SecureRandom::fill(&rng, buf).unwrap();
+    let valid4 = v4_from("198.18.0.2").build(&data(64));
+    let valid6 = v6_from("2001:db8::2").build(&data(64));
+    for round in 0..2000usize {
+        let mut r = [0u8; 4];
+        fill(&mut r);
+        let frame = match round % 3 {
+            0 => {
+                let mut f = vec![0u8; 14 + usize::from(r[0]) % 200];
+                fill(&mut f);
+                let ethertype: [u8; 2] = match r[1] % 3 {
+                    0 => [0x08, 0x00],
+                    1 => [0x86, 0xdd],
+                    _ => [0x81, 0x00],
+                };
+                f[12..14].copy_from_slice(&ethertype);
+                f
+            }
+            1 => {
+                let mut f = valid4.clone();
+                let at = 14 + usize::from(u16::from_be_bytes([r[0], r[1]])) % (f.len() - 14);
+                f[at] ^= r[2] | 1;
+                f
+            }
+            _ => {
+                let mut f = valid6.clone();
+                let at = 14 + usize::from(u16::from_be_bytes([r[0], r[1]])) % (f.len() - 14);
+                f[at] ^= r[2] | 1;
+                f
+            }
+        };
+        let before = g.counters().unwrap();
+        let outcome = g.test_run(&frame, 1).unwrap();
+        let after = g.counters().unwrap();
+        assert!(
+            outcome.action == XDP_PASS || outcome.action == XDP_DROP,
+            "round {round}: action {}",
+            outcome.action
+        );
+        let changed = moved(&before, &after);
+        assert_eq!(changed.len(), 1, "round {round}: {changed:?}");
+        let (action, _, bytes) = changed[0];
+        assert_eq!(
+            action == "pass",
+            outcome.action == XDP_PASS,
+            "round {round}"
+        );
+        assert_eq!(bytes, frame.len() as u64);
+    }
+}
