@@ -3,7 +3,6 @@
 //! applied, with the same conventions as the relay's (docs/config.md). Every problem found is
 //! reported at once, each naming its field, so `ferry-gateway check-config` shows them all.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -11,6 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_core::keys::{GatewayPublicKey, GatewaySigningKey, RelayPublicKey};
+pub use ferry_core::problems::Problem;
+use ferry_core::problems::{Check, join};
 use ferry_core::token::TokenMinter;
 use serde::Deserialize;
 
@@ -20,21 +21,6 @@ use crate::tls;
 
 /// Where the gateway looks for its config unless told otherwise.
 pub const DEFAULT_PATH: &str = "/etc/ferry/gateway.toml";
-
-/// One problem with a config value.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Problem {
-    /// The field, as written in the file (`sessions.token_lifetime_secs`, `api_keys[1].hash`).
-    pub field: String,
-    /// What is wrong with it.
-    pub problem: String,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.field, self.problem)
-    }
-}
 
 /// Why a config could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -77,14 +63,6 @@ pub enum ConfigError {
         /// The fields (or sections) that changed.
         fields: Vec<String>,
     },
-}
-
-fn join(problems: &[Problem]) -> String {
-    problems
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("\n  ")
 }
 
 // ---- The file, as written ----
@@ -535,37 +513,6 @@ impl RestartSettings {
     }
 }
 
-struct Check {
-    problems: Vec<Problem>,
-}
-
-impl Check {
-    fn fail(&mut self, field: impl Into<String>, problem: impl Into<String>) {
-        self.problems.push(Problem {
-            field: field.into(),
-            problem: problem.into(),
-        });
-    }
-
-    fn range(&mut self, field: &str, value: u64, min: u64, max: u64) {
-        if value < min || value > max {
-            self.fail(
-                field,
-                format!("must be between {min} and {max}, got {value}"),
-            );
-        }
-    }
-
-    fn rate(&mut self, field: &str, value: f64) {
-        if !(value.is_finite() && value > 0.0 && value <= 1e6) {
-            self.fail(
-                field,
-                format!("must be above 0 and at most 1000000, got {value}"),
-            );
-        }
-    }
-}
-
 fn clamp(v: u64) -> usize {
     usize::try_from(v).unwrap_or(usize::MAX)
 }
@@ -587,9 +534,7 @@ pub fn parse_str(text: &str, path: &Path, base_dir: &Path) -> Result<GatewayConf
         path: path.to_owned(),
         message: e.to_string(),
     })?;
-    let mut check = Check {
-        problems: Vec::new(),
-    };
+    let mut check = Check::default();
     let server = validate_server(&file.server, file.tls.as_ref(), base_dir, &mut check);
     let signing = validate_signing(&file.signing, base_dir, &mut check);
     let sessions = validate_sessions(&file.sessions, &mut check);

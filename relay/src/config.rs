@@ -5,13 +5,14 @@
 //! Validation collects every problem, each naming its field, so `ferry-relay check-config`
 //! shows them all at once.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
 use ferry_core::keys::{GatewayPublicKey, KeyError, RelayStaticKey};
+pub use ferry_core::problems::Problem;
+use ferry_core::problems::{Check, join};
 use ferry_core::token::VerifierConfig;
 use serde::Deserialize;
 
@@ -24,21 +25,6 @@ use crate::xdp::{Cidr, Mode, XdpSettings};
 
 /// Where the relay looks for its config unless told otherwise.
 pub const DEFAULT_PATH: &str = "/etc/ferry/relay.toml";
-
-/// One problem with a config value.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Problem {
-    /// The field, as written in the file (`limits.idle_timeout_secs`, `gateway_keys[1].kid`).
-    pub field: String,
-    /// What is wrong with it.
-    pub problem: String,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.field, self.problem)
-    }
-}
 
 /// Why a config could not be loaded or applied.
 #[derive(Debug, thiserror::Error)]
@@ -75,14 +61,6 @@ pub enum ConfigError {
     /// A reload changed something that only a restart can apply.
     #[error("these changes need a restart of the relay: {}", .0.join(", "))]
     NeedsRestart(Vec<String>),
-}
-
-fn join(problems: &[Problem]) -> String {
-    problems
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("\n  ")
 }
 
 // ---- The file, as written ----
@@ -305,29 +283,6 @@ pub struct RelayConfig {
     pub xdp: XdpSettings,
 }
 
-/// Collects problems while validating.
-struct Check {
-    problems: Vec<Problem>,
-}
-
-impl Check {
-    fn fail(&mut self, field: impl Into<String>, problem: impl Into<String>) {
-        self.problems.push(Problem {
-            field: field.into(),
-            problem: problem.into(),
-        });
-    }
-
-    fn range(&mut self, field: &str, value: u64, min: u64, max: u64) {
-        if value < min || value > max {
-            self.fail(
-                field,
-                format!("must be between {min} and {max}, got {value}"),
-            );
-        }
-    }
-}
-
 /// Reads, parses and validates the config at `path`, and loads its key file.
 pub fn load(path: &Path) -> Result<RelayConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
@@ -345,9 +300,7 @@ pub fn parse_str(text: &str, path: &Path, base_dir: &Path) -> Result<RelayConfig
         path: path.to_owned(),
         message: e.to_string(),
     })?;
-    let mut check = Check {
-        problems: Vec::new(),
-    };
+    let mut check = Check::default();
     let listen = validate_listen(&file.relay, &mut check);
     if file.relay.id == 0 {
         check.fail("relay.id", "must not be 0");
@@ -526,15 +479,7 @@ fn validate_limits(l: &LimitsSection, check: &mut Check) -> Limits {
         1,
         100_000,
     );
-    if !(l.bind_rate_per_ip.is_finite() && l.bind_rate_per_ip > 0.0 && l.bind_rate_per_ip <= 1e6) {
-        check.fail(
-            "limits.bind_rate_per_ip",
-            format!(
-                "must be above 0 and at most 1000000, got {}",
-                l.bind_rate_per_ip
-            ),
-        );
-    }
+    check.rate("limits.bind_rate_per_ip", l.bind_rate_per_ip);
     check.range(
         "limits.bind_burst_per_ip",
         l.bind_burst_per_ip,
@@ -955,7 +900,7 @@ mod tests {
         let cfg = dir.parse(&text).unwrap();
         assert_eq!(
             cfg.limits,
-            validate_limits(&LimitsSection::default(), &mut Check { problems: vec![] })
+            validate_limits(&LimitsSection::default(), &mut Check::default())
         );
         // The example shows the defaults: it means the same as the minimal file.
         let min = dir.parse(&minimal()).unwrap();
