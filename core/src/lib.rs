@@ -17,9 +17,11 @@
 //! - [`noise`]: the peers' end-to-end `Noise_XX_25519_ChaChaPoly_BLAKE2s` handshake and transport
 //!   with explicit counters, a replay window and rekeying; [`known_peers`] for trust on first use.
 //! - [`keys`]: key files for relays, gateways and peers.
-//! - [`problems`]: config validation that names every bad field, for the relay and the gateway.
+//! - [`problems`] and [`cidr`]: config validation that names every bad field, and IP prefixes,
+//!   shared by the relay's and the gateway's config files.
 #![forbid(unsafe_code)]
 
+pub mod cidr;
 pub mod keys;
 pub mod known_peers;
 pub mod noise;

@@ -20,84 +20,7 @@ use axum::http::HeaderMap;
 /// The most `X-Forwarded-For` entries looked at (from the right): a chain of proxies is short.
 pub const MAX_FORWARDED_HOPS: usize = 32;
 
-/// An IPv4 or IPv6 prefix, written `203.0.113.0/24`, `2001:db8::/32`, or a bare address
-/// (a /32 or /128). Host bits must be zero, as in the relay's `xdp.deny`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix_len: u8,
-}
-
-impl Cidr {
-    /// The network address.
-    pub fn addr(&self) -> IpAddr {
-        self.addr
-    }
-
-    /// The prefix length.
-    pub fn prefix_len(&self) -> u8 {
-        self.prefix_len
-    }
-
-    /// Whether `ip` is inside the prefix. IPv4-mapped IPv6 addresses count as IPv4.
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        ip.is_ipv4() == self.addr.is_ipv4() && mask(ip, self.prefix_len) == self.addr
-    }
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (addr, prefix) = match s.split_once('/') {
-            Some((addr, prefix)) => (addr, Some(prefix)),
-            None => (s, None),
-        };
-        let addr = IpAddr::from_str(addr)
-            .map_err(|_| format!("{s:?} is not an IP address or CIDR prefix"))?
-            .to_canonical();
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix_len = match prefix {
-            None => max,
-            Some(p) => match p.parse::<u8>() {
-                Ok(n) if n <= max && !p.starts_with('+') => n,
-                _ => return Err(format!("{s:?}: the prefix length must be 0 to {max}")),
-            },
-        };
-        let network = mask(addr, prefix_len);
-        if network != addr {
-            return Err(format!(
-                "{s:?} has host bits set; the prefix is {network}/{prefix_len}"
-            ));
-        }
-        Ok(Self { addr, prefix_len })
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix_len)
-    }
-}
-
-/// `ip` with every bit past the first `prefix_len` cleared.
-pub fn mask(ip: IpAddr, prefix_len: u8) -> IpAddr {
-    match ip {
-        IpAddr::V4(a) => {
-            let keep = u32::MAX
-                .checked_shl(32 - u32::from(prefix_len.min(32)))
-                .unwrap_or(0);
-            IpAddr::V4((u32::from(a) & keep).into())
-        }
-        IpAddr::V6(a) => {
-            let keep = u128::MAX
-                .checked_shl(128 - u32::from(prefix_len.min(128)))
-                .unwrap_or(0);
-            IpAddr::V6((u128::from(a) & keep).into())
-        }
-    }
-}
+pub use ferry_core::cidr::{Cidr, mask};
 
 /// The key the per-IP rate limit counts `ip` under: an IPv4 address (IPv4-mapped IPv6
 /// included) as it is, an IPv6 address by its first `ipv6_prefix_len` bits.
@@ -237,38 +160,6 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
-    }
-
-    #[test]
-    fn prefixes_parse_and_match() {
-        let c: Cidr = "10.1.0.0/16".parse().unwrap();
-        assert!(c.contains(ip("10.1.200.3")));
-        assert!(!c.contains(ip("10.2.0.1")));
-        assert!(
-            c.contains(ip("::ffff:10.1.0.9")),
-            "IPv4-mapped counts as IPv4"
-        );
-        assert!(!c.contains(ip("::1")));
-        let host: Cidr = "2001:db8::1".parse().unwrap();
-        assert_eq!(host.prefix_len(), 128);
-        assert!(host.contains(ip("2001:db8::1")));
-        assert!(!host.contains(ip("2001:db8::2")));
-        assert_eq!("::/0".parse::<Cidr>().unwrap().to_string(), "::/0");
-        assert!("0.0.0.0/0".parse::<Cidr>().unwrap().contains(ip("8.8.8.8")));
-        for bad in [
-            "10.1.0.1/16",
-            "10.0.0.0/33",
-            "10.0.0.0/+8",
-            "2001:db8::/129",
-            "host",
-            "",
-        ] {
-            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
-        }
-        assert_eq!(
-            "10.1.0.1/16".parse::<Cidr>().unwrap_err(),
-            "\"10.1.0.1/16\" has host bits set; the prefix is 10.1.0.0/16"
-        );
     }
 
     #[test]

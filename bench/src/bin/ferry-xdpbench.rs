@@ -31,7 +31,7 @@ struct Cli {
 
 const PORT: u16 = 7000;
 
-fn settings(packets: Rate, handshake: Rate) -> XdpSettings {
+fn settings(packets: Rate, handshake: Rate, denied: Cidr) -> XdpSettings {
     XdpSettings {
         mode: Mode::Auto,
         interfaces: Vec::new(),
@@ -44,10 +44,7 @@ fn settings(packets: Rate, handshake: Rate) -> XdpSettings {
         handshake_total: Rate::UNLIMITED,
         session_filter: false,
         // A deny entry that never matches the benchmark's source: the trie lookup is real.
-        deny: vec![Cidr {
-            addr: IpAddr::from([198, 19, 0, 0]),
-            prefix_len: 16,
-        }],
+        deny: vec![denied],
         allow: Vec::new(),
     }
 }
@@ -67,17 +64,21 @@ struct Case {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let generous = Rate::new(1 << 40, 1 << 40).context("rate")?;
+    let denied: Cidr = "198.19.0.0/16".parse().map_err(anyhow::Error::msg)?;
     let one = Rate::new(1, 1).context("rate")?;
     let open = Guard::load(65_536)
         .and_then(|mut g| {
-            g.configure(&settings(generous, generous), &[PORT])
+            g.configure(&settings(generous, generous, denied), &[PORT])
                 .map(|()| g)
         })
         .context("loading the XDP guard (needs root)")?;
     let strict = Guard::load(65_536)
-        .and_then(|mut g| g.configure(&settings(one, one), &[PORT]).map(|()| g))
+        .and_then(|mut g| {
+            g.configure(&settings(one, one, denied), &[PORT])
+                .map(|()| g)
+        })
         .context("loading the XDP guard (needs root)")?;
-    let mut unlisted_settings = settings(generous, generous);
+    let mut unlisted_settings = settings(generous, generous, denied);
     unlisted_settings.deny.clear();
     let unlisted = Guard::load(65_536)
         .and_then(|mut g| g.configure(&unlisted_settings, &[PORT]).map(|()| g))
