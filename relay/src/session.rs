@@ -338,9 +338,10 @@ impl SessionTable {
         self.events.get_or_insert_with(Vec::new);
     }
 
-    /// The events recorded since the last call, oldest first.
-    pub fn drain_events(&mut self) -> std::vec::Drain<'_, SessionEvent> {
-        self.events.get_or_insert_with(Vec::new).drain(..)
+    /// The events recorded since the last call, oldest first (none unless
+    /// [`SessionTable::record_events`] was called).
+    pub fn drain_events(&mut self) -> impl Iterator<Item = SessionEvent> + '_ {
+        self.events.iter_mut().flat_map(|events| events.drain(..))
     }
 
     fn event(&mut self, event: SessionEvent) {

@@ -238,18 +238,9 @@ impl Guard {
     /// sources, without attaching it or configuring it: until [`Guard::configure`], it
     /// passes everything.
     pub fn load(max_sources: u32) -> Result<Self, XdpError> {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(MAP_SOURCES, max_sources.max(1))
-            .load(OBJECT)
-            .map_err(|e| XdpError::Load(format!("{e:#}")))?;
-        let program: &mut Xdp = ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or_else(|| XdpError::Load(format!("the object has no program {PROGRAM_NAME}")))?
-            .try_into()
-            .map_err(|e: ProgramError| XdpError::Load(e.to_string()))?;
-        program
-            .load()
-            .map_err(|e| XdpError::Load(verifier_error(&e)))?;
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(MAP_SOURCES, max_sources.max(1));
+        let ebpf = load_object(loader, OBJECT, PROGRAM_NAME)?;
         Ok(Guard {
             ebpf,
             filter: None,
@@ -276,31 +267,12 @@ impl Guard {
     /// the program keeps running throughout (no detach), and source meters are kept.
     pub fn configure(&mut self, settings: &XdpSettings, ports: &[u16]) -> Result<(), XdpError> {
         let wanted = settings.lists();
-        {
-            let map = self
-                .ebpf
-                .map_mut(MAP_CIDR_V4)
-                .ok_or_else(|| map_error(MAP_CIDR_V4, "missing"))?;
-            let mut v4: LpmTrie<&mut MapData, [u8; 4], u32> =
-                LpmTrie::try_from(map).map_err(|e| map_error(MAP_CIDR_V4, e))?;
-            sync_trie(&mut v4, MAP_CIDR_V4, &self.lists, &wanted, v4_key)?;
-        }
-        {
-            let map = self
-                .ebpf
-                .map_mut(MAP_CIDR_V6)
-                .ok_or_else(|| map_error(MAP_CIDR_V6, "missing"))?;
-            let mut v6: LpmTrie<&mut MapData, [u8; 16], u32> =
-                LpmTrie::try_from(map).map_err(|e| map_error(MAP_CIDR_V6, e))?;
-            sync_trie(&mut v6, MAP_CIDR_V6, &self.lists, &wanted, v6_key)?;
-        }
+        let mut v4: LpmTrie<&mut MapData, [u8; 4], u32> = map_mut(&mut self.ebpf, MAP_CIDR_V4)?;
+        sync_trie(&mut v4, MAP_CIDR_V4, &self.lists, &wanted, v4_key)?;
+        let mut v6: LpmTrie<&mut MapData, [u8; 16], u32> = map_mut(&mut self.ebpf, MAP_CIDR_V6)?;
+        sync_trie(&mut v6, MAP_CIDR_V6, &self.lists, &wanted, v6_key)?;
         self.lists = wanted;
-        let map = self
-            .ebpf
-            .map_mut(MAP_CONFIG)
-            .ok_or_else(|| map_error(MAP_CONFIG, "missing"))?;
-        let mut config: Array<&mut MapData, GuardConfig> =
-            Array::try_from(map).map_err(|e| map_error(MAP_CONFIG, e))?;
+        let mut config: Array<&mut MapData, GuardConfig> = map_mut(&mut self.ebpf, MAP_CONFIG)?;
         config
             .set(0, settings.guard_config(ports), 0)
             .map_err(|e| map_error(MAP_CONFIG, e))?;
@@ -310,12 +282,7 @@ impl Guard {
     /// Attaches to `interface` as `mode` asks: `auto` tries native mode first and falls back
     /// to generic mode with a warning.
     pub fn attach(&mut self, interface: &str, mode: Mode) -> Result<Attachment, XdpError> {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or_else(|| XdpError::Load(format!("the object has no program {PROGRAM_NAME}")))?
-            .try_into()
-            .map_err(|e: ProgramError| XdpError::Load(e.to_string()))?;
+        let program = program_mut(&mut self.ebpf, PROGRAM_NAME)?;
         let fail = |mode: &'static str, e: ProgramError| XdpError::Attach {
             interface: interface.to_owned(),
             mode,
@@ -416,12 +383,7 @@ impl Guard {
     /// Runs the program `repeat` times on `frame` with `BPF_PROG_TEST_RUN` (no interface
     /// needed; maps and counters are the live ones).
     pub fn test_run(&self, frame: &[u8], repeat: u32) -> Result<TestRunOutcome, XdpError> {
-        let program: &Xdp = self
-            .ebpf
-            .program(PROGRAM_NAME)
-            .ok_or_else(|| XdpError::Load(format!("the object has no program {PROGRAM_NAME}")))?
-            .try_into()
-            .map_err(|e: ProgramError| XdpError::Load(e.to_string()))?;
+        let program = program(&self.ebpf, PROGRAM_NAME)?;
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
         opts.repeat = repeat.max(1);
@@ -476,6 +438,45 @@ impl SessionObserver for SessionFilter {
             }
         }
     }
+}
+
+/// Loads `object` with `loader` and its XDP program `name` into the kernel (verifier
+/// included).
+fn load_object(mut loader: EbpfLoader<'_>, object: &[u8], name: &str) -> Result<Ebpf, XdpError> {
+    let mut ebpf = loader
+        .load(object)
+        .map_err(|e| XdpError::Load(format!("{e:#}")))?;
+    program_mut(&mut ebpf, name)?
+        .load()
+        .map_err(|e| XdpError::Load(verifier_error(&e)))?;
+    Ok(ebpf)
+}
+
+/// The XDP program `name` of `ebpf`.
+fn program<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a Xdp, XdpError> {
+    ebpf.program(name)
+        .ok_or_else(|| XdpError::Load(format!("the object has no program {name}")))?
+        .try_into()
+        .map_err(|e: ProgramError| XdpError::Load(e.to_string()))
+}
+
+/// The XDP program `name` of `ebpf`, to load or attach.
+fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp, XdpError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| XdpError::Load(format!("the object has no program {name}")))?
+        .try_into()
+        .map_err(|e: ProgramError| XdpError::Load(e.to_string()))
+}
+
+/// Map `name` of `ebpf` as the typed map `M`.
+fn map_mut<'a, M>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<M, XdpError>
+where
+    M: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .map_mut(name)
+        .ok_or_else(|| map_error(name, "missing"))?;
+    M::try_from(map).map_err(|e| map_error(name, e))
 }
 
 /// The verifier's complaint, when that is why loading failed.
@@ -708,10 +709,10 @@ pub mod flood {
     use std::time::{Duration, Instant};
 
     use aya::maps::{Array, MapData};
-    use aya::programs::{ProgramError, TestRun, TestRunAttrs, TestRunOptions, Xdp};
+    use aya::programs::{TestRun, TestRunAttrs, TestRunOptions};
     use aya::{Ebpf, EbpfLoader};
 
-    use super::{XdpError, map_error, verifier_error};
+    use super::{XdpError, load_object, map_error, map_mut, program};
 
     static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferry-flood.o"));
 
@@ -730,22 +731,8 @@ pub mod flood {
         /// Loads it, cycling through `sources` source addresses (rounded up to a power of
         /// two, at most 65,536).
         pub fn load(sources: u32) -> Result<Self, XdpError> {
-            let mut ebpf = EbpfLoader::new()
-                .load(OBJECT)
-                .map_err(|e| XdpError::Load(format!("{e:#}")))?;
-            let program: &mut Xdp = ebpf
-                .program_mut("ferry_flood")
-                .ok_or_else(|| XdpError::Load("no program ferry_flood".into()))?
-                .try_into()
-                .map_err(|e: ProgramError| XdpError::Load(e.to_string()))?;
-            program
-                .load()
-                .map_err(|e| XdpError::Load(verifier_error(&e)))?;
-            let map = ebpf
-                .map_mut("FLOOD_CFG")
-                .ok_or_else(|| map_error("FLOOD_CFG", "missing"))?;
-            let mut cfg: Array<&mut MapData, u32> =
-                Array::try_from(map).map_err(|e| map_error("FLOOD_CFG", e))?;
+            let mut ebpf = load_object(EbpfLoader::new(), OBJECT, "ferry_flood")?;
+            let mut cfg: Array<&mut MapData, u32> = map_mut(&mut ebpf, "FLOOD_CFG")?;
             let sources = sources.clamp(1, 65_536).next_power_of_two();
             cfg.set(0, sources, 0)
                 .map_err(|e| map_error("FLOOD_CFG", e))?;
@@ -763,12 +750,7 @@ pub mod flood {
             frames: u32,
             duration: Duration,
         ) -> Result<u64, XdpError> {
-            let program: &Xdp = self
-                .ebpf
-                .program("ferry_flood")
-                .ok_or_else(|| XdpError::Load("no program ferry_flood".into()))?
-                .try_into()
-                .map_err(|e: ProgramError| XdpError::Load(e.to_string()))?;
+            let program = program(&self.ebpf, "ferry_flood")?;
             // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
             // egress_ifindex.
             let fields = [0, frame.len() as u32, 0, ifindex, 0, 0];
