@@ -17,7 +17,7 @@ use ferry_peer::channel::Channel;
 use ferry_peer::udp::UdpPeer;
 use ring::rand::SystemRandom;
 
-use crate::relay_process::RelayProcess;
+use crate::relay_process::{RelayProcess, metric, sum_metric};
 
 /// What the live run measured.
 #[derive(Clone, Debug)]
@@ -28,12 +28,6 @@ pub struct LiveReport {
     pub elapsed: Duration,
     /// Datagrams the relay says it forwarded.
     pub forwarded: u64,
-}
-
-fn metric(page: &str, name: &str) -> u64 {
-    page.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0)
 }
 
 fn micros_now() -> u64 {
@@ -98,10 +92,7 @@ pub fn run(relay_bin: &Path, messages: usize, payload: usize) -> anyhow::Result<
         "  relay metrics: forwarded {forwarded}, binds accepted {}, sessions closed {}, drops {}",
         metric(&page, "ferry_binds_accepted_total"),
         metric(&page, "ferry_sessions_closed_total"),
-        page.lines()
-            .filter(|l| l.starts_with("ferry_drops_total"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum::<u64>()
+        sum_metric(&page, "ferry_drops_total")
     );
     if xdp.is_some() {
         show_the_guard(&relay)?;
@@ -133,12 +124,7 @@ fn show_the_guard(relay: &RelayProcess) -> anyhow::Result<()> {
     }
     std::thread::sleep(Duration::from_millis(200));
     let after = relay.metrics();
-    let xdp_drops = |page: &str| {
-        page.lines()
-            .filter(|l| l.starts_with("ferry_xdp_packets_total{action=\"drop\""))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum::<u64>()
-    };
+    let xdp_drops = |page: &str| sum_metric(page, "ferry_xdp_packets_total{action=\"drop\"");
     let dropped = xdp_drops(&after) - xdp_drops(&before);
     let relay_malformed = metric(&after, "ferry_drops_total{reason=\"malformed\"}")
         - metric(&before, "ferry_drops_total{reason=\"malformed\"}");

@@ -38,6 +38,23 @@ pub fn http_get(admin: SocketAddr, path: &str) -> String {
     out
 }
 
+/// The value of `sample` (a metric name with its labels, as on the page) on a Prometheus page;
+/// 0 if absent.
+pub fn metric(page: &str, sample: &str) -> u64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+/// The sum of every sample on a Prometheus page whose line starts with `prefix` (a family, or
+/// a family with some of its labels).
+pub fn sum_metric(page: &str, prefix: &str) -> u64 {
+    page.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 /// A running relay; stopped (SIGTERM, then SIGKILL) and its files removed on drop.
 #[derive(Debug)]
 pub struct RelayProcess {

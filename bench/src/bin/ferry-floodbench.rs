@@ -20,7 +20,7 @@ use anyhow::{Context, ensure};
 use clap::Parser;
 use ferry_bench::live::connected_pair;
 use ferry_bench::netns::{Namespaces, in_ns, link_info};
-use ferry_bench::relay_process::RelayProcess;
+use ferry_bench::relay_process::{RelayProcess, sum_metric};
 use ferry_bench::udp::{Batch, packet_socket, pin_to};
 use ferry_common::header::{BIND_BODY_LEN, PacketType};
 use ferry_relay::xdp::flood;
@@ -101,13 +101,6 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     };
     // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name.
     Ok((get(11) + get(12)) / clock_ticks())
-}
-
-fn sum_metric(page: &str, prefix: &str) -> u64 {
-    page.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
 }
 
 /// An Ethernet frame from `src_mac` to `dst_mac` carrying IPv4/UDP from `src` to `dst`, with
