@@ -224,17 +224,14 @@ pub fn send_spoofed_v4(
     dst: std::net::SocketAddrV4,
     payload: &[u8],
 ) {
-    let mut packet = Vec::with_capacity(28 + payload.len());
-    let total = (28 + payload.len()) as u16;
-    packet.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0]);
-    packet[2..4].copy_from_slice(&total.to_be_bytes());
-    packet.extend_from_slice(&src.ip().octets());
-    packet.extend_from_slice(&dst.ip().octets());
-    packet.extend_from_slice(&src.port().to_be_bytes());
-    packet.extend_from_slice(&dst.port().to_be_bytes());
-    packet.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    packet.extend_from_slice(&[0, 0]);
-    packet.extend_from_slice(payload);
+    // The XDP tests' frame builder, without its Ethernet header.
+    let mut frame = ferry_relay::xdp::frame::Frame::udp(
+        IpAddr::V4(*src.ip()),
+        IpAddr::V4(*dst.ip()),
+        dst.port(),
+    );
+    frame.src_port = src.port();
+    let packet = frame.build(payload).split_off(14);
     Topology::in_ns(ns, || {
         // SAFETY: plain socket(2) call; the descriptor is closed below.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
