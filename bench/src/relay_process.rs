@@ -55,6 +55,19 @@ pub fn sum_metric(page: &str, prefix: &str) -> u64 {
         .sum()
 }
 
+/// Total CPU time (user + system) the process `pid` has used, in nanoseconds.
+pub fn cpu_ns(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').context("bad /proc stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11).context("utime")?.parse::<u64>()?
+        + fields.get(12).context("stime")?.parse::<u64>()?;
+    // USER_HZ, the unit of utime/stime: 100 on every Linux ABI Ferry runs on.
+    let hz = 100u64;
+    Ok(ticks * 1_000_000_000 / hz)
+}
+
 /// A running relay; stopped (SIGTERM, then SIGKILL) and its files removed on drop.
 #[derive(Debug)]
 pub struct RelayProcess {

@@ -20,7 +20,7 @@ use anyhow::{Context, ensure};
 use clap::Parser;
 use ferry_bench::live::connected_pair;
 use ferry_bench::netns::{Namespaces, in_ns, link_info};
-use ferry_bench::relay_process::{RelayProcess, sum_metric};
+use ferry_bench::relay_process::{RelayProcess, cpu_ns, sum_metric};
 use ferry_bench::udp::{Batch, packet_socket, pin_to};
 use ferry_common::header::{BIND_BODY_LEN, PacketType};
 use ferry_relay::xdp::flood;
@@ -81,26 +81,6 @@ struct Run {
     flood_sent: u64,
     xdp_dropped: u64,
     relay_rx: u64,
-}
-
-fn clock_ticks() -> f64 {
-    100.0 // USER_HZ on Linux x86_64
-}
-
-/// utime + stime of `pid`, in seconds.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let get = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name.
-    Ok((get(11) + get(12)) / clock_ticks())
 }
 
 /// An Ethernet frame from `src_mac` to `dst_mac` carrying IPv4/UDP from `src` to `dst`, with
@@ -205,7 +185,7 @@ fn run(
         .context("a packet socket on the peers' veth")?;
 
     let before = relay.metrics();
-    let cpu_before = cpu_seconds(relay.pid())?;
+    let cpu_before = cpu_ns(relay.pid())? as f64 / 1e9;
     let started = Instant::now();
     let duration = Duration::from_secs_f64(cli.seconds);
     let message = vec![0x5au8; cli.payload];
@@ -300,7 +280,7 @@ fn run(
         Ok((sent, delivered, flood_sent))
     })?;
     let secs = started.elapsed().as_secs_f64();
-    let relay_cpu = (cpu_seconds(relay.pid())? - cpu_before) / secs;
+    let relay_cpu = ((cpu_ns(relay.pid())? as f64 / 1e9) - cpu_before) / secs;
     let after = relay.metrics();
     let delta = |prefix: &str| sum_metric(&after, prefix) - sum_metric(&before, prefix);
     Ok(Run {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use ferry_bench::relay_process::RelayProcess;
+use ferry_bench::relay_process::{RelayProcess, cpu_ns};
 use ferry_bench::udp::{Batch, pin_to, socket};
 use ferry_core::proof::SlotKeys;
 use ferry_core::token::{MintedToken, TokenSlot};
@@ -150,19 +150,6 @@ fn main() -> anyhow::Result<()> {
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-/// Total CPU time (user + system) the process `pid` has used, in nanoseconds.
-fn cpu_ns(pid: u32) -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = stat.rsplit_once(')').context("bad /proc stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields.get(11).context("utime")?.parse::<u64>()?
-        + fields.get(12).context("stime")?.parse::<u64>()?;
-    // USER_HZ, the unit of utime/stime: 100 on every Linux ABI Ferry runs on.
-    let hz = 100u64;
-    Ok(ticks * 1_000_000_000 / hz)
 }
 
 /// Blasts `datagram` from `generator` to `target` and counts what arrives at `sink`, measuring the
