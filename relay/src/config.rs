@@ -564,6 +564,14 @@ fn validate_admin(admin: &AdminSection, check: &mut Check) -> SocketAddr {
 /// Most sources the XDP guard's LRU map may track (about 100 bytes each in the kernel).
 pub const MAX_XDP_SOURCES: u64 = 1 << 24;
 
+/// The distinct ports of `listen`, in order.
+fn distinct_ports(listen: &[SocketAddr]) -> Vec<u16> {
+    let mut ports: Vec<u16> = listen.iter().map(SocketAddr::port).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
 /// Checks `[xdp]`; `listen` gives the ports it guards.
 fn validate_xdp(x: &XdpSection, listen: &[SocketAddr], check: &mut Check) -> XdpSettings {
     let mode = x.mode.parse::<Mode>().unwrap_or_else(|problem| {
@@ -578,10 +586,7 @@ fn validate_xdp(x: &XdpSection, listen: &[SocketAddr], check: &mut Check) -> Xdp
                  xdp.mode = \"off\" to run without the XDP guard",
             );
         }
-        let mut ports: Vec<u16> = listen.iter().map(SocketAddr::port).collect();
-        ports.sort_unstable();
-        ports.dedup();
-        if ports.len() > MAX_PORTS {
+        if distinct_ports(listen).len() > MAX_PORTS {
             check.fail(
                 "relay.listen",
                 format!("the XDP guard protects at most {MAX_PORTS} distinct ports"),
@@ -706,10 +711,7 @@ fn validate_xdp(x: &XdpSection, listen: &[SocketAddr], check: &mut Check) -> Xdp
 impl RelayConfig {
     /// The distinct UDP ports the relay listens on: the ports the XDP guard protects.
     pub fn xdp_ports(&self) -> Vec<u16> {
-        let mut ports: Vec<u16> = self.listen.iter().map(SocketAddr::port).collect();
-        ports.sort_unstable();
-        ports.dedup();
-        ports
+        distinct_ports(&self.listen)
     }
 
     /// The token verifier's settings.
