@@ -418,7 +418,7 @@ fn exchange(
     let buf = &mut from.out;
     buf[PLAINTEXT_OFFSET..PLAINTEXT_OFFSET + payload].fill(fill);
     let n = from.channel.send_in_place(Instant::now(), buf, payload)?;
-    from.bind.note_sent(Instant::now());
+    from.bind.note_data_sent(Instant::now());
     let outcome = net.send_to_relay(from.addr, &buf[..n]);
     ensure!(
         outcome == Outcome::Forward { to: to.addr },

@@ -74,7 +74,11 @@ pub struct BindClient {
     retry_at: Option<Instant>,
     retry_delay: Duration,
     idle_timeout: Duration,
+    /// When the peer last sent something that refreshes its slot's idle timer on the relay.
     last_sent: Option<Instant>,
+    /// Whether the other slot is known to be bound (a BIND-ACK said so, or DATA arrived from
+    /// it): only then does DATA sent refresh this slot's idle timer (docs/protocol.md §8).
+    peer_present: bool,
 }
 
 impl std::fmt::Debug for BindClient {
@@ -113,6 +117,7 @@ impl BindClient {
             retry_delay: FIRST_RETRY,
             idle_timeout: Duration::from_secs(60),
             last_sent: None,
+            peer_present: false,
         }
     }
 
@@ -126,9 +131,18 @@ impl BindClient {
         self.session_id
     }
 
-    /// Records that a datagram went to the relay, so keepalives are only sent when idle.
-    pub fn note_sent(&mut self, now: Instant) {
-        self.last_sent = Some(now);
+    /// Records that DATA went to the relay. The relay refreshes a slot's idle timer with DATA
+    /// only while the other slot is bound (docs/protocol.md §8), so only then does this postpone
+    /// the next KEEPALIVE; before, the client keeps sending KEEPALIVEs on schedule.
+    pub fn note_data_sent(&mut self, now: Instant) {
+        if self.peer_present {
+            self.last_sent = Some(now);
+        }
+    }
+
+    /// Records that DATA arrived from the other peer: its slot is bound.
+    pub fn note_data_received(&mut self) {
+        self.peer_present = true;
     }
 
     /// Starts binding: writes a BIND into `out`.
@@ -222,6 +236,7 @@ impl BindClient {
             {
                 self.state = BindState::Bound;
                 self.retry_at = None;
+                self.peer_present = ack.peer_present();
                 self.idle_timeout = Duration::from_secs(u64::from(ack.idle_timeout_secs().max(3)));
                 BindEvent::Bound {
                     peer_present: ack.peer_present(),
@@ -295,5 +310,72 @@ impl BindClient {
             }
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SESSION: u64 = 7;
+    const FIRST_SEQ: u64 = 100;
+
+    /// A client that has sent its BIND at `t0` and received a BIND-ACK (idle timeout 30 s, so
+    /// keepalives every 10 s) saying whether the other slot is bound.
+    fn bound_client(t0: Instant, peer_present: bool) -> BindClient {
+        let secret = SlotSecret::from_bytes([9; 32]);
+        let mut client = BindClient::new(SESSION, Slot::A, [0; TOKEN_LEN], &secret, FIRST_SEQ);
+        let mut out = [0u8; wire::MAX_DATAGRAM];
+        client.start(t0, &mut out).expect("BIND fits");
+        let fields = wire::BindAckFields {
+            slot: Slot::A,
+            peer_present,
+            idle_timeout_secs: 30,
+            bind_seq: FIRST_SEQ,
+            expires_at: 1_000,
+        };
+        let relay = SlotKeys::derive(&secret).relay;
+        let mut ack = [0u8; wire::MAX_DATAGRAM];
+        let n = wire::encode_bind_ack(&mut ack, SESSION, &fields, |m| relay.mac(m))
+            .expect("BIND-ACK fits");
+        assert_eq!(
+            client.handle(t0, &ack[..n], &mut out),
+            BindEvent::Bound { peer_present }
+        );
+        client
+    }
+
+    #[test]
+    fn data_sent_before_the_other_slot_binds_does_not_postpone_keepalives() {
+        let t0 = Instant::now();
+        let mut client = bound_client(t0, false);
+        let due = t0 + Duration::from_secs(10);
+        assert_eq!(client.poll_timeout(), Some(due));
+        // The relay drops DATA while the other slot is empty and does not refresh our slot.
+        client.note_data_sent(t0 + Duration::from_secs(5));
+        assert_eq!(client.poll_timeout(), Some(due));
+        // Once DATA came from the other peer, DATA we send keeps the binding alive.
+        client.note_data_received();
+        client.note_data_sent(t0 + Duration::from_secs(6));
+        assert_eq!(client.poll_timeout(), Some(t0 + Duration::from_secs(16)));
+    }
+
+    #[test]
+    fn data_sent_with_the_peer_present_postpones_keepalives() {
+        let t0 = Instant::now();
+        let mut client = bound_client(t0, true);
+        client.note_data_sent(t0 + Duration::from_secs(4));
+        assert_eq!(client.poll_timeout(), Some(t0 + Duration::from_secs(14)));
+        let mut out = [0u8; wire::MAX_DATAGRAM];
+        assert_eq!(
+            client.on_timeout(t0 + Duration::from_secs(13), &mut out),
+            None
+        );
+        assert!(
+            client
+                .on_timeout(t0 + Duration::from_secs(14), &mut out)
+                .is_some_and(|n| matches!(wire::parse(&out[..n]), Ok(Packet::Keepalive(_)))),
+            "a KEEPALIVE is due 10 s after the last DATA"
+        );
     }
 }

@@ -97,7 +97,13 @@ impl UdpPeer {
 
     fn send_out(&mut self, n: usize) -> io::Result<()> {
         self.socket.send_to(&self.out[..n], self.relay)?;
-        self.bind.note_sent(Instant::now());
+        Ok(())
+    }
+
+    /// Sends a DATA datagram from `out` and tells the bind client, which schedules keepalives.
+    fn send_data(&mut self, n: usize) -> io::Result<()> {
+        self.send_out(n)?;
+        self.bind.note_data_sent(Instant::now());
         Ok(())
     }
 
@@ -183,7 +189,7 @@ impl UdpPeer {
             {
                 self.channel = make()?;
                 let n = self.channel.start(&mut self.out)?;
-                self.send_out(n)?;
+                self.send_data(n)?;
                 next_retry = Instant::now() + retry;
             }
             let wake = match make_initiator {
@@ -199,6 +205,7 @@ impl UdpPeer {
             if !matches!(wire::parse(&self.inbuf[..len]), Ok(Packet::Data(_))) {
                 continue;
             }
+            self.bind.note_data_received();
             let now = Instant::now();
             match self
                 .channel
@@ -206,7 +213,7 @@ impl UdpPeer {
             {
                 Ok(output) => {
                     if let Some(n) = output.transmit {
-                        self.send_out(n)?;
+                        self.send_data(n)?;
                     }
                 }
                 // A stale or duplicate handshake message is not fatal; a wrong identity is.
@@ -222,7 +229,7 @@ impl UdpPeer {
         let n = self
             .channel
             .send(Instant::now(), plaintext, &mut self.out)?;
-        self.send_out(n)?;
+        self.send_data(n)?;
         Ok(())
     }
 
@@ -235,7 +242,7 @@ impl UdpPeer {
                 return Err(UdpPeerError::Timeout("a message"));
             };
             match wire::parse(&self.inbuf[..len]) {
-                Ok(Packet::Data(_)) => {}
+                Ok(Packet::Data(_)) => self.bind.note_data_received(),
                 Ok(Packet::Close(_)) => {
                     if self
                         .bind
