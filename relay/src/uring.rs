@@ -1,9 +1,11 @@
 //! All of the relay's unsafe io_uring plumbing, in one module.
 //!
-//! - [`BufRing`]: a provided-buffer ring. The kernel picks a free buffer for each received
+//! - `BufRing`: a provided-buffer ring. The kernel picks a free buffer for each received
 //!   datagram; we give it back once we are done with the bytes, which for a forwarded datagram
-//!   is when its send completes, so forwarding never copies.
-//! - [`SendSlab`]: fixed storage for in-flight sends (message header, iovec, destination
+//!   is when its send completes, so forwarding never copies. The buffers are memory the kernel
+//!   writes into, so they are held as a raw pointer and read only through `unsafe` accessors
+//!   ([`Ring::datagram`]) whose caller vouches that the kernel has handed the buffer over.
+//! - `SendSlab`: fixed storage for in-flight sends (message header, iovec, destination
 //!   address), so every pointer handed to the kernel stays valid until its completion.
 //! - [`Ring`]: the ring with its buffer ring and send slab, the operations the worker needs
 //!   (multishot `recvmsg`, `sendmsg`) and completion decoding.
