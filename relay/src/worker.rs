@@ -439,12 +439,11 @@ fn on_recv<H: PacketHandler>(
     reply: &mut [u8],
     batch: &mut BatchStats,
 ) -> Result<(), UringError> {
-    if cx.result < 0 {
-        if -cx.result == libc::ENOBUFS {
-            batch.rx_no_buffers += 1;
-        }
-        return Ok(());
+    if cx.result == -libc::ENOBUFS {
+        batch.rx_no_buffers += 1;
     }
+    // An error comes without a buffer, so `datagram` returns `None` for it (were one attached
+    // anyway, it would come back as undecodable and be given back).
     #[allow(unsafe_code)]
     // SAFETY: `cx` is a receive completion that `drain` reaped from `ring` in this batch, and
     // the worker handles each completion once. The buffer it handed to userspace is given back
