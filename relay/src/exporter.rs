@@ -22,7 +22,10 @@ type XdpMetric = (&'static str, &'static str, fn(&CounterValue) -> u64);
 /// Renders the page. Takes each shard's lock briefly, one at a time; `xdp` is the guard when
 /// it runs.
 pub fn render(sessions: &Sessions, workers: &[Arc<WorkerStats>], xdp: Option<&Guard>) -> String {
-    let c = sessions.counters();
+    let mut c = sessions.counters();
+    for stats in workers {
+        stats.add_to_session_counters(&mut c);
+    }
     let (active, bound) = sessions.occupancy();
     let mut w = PromWriter::new();
     w.single(
@@ -170,9 +173,9 @@ pub fn render(sessions: &Sessions, workers: &[Arc<WorkerStats>], xdp: Option<&Gu
             |s| s.tx_bytes.load(Ordering::Relaxed),
         ),
         (
-            "ferry_worker_rx_truncated_total",
-            "Datagrams too large for a receive buffer, dropped.",
-            |s| s.rx_truncated.load(Ordering::Relaxed),
+            "ferry_worker_rx_undecodable_total",
+            "Receive completions whose header or source address could not be read, dropped.",
+            |s| s.rx_undecodable.load(Ordering::Relaxed),
         ),
         (
             "ferry_worker_rx_no_buffers_total",

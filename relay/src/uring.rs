@@ -1,9 +1,11 @@
 //! All of the relay's unsafe io_uring plumbing, in one module.
 //!
-//! - [`BufRing`]: a provided-buffer ring. The kernel picks a free buffer for each received
+//! - `BufRing`: a provided-buffer ring. The kernel picks a free buffer for each received
 //!   datagram; we give it back once we are done with the bytes, which for a forwarded datagram
-//!   is when its send completes, so forwarding never copies.
-//! - [`SendSlab`]: fixed storage for in-flight sends (message header, iovec, destination
+//!   is when its send completes, so forwarding never copies. The buffers are memory the kernel
+//!   writes into, so they are held as a raw pointer and read only through `unsafe` accessors
+//!   ([`Ring::datagram`]) whose caller vouches that the kernel has handed the buffer over.
+//! - `SendSlab`: fixed storage for in-flight sends (message header, iovec, destination
 //!   address), so every pointer handed to the kernel stays valid until its completion.
 //! - [`Ring`]: the ring with its buffer ring and send slab, the operations the worker needs
 //!   (multishot `recvmsg`, `sendmsg`) and completion decoding.
@@ -27,13 +29,15 @@
 use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::io;
 use std::mem::{ManuallyDrop, size_of, zeroed};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use io_uring::types::{BufRingEntry, RecvMsgOut, SubmitArgs, Timespec};
 use io_uring::{IoUring, Probe, cqueue, opcode, squeue, types};
+use socket2::SockAddr;
 
 /// Buffer group id of the relay's only buffer ring.
 const BGID: u16 = 0;
@@ -57,43 +61,80 @@ pub enum UringError {
     /// Submitting to the ring failed.
     #[error("io_uring submit failed: {0}")]
     Submit(io::Error),
+    /// A forward named more than [`MAX_SEGMENTS`] datagrams, or bytes outside the receive
+    /// buffers userspace holds (a bug in the caller; nothing was sent).
+    #[error("a forward named too many datagrams or bytes outside the receive buffers held")]
+    BadSegment,
 }
 
 /// A ring of provided buffers the kernel fills with received datagrams.
+///
+/// The buffers are one allocation the kernel writes into whenever it owns a buffer, so this
+/// type never holds a Rust reference to it: it keeps a raw pointer and hands out a buffer's
+/// bytes only through the `unsafe` [`BufRing::bytes`], whose caller vouches that the kernel has
+/// handed that buffer to userspace (as s2n-quic-xdp's `Umem` does for its frames). A buffer
+/// belongs to the kernel from [`BufRing::give_back`] (or `new`) until a receive completion
+/// names it ([`BufRing::take`]), and to userspace from then until it is given back. The ring
+/// keeps track, so a buffer is never given to the kernel twice.
 pub(crate) struct BufRing {
-    entries: *mut BufRingEntry,
+    entries: NonNull<BufRingEntry>,
     entries_layout: Layout,
     count: u16,
     /// Our copy of the ring's tail; published to the kernel after each give-back.
     tail: u16,
-    buffers: Box<[u8]>,
+    /// `count` buffers of `buf_size` bytes, back to back, allocated with `buffers_layout`.
+    buffers: NonNull<u8>,
+    buffers_layout: Layout,
     buf_size: usize,
+    /// Per buffer: userspace holds it (a completion named it, not given back since).
+    held: Box<[bool]>,
+}
+
+/// Allocates `layout` zeroed, or fails with `what` in the error.
+fn alloc_region(layout: Layout, what: &str) -> io::Result<NonNull<u8>> {
+    // SAFETY: callers pass layouts with a non-zero size (checked by `BufRing::new`).
+    let ptr = unsafe { alloc_zeroed(layout) };
+    NonNull::new(ptr).ok_or_else(|| io::Error::new(io::ErrorKind::OutOfMemory, what.to_owned()))
 }
 
 impl BufRing {
-    /// `count` buffers (a power of two, at most 32768) of `buf_size` bytes each, all free.
+    /// `count` buffers (a power of two, at most 32768) of `buf_size` bytes each (at most
+    /// `u32::MAX`), all given to the kernel.
     pub fn new(count: u16, buf_size: usize) -> io::Result<Self> {
+        let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, what.to_owned());
         if !count.is_power_of_two() || count > 32768 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "buffer count must be a power of two up to 32768",
-            ));
+            return Err(invalid("buffer count must be a power of two up to 32768"));
         }
-        let entries_layout =
-            Layout::from_size_align(usize::from(count) * size_of::<BufRingEntry>(), 4096)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        // SAFETY: the layout has a non-zero size (count >= 1) and a valid alignment.
-        let entries = unsafe { alloc_zeroed(entries_layout) }.cast::<BufRingEntry>();
-        if entries.is_null() {
-            return Err(io::Error::new(io::ErrorKind::OutOfMemory, "buffer ring"));
+        if buf_size == 0 || u32::try_from(buf_size).is_err() {
+            return Err(invalid("buffer size must be between 1 and u32::MAX bytes"));
         }
+        let total = usize::from(count)
+            .checked_mul(buf_size)
+            .ok_or_else(|| invalid("buffer ring too large"))?;
+        let page = |size| {
+            Layout::from_size_align(size, 4096)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+        };
+        let entries_layout = page(usize::from(count) * size_of::<BufRingEntry>())?;
+        let buffers_layout = page(total)?;
+        let entries = alloc_region(entries_layout, "buffer ring entries")?.cast::<BufRingEntry>();
+        let buffers = match alloc_region(buffers_layout, "receive buffers") {
+            Ok(buffers) => buffers,
+            Err(e) => {
+                // SAFETY: allocated just above with this layout, not shared with anyone yet.
+                unsafe { dealloc(entries.as_ptr().cast(), entries_layout) };
+                return Err(e);
+            }
+        };
         let mut ring = Self {
             entries,
             entries_layout,
             count,
             tail: 0,
-            buffers: vec![0u8; usize::from(count) * buf_size].into_boxed_slice(),
+            buffers,
+            buffers_layout,
             buf_size,
+            held: vec![false; usize::from(count)].into_boxed_slice(),
         };
         for bid in 0..count {
             ring.push(bid);
@@ -104,25 +145,31 @@ impl BufRing {
 
     /// Registers the ring with `ring`'s kernel side under [`BGID`].
     fn register(&self, ring: &IoUring) -> io::Result<()> {
-        // SAFETY: `entries` points to `count` zero-initialised-then-filled entries in a
-        // page-aligned allocation that lives as long as `self`. `Ring` frees `self` only after
-        // its shutdown found no request in flight and unregistered the ring, and leaks it
-        // otherwise, so the kernel never reads freed entries or writes freed buffers.
+        // SAFETY: `entries` points to `count` initialised entries in a page-aligned allocation
+        // that lives as long as `self`, each naming a buffer inside `buffers`. `Ring` frees
+        // `self` only after its shutdown found no request in flight and unregistered the ring,
+        // and leaks it otherwise, so the kernel never reads freed entries or writes freed
+        // buffers.
         unsafe {
-            ring.submitter()
-                .register_buf_ring_with_flags(self.entries as u64, self.count, BGID, 0)
+            ring.submitter().register_buf_ring_with_flags(
+                self.entries.as_ptr() as u64,
+                self.count,
+                BGID,
+                0,
+            )
         }
     }
 
-    /// Writes buffer `bid` into the next ring slot (not yet visible to the kernel).
+    /// Writes buffer `bid` (in range) into the next ring slot (not yet visible to the kernel).
     fn push(&mut self, bid: u16) {
         let slot = usize::from(self.tail & (self.count - 1));
+        let addr = self.start(bid) as u64;
         // SAFETY: `slot < count`, so the pointer stays inside the entries allocation; the
         // kernel only reads slots between its head and our published tail, and this slot is
-        // beyond the published tail until `publish`.
-        let entry = unsafe { &mut *self.entries.add(slot) };
-        let offset = usize::from(bid) * self.buf_size;
-        entry.set_addr(self.buffers[offset..].as_ptr() as u64);
+        // beyond the published tail until `publish`, so nothing else accesses it now.
+        let entry = unsafe { &mut *self.entries.as_ptr().add(slot) };
+        entry.set_addr(addr);
+        // Lossless: `new` checked that `buf_size` fits a u32.
         entry.set_len(self.buf_size as u32);
         entry.set_bid(bid);
         self.tail = self.tail.wrapping_add(1);
@@ -132,34 +179,99 @@ impl BufRing {
     fn publish(&self) {
         // SAFETY: `entries` is the base of an initialised buffer ring; `tail` returns the
         // address of its shared tail field, which is a u16 the kernel reads atomically.
-        let tail = unsafe { &*BufRingEntry::tail(self.entries).cast::<AtomicU16>() };
+        let tail = unsafe { &*BufRingEntry::tail(self.entries.as_ptr()).cast::<AtomicU16>() };
         tail.store(self.tail, Ordering::Release);
     }
 
-    /// Gives buffer `bid` back to the kernel.
+    /// Notes that a receive completion handed buffer `bid` to userspace.
+    fn take(&mut self, bid: u16) {
+        if let Some(held) = self.held.get_mut(usize::from(bid)) {
+            *held = true;
+        }
+    }
+
+    /// Gives buffer `bid` back to the kernel, which may write it at any time from then on.
+    /// A buffer userspace does not hold (never received, already given back, or no buffer of
+    /// this ring) is left alone, so the kernel never gets one buffer twice.
     pub fn give_back(&mut self, bid: u16) {
+        match self.held.get_mut(usize::from(bid)) {
+            Some(held) if *held => *held = false,
+            _ => {
+                tracing::error!(bid, "giving back a receive buffer userspace does not hold");
+                return;
+            }
+        }
         self.push(bid);
         self.publish();
     }
 
-    /// The first `len` bytes of buffer `bid`.
-    fn bytes(&self, bid: u16, len: usize) -> &[u8] {
-        let start = usize::from(bid) * self.buf_size;
-        &self.buffers[start..start + len.min(self.buf_size)]
+    /// Whether userspace holds buffer `bid`.
+    fn holds(&self, bid: u16) -> bool {
+        self.held.get(usize::from(bid)).copied().unwrap_or(false)
     }
 
-    /// The address of byte `offset` of buffer `bid`, for a send iovec.
-    fn ptr(&self, bid: u16, offset: usize) -> *const u8 {
-        self.buffers[usize::from(bid) * self.buf_size + offset..].as_ptr()
+    /// The address of buffer `bid`, which must be in range (callers check; out of range it
+    /// would be clamped to the last buffer).
+    fn start(&self, bid: u16) -> *mut u8 {
+        debug_assert!(bid < self.count);
+        let start = usize::from(bid.min(self.count - 1)) * self.buf_size;
+        // SAFETY: `bid.min(count - 1) < count`, so `start` is the offset of a buffer inside
+        // the allocation of `count * buf_size` bytes.
+        unsafe { self.buffers.as_ptr().add(start) }
+    }
+
+    /// The address of bytes `offset..offset + len` of buffer `bid`, for a send's iovec, or
+    /// `None` unless userspace holds that buffer and the range lies inside it. Taking the
+    /// address reads nothing; the send that reads through it is covered by `Ring`'s rule that
+    /// a forwarded buffer is given back only when the send's last completion has been reaped.
+    fn span(&self, bid: u16, offset: usize, len: usize) -> Option<*const u8> {
+        let end = offset.checked_add(len)?;
+        if !self.holds(bid) || end > self.buf_size {
+            return None;
+        }
+        // SAFETY: `offset <= end <= buf_size`, so the result stays inside buffer `bid`.
+        Some(unsafe { self.start(bid).add(offset) }.cast_const())
+    }
+
+    /// The first `len` bytes (at most the buffer size) of buffer `bid`, or `None` unless
+    /// userspace holds that buffer.
+    ///
+    /// # Safety
+    ///
+    /// Nothing may write buffer `bid` for as long as the returned slice lives. That holds
+    /// when a receive completion reaped from the ring named the buffer and it has not been
+    /// given back since: the kernel writes only buffers it owns, and [`BufRing::give_back`]
+    /// needs `&mut self`, so it cannot run while the slice borrows `self`. (Sends may read the
+    /// bytes meanwhile; they never write them.)
+    unsafe fn bytes(&self, bid: u16, len: usize) -> Option<&[u8]> {
+        if !self.holds(bid) {
+            return None;
+        }
+        let len = len.min(self.buf_size);
+        // SAFETY: the range lies inside buffer `bid` of the live allocation, which is
+        // initialised (zeroed by `new`, then written by the kernel); by the caller's contract
+        // nothing writes it while the returned borrow of `self` lives.
+        Some(unsafe { std::slice::from_raw_parts(self.start(bid), len) })
+    }
+
+    /// The whole buffer region, for registering it as a fixed buffer.
+    fn region(&self) -> libc::iovec {
+        libc::iovec {
+            iov_base: self.buffers.as_ptr().cast(),
+            iov_len: self.buffers_layout.size(),
+        }
     }
 }
 
 impl Drop for BufRing {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this exact layout, freed once. A registered
+        // SAFETY: both allocated in `new` with these exact layouts, freed once. A registered
         // `BufRing` is dropped only by `Drop for Ring`, after it was unregistered with no
         // request in flight (otherwise it is leaked and never gets here).
-        unsafe { dealloc(self.entries.cast(), self.entries_layout) };
+        unsafe {
+            dealloc(self.entries.as_ptr().cast(), self.entries_layout);
+            dealloc(self.buffers.as_ptr(), self.buffers_layout);
+        }
     }
 }
 
@@ -172,7 +284,8 @@ pub const MAX_GSO_BYTES: usize = 65_000;
 struct SendSlot {
     hdr: libc::msghdr,
     iovs: [libc::iovec; MAX_SEGMENTS],
-    addr: libc::sockaddr_storage,
+    /// The destination; `hdr.msg_name` points into it.
+    addr: SockAddr,
     /// Control message space for UDP_SEGMENT (a cmsghdr and a u16, aligned).
     control: [u64; 4],
     /// Receive buffers this send forwards, given back on completion.
@@ -201,8 +314,7 @@ impl SendSlab {
                     iov_base: std::ptr::null_mut(),
                     iov_len: 0,
                 }; MAX_SEGMENTS],
-                // SAFETY: as above.
-                addr: unsafe { zeroed() },
+                addr: SockAddr::from(SocketAddr::from(([0, 0, 0, 0], 0))),
                 control: [0; 4],
                 bids: [0; MAX_SEGMENTS],
                 nbids: 0,
@@ -227,61 +339,32 @@ pub struct Segment {
     pub offset: usize,
 }
 
-/// Writes `addr` as a C socket address into `out`; returns its length.
-pub fn write_sockaddr(addr: SocketAddr, out: &mut libc::sockaddr_storage) -> libc::socklen_t {
-    match addr {
-        SocketAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(a.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is large and aligned enough for any sockaddr type.
-            unsafe { std::ptr::write((out as *mut libc::sockaddr_storage).cast(), sin) };
-            size_of::<libc::sockaddr_in>() as libc::socklen_t
-        }
-        SocketAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: a.flowinfo(),
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
-                sin6_scope_id: a.scope_id(),
-            };
-            // SAFETY: as above.
-            unsafe { std::ptr::write((out as *mut libc::sockaddr_storage).cast(), sin6) };
-            size_of::<libc::sockaddr_in6>() as libc::socklen_t
-        }
+/// Reads the source address the kernel wrote for a received datagram (`name`, as many of its
+/// bytes as fitted). `None` unless it is a whole IPv4 or IPv6 socket address.
+fn read_sockaddr(name: &[u8]) -> Option<SocketAddr> {
+    // SAFETY: `try_init` hands the closure a zeroed `sockaddr_storage` and its size; the
+    // closure copies in at most that many bytes (the address the kernel wrote) and sets the
+    // length to what it copied, so the storage holds that address with its true length, as
+    // `SockAddr` requires. The storage is whole and initialised, so no read of it can go out
+    // of bounds even if the kernel's address were short; it is used only after its length is
+    // checked against its family's below.
+    let (_, addr) = unsafe {
+        SockAddr::try_init(|storage, len| {
+            let n = name.len().min(*len as usize);
+            std::ptr::copy_nonoverlapping(name.as_ptr(), storage.cast::<u8>(), n);
+            *len = n as libc::socklen_t;
+            Ok(())
+        })
     }
-}
-
-/// Reads a C socket address (as the kernel wrote it into a receive buffer).
-pub fn read_sockaddr(name: &[u8]) -> Option<SocketAddr> {
-    let family = u16::from_ne_bytes(name.get(0..2)?.try_into().ok()?);
-    let port = u16::from_be_bytes(name.get(2..4)?.try_into().ok()?);
-    match i32::from(family) {
-        libc::AF_INET => {
-            let ip: [u8; 4] = name.get(4..8)?.try_into().ok()?;
-            Some(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(ip), port)))
-        }
-        libc::AF_INET6 => {
-            let flow = u32::from_ne_bytes(name.get(4..8)?.try_into().ok()?);
-            let ip: [u8; 16] = name.get(8..24)?.try_into().ok()?;
-            let scope = u32::from_ne_bytes(name.get(24..28)?.try_into().ok()?);
-            Some(SocketAddr::V6(SocketAddrV6::new(
-                Ipv6Addr::from(ip),
-                port,
-                flow,
-                scope,
-            )))
-        }
-        _ => None,
-    }
+    .ok()?;
+    let whole = match addr.family() as i32 {
+        libc::AF_INET => size_of::<libc::sockaddr_in>(),
+        libc::AF_INET6 => size_of::<libc::sockaddr_in6>(),
+        _ => return None,
+    };
+    (addr.len() as usize >= whole)
+        .then(|| addr.as_socket())
+        .flatten()
 }
 
 /// What a completion was for, decoded from its `user_data`.
@@ -339,7 +422,7 @@ pub struct ShutdownReport {
     pub elapsed: Duration,
 }
 
-/// A received datagram, borrowed from its provided buffer.
+/// A received datagram, borrowed from its provided buffer (see [`Ring::datagram`]).
 #[derive(Debug)]
 pub struct Datagram<'a> {
     /// Who sent it.
@@ -353,10 +436,22 @@ pub struct Datagram<'a> {
 /// Why a received completion carried no usable datagram.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RecvProblem {
-    /// Longer than the buffer: dropped, never forwarded cut short.
+    /// Longer than the room for it in the buffer ([`recv_payload_room`]): cut short by the
+    /// kernel, so it must be dropped, never forwarded or parsed.
     Truncated,
-    /// The source address could not be read.
-    BadName,
+    /// The completion's header or its source address could not be read (not expected from a
+    /// UDP socket).
+    Undecodable,
+}
+
+/// Length of the header (`struct io_uring_recvmsg_out`, four u32) the kernel writes at the
+/// start of every buffer of a multishot `recvmsg`.
+const RECVMSG_OUT_LEN: usize = 16;
+
+/// The most payload a receive buffer of `buf_size` bytes holds: the rest goes to the kernel's
+/// header and the room for the source address. A longer datagram is [`RecvProblem::Truncated`].
+pub const fn recv_payload_room(buf_size: usize) -> usize {
+    buf_size.saturating_sub(RECVMSG_OUT_LEN + size_of::<libc::sockaddr_storage>())
 }
 
 /// One io_uring with its buffer ring, receive headers and send slab.
@@ -450,10 +545,7 @@ impl Ring {
             && probe.is_supported(opcode::SendMsgZc::CODE);
         self.zero_copy_min = min_bytes.filter(|_| supported);
         if self.zero_copy_min.is_some() {
-            let region = [libc::iovec {
-                iov_base: self.bufs.buffers.as_mut_ptr().cast(),
-                iov_len: self.bufs.buffers.len(),
-            }];
+            let region = [self.bufs.region()];
             // SAFETY: the region is the buffer ring's own memory, which lives as long as `self`;
             // `Drop` unregisters it (with no request in flight) before freeing it, or leaks it.
             self.fixed_buffers = unsafe { self.ring.submitter().register_buffers(&region) }.is_ok();
@@ -515,6 +607,9 @@ impl Ring {
                 TAG_RECV => {
                     if last && let Some(armed) = self.armed.get_mut(index as usize) {
                         *armed = false;
+                    }
+                    if let Some(bid) = cqueue::buffer_select(cqe.flags()) {
+                        self.bufs.take(bid);
                     }
                     out.push(Completion::Recv {
                         socket: index as usize,
@@ -641,39 +736,57 @@ impl Ring {
         report
     }
 
-    /// The datagram of a successful receive completion on socket `socket`, with its buffer
-    /// id. The buffer stays ours until [`give_back`](Self::give_back) or a forward's
-    /// completion.
-    pub fn datagram(
+    /// The datagram of a receive completion on socket `socket`, with the id of the buffer the
+    /// completion handed to userspace; `None` if it handed over no buffer (an error, or the
+    /// kernel found no free buffer). The buffer stays userspace's until
+    /// [`give_back`](Self::give_back) or, once forwarded, [`finish_send`](Self::finish_send).
+    ///
+    /// # Safety
+    ///
+    /// `socket`, `result` and `flags` must be those of a [`Completion::Recv`] reaped from this
+    /// ring by [`drain`](Self::drain) whose buffer has not been given back since (directly, or
+    /// by finishing a send that forwarded it). The kernel then does not write that buffer, and
+    /// cannot until it is given back, which needs `&mut self` and so waits until the returned
+    /// [`Datagram`] no longer borrows the ring.
+    pub unsafe fn datagram(
         &self,
         socket: usize,
         result: i32,
         flags: u32,
     ) -> Option<(u16, Result<Datagram<'_>, RecvProblem>)> {
         let bid = cqueue::buffer_select(flags)?;
-        let len = usize::try_from(result).ok()?;
-        let buffer = self.bufs.bytes(bid, len);
-        let parsed = match RecvMsgOut::parse(buffer, &self.recv_hdrs[socket]) {
-            Err(()) => Err(RecvProblem::Truncated),
+        let (Ok(len), Some(hdr)) = (usize::try_from(result), self.recv_hdrs.get(socket)) else {
+            return Some((bid, Err(RecvProblem::Undecodable)));
+        };
+        // SAFETY: by this function's contract the completion handed buffer `bid` to userspace
+        // and it has not been given back, so the kernel is not writing it, and it cannot be
+        // given back while the slice (and the `Datagram` made from it) borrows `self`.
+        let Some(buffer) = (unsafe { self.bufs.bytes(bid, len) }) else {
+            return Some((bid, Err(RecvProblem::Undecodable)));
+        };
+        let parsed = match RecvMsgOut::parse(buffer, hdr) {
+            Err(()) => Err(RecvProblem::Undecodable),
             Ok(out) if out.is_payload_truncated() => Err(RecvProblem::Truncated),
-            Ok(out) => match read_sockaddr(out.name_data()) {
-                None => Err(RecvProblem::BadName),
-                Some(from) => {
-                    let payload = out.payload_data();
-                    let offset = payload.as_ptr() as usize - buffer.as_ptr() as usize;
-                    let len = payload.len();
-                    Ok(Datagram {
+            Ok(out) => {
+                // The payload is a part of `buffer`; re-slice it for the longer borrow.
+                let payload = out.payload_data();
+                let offset = payload.as_ptr() as usize - buffer.as_ptr() as usize;
+                let payload = buffer.get(offset..offset + payload.len());
+                match (read_sockaddr(out.name_data()), payload) {
+                    (Some(from), Some(payload)) => Ok(Datagram {
                         from,
-                        payload: &buffer[offset..offset + len],
+                        payload,
                         offset,
-                    })
+                    }),
+                    _ => Err(RecvProblem::Undecodable),
                 }
-            },
+            }
         };
         Some((bid, parsed))
     }
 
-    /// Gives a receive buffer back to the kernel.
+    /// Gives a receive buffer back to the kernel (ignored, with an error logged, unless
+    /// userspace holds it).
     pub fn give_back(&mut self, bid: u16) {
         self.bufs.give_back(bid);
     }
@@ -682,7 +795,8 @@ impl Ring {
     /// receive buffers, not copied) to `to` on socket `socket`. With more than one segment it
     /// is a UDP GSO send: one system-level send, split by the kernel into `len`-byte
     /// datagrams. Returns false (and the caller gives the buffers back) if every send slot is
-    /// in use.
+    /// in use, and [`UringError::BadSegment`] (sending nothing) for more than [`MAX_SEGMENTS`]
+    /// segments or one outside a buffer userspace holds.
     pub fn send_forward(
         &mut self,
         socket: usize,
@@ -690,17 +804,27 @@ impl Ring {
         len: usize,
         to: SocketAddr,
     ) -> Result<bool, UringError> {
+        let n = segments.len();
+        let mut iovs = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; MAX_SEGMENTS];
+        for (iov, seg) in iovs.iter_mut().zip(segments) {
+            let base = self.bufs.span(seg.bid, seg.offset, len);
+            // The kernel only reads through a send's iovecs.
+            iov.iov_base = base.ok_or(UringError::BadSegment)?.cast_mut().cast();
+            iov.iov_len = len;
+        }
+        if n > MAX_SEGMENTS {
+            return Err(UringError::BadSegment);
+        }
         let Some(slot) = self.slab.free.pop() else {
             return Ok(false);
         };
-        let n = segments.len().min(MAX_SEGMENTS);
         let s = &mut self.slab.slots[slot as usize];
-        for (i, seg) in segments[..n].iter().enumerate() {
-            s.iovs[i] = libc::iovec {
-                iov_base: self.bufs.ptr(seg.bid, seg.offset).cast_mut().cast(),
-                iov_len: len,
-            };
-            s.bids[i] = seg.bid;
+        s.iovs = iovs;
+        for (bid, seg) in s.bids.iter_mut().zip(segments) {
+            *bid = seg.bid;
         }
         s.nbids = n;
         s.segments = n;
@@ -744,9 +868,10 @@ impl Ring {
         gso: Option<usize>,
     ) -> Result<bool, UringError> {
         let s = &mut self.slab.slots[slot as usize];
-        let addr_len = write_sockaddr(to, &mut s.addr);
-        s.hdr.msg_name = (&mut s.addr as *mut libc::sockaddr_storage).cast();
-        s.hdr.msg_namelen = addr_len;
+        s.addr = SockAddr::from(to);
+        // The kernel only reads a send's address.
+        s.hdr.msg_name = s.addr.as_ptr().cast_mut().cast();
+        s.hdr.msg_namelen = s.addr.len();
         s.hdr.msg_iov = s.iovs.as_mut_ptr();
         s.hdr.msg_iovlen = iovs;
         match gso {
@@ -810,7 +935,7 @@ impl Ring {
         cqueue::more(flags)
     }
 
-    /// The address family a socket index serves, for choosing the socket to send on.
+    /// How many sockets the ring serves (their indexes are `0..socket_count()`).
     pub fn socket_count(&self) -> usize {
         self.sockets.len()
     }
@@ -839,7 +964,11 @@ impl Drop for Ring {
     }
 }
 
-/// Whether `ip` is IPv4 (including IPv4-mapped IPv6, which a v6-only socket cannot reach).
+/// Whether `ip` is an IPv4 address, so that a send to it goes out on an IPv4 socket. An
+/// IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) is not: it would go to an IPv6 socket, which is
+/// v6-only and cannot reach it. Peers' addresses never are: they are the source addresses of
+/// received datagrams, and the IPv6 sockets are v6-only (and Linux drops IPv6 packets from a
+/// v4-mapped source).
 pub fn is_v4(ip: IpAddr) -> bool {
     matches!(ip, IpAddr::V4(_))
 }
@@ -848,8 +977,29 @@ pub fn is_v4(ip: IpAddr) -> bool {
 mod tests {
     use super::*;
 
+    /// `sockaddr_in` / `sockaddr_in6` as Linux lays them out, written by hand.
+    fn c_sockaddr(addr: SocketAddr) -> Vec<u8> {
+        match addr {
+            SocketAddr::V4(a) => [
+                &(libc::AF_INET as u16).to_ne_bytes()[..],
+                &a.port().to_be_bytes(),
+                &a.ip().octets(),
+                &[0; 8],
+            ]
+            .concat(),
+            SocketAddr::V6(a) => [
+                &(libc::AF_INET6 as u16).to_ne_bytes()[..],
+                &a.port().to_be_bytes(),
+                &a.flowinfo().to_ne_bytes(),
+                &a.ip().octets(),
+                &a.scope_id().to_ne_bytes(),
+            ]
+            .concat(),
+        }
+    }
+
     #[test]
-    fn socket_addresses_round_trip_through_c_structs() {
+    fn source_addresses_are_read_from_c_structs() {
         for text in [
             "198.18.0.1:7000",
             "[2001:db8::1]:443",
@@ -857,27 +1007,57 @@ mod tests {
             "0.0.0.0:0",
         ] {
             let addr: SocketAddr = text.parse().unwrap();
-            // SAFETY: all-zero is a valid sockaddr_storage.
-            let mut storage: libc::sockaddr_storage = unsafe { zeroed() };
-            let len = write_sockaddr(addr, &mut storage) as usize;
-            // SAFETY: storage is plain bytes of at least `len` initialised bytes.
-            let bytes = unsafe {
-                std::slice::from_raw_parts(
-                    (&storage as *const libc::sockaddr_storage).cast::<u8>(),
-                    len,
-                )
-            };
-            assert_eq!(read_sockaddr(bytes), Some(addr), "{text}");
+            let bytes = c_sockaddr(addr);
+            assert_eq!(bytes.len(), SockAddr::from(addr).len() as usize, "{text}");
+            assert_eq!(read_sockaddr(&bytes), Some(addr), "{text}");
+            assert_eq!(
+                read_sockaddr(&bytes[..bytes.len() - 1]),
+                None,
+                "{text} cut short"
+            );
         }
+        assert_eq!(read_sockaddr(&[]), None);
         assert_eq!(read_sockaddr(&[0; 3]), None);
-        assert_eq!(read_sockaddr(&[0xff; 28]), None);
+        assert_eq!(read_sockaddr(&[0xff; 28]), None, "an unknown family");
+        let unix = [&(libc::AF_UNIX as u16).to_ne_bytes()[..], b"/tmp/x\0"].concat();
+        assert_eq!(read_sockaddr(&unix), None, "not an IP address");
     }
 
     #[test]
     fn buffer_ring_sizes_are_checked() {
         assert!(BufRing::new(3, 2048).is_err());
         assert!(BufRing::new(0, 2048).is_err());
+        assert!(BufRing::new(8, 0).is_err());
         let ring = BufRing::new(8, 2048).unwrap();
         assert_eq!(ring.tail, 8, "every buffer starts out given to the kernel");
+    }
+
+    #[test]
+    fn only_buffers_userspace_holds_go_back_to_the_kernel() {
+        let mut ring = BufRing::new(8, 2048).unwrap();
+        ring.give_back(3);
+        ring.give_back(8);
+        ring.give_back(u16::MAX);
+        assert_eq!(ring.tail, 8, "never received, or no such buffer: ignored");
+        assert!(
+            ring.span(3, 0, 1).is_none(),
+            "the kernel's buffer is not lent to a send"
+        );
+        ring.take(3);
+        ring.take(9);
+        assert!(ring.span(3, 0, 2048).is_some());
+        assert!(ring.span(3, 1, 2048).is_none(), "past the buffer's end");
+        assert!(ring.span(3, usize::MAX, 2).is_none());
+        assert!(ring.span(9, 0, 1).is_none());
+        // SAFETY: buffer 3 is held (taken above, as a completion would) and nothing writes it:
+        // no kernel ring was registered.
+        let bytes = unsafe { ring.bytes(3, 4096) }.unwrap();
+        assert_eq!(bytes.len(), 2048, "clamped to the buffer");
+        assert!(bytes.iter().all(|&b| b == 0), "the buffers start zeroed");
+        ring.give_back(3);
+        ring.give_back(3);
+        assert_eq!(ring.tail, 9, "given back once, however often asked");
+        // SAFETY: as above; buffer 3 is no longer held, so `bytes` must refuse it.
+        assert!(unsafe { ring.bytes(3, 1) }.is_none());
     }
 }

@@ -15,14 +15,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use ferry_core::time::UnixTime;
-use ferry_core::wire::MAX_DATAGRAM;
+use ferry_core::wire::{HeaderError, MAX_DATAGRAM};
 use io_uring::types::Timespec;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::session::Outcome;
+use crate::session::{Counters, Outcome};
 use crate::uring::{
     Completion, MAX_GSO_BYTES, MAX_SEGMENTS, RecvProblem, Ring, SHUTDOWN_LIMIT, Segment,
-    UringError, is_v4,
+    UringError, is_v4, recv_payload_room,
 };
 
 /// What the worker asks about each datagram.
@@ -44,19 +44,27 @@ pub trait PacketHandler: Send {
 /// Counters one worker publishes for metrics (relaxed atomics, updated once per batch).
 #[derive(Debug, Default)]
 pub struct WorkerStats {
-    /// Datagrams received.
+    /// Datagrams received and handed to the [`PacketHandler`].
     pub rx_packets: AtomicU64,
-    /// Bytes of received datagrams.
+    /// Bytes of those datagrams.
     pub rx_bytes: AtomicU64,
     /// Datagrams sent (forwards and replies) that the kernel accepted.
     pub tx_packets: AtomicU64,
     /// Bytes of those datagrams.
     pub tx_bytes: AtomicU64,
-    /// Datagrams dropped because they did not fit a receive buffer.
-    pub rx_truncated: AtomicU64,
+    /// Datagrams longer than a receive buffer has room for ([`recv_payload_room`] of
+    /// [`RECV_BUF_SIZE`]: 1904 bytes), and so longer than [`MAX_DATAGRAM`]: malformed by rule
+    /// `too_long` (protocol.md §2.1), cut short by the kernel and dropped without reaching the
+    /// handler. [`WorkerStats::add_to_session_counters`] adds them to the session
+    /// counters, where the handler counts the shorter datagrams over [`MAX_DATAGRAM`].
+    pub rx_too_long: AtomicU64,
+    /// Receive completions whose header or source address could not be read (not expected from
+    /// a UDP socket); their datagrams are dropped.
+    pub rx_undecodable: AtomicU64,
     /// Times the kernel found no free receive buffer (datagrams lost before us).
     pub rx_no_buffers: AtomicU64,
-    /// Sends the kernel failed (e.g. unreachable destination).
+    /// Datagrams whose send the kernel failed (e.g. unreachable destination, or a UDP GSO send
+    /// the device cannot do).
     pub tx_errors: AtomicU64,
     /// Sends dropped because every send slot was in use (or no socket of the destination's
     /// address family is open).
@@ -69,6 +77,9 @@ pub struct WorkerStats {
     pub rearms: AtomicU64,
     /// Sends that carried several datagrams at once (UDP GSO).
     pub gso_sends: AtomicU64,
+    /// Times the worker turned UDP GSO off because the kernel or device cannot do it (see
+    /// [`SendFailure::GsoUnsupported`]); at most 1 per worker.
+    pub gso_disabled: AtomicU64,
 }
 
 /// The plain counters of one batch, folded into [`WorkerStats`] at its end.
@@ -78,16 +89,34 @@ struct BatchStats {
     rx_bytes: u64,
     tx_packets: u64,
     tx_bytes: u64,
-    rx_truncated: u64,
+    rx_too_long: u64,
+    rx_undecodable: u64,
     rx_no_buffers: u64,
     tx_errors: u64,
     tx_slots_full: u64,
     completions: u64,
     rearms: u64,
     gso_sends: u64,
+    gso_disabled: u64,
 }
 
 impl WorkerStats {
+    /// Adds what this worker counted on the session logic's behalf to `counters` (summed over
+    /// the session shards): the datagrams too long for a receive buffer, malformed by rule
+    /// `too_long` and dropped as malformed exactly like the shorter ones over [`MAX_DATAGRAM`]
+    /// the handler sees. A datagram over [`MAX_DATAGRAM`] is thus counted once, by the same
+    /// rule, whatever its length.
+    pub fn add_to_session_counters(&self, counters: &mut Counters) {
+        let too_long = self.rx_too_long.load(Ordering::Relaxed);
+        counters.malformed += too_long;
+        if let Some(n) = counters
+            .malformed_by_rule
+            .get_mut(HeaderError::TooLong.as_index())
+        {
+            *n += too_long;
+        }
+    }
+
     fn add(&self, b: &BatchStats) {
         let add = |c: &AtomicU64, n: u64| {
             if n > 0 {
@@ -98,13 +127,15 @@ impl WorkerStats {
         add(&self.rx_bytes, b.rx_bytes);
         add(&self.tx_packets, b.tx_packets);
         add(&self.tx_bytes, b.tx_bytes);
-        add(&self.rx_truncated, b.rx_truncated);
+        add(&self.rx_too_long, b.rx_too_long);
+        add(&self.rx_undecodable, b.rx_undecodable);
         add(&self.rx_no_buffers, b.rx_no_buffers);
         add(&self.tx_errors, b.tx_errors);
         add(&self.tx_slots_full, b.tx_slots_full);
         add(&self.completions, b.completions);
         add(&self.rearms, b.rearms);
         add(&self.gso_sends, b.gso_sends);
+        add(&self.gso_disabled, b.gso_disabled);
         self.submits.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -131,7 +162,8 @@ pub struct WorkerConfig {
     /// Forward sends of at least this many bytes with SEND_ZC (zero copy); `None`: never.
     pub zero_copy_min: Option<usize>,
     /// Send consecutive datagrams for the same peer as one UDP GSO send. Turned off by the
-    /// worker itself (with a warning) if the kernel refuses it.
+    /// worker itself (with a warning) if the kernel or device cannot do it
+    /// ([`SendFailure::GsoUnsupported`]).
     pub gso: bool,
     /// Set to stop the worker.
     pub stop: Arc<AtomicBool>,
@@ -158,10 +190,15 @@ impl Default for WorkerConfig {
     }
 }
 
-/// Receive buffer size: room for the kernel's recvmsg header and a full source address, and
-/// for any datagram up to well past [`MAX_DATAGRAM`], so that an oversized datagram is seen
-/// (and dropped by the header rules) rather than truncated.
+/// Receive buffer size: room for the kernel's recvmsg header, a full source address, and a
+/// datagram of [`MAX_DATAGRAM`] bytes with room to spare. A longer datagram either fits (and
+/// the handler drops it by rule `too_long`) or is cut short by the kernel, which the worker
+/// counts as [`WorkerStats::rx_too_long`]: either way it is malformed by that rule.
 pub const RECV_BUF_SIZE: usize = 2048;
+
+// A datagram cut short by the kernel is longer than the room in a buffer, and so, by this, longer
+// than MAX_DATAGRAM: counting it as `too_long` is right.
+const _: () = assert!(recv_payload_room(RECV_BUF_SIZE) >= MAX_DATAGRAM);
 
 /// What a worker did, returned when it stops.
 #[derive(Clone, Debug, Default)]
@@ -344,13 +381,17 @@ pub fn run_worker<H: PacketHandler>(
                         }
                         Err(_) => {
                             batch.tx_errors += segments;
-                            if segments > 1 && pending.gso {
-                                // Degrade instead of failing: some devices and kernels refuse
-                                // UDP GSO. Every later forward goes out on its own.
+                            let failure = SendFailure::classify(-result, segments > 1);
+                            if failure == SendFailure::GsoUnsupported && pending.gso {
+                                // Degrade instead of failing: every later forward goes out on
+                                // its own. GSO sends already queued may fail the same way;
+                                // they are counted as send errors only.
                                 pending.gso = false;
+                                batch.gso_disabled += 1;
                                 tracing::warn!(
                                     errno = -result,
-                                    "the kernel refused a UDP GSO send; sending datagrams one by one"
+                                    "the kernel or device cannot do UDP GSO here; sending \
+                                     datagrams one by one from now on"
                                 );
                             }
                         }
@@ -398,19 +439,28 @@ fn on_recv<H: PacketHandler>(
     reply: &mut [u8],
     batch: &mut BatchStats,
 ) -> Result<(), UringError> {
-    if cx.result < 0 {
-        if -cx.result == libc::ENOBUFS {
-            batch.rx_no_buffers += 1;
-        }
-        return Ok(());
+    if cx.result == -libc::ENOBUFS {
+        batch.rx_no_buffers += 1;
     }
-    let Some((bid, parsed)) = ring.datagram(cx.socket, cx.result, cx.flags) else {
+    // An error comes without a buffer, so `datagram` returns `None` for it (were one attached
+    // anyway, it would come back as undecodable and be given back).
+    #[allow(unsafe_code)]
+    // SAFETY: `cx` is a receive completion that `drain` reaped from `ring` in this batch, and
+    // the worker handles each completion once. The buffer it handed to userspace is given back
+    // only further down (dropped: `give_back`; forwarded: `finish_send` after the send's last
+    // completion), by calls that take `&mut ring` and so come after the last use of
+    // `datagram`, whose borrow of `ring` has ended by then. Until then the kernel does not
+    // write that buffer.
+    let Some((bid, parsed)) = (unsafe { ring.datagram(cx.socket, cx.result, cx.flags) }) else {
         return Ok(());
     };
     let datagram = match parsed {
         Ok(d) => d,
-        Err(RecvProblem::Truncated | RecvProblem::BadName) => {
-            batch.rx_truncated += 1;
+        Err(problem) => {
+            match problem {
+                RecvProblem::Truncated => batch.rx_too_long += 1,
+                RecvProblem::Undecodable => batch.rx_undecodable += 1,
+            }
             ring.give_back(bid);
             return Ok(());
         }
@@ -444,6 +494,31 @@ fn on_recv<H: PacketHandler>(
         Outcome::Consumed | Outcome::Drop(_) => ring.give_back(bid),
     }
     Ok(())
+}
+
+/// What a failed send says about UDP GSO, after quinn-udp's `unix.rs`: Linux has no way to ask
+/// whether a route's device can segment UDP, short of a GSO send failing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendFailure {
+    /// A GSO send failed with `EIO` (the device cannot checksum the segments, or the route
+    /// transforms them, e.g. IPsec) or `EINVAL` (the kernel refuses the `UDP_SEGMENT` request,
+    /// e.g. on a socket with UDP checksums off): GSO cannot work here, so the worker turns it
+    /// off for good, logs it once and counts it in [`WorkerStats::gso_disabled`].
+    GsoUnsupported,
+    /// Anything else (unreachable or forbidden destination, full queue, message too long...)
+    /// and any failure of a single-datagram send: counted as a send error; GSO stays on.
+    Other,
+}
+
+impl SendFailure {
+    /// Classifies a failed send by its `errno`; `gso` says whether it carried several datagrams
+    /// (a `UDP_SEGMENT` control message).
+    pub fn classify(errno: i32, gso: bool) -> Self {
+        match (gso, errno) {
+            (true, libc::EIO | libc::EINVAL) => SendFailure::GsoUnsupported,
+            _ => SendFailure::Other,
+        }
+    }
 }
 
 /// Forwards decided in this batch and not yet queued. Consecutive datagrams of one length for
@@ -498,5 +573,62 @@ impl PendingForwards {
         }
         self.segments.clear();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_eio_and_einval_on_a_gso_send_turn_gso_off() {
+        use SendFailure::{GsoUnsupported, Other};
+        let cases = [
+            (libc::EIO, true, GsoUnsupported),
+            (libc::EINVAL, true, GsoUnsupported),
+            // A single datagram carries no UDP_SEGMENT: its failure says nothing about GSO.
+            (libc::EIO, false, Other),
+            (libc::EINVAL, false, Other),
+            (libc::ENETUNREACH, true, Other),
+            (libc::EHOSTUNREACH, true, Other),
+            (libc::ECONNREFUSED, true, Other),
+            (libc::EACCES, true, Other),
+            (libc::EPERM, true, Other),
+            (libc::EMSGSIZE, true, Other),
+            (libc::ENOBUFS, true, Other),
+            (libc::EAGAIN, true, Other),
+            (libc::ECANCELED, true, Other),
+        ];
+        for (errno, gso, want) in cases {
+            assert_eq!(
+                SendFailure::classify(errno, gso),
+                want,
+                "errno {errno}, gso {gso}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_receive_buffer_has_the_room_the_docs_state() {
+        assert_eq!(recv_payload_room(RECV_BUF_SIZE), 1904);
+    }
+
+    #[test]
+    fn oversized_datagrams_join_the_too_long_rule() {
+        let stats = WorkerStats::default();
+        stats.rx_too_long.store(3, Ordering::Relaxed);
+        let mut counters = Counters::default();
+        let too_long = HeaderError::TooLong.as_index();
+        counters.malformed = 2;
+        counters.malformed_by_rule[too_long] = 1;
+        counters.malformed_by_rule[HeaderError::BadMagic.as_index()] = 1;
+        stats.add_to_session_counters(&mut counters);
+        assert_eq!(counters.malformed_by_rule[too_long], 4);
+        assert_eq!(counters.malformed, 5);
+        assert_eq!(
+            counters.malformed_by_rule.iter().sum::<u64>(),
+            counters.malformed,
+            "every malformed datagram is counted under exactly one rule"
+        );
     }
 }

@@ -51,8 +51,11 @@ fn pump(
                 flags,
             } => {
                 if result >= 0 {
-                    let got = ring
-                        .datagram(socket, result, flags)
+                    #[allow(unsafe_code)]
+                    // SAFETY: this completion was just reaped by `drain` and is handled once;
+                    // its buffer is given back or forwarded only below, after the `Datagram`
+                    // borrowing the ring is gone.
+                    let got = unsafe { ring.datagram(socket, result, flags) }
                         .map(|(bid, d)| (bid, d.map(|d| (d.offset, d.payload.len())).ok()));
                     match got {
                         Some((bid, Some((offset, len)))) => {

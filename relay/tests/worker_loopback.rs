@@ -164,7 +164,7 @@ fn roundtrip(family_ip: &str) {
     );
     marker.clear();
     let stats = worker.stop();
-    assert_eq!(stats.rx_truncated.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.rx_too_long.load(Ordering::Relaxed), 1);
     assert_eq!(
         stats.rx_packets.load(Ordering::Relaxed),
         forwarded + 3 + 1 + 1,
