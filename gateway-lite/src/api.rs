@@ -12,7 +12,6 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -616,7 +615,7 @@ impl App {
                 tracing::error!(error = %e, "minting a token");
                 ApiError::Internal
             })?;
-        self.metrics.tokens_minted.fetch_add(1, Ordering::Relaxed);
+        self.metrics.tokens_minted.inc();
         Ok(minted)
     }
 
@@ -671,7 +670,7 @@ async fn create_session(
     }
     let now = now();
     let Some(relay) = app.registry.pick(app.state.as_ref(), now).await? else {
-        app.metrics.no_relay.fetch_add(1, Ordering::Relaxed);
+        app.metrics.no_relay.inc();
         tracing::warn!(target: AUDIT, event = "session_refused", reason = "no_relay", key_id = %client.key_id, realm, client = %client.addr.ip, via = %client.addr.via_display());
         return Err(ApiError::NoRelay);
     };
@@ -699,9 +698,9 @@ async fn create_session(
         .create_session(&record, JoinCodeHash::of(&code), now)
         .await
         .inspect_err(|_| {
-            app.metrics.state_errors.fetch_add(1, Ordering::Relaxed);
+            app.metrics.state_errors.inc();
         })?;
-    app.metrics.sessions_created.fetch_add(1, Ordering::Relaxed);
+    app.metrics.sessions_created.inc();
     tracing::info!(
         target: AUDIT,
         event = "session_created",
@@ -734,9 +733,7 @@ async fn join_session(
 ) -> Result<axum::Json<Grant>, ApiError> {
     let joiner_key = parse_peer_key(body.peer_public_key.as_deref())?;
     let refuse = |reason: &str| {
-        app.metrics
-            .join_codes_refused
-            .fetch_add(1, Ordering::Relaxed);
+        app.metrics.join_codes_refused.inc();
         tracing::info!(target: AUDIT, event = "join_refused", reason, key_id = %client.key_id, client = %client.addr.ip, via = %client.addr.via_display());
         ApiError::InvalidJoinCode
     };
@@ -781,7 +778,7 @@ async fn join_session(
         return Err(refuse("used_concurrently"));
     };
     let minted = app.mint(&client.live, TokenSlot::B, record.session_id, &relay, now)?;
-    app.metrics.sessions_joined.fetch_add(1, Ordering::Relaxed);
+    app.metrics.sessions_joined.inc();
     tracing::info!(
         target: AUDIT,
         event = "session_joined",
@@ -849,7 +846,7 @@ async fn relay_heartbeat(
     };
     app.state.report_relay(&report).await?;
     app.registry.invalidate();
-    app.metrics.relay_heartbeats.fetch_add(1, Ordering::Relaxed);
+    app.metrics.relay_heartbeats.inc();
     tracing::debug!(target: AUDIT, event = "relay_heartbeat", key_id = %client.key_id, relay_id = body.relay_id, sessions = body.sessions, capacity = body.capacity);
     Ok(axum::Json(
         serde_json::json!({ "relay_id": body.relay_id, "expires_at": expires_at }),
@@ -1074,7 +1071,7 @@ async fn guard(
         match tokio::time::timeout(app.request_timeout, next.run(req)).await {
             Ok(response) => response,
             Err(_) => {
-                app.metrics.request_timeouts.fetch_add(1, Ordering::Relaxed);
+                app.metrics.request_timeouts.inc();
                 let mut response = ApiError::Timeout.into_response();
                 response
                     .headers_mut()
