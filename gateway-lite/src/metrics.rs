@@ -1,10 +1,14 @@
-//! The gateway's counters and their Prometheus text page (format 0.0.4), in the relay's
-//! style: written by hand, a family header once, then its samples; no registry, no globals.
+//! The gateway's counters and their Prometheus text page (format 0.0.4), written by
+//! `prometheus-client` from one registry per [`Metrics`]; no globals.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, prometheus_text};
+use prometheus_client::metrics::TypedMetric;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
 /// Why a request failed authentication: the `reason` label of
 /// `ferry_gateway_auth_failures_total`.
@@ -61,64 +65,199 @@ pub enum Limiter {
     Key,
 }
 
-/// Every counter of the gateway.
-#[derive(Debug, Default)]
+/// The `route` and `status` labels of `ferry_gateway_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Request {
+    route: &'static str,
+    status: u16,
+}
+
+/// A gauge of a non-negative quantity.
+pub type UGauge = Gauge<u64, AtomicU64>;
+
+/// Every counter of the gateway, each registered once in [`Metrics::default`] under its name
+/// and help text.
+#[derive(Debug)]
 pub struct Metrics {
-    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
-    auth_failures: [AtomicU64; AuthFailure::ALL.len()],
-    rate_limited_ip: AtomicU64,
-    rate_limited_key: AtomicU64,
+    registry: Registry,
+    requests: Family<Request, Counter>,
+    auth_failures: [Counter; AuthFailure::ALL.len()],
+    rate_limited_ip: Counter,
+    rate_limited_key: Counter,
     /// Sessions created.
-    pub sessions_created: AtomicU64,
+    pub sessions_created: Counter,
     /// Sessions joined.
-    pub sessions_joined: AtomicU64,
+    pub sessions_joined: Counter,
     /// Join attempts with an unknown, used or expired code.
-    pub join_codes_refused: AtomicU64,
+    pub join_codes_refused: Counter,
     /// Tokens minted.
-    pub tokens_minted: AtomicU64,
+    pub tokens_minted: Counter,
     /// Relay heartbeats accepted.
-    pub relay_heartbeats: AtomicU64,
+    pub relay_heartbeats: Counter,
     /// Requests that failed because the shared state was unavailable.
-    pub state_errors: AtomicU64,
+    pub state_errors: Counter,
     /// Create requests refused for want of a healthy relay.
-    pub no_relay: AtomicU64,
+    pub no_relay: Counter,
     /// Requests cut off by the request timeout.
-    pub request_timeouts: AtomicU64,
+    pub request_timeouts: Counter,
     /// TLS handshakes that failed or timed out.
-    pub tls_handshake_failures: AtomicU64,
+    pub tls_handshake_failures: Counter,
     /// Connections open now.
-    pub connections: AtomicU64,
+    pub connections: UGauge,
     /// Connections accepted since start.
-    pub connections_accepted: AtomicU64,
+    pub connections_accepted: Counter,
     /// Config reloads (SIGHUP) applied.
-    pub reloads_applied: AtomicU64,
+    pub reloads_applied: Counter,
     /// Config reloads refused (invalid, or needing a restart).
-    pub reloads_refused: AtomicU64,
+    pub reloads_refused: Counter,
+    relays_healthy: UGauge,
+    relays_unhealthy: UGauge,
+}
+
+impl Default for Metrics {
+    /// Registers every family, in page order. Names are given without the `_total` that the
+    /// encoder appends to counters, and help texts without the full stop it appends.
+    fn default() -> Self {
+        let mut r = Registry::default();
+        let requests = Family::<Request, Counter>::default();
+        r.register(
+            "ferry_gateway_requests",
+            "HTTP requests answered, by route and status",
+            requests.clone(),
+        );
+        let auth_failures = labelled(
+            &mut r,
+            "ferry_gateway_auth_failures",
+            "Requests refused by authentication or authorization, by reason",
+            "reason",
+            AuthFailure::ALL.map(AuthFailure::name),
+        );
+        let [rate_limited_ip, rate_limited_key] = labelled(
+            &mut r,
+            "ferry_gateway_rate_limited",
+            "Requests refused with 429, by limiter",
+            "limiter",
+            ["ip", "key"],
+        );
+        let mut counter = |name: &str, help: &str| {
+            let counter = Counter::default();
+            r.register(name, help, counter.clone());
+            counter
+        };
+        let sessions_created = counter("ferry_gateway_sessions_created", "Sessions created");
+        let sessions_joined = counter("ferry_gateway_sessions_joined", "Sessions joined");
+        let join_codes_refused = counter(
+            "ferry_gateway_join_codes_refused",
+            "Joins with an unknown, used or expired join code",
+        );
+        let tokens_minted = counter("ferry_gateway_tokens_minted", "Relay tokens minted");
+        let relay_heartbeats = counter(
+            "ferry_gateway_relay_heartbeats",
+            "Relay heartbeats accepted",
+        );
+        let state_errors = counter(
+            "ferry_gateway_state_errors",
+            "Requests failed because the shared state was unavailable",
+        );
+        let no_relay = counter(
+            "ferry_gateway_no_relay",
+            "Session creations refused for want of a healthy relay",
+        );
+        let request_timeouts = counter(
+            "ferry_gateway_request_timeouts",
+            "Requests cut off by the request timeout",
+        );
+        let tls_handshake_failures = counter(
+            "ferry_gateway_tls_handshake_failures",
+            "TLS handshakes that failed or timed out",
+        );
+        let connections_accepted =
+            counter("ferry_gateway_connections_accepted", "Connections accepted");
+        let [reloads_applied, reloads_refused] = labelled(
+            &mut r,
+            "ferry_gateway_config_reloads",
+            "Config reloads (SIGHUP), by result",
+            "result",
+            ["applied", "refused"],
+        );
+        let connections = UGauge::default();
+        r.register(
+            "ferry_gateway_connections",
+            "Connections open now",
+            connections.clone(),
+        );
+        let [relays_healthy, relays_unhealthy] = labelled(
+            &mut r,
+            "ferry_gateway_relays",
+            "Relays known now, by health",
+            "health",
+            ["healthy", "unhealthy"],
+        );
+        Self {
+            registry: r,
+            requests,
+            auth_failures,
+            rate_limited_ip,
+            rate_limited_key,
+            sessions_created,
+            sessions_joined,
+            join_codes_refused,
+            tokens_minted,
+            relay_heartbeats,
+            state_errors,
+            no_relay,
+            request_timeouts,
+            tls_handshake_failures,
+            connections,
+            connections_accepted,
+            reloads_applied,
+            reloads_refused,
+            relays_healthy,
+            relays_unhealthy,
+        }
+    }
+}
+
+/// Registers a family with one label, and returns its metric for each of `values` (so that
+/// each is on the page from the start, at zero).
+fn labelled<M, const N: usize>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    label: &'static str,
+    values: [&'static str; N],
+) -> [M; N]
+where
+    M: EncodeMetric + TypedMetric + Clone + Default + std::fmt::Debug + Send + Sync + 'static,
+{
+    let family = Family::<[(&'static str, &'static str); 1], M>::default();
+    registry.register(name, help, family.clone());
+    values.map(|value| family.get_or_create_owned(&[(label, value)]))
 }
 
 impl Metrics {
     /// Counts a request to `route` answered with `status`.
     pub fn request(&self, route: &'static str, status: u16) {
-        let mut map = self
-            .requests
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        *map.entry((route, status)).or_default() += 1;
+        self.requests
+            .get_or_create(&Request { route, status })
+            .inc();
+    }
+
+    fn auth_counter(&self, reason: AuthFailure) -> Option<&Counter> {
+        let i = AuthFailure::ALL.iter().position(|r| *r == reason)?;
+        self.auth_failures.get(i)
     }
 
     /// Counts an authentication failure.
     pub fn auth_failure(&self, reason: AuthFailure) {
-        if let Some(i) = AuthFailure::ALL.iter().position(|r| *r == reason) {
-            self.auth_failures[i].fetch_add(1, Ordering::Relaxed);
+        if let Some(counter) = self.auth_counter(reason) {
+            counter.inc();
         }
     }
 
     /// Authentication failures so far for `reason`.
     pub fn auth_failures(&self, reason: AuthFailure) -> u64 {
-        AuthFailure::ALL
-            .iter()
-            .position(|r| *r == reason)
-            .map_or(0, |i| self.auth_failures[i].load(Ordering::Relaxed))
+        self.auth_counter(reason).map_or(0, Counter::get)
     }
 
     /// Counts a request refused by a rate limit.
@@ -127,176 +266,18 @@ impl Metrics {
             Limiter::Ip => &self.rate_limited_ip,
             Limiter::Key => &self.rate_limited_key,
         }
-        .fetch_add(1, Ordering::Relaxed);
+        .inc();
     }
 
-    /// The Prometheus page; `relays` is `(healthy, unhealthy)` relays known now.
+    /// The Prometheus page (text format 0.0.4); `relays` is `(healthy, unhealthy)` relays
+    /// known now.
     pub fn render(&self, relays: (u64, u64)) -> String {
-        let mut w = PromWriter::default();
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        w.family(
-            "ferry_gateway_requests_total",
-            "HTTP requests answered, by route and status.",
-            "counter",
-        );
-        {
-            let map = self
-                .requests
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            for ((route, status), n) in map.iter() {
-                w.sample(
-                    "ferry_gateway_requests_total",
-                    &[("route", route), ("status", &status.to_string())],
-                    *n,
-                );
-            }
-        }
-        w.family(
-            "ferry_gateway_auth_failures_total",
-            "Requests refused by authentication or authorization, by reason.",
-            "counter",
-        );
-        for (i, reason) in AuthFailure::ALL.iter().enumerate() {
-            w.sample(
-                "ferry_gateway_auth_failures_total",
-                &[("reason", reason.name())],
-                get(&self.auth_failures[i]),
-            );
-        }
-        w.family(
-            "ferry_gateway_rate_limited_total",
-            "Requests refused with 429, by limiter.",
-            "counter",
-        );
-        w.sample(
-            "ferry_gateway_rate_limited_total",
-            &[("limiter", "ip")],
-            get(&self.rate_limited_ip),
-        );
-        w.sample(
-            "ferry_gateway_rate_limited_total",
-            &[("limiter", "key")],
-            get(&self.rate_limited_key),
-        );
-        let counters: [(&str, &str, &AtomicU64); 10] = [
-            (
-                "ferry_gateway_sessions_created_total",
-                "Sessions created.",
-                &self.sessions_created,
-            ),
-            (
-                "ferry_gateway_sessions_joined_total",
-                "Sessions joined.",
-                &self.sessions_joined,
-            ),
-            (
-                "ferry_gateway_join_codes_refused_total",
-                "Joins with an unknown, used or expired join code.",
-                &self.join_codes_refused,
-            ),
-            (
-                "ferry_gateway_tokens_minted_total",
-                "Relay tokens minted.",
-                &self.tokens_minted,
-            ),
-            (
-                "ferry_gateway_relay_heartbeats_total",
-                "Relay heartbeats accepted.",
-                &self.relay_heartbeats,
-            ),
-            (
-                "ferry_gateway_state_errors_total",
-                "Requests failed because the shared state was unavailable.",
-                &self.state_errors,
-            ),
-            (
-                "ferry_gateway_no_relay_total",
-                "Session creations refused for want of a healthy relay.",
-                &self.no_relay,
-            ),
-            (
-                "ferry_gateway_request_timeouts_total",
-                "Requests cut off by the request timeout.",
-                &self.request_timeouts,
-            ),
-            (
-                "ferry_gateway_tls_handshake_failures_total",
-                "TLS handshakes that failed or timed out.",
-                &self.tls_handshake_failures,
-            ),
-            (
-                "ferry_gateway_connections_accepted_total",
-                "Connections accepted.",
-                &self.connections_accepted,
-            ),
-        ];
-        for (name, help, counter) in counters {
-            w.family(name, help, "counter")
-                .sample(name, &[], get(counter));
-        }
-        w.family(
-            "ferry_gateway_config_reloads_total",
-            "Config reloads (SIGHUP), by result.",
-            "counter",
-        )
-        .sample(
-            "ferry_gateway_config_reloads_total",
-            &[("result", "applied")],
-            get(&self.reloads_applied),
-        )
-        .sample(
-            "ferry_gateway_config_reloads_total",
-            &[("result", "refused")],
-            get(&self.reloads_refused),
-        );
-        w.family(
-            "ferry_gateway_connections",
-            "Connections open now.",
-            "gauge",
-        )
-        .sample("ferry_gateway_connections", &[], get(&self.connections));
-        w.family(
-            "ferry_gateway_relays",
-            "Relays known now, by health.",
-            "gauge",
-        )
-        .sample("ferry_gateway_relays", &[("health", "healthy")], relays.0)
-        .sample("ferry_gateway_relays", &[("health", "unhealthy")], relays.1);
-        w.out
-    }
-}
-
-#[derive(Debug, Default)]
-struct PromWriter {
-    out: String,
-}
-
-impl PromWriter {
-    fn family(&mut self, name: &str, help: &str, kind: &str) -> &mut Self {
-        let _ = writeln!(self.out, "# HELP {name} {help}");
-        let _ = writeln!(self.out, "# TYPE {name} {kind}");
-        self
-    }
-
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) -> &mut Self {
-        self.out.push_str(name);
-        if !labels.is_empty() {
-            self.out.push('{');
-            for (i, (key, value)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.out.push(',');
-                }
-                let value = value
-                    .replace('\\', "\\\\")
-                    .replace('"', "\\\"")
-                    .replace('\n', "\\n");
-                let _ = write!(self.out, "{key}=\"{value}\"");
-            }
-            self.out.push('}');
-        }
-        let _ = writeln!(self.out, " {value}");
-        self
+        self.relays_healthy.set(relays.0);
+        self.relays_unhealthy.set(relays.1);
+        let mut page = String::new();
+        // Writing to a `String` cannot fail, and registered metrics fail only when writing does.
+        let _ = prometheus_text::encode(&mut page, &self.registry);
+        page
     }
 }
 
@@ -328,5 +309,52 @@ mod tests {
         assert!(page.contains("ferry_gateway_rate_limited_total{limiter=\"ip\"} 1\n"));
         assert!(page.contains("ferry_gateway_relays{health=\"unhealthy\"} 1\n"));
         assert_eq!(m.auth_failures(AuthFailure::WrongSecret), 2);
+    }
+
+    #[test]
+    fn families_keep_their_names_types_and_help() {
+        let m = Metrics::default();
+        m.request("/healthz", 200);
+        let page = m.render((0, 0));
+        let families: Vec<&str> = page
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .collect();
+        assert_eq!(
+            families,
+            [
+                "ferry_gateway_requests_total counter",
+                "ferry_gateway_auth_failures_total counter",
+                "ferry_gateway_rate_limited_total counter",
+                "ferry_gateway_sessions_created_total counter",
+                "ferry_gateway_sessions_joined_total counter",
+                "ferry_gateway_join_codes_refused_total counter",
+                "ferry_gateway_tokens_minted_total counter",
+                "ferry_gateway_relay_heartbeats_total counter",
+                "ferry_gateway_state_errors_total counter",
+                "ferry_gateway_no_relay_total counter",
+                "ferry_gateway_request_timeouts_total counter",
+                "ferry_gateway_tls_handshake_failures_total counter",
+                "ferry_gateway_connections_accepted_total counter",
+                "ferry_gateway_config_reloads_total counter",
+                "ferry_gateway_connections gauge",
+                "ferry_gateway_relays gauge",
+            ]
+        );
+        assert!(page.contains(
+            "# HELP ferry_gateway_sessions_created_total Sessions created.\n\
+             # TYPE ferry_gateway_sessions_created_total counter\n\
+             ferry_gateway_sessions_created_total 0\n"
+        ));
+        for help in page.lines().filter(|l| l.starts_with("# HELP ")) {
+            assert!(help.ends_with('.') && !help.ends_with(".."), "{help}");
+        }
+        m.connections.inc();
+        m.connections.inc();
+        m.connections.dec();
+        let page = m.render((3, 0));
+        assert!(page.contains("ferry_gateway_connections 1\n"), "{page}");
+        assert!(page.contains("ferry_gateway_relays{health=\"healthy\"} 3\n"));
+        assert!(page.contains("ferry_gateway_config_reloads_total{result=\"applied\"} 0\n"));
     }
 }

@@ -18,7 +18,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -202,7 +201,7 @@ async fn reload_on_hangup(
             Ok(result) => result.and_then(|new| running.check_reload(new)),
             Err(e) => {
                 tracing::error!(error = %e, "reload refused: loading the config failed");
-                app.metrics.reloads_refused.fetch_add(1, Ordering::Relaxed);
+                app.metrics.reloads_refused.inc();
                 continue;
             }
         };
@@ -210,7 +209,7 @@ async fn reload_on_hangup(
             Ok(new) => new,
             Err(e) => {
                 tracing::error!("reload refused, the running config stays in force: {e}");
-                app.metrics.reloads_refused.fetch_add(1, Ordering::Relaxed);
+                app.metrics.reloads_refused.inc();
                 continue;
             }
         };
@@ -226,7 +225,7 @@ async fn reload_on_hangup(
         );
         let revoked = new.revoked_keys.len();
         app.reload(new);
-        app.metrics.reloads_applied.fetch_add(1, Ordering::Relaxed);
+        app.metrics.reloads_applied.inc();
         tracing::info!(
             active_kid = kid,
             api_keys = keys,
@@ -298,13 +297,10 @@ async fn accept_loop(
         let router = router.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            options.metrics.connections.fetch_add(1, Ordering::Relaxed);
-            options
-                .metrics
-                .connections_accepted
-                .fetch_add(1, Ordering::Relaxed);
+            options.metrics.connections.inc();
+            options.metrics.connections_accepted.inc();
             serve_connection(stream, peer, router, &options, watcher).await;
-            options.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+            options.metrics.connections.dec();
             drop(permit);
         });
     }
@@ -341,18 +337,12 @@ async fn serve_connection(
             let tls = match handshake {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
-                    options
-                        .metrics
-                        .tls_handshake_failures
-                        .fetch_add(1, Ordering::Relaxed);
+                    options.metrics.tls_handshake_failures.inc();
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
                     return;
                 }
                 Err(_) => {
-                    options
-                        .metrics
-                        .tls_handshake_failures
-                        .fetch_add(1, Ordering::Relaxed);
+                    options.metrics.tls_handshake_failures.inc();
                     tracing::debug!(%peer, "TLS handshake timed out");
                     return;
                 }

@@ -10,7 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::metrics::{Kind, PromWriter};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, prometheus_text};
+
+use crate::metrics::{self, Families};
 
 /// What the admin server serves, shared with the relay.
 pub struct AdminState {
@@ -289,7 +292,7 @@ fn serve(stream: &TcpStream, state: &AdminState, options: AdminOptions) -> io::R
     };
     state.count(route, status);
     let content_type = match path {
-        "/metrics" => "text/plain; version=0.0.4; charset=utf-8",
+        "/metrics" => prometheus_text::CONTENT_TYPE,
         _ => "text/plain; charset=utf-8",
     };
     respond(stream, status, content_type, &body, head_only, &[])
@@ -298,21 +301,28 @@ fn serve(stream: &TcpStream, state: &AdminState, options: AdminOptions) -> io::R
 /// The relay's page followed by the admin server's own request counts.
 fn metrics_page(state: &AdminState) -> String {
     let mut page = (state.render)();
-    let mut w = PromWriter::new();
-    w.family(
-        "ferry_admin_requests_total",
-        "Requests to the admin listener, by route and status.",
-        Kind::Counter,
-    );
-    for (route, status, n) in state.requests() {
-        w.sample(
-            "ferry_admin_requests_total",
-            &[("route", route), ("status", &status.to_string())],
-            n,
-        );
-    }
-    page.push_str(&w.finish());
+    page.push_str(&metrics::page(Requests(state.requests())));
     page
+}
+
+/// `ferry_admin_requests_total`: `(route, status, count)` as [`AdminState::requests`] lists
+/// them.
+#[derive(Debug)]
+struct Requests(Vec<(&'static str, u16, u64)>);
+
+impl Collector for Requests {
+    fn encode(&self, encoder: DescriptorEncoder) -> std::fmt::Result {
+        Families(encoder).counters(
+            "ferry_admin_requests",
+            "Requests to the admin listener, by route and status.",
+            self.0.iter().map(|&(route, status, n)| {
+                (
+                    [("route", route.to_owned()), ("status", status.to_string())],
+                    n,
+                )
+            }),
+        )
+    }
 }
 
 fn respond(

@@ -1,89 +1,84 @@
-//! Prometheus text exposition (format 0.0.4), written by hand: a family header once, then
-//! its samples. No registry, no globals: the relay renders its counters on each scrape.
+//! Prometheus text (format 0.0.4), written by `prometheus-client`. The relay registers no
+//! metric objects: each page is a [`Collector`] that reads its values when a scrape encodes it,
+//! so the data path keeps its own plain counters and nothing new is locked or counted on it.
+//!
+//! Counter names are given without `_total`: the encoder appends it, so `ferry_drops` is
+//! exported as `ferry_drops_total` (in the `# HELP` and `# TYPE` lines too).
 
-use std::fmt::Write as _;
+use std::fmt;
 
-/// The kind of a metric family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    /// Only goes up (resets on restart).
-    Counter,
-    /// Goes up and down.
-    Gauge,
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeMetric, prometheus_text,
+};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+/// The text of `collector`'s families.
+pub fn page(collector: impl Collector) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(collector));
+    let mut out = String::new();
+    // Writing to a `String` cannot fail, and the collectors of the relay fail only when
+    // writing does.
+    let _ = prometheus_text::encode(&mut out, &registry);
+    out
 }
 
-/// Builds a Prometheus text page.
-#[derive(Debug, Default)]
-pub struct PromWriter {
-    out: String,
-}
+/// Writes metric families, each with its `# HELP` and `# TYPE` lines, from a
+/// [`Collector::encode`].
+#[derive(Debug)]
+pub struct Families<'a>(pub DescriptorEncoder<'a>);
 
-/// Whether `name` is a valid metric or label name (`[a-zA-Z_:][a-zA-Z0-9_:]*`).
-pub fn valid_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
-}
-
-impl PromWriter {
-    /// An empty page.
-    pub fn new() -> Self {
-        Self::default()
+impl Families<'_> {
+    /// A counter family with a single unlabelled sample.
+    pub fn counter(&mut self, name: &str, help: &str, value: u64) -> fmt::Result {
+        let metric = self
+            .0
+            .encode_descriptor(name, help, None, MetricType::Counter)?;
+        ConstCounter::new(value).encode(metric)
     }
 
-    /// Starts a family: its `# HELP` and `# TYPE` lines. Samples follow with [`sample`].
-    ///
-    /// [`sample`]: Self::sample
-    pub fn family(&mut self, name: &str, help: &str, kind: Kind) -> &mut Self {
-        debug_assert!(valid_name(name), "bad metric name {name:?}");
-        let kind = match kind {
-            Kind::Counter => "counter",
-            Kind::Gauge => "gauge",
-        };
-        let help = help.replace('\\', "\\\\").replace('\n', "\\n");
-        let _ = writeln!(self.out, "# HELP {name} {help}");
-        let _ = writeln!(self.out, "# TYPE {name} {kind}");
-        self
+    /// A gauge family with a single unlabelled sample.
+    pub fn gauge(&mut self, name: &str, help: &str, value: u64) -> fmt::Result {
+        let metric = self
+            .0
+            .encode_descriptor(name, help, None, MetricType::Gauge)?;
+        ConstGauge::new(value).encode(metric)
     }
 
-    /// One sample of the family `name` with `labels`.
-    pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) -> &mut Self {
-        self.out.push_str(name);
-        if !labels.is_empty() {
-            self.out.push('{');
-            for (i, (key, value)) in labels.iter().enumerate() {
-                debug_assert!(valid_name(key), "bad label name {key:?}");
-                if i > 0 {
-                    self.out.push(',');
-                }
-                self.out.push_str(key);
-                self.out.push_str("=\"");
-                for c in value.chars() {
-                    match c {
-                        '\\' => self.out.push_str("\\\\"),
-                        '"' => self.out.push_str("\\\""),
-                        '\n' => self.out.push_str("\\n"),
-                        c => self.out.push(c),
-                    }
-                }
-                self.out.push('"');
-            }
-            self.out.push('}');
+    /// A counter family with one sample per label set, in the order given.
+    pub fn counters<L: EncodeLabelSet>(
+        &mut self,
+        name: &str,
+        help: &str,
+        samples: impl IntoIterator<Item = (L, u64)>,
+    ) -> fmt::Result {
+        let mut metric = self
+            .0
+            .encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (labels, value) in samples {
+            ConstCounter::new(value).encode(metric.encode_family(&labels)?)?;
         }
-        let _ = writeln!(self.out, " {value}");
-        self
+        Ok(())
     }
 
-    /// A family with a single unlabelled sample.
-    pub fn single(&mut self, name: &str, help: &str, kind: Kind, value: u64) -> &mut Self {
-        self.family(name, help, kind).sample(name, &[], value)
-    }
-
-    /// The page.
-    pub fn finish(self) -> String {
-        self.out
+    /// A gauge family with one sample per label set, in the order given.
+    pub fn gauges<L: EncodeLabelSet>(
+        &mut self,
+        name: &str,
+        help: &str,
+        samples: impl IntoIterator<Item = (L, u64)>,
+    ) -> fmt::Result {
+        let mut metric = self
+            .0
+            .encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for (labels, value) in samples {
+            ConstGauge::new(value).encode(metric.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }
 
@@ -91,43 +86,47 @@ impl PromWriter {
 mod tests {
     use super::*;
 
+    #[derive(Debug)]
+    struct Example;
+
+    impl Collector for Example {
+        fn encode(&self, encoder: DescriptorEncoder) -> fmt::Result {
+            let mut w = Families(encoder);
+            w.counters(
+                "ferry_drops",
+                "Datagrams dropped, by reason.",
+                [
+                    ([("reason", "malformed")], 3),
+                    ([("reason", "rate_limited")], 0),
+                ],
+            )?;
+            w.gauge("ferry_sessions", "Sessions held.", 7)?;
+            w.counter("ferry_closes", "Help with a \\ and a\nnewline.", 1)?;
+            w.gauges(
+                "m",
+                "Escaped labels.",
+                [([("a", "x\"y\\z\nw"), ("b", "ok")], 1)],
+            )
+        }
+    }
+
     #[test]
-    fn families_render_once_with_their_samples() {
-        let mut w = PromWriter::new();
-        w.family(
-            "ferry_drops_total",
-            "Datagrams dropped, by reason.",
-            Kind::Counter,
-        )
-        .sample("ferry_drops_total", &[("reason", "malformed")], 3)
-        .sample("ferry_drops_total", &[("reason", "rate_limited")], 0);
-        w.single("ferry_sessions", "Sessions held.", Kind::Gauge, 7);
+    fn families_render_once_with_their_samples_and_counters_end_in_total() {
         assert_eq!(
-            w.finish(),
+            page(Example),
             "# HELP ferry_drops_total Datagrams dropped, by reason.\n\
              # TYPE ferry_drops_total counter\n\
              ferry_drops_total{reason=\"malformed\"} 3\n\
              ferry_drops_total{reason=\"rate_limited\"} 0\n\
              # HELP ferry_sessions Sessions held.\n\
              # TYPE ferry_sessions gauge\n\
-             ferry_sessions 7\n"
+             ferry_sessions 7\n\
+             # HELP ferry_closes_total Help with a \\\\ and a\\nnewline.\n\
+             # TYPE ferry_closes_total counter\n\
+             ferry_closes_total 1\n\
+             # HELP m Escaped labels.\n\
+             # TYPE m gauge\n\
+             m{a=\"x\\\"y\\\\z\\nw\",b=\"ok\"} 1\n"
         );
-    }
-
-    #[test]
-    fn label_values_are_escaped() {
-        let mut w = PromWriter::new();
-        w.sample("m", &[("a", "x\"y\\z\nw"), ("b", "ok")], 1);
-        assert_eq!(w.finish(), "m{a=\"x\\\"y\\\\z\\nw\",b=\"ok\"} 1\n");
-    }
-
-    #[test]
-    fn names_are_validated() {
-        for good in ["ferry_rx_total", "_x", "a:b", "A1"] {
-            assert!(valid_name(good), "{good}");
-        }
-        for bad in ["", "1a", "a-b", "a b", "é"] {
-            assert!(!valid_name(bad), "{bad}");
-        }
     }
 }

@@ -1,0 +1,134 @@
+//! [`ApiError`]: every error answer of the API, each a fixed code.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::state::StateError;
+
+/// Every error answer of the API. The body is `{"error": code}` and nothing else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// 400 `bad_request`: malformed JSON, a missing or invalid field.
+    BadRequest,
+    /// 401 `unauthorized`: no valid, unrevoked API key (or admin token).
+    Unauthorized,
+    /// 403 `forbidden`: the key's scopes do not allow this.
+    Forbidden,
+    /// 403 `peer_identity_mismatch`: the joiner is not the peer the creator expects.
+    PeerIdentityMismatch,
+    /// 404 `not_found`: no such route.
+    NotFound,
+    /// 404 `invalid_join_code`: unknown, already used or expired join code.
+    InvalidJoinCode,
+    /// 405 `method_not_allowed`.
+    MethodNotAllowed,
+    /// 408 `request_timeout`: the request took longer than `server.request_timeout_ms`.
+    Timeout,
+    /// 413 `payload_too_large`: the body exceeds `server.max_body_bytes`.
+    PayloadTooLarge,
+    /// 415 `unsupported_media_type`: the body is not `application/json`.
+    UnsupportedMediaType,
+    /// 429 `rate_limited`, with `Retry-After` in seconds.
+    RateLimited(u64),
+    /// 503 `no_relay_available`: no healthy relay to hand out (or the session's relay is gone).
+    NoRelay,
+    /// 503 `unavailable`: the shared state is unreachable or full.
+    Unavailable,
+    /// 500 `internal`: something failed that the client cannot fix.
+    Internal,
+}
+
+impl ApiError {
+    /// The HTTP status.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::BadRequest => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden | Self::PeerIdentityMismatch => StatusCode::FORBIDDEN,
+            Self::NotFound | Self::InvalidJoinCode => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Timeout => StatusCode::REQUEST_TIMEOUT,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::NoRelay | Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The code in the body.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::PeerIdentityMismatch => "peer_identity_mismatch",
+            Self::NotFound => "not_found",
+            Self::InvalidJoinCode => "invalid_join_code",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::Timeout => "request_timeout",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::RateLimited(_) => "rate_limited",
+            Self::NoRelay => "no_relay_available",
+            Self::Unavailable => "unavailable",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": self.code() }).to_string();
+        let mut response = (self.status(), body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        match self {
+            Self::RateLimited(secs) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            Self::Unauthorized => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            // The rest of the body is not read: say the connection ends here, so that a
+            // client does not send its next request on it and lose it.
+            Self::PayloadTooLarge => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+impl From<StateError> for ApiError {
+    fn from(e: StateError) -> Self {
+        tracing::error!(error = %e, "shared state");
+        Self::Unavailable
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_bodies_are_fixed_codes() {
+        for e in [
+            ApiError::BadRequest,
+            ApiError::Unauthorized,
+            ApiError::RateLimited(3),
+            ApiError::Internal,
+        ] {
+            let r = e.into_response();
+            assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
+            if let ApiError::RateLimited(_) = e {
+                assert_eq!(r.headers()[header::RETRY_AFTER], "3");
+            }
+        }
+    }
+}
