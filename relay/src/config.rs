@@ -127,6 +127,7 @@ struct LimitsSection {
     max_token_lifetime_secs: u64,
     replay_cache_capacity: u64,
     tracked_ips: u64,
+    ipv6_prefix_len: u64,
 }
 
 impl Default for LimitsSection {
@@ -143,6 +144,7 @@ impl Default for LimitsSection {
             max_token_lifetime_secs: 3600,
             replay_cache_capacity: 200_000,
             tracked_ips: 1 << 20,
+            ipv6_prefix_len: 64,
         }
     }
 }
@@ -246,8 +248,10 @@ pub struct Limits {
     pub max_token_lifetime_secs: u64,
     /// Token ids remembered against replay.
     pub replay_cache_capacity: usize,
-    /// Source IPs tracked by the per-IP limits.
+    /// Sources tracked by the per-source limits.
     pub tracked_ips: usize,
+    /// IPv6 sources share the per-source limits per prefix of this length.
+    pub ipv6_prefix_len: u8,
 }
 
 /// A validated relay config, ready to apply.
@@ -520,6 +524,7 @@ fn validate_limits(l: &LimitsSection, check: &mut Check) -> Limits {
         );
     }
     check.range("limits.tracked_ips", l.tracked_ips, 1024, 100_000_000);
+    check.range("limits.ipv6_prefix_len", l.ipv6_prefix_len, 8, 128);
     let clamp = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
     Limits {
         max_sessions: clamp(l.max_sessions),
@@ -533,6 +538,7 @@ fn validate_limits(l: &LimitsSection, check: &mut Check) -> Limits {
         max_token_lifetime_secs: l.max_token_lifetime_secs,
         replay_cache_capacity: clamp(l.replay_cache_capacity),
         tracked_ips: clamp(l.tracked_ips),
+        ipv6_prefix_len: u8::try_from(l.ipv6_prefix_len).unwrap_or(128),
     }
 }
 
@@ -741,6 +747,7 @@ impl RelayConfig {
             bind_burst: self.limits.bind_burst_per_ip,
             max_bindings: self.limits.max_bindings_per_ip,
             capacity: self.limits.tracked_ips,
+            ipv6_prefix_len: self.limits.ipv6_prefix_len,
         }
     }
 

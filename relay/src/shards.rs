@@ -1,4 +1,5 @@
-//! The session tables every worker shares, sharded by session id.
+//! The session tables every worker shares, sharded by session id, and the workers' handler
+//! that drives them ([`SessionsHandler`]).
 //!
 //! `SO_REUSEPORT` hashes each source 4-tuple to one worker, so the two directions of a session
 //! usually arrive on different workers. Both must reach the same session state, so the state is
@@ -9,35 +10,74 @@
 //! draws them), so shards fill evenly. docs/architecture.md records why this was chosen over
 //! steering with a reuseport eBPF program.
 //!
-//! Limits that span sessions live outside the shards: per-source-IP accounting in one shared
+//! What needs no session state runs before any shard is locked ([`session::check`]): parsing,
+//! address cookies, and a BIND's token and proof verification, the expensive part of a BIND.
+//! Limits that span sessions live outside the shards: per-source accounting in one shared
 //! [`IpTable`] (touched only by BIND/REBIND, close and reap), and the session cap, which each
 //! shard enforces for its share (`max_sessions / shards`, rounded up).
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use ferry_core::proof::CookieJar;
 use ferry_core::time::UnixTime;
 use ferry_core::token::TokenVerifier;
 
-use crate::limits::{IpLimits, IpTable};
-use crate::session::{Counters, Outcome, SessionEvent, SessionLimits, SessionTable, lock};
+use crate::limits::{IpLimits, IpRefusal, IpTable, SlotAccounts};
+use crate::session::{
+    self, Checked, Counters, Outcome, SessionEvent, SessionLimits, SessionTable, lock,
+};
+use crate::worker::PacketHandler;
 
-/// Told when a session opens or is forgotten, in order per session: the XDP guard's session
-/// filter (`crate::xdp::SessionFilter`) follows the tables this way.
+/// Told when a session opens or is forgotten: the XDP guard's session filter
+/// (`crate::xdp::SessionFilter`) follows the tables this way.
 pub trait SessionObserver: Send + Sync + std::fmt::Debug {
-    /// Called with the shard's lock held, so events of one session arrive in order.
+    /// Called with no shard locked, in order per session; an `Opened` arrives before the
+    /// BIND-ACK that opened the session is handed to the worker (see [`Sessions`]).
     fn session_event(&self, event: SessionEvent);
 }
 
 /// Shards per relay. A power of two well above the worker count keeps contention rare.
 pub const SHARDS: usize = 64;
 
+/// One shard: its table, and what goes with it.
+struct Shard {
+    table: Mutex<SessionTable>,
+    /// What [`session::check`] answered by itself for this shard's sessions, counted apart so
+    /// that those answers never wait for the table.
+    early: Mutex<Counters>,
+    /// Held while this shard's events reach the observer (see [`Sessions`]).
+    publish: Mutex<()>,
+}
+
 /// All sessions of the relay, shared by every worker.
+///
+/// Session events reach the observer outside the shard lock, like commands a sans-IO core
+/// hands its IO layer, yet in order per session and, for `Opened`, before the BIND-ACK leaves.
+/// The table queues them; [`Sessions`] takes the shard's publish lock *before* it releases the
+/// shard lock, releases the shard lock, hands the events over, and releases the publish lock.
+/// Why that keeps both rules:
+///
+/// - Order. Events of one session are only made under its shard's lock. Say worker 1 makes
+///   events E1, then worker 2 makes E2 for the same session. Worker 2 got the shard lock after
+///   worker 1 released it, and worker 1 held the publish lock by then; worker 2 asks for the
+///   publish lock only while it holds the shard lock, so it gets it after worker 1 has handed
+///   over E1 and let go. The publish lock is thus taken in the order the shard lock was, and
+///   E1 reaches the observer before E2.
+/// - The map learns a session first. [`Sessions::handle`] returns the BIND-ACK only after it
+///   has handed over the `Opened` the BIND made, so the worker sends it afterwards.
+/// - No deadlock. The locks are taken in one order (shard, then publish, then whatever the
+///   observer takes, which is never a shard lock), and a thread waiting for a publish lock
+///   holds at most one shard lock, the one the publish lock belongs to.
+///
+/// DATA, KEEPALIVE and every CHALLENGE or REJECT make no event and never touch a publish lock.
 pub struct Sessions {
-    shards: Vec<Mutex<SessionTable>>,
-    ips: Arc<Mutex<IpTable>>,
+    shards: Vec<Shard>,
+    ips: Mutex<IpTable>,
+    /// Replaced as a whole on SIGHUP; a BIND verifies with the one it finds.
+    verifier: RwLock<Arc<TokenVerifier>>,
+    cookies: CookieJar,
     observer: Option<Arc<dyn SessionObserver>>,
 }
 
@@ -46,6 +86,33 @@ impl std::fmt::Debug for Sessions {
         f.debug_struct("Sessions")
             .field("shards", &self.shards.len())
             .finish_non_exhaustive()
+    }
+}
+
+/// The per-source table shared by the shards, locked for each change (never while a BIND is
+/// verified).
+struct SharedIps<'a>(&'a Mutex<IpTable>);
+
+impl SlotAccounts for SharedIps<'_> {
+    fn may_attach(&self, ip: std::net::IpAddr) -> Result<(), IpRefusal> {
+        lock(self.0).may_attach(ip)
+    }
+
+    fn attach(&mut self, ip: std::net::IpAddr, now: Instant) {
+        lock(self.0).attach(ip, now);
+    }
+
+    fn detach(&mut self, ip: std::net::IpAddr) {
+        lock(self.0).detach(ip);
+    }
+
+    fn move_slot(
+        &mut self,
+        from: std::net::IpAddr,
+        to: std::net::IpAddr,
+        now: Instant,
+    ) -> Result<(), IpRefusal> {
+        lock(self.0).move_slot(from, to, now)
     }
 }
 
@@ -64,59 +131,53 @@ fn shard_limits(limits: SessionLimits) -> SessionLimits {
 }
 
 impl Sessions {
-    /// Empty tables. Every shard verifies tokens with a copy of `verifier` and checks cookies
-    /// with the same secret, so a cookie issued by one shard is valid in all of them.
+    /// Empty tables. BINDs are verified with `verifier` (its trusted keys change on
+    /// [`Sessions::reload`]) and cookies checked with one secret, so a cookie is valid for
+    /// every shard.
     pub fn new(
         limits: SessionLimits,
         ip_limits: IpLimits,
         verifier: TokenVerifier,
         cookies: CookieJar,
     ) -> Self {
-        let ips = Arc::new(Mutex::new(IpTable::new(ip_limits)));
         let shard_limits = shard_limits(limits);
+        let skew = verifier.config().max_skew_secs;
         let shards = (0..SHARDS)
-            .map(|_| {
-                Mutex::new(SessionTable::new(
-                    shard_limits.clone(),
-                    verifier.clone(),
-                    cookies.clone(),
-                    Arc::clone(&ips),
-                ))
+            .map(|_| Shard {
+                table: Mutex::new(SessionTable::new(shard_limits.clone(), skew)),
+                early: Mutex::new(Counters::default()),
+                publish: Mutex::new(()),
             })
             .collect();
         Self {
             shards,
-            ips,
+            ips: Mutex::new(IpTable::new(ip_limits)),
+            verifier: RwLock::new(Arc::new(verifier)),
+            cookies,
             observer: None,
         }
     }
 
     /// Reports every session opened or forgotten from now on to `observer`.
     pub fn with_observer(mut self, observer: Arc<dyn SessionObserver>) -> Self {
-        for shard in &self.shards {
-            lock(shard).record_events();
-        }
         self.observer = Some(observer);
         self
     }
 
-    /// Hands the shard's recorded events to the observer (with the shard still locked).
-    fn report(&self, table: &mut SessionTable) {
-        if let Some(observer) = &self.observer {
-            for event in table.drain_events() {
-                observer.session_event(event);
-            }
-        }
-    }
-
     /// The shard that owns `session_id`.
-    fn shard(&self, session_id: u64) -> &Mutex<SessionTable> {
+    fn shard(&self, session_id: u64) -> &Shard {
         // SHARDS is a power of two; the mask keeps the index in range.
         let index = (session_id as usize) & (SHARDS - 1);
         &self.shards[index]
     }
 
-    /// Handles one datagram (see [`SessionTable::handle`]).
+    /// The token verifier in force now.
+    fn verifier(&self) -> Arc<TokenVerifier> {
+        Arc::clone(&self.verifier.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Handles one datagram: [`session::check`] with no lock held (but the per-source table's,
+    /// for a moment, to charge a bind attempt), then the session's shard under its lock.
     pub fn handle(
         &self,
         now: Instant,
@@ -125,15 +186,68 @@ impl Sessions {
         datagram: &[u8],
         reply: &mut [u8],
     ) -> Outcome {
-        // Anything without a valid header is counted by shard 0, so the common case pays for
-        // one parse of 16 bytes before the lock and one after it.
-        let session_id = ferry_common::header::parse_header(datagram)
-            .map(|h| h.session_id)
-            .unwrap_or(0);
-        let mut table = lock(self.shard(session_id));
-        let outcome = table.handle(now, wall, from, datagram, reply);
-        self.report(&mut table);
+        let checked = self.check(now, wall, from, datagram, reply);
+        self.apply(now, wall, checked, reply)
+    }
+
+    /// The first half of [`Sessions::handle`]: everything that needs no shard.
+    fn check<'a>(
+        &self,
+        now: Instant,
+        wall: UnixTime,
+        from: SocketAddr,
+        datagram: &'a [u8],
+        reply: &mut [u8],
+    ) -> Checked<'a> {
+        session::check(
+            &self.cookies,
+            || self.verifier(),
+            |ip| lock(&self.ips).try_bind_attempt(ip, now).is_ok(),
+            wall,
+            from,
+            datagram,
+            reply,
+        )
+    }
+
+    /// The second half of [`Sessions::handle`]: count what [`session::check`] answered, or let
+    /// the session's shard decide, then hand on the events it made.
+    fn apply(
+        &self,
+        now: Instant,
+        wall: UnixTime,
+        checked: Checked<'_>,
+        reply: &mut [u8],
+    ) -> Outcome {
+        let input = match checked {
+            Ok(input) => input,
+            Err(answered) => {
+                lock(&self.shard(answered.session_id).early).tally(answered.tally);
+                return answered.outcome;
+            }
+        };
+        let shard = self.shard(input.session_id());
+        let mut table = lock(&shard.table);
+        let outcome = table.handle(now, wall, input, &mut SharedIps(&self.ips), reply);
+        self.publish(shard, table);
         outcome
+    }
+
+    /// Hands the events `table` queued to the observer after releasing the shard lock, under
+    /// the shard's publish lock (see [`Sessions`] for why that keeps them in order).
+    fn publish(&self, shard: &Shard, mut table: MutexGuard<'_, SessionTable>) {
+        if !table.has_events() {
+            return;
+        }
+        let events = table.take_events();
+        let Some(observer) = &self.observer else {
+            return;
+        };
+        let _in_order = lock(&shard.publish);
+        drop(table);
+        for event in events {
+            observer.session_event(event);
+        }
     }
 
     /// Reaps idle and expired bindings in every shard; returns how many went.
@@ -141,9 +255,9 @@ impl Sessions {
         self.shards
             .iter()
             .map(|shard| {
-                let mut table = lock(shard);
-                let reaped = table.reap(now, wall);
-                self.report(&mut table);
+                let mut table = lock(&shard.table);
+                let reaped = table.reap(now, wall, &mut SharedIps(&self.ips));
+                self.publish(shard, table);
                 reaped
             })
             .sum()
@@ -153,7 +267,8 @@ impl Sessions {
     pub fn counters(&self) -> Counters {
         let mut total = Counters::default();
         for shard in &self.shards {
-            total.add(lock(shard).counters());
+            total.add(lock(&shard.table).counters());
+            total.add(&lock(&shard.early));
         }
         total
     }
@@ -161,18 +276,18 @@ impl Sessions {
     /// Sessions held now, and slots bound now.
     pub fn occupancy(&self) -> (usize, usize) {
         self.shards.iter().fold((0, 0), |(s, b), shard| {
-            let shard = lock(shard);
-            (s + shard.session_count(), b + shard.binding_count())
+            let table = lock(&shard.table);
+            (s + table.session_count(), b + table.binding_count())
         })
     }
 
-    /// Source IPs tracked by the per-IP limits.
+    /// Sources tracked by the per-source limits (IPv4 addresses and IPv6 prefixes).
     pub fn tracked_ips(&self) -> usize {
         lock(&self.ips).len()
     }
 
-    /// Applies reloaded limits and trusted gateway keys to every shard without dropping a
-    /// session (SIGHUP). `keys` replaces the trusted set entirely.
+    /// Applies reloaded limits and trusted gateway keys without dropping a session (SIGHUP).
+    /// `keys` replaces the trusted set entirely; BINDs verified from now on use it.
     pub fn reload(
         &self,
         now: Instant,
@@ -182,24 +297,76 @@ impl Sessions {
     ) {
         let shard_limits = shard_limits(limits);
         for shard in &self.shards {
-            let mut table = lock(shard);
-            table.set_limits(shard_limits.clone(), now);
-            let verifier = table.verifier_mut();
-            let old: Vec<u32> = verifier.trusted_kids().collect();
-            for kid in old {
-                verifier.remove_trusted_key(kid);
-            }
-            for (kid, key) in keys {
-                verifier.add_trusted_key(*kid, *key);
-            }
+            lock(&shard.table).set_limits(shard_limits.clone(), now);
         }
-        lock(&self.ips).set_limits(ip_limits, now);
+        let mut verifier = TokenVerifier::clone(&self.verifier());
+        let old: Vec<u32> = verifier.trusted_kids().collect();
+        for kid in old {
+            verifier.remove_trusted_key(kid);
+        }
+        for (kid, key) in keys {
+            verifier.add_trusted_key(*kid, *key);
+        }
+        *self
+            .verifier
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(verifier);
+        lock(&self.ips).set_limits(ip_limits);
+    }
+}
+
+/// Time between two reaping passes of one worker.
+const REAP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// One worker's view of the shared sessions ([`PacketHandler`]): a datagram in, an outcome
+/// out, and reaping on ticks.
+#[derive(Debug)]
+pub struct SessionsHandler {
+    sessions: Arc<Sessions>,
+    next_reap: Instant,
+}
+
+impl SessionsHandler {
+    /// The handler of worker number `index`. Workers start reaping a quarter second apart,
+    /// so that their passes spread over the second.
+    pub fn new(sessions: Arc<Sessions>, index: usize, now: Instant) -> Self {
+        Self {
+            sessions,
+            next_reap: now + Duration::from_millis(index as u64 * 250),
+        }
+    }
+}
+
+impl PacketHandler for SessionsHandler {
+    fn handle(
+        &mut self,
+        now: Instant,
+        wall: UnixTime,
+        from: SocketAddr,
+        datagram: &[u8],
+        reply: &mut [u8],
+    ) -> Outcome {
+        self.sessions.handle(now, wall, from, datagram, reply)
+    }
+
+    fn tick(&mut self, now: Instant, wall: UnixTime) {
+        // Every worker reaps every shard once a second (its ticks come every 100 ms by
+        // default), so with N workers the tables are reaped N times a second in all. A pass
+        // unbinds slots idle for `limits.idle_timeout_secs` (5 s at least) and slots whose
+        // token expired more than `limits.max_clock_skew_secs` ago, so a slot outlives its
+        // deadline by at most about a second.
+        if now >= self.next_reap {
+            self.sessions.reap(now, wall);
+            self.next_reap = now + REAP_INTERVAL;
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use std::net::{IpAddr, Ipv4Addr};
+    use std::sync::mpsc;
+    use std::sync::{OnceLock, Weak};
 
     use ferry_core::keys::{GatewaySigningKey, RelayStaticKey};
     use ferry_core::proof::SlotKeys;
@@ -208,6 +375,7 @@ mod tests {
     use ring::rand::SystemRandom;
 
     use super::*;
+    use crate::session::Input;
 
     const T0: UnixTime = UnixTime(1_900_000_000);
 
@@ -253,6 +421,45 @@ mod tests {
                 rate_bytes_per_sec: 0,
             };
             minter.mint(&self.rng, &input, &self.relay_public).unwrap()
+        }
+
+        /// A BIND for `token` with `cookie`, proved with `keys`.
+        fn bind_packet(
+            token: &MintedToken,
+            slot: Slot,
+            seq: u64,
+            cookie: [u8; 16],
+            keys: &SlotKeys,
+        ) -> Vec<u8> {
+            let fields = BindFields {
+                slot,
+                bind_seq: seq,
+                cookie,
+                token: &token.bytes,
+            };
+            let mut buf = vec![0; MAX_DATAGRAM];
+            let n = wire::encode_bind(&mut buf, token.claims.session_id, &fields, |m| {
+                keys.peer.mac(m)
+            })
+            .unwrap();
+            buf.truncate(n);
+            buf
+        }
+
+        /// The cookie the relay hands `from` for `token`'s slot.
+        fn cookie(&mut self, from: SocketAddr, token: &MintedToken, slot: Slot) -> [u8; 16] {
+            let keys = SlotKeys::derive(&token.slot_secret);
+            let probe = Self::bind_packet(token, slot, 1, [0; 16], &keys);
+            let outcome = self
+                .sessions
+                .handle(self.now, T0, from, &probe, &mut self.reply);
+            let Outcome::Reply { len, .. } = outcome else {
+                panic!("no answer: {outcome:?}");
+            };
+            let Ok(Packet::Challenge(c)) = wire::parse(&self.reply[..len]) else {
+                panic!("expected CHALLENGE");
+            };
+            *c.cookie()
         }
 
         /// BIND (through the CHALLENGE) and return the relay's final answer packet type.
@@ -315,7 +522,7 @@ mod tests {
         assert!(matches!(outcome, Outcome::Drop(_)));
         assert_eq!(r.sessions.counters().malformed, 1);
         // Everything idles out.
-        let later = r.now + std::time::Duration::from_secs(3600);
+        let later = r.now + Duration::from_secs(3600);
         assert_eq!(r.sessions.reap(later, T0), 6);
         assert_eq!(r.sessions.occupancy(), (0, 0));
     }
@@ -362,5 +569,135 @@ mod tests {
             r.bind(addr(2), &same_shard, Slot::A),
             Packet::Reject(_)
         ));
+    }
+
+    /// Runs `work` on another thread while this one holds the lock of `sid`'s shard, and
+    /// returns what it sent back; fails (after releasing the lock) if it waited for the lock.
+    fn with_shard_locked<T: Send>(
+        sessions: &Sessions,
+        sid: u64,
+        work: impl FnOnce() -> T + Send,
+    ) -> T {
+        let (tx, rx) = mpsc::channel();
+        std::thread::scope(|s| {
+            let held = lock(&sessions.shard(sid).table);
+            s.spawn(move || tx.send(work()));
+            let got = rx.recv_timeout(Duration::from_secs(20));
+            drop(held);
+            got.expect("the work waited for the shard lock")
+        })
+    }
+
+    #[test]
+    fn tokens_and_proofs_are_verified_without_the_shard_lock() {
+        let mut r = Relay::new(SessionLimits::default());
+        let sid = 0x77;
+        let from = addr(1);
+        let token = r.mint(&r.minter, sid, TokenSlot::A);
+        let keys = SlotKeys::derive(&token.slot_secret);
+        let cookie = r.cookie(from, &token, Slot::A);
+        let (now, sessions) = (r.now, &r.sessions);
+
+        // A token from a gateway the relay does not trust: verified, refused and counted while
+        // another worker holds the session's shard.
+        let stranger = TokenMinter::new(1, GatewaySigningKey::generate(&r.rng).unwrap());
+        let forged = r.mint(&stranger, sid, TokenSlot::A);
+        let bind = Relay::bind_packet(&forged, Slot::A, 2, cookie, &keys);
+        let reply = with_shard_locked(sessions, sid, || {
+            let mut reply = vec![0; MAX_DATAGRAM];
+            let outcome = sessions.handle(now, T0, from, &bind, &mut reply);
+            let Outcome::Reply { len, .. } = outcome else {
+                panic!("expected a REJECT, got {outcome:?}");
+            };
+            reply.truncate(len);
+            reply
+        });
+        let Ok(Packet::Reject(reject)) = wire::parse(&reply) else {
+            panic!("expected a REJECT");
+        };
+        assert_eq!(reject.reason(), wire::RejectReason::TokenInvalid);
+        // A good token with a wrong proof: the same.
+        let wrong = SlotKeys::derive(&r.mint(&r.minter, sid, TokenSlot::A).slot_secret);
+        let bind = Relay::bind_packet(&token, Slot::A, 2, cookie, &wrong);
+        let outcome = with_shard_locked(sessions, sid, || {
+            sessions.handle(now, T0, from, &bind, &mut vec![0; MAX_DATAGRAM])
+        });
+        assert!(matches!(outcome, Outcome::Reply { .. }), "{outcome:?}");
+        let rejected = sessions.counters().binds_rejected;
+        assert_eq!(
+            rejected[wire::RejectReason::TokenInvalid.as_u8() as usize],
+            1
+        );
+        assert_eq!(rejected[wire::RejectReason::BadProof.as_u8() as usize], 1);
+
+        // A good BIND is verified with the shard locked too; only binding it needs the lock.
+        let bind = Relay::bind_packet(&token, Slot::A, 2, cookie, &keys);
+        let checked = with_shard_locked(sessions, sid, || {
+            sessions.check(now, T0, from, &bind, &mut vec![0; MAX_DATAGRAM])
+        });
+        let Ok(input @ Input::Bind(_)) = checked else {
+            panic!("expected a verified BIND, got {checked:?}");
+        };
+        assert_eq!(sessions.occupancy(), (0, 0), "checking binds nothing");
+        let outcome = sessions.apply(now, T0, Ok(input), &mut r.reply);
+        let Outcome::Reply { len, .. } = outcome else {
+            panic!("expected a BIND-ACK, got {outcome:?}");
+        };
+        assert!(matches!(
+            wire::parse(&r.reply[..len]),
+            Ok(Packet::BindAck(_))
+        ));
+        assert_eq!(sessions.occupancy(), (1, 1));
+    }
+
+    /// Records each event and whether its shard was unlocked when it arrived.
+    #[derive(Debug, Default)]
+    struct Recorder {
+        sessions: OnceLock<Weak<Sessions>>,
+        seen: Mutex<Vec<(SessionEvent, bool)>>,
+    }
+
+    impl SessionObserver for Recorder {
+        fn session_event(&self, event: SessionEvent) {
+            let (SessionEvent::Opened(sid) | SessionEvent::Closed(sid)) = event;
+            let sessions = self.sessions.get().and_then(Weak::upgrade).unwrap();
+            let unlocked = sessions.shard(sid).table.try_lock().is_ok();
+            lock(&self.seen).push((event, unlocked));
+        }
+    }
+
+    #[test]
+    fn events_reach_the_observer_outside_the_shard_lock_and_opened_before_the_ack() {
+        let mut r = Relay::new(SessionLimits::default());
+        let recorder = Arc::new(Recorder::default());
+        let placeholder = Relay::new(SessionLimits::default()).sessions;
+        let sessions = std::mem::replace(&mut r.sessions, placeholder);
+        let sessions = Arc::new(sessions.with_observer(Arc::clone(&recorder) as _));
+        recorder.sessions.set(Arc::downgrade(&sessions)).unwrap();
+        let (sid, from) = (0x99, addr(1));
+        let token = r.mint(&r.minter, sid, TokenSlot::A);
+        let keys = SlotKeys::derive(&token.slot_secret);
+        let probe = Relay::bind_packet(&token, Slot::A, 1, [0; 16], &keys);
+        let Outcome::Reply { len, .. } = sessions.handle(r.now, T0, from, &probe, &mut r.reply)
+        else {
+            panic!("expected a CHALLENGE");
+        };
+        let Ok(Packet::Challenge(c)) = wire::parse(&r.reply[..len]) else {
+            panic!("expected a CHALLENGE");
+        };
+        let bind = Relay::bind_packet(&token, Slot::A, 2, *c.cookie(), &keys);
+        let outcome = sessions.handle(r.now, T0, from, &bind, &mut r.reply);
+        assert!(matches!(outcome, Outcome::Reply { .. }));
+        // By the time the BIND-ACK is handed back, the observer knows the session.
+        assert_eq!(*lock(&recorder.seen), [(SessionEvent::Opened(sid), true)]);
+        let later = r.now + Duration::from_secs(3600);
+        assert_eq!(sessions.reap(later, T0), 1);
+        assert_eq!(
+            *lock(&recorder.seen),
+            [
+                (SessionEvent::Opened(sid), true),
+                (SessionEvent::Closed(sid), true)
+            ]
+        );
     }
 }
