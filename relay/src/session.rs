@@ -21,7 +21,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ferry_core::proof::SlotKeys;
@@ -270,12 +269,6 @@ impl Counters {
             Tally::Rejected(reason) => self.count_reject(reason),
         }
     }
-}
-
-/// Locks a mutex, carrying on with the data if a panicking thread poisoned it: every update
-/// under these locks leaves the tables consistent between statements that can panic.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// One peer's claim on a slot.
