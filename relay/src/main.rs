@@ -1,9 +1,9 @@
 //! `ferry-relay`: the relay binary.
 //!
 //! The data path, in two hops: [`ferry_relay::worker::run_worker`] (one pinned io_uring loop
-//! per core) hands each datagram to its [`ferry_relay::shards::SessionsHandler`], which runs
-//! [`ferry_relay::shards::Sessions::handle`]: the session logic of docs/protocol.md §7, which
-//! says whether to forward, answer or drop it.
+//! per core) hands each datagram to its [`ferry_relay::shards::SessionsHandler`], and so to
+//! [`ferry_relay::shards::Sessions::handle`] in the same module, which runs the session logic
+//! of docs/protocol.md §7 and says whether to forward, answer or drop it.
 //! This file only wires things together: config, workers, the admin listener and signals.
 
 use std::path::{Path, PathBuf};

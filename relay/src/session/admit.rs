@@ -102,7 +102,8 @@ pub struct Answered {
     pub outcome: Outcome,
     /// What the caller counts.
     pub tally: Tally,
-    /// The session the datagram names (0 if it has no valid header).
+    /// The session the datagram names (0 for a malformed datagram): it picks the shard whose
+    /// counters count the answer.
     pub session_id: u64,
 }
 
