@@ -16,7 +16,7 @@
 //! [`IpTable`] (touched only by BIND/REBIND, close and reap), and the session cap, which each
 //! shard enforces for its share (`max_sessions / shards`, rounded up).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -98,24 +98,19 @@ impl std::fmt::Debug for Sessions {
 struct SharedIps<'a>(&'a Mutex<IpTable>);
 
 impl SlotAccounts for SharedIps<'_> {
-    fn may_attach(&self, ip: std::net::IpAddr) -> Result<(), IpRefusal> {
+    fn may_attach(&self, ip: IpAddr) -> Result<(), IpRefusal> {
         lock(self.0).may_attach(ip)
     }
 
-    fn attach(&mut self, ip: std::net::IpAddr, now: Instant) {
+    fn attach(&mut self, ip: IpAddr, now: Instant) {
         lock(self.0).attach(ip, now);
     }
 
-    fn detach(&mut self, ip: std::net::IpAddr) {
+    fn detach(&mut self, ip: IpAddr) {
         lock(self.0).detach(ip);
     }
 
-    fn move_slot(
-        &mut self,
-        from: std::net::IpAddr,
-        to: std::net::IpAddr,
-        now: Instant,
-    ) -> Result<(), IpRefusal> {
+    fn move_slot(&mut self, from: IpAddr, to: IpAddr, now: Instant) -> Result<(), IpRefusal> {
         lock(self.0).move_slot(from, to, now)
     }
 }
