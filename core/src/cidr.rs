@@ -85,6 +85,16 @@ pub fn mask(ip: IpAddr, prefix_len: u8) -> IpAddr {
     }
 }
 
+/// The key a per-source limit counts `ip` under: an IPv4 address (IPv4-mapped IPv6 included)
+/// as it is, an IPv6 address by its first `ipv6_prefix_len` bits, since one host usually owns
+/// a whole /64 and could otherwise take a fresh address for every request.
+pub fn limit_key(ip: IpAddr, ipv6_prefix_len: u8) -> IpAddr {
+    match ip.to_canonical() {
+        v4 @ IpAddr::V4(_) => v4,
+        v6 @ IpAddr::V6(_) => mask(v6, ipv6_prefix_len),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,6 +148,12 @@ mod tests {
         ] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad}");
         }
+        assert_eq!(
+            limit_key(ip("2001:db8:1:2:aaaa::1"), 64),
+            ip("2001:db8:1:2::")
+        );
+        assert_eq!(limit_key(ip("::ffff:198.18.0.7"), 64), ip("198.18.0.7"));
+        assert_eq!(limit_key(ip("198.18.0.7"), 8), ip("198.18.0.7"));
         assert_eq!(
             "10.1.0.1/16".parse::<Cidr>().unwrap_err(),
             "\"10.1.0.1/16\" has host bits set; the prefix is 10.1.0.0/16"

@@ -19,6 +19,8 @@
 //! - [`keys`]: key files for relays, gateways and peers.
 //! - [`problems`] and [`cidr`]: config validation that names every bad field, and IP prefixes,
 //!   shared by the relay's and the gateway's config files.
+//! - [`ratelimit`]: token buckets and a bounded table of them keyed by client, shared by the
+//!   relay's per-source bind limits and the gateway's request limits.
 #![forbid(unsafe_code)]
 
 pub mod cidr;
@@ -27,6 +29,7 @@ pub mod known_peers;
 pub mod noise;
 pub mod problems;
 pub mod proof;
+pub mod ratelimit;
 pub mod seal;
 pub mod time;
 pub mod token;

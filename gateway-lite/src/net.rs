@@ -20,16 +20,9 @@ use axum::http::HeaderMap;
 /// The most `X-Forwarded-For` entries looked at (from the right): a chain of proxies is short.
 pub const MAX_FORWARDED_HOPS: usize = 32;
 
-pub use ferry_core::cidr::{Cidr, mask};
-
-/// The key the per-IP rate limit counts `ip` under: an IPv4 address (IPv4-mapped IPv6
-/// included) as it is, an IPv6 address by its first `ipv6_prefix_len` bits.
-pub fn limit_key(ip: IpAddr, ipv6_prefix_len: u8) -> IpAddr {
-    match ip.to_canonical() {
-        v4 @ IpAddr::V4(_) => v4,
-        v6 @ IpAddr::V6(_) => mask(v6, ipv6_prefix_len),
-    }
-}
+// `limit_key` is the key the per-IP rate limit counts a client under; the relay's per-IP
+// bind limits use the same function.
+pub use ferry_core::cidr::{Cidr, limit_key, mask};
 
 /// Where a request came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

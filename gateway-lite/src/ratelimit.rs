@@ -2,54 +2,24 @@
 //!
 //! Each key gets a bucket of `burst` tokens refilled at `rate` per second; a request takes one
 //! token or is refused with the time until one is available (the `Retry-After` of the 429).
-//! The table holds at most `capacity` keys: when it is full, buckets that have refilled
-//! completely (idle clients, who lose nothing by being forgotten) make room; if none has, a new
-//! key is refused rather than an active one forgotten. That scan runs at most once a second, so
-//! a flood of new addresses costs a hash lookup each, not a scan each.
+//! The table is [`ferry_core::ratelimit::KeyedLimiter`], shared with the relay's per-source
+//! bind limits: it holds at most `capacity` keys, and when it is full, buckets that have
+//! refilled completely (idle clients, who lose nothing by being forgotten) make room; if none
+//! has, a new key is refused rather than an active one forgotten. That scan runs at most once a
+//! second, so a flood of new addresses costs a hash lookup each, not a scan each. This file only
+//! puts the table behind a mutex for the request handlers.
 
-use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    last: Instant,
-}
+use ferry_core::ratelimit::KeyedLimiter;
+pub use ferry_core::ratelimit::Refused;
 
-/// A table of token buckets.
+/// A table of token buckets, shared by the request handlers.
 #[derive(Debug)]
 pub struct RateLimiter<K> {
-    inner: Mutex<Table<K>>,
-}
-
-#[derive(Debug)]
-struct Table<K> {
-    rate: f64,
-    burst: f64,
-    capacity: usize,
-    buckets: HashMap<K, Bucket>,
-    last_sweep: Option<Instant>,
-}
-
-/// Why a request was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refused {
-    /// The key's bucket is empty; a token is back after this long.
-    Empty(Duration),
-    /// The table is full of active keys; try again in a second.
-    TableFull,
-}
-
-impl Refused {
-    /// The `Retry-After` to send, whole seconds, at least 1.
-    pub fn retry_after_secs(self) -> u64 {
-        match self {
-            Self::Empty(wait) => wait.as_secs_f64().ceil().max(1.0) as u64,
-            Self::TableFull => 1,
-        }
-    }
+    inner: Mutex<KeyedLimiter<K>>,
 }
 
 impl<K: Hash + Eq + Clone> RateLimiter<K> {
@@ -57,73 +27,30 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
     /// `capacity` keys.
     pub fn new(rate: f64, burst: u32, capacity: usize) -> Self {
         Self {
-            inner: Mutex::new(Table {
-                rate,
-                burst: f64::from(burst.max(1)),
-                capacity: capacity.max(1),
-                buckets: HashMap::new(),
-                last_sweep: None,
-            }),
+            inner: Mutex::new(KeyedLimiter::new(rate, burst, capacity)),
         }
+    }
+
+    /// The table; a panic elsewhere cannot leave it half-updated (every change is one call).
+    fn table(&self) -> MutexGuard<'_, KeyedLimiter<K>> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// New limits (a config reload). Clients keep their buckets: one that holds more than the
     /// new burst is cut down to it at its next request, and a table above the new capacity
     /// shrinks as its idle entries are swept.
     pub fn set_limits(&self, rate: f64, burst: u32, capacity: usize) {
-        let mut table = self
-            .inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        table.rate = rate;
-        table.burst = f64::from(burst.max(1));
-        table.capacity = capacity.max(1);
+        self.table().set_limits(rate, burst, capacity);
     }
 
     /// Takes a token for `key` at `now`, or says how long to wait.
     pub fn check(&self, key: &K, now: Instant) -> Result<(), Refused> {
-        let mut table = self
-            .inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (rate, burst, capacity) = (table.rate, table.burst, table.capacity);
-        if !table.buckets.contains_key(key) && table.buckets.len() >= capacity {
-            let due = table
-                .last_sweep
-                .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1));
-            if due {
-                table.last_sweep = Some(now);
-                table.buckets.retain(|_, b| {
-                    let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
-                    b.tokens + elapsed * rate < burst
-                });
-            }
-            if table.buckets.len() >= capacity {
-                return Err(Refused::TableFull);
-            }
-        }
-        let bucket = table.buckets.entry(key.clone()).or_insert(Bucket {
-            tokens: burst,
-            last: now,
-        });
-        let elapsed = now.saturating_duration_since(bucket.last).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * rate).min(burst);
-        bucket.last = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            Ok(())
-        } else {
-            let wait = (1.0 - bucket.tokens) / rate;
-            Err(Refused::Empty(Duration::from_secs_f64(wait)))
-        }
+        self.table().check(key, now)
     }
 
     /// Keys tracked now.
     pub fn len(&self) -> usize {
-        self.inner
-            .lock()
-            .map(|t| t.buckets.len())
-            .unwrap_or_default()
+        self.table().len()
     }
 
     /// Whether no key is tracked.
@@ -134,6 +61,8 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]

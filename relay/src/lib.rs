@@ -1,10 +1,13 @@
 //! `ferry-relay`: the relay binary's library half. From `main.rs`, the data path is two hops
-//! away: [`worker`] (one pinned io_uring loop per core) calls [`shards::Sessions::handle`],
-//! which runs [`session::SessionTable`] (protocol.md §7, sans-IO) for the datagram's session.
+//! away: [`worker`] (one pinned io_uring loop per core) calls its [`shards::SessionsHandler`],
+//! whose [`shards::Sessions::handle`] runs [`session::check`] and then
+//! [`session::SessionTable`] (protocol.md §7, sans-IO) for the datagram's session.
 //!
 //! - [`config`]: the TOML config, validated before it is applied (`check-config`, SIGHUP).
-//! - [`session`]: the sans-IO session table; [`limits`]: token buckets and per-IP accounting.
-//! - [`shards`]: the session tables shared by all workers, sharded by session id.
+//! - [`session`]: the sans-IO session logic; [`limits`]: token buckets and per-source
+//!   accounting.
+//! - [`shards`]: the session tables shared by all workers, sharded by session id, and the
+//!   workers' handler that drives them.
 //! - [`uring`]: the unsafe io_uring plumbing (buffer ring, multishot recvmsg, sends), one module.
 //! - [`worker`]: the per-core loop that drives a ring and the shared sessions.
 //! - [`xdp`]: loads the XDP guard (`ebpf/xdp`), writes its limits and lists, reads its counters.

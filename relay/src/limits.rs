@@ -1,87 +1,36 @@
-//! Rate limits and per-source-IP accounting, sans-IO (time is a parameter).
+//! Rate limits and per-source accounting, sans-IO (time is a parameter).
 //!
-//! - [`TokenBucket`]: bytes (or events) per second with a burst, in integer arithmetic.
-//! - [`IpTable`]: per source IP, a bind-rate bucket and the number of slots the IP holds. It is
-//!   bounded: when it is full, idle entries make room; if none is idle the new IP is refused
-//!   (counted), never an existing entry forgotten while it holds slots.
+//! - [`TokenBucket`]: bytes (or events) per second with a burst, in integer arithmetic (from
+//!   [`ferry_core::ratelimit`]); each bound slot's DATA budget is one.
+//! - [`IpTable`]: per source, a bind-rate bucket and the number of slots the source holds. A
+//!   source is an IPv4 address, or an IPv6 prefix of [`IpLimits::ipv6_prefix_len`] bits (one
+//!   host usually owns a whole /64, and could otherwise take a fresh address for every BIND).
+//!   It is a [`KeyedLimiter`], the same bounded table as the gateway's request limits: when it
+//!   is full, idle sources make room (a sweep at most once a second); if none is idle the new
+//!   source is refused (counted), never an existing entry forgotten while it holds slots.
+//! - [`SlotAccounts`]: what a session table charges slots to; [`IpTable`] implements it, and so
+//!   does whatever shares one table between session shards.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Instant;
 
-/// A token bucket: `rate` units per second, at most `burst` units saved up.
-#[derive(Clone, Debug)]
-pub struct TokenBucket {
-    rate: u64,
-    burst: u64,
-    /// Units available, scaled by 10^9 so refills of a few nanoseconds are not lost.
-    nano_units: u128,
-    last: Instant,
-}
+use ferry_core::cidr::limit_key;
+pub use ferry_core::ratelimit::TokenBucket;
+use ferry_core::ratelimit::{KeyState, KeyedLimiter, Refused};
 
-const NANOS: u128 = 1_000_000_000;
-
-impl TokenBucket {
-    /// A full bucket at `now`.
-    pub fn new(rate: u64, burst: u64, now: Instant) -> Self {
-        Self {
-            rate,
-            burst,
-            nano_units: u128::from(burst) * NANOS,
-            last: now,
-        }
-    }
-
-    /// The refill rate, units per second.
-    pub fn rate(&self) -> u64 {
-        self.rate
-    }
-
-    fn refill(&mut self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.last).as_nanos();
-        self.last = now.max(self.last);
-        let cap = u128::from(self.burst) * NANOS;
-        self.nano_units = (self.nano_units + elapsed * u128::from(self.rate)).min(cap);
-    }
-
-    /// Takes `units` if available at `now`; returns whether it did.
-    pub fn try_take(&mut self, units: u64, now: Instant) -> bool {
-        self.refill(now);
-        let want = u128::from(units) * NANOS;
-        if self.nano_units >= want {
-            self.nano_units -= want;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Whether the bucket is full at `now` (so forgetting it changes nothing).
-    pub fn is_full(&mut self, now: Instant) -> bool {
-        self.refill(now);
-        self.nano_units >= u128::from(self.burst) * NANOS
-    }
-
-    /// Changes the rate and burst, keeping what is saved up (capped at the new burst).
-    pub fn set_rate(&mut self, rate: u64, burst: u64, now: Instant) {
-        self.refill(now);
-        self.rate = rate;
-        self.burst = burst;
-        self.nano_units = self.nano_units.min(u128::from(burst) * NANOS);
-    }
-}
-
-/// Per-IP limits, from the config's `[limits]` section.
+/// Per-source limits, from the config's `[limits]` section.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct IpLimits {
-    /// BIND/REBIND attempts per second per source IP (after the address cookie checks out).
+    /// BIND/REBIND attempts per second per source (after the address cookie checks out).
     pub bind_rate: f64,
-    /// Attempts a source IP may make at once after a quiet period.
+    /// Attempts a source may make at once after a quiet period.
     pub bind_burst: u32,
-    /// Slots one source IP may hold bound at once.
+    /// Slots one source may hold bound at once.
     pub max_bindings: u32,
-    /// Source IPs tracked at once.
+    /// Sources tracked at once.
     pub capacity: usize,
+    /// IPv6 sources are counted per prefix of this length; IPv4 sources per address.
+    pub ipv6_prefix_len: u8,
 }
 
 impl Default for IpLimits {
@@ -91,127 +40,149 @@ impl Default for IpLimits {
             bind_burst: 40,
             max_bindings: 64,
             capacity: 1 << 20,
+            ipv6_prefix_len: 64,
         }
     }
 }
 
-/// Why [`IpTable`] refused a bind attempt.
+/// Why [`IpTable`] refused a bind attempt or a slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IpRefusal {
-    /// The IP is over its bind rate.
+    /// The source is over its bind rate.
     RateLimited,
-    /// The IP already holds `max_bindings` slots.
+    /// The source already holds `max_bindings` slots.
     TooManyBindings,
-    /// The table is full of IPs that hold slots or have recently bound.
+    /// The table is full of sources that hold slots or have recently bound.
     TableFull,
 }
 
-#[derive(Clone, Debug)]
-struct IpEntry {
-    /// Bind attempts, in milli-attempts so fractional rates work.
-    binds: TokenBucket,
+/// What the table keeps per source next to its bind-rate bucket.
+#[derive(Clone, Copy, Debug, Default)]
+struct Held {
     bindings: u32,
 }
 
-/// Bind rates and binding counts per source IP, shared by every session shard.
+impl KeyState for Held {
+    /// A source that holds a slot is never forgotten.
+    fn is_idle(&self) -> bool {
+        self.bindings == 0
+    }
+}
+
+/// What a [`crate::session::SessionTable`] charges the slots it binds to. Checking and taking a
+/// slot are separate calls, as the table checks before its other checks and takes after them.
+pub trait SlotAccounts {
+    /// Whether the source of `ip` may take one more slot.
+    fn may_attach(&self, ip: IpAddr) -> Result<(), IpRefusal>;
+    /// Records that the source of `ip` now holds one more slot.
+    fn attach(&mut self, ip: IpAddr, now: Instant);
+    /// Records that the source of `ip` gave up one slot.
+    fn detach(&mut self, ip: IpAddr);
+    /// Moves one slot from the source of `from` to that of `to` (a REBIND), unless `to`'s
+    /// source may not take one more; nothing changes when both are the same source.
+    fn move_slot(&mut self, from: IpAddr, to: IpAddr, now: Instant) -> Result<(), IpRefusal>;
+}
+
+/// Bind rates and binding counts per source, shared by every session shard.
 #[derive(Debug)]
 pub struct IpTable {
     limits: IpLimits,
-    entries: HashMap<IpAddr, IpEntry>,
+    table: KeyedLimiter<IpAddr, Held>,
 }
 
 impl IpTable {
     /// An empty table.
     pub fn new(limits: IpLimits) -> Self {
         Self {
+            table: KeyedLimiter::new(limits.bind_rate, limits.bind_burst, limits.capacity),
             limits,
-            entries: HashMap::new(),
         }
     }
 
-    /// Source IPs tracked now.
+    /// The key `ip` is counted under.
+    fn key(&self, ip: IpAddr) -> IpAddr {
+        limit_key(ip, self.limits.ipv6_prefix_len)
+    }
+
+    /// Sources tracked now.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.table.len()
     }
 
-    /// Whether no IP is tracked.
+    /// Whether no source is tracked.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.table.is_empty()
     }
 
-    /// Slots `ip` holds now.
+    /// How many times the full table has been swept for idle sources.
+    pub fn sweeps(&self) -> u64 {
+        self.table.sweeps()
+    }
+
+    /// Slots the source of `ip` holds now.
     pub fn bindings(&self, ip: IpAddr) -> u32 {
-        self.entries.get(&ip).map_or(0, |e| e.bindings)
+        self.table.state(&self.key(ip)).map_or(0, |h| h.bindings)
     }
 
-    /// New limits (SIGHUP); existing entries keep their state under the new rates.
-    pub fn set_limits(&mut self, limits: IpLimits, now: Instant) {
-        self.limits = limits;
-        let (rate, burst) = Self::bind_bucket(&limits);
-        for entry in self.entries.values_mut() {
-            entry.binds.set_rate(rate, burst, now);
-        }
+    /// New limits (SIGHUP); existing sources keep their state under the new rates. The IPv6
+    /// prefix length stays as it was: the binding counts are keyed by it, so a new one takes a
+    /// restart (the config's reload check refuses it).
+    pub fn set_limits(&mut self, limits: IpLimits) {
+        self.table
+            .set_limits(limits.bind_rate, limits.bind_burst, limits.capacity);
+        self.limits = IpLimits {
+            ipv6_prefix_len: self.limits.ipv6_prefix_len,
+            ..limits
+        };
     }
 
-    fn bind_bucket(limits: &IpLimits) -> (u64, u64) {
-        let rate = (limits.bind_rate * 1000.0).round().max(1.0) as u64;
-        (rate, u64::from(limits.bind_burst.max(1)) * 1000)
-    }
-
-    fn entry(&mut self, ip: IpAddr, now: Instant) -> Result<&mut IpEntry, IpRefusal> {
-        if !self.entries.contains_key(&ip) && self.entries.len() >= self.limits.capacity {
-            // Make room: forget IPs that hold nothing and whose bucket has refilled, which is
-            // exactly the state a new entry starts in.
-            self.entries
-                .retain(|_, e| e.bindings > 0 || !e.binds.is_full(now));
-            if self.entries.len() >= self.limits.capacity {
-                return Err(IpRefusal::TableFull);
-            }
-        }
-        let (rate, burst) = Self::bind_bucket(&self.limits);
-        Ok(self.entries.entry(ip).or_insert_with(|| IpEntry {
-            binds: TokenBucket::new(rate, burst, now),
-            bindings: 0,
-        }))
-    }
-
-    /// Charges one bind attempt to `ip`; refuses when over its rate.
+    /// Charges one bind attempt to the source of `ip`; refuses when over its rate.
     pub fn try_bind_attempt(&mut self, ip: IpAddr, now: Instant) -> Result<(), IpRefusal> {
-        let entry = self.entry(ip, now)?;
-        match entry.binds.try_take(1000, now) {
-            true => Ok(()),
-            false => Err(IpRefusal::RateLimited),
-        }
+        self.table.check(&self.key(ip), now).map_err(|e| match e {
+            Refused::Empty(_) => IpRefusal::RateLimited,
+            Refused::TableFull => IpRefusal::TableFull,
+        })
     }
+}
 
-    /// Whether `ip` may take one more slot.
-    pub fn may_attach(&self, ip: IpAddr) -> Result<(), IpRefusal> {
+impl SlotAccounts for IpTable {
+    fn may_attach(&self, ip: IpAddr) -> Result<(), IpRefusal> {
         match self.bindings(ip) < self.limits.max_bindings {
             true => Ok(()),
             false => Err(IpRefusal::TooManyBindings),
         }
     }
 
-    /// Records that `ip` now holds one more slot.
-    pub fn attach(&mut self, ip: IpAddr, now: Instant) {
+    fn attach(&mut self, ip: IpAddr, now: Instant) {
         // An attach follows a successful `try_bind_attempt`, so the entry exists unless the
-        // table was full of busy IPs in between; then the slot is simply not counted.
-        if let Ok(entry) = self.entry(ip, now) {
-            entry.bindings = entry.bindings.saturating_add(1);
+        // table was full of busy sources in between; then the slot is simply not counted.
+        let key = self.key(ip);
+        if let Ok(held) = self.table.state_or_insert(&key, now) {
+            held.bindings = held.bindings.saturating_add(1);
         }
     }
 
-    /// Records that `ip` gave up one slot.
-    pub fn detach(&mut self, ip: IpAddr) {
-        if let Some(entry) = self.entries.get_mut(&ip) {
-            entry.bindings = entry.bindings.saturating_sub(1);
+    fn detach(&mut self, ip: IpAddr) {
+        let key = self.key(ip);
+        if let Some(held) = self.table.state_mut(&key) {
+            held.bindings = held.bindings.saturating_sub(1);
         }
+    }
+
+    fn move_slot(&mut self, from: IpAddr, to: IpAddr, now: Instant) -> Result<(), IpRefusal> {
+        if self.key(from) == self.key(to) {
+            return Ok(());
+        }
+        self.may_attach(to)?;
+        self.detach(from);
+        self.attach(to, now);
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    use std::net::{Ipv4Addr, Ipv6Addr};
     use std::time::Duration;
 
     use super::*;
@@ -220,30 +191,8 @@ mod tests {
         IpAddr::V4(Ipv4Addr::new(198, 18, 0, last))
     }
 
-    #[test]
-    fn bucket_spends_its_burst_then_refills_at_its_rate() {
-        let t0 = Instant::now();
-        let mut b = TokenBucket::new(1000, 1500, t0);
-        assert!(b.try_take(1500, t0));
-        assert!(!b.try_take(1, t0));
-        // 100 ms at 1000/s is 100 units.
-        let t1 = t0 + Duration::from_millis(100);
-        assert!(b.try_take(100, t1));
-        assert!(!b.try_take(1, t1));
-        // Never more than the burst, however long it waits.
-        let t2 = t1 + Duration::from_secs(3600);
-        assert!(b.is_full(t2));
-        assert!(b.try_take(1500, t2));
-        assert!(!b.try_take(1, t2));
-    }
-
-    #[test]
-    fn bucket_tolerates_time_going_backwards() {
-        let t0 = Instant::now() + Duration::from_secs(10);
-        let mut b = TokenBucket::new(10, 10, t0);
-        assert!(b.try_take(10, t0));
-        assert!(!b.try_take(1, t0 - Duration::from_secs(5)));
-        assert!(b.try_take(10, t0 + Duration::from_secs(1)));
+    fn v6(net: u16, host: u16) -> IpAddr {
+        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, net, 0, 0, 0, host))
     }
 
     #[test]
@@ -310,5 +259,82 @@ mod tests {
             "an IP holding a slot is never forgotten"
         );
         assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn ipv6_sources_in_one_prefix_share_a_bind_budget_and_a_binding_count() {
+        let t0 = Instant::now();
+        let limits = IpLimits {
+            bind_rate: 1.0,
+            bind_burst: 2,
+            max_bindings: 2,
+            ..IpLimits::default()
+        };
+        let mut t = IpTable::new(limits);
+        // Two addresses of 2001:db8:0:1::/64 spend one budget of two attempts.
+        assert_eq!(t.try_bind_attempt(v6(1, 1), t0), Ok(()));
+        assert_eq!(t.try_bind_attempt(v6(1, 2), t0), Ok(()));
+        assert_eq!(
+            t.try_bind_attempt(v6(1, 3), t0),
+            Err(IpRefusal::RateLimited)
+        );
+        // The next /64 has its own.
+        assert_eq!(t.try_bind_attempt(v6(2, 1), t0), Ok(()));
+        t.attach(v6(1, 1), t0);
+        t.attach(v6(1, 2), t0);
+        assert_eq!(t.bindings(v6(1, 0xffff)), 2);
+        assert_eq!(t.may_attach(v6(1, 9)), Err(IpRefusal::TooManyBindings));
+        assert_eq!(t.may_attach(v6(2, 9)), Ok(()));
+        assert_eq!(t.len(), 2);
+        // Moving a slot inside the prefix changes nothing; out of it, the count follows.
+        assert_eq!(t.move_slot(v6(1, 1), v6(1, 7), t0), Ok(()));
+        assert_eq!(t.bindings(v6(1, 0)), 2);
+        assert_eq!(t.move_slot(v6(1, 1), v6(2, 7), t0), Ok(()));
+        assert_eq!((t.bindings(v6(1, 0)), t.bindings(v6(2, 0))), (1, 1));
+        // A /128 prefix counts every address alone.
+        let mut t = IpTable::new(IpLimits {
+            ipv6_prefix_len: 128,
+            ..limits
+        });
+        t.attach(v6(1, 1), t0);
+        assert_eq!(t.bindings(v6(1, 2)), 0);
+        // A reload keeps the prefix the counts are keyed by.
+        t.set_limits(IpLimits {
+            ipv6_prefix_len: 48,
+            ..limits
+        });
+        assert_eq!(t.bindings(v6(1, 1)), 1);
+        assert_eq!(t.bindings(v6(1, 2)), 0);
+    }
+
+    #[test]
+    fn a_full_table_does_not_sweep_for_every_new_source() {
+        let t0 = Instant::now();
+        let limits = IpLimits {
+            capacity: 16,
+            ..IpLimits::default()
+        };
+        let mut t = IpTable::new(limits);
+        for last in 0..16 {
+            t.try_bind_attempt(ip(last), t0).unwrap();
+        }
+        // A flood of new sources while every entry is busy: the first one sweeps, the others
+        // are refused with a hash lookup each.
+        for last in 16..=255 {
+            assert_eq!(t.try_bind_attempt(ip(last), t0), Err(IpRefusal::TableFull));
+        }
+        for net in 0..1000 {
+            assert_eq!(
+                t.try_bind_attempt(v6(net, 1), t0 + Duration::from_millis(999)),
+                Err(IpRefusal::TableFull)
+            );
+        }
+        assert_eq!(t.sweeps(), 1);
+        // A second on, the entries have refilled and the next sweep makes room.
+        assert_eq!(
+            t.try_bind_attempt(ip(200), t0 + Duration::from_secs(3)),
+            Ok(())
+        );
+        assert_eq!((t.sweeps(), t.len()), (2, 1));
     }
 }

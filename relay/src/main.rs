@@ -1,8 +1,9 @@
 //! `ferry-relay`: the relay binary.
 //!
 //! The data path, in two hops: [`ferry_relay::worker::run_worker`] (one pinned io_uring loop
-//! per core) hands each datagram to [`ferry_relay::shards::Sessions::handle`], which runs the
-//! session logic of docs/protocol.md §7 and says whether to forward, answer or drop it.
+//! per core) hands each datagram to its [`ferry_relay::shards::SessionsHandler`], and so to
+//! [`ferry_relay::shards::Sessions::handle`] in the same module, which runs the session logic
+//! of docs/protocol.md §7 and says whether to forward, answer or drop it.
 //! This file only wires things together: config, workers, the admin listener and signals.
 
 use std::path::{Path, PathBuf};
@@ -15,14 +16,12 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ferry_core::keys::{self, RelayStaticKey};
 use ferry_core::proof::CookieJar;
-use ferry_core::time::UnixTime;
 use ferry_core::token::TokenVerifier;
 use ferry_relay::admin::{AdminServer, AdminState};
 use ferry_relay::config::{self, RelayConfig};
 use ferry_relay::exporter;
-use ferry_relay::session::Outcome;
-use ferry_relay::shards::Sessions;
-use ferry_relay::worker::{self, PacketHandler, WorkerConfig, WorkerStats};
+use ferry_relay::shards::{Sessions, SessionsHandler};
+use ferry_relay::worker::{self, WorkerConfig, WorkerStats};
 use ferry_relay::xdp::{self, Guard};
 
 /// Ferry relay: forwards end-to-end encrypted datagrams between two bound peers, blind.
@@ -117,33 +116,6 @@ fn check_config(file: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The workers' view of the shared sessions: a datagram in, an outcome out; reaping on ticks.
-struct SessionsHandler {
-    sessions: Arc<Sessions>,
-    next_reap: Instant,
-}
-
-impl PacketHandler for SessionsHandler {
-    fn handle(
-        &mut self,
-        now: Instant,
-        wall: UnixTime,
-        from: std::net::SocketAddr,
-        datagram: &[u8],
-        reply: &mut [u8],
-    ) -> Outcome {
-        self.sessions.handle(now, wall, from, datagram, reply)
-    }
-
-    fn tick(&mut self, now: Instant, wall: UnixTime) {
-        // Each worker reaps in turn; a second between passes is plenty for 60 s timeouts.
-        if now >= self.next_reap {
-            self.sessions.reap(now, wall);
-            self.next_reap = now + Duration::from_secs(1);
-        }
-    }
-}
-
 fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
@@ -225,10 +197,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
             stats: Arc::clone(stats),
             ..WorkerConfig::default()
         };
-        let handler = SessionsHandler {
-            sessions: Arc::clone(&sessions),
-            next_reap: Instant::now() + Duration::from_millis(index as u64 * 250),
-        };
+        let handler = SessionsHandler::new(Arc::clone(&sessions), index, Instant::now());
         let started = started_tx.clone();
         let thread = std::thread::Builder::new()
             .name(format!("ferry-worker-{index}"))

@@ -1,4 +1,5 @@
-//! The session tables every worker shares, sharded by session id.
+//! The session tables every worker shares, sharded by session id, and the workers' handler
+//! that drives them ([`SessionsHandler`]).
 //!
 //! `SO_REUSEPORT` hashes each source 4-tuple to one worker, so the two directions of a session
 //! usually arrive on different workers. Both must reach the same session state, so the state is
@@ -9,35 +10,78 @@
 //! draws them), so shards fill evenly. docs/architecture.md records why this was chosen over
 //! steering with a reuseport eBPF program.
 //!
-//! Limits that span sessions live outside the shards: per-source-IP accounting in one shared
+//! What needs no session state runs before any shard is locked ([`session::check`]): parsing,
+//! address cookies, and a BIND's token and proof verification, the expensive part of a BIND.
+//! Limits that span sessions live outside the shards: per-source accounting in one shared
 //! [`IpTable`] (touched only by BIND/REBIND, close and reap), and the session cap, which each
 //! shard enforces for its share (`max_sessions / shards`, rounded up).
 
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use ferry_core::proof::CookieJar;
 use ferry_core::time::UnixTime;
 use ferry_core::token::TokenVerifier;
 
-use crate::limits::{IpLimits, IpTable};
-use crate::session::{Counters, Outcome, SessionEvent, SessionLimits, SessionTable, lock};
+use crate::limits::{IpLimits, IpRefusal, IpTable, SlotAccounts};
+use crate::session::{self, Checked, Counters, Outcome, SessionEvent, SessionLimits, SessionTable};
+use crate::worker::PacketHandler;
 
-/// Told when a session opens or is forgotten, in order per session: the XDP guard's session
-/// filter (`crate::xdp::SessionFilter`) follows the tables this way.
+/// Told when a session opens or is forgotten: the XDP guard's session filter
+/// (`crate::xdp::SessionFilter`) follows the tables this way.
 pub trait SessionObserver: Send + Sync + std::fmt::Debug {
-    /// Called with the shard's lock held, so events of one session arrive in order.
+    /// Called with no shard locked, in order per session; an `Opened` arrives before the
+    /// BIND-ACK that opened the session is handed to the worker (see [`Sessions`]).
     fn session_event(&self, event: SessionEvent);
+}
+
+/// Locks a mutex, carrying on with the data if a panicking thread poisoned it: every update
+/// under these locks leaves the tables consistent between statements that can panic.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Shards per relay. A power of two well above the worker count keeps contention rare.
 pub const SHARDS: usize = 64;
 
+/// One shard: its table, and what goes with it.
+struct Shard {
+    table: Mutex<SessionTable>,
+    /// What [`session::check`] answered by itself for this shard's sessions, counted apart so
+    /// that those answers never wait for the table.
+    early: Mutex<Counters>,
+    /// Held while this shard's events reach the observer (see [`Sessions`]).
+    publish: Mutex<()>,
+}
+
 /// All sessions of the relay, shared by every worker.
+///
+/// Session events reach the observer outside the shard lock, like commands a sans-IO core
+/// hands its IO layer, yet in order per session and, for `Opened`, before the BIND-ACK leaves.
+/// The table queues them; [`Sessions`] takes the shard's publish lock *before* it releases the
+/// shard lock, releases the shard lock, hands the events over, and releases the publish lock.
+/// Why that keeps both rules:
+///
+/// - Order. Events of one session are only made under its shard's lock. Say worker 1 makes
+///   events E1, then worker 2 makes E2 for the same session. Worker 2 got the shard lock after
+///   worker 1 released it, and worker 1 held the publish lock by then; worker 2 asks for the
+///   publish lock only while it holds the shard lock, so it gets it after worker 1 has handed
+///   over E1 and let go. The publish lock is thus taken in the order the shard lock was, and
+///   E1 reaches the observer before E2.
+/// - The map learns a session first. [`Sessions::handle`] returns the BIND-ACK only after it
+///   has handed over the `Opened` the BIND made, so the worker sends it afterwards.
+/// - No deadlock. The locks are taken in one order (shard, then publish, then whatever the
+///   observer takes, which is never a shard lock), and a thread waiting for a publish lock
+///   holds at most one shard lock, the one the publish lock belongs to.
+///
+/// DATA, KEEPALIVE and every CHALLENGE or REJECT make no event and never touch a publish lock.
 pub struct Sessions {
-    shards: Vec<Mutex<SessionTable>>,
-    ips: Arc<Mutex<IpTable>>,
+    shards: Vec<Shard>,
+    ips: Mutex<IpTable>,
+    /// Replaced as a whole on SIGHUP; a BIND verifies with the one it finds.
+    verifier: RwLock<Arc<TokenVerifier>>,
+    cookies: CookieJar,
     observer: Option<Arc<dyn SessionObserver>>,
 }
 
@@ -46,6 +90,28 @@ impl std::fmt::Debug for Sessions {
         f.debug_struct("Sessions")
             .field("shards", &self.shards.len())
             .finish_non_exhaustive()
+    }
+}
+
+/// The per-source table shared by the shards, locked for each change (never while a BIND is
+/// verified).
+struct SharedIps<'a>(&'a Mutex<IpTable>);
+
+impl SlotAccounts for SharedIps<'_> {
+    fn may_attach(&self, ip: IpAddr) -> Result<(), IpRefusal> {
+        lock(self.0).may_attach(ip)
+    }
+
+    fn attach(&mut self, ip: IpAddr, now: Instant) {
+        lock(self.0).attach(ip, now);
+    }
+
+    fn detach(&mut self, ip: IpAddr) {
+        lock(self.0).detach(ip);
+    }
+
+    fn move_slot(&mut self, from: IpAddr, to: IpAddr, now: Instant) -> Result<(), IpRefusal> {
+        lock(self.0).move_slot(from, to, now)
     }
 }
 
@@ -64,59 +130,53 @@ fn shard_limits(limits: SessionLimits) -> SessionLimits {
 }
 
 impl Sessions {
-    /// Empty tables. Every shard verifies tokens with a copy of `verifier` and checks cookies
-    /// with the same secret, so a cookie issued by one shard is valid in all of them.
+    /// Empty tables. BINDs are verified with `verifier` (its trusted keys change on
+    /// [`Sessions::reload`]) and cookies checked with one secret, so a cookie is valid for
+    /// every shard.
     pub fn new(
         limits: SessionLimits,
         ip_limits: IpLimits,
         verifier: TokenVerifier,
         cookies: CookieJar,
     ) -> Self {
-        let ips = Arc::new(Mutex::new(IpTable::new(ip_limits)));
         let shard_limits = shard_limits(limits);
+        let skew = verifier.config().max_skew_secs;
         let shards = (0..SHARDS)
-            .map(|_| {
-                Mutex::new(SessionTable::new(
-                    shard_limits.clone(),
-                    verifier.clone(),
-                    cookies.clone(),
-                    Arc::clone(&ips),
-                ))
+            .map(|_| Shard {
+                table: Mutex::new(SessionTable::new(shard_limits.clone(), skew)),
+                early: Mutex::new(Counters::default()),
+                publish: Mutex::new(()),
             })
             .collect();
         Self {
             shards,
-            ips,
+            ips: Mutex::new(IpTable::new(ip_limits)),
+            verifier: RwLock::new(Arc::new(verifier)),
+            cookies,
             observer: None,
         }
     }
 
     /// Reports every session opened or forgotten from now on to `observer`.
     pub fn with_observer(mut self, observer: Arc<dyn SessionObserver>) -> Self {
-        for shard in &self.shards {
-            lock(shard).record_events();
-        }
         self.observer = Some(observer);
         self
     }
 
-    /// Hands the shard's recorded events to the observer (with the shard still locked).
-    fn report(&self, table: &mut SessionTable) {
-        if let Some(observer) = &self.observer {
-            for event in table.drain_events() {
-                observer.session_event(event);
-            }
-        }
-    }
-
     /// The shard that owns `session_id`.
-    fn shard(&self, session_id: u64) -> &Mutex<SessionTable> {
+    fn shard(&self, session_id: u64) -> &Shard {
         // SHARDS is a power of two; the mask keeps the index in range.
         let index = (session_id as usize) & (SHARDS - 1);
         &self.shards[index]
     }
 
-    /// Handles one datagram (see [`SessionTable::handle`]).
+    /// The token verifier in force now.
+    fn verifier(&self) -> Arc<TokenVerifier> {
+        Arc::clone(&self.verifier.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Handles one datagram: [`session::check`] with no lock held (but the per-source table's,
+    /// for a moment, to charge a bind attempt), then the session's shard under its lock.
     pub fn handle(
         &self,
         now: Instant,
@@ -125,15 +185,68 @@ impl Sessions {
         datagram: &[u8],
         reply: &mut [u8],
     ) -> Outcome {
-        // Anything without a valid header is counted by shard 0, so the common case pays for
-        // one parse of 16 bytes before the lock and one after it.
-        let session_id = ferry_common::header::parse_header(datagram)
-            .map(|h| h.session_id)
-            .unwrap_or(0);
-        let mut table = lock(self.shard(session_id));
-        let outcome = table.handle(now, wall, from, datagram, reply);
-        self.report(&mut table);
+        let checked = self.check(now, wall, from, datagram, reply);
+        self.apply(now, wall, checked, reply)
+    }
+
+    /// The first half of [`Sessions::handle`]: everything that needs no shard.
+    fn check<'a>(
+        &self,
+        now: Instant,
+        wall: UnixTime,
+        from: SocketAddr,
+        datagram: &'a [u8],
+        reply: &mut [u8],
+    ) -> Checked<'a> {
+        session::check(
+            &self.cookies,
+            || self.verifier(),
+            |ip| lock(&self.ips).try_bind_attempt(ip, now).is_ok(),
+            wall,
+            from,
+            datagram,
+            reply,
+        )
+    }
+
+    /// The second half of [`Sessions::handle`]: count what [`session::check`] answered, or let
+    /// the session's shard decide, then hand on the events it made.
+    fn apply(
+        &self,
+        now: Instant,
+        wall: UnixTime,
+        checked: Checked<'_>,
+        reply: &mut [u8],
+    ) -> Outcome {
+        let input = match checked {
+            Ok(input) => input,
+            Err(answered) => {
+                lock(&self.shard(answered.session_id).early).tally(answered.tally);
+                return answered.outcome;
+            }
+        };
+        let shard = self.shard(input.session_id());
+        let mut table = lock(&shard.table);
+        let outcome = table.handle(now, wall, input, &mut SharedIps(&self.ips), reply);
+        self.publish(shard, table);
         outcome
+    }
+
+    /// Hands the events `table` queued to the observer after releasing the shard lock, under
+    /// the shard's publish lock (see [`Sessions`] for why that keeps them in order).
+    fn publish(&self, shard: &Shard, mut table: MutexGuard<'_, SessionTable>) {
+        if !table.has_events() {
+            return;
+        }
+        let events = table.take_events();
+        let Some(observer) = &self.observer else {
+            return;
+        };
+        let _in_order = lock(&shard.publish);
+        drop(table);
+        for event in events {
+            observer.session_event(event);
+        }
     }
 
     /// Reaps idle and expired bindings in every shard; returns how many went.
@@ -141,9 +254,9 @@ impl Sessions {
         self.shards
             .iter()
             .map(|shard| {
-                let mut table = lock(shard);
-                let reaped = table.reap(now, wall);
-                self.report(&mut table);
+                let mut table = lock(&shard.table);
+                let reaped = table.reap(now, wall, &mut SharedIps(&self.ips));
+                self.publish(shard, table);
                 reaped
             })
             .sum()
@@ -153,7 +266,8 @@ impl Sessions {
     pub fn counters(&self) -> Counters {
         let mut total = Counters::default();
         for shard in &self.shards {
-            total.add(lock(shard).counters());
+            total.add(lock(&shard.table).counters());
+            total.add(&lock(&shard.early));
         }
         total
     }
@@ -161,18 +275,18 @@ impl Sessions {
     /// Sessions held now, and slots bound now.
     pub fn occupancy(&self) -> (usize, usize) {
         self.shards.iter().fold((0, 0), |(s, b), shard| {
-            let shard = lock(shard);
-            (s + shard.session_count(), b + shard.binding_count())
+            let table = lock(&shard.table);
+            (s + table.session_count(), b + table.binding_count())
         })
     }
 
-    /// Source IPs tracked by the per-IP limits.
+    /// Sources tracked by the per-source limits (IPv4 addresses and IPv6 prefixes).
     pub fn tracked_ips(&self) -> usize {
         lock(&self.ips).len()
     }
 
-    /// Applies reloaded limits and trusted gateway keys to every shard without dropping a
-    /// session (SIGHUP). `keys` replaces the trusted set entirely.
+    /// Applies reloaded limits and trusted gateway keys without dropping a session (SIGHUP).
+    /// `keys` replaces the trusted set entirely; BINDs verified from now on use it.
     pub fn reload(
         &self,
         now: Instant,
@@ -182,185 +296,70 @@ impl Sessions {
     ) {
         let shard_limits = shard_limits(limits);
         for shard in &self.shards {
-            let mut table = lock(shard);
-            table.set_limits(shard_limits.clone(), now);
-            let verifier = table.verifier_mut();
-            let old: Vec<u32> = verifier.trusted_kids().collect();
-            for kid in old {
-                verifier.remove_trusted_key(kid);
-            }
-            for (kid, key) in keys {
-                verifier.add_trusted_key(*kid, *key);
-            }
+            lock(&shard.table).set_limits(shard_limits.clone(), now);
         }
-        lock(&self.ips).set_limits(ip_limits, now);
+        let mut verifier = TokenVerifier::clone(&self.verifier());
+        let old: Vec<u32> = verifier.trusted_kids().collect();
+        for kid in old {
+            verifier.remove_trusted_key(kid);
+        }
+        for (kid, key) in keys {
+            verifier.add_trusted_key(*kid, *key);
+        }
+        *self
+            .verifier
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(verifier);
+        lock(&self.ips).set_limits(ip_limits);
+    }
+}
+
+/// Time between two reaping passes of one worker.
+const REAP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// One worker's view of the shared sessions ([`PacketHandler`]): a datagram in, an outcome
+/// out, and reaping on ticks.
+#[derive(Debug)]
+pub struct SessionsHandler {
+    sessions: Arc<Sessions>,
+    next_reap: Instant,
+}
+
+impl SessionsHandler {
+    /// The handler of worker number `index`. Workers start reaping a quarter second apart,
+    /// so that their passes spread over the second.
+    pub fn new(sessions: Arc<Sessions>, index: usize, now: Instant) -> Self {
+        Self {
+            sessions,
+            next_reap: now + Duration::from_millis(index as u64 * 250),
+        }
+    }
+}
+
+impl PacketHandler for SessionsHandler {
+    fn handle(
+        &mut self,
+        now: Instant,
+        wall: UnixTime,
+        from: SocketAddr,
+        datagram: &[u8],
+        reply: &mut [u8],
+    ) -> Outcome {
+        self.sessions.handle(now, wall, from, datagram, reply)
+    }
+
+    fn tick(&mut self, now: Instant, wall: UnixTime) {
+        // Every worker reaps every shard once a second (its ticks come every 100 ms by
+        // default), so with N workers the tables are reaped N times a second in all. A pass
+        // unbinds slots idle for `limits.idle_timeout_secs` (5 s at least) and slots whose
+        // token expired more than `limits.max_clock_skew_secs` ago, so a slot outlives its
+        // deadline by at most about a second.
+        if now >= self.next_reap {
+            self.sessions.reap(now, wall);
+            self.next_reap = now + REAP_INTERVAL;
+        }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use std::net::{IpAddr, Ipv4Addr};
-
-    use ferry_core::keys::{GatewaySigningKey, RelayStaticKey};
-    use ferry_core::proof::SlotKeys;
-    use ferry_core::token::{ClaimsInput, MintedToken, TokenMinter, TokenSlot, VerifierConfig};
-    use ferry_core::wire::{self, BindFields, MAX_DATAGRAM, Packet, Slot};
-    use ring::rand::SystemRandom;
-
-    use super::*;
-
-    const T0: UnixTime = UnixTime(1_900_000_000);
-
-    fn addr(last: u8) -> SocketAddr {
-        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 18, 0, last)), 4000)
-    }
-
-    struct Relay {
-        sessions: Sessions,
-        minter: TokenMinter,
-        relay_public: ferry_core::keys::RelayPublicKey,
-        rng: SystemRandom,
-        now: Instant,
-        reply: Vec<u8>,
-    }
-
-    impl Relay {
-        fn new(limits: SessionLimits) -> Self {
-            let rng = SystemRandom::new();
-            let relay = RelayStaticKey::generate(&rng).unwrap();
-            let relay_public = relay.public();
-            let minter = TokenMinter::new(1, GatewaySigningKey::generate(&rng).unwrap());
-            let mut verifier = TokenVerifier::new(VerifierConfig::new(5), relay).unwrap();
-            verifier.add_trusted_key(1, minter.public());
-            let cookies = CookieJar::generate(&rng).unwrap();
-            Self {
-                sessions: Sessions::new(limits, IpLimits::default(), verifier, cookies),
-                minter,
-                relay_public,
-                rng,
-                now: Instant::now(),
-                reply: vec![0; MAX_DATAGRAM],
-            }
-        }
-
-        fn mint(&self, minter: &TokenMinter, sid: u64, slot: TokenSlot) -> MintedToken {
-            let input = ClaimsInput {
-                slot,
-                relay_id: 5,
-                session_id: sid,
-                not_before: T0,
-                expires: T0.saturating_add(600),
-                rate_bytes_per_sec: 0,
-            };
-            minter.mint(&self.rng, &input, &self.relay_public).unwrap()
-        }
-
-        /// BIND (through the CHALLENGE) and return the relay's final answer packet type.
-        fn bind(&mut self, from: SocketAddr, token: &MintedToken, slot: Slot) -> Packet<'_> {
-            let keys = SlotKeys::derive(&token.slot_secret);
-            let sid = token.claims.session_id;
-            let mut buf = vec![0; MAX_DATAGRAM];
-            let mut cookie = [0; 16];
-            for seq in 1..=2 {
-                let fields = BindFields {
-                    slot,
-                    bind_seq: seq,
-                    cookie,
-                    token: &token.bytes,
-                };
-                let n = wire::encode_bind(&mut buf, sid, &fields, |m| keys.peer.mac(m)).unwrap();
-                let outcome = self
-                    .sessions
-                    .handle(self.now, T0, from, &buf[..n], &mut self.reply);
-                let Outcome::Reply { len, .. } = outcome else {
-                    panic!("no answer: {outcome:?}");
-                };
-                if seq == 1 {
-                    let Ok(Packet::Challenge(c)) = wire::parse(&self.reply[..len]) else {
-                        panic!("expected CHALLENGE");
-                    };
-                    cookie = *c.cookie();
-                } else {
-                    return wire::parse(&self.reply[..len]).unwrap();
-                }
-            }
-            unreachable!()
-        }
-    }
-
-    #[test]
-    fn sessions_in_different_shards_forward_and_counters_sum_up() {
-        let mut r = Relay::new(SessionLimits::default());
-        for (k, sid) in [7u64, 8, 7 + SHARDS as u64].into_iter().enumerate() {
-            let a = r.mint(&r.minter, sid, TokenSlot::A);
-            let b = r.mint(&r.minter, sid, TokenSlot::B);
-            let (pa, pb) = (addr(10 + 2 * k as u8), addr(11 + 2 * k as u8));
-            assert!(matches!(r.bind(pa, &a, Slot::A), Packet::BindAck(_)));
-            assert!(matches!(r.bind(pb, &b, Slot::B), Packet::BindAck(_)));
-            let mut data = vec![0; MAX_DATAGRAM];
-            let n = wire::encode_data(&mut data, sid, b"opaque").unwrap();
-            let outcome = r.sessions.handle(r.now, T0, pa, &data[..n], &mut r.reply);
-            assert_eq!(outcome, Outcome::Forward { to: pb });
-        }
-        let counters = r.sessions.counters();
-        assert_eq!(counters.forwarded, 3);
-        assert_eq!(counters.binds_accepted, 6);
-        assert_eq!(counters.challenges, 6);
-        assert_eq!(r.sessions.occupancy(), (3, 6));
-        assert_eq!(r.sessions.tracked_ips(), 6);
-        // Garbage is counted once, by the shard for session 0.
-        let outcome = r
-            .sessions
-            .handle(r.now, T0, addr(99), b"junk", &mut r.reply);
-        assert!(matches!(outcome, Outcome::Drop(_)));
-        assert_eq!(r.sessions.counters().malformed, 1);
-        // Everything idles out.
-        let later = r.now + std::time::Duration::from_secs(3600);
-        assert_eq!(r.sessions.reap(later, T0), 6);
-        assert_eq!(r.sessions.occupancy(), (0, 0));
-    }
-
-    #[test]
-    fn reload_swaps_trusted_keys_in_every_shard_without_dropping_sessions() {
-        let mut r = Relay::new(SessionLimits::default());
-        let a = r.mint(&r.minter, 3, TokenSlot::A);
-        assert!(matches!(r.bind(addr(1), &a, Slot::A), Packet::BindAck(_)));
-        // Rotate: trust only a new gateway key.
-        let rotated = TokenMinter::new(2, GatewaySigningKey::generate(&r.rng).unwrap());
-        let keys = [(2, rotated.public())];
-        r.sessions
-            .reload(r.now, SessionLimits::default(), IpLimits::default(), &keys);
-        for sid in [4u64, 5] {
-            let old = r.mint(&r.minter, sid, TokenSlot::A);
-            assert!(matches!(r.bind(addr(2), &old, Slot::A), Packet::Reject(_)));
-            let new = r.mint(&rotated, sid, TokenSlot::A);
-            assert!(matches!(r.bind(addr(3), &new, Slot::A), Packet::BindAck(_)));
-        }
-        assert_eq!(
-            r.sessions.occupancy(),
-            (3, 3),
-            "the session bound before stays"
-        );
-    }
-
-    #[test]
-    fn the_session_cap_is_shared_out_over_the_shards() {
-        assert_eq!(per_shard_cap(100_000), 1563);
-        assert_eq!(per_shard_cap(1), 1);
-        let limits = SessionLimits {
-            max_sessions: 1,
-            ..SessionLimits::default()
-        };
-        let mut r = Relay::new(limits);
-        let first = r.mint(&r.minter, 1, TokenSlot::A);
-        assert!(matches!(
-            r.bind(addr(1), &first, Slot::A),
-            Packet::BindAck(_)
-        ));
-        let same_shard = r.mint(&r.minter, 1 + SHARDS as u64, TokenSlot::A);
-        assert!(matches!(
-            r.bind(addr(2), &same_shard, Slot::A),
-            Packet::Reject(_)
-        ));
-    }
-}
+mod tests;

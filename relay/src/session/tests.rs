@@ -1,0 +1,800 @@
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ferry_core::keys::{GatewaySigningKey, RelayPublicKey, RelayStaticKey};
+use ferry_core::proof::CookieJar;
+use ferry_core::token::{
+    ClaimsInput, MintedToken, TokenMinter, TokenSlot, TokenVerifier, VerifierConfig,
+};
+use ferry_core::wire::{BindFields, CloseFields, MAX_DATAGRAM, Packet, RebindFields};
+use ring::rand::SystemRandom;
+
+use super::*;
+use crate::limits::{IpLimits, IpTable};
+
+const RELAY_ID: u64 = 77;
+const SID: u64 = 0xfeed_f00d;
+const T0: UnixTime = UnixTime(1_900_000_000);
+
+fn v4(last: u8, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 18, 0, last)), port)
+}
+
+/// A relay with one trusted gateway, and the means to mint tokens for it: one table, driven
+/// the way `crate::shards::Sessions` drives each shard, without the locks.
+struct Fixture {
+    table: SessionTable,
+    verifier: TokenVerifier,
+    cookies: CookieJar,
+    ips: IpTable,
+    /// What `check` answered by itself.
+    early: Counters,
+    minter: TokenMinter,
+    relay_public: RelayPublicKey,
+    now: Instant,
+    reply: Vec<u8>,
+    rng: SystemRandom,
+}
+
+impl Fixture {
+    fn new(limits: SessionLimits) -> Self {
+        let rng = SystemRandom::new();
+        let relay = RelayStaticKey::generate(&rng).unwrap();
+        let relay_public = relay.public();
+        let minter = TokenMinter::new(3, GatewaySigningKey::generate(&rng).unwrap());
+        let mut verifier = TokenVerifier::new(VerifierConfig::new(RELAY_ID), relay).unwrap();
+        verifier.add_trusted_key(3, minter.public());
+        let cookies = CookieJar::generate(&rng).unwrap();
+        Self {
+            table: SessionTable::new(limits, verifier.config().max_skew_secs),
+            verifier,
+            cookies,
+            ips: IpTable::new(IpLimits::default()),
+            early: Counters::default(),
+            minter,
+            relay_public,
+            now: Instant::now(),
+            reply: vec![0; MAX_DATAGRAM],
+            rng,
+        }
+    }
+
+    fn mint(&self, sid: u64, slot: TokenSlot) -> MintedToken {
+        let input = ClaimsInput {
+            slot,
+            relay_id: RELAY_ID,
+            session_id: sid,
+            not_before: T0,
+            expires: T0.saturating_add(600),
+            rate_bytes_per_sec: 0,
+        };
+        self.minter
+            .mint(&self.rng, &input, &self.relay_public)
+            .unwrap()
+    }
+
+    fn send(&mut self, from: SocketAddr, datagram: &[u8]) -> Outcome {
+        self.send_at(T0, from, datagram)
+    }
+
+    /// Handles `datagram` at wall-clock time `wall`: `check`, then the table.
+    fn send_at(&mut self, wall: UnixTime, from: SocketAddr, datagram: &[u8]) -> Outcome {
+        let (now, ips) = (self.now, &mut self.ips);
+        let checked = check(
+            &self.cookies,
+            || &self.verifier,
+            |ip| ips.try_bind_attempt(ip, now).is_ok(),
+            wall,
+            from,
+            datagram,
+            &mut self.reply,
+        );
+        match checked {
+            Ok(input) => self
+                .table
+                .handle(now, wall, input, &mut self.ips, &mut self.reply),
+            Err(answered) => {
+                self.early.tally(answered.tally);
+                answered.outcome
+            }
+        }
+    }
+
+    /// The counters of the table and of `check`'s own answers.
+    fn counters(&self) -> Counters {
+        let mut total = self.table.counters().clone();
+        total.add(&self.early);
+        total
+    }
+
+    fn reap(&mut self, now: Instant, wall: UnixTime) -> usize {
+        self.table.reap(now, wall, &mut self.ips)
+    }
+
+    fn reply_packet(&self, outcome: Outcome) -> Packet<'_> {
+        let Outcome::Reply { len, .. } = outcome else {
+            panic!("expected a reply, got {outcome:?}");
+        };
+        wire::parse(&self.reply[..len]).unwrap()
+    }
+
+    /// A BIND for `token` with `cookie`, proved with the token's slot secret.
+    fn bind_packet(&self, token: &MintedToken, slot: Slot, seq: u64, cookie: [u8; 16]) -> Vec<u8> {
+        let keys = SlotKeys::derive(&token.slot_secret);
+        let fields = BindFields {
+            slot,
+            bind_seq: seq,
+            cookie,
+            token: &token.bytes,
+        };
+        let mut buf = vec![0; MAX_DATAGRAM];
+        let n = wire::encode_bind(&mut buf, token.claims.session_id, &fields, |m| {
+            keys.peer.mac(m)
+        })
+        .unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    /// The cookie the relay hands `from` in a CHALLENGE.
+    fn cookie_for(&mut self, from: SocketAddr, token: &MintedToken, slot: Slot) -> [u8; 16] {
+        let probe = self.bind_packet(token, slot, 1, [0; 16]);
+        let outcome = self.send(from, &probe);
+        match self.reply_packet(outcome) {
+            Packet::Challenge(c) => *c.cookie(),
+            other => panic!("expected CHALLENGE, got {other:?}"),
+        }
+    }
+
+    /// Runs the whole BIND exchange and returns the relay's final answer.
+    fn bind(&mut self, from: SocketAddr, token: &MintedToken, slot: Slot, seq: u64) -> Outcome {
+        let cookie = self.cookie_for(from, token, slot);
+        let bind = self.bind_packet(token, slot, seq, cookie);
+        self.send(from, &bind)
+    }
+
+    fn expect_ack(&mut self, outcome: Outcome) -> bool {
+        match self.reply_packet(outcome) {
+            Packet::BindAck(ack) => ack.peer_present(),
+            other => panic!("expected BIND-ACK, got {other:?}"),
+        }
+    }
+
+    fn expect_reject(&mut self, outcome: Outcome) -> (RejectReason, bool) {
+        match self.reply_packet(outcome) {
+            Packet::Reject(r) => (r.reason(), r.authenticated()),
+            other => panic!("expected REJECT, got {other:?}"),
+        }
+    }
+
+    fn data(&self, sid: u64) -> Vec<u8> {
+        let mut buf = vec![0; MAX_DATAGRAM];
+        let n = wire::encode_data(&mut buf, sid, b"ciphertext the relay cannot read").unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    /// Both slots of session `SID` bound, at `a` and `b`.
+    fn bound_pair(&mut self, a: SocketAddr, b: SocketAddr) -> (MintedToken, MintedToken) {
+        let ta = self.mint(SID, TokenSlot::A);
+        let tb = self.mint(SID, TokenSlot::B);
+        let outcome = self.bind(a, &ta, Slot::A, 10);
+        assert!(!self.expect_ack(outcome), "B is not bound yet");
+        let outcome = self.bind(b, &tb, Slot::B, 10);
+        assert!(self.expect_ack(outcome), "A is bound");
+        (ta, tb)
+    }
+}
+
+#[test]
+fn two_peers_bind_and_data_is_forwarded_both_ways() {
+    let mut f = Fixture::new(SessionLimits::default());
+    let (a, b) = (v4(1, 1000), v4(2, 2000));
+    f.bound_pair(a, b);
+    let data = f.data(SID);
+    assert_eq!(f.send(a, &data), Outcome::Forward { to: b });
+    assert_eq!(f.send(b, &data), Outcome::Forward { to: a });
+    assert_eq!(f.counters().forwarded, 2);
+    assert_eq!(f.counters().binds_accepted, 2);
+    assert_eq!(f.counters().challenges, 2);
+}
+
+#[test]
+fn ipv6_peers_bind_and_forward() {
+    let mut f = Fixture::new(SessionLimits::default());
+    let a = SocketAddr::new(
+        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
+        1000,
+    );
+    let b = SocketAddr::new(
+        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2)),
+        2000,
+    );
+    f.bound_pair(a, b);
+    assert_eq!(f.send(a, &f.data(SID)), Outcome::Forward { to: b });
+}
+
+#[test]
+fn a_challenge_is_smaller_than_the_bind_that_caused_it() {
+    let mut f = Fixture::new(SessionLimits::default());
+    let token = f.mint(SID, TokenSlot::A);
+    let bind = f.bind_packet(&token, Slot::A, 1, [0; 16]);
+    let Outcome::Reply { len, .. } = f.send(v4(1, 1), &bind) else {
+        panic!("expected a CHALLENGE");
+    };
+    assert!(len < bind.len(), "{len} >= {}", bind.len());
+    assert_eq!(f.table.session_count(), 0, "no state before a valid cookie");
+}
+
+#[test]
+fn data_from_strangers_and_half_bound_sessions_is_dropped() {
+    let mut f = Fixture::new(SessionLimits::default());
+    let (a, mallory) = (v4(1, 1000), v4(66, 6666));
+    let data = f.data(SID);
+    assert_eq!(f.send(a, &data), Outcome::Drop(DropReason::DataUnbound));
+    let ta = f.mint(SID, TokenSlot::A);
+    let outcome = f.bind(a, &ta, Slot::A, 1);
+    f.expect_ack(outcome);
+    assert_eq!(
+        f.send(a, &data),
+        Outcome::Drop(DropReason::DataUnbound),
+        "B not bound"
+    );
+    let outcome = f.bind(v4(2, 2000), &f.mint(SID, TokenSlot::B), Slot::B, 1);
+    f.expect_ack(outcome);
+    assert_eq!(
+        f.send(mallory, &data),
+        Outcome::Drop(DropReason::DataUnbound)
+    );
+    assert_eq!(f.counters().data_unbound, 3);
+    assert_eq!(f.counters().forwarded, 0);
+}
+
+#[test]
+fn a_stolen_token_without_the_slot_secret_is_rejected() {
+    let mut f = Fixture::new(SessionLimits::default());
+    let mallory = v4(66, 6666);
+    let token = f.mint(SID, TokenSlot::A);
+    let cookie = f.cookie_for(mallory, &token, Slot::A);
+    let fields = BindFields {
+        slot: Slot::A,
+        bind_seq: 5,
+        cookie,
+        token: &token.bytes,
+    };
+    let mut buf = vec![0; MAX_DATAGRAM];
+    let n = wire::encode_bind(&mut buf, SID, &fields, |_| [0xab; 16]).unwrap();
+    let outcome = f.send(mallory, &buf[..n]);
+    assert_eq!(f.expect_reject(outcome), (RejectReason::BadProof, false));
+    assert_eq!(f.table.session_count(), 0);
+}
+
+#[test]
+fn a_replayed_bind_from_another_address_gets_only_a_challenge() {
+    let mut f = Fixture::new(SessionLimits::default());
+    let (a, mallory) = (v4(1, 1000), v4(66, 6666));
+    let token = f.mint(SID, TokenSlot::A);
+    let cookie = f.cookie_for(a, &token, Slot::A);
+    let bind = f.bind_packet(&token, Slot::A, 7, cookie);
+    let outcome = f.send(a, &bind);
+    f.expect_ack(outcome);
+    // The captured BIND, replayed verbatim from elsewhere: its cookie is a's.
+    let outcome = f.send(mallory, &bind);
+    assert!(matches!(f.reply_packet(outcome), Packet::Challenge(_)));
+    // Replayed from a's own address it changes nothing: the same binding is re-acknowledged.
+    let outcome = f.send(a, &bind);
+    f.expect_ack(outcome);
+    assert_eq!(f.table.session_count(), 1);
+}
+
+#[test]
+fn the_same_token_from_another_place_is_a_replay() {
+    let mut f = Fixture::new(SessionLimits::default());
+    let token = f.mint(SID, TokenSlot::A);
+    let outcome = f.bind(v4(1, 1000), &token, Slot::A, 7);
+    f.expect_ack(outcome);
+    // Whoever holds the secret must use REBIND to move; a second BIND is refused.
+    let outcome = f.bind(v4(9, 9000), &token, Slot::A, 8);
+    assert_eq!(f.expect_reject(outcome), (RejectReason::Replayed, true));
+    // And an older sequence number from the bound address is refused too.
+    let outcome = f.bind(v4(1, 1000), &token, Slot::A, 6);
+    assert_eq!(f.expect_reject(outcome), (RejectReason::Replayed, true));
+}
+
+#[test]
+fn a_slot_held_by_another_token_is_full() {
+    let mut f = Fixture::new(SessionLimits::default());
+    let first = f.mint(SID, TokenSlot::A);
+    let second = f.mint(SID, TokenSlot::A);
+    let outcome = f.bind(v4(1, 1000), &first, Slot::A, 1);
+    f.expect_ack(outcome);
+    let outcome = f.bind(v4(2, 2000), &second, Slot::A, 1);
+    assert_eq!(f.expect_reject(outcome), (RejectReason::SessionFull, true));
+    // From the holder's own address a fresh token renews the binding.
+    let outcome = f.bind(v4(1, 1000), &second, Slot::A, 2);
+    f.expect_ack(outcome);
+}
+
+#[test]
+fn bad_tokens_are_rejected_with_their_reason() {
+    let mut f = Fixture::new(SessionLimits::default());
+    let a = v4(1, 1000);
+    // A token for slot B presented in a BIND for slot A.
+    let token_b = f.mint(SID, TokenSlot::B);
+    let outcome = f.bind(a, &token_b, Slot::A, 1);
+    assert_eq!(
+        f.expect_reject(outcome),
+        (RejectReason::WrongSession, false)
+    );
+    // A token for another session presented under SID: rebuild the BIND under SID.
+    let other = f.mint(SID + 1, TokenSlot::A);
+    let cookie = f.cookie_for(a, &f.mint(SID, TokenSlot::A), Slot::A);
+    let keys = SlotKeys::derive(&other.slot_secret);
+    let fields = BindFields {
+        slot: Slot::A,
+        bind_seq: 2,
+        cookie,
+        token: &other.bytes,
+    };
+    let mut buf = vec![0; MAX_DATAGRAM];
+    let n = wire::encode_bind(&mut buf, SID, &fields, |m| keys.peer.mac(m)).unwrap();
+    let outcome = f.send(a, &buf[..n]);
+    assert_eq!(
+        f.expect_reject(outcome),
+        (RejectReason::WrongSession, false)
+    );
+    // An expired token.
+    let token = f.mint(SID, TokenSlot::A);
+    let cookie = f.cookie_for(a, &token, Slot::A);
+    let bind = f.bind_packet(&token, Slot::A, 3, cookie);
+    let late = T0.saturating_add(600 + 31);
+    let outcome = f.send_at(late, a, &bind);
+    // The cookie window has moved on by then, so the relay first asks for a new cookie.
+    assert!(matches!(f.reply_packet(outcome), Packet::Challenge(_)));
+    let Packet::Challenge(c) = f.reply_packet(outcome) else {
+        unreachable!()
+    };
+    let cookie = *c.cookie();
+    let bind = f.bind_packet(&token, Slot::A, 4, cookie);
+    let outcome = f.send_at(late, a, &bind);
+    assert_eq!(
+        f.expect_reject(outcome),
+        (RejectReason::TokenExpired, false)
+    );
+    let expired = RejectReason::TokenExpired.as_u8() as usize;
+    assert_eq!(f.counters().binds_rejected[expired], 1);
+}
+
+#[test]
+fn rebind_moves_the_slot_only_with_proof() {
+    let mut f = Fixture::new(SessionLimits::default());
+    let (a, b, a2) = (v4(1, 1000), v4(2, 2000), v4(3, 3000));
+    let (ta, _) = f.bound_pair(a, b);
+    let keys = SlotKeys::derive(&ta.slot_secret);
+    let rebind = |cookie, seq, good: bool| {
+        let fields = RebindFields {
+            slot: Slot::A,
+            bind_seq: seq,
+            cookie,
+        };
+        let mut buf = vec![0; MAX_DATAGRAM];
+        let n = wire::encode_rebind(&mut buf, SID, &fields, |m| {
+            if good { keys.peer.mac(m) } else { [0; 16] }
+        })
+        .unwrap();
+        buf.truncate(n);
+        buf
+    };
+    let outcome = f.send(a2, &rebind([0; 16], 11, true));
+    let Packet::Challenge(c) = f.reply_packet(outcome) else {
+        panic!("expected CHALLENGE");
+    };
+    let cookie = *c.cookie();
+    let outcome = f.send(a2, &rebind(cookie, 11, false));
+    assert_eq!(f.expect_reject(outcome), (RejectReason::BadProof, false));
+    let outcome = f.send(a2, &rebind(cookie, 11, true));
+    f.expect_ack(outcome);
+    let outcome = f.send(a2, &rebind(cookie, 11, true));
+    assert_eq!(f.expect_reject(outcome), (RejectReason::Replayed, true));
+    let data = f.data(SID);
+    assert_eq!(f.send(a2, &data), Outcome::Forward { to: b });
+    assert_eq!(f.send(b, &data), Outcome::Forward { to: a2 });
+    assert_eq!(f.send(a, &data), Outcome::Drop(DropReason::DataUnbound));
+    assert_eq!(f.counters().rebinds_accepted, 1);
+}
+
+#[test]
+fn rebind_of_an_unknown_session_is_rejected() {
+    let mut f = Fixture::new(SessionLimits::default());
+    let from = v4(3, 3000);
+    let token = f.mint(SID, TokenSlot::A);
+    let cookie = f.cookie_for(from, &token, Slot::A);
+    let fields = RebindFields {
+        slot: Slot::A,
+        bind_seq: 1,
+        cookie,
+    };
+    let mut buf = vec![0; MAX_DATAGRAM];
+    let n = wire::encode_rebind(&mut buf, SID, &fields, |_| [0; 16]).unwrap();
+    let outcome = f.send(from, &buf[..n]);
+    assert_eq!(
+        f.expect_reject(outcome),
+        (RejectReason::UnknownSession, false)
+    );
+}
+
+#[test]
+fn keepalives_are_echoed_only_to_bound_sources() {
+    let mut f = Fixture::new(SessionLimits::default());
+    let (a, b) = (v4(1, 1000), v4(2, 2000));
+    f.bound_pair(a, b);
+    let mut buf = vec![0; MAX_DATAGRAM];
+    let n = wire::encode_keepalive(&mut buf, SID).unwrap();
+    let outcome = f.send(a, &buf[..n]);
+    assert_eq!(outcome, Outcome::Reply { to: a, len: n });
+    assert_eq!(
+        f.send(v4(66, 1), &buf[..n]),
+        Outcome::Drop(DropReason::KeepaliveUnbound)
+    );
+}
+
+#[test]
+fn a_verified_close_ends_the_session_and_tells_the_other_peer() {
+    let mut f = Fixture::new(SessionLimits::default());
+    let (a, b) = (v4(1, 1000), v4(2, 2000));
+    let (ta, tb) = f.bound_pair(a, b);
+    let close = |keys: &SlotKeys, seq| {
+        let mut buf = vec![0; MAX_DATAGRAM];
+        let fields = CloseFields { slot: Slot::A, seq };
+        let n = wire::encode_close(&mut buf, SID, &fields, |m| keys.peer.mac(m)).unwrap();
+        buf.truncate(n);
+        buf
+    };
+    let wrong = SlotKeys::derive(&tb.slot_secret);
+    assert_eq!(
+        f.send(a, &close(&wrong, 99)),
+        Outcome::Drop(DropReason::BadClose)
+    );
+    let keys = SlotKeys::derive(&ta.slot_secret);
+    assert_eq!(
+        f.send(a, &close(&keys, 10)),
+        Outcome::Drop(DropReason::BadClose),
+        "stale seq"
+    );
+    let outcome = f.send(a, &close(&keys, 11));
+    let Outcome::Reply { to, len } = outcome else {
+        panic!("expected a CLOSE for b, got {outcome:?}");
+    };
+    assert_eq!(to, b);
+    let Ok(Packet::Close(c)) = wire::parse(&f.reply[..len]) else {
+        panic!("expected CLOSE");
+    };
+    let b_keys = SlotKeys::derive(&tb.slot_secret);
+    assert!(
+        b_keys.relay.verify(c.mac_input(), c.mac()),
+        "relay CLOSE is authenticated"
+    );
+    assert_eq!(f.table.session_count(), 0);
+    assert_eq!(
+        f.send(a, &f.data(SID)),
+        Outcome::Drop(DropReason::DataUnbound)
+    );
+}
+
+#[test]
+fn idle_and_expired_bindings_are_reaped() {
+    let limits = SessionLimits {
+        idle_timeout: Duration::from_secs(60),
+        ..SessionLimits::default()
+    };
+    let mut f = Fixture::new(limits);
+    let (a, b) = (v4(1, 1000), v4(2, 2000));
+    f.bound_pair(a, b);
+    assert_eq!(f.reap(f.now + Duration::from_secs(59), T0), 0);
+    // A keeps talking, B falls silent.
+    f.now += Duration::from_secs(59);
+    assert_eq!(f.send(a, &f.data(SID)), Outcome::Forward { to: b });
+    assert_eq!(f.reap(f.now + Duration::from_secs(1), T0), 1);
+    assert_eq!(
+        f.send(a, &f.data(SID)),
+        Outcome::Drop(DropReason::DataUnbound)
+    );
+    assert_eq!(f.table.session_count(), 1);
+    // The token expires (600 s lifetime + 30 s skew) although A is active.
+    assert_eq!(f.reap(f.now, T0.saturating_add(630)), 1);
+    assert_eq!(f.table.session_count(), 0);
+    assert_eq!(f.counters().reaped, 2);
+}
+
+#[test]
+fn the_session_cap_sheds_new_sessions() {
+    let limits = SessionLimits {
+        max_sessions: 1,
+        ..SessionLimits::default()
+    };
+    let mut f = Fixture::new(limits);
+    let outcome = f.bind(v4(1, 1), &f.mint(SID, TokenSlot::A), Slot::A, 1);
+    f.expect_ack(outcome);
+    let outcome = f.bind(v4(2, 2), &f.mint(SID + 1, TokenSlot::A), Slot::A, 1);
+    assert_eq!(f.expect_reject(outcome), (RejectReason::Overloaded, true));
+    // The other slot of an existing session is not a new session.
+    let outcome = f.bind(v4(3, 3), &f.mint(SID, TokenSlot::B), Slot::B, 1);
+    f.expect_ack(outcome);
+}
+
+#[test]
+fn garbage_and_relay_only_types_are_dropped_and_counted() {
+    let mut f = Fixture::new(SessionLimits::default());
+    assert_eq!(
+        f.send(v4(1, 1), b"\x00\x01garbage"),
+        Outcome::Drop(DropReason::Malformed)
+    );
+    let mut buf = vec![0; MAX_DATAGRAM];
+    let fields = wire::ChallengeFields {
+        bind_seq: 1,
+        cookie: [7; 16],
+    };
+    let n = wire::encode_challenge(&mut buf, SID, &fields).unwrap();
+    assert_eq!(
+        f.send(v4(1, 1), &buf[..n]),
+        Outcome::Drop(DropReason::UnexpectedType)
+    );
+    assert_eq!(f.counters().malformed, 1);
+    assert_eq!(f.counters().unexpected_type, 1);
+    // Counted by the rule broken: b"\x00\x01garbage" is 9 bytes, too short for a header.
+    let too_short = HeaderError::TooShort.as_index();
+    assert_eq!(f.counters().malformed_by_rule[too_short], 1);
+    let mut bad_magic = buf[..n].to_vec();
+    bad_magic[0] ^= 0xff;
+    f.send(v4(1, 1), &bad_magic);
+    let by_rule = f.counters().malformed_by_rule;
+    assert_eq!(by_rule[HeaderError::BadMagic.as_index()], 1);
+    assert_eq!(by_rule.iter().sum::<u64>(), f.counters().malformed);
+}
+
+#[test]
+fn data_over_the_slot_budget_is_dropped_and_the_other_direction_is_not() {
+    let limits = SessionLimits {
+        default_session_rate: 10_000,
+        ..SessionLimits::default()
+    };
+    let mut f = Fixture::new(limits);
+    let (a, b) = (v4(1, 1000), v4(2, 2000));
+    f.bound_pair(a, b);
+    let mut big = vec![0; MAX_DATAGRAM];
+    let n = wire::encode_data(&mut big, SID, &[9; 1000]).unwrap();
+    big.truncate(n);
+    // A burst of 10,000 bytes: nine 1016-byte datagrams fit, the tenth does not.
+    let forwarded = (0..10)
+        .filter(|_| f.send(a, &big) == Outcome::Forward { to: b })
+        .count();
+    assert_eq!(forwarded, 9);
+    assert_eq!(f.counters().rate_limited, 1);
+    // B's budget is its own.
+    assert_eq!(f.send(b, &big), Outcome::Forward { to: a });
+    // A second later A may send again.
+    f.now += Duration::from_secs(1);
+    assert_eq!(f.send(a, &big), Outcome::Forward { to: b });
+}
+
+#[test]
+fn a_token_rate_claim_is_capped_by_the_relay_and_reload_recaps_it() {
+    let limits = SessionLimits {
+        default_session_rate: 1_000_000,
+        max_session_rate: 2_000_000,
+        ..SessionLimits::default()
+    };
+    assert_eq!(limits.slot_rate(0), 1_000_000);
+    assert_eq!(limits.slot_rate(500), 500);
+    assert_eq!(limits.slot_rate(9_000_000), 2_000_000);
+    let mut f = Fixture::new(limits.clone());
+    let (a, b) = (v4(1, 1000), v4(2, 2000));
+    f.bound_pair(a, b);
+    let data = f.data(SID);
+    let fits = |f: &mut Fixture| {
+        (0..100_000)
+            .take_while(|_| f.send(a, &data) == Outcome::Forward { to: b })
+            .count()
+    };
+    let before = fits(&mut f);
+    assert_eq!(before as u64, 1_000_000 / data.len() as u64);
+    // Cap every slot at 3000 bytes/s: after a refill only a few datagrams fit.
+    let tight = SessionLimits {
+        default_session_rate: 3000,
+        max_session_rate: 3000,
+        ..limits
+    };
+    f.table.set_limits(tight, f.now);
+    f.now += Duration::from_secs(10);
+    assert_eq!(fits(&mut f) as u64, 3000 / data.len() as u64);
+}
+
+#[test]
+fn binds_over_the_per_ip_rate_are_dropped_after_the_cookie() {
+    let mut f = Fixture::new(SessionLimits::default());
+    let ips = IpLimits {
+        bind_rate: 1.0,
+        bind_burst: 2,
+        ..IpLimits::default()
+    };
+    f.ips = IpTable::new(ips);
+    let a = v4(1, 1000);
+    let token = f.mint(SID, TokenSlot::A);
+    // Cookie-less BINDs are answered with CHALLENGEs and not charged to the IP.
+    for _ in 0..5 {
+        f.cookie_for(a, &token, Slot::A);
+    }
+    let cookie = f.cookie_for(a, &token, Slot::A);
+    let bind = f.bind_packet(&token, Slot::A, 1, cookie);
+    let outcome = f.send(a, &bind);
+    f.expect_ack(outcome);
+    let outcome = f.send(a, &bind);
+    f.expect_ack(outcome);
+    assert_eq!(f.send(a, &bind), Outcome::Drop(DropReason::BindRateLimited));
+    assert_eq!(f.counters().bind_rate_limited, 1);
+}
+
+#[test]
+fn an_ip_may_hold_only_so_many_slots() {
+    let mut f = Fixture::new(SessionLimits::default());
+    let ips = IpLimits {
+        max_bindings: 2,
+        ..IpLimits::default()
+    };
+    f.ips = IpTable::new(ips);
+    for (k, port) in [1000u16, 1001].into_iter().enumerate() {
+        let token = f.mint(SID + k as u64, TokenSlot::A);
+        let outcome = f.bind(v4(1, port), &token, Slot::A, 1);
+        f.expect_ack(outcome);
+    }
+    let third = f.mint(SID + 2, TokenSlot::A);
+    let outcome = f.bind(v4(1, 1002), &third, Slot::A, 1);
+    assert_eq!(f.expect_reject(outcome), (RejectReason::Overloaded, true));
+    // Another IP is not affected, and reaping gives the slots back.
+    let outcome = f.bind(v4(2, 1000), &third, Slot::A, 1);
+    f.expect_ack(outcome);
+    f.reap(f.now + Duration::from_secs(3600), T0);
+    assert_eq!(f.ips.bindings(v4(1, 0).ip()), 0);
+    assert_eq!(f.counters().sessions_opened, 3);
+    assert_eq!(f.counters().sessions_closed, 3);
+}
+
+#[test]
+fn removing_a_gateway_key_refuses_its_new_tokens_but_keeps_bound_sessions() {
+    let mut f = Fixture::new(SessionLimits::default());
+    let (a, b) = (v4(1, 1000), v4(2, 2000));
+    f.bound_pair(a, b);
+    f.verifier.remove_trusted_key(3);
+    let token = f.mint(SID + 1, TokenSlot::A);
+    let outcome = f.bind(v4(3, 3000), &token, Slot::A, 1);
+    assert_eq!(
+        f.expect_reject(outcome),
+        (RejectReason::TokenInvalid, false)
+    );
+    assert_eq!(f.send(a, &f.data(SID)), Outcome::Forward { to: b });
+}
+
+/// A REBIND of `token`'s slot from `from`, through the CHALLENGE, proved with its secret.
+fn rebind(f: &mut Fixture, from: SocketAddr, token: &MintedToken, slot: Slot, seq: u64) -> Outcome {
+    let cookie = f.cookie_for(from, token, slot);
+    let keys = SlotKeys::derive(&token.slot_secret);
+    let fields = RebindFields {
+        slot,
+        bind_seq: seq,
+        cookie,
+    };
+    let mut buf = vec![0; MAX_DATAGRAM];
+    let n = wire::encode_rebind(&mut buf, token.claims.session_id, &fields, |m| {
+        keys.peer.mac(m)
+    })
+    .unwrap();
+    f.send(from, &buf[..n])
+}
+
+#[test]
+fn one_address_may_not_hold_both_slots_of_a_session() {
+    let mut f = Fixture::new(SessionLimits::default());
+    let (a, b) = (v4(1, 1000), v4(2, 2000));
+    let ta = f.mint(SID, TokenSlot::A);
+    let tb = f.mint(SID, TokenSlot::B);
+    let outcome = f.bind(a, &ta, Slot::A, 1);
+    f.expect_ack(outcome);
+    // B's BIND from A's address (ip and port) is refused, authenticated with B's keys.
+    let b_keys = SlotKeys::derive(&tb.slot_secret);
+    let session_full = |f: &Fixture, outcome| match f.reply_packet(outcome) {
+        Packet::Reject(r) => {
+            assert_eq!(r.reason(), RejectReason::SessionFull);
+            assert!(r.authenticated());
+            assert!(
+                b_keys.relay.verify(r.mac_input(), r.mac()),
+                "MAC with B's keys"
+            );
+        }
+        other => panic!("expected REJECT, got {other:?}"),
+    };
+    let outcome = f.bind(a, &tb, Slot::B, 1);
+    session_full(&f, outcome);
+    assert_eq!(f.table.binding_count(), 1);
+    // From its own address B binds with the same token (the refusal did not spend it).
+    let outcome = f.bind(b, &tb, Slot::B, 2);
+    assert!(f.expect_ack(outcome));
+    // B's REBIND to A's address is refused the same way, and nothing moves.
+    let outcome = rebind(&mut f, a, &tb, Slot::B, 3);
+    session_full(&f, outcome);
+    let data = f.data(SID);
+    assert_eq!(f.send(a, &data), Outcome::Forward { to: b });
+    assert_eq!(f.send(b, &data), Outcome::Forward { to: a });
+    let full = RejectReason::SessionFull.as_u8() as usize;
+    assert_eq!(f.counters().binds_rejected[full], 2);
+    // Another port of A's host is another address: B may move there.
+    let outcome = rebind(&mut f, v4(1, 1001), &tb, Slot::B, 4);
+    assert!(f.expect_ack(outcome));
+    assert_eq!(f.send(a, &data), Outcome::Forward { to: v4(1, 1001) });
+}
+
+#[test]
+fn ipv6_sources_in_one_prefix_share_one_bind_budget_and_one_binding_count() {
+    let mut f = Fixture::new(SessionLimits::default());
+    f.ips = IpTable::new(IpLimits {
+        bind_rate: 1.0,
+        bind_burst: 3,
+        max_bindings: 2,
+        ..IpLimits::default()
+    });
+    let v6 = |net: u16, host: u16| {
+        let ip = Ipv6Addr::new(0x2001, 0xdb8, 0, net, 0, 0, 0, host);
+        SocketAddr::new(IpAddr::V6(ip), 1000)
+    };
+    // Two hosts of 2001:db8:0:1::/64 bind a slot each: both slots count for the /64.
+    for host in [1, 2] {
+        let token = f.mint(SID + u64::from(host), TokenSlot::A);
+        let outcome = f.bind(v6(1, host), &token, Slot::A, 1);
+        f.expect_ack(outcome);
+    }
+    assert_eq!(f.ips.bindings(v6(1, 0xffff).ip()), 2);
+    // A third host of it is over the /64's binding count...
+    let token = f.mint(SID + 3, TokenSlot::A);
+    let outcome = f.bind(v6(1, 3), &token, Slot::A, 1);
+    assert_eq!(f.expect_reject(outcome), (RejectReason::Overloaded, true));
+    // ...and that was the third attempt of the /64's burst: a fourth host is over its rate.
+    let cookie = f.cookie_for(v6(1, 4), &token, Slot::A);
+    let bind = f.bind_packet(&token, Slot::A, 1, cookie);
+    assert_eq!(
+        f.send(v6(1, 4), &bind),
+        Outcome::Drop(DropReason::BindRateLimited)
+    );
+    // The next /64 has a budget and a count of its own.
+    let outcome = f.bind(v6(2, 1), &token, Slot::A, 1);
+    f.expect_ack(outcome);
+    assert_eq!(f.ips.len(), 2);
+    assert_eq!(f.counters().bind_rate_limited, 1);
+}
+
+#[test]
+fn sessions_opened_and_forgotten_are_queued_as_events_in_order() {
+    let mut f = Fixture::new(SessionLimits::default());
+    let (a, b) = (v4(1, 1000), v4(2, 2000));
+    assert!(!f.table.has_events());
+    let (ta, _) = f.bound_pair(a, b);
+    assert_eq!(f.table.take_events(), [SessionEvent::Opened(SID)]);
+    let keys = SlotKeys::derive(&ta.slot_secret);
+    let mut buf = vec![0; MAX_DATAGRAM];
+    let fields = CloseFields {
+        slot: Slot::A,
+        seq: 11,
+    };
+    let n = wire::encode_close(&mut buf, SID, &fields, |m| keys.peer.mac(m)).unwrap();
+    f.send(a, &buf[..n]);
+    let token = f.mint(SID + 1, TokenSlot::A);
+    let outcome = f.bind(a, &token, Slot::A, 1);
+    f.expect_ack(outcome);
+    f.reap(f.now + Duration::from_secs(3600), T0);
+    assert_eq!(
+        f.table.take_events(),
+        [
+            SessionEvent::Closed(SID),
+            SessionEvent::Opened(SID + 1),
+            SessionEvent::Closed(SID + 1)
+        ]
+    );
+    assert!(!f.table.has_events());
+}
