@@ -2,6 +2,9 @@
 //! binds with tokens, the end-to-end handshake and data over IPv4 and IPv6, strangers and
 //! replays that get nothing forwarded (and the drop counters that say so), a NAT rebind, a
 //! SIGHUP with a bad config that keeps the old one, and metrics scraped by a real HTTP client.
+//!
+//! Needs root (namespaces, the XDP guard), so every test is `#[ignore]`d:
+//! `cargo test -- --include-ignored` runs them.
 #![allow(clippy::unwrap_used)] // a test: a failed unwrap fails the test
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};

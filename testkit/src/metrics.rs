@@ -58,3 +58,45 @@ pub fn ok_body(response: &str) -> Option<&str> {
     let (head, body) = response.split_once("\r\n\r\n")?;
     head.starts_with("HTTP/1.1 200").then_some(body)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGE: &str = "# TYPE ferry_drops_total counter\n\
+                        ferry_drops_total{reason=\"malformed\"} 3\n\
+                        ferry_drops_total{reason=\"data_unbound\"} 10\n\
+                        ferry_sessions_active 2\n\
+                        ferry_sessions_active_max 7\n";
+
+    #[test]
+    fn a_sample_is_found_by_its_whole_name_and_labels() {
+        assert_eq!(sample(PAGE, "ferry_sessions_active"), Some(2));
+        assert_eq!(sample(PAGE, "ferry_sessions_active_max"), Some(7));
+        assert_eq!(
+            sample(PAGE, "ferry_drops_total{reason=\"malformed\"}"),
+            Some(3)
+        );
+        assert_eq!(
+            sample(PAGE, "ferry_drops_total"),
+            None,
+            "a family is not a sample"
+        );
+        assert_eq!(sample(PAGE, "ferry_sessions"), None, "nor is a prefix");
+        assert_eq!(sum_metric(PAGE, "ferry_drops_total"), 13);
+        assert_eq!(sum_metric(PAGE, "ferry_nothing"), 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "ferry_nothing not on the page")]
+    fn a_missing_sample_fails_a_test_by_name() {
+        metric(PAGE, "ferry_nothing");
+    }
+
+    #[test]
+    fn only_a_200_response_has_a_body() {
+        assert_eq!(ok_body("HTTP/1.1 200 OK\r\nA: b\r\n\r\nbody"), Some("body"));
+        assert_eq!(ok_body("HTTP/1.1 503 Unavailable\r\n\r\nnot ready"), None);
+        assert_eq!(ok_body(""), None);
+    }
+}
