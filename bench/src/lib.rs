@@ -4,13 +4,18 @@
 //!   verification, transport seal+open against the raw AEAD). See docs/bench.md.
 //! - [`demo`]: the gateway, the relay's session table and two peers in one process, joined by
 //!   an in-memory network; `ferry-demo` runs it, `.ci/demo` runs `ferry-demo`.
+//! - [`live`]: the real `ferry-relay` process and two peers over UDP, the second half of
+//!   `ferry-demo`.
 //! - [`udp`]: batched `sendmmsg`/`recvmmsg`; `ferry-plainfwd` (the baseline forwarder) and
 //!   `ferry-fwdbench` (Ferry against that baseline, same run, same topology) are built on it.
-//! - [`netns`]: namespaces and veth for `ferry-floodbench` (the XDP guard under a flood);
+//! - [`cpu`]: a process's CPU time, for the CPU-per-packet figures.
+//! - `ferry-floodbench` runs the XDP guard under a flood in network namespaces;
 //!   `ferry-xdpbench` times the guard's paths with `BPF_PROG_TEST_RUN`.
+//!
+//! The relay process, the namespaces, the peers and the metrics page come from
+//! `ferry-testkit`, which the relay's and the gateway's tests share.
 
+pub mod cpu;
 pub mod demo;
 pub mod live;
-pub mod netns;
-pub mod relay_process;
 pub mod udp;

@@ -23,7 +23,7 @@ fn gateway(args: &[&str]) -> (bool, String, String) {
 #[test]
 fn check_config_accepts_a_good_file_and_lists_every_problem_of_a_bad_one() {
     let setup = Setup::new("cli");
-    let good = setup.dir.path("good.toml");
+    let good = setup.file("good.toml");
     write_file(&good, &setup.config(1, ""), 0o600);
     let (ok, stdout, stderr) = gateway(&["check-config", good.to_str().unwrap()]);
     assert!(ok, "{stderr}");
@@ -37,7 +37,7 @@ fn check_config_accepts_a_good_file_and_lists_every_problem_of_a_bad_one() {
             "{stdout}"
         );
     }
-    let bad = setup.dir.path("bad.toml");
+    let bad = setup.file("bad.toml");
     let text = setup.config(
         3,
         "[sessions]\ntoken_lifetime_secs = 5\n\n[limits]\nper_ip_rate = -1.0\n",
@@ -53,10 +53,7 @@ fn check_config_accepts_a_good_file_and_lists_every_problem_of_a_bad_one() {
         assert!(stderr.contains(field), "{field} missing: {stderr}");
     }
     assert!(stderr.contains("3 problem(s)"), "{stderr}");
-    let (ok, _, stderr) = gateway(&[
-        "check-config",
-        setup.dir.path("none.toml").to_str().unwrap(),
-    ]);
+    let (ok, _, stderr) = gateway(&["check-config", setup.file("none.toml").to_str().unwrap()]);
     assert!(!ok && stderr.contains("none.toml"), "{stderr}");
 }
 

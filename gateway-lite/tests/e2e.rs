@@ -16,15 +16,15 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use base64::Engine as _;
 use common::*;
-use ferry_core::keys::{self, PeerPublicKey, PeerStaticKey};
+use ferry_core::keys::{PeerPublicKey, PeerStaticKey};
 use ferry_core::known_peers::KnownPeers;
 use ferry_core::noise::{LocalIdentity, PeerExpectation, TransportLimits};
 use ferry_core::proof::SlotSecret;
@@ -33,6 +33,9 @@ use ferry_core::wire::Slot;
 use ferry_peer::bind::BindClient;
 use ferry_peer::channel::Channel;
 use ferry_peer::udp::UdpPeer;
+use ferry_testkit::metrics::metric;
+use ferry_testkit::micros_now;
+use ferry_testkit::relay::{RelayConfig, RelayProcess};
 use serde_json::json;
 
 /// Builds (if needed) and returns the `ferry-relay` binary of this build's profile and target
@@ -98,110 +101,16 @@ fn relay_binary() -> &'static Path {
     })
 }
 
-fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// GET `path` from a plain-HTTP admin listener: the body, if the status is 200.
-fn admin_get(admin: SocketAddr, path: &str) -> Option<String> {
-    use std::io::{Read as _, Write as _};
-    let mut s = TcpStream::connect_timeout(&admin, Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
-}
-
-/// A running `ferry-relay`, stopped by its own pid (SIGTERM, then SIGKILL) on drop.
-struct Relay {
-    child: Child,
-    listen: SocketAddr,
-    admin: SocketAddr,
-    log: PathBuf,
-}
-
-impl Relay {
-    fn start(setup: &Setup) -> Self {
-        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        keys::write_secret_file(&setup.dir.path("relay.key"), &setup.relay_key, true).unwrap();
-        let gateway_public = setup.signing[0].1.public();
-        let config = format!(
-            "[relay]\nid = {RELAY_ID}\nlisten = [\"{listen}\"]\nstatic_key = \"relay.key\"\n\
-             workers = 1\n\n[[gateway_keys]]\nkid = {kid}\npublic_key = \"{gateway_public}\"\n\n\
-             [admin]\nlisten = \"{admin}\"\n\n[xdp]\nmode = \"off\"\n\n[log]\nlevel = \"info\"\n",
-            kid = setup.signing[0].0,
-        );
-        let path = setup.dir.path("relay.toml");
-        write_file(&path, &config, 0o600);
-        let log = setup.dir.path("relay.log");
-        let child = Command::new(relay_binary())
-            .arg("--config")
-            .arg(&path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
-            .spawn()
-            .unwrap();
-        let mut relay = Self {
-            child,
-            listen,
-            admin,
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while admin_get(admin, "/readyz").is_none() {
-            if let Some(status) = relay.child.try_wait().unwrap() {
-                panic!("ferry-relay exited ({status}): {}", relay.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "ferry-relay not ready within 20 s: {}",
-                relay.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        relay
-    }
-
-    fn metrics(&self) -> String {
-        admin_get(self.admin, "/metrics").unwrap()
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn micros_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_micros() as u64
+/// A `ferry-relay` on 127.0.0.1 (its XDP guard off: loopback) with the setup's relay key,
+/// trusting the gateway's first signing key.
+fn start_relay(setup: &Setup) -> RelayProcess {
+    let (kid, signing) = &setup.signing[0];
+    let config = RelayConfig {
+        sections: "[xdp]\nmode = \"off\"\n\n[log]\nlevel = \"info\"\n".into(),
+        log_filter: "info".into(),
+        ..RelayConfig::loopback(vec![(*kid, signing.public())]).unwrap()
+    };
+    RelayProcess::start(relay_binary(), &setup.relay_key, &config).unwrap()
 }
 
 /// What a peer needs from a grant (`create` or `join` answer) to bind.
@@ -230,7 +139,7 @@ fn pinned(grant: &serde_json::Value) -> PeerExpectation {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_get_tokens_from_the_gateway_bind_on_the_relay_and_talk() {
     let setup = Setup::new("e2e");
-    let relay = tokio::task::block_in_place(|| Relay::start(&setup));
+    let relay = tokio::task::block_in_place(|| start_relay(&setup));
     let config = setup
         .config(1, "")
         .replace("127.0.0.1:7000", &relay.listen.to_string())

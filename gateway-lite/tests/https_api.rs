@@ -11,6 +11,7 @@ use std::time::Duration;
 use common::*;
 use ferry_core::keys::{PeerPublicKey, PeerStaticKey};
 use ferry_core::token::TokenError;
+use ferry_testkit::metrics::metric;
 use serde_json::json;
 
 fn peer_key() -> PeerPublicKey {
@@ -646,7 +647,7 @@ async fn the_audit_log_records_grants_and_never_secrets() {
         .unwrap();
     let status = gw.stop();
     assert!(status.success(), "graceful stop: {status:?}");
-    let log = std::fs::read_to_string(setup.dir.path("gw.log")).unwrap();
+    let log = std::fs::read_to_string(setup.file("gw.log")).unwrap();
     for event in [
         "session_created",
         "session_joined",

@@ -23,7 +23,7 @@ use serde_json::json;
 struct RedisServer {
     child: Child,
     addr: SocketAddr,
-    _dir: TempDir,
+    _dir: ferry_testkit::TempDir,
 }
 
 impl RedisServer {
@@ -36,15 +36,13 @@ impl RedisServer {
             .status()
             .is_ok_and(|s| s.success());
         if !installed {
-            let required = std::env::var("FERRY_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1");
-            assert!(
-                !required,
-                "redis-server is not installed (apt-get install redis-server) and FERRY_REQUIRE_PRIVILEGED=1"
+            ferry_testkit::skip::skip(
+                name,
+                "redis-server is not installed (apt-get install redis-server)",
             );
-            eprintln!("SKIPPED: redis-server is not installed (apt-get install redis-server)");
             return None;
         }
-        let dir = TempDir::new(name);
+        let dir = ferry_testkit::temp_dir(&format!("redis-{name}")).unwrap();
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -53,7 +51,7 @@ impl RedisServer {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .args(["--dir", dir.0.to_str().unwrap()])
+            .args(["--dir", dir.path().to_str().unwrap()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use ferry_core::token::{TokenVerifier, VerifierConfig};
+use ferry_testkit::metrics::metric;
 use serde_json::json;
 
 /// Sends SIGHUP and waits until the gateway counts one more reload with `result`.
@@ -42,7 +43,7 @@ async fn sighup_applies_a_valid_config_and_refuses_a_bad_one_whole() {
     let mut setup = Setup::new("reload");
     let first = setup.config(1, "");
     let mut gw = setup.start("gw", &first);
-    let config_path = setup.dir.path("gw.toml");
+    let config_path = setup.file("gw.toml");
     let http = client(&setup.pki.ca_pem, None);
     let create = |key: String| {
         let (http, url) = (http.clone(), gw.url("/v1/sessions"));
@@ -60,8 +61,8 @@ async fn sighup_applies_a_valid_config_and_refuses_a_bad_one_whole() {
     // The new config: key "late" added, "acme" revoked, kid 2 signs, tokens live 60 s, another
     // relay replaces the listed one, and a renewed certificate from another CA.
     let renewed = Pki::new();
-    write_file(&setup.dir.path("tls2.crt"), &renewed.server_cert_pem, 0o644);
-    write_file(&setup.dir.path("tls2.key"), &renewed.server_key_pem, 0o600);
+    write_file(&setup.file("tls2.crt"), &renewed.server_cert_pem, 0o644);
+    write_file(&setup.file("tls2.key"), &renewed.server_key_pem, 0o600);
     let relay9_key =
         ferry_core::keys::RelayStaticKey::generate(&ring::rand::SystemRandom::new()).unwrap();
     let relay9 = relay9_key.public();

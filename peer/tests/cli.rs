@@ -2,33 +2,17 @@
 #![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ferry-peer");
 
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "ferry-peer-cli-{}-{nanos}-{name}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A scratch directory, removed on drop.
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("ferry-peer-cli-{name}-"))
+        .tempdir()
+        .unwrap()
 }
 
 fn run(args: &[&str]) -> Output {
@@ -48,13 +32,13 @@ fn path_str(p: &Path) -> &str {
 
 #[test]
 fn keygen_writes_a_private_key_and_pubkey_reads_it_back() {
-    let dir = Scratch::new("keygen");
-    let key = dir.0.join("peer.key");
+    let dir = scratch("keygen");
+    let key = dir.path().join("peer.key");
     let out = run(&["keygen", "--out", path_str(&key)]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
-    let public = std::fs::read_to_string(dir.0.join("peer.key.pub")).unwrap();
+    let public = std::fs::read_to_string(dir.path().join("peer.key.pub")).unwrap();
     let out = run(&["pubkey", path_str(&key)]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let printed = text(&out.stdout);
@@ -83,8 +67,8 @@ fn keygen_writes_a_private_key_and_pubkey_reads_it_back() {
 
 #[test]
 fn a_key_file_readable_by_others_is_refused_with_the_fix() {
-    let dir = Scratch::new("perms");
-    let key = dir.0.join("peer.key");
+    let dir = scratch("perms");
+    let key = dir.path().join("peer.key");
     assert!(run(&["keygen", "--out", path_str(&key)]).status.success());
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let out = run(&["pubkey", path_str(&key)]);
@@ -96,8 +80,8 @@ fn a_key_file_readable_by_others_is_refused_with_the_fix() {
 
 #[test]
 fn known_peers_can_be_listed_and_forgotten() {
-    let dir = Scratch::new("known");
-    let file = dir.0.join("known-peers");
+    let dir = scratch("known");
+    let file = dir.path().join("known-peers");
     let key = "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=";
     std::fs::write(
         &file,

@@ -30,7 +30,8 @@ pub use ferry_core::cidr::Cidr;
 use crate::session::SessionEvent;
 use crate::shards::SessionObserver;
 
-/// The XDP program, built from source by `build.rs`.
+/// The XDP program, built from source by `build.rs`; empty when built with
+/// `FERRY_SKIP_EBPF=1`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferry-xdp.o"));
 
 /// XDP's return code for "drop", as [`Guard::test_run`] reports it.
@@ -197,6 +198,13 @@ pub enum XdpError {
     /// `BPF_PROG_TEST_RUN` failed.
     #[error("running the XDP program on a test frame failed: {0}")]
     TestRun(String),
+    /// This binary was built with `FERRY_SKIP_EBPF=1` and holds no XDP program.
+    #[error(
+        "this build has no XDP program: it was built with FERRY_SKIP_EBPF=1. Rebuild without \
+         it (needs nightly with rust-src and bpf-linker; .ci/setup installs them), or set \
+         xdp.mode = \"off\""
+    )]
+    NotBuilt,
 }
 
 fn map_error(name: &'static str, e: impl fmt::Display) -> XdpError {
@@ -443,6 +451,9 @@ impl SessionObserver for SessionFilter {
 /// Loads `object` with `loader` and its XDP program `name` into the kernel (verifier
 /// included).
 fn load_object(mut loader: EbpfLoader<'_>, object: &[u8], name: &str) -> Result<Ebpf, XdpError> {
+    if object.is_empty() {
+        return Err(XdpError::NotBuilt);
+    }
     let mut ebpf = loader
         .load(object)
         .map_err(|e| XdpError::Load(format!("{e:#}")))?;
@@ -714,6 +725,7 @@ pub mod flood {
 
     use super::{XdpError, load_object, map_error, map_mut, program};
 
+    /// Built from source by `build.rs`; empty when built with `FERRY_SKIP_EBPF=1`.
     static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferry-flood.o"));
 
     /// The loaded generator.

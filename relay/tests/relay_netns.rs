@@ -2,50 +2,51 @@
 //! binds with tokens, the end-to-end handshake and data over IPv4 and IPv6, strangers and
 //! replays that get nothing forwarded (and the drop counters that say so), a NAT rebind, a
 //! SIGHUP with a bad config that keeps the old one, and metrics scraped by a real HTTP client.
+//!
+//! Needs root (namespaces, the XDP guard), so every test is `#[ignore]`d:
+//! `cargo test -- --include-ignored` runs them.
 #![allow(clippy::unwrap_used)] // a test: a failed unwrap fails the test
 
-mod common;
-
-use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::netns::{self, Topology};
-use common::{Authority, KID, RELAY_ID, peer_pair, talk};
-use ferry_core::keys;
 use ferry_core::proof::SlotKeys;
 use ferry_core::token::TokenSlot;
 use ferry_core::wire::{self, BindFields, MAX_DATAGRAM, Packet, RejectReason, Slot};
+use ferry_peer::udp::UdpPeer;
+use ferry_relay::xdp::frame::Frame;
+use ferry_testkit::fixtures::Authority;
+use ferry_testkit::metrics::metric;
+use ferry_testkit::netns::{self, Topology};
+use ferry_testkit::peers::{MakeInitiator, peer_pair, talk};
+use ferry_testkit::relay::{RelayConfig, RelayProcess};
+use ferry_testkit::skip;
 
 const PORT: u16 = 7000;
 const ADMIN_PORT: u16 = 9477;
 
-struct Relay {
-    child: Child,
-    dir: PathBuf,
-    ns: String,
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+/// The relay in `topo`'s relay namespace, on IPv4 and IPv6, two workers, its XDP guard
+/// native on the veth, with `xdp_extra` appended to the `[xdp]` section (more lines, or more
+/// sections), logging everything to its file.
+fn relay_config(auth: &Authority, topo: &Topology, xdp_extra: &str) -> RelayConfig {
+    RelayConfig {
+        listen: vec![
+            SocketAddr::new(topo.relay_v4().into(), PORT),
+            SocketAddr::new(topo.relay_v6().into(), PORT),
+        ],
+        workers: 2,
+        admin: SocketAddr::new(IpAddr::from([127, 0, 0, 1]), ADMIN_PORT),
+        sections: format!(
+            "[xdp]\nmode = \"native\"\ninterfaces = [\"{}\"]\n{xdp_extra}",
+            topo.relay_if
+        ),
+        netns: Some(topo.relay_ns.clone()),
+        // The most verbose level: even then nothing secret may appear.
+        log_filter: "trace".into(),
+        ..RelayConfig::loopback(vec![auth.gateway_key()]).unwrap()
     }
-}
-
-fn config_text(auth: &Authority, topo: &Topology, extra: &str) -> String {
-    format!(
-        "[relay]\nid = {RELAY_ID}\nlisten = [\"{v4}:{PORT}\", \"[{v6}]:{PORT}\"]\n\
-         static_key = \"relay.key\"\nworkers = 2\n\n[[gateway_keys]]\nkid = {KID}\n\
-         public_key = \"{gw}\"\n\n[admin]\nlisten = \"127.0.0.1:{ADMIN_PORT}\"\n\n\
-         [xdp]\nmode = \"native\"\ninterfaces = [\"{relay_if}\"]\n{extra}",
-        relay_if = topo.relay_if,
-        v4 = topo.relay_v4(),
-        v6 = topo.relay_v6(),
-        gw = auth.minter.public(),
-    )
 }
 
 /// Runs a Python snippet in the relay's namespace: a real HTTP client for the admin listener.
@@ -65,47 +66,19 @@ fn http_get(ns: &str, path: &str) -> (u16, String) {
     (status.trim().parse().unwrap_or(0), body.to_string())
 }
 
-/// The value of one sample line (`name{labels}`) on a metrics page.
-fn metric(page: &str, sample: &str) -> u64 {
-    page.lines()
-        .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("{sample} not on the page"))
+/// The relay process and the namespace it runs in.
+struct Relay {
+    process: RelayProcess,
+    ns: String,
 }
 
-fn start_relay(auth: &Authority, topo: &Topology, extra: &str) -> Relay {
-    let dir = std::env::temp_dir().join(format!("ferry-relay-netns-{}", topo.relay_ns));
-    std::fs::create_dir_all(&dir).unwrap();
-    keys::write_secret_file(&dir.join("relay.key"), &auth.relay_key, true).unwrap();
-    std::fs::write(dir.join("relay.toml"), config_text(auth, topo, extra)).unwrap();
-    let child = topo
-        .in_relay_ns(env!("CARGO_BIN_EXE_ferry-relay"))
-        .arg("--config")
-        .arg(dir.join("relay.toml"))
-        // The most verbose level: even then nothing secret may appear.
-        .env("RUST_LOG", "trace")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("relay.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let relay = Relay {
-        child,
-        dir,
+fn start_relay(auth: &Authority, topo: &Topology, xdp_extra: &str) -> Relay {
+    let config = relay_config(auth, topo, xdp_extra);
+    let bin = Path::new(env!("CARGO_BIN_EXE_ferry-relay"));
+    Relay {
+        process: RelayProcess::start(bin, &auth.relay_key, &config).unwrap(),
         ns: topo.relay_ns.clone(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while http_get(&relay.ns, "/readyz").0 != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "relay not ready: {}",
-            log(&relay.dir)
-        );
-        std::thread::sleep(Duration::from_millis(100));
     }
-    relay
-}
-
-fn log(dir: &Path) -> String {
-    std::fs::read_to_string(dir.join("relay.log")).unwrap_or_default()
 }
 
 fn scrape(relay: &Relay) -> String {
@@ -115,16 +88,22 @@ fn scrape(relay: &Relay) -> String {
 }
 
 #[test]
+#[cfg_attr(
+    not(ferry_skip_ebpf),
+    ignore = "needs root: network namespaces, the XDP guard"
+)]
+#[cfg_attr(
+    ferry_skip_ebpf,
+    ignore = "built with FERRY_SKIP_EBPF=1: no XDP program"
+)]
 fn the_relay_process_serves_peers_and_refuses_everyone_else() {
-    if netns::require("relay_netns").is_none() {
-        return;
-    }
-    let topo = Topology::new();
-    let auth = Authority::new();
+    skip::require_root("relay_netns");
+    let topo = Topology::new().unwrap();
+    let auth = Authority::new().unwrap();
     let relay = start_relay(&auth, &topo, "");
-    let relay_v4 = SocketAddr::new(topo.relay_v4(), PORT);
-    let relay_v6 = SocketAddr::new(topo.relay_v6(), PORT);
-    let at = |ip: IpAddr| topo.peer_socket(SocketAddr::new(ip, 0));
+    let relay_v4 = SocketAddr::new(topo.relay_v4().into(), PORT);
+    let relay_v6 = SocketAddr::new(topo.relay_v6().into(), PORT);
+    let at = |ip: Ipv4Addr| topo.peer_socket(SocketAddr::new(ip.into(), 0)).unwrap();
 
     // Two IPv4 peers: bind, handshake, talk.
     let (mut a, mut b, make_a) = peer_pair_in(
@@ -137,7 +116,7 @@ fn the_relay_process_serves_peers_and_refuses_everyone_else() {
     );
     assert!(!a.bind(Duration::from_secs(5)).unwrap());
     assert!(b.bind(Duration::from_secs(5)).unwrap());
-    talk(&mut a, &mut b, &*make_a, 20);
+    talk(&mut a, &mut b, &*make_a, 20).unwrap();
 
     // Two IPv6 peers in their own session.
     let (mut c, mut d, make_c) = peer_pair_in(
@@ -150,7 +129,7 @@ fn the_relay_process_serves_peers_and_refuses_everyone_else() {
     );
     c.bind(Duration::from_secs(5)).unwrap();
     d.bind(Duration::from_secs(5)).unwrap();
-    talk(&mut c, &mut d, &*make_c, 20);
+    talk(&mut c, &mut d, &*make_c, 20).unwrap();
 
     let before = scrape(&relay);
     let forwarded_before = metric(&before, "ferry_forwarded_packets_total");
@@ -166,7 +145,7 @@ fn the_relay_process_serves_peers_and_refuses_everyone_else() {
     stranger
         .send_to(b"GET / HTTP/1.1\r\n\r\n", relay_v4)
         .unwrap();
-    let other = auth.mint(0x3003, TokenSlot::A, 600);
+    let other = auth.mint(0x3003, TokenSlot::A, 600).unwrap();
     let reject = bind_exchange(&stranger, relay_v4, 0x1001, &other);
     assert!(
         matches!(reject, Some((Some(RejectReason::WrongSession), _))),
@@ -175,7 +154,7 @@ fn the_relay_process_serves_peers_and_refuses_everyone_else() {
     // A valid BIND captured on the wire and replayed verbatim from elsewhere only earns a
     // CHALLENGE: the cookie inside it belongs to the original sender's address.
     let victim = at(topo.peer_v4(6));
-    let token = auth.mint(0x4004, TokenSlot::A, 600);
+    let token = auth.mint(0x4004, TokenSlot::A, 600).unwrap();
     let Some((None, captured)) = bind_exchange(&victim, relay_v4, 0x4004, &token) else {
         panic!("the victim's bind should succeed");
     };
@@ -285,7 +264,7 @@ fn the_relay_process_serves_peers_and_refuses_everyone_else() {
     assert_eq!(metric(&scrape(&relay), "ferry_rebinds_accepted_total"), 1);
 
     // SIGHUP with a broken config: refused, the old one stays, traffic flows.
-    std::fs::write(relay.dir.join("relay.toml"), "[relay]\nid = 0\n").unwrap();
+    std::fs::write(relay.process.config_path(), "[relay]\nid = 0\n").unwrap();
     hup(&relay);
     a.send(b"after a bad reload").unwrap();
     assert_eq!(
@@ -294,12 +273,13 @@ fn the_relay_process_serves_peers_and_refuses_everyone_else() {
     );
     // And a good one that tightens a limit applies without dropping the session.
     std::fs::write(
-        relay.dir.join("relay.toml"),
-        config_text(
+        relay.process.config_path(),
+        relay_config(
             &auth,
             &topo,
             "\n[limits]\nmax_sessions = 50\nreplay_cache_capacity = 100\n",
-        ),
+        )
+        .text(),
     )
     .unwrap();
     hup(&relay);
@@ -308,7 +288,7 @@ fn the_relay_process_serves_peers_and_refuses_everyone_else() {
         b.recv_message(Duration::from_secs(5)).unwrap(),
         b"after a good reload"
     );
-    let text = log(&relay.dir);
+    let text = relay.process.log_text();
     assert!(text.contains("reload refused"), "{text}");
     assert!(text.contains("config reloaded"), "{text}");
     // No secrets in the log: not a token, not a slot secret.
@@ -324,15 +304,7 @@ fn the_relay_process_serves_peers_and_refuses_everyone_else() {
 }
 
 fn hup(relay: &Relay) {
-    let pid = relay.child.id().to_string();
-    // `ip netns exec` execs the relay, so the child pid is the relay's.
-    assert!(
-        Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    relay.process.signal("HUP").unwrap();
     std::thread::sleep(Duration::from_millis(500));
 }
 
@@ -347,23 +319,21 @@ fn peer_pair_in(
     topo: &Topology,
     session: u64,
     relay: SocketAddr,
-    ip_a: IpAddr,
-    ip_b: IpAddr,
-) -> (
-    ferry_peer::udp::UdpPeer,
-    ferry_peer::udp::UdpPeer,
-    Box<dyn Fn() -> ferry_peer::channel::Channel>,
-) {
-    let (mut a, mut b, make) = peer_pair(
-        auth,
-        session,
-        relay,
-        "127.0.0.1:0".parse().unwrap(),
-        "127.0.0.1:0".parse().unwrap(),
-    );
-    a.set_socket(topo.peer_socket(SocketAddr::new(ip_a, 0)));
-    b.set_socket(topo.peer_socket(SocketAddr::new(ip_b, 0)));
-    (a, b, make)
+    ip_a: impl Into<IpAddr>,
+    ip_b: impl Into<IpAddr>,
+) -> (UdpPeer, UdpPeer, MakeInitiator) {
+    let at = |ip: IpAddr| topo.peer_socket(SocketAddr::new(ip, 0)).unwrap();
+    peer_pair(auth, session, relay, at(ip_a.into()), at(ip_b.into())).unwrap()
+}
+
+/// Sends one UDP datagram over IPv4 with a forged source address, from a raw socket in
+/// namespace `ns`, built by the XDP tests' frame builder without its Ethernet header (the
+/// kernel fills in the IP checksum; the UDP checksum is left out, which IPv4 allows).
+fn send_spoofed_v4(ns: &str, src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) {
+    let mut frame = Frame::udp(IpAddr::V4(*src.ip()), IpAddr::V4(*dst.ip()), dst.port());
+    frame.src_port = src.port();
+    let packet = frame.build(payload).split_off(14);
+    netns::send_raw_ipv4(ns, *dst.ip(), &packet).unwrap();
 }
 
 /// BIND `token` under `session` from `socket`, through the CHALLENGE. Returns the REJECT
@@ -405,18 +375,24 @@ fn bind_exchange(
 }
 
 #[test]
+#[cfg_attr(
+    not(ferry_skip_ebpf),
+    ignore = "needs root: network namespaces, the XDP guard"
+)]
+#[cfg_attr(
+    ferry_skip_ebpf,
+    ignore = "built with FERRY_SKIP_EBPF=1: no XDP program"
+)]
 fn spoofed_sources_idle_and_expired_bindings_get_nothing() {
-    if netns::require("relay_netns_reaping").is_none() {
-        return;
-    }
-    let topo = Topology::new();
-    let auth = Authority::new();
+    skip::require_root("relay_netns_reaping");
+    let topo = Topology::new().unwrap();
+    let auth = Authority::new().unwrap();
     let relay = start_relay(
         &auth,
         &topo,
         "\n[limits]\nidle_timeout_secs = 5\nmax_clock_skew_secs = 0\n",
     );
-    let relay_v4 = SocketAddr::new(topo.relay_v4(), PORT);
+    let relay_v4 = SocketAddr::new(topo.relay_v4().into(), PORT);
     let (mut a, mut b, make_a) = peer_pair_in(
         &auth,
         &topo,
@@ -427,20 +403,14 @@ fn spoofed_sources_idle_and_expired_bindings_get_nothing() {
     );
     a.bind(Duration::from_secs(5)).unwrap();
     b.bind(Duration::from_secs(5)).unwrap();
-    talk(&mut a, &mut b, &*make_a, 3);
+    talk(&mut a, &mut b, &*make_a, 3).unwrap();
 
     // Forged sources: a BIND whose CHALLENGE goes to an address nobody answers from, and DATA
     // claiming to come from a host that is not bound. Neither binds nor forwards anything.
     let before = scrape(&relay);
-    let forged = match topo.peer_v4(8) {
-        IpAddr::V4(ip) => std::net::SocketAddrV4::new(ip, 4444),
-        IpAddr::V6(_) => unreachable!(),
-    };
-    let dst = match relay_v4 {
-        SocketAddr::V4(v4) => v4,
-        SocketAddr::V6(_) => unreachable!(),
-    };
-    let token = auth.mint(0x6006, TokenSlot::A, 600);
+    let forged = SocketAddrV4::new(topo.peer_v4(8), 4444);
+    let dst = SocketAddrV4::new(topo.relay_v4(), PORT);
+    let token = auth.mint(0x6006, TokenSlot::A, 600).unwrap();
     let keys = SlotKeys::derive(&token.slot_secret);
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let fields = BindFields {
@@ -450,10 +420,10 @@ fn spoofed_sources_idle_and_expired_bindings_get_nothing() {
         token: &token.bytes,
     };
     let n = wire::encode_bind(&mut buf, 0x6006, &fields, |m| keys.peer.mac(m)).unwrap();
-    netns::send_spoofed_v4(&topo.peers_ns, forged, dst, &buf[..n]);
+    send_spoofed_v4(&topo.peers_ns, forged, dst, &buf[..n]);
     let n = wire::encode_data(&mut buf, 0x5005, b"forged").unwrap();
     for _ in 0..5 {
-        netns::send_spoofed_v4(&topo.peers_ns, forged, dst, &buf[..n]);
+        send_spoofed_v4(&topo.peers_ns, forged, dst, &buf[..n]);
     }
     std::thread::sleep(Duration::from_millis(300));
     let after = scrape(&relay);
@@ -493,8 +463,8 @@ fn spoofed_sources_idle_and_expired_bindings_get_nothing() {
         topo.peer_v4(4),
         topo.peer_v4(5),
     );
-    let short_a = auth.mint(0x7007, TokenSlot::A, 4);
-    let short_b = auth.mint(0x7007, TokenSlot::B, 4);
+    let short_a = auth.mint(0x7007, TokenSlot::A, 4).unwrap();
+    let short_b = auth.mint(0x7007, TokenSlot::B, 4).unwrap();
     for (peer, token, slot) in [(&mut c, &short_a, Slot::A), (&mut d, &short_b, Slot::B)] {
         peer.replace_bind_client(ferry_peer::bind::BindClient::new(
             0x7007,
@@ -545,8 +515,8 @@ fn flood_phase(
     relay: &Relay,
     flooder: &UdpSocket,
     relay_addr: SocketAddr,
-    a: &mut ferry_peer::udp::UdpPeer,
-    b: &mut ferry_peer::udp::UdpPeer,
+    a: &mut UdpPeer,
+    b: &mut UdpPeer,
     secs: f64,
 ) -> (u64, u64, (usize, usize), f64) {
     let before = scrape(relay);
@@ -606,15 +576,21 @@ fn flood_phase(
 const FLOODED_SESSION: u64 = 0x3003;
 
 #[test]
+#[cfg_attr(
+    not(ferry_skip_ebpf),
+    ignore = "needs root: network namespaces, the XDP guard"
+)]
+#[cfg_attr(
+    ferry_skip_ebpf,
+    ignore = "built with FERRY_SKIP_EBPF=1: no XDP program"
+)]
 fn the_xdp_guard_cuts_a_flood_to_its_rate_and_keeps_the_other_session_going() {
-    if netns::require("relay_netns_xdp_flood").is_none() {
-        return;
-    }
-    let topo = Topology::new();
-    let auth = Authority::new();
+    skip::require_root("relay_netns_xdp_flood");
+    let topo = Topology::new().unwrap();
+    let auth = Authority::new().unwrap();
     let limits = |pps: u32| format!("data_packets_per_second = {pps}\ndata_packet_burst = 200\n");
     let relay = start_relay(&auth, &topo, &limits(2000));
-    let relay_v4 = SocketAddr::new(topo.relay_v4(), PORT);
+    let relay_v4 = SocketAddr::new(topo.relay_v4().into(), PORT);
     let (mut a, mut b, make_a) = peer_pair_in(
         &auth,
         &topo,
@@ -625,8 +601,10 @@ fn the_xdp_guard_cuts_a_flood_to_its_rate_and_keeps_the_other_session_going() {
     );
     assert!(!a.bind(Duration::from_secs(5)).unwrap());
     assert!(b.bind(Duration::from_secs(5)).unwrap());
-    talk(&mut a, &mut b, &*make_a, 2);
-    let flooder = topo.peer_socket(SocketAddr::new(topo.peer_v4(4), 0));
+    talk(&mut a, &mut b, &*make_a, 2).unwrap();
+    let flooder = topo
+        .peer_socket(SocketAddr::new(topo.peer_v4(4).into(), 0))
+        .unwrap();
 
     // Phase 1: 2000 datagrams a second admitted, burst 200.
     let (reached, dropped, (sent, got), secs) =
@@ -656,7 +634,9 @@ fn the_xdp_guard_cuts_a_flood_to_its_rate_and_keeps_the_other_session_going() {
     // Malformed datagrams never reach the relay socket: its counters stay flat while the
     // guard's rise.
     let before = scrape(&relay);
-    let stray = topo.peer_socket(SocketAddr::new(topo.peer_v4(5), 0));
+    let stray = topo
+        .peer_socket(SocketAddr::new(topo.peer_v4(5).into(), 0))
+        .unwrap();
     let mut bad = flood_datagram(0x42);
     bad[2] = 9; // version
     for _ in 0..50 {
@@ -709,8 +689,8 @@ fn the_xdp_guard_cuts_a_flood_to_its_rate_and_keeps_the_other_session_going() {
 
     // A reload changes the limit live: a quarter of the rate, same session, no detach.
     std::fs::write(
-        relay.dir.join("relay.toml"),
-        config_text(&auth, &topo, &limits(500)),
+        relay.process.config_path(),
+        relay_config(&auth, &topo, &limits(500)).text(),
     )
     .unwrap();
     hup(&relay);

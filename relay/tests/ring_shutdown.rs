@@ -2,9 +2,10 @@
 //! cancels them later, from a workqueue), so the ring cancels everything, waits (bounded) for
 //! every receive and send to end, zero-copy notifications included, and only then frees the
 //! buffers the kernel writes into; if the kernel is not done in time, it leaks them instead.
+//!
+//! The tests that hold packets with `tc` in a network namespace need root, so they are
+//! `#[ignore]`d: `cargo test -- --include-ignored` runs them.
 #![allow(clippy::unwrap_used)] // a test: a failed unwrap fails the test
-
-mod common;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -13,19 +14,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::netns::{self, Topology};
 use ferry_relay::uring::{Completion, Ring, SHUTDOWN_LIMIT, Segment};
+use ferry_testkit::netns::{Topology, in_ns};
+use ferry_testkit::skip;
 use io_uring::types::Timespec;
 
 /// A ring on `socket`; `None` when io_uring is unavailable and skipping is allowed.
 fn ring_on(socket: &UdpSocket) -> Option<Ring> {
     match Ring::new(256, 256, 2048, 256, vec![socket.as_raw_fd()]) {
         Ok(ring) => Some(ring),
-        Err(e) if netns::may_skip() => {
-            eprintln!("SKIP ring shutdown test: io_uring unavailable: {e}");
+        Err(e) => {
+            skip::skip("ring shutdown test", format!("io_uring unavailable: {e}"));
             None
         }
-        Err(e) => panic!("io_uring unavailable and FERRY_REQUIRE_PRIVILEGED=1: {e}"),
     }
 }
 
@@ -207,10 +208,10 @@ fn dropping_a_busy_ring_drains_it_within_the_bound() {
     rx.send_to(b"after", sink.local_addr().unwrap()).unwrap();
 }
 
-/// A network namespace for `test`, or `None` to skip.
-fn namespace(test: &str) -> Option<Topology> {
-    netns::require(test)?;
-    Some(Topology::new())
+/// A network namespace for `test`, which is `#[ignore]`d as needing root.
+fn namespace(test: &str) -> Topology {
+    skip::require_root(test);
+    Topology::new().unwrap()
 }
 
 /// Makes the namespace's loopback hold every packet past the first `burst` bytes (a token
@@ -238,27 +239,28 @@ fn hold_loopback(test: &str, topo: &Topology, burst: u32) -> bool {
         .output()
         .unwrap();
     if !out.status.success() {
-        let why = String::from_utf8_lossy(&out.stderr);
-        assert!(netns::may_skip(), "tc tbf: {why}");
-        eprintln!("SKIP {test}: tc tbf: {why}");
+        skip::skip(
+            test,
+            format!("tc tbf: {}", String::from_utf8_lossy(&out.stderr)),
+        );
     }
     out.status.success()
 }
 
 #[test]
+#[ignore = "needs root: a network namespace with tc"]
 fn a_send_blocked_on_a_full_socket_buffer_is_cancelled_and_drained() {
-    let Some(topo) = namespace("blocked_send") else {
-        return;
-    };
+    let topo = namespace("blocked_send");
     if !hold_loopback("blocked_send", &topo, 4000) {
         return;
     }
-    let (rx, sink) = Topology::in_ns(&topo.relay_ns, || {
+    let (rx, sink) = in_ns(&topo.relay_ns, || {
         let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
         // The smallest send buffer: a few held packets fill it, the next send waits.
         socket2::SockRef::from(&rx).set_send_buffer_size(1).unwrap();
         (rx, UdpSocket::bind("127.0.0.1:0").unwrap())
-    });
+    })
+    .unwrap();
     let Some(mut ring) = ring_on(&rx) else {
         return;
     };
@@ -288,20 +290,19 @@ fn a_send_blocked_on_a_full_socket_buffer_is_cancelled_and_drained() {
 }
 
 #[test]
+#[ignore = "needs root: a network namespace with tc"]
 fn a_zero_copy_send_the_network_still_holds_is_leaked_not_freed() {
-    let Some(topo) = namespace("held_zero_copy") else {
-        return;
-    };
-    let (rx, sink, client) = Topology::in_ns(&topo.relay_ns, || {
+    let topo = namespace("held_zero_copy");
+    let (rx, sink, client) = in_ns(&topo.relay_ns, || {
         let bind = || UdpSocket::bind("127.0.0.1:0").unwrap();
         (bind(), bind(), bind())
-    });
+    })
+    .unwrap();
     let Some(mut ring) = ring_on(&rx) else {
         return;
     };
     if !ring.set_zero_copy_min(Some(1)) {
-        assert!(netns::may_skip(), "the kernel lacks SEND_ZC");
-        eprintln!("SKIP held_zero_copy: the kernel lacks SEND_ZC");
+        skip::skip("held_zero_copy", "the kernel lacks SEND_ZC");
         return;
     }
     ring.arm_recv(0).unwrap();

@@ -3,8 +3,6 @@
 //! sockets, without io_uring (the worker tests cover that).
 #![allow(clippy::unwrap_used)] // a test: a failed unwrap fails the test
 
-mod common;
-
 use std::net::UdpSocket;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,11 +15,12 @@ use ferry_relay::limits::IpLimits;
 use ferry_relay::session::{Outcome, SessionLimits};
 use ferry_relay::shards::Sessions;
 
-use common::{Authority, KID, RELAY_ID, peer_pair, talk};
+use ferry_testkit::fixtures::{Authority, KID, RELAY_ID};
+use ferry_testkit::peers::{peer_pair, talk};
 
 #[test]
 fn peers_bind_handshake_and_talk_through_a_socket_relay() {
-    let auth = Authority::new();
+    let auth = Authority::new().unwrap();
     let mut verifier =
         TokenVerifier::new(VerifierConfig::new(RELAY_ID), auth.relay_key.clone()).unwrap();
     verifier.add_trusted_key(KID, auth.minter.public());
@@ -57,11 +56,11 @@ fn peers_bind_handshake_and_talk_through_a_socket_relay() {
         })
     };
 
-    let any = "127.0.0.1:0".parse().unwrap();
-    let (mut a, mut b, make_a) = peer_pair(&auth, 0xabc, relay, any, any);
+    let any = || UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (mut a, mut b, make_a) = peer_pair(&auth, 0xabc, relay, any(), any()).unwrap();
     assert!(!a.bind(Duration::from_secs(5)).unwrap());
     assert!(b.bind(Duration::from_secs(5)).unwrap());
-    talk(&mut a, &mut b, &*make_a, 50);
+    talk(&mut a, &mut b, &*make_a, 50).unwrap();
     assert!(a.keepalive(Duration::from_secs(2)).unwrap());
 
     // NAT rebinding: A moves to a new socket and proves it with a REBIND.

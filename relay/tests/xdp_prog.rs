@@ -3,10 +3,10 @@
 //! packets pass (IPv4, IPv6, VLAN, IP options), buckets refill over time, and the CIDR lists
 //! deny and allow by longest prefix.
 //!
-//! Needs root (CAP_BPF); skipped otherwise unless `FERRY_REQUIRE_PRIVILEGED=1`.
+//! Needs root (CAP_BPF), so every test is `#[ignore]`d: `cargo test -- --include-ignored`
+//! runs them. A relay built with `FERRY_SKIP_EBPF=1` has no XDP program: the reason they are
+//! ignored says so, and run anyway they fail with the error naming the switch.
 #![allow(clippy::unwrap_used)] // a test: a failed unwrap fails the test
-
-mod common;
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -18,6 +18,8 @@ use ferry_common::header::{
 use ferry_common::xdp::{Counter, Rate, slot_labels};
 use ferry_relay::xdp::frame::{self, Frame};
 use ferry_relay::xdp::{Cidr, Guard, Mode, XDP_DROP, XDP_PASS, XdpSettings};
+use ferry_testkit::netns::{Topology, in_ns};
+use ferry_testkit::skip;
 
 const PORT: u16 = 7000;
 const OTHER_PORT: u16 = 7001;
@@ -39,12 +41,17 @@ fn settings() -> XdpSettings {
     }
 }
 
-/// A loaded, configured guard, or `None` when the test must skip.
-fn guard(test: &str, settings: &XdpSettings) -> Option<Guard> {
-    common::netns::require(test)?;
-    let mut guard = Guard::load(settings.max_sources).unwrap();
+/// A loaded guard for `test`, which needs root; configured with `settings`.
+fn guard(test: &str, settings: &XdpSettings) -> Guard {
+    let mut guard = load(test, settings.max_sources);
     guard.configure(settings, &[PORT, OTHER_PORT]).unwrap();
-    Some(guard)
+    guard
+}
+
+/// The guard loaded with room for `max_sources`, unconfigured, for `test`, which needs root.
+fn load(test: &str, max_sources: u32) -> Guard {
+    skip::require_root(test);
+    Guard::load(max_sources).unwrap_or_else(|e| panic!("{test}: {e}"))
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -116,13 +123,16 @@ const PASS_RELAY: u32 = Counter::PassRelay as u32;
 const PASS_OTHER: u32 = Counter::PassOther as u32;
 
 #[test]
+#[cfg_attr(not(ferry_skip_ebpf), ignore = "needs root: loads the XDP program")]
+#[cfg_attr(
+    ferry_skip_ebpf,
+    ignore = "built with FERRY_SKIP_EBPF=1: no XDP program"
+)]
 fn valid_relay_packets_pass_in_every_encapsulation() {
-    let Some(g) = guard(
+    let g = guard(
         "valid_relay_packets_pass_in_every_encapsulation",
         &settings(),
-    ) else {
-        return;
-    };
+    );
     let d = data(100);
     expect(
         &g,
@@ -208,10 +218,13 @@ fn valid_relay_packets_pass_in_every_encapsulation() {
 }
 
 #[test]
+#[cfg_attr(not(ferry_skip_ebpf), ignore = "needs root: loads the XDP program")]
+#[cfg_attr(
+    ferry_skip_ebpf,
+    ignore = "built with FERRY_SKIP_EBPF=1: no XDP program"
+)]
 fn other_traffic_passes_untouched() {
-    let Some(g) = guard("other_traffic_passes_untouched", &settings()) else {
-        return;
-    };
+    let g = guard("other_traffic_passes_untouched", &settings());
     let garbage = [0xffu8; 3];
     let f = Frame::udp(ip("198.18.0.2"), ip(RELAY4), 53);
     expect(
@@ -265,10 +278,13 @@ fn other_traffic_passes_untouched() {
 }
 
 #[test]
+#[cfg_attr(not(ferry_skip_ebpf), ignore = "needs root: loads the XDP program")]
+#[cfg_attr(
+    ferry_skip_ebpf,
+    ignore = "built with FERRY_SKIP_EBPF=1: no XDP program"
+)]
 fn every_malformed_class_is_dropped_and_counted() {
-    let Some(g) = guard("every_malformed_class_is_dropped_and_counted", &settings()) else {
-        return;
-    };
+    let g = guard("every_malformed_class_is_dropped_and_counted", &settings());
     let drop = |counter: Counter| counter as u32;
     let rule = Counter::malformed_slot;
     let good = data(100);
@@ -427,12 +443,15 @@ fn every_malformed_class_is_dropped_and_counted() {
 }
 
 #[test]
+#[cfg_attr(not(ferry_skip_ebpf), ignore = "needs root: loads the XDP program")]
+#[cfg_attr(
+    ferry_skip_ebpf,
+    ignore = "built with FERRY_SKIP_EBPF=1: no XDP program"
+)]
 fn non_first_fragments_drop_when_configured() {
     let mut s = settings();
     s.drop_all_fragments = true;
-    let Some(g) = guard("non_first_fragments_drop_when_configured", &s) else {
-        return;
-    };
+    let g = guard("non_first_fragments_drop_when_configured", &s);
     let mut f = Frame::udp(ip("198.18.0.2"), ip(RELAY4), 53);
     f.fragment = Some((100, true));
     let what = "a non-first IPv4 fragment";
@@ -463,15 +482,18 @@ fn passed(g: &Guard, frame: &[u8], n: usize) -> usize {
 }
 
 #[test]
+#[cfg_attr(not(ferry_skip_ebpf), ignore = "needs root: loads the XDP program")]
+#[cfg_attr(
+    ferry_skip_ebpf,
+    ignore = "built with FERRY_SKIP_EBPF=1: no XDP program"
+)]
 fn handshakes_and_data_have_separate_buckets_that_refill() {
     let mut s = settings();
     // 250 ms a packet: slow enough that a loaded machine running the loops below cannot earn
     // an extra packet while they run.
     s.handshake = Rate::new(4, 5).unwrap();
     s.data_packets = Rate::new(4, 10).unwrap();
-    let Some(g) = guard("handshakes_and_data_have_separate_buckets_that_refill", &s) else {
-        return;
-    };
+    let g = guard("handshakes_and_data_have_separate_buckets_that_refill", &s);
     let hs = v4_from("198.18.0.2").build(&bind());
     let dat = v4_from("198.18.0.2").build(&data(100));
     assert_eq!(passed(&g, &hs, 20), 5, "the handshake burst");
@@ -503,12 +525,15 @@ fn handshakes_and_data_have_separate_buckets_that_refill() {
 }
 
 #[test]
+#[cfg_attr(not(ferry_skip_ebpf), ignore = "needs root: loads the XDP program")]
+#[cfg_attr(
+    ferry_skip_ebpf,
+    ignore = "built with FERRY_SKIP_EBPF=1: no XDP program"
+)]
 fn the_byte_rate_counts_datagram_bytes() {
     let mut s = settings();
     s.data_bytes = Rate::new(1_000, 3_000).unwrap();
-    let Some(g) = guard("the_byte_rate_counts_datagram_bytes", &s) else {
-        return;
-    };
+    let g = guard("the_byte_rate_counts_datagram_bytes", &s);
     let big = v4_from("198.18.0.2").build(&data(1000 - HEADER_LEN));
     assert_eq!(
         passed(&g, &big, 10),
@@ -533,13 +558,16 @@ fn the_byte_rate_counts_datagram_bytes() {
 }
 
 #[test]
+#[cfg_attr(not(ferry_skip_ebpf), ignore = "needs root: loads the XDP program")]
+#[cfg_attr(
+    ferry_skip_ebpf,
+    ignore = "built with FERRY_SKIP_EBPF=1: no XDP program"
+)]
 fn ipv6_sources_share_a_bucket_per_prefix() {
     let mut s = settings();
     s.handshake = Rate::new(1, 3).unwrap();
     s.ipv6_prefix_len = 64;
-    let Some(g) = guard("ipv6_sources_share_a_bucket_per_prefix", &s) else {
-        return;
-    };
+    let g = guard("ipv6_sources_share_a_bucket_per_prefix", &s);
     let a = v6_from("2001:db8:0:1::a").build(&bind());
     let b = v6_from("2001:db8:0:1:ffff::b").build(&bind());
     let c = v6_from("2001:db8:0:2::a").build(&bind());
@@ -553,6 +581,11 @@ fn ipv6_sources_share_a_bucket_per_prefix() {
 }
 
 #[test]
+#[cfg_attr(not(ferry_skip_ebpf), ignore = "needs root: loads the XDP program")]
+#[cfg_attr(
+    ferry_skip_ebpf,
+    ignore = "built with FERRY_SKIP_EBPF=1: no XDP program"
+)]
 fn cidr_lists_deny_and_allow_by_longest_prefix_and_reload_live() {
     let mut s = settings();
     s.handshake = Rate::new(1, 2).unwrap();
@@ -561,12 +594,10 @@ fn cidr_lists_deny_and_allow_by_longest_prefix_and_reload_live() {
         "2001:db8:bad::/48".parse().unwrap(),
     ];
     s.allow = vec!["198.18.7.0/24".parse::<Cidr>().unwrap()];
-    let Some(mut g) = guard(
+    let mut g = guard(
         "cidr_lists_deny_and_allow_by_longest_prefix_and_reload_live",
         &s,
-    ) else {
-        return;
-    };
+    );
     let deny = Counter::DropDenyListed as u32;
     let allowed = Counter::PassAllowListed as u32;
     let d = data(50);
@@ -668,26 +699,31 @@ fn cidr_lists_deny_and_allow_by_longest_prefix_and_reload_live() {
 }
 
 #[test]
+#[cfg_attr(not(ferry_skip_ebpf), ignore = "needs root: loads the XDP program")]
+#[cfg_attr(
+    ferry_skip_ebpf,
+    ignore = "built with FERRY_SKIP_EBPF=1: no XDP program"
+)]
 fn an_unconfigured_guard_passes_everything() {
-    if common::netns::require("an_unconfigured_guard_passes_everything").is_none() {
-        return;
-    }
-    let g = Guard::load(16).unwrap();
+    let g = load("an_unconfigured_guard_passes_everything", 16);
     let mut garbage = v4_from("198.18.0.2").build(&data(10));
     garbage[14 + 28] = 0; // bad magic
     expect(&g, &garbage, XDP_PASS, PASS_OTHER, "before configure");
 }
 
 #[test]
+#[cfg_attr(not(ferry_skip_ebpf), ignore = "needs root: loads the XDP program")]
+#[cfg_attr(
+    ferry_skip_ebpf,
+    ignore = "built with FERRY_SKIP_EBPF=1: no XDP program"
+)]
 fn the_session_filter_drops_datagrams_for_sessions_the_relay_does_not_hold() {
     let mut s = settings();
     s.session_filter = true;
-    let Some(mut g) = guard(
+    let mut g = guard(
         "the_session_filter_drops_datagrams_for_sessions_the_relay_does_not_hold",
         &s,
-    ) else {
-        return;
-    };
+    );
     use ferry_relay::session::SessionEvent;
     use ferry_relay::shards::SessionObserver;
     let filter = g.session_filter().unwrap();
@@ -746,13 +782,16 @@ fn the_session_filter_drops_datagrams_for_sessions_the_relay_does_not_hold() {
 }
 
 #[test]
+#[cfg_attr(not(ferry_skip_ebpf), ignore = "needs root: loads the XDP program")]
+#[cfg_attr(
+    ferry_skip_ebpf,
+    ignore = "built with FERRY_SKIP_EBPF=1: no XDP program"
+)]
 fn a_relay_wide_handshake_budget_caps_many_sources_each_under_their_own_rate() {
     let mut s = settings();
     s.handshake = Rate::new(100, 10).unwrap();
     s.handshake_total = Rate::new(1, 25).unwrap();
-    let Some(g) = guard("a_relay_wide_handshake_budget_caps_many_sources", &s) else {
-        return;
-    };
+    let g = guard("a_relay_wide_handshake_budget_caps_many_sources", &s);
     let mut admitted = 0;
     for host in 0..10u8 {
         let f = v4_from(&format!("198.18.1.{}", host + 10)).build(&bind());
@@ -784,13 +823,16 @@ fn a_relay_wide_handshake_budget_caps_many_sources_each_under_their_own_rate() {
 /// for random datagrams (random bytes, and valid headers with one field changed), the
 /// program's verdict in the kernel is exactly what `check_header` says on the host.
 #[test]
+#[cfg_attr(not(ferry_skip_ebpf), ignore = "needs root: loads the XDP program")]
+#[cfg_attr(
+    ferry_skip_ebpf,
+    ignore = "built with FERRY_SKIP_EBPF=1: no XDP program"
+)]
 fn the_kernel_verdict_matches_the_host_header_check_on_random_datagrams() {
-    let Some(g) = guard(
+    let g = guard(
         "the_kernel_verdict_matches_the_host_header_check_on_random_datagrams",
         &settings(),
-    ) else {
-        return;
-    };
+    );
     use ferry_common::header::parse_header;
     let rng = ring::rand::SystemRandom::new();
     let mut seen = std::collections::HashSet::new();
@@ -848,15 +890,17 @@ fn link_details(ns: &str, interface: &str) -> String {
 }
 
 #[test]
+#[cfg_attr(not(ferry_skip_ebpf), ignore = "needs root: loads the XDP program")]
+#[cfg_attr(
+    ferry_skip_ebpf,
+    ignore = "built with FERRY_SKIP_EBPF=1: no XDP program"
+)]
 fn attach_modes_fall_back_as_configured_and_dropping_the_guard_detaches() {
-    let Some(_) = common::netns::require("attach_modes_fall_back") else {
-        return;
-    };
-    let topo = common::netns::Topology::new();
+    let mut g = load("attach_modes_fall_back", 16);
+    let topo = Topology::new().unwrap();
     let ns = topo.relay_ns.clone();
     type Attach<'a> = &'a mut (dyn FnMut() -> Result<ferry_relay::xdp::Attachment, String> + Send);
-    let in_ns = |f: Attach<'_>| common::netns::Topology::in_ns(&ns, f);
-    let mut g = Guard::load(16).unwrap();
+    let in_ns = |f: Attach<'_>| in_ns(&ns, f).unwrap();
     g.configure(&settings(), &[PORT]).unwrap();
 
     // Loopback has no native XDP: `native` fails with a clear error, `auto` falls back.
@@ -898,10 +942,13 @@ fn attach_modes_fall_back_as_configured_and_dropping_the_guard_detaches() {
 /// and mutations of valid frames at every byte — each get exactly one verdict and one counter,
 /// never an aborted run.
 #[test]
+#[cfg_attr(not(ferry_skip_ebpf), ignore = "needs root: loads the XDP program")]
+#[cfg_attr(
+    ferry_skip_ebpf,
+    ignore = "built with FERRY_SKIP_EBPF=1: no XDP program"
+)]
 fn random_frames_get_exactly_one_verdict_each() {
-    let Some(g) = guard("random_frames_get_exactly_one_verdict_each", &settings()) else {
-        return;
-    };
+    let g = guard("random_frames_get_exactly_one_verdict_each", &settings());
     let rng = ring::rand::SystemRandom::new();
     let fill = |buf: &mut [u8]| ring::rand::SecureRandom::fill(&rng, buf).unwrap();
     let valid4 = v4_from("198.18.0.2").build(&data(64));

@@ -12,19 +12,22 @@
 //!
 //! Needs root (namespaces, raw sockets, XDP). Every loop is bounded by `--seconds`.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use clap::Parser;
-use ferry_bench::live::connected_pair;
-use ferry_bench::netns::{Namespaces, in_ns, link_info};
-use ferry_bench::relay_process::{RelayProcess, cpu_ns, sum_metric};
+use ferry_bench::cpu::cpu_ns;
 use ferry_bench::udp::{Batch, packet_socket, pin_to};
 use ferry_common::header::{BIND_BODY_LEN, PacketType};
 use ferry_relay::xdp::flood;
 use ferry_relay::xdp::frame::{Frame, datagram};
+use ferry_testkit::fixtures::Authority;
+use ferry_testkit::metrics::sum_metric;
+use ferry_testkit::netns::{Topology, in_ns, link_info};
+use ferry_testkit::peers::connected_pair;
+use ferry_testkit::relay::{RelayConfig, RelayProcess};
 use ring::rand::{SecureRandom, SystemRandom};
 
 /// The XDP guard under a spoofed-source flood: goodput and relay CPU, XDP on and off.
@@ -148,12 +151,12 @@ fn flood_frames(
 fn run(
     cli: &Cli,
     bin: &Path,
-    ns: &Namespaces,
+    ns: &Topology,
     xdp: bool,
     flood: bool,
     packets: &[Vec<u8>],
 ) -> anyhow::Result<Run> {
-    let listen = SocketAddr::new(IpAddr::V4(ns.relay_addr()), PORT);
+    let listen = SocketAddr::new(ns.relay_v4().into(), PORT);
     let xdp_section = if xdp {
         format!(
             "[xdp]\nmode = \"native\"\ninterfaces = [\"{}\"]\n",
@@ -162,22 +165,22 @@ fn run(
     } else {
         "[xdp]\nmode = \"off\"\n".to_string()
     };
-    let relay = RelayProcess::start_in_netns(
-        bin,
-        &ns.relay_ns,
-        listen,
-        cli.relay_cpu,
-        "",
-        &format!(
+    let auth = Authority::new()?;
+    let config = RelayConfig {
+        listen: vec![listen],
+        admin: "127.0.0.1:9477".parse()?,
+        relay_extra: format!("cpus = [{}]", cli.relay_cpu),
+        sections: format!(
             "{xdp_section}\n[limits]\ndefault_session_rate = 1000000000\n\
              max_session_rate = 1000000000\n\n[log]\nlevel = \"error\"\n"
         ),
-    )?;
-    let peer_socket = |host: u8| {
-        let addr = SocketAddr::new(IpAddr::V4(ns.peer_addr(host)), 0);
-        in_ns(&ns.peers_ns, move || UdpSocket::bind(addr))?.context("a peer socket")
+        netns: Some(ns.relay_ns.clone()),
+        log_to_file: false,
+        ..RelayConfig::loopback(vec![auth.gateway_key()])?
     };
-    let (mut a, mut b) = connected_pair(&relay, peer_socket(2)?, peer_socket(3)?)?;
+    let relay = RelayProcess::start(bin, &auth.relay_key, &config)?;
+    let peer_socket = |host: u8| ns.peer_socket(SocketAddr::new(ns.peer_v4(host).into(), 0));
+    let (mut a, mut b) = connected_pair(&auth, relay.listen, peer_socket(2)?, peer_socket(3)?)?;
     let (peers_index, _) = link_info(&ns.peers_ns, &ns.peers_if)?;
     // Three templates for the XDP generator, which varies only the source address.
     let templates: Vec<Vec<u8>> = packets.iter().take(3).cloned().collect();
@@ -309,7 +312,9 @@ fn main() -> anyhow::Result<()> {
         "{} not found: cargo build --release -p ferry-relay",
         bin.display()
     );
-    let ns = Namespaces::new("fb").context("creating namespaces (needs root)")?;
+    let ns = Topology::new().context("creating namespaces (needs root)")?;
+    // The spoofed flood sources: reverse-path filtering keeps them, replies go nowhere harmful.
+    ns.route_via_peers("198.19.0.0/16")?;
     if cli.generator == Generator::Xdp {
         // XDP_TX into a veth needs the receiving end's NAPI, which the guard brings when it is
         // attached; GRO brings it when the guard is off.
@@ -329,7 +334,7 @@ fn main() -> anyhow::Result<()> {
             .context("running ethtool (Debian package ethtool)")?;
         ensure!(status.success(), "ethtool -K {} gro on failed", ns.relay_if);
     }
-    let relay = SocketAddrV4::new(ns.relay_addr(), PORT);
+    let relay = SocketAddrV4::new(ns.relay_v4(), PORT);
     let (_, relay_mac) = link_info(&ns.relay_ns, &ns.relay_if)?;
     let (_, peers_mac) = link_info(&ns.peers_ns, &ns.peers_if)?;
     let packets = flood_frames(4096, cli.sources, relay, peers_mac, relay_mac)?;

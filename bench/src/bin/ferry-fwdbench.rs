@@ -8,7 +8,7 @@
 //! packets per second at the sink, it reports the forwarder's CPU time per forwarded packet
 //! (from /proc), which stays meaningful when the generator, not the forwarder, is the limit.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -17,11 +17,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use ferry_bench::relay_process::{RelayProcess, cpu_ns};
+use ferry_bench::cpu::cpu_ns;
 use ferry_bench::udp::{Batch, pin_to, socket};
 use ferry_core::proof::SlotKeys;
 use ferry_core::token::{MintedToken, TokenSlot};
 use ferry_core::wire::{self, BindFields, MAX_DATAGRAM, Packet, Slot};
+use ferry_testkit::fixtures::Authority;
+use ferry_testkit::relay::{RelayConfig, RelayProcess};
 
 /// Ferry's relay against a plain batched forwarder, same run, same topology.
 #[derive(Debug, Parser)]
@@ -256,7 +258,7 @@ fn payload_datagram(session: u64, size: usize) -> anyhow::Result<Vec<u8>> {
 }
 
 fn run_plain(cli: &Cli, bin_dir: &Path, size: usize) -> anyhow::Result<Run> {
-    let port = ferry_bench::relay_process::free_port()?;
+    let port = ferry_testkit::free_port(Ipv4Addr::LOCALHOST.into())?;
     let sink = socket("127.0.0.1:0".parse()?)?;
     let generator = socket("127.0.0.1:0".parse()?)?;
     let listen: SocketAddr = format!("127.0.0.1:{port}").parse()?;
@@ -281,24 +283,27 @@ fn run_plain(cli: &Cli, bin_dir: &Path, size: usize) -> anyhow::Result<Run> {
 }
 
 fn run_ferry(cli: &Cli, bin_dir: &Path, size: usize) -> anyhow::Result<Run> {
-    let relay = RelayProcess::start(
-        &bin_dir.join("ferry-relay"),
-        cli.forwarder_cpu,
-        &format!(
-            "udp_gso = {}\nsend_zc_min_bytes = {}",
-            !cli.no_gso, cli.zc_min
+    let auth = Authority::new()?;
+    let config = RelayConfig {
+        relay_extra: format!(
+            "cpus = [{}]\nudp_gso = {}\nsend_zc_min_bytes = {}",
+            cli.forwarder_cpu, !cli.no_gso, cli.zc_min
         ),
-        "[limits]\ndefault_session_rate = 100000000000\nmax_session_rate = 100000000000\n\n\
-         [log]\nlevel = \"warn\"",
-        None,
-    )?;
+        sections: "[xdp]\nmode = \"off\"\n\n\
+                   [limits]\ndefault_session_rate = 100000000000\nmax_session_rate = 100000000000\n\n\
+                   [log]\nlevel = \"warn\"\n"
+            .into(),
+        log_to_file: false,
+        ..RelayConfig::loopback(vec![auth.gateway_key()])?
+    };
+    let relay = RelayProcess::start(&bin_dir.join("ferry-relay"), &auth.relay_key, &config)?;
     let listen = relay.listen;
     let rng = ring::rand::SystemRandom::new();
     let session = u64::from_be_bytes(rand8(&rng)?).max(1);
     let generator = socket("127.0.0.1:0".parse()?)?;
     let sink = socket("127.0.0.1:0".parse()?)?;
     for (sock, slot) in [(&generator, TokenSlot::A), (&sink, TokenSlot::B)] {
-        bind(sock, listen, &relay.mint(session, slot)?)?;
+        bind(sock, listen, &auth.mint(session, slot, 600)?)?;
     }
     let run = measure(
         cli,

@@ -15,35 +15,7 @@ use ferry_core::token::{TokenError, TokenVerifier, VerifiedToken, VerifierConfig
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use ring::rand::SystemRandom;
 
-pub const RELAY_ID: u64 = 0x5e1a7;
-
-/// A temporary directory, removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(name: &str) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "ferry-gw-test-{}-{nanos}-{name}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    pub fn path(&self, file: &str) -> PathBuf {
-        self.0.join(file)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use ferry_testkit::fixtures::RELAY_ID;
 
 pub fn write_file(path: &Path, text: &str, mode: u32) {
     let mut f = std::fs::OpenOptions::new()
@@ -108,7 +80,8 @@ impl Pki {
 
 /// Everything a gateway needs on disk: TLS files, two signing keys, a relay key.
 pub struct Setup {
-    pub dir: TempDir,
+    /// Where every file of the setup lives; removed on drop.
+    pub dir: ferry_testkit::TempDir,
     pub pki: Pki,
     pub relay_key: RelayStaticKey,
     pub signing: Vec<(u32, GatewaySigningKey)>,
@@ -134,16 +107,16 @@ pub fn run_cli(args: &[&str]) -> String {
 
 impl Setup {
     pub fn new(name: &str) -> Self {
-        let dir = TempDir::new(name);
+        let dir = ferry_testkit::temp_dir(&format!("gw-test-{name}")).unwrap();
         let pki = Pki::new();
-        write_file(&dir.path("tls.crt"), &pki.server_cert_pem, 0o644);
-        write_file(&dir.path("tls.key"), &pki.server_key_pem, 0o600);
-        write_file(&dir.path("clients-ca.crt"), &pki.ca_pem, 0o644);
+        write_file(&dir.path().join("tls.crt"), &pki.server_cert_pem, 0o644);
+        write_file(&dir.path().join("tls.key"), &pki.server_key_pem, 0o600);
+        write_file(&dir.path().join("clients-ca.crt"), &pki.ca_pem, 0o644);
         let rng = SystemRandom::new();
         let relay_key = RelayStaticKey::generate(&rng).unwrap();
         let mut signing = Vec::new();
         for kid in [1u32, 2] {
-            let path = dir.path(&format!("gateway-{kid}.key"));
+            let path = dir.path().join(format!("gateway-{kid}.key"));
             run_cli(&["keygen", "--out", path.to_str().unwrap()]);
             signing.push((kid, GatewaySigningKey::load(&path).unwrap()));
         }
@@ -168,6 +141,11 @@ impl Setup {
         setup.add_key("acme", &["create:acme", "join:acme"]);
         setup.add_key("listed-relay", &[&format!("relay:{RELAY_ID}")]);
         setup
+    }
+
+    /// The path of `name` in the setup's directory.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
     }
 
     /// Generates an API key with the CLI and adds it to the config.
@@ -224,9 +202,9 @@ impl Setup {
 
     /// Writes `config` and starts the gateway on it.
     pub fn start(&self, name: &str, config: &str) -> Gateway {
-        let path = self.dir.path(&format!("{name}.toml"));
+        let path = self.file(&format!("{name}.toml"));
         write_file(&path, config, 0o600);
-        Gateway::start(&path, &self.dir.path(&format!("{name}.log")))
+        Gateway::start(&path, &self.file(&format!("{name}.log")))
     }
 
     /// A token verifier as relay `RELAY_ID` trusting the given kids.
@@ -396,13 +374,6 @@ pub async fn post(
     (status, headers, json)
 }
 
-/// The value of `metric` (with its label set, e.g. `x{reason="missing"}`) on a page.
-pub fn metric(page: &str, sample: &str) -> u64 {
-    page.lines()
-        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{sample} not on the page"))
-}
-
 pub fn key_file_path(setup: &Setup, kid: u32) -> PathBuf {
-    setup.dir.path(&format!("gateway-{kid}.key"))
+    setup.file(&format!("gateway-{kid}.key"))
 }

@@ -1,0 +1,48 @@
+//! `ferry-testkit`: what Ferry's test suites and its benchmark harness share, so each exists
+//! once. Tests use it as a dev-dependency; `ferry-bench` uses it as a normal dependency,
+//! because its binaries start the same relay process in the same namespaces.
+//!
+//! - [`skip`]: the skip policy (`#[ignore]` for tests that need root, `FERRY_REQUIRE_PRIVILEGED`).
+//! - [`fixtures`]: a gateway signing key and a relay key pair that mint tokens.
+//! - [`peers`]: two peers of one session, bound and through their Noise handshake.
+//! - [`relay`]: a real `ferry-relay` process with a generated config, stopped on drop.
+//! - [`netns`]: two network namespaces joined by a veth pair, removed on drop.
+//! - [`metrics`]: samples of a Prometheus page and a minimal HTTP GET for admin listeners.
+//!
+//! Errors are `anyhow` errors, as in a binary: every caller is a test (which unwraps) or a
+//! benchmark binary (which prints them).
+
+pub mod fixtures;
+pub mod metrics;
+pub mod netns;
+pub mod peers;
+pub mod relay;
+pub mod skip;
+
+use std::net::{IpAddr, UdpSocket};
+use std::time::SystemTime;
+
+use anyhow::Context as _;
+pub use tempfile::TempDir;
+
+/// A fresh directory under the system's temporary directory, named `ferry-<name>-…`, removed
+/// (with everything in it) when the returned value drops.
+pub fn temp_dir(name: &str) -> anyhow::Result<TempDir> {
+    tempfile::Builder::new()
+        .prefix(&format!("ferry-{name}-"))
+        .tempdir()
+        .context("creating a temporary directory")
+}
+
+/// A UDP port on `ip` that was free a moment ago.
+pub fn free_port(ip: IpAddr) -> anyhow::Result<u16> {
+    let socket = UdpSocket::bind((ip, 0)).with_context(|| format!("binding a port on {ip}"))?;
+    Ok(socket.local_addr()?.port())
+}
+
+/// Microseconds since the Unix epoch: the start of a peer's BIND sequence numbers.
+pub fn micros_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64)
+}

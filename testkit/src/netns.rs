@@ -1,0 +1,221 @@
+//! Two network namespaces joined by a veth pair, for tests and benchmarks that need a real
+//! NIC-like path (the XDP guard runs natively on veth). Addresses come from 198.18.0.0/15 and
+//! 2001:db8::/32 only; names are unique per process and topology; both namespaces (and with
+//! them the veth pair) are removed on drop. Needs root and iproute2.
+//!
+//! Sockets are opened *inside* a namespace by a short-lived thread that joins it with
+//! `setns(2)` ([`in_ns`]); a socket stays in the namespace it was created in, so it can then
+//! be used from any thread. Processes run in a namespace with `ip netns exec`.
+
+use std::fs::File;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{Context as _, bail};
+use socket2::{Domain, Protocol, Socket, Type};
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Two namespaces, `relay_ns` and `peers_ns`, joined by `relay_if` ↔ `peers_if`.
+///
+/// Relay side: 198.18.`net`.1/24 and 2001:db8:`net`::1/64. Peers side: 198.18.`net`.2 … .9
+/// and 2001:db8:`net`::2 … ::9, so one test can play several hosts and a spoofer.
+#[derive(Debug)]
+pub struct Topology {
+    /// The relay's namespace.
+    pub relay_ns: String,
+    /// The peers' namespace.
+    pub peers_ns: String,
+    /// The third octet (and third IPv6 group) of every address of this topology.
+    pub net: u8,
+    /// The veth end in the relay's namespace (where the XDP guard attaches).
+    pub relay_if: String,
+    /// The veth end in the peers' namespace.
+    pub peers_if: String,
+}
+
+impl Topology {
+    /// Creates the namespaces, the veth pair and the addresses.
+    pub fn new() -> anyhow::Result<Self> {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        // Differs between the topologies of one process; the namespaces are private to each
+        // topology anyway.
+        let net = (pid.wrapping_mul(31).wrapping_add(n) % 200) as u8 + 10;
+        let name = |prefix: &str| -> String {
+            // Interface names are at most 15 bytes.
+            format!("{prefix}{pid}x{n}").chars().take(15).collect()
+        };
+        let topo = Self {
+            relay_ns: format!("ferry-r-{pid}-{n}"),
+            peers_ns: format!("ferry-p-{pid}-{n}"),
+            net,
+            relay_if: name("fr"),
+            peers_if: name("fp"),
+        };
+        // From here on, dropping `topo` removes whatever was created.
+        ip(&["netns", "add", &topo.relay_ns])?;
+        ip(&["netns", "add", &topo.peers_ns])?;
+        let (vr, vp) = (topo.relay_if.as_str(), topo.peers_if.as_str());
+        ip(&["link", "add", vr, "type", "veth", "peer", "name", vp])?;
+        ip(&["link", "set", vr, "netns", &topo.relay_ns])?;
+        ip(&["link", "set", vp, "netns", &topo.peers_ns])?;
+        let (r, p) = (topo.relay_ns.as_str(), topo.peers_ns.as_str());
+        let v4 = format!("{}/24", topo.relay_v4());
+        ip(&["-n", r, "addr", "add", &v4, "dev", vr])?;
+        let v6 = format!("{}/64", topo.relay_v6());
+        ip(&["-n", r, "addr", "add", &v6, "dev", vr, "nodad"])?;
+        for host in 2..=9 {
+            let v4 = format!("{}/24", topo.peer_v4(host));
+            ip(&["-n", p, "addr", "add", &v4, "dev", vp])?;
+            let v6 = format!("{}/64", topo.peer_v6(host));
+            ip(&["-n", p, "addr", "add", &v6, "dev", vp, "nodad"])?;
+        }
+        for (ns, dev) in [(r, vr), (p, vp)] {
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+        }
+        Ok(topo)
+    }
+
+    /// Routes `cidr` (from 198.18.0.0/15) from the relay's namespace through peer host 2, so
+    /// that reverse-path filtering keeps datagrams spoofed from it and any reply goes back to
+    /// the peers' side.
+    pub fn route_via_peers(&self, cidr: &str) -> anyhow::Result<()> {
+        let via = self.peer_v4(2).to_string();
+        ip(&["-n", &self.relay_ns, "route", "add", cidr, "via", &via])
+    }
+
+    /// The relay's IPv4 address.
+    pub fn relay_v4(&self) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, self.net, 1)
+    }
+
+    /// The relay's IPv6 address.
+    pub fn relay_v6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0x2001, 0xdb8, self.net.into(), 0, 0, 0, 0, 1)
+    }
+
+    /// Peer host `host` (2..=9), IPv4.
+    pub fn peer_v4(&self, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, self.net, host)
+    }
+
+    /// Peer host `host` (2..=9), IPv6.
+    pub fn peer_v6(&self, host: u8) -> Ipv6Addr {
+        Ipv6Addr::new(0x2001, 0xdb8, self.net.into(), 0, 0, 0, 0, host.into())
+    }
+
+    /// A command that runs `program` in the relay's namespace.
+    pub fn in_relay_ns(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.relay_ns, program])
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// A UDP socket bound to `addr` inside the peers' namespace.
+    pub fn peer_socket(&self, addr: SocketAddr) -> anyhow::Result<UdpSocket> {
+        in_ns(&self.peers_ns, || UdpSocket::bind(addr))?
+            .with_context(|| format!("binding {addr} in {}", self.peers_ns))
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // Deleting a namespace removes its end of the veth, which removes the pair.
+        for ns in [&self.relay_ns, &self.peers_ns] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+/// Runs `f` on a scratch thread that has joined namespace `ns`, and returns its result:
+/// sockets it opens stay in that namespace wherever they are used later.
+pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
+    let path = format!("/run/netns/{ns}");
+    let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            set_netns(&file)?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("a thread in namespace {ns} panicked"))?
+    })
+}
+
+#[allow(unsafe_code)]
+fn set_netns(file: &File) -> anyhow::Result<()> {
+    // SAFETY: setns only changes the calling (scratch) thread's network namespace; the fd is a
+    // valid open namespace file for the duration of the call.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        bail!("setns: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The index and MAC address of `interface` in namespace `ns`, from `ip -o link show`.
+pub fn link_info(ns: &str, interface: &str) -> anyhow::Result<(u32, [u8; 6])> {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-o", "link", "show", "dev", interface])
+        .output()
+        .context("running ip (iproute2)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let index = text
+        .split(':')
+        .next()
+        .and_then(|i| i.trim().parse::<u32>().ok())
+        .with_context(|| format!("no interface index for {interface} in {text:?}"))?;
+    let mac_text = text
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .with_context(|| format!("no MAC address for {interface} in {text:?}"))?;
+    let mut mac = [0u8; 6];
+    let parts: Vec<&str> = mac_text.split(':').collect();
+    if parts.len() != 6 {
+        bail!("{mac_text:?} is not a MAC address");
+    }
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        *byte = u8::from_str_radix(part, 16).with_context(|| format!("MAC {mac_text:?}"))?;
+    }
+    Ok((index, mac))
+}
+
+/// Sends `packet`, a whole IPv4 packet (header included, its source address possibly forged),
+/// to `dst` from a raw socket in namespace `ns`. The kernel fills in the IP checksum.
+pub fn send_raw_ipv4(ns: &str, dst: Ipv4Addr, packet: &[u8]) -> anyhow::Result<()> {
+    let sent = in_ns(ns, || -> anyhow::Result<usize> {
+        // IPPROTO_RAW implies IP_HDRINCL: the buffer is the whole IP packet.
+        let socket = Socket::new(
+            Domain::IPV4,
+            Type::RAW,
+            Some(Protocol::from(libc::IPPROTO_RAW)),
+        )
+        .context("a raw socket")?;
+        Ok(socket.send_to(packet, &SocketAddrV4::new(dst, 0).into())?)
+    })??;
+    if sent != packet.len() {
+        bail!("raw send: {sent} of {} bytes", packet.len());
+    }
+    Ok(())
+}
