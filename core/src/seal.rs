@@ -49,10 +49,21 @@ pub fn seal_slot_secret(
     claims_aad: &[u8; CLAIMS_AAD_LEN],
 ) -> Result<([u8; SEALED_LEN], SlotSecret), SealError> {
     let secret = SlotSecret::generate(rng).map_err(|_| SealError::Rng)?;
-    let mut ephemeral_bytes = Zeroizing::new([0u8; 32]);
-    rng.fill(ephemeral_bytes.as_mut())
-        .map_err(|_| SealError::Rng)?;
-    let ephemeral = StaticSecret::from(*ephemeral_bytes);
+    let mut ephemeral = Zeroizing::new([0u8; 32]);
+    rng.fill(ephemeral.as_mut()).map_err(|_| SealError::Rng)?;
+    let sealed = seal_with_ephemeral(&secret, &ephemeral, relay_public, claims_aad)?;
+    Ok((sealed, secret))
+}
+
+/// Seals `secret` with the ephemeral X25519 secret key `ephemeral`: the deterministic part of
+/// [`seal_slot_secret`], which the known-answer tests pin.
+pub(crate) fn seal_with_ephemeral(
+    secret: &SlotSecret,
+    ephemeral: &[u8; 32],
+    relay_public: &RelayPublicKey,
+    claims_aad: &[u8; CLAIMS_AAD_LEN],
+) -> Result<[u8; SEALED_LEN], SealError> {
+    let ephemeral = StaticSecret::from(*ephemeral);
     let ephemeral_public = X25519Public::from(&ephemeral).to_bytes();
 
     let shared = ephemeral.diffie_hellman(&X25519Public::from(*relay_public.as_bytes()));
@@ -70,7 +81,7 @@ pub fn seal_slot_secret(
     sealed[..32].copy_from_slice(&ephemeral_public);
     sealed[32..64].copy_from_slice(&ciphertext);
     sealed[64..].copy_from_slice(&tag);
-    Ok((sealed, secret))
+    Ok(sealed)
 }
 
 /// Opens a sealed slot secret with the relay's static key. Fails with [`SealError::Open`] when
@@ -129,6 +140,31 @@ mod tests {
         c.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
         c
     }
+
+    /// Lowercase hex, for comparing against the pinned values below.
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Pins the sealed bytes for fixed inputs, so that a change of AEAD, KDF or layout that
+    /// alters a single bit of a token fails here.
+    #[test]
+    fn known_answer() {
+        let relay = RelayStaticKey::from_bytes(&[0x01; 32]);
+        let secret = SlotSecret::from_bytes([0x11; SLOT_SECRET_LEN]);
+        let sealed = seal_with_ephemeral(&secret, &[0x22; 32], &relay.public(), &claims()).unwrap();
+        assert_eq!(hex(&sealed), KNOWN_SEALED);
+        let opened = open_slot_secret(&relay, &sealed, &claims()).unwrap();
+        assert_eq!(opened.expose(), secret.expose());
+    }
+
+    /// `E ‖ ciphertext ‖ tag` for relay key `[0x01; 32]`, slot secret `[0x11; 32]`, ephemeral
+    /// key `[0x22; 32]` and the claims `0, 1, …, 63`.
+    const KNOWN_SEALED: &str = concat!(
+        "0faa684ed28867b97f4a6a2dee5df8ce974e76b7018e3f22a1c4cf2678570f20",
+        "74f2d5c60f65242918313ebcb9db67765eef016ace4e79df8a9ac67ddd6a5f38",
+        "28afa2bb2993e855136ecf42ab00108d",
+    );
 
     #[test]
     fn round_trip() {

@@ -395,16 +395,21 @@ impl TokenMinter {
     ) -> Result<MintedToken, TokenError> {
         let claims_bytes = claims.encode();
         let (sealed, slot_secret) = seal::seal_slot_secret(rng, relay_public, &claims_bytes)?;
-        let mut bytes = [0u8; TOKEN_LEN];
-        bytes[..CLAIMS_LEN].copy_from_slice(&claims_bytes);
-        bytes[CLAIMS_LEN..SIGNED_LEN].copy_from_slice(&sealed);
-        let signature = self.signing.sign(&signed_message(&bytes));
-        bytes[SIGNED_LEN..].copy_from_slice(&signature);
         Ok(MintedToken {
-            bytes,
+            bytes: self.sign(&claims_bytes, &sealed),
             claims,
             slot_secret,
         })
+    }
+
+    /// The token bytes: `claims`, `sealed`, and the signature over both.
+    fn sign(&self, claims: &[u8; CLAIMS_LEN], sealed: &[u8; SEALED_LEN]) -> [u8; TOKEN_LEN] {
+        let mut bytes = [0u8; TOKEN_LEN];
+        bytes[..CLAIMS_LEN].copy_from_slice(claims);
+        bytes[CLAIMS_LEN..SIGNED_LEN].copy_from_slice(sealed);
+        let signature = self.signing.sign(&signed_message(&bytes));
+        bytes[SIGNED_LEN..].copy_from_slice(&signature);
+        bytes
     }
 }
 

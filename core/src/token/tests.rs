@@ -63,6 +63,51 @@ fn mint_verify_round_trip() {
     assert_ne!(again.slot_secret.expose(), minted.slot_secret.expose());
 }
 
+/// Pins a whole token for fixed inputs (gateway key, relay key, claims, slot secret and the
+/// sealing's ephemeral key; Ed25519 signatures are deterministic), so that any change to the
+/// claims layout, the sealing or the signature fails here.
+#[test]
+fn known_answer() {
+    let m = minter(KID, 2);
+    let claims = Claims {
+        slot: TokenSlot::B,
+        kid: KID,
+        token_id: [0x33; TOKEN_ID_LEN],
+        relay_id: RELAY_ID,
+        session_id: SESSION,
+        not_before: UnixTime(1_000),
+        expires: UnixTime(2_000),
+        rate_bytes_per_sec: 125_000,
+    };
+    let claims_bytes = claims.encode();
+    let secret = SlotSecret::from_bytes([0x11; 32]);
+    let sealed =
+        seal::seal_with_ephemeral(&secret, &[0x22; 32], &relay_key().public(), &claims_bytes)
+            .unwrap();
+    let token = m.sign(&claims_bytes, &sealed);
+    let hex: String = token.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(hex, KNOWN_TOKEN.concat());
+    let verified = verify(&verifier_trusting(&[&m]), &token, NOW).unwrap();
+    assert_eq!(verified.claims, claims);
+    assert_eq!(verified.slot_secret.expose(), secret.expose());
+}
+
+const KNOWN_TOKEN: [&str; 7] = [
+    // claims 0..32: version, slot B, reserved, kid 7, token id, relay id 77
+    "010100000000000733333333333333333333333333333333000000000000004d",
+    // claims 32..64: session, nbf 1000, exp 2000, rate 125000
+    "000000001234567800000000000003e800000000000007d0000000000001e848",
+    // sealed: ephemeral public key E
+    "0faa684ed28867b97f4a6a2dee5df8ce974e76b7018e3f22a1c4cf2678570f20",
+    // sealed: ciphertext of S
+    "74f2d5c60f65242918313ebcb9db67765eef016ace4e79df8a9ac67ddd6a5f38",
+    // sealed: tag
+    "aeff103447cbb9fac12b9dd324696701",
+    // Ed25519 signature
+    "bd72fe5a85188783c2db750125779aafc7a2a5d488021f7356ee51e438ed33f6",
+    "f7c0a0848ce1f8e7ae6e07d22570507ab12da10c14cd388e20a4385227518601",
+];
+
 #[test]
 fn time_checks_allow_skew_on_both_sides() {
     let m = minter(KID, 2);
