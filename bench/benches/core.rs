@@ -24,8 +24,8 @@ use ferry_core::noise::{
     TransportLimits,
 };
 use ferry_core::time::UnixTime;
-use ferry_core::token::{ClaimsInput, TokenMinter, TokenSlot, TokenVerifier, VerifierConfig};
-use ferry_core::wire::{self, HEADER_LEN, MAX_DATAGRAM};
+use ferry_core::token::{ClaimsInput, TokenMinter, TokenVerifier, VerifierConfig};
+use ferry_core::wire::{self, HEADER_LEN, MAX_DATAGRAM, Slot};
 use ring::rand::SystemRandom;
 
 const SIZES: [usize; 3] = [64, 1200, 1400];
@@ -57,7 +57,7 @@ fn bench_token(c: &mut Criterion) {
     let minter = TokenMinter::new(7, GatewaySigningKey::generate(&rng).expect("rng"));
     let now = UnixTime(1_800_000_000);
     let input = ClaimsInput {
-        slot: TokenSlot::A,
+        slot: Slot::A,
         relay_id: 42,
         session_id: 99,
         not_before: now,

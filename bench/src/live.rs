@@ -10,7 +10,6 @@ use anyhow::{Context, ensure};
 use ferry_core::keys::PeerStaticKey;
 use ferry_core::known_peers::KnownPeers;
 use ferry_core::noise::{LocalIdentity, PeerExpectation, TransportLimits};
-use ferry_core::token::TokenSlot;
 use ferry_core::wire::Slot;
 use ferry_peer::bind::BindClient;
 use ferry_peer::channel::Channel;
@@ -161,8 +160,8 @@ pub fn connected_pair(
     let (pub_a, pub_b) = (*ids[0].public(), *ids[1].public());
     let limits = TransportLimits::default();
     let make_a = || Channel::initiator(&ids[0], PeerExpectation::Pinned(pub_b), session, limits);
-    let token_a = relay.mint(session, TokenSlot::A)?;
-    let token_b = relay.mint(session, TokenSlot::B)?;
+    let token_a = relay.mint(session, Slot::A)?;
+    let token_b = relay.mint(session, Slot::B)?;
     let mut alice = UdpPeer::new(
         socket_a,
         relay.listen,

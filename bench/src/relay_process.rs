@@ -11,7 +11,8 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, bail};
 use ferry_core::keys::{self, GatewaySigningKey, RelayPublicKey, RelayStaticKey};
 use ferry_core::time::UnixTime;
-use ferry_core::token::{ClaimsInput, MintedToken, TokenMinter, TokenSlot};
+use ferry_core::token::{ClaimsInput, MintedToken, TokenMinter};
+use ferry_core::wire::Slot;
 use ring::rand::SystemRandom;
 
 /// The relay id the generated config uses.
@@ -210,7 +211,7 @@ impl RelayProcess {
     }
 
     /// A token for `slot` of `session`, valid for ten minutes.
-    pub fn mint(&self, session: u64, slot: TokenSlot) -> anyhow::Result<MintedToken> {
+    pub fn mint(&self, session: u64, slot: Slot) -> anyhow::Result<MintedToken> {
         let now = UnixTime::from(SystemTime::now());
         let input = ClaimsInput {
             slot,

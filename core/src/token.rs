@@ -20,6 +20,7 @@ use crate::keys::{GatewayPublicKey, GatewaySigningKey, RelayPublicKey, RelayStat
 use crate::proof::SlotSecret;
 use crate::seal::{self, CLAIMS_AAD_LEN, SEALED_LEN, SealError};
 use crate::time::UnixTime;
+use crate::wire::Slot;
 
 /// Length of every token.
 pub const TOKEN_LEN: usize = 208;
@@ -41,39 +42,11 @@ const SIGNATURE_CONTEXT: &[u8] = b"ferry token v1\0";
 // The layout of §4: claims 0..64, sealed secret 64..144, Ed25519 signature 144..208.
 const _: () = assert!(SIGNED_LEN == 144 && SIGNATURE_LEN == 64);
 
-/// Which slot of a session a token is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum TokenSlot {
-    /// Slot A (0): the Noise initiator.
-    A,
-    /// Slot B (1): the Noise responder.
-    B,
-}
-
-impl TokenSlot {
-    /// The slot with wire value `value`, if any.
-    pub const fn from_u8(value: u8) -> Option<Self> {
-        match value {
-            0 => Some(Self::A),
-            1 => Some(Self::B),
-            _ => None,
-        }
-    }
-
-    /// The wire value: 0 for A, 1 for B.
-    pub const fn as_u8(self) -> u8 {
-        match self {
-            Self::A => 0,
-            Self::B => 1,
-        }
-    }
-}
-
 /// The claims of a token (bytes 0..64).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Claims {
     /// The slot the bearer may bind.
-    pub slot: TokenSlot,
+    pub slot: Slot,
     /// Id of the gateway key that signed the token.
     pub kid: u32,
     /// Random, unique per token; the replay cache key.
@@ -94,7 +67,7 @@ pub struct Claims {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClaimsInput {
     /// The slot the bearer may bind.
-    pub slot: TokenSlot,
+    pub slot: Slot,
     /// The relay the token is for.
     pub relay_id: u64,
     /// The session; must not be zero.
@@ -275,7 +248,7 @@ impl Claims {
         if bytes[2..4] != [0, 0] {
             return Err(MalformedReason::Reserved);
         }
-        let slot = TokenSlot::from_u8(bytes[1]).ok_or(MalformedReason::Slot { slot: bytes[1] })?;
+        let slot = Slot::from_u8(bytes[1]).ok_or(MalformedReason::Slot { slot: bytes[1] })?;
         let session_id = read_u64(bytes, 32);
         if session_id == 0 {
             return Err(MalformedReason::ZeroSession);

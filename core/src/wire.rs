@@ -74,7 +74,8 @@ pub enum WireError {
     },
 }
 
-/// One of the two slots of a session (§3.1).
+/// One of the two slots of a session (§3.1): the slot field of BIND, REBIND and their
+/// answers, and the slot a token is for (§4).
 #[repr(u8)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Slot {

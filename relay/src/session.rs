@@ -823,7 +823,7 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
     use ferry_core::keys::{GatewaySigningKey, RelayPublicKey, RelayStaticKey};
-    use ferry_core::token::{ClaimsInput, MintedToken, TokenMinter, TokenSlot, VerifierConfig};
+    use ferry_core::token::{ClaimsInput, MintedToken, TokenMinter, VerifierConfig};
     use ferry_core::wire::{BindFields, CloseFields, MAX_DATAGRAM, RebindFields};
     use ring::rand::SystemRandom;
 
@@ -868,7 +868,7 @@ mod tests {
             }
         }
 
-        fn mint(&self, sid: u64, slot: TokenSlot) -> MintedToken {
+        fn mint(&self, sid: u64, slot: Slot) -> MintedToken {
             let input = ClaimsInput {
                 slot,
                 relay_id: RELAY_ID,
@@ -958,8 +958,8 @@ mod tests {
 
         /// Both slots of session `SID` bound, at `a` and `b`.
         fn bound_pair(&mut self, a: SocketAddr, b: SocketAddr) -> (MintedToken, MintedToken) {
-            let ta = self.mint(SID, TokenSlot::A);
-            let tb = self.mint(SID, TokenSlot::B);
+            let ta = self.mint(SID, Slot::A);
+            let tb = self.mint(SID, Slot::B);
             let outcome = self.bind(a, &ta, Slot::A, 10);
             assert!(!self.expect_ack(outcome), "B is not bound yet");
             let outcome = self.bind(b, &tb, Slot::B, 10);
@@ -999,7 +999,7 @@ mod tests {
     #[test]
     fn a_challenge_is_smaller_than_the_bind_that_caused_it() {
         let mut f = Fixture::new(SessionLimits::default());
-        let token = f.mint(SID, TokenSlot::A);
+        let token = f.mint(SID, Slot::A);
         let bind = f.bind_packet(&token, Slot::A, 1, [0; 16]);
         let Outcome::Reply { len, .. } = f.send(v4(1, 1), &bind) else {
             panic!("expected a CHALLENGE");
@@ -1014,7 +1014,7 @@ mod tests {
         let (a, mallory) = (v4(1, 1000), v4(66, 6666));
         let data = f.data(SID);
         assert_eq!(f.send(a, &data), Outcome::Drop(DropReason::DataUnbound));
-        let ta = f.mint(SID, TokenSlot::A);
+        let ta = f.mint(SID, Slot::A);
         let outcome = f.bind(a, &ta, Slot::A, 1);
         f.expect_ack(outcome);
         assert_eq!(
@@ -1022,7 +1022,7 @@ mod tests {
             Outcome::Drop(DropReason::DataUnbound),
             "B not bound"
         );
-        let outcome = f.bind(v4(2, 2000), &f.mint(SID, TokenSlot::B), Slot::B, 1);
+        let outcome = f.bind(v4(2, 2000), &f.mint(SID, Slot::B), Slot::B, 1);
         f.expect_ack(outcome);
         assert_eq!(
             f.send(mallory, &data),
@@ -1036,7 +1036,7 @@ mod tests {
     fn a_stolen_token_without_the_slot_secret_is_rejected() {
         let mut f = Fixture::new(SessionLimits::default());
         let mallory = v4(66, 6666);
-        let token = f.mint(SID, TokenSlot::A);
+        let token = f.mint(SID, Slot::A);
         let cookie = f.cookie_for(mallory, &token, Slot::A);
         let fields = BindFields {
             slot: Slot::A,
@@ -1055,7 +1055,7 @@ mod tests {
     fn a_replayed_bind_from_another_address_gets_only_a_challenge() {
         let mut f = Fixture::new(SessionLimits::default());
         let (a, mallory) = (v4(1, 1000), v4(66, 6666));
-        let token = f.mint(SID, TokenSlot::A);
+        let token = f.mint(SID, Slot::A);
         let cookie = f.cookie_for(a, &token, Slot::A);
         let bind = f.bind_packet(&token, Slot::A, 7, cookie);
         let outcome = f.send(a, &bind);
@@ -1072,7 +1072,7 @@ mod tests {
     #[test]
     fn the_same_token_from_another_place_is_a_replay() {
         let mut f = Fixture::new(SessionLimits::default());
-        let token = f.mint(SID, TokenSlot::A);
+        let token = f.mint(SID, Slot::A);
         let outcome = f.bind(v4(1, 1000), &token, Slot::A, 7);
         f.expect_ack(outcome);
         // Whoever holds the secret must use REBIND to move; a second BIND is refused.
@@ -1086,8 +1086,8 @@ mod tests {
     #[test]
     fn a_slot_held_by_another_token_is_full() {
         let mut f = Fixture::new(SessionLimits::default());
-        let first = f.mint(SID, TokenSlot::A);
-        let second = f.mint(SID, TokenSlot::A);
+        let first = f.mint(SID, Slot::A);
+        let second = f.mint(SID, Slot::A);
         let outcome = f.bind(v4(1, 1000), &first, Slot::A, 1);
         f.expect_ack(outcome);
         let outcome = f.bind(v4(2, 2000), &second, Slot::A, 1);
@@ -1102,15 +1102,15 @@ mod tests {
         let mut f = Fixture::new(SessionLimits::default());
         let a = v4(1, 1000);
         // A token for slot B presented in a BIND for slot A.
-        let token_b = f.mint(SID, TokenSlot::B);
+        let token_b = f.mint(SID, Slot::B);
         let outcome = f.bind(a, &token_b, Slot::A, 1);
         assert_eq!(
             f.expect_reject(outcome),
             (RejectReason::WrongSession, false)
         );
         // A token for another session presented under SID: rebuild the BIND under SID.
-        let other = f.mint(SID + 1, TokenSlot::A);
-        let cookie = f.cookie_for(a, &f.mint(SID, TokenSlot::A), Slot::A);
+        let other = f.mint(SID + 1, Slot::A);
+        let cookie = f.cookie_for(a, &f.mint(SID, Slot::A), Slot::A);
         let keys = SlotKeys::derive(&other.slot_secret);
         let fields = BindFields {
             slot: Slot::A,
@@ -1126,7 +1126,7 @@ mod tests {
             (RejectReason::WrongSession, false)
         );
         // An expired token.
-        let token = f.mint(SID, TokenSlot::A);
+        let token = f.mint(SID, Slot::A);
         let cookie = f.cookie_for(a, &token, Slot::A);
         let bind = f.bind_packet(&token, Slot::A, 3, cookie);
         let late = T0.saturating_add(600 + 31);
@@ -1189,7 +1189,7 @@ mod tests {
     fn rebind_of_an_unknown_session_is_rejected() {
         let mut f = Fixture::new(SessionLimits::default());
         let from = v4(3, 3000);
-        let token = f.mint(SID, TokenSlot::A);
+        let token = f.mint(SID, Slot::A);
         let cookie = f.cookie_for(from, &token, Slot::A);
         let fields = RebindFields {
             slot: Slot::A,
@@ -1295,12 +1295,12 @@ mod tests {
             ..SessionLimits::default()
         };
         let mut f = Fixture::new(limits);
-        let outcome = f.bind(v4(1, 1), &f.mint(SID, TokenSlot::A), Slot::A, 1);
+        let outcome = f.bind(v4(1, 1), &f.mint(SID, Slot::A), Slot::A, 1);
         f.expect_ack(outcome);
-        let outcome = f.bind(v4(2, 2), &f.mint(SID + 1, TokenSlot::A), Slot::A, 1);
+        let outcome = f.bind(v4(2, 2), &f.mint(SID + 1, Slot::A), Slot::A, 1);
         assert_eq!(f.expect_reject(outcome), (RejectReason::Overloaded, true));
         // The other slot of an existing session is not a new session.
-        let outcome = f.bind(v4(3, 3), &f.mint(SID, TokenSlot::B), Slot::B, 1);
+        let outcome = f.bind(v4(3, 3), &f.mint(SID, Slot::B), Slot::B, 1);
         f.expect_ack(outcome);
     }
 
@@ -1401,7 +1401,7 @@ mod tests {
         };
         *lock(&f.table.ips) = IpTable::new(ips);
         let a = v4(1, 1000);
-        let token = f.mint(SID, TokenSlot::A);
+        let token = f.mint(SID, Slot::A);
         // Cookie-less BINDs are answered with CHALLENGEs and not charged to the IP.
         for _ in 0..5 {
             f.cookie_for(a, &token, Slot::A);
@@ -1425,11 +1425,11 @@ mod tests {
         };
         *lock(&f.table.ips) = IpTable::new(ips);
         for (k, port) in [1000u16, 1001].into_iter().enumerate() {
-            let token = f.mint(SID + k as u64, TokenSlot::A);
+            let token = f.mint(SID + k as u64, Slot::A);
             let outcome = f.bind(v4(1, port), &token, Slot::A, 1);
             f.expect_ack(outcome);
         }
-        let third = f.mint(SID + 2, TokenSlot::A);
+        let third = f.mint(SID + 2, Slot::A);
         let outcome = f.bind(v4(1, 1002), &third, Slot::A, 1);
         assert_eq!(f.expect_reject(outcome), (RejectReason::Overloaded, true));
         // Another IP is not affected, and reaping gives the slots back.
@@ -1447,7 +1447,7 @@ mod tests {
         let (a, b) = (v4(1, 1000), v4(2, 2000));
         f.bound_pair(a, b);
         f.table.verifier_mut().remove_trusted_key(3);
-        let token = f.mint(SID + 1, TokenSlot::A);
+        let token = f.mint(SID + 1, Slot::A);
         let outcome = f.bind(v4(3, 3000), &token, Slot::A, 1);
         assert_eq!(
             f.expect_reject(outcome),

@@ -203,7 +203,7 @@ mod tests {
 
     use ferry_core::keys::{GatewaySigningKey, RelayStaticKey};
     use ferry_core::proof::SlotKeys;
-    use ferry_core::token::{ClaimsInput, MintedToken, TokenMinter, TokenSlot, VerifierConfig};
+    use ferry_core::token::{ClaimsInput, MintedToken, TokenMinter, VerifierConfig};
     use ferry_core::wire::{self, BindFields, MAX_DATAGRAM, Packet, Slot};
     use ring::rand::SystemRandom;
 
@@ -243,7 +243,7 @@ mod tests {
             }
         }
 
-        fn mint(&self, minter: &TokenMinter, sid: u64, slot: TokenSlot) -> MintedToken {
+        fn mint(&self, minter: &TokenMinter, sid: u64, slot: Slot) -> MintedToken {
             let input = ClaimsInput {
                 slot,
                 relay_id: 5,
@@ -292,8 +292,8 @@ mod tests {
     fn sessions_in_different_shards_forward_and_counters_sum_up() {
         let mut r = Relay::new(SessionLimits::default());
         for (k, sid) in [7u64, 8, 7 + SHARDS as u64].into_iter().enumerate() {
-            let a = r.mint(&r.minter, sid, TokenSlot::A);
-            let b = r.mint(&r.minter, sid, TokenSlot::B);
+            let a = r.mint(&r.minter, sid, Slot::A);
+            let b = r.mint(&r.minter, sid, Slot::B);
             let (pa, pb) = (addr(10 + 2 * k as u8), addr(11 + 2 * k as u8));
             assert!(matches!(r.bind(pa, &a, Slot::A), Packet::BindAck(_)));
             assert!(matches!(r.bind(pb, &b, Slot::B), Packet::BindAck(_)));
@@ -323,7 +323,7 @@ mod tests {
     #[test]
     fn reload_swaps_trusted_keys_in_every_shard_without_dropping_sessions() {
         let mut r = Relay::new(SessionLimits::default());
-        let a = r.mint(&r.minter, 3, TokenSlot::A);
+        let a = r.mint(&r.minter, 3, Slot::A);
         assert!(matches!(r.bind(addr(1), &a, Slot::A), Packet::BindAck(_)));
         // Rotate: trust only a new gateway key.
         let rotated = TokenMinter::new(2, GatewaySigningKey::generate(&r.rng).unwrap());
@@ -331,9 +331,9 @@ mod tests {
         r.sessions
             .reload(r.now, SessionLimits::default(), IpLimits::default(), &keys);
         for sid in [4u64, 5] {
-            let old = r.mint(&r.minter, sid, TokenSlot::A);
+            let old = r.mint(&r.minter, sid, Slot::A);
             assert!(matches!(r.bind(addr(2), &old, Slot::A), Packet::Reject(_)));
-            let new = r.mint(&rotated, sid, TokenSlot::A);
+            let new = r.mint(&rotated, sid, Slot::A);
             assert!(matches!(r.bind(addr(3), &new, Slot::A), Packet::BindAck(_)));
         }
         assert_eq!(
@@ -352,12 +352,12 @@ mod tests {
             ..SessionLimits::default()
         };
         let mut r = Relay::new(limits);
-        let first = r.mint(&r.minter, 1, TokenSlot::A);
+        let first = r.mint(&r.minter, 1, Slot::A);
         assert!(matches!(
             r.bind(addr(1), &first, Slot::A),
             Packet::BindAck(_)
         ));
-        let same_shard = r.mint(&r.minter, 1 + SHARDS as u64, TokenSlot::A);
+        let same_shard = r.mint(&r.minter, 1 + SHARDS as u64, Slot::A);
         assert!(matches!(
             r.bind(addr(2), &same_shard, Slot::A),
             Packet::Reject(_)

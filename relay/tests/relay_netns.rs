@@ -15,7 +15,6 @@ use common::netns::{self, Topology};
 use common::{Authority, KID, RELAY_ID, peer_pair, talk};
 use ferry_core::keys;
 use ferry_core::proof::SlotKeys;
-use ferry_core::token::TokenSlot;
 use ferry_core::wire::{self, BindFields, MAX_DATAGRAM, Packet, RejectReason, Slot};
 
 const PORT: u16 = 7000;
@@ -166,7 +165,7 @@ fn the_relay_process_serves_peers_and_refuses_everyone_else() {
     stranger
         .send_to(b"GET / HTTP/1.1\r\n\r\n", relay_v4)
         .unwrap();
-    let other = auth.mint(0x3003, TokenSlot::A, 600);
+    let other = auth.mint(0x3003, Slot::A, 600);
     let reject = bind_exchange(&stranger, relay_v4, 0x1001, &other);
     assert!(
         matches!(reject, Some((Some(RejectReason::WrongSession), _))),
@@ -175,7 +174,7 @@ fn the_relay_process_serves_peers_and_refuses_everyone_else() {
     // A valid BIND captured on the wire and replayed verbatim from elsewhere only earns a
     // CHALLENGE: the cookie inside it belongs to the original sender's address.
     let victim = at(topo.peer_v4(6));
-    let token = auth.mint(0x4004, TokenSlot::A, 600);
+    let token = auth.mint(0x4004, Slot::A, 600);
     let Some((None, captured)) = bind_exchange(&victim, relay_v4, 0x4004, &token) else {
         panic!("the victim's bind should succeed");
     };
@@ -375,10 +374,7 @@ fn bind_exchange(
     token: &ferry_core::token::MintedToken,
 ) -> Option<(Option<RejectReason>, Vec<u8>)> {
     let keys = SlotKeys::derive(&token.slot_secret);
-    let slot = match token.claims.slot {
-        TokenSlot::A => Slot::A,
-        TokenSlot::B => Slot::B,
-    };
+    let slot = token.claims.slot;
     socket
         .set_read_timeout(Some(Duration::from_secs(2)))
         .unwrap();
@@ -440,7 +436,7 @@ fn spoofed_sources_idle_and_expired_bindings_get_nothing() {
         SocketAddr::V4(v4) => v4,
         SocketAddr::V6(_) => unreachable!(),
     };
-    let token = auth.mint(0x6006, TokenSlot::A, 600);
+    let token = auth.mint(0x6006, Slot::A, 600);
     let keys = SlotKeys::derive(&token.slot_secret);
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let fields = BindFields {
@@ -493,8 +489,8 @@ fn spoofed_sources_idle_and_expired_bindings_get_nothing() {
         topo.peer_v4(4),
         topo.peer_v4(5),
     );
-    let short_a = auth.mint(0x7007, TokenSlot::A, 4);
-    let short_b = auth.mint(0x7007, TokenSlot::B, 4);
+    let short_a = auth.mint(0x7007, Slot::A, 4);
+    let short_b = auth.mint(0x7007, Slot::B, 4);
     for (peer, token, slot) in [(&mut c, &short_a, Slot::A), (&mut d, &short_b, Slot::B)] {
         peer.replace_bind_client(ferry_peer::bind::BindClient::new(
             0x7007,

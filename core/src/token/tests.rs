@@ -27,7 +27,7 @@ fn verifier_trusting(minters: &[&TokenMinter]) -> TokenVerifier {
 
 fn input() -> ClaimsInput {
     ClaimsInput {
-        slot: TokenSlot::B,
+        slot: Slot::B,
         relay_id: RELAY_ID,
         session_id: SESSION,
         not_before: UnixTime(1_000),
@@ -70,7 +70,7 @@ fn mint_verify_round_trip() {
 fn known_answer() {
     let m = minter(KID, 2);
     let claims = Claims {
-        slot: TokenSlot::B,
+        slot: Slot::B,
         kid: KID,
         token_id: [0x33; TOKEN_ID_LEN],
         relay_id: RELAY_ID,

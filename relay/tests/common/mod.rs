@@ -10,7 +10,7 @@ use ferry_core::keys::{GatewaySigningKey, PeerStaticKey, RelayPublicKey, RelaySt
 use ferry_core::known_peers::KnownPeers;
 use ferry_core::noise::{LocalIdentity, PeerExpectation, TransportLimits};
 use ferry_core::time::UnixTime;
-use ferry_core::token::{ClaimsInput, MintedToken, TokenMinter, TokenSlot};
+use ferry_core::token::{ClaimsInput, MintedToken, TokenMinter};
 use ferry_core::wire::Slot;
 use ferry_peer::bind::BindClient;
 use ferry_peer::channel::Channel;
@@ -42,7 +42,7 @@ impl Authority {
         }
     }
 
-    pub fn mint(&self, session_id: u64, slot: TokenSlot, lifetime_secs: u64) -> MintedToken {
+    pub fn mint(&self, session_id: u64, slot: Slot, lifetime_secs: u64) -> MintedToken {
         let now = UnixTime::from(SystemTime::now());
         let input = ClaimsInput {
             slot,
@@ -79,8 +79,8 @@ pub fn peer_pair(
     let id_b = LocalIdentity::from_secret_bytes(*key_b.secret_bytes());
     let pub_a = *id_a.public();
     let pub_b = *id_b.public();
-    let token_a = auth.mint(session_id, TokenSlot::A, 600);
-    let token_b = auth.mint(session_id, TokenSlot::B, 600);
+    let token_a = auth.mint(session_id, Slot::A, 600);
+    let token_b = auth.mint(session_id, Slot::B, 600);
     let limits = TransportLimits::default();
     let make_a = {
         let id_a = id_a.clone();
