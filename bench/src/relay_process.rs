@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
-use ferry_core::keys::{self, GatewaySigningKey, RelayPublicKey, RelayStaticKey};
+use ferry_core::keys::{GatewaySigningKey, RelayPublicKey, RelayStaticKey};
 use ferry_core::time::UnixTime;
 use ferry_core::token::{ClaimsInput, MintedToken, TokenMinter};
 use ferry_core::wire::Slot;
@@ -148,7 +148,7 @@ impl RelayProcess {
         ));
         std::fs::create_dir_all(&dir)?;
         let relay_key = RelayStaticKey::generate(&rng)?;
-        keys::write_secret_file(&dir.join("relay.key"), &relay_key, true)?;
+        ferry_keyfile::write_secret_file(&dir.join("relay.key"), &relay_key, true)?;
         let minter = TokenMinter::new(1, GatewaySigningKey::generate(&rng)?);
         let config = format!(
             "[relay]\nid = {RELAY_ID}\nlisten = [\"{listen}\"]\nstatic_key = \"relay.key\"\n\

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
 use common::*;
-use ferry_core::keys::{self, PeerPublicKey, PeerStaticKey};
+use ferry_core::keys::{PeerPublicKey, PeerStaticKey};
 use ferry_core::known_peers::KnownPeers;
 use ferry_core::noise::{LocalIdentity, PeerExpectation, TransportLimits};
 use ferry_core::proof::SlotSecret;
@@ -131,7 +131,8 @@ impl Relay {
     fn start(setup: &Setup) -> Self {
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        keys::write_secret_file(&setup.dir.path("relay.key"), &setup.relay_key, true).unwrap();
+        ferry_keyfile::write_secret_file(&setup.dir.path("relay.key"), &setup.relay_key, true)
+            .unwrap();
         let gateway_public = setup.signing[0].1.public();
         let config = format!(
             "[relay]\nid = {RELAY_ID}\nlisten = [\"{listen}\"]\nstatic_key = \"relay.key\"\n\

@@ -10,10 +10,11 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use ferry_core::keys::{GatewayPublicKey, KeyError, RelayStaticKey};
+use ferry_core::keys::{GatewayPublicKey, RelayStaticKey};
 pub use ferry_core::problems::Problem;
 use ferry_core::problems::{Check, join};
 use ferry_core::token::VerifierConfig;
+use ferry_keyfile::KeyFileError;
 use serde::Deserialize;
 
 use ferry_common::header::MAX_DATAGRAM;
@@ -57,7 +58,7 @@ pub enum ConfigError {
     /// The relay's static key file could not be loaded, and nothing else is wrong (otherwise
     /// its problem is one of [`ConfigError::Invalid`]'s, under `relay.static_key`).
     #[error("relay.static_key: {0}")]
-    Key(#[from] KeyError),
+    Key(#[from] KeyFileError),
     /// A reload changed something that only a restart can apply.
     #[error("these changes need a restart of the relay: {}", .0.join(", "))]
     NeedsRestart(Vec<String>),
@@ -322,7 +323,7 @@ pub fn parse_str(text: &str, path: &Path, base_dir: &Path) -> Result<RelayConfig
     // The key is loaded even when other fields are wrong, so that check-config lists its
     // problem (e.g. the chmod that fixes it) with theirs; alone, it is `ConfigError::Key`.
     let static_key_path = base_dir.join(&file.relay.static_key);
-    let static_key = RelayStaticKey::load(&static_key_path);
+    let static_key = ferry_keyfile::load_secret_file::<RelayStaticKey>(&static_key_path);
     if !check.problems.is_empty() {
         if let Err(e) = &static_key {
             check.fail("relay.static_key", e.to_string());
@@ -818,7 +819,7 @@ impl RelayConfig {
 
 #[cfg(test)]
 mod tests {
-    use ferry_core::keys::{self, GatewaySigningKey};
+    use ferry_core::keys::GatewaySigningKey;
     use ring::rand::SystemRandom;
     use std::os::unix::fs::PermissionsExt;
 
@@ -839,7 +840,7 @@ mod tests {
             std::fs::create_dir_all(&dir).unwrap();
             let rng = SystemRandom::new();
             let key = RelayStaticKey::generate(&rng).unwrap();
-            keys::write_secret_file(&dir.join("relay.key"), &key, false).unwrap();
+            ferry_keyfile::write_secret_file(&dir.join("relay.key"), &key, false).unwrap();
             Self(dir)
         }
 

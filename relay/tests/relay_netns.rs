@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use common::netns::{self, Topology};
 use common::{Authority, KID, RELAY_ID, peer_pair, talk};
-use ferry_core::keys;
 use ferry_core::proof::SlotKeys;
 use ferry_core::wire::{self, BindFields, MAX_DATAGRAM, Packet, RejectReason, Slot};
 
@@ -74,7 +73,7 @@ fn metric(page: &str, sample: &str) -> u64 {
 fn start_relay(auth: &Authority, topo: &Topology, extra: &str) -> Relay {
     let dir = std::env::temp_dir().join(format!("ferry-relay-netns-{}", topo.relay_ns));
     std::fs::create_dir_all(&dir).unwrap();
-    keys::write_secret_file(&dir.join("relay.key"), &auth.relay_key, true).unwrap();
+    ferry_keyfile::write_secret_file(&dir.join("relay.key"), &auth.relay_key, true).unwrap();
     std::fs::write(dir.join("relay.toml"), config_text(auth, topo, extra)).unwrap();
     let child = topo
         .in_relay_ns(env!("CARGO_BIN_EXE_ferry-relay"))
