@@ -8,9 +8,14 @@
 //! ```
 //!
 //! The sealed form is `E (32) ‖ ciphertext (32) ‖ tag (16)`, token bytes 64..144.
+//!
+//! The AEAD is `ring`'s ChaCha20-Poly1305, the one the Noise transport uses. The all-zero nonce
+//! is safe because every `K_seal` seals exactly one secret: it is derived from a fresh
+//! ephemeral key each time. `K_seal` itself is held in `Zeroizing` and wiped once `ring`'s key is
+//! built; `ring` does not zeroize its own copy on drop, and that copy opens only this one
+//! sealed secret.
 
-use chacha20poly1305::aead::array::Array;
-use chacha20poly1305::{AeadInOut, ChaCha20Poly1305, KeyInit, Nonce, Tag};
+use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, Tag, UnboundKey};
 use ring::rand::SecureRandom;
 use x25519_dalek::{PublicKey as X25519Public, StaticSecret};
 use zeroize::Zeroizing;
@@ -70,17 +75,17 @@ pub(crate) fn seal_with_ephemeral(
     if !shared.was_contributory() {
         return Err(SealError::NonContributory);
     }
-    let cipher = seal_cipher(shared.as_bytes(), &ephemeral_public, relay_public);
+    let key = seal_key(shared.as_bytes(), &ephemeral_public, relay_public);
 
     let mut ciphertext = *secret.expose();
-    let tag = cipher
-        .encrypt_inout_detached(&Nonce::default(), claims_aad, (&mut ciphertext[..]).into())
+    let tag = key
+        .seal_in_place_separate_tag(zero_nonce(), Aad::from(claims_aad), &mut ciphertext)
         .map_err(|_| SealError::Open)?;
 
     let mut sealed = [0u8; SEALED_LEN];
     sealed[..32].copy_from_slice(&ephemeral_public);
     sealed[32..64].copy_from_slice(&ciphertext);
-    sealed[64..].copy_from_slice(&tag);
+    sealed[64..].copy_from_slice(tag.as_ref());
     Ok(sealed)
 }
 
@@ -100,34 +105,43 @@ pub fn open_slot_secret(
     if !shared.was_contributory() {
         return Err(SealError::NonContributory);
     }
-    let cipher = seal_cipher(shared.as_bytes(), &ephemeral, &relay_static.public());
+    let key = seal_key(shared.as_bytes(), &ephemeral, &relay_static.public());
 
     let mut plaintext = Zeroizing::new([0u8; SLOT_SECRET_LEN]);
     plaintext.copy_from_slice(ciphertext);
     let tag = Tag::try_from(tag).map_err(|_| SealError::Open)?;
-    cipher
-        .decrypt_inout_detached(
-            &Nonce::default(),
-            claims_aad,
-            (&mut plaintext[..]).into(),
-            &tag,
-        )
-        .map_err(|_| SealError::Open)?;
+    key.open_in_place_separate_tag(
+        zero_nonce(),
+        Aad::from(claims_aad),
+        tag,
+        plaintext.as_mut_slice(),
+        0..,
+    )
+    .map_err(|_| SealError::Open)?;
     Ok(SlotSecret::from_bytes(*plaintext))
 }
 
 /// ChaCha20-Poly1305 under `K_seal = HKDF(salt, shared, E ‖ R)`.
-fn seal_cipher(
+fn seal_key(
     shared: &[u8; 32],
     ephemeral_public: &[u8; 32],
     relay_public: &RelayPublicKey,
-) -> ChaCha20Poly1305 {
+) -> LessSafeKey {
     let key = hkdf_sha256_32(
         SEAL_SALT,
         shared,
         &[ephemeral_public, relay_public.as_bytes()],
     );
-    ChaCha20Poly1305::new(&Array::from(*key))
+    match UnboundKey::new(&CHACHA20_POLY1305, key.as_slice()) {
+        Ok(key) => LessSafeKey::new(key),
+        // ring refuses only keys of the wrong length, and a [u8; 32] is never that.
+        Err(_) => unreachable!("ChaCha20-Poly1305 keys are 32 bytes"),
+    }
+}
+
+/// The nonce of §4.1: twelve zero bytes, safe because each `K_seal` is used once.
+fn zero_nonce() -> Nonce {
+    Nonce::assume_unique_for_key([0; 12])
 }
 
 #[cfg(test)]
