@@ -24,7 +24,7 @@
 //! configuration files carry them.
 //!
 //! The gateway signing key is stored as its 32-byte Ed25519 seed (RFC 8032 private key) and
-//! turned into a ring `Ed25519KeyPair` with `from_seed_unchecked` at load time; the seed is
+//! turned into a ring `Ed25519KeyPair` with `from_seed_unchecked` when it is parsed or made; the seed is
 //! zeroized on drop, ring's expanded key pair is not (ring offers no way to do so).
 
 use std::fmt;
