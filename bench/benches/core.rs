@@ -14,8 +14,8 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use chacha20poly1305::aead::inout::InOutBuf;
-use chacha20poly1305::{AeadInOut, ChaCha20Poly1305, Key, KeyInit, Nonce, Tag};
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce, Tag};
 use criterion::{BenchmarkId, Criterion, Throughput};
 use ferry_core::keys::{GatewaySigningKey, PeerStaticKey, RelayStaticKey};
 use ferry_core::known_peers::KnownPeers;
@@ -24,8 +24,8 @@ use ferry_core::noise::{
     TransportLimits,
 };
 use ferry_core::time::UnixTime;
-use ferry_core::token::{ClaimsInput, TokenMinter, TokenSlot, TokenVerifier, VerifierConfig};
-use ferry_core::wire::{self, HEADER_LEN, MAX_DATAGRAM};
+use ferry_core::token::{ClaimsInput, TokenMinter, TokenVerifier, VerifierConfig};
+use ferry_core::wire::{self, HEADER_LEN, MAX_DATAGRAM, Slot};
 use ring::rand::SystemRandom;
 
 const SIZES: [usize; 3] = [64, 1200, 1400];
@@ -57,7 +57,7 @@ fn bench_token(c: &mut Criterion) {
     let minter = TokenMinter::new(7, GatewaySigningKey::generate(&rng).expect("rng"));
     let now = UnixTime(1_800_000_000);
     let input = ClaimsInput {
-        slot: TokenSlot::A,
+        slot: Slot::A,
         relay_id: 42,
         session_id: 99,
         not_before: now,
@@ -181,12 +181,12 @@ impl RawSealOpen for RawAead {
         let (msg, tag_out) = rest.split_at_mut(len);
         let tag = self
             .cipher
-            .encrypt_inout_detached(&nonce, aad, InOutBuf::from(&mut *msg))
+            .encrypt_in_place_detached(&nonce, aad, msg)
             .expect("seal");
         tag_out[..TAG_LEN].copy_from_slice(tag.as_slice());
-        let tag = Tag::try_from(&tag_out[..TAG_LEN]).expect("16 bytes");
+        let tag = Tag::clone_from_slice(&tag_out[..TAG_LEN]);
         self.cipher
-            .decrypt_inout_detached(&nonce, aad, InOutBuf::from(msg), &tag)
+            .decrypt_in_place_detached(&nonce, aad, msg, &tag)
             .is_ok()
     }
 }

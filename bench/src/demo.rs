@@ -14,9 +14,7 @@ use ferry_core::known_peers::KnownPeers;
 use ferry_core::noise::{LocalIdentity, PeerExpectation, TransportLimits};
 use ferry_core::proof::CookieJar;
 use ferry_core::time::UnixTime;
-use ferry_core::token::{
-    ClaimsInput, MintedToken, TokenMinter, TokenSlot, TokenVerifier, VerifierConfig,
-};
+use ferry_core::token::{ClaimsInput, MintedToken, TokenMinter, TokenVerifier, VerifierConfig};
 use ferry_core::wire::{self, MAX_DATAGRAM, Slot};
 use ferry_peer::bind::{BindClient, BindEvent, BindState};
 use ferry_peer::channel::{Channel, PLAINTEXT_OFFSET};
@@ -169,7 +167,7 @@ fn mint(
     rng: &dyn SecureRandom,
     relay: &RelayPublicKey,
     session_id: u64,
-    slot: TokenSlot,
+    slot: Slot,
 ) -> anyhow::Result<MintedToken> {
     let now = UnixTime::from(SystemTime::now());
     let input = ClaimsInput {
@@ -213,8 +211,8 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoReport> {
 
     println!("2. gateway: mint one token per slot of a new session");
     let session_id = random_u64(&rng)?;
-    let token_a = mint(&gateway, &rng, &relay_public, session_id, TokenSlot::A)?;
-    let token_b = mint(&gateway, &rng, &relay_public, session_id, TokenSlot::B)?;
+    let token_a = mint(&gateway, &rng, &relay_public, session_id, Slot::A)?;
+    let token_b = mint(&gateway, &rng, &relay_public, session_id, Slot::B)?;
     log.line(format_args!(
         "session {session_id:#018x}: tokens of {} bytes, slot secrets sealed to the relay",
         token_a.bytes.len()

@@ -1,4 +1,4 @@
-//! Key types and key files for relays, gateways and peers.
+//! Key types for relays, gateways and peers, and the text of their key files.
 //!
 //! | kind              | secret type           | public type          | used for |
 //! |-------------------|-----------------------|----------------------|----------|
@@ -14,21 +14,20 @@
 //! ferry-public-v1 relay-x25519 <base64 of 32 bytes>
 //! ```
 //!
-//! Secret files are created with mode 0600 and [`load_secret_file`] refuses any file that the
-//! group or others may access. Secret types zeroize their bytes on drop, and neither `Debug`,
-//! `Display` nor any [`KeyError`] ever contains secret bytes; `Debug` shows at most the
-//! fingerprint of the matching public key. Public keys also parse from and print as plain
-//! base64 ([`std::str::FromStr`], [`fmt::Display`]) since configuration files carry them.
+//! This module parses and formats that text ([`parse_secret_key`], [`parse_public_key`],
+//! [`format_secret_key`], [`format_public_key`]) and never touches the file system: reading and
+//! writing the files, with their permission checks (secret files mode 0600, refused when the
+//! group or others may access them), is the `ferry-keyfile` crate's job. Secret types zeroize
+//! their bytes on drop, and neither `Debug`, `Display` nor any [`KeyError`] ever contains secret
+//! bytes; `Debug` shows at most the fingerprint of the matching public key. Public keys also
+//! parse from and print as plain base64 ([`std::str::FromStr`], [`fmt::Display`]) since
+//! configuration files carry them.
 //!
 //! The gateway signing key is stored as its 32-byte Ed25519 seed (RFC 8032 private key) and
-//! turned into a ring `Ed25519KeyPair` with `from_seed_unchecked` at load time; the seed is
+//! turned into a ring `Ed25519KeyPair` with `from_seed_unchecked` when it is parsed or made; the seed is
 //! zeroized on drop, ring's expanded key pair is not (ring offers no way to do so).
 
 use std::fmt;
-use std::fs::{File, OpenOptions, Permissions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use base64::Engine as _;
@@ -44,107 +43,46 @@ pub const KEY_LEN: usize = 32;
 pub const SECRET_HEADER: &str = "ferry-secret-v1";
 /// First word of a public key line.
 pub const PUBLIC_HEADER: &str = "ferry-public-v1";
-/// Largest key file we read; a key line is about 80 bytes.
-const MAX_FILE_LEN: u64 = 16 * 1024;
 const KINDS: [&str; 3] = ["relay-x25519", "gateway-ed25519", "peer-x25519"];
 
-/// Where a key came from, for error messages.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum KeySource {
-    /// A key file.
-    File(PathBuf),
-    /// A string, e.g. a public key in a configuration file.
-    Text,
-}
-
-impl fmt::Display for KeySource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::File(path) => write!(f, "key file {}", path.display()),
-            Self::Text => f.write_str("key string"),
-        }
-    }
-}
-
-/// Errors reading, writing, parsing or generating keys. None of them contains secret bytes.
-#[derive(Debug, thiserror::Error)]
+/// Errors parsing or generating keys. None of them contains secret bytes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum KeyError {
-    /// The file could not be opened, read or written (the file system is to blame).
-    #[error("key file {}: {source}", path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
-    /// Writing refused because the file exists and overwriting was not asked for.
-    #[error("key file {} already exists; refusing to overwrite it", path.display())]
-    AlreadyExists {
-        /// The file.
-        path: PathBuf,
-    },
-    /// A secret key file may be accessed by group or others (the operator is to blame).
-    #[error(
-        "key file {path} is readable by group or others (mode {mode:04o}); run `chmod 600 {path}`",
-        path = path.display()
-    )]
-    InsecurePermissions {
-        /// The file.
-        path: PathBuf,
-        /// Its permission bits.
-        mode: u32,
-    },
     /// The text is not one `<header> <kind> <base64>` line.
-    #[error("{origin}: {reason}")]
+    #[error("{reason}")]
     Format {
-        /// Where the key came from.
-        origin: KeySource,
         /// What is wrong.
         reason: &'static str,
     },
     /// A secret was found where a public key was expected, or the other way round.
-    #[error("{origin}: expected a line starting with `{expected}`, found `{found}`")]
+    #[error("expected a line starting with `{expected}`, found `{found}`")]
     WrongHeader {
-        /// Where the key came from.
-        origin: KeySource,
         /// The header that was expected.
         expected: &'static str,
         /// The header that was found (only ever one of the two known headers or `<other>`).
         found: &'static str,
     },
     /// The key is of another kind (e.g. a peer key given as a relay key).
-    #[error("{origin}: expected a `{expected}` key, found `{found}`")]
+    #[error("expected a `{expected}` key, found `{found}`")]
     WrongKind {
-        /// Where the key came from.
-        origin: KeySource,
         /// The kind that was expected.
         expected: &'static str,
         /// The kind that was found (only ever a known kind or `<unknown>`).
         found: &'static str,
     },
     /// The key is not valid standard base64.
-    #[error("{origin}: the key is not valid base64")]
-    Base64 {
-        /// Where the key came from.
-        origin: KeySource,
-    },
+    #[error("the key is not valid base64")]
+    Base64,
     /// The key does not decode to 32 bytes.
-    #[error("{origin}: the key decodes to {len} bytes, expected {KEY_LEN}")]
+    #[error("the key decodes to {len} bytes, expected {KEY_LEN}")]
     Length {
-        /// Where the key came from.
-        origin: KeySource,
         /// Number of decoded bytes.
         len: usize,
     },
     /// ring refused the Ed25519 seed.
-    #[error("{origin}: the Ed25519 key was rejected")]
-    Rejected {
-        /// Where the key came from.
-        origin: KeySource,
-    },
+    #[error("the Ed25519 key was rejected")]
+    Rejected,
     /// The system random number generator failed.
     #[error("the random number generator failed")]
     Rng,
@@ -157,7 +95,7 @@ mod sealed {
     pub trait SecretBytes: Sized {
         const KIND: &'static str;
         fn to_secret_bytes(&self) -> Zeroizing<[u8; KEY_LEN]>;
-        fn from_secret_bytes(bytes: &[u8; KEY_LEN], source: &KeySource) -> Result<Self, KeyError>;
+        fn from_secret_bytes(bytes: &[u8; KEY_LEN]) -> Result<Self, KeyError>;
     }
 
     /// Byte access for the file format; not nameable outside this module.
@@ -223,11 +161,6 @@ macro_rules! public_key_type {
             pub fn fingerprint(&self) -> String {
                 fingerprint(&self.0)
             }
-
-            /// Loads a `ferry-public-v1` key file of this kind.
-            pub fn load(path: &Path) -> Result<Self, KeyError> {
-                load_public_file(path)
-            }
         }
 
         impl sealed::PublicBytes for $name {
@@ -262,10 +195,9 @@ macro_rules! public_key_type {
             fn from_str(text: &str) -> Result<Self, KeyError> {
                 let text = text.trim();
                 if text.starts_with(PUBLIC_HEADER) || text.starts_with(SECRET_HEADER) {
-                    return parse_key_text::<Self>(text, PUBLIC_HEADER, KeySource::Text)
-                        .map(|bytes| Self(*bytes));
+                    return parse_key_text::<Self>(text, PUBLIC_HEADER).map(|bytes| Self(*bytes));
                 }
-                decode_key(text, &KeySource::Text).map(|bytes| Self(*bytes))
+                decode_key(text).map(|bytes| Self(*bytes))
             }
         }
     };
@@ -312,11 +244,6 @@ impl RelayStaticKey {
         self.public
     }
 
-    /// Loads a `ferry-secret-v1 relay-x25519` key file (mode must be 0600 or stricter).
-    pub fn load(path: &Path) -> Result<Self, KeyError> {
-        load_secret_file(path)
-    }
-
     /// X25519 with a peer-chosen public key; the caller must check `was_contributory`.
     pub(crate) fn diffie_hellman(&self, their_public: &[u8; KEY_LEN]) -> SharedSecret {
         self.secret
@@ -339,7 +266,7 @@ impl sealed::SecretBytes for RelayStaticKey {
     fn to_secret_bytes(&self) -> Zeroizing<[u8; KEY_LEN]> {
         Zeroizing::new(self.secret.to_bytes())
     }
-    fn from_secret_bytes(bytes: &[u8; KEY_LEN], _: &KeySource) -> Result<Self, KeyError> {
+    fn from_secret_bytes(bytes: &[u8; KEY_LEN]) -> Result<Self, KeyError> {
         Ok(Self::from_bytes(bytes))
     }
 }
@@ -384,11 +311,6 @@ impl PeerStaticKey {
     pub fn public(&self) -> PeerPublicKey {
         self.public
     }
-
-    /// Loads a `ferry-secret-v1 peer-x25519` key file (mode must be 0600 or stricter).
-    pub fn load(path: &Path) -> Result<Self, KeyError> {
-        load_secret_file(path)
-    }
 }
 
 impl fmt::Debug for PeerStaticKey {
@@ -406,7 +328,7 @@ impl sealed::SecretBytes for PeerStaticKey {
     fn to_secret_bytes(&self) -> Zeroizing<[u8; KEY_LEN]> {
         Zeroizing::new(self.secret.to_bytes())
     }
-    fn from_secret_bytes(bytes: &[u8; KEY_LEN], _: &KeySource) -> Result<Self, KeyError> {
+    fn from_secret_bytes(bytes: &[u8; KEY_LEN]) -> Result<Self, KeyError> {
         Ok(Self::from_bytes(bytes))
     }
 }
@@ -433,18 +355,12 @@ pub struct GatewaySigningKey {
 impl GatewaySigningKey {
     /// A fresh random key.
     pub fn generate(rng: &dyn SecureRandom) -> Result<Self, KeyError> {
-        Self::from_seed(&*random_32(rng)?, &KeySource::Text)
+        Self::from_seed_bytes(&*random_32(rng)?)
     }
 
     /// A key from its 32-byte seed (for tests and fixed fixtures).
     pub fn from_seed_bytes(seed: &[u8; KEY_LEN]) -> Result<Self, KeyError> {
-        Self::from_seed(seed, &KeySource::Text)
-    }
-
-    fn from_seed(seed: &[u8; KEY_LEN], source: &KeySource) -> Result<Self, KeyError> {
-        let pair = Ed25519KeyPair::from_seed_unchecked(seed).map_err(|_| KeyError::Rejected {
-            origin: source.clone(),
-        })?;
+        let pair = Ed25519KeyPair::from_seed_unchecked(seed).map_err(|_| KeyError::Rejected)?;
         let mut public = [0u8; KEY_LEN];
         public.copy_from_slice(pair.public_key().as_ref());
         Ok(Self {
@@ -457,11 +373,6 @@ impl GatewaySigningKey {
     /// The verification key to give relays.
     pub fn public(&self) -> GatewayPublicKey {
         self.public
-    }
-
-    /// Loads a `ferry-secret-v1 gateway-ed25519` key file (mode must be 0600 or stricter).
-    pub fn load(path: &Path) -> Result<Self, KeyError> {
-        load_secret_file(path)
     }
 
     /// Ed25519 signature of `message`.
@@ -487,8 +398,8 @@ impl sealed::SecretBytes for GatewaySigningKey {
     fn to_secret_bytes(&self) -> Zeroizing<[u8; KEY_LEN]> {
         Zeroizing::new(self.seed.0)
     }
-    fn from_secret_bytes(bytes: &[u8; KEY_LEN], source: &KeySource) -> Result<Self, KeyError> {
-        Self::from_seed(bytes, source)
+    fn from_secret_bytes(bytes: &[u8; KEY_LEN]) -> Result<Self, KeyError> {
+        Self::from_seed_bytes(bytes)
     }
 }
 
@@ -514,16 +425,11 @@ fn known_header(found: &str) -> &'static str {
         .unwrap_or("<other>")
 }
 
-fn decode_key(b64: &str, source: &KeySource) -> Result<Zeroizing<[u8; KEY_LEN]>, KeyError> {
-    let bytes = Zeroizing::new(BASE64.decode(b64).map_err(|_| KeyError::Base64 {
-        origin: source.clone(),
-    })?);
+fn decode_key(b64: &str) -> Result<Zeroizing<[u8; KEY_LEN]>, KeyError> {
+    let bytes = Zeroizing::new(BASE64.decode(b64).map_err(|_| KeyError::Base64)?);
     let mut out = Zeroizing::new([0u8; KEY_LEN]);
     if bytes.len() != KEY_LEN {
-        return Err(KeyError::Length {
-            origin: source.clone(),
-            len: bytes.len(),
-        });
+        return Err(KeyError::Length { len: bytes.len() });
     }
     out.copy_from_slice(&bytes);
     Ok(out)
@@ -533,12 +439,8 @@ fn decode_key(b64: &str, source: &KeySource) -> Result<Zeroizing<[u8; KEY_LEN]>,
 fn parse_key_text<K: KindName>(
     text: &str,
     header: &'static str,
-    source: KeySource,
 ) -> Result<Zeroizing<[u8; KEY_LEN]>, KeyError> {
-    let format = |reason| KeyError::Format {
-        origin: source.clone(),
-        reason,
-    };
+    let format = |reason| KeyError::Format { reason };
     let mut lines = text
         .lines()
         .map(|line| line.split('#').next().unwrap_or("").trim())
@@ -555,19 +457,17 @@ fn parse_key_text<K: KindName>(
     };
     if found_header != header {
         return Err(KeyError::WrongHeader {
-            origin: source,
             expected: header,
             found: known_header(found_header),
         });
     }
     if kind != K::KIND_WORD {
         return Err(KeyError::WrongKind {
-            origin: source,
             expected: K::KIND_WORD,
             found: known_kind(kind),
         });
     }
-    decode_key(b64, &source)
+    decode_key(b64)
 }
 
 /// The kind word of secret and public key types alike.
@@ -586,342 +486,117 @@ impl<K: sealed::SecretBytes> KindName for SecretKind<K> {
     const KIND_WORD: &'static str = K::KIND;
 }
 
-/// Opens `path` for writing with `mode`, creating it (and refusing an existing file unless
-/// `overwrite`).
-fn create_key_file(path: &Path, mode: u32, overwrite: bool) -> Result<File, KeyError> {
-    let mut options = OpenOptions::new();
-    options.write(true).mode(mode);
-    if overwrite {
-        options.create(true).truncate(true);
-    } else {
-        options.create_new(true);
-    }
-    let file = options.open(path).map_err(|source| {
-        if source.kind() == io::ErrorKind::AlreadyExists {
-            KeyError::AlreadyExists {
-                path: path.to_owned(),
-            }
-        } else {
-            KeyError::Io {
-                path: path.to_owned(),
-                source,
-            }
-        }
-    })?;
-    // `mode` only applies to new files; an overwritten file keeps its old bits otherwise.
-    file.set_permissions(Permissions::from_mode(mode))
-        .map_err(|source| KeyError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-    Ok(file)
-}
-
-fn write_all(mut file: File, path: &Path, text: &str) -> Result<(), KeyError> {
-    file.write_all(text.as_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(|source| KeyError::Io {
-            path: path.to_owned(),
-            source,
-        })
-}
-
-/// Writes `key` to a new file at `path` with mode 0600. An existing file is an error
-/// ([`KeyError::AlreadyExists`]) unless `overwrite`.
-pub fn write_secret_file<K: SecretKey>(
-    path: &Path,
-    key: &K,
-    overwrite: bool,
-) -> Result<(), KeyError> {
-    let file = create_key_file(path, 0o600, overwrite)?;
+/// The text of a secret key file for `key`: two comment lines (its kind, and its public key)
+/// and the `ferry-secret-v1` line. Zeroized on drop.
+pub fn format_secret_key<K: SecretKey>(key: &K) -> Zeroizing<String> {
     let bytes = key.to_secret_bytes();
-    let text = Zeroizing::new(format!(
+    Zeroizing::new(format!(
         "# Ferry {kind} secret key. Keep it secret; mode must stay 0600.\n\
          # public key: {public}\n\
          {SECRET_HEADER} {kind} {b64}\n",
         kind = <K as sealed::SecretBytes>::KIND,
         public = BASE64.encode(sealed::PublicBytes::to_public_bytes(&key.public_key())),
         b64 = Zeroizing::new(BASE64.encode(*bytes)).as_str(),
-    ));
-    write_all(file, path, &text)
+    ))
 }
 
-/// Writes `key` to `path` with mode 0644. An existing file is an error unless `overwrite`.
-pub fn write_public_file<K: PublicKey>(
-    path: &Path,
-    key: &K,
-    overwrite: bool,
-) -> Result<(), KeyError> {
-    let file = create_key_file(path, 0o644, overwrite)?;
-    let text = format!(
+/// The text of a public key file for `key`: a comment line and the `ferry-public-v1` line.
+pub fn format_public_key<K: PublicKey>(key: &K) -> String {
+    format!(
         "# Ferry {kind} public key\n{PUBLIC_HEADER} {kind} {b64}\n",
         kind = <K as sealed::PublicBytes>::KIND,
         b64 = BASE64.encode(key.to_public_bytes()),
-    );
-    write_all(file, path, &text)
+    )
 }
 
-fn read_key_file(path: &Path, secret: bool) -> Result<Zeroizing<String>, KeyError> {
-    let io_error = |source| KeyError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let file = File::open(path).map_err(io_error)?;
-    if secret {
-        // Checked on the open file, so the file we read is the file we checked.
-        let mode = file.metadata().map_err(io_error)?.permissions().mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            return Err(KeyError::InsecurePermissions {
-                path: path.to_owned(),
-                mode,
-            });
-        }
-    }
-    let mut text = Zeroizing::new(String::new());
-    file.take(MAX_FILE_LEN)
-        .read_to_string(&mut text)
-        .map_err(io_error)?;
-    Ok(text)
+/// Parses the text of a secret key file of kind `K`: exactly one `ferry-secret-v1 <kind>
+/// <base64>` line, blank lines and `#` comments aside.
+pub fn parse_secret_key<K: SecretKey>(text: &str) -> Result<K, KeyError> {
+    let bytes = parse_key_text::<SecretKind<K>>(text, SECRET_HEADER)?;
+    K::from_secret_bytes(&bytes)
 }
 
-/// Loads a secret key file of kind `K`, refusing files with any group or other permission bit.
-pub fn load_secret_file<K: SecretKey>(path: &Path) -> Result<K, KeyError> {
-    let text = read_key_file(path, true)?;
-    let source = KeySource::File(path.to_owned());
-    let bytes = parse_key_text::<SecretKind<K>>(&text, SECRET_HEADER, source.clone())?;
-    K::from_secret_bytes(&bytes, &source)
-}
-
-/// Loads a public key file of kind `K`.
-pub fn load_public_file<K: PublicKey>(path: &Path) -> Result<K, KeyError> {
-    let text = read_key_file(path, false)?;
-    let bytes = parse_key_text::<K>(&text, PUBLIC_HEADER, KeySource::File(path.to_owned()))?;
+/// Parses the text of a public key file of kind `K`: exactly one `ferry-public-v1 <kind>
+/// <base64>` line, blank lines and `#` comments aside.
+pub fn parse_public_key<K: PublicKey>(text: &str) -> Result<K, KeyError> {
+    let bytes = parse_key_text::<K>(text, PUBLIC_HEADER)?;
     Ok(K::from_public_bytes(*bytes))
-}
-
-/// Writes `key` to `secret_path` (mode 0600) and its public key next to it, at
-/// `secret_path` + `.pub` (mode 0644): what every `keygen` command does. Returns the public
-/// key's path.
-pub fn write_key_pair<K: SecretKey>(
-    secret_path: &Path,
-    key: &K,
-    overwrite: bool,
-) -> Result<PathBuf, KeyError> {
-    let mut public = secret_path.as_os_str().to_owned();
-    public.push(".pub");
-    let public = PathBuf::from(public);
-    write_secret_file(secret_path, key, overwrite)?;
-    write_public_file(&public, &key.public_key(), overwrite)?;
-    Ok(public)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::sealed::{PublicBytes as _, SecretBytes as _};
+    use super::sealed::SecretBytes as _;
     use super::*;
     use ring::rand::SystemRandom;
 
-    /// A unique temporary directory, removed on drop.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(name: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!(
-                "ferry-keys-{}-{}-{name}",
-                std::process::id(),
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos()
-            ));
-            std::fs::create_dir_all(&dir).unwrap();
-            Self(dir)
-        }
-        fn path(&self, file: &str) -> PathBuf {
-            self.0.join(file)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn mode_of(path: &Path) -> u32 {
-        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
-    }
-
-    fn round_trip<K: SecretKey>(dir: &TempDir, key: &K) -> K {
-        let secret_path = dir.path(&format!("{}.key", K::KIND_NAME));
-        let public_path = dir.path(&format!("{}.pub", K::KIND_NAME));
-        write_secret_file(&secret_path, key, false).unwrap();
-        write_public_file(&public_path, &key.public_key(), false).unwrap();
-        assert_eq!(mode_of(&secret_path), 0o600);
-        let loaded: K = load_secret_file(&secret_path).unwrap();
-        let public: K::Public = load_public_file(&public_path).unwrap();
-        assert_eq!(loaded.to_secret_bytes(), key.to_secret_bytes());
-        assert_eq!(public.to_public_bytes(), key.public_key().to_public_bytes());
-        loaded
-    }
-
     #[test]
-    fn write_load_round_trip_for_each_kind() {
+    fn key_text_round_trip_for_each_kind() {
         let rng = SystemRandom::new();
-        let dir = TempDir::new("round-trip");
         let relay = RelayStaticKey::generate(&rng).unwrap();
-        assert_eq!(round_trip(&dir, &relay).public(), relay.public());
+        let parsed: RelayStaticKey = parse_secret_key(&format_secret_key(&relay)).unwrap();
+        assert_eq!(parsed.to_secret_bytes(), relay.to_secret_bytes());
+        assert_eq!(parsed.public(), relay.public());
         let gateway = GatewaySigningKey::generate(&rng).unwrap();
-        assert_eq!(round_trip(&dir, &gateway).public(), gateway.public());
+        let parsed: GatewaySigningKey = parse_secret_key(&format_secret_key(&gateway)).unwrap();
+        assert_eq!(parsed.to_secret_bytes(), gateway.to_secret_bytes());
+        assert_eq!(parsed.public(), gateway.public());
         let peer = PeerStaticKey::generate(&rng).unwrap();
-        let loaded = round_trip(&dir, &peer);
-        assert_eq!(loaded.secret_bytes(), peer.secret_bytes());
-        assert_eq!(loaded.public(), peer.public());
+        let parsed: PeerStaticKey = parse_secret_key(&format_secret_key(&peer)).unwrap();
+        assert_eq!(parsed.secret_bytes(), peer.secret_bytes());
+        let text = format_public_key(&peer.public());
         assert_eq!(
-            RelayStaticKey::load(&dir.path("relay-x25519.key"))
-                .unwrap()
-                .public(),
-            relay.public()
+            parse_public_key::<PeerPublicKey>(&text).unwrap(),
+            peer.public()
         );
-        assert_eq!(
-            GatewayPublicKey::load(&dir.path("gateway-ed25519.pub")).unwrap(),
-            gateway.public()
-        );
+        // The secret text names the public key; the public text carries no secret.
+        assert!(format_secret_key(&peer).contains(&peer.public().to_string()));
+        assert!(!text.contains(&BASE64.encode(peer.secret_bytes())));
     }
 
     #[test]
-    fn write_key_pair_puts_the_public_key_next_to_the_secret() {
-        let rng = SystemRandom::new();
-        let dir = TempDir::new("pair");
-        let key = RelayStaticKey::generate(&rng).unwrap();
-        let secret = dir.path("relay.key");
-        let public = write_key_pair(&secret, &key, false).unwrap();
-        assert_eq!(public, dir.path("relay.key.pub"));
-        assert_eq!(mode_of(&secret), 0o600);
-        assert_eq!(mode_of(&public), 0o644);
-        assert_eq!(RelayPublicKey::load(&public).unwrap(), key.public());
-        assert!(matches!(
-            write_key_pair(&secret, &key, false),
-            Err(KeyError::AlreadyExists { .. })
-        ));
-    }
-
-    #[test]
-    fn refuses_to_overwrite_unless_asked() {
-        let rng = SystemRandom::new();
-        let dir = TempDir::new("overwrite");
-        let path = dir.path("peer.key");
-        let first = PeerStaticKey::generate(&rng).unwrap();
-        let second = PeerStaticKey::generate(&rng).unwrap();
-        write_secret_file(&path, &first, false).unwrap();
-        let err = write_secret_file(&path, &second, false).unwrap_err();
-        assert!(matches!(err, KeyError::AlreadyExists { .. }), "{err}");
-        std::fs::set_permissions(&path, Permissions::from_mode(0o644)).unwrap();
-        write_secret_file(&path, &second, true).unwrap();
-        assert_eq!(mode_of(&path), 0o600);
-        let loaded = PeerStaticKey::load(&path).unwrap();
-        assert_eq!(loaded.public(), second.public());
-    }
-
-    #[test]
-    fn group_or_world_accessible_secret_is_refused() {
-        let rng = SystemRandom::new();
-        let dir = TempDir::new("perms");
-        let path = dir.path("relay.key");
-        write_secret_file(&path, &RelayStaticKey::generate(&rng).unwrap(), false).unwrap();
-        for mode in [0o644, 0o640, 0o604, 0o610] {
-            std::fs::set_permissions(&path, Permissions::from_mode(mode)).unwrap();
-            let err = RelayStaticKey::load(&path).unwrap_err();
-            let msg = err.to_string();
-            assert!(matches!(err, KeyError::InsecurePermissions { .. }));
-            assert!(msg.contains("chmod 600"), "{msg}");
-            assert!(msg.contains(&path.display().to_string()), "{msg}");
-        }
-        std::fs::set_permissions(&path, Permissions::from_mode(0o400)).unwrap();
-        RelayStaticKey::load(&path).unwrap();
-    }
-
-    #[test]
-    fn wrong_kind_and_header_are_refused() {
-        let rng = SystemRandom::new();
-        let dir = TempDir::new("kind");
-        let path = dir.path("peer.key");
-        write_secret_file(&path, &PeerStaticKey::generate(&rng).unwrap(), false).unwrap();
-        let err = RelayStaticKey::load(&path).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                KeyError::WrongKind {
-                    expected: "relay-x25519",
-                    found: "peer-x25519",
-                    ..
-                }
-            ),
-            "{err}"
-        );
-        assert!(err.to_string().contains("peer.key"));
-        // A secret file is not a public key file, and vice versa.
-        let err = load_public_file::<PeerPublicKey>(&path).unwrap_err();
-        assert!(matches!(err, KeyError::WrongHeader { .. }), "{err}");
-        let pub_path = dir.path("peer.pub");
-        write_public_file(
-            &pub_path,
-            &PeerStaticKey::generate(&rng).unwrap().public(),
-            false,
-        )
-        .unwrap();
-        std::fs::set_permissions(&pub_path, Permissions::from_mode(0o600)).unwrap();
-        let err = PeerStaticKey::load(&pub_path).unwrap_err();
-        assert!(matches!(err, KeyError::WrongHeader { .. }), "{err}");
-    }
-
-    fn write_raw(path: &Path, text: &str) {
-        let mut file = create_key_file(path, 0o600, true).unwrap();
-        file.write_all(text.as_bytes()).unwrap();
-    }
-
-    #[test]
-    fn bad_base64_length_and_format_are_refused_naming_the_file() {
-        let dir = TempDir::new("format");
-        let path = dir.path("bad.key");
-        type Expectation = fn(&KeyError) -> bool;
-        let cases: [(&str, Expectation); 5] = [
-            ("ferry-secret-v1 relay-x25519 !!!notbase64\n", |e| {
-                matches!(e, KeyError::Base64 { .. })
-            }),
-            ("ferry-secret-v1 relay-x25519 AAAA\n", |e| {
-                matches!(e, KeyError::Length { len: 3, .. })
-            }),
-            ("# only a comment\n\n", |e| {
-                matches!(e, KeyError::Format { .. })
-            }),
-            ("ferry-secret-v1 relay-x25519\n", |e| {
-                matches!(e, KeyError::Format { .. })
-            }),
-            (
-                "ferry-secret-v1 relay-x25519 AAAA\nferry-secret-v1 relay-x25519 AAAA\n",
-                |e| matches!(e, KeyError::Format { .. }),
-            ),
-        ];
-        for (text, is_expected) in cases {
-            write_raw(&path, text);
-            let err = RelayStaticKey::load(&path).unwrap_err();
-            assert!(is_expected(&err), "{text:?}: {err:?}");
-            assert!(err.to_string().contains("bad.key"), "{err}");
-        }
-    }
-
-    #[test]
-    fn comments_are_allowed() {
-        let dir = TempDir::new("comments");
-        let path = dir.path("relay.key");
-        let key = RelayStaticKey::from_bytes(&[3; 32]);
+    fn key_text_errors() {
         let b64 = BASE64.encode([3u8; 32]);
-        write_raw(
-            &path,
-            &format!("# a comment\n\n  ferry-secret-v1   relay-x25519 {b64}  # trailing\n"),
+        let secret = format!("# a comment\n\n  ferry-secret-v1   relay-x25519 {b64}  # trailing\n");
+        let key: RelayStaticKey = parse_secret_key(&secret).unwrap();
+        assert_eq!(key.public(), RelayStaticKey::from_bytes(&[3; 32]).public());
+        assert_eq!(
+            parse_secret_key::<PeerStaticKey>(&secret).unwrap_err(),
+            KeyError::WrongKind {
+                expected: "peer-x25519",
+                found: "relay-x25519"
+            }
         );
-        assert_eq!(RelayStaticKey::load(&path).unwrap().public(), key.public());
+        assert_eq!(
+            parse_public_key::<RelayPublicKey>(&secret).unwrap_err(),
+            KeyError::WrongHeader {
+                expected: PUBLIC_HEADER,
+                found: SECRET_HEADER
+            }
+        );
+        assert_eq!(
+            parse_secret_key::<RelayStaticKey>("ferry-secret-v1 relay-x25519 AAAA").unwrap_err(),
+            KeyError::Length { len: 3 }
+        );
+        assert_eq!(
+            parse_secret_key::<RelayStaticKey>("ferry-secret-v1 relay-x25519 %%%").unwrap_err(),
+            KeyError::Base64
+        );
+        for bad in ["", "# only a comment\n", "ferry-secret-v1 relay-x25519\n"] {
+            assert!(
+                matches!(
+                    parse_secret_key::<RelayStaticKey>(bad),
+                    Err(KeyError::Format { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        let twice = format!("{secret}{secret}");
+        assert_eq!(
+            parse_secret_key::<RelayStaticKey>(&twice).unwrap_err(),
+            KeyError::Format {
+                reason: "more than one key line"
+            }
+        );
     }
 
     #[test]
@@ -939,7 +614,7 @@ mod tests {
         ));
         assert!(matches!(
             "%%%".parse::<GatewayPublicKey>().unwrap_err(),
-            KeyError::Base64 { .. }
+            KeyError::Base64
         ));
         assert_eq!(PeerPublicKey::from_bytes(*key.as_bytes()), key);
     }

@@ -2,14 +2,11 @@
 //!
 //! One peer per line, `<name> <base64 key>`, where a name is `[A-Za-z0-9._@-]{1,64}` and the
 //! key is a 32-byte X25519 public key in standard base64. Blank lines and lines starting with
-//! `#` are ignored. [`KnownPeers::save`] writes a temporary file with mode 0600 and renames it
-//! over the old one, so a crash never leaves a half-written file.
+//! `#` are ignored. This module parses ([`KnownPeers::parse`]) and formats
+//! ([`KnownPeers::to_text`]) that text; the `ferry-keyfile` crate reads and writes the file.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::fs;
-use std::io::{self, Write};
-use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -20,18 +17,10 @@ pub const MAX_NAME_LEN: usize = 64;
 
 const KEY_LEN: usize = 32;
 
-/// What went wrong reading, writing or editing a known-peers file.
-#[derive(Debug, Error)]
+/// What is wrong with the text of a known-peers file, or with an edit.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
 pub enum KnownPeersError {
-    /// The file could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file (or its temporary sibling) concerned.
-        path: PathBuf,
-        /// The underlying error.
-        source: io::Error,
-    },
     /// A line is not `<name> <base64 key>`.
     #[error("line {line}: {reason}")]
     BadLine {
@@ -79,18 +68,6 @@ impl KnownPeers {
         Self::default()
     }
 
-    /// Reads the file at `path`; a missing file is an empty store.
-    pub fn load(path: &Path) -> Result<Self, KnownPeersError> {
-        match fs::read_to_string(path) {
-            Ok(text) => Self::parse(&text),
-            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(Self::new()),
-            Err(source) => Err(KnownPeersError::Io {
-                path: path.to_owned(),
-                source,
-            }),
-        }
-    }
-
     /// Parses the file format; errors name the first bad line.
     pub fn parse(text: &str) -> Result<Self, KnownPeersError> {
         let mut peers = Self::new();
@@ -122,24 +99,6 @@ impl KnownPeers {
             text.push('\n');
         }
         text
-    }
-
-    /// Writes the store to `path` atomically: a temporary file with mode 0600 in the same
-    /// directory, synced, then renamed over `path`.
-    pub fn save(&self, path: &Path) -> Result<(), KnownPeersError> {
-        let temp = temp_path(path);
-        let io_error = |path: &Path| {
-            let path = path.to_owned();
-            move |source| KnownPeersError::Io { path, source }
-        };
-        write_private(&temp, self.to_text().as_bytes()).map_err(|source| {
-            let _ = fs::remove_file(&temp);
-            io_error(&temp)(source)
-        })?;
-        fs::rename(&temp, path).map_err(|source| {
-            let _ = fs::remove_file(&temp);
-            io_error(path)(source)
-        })
     }
 
     /// The key recorded for `name`.
@@ -198,41 +157,9 @@ fn parse_line(content: &str) -> Result<(&str, [u8; KEY_LEN]), &'static str> {
     Ok((name, key))
 }
 
-/// `dir/.name.tmp`, next to `path` so that the rename stays on one file system.
-fn temp_path(path: &Path) -> PathBuf {
-    let mut name = std::ffi::OsString::from(".");
-    name.push(path.file_name().unwrap_or_else(|| "known-peers".as_ref()));
-    name.push(".tmp");
-    path.with_file_name(name)
-}
-
-fn write_private(path: &Path, contents: &[u8]) -> io::Result<()> {
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path)?;
-    #[cfg(unix)]
-    {
-        // An old temporary file keeps its mode on open; make sure it is private.
-        use std::os::unix::fs::PermissionsExt;
-        file.set_permissions(fs::Permissions::from_mode(0o600))?;
-    }
-    file.write_all(contents)?;
-    file.sync_all()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn temp_dir(test: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("ferry-known-peers-{test}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("create temp dir");
-        dir
-    }
 
     #[test]
     fn names() {
@@ -242,42 +169,6 @@ mod tests {
         for bad in ["", "a b", "é", "a/b", "a:b", &"x".repeat(65)] {
             assert!(!is_valid_name(bad), "{bad}");
         }
-    }
-
-    #[test]
-    fn load_save_forget_round_trip() {
-        let dir = temp_dir("round-trip");
-        let path = dir.join("known-peers");
-        let mut peers = KnownPeers::load(&path).expect("missing file is empty");
-        assert!(peers.is_empty());
-        assert_eq!(peers.insert("bob", [2; 32]).expect("valid"), None);
-        assert_eq!(peers.insert("alice", [1; 32]).expect("valid"), None);
-        assert!(matches!(
-            peers.insert("no spaces", [0; 32]),
-            Err(KnownPeersError::InvalidName(_))
-        ));
-        peers.save(&path).expect("save");
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = fs::metadata(&path).expect("stat").permissions().mode();
-            assert_eq!(mode & 0o777, 0o600);
-        }
-        assert!(!temp_path(&path).exists());
-
-        let mut loaded = KnownPeers::load(&path).expect("load");
-        assert_eq!(loaded, peers);
-        let names: Vec<_> = loaded.list().map(|(name, _)| name).collect();
-        assert_eq!(names, ["alice", "bob"]);
-        assert_eq!(loaded.get("bob"), Some(&[2; 32]));
-
-        assert!(loaded.forget("alice"));
-        assert!(!loaded.forget("alice"));
-        loaded.save(&path).expect("save again");
-        let reloaded = KnownPeers::load(&path).expect("reload");
-        assert_eq!(reloaded.len(), 1);
-        assert_eq!(reloaded.get("alice"), None);
-        fs::remove_dir_all(&dir).expect("clean up");
     }
 
     #[test]
@@ -311,21 +202,5 @@ mod tests {
             Err(KnownPeersError::DuplicateName { line: 2, name }) => assert_eq!(name, "alice"),
             other => panic!("unexpected {other:?}"),
         }
-    }
-
-    #[test]
-    fn unreadable_path_is_an_io_error() {
-        let dir = temp_dir("io-error");
-        // A directory cannot be read as a file.
-        assert!(matches!(
-            KnownPeers::load(&dir),
-            Err(KnownPeersError::Io { .. })
-        ));
-        let missing_dir = dir.join("missing").join("known-peers");
-        assert!(matches!(
-            KnownPeers::new().save(&missing_dir),
-            Err(KnownPeersError::Io { .. })
-        ));
-        fs::remove_dir_all(&dir).expect("clean up");
     }
 }

@@ -8,9 +8,14 @@
 //! ```
 //!
 //! The sealed form is `E (32) ‖ ciphertext (32) ‖ tag (16)`, token bytes 64..144.
+//!
+//! The AEAD is `ring`'s ChaCha20-Poly1305, the one the Noise transport uses. The all-zero nonce
+//! is safe because every `K_seal` seals exactly one secret: it is derived from a fresh
+//! ephemeral key each time. `K_seal` itself is held in `Zeroizing` and wiped once `ring`'s key is
+//! built; `ring` does not zeroize its own copy on drop, and that copy opens only this one
+//! sealed secret.
 
-use chacha20poly1305::aead::array::Array;
-use chacha20poly1305::{AeadInOut, ChaCha20Poly1305, KeyInit, Nonce, Tag};
+use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, Tag, UnboundKey};
 use ring::rand::SecureRandom;
 use x25519_dalek::{PublicKey as X25519Public, StaticSecret};
 use zeroize::Zeroizing;
@@ -49,28 +54,39 @@ pub fn seal_slot_secret(
     claims_aad: &[u8; CLAIMS_AAD_LEN],
 ) -> Result<([u8; SEALED_LEN], SlotSecret), SealError> {
     let secret = SlotSecret::generate(rng).map_err(|_| SealError::Rng)?;
-    let mut ephemeral_bytes = Zeroizing::new([0u8; 32]);
-    rng.fill(ephemeral_bytes.as_mut())
-        .map_err(|_| SealError::Rng)?;
-    let ephemeral = StaticSecret::from(*ephemeral_bytes);
+    let mut ephemeral = Zeroizing::new([0u8; 32]);
+    rng.fill(ephemeral.as_mut()).map_err(|_| SealError::Rng)?;
+    let sealed = seal_with_ephemeral(&secret, &ephemeral, relay_public, claims_aad)?;
+    Ok((sealed, secret))
+}
+
+/// Seals `secret` with the ephemeral X25519 secret key `ephemeral`: the deterministic part of
+/// [`seal_slot_secret`], which the known-answer tests pin.
+pub(crate) fn seal_with_ephemeral(
+    secret: &SlotSecret,
+    ephemeral: &[u8; 32],
+    relay_public: &RelayPublicKey,
+    claims_aad: &[u8; CLAIMS_AAD_LEN],
+) -> Result<[u8; SEALED_LEN], SealError> {
+    let ephemeral = StaticSecret::from(*ephemeral);
     let ephemeral_public = X25519Public::from(&ephemeral).to_bytes();
 
     let shared = ephemeral.diffie_hellman(&X25519Public::from(*relay_public.as_bytes()));
     if !shared.was_contributory() {
         return Err(SealError::NonContributory);
     }
-    let cipher = seal_cipher(shared.as_bytes(), &ephemeral_public, relay_public);
+    let key = seal_key(shared.as_bytes(), &ephemeral_public, relay_public);
 
     let mut ciphertext = *secret.expose();
-    let tag = cipher
-        .encrypt_inout_detached(&Nonce::default(), claims_aad, (&mut ciphertext[..]).into())
+    let tag = key
+        .seal_in_place_separate_tag(zero_nonce(), Aad::from(claims_aad), &mut ciphertext)
         .map_err(|_| SealError::Open)?;
 
     let mut sealed = [0u8; SEALED_LEN];
     sealed[..32].copy_from_slice(&ephemeral_public);
     sealed[32..64].copy_from_slice(&ciphertext);
-    sealed[64..].copy_from_slice(&tag);
-    Ok((sealed, secret))
+    sealed[64..].copy_from_slice(tag.as_ref());
+    Ok(sealed)
 }
 
 /// Opens a sealed slot secret with the relay's static key. Fails with [`SealError::Open`] when
@@ -89,34 +105,43 @@ pub fn open_slot_secret(
     if !shared.was_contributory() {
         return Err(SealError::NonContributory);
     }
-    let cipher = seal_cipher(shared.as_bytes(), &ephemeral, &relay_static.public());
+    let key = seal_key(shared.as_bytes(), &ephemeral, &relay_static.public());
 
     let mut plaintext = Zeroizing::new([0u8; SLOT_SECRET_LEN]);
     plaintext.copy_from_slice(ciphertext);
     let tag = Tag::try_from(tag).map_err(|_| SealError::Open)?;
-    cipher
-        .decrypt_inout_detached(
-            &Nonce::default(),
-            claims_aad,
-            (&mut plaintext[..]).into(),
-            &tag,
-        )
-        .map_err(|_| SealError::Open)?;
+    key.open_in_place_separate_tag(
+        zero_nonce(),
+        Aad::from(claims_aad),
+        tag,
+        plaintext.as_mut_slice(),
+        0..,
+    )
+    .map_err(|_| SealError::Open)?;
     Ok(SlotSecret::from_bytes(*plaintext))
 }
 
 /// ChaCha20-Poly1305 under `K_seal = HKDF(salt, shared, E ‖ R)`.
-fn seal_cipher(
+fn seal_key(
     shared: &[u8; 32],
     ephemeral_public: &[u8; 32],
     relay_public: &RelayPublicKey,
-) -> ChaCha20Poly1305 {
+) -> LessSafeKey {
     let key = hkdf_sha256_32(
         SEAL_SALT,
         shared,
         &[ephemeral_public, relay_public.as_bytes()],
     );
-    ChaCha20Poly1305::new(&Array::from(*key))
+    match UnboundKey::new(&CHACHA20_POLY1305, key.as_slice()) {
+        Ok(key) => LessSafeKey::new(key),
+        // ring refuses only keys of the wrong length, and a [u8; 32] is never that.
+        Err(_) => unreachable!("ChaCha20-Poly1305 keys are 32 bytes"),
+    }
+}
+
+/// The nonce of §4.1: twelve zero bytes, safe because each `K_seal` is used once.
+fn zero_nonce() -> Nonce {
+    Nonce::assume_unique_for_key([0; 12])
 }
 
 #[cfg(test)]
@@ -129,6 +154,31 @@ mod tests {
         c.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
         c
     }
+
+    /// Lowercase hex, for comparing against the pinned values below.
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Pins the sealed bytes for fixed inputs, so that a change of AEAD, KDF or layout that
+    /// alters a single bit of a token fails here.
+    #[test]
+    fn known_answer() {
+        let relay = RelayStaticKey::from_bytes(&[0x01; 32]);
+        let secret = SlotSecret::from_bytes([0x11; SLOT_SECRET_LEN]);
+        let sealed = seal_with_ephemeral(&secret, &[0x22; 32], &relay.public(), &claims()).unwrap();
+        assert_eq!(hex(&sealed), KNOWN_SEALED);
+        let opened = open_slot_secret(&relay, &sealed, &claims()).unwrap();
+        assert_eq!(opened.expose(), secret.expose());
+    }
+
+    /// `E ‖ ciphertext ‖ tag` for relay key `[0x01; 32]`, slot secret `[0x11; 32]`, ephemeral
+    /// key `[0x22; 32]` and the claims `0, 1, …, 63`.
+    const KNOWN_SEALED: &str = concat!(
+        "0faa684ed28867b97f4a6a2dee5df8ce974e76b7018e3f22a1c4cf2678570f20",
+        "74f2d5c60f65242918313ebcb9db67765eef016ace4e79df8a9ac67ddd6a5f38",
+        "28afa2bb2993e855136ecf42ab00108d",
+    );
 
     #[test]
     fn round_trip() {

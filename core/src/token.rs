@@ -20,6 +20,7 @@ use crate::keys::{GatewayPublicKey, GatewaySigningKey, RelayPublicKey, RelayStat
 use crate::proof::SlotSecret;
 use crate::seal::{self, CLAIMS_AAD_LEN, SEALED_LEN, SealError};
 use crate::time::UnixTime;
+use crate::wire::Slot;
 
 /// Length of every token.
 pub const TOKEN_LEN: usize = 208;
@@ -41,39 +42,11 @@ const SIGNATURE_CONTEXT: &[u8] = b"ferry token v1\0";
 // The layout of §4: claims 0..64, sealed secret 64..144, Ed25519 signature 144..208.
 const _: () = assert!(SIGNED_LEN == 144 && SIGNATURE_LEN == 64);
 
-/// Which slot of a session a token is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum TokenSlot {
-    /// Slot A (0): the Noise initiator.
-    A,
-    /// Slot B (1): the Noise responder.
-    B,
-}
-
-impl TokenSlot {
-    /// The slot with wire value `value`, if any.
-    pub const fn from_u8(value: u8) -> Option<Self> {
-        match value {
-            0 => Some(Self::A),
-            1 => Some(Self::B),
-            _ => None,
-        }
-    }
-
-    /// The wire value: 0 for A, 1 for B.
-    pub const fn as_u8(self) -> u8 {
-        match self {
-            Self::A => 0,
-            Self::B => 1,
-        }
-    }
-}
-
 /// The claims of a token (bytes 0..64).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Claims {
     /// The slot the bearer may bind.
-    pub slot: TokenSlot,
+    pub slot: Slot,
     /// Id of the gateway key that signed the token.
     pub kid: u32,
     /// Random, unique per token; the replay cache key.
@@ -94,7 +67,7 @@ pub struct Claims {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClaimsInput {
     /// The slot the bearer may bind.
-    pub slot: TokenSlot,
+    pub slot: Slot,
     /// The relay the token is for.
     pub relay_id: u64,
     /// The session; must not be zero.
@@ -275,7 +248,7 @@ impl Claims {
         if bytes[2..4] != [0, 0] {
             return Err(MalformedReason::Reserved);
         }
-        let slot = TokenSlot::from_u8(bytes[1]).ok_or(MalformedReason::Slot { slot: bytes[1] })?;
+        let slot = Slot::from_u8(bytes[1]).ok_or(MalformedReason::Slot { slot: bytes[1] })?;
         let session_id = read_u64(bytes, 32);
         if session_id == 0 {
             return Err(MalformedReason::ZeroSession);
@@ -395,16 +368,21 @@ impl TokenMinter {
     ) -> Result<MintedToken, TokenError> {
         let claims_bytes = claims.encode();
         let (sealed, slot_secret) = seal::seal_slot_secret(rng, relay_public, &claims_bytes)?;
-        let mut bytes = [0u8; TOKEN_LEN];
-        bytes[..CLAIMS_LEN].copy_from_slice(&claims_bytes);
-        bytes[CLAIMS_LEN..SIGNED_LEN].copy_from_slice(&sealed);
-        let signature = self.signing.sign(&signed_message(&bytes));
-        bytes[SIGNED_LEN..].copy_from_slice(&signature);
         Ok(MintedToken {
-            bytes,
+            bytes: self.sign(&claims_bytes, &sealed),
             claims,
             slot_secret,
         })
+    }
+
+    /// The token bytes: `claims`, `sealed`, and the signature over both.
+    fn sign(&self, claims: &[u8; CLAIMS_LEN], sealed: &[u8; SEALED_LEN]) -> [u8; TOKEN_LEN] {
+        let mut bytes = [0u8; TOKEN_LEN];
+        bytes[..CLAIMS_LEN].copy_from_slice(claims);
+        bytes[CLAIMS_LEN..SIGNED_LEN].copy_from_slice(sealed);
+        let signature = self.signing.sign(&signed_message(&bytes));
+        bytes[SIGNED_LEN..].copy_from_slice(&signature);
+        bytes
     }
 }
 
@@ -654,433 +632,4 @@ impl TokenReplayCache {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-    use ring::rand::SystemRandom;
-
-    const RELAY_ID: u64 = 77;
-    const SESSION: u64 = 0x1234_5678;
-    const KID: u32 = 7;
-
-    fn relay_key() -> RelayStaticKey {
-        RelayStaticKey::from_bytes(&[1; 32])
-    }
-
-    fn minter(kid: u32, seed: u8) -> TokenMinter {
-        TokenMinter::new(
-            kid,
-            GatewaySigningKey::from_seed_bytes(&[seed; 32]).unwrap(),
-        )
-    }
-
-    fn verifier_trusting(minters: &[&TokenMinter]) -> TokenVerifier {
-        let mut verifier = TokenVerifier::new(VerifierConfig::new(RELAY_ID), relay_key()).unwrap();
-        for m in minters {
-            verifier.add_trusted_key(m.kid(), m.public());
-        }
-        verifier
-    }
-
-    fn input() -> ClaimsInput {
-        ClaimsInput {
-            slot: TokenSlot::B,
-            relay_id: RELAY_ID,
-            session_id: SESSION,
-            not_before: UnixTime(1_000),
-            expires: UnixTime(2_000),
-            rate_bytes_per_sec: 125_000,
-        }
-    }
-
-    fn mint(m: &TokenMinter, input: &ClaimsInput) -> MintedToken {
-        m.mint(&SystemRandom::new(), input, &relay_key().public())
-            .unwrap()
-    }
-
-    const NOW: UnixTime = UnixTime(1_500);
-
-    fn verify(v: &TokenVerifier, token: &[u8], now: UnixTime) -> Result<VerifiedToken, TokenError> {
-        v.verify(token, now, SESSION, 1)
-    }
-
-    #[test]
-    fn mint_verify_round_trip() {
-        let m = minter(KID, 2);
-        let v = verifier_trusting(&[&m]);
-        let minted = mint(&m, &input());
-        let verified = verify(&v, &minted.bytes, NOW).unwrap();
-        assert_eq!(verified.claims, minted.claims);
-        assert_eq!(verified.claims.kid, KID);
-        assert_eq!(verified.slot_secret.expose(), minted.slot_secret.expose());
-        assert_eq!(parse_unverified(&minted.bytes).unwrap(), minted.claims);
-        // Two tokens for the same claims differ in id and secret.
-        let again = mint(&m, &input());
-        assert_ne!(again.claims.token_id, minted.claims.token_id);
-        assert_ne!(again.slot_secret.expose(), minted.slot_secret.expose());
-    }
-
-    #[test]
-    fn time_checks_allow_skew_on_both_sides() {
-        let m = minter(KID, 2);
-        let v = verifier_trusting(&[&m]);
-        let token = mint(&m, &input()).bytes;
-        assert!(verify(&v, &token, UnixTime(970)).is_ok());
-        assert_eq!(
-            verify(&v, &token, UnixTime(969)).unwrap_err(),
-            TokenError::NotYetValid {
-                not_before: UnixTime(1_000),
-                now: UnixTime(969)
-            }
-        );
-        assert!(verify(&v, &token, UnixTime(2_029)).is_ok());
-        assert_eq!(
-            verify(&v, &token, UnixTime(2_030)).unwrap_err(),
-            TokenError::Expired {
-                expires: UnixTime(2_000),
-                now: UnixTime(2_030)
-            }
-        );
-        assert!(matches!(
-            verify(&v, &token, UnixTime(u64::MAX)),
-            Err(TokenError::Expired { .. })
-        ));
-    }
-
-    #[test]
-    fn binding_checks() {
-        let m = minter(KID, 2);
-        let v = verifier_trusting(&[&m]);
-        let token = mint(&m, &input()).bytes;
-        assert_eq!(
-            v.verify(&token, NOW, SESSION + 1, 1).unwrap_err(),
-            TokenError::WrongSession {
-                expected: SESSION + 1,
-                found: SESSION
-            }
-        );
-        for slot in [0, 2, 255] {
-            assert_eq!(
-                v.verify(&token, NOW, SESSION, slot).unwrap_err(),
-                TokenError::WrongSlot {
-                    expected: slot,
-                    found: 1
-                }
-            );
-        }
-        let other_relay = mint(
-            &m,
-            &ClaimsInput {
-                relay_id: RELAY_ID + 1,
-                ..input()
-            },
-        );
-        assert_eq!(
-            verify(&v, &other_relay.bytes, NOW).unwrap_err(),
-            TokenError::WrongRelay {
-                expected: RELAY_ID,
-                found: RELAY_ID + 1
-            }
-        );
-    }
-
-    #[test]
-    fn unknown_kid_and_rotation() {
-        let old = minter(1, 2);
-        let new = minter(2, 3);
-        let unknown = minter(3, 4);
-        let mut v = verifier_trusting(&[&old, &new]);
-        let old_token = mint(&old, &input()).bytes;
-        let new_token = mint(&new, &input()).bytes;
-        assert!(verify(&v, &old_token, NOW).is_ok());
-        assert!(verify(&v, &new_token, NOW).is_ok());
-        assert_eq!(
-            verify(&v, &mint(&unknown, &input()).bytes, NOW).unwrap_err(),
-            TokenError::UnknownKid { kid: 3 }
-        );
-        assert_eq!(v.remove_trusted_key(1), Some(old.public()));
-        assert_eq!(
-            verify(&v, &old_token, NOW).unwrap_err(),
-            TokenError::UnknownKid { kid: 1 }
-        );
-        assert!(verify(&v, &new_token, NOW).is_ok());
-        assert_eq!(v.trusted_kids().collect::<Vec<_>>(), vec![2]);
-    }
-
-    #[test]
-    fn key_under_wrong_kid_is_a_bad_signature() {
-        let signer = minter(1, 2);
-        let mut v = verifier_trusting(&[]);
-        v.add_trusted_key(1, minter(1, 9).public());
-        assert_eq!(
-            verify(&v, &mint(&signer, &input()).bytes, NOW).unwrap_err(),
-            TokenError::BadSignature
-        );
-    }
-
-    #[test]
-    fn flipped_signature_or_claims_bit_is_a_bad_signature() {
-        let m = minter(KID, 2);
-        let v = verifier_trusting(&[&m]);
-        let token = mint(&m, &input()).bytes;
-        let mut sig = token;
-        sig[SIGNED_LEN + 5] ^= 0x01;
-        assert_eq!(verify(&v, &sig, NOW).unwrap_err(), TokenError::BadSignature);
-        let mut claims = token;
-        claims[24 + 7] ^= 0x01; // relay id
-        assert_eq!(
-            verify(&v, &claims, NOW).unwrap_err(),
-            TokenError::BadSignature
-        );
-        let mut expiry = token;
-        expiry[48 + 6] ^= 0x01; // exp, extends the token
-        assert_eq!(
-            verify(&v, &expiry, NOW).unwrap_err(),
-            TokenError::BadSignature
-        );
-        let mut sealed = token;
-        sealed[100] ^= 0x01;
-        assert_eq!(
-            verify(&v, &sealed, NOW).unwrap_err(),
-            TokenError::BadSignature
-        );
-    }
-
-    #[test]
-    fn malformed_tokens() {
-        let m = minter(KID, 2);
-        let v = verifier_trusting(&[&m]);
-        let token = mint(&m, &input()).bytes;
-        let malformed = |bytes: &[u8]| match verify(&v, bytes, NOW) {
-            Err(TokenError::Malformed(reason)) => reason,
-            other => panic!("expected malformed, got {other:?}"),
-        };
-        assert_eq!(
-            malformed(&token[..207]),
-            MalformedReason::Length { len: 207 }
-        );
-        assert_eq!(malformed(&[]), MalformedReason::Length { len: 0 });
-        let mut t = token;
-        t[0] = 2;
-        assert_eq!(malformed(&t), MalformedReason::Version { version: 2 });
-        let mut t = token;
-        t[1] = 2;
-        assert_eq!(malformed(&t), MalformedReason::Slot { slot: 2 });
-        let mut t = token;
-        t[3] = 1;
-        assert_eq!(malformed(&t), MalformedReason::Reserved);
-        let mut t = token;
-        t[32..40].fill(0);
-        assert_eq!(malformed(&t), MalformedReason::ZeroSession);
-    }
-
-    #[test]
-    fn lifetime_limits() {
-        let m = minter(KID, 2);
-        let v = verifier_trusting(&[&m]);
-        let at_limit = mint(
-            &m,
-            &ClaimsInput {
-                expires: UnixTime(1_000 + DEFAULT_MAX_LIFETIME_SECS),
-                ..input()
-            },
-        );
-        assert!(verify(&v, &at_limit.bytes, NOW).is_ok());
-        let too_long = mint(
-            &m,
-            &ClaimsInput {
-                expires: UnixTime(1_001 + DEFAULT_MAX_LIFETIME_SECS),
-                ..input()
-            },
-        );
-        assert!(matches!(
-            verify(&v, &too_long.bytes, NOW),
-            Err(TokenError::LifetimeTooLong { .. })
-        ));
-        // A signed token with exp <= nbf (which `mint` refuses to make) fails check 7 too.
-        let mut claims = mint(&m, &input()).claims;
-        claims.expires = claims.not_before;
-        let empty = m
-            .seal_and_sign(&SystemRandom::new(), claims, &relay_key().public())
-            .unwrap();
-        assert!(matches!(
-            verify(&v, &empty.bytes, NOW),
-            Err(TokenError::LifetimeTooLong { .. })
-        ));
-    }
-
-    #[test]
-    fn mint_refuses_bad_input() {
-        let m = minter(KID, 2);
-        let rng = SystemRandom::new();
-        let relay = relay_key().public();
-        let zero_session = ClaimsInput {
-            session_id: 0,
-            ..input()
-        };
-        assert_eq!(
-            m.mint(&rng, &zero_session, &relay).unwrap_err(),
-            TokenError::MintZeroSession
-        );
-        for expires in [UnixTime(999), UnixTime(1_000)] {
-            let empty = ClaimsInput { expires, ..input() };
-            assert!(matches!(
-                m.mint(&rng, &empty, &relay),
-                Err(TokenError::MintEmptyLifetime { .. })
-            ));
-        }
-    }
-
-    #[test]
-    fn sealed_to_another_relay_fails_to_unseal() {
-        let m = minter(KID, 2);
-        let v = verifier_trusting(&[&m]);
-        let other_relay = RelayStaticKey::from_bytes(&[9; 32]).public();
-        let token = m
-            .mint(&SystemRandom::new(), &input(), &other_relay)
-            .unwrap();
-        assert_eq!(
-            verify(&v, &token.bytes, NOW).unwrap_err(),
-            TokenError::Seal(SealError::Open)
-        );
-    }
-
-    #[test]
-    fn skew_config_is_bounded() {
-        let config = VerifierConfig {
-            max_skew_secs: 301,
-            ..VerifierConfig::new(RELAY_ID)
-        };
-        assert_eq!(
-            TokenVerifier::new(config, relay_key()).unwrap_err(),
-            TokenError::SkewTooLarge { secs: 301 }
-        );
-        let config = VerifierConfig {
-            max_skew_secs: 300,
-            ..VerifierConfig::new(RELAY_ID)
-        };
-        assert!(TokenVerifier::new(config, relay_key()).is_ok());
-    }
-
-    #[test]
-    fn replay_cache_refuses_a_second_use() {
-        let m = minter(KID, 2);
-        let v = verifier_trusting(&[&m]);
-        let token = mint(&m, &input()).bytes;
-        let mut cache = TokenReplayCache::new(4);
-        let skew = v.config().max_skew_secs;
-        let claims = verify(&v, &token, NOW).unwrap().claims;
-        cache
-            .check_and_insert(claims.token_id, claims.expires, NOW, skew)
-            .unwrap();
-        let claims = verify(&v, &token, UnixTime(1_600)).unwrap().claims;
-        assert_eq!(
-            cache
-                .check_and_insert(claims.token_id, claims.expires, UnixTime(1_600), skew)
-                .unwrap_err(),
-            TokenError::Replayed
-        );
-        // Still remembered up to the last second the token could verify.
-        assert_eq!(
-            cache
-                .check_and_insert(claims.token_id, claims.expires, UnixTime(2_029), skew)
-                .unwrap_err(),
-            TokenError::Replayed
-        );
-    }
-
-    #[test]
-    fn replay_cache_full_of_live_ids_refuses_and_then_recovers() {
-        let mut cache = TokenReplayCache::new(2);
-        let now = UnixTime(100);
-        cache
-            .check_and_insert([1; 16], UnixTime(200), now, 30)
-            .unwrap();
-        cache
-            .check_and_insert([2; 16], UnixTime(300), now, 30)
-            .unwrap();
-        assert_eq!(
-            cache
-                .check_and_insert([3; 16], UnixTime(300), now, 30)
-                .unwrap_err(),
-            TokenError::ReplayCacheFull { capacity: 2 }
-        );
-        // A live id is never forgotten, so its replay is still caught while full.
-        assert_eq!(
-            cache.check_and_insert([1; 16], UnixTime(200), now, 30),
-            Err(TokenError::Replayed)
-        );
-        // At 230 = 200 + skew, id 1 can no longer verify: its place is free.
-        let later = UnixTime(230);
-        cache
-            .check_and_insert([3; 16], UnixTime(300), later, 30)
-            .unwrap();
-        assert_eq!(cache.len(), 2);
-        assert_eq!(
-            cache.check_and_insert([2; 16], UnixTime(300), later, 30),
-            Err(TokenError::Replayed)
-        );
-        assert!(matches!(
-            cache.check_and_insert([4; 16], UnixTime(100), later, 30),
-            Err(TokenError::Expired { .. })
-        ));
-    }
-
-    #[test]
-    fn every_truncation_extension_and_bit_flip_fails() {
-        let m = minter(KID, 2);
-        let v = verifier_trusting(&[&m]);
-        let token = mint(&m, &input()).bytes;
-        for len in 0..TOKEN_LEN {
-            assert!(verify(&v, &token[..len], NOW).is_err());
-        }
-        for extra in 1..=16 {
-            let mut longer = token.to_vec();
-            longer.extend(std::iter::repeat_n(0u8, extra));
-            assert!(verify(&v, &longer, NOW).is_err());
-        }
-        for bit in 0..TOKEN_LEN * 8 {
-            let mut flipped = token;
-            flipped[bit / 8] ^= 1 << (bit % 8);
-            assert!(verify(&v, &flipped, NOW).is_err(), "bit {bit}");
-        }
-    }
-
-    fn fixture() -> &'static (TokenVerifier, [u8; TOKEN_LEN]) {
-        static FIXTURE: std::sync::OnceLock<(TokenVerifier, [u8; TOKEN_LEN])> =
-            std::sync::OnceLock::new();
-        FIXTURE.get_or_init(|| {
-            let m = minter(KID, 2);
-            (verifier_trusting(&[&m]), mint(&m, &input()).bytes)
-        })
-    }
-
-    proptest! {
-        #[test]
-        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
-            let (v, _) = fixture();
-            let _ = parse_unverified(&bytes);
-            prop_assert!(verify(v, &bytes, NOW).is_err());
-        }
-
-        #[test]
-        fn edited_valid_token_fails_unless_identical(
-            edits in proptest::collection::vec((0..TOKEN_LEN, any::<u8>()), 1..8),
-            new_len in 0..TOKEN_LEN + 32,
-            fill in any::<u8>(),
-        ) {
-            let (v, token) = fixture();
-            let mut edited = token.to_vec();
-            for (at, mask) in edits {
-                edited[at] ^= mask;
-            }
-            edited.resize(new_len, fill);
-            let result = verify(v, &edited, NOW);
-            if edited == token {
-                prop_assert!(result.is_ok());
-            } else {
-                prop_assert!(result.is_err());
-            }
-        }
-    }
-}
+mod tests;

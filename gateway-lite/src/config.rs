@@ -724,7 +724,8 @@ fn validate_signing(s: &SigningSection, base_dir: &Path, check: &mut Check) -> O
             );
             continue;
         }
-        match GatewaySigningKey::load(&base_dir.join(&entry.key_file)) {
+        match ferry_keyfile::load_secret_file::<GatewaySigningKey>(&base_dir.join(&entry.key_file))
+        {
             Ok(key) => {
                 published.push((entry.kid, key.public()));
                 if entry.kid == s.active_kid {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use ferry_core::keys::{self, GatewaySigningKey};
+use ferry_core::keys::GatewaySigningKey;
 use ferry_gateway::apikey;
 use ferry_gateway::config;
 
@@ -79,7 +79,7 @@ fn main() -> ExitCode {
         Command::Run => ferry_gateway::server::run(&cli.config),
         Command::CheckConfig { file } => check_config(&file),
         Command::Keygen { out, force } => keygen(&out, force),
-        Command::Pubkey { key } => GatewaySigningKey::load(&key)
+        Command::Pubkey { key } => ferry_keyfile::load_secret_file::<GatewaySigningKey>(&key)
             .map(|k| println!("{}", k.public()))
             .map_err(anyhow::Error::from),
         Command::Apikey {
@@ -98,7 +98,7 @@ fn main() -> ExitCode {
 fn keygen(out: &Path, force: bool) -> anyhow::Result<()> {
     let rng = ring::rand::SystemRandom::new();
     let key = GatewaySigningKey::generate(&rng).context("generating the gateway signing key")?;
-    let public = keys::write_key_pair(out, &key, force)?;
+    let public = ferry_keyfile::write_key_pair(out, &key, force)?;
     println!(
         "gateway signing key written to {} (public key in {})",
         out.display(),

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ferry_core::keys::{self, PeerStaticKey};
-use ferry_core::known_peers::KnownPeers;
 
 /// Ferry peer: an endpoint that talks to another peer through a Ferry relay.
 #[derive(Debug, Parser)]
@@ -65,7 +64,7 @@ fn main() -> anyhow::Result<()> {
         Command::Keygen { out, force } => {
             let rng = ring::rand::SystemRandom::new();
             let key = PeerStaticKey::generate(&rng).context("generating the peer key")?;
-            let public = keys::write_key_pair(&out, &key, force)?;
+            let public = ferry_keyfile::write_key_pair(&out, &key, force)?;
             println!(
                 "peer key written to {} (public key in {})",
                 out.display(),
@@ -73,10 +72,13 @@ fn main() -> anyhow::Result<()> {
             );
             println!("identity: {}", key.public());
         }
-        Command::Pubkey { key } => println!("{}", PeerStaticKey::load(&key)?.public()),
+        Command::Pubkey { key } => {
+            let key: PeerStaticKey = ferry_keyfile::load_secret_file(&key)?;
+            println!("{}", key.public());
+        }
         Command::KnownPeers { file, action } => {
             let mut known =
-                KnownPeers::load(&file).with_context(|| format!("reading {}", file.display()))?;
+                ferry_keyfile::load_known_peers(&file).context("reading the known-peers file")?;
             match action {
                 KnownPeersAction::List => {
                     for (name, key) in known.list() {
@@ -87,9 +89,8 @@ fn main() -> anyhow::Result<()> {
                     if !known.forget(&name) {
                         anyhow::bail!("no peer named {name:?} in {}", file.display());
                     }
-                    known
-                        .save(&file)
-                        .with_context(|| format!("writing {}", file.display()))?;
+                    ferry_keyfile::save_known_peers(&file, &known)
+                        .context("writing the known-peers file")?;
                     println!("forgot {name}");
                 }
             }

@@ -11,10 +11,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ferry_core::keys::{GatewayPublicKey, KeyError, RelayStaticKey};
+use ferry_core::keys::{GatewayPublicKey, RelayStaticKey};
 pub use ferry_core::problems::Problem;
 use ferry_core::problems::join;
 use ferry_core::token::VerifierConfig;
+use ferry_keyfile::KeyFileError;
 
 use crate::limits::IpLimits;
 use crate::session::SessionLimits;
@@ -62,7 +63,7 @@ pub enum ConfigError {
     /// The relay's static key file could not be loaded, and nothing else is wrong (otherwise
     /// its problem is one of [`ConfigError::Invalid`]'s, under `relay.static_key`).
     #[error("relay.static_key: {0}")]
-    Key(#[from] KeyError),
+    Key(#[from] KeyFileError),
     /// A reload changed something that only a restart can apply.
     #[error("these changes need a restart of the relay: {}", .0.join(", "))]
     NeedsRestart(Vec<String>),

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use ferry_core::keys::{self, RelayStaticKey};
+use ferry_core::keys::RelayStaticKey;
 use ferry_core::proof::CookieJar;
 use ferry_core::token::TokenVerifier;
 use ferry_relay::admin::{AdminServer, AdminState};
@@ -69,7 +69,7 @@ fn main() -> ExitCode {
         Command::Run => run(&cli.config),
         Command::CheckConfig { file } => check_config(&file),
         Command::Keygen { out, force } => keygen(&out, force),
-        Command::Pubkey { key } => RelayStaticKey::load(&key)
+        Command::Pubkey { key } => ferry_keyfile::load_secret_file::<RelayStaticKey>(&key)
             .map(|k| println!("{}", k.public()))
             .map_err(anyhow::Error::from),
     };
@@ -85,7 +85,7 @@ fn main() -> ExitCode {
 fn keygen(out: &Path, force: bool) -> anyhow::Result<()> {
     let rng = ring::rand::SystemRandom::new();
     let key = RelayStaticKey::generate(&rng).context("generating the relay key")?;
-    let public = keys::write_key_pair(out, &key, force)?;
+    let public = ferry_keyfile::write_key_pair(out, &key, force)?;
     println!(
         "relay key written to {} (public key in {})",
         out.display(),

@@ -13,7 +13,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ferry_core::proof::SlotKeys;
-use ferry_core::token::TokenSlot;
 use ferry_core::wire::{self, BindFields, MAX_DATAGRAM, Packet, RejectReason, Slot};
 use ferry_peer::udp::UdpPeer;
 use ferry_relay::xdp::frame::Frame;
@@ -145,7 +144,7 @@ fn the_relay_process_serves_peers_and_refuses_everyone_else() {
     stranger
         .send_to(b"GET / HTTP/1.1\r\n\r\n", relay_v4)
         .unwrap();
-    let other = auth.mint(0x3003, TokenSlot::A, 600).unwrap();
+    let other = auth.mint(0x3003, Slot::A, 600).unwrap();
     let reject = bind_exchange(&stranger, relay_v4, 0x1001, &other);
     assert!(
         matches!(reject, Some((Some(RejectReason::WrongSession), _))),
@@ -154,7 +153,7 @@ fn the_relay_process_serves_peers_and_refuses_everyone_else() {
     // A valid BIND captured on the wire and replayed verbatim from elsewhere only earns a
     // CHALLENGE: the cookie inside it belongs to the original sender's address.
     let victim = at(topo.peer_v4(6));
-    let token = auth.mint(0x4004, TokenSlot::A, 600).unwrap();
+    let token = auth.mint(0x4004, Slot::A, 600).unwrap();
     let Some((None, captured)) = bind_exchange(&victim, relay_v4, 0x4004, &token) else {
         panic!("the victim's bind should succeed");
     };
@@ -345,10 +344,7 @@ fn bind_exchange(
     token: &ferry_core::token::MintedToken,
 ) -> Option<(Option<RejectReason>, Vec<u8>)> {
     let keys = SlotKeys::derive(&token.slot_secret);
-    let slot = match token.claims.slot {
-        TokenSlot::A => Slot::A,
-        TokenSlot::B => Slot::B,
-    };
+    let slot = token.claims.slot;
     socket
         .set_read_timeout(Some(Duration::from_secs(2)))
         .unwrap();
@@ -410,7 +406,7 @@ fn spoofed_sources_idle_and_expired_bindings_get_nothing() {
     let before = scrape(&relay);
     let forged = SocketAddrV4::new(topo.peer_v4(8), 4444);
     let dst = SocketAddrV4::new(topo.relay_v4(), PORT);
-    let token = auth.mint(0x6006, TokenSlot::A, 600).unwrap();
+    let token = auth.mint(0x6006, Slot::A, 600).unwrap();
     let keys = SlotKeys::derive(&token.slot_secret);
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let fields = BindFields {
@@ -463,8 +459,8 @@ fn spoofed_sources_idle_and_expired_bindings_get_nothing() {
         topo.peer_v4(4),
         topo.peer_v4(5),
     );
-    let short_a = auth.mint(0x7007, TokenSlot::A, 4).unwrap();
-    let short_b = auth.mint(0x7007, TokenSlot::B, 4).unwrap();
+    let short_a = auth.mint(0x7007, Slot::A, 4).unwrap();
+    let short_b = auth.mint(0x7007, Slot::B, 4).unwrap();
     for (peer, token, slot) in [(&mut c, &short_a, Slot::A), (&mut d, &short_b, Slot::B)] {
         peer.replace_bind_client(ferry_peer::bind::BindClient::new(
             0x7007,

@@ -5,7 +5,8 @@ use std::time::SystemTime;
 use anyhow::Context as _;
 use ferry_core::keys::{GatewayPublicKey, GatewaySigningKey, RelayPublicKey, RelayStaticKey};
 use ferry_core::time::UnixTime;
-use ferry_core::token::{ClaimsInput, MintedToken, TokenMinter, TokenSlot};
+use ferry_core::token::{ClaimsInput, MintedToken, TokenMinter};
+use ferry_core::wire::Slot;
 use ring::rand::SystemRandom;
 
 /// The relay id that tokens from an [`Authority`] are bound to, and that the relay
@@ -52,7 +53,7 @@ impl Authority {
     pub fn mint(
         &self,
         session_id: u64,
-        slot: TokenSlot,
+        slot: Slot,
         lifetime_secs: u64,
     ) -> anyhow::Result<MintedToken> {
         let now = UnixTime::from(SystemTime::now());

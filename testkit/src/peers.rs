@@ -8,7 +8,6 @@ use anyhow::{Context as _, ensure};
 use ferry_core::keys::PeerStaticKey;
 use ferry_core::known_peers::KnownPeers;
 use ferry_core::noise::{LocalIdentity, PeerExpectation, TransportLimits};
-use ferry_core::token::TokenSlot;
 use ferry_core::wire::Slot;
 use ferry_peer::bind::BindClient;
 use ferry_peer::channel::{Channel, ChannelError};
@@ -35,8 +34,8 @@ pub fn peer_pair(
     ]
     .map(|key| LocalIdentity::from_secret_bytes(*key.secret_bytes()));
     let (pub_a, pub_b) = (*id_a.public(), *id_b.public());
-    let token_a = auth.mint(session_id, TokenSlot::A, 600)?;
-    let token_b = auth.mint(session_id, TokenSlot::B, 600)?;
+    let token_a = auth.mint(session_id, Slot::A, 600)?;
+    let token_b = auth.mint(session_id, Slot::B, 600)?;
     let limits = TransportLimits::default();
     let responder = Channel::responder(&id_b, PeerExpectation::Pinned(pub_a), session_id, limits)?;
     let make_a: MakeInitiator = Box::new(move || {

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use ferry_core::keys::{self, GatewayPublicKey, RelayStaticKey};
+use ferry_core::keys::{GatewayPublicKey, RelayStaticKey};
 
 #[cfg(doc)]
 use crate::fixtures::Authority;
@@ -115,7 +115,7 @@ impl RelayProcess {
             .first()
             .context("the config listens nowhere")?;
         let dir = crate::temp_dir("relay")?;
-        keys::write_secret_file(&dir.path().join("relay.key"), relay_key, true)?;
+        ferry_keyfile::write_secret_file(&dir.path().join("relay.key"), relay_key, true)?;
         std::fs::write(dir.path().join("relay.toml"), config.text())?;
         let mut command = match &config.netns {
             Some(ns) => {

@@ -20,7 +20,7 @@ use clap::Parser;
 use ferry_bench::cpu::cpu_ns;
 use ferry_bench::udp::{Batch, pin_to, socket};
 use ferry_core::proof::SlotKeys;
-use ferry_core::token::{MintedToken, TokenSlot};
+use ferry_core::token::MintedToken;
 use ferry_core::wire::{self, BindFields, MAX_DATAGRAM, Packet, Slot};
 use ferry_testkit::fixtures::Authority;
 use ferry_testkit::relay::{RelayConfig, RelayProcess};
@@ -302,7 +302,7 @@ fn run_ferry(cli: &Cli, bin_dir: &Path, size: usize) -> anyhow::Result<Run> {
     let session = u64::from_be_bytes(rand8(&rng)?).max(1);
     let generator = socket("127.0.0.1:0".parse()?)?;
     let sink = socket("127.0.0.1:0".parse()?)?;
-    for (sock, slot) in [(&generator, TokenSlot::A), (&sink, TokenSlot::B)] {
+    for (sock, slot) in [(&generator, Slot::A), (&sink, Slot::B)] {
         bind(sock, listen, &auth.mint(session, slot, 600)?)?;
     }
     let run = measure(
@@ -346,10 +346,7 @@ fn rand8(rng: &dyn ring::rand::SecureRandom) -> anyhow::Result<[u8; 8]> {
 /// BIND, CHALLENGE, BIND, BIND-ACK from `sock`.
 fn bind(sock: &UdpSocket, relay: SocketAddr, token: &MintedToken) -> anyhow::Result<()> {
     let keys = SlotKeys::derive(&token.slot_secret);
-    let slot = match token.claims.slot {
-        TokenSlot::A => Slot::A,
-        TokenSlot::B => Slot::B,
-    };
+    let slot = token.claims.slot;
     sock.set_read_timeout(Some(Duration::from_secs(2)))?;
     let (mut out, mut inbuf) = (vec![0u8; MAX_DATAGRAM], vec![0u8; MAX_DATAGRAM]);
     let mut cookie = [0u8; 16];

@@ -335,8 +335,8 @@ impl Handshake {
         let (first, second) = self.noise.dangerously_get_raw_split();
         let (first, second) = (Zeroizing::new(first), Zeroizing::new(second));
         let (send, recv) = match self.initiator {
-            true => (*first, *second),
-            false => (*second, *first),
+            true => (first, second),
+            false => (second, first),
         };
         Ok(Transport::new(send, recv, remote, now, limits))
     }

@@ -78,8 +78,8 @@ pub struct TransportStats {
 /// A ChaCha20-Poly1305 key used with Noise's nonce layout.
 ///
 /// The AEAD is `ring`'s: on this project's machines it seals a 1200-byte message about four
-/// times faster than the `chacha20poly1305` crate (docs/bench.md). `ring` keeps the expanded
-/// key inside its own type and does not zeroize it on drop; the raw key bytes we handle are
+/// times faster than the `chacha20poly1305` crate (docs/bench.md). `ring` keeps the key
+/// inside its own type and does not zeroize it on drop; the raw key bytes we handle are
 /// wiped (`Zeroizing`) as soon as the `ring` key is built.
 #[derive(Clone)]
 struct CipherKey(LessSafeKey);
@@ -210,8 +210,12 @@ enum EpochSlot {
 
 /// An established end-to-end session: seals and opens TRANSPORT frames.
 ///
-/// Made by [`Handshake::into_transport`](super::Handshake::into_transport). Keys are zeroized
-/// on drop; `Debug` shows epochs and counters only.
+/// Made by [`Handshake::into_transport`](super::Handshake::into_transport). The keys live inside
+/// `ring`'s AEAD key type, which `ring` neither exposes nor zeroizes on drop, so the keys of a
+/// dropped transport (or of an epoch left behind by a rekey) can remain in freed memory. What
+/// this code holds itself is wiped: the raw key bytes from the handshake's split and from every
+/// rekey sit in `Zeroizing` buffers that are cleared as soon as the `ring` key is built (see
+/// `CipherKey`). `Debug` shows epochs and counters only.
 pub struct Transport {
     sender: Sender,
     current: ReceiveEpoch,
@@ -240,21 +244,21 @@ impl fmt::Debug for Transport {
 impl Transport {
     /// A transport from the two split keys, created at `now`. `limits` must be valid.
     pub(crate) fn new(
-        send_key: [u8; 32],
-        recv_key: [u8; 32],
+        send_key: Zeroizing<[u8; 32]>,
+        recv_key: Zeroizing<[u8; 32]>,
         remote: [u8; 32],
         now: Instant,
         limits: TransportLimits,
     ) -> Self {
         Self {
             sender: Sender {
-                key: CipherKey::new(Zeroizing::new(send_key)),
+                key: CipherKey::new(send_key),
                 epoch: 0,
                 counter: 0,
                 key_born: now,
             },
             current: ReceiveEpoch {
-                key: CipherKey::new(Zeroizing::new(recv_key)),
+                key: CipherKey::new(recv_key),
                 epoch: 0,
                 window: ReplayWindow::new(),
             },

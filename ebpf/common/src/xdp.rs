@@ -358,8 +358,9 @@ mod pod {
 
     use super::{CounterValue, GuardConfig, Meter, Rate, SourceKey, SourceState};
 
-    // SAFETY (all five): #[repr(C)], fields are integers or integer arrays laid out without
-    // padding (checked by the size assertions in the tests), so any bytes are a valid value.
+    // SAFETY (all six impls below): #[repr(C)], fields are integers or integer arrays laid out
+    // without padding (checked by the size assertions in the tests), so any bytes are a valid
+    // value.
     unsafe impl aya::Pod for Rate {}
     unsafe impl aya::Pod for Meter {}
     unsafe impl aya::Pod for SourceState {}

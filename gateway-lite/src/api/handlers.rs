@@ -11,7 +11,8 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use ferry_core::keys::PeerPublicKey;
 use ferry_core::time::UnixTime;
-use ferry_core::token::{ClaimsInput, MintedToken, TokenSlot};
+use ferry_core::token::{ClaimsInput, MintedToken};
+use ferry_core::wire::Slot;
 use ring::rand::SecureRandom;
 use serde::Serialize;
 
@@ -74,7 +75,7 @@ impl App {
     fn mint(
         &self,
         live: &Live,
-        slot: TokenSlot,
+        slot: Slot,
         session_id: u64,
         relay: &RelayInfo,
         now: UnixTime,
@@ -100,7 +101,7 @@ impl App {
 
     fn grant(
         &self,
-        slot: TokenSlot,
+        slot: Slot,
         minted: &MintedToken,
         relay: &RelayInfo,
         expected: Option<String>,
@@ -108,8 +109,8 @@ impl App {
         Grant {
             session_id: format!("{:016x}", minted.claims.session_id),
             slot: match slot {
-                TokenSlot::A => "A",
-                TokenSlot::B => "B",
+                Slot::A => "A",
+                Slot::B => "B",
             },
             token: base64::engine::general_purpose::STANDARD.encode(minted.bytes),
             slot_secret: minted.slot_secret.to_base64().to_string(),
@@ -172,7 +173,7 @@ pub(super) async fn create_session(
         expected_joiner_public_key: expected.map(|k| k.to_string()),
         joined_by: None,
     };
-    let minted = app.mint(live, TokenSlot::A, session_id, &relay, now)?;
+    let minted = app.mint(live, Slot::A, session_id, &relay, now)?;
     app.state
         .create_session(&record, JoinCodeHash::of(&code), now)
         .await
@@ -194,12 +195,7 @@ pub(super) async fn create_session(
         join_code_expires_at = join_expires_at,
         expects_peer = record.expected_joiner_public_key.is_some(),
     );
-    let mut grant = app.grant(
-        TokenSlot::A,
-        &minted,
-        &relay,
-        record.expected_joiner_public_key,
-    );
+    let mut grant = app.grant(Slot::A, &minted, &relay, record.expected_joiner_public_key);
     grant.join_code = Some(code);
     grant.join_code_expires_at = Some(join_expires_at);
     Ok((StatusCode::CREATED, axum::Json(grant)))
@@ -256,7 +252,7 @@ pub(super) async fn join_session(
     else {
         return Err(refuse("used_concurrently"));
     };
-    let minted = app.mint(&client.live, TokenSlot::B, record.session_id, &relay, now)?;
+    let minted = app.mint(&client.live, Slot::B, record.session_id, &relay, now)?;
     app.metrics.sessions_joined.inc();
     tracing::info!(
         target: AUDIT,
@@ -272,7 +268,7 @@ pub(super) async fn join_session(
         token_expires_at = minted.claims.expires.as_secs(),
     );
     Ok(axum::Json(app.grant(
-        TokenSlot::B,
+        Slot::B,
         &minted,
         &relay,
         record.creator_public_key,

@@ -1,7 +1,7 @@
 use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 
-use ferry_core::keys::{self, RelayStaticKey};
+use ferry_core::keys::RelayStaticKey;
 use ring::rand::SystemRandom;
 
 use super::*;
@@ -36,7 +36,7 @@ impl Dir {
         let rng = SystemRandom::new();
         for file in ["gateway-1.key", "gateway-2.key"] {
             let key = GatewaySigningKey::generate(&rng).unwrap();
-            keys::write_secret_file(&dir.join(file), &key, false).unwrap();
+            ferry_keyfile::write_secret_file(&dir.join(file), &key, false).unwrap();
         }
         let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
         write_file(&dir.join("tls.crt"), &cert.cert.pem(), 0o644);

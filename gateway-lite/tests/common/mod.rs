@@ -118,7 +118,10 @@ impl Setup {
         for kid in [1u32, 2] {
             let path = dir.path().join(format!("gateway-{kid}.key"));
             run_cli(&["keygen", "--out", path.to_str().unwrap()]);
-            signing.push((kid, GatewaySigningKey::load(&path).unwrap()));
+            signing.push((
+                kid,
+                ferry_keyfile::load_secret_file::<GatewaySigningKey>(&path).unwrap(),
+            ));
         }
         let admin = run_cli(&["apikey", "new", "--admin"]);
         let admin_token = admin.lines().nth(1).unwrap().trim().to_string();

@@ -1,4 +1,4 @@
-use ferry_core::keys::{self, GatewaySigningKey};
+use ferry_core::keys::GatewaySigningKey;
 use ring::rand::SystemRandom;
 use std::os::unix::fs::PermissionsExt;
 
@@ -24,7 +24,7 @@ impl Dir {
         std::fs::create_dir_all(&dir).unwrap();
         let rng = SystemRandom::new();
         let key = RelayStaticKey::generate(&rng).unwrap();
-        keys::write_secret_file(&dir.join("relay.key"), &key, false).unwrap();
+        ferry_keyfile::write_secret_file(&dir.join("relay.key"), &key, false).unwrap();
         Self(dir)
     }
 

@@ -44,7 +44,7 @@ pub fn parse_str(text: &str, path: &Path, base_dir: &Path) -> Result<RelayConfig
     // The key is loaded even when other fields are wrong, so that check-config lists its
     // problem (e.g. the chmod that fixes it) with theirs; alone, it is `ConfigError::Key`.
     let static_key_path = base_dir.join(&file.relay.static_key);
-    let static_key = RelayStaticKey::load(&static_key_path);
+    let static_key = ferry_keyfile::load_secret_file::<RelayStaticKey>(&static_key_path);
     if !check.problems.is_empty() {
         if let Err(e) = &static_key {
             check.fail("relay.static_key", e.to_string());

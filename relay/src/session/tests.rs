@@ -2,9 +2,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ferry_core::keys::{GatewaySigningKey, RelayPublicKey, RelayStaticKey};
 use ferry_core::proof::CookieJar;
-use ferry_core::token::{
-    ClaimsInput, MintedToken, TokenMinter, TokenSlot, TokenVerifier, VerifierConfig,
-};
+use ferry_core::token::{ClaimsInput, MintedToken, TokenMinter, TokenVerifier, VerifierConfig};
 use ferry_core::wire::{BindFields, CloseFields, MAX_DATAGRAM, Packet, RebindFields};
 use ring::rand::SystemRandom;
 
@@ -58,7 +56,7 @@ impl Fixture {
         }
     }
 
-    fn mint(&self, sid: u64, slot: TokenSlot) -> MintedToken {
+    fn mint(&self, sid: u64, slot: Slot) -> MintedToken {
         let input = ClaimsInput {
             slot,
             relay_id: RELAY_ID,
@@ -175,8 +173,8 @@ impl Fixture {
 
     /// Both slots of session `SID` bound, at `a` and `b`.
     fn bound_pair(&mut self, a: SocketAddr, b: SocketAddr) -> (MintedToken, MintedToken) {
-        let ta = self.mint(SID, TokenSlot::A);
-        let tb = self.mint(SID, TokenSlot::B);
+        let ta = self.mint(SID, Slot::A);
+        let tb = self.mint(SID, Slot::B);
         let outcome = self.bind(a, &ta, Slot::A, 10);
         assert!(!self.expect_ack(outcome), "B is not bound yet");
         let outcome = self.bind(b, &tb, Slot::B, 10);
@@ -216,7 +214,7 @@ fn ipv6_peers_bind_and_forward() {
 #[test]
 fn a_challenge_is_smaller_than_the_bind_that_caused_it() {
     let mut f = Fixture::new(SessionLimits::default());
-    let token = f.mint(SID, TokenSlot::A);
+    let token = f.mint(SID, Slot::A);
     let bind = f.bind_packet(&token, Slot::A, 1, [0; 16]);
     let Outcome::Reply { len, .. } = f.send(v4(1, 1), &bind) else {
         panic!("expected a CHALLENGE");
@@ -231,7 +229,7 @@ fn data_from_strangers_and_half_bound_sessions_is_dropped() {
     let (a, mallory) = (v4(1, 1000), v4(66, 6666));
     let data = f.data(SID);
     assert_eq!(f.send(a, &data), Outcome::Drop(DropReason::DataUnbound));
-    let ta = f.mint(SID, TokenSlot::A);
+    let ta = f.mint(SID, Slot::A);
     let outcome = f.bind(a, &ta, Slot::A, 1);
     f.expect_ack(outcome);
     assert_eq!(
@@ -239,7 +237,7 @@ fn data_from_strangers_and_half_bound_sessions_is_dropped() {
         Outcome::Drop(DropReason::DataUnbound),
         "B not bound"
     );
-    let outcome = f.bind(v4(2, 2000), &f.mint(SID, TokenSlot::B), Slot::B, 1);
+    let outcome = f.bind(v4(2, 2000), &f.mint(SID, Slot::B), Slot::B, 1);
     f.expect_ack(outcome);
     assert_eq!(
         f.send(mallory, &data),
@@ -253,7 +251,7 @@ fn data_from_strangers_and_half_bound_sessions_is_dropped() {
 fn a_stolen_token_without_the_slot_secret_is_rejected() {
     let mut f = Fixture::new(SessionLimits::default());
     let mallory = v4(66, 6666);
-    let token = f.mint(SID, TokenSlot::A);
+    let token = f.mint(SID, Slot::A);
     let cookie = f.cookie_for(mallory, &token, Slot::A);
     let fields = BindFields {
         slot: Slot::A,
@@ -272,7 +270,7 @@ fn a_stolen_token_without_the_slot_secret_is_rejected() {
 fn a_replayed_bind_from_another_address_gets_only_a_challenge() {
     let mut f = Fixture::new(SessionLimits::default());
     let (a, mallory) = (v4(1, 1000), v4(66, 6666));
-    let token = f.mint(SID, TokenSlot::A);
+    let token = f.mint(SID, Slot::A);
     let cookie = f.cookie_for(a, &token, Slot::A);
     let bind = f.bind_packet(&token, Slot::A, 7, cookie);
     let outcome = f.send(a, &bind);
@@ -289,7 +287,7 @@ fn a_replayed_bind_from_another_address_gets_only_a_challenge() {
 #[test]
 fn the_same_token_from_another_place_is_a_replay() {
     let mut f = Fixture::new(SessionLimits::default());
-    let token = f.mint(SID, TokenSlot::A);
+    let token = f.mint(SID, Slot::A);
     let outcome = f.bind(v4(1, 1000), &token, Slot::A, 7);
     f.expect_ack(outcome);
     // Whoever holds the secret must use REBIND to move; a second BIND is refused.
@@ -303,8 +301,8 @@ fn the_same_token_from_another_place_is_a_replay() {
 #[test]
 fn a_slot_held_by_another_token_is_full() {
     let mut f = Fixture::new(SessionLimits::default());
-    let first = f.mint(SID, TokenSlot::A);
-    let second = f.mint(SID, TokenSlot::A);
+    let first = f.mint(SID, Slot::A);
+    let second = f.mint(SID, Slot::A);
     let outcome = f.bind(v4(1, 1000), &first, Slot::A, 1);
     f.expect_ack(outcome);
     let outcome = f.bind(v4(2, 2000), &second, Slot::A, 1);
@@ -319,15 +317,15 @@ fn bad_tokens_are_rejected_with_their_reason() {
     let mut f = Fixture::new(SessionLimits::default());
     let a = v4(1, 1000);
     // A token for slot B presented in a BIND for slot A.
-    let token_b = f.mint(SID, TokenSlot::B);
+    let token_b = f.mint(SID, Slot::B);
     let outcome = f.bind(a, &token_b, Slot::A, 1);
     assert_eq!(
         f.expect_reject(outcome),
         (RejectReason::WrongSession, false)
     );
     // A token for another session presented under SID: rebuild the BIND under SID.
-    let other = f.mint(SID + 1, TokenSlot::A);
-    let cookie = f.cookie_for(a, &f.mint(SID, TokenSlot::A), Slot::A);
+    let other = f.mint(SID + 1, Slot::A);
+    let cookie = f.cookie_for(a, &f.mint(SID, Slot::A), Slot::A);
     let keys = SlotKeys::derive(&other.slot_secret);
     let fields = BindFields {
         slot: Slot::A,
@@ -343,7 +341,7 @@ fn bad_tokens_are_rejected_with_their_reason() {
         (RejectReason::WrongSession, false)
     );
     // An expired token.
-    let token = f.mint(SID, TokenSlot::A);
+    let token = f.mint(SID, Slot::A);
     let cookie = f.cookie_for(a, &token, Slot::A);
     let bind = f.bind_packet(&token, Slot::A, 3, cookie);
     let late = T0.saturating_add(600 + 31);
@@ -406,7 +404,7 @@ fn rebind_moves_the_slot_only_with_proof() {
 fn rebind_of_an_unknown_session_is_rejected() {
     let mut f = Fixture::new(SessionLimits::default());
     let from = v4(3, 3000);
-    let token = f.mint(SID, TokenSlot::A);
+    let token = f.mint(SID, Slot::A);
     let cookie = f.cookie_for(from, &token, Slot::A);
     let fields = RebindFields {
         slot: Slot::A,
@@ -512,12 +510,12 @@ fn the_session_cap_sheds_new_sessions() {
         ..SessionLimits::default()
     };
     let mut f = Fixture::new(limits);
-    let outcome = f.bind(v4(1, 1), &f.mint(SID, TokenSlot::A), Slot::A, 1);
+    let outcome = f.bind(v4(1, 1), &f.mint(SID, Slot::A), Slot::A, 1);
     f.expect_ack(outcome);
-    let outcome = f.bind(v4(2, 2), &f.mint(SID + 1, TokenSlot::A), Slot::A, 1);
+    let outcome = f.bind(v4(2, 2), &f.mint(SID + 1, Slot::A), Slot::A, 1);
     assert_eq!(f.expect_reject(outcome), (RejectReason::Overloaded, true));
     // The other slot of an existing session is not a new session.
-    let outcome = f.bind(v4(3, 3), &f.mint(SID, TokenSlot::B), Slot::B, 1);
+    let outcome = f.bind(v4(3, 3), &f.mint(SID, Slot::B), Slot::B, 1);
     f.expect_ack(outcome);
 }
 
@@ -618,7 +616,7 @@ fn binds_over_the_per_ip_rate_are_dropped_after_the_cookie() {
     };
     f.ips = IpTable::new(ips);
     let a = v4(1, 1000);
-    let token = f.mint(SID, TokenSlot::A);
+    let token = f.mint(SID, Slot::A);
     // Cookie-less BINDs are answered with CHALLENGEs and not charged to the IP.
     for _ in 0..5 {
         f.cookie_for(a, &token, Slot::A);
@@ -642,11 +640,11 @@ fn an_ip_may_hold_only_so_many_slots() {
     };
     f.ips = IpTable::new(ips);
     for (k, port) in [1000u16, 1001].into_iter().enumerate() {
-        let token = f.mint(SID + k as u64, TokenSlot::A);
+        let token = f.mint(SID + k as u64, Slot::A);
         let outcome = f.bind(v4(1, port), &token, Slot::A, 1);
         f.expect_ack(outcome);
     }
-    let third = f.mint(SID + 2, TokenSlot::A);
+    let third = f.mint(SID + 2, Slot::A);
     let outcome = f.bind(v4(1, 1002), &third, Slot::A, 1);
     assert_eq!(f.expect_reject(outcome), (RejectReason::Overloaded, true));
     // Another IP is not affected, and reaping gives the slots back.
@@ -664,7 +662,7 @@ fn removing_a_gateway_key_refuses_its_new_tokens_but_keeps_bound_sessions() {
     let (a, b) = (v4(1, 1000), v4(2, 2000));
     f.bound_pair(a, b);
     f.verifier.remove_trusted_key(3);
-    let token = f.mint(SID + 1, TokenSlot::A);
+    let token = f.mint(SID + 1, Slot::A);
     let outcome = f.bind(v4(3, 3000), &token, Slot::A, 1);
     assert_eq!(
         f.expect_reject(outcome),
@@ -694,8 +692,8 @@ fn rebind(f: &mut Fixture, from: SocketAddr, token: &MintedToken, slot: Slot, se
 fn one_address_may_not_hold_both_slots_of_a_session() {
     let mut f = Fixture::new(SessionLimits::default());
     let (a, b) = (v4(1, 1000), v4(2, 2000));
-    let ta = f.mint(SID, TokenSlot::A);
-    let tb = f.mint(SID, TokenSlot::B);
+    let ta = f.mint(SID, Slot::A);
+    let tb = f.mint(SID, Slot::B);
     let outcome = f.bind(a, &ta, Slot::A, 1);
     f.expect_ack(outcome);
     // B's BIND from A's address (ip and port) is refused, authenticated with B's keys.
@@ -746,13 +744,13 @@ fn ipv6_sources_in_one_prefix_share_one_bind_budget_and_one_binding_count() {
     };
     // Two hosts of 2001:db8:0:1::/64 bind a slot each: both slots count for the /64.
     for host in [1, 2] {
-        let token = f.mint(SID + u64::from(host), TokenSlot::A);
+        let token = f.mint(SID + u64::from(host), Slot::A);
         let outcome = f.bind(v6(1, host), &token, Slot::A, 1);
         f.expect_ack(outcome);
     }
     assert_eq!(f.ips.bindings(v6(1, 0xffff).ip()), 2);
     // A third host of it is over the /64's binding count...
-    let token = f.mint(SID + 3, TokenSlot::A);
+    let token = f.mint(SID + 3, Slot::A);
     let outcome = f.bind(v6(1, 3), &token, Slot::A, 1);
     assert_eq!(f.expect_reject(outcome), (RejectReason::Overloaded, true));
     // ...and that was the third attempt of the /64's burst: a fourth host is over its rate.
@@ -784,7 +782,7 @@ fn sessions_opened_and_forgotten_are_queued_as_events_in_order() {
     };
     let n = wire::encode_close(&mut buf, SID, &fields, |m| keys.peer.mac(m)).unwrap();
     f.send(a, &buf[..n]);
-    let token = f.mint(SID + 1, TokenSlot::A);
+    let token = f.mint(SID + 1, Slot::A);
     let outcome = f.bind(a, &token, Slot::A, 1);
     f.expect_ack(outcome);
     f.reap(f.now + Duration::from_secs(3600), T0);

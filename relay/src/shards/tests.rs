@@ -4,7 +4,7 @@ use std::sync::{OnceLock, Weak};
 
 use ferry_core::keys::{GatewaySigningKey, RelayStaticKey};
 use ferry_core::proof::SlotKeys;
-use ferry_core::token::{ClaimsInput, MintedToken, TokenMinter, TokenSlot, VerifierConfig};
+use ferry_core::token::{ClaimsInput, MintedToken, TokenMinter, VerifierConfig};
 use ferry_core::wire::{self, BindFields, MAX_DATAGRAM, Packet, Slot};
 use ring::rand::SystemRandom;
 
@@ -45,7 +45,7 @@ impl Relay {
         }
     }
 
-    fn mint(&self, minter: &TokenMinter, sid: u64, slot: TokenSlot) -> MintedToken {
+    fn mint(&self, minter: &TokenMinter, sid: u64, slot: Slot) -> MintedToken {
         let input = ClaimsInput {
             slot,
             relay_id: 5,
@@ -133,8 +133,8 @@ impl Relay {
 fn sessions_in_different_shards_forward_and_counters_sum_up() {
     let mut r = Relay::new(SessionLimits::default());
     for (k, sid) in [7u64, 8, 7 + SHARDS as u64].into_iter().enumerate() {
-        let a = r.mint(&r.minter, sid, TokenSlot::A);
-        let b = r.mint(&r.minter, sid, TokenSlot::B);
+        let a = r.mint(&r.minter, sid, Slot::A);
+        let b = r.mint(&r.minter, sid, Slot::B);
         let (pa, pb) = (addr(10 + 2 * k as u8), addr(11 + 2 * k as u8));
         assert!(matches!(r.bind(pa, &a, Slot::A), Packet::BindAck(_)));
         assert!(matches!(r.bind(pb, &b, Slot::B), Packet::BindAck(_)));
@@ -164,7 +164,7 @@ fn sessions_in_different_shards_forward_and_counters_sum_up() {
 #[test]
 fn reload_swaps_trusted_keys_in_every_shard_without_dropping_sessions() {
     let mut r = Relay::new(SessionLimits::default());
-    let a = r.mint(&r.minter, 3, TokenSlot::A);
+    let a = r.mint(&r.minter, 3, Slot::A);
     assert!(matches!(r.bind(addr(1), &a, Slot::A), Packet::BindAck(_)));
     // Rotate: trust only a new gateway key.
     let rotated = TokenMinter::new(2, GatewaySigningKey::generate(&r.rng).unwrap());
@@ -172,9 +172,9 @@ fn reload_swaps_trusted_keys_in_every_shard_without_dropping_sessions() {
     r.sessions
         .reload(r.now, SessionLimits::default(), IpLimits::default(), &keys);
     for sid in [4u64, 5] {
-        let old = r.mint(&r.minter, sid, TokenSlot::A);
+        let old = r.mint(&r.minter, sid, Slot::A);
         assert!(matches!(r.bind(addr(2), &old, Slot::A), Packet::Reject(_)));
-        let new = r.mint(&rotated, sid, TokenSlot::A);
+        let new = r.mint(&rotated, sid, Slot::A);
         assert!(matches!(r.bind(addr(3), &new, Slot::A), Packet::BindAck(_)));
     }
     assert_eq!(
@@ -193,12 +193,12 @@ fn the_session_cap_is_shared_out_over_the_shards() {
         ..SessionLimits::default()
     };
     let mut r = Relay::new(limits);
-    let first = r.mint(&r.minter, 1, TokenSlot::A);
+    let first = r.mint(&r.minter, 1, Slot::A);
     assert!(matches!(
         r.bind(addr(1), &first, Slot::A),
         Packet::BindAck(_)
     ));
-    let same_shard = r.mint(&r.minter, 1 + SHARDS as u64, TokenSlot::A);
+    let same_shard = r.mint(&r.minter, 1 + SHARDS as u64, Slot::A);
     assert!(matches!(
         r.bind(addr(2), &same_shard, Slot::A),
         Packet::Reject(_)
@@ -223,7 +223,7 @@ fn tokens_and_proofs_are_verified_without_the_shard_lock() {
     let mut r = Relay::new(SessionLimits::default());
     let sid = 0x77;
     let from = addr(1);
-    let token = r.mint(&r.minter, sid, TokenSlot::A);
+    let token = r.mint(&r.minter, sid, Slot::A);
     let keys = SlotKeys::derive(&token.slot_secret);
     let cookie = r.cookie(from, &token, Slot::A);
     let (now, sessions) = (r.now, &r.sessions);
@@ -231,7 +231,7 @@ fn tokens_and_proofs_are_verified_without_the_shard_lock() {
     // A token from a gateway the relay does not trust: verified, refused and counted while
     // another worker holds the session's shard.
     let stranger = TokenMinter::new(1, GatewaySigningKey::generate(&r.rng).unwrap());
-    let forged = r.mint(&stranger, sid, TokenSlot::A);
+    let forged = r.mint(&stranger, sid, Slot::A);
     let bind = Relay::bind_packet(&forged, Slot::A, 2, cookie, &keys);
     let reply = with_shard_locked(sessions, sid, || {
         let mut reply = vec![0; MAX_DATAGRAM];
@@ -247,7 +247,7 @@ fn tokens_and_proofs_are_verified_without_the_shard_lock() {
     };
     assert_eq!(reject.reason(), wire::RejectReason::TokenInvalid);
     // A good token with a wrong proof: the same.
-    let wrong = SlotKeys::derive(&r.mint(&r.minter, sid, TokenSlot::A).slot_secret);
+    let wrong = SlotKeys::derive(&r.mint(&r.minter, sid, Slot::A).slot_secret);
     let bind = Relay::bind_packet(&token, Slot::A, 2, cookie, &wrong);
     let outcome = with_shard_locked(sessions, sid, || {
         sessions.handle(now, T0, from, &bind, &mut vec![0; MAX_DATAGRAM])
@@ -305,7 +305,7 @@ fn events_reach_the_observer_outside_the_shard_lock_and_opened_before_the_ack() 
     let sessions = Arc::new(sessions.with_observer(Arc::clone(&recorder) as _));
     recorder.sessions.set(Arc::downgrade(&sessions)).unwrap();
     let (sid, from) = (0x99, addr(1));
-    let token = r.mint(&r.minter, sid, TokenSlot::A);
+    let token = r.mint(&r.minter, sid, Slot::A);
     let keys = SlotKeys::derive(&token.slot_secret);
     let probe = Relay::bind_packet(&token, Slot::A, 1, [0; 16], &keys);
     let Outcome::Reply { len, .. } = sessions.handle(r.now, T0, from, &probe, &mut r.reply) else {

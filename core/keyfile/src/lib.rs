@@ -1,0 +1,24 @@
+//! `ferry-keyfile`: the files behind Ferry's keys and trusted peers, on a Unix file system.
+//!
+//! `ferry-core` parses and formats key text and known-peers text but never touches the file
+//! system (as rustls keeps PEM files out of its core); this crate is the IO around it, shared by
+//! the relay, the gateway, the peer and the bench:
+//!
+//! - key files ([`load_secret_file`], [`load_public_file`], [`write_secret_file`],
+//!   [`write_public_file`], [`write_key_pair`]): secret key files are created with mode 0600,
+//!   and a secret key file that the group or others may access is refused with the `chmod`
+//!   that fixes it. The format is described in [`ferry_core::keys`].
+//! - the peer's known-peers file for trust on first use ([`load_known_peers`],
+//!   [`save_known_peers`]): a missing file is an empty store, and saving writes a private
+//!   temporary file and renames it over the old one, so a crash never leaves half a file. The
+//!   format is described in [`ferry_core::known_peers`].
+#![forbid(unsafe_code)]
+
+mod keys;
+mod known_peers;
+
+pub use keys::{
+    KeyFileError, load_public_file, load_secret_file, write_key_pair, write_public_file,
+    write_secret_file,
+};
+pub use known_peers::{KnownPeersFileError, load_known_peers, save_known_peers};
