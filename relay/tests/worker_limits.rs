@@ -18,7 +18,7 @@ use ferry_core::wire::{MAX_DATA_BODY, MAX_DATAGRAM, encode_data};
 use ferry_relay::exporter;
 use ferry_relay::limits::IpLimits;
 use ferry_relay::session::{DropReason, Outcome, SessionLimits};
-use ferry_relay::shards::Sessions;
+use ferry_relay::shards::{Sessions, SessionsHandler};
 use ferry_relay::uring::recv_payload_room;
 use ferry_relay::worker::{
     PacketHandler, RECV_BUF_SIZE, WorkerConfig, WorkerError, WorkerReport, WorkerStats, run_worker,
@@ -97,24 +97,6 @@ fn free_listen(ip: &str) -> SocketAddr {
         .unwrap()
 }
 
-/// The relay's own handler: the session table.
-struct SessionsHandler(Arc<Sessions>);
-
-impl PacketHandler for SessionsHandler {
-    fn handle(
-        &mut self,
-        now: Instant,
-        wall: UnixTime,
-        from: SocketAddr,
-        datagram: &[u8],
-        reply: &mut [u8],
-    ) -> Outcome {
-        self.0.handle(now, wall, from, datagram, reply)
-    }
-
-    fn tick(&mut self, _now: Instant, _wall: UnixTime) {}
-}
-
 fn sessions() -> Sessions {
     let rng = ring::rand::SystemRandom::new();
     let verifier = TokenVerifier::new(
@@ -150,7 +132,10 @@ fn sample(page: &str, series: &str) -> u64 {
 fn oversized_datagrams_are_malformed_too_long(ip: &str) {
     let listen = free_listen(ip);
     let sessions = Arc::new(sessions());
-    let Some(worker) = start(listen, SessionsHandler(Arc::clone(&sessions))) else {
+    let Some(worker) = start(
+        listen,
+        SessionsHandler::new(Arc::clone(&sessions), 0, Instant::now()),
+    ) else {
         return;
     };
     let room = recv_payload_room(RECV_BUF_SIZE);
