@@ -1,17 +1,26 @@
 //! The JSON bodies of the API: what clients send and what they get back.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// An optional string field: absent is `None`, a string is `Some`, and `null` (or anything
+/// else) is refused, so that the body is exactly what docs/gateway-openapi.yaml allows.
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    String::deserialize(d).map(Some)
+}
 
 /// `POST /v1/sessions`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSession {
     /// The realm; `default` if absent. The key needs `create:<realm>`.
+    #[serde(default, deserialize_with = "present")]
     pub realm: Option<String>,
     /// The creator's Noise static key, base64: handed to the joiner to pin.
+    #[serde(default, deserialize_with = "present")]
     pub peer_public_key: Option<String>,
     /// The joiner's Noise static key, base64, if the creator knows it: the join is refused
     /// to anyone who claims another.
+    #[serde(default, deserialize_with = "present")]
     pub expected_peer_public_key: Option<String>,
 }
 
@@ -22,6 +31,7 @@ pub struct JoinSession {
     /// The code the creator got.
     pub join_code: String,
     /// The joiner's Noise static key, base64 (required if the creator expects one).
+    #[serde(default, deserialize_with = "present")]
     pub peer_public_key: Option<String>,
 }
 
@@ -87,4 +97,31 @@ pub struct Grant {
     /// Create only: until when the join code works, Unix seconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub join_code_expires_at: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn optional_fields_may_be_absent_but_not_null() {
+        let c: CreateSession = serde_json::from_str("{}").unwrap();
+        assert!(c.realm.is_none() && c.peer_public_key.is_none());
+        let c: CreateSession = serde_json::from_str(r#"{"realm": "a"}"#).unwrap();
+        assert_eq!(c.realm.as_deref(), Some("a"));
+        for field in ["realm", "peer_public_key", "expected_peer_public_key"] {
+            let body = format!("{{\"{field}\": null}}");
+            assert!(
+                serde_json::from_str::<CreateSession>(&body).is_err(),
+                "{body}"
+            );
+        }
+        let j: JoinSession = serde_json::from_str(r#"{"join_code": "x"}"#).unwrap();
+        assert!(j.peer_public_key.is_none());
+        assert!(
+            serde_json::from_str::<JoinSession>(r#"{"join_code": "x", "peer_public_key": null}"#)
+                .is_err()
+        );
+        assert!(serde_json::from_str::<JoinSession>(r#"{"join_code": null}"#).is_err());
+    }
 }
