@@ -1,11 +1,12 @@
 //! docs/gateway-openapi.yaml and the gateway's routes stay in step: every route the routers
-//! serve is in the file with its method, every operation in the file is served, and the real
-//! binary answers each of them (never with 404).
+//! serve is in the file with its method, every operation in the file is served, each path's
+//! `servers` names exactly the listeners that serve it, and the real binary answers each of
+//! them (never with 404).
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use common::*;
 
@@ -47,6 +48,36 @@ fn documented() -> BTreeSet<(String, String)> {
     out
 }
 
+/// The listeners each path's own `servers` line names, by the URLs of the top-level
+/// `servers` (the public listener is the `https` one, the admin listener the `http` one).
+fn documented_servers() -> BTreeMap<String, BTreeSet<&'static str>> {
+    let text = include_str!("../../docs/gateway-openapi.yaml");
+    let mut out = BTreeMap::new();
+    let mut path = None;
+    for line in text.lines() {
+        if line.starts_with("  /") {
+            path = Some(line.trim().trim_end_matches(':').to_string());
+        } else if let Some(servers) = line.strip_prefix("    servers: ") {
+            let mut listeners = BTreeSet::new();
+            if servers.contains("\"https://gateway.example.net:8443\"") {
+                listeners.insert("public");
+            }
+            if servers.contains("\"http://127.0.0.1:9478\"") {
+                listeners.insert("admin");
+            }
+            let path = path.clone().unwrap();
+            assert!(
+                !listeners.is_empty(),
+                "{path}: no known server in {servers}"
+            );
+            assert!(out.insert(path.clone(), listeners).is_none(), "{path}");
+        } else if !line.starts_with(' ') && !line.is_empty() && line != "paths:" {
+            path = None;
+        }
+    }
+    out
+}
+
 fn served() -> BTreeSet<(String, String)> {
     ferry_gateway::api::public_routes()
         .into_iter()
@@ -67,6 +98,23 @@ fn every_route_is_documented_and_every_documented_route_is_served() {
         "routes missing from docs/gateway-openapi.yaml: {missing:?}"
     );
     assert!(extra.is_empty(), "documented but not served: {extra:?}");
+}
+
+#[test]
+fn every_path_names_the_listeners_that_serve_it() {
+    let mut expected: BTreeMap<String, BTreeSet<&'static str>> = BTreeMap::new();
+    for (listener, routes) in [
+        ("public", ferry_gateway::api::public_routes()),
+        ("admin", ferry_gateway::api::admin_routes()),
+    ] {
+        for (_, path, _) in routes {
+            expected
+                .entry(path.to_string())
+                .or_default()
+                .insert(listener);
+        }
+    }
+    assert_eq!(documented_servers(), expected);
 }
 
 #[test]
