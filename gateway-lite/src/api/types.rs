@@ -8,6 +8,41 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> 
     String::deserialize(d).map(Some)
 }
 
+/// A non-negative integer field as JSON Schema's `integer` has it: any JSON number without a
+/// fractional part, so `7`, `7.0` and `7e0` alike. A number written with a fraction or an
+/// exponent is read as a 64-bit float first, so above 2^53 it is taken as the nearest float.
+fn integer<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    struct Integer;
+
+    impl serde::de::Visitor<'_> for Integer {
+        type Value = u64;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a non-negative integer")
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<u64, E> {
+            Ok(v)
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<u64, E> {
+            u64::try_from(v).map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+        }
+
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<u64, E> {
+            // 2^64, exactly representable: every float below it and >= 0 fits a u64.
+            const LIMIT: f64 = 18_446_744_073_709_551_616.0;
+            if v.fract() == 0.0 && (0.0..LIMIT).contains(&v) {
+                Ok(v as u64)
+            } else {
+                Err(E::invalid_value(serde::de::Unexpected::Float(v), &self))
+            }
+        }
+    }
+
+    d.deserialize_any(Integer)
+}
+
 /// `POST /v1/sessions`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -40,14 +75,17 @@ pub struct JoinSession {
 #[serde(deny_unknown_fields)]
 pub struct Heartbeat {
     /// The relay id; the key needs `relay:<id>`.
+    #[serde(deserialize_with = "integer")]
     pub relay_id: u64,
     /// Its public UDP address.
     pub address: String,
     /// Its X25519 public key, base64.
     pub public_key: String,
     /// Sessions it holds.
+    #[serde(deserialize_with = "integer")]
     pub sessions: u64,
     /// Sessions it can hold (at least 1).
+    #[serde(deserialize_with = "integer")]
     pub capacity: u64,
 }
 
@@ -123,5 +161,33 @@ mod tests {
                 .is_err()
         );
         assert!(serde_json::from_str::<JoinSession>(r#"{"join_code": null}"#).is_err());
+    }
+
+    #[test]
+    fn heartbeat_integers_are_json_schema_integers() {
+        let parse = |n: &str| {
+            let body = format!(
+                r#"{{"relay_id": 1, "address": "a", "public_key": "k", "sessions": {n}, "capacity": 1}}"#
+            );
+            serde_json::from_str::<Heartbeat>(&body).map(|h| h.sessions)
+        };
+        assert_eq!(parse("7").unwrap(), 7);
+        assert_eq!(parse("7.0").unwrap(), 7);
+        assert_eq!(parse("7e0").unwrap(), 7);
+        assert_eq!(parse("0.0").unwrap(), 0);
+        assert_eq!(parse("-0.0").unwrap(), 0);
+        assert_eq!(parse("18446744073709551615").unwrap(), u64::MAX);
+        for bad in [
+            "7.5",
+            "-1",
+            "-1.0",
+            "1e20",
+            "18446744073709551616",
+            "\"7\"",
+            "null",
+            "true",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
     }
 }
