@@ -133,6 +133,31 @@ fn every_api_doc_route_is_in_the_openapi_file() {
     assert_eq!(named, documented());
 }
 
+#[test]
+fn the_error_codes_of_the_api_doc_and_the_openapi_file_are_the_same() {
+    // gateway-api.md: the rows of the error table, `| <status> | `<code>` | … |`.
+    let doc = include_str!("../../docs/gateway-api.md");
+    let in_doc: BTreeSet<String> = doc
+        .lines()
+        .filter_map(|l| l.strip_prefix("| "))
+        .filter(|l| l.starts_with(|c: char| c.is_ascii_digit()))
+        .filter_map(|l| l.split('`').nth(1))
+        .map(str::to_string)
+        .collect();
+    // gateway-openapi.yaml: the enum of the Error schema, one `- <code>` line each.
+    let text = include_str!("../../docs/gateway-openapi.yaml");
+    let start = text.find("\n    Error:\n").unwrap();
+    let in_openapi: BTreeSet<String> = text[start..]
+        .lines()
+        .skip_while(|l| l.trim() != "enum:")
+        .skip(1)
+        .take_while(|l| l.trim_start().starts_with("- "))
+        .map(|l| l.trim_start().trim_start_matches("- ").to_string())
+        .collect();
+    assert!(in_doc.len() >= 14, "{in_doc:?}");
+    assert_eq!(in_doc, in_openapi);
+}
+
 #[tokio::test]
 async fn the_binary_serves_every_route_it_documents() {
     let setup = Setup::new("openapi");
