@@ -111,8 +111,10 @@ pub fn admin_router(app: Shared) -> Router {
     build(app, admin_routes(), Listener::Admin)
 }
 
-/// Around every request: the per-IP limit (public `/v1` routes), the request timeout, and the
-/// request counter.
+/// Around every request: the per-IP limit (public `/v1` routes), the request timeout, the
+/// request counter, and the counters of 503 causes (every `unavailable` answer counts as a
+/// state error, every `no_relay_available` as no relay, whichever handler or extractor
+/// failed).
 async fn guard(
     AxState((app, listener, paths)): AxState<(Shared, Listener, Arc<Vec<&'static str>>)>,
     mut req: Request,
@@ -154,6 +156,15 @@ async fn guard(
         }
     }
     .await;
+    match response.extensions().get::<ApiError>() {
+        Some(ApiError::Unavailable) => {
+            app.metrics.state_errors.inc();
+        }
+        Some(ApiError::NoRelay) => {
+            app.metrics.no_relay.inc();
+        }
+        _ => {}
+    }
     app.metrics.request(route, response.status().as_u16());
     response
 }

@@ -88,15 +88,18 @@ pub struct Metrics {
     pub sessions_created: Counter,
     /// Sessions joined.
     pub sessions_joined: Counter,
-    /// Join attempts with an unknown, used or expired code.
+    /// Joins refused with `invalid_join_code`: an unknown, used, expired or malformed code,
+    /// or one used by another request in between.
     pub join_codes_refused: Counter,
     /// Tokens minted.
     pub tokens_minted: Counter,
     /// Relay heartbeats accepted.
     pub relay_heartbeats: Counter,
-    /// Requests that failed because the shared state was unavailable.
+    /// Requests answered 503 `unavailable`: the shared state was unreachable, full, or held an
+    /// unreadable record.
     pub state_errors: Counter,
-    /// Create requests refused for want of a healthy relay.
+    /// Requests answered 503 `no_relay_available`: no healthy relay for a new session, or the
+    /// session's relay gone at join.
     pub no_relay: Counter,
     /// Requests cut off by the request timeout.
     pub request_timeouts: Counter,
@@ -148,7 +151,7 @@ impl Default for Metrics {
         let sessions_joined = counter("ferry_gateway_sessions_joined", "Sessions joined");
         let join_codes_refused = counter(
             "ferry_gateway_join_codes_refused",
-            "Joins with an unknown, used or expired join code",
+            "Joins refused with invalid_join_code: unknown, used, expired or malformed codes",
         );
         let tokens_minted = counter("ferry_gateway_tokens_minted", "Relay tokens minted");
         let relay_heartbeats = counter(
@@ -157,11 +160,11 @@ impl Default for Metrics {
         );
         let state_errors = counter(
             "ferry_gateway_state_errors",
-            "Requests failed because the shared state was unavailable",
+            "Requests answered 503 unavailable: the shared state was unreachable, full or unreadable",
         );
         let no_relay = counter(
             "ferry_gateway_no_relay",
-            "Session creations refused for want of a healthy relay",
+            "Requests answered 503 no_relay_available: no healthy relay to create on, or the session's relay gone at join",
         );
         let request_timeouts = counter(
             "ferry_gateway_request_timeouts",

@@ -397,6 +397,98 @@ async fn oversize_malformed_and_mistyped_bodies_get_generic_errors() {
     );
 }
 
+#[tokio::test]
+async fn request_bodies_and_queries_are_taken_exactly_as_documented() {
+    let setup = Setup::new("forms");
+    let gw = setup.start("gw", &setup.config(1, ""));
+    let http = client(&setup.pki.ca_pem, None);
+    let create = gw.url("/v1/sessions");
+    let app = setup.key("app");
+    let key = peer_key().to_string();
+    // null is not a value of an optional field: leave the field out instead.
+    for field in ["realm", "peer_public_key", "expected_peer_public_key"] {
+        let (status, _, body) = post(&http, &create, Some(app), json!({ field: null })).await;
+        assert_eq!(
+            (status, body),
+            (400, json!({ "error": "bad_request" })),
+            "{field}"
+        );
+    }
+    // A key as plain base64 or as the one line of a public key file, nothing looser.
+    let line = format!("ferry-public-v1 peer-x25519 {key}");
+    let (status, _, created) = post(
+        &http,
+        &create,
+        Some(app),
+        json!({ "peer_public_key": line, "expected_peer_public_key": key }),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["expected_peer_public_key"], key.as_str());
+    for loose in [
+        format!("{key}\n"),
+        format!("{line} # peer b"),
+        format!(" {key}"),
+    ] {
+        let (status, _, _) = post(
+            &http,
+            &create,
+            Some(app),
+            json!({ "peer_public_key": loose }),
+        )
+        .await;
+        assert_eq!(status, 400, "{loose:?}");
+    }
+    let (status, _, _) = post(
+        &http,
+        &gw.url("/v1/sessions/join"),
+        Some(app),
+        json!({ "join_code": created["join_code"], "peer_public_key": null }),
+    )
+    .await;
+    assert_eq!(status, 400);
+    // A heartbeat address with an IPv6 scope id is refused.
+    let relay_public = setup.relay_key.public().to_string();
+    let (status, _, _) = post(
+        &http,
+        &gw.url("/v1/relays/heartbeat"),
+        Some(setup.key("listed-relay")),
+        json!({ "relay_id": RELAY_ID, "address": "[fe80::1%1]:7000", "public_key": relay_public, "sessions": 0, "capacity": 1 }),
+    )
+    .await;
+    assert_eq!(status, 400);
+    // The admin listing takes `limit` in plain digits and no other parameter.
+    let admin = reqwest::Client::new();
+    let list = |query: &'static str| {
+        admin
+            .get(format!("{}{query}", gw.admin_url("/admin/v1/sessions")))
+            .bearer_auth(&setup.admin_token)
+            .send()
+    };
+    for (query, expected) in [
+        ("?limit=1", 200),
+        ("?limit=+1", 400),
+        ("?limit=0", 400),
+        ("?limit=1&x=1", 400),
+        ("?x", 400),
+    ] {
+        assert_eq!(list(query).await.unwrap().status(), expected, "{query}");
+    }
+    // HEAD is answered on GET routes; another method gets 405 with Allow.
+    let head = http.head(gw.url("/healthz")).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    let wrong = http.delete(gw.url("/v1/sessions")).send().await.unwrap();
+    assert_eq!(wrong.status(), 405);
+    assert_eq!(wrong.headers()["allow"], "POST");
+    let wrong = admin
+        .post(gw.admin_url("/admin/v1/relays"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 405);
+    assert_eq!(wrong.headers()["allow"], "GET,HEAD");
+}
+
 /// A body sent in 256-byte chunks, without a Content-Length.
 struct Chunks(Vec<Vec<u8>>);
 
@@ -660,6 +752,12 @@ async fn the_audit_log_records_grants_and_never_secrets() {
         );
     }
     assert!(log.contains("ferry_gateway::audit"), "{log}");
+    // The admin's revocation names who asked, like every event.
+    let revoked = log.lines().find(|l| l.contains("key_revoked")).unwrap();
+    assert!(
+        revoked.contains("client=127.0.0.1") && revoked.contains("via=-"),
+        "{revoked}"
+    );
     let mut secrets = vec![
         created["token"].as_str().unwrap().to_string(),
         created["slot_secret"].as_str().unwrap().to_string(),

@@ -1,11 +1,12 @@
 //! docs/gateway-openapi.yaml and the gateway's routes stay in step: every route the routers
-//! serve is in the file with its method, every operation in the file is served, and the real
-//! binary answers each of them (never with 404).
+//! serve is in the file with its method, every operation in the file is served, each path's
+//! `servers` names exactly the listeners that serve it, and the real binary answers each of
+//! them (never with 404).
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use common::*;
 
@@ -47,6 +48,36 @@ fn documented() -> BTreeSet<(String, String)> {
     out
 }
 
+/// The listeners each path's own `servers` line names, by the URLs of the top-level
+/// `servers` (the public listener is the `https` one, the admin listener the `http` one).
+fn documented_servers() -> BTreeMap<String, BTreeSet<&'static str>> {
+    let text = include_str!("../../docs/gateway-openapi.yaml");
+    let mut out = BTreeMap::new();
+    let mut path = None;
+    for line in text.lines() {
+        if line.starts_with("  /") {
+            path = Some(line.trim().trim_end_matches(':').to_string());
+        } else if let Some(servers) = line.strip_prefix("    servers: ") {
+            let mut listeners = BTreeSet::new();
+            if servers.contains("\"https://gateway.example.net:8443\"") {
+                listeners.insert("public");
+            }
+            if servers.contains("\"http://127.0.0.1:9478\"") {
+                listeners.insert("admin");
+            }
+            let path = path.clone().unwrap();
+            assert!(
+                !listeners.is_empty(),
+                "{path}: no known server in {servers}"
+            );
+            assert!(out.insert(path.clone(), listeners).is_none(), "{path}");
+        } else if !line.starts_with(' ') && !line.is_empty() && line != "paths:" {
+            path = None;
+        }
+    }
+    out
+}
+
 fn served() -> BTreeSet<(String, String)> {
     ferry_gateway::api::public_routes()
         .into_iter()
@@ -70,6 +101,23 @@ fn every_route_is_documented_and_every_documented_route_is_served() {
 }
 
 #[test]
+fn every_path_names_the_listeners_that_serve_it() {
+    let mut expected: BTreeMap<String, BTreeSet<&'static str>> = BTreeMap::new();
+    for (listener, routes) in [
+        ("public", ferry_gateway::api::public_routes()),
+        ("admin", ferry_gateway::api::admin_routes()),
+    ] {
+        for (_, path, _) in routes {
+            expected
+                .entry(path.to_string())
+                .or_default()
+                .insert(listener);
+        }
+    }
+    assert_eq!(documented_servers(), expected);
+}
+
+#[test]
 fn every_api_doc_route_is_in_the_openapi_file() {
     // docs/gateway-api.md names every route in its route table as `METHOD /path`.
     let doc = include_str!("../../docs/gateway-api.md");
@@ -83,6 +131,31 @@ fn every_api_doc_route_is_in_the_openapi_file() {
         }
     }
     assert_eq!(named, documented());
+}
+
+#[test]
+fn the_error_codes_of_the_api_doc_and_the_openapi_file_are_the_same() {
+    // gateway-api.md: the rows of the error table, `| <status> | `<code>` | … |`.
+    let doc = include_str!("../../docs/gateway-api.md");
+    let in_doc: BTreeSet<String> = doc
+        .lines()
+        .filter_map(|l| l.strip_prefix("| "))
+        .filter(|l| l.starts_with(|c: char| c.is_ascii_digit()))
+        .filter_map(|l| l.split('`').nth(1))
+        .map(str::to_string)
+        .collect();
+    // gateway-openapi.yaml: the enum of the Error schema, one `- <code>` line each.
+    let text = include_str!("../../docs/gateway-openapi.yaml");
+    let start = text.find("\n    Error:\n").unwrap();
+    let in_openapi: BTreeSet<String> = text[start..]
+        .lines()
+        .skip_while(|l| l.trim() != "enum:")
+        .skip(1)
+        .take_while(|l| l.trim_start().starts_with("- "))
+        .map(|l| l.trim_start().trim_start_matches("- ").to_string())
+        .collect();
+    assert!(in_doc.len() >= 14, "{in_doc:?}");
+    assert_eq!(in_doc, in_openapi);
 }
 
 #[tokio::test]

@@ -255,4 +255,36 @@ async fn two_replicas_share_join_codes_revocations_and_relays() {
     )
     .await;
     assert_eq!((status, body), (503, json!({ "error": "unavailable" })));
+    // Every such 503 counts as a state error, whichever step met the state: here the
+    // revocation check of the API key, and the admin listing.
+    let (status, _, _) = post(
+        &http,
+        &one.url("/v1/sessions/join"),
+        Some(setup.key("acme")),
+        json!({ "join_code": "a".repeat(26) }),
+    )
+    .await;
+    assert_eq!(status, 503);
+    let admin = reqwest::Client::new();
+    let status = admin
+        .get(one.admin_url("/admin/v1/sessions"))
+        .bearer_auth(&setup.admin_token)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 503);
+    let page = admin
+        .get(one.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        ferry_testkit::metrics::metric(&page, "ferry_gateway_state_errors_total"),
+        3,
+        "{page}"
+    );
 }

@@ -132,6 +132,23 @@ async fn sighup_applies_a_valid_config_and_refuses_a_bad_one_whole() {
         (status, body),
         (503, json!({ "error": "no_relay_available" }))
     );
+    // Counted as a 503 for want of a relay, and audited with the client like every event.
+    let page = reqwest::get(gw.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(metric(&page, "ferry_gateway_no_relay_total"), 1, "{page}");
+    let log = gw.log_text();
+    let gone = log
+        .lines()
+        .find(|l| l.contains("reason=\"relay_gone\"") || l.contains("reason=relay_gone"))
+        .unwrap_or_else(|| panic!("no relay_gone event:\n{log}"));
+    assert!(
+        gone.contains("client=127.0.0.1") && gone.contains("via=-"),
+        "{gone}"
+    );
 
     // An invalid file: refused whole, even the valid change it carries (dropping "late").
     let invalid = second.replace(&setup.key_table("late"), "").replace(

@@ -78,10 +78,14 @@ impl ApiError {
     }
 }
 
+/// Every answer built from an `ApiError` carries it in its extensions, so that
+/// [`guard`](super::guard) counts each 503 by its cause in one place.
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "error": self.code() }).to_string();
         let mut response = (self.status(), body).into_response();
+        // For the middleware, which counts the 503s by cause.
+        response.extensions_mut().insert(self);
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,

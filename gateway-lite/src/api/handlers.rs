@@ -9,7 +9,7 @@ use axum::extract::State as AxState;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
-use ferry_core::keys::PeerPublicKey;
+use ferry_core::keys::{PUBLIC_HEADER, PeerPublicKey, RelayPublicKey};
 use ferry_core::time::UnixTime;
 use ferry_core::token::{ClaimsInput, MintedToken};
 use ferry_core::wire::Slot;
@@ -29,9 +29,66 @@ fn now() -> UnixTime {
     UnixTime::from(SystemTime::now())
 }
 
+/// Length of a 32-byte key in padded standard base64.
+const KEY_B64_LEN: usize = 44;
+
+/// A public key of `kind` as the API takes it: exactly the standard base64 of its 32 bytes
+/// (44 characters, `=` padded, unused bits zero), or exactly the line
+/// `ferry-public-v1 <kind> <base64>` with single spaces. No surrounding blanks, no comments:
+/// docs/gateway-openapi.yaml gives this as a pattern, and the server takes nothing else.
+fn parse_public_key<K: FromStr>(text: &str, kind: &str) -> Result<K, ApiError> {
+    let b64 = text
+        .strip_prefix(PUBLIC_HEADER)
+        .and_then(|rest| rest.strip_prefix(' '))
+        .and_then(|rest| rest.strip_prefix(kind))
+        .and_then(|rest| rest.strip_prefix(' '))
+        .unwrap_or(text);
+    let shaped = b64.len() == KEY_B64_LEN
+        && b64.ends_with('=')
+        && b64[..KEY_B64_LEN - 1]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/');
+    if !shaped {
+        return Err(ApiError::BadRequest);
+    }
+    // Decoding also refuses a last symbol whose unused bits are not zero.
+    K::from_str(b64).map_err(|_| ApiError::BadRequest)
+}
+
 fn parse_peer_key(text: Option<&str>) -> Result<Option<PeerPublicKey>, ApiError> {
-    text.map(|t| PeerPublicKey::from_str(t).map_err(|_| ApiError::BadRequest))
-        .transpose()
+    text.map(|t| parse_public_key(t, "peer-x25519")).transpose()
+}
+
+/// A relay's public UDP address as a heartbeat gives it: `ip:port` (`[ipv6]:port`), port not
+/// 0, the address not unspecified, and no IPv6 scope id (`%n`), which means nothing beyond
+/// the relay's own link.
+fn parse_relay_address(text: &str) -> Result<SocketAddr, ApiError> {
+    if text.contains('%') {
+        return Err(ApiError::BadRequest);
+    }
+    SocketAddr::from_str(text)
+        .ok()
+        .filter(|a| a.port() != 0 && !a.ip().is_unspecified())
+        .ok_or(ApiError::BadRequest)
+}
+
+/// The `limit` of `GET /admin/v1/sessions`: 1 to 10000 in decimal digits only (no sign, no
+/// blanks), 100 without a query; any other parameter is refused.
+fn sessions_limit(query: Option<&str>) -> Result<usize, ApiError> {
+    let mut limit = 100;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("limit", n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+                limit = n
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=10_000).contains(n))
+                    .ok_or(ApiError::BadRequest)?;
+            }
+            _ => return Err(ApiError::BadRequest),
+        }
+    }
+    Ok(limit)
 }
 
 const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
@@ -150,7 +207,6 @@ pub(super) async fn create_session(
     }
     let now = now();
     let Some(relay) = app.registry.pick(app.state.as_ref(), now).await? else {
-        app.metrics.no_relay.inc();
         tracing::warn!(target: AUDIT, event = "session_refused", reason = "no_relay", key_id = %client.key_id, realm, client = %client.addr.ip, via = %client.addr.via_display());
         return Err(ApiError::NoRelay);
     };
@@ -176,10 +232,7 @@ pub(super) async fn create_session(
     let minted = app.mint(live, Slot::A, session_id, &relay, now)?;
     app.state
         .create_session(&record, JoinCodeHash::of(&code), now)
-        .await
-        .inspect_err(|_| {
-            app.metrics.state_errors.inc();
-        })?;
+        .await?;
     app.metrics.sessions_created.inc();
     tracing::info!(
         target: AUDIT,
@@ -242,7 +295,7 @@ pub(super) async fn join_session(
         .find(app.state.as_ref(), waiting.relay_id, now)
         .await?
     else {
-        tracing::warn!(target: AUDIT, event = "join_refused", reason = "relay_gone", relay_id = waiting.relay_id, key_id = %client.key_id);
+        tracing::warn!(target: AUDIT, event = "join_refused", reason = "relay_gone", key_id = %client.key_id, client = %client.addr.ip, via = %client.addr.via_display(), session_id = %format_args!("{:016x}", waiting.session_id), relay_id = waiting.relay_id);
         return Err(ApiError::NoRelay);
     };
     let Some(record) = app
@@ -288,12 +341,8 @@ pub(super) async fn relay_heartbeat(
             "/v1/relays/heartbeat",
         ));
     }
-    let address = SocketAddr::from_str(&body.address)
-        .ok()
-        .filter(|a| a.port() != 0 && !a.ip().is_unspecified())
-        .ok_or(ApiError::BadRequest)?;
-    let public_key = ferry_core::keys::RelayPublicKey::from_str(&body.public_key)
-        .map_err(|_| ApiError::BadRequest)?;
+    let address = parse_relay_address(&body.address)?;
+    let public_key: RelayPublicKey = parse_public_key(&body.public_key, "relay-x25519")?;
     if body.capacity == 0 {
         return Err(ApiError::BadRequest);
     }
@@ -322,7 +371,7 @@ pub(super) async fn relay_heartbeat(
     app.state.report_relay(&report).await?;
     app.registry.invalidate();
     app.metrics.relay_heartbeats.inc();
-    tracing::debug!(target: AUDIT, event = "relay_heartbeat", key_id = %client.key_id, relay_id = body.relay_id, sessions = body.sessions, capacity = body.capacity);
+    tracing::debug!(target: AUDIT, event = "relay_heartbeat", key_id = %client.key_id, client = %client.addr.ip, via = %client.addr.via_display(), relay_id = body.relay_id, sessions = body.sessions, capacity = body.capacity);
     Ok(axum::Json(
         serde_json::json!({ "relay_id": body.relay_id, "expires_at": expires_at }),
     ))
@@ -378,24 +427,7 @@ pub(super) async fn admin_sessions(
     _: Admin,
     uri: axum::http::Uri,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
-    let mut limit = 100;
-    for pair in uri
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-    {
-        match pair.split_once('=') {
-            Some(("limit", n)) => {
-                limit = n
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=10_000).contains(n))
-                    .ok_or(ApiError::BadRequest)?;
-            }
-            _ => return Err(ApiError::BadRequest),
-        }
-    }
+    let limit = sessions_limit(uri.query())?;
     let sessions: Vec<SessionView> = app
         .state
         .sessions(now(), limit)
@@ -427,7 +459,7 @@ pub(super) async fn admin_revoke(
     }
     let newly = app.state.revoke_key(&body.key_id).await?;
     let configured = app.live().api_keys.contains_key(&body.key_id);
-    tracing::info!(target: AUDIT, event = "key_revoked", key_id = %body.key_id, newly, configured, client = %addr.ip);
+    tracing::info!(target: AUDIT, event = "key_revoked", key_id = %body.key_id, newly, configured, client = %addr.ip, via = %addr.via_display());
     Ok(axum::Json(serde_json::json!({
         "key_id": body.key_id,
         "revoked": true,
@@ -453,5 +485,84 @@ mod tests {
         assert!(!well_formed_join_code(&a.to_uppercase()));
         // The last symbol carries the padding bits only in its low part: 26 symbols, 130 bits.
         assert_eq!(a.len() * 5, 130);
+    }
+
+    #[test]
+    fn public_keys_are_taken_only_in_the_two_documented_forms() {
+        let key = PeerPublicKey::from_bytes([7; 32]);
+        let b64 = key.to_string();
+        assert_eq!(b64.len(), KEY_B64_LEN);
+        let ok = |t: &str| parse_public_key::<PeerPublicKey>(t, "peer-x25519");
+        assert_eq!(ok(&b64), Ok(key));
+        assert_eq!(ok(&format!("ferry-public-v1 peer-x25519 {b64}")), Ok(key));
+        for bad in [
+            format!(" {b64}"),
+            format!("{b64}\n"),
+            format!("ferry-public-v1  peer-x25519 {b64}"),
+            format!("ferry-public-v1 relay-x25519 {b64}"),
+            format!("ferry-public-v1 peer-x25519 {b64} # me"),
+            b64.trim_end_matches('=').to_string(),
+            // The last symbol before `=` carries 4 bits and 2 unused ones, which must be 0.
+            format!("{}B=", &b64[..42]),
+            "A".repeat(44),
+            "A".repeat(42) + "==",
+            "-".repeat(43) + "=",
+        ] {
+            assert_eq!(ok(&bad), Err(ApiError::BadRequest), "{bad:?}");
+        }
+        assert_eq!(
+            ok(&format!("{}A=", "A".repeat(42))),
+            Ok(PeerPublicKey::from_bytes([0; 32]))
+        );
+        let relay = parse_public_key::<RelayPublicKey>(
+            &format!("ferry-public-v1 relay-x25519 {b64}"),
+            "relay-x25519",
+        );
+        assert_eq!(relay, Ok(RelayPublicKey::from_bytes([7; 32])));
+    }
+
+    #[test]
+    fn relay_addresses_need_a_port_an_address_and_no_scope() {
+        for good in ["198.51.100.7:7000", "[2001:db8::7]:7000", "127.0.0.1:00080"] {
+            assert!(parse_relay_address(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "198.51.100.7:0",
+            "0.0.0.0:7000",
+            "[::]:7000",
+            "[::0.0.0.0]:7000",
+            "[fe80::1%2]:7000",
+            "198.51.100.7",
+            "relay.example.net:7000",
+            "198.51.100.07:7000",
+        ] {
+            assert_eq!(parse_relay_address(bad), Err(ApiError::BadRequest), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_sessions_limit_is_plain_digits_in_range() {
+        assert_eq!(sessions_limit(None), Ok(100));
+        assert_eq!(sessions_limit(Some("")), Ok(100));
+        assert_eq!(sessions_limit(Some("limit=1")), Ok(1));
+        assert_eq!(sessions_limit(Some("limit=10000")), Ok(10_000));
+        assert_eq!(sessions_limit(Some("limit=007&")), Ok(7));
+        for bad in [
+            "limit=+1",
+            "limit=-1",
+            "limit=0",
+            "limit=10001",
+            "limit=",
+            "limit= 5",
+            "limit",
+            "limit=1&x=2",
+            "other=1",
+        ] {
+            assert_eq!(
+                sessions_limit(Some(bad)),
+                Err(ApiError::BadRequest),
+                "{bad}"
+            );
+        }
     }
 }
