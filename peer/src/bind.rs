@@ -3,6 +3,9 @@
 //!
 //! The caller owns the socket and the clock: it passes `now` in, sends what the client writes
 //! into its buffer, and calls [`BindClient::on_timeout`] when [`BindClient::poll_timeout`] says.
+//! What the relay sends unasked comes out of [`BindClient::handle`] too: the notice that the
+//! other slot has bound ([`BindEvent::PeerPresent`]) and the CLOSE that ends the binding, with
+//! its reason ([`BindEvent::Closed`]).
 
 use std::time::{Duration, Instant};
 
