@@ -17,8 +17,8 @@
 //!    ([`SessionTable::take_events`]), like commands for an IO layer.
 //!
 //! [`crate::shards::Sessions`] runs the first half before it locks a shard and the second under
-//! the lock. [`SessionTable::reap`], called on a timer, unbinds idle and expired slots and
-//! returns a [`Notice`] (an authenticated CLOSE saying why) for each of their peers.
+//! the lock. [`SessionTable::reap`], called on a timer, unbinds idle and expired slots and hands
+//! back a [`Notice`] (an authenticated CLOSE saying why) for each of their peers to send.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

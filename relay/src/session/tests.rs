@@ -1016,3 +1016,20 @@ fn a_peer_close_with_a_reason_is_malformed() {
     assert_eq!(f.table.session_count(), 1, "the session stays");
     assert_eq!(f.counters().malformed_by_rule[HeaderError::COUNT], 2);
 }
+
+#[test]
+fn notice_kinds_index_their_counters_in_order() {
+    let mut counters = Counters::default();
+    for (i, kind) in NoticeKind::ALL.into_iter().enumerate() {
+        for _ in 0..=i {
+            counters.count_notice(kind);
+        }
+    }
+    assert_eq!(counters.notices, [1, 2, 3, 4]);
+    for (i, kind) in NoticeKind::ALL.into_iter().enumerate() {
+        assert_eq!(counters.notices(kind), i as u64 + 1, "{}", kind.name());
+    }
+    for reason in CloseReason::ALL {
+        assert_eq!(NoticeKind::of_close(reason).name(), reason.name());
+    }
+}
