@@ -15,7 +15,7 @@ use ferry_core::noise::{LocalIdentity, PeerExpectation, TransportLimits};
 use ferry_core::proof::CookieJar;
 use ferry_core::time::UnixTime;
 use ferry_core::token::{ClaimsInput, MintedToken, TokenMinter, TokenVerifier, VerifierConfig};
-use ferry_core::wire::{self, MAX_DATAGRAM, Slot};
+use ferry_core::wire::{self, CloseReason, MAX_DATAGRAM, Slot};
 use ferry_peer::bind::{BindClient, BindEvent, BindState};
 use ferry_peer::channel::{Channel, PLAINTEXT_OFFSET};
 use ferry_relay::limits::IpLimits;
@@ -84,6 +84,17 @@ impl Network {
         match outcome {
             Outcome::Forward { to } => self.to_peers.push_back((to, datagram.to_vec())),
             Outcome::Reply { to, len } => self.to_peers.push_back((to, self.reply[..len].to_vec())),
+            Outcome::ReplyAndNotify {
+                to,
+                len,
+                notify,
+                notice_len,
+            } => {
+                self.to_peers.push_back((to, self.reply[..len].to_vec()));
+                if let Some(notice) = self.reply.get(len..len + notice_len) {
+                    self.to_peers.push_back((notify, notice.to_vec()));
+                }
+            }
             Outcome::Consumed | Outcome::Drop(_) => {}
         }
         outcome
@@ -286,6 +297,17 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoReport> {
     );
     alice.bind(&mut net, &mut log)?;
     ensure!(bob.bind(&mut net, &mut log)?, "bob should see alice bound");
+    let notice = net
+        .take_for(alice.addr)
+        .context("alice got no peer-present notice")?;
+    log.line(format_args!(
+        "relay -> alice  BIND-ACK notice, {} bytes (other peer bound: true)",
+        notice.len()
+    ));
+    ensure!(
+        alice.bind.handle(Instant::now(), &notice, &mut alice.out) == BindEvent::PeerPresent,
+        "alice should accept the relay's peer-present notice"
+    );
 
     println!("4. Noise XX handshake end to end, through the relay (which forwards it blind)");
     handshake(&mut alice, &mut bob, &mut net, &mut log)?;
@@ -323,7 +345,10 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<DemoReport> {
     net.send_to_relay(alice.addr, &alice.out[..n]);
     let close = net.take_for(bob.addr).context("bob got no CLOSE")?;
     ensure!(
-        bob.bind.handle(Instant::now(), &close, &mut bob.out) == BindEvent::Closed,
+        bob.bind.handle(Instant::now(), &close, &mut bob.out)
+            == BindEvent::Closed {
+                reason: CloseReason::PeerClosed
+            },
         "bob should accept the relay's CLOSE"
     );
     ensure!(

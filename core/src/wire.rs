@@ -5,7 +5,7 @@
 //! runs ([`ferry_common::header::parse_header`]), then matches `(type, body length)` once and
 //! returns a [`Packet`] whose views borrow the caller's datagram: nothing is copied or allocated
 //! per packet. The views check the body rules the header cannot see (reserved bytes zero, slot
-//! 0 or 1, token length, known REJECT reason, 0/1 flags) and expose typed accessors; the
+//! 0 or 1, token length, known REJECT and CLOSE reasons, 0/1 flags) and expose typed accessors; the
 //! MAC'd packets (BIND, BIND-ACK, REJECT, REBIND, CLOSE) also expose `mac_input()`, the header
 //! and body up to the MAC field (§6), and `mac()`. This module does not verify MACs, tokens or
 //! cookies: it only says what the bytes are; `proof` and `token` decide whether to believe them.
@@ -58,6 +58,9 @@ pub enum WireError {
     /// A REJECT's reason is not in the table of §3.4.
     #[error("unknown REJECT reason {0}")]
     UnknownRejectReason(u8),
+    /// A CLOSE's reason is not in the table of §3.8.
+    #[error("unknown CLOSE reason {0}")]
+    UnknownCloseReason(u8),
     /// A boolean field (BIND-ACK peer present, REJECT authenticated) is neither 0 nor 1.
     #[error("flag value {0} is neither 0 nor 1")]
     BadFlag(u8),
@@ -180,6 +183,52 @@ impl RejectReason {
             RejectReason::SessionFull => "session_full",
             RejectReason::Overloaded => "overloaded",
             RejectReason::UnknownSession => "unknown_session",
+        }
+    }
+}
+
+/// Why a binding ended, as a relay → peer CLOSE says (§3.8, body byte 1). A peer → relay CLOSE
+/// always carries [`CloseReason::PeerClosed`] (wire value 0).
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// 0: the other peer sent CLOSE (relay → peer), or this peer closes (peer → relay).
+    PeerClosed = 0,
+    /// 1: the slot's token passed its `exp` plus the relay's clock skew.
+    Expired = 1,
+    /// 2: the slot's peer sent nothing that refreshes its idle timer for the idle timeout.
+    Idle = 2,
+}
+
+impl CloseReason {
+    /// Every reason, in wire-value order.
+    pub const ALL: [CloseReason; 3] = [
+        CloseReason::PeerClosed,
+        CloseReason::Expired,
+        CloseReason::Idle,
+    ];
+
+    /// The reason with wire value `value`, or `None` when §3.8 defines none.
+    pub const fn from_u8(value: u8) -> Option<CloseReason> {
+        match value {
+            0 => Some(CloseReason::PeerClosed),
+            1 => Some(CloseReason::Expired),
+            2 => Some(CloseReason::Idle),
+            _ => None,
+        }
+    }
+
+    /// The wire value of the reason.
+    pub const fn as_u8(self) -> u8 {
+        self as u8
+    }
+
+    /// The snake_case name of §3.8.
+    pub const fn name(self) -> &'static str {
+        match self {
+            CloseReason::PeerClosed => "peer_closed",
+            CloseReason::Expired => "expired",
+            CloseReason::Idle => "idle",
         }
     }
 }
@@ -775,6 +824,7 @@ impl<'a> Rebind<'a> {
 pub struct Close<'a> {
     header: Header,
     slot: Slot,
+    reason: CloseReason,
     seq: u64,
     mac_input: &'a [u8],
     mac: &'a Mac,
@@ -784,12 +834,15 @@ impl<'a> Close<'a> {
     fn parse(header: Header, datagram: &'a [u8]) -> Result<Self, WireError> {
         let (mut fields, mac_input, mac) = split_mac(datagram)?;
         let slot = fields.slot()?;
-        fields.reserved::<3>()?;
+        let reason = fields.u8()?;
+        let reason = CloseReason::from_u8(reason).ok_or(WireError::UnknownCloseReason(reason))?;
+        fields.reserved::<2>()?;
         let seq = fields.u64()?;
         fields.finish()?;
         Ok(Close {
             header,
             slot,
+            reason,
             seq,
             mac_input,
             mac,
@@ -809,6 +862,12 @@ impl<'a> Close<'a> {
     /// The sender's slot (peer → relay) or the receiver's (relay → peer).
     pub fn slot(&self) -> Slot {
         self.slot
+    }
+
+    /// Why the binding ended (relay → peer); [`CloseReason::PeerClosed`] in a peer's CLOSE,
+    /// where any other value is malformed for the relay (§3, body rules).
+    pub fn reason(&self) -> CloseReason {
+        self.reason
     }
 
     /// The sequence number: the peer's next bind sequence number, or the receiver's last
@@ -831,6 +890,7 @@ impl<'a> Close<'a> {
     pub fn fields(&self) -> CloseFields {
         CloseFields {
             slot: self.slot,
+            reason: self.reason,
             seq: self.seq,
         }
     }
@@ -904,6 +964,8 @@ pub struct RebindFields {
 pub struct CloseFields {
     /// The sender's slot (peer → relay) or the receiver's (relay → peer).
     pub slot: Slot,
+    /// Why the binding ended; always [`CloseReason::PeerClosed`] from a peer.
+    pub reason: CloseReason,
     /// The sequence number (§3.8).
     pub seq: u64,
 }
@@ -1215,7 +1277,8 @@ pub fn encode_close(
 ) -> Result<usize, WireError> {
     let write = |w: &mut Writer<'_>| {
         w.u8(fields.slot.as_u8())?;
-        w.zeros::<3>()?;
+        w.u8(fields.reason.as_u8())?;
+        w.zeros::<2>()?;
         w.u64(fields.seq)
     };
     encode_authenticated(

@@ -3,11 +3,14 @@
 //!
 //! The caller owns the socket and the clock: it passes `now` in, sends what the client writes
 //! into its buffer, and calls [`BindClient::on_timeout`] when [`BindClient::poll_timeout`] says.
+//! What the relay sends unasked comes out of [`BindClient::handle`] too: the notice that the
+//! other slot has bound ([`BindEvent::PeerPresent`]) and the CLOSE that ends the binding, with
+//! its reason ([`BindEvent::Closed`]).
 
 use std::time::{Duration, Instant};
 
 use ferry_core::proof::{SlotKeys, SlotSecret};
-use ferry_core::wire::{self, Packet, RejectReason, Slot, TOKEN_LEN};
+use ferry_core::wire::{self, CloseReason, Packet, RejectReason, Slot, TOKEN_LEN};
 
 /// First retransmission delay of an unanswered BIND/REBIND; it doubles up to [`MAX_RETRY`].
 pub const FIRST_RETRY: Duration = Duration::from_secs(1);
@@ -27,7 +30,8 @@ pub enum BindState {
     Bound,
     /// The relay refused with an authenticated REJECT, or the bind timed out.
     Failed,
-    /// The session was closed, by us or by the other peer.
+    /// The session was closed by us, or the relay ended our binding (the other peer closed,
+    /// the token expired, or the slot was idle).
     Closed,
 }
 
@@ -48,8 +52,16 @@ pub enum BindEvent {
         /// Whether the REJECT carried a valid relay MAC.
         authenticated: bool,
     },
-    /// The relay closed the session (the other peer sent CLOSE).
-    Closed,
+    /// The relay ended our binding with an authenticated CLOSE (docs/protocol.md §3.8).
+    Closed {
+        /// Why: the other peer closed the session, our token passed `exp` plus the relay's
+        /// clock skew, or our slot was idle for the idle timeout.
+        reason: CloseReason,
+    },
+    /// While bound, the relay said that the other slot has just been bound: an unsolicited
+    /// BIND-ACK of our own binding with *peer present* set (docs/protocol.md §3.3). Copies may
+    /// repeat it.
+    PeerPresent,
     /// The relay echoed a KEEPALIVE: the binding works.
     KeepaliveEcho,
     /// Not for us, forged, or stale: ignored.
@@ -69,6 +81,9 @@ pub struct BindClient {
     pending_seq: u64,
     /// Whether the request in flight is a REBIND.
     rebinding: bool,
+    /// The sequence number of the last request the relay acknowledged: the one a peer-present
+    /// notice carries.
+    acked_seq: Option<u64>,
     state: BindState,
     started: Option<Instant>,
     retry_at: Option<Instant>,
@@ -111,6 +126,7 @@ impl BindClient {
             next_seq: first_seq.max(1),
             pending_seq: 0,
             rebinding: false,
+            acked_seq: None,
             state: BindState::Idle,
             started: None,
             retry_at: None,
@@ -145,6 +161,12 @@ impl BindClient {
         self.peer_present = true;
     }
 
+    /// Whether the other slot is known to be bound: a BIND-ACK or a peer-present notice said
+    /// so, or DATA arrived from it.
+    pub fn peer_present(&self) -> bool {
+        self.peer_present
+    }
+
     /// Starts binding: writes a BIND into `out`.
     pub fn start(&mut self, now: Instant, out: &mut [u8]) -> Result<usize, wire::WireError> {
         self.begin(now, false);
@@ -163,6 +185,7 @@ impl BindClient {
     pub fn close(&mut self, out: &mut [u8]) -> Result<usize, wire::WireError> {
         let fields = wire::CloseFields {
             slot: self.slot,
+            reason: CloseReason::PeerClosed,
             seq: self.take_seq(),
         };
         let keys = &self.keys;
@@ -231,11 +254,27 @@ impl BindClient {
             Packet::BindAck(ack)
                 if ack.session_id() == self.session_id
                     && ack.slot() == self.slot
+                    && self.holds_slot()
+                    && Some(ack.bind_seq()) == self.acked_seq
+                    && self.keys.relay.verify(ack.mac_input(), ack.mac()) =>
+            {
+                // A BIND-ACK of the binding we hold: the relay's peer-present notice, or a
+                // late copy of the ACK we had (which says nothing new unless it says present).
+                if !ack.peer_present() {
+                    return BindEvent::Ignored;
+                }
+                self.peer_present = true;
+                BindEvent::PeerPresent
+            }
+            Packet::BindAck(ack)
+                if ack.session_id() == self.session_id
+                    && ack.slot() == self.slot
                     && self.keys.relay.verify(ack.mac_input(), ack.mac())
                     && ack.bind_seq() == self.pending_seq =>
             {
                 self.state = BindState::Bound;
                 self.retry_at = None;
+                self.acked_seq = Some(self.pending_seq);
                 self.peer_present = ack.peer_present();
                 self.idle_timeout = Duration::from_secs(u64::from(ack.idle_timeout_secs().max(3)));
                 BindEvent::Bound {
@@ -263,10 +302,22 @@ impl BindClient {
             {
                 self.state = BindState::Closed;
                 self.retry_at = None;
-                BindEvent::Closed
+                BindEvent::Closed {
+                    reason: close.reason(),
+                }
             }
             Packet::Keepalive(ka) if ka.session_id() == self.session_id => BindEvent::KeepaliveEcho,
             _ => BindEvent::Ignored,
+        }
+    }
+
+    /// Whether the relay holds our slot as far as we know: bound, or moving it with a REBIND
+    /// (the old binding stays until the relay accepts the move).
+    fn holds_slot(&self) -> bool {
+        match self.state {
+            BindState::Bound => true,
+            BindState::Binding => self.rebinding,
+            _ => false,
         }
     }
 
@@ -343,6 +394,119 @@ mod tests {
             BindEvent::Bound { peer_present }
         );
         client
+    }
+
+    /// A datagram the relay sends the client of [`bound_client`], MAC'd with `relay_key`.
+    fn from_relay(
+        encode: impl FnOnce(&mut [u8], &dyn Fn(&[u8]) -> wire::Mac) -> Result<usize, wire::WireError>,
+        relay_key: &SlotSecret,
+    ) -> Vec<u8> {
+        let relay = SlotKeys::derive(relay_key).relay;
+        let mut buf = vec![0u8; wire::MAX_DATAGRAM];
+        let n = encode(&mut buf, &|m| relay.mac(m)).expect("fits");
+        buf.truncate(n);
+        buf
+    }
+
+    fn relay_close(reason: CloseReason, relay_key: &SlotSecret) -> Vec<u8> {
+        let fields = wire::CloseFields {
+            slot: Slot::A,
+            reason,
+            seq: FIRST_SEQ,
+        };
+        from_relay(
+            |b, mac| wire::encode_close(b, SESSION, &fields, mac),
+            relay_key,
+        )
+    }
+
+    fn notice(bind_seq: u64, peer_present: bool, relay_key: &SlotSecret) -> Vec<u8> {
+        let fields = wire::BindAckFields {
+            slot: Slot::A,
+            peer_present,
+            idle_timeout_secs: 30,
+            bind_seq,
+            expires_at: 1_000,
+        };
+        from_relay(
+            |b, mac| wire::encode_bind_ack(b, SESSION, &fields, mac),
+            relay_key,
+        )
+    }
+
+    #[test]
+    fn a_relay_close_says_why_the_binding_ended() {
+        let secret = SlotSecret::from_bytes([9; 32]);
+        let forger = SlotSecret::from_bytes([8; 32]);
+        let t0 = Instant::now();
+        let mut out = [0u8; wire::MAX_DATAGRAM];
+        for reason in CloseReason::ALL {
+            let mut client = bound_client(t0, true);
+            let forged = relay_close(reason, &forger);
+            assert_eq!(client.handle(t0, &forged, &mut out), BindEvent::Ignored);
+            assert_eq!(client.state(), BindState::Bound);
+            // A reason the spec does not define is malformed, even with a valid MAC.
+            let mut unknown = relay_close(reason, &secret);
+            unknown[wire::HEADER_LEN + 1] = 3;
+            let relay = SlotKeys::derive(&secret).relay;
+            let mac = relay.mac(&unknown[..wire::HEADER_LEN + 12]);
+            unknown[wire::HEADER_LEN + 12..].copy_from_slice(&mac);
+            assert_eq!(client.handle(t0, &unknown, &mut out), BindEvent::Ignored);
+            assert_eq!(
+                client.handle(t0, &relay_close(reason, &secret), &mut out),
+                BindEvent::Closed { reason }
+            );
+            assert_eq!(client.state(), BindState::Closed);
+            assert_eq!(client.poll_timeout(), None, "a closed client sends nothing");
+        }
+    }
+
+    #[test]
+    fn a_peer_present_notice_while_bound_sets_the_flag() {
+        let secret = SlotSecret::from_bytes([9; 32]);
+        let t0 = Instant::now();
+        let mut client = bound_client(t0, false);
+        let mut out = [0u8; wire::MAX_DATAGRAM];
+        // Forged, for another sequence number, or a late copy of the first ACK: nothing new.
+        let forged = notice(FIRST_SEQ, true, &SlotSecret::from_bytes([8; 32]));
+        assert_eq!(client.handle(t0, &forged, &mut out), BindEvent::Ignored);
+        let stale = notice(FIRST_SEQ - 1, true, &secret);
+        assert_eq!(client.handle(t0, &stale, &mut out), BindEvent::Ignored);
+        let copy = notice(FIRST_SEQ, false, &secret);
+        assert_eq!(client.handle(t0, &copy, &mut out), BindEvent::Ignored);
+        assert!(!client.peer_present());
+        assert_eq!(client.state(), BindState::Bound);
+
+        let present = notice(FIRST_SEQ, true, &secret);
+        assert_eq!(
+            client.handle(t0, &present, &mut out),
+            BindEvent::PeerPresent
+        );
+        assert!(client.peer_present());
+        assert_eq!(client.state(), BindState::Bound);
+        // Now DATA we send refreshes our slot on the relay, and postpones the KEEPALIVE.
+        client.note_data_sent(t0 + Duration::from_secs(5));
+        assert_eq!(client.poll_timeout(), Some(t0 + Duration::from_secs(15)));
+        // A copy of the notice repeats the event and changes nothing else.
+        assert_eq!(
+            client.handle(t0, &present, &mut out),
+            BindEvent::PeerPresent
+        );
+        assert_eq!(client.state(), BindState::Bound);
+    }
+
+    #[test]
+    fn a_peer_present_notice_before_the_binding_is_ignored() {
+        let secret = SlotSecret::from_bytes([9; 32]);
+        let mut client = BindClient::new(SESSION, Slot::A, [0; TOKEN_LEN], &secret, FIRST_SEQ);
+        let mut out = [0u8; wire::MAX_DATAGRAM];
+        let present = notice(FIRST_SEQ, true, &secret);
+        assert_eq!(
+            client.handle(Instant::now(), &present, &mut out),
+            BindEvent::Ignored,
+            "no request in flight, nothing acknowledged"
+        );
+        assert!(!client.peer_present());
     }
 
     #[test]

@@ -166,7 +166,7 @@ impl UdpPeer {
                     reason,
                     authenticated: true,
                 } => return Err(UdpPeerError::Rejected(reason.name())),
-                BindEvent::Closed => return Err(UdpPeerError::Closed),
+                BindEvent::Closed { .. } => return Err(UdpPeerError::Closed),
                 _ => {}
             }
         }
@@ -244,11 +244,10 @@ impl UdpPeer {
             match wire::parse(&self.inbuf[..len]) {
                 Ok(Packet::Data(_)) => self.bind.note_data_received(),
                 Ok(Packet::Close(_)) => {
-                    if self
+                    let event = self
                         .bind
-                        .handle(Instant::now(), &self.inbuf[..len], &mut self.out)
-                        == BindEvent::Closed
-                    {
+                        .handle(Instant::now(), &self.inbuf[..len], &mut self.out);
+                    if matches!(event, BindEvent::Closed { .. }) {
                         return Err(UdpPeerError::Closed);
                     }
                     continue;

@@ -13,7 +13,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 
 use crate::metrics::{self, Families};
-use crate::session::{Counters, DropReason};
+use crate::session::{Counters, DropReason, NoticeKind};
 use crate::shards::Sessions;
 use crate::worker::WorkerStats;
 use crate::xdp::Guard;
@@ -258,6 +258,11 @@ impl Snapshot {
             "ferry_reaped",
             "Bindings removed because they were idle or their token expired.",
             c.reaped,
+        )?;
+        w.counters(
+            "ferry_notices",
+            "Datagrams sent to a bound peer unasked: CLOSEs by reason (peer_closed, expired, idle) and peer-present BIND-ACKs.",
+            NoticeKind::ALL.map(|kind| ([("kind", kind.name())], c.notices(kind))),
         )
     }
 
@@ -349,6 +354,7 @@ mod tests {
         let mut sessions = Counters {
             forwarded: 5,
             data_unbound: 6,
+            notices: [0, 0, 3, 1],
             ..Counters::default()
         };
         sessions.binds_rejected[usize::from(RejectReason::WrongSession.as_u8())] = 2;
@@ -387,6 +393,10 @@ mod tests {
             "ferry_bindings_active 5\n",
             "ferry_tracked_ips 2\n",
             "ferry_binds_rejected_total{reason=\"wrong_session\"} 2\n",
+            "ferry_notices_total{kind=\"peer_closed\"} 0\n\
+             ferry_notices_total{kind=\"expired\"} 0\n\
+             ferry_notices_total{kind=\"idle\"} 3\n\
+             ferry_notices_total{kind=\"peer_present\"} 1\n",
             "ferry_worker_rx_packets_total{worker=\"0\"} 0\n\
              ferry_worker_rx_packets_total{worker=\"1\"} 9\n",
             "# TYPE ferry_uring_recv_rearms_total counter\n",

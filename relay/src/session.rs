@@ -17,7 +17,8 @@
 //!    ([`SessionTable::take_events`]), like commands for an IO layer.
 //!
 //! [`crate::shards::Sessions`] runs the first half before it locks a shard and the second under
-//! the lock.
+//! the lock. [`SessionTable::reap`], called on a timer, unbinds idle and expired slots and hands
+//! back a [`Notice`] (an authenticated CLOSE saying why) for each of their peers to send.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -26,7 +27,9 @@ use std::time::{Duration, Instant};
 use ferry_core::proof::SlotKeys;
 use ferry_core::time::UnixTime;
 use ferry_core::token::{TokenError, TokenReplayCache};
-use ferry_core::wire::{self, HeaderError, MAX_DATAGRAM, RejectReason, Slot};
+use ferry_core::wire::{
+    self, CLOSE_BODY_LEN, CloseReason, HEADER_LEN, HeaderError, MAX_DATAGRAM, RejectReason, Slot,
+};
 
 use crate::limits::{SlotAccounts, TokenBucket};
 
@@ -94,6 +97,20 @@ pub enum Outcome {
         /// Bytes written into the reply buffer.
         len: usize,
     },
+    /// Send the first `len` bytes of the reply buffer to `to`, and the `notice_len` bytes
+    /// after them (`reply[len..len + notice_len]`) to `notify`: the BIND-ACK of a BIND that
+    /// completed a session, and the peer-present notice to the other slot's peer
+    /// (docs/protocol.md §3.3).
+    ReplyAndNotify {
+        /// Where the reply goes.
+        to: SocketAddr,
+        /// Bytes of the reply, at the start of the reply buffer.
+        len: usize,
+        /// Where the notice goes: the other slot's bound address.
+        notify: SocketAddr,
+        /// Bytes of the notice, right after the reply.
+        notice_len: usize,
+    },
     /// The datagram was taken into account and needs no answer.
     Consumed,
     /// The datagram was dropped; the reason has been counted.
@@ -145,6 +162,62 @@ impl DropReason {
     }
 }
 
+/// A datagram the relay sends a bound peer unasked (docs/protocol.md §3.3, §3.8), each counted
+/// under its kind in [`Counters::notices`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoticeKind {
+    /// A CLOSE: the other peer closed the session.
+    PeerClosed,
+    /// A CLOSE: the slot's token passed its `exp` plus the clock skew, and the slot was unbound.
+    Expired,
+    /// A CLOSE: the slot was idle for the idle timeout, and was unbound.
+    Idle,
+    /// A BIND-ACK: the other slot of the session has just been bound.
+    PeerPresent,
+}
+
+impl NoticeKind {
+    /// Every kind, in the order of [`Counters::notices`].
+    pub const ALL: [NoticeKind; 4] = [
+        NoticeKind::PeerClosed,
+        NoticeKind::Expired,
+        NoticeKind::Idle,
+        NoticeKind::PeerPresent,
+    ];
+
+    /// The kind as a metrics label value.
+    pub const fn name(self) -> &'static str {
+        match self {
+            NoticeKind::PeerClosed => "peer_closed",
+            NoticeKind::Expired => "expired",
+            NoticeKind::Idle => "idle",
+            NoticeKind::PeerPresent => "peer_present",
+        }
+    }
+
+    /// The kind of a relay CLOSE sent for `reason`.
+    pub const fn of_close(reason: CloseReason) -> Self {
+        match reason {
+            CloseReason::PeerClosed => NoticeKind::PeerClosed,
+            CloseReason::Expired => NoticeKind::Expired,
+            CloseReason::Idle => NoticeKind::Idle,
+        }
+    }
+
+    const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A CLOSE the reaper sends a peer whose binding it removed: where to, and the datagram.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notice {
+    /// The peer's bound address.
+    pub to: SocketAddr,
+    /// The whole datagram (a CLOSE, 44 bytes).
+    pub datagram: Vec<u8>,
+}
+
 /// Counters of one session table; the relay exports them as Prometheus metrics.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -183,6 +256,9 @@ pub struct Counters {
     pub closed: u64,
     /// Bindings reaped because they were idle or their token expired.
     pub reaped: u64,
+    /// Datagrams sent to a peer unasked, indexed by [`NoticeKind`] in the order of
+    /// [`NoticeKind::ALL`]: relay CLOSEs by reason, and peer-present BIND-ACKs.
+    pub notices: [u64; NoticeKind::ALL.len()],
     /// Sessions opened (first slot bound).
     pub sessions_opened: u64,
     /// Sessions gone (closed, or both slots reaped).
@@ -217,6 +293,9 @@ impl Counters {
         self.keepalives += other.keepalives;
         self.closed += other.closed;
         self.reaped += other.reaped;
+        for (sum, n) in self.notices.iter_mut().zip(other.notices) {
+            *sum += n;
+        }
         self.sessions_opened += other.sessions_opened;
         self.sessions_closed += other.sessions_closed;
     }
@@ -232,6 +311,16 @@ impl Counters {
             DropReason::RateLimited => self.rate_limited,
             DropReason::BindRateLimited => self.bind_rate_limited,
         }
+    }
+
+    /// Notices of `kind` sent so far.
+    pub fn notices(&self, kind: NoticeKind) -> u64 {
+        self.notices[kind.index()]
+    }
+
+    /// Counts one notice of `kind`.
+    fn count_notice(&mut self, kind: NoticeKind) {
+        self.notices[kind.index()] += 1;
     }
 
     /// Counts one drop for `reason`.
@@ -387,6 +476,25 @@ fn encode_reject(
     }
 }
 
+/// A CLOSE telling the peer bound to `slot` with `binding` that its binding ended for
+/// `reason`: its last accepted sequence number, a MAC under its `K_relay` (docs/protocol.md
+/// §3.8).
+fn close_notice(sid: u64, slot: Slot, binding: &Binding, reason: CloseReason) -> Option<Notice> {
+    let mut datagram = vec![0; HEADER_LEN + CLOSE_BODY_LEN];
+    let fields = wire::CloseFields {
+        slot,
+        reason,
+        seq: binding.last_seq,
+    };
+    let len =
+        wire::encode_close(&mut datagram, sid, &fields, |m| binding.keys.relay.mac(m)).ok()?;
+    datagram.truncate(len);
+    Some(Notice {
+        to: binding.addr,
+        datagram,
+    })
+}
+
 impl SessionTable {
     /// An empty table; `max_skew_secs` is the token verifier's tolerated clock skew, by which a
     /// token outlives its `exp` here as it does in the verifier.
@@ -476,25 +584,44 @@ impl SessionTable {
 
     /// Unbinds slots idle for longer than the idle timeout or whose token expired more than
     /// the clock skew ago, and forgets sessions with no slot left, giving their slots back to
-    /// `ips`. Returns how many bindings went. Call it about once a second.
-    pub fn reap(&mut self, now: Instant, wall: UnixTime, ips: &mut impl SlotAccounts) -> usize {
+    /// `ips`. Each unbound slot's peer is told why with an authenticated CLOSE (reason
+    /// `EXPIRED` when the token passed `exp` + skew, else `IDLE`), appended to `notices` for
+    /// the caller to send. Returns how many bindings went. Call it about once a second.
+    pub fn reap(
+        &mut self,
+        now: Instant,
+        wall: UnixTime,
+        ips: &mut impl SlotAccounts,
+        notices: &mut Vec<Notice>,
+    ) -> usize {
         let idle = self.limits.idle_timeout;
         let skew = self.max_skew_secs;
         let mut reaped = 0;
         let mut gone = 0;
         let events = &mut self.events;
+        let counters = &mut self.counters;
         self.sessions.retain(|&sid, session| {
-            for slot in session.slots.iter_mut() {
-                let stale = slot.as_ref().is_some_and(|b| {
-                    now.saturating_duration_since(b.last_seen) >= idle
-                        || wall >= b.expires.saturating_add(skew)
-                });
-                if stale {
-                    if let Some(b) = slot.take() {
-                        ips.detach(b.addr.ip());
+            for (slot, index) in session.slots.iter_mut().zip([Slot::A, Slot::B]) {
+                let reason = slot.as_ref().and_then(|b| {
+                    if wall >= b.expires.saturating_add(skew) {
+                        Some(CloseReason::Expired)
+                    } else if now.saturating_duration_since(b.last_seen) >= idle {
+                        Some(CloseReason::Idle)
+                    } else {
+                        None
                     }
-                    reaped += 1;
+                });
+                let Some(reason) = reason else {
+                    continue;
+                };
+                if let Some(b) = slot.take() {
+                    ips.detach(b.addr.ip());
+                    if let Some(notice) = close_notice(sid, index, &b, reason) {
+                        counters.count_notice(NoticeKind::of_close(reason));
+                        notices.push(notice);
+                    }
                 }
+                reaped += 1;
             }
             let keep = session.slots.iter().any(Option::is_some);
             if !keep {
@@ -503,8 +630,8 @@ impl SessionTable {
             }
             keep
         });
-        self.counters.reaped += reaped as u64;
-        self.counters.sessions_closed += gone;
+        counters.reaped += reaped as u64;
+        counters.sessions_closed += gone;
         reaped
     }
 
@@ -558,6 +685,27 @@ impl SessionTable {
         encode_reject(req, reason, None, reply)
     }
 
+    /// Writes into `out` a BIND-ACK for `slot` of session `sid`, bound with `binding`: its
+    /// last accepted sequence number and `exp`, MAC'd under its `K_relay`.
+    fn encode_ack(
+        &self,
+        sid: u64,
+        slot: Slot,
+        binding: &Binding,
+        peer_present: bool,
+        out: &mut [u8],
+    ) -> Result<usize, wire::WireError> {
+        let fields = wire::BindAckFields {
+            slot,
+            peer_present,
+            idle_timeout_secs: u32::try_from(self.limits.idle_timeout.as_secs())
+                .unwrap_or(u32::MAX),
+            bind_seq: binding.last_seq,
+            expires_at: binding.expires.as_secs(),
+        };
+        wire::encode_bind_ack(out, sid, &fields, |m| binding.keys.relay.mac(m))
+    }
+
     /// Acknowledges the binding of `req`'s slot.
     fn ack(&self, req: &Request, reply: &mut [u8]) -> Outcome {
         let i = slot_index(req.slot);
@@ -567,19 +715,41 @@ impl SessionTable {
         let Some(binding) = session.slots[i].as_ref() else {
             return Outcome::Consumed;
         };
-        let fields = wire::BindAckFields {
-            slot: req.slot,
-            peer_present: session.slots[1 - i].is_some(),
-            idle_timeout_secs: u32::try_from(self.limits.idle_timeout.as_secs())
-                .unwrap_or(u32::MAX),
-            bind_seq: binding.last_seq,
-            expires_at: binding.expires.as_secs(),
-        };
-        match wire::encode_bind_ack(reply, req.session_id, &fields, |m| {
-            binding.keys.relay.mac(m)
-        }) {
+        let peer_present = session.slots[1 - i].is_some();
+        match self.encode_ack(req.session_id, req.slot, binding, peer_present, reply) {
             Ok(len) => Outcome::Reply { to: req.from, len },
             Err(_) => Outcome::Consumed,
+        }
+    }
+
+    /// Acknowledges the binding of `req`'s slot, which was free until now, and, when the other
+    /// slot is bound, tells that slot's peer with an unsolicited BIND-ACK of its own binding
+    /// (peer present, docs/protocol.md §3.3), written into `reply` right after the ACK.
+    fn ack_and_notify(&mut self, req: &Request, reply: &mut [u8]) -> Outcome {
+        let Outcome::Reply { to, len } = self.ack(req, reply) else {
+            return Outcome::Consumed;
+        };
+        let other = req.slot.other();
+        let Some(binding) = self
+            .sessions
+            .get(&req.session_id)
+            .and_then(|s| s.slots[slot_index(other)].as_ref())
+        else {
+            return Outcome::Reply { to, len };
+        };
+        let notify = binding.addr;
+        let written = reply
+            .get_mut(len..)
+            .map(|out| self.encode_ack(req.session_id, other, binding, true, out));
+        let Some(Ok(notice_len)) = written else {
+            return Outcome::Reply { to, len };
+        };
+        self.counters.count_notice(NoticeKind::PeerPresent);
+        Outcome::ReplyAndNotify {
+            to,
+            len,
+            notify,
+            notice_len,
         }
     }
 
@@ -671,7 +841,12 @@ impl SessionTable {
         }
         self.sessions.entry(req.session_id).or_default().slots[i] = Some(binding);
         self.counters.binds_accepted += 1;
-        self.ack(&req, reply)
+        // A renewal replaces a binding the other peer already knows of; a slot bound anew is
+        // news to it.
+        match held {
+            Some(_) => self.ack(&req, reply),
+            None => self.ack_and_notify(&req, reply),
+        }
     }
 
     fn touch(&mut self, sid: u64, i: usize, now: Instant, seq: u64) {
@@ -782,13 +957,17 @@ impl SessionTable {
         };
         let fields = wire::CloseFields {
             slot: close.slot().other(),
+            reason: CloseReason::PeerClosed,
             seq: other.last_seq,
         };
         match wire::encode_close(reply, sid, &fields, |m| other.keys.relay.mac(m)) {
-            Ok(len) => Outcome::Reply {
-                to: other.addr,
-                len,
-            },
+            Ok(len) => {
+                self.counters.count_notice(NoticeKind::PeerClosed);
+                Outcome::Reply {
+                    to: other.addr,
+                    len,
+                }
+            }
             Err(_) => Outcome::Consumed,
         }
     }

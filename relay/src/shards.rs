@@ -25,7 +25,9 @@ use ferry_core::time::UnixTime;
 use ferry_core::token::TokenVerifier;
 
 use crate::limits::{IpLimits, IpRefusal, IpTable, SlotAccounts};
-use crate::session::{self, Checked, Counters, Outcome, SessionEvent, SessionLimits, SessionTable};
+use crate::session::{
+    self, Checked, Counters, Notice, Outcome, SessionEvent, SessionLimits, SessionTable,
+};
 use crate::worker::PacketHandler;
 
 /// Told when a session opens or is forgotten: the XDP guard's session filter
@@ -249,13 +251,14 @@ impl Sessions {
         }
     }
 
-    /// Reaps idle and expired bindings in every shard; returns how many went.
-    pub fn reap(&self, now: Instant, wall: UnixTime) -> usize {
+    /// Reaps idle and expired bindings in every shard; returns how many went, and appends to
+    /// `notices` the CLOSE that tells each of their peers why.
+    pub fn reap(&self, now: Instant, wall: UnixTime, notices: &mut Vec<Notice>) -> usize {
         self.shards
             .iter()
             .map(|shard| {
                 let mut table = lock(&shard.table);
-                let reaped = table.reap(now, wall, &mut SharedIps(&self.ips));
+                let reaped = table.reap(now, wall, &mut SharedIps(&self.ips), notices);
                 self.publish(shard, table);
                 reaped
             })
@@ -318,7 +321,7 @@ impl Sessions {
 const REAP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// One worker's view of the shared sessions ([`PacketHandler`]): a datagram in, an outcome
-/// out, and reaping on ticks.
+/// out, and reaping on ticks, whose notices the worker sends.
 #[derive(Debug)]
 pub struct SessionsHandler {
     sessions: Arc<Sessions>,
@@ -348,14 +351,15 @@ impl PacketHandler for SessionsHandler {
         self.sessions.handle(now, wall, from, datagram, reply)
     }
 
-    fn tick(&mut self, now: Instant, wall: UnixTime) {
+    fn tick(&mut self, now: Instant, wall: UnixTime, notices: &mut Vec<Notice>) {
         // Every worker reaps every shard once a second (its ticks come every 100 ms by
         // default), so with N workers the tables are reaped N times a second in all. A pass
         // unbinds slots idle for `limits.idle_timeout_secs` (5 s at least) and slots whose
         // token expired more than `limits.max_clock_skew_secs` ago, so a slot outlives its
-        // deadline by at most about a second.
+        // deadline by at most about a second. Each unbound slot's peer gets a CLOSE saying
+        // why, which the worker sends.
         if now >= self.next_reap {
-            self.sessions.reap(now, wall);
+            self.sessions.reap(now, wall, notices);
             self.next_reap = now + REAP_INTERVAL;
         }
     }

@@ -5,7 +5,8 @@
 //! The loop, per iteration: submit everything queued and wait for a completion (at most
 //! `tick` long); read the clocks once; drain all completions; for each received datagram ask
 //! the handler and queue the send (forwards go out from the receive buffer itself); re-arm
-//! receives the kernel ended; publish counters. No allocation happens per datagram.
+//! receives the kernel ended; on a tick, send what the handler's timers produced (the reaper's
+//! CLOSEs); publish counters. No allocation happens per received datagram.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -19,7 +20,7 @@ use ferry_core::wire::{HeaderError, MAX_DATAGRAM};
 use io_uring::types::Timespec;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::session::{Counters, Outcome};
+use crate::session::{Counters, Notice, Outcome};
 use crate::uring::{
     Completion, MAX_GSO_BYTES, MAX_SEGMENTS, RecvProblem, Ring, SHUTDOWN_LIMIT, Segment,
     UringError, is_v4, recv_payload_room,
@@ -37,8 +38,9 @@ pub trait PacketHandler: Send {
         reply: &mut [u8],
     ) -> Outcome;
 
-    /// Called about every [`WorkerConfig::tick`], for timers.
-    fn tick(&mut self, now: Instant, wall: UnixTime);
+    /// Called about every [`WorkerConfig::tick`], for timers. Datagrams the handler sends
+    /// unasked (the reaper's CLOSEs) go into `notices`, which the worker sends and empties.
+    fn tick(&mut self, now: Instant, wall: UnixTime, notices: &mut Vec<Notice>);
 }
 
 /// Counters one worker publishes for metrics (relaxed atomics, updated once per batch).
@@ -305,6 +307,7 @@ pub fn run_worker<H: PacketHandler>(
         .nsec(cfg.tick.subsec_nanos());
     let mut completions = Vec::with_capacity(4096);
     let mut reply = vec![0u8; MAX_DATAGRAM];
+    let mut notices = Vec::new();
     let mut report = WorkerReport::default();
     let mut next_tick = Instant::now();
     let mut pending = PendingForwards {
@@ -404,7 +407,17 @@ pub fn run_worker<H: PacketHandler>(
         // one-at-a-time (interactive) traffic never waits for a batch to fill.
         busy = batch.rx_packets > 1;
         if now >= next_tick {
-            handler.tick(now, wall);
+            handler.tick(now, wall, &mut notices);
+            for notice in notices.drain(..) {
+                let socket = out_socket(v4_socket, v6_socket, notice.to);
+                send_reply(
+                    &mut ring,
+                    socket,
+                    Some(&notice.datagram),
+                    notice.to,
+                    &mut batch,
+                )?;
+            }
             next_tick = now + cfg.tick;
         }
         report.rx_packets += batch.rx_packets;
@@ -469,10 +482,7 @@ fn on_recv<H: PacketHandler>(
     batch.rx_bytes += datagram.payload.len() as u64;
     let (from, len, offset) = (datagram.from, datagram.payload.len(), datagram.offset);
     let outcome = handler.handle(cx.now, cx.wall, from, datagram.payload, reply);
-    let out_socket = |to: SocketAddr| match is_v4(to.ip()) {
-        true => cx.v4_socket,
-        false => cx.v6_socket,
-    };
+    let out_socket = |to: SocketAddr| out_socket(cx.v4_socket, cx.v6_socket, to);
     match outcome {
         Outcome::Forward { to } => match out_socket(to) {
             Some(socket) => pending.add(ring, socket, to, len, Segment { bid, offset }, batch)?,
@@ -483,15 +493,48 @@ fn on_recv<H: PacketHandler>(
         },
         Outcome::Reply { to, len } => {
             ring.give_back(bid);
-            let queued = match (out_socket(to), reply.get(..len)) {
-                (Some(s), Some(bytes)) => ring.send_reply(s, bytes, to)?,
-                _ => false,
-            };
-            if !queued {
-                batch.tx_slots_full += 1;
-            }
+            send_reply(ring, out_socket(to), reply.get(..len), to, batch)?;
+        }
+        Outcome::ReplyAndNotify {
+            to,
+            len,
+            notify,
+            notice_len,
+        } => {
+            ring.give_back(bid);
+            send_reply(ring, out_socket(to), reply.get(..len), to, batch)?;
+            let notice = reply.get(len..len.saturating_add(notice_len));
+            send_reply(ring, out_socket(notify), notice, notify, batch)?;
         }
         Outcome::Consumed | Outcome::Drop(_) => ring.give_back(bid),
+    }
+    Ok(())
+}
+
+/// The socket that sends to `to`: the one of its address family, if one is open.
+fn out_socket(v4_socket: Option<usize>, v6_socket: Option<usize>, to: SocketAddr) -> Option<usize> {
+    match is_v4(to.ip()) {
+        true => v4_socket,
+        false => v6_socket,
+    }
+}
+
+/// Queues `bytes` for `to` from a send slot of `socket`; counts it as
+/// [`WorkerStats::tx_slots_full`] when no slot is free or no socket of its family is open
+/// (or, which the handler never does, when the outcome named bytes past the reply buffer).
+fn send_reply(
+    ring: &mut Ring,
+    socket: Option<usize>,
+    bytes: Option<&[u8]>,
+    to: SocketAddr,
+    batch: &mut BatchStats,
+) -> Result<(), UringError> {
+    let queued = match (socket, bytes) {
+        (Some(s), Some(bytes)) => ring.send_reply(s, bytes, to)?,
+        _ => false,
+    };
+    if !queued {
+        batch.tx_slots_full += 1;
     }
     Ok(())
 }

@@ -17,7 +17,7 @@ use ferry_core::token::{TokenVerifier, VerifierConfig};
 use ferry_core::wire::{MAX_DATA_BODY, MAX_DATAGRAM, encode_data};
 use ferry_relay::exporter;
 use ferry_relay::limits::IpLimits;
-use ferry_relay::session::{DropReason, Outcome, SessionLimits};
+use ferry_relay::session::{DropReason, Notice, Outcome, SessionLimits};
 use ferry_relay::shards::{Sessions, SessionsHandler};
 use ferry_relay::uring::recv_payload_room;
 use ferry_relay::worker::{
@@ -232,7 +232,7 @@ impl PacketHandler for ForwardHandler {
         }
     }
 
-    fn tick(&mut self, _now: Instant, _wall: UnixTime) {}
+    fn tick(&mut self, _now: Instant, _wall: UnixTime, _notices: &mut Vec<Notice>) {}
 }
 
 /// Sends `count` 700-byte datagrams opening with `tag` to `to` in one burst, so that a batch

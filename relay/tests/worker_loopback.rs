@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ferry_core::time::UnixTime;
-use ferry_relay::session::{DropReason, Outcome};
+use ferry_relay::session::{DropReason, Notice, Outcome};
 use ferry_relay::worker::{PacketHandler, WorkerConfig, WorkerError, WorkerStats, run_worker};
 
 /// 'F…' is forwarded to `sink`, 'R…' answered with its bytes reversed, anything else dropped.
@@ -38,7 +38,7 @@ impl PacketHandler for TestHandler {
         }
     }
 
-    fn tick(&mut self, _now: Instant, _wall: UnixTime) {}
+    fn tick(&mut self, _now: Instant, _wall: UnixTime, _notices: &mut Vec<Notice>) {}
 }
 
 /// A free port on `ip`, which is written as in a socket address (`[::1]`).

@@ -52,6 +52,7 @@ fn rebind_fields() -> RebindFields {
 fn close_fields() -> CloseFields {
     CloseFields {
         slot: Slot::B,
+        reason: CloseReason::Idle,
         seq: 45,
     }
 }
@@ -204,6 +205,8 @@ fn each_body_rule_has_its_error() {
     assert_body_error(reject, 3, 0x80, WireError::ReservedNonZero);
     for at in 1..4 {
         assert_body_error(rebind, at, 1, WireError::ReservedNonZero);
+    }
+    for at in 2..4 {
         assert_body_error(close, at, 1, WireError::ReservedNonZero);
     }
     // BIND token length.
@@ -212,6 +215,9 @@ fn each_body_rule_has_its_error() {
     // REJECT reason and flags.
     assert_body_error(reject, 0, 0, WireError::UnknownRejectReason(0));
     assert_body_error(reject, 0, 10, WireError::UnknownRejectReason(10));
+    // CLOSE reason.
+    assert_body_error(close, 1, 3, WireError::UnknownCloseReason(3));
+    assert_body_error(close, 1, 0xff, WireError::UnknownCloseReason(0xff));
     assert_body_error(reject, 2, 2, WireError::BadFlag(2));
     assert_body_error(ack, 1, 2, WireError::BadFlag(2));
     // Unauthenticated REJECT: the MAC field must be zero.
@@ -344,6 +350,11 @@ fn reject_reasons_and_slots_round_trip() {
         assert_eq!(slot.other().other(), slot);
     }
     assert_eq!(Slot::from_u8(2), None);
+    for (value, reason) in CloseReason::ALL.into_iter().enumerate() {
+        assert_eq!(usize::from(reason.as_u8()), value);
+        assert_eq!(CloseReason::from_u8(reason.as_u8()), Some(reason));
+    }
+    assert_eq!(CloseReason::from_u8(3), None);
 }
 
 fn any_slot() -> impl Strategy<Value = Slot> {
@@ -501,8 +512,13 @@ proptest! {
     }
 
     #[test]
-    fn close_round_trips(session in any_session(), slot in any_slot(), seq in any::<u64>()) {
-        let fields = CloseFields { slot, seq };
+    fn close_round_trips(
+        session in any_session(),
+        slot in any_slot(),
+        reason in prop::sample::select(CloseReason::ALL.to_vec()),
+        seq in any::<u64>(),
+    ) {
+        let fields = CloseFields { slot, reason, seq };
         let bytes = encoded(|b| encode_close(b, session, &fields, test_mac));
         let Packet::Close(p) = parse_checked(&bytes) else { panic!() };
         prop_assert_eq!(p.fields(), fields);

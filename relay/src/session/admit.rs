@@ -10,7 +10,7 @@ use std::ops::Deref;
 use ferry_core::proof::{CookieJar, SlotKeys};
 use ferry_core::time::UnixTime;
 use ferry_core::token::TokenVerifier;
-use ferry_core::wire::{self, HeaderError, Packet, RejectReason};
+use ferry_core::wire::{self, CloseReason, HeaderError, Packet, RejectReason};
 
 use super::{DropReason, Outcome, Request, encode_reject, reject_reason};
 
@@ -112,7 +112,8 @@ pub type Checked<'a> = Result<Input<'a>, Answered>;
 
 /// The checks of docs/protocol.md §7 that need no session state, in its order.
 ///
-/// - A datagram that does not parse, or of a type only the relay sends, is dropped.
+/// - A datagram that does not parse, of a type only the relay sends, or a CLOSE with a reason
+///   (only the relay's CLOSE has one), is dropped.
 /// - A BIND or REBIND without a valid address cookie for its source gets a CHALLENGE (§5).
 /// - Then its source is charged one bind attempt through `charge_bind`, which says whether the
 ///   source was under its rate; if not, the datagram is dropped. Charged only once the cookie
@@ -131,6 +132,11 @@ pub fn check<'a, V: Deref<Target = TokenVerifier>>(
     datagram: &'a [u8],
     reply: &mut [u8],
 ) -> Checked<'a> {
+    let malformed = |rule| Answered {
+        outcome: Outcome::Drop(DropReason::Malformed),
+        tally: Tally::Malformed { rule },
+        session_id: 0,
+    };
     let packet = match wire::parse(datagram) {
         Ok(p) => p,
         Err(e) => {
@@ -140,11 +146,7 @@ pub fn check<'a, V: Deref<Target = TokenVerifier>>(
                 wire::WireError::Header(h) => h.as_index(),
                 _ => HeaderError::COUNT,
             };
-            return Err(Answered {
-                outcome: Outcome::Drop(DropReason::Malformed),
-                tally: Tally::Malformed { rule },
-                session_id: 0,
-            });
+            return Err(malformed(rule));
         }
     };
     let request = |session_id, slot, seq| Request {
@@ -166,6 +168,10 @@ pub fn check<'a, V: Deref<Target = TokenVerifier>>(
                 from,
                 session_id: ka.session_id(),
             });
+        }
+        // Only the relay says why a binding ended: a peer's CLOSE carries reason 0 (§3).
+        Packet::Close(close) if close.reason() != CloseReason::PeerClosed => {
+            return Err(malformed(HeaderError::COUNT));
         }
         Packet::Close(close) => return Ok(Input::Close(close)),
         Packet::Challenge(_) | Packet::BindAck(_) | Packet::Reject(_) => {

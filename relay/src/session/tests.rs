@@ -3,6 +3,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ferry_core::keys::{GatewaySigningKey, RelayPublicKey, RelayStaticKey};
 use ferry_core::proof::CookieJar;
 use ferry_core::token::{ClaimsInput, MintedToken, TokenMinter, TokenVerifier, VerifierConfig};
+use ferry_core::wire::{BindAck, Close};
 use ferry_core::wire::{BindFields, CloseFields, MAX_DATAGRAM, Packet, RebindFields};
 use ring::rand::SystemRandom;
 
@@ -30,6 +31,8 @@ struct Fixture {
     relay_public: RelayPublicKey,
     now: Instant,
     reply: Vec<u8>,
+    /// What the reaper told peers, oldest first.
+    notices: Vec<Notice>,
     rng: SystemRandom,
 }
 
@@ -52,6 +55,7 @@ impl Fixture {
             relay_public,
             now: Instant::now(),
             reply: vec![0; MAX_DATAGRAM],
+            notices: Vec::new(),
             rng,
         }
     }
@@ -105,11 +109,12 @@ impl Fixture {
     }
 
     fn reap(&mut self, now: Instant, wall: UnixTime) -> usize {
-        self.table.reap(now, wall, &mut self.ips)
+        self.table.reap(now, wall, &mut self.ips, &mut self.notices)
     }
 
+    /// The reply to the sender (without the notice to the other peer, if one went too).
     fn reply_packet(&self, outcome: Outcome) -> Packet<'_> {
-        let Outcome::Reply { len, .. } = outcome else {
+        let (Outcome::Reply { len, .. } | Outcome::ReplyAndNotify { len, .. }) = outcome else {
             panic!("expected a reply, got {outcome:?}");
         };
         wire::parse(&self.reply[..len]).unwrap()
@@ -442,7 +447,11 @@ fn a_verified_close_ends_the_session_and_tells_the_other_peer() {
     let (ta, tb) = f.bound_pair(a, b);
     let close = |keys: &SlotKeys, seq| {
         let mut buf = vec![0; MAX_DATAGRAM];
-        let fields = CloseFields { slot: Slot::A, seq };
+        let fields = CloseFields {
+            slot: Slot::A,
+            reason: CloseReason::PeerClosed,
+            seq,
+        };
         let n = wire::encode_close(&mut buf, SID, &fields, |m| keys.peer.mac(m)).unwrap();
         buf.truncate(n);
         buf
@@ -471,6 +480,8 @@ fn a_verified_close_ends_the_session_and_tells_the_other_peer() {
         b_keys.relay.verify(c.mac_input(), c.mac()),
         "relay CLOSE is authenticated"
     );
+    assert_eq!(c.reason(), CloseReason::PeerClosed);
+    assert_eq!(f.counters().notices(NoticeKind::PeerClosed), 1);
     assert_eq!(f.table.session_count(), 0);
     assert_eq!(
         f.send(a, &f.data(SID)),
@@ -778,6 +789,7 @@ fn sessions_opened_and_forgotten_are_queued_as_events_in_order() {
     let mut buf = vec![0; MAX_DATAGRAM];
     let fields = CloseFields {
         slot: Slot::A,
+        reason: CloseReason::PeerClosed,
         seq: 11,
     };
     let n = wire::encode_close(&mut buf, SID, &fields, |m| keys.peer.mac(m)).unwrap();
@@ -795,4 +807,229 @@ fn sessions_opened_and_forgotten_are_queued_as_events_in_order() {
         ]
     );
     assert!(!f.table.has_events());
+}
+
+/// The CLOSE of `notice`, checked to be for `to`, under `token`'s relay key (and so not under
+/// any other slot's).
+fn close_notice_for<'a>(notice: &'a Notice, to: SocketAddr, token: &MintedToken) -> Close<'a> {
+    assert_eq!(notice.to, to);
+    let Ok(Packet::Close(close)) = wire::parse(&notice.datagram) else {
+        panic!("expected a CLOSE, got {:?}", notice.datagram);
+    };
+    let keys = SlotKeys::derive(&token.slot_secret);
+    assert!(keys.relay.verify(close.mac_input(), close.mac()));
+    close
+}
+
+#[test]
+fn reaped_peers_are_told_why_with_an_authenticated_close() {
+    let mut f = Fixture::new(SessionLimits::default());
+    let (a, b) = (v4(1, 1000), v4(2, 2000));
+    let (ta, tb) = f.bound_pair(a, b);
+    assert_eq!(f.reap(f.now + Duration::from_secs(59), T0), 0);
+    assert!(f.notices.is_empty(), "nothing to tell before a slot goes");
+    // A keeps talking, B falls silent for the idle timeout.
+    f.now += Duration::from_secs(59);
+    assert_eq!(f.send(a, &f.data(SID)), Outcome::Forward { to: b });
+    assert_eq!(f.reap(f.now + Duration::from_secs(1), T0), 1);
+    let [idle] = f.notices.as_slice() else {
+        panic!("expected one notice, got {:?}", f.notices);
+    };
+    let close = close_notice_for(idle, b, &tb);
+    assert_eq!(close.session_id(), SID);
+    assert_eq!(close.slot(), Slot::B);
+    assert_eq!(close.reason(), CloseReason::Idle);
+    assert_eq!(close.seq(), 10, "B's last accepted sequence number");
+    let a_keys = SlotKeys::derive(&ta.slot_secret);
+    assert!(
+        !a_keys.relay.verify(close.mac_input(), close.mac()),
+        "only B's key verifies B's notice"
+    );
+    // A's token runs out (600 s lifetime + 30 s skew) although A is active.
+    f.notices.clear();
+    assert_eq!(
+        f.send(a, &f.data(SID)),
+        Outcome::Drop(DropReason::DataUnbound)
+    );
+    assert_eq!(f.reap(f.now, T0.saturating_add(629)), 0);
+    assert_eq!(f.reap(f.now, T0.saturating_add(630)), 1);
+    let [expired] = f.notices.as_slice() else {
+        panic!("expected one notice, got {:?}", f.notices);
+    };
+    let close = close_notice_for(expired, a, &ta);
+    assert_eq!(close.slot(), Slot::A);
+    assert_eq!(close.reason(), CloseReason::Expired);
+    assert_eq!(close.seq(), 10);
+    let counters = f.counters();
+    assert_eq!(counters.notices(NoticeKind::Idle), 1);
+    assert_eq!(counters.notices(NoticeKind::Expired), 1);
+    assert_eq!(counters.notices(NoticeKind::PeerClosed), 0);
+    assert_eq!(counters.reaped, 2);
+}
+
+#[test]
+fn an_expired_and_idle_slot_is_told_it_expired() {
+    let mut f = Fixture::new(SessionLimits::default());
+    let (a, b) = (v4(1, 1000), v4(2, 2000));
+    let (ta, tb) = f.bound_pair(a, b);
+    assert_eq!(
+        f.reap(f.now + Duration::from_secs(3600), T0.saturating_add(700)),
+        2
+    );
+    let [first, second] = f.notices.as_slice() else {
+        panic!("expected two notices, got {:?}", f.notices);
+    };
+    for (notice, to, token) in [(first, a, &ta), (second, b, &tb)] {
+        assert_eq!(
+            close_notice_for(notice, to, token).reason(),
+            CloseReason::Expired
+        );
+    }
+    assert_eq!(f.table.session_count(), 0);
+}
+
+/// The BIND-ACK in `bytes`, checked to verify under `token`'s relay key.
+fn ack_under<'a>(bytes: &'a [u8], token: &MintedToken) -> BindAck<'a> {
+    let Ok(Packet::BindAck(ack)) = wire::parse(bytes) else {
+        panic!("expected a BIND-ACK, got {bytes:?}");
+    };
+    let keys = SlotKeys::derive(&token.slot_secret);
+    assert!(keys.relay.verify(ack.mac_input(), ack.mac()));
+    ack
+}
+
+#[test]
+fn the_bind_that_completes_a_session_notifies_the_other_peer() {
+    let mut f = Fixture::new(SessionLimits::default());
+    let (a, b, a2) = (v4(1, 1000), v4(2, 2000), v4(3, 3000));
+    let (ta, tb) = (f.mint(SID, Slot::A), f.mint(SID, Slot::B));
+    let outcome = f.bind(a, &ta, Slot::A, 10);
+    assert!(
+        matches!(outcome, Outcome::Reply { to, .. } if to == a),
+        "nobody to tell yet: {outcome:?}"
+    );
+    let cookie = f.cookie_for(b, &tb, Slot::B);
+    let bind = f.bind_packet(&tb, Slot::B, 20, cookie);
+    let outcome = f.send(b, &bind);
+    let Outcome::ReplyAndNotify {
+        to,
+        len,
+        notify,
+        notice_len,
+    } = outcome
+    else {
+        panic!("expected an ACK and a notice, got {outcome:?}");
+    };
+    assert_eq!((to, notify), (b, a));
+    let ack = ack_under(&f.reply[..len], &tb);
+    assert_eq!(
+        (ack.slot(), ack.peer_present(), ack.bind_seq()),
+        (Slot::B, true, 20)
+    );
+    // The notice is A's own BIND-ACK: A's slot, A's last number and `exp`, A's key only.
+    let notice = ack_under(&f.reply[len..len + notice_len], &ta);
+    assert_eq!(notice.session_id(), SID);
+    assert_eq!(notice.slot(), Slot::A);
+    assert!(notice.peer_present());
+    assert_eq!(notice.bind_seq(), 10);
+    assert_eq!(notice.expires_at(), T0.saturating_add(600).as_secs());
+    assert_eq!(notice.idle_timeout_secs(), 60);
+    let b_keys = SlotKeys::derive(&tb.slot_secret);
+    assert!(!b_keys.relay.verify(notice.mac_input(), notice.mac()));
+    // Both answers together are smaller than the BIND that caused them.
+    assert!(len + notice_len < bind.len(), "{len} + {notice_len}");
+    assert_eq!(f.counters().notices(NoticeKind::PeerPresent), 1);
+
+    // A retransmitted BIND, a renewal and a REBIND change nothing A does not know.
+    let outcome = f.send(b, &bind);
+    assert!(matches!(outcome, Outcome::Reply { .. }), "{outcome:?}");
+    let renewal = f.mint(SID, Slot::B);
+    let outcome = f.bind(b, &renewal, Slot::B, 21);
+    assert!(matches!(outcome, Outcome::Reply { .. }), "{outcome:?}");
+    assert!(f.expect_ack(outcome));
+    let keys = SlotKeys::derive(&ta.slot_secret);
+    let rebind = |cookie| {
+        let fields = RebindFields {
+            slot: Slot::A,
+            bind_seq: 11,
+            cookie,
+        };
+        let mut buf = vec![0; MAX_DATAGRAM];
+        let n = wire::encode_rebind(&mut buf, SID, &fields, |m| keys.peer.mac(m)).unwrap();
+        buf.truncate(n);
+        buf
+    };
+    let outcome = f.send(a2, &rebind([0; 16]));
+    let Packet::Challenge(c) = f.reply_packet(outcome) else {
+        panic!("expected CHALLENGE");
+    };
+    let outcome = f.send(a2, &rebind(*c.cookie()));
+    assert!(
+        matches!(outcome, Outcome::Reply { to, .. } if to == a2),
+        "{outcome:?}"
+    );
+    assert!(f.expect_ack(outcome));
+    assert_eq!(f.counters().notices(NoticeKind::PeerPresent), 1);
+}
+
+#[test]
+fn a_slot_bound_again_after_a_reap_is_news_to_the_other_peer() {
+    let mut f = Fixture::new(SessionLimits::default());
+    let (a, b) = (v4(1, 1000), v4(2, 2000));
+    let (ta, _) = f.bound_pair(a, b);
+    f.now += Duration::from_secs(59);
+    assert_eq!(f.send(a, &f.data(SID)), Outcome::Forward { to: b });
+    assert_eq!(f.reap(f.now + Duration::from_secs(1), T0), 1);
+    // B comes back with a fresh token: A hears of it.
+    let fresh = f.mint(SID, Slot::B);
+    let outcome = f.bind(b, &fresh, Slot::B, 30);
+    let Outcome::ReplyAndNotify {
+        len,
+        notify,
+        notice_len,
+        ..
+    } = outcome
+    else {
+        panic!("expected an ACK and a notice, got {outcome:?}");
+    };
+    assert_eq!(notify, a);
+    assert!(ack_under(&f.reply[len..len + notice_len], &ta).peer_present());
+    assert_eq!(f.counters().notices(NoticeKind::PeerPresent), 2);
+}
+
+#[test]
+fn a_peer_close_with_a_reason_is_malformed() {
+    let mut f = Fixture::new(SessionLimits::default());
+    let (a, b) = (v4(1, 1000), v4(2, 2000));
+    let (ta, _) = f.bound_pair(a, b);
+    let keys = SlotKeys::derive(&ta.slot_secret);
+    for reason in [CloseReason::Expired, CloseReason::Idle] {
+        let fields = CloseFields {
+            slot: Slot::A,
+            reason,
+            seq: 11,
+        };
+        let mut buf = vec![0; MAX_DATAGRAM];
+        let n = wire::encode_close(&mut buf, SID, &fields, |m| keys.peer.mac(m)).unwrap();
+        assert_eq!(f.send(a, &buf[..n]), Outcome::Drop(DropReason::Malformed));
+    }
+    assert_eq!(f.table.session_count(), 1, "the session stays");
+    assert_eq!(f.counters().malformed_by_rule[HeaderError::COUNT], 2);
+}
+
+#[test]
+fn notice_kinds_index_their_counters_in_order() {
+    let mut counters = Counters::default();
+    for (i, kind) in NoticeKind::ALL.into_iter().enumerate() {
+        for _ in 0..=i {
+            counters.count_notice(kind);
+        }
+    }
+    assert_eq!(counters.notices, [1, 2, 3, 4]);
+    for (i, kind) in NoticeKind::ALL.into_iter().enumerate() {
+        assert_eq!(counters.notices(kind), i as u64 + 1, "{}", kind.name());
+    }
+    for reason in CloseReason::ALL {
+        assert_eq!(NoticeKind::of_close(reason).name(), reason.name());
+    }
 }

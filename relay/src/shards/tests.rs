@@ -9,7 +9,7 @@ use ferry_core::wire::{self, BindFields, MAX_DATAGRAM, Packet, Slot};
 use ring::rand::SystemRandom;
 
 use super::*;
-use crate::session::Input;
+use crate::session::{Input, NoticeKind};
 
 const T0: UnixTime = UnixTime(1_900_000_000);
 
@@ -113,7 +113,8 @@ impl Relay {
             let outcome = self
                 .sessions
                 .handle(self.now, T0, from, &buf[..n], &mut self.reply);
-            let Outcome::Reply { len, .. } = outcome else {
+            // The BIND that completes a session also notifies the other slot's peer.
+            let (Outcome::Reply { len, .. } | Outcome::ReplyAndNotify { len, .. }) = outcome else {
                 panic!("no answer: {outcome:?}");
             };
             if seq == 1 {
@@ -157,8 +158,14 @@ fn sessions_in_different_shards_forward_and_counters_sum_up() {
     assert_eq!(r.sessions.counters().malformed, 1);
     // Everything idles out.
     let later = r.now + Duration::from_secs(3600);
-    assert_eq!(r.sessions.reap(later, T0), 6);
+    let mut notices = Vec::new();
+    assert_eq!(r.sessions.reap(later, T0, &mut notices), 6);
     assert_eq!(r.sessions.occupancy(), (0, 0));
+    // Each reaped peer is told, and the shards' notice counters sum up.
+    assert_eq!(notices.len(), 6);
+    let counters = r.sessions.counters();
+    assert_eq!(counters.notices(NoticeKind::Idle), 6);
+    assert_eq!(counters.notices(NoticeKind::PeerPresent), 3);
 }
 
 #[test]
@@ -320,7 +327,7 @@ fn events_reach_the_observer_outside_the_shard_lock_and_opened_before_the_ack() 
     // By the time the BIND-ACK is handed back, the observer knows the session.
     assert_eq!(*lock(&recorder.seen), [(SessionEvent::Opened(sid), true)]);
     let later = r.now + Duration::from_secs(3600);
-    assert_eq!(sessions.reap(later, T0), 1);
+    assert_eq!(sessions.reap(later, T0, &mut Vec::new()), 1);
     assert_eq!(
         *lock(&recorder.seen),
         [
