@@ -2,7 +2,7 @@
 //! (docs/protocol.md §9): a Noise XX handshake, then the transport. Sans-IO and timer-driven,
 //! like quinn-proto's connection: the caller passes `now`, sends what the channel writes, and
 //! calls [`Channel::on_timeout`] when [`Channel::poll_timeout`] says so. The retransmission,
-//! key-confirmation and restart rules are docs/protocol.md §9.4.
+//! key-confirmation and restart rules are docs/protocol.md §9.1.1.
 //!
 //! Every datagram this module writes is a complete relay DATA datagram (16-byte header, then
 //! the frame), so the caller sends it to the relay as is; every datagram it reads is a DATA
@@ -84,6 +84,8 @@ struct Unconfirmed {
     /// The HANDSHAKE-3 DATA datagram, resent as is until confirmed.
     message3: Vec<u8>,
     resends: u32,
+    /// When the transport was made, which its age counts from.
+    created: Instant,
 }
 
 /// A handshake the responder answered.
@@ -119,7 +121,7 @@ pub struct Channel {
     responding: Vec<Responding>,
     /// Responder: the HANDSHAKE-1 and HANDSHAKE-3 that made `current`, to recognize repeats.
     current_messages: Option<([u8; HANDSHAKE_1_LEN], Vec<u8>)>,
-    /// Responder: the last HANDSHAKE-2 sent while established, for the rate limit.
+    /// Responder: the last HANDSHAKE-2 sent while it had a transport, for the rate limit.
     last_answer: Option<Instant>,
     /// Responder: the last confirmation sent, for the rate limit.
     last_confirmation: Option<Instant>,
@@ -375,6 +377,7 @@ impl Channel {
             transport: Box::new(transport),
             message3,
             resends: 0,
+            created: now,
         });
         self.retry_interval = RETRY_INITIAL;
         self.schedule_retry(now);
@@ -458,7 +461,7 @@ impl Channel {
         if let Some(done) = finished {
             let transport = done.hs.into_transport(now, self.limits)?;
             self.responding.clear();
-            self.install(now, transport);
+            self.install(now, Box::new(transport), now);
             self.current_messages = Some((done.message1, body.to_vec()));
             let n = self.confirm(now, out)?;
             return Ok(ChannelOutput {
@@ -484,12 +487,13 @@ impl Channel {
         }
     }
 
-    /// Makes `transport` current, keeping the one it replaces for frames in flight.
-    fn install(&mut self, now: Instant, transport: Transport) {
-        if let Some(old) = self.current.replace(Box::new(transport)) {
+    /// Makes `transport`, made at `created`, current, keeping the one it replaces for frames in
+    /// flight.
+    fn install(&mut self, now: Instant, transport: Box<Transport>, created: Instant) {
+        if let Some(old) = self.current.replace(transport) {
             self.previous = Some((old, now + HANDSHAKE_TIMEOUT));
         }
-        self.current_since = Some(now);
+        self.current_since = Some(created);
     }
 
     /// Responder: writes the confirmation, an empty TRANSPORT frame under the current keys.
@@ -544,7 +548,7 @@ impl Channel {
             return Err(first_error.unwrap_or(NoiseError::Decrypt).into());
         };
         if confirmed && let Some(u) = self.unconfirmed.take() {
-            self.install(now, *u.transport);
+            self.install(now, u.transport, u.created);
             self.retry_at = None;
         }
         Ok(ChannelOutput {

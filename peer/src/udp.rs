@@ -176,12 +176,13 @@ impl UdpPeer {
         }
     }
 
-    /// Runs the end-to-end handshake on the channel's own timers (docs/protocol.md §9.4): the
+    /// Runs the end-to-end handshake on the channel's own timers (docs/protocol.md §9.1.1): the
     /// initiator sends HANDSHAKE-1 and the channel resends a fresh one on its back-off until
     /// answered (the other peer may bind later), then waits for the responder's confirmation;
-    /// the responder answers what arrives until established. Gives up at `timeout`, or at once
-    /// if the other peer presents the wrong identity. On an established initiator this is a
-    /// re-handshake.
+    /// the responder answers what arrives until it has a transport. Gives up at `timeout`, or at
+    /// once if the other peer presents the wrong identity. On an established initiator this is a
+    /// re-handshake; the responder needs no call for one, since
+    /// [`recv_message`](Self::recv_message) answers it.
     pub fn handshake(&mut self, timeout: Duration) -> Result<(), UdpPeerError> {
         let deadline = Instant::now() + timeout;
         if self.channel.is_initiator() {
@@ -190,7 +191,7 @@ impl UdpPeer {
         }
         let done = |channel: &Channel| match channel.is_initiator() {
             true => channel.is_confirmed(),
-            false => channel.is_established() && !channel.is_handshaking(),
+            false => channel.is_established(),
         };
         while !done(&self.channel) {
             if Instant::now() >= deadline {

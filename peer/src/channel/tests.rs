@@ -515,14 +515,21 @@ fn replayed_or_forged_message1_does_not_break_an_established_session() {
     pair.talk(Side::A, b"still here");
     pair.talk(Side::B, b"and back");
 
-    // More forgeries within the retry interval are not answered.
+    // More forgeries within the answer interval are not answered; a second later they are.
     pair.inject(Side::B, &forged_message1());
     assert_eq!(pair.sent_at(Side::B, 2), [0, 0]);
+    pair.now += RETRY_INITIAL - Duration::from_millis(1);
+    pair.inject(Side::B, &forged_message1());
+    assert_eq!(pair.sent_at(Side::B, 2), [0, 0]);
+    pair.now += Duration::from_millis(1);
+    pair.inject(Side::B, &forged_message1());
+    assert_eq!(pair.sent_at(Side::B, 2), [0, 0, 1000]);
+    pair.talk(Side::A, b"still here");
 
-    // The unfinished handshake goes after the handshake timeout.
-    assert_eq!(pair.b.poll_timeout(), Some(pair.now + HANDSHAKE_TIMEOUT));
+    // The unfinished handshakes go after the handshake timeout, each after its own.
+    assert_eq!(pair.b.poll_timeout(), Some(pair.epoch + HANDSHAKE_TIMEOUT));
     assert!(pair.run_until(Duration::from_secs(30), |p| !p.b.is_handshaking()));
-    assert_eq!(pair.elapsed(), HANDSHAKE_TIMEOUT);
+    assert_eq!(pair.elapsed(), HANDSHAKE_TIMEOUT + RETRY_INITIAL);
     pair.talk(Side::A, b"after the timeout");
     pair.talk(Side::B, b"and back");
 }
