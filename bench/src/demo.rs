@@ -390,9 +390,11 @@ fn handshake(
     net: &mut Network,
     log: &mut Log,
 ) -> anyhow::Result<()> {
-    let n = alice.channel.start(&mut alice.out)?;
-    let mut in_flight = Some((alice.addr, alice.out[..n].to_vec()));
-    while let Some((from, datagram)) = in_flight.take() {
+    let n = alice.channel.start(Instant::now(), &mut alice.out)?;
+    let mut in_flight = VecDeque::from([(alice.addr, alice.out[..n].to_vec())]);
+    // Message 1, 2, 3 and the responder's confirmation (an empty TRANSPORT frame); nothing is
+    // lost in this network, so the channels' retransmission timers never fire.
+    while let Some((from, datagram)) = in_flight.pop_front() {
         ensure!(
             matches!(net.send_to_relay(from, &datagram), Outcome::Forward { .. }),
             "the relay should forward handshake DATA"
@@ -406,8 +408,12 @@ fn handshake(
             .take_for(receiver.addr)
             .context("handshake message not forwarded")?;
         log.line(format_args!(
-            "-> {}  handshake, {} bytes",
+            "-> {}  {}, {} bytes",
             receiver.name,
+            match received.get(wire::HEADER_LEN) {
+                Some(4) => "key confirmation",
+                _ => "handshake",
+            },
             received.len()
         ));
         let now = Instant::now();
@@ -416,11 +422,11 @@ fn handshake(
                 .channel
                 .handle(now, &mut received, &mut receiver.known, &mut receiver.out)?;
         if let Some(n) = output.transmit {
-            in_flight = Some((receiver.addr, receiver.out[..n].to_vec()));
+            in_flight.push_back((receiver.addr, receiver.out[..n].to_vec()));
         }
     }
     ensure!(
-        alice.channel.is_established() && bob.channel.is_established(),
+        alice.channel.is_confirmed() && bob.channel.is_confirmed(),
         "both ends should be established"
     );
     log.line(format_args!(

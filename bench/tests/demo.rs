@@ -13,8 +13,9 @@ fn the_demo_runs_end_to_end() {
     .expect("the demo should succeed");
     // 200 each way, plus one each way after the rebind.
     assert_eq!(report.delivered, 402);
-    // Handshake (3) + data (402) forwarded; nothing from the attacker.
-    assert_eq!(report.relay.forwarded, 405);
+    // Handshake (3 messages and the key confirmation) + data (402) forwarded; nothing from the
+    // attacker.
+    assert_eq!(report.relay.forwarded, 406);
     assert_eq!(report.relay.binds_accepted, 2);
     assert_eq!(report.relay.rebinds_accepted, 1);
     assert_eq!(report.relay.closed, 1);

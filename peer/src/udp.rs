@@ -2,6 +2,7 @@
 //! `std::net::UdpSocket` with deadlines. For the CLI, integration tests and simple tools; an
 //! event-loop application drives the sans-IO types itself.
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use ferry_core::noise::NoiseError;
 use ferry_core::wire::{self, MAX_DATAGRAM, Packet};
 
 use crate::bind::{BindClient, BindEvent, BindState};
-use crate::channel::{Channel, ChannelError, ChannelOutput};
+use crate::channel::{Channel, ChannelError};
 
 /// What went wrong driving a peer over UDP.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +48,8 @@ pub struct UdpPeer {
     known: KnownPeers,
     out: Vec<u8>,
     inbuf: Vec<u8>,
+    /// Messages that arrived while waiting for something else.
+    inbox: VecDeque<Vec<u8>>,
 }
 
 impl UdpPeer {
@@ -66,6 +69,7 @@ impl UdpPeer {
             known,
             out: vec![0; MAX_DATAGRAM],
             inbuf: vec![0; MAX_DATAGRAM + 1],
+            inbox: VecDeque::new(),
         }
     }
 
@@ -172,54 +176,79 @@ impl UdpPeer {
         }
     }
 
-    /// Runs the end-to-end handshake: the initiator sends message 1 (again every
-    /// `retry`, with a fresh handshake, until answered — the other peer may bind later);
-    /// both sides then answer what arrives until established or `timeout`.
-    pub fn handshake(
-        &mut self,
-        make_initiator: Option<&dyn Fn() -> Result<Channel, ChannelError>>,
-        retry: Duration,
-        timeout: Duration,
-    ) -> Result<(), UdpPeerError> {
+    /// Runs the end-to-end handshake on the channel's own timers (docs/protocol.md §9.1.1): the
+    /// initiator sends HANDSHAKE-1 and the channel resends a fresh one on its back-off until
+    /// answered (the other peer may bind later), then waits for the responder's confirmation;
+    /// the responder answers what arrives until it has a transport. Gives up at `timeout`, or at
+    /// once if the other peer presents the wrong identity. On an established initiator this is a
+    /// re-handshake; the responder needs no call for one, since
+    /// [`recv_message`](Self::recv_message) answers it.
+    pub fn handshake(&mut self, timeout: Duration) -> Result<(), UdpPeerError> {
         let deadline = Instant::now() + timeout;
-        let mut next_retry = Instant::now();
-        while !self.channel.is_established() {
-            if let Some(make) = make_initiator
-                && Instant::now() >= next_retry
-            {
-                self.channel = make()?;
-                let n = self.channel.start(&mut self.out)?;
+        if self.channel.is_initiator() {
+            let n = self.channel.start(Instant::now(), &mut self.out)?;
+            self.send_data(n)?;
+        }
+        let done = |channel: &Channel| match channel.is_initiator() {
+            true => channel.is_confirmed(),
+            false => channel.is_established(),
+        };
+        while !done(&self.channel) {
+            if Instant::now() >= deadline {
+                return Err(UdpPeerError::Timeout("the handshake"));
+            }
+            self.step(deadline, true)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for one datagram until the channel's next timer or `deadline` and handles it, or
+    /// runs the channel's timers; sends what the channel writes. Plaintexts go to the inbox.
+    /// With `identity_fatal`, a handshake refused for the wrong identity is an error; otherwise
+    /// it is dropped like any forged message (the channel keeps its transport).
+    fn step(&mut self, deadline: Instant, identity_fatal: bool) -> Result<(), UdpPeerError> {
+        let wake = self
+            .channel
+            .poll_timeout()
+            .map_or(deadline, |t| t.min(deadline));
+        let Some(len) = self.recv(wake)? else {
+            if let Some(n) = self.channel.on_timeout(Instant::now(), &mut self.out)? {
                 self.send_data(n)?;
-                next_retry = Instant::now() + retry;
             }
-            let wake = match make_initiator {
-                Some(_) => next_retry.min(deadline),
-                None => deadline,
-            };
-            let Some(len) = self.recv(wake)? else {
-                if Instant::now() >= deadline {
-                    return Err(UdpPeerError::Timeout("the handshake"));
+            return Ok(());
+        };
+        match wire::parse(&self.inbuf[..len]) {
+            Ok(Packet::Data(_)) => self.bind.note_data_received(),
+            Ok(Packet::Close(_)) => {
+                let event = self
+                    .bind
+                    .handle(Instant::now(), &self.inbuf[..len], &mut self.out);
+                if matches!(event, BindEvent::Closed { .. }) {
+                    return Err(UdpPeerError::Closed);
                 }
-                continue;
-            };
-            if !matches!(wire::parse(&self.inbuf[..len]), Ok(Packet::Data(_))) {
-                continue;
+                return Ok(());
             }
-            self.bind.note_data_received();
-            let now = Instant::now();
-            match self
-                .channel
-                .handle(now, &mut self.inbuf[..len], &mut self.known, &mut self.out)
-            {
-                Ok(output) => {
-                    if let Some(n) = output.transmit {
-                        self.send_data(n)?;
-                    }
+            _ => return Ok(()),
+        }
+        match self.channel.handle(
+            Instant::now(),
+            &mut self.inbuf[..len],
+            &mut self.known,
+            &mut self.out,
+        ) {
+            Ok(output) => {
+                if let Some(n) = output.transmit {
+                    self.send_data(n)?;
                 }
-                // A stale or duplicate handshake message is not fatal; a wrong identity is.
-                Err(e @ ChannelError::Noise(NoiseError::WrongIdentity)) => return Err(e.into()),
-                Err(_) => {}
+                if let Some(range) = output.plaintext {
+                    self.inbox.push_back(self.inbuf[range].to_vec());
+                }
             }
+            // A stale, forged or duplicate message is dropped; a wrong identity is reported.
+            Err(e @ ChannelError::Noise(NoiseError::WrongIdentity)) if identity_fatal => {
+                return Err(e.into());
+            }
+            Err(_) => {}
         }
         Ok(())
     }
@@ -233,40 +262,19 @@ impl UdpPeer {
         Ok(())
     }
 
-    /// Waits for the next message from the other peer and returns its plaintext. Keepalive
-    /// echoes and stale frames are skipped.
+    /// Waits for the next message from the other peer and returns its plaintext, running the
+    /// channel's timers meanwhile (a confirmation, a re-handshake). Keepalive echoes, stale
+    /// frames and confirmations are skipped.
     pub fn recv_message(&mut self, timeout: Duration) -> Result<Vec<u8>, UdpPeerError> {
         let deadline = Instant::now() + timeout;
         loop {
-            let Some(len) = self.recv(deadline)? else {
+            if let Some(message) = self.inbox.pop_front() {
+                return Ok(message);
+            }
+            if Instant::now() >= deadline {
                 return Err(UdpPeerError::Timeout("a message"));
-            };
-            match wire::parse(&self.inbuf[..len]) {
-                Ok(Packet::Data(_)) => self.bind.note_data_received(),
-                Ok(Packet::Close(_)) => {
-                    let event = self
-                        .bind
-                        .handle(Instant::now(), &self.inbuf[..len], &mut self.out);
-                    if matches!(event, BindEvent::Closed { .. }) {
-                        return Err(UdpPeerError::Closed);
-                    }
-                    continue;
-                }
-                _ => continue,
             }
-            let output = self.channel.handle(
-                Instant::now(),
-                &mut self.inbuf[..len],
-                &mut self.known,
-                &mut self.out,
-            );
-            if let Ok(ChannelOutput {
-                plaintext: Some(range),
-                ..
-            }) = output
-            {
-                return Ok(self.inbuf[range].to_vec());
-            }
+            self.step(deadline, false)?;
         }
     }
 

@@ -19,7 +19,7 @@ use ferry_relay::xdp::frame::Frame;
 use ferry_testkit::fixtures::Authority;
 use ferry_testkit::metrics::metric;
 use ferry_testkit::netns::{self, Topology};
-use ferry_testkit::peers::{MakeInitiator, peer_pair, talk};
+use ferry_testkit::peers::{peer_pair, talk};
 use ferry_testkit::relay::{RelayConfig, RelayProcess};
 use ferry_testkit::skip;
 
@@ -105,7 +105,7 @@ fn the_relay_process_serves_peers_and_refuses_everyone_else() {
     let at = |ip: Ipv4Addr| topo.peer_socket(SocketAddr::new(ip.into(), 0)).unwrap();
 
     // Two IPv4 peers: bind, handshake, talk.
-    let (mut a, mut b, make_a) = peer_pair_in(
+    let (mut a, mut b) = peer_pair_in(
         &auth,
         &topo,
         0x1001,
@@ -115,10 +115,10 @@ fn the_relay_process_serves_peers_and_refuses_everyone_else() {
     );
     assert!(!a.bind(Duration::from_secs(5)).unwrap());
     assert!(b.bind(Duration::from_secs(5)).unwrap());
-    talk(&mut a, &mut b, &*make_a, 20).unwrap();
+    talk(&mut a, &mut b, 20).unwrap();
 
     // Two IPv6 peers in their own session.
-    let (mut c, mut d, make_c) = peer_pair_in(
+    let (mut c, mut d) = peer_pair_in(
         &auth,
         &topo,
         0x2002,
@@ -128,7 +128,7 @@ fn the_relay_process_serves_peers_and_refuses_everyone_else() {
     );
     c.bind(Duration::from_secs(5)).unwrap();
     d.bind(Duration::from_secs(5)).unwrap();
-    talk(&mut c, &mut d, &*make_c, 20).unwrap();
+    talk(&mut c, &mut d, 20).unwrap();
 
     let before = scrape(&relay);
     let forwarded_before = metric(&before, "ferry_forwarded_packets_total");
@@ -320,7 +320,7 @@ fn peer_pair_in(
     relay: SocketAddr,
     ip_a: impl Into<IpAddr>,
     ip_b: impl Into<IpAddr>,
-) -> (UdpPeer, UdpPeer, MakeInitiator) {
+) -> (UdpPeer, UdpPeer) {
     let at = |ip: IpAddr| topo.peer_socket(SocketAddr::new(ip, 0)).unwrap();
     peer_pair(auth, session, relay, at(ip_a.into()), at(ip_b.into())).unwrap()
 }
@@ -389,7 +389,7 @@ fn spoofed_sources_idle_and_expired_bindings_get_nothing() {
         "\n[limits]\nidle_timeout_secs = 5\nmax_clock_skew_secs = 0\n",
     );
     let relay_v4 = SocketAddr::new(topo.relay_v4().into(), PORT);
-    let (mut a, mut b, make_a) = peer_pair_in(
+    let (mut a, mut b) = peer_pair_in(
         &auth,
         &topo,
         0x5005,
@@ -399,7 +399,7 @@ fn spoofed_sources_idle_and_expired_bindings_get_nothing() {
     );
     a.bind(Duration::from_secs(5)).unwrap();
     b.bind(Duration::from_secs(5)).unwrap();
-    talk(&mut a, &mut b, &*make_a, 3).unwrap();
+    talk(&mut a, &mut b, 3).unwrap();
 
     // Forged sources: a BIND whose CHALLENGE goes to an address nobody answers from, and DATA
     // claiming to come from a host that is not bound. Neither binds nor forwards anything.
@@ -451,7 +451,7 @@ fn spoofed_sources_idle_and_expired_bindings_get_nothing() {
     );
 
     // Expired: a session kept busy is still unbound when its tokens expire (skew 0 here).
-    let (mut c, mut d, _) = peer_pair_in(
+    let (mut c, mut d) = peer_pair_in(
         &auth,
         &topo,
         0x7007,
@@ -587,7 +587,7 @@ fn the_xdp_guard_cuts_a_flood_to_its_rate_and_keeps_the_other_session_going() {
     let limits = |pps: u32| format!("data_packets_per_second = {pps}\ndata_packet_burst = 200\n");
     let relay = start_relay(&auth, &topo, &limits(2000));
     let relay_v4 = SocketAddr::new(topo.relay_v4().into(), PORT);
-    let (mut a, mut b, make_a) = peer_pair_in(
+    let (mut a, mut b) = peer_pair_in(
         &auth,
         &topo,
         FLOODED_SESSION,
@@ -597,7 +597,7 @@ fn the_xdp_guard_cuts_a_flood_to_its_rate_and_keeps_the_other_session_going() {
     );
     assert!(!a.bind(Duration::from_secs(5)).unwrap());
     assert!(b.bind(Duration::from_secs(5)).unwrap());
-    talk(&mut a, &mut b, &*make_a, 2).unwrap();
+    talk(&mut a, &mut b, 2).unwrap();
     let flooder = topo
         .peer_socket(SocketAddr::new(topo.peer_v4(4).into(), 0))
         .unwrap();

@@ -66,10 +66,10 @@ fn peers_bind_handshake_and_talk_through_a_socket_relay() {
     };
 
     let any = || UdpSocket::bind("127.0.0.1:0").unwrap();
-    let (mut a, mut b, make_a) = peer_pair(&auth, 0xabc, relay, any(), any()).unwrap();
+    let (mut a, mut b) = peer_pair(&auth, 0xabc, relay, any(), any()).unwrap();
     assert!(!a.bind(Duration::from_secs(5)).unwrap());
     assert!(b.bind(Duration::from_secs(5)).unwrap());
-    talk(&mut a, &mut b, &*make_a, 50).unwrap();
+    talk(&mut a, &mut b, 50).unwrap();
     assert!(a.keepalive(Duration::from_secs(2)).unwrap());
 
     // NAT rebinding: A moves to a new socket and proves it with a REBIND.
@@ -90,8 +90,8 @@ fn peers_bind_handshake_and_talk_through_a_socket_relay() {
     let counters = relay_thread.join().unwrap();
     assert_eq!(
         counters.forwarded,
-        3 + 100 + 1,
-        "handshake, 50 each way, one after the move"
+        4 + 100 + 1,
+        "handshake (three messages and the confirmation), 50 each way, one after the move"
     );
     assert_eq!(counters.rebinds_accepted, 1);
     assert_eq!(counters.closed, 1);

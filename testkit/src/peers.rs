@@ -10,24 +10,21 @@ use ferry_core::known_peers::KnownPeers;
 use ferry_core::noise::{LocalIdentity, PeerExpectation, TransportLimits};
 use ferry_core::wire::Slot;
 use ferry_peer::bind::BindClient;
-use ferry_peer::channel::{Channel, ChannelError};
+use ferry_peer::channel::Channel;
 use ferry_peer::udp::UdpPeer;
 
 use crate::fixtures::Authority;
 use crate::micros_now;
 
-/// Makes a fresh initiator channel for peer A: a handshake that is retried starts over.
-pub type MakeInitiator = Box<dyn Fn() -> Result<Channel, ChannelError>>;
-
 /// Peers A (initiator) and B (responder) of `session_id` on `socket_a` and `socket_b`, with
-/// ten-minute tokens for relay `relay`, not yet bound; and what makes A's channel anew.
+/// ten-minute tokens for relay `relay`, not yet bound.
 pub fn peer_pair(
     auth: &Authority,
     session_id: u64,
     relay: SocketAddr,
     socket_a: UdpSocket,
     socket_b: UdpSocket,
-) -> anyhow::Result<(UdpPeer, UdpPeer, MakeInitiator)> {
+) -> anyhow::Result<(UdpPeer, UdpPeer)> {
     let [id_a, id_b] = [
         PeerStaticKey::generate(&auth.rng)?,
         PeerStaticKey::generate(&auth.rng)?,
@@ -38,9 +35,7 @@ pub fn peer_pair(
     let token_b = auth.mint(session_id, Slot::B, 600)?;
     let limits = TransportLimits::default();
     let responder = Channel::responder(&id_b, PeerExpectation::Pinned(pub_a), session_id, limits)?;
-    let make_a: MakeInitiator = Box::new(move || {
-        Channel::initiator(&id_a, PeerExpectation::Pinned(pub_b), session_id, limits)
-    });
+    let initiator = Channel::initiator(&id_a, PeerExpectation::Pinned(pub_b), session_id, limits)?;
     let a = UdpPeer::new(
         socket_a,
         relay,
@@ -51,7 +46,7 @@ pub fn peer_pair(
             &token_a.slot_secret,
             micros_now(),
         ),
-        make_a()?,
+        initiator,
         KnownPeers::new(),
     );
     let b = UdpPeer::new(
@@ -67,25 +62,16 @@ pub fn peer_pair(
         responder,
         KnownPeers::new(),
     );
-    Ok((a, b, make_a))
+    Ok((a, b))
 }
 
-/// Runs the Noise handshake between two bound peers through the relay: A initiates (again
-/// every 300 ms until answered), B answers; each side gives up after ten seconds.
-pub fn handshake(
-    a: &mut UdpPeer,
-    b: &mut UdpPeer,
-    make_a: &dyn Fn() -> Result<Channel, ChannelError>,
-) -> anyhow::Result<()> {
+/// Runs the Noise handshake between two bound peers through the relay: A initiates (again on
+/// the channel's back-off until answered), B answers; each side gives up after ten seconds.
+pub fn handshake(a: &mut UdpPeer, b: &mut UdpPeer) -> anyhow::Result<()> {
     std::thread::scope(|s| {
-        let responder =
-            s.spawn(|| b.handshake(None, Duration::from_secs(1), Duration::from_secs(10)));
+        let responder = s.spawn(|| b.handshake(Duration::from_secs(10)));
         let initiator = a
-            .handshake(
-                Some(make_a),
-                Duration::from_millis(300),
-                Duration::from_secs(10),
-            )
+            .handshake(Duration::from_secs(10))
             .context("A's handshake");
         responder
             .join()
@@ -96,13 +82,8 @@ pub fn handshake(
 }
 
 /// The handshake, then `n` messages each way, each checked on arrival.
-pub fn talk(
-    a: &mut UdpPeer,
-    b: &mut UdpPeer,
-    make_a: &dyn Fn() -> Result<Channel, ChannelError>,
-    n: u32,
-) -> anyhow::Result<()> {
-    handshake(a, b, make_a)?;
+pub fn talk(a: &mut UdpPeer, b: &mut UdpPeer, n: u32) -> anyhow::Result<()> {
+    handshake(a, b)?;
     for i in 0..n {
         let msg = format!("hello {i}");
         a.send(msg.as_bytes())?;
@@ -127,9 +108,9 @@ pub fn connected_pair(
     socket_a: UdpSocket,
     socket_b: UdpSocket,
 ) -> anyhow::Result<(UdpPeer, UdpPeer)> {
-    let (mut a, mut b, make_a) = peer_pair(auth, micros_now(), relay, socket_a, socket_b)?;
+    let (mut a, mut b) = peer_pair(auth, micros_now(), relay, socket_a, socket_b)?;
     a.bind(Duration::from_secs(5)).context("A's bind")?;
     b.bind(Duration::from_secs(5)).context("B's bind")?;
-    handshake(&mut a, &mut b, &*make_a)?;
+    handshake(&mut a, &mut b)?;
     Ok((a, b))
 }
