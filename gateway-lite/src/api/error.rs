@@ -79,7 +79,7 @@ impl ApiError {
 }
 
 /// Every answer built from an `ApiError` carries it in its extensions, so that
-/// [`guard`](super::guard) counts each 503 by its cause in one place.
+/// `guard` (in `api.rs`) counts each 503 by its cause in one place.
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "error": self.code() }).to_string();
