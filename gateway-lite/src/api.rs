@@ -36,9 +36,11 @@ pub use self::extract::{Admin, Client, ClientAddr, ClientAddrExtractor, JsonBody
 pub use self::handlers::JOIN_CODE_LEN;
 use self::handlers::{
     admin_relays, admin_revoke, admin_sessions, create_session, healthz, join_session,
-    metrics_page, relay_heartbeat,
+    metrics_page, relay_heartbeat, renew_session,
 };
-pub use self::types::{CreateSession, Grant, Heartbeat, JoinSession, RelayBody, Revoke};
+pub use self::types::{
+    CreateSession, Grant, Heartbeat, JoinSession, RelayBody, RenewSession, Revoke,
+};
 use crate::metrics::Limiter;
 use crate::net as client_net;
 
@@ -57,6 +59,7 @@ pub fn public_routes() -> Vec<Route> {
         ("GET", "/healthz", get(healthz)),
         ("POST", "/v1/sessions", post(create_session)),
         ("POST", "/v1/sessions/join", post(join_session)),
+        ("POST", "/v1/sessions/renew", post(renew_session)),
         ("POST", "/v1/relays/heartbeat", post(relay_heartbeat)),
     ]
 }

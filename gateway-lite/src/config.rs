@@ -151,6 +151,7 @@ struct SessionsSection {
     token_lifetime_secs: u64,
     join_code_ttl_secs: u64,
     rate_bytes_per_sec: u64,
+    max_session_age_secs: u64,
 }
 
 impl Default for SessionsSection {
@@ -159,6 +160,7 @@ impl Default for SessionsSection {
             token_lifetime_secs: 300,
             join_code_ttl_secs: 120,
             rate_bytes_per_sec: 0,
+            max_session_age_secs: 86_400,
         }
     }
 }
@@ -342,6 +344,8 @@ pub struct SessionSettings {
     pub join_code_ttl_secs: u64,
     /// The rate claim of each token (0: the relay's default).
     pub rate_bytes_per_sec: u64,
+    /// How long after its creation a session's slots can still be renewed.
+    pub max_session_age_secs: u64,
 }
 
 /// One API key as configured (its hash, never the key).
@@ -771,10 +775,17 @@ fn validate_sessions(s: &SessionsSection, check: &mut Check) -> SessionSettings 
             100_000_000_000,
         );
     }
+    check.range(
+        "sessions.max_session_age_secs",
+        s.max_session_age_secs,
+        1,
+        31_536_000,
+    );
     SessionSettings {
         token_lifetime_secs: s.token_lifetime_secs,
         join_code_ttl_secs: s.join_code_ttl_secs,
         rate_bytes_per_sec: s.rate_bytes_per_sec,
+        max_session_age_secs: s.max_session_age_secs,
     }
 }
 

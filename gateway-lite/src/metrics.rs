@@ -91,6 +91,11 @@ pub struct Metrics {
     /// Joins refused with `invalid_join_code`: an unknown, used, expired or malformed code,
     /// or one used by another request in between.
     pub join_codes_refused: Counter,
+    /// Slots renewed: fresh tokens granted for a slot of an existing session.
+    pub sessions_renewed: Counter,
+    /// Renewals refused with `not_found` (unknown or forgotten session, or a slot the key does
+    /// not hold) or `session_too_old`.
+    pub renewals_refused: Counter,
     /// Tokens minted.
     pub tokens_minted: Counter,
     /// Relay heartbeats accepted.
@@ -153,6 +158,14 @@ impl Default for Metrics {
             "ferry_gateway_join_codes_refused",
             "Joins refused with invalid_join_code: unknown, used, expired or malformed codes",
         );
+        let sessions_renewed = counter(
+            "ferry_gateway_sessions_renewed",
+            "Slots renewed with a fresh token",
+        );
+        let renewals_refused = counter(
+            "ferry_gateway_renewals_refused",
+            "Renewals refused with not_found or session_too_old",
+        );
         let tokens_minted = counter("ferry_gateway_tokens_minted", "Relay tokens minted");
         let relay_heartbeats = counter(
             "ferry_gateway_relay_heartbeats",
@@ -164,7 +177,7 @@ impl Default for Metrics {
         );
         let no_relay = counter(
             "ferry_gateway_no_relay",
-            "Requests answered 503 no_relay_available: no healthy relay to create on, or the session's relay gone at join",
+            "Requests answered 503 no_relay_available: no healthy relay to create on, or the session's relay gone at join or renewal",
         );
         let request_timeouts = counter(
             "ferry_gateway_request_timeouts",
@@ -205,6 +218,8 @@ impl Default for Metrics {
             sessions_created,
             sessions_joined,
             join_codes_refused,
+            sessions_renewed,
+            renewals_refused,
             tokens_minted,
             relay_heartbeats,
             state_errors,
@@ -332,6 +347,8 @@ mod tests {
                 "ferry_gateway_sessions_created_total counter",
                 "ferry_gateway_sessions_joined_total counter",
                 "ferry_gateway_join_codes_refused_total counter",
+                "ferry_gateway_sessions_renewed_total counter",
+                "ferry_gateway_renewals_refused_total counter",
                 "ferry_gateway_tokens_minted_total counter",
                 "ferry_gateway_relay_heartbeats_total counter",
                 "ferry_gateway_state_errors_total counter",

@@ -7,6 +7,7 @@
 //! | `P code:<sha256 of join code>` | string | the session id | when the code does |
 //! | `P session:<id>` | string | the [`SessionRecord`] as JSON | with the session |
 //! | `P joined:<id>` | string | the key id that joined | with the session |
+//! | `P until:<id>` | string | the expiry of the latest renewed token, Unix seconds | with the session |
 //! | `P sessions` | sorted set | session ids by creation time, for listing | members pruned when their record is gone |
 //! | `P revoked` | set | revoked key ids | never |
 //! | `P relay:<id>` | string | the [`RelayReport`] as JSON | `heartbeat_ttl` after the report |
@@ -16,6 +17,27 @@
 //! Redis runs first gets the session id, every other gets nothing. Expiry is checked against
 //! the `now` the caller passes (as in the memory backend); Redis TTLs, set relative to that
 //! `now`, only collect the garbage.
+//!
+//! A renewal keeps a session longer without rewriting its record: `until:<id>` holds the
+//! latest expiry a renewal granted, a record's `expires_at` is the later of its own and that
+//! one, and one Lua script ([`EXTEND_SCRIPT`]) raises `until:<id>` and the keys' TTLs, never
+//! lowering either, so that two replicas renewing both slots at once cannot shorten it.
+
+/// Keeps a session until `ARGV[1]` (Unix seconds), `ARGV[2]` seconds from now: raises
+/// `until` (KEYS[3]) and the TTLs of the record (KEYS[1]) and of `joined` (KEYS[2]), never
+/// lowering them. Returns 0 if the record is gone.
+const EXTEND_SCRIPT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local keep = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local current = tonumber(redis.call('GET', KEYS[3]) or '0')
+if keep > current then redis.call('SET', KEYS[3], ARGV[1], 'EX', ttl) end
+for i = 1, 2 do
+  local left = redis.call('TTL', KEYS[i])
+  if left >= 0 and left < ttl then redis.call('EXPIRE', KEYS[i], ttl) end
+end
+return 1
+";
 
 use std::time::Duration;
 
@@ -89,15 +111,20 @@ impl RedisState {
         self.key(&format!("joined:{id:016x}"))
     }
 
+    fn until_key(&self, id: u64) -> String {
+        self.key(&format!("until:{id:016x}"))
+    }
+
     fn code_key(&self, code: JoinCodeHash) -> String {
         self.key(&format!("code:{}", code.to_hex()))
     }
 
     async fn record(&self, id: u64, now: UnixTime) -> Result<Option<SessionRecord>, StateError> {
         let mut conn = self.conn.clone();
-        let (record, joined): (Option<String>, Option<String>) = redis::pipe()
+        let (record, joined, until): (Option<String>, Option<String>, Option<u64>) = redis::pipe()
             .get(self.session_key(id))
             .get(self.joined_key(id))
+            .get(self.until_key(id))
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
@@ -106,6 +133,7 @@ impl RedisState {
         };
         let mut record: SessionRecord =
             serde_json::from_str(&text).map_err(|e| StateError::Corrupt(e.to_string()))?;
+        record.expires_at = record.expires_at.max(until.unwrap_or(0));
         if record.expires_at <= now.as_secs() {
             return Ok(None);
         }
@@ -206,6 +234,38 @@ impl State for RedisState {
                 .map_err(unavailable)?;
             record.joined_by = Some(joined_by.to_owned());
             Ok(Some(record))
+        })
+    }
+
+    fn session(
+        &self,
+        session_id: u64,
+        now: UnixTime,
+    ) -> BoxFuture<'_, Result<Option<SessionRecord>, StateError>> {
+        Box::pin(self.record(session_id, now))
+    }
+
+    fn extend_session(
+        &self,
+        session_id: u64,
+        until: u64,
+        now: UnixTime,
+    ) -> BoxFuture<'_, Result<bool, StateError>> {
+        Box::pin(async move {
+            if self.record(session_id, now).await?.is_none() {
+                return Ok(false);
+            }
+            let mut conn = self.conn.clone();
+            let kept: i64 = redis::Script::new(EXTEND_SCRIPT)
+                .key(self.session_key(session_id))
+                .key(self.joined_key(session_id))
+                .key(self.until_key(session_id))
+                .arg(until)
+                .arg(ttl_secs(until, now))
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            Ok(kept == 1)
         })
     }
 

@@ -2,7 +2,9 @@
 //!
 //! - **sessions and their join codes**: a created session waits for its second peer under the
 //!   hash of its join code; [`State::consume_join_code`] hands it out exactly once, atomically,
-//!   on whichever replica the join lands;
+//!   on whichever replica the join lands; a renewal finds the session by id
+//!   ([`State::session`]) and keeps it for as long as the token it grants
+//!   ([`State::extend_session`]);
 //! - **revoked API keys**: a revocation on one replica holds on all;
 //! - **relay reports**: relays that register themselves with heartbeats, and the load every
 //!   relay reports.
@@ -85,7 +87,9 @@ pub struct SessionRecord {
     pub created_at: u64,
     /// Until when its join code works, Unix seconds.
     pub join_expires_at: u64,
-    /// When the record is forgotten (after every token of it has expired), Unix seconds.
+    /// When the record is forgotten (after every token of it has expired), Unix seconds: at
+    /// first the join code's expiry plus a token lifetime, then the expiry of the latest token
+    /// a renewal granted, if later.
     pub expires_at: u64,
     /// The creator's own Noise static key (base64), handed to the joiner to pin.
     pub creator_public_key: Option<String>,
@@ -141,6 +145,23 @@ pub trait State: Send + Sync + std::fmt::Debug + 'static {
         joined_by: &'a str,
         now: UnixTime,
     ) -> BoxFuture<'a, Result<Option<SessionRecord>, StateError>>;
+
+    /// The live session `session_id`, joined or not; `None` if unknown or forgotten.
+    fn session(
+        &self,
+        session_id: u64,
+        now: UnixTime,
+    ) -> BoxFuture<'_, Result<Option<SessionRecord>, StateError>>;
+
+    /// Keeps the live session `session_id` at least until `until` (Unix seconds, the expiry of
+    /// a token just granted for it): its `expires_at` becomes the later of the two, never
+    /// earlier. `false` if the session is unknown or already forgotten.
+    fn extend_session(
+        &self,
+        session_id: u64,
+        until: u64,
+        now: UnixTime,
+    ) -> BoxFuture<'_, Result<bool, StateError>>;
 
     /// Live sessions, newest first, at most `limit`.
     fn sessions(
@@ -253,6 +274,27 @@ impl MemoryState {
         lock(&self.shards[usize::from(code.0[0]) % self.shards.len()])
     }
 
+    /// Runs `f` on the shard that holds the live session `id`, if one does. Sessions are
+    /// sharded by join code, so this looks in each shard in turn: it serves renewals, which
+    /// come once per peer per two thirds of a token lifetime, not the hot path.
+    fn with_session<T>(
+        &self,
+        id: u64,
+        now: UnixTime,
+        f: impl FnOnce(&mut Shard) -> T,
+    ) -> Option<T> {
+        for shard in self.shards.iter() {
+            let mut m = lock(shard);
+            if m.sessions
+                .get(&id)
+                .is_some_and(|r| r.expires_at > now.as_secs())
+            {
+                return Some(f(&mut m));
+            }
+        }
+        None
+    }
+
     /// Forgets expired sessions in every shard (when the table looks full).
     fn forget_all_expired(&self, now: UnixTime) {
         for shard in self.shards.iter() {
@@ -330,6 +372,36 @@ impl State for MemoryState {
             record.clone()
         });
         ready(Ok(record))
+    }
+
+    fn session(
+        &self,
+        session_id: u64,
+        now: UnixTime,
+    ) -> BoxFuture<'_, Result<Option<SessionRecord>, StateError>> {
+        ready(Ok(self
+            .with_session(session_id, now, |m| m.sessions.get(&session_id).cloned())
+            .flatten()))
+    }
+
+    fn extend_session(
+        &self,
+        session_id: u64,
+        until: u64,
+        now: UnixTime,
+    ) -> BoxFuture<'_, Result<bool, StateError>> {
+        let extended = self.with_session(session_id, now, |m| {
+            let Some(record) = m.sessions.get_mut(&session_id) else {
+                return;
+            };
+            let old = record.expires_at;
+            if until > old {
+                record.expires_at = until;
+                m.by_expiry.remove(&(old, session_id));
+                m.by_expiry.insert((until, session_id));
+            }
+        });
+        ready(Ok(extended.is_some()))
     }
 
     fn sessions(
@@ -474,6 +546,75 @@ pub mod conformance {
         assert!(state.sessions(gone, 10).await.expect("list").is_empty());
     }
 
+    /// A session is found by id until it is forgotten, and a renewal keeps it longer.
+    pub async fn sessions_are_found_and_extended(state: &dyn State) {
+        let t0 = 3_000_000;
+        let code = JoinCodeHash::of("code-renew");
+        state
+            .create_session(&record(5, t0), code, UnixTime(t0))
+            .await
+            .expect("create");
+        let now = UnixTime(t0 + 10);
+        let found = state.session(5, now).await.expect("find");
+        assert_eq!(
+            found.as_ref().map(|r| r.created_by.as_str()),
+            Some("creator")
+        );
+        assert_eq!(found.and_then(|r| r.joined_by), None);
+        assert_eq!(state.session(6, now).await.expect("find"), None);
+        assert!(
+            !state
+                .extend_session(6, t0 + 900, now)
+                .await
+                .expect("extend")
+        );
+        state
+            .consume_join_code(code, "joiner", now)
+            .await
+            .expect("consume")
+            .expect("fresh code");
+        let found = state.session(5, now).await.expect("find").expect("live");
+        assert_eq!(found.joined_by.as_deref(), Some("joiner"));
+        // An earlier expiry changes nothing; a later one keeps the session, joiner included.
+        assert!(
+            state
+                .extend_session(5, t0 + 100, now)
+                .await
+                .expect("extend")
+        );
+        let found = state.session(5, now).await.expect("find").expect("live");
+        assert_eq!(found.expires_at, t0 + 400);
+        assert!(
+            state
+                .extend_session(5, t0 + 900, now)
+                .await
+                .expect("extend")
+        );
+        let later = UnixTime(t0 + 800);
+        let found = state.session(5, later).await.expect("find").expect("kept");
+        assert_eq!(found.expires_at, t0 + 900);
+        assert_eq!(found.joined_by.as_deref(), Some("joiner"));
+        assert_eq!(
+            state
+                .sessions(later, 10)
+                .await
+                .expect("list")
+                .iter()
+                .map(|r| r.session_id)
+                .collect::<Vec<_>>(),
+            [5]
+        );
+        let gone = UnixTime(t0 + 900);
+        assert_eq!(state.session(5, gone).await.expect("find"), None);
+        assert!(
+            !state
+                .extend_session(5, t0 + 2000, gone)
+                .await
+                .expect("extend")
+        );
+        assert!(state.sessions(gone, 10).await.expect("list").is_empty());
+    }
+
     /// Revocations are kept and listed.
     pub async fn revocations_are_kept(state: &dyn State) {
         assert!(!state.is_revoked("k1").await.expect("check"));
@@ -536,6 +677,9 @@ mod tests {
     #[test]
     fn memory_backend_conforms() {
         block_on(conformance::join_codes_work_once(&MemoryState::new(10)));
+        block_on(conformance::sessions_are_found_and_extended(
+            &MemoryState::new(10),
+        ));
         block_on(conformance::revocations_are_kept(&MemoryState::new(10)));
         block_on(conformance::relay_reports_expire(&MemoryState::new(10)));
     }

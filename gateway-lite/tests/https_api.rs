@@ -121,6 +121,162 @@ async fn sessions_are_created_and_joined_with_tokens_the_relay_accepts() {
 }
 
 #[tokio::test]
+async fn a_slot_is_renewed_only_by_the_key_that_took_it_while_the_session_may_last() {
+    let setup = Setup::new("renew");
+    let config = setup.config(1, "");
+    let mut gw = setup.start("gw", &config);
+    let http = client(&setup.pki.ca_pem, None);
+    let url = gw.url("/v1/sessions/renew");
+    let renew = |key: &str, body: serde_json::Value| {
+        let (http, url, key) = (http.clone(), url.clone(), setup.key(key).to_string());
+        async move { post(&http, &url, Some(&key), body).await }
+    };
+    let (a_key, b_key) = (peer_key(), peer_key());
+    // Key `acme` creates in its realm; key `app` joins.
+    let (status, _, created) = post(
+        &http,
+        &gw.url("/v1/sessions"),
+        Some(setup.key("acme")),
+        json!({ "realm": "acme", "peer_public_key": a_key.to_string(), "expected_peer_public_key": b_key.to_string() }),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let session = created["session_id"].as_str().unwrap().to_string();
+    let body = |slot: &str| json!({ "session_id": session, "slot": slot });
+
+    // Slot B has no holder before the join: the same 404 as an unknown session.
+    let not_found = json!({ "error": "not_found" });
+    assert_eq!(renew("app", body("B")).await.0, 404);
+    let (status, _, answer) = renew(
+        "acme",
+        json!({ "session_id": "00000000000000ff", "slot": "A" }),
+    )
+    .await;
+    assert_eq!((status, answer), (404, not_found.clone()));
+    for bad in [
+        json!({ "session_id": session.to_uppercase(), "slot": "A" }),
+        json!({ "session_id": &session[1..], "slot": "A" }),
+        json!({ "session_id": session, "slot": "C" }),
+        json!({ "session_id": session, "slot": "a" }),
+        json!({ "session_id": session }),
+        json!({ "session_id": session, "slot": "A", "join_code": "x" }),
+    ] {
+        let (status, _, answer) = renew("acme", bad.clone()).await;
+        assert_eq!(
+            (status, answer),
+            (400, json!({ "error": "bad_request" })),
+            "{bad}"
+        );
+    }
+
+    let (status, _, renewed_a) = renew("acme", body("A")).await;
+    assert_eq!(status, 200, "{renewed_a}");
+    let relay = setup.verifier(&[1]);
+    let first = verify(&relay, created["token"].as_str().unwrap(), &session, 0).unwrap();
+    let again = verify(&relay, renewed_a["token"].as_str().unwrap(), &session, 0).unwrap();
+    assert_ne!(first.claims.token_id, again.claims.token_id);
+    assert_eq!(
+        again.slot_secret.to_base64().as_str(),
+        renewed_a["slot_secret"].as_str().unwrap()
+    );
+    assert_ne!(renewed_a["slot_secret"], created["slot_secret"]);
+    assert_eq!(renewed_a["slot"], "A");
+    assert_eq!(renewed_a["session_id"], session);
+    assert_eq!(renewed_a["relay"], created["relay"]);
+    assert_eq!(renewed_a["expected_peer_public_key"], b_key.to_string());
+    assert!(
+        renewed_a.get("join_code").is_none() && renewed_a.get("join_code_expires_at").is_none()
+    );
+    assert!(renewed_a["expires_at"].as_u64() >= created["expires_at"].as_u64());
+
+    let (status, _, joined) = post(
+        &http,
+        &gw.url("/v1/sessions/join"),
+        Some(setup.key("app")),
+        json!({ "join_code": created["join_code"], "peer_public_key": b_key.to_string() }),
+    )
+    .await;
+    assert_eq!(status, 200, "{joined}");
+    let (status, _, renewed_b) = renew("app", body("B")).await;
+    assert_eq!(status, 200, "{renewed_b}");
+    assert_eq!(renewed_b["slot"], "B");
+    assert_eq!(renewed_b["expected_peer_public_key"], a_key.to_string());
+    let b = verify(&relay, renewed_b["token"].as_str().unwrap(), &session, 1).unwrap();
+    assert_eq!(
+        b.slot_secret.to_base64().as_str(),
+        renewed_b["slot_secret"].as_str().unwrap()
+    );
+    // Each key holds its own slot only.
+    for (key, slot) in [("app", "A"), ("acme", "B"), ("listed-relay", "A")] {
+        let (status, _, answer) = renew(key, body(slot)).await;
+        assert_eq!((status, answer), (404, not_found.clone()), "{key} {slot}");
+    }
+
+    // The creator's key loses `create:acme`: 403 for slot A; the joiner still renews B.
+    let table = setup.key_table("acme");
+    let narrowed = table.replace("\"create:acme\", ", "");
+    assert_ne!(table, narrowed);
+    write_file(
+        &setup.file("gw.toml"),
+        &config.replace(&table, &narrowed),
+        0o600,
+    );
+    reload(&mut gw, "applied").await;
+    let (status, _, answer) = renew("acme", body("A")).await;
+    assert_eq!((status, answer), (403, json!({ "error": "forbidden" })));
+    assert_eq!(renew("app", body("B")).await.0, 200);
+
+    // Past the maximum age the session's slots are no longer renewed.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let short = config + "[sessions]\nmax_session_age_secs = 1\n";
+    write_file(&setup.file("gw.toml"), &short, 0o600);
+    reload(&mut gw, "applied").await;
+    let (status, _, answer) = renew("app", body("B")).await;
+    assert_eq!(
+        (status, answer),
+        (410, json!({ "error": "session_too_old" }))
+    );
+
+    let page = reqwest::get(gw.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&page, "ferry_gateway_sessions_renewed_total"),
+        3,
+        "{page}"
+    );
+    // Slot B before the join, the unknown session, three slots not held, and the old session.
+    assert_eq!(
+        metric(&page, "ferry_gateway_renewals_refused_total"),
+        6,
+        "{page}"
+    );
+    assert_eq!(
+        metric(
+            &page,
+            "ferry_gateway_requests_total{route=\"/v1/sessions/renew\",status=\"200\"}"
+        ),
+        3,
+        "{page}"
+    );
+    let log = gw.log_text();
+    assert_eq!(log.matches("session_renewed").count(), 3, "{log}");
+    for secret in [
+        &renewed_a["token"],
+        &renewed_a["slot_secret"],
+        &renewed_b["slot_secret"],
+    ] {
+        assert!(
+            !log.contains(secret.as_str().unwrap()),
+            "a secret in the log"
+        );
+    }
+}
+
+#[tokio::test]
 async fn join_codes_work_once_and_expire() {
     let setup = Setup::new("codes");
     let gw = setup.start(

@@ -97,6 +97,8 @@ async fn redis_backend_conforms() {
     };
     let state = RedisState::connect(&redis.url(), "t1:").await.unwrap();
     conformance::join_codes_work_once(&state).await;
+    let state = RedisState::connect(&redis.url(), "t4:").await.unwrap();
+    conformance::sessions_are_found_and_extended(&state).await;
     let state = RedisState::connect(&redis.url(), "t2:").await.unwrap();
     conformance::revocations_are_kept(&state).await;
     let state = RedisState::connect(&redis.url(), "t3:").await.unwrap();
@@ -157,6 +159,23 @@ async fn two_replicas_share_join_codes_revocations_and_relays() {
     let session = created["session_id"].as_str().unwrap();
     verify(&relay, created["token"].as_str().unwrap(), session, 0).unwrap();
     verify(&relay, joined["token"].as_str().unwrap(), session, 1).unwrap();
+    // Either slot is renewed on either replica: both know who created and who joined it.
+    for (gw, slot, index) in [(&two, "A", 0), (&one, "B", 1)] {
+        let body = json!({ "session_id": session, "slot": slot });
+        let (status, _, renewed) =
+            post(&http, &gw.url("/v1/sessions/renew"), Some(app), body).await;
+        assert_eq!(status, 200, "{renewed}");
+        verify(&relay, renewed["token"].as_str().unwrap(), session, index).unwrap();
+    }
+    let body = json!({ "session_id": session, "slot": "B" });
+    let (status, _, _) = post(
+        &http,
+        &two.url("/v1/sessions/renew"),
+        Some(setup.key("acme")),
+        body,
+    )
+    .await;
+    assert_eq!(status, 404, "only the joiner's key renews slot B");
 
     // Many joins of one code at once, spread over both replicas: exactly one wins.
     let (_, _, created) = post(&http, &one.url("/v1/sessions"), Some(app), json!({})).await;

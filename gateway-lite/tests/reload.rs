@@ -6,37 +6,10 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use common::*;
 use ferry_core::token::{TokenVerifier, VerifierConfig};
 use ferry_testkit::metrics::metric;
 use serde_json::json;
-
-/// Sends SIGHUP and waits until the gateway counts one more reload with `result`.
-async fn reload(gw: &mut Gateway, result: &str) {
-    let sample = format!("ferry_gateway_config_reloads_total{{result=\"{result}\"}}");
-    let page = || async {
-        reqwest::get(gw.admin_url("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
-    let before = metric(&page().await, &sample);
-    gw.signal("HUP");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&page().await, &sample) == before {
-        assert!(
-            Instant::now() < deadline,
-            "no {result} reload counted within 10 s:\n{}",
-            gw.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(gw.is_running(), "the gateway died on SIGHUP");
-}
 
 #[tokio::test]
 async fn sighup_applies_a_valid_config_and_refuses_a_bad_one_whole() {

@@ -6,10 +6,18 @@
 //! What the relay sends unasked comes out of [`BindClient::handle`] too: the notice that the
 //! other slot has bound ([`BindEvent::PeerPresent`]) and the CLOSE that ends the binding, with
 //! its reason ([`BindEvent::Closed`]).
+//!
+//! A binding lasts as long as its token: the relay unbinds the slot at the token's `exp` plus
+//! its clock skew. To keep it, the peer gets a fresh token for its slot (the gateway's
+//! `POST /v1/sessions/renew`) when [`BindClient::renew_due`] says, and hands it to
+//! [`BindClient::renew`], which sends a BIND with it from the bound address (docs/protocol.md
+//! §3.1, *Renewal*). The old binding keeps working until the relay acknowledges the new one;
+//! from then on the client proves its slot with the new slot secret.
 
 use std::time::{Duration, Instant};
 
 use ferry_core::proof::{SlotKeys, SlotSecret};
+use ferry_core::time::UnixTime;
 use ferry_core::wire::{self, CloseReason, Packet, RejectReason, Slot, TOKEN_LEN};
 
 /// First retransmission delay of an unanswered BIND/REBIND; it doubles up to [`MAX_RETRY`].
@@ -18,6 +26,19 @@ pub const FIRST_RETRY: Duration = Duration::from_secs(1);
 pub const MAX_RETRY: Duration = Duration::from_secs(8);
 /// A bind attempt with no answer for this long fails.
 pub const BIND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why [`BindClient::renew`] could not start a renewal.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RenewError {
+    /// The slot is not bound: binding, moving with a REBIND, failed or closed. Only a bound
+    /// slot is renewed; a slot the relay has unbound needs a first BIND with a fresh token.
+    #[error("the slot is not bound")]
+    NotBound,
+    /// The BIND could not be written.
+    #[error(transparent)]
+    Wire(#[from] wire::WireError),
+}
 
 /// Where the binding stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,7 +61,8 @@ pub enum BindState {
 pub enum BindEvent {
     /// Send the first `n` bytes of the output buffer to the relay.
     Transmit(usize),
-    /// The slot is bound (or re-bound); `peer_present` says whether the other slot is too.
+    /// The slot is bound (or re-bound, or renewed); `peer_present` says whether the other slot
+    /// is too.
     Bound {
         /// Whether the other peer was bound when the relay answered.
         peer_present: bool,
@@ -94,6 +116,29 @@ pub struct BindClient {
     /// Whether the other slot is known to be bound (a BIND-ACK said so, or DATA arrived from
     /// it): only then does DATA sent refresh this slot's idle timer (docs/protocol.md §8).
     peer_present: bool,
+    /// The renewal BIND in flight, if any.
+    renewal: Option<Renewal>,
+    /// When the binding the relay acknowledged last expires, and when that ACK arrived.
+    expiry: Option<Expiry>,
+}
+
+/// A renewal in flight: a BIND with a fresh token from the bound address, under the keys of the
+/// fresh slot secret. The client keeps the old keys until the relay acknowledges it.
+struct Renewal {
+    token: [u8; TOKEN_LEN],
+    keys: SlotKeys,
+    seq: u64,
+    started: Instant,
+    retry_at: Instant,
+    retry_delay: Duration,
+}
+
+/// The `expires at` of the last BIND-ACK (Unix seconds) and the local time it arrived, which
+/// together map the token's expiry onto the caller's monotonic clock.
+#[derive(Clone, Copy, Debug)]
+struct Expiry {
+    expires_at: UnixTime,
+    acked_at: Instant,
 }
 
 impl std::fmt::Debug for BindClient {
@@ -134,6 +179,8 @@ impl BindClient {
             idle_timeout: Duration::from_secs(60),
             last_sent: None,
             peer_present: false,
+            renewal: None,
+            expiry: None,
         }
     }
 
@@ -167,13 +214,95 @@ impl BindClient {
         self.peer_present
     }
 
+    /// When the binding the relay acknowledged last expires (its token's `exp`, from the
+    /// BIND-ACK), if the slot was ever bound.
+    pub fn expires_at(&self) -> Option<UnixTime> {
+        self.expiry.map(|e| e.expires_at)
+    }
+
+    /// Whether a renewal BIND is in flight.
+    pub fn renewing(&self) -> bool {
+        self.renewal.is_some()
+    }
+
+    /// When the binding should be renewed: once two thirds of the life its token had left when
+    /// the relay acknowledged it have passed, so that a third is left for getting a fresh token
+    /// and for the renewal's retransmissions. `now` and `wall` are the same moment on the
+    /// monotonic and the wall clock (the relay states the expiry in Unix seconds); the answer
+    /// is on the monotonic clock. `None` while not bound, and while a renewal is in flight.
+    pub fn renew_at(&self, now: Instant, wall: UnixTime) -> Option<Instant> {
+        if self.state != BindState::Bound || self.renewal.is_some() {
+            return None;
+        }
+        let expiry = self.expiry?;
+        // With L the life left at the ACK, e the time since and r the life left now
+        // (L = e + r), renewal is due when e ≥ 2L/3, that is e ≥ 2r; r shrinks as e grows,
+        // so that moment is (2r − e)/3 from now.
+        let left = Duration::from_secs(expiry.expires_at.as_secs().saturating_sub(wall.as_secs()));
+        let elapsed = now.saturating_duration_since(expiry.acked_at);
+        Some(now + (left * 2).saturating_sub(elapsed) / 3)
+    }
+
+    /// Whether the binding should be renewed now (see [`renew_at`](Self::renew_at)).
+    pub fn renew_due(&self, now: Instant, wall: UnixTime) -> bool {
+        self.renew_at(now, wall).is_some_and(|t| now >= t)
+    }
+
+    /// Renews the bound slot with a fresh `token` for the same session and slot and its slot
+    /// `secret`: writes a BIND with them and a new sequence number into `out`, to be sent from
+    /// the bound address. The client retransmits it like a BIND (see
+    /// [`poll_timeout`](Self::poll_timeout)); meanwhile the old binding and its keys keep
+    /// working. On the relay's BIND-ACK ([`BindEvent::Bound`]) the client proves its slot with
+    /// the new secret and takes the new expiry. An authenticated REJECT of the renewal
+    /// ([`BindEvent::Rejected`]) and a renewal unanswered for [`BIND_TIMEOUT`] leave the old
+    /// binding as it was. A renewal in flight is replaced by a new one.
+    pub fn renew(
+        &mut self,
+        now: Instant,
+        token: [u8; TOKEN_LEN],
+        secret: &SlotSecret,
+        out: &mut [u8],
+    ) -> Result<usize, RenewError> {
+        if self.state != BindState::Bound {
+            return Err(RenewError::NotBound);
+        }
+        let seq = self.take_seq();
+        self.renewal = Some(Renewal {
+            token,
+            keys: SlotKeys::derive(secret),
+            seq,
+            started: now,
+            retry_at: now,
+            retry_delay: FIRST_RETRY,
+        });
+        Ok(self.write_renewal(now, out)?)
+    }
+
+    fn write_renewal(&mut self, now: Instant, out: &mut [u8]) -> Result<usize, wire::WireError> {
+        let cookie = self.cookie;
+        let Some(renewal) = self.renewal.as_mut() else {
+            return Ok(0);
+        };
+        let fields = wire::BindFields {
+            slot: self.slot,
+            bind_seq: renewal.seq,
+            cookie,
+            token: &renewal.token,
+        };
+        let keys = &renewal.keys;
+        let n = wire::encode_bind(out, self.session_id, &fields, |m| keys.peer.mac(m))?;
+        renewal.retry_at = now + renewal.retry_delay;
+        Ok(n)
+    }
+
     /// Starts binding: writes a BIND into `out`.
     pub fn start(&mut self, now: Instant, out: &mut [u8]) -> Result<usize, wire::WireError> {
         self.begin(now, false);
         self.write_request(now, out)
     }
 
-    /// Moves the binding to a new local address after a NAT change: writes a REBIND.
+    /// Moves the binding to a new local address after a NAT change: writes a REBIND. A renewal
+    /// in flight is given up (it was sent from the old address); renew again once re-bound.
     pub fn rebind(&mut self, now: Instant, out: &mut [u8]) -> Result<usize, wire::WireError> {
         // A cookie is bound to the old address; the relay will CHALLENGE the new one.
         self.cookie = [0; 16];
@@ -192,10 +321,12 @@ impl BindClient {
         let n = wire::encode_close(out, self.session_id, &fields, |m| keys.peer.mac(m))?;
         self.state = BindState::Closed;
         self.retry_at = None;
+        self.renewal = None;
         Ok(n)
     }
 
     fn begin(&mut self, now: Instant, rebinding: bool) {
+        self.renewal = None;
         self.state = BindState::Binding;
         self.rebinding = rebinding;
         self.started = Some(now);
@@ -237,7 +368,57 @@ impl BindClient {
         let Ok(packet) = wire::parse(datagram) else {
             return BindEvent::Ignored;
         };
+        let renewal_seq = self.renewal.as_ref().map(|r| r.seq);
         match packet {
+            Packet::Challenge(c)
+                if c.session_id() == self.session_id && Some(c.bind_seq()) == renewal_seq =>
+            {
+                self.cookie = *c.cookie();
+                let seq = self.take_seq();
+                if let Some(renewal) = self.renewal.as_mut() {
+                    renewal.seq = seq;
+                }
+                match self.write_renewal(now, out) {
+                    Ok(n) => BindEvent::Transmit(n),
+                    Err(_) => BindEvent::Ignored,
+                }
+            }
+            Packet::BindAck(ack)
+                if ack.session_id() == self.session_id
+                    && ack.slot() == self.slot
+                    && Some(ack.bind_seq()) == renewal_seq
+                    && self
+                        .renewal
+                        .as_ref()
+                        .is_some_and(|r| r.keys.relay.verify(ack.mac_input(), ack.mac())) =>
+            {
+                // The relay holds the fresh token now: prove the slot with its keys from here on.
+                if let Some(renewal) = self.renewal.take() {
+                    self.token = renewal.token;
+                    self.keys = renewal.keys;
+                }
+                self.on_ack(now, &ack);
+                BindEvent::Bound {
+                    peer_present: ack.peer_present(),
+                }
+            }
+            Packet::Reject(rej)
+                if rej.session_id() == self.session_id && Some(rej.bind_seq()) == renewal_seq =>
+            {
+                let authenticated = rej.authenticated()
+                    && self
+                        .renewal
+                        .as_ref()
+                        .is_some_and(|r| r.keys.relay.verify(rej.mac_input(), rej.mac()));
+                if authenticated {
+                    // The relay refused the fresh token; the old binding stands as it was.
+                    self.renewal = None;
+                }
+                BindEvent::Rejected {
+                    reason: rej.reason(),
+                    authenticated,
+                }
+            }
             Packet::Challenge(c)
                 if c.session_id() == self.session_id
                     && self.state == BindState::Binding
@@ -274,9 +455,7 @@ impl BindClient {
             {
                 self.state = BindState::Bound;
                 self.retry_at = None;
-                self.acked_seq = Some(self.pending_seq);
-                self.peer_present = ack.peer_present();
-                self.idle_timeout = Duration::from_secs(u64::from(ack.idle_timeout_secs().max(3)));
+                self.on_ack(now, &ack);
                 BindEvent::Bound {
                     peer_present: ack.peer_present(),
                 }
@@ -302,6 +481,7 @@ impl BindClient {
             {
                 self.state = BindState::Closed;
                 self.retry_at = None;
+                self.renewal = None;
                 BindEvent::Closed {
                     reason: close.reason(),
                 }
@@ -309,6 +489,18 @@ impl BindClient {
             Packet::Keepalive(ka) if ka.session_id() == self.session_id => BindEvent::KeepaliveEcho,
             _ => BindEvent::Ignored,
         }
+    }
+
+    /// Takes what a BIND-ACK of our request in flight says: the request is acknowledged, the
+    /// other slot's presence, the relay's idle timeout and the binding's expiry.
+    fn on_ack(&mut self, now: Instant, ack: &wire::BindAck<'_>) {
+        self.acked_seq = Some(ack.bind_seq());
+        self.peer_present = ack.peer_present();
+        self.idle_timeout = Duration::from_secs(u64::from(ack.idle_timeout_secs().max(3)));
+        self.expiry = Some(Expiry {
+            expires_at: UnixTime(ack.expires_at()),
+            acked_at: now,
+        });
     }
 
     /// Whether the relay holds our slot as far as we know: bound, or moving it with a REBIND
@@ -321,11 +513,16 @@ impl BindClient {
         }
     }
 
-    /// When [`on_timeout`](Self::on_timeout) should next be called, if ever.
+    /// When [`on_timeout`](Self::on_timeout) should next be called, if ever: a retransmission
+    /// of the request or the renewal in flight, or the next KEEPALIVE.
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {
             BindState::Binding => self.retry_at,
-            BindState::Bound => self.last_sent.map(|t| t + self.keepalive_interval()),
+            BindState::Bound => {
+                let keepalive = self.last_sent.map(|t| t + self.keepalive_interval());
+                let renewal = self.renewal.as_ref().map(|r| r.retry_at);
+                keepalive.into_iter().chain(renewal).min()
+            }
             _ => None,
         }
     }
@@ -335,8 +532,10 @@ impl BindClient {
         self.idle_timeout / 3
     }
 
-    /// Retransmits an unanswered request, gives up after [`BIND_TIMEOUT`], or sends a
-    /// KEEPALIVE when bound and idle. Returns the bytes to send, if any.
+    /// Retransmits an unanswered request or renewal, gives up on either after
+    /// [`BIND_TIMEOUT`] (a renewal given up leaves the binding as it was), or sends a KEEPALIVE
+    /// when bound and idle. Returns the bytes to send, if any; when several are due, one per
+    /// call.
     pub fn on_timeout(&mut self, now: Instant, out: &mut [u8]) -> Option<usize> {
         let due = self.poll_timeout().is_some_and(|t| now >= t);
         if !due {
@@ -356,6 +555,22 @@ impl BindClient {
                 self.write_request(now, out).ok()
             }
             BindState::Bound => {
+                if let Some(renewal) = self.renewal.as_mut()
+                    && now >= renewal.retry_at
+                {
+                    if now.duration_since(renewal.started) >= BIND_TIMEOUT {
+                        self.renewal = None;
+                    } else {
+                        renewal.retry_delay = (renewal.retry_delay * 2).min(MAX_RETRY);
+                        return self.write_renewal(now, out).ok();
+                    }
+                }
+                let keepalive_due = self
+                    .last_sent
+                    .is_some_and(|t| now >= t + self.keepalive_interval());
+                if !keepalive_due {
+                    return None;
+                }
                 self.last_sent = Some(now);
                 wire::encode_keepalive(out, self.session_id).ok()
             }
@@ -541,5 +756,286 @@ mod tests {
                 .is_some_and(|n| matches!(wire::parse(&out[..n]), Ok(Packet::Keepalive(_)))),
             "a KEEPALIVE is due 10 s after the last DATA"
         );
+    }
+
+    /// The fresh slot secret and token of the renewal tests.
+    const NEW_SECRET: [u8; 32] = [5; 32];
+    const NEW_TOKEN: [u8; TOKEN_LEN] = [1; TOKEN_LEN];
+
+    /// The sequence number, token and proof key of a BIND the client wrote.
+    fn sent_bind(datagram: &[u8], peer_key: &SlotSecret) -> (u64, [u8; TOKEN_LEN], [u8; 16]) {
+        let Ok(Packet::Bind(bind)) = wire::parse(datagram) else {
+            panic!("not a BIND");
+        };
+        assert!(
+            SlotKeys::derive(peer_key)
+                .peer
+                .verify(bind.mac_input(), bind.mac()),
+            "the BIND's proof is under the fresh slot secret"
+        );
+        (bind.bind_seq(), *bind.token(), *bind.cookie())
+    }
+
+    fn ack(bind_seq: u64, expires_at: u64, relay_key: &SlotSecret) -> Vec<u8> {
+        let fields = wire::BindAckFields {
+            slot: Slot::A,
+            peer_present: true,
+            idle_timeout_secs: 30,
+            bind_seq,
+            expires_at,
+        };
+        from_relay(
+            |b, mac| wire::encode_bind_ack(b, SESSION, &fields, mac),
+            relay_key,
+        )
+    }
+
+    #[test]
+    fn a_renewal_switches_keys_and_expiry_on_its_ack_only() {
+        let old = SlotSecret::from_bytes([9; 32]);
+        let new = SlotSecret::from_bytes(NEW_SECRET);
+        let t0 = Instant::now();
+        let mut client = bound_client(t0, false);
+        assert_eq!(client.expires_at(), Some(UnixTime(1_000)));
+        let mut out = [0u8; wire::MAX_DATAGRAM];
+        let t1 = t0 + Duration::from_secs(20);
+        let n = client.renew(t1, NEW_TOKEN, &new, &mut out).expect("bound");
+        let (seq, token, _) = sent_bind(&out[..n], &new);
+        assert!(seq > FIRST_SEQ, "a renewal is a new request");
+        assert_eq!(token, NEW_TOKEN);
+        assert!(client.renewing());
+        assert_eq!(client.state(), BindState::Bound);
+
+        // In flight, the relay still speaks under the old keys: its notice is taken.
+        assert_eq!(
+            client.handle(t1, &notice(FIRST_SEQ, true, &old), &mut out),
+            BindEvent::PeerPresent
+        );
+        // An ACK of the renewal under the old keys, or of another number, is not the ACK.
+        assert_eq!(
+            client.handle(t1, &ack(seq, 2_000, &old), &mut out),
+            BindEvent::Ignored
+        );
+        assert_eq!(
+            client.handle(t1, &ack(seq + 1, 2_000, &new), &mut out),
+            BindEvent::Ignored
+        );
+        assert!(client.renewing());
+        assert_eq!(
+            client.handle(t1, &ack(seq, 2_000, &new), &mut out),
+            BindEvent::Bound { peer_present: true }
+        );
+        assert!(!client.renewing());
+        assert_eq!(client.expires_at(), Some(UnixTime(2_000)));
+
+        // From now on only the new keys count, both ways.
+        assert_eq!(
+            client.handle(t1, &notice(FIRST_SEQ, true, &old), &mut out),
+            BindEvent::Ignored
+        );
+        assert_eq!(
+            client.handle(t1, &notice(seq, true, &new), &mut out),
+            BindEvent::PeerPresent
+        );
+        assert_eq!(
+            client.handle(t1, &relay_close(CloseReason::Expired, &old), &mut out),
+            BindEvent::Ignored
+        );
+        let n = client.close(&mut out).expect("CLOSE fits");
+        let Ok(Packet::Close(close)) = wire::parse(&out[..n]) else {
+            panic!("not a CLOSE");
+        };
+        assert!(close.seq() > seq);
+        assert!(
+            SlotKeys::derive(&new)
+                .peer
+                .verify(close.mac_input(), close.mac())
+        );
+    }
+
+    #[test]
+    fn a_relay_close_during_a_renewal_still_ends_the_binding() {
+        let old = SlotSecret::from_bytes([9; 32]);
+        let t0 = Instant::now();
+        let mut client = bound_client(t0, true);
+        let mut out = [0u8; wire::MAX_DATAGRAM];
+        client
+            .renew(t0, NEW_TOKEN, &SlotSecret::from_bytes(NEW_SECRET), &mut out)
+            .expect("bound");
+        assert_eq!(
+            client.handle(t0, &relay_close(CloseReason::Expired, &old), &mut out),
+            BindEvent::Closed {
+                reason: CloseReason::Expired
+            }
+        );
+        assert!(!client.renewing());
+        assert_eq!(client.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_renewal_is_retransmitted_unchanged_and_given_up_without_losing_the_binding() {
+        let new = SlotSecret::from_bytes(NEW_SECRET);
+        let t0 = Instant::now();
+        let mut client = bound_client(t0, true);
+        let mut out = [0u8; wire::MAX_DATAGRAM];
+        let n = client.renew(t0, NEW_TOKEN, &new, &mut out).expect("bound");
+        let first = out[..n].to_vec();
+        let mut renewals = Vec::new();
+        let mut keepalives = Vec::new();
+        while let Some(at) = client.poll_timeout() {
+            if at > t0 + Duration::from_secs(40) {
+                break;
+            }
+            let Some(n) = client.on_timeout(at, &mut out) else {
+                continue;
+            };
+            let secs = at.duration_since(t0).as_secs();
+            match wire::parse(&out[..n]) {
+                Ok(Packet::Bind(_)) => {
+                    assert_eq!(out[..n], first[..], "a retransmission repeats the BIND");
+                    renewals.push(secs);
+                }
+                Ok(Packet::Keepalive(_)) => keepalives.push(secs),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // Back-off 1, 2, 4, 8, 8 s; at 31 s the renewal is older than BIND_TIMEOUT.
+        assert_eq!(renewals, [1, 3, 7, 15, 23]);
+        assert_eq!(keepalives, [10, 20, 30, 40]);
+        assert!(!client.renewing());
+        assert_eq!(client.state(), BindState::Bound);
+        assert_eq!(client.expires_at(), Some(UnixTime(1_000)));
+    }
+
+    #[test]
+    fn a_challenged_renewal_is_repeated_with_the_cookie_and_a_new_number() {
+        let new = SlotSecret::from_bytes(NEW_SECRET);
+        let t0 = Instant::now();
+        let mut client = bound_client(t0, true);
+        let mut out = [0u8; wire::MAX_DATAGRAM];
+        let n = client.renew(t0, NEW_TOKEN, &new, &mut out).expect("bound");
+        let (seq, _, _) = sent_bind(&out[..n], &new);
+        let challenge = |bind_seq| {
+            let mut buf = vec![0u8; wire::MAX_DATAGRAM];
+            let fields = wire::ChallengeFields {
+                bind_seq,
+                cookie: [7; 16],
+            };
+            let n = wire::encode_challenge(&mut buf, SESSION, &fields).expect("fits");
+            buf.truncate(n);
+            buf
+        };
+        assert_eq!(
+            client.handle(t0, &challenge(seq + 5), &mut out),
+            BindEvent::Ignored
+        );
+        let BindEvent::Transmit(n) = client.handle(t0, &challenge(seq), &mut out) else {
+            panic!("the renewal is repeated");
+        };
+        let (again, token, cookie) = sent_bind(&out[..n], &new);
+        assert!(again > seq);
+        assert_eq!((token, cookie), (NEW_TOKEN, [7; 16]));
+        assert_eq!(
+            client.handle(t0, &ack(again, 2_000, &new), &mut out),
+            BindEvent::Bound { peer_present: true }
+        );
+    }
+
+    #[test]
+    fn a_refused_renewal_leaves_the_binding_as_it_was() {
+        let new = SlotSecret::from_bytes(NEW_SECRET);
+        let t0 = Instant::now();
+        let mut client = bound_client(t0, true);
+        let mut out = [0u8; wire::MAX_DATAGRAM];
+        let n = client.renew(t0, NEW_TOKEN, &new, &mut out).expect("bound");
+        let (seq, _, _) = sent_bind(&out[..n], &new);
+        let reject = |key: &SlotSecret| {
+            let fields = wire::RejectFields {
+                reason: RejectReason::Replayed,
+                slot: Slot::A,
+                bind_seq: seq,
+            };
+            from_relay(|b, mac| wire::encode_reject(b, SESSION, &fields, mac), key)
+        };
+        // Under the old keys it is not the relay's answer to this BIND: only a hint.
+        let forged = reject(&SlotSecret::from_bytes([9; 32]));
+        assert_eq!(
+            client.handle(t0, &forged, &mut out),
+            BindEvent::Rejected {
+                reason: RejectReason::Replayed,
+                authenticated: false
+            }
+        );
+        assert!(client.renewing());
+        assert_eq!(
+            client.handle(t0, &reject(&new), &mut out),
+            BindEvent::Rejected {
+                reason: RejectReason::Replayed,
+                authenticated: true
+            }
+        );
+        assert!(!client.renewing());
+        assert_eq!(client.state(), BindState::Bound);
+        // The old keys still hold the slot.
+        assert_eq!(
+            client.handle(
+                t0,
+                &notice(FIRST_SEQ, true, &SlotSecret::from_bytes([9; 32])),
+                &mut out
+            ),
+            BindEvent::PeerPresent
+        );
+    }
+
+    #[test]
+    fn renewal_is_due_when_a_third_of_the_token_life_is_left() {
+        let t0 = Instant::now();
+        let secs = Duration::from_secs;
+        let mut client = BindClient::new(
+            SESSION,
+            Slot::A,
+            [0; TOKEN_LEN],
+            &SlotSecret::from_bytes([9; 32]),
+            FIRST_SEQ,
+        );
+        let mut out = [0u8; wire::MAX_DATAGRAM];
+        assert_eq!(client.renew_at(t0, UnixTime(970)), None, "not bound");
+        assert!(matches!(
+            client.renew(t0, NEW_TOKEN, &SlotSecret::from_bytes(NEW_SECRET), &mut out),
+            Err(RenewError::NotBound)
+        ));
+        client = bound_client(t0, true);
+        // The ACK at t0 says the token expires at 1000; the wall clock then reads 970: 30 s
+        // of life, renewal due after 20 s, whenever asked.
+        assert_eq!(client.renew_at(t0, UnixTime(970)), Some(t0 + secs(20)));
+        assert_eq!(
+            client.renew_at(t0 + secs(10), UnixTime(980)),
+            Some(t0 + secs(20))
+        );
+        assert!(!client.renew_due(t0 + secs(19), UnixTime(989)));
+        assert!(client.renew_due(t0 + secs(20), UnixTime(990)));
+        assert!(client.renew_due(t0 + secs(40), UnixTime(1_010)), "past exp");
+        let n = client
+            .renew(
+                t0 + secs(20),
+                NEW_TOKEN,
+                &SlotSecret::from_bytes(NEW_SECRET),
+                &mut out,
+            )
+            .expect("bound");
+        let (seq, _, _) = sent_bind(&out[..n], &SlotSecret::from_bytes(NEW_SECRET));
+        assert_eq!(
+            client.renew_at(t0 + secs(20), UnixTime(990)),
+            None,
+            "in flight"
+        );
+        // Acknowledged at t0 + 21 s (wall 991) until 1030: due 26 s later.
+        let t1 = t0 + secs(21);
+        let renewed = ack(seq, 1_030, &SlotSecret::from_bytes(NEW_SECRET));
+        assert_eq!(
+            client.handle(t1, &renewed, &mut out),
+            BindEvent::Bound { peer_present: true }
+        );
+        assert_eq!(client.renew_at(t1, UnixTime(991)), Some(t1 + secs(26)));
     }
 }

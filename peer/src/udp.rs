@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use ferry_core::known_peers::KnownPeers;
 use ferry_core::noise::NoiseError;
-use ferry_core::wire::{self, MAX_DATAGRAM, Packet};
+use ferry_core::proof::SlotSecret;
+use ferry_core::wire::{self, MAX_DATAGRAM, Packet, TOKEN_LEN};
 
-use crate::bind::{BindClient, BindEvent, BindState};
+use crate::bind::{BindClient, BindEvent, BindState, RenewError};
 use crate::channel::{Channel, ChannelError};
 
 /// What went wrong driving a peer over UDP.
@@ -36,6 +37,9 @@ pub enum UdpPeerError {
     /// A packet could not be written.
     #[error(transparent)]
     Wire(#[from] wire::WireError),
+    /// A renewal could not start (the slot is not bound).
+    #[error(transparent)]
+    Renew(#[from] RenewError),
 }
 
 /// A peer bound (or binding) to one slot on one relay, over one UDP socket.
@@ -86,6 +90,11 @@ impl UdpPeer {
     /// The end-to-end channel.
     pub fn channel(&self) -> &Channel {
         &self.channel
+    }
+
+    /// The bind client (its expiry, whether renewal is due).
+    pub fn bind_client(&self) -> &BindClient {
+        &self.bind
     }
 
     /// Replaces the bind client, e.g. to bind with a fresh token.
@@ -176,6 +185,63 @@ impl UdpPeer {
         }
     }
 
+    /// Renews the bound slot with a fresh `token` and slot `secret` for it (from the gateway's
+    /// `POST /v1/sessions/renew`): sends a BIND with them from the bound address and
+    /// retransmits it until the relay acknowledges or `timeout` passes. DATA that arrives
+    /// meanwhile goes through the channel to the inbox, as in
+    /// [`recv_message`](Self::recv_message). Returns whether the other peer is bound. On an
+    /// error other than [`UdpPeerError::Closed`], the old binding stands until its token's
+    /// expiry.
+    pub fn renew(
+        &mut self,
+        token: [u8; TOKEN_LEN],
+        secret: &SlotSecret,
+        timeout: Duration,
+    ) -> Result<bool, UdpPeerError> {
+        let deadline = Instant::now() + timeout;
+        let n = self
+            .bind
+            .renew(Instant::now(), token, secret, &mut self.out)?;
+        self.send_out(n)?;
+        loop {
+            let wake = [self.bind.poll_timeout(), self.channel.poll_timeout()]
+                .into_iter()
+                .flatten()
+                .fold(deadline, Instant::min);
+            let Some(len) = self.recv(wake)? else {
+                let now = Instant::now();
+                if now >= deadline || !self.bind.renewing() {
+                    return Err(UdpPeerError::Timeout("the renewal's BIND-ACK"));
+                }
+                if let Some(n) = self.bind.on_timeout(now, &mut self.out) {
+                    self.send_out(n)?;
+                }
+                if let Some(n) = self.channel.on_timeout(now, &mut self.out)? {
+                    self.send_data(n)?;
+                }
+                continue;
+            };
+            if let Ok(Packet::Data(_)) = wire::parse(&self.inbuf[..len]) {
+                self.bind.note_data_received();
+                self.on_data(len, false)?;
+                continue;
+            }
+            match self
+                .bind
+                .handle(Instant::now(), &self.inbuf[..len], &mut self.out)
+            {
+                BindEvent::Transmit(n) => self.send_out(n)?,
+                BindEvent::Bound { peer_present } => return Ok(peer_present),
+                BindEvent::Rejected {
+                    reason,
+                    authenticated: true,
+                } => return Err(UdpPeerError::Rejected(reason.name())),
+                BindEvent::Closed { .. } => return Err(UdpPeerError::Closed),
+                _ => {}
+            }
+        }
+    }
+
     /// Runs the end-to-end handshake on the channel's own timers (docs/protocol.md §9.1.1): the
     /// initiator sends HANDSHAKE-1 and the channel resends a fresh one on its back-off until
     /// answered (the other peer may bind later), then waits for the responder's confirmation;
@@ -230,6 +296,12 @@ impl UdpPeer {
             }
             _ => return Ok(()),
         }
+        self.on_data(len, identity_fatal)
+    }
+
+    /// Passes the DATA datagram of `len` bytes in the input buffer to the channel; sends what it
+    /// answers and puts a plaintext in the inbox.
+    fn on_data(&mut self, len: usize, identity_fatal: bool) -> Result<(), UdpPeerError> {
         match self.channel.handle(
             Instant::now(),
             &mut self.inbuf[..len],

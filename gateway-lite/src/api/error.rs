@@ -17,10 +17,14 @@ pub enum ApiError {
     Forbidden,
     /// 403 `peer_identity_mismatch`: the joiner is not the peer the creator expects.
     PeerIdentityMismatch,
-    /// 404 `not_found`: no such route.
+    /// 404 `not_found`: no such route; or, on a renewal, no live session with a slot the key
+    /// holds.
     NotFound,
     /// 404 `invalid_join_code`: unknown, already used or expired join code.
     InvalidJoinCode,
+    /// 410 `session_too_old`: the session is older than `sessions.max_session_age_secs`, so
+    /// its slots are no longer renewed.
+    SessionTooOld,
     /// 405 `method_not_allowed`.
     MethodNotAllowed,
     /// 408 `request_timeout`: the request took longer than `server.request_timeout_ms`.
@@ -47,6 +51,7 @@ impl ApiError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Forbidden | Self::PeerIdentityMismatch => StatusCode::FORBIDDEN,
             Self::NotFound | Self::InvalidJoinCode => StatusCode::NOT_FOUND,
+            Self::SessionTooOld => StatusCode::GONE,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Timeout => StatusCode::REQUEST_TIMEOUT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -66,6 +71,7 @@ impl ApiError {
             Self::PeerIdentityMismatch => "peer_identity_mismatch",
             Self::NotFound => "not_found",
             Self::InvalidJoinCode => "invalid_join_code",
+            Self::SessionTooOld => "session_too_old",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Timeout => "request_timeout",
             Self::PayloadTooLarge => "payload_too_large",

@@ -1,4 +1,4 @@
-//! The route handlers: sessions (create, join), relay heartbeats, health, metrics and the
+//! The route handlers: sessions (create, join, renew), relay heartbeats, health, metrics and the
 //! admin views, with the join codes and session ids they draw.
 
 use std::net::SocketAddr;
@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use super::app::{App, Live, Shared};
 use super::extract::{Admin, Client, ClientAddrExtractor, JsonBody};
-use super::types::{CreateSession, Grant, Heartbeat, JoinSession, RelayBody, Revoke};
+use super::types::{CreateSession, Grant, Heartbeat, JoinSession, RelayBody, RenewSession, Revoke};
 use super::{AUDIT, ApiError, DEFAULT_REALM};
 use crate::apikey;
 use crate::metrics::AuthFailure;
@@ -328,6 +328,96 @@ pub(super) async fn join_session(
     )))
 }
 
+/// A session id as the API writes it: exactly 16 lower-case hex digits. (No session has id 0,
+/// so that one is simply not found.)
+fn parse_session_id(text: &str) -> Option<u64> {
+    let shaped = text.len() == 16 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    shaped.then(|| u64::from_str_radix(text, 16).ok()).flatten()
+}
+
+pub(super) async fn renew_session(
+    AxState(app): AxState<Shared>,
+    client: Client,
+    JsonBody(body): JsonBody<RenewSession>,
+) -> Result<axum::Json<Grant>, ApiError> {
+    let slot = match body.slot.as_str() {
+        "A" => Slot::A,
+        "B" => Slot::B,
+        _ => return Err(ApiError::BadRequest),
+    };
+    let session_id = parse_session_id(&body.session_id).ok_or(ApiError::BadRequest)?;
+    let sid = format!("{session_id:016x}");
+    let refuse = |reason: &str, error: ApiError| {
+        app.metrics.renewals_refused.inc();
+        tracing::info!(target: AUDIT, event = "renew_refused", reason, key_id = %client.key_id, client = %client.addr.ip, via = %client.addr.via_display(), session_id = %sid, slot = %body.slot);
+        error
+    };
+    let now = now();
+    let Some(record) = app.state.session(session_id, now).await? else {
+        return Err(refuse("unknown_or_expired", ApiError::NotFound));
+    };
+    // Only the key that took the slot renews it; to any other key the session does not exist.
+    let holder = match slot {
+        Slot::A => Some(&record.created_by),
+        Slot::B => record.joined_by.as_ref(),
+    };
+    if holder != Some(&client.key_id) {
+        return Err(refuse("slot_not_held", ApiError::NotFound));
+    }
+    let allowed = match slot {
+        Slot::A => client.scopes.may_create(&record.realm),
+        Slot::B => client.scopes.may_join(&record.realm),
+    };
+    if !allowed {
+        return Err(app.auth_failed(
+            AuthFailure::Scope,
+            Some(&client.key_id),
+            client.addr,
+            "/v1/sessions/renew",
+        ));
+    }
+    let live = &client.live;
+    let age = now.as_secs().saturating_sub(record.created_at);
+    if age >= live.sessions.max_session_age_secs {
+        return Err(refuse("too_old", ApiError::SessionTooOld));
+    }
+    let Some(relay) = app
+        .registry
+        .find(app.state.as_ref(), record.relay_id, now)
+        .await?
+    else {
+        tracing::warn!(target: AUDIT, event = "renew_refused", reason = "relay_gone", key_id = %client.key_id, client = %client.addr.ip, via = %client.addr.via_display(), session_id = %sid, slot = %body.slot, relay_id = record.relay_id);
+        return Err(ApiError::NoRelay);
+    };
+    let minted = app.mint(live, slot, session_id, &relay, now)?;
+    // The record must outlive the token it now grants, so that the token can be renewed in turn.
+    if !app
+        .state
+        .extend_session(session_id, minted.claims.expires.as_secs(), now)
+        .await?
+    {
+        return Err(refuse("unknown_or_expired", ApiError::NotFound));
+    }
+    app.metrics.sessions_renewed.inc();
+    tracing::info!(
+        target: AUDIT,
+        event = "session_renewed",
+        key_id = %client.key_id,
+        client = %client.addr.ip, via = %client.addr.via_display(),
+        realm = %record.realm,
+        session_id = %sid,
+        relay_id = relay.id,
+        slot = %body.slot,
+        kid = minted.claims.kid,
+        token_expires_at = minted.claims.expires.as_secs(),
+    );
+    let expected = match slot {
+        Slot::A => record.expected_joiner_public_key,
+        Slot::B => record.creator_public_key,
+    };
+    Ok(axum::Json(app.grant(slot, &minted, &relay, expected)))
+}
+
 pub(super) async fn relay_heartbeat(
     AxState(app): AxState<Shared>,
     client: Client,
@@ -537,6 +627,23 @@ mod tests {
             "198.51.100.07:7000",
         ] {
             assert_eq!(parse_relay_address(bad), Err(ApiError::BadRequest), "{bad}");
+        }
+    }
+
+    #[test]
+    fn session_ids_are_sixteen_lower_case_hex_digits() {
+        assert_eq!(parse_session_id("00000000000000ff"), Some(255));
+        assert_eq!(parse_session_id("ffffffffffffffff"), Some(u64::MAX));
+        assert_eq!(parse_session_id("0000000000000000"), Some(0));
+        for bad in [
+            "00000000000000FF",
+            "ff",
+            "+00000000000000f",
+            "000000000000000g",
+            "00000000000000ff0",
+            "",
+        ] {
+            assert_eq!(parse_session_id(bad), None, "{bad}");
         }
     }
 

@@ -70,6 +70,16 @@ pub struct JoinSession {
     pub peer_public_key: Option<String>,
 }
 
+/// `POST /v1/sessions/renew`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewSession {
+    /// The session id as create or join returned it: 16 lower-case hex digits.
+    pub session_id: String,
+    /// The slot to renew: `A` (the key created the session) or `B` (it joined it).
+    pub slot: String,
+}
+
 /// `POST /v1/relays/heartbeat`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -108,7 +118,7 @@ pub struct RelayBody {
     pub public_key: String,
 }
 
-/// A granted slot: what `create` and `join` answer.
+/// A granted slot: what `create`, `join` and `renew` answer.
 #[derive(Debug, Serialize)]
 pub struct Grant {
     /// Session id, 16 hex digits.

@@ -124,6 +124,7 @@ fn a_minimal_file_gets_safe_defaults() {
     assert_eq!(cfg.signing.active.kid(), 1);
     assert_eq!(cfg.signing.published.len(), 1);
     assert_eq!(cfg.sessions.token_lifetime_secs, 300);
+    assert_eq!(cfg.sessions.max_session_age_secs, 86_400);
     assert!(cfg.admin.listen.ip().is_loopback());
     assert!(cfg.admin.token_hash.is_none());
     assert!(matches!(cfg.state, StateBackend::Memory { .. }));
@@ -298,6 +299,16 @@ fn each_out_of_range_value_names_its_field_alone() {
             "sessions.rate_bytes_per_sec",
         ),
         (
+            "sessions",
+            "max_session_age_secs = 0",
+            "sessions.max_session_age_secs",
+        ),
+        (
+            "sessions",
+            "max_session_age_secs = 31536001",
+            "sessions.max_session_age_secs",
+        ),
+        (
             "relay_health",
             "interval_secs = 0",
             "relay_health.interval_secs",
@@ -347,6 +358,7 @@ fn each_out_of_range_value_names_its_field_alone() {
     }
     let edges = minimal()
         + "\n[sessions]\ntoken_lifetime_secs = 3600\njoin_code_ttl_secs = 10\nrate_bytes_per_sec = 1500\n\
+           max_session_age_secs = 1\n\
            \n[server]\nmax_body_bytes = 1048576\nrequest_timeout_ms = 100\n";
     dir.parse(&edges).unwrap();
 }
@@ -543,7 +555,7 @@ fn a_reload_takes_keys_relays_limits_and_signing_but_not_listeners_or_state() {
              \n[[relays]]\nid = 9\naddress = \"198.51.100.9:7000\"\npublic_key = \"{}\"\n\
              \n[limits]\nper_ip_rate = 5.0\nipv6_prefix_len = 56\n\
              \n[server]\ntrusted_proxies = [\"127.0.0.1\"]\n\
-             \n[sessions]\ntoken_lifetime_secs = 60\n\
+             \n[sessions]\ntoken_lifetime_secs = 60\nmax_session_age_secs = 3600\n\
              \n[auth]\nrevoked_keys = [\"gone\"]\n\
              \n[admin]\ntoken_hash = \"{}\"\n",
             hash(),
@@ -555,6 +567,7 @@ fn a_reload_takes_keys_relays_limits_and_signing_but_not_listeners_or_state() {
         .unwrap();
     assert_eq!(applied.signing.active.kid(), 2);
     assert_eq!(applied.relays.len(), 1);
+    assert_eq!(applied.sessions.max_session_age_secs, 3600);
     // The TLS files are re-read, and mTLS may be turned on: still HTTPS.
     let mtls = minimal().replace(
         "key = \"tls.key\"\n",

@@ -380,3 +380,28 @@ pub async fn post(
 pub fn key_file_path(setup: &Setup, kid: u32) -> PathBuf {
     setup.file(&format!("gateway-{kid}.key"))
 }
+
+/// Sends SIGHUP and waits until the gateway counts one more reload with `result`.
+pub async fn reload(gw: &mut Gateway, result: &str) {
+    let sample = format!("ferry_gateway_config_reloads_total{{result=\"{result}\"}}");
+    let page = || async {
+        reqwest::get(gw.admin_url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let before = ferry_testkit::metrics::metric(&page().await, &sample);
+    gw.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ferry_testkit::metrics::metric(&page().await, &sample) == before {
+        assert!(
+            Instant::now() < deadline,
+            "no {result} reload counted within 10 s:\n{}",
+            gw.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(gw.is_running(), "the gateway died on SIGHUP");
+}
