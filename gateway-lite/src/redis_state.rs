@@ -20,7 +20,7 @@
 //!
 //! A renewal keeps a session longer without rewriting its record: `until:<id>` holds the
 //! latest expiry a renewal granted, a record's `expires_at` is the later of its own and that
-//! one, and one Lua script ([`EXTEND_SCRIPT`]) raises `until:<id>` and the keys' TTLs, never
+//! one, and one Lua script (`EXTEND_SCRIPT`) raises `until:<id>` and the keys' TTLs, never
 //! lowering either, so that two replicas renewing both slots at once cannot shorten it.
 
 /// Keeps a session until `ARGV[1]` (Unix seconds), `ARGV[2]` seconds from now: raises
