@@ -248,17 +248,27 @@ async fn peers_get_tokens_from_the_gateway_bind_on_the_relay_and_talk() {
         "{page}"
     );
     // The gateway granted both slots, and its probe found the real relay healthy.
-    let gw_page = reqwest::get(gw.admin_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    // A probe answers within its 500 ms timeout on an idle machine; on a loaded one (tests
+    // run in parallel) one can miss it, so the relay is given a few probes to be seen healthy.
+    let mut gw_page = String::new();
+    for _ in 0..20 {
+        gw_page = reqwest::get(gw.admin_url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metric(&gw_page, "ferry_gateway_relays{health=\"healthy\"}") == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     assert_eq!(metric(&gw_page, "ferry_gateway_tokens_minted_total"), 2);
     assert_eq!(metric(&gw_page, "ferry_gateway_sessions_joined_total"), 1);
     assert_eq!(
         metric(&gw_page, "ferry_gateway_relays{health=\"healthy\"}"),
-        1
+        1,
+        "{gw_page}"
     );
     assert!(gw.stop().success());
 }
