@@ -4,10 +4,10 @@
 //!
 //! The loop, per iteration: submit everything queued and wait for a completion (at most
 //! `tick` long; for a batch of them only while a backlog lasts, see [`Wait`]); read the clocks
-//! once; drain all completions; for each received datagram ask
-//! the handler and queue the send (forwards go out from the receive buffer itself); re-arm
-//! receives the kernel ended; on a tick, send what the handler's timers produced (the reaper's
-//! CLOSEs); publish counters. No allocation happens per received datagram.
+//! once; drain all completions; for each received datagram ask the handler and queue the send
+//! (forwards go out from the receive buffer itself); re-arm receives the kernel ended; on a
+//! tick, send what the handler's timers produced (the reaper's CLOSEs); publish counters. No
+//! allocation happens per received datagram.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -443,9 +443,10 @@ pub fn run_worker<H: PacketHandler>(
 /// `coalesce` timer fires. That is free only when the batch is (nearly) there already: right
 /// after a drain that found a whole batch, i.e. while the worker is behind. Any smaller drain
 /// means the worker keeps up, and a batch would fill only by waiting for datagrams not yet
-/// sent; so it waits for the first completion instead, as a `recvmmsg` forwarder does. Below
-/// saturation no datagram is held and no timer is armed; at saturation every drain is full and
-/// the worker keeps coalescing; when a burst ends, one wait at most runs into the timer.
+/// sent; so it waits for the first completion instead, as a `recvmmsg` forwarder does. While
+/// the worker keeps up, no datagram waits for a batch and the `coalesce` timer never fires;
+/// while it is behind, drains are full and it keeps coalescing; when a backlog ends, one wait at
+/// most runs into the timer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Wait {
     /// Wait for any completion, or the tick: the worker has caught up.
