@@ -237,6 +237,19 @@ pub fn socket(addr: SocketAddr) -> io::Result<UdpSocket> {
     Ok(s.into())
 }
 
+/// Lets the calling thread's sleeps end as close to their deadline as the kernel can (timer
+/// slack 1 ns instead of the default 50 µs), so a paced generator keeps its rate.
+pub fn fine_timer_slack() -> io::Result<()> {
+    // SAFETY: PR_SET_TIMERSLACK takes a plain integer and only changes the calling thread's
+    // timer slack.
+    let rc = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;

@@ -25,7 +25,7 @@ type WorkerMetric = (&'static str, &'static str, fn(&WorkerStats) -> u64);
 type XdpMetric = (&'static str, &'static str, fn(&CounterValue) -> u64);
 
 /// The per-worker counter families.
-const PER_WORKER: [WorkerMetric; 13] = [
+const PER_WORKER: [WorkerMetric; 14] = [
     (
         "ferry_worker_rx_packets",
         "Datagrams received, per worker.",
@@ -71,6 +71,11 @@ const PER_WORKER: [WorkerMetric; 13] = [
         "ferry_uring_completions",
         "io_uring completions handled.",
         |s| s.completions.load(Ordering::Relaxed),
+    ),
+    (
+        "ferry_uring_batch_waits",
+        "Submit-and-wait calls that waited for a whole batch (the worker was behind).",
+        |s| s.batch_waits.load(Ordering::Relaxed),
     ),
     (
         "ferry_uring_recv_rearms",

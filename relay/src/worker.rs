@@ -3,10 +3,11 @@
 //! [`PacketHandler`] and carries out the outcome.
 //!
 //! The loop, per iteration: submit everything queued and wait for a completion (at most
-//! `tick` long); read the clocks once; drain all completions; for each received datagram ask
-//! the handler and queue the send (forwards go out from the receive buffer itself); re-arm
-//! receives the kernel ended; on a tick, send what the handler's timers produced (the reaper's
-//! CLOSEs); publish counters. No allocation happens per received datagram.
+//! `tick` long; for a batch of them only while a backlog lasts, see [`Wait`]); read the clocks
+//! once; drain all completions; for each received datagram ask the handler and queue the send
+//! (forwards go out from the receive buffer itself); re-arm receives the kernel ended; on a
+//! tick, send what the handler's timers produced (the reaper's CLOSEs); publish counters. No
+//! allocation happens per received datagram.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -73,6 +74,9 @@ pub struct WorkerStats {
     pub tx_slots_full: AtomicU64,
     /// Calls into the kernel to submit and wait.
     pub submits: AtomicU64,
+    /// Of those, the waits for a whole batch of completions ([`Wait::Batch`]): taken only
+    /// right after a drain that found a backlog, never while the worker keeps up.
+    pub batch_waits: AtomicU64,
     /// Completions handled.
     pub completions: AtomicU64,
     /// Multishot receives re-armed after the kernel ended them.
@@ -97,6 +101,7 @@ struct BatchStats {
     tx_errors: u64,
     tx_slots_full: u64,
     completions: u64,
+    batch_waits: u64,
     rearms: u64,
     gso_sends: u64,
     gso_disabled: u64,
@@ -135,6 +140,7 @@ impl WorkerStats {
         add(&self.tx_errors, b.tx_errors);
         add(&self.tx_slots_full, b.tx_slots_full);
         add(&self.completions, b.completions);
+        add(&self.batch_waits, b.batch_waits);
         add(&self.rearms, b.rearms);
         add(&self.gso_sends, b.gso_sends);
         add(&self.gso_disabled, b.gso_disabled);
@@ -157,7 +163,8 @@ pub struct WorkerConfig {
     pub sends: u32,
     /// Longest wait for completions, and so the timer granularity.
     pub tick: Duration,
-    /// Under load, wait for this many completions per batch...
+    /// Under a backlog (the last drain found at least this many completions), wait for this
+    /// many per batch...
     pub batch_target: usize,
     /// ...but never longer than this (under a millisecond).
     pub coalesce: Duration,
@@ -318,22 +325,21 @@ pub fn run_worker<H: PacketHandler>(
         segments: Vec::with_capacity(MAX_SEGMENTS),
     };
     let coalesce = Timespec::new().nsec(cfg.coalesce.subsec_nanos());
-    let mut busy = false;
+    let mut wait = Wait::Any;
     while !cfg.stop.load(Ordering::Relaxed) {
-        // Busy: wait for a batch worth of completions, but never longer than `coalesce` (like
-        // interrupt coalescing: bigger batches, fewer kernel entries, larger GSO sends).
-        // Idle: sleep until anything arrives or the tick.
-        match busy {
-            true => ring.submit_and_wait(cfg.batch_target, &coalesce)?,
-            false => ring.submit_and_wait(1, &tick)?,
+        match wait {
+            Wait::Batch => ring.submit_and_wait(cfg.batch_target, &coalesce)?,
+            Wait::Any => ring.submit_and_wait(1, &tick)?,
         }
         ring.drain(&mut completions);
         let now = Instant::now();
         let wall = UnixTime::from(SystemTime::now());
         let mut batch = BatchStats {
             completions: completions.len() as u64,
+            batch_waits: u64::from(wait == Wait::Batch),
             ..BatchStats::default()
         };
+        wait = Wait::after_drain(completions.len(), cfg.batch_target);
         for &completion in &completions {
             match completion {
                 Completion::Recv {
@@ -403,9 +409,6 @@ pub fn run_worker<H: PacketHandler>(
             }
         }
         pending.flush(&mut ring, &mut batch)?;
-        // Busy means datagrams are queueing up, not just a reply and its send completing:
-        // one-at-a-time (interactive) traffic never waits for a batch to fill.
-        busy = batch.rx_packets > 1;
         if now >= next_tick {
             handler.tick(now, wall, &mut notices);
             for notice in notices.drain(..) {
@@ -431,6 +434,36 @@ pub fn run_worker<H: PacketHandler>(
     tracing::debug!(?shutdown, "worker ring shut down");
     report.shutdown_drained = shutdown.drained;
     Ok(report)
+}
+
+/// How the worker waits for completions next.
+///
+/// Like interrupt coalescing, waiting for a batch buys fewer kernel entries and larger GSO
+/// sends, but it holds every datagram already received until the batch fills or the
+/// `coalesce` timer fires. That is free only when the batch is (nearly) there already: right
+/// after a drain that found a whole batch, i.e. while the worker is behind. Any smaller drain
+/// means the worker keeps up, and a batch would fill only by waiting for datagrams not yet
+/// sent; so it waits for the first completion instead, as a `recvmmsg` forwarder does. While
+/// the worker keeps up, no datagram waits for a batch and the `coalesce` timer never fires;
+/// while it is behind, drains are full and it keeps coalescing; when a backlog ends, one wait at
+/// most runs into the timer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// Wait for any completion, or the tick: the worker has caught up.
+    Any,
+    /// Wait for [`WorkerConfig::batch_target`] completions, at most
+    /// [`WorkerConfig::coalesce`]: a backlog.
+    Batch,
+}
+
+impl Wait {
+    /// The wait after a drain of `drained` completions.
+    pub fn after_drain(drained: usize, batch_target: usize) -> Self {
+        match batch_target > 1 && drained >= batch_target {
+            true => Wait::Batch,
+            false => Wait::Any,
+        }
+    }
 }
 
 /// Everything `on_recv` needs to know about one receive completion.
@@ -647,6 +680,31 @@ mod tests {
                 SendFailure::classify(errno, gso),
                 want,
                 "errno {errno}, gso {gso}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_a_full_drain_makes_the_worker_wait_for_a_batch() {
+        let cases = [
+            (0, 32, Wait::Any),
+            // A lone datagram, with or without its send's completion.
+            (1, 32, Wait::Any),
+            (2, 32, Wait::Any),
+            // A burst the worker kept up with.
+            (31, 32, Wait::Any),
+            // A backlog: the next batch is (nearly) there already.
+            (32, 32, Wait::Batch),
+            (500, 32, Wait::Batch),
+            // A target of one (or none) is no batch.
+            (500, 1, Wait::Any),
+            (500, 0, Wait::Any),
+        ];
+        for (drained, target, want) in cases {
+            assert_eq!(
+                Wait::after_drain(drained, target),
+                want,
+                "{drained} drained, target {target}"
             );
         }
     }

@@ -11,7 +11,8 @@ use ferry_core::time::UnixTime;
 use ferry_relay::session::{DropReason, Notice, Outcome};
 use ferry_relay::worker::{PacketHandler, WorkerConfig, WorkerError, WorkerStats, run_worker};
 
-/// 'F…' is forwarded to `sink`, 'R…' answered with its bytes reversed, anything else dropped.
+/// 'F…' is forwarded to `sink`, 'R…' answered with its bytes reversed, 'S…' holds the worker
+/// for 50 ms (so that datagrams queue up behind it) and is dropped, anything else dropped.
 struct TestHandler {
     sink: SocketAddr,
 }
@@ -33,6 +34,10 @@ impl PacketHandler for TestHandler {
                     reply[i] = *b;
                 }
                 Outcome::Reply { to: from, len: n }
+            }
+            Some(b'S') => {
+                std::thread::sleep(Duration::from_millis(50));
+                Outcome::Drop(DropReason::Malformed)
             }
             _ => Outcome::Drop(DropReason::Malformed),
         }
@@ -283,4 +288,75 @@ fn zero_copy_forwards_arrive_and_give_their_buffers_back() {
     let stats = worker.stop();
     assert_eq!(stats.tx_packets.load(Ordering::Relaxed), 6000);
     assert_eq!(stats.tx_errors.load(Ordering::Relaxed), 0);
+}
+
+/// Sends `n` datagrams `F<round><i>` of 64 bytes back to back and receives them at `sink`.
+fn burst(client: &UdpSocket, listen: SocketAddr, sink: &UdpSocket, round: u8, n: u8) {
+    for i in 0..n {
+        let mut msg = [0u8; 64];
+        msg[..3].copy_from_slice(&[b'F', round, i]);
+        client.send_to(&msg, listen).unwrap();
+    }
+    let mut buf = [0u8; 128];
+    for _ in 0..n {
+        let (len, _) = sink.recv_from(&mut buf).unwrap();
+        assert_eq!((len, buf[0], buf[1]), (64, b'F', round));
+    }
+}
+
+#[test]
+fn datagrams_the_worker_keeps_up_with_never_wait_for_a_batch() {
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let Some(worker) = start(vec![listen], sink.local_addr().unwrap()) else {
+        return;
+    };
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    // Short bursts, whose drains hold several datagrams (their completions stay below a
+    // batch), each followed by a lone datagram: before, a drain of two or more made the next
+    // wait one for a whole batch, and the lone datagram sat out the coalescing timer.
+    let mut sent = 0u64;
+    for round in 0..20u8 {
+        burst(&client, listen, &sink, round, 8);
+        burst(&client, listen, &sink, round, 1);
+        sent += 9;
+    }
+    let stats = worker.stop();
+    assert_eq!(stats.rx_packets.load(Ordering::Relaxed), sent);
+    assert_eq!(stats.tx_packets.load(Ordering::Relaxed), sent);
+    assert_eq!(
+        stats.batch_waits.load(Ordering::Relaxed),
+        0,
+        "no drain reached a batch, so no wait was one for a batch"
+    );
+    assert!(
+        stats.submits.load(Ordering::Relaxed) > 0,
+        "the worker counts its waits"
+    );
+}
+
+#[test]
+fn a_backlog_makes_the_worker_wait_for_batches() {
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let Some(worker) = start(vec![listen], sink.local_addr().unwrap()) else {
+        return;
+    };
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    // 'S' holds the worker while 100 datagrams queue up behind it: some drain then holds at
+    // least a batch (32) of completions, and the wait after it is one for a batch.
+    client.send_to(b"S", listen).unwrap();
+    burst(&client, listen, &sink, 0, 100);
+    let stats = worker.stop();
+    assert_eq!(stats.tx_packets.load(Ordering::Relaxed), 100);
+    assert!(
+        stats.batch_waits.load(Ordering::Relaxed) >= 1,
+        "a drain of a whole batch is followed by a wait for a batch"
+    );
 }

@@ -7,6 +7,12 @@
 //! sink's to slot B, with real tokens; the generator then sends DATA datagrams. Besides
 //! packets per second at the sink, it reports the forwarder's CPU time per forwarded packet
 //! (from /proc), which stays meaningful when the generator, not the forwarder, is the limit.
+//!
+//! With `--latency`, the generator instead sends one datagram at a time, paced to each
+//! `--rate`, with the send time (monotonic clock, nanoseconds) in its last 8 bytes; the sink
+//! records one-way latency into a histogram and the table gives p50/p99/p99.9/max next to CPU
+//! per delivered packet, Ferry's as a ratio to the plain forwarder's in the same round. That is
+//! the regime below saturation, where batching must not cost latency.
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -17,13 +23,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use ferry_bench::cpu::cpu_ns;
-use ferry_bench::udp::{Batch, pin_to, socket};
+use ferry_bench::cpu::task_cpu_ns;
+use ferry_bench::udp::{Batch, fine_timer_slack, pin_to, socket};
 use ferry_core::proof::SlotKeys;
 use ferry_core::token::MintedToken;
 use ferry_core::wire::{self, BindFields, MAX_DATAGRAM, Packet, Slot};
 use ferry_testkit::fixtures::Authority;
 use ferry_testkit::relay::{RelayConfig, RelayProcess};
+use hdrhistogram::Histogram;
 
 /// Ferry's relay against a plain batched forwarder, same run, same topology.
 #[derive(Debug, Parser)]
@@ -45,10 +52,15 @@ struct Cli {
     /// shared and noisy, so a ratio over interleaved rounds holds where one run does not.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=50))]
     rounds: u16,
-    /// Offered load in datagrams per second (0 = as fast as the generator can). A rate both
-    /// forwarders sustain without loss makes CPU time per packet the comparable figure.
-    #[arg(long, default_value_t = 100_000)]
-    rate: u64,
+    /// Offered loads in datagrams per second (0 = as fast as the generator can), each measured
+    /// in turn. A rate both forwarders sustain without loss makes CPU time per packet the
+    /// comparable figure.
+    #[arg(long = "rate", value_delimiter = ',', default_values_t = vec![100_000u64])]
+    rates: Vec<u64>,
+    /// Measure one-way latency instead of throughput: one timestamped datagram at a time, paced
+    /// to each `--rate` (which must then be above 0), percentiles at the sink.
+    #[arg(long)]
+    latency: bool,
     /// Run the relay with SEND_ZC for forwards of at least this many bytes
     /// (`relay.send_zc_min_bytes`; 0 = off).
     #[arg(long, default_value_t = 0)]
@@ -67,6 +79,28 @@ struct Run {
     offered_pps: f64,
     received_pps: f64,
     cpu_ns_per_packet: f64,
+    /// One-way latency percentiles (`--latency` only).
+    latency: Option<Latency>,
+    /// The relay's io_uring submits per datagram it received (Ferry only).
+    submits_per_datagram: Option<f64>,
+}
+
+/// One-way latency at the sink, in microseconds.
+#[derive(Clone, Copy, Debug)]
+struct Latency {
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    max: f64,
+}
+
+/// How the generator offers load in one measurement.
+#[derive(Clone, Copy, Debug)]
+struct Load {
+    /// Datagrams per second; 0: as fast as possible.
+    rate: u64,
+    /// One timestamped datagram at a time, latency recorded at the sink.
+    latency: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,12 +112,52 @@ fn main() -> anyhow::Result<()> {
             .context("no directory for this program")?
             .to_owned(),
     };
+    if cli.latency {
+        if cli.rates.contains(&0) {
+            bail!("--latency needs a rate above 0 (one datagram at a time, paced)");
+        }
+        if let Some(&size) = cli.sizes.iter().find(|&&s| s < 8) {
+            bail!("--latency needs payloads of at least 8 bytes for the timestamp, not {size}");
+        }
+    }
     println!(
-        "ferry-fwdbench: loopback, generator+sink on CPU {}, forwarder on CPU {}, {} s per run, offered {}",
+        "ferry-fwdbench: loopback, generator+sink on CPU {}, forwarder on CPU {}, {} s per run, {}",
         cli.load_cpu,
         cli.forwarder_cpu,
         cli.seconds,
-        match cli.rate {
+        match cli.latency {
+            true => "latency (one datagram at a time, paced)",
+            false => "throughput",
+        }
+    );
+    for &rate in &cli.rates {
+        let load = Load {
+            rate,
+            latency: cli.latency,
+        };
+        match cli.latency {
+            true => latency_table(&cli, &bin_dir, load)?,
+            false => throughput_table(&cli, &bin_dir, load)?,
+        }
+    }
+    match cli.latency {
+        true => println!(
+            "latency in µs at the sink; ns/pkt: forwarder CPU per delivered packet; \
+             subm/dgram: Ferry's io_uring submits per datagram received; \
+             x: Ferry's figure / plain's in the same round (medians over rounds; <1: Ferry better)"
+        ),
+        false => println!(
+            "pps x = Ferry's forwarded rate / plain; cpu x = plain CPU per packet / Ferry's (>1: Ferry cheaper)"
+        ),
+    }
+    Ok(())
+}
+
+/// Forwarded packets per second and CPU per packet at `load`, Ferry against plain.
+fn throughput_table(cli: &Cli, bin_dir: &Path, load: Load) -> anyhow::Result<()> {
+    println!(
+        "offered {}",
+        match load.rate {
             0 => "as fast as possible".to_string(),
             r => format!("{r} pps"),
         }
@@ -98,8 +172,8 @@ fn main() -> anyhow::Result<()> {
         }
         let (mut pps_ratios, mut cpu_ratios) = (Vec::new(), Vec::new());
         for _ in 0..cli.rounds {
-            let plain = run_plain(&cli, &bin_dir, size)?;
-            let ferry = run_ferry(&cli, &bin_dir, size)?;
+            let plain = run_plain(cli, bin_dir, size, load)?;
+            let ferry = run_ferry(cli, bin_dir, size, load)?;
             if plain.received_pps < 1.0 || ferry.received_pps < 1.0 {
                 // A forwarder that delivered nothing did not run (a port taken, a process
                 // starved): that round measures the machine, not the forwarders.
@@ -142,10 +216,112 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
-    println!(
-        "pps x = Ferry's forwarded rate / plain; cpu x = plain CPU per packet / Ferry's (>1: Ferry cheaper)"
-    );
     Ok(())
+}
+
+/// One-way latency and CPU per packet at `load`, Ferry against plain, one line per round and
+/// the medians.
+fn latency_table(cli: &Cli, bin_dir: &Path, load: Load) -> anyhow::Result<()> {
+    println!(
+        "{:>7} {:>6} | {:<31} {:>6} | {:<31} {:>6} {:>5} | {:>5} {:>5} {:>5} {:>5}",
+        "rate",
+        "size",
+        "plain p50/p99/p99.9/max µs",
+        "ns/pkt",
+        "ferry p50/p99/p99.9/max µs",
+        "ns/pkt",
+        "subm",
+        "p50 x",
+        "p99 x",
+        "p999x",
+        "cpu x"
+    );
+    for &size in &cli.sizes {
+        if !(8..=wire::MAX_DATA_BODY).contains(&size) {
+            bail!("payload size {size} is outside 8..={}", wire::MAX_DATA_BODY);
+        }
+        let mut rows: Vec<(Run, Run)> = Vec::new();
+        for _ in 0..cli.rounds {
+            let plain = run_plain(cli, bin_dir, size, load)?;
+            let ferry = run_ferry(cli, bin_dir, size, load)?;
+            let (Some(_), Some(_)) = (plain.latency, ferry.latency) else {
+                println!(
+                    "{:>7} {size:>5}B | round discarded: plain {:.0} pps, ferry {:.0} pps delivered",
+                    load.rate, plain.received_pps, ferry.received_pps
+                );
+                continue;
+            };
+            print_latency_row(&format!("{}", load.rate), size, &plain, &ferry);
+            rows.push((plain, ferry));
+        }
+        if rows.len() > 1 {
+            let med = |f: &dyn Fn(&Run) -> f64, which: bool| {
+                let mut v: Vec<f64> = rows
+                    .iter()
+                    .map(|(p, fe)| f(if which { fe } else { p }))
+                    .collect();
+                median(&mut v)
+            };
+            let lat = |pick: fn(&Latency) -> f64| {
+                move |r: &Run| r.latency.as_ref().map_or(f64::NAN, pick)
+            };
+            let summary = |which: bool| Run {
+                offered_pps: med(&|r| r.offered_pps, which),
+                received_pps: med(&|r| r.received_pps, which),
+                cpu_ns_per_packet: med(&|r| r.cpu_ns_per_packet, which),
+                latency: Some(Latency {
+                    p50: med(&lat(|l| l.p50), which),
+                    p99: med(&lat(|l| l.p99), which),
+                    p999: med(&lat(|l| l.p999), which),
+                    max: med(&lat(|l| l.max), which),
+                }),
+                submits_per_datagram: Some(med(
+                    &|r| r.submits_per_datagram.unwrap_or(f64::NAN),
+                    which,
+                )),
+            };
+            print_latency_row(
+                &format!("median{}", rows.len()),
+                size,
+                &summary(false),
+                &summary(true),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn print_latency_row(label: &str, size: usize, plain: &Run, ferry: &Run) {
+    let fmt = |r: &Run| match r.latency {
+        Some(l) => format!("{:.0}/{:.0}/{:.0}/{:.0}", l.p50, l.p99, l.p999, l.max),
+        None => "-".into(),
+    };
+    let ratio = |pick: fn(&Latency) -> f64| match (plain.latency, ferry.latency) {
+        (Some(p), Some(f)) => pick(&f) / pick(&p),
+        _ => f64::NAN,
+    };
+    println!(
+        "{:>7} {:>5}B | {:<31} {:>6.0} | {:<31} {:>6.0} {:>5.2} | {:>5.2} {:>5.2} {:>5.2} {:>5.2}",
+        label,
+        size,
+        fmt(plain),
+        plain.cpu_ns_per_packet,
+        fmt(ferry),
+        ferry.cpu_ns_per_packet,
+        ferry.submits_per_datagram.unwrap_or(f64::NAN),
+        ratio(|l| l.p50),
+        ratio(|l| l.p99),
+        ratio(|l| l.p999),
+        ferry.cpu_ns_per_packet / plain.cpu_ns_per_packet,
+    );
+    if ferry.received_pps < 0.99 * ferry.offered_pps
+        || plain.received_pps < 0.99 * plain.offered_pps
+    {
+        println!(
+            "{:>7} {:>5}  loss: plain {:.0} of {:.0} pps delivered, ferry {:.0} of {:.0}",
+            "", "", plain.received_pps, plain.offered_pps, ferry.received_pps, ferry.offered_pps
+        );
+    }
 }
 
 /// Sorts `v` and returns its median.
@@ -154,10 +330,12 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// Blasts `datagram` from `generator` to `target` and counts what arrives at `sink`, measuring the
-/// forwarder process `pid`'s CPU over the same window.
+/// Sends `datagram` from `generator` to `target` at `load` and counts what arrives at `sink`
+/// (and, with `load.latency`, how long it took), measuring the forwarder process `pid`'s CPU
+/// over the same window.
 fn measure(
     cli: &Cli,
+    load: Load,
     generator: UdpSocket,
     sink: UdpSocket,
     target: SocketAddr,
@@ -165,71 +343,160 @@ fn measure(
     pid: u32,
 ) -> anyhow::Result<Run> {
     let stop = Arc::new(AtomicBool::new(false));
+    // Latency is recorded only inside the measured window.
+    let recording = Arc::new(AtomicBool::new(false));
     let (sent, received) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     sink.set_read_timeout(Some(Duration::from_millis(50)))?;
     let load_cpu = cli.load_cpu;
+    // The generator's and the sink's common clock: both threads are in this process.
+    let epoch = Instant::now();
     let sink_thread = {
-        let (stop, received) = (Arc::clone(&stop), Arc::clone(&received));
-        std::thread::spawn(move || {
+        let (stop, recording, received) = (
+            Arc::clone(&stop),
+            Arc::clone(&recording),
+            Arc::clone(&received),
+        );
+        std::thread::spawn(move || -> anyhow::Result<Histogram<u64>> {
             let _ = pin_to(load_cpu);
+            // 1 ns to 10 s at 3 significant figures.
+            let mut histogram = Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 3)?;
             let mut batch = Batch::new(64);
             while !stop.load(Ordering::Relaxed) {
-                if let Ok(n) = batch.recv(&sink) {
-                    received.fetch_add(n as u64, Ordering::Relaxed);
+                let Ok(n) = batch.recv(&sink) else { continue };
+                received.fetch_add(n as u64, Ordering::Relaxed);
+                if !load.latency || !recording.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let arrived = epoch.elapsed().as_nanos() as u64;
+                for i in 0..n {
+                    if let Some(sent_at) = timestamp(batch.datagram(i)) {
+                        histogram.saturating_record(arrived.saturating_sub(sent_at).max(1));
+                    }
                 }
             }
+            Ok(histogram)
         })
     };
     let gen_thread = {
         let (stop, sent) = (Arc::clone(&stop), Arc::clone(&sent));
         let datagram = datagram.to_vec();
-        let rate = cli.rate;
         std::thread::spawn(move || {
             let _ = pin_to(load_cpu);
-            let mut batch = Batch::new(16);
-            batch.fill(&datagram, target);
-            let started = Instant::now();
-            let mut total = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                // Paced: stay on the line `rate × elapsed`, in batches of 16.
-                if rate > 0 {
-                    let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
-                    if total >= due {
-                        std::thread::sleep(Duration::from_micros(50));
-                        continue;
-                    }
-                }
-                if let Ok(n) = batch.send(&generator, 16) {
-                    total += n as u64;
-                    sent.fetch_add(n as u64, Ordering::Relaxed);
-                }
+            match load.latency {
+                true => paced_one_at_a_time(
+                    &generator, target, datagram, load.rate, epoch, &stop, &sent,
+                ),
+                false => batched(&generator, target, &datagram, load.rate, &stop, &sent),
             }
         })
     };
     std::thread::sleep(Duration::from_secs(1));
+    recording.store(true, Ordering::Relaxed);
     let (s0, r0, c0, t0) = (
         sent.load(Ordering::Relaxed),
         received.load(Ordering::Relaxed),
-        cpu_ns(pid)?,
+        task_cpu_ns(pid)?,
         Instant::now(),
     );
     std::thread::sleep(Duration::from_secs(cli.seconds));
     let (s1, r1, c1, t1) = (
         sent.load(Ordering::Relaxed),
         received.load(Ordering::Relaxed),
-        cpu_ns(pid)?,
+        task_cpu_ns(pid)?,
         Instant::now(),
     );
+    recording.store(false, Ordering::Relaxed);
     stop.store(true, Ordering::Relaxed);
     let _ = gen_thread.join();
-    let _ = sink_thread.join();
+    let histogram = match sink_thread.join() {
+        Ok(h) => h?,
+        Err(_) => bail!("the sink thread panicked"),
+    };
     let secs = (t1 - t0).as_secs_f64();
     let forwarded = (r1 - r0).max(1);
+    let us = |ns: u64| ns as f64 / 1000.0;
     Ok(Run {
         offered_pps: (s1 - s0) as f64 / secs,
         received_pps: (r1 - r0) as f64 / secs,
-        cpu_ns_per_packet: (c1 - c0) as f64 / forwarded as f64,
+        cpu_ns_per_packet: c1.saturating_sub(c0) as f64 / forwarded as f64,
+        latency: (load.latency && !histogram.is_empty()).then(|| Latency {
+            p50: us(histogram.value_at_quantile(0.50)),
+            p99: us(histogram.value_at_quantile(0.99)),
+            p999: us(histogram.value_at_quantile(0.999)),
+            max: us(histogram.max()),
+        }),
+        submits_per_datagram: None,
     })
+}
+
+/// The send time a latency-mode datagram carries in its last 8 bytes.
+fn timestamp(datagram: &[u8]) -> Option<u64> {
+    let tail = datagram
+        .len()
+        .checked_sub(8)
+        .and_then(|at| datagram.get(at..))?;
+    Some(u64::from_le_bytes(tail.try_into().ok()?))
+}
+
+/// Throughput load: batches of 16, paced to `rate` (0: as fast as possible).
+fn batched(
+    generator: &UdpSocket,
+    target: SocketAddr,
+    datagram: &[u8],
+    rate: u64,
+    stop: &AtomicBool,
+    sent: &AtomicU64,
+) {
+    let mut batch = Batch::new(16);
+    batch.fill(datagram, target);
+    let started = Instant::now();
+    let mut total = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        // Paced: stay on the line `rate × elapsed`, in batches of 16.
+        if rate > 0 {
+            let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
+            if total >= due {
+                std::thread::sleep(Duration::from_micros(50));
+                continue;
+            }
+        }
+        if let Ok(n) = batch.send(generator, 16) {
+            total += n as u64;
+            sent.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Latency load: each datagram on its own, at its due time `k / rate` (sleeping in between),
+/// stamped with the moment it is sent. A generator that fell behind (descheduled) catches up
+/// one datagram at a time, as an application with a backlog would.
+fn paced_one_at_a_time(
+    generator: &UdpSocket,
+    target: SocketAddr,
+    mut datagram: Vec<u8>,
+    rate: u64,
+    epoch: Instant,
+    stop: &AtomicBool,
+    sent: &AtomicU64,
+) {
+    let _ = fine_timer_slack();
+    let interval_ns = 1_000_000_000 / rate.max(1);
+    let stamp_at = datagram.len().saturating_sub(8);
+    let mut due_ns = epoch.elapsed().as_nanos() as u64;
+    while !stop.load(Ordering::Relaxed) {
+        let now_ns = epoch.elapsed().as_nanos() as u64;
+        if now_ns < due_ns {
+            std::thread::sleep(Duration::from_nanos(due_ns - now_ns));
+            continue;
+        }
+        if let Some(stamp) = datagram.get_mut(stamp_at..) {
+            stamp.copy_from_slice(&now_ns.to_le_bytes());
+        }
+        if generator.send_to(&datagram, target).is_ok() {
+            sent.fetch_add(1, Ordering::Relaxed);
+        }
+        due_ns += interval_ns;
+    }
 }
 
 struct Reaped(Child);
@@ -257,7 +524,7 @@ fn payload_datagram(session: u64, size: usize) -> anyhow::Result<Vec<u8>> {
     Ok(buf)
 }
 
-fn run_plain(cli: &Cli, bin_dir: &Path, size: usize) -> anyhow::Result<Run> {
+fn run_plain(cli: &Cli, bin_dir: &Path, size: usize, load: Load) -> anyhow::Result<Run> {
     let port = ferry_testkit::free_port(Ipv4Addr::LOCALHOST.into())?;
     let sink = socket("127.0.0.1:0".parse()?)?;
     let generator = socket("127.0.0.1:0".parse()?)?;
@@ -274,6 +541,7 @@ fn run_plain(cli: &Cli, bin_dir: &Path, size: usize) -> anyhow::Result<Run> {
     std::thread::sleep(Duration::from_millis(300));
     measure(
         cli,
+        load,
         generator,
         sink,
         listen,
@@ -282,7 +550,7 @@ fn run_plain(cli: &Cli, bin_dir: &Path, size: usize) -> anyhow::Result<Run> {
     )
 }
 
-fn run_ferry(cli: &Cli, bin_dir: &Path, size: usize) -> anyhow::Result<Run> {
+fn run_ferry(cli: &Cli, bin_dir: &Path, size: usize, load: Load) -> anyhow::Result<Run> {
     let auth = Authority::new()?;
     let config = RelayConfig {
         relay_extra: format!(
@@ -307,6 +575,7 @@ fn run_ferry(cli: &Cli, bin_dir: &Path, size: usize) -> anyhow::Result<Run> {
     }
     let run = measure(
         cli,
+        load,
         generator,
         sink,
         listen,
@@ -315,25 +584,46 @@ fn run_ferry(cli: &Cli, bin_dir: &Path, size: usize) -> anyhow::Result<Run> {
     );
     // Where packets went, from the relay's own counters (the non-zero ones).
     let page = relay.metrics();
-    let counters: Vec<&str> = page
-        .lines()
+    if !load.latency {
+        let counters: Vec<&str> = page
+            .lines()
+            .filter(|l| {
+                [
+                    "ferry_drops_total",
+                    "ferry_worker_rx_no_buffers",
+                    "ferry_worker_tx_errors",
+                    "ferry_worker_tx_slots_full",
+                    "ferry_worker_gso_sends",
+                    "ferry_worker_rx_packets",
+                    "ferry_worker_tx_packets",
+                ]
+                .iter()
+                .any(|p| l.starts_with(p))
+                    && !l.ends_with(" 0")
+            })
+            .collect();
+        println!("          relay counters: {}", counters.join(", "));
+    }
+    // How often the worker entered the kernel per datagram: 1 to 2 when every datagram is
+    // handled as it comes (its receive, then its send's completion), far less under load.
+    let submits = metric_sum(&page, "ferry_uring_submits");
+    let received = metric_sum(&page, "ferry_worker_rx_packets");
+    run.map(|r| Run {
+        submits_per_datagram: (received > 0.0).then(|| submits / received),
+        ..r
+    })
+}
+
+/// The sum of every sample of the counter `name` (over its labels) on a metrics page.
+fn metric_sum(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|l| !l.starts_with('#'))
         .filter(|l| {
-            [
-                "ferry_drops_total",
-                "ferry_worker_rx_no_buffers",
-                "ferry_worker_tx_errors",
-                "ferry_worker_tx_slots_full",
-                "ferry_worker_gso_sends",
-                "ferry_worker_rx_packets",
-                "ferry_worker_tx_packets",
-            ]
-            .iter()
-            .any(|p| l.starts_with(p))
-                && !l.ends_with(" 0")
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with("_total") || rest.starts_with(['{', ' ']))
         })
-        .collect();
-    println!("          relay counters: {}", counters.join(", "));
-    run
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 fn rand8(rng: &dyn ring::rand::SecureRandom) -> anyhow::Result<[u8; 8]> {
