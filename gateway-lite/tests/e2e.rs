@@ -3,7 +3,10 @@
 //! peers that get their tokens from the gateway — one creates the session, the other joins with
 //! the join code — bind on the relay with them, run the Noise handshake through it and exchange
 //! messages; and a session that outlives its tokens because both peers renew their slots
-//! through the gateway, next to one that does not and is closed at its token's expiry.
+//! through the gateway, next to one that does not and is closed at its token's expiry; and
+//! sessions that survive the loss of their bindings — a relay killed and started again, a slot
+//! unbound for idleness — because the peers get fresh tokens from the gateway and bind again,
+//! keeping their Noise session.
 //!
 //! Where the relay binary comes from: Cargo tells a test the path of its own package's binaries
 //! only (`CARGO_BIN_EXE_*`), and artifact dependencies are not stable. So [`relay_binary`] runs
@@ -34,7 +37,7 @@ use ferry_core::token::TOKEN_LEN;
 use ferry_core::wire::{self, CloseReason, Slot};
 use ferry_peer::bind::{BindClient, BindEvent};
 use ferry_peer::channel::Channel;
-use ferry_peer::udp::UdpPeer;
+use ferry_peer::udp::{UdpPeer, UdpPeerError};
 use ferry_testkit::metrics::metric;
 use ferry_testkit::micros_now;
 use ferry_testkit::relay::{RelayConfig, RelayProcess};
@@ -103,16 +106,25 @@ fn relay_binary() -> &'static Path {
     })
 }
 
-/// A `ferry-relay` on 127.0.0.1 (its XDP guard off: loopback) with the setup's relay key,
-/// trusting the gateway's first signing key; `extra` adds config sections.
-fn start_relay(setup: &Setup, extra: &str) -> RelayProcess {
+/// The config of a `ferry-relay` on 127.0.0.1 (its XDP guard off: loopback) trusting the
+/// gateway's first signing key; `extra` adds config sections.
+fn relay_config(setup: &Setup, extra: &str) -> RelayConfig {
     let (kid, signing) = &setup.signing[0];
-    let config = RelayConfig {
+    RelayConfig {
         sections: format!("[xdp]\nmode = \"off\"\n\n[log]\nlevel = \"info\"\n\n{extra}"),
         log_filter: "info".into(),
         ..RelayConfig::loopback(vec![(*kid, signing.public())]).unwrap()
-    };
-    RelayProcess::start(relay_binary(), &setup.relay_key, &config).unwrap()
+    }
+}
+
+/// A `ferry-relay` with [`relay_config`] and the setup's relay key.
+fn start_relay(setup: &Setup, extra: &str) -> RelayProcess {
+    RelayProcess::start(
+        relay_binary(),
+        &setup.relay_key,
+        &relay_config(setup, extra),
+    )
+    .unwrap()
 }
 
 /// The token and slot secret of a grant (`create`, `join` or `renew` answer).
@@ -519,6 +531,354 @@ async fn a_session_outlives_its_tokens_when_both_peers_renew_through_the_gateway
     assert_eq!(
         metric(&gw_page, "ferry_gateway_sessions_renewed_total"),
         u64::from(renewals.0 + renewals.1)
+    );
+    assert!(gw.stop().success());
+}
+
+/// Creates a session for Alice (naming Bob) and joins it for Bob; returns both grants.
+async fn create_and_join(
+    setup: &Setup,
+    gw: &Gateway,
+    http: &reqwest::Client,
+    alice: &PeerStaticKey,
+    bob: &PeerStaticKey,
+) -> (serde_json::Value, serde_json::Value) {
+    let (status, _, created) = post(
+        http,
+        &gw.url("/v1/sessions"),
+        Some(setup.key("app")),
+        json!({
+            "peer_public_key": alice.public().to_string(),
+            "expected_peer_public_key": bob.public().to_string(),
+        }),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let (status, _, joined) = post(
+        http,
+        &gw.url("/v1/sessions/join"),
+        Some(setup.key("app")),
+        json!({ "join_code": created["join_code"], "peer_public_key": bob.public().to_string() }),
+    )
+    .await;
+    assert_eq!(status, 200, "{joined}");
+    (created, joined)
+}
+
+/// One peer of the recovery tests: its UDP peer, and how it asks the gateway for a fresh token
+/// for its slot once its binding is gone.
+struct Recovering<'a> {
+    peer: UdpPeer,
+    renew_body: serde_json::Value,
+    gateway: &'a (dyn Fn(serde_json::Value) -> (u16, serde_json::Value) + Sync),
+    /// Why each binding ended: the error that said it was gone.
+    ended: Vec<String>,
+}
+
+impl Recovering<'_> {
+    /// Alice (slot A, initiator) and Bob (slot B, responder) of the grants, bound on the relay
+    /// and with their Noise session established.
+    fn pair<'a>(
+        created: &serde_json::Value,
+        joined: &serde_json::Value,
+        alice_key: &PeerStaticKey,
+        bob_key: &PeerStaticKey,
+        gateway: &'a (dyn Fn(serde_json::Value) -> (u16, serde_json::Value) + Sync),
+    ) -> (Recovering<'a>, Recovering<'a>) {
+        let (session, relay_addr, bind_a) = bind_client(created, Slot::A);
+        let (_, _, bind_b) = bind_client(joined, Slot::B);
+        let alice_id = LocalIdentity::from_secret_bytes(*alice_key.secret_bytes());
+        let bob_id = LocalIdentity::from_secret_bytes(*bob_key.secret_bytes());
+        let limits = TransportLimits::default();
+        let mut alice = UdpPeer::new(
+            UdpSocket::bind("127.0.0.1:0").unwrap(),
+            relay_addr,
+            bind_a,
+            Channel::initiator(&alice_id, pinned(created), session, limits).unwrap(),
+            KnownPeers::new(),
+        );
+        let mut bob = UdpPeer::new(
+            UdpSocket::bind("127.0.0.1:0").unwrap(),
+            relay_addr,
+            bind_b,
+            Channel::responder(&bob_id, pinned(joined), session, limits).unwrap(),
+            KnownPeers::new(),
+        );
+        alice.bind(Duration::from_secs(5)).unwrap();
+        assert!(bob.bind(Duration::from_secs(5)).unwrap());
+        std::thread::scope(|s| {
+            let responder = s.spawn(|| bob.handshake(Duration::from_secs(10)));
+            alice.handshake(Duration::from_secs(10)).unwrap();
+            responder.join().unwrap().unwrap();
+        });
+        let session_hex = format!("{session:016x}");
+        let peer = |peer, slot| Recovering {
+            peer,
+            renew_body: json!({ "session_id": session_hex, "slot": slot }),
+            gateway,
+            ended: Vec::new(),
+        };
+        (peer(alice, "A"), peer(bob, "B"))
+    }
+
+    /// Handles an error of the peer: when it says the binding is gone (KEEPALIVEs unanswered,
+    /// or a relay CLOSE `IDLE`/`EXPIRED`), gets a fresh token for the slot from the gateway
+    /// and binds again with it, keeping the channel. Any other error fails the test.
+    fn recover(&mut self, error: UdpPeerError) {
+        assert!(
+            matches!(error, UdpPeerError::Lost | UdpPeerError::Unbound(_)),
+            "{error}"
+        );
+        self.ended.push(format!("{error:?}"));
+        let (status, grant) = (self.gateway)(self.renew_body.clone());
+        assert_eq!(status, 200, "{grant}");
+        let (token, secret) = credentials(&grant);
+        self.peer
+            .recover(token, &secret, Duration::from_secs(10))
+            .unwrap();
+    }
+
+    /// Bob's side: answers every numbered message with its bytes reversed, recovering his
+    /// binding whenever it is gone, until "bye". Returns the numbers he received, copies
+    /// included.
+    fn answer_until_bye(&mut self) -> Vec<u32> {
+        let mut received = Vec::new();
+        loop {
+            let message = match self.peer.recv_message(Duration::from_secs(30)) {
+                Ok(message) => message,
+                Err(UdpPeerError::Timeout(what)) => panic!("Bob waited too long for {what}"),
+                Err(e) => {
+                    self.recover(e);
+                    continue;
+                }
+            };
+            if message == b"bye" {
+                return received;
+            }
+            received.push(number(&message));
+            let mut reply = message;
+            reply.reverse();
+            self.peer.send(&reply).unwrap();
+        }
+    }
+
+    /// Alice's side: sends message `n` and waits a second for its answer, skipping late
+    /// answers to earlier copies. Without an answer she sends it again: the retry is the
+    /// application's, since the relay drops what arrives while a binding is gone and the
+    /// channel does not retransmit application data. Returns how many times it was sent.
+    fn ask(&mut self, n: u32) -> u32 {
+        let message = format!("message {n} of a recovered session").into_bytes();
+        let mut expected = message.clone();
+        expected.reverse();
+        for attempt in 1..=30 {
+            self.peer.send(&message).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(1);
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match self.peer.recv_message(left) {
+                    Ok(answer) if answer == expected => return attempt,
+                    Ok(answer) => {
+                        let mut late = answer;
+                        late.reverse();
+                        assert!(number(&late) < n, "an answer to a later message");
+                    }
+                    Err(UdpPeerError::Timeout(_)) => break,
+                    Err(e) => {
+                        self.recover(e);
+                        break;
+                    }
+                }
+            }
+        }
+        panic!("message {n} was never answered");
+    }
+}
+
+/// The number of a message of [`Recovering::ask`].
+fn number(message: &[u8]) -> u32 {
+    let text = std::str::from_utf8(message).unwrap();
+    text.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+/// The gateway's `POST /v1/sessions/renew` with the `app` key, callable from blocking code.
+fn renew_route(
+    setup: &Setup,
+    gw: &Gateway,
+) -> impl Fn(serde_json::Value) -> (u16, serde_json::Value) + Sync + use<> {
+    let http = client(&setup.pki.ca_pem, None);
+    let runtime = tokio::runtime::Handle::current();
+    let renew_url = gw.url("/v1/sessions/renew");
+    let app_key = setup.key("app").to_string();
+    move |body: serde_json::Value| {
+        let (status, _, answer) = runtime.block_on(post(&http, &renew_url, Some(&app_key), body));
+        (status, answer)
+    }
+}
+
+/// The relay's idle timeout in the recovery tests: keepalives every 2 s, so a peer finds a
+/// silent relay within 2 × 2 s + 3 × `KEEPALIVE_RETRY` = 10 s of last hearing from it.
+const RECOVERY_RELAY: &str = "[limits]\nidle_timeout_secs = 6\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_survives_a_relay_restart_with_fresh_tokens_and_the_same_noise_session() {
+    let setup = Setup::new("e2e-restart");
+    let relay_config = relay_config(&setup, RECOVERY_RELAY);
+    let relay = tokio::task::block_in_place(|| {
+        RelayProcess::start(relay_binary(), &setup.relay_key, &relay_config).unwrap()
+    });
+    let config = setup
+        .config(1, "")
+        .replace("127.0.0.1:7000", &relay.listen.to_string());
+    let gw = setup.start("gw", &config);
+    let http = client(&setup.pki.ca_pem, None);
+    let rng = ring::rand::SystemRandom::new();
+    let alice_key = PeerStaticKey::generate(&rng).unwrap();
+    let bob_key = PeerStaticKey::generate(&rng).unwrap();
+    let (created, joined) = create_and_join(&setup, &gw, &http, &alice_key, &bob_key).await;
+    let gateway = renew_route(&setup, &gw);
+    let relay_key = setup.relay_key.clone();
+
+    /// Messages before the relay is killed, and after both peers are bound again.
+    const BEFORE: u32 = 10;
+    const AFTER: u32 = 20;
+    let started = Instant::now();
+    let relay = tokio::task::spawn_blocking(move || {
+        let (mut alice, mut bob) =
+            Recovering::pair(&created, &joined, &alice_key, &bob_key, &gateway);
+        let mut relay = Some(relay);
+        std::thread::scope(|s| {
+            let responder = s.spawn(|| (bob.answer_until_bye(), bob.ended));
+            let mut attempts = Vec::new();
+            for n in 0..BEFORE {
+                attempts.push(alice.ask(n));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            // Mid-exchange the relay dies, forgetting everything; a new relay process starts on
+            // the same address with the same config and key.
+            let old = relay.take().unwrap();
+            old.signal("KILL").unwrap();
+            drop(old);
+            relay = Some(RelayProcess::start(relay_binary(), &relay_key, &relay_config).unwrap());
+            // Alice asks until answered: the new relay drops what she sends for a session it
+            // does not hold, she finds the binding lost, recovers, and resends while Bob
+            // recovers too.
+            let recovering = alice.ask(BEFORE);
+            assert!(
+                recovering > 1,
+                "the first copy went to a relay that forgot the session"
+            );
+            assert_eq!(alice.ended, ["Lost"]);
+            // Both bound again: every message from now on arrives on its first sending.
+            for n in BEFORE + 1..=BEFORE + AFTER {
+                attempts.push(alice.ask(n));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            alice.peer.send(b"bye").unwrap();
+            let (received, bob_ended) = responder.join().unwrap();
+            assert_eq!(bob_ended, ["Lost"]);
+            assert!(
+                attempts.iter().all(|&a| a == 1),
+                "only the message in flight at the restart was resent: {attempts:?}"
+            );
+            for n in 0..=BEFORE + AFTER {
+                assert!(received.contains(&n), "message {n} never reached Bob");
+            }
+            // The Noise session is the one of the first handshake: no handshake since (one
+            // would start its counters again), and every frame Alice sealed, before the restart
+            // and after, took the next counter of the same sending key.
+            let sealed = u64::from(attempts.iter().sum::<u32>() + recovering + 1);
+            let transport = alice.peer.channel().transport().unwrap();
+            assert!(!alice.peer.channel().is_handshaking());
+            assert_eq!(transport.send_epoch(), 0);
+            assert!(
+                transport.send_counter() >= sealed,
+                "{}",
+                transport.send_counter()
+            );
+            alice.peer.close().unwrap();
+        });
+        relay.unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The new relay bound both slots once each, after challenging the first BINDs (its cookie
+    // secret is new).
+    let page = tokio::task::block_in_place(|| relay.metrics());
+    assert_eq!(metric(&page, "ferry_binds_accepted_total"), 2, "{page}");
+    assert!(metric(&page, "ferry_challenges_total") >= 2, "{page}");
+    let gw_page = reqwest::get(gw.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(metric(&gw_page, "ferry_gateway_sessions_renewed_total"), 2);
+    assert!(gw.stop().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_unbound_for_idleness_is_bound_again_with_a_fresh_token() {
+    let setup = Setup::new("e2e-idle");
+    let relay = tokio::task::block_in_place(|| start_relay(&setup, RECOVERY_RELAY));
+    let config = setup
+        .config(1, "")
+        .replace("127.0.0.1:7000", &relay.listen.to_string());
+    let gw = setup.start("gw", &config);
+    let http = client(&setup.pki.ca_pem, None);
+    let rng = ring::rand::SystemRandom::new();
+    let alice_key = PeerStaticKey::generate(&rng).unwrap();
+    let bob_key = PeerStaticKey::generate(&rng).unwrap();
+    let (created, joined) = create_and_join(&setup, &gw, &http, &alice_key, &bob_key).await;
+    let gateway = renew_route(&setup, &gw);
+
+    tokio::task::spawn_blocking(move || {
+        let (mut alice, mut bob) =
+            Recovering::pair(&created, &joined, &alice_key, &bob_key, &gateway);
+        std::thread::scope(|s| {
+            let responder = s.spawn(|| (bob.answer_until_bye(), bob.ended));
+            assert_eq!(alice.ask(0), 1);
+            // Alice leaves her peer alone (no KEEPALIVEs) past the idle timeout: the relay
+            // unbinds her slot and tells her why; Bob, waiting in recv_message, stays bound.
+            std::thread::sleep(Duration::from_secs(9));
+            assert!(alice.ask(1) > 1, "the first copy went to an unbound slot");
+            assert_eq!(
+                alice.ended,
+                [format!("{:?}", UdpPeerError::Unbound(CloseReason::Idle))]
+            );
+            for n in 2..12 {
+                assert_eq!(alice.ask(n), 1, "message {n}");
+            }
+            alice.peer.send(b"bye").unwrap();
+            let (received, bob_ended) = responder.join().unwrap();
+            assert!(bob_ended.is_empty(), "{bob_ended:?}");
+            for n in 0..12 {
+                assert!(received.contains(&n), "message {n} never reached Bob");
+            }
+            alice.peer.close().unwrap();
+        });
+    })
+    .await
+    .unwrap();
+
+    let page = tokio::task::block_in_place(|| relay.metrics());
+    assert_eq!(
+        metric(&page, "ferry_notices_total{kind=\"idle\"}"),
+        1,
+        "{page}"
+    );
+    // Two first binds and Alice's recovery; the relay announced Bob's first bind to Alice and
+    // Alice's recovery to Bob.
+    assert_eq!(metric(&page, "ferry_binds_accepted_total"), 3, "{page}");
+    assert_eq!(
+        metric(&page, "ferry_notices_total{kind=\"peer_present\"}"),
+        2,
+        "{page}"
     );
     assert!(gw.stop().success());
 }

@@ -13,6 +13,13 @@
 //! [`BindClient::renew`], which sends a BIND with it from the bound address (docs/protocol.md
 //! §3.1, *Renewal*). The old binding keeps working until the relay acknowledges the new one;
 //! from then on the client proves its slot with the new slot secret.
+//!
+//! When the binding is gone — the relay said so with a CLOSE ([`BindEvent::Closed`], reason
+//! `IDLE` or `EXPIRED`), or [`KEEPALIVES_LOST`] KEEPALIVEs in a row went unanswered
+//! ([`BindEvent::Lost`], e.g. after a relay restart) — the peer gets a fresh token for its slot
+//! from the gateway and hands it to [`BindClient::recover`], which binds the slot again from
+//! scratch with a first BIND (docs/protocol.md §3.1, *Recovery*). The end-to-end channel is not
+//! touched: the relay never held its keys.
 
 use std::time::{Duration, Instant};
 
@@ -26,6 +33,11 @@ pub const FIRST_RETRY: Duration = Duration::from_secs(1);
 pub const MAX_RETRY: Duration = Duration::from_secs(8);
 /// A bind attempt with no answer for this long fails.
 pub const BIND_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a KEEPALIVE waits for its echo before the next one is sent (docs/protocol.md §8).
+pub const KEEPALIVE_RETRY: Duration = Duration::from_secs(2);
+/// After this many KEEPALIVEs in a row without an echo, each given [`KEEPALIVE_RETRY`], the
+/// binding is lost (docs/protocol.md §8).
+pub const KEEPALIVES_LOST: u32 = 3;
 
 /// Why [`BindClient::renew`] could not start a renewal.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +66,9 @@ pub enum BindState {
     /// The session was closed by us, or the relay ended our binding (the other peer closed,
     /// the token expired, or the slot was idle).
     Closed,
+    /// [`KEEPALIVES_LOST`] KEEPALIVEs in a row went unanswered: the relay no longer holds the
+    /// binding (it restarted, or its CLOSE was lost). Recover with [`BindClient::recover`].
+    Lost,
 }
 
 /// What a received relay packet meant to the client.
@@ -86,6 +101,9 @@ pub enum BindEvent {
     PeerPresent,
     /// The relay echoed a KEEPALIVE: the binding works.
     KeepaliveEcho,
+    /// From [`BindClient::on_timer`]: [`KEEPALIVES_LOST`] KEEPALIVEs in a row went unanswered,
+    /// so the binding is gone ([`BindState::Lost`]).
+    Lost,
     /// Not for us, forged, or stale: ignored.
     Ignored,
 }
@@ -116,6 +134,12 @@ pub struct BindClient {
     /// Whether the other slot is known to be bound (a BIND-ACK said so, or DATA arrived from
     /// it): only then does DATA sent refresh this slot's idle timer (docs/protocol.md §8).
     peer_present: bool,
+    /// When the relay last showed that it holds the binding: a BIND-ACK, a peer-present
+    /// notice, a KEEPALIVE echo, or DATA it forwarded from the other peer.
+    last_heard: Option<Instant>,
+    /// KEEPALIVEs sent since then without an echo, and when the last of them went.
+    unanswered: u32,
+    keepalive_sent: Option<Instant>,
     /// The renewal BIND in flight, if any.
     renewal: Option<Renewal>,
     /// When the binding the relay acknowledged last expires, and when that ACK arrived.
@@ -179,6 +203,9 @@ impl BindClient {
             idle_timeout: Duration::from_secs(60),
             last_sent: None,
             peer_present: false,
+            last_heard: None,
+            unanswered: 0,
+            keepalive_sent: None,
             renewal: None,
             expiry: None,
         }
@@ -203,9 +230,20 @@ impl BindClient {
         }
     }
 
-    /// Records that DATA arrived from the other peer: its slot is bound.
-    pub fn note_data_received(&mut self) {
+    /// Records that DATA arrived from the other peer at `now`: its slot is bound, and the relay,
+    /// which forwarded it, still holds ours.
+    pub fn note_data_received(&mut self, now: Instant) {
         self.peer_present = true;
+        if self.holds_slot() {
+            self.heard(now);
+        }
+    }
+
+    /// The relay showed at `now` that it holds the binding.
+    fn heard(&mut self, now: Instant) {
+        self.last_heard = Some(now);
+        self.unanswered = 0;
+        self.keepalive_sent = None;
     }
 
     /// Whether the other slot is known to be bound: a BIND-ACK or a peer-present notice said
@@ -293,6 +331,31 @@ impl BindClient {
         let n = wire::encode_bind(out, self.session_id, &fields, |m| keys.peer.mac(m))?;
         renewal.retry_at = now + renewal.retry_delay;
         Ok(n)
+    }
+
+    /// Binds the slot again from scratch after the binding is gone ([`BindEvent::Lost`], or
+    /// [`BindEvent::Closed`] with reason `IDLE` or `EXPIRED`), with a fresh `token` for the same
+    /// session and slot and its slot `secret` (the gateway's `POST /v1/sessions/renew`): forgets
+    /// the old binding and its keys and writes a first BIND with a new sequence number into
+    /// `out`, retransmitted and answered like the one of [`start`](Self::start); a relay that
+    /// restarted answers it with a CHALLENGE first. Works in any state. The end-to-end channel
+    /// needs nothing: the relay never held its keys (docs/protocol.md §3.1, *Recovery*).
+    pub fn recover(
+        &mut self,
+        now: Instant,
+        token: [u8; TOKEN_LEN],
+        secret: &SlotSecret,
+        out: &mut [u8],
+    ) -> Result<usize, wire::WireError> {
+        self.token = token;
+        self.keys = SlotKeys::derive(secret);
+        self.acked_seq = None;
+        self.peer_present = false;
+        self.expiry = None;
+        self.last_heard = None;
+        self.unanswered = 0;
+        self.keepalive_sent = None;
+        self.start(now, out)
     }
 
     /// Starts binding: writes a BIND into `out`.
@@ -441,6 +504,7 @@ impl BindClient {
             {
                 // A BIND-ACK of the binding we hold: the relay's peer-present notice, or a
                 // late copy of the ACK we had (which says nothing new unless it says present).
+                self.heard(now);
                 if !ack.peer_present() {
                     return BindEvent::Ignored;
                 }
@@ -486,7 +550,12 @@ impl BindClient {
                     reason: close.reason(),
                 }
             }
-            Packet::Keepalive(ka) if ka.session_id() == self.session_id => BindEvent::KeepaliveEcho,
+            Packet::Keepalive(ka) if ka.session_id() == self.session_id => {
+                if self.holds_slot() {
+                    self.heard(now);
+                }
+                BindEvent::KeepaliveEcho
+            }
             _ => BindEvent::Ignored,
         }
     }
@@ -494,6 +563,7 @@ impl BindClient {
     /// Takes what a BIND-ACK of our request in flight says: the request is acknowledged, the
     /// other slot's presence, the relay's idle timeout and the binding's expiry.
     fn on_ack(&mut self, now: Instant, ack: &wire::BindAck<'_>) {
+        self.heard(now);
         self.acked_seq = Some(ack.bind_seq());
         self.peer_present = ack.peer_present();
         self.idle_timeout = Duration::from_secs(u64::from(ack.idle_timeout_secs().max(3)));
@@ -514,17 +584,32 @@ impl BindClient {
     }
 
     /// When [`on_timeout`](Self::on_timeout) should next be called, if ever: a retransmission
-    /// of the request or the renewal in flight, or the next KEEPALIVE.
+    /// of the request or the renewal in flight, the next KEEPALIVE, or the moment the binding
+    /// counts as lost.
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {
             BindState::Binding => self.retry_at,
             BindState::Bound => {
-                let keepalive = self.last_sent.map(|t| t + self.keepalive_interval());
                 let renewal = self.renewal.as_ref().map(|r| r.retry_at);
-                keepalive.into_iter().chain(renewal).min()
+                self.keepalive_at().into_iter().chain(renewal).min()
             }
             _ => None,
         }
+    }
+
+    /// When the next KEEPALIVE is due (or, after [`KEEPALIVES_LOST`] unanswered ones, the
+    /// binding is lost): [`KEEPALIVE_RETRY`] after an unanswered one; otherwise
+    /// `KEEPALIVE_INTERVAL` after the last thing sent that refreshes the slot's idle timer, or
+    /// twice that after the relay was last heard from, whichever comes first, so that a peer
+    /// that keeps sending DATA into a relay that has forgotten it still finds out.
+    fn keepalive_at(&self) -> Option<Instant> {
+        if let Some(sent) = self.keepalive_sent.filter(|_| self.unanswered > 0) {
+            return Some(sent + KEEPALIVE_RETRY);
+        }
+        let interval = self.keepalive_interval();
+        let idle = self.last_sent.map(|t| t + interval);
+        let silent = self.last_heard.map(|t| t + interval * 2);
+        idle.into_iter().chain(silent).min()
     }
 
     /// How often a bound client with nothing to send sends KEEPALIVE (§8: idle timeout ÷ 3).
@@ -535,11 +620,23 @@ impl BindClient {
     /// Retransmits an unanswered request or renewal, gives up on either after
     /// [`BIND_TIMEOUT`] (a renewal given up leaves the binding as it was), or sends a KEEPALIVE
     /// when bound and idle. Returns the bytes to send, if any; when several are due, one per
-    /// call.
+    /// call. [`on_timer`](Self::on_timer) does the same and also reports a lost binding.
     pub fn on_timeout(&mut self, now: Instant, out: &mut [u8]) -> Option<usize> {
+        match self.on_timer(now, out) {
+            BindEvent::Transmit(n) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// Runs the client's timers, like [`on_timeout`](Self::on_timeout): returns
+    /// [`BindEvent::Transmit`] with the bytes to send, [`BindEvent::Lost`] when the last of
+    /// [`KEEPALIVES_LOST`] KEEPALIVEs in a row has gone unanswered for [`KEEPALIVE_RETRY`] (the
+    /// client is then [`BindState::Lost`]), or [`BindEvent::Ignored`] when nothing is due.
+    pub fn on_timer(&mut self, now: Instant, out: &mut [u8]) -> BindEvent {
+        let sent = |n: Option<usize>| n.map_or(BindEvent::Ignored, BindEvent::Transmit);
         let due = self.poll_timeout().is_some_and(|t| now >= t);
         if !due {
-            return None;
+            return BindEvent::Ignored;
         }
         match self.state {
             BindState::Binding => {
@@ -549,10 +646,10 @@ impl BindClient {
                 {
                     self.state = BindState::Failed;
                     self.retry_at = None;
-                    return None;
+                    return BindEvent::Ignored;
                 }
                 self.retry_delay = (self.retry_delay * 2).min(MAX_RETRY);
-                self.write_request(now, out).ok()
+                sent(self.write_request(now, out).ok())
             }
             BindState::Bound => {
                 if let Some(renewal) = self.renewal.as_mut()
@@ -562,19 +659,23 @@ impl BindClient {
                         self.renewal = None;
                     } else {
                         renewal.retry_delay = (renewal.retry_delay * 2).min(MAX_RETRY);
-                        return self.write_renewal(now, out).ok();
+                        return sent(self.write_renewal(now, out).ok());
                     }
                 }
-                let keepalive_due = self
-                    .last_sent
-                    .is_some_and(|t| now >= t + self.keepalive_interval());
-                if !keepalive_due {
-                    return None;
+                if self.keepalive_at().is_none_or(|t| now < t) {
+                    return BindEvent::Ignored;
+                }
+                if self.unanswered >= KEEPALIVES_LOST {
+                    self.state = BindState::Lost;
+                    self.renewal = None;
+                    return BindEvent::Lost;
                 }
                 self.last_sent = Some(now);
-                wire::encode_keepalive(out, self.session_id).ok()
+                self.keepalive_sent = Some(now);
+                self.unanswered += 1;
+                sent(wire::encode_keepalive(out, self.session_id).ok())
             }
-            _ => None,
+            _ => BindEvent::Ignored,
         }
     }
 }
@@ -734,7 +835,7 @@ mod tests {
         client.note_data_sent(t0 + Duration::from_secs(5));
         assert_eq!(client.poll_timeout(), Some(due));
         // Once DATA came from the other peer, DATA we send keeps the binding alive.
-        client.note_data_received();
+        client.note_data_received(t0 + Duration::from_secs(6));
         client.note_data_sent(t0 + Duration::from_secs(6));
         assert_eq!(client.poll_timeout(), Some(t0 + Duration::from_secs(16)));
     }
@@ -895,7 +996,12 @@ mod tests {
                     assert_eq!(out[..n], first[..], "a retransmission repeats the BIND");
                     renewals.push(secs);
                 }
-                Ok(Packet::Keepalive(_)) => keepalives.push(secs),
+                Ok(Packet::Keepalive(_)) => {
+                    keepalives.push(secs);
+                    // The relay echoes it, so the binding is not lost meanwhile.
+                    let echo = out[..n].to_vec();
+                    assert_eq!(client.handle(at, &echo, &mut out), BindEvent::KeepaliveEcho);
+                }
                 other => panic!("unexpected {other:?}"),
             }
         }
@@ -1037,5 +1143,259 @@ mod tests {
             BindEvent::Bound { peer_present: true }
         );
         assert_eq!(client.renew_at(t1, UnixTime(991)), Some(t1 + secs(26)));
+    }
+
+    /// Runs the client's timers from `from` to `until` on the virtual clock, answering nothing;
+    /// returns when each KEEPALIVE went (seconds after `t0`) and when the binding was lost.
+    fn silent_relay(
+        client: &mut BindClient,
+        t0: Instant,
+        until: Instant,
+        mut before_each: impl FnMut(&mut BindClient, Instant),
+    ) -> (Vec<u64>, Option<u64>) {
+        let mut out = [0u8; wire::MAX_DATAGRAM];
+        let mut keepalives = Vec::new();
+        while let Some(at) = client.poll_timeout() {
+            if at > until {
+                break;
+            }
+            before_each(client, at);
+            let secs = at.duration_since(t0).as_secs();
+            match client.on_timer(at, &mut out) {
+                BindEvent::Transmit(n) => {
+                    assert!(matches!(wire::parse(&out[..n]), Ok(Packet::Keepalive(_))));
+                    keepalives.push(secs);
+                }
+                BindEvent::Lost => return (keepalives, Some(secs)),
+                BindEvent::Ignored => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        (keepalives, None)
+    }
+
+    #[test]
+    fn unanswered_keepalives_lose_the_binding_after_three() {
+        let t0 = Instant::now();
+        let secs = Duration::from_secs;
+        let mut client = bound_client(t0, true);
+        // Idle timeout 30 s: a KEEPALIVE at 10 s, then one every KEEPALIVE_RETRY without an
+        // echo, and the binding is lost KEEPALIVE_RETRY after the third.
+        let (keepalives, lost) = silent_relay(&mut client, t0, t0 + secs(60), |_, _| {});
+        assert_eq!(keepalives, [10, 12, 14]);
+        assert_eq!(lost, Some(16));
+        assert_eq!(client.state(), BindState::Lost);
+        assert_eq!(client.poll_timeout(), None, "a lost client sends nothing");
+        assert!(client.renew_at(t0 + secs(16), UnixTime(986)).is_none());
+    }
+
+    #[test]
+    fn an_echo_resets_the_count_of_unanswered_keepalives() {
+        let t0 = Instant::now();
+        let secs = Duration::from_secs;
+        let mut client = bound_client(t0, true);
+        let mut out = [0u8; wire::MAX_DATAGRAM];
+        let mut echo = [0u8; wire::MAX_DATAGRAM];
+        for at in [10, 12] {
+            let Some(n) = client.on_timeout(t0 + secs(at), &mut out) else {
+                panic!("a KEEPALIVE at {at} s");
+            };
+            echo[..n].copy_from_slice(&out[..n]);
+        }
+        // The second one is echoed at 13 s: the relay holds the binding, back to the interval.
+        let n = wire::encode_keepalive(&mut echo, SESSION).expect("fits");
+        assert_eq!(
+            client.handle(t0 + secs(13), &echo[..n], &mut out),
+            BindEvent::KeepaliveEcho
+        );
+        assert_eq!(client.poll_timeout(), Some(t0 + secs(22)));
+        let (keepalives, lost) = silent_relay(&mut client, t0, t0 + secs(60), |_, _| {});
+        assert_eq!(keepalives, [22, 24, 26]);
+        assert_eq!(lost, Some(28));
+    }
+
+    #[test]
+    fn a_peer_that_keeps_sending_data_into_a_silent_relay_still_finds_out() {
+        let t0 = Instant::now();
+        let mut client = bound_client(t0, true);
+        // DATA every second postpones the idle KEEPALIVE forever; but with nothing heard from
+        // the relay for twice the interval, KEEPALIVEs go anyway.
+        let (keepalives, lost) = silent_relay(
+            &mut client,
+            t0,
+            t0 + Duration::from_secs(60),
+            |client, at| {
+                let whole = at.duration_since(t0).as_secs();
+                client.note_data_sent(t0 + Duration::from_secs(whole.saturating_sub(1)));
+            },
+        );
+        assert_eq!(keepalives, [20, 22, 24]);
+        assert_eq!(lost, Some(26));
+        // DATA forwarded from the other peer, by contrast, shows the relay holds the binding.
+        let mut client = bound_client(t0, true);
+        let (keepalives, lost) = silent_relay(
+            &mut client,
+            t0,
+            t0 + Duration::from_secs(60),
+            |client, at| {
+                client.note_data_received(at);
+                client.note_data_sent(at);
+            },
+        );
+        assert_eq!((keepalives.len(), lost), (0, None));
+    }
+
+    /// A CHALLENGE for `bind_seq`.
+    fn challenge(bind_seq: u64, cookie: [u8; 16]) -> Vec<u8> {
+        let mut buf = vec![0u8; wire::MAX_DATAGRAM];
+        let fields = wire::ChallengeFields { bind_seq, cookie };
+        let n = wire::encode_challenge(&mut buf, SESSION, &fields).expect("fits");
+        buf.truncate(n);
+        buf
+    }
+
+    #[test]
+    fn after_a_close_idle_a_fresh_token_binds_the_slot_again() {
+        let old = SlotSecret::from_bytes([9; 32]);
+        let new = SlotSecret::from_bytes(NEW_SECRET);
+        let t0 = Instant::now();
+        let secs = Duration::from_secs;
+        let mut client = bound_client(t0, true);
+        let mut out = [0u8; wire::MAX_DATAGRAM];
+        assert_eq!(
+            client.handle(
+                t0 + secs(40),
+                &relay_close(CloseReason::Idle, &old),
+                &mut out
+            ),
+            BindEvent::Closed {
+                reason: CloseReason::Idle
+            }
+        );
+        assert_eq!(client.state(), BindState::Closed);
+
+        let t1 = t0 + secs(41);
+        let n = client.recover(t1, NEW_TOKEN, &new, &mut out).expect("fits");
+        let (seq, token, _) = sent_bind(&out[..n], &new);
+        assert!(seq > FIRST_SEQ, "a new request");
+        assert_eq!(token, NEW_TOKEN);
+        assert_eq!(client.state(), BindState::Binding);
+        assert!(
+            !client.peer_present(),
+            "the old binding's news is forgotten"
+        );
+        assert_eq!(client.expires_at(), None);
+        // Retransmitted like a first BIND.
+        assert_eq!(client.poll_timeout(), Some(t1 + FIRST_RETRY));
+        // Under the old keys nothing counts any more.
+        assert_eq!(
+            client.handle(t1, &ack(seq, 2_000, &old), &mut out),
+            BindEvent::Ignored
+        );
+        assert_eq!(
+            client.handle(t1, &ack(seq, 2_000, &new), &mut out),
+            BindEvent::Bound { peer_present: true }
+        );
+        assert_eq!(client.state(), BindState::Bound);
+        assert_eq!(client.expires_at(), Some(UnixTime(2_000)));
+        assert_eq!(client.poll_timeout(), Some(t1 + secs(10)));
+    }
+
+    #[test]
+    fn a_lost_binding_is_recovered_through_a_challenge_and_the_channel_goes_on() {
+        use crate::channel::Channel;
+        use ferry_core::known_peers::KnownPeers;
+        use ferry_core::noise::{LocalIdentity, PeerExpectation, TransportLimits};
+
+        let t0 = Instant::now();
+        let secs = Duration::from_secs;
+        let alice_id = LocalIdentity::from_secret_bytes([1; 32]);
+        let bob_id = LocalIdentity::from_secret_bytes([2; 32]);
+        let limits = TransportLimits::default();
+        let mut alice = Channel::initiator(
+            &alice_id,
+            PeerExpectation::Pinned(*bob_id.public()),
+            SESSION,
+            limits,
+        )
+        .expect("channel");
+        let mut bob = Channel::responder(
+            &bob_id,
+            PeerExpectation::Pinned(*alice_id.public()),
+            SESSION,
+            limits,
+        )
+        .expect("channel");
+        let mut known = KnownPeers::new();
+        let mut buf = vec![0u8; wire::MAX_DATAGRAM];
+        let mut answer = vec![0u8; wire::MAX_DATAGRAM];
+        // The handshake, delivered directly: the relay only forwards DATA.
+        let mut n = alice.start(t0, &mut buf).expect("HANDSHAKE-1");
+        let mut to_bob = true;
+        loop {
+            let (to, from_buf) = if to_bob {
+                (&mut bob, &mut buf)
+            } else {
+                (&mut alice, &mut buf)
+            };
+            let output = to
+                .handle(t0, &mut from_buf[..n], &mut known, &mut answer)
+                .expect("handshake message");
+            let Some(m) = output.transmit else { break };
+            buf[..m].copy_from_slice(&answer[..m]);
+            n = m;
+            to_bob = !to_bob;
+        }
+        assert!(alice.is_confirmed() && bob.is_established());
+        let mut deliver = |alice: &mut Channel, bob: &mut Channel, at: Instant, text: &[u8]| {
+            let n = alice.send(at, text, &mut buf).expect("sealed");
+            let output = bob
+                .handle(at, &mut buf[..n], &mut known, &mut answer)
+                .expect("opened");
+            let range = output.plaintext.expect("a message");
+            assert_eq!(&buf[range], text);
+        };
+        deliver(&mut alice, &mut bob, t0, b"before");
+
+        // The relay restarts: KEEPALIVEs go unanswered until the binding is lost. A message
+        // sent meanwhile is dropped by the relay (sealed, never delivered).
+        let mut client = bound_client(t0, true);
+        let (_, lost) = silent_relay(&mut client, t0, t0 + secs(60), |_, _| {});
+        let lost_at = t0 + secs(lost.expect("lost"));
+        let mut dropped = [0u8; wire::MAX_DATAGRAM];
+        alice
+            .send(lost_at, b"dropped", &mut dropped)
+            .expect("sealed");
+
+        // A fresh token; the new relay challenges the first BIND (its cookie secret is new).
+        let new = SlotSecret::from_bytes(NEW_SECRET);
+        let mut out = [0u8; wire::MAX_DATAGRAM];
+        let n = client
+            .recover(lost_at, NEW_TOKEN, &new, &mut out)
+            .expect("fits");
+        let (seq, _, _) = sent_bind(&out[..n], &new);
+        let BindEvent::Transmit(n) = client.handle(lost_at, &challenge(seq, [7; 16]), &mut out)
+        else {
+            panic!("the BIND is repeated with the cookie");
+        };
+        let (again, token, cookie) = sent_bind(&out[..n], &new);
+        assert!(again > seq);
+        assert_eq!((token, cookie), (NEW_TOKEN, [7; 16]));
+        assert_eq!(
+            client.handle(lost_at, &ack(again, 2_000, &new), &mut out),
+            BindEvent::Bound { peer_present: true }
+        );
+
+        // The same Noise session goes on: no handshake, counters and replay window continue.
+        let after = lost_at + secs(1);
+        assert!(!alice.is_handshaking() && alice.is_confirmed());
+        deliver(&mut alice, &mut bob, after, b"after the restart");
+        deliver(
+            &mut alice,
+            &mut bob,
+            after,
+            b"dropped, sent again by the application",
+        );
+        assert!(!alice.is_handshaking() && !bob.is_handshaking());
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use ferry_core::known_peers::KnownPeers;
 use ferry_core::noise::NoiseError;
 use ferry_core::proof::SlotSecret;
-use ferry_core::wire::{self, MAX_DATAGRAM, Packet, TOKEN_LEN};
+use ferry_core::wire::{self, CloseReason, MAX_DATAGRAM, Packet, TOKEN_LEN};
 
 use crate::bind::{BindClient, BindEvent, BindState, RenewError};
 use crate::channel::{Channel, ChannelError};
@@ -28,9 +28,17 @@ pub enum UdpPeerError {
     /// The relay refused the bind with an authenticated REJECT.
     #[error("the relay rejected the bind: {0}")]
     Rejected(&'static str),
-    /// The session was closed.
+    /// The session was closed: by us, or by the other peer (a relay CLOSE `PEER_CLOSED`).
     #[error("the session was closed")]
     Closed,
+    /// The relay unbound our slot and said why with a CLOSE (`EXPIRED` or `IDLE`); the session
+    /// can go on after [`UdpPeer::recover`] with a fresh token.
+    #[error("the relay unbound the slot: {0:?}")]
+    Unbound(CloseReason),
+    /// KEEPALIVEs went unanswered (`BindEvent::Lost`): the relay no longer holds the binding;
+    /// the session can go on after [`UdpPeer::recover`] with a fresh token.
+    #[error("the binding to the relay is lost")]
+    Lost,
     /// The end-to-end channel failed.
     #[error(transparent)]
     Channel(#[from] ChannelError),
@@ -179,7 +187,7 @@ impl UdpPeer {
                     reason,
                     authenticated: true,
                 } => return Err(UdpPeerError::Rejected(reason.name())),
-                BindEvent::Closed { .. } => return Err(UdpPeerError::Closed),
+                BindEvent::Closed { reason } => return Err(closed(reason)),
                 _ => {}
             }
         }
@@ -203,6 +211,40 @@ impl UdpPeer {
             .bind
             .renew(Instant::now(), token, secret, &mut self.out)?;
         self.send_out(n)?;
+        self.await_bound(deadline, "the renewal's BIND-ACK", BindClient::renewing)
+    }
+
+    /// Binds the slot again after the binding is gone ([`UdpPeerError::Lost`], or
+    /// [`UdpPeerError::Unbound`]) with a fresh `token` and slot `secret` for it (from the
+    /// gateway's `POST /v1/sessions/renew`): a first BIND from this socket, retransmitted until
+    /// the relay acknowledges or `timeout` passes (docs/protocol.md §3.1, *Recovery*). The
+    /// channel keeps its Noise session; DATA that arrives meanwhile goes through it to the inbox.
+    /// What was sent while the binding was gone is lost: resending it is the application's
+    /// business. Returns whether the other peer is bound.
+    pub fn recover(
+        &mut self,
+        token: [u8; TOKEN_LEN],
+        secret: &SlotSecret,
+        timeout: Duration,
+    ) -> Result<bool, UdpPeerError> {
+        let deadline = Instant::now() + timeout;
+        let n = self
+            .bind
+            .recover(Instant::now(), token, secret, &mut self.out)?;
+        self.send_out(n)?;
+        self.await_bound(deadline, "the BIND-ACK", |b| {
+            b.state() == BindState::Binding
+        })
+    }
+
+    /// Waits for the BIND-ACK of the request in flight, running both clients' timers and
+    /// passing DATA to the channel meanwhile, while `trying` holds and until `deadline`.
+    fn await_bound(
+        &mut self,
+        deadline: Instant,
+        what: &'static str,
+        trying: fn(&BindClient) -> bool,
+    ) -> Result<bool, UdpPeerError> {
         loop {
             let wake = [self.bind.poll_timeout(), self.channel.poll_timeout()]
                 .into_iter()
@@ -210,19 +252,17 @@ impl UdpPeer {
                 .fold(deadline, Instant::min);
             let Some(len) = self.recv(wake)? else {
                 let now = Instant::now();
-                if now >= deadline || !self.bind.renewing() {
-                    return Err(UdpPeerError::Timeout("the renewal's BIND-ACK"));
+                if now >= deadline || !trying(&self.bind) {
+                    return Err(UdpPeerError::Timeout(what));
                 }
-                if let Some(n) = self.bind.on_timeout(now, &mut self.out) {
-                    self.send_out(n)?;
-                }
+                self.run_bind_timers(now)?;
                 if let Some(n) = self.channel.on_timeout(now, &mut self.out)? {
                     self.send_data(n)?;
                 }
                 continue;
             };
             if let Ok(Packet::Data(_)) = wire::parse(&self.inbuf[..len]) {
-                self.bind.note_data_received();
+                self.bind.note_data_received(Instant::now());
                 self.on_data(len, false)?;
                 continue;
             }
@@ -236,10 +276,21 @@ impl UdpPeer {
                     reason,
                     authenticated: true,
                 } => return Err(UdpPeerError::Rejected(reason.name())),
-                BindEvent::Closed { .. } => return Err(UdpPeerError::Closed),
+                BindEvent::Closed { reason } => return Err(closed(reason)),
                 _ => {}
             }
         }
+    }
+
+    /// Runs the bind client's timers: sends a retransmission or KEEPALIVE that is due, and
+    /// reports a lost binding.
+    fn run_bind_timers(&mut self, now: Instant) -> Result<(), UdpPeerError> {
+        match self.bind.on_timer(now, &mut self.out) {
+            BindEvent::Transmit(n) => self.send_out(n)?,
+            BindEvent::Lost => return Err(UdpPeerError::Lost),
+            _ => {}
+        }
+        Ok(())
     }
 
     /// Runs the end-to-end handshake on the channel's own timers (docs/protocol.md §9.1.1): the
@@ -268,35 +319,38 @@ impl UdpPeer {
         Ok(())
     }
 
-    /// Waits for one datagram until the channel's next timer or `deadline` and handles it, or
-    /// runs the channel's timers; sends what the channel writes. Plaintexts go to the inbox.
-    /// With `identity_fatal`, a handshake refused for the wrong identity is an error; otherwise
-    /// it is dropped like any forged message (the channel keeps its transport).
+    /// Waits for one datagram until the channel's or the bind client's next timer or
+    /// `deadline` and handles it, or runs the timers (the channel's, and the bind client's
+    /// KEEPALIVEs); sends what they write. Plaintexts go to the inbox. With `identity_fatal`, a
+    /// handshake refused for the wrong identity is an error; otherwise it is dropped like any
+    /// forged message (the channel keeps its transport). A relay CLOSE, or KEEPALIVEs that go
+    /// unanswered, end the binding with an error.
     fn step(&mut self, deadline: Instant, identity_fatal: bool) -> Result<(), UdpPeerError> {
-        let wake = self
-            .channel
-            .poll_timeout()
-            .map_or(deadline, |t| t.min(deadline));
+        let wake = [self.bind.poll_timeout(), self.channel.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .fold(deadline, Instant::min);
         let Some(len) = self.recv(wake)? else {
-            if let Some(n) = self.channel.on_timeout(Instant::now(), &mut self.out)? {
+            let now = Instant::now();
+            self.run_bind_timers(now)?;
+            if let Some(n) = self.channel.on_timeout(now, &mut self.out)? {
                 self.send_data(n)?;
             }
             return Ok(());
         };
-        match wire::parse(&self.inbuf[..len]) {
-            Ok(Packet::Data(_)) => self.bind.note_data_received(),
-            Ok(Packet::Close(_)) => {
-                let event = self
-                    .bind
-                    .handle(Instant::now(), &self.inbuf[..len], &mut self.out);
-                if matches!(event, BindEvent::Closed { .. }) {
-                    return Err(UdpPeerError::Closed);
-                }
-                return Ok(());
-            }
-            _ => return Ok(()),
+        if let Ok(Packet::Data(_)) = wire::parse(&self.inbuf[..len]) {
+            self.bind.note_data_received(Instant::now());
+            return self.on_data(len, identity_fatal);
         }
-        self.on_data(len, identity_fatal)
+        match self
+            .bind
+            .handle(Instant::now(), &self.inbuf[..len], &mut self.out)
+        {
+            BindEvent::Transmit(n) => self.send_out(n)?,
+            BindEvent::Closed { reason } => return Err(closed(reason)),
+            _ => {}
+        }
+        Ok(())
     }
 
     /// Passes the DATA datagram of `len` bytes in the input buffer to the channel; sends what it
@@ -372,5 +426,13 @@ impl UdpPeer {
         let n = self.bind.close(&mut self.out)?;
         self.send_out(n)?;
         Ok(())
+    }
+}
+
+/// The error for a relay CLOSE with `reason`.
+fn closed(reason: CloseReason) -> UdpPeerError {
+    match reason {
+        CloseReason::PeerClosed => UdpPeerError::Closed,
+        other => UdpPeerError::Unbound(other),
     }
 }
