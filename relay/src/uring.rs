@@ -52,6 +52,12 @@ pub enum UringError {
          that the kernel is 6.1 or newer"
     )]
     Setup(io::Error),
+    /// The kernel could not allocate the ring's memory, also after a few tries.
+    #[error(
+        "the kernel could not allocate memory for an io_uring ({0}), also after {SETUP_TRIES} \
+         tries; check free memory and the memory limit of the service"
+    )]
+    NoMemory(io::Error),
     /// The kernel lacks an operation the relay needs.
     #[error("the kernel's io_uring lacks {0}; Ferry needs Linux 6.1 or newer")]
     Unsupported(&'static str),
@@ -487,6 +493,48 @@ impl std::fmt::Debug for Ring {
     }
 }
 
+/// How often ring setup is tried when the kernel cannot allocate the ring's memory, and the
+/// first pause between tries (doubled each time: 50 + 100 + 200 + 400 ms in all).
+const SETUP_TRIES: u32 = 5;
+const SETUP_FIRST_PAUSE: Duration = Duration::from_millis(50);
+
+/// Creates the ring: with `SINGLE_ISSUER | DEFER_TASKRUN` where the kernel has them, else a
+/// plain one. The ring's queues are a few contiguous pages each, which a busy, fragmented
+/// machine can fail to find for a moment (`ENOMEM`); setup is then tried again after a pause
+/// rather than failing the worker at once.
+fn build_ring(entries: u32) -> Result<IoUring, UringError> {
+    let mut pause = SETUP_FIRST_PAUSE;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let result = IoUring::builder()
+            .setup_cqsize(entries.saturating_mul(4))
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(entries)
+            .or_else(|_| {
+                IoUring::builder()
+                    .setup_cqsize(entries.saturating_mul(4))
+                    .build(entries)
+            });
+        match result {
+            Ok(ring) => return Ok(ring),
+            Err(e) if e.raw_os_error() == Some(libc::ENOMEM) && tries < SETUP_TRIES => {
+                tracing::warn!(
+                    tries,
+                    "io_uring setup: the kernel is short of memory, trying again"
+                );
+                std::thread::sleep(pause);
+                pause *= 2;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOMEM) => {
+                return Err(UringError::NoMemory(e));
+            }
+            Err(e) => return Err(UringError::Setup(e)),
+        }
+    }
+}
+
 impl Ring {
     /// A ring of `entries` submission slots, `buffers` receive buffers of `buf_size` bytes and
     /// `sends` in-flight sends, for `sockets` (which must outlive the ring).
@@ -502,18 +550,7 @@ impl Ring {
         // work interrupts the worker while it handles a batch, and a wait for one completion
         // wakes it once. It measured a little cheaper per packet below saturation; older
         // kernels refuse the flags and get a plain ring.
-        let ring = match IoUring::builder()
-            .setup_cqsize(entries.saturating_mul(4))
-            .setup_single_issuer()
-            .setup_defer_taskrun()
-            .build(entries)
-        {
-            Ok(ring) => ring,
-            Err(_) => IoUring::builder()
-                .setup_cqsize(entries.saturating_mul(4))
-                .build(entries)
-                .map_err(UringError::Setup)?,
-        };
+        let ring = build_ring(entries)?;
         let mut probe = Probe::new();
         ring.submitter()
             .register_probe(&mut probe)
