@@ -10,7 +10,10 @@ use std::sync::OnceLock;
 use ferry_core::keys::{PeerPublicKey, RelayStaticKey};
 use ferry_core::wire::Slot;
 use ferry_peer::gateway::Grant;
-use ferry_testkit::gateway::{GatewayProcess, unrelated_ca_pem, workspace_binary};
+use ferry_testkit::gateway::{
+    GatewayProcess, unrelated_ca_pem, workspace_binary, workspace_example,
+};
+use ferry_testkit::relay::{RelayConfig, RelayProcess};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ferry-peer");
 
@@ -261,4 +264,116 @@ fn a_missing_or_wrong_api_key_is_a_clear_error_that_does_not_show_the_key() {
     let out = peer(&with_flag, None);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("unexpected argument"));
+}
+
+#[test]
+fn the_exchange_example_binds_both_grants_on_a_real_relay_and_talks() {
+    let relay_bin = workspace_binary("ferry-relay", "ferry-relay").unwrap();
+    let example = workspace_example("ferry-peer", "exchange").unwrap();
+    let relay_key = RelayStaticKey::generate(&ring::rand::SystemRandom::new()).unwrap();
+    let mut relay_config = RelayConfig::loopback(Vec::new()).unwrap();
+    let gw = GatewayProcess::start(
+        gateway_binary(),
+        &[("app", &["create:*", "join:*"])],
+        relay_config.listen[0],
+        &relay_key,
+        "",
+    )
+    .unwrap();
+    relay_config.gateway_keys = vec![gw.gateway_key().unwrap()];
+    let _relay = RelayProcess::start(&relay_bin, &relay_key, &relay_config).unwrap();
+
+    let dir = ferry_testkit::temp_dir("peer-gw-exchange").unwrap();
+    let (alice_key, _) = keygen(dir.path(), "alice");
+    let (bob_key, bob_pub) = keygen(dir.path(), "bob");
+    let api_key = gw.api_key("app").unwrap().to_string();
+    let (url, ca) = (gw.url(), gw.ca_file());
+    let (a_grant, b_grant) = (dir.path().join("a.grant"), dir.path().join("b.grant"));
+    let bob_text = bob_pub.to_string();
+    let created = ok(&peer(
+        &[
+            "create",
+            "--gateway",
+            &url,
+            "--ca",
+            s(&ca),
+            "--identity",
+            s(&alice_key),
+            "--expect-peer",
+            &bob_text,
+            "--out",
+            s(&a_grant),
+        ],
+        Some(&api_key),
+    ));
+    let code = field(&created, "join_code");
+    ok(&peer(
+        &[
+            "join",
+            "--gateway",
+            &url,
+            "--ca",
+            s(&ca),
+            "--identity",
+            s(&bob_key),
+            "--code",
+            code,
+            "--out",
+            s(&b_grant),
+        ],
+        Some(&api_key),
+    ));
+
+    let out = Command::new(&example)
+        .args([s(&a_grant), s(&alice_key), s(&b_grant), s(&bob_key)])
+        .arg(relay_config.listen[0].to_string())
+        .arg("a marker 7f3c")
+        .output()
+        .unwrap();
+    let stdout = ok(&out);
+    assert!(stdout.contains("B got: a marker 7f3c"), "{stdout}");
+    assert!(stdout.contains("A got back: a marker 7f3c"), "{stdout}");
+
+    // Slot B driven with Alice's key: Alice's grant pins Bob's key, so the handshake fails.
+    let b2 = dir.path().join("b2.grant");
+    let created = ok(&peer(
+        &[
+            "create",
+            "--gateway",
+            &url,
+            "--ca",
+            s(&ca),
+            "--identity",
+            s(&alice_key),
+            "--expect-peer",
+            &bob_text,
+            "--out",
+            s(&a_grant),
+        ],
+        Some(&api_key),
+    ));
+    ok(&peer(
+        &[
+            "join",
+            "--gateway",
+            &url,
+            "--ca",
+            s(&ca),
+            "--identity",
+            s(&bob_key),
+            "--code",
+            field(&created, "join_code"),
+            "--out",
+            s(&b2),
+        ],
+        Some(&api_key),
+    ));
+    let out = Command::new(&example)
+        .args([s(&a_grant), s(&alice_key), s(&b2), s(&alice_key)])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("A's handshake"), "{stderr}");
+    assert!(stderr.contains("wrong identity"), "{stderr}");
 }

@@ -14,7 +14,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use ferry_core::keys::RelayStaticKey;
+use ferry_core::keys::{GatewayPublicKey, GatewaySigningKey, RelayStaticKey};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 
 use crate::fixtures::RELAY_ID;
@@ -26,6 +26,22 @@ const START_WITHIN: Duration = Duration::from_secs(20);
 /// and profile the running test executable was built in, and returns its path. Only for test
 /// executables (`<target>/<profile>/deps/<test>-<hash>`).
 pub fn workspace_binary(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
+    cargo_build(package, "--bin", bin, Path::new(bin))
+}
+
+/// Like [`workspace_binary`], for example `name` of `package` (`<profile>/examples/<name>`).
+pub fn workspace_example(package: &str, name: &str) -> anyhow::Result<PathBuf> {
+    cargo_build(
+        package,
+        "--example",
+        name,
+        &Path::new("examples").join(name),
+    )
+}
+
+/// `cargo build --package <package> <kind> <name>` in the running test's target directory and
+/// profile; the built file is `<profile dir>/<built>`.
+fn cargo_build(package: &str, kind: &str, name: &str, built: &Path) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("finding the test executable")?;
     let profile_dir = exe
         .parent()
@@ -63,7 +79,7 @@ pub fn workspace_binary(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
         }
     }
     let out = cargo
-        .args(["build", "--locked", "--package", package, "--bin", bin])
+        .args(["build", "--locked", "--package", package, kind, name])
         .args(["--profile", &profile])
         .arg("--target-dir")
         .arg(target_dir)
@@ -73,11 +89,11 @@ pub fn workspace_binary(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
         .context("running cargo build")?;
     if !out.status.success() {
         bail!(
-            "cargo build -p {package} --bin {bin} failed:\n{}",
+            "cargo build -p {package} {kind} {name} failed:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let path = profile_dir.join(bin);
+    let path = profile_dir.join(built);
     if !path.is_file() {
         bail!("{} was not built", path.display());
     }
@@ -247,6 +263,13 @@ impl GatewayProcess {
             .iter()
             .find(|(i, _)| i == id)
             .map(|(_, key)| key.as_str())
+    }
+
+    /// The kid and public key of the gateway's token-signing key, for a relay to trust.
+    pub fn gateway_key(&self) -> anyhow::Result<(u32, GatewayPublicKey)> {
+        let key: GatewaySigningKey =
+            ferry_keyfile::load_secret_file(&self.dir.path().join("gateway-1.key"))?;
+        Ok((1, key.public()))
     }
 
     /// The gateway's log (stderr) so far.
