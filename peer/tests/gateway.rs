@@ -25,10 +25,16 @@ fn gateway_binary() -> &'static Path {
 /// A gateway with an `app` key allowed to create and join in every realm, listing a relay on
 /// a loopback port nobody serves (these tests never bind).
 fn gateway() -> GatewayProcess {
+    gateway_named(&["localhost", "127.0.0.1"])
+}
+
+/// [`gateway`] with a certificate for `cert_names` only.
+fn gateway_named(cert_names: &[&str]) -> GatewayProcess {
     let relay_key = RelayStaticKey::generate(&ring::rand::SystemRandom::new()).unwrap();
     let port = ferry_testkit::free_port(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
-    GatewayProcess::start(
+    GatewayProcess::start_with_names(
         gateway_binary(),
+        cert_names,
         &[("app", &["create:*", "join:*"])],
         SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
         &relay_key,
@@ -219,8 +225,46 @@ fn a_gateway_certificate_from_another_ca_is_refused() {
     let stderr = text(&out.stderr);
     assert!(stderr.contains("cannot reach the gateway"), "{stderr}");
     assert!(stderr.contains("certificate"), "{stderr}");
+    assert!(stderr.contains("invalid peer certificate"), "{stderr}");
     assert!(stderr.contains("UnknownIssuer"), "{stderr}");
     assert!(!out_file.exists());
+}
+
+#[test]
+fn a_gateway_certificate_for_another_name_is_refused() {
+    // The certificate names localhost only; the client asks for 127.0.0.1.
+    let gw = gateway_named(&["localhost"]);
+    let dir = ferry_testkit::temp_dir("peer-gw-name").unwrap();
+    let (alice_key, _) = keygen(dir.path(), "alice");
+    let out_file = dir.path().join("alice.grant");
+    let by_address = format!("https://127.0.0.1:{}", gw.public.port());
+    let ca = gw.ca_file();
+    let mut args = vec![
+        "create",
+        "--gateway",
+        &by_address,
+        "--ca",
+        s(&ca),
+        "--identity",
+        s(&alice_key),
+        "--out",
+        s(&out_file),
+    ];
+    let out = peer(&args, Some(gw.api_key("app").unwrap()));
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("cannot reach the gateway"), "{stderr}");
+    assert!(
+        stderr.contains("certificate not valid for name \"127.0.0.1\""),
+        "{stderr}"
+    );
+    assert!(!out_file.exists());
+
+    // By the name it has, the same gateway and CA work.
+    let by_name = gw.url();
+    args[2] = &by_name;
+    ok(&peer(&args, Some(gw.api_key("app").unwrap())));
+    assert_eq!(mode(&out_file), 0o600);
 }
 
 #[test]

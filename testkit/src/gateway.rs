@@ -145,11 +145,32 @@ pub struct GatewayProcess {
 }
 
 impl GatewayProcess {
-    /// Starts `bin` (the `ferry-gateway` binary) with one API key per `(id, scopes)`, one listed
+    /// Starts `bin` (the `ferry-gateway` binary), its certificate for `localhost` and
+    /// `127.0.0.1`, with one API key per `(id, scopes)`, one listed
     /// relay (`relay_address`, `relay_key`, id [`RELAY_ID`], not probed: healthy) and
     /// `extra` appended to the config (more sections, e.g. `[sessions]`).
     pub fn start(
         bin: &Path,
+        api_keys: &[(&str, &[&str])],
+        relay_address: SocketAddr,
+        relay_key: &RelayStaticKey,
+        extra: &str,
+    ) -> anyhow::Result<Self> {
+        Self::start_with_names(
+            bin,
+            &["localhost", "127.0.0.1"],
+            api_keys,
+            relay_address,
+            relay_key,
+            extra,
+        )
+    }
+
+    /// Like [`GatewayProcess::start`], with a server certificate for `cert_names` only (DNS
+    /// names, or IP addresses written as such).
+    pub fn start_with_names(
+        bin: &Path,
+        cert_names: &[&str],
         api_keys: &[(&str, &[&str])],
         relay_address: SocketAddr,
         relay_key: &RelayStaticKey,
@@ -160,7 +181,7 @@ impl GatewayProcess {
         let (ca_pem, issuer) = ca("Ferry test CA")?;
         let server_key = KeyPair::generate()?;
         let server =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?
+            CertificateParams::new(cert_names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?
                 .signed_by(&server_key, &issuer)?;
         std::fs::write(file("ca.crt"), ca_pem)?;
         std::fs::write(file("tls.crt"), server.pem())?;
