@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use ferry_core::keys::{PeerPublicKey, RelayStaticKey};
+use ferry_core::keys::{PeerPublicKey, PeerStaticKey, RelayStaticKey};
 use ferry_core::wire::Slot;
-use ferry_peer::gateway::Grant;
+use ferry_peer::gateway::{ApiKey, GatewayClient, GatewayError, Grant};
 use ferry_testkit::gateway::{
     GatewayProcess, unrelated_ca_pem, workspace_binary, workspace_example,
 };
@@ -420,4 +420,55 @@ fn the_exchange_example_binds_both_grants_on_a_real_relay_and_talks() {
     let stderr = text(&out.stderr);
     assert!(stderr.contains("A's handshake"), "{stderr}");
     assert!(stderr.contains("wrong identity"), "{stderr}");
+}
+
+#[tokio::test]
+async fn the_library_maps_the_gateways_refusals_to_typed_errors_with_retry_after() {
+    let relay_key = RelayStaticKey::generate(&ring::rand::SystemRandom::new()).unwrap();
+    let port = ferry_testkit::free_port(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+    let gw = GatewayProcess::start(
+        gateway_binary(),
+        &[("app", &["create:*", "join:*"]), ("acme", &["create:acme"])],
+        SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        &relay_key,
+        "[limits]\nper_key_rate = 0.1\nper_key_burst = 3\n",
+    )
+    .unwrap();
+    let key = |id: &str| ApiKey::new(gw.api_key(id).unwrap());
+    let app = GatewayClient::new(&gw.url(), &gw.ca_file(), &key("app")).unwrap();
+    let acme = GatewayClient::new(&gw.url(), &gw.ca_file(), &key("acme")).unwrap();
+    let debug = format!("{app:?}");
+    assert!(!debug.contains(gw.api_key("app").unwrap()), "{debug}");
+    let rng = ring::rand::SystemRandom::new();
+    let alice = PeerStaticKey::generate(&rng).unwrap().public();
+    let bob = PeerStaticKey::generate(&rng).unwrap().public();
+    let carol = PeerStaticKey::generate(&rng).unwrap().public();
+
+    // Bob is expected; Carol's join is refused and the code stays usable.
+    let created = app.create("default", &alice, Some(&bob)).await.unwrap();
+    let code = created.join_code.clone().unwrap();
+    let refused = |e: GatewayError| match e {
+        GatewayError::Refused {
+            status,
+            code,
+            retry_after,
+        } => (status, code, retry_after),
+        other => panic!("not a refusal: {other}"),
+    };
+    let err = app.join(&code, &carol).await.unwrap_err();
+    assert_eq!(refused(err), (403, "peer_identity_mismatch".into(), None));
+    let joined = app.join(&code, &bob).await.unwrap();
+    assert_eq!(joined.expected_peer_public_key, Some(alice));
+
+    // The acme key may not create outside its realm, nor renew a slot it did not take.
+    let err = acme.create("default", &alice, None).await.unwrap_err();
+    assert_eq!(refused(err), (403, "forbidden".into(), None));
+    let err = acme.renew(created.session_id, Slot::A).await.unwrap_err();
+    assert_eq!(refused(err), (404, "not_found".into(), None));
+    // Its burst of three is spent: the fourth request is rate limited, with Retry-After.
+    acme.create("acme", &alice, None).await.unwrap();
+    let err = acme.create("acme", &alice, None).await.unwrap_err();
+    let (status, code, retry_after) = refused(err);
+    assert_eq!((status, code.as_str()), (429, "rate_limited"));
+    assert!(retry_after.is_some_and(|s| s >= 1), "{retry_after:?}");
 }
