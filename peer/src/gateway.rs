@@ -415,6 +415,13 @@ impl GatewayClient {
         if !base_url.starts_with("https://") || base_url.len() == "https://".len() {
             return Err(GatewayError::Url(base_url));
         }
+        if api_key.0.is_empty() {
+            return Err(GatewayError::ApiKey);
+        }
+        let bearer = Zeroizing::new(format!("Bearer {}", *api_key.0));
+        let mut auth =
+            reqwest::header::HeaderValue::from_str(&bearer).map_err(|_| GatewayError::ApiKey)?;
+        auth.set_sensitive(true);
         let pem = std::fs::read(ca_file).map_err(|source| GatewayError::ReadCa {
             path: ca_file.to_owned(),
             source,
@@ -442,12 +449,6 @@ impl GatewayClient {
         let http = builder
             .build()
             .map_err(|e| GatewayError::Client(error_chain(&e)))?;
-        if api_key.0.is_empty() {
-            return Err(GatewayError::ApiKey);
-        }
-        let mut auth = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", *api_key.0))
-            .map_err(|_| GatewayError::ApiKey)?;
-        auth.set_sensitive(true);
         Ok(Self {
             base_url,
             http,
@@ -690,11 +691,18 @@ mod tests {
     }
 
     #[test]
-    fn the_client_wants_https_a_readable_ca_and_a_key() {
+    fn the_client_wants_https_a_valid_key_and_a_readable_ca() {
         let key = ApiKey::new("fgk1.app.secret");
         let err =
             GatewayClient::new("http://localhost:1", Path::new("/nonexistent"), &key).unwrap_err();
         assert!(matches!(err, GatewayError::Url(_)), "{err}");
+        for bad in ["", " \n", "fgk1.app.line\nbreak"] {
+            let bad = ApiKey::new(bad);
+            let err = GatewayClient::new("https://localhost:1", Path::new("/nonexistent"), &bad)
+                .unwrap_err();
+            assert!(matches!(err, GatewayError::ApiKey), "{err}");
+            assert!(!err.to_string().contains("break"), "{err}");
+        }
         let err = GatewayClient::new(
             "https://localhost:1",
             Path::new("/nonexistent/ca.pem"),
