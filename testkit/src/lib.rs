@@ -5,6 +5,7 @@
 //! - [`skip`]: the skip policy (`#[ignore]` for tests that need root, `FERRY_REQUIRE_PRIVILEGED`).
 //! - [`fixtures`]: a gateway signing key and a relay key pair that mint tokens.
 //! - [`peers`]: two peers of one session, bound and through their Noise handshake.
+//! - [`gateway`]: a real `ferry-gateway` process over HTTPS with a test CA, stopped on drop.
 //! - [`relay`]: a real `ferry-relay` process with a generated config, stopped on drop.
 //! - [`netns`]: two network namespaces joined by a veth pair, removed on drop.
 //! - [`metrics`]: samples of a Prometheus page and a minimal HTTP GET for admin listeners.
@@ -13,13 +14,17 @@
 //! benchmark binary (which prints them).
 
 pub mod fixtures;
+pub mod gateway;
 pub mod metrics;
 pub mod netns;
 pub mod peers;
 pub mod relay;
 pub mod skip;
 
+use std::io::Write as _;
 use std::net::{IpAddr, UdpSocket};
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::Path;
 use std::time::SystemTime;
 
 use anyhow::Context as _;
@@ -45,4 +50,17 @@ pub fn micros_now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(1, |d| d.as_micros() as u64)
+}
+
+/// Writes `text` to a new or truncated file at `path` that only its owner can read (mode 0600).
+pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }
