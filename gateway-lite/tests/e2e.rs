@@ -22,7 +22,6 @@ mod common;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -48,61 +47,8 @@ use serde_json::json;
 fn relay_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        // This test runs from <target>/<profile>/deps/e2e-<hash>.
-        let exe = std::env::current_exe().unwrap();
-        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-        let target_dir = profile_dir.parent().unwrap();
-        let profile = match profile_dir.file_name().unwrap().to_str().unwrap() {
-            "debug" => "dev",
-            other => other,
-        }
-        .to_string();
-        let mut cargo = Command::new(env!("CARGO"));
-        // Cargo sets these for the test process; a build script that watches one of them
-        // (ring's watches CARGO_MANIFEST_DIR) would otherwise see a change and rebuild.
-        for (name, _) in std::env::vars_os() {
-            let name = name.to_string_lossy();
-            let set_for_tests = name.starts_with("CARGO_PKG_")
-                || name.starts_with("CARGO_BIN_EXE_")
-                || [
-                    "CARGO_MANIFEST_DIR",
-                    "CARGO_MANIFEST_PATH",
-                    "CARGO_CRATE_NAME",
-                    "CARGO_BIN_NAME",
-                    "CARGO_PRIMARY_PACKAGE",
-                    "CARGO_TARGET_TMPDIR",
-                    "CARGO_RUSTC_CURRENT_DIR",
-                    "OUT_DIR",
-                ]
-                .contains(&name.as_ref());
-            if set_for_tests {
-                cargo.env_remove(name.as_ref());
-            }
-        }
-        let out = cargo
-            .args([
-                "build",
-                "--locked",
-                "--package",
-                "ferry-relay",
-                "--bin",
-                "ferry-relay",
-            ])
-            .args(["--profile", &profile])
-            .arg("--target-dir")
-            .arg(target_dir)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "building ferry-relay for the end-to-end test failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let bin = profile_dir.join("ferry-relay");
-        assert!(bin.is_file(), "{} was not built", bin.display());
-        bin
+        ferry_testkit::gateway::workspace_binary("ferry-relay", "ferry-relay")
+            .unwrap_or_else(|e| panic!("building ferry-relay for the end-to-end test: {e:#}"))
     })
 }
 
