@@ -694,19 +694,9 @@ mod tests {
         let mut client = BindClient::new(SESSION, Slot::A, [0; TOKEN_LEN], &secret, FIRST_SEQ);
         let mut out = [0u8; wire::MAX_DATAGRAM];
         client.start(t0, &mut out).expect("BIND fits");
-        let fields = wire::BindAckFields {
-            slot: Slot::A,
-            peer_present,
-            idle_timeout_secs: 30,
-            bind_seq: FIRST_SEQ,
-            expires_at: 1_000,
-        };
-        let relay = SlotKeys::derive(&secret).relay;
-        let mut ack = [0u8; wire::MAX_DATAGRAM];
-        let n = wire::encode_bind_ack(&mut ack, SESSION, &fields, |m| relay.mac(m))
-            .expect("BIND-ACK fits");
+        let ack = bind_ack(FIRST_SEQ, peer_present, 1_000, &secret);
         assert_eq!(
-            client.handle(t0, &ack[..n], &mut out),
+            client.handle(t0, &ack, &mut out),
             BindEvent::Bound { peer_present }
         );
         client
@@ -736,18 +726,28 @@ mod tests {
         )
     }
 
-    fn notice(bind_seq: u64, peer_present: bool, relay_key: &SlotSecret) -> Vec<u8> {
+    /// A BIND-ACK for slot A (idle timeout 30 s), MAC'd with `relay_key`.
+    fn bind_ack(
+        bind_seq: u64,
+        peer_present: bool,
+        expires_at: u64,
+        relay_key: &SlotSecret,
+    ) -> Vec<u8> {
         let fields = wire::BindAckFields {
             slot: Slot::A,
             peer_present,
             idle_timeout_secs: 30,
             bind_seq,
-            expires_at: 1_000,
+            expires_at,
         };
         from_relay(
             |b, mac| wire::encode_bind_ack(b, SESSION, &fields, mac),
             relay_key,
         )
+    }
+
+    fn notice(bind_seq: u64, peer_present: bool, relay_key: &SlotSecret) -> Vec<u8> {
+        bind_ack(bind_seq, peer_present, 1_000, relay_key)
     }
 
     #[test]
@@ -878,17 +878,7 @@ mod tests {
     }
 
     fn ack(bind_seq: u64, expires_at: u64, relay_key: &SlotSecret) -> Vec<u8> {
-        let fields = wire::BindAckFields {
-            slot: Slot::A,
-            peer_present: true,
-            idle_timeout_secs: 30,
-            bind_seq,
-            expires_at,
-        };
-        from_relay(
-            |b, mac| wire::encode_bind_ack(b, SESSION, &fields, mac),
-            relay_key,
-        )
+        bind_ack(bind_seq, true, expires_at, relay_key)
     }
 
     #[test]
