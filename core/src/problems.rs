@@ -4,6 +4,8 @@
 
 use std::fmt;
 
+use crate::cidr::Cidr;
+
 /// One problem with a config value.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
@@ -62,6 +64,22 @@ impl Check {
                 format!("must be above 0 and at most 1000000, got {value}"),
             );
         }
+    }
+
+    /// Parses a list of IP prefixes (`field[i]` each), refusing a bad one or one listed twice;
+    /// returns the good ones, in order.
+    pub fn cidrs(&mut self, field: &str, entries: &[String]) -> Vec<Cidr> {
+        let mut out: Vec<Cidr> = Vec::new();
+        for (i, entry) in entries.iter().enumerate() {
+            match entry.parse::<Cidr>() {
+                Ok(cidr) if out.contains(&cidr) => {
+                    self.fail(format!("{field}[{i}]"), format!("{cidr} is listed twice"));
+                }
+                Ok(cidr) => out.push(cidr),
+                Err(problem) => self.fail(format!("{field}[{i}]"), problem),
+            }
+        }
+        out
     }
 }
 

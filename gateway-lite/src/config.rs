@@ -846,17 +846,7 @@ fn validate_cidrs(entries: &[String], field: &str, check: &mut Check) -> Vec<Cid
             ),
         );
     }
-    let mut out: Vec<Cidr> = Vec::new();
-    for (i, entry) in entries.iter().enumerate() {
-        match entry.parse::<Cidr>() {
-            Ok(cidr) if out.contains(&cidr) => {
-                check.fail(format!("{field}[{i}]"), format!("{cidr} is listed twice"));
-            }
-            Ok(cidr) => out.push(cidr),
-            Err(e) => check.fail(format!("{field}[{i}]"), e),
-        }
-    }
-    out
+    check.cidrs(field, entries)
 }
 
 fn validate_revoked(entries: &[String], check: &mut Check) -> Vec<String> {

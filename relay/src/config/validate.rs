@@ -13,7 +13,7 @@ use ferry_core::problems::Check;
 
 use super::schema::{AdminSection, File, GatewayKeyEntry, LimitsSection, RelaySection, XdpSection};
 use super::{ConfigError, Limits, MAX_WORKERS, MAX_XDP_SOURCES, RelayConfig};
-use crate::xdp::{Cidr, Mode, XdpSettings};
+use crate::xdp::{Mode, XdpSettings};
 
 /// Parses and validates config `text` (named `path` in messages); relative key paths are
 /// resolved against `base_dir`.
@@ -382,21 +382,8 @@ pub(super) fn validate_xdp(
             ),
         );
     }
-    let mut lists = |field: &str, entries: &[String]| -> Vec<Cidr> {
-        let mut out: Vec<Cidr> = Vec::new();
-        for (i, entry) in entries.iter().enumerate() {
-            match entry.parse::<Cidr>() {
-                Ok(cidr) if out.contains(&cidr) => {
-                    check.fail(format!("{field}[{i}]"), format!("{cidr} is listed twice"));
-                }
-                Ok(cidr) => out.push(cidr),
-                Err(problem) => check.fail(format!("{field}[{i}]"), problem),
-            }
-        }
-        out
-    };
-    let deny = lists("xdp.deny", &x.deny);
-    let allow = lists("xdp.allow", &x.allow);
+    let deny = check.cidrs("xdp.deny", &x.deny);
+    let allow = check.cidrs("xdp.allow", &x.allow);
     for (i, cidr) in allow.iter().enumerate() {
         if deny.contains(cidr) {
             check.fail(
