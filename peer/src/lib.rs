@@ -8,9 +8,12 @@
 //!   retransmit the handshake, confirm the keys and re-handshake without dropping the session.
 //! - [`gateway::GatewayClient`] asks the gateway over HTTPS (rustls) for a session: create,
 //!   join with a join code, renew a slot; its [`gateway::Grant`] holds what binding needs.
+//! - [`link::DatagramLink`] is what the file transfer and the tunnel need from a session: an
+//!   unreliable message link to the other peer ([`link::memory_pair`] for tests).
 //! - [`udp::UdpPeer`] drives both over a blocking `std::net::UdpSocket`, for the CLI and tests.
 
 pub mod bind;
 pub mod channel;
 pub mod gateway;
+pub mod link;
 pub mod udp;

@@ -1,0 +1,278 @@
+//! A datagram link: what the applications on top of a peer session (the reliable file
+//! transfer, the UDP tunnel) need from it, and nothing more. A link carries whole messages of
+//! at most [`DatagramLink::max_payload`] bytes to the other peer, end-to-end encrypted, with
+//! no promise of delivery or order: exactly what DATA through a relay gives.
+//!
+//! [`memory_pair`] is a link in memory between two ends, with optional loss, reordering and
+//! delay, for tests of what runs on top.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::sync::{Mutex, mpsc};
+
+/// Why a link cannot carry a message.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The session under the link has ended (closed by either side, or lost for good).
+    #[error("the link is closed: {0}")]
+    Closed(String),
+    /// The message is longer than [`DatagramLink::max_payload`].
+    #[error("a message of {len} bytes exceeds the link's maximum of {max}")]
+    TooLong {
+        /// The message's length.
+        len: usize,
+        /// The link's maximum.
+        max: usize,
+    },
+}
+
+/// An unreliable, unordered, end-to-end encrypted message link to one other peer.
+///
+/// Both methods take `&self`, so one task may wait in [`recv`](Self::recv) while another
+/// sends.
+pub trait DatagramLink: Send + Sync + 'static {
+    /// The largest message [`send`](Self::send) accepts.
+    fn max_payload(&self) -> usize;
+
+    /// Sends one message. Waits while the link's send queue is full; a message may still be
+    /// lost on the way.
+    fn send(&self, message: &[u8]) -> impl Future<Output = Result<(), LinkError>> + Send;
+
+    /// Waits for the next message from the other peer.
+    fn recv(&self) -> impl Future<Output = Result<Vec<u8>, LinkError>> + Send;
+}
+
+/// What a [`memory_pair`] link does to the messages it carries, in each direction.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Impairment {
+    /// The fraction of messages dropped, 0.0 to 1.0.
+    pub loss: f64,
+    /// The fraction of messages held back and delivered after the next one.
+    pub reorder: f64,
+    /// How long every message takes to arrive.
+    pub delay: Duration,
+    /// The seed of the link's pseudo-random choices, so a failing run can be repeated.
+    pub seed: u64,
+}
+
+impl Impairment {
+    /// A perfect link: no loss, no reordering, no delay.
+    pub const NONE: Self = Self {
+        loss: 0.0,
+        reorder: 0.0,
+        delay: Duration::ZERO,
+        seed: 1,
+    };
+}
+
+/// The largest message a [`memory_pair`] link carries: the largest plaintext a Noise transport
+/// message inside one DATA datagram can hold ([`ferry_core::noise::MAX_PLAINTEXT`]).
+pub const MEMORY_LINK_MAX_PAYLOAD: usize = ferry_core::noise::MAX_PLAINTEXT;
+
+/// One end of a link in memory (see [`memory_pair`]).
+#[derive(Debug)]
+pub struct MemoryLink {
+    tx: mpsc::Sender<Vec<u8>>,
+    rx: Mutex<mpsc::Receiver<Vec<u8>>>,
+}
+
+/// How many messages may be in flight in each direction of a [`memory_pair`] before
+/// [`DatagramLink::send`] waits.
+const MEMORY_LINK_QUEUE: usize = 1024;
+
+/// Two ends of a link in memory. Each direction runs a task (on the current tokio runtime)
+/// that applies `impairment` to what passes. Dropping one end closes the link for the other.
+pub fn memory_pair(impairment: Impairment) -> (MemoryLink, MemoryLink) {
+    let (a_tx, a_wire) = mpsc::channel(MEMORY_LINK_QUEUE);
+    let (b_tx, b_wire) = mpsc::channel(MEMORY_LINK_QUEUE);
+    let (to_a, a_rx) = mpsc::channel(MEMORY_LINK_QUEUE);
+    let (to_b, b_rx) = mpsc::channel(MEMORY_LINK_QUEUE);
+    tokio::spawn(impair(a_wire, to_b, impairment));
+    let reverse = Impairment {
+        seed: impairment.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
+        ..impairment
+    };
+    tokio::spawn(impair(b_wire, to_a, reverse));
+    (
+        MemoryLink {
+            tx: a_tx,
+            rx: Mutex::new(a_rx),
+        },
+        MemoryLink {
+            tx: b_tx,
+            rx: Mutex::new(b_rx),
+        },
+    )
+}
+
+/// Carries messages from `wire` to `out`, dropping, holding back and delaying them as
+/// `impairment` says.
+async fn impair(
+    mut wire: mpsc::Receiver<Vec<u8>>,
+    out: mpsc::Sender<Vec<u8>>,
+    impairment: Impairment,
+) {
+    let mut rng = XorShift(impairment.seed.max(1));
+    let mut held: Option<Vec<u8>> = None;
+    // Messages on their way, each with the instant it arrives.
+    let mut in_flight: VecDeque<(tokio::time::Instant, Vec<u8>)> = VecDeque::new();
+    let mut sender_gone = false;
+    loop {
+        let next_arrival = in_flight.front().map(|(at, _)| *at);
+        if sender_gone && next_arrival.is_none() {
+            break;
+        }
+        tokio::select! {
+            message = wire.recv(), if !sender_gone => {
+                let Some(message) = message else {
+                    // What is on its way still arrives, the held-back message last.
+                    sender_gone = true;
+                    if let Some(late) = held.take() {
+                        in_flight.push_back((tokio::time::Instant::now() + impairment.delay, late));
+                    }
+                    continue;
+                };
+                if rng.chance(impairment.loss) {
+                    continue;
+                }
+                let at = tokio::time::Instant::now() + impairment.delay;
+                if held.is_none() && rng.chance(impairment.reorder) {
+                    held = Some(message);
+                    continue;
+                }
+                in_flight.push_back((at, message));
+                if let Some(late) = held.take() {
+                    in_flight.push_back((at, late));
+                }
+            }
+            () = sleep_until(next_arrival) => {
+                if let Some((_, message)) = in_flight.pop_front()
+                    && out.send(message).await.is_err()
+                {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A small deterministic generator (xorshift64) for the impairment's choices.
+struct XorShift(u64);
+
+impl XorShift {
+    /// True with probability `p`.
+    fn chance(&mut self, p: f64) -> bool {
+        if p <= 0.0 {
+            return false;
+        }
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 11) as f64 / (1u64 << 53) as f64) < p
+    }
+}
+
+impl DatagramLink for MemoryLink {
+    fn max_payload(&self) -> usize {
+        MEMORY_LINK_MAX_PAYLOAD
+    }
+
+    async fn send(&self, message: &[u8]) -> Result<(), LinkError> {
+        if message.len() > MEMORY_LINK_MAX_PAYLOAD {
+            return Err(LinkError::TooLong {
+                len: message.len(),
+                max: MEMORY_LINK_MAX_PAYLOAD,
+            });
+        }
+        self.tx
+            .send(message.to_vec())
+            .await
+            .map_err(|_| LinkError::Closed("the other end is gone".into()))
+    }
+
+    async fn recv(&self) -> Result<Vec<u8>, LinkError> {
+        self.rx
+            .lock()
+            .await
+            .recv()
+            .await
+            .ok_or_else(|| LinkError::Closed("the other end is gone".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_perfect_link_carries_everything_in_order_both_ways() {
+        let (a, b) = memory_pair(Impairment::NONE);
+        for i in 0..100u8 {
+            a.send(&[i]).await.expect("send");
+            b.send(&[i, i]).await.expect("send");
+        }
+        for i in 0..100u8 {
+            assert_eq!(b.recv().await.expect("recv"), vec![i]);
+            assert_eq!(a.recv().await.expect("recv"), vec![i, i]);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_impaired_link_loses_and_reorders_about_as_asked() {
+        let (a, b) = memory_pair(Impairment {
+            loss: 0.05,
+            reorder: 0.05,
+            delay: Duration::from_millis(1),
+            seed: 7,
+        });
+        let sent = 2000u32;
+        for i in 0..sent {
+            a.send(&i.to_be_bytes()).await.expect("send");
+        }
+        drop(a);
+        let mut got = Vec::new();
+        while let Ok(m) = b.recv().await {
+            got.push(u32::from_be_bytes(m.try_into().expect("4 bytes")));
+        }
+        let lost = sent as usize - got.len();
+        assert!((40..=160).contains(&lost), "lost {lost} of {sent}");
+        let out_of_order = got.windows(2).filter(|w| w[1] < w[0]).count();
+        assert!(out_of_order >= 40, "only {out_of_order} reordered");
+        got.sort_unstable();
+        got.dedup();
+        assert_eq!(got.len(), sent as usize - lost, "a message was duplicated");
+    }
+
+    #[tokio::test]
+    async fn a_message_too_long_is_refused_and_a_dropped_end_closes_the_link() {
+        let (a, b) = memory_pair(Impairment::NONE);
+        let long = vec![0; MEMORY_LINK_MAX_PAYLOAD + 1];
+        assert!(matches!(
+            a.send(&long).await,
+            Err(LinkError::TooLong { .. })
+        ));
+        drop(b);
+        assert!(matches!(a.recv().await, Err(LinkError::Closed(_))));
+        // The first send after the drop may still be accepted by the link's carrier, which then
+        // finds the other end gone and stops; the ones after it are refused.
+        let mut refused = false;
+        for _ in 0..10 {
+            if let Err(LinkError::Closed(_)) = a.send(b"x").await {
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(refused, "sends to a dropped end were accepted");
+    }
+}
