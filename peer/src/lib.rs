@@ -10,10 +10,14 @@
 //!   join with a join code, renew a slot; its [`gateway::Grant`] holds what binding needs.
 //! - [`link::DatagramLink`] is what the file transfer and the tunnel need from a session: an
 //!   unreliable message link to the other peer ([`link::memory_pair`] for tests).
+//! - [`session::Session`] is the async (tokio) peer an application embeds: it binds, waits for
+//!   the other peer, runs the handshake, then renews, recovers, rebinds and closes by itself in
+//!   a driver task, and is a [`link::DatagramLink`].
 //! - [`udp::UdpPeer`] drives both over a blocking `std::net::UdpSocket`, for the CLI and tests.
 
 pub mod bind;
 pub mod channel;
 pub mod gateway;
 pub mod link;
+pub mod session;
 pub mod udp;
