@@ -13,11 +13,13 @@
 //! - [`session::Session`] is the async (tokio) peer an application embeds: it binds, waits for
 //!   the other peer, runs the handshake, then renews, recovers, rebinds and closes by itself in
 //!   a driver task, and is a [`link::DatagramLink`].
-//! - [`udp::UdpPeer`] drives both over a blocking `std::net::UdpSocket`, for the CLI and tests.
+//! - [`tunnel`] carries a local UDP application's datagrams over a link, both ways.
+//! - [`udp::UdpPeer`] drives a bind client and a channel over a blocking `std::net::UdpSocket`, for the CLI and tests.
 
 pub mod bind;
 pub mod channel;
 pub mod gateway;
 pub mod link;
 pub mod session;
+pub mod tunnel;
 pub mod udp;
