@@ -238,25 +238,35 @@ pub struct SessionStats {
     pub gateway_failures: u64,
 }
 
+impl SessionStats {
+    /// Every counter with its name (the field's), in a fixed order: for printing.
+    pub fn fields(&self) -> [(&'static str, u64); 11] {
+        [
+            ("messages_sent", self.messages_sent),
+            ("bytes_sent", self.bytes_sent),
+            ("messages_received", self.messages_received),
+            ("bytes_received", self.bytes_received),
+            ("dropped_outgoing", self.dropped_outgoing),
+            ("dropped_incoming", self.dropped_incoming),
+            ("renewals", self.renewals),
+            ("recoveries", self.recoveries),
+            ("rebinds", self.rebinds),
+            ("handshakes", self.handshakes),
+            ("gateway_failures", self.gateway_failures),
+        ]
+    }
+}
+
 impl fmt::Display for SessionStats {
+    /// `name value` pairs, space-separated, on one line.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "messages_sent {} bytes_sent {} messages_received {} bytes_received {} \
-             dropped_outgoing {} dropped_incoming {} renewals {} recoveries {} rebinds {} \
-             handshakes {} gateway_failures {}",
-            self.messages_sent,
-            self.bytes_sent,
-            self.messages_received,
-            self.bytes_received,
-            self.dropped_outgoing,
-            self.dropped_incoming,
-            self.renewals,
-            self.recoveries,
-            self.rebinds,
-            self.handshakes,
-            self.gateway_failures,
-        )
+        for (i, (name, value)) in self.fields().iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "{name} {value}")?;
+        }
+        Ok(())
     }
 }
 

@@ -332,3 +332,79 @@ async fn a_relay_restart_mid_session_is_survived() {
     assert_eq!(a.stats().handshakes, 1);
     assert!(a.end_reason().is_none());
 }
+
+/// Sends 1400-byte messages from `from` to `to` as fast as `from` takes them for `period`;
+/// returns (messages sent, messages received, seconds).
+async fn blast<L: DatagramLink>(from: Arc<L>, to: Arc<L>, period: Duration) -> (u64, u64, f64) {
+    let message = vec![0xa7u8; 1400];
+    let started = Instant::now();
+    let sender = tokio::spawn(async move {
+        let mut sent = 0u64;
+        while started.elapsed() < period {
+            for _ in 0..64 {
+                from.send(&message).await.unwrap();
+                sent += 1;
+            }
+        }
+        sent
+    });
+    let mut received = 0u64;
+    // Count until the sender is done and nothing more arrives for a moment.
+    let mut last = Instant::now();
+    loop {
+        match timeout(Duration::from_millis(300), to.recv()).await {
+            Ok(Ok(m)) => {
+                assert_eq!(m.len(), 1400);
+                received += 1;
+                last = Instant::now();
+            }
+            Ok(Err(e)) => panic!("{e}"),
+            Err(_) if started.elapsed() > period => break,
+            Err(_) => {}
+        }
+    }
+    let sent = sender.await.unwrap();
+    let seconds = last.duration_since(started).as_secs_f64();
+    (sent, received, seconds)
+}
+
+fn report(what: &str, (sent, received, seconds): (u64, u64, f64)) -> f64 {
+    let rate = received as f64 / seconds;
+    println!(
+        "{what}: {sent} sent, {received} received in {seconds:.2} s: {rate:.0} msgs/s, {:.1} MB/s of payload",
+        rate * 1400.0 / 1e6
+    );
+    rate
+}
+
+/// Prints the message throughput of a session through a real relay on loopback against plain
+/// UDP between two sockets (`link::UdpLink`), for 1400-byte messages sent as fast as the sender
+/// can. A measurement, not a check: run it in release,
+/// `cargo test --release -p ferry-peer --test session -- --ignored --nocapture throughput`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: run in release with --nocapture"]
+async fn throughput_of_1400_byte_messages_through_a_relay() {
+    let period = Duration::from_secs(5);
+    let setup = Setup::start(
+        "",
+        "default_session_rate = 125000000\nmax_session_rate = 125000000",
+    );
+    let (alice, bob) = (new_key(), new_key());
+    let (ga, gb) = setup.grants(&alice, &bob).await;
+    let (a, b) = connect_pair(setup.config(ga, &alice), setup.config(gb, &bob)).await;
+    let (a, b) = (Arc::new(a), Arc::new(b));
+    let relayed = report(
+        "session through the relay",
+        blast(a.clone(), b.clone(), period).await,
+    );
+    println!("sender: {}\nreceiver: {}", a.stats(), b.stats());
+
+    let sa = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let sb = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (aa, ab) = (sa.local_addr().unwrap(), sb.local_addr().unwrap());
+    let ua = Arc::new(ferry_peer::link::UdpLink::connect(sa, ab).await.unwrap());
+    let ub = Arc::new(ferry_peer::link::UdpLink::connect(sb, aa).await.unwrap());
+    let direct = report("plain UDP, no relay", blast(ua, ub, period).await);
+    println!("ratio relayed/direct: {:.2}", relayed / direct);
+    assert!(relayed > 0.0);
+}
