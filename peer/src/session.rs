@@ -32,6 +32,8 @@
 //! the reason.
 
 mod driver;
+#[cfg(test)]
+mod tests;
 
 use std::fmt;
 use std::future::Future;
