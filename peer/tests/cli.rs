@@ -292,3 +292,126 @@ fn without_a_gateway_the_session_says_it_cannot_renew_and_times_out_clearly() {
         "{err}"
     );
 }
+
+/// Runs `ferry-peer` with the API key in FERRY_API_KEY; returns its stdout, asserting success.
+fn ok_with_key(args: &[&str], key: &str) -> String {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("FERRY_API_KEY", key)
+        .output()
+        .expect("ferry-peer runs");
+    assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// The value of the `name value` line `name`.
+fn field<'a>(stdout: &'a str, name: &str) -> &'a str {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {name} in {stdout:?}"))
+}
+
+#[test]
+fn send_and_recv_move_a_file_through_a_real_relay_and_print_the_figures() {
+    use ferry_testkit::gateway::{GatewayProcess, workspace_binary};
+    use ferry_testkit::relay::{RelayConfig, RelayProcess};
+
+    let relay_key =
+        ferry_core::keys::RelayStaticKey::generate(&ring::rand::SystemRandom::new()).unwrap();
+    let mut relay_config = RelayConfig::loopback(Vec::new()).unwrap();
+    relay_config.sections =
+        "[xdp]\nmode = \"off\"\n\n[limits]\ndefault_session_rate = 125000000\n".into();
+    let gw = GatewayProcess::start(
+        &workspace_binary("ferry-gateway", "ferry-gateway").unwrap(),
+        &[("app", &["create:*", "join:*"])],
+        relay_config.listen[0],
+        &relay_key,
+        "",
+    )
+    .unwrap();
+    relay_config.gateway_keys = vec![gw.gateway_key().unwrap()];
+    let _relay = RelayProcess::start(
+        &workspace_binary("ferry-relay", "ferry-relay").unwrap(),
+        &relay_key,
+        &relay_config,
+    )
+    .unwrap();
+
+    let dir = scratch("send-recv");
+    let (alice, bob) = (dir.path().join("alice.key"), dir.path().join("bob.key"));
+    for key in [&alice, &bob] {
+        assert!(run(&["keygen", "--out", path_str(key)]).status.success());
+    }
+    let bob_pub = text(&run(&["pubkey", path_str(&bob)]).stdout);
+    let api_key = gw.api_key("app").unwrap().to_string();
+    let (url, ca) = (gw.url(), gw.ca_file());
+    let gateway = ["--gateway", url.as_str(), "--ca", path_str(&ca)];
+    let (a_grant, b_grant) = (dir.path().join("a.grant"), dir.path().join("b.grant"));
+    let mut args = vec!["create"];
+    args.extend(gateway);
+    args.extend([
+        "--identity",
+        path_str(&alice),
+        "--expect-peer",
+        bob_pub.trim(),
+    ]);
+    args.extend(["--out", path_str(&a_grant)]);
+    let created = ok_with_key(&args, &api_key);
+    let mut args = vec!["join"];
+    args.extend(gateway);
+    args.extend([
+        "--identity",
+        path_str(&bob),
+        "--code",
+        field(&created, "join_code"),
+    ]);
+    args.extend(["--out", path_str(&b_grant)]);
+    ok_with_key(&args, &api_key);
+
+    // 3 MiB of varied bytes.
+    let content: Vec<u8> = (0..3u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let file = dir.path().join("payload.bin");
+    std::fs::write(&file, &content).unwrap();
+    let inbox = dir.path().join("inbox");
+    std::fs::create_dir(&inbox).unwrap();
+
+    let mut recv = vec!["recv"];
+    recv.extend(gateway);
+    recv.extend(["--grant", path_str(&b_grant), "--identity", path_str(&bob)]);
+    recv.extend(["--dir", path_str(&inbox)]);
+    let receiver = Command::new(BIN)
+        .args(&recv)
+        .env("FERRY_API_KEY", &api_key)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut send = vec!["send"];
+    send.extend(gateway);
+    send.extend([
+        "--grant",
+        path_str(&a_grant),
+        "--identity",
+        path_str(&alice),
+    ]);
+    send.push(path_str(&file));
+    let sent = ok_with_key(&send, &api_key);
+    let received = receiver.wait_with_output().unwrap();
+    assert!(received.status.success(), "{}", text(&received.stderr));
+    let received = text(&received.stdout);
+
+    assert_eq!(std::fs::read(inbox.join("payload.bin")).unwrap(), content);
+    for out in [&sent, &received] {
+        assert_eq!(field(out, "bytes"), (3u32 << 20).to_string(), "{out}");
+        assert_eq!(field(out, "name"), "payload.bin");
+        assert!(field(out, "mb_per_s").parse::<f64>().unwrap() > 0.0);
+        assert!(field(out, "messages_sent").parse::<u64>().unwrap() > 0);
+        assert_eq!(field(out, "handshakes"), "1");
+    }
+    assert_eq!(field(&sent, "sha256"), field(&received, "sha256"));
+    assert_eq!(field(&sent, "sha256").len(), 64);
+    assert!(field(&received, "path").ends_with("inbox/payload.bin"));
+}
