@@ -206,10 +206,37 @@ pub enum SessionError {
         /// How long.
         after: Duration,
     },
+    /// The relay answered the bind only with unauthenticated REJECTs (which are hints, so the
+    /// peer kept trying) and no BIND-ACK came in time.
+    #[error(
+        "the relay refused the bind ({reason}; unauthenticated, so retried) and no BIND-ACK came \
+         within {after:?}"
+    )]
+    RefusedUnauthenticated {
+        /// The last reason the relay gave.
+        reason: &'static str,
+        /// How long the peer tried.
+        after: Duration,
+    },
+    /// The grant's token has expired and there is no renewer to get a fresh one.
+    #[error(
+        "the grant's token expired at {expires_at} (Unix seconds): renew it (`ferry-peer renew`) \
+         or give the session a gateway"
+    )]
+    GrantExpired {
+        /// The token's `exp`.
+        expires_at: u64,
+    },
+    /// The renewer could not give a fresh grant for an expired one.
+    #[error("the grant's token expired and the gateway could not renew it: {0}")]
+    Renew(#[source] GatewayError),
     /// The session ended while connecting (the other peer closed it, the relay unbound it).
     #[error("the session ended while connecting: {0}")]
     Closed(String),
 }
+
+/// A grant whose token expires within this is renewed before [`Session::connect`] binds.
+const EXPIRY_MARGIN_SECS: u64 = 5;
 
 /// A session's counters (see [`Session::stats`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -356,10 +383,33 @@ pub struct Session {
 
 impl Session {
     /// Binds, waits for the other peer, runs the handshake, and starts the driver task (see
-    /// the module doc). Fails at once when the other peer presents the wrong identity or the
+    /// the module doc). A grant whose token has expired (or expires within 5 s) is first
+    /// renewed through the renewer; without one that is an error. Fails at once when the other peer presents the wrong identity or the
     /// relay refuses the bind with an authenticated REJECT, and after
     /// [`Timeouts::connect`] otherwise.
-    pub async fn connect(config: SessionConfig) -> Result<Self, SessionError> {
+    pub async fn connect(mut config: SessionConfig) -> Result<Self, SessionError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if config.grant.expires_at <= now + EXPIRY_MARGIN_SECS {
+            let Some(renewer) = &config.renewer else {
+                return Err(SessionError::GrantExpired {
+                    expires_at: config.grant.expires_at,
+                });
+            };
+            let fresh = renewer
+                .renew(config.grant.session_id, config.grant.slot)
+                .await
+                .map_err(SessionError::Renew)?;
+            config.grant = Grant {
+                // The pin and the relay's address are the caller's; a renewal repeats them.
+                expected_peer_public_key: config
+                    .grant
+                    .expected_peer_public_key
+                    .or(fresh.expected_peer_public_key),
+                ..fresh
+            };
+        }
         let (expect, known) = match &config.expectation {
             Expectation::FromGrant => match config.grant.expected_peer_public_key {
                 Some(key) => (PeerExpectation::Pinned(*key.as_bytes()), KnownPeers::new()),

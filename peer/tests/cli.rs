@@ -118,14 +118,19 @@ fn known_peers_can_be_listed_and_forgotten() {
 }
 
 /// A grant file the CLI can read (its token is not one a relay would take) and a key file.
+/// Its token expires an hour from now.
 fn grant_and_key(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     use base64::Engine as _;
     let b64 =
         |len: usize, byte: u8| base64::engine::general_purpose::STANDARD.encode(vec![byte; len]);
     let grant = serde_json::json!({
         "session_id": "2146d4dc68d435dd", "slot": "A",
         "token": b64(208, 7), "slot_secret": b64(32, 9),
-        "kid": 1, "not_before": 1795598326u64, "expires_at": 1795598626u64,
+        "kid": 1, "not_before": now - 60, "expires_at": now + 3600,
         "relay": {"id": 5, "address": "127.0.0.1:9", "public_key": b64(32, 3)},
         "expected_peer_public_key": b64(32, 4),
     });
@@ -289,6 +294,28 @@ fn without_a_gateway_the_session_says_it_cannot_renew_and_times_out_clearly() {
     );
     assert!(
         err.contains("connecting the session: timed out after 1s waiting for the relay's BIND-ACK"),
+        "{err}"
+    );
+
+    // An expired grant, with no gateway to renew it, is refused before anything is sent.
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&grant).unwrap()).unwrap();
+    json["not_before"] = 1_000_000.into();
+    json["expires_at"] = 1_000_300.into();
+    std::fs::write(&grant, json.to_string()).unwrap();
+    let out = run_without_key(&[
+        "tunnel",
+        "--grant",
+        path_str(&grant),
+        "--identity",
+        path_str(&key),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("the grant's token expired at 1000300 (Unix seconds): renew it"),
         "{err}"
     );
 }

@@ -160,6 +160,16 @@ fn serve(state: &mut RelayState, datagram: &[u8], from: SocketAddr) -> Vec<(Vec<
     match wire::parse(datagram) {
         Ok(Packet::Bind(bind)) => {
             let Some(secret) = state.secrets.get(bind.token()).copied() else {
+                // An unknown token: what a relay says about an expired one, unauthenticated.
+                let fields = wire::RejectFields {
+                    reason: wire::RejectReason::TokenExpired,
+                    slot: bind.slot(),
+                    bind_seq: bind.bind_seq(),
+                };
+                let mut out = vec![0u8; MAX_DATAGRAM];
+                let n = wire::encode_reject_unauthenticated(&mut out, SESSION, &fields).unwrap();
+                out.truncate(n);
+                replies.push((out, from));
                 return replies;
             };
             let slot = bind.slot();
@@ -447,4 +457,52 @@ async fn a_grant_without_a_peer_key_is_refused_unless_trust_on_first_use_is_aske
     let (a, b) = tokio::join!(Session::connect(a), Session::connect(b));
     let (a, _b) = (a.unwrap(), b.unwrap());
     assert_eq!(a.known_peers().get("bob"), Some(key(2).public().as_bytes()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expired_grant_is_renewed_before_binding_or_refused_without_a_renewer() {
+    let relay = FakeRelay::start().await;
+    let (alice, bob) = (key(1), key(2));
+    let mut stale = relay.grant(Slot::A, 41, &bob);
+    stale.expires_at = wall_secs() - 10;
+    let err = Session::connect(SessionConfig::new(stale.clone(), identity(&alice)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SessionError::GrantExpired { .. }), "{err}");
+    assert!(err.to_string().contains("ferry-peer renew"), "{err}");
+
+    let renewer = Arc::new(FakeRenewer::default());
+    let mut fresh = relay.grant(Slot::A, 42, &bob);
+    fresh.expected_peer_public_key = None;
+    renewer.grants.lock().unwrap().push_back(fresh);
+    let mut a = SessionConfig::new(stale, identity(&alice));
+    a.renewer = Some(renewer.clone());
+    let b = SessionConfig::new(relay.grant(Slot::B, 43, &alice), identity(&bob));
+    let (a, b) = tokio::join!(Session::connect(a), Session::connect(b));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(renewer.calls.load(Ordering::Relaxed), 1);
+    // The stale grant's pin was kept although the renewal named no key.
+    assert_eq!(a.remote_identity(), bob.public());
+    assert!(gets_through(&a, &b, Duration::from_secs(5)).await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bind_refused_only_by_hints_times_out_with_the_relays_reason() {
+    let relay = FakeRelay::start().await;
+    let mut grant = relay.grant(Slot::A, 51, &key(2));
+    // A token the relay does not take: it answers with unauthenticated REJECTs.
+    grant.token = Zeroizing::new([52; TOKEN_LEN]);
+    let mut config = SessionConfig::new(grant, identity(&key(1)));
+    config.timeouts.connect = Duration::from_secs(10);
+    let err = Session::connect(config).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SessionError::RefusedUnauthenticated {
+                reason: "token_expired",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
