@@ -339,63 +339,123 @@ fn field<'a>(stdout: &'a str, name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {name} in {stdout:?}"))
 }
 
+/// A gateway and a relay on loopback, two keys, and the grants of one session for them.
+struct RelaySetup {
+    _gateway: ferry_testkit::gateway::GatewayProcess,
+    _relay: ferry_testkit::relay::RelayProcess,
+    dir: tempfile::TempDir,
+    api_key: String,
+    url: String,
+    ca: std::path::PathBuf,
+    alice: std::path::PathBuf,
+    bob: std::path::PathBuf,
+    a_grant: std::path::PathBuf,
+    b_grant: std::path::PathBuf,
+}
+
+impl RelaySetup {
+    fn start(name: &str) -> Self {
+        use ferry_testkit::gateway::{GatewayProcess, workspace_binary};
+        use ferry_testkit::relay::{RelayConfig, RelayProcess};
+
+        let relay_key =
+            ferry_core::keys::RelayStaticKey::generate(&ring::rand::SystemRandom::new()).unwrap();
+        let mut relay_config = RelayConfig::loopback(Vec::new()).unwrap();
+        relay_config.sections =
+            "[xdp]\nmode = \"off\"\n\n[limits]\ndefault_session_rate = 125000000\n".into();
+        let gateway = GatewayProcess::start(
+            &workspace_binary("ferry-gateway", "ferry-gateway").unwrap(),
+            &[("app", &["create:*", "join:*"])],
+            relay_config.listen[0],
+            &relay_key,
+            "",
+        )
+        .unwrap();
+        relay_config.gateway_keys = vec![gateway.gateway_key().unwrap()];
+        let relay = RelayProcess::start(
+            &workspace_binary("ferry-relay", "ferry-relay").unwrap(),
+            &relay_key,
+            &relay_config,
+        )
+        .unwrap();
+
+        let dir = scratch(name);
+        let (alice, bob) = (dir.path().join("alice.key"), dir.path().join("bob.key"));
+        for key in [&alice, &bob] {
+            assert!(run(&["keygen", "--out", path_str(key)]).status.success());
+        }
+        let bob_pub = text(&run(&["pubkey", path_str(&bob)]).stdout);
+        let api_key = gateway.api_key("app").unwrap().to_string();
+        let (url, ca) = (gateway.url(), gateway.ca_file());
+        let (a_grant, b_grant) = (dir.path().join("a.grant"), dir.path().join("b.grant"));
+        let setup = Self {
+            _gateway: gateway,
+            _relay: relay,
+            dir,
+            api_key,
+            url,
+            ca,
+            alice,
+            bob,
+            a_grant,
+            b_grant,
+        };
+        let mut args = vec!["create"];
+        args.extend(setup.gateway_args());
+        args.extend(["--identity", path_str(&setup.alice)]);
+        args.extend([
+            "--expect-peer",
+            bob_pub.trim(),
+            "--out",
+            path_str(&setup.a_grant),
+        ]);
+        let created = ok_with_key(&args, &setup.api_key);
+        let mut args = vec!["join"];
+        args.extend(setup.gateway_args());
+        args.extend(["--identity", path_str(&setup.bob)]);
+        args.extend([
+            "--code",
+            field(&created, "join_code"),
+            "--out",
+            path_str(&setup.b_grant),
+        ]);
+        ok_with_key(&args, &setup.api_key);
+        setup
+    }
+
+    fn gateway_args(&self) -> [&str; 4] {
+        ["--gateway", self.url.as_str(), "--ca", path_str(&self.ca)]
+    }
+
+    /// `command` for slot A (Alice) or B (Bob) with the session options, then `rest`.
+    fn args<'a>(&'a self, command: &'a str, slot_a: bool, rest: &[&'a str]) -> Vec<&'a str> {
+        let (grant, key) = match slot_a {
+            true => (&self.a_grant, &self.alice),
+            false => (&self.b_grant, &self.bob),
+        };
+        let mut args = vec![command];
+        args.extend(self.gateway_args());
+        args.extend(["--grant", path_str(grant), "--identity", path_str(key)]);
+        args.extend(rest);
+        args
+    }
+
+    /// Starts `ferry-peer` with `args` and the API key, its output piped.
+    fn spawn(&self, args: &[&str]) -> std::process::Child {
+        Command::new(BIN)
+            .args(args)
+            .env("FERRY_API_KEY", &self.api_key)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+}
+
 #[test]
 fn send_and_recv_move_a_file_through_a_real_relay_and_print_the_figures() {
-    use ferry_testkit::gateway::{GatewayProcess, workspace_binary};
-    use ferry_testkit::relay::{RelayConfig, RelayProcess};
-
-    let relay_key =
-        ferry_core::keys::RelayStaticKey::generate(&ring::rand::SystemRandom::new()).unwrap();
-    let mut relay_config = RelayConfig::loopback(Vec::new()).unwrap();
-    relay_config.sections =
-        "[xdp]\nmode = \"off\"\n\n[limits]\ndefault_session_rate = 125000000\n".into();
-    let gw = GatewayProcess::start(
-        &workspace_binary("ferry-gateway", "ferry-gateway").unwrap(),
-        &[("app", &["create:*", "join:*"])],
-        relay_config.listen[0],
-        &relay_key,
-        "",
-    )
-    .unwrap();
-    relay_config.gateway_keys = vec![gw.gateway_key().unwrap()];
-    let _relay = RelayProcess::start(
-        &workspace_binary("ferry-relay", "ferry-relay").unwrap(),
-        &relay_key,
-        &relay_config,
-    )
-    .unwrap();
-
-    let dir = scratch("send-recv");
-    let (alice, bob) = (dir.path().join("alice.key"), dir.path().join("bob.key"));
-    for key in [&alice, &bob] {
-        assert!(run(&["keygen", "--out", path_str(key)]).status.success());
-    }
-    let bob_pub = text(&run(&["pubkey", path_str(&bob)]).stdout);
-    let api_key = gw.api_key("app").unwrap().to_string();
-    let (url, ca) = (gw.url(), gw.ca_file());
-    let gateway = ["--gateway", url.as_str(), "--ca", path_str(&ca)];
-    let (a_grant, b_grant) = (dir.path().join("a.grant"), dir.path().join("b.grant"));
-    let mut args = vec!["create"];
-    args.extend(gateway);
-    args.extend([
-        "--identity",
-        path_str(&alice),
-        "--expect-peer",
-        bob_pub.trim(),
-    ]);
-    args.extend(["--out", path_str(&a_grant)]);
-    let created = ok_with_key(&args, &api_key);
-    let mut args = vec!["join"];
-    args.extend(gateway);
-    args.extend([
-        "--identity",
-        path_str(&bob),
-        "--code",
-        field(&created, "join_code"),
-    ]);
-    args.extend(["--out", path_str(&b_grant)]);
-    ok_with_key(&args, &api_key);
-
+    let setup = RelaySetup::start("send-recv");
+    let dir = &setup.dir;
     // 3 MiB of varied bytes.
     let content: Vec<u8> = (0..3u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
@@ -405,27 +465,11 @@ fn send_and_recv_move_a_file_through_a_real_relay_and_print_the_figures() {
     let inbox = dir.path().join("inbox");
     std::fs::create_dir(&inbox).unwrap();
 
-    let mut recv = vec!["recv"];
-    recv.extend(gateway);
-    recv.extend(["--grant", path_str(&b_grant), "--identity", path_str(&bob)]);
-    recv.extend(["--dir", path_str(&inbox)]);
-    let receiver = Command::new(BIN)
-        .args(&recv)
-        .env("FERRY_API_KEY", &api_key)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut send = vec!["send"];
-    send.extend(gateway);
-    send.extend([
-        "--grant",
-        path_str(&a_grant),
-        "--identity",
-        path_str(&alice),
-    ]);
-    send.push(path_str(&file));
-    let sent = ok_with_key(&send, &api_key);
+    let receiver = setup.spawn(&setup.args("recv", false, &["--dir", path_str(&inbox)]));
+    let sent = ok_with_key(
+        &setup.args("send", true, &[path_str(&file)]),
+        &setup.api_key,
+    );
     let received = receiver.wait_with_output().unwrap();
     assert!(received.status.success(), "{}", text(&received.stderr));
     let received = text(&received.stdout);
@@ -441,4 +485,82 @@ fn send_and_recv_move_a_file_through_a_real_relay_and_print_the_figures() {
     assert_eq!(field(&sent, "sha256"), field(&received, "sha256"));
     assert_eq!(field(&sent, "sha256").len(), 64);
     assert!(field(&received, "path").ends_with("inbox/payload.bin"));
+}
+
+#[test]
+fn tunnel_carries_a_local_udp_exchange_through_a_real_relay_and_reports_on_ctrl_c() {
+    let setup = RelaySetup::start("tunnel");
+    // The application's server on the connecting side: echoes what it gets.
+    let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let server_addr = server.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = server.recv_from(&mut buf) {
+            let _ = server.send_to(&buf[..n], from);
+        }
+    });
+    let listen_port = ferry_testkit::free_port(std::net::Ipv4Addr::LOCALHOST.into()).unwrap();
+    let listen_addr = format!("127.0.0.1:{listen_port}");
+    let mut listener = setup.spawn(&setup.args("tunnel", true, &["--listen", &listen_addr]));
+    let mut connector = setup.spawn(&setup.args("tunnel", false, &["--connect", &server_addr]));
+
+    // The application's client: sends to the listening end until an echo comes back.
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut buf = [0u8; 2048];
+    let echoed = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no echo through the tunnel"
+        );
+        client.send_to(b"marker 51c0", &listen_addr).unwrap();
+        if let Ok((n, _)) = client.recv_from(&mut buf) {
+            break buf[..n].to_vec();
+        }
+    };
+    assert_eq!(echoed, b"marker 51c0");
+
+    // Ctrl-C on the listening end: it closes the session, reports and exits 0; the other end
+    // sees the close, reports and exits 0 too.
+    let status = Command::new("kill")
+        .args(["-INT", &listener.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let wait = |child: &mut std::process::Child| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("ferry-peer tunnel did not end");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    let listener_status = wait(&mut listener);
+    let connector_status = wait(&mut connector);
+    let listener = listener.wait_with_output().unwrap();
+    let connector = connector.wait_with_output().unwrap();
+    assert!(listener_status.success(), "{}", text(&listener.stderr));
+    assert!(connector_status.success(), "{}", text(&connector.stderr));
+    let (out_l, out_c) = (text(&listener.stdout), text(&connector.stdout));
+    assert!(
+        field(&out_l, "to_peer_datagrams").parse::<u64>().unwrap() >= 1,
+        "{out_l}"
+    );
+    assert!(
+        field(&out_l, "from_peer_datagrams").parse::<u64>().unwrap() >= 1,
+        "{out_l}"
+    );
+    assert!(
+        field(&out_c, "from_peer_datagrams").parse::<u64>().unwrap() >= 1,
+        "{out_c}"
+    );
+    assert_eq!(field(&out_c, "handshakes"), "1");
 }

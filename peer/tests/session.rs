@@ -453,3 +453,23 @@ async fn the_session_echo_example_runs_against_a_real_relay() {
         "{stdout}"
     );
 }
+
+#[tokio::test]
+async fn rebind_moves_the_session_to_a_fresh_socket_on_a_real_relay() {
+    let setup = Setup::start("", "");
+    let (alice, bob) = (new_key(), new_key());
+    let (ga, gb) = setup.grants(&alice, &bob).await;
+    let (a, b) = connect_pair(setup.config(ga, &alice), setup.config(gb, &bob)).await;
+    let within = Duration::from_secs(10);
+    assert!(flow(&a, &b, "before", 20, 18, within).await >= 18);
+    a.rebind().await.unwrap();
+    // The relay CHALLENGEs the new address, then moves the binding.
+    let deadline = Instant::now() + within;
+    while a.stats().rebinds == 0 {
+        assert!(Instant::now() < deadline, "{}", a.stats());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(flow(&a, &b, "after", 20, 18, within).await >= 18);
+    assert!(flow(&b, &a, "back", 20, 18, within).await >= 18);
+    assert_eq!(a.stats().recoveries, 0);
+}
