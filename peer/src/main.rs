@@ -196,7 +196,8 @@ enum KnownPeersAction {
     },
 }
 
-fn default_known_peers() -> PathBuf {
+/// `$XDG_CONFIG_HOME/ferry/known-peers`, else `~/.config/ferry/known-peers`.
+pub(crate) fn default_known_peers() -> PathBuf {
     let base = std::env::var_os("XDG_CONFIG_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))

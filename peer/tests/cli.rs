@@ -354,7 +354,9 @@ struct RelaySetup {
 }
 
 impl RelaySetup {
-    fn start(name: &str) -> Self {
+    /// With `pin`, the creator names the joiner's key (so both grants pin a key); without, only
+    /// the joiner's grant does.
+    fn start(name: &str, pin: bool) -> Self {
         use ferry_testkit::gateway::{GatewayProcess, workspace_binary};
         use ferry_testkit::relay::{RelayConfig, RelayProcess};
 
@@ -403,12 +405,10 @@ impl RelaySetup {
         let mut args = vec!["create"];
         args.extend(setup.gateway_args());
         args.extend(["--identity", path_str(&setup.alice)]);
-        args.extend([
-            "--expect-peer",
-            bob_pub.trim(),
-            "--out",
-            path_str(&setup.a_grant),
-        ]);
+        if pin {
+            args.extend(["--expect-peer", bob_pub.trim()]);
+        }
+        args.extend(["--out", path_str(&setup.a_grant)]);
         let created = ok_with_key(&args, &setup.api_key);
         let mut args = vec!["join"];
         args.extend(setup.gateway_args());
@@ -454,7 +454,7 @@ impl RelaySetup {
 
 #[test]
 fn send_and_recv_move_a_file_through_a_real_relay_and_print_the_figures() {
-    let setup = RelaySetup::start("send-recv");
+    let setup = RelaySetup::start("send-recv", true);
     let dir = &setup.dir;
     // 3 MiB of varied bytes.
     let content: Vec<u8> = (0..3u32 << 20)
@@ -489,7 +489,7 @@ fn send_and_recv_move_a_file_through_a_real_relay_and_print_the_figures() {
 
 #[test]
 fn tunnel_carries_a_local_udp_exchange_through_a_real_relay_and_reports_on_ctrl_c() {
-    let setup = RelaySetup::start("tunnel");
+    let setup = RelaySetup::start("tunnel", true);
     // The application's server on the connecting side: echoes what it gets.
     let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let server_addr = server.local_addr().unwrap().to_string();
@@ -563,4 +563,52 @@ fn tunnel_carries_a_local_udp_exchange_through_a_real_relay_and_reports_on_ctrl_
         "{out_c}"
     );
     assert_eq!(field(&out_c, "handshakes"), "1");
+}
+
+#[test]
+fn trust_on_first_use_is_asked_for_explicitly_and_records_the_peer() {
+    let setup = RelaySetup::start("tofu", false);
+    let dir = &setup.dir;
+    let file = dir.path().join("note.txt");
+    std::fs::write(&file, "first contact\n").unwrap();
+    let inbox = dir.path().join("inbox");
+    std::fs::create_dir(&inbox).unwrap();
+
+    // Alice's grant names no key: without --trust-on-first-use she refuses to start.
+    let grant_text = std::fs::read_to_string(&setup.a_grant).unwrap();
+    assert!(
+        grant_text.contains("\"expected_peer_public_key\": null"),
+        "{grant_text}"
+    );
+    let out = Command::new(BIN)
+        .args(setup.args("send", true, &["--connect-timeout", "5", path_str(&file)]))
+        .env("FERRY_API_KEY", &setup.api_key)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("the grant names no peer key to pin"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let known = dir.path().join("known-peers");
+    let receiver = setup.spawn(&setup.args("recv", false, &["--dir", path_str(&inbox)]));
+    let tofu = [
+        "--trust-on-first-use",
+        "bob",
+        "--known-peers",
+        path_str(&known),
+        path_str(&file),
+    ];
+    ok_with_key(&setup.args("send", true, &tofu), &setup.api_key);
+    let received = receiver.wait_with_output().unwrap();
+    assert!(received.status.success(), "{}", text(&received.stderr));
+    assert_eq!(
+        std::fs::read(inbox.join("note.txt")).unwrap(),
+        b"first contact\n"
+    );
+    let bob_pub = text(&run(&["pubkey", path_str(&setup.bob)]).stdout);
+    let listed = text(&run(&["known-peers", "--file", path_str(&known), "list"]).stdout);
+    assert_eq!(listed.trim(), format!("bob {}", bob_pub.trim()));
 }
