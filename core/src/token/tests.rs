@@ -486,13 +486,13 @@ proptest! {
 
 /// The monotonic clock at wall time `at`, for clocks that have never been stepped: both start
 /// together at wall time 0.
-fn mono(at: UnixTime) -> std::time::Instant {
-    mono_base() + std::time::Duration::from_secs(at.as_secs())
+fn mono(at: UnixTime) -> Instant {
+    mono_base() + Duration::from_secs(at.as_secs())
 }
 
-fn mono_base() -> std::time::Instant {
-    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    *BASE.get_or_init(std::time::Instant::now)
+fn mono_base() -> Instant {
+    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *BASE.get_or_init(Instant::now)
 }
 
 #[test]
@@ -501,7 +501,7 @@ fn replay_cache_keeps_an_id_while_either_clock_says_its_token_lives() {
     let id = [9; 16];
     // Recorded at wall 1000 with exp 1100 and skew 30: 130 s to live.
     let t0 = mono_base();
-    let at = |secs: u64| t0 + std::time::Duration::from_secs(secs);
+    let at = |secs: u64| t0 + Duration::from_secs(secs);
     cache
         .check_and_insert(id, UnixTime(1_100), UnixTime(1_000), at(0), 30)
         .unwrap();
