@@ -63,11 +63,19 @@ pub enum ConfigError {
     },
     /// The relay's static key file could not be loaded, and nothing else is wrong (otherwise
     /// its problem is one of [`ConfigError::Invalid`]'s, under `relay.static_key`).
+    // Not `#[from]`/`#[source]`: the message already carries the key file's error, and a
+    // reporter that prints the source chain (anyhow's `{:#}`) would print it twice.
     #[error("relay.static_key: {0}")]
-    Key(#[from] KeyFileError),
+    Key(KeyFileError),
     /// A reload changed something that only a restart can apply.
     #[error("these changes need a restart of the relay: {}", .0.join(", "))]
     NeedsRestart(Vec<String>),
+}
+
+impl From<KeyFileError> for ConfigError {
+    fn from(e: KeyFileError) -> Self {
+        ConfigError::Key(e)
+    }
 }
 
 /// The limits an admin tunes; all but three reload on SIGHUP (see `reload`).
