@@ -99,8 +99,8 @@ pub fn read_grant(path: &std::path::Path) -> anyhow::Result<Grant> {
 /// Everything of [`SessionArgs`] read and checked, before any network traffic.
 pub struct Prepared {
     config: SessionConfig,
-    /// Where to save the known peers after the handshake (trust on first use).
-    known_peers_file: Option<PathBuf>,
+    /// Trust on first use: the name and the known-peers file to record the key in.
+    tofu: Option<(String, PathBuf)>,
 }
 
 /// Reads the grant, the identity and the gateway settings, so that a bad file or a missing
@@ -120,7 +120,7 @@ pub fn prepare(args: &SessionArgs) -> anyhow::Result<Prepared> {
     };
     let expires_at = grant.expires_at;
     let mut config = SessionConfig::new(grant, identity);
-    let mut known_peers_file = None;
+    let mut tofu = None;
     if let Some(name) = &args.trust_on_first_use {
         let file = args
             .known_peers
@@ -132,7 +132,7 @@ pub fn prepare(args: &SessionArgs) -> anyhow::Result<Prepared> {
             name: name.clone(),
             known,
         };
-        known_peers_file = Some(file);
+        tofu = Some((name.clone(), file));
     }
     config.relay = args.relay;
     config.timeouts = Timeouts {
@@ -152,10 +152,7 @@ pub fn prepare(args: &SessionArgs) -> anyhow::Result<Prepared> {
             );
         }
     }
-    Ok(Prepared {
-        config,
-        known_peers_file,
-    })
+    Ok(Prepared { config, tofu })
 }
 
 impl Prepared {
@@ -165,9 +162,21 @@ impl Prepared {
         let session = Session::connect(self.config)
             .await
             .context("connecting the session")?;
-        if let Some(file) = &self.known_peers_file {
-            ferry_keyfile::save_known_peers(file, session.known_peers())
-                .with_context(|| format!("writing the known-peers file {}", file.display()))?;
+        if let Some((name, file)) = &self.tofu {
+            // Under the file's lock, so a concurrent update by another process is kept.
+            let key = *session.remote_identity().as_bytes();
+            let recorded = ferry_keyfile::update_known_peers(file, |known| match known.get(name) {
+                Some(old) => (false, *old == key),
+                None => (known.insert(name, key).is_ok(), true),
+            })
+            .with_context(|| format!("writing the known-peers file {}", file.display()))?;
+            if !recorded {
+                session.close().await;
+                anyhow::bail!(
+                    "{} now holds another key for {name:?}: refusing the session",
+                    file.display()
+                );
+            }
         }
         eprintln!(
             "ferry-peer: connected as slot {slot:?} of session {:016x} through {} (peer {})",

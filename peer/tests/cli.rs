@@ -151,10 +151,30 @@ fn run_without_key(args: &[&str]) -> Output {
 }
 
 #[test]
-fn tunnel_help_names_the_session_options_and_the_key_rules() {
-    let out = run(&["tunnel", "--help"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let help = text(&out.stdout);
+fn session_commands_help_names_the_session_options_and_the_key_rules() {
+    for (command, own) in [
+        ("send", &["<FILE>", "sha256", "mb_per_s"][..]),
+        ("recv", &["--dir <DIR>", "never replaced"][..]),
+        (
+            "tunnel",
+            &["--listen <ADDR>", "--connect <ADDR>", "1427 bytes"][..],
+        ),
+    ] {
+        let out = run(&[command, "--help"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let help = text(&out.stdout);
+        for needle in own {
+            assert!(
+                help.contains(needle),
+                "{command}: {needle:?} missing from:\n{help}"
+            );
+        }
+        session_help_says(&help);
+    }
+}
+
+/// What the help of every session command says.
+fn session_help_says(help: &str) {
     for needle in [
         "--grant <FILE>",
         "--identity <FILE>",
@@ -163,8 +183,8 @@ fn tunnel_help_names_the_session_options_and_the_key_rules() {
         "--api-key-file <FILE>",
         "--relay <ADDR>",
         "--connect-timeout <SECS>",
-        "--listen <ADDR>",
-        "--connect <ADDR>",
+        "--trust-on-first-use <NAME>",
+        "--known-peers <FILE>",
         "FERRY_API_KEY",
         "never on the command\nline",
         "ends when the grant's token expires",
