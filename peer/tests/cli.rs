@@ -632,3 +632,29 @@ fn trust_on_first_use_is_asked_for_explicitly_and_records_the_peer() {
     let listed = text(&run(&["known-peers", "--file", path_str(&known), "list"]).stdout);
     assert_eq!(listed.trim(), format!("bob {}", bob_pub.trim()));
 }
+
+/// Prints the throughput of `ferry-peer send` / `recv` for a 64 MiB file through a real relay
+/// on loopback. A measurement, not a check: run it in release,
+/// `cargo test --release -p ferry-peer --test cli -- --ignored --nocapture throughput`.
+#[test]
+#[ignore = "a measurement: run in release with --nocapture"]
+fn throughput_of_send_and_recv_through_a_relay() {
+    let setup = RelaySetup::start("throughput", true);
+    let size = 64u32 << 20;
+    let content: Vec<u8> = (0..size)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let file = setup.dir.path().join("big.bin");
+    std::fs::write(&file, &content).unwrap();
+    let inbox = setup.dir.path().join("inbox");
+    std::fs::create_dir(&inbox).unwrap();
+    let receiver = setup.spawn(&setup.args("recv", false, &["--dir", path_str(&inbox)]));
+    let sent = ok_with_key(
+        &setup.args("send", true, &[path_str(&file)]),
+        &setup.api_key,
+    );
+    let received = receiver.wait_with_output().unwrap();
+    assert!(received.status.success(), "{}", text(&received.stderr));
+    assert_eq!(std::fs::read(inbox.join("big.bin")).unwrap(), content);
+    println!("sender:\n{sent}\nreceiver:\n{}", text(&received.stdout));
+}
