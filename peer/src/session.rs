@@ -487,7 +487,8 @@ impl Session {
         &self.known
     }
 
-    /// The local address of the socket the session connected from (a rebind changes it).
+    /// The local address of the socket the session connected from; after a rebind the session
+    /// sends from another socket, which this does not follow.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }

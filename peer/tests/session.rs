@@ -387,7 +387,7 @@ async fn throughput_of_1400_byte_messages_through_a_relay() {
     let period = Duration::from_secs(5);
     let setup = Setup::start(
         "",
-        "default_session_rate = 125000000\nmax_session_rate = 125000000",
+        "default_session_rate = 1000000000\nmax_session_rate = 1000000000",
     );
     let (alice, bob) = (new_key(), new_key());
     let (ga, gb) = setup.grants(&alice, &bob).await;
