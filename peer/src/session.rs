@@ -12,9 +12,12 @@
 //! - **renewal**: when [`BindClient::renew_due`](crate::bind::BindClient::renew_due) says (two
 //!   thirds into the token's life), a fresh token from the [`Renewer`] (the gateway's
 //!   `POST /v1/sessions/renew`) and a renewal BIND; a failed request is retried with back-off;
-//! - **recovery**: when the relay ends the binding (a CLOSE `EXPIRED` or `IDLE`), KEEPALIVEs go
-//!   unanswered (a relay restart), a REBIND meets `UNKNOWN_SESSION`, or a REBIND goes
-//!   unanswered, a fresh token from the [`Renewer`] and a first BIND with it; the Noise session
+//! - **lost binding**: when KEEPALIVEs go unanswered, first a REBIND from the same socket
+//!   (which heals a NAT rebinding or a changed local address while the relay still holds the
+//!   binding);
+//! - **recovery**: when the relay ends the binding (a CLOSE `EXPIRED` or `IDLE`), or that REBIND
+//!   meets `UNKNOWN_SESSION` (a relay restart), goes unanswered for the bind timeout (30 s) or
+//!   is refused, a fresh token from the [`Renewer`] and a first BIND with it; the Noise session
 //!   is kept (docs/protocol.md §3.1, *Recovery*). Attempts are retried with back-off for
 //!   [`Timeouts::recovery`], then the session ends;
 //! - **rebind**: when sending fails because the local address went away (`EADDRNOTAVAIL`,

@@ -559,6 +559,20 @@ impl Driver {
         }
     }
 
+    /// KEEPALIVEs went unanswered. Perhaps only the path changed (a NAT rebinding, a new
+    /// local address behind the same socket) and the relay still holds the binding at the old
+    /// address: try a REBIND from here first. A relay that lost the binding answers it with
+    /// `UNKNOWN_SESSION`, one that stays silent lets it time out; both lead to recovery.
+    async fn unanswered(&mut self, at: Instant) {
+        match self.bind.rebind(at, &mut self.out) {
+            Ok(n) => {
+                self.rebinding = true;
+                self.send_raw(n).await;
+            }
+            Err(_) => self.lost(at, "KEEPALIVEs went unanswered".into()),
+        }
+    }
+
     /// The binding is gone: recover it with a fresh token, or end the session when there is
     /// no renewer.
     fn lost(&mut self, at: Instant, why: String) {
@@ -699,10 +713,7 @@ impl Driver {
                     self.send_raw(n).await;
                 }
                 BindEvent::Lost => {
-                    self.lost(
-                        at,
-                        "KEEPALIVEs went unanswered (the relay lost the binding)".into(),
-                    );
+                    self.unanswered(at).await;
                     break;
                 }
                 _ => break,

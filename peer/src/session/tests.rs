@@ -194,6 +194,17 @@ fn serve(state: &mut RelayState, datagram: &[u8], from: SocketAddr) -> Vec<(Vec<
                 let ack = bind_ack(state, slot, &keys, rebind.bind_seq());
                 state.bound[slot_index(slot)] = Some((from, keys, rebind.bind_seq()));
                 replies.push((ack, from));
+            } else {
+                // What a relay says to a REBIND for a slot it does not hold.
+                let fields = wire::RejectFields {
+                    reason: wire::RejectReason::UnknownSession,
+                    slot,
+                    bind_seq: rebind.bind_seq(),
+                };
+                let mut out = vec![0u8; MAX_DATAGRAM];
+                let n = wire::encode_reject_unauthenticated(&mut out, SESSION, &fields).unwrap();
+                out.truncate(n);
+                replies.push((out, from));
             }
         }
         Ok(Packet::Keepalive(_))
@@ -505,4 +516,21 @@ async fn a_bind_refused_only_by_hints_times_out_with_the_relays_reason() {
         ),
         "{err}"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_changed_path_is_healed_with_a_rebind_without_the_gateway() {
+    let relay = FakeRelay::start().await;
+    let (a, b) = pair(&relay, None).await;
+    assert!(gets_through(&a, &b, Duration::from_secs(5)).await);
+    // A's NAT maps it to another port: the relay holds A at an address A no longer has, so
+    // it forwards nothing to A and echoes none of its KEEPALIVEs.
+    if let Some((addr, _, _)) = relay.state.lock().unwrap().bound[0].as_mut() {
+        addr.set_port(addr.port() ^ 0x4000);
+    }
+    assert!(gets_through(&a, &b, Duration::from_secs(30)).await);
+    assert!(gets_through(&b, &a, Duration::from_secs(5)).await);
+    let stats = a.stats();
+    assert_eq!((stats.rebinds, stats.recoveries), (1, 0), "{stats}");
+    assert!(a.end_reason().is_none(), "no gateway was needed");
 }
