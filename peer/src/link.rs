@@ -29,6 +29,17 @@ pub enum LinkError {
     },
 }
 
+impl LinkError {
+    /// `Ok` when `message` fits a link whose largest message is `max`, else
+    /// [`LinkError::TooLong`]: the check every [`DatagramLink::send`] makes first.
+    pub fn check_len(message: &[u8], max: usize) -> Result<(), LinkError> {
+        match message.len() {
+            len if len > max => Err(LinkError::TooLong { len, max }),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// An unreliable, unordered, end-to-end encrypted message link to one other peer.
 ///
 /// Both methods take `&self`, so one task may wait in [`recv`](Self::recv) while another
@@ -189,12 +200,7 @@ impl DatagramLink for MemoryLink {
     }
 
     async fn send(&self, message: &[u8]) -> Result<(), LinkError> {
-        if message.len() > MEMORY_LINK_MAX_PAYLOAD {
-            return Err(LinkError::TooLong {
-                len: message.len(),
-                max: MEMORY_LINK_MAX_PAYLOAD,
-            });
-        }
+        LinkError::check_len(message, MEMORY_LINK_MAX_PAYLOAD)?;
         self.tx
             .send(message.to_vec())
             .await
@@ -238,12 +244,7 @@ impl DatagramLink for UdpLink {
     }
 
     async fn send(&self, message: &[u8]) -> Result<(), LinkError> {
-        if message.len() > MEMORY_LINK_MAX_PAYLOAD {
-            return Err(LinkError::TooLong {
-                len: message.len(),
-                max: MEMORY_LINK_MAX_PAYLOAD,
-            });
-        }
+        LinkError::check_len(message, MEMORY_LINK_MAX_PAYLOAD)?;
         match self.socket.send(message).await {
             // Like a relay session, the link may lose a message; it does not fail for it.
             Ok(_) => Ok(()),

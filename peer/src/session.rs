@@ -538,12 +538,7 @@ impl DatagramLink for Session {
     }
 
     async fn send(&self, message: &[u8]) -> Result<(), LinkError> {
-        if message.len() > MAX_PLAINTEXT {
-            return Err(LinkError::TooLong {
-                len: message.len(),
-                max: MAX_PLAINTEXT,
-            });
-        }
+        LinkError::check_len(message, MAX_PLAINTEXT)?;
         self.outgoing
             .send(message.to_vec())
             .await

@@ -194,100 +194,73 @@ fn session_help_says(help: &str) {
     }
 }
 
+/// Runs `ferry-peer tunnel --grant GRANT --identity KEY EXTRA…` without an API key in the
+/// environment; returns its exit code and stderr.
+fn tunnel_with(grant: &Path, key: &Path, extra: &[&str]) -> (Option<i32>, String) {
+    let mut args = vec![
+        "tunnel",
+        "--grant",
+        path_str(grant),
+        "--identity",
+        path_str(key),
+    ];
+    args.extend_from_slice(extra);
+    let out = run_without_key(&args);
+    (out.status.code(), text(&out.stderr))
+}
+
 #[test]
 fn session_commands_fail_with_one_clear_line_on_bad_input() {
     let dir = scratch("session-errors");
     let (grant, key) = grant_and_key(dir.path());
+    let listen = ["--listen", "127.0.0.1:0"];
+    // Exit status 1 and one line naming what is wrong: no grant file, a key file that cannot
+    // be read, gateway arguments but no API key (neither by file nor in the environment).
     let missing = dir.path().join("nope.grant");
-
-    // No grant file.
-    let out = run_without_key(&[
-        "tunnel",
-        "--grant",
-        path_str(&missing),
-        "--identity",
-        path_str(&key),
-        "--listen",
-        "127.0.0.1:0",
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = text(&out.stderr);
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(
-        err.contains("reading the grant") && err.contains("nope.grant"),
-        "{err}"
-    );
-
-    // A key file that cannot be read.
-    let out = run_without_key(&[
-        "tunnel",
-        "--grant",
-        path_str(&grant),
-        "--identity",
-        path_str(&dir.path().join("no.key")),
-        "--listen",
-        "127.0.0.1:0",
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = text(&out.stderr);
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(
-        err.contains("reading the identity") && err.contains("no.key"),
-        "{err}"
-    );
-
-    // Gateway arguments but no API key, neither by file nor in the environment.
-    let out = run_without_key(&[
-        "tunnel",
-        "--grant",
-        path_str(&grant),
-        "--identity",
-        path_str(&key),
+    let no_key = dir.path().join("no.key");
+    let with_gateway = [
         "--gateway",
         "https://localhost:1",
         "--ca",
         path_str(&grant),
         "--listen",
         "127.0.0.1:0",
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = text(&out.stderr);
-    assert!(
-        err.contains("no API key: give --api-key-file FILE or set the FERRY_API_KEY"),
-        "{err}"
-    );
-
-    // --ca without --gateway, and neither --listen nor --connect: usage errors.
-    let out = run_without_key(&[
-        "tunnel",
-        "--grant",
-        path_str(&grant),
-        "--identity",
-        path_str(&key),
-        "--ca",
-        path_str(&grant),
-        "--listen",
-        "127.0.0.1:0",
-    ]);
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("--gateway"),
-        "{}",
-        text(&out.stderr)
-    );
-    let out = run_without_key(&[
-        "tunnel",
-        "--grant",
-        path_str(&grant),
-        "--identity",
-        path_str(&key),
-    ]);
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("--listen"),
-        "{}",
-        text(&out.stderr)
-    );
+    ];
+    let cases: [(&Path, &Path, &[&str], &[&str]); 3] = [
+        (
+            &missing,
+            &key,
+            &listen,
+            &["reading the grant", "nope.grant"],
+        ),
+        (
+            &grant,
+            &no_key,
+            &listen,
+            &["reading the identity", "no.key"],
+        ),
+        (
+            &grant,
+            &key,
+            &with_gateway,
+            &["no API key: give --api-key-file FILE or set the FERRY_API_KEY"],
+        ),
+    ];
+    for (grant, key, extra, needles) in cases {
+        let (code, err) = tunnel_with(grant, key, extra);
+        assert_eq!(code, Some(1), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        for needle in needles {
+            assert!(err.contains(needle), "{needle:?} missing from {err}");
+        }
+    }
+    // Usage errors: --ca without --gateway, and neither --listen nor --connect.
+    let ca_only = ["--ca", path_str(&grant), "--listen", "127.0.0.1:0"];
+    for (extra, needle) in [(&ca_only[..], "--gateway"), (&[][..], "--listen")] {
+        let (code, err) = tunnel_with(&grant, &key, extra);
+        assert_ne!(code, Some(0), "{err}");
+        assert!(err.contains(needle), "{needle:?} missing from {err}");
+    }
 }
 
 #[test]
