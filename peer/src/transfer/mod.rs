@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use quinn_proto::{Dir, Endpoint, Event, ReadError, StreamEvent, StreamId, WriteError};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -301,13 +301,12 @@ async fn run_sender<L: DatagramLink>(
                     .send_stream(id)
                     .write_chunks(std::slice::from_mut(front))
                 {
+                    // A partial write filled the window; the next write returns `Blocked`,
+                    // which is what makes quinn report `Writable` once there is room again.
                     Ok(w) => {
                         written += w.bytes as u64;
                         if front.is_empty() {
                             pending.pop_front();
-                        } else {
-                            blocked = true;
-                            break;
                         }
                     }
                     Err(WriteError::Blocked) => {
@@ -482,7 +481,9 @@ struct Receiver {
     file: Option<PartialFile>,
     writer: Option<mpsc::Sender<Bytes>>,
     writer_task: Option<JoinHandle<Result<[u8; HASH_LEN], TransferError>>>,
-    /// Content read from QUIC that the writer has no room for yet.
+    /// Content read from QUIC, gathered into a chunk for the writer.
+    batch: BytesMut,
+    /// Chunks the writer has no room for yet.
     to_writer: VecDeque<Bytes>,
     handed: u64,
     /// The sender's hash, once read.
@@ -672,8 +673,20 @@ fn take_inbound(
             r.writer_task = Some(task);
             r.header = Some((name, size));
         }
-        Inbound::Content(bytes) => r.to_writer.push_back(bytes),
-        Inbound::Hash(hash) => r.sent_hash = Some(hash),
+        // QUIC hands content over a packet at a time; the writer gets it in large chunks, so
+        // that a chunk costs one wake-up and one write, not one per packet.
+        Inbound::Content(bytes) => {
+            r.batch.extend_from_slice(&bytes);
+            if r.batch.len() >= files::CHUNK {
+                r.to_writer.push_back(r.batch.split().freeze());
+            }
+        }
+        Inbound::Hash(hash) => {
+            if !r.batch.is_empty() {
+                r.to_writer.push_back(r.batch.split().freeze());
+            }
+            r.sent_hash = Some(hash);
+        }
     }
     Ok(())
 }
