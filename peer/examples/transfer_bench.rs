@@ -2,10 +2,10 @@
 //! link, against the link's ceiling: the same link blasted with unreliable messages.
 //!
 //! ```text
-//! cargo run --release -p ferry-peer --example transfer_bench -- [MIB] [cubic|newreno|bbr] [WINDOW_MIB]
+//! cargo run --release -p ferry-peer --example transfer_bench -- [MIB] [bbr|cubic|newreno] [WINDOW_MIB]
 //! ```
 //!
-//! Defaults: 64 MiB, CUBIC, the default window. Each row is one run in this process, on a
+//! Defaults: 64 MiB, BBR, the default window. Each row is one run in this process, on a
 //! two-thread tokio runtime: the link's blast, then transfers with no impairment, with 5 %
 //! loss, and with 5 % loss, 5 % reordering and 2 ms of delay each way. CPU is the process's
 //! user + system time (both peers, the link's carrier tasks, the file threads) per MiB moved.
@@ -122,9 +122,9 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mib: u64 = args.first().map_or(Ok(64), |s| s.parse())?;
     let congestion = match args.get(1).map(String::as_str) {
-        None | Some("cubic") => Congestion::Cubic,
+        None | Some("bbr") => Congestion::Bbr,
+        Some("cubic") => Congestion::Cubic,
         Some("newreno") => Congestion::NewReno,
-        Some("bbr") => Congestion::Bbr,
         Some(other) => bail!("unknown congestion controller {other:?}"),
     };
     let mut options = TransferOptions {

@@ -47,14 +47,16 @@ use wire::{HASH_LEN, Inbound, InboundParser, Verdict, close};
 /// The congestion controller QUIC runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Congestion {
-    /// CUBIC (RFC 9438), quinn-proto's default; backs off on every loss.
+    /// BBR (quinn-proto's implementation, which it calls experimental), the default: paces at
+    /// the measured bottleneck rate and does not take random loss for congestion. Measured over
+    /// an in-memory link with 5 % random loss: about 45 MiB/s, against 2.3 MiB/s for CUBIC.
     #[default]
+    Bbr,
+    /// CUBIC (RFC 9438), quinn-proto's own default; halves its window on every loss, which on
+    /// a path with random loss keeps it slow.
     Cubic,
     /// NewReno (RFC 9002's reference controller).
     NewReno,
-    /// BBR (quinn-proto's implementation, which it calls experimental): paces at the measured
-    /// bottleneck rate and does not treat random loss as congestion.
-    Bbr,
 }
 
 /// How a transfer runs. [`Default`] suits a relay over the internet.
@@ -71,7 +73,7 @@ pub struct TransferOptions {
     /// receiver at once, which caps throughput at `window / round-trip time`. Default 16 MiB
     /// (about 670 Mbit/s at a 200 ms round trip).
     pub window: u64,
-    /// The congestion controller. Default [`Congestion::Cubic`].
+    /// The congestion controller. Default [`Congestion::Bbr`].
     pub congestion: Congestion,
 }
 
@@ -454,7 +456,10 @@ pub async fn receive_file<L: DatagramLink>(
     );
     let mut driver = Driver::accept(link, endpoint, server, options.accept_timeout).await?;
     let started = Instant::now();
-    let mut receiver = Receiver::default();
+    let mut receiver = Receiver {
+        more_to_read: true,
+        ..Receiver::default()
+    };
     let outcome = run_receiver(&mut driver, &mut receiver, dir, progress, options).await;
     match outcome {
         Ok((path, hash)) => {
@@ -489,6 +494,9 @@ struct Receiver {
     /// The sender's hash, once read.
     sent_hash: Option<[u8; HASH_LEN]>,
     stream_ended: bool,
+    /// The stream may hold data not read yet: false only after a read found it drained and
+    /// before anything new came in.
+    more_to_read: bool,
     /// The outcome, once the verdict is written: waiting for the sender to acknowledge it.
     outcome: Option<Result<(PathBuf, [u8; HASH_LEN]), TransferError>>,
     /// The sender acknowledged everything on the stream, the verdict included.
@@ -499,6 +507,8 @@ struct Receiver {
 enum FileWake {
     /// The writer has room again.
     WriterReady,
+    /// The stream had more data than one turn reads.
+    ReadMore,
     /// The writer wrote and synced everything: its hash, or why it failed.
     WriterDone(Result<[u8; HASH_LEN], TransferError>),
 }
@@ -549,8 +559,10 @@ async fn receiver_turn<L: DatagramLink>(
             _ => {}
         }
     }
+    feed_writer(r, progress)?;
     if let Some(id) = r.stream
         && r.to_writer.is_empty()
+        && r.more_to_read
         && !r.stream_ended
     {
         let mut found = Vec::new();
@@ -574,9 +586,13 @@ async fn receiver_turn<L: DatagramLink>(
                         failure = Some(TransferError::Protocol(e));
                     }
                     r.stream_ended = true;
+                    r.more_to_read = false;
                     break;
                 }
-                Err(ReadError::Blocked) => break,
+                Err(ReadError::Blocked) => {
+                    r.more_to_read = false;
+                    break;
+                }
                 Err(ReadError::Reset(code)) => {
                     failure = Some(TransferError::PeerAborted(format!(
                         "the sender reset the stream (code {code})"
@@ -606,8 +622,12 @@ async fn receiver_turn<L: DatagramLink>(
         None
     };
     let writer = r.writer.as_ref();
+    let more_to_read =
+        r.more_to_read && r.stream.is_some() && !r.stream_ended && r.to_writer.is_empty();
     let file_work = async {
         match (want_room, writer, writer_task) {
+            // No packet may come to wake the loop for data QUIC already holds.
+            _ if more_to_read => FileWake::ReadMore,
             (true, Some(writer), _) => {
                 let _ = writer.reserve().await;
                 FileWake::WriterReady
@@ -619,7 +639,8 @@ async fn receiver_turn<L: DatagramLink>(
         }
     };
     match driver.wait(file_work).await? {
-        Wake::Network | Wake::App(FileWake::WriterReady) => {}
+        Wake::Network => r.more_to_read = true,
+        Wake::App(FileWake::WriterReady | FileWake::ReadMore) => {}
         Wake::App(FileWake::WriterDone(result)) => {
             r.writer_task = None;
             let computed = result?;
