@@ -528,12 +528,11 @@ async fn run_receiver<L: DatagramLink>(
 ) -> Result<(PathBuf, [u8; HASH_LEN]), TransferError> {
     loop {
         let turn = receiver_turn(driver, r, dir, progress, options).await;
-        if r.outcome.is_some() && (r.verdict_acknowledged || turn.is_err()) {
-            // Once the verdict is out the file's fate is decided, whatever the link does next.
-            return r
-                .outcome
-                .take()
-                .unwrap_or_else(|| Err(TransferError::Setup("the outcome vanished".into())));
+        // Once the verdict is out the file's fate is decided, whatever the link does next.
+        if (r.verdict_acknowledged || turn.is_err())
+            && let Some(outcome) = r.outcome.take()
+        {
+            return outcome;
         }
         turn?;
     }
