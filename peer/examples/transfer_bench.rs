@@ -7,7 +7,8 @@
 //!
 //! Defaults: 64 MiB, BBR, the default window. Each row is one run in this process, on a
 //! two-thread tokio runtime: the link's blast, then transfers with no impairment, with 5 %
-//! loss, and with 5 % loss, 5 % reordering and 2 ms of delay each way. CPU is the process's
+//! loss, with 5 % loss, 5 % reordering and 2 ms of delay each way, and with 20 ms of delay
+//! each way (where the window matters: at most one window per round trip). CPU is the process's
 //! user + system time (both peers, the link's carrier tasks, the file threads) per MiB moved.
 
 use std::path::Path;
@@ -176,6 +177,13 @@ fn main() -> anyhow::Result<()> {
             seed: 4,
         };
         transfer("transfer, 5% loss+reord+2ms", &file, rough, &options)
+            .await?
+            .print();
+        let far = Impairment {
+            delay: Duration::from_millis(20),
+            ..Impairment::NONE
+        };
+        transfer("transfer, 20 ms each way", &file, far, &options)
             .await?
             .print();
         anyhow::Ok(())
