@@ -160,7 +160,7 @@ pub(crate) fn spawn_writer(
     mpsc::Sender<Bytes>,
     JoinHandle<Result<[u8; HASH_LEN], TransferError>>,
 ) {
-    let (tx, mut rx) = mpsc::channel::<Bytes>(CHUNKS_QUEUED * 16);
+    let (tx, mut rx) = mpsc::channel::<Bytes>(CHUNKS_QUEUED);
     let task = tokio::task::spawn_blocking(move || {
         let io_error = |source| TransferError::Io {
             action: "writing",

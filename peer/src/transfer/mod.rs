@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use quinn_proto::{Dir, Endpoint, Event, ReadError, StreamEvent, StreamId, WriteError};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -47,14 +47,16 @@ use wire::{HASH_LEN, Inbound, InboundParser, Verdict, close};
 /// The congestion controller QUIC runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Congestion {
-    /// CUBIC (RFC 9438), quinn-proto's default; backs off on every loss.
+    /// BBR (quinn-proto's implementation, which it calls experimental), the default: paces at
+    /// the measured bottleneck rate and does not take random loss for congestion. Measured over
+    /// an in-memory link with 5 % random loss: about 45 MiB/s, against 2.3 MiB/s for CUBIC.
     #[default]
+    Bbr,
+    /// CUBIC (RFC 9438), quinn-proto's own default; halves its window on every loss, which on
+    /// a path with random loss keeps it slow.
     Cubic,
     /// NewReno (RFC 9002's reference controller).
     NewReno,
-    /// BBR (quinn-proto's implementation, which it calls experimental): paces at the measured
-    /// bottleneck rate and does not treat random loss as congestion.
-    Bbr,
 }
 
 /// How a transfer runs. [`Default`] suits a relay over the internet.
@@ -71,7 +73,7 @@ pub struct TransferOptions {
     /// receiver at once, which caps throughput at `window / round-trip time`. Default 16 MiB
     /// (about 670 Mbit/s at a 200 ms round trip).
     pub window: u64,
-    /// The congestion controller. Default [`Congestion::Cubic`].
+    /// The congestion controller. Default [`Congestion::Bbr`].
     pub congestion: Congestion,
 }
 
@@ -301,13 +303,12 @@ async fn run_sender<L: DatagramLink>(
                     .send_stream(id)
                     .write_chunks(std::slice::from_mut(front))
                 {
+                    // A partial write filled the window; the next write returns `Blocked`,
+                    // which is what makes quinn report `Writable` once there is room again.
                     Ok(w) => {
                         written += w.bytes as u64;
                         if front.is_empty() {
                             pending.pop_front();
-                        } else {
-                            blocked = true;
-                            break;
                         }
                     }
                     Err(WriteError::Blocked) => {
@@ -455,7 +456,10 @@ pub async fn receive_file<L: DatagramLink>(
     );
     let mut driver = Driver::accept(link, endpoint, server, options.accept_timeout).await?;
     let started = Instant::now();
-    let mut receiver = Receiver::default();
+    let mut receiver = Receiver {
+        more_to_read: true,
+        ..Receiver::default()
+    };
     let outcome = run_receiver(&mut driver, &mut receiver, dir, progress, options).await;
     match outcome {
         Ok((path, hash)) => {
@@ -482,12 +486,17 @@ struct Receiver {
     file: Option<PartialFile>,
     writer: Option<mpsc::Sender<Bytes>>,
     writer_task: Option<JoinHandle<Result<[u8; HASH_LEN], TransferError>>>,
-    /// Content read from QUIC that the writer has no room for yet.
+    /// Content read from QUIC, gathered into a chunk for the writer.
+    batch: BytesMut,
+    /// Chunks the writer has no room for yet.
     to_writer: VecDeque<Bytes>,
     handed: u64,
     /// The sender's hash, once read.
     sent_hash: Option<[u8; HASH_LEN]>,
     stream_ended: bool,
+    /// The stream may hold data not read yet: false only after a read found it drained and
+    /// before anything new came in.
+    more_to_read: bool,
     /// The outcome, once the verdict is written: waiting for the sender to acknowledge it.
     outcome: Option<Result<(PathBuf, [u8; HASH_LEN]), TransferError>>,
     /// The sender acknowledged everything on the stream, the verdict included.
@@ -498,6 +507,8 @@ struct Receiver {
 enum FileWake {
     /// The writer has room again.
     WriterReady,
+    /// The stream had more data than one turn reads.
+    ReadMore,
     /// The writer wrote and synced everything: its hash, or why it failed.
     WriterDone(Result<[u8; HASH_LEN], TransferError>),
 }
@@ -517,12 +528,11 @@ async fn run_receiver<L: DatagramLink>(
 ) -> Result<(PathBuf, [u8; HASH_LEN]), TransferError> {
     loop {
         let turn = receiver_turn(driver, r, dir, progress, options).await;
-        if r.outcome.is_some() && (r.verdict_acknowledged || turn.is_err()) {
-            // Once the verdict is out the file's fate is decided, whatever the link does next.
-            return r
-                .outcome
-                .take()
-                .unwrap_or_else(|| Err(TransferError::Setup("the outcome vanished".into())));
+        // Once the verdict is out the file's fate is decided, whatever the link does next.
+        if (r.verdict_acknowledged || turn.is_err())
+            && let Some(outcome) = r.outcome.take()
+        {
+            return outcome;
         }
         turn?;
     }
@@ -548,8 +558,10 @@ async fn receiver_turn<L: DatagramLink>(
             _ => {}
         }
     }
+    feed_writer(r, progress)?;
     if let Some(id) = r.stream
         && r.to_writer.is_empty()
+        && r.more_to_read
         && !r.stream_ended
     {
         let mut found = Vec::new();
@@ -573,9 +585,13 @@ async fn receiver_turn<L: DatagramLink>(
                         failure = Some(TransferError::Protocol(e));
                     }
                     r.stream_ended = true;
+                    r.more_to_read = false;
                     break;
                 }
-                Err(ReadError::Blocked) => break,
+                Err(ReadError::Blocked) => {
+                    r.more_to_read = false;
+                    break;
+                }
                 Err(ReadError::Reset(code)) => {
                     failure = Some(TransferError::PeerAborted(format!(
                         "the sender reset the stream (code {code})"
@@ -605,8 +621,12 @@ async fn receiver_turn<L: DatagramLink>(
         None
     };
     let writer = r.writer.as_ref();
+    let more_to_read =
+        r.more_to_read && r.stream.is_some() && !r.stream_ended && r.to_writer.is_empty();
     let file_work = async {
         match (want_room, writer, writer_task) {
+            // No packet may come to wake the loop for data QUIC already holds.
+            _ if more_to_read => FileWake::ReadMore,
             (true, Some(writer), _) => {
                 let _ = writer.reserve().await;
                 FileWake::WriterReady
@@ -618,7 +638,8 @@ async fn receiver_turn<L: DatagramLink>(
         }
     };
     match driver.wait(file_work).await? {
-        Wake::Network | Wake::App(FileWake::WriterReady) => {}
+        Wake::Network => r.more_to_read = true,
+        Wake::App(FileWake::WriterReady | FileWake::ReadMore) => {}
         Wake::App(FileWake::WriterDone(result)) => {
             r.writer_task = None;
             let computed = result?;
@@ -672,8 +693,20 @@ fn take_inbound(
             r.writer_task = Some(task);
             r.header = Some((name, size));
         }
-        Inbound::Content(bytes) => r.to_writer.push_back(bytes),
-        Inbound::Hash(hash) => r.sent_hash = Some(hash),
+        // QUIC hands content over a packet at a time; the writer gets it in large chunks, so
+        // that a chunk costs one wake-up and one write, not one per packet.
+        Inbound::Content(bytes) => {
+            r.batch.extend_from_slice(&bytes);
+            if r.batch.len() >= files::CHUNK {
+                r.to_writer.push_back(r.batch.split().freeze());
+            }
+        }
+        Inbound::Hash(hash) => {
+            if !r.batch.is_empty() {
+                r.to_writer.push_back(r.batch.split().freeze());
+            }
+            r.sent_hash = Some(hash);
+        }
     }
     Ok(())
 }

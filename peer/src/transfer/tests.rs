@@ -351,3 +351,27 @@ async fn a_link_too_small_for_quic_is_refused() {
         .expect_err("too small");
     assert!(matches!(err, TransferError::LinkTooSmall(1000)), "{err:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_larger_than_the_window_never_waits_for_a_keep_alive() {
+    // Both loops must act on data QUIC already holds without a new packet to wake them: a
+    // window smaller than the file makes the sender block and resume, and the receiver read
+    // in several turns. With keep-alives 40 s apart, a loop that waited for the next packet
+    // would stall far past the guard below (a liveness bound, not a speed figure).
+    let options = TransferOptions {
+        idle_timeout: Duration::from_secs(120),
+        window: 4 << 20,
+        ..quick()
+    };
+    let (a, b) = memory_pair(Impairment::NONE);
+    let data = content(6 << 20, 8);
+    let (_src, path) = source("windowed", &data);
+    let dest = tempfile::tempdir().expect("tempdir");
+    let run = run_pair(a, b, &path, dest.path(), options.clone(), options);
+    let (sent, received) = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the transfer stalled");
+    sent.expect("send");
+    received.expect("receive");
+    assert!(std::fs::read(dest.path().join("windowed")).expect("read") == data);
+}
