@@ -10,10 +10,12 @@
 //!   join with a join code, renew a slot; its [`gateway::Grant`] holds what binding needs.
 //! - [`link::DatagramLink`] is what the file transfer and the tunnel need from a session: an
 //!   unreliable message link to the other peer ([`link::memory_pair`] for tests).
-//! - [`udp::UdpPeer`] drives both over a blocking `std::net::UdpSocket`, for the CLI and tests.
+//! - [`tunnel`] carries a local UDP application's datagrams over a link, both ways.
+//! - [`udp::UdpPeer`] drives a bind client and a channel over a blocking `std::net::UdpSocket`, for the CLI and tests.
 
 pub mod bind;
 pub mod channel;
 pub mod gateway;
 pub mod link;
+pub mod tunnel;
 pub mod udp;

@@ -4,7 +4,8 @@
 //! no promise of delivery or order: exactly what DATA through a relay gives.
 //!
 //! [`memory_pair`] is a link in memory between two ends, with optional loss, reordering and
-//! delay, for tests of what runs on top.
+//! delay, for tests of what runs on top. [`UdpLink`] is plain UDP straight to the other end,
+//! with no relay and no encryption: the baseline that measurements of a session compare with.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -210,6 +211,73 @@ impl DatagramLink for MemoryLink {
     }
 }
 
+/// A link over a plain UDP socket straight to the other end: no relay, no Noise, nothing
+/// encrypted or authenticated. It exists to measure what a session through a relay costs
+/// against the direct path (the same application on both); never carry user data on it.
+#[derive(Debug)]
+pub struct UdpLink {
+    socket: tokio::net::UdpSocket,
+}
+
+impl UdpLink {
+    /// A link from `socket` to `peer` (the socket is connected to it, so only `peer`'s
+    /// datagrams are received).
+    pub async fn connect(
+        socket: tokio::net::UdpSocket,
+        peer: std::net::SocketAddr,
+    ) -> std::io::Result<Self> {
+        socket.connect(peer).await?;
+        Ok(Self { socket })
+    }
+}
+
+impl DatagramLink for UdpLink {
+    /// The same maximum as a session through a relay, so that both carry the same messages.
+    fn max_payload(&self) -> usize {
+        MEMORY_LINK_MAX_PAYLOAD
+    }
+
+    async fn send(&self, message: &[u8]) -> Result<(), LinkError> {
+        if message.len() > MEMORY_LINK_MAX_PAYLOAD {
+            return Err(LinkError::TooLong {
+                len: message.len(),
+                max: MEMORY_LINK_MAX_PAYLOAD,
+            });
+        }
+        match self.socket.send(message).await {
+            // Like a relay session, the link may lose a message; it does not fail for it.
+            Ok(_) => Ok(()),
+            Err(e) if is_transient(&e) => Ok(()),
+            Err(e) => Err(LinkError::Closed(format!("UDP send failed: {e}"))),
+        }
+    }
+
+    async fn recv(&self) -> Result<Vec<u8>, LinkError> {
+        let mut buf = vec![0u8; MEMORY_LINK_MAX_PAYLOAD + 1];
+        loop {
+            match self.socket.recv(&mut buf).await {
+                Ok(n) if n <= MEMORY_LINK_MAX_PAYLOAD => {
+                    buf.truncate(n);
+                    return Ok(buf);
+                }
+                // Longer than any message: not from the other end of this link.
+                Ok(_) => continue,
+                Err(e) if is_transient(&e) => continue,
+                Err(e) => return Err(LinkError::Closed(format!("UDP receive failed: {e}"))),
+            }
+        }
+    }
+}
+
+/// Errors of a UDP socket that lose one datagram rather than end the link: the other end's
+/// port not (yet) open, a full queue.
+fn is_transient(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::WouldBlock
+    ) || e.raw_os_error() == Some(libc::ENOBUFS)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,5 +342,29 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert!(refused, "sends to a dropped end were accepted");
+    }
+
+    #[tokio::test]
+    async fn a_udp_link_carries_messages_both_ways_and_survives_a_closed_port() {
+        let a = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let b = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let (a_addr, b_addr) = (a.local_addr().expect("addr"), b.local_addr().expect("addr"));
+        let a = UdpLink::connect(a, b_addr).await.expect("connect");
+        let b = UdpLink::connect(b, a_addr).await.expect("connect");
+        a.send(b"ping").await.expect("send");
+        assert_eq!(b.recv().await.expect("recv"), b"ping");
+        b.send(b"pong").await.expect("send");
+        assert_eq!(a.recv().await.expect("recv"), b"pong");
+        drop(b);
+        // The other end's port is closed now: sends lose their message but do not fail.
+        for _ in 0..3 {
+            a.send(b"anyone?")
+                .await
+                .expect("a lost message is not an error");
+        }
     }
 }
