@@ -13,7 +13,7 @@
 //!    else can make.
 //! 2. [`SessionTable::handle`]: what needs the table. Replays, slot occupancy, the session cap,
 //!    binding, forwarding. It charges slots to a [`SlotAccounts`] the caller passes in, and
-//!    queues a [`SessionEvent`] whenever a session appears or goes, for the caller to hand on
+//!    queues a [`SessionEvent`] whenever a session appears, its bound addresses change, or it goes, for the caller to hand on
 //!    ([`SessionTable::take_events`]), like commands for an IO layer.
 //!
 //! [`crate::shards::Sessions`] runs the first half before it locks a shard and the second under
@@ -380,6 +380,14 @@ struct Session {
 }
 
 impl Session {
+    /// The event telling the guard where session `id`'s slots are bound now.
+    fn bound_event(&self, id: u64) -> SessionEvent {
+        SessionEvent::Bound {
+            session: id,
+            slots: [0, 1].map(|i| self.slots[i].as_ref().map(|b| b.addr)),
+        }
+    }
+
     /// The slot bound at `addr`. A session never has both slots at one address (a BIND or
     /// REBIND that would do it is refused), so the answer is unambiguous.
     fn slot_of(&self, addr: SocketAddr) -> Option<usize> {
@@ -411,17 +419,34 @@ pub struct SessionTable {
     replay: TokenReplayCache,
     sessions: HashMap<u64, Session>,
     counters: Counters,
-    /// Sessions opened and forgotten since the last [`SessionTable::take_events`].
+    /// Sessions opened, moved and forgotten since the last [`SessionTable::take_events`].
     events: Vec<SessionEvent>,
 }
 
-/// A session appearing in or leaving the table: what the XDP guard's session filter follows.
+/// A session appearing, changing or leaving the table: what the XDP guard's session filter
+/// follows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SessionEvent {
-    /// The first slot of this session bound.
-    Opened(u64),
+    /// The session's slots (A, B) are bound to these addresses now: after a BIND or REBIND was
+    /// accepted, or after one slot was reaped while the other stays. A session's first `Bound`
+    /// opens it.
+    Bound {
+        /// The session id.
+        session: u64,
+        /// Where slot A and slot B are bound, if they are.
+        slots: [Option<SocketAddr>; 2],
+    },
     /// The session was closed or reaped, and is forgotten.
     Closed(u64),
+}
+
+impl SessionEvent {
+    /// The session the event is about.
+    pub fn session(&self) -> u64 {
+        match *self {
+            SessionEvent::Bound { session, .. } | SessionEvent::Closed(session) => session,
+        }
+    }
 }
 
 impl std::fmt::Debug for SessionTable {
@@ -601,6 +626,7 @@ impl SessionTable {
         let events = &mut self.events;
         let counters = &mut self.counters;
         self.sessions.retain(|&sid, session| {
+            let reaped_before = reaped;
             for (slot, index) in session.slots.iter_mut().zip([Slot::A, Slot::B]) {
                 let reason = slot.as_ref().and_then(|b| {
                     if wall >= b.expires.saturating_add(skew) {
@@ -627,6 +653,8 @@ impl SessionTable {
             if !keep {
                 gone += 1;
                 events.push(SessionEvent::Closed(sid));
+            } else if reaped > reaped_before {
+                events.push(session.bound_event(sid));
             }
             keep
         });
@@ -836,10 +864,9 @@ impl SessionTable {
             ips.attach(from.ip(), now);
         }
         self.counters.sessions_opened += u64::from(new_session);
-        if new_session {
-            self.events.push(SessionEvent::Opened(req.session_id));
-        }
-        self.sessions.entry(req.session_id).or_default().slots[i] = Some(binding);
+        let session = self.sessions.entry(req.session_id).or_default();
+        session.slots[i] = Some(binding);
+        self.events.push(session.bound_event(req.session_id));
         self.counters.binds_accepted += 1;
         // A renewal replaces a binding the other peer already knows of; a slot bound anew is
         // news to it.
@@ -901,6 +928,9 @@ impl SessionTable {
         binding.last_seq = req.seq;
         binding.last_seen = now;
         self.counters.rebinds_accepted += 1;
+        if let Some(session) = self.sessions.get(&req.session_id) {
+            self.events.push(session.bound_event(req.session_id));
+        }
         self.ack(req, reply)
     }
 

@@ -30,11 +30,11 @@ use crate::session::{
 };
 use crate::worker::PacketHandler;
 
-/// Told when a session opens or is forgotten: the XDP guard's session filter
+/// Told when a session opens, moves or is forgotten: the XDP guard's session filter
 /// (`crate::xdp::SessionFilter`) follows the tables this way.
 pub trait SessionObserver: Send + Sync + std::fmt::Debug {
-    /// Called with no shard locked, in order per session; an `Opened` arrives before the
-    /// BIND-ACK that opened the session is handed to the worker (see [`Sessions`]).
+    /// Called with no shard locked, in order per session; a `Bound` arrives before the
+    /// BIND-ACK of the BIND or REBIND that made it is handed to the worker (see [`Sessions`]).
     fn session_event(&self, event: SessionEvent);
 }
 
@@ -60,7 +60,7 @@ struct Shard {
 /// All sessions of the relay, shared by every worker.
 ///
 /// Session events reach the observer outside the shard lock, like commands a sans-IO core
-/// hands its IO layer, yet in order per session and, for `Opened`, before the BIND-ACK leaves.
+/// hands its IO layer, yet in order per session and, for `Bound`, before the BIND-ACK leaves.
 /// The table queues them; [`Sessions`] takes the shard's publish lock *before* it releases the
 /// shard lock, releases the shard lock, hands the events over, and releases the publish lock.
 /// Why that keeps both rules:
@@ -71,8 +71,9 @@ struct Shard {
 ///   publish lock only while it holds the shard lock, so it gets it after worker 1 has handed
 ///   over E1 and let go. The publish lock is thus taken in the order the shard lock was, and
 ///   E1 reaches the observer before E2.
-/// - The map learns a session first. [`Sessions::handle`] returns the BIND-ACK only after it
-///   has handed over the `Opened` the BIND made, so the worker sends it afterwards.
+/// - The map learns a binding first. [`Sessions::handle`] returns the BIND-ACK only after it
+///   has handed over the `Bound` the BIND or REBIND made, so the worker sends it afterwards
+///   (and the peer's first DATA from that address finds it in the map).
 /// - No deadlock. The locks are taken in one order (shard, then publish, then whatever the
 ///   observer takes, which is never a shard lock), and a thread waiting for a publish lock
 ///   holds at most one shard lock, the one the publish lock belongs to.

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -21,9 +21,9 @@ use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray};
 use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use ferry_common::xdp::{
-    COUNTER_SLOTS, CounterValue, FLAG_ACTIVE, FLAG_DROP_ALL_FRAGMENTS, FLAG_SESSION_FILTER,
-    GuardConfig, LIST_ALLOW, LIST_DENY, MAP_CIDR_V4, MAP_CIDR_V6, MAP_CONFIG, MAP_COUNTERS,
-    MAP_SESSIONS, MAP_SOURCES, MAX_PORTS, PROGRAM_NAME, Rate,
+    BoundSlot, COUNTER_SLOTS, CounterValue, FLAG_ACTIVE, FLAG_DROP_ALL_FRAGMENTS,
+    FLAG_SESSION_FILTER, GuardConfig, LIST_ALLOW, LIST_DENY, MAP_CIDR_V4, MAP_CIDR_V6, MAP_CONFIG,
+    MAP_COUNTERS, MAP_SESSIONS, MAP_SOURCES, MAX_PORTS, PROGRAM_NAME, Rate, SessionEntry,
 };
 pub use ferry_core::cidr::Cidr;
 
@@ -343,7 +343,7 @@ impl Guard {
             .ebpf
             .take_map(MAP_SESSIONS)
             .ok_or_else(|| map_error(MAP_SESSIONS, "missing"))?;
-        let map: HashMap<MapData, u64, u8> =
+        let map: HashMap<MapData, u64, SessionEntry> =
             HashMap::try_from(map).map_err(|e| map_error(MAP_SESSIONS, e))?;
         let filter = Arc::new(SessionFilter {
             map: Mutex::new(map),
@@ -405,11 +405,13 @@ impl Guard {
     }
 }
 
-/// Keeps the guard's session map equal to the relay's session tables: a session id goes in
-/// when its first slot binds (before the BIND-ACK leaves, so the peer's first DATA finds it)
-/// and out when the session is closed or reaped.
+/// Keeps the guard's session map equal to the relay's session tables: a session goes in when
+/// its first slot binds, its entry is replaced with the slots' new addresses whenever a BIND or
+/// REBIND is accepted or one slot is reaped (each before the BIND-ACK leaves, so the peer's
+/// first DATA from that address finds it), and it goes out when the session is closed or
+/// reaped. An update replaces the whole entry, so the program never reads one half written.
 pub struct SessionFilter {
-    map: Mutex<HashMap<MapData, u64, u8>>,
+    map: Mutex<HashMap<MapData, u64, SessionEntry>>,
     errors: AtomicU64,
 }
 
@@ -424,8 +426,13 @@ impl fmt::Debug for SessionFilter {
 impl SessionFilter {
     /// Whether `session` is in the map now.
     pub fn contains(&self, session: u64) -> bool {
+        self.get(session).is_some()
+    }
+
+    /// The map's entry for `session`, if it has one.
+    pub fn get(&self, session: u64) -> Option<SessionEntry> {
         let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        map.get(&session, 0).is_ok()
+        map.get(&session, 0).ok()
     }
 }
 
@@ -433,7 +440,7 @@ impl SessionObserver for SessionFilter {
     fn session_event(&self, event: SessionEvent) {
         let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
         let result = match event {
-            SessionEvent::Opened(id) => map.insert(id, 1, 0),
+            SessionEvent::Bound { session, slots } => map.insert(session, entry(slots), 0),
             SessionEvent::Closed(id) => map.remove(&id),
         };
         if let Err(e) = result {
@@ -450,6 +457,27 @@ impl SessionObserver for SessionFilter {
 
 /// Loads `object` with `loader` and its XDP program `name` into the kernel (verifier
 /// included).
+/// The guard's map entry for a session whose slots are bound at `slots`.
+fn entry(slots: [Option<SocketAddr>; 2]) -> SessionEntry {
+    let slot = |addr: Option<SocketAddr>| match addr {
+        Some(addr) => BoundSlot {
+            // The guard sees IPv4 sources as IPv4-mapped IPv6 addresses; a dual-stack socket
+            // may report an IPv4 peer that way already.
+            addr: match addr.ip() {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+                IpAddr::V6(v6) => v6.octets(),
+            },
+            port: addr.port(),
+            bound: 1,
+            _pad: [0; 5],
+        },
+        None => BoundSlot::default(),
+    };
+    SessionEntry {
+        slots: slots.map(slot),
+    }
+}
+
 fn load_object(mut loader: EbpfLoader<'_>, object: &[u8], name: &str) -> Result<Ebpf, XdpError> {
     if object.is_empty() {
         return Err(XdpError::NotBuilt);

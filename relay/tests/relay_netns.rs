@@ -180,8 +180,15 @@ fn the_relay_process_serves_peers_and_refuses_everyone_else() {
     let drops = |page: &str, reason: &str| {
         metric(page, &format!("ferry_drops_total{{reason=\"{reason}\"}}"))
     };
+    // The DATA from strangers naming A and B's session died in the driver too: the guard
+    // knows where the session's slots are bound.
     assert_eq!(
         drops(&after, "data_unbound") - drops(&before, "data_unbound"),
+        0
+    );
+    let xdp_unbound = "ferry_xdp_packets_total{action=\"drop\",reason=\"unbound_source\"}";
+    assert_eq!(
+        metric(&after, xdp_unbound) - metric(&before, xdp_unbound),
         10
     );
     // The stray HTTP request never reached the relay: the XDP guard dropped it in the veth
@@ -432,7 +439,9 @@ fn spoofed_sources_idle_and_expired_bindings_get_nothing() {
         1,
         "the forged BIND bound nothing"
     );
-    let unbound = "ferry_drops_total{reason=\"data_unbound\"}";
+    // The forged DATA names a live session from an address none of its slots is bound to:
+    // the guard drops it before the relay sees it.
+    let unbound = "ferry_xdp_packets_total{action=\"drop\",reason=\"unbound_source\"}";
     assert_eq!(metric(&after, unbound) - metric(&before, unbound), 5);
     assert_eq!(
         metric(&after, "ferry_forwarded_packets_total"),
@@ -503,9 +512,24 @@ fn flood_datagram(session: u64) -> Vec<u8> {
     out
 }
 
-/// One flood phase: `flooder` sends valid DATA for A and B's session (as a peer of it might,
-/// from an address it never bound) as fast as it can for `secs` while A sends B a message
-/// every 5 ms. Returns (flood datagrams that reached the relay, flood datagrams the
+/// A well-formed CLOSE for `session`'s slot A whose MAC is wrong: the guard meters it against
+/// the source's data rates (a CLOSE may come from any address), the relay drops it as
+/// `bad_close`.
+fn forged_close(session: u64) -> Vec<u8> {
+    let mut out = vec![0u8; MAX_DATAGRAM];
+    let fields = wire::CloseFields {
+        slot: Slot::A,
+        reason: wire::CloseReason::PeerClosed,
+        seq: u64::MAX,
+    };
+    let n = wire::encode_close(&mut out, session, &fields, |_| [0; 16]).unwrap();
+    out.truncate(n);
+    out
+}
+
+/// One flood phase: `flooder` sends forged CLOSEs for A and B's session (as anyone might: a
+/// CLOSE is proved by its MAC, not its address) as fast as it can for `secs` while A sends B a
+/// message every 5 ms. Returns (flood datagrams that reached the relay, flood datagrams the
 /// guard dropped for rate, messages B received of those A sent, seconds the flood lasted).
 fn flood_phase(
     relay: &Relay,
@@ -516,7 +540,7 @@ fn flood_phase(
     secs: f64,
 ) -> (u64, u64, (usize, usize), f64) {
     let before = scrape(relay);
-    let flood = flood_datagram(FLOODED_SESSION);
+    let flood = forged_close(FLOODED_SESSION);
     let mut flood_secs = 0.0;
     let (sent_legit, got_legit) = std::thread::scope(|s| {
         let flooding = s.spawn(|| {
@@ -562,7 +586,7 @@ fn flood_phase(
     std::thread::sleep(Duration::from_millis(200));
     let after = scrape(relay);
     let delta = |name: &str| metric(&after, name) - metric(&before, name);
-    let reached = delta("ferry_drops_total{reason=\"data_unbound\"}");
+    let reached = delta("ferry_drops_total{reason=\"bad_close\"}");
     let rate_dropped =
         delta("ferry_xdp_packets_total{action=\"drop\",reason=\"rate_data_packets\"}");
     (reached, rate_dropped, (sent_legit, got_legit), flood_secs)
@@ -682,6 +706,27 @@ fn the_xdp_guard_cuts_a_flood_to_its_rate_and_keeps_the_other_session_going() {
         delta("ferry_xdp_packets_total{action=\"drop\",reason=\"unknown_session\"}"),
         100
     );
+
+    // So does DATA naming the live session from an address neither of its slots is bound
+    // to, while A and B's own DATA passes.
+    let before = scrape(&relay);
+    let strangers = flood_datagram(FLOODED_SESSION);
+    for _ in 0..100 {
+        stray.send_to(&strangers, relay_v4).unwrap();
+    }
+    a.send(b"still here").unwrap();
+    assert_eq!(
+        b.recv_message(Duration::from_secs(5)).unwrap(),
+        b"still here"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let after = scrape(&relay);
+    let delta = |name: &str| metric(&after, name) - metric(&before, name);
+    assert_eq!(
+        delta("ferry_xdp_packets_total{action=\"drop\",reason=\"unbound_source\"}"),
+        100
+    );
+    assert_eq!(delta("ferry_drops_total{reason=\"data_unbound\"}"), 0);
 
     // A reload changes the limit live: a quarter of the rate, same session, no detach.
     std::fs::write(

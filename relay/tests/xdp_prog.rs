@@ -12,8 +12,8 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use ferry_common::header::{
-    BIND_BODY_LEN, CHALLENGE_BODY_LEN, HEADER_LEN, Header, HeaderError, KEEPALIVE_BODY_LEN,
-    MAX_DATA_BODY, PacketType, REBIND_BODY_LEN,
+    BIND_BODY_LEN, CHALLENGE_BODY_LEN, CLOSE_BODY_LEN, HEADER_LEN, Header, HeaderError,
+    KEEPALIVE_BODY_LEN, MAX_DATA_BODY, PacketType, REBIND_BODY_LEN,
 };
 use ferry_common::xdp::{Counter, Rate, slot_labels};
 use ferry_relay::xdp::frame::{self, Frame};
@@ -755,7 +755,12 @@ fn the_session_filter_drops_datagrams_for_sessions_the_relay_does_not_hold() {
         PASS_RELAY,
         "BIND opens sessions, so it passes",
     );
-    filter.session_event(SessionEvent::Opened(sid));
+    // Slot A bound at the frames' source (198.18.0.2, port 40000).
+    let a: std::net::SocketAddr = "198.18.0.2:40000".parse().unwrap();
+    filter.session_event(SessionEvent::Bound {
+        session: sid,
+        slots: [Some(a), None],
+    });
     assert!(filter.contains(sid));
     expect(
         &g,
@@ -774,10 +779,159 @@ fn the_session_filter_drops_datagrams_for_sessions_the_relay_does_not_hold() {
     filter.session_event(SessionEvent::Closed(sid));
     assert!(!filter.contains(sid));
     expect(&g, &d, XDP_DROP, unknown, "DATA after the session closed");
+    expect(
+        &g,
+        &ka,
+        XDP_DROP,
+        unknown,
+        "KEEPALIVE after the session closed",
+    );
     // Turning the filter off by reload passes them again.
     s.session_filter = false;
     g.configure(&s, &[PORT]).unwrap();
     expect(&g, &d, XDP_PASS, PASS_RELAY, "filter off");
+    assert_eq!(g.session_filter_errors(), 0);
+}
+
+#[test]
+#[cfg_attr(not(ferry_skip_ebpf), ignore = "needs root: loads the XDP program")]
+#[cfg_attr(
+    ferry_skip_ebpf,
+    ignore = "built with FERRY_SKIP_EBPF=1: no XDP program"
+)]
+fn data_and_keepalives_for_a_held_session_pass_only_from_its_bound_slots() {
+    let mut s = settings();
+    s.session_filter = true;
+    let mut g = guard(
+        "data_and_keepalives_for_a_held_session_pass_only_from_its_bound_slots",
+        &s,
+    );
+    use ferry_relay::session::SessionEvent;
+    use ferry_relay::shards::SessionObserver;
+    let filter = g.session_filter().unwrap();
+    let unbound = Counter::DropUnboundSource as u32;
+    let sid = 0x0102_0304_0506_0708; // the session of `datagram()`
+    let (a, b): (std::net::SocketAddr, std::net::SocketAddr) = (
+        "198.18.0.2:40000".parse().unwrap(),
+        "[2001:db8::2]:40001".parse().unwrap(),
+    );
+    let from = |src: &str, port: u16, packet: &[u8]| {
+        let mut f = Frame::udp(
+            ip(src),
+            ip(if src.contains(':') { RELAY6 } else { RELAY4 }),
+            PORT,
+        );
+        f.src_port = port;
+        f.build(packet)
+    };
+    let d = data(100);
+    let ka = datagram(PacketType::Keepalive, KEEPALIVE_BODY_LEN);
+    let rebind = datagram(PacketType::Rebind, REBIND_BODY_LEN);
+    let close = datagram(PacketType::Close, CLOSE_BODY_LEN);
+    filter.session_event(SessionEvent::Bound {
+        session: sid,
+        slots: [Some(a), Some(b)],
+    });
+    let entry = filter.get(sid).unwrap();
+    assert!(entry.slots.iter().all(|s| s.bound == 1));
+    for (packet, name) in [(&d, "DATA"), (&ka, "KEEPALIVE")] {
+        let what = |from: &str| format!("{name} {from}");
+        expect(
+            &g,
+            &from("198.18.0.2", 40_000, packet),
+            XDP_PASS,
+            PASS_RELAY,
+            &what("from slot A"),
+        );
+        expect(
+            &g,
+            &from("2001:db8::2", 40_001, packet),
+            XDP_PASS,
+            PASS_RELAY,
+            &what("from slot B (IPv6)"),
+        );
+        expect(
+            &g,
+            &from("198.18.0.2", 40_001, packet),
+            XDP_DROP,
+            unbound,
+            &what("from A's address, another port"),
+        );
+        expect(
+            &g,
+            &from("198.18.0.3", 40_000, packet),
+            XDP_DROP,
+            unbound,
+            &what("from another address, A's port"),
+        );
+        expect(
+            &g,
+            &from("2001:db8::3", 40_001, packet),
+            XDP_DROP,
+            unbound,
+            &what("from B's /64, another address"),
+        );
+        expect(
+            &g,
+            &from("::ffff:198.18.0.2", 40_000, packet),
+            XDP_DROP,
+            Counter::DropBadIpHeader as u32,
+            &what("from A's address, IPv4-mapped in an IPv6 frame (the kernel drops it too)"),
+        );
+    }
+    // REBIND (a peer whose address changed) and CLOSE (proved by its MAC) pass from anywhere.
+    expect(
+        &g,
+        &from("198.18.0.9", 5000, &rebind),
+        XDP_PASS,
+        PASS_RELAY,
+        "REBIND from a new address",
+    );
+    expect(
+        &g,
+        &from("198.18.0.9", 5000, &close),
+        XDP_PASS,
+        PASS_RELAY,
+        "CLOSE from a new address",
+    );
+    // The relay moves slot A: the old address is refused, the new one passes.
+    filter.session_event(SessionEvent::Bound {
+        session: sid,
+        slots: [Some("198.18.0.9:5000".parse().unwrap()), Some(b)],
+    });
+    expect(
+        &g,
+        &from("198.18.0.9", 5000, &d),
+        XDP_PASS,
+        PASS_RELAY,
+        "DATA from A's new address",
+    );
+    expect(
+        &g,
+        &from("198.18.0.2", 40_000, &d),
+        XDP_DROP,
+        unbound,
+        "DATA from A's old address",
+    );
+    // Slot B reaped: its address is refused, while the session stays.
+    filter.session_event(SessionEvent::Bound {
+        session: sid,
+        slots: [Some("198.18.0.9:5000".parse().unwrap()), None],
+    });
+    expect(
+        &g,
+        &from("2001:db8::2", 40_001, &d),
+        XDP_DROP,
+        unbound,
+        "DATA from B after B was reaped",
+    );
+    expect(
+        &g,
+        &from("198.18.0.9", 5000, &ka),
+        XDP_PASS,
+        PASS_RELAY,
+        "KEEPALIVE from A",
+    );
     assert_eq!(g.session_filter_errors(), 0);
 }
 

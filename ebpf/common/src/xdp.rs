@@ -34,9 +34,11 @@ pub const MAP_SOURCES: &str = "SOURCES";
 pub const MAP_CIDR_V4: &str = "CIDR_V4";
 /// Map: `LpmTrie<[u8; 16], u32>`, IPv6 deny and allow CIDRs.
 pub const MAP_CIDR_V6: &str = "CIDR_V6";
-/// Map: `HashMap<u64, u8>`, the session ids the relay holds now (written by the relay as
-/// sessions open and close). DATA, KEEPALIVE, REBIND and CLOSE for any other session are
-/// dropped, so a flood of well-formed datagrams for made-up sessions dies in the driver.
+/// Map: `HashMap<u64, SessionEntry>`, the sessions the relay holds now and their slots' bound
+/// addresses (written by the relay as slots bind, move and leave). DATA, KEEPALIVE, REBIND and
+/// CLOSE for any other session are dropped, so a flood of well-formed datagrams for made-up
+/// sessions dies in the driver; so are DATA and KEEPALIVE for a held session from an address
+/// none of its slots is bound to, which the relay would drop too.
 pub const MAP_SESSIONS: &str = "SESSIONS";
 /// Map: `Array<Meter>` with one entry, the relay-wide handshake meter.
 pub const MAP_HANDSHAKES: &str = "HANDSHAKES";
@@ -173,6 +175,45 @@ pub struct SourceKey {
     pub addr: [u8; 16],
 }
 
+/// One slot of a [`SessionEntry`]: the address and port the slot is bound to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BoundSlot {
+    /// The address, network order; IPv4 as an IPv4-mapped IPv6 address, as in [`SourceKey`].
+    pub addr: [u8; 16],
+    /// The UDP port, host order.
+    pub port: u16,
+    /// 1 when the slot is bound; 0 when it is not (the other fields are then zero).
+    pub bound: u8,
+    /// Zero.
+    pub _pad: [u8; 5],
+}
+
+impl BoundSlot {
+    /// Whether the slot is bound to `addr` and `port`.
+    #[inline(always)]
+    pub fn is(&self, addr: &[u8; 16], port: u16) -> bool {
+        self.bound == 1 && self.port == port && self.addr == *addr
+    }
+}
+
+/// The value of [`MAP_SESSIONS`]: what the guard knows of one session the relay holds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SessionEntry {
+    /// Slot A, then slot B.
+    pub slots: [BoundSlot; 2],
+}
+
+impl SessionEntry {
+    /// Whether a DATA or KEEPALIVE from `addr`, `port` comes from one of the session's bound
+    /// slots: the only sources the relay takes them from (docs/protocol.md §3.5, §3.6).
+    #[inline(always)]
+    pub fn from_bound_slot(&self, addr: &[u8; 16], port: u16) -> bool {
+        self.slots[0].is(addr, port) || self.slots[1].is(addr, port)
+    }
+}
+
 /// Everything the program needs to know, in map [`MAP_CONFIG`] at index 0.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -252,7 +293,7 @@ pub enum Counter {
     /// `xdp.drop_all_fragments`); relay datagrams are never fragmented.
     DropFragment = 3,
     /// An IP header the kernel would drop too: bad version, IHL < 5, lengths beyond the frame,
-    /// or more IPv6 extension headers than the guard walks.
+    /// an IPv4-mapped IPv6 source, or more IPv6 extension headers than the guard walks.
     DropBadIpHeader = 4,
     /// A UDP length that disagrees with the IP length, or is under 8.
     DropBadUdpLength = 5,
@@ -270,10 +311,13 @@ pub enum Counter {
     DropRateHandshakeTotal = 11,
     /// DATA, KEEPALIVE, REBIND or CLOSE for a session the relay does not hold.
     DropUnknownSession = 12,
+    /// DATA or KEEPALIVE for a session the relay holds, from an address and port that none
+    /// of its slots is bound to.
+    DropUnboundSource = 13,
 }
 
 /// The first slot of the malformed-header counters.
-pub const FIRST_MALFORMED: u32 = 13;
+pub const FIRST_MALFORMED: u32 = 14;
 /// Number of counter slots: the [`Counter`] variants, then one per [`HeaderError`].
 pub const COUNTER_SLOTS: u32 = FIRST_MALFORMED + HeaderError::COUNT as u32;
 
@@ -293,6 +337,7 @@ impl Counter {
         Counter::DropRateDataBytes,
         Counter::DropRateHandshakeTotal,
         Counter::DropUnknownSession,
+        Counter::DropUnboundSource,
     ];
 
     /// The counter slot.
@@ -321,6 +366,7 @@ impl Counter {
             Counter::DropRateDataBytes => ("drop", "rate_data_bytes"),
             Counter::DropRateHandshakeTotal => ("drop", "rate_handshake_total"),
             Counter::DropUnknownSession => ("drop", "unknown_session"),
+            Counter::DropUnboundSource => ("drop", "unbound_source"),
         }
     }
 }
@@ -356,9 +402,11 @@ mod pod {
     //! valid value, so copying them to and from the kernel byte for byte is sound.
     #![allow(unsafe_code)]
 
-    use super::{CounterValue, GuardConfig, Meter, Rate, SourceKey, SourceState};
+    use super::{
+        BoundSlot, CounterValue, GuardConfig, Meter, Rate, SessionEntry, SourceKey, SourceState,
+    };
 
-    // SAFETY (all six impls below): #[repr(C)], fields are integers or integer arrays laid out
+    // SAFETY (all eight impls below): #[repr(C)], fields are integers or integer arrays laid out
     // without padding (checked by the size assertions in the tests), so any bytes are a valid
     // value.
     unsafe impl aya::Pod for Rate {}
@@ -367,6 +415,8 @@ mod pod {
     unsafe impl aya::Pod for SourceKey {}
     unsafe impl aya::Pod for GuardConfig {}
     unsafe impl aya::Pod for CounterValue {}
+    unsafe impl aya::Pod for BoundSlot {}
+    unsafe impl aya::Pod for SessionEntry {}
 }
 
 #[cfg(test)]
@@ -388,6 +438,26 @@ mod tests {
             4 * 16 + 16 + 2 * MAX_PORTS + 2 + 6
         );
         assert_eq!(size_of::<CounterValue>(), 16);
+        assert_eq!(size_of::<BoundSlot>(), 16 + 2 + 1 + 5);
+        assert_eq!(size_of::<SessionEntry>(), 2 * size_of::<BoundSlot>());
+    }
+
+    #[test]
+    fn a_session_entry_admits_exactly_its_bound_slots() {
+        let v4 = |last: u8| [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 198, 18, 0, last];
+        let mut entry = SessionEntry::default();
+        // Nothing bound: not even the all-zero address and port.
+        assert!(!entry.from_bound_slot(&[0; 16], 0));
+        entry.slots[1] = BoundSlot {
+            addr: v4(2),
+            port: 4000,
+            bound: 1,
+            _pad: [0; 5],
+        };
+        assert!(entry.from_bound_slot(&v4(2), 4000));
+        assert!(!entry.from_bound_slot(&v4(2), 4001));
+        assert!(!entry.from_bound_slot(&v4(3), 4000));
+        assert!(!entry.from_bound_slot(&[0; 16], 0));
     }
 
     #[test]

@@ -11,6 +11,10 @@
 //! 5. meter the source (IPv4 address, or IPv6 masked to its prefix) in an LRU map: BIND and
 //!    REBIND against a strict handshake rate, everything else against packet and byte rates.
 //!
+//! With the session filter on, step 4 also drops DATA, KEEPALIVE, REBIND and CLOSE for a
+//! session the relay does not hold, and DATA and KEEPALIVE from an address none of the
+//! session's slots is bound to (the relay's session map, [`SESSIONS`]).
+//!
 //! Every outcome increments one per-CPU counter (frames and bytes). The program never writes
 //! to the packet. Each access is bounds-checked against `data_end` right before it, the form
 //! the verifier can follow.
@@ -30,7 +34,7 @@ use ferry_common::header::{HEADER_LEN, PacketType, check_header};
 use ferry_common::xdp::{
     COUNTER_SLOTS, Counter, CounterValue, DEFAULT_MAX_SOURCES, FLAG_ACTIVE,
     FLAG_DROP_ALL_FRAGMENTS, FLAG_SESSION_FILTER, GuardConfig, LIST_ALLOW, LIST_DENY, MAX_CIDRS,
-    MAX_SESSIONS, Meter, SourceKey, SourceState,
+    MAX_SESSIONS, Meter, SessionEntry, SourceKey, SourceState,
 };
 
 #[map(name = "CONFIG")]
@@ -50,7 +54,8 @@ static CIDR_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
 static CIDR_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
 
 #[map(name = "SESSIONS")]
-static SESSIONS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_SESSIONS, BPF_F_NO_PREALLOC);
+static SESSIONS: HashMap<u64, SessionEntry> =
+    HashMap::with_max_entries(MAX_SESSIONS, BPF_F_NO_PREALLOC);
 
 #[map(name = "HANDSHAKES")]
 static HANDSHAKES: Array<Meter> = Array::with_max_entries(1, 0);
@@ -222,12 +227,23 @@ fn guard(ctx: &XdpContext) -> (u32, u32) {
     if !header.packet_type.sent_by_peer() {
         return drop(Counter::DropUnexpectedType);
     }
-    // Everything but BIND names a session the relay must already hold.
-    if cfg.flags & FLAG_SESSION_FILTER != 0
-        && header.packet_type != PacketType::Bind
-        && SESSIONS.get_ptr(header.session_id).is_none()
-    {
-        return drop(Counter::DropUnknownSession);
+    // Everything but BIND names a session the relay must already hold; DATA and KEEPALIVE
+    // must come from one of its bound slots. REBIND (from a new address) and CLOSE (from any)
+    // are proved by their MAC, which the relay checks.
+    if cfg.flags & FLAG_SESSION_FILTER != 0 && header.packet_type != PacketType::Bind {
+        let Some(entry) = SESSIONS.get_ptr(header.session_id) else {
+            return drop(Counter::DropUnknownSession);
+        };
+        if matches!(header.packet_type, PacketType::Data | PacketType::Keepalive) {
+            let Some(src_port) = read_u16(ctx, l4.offset) else {
+                return drop(Counter::DropBadIpHeader);
+            };
+            // SAFETY: the map's value for this key, valid for this run; the relay replaces
+            // entries whole, so it is never seen half written.
+            if !unsafe { (*entry).from_bound_slot(&l4.source, src_port) } {
+                return drop(Counter::DropUnboundSource);
+            }
+        }
     }
     if listed == Some(LIST_ALLOW) {
         return (XDP_PASS, Counter::PassAllowListed as u32);
@@ -341,6 +357,12 @@ fn ipv6(ctx: &XdpContext, offset: usize, cfg: &GuardConfig) -> Result<L4, (u32, 
         return Err(drop(Counter::DropBadIpHeader));
     };
     if fixed[0] >> 4 != 6 {
+        return Err(drop(Counter::DropBadIpHeader));
+    }
+    // An IPv4-mapped source (::ffff:a.b.c.d), which the kernel drops too: the guard keys IPv4
+    // sources that way, so such a frame would otherwise spend an IPv4 source's meters and
+    // pass as that source's session traffic.
+    if source[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] {
         return Err(drop(Counter::DropBadIpHeader));
     }
     let payload_len = usize::from(u16::from_be_bytes([fixed[4], fixed[5]]));

@@ -784,7 +784,10 @@ fn sessions_opened_and_forgotten_are_queued_as_events_in_order() {
     let (a, b) = (v4(1, 1000), v4(2, 2000));
     assert!(!f.table.has_events());
     let (ta, _) = f.bound_pair(a, b);
-    assert_eq!(f.table.take_events(), [SessionEvent::Opened(SID)]);
+    assert_eq!(
+        f.table.take_events(),
+        [bound(SID, Some(a), None), bound(SID, Some(a), Some(b))]
+    );
     let keys = SlotKeys::derive(&ta.slot_secret);
     let mut buf = vec![0; MAX_DATAGRAM];
     let fields = CloseFields {
@@ -802,10 +805,45 @@ fn sessions_opened_and_forgotten_are_queued_as_events_in_order() {
         f.table.take_events(),
         [
             SessionEvent::Closed(SID),
-            SessionEvent::Opened(SID + 1),
+            bound(SID + 1, Some(a), None),
             SessionEvent::Closed(SID + 1)
         ]
     );
+    assert!(!f.table.has_events());
+}
+
+fn bound(session: u64, a: Option<SocketAddr>, b: Option<SocketAddr>) -> SessionEvent {
+    SessionEvent::Bound {
+        session,
+        slots: [a, b],
+    }
+}
+
+#[test]
+fn a_rebind_and_a_reaped_slot_tell_the_guard_where_the_slots_are_now() {
+    let limits = SessionLimits {
+        idle_timeout: Duration::from_secs(60),
+        ..SessionLimits::default()
+    };
+    let mut f = Fixture::new(limits);
+    let (a, b, a2) = (v4(1, 1000), v4(2, 2000), v4(3, 3000));
+    let (ta, _) = f.bound_pair(a, b);
+    f.table.take_events();
+    // A refused REBIND (bad cookie) changes nothing; an accepted one moves slot A.
+    let outcome = rebind(&mut f, a2, &ta, Slot::A, 11);
+    f.expect_ack(outcome);
+    assert_eq!(f.table.take_events(), [bound(SID, Some(a2), Some(b))]);
+    let outcome = rebind(&mut f, a2, &ta, Slot::A, 11);
+    f.expect_reject(outcome);
+    assert!(!f.table.has_events());
+    // A keeps talking, B falls silent and is reaped: only A's address is left.
+    f.now += Duration::from_secs(59);
+    assert_eq!(f.send(a2, &f.data(SID)), Outcome::Forward { to: b });
+    assert_eq!(f.reap(f.now + Duration::from_secs(1), T0), 1);
+    assert_eq!(f.table.take_events(), [bound(SID, Some(a2), None)]);
+    // DATA and a reap that unbinds nothing make no event.
+    f.send(a2, &f.data(SID));
+    f.reap(f.now, T0);
     assert!(!f.table.has_events());
 }
 

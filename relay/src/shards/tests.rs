@@ -296,7 +296,7 @@ struct Recorder {
 
 impl SessionObserver for Recorder {
     fn session_event(&self, event: SessionEvent) {
-        let (SessionEvent::Opened(sid) | SessionEvent::Closed(sid)) = event;
+        let sid = event.session();
         let sessions = self.sessions.get().and_then(Weak::upgrade).unwrap();
         let unlocked = sessions.shard(sid).table.try_lock().is_ok();
         lock(&self.seen).push((event, unlocked));
@@ -304,7 +304,7 @@ impl SessionObserver for Recorder {
 }
 
 #[test]
-fn events_reach_the_observer_outside_the_shard_lock_and_opened_before_the_ack() {
+fn events_reach_the_observer_outside_the_shard_lock_and_bound_before_the_ack() {
     let mut r = Relay::new(SessionLimits::default());
     let recorder = Arc::new(Recorder::default());
     let placeholder = Relay::new(SessionLimits::default()).sessions;
@@ -325,14 +325,15 @@ fn events_reach_the_observer_outside_the_shard_lock_and_opened_before_the_ack() 
     let outcome = sessions.handle(r.now, T0, from, &bind, &mut r.reply);
     assert!(matches!(outcome, Outcome::Reply { .. }));
     // By the time the BIND-ACK is handed back, the observer knows the session.
-    assert_eq!(*lock(&recorder.seen), [(SessionEvent::Opened(sid), true)]);
+    let opened = SessionEvent::Bound {
+        session: sid,
+        slots: [Some(from), None],
+    };
+    assert_eq!(*lock(&recorder.seen), [(opened, true)]);
     let later = r.now + Duration::from_secs(3600);
     assert_eq!(sessions.reap(later, T0, &mut Vec::new()), 1);
     assert_eq!(
         *lock(&recorder.seen),
-        [
-            (SessionEvent::Opened(sid), true),
-            (SessionEvent::Closed(sid), true)
-        ]
+        [(opened, true), (SessionEvent::Closed(sid), true)]
     );
 }
