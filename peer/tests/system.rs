@@ -935,9 +935,39 @@ fn a_peer_with_the_wrong_identity_is_refused() {
     assert_eq!(complete, 0, "the file reached the wrong peer");
 }
 
-/// Whether `haystack` contains `needle`.
+/// Whether `haystack` contains `needle` (Horspool's search: it skips ahead by up to the
+/// needle's length, so gigabytes of memory are searched in reasonable time in a debug build).
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+    let m = needle.len();
+    if m == 0 || haystack.len() < m {
+        return m == 0;
+    }
+    let mut shift = [m; 256];
+    for (i, &b) in needle[..m - 1].iter().enumerate() {
+        shift[usize::from(b)] = m - 1 - i;
+    }
+    let mut at = 0;
+    while at + m <= haystack.len() {
+        if &haystack[at..at + m] == needle {
+            return true;
+        }
+        at += shift[usize::from(haystack[at + m - 1])];
+    }
+    false
+}
+
+#[test]
+fn the_search_finds_a_needle_anywhere_and_nothing_else() {
+    let needle = b"FERRY-MARK";
+    for at in [0, 1, 9, 10, 500, 990] {
+        let mut hay = vec![b'x'; 1000];
+        hay[at..at + needle.len()].copy_from_slice(needle);
+        assert!(contains(&hay, needle), "at {at}");
+        hay[at + 4] = b'?';
+        assert!(!contains(&hay, needle), "at {at}, broken");
+    }
+    assert!(!contains(b"FERRY-MAR", needle));
+    assert!(contains(b"FERRY-FERRY-MARK", needle));
 }
 
 /// Reads every readable mapping of process `pid` and says whether any contains `needle`;
@@ -978,6 +1008,17 @@ fn process_memory_contains(pid: u32, needle: &[u8]) -> (bool, usize) {
         }
     }
     (false, read)
+}
+
+#[test]
+fn the_memory_scan_finds_what_a_process_holds() {
+    // This process holds a fresh marker on its heap: the scan of its own memory finds it.
+    let mut marker = vec![0u8; 24];
+    SystemRandom::new().fill(&mut marker).unwrap();
+    let held = marker.repeat(1000);
+    let (found, read) = process_memory_contains(std::process::id(), &marker);
+    assert!(found, "searched {read} bytes");
+    assert!(read >= held.len());
 }
 
 #[test]
