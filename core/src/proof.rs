@@ -16,6 +16,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use ferry_common::cookie::{self, CookieKey};
 use ring::hmac;
 use ring::rand::SecureRandom;
 use subtle::ConstantTimeEq;
@@ -35,7 +36,7 @@ pub const COOKIE_WINDOW_SECS: u64 = 60;
 const SLOT_MAC_SALT: &[u8] = b"ferry slot mac v1";
 const PEER_TO_RELAY_INFO: &[u8] = b"peer to relay";
 const RELAY_TO_PEER_INFO: &[u8] = b"relay to peer";
-const COOKIE_LABEL: &[u8] = b"ferry cookie v1";
+const COOKIE_LABEL: &[u8] = b"ferry cookie v2";
 
 /// Errors of this module: drawing randomness and decoding a slot secret.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -201,6 +202,10 @@ impl SlotKeys {
 /// A cookie is valid in the 60-second window it was issued in and the next one, for exactly
 /// the (session, slot, source IP, source port) it was issued for. The all-zero cookie (what a
 /// peer sends on a first attempt) is never valid.
+///
+/// Each window has its own SipHash key, derived from `K_cookie` ([`CookieJar::window_key`]);
+/// the cookie is SipHash-2-4-128 under it ([`ferry_common::cookie`]), so that the XDP guard,
+/// given the window keys, can check cookies too.
 #[derive(Clone)]
 pub struct CookieJar(hmac::Key);
 
@@ -252,24 +257,32 @@ impl CookieJar {
         bool::from(!is_zero & (in_current | in_previous))
     }
 
-    fn cookie(&self, window: u64, session_id: u64, slot: u8, source: SocketAddr) -> [u8; 16] {
+    /// The SipHash key of cookie window `window` (Unix time ÷ 60):
+    /// `HMAC-SHA256(K_cookie, "ferry cookie v2" ‖ window (u64))[0..16]`.
+    pub fn window_key(&self, window: u64) -> CookieKey {
         let mut ctx = hmac::Context::with_key(&self.0);
         ctx.update(COOKIE_LABEL);
         ctx.update(&window.to_be_bytes());
-        ctx.update(&session_id.to_be_bytes());
-        ctx.update(&[slot]);
-        match source.ip() {
-            IpAddr::V4(ip) => {
-                ctx.update(&[4]);
-                ctx.update(&ip.octets());
-            }
-            IpAddr::V6(ip) => {
-                ctx.update(&[6]);
-                ctx.update(&ip.octets());
-            }
-        }
-        ctx.update(&source.port().to_be_bytes());
-        truncate(ctx.sign())
+        let mut key = Zeroizing::new(truncate(ctx.sign()));
+        let out = CookieKey::from_bytes(&key);
+        key.zeroize();
+        out
+    }
+
+    /// The keys of the windows before, at and after `now`, oldest first: what the XDP guard
+    /// holds so that it agrees with the relay across a window's change.
+    pub fn window_keys(&self, now: UnixTime) -> [CookieKey; 3] {
+        let current = window(now);
+        [current.saturating_sub(1), current, current + 1].map(|w| self.window_key(w))
+    }
+
+    fn cookie(&self, window: u64, session_id: u64, slot: u8, source: SocketAddr) -> [u8; 16] {
+        let addr = match source.ip() {
+            IpAddr::V4(ip) => ip.to_ipv6_mapped().octets(),
+            IpAddr::V6(ip) => ip.octets(),
+        };
+        let input = cookie::cookie_input(session_id, slot, &addr, source.port());
+        cookie::cookie(&self.window_key(window), &input)
     }
 }
 
@@ -372,6 +385,27 @@ mod tests {
     }
 
     #[test]
+    fn cookies_are_siphash_under_the_window_key_and_the_guard_gets_three_windows() {
+        let jar = CookieJar::new([1; 32]);
+        let now = UnixTime(1_000_000);
+        let src = addr("198.18.0.1:4000");
+        let w = now.as_secs() / COOKIE_WINDOW_SECS;
+        let mapped = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 198, 18, 0, 1];
+        let input = cookie::cookie_input(9, 1, &mapped, 4000);
+        let by_hand = cookie::cookie(&jar.window_key(w), &input);
+        assert_eq!(jar.issue(now, 9, 1, src), by_hand);
+        assert_eq!(
+            jar.window_keys(now),
+            [
+                jar.window_key(w - 1),
+                jar.window_key(w),
+                jar.window_key(w + 1)
+            ]
+        );
+        assert_ne!(jar.window_key(w), jar.window_key(w + 1));
+    }
+
+    #[test]
     fn cookie_is_bound_to_address_session_and_slot() {
         let jar = CookieJar::new([1; 32]);
         let now = UnixTime(1_000_000);
@@ -380,7 +414,9 @@ mod tests {
         assert!(jar.check(now, &cookie, 9, 1, src));
         assert!(!jar.check(now, &cookie, 9, 1, addr("198.18.0.2:4000")));
         assert!(!jar.check(now, &cookie, 9, 1, addr("198.18.0.1:4001")));
-        assert!(!jar.check(now, &cookie, 9, 1, addr("[::ffff:198.18.0.1]:4000")));
+        // An IPv4 source is the same source when a dual-stack socket reports it IPv4-mapped.
+        assert!(jar.check(now, &cookie, 9, 1, addr("[::ffff:198.18.0.1]:4000")));
+        assert!(!jar.check(now, &cookie, 9, 1, addr("[2001:db8::c612:1]:4000")));
         assert!(!jar.check(now, &cookie, 10, 1, src));
         assert!(!jar.check(now, &cookie, 9, 0, src));
         assert!(!CookieJar::new([2; 32]).check(now, &cookie, 9, 1, src));

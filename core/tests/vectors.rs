@@ -59,6 +59,9 @@ fn cookie() {
     let v4: SocketAddr = "198.18.0.1:4000".parse().unwrap();
     let v6: SocketAddr = "[2001:db8::1]:4000".parse().unwrap();
     let now = UnixTime(1_800_000_000);
+    let key = jar.window_key(1_800_000_000 / 60);
+    let key_bytes = [key.k0.to_le_bytes(), key.k1.to_le_bytes()].concat();
+    assert_eq!(hex(&key_bytes), COOKIE_WINDOW_KEY);
     assert_eq!(hex(&jar.issue(now, SESSION, 1, v4)), COOKIE_V4);
     assert_eq!(hex(&jar.issue(now, SESSION, 1, v6)), COOKIE_V6);
 }
@@ -87,5 +90,6 @@ const BIND_ACK: [&str; 4] = [
     "69e865386c954704d51f0d795bef25b1",
 ];
 
-const COOKIE_V4: &str = "1ccef5f41a54b862f47c841dc36eed99";
-const COOKIE_V6: &str = "d079664e97e047db69b1d6d5cb7e0bb4";
+const COOKIE_WINDOW_KEY: &str = "3a1fb2811a606601305b9481772f99e2";
+const COOKIE_V4: &str = "662afc3662180fa821d0329859ff865a";
+const COOKIE_V6: &str = "bd4c489d281155c87616ab75ff671eda";

@@ -24,7 +24,7 @@
 //! lowering either, so that two replicas renewing both slots at once cannot shorten it.
 
 /// Keeps a session until `ARGV[1]` (Unix seconds), `ARGV[2]` seconds from now: raises
-/// `until` (KEYS[3]) and the TTLs of the record (KEYS[1]) and of `joined` (KEYS[2]), never
+/// `until` (`KEYS[3]`) and the TTLs of the record (`KEYS[1]`) and of `joined` (`KEYS[2]`), never
 /// lowering them. Returns 0 if the record is gone.
 const EXTEND_SCRIPT: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end

@@ -10,12 +10,21 @@
 //!   join with a join code, renew a slot; its [`gateway::Grant`] holds what binding needs.
 //! - [`link::DatagramLink`] is what the file transfer and the tunnel need from a session: an
 //!   unreliable message link to the other peer ([`link::memory_pair`] for tests).
+//! - [`session::Session`] is the async (tokio) peer an application embeds: it binds, waits for
+//!   the other peer, runs the handshake, then renews, recovers, rebinds and closes by itself in
+//!   a driver task, and is a [`link::DatagramLink`].
+//! - [`transfer::send_file`] and [`transfer::receive_file`] move one file reliably over a
+//!   [`link::DatagramLink`]: QUIC (quinn-proto) for retransmission and congestion control, an
+//!   end-to-end SHA-256, and a receiver that never overwrites and never leaves a partial file.
 //! - [`tunnel`] carries a local UDP application's datagrams over a link, both ways.
-//! - [`udp::UdpPeer`] drives a bind client and a channel over a blocking `std::net::UdpSocket`, for the CLI and tests.
+//! - [`udp::UdpPeer`] drives a bind client and a channel over a blocking
+//!   `std::net::UdpSocket`, for the CLI and tests.
 
 pub mod bind;
 pub mod channel;
 pub mod gateway;
 pub mod link;
+pub mod session;
+pub mod transfer;
 pub mod tunnel;
 pub mod udp;

@@ -1,18 +1,25 @@
 //! `ferry-peer`: the endpoint CLI. Manages the peer's identity key and its known-peers file,
-//! and asks the gateway for a session: `create`, `join --code CODE` and `renew --grant FILE`
-//! write the gateway's grant to a file (its format: [`ferry_peer::gateway`]).
+//! asks the gateway for a session (`create`, `join --code CODE` and `renew --grant FILE` write
+//! the gateway's grant to a file, its format: [`ferry_peer::gateway`]), and runs a session on a
+//! grant ([`ferry_peer::session::Session`]): `tunnel` carries a local UDP application's
+//! traffic through it.
+
+mod cli_session;
 
 use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ferry_core::keys::{PeerPublicKey, PeerStaticKey};
-use ferry_peer::gateway::{ApiKey, GatewayClient, Grant};
+use ferry_peer::gateway::{GatewayClient, Grant};
+use ferry_peer::link::LinkError;
+use ferry_peer::tunnel::{TunnelError, TunnelMode, TunnelStats};
 
-/// The environment variable that holds the API key when `--api-key-file` is not given.
-const API_KEY_ENV: &str = "FERRY_API_KEY";
+use crate::cli_session::{SESSION_HELP, SessionArgs};
 
 /// The `--help` text on the grant file, shared by `create`, `join` and `renew`.
 const GRANT_HELP: &str = "\
@@ -130,6 +137,27 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
+    /// Carry a local UDP application's traffic through the relay to the other peer, both ways,
+    /// until Ctrl-C or the other peer closes. One end listens (--listen: the local application
+    /// sends to ADDR as to its server), the other connects (--connect: delivers to the
+    /// application's server at ADDR). A datagram longer than 1427 bytes is dropped, never split.
+    /// Prints the tunnel's and the session's counters at the end.
+    #[command(after_long_help = SESSION_HELP)]
+    Tunnel {
+        #[command(flatten)]
+        session: SessionArgs,
+        /// Take the local application's datagrams at this address.
+        #[arg(
+            long,
+            value_name = "ADDR",
+            conflicts_with = "connect",
+            required_unless_present = "connect"
+        )]
+        listen: Option<std::net::SocketAddr>,
+        /// Deliver to the application listening at this address.
+        #[arg(long, value_name = "ADDR")]
+        connect: Option<std::net::SocketAddr>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -151,28 +179,8 @@ fn default_known_peers() -> PathBuf {
     base.join("ferry").join("known-peers")
 }
 
-/// The API key from `--api-key-file`, else from the environment.
-fn api_key(args: &GatewayArgs) -> anyhow::Result<ApiKey> {
-    let text = match &args.api_key_file {
-        Some(path) => zeroize::Zeroizing::new(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("reading the API key file {}", path.display()))?,
-        ),
-        None => match std::env::var(API_KEY_ENV) {
-            Ok(key) => zeroize::Zeroizing::new(key),
-            Err(_) => anyhow::bail!(
-                "no API key: give --api-key-file FILE or set the {API_KEY_ENV} environment variable"
-            ),
-        },
-    };
-    if text.trim().is_empty() {
-        anyhow::bail!("the API key is empty");
-    }
-    Ok(ApiKey::new(&text))
-}
-
 fn gateway_client(args: &GatewayArgs) -> anyhow::Result<GatewayClient> {
-    let key = api_key(args)?;
+    let key = cli_session::api_key(args.api_key_file.as_deref())?;
     Ok(GatewayClient::new(&args.gateway, &args.ca, &key)?)
 }
 
@@ -212,8 +220,59 @@ fn write_grant(path: &Path, grant: &Grant) -> anyhow::Result<()> {
     })
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+/// Runs `ferry-peer tunnel`.
+fn tunnel(args: &SessionArgs, mode: TunnelMode) -> anyhow::Result<()> {
+    let prepared = cli_session::prepare(args)?;
+    let runtime = cli_session::runtime()?;
+    runtime.block_on(async {
+        let session = Arc::new(prepared.connect().await?);
+        let stats = Arc::new(TunnelStats::default());
+        eprintln!("ferry-peer: tunnel up ({mode:?}); Ctrl-C ends it");
+        let started = std::time::Instant::now();
+        let ended = tokio::select! {
+            result = ferry_peer::tunnel::run(session.clone(), mode, stats.clone()) => result,
+            signal = tokio::signal::ctrl_c() => {
+                signal.context("waiting for Ctrl-C")?;
+                Ok(())
+            }
+        };
+        session.close().await;
+        let seconds = started.elapsed().as_secs_f64();
+        let counts = stats.snapshot();
+        println!("seconds {seconds:.3}");
+        println!("to_peer_datagrams {}", counts.to_peer_datagrams);
+        println!("to_peer_bytes {}", counts.to_peer_bytes);
+        println!("from_peer_datagrams {}", counts.from_peer_datagrams);
+        println!("from_peer_bytes {}", counts.from_peer_bytes);
+        println!("dropped_too_long {}", counts.dropped_too_long);
+        println!("dropped_no_application {}", counts.dropped_no_application);
+        println!("local_errors {}", counts.local_errors);
+        cli_session::print_stats(&session.stats());
+        match ended {
+            // The other peer ending the tunnel is a normal end.
+            Err(TunnelError::Link(LinkError::Closed(reason)))
+                if reason.contains("other peer closed") =>
+            {
+                Ok(())
+            }
+            other => other.context("the tunnel stopped"),
+        }
+    })
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes.
+            eprintln!("ferry-peer: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
         Command::Keygen { out, force } => {
             let rng = ring::rand::SystemRandom::new();
             let key = PeerStaticKey::generate(&rng).context("generating the peer key")?;
@@ -305,6 +364,18 @@ fn main() -> anyhow::Result<()> {
             write_grant(out.as_deref().unwrap_or(&grant_file), &grant)?;
             println!("session_id {}", grant.session_id_hex());
             println!("expires_at {}", grant.expires_at);
+        }
+        Command::Tunnel {
+            session,
+            listen,
+            connect,
+        } => {
+            let mode = match (listen, connect) {
+                (Some(addr), _) => TunnelMode::Listen(addr),
+                (None, Some(addr)) => TunnelMode::Connect(addr),
+                (None, None) => anyhow::bail!("give --listen ADDR or --connect ADDR"),
+            };
+            tunnel(&session, mode)?;
         }
     }
     Ok(())

@@ -116,3 +116,179 @@ fn known_peers_can_be_listed_and_forgotten() {
         text(&bad.stderr)
     );
 }
+
+/// A grant file the CLI can read (its token is not one a relay would take) and a key file.
+fn grant_and_key(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    use base64::Engine as _;
+    let b64 =
+        |len: usize, byte: u8| base64::engine::general_purpose::STANDARD.encode(vec![byte; len]);
+    let grant = serde_json::json!({
+        "session_id": "2146d4dc68d435dd", "slot": "A",
+        "token": b64(208, 7), "slot_secret": b64(32, 9),
+        "kid": 1, "not_before": 1795598326u64, "expires_at": 1795598626u64,
+        "relay": {"id": 5, "address": "127.0.0.1:9", "public_key": b64(32, 3)},
+        "expected_peer_public_key": b64(32, 4),
+    });
+    let grant_file = dir.join("a.grant");
+    std::fs::write(&grant_file, grant.to_string()).unwrap();
+    let key = dir.join("peer.key");
+    assert!(run(&["keygen", "--out", path_str(&key)]).status.success());
+    (grant_file, key)
+}
+
+/// Runs `ferry-peer` without FERRY_API_KEY in its environment.
+fn run_without_key(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("FERRY_API_KEY")
+        .output()
+        .expect("ferry-peer runs")
+}
+
+#[test]
+fn tunnel_help_names_the_session_options_and_the_key_rules() {
+    let out = run(&["tunnel", "--help"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let help = text(&out.stdout);
+    for needle in [
+        "--grant <FILE>",
+        "--identity <FILE>",
+        "--gateway <URL>",
+        "--ca <FILE>",
+        "--api-key-file <FILE>",
+        "--relay <ADDR>",
+        "--connect-timeout <SECS>",
+        "--listen <ADDR>",
+        "--connect <ADDR>",
+        "FERRY_API_KEY",
+        "never on the command\nline",
+        "ends when the grant's token expires",
+        "Exit status: 0 on success, 1 on failure",
+    ] {
+        assert!(help.contains(needle), "{needle:?} missing from:\n{help}");
+    }
+}
+
+#[test]
+fn session_commands_fail_with_one_clear_line_on_bad_input() {
+    let dir = scratch("session-errors");
+    let (grant, key) = grant_and_key(dir.path());
+    let missing = dir.path().join("nope.grant");
+
+    // No grant file.
+    let out = run_without_key(&[
+        "tunnel",
+        "--grant",
+        path_str(&missing),
+        "--identity",
+        path_str(&key),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("reading the grant") && err.contains("nope.grant"),
+        "{err}"
+    );
+
+    // A key file that cannot be read.
+    let out = run_without_key(&[
+        "tunnel",
+        "--grant",
+        path_str(&grant),
+        "--identity",
+        path_str(&dir.path().join("no.key")),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("reading the identity") && err.contains("no.key"),
+        "{err}"
+    );
+
+    // Gateway arguments but no API key, neither by file nor in the environment.
+    let out = run_without_key(&[
+        "tunnel",
+        "--grant",
+        path_str(&grant),
+        "--identity",
+        path_str(&key),
+        "--gateway",
+        "https://localhost:1",
+        "--ca",
+        path_str(&grant),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("no API key: give --api-key-file FILE or set the FERRY_API_KEY"),
+        "{err}"
+    );
+
+    // --ca without --gateway, and neither --listen nor --connect: usage errors.
+    let out = run_without_key(&[
+        "tunnel",
+        "--grant",
+        path_str(&grant),
+        "--identity",
+        path_str(&key),
+        "--ca",
+        path_str(&grant),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("--gateway"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run_without_key(&[
+        "tunnel",
+        "--grant",
+        path_str(&grant),
+        "--identity",
+        path_str(&key),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("--listen"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn without_a_gateway_the_session_says_it_cannot_renew_and_times_out_clearly() {
+    let dir = scratch("session-nogw");
+    let (grant, key) = grant_and_key(dir.path());
+    // Nothing answers at the grant's relay address: the connect times out after a second.
+    let out = run_without_key(&[
+        "tunnel",
+        "--grant",
+        path_str(&grant),
+        "--identity",
+        path_str(&key),
+        "--connect-timeout",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("no --gateway: the session cannot renew its token"),
+        "{err}"
+    );
+    assert!(
+        err.contains("connecting the session: timed out after 1s waiting for the relay's BIND-ACK"),
+        "{err}"
+    );
+}

@@ -10,12 +10,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ferry_core::keys::RelayStaticKey;
-use ferry_core::proof::CookieJar;
+use ferry_core::proof::{COOKIE_WINDOW_SECS, CookieJar};
+use ferry_core::time::UnixTime;
 use ferry_core::token::TokenVerifier;
 use ferry_relay::admin::{AdminServer, AdminState};
 use ferry_relay::config::{self, RelayConfig};
@@ -126,20 +127,39 @@ fn init_logging(level: &str) {
         .init();
 }
 
-fn build_sessions(cfg: &RelayConfig) -> anyhow::Result<Sessions> {
+fn build_sessions(cfg: &RelayConfig, cookies: CookieJar) -> anyhow::Result<Sessions> {
     let mut verifier = TokenVerifier::new(cfg.verifier_config(), cfg.static_key.clone())
         .context("setting up token verification")?;
     for (kid, key) in &cfg.gateway_keys {
         verifier.add_trusted_key(*kid, *key);
     }
-    let rng = ring::rand::SystemRandom::new();
-    let cookies = CookieJar::generate(&rng).context("drawing the cookie secret")?;
     Ok(Sessions::new(
         cfg.session_limits(),
         cfg.ip_limits(),
         verifier,
         cookies,
     ))
+}
+
+/// Writes the cookie window keys into the guard (if it runs) when the window has changed
+/// since `written`, the window they were last written for.
+fn update_cookie_keys(
+    xdp: &Mutex<Option<Guard>>,
+    cookies: &CookieJar,
+    written: &mut Option<u64>,
+) -> anyhow::Result<()> {
+    let now = UnixTime::from(SystemTime::now());
+    let window = now.as_secs() / COOKIE_WINDOW_SECS;
+    if *written == Some(window) {
+        return Ok(());
+    }
+    if let Some(guard) = xdp.lock().unwrap_or_else(PoisonError::into_inner).as_mut() {
+        guard
+            .set_cookie_keys(cookies.window_keys(now))
+            .context("writing the cookie keys")?;
+    }
+    *written = Some(window);
+    Ok(())
 }
 
 fn run(path: &Path) -> anyhow::Result<()> {
@@ -164,10 +184,15 @@ fn run(path: &Path) -> anyhow::Result<()> {
     }
     // The guard's session map follows the session tables whenever the guard runs, so that
     // turning `xdp.session_filter` on by a reload finds it complete.
-    let mut sessions = build_sessions(&cfg)?;
+    let rng = ring::rand::SystemRandom::new();
+    let cookies = CookieJar::generate(&rng).context("drawing the cookie secret")?;
+    let mut sessions = build_sessions(&cfg, cookies.clone())?;
     if let Some(guard) = xdp.lock().unwrap_or_else(PoisonError::into_inner).as_mut() {
         sessions = sessions.with_observer(guard.session_filter()?);
     }
+    // The guard checks address cookies with the window keys, rewritten as windows pass.
+    let mut cookie_window = None;
+    update_cookie_keys(&xdp, &cookies, &mut cookie_window)?;
     let sessions = Arc::new(sessions);
 
     let stats: Vec<Arc<WorkerStats>> = (0..cfg.workers)
@@ -241,6 +266,11 @@ fn run(path: &Path) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(100));
         if reload.swap(false, Ordering::Relaxed) {
             current = apply_reload(path, current, &sessions, &xdp);
+        }
+        if let Err(e) = update_cookie_keys(&xdp, &cookies, &mut cookie_window) {
+            // The guard keeps the previous keys, so cookies issued from now on count as
+            // missing there (metered like first attempts) until a later write succeeds.
+            tracing::warn!("writing the XDP guard's cookie keys: {e:#}");
         }
         if !stop.load(Ordering::Relaxed) && workers.iter().any(|w| w.is_finished()) {
             tracing::error!("a worker stopped unexpectedly; shutting down");

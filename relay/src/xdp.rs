@@ -20,10 +20,12 @@ use aya::maps::lpm_trie::Key;
 use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray};
 use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
+use ferry_common::cookie::CookieKey;
 use ferry_common::xdp::{
-    BoundSlot, COUNTER_SLOTS, CounterValue, FLAG_ACTIVE, FLAG_DROP_ALL_FRAGMENTS,
+    BoundSlot, COUNTER_SLOTS, CookieKeys, CounterValue, FLAG_ACTIVE, FLAG_DROP_ALL_FRAGMENTS,
     FLAG_SESSION_FILTER, GuardConfig, LIST_ALLOW, LIST_DENY, MAP_CIDR_V4, MAP_CIDR_V6, MAP_CONFIG,
-    MAP_COUNTERS, MAP_SESSIONS, MAP_SOURCES, MAX_PORTS, PROGRAM_NAME, Rate, SessionEntry,
+    MAP_COOKIE_KEYS, MAP_COUNTERS, MAP_SESSIONS, MAP_SOURCES, MAX_PORTS, PROGRAM_NAME, Rate,
+    SessionEntry,
 };
 pub use ferry_core::cidr::Cidr;
 
@@ -285,6 +287,17 @@ impl Guard {
             .set(0, settings.guard_config(ports), 0)
             .map_err(|e| map_error(MAP_CONFIG, e))?;
         Ok(())
+    }
+
+    /// Writes the address cookie's keys of the previous, current and next window
+    /// ([`ferry_core::proof::CookieJar::window_keys`]): the program takes a BIND or REBIND
+    /// whose cookie is valid under one of them as coming from a source that receives at its
+    /// address. Call it at start and whenever the cookie window changes; until the first call
+    /// no cookie counts as valid.
+    pub fn set_cookie_keys(&mut self, keys: [CookieKey; 3]) -> Result<(), XdpError> {
+        let mut map: Array<&mut MapData, CookieKeys> = map_mut(&mut self.ebpf, MAP_COOKIE_KEYS)?;
+        map.set(0, CookieKeys { keys, set: 1 }, 0)
+            .map_err(|e| map_error(MAP_COOKIE_KEYS, e))
     }
 
     /// Attaches to `interface` as `mode` asks: `auto` tries native mode first and falls back

@@ -132,6 +132,15 @@ fn the_relay_process_serves_peers_and_refuses_everyone_else() {
 
     let before = scrape(&relay);
     let forwarded_before = metric(&before, "ferry_forwarded_packets_total");
+    // Each of the four binds was a BIND without a cookie, answered with a CHALLENGE, then the
+    // BIND with its cookie, which the guard verified with the window keys the relay wrote.
+    assert_eq!(
+        metric(
+            &before,
+            "ferry_xdp_packets_total{action=\"pass\",reason=\"relay_cookie\"}"
+        ),
+        4
+    );
 
     // A stranger sends DATA for session 0x1001 from its own address: nothing reaches B.
     let stranger = at(topo.peer_v4(5));

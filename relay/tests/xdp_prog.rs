@@ -935,6 +935,158 @@ fn data_and_keepalives_for_a_held_session_pass_only_from_its_bound_slots() {
     assert_eq!(g.session_filter_errors(), 0);
 }
 
+/// A BIND (or REBIND) from `src`:`port` for slot 1 of the session of `datagram()`, carrying
+/// `cookie` at its place in the body.
+fn handshake_from(packet_type: PacketType, src: &str, port: u16, cookie: [u8; 16]) -> Vec<u8> {
+    let body_len = match packet_type {
+        PacketType::Bind => BIND_BODY_LEN,
+        _ => REBIND_BODY_LEN,
+    };
+    let mut d = datagram(packet_type, body_len);
+    d[HEADER_LEN] = 1;
+    d[HEADER_LEN + 12..HEADER_LEN + 28].copy_from_slice(&cookie);
+    let relay = if src.contains(':') { RELAY6 } else { RELAY4 };
+    let mut f = Frame::udp(ip(src), ip(relay), PORT);
+    f.src_port = port;
+    f.build(&d)
+}
+
+#[test]
+#[cfg_attr(not(ferry_skip_ebpf), ignore = "needs root: loads the XDP program")]
+#[cfg_attr(
+    ferry_skip_ebpf,
+    ignore = "built with FERRY_SKIP_EBPF=1: no XDP program"
+)]
+fn handshakes_with_a_valid_cookie_have_a_meter_forged_ones_cannot_spend() {
+    use ferry_core::proof::CookieJar;
+    use ferry_core::time::UnixTime;
+    let mut s = settings();
+    s.handshake = Rate::new(1, 3).unwrap();
+    s.handshake_total = Rate::new(1, 6).unwrap();
+    let mut g = guard(
+        "handshakes_with_a_valid_cookie_have_a_meter_forged_ones_cannot_spend",
+        &s,
+    );
+    let (rate, total, cookie_pass) = (
+        Counter::DropRateHandshake as u32,
+        Counter::DropRateHandshakeTotal as u32,
+        Counter::PassCookie as u32,
+    );
+    let jar = CookieJar::new([7; 32]);
+    let now = UnixTime::from(std::time::SystemTime::now());
+    let sid = 0x0102_0304_0506_0708;
+    let victim: std::net::SocketAddr = "198.18.0.2:40000".parse().unwrap();
+    let cookie = jar.issue(now, sid, 1, victim);
+    let bind = PacketType::Bind;
+    // Before the relay writes the keys, no cookie counts: a valid one is metered like none.
+    expect(
+        &g,
+        &handshake_from(bind, "198.18.0.9", 1, cookie),
+        XDP_PASS,
+        PASS_RELAY,
+        "no keys yet",
+    );
+    g.set_cookie_keys(jar.window_keys(now)).unwrap();
+    // Forged BINDs in the victim's name (no cookie: the forger cannot receive there) spend
+    // its cookie-less meter (burst 3) ...
+    let forged = handshake_from(bind, "198.18.0.2", 40_000, [0; 16]);
+    for i in 0..3 {
+        expect(
+            &g,
+            &forged,
+            XDP_PASS,
+            PASS_RELAY,
+            &format!("cookie-less BIND {i}"),
+        );
+    }
+    expect(
+        &g,
+        &forged,
+        XDP_DROP,
+        rate,
+        "cookie-less BIND over the source's rate",
+    );
+    // ... and a made-up cookie or one for another port or slot is no better ...
+    let made_up = handshake_from(bind, "198.18.0.2", 40_000, [0x5a; 16]);
+    expect(
+        &g,
+        &made_up,
+        XDP_DROP,
+        rate,
+        "a made-up cookie is metered as none",
+    );
+    let other_port = handshake_from(bind, "198.18.0.2", 40_001, cookie);
+    expect(
+        &g,
+        &other_port,
+        XDP_DROP,
+        rate,
+        "the cookie of another port",
+    );
+    // ... but the victim's own BIND with its cookie has a meter of its own.
+    let genuine = handshake_from(bind, "198.18.0.2", 40_000, cookie);
+    for i in 0..3 {
+        expect(
+            &g,
+            &genuine,
+            XDP_PASS,
+            cookie_pass,
+            &format!("BIND with a valid cookie {i}"),
+        );
+    }
+    expect(
+        &g,
+        &genuine,
+        XDP_DROP,
+        rate,
+        "the victim's own handshakes are still metered",
+    );
+    // Cookie-less handshakes from many sources exhaust the relay-wide budget (burst 6: the
+    // first BIND above from .9 and the victim's three took four of it); ones with a valid cookie
+    // do not wait for it. A REBIND's cookie is for its new address, checked the same way.
+    expect(
+        &g,
+        &handshake_from(bind, "198.18.0.10", 1, [0; 16]),
+        XDP_PASS,
+        PASS_RELAY,
+        "budget 5",
+    );
+    expect(
+        &g,
+        &handshake_from(bind, "198.18.0.11", 1, [0; 16]),
+        XDP_PASS,
+        PASS_RELAY,
+        "budget 6",
+    );
+    expect(
+        &g,
+        &handshake_from(bind, "198.18.0.12", 1, [0; 16]),
+        XDP_DROP,
+        total,
+        "budget spent",
+    );
+    let moved: std::net::SocketAddr = "[2001:db8::7]:5000".parse().unwrap();
+    let rebind_cookie = jar.issue(now, sid, 1, moved);
+    let rebind = handshake_from(PacketType::Rebind, "2001:db8::7", 5000, rebind_cookie);
+    expect(
+        &g,
+        &rebind,
+        XDP_PASS,
+        cookie_pass,
+        "a REBIND with a valid cookie, budget spent",
+    );
+    // Keys of a window long gone no longer count.
+    let old = UnixTime(now.as_secs() - 3600);
+    g.set_cookie_keys(jar.window_keys(old)).unwrap();
+    expect(
+        &g,
+        &rebind,
+        XDP_DROP,
+        total,
+        "a cookie of a window the guard no longer holds",
+    );
+}
+
 #[test]
 #[cfg_attr(not(ferry_skip_ebpf), ignore = "needs root: loads the XDP program")]
 #[cfg_attr(

@@ -1,5 +1,6 @@
 //! Code shared by Ferry's XDP program (`ebpf/xdp`, built for `bpfel-unknown-none`) and the
-//! userspace crates: the stateless header rules ([`header`]) and the XDP guard's map types,
+//! userspace crates: the stateless header rules ([`header`]), the address cookie's keyed
+//! function ([`cookie`]), and the XDP guard's map types,
 //! counters and rate arithmetic ([`xdp`]).
 //!
 //! What this crate does **not** do: allocate, panic, or depend on `std`. Everything in it must
@@ -9,5 +10,6 @@
 #![cfg_attr(not(feature = "user"), forbid(unsafe_code))]
 #![cfg_attr(feature = "user", deny(unsafe_code))]
 
+pub mod cookie;
 pub mod header;
 pub mod xdp;

@@ -42,6 +42,9 @@ pub const MAP_CIDR_V6: &str = "CIDR_V6";
 pub const MAP_SESSIONS: &str = "SESSIONS";
 /// Map: `Array<Meter>` with one entry, the relay-wide handshake meter.
 pub const MAP_HANDSHAKES: &str = "HANDSHAKES";
+/// Map: `Array<CookieKeys>` with one entry: the address cookie's keys of the previous, current
+/// and next window (docs/protocol.md §5), which the relay rewrites as windows pass.
+pub const MAP_COOKIE_KEYS: &str = "COOKIE_KEYS";
 
 /// Entries the session map can hold: the most `limits.max_sessions` allows. The map
 /// allocates per entry (`BPF_F_NO_PREALLOC`), so the bound costs nothing until used.
@@ -154,7 +157,7 @@ impl Meter {
     }
 }
 
-/// The per-source state: three meters.
+/// The per-source state: four meters.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SourceState {
@@ -162,8 +165,23 @@ pub struct SourceState {
     pub data_packets: Meter,
     /// Bytes of DATA, KEEPALIVE and CLOSE datagrams (UDP payload).
     pub data_bytes: Meter,
-    /// BIND and REBIND packets: each costs the relay a signature check and X25519.
+    /// BIND and REBIND packets without a valid address cookie: each costs the relay a
+    /// CHALLENGE, and their source address may be forged.
     pub handshake: Meter,
+    /// BIND and REBIND packets with a valid address cookie: each may cost the relay a
+    /// signature check and an X25519, and only a source that receives at its address can send
+    /// them, so forged ones cannot spend this meter.
+    pub proven_handshake: Meter,
+}
+
+/// The value of [`MAP_COOKIE_KEYS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CookieKeys {
+    /// The keys of the previous, current and next cookie window.
+    pub keys: [crate::cookie::CookieKey; 3],
+    /// 1 once the relay has written the keys; until then no cookie is taken as valid.
+    pub set: u64,
 }
 
 /// The key of the per-source map: the IPv6 source masked to the configured prefix, or the
@@ -222,9 +240,10 @@ pub struct GuardConfig {
     pub data_packets: Rate,
     /// DATA, KEEPALIVE, CLOSE bytes per source.
     pub data_bytes: Rate,
-    /// BIND and REBIND packets per source.
+    /// BIND and REBIND packets per source: those without a valid cookie and those with one
+    /// each have a meter of this rate.
     pub handshake: Rate,
-    /// BIND and REBIND packets from all sources together.
+    /// BIND and REBIND packets without a valid cookie from all sources together.
     pub handshake_total: Rate,
     /// Mask applied to IPv6 sources before metering (`xdp.ipv6_prefix_len`).
     pub ipv6_mask: [u8; 16],
@@ -307,17 +326,21 @@ pub enum Counter {
     DropRateDataPackets = 9,
     /// DATA, KEEPALIVE or CLOSE over the source's byte rate.
     DropRateDataBytes = 10,
-    /// BIND or REBIND over the relay-wide handshake rate (all sources together).
+    /// BIND or REBIND without a valid cookie over the relay-wide handshake rate (all sources
+    /// together).
     DropRateHandshakeTotal = 11,
     /// DATA, KEEPALIVE, REBIND or CLOSE for a session the relay does not hold.
     DropUnknownSession = 12,
     /// DATA or KEEPALIVE for a session the relay holds, from an address and port that none
     /// of its slots is bound to.
     DropUnboundSource = 13,
+    /// A BIND or REBIND with an address cookie valid for its source: passed to the relay after
+    /// its source's meter for such handshakes, without the relay-wide budget.
+    PassCookie = 14,
 }
 
 /// The first slot of the malformed-header counters.
-pub const FIRST_MALFORMED: u32 = 14;
+pub const FIRST_MALFORMED: u32 = 15;
 /// Number of counter slots: the [`Counter`] variants, then one per [`HeaderError`].
 pub const COUNTER_SLOTS: u32 = FIRST_MALFORMED + HeaderError::COUNT as u32;
 
@@ -338,6 +361,7 @@ impl Counter {
         Counter::DropRateHandshakeTotal,
         Counter::DropUnknownSession,
         Counter::DropUnboundSource,
+        Counter::PassCookie,
     ];
 
     /// The counter slot.
@@ -367,6 +391,7 @@ impl Counter {
             Counter::DropRateHandshakeTotal => ("drop", "rate_handshake_total"),
             Counter::DropUnknownSession => ("drop", "unknown_session"),
             Counter::DropUnboundSource => ("drop", "unbound_source"),
+            Counter::PassCookie => ("pass", "relay_cookie"),
         }
     }
 }
@@ -403,10 +428,11 @@ mod pod {
     #![allow(unsafe_code)]
 
     use super::{
-        BoundSlot, CounterValue, GuardConfig, Meter, Rate, SessionEntry, SourceKey, SourceState,
+        BoundSlot, CookieKeys, CounterValue, GuardConfig, Meter, Rate, SessionEntry, SourceKey,
+        SourceState,
     };
 
-    // SAFETY (all eight impls below): #[repr(C)], fields are integers or integer arrays laid out
+    // SAFETY (all nine impls below): #[repr(C)], fields are integers or integer arrays laid out
     // without padding (checked by the size assertions in the tests), so any bytes are a valid
     // value.
     unsafe impl aya::Pod for Rate {}
@@ -417,6 +443,7 @@ mod pod {
     unsafe impl aya::Pod for CounterValue {}
     unsafe impl aya::Pod for BoundSlot {}
     unsafe impl aya::Pod for SessionEntry {}
+    unsafe impl aya::Pod for CookieKeys {}
 }
 
 #[cfg(test)]
@@ -431,7 +458,8 @@ mod tests {
     fn map_types_have_no_padding() {
         assert_eq!(size_of::<Rate>(), 16);
         assert_eq!(size_of::<Meter>(), 16);
-        assert_eq!(size_of::<SourceState>(), 48);
+        assert_eq!(size_of::<SourceState>(), 64);
+        assert_eq!(size_of::<CookieKeys>(), 3 * 16 + 8);
         assert_eq!(size_of::<SourceKey>(), 16);
         assert_eq!(
             size_of::<GuardConfig>(),

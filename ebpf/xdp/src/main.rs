@@ -10,6 +10,10 @@
 //!    relay-only types sent to the relay;
 //! 5. meter the source (IPv4 address, or IPv6 masked to its prefix) in an LRU map: BIND and
 //!    REBIND against a strict handshake rate, everything else against packet and byte rates.
+//!    A BIND or REBIND carrying an address cookie valid for its source (checked with the
+//!    window keys the relay writes to [`COOKIE_KEYS`]) comes from a host that receives at that
+//!    address, so it has a handshake meter of its own, which forged packets cannot spend, and
+//!    skips the relay-wide handshake budget, which only cookie-less handshakes share.
 //!
 //! With the session filter on, step 4 also drops DATA, KEEPALIVE, REBIND and CLOSE for a
 //! session the relay does not hold, and DATA and KEEPALIVE from an address none of the
@@ -30,9 +34,10 @@ use aya_ebpf::macros::{map, xdp};
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::XdpContext;
+use ferry_common::cookie::{cookie, cookie_input};
 use ferry_common::header::{HEADER_LEN, PacketType, check_header};
 use ferry_common::xdp::{
-    COUNTER_SLOTS, Counter, CounterValue, DEFAULT_MAX_SOURCES, FLAG_ACTIVE,
+    COUNTER_SLOTS, CookieKeys, Counter, CounterValue, DEFAULT_MAX_SOURCES, FLAG_ACTIVE,
     FLAG_DROP_ALL_FRAGMENTS, FLAG_SESSION_FILTER, GuardConfig, LIST_ALLOW, LIST_DENY, MAX_CIDRS,
     MAX_SESSIONS, Meter, SessionEntry, SourceKey, SourceState,
 };
@@ -59,6 +64,14 @@ static SESSIONS: HashMap<u64, SessionEntry> =
 
 #[map(name = "HANDSHAKES")]
 static HANDSHAKES: Array<Meter> = Array::with_max_entries(1, 0);
+
+#[map(name = "COOKIE_KEYS")]
+static COOKIE_KEYS: Array<CookieKeys> = Array::with_max_entries(1, 0);
+
+/// Where a BIND's or REBIND's slot byte and cookie start in its body (docs/protocol.md §3.1,
+/// §3.7: the same offsets in both).
+const BODY_SLOT: usize = 0;
+const BODY_COOKIE: usize = 12;
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IPV4: u16 = 0x0800;
@@ -250,18 +263,71 @@ fn guard(ctx: &XdpContext) -> (u32, u32) {
     }
 
     // ---- Per-source meters ----
+    let handshake = match header.packet_type {
+        PacketType::Bind | PacketType::Rebind => {
+            match cookie_is_valid(ctx, payload, header.session_id, &l4) {
+                Some(true) => Handshake::Proven,
+                Some(false) => Handshake::Unproven,
+                None => return drop(Counter::DropBadIpHeader),
+            }
+        }
+        _ => Handshake::No,
+    };
     let mut key = SourceKey { addr: l4.source };
     if l4.v4.is_none() {
         for i in 0..16 {
             key.addr[i] &= cfg.ipv6_mask[i];
         }
     }
-    meter(cfg, &key, header.packet_type, datagram_len as u64)
+    meter(cfg, &key, handshake, datagram_len as u64)
+}
+
+/// What kind of packet the meters see.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Handshake {
+    /// DATA, KEEPALIVE or CLOSE.
+    No,
+    /// BIND or REBIND without a cookie valid for its source: the source may be forged.
+    Unproven,
+    /// BIND or REBIND with a cookie valid for its source, which only a host that receives at
+    /// that address can have.
+    Proven,
+}
+
+/// Whether the BIND or REBIND whose relay header starts at `payload` carries an address cookie
+/// valid for its source in one of the windows whose keys the relay wrote; `None` if the frame
+/// is cut short (the header check already made sure the body is there).
+#[inline(always)]
+fn cookie_is_valid(ctx: &XdpContext, payload: usize, session_id: u64, l4: &L4) -> Option<bool> {
+    // One bounds check and one copy for all the body bytes needed: the verifier follows that
+    // form, where separate reads at nearby offsets may be merged past their checks.
+    let body = read::<[u8; BODY_COOKIE + 16]>(ctx, payload + HEADER_LEN)?;
+    let port = read_u16(ctx, l4.offset)?;
+    let slot = body[BODY_SLOT];
+    let mut given = [0u8; 16];
+    given.copy_from_slice(&body[BODY_COOKIE..]);
+    // The all-zero cookie (a first attempt) is never valid.
+    if given == [0; 16] {
+        return Some(false);
+    }
+    let Some(keys) = COOKIE_KEYS.get(0) else {
+        return Some(false);
+    };
+    if keys.set != 1 {
+        return Some(false);
+    }
+    let input = cookie_input(session_id, slot, &l4.source, port);
+    for key in &keys.keys {
+        if cookie(key, &input) == given {
+            return Some(true);
+        }
+    }
+    Some(false)
 }
 
 /// Admits or refuses one relay datagram from `key`, updating its meters in place.
 #[inline(always)]
-fn meter(cfg: &GuardConfig, key: &SourceKey, packet_type: PacketType, bytes: u64) -> (u32, u32) {
+fn meter(cfg: &GuardConfig, key: &SourceKey, handshake: Handshake, bytes: u64) -> (u32, u32) {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let existing = SOURCES.get_ptr_mut(key);
@@ -271,8 +337,16 @@ fn meter(cfg: &GuardConfig, key: &SourceKey, packet_type: PacketType, bytes: u64
         Some(p) => unsafe { *p },
         None => SourceState::default(),
     };
-    let handshake = matches!(packet_type, PacketType::Bind | PacketType::Rebind);
-    if handshake {
+    let mut verdict = (XDP_PASS, Counter::PassRelay as u32);
+    if handshake == Handshake::Proven {
+        // Only the source itself can spend this meter; the relay's own bind rate, charged
+        // after its cookie check, comes next.
+        match state.proven_handshake.admit(&cfg.handshake, now, 1) {
+            Some(m) => state.proven_handshake = m,
+            None => return drop(Counter::DropRateHandshake),
+        }
+        verdict = (XDP_PASS, Counter::PassCookie as u32);
+    } else if handshake == Handshake::Unproven {
         match state.handshake.admit(&cfg.handshake, now, 1) {
             Some(m) => state.handshake = m,
             None => return drop(Counter::DropRateHandshake),
@@ -306,7 +380,7 @@ fn meter(cfg: &GuardConfig, key: &SourceKey, packet_type: PacketType, bytes: u64
             let _ = SOURCES.insert(key, state, 0);
         }
     }
-    (XDP_PASS, Counter::PassRelay as u32)
+    verdict
 }
 
 /// Parses the IPv4 header at `offset`.

@@ -1,0 +1,353 @@
+//! Transfers between two ends of an in-memory link, perfect and impaired, and the ways one
+//! fails.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::*;
+use crate::link::{Impairment, MemoryLink, memory_pair};
+
+/// Deterministic pseudo-random content.
+fn content(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Options with timeouts short enough for tests.
+fn quick() -> TransferOptions {
+    TransferOptions {
+        idle_timeout: Duration::from_secs(2),
+        accept_timeout: Some(Duration::from_secs(10)),
+        ..TransferOptions::default()
+    }
+}
+
+/// The names in `dir`, sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("read dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Writes `data` as `name` in a new source directory.
+fn source(name: &str, data: &[u8]) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join(name);
+    std::fs::write(&path, data).expect("write source");
+    (dir, path)
+}
+
+/// Runs a sender and a receiver over the two ends of a link, each on its own task.
+async fn run_pair<A: DatagramLink, B: DatagramLink>(
+    send_end: A,
+    recv_end: B,
+    path: &Path,
+    dest: &Path,
+    send_options: TransferOptions,
+    recv_options: TransferOptions,
+) -> (
+    Result<TransferReport, TransferError>,
+    Result<TransferReport, TransferError>,
+) {
+    let path = path.to_owned();
+    let dest = dest.to_owned();
+    let receiver = tokio::spawn(async move {
+        receive_file(Arc::new(recv_end), &dest, &recv_options, &NoProgress).await
+    });
+    let sender = tokio::spawn(async move {
+        send_file(Arc::new(send_end), &path, &send_options, &NoProgress).await
+    });
+    let sent = sender.await.expect("sender task");
+    let received = receiver.await.expect("receiver task");
+    (sent, received)
+}
+
+/// Sends `data` over a link with `impairment` and checks it arrived byte for byte.
+async fn round_trip(impairment: Impairment, data: &[u8]) {
+    let (a, b) = memory_pair(impairment);
+    let (_src, path) = source("data.bin", data);
+    let dest = tempfile::tempdir().expect("tempdir");
+    let (sent, received) = run_pair(a, b, &path, dest.path(), quick(), quick()).await;
+    let sent = sent.expect("send");
+    let received = received.expect("receive");
+    let expected_hash = files::hex(ring::digest::digest(&ring::digest::SHA256, data).as_ref());
+    assert_eq!(sent.hash_hex, expected_hash);
+    assert_eq!(received.hash_hex, expected_hash);
+    assert_eq!(
+        (sent.bytes, received.bytes),
+        (data.len() as u64, data.len() as u64)
+    );
+    assert_eq!(received.name, "data.bin");
+    assert_eq!(
+        received.path.as_deref(),
+        Some(dest.path().join("data.bin").as_path())
+    );
+    assert_eq!(sent.path, None);
+    assert!(
+        std::fs::read(dest.path().join("data.bin")).expect("read") == data,
+        "the received file differs"
+    );
+    assert_eq!(entries(dest.path()), vec!["data.bin"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_arrives_byte_identical_over_a_perfect_link() {
+    round_trip(Impairment::NONE, &content(4 << 20, 1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_arrives_intact_through_loss_reordering_and_delay() {
+    let impairment = Impairment {
+        loss: 0.05,
+        reorder: 0.05,
+        delay: Duration::from_millis(2),
+        seed: 11,
+    };
+    round_trip(impairment, &content(2 << 20, 2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lossy_link_makes_quic_resend() {
+    let (a, b) = memory_pair(Impairment {
+        loss: 0.05,
+        reorder: 0.0,
+        delay: Duration::from_millis(1),
+        seed: 5,
+    });
+    let data = content(1 << 20, 3);
+    let (_src, path) = source("lossy", &data);
+    let dest = tempfile::tempdir().expect("tempdir");
+    let (sent, received) = run_pair(a, b, &path, dest.path(), quick(), quick()).await;
+    let sent = sent.expect("send");
+    received.expect("receive");
+    assert!(sent.lost_packets > 0, "no loss seen: {sent:?}");
+    assert!(sent.sent_packets > 700, "{sent:?}");
+}
+
+#[test]
+fn the_sender_judges_the_verdict() {
+    let hash = [7; HASH_LEN];
+    assert_eq!(
+        judge(&[Verdict::Ok as u8], true, Some(hash)).expect("ok"),
+        hash
+    );
+    assert!(matches!(
+        judge(&[Verdict::Mismatch as u8], true, Some(hash)),
+        Err(TransferError::ReceiverHashMismatch { sent }) if sent == "07".repeat(32)
+    ));
+    for (verdict, finished) in [
+        (&[9u8][..], true),
+        (&[0, 0][..], true),
+        (&[][..], true),
+        (&[0][..], false),
+    ] {
+        assert!(
+            matches!(
+                judge(verdict, finished, Some(hash)),
+                Err(TransferError::Protocol(_))
+            ),
+            "{verdict:?} {finished}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_file_arrives() {
+    round_trip(Impairment::NONE, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_file_is_refused_and_kept() {
+    let (a, b) = memory_pair(Impairment::NONE);
+    let (_src, path) = source("taken.txt", b"new content");
+    let dest = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dest.path().join("taken.txt"), b"old content").expect("write");
+    let (sent, received) = run_pair(a, b, &path, dest.path(), quick(), quick()).await;
+    match sent {
+        Err(TransferError::PeerRefused(reason)) => {
+            assert!(reason.contains("already exists"), "{reason}");
+        }
+        other => panic!("the sender got {other:?}"),
+    }
+    assert!(
+        matches!(received, Err(TransferError::FileExists { .. })),
+        "{received:?}"
+    );
+    assert_eq!(
+        std::fs::read(dest.path().join("taken.txt")).expect("read"),
+        b"old content"
+    );
+    assert_eq!(entries(dest.path()), vec!["taken.txt"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sender_refuses_an_unsafe_name_before_connecting() {
+    let (a, _b) = memory_pair(Impairment::NONE);
+    let (_src, path) = source("bell\x07", b"x");
+    let err = send_file(Arc::new(a), &path, &quick(), &NoProgress)
+        .await
+        .expect_err("refused");
+    assert!(matches!(err, TransferError::UnsafeName { .. }), "{err:?}");
+}
+
+#[test]
+fn the_receiver_refuses_unsafe_names_and_creates_nothing() {
+    let dest = tempfile::tempdir().expect("tempdir");
+    for name in ["", ".", "..", "../escape", "a/b", "nul\0", "esc\x1b[2J"] {
+        let mut r = Receiver::default();
+        let err = take_inbound(
+            &mut r,
+            Inbound::Header {
+                name: name.into(),
+                size: 1,
+            },
+            dest.path(),
+            &NoProgress,
+        )
+        .expect_err("refused");
+        assert!(
+            matches!(err, TransferError::UnsafeName { .. }),
+            "{name:?}: {err:?}"
+        );
+        assert_eq!(err.close_code(), close::REFUSED);
+        assert!(r.file.is_none());
+    }
+    assert!(entries(dest.path()).is_empty());
+}
+
+/// A link end that reports itself closed after it has received `budget` messages.
+struct CutLink {
+    inner: MemoryLink,
+    budget: AtomicU64,
+}
+
+impl DatagramLink for CutLink {
+    fn max_payload(&self) -> usize {
+        self.inner.max_payload()
+    }
+
+    async fn send(&self, message: &[u8]) -> Result<(), LinkError> {
+        self.inner.send(message).await
+    }
+
+    async fn recv(&self) -> Result<Vec<u8>, LinkError> {
+        if self
+            .budget
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| b.checked_sub(1))
+            .is_err()
+        {
+            return Err(LinkError::Closed("cut by the test".into()));
+        }
+        self.inner.recv().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_closed_mid_transfer_fails_both_sides_and_leaves_no_partial_file() {
+    let (a, b) = memory_pair(Impairment::NONE);
+    let cut = CutLink {
+        inner: b,
+        budget: AtomicU64::new(400),
+    };
+    let data = content(4 << 20, 4);
+    let (_src, path) = source("cut.bin", &data);
+    let dest = tempfile::tempdir().expect("tempdir");
+    let (sent, received) = run_pair(a, cut, &path, dest.path(), quick(), quick()).await;
+    assert!(
+        matches!(received, Err(TransferError::Link(LinkError::Closed(_)))),
+        "{received:?}"
+    );
+    // The receiver tells the sender why it gives up, then drops its end of the link: the
+    // sender sees the one or the other, whichever reaches it first.
+    assert!(
+        matches!(
+            sent,
+            Err(TransferError::PeerAborted(_) | TransferError::Link(_))
+        ),
+        "{sent:?}"
+    );
+    assert!(
+        entries(dest.path()).is_empty(),
+        "{:?}",
+        entries(dest.path())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_ends_the_transfer_after_the_idle_timeout() {
+    let (a, silent) = memory_pair(Impairment::NONE);
+    let (_src, path) = source("nobody", b"listening");
+    let options = TransferOptions {
+        idle_timeout: Duration::from_millis(500),
+        ..quick()
+    };
+    let err = send_file(Arc::new(a), &path, &options, &NoProgress)
+        .await
+        .expect_err("times out");
+    assert!(matches!(err, TransferError::Timeout(_)), "{err:?}");
+    drop(silent);
+
+    // A receiver with nobody sending gives up after its accept timeout.
+    let (a, _quiet) = memory_pair(Impairment::NONE);
+    let dest = tempfile::tempdir().expect("tempdir");
+    let options = TransferOptions {
+        accept_timeout: Some(Duration::from_millis(300)),
+        ..quick()
+    };
+    let err = receive_file(Arc::new(a), dest.path(), &options, &NoProgress)
+        .await
+        .expect_err("times out");
+    assert!(matches!(err, TransferError::Timeout(_)), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_ignores_datagrams_that_are_not_quic() {
+    let (a, b) = memory_pair(Impairment::NONE);
+    // Junk before the sender's first packet: the receiver drops and counts it.
+    a.send(b"not quic at all").await.expect("send junk");
+    let data = content(64 << 10, 6);
+    let (_src, path) = source("after-junk", &data);
+    let dest = tempfile::tempdir().expect("tempdir");
+    let (sent, received) = run_pair(a, b, &path, dest.path(), quick(), quick()).await;
+    sent.expect("send");
+    let received = received.expect("receive");
+    assert!(received.ignored_datagrams >= 1, "{received:?}");
+    assert_eq!(
+        std::fs::read(dest.path().join("after-junk")).expect("read"),
+        data
+    );
+}
+
+#[tokio::test]
+async fn a_link_too_small_for_quic_is_refused() {
+    struct Tiny(MemoryLink);
+    impl DatagramLink for Tiny {
+        fn max_payload(&self) -> usize {
+            1000
+        }
+        async fn send(&self, message: &[u8]) -> Result<(), LinkError> {
+            self.0.send(message).await
+        }
+        async fn recv(&self) -> Result<Vec<u8>, LinkError> {
+            self.0.recv().await
+        }
+    }
+    let (a, _b) = memory_pair(Impairment::NONE);
+    let (_src, path) = source("f", b"x");
+    let err = send_file(Arc::new(Tiny(a)), &path, &quick(), &NoProgress)
+        .await
+        .expect_err("too small");
+    assert!(matches!(err, TransferError::LinkTooSmall(1000)), "{err:?}");
+}

@@ -1,0 +1,410 @@
+//! `ferry_peer::session::Session` against a real `ferry-gateway` and `ferry-relay` on loopback:
+//! connecting and talking, a wrong identity, close, renewal across several token lifetimes, and
+//! a relay restart.
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use ferry_core::keys::{PeerStaticKey, RelayStaticKey};
+use ferry_core::noise::LocalIdentity;
+use ferry_peer::gateway::{ApiKey, GatewayClient, Grant};
+use ferry_peer::link::{DatagramLink, LinkError};
+use ferry_peer::session::{Expectation, Session, SessionConfig, SessionError, Timeouts};
+use ferry_testkit::gateway::{GatewayProcess, workspace_binary};
+use ferry_testkit::relay::{RelayConfig, RelayProcess};
+use tokio::time::{Instant, timeout};
+
+fn binary(package: &str) -> &'static Path {
+    static BINS: OnceLock<std::sync::Mutex<Vec<(String, &'static Path)>>> = OnceLock::new();
+    let bins = BINS.get_or_init(Default::default);
+    let mut bins = bins.lock().unwrap();
+    if let Some((_, path)) = bins.iter().find(|(p, _)| p == package) {
+        return path;
+    }
+    let path: &'static Path = Box::leak(
+        workspace_binary(package, package)
+            .unwrap()
+            .into_boxed_path(),
+    );
+    bins.push((package.to_string(), path));
+    path
+}
+
+/// A gateway and a relay that trusts it, on loopback; `gateway_extra` and `relay_limits` are
+/// config text for the gateway and the relay's `[limits]` section.
+struct Setup {
+    _gateway: GatewayProcess,
+    relay: Option<RelayProcess>,
+    relay_key: RelayStaticKey,
+    relay_config: RelayConfig,
+    client: Arc<GatewayClient>,
+}
+
+impl Setup {
+    fn start(gateway_extra: &str, relay_limits: &str) -> Self {
+        let relay_key = RelayStaticKey::generate(&ring::rand::SystemRandom::new()).unwrap();
+        let mut relay_config = RelayConfig::loopback(Vec::new()).unwrap();
+        relay_config.sections = format!("[xdp]\nmode = \"off\"\n\n[limits]\n{relay_limits}\n");
+        let gateway = GatewayProcess::start(
+            binary("ferry-gateway"),
+            &[("app", &["create:*", "join:*"])],
+            relay_config.listen[0],
+            &relay_key,
+            gateway_extra,
+        )
+        .unwrap();
+        relay_config.gateway_keys = vec![gateway.gateway_key().unwrap()];
+        let relay = RelayProcess::start(binary("ferry-relay"), &relay_key, &relay_config).unwrap();
+        let key = ApiKey::new(gateway.api_key("app").unwrap());
+        let client =
+            Arc::new(GatewayClient::new(&gateway.url(), &gateway.ca_file(), &key).unwrap());
+        Self {
+            _gateway: gateway,
+            relay: Some(relay),
+            relay_key,
+            relay_config,
+            client,
+        }
+    }
+
+    /// Stops the relay and starts a fresh one on the same address and key (it remembers
+    /// nothing).
+    fn restart_relay(&mut self) {
+        drop(self.relay.take());
+        self.relay = Some(
+            RelayProcess::start(binary("ferry-relay"), &self.relay_key, &self.relay_config)
+                .unwrap(),
+        );
+    }
+
+    /// Grants for two peers of a fresh session, each pinning the other.
+    async fn grants(&self, alice: &PeerStaticKey, bob: &PeerStaticKey) -> (Grant, Grant) {
+        let a = self
+            .client
+            .create("default", &alice.public(), Some(&bob.public()))
+            .await
+            .unwrap();
+        let b = self
+            .client
+            .join(a.join_code.as_deref().unwrap(), &bob.public())
+            .await
+            .unwrap();
+        (a, b)
+    }
+
+    /// A config for `grant` and `key` that renews and recovers through the gateway.
+    fn config(&self, grant: Grant, key: &PeerStaticKey) -> SessionConfig {
+        SessionConfig::new(grant, identity(key)).with_renewer(self.client.clone())
+    }
+}
+
+fn identity(key: &PeerStaticKey) -> LocalIdentity {
+    LocalIdentity::from_secret_bytes(*key.secret_bytes())
+}
+
+fn new_key() -> PeerStaticKey {
+    PeerStaticKey::generate(&ring::rand::SystemRandom::new()).unwrap()
+}
+
+/// Connects both sessions at once.
+async fn connect_pair(a: SessionConfig, b: SessionConfig) -> (Session, Session) {
+    let (a, b) = tokio::join!(Session::connect(a), Session::connect(b));
+    (a.unwrap(), b.unwrap())
+}
+
+/// Sends `count` numbered messages tagged `tag` from `from` and waits (up to `within`) until
+/// `to` received at least `want` of them intact; returns how many arrived.
+async fn flow(
+    from: &Session,
+    to: &Session,
+    tag: &str,
+    count: u32,
+    want: u32,
+    within: Duration,
+) -> u32 {
+    let receive = async {
+        let mut got = 0;
+        let deadline = Instant::now() + within;
+        while got < want {
+            let Ok(message) = tokio::time::timeout_at(deadline, to.recv()).await else {
+                break;
+            };
+            let message = message.unwrap();
+            let text = String::from_utf8(message).unwrap();
+            if text.starts_with(tag) {
+                got += 1;
+            }
+        }
+        got
+    };
+    let send = async {
+        for i in 0..count {
+            from.send(format!("{tag} {i:06}").as_bytes()).await.unwrap();
+            if i % 32 == 31 {
+                tokio::task::yield_now().await;
+            }
+        }
+    };
+    let ((), got) = tokio::join!(send, receive);
+    got
+}
+
+/// Receives until the session ends; returns the error.
+async fn until_end(session: &Session) -> LinkError {
+    loop {
+        if let Err(e) = session.recv().await {
+            return e;
+        }
+    }
+}
+
+#[tokio::test]
+async fn two_peers_connect_talk_both_ways_and_a_close_reaches_the_other() {
+    let setup = Setup::start("", "");
+    let (alice, bob) = (new_key(), new_key());
+    let (ga, gb) = setup.grants(&alice, &bob).await;
+    let (a, b) = connect_pair(setup.config(ga, &alice), setup.config(gb, &bob)).await;
+    assert_eq!(a.remote_identity(), bob.public());
+    assert_eq!(b.remote_identity(), alice.public());
+    assert_eq!(a.max_payload(), ferry_core::noise::MAX_PLAINTEXT);
+
+    let within = Duration::from_secs(10);
+    assert!(flow(&a, &b, "a->b", 200, 180, within).await >= 180);
+    assert!(flow(&b, &a, "b->a", 200, 180, within).await >= 180);
+    let full = vec![0x5a; a.max_payload()];
+    a.send(&full).await.unwrap();
+    // Skip what is left of the numbered messages.
+    let got = timeout(within, async {
+        loop {
+            let message = b.recv().await.unwrap();
+            if message.len() == full.len() {
+                return message;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(got == full, "the largest message arrived changed");
+    let too_long = vec![0; a.max_payload() + 1];
+    assert!(matches!(
+        a.send(&too_long).await,
+        Err(LinkError::TooLong { .. })
+    ));
+
+    let stats = a.stats();
+    assert!(stats.messages_sent >= 201, "{stats}");
+    assert!(stats.messages_received >= 180, "{stats}");
+    assert!(stats.bytes_sent > stats.messages_sent * 10, "{stats}");
+    assert_eq!(stats.handshakes, 1, "{stats}");
+    assert_eq!(b.stats().handshakes, 1);
+
+    a.close().await;
+    // What arrived before the close is still delivered; then the end and its reason.
+    let a_end = timeout(within, until_end(&a)).await.unwrap();
+    assert!(
+        matches!(&a_end, LinkError::Closed(r) if r.contains("closed by this peer")),
+        "{a_end}"
+    );
+    let end = timeout(within, until_end(&b)).await.unwrap();
+    let LinkError::Closed(reason) = end else {
+        panic!("{end}");
+    };
+    assert!(reason.contains("other peer closed"), "{reason}");
+    assert!(matches!(b.send(b"late").await, Err(LinkError::Closed(_))));
+    assert_eq!(b.end_reason().as_deref(), Some(reason.as_str()));
+}
+
+#[tokio::test]
+async fn a_peer_with_the_wrong_identity_is_refused_at_connect() {
+    let setup = Setup::start("", "");
+    let (alice, bob, mallory) = (new_key(), new_key(), new_key());
+    // The creator names no joiner, so Mallory may join; Alice pins Bob herself.
+    let ga = setup
+        .client
+        .create("default", &alice.public(), None)
+        .await
+        .unwrap();
+    let gm = setup
+        .client
+        .join(ga.join_code.as_deref().unwrap(), &mallory.public())
+        .await
+        .unwrap();
+
+    // Without a key to pin, the default expectation is refused before anything is sent.
+    let err = Session::connect(SessionConfig::new(ga.clone(), identity(&alice)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SessionError::NoPeerKey), "{err}");
+
+    let mut a = setup.config(ga, &alice);
+    a.expectation = Expectation::Pinned(bob.public());
+    let mut m = setup.config(gm, &mallory);
+    m.timeouts = Timeouts {
+        connect: Duration::from_secs(4),
+        ..Timeouts::default()
+    };
+    let started = Instant::now();
+    let (a, m) = tokio::join!(Session::connect(a), Session::connect(m));
+    let err = a.unwrap_err();
+    assert!(matches!(err, SessionError::WrongIdentity), "{err}");
+    assert!(err.to_string().contains("wrong identity"));
+    // Refused as soon as Mallory's key was seen, not at the 60 s timeout.
+    assert!(started.elapsed() < Duration::from_secs(30));
+    // Mallory never gets a HANDSHAKE-3: her connect times out.
+    let err = m.unwrap_err();
+    assert!(matches!(err, SessionError::Timeout { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn a_session_outlives_several_token_lifetimes() {
+    // Tokens live 30 s (the gateway's minimum); the relay unbinds at exp with no skew. Without
+    // renewal the session would end at 30 s.
+    let setup = Setup::start(
+        "[sessions]\ntoken_lifetime_secs = 30\n",
+        "max_clock_skew_secs = 0",
+    );
+    let (alice, bob) = (new_key(), new_key());
+    let (ga, gb) = setup.grants(&alice, &bob).await;
+    let expires = ga.expires_at;
+    let (a, b) = connect_pair(setup.config(ga, &alice), setup.config(gb, &bob)).await;
+    let run_for = Duration::from_secs(70);
+    let end = Instant::now() + run_for;
+    let mut round = 0u32;
+    let mut delivered = 0u32;
+    while Instant::now() < end {
+        let tag = format!("r{round}");
+        delivered += flow(&a, &b, &tag, 10, 10, Duration::from_secs(2)).await;
+        delivered += flow(&b, &a, &tag, 10, 10, Duration::from_secs(2)).await;
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(now > expires + 30, "the run outlived the first token");
+    // The last rounds came through, long after the first token expired.
+    let tag = "last";
+    assert_eq!(flow(&a, &b, tag, 10, 10, Duration::from_secs(5)).await, 10);
+    assert_eq!(flow(&b, &a, tag, 10, 10, Duration::from_secs(5)).await, 10);
+    let (sa, sb) = (a.stats(), b.stats());
+    assert!(sa.renewals >= 2 && sb.renewals >= 2, "{sa}\n{sb}");
+    assert_eq!(sa.recoveries + sb.recoveries, 0, "{sa}\n{sb}");
+    // Nearly everything arrived (loopback; a few may be lost).
+    let sent = round * 20;
+    assert!(delivered * 10 >= sent * 9, "{delivered} of {sent}");
+    assert!(a.end_reason().is_none() && b.end_reason().is_none());
+}
+
+#[tokio::test]
+async fn a_relay_restart_mid_session_is_survived() {
+    // An idle timeout of 6 s makes KEEPALIVEs go every 2 s, so a silent relay is found within
+    // about 10 s.
+    let mut setup = Setup::start("", "idle_timeout_secs = 6");
+    let (alice, bob) = (new_key(), new_key());
+    let (ga, gb) = setup.grants(&alice, &bob).await;
+    let (a, b) = connect_pair(setup.config(ga, &alice), setup.config(gb, &bob)).await;
+    let within = Duration::from_secs(10);
+    assert!(flow(&a, &b, "before", 50, 45, within).await >= 45);
+
+    setup.restart_relay();
+
+    // Both peers find the relay silent, get fresh tokens and bind again; then messages flow.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (sa, sb) = (a.stats(), b.stats());
+        if sa.recoveries >= 1 && sb.recoveries >= 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not recovered:\n{sa}\n{sb}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut got = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got < 20 && Instant::now() < deadline {
+        got += flow(&a, &b, "after", 10, 10, Duration::from_secs(1)).await;
+    }
+    assert!(got >= 20, "only {got} messages after the restart");
+    assert!(flow(&b, &a, "back", 50, 45, within).await >= 45);
+    // Same Noise session: no new handshake was needed.
+    assert_eq!(a.stats().handshakes, 1);
+    assert!(a.end_reason().is_none());
+}
+
+/// Sends 1400-byte messages from `from` to `to` as fast as `from` takes them for `period`;
+/// returns (messages sent, messages received, seconds).
+async fn blast<L: DatagramLink>(from: Arc<L>, to: Arc<L>, period: Duration) -> (u64, u64, f64) {
+    let message = vec![0xa7u8; 1400];
+    let started = Instant::now();
+    let sender = tokio::spawn(async move {
+        let mut sent = 0u64;
+        while started.elapsed() < period {
+            for _ in 0..64 {
+                from.send(&message).await.unwrap();
+                sent += 1;
+            }
+        }
+        sent
+    });
+    let mut received = 0u64;
+    // Count until the sender is done and nothing more arrives for a moment.
+    let mut last = Instant::now();
+    loop {
+        match timeout(Duration::from_millis(300), to.recv()).await {
+            Ok(Ok(m)) => {
+                assert_eq!(m.len(), 1400);
+                received += 1;
+                last = Instant::now();
+            }
+            Ok(Err(e)) => panic!("{e}"),
+            Err(_) if started.elapsed() > period => break,
+            Err(_) => {}
+        }
+    }
+    let sent = sender.await.unwrap();
+    let seconds = last.duration_since(started).as_secs_f64();
+    (sent, received, seconds)
+}
+
+fn report(what: &str, (sent, received, seconds): (u64, u64, f64)) -> f64 {
+    let rate = received as f64 / seconds;
+    println!(
+        "{what}: {sent} sent, {received} received in {seconds:.2} s: {rate:.0} msgs/s, {:.1} MB/s of payload",
+        rate * 1400.0 / 1e6
+    );
+    rate
+}
+
+/// Prints the message throughput of a session through a real relay on loopback against plain
+/// UDP between two sockets (`link::UdpLink`), for 1400-byte messages sent as fast as the sender
+/// can. A measurement, not a check: run it in release,
+/// `cargo test --release -p ferry-peer --test session -- --ignored --nocapture throughput`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: run in release with --nocapture"]
+async fn throughput_of_1400_byte_messages_through_a_relay() {
+    let period = Duration::from_secs(5);
+    let setup = Setup::start(
+        "",
+        "default_session_rate = 125000000\nmax_session_rate = 125000000",
+    );
+    let (alice, bob) = (new_key(), new_key());
+    let (ga, gb) = setup.grants(&alice, &bob).await;
+    let (a, b) = connect_pair(setup.config(ga, &alice), setup.config(gb, &bob)).await;
+    let (a, b) = (Arc::new(a), Arc::new(b));
+    let relayed = report(
+        "session through the relay",
+        blast(a.clone(), b.clone(), period).await,
+    );
+    println!("sender: {}\nreceiver: {}", a.stats(), b.stats());
+
+    let sa = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let sb = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (aa, ab) = (sa.local_addr().unwrap(), sb.local_addr().unwrap());
+    let ua = Arc::new(ferry_peer::link::UdpLink::connect(sa, ab).await.unwrap());
+    let ub = Arc::new(ferry_peer::link::UdpLink::connect(sb, aa).await.unwrap());
+    let direct = report("plain UDP, no relay", blast(ua, ub, period).await);
+    println!("ratio relayed/direct: {:.2}", relayed / direct);
+    assert!(relayed > 0.0);
+}
