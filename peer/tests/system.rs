@@ -532,7 +532,7 @@ fn received_file(dir: &Path) -> PathBuf {
 
 /// B receives into a fresh directory while A sends `file`; both must succeed within
 /// [`TRANSFER_WITHIN`]. Returns the received file and the seconds from start to both ends.
-fn transfer(sys: &System, pair: &Pair, file: &Path) -> (PathBuf, f64) {
+fn transfer(sys: &System, pair: &Pair, file: &Path) -> (PathBuf, f64, String) {
     let dir = sys.path("received");
     let mut recv = sys.recv(pair, &pair.b.key, &dir);
     let start = Instant::now();
@@ -540,8 +540,15 @@ fn transfer(sys: &System, pair: &Pair, file: &Path) -> (PathBuf, f64) {
     let sent = send.finish(TRANSFER_WITHIN);
     recv.finish(TRANSFER_WITHIN);
     let secs = start.elapsed().as_secs_f64();
-    eprintln!("send said: {}", sent.stdout.trim());
-    (received_file(&dir), secs)
+    (received_file(&dir), secs, sent.stdout)
+}
+
+/// The value of `name` in a `name value` line of a peer's output.
+fn printed(output: &str, name: &str) -> Option<String> {
+    output.lines().find_map(|l| {
+        let (n, v) = l.split_once(' ')?;
+        (n == name).then(|| v.trim().to_string())
+    })
 }
 
 fn assert_same_file(sent: &Path, received: &Path) {
@@ -557,6 +564,51 @@ fn mb_per_s(bytes: usize, secs: f64) -> f64 {
     bytes as f64 / secs / 1e6
 }
 
+/// The same file transfer (`ferry_peer::transfer`, in this process) straight between two UDP
+/// sockets of the peers' namespace: no relay, no Noise. The seconds it took, measured as
+/// `ferry-peer send` measures (from the start of the QUIC connection to the verdict).
+fn direct_transfer(sys: &System, file: &Path) -> f64 {
+    use ferry_peer::link::UdpLink;
+    use ferry_peer::transfer::{NoProgress, TransferOptions, receive_file, send_file};
+    use std::sync::Arc;
+
+    let a = sys.peer_socket(SocketAddr::new(sys.topo.peer_v4(2).into(), 0));
+    let b = sys.peer_socket(SocketAddr::new(sys.topo.peer_v4(3).into(), 0));
+    let (a_addr, b_addr) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+    a.set_nonblocking(true).unwrap();
+    b.set_nonblocking(true).unwrap();
+    let dir = sys.path("received-direct");
+    std::fs::create_dir_all(&dir).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let a = Arc::new(
+            UdpLink::connect(tokio::net::UdpSocket::from_std(a).unwrap(), b_addr)
+                .await
+                .unwrap(),
+        );
+        let b = Arc::new(
+            UdpLink::connect(tokio::net::UdpSocket::from_std(b).unwrap(), a_addr)
+                .await
+                .unwrap(),
+        );
+        let options = TransferOptions::default();
+        let start = Instant::now();
+        let (sent, received) = tokio::join!(
+            send_file(a, file, &options, &NoProgress),
+            receive_file(b, &dir, &options, &NoProgress)
+        );
+        let sent = sent.unwrap();
+        let received = received.unwrap();
+        assert!(start.elapsed() >= sent.elapsed);
+        assert_same_file(file, received.path.as_deref().unwrap());
+        sent.elapsed.as_secs_f64()
+    })
+}
+
 #[test]
 #[ignore = "needs root: network namespaces, the XDP guard"]
 fn a_file_crosses_the_relay_byte_identical() {
@@ -566,17 +618,27 @@ fn a_file_crosses_the_relay_byte_identical() {
     }
     let sys = System::start(Setup::default());
     let pair = sys.pair();
-    let len = 8 << 20;
+    let len = 32 << 20;
     let file = sys.path("random.bin");
     random_file(&file, len);
-    let (received, secs) = transfer(&sys, &pair, &file);
+    let (received, whole, said) = transfer(&sys, &pair, &file);
     assert_same_file(&file, &received);
     let page = sys.metrics();
     assert!(metric(&page, "ferry_forwarded_bytes_total") >= len as u64);
+    let secs: f64 = printed(&said, "seconds")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("send printed no seconds: {said}"));
+    assert_eq!(printed(&said, "bytes"), Some(len.to_string()), "{said}");
+    // The baseline, same run: the transfer with no relay in the path.
+    let direct = direct_transfer(&sys, &file);
     eprintln!(
-        "FIGURE transfer through the relay: {} MiB in {secs:.2} s, {:.1} MB/s",
+        "FIGURE transfer of {} MiB: through the relay {:.1} MB/s ({secs:.2} s; {whole:.2} s \
+         with the processes' start, bind and handshake), direct with no relay {:.1} MB/s \
+         ({direct:.2} s): {:.2}x",
         len >> 20,
-        mb_per_s(len, secs)
+        mb_per_s(len, secs),
+        mb_per_s(len, direct),
+        direct / secs
     );
 }
 
@@ -599,7 +661,7 @@ fn a_file_arrives_intact_through_loss_and_reordering() {
     let len = 4 << 20;
     let file = sys.path("random.bin");
     random_file(&file, len);
-    let (received, secs) = transfer(&sys, &pair, &file);
+    let (received, secs, _) = transfer(&sys, &pair, &file);
     assert_same_file(&file, &received);
     let c = sys.hop().counts();
     assert!(c.dropped_to_relay > 0 && c.dropped_to_clients > 0, "{c:?}");
