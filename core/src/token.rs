@@ -12,6 +12,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+use std::time::{Duration, Instant};
 
 use ring::rand::SecureRandom;
 use ring::signature::{ED25519, UnparsedPublicKey};
@@ -556,13 +557,23 @@ fn open(relay_static: &RelayStaticKey, bytes: &[u8; TOKEN_LEN]) -> Result<SlotSe
 ///
 /// When full of live ids it refuses new ones ([`TokenError::ReplayCacheFull`]) rather than
 /// forget a live one, so a token can never be accepted twice.
+///
+/// An id is forgotten only once both clocks agree that its token can no longer verify: the
+/// monotonic clock has run for as long as the token had left when it was recorded, *and* the
+/// wall clock says `exp + skew` has passed. The wall clock alone would re-admit a token once
+/// after being stepped back; the monotonic one alone would re-admit it after being stepped
+/// forward and back again. Token verification itself goes by the wall clock (the token's
+/// times are wall-clock times), so the wall-clock half is what makes a forgotten id harmless.
 #[derive(Debug)]
 pub struct TokenReplayCache {
     capacity: usize,
-    /// Live ids and the time from which they may be forgotten.
+    /// Live ids and the wall-clock time from which they may be forgotten.
     live: HashMap<[u8; TOKEN_ID_LEN], UnixTime>,
-    /// The same entries, soonest forgettable first.
-    by_forget_time: BinaryHeap<Reverse<(UnixTime, [u8; TOKEN_ID_LEN])>>,
+    /// The same entries, soonest monotonic deadline first.
+    by_deadline: BinaryHeap<Reverse<(Instant, [u8; TOKEN_ID_LEN])>>,
+    /// Entries past their monotonic deadline whose wall-clock time has not come (the wall
+    /// clock was stepped back), soonest first.
+    held_by_wall: BinaryHeap<Reverse<(UnixTime, [u8; TOKEN_ID_LEN])>>,
 }
 
 impl TokenReplayCache {
@@ -571,7 +582,8 @@ impl TokenReplayCache {
         Self {
             capacity,
             live: HashMap::new(),
-            by_forget_time: BinaryHeap::new(),
+            by_deadline: BinaryHeap::new(),
+            held_by_wall: BinaryHeap::new(),
         }
     }
 
@@ -593,15 +605,17 @@ impl TokenReplayCache {
     /// Records `token_id` of a token that expires at `expires`, or fails with
     /// [`TokenError::Replayed`] if it was recorded before and is still live,
     /// [`TokenError::Expired`] if `now ≥ expires + skew_secs`, or
-    /// [`TokenError::ReplayCacheFull`].
+    /// [`TokenError::ReplayCacheFull`]. `now` is the wall clock and `mono` the monotonic
+    /// clock at the same moment.
     pub fn check_and_insert(
         &mut self,
         token_id: [u8; TOKEN_ID_LEN],
         expires: UnixTime,
         now: UnixTime,
+        mono: Instant,
         skew_secs: u64,
     ) -> Result<(), TokenError> {
-        self.forget_expired(now);
+        self.forget_expired(now, mono);
         if self.live.contains_key(&token_id) {
             return Err(TokenError::Replayed);
         }
@@ -614,18 +628,33 @@ impl TokenReplayCache {
                 capacity: self.capacity,
             });
         }
+        let left = Duration::from_secs(forget_at.as_secs() - now.as_secs());
         self.live.insert(token_id, forget_at);
-        self.by_forget_time.push(Reverse((forget_at, token_id)));
+        self.by_deadline.push(Reverse((mono + left, token_id)));
         Ok(())
     }
 
-    /// Drops every id whose token can no longer verify (`now ≥ exp + skew`).
-    fn forget_expired(&mut self, now: UnixTime) {
-        while let Some(Reverse((forget_at, id))) = self.by_forget_time.peek().copied() {
+    /// Drops every id whose token can no longer verify by either clock (see the type's doc).
+    fn forget_expired(&mut self, now: UnixTime, mono: Instant) {
+        while let Some(Reverse((deadline, id))) = self.by_deadline.peek().copied() {
+            if deadline > mono {
+                break;
+            }
+            self.by_deadline.pop();
+            match self.live.get(&id) {
+                Some(&forget_at) if forget_at > now => {
+                    self.held_by_wall.push(Reverse((forget_at, id)));
+                }
+                _ => {
+                    self.live.remove(&id);
+                }
+            }
+        }
+        while let Some(Reverse((forget_at, id))) = self.held_by_wall.peek().copied() {
             if forget_at > now {
                 break;
             }
-            self.by_forget_time.pop();
+            self.held_by_wall.pop();
             self.live.remove(&id);
         }
     }

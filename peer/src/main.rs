@@ -289,7 +289,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", key.public());
         }
         Command::KnownPeers { file, action } => {
-            let mut known =
+            let known =
                 ferry_keyfile::load_known_peers(&file).context("reading the known-peers file")?;
             match action {
                 KnownPeersAction::List => {
@@ -298,11 +298,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 }
                 KnownPeersAction::Forget { name } => {
-                    if !known.forget(&name) {
+                    let forgotten = ferry_keyfile::update_known_peers(&file, |known| {
+                        let forgotten = known.forget(&name);
+                        (forgotten, forgotten)
+                    })
+                    .context("writing the known-peers file")?;
+                    if !forgotten {
                         anyhow::bail!("no peer named {name:?} in {}", file.display());
                     }
-                    ferry_keyfile::save_known_peers(&file, &known)
-                        .context("writing the known-peers file")?;
                     println!("forgot {name}");
                 }
             }

@@ -19,6 +19,7 @@ use ferry_keyfile::KeyFileError;
 
 use crate::limits::IpLimits;
 use crate::session::SessionLimits;
+use crate::worker::SocketBuffers;
 use crate::xdp::XdpSettings;
 
 mod reload;
@@ -62,11 +63,19 @@ pub enum ConfigError {
     },
     /// The relay's static key file could not be loaded, and nothing else is wrong (otherwise
     /// its problem is one of [`ConfigError::Invalid`]'s, under `relay.static_key`).
+    // Not `#[from]`/`#[source]`: the message already carries the key file's error, and a
+    // reporter that prints the source chain (anyhow's `{:#}`) would print it twice.
     #[error("relay.static_key: {0}")]
-    Key(#[from] KeyFileError),
+    Key(KeyFileError),
     /// A reload changed something that only a restart can apply.
     #[error("these changes need a restart of the relay: {}", .0.join(", "))]
     NeedsRestart(Vec<String>),
+}
+
+impl From<KeyFileError> for ConfigError {
+    fn from(e: KeyFileError) -> Self {
+        ConfigError::Key(e)
+    }
 }
 
 /// The limits an admin tunes; all but three reload on SIGHUP (see `reload`).
@@ -119,6 +128,8 @@ pub struct RelayConfig {
     pub udp_gso: bool,
     /// Forwards of at least this many bytes use SEND_ZC; `None`: off.
     pub send_zc_min_bytes: Option<usize>,
+    /// The kernel buffer sizes of each socket.
+    pub socket_buffers: SocketBuffers,
     /// Trusted gateway keys by `kid`.
     pub gateway_keys: Vec<(u32, GatewayPublicKey)>,
     /// The limits.
@@ -143,6 +154,12 @@ pub fn load(path: &Path) -> Result<RelayConfig, ConfigError> {
 
 /// Most worker threads a relay runs; `workers = 0` on a larger machine means this many.
 pub const MAX_WORKERS: usize = 256;
+
+/// Smallest `relay.udp_recv_buffer_bytes` / `udp_send_buffer_bytes`: 64 KiB.
+pub const MIN_SOCKET_BUFFER: u64 = 64 << 10;
+/// Largest `relay.udp_recv_buffer_bytes` / `udp_send_buffer_bytes`: 1 GiB (the kernel takes
+/// at most `INT_MAX / 2`).
+pub const MAX_SOCKET_BUFFER: u64 = 1 << 30;
 
 /// Most sources the XDP guard's LRU map may track (about 100 bytes each in the kernel).
 pub const MAX_XDP_SOURCES: u64 = 1 << 24;

@@ -25,7 +25,7 @@ type WorkerMetric = (&'static str, &'static str, fn(&WorkerStats) -> u64);
 type XdpMetric = (&'static str, &'static str, fn(&CounterValue) -> u64);
 
 /// The per-worker counter families.
-const PER_WORKER: [WorkerMetric; 14] = [
+const PER_WORKER: [WorkerMetric; 15] = [
     (
         "ferry_worker_rx_packets",
         "Datagrams received, per worker.",
@@ -48,6 +48,12 @@ const PER_WORKER: [WorkerMetric; 14] = [
         "ferry_worker_rx_undecodable",
         "Receive completions whose header or source address could not be read, dropped.",
         |s| s.rx_undecodable.load(Ordering::Relaxed),
+    ),
+    (
+        "ferry_worker_socket_drops",
+        "Datagrams the kernel dropped at the worker's sockets before the worker read them \
+         (a full receive queue: see relay.udp_recv_buffer_bytes).",
+        |s| s.socket_drops.load(Ordering::Relaxed),
     ),
     (
         "ferry_worker_rx_no_buffers",

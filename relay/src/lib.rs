@@ -7,7 +7,8 @@
 //! - [`session`]: the sans-IO session logic; [`limits`]: token buckets and per-source
 //!   accounting.
 //! - [`shards`]: the session tables shared by all workers, sharded by session id, and the
-//!   workers' handler that drives them.
+//!   workers' handler that drives them; [`security_log`]: refused binds and the like, logged
+//!   at a bounded rate.
 //! - [`uring`]: the unsafe io_uring plumbing (buffer ring, multishot recvmsg, sends), one module.
 //! - [`worker`]: the per-core loop that drives a ring and the shared sessions.
 //! - [`xdp`]: loads the XDP guard (`ebpf/xdp`), writes its limits and lists, reads its counters.
@@ -19,6 +20,7 @@ pub mod config;
 pub mod exporter;
 pub mod limits;
 pub mod metrics;
+pub mod security_log;
 pub mod session;
 pub mod shards;
 pub mod uring;

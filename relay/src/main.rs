@@ -98,6 +98,28 @@ fn keygen(out: &Path, force: bool) -> anyhow::Result<()> {
 
 fn check_config(file: &Path) -> anyhow::Result<()> {
     let cfg = config::load(file)?;
+    // The interfaces are a fact of the host, not of the file: checked here and at start, not
+    // by the parser (a config may be checked on one machine for another).
+    if cfg.xdp.mode != xdp::Mode::Off {
+        let missing: Vec<String> = (cfg.xdp.interfaces.iter().enumerate())
+            .filter(|(_, name)| !xdp::interface_exists(name))
+            .map(|(i, name)| {
+                format!(
+                    "xdp.interfaces[{i}]: there is no network interface named {name} here \
+                     (check-config looks in the network namespace it runs in; `ip link` lists \
+                     them)"
+                )
+            })
+            .collect();
+        if !missing.is_empty() {
+            anyhow::bail!(
+                "{}: {} problem(s):\n  {}",
+                file.display(),
+                missing.len(),
+                missing.join("\n  ")
+            );
+        }
+    }
     let xdp = match cfg.xdp.mode {
         xdp::Mode::Off => "XDP guard off".to_string(),
         mode => format!(
@@ -217,6 +239,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
             listen: cfg.listen.clone(),
             cpu: cfg.cpu_for_worker(index),
             gso: cfg.udp_gso,
+            socket_buffers: cfg.socket_buffers,
             zero_copy_min: cfg.send_zc_min_bytes,
             stop: Arc::clone(&stop),
             stats: Arc::clone(stats),

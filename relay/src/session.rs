@@ -843,9 +843,9 @@ impl SessionTable {
         if held.is_none() && ips.may_attach(from.ip()).is_err() {
             return self.reject(&req, RejectReason::Overloaded, &keys, reply);
         }
-        if let Err(e) = self
-            .replay
-            .check_and_insert(token_id, expires, wall, self.max_skew_secs)
+        if let Err(e) =
+            self.replay
+                .check_and_insert(token_id, expires, wall, now, self.max_skew_secs)
         {
             return self.reject(&req, reject_reason(&e), &keys, reply);
         }

@@ -25,6 +25,7 @@ use ferry_core::time::UnixTime;
 use ferry_core::token::TokenVerifier;
 
 use crate::limits::{IpLimits, IpRefusal, IpTable, SlotAccounts};
+use crate::security_log::{FLUSH_INTERVAL, SecurityLog};
 use crate::session::{
     self, Checked, Counters, Notice, Outcome, SessionEvent, SessionLimits, SessionTable,
 };
@@ -327,6 +328,8 @@ const REAP_INTERVAL: Duration = Duration::from_secs(1);
 pub struct SessionsHandler {
     sessions: Arc<Sessions>,
     next_reap: Instant,
+    security: SecurityLog,
+    next_flush: Instant,
 }
 
 impl SessionsHandler {
@@ -336,6 +339,8 @@ impl SessionsHandler {
         Self {
             sessions,
             next_reap: now + Duration::from_millis(index as u64 * 250),
+            security: SecurityLog::new(now),
+            next_flush: now + FLUSH_INTERVAL,
         }
     }
 }
@@ -349,7 +354,13 @@ impl PacketHandler for SessionsHandler {
         datagram: &[u8],
         reply: &mut [u8],
     ) -> Outcome {
-        self.sessions.handle(now, wall, from, datagram, reply)
+        let outcome = self.sessions.handle(now, wall, from, datagram, reply);
+        // Only replies and drops can be security events: forwards, the bulk of the traffic,
+        // skip the check.
+        if !matches!(outcome, Outcome::Forward { .. }) {
+            self.security.observe(now, from, datagram, &outcome, reply);
+        }
+        outcome
     }
 
     fn tick(&mut self, now: Instant, wall: UnixTime, notices: &mut Vec<Notice>) {
@@ -362,6 +373,10 @@ impl PacketHandler for SessionsHandler {
         if now >= self.next_reap {
             self.sessions.reap(now, wall, notices);
             self.next_reap = now + REAP_INTERVAL;
+        }
+        if now >= self.next_flush {
+            self.security.flush(now);
+            self.next_flush = now + FLUSH_INTERVAL;
         }
     }
 }

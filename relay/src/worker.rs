@@ -86,6 +86,10 @@ pub struct WorkerStats {
     /// Times the worker turned UDP GSO off because the kernel or device cannot do it (see
     /// [`SendFailure::GsoUnsupported`]); at most 1 per worker.
     pub gso_disabled: AtomicU64,
+    /// Datagrams the kernel dropped at this worker's sockets before the worker saw them
+    /// (mostly a full receive queue), as the kernel counts them (`SO_MEMINFO`): read once a
+    /// tick, so up to one tick behind.
+    pub socket_drops: AtomicU64,
 }
 
 /// The plain counters of one batch, folded into [`WorkerStats`] at its end.
@@ -174,6 +178,8 @@ pub struct WorkerConfig {
     /// worker itself (with a warning) if the kernel or device cannot do it
     /// ([`SendFailure::GsoUnsupported`]).
     pub gso: bool,
+    /// The kernel receive and send buffer sizes to give each socket ([`bind_reuseport`]).
+    pub socket_buffers: SocketBuffers,
     /// Set to stop the worker.
     pub stop: Arc<AtomicBool>,
     /// Where the worker publishes its counters.
@@ -192,6 +198,7 @@ impl Default for WorkerConfig {
             batch_target: 32,
             coalesce: Duration::from_micros(50),
             gso: true,
+            socket_buffers: SocketBuffers::default(),
             zero_copy_min: None,
             stop: Arc::new(AtomicBool::new(false)),
             stats: Arc::new(WorkerStats::default()),
@@ -223,7 +230,7 @@ pub struct WorkerReport {
 
 /// A UDP socket on `addr` with `SO_REUSEPORT`, so every worker can bind the same port and the
 /// kernel spreads source 4-tuples across them. IPv6 sockets are v6-only.
-pub fn bind_reuseport(addr: SocketAddr) -> io::Result<UdpSocket> {
+pub fn bind_reuseport(addr: SocketAddr, buffers: SocketBuffers) -> io::Result<UdpSocket> {
     let domain = match addr {
         SocketAddr::V4(_) => Domain::IPV4,
         SocketAddr::V6(_) => Domain::IPV6,
@@ -233,11 +240,113 @@ pub fn bind_reuseport(addr: SocketAddr) -> io::Result<UdpSocket> {
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
-    // Best effort: the kernel caps these at net.core.{r,w}mem_max.
-    let _ = socket.set_recv_buffer_size(8 << 20);
-    let _ = socket.set_send_buffer_size(8 << 20);
+    let recv = size_buffer(&socket, BufferKind::Recv, buffers.recv);
+    let send = size_buffer(&socket, BufferKind::Send, buffers.send);
+    for (kind, wanted, got, sysctl) in [
+        ("receive", buffers.recv, recv, "net.core.rmem_max"),
+        ("send", buffers.send, send, "net.core.wmem_max"),
+    ] {
+        if got < wanted {
+            tracing::warn!(
+                %addr,
+                wanted,
+                got,
+                "the kernel gave the socket a smaller {kind} buffer than configured: without \
+                 CAP_NET_ADMIN it is capped at {sysctl}; bursts beyond it are dropped by the \
+                 kernel and counted in ferry_worker_socket_drops_total"
+            );
+        }
+    }
     socket.bind(&addr.into())?;
     Ok(socket.into())
+}
+
+/// The kernel buffer sizes each relay socket asks for (`relay.udp_recv_buffer_bytes`,
+/// `relay.udp_send_buffer_bytes`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketBuffers {
+    /// Receive buffer, bytes: how large a burst the kernel queues while the worker is busy.
+    pub recv: usize,
+    /// Send buffer, bytes.
+    pub send: usize,
+}
+
+impl Default for SocketBuffers {
+    /// 8 MiB each: at 1500-byte datagrams, several milliseconds of a 10 Gbit/s burst.
+    fn default() -> Self {
+        Self {
+            recv: 8 << 20,
+            send: 8 << 20,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum BufferKind {
+    Recv,
+    Send,
+}
+
+/// Gives `socket`'s receive or send buffer `bytes`: with `SO_RCVBUFFORCE` / `SO_SNDBUFFORCE`
+/// where the process may (CAP_NET_ADMIN, which the relay has for XDP), else with `SO_RCVBUF` /
+/// `SO_SNDBUF`, which the kernel caps at `net.core.rmem_max` / `wmem_max`. Returns the size the
+/// kernel reports afterwards, halved: the kernel doubles what it is given, to allow for its
+/// bookkeeping, and reports the doubled figure.
+fn size_buffer(socket: &Socket, kind: BufferKind, bytes: usize) -> usize {
+    let force = match kind {
+        BufferKind::Recv => libc::SO_RCVBUFFORCE,
+        BufferKind::Send => libc::SO_SNDBUFFORCE,
+    };
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    #[allow(unsafe_code)]
+    // SAFETY: setsockopt reads exactly `size_of::<c_int>()` bytes from a live c_int, on a
+    // descriptor this function borrows.
+    let forced = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            force,
+            (&raw const value).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } == 0;
+    let result = match kind {
+        BufferKind::Recv if !forced => socket.set_recv_buffer_size(bytes),
+        BufferKind::Send if !forced => socket.set_send_buffer_size(bytes),
+        _ => Ok(()),
+    };
+    if let Err(e) = result {
+        tracing::warn!("setting a socket buffer size: {e}");
+    }
+    let got = match kind {
+        BufferKind::Recv => socket.recv_buffer_size(),
+        BufferKind::Send => socket.send_buffer_size(),
+    };
+    got.map_or(0, |n| n / 2)
+}
+
+/// The datagrams the kernel has dropped at `socket` since it was opened (`SO_MEMINFO`'s
+/// `SK_MEMINFO_DROPS`: a full receive queue, mostly), or `None` if the kernel does not say.
+pub fn socket_drops(socket: &impl AsRawFd) -> Option<u64> {
+    /// `SK_MEMINFO_VARS` and the index of `SK_MEMINFO_DROPS` (linux/sock_diag.h).
+    const MEMINFO_VARS: usize = 9;
+    const MEMINFO_DROPS: usize = 8;
+    let mut info = [0u32; MEMINFO_VARS];
+    let mut len = size_of_val(&info) as libc::socklen_t;
+    #[allow(unsafe_code)]
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which has that many, and
+    // updates `len`; the descriptor is borrowed for the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    let filled = usize::try_from(len).unwrap_or(0) / size_of::<u32>();
+    (rc == 0 && filled > MEMINFO_DROPS).then(|| u64::from(info[MEMINFO_DROPS]))
 }
 
 /// Pins the calling thread to `cpu`.
@@ -289,7 +398,10 @@ pub fn run_worker<H: PacketHandler>(
     let sockets = cfg
         .listen
         .iter()
-        .map(|&addr| bind_reuseport(addr).map_err(|source| WorkerError::Bind { addr, source }))
+        .map(|&addr| {
+            bind_reuseport(addr, cfg.socket_buffers)
+                .map_err(|source| WorkerError::Bind { addr, source })
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let fds = sockets.iter().map(AsRawFd::as_raw_fd).collect();
     let v4_socket = cfg.listen.iter().position(|a| a.is_ipv4());
@@ -422,6 +534,10 @@ pub fn run_worker<H: PacketHandler>(
                 )?;
             }
             next_tick = now + cfg.tick;
+            // The kernel's own count is per socket and since it was opened; the sum is this
+            // worker's. (The u32 counter wraps after 4 billion drops, far past any alert.)
+            let drops = sockets.iter().filter_map(socket_drops).sum::<u64>();
+            cfg.stats.socket_drops.store(drops, Ordering::Relaxed);
         }
         report.rx_packets += batch.rx_packets;
         report.tx_packets += batch.tx_packets;

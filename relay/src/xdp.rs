@@ -303,6 +303,14 @@ impl Guard {
     /// Attaches to `interface` as `mode` asks: `auto` tries native mode first and falls back
     /// to generic mode with a warning.
     pub fn attach(&mut self, interface: &str, mode: Mode) -> Result<Attachment, XdpError> {
+        if !interface_exists(interface) {
+            return Err(XdpError::Attach {
+                interface: interface.to_owned(),
+                mode: mode.name(),
+                message: "there is no network interface of this name here (`ip link` lists them)"
+                    .into(),
+            });
+        }
         let program = program_mut(&mut self.ebpf, PROGRAM_NAME)?;
         let fail = |mode: &'static str, e: ProgramError| XdpError::Attach {
             interface: interface.to_owned(),
@@ -470,6 +478,17 @@ impl SessionObserver for SessionFilter {
 
 /// Loads `object` with `loader` and its XDP program `name` into the kernel (verifier
 /// included).
+/// Whether this network namespace has an interface named `name`.
+pub fn interface_exists(name: &str) -> bool {
+    let Ok(name) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    #[allow(unsafe_code)]
+    // SAFETY: if_nametoindex reads the NUL-terminated string, which lives across the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    index != 0
+}
+
 /// The guard's map entry for a session whose slots are bound at `slots`.
 fn entry(slots: [Option<SocketAddr>; 2]) -> SessionEntry {
     let slot = |addr: Option<SocketAddr>| match addr {

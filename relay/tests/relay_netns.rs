@@ -159,6 +159,13 @@ fn the_relay_process_serves_peers_and_refuses_everyone_else() {
         matches!(reject, Some((Some(RejectReason::WrongSession), _))),
         "{reject:?}"
     );
+    // The refusal is logged as a security event, with its source and reason.
+    let source = stranger.local_addr().unwrap().to_string();
+    let line = wait_for_log_line(&relay, |l| {
+        l.contains("bind_refused") && l.contains("wrong_session")
+    });
+    assert!(line.contains(&source), "{line}");
+    assert!(line.contains("0000000000001001"), "{line}");
     // A valid BIND captured on the wire and replayed verbatim from elsewhere only earns a
     // CHALLENGE: the cookie inside it belongs to the original sender's address.
     let victim = at(topo.peer_v4(6));
@@ -353,6 +360,22 @@ fn send_spoofed_v4(ns: &str, src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8
 
 /// BIND `token` under `session` from `socket`, through the CHALLENGE. Returns the REJECT
 /// reason (None if acknowledged) and the final BIND's bytes.
+/// The first line of the relay's log that `matches`, waiting up to 5 s for it.
+fn wait_for_log_line(relay: &Relay, matches: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(line) = relay.process.log_text().lines().find(|l| matches(l)) {
+            return line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no such line in the relay's log:\n{}",
+            relay.process.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn bind_exchange(
     socket: &UdpSocket,
     relay: SocketAddr,

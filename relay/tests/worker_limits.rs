@@ -21,7 +21,8 @@ use ferry_relay::session::{DropReason, Notice, Outcome, SessionLimits};
 use ferry_relay::shards::{Sessions, SessionsHandler};
 use ferry_relay::uring::recv_payload_room;
 use ferry_relay::worker::{
-    PacketHandler, RECV_BUF_SIZE, WorkerConfig, WorkerError, WorkerReport, WorkerStats, run_worker,
+    PacketHandler, RECV_BUF_SIZE, SocketBuffers, WorkerConfig, WorkerError, WorkerReport,
+    WorkerStats, run_worker, socket_drops,
 };
 
 struct Running {
@@ -33,6 +34,15 @@ struct Running {
 /// Starts a worker on `listen` with `handler`; `None` when io_uring is unavailable and
 /// skipping is allowed.
 fn start<H: PacketHandler + 'static>(listen: SocketAddr, handler: H) -> Option<Running> {
+    start_with(listen, handler, SocketBuffers::default())
+}
+
+/// [`start`] with the sockets' kernel buffers sized as `buffers` says.
+fn start_with<H: PacketHandler + 'static>(
+    listen: SocketAddr,
+    handler: H,
+    buffers: SocketBuffers,
+) -> Option<Running> {
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(WorkerStats::default());
     let cfg = WorkerConfig {
@@ -40,6 +50,7 @@ fn start<H: PacketHandler + 'static>(listen: SocketAddr, handler: H) -> Option<R
         stop: Arc::clone(&stop),
         stats: Arc::clone(&stats),
         tick: Duration::from_millis(20),
+        socket_buffers: buffers,
         ..WorkerConfig::default()
     };
     let (tx, rx) = std::sync::mpsc::channel();
@@ -468,4 +479,77 @@ fn a_gso_send_the_kernel_refuses_turns_gso_off_once() {
         "loopback may drop a few under a burst, not more ({} of 800)",
         arrived - arrived_before
     );
+}
+
+/// Sleeps on the first datagram it is given, as a worker stalled by a slow host would, and
+/// drops every datagram.
+struct Stalling {
+    stalled: bool,
+}
+
+impl PacketHandler for Stalling {
+    fn handle(
+        &mut self,
+        _now: Instant,
+        _wall: UnixTime,
+        _from: SocketAddr,
+        _datagram: &[u8],
+        _reply: &mut [u8],
+    ) -> Outcome {
+        if !self.stalled {
+            self.stalled = true;
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        Outcome::Drop(DropReason::Malformed)
+    }
+
+    fn tick(&mut self, _now: Instant, _wall: UnixTime, _notices: &mut Vec<Notice>) {}
+}
+
+#[test]
+fn datagrams_the_kernel_drops_at_a_full_socket_are_counted() {
+    let listen = free_listen("127.0.0.1");
+    let small = SocketBuffers {
+        recv: 64 << 10,
+        send: 64 << 10,
+    };
+    let Some(worker) = start_with(listen, Stalling { stalled: false }, small) else {
+        return;
+    };
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    // While the worker sleeps on the first datagram, 20 MB arrive for a 64 KiB buffer.
+    client.send_to(b"wake", listen).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let datagram = vec![0u8; 1000];
+    for _ in 0..20_000 {
+        let _ = client.send_to(&datagram, listen);
+    }
+    wait_for("the kernel's drops in the worker's counters", || {
+        load(&worker.stats.socket_drops) > 0
+    });
+    let page = exporter::render(&sessions(), std::slice::from_ref(&worker.stats), None);
+    assert!(
+        sample(&page, "ferry_worker_socket_drops_total{worker=\"0\"}") > 0,
+        "{page}"
+    );
+    let stats = worker.stop();
+    let (received, dropped) = (load(&stats.rx_packets), load(&stats.socket_drops));
+    assert!(
+        received + dropped <= 20_001,
+        "{received} received and {dropped} dropped of 20001 sent"
+    );
+}
+
+#[test]
+fn socket_drops_reads_the_kernels_count_for_a_socket() {
+    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    assert_eq!(socket_drops(&sink), Some(0));
+    // Nobody reads the sink: its default buffer overflows long before 20 MB have arrived.
+    let datagram = vec![0u8; 1000];
+    for _ in 0..20_000 {
+        let _ = client.send_to(&datagram, sink.local_addr().unwrap());
+    }
+    let drops = socket_drops(&sink).unwrap();
+    assert!(drops > 10_000, "only {drops} drops counted");
 }

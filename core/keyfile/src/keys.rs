@@ -133,7 +133,9 @@ fn read_key_file(path: &Path, secret: bool) -> Result<Zeroizing<String>, KeyFile
             });
         }
     }
-    let mut text = Zeroizing::new(String::new());
+    // Room for the longest file read, so the buffer never grows: growing would leave copies
+    // of a secret behind in freed memory, which the final zeroize cannot reach.
+    let mut text = Zeroizing::new(String::with_capacity(MAX_FILE_LEN as usize + 1));
     file.take(MAX_FILE_LEN)
         .read_to_string(&mut text)
         .map_err(io_error)?;

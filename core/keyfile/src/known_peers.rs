@@ -2,7 +2,8 @@
 //! written here.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io::{self, Read as _, Write};
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use ferry_core::known_peers::{KnownPeers, KnownPeersError};
@@ -20,6 +21,26 @@ pub enum KnownPeersFileError {
         #[source]
         source: io::Error,
     },
+    /// Someone other than its owner may write the file, and so could have changed whom this
+    /// peer trusts: it is not used.
+    #[error(
+        "{}: writable by group or others (mode {mode:04o}), so anyone could change whom this \
+         peer trusts; run `chmod 600 {}`",
+        path.display(),
+        path.display()
+    )]
+    InsecurePermissions {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The file is longer than any known-peers file this peer writes.
+    #[error("{}: longer than {MAX_FILE_LEN} bytes; not a known-peers file", path.display())]
+    TooLong {
+        /// The file.
+        path: PathBuf,
+    },
     /// The file was read but a line of it is invalid (whoever edited it is to blame).
     #[error("{}: {source}", path.display())]
     Parse {
@@ -31,23 +52,84 @@ pub enum KnownPeersFileError {
     },
 }
 
-/// Reads the known-peers file at `path`; a missing file is an empty store.
+/// The longest known-peers file read: a million peers' lines would not reach it.
+const MAX_FILE_LEN: u64 = 64 << 20;
+
+/// Reads the known-peers file at `path`; a missing file is an empty store. A file that group
+/// or others may write is refused ([`KnownPeersFileError::InsecurePermissions`]): it decides
+/// whom this peer trusts. A symbolic link is followed (the owner may keep the file elsewhere),
+/// and the check is made on the file opened.
 pub fn load_known_peers(path: &Path) -> Result<KnownPeers, KnownPeersFileError> {
-    match fs::read_to_string(path) {
-        Ok(text) => KnownPeers::parse(&text).map_err(|source| KnownPeersFileError::Parse {
+    let io_error = |source| KnownPeersFileError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file = match fs::File::open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(KnownPeers::new()),
+        Err(source) => return Err(io_error(source)),
+    };
+    let meta = file.metadata().map_err(io_error)?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if meta.is_file() && mode & 0o022 != 0 {
+        return Err(KnownPeersFileError::InsecurePermissions {
             path: path.to_owned(),
-            source,
-        }),
-        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(KnownPeers::new()),
-        Err(source) => Err(KnownPeersFileError::Io {
-            path: path.to_owned(),
-            source,
-        }),
+            mode,
+        });
     }
+    let mut text = String::new();
+    file.take(MAX_FILE_LEN + 1)
+        .read_to_string(&mut text)
+        .map_err(io_error)?;
+    if text.len() as u64 > MAX_FILE_LEN {
+        return Err(KnownPeersFileError::TooLong {
+            path: path.to_owned(),
+        });
+    }
+    KnownPeers::parse(&text).map_err(|source| KnownPeersFileError::Parse {
+        path: path.to_owned(),
+        source,
+    })
 }
 
-/// Writes `peers` to `path` atomically: a temporary file with mode 0600 in the same directory,
-/// synced, then renamed over `path`.
+/// Loads the known-peers file at `path`, lets `change` modify it, and saves it, holding an
+/// exclusive lock (on `dir/.name.lock`) throughout, so that two processes updating the file at
+/// once cannot lose each other's changes. Returns what `change` returns; nothing is written
+/// when it returns `false` as its first value.
+pub fn update_known_peers<R>(
+    path: &Path,
+    change: impl FnOnce(&mut KnownPeers) -> (bool, R),
+) -> Result<R, KnownPeersFileError> {
+    let lock_path = sibling(path, ".lock");
+    let lock = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&lock_path)
+        .map_err(|source| KnownPeersFileError::Io {
+            path: lock_path.clone(),
+            source,
+        })?;
+    lock.lock().map_err(|source| KnownPeersFileError::Io {
+        path: lock_path.clone(),
+        source,
+    })?;
+    let mut peers = load_known_peers(path)?;
+    let (changed, result) = change(&mut peers);
+    if changed {
+        save_known_peers(path, &peers)?;
+    }
+    // Dropping the file releases the lock.
+    drop(lock);
+    Ok(result)
+}
+
+/// Writes `peers` to `path` atomically: a fresh temporary file with mode 0600 in the same
+/// directory (created exclusively, never through a symbolic link), synced, then renamed over
+/// `path`. Use [`update_known_peers`] when other processes may write the file too.
 pub fn save_known_peers(path: &Path, peers: &KnownPeers) -> Result<(), KnownPeersFileError> {
     let temp = temp_path(path);
     let io_error = |path: &Path| {
@@ -66,24 +148,32 @@ pub fn save_known_peers(path: &Path, peers: &KnownPeers) -> Result<(), KnownPeer
 
 /// `dir/.name.tmp`, next to `path` so that the rename stays on one file system.
 fn temp_path(path: &Path) -> PathBuf {
+    sibling(path, ".tmp")
+}
+
+/// `dir/.name<suffix>`, next to `path`.
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
     let mut name = std::ffi::OsString::from(".");
     name.push(path.file_name().unwrap_or_else(|| "known-peers".as_ref()));
-    name.push(".tmp");
+    name.push(suffix);
     path.with_file_name(name)
 }
 
+/// Writes `contents` to a new file at `path`, mode 0600. A file left there by an interrupted
+/// save (or anything planted there, a symbolic link included) is removed first; the new one is
+/// created with `O_EXCL`, which never follows a link.
 fn write_private(path: &Path, contents: &[u8]) -> io::Result<()> {
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path)?;
-    #[cfg(unix)]
-    {
-        // An old temporary file keeps its mode on open; make sure it is private.
-        use std::os::unix::fs::PermissionsExt;
-        file.set_permissions(fs::Permissions::from_mode(0o600))?;
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
     }
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    // The umask may have taken bits off, never added them; this makes the mode exact.
+    file.set_permissions(fs::Permissions::from_mode(0o600))?;
     file.write_all(contents)?;
     file.sync_all()
 }
@@ -133,6 +223,60 @@ mod tests {
         let reloaded = load_known_peers(&path).expect("reload");
         assert_eq!(reloaded.len(), 1);
         assert_eq!(reloaded.get("alice"), None);
+        fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    #[test]
+    fn a_file_others_may_write_is_refused_and_a_planted_temp_file_is_replaced() {
+        let dir = temp_dir("modes");
+        let path = dir.join("known-peers");
+        let mut peers = KnownPeers::new();
+        peers.insert("bob", [2; 32]).expect("valid");
+        save_known_peers(&path, &peers).expect("save");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o620)).expect("chmod");
+        let err = load_known_peers(&path).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KnownPeersFileError::InsecurePermissions { mode: 0o620, .. }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+        // Readable by others is fine: the keys in it are public.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).expect("chmod");
+        assert_eq!(load_known_peers(&path).expect("load"), peers);
+        // A symbolic link planted where the temporary file goes is removed, not written
+        // through.
+        let target = dir.join("elsewhere");
+        fs::write(&target, "untouched").expect("write");
+        std::os::unix::fs::symlink(&target, temp_path(&path)).expect("symlink");
+        save_known_peers(&path, &peers).expect("save");
+        assert_eq!(fs::read_to_string(&target).expect("read"), "untouched");
+        assert_eq!(load_known_peers(&path).expect("load"), peers);
+        fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    #[test]
+    fn concurrent_updates_lose_nothing() {
+        let dir = temp_dir("concurrent");
+        let path = dir.join("known-peers");
+        std::thread::scope(|s| {
+            for t in 0..4u8 {
+                let path = &path;
+                s.spawn(move || {
+                    for i in 0..25u8 {
+                        update_known_peers(path, |peers| {
+                            let name = format!("peer-{t}-{i}");
+                            peers.insert(&name, [t; 32]).expect("valid");
+                            (true, ())
+                        })
+                        .expect("update");
+                    }
+                });
+            }
+        });
+        assert_eq!(load_known_peers(&path).expect("load").len(), 100);
         fs::remove_dir_all(&dir).expect("clean up");
     }
 

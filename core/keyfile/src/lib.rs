@@ -9,8 +9,10 @@
 //!   and a secret key file that the group or others may access is refused with the `chmod`
 //!   that fixes it. The format is described in [`ferry_core::keys`].
 //! - the peer's known-peers file for trust on first use ([`load_known_peers`],
-//!   [`save_known_peers`]): a missing file is an empty store, and saving writes a private
-//!   temporary file and renames it over the old one, so a crash never leaves half a file. The
+//!   [`save_known_peers`], [`update_known_peers`]): a missing file is an empty store, a file
+//!   that group or others may write is refused, saving writes a fresh private temporary file
+//!   (never through a symbolic link) and renames it over the old one, so a crash never leaves
+//!   half a file, and an update holds a lock so that concurrent writers lose nothing. The
 //!   format is described in [`ferry_core::known_peers`].
 #![forbid(unsafe_code)]
 
@@ -21,4 +23,6 @@ pub use keys::{
     KeyFileError, load_public_file, load_secret_file, write_key_pair, write_public_file,
     write_secret_file,
 };
-pub use known_peers::{KnownPeersFileError, load_known_peers, save_known_peers};
+pub use known_peers::{
+    KnownPeersFileError, load_known_peers, save_known_peers, update_known_peers,
+};

@@ -359,19 +359,31 @@ fn replay_cache_refuses_a_second_use() {
     let skew = v.config().max_skew_secs;
     let claims = verify(&v, &token, NOW).unwrap().claims;
     cache
-        .check_and_insert(claims.token_id, claims.expires, NOW, skew)
+        .check_and_insert(claims.token_id, claims.expires, NOW, mono(NOW), skew)
         .unwrap();
     let claims = verify(&v, &token, UnixTime(1_600)).unwrap().claims;
     assert_eq!(
         cache
-            .check_and_insert(claims.token_id, claims.expires, UnixTime(1_600), skew)
+            .check_and_insert(
+                claims.token_id,
+                claims.expires,
+                UnixTime(1_600),
+                mono(UnixTime(1_600)),
+                skew
+            )
             .unwrap_err(),
         TokenError::Replayed
     );
     // Still remembered up to the last second the token could verify.
     assert_eq!(
         cache
-            .check_and_insert(claims.token_id, claims.expires, UnixTime(2_029), skew)
+            .check_and_insert(
+                claims.token_id,
+                claims.expires,
+                UnixTime(2_029),
+                mono(UnixTime(2_029)),
+                skew
+            )
             .unwrap_err(),
         TokenError::Replayed
     );
@@ -382,34 +394,34 @@ fn replay_cache_full_of_live_ids_refuses_and_then_recovers() {
     let mut cache = TokenReplayCache::new(2);
     let now = UnixTime(100);
     cache
-        .check_and_insert([1; 16], UnixTime(200), now, 30)
+        .check_and_insert([1; 16], UnixTime(200), now, mono(now), 30)
         .unwrap();
     cache
-        .check_and_insert([2; 16], UnixTime(300), now, 30)
+        .check_and_insert([2; 16], UnixTime(300), now, mono(now), 30)
         .unwrap();
     assert_eq!(
         cache
-            .check_and_insert([3; 16], UnixTime(300), now, 30)
+            .check_and_insert([3; 16], UnixTime(300), now, mono(now), 30)
             .unwrap_err(),
         TokenError::ReplayCacheFull { capacity: 2 }
     );
     // A live id is never forgotten, so its replay is still caught while full.
     assert_eq!(
-        cache.check_and_insert([1; 16], UnixTime(200), now, 30),
+        cache.check_and_insert([1; 16], UnixTime(200), now, mono(now), 30),
         Err(TokenError::Replayed)
     );
     // At 230 = 200 + skew, id 1 can no longer verify: its place is free.
     let later = UnixTime(230);
     cache
-        .check_and_insert([3; 16], UnixTime(300), later, 30)
+        .check_and_insert([3; 16], UnixTime(300), later, mono(later), 30)
         .unwrap();
     assert_eq!(cache.len(), 2);
     assert_eq!(
-        cache.check_and_insert([2; 16], UnixTime(300), later, 30),
+        cache.check_and_insert([2; 16], UnixTime(300), later, mono(later), 30),
         Err(TokenError::Replayed)
     );
     assert!(matches!(
-        cache.check_and_insert([4; 16], UnixTime(100), later, 30),
+        cache.check_and_insert([4; 16], UnixTime(100), later, mono(later), 30),
         Err(TokenError::Expired { .. })
     ));
 }
@@ -470,4 +482,57 @@ proptest! {
             prop_assert!(result.is_err());
         }
     }
+}
+
+/// The monotonic clock at wall time `at`, for clocks that have never been stepped: both start
+/// together at wall time 0.
+fn mono(at: UnixTime) -> Instant {
+    mono_base() + Duration::from_secs(at.as_secs())
+}
+
+fn mono_base() -> Instant {
+    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+#[test]
+fn replay_cache_keeps_an_id_while_either_clock_says_its_token_lives() {
+    let mut cache = TokenReplayCache::new(4);
+    let id = [9; 16];
+    // Recorded at wall 1000 with exp 1100 and skew 30: 130 s to live.
+    let t0 = mono_base();
+    let at = |secs: u64| t0 + Duration::from_secs(secs);
+    cache
+        .check_and_insert(id, UnixTime(1_100), UnixTime(1_000), at(0), 30)
+        .unwrap();
+    // 200 s later by the monotonic clock, but the wall clock was stepped back 150 s: the token
+    // verifies again by the wall clock, so its id must still be refused.
+    assert_eq!(
+        cache.check_and_insert(id, UnixTime(1_100), UnixTime(1_050), at(200), 30),
+        Err(TokenError::Replayed)
+    );
+    // Once both clocks are past, the id goes (the token no longer verifies anyway).
+    assert!(matches!(
+        cache.check_and_insert(id, UnixTime(1_100), UnixTime(1_130), at(300), 30),
+        Err(TokenError::Expired { .. })
+    ));
+    assert!(cache.is_empty());
+
+    // Another relay's wall clock is stepped forward past exp + skew 10 s after recording,
+    // then back: the monotonic clock still holds the id.
+    let mut cache = TokenReplayCache::new(4);
+    cache
+        .check_and_insert(id, UnixTime(1_100), UnixTime(1_000), at(0), 30)
+        .unwrap();
+    assert_eq!(
+        cache.check_and_insert([8; 16], UnixTime(1_100), UnixTime(5_000), at(10), 30),
+        Err(TokenError::Expired {
+            expires: UnixTime(1_100),
+            now: UnixTime(5_000)
+        })
+    );
+    assert_eq!(
+        cache.check_and_insert(id, UnixTime(1_100), UnixTime(1_020), at(20), 30),
+        Err(TokenError::Replayed)
+    );
 }

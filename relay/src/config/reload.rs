@@ -23,6 +23,10 @@ const RESTART_ONLY: &[RestartOnly] = &[
     ("relay.udp_gso / relay.send_zc_min_bytes", |c| {
         format!("{} {:?}", c.udp_gso, c.send_zc_min_bytes)
     }),
+    (
+        "relay.udp_recv_buffer_bytes / relay.udp_send_buffer_bytes",
+        |c| format!("{:?}", c.socket_buffers),
+    ),
     // The token verifier's settings, fixed when the session tables are built.
     ("limits.max_clock_skew_secs", |c| {
         c.limits.max_clock_skew_secs.to_string()

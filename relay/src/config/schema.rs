@@ -37,6 +37,14 @@ pub(super) struct RelaySection {
     pub(super) udp_gso: bool,
     #[serde(default)]
     pub(super) send_zc_min_bytes: u64,
+    #[serde(default = "default_socket_buffer")]
+    pub(super) udp_recv_buffer_bytes: u64,
+    #[serde(default = "default_socket_buffer")]
+    pub(super) udp_send_buffer_bytes: u64,
+}
+
+fn default_socket_buffer() -> u64 {
+    8 << 20
 }
 
 fn yes() -> bool {

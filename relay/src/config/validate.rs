@@ -12,7 +12,11 @@ use ferry_core::keys::{GatewayPublicKey, RelayStaticKey};
 use ferry_core::problems::Check;
 
 use super::schema::{AdminSection, File, GatewayKeyEntry, LimitsSection, RelaySection, XdpSection};
-use super::{ConfigError, Limits, MAX_WORKERS, MAX_XDP_SOURCES, RelayConfig};
+use super::{
+    ConfigError, Limits, MAX_SOCKET_BUFFER, MAX_WORKERS, MAX_XDP_SOURCES, MIN_SOCKET_BUFFER,
+    RelayConfig,
+};
+use crate::worker::SocketBuffers;
 use crate::xdp::{Mode, XdpSettings};
 
 /// Parses and validates config `text` (named `path` in messages); relative key paths are
@@ -28,6 +32,18 @@ pub fn parse_str(text: &str, path: &Path, base_dir: &Path) -> Result<RelayConfig
         check.fail("relay.id", "must not be 0");
     }
     let workers = validate_workers(&file.relay, &mut check);
+    for (field, value) in [
+        (
+            "relay.udp_recv_buffer_bytes",
+            file.relay.udp_recv_buffer_bytes,
+        ),
+        (
+            "relay.udp_send_buffer_bytes",
+            file.relay.udp_send_buffer_bytes,
+        ),
+    ] {
+        check.range(field, value, MIN_SOCKET_BUFFER, MAX_SOCKET_BUFFER);
+    }
     let gateway_keys = validate_gateway_keys(&file.gateway_keys, &mut check);
     let limits = validate_limits(&file.limits, &mut check);
     let admin_listen = validate_admin(&file.admin, &mut check);
@@ -67,6 +83,10 @@ pub fn parse_str(text: &str, path: &Path, base_dir: &Path) -> Result<RelayConfig
         send_zc_min_bytes: match file.relay.send_zc_min_bytes {
             0 => None,
             n => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+        },
+        socket_buffers: SocketBuffers {
+            recv: usize::try_from(file.relay.udp_recv_buffer_bytes).unwrap_or(usize::MAX),
+            send: usize::try_from(file.relay.udp_send_buffer_bytes).unwrap_or(usize::MAX),
         },
         gateway_keys,
         limits,

@@ -1,0 +1,75 @@
+//! `ferry-relay check-config` as an operator runs it: what a config names on the host (XDP
+//! interfaces) is checked there, and a key file's problem is told once.
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap fails the test
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use ferry_testkit::fixtures::Authority;
+use ferry_testkit::gateway::workspace_binary;
+use ferry_testkit::relay::RelayConfig;
+
+/// Writes a relay config with `xdp` as its `[xdp]` section and a fresh relay key beside it
+/// into `dir`; returns the config's path.
+fn config(dir: &Path, xdp: &str) -> std::path::PathBuf {
+    let relay = workspace_binary("ferry-relay", "ferry-relay").unwrap();
+    let key = dir.join("relay.key");
+    if !key.exists() {
+        let out = Command::new(&relay)
+            .args(["keygen", "--out"])
+            .arg(&key)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let auth = Authority::new().unwrap();
+    let mut cfg = RelayConfig::loopback(vec![auth.gateway_key()]).unwrap();
+    cfg.sections = xdp.to_owned();
+    let path = dir.join("relay.toml");
+    std::fs::write(&path, cfg.text()).unwrap();
+    path
+}
+
+fn check(path: &Path) -> Output {
+    let relay = workspace_binary("ferry-relay", "ferry-relay").unwrap();
+    Command::new(relay)
+        .arg("check-config")
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn check_config_refuses_an_xdp_interface_this_host_does_not_have() {
+    let dir = ferry_testkit::temp_dir("relay-cli").unwrap();
+    let path = config(
+        dir.path(),
+        "[xdp]\nmode = \"native\"\ninterfaces = [\"lo\", \"nosuch0\"]\n",
+    );
+    let out = check(&path);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("xdp.interfaces[1]: there is no network interface named nosuch0"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("interfaces[0]"), "lo exists: {stderr}");
+    // With the guard off, the interfaces are not looked at.
+    let path = config(dir.path(), "[xdp]\nmode = \"off\"\n");
+    let out = check(&path);
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn a_key_file_readable_by_others_is_reported_once() {
+    let dir = ferry_testkit::temp_dir("relay-cli").unwrap();
+    let path = config(dir.path(), "[xdp]\nmode = \"off\"\n");
+    let key = dir.path().join("relay.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let out = check(&path);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("mode 0640").count(), 1, "{stderr}");
+    assert!(stderr.contains("chmod 600"), "{stderr}");
+}
