@@ -622,7 +622,12 @@ fn a_file_crosses_the_relay_byte_identical() {
     }
     let sys = System::start(Setup::default());
     let pair = sys.pair();
-    let len = 32 << 20;
+    // FERRY_SYSTEM_TRANSFER_MIB sets the size for a longer measurement; 32 MiB by default.
+    let mib: usize = std::env::var("FERRY_SYSTEM_TRANSFER_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32);
+    let len = mib << 20;
     let file = sys.path("random.bin");
     random_file(&file, len);
     let (received, whole, said) = transfer(&sys, &pair, &file);
@@ -633,6 +638,17 @@ fn a_file_crosses_the_relay_byte_identical() {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("send printed no seconds: {said}"));
     assert_eq!(printed(&said, "bytes"), Some(len.to_string()), "{said}");
+    // What was dropped on the way, by reason: none of it need be zero (the transfer resends).
+    let drops: Vec<&str> = page
+        .lines()
+        .filter(|l| {
+            (l.starts_with("ferry_drops_total{")
+                || l.starts_with("ferry_xdp_packets_total{action=\"drop\"")
+                || l.starts_with("ferry_worker_socket_drops_total"))
+                && !l.ends_with(" 0")
+        })
+        .collect();
+    eprintln!("relay drops during the transfer: {drops:?}\nsend said:\n{said}");
     // The baseline, same run: the transfer with no relay in the path.
     let direct = direct_transfer(&sys, &file);
     eprintln!(
