@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use ferry_core::keys::PeerStaticKey;
 use ferry_core::noise::LocalIdentity;
 use ferry_peer::gateway::{ApiKey, GatewayClient, Grant};
-use ferry_peer::session::{Session, SessionConfig, SessionStats, Timeouts};
+use ferry_peer::session::{Expectation, Session, SessionConfig, SessionStats, Timeouts};
 
 /// The environment variable that holds the API key when `--api-key-file` is not given.
 pub const API_KEY_ENV: &str = "FERRY_API_KEY";
@@ -19,7 +19,8 @@ pub const API_KEY_ENV: &str = "FERRY_API_KEY";
 pub const SESSION_HELP: &str = "\
 The peer binds the slot of --grant (a file written by `ferry-peer create`, `join` or `renew`) on
 the grant's relay, waits for the other peer, and runs the end-to-end Noise handshake, pinning
-the other peer's key the grant names. Slot A initiates, slot B answers.
+the other peer's key the grant names (or, only with --trust-on-first-use NAME, the key first
+seen for NAME in the known-peers file). Slot A initiates, slot B answers.
 
 With --gateway, --ca and an API key (--api-key-file, else FERRY_API_KEY; never on the command
 line), the session renews its token before it expires and recovers after a relay restart or an
@@ -56,6 +57,14 @@ pub struct SessionArgs {
     /// Seconds to wait for the relay, the other peer and the handshake.
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     pub connect_timeout: u64,
+    /// Trust the other peer's key on first use under NAME instead of pinning the key the grant
+    /// names: the first key seen is recorded in --known-peers, a later different one is
+    /// refused. Only for a grant that names no key (a session created without --expect-peer).
+    #[arg(long, value_name = "NAME")]
+    pub trust_on_first_use: Option<String>,
+    /// The known-peers file that --trust-on-first-use reads and updates.
+    #[arg(long, value_name = "FILE", requires = "trust_on_first_use")]
+    pub known_peers: Option<PathBuf>,
 }
 
 /// The API key from `file`, else from the environment.
@@ -90,6 +99,8 @@ pub fn read_grant(path: &std::path::Path) -> anyhow::Result<Grant> {
 /// Everything of [`SessionArgs`] read and checked, before any network traffic.
 pub struct Prepared {
     config: SessionConfig,
+    /// Trust on first use: the name and the known-peers file to record the key in.
+    tofu: Option<(String, PathBuf)>,
 }
 
 /// Reads the grant, the identity and the gateway settings, so that a bad file or a missing
@@ -109,6 +120,20 @@ pub fn prepare(args: &SessionArgs) -> anyhow::Result<Prepared> {
     };
     let expires_at = grant.expires_at;
     let mut config = SessionConfig::new(grant, identity);
+    let mut tofu = None;
+    if let Some(name) = &args.trust_on_first_use {
+        let file = args
+            .known_peers
+            .clone()
+            .unwrap_or_else(crate::default_known_peers);
+        let known = ferry_keyfile::load_known_peers(&file)
+            .with_context(|| format!("reading the known-peers file {}", file.display()))?;
+        config.expectation = Expectation::TrustOnFirstUse {
+            name: name.clone(),
+            known,
+        };
+        tofu = Some((name.clone(), file));
+    }
     config.relay = args.relay;
     config.timeouts = Timeouts {
         connect: Duration::from_secs(args.connect_timeout.max(1)),
@@ -127,7 +152,7 @@ pub fn prepare(args: &SessionArgs) -> anyhow::Result<Prepared> {
             );
         }
     }
-    Ok(Prepared { config })
+    Ok(Prepared { config, tofu })
 }
 
 impl Prepared {
@@ -137,6 +162,22 @@ impl Prepared {
         let session = Session::connect(self.config)
             .await
             .context("connecting the session")?;
+        if let Some((name, file)) = &self.tofu {
+            // Under the file's lock, so a concurrent update by another process is kept.
+            let key = *session.remote_identity().as_bytes();
+            let recorded = ferry_keyfile::update_known_peers(file, |known| match known.get(name) {
+                Some(old) => (false, *old == key),
+                None => (known.insert(name, key).is_ok(), true),
+            })
+            .with_context(|| format!("writing the known-peers file {}", file.display()))?;
+            if !recorded {
+                session.close().await;
+                anyhow::bail!(
+                    "{} now holds another key for {name:?}: refusing the session",
+                    file.display()
+                );
+            }
+        }
         eprintln!(
             "ferry-peer: connected as slot {slot:?} of session {:016x} through {} (peer {})",
             session.session_id(),

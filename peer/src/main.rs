@@ -1,8 +1,8 @@
 //! `ferry-peer`: the endpoint CLI. Manages the peer's identity key and its known-peers file,
 //! asks the gateway for a session (`create`, `join --code CODE` and `renew --grant FILE` write
 //! the gateway's grant to a file, its format: [`ferry_peer::gateway`]), and runs a session on a
-//! grant ([`ferry_peer::session::Session`]): `tunnel` carries a local UDP application's
-//! traffic through it.
+//! grant ([`ferry_peer::session::Session`]): `send` and `recv` move a file over it
+//! ([`ferry_peer::transfer`]), `tunnel` carries a local UDP application's traffic through it.
 
 mod cli_session;
 
@@ -17,6 +17,8 @@ use clap::{Parser, Subcommand};
 use ferry_core::keys::{PeerPublicKey, PeerStaticKey};
 use ferry_peer::gateway::{GatewayClient, Grant};
 use ferry_peer::link::LinkError;
+use ferry_peer::session::Session;
+use ferry_peer::transfer::{BarProgress, TransferOptions, TransferReport};
 use ferry_peer::tunnel::{TunnelError, TunnelMode, TunnelStats};
 
 use crate::cli_session::{SESSION_HELP, SessionArgs};
@@ -137,6 +139,29 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
+    /// Send a file to the other peer of the session, which runs `ferry-peer recv`: a reliable,
+    /// ordered transfer (QUIC over the session) with a SHA-256 check at the end and a progress
+    /// bar on a terminal. Prints `name`, `bytes`, `seconds`, `mb_per_s` (10^6 bytes per
+    /// second), `sha256`, then the session's counters, one `name value` per line.
+    #[command(after_long_help = SESSION_HELP)]
+    Send {
+        #[command(flatten)]
+        session: SessionArgs,
+        /// The file to send; the receiver stores it under its base name.
+        file: PathBuf,
+    },
+    /// Receive one file from the other peer of the session, which runs `ferry-peer send`, into
+    /// --dir. The file appears under its sent name only once its SHA-256 matches; an existing
+    /// file is never replaced. Prints `name`, `path`, `bytes`, `seconds`, `mb_per_s`, `sha256`,
+    /// then the session's counters, one `name value` per line.
+    #[command(after_long_help = SESSION_HELP)]
+    Recv {
+        #[command(flatten)]
+        session: SessionArgs,
+        /// The directory to write the file into.
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        dir: PathBuf,
+    },
     /// Carry a local UDP application's traffic through the relay to the other peer, both ways,
     /// until Ctrl-C or the other peer closes. One end listens (--listen: the local application
     /// sends to ADDR as to its server), the other connects (--connect: delivers to the
@@ -171,7 +196,8 @@ enum KnownPeersAction {
     },
 }
 
-fn default_known_peers() -> PathBuf {
+/// `$XDG_CONFIG_HOME/ferry/known-peers`, else `~/.config/ferry/known-peers`.
+pub(crate) fn default_known_peers() -> PathBuf {
     let base = std::env::var_os("XDG_CONFIG_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
@@ -217,6 +243,60 @@ fn write_grant(path: &Path, grant: &Grant) -> anyhow::Result<()> {
     write().map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         anyhow::Error::new(e).context(format!("writing the grant to {}", path.display()))
+    })
+}
+
+/// Which way a file goes.
+enum Direction {
+    Send(PathBuf),
+    Recv(PathBuf),
+}
+
+/// Runs `ferry-peer send` or `recv`.
+fn transfer(args: &SessionArgs, direction: Direction) -> anyhow::Result<()> {
+    if let Direction::Send(file) = &direction {
+        // Fail before the session when the file cannot be read.
+        std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    }
+    if let Direction::Recv(dir) = &direction
+        && !dir.is_dir()
+    {
+        anyhow::bail!("{} is not a directory", dir.display());
+    }
+    let prepared = cli_session::prepare(args)?;
+    let runtime = cli_session::runtime()?;
+    runtime.block_on(async {
+        let session: Arc<Session> = Arc::new(prepared.connect().await?);
+        let options = TransferOptions::default();
+        let progress = BarProgress::new();
+        let result = match &direction {
+            Direction::Send(file) => {
+                ferry_peer::transfer::send_file(session.clone(), file, &options, &progress)
+                    .await
+                    .with_context(|| format!("sending {}", file.display()))
+            }
+            Direction::Recv(dir) => {
+                ferry_peer::transfer::receive_file(session.clone(), dir, &options, &progress)
+                    .await
+                    .context("receiving a file")
+            }
+        };
+        session.close().await;
+        let report: TransferReport = result?;
+        let seconds = report.elapsed.as_secs_f64();
+        println!("name {}", report.name);
+        if let Some(path) = &report.path {
+            println!("path {}", path.display());
+        }
+        println!("bytes {}", report.bytes);
+        println!("seconds {seconds:.3}");
+        println!(
+            "mb_per_s {:.2}",
+            report.bytes as f64 / seconds.max(1e-9) / 1e6
+        );
+        println!("sha256 {}", report.hash_hex);
+        cli_session::print_stats(&session.stats());
+        Ok(())
     })
 }
 
@@ -368,6 +448,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("session_id {}", grant.session_id_hex());
             println!("expires_at {}", grant.expires_at);
         }
+        Command::Send { session, file } => transfer(&session, Direction::Send(file))?,
+        Command::Recv { session, dir } => transfer(&session, Direction::Recv(dir))?,
         Command::Tunnel {
             session,
             listen,

@@ -12,9 +12,12 @@
 //! - **renewal**: when [`BindClient::renew_due`](crate::bind::BindClient::renew_due) says (two
 //!   thirds into the token's life), a fresh token from the [`Renewer`] (the gateway's
 //!   `POST /v1/sessions/renew`) and a renewal BIND; a failed request is retried with back-off;
-//! - **recovery**: when the relay ends the binding (a CLOSE `EXPIRED` or `IDLE`), KEEPALIVEs go
-//!   unanswered (a relay restart), a REBIND meets `UNKNOWN_SESSION`, or a REBIND goes
-//!   unanswered, a fresh token from the [`Renewer`] and a first BIND with it; the Noise session
+//! - **lost binding**: when KEEPALIVEs go unanswered, first a REBIND from the same socket
+//!   (which heals a NAT rebinding or a changed local address while the relay still holds the
+//!   binding);
+//! - **recovery**: when the relay ends the binding (a CLOSE `EXPIRED` or `IDLE`), or that REBIND
+//!   meets `UNKNOWN_SESSION` (a relay restart), goes unanswered for the bind timeout (30 s) or
+//!   is refused, a fresh token from the [`Renewer`] and a first BIND with it; the Noise session
 //!   is kept (docs/protocol.md §3.1, *Recovery*). Attempts are retried with back-off for
 //!   [`Timeouts::recovery`], then the session ends;
 //! - **rebind**: when sending fails because the local address went away (`EADDRNOTAVAIL`,
@@ -32,6 +35,8 @@
 //! the reason.
 
 mod driver;
+#[cfg(test)]
+mod tests;
 
 use std::fmt;
 use std::future::Future;
@@ -204,10 +209,37 @@ pub enum SessionError {
         /// How long.
         after: Duration,
     },
+    /// The relay answered the bind only with unauthenticated REJECTs (which are hints, so the
+    /// peer kept trying) and no BIND-ACK came in time.
+    #[error(
+        "the relay refused the bind ({reason}; unauthenticated, so retried) and no BIND-ACK came \
+         within {after:?}"
+    )]
+    RefusedUnauthenticated {
+        /// The last reason the relay gave.
+        reason: &'static str,
+        /// How long the peer tried.
+        after: Duration,
+    },
+    /// The grant's token has expired and there is no renewer to get a fresh one.
+    #[error(
+        "the grant's token expired at {expires_at} (Unix seconds): renew it (`ferry-peer renew`) \
+         or give the session a gateway"
+    )]
+    GrantExpired {
+        /// The token's `exp`.
+        expires_at: u64,
+    },
+    /// The renewer could not give a fresh grant for an expired one.
+    #[error("the grant's token expired and the gateway could not renew it: {0}")]
+    Renew(#[source] GatewayError),
     /// The session ended while connecting (the other peer closed it, the relay unbound it).
     #[error("the session ended while connecting: {0}")]
     Closed(String),
 }
+
+/// A grant whose token expires within this is renewed before [`Session::connect`] binds.
+const EXPIRY_MARGIN_SECS: u64 = 5;
 
 /// A session's counters (see [`Session::stats`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -354,10 +386,33 @@ pub struct Session {
 
 impl Session {
     /// Binds, waits for the other peer, runs the handshake, and starts the driver task (see
-    /// the module doc). Fails at once when the other peer presents the wrong identity or the
+    /// the module doc). A grant whose token has expired (or expires within 5 s) is first
+    /// renewed through the renewer; without one that is an error. Fails at once when the other peer presents the wrong identity or the
     /// relay refuses the bind with an authenticated REJECT, and after
     /// [`Timeouts::connect`] otherwise.
-    pub async fn connect(config: SessionConfig) -> Result<Self, SessionError> {
+    pub async fn connect(mut config: SessionConfig) -> Result<Self, SessionError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if config.grant.expires_at <= now + EXPIRY_MARGIN_SECS {
+            let Some(renewer) = &config.renewer else {
+                return Err(SessionError::GrantExpired {
+                    expires_at: config.grant.expires_at,
+                });
+            };
+            let fresh = renewer
+                .renew(config.grant.session_id, config.grant.slot)
+                .await
+                .map_err(SessionError::Renew)?;
+            config.grant = Grant {
+                // The pin and the relay's address are the caller's; a renewal repeats them.
+                expected_peer_public_key: config
+                    .grant
+                    .expected_peer_public_key
+                    .or(fresh.expected_peer_public_key),
+                ..fresh
+            };
+        }
         let (expect, known) = match &config.expectation {
             Expectation::FromGrant => match config.grant.expected_peer_public_key {
                 Some(key) => (PeerExpectation::Pinned(*key.as_bytes()), KnownPeers::new()),
@@ -435,7 +490,8 @@ impl Session {
         &self.known
     }
 
-    /// The local address of the socket the session connected from (a rebind changes it).
+    /// The local address of the socket the session connected from; after a rebind the session
+    /// sends from another socket, which this does not follow.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }

@@ -118,14 +118,19 @@ fn known_peers_can_be_listed_and_forgotten() {
 }
 
 /// A grant file the CLI can read (its token is not one a relay would take) and a key file.
+/// Its token expires an hour from now.
 fn grant_and_key(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     use base64::Engine as _;
     let b64 =
         |len: usize, byte: u8| base64::engine::general_purpose::STANDARD.encode(vec![byte; len]);
     let grant = serde_json::json!({
         "session_id": "2146d4dc68d435dd", "slot": "A",
         "token": b64(208, 7), "slot_secret": b64(32, 9),
-        "kid": 1, "not_before": 1795598326u64, "expires_at": 1795598626u64,
+        "kid": 1, "not_before": now - 60, "expires_at": now + 3600,
         "relay": {"id": 5, "address": "127.0.0.1:9", "public_key": b64(32, 3)},
         "expected_peer_public_key": b64(32, 4),
     });
@@ -146,10 +151,30 @@ fn run_without_key(args: &[&str]) -> Output {
 }
 
 #[test]
-fn tunnel_help_names_the_session_options_and_the_key_rules() {
-    let out = run(&["tunnel", "--help"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let help = text(&out.stdout);
+fn session_commands_help_names_the_session_options_and_the_key_rules() {
+    for (command, own) in [
+        ("send", &["<FILE>", "sha256", "mb_per_s"][..]),
+        ("recv", &["--dir <DIR>", "never replaced"][..]),
+        (
+            "tunnel",
+            &["--listen <ADDR>", "--connect <ADDR>", "1427 bytes"][..],
+        ),
+    ] {
+        let out = run(&[command, "--help"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let help = text(&out.stdout);
+        for needle in own {
+            assert!(
+                help.contains(needle),
+                "{command}: {needle:?} missing from:\n{help}"
+            );
+        }
+        session_help_says(&help);
+    }
+}
+
+/// What the help of every session command says.
+fn session_help_says(help: &str) {
     for needle in [
         "--grant <FILE>",
         "--identity <FILE>",
@@ -158,8 +183,8 @@ fn tunnel_help_names_the_session_options_and_the_key_rules() {
         "--api-key-file <FILE>",
         "--relay <ADDR>",
         "--connect-timeout <SECS>",
-        "--listen <ADDR>",
-        "--connect <ADDR>",
+        "--trust-on-first-use <NAME>",
+        "--known-peers <FILE>",
         "FERRY_API_KEY",
         "never on the command\nline",
         "ends when the grant's token expires",
@@ -291,4 +316,345 @@ fn without_a_gateway_the_session_says_it_cannot_renew_and_times_out_clearly() {
         err.contains("connecting the session: timed out after 1s waiting for the relay's BIND-ACK"),
         "{err}"
     );
+
+    // An expired grant, with no gateway to renew it, is refused before anything is sent.
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&grant).unwrap()).unwrap();
+    json["not_before"] = 1_000_000.into();
+    json["expires_at"] = 1_000_300.into();
+    std::fs::write(&grant, json.to_string()).unwrap();
+    let out = run_without_key(&[
+        "tunnel",
+        "--grant",
+        path_str(&grant),
+        "--identity",
+        path_str(&key),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("the grant's token expired at 1000300 (Unix seconds): renew it"),
+        "{err}"
+    );
+}
+
+/// Runs `ferry-peer` with the API key in FERRY_API_KEY; returns its stdout, asserting success.
+fn ok_with_key(args: &[&str], key: &str) -> String {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("FERRY_API_KEY", key)
+        .output()
+        .expect("ferry-peer runs");
+    assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// The value of the `name value` line `name`.
+fn field<'a>(stdout: &'a str, name: &str) -> &'a str {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {name} in {stdout:?}"))
+}
+
+/// A gateway and a relay on loopback, two keys, and the grants of one session for them.
+struct RelaySetup {
+    _gateway: ferry_testkit::gateway::GatewayProcess,
+    _relay: ferry_testkit::relay::RelayProcess,
+    dir: tempfile::TempDir,
+    api_key: String,
+    url: String,
+    ca: std::path::PathBuf,
+    alice: std::path::PathBuf,
+    bob: std::path::PathBuf,
+    a_grant: std::path::PathBuf,
+    b_grant: std::path::PathBuf,
+}
+
+impl RelaySetup {
+    /// With `pin`, the creator names the joiner's key (so both grants pin a key); without, only
+    /// the joiner's grant does.
+    fn start(name: &str, pin: bool) -> Self {
+        use ferry_testkit::gateway::{GatewayProcess, workspace_binary};
+        use ferry_testkit::relay::{RelayConfig, RelayProcess};
+
+        let relay_key =
+            ferry_core::keys::RelayStaticKey::generate(&ring::rand::SystemRandom::new()).unwrap();
+        let mut relay_config = RelayConfig::loopback(Vec::new()).unwrap();
+        relay_config.sections =
+            "[xdp]\nmode = \"off\"\n\n[limits]\ndefault_session_rate = 125000000\n".into();
+        let gateway = GatewayProcess::start(
+            &workspace_binary("ferry-gateway", "ferry-gateway").unwrap(),
+            &[("app", &["create:*", "join:*"])],
+            relay_config.listen[0],
+            &relay_key,
+            "",
+        )
+        .unwrap();
+        relay_config.gateway_keys = vec![gateway.gateway_key().unwrap()];
+        let relay = RelayProcess::start(
+            &workspace_binary("ferry-relay", "ferry-relay").unwrap(),
+            &relay_key,
+            &relay_config,
+        )
+        .unwrap();
+
+        let dir = scratch(name);
+        let (alice, bob) = (dir.path().join("alice.key"), dir.path().join("bob.key"));
+        for key in [&alice, &bob] {
+            assert!(run(&["keygen", "--out", path_str(key)]).status.success());
+        }
+        let bob_pub = text(&run(&["pubkey", path_str(&bob)]).stdout);
+        let api_key = gateway.api_key("app").unwrap().to_string();
+        let (url, ca) = (gateway.url(), gateway.ca_file());
+        let (a_grant, b_grant) = (dir.path().join("a.grant"), dir.path().join("b.grant"));
+        let setup = Self {
+            _gateway: gateway,
+            _relay: relay,
+            dir,
+            api_key,
+            url,
+            ca,
+            alice,
+            bob,
+            a_grant,
+            b_grant,
+        };
+        let mut args = vec!["create"];
+        args.extend(setup.gateway_args());
+        args.extend(["--identity", path_str(&setup.alice)]);
+        if pin {
+            args.extend(["--expect-peer", bob_pub.trim()]);
+        }
+        args.extend(["--out", path_str(&setup.a_grant)]);
+        let created = ok_with_key(&args, &setup.api_key);
+        let mut args = vec!["join"];
+        args.extend(setup.gateway_args());
+        args.extend(["--identity", path_str(&setup.bob)]);
+        args.extend([
+            "--code",
+            field(&created, "join_code"),
+            "--out",
+            path_str(&setup.b_grant),
+        ]);
+        ok_with_key(&args, &setup.api_key);
+        setup
+    }
+
+    fn gateway_args(&self) -> [&str; 4] {
+        ["--gateway", self.url.as_str(), "--ca", path_str(&self.ca)]
+    }
+
+    /// `command` for slot A (Alice) or B (Bob) with the session options, then `rest`.
+    fn args<'a>(&'a self, command: &'a str, slot_a: bool, rest: &[&'a str]) -> Vec<&'a str> {
+        let (grant, key) = match slot_a {
+            true => (&self.a_grant, &self.alice),
+            false => (&self.b_grant, &self.bob),
+        };
+        let mut args = vec![command];
+        args.extend(self.gateway_args());
+        args.extend(["--grant", path_str(grant), "--identity", path_str(key)]);
+        args.extend(rest);
+        args
+    }
+
+    /// Starts `ferry-peer` with `args` and the API key, its output piped.
+    fn spawn(&self, args: &[&str]) -> std::process::Child {
+        Command::new(BIN)
+            .args(args)
+            .env("FERRY_API_KEY", &self.api_key)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+}
+
+#[test]
+fn send_and_recv_move_a_file_through_a_real_relay_and_print_the_figures() {
+    let setup = RelaySetup::start("send-recv", true);
+    let dir = &setup.dir;
+    // 3 MiB of varied bytes.
+    let content: Vec<u8> = (0..3u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let file = dir.path().join("payload.bin");
+    std::fs::write(&file, &content).unwrap();
+    let inbox = dir.path().join("inbox");
+    std::fs::create_dir(&inbox).unwrap();
+
+    let receiver = setup.spawn(&setup.args("recv", false, &["--dir", path_str(&inbox)]));
+    let sent = ok_with_key(
+        &setup.args("send", true, &[path_str(&file)]),
+        &setup.api_key,
+    );
+    let received = receiver.wait_with_output().unwrap();
+    assert!(received.status.success(), "{}", text(&received.stderr));
+    let received = text(&received.stdout);
+
+    assert_eq!(std::fs::read(inbox.join("payload.bin")).unwrap(), content);
+    for out in [&sent, &received] {
+        assert_eq!(field(out, "bytes"), (3u32 << 20).to_string(), "{out}");
+        assert_eq!(field(out, "name"), "payload.bin");
+        assert!(field(out, "mb_per_s").parse::<f64>().unwrap() > 0.0);
+        assert!(field(out, "messages_sent").parse::<u64>().unwrap() > 0);
+        assert_eq!(field(out, "handshakes"), "1");
+    }
+    assert_eq!(field(&sent, "sha256"), field(&received, "sha256"));
+    assert_eq!(field(&sent, "sha256").len(), 64);
+    assert!(field(&received, "path").ends_with("inbox/payload.bin"));
+}
+
+#[test]
+fn tunnel_carries_a_local_udp_exchange_through_a_real_relay_and_reports_on_ctrl_c() {
+    let setup = RelaySetup::start("tunnel", true);
+    // The application's server on the connecting side: echoes what it gets.
+    let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let server_addr = server.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = server.recv_from(&mut buf) {
+            let _ = server.send_to(&buf[..n], from);
+        }
+    });
+    let listen_port = ferry_testkit::free_port(std::net::Ipv4Addr::LOCALHOST.into()).unwrap();
+    let listen_addr = format!("127.0.0.1:{listen_port}");
+    let mut listener = setup.spawn(&setup.args("tunnel", true, &["--listen", &listen_addr]));
+    let mut connector = setup.spawn(&setup.args("tunnel", false, &["--connect", &server_addr]));
+
+    // The application's client: sends to the listening end until an echo comes back.
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut buf = [0u8; 2048];
+    let echoed = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no echo through the tunnel"
+        );
+        client.send_to(b"marker 51c0", &listen_addr).unwrap();
+        if let Ok((n, _)) = client.recv_from(&mut buf) {
+            break buf[..n].to_vec();
+        }
+    };
+    assert_eq!(echoed, b"marker 51c0");
+
+    // Ctrl-C on the listening end: it closes the session, reports and exits 0; the other end
+    // sees the close, reports and exits 0 too.
+    let status = Command::new("kill")
+        .args(["-INT", &listener.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let wait = |child: &mut std::process::Child| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("ferry-peer tunnel did not end");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    let listener_status = wait(&mut listener);
+    let connector_status = wait(&mut connector);
+    let listener = listener.wait_with_output().unwrap();
+    let connector = connector.wait_with_output().unwrap();
+    assert!(listener_status.success(), "{}", text(&listener.stderr));
+    assert!(connector_status.success(), "{}", text(&connector.stderr));
+    let (out_l, out_c) = (text(&listener.stdout), text(&connector.stdout));
+    assert!(
+        field(&out_l, "to_peer_datagrams").parse::<u64>().unwrap() >= 1,
+        "{out_l}"
+    );
+    assert!(
+        field(&out_l, "from_peer_datagrams").parse::<u64>().unwrap() >= 1,
+        "{out_l}"
+    );
+    assert!(
+        field(&out_c, "from_peer_datagrams").parse::<u64>().unwrap() >= 1,
+        "{out_c}"
+    );
+    assert_eq!(field(&out_c, "handshakes"), "1");
+}
+
+#[test]
+fn trust_on_first_use_is_asked_for_explicitly_and_records_the_peer() {
+    let setup = RelaySetup::start("tofu", false);
+    let dir = &setup.dir;
+    let file = dir.path().join("note.txt");
+    std::fs::write(&file, "first contact\n").unwrap();
+    let inbox = dir.path().join("inbox");
+    std::fs::create_dir(&inbox).unwrap();
+
+    // Alice's grant names no key: without --trust-on-first-use she refuses to start.
+    let grant_text = std::fs::read_to_string(&setup.a_grant).unwrap();
+    assert!(
+        grant_text.contains("\"expected_peer_public_key\": null"),
+        "{grant_text}"
+    );
+    let out = Command::new(BIN)
+        .args(setup.args("send", true, &["--connect-timeout", "5", path_str(&file)]))
+        .env("FERRY_API_KEY", &setup.api_key)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("the grant names no peer key to pin"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let known = dir.path().join("known-peers");
+    let receiver = setup.spawn(&setup.args("recv", false, &["--dir", path_str(&inbox)]));
+    let tofu = [
+        "--trust-on-first-use",
+        "bob",
+        "--known-peers",
+        path_str(&known),
+        path_str(&file),
+    ];
+    ok_with_key(&setup.args("send", true, &tofu), &setup.api_key);
+    let received = receiver.wait_with_output().unwrap();
+    assert!(received.status.success(), "{}", text(&received.stderr));
+    assert_eq!(
+        std::fs::read(inbox.join("note.txt")).unwrap(),
+        b"first contact\n"
+    );
+    let bob_pub = text(&run(&["pubkey", path_str(&setup.bob)]).stdout);
+    let listed = text(&run(&["known-peers", "--file", path_str(&known), "list"]).stdout);
+    assert_eq!(listed.trim(), format!("bob {}", bob_pub.trim()));
+}
+
+/// Prints the throughput of `ferry-peer send` / `recv` for a 64 MiB file through a real relay
+/// on loopback. A measurement, not a check: run it in release,
+/// `cargo test --release -p ferry-peer --test cli -- --ignored --nocapture throughput`.
+#[test]
+#[ignore = "a measurement: run in release with --nocapture"]
+fn throughput_of_send_and_recv_through_a_relay() {
+    let setup = RelaySetup::start("throughput", true);
+    let size = 64u32 << 20;
+    let content: Vec<u8> = (0..size)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let file = setup.dir.path().join("big.bin");
+    std::fs::write(&file, &content).unwrap();
+    let inbox = setup.dir.path().join("inbox");
+    std::fs::create_dir(&inbox).unwrap();
+    let receiver = setup.spawn(&setup.args("recv", false, &["--dir", path_str(&inbox)]));
+    let sent = ok_with_key(
+        &setup.args("send", true, &[path_str(&file)]),
+        &setup.api_key,
+    );
+    let received = receiver.wait_with_output().unwrap();
+    assert!(received.status.success(), "{}", text(&received.stderr));
+    assert_eq!(std::fs::read(inbox.join("big.bin")).unwrap(), content);
+    println!("sender:\n{sent}\nreceiver:\n{}", text(&received.stdout));
 }

@@ -387,7 +387,7 @@ async fn throughput_of_1400_byte_messages_through_a_relay() {
     let period = Duration::from_secs(5);
     let setup = Setup::start(
         "",
-        "default_session_rate = 125000000\nmax_session_rate = 125000000",
+        "default_session_rate = 1000000000\nmax_session_rate = 1000000000",
     );
     let (alice, bob) = (new_key(), new_key());
     let (ga, gb) = setup.grants(&alice, &bob).await;
@@ -407,4 +407,69 @@ async fn throughput_of_1400_byte_messages_through_a_relay() {
     let direct = report("plain UDP, no relay", blast(ua, ub, period).await);
     println!("ratio relayed/direct: {:.2}", relayed / direct);
     assert!(relayed > 0.0);
+}
+
+#[tokio::test]
+async fn the_session_echo_example_runs_against_a_real_relay() {
+    let example = ferry_testkit::gateway::workspace_example("ferry-peer", "session_echo").unwrap();
+    let setup = Setup::start("", "");
+    let (alice, bob) = (new_key(), new_key());
+    let (ga, gb) = setup.grants(&alice, &bob).await;
+    let dir = ferry_testkit::temp_dir("session-echo").unwrap();
+    let file = |name: &str| dir.path().join(name);
+    ferry_testkit::write_private(&file("a.grant"), &ga.to_json()).unwrap();
+    ferry_testkit::write_private(&file("b.grant"), &gb.to_json()).unwrap();
+    ferry_keyfile::write_secret_file(&file("alice.key"), &alice, false).unwrap();
+    ferry_keyfile::write_secret_file(&file("bob.key"), &bob, false).unwrap();
+    let s = |name: &str| file(name).to_str().unwrap().to_string();
+    // The example is another process: waiting for it blocks nothing of this test's.
+    let out = std::process::Command::new(example)
+        .args([
+            s("a.grant"),
+            s("alice.key"),
+            s("b.grant"),
+            s("bob.key"),
+            "20".into(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("connected: session"), "{stdout}");
+    let echoed: u32 = stdout
+        .split("echoed ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(echoed >= 15, "{stdout}");
+    assert!(
+        stdout.contains("B ended: the other peer closed the session"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn rebind_moves_the_session_to_a_fresh_socket_on_a_real_relay() {
+    let setup = Setup::start("", "");
+    let (alice, bob) = (new_key(), new_key());
+    let (ga, gb) = setup.grants(&alice, &bob).await;
+    let (a, b) = connect_pair(setup.config(ga, &alice), setup.config(gb, &bob)).await;
+    let within = Duration::from_secs(10);
+    assert!(flow(&a, &b, "before", 20, 18, within).await >= 18);
+    a.rebind().await.unwrap();
+    // The relay CHALLENGEs the new address, then moves the binding.
+    let deadline = Instant::now() + within;
+    while a.stats().rebinds == 0 {
+        assert!(Instant::now() < deadline, "{}", a.stats());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(flow(&a, &b, "after", 20, 18, within).await >= 18);
+    assert!(flow(&b, &a, "back", 20, 18, within).await >= 18);
+    assert_eq!(a.stats().recoveries, 0);
 }

@@ -89,6 +89,8 @@ pub(super) struct Driver {
     epoch: (Instant, u64),
     /// Whether [`connect`](Self::connect) is still running: some failures are errors then.
     connecting: bool,
+    /// The last unauthenticated REJECT of the bind in flight, for the error if it times out.
+    hint: Option<RejectReason>,
     /// The error that ends [`connect`](Self::connect).
     failure: Option<SessionError>,
     out: Vec<u8>,
@@ -181,6 +183,7 @@ impl Driver {
             rebind_at: None,
             epoch: (start, wall.as_secs()),
             connecting: true,
+            hint: None,
             failure: None,
             out: vec![0; MAX_DATAGRAM],
             inbuf: vec![0; MAX_DATAGRAM + 1],
@@ -234,6 +237,12 @@ impl Driver {
                 return Err(SessionError::Closed(self.shared.end_reason()));
             }
             if tokio::time::Instant::now() >= deadline {
+                if let Some(reason) = self.hint.filter(|_| self.bind.state() != BindState::Bound) {
+                    return Err(SessionError::RefusedUnauthenticated {
+                        reason: reason.name(),
+                        after: timeout,
+                    });
+                }
                 let what = match self.bind.state() {
                     BindState::Bound if self.bind.peer_present() => "the handshake",
                     BindState::Bound => "the other peer",
@@ -493,6 +502,9 @@ impl Driver {
             }
             return;
         }
+        if self.connecting {
+            self.hint = Some(reason);
+        }
         // Unauthenticated REJECTs are hints; the bind client keeps retrying. A REBIND the relay
         // does not know means the relay lost our binding: recover rather than retry.
         if reason == RejectReason::UnknownSession && self.rebinding {
@@ -544,6 +556,20 @@ impl Driver {
                 self.failure = Some(SessionError::WrongIdentity);
             }
             Err(_) => add(&counters.dropped_incoming, 1),
+        }
+    }
+
+    /// KEEPALIVEs went unanswered. Perhaps only the path changed (a NAT rebinding, a new
+    /// local address behind the same socket) and the relay still holds the binding at the old
+    /// address: try a REBIND from here first. A relay that lost the binding answers it with
+    /// `UNKNOWN_SESSION`, one that stays silent lets it time out; both lead to recovery.
+    async fn unanswered(&mut self, at: Instant) {
+        match self.bind.rebind(at, &mut self.out) {
+            Ok(n) => {
+                self.rebinding = true;
+                self.send_raw(n).await;
+            }
+            Err(_) => self.lost(at, "KEEPALIVEs went unanswered".into()),
         }
     }
 
@@ -687,10 +713,7 @@ impl Driver {
                     self.send_raw(n).await;
                 }
                 BindEvent::Lost => {
-                    self.lost(
-                        at,
-                        "KEEPALIVEs went unanswered (the relay lost the binding)".into(),
-                    );
+                    self.unanswered(at).await;
                     break;
                 }
                 _ => break,
@@ -699,9 +722,15 @@ impl Driver {
         if self.bind.state() == BindState::Failed {
             if self.connecting {
                 if self.failure.is_none() {
-                    self.failure = Some(SessionError::Timeout {
-                        what: "the relay's BIND-ACK",
-                        after: crate::bind::BIND_TIMEOUT,
+                    self.failure = Some(match self.hint {
+                        Some(reason) => SessionError::RefusedUnauthenticated {
+                            reason: reason.name(),
+                            after: crate::bind::BIND_TIMEOUT,
+                        },
+                        None => SessionError::Timeout {
+                            what: "the relay's BIND-ACK",
+                            after: crate::bind::BIND_TIMEOUT,
+                        },
                     });
                 }
                 return;
