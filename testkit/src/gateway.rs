@@ -131,6 +131,25 @@ fn run(bin: &Path, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
+/// What [`GatewayProcess::launch`] starts.
+#[derive(Clone, Copy, Debug)]
+pub struct GatewaySetup<'a> {
+    /// The names the server certificate is for (DNS names, or IP addresses written as such).
+    pub cert_names: &'a [&'a str],
+    /// One API key per `(id, scopes)`.
+    pub api_keys: &'a [(&'a str, &'a [&'a str])],
+    /// The address of the one listed relay (id [`RELAY_ID`], not probed: healthy), as peers
+    /// are told to reach it.
+    pub relay_address: SocketAddr,
+    /// The listed relay's key.
+    pub relay_key: &'a RelayStaticKey,
+    /// Appended to the config (more sections, e.g. `[sessions]`).
+    pub extra: &'a str,
+    /// The network namespace to run in (`ip netns exec`); its listeners are on 127.0.0.1
+    /// there.
+    pub netns: Option<&'a str>,
+}
+
 /// A running `ferry-gateway` in a temporary directory (certificates, keys, config, log),
 /// killed and the directory removed on drop.
 #[derive(Debug)]
@@ -138,9 +157,9 @@ pub struct GatewayProcess {
     child: Child,
     dir: tempfile::TempDir,
     api_keys: Vec<(String, String)>,
-    /// Its public HTTPS listener, on 127.0.0.1.
+    /// Its public HTTPS listener, on 127.0.0.1 (of its namespace, if it has one).
     pub public: SocketAddr,
-    /// Its admin listener, on 127.0.0.1.
+    /// Its admin listener, on 127.0.0.1 (of its namespace, if it has one).
     pub admin: SocketAddr,
 }
 
@@ -176,6 +195,29 @@ impl GatewayProcess {
         relay_key: &RelayStaticKey,
         extra: &str,
     ) -> anyhow::Result<Self> {
+        Self::launch(
+            bin,
+            &GatewaySetup {
+                cert_names,
+                api_keys,
+                relay_address,
+                relay_key,
+                extra,
+                netns: None,
+            },
+        )
+    }
+
+    /// Starts `bin` (the `ferry-gateway` binary) as `setup` says.
+    pub fn launch(bin: &Path, setup: &GatewaySetup<'_>) -> anyhow::Result<Self> {
+        let GatewaySetup {
+            cert_names,
+            api_keys,
+            relay_address,
+            relay_key,
+            extra,
+            netns,
+        } = *setup;
         let dir = crate::temp_dir("gateway")?;
         let file = |name: &str| dir.path().join(name);
         let (ca_pem, issuer) = ca("Ferry test CA")?;
@@ -219,7 +261,15 @@ impl GatewayProcess {
         );
         crate::write_private(&file("gateway.toml"), &config)?;
         let log = std::fs::File::create(file("gateway.log"))?;
-        let mut child = Command::new(bin)
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let mut child = command
             .arg("--config")
             .arg(file("gateway.toml"))
             .env("RUST_LOG", "info")

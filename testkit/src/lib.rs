@@ -8,6 +8,7 @@
 //! - [`gateway`]: a real `ferry-gateway` process over HTTPS with a test CA, stopped on drop.
 //! - [`relay`]: a real `ferry-relay` process with a generated config, stopped on drop.
 //! - [`netns`]: two network namespaces joined by a veth pair, removed on drop.
+//! - [`hop`]: an on-path UDP hop that impairs (loss, reordering, delay), injects and replays.
 //! - [`metrics`]: samples of a Prometheus page and a minimal HTTP GET for admin listeners.
 //!
 //! Errors are `anyhow` errors, as in a binary: every caller is a test (which unwraps) or a
@@ -15,6 +16,7 @@
 
 pub mod fixtures;
 pub mod gateway;
+pub mod hop;
 pub mod metrics;
 pub mod netns;
 pub mod peers;
