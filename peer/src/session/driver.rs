@@ -26,6 +26,11 @@ const GATEWAY_RETRY: Duration = Duration::from_secs(1);
 const GATEWAY_RETRY_MAX: Duration = Duration::from_secs(30);
 /// How often a fresh socket is tried while the local address is gone.
 const REBIND_RETRY: Duration = Duration::from_secs(1);
+/// How long the REBIND tried after unanswered KEEPALIVEs may go unanswered before the binding
+/// is taken as lost and recovered: long enough for the REBIND's first two retransmissions. A
+/// relay that restarted does not know the session, and its XDP guard drops a REBIND for it
+/// without an answer, so waiting out the whole bind timeout would stall every transfer.
+const UNANSWERED_REBIND_WAIT: Duration = Duration::from_secs(3);
 /// The most datagrams read, or application messages sent, in one go before the driver looks
 /// at its other inputs.
 const BATCH: usize = 64;
@@ -82,6 +87,8 @@ pub(super) struct Driver {
     recovery: Option<Recovery>,
     /// Whether the REBIND in flight is ours to count.
     rebinding: bool,
+    /// When the REBIND sent after unanswered KEEPALIVEs is given up for recovery.
+    rebind_gives_up: Option<Instant>,
     /// When to try a fresh socket (the local address went away).
     rebind_at: Option<Instant>,
     /// The monotonic and wall clock at one moment, to tell the wall time from the monotonic
@@ -180,6 +187,7 @@ impl Driver {
             renew_backoff: GATEWAY_RETRY,
             recovery: None,
             rebinding: false,
+            rebind_gives_up: None,
             rebind_at: None,
             epoch: (start, wall.as_secs()),
             connecting: true,
@@ -303,6 +311,7 @@ impl Driver {
             recovery,
             recovery_end,
             self.rebind_at,
+            self.rebind_gives_up.filter(|_| self.rebinding),
         ]
         .into_iter()
         .flatten()
@@ -451,6 +460,7 @@ impl Driver {
                 if std::mem::take(&mut self.rebinding) {
                     add(&self.shared.counters.rebinds, 1);
                 }
+                self.rebind_gives_up = None;
                 if peer_present {
                     self.peer_arrived(at).await;
                 }
@@ -567,6 +577,7 @@ impl Driver {
         match self.bind.rebind(at, &mut self.out) {
             Ok(n) => {
                 self.rebinding = true;
+                self.rebind_gives_up = Some(at + UNANSWERED_REBIND_WAIT);
                 self.send_raw(n).await;
             }
             Err(_) => self.lost(at, "KEEPALIVEs went unanswered".into()),
@@ -576,6 +587,7 @@ impl Driver {
     /// The binding is gone: recover it with a fresh token, or end the session when there is
     /// no renewer.
     fn lost(&mut self, at: Instant, why: String) {
+        self.rebind_gives_up = None;
         if self.renewer.is_none() {
             self.end(format!(
                 "{why}, and without a gateway the session cannot get a fresh token"
@@ -718,6 +730,16 @@ impl Driver {
                 }
                 _ => break,
             }
+        }
+        if self.rebinding && self.rebind_gives_up.is_some_and(|t| t <= at) {
+            self.rebinding = false;
+            self.lost(
+                at,
+                format!(
+                    "KEEPALIVEs and a REBIND went unanswered for {UNANSWERED_REBIND_WAIT:?} \
+                     (the relay restarted, or the path is gone)"
+                ),
+            );
         }
         if self.bind.state() == BindState::Failed {
             if self.connecting {
