@@ -571,6 +571,23 @@ pub fn parse_str(text: &str, path: &Path, base_dir: &Path) -> Result<GatewayConf
     let limits = validate_limits(&file.limits, &mut check);
     let state = validate_state(&file.state, &mut check);
     let admin = validate_admin(&file.admin, &mut check);
+    // Beyond loopback the admin listener serves HTTPS with the server's certificate: the
+    // admin token must not cross a network in clear.
+    if !admin.listen.ip().to_canonical().is_loopback()
+        && matches!(
+            server.as_ref().map(|s| &s.transport),
+            Some(Transport::PlainLoopback)
+        )
+    {
+        check.fail(
+            "admin.listen",
+            format!(
+                "{} is not a loopback address, and beyond loopback the admin listener needs \
+                 TLS (it serves HTTPS with the [tls] certificate): configure [tls]",
+                admin.listen
+            ),
+        );
+    }
     if !["error", "warn", "info", "debug", "trace"].contains(&file.log.level.as_str()) {
         check.fail(
             "log.level",

@@ -114,9 +114,20 @@ pub async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
     // Installed before the ready line, so a SIGHUP from then on reloads instead of killing.
     let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
-    tracing::info!(%public_addr, %admin_addr, kid, scheme, "ferry-gateway serving");
+    // Beyond loopback the admin listener speaks HTTPS with the server's certificate, so the
+    // admin token never crosses a network in clear (the config refuses a non-loopback admin
+    // listener without TLS).
+    let admin_tls = match admin_addr.ip().to_canonical().is_loopback() {
+        true => None,
+        false => tls.clone(),
+    };
+    let admin_scheme = if admin_tls.is_some() { "https" } else { "http" };
+    tracing::info!(%public_addr, %admin_addr, kid, scheme, admin_scheme, "ferry-gateway serving");
     // One machine-readable line for supervisors and tests.
-    println!("ferry-gateway listening public={scheme}://{public_addr} admin=http://{admin_addr}");
+    println!(
+        "ferry-gateway listening public={scheme}://{public_addr} \
+         admin={admin_scheme}://{admin_addr}"
+    );
 
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(reload_on_hangup(
@@ -163,7 +174,7 @@ pub async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
         admin,
         api::admin_router(Arc::clone(&app)),
         ConnOptions {
-            tls: None,
+            tls: admin_tls,
             ..options
         },
         Arc::new(Semaphore::new(64)),
