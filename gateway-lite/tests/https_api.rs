@@ -1314,3 +1314,51 @@ async fn an_admin_listener_beyond_loopback_speaks_only_https() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn one_address_cannot_hold_more_than_its_share_of_connections() {
+    let setup = Setup::new("per-address");
+    let config = setup
+        .config(1, "")
+        .replace("[server]\n", "[server]\nmax_connections_per_address = 2\n");
+    let gw = setup.start("per-address", &config);
+    // Two idle connections: the address's share.
+    let idle: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| std::net::TcpStream::connect(gw.public).unwrap())
+        .collect();
+    // A third is closed as soon as it is accepted: reading it ends at once.
+    let mut third = std::net::TcpStream::connect(gw.public).unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let read = third.read(&mut byte);
+    assert!(
+        matches!(read, Ok(0)) || read.is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock),
+        "the third connection stayed open"
+    );
+    let metrics = reqwest::get(gw.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metric(
+            &metrics,
+            "ferry_gateway_connections_refused_per_address_total"
+        ) >= 1,
+        "{metrics}"
+    );
+    // Once one of them closes, the address may connect again.
+    drop(idle);
+    let https = client(&setup.pki.ca_pem, None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match https.get(gw.url("/healthz")).send().await {
+            Ok(r) if r.status() == 200 => break,
+            other => assert!(std::time::Instant::now() < deadline, "{other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
