@@ -36,16 +36,30 @@ pub fn run(relay_bin: &Path, messages: usize, payload: usize) -> anyhow::Result<
         None => "[xdp]\nmode = \"off\"".to_string(),
     };
     let auth = Authority::new()?;
-    let config = RelayConfig {
-        relay_extra: "cpus = [0]".into(),
-        sections: format!(
-            "{xdp_section}\n\n[limits]\ndefault_session_rate = 1000000000\n\
-             max_session_rate = 1000000000\n\n[log]\nlevel = \"warn\"\n"
-        ),
-        log_to_file: false,
-        ..RelayConfig::loopback(vec![auth.gateway_key()])?
+    let config = || -> anyhow::Result<RelayConfig> {
+        Ok(RelayConfig {
+            relay_extra: "cpus = [0]".into(),
+            sections: format!(
+                "{xdp_section}\n\n[limits]\ndefault_session_rate = 1000000000\n\
+                 max_session_rate = 1000000000\n\n[log]\nlevel = \"warn\"\n"
+            ),
+            log_to_file: true,
+            ..RelayConfig::loopback(vec![auth.gateway_key()])?
+        })
     };
-    let relay = RelayProcess::start(relay_bin, &auth.relay_key, &config)?;
+    // The loopback config's ports were free when it was made; another process may take one
+    // before the relay binds it. Then a fresh config, with fresh ports, is tried.
+    let mut attempt = 0;
+    let relay = loop {
+        attempt += 1;
+        match RelayProcess::start(relay_bin, &auth.relay_key, &config()?) {
+            Ok(relay) => break relay,
+            Err(e) if attempt < 3 && format!("{e:#}").contains("Address already in use") => {
+                println!("  a port of the relay's config was taken meanwhile; new ports");
+            }
+            Err(e) => return Err(e),
+        }
+    };
     println!(
         "  ferry-relay running: UDP {} (io_uring), admin http://{}, XDP guard {}",
         relay.listen,
