@@ -227,15 +227,32 @@ pub struct UdpLink {
 
 impl UdpLink {
     /// A link from `socket` to `peer` (the socket is connected to it, so only `peer`'s
-    /// datagrams are received).
+    /// datagrams are received). Asks for socket buffers of [`UDP_LINK_BUFFER`] bytes, as a
+    /// session does, so that both paths absorb the same bursts; the kernel caps them at its
+    /// `net.core.rmem_max` / `wmem_max`, and [`buffer_sizes`](Self::buffer_sizes) tells what
+    /// was granted.
     pub async fn connect(
         socket: tokio::net::UdpSocket,
         peer: std::net::SocketAddr,
     ) -> std::io::Result<Self> {
+        let sock = socket2::SockRef::from(&socket);
+        // A smaller buffer than asked for is not an error: it only means more drops in bursts.
+        let _ = sock.set_recv_buffer_size(UDP_LINK_BUFFER);
+        let _ = sock.set_send_buffer_size(UDP_LINK_BUFFER);
         socket.connect(peer).await?;
         Ok(Self { socket })
     }
+
+    /// The socket's receive and send buffer sizes as the kernel reports them (Linux reports
+    /// twice the size it granted, the bookkeeping overhead included).
+    pub fn buffer_sizes(&self) -> std::io::Result<(usize, usize)> {
+        let sock = socket2::SockRef::from(&self.socket);
+        Ok((sock.recv_buffer_size()?, sock.send_buffer_size()?))
+    }
 }
+
+/// The socket buffer size a [`UdpLink`] asks for, in bytes: the same as a session's socket.
+pub const UDP_LINK_BUFFER: usize = 4 << 20;
 
 impl DatagramLink for UdpLink {
     /// The same maximum as a session through a relay, so that both carry the same messages.
@@ -360,6 +377,24 @@ mod tests {
         assert_eq!(b.recv().await.expect("recv"), b"ping");
         b.send(b"pong").await.expect("send");
         assert_eq!(a.recv().await.expect("recv"), b"pong");
+        // The buffers asked for are granted up to the kernel's maximum (which Linux reports
+        // doubled).
+        let (rcv, snd) = a.buffer_sizes().expect("buffer sizes");
+        let max = |name: &str| {
+            std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+        };
+        if let (Some(rmem_max), Some(wmem_max)) = (max("rmem_max"), max("wmem_max")) {
+            assert!(
+                rcv >= UDP_LINK_BUFFER.min(rmem_max) * 2,
+                "{rcv} of {rmem_max}"
+            );
+            assert!(
+                snd >= UDP_LINK_BUFFER.min(wmem_max) * 2,
+                "{snd} of {wmem_max}"
+            );
+        }
         drop(b);
         // The other end's port is closed now: sends lose their message but do not fail.
         for _ in 0..3 {
