@@ -54,6 +54,23 @@ pub trait DatagramLink: Send + Sync + 'static {
 
     /// Waits for the next message from the other peer.
     fn recv(&self) -> impl Future<Output = Result<Vec<u8>, LinkError>> + Send;
+
+    /// Waits for the next message, then takes those that have already arrived as well, up to
+    /// `limit` messages in all (at least one), appending them to `out`; returns how many it
+    /// appended (at least one) or, with none, why the link cannot deliver. A reader that drains
+    /// the link pays one wake-up per batch rather than per message. The default receives one
+    /// message with [`recv`](Self::recv).
+    fn recv_batch(
+        &self,
+        out: &mut Vec<Vec<u8>>,
+        limit: usize,
+    ) -> impl Future<Output = Result<usize, LinkError>> + Send {
+        let _ = limit;
+        async move {
+            out.push(self.recv().await?);
+            Ok(1)
+        }
+    }
 }
 
 /// What a [`memory_pair`] link does to the messages it carries, in each direction.
@@ -215,6 +232,13 @@ impl DatagramLink for MemoryLink {
             .await
             .ok_or_else(|| LinkError::Closed("the other end is gone".into()))
     }
+
+    async fn recv_batch(&self, out: &mut Vec<Vec<u8>>, limit: usize) -> Result<usize, LinkError> {
+        match self.rx.lock().await.recv_many(out, limit.max(1)).await {
+            0 => Err(LinkError::Closed("the other end is gone".into())),
+            n => Ok(n),
+        }
+    }
 }
 
 /// A link over a plain UDP socket straight to the other end: no relay, no Noise, nothing
@@ -284,6 +308,26 @@ impl DatagramLink for UdpLink {
                 Err(e) => return Err(LinkError::Closed(format!("UDP receive failed: {e}"))),
             }
         }
+    }
+
+    async fn recv_batch(&self, out: &mut Vec<Vec<u8>>, limit: usize) -> Result<usize, LinkError> {
+        out.push(self.recv().await?);
+        let mut n = 1;
+        // What is already queued on the socket, without waiting again.
+        while n < limit {
+            let mut buf = vec![0u8; MEMORY_LINK_MAX_PAYLOAD + 1];
+            match self.socket.try_recv(&mut buf) {
+                Ok(len) if len <= MEMORY_LINK_MAX_PAYLOAD => {
+                    buf.truncate(len);
+                    out.push(buf);
+                    n += 1;
+                }
+                Ok(_) => {}
+                // Nothing more queued (WouldBlock), or an error the next recv reports or skips.
+                Err(_) => break,
+            }
+        }
+        Ok(n)
     }
 }
 
@@ -360,6 +404,49 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert!(refused, "sends to a dropped end were accepted");
+    }
+
+    #[tokio::test]
+    async fn a_batch_receive_takes_at_most_its_limit_in_order_then_reports_the_close() {
+        let (a, b) = memory_pair(Impairment::NONE);
+        for i in 0..10u8 {
+            a.send(&[i]).await.expect("send");
+        }
+        drop(a);
+        let mut got = Vec::new();
+        loop {
+            let before = got.len();
+            match b.recv_batch(&mut got, 3).await {
+                Ok(n) => {
+                    assert!((1..=3).contains(&n), "{n} messages in a batch of 3");
+                    assert_eq!(got.len(), before + n);
+                }
+                Err(LinkError::Closed(_)) => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(got, (0..10u8).map(|i| vec![i]).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_udp_batch_receive_takes_what_is_queued_up_to_its_limit() {
+        let a = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let b = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let (a_addr, b_addr) = (a.local_addr().expect("addr"), b.local_addr().expect("addr"));
+        let a = UdpLink::connect(a, b_addr).await.expect("connect");
+        let b = UdpLink::connect(b, a_addr).await.expect("connect");
+        for i in 0..5u8 {
+            a.send(&[i]).await.expect("send");
+        }
+        // Loopback queues each datagram at the receiving socket before `send` returns.
+        let mut got = Vec::new();
+        assert_eq!(b.recv_batch(&mut got, 3).await.expect("recv"), 3);
+        assert_eq!(b.recv_batch(&mut got, 3).await.expect("recv"), 2);
+        assert_eq!(got, (0..5u8).map(|i| vec![i]).collect::<Vec<_>>());
     }
 
     #[tokio::test]
