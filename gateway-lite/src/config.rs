@@ -104,6 +104,7 @@ struct ServerSection {
     header_read_timeout_ms: u64,
     tls_handshake_timeout_ms: u64,
     max_connections: u64,
+    max_connections_per_address: u64,
     trusted_proxies: Vec<String>,
 }
 
@@ -117,6 +118,7 @@ impl Default for ServerSection {
             header_read_timeout_ms: 5_000,
             tls_handshake_timeout_ms: 5_000,
             max_connections: 10_000,
+            max_connections_per_address: 64,
             trusted_proxies: Vec::new(),
         }
     }
@@ -322,6 +324,8 @@ pub struct ServerSettings {
     pub tls_handshake_timeout: Duration,
     /// Connections served at once; more wait in the kernel's backlog.
     pub max_connections: usize,
+    /// Connections one client address (IPv4, or IPv6 /64) may hold open at once.
+    pub max_connections_per_address: usize,
     /// Proxies whose `X-Forwarded-For` names the client.
     pub trusted_proxies: TrustedProxies,
 }
@@ -487,6 +491,10 @@ impl GatewayConfig {
                 format!("{:?}", s.tls_handshake_timeout),
             ),
             ("server.max_connections", s.max_connections.to_string()),
+            (
+                "server.max_connections_per_address",
+                s.max_connections_per_address.to_string(),
+            ),
             ("[relay_health]", format!("{:?}", self.relay_health)),
             ("[state]", format!("{:?}", self.state)),
             ("admin.listen", self.admin.listen.to_string()),
@@ -571,6 +579,23 @@ pub fn parse_str(text: &str, path: &Path, base_dir: &Path) -> Result<GatewayConf
     let limits = validate_limits(&file.limits, &mut check);
     let state = validate_state(&file.state, &mut check);
     let admin = validate_admin(&file.admin, &mut check);
+    // Beyond loopback the admin listener serves HTTPS with the server's certificate: the
+    // admin token must not cross a network in clear.
+    if !admin.listen.ip().to_canonical().is_loopback()
+        && matches!(
+            server.as_ref().map(|s| &s.transport),
+            Some(Transport::PlainLoopback)
+        )
+    {
+        check.fail(
+            "admin.listen",
+            format!(
+                "{} is not a loopback address, and beyond loopback the admin listener needs \
+                 TLS (it serves HTTPS with the [tls] certificate): configure [tls]",
+                admin.listen
+            ),
+        );
+    }
     if !["error", "warn", "info", "debug", "trace"].contains(&file.log.level.as_str()) {
         check.fail(
             "log.level",
@@ -638,6 +663,12 @@ fn validate_server(
         60_000,
     );
     check.range("server.max_connections", s.max_connections, 1, 1_000_000);
+    check.range(
+        "server.max_connections_per_address",
+        s.max_connections_per_address,
+        1,
+        1_000_000,
+    );
     let trusted_proxies = validate_cidrs(&s.trusted_proxies, "server.trusted_proxies", check);
     let (transport, client_auth) = match (s.plain_http, tls_section) {
         (true, Some(_)) => {
@@ -707,6 +738,7 @@ fn validate_server(
         header_read_timeout: Duration::from_millis(s.header_read_timeout_ms),
         tls_handshake_timeout: Duration::from_millis(s.tls_handshake_timeout_ms),
         max_connections: clamp(s.max_connections),
+        max_connections_per_address: clamp(s.max_connections_per_address),
         trusted_proxies: TrustedProxies::new(trusted_proxies),
     })
 }

@@ -114,6 +114,8 @@ pub struct Metrics {
     pub connections: UGauge,
     /// Connections accepted since start.
     pub connections_accepted: Counter,
+    /// Connections closed at once because their client address held its maximum.
+    pub connections_refused_per_address: Counter,
     /// Config reloads (SIGHUP) applied.
     pub reloads_applied: Counter,
     /// Config reloads refused (invalid, or needing a restart).
@@ -189,6 +191,10 @@ impl Default for Metrics {
         );
         let connections_accepted =
             counter("ferry_gateway_connections_accepted", "Connections accepted");
+        let connections_refused_per_address = counter(
+            "ferry_gateway_connections_refused_per_address",
+            "Connections closed at once because their client address (IPv4, or IPv6 /64) held server.max_connections_per_address",
+        );
         let [reloads_applied, reloads_refused] = labelled(
             &mut r,
             "ferry_gateway_config_reloads",
@@ -228,6 +234,7 @@ impl Default for Metrics {
             tls_handshake_failures,
             connections,
             connections_accepted,
+            connections_refused_per_address,
             reloads_applied,
             reloads_refused,
             relays_healthy,
@@ -356,6 +363,7 @@ mod tests {
                 "ferry_gateway_request_timeouts_total counter",
                 "ferry_gateway_tls_handshake_failures_total counter",
                 "ferry_gateway_connections_accepted_total counter",
+                "ferry_gateway_connections_refused_per_address_total counter",
                 "ferry_gateway_config_reloads_total counter",
                 "ferry_gateway_connections gauge",
                 "ferry_gateway_relays gauge",

@@ -16,9 +16,11 @@
 //! deadline, request heads are capped at 16 KiB and 64 headers, bodies at
 //! `server.max_body_bytes`, and every request at `server.request_timeout_ms`.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -114,9 +116,20 @@ pub async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
     // Installed before the ready line, so a SIGHUP from then on reloads instead of killing.
     let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
-    tracing::info!(%public_addr, %admin_addr, kid, scheme, "ferry-gateway serving");
+    // Beyond loopback the admin listener speaks HTTPS with the server's certificate, so the
+    // admin token never crosses a network in clear (the config refuses a non-loopback admin
+    // listener without TLS).
+    let admin_tls = match admin_addr.ip().to_canonical().is_loopback() {
+        true => None,
+        false => tls.clone(),
+    };
+    let admin_scheme = if admin_tls.is_some() { "https" } else { "http" };
+    tracing::info!(%public_addr, %admin_addr, kid, scheme, admin_scheme, "ferry-gateway serving");
     // One machine-readable line for supervisors and tests.
-    println!("ferry-gateway listening public={scheme}://{public_addr} admin=http://{admin_addr}");
+    println!(
+        "ferry-gateway listening public={scheme}://{public_addr} \
+         admin={admin_scheme}://{admin_addr}"
+    );
 
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(reload_on_hangup(
@@ -151,6 +164,12 @@ pub async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
         tls_handshake_timeout: server.tls_handshake_timeout,
         header_read_timeout: server.header_read_timeout,
         metrics: Arc::clone(&metrics),
+        // Never more than the whole cap.
+        per_address: Arc::new(PerAddress::new(
+            server
+                .max_connections_per_address
+                .min(server.max_connections),
+        )),
     };
     let public_task = tokio::spawn(accept_loop(
         public,
@@ -163,10 +182,13 @@ pub async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
         admin,
         api::admin_router(Arc::clone(&app)),
         ConnOptions {
-            tls: None,
+            tls: admin_tls,
+            // The public listener's per-address cap does not apply here: the admin
+            // listener's own cap is its 64 connections.
+            per_address: Arc::new(PerAddress::new(ADMIN_CONNECTIONS)),
             ..options
         },
-        Arc::new(Semaphore::new(64)),
+        Arc::new(Semaphore::new(ADMIN_CONNECTIONS)),
         stop_rx,
     ));
 
@@ -214,9 +236,7 @@ async fn reload_on_hangup(
             }
         };
         if let (Some(live), Transport::Tls(cfg)) = (&tls, &new.server.transport) {
-            *live
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::clone(cfg);
+            *live.write().unwrap_or_else(PoisonError::into_inner) = Arc::clone(cfg);
         }
         let (kid, keys, relays) = (
             new.signing.active.kid(),
@@ -260,6 +280,64 @@ struct ConnOptions {
     tls_handshake_timeout: Duration,
     header_read_timeout: Duration,
     metrics: Arc<Metrics>,
+    per_address: Arc<PerAddress>,
+}
+
+/// Connections the admin listener serves at once.
+const ADMIN_CONNECTIONS: usize = 64;
+
+/// Connections open per client address (IPv4, or IPv6 /64), so that one client holding idle
+/// connections cannot take the whole `server.max_connections` cap from everyone else.
+#[derive(Debug)]
+struct PerAddress {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PerAddress {
+    fn new(max: usize) -> Self {
+        Self {
+            max,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A hold on one of `peer`'s connections, or `None` when it has its maximum open.
+    fn admit(self: &Arc<Self>, peer: SocketAddr) -> Option<AddressHold> {
+        let key = ferry_core::cidr::limit_key(peer.ip(), 64);
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = open.entry(key).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(AddressHold {
+            table: Arc::clone(self),
+            key,
+        })
+    }
+}
+
+/// One open connection of an address; released when dropped.
+struct AddressHold {
+    table: Arc<PerAddress>,
+    key: IpAddr,
+}
+
+impl Drop for AddressHold {
+    fn drop(&mut self) {
+        let mut open = self
+            .table
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
 }
 
 async fn accept_loop(
@@ -292,6 +370,12 @@ async fn accept_loop(
             },
             _ = stop.changed() => break,
         };
+        let Some(hold) = options.per_address.admit(peer) else {
+            // Closed at once: the client's other connections are its share of the cap.
+            options.metrics.connections_refused_per_address.inc();
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let options = options.clone();
         let router = router.clone();
@@ -301,6 +385,7 @@ async fn accept_loop(
             options.metrics.connections_accepted.inc();
             serve_connection(stream, peer, router, &options, watcher).await;
             options.metrics.connections.dec();
+            drop(hold);
             drop(permit);
         });
     }
@@ -328,9 +413,7 @@ async fn serve_connection(
     match &options.tls {
         Some(live) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(
-                &live
-                    .read()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+                &live.read().unwrap_or_else(PoisonError::into_inner),
             ));
             let handshake =
                 tokio::time::timeout(options.tls_handshake_timeout, acceptor.accept(stream)).await;

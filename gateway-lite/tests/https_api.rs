@@ -1263,3 +1263,102 @@ async fn forwarded_for_names_the_client_only_behind_trusted_proxies_and_ipv6_cou
     assert!(log.contains("client=127.0.0.1 via=-"), "{log}");
     assert!(!log.contains("203.0.113."), "{log}");
 }
+
+#[tokio::test]
+async fn an_admin_listener_beyond_loopback_speaks_only_https() {
+    let setup = Setup::new("admin-tls");
+    let loopback = "[admin]\nlisten = \"127.0.0.1:0\"\n";
+    let everywhere = "[admin]\nlisten = \"0.0.0.0:0\"\nallow_non_loopback = true\n";
+    let config = setup.config(1, "");
+    assert!(config.contains(loopback));
+    let gw = setup.start("admin-tls", &config.replace(loopback, everywhere));
+    assert!(gw.admin.ip().is_unspecified(), "{}", gw.admin);
+    // Over HTTPS, with the server's certificate, it answers, admin token and all.
+    let https = client(&setup.pki.ca_pem, None);
+    let url = |path: &str| format!("https://localhost:{}{path}", gw.admin.port());
+    let health = https.get(url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let list = https
+        .get(url("/admin/v1/sessions"))
+        .bearer_auth(&setup.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(list.status(), 200);
+    // In clear text, nothing: the token would cross the network readable.
+    let plain = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{}/healthz", gw.admin.port()))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
+    assert!(plain.is_err(), "{plain:?}");
+    // And without TLS on the server, such a listener is refused before anything starts.
+    let plain_config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nplain_http = true\n\n{}",
+        config
+            .split_once("[signing]")
+            .map(|(_, rest)| format!("[signing]{rest}"))
+            .unwrap()
+            .replace(loopback, everywhere)
+    );
+    let path = setup.file("admin-plain.toml");
+    write_file(&path, &plain_config, 0o600);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry-gateway"))
+        .args(["check-config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("admin.listen") && stderr.contains("needs TLS"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn one_address_cannot_hold_more_than_its_share_of_connections() {
+    let setup = Setup::new("per-address");
+    let config = setup
+        .config(1, "")
+        .replace("[server]\n", "[server]\nmax_connections_per_address = 2\n");
+    let gw = setup.start("per-address", &config);
+    // Two idle connections: the address's share.
+    let idle: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| std::net::TcpStream::connect(gw.public).unwrap())
+        .collect();
+    // A third is closed as soon as it is accepted: reading it ends at once.
+    let mut third = std::net::TcpStream::connect(gw.public).unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let read = third.read(&mut byte);
+    assert!(
+        matches!(read, Ok(0)) || read.is_err_and(|e| e.kind() != std::io::ErrorKind::WouldBlock),
+        "the third connection stayed open"
+    );
+    let metrics = reqwest::get(gw.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metric(
+            &metrics,
+            "ferry_gateway_connections_refused_per_address_total"
+        ) >= 1,
+        "{metrics}"
+    );
+    // Once one of them closes, the address may connect again.
+    drop(idle);
+    let https = client(&setup.pki.ca_pem, None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match https.get(gw.url("/healthz")).send().await {
+            Ok(r) if r.status() == 200 => break,
+            other => assert!(std::time::Instant::now() < deadline, "{other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

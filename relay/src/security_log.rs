@@ -1,5 +1,5 @@
 //! Security events, logged as well as counted: refused binds (with the relay's REJECT reason),
-//! CLOSEs that failed their proof, and sources over their bind rate. Each line names the event,
+//! CLOSEs for a live session that failed their checks, and sources over their bind rate. Each line names the event,
 //! the source address, the session and the reason, so that an incident can be reconstructed
 //! from the logs; never a token, a key, a MAC or a payload.
 //!
@@ -91,22 +91,6 @@ impl SecurityLog {
         Self {
             lines: TokenBucket::new(LINES_PER_SECOND, LINE_BURST, now),
             suppressed: 0,
-        }
-    }
-
-    /// Logs the security event `outcome` is, if it is one and the rate allows; counts it as
-    /// suppressed otherwise. Returns whether a line was written.
-    pub fn observe(
-        &mut self,
-        now: Instant,
-        source: SocketAddr,
-        datagram: &[u8],
-        outcome: &Outcome,
-        reply: &[u8],
-    ) -> bool {
-        match Event::of(source, datagram, outcome, reply) {
-            Some(event) => self.record(now, &event),
-            None => false,
         }
     }
 

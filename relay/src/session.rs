@@ -577,6 +577,11 @@ impl SessionTable {
         &self.counters
     }
 
+    /// Whether the session is held (half or fully bound).
+    pub fn holds(&self, session_id: u64) -> bool {
+        self.sessions.contains_key(&session_id)
+    }
+
     /// Sessions currently held (half or fully bound).
     pub fn session_count(&self) -> usize {
         self.sessions.len()

@@ -25,7 +25,7 @@ use ferry_core::time::UnixTime;
 use ferry_core::token::TokenVerifier;
 
 use crate::limits::{IpLimits, IpRefusal, IpTable, SlotAccounts};
-use crate::security_log::{FLUSH_INTERVAL, SecurityLog};
+use crate::security_log::{Event, FLUSH_INTERVAL, SecurityLog};
 use crate::session::{
     self, Checked, Counters, Notice, Outcome, SessionEvent, SessionLimits, SessionTable,
 };
@@ -267,6 +267,11 @@ impl Sessions {
             .sum()
     }
 
+    /// Whether the session is held (by whichever shard holds it).
+    pub fn holds(&self, session_id: u64) -> bool {
+        lock(&self.shard(session_id).table).holds(session_id)
+    }
+
     /// The counters of all shards, summed.
     pub fn counters(&self) -> Counters {
         let mut total = Counters::default();
@@ -357,8 +362,13 @@ impl PacketHandler for SessionsHandler {
         let outcome = self.sessions.handle(now, wall, from, datagram, reply);
         // Only replies and drops can be security events: forwards, the bulk of the traffic,
         // skip the check.
-        if !matches!(outcome, Outcome::Forward { .. }) {
-            self.security.observe(now, from, datagram, &outcome, reply);
+        if !matches!(outcome, Outcome::Forward { .. })
+            && let Some(event) = Event::of(from, datagram, &outcome, reply)
+            // A CLOSE for a session that is gone is what a peer's resent CLOSE looks like
+            // (protocol.md §3.8): counted as bad_close, but no attempt on a live session.
+            && (event.kind != "close_refused" || self.sessions.holds(event.session))
+        {
+            self.security.record(now, &event);
         }
         outcome
     }

@@ -1,5 +1,8 @@
 //! [`ApiError`]: every error answer of the API, each a fixed code.
 
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
@@ -117,14 +120,70 @@ impl IntoResponse for ApiError {
 
 impl From<StateError> for ApiError {
     fn from(e: StateError) -> Self {
-        tracing::error!(error = %e, "shared state");
+        if let Some(suppressed) = STATE_ERRORS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .admit(Instant::now())
+        {
+            tracing::error!(error = %e, suppressed_before = suppressed, "shared state");
+        }
         Self::Unavailable
+    }
+}
+
+/// Shared-state failures logged at most once per [`LogOnce::INTERVAL`]: a full store refuses
+/// every create, and one client must not be able to flood the log through it. The requests
+/// still get their 503, and the gateway's metrics count them.
+static STATE_ERRORS: Mutex<LogOnce> = Mutex::new(LogOnce {
+    last: None,
+    suppressed: 0,
+});
+
+/// One log line per interval, and a count of the ones held back.
+#[derive(Debug)]
+struct LogOnce {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogOnce {
+    /// At most one line this often.
+    const INTERVAL: Duration = Duration::from_secs(1);
+
+    /// `Some(lines held back since the last one)` when a line may be written at `now`;
+    /// `None` (and one more held back) otherwise.
+    fn admit(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|last| now.saturating_duration_since(last) < Self::INTERVAL)
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_state_errors_are_logged_once_a_second_with_the_count_held_back() {
+        let t0 = Instant::now();
+        let mut log = LogOnce {
+            last: None,
+            suppressed: 0,
+        };
+        assert_eq!(log.admit(t0), Some(0));
+        let written = (0..1000)
+            .filter(|i| log.admit(t0 + Duration::from_micros(*i)).is_some())
+            .count();
+        assert_eq!(written, 0);
+        assert_eq!(log.admit(t0 + Duration::from_secs(1)), Some(1000));
+        assert_eq!(log.admit(t0 + Duration::from_secs(3)), Some(0));
+    }
 
     #[test]
     fn error_bodies_are_fixed_codes() {

@@ -18,7 +18,9 @@ use serde::Serialize;
 
 use super::app::{App, Live, Shared};
 use super::extract::{Admin, Client, ClientAddrExtractor, JsonBody};
-use super::types::{CreateSession, Grant, Heartbeat, JoinSession, RelayBody, RenewSession, Revoke};
+use super::types::{
+    CreateSession, Grant, Heartbeat, JoinSession, RelayBody, RenewSession, Revoke, SecretText,
+};
 use super::{AUDIT, ApiError, DEFAULT_REALM};
 use crate::apikey;
 use crate::metrics::AuthFailure;
@@ -169,8 +171,10 @@ impl App {
                 Slot::A => "A",
                 Slot::B => "B",
             },
-            token: base64::engine::general_purpose::STANDARD.encode(minted.bytes),
-            slot_secret: minted.slot_secret.to_base64().to_string(),
+            token: SecretText(zeroize::Zeroizing::new(
+                base64::engine::general_purpose::STANDARD.encode(minted.bytes),
+            )),
+            slot_secret: SecretText(minted.slot_secret.to_base64()),
             kid: minted.claims.kid,
             not_before: minted.claims.not_before.as_secs(),
             expires_at: minted.claims.expires.as_secs(),

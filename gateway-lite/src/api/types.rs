@@ -126,9 +126,9 @@ pub struct Grant {
     /// `A` (creator) or `B` (joiner).
     pub slot: &'static str,
     /// The relay token, base64 (208 bytes).
-    pub token: String,
+    pub token: SecretText,
     /// The slot secret, base64 (32 bytes): proves the slot to the relay. Keep it secret.
-    pub slot_secret: String,
+    pub slot_secret: SecretText,
     /// The kid that signed the token.
     pub kid: u32,
     /// Token validity, Unix seconds.
@@ -145,6 +145,22 @@ pub struct Grant {
     /// Create only: until when the join code works, Unix seconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub join_code_expires_at: Option<u64>,
+}
+
+/// Text that is a secret (a token, a slot secret in base64): serialized as a plain JSON
+/// string, never shown by `Debug`, and zeroed when dropped.
+pub struct SecretText(pub zeroize::Zeroizing<String>);
+
+impl Serialize for SecretText {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl std::fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 #[cfg(test)]
