@@ -54,6 +54,23 @@ pub trait DatagramLink: Send + Sync + 'static {
 
     /// Waits for the next message from the other peer.
     fn recv(&self) -> impl Future<Output = Result<Vec<u8>, LinkError>> + Send;
+
+    /// Waits for the next message, then takes those that have already arrived as well, up to
+    /// `limit` messages in all (at least one), appending them to `out`; returns how many it
+    /// appended (at least one) or, with none, why the link cannot deliver. A reader that drains
+    /// the link pays one wake-up per batch rather than per message. The default receives one
+    /// message with [`recv`](Self::recv).
+    fn recv_batch(
+        &self,
+        out: &mut Vec<Vec<u8>>,
+        limit: usize,
+    ) -> impl Future<Output = Result<usize, LinkError>> + Send {
+        let _ = limit;
+        async move {
+            out.push(self.recv().await?);
+            Ok(1)
+        }
+    }
 }
 
 /// What a [`memory_pair`] link does to the messages it carries, in each direction.
@@ -215,6 +232,13 @@ impl DatagramLink for MemoryLink {
             .await
             .ok_or_else(|| LinkError::Closed("the other end is gone".into()))
     }
+
+    async fn recv_batch(&self, out: &mut Vec<Vec<u8>>, limit: usize) -> Result<usize, LinkError> {
+        match self.rx.lock().await.recv_many(out, limit.max(1)).await {
+            0 => Err(LinkError::Closed("the other end is gone".into())),
+            n => Ok(n),
+        }
+    }
 }
 
 /// A link over a plain UDP socket straight to the other end: no relay, no Noise, nothing
@@ -227,15 +251,32 @@ pub struct UdpLink {
 
 impl UdpLink {
     /// A link from `socket` to `peer` (the socket is connected to it, so only `peer`'s
-    /// datagrams are received).
+    /// datagrams are received). Asks for socket buffers of [`UDP_LINK_BUFFER`] bytes, as a
+    /// session does, so that both paths absorb the same bursts; the kernel caps them at its
+    /// `net.core.rmem_max` / `wmem_max`, and [`buffer_sizes`](Self::buffer_sizes) tells what
+    /// was granted.
     pub async fn connect(
         socket: tokio::net::UdpSocket,
         peer: std::net::SocketAddr,
     ) -> std::io::Result<Self> {
+        let sock = socket2::SockRef::from(&socket);
+        // A smaller buffer than asked for is not an error: it only means more drops in bursts.
+        let _ = sock.set_recv_buffer_size(UDP_LINK_BUFFER);
+        let _ = sock.set_send_buffer_size(UDP_LINK_BUFFER);
         socket.connect(peer).await?;
         Ok(Self { socket })
     }
+
+    /// The socket's receive and send buffer sizes as the kernel reports them (Linux reports
+    /// twice the size it granted, the bookkeeping overhead included).
+    pub fn buffer_sizes(&self) -> std::io::Result<(usize, usize)> {
+        let sock = socket2::SockRef::from(&self.socket);
+        Ok((sock.recv_buffer_size()?, sock.send_buffer_size()?))
+    }
 }
+
+/// The socket buffer size a [`UdpLink`] asks for, in bytes: the same as a session's socket.
+pub const UDP_LINK_BUFFER: usize = 4 << 20;
 
 impl DatagramLink for UdpLink {
     /// The same maximum as a session through a relay, so that both carry the same messages.
@@ -267,6 +308,26 @@ impl DatagramLink for UdpLink {
                 Err(e) => return Err(LinkError::Closed(format!("UDP receive failed: {e}"))),
             }
         }
+    }
+
+    async fn recv_batch(&self, out: &mut Vec<Vec<u8>>, limit: usize) -> Result<usize, LinkError> {
+        out.push(self.recv().await?);
+        let mut n = 1;
+        // What is already queued on the socket, without waiting again.
+        while n < limit {
+            let mut buf = vec![0u8; MEMORY_LINK_MAX_PAYLOAD + 1];
+            match self.socket.try_recv(&mut buf) {
+                Ok(len) if len <= MEMORY_LINK_MAX_PAYLOAD => {
+                    buf.truncate(len);
+                    out.push(buf);
+                    n += 1;
+                }
+                Ok(_) => {}
+                // Nothing more queued (WouldBlock), or an error the next recv reports or skips.
+                Err(_) => break,
+            }
+        }
+        Ok(n)
     }
 }
 
@@ -346,6 +407,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_batch_receive_takes_at_most_its_limit_in_order_then_reports_the_close() {
+        let (a, b) = memory_pair(Impairment::NONE);
+        for i in 0..10u8 {
+            a.send(&[i]).await.expect("send");
+        }
+        drop(a);
+        let mut got = Vec::new();
+        loop {
+            let before = got.len();
+            match b.recv_batch(&mut got, 3).await {
+                Ok(n) => {
+                    assert!((1..=3).contains(&n), "{n} messages in a batch of 3");
+                    assert_eq!(got.len(), before + n);
+                }
+                Err(LinkError::Closed(_)) => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(got, (0..10u8).map(|i| vec![i]).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_udp_batch_receive_takes_what_is_queued_up_to_its_limit() {
+        let a = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let b = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let (a_addr, b_addr) = (a.local_addr().expect("addr"), b.local_addr().expect("addr"));
+        let a = UdpLink::connect(a, b_addr).await.expect("connect");
+        let b = UdpLink::connect(b, a_addr).await.expect("connect");
+        for i in 0..5u8 {
+            a.send(&[i]).await.expect("send");
+        }
+        // Loopback queues each datagram at the receiving socket before `send` returns.
+        let mut got = Vec::new();
+        assert_eq!(b.recv_batch(&mut got, 3).await.expect("recv"), 3);
+        assert_eq!(b.recv_batch(&mut got, 3).await.expect("recv"), 2);
+        assert_eq!(got, (0..5u8).map(|i| vec![i]).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
     async fn a_udp_link_carries_messages_both_ways_and_survives_a_closed_port() {
         let a = tokio::net::UdpSocket::bind("127.0.0.1:0")
             .await
@@ -360,6 +464,24 @@ mod tests {
         assert_eq!(b.recv().await.expect("recv"), b"ping");
         b.send(b"pong").await.expect("send");
         assert_eq!(a.recv().await.expect("recv"), b"pong");
+        // The buffers asked for are granted up to the kernel's maximum (which Linux reports
+        // doubled).
+        let (rcv, snd) = a.buffer_sizes().expect("buffer sizes");
+        let max = |name: &str| {
+            std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+        };
+        if let (Some(rmem_max), Some(wmem_max)) = (max("rmem_max"), max("wmem_max")) {
+            assert!(
+                rcv >= UDP_LINK_BUFFER.min(rmem_max) * 2,
+                "{rcv} of {rmem_max}"
+            );
+            assert!(
+                snd >= UDP_LINK_BUFFER.min(wmem_max) * 2,
+                "{snd} of {wmem_max}"
+            );
+        }
         drop(b);
         // The other end's port is closed now: sends lose their message but do not fail.
         for _ in 0..3 {

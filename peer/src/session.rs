@@ -553,4 +553,17 @@ impl DatagramLink for Session {
             .await
             .ok_or_else(|| LinkError::Closed(self.shared.end_reason()))
     }
+
+    async fn recv_batch(&self, out: &mut Vec<Vec<u8>>, limit: usize) -> Result<usize, LinkError> {
+        match self
+            .incoming
+            .lock()
+            .await
+            .recv_many(out, limit.max(1))
+            .await
+        {
+            0 => Err(LinkError::Closed(self.shared.end_reason())),
+            n => Ok(n),
+        }
+    }
 }

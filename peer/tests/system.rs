@@ -602,15 +602,49 @@ fn direct_transfer(sys: &System, file: &Path) -> f64 {
         let options = TransferOptions::default();
         let start = Instant::now();
         let (sent, received) = tokio::join!(
-            send_file(a, file, &options, &NoProgress),
-            receive_file(b, &dir, &options, &NoProgress)
+            send_file(a.clone(), file, &options, &NoProgress),
+            receive_file(b.clone(), &dir, &options, &NoProgress)
         );
         let sent = sent.unwrap();
         let received = received.unwrap();
         assert!(start.elapsed() >= sent.elapsed);
         assert_same_file(file, received.path.as_deref().unwrap());
+        let (rcvbuf, sndbuf) = b.buffer_sizes().unwrap();
+        eprintln!(
+            "direct transfer: sender {} packets, {} lost, rtt {:?}; receiver {} packets, {} \
+             lost; socket drops: sender {}, receiver {}; receiver's socket buffers {rcvbuf} \
+             / {sndbuf} bytes",
+            sent.sent_packets,
+            sent.lost_packets,
+            sent.rtt,
+            received.sent_packets,
+            received.lost_packets,
+            socket_drops(sys, a_addr.port()),
+            socket_drops(sys, b_addr.port())
+        );
         sent.elapsed.as_secs_f64()
     })
+}
+
+/// Datagrams the kernel dropped at the UDP socket on local `port` in the peers' namespace
+/// (its receive queue was full): the `drops` column of `/proc/net/udp`.
+fn socket_drops(sys: &System, port: u16) -> u64 {
+    let table = ferry_testkit::netns::in_ns(&sys.topo.peers_ns, || {
+        std::fs::read_to_string("/proc/thread-self/net/udp")
+    })
+    .unwrap()
+    .unwrap();
+    let local = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|a| a.ends_with(&local))
+        })
+        .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+        .sum()
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! (`send_file`, `receive_file`) own the application logic and call [`Driver::wait`] with their
 //! own work as the third thing to wait for.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +22,8 @@ use crate::link::{DatagramLink, LinkError};
 
 /// How many received datagrams the receiving task may queue for the driver.
 const INBOUND_QUEUE: usize = 512;
-/// How many queued datagrams the driver takes in before it lets the connection answer.
+/// How many queued datagrams the driver takes in before it lets the connection answer; also
+/// the most the receiving task takes from the link in one go.
 const INBOUND_BATCH: usize = 64;
 
 /// What woke [`Driver::wait`] up.
@@ -33,48 +35,75 @@ pub(crate) enum Wake<T> {
 }
 
 /// Receives from the link on a task of its own, so that no `recv` future is ever dropped
-/// half-way (the link's `recv` need not be cancel-safe). Aborted on drop.
+/// half-way (the link's `recv` need not be cancel-safe). The task takes datagrams from the link
+/// in batches ([`DatagramLink::recv_batch`]) and queues whole batches, so the driver is woken
+/// once per batch rather than once per datagram. Aborted on drop.
 pub(crate) struct Inbound {
-    rx: mpsc::Receiver<Result<Vec<u8>, LinkError>>,
+    rx: mpsc::Receiver<Result<Vec<Vec<u8>>, LinkError>>,
+    /// The rest of the batch last taken from the queue.
+    ready: VecDeque<Vec<u8>>,
     task: JoinHandle<()>,
 }
 
 impl Inbound {
     /// Starts receiving from `link`.
     pub(crate) fn start<L: DatagramLink>(link: Arc<L>) -> Self {
-        let (tx, rx) = mpsc::channel(INBOUND_QUEUE);
+        let (tx, rx) = mpsc::channel(INBOUND_QUEUE / INBOUND_BATCH);
         let task = tokio::spawn(async move {
             loop {
-                let message = link.recv().await;
+                let mut batch = Vec::with_capacity(INBOUND_BATCH);
+                let message = link
+                    .recv_batch(&mut batch, INBOUND_BATCH)
+                    .await
+                    .map(|_| batch);
                 let failed = message.is_err();
                 if tx.send(message).await.is_err() || failed {
                     break;
                 }
             }
         });
-        Self { rx, task }
+        Self {
+            rx,
+            ready: VecDeque::new(),
+            task,
+        }
     }
 
     /// The next datagram; an error once the link is closed.
     pub(crate) async fn next(&mut self) -> Result<Vec<u8>, TransferError> {
-        match self.rx.recv().await {
-            Some(Ok(message)) => Ok(message),
-            Some(Err(e)) => Err(TransferError::Link(e)),
-            None => Err(TransferError::Link(LinkError::Closed(
-                "the link's receiver stopped".into(),
-            ))),
+        loop {
+            if let Some(message) = self.ready.pop_front() {
+                return Ok(message);
+            }
+            // Cancel-safe: nothing is awaited once a batch is taken from the queue.
+            match self.rx.recv().await {
+                Some(Ok(batch)) => self.ready.extend(batch),
+                Some(Err(e)) => return Err(TransferError::Link(e)),
+                None => {
+                    return Err(TransferError::Link(LinkError::Closed(
+                        "the link's receiver stopped".into(),
+                    )));
+                }
+            }
         }
     }
 
     /// A datagram already queued, if any.
     fn try_next(&mut self) -> Option<Result<Vec<u8>, TransferError>> {
-        match self.rx.try_recv() {
-            Ok(Ok(message)) => Some(Ok(message)),
-            Ok(Err(e)) => Some(Err(TransferError::Link(e))),
-            Err(mpsc::error::TryRecvError::Empty) => None,
-            Err(mpsc::error::TryRecvError::Disconnected) => Some(Err(TransferError::Link(
-                LinkError::Closed("the link's receiver stopped".into()),
-            ))),
+        loop {
+            if let Some(message) = self.ready.pop_front() {
+                return Some(Ok(message));
+            }
+            match self.rx.try_recv() {
+                Ok(Ok(batch)) => self.ready.extend(batch),
+                Ok(Err(e)) => return Some(Err(TransferError::Link(e))),
+                Err(mpsc::error::TryRecvError::Empty) => return None,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    return Some(Err(TransferError::Link(LinkError::Closed(
+                        "the link's receiver stopped".into(),
+                    ))));
+                }
+            }
         }
     }
 }
