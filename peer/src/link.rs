@@ -428,8 +428,8 @@ mod tests {
         assert_eq!(got, (0..10u8).map(|i| vec![i]).collect::<Vec<_>>());
     }
 
-    #[tokio::test]
-    async fn a_udp_batch_receive_takes_what_is_queued_up_to_its_limit() {
+    /// Two ends of a [`UdpLink`] on loopback, each connected to the other.
+    async fn udp_pair() -> (UdpLink, UdpLink) {
         let a = tokio::net::UdpSocket::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -439,6 +439,12 @@ mod tests {
         let (a_addr, b_addr) = (a.local_addr().expect("addr"), b.local_addr().expect("addr"));
         let a = UdpLink::connect(a, b_addr).await.expect("connect");
         let b = UdpLink::connect(b, a_addr).await.expect("connect");
+        (a, b)
+    }
+
+    #[tokio::test]
+    async fn a_udp_batch_receive_takes_what_is_queued_up_to_its_limit() {
+        let (a, b) = udp_pair().await;
         for i in 0..5u8 {
             a.send(&[i]).await.expect("send");
         }
@@ -451,15 +457,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_udp_link_carries_messages_both_ways_and_survives_a_closed_port() {
-        let a = tokio::net::UdpSocket::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let b = tokio::net::UdpSocket::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let (a_addr, b_addr) = (a.local_addr().expect("addr"), b.local_addr().expect("addr"));
-        let a = UdpLink::connect(a, b_addr).await.expect("connect");
-        let b = UdpLink::connect(b, a_addr).await.expect("connect");
+        let (a, b) = udp_pair().await;
         a.send(b"ping").await.expect("send");
         assert_eq!(b.recv().await.expect("recv"), b"ping");
         b.send(b"pong").await.expect("send");
