@@ -44,6 +44,11 @@ use driver::{Driver, Wake, lost};
 use files::{PartialFile, ReadChunk};
 use wire::{HASH_LEN, Inbound, InboundParser, Verdict, close};
 
+/// The longest time between QUIC keep-alives: after a relay restart the session recovers its
+/// binding in about 20 s, and the first keep-alive after that restarts a transfer whose
+/// retransmissions backed off meanwhile.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+
 /// The congestion controller QUIC runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Congestion {
@@ -63,8 +68,10 @@ pub enum Congestion {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TransferOptions {
     /// A transfer whose peer sends nothing for this long ends with [`TransferError::Timeout`].
-    /// Both sides send QUIC keep-alives every third of it, so a live peer never looks idle.
-    /// Default 30 s.
+    /// Both sides send QUIC keep-alives every [`KEEP_ALIVE`] (or a third of this, if that is
+    /// shorter), so a live peer never looks idle, and a transfer resumes within seconds once
+    /// a session has recovered its binding (after a relay restart, about 20 s of silence).
+    /// Default 60 s.
     pub idle_timeout: Duration,
     /// How long [`receive_file`] waits for the sender's first packet; `None` (the default)
     /// waits as long as the link is open.
@@ -80,7 +87,7 @@ pub struct TransferOptions {
 impl Default for TransferOptions {
     fn default() -> Self {
         Self {
-            idle_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
             accept_timeout: None,
             window: 16 * 1024 * 1024,
             congestion: Congestion::default(),

@@ -99,7 +99,9 @@ pub(crate) fn transport_config(
         .max_idle_timeout(Some(idle))
         // Keep-alives let a live but busy peer (a slow disk) never look idle; only silence does.
         .keep_alive_interval(Some(
-            (options.idle_timeout / 3).max(Duration::from_millis(100)),
+            (options.idle_timeout / 3)
+                .min(super::KEEP_ALIVE)
+                .max(Duration::from_millis(100)),
         ))
         .initial_mtu(datagram)
         .min_mtu(datagram)
