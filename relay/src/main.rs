@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ferry_core::keys::RelayStaticKey;
+use ferry_core::problems::Check;
 use ferry_core::proof::{COOKIE_WINDOW_SECS, CookieJar};
 use ferry_core::time::UnixTime;
 use ferry_core::token::TokenVerifier;
@@ -101,23 +102,24 @@ fn check_config(file: &Path) -> anyhow::Result<()> {
     // The interfaces are a fact of the host, not of the file: checked here and at start, not
     // by the parser (a config may be checked on one machine for another).
     if cfg.xdp.mode != xdp::Mode::Off {
-        let missing: Vec<String> = (cfg.xdp.interfaces.iter().enumerate())
-            .filter(|(_, name)| !xdp::interface_exists(name))
-            .map(|(i, name)| {
-                format!(
-                    "xdp.interfaces[{i}]: there is no network interface named {name} here \
-                     (check-config looks in the network namespace it runs in; `ip link` lists \
-                     them)"
-                )
-            })
-            .collect();
-        if !missing.is_empty() {
-            anyhow::bail!(
-                "{}: {} problem(s):\n  {}",
-                file.display(),
-                missing.len(),
-                missing.join("\n  ")
-            );
+        let mut check = Check::default();
+        for (i, name) in cfg.xdp.interfaces.iter().enumerate() {
+            if !xdp::interface_exists(name) {
+                check.fail(
+                    format!("xdp.interfaces[{i}]"),
+                    format!(
+                        "there is no network interface named {name} here (check-config looks \
+                         in the network namespace it runs in; `ip link` lists them)"
+                    ),
+                );
+            }
+        }
+        if !check.problems.is_empty() {
+            return Err(config::ConfigError::Invalid {
+                path: file.to_owned(),
+                problems: check.problems,
+            }
+            .into());
         }
     }
     let xdp = match cfg.xdp.mode {
