@@ -28,3 +28,4 @@ pub mod session;
 pub mod transfer;
 pub mod tunnel;
 pub mod udp;
+mod udp_batch;

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use tokio::sync::{Mutex, mpsc};
 
+use crate::udp_batch::{BatchSocket, RecvBatch};
+
 /// Why a link cannot carry a message.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -69,6 +71,29 @@ pub trait DatagramLink: Send + Sync + 'static {
         async move {
             out.push(self.recv().await?);
             Ok(1)
+        }
+    }
+
+    /// How many messages a [`send_segments`](Self::send_segments) call is worth filling with:
+    /// 1 when the link gains nothing from them (the default).
+    fn max_segments(&self) -> usize {
+        1
+    }
+
+    /// Sends `contents` as messages of `segment` bytes each, the last one possibly shorter:
+    /// the form in which QUIC hands over a run of equal-sized datagrams, which a link over a
+    /// socket sends in one system call. Every message is checked as [`send`](Self::send) checks
+    /// it; the default sends them one by one with it.
+    fn send_segments(
+        &self,
+        contents: &[u8],
+        segment: usize,
+    ) -> impl Future<Output = Result<(), LinkError>> + Send {
+        async move {
+            for message in contents.chunks(segment.max(1)) {
+                self.send(message).await?;
+            }
+            Ok(())
         }
     }
 }
@@ -246,7 +271,11 @@ impl DatagramLink for MemoryLink {
 /// against the direct path (the same application on both); never carry user data on it.
 #[derive(Debug)]
 pub struct UdpLink {
-    socket: tokio::net::UdpSocket,
+    socket: BatchSocket,
+    peer: std::net::SocketAddr,
+    /// Receive buffers, and datagrams received but not yet taken (a GRO run may hold more than
+    /// a `recv_batch` asks for). Never held across an await.
+    rx: std::sync::Mutex<(RecvBatch, VecDeque<Vec<u8>>)>,
 }
 
 impl UdpLink {
@@ -264,16 +293,44 @@ impl UdpLink {
         let _ = sock.set_recv_buffer_size(UDP_LINK_BUFFER);
         let _ = sock.set_send_buffer_size(UDP_LINK_BUFFER);
         socket.connect(peer).await?;
-        Ok(Self { socket })
+        Ok(Self {
+            socket: BatchSocket::new(socket)?,
+            peer,
+            rx: std::sync::Mutex::new((RecvBatch::new(UDP_LINK_RECV_BUFFERS), VecDeque::new())),
+        })
     }
 
     /// The socket's receive and send buffer sizes as the kernel reports them (Linux reports
     /// twice the size it granted, the bookkeeping overhead included).
     pub fn buffer_sizes(&self) -> std::io::Result<(usize, usize)> {
-        let sock = socket2::SockRef::from(&self.socket);
+        let sock = socket2::SockRef::from(self.socket.socket());
         Ok((sock.recv_buffer_size()?, sock.send_buffer_size()?))
     }
+
+    /// Moves what is queued on the socket into `pending` without waiting, keeping only
+    /// messages this link could carry; `WouldBlock` when nothing was queued.
+    fn take_queued(
+        &self,
+        batch: &mut RecvBatch,
+        pending: &mut VecDeque<Vec<u8>>,
+    ) -> std::io::Result<()> {
+        self.socket.try_recv(batch)?;
+        // Longer than any message: not from the other end of this link.
+        pending.extend(
+            batch
+                .datagrams()
+                .filter(|(_, d)| d.len() <= MEMORY_LINK_MAX_PAYLOAD)
+                .map(|(_, d)| d.to_vec()),
+        );
+        Ok(())
+    }
 }
+
+/// Receive buffers a [`UdpLink`] reads into per system call.
+const UDP_LINK_RECV_BUFFERS: usize = 16;
+
+/// The most messages a [`UdpLink`] sends in one system call.
+const UDP_LINK_SEGMENTS: usize = 32;
 
 /// The socket buffer size a [`UdpLink`] asks for, in bytes: the same as a session's socket.
 pub const UDP_LINK_BUFFER: usize = 4 << 20;
@@ -285,49 +342,61 @@ impl DatagramLink for UdpLink {
     }
 
     async fn send(&self, message: &[u8]) -> Result<(), LinkError> {
-        LinkError::check_len(message, MEMORY_LINK_MAX_PAYLOAD)?;
-        match self.socket.send(message).await {
+        self.send_segments(message, message.len()).await
+    }
+
+    fn max_segments(&self) -> usize {
+        UDP_LINK_SEGMENTS
+    }
+
+    async fn send_segments(&self, contents: &[u8], segment: usize) -> Result<(), LinkError> {
+        let segment = segment.max(1);
+        if let Some(message) = contents.chunks(segment).next() {
+            LinkError::check_len(message, MEMORY_LINK_MAX_PAYLOAD)?;
+        }
+        match self.socket.send(self.peer, contents, segment).await {
             // Like a relay session, the link may lose a message; it does not fail for it.
-            Ok(_) => Ok(()),
+            Ok(()) => Ok(()),
             Err(e) if is_transient(&e) => Ok(()),
             Err(e) => Err(LinkError::Closed(format!("UDP send failed: {e}"))),
         }
     }
 
     async fn recv(&self) -> Result<Vec<u8>, LinkError> {
-        let mut buf = vec![0u8; MEMORY_LINK_MAX_PAYLOAD + 1];
-        loop {
-            match self.socket.recv(&mut buf).await {
-                Ok(n) if n <= MEMORY_LINK_MAX_PAYLOAD => {
-                    buf.truncate(n);
-                    return Ok(buf);
-                }
-                // Longer than any message: not from the other end of this link.
-                Ok(_) => continue,
-                Err(e) if is_transient(&e) => continue,
-                Err(e) => return Err(LinkError::Closed(format!("UDP receive failed: {e}"))),
-            }
-        }
+        let mut out = Vec::with_capacity(1);
+        self.recv_batch(&mut out, 1).await?;
+        out.pop()
+            .ok_or_else(|| LinkError::Closed("UDP receive returned nothing".into()))
     }
 
     async fn recv_batch(&self, out: &mut Vec<Vec<u8>>, limit: usize) -> Result<usize, LinkError> {
-        out.push(self.recv().await?);
-        let mut n = 1;
-        // What is already queued on the socket, without waiting again.
-        while n < limit {
-            let mut buf = vec![0u8; MEMORY_LINK_MAX_PAYLOAD + 1];
-            match self.socket.try_recv(&mut buf) {
-                Ok(len) if len <= MEMORY_LINK_MAX_PAYLOAD => {
-                    buf.truncate(len);
-                    out.push(buf);
-                    n += 1;
+        let limit = limit.max(1);
+        loop {
+            {
+                let mut guard = self.rx.lock().unwrap_or_else(|e| e.into_inner());
+                let (batch, pending) = &mut *guard;
+                if pending.is_empty() {
+                    match self.take_queued(batch, pending) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) if is_transient(&e) => {}
+                        Err(e) => {
+                            return Err(LinkError::Closed(format!("UDP receive failed: {e}")));
+                        }
+                    }
                 }
-                Ok(_) => {}
-                // Nothing more queued (WouldBlock), or an error the next recv reports or skips.
-                Err(_) => break,
+                let n = pending.len().min(limit);
+                if n > 0 {
+                    out.extend(pending.drain(..n));
+                    return Ok(n);
+                }
             }
+            self.socket
+                .socket()
+                .readable()
+                .await
+                .map_err(|e| LinkError::Closed(format!("UDP receive failed: {e}")))?;
         }
-        Ok(n)
     }
 }
 

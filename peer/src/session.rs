@@ -368,6 +368,10 @@ enum Command {
     Close(oneshot::Sender<()>),
 }
 
+/// How many messages a sender on a session may hand over in one run
+/// ([`DatagramLink::send_segments`]).
+const SEND_SEGMENTS: usize = 32;
+
 /// A connected peer session (see the module doc). Dropping it closes the session like
 /// [`close`](Self::close), without waiting.
 #[derive(Debug)]
@@ -535,6 +539,11 @@ impl Session {
 impl DatagramLink for Session {
     fn max_payload(&self) -> usize {
         MAX_PLAINTEXT
+    }
+
+    /// The driver batches DATA by itself; runs let the sender hand over several at once.
+    fn max_segments(&self) -> usize {
+        SEND_SEGMENTS
     }
 
     async fn send(&self, message: &[u8]) -> Result<(), LinkError> {

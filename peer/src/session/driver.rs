@@ -18,6 +18,7 @@ use super::{Command, Renewer, SessionConfig, SessionError, Shared, add};
 use crate::bind::{BindClient, BindEvent, BindState};
 use crate::channel::{Channel, ChannelError};
 use crate::gateway::{GatewayError, Grant};
+use crate::udp_batch::{BatchSocket, RecvBatch};
 
 /// The first wait before a failed gateway request for a renewal or recovery is repeated; it
 /// doubles up to [`GATEWAY_RETRY_MAX`].
@@ -31,11 +32,19 @@ const REBIND_RETRY: Duration = Duration::from_secs(1);
 /// relay that restarted does not know the session, and its XDP guard drops a REBIND for it
 /// without an answer, so waiting out the whole bind timeout would stall every transfer.
 const UNANSWERED_REBIND_WAIT: Duration = Duration::from_secs(3);
-/// The most datagrams read, or application messages sent, in one go before the driver looks
-/// at its other inputs.
+/// The most application messages sent in one go before the driver looks at its other inputs.
 const BATCH: usize = 64;
+/// The most receive system calls in one go before the driver looks at its other inputs; each
+/// takes up to [`RECV_BUFFERS`] datagrams or GRO runs of them.
+const RECV_ROUNDS: usize = 4;
+/// Receive buffers per system call.
+const RECV_BUFFERS: usize = 16;
 /// The socket buffer sizes asked for (the kernel may cap them).
 const SOCKET_BUFFER: usize = 4 << 20;
+/// The most DATA datagrams one batched send carries.
+const MAX_RUN_DATAGRAMS: usize = 64;
+/// The most bytes one batched send carries (an offloaded send is one IP packet's worth).
+const MAX_RUN_BYTES: usize = 64_000;
 /// How many copies of a CLOSE go out (nothing acknowledges one, docs/protocol.md §3.8).
 const CLOSE_COPIES: usize = 2;
 
@@ -65,7 +74,7 @@ struct Recovery {
 
 /// The session's driver.
 pub(super) struct Driver {
-    socket: UdpSocket,
+    socket: BatchSocket,
     relay: SocketAddr,
     bind: BindClient,
     channel: Channel,
@@ -101,7 +110,55 @@ pub(super) struct Driver {
     /// The error that ends [`connect`](Self::connect).
     failure: Option<SessionError>,
     out: Vec<u8>,
-    inbuf: Vec<u8>,
+    /// The receive buffers (taken out while their datagrams are handled).
+    rx: RecvBatch,
+    /// Encrypted DATA waiting to go out in one batched send.
+    tx: DataRun,
+}
+
+/// A run of encrypted DATA datagrams for one batched send: all of one size but the last, which
+/// may be shorter (what UDP segmentation offload takes).
+#[derive(Debug, Default)]
+struct DataRun {
+    bytes: Vec<u8>,
+    /// The size of every datagram in the run but the last.
+    segment: usize,
+    datagrams: u64,
+    /// The application bytes the run carries.
+    payload: u64,
+    /// The last datagram is shorter than `segment`: the run takes no more.
+    closed: bool,
+}
+
+impl DataRun {
+    /// Whether a datagram of `len` bytes may join the run.
+    fn takes(&self, len: usize, max_datagrams: usize) -> bool {
+        self.datagrams == 0
+            || (!self.closed
+                && len <= self.segment
+                && (self.datagrams as usize) < max_datagrams
+                && self.bytes.len() + len <= MAX_RUN_BYTES)
+    }
+
+    /// Adds a datagram, which [`takes`](Self::takes) accepted, carrying `payload` bytes.
+    fn push(&mut self, datagram: &[u8], payload: usize) {
+        if self.datagrams == 0 {
+            self.segment = datagram.len();
+        } else if datagram.len() < self.segment {
+            self.closed = true;
+        }
+        self.bytes.extend_from_slice(datagram);
+        self.datagrams += 1;
+        self.payload += payload as u64;
+    }
+
+    /// Empties the run for the next.
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.datagrams = 0;
+        self.payload = 0;
+        self.closed = false;
+    }
 }
 
 /// The driver's clock: tokio's, so that a paused test clock drives it.
@@ -119,8 +176,9 @@ fn address_gone(e: &io::Error) -> bool {
     )
 }
 
-/// A fresh UDP socket on an ephemeral port of the relay's address family, with large buffers.
-fn open_socket(relay: SocketAddr) -> io::Result<UdpSocket> {
+/// A fresh UDP socket on an ephemeral port of the relay's address family, with large buffers
+/// and batched I/O.
+fn open_socket(relay: SocketAddr) -> io::Result<BatchSocket> {
     let local: SocketAddr = match relay {
         SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
         SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
@@ -135,7 +193,7 @@ fn open_socket(relay: SocketAddr) -> io::Result<UdpSocket> {
     let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
     socket.set_nonblocking(true)?;
     socket.bind(&local.into())?;
-    UdpSocket::from_std(socket.into())
+    BatchSocket::new(UdpSocket::from_std(socket.into())?)
 }
 
 impl Driver {
@@ -194,7 +252,8 @@ impl Driver {
             hint: None,
             failure: None,
             out: vec![0; MAX_DATAGRAM],
-            inbuf: vec![0; MAX_DATAGRAM + 1],
+            rx: RecvBatch::new(RECV_BUFFERS),
+            tx: DataRun::default(),
         })
     }
 
@@ -207,7 +266,7 @@ impl Driver {
     }
 
     pub(super) fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.socket.local_addr()
+        self.socket.socket().local_addr()
     }
 
     /// The wall clock at monotonic `at`.
@@ -328,36 +387,22 @@ impl Driver {
             .min();
         let accept_app = !self.connecting;
         enum Input {
-            Datagram(io::Result<(usize, SocketAddr)>),
+            Readable(io::Result<()>),
             Command(Option<Command>),
             App(Option<Vec<u8>>),
             Grant(Option<Box<Result<Grant, GatewayError>>>),
             Timer,
         }
         let input = tokio::select! {
-            r = self.socket.recv_from(&mut self.inbuf) => Input::Datagram(r),
+            r = self.socket.socket().readable() => Input::Readable(r),
             c = self.queues.commands.recv() => Input::Command(c),
             m = self.queues.from_app.recv(), if accept_app => Input::App(m),
             g = self.grants_rx.recv() => Input::Grant(g.map(Box::new)),
             () = sleep_until(wake) => Input::Timer,
         };
         match input {
-            Input::Datagram(Ok((n, from))) => {
-                if from == self.relay {
-                    self.on_datagram(n).await;
-                }
-                // More may be waiting: read them without going through the select.
-                for _ in 0..BATCH {
-                    match self.socket.try_recv_from(&mut self.inbuf) {
-                        Ok((n, from)) if from == self.relay => self.on_datagram(n).await,
-                        Ok(_) => {}
-                        Err(_) => break,
-                    }
-                }
-            }
-            // An ICMP error from an earlier send (the relay's port closed during a restart):
-            // the keepalive timers find out what it means.
-            Input::Datagram(Err(_)) => {}
+            Input::Readable(Ok(())) => self.read_datagrams().await,
+            Input::Readable(Err(_)) => {}
             Input::Command(Some(Command::Rebind)) => self.rebind_now().await,
             Input::Command(Some(Command::Close(done))) => {
                 self.close().await;
@@ -366,13 +411,14 @@ impl Driver {
             // The Session handle is gone: close as it would have.
             Input::Command(None) => self.close().await,
             Input::App(Some(message)) => {
-                self.send_message(&message).await;
-                for _ in 0..BATCH {
+                self.queue_message(&message).await;
+                for _ in 1..BATCH {
                     match self.queues.from_app.try_recv() {
-                        Ok(message) => self.send_message(&message).await,
+                        Ok(message) => self.queue_message(&message).await,
                         Err(_) => break,
                     }
                 }
+                self.flush_data().await;
             }
             Input::App(None) => self.close().await,
             Input::Grant(Some(answer)) => self.on_grant(*answer).await,
@@ -381,6 +427,24 @@ impl Driver {
         if self.shared.end.get().is_none() {
             self.on_timers().await;
         }
+    }
+
+    /// Reads what the socket holds, a few system calls' worth, and handles the relay's
+    /// datagrams. An error (an ICMP error from an earlier send, the relay's port closed during
+    /// a restart) ends the round: the keepalive timers find out what it means.
+    async fn read_datagrams(&mut self) {
+        let mut rx = std::mem::take(&mut self.rx);
+        for _ in 0..RECV_ROUNDS {
+            if self.socket.try_recv(&mut rx).is_err() {
+                break;
+            }
+            for (from, datagram) in rx.datagrams() {
+                if from == self.relay && datagram.len() <= MAX_DATAGRAM {
+                    self.on_datagram(datagram).await;
+                }
+            }
+        }
+        self.rx = rx;
     }
 
     /// Sends CLOSE and ends the session.
@@ -396,7 +460,12 @@ impl Driver {
     /// Sends the first `n` bytes of the output buffer to the relay. A failure because the
     /// local address went away schedules a fresh socket; other failures are dropped packets.
     async fn send_raw(&mut self, n: usize) -> bool {
-        match self.socket.send_to(&self.out[..n], self.relay).await {
+        match self
+            .socket
+            .socket()
+            .send_to(&self.out[..n], self.relay)
+            .await
+        {
             Ok(_) => true,
             Err(e) => {
                 if address_gone(&e) && self.rebind_at.is_none() {
@@ -416,35 +485,58 @@ impl Driver {
         sent
     }
 
-    /// Encrypts and sends one application message.
-    async fn send_message(&mut self, message: &[u8]) {
-        let counters = &self.shared.counters;
+    /// Encrypts one application message into the run of DATA waiting to go out, sending the
+    /// run first if the new datagram cannot join it.
+    async fn queue_message(&mut self, message: &[u8]) {
         let n = match self.channel.send(now(), message, &mut self.out) {
             Ok(n) => n,
             Err(_) => {
-                add(&counters.dropped_outgoing, 1);
+                add(&self.shared.counters.dropped_outgoing, 1);
                 return;
             }
         };
-        if self.send_data(n).await {
-            let counters = &self.shared.counters;
-            add(&counters.messages_sent, 1);
-            add(&counters.bytes_sent, message.len() as u64);
-        } else {
-            add(&self.shared.counters.dropped_outgoing, 1);
+        if !self.tx.takes(n, MAX_RUN_DATAGRAMS) {
+            self.flush_data().await;
         }
+        self.tx.push(&self.out[..n], message.len());
     }
 
-    /// Handles a datagram of `n` bytes from the relay in the input buffer.
-    async fn on_datagram(&mut self, n: usize) {
+    /// Sends the run of DATA waiting to go out, in as few system calls as the kernel allows.
+    async fn flush_data(&mut self) {
+        if self.tx.datagrams == 0 {
+            return;
+        }
+        let sent = self
+            .socket
+            .send(self.relay, &self.tx.bytes, self.tx.segment)
+            .await;
+        let counters = &self.shared.counters;
+        match sent {
+            Ok(()) => {
+                self.bind.note_data_sent(now());
+                add(&counters.messages_sent, self.tx.datagrams);
+                add(&counters.bytes_sent, self.tx.payload);
+            }
+            Err(e) => {
+                add(&counters.dropped_outgoing, self.tx.datagrams);
+                if address_gone(&e) && self.rebind_at.is_none() {
+                    self.rebind_at = Some(now());
+                }
+            }
+        }
+        self.tx.clear();
+    }
+
+    /// Handles a datagram from the relay.
+    async fn on_datagram(&mut self, datagram: &mut [u8]) {
         let at = now();
-        if let Ok(Packet::Data(_)) = wire::parse(&self.inbuf[..n]) {
+        if let Ok(Packet::Data(_)) = wire::parse(datagram) {
             self.bind.note_data_received(at);
-            self.on_data(at, n).await;
+            self.on_data(at, datagram).await;
             return;
         }
         let renewing = self.bind.renewing();
-        let event = self.bind.handle(at, &self.inbuf[..n], &mut self.out);
+        let event = self.bind.handle(at, datagram, &mut self.out);
         match event {
             BindEvent::Transmit(n) => {
                 self.send_raw(n).await;
@@ -537,11 +629,11 @@ impl Driver {
         }
     }
 
-    /// Passes a DATA datagram of `n` bytes to the channel.
-    async fn on_data(&mut self, at: Instant, n: usize) {
+    /// Passes a DATA datagram to the channel.
+    async fn on_data(&mut self, at: Instant, datagram: &mut [u8]) {
         let result = self
             .channel
-            .handle(at, &mut self.inbuf[..n], &mut self.known, &mut self.out);
+            .handle(at, datagram, &mut self.known, &mut self.out);
         let counters = &self.shared.counters;
         match result {
             Ok(output) => {
@@ -550,7 +642,7 @@ impl Driver {
                 }
                 if let Some(range) = output.plaintext {
                     let len = range.len() as u64;
-                    let message = self.inbuf[range].to_vec();
+                    let message = datagram[range].to_vec();
                     if self.queues.to_app.try_send(message).is_ok() {
                         add(&counters.messages_received, 1);
                         add(&counters.bytes_received, len);
@@ -798,5 +890,54 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod run_tests {
+    use super::*;
+
+    #[test]
+    fn a_run_takes_equal_datagrams_then_one_shorter_and_nothing_after() {
+        let mut run = DataRun::default();
+        assert!(run.takes(1400, 4), "an empty run takes any size");
+        run.push(&[1; 1400], 1300);
+        assert!(run.takes(1400, 4));
+        assert!(
+            !run.takes(1401, 4),
+            "a longer datagram would break the segment size"
+        );
+        run.push(&[2; 1400], 1300);
+        assert!(run.takes(100, 4));
+        run.push(&[3; 100], 50);
+        assert!(
+            !run.takes(100, 4),
+            "after a shorter datagram the run is closed"
+        );
+        assert!(!run.takes(1400, 4));
+        assert_eq!((run.segment, run.datagrams, run.payload), (1400, 3, 2650));
+        assert_eq!(run.bytes.len(), 2900);
+        run.clear();
+        assert!(run.takes(1401, 4));
+        run.push(&[4; 700], 600);
+        assert_eq!((run.segment, run.datagrams, run.bytes.len()), (700, 1, 700));
+    }
+
+    #[test]
+    fn a_run_stops_at_its_datagram_and_byte_limits() {
+        let mut run = DataRun::default();
+        for _ in 0..3 {
+            run.push(&[0; 10], 1);
+        }
+        assert!(!run.takes(10, 3), "three of three datagrams");
+        assert!(run.takes(10, 4));
+        let mut big = DataRun::default();
+        while big.bytes.len() + 1400 <= MAX_RUN_BYTES {
+            big.push(&[0; 1400], 1);
+        }
+        assert!(
+            !big.takes(1400, usize::MAX),
+            "the run's bytes would pass the limit"
+        );
     }
 }

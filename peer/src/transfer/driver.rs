@@ -216,10 +216,15 @@ impl<L: DatagramLink> Driver<L> {
                 }
             }
             self.buf.clear();
-            let Some(transmit) = self.conn.poll_transmit(Instant::now(), 1, &mut self.buf) else {
+            let most = self.link.max_segments().max(1);
+            let Some(transmit) = self.conn.poll_transmit(Instant::now(), most, &mut self.buf)
+            else {
                 return Ok(());
             };
-            self.link.send(&self.buf[..transmit.size]).await?;
+            let segment = transmit.segment_size.unwrap_or(transmit.size);
+            self.link
+                .send_segments(&self.buf[..transmit.size], segment)
+                .await?;
         }
     }
 
