@@ -16,7 +16,7 @@
 //! Join codes are stored only as their SHA-256 ([`JoinCodeHash`]): whoever reads the store (a
 //! Redis dump, `KEYS`) cannot join a session with what they find.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -216,6 +216,8 @@ struct Shard {
     codes: HashMap<JoinCodeHash, u64>,
     /// `(expires_at, session_id)`, to drop expired sessions oldest first.
     by_expiry: BTreeSet<(u64, u64)>,
+    /// `(created_at, session_id)`, to list the newest sessions without visiting the rest.
+    by_created: BTreeSet<(u64, u64)>,
     /// Join code of each session still holding one, to drop it with the session.
     code_of: HashMap<u64, JoinCodeHash>,
 }
@@ -229,7 +231,8 @@ impl Shard {
                 break;
             }
             self.by_expiry.pop_first();
-            if self.sessions.remove(&id).is_some() {
+            if let Some(record) = self.sessions.remove(&id) {
+                self.by_created.remove(&(record.created_at, id));
                 forgotten += 1;
             }
             if let Some(code) = self.code_of.remove(&id) {
@@ -330,6 +333,7 @@ impl State for MemoryState {
                 // A 64-bit random id collided with a live one: astronomically unlikely; keep
                 // the index consistent anyway.
                 m.by_expiry.remove(&(old.expires_at, id));
+                m.by_created.remove(&(old.created_at, id));
                 if let Some(code) = m.code_of.remove(&id) {
                     m.codes.remove(&code);
                 }
@@ -339,6 +343,7 @@ impl State for MemoryState {
             }
         }
         m.by_expiry.insert((record.expires_at, id));
+        m.by_created.insert((record.created_at, id));
         m.codes.insert(code, id);
         m.code_of.insert(id, code);
         ready(Ok(()))
@@ -409,15 +414,36 @@ impl State for MemoryState {
         now: UnixTime,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<SessionRecord>, StateError>> {
-        let mut out: Vec<SessionRecord> = Vec::new();
-        for shard in self.shards.iter() {
+        // The newest `limit` (created_at, id, shard) keys of all shards, in a min-heap: each
+        // shard is walked newest first only while its keys still beat the heap's oldest, so the
+        // work is about `limit` keys per shard at most (far fewer when sessions are spread
+        // evenly), however many sessions live, and each shard's lock is held for its own short
+        // walk only: public requests on the other shards never wait for it.
+        let mut newest: BinaryHeap<std::cmp::Reverse<(u64, u64, usize)>> =
+            BinaryHeap::with_capacity(limit + 1);
+        for (index, shard) in self.shards.iter().enumerate() {
             let mut m = lock(shard);
             let n = m.forget_expired(now);
             self.live.fetch_sub(n, Ordering::Relaxed);
-            out.extend(m.sessions.values().cloned());
+            for &(created_at, id) in m.by_created.iter().rev() {
+                let key = (created_at, id, index);
+                if newest.len() < limit {
+                    newest.push(std::cmp::Reverse(key));
+                } else if newest.peek().is_some_and(|oldest| key > oldest.0) {
+                    newest.pop();
+                    newest.push(std::cmp::Reverse(key));
+                } else {
+                    break;
+                }
+            }
         }
-        out.sort_by_key(|r| std::cmp::Reverse((r.created_at, r.session_id)));
-        out.truncate(limit);
+        let mut keys: Vec<(u64, u64, usize)> = newest.into_iter().map(|k| k.0).collect();
+        keys.sort_unstable_by(|a, b| b.cmp(a));
+        // A session that expired since the walk is left out.
+        let out = keys
+            .into_iter()
+            .filter_map(|(_, id, index)| lock(&self.shards[index]).sessions.get(&id).cloned())
+            .collect();
         ready(Ok(out))
     }
 
@@ -544,6 +570,48 @@ pub mod conformance {
         );
         let gone = UnixTime(t0 + 401);
         assert!(state.sessions(gone, 10).await.expect("list").is_empty());
+    }
+
+    /// Listing many sessions gives exactly the newest `limit`, newest first (ties in creation
+    /// time by id), whatever shard or page they live in, and leaves the expired out.
+    pub async fn many_sessions_are_listed_newest_first(state: &dyn State) {
+        let t0 = 3_000_000;
+        // 300 sessions over 30 seconds, ten a second, ids scattered.
+        let ids: Vec<(u64, u64)> = (0..300u64)
+            .map(|i| (t0 + i / 10, i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1))
+            .collect();
+        for (i, &(created_at, id)) in ids.iter().enumerate() {
+            let mut r = record(id, created_at);
+            // The first hundred expire early.
+            if i < 100 {
+                r.expires_at = t0 + 50;
+            }
+            state
+                .create_session(
+                    &r,
+                    JoinCodeHash::of(&format!("code-{i}")),
+                    UnixTime(created_at),
+                )
+                .await
+                .expect("create");
+        }
+        let mut expected: Vec<(u64, u64)> = ids.clone();
+        expected.sort_unstable_by(|a, b| b.cmp(a));
+        for limit in [1, 7, 64, 300, 1000] {
+            let listed = state
+                .sessions(UnixTime(t0 + 40), limit)
+                .await
+                .expect("list");
+            let want: Vec<u64> = expected.iter().take(limit).map(|&(_, id)| id).collect();
+            assert_eq!(
+                listed.iter().map(|r| r.session_id).collect::<Vec<_>>(),
+                want,
+                "limit {limit}"
+            );
+        }
+        let later = state.sessions(UnixTime(t0 + 60), 1000).await.expect("list");
+        let want: Vec<u64> = expected.iter().take(200).map(|&(_, id)| id).collect();
+        assert_eq!(later.iter().map(|r| r.session_id).collect::<Vec<_>>(), want);
     }
 
     /// A session is found by id until it is forgotten, and a renewal keeps it longer.
@@ -682,6 +750,9 @@ mod tests {
         ));
         block_on(conformance::revocations_are_kept(&MemoryState::new(10)));
         block_on(conformance::relay_reports_expire(&MemoryState::new(10)));
+        block_on(conformance::many_sessions_are_listed_newest_first(
+            &MemoryState::new(1000),
+        ));
     }
 
     #[test]

@@ -103,6 +103,8 @@ async fn redis_backend_conforms() {
     conformance::revocations_are_kept(&state).await;
     let state = RedisState::connect(&redis.url(), "t3:").await.unwrap();
     conformance::relay_reports_expire(&state).await;
+    let state = RedisState::connect(&redis.url(), "t5:").await.unwrap();
+    conformance::many_sessions_are_listed_newest_first(&state).await;
 }
 
 #[tokio::test]
