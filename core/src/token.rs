@@ -62,7 +62,13 @@ pub struct Claims {
     pub expires: UnixTime,
     /// Maximum bytes per second the slot may send; 0 means the relay's default.
     pub rate_bytes_per_sec: u64,
+    /// A gateway's health probe (flags bit 0, §4): the relay answers its BIND with a BIND-ACK
+    /// and binds nothing ([`TokenMinter::mint_probe`]).
+    pub probe: bool,
 }
+
+/// The flags byte's health-probe bit (byte 2, bit 0, §4).
+const FLAG_PROBE: u8 = 0x01;
 
 /// What a gateway asks [`TokenMinter::mint`] for; the minter adds `kid` and a random token id.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,7 +103,7 @@ pub enum MalformedReason {
         /// The version received.
         version: u8,
     },
-    /// The reserved bytes 2..4 are not zero.
+    /// A flag bit other than the probe bit (byte 2), or the reserved byte 3, is not zero.
     #[error("reserved bytes are not zero")]
     Reserved,
     /// The slot byte is neither 0 nor 1.
@@ -231,6 +237,7 @@ impl Claims {
         let mut out = [0u8; CLAIMS_LEN];
         out[0] = TOKEN_VERSION;
         out[1] = self.slot.as_u8();
+        out[2] = if self.probe { FLAG_PROBE } else { 0 };
         out[4..8].copy_from_slice(&self.kid.to_be_bytes());
         out[8..24].copy_from_slice(&self.token_id);
         out[24..32].copy_from_slice(&self.relay_id.to_be_bytes());
@@ -246,7 +253,7 @@ impl Claims {
         if bytes[0] != TOKEN_VERSION {
             return Err(MalformedReason::Version { version: bytes[0] });
         }
-        if bytes[2..4] != [0, 0] {
+        if bytes[2] & !FLAG_PROBE != 0 || bytes[3] != 0 {
             return Err(MalformedReason::Reserved);
         }
         let slot = Slot::from_u8(bytes[1]).ok_or(MalformedReason::Slot { slot: bytes[1] })?;
@@ -265,6 +272,7 @@ impl Claims {
             not_before: UnixTime(read_u64(bytes, 40)),
             expires: UnixTime(read_u64(bytes, 48)),
             rate_bytes_per_sec: read_u64(bytes, 56),
+            probe: bytes[2] & FLAG_PROBE != 0,
         })
     }
 }
@@ -336,6 +344,28 @@ impl TokenMinter {
         input: &ClaimsInput,
         relay_public: &RelayPublicKey,
     ) -> Result<MintedToken, TokenError> {
+        self.mint_flagged(rng, input, relay_public, false)
+    }
+
+    /// Mints a health-probe token (§4, flags bit 0): a relay that verifies it and the BIND's
+    /// proof answers with a BIND-ACK under the slot's `K_relay` and binds nothing, so a gateway
+    /// that checks that MAC knows the relay holds the private key for `relay_public`.
+    pub fn mint_probe(
+        &self,
+        rng: &dyn SecureRandom,
+        input: &ClaimsInput,
+        relay_public: &RelayPublicKey,
+    ) -> Result<MintedToken, TokenError> {
+        self.mint_flagged(rng, input, relay_public, true)
+    }
+
+    fn mint_flagged(
+        &self,
+        rng: &dyn SecureRandom,
+        input: &ClaimsInput,
+        relay_public: &RelayPublicKey,
+        probe: bool,
+    ) -> Result<MintedToken, TokenError> {
         if input.session_id == 0 {
             return Err(TokenError::MintZeroSession);
         }
@@ -356,6 +386,7 @@ impl TokenMinter {
             not_before: input.not_before,
             expires: input.expires,
             rate_bytes_per_sec: input.rate_bytes_per_sec,
+            probe,
         };
         self.seal_and_sign(rng, claims, relay_public)
     }

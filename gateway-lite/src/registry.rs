@@ -9,20 +9,28 @@
 //! - **registered** by heartbeats (`POST /v1/relays/heartbeat` with a `relay:<id>` key), kept in
 //!   the shared [`State`] so every replica sees them until `heartbeat_ttl` after the last one.
 //!
+//! Every replica probes every relay, listed or registered, over UDP with a BIND carrying a
+//! probe token sealed to the relay's configured or registered public key ([`ProbeLine`]): only
+//! a relay holding the private key answers with a BIND-ACK whose MAC checks. A listed relay that
+//! fails a probe is not handed out until it passes again; a registered relay is handed out only
+//! once a probe of the address and key it reported has passed, so a `relay:<id>` credential
+//! alone cannot steer sessions to an address or key of its choice.
+//!
 //! A heartbeat also reports load (sessions / capacity). [`Registry::pick`] hands out the
 //! healthy relay with the lowest load, ties going round-robin. Reports are read from the state
 //! at most once a second and cached, so a session creation does not wait for the backend.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use ferry_core::keys::RelayPublicKey;
+use ferry_core::proof::SlotKeys;
 use ferry_core::time::UnixTime;
-use ferry_core::token::TOKEN_LEN;
+use ferry_core::token::{ClaimsInput, TokenMinter};
 use ferry_core::wire::{self, BindFields, Packet, Slot};
 use ring::rand::SecureRandom;
 use serde::Serialize;
@@ -81,7 +89,12 @@ pub struct Registry {
     listed: RwLock<Arc<[Arc<Listed>]>>,
     cache: Mutex<Cache>,
     next: AtomicUsize,
+    /// Registered relays whose reported address and key passed this replica's last probe.
+    verified: Mutex<HashMap<u64, RelayInfo>>,
 }
+
+/// Each relay's [`ProbeLine`], by relay id and address, kept from round to round.
+pub type ProbeLines = HashMap<(u64, SocketAddr), ProbeLine>;
 
 fn info_of_report(r: &RelayReport) -> Option<RelayInfo> {
     Some(RelayInfo {
@@ -109,6 +122,7 @@ impl Registry {
             ),
             cache: Mutex::new(Cache::default()),
             next: AtomicUsize::new(0),
+            verified: Mutex::new(HashMap::new()),
         }
     }
 
@@ -223,6 +237,7 @@ impl Registry {
         for r in &reports {
             if !listed.iter().any(|l| l.relay.id == r.relay_id)
                 && let Some(info) = info_of_report(r)
+                && self.is_verified(&info)
             {
                 candidates.push((load(r.relay_id), info));
             }
@@ -293,7 +308,7 @@ impl Registry {
                     address: r.address.clone(),
                     public_key: r.public_key.clone(),
                     source: "heartbeat",
-                    healthy: info_of_report(r).is_some(),
+                    healthy: info_of_report(r).is_some_and(|info| self.is_verified(&info)),
                     sessions: Some(r.sessions),
                     capacity: Some(r.capacity),
                     reported_at: Some(r.reported_at),
@@ -314,87 +329,226 @@ impl Registry {
         (healthy, listed.len() as u64 - healthy)
     }
 
-    /// Probes every listed relay once (blocking; run it on a blocking thread) and records the
-    /// result. Returns how many answered.
-    pub fn probe_all(&self, rng: &dyn SecureRandom, timeout: Duration) -> usize {
-        let mut ok = 0;
-        for l in self.snapshot().iter() {
-            let healthy = probe(rng, l.relay.address, timeout).is_ok();
-            let was = l.healthy.swap(healthy, Ordering::Relaxed);
-            if was != healthy {
-                tracing::warn!(
-                    relay_id = l.relay.id,
-                    address = %l.relay.address,
-                    healthy,
-                    "relay health changed"
-                );
+    /// Whether the registered relay `info` (id, address and key as reported) passed this
+    /// replica's last probe.
+    fn is_verified(&self, info: &RelayInfo) -> bool {
+        self.verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&info.id)
+            == Some(info)
+    }
+
+    /// Probes every relay once, listed and registered, one after the other, with tokens from
+    /// `minter`, and records the results; `lines` keeps each relay's socket and cookie from
+    /// round to round. Returns how many passed.
+    pub async fn probe_round(
+        &self,
+        state: &dyn State,
+        rng: &(dyn SecureRandom + Sync),
+        minter: &TokenMinter,
+        lines: &mut ProbeLines,
+        now: UnixTime,
+        timeout: Duration,
+    ) -> usize {
+        let listed = self.snapshot();
+        let mut targets: Vec<(RelayInfo, Option<&Listed>)> = listed
+            .iter()
+            .map(|l| {
+                let info = RelayInfo {
+                    id: l.relay.id,
+                    address: l.relay.address,
+                    public_key: l.relay.public_key,
+                };
+                (info, Some(&**l))
+            })
+            .collect();
+        // A replica whose state backend is down probes the listed relays only.
+        let reports = self.reports(state, now).await.unwrap_or_default();
+        targets.extend(
+            reports
+                .iter()
+                .filter(|r| !listed.iter().any(|l| l.relay.id == r.relay_id))
+                .filter_map(info_of_report)
+                .map(|info| (info, None)),
+        );
+        lines.retain(|key, _| targets.iter().any(|(t, _)| (t.id, t.address) == *key));
+        let mut passed = 0;
+        let mut verified = HashMap::new();
+        for (info, listed) in &targets {
+            let key = (info.id, info.address);
+            let result = match lines.get_mut(&key) {
+                Some(line) => line.probe(rng, minter, info, now, timeout).await,
+                None => match ProbeLine::open(rng, info.address).await {
+                    Ok(mut line) => {
+                        let result = line.probe(rng, minter, info, now, timeout).await;
+                        lines.insert(key, line);
+                        result
+                    }
+                    Err(e) => Err(e),
+                },
+            };
+            let healthy = result.is_ok();
+            let was = match listed {
+                Some(l) => l.healthy.swap(healthy, Ordering::Relaxed),
+                None => self.is_verified(info),
+            };
+            if healthy && listed.is_none() {
+                verified.insert(info.id, info.clone());
             }
-            ok += usize::from(healthy);
+            if was != healthy {
+                match &result {
+                    Ok(()) => tracing::warn!(
+                        relay_id = info.id,
+                        address = %info.address,
+                        healthy,
+                        "relay health changed"
+                    ),
+                    Err(e) => tracing::warn!(
+                        relay_id = info.id,
+                        address = %info.address,
+                        healthy,
+                        error = %e,
+                        "relay health changed"
+                    ),
+                }
+            }
+            passed += usize::from(healthy);
         }
-        ok
+        *self
+            .verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = verified;
+        passed
     }
 }
 
 /// Why a probe failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    /// Socket error or timeout.
+    /// Socket error.
     #[error("{0}")]
     Io(#[from] std::io::Error),
-    /// The answers received were not the expected CHALLENGE.
-    #[error("no matching CHALLENGE")]
-    NoChallenge,
-    /// The random number generator failed.
-    #[error("the random number generator failed")]
-    Rng,
+    /// No BIND-ACK for the probe, with a MAC under the probe's key, came in time.
+    #[error("no authenticated BIND-ACK in time")]
+    NoAnswer,
+    /// The relay refused the probe's BIND (it cannot open the token: another key or id).
+    #[error("the relay refused the probe: {0}")]
+    Refused(&'static str),
+    /// The probe token could not be minted.
+    #[error("minting the probe token: {0}")]
+    Mint(#[from] ferry_core::token::TokenError),
 }
 
-/// Sends a BIND without cookie for a random session to `relay` and waits for the CHALLENGE
-/// the relay must answer (protocol.md §5 and §7). The token in it is never looked at: the
-/// cookie check comes first and the relay keeps no state.
-pub fn probe(
-    rng: &dyn SecureRandom,
-    relay: SocketAddr,
-    timeout: Duration,
-) -> Result<(), ProbeError> {
-    let mut ids = [0u8; 16];
-    rng.fill(&mut ids).map_err(|_| ProbeError::Rng)?;
-    let session_id = u64::from_be_bytes([
-        ids[0], ids[1], ids[2], ids[3], ids[4], ids[5], ids[6], ids[7],
-    ]) | 1;
-    let bind_seq = u64::from_be_bytes([
-        ids[8], ids[9], ids[10], ids[11], ids[12], ids[13], ids[14], ids[15],
-    ]);
-    let token = [0u8; TOKEN_LEN];
-    let fields = BindFields {
-        slot: Slot::A,
-        bind_seq,
-        cookie: [0; wire::COOKIE_LEN],
-        token: &token,
-    };
-    let mut buf = [0u8; 512];
-    let len = wire::encode_bind(&mut buf, session_id, &fields, |_| [0; wire::MAC_LEN])
-        .map_err(|_| ProbeError::NoChallenge)?;
-    let local: SocketAddr = match relay {
-        SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
-        SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
-    };
-    let socket = UdpSocket::bind(local)?;
-    socket.connect(relay)?;
-    socket.send(&buf[..len])?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(ProbeError::NoChallenge);
-        }
-        socket.set_read_timeout(Some(left))?;
-        let n = socket.recv(&mut buf)?;
-        if let Ok(Packet::Challenge(c)) = wire::parse(&buf[..n])
-            && c.session_id() == session_id
-            && c.bind_seq() == bind_seq
-        {
-            return Ok(());
+/// How long a probe token is valid: long enough for any clock skew the relay allows.
+const PROBE_TOKEN_SECS: u64 = 60;
+
+/// One replica's probing of one relay (address and key): a socket kept from probe to probe, a
+/// session id of its own and the last cookie the relay gave it, so that a probe costs the relay
+/// a CHALLENGE only when that cookie has aged out (about once a minute), not every time.
+#[derive(Debug)]
+pub struct ProbeLine {
+    socket: tokio::net::UdpSocket,
+    session_id: u64,
+    cookie: [u8; wire::COOKIE_LEN],
+    seq: u64,
+}
+
+impl ProbeLine {
+    /// A line to `relay` from an ephemeral port.
+    pub async fn open(
+        rng: &(dyn SecureRandom + Sync),
+        relay: SocketAddr,
+    ) -> Result<Self, ProbeError> {
+        let local: SocketAddr = match relay {
+            SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+            SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+        };
+        let socket = tokio::net::UdpSocket::bind(local).await?;
+        socket.connect(relay).await?;
+        let mut id = [0u8; 8];
+        rng.fill(&mut id)
+            .map_err(|_| ProbeError::Mint(ferry_core::token::TokenError::Rng))?;
+        Ok(Self {
+            socket,
+            session_id: u64::from_be_bytes(id) | 1,
+            cookie: [0; wire::COOKIE_LEN],
+            seq: 0,
+        })
+    }
+
+    /// Probes `relay` once: a BIND with a probe token (protocol.md §4, flags) minted by
+    /// `minter` and sealed to the relay's configured or registered public key, which the relay
+    /// answers with a BIND-ACK under the slot's `K_relay` and binds nothing (§7). Only a relay
+    /// holding that key's private half, and calling itself `relay.id`, can open the token and
+    /// compute the MAC, so a relay at the right address with the wrong key fails. A CHALLENGE
+    /// (the first probe, or an aged cookie) is answered with the cookie, once or twice.
+    pub async fn probe(
+        &mut self,
+        rng: &(dyn SecureRandom + Sync),
+        minter: &TokenMinter,
+        relay: &RelayInfo,
+        now: UnixTime,
+        timeout: Duration,
+    ) -> Result<(), ProbeError> {
+        let input = ClaimsInput {
+            slot: Slot::A,
+            relay_id: relay.id,
+            session_id: self.session_id,
+            not_before: now,
+            expires: now.saturating_add(PROBE_TOKEN_SECS),
+            rate_bytes_per_sec: 0,
+        };
+        let token = minter.mint_probe(rng, &input, &relay.public_key)?;
+        let keys = SlotKeys::derive(&token.slot_secret);
+        self.seq += 1;
+        let bind = |cookie: [u8; wire::COOKIE_LEN]| -> Result<Vec<u8>, ProbeError> {
+            let fields = BindFields {
+                slot: Slot::A,
+                bind_seq: self.seq,
+                cookie,
+                token: &token.bytes,
+            };
+            let mut buf = vec![0u8; wire::MAX_DATAGRAM];
+            let n = wire::encode_bind(&mut buf, self.session_id, &fields, |m| keys.peer.mac(m))
+                .map_err(|_| ProbeError::NoAnswer)?;
+            buf.truncate(n);
+            Ok(buf)
+        };
+        self.socket.send(&bind(self.cookie)?).await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut challenges = 0;
+        let mut buf = [0u8; 512];
+        loop {
+            let n = match tokio::time::timeout_at(deadline, self.socket.recv(&mut buf)).await {
+                Err(_) => return Err(ProbeError::NoAnswer),
+                Ok(received) => received?,
+            };
+            match wire::parse(&buf[..n]) {
+                Ok(Packet::Challenge(c))
+                    if c.session_id() == self.session_id
+                        && c.bind_seq() == self.seq
+                        && challenges < 2 =>
+                {
+                    challenges += 1;
+                    self.cookie = *c.cookie();
+                    self.socket.send(&bind(self.cookie)?).await?;
+                }
+                Ok(Packet::BindAck(ack))
+                    if ack.session_id() == self.session_id
+                        && ack.bind_seq() == self.seq
+                        && keys.relay.verify(ack.mac_input(), ack.mac()) =>
+                {
+                    return Ok(());
+                }
+                Ok(Packet::Reject(r))
+                    if r.session_id() == self.session_id && r.bind_seq() == self.seq =>
+                {
+                    return Err(ProbeError::Refused(r.reason().name()));
+                }
+                // Anything else (a stale answer, a forged one) is ignored until the deadline.
+                _ => {}
+            }
         }
     }
 }
@@ -436,9 +590,11 @@ mod tests {
         }
         seen.sort_unstable();
         assert_eq!(seen, [1, 1, 2, 2]);
-        // Relay 1 reports load; relay 3 registers itself with less.
+        // Relay 1 reports load; relay 3 registers itself with less, and a probe of it passed.
         state.report_relay(&report(1, 50)).await.unwrap();
         state.report_relay(&report(3, 10)).await.unwrap();
+        let info = info_of_report(&report(3, 10)).unwrap();
+        registry.verified.lock().unwrap().insert(3, info);
         registry.invalidate();
         assert_eq!(registry.pick(&state, now).await.unwrap().unwrap().id, 2);
         registry.snapshot()[1]
@@ -487,50 +643,203 @@ mod tests {
         assert_eq!(registry.pick(&state, now).await.unwrap().unwrap().id, 3);
     }
 
-    #[test]
-    fn a_probe_of_a_silent_port_fails_in_time() {
-        let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    const TEST_KID: u32 = 5;
+
+    fn test_minter() -> TokenMinter {
         let rng = ring::rand::SystemRandom::new();
+        TokenMinter::new(
+            TEST_KID,
+            ferry_core::keys::GatewaySigningKey::generate(&rng).unwrap(),
+        )
+    }
+
+    /// A relay in miniature for probes: CHALLENGEs a BIND without its cookie, then verifies
+    /// the token with `key` (trusting `gateway`) and answers a BIND-ACK under the slot's
+    /// `K_relay`, or an unauthenticated REJECT when the token does not open. Serves `binds`
+    /// BINDs, then stops.
+    async fn tiny_relay(
+        key: ferry_core::keys::RelayStaticKey,
+        relay_id: u64,
+        gateway: ferry_core::keys::GatewayPublicKey,
+        binds: usize,
+    ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        use ferry_core::token::{TokenVerifier, VerifierConfig};
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let mut verifier = TokenVerifier::new(VerifierConfig::new(relay_id), key).unwrap();
+        verifier.add_trusted_key(TEST_KID, gateway);
+        let task = tokio::spawn(async move {
+            let cookie = [7u8; wire::COOKIE_LEN];
+            let mut buf = [0u8; 512];
+            for _ in 0..binds {
+                let (n, from) = socket.recv_from(&mut buf).await.unwrap();
+                let Ok(Packet::Bind(bind)) = wire::parse(&buf[..n]) else {
+                    panic!("expected a BIND");
+                };
+                let (session, seq) = (bind.session_id(), bind.bind_seq());
+                let mut out = [0u8; 128];
+                let n = if *bind.cookie() != cookie {
+                    let fields = wire::ChallengeFields {
+                        bind_seq: seq,
+                        cookie,
+                    };
+                    wire::encode_challenge(&mut out, session, &fields).unwrap()
+                } else {
+                    match verifier.verify(
+                        bind.token(),
+                        UnixTime::from(std::time::SystemTime::now()),
+                        session,
+                        0,
+                    ) {
+                        Ok(verified) => {
+                            assert!(verified.claims.probe, "a probe token");
+                            let keys = SlotKeys::derive(&verified.slot_secret);
+                            let fields = wire::BindAckFields {
+                                slot: Slot::A,
+                                peer_present: false,
+                                idle_timeout_secs: 0,
+                                bind_seq: seq,
+                                expires_at: verified.claims.expires.as_secs(),
+                            };
+                            wire::encode_bind_ack(&mut out, session, &fields, |m| keys.relay.mac(m))
+                                .unwrap()
+                        }
+                        Err(_) => {
+                            let fields = wire::RejectFields {
+                                reason: wire::RejectReason::TokenInvalid,
+                                slot: Slot::A,
+                                bind_seq: seq,
+                            };
+                            wire::encode_reject_unauthenticated(&mut out, session, &fields).unwrap()
+                        }
+                    }
+                };
+                socket.send_to(&out[..n], from).await.unwrap();
+            }
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn a_probe_of_a_silent_port_fails_in_time() {
+        let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let rng = ring::rand::SystemRandom::new();
+        let info = RelayInfo {
+            id: 1,
+            address: silent.local_addr().unwrap(),
+            public_key: RelayPublicKey::from_bytes([1; 32]),
+        };
+        let mut line = ProbeLine::open(&rng, info.address).await.unwrap();
         let start = Instant::now();
-        assert!(
-            probe(
+        let result = line
+            .probe(
                 &rng,
-                silent.local_addr().unwrap(),
-                Duration::from_millis(100)
+                &test_minter(),
+                &info,
+                UnixTime(1_900_000_000),
+                Duration::from_millis(100),
             )
-            .is_err()
-        );
+            .await;
+        assert!(matches!(result, Err(ProbeError::NoAnswer)), "{result:?}");
         assert!(start.elapsed() < Duration::from_secs(2));
     }
 
-    #[test]
-    fn a_probe_accepts_only_the_matching_challenge() {
-        let relay = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let addr = relay.local_addr().unwrap();
-        let answer = std::thread::spawn(move || {
-            let mut buf = [0u8; 512];
-            let (n, from) = relay.recv_from(&mut buf).unwrap();
-            let Ok(Packet::Bind(bind)) = wire::parse(&buf[..n]) else {
-                panic!("expected a BIND");
-            };
-            let (session, seq) = (bind.session_id(), bind.bind_seq());
-            let mut out = [0u8; 64];
-            // A stale challenge first, then the right one.
-            let stale = wire::ChallengeFields {
-                bind_seq: seq ^ 1,
-                cookie: [1; 16],
-            };
-            let n = wire::encode_challenge(&mut out, session, &stale).unwrap();
-            relay.send_to(&out[..n], from).unwrap();
-            let good = wire::ChallengeFields {
-                bind_seq: seq,
-                cookie: [1; 16],
-            };
-            let n = wire::encode_challenge(&mut out, session, &good).unwrap();
-            relay.send_to(&out[..n], from).unwrap();
-        });
+    /// The relay holding the key passes, its cookie is kept (the second probe costs no
+    /// CHALLENGE), and a relay at the address with another key is refused.
+    #[tokio::test]
+    async fn a_probe_passes_only_for_the_holder_of_the_relay_key() {
         let rng = ring::rand::SystemRandom::new();
-        probe(&rng, addr, Duration::from_secs(5)).unwrap();
-        answer.join().unwrap();
+        let minter = test_minter();
+        let key = ferry_core::keys::RelayStaticKey::generate(&rng).unwrap();
+        let public_key = key.public();
+        // Three BINDs: the first probe's two (CHALLENGE, then BIND-ACK), the second probe's one.
+        let (address, relay) = tiny_relay(key, 9, minter.public(), 3).await;
+        let info = RelayInfo {
+            id: 9,
+            address,
+            public_key,
+        };
+        let now = UnixTime::from(std::time::SystemTime::now());
+        let mut line = ProbeLine::open(&rng, address).await.unwrap();
+        let timeout = Duration::from_secs(5);
+        line.probe(&rng, &minter, &info, now, timeout)
+            .await
+            .unwrap();
+        line.probe(&rng, &minter, &info, now, timeout)
+            .await
+            .unwrap();
+        relay.await.unwrap();
+
+        // An impostor: the address and id claimed, but not the key sealed to.
+        let impostor_key = ferry_core::keys::RelayStaticKey::generate(&rng).unwrap();
+        let (address, impostor) = tiny_relay(impostor_key, 9, minter.public(), 2).await;
+        let claimed = RelayInfo { address, ..info };
+        let mut line = ProbeLine::open(&rng, address).await.unwrap();
+        let result = line.probe(&rng, &minter, &claimed, now, timeout).await;
+        assert!(matches!(result, Err(ProbeError::Refused(_))), "{result:?}");
+        impostor.await.unwrap();
+    }
+
+    /// A registered relay is handed out only after a probe of the address and key it reported
+    /// passed; one reporting a key it does not hold never is.
+    #[tokio::test]
+    async fn a_registered_relay_is_handed_out_only_once_probed() {
+        let rng = ring::rand::SystemRandom::new();
+        let minter = test_minter();
+        let state = MemoryState::new(1000);
+        let registry = Registry::new(&[]);
+        let key = ferry_core::keys::RelayStaticKey::generate(&rng).unwrap();
+        let good_public = key.public().to_string();
+        let (good_addr, good) = tiny_relay(key, 21, minter.public(), 2).await;
+        let impostor_key = ferry_core::keys::RelayStaticKey::generate(&rng).unwrap();
+        let (bad_addr, bad) = tiny_relay(impostor_key, 22, minter.public(), 2).await;
+        let now = UnixTime::from(std::time::SystemTime::now());
+        let report = |id: u64, address: SocketAddr, public_key: String| RelayReport {
+            relay_id: id,
+            address: address.to_string(),
+            public_key,
+            sessions: 0,
+            capacity: 100,
+            reported_at: now.as_secs(),
+            expires_at: now.as_secs() + 60,
+        };
+        state
+            .report_relay(&report(21, good_addr, good_public))
+            .await
+            .unwrap();
+        // Relay 22 claims relay 21's public key, which it cannot open tokens for.
+        let stolen = ferry_core::keys::RelayStaticKey::generate(&rng)
+            .unwrap()
+            .public()
+            .to_string();
+        state
+            .report_relay(&report(22, bad_addr, stolen))
+            .await
+            .unwrap();
+        assert_eq!(
+            registry.pick(&state, now).await.unwrap(),
+            None,
+            "nothing probed yet"
+        );
+        let mut lines = ProbeLines::new();
+        let passed = registry
+            .probe_round(
+                &state,
+                &rng,
+                &minter,
+                &mut lines,
+                now,
+                Duration::from_secs(5),
+            )
+            .await;
+        assert_eq!(passed, 1);
+        for _ in 0..4 {
+            assert_eq!(registry.pick(&state, now).await.unwrap().unwrap().id, 21);
+        }
+        let status = registry.status(&state, now).await.unwrap();
+        let healthy: Vec<(u64, bool)> = status.iter().map(|s| (s.id, s.healthy)).collect();
+        assert_eq!(healthy, [(21, true), (22, false)]);
+        good.await.unwrap();
+        bad.abort();
     }
 }

@@ -35,7 +35,7 @@ use tower::ServiceExt as _;
 use crate::api::{self, App, ClientAddr};
 use crate::config::{self, GatewayConfig, RestartSettings, StateBackend, Transport};
 use crate::metrics::Metrics;
-use crate::registry::Registry;
+use crate::registry::{ProbeLines, Registry};
 use crate::state::{MemoryState, State};
 
 /// Largest request head (request line and headers), bytes.
@@ -141,16 +141,12 @@ pub async fn serve(config: GatewayConfig) -> anyhow::Result<()> {
         stop_rx.clone(),
     ));
     if health.probe {
-        let registry = Arc::clone(&registry);
+        let app = Arc::clone(&app);
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
+            let mut lines = ProbeLines::new();
             loop {
-                let r = Arc::clone(&registry);
-                let timeout = health.timeout;
-                let _ = tokio::task::spawn_blocking(move || {
-                    r.probe_all(&ring::rand::SystemRandom::new(), timeout)
-                })
-                .await;
+                app.probe_relays(&mut lines, health.timeout).await;
                 tokio::select! {
                     _ = tokio::time::sleep(health.interval) => {}
                     _ = stop.changed() => return,

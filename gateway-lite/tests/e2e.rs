@@ -828,3 +828,66 @@ async fn a_slot_unbound_for_idleness_is_bound_again_with_a_fresh_token() {
     );
     assert!(gw.stop().success());
 }
+
+/// A relay the gateway does not list registers itself with heartbeats (`[heartbeat]`); the
+/// gateway's probe checks that it holds the key it reported, and only then hands it out. Its
+/// `/metrics` count the heartbeats, and the probes apart from binds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_registers_itself_by_heartbeat_and_is_handed_out_once_probed() {
+    let setup = Setup::new("heartbeat");
+    let listed = format!(
+        "[[relays]]\nid = {RELAY_ID}\naddress = \"127.0.0.1:7000\"\npublic_key = \"{}\"\n\n",
+        setup.relay_key.public()
+    );
+    let config = setup.config(1, "").replace(&listed, "").replace(
+        "[relay_health]\nprobe = false\n",
+        "[relay_health]\nprobe = true\ninterval_secs = 1\ntimeout_ms = 500\n",
+    );
+    assert!(!config.contains("[[relays]]"), "{config}");
+    let gw = setup.start("gw", &config);
+    let http = client(&setup.pki.ca_pem, None);
+
+    let key_file = setup.file("relay-heartbeat.key");
+    write_file(&key_file, setup.key("listed-relay"), 0o600);
+    let ca_file = setup.file("gateway-ca.pem");
+    write_file(&ca_file, &setup.pki.ca_pem, 0o644);
+    let mut relay_cfg = relay_config(&setup, "");
+    let address = relay_cfg.listen[0];
+    relay_cfg.sections.push_str(&format!(
+        "\n[heartbeat]\ngateway_url = \"{}\"\napi_key_file = \"{}\"\nca_file = \"{}\"\n\
+         address = \"{address}\"\ninterval_secs = 1\n",
+        gw.url(""),
+        key_file.display(),
+        ca_file.display()
+    ));
+    let relay = tokio::task::block_in_place(|| {
+        RelayProcess::start(relay_binary(), &setup.relay_key, &relay_cfg).unwrap()
+    });
+
+    // Until the heartbeat has come and a probe has passed: 503; then this relay.
+    let alice = PeerStaticKey::generate(&ring::rand::SystemRandom::new()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let created = loop {
+        let (status, _, body) = post(
+            &http,
+            &gw.url("/v1/sessions"),
+            Some(setup.key("app")),
+            json!({ "peer_public_key": alice.public().to_string() }),
+        )
+        .await;
+        if status == 201 {
+            break body;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(Instant::now() < deadline, "the relay was never handed out");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(created["relay"]["address"], address.to_string());
+    let page = tokio::task::block_in_place(|| relay.metrics());
+    assert!(
+        metric(&page, "ferry_heartbeats_total{result=\"ok\"}") >= 1,
+        "{page}"
+    );
+    assert!(metric(&page, "ferry_probes_total") >= 1, "{page}");
+    assert_eq!(metric(&page, "ferry_binds_accepted_total"), 0, "{page}");
+}

@@ -118,7 +118,7 @@ impl BatchSocket {
     }
 }
 
-/// Receive buffers for [`BatchSocket::recv`], and what the last receive put in them.
+/// Receive buffers for [`BatchSocket::try_recv`], and what the last receive put in them.
 pub(crate) struct RecvBatch {
     buffers: Vec<Box<[u8]>>,
     meta: Vec<RecvMeta>,

@@ -140,6 +140,8 @@ pub struct RelayConfig {
     pub log_level: String,
     /// The XDP guard.
     pub xdp: XdpSettings,
+    /// Heartbeats to a gateway, if `[heartbeat]` is present.
+    pub heartbeat: Option<crate::heartbeat::HeartbeatSettings>,
 }
 
 /// Reads, parses and validates the config at `path`, and loads its key file.

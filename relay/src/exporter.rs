@@ -259,6 +259,11 @@ impl Snapshot {
             "CHALLENGEs sent to BIND/REBIND without a valid cookie.",
             c.challenges,
         )?;
+        w.counter(
+            "ferry_probes",
+            "Gateway health probes answered (BINDs with a probe token; nothing is bound).",
+            c.probes,
+        )?;
         w.counter("ferry_keepalives", "KEEPALIVEs echoed.", c.keepalives)?;
         w.counter(
             "ferry_closes",

@@ -18,6 +18,7 @@
 pub mod admin;
 pub mod config;
 pub mod exporter;
+pub mod heartbeat;
 pub mod limits;
 pub mod metrics;
 pub mod security_log;

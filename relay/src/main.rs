@@ -22,6 +22,7 @@ use ferry_core::token::TokenVerifier;
 use ferry_relay::admin::{AdminServer, AdminState};
 use ferry_relay::config::{self, RelayConfig};
 use ferry_relay::exporter;
+use ferry_relay::heartbeat::{self, HeartbeatStats, Reporter};
 use ferry_relay::shards::{Sessions, SessionsHandler};
 use ferry_relay::worker::{self, WorkerConfig, WorkerStats};
 use ferry_relay::xdp::{self, Guard};
@@ -222,13 +223,22 @@ fn run(path: &Path) -> anyhow::Result<()> {
     let stats: Vec<Arc<WorkerStats>> = (0..cfg.workers)
         .map(|_| Arc::new(WorkerStats::default()))
         .collect();
+    let heartbeat_stats = Arc::new(HeartbeatStats::default());
     let admin_state = Arc::new(AdminState::new({
         let sessions = Arc::clone(&sessions);
         let stats = stats.clone();
         let xdp = Arc::clone(&xdp);
+        let heartbeat = cfg
+            .heartbeat
+            .is_some()
+            .then(|| Arc::clone(&heartbeat_stats));
         move || {
             let guard = xdp.lock().unwrap_or_else(PoisonError::into_inner);
-            exporter::render(&sessions, &stats, guard.as_ref())
+            let mut page = exporter::render(&sessions, &stats, guard.as_ref());
+            if let Some(heartbeat) = &heartbeat {
+                page.push_str(&heartbeat.metrics_page());
+            }
+            page
         }
     }));
     let admin = AdminServer::start(cfg.admin_listen, Arc::clone(&admin_state))
@@ -278,6 +288,26 @@ fn run(path: &Path) -> anyhow::Result<()> {
         }
     }
     admin_state.ready.store(true, Ordering::Relaxed);
+    // Heartbeats start once the workers serve, so the gateway's first probe finds the relay.
+    let heartbeat = match cfg.heartbeat.clone() {
+        Some(settings) => {
+            let sessions = Arc::clone(&sessions);
+            let reporter = Reporter {
+                relay_id: cfg.relay_id,
+                public_key: cfg.static_key.public().to_string(),
+                capacity: cfg.limits.max_sessions as u64,
+                load: Box::new(move || sessions.occupancy().0 as u64),
+            };
+            tracing::info!(gateway = %settings.gateway_url, address = %settings.address, "sending heartbeats");
+            Some(heartbeat::start(
+                settings,
+                reporter,
+                Arc::clone(&stop),
+                Arc::clone(&heartbeat_stats),
+            )?)
+        }
+        None => None,
+    };
     tracing::info!(
         relay_id = cfg.relay_id,
         listen = ?cfg.listen,
@@ -313,6 +343,9 @@ fn run(path: &Path) -> anyhow::Result<()> {
         }
     }
     admin.shutdown();
+    if let Some(heartbeat) = heartbeat {
+        let _ = heartbeat.join();
+    }
     if let Some(guard) = xdp.lock().unwrap_or_else(PoisonError::into_inner).take() {
         let interfaces: Vec<String> = guard.attached().iter().map(|(i, _)| i.clone()).collect();
         drop(guard);

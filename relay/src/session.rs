@@ -244,6 +244,9 @@ pub struct Counters {
     pub bind_rate_limited: u64,
     /// CHALLENGEs sent for BIND/REBIND without a valid cookie.
     pub challenges: u64,
+    /// Gateway health probes answered (a BIND with a verified probe token, which binds
+    /// nothing).
+    pub probes: u64,
     /// BINDs accepted (including retransmissions re-acknowledged).
     pub binds_accepted: u64,
     /// REBINDs accepted (binding moved to a new address).
@@ -285,6 +288,7 @@ impl Counters {
         self.rate_limited += other.rate_limited;
         self.bind_rate_limited += other.bind_rate_limited;
         self.challenges += other.challenges;
+        self.probes += other.probes;
         self.binds_accepted += other.binds_accepted;
         self.rebinds_accepted += other.rebinds_accepted;
         for (sum, n) in self.binds_rejected.iter_mut().zip(other.binds_rejected) {
@@ -355,6 +359,7 @@ impl Counters {
             }
             Tally::Dropped(reason) => self.count_drop(reason),
             Tally::Challenged => self.challenges += 1,
+            Tally::Probed => self.probes += 1,
             Tally::Rejected(reason) => self.count_reject(reason),
         }
     }

@@ -151,6 +151,12 @@ pub fn load_secret_file<K: SecretKey>(path: &Path) -> Result<K, KeyFileError> {
     })
 }
 
+/// Reads a secret text file (an API key, for example), refusing files with any group or
+/// other permission bit, into memory that is erased when dropped.
+pub fn load_secret_text(path: &Path) -> Result<Zeroizing<String>, KeyFileError> {
+    read_key_file(path, true)
+}
+
 /// Loads a public key file of kind `K`.
 pub fn load_public_file<K: PublicKey>(path: &Path) -> Result<K, KeyFileError> {
     let text = read_key_file(path, false)?;

@@ -78,6 +78,7 @@ fn known_answer() {
         not_before: UnixTime(1_000),
         expires: UnixTime(2_000),
         rate_bytes_per_sec: 125_000,
+        probe: false,
     };
     let claims_bytes = claims.encode();
     let secret = SlotSecret::from_bytes([0x11; 32]);
@@ -257,6 +258,12 @@ fn malformed_tokens() {
     let mut t = token;
     t[3] = 1;
     assert_eq!(malformed(&t), MalformedReason::Reserved);
+    // Byte 2 is the flags: only bit 0 (probe) is defined.
+    for bit in 1..8 {
+        let mut t = token;
+        t[2] = 1 << bit;
+        assert_eq!(malformed(&t), MalformedReason::Reserved, "flag bit {bit}");
+    }
     let mut t = token;
     t[32..40].fill(0);
     assert_eq!(malformed(&t), MalformedReason::ZeroSession);
@@ -535,4 +542,27 @@ fn replay_cache_keeps_an_id_while_either_clock_says_its_token_lives() {
         cache.check_and_insert(id, UnixTime(1_100), UnixTime(1_020), at(20), 30),
         Err(TokenError::Replayed)
     );
+}
+
+/// A probe token carries flag bit 0, which the signature covers, and verifies as a probe; a
+/// normal token does not.
+#[test]
+fn probe_tokens_are_flagged_and_signed() {
+    let m = minter(KID, 2);
+    let v = verifier_trusting(&[&m]);
+    let rng = SystemRandom::new();
+    let probe = m.mint_probe(&rng, &input(), &relay_key().public()).unwrap();
+    assert_eq!(probe.bytes[2], 1);
+    let verified = verify(&v, &probe.bytes, NOW).unwrap();
+    assert!(verified.claims.probe);
+    let normal = mint(&m, &input());
+    assert_eq!(normal.bytes[2], 0);
+    assert!(!verify(&v, &normal.bytes, NOW).unwrap().claims.probe);
+    // Setting the flag on a normal token breaks its signature.
+    let mut forged = normal.bytes;
+    forged[2] = 1;
+    assert!(matches!(
+        verify(&v, &forged, NOW),
+        Err(TokenError::BadSignature)
+    ));
 }

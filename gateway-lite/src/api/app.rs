@@ -102,6 +102,19 @@ impl App {
     }
 
     /// The settings in force now.
+    /// Probes every relay once with the active signing key ([`Registry::probe_round`]).
+    pub async fn probe_relays(
+        &self,
+        lines: &mut crate::registry::ProbeLines,
+        timeout: Duration,
+    ) -> usize {
+        let live = self.live();
+        let now = super::handlers::now();
+        self.registry
+            .probe_round(&*self.state, &self.rng, &live.minter, lines, now, timeout)
+            .await
+    }
+
     pub(super) fn live(&self) -> Arc<Live> {
         Arc::clone(
             &self

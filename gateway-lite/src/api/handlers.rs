@@ -27,7 +27,7 @@ use crate::metrics::AuthFailure;
 use crate::registry::RelayInfo;
 use crate::state::{JoinCodeHash, RelayReport, SessionRecord};
 
-fn now() -> UnixTime {
+pub(super) fn now() -> UnixTime {
     UnixTime::from(SystemTime::now())
 }
 

@@ -40,6 +40,12 @@ const RESTART_ONLY: &[RestartOnly] = &[
     }),
     ("admin.listen", |c| c.admin_listen.to_string()),
     ("log.level", |c| c.log_level.clone()),
+    // The heartbeat thread is started once, with its client.
+    (
+        "heartbeat.gateway_url / heartbeat.api_key_file / heartbeat.ca_file / \
+         heartbeat.address / heartbeat.interval_secs",
+        |c| format!("{:?}", c.heartbeat),
+    ),
     ("xdp.mode / xdp.interfaces / xdp.max_sources", |c| {
         format!(
             "{:?} {:?} {}",

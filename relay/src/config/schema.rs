@@ -20,6 +20,23 @@ pub(super) struct File {
     pub(super) log: LogSection,
     #[serde(default)]
     pub(super) xdp: XdpSection,
+    pub(super) heartbeat: Option<HeartbeatSection>,
+}
+
+/// `[heartbeat]`: reporting load to a gateway; absent, no heartbeats are sent.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct HeartbeatSection {
+    pub(super) gateway_url: String,
+    pub(super) api_key_file: PathBuf,
+    pub(super) ca_file: PathBuf,
+    pub(super) address: String,
+    #[serde(default = "default_heartbeat_interval")]
+    pub(super) interval_secs: u64,
+}
+
+fn default_heartbeat_interval() -> u64 {
+    10
 }
 
 #[derive(Debug, Deserialize)]

@@ -110,7 +110,20 @@ fn the_example_file_is_valid() {
 
 /// The fields of the example file, `section.field`.
 fn example_fields() -> Vec<String> {
-    let table: toml::Table = toml::from_str(include_str!("../../relay.example.toml")).unwrap();
+    // Optional sections are commented out with a bare `#` (prose comments are `# `): read them
+    // as if they were not.
+    let text: String = include_str!("../../relay.example.toml")
+        .lines()
+        .map(|line| match line.strip_prefix('#') {
+            Some(rest)
+                if rest.starts_with('[') || rest.contains(" = ") && !rest.starts_with(' ') =>
+            {
+                format!("{rest}\n")
+            }
+            _ => format!("{line}\n"),
+        })
+        .collect();
+    let table: toml::Table = toml::from_str(&text).unwrap();
     let mut out = Vec::new();
     for (section, value) in &table {
         let entries = match value {
@@ -574,4 +587,81 @@ fn the_restart_table_names_documented_fields_and_agrees_with_the_limits_docs() {
         }
     }
     assert!(rows >= 12, "{rows} rows in the [limits] table");
+}
+
+/// `[heartbeat]`: a valid section is read with its key and CA; every wrong field is named,
+/// an API key file others may read is refused, and the key never shows in `Debug`.
+#[test]
+fn the_heartbeat_section_is_checked_and_its_files_read() {
+    let dir = Dir::new("heartbeat");
+    let ca = rcgen::generate_simple_self_signed(vec!["gateway.test".to_string()]).unwrap();
+    std::fs::write(dir.0.join("ca.pem"), ca.cert.pem()).unwrap();
+    std::fs::write(dir.0.join("not-a-ca.pem"), "hello").unwrap();
+    let key = "fgk1.relay7.c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2Vj";
+    let key_file = dir.0.join("hb.key");
+    std::fs::write(&key_file, format!("{key}\n")).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let section = |url: &str, key_file: &str, ca: &str, address: &str, interval: u64| {
+        format!(
+            "{}\n[heartbeat]\ngateway_url = \"{url}\"\napi_key_file = \"{key_file}\"\n\
+             ca_file = \"{ca}\"\naddress = \"{address}\"\ninterval_secs = {interval}\n",
+            minimal()
+        )
+    };
+    let cfg = dir
+        .parse(&section(
+            "https://gateway.test:8443/",
+            "hb.key",
+            "ca.pem",
+            "198.18.0.1:7000",
+            5,
+        ))
+        .unwrap();
+    let hb = cfg.heartbeat.expect("heartbeat settings");
+    assert_eq!(hb.gateway_url, "https://gateway.test:8443");
+    assert_eq!(*hb.api_key, key);
+    assert_eq!(hb.address, "198.18.0.1:7000".parse().unwrap());
+    assert_eq!(hb.interval, Duration::from_secs(5));
+    assert!(!format!("{hb:?}").contains("c2VjcmV0"), "{hb:?}");
+    assert!(dir.parse(&minimal()).unwrap().heartbeat.is_none());
+
+    let wrong = fields(dir.parse(&section(
+        "http://gateway.test",
+        "missing.key",
+        "not-a-ca.pem",
+        "0.0.0.0:7000",
+        0,
+    )));
+    assert_eq!(
+        wrong,
+        [
+            "heartbeat.gateway_url",
+            "heartbeat.address",
+            "heartbeat.interval_secs",
+            "heartbeat.api_key_file",
+            "heartbeat.ca_file"
+        ]
+    );
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let loose = problems(dir.parse(&section(
+        "https://gateway.test",
+        "hb.key",
+        "ca.pem",
+        "198.18.0.1:7000",
+        10,
+    )));
+    assert_eq!(loose.len(), 1, "{loose:?}");
+    assert_eq!(loose[0].field, "heartbeat.api_key_file");
+    std::fs::write(&key_file, "not a key").unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(
+        fields(dir.parse(&section(
+            "https://gateway.test",
+            "hb.key",
+            "ca.pem",
+            "198.18.0.1:7000",
+            10,
+        ))),
+        ["heartbeat.api_key_file"]
+    );
 }

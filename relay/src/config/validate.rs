@@ -11,11 +11,14 @@ use ferry_common::xdp::{MAX_BURST_SECONDS, MAX_PORTS, Rate};
 use ferry_core::keys::{GatewayPublicKey, RelayStaticKey};
 use ferry_core::problems::Check;
 
-use super::schema::{AdminSection, File, GatewayKeyEntry, LimitsSection, RelaySection, XdpSection};
+use super::schema::{
+    AdminSection, File, GatewayKeyEntry, HeartbeatSection, LimitsSection, RelaySection, XdpSection,
+};
 use super::{
     ConfigError, Limits, MAX_SOCKET_BUFFER, MAX_WORKERS, MAX_XDP_SOURCES, MIN_SOCKET_BUFFER,
     RelayConfig,
 };
+use crate::heartbeat::HeartbeatSettings;
 use crate::worker::SocketBuffers;
 use crate::xdp::{Mode, XdpSettings};
 
@@ -48,6 +51,10 @@ pub fn parse_str(text: &str, path: &Path, base_dir: &Path) -> Result<RelayConfig
     let limits = validate_limits(&file.limits, &mut check);
     let admin_listen = validate_admin(&file.admin, &mut check);
     let xdp = validate_xdp(&file.xdp, &listen, &mut check);
+    let heartbeat = file
+        .heartbeat
+        .as_ref()
+        .and_then(|h| validate_heartbeat(h, base_dir, &mut check));
     if !["error", "warn", "info", "debug", "trace"].contains(&file.log.level.as_str()) {
         check.fail(
             "log.level",
@@ -93,6 +100,88 @@ pub fn parse_str(text: &str, path: &Path, base_dir: &Path) -> Result<RelayConfig
         admin_listen,
         log_level: file.log.level,
         xdp,
+        heartbeat,
+    })
+}
+
+/// Checks `[heartbeat]` and reads its API key and CA files; `None` with a problem recorded
+/// for anything wrong.
+fn validate_heartbeat(
+    h: &HeartbeatSection,
+    base_dir: &Path,
+    check: &mut Check,
+) -> Option<HeartbeatSettings> {
+    let problems = check.problems.len();
+    let url = h.gateway_url.trim_end_matches('/');
+    let host = url.strip_prefix("https://").unwrap_or("");
+    if host.is_empty() || host.contains('/') {
+        check.fail(
+            "heartbeat.gateway_url",
+            format!(
+                "must be https://host[:port] with no path; got {:?}",
+                h.gateway_url
+            ),
+        );
+    }
+    let address = match SocketAddr::from_str(&h.address) {
+        Ok(a) if a.port() != 0 && !a.ip().is_unspecified() => Some(a),
+        _ => {
+            check.fail(
+                "heartbeat.address",
+                format!(
+                    "must be the ip:port peers reach this relay at (no port 0, no 0.0.0.0 or                      ::); got {:?}",
+                    h.address
+                ),
+            );
+            None
+        }
+    };
+    check.range("heartbeat.interval_secs", h.interval_secs, 1, 300);
+    let api_key_file = base_dir.join(&h.api_key_file);
+    let api_key = match ferry_keyfile::load_secret_text(&api_key_file) {
+        Ok(text) if text.trim().starts_with("fgk1.") => {
+            Some(zeroize::Zeroizing::new(text.trim().to_string()))
+        }
+        Ok(_) => {
+            check.fail(
+                "heartbeat.api_key_file",
+                format!(
+                    "{} does not hold an API key (fgk1.<id>.<secret>)",
+                    api_key_file.display()
+                ),
+            );
+            None
+        }
+        Err(e) => {
+            check.fail("heartbeat.api_key_file", e.to_string());
+            None
+        }
+    };
+    let ca_file = base_dir.join(&h.ca_file);
+    let ca_pem = match std::fs::read(&ca_file) {
+        Ok(pem) => match crate::heartbeat::check_ca(&pem) {
+            Ok(()) => Some(pem),
+            Err(e) => {
+                check.fail("heartbeat.ca_file", format!("{}: {e}", ca_file.display()));
+                None
+            }
+        },
+        Err(e) => {
+            check.fail("heartbeat.ca_file", format!("{}: {e}", ca_file.display()));
+            None
+        }
+    };
+    if check.problems.len() > problems {
+        return None;
+    }
+    Some(HeartbeatSettings {
+        gateway_url: url.to_string(),
+        api_key_file,
+        api_key: api_key?,
+        ca_file,
+        ca_pem: ca_pem?,
+        address: address?,
+        interval: Duration::from_secs(h.interval_secs),
     })
 }
 

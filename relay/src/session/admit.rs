@@ -91,6 +91,8 @@ pub enum Tally {
     Dropped(DropReason),
     /// A CHALLENGE sent.
     Challenged,
+    /// A gateway's health probe answered with a BIND-ACK.
+    Probed,
     /// An unauthenticated REJECT sent.
     Rejected(RejectReason),
 }
@@ -121,6 +123,9 @@ pub type Checked<'a> = Result<Input<'a>, Answered>;
 /// - A BIND's token is verified with the verifier `verifier` returns (called only for a BIND
 ///   that got this far), and its proof with the slot keys from the token's secret; a failure
 ///   gets an unauthenticated REJECT.
+/// - A BIND whose verified token is a gateway's health probe (§4, flags) is answered here with
+///   a BIND-ACK under the slot's `K_relay` and binds nothing: only a relay holding the private
+///   key the token's secret was sealed to can compute that MAC, which is what the probe checks.
 ///
 /// Replies are written into `reply`, which must hold at least [`wire::MAX_DATAGRAM`] bytes.
 pub fn check<'a, V: Deref<Target = TokenVerifier>>(
@@ -221,6 +226,21 @@ pub fn check<'a, V: Deref<Target = TokenVerifier>>(
         return reject(RejectReason::BadProof, reply);
     }
     let claims = verified.claims;
+    if claims.probe {
+        let fields = wire::BindAckFields {
+            slot: req.slot,
+            peer_present: false,
+            idle_timeout_secs: 0,
+            bind_seq: req.seq,
+            expires_at: claims.expires.as_secs(),
+        };
+        return Err(
+            match wire::encode_bind_ack(reply, req.session_id, &fields, |m| keys.relay.mac(m)) {
+                Ok(len) => answered(Outcome::Reply { to: req.from, len }, Tally::Probed),
+                Err(_) => answered(Outcome::Consumed, Tally::Probed),
+            },
+        );
+    }
     Ok(Input::Bind(Box::new(VerifiedBind {
         req,
         token_id: claims.token_id,

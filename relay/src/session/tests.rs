@@ -1071,3 +1071,51 @@ fn notice_kinds_index_their_counters_in_order() {
         assert_eq!(NoticeKind::of_close(reason).name(), reason.name());
     }
 }
+
+/// A gateway's health probe (a BIND with a probe token) is answered with a BIND-ACK whose MAC
+/// only the holder of the relay's private key can compute, counted as a probe, and binds
+/// nothing: no session, no bind counted, DATA from the prober is not forwarded. A probe token
+/// sealed to another relay's key gets an unauthenticated REJECT like any token it cannot open.
+#[test]
+fn a_health_probe_is_answered_and_binds_nothing() {
+    let mut f = Fixture::new(SessionLimits::default());
+    let input = ClaimsInput {
+        slot: Slot::A,
+        relay_id: RELAY_ID,
+        session_id: SID,
+        not_before: T0,
+        expires: T0.saturating_add(60),
+        rate_bytes_per_sec: 0,
+    };
+    let probe = f
+        .minter
+        .mint_probe(&f.rng, &input, &f.relay_public)
+        .unwrap();
+    let prober = v4(9, 9000);
+    let outcome = f.bind(prober, &probe, Slot::A, 5);
+    let Outcome::Reply { to, len } = outcome else {
+        panic!("expected a reply, got {outcome:?}");
+    };
+    assert_eq!(to, prober);
+    let Ok(Packet::BindAck(ack)) = wire::parse(&f.reply[..len]) else {
+        panic!("expected a BIND-ACK");
+    };
+    let keys = SlotKeys::derive(&probe.slot_secret);
+    assert!(keys.relay.verify(ack.mac_input(), ack.mac()));
+    assert_eq!((ack.bind_seq(), ack.peer_present()), (5, false));
+    let counters = f.counters();
+    assert_eq!((counters.probes, counters.binds_accepted), (1, 0));
+    assert_eq!(counters.sessions_opened, 0);
+    let data = f.data(SID);
+    assert_eq!(
+        f.send(prober, &data),
+        Outcome::Drop(DropReason::DataUnbound)
+    );
+    // Sealed to a key this relay does not hold.
+    let other = RelayStaticKey::generate(&f.rng).unwrap().public();
+    let wrong = f.minter.mint_probe(&f.rng, &input, &other).unwrap();
+    let outcome = f.bind(prober, &wrong, Slot::A, 6);
+    let (_, authenticated) = f.expect_reject(outcome);
+    assert!(!authenticated);
+    assert_eq!(f.counters().probes, 1);
+}
