@@ -3,6 +3,7 @@
 //! applied, with the same conventions as the relay's (docs/config.md). Every problem found is
 //! reported at once, each naming its field, so `ferry-gateway check-config` shows them all.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -13,6 +14,8 @@ use ferry_core::keys::{GatewayPublicKey, GatewaySigningKey, RelayPublicKey};
 pub use ferry_core::problems::Problem;
 use ferry_core::problems::{Check, join};
 use ferry_core::token::TokenMinter;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject as _;
 use serde::Deserialize;
 
 use crate::apikey::{self, KeyHash, Scope, Scopes};
@@ -247,6 +250,9 @@ impl Default for LimitsSection {
 struct StateSection {
     backend: String,
     redis_url: String,
+    redis_ca_file: String,
+    redis_username: String,
+    redis_password_file: String,
     key_prefix: String,
     max_sessions: u64,
 }
@@ -256,6 +262,9 @@ impl Default for StateSection {
         Self {
             backend: "memory".into(),
             redis_url: String::new(),
+            redis_ca_file: String::new(),
+            redis_username: String::new(),
+            redis_password_file: String::new(),
             key_prefix: "ferry:gw:".into(),
             max_sessions: 1_000_000,
         }
@@ -414,11 +423,28 @@ pub enum StateBackend {
     },
     /// A Redis server shared by every replica.
     Redis {
-        /// `redis://host:port/db`.
+        /// `redis://host:port/db` or `rediss://` (TLS).
         url: String,
         /// Prefix of every key the gateway writes.
         key_prefix: String,
+        /// With `rediss://`: the CA certificates (PEM) the server's certificate must chain to;
+        /// `None`: the system's roots.
+        ca_pem: Option<Vec<u8>>,
+        /// The ACL user (`AUTH user password`); `None` with a password: the default user.
+        username: Option<String>,
+        /// The password, from `redis_password_file`.
+        password: Option<RedisPassword>,
     },
+}
+
+/// The Redis password, erased from memory when dropped and never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisPassword(pub zeroize::Zeroizing<String>);
+
+impl fmt::Debug for RedisPassword {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RedisPassword(<redacted>)")
+    }
 }
 
 /// The admin listener.
@@ -577,7 +603,7 @@ pub fn parse_str(text: &str, path: &Path, base_dir: &Path) -> Result<GatewayConf
     let relays = validate_relays(&file.relays, &mut check);
     let relay_health = validate_relay_health(&file.relay_health, &mut check);
     let limits = validate_limits(&file.limits, &mut check);
-    let state = validate_state(&file.state, &mut check);
+    let state = validate_state(&file.state, base_dir, &mut check);
     let admin = validate_admin(&file.admin, &mut check);
     // Beyond loopback the admin listener serves HTTPS with the server's certificate: the
     // admin token must not cross a network in clear.
@@ -985,15 +1011,28 @@ fn validate_limits(l: &LimitsSection, check: &mut Check) -> RateLimits {
     }
 }
 
-fn validate_state(s: &StateSection, check: &mut Check) -> StateBackend {
+/// The `user:password@host:port` part of a URL, or empty.
+fn url_authority(url: &str) -> &str {
+    let rest = url.split_once("://").map_or("", |(_, rest)| rest);
+    rest.split(['/', '?', '#']).next().unwrap_or("")
+}
+
+fn validate_state(s: &StateSection, base: &Path, check: &mut Check) -> StateBackend {
     check.range("state.max_sessions", s.max_sessions, 1000, 100_000_000);
     match s.backend.as_str() {
         "memory" => {
-            if !s.redis_url.is_empty() {
-                check.fail(
-                    "state.redis_url",
-                    "is set but state.backend is \"memory\"; set backend = \"redis\" or remove it",
-                );
+            for (field, value) in [
+                ("state.redis_url", &s.redis_url),
+                ("state.redis_ca_file", &s.redis_ca_file),
+                ("state.redis_username", &s.redis_username),
+                ("state.redis_password_file", &s.redis_password_file),
+            ] {
+                if !value.is_empty() {
+                    check.fail(
+                        field,
+                        "is set but state.backend is \"memory\"; set backend = \"redis\" or remove it",
+                    );
+                }
             }
         }
         "redis" => {
@@ -1007,6 +1046,25 @@ fn validate_state(s: &StateSection, check: &mut Check) -> StateBackend {
                         "{:?} is not a URL like redis://127.0.0.1:6379/0 (needed with backend = \"redis\")",
                         s.redis_url
                     ),
+                );
+            }
+            if url_authority(&s.redis_url).contains('@') {
+                check.fail(
+                    "state.redis_url",
+                    "must not carry a user or password: put them in state.redis_username and \
+                     state.redis_password_file (a file only its owner may read)",
+                );
+            }
+            if !s.redis_ca_file.is_empty() && !s.redis_url.starts_with("rediss://") {
+                check.fail(
+                    "state.redis_ca_file",
+                    "is only used with TLS: a redis_url starting with rediss://",
+                );
+            }
+            if !s.redis_username.is_empty() && s.redis_password_file.is_empty() {
+                check.fail(
+                    "state.redis_username",
+                    "needs state.redis_password_file (AUTH takes a user and its password)",
                 );
             }
         }
@@ -1024,10 +1082,40 @@ fn validate_state(s: &StateSection, check: &mut Check) -> StateBackend {
             "must be 1 to 64 printable characters without spaces",
         );
     }
+    let (mut ca_pem, mut password) = (None, None);
+    if s.backend == "redis" {
+        if !s.redis_ca_file.is_empty() {
+            let path = base.join(&s.redis_ca_file);
+            match std::fs::read(&path) {
+                Ok(pem) if CertificateDer::pem_slice_iter(&pem).any(|c| c.is_ok()) => {
+                    ca_pem = Some(pem)
+                }
+                Ok(_) => check.fail(
+                    "state.redis_ca_file",
+                    format!("{} holds no PEM certificate", path.display()),
+                ),
+                Err(e) => check.fail("state.redis_ca_file", format!("{}: {e}", path.display())),
+            }
+        }
+        if !s.redis_password_file.is_empty() {
+            match ferry_keyfile::load_secret_text(&base.join(&s.redis_password_file)) {
+                Ok(text) if !text.trim().is_empty() => {
+                    password = Some(RedisPassword(zeroize::Zeroizing::new(
+                        text.trim_end_matches(['\r', '\n']).to_string(),
+                    )))
+                }
+                Ok(_) => check.fail("state.redis_password_file", "the file is empty"),
+                Err(e) => check.fail("state.redis_password_file", e.to_string()),
+            }
+        }
+    }
     match s.backend.as_str() {
         "redis" => StateBackend::Redis {
             url: s.redis_url.clone(),
             key_prefix: s.key_prefix.clone(),
+            ca_pem,
+            username: (!s.redis_username.is_empty()).then(|| s.redis_username.clone()),
+            password,
         },
         _ => StateBackend::Memory {
             max_sessions: clamp(s.max_sessions),

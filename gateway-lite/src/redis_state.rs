@@ -43,12 +43,37 @@ use std::time::Duration;
 
 use ferry_core::time::UnixTime;
 use redis::AsyncCommands as _;
+use redis::IntoConnectionInfo as _;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::state::{BoxFuture, JoinCodeHash, RelayReport, SessionRecord, State, StateError};
 
 /// How long one Redis command may take before the request fails with 503.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where and how to reach Redis: [`RedisState::connect_with`].
+#[derive(Clone, Copy)]
+pub struct RedisOptions<'a> {
+    /// `redis://host:port/db`, `rediss://` for TLS.
+    pub url: &'a str,
+    /// CA certificates (PEM) a `rediss://` server's certificate must chain to.
+    pub ca_pem: Option<&'a [u8]>,
+    /// The ACL user, with `password`.
+    pub username: Option<&'a str>,
+    /// The password for `AUTH`.
+    pub password: Option<&'a str>,
+}
+
+impl std::fmt::Debug for RedisOptions<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisOptions")
+            .field("url", &self.url)
+            .field("ca_pem", &self.ca_pem.map(|_| "<pem>"))
+            .field("username", &self.username)
+            .field("password", &self.password.map(|_| "<redacted>"))
+            .finish()
+    }
+}
 
 /// The Redis backend.
 #[derive(Clone)]
@@ -76,7 +101,41 @@ fn ttl_secs(until: u64, now: UnixTime) -> u64 {
 impl RedisState {
     /// Connects to `url` (and reconnects by itself later); every key starts with `prefix`.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, StateError> {
-        let client = redis::Client::open(url).map_err(unavailable)?;
+        let options = RedisOptions {
+            url,
+            ca_pem: None,
+            username: None,
+            password: None,
+        };
+        Self::connect_with(&options, prefix).await
+    }
+
+    /// [`connect`](Self::connect) with TLS trust and credentials: with `rediss://` the
+    /// server's certificate must chain to `ca_pem` (the system's roots without it), and with a
+    /// password the connection authenticates (`AUTH [username] password`) before anything else.
+    pub async fn connect_with(
+        options: &RedisOptions<'_>,
+        prefix: &str,
+    ) -> Result<Self, StateError> {
+        let mut info = options.url.into_connection_info().map_err(unavailable)?;
+        if let Some(password) = options.password {
+            let mut settings = info.redis_settings().clone().set_password(password);
+            if let Some(username) = options.username {
+                settings = settings.set_username(username);
+            }
+            info = info.set_redis_settings(settings);
+        }
+        let client = match options.ca_pem {
+            Some(pem) => redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.to_vec()),
+                },
+            ),
+            None => redis::Client::open(info),
+        }
+        .map_err(unavailable)?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_connection_timeout(Some(RESPONSE_TIMEOUT))
@@ -95,7 +154,16 @@ impl RedisState {
             .arg(&probe)
             .query_async(&mut conn)
             .await
-            .map_err(|e| StateError::Unavailable(format!("{e} (Redis 6.2 or newer is needed)")))?;
+            .map_err(|e| {
+                match e
+                    .to_string()
+                    .to_ascii_lowercase()
+                    .contains("unknown command")
+                {
+                    true => StateError::Unavailable(format!("{e} (Redis 6.2 or newer is needed)")),
+                    false => unavailable(e),
+                }
+            })?;
         Ok(state)
     }
 

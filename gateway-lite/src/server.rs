@@ -70,8 +70,20 @@ fn init_logging(level: &str) {
 async fn open_state(backend: &StateBackend) -> anyhow::Result<Arc<dyn State>> {
     match backend {
         StateBackend::Memory { max_sessions } => Ok(Arc::new(MemoryState::new(*max_sessions))),
-        StateBackend::Redis { url, key_prefix } => {
-            let state = crate::redis_state::RedisState::connect(url, key_prefix)
+        StateBackend::Redis {
+            url,
+            key_prefix,
+            ca_pem,
+            username,
+            password,
+        } => {
+            let options = crate::redis_state::RedisOptions {
+                url,
+                ca_pem: ca_pem.as_deref(),
+                username: username.as_deref(),
+                password: password.as_ref().map(|p| p.0.as_str()),
+            };
+            let state = crate::redis_state::RedisState::connect_with(&options, key_prefix)
                 .await
                 .context("connecting to the Redis state backend (state.redis_url)")?;
             Ok(Arc::new(state))

@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use ferry_gateway::redis_state::RedisState;
+use ferry_gateway::redis_state::{RedisOptions, RedisState};
 use ferry_gateway::state::conformance;
 use serde_json::json;
 
@@ -69,6 +69,72 @@ impl RedisServer {
         Some(server)
     }
 
+    /// A `redis-server` serving only TLS (with `pki`'s server certificate) and only the ACL
+    /// user `user` with `password` (the default user is off).
+    fn start_tls(name: &str, pki: &Pki, user: &str, password: &str) -> Option<(Self, u16)> {
+        let plain = Self::start(name)?;
+        let dir = ferry_testkit::temp_dir(&format!("redis-tls-{name}")).unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            write_file(&path, text, 0o600);
+            path.to_str().unwrap().to_string()
+        };
+        let (cert, key) = (
+            file("server.crt", &pki.server_cert_pem),
+            file("server.key", &pki.server_key_pem),
+        );
+        let ca = file("ca.crt", &pki.ca_pem);
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .args(["--tls-cert-file", &cert, "--tls-key-file", &key])
+            .args(["--tls-ca-cert-file", &ca, "--tls-auth-clients", "no"])
+            .args(["--user", "default", "off"])
+            .args([
+                "--user",
+                user,
+                "on",
+                &format!(">{password}"),
+                "~*",
+                "&*",
+                "+@all",
+            ])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(["--dir", dir.path().to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        drop(plain);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server with TLS did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some((
+            Self {
+                child,
+                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                _dir: dir,
+            },
+            port,
+        ))
+    }
+
     fn pong(&self) -> bool {
         let Ok(mut s) = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)) else {
             return false;
@@ -105,6 +171,50 @@ async fn redis_backend_conforms() {
     conformance::relay_reports_expire(&state).await;
     let state = RedisState::connect(&redis.url(), "t5:").await.unwrap();
     conformance::many_sessions_are_listed_newest_first(&state).await;
+}
+
+/// `rediss://` with the CA file and an ACL user works (the backend conforms); a wrong password,
+/// no credentials, or the system's roots instead of the CA each fail at connect, clearly.
+#[tokio::test]
+async fn a_redis_over_tls_with_an_acl_user_works_and_wrong_trust_or_credentials_fail() {
+    let pki = Pki::new();
+    let Some((redis, port)) = RedisServer::start_tls("tls", &pki, "ferry", "pw-of-ferry") else {
+        return;
+    };
+    let url = format!("rediss://localhost:{port}/0");
+    fn options<'a>(
+        url: &'a str,
+        password: Option<&'a str>,
+        ca: Option<&'a [u8]>,
+    ) -> RedisOptions<'a> {
+        RedisOptions {
+            url,
+            ca_pem: ca,
+            username: Some("ferry"),
+            password,
+        }
+    }
+    let ca = pki.ca_pem.as_bytes();
+    let state = RedisState::connect_with(&options(&url, Some("pw-of-ferry"), Some(ca)), "tls:")
+        .await
+        .unwrap();
+    conformance::join_codes_work_once(&state).await;
+    for (what, opts) in [
+        ("a wrong password", options(&url, Some("wrong"), Some(ca))),
+        ("no password", options(&url, None, Some(ca))),
+        (
+            "the system's roots",
+            options(&url, Some("pw-of-ferry"), None),
+        ),
+    ] {
+        let error = RedisState::connect_with(&opts, "tls:").await.unwrap_err();
+        eprintln!("{what}: {error}");
+        assert!(
+            matches!(error, ferry_gateway::state::StateError::Unavailable(_)),
+            "{what}"
+        );
+    }
+    drop(redis);
 }
 
 #[tokio::test]

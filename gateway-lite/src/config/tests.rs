@@ -344,6 +344,11 @@ fn each_out_of_range_value_names_its_field_alone() {
             "redis_url = \"redis://127.0.0.1/\"",
             "state.redis_url",
         ),
+        (
+            "state",
+            "redis_username = \"ferry\"",
+            "state.redis_username",
+        ),
         ("state", "key_prefix = \"\"", "state.key_prefix"),
         ("state", "max_sessions = 10", "state.max_sessions"),
         ("admin", "listen = \"198.18.0.1:9478\"", "admin.listen"),
@@ -603,5 +608,66 @@ fn a_reload_takes_keys_relays_limits_and_signing_but_not_listeners_or_state() {
             assert!(text.contains("nothing of this file was applied"), "{text}");
         }
         other => panic!("expected NeedsRestart, got {other:?}"),
+    }
+}
+
+/// `[state]` with Redis over TLS and an ACL user: the CA and password files are read (the
+/// password never printed); credentials in the URL, a CA without TLS, a user without a
+/// password, and a password file others may read are each refused, naming the field.
+#[test]
+fn redis_tls_and_credentials_are_checked_and_read() {
+    let dir = Dir::new("redis-tls");
+    write_file(&dir.0.join("redis.pw"), "s3cret-pw\n", 0o600);
+    write_file(&dir.0.join("loose.pw"), "s3cret-pw\n", 0o644);
+    let state = |lines: &str| minimal() + &format!("\n[state]\nbackend = \"redis\"\n{lines}\n");
+    let cfg = dir
+        .parse(&state(
+            "redis_url = \"rediss://redis.test:6380/0\"\nredis_ca_file = \"ca.crt\"\n\
+             redis_username = \"ferry\"\nredis_password_file = \"redis.pw\"",
+        ))
+        .unwrap();
+    match &cfg.state {
+        StateBackend::Redis {
+            url,
+            ca_pem,
+            username,
+            password,
+            ..
+        } => {
+            assert_eq!(url, "rediss://redis.test:6380/0");
+            assert!(
+                ca_pem
+                    .as_ref()
+                    .is_some_and(|p| p.starts_with(b"-----BEGIN"))
+            );
+            assert_eq!(username.as_deref(), Some("ferry"));
+            assert_eq!(password.as_ref().map(|p| p.0.as_str()), Some("s3cret-pw"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!format!("{cfg:?}").contains("s3cret"));
+    for (lines, field) in [
+        (
+            "redis_url = \"redis://ferry:pw@redis.test/0\"",
+            "state.redis_url",
+        ),
+        (
+            "redis_url = \"redis://redis.test/0\"\nredis_ca_file = \"ca.crt\"",
+            "state.redis_ca_file",
+        ),
+        (
+            "redis_url = \"rediss://redis.test/0\"\nredis_ca_file = \"gateway-1.key\"",
+            "state.redis_ca_file",
+        ),
+        (
+            "redis_url = \"redis://redis.test/0\"\nredis_username = \"ferry\"",
+            "state.redis_username",
+        ),
+        (
+            "redis_url = \"redis://redis.test/0\"\nredis_password_file = \"loose.pw\"",
+            "state.redis_password_file",
+        ),
+    ] {
+        assert_eq!(fields(dir.parse(&state(lines))), [field], "{lines}");
     }
 }
