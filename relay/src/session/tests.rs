@@ -812,10 +812,15 @@ fn sessions_opened_and_forgotten_are_queued_as_events_in_order() {
     assert!(!f.table.has_events());
 }
 
+/// The event for slots bound at `a` and `b` with the fixture's tokens, which claim no rate
+/// (so each bound slot has the default rate).
 fn bound(session: u64, a: Option<SocketAddr>, b: Option<SocketAddr>) -> SessionEvent {
+    let rate =
+        |s: Option<SocketAddr>| s.map_or(0, |_| SessionLimits::default().default_session_rate);
     SessionEvent::Bound {
         session,
         slots: [a, b],
+        rates: [rate(a), rate(b)],
     }
 }
 
