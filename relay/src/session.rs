@@ -372,6 +372,9 @@ struct Binding {
     claimed_rate: u64,
     /// What the slot may still send.
     budget: TokenBucket,
+    /// When `budget` was last created or given a new rate, whether it was created then, and
+    /// its rate before.
+    budget_set: (Instant, bool, u64),
 }
 
 #[derive(Default)]
@@ -385,7 +388,14 @@ impl Session {
         SessionEvent::Bound {
             session: id,
             slots: [0, 1].map(|i| self.slots[i].as_ref().map(|b| b.addr)),
-            rates: [0, 1].map(|i| self.slots[i].as_ref().map_or(0, |b| b.budget.rate())),
+            budgets: [0, 1].map(|i| {
+                self.slots[i].as_ref().map(|b| SlotBudget {
+                    rate: b.budget.rate(),
+                    set_at: b.budget_set.0,
+                    fresh: b.budget_set.1,
+                    previous_rate: b.budget_set.2,
+                })
+            }),
         }
     }
 
@@ -436,12 +446,28 @@ pub enum SessionEvent {
         session: u64,
         /// Where slot A and slot B are bound, if they are.
         slots: [Option<SocketAddr>; 2],
-        /// Each slot's DATA byte rate, bytes a second (0 when unbound); its burst is
-        /// [`SessionLimits::slot_burst`] of the rate.
-        rates: [u64; 2],
+        /// Each bound slot's DATA byte budget.
+        budgets: [Option<SlotBudget>; 2],
     },
     /// The session was closed or reaped, and is forgotten.
     Closed(u64),
+}
+
+/// A bound slot's DATA byte budget, as a [`SessionEvent::Bound`] tells it: a token bucket of
+/// `rate` bytes a second and a burst of [`SessionLimits::slot_burst`] of it, which was created
+/// full at `set_at` (`fresh`) or had its rate changed then, keeping what was saved up to the
+/// new burst (a reload). A cache of the budget starts or carries over its meter at `set_at`
+/// the same way, and so admits exactly what the table's bucket admits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotBudget {
+    /// Bytes a second.
+    pub rate: u64,
+    /// When the bucket was created or last given a new rate.
+    pub set_at: Instant,
+    /// Created then (full), rather than given a new rate.
+    pub fresh: bool,
+    /// The rate before `set_at` (the same as `rate` when `fresh`).
+    pub previous_rate: u64,
 }
 
 impl SessionEvent {
@@ -560,7 +586,10 @@ impl SessionTable {
             let mut changed = false;
             for binding in session.slots.iter_mut().flatten() {
                 let rate = limits.slot_rate(binding.claimed_rate);
-                changed |= rate != binding.budget.rate();
+                if rate != binding.budget.rate() {
+                    changed = true;
+                    binding.budget_set = (now, false, binding.budget.rate());
+                }
                 binding
                     .budget
                     .set_rate(rate, SessionLimits::slot_burst(rate), now);
@@ -894,6 +923,7 @@ impl SessionTable {
             last_seen: now,
             claimed_rate,
             budget: TokenBucket::new(rate, SessionLimits::slot_burst(rate), now),
+            budget_set: (now, true, rate),
         };
         if held.is_none() {
             ips.attach(from.ip(), now);

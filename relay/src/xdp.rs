@@ -30,7 +30,7 @@ use ferry_common::xdp::{
 };
 pub use ferry_core::cidr::Cidr;
 
-use crate::session::{SessionEvent, SessionLimits};
+use crate::session::{SessionEvent, SessionLimits, SlotBudget};
 use crate::shards::SessionObserver;
 
 /// The XDP program, built from source by `build.rs`; empty when built with
@@ -484,6 +484,7 @@ impl Guard {
                 state,
             }),
             sources: RelaySources::of(listen),
+            clock: KernelClock::now(),
             errors: AtomicU64::new(0),
         });
         self.filter = Some(Arc::clone(&filter));
@@ -655,7 +656,42 @@ struct FilterMaps {
 pub struct SessionFilter {
     maps: Mutex<FilterMaps>,
     sources: RelaySources,
+    clock: KernelClock,
     errors: AtomicU64,
+}
+
+/// Turns [`Instant`]s into the program's clock (`bpf_ktime_get_ns`, `CLOCK_MONOTONIC` in
+/// nanoseconds): both are the monotonic clock, read once together here so that one `Instant`
+/// always gives the same nanoseconds.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelClock {
+    base: Instant,
+    base_ns: u64,
+}
+
+impl KernelClock {
+    /// The clock, read now.
+    pub fn now() -> Self {
+        KernelClock {
+            base: Instant::now(),
+            base_ns: monotonic_ns(),
+        }
+    }
+
+    /// A clock on which `base` is `base_ns` (tests).
+    pub fn at(base: Instant, base_ns: u64) -> Self {
+        KernelClock { base, base_ns }
+    }
+
+    /// `at` on the program's clock.
+    pub fn ns(&self, at: Instant) -> u64 {
+        match at.checked_duration_since(self.base) {
+            Some(after) => self.base_ns.wrapping_add(after.as_nanos() as u64),
+            None => self
+                .base_ns
+                .wrapping_sub(self.base.duration_since(at).as_nanos() as u64),
+        }
+    }
 }
 
 impl fmt::Debug for SessionFilter {
@@ -694,7 +730,7 @@ impl SessionFilter {
             SessionEvent::Bound {
                 session,
                 slots,
-                rates,
+                budgets,
             } => {
                 match maps
                     .state
@@ -706,8 +742,11 @@ impl SessionFilter {
                         if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
                     Err(e) => return Err(e),
                 }
-                maps.sessions
-                    .insert(session, entry(slots, rates, &self.sources), 0)
+                maps.sessions.insert(
+                    session,
+                    entry(slots, budgets, &self.sources, &self.clock),
+                    0,
+                )
             }
             SessionEvent::Closed(id) => {
                 let entry = maps.sessions.remove(&id);
@@ -807,36 +846,51 @@ fn guard_addr(ip: IpAddr) -> [u8; 16] {
     }
 }
 
-/// The guard's map entry for a session whose slots are bound at `slots` with DATA byte rates
-/// `rates`, for a relay that sends from `sources`. A slot whose budget the fast path cannot
-/// express (see [`ByteBudget::new`]) gets a zero budget, and its DATA goes to the relay.
+/// The guard's map entry for a session whose slots are bound at `slots` with DATA byte budgets
+/// `budgets`, for a relay that sends from `sources`; times on the program's clock `clock`. A
+/// slot whose budget the fast path cannot express (see [`ByteBudget::new`]) gets a zero
+/// budget, and its DATA goes to the relay.
 pub fn entry(
     slots: [Option<SocketAddr>; 2],
-    rates: [u64; 2],
+    budgets: [Option<SlotBudget>; 2],
     sources: &RelaySources,
+    clock: &KernelClock,
 ) -> SessionEntry {
-    let slot = |(addr, rate): (Option<SocketAddr>, u64)| match addr {
+    let slot = |(addr, budget): (Option<SocketAddr>, Option<SlotBudget>)| match addr {
         Some(addr) => {
             let source = sources.for_peer(addr);
             let (relay_addr, relay_addr_set) = match source {
                 Some(s) if !s.ip().is_unspecified() => (guard_addr(s.ip()), 1),
                 _ => ([0; 16], 0),
             };
+            let (rate, since, fresh, previous) = budget.map_or((0, 0, 0, 0), |b| {
+                (
+                    b.rate,
+                    clock.ns(b.set_at),
+                    u8::from(b.fresh),
+                    b.previous_rate,
+                )
+            });
+            let budget_of =
+                |rate| ByteBudget::new(rate, SessionLimits::slot_burst(rate)).unwrap_or_default();
             BoundSlot {
                 addr: guard_addr(addr.ip()),
                 port: addr.port(),
                 bound: 1,
                 relay_addr_set,
                 relay_port: source.map_or(0, |s| s.port()),
-                _pad: [0; 2],
+                budget_fresh: fresh,
+                _pad: 0,
                 relay_addr,
-                budget: ByteBudget::new(rate, SessionLimits::slot_burst(rate)).unwrap_or_default(),
+                budget: budget_of(rate),
+                budget_since: since,
+                budget_before: budget_of(previous),
             }
         }
         None => BoundSlot::default(),
     };
     SessionEntry {
-        slots: [(slots[0], rates[0]), (slots[1], rates[1])].map(slot),
+        slots: [(slots[0], budgets[0]), (slots[1], budgets[1])].map(slot),
     }
 }
 

@@ -11,10 +11,11 @@
 use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
 use std::sync::Arc;
+use std::time::Instant;
 
 use ferry_common::header::{HEADER_LEN, KEEPALIVE_BODY_LEN, PacketType};
 use ferry_common::xdp::{Counter, CounterValue, Rate, slot_labels};
-use ferry_relay::session::SessionEvent;
+use ferry_relay::session::{SessionEvent, SlotBudget};
 use ferry_relay::shards::SessionObserver;
 use ferry_relay::xdp::frame::{self, Frame};
 use ferry_relay::xdp::{Guard, Mode, SessionFilter, XDP_DROP, XDP_PASS, XDP_TX, XdpSettings};
@@ -128,7 +129,14 @@ impl Bench {
         self.filter.session_event(SessionEvent::Bound {
             session: SID,
             slots: [a, b],
-            rates: [rate, rate],
+            budgets: [a, b].map(|slot| {
+                slot.map(|_| SlotBudget {
+                    rate,
+                    set_at: Instant::now(),
+                    fresh: true,
+                    previous_rate: rate,
+                })
+            }),
         });
     }
 

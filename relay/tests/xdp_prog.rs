@@ -761,7 +761,7 @@ fn the_session_filter_drops_datagrams_for_sessions_the_relay_does_not_hold() {
     filter.session_event(SessionEvent::Bound {
         session: sid,
         slots: [Some(a), None],
-        rates: [1_000_000, 1_000_000],
+        budgets: [None, None],
     });
     assert!(filter.contains(sid));
     expect(
@@ -833,7 +833,7 @@ fn data_and_keepalives_for_a_held_session_pass_only_from_its_bound_slots() {
     filter.session_event(SessionEvent::Bound {
         session: sid,
         slots: [Some(a), Some(b)],
-        rates: [1_000_000, 1_000_000],
+        budgets: [None, None],
     });
     let entry = filter.get(sid).unwrap();
     assert!(entry.slots.iter().all(|s| s.bound == 1));
@@ -901,7 +901,7 @@ fn data_and_keepalives_for_a_held_session_pass_only_from_its_bound_slots() {
     filter.session_event(SessionEvent::Bound {
         session: sid,
         slots: [Some("198.18.0.9:5000".parse().unwrap()), Some(b)],
-        rates: [1_000_000, 1_000_000],
+        budgets: [None, None],
     });
     expect(
         &g,
@@ -921,7 +921,7 @@ fn data_and_keepalives_for_a_held_session_pass_only_from_its_bound_slots() {
     filter.session_event(SessionEvent::Bound {
         session: sid,
         slots: [Some("198.18.0.9:5000".parse().unwrap()), None],
-        rates: [1_000_000, 1_000_000],
+        budgets: [None, None],
     });
     expect(
         &g,

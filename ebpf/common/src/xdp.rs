@@ -226,8 +226,11 @@ pub struct BoundSlot {
     /// The relay's UDP port that datagrams to this slot leave from, host order; 0 when the
     /// fast path may not forward to this slot.
     pub relay_port: u16,
+    /// 1 when [`BoundSlot::budget`] was created full at [`BoundSlot::budget_since`] (a new
+    /// binding); 0 when its rate was changed then, keeping what was saved (a reload).
+    pub budget_fresh: u8,
     /// Zero.
-    pub _pad: [u8; 2],
+    pub _pad: u8,
     /// The relay address datagrams to this slot leave from (see
     /// [`BoundSlot::relay_addr_set`]), in the slot's family, IPv4 mapped as in
     /// [`BoundSlot::addr`].
@@ -235,6 +238,12 @@ pub struct BoundSlot {
     /// The byte budget of DATA *from* this slot; a zero cost means the fast path may not
     /// forward from it.
     pub budget: ByteBudget,
+    /// When (`bpf_ktime_get_ns`) the relay created the slot's budget or changed its rate: the
+    /// fast path starts or carries over its meter at that instant, as the relay's bucket did.
+    pub budget_since: u64,
+    /// The budget in force before [`BoundSlot::budget_since`] (the same as `budget` for a
+    /// fresh one).
+    pub budget_before: ByteBudget,
 }
 
 impl BoundSlot {
@@ -277,7 +286,8 @@ impl SessionEntry {
     /// Where the fast path would send a DATA from `addr`, `port`: `Ok((from, to))` (slot
     /// indexes), or the counter of the reason it leaves the datagram to the relay. The same
     /// decision as the relay's for DATA (docs/protocol.md §7: from a bound slot, to the other
-    /// slot, which must be bound), plus what the fast path itself cannot do.
+    /// slot, which must be bound), plus a budget the fast path can charge. What else it cannot
+    /// do is checked after the budget is charged ([`SessionEntry::fast_sendable`]).
     #[inline(always)]
     pub fn fast_route(&self, addr: &[u8; 16], port: u16) -> Result<(usize, usize), Counter> {
         let (from, to) = if self.slots[0].is(addr, port) {
@@ -288,18 +298,29 @@ impl SessionEntry {
             // The session filter drops these when it is on; the relay drops them either way.
             return Err(Counter::FastPeerUnbound);
         };
-        let sender = &self.slots[from];
-        let receiver = &self.slots[to];
-        if receiver.bound != 1 {
+        if self.slots[to].bound != 1 {
             return Err(Counter::FastPeerUnbound);
         }
-        if sender.is_v4() != receiver.is_v4() {
-            return Err(Counter::FastMixedFamily);
-        }
-        if sender.budget.cost == 0 || receiver.relay_port == 0 {
+        if self.slots[from].budget.cost == 0 {
             return Err(Counter::FastNotEligible);
         }
         Ok((from, to))
+    }
+
+    /// Whether the fast path can send from slot `from` to slot `to` itself, once the budget
+    /// is charged: both in one IP family, and a relay port to send from. Checked after the
+    /// charge so that DATA the relay forwards instead is charged in both places alike, and
+    /// the two meters stay equal.
+    #[inline(always)]
+    pub fn fast_sendable(&self, from: usize, to: usize) -> Result<(), Counter> {
+        let (sender, receiver) = (&self.slots[from & 1], &self.slots[to & 1]);
+        if sender.is_v4() != receiver.is_v4() {
+            return Err(Counter::FastMixedFamily);
+        }
+        if receiver.relay_port == 0 {
+            return Err(Counter::FastNotEligible);
+        }
+        Ok(())
     }
 }
 
@@ -357,22 +378,40 @@ impl ByteBudget {
         Some(now.wrapping_add(backlog))
     }
 
-    /// A meter at `tat`, last charged under budget `old`, carried over to this budget at
-    /// `now_ns` as the relay's `TokenBucket::set_rate` does it: what was saved up is kept,
-    /// capped at this budget's burst. `old` with a zero cost is a meter never charged, which
-    /// starts full (as a new `TokenBucket` does): its `tat` of 0 would read as far in the
-    /// future once the clock has run half its cycle. A meter idle for that long (2⁶³ units,
-    /// about 104 days) reads so too; the relay reaps idle slots long before.
+    /// A meter at `tat`, last charged under budget `charged`, carried over to this budget at
+    /// `now_ns`, when the relay changed the slot's budget from `before` to this one: as the
+    /// relay's `TokenBucket::set_rate` does it, what was saved is kept, capped at this
+    /// budget's burst. A meter with nothing pending at `now_ns` was full, so it keeps
+    /// `before`'s burst. One charged under an older budget than `before` (two changes with no
+    /// DATA between) keeps at most `before`'s burst; what it saved under `charged` is an
+    /// estimate then, exact only if the budget in between refilled as fast.
     #[inline(always)]
-    pub fn carry_over(&self, tat: u64, now_ns: u64, old: &ByteBudget) -> u64 {
+    pub fn carry_over(
+        &self,
+        tat: u64,
+        now_ns: u64,
+        charged: &ByteBudget,
+        before: &ByteBudget,
+    ) -> u64 {
         let now = now_ns.wrapping_shl(FAST_SHIFT);
-        let ahead = tat.wrapping_sub(now) as i64;
-        let backlog = if ahead > 0 { ahead as u64 } else { 0 };
         let Some(burst) = self.tolerance.checked_div(self.cost) else {
             return tat;
         };
-        let Some(saved) = old.tolerance.saturating_sub(backlog).checked_div(old.cost) else {
-            return now;
+        let before_burst = before.tolerance.checked_div(before.cost).unwrap_or(burst);
+        let ahead = tat.wrapping_sub(now) as i64;
+        let saved = if ahead <= 0 || charged.cost == 0 {
+            before_burst
+        } else {
+            let saved = charged
+                .tolerance
+                .saturating_sub(ahead as u64)
+                .checked_div(charged.cost)
+                .unwrap_or(0);
+            if saved < before_burst {
+                saved
+            } else {
+                before_burst
+            }
         };
         let saved = if saved < burst { saved } else { burst };
         now.wrapping_add(self.tolerance - saved * self.cost)
@@ -386,10 +425,11 @@ pub struct FastSlot {
     /// The byte meter's theoretical arrival time (see [`ByteBudget`]); updated with a
     /// compare-and-swap.
     pub tat: u64,
-    /// The budget `tat` was last charged under: when the relay changes the slot's budget (a
-    /// reload, a renewal), the meter is carried over to the new one
-    /// ([`ByteBudget::carry_over`]).
+    /// The budget `tat` was last charged under.
     pub charged_under: ByteBudget,
+    /// The [`BoundSlot::budget_since`] `tat` was last charged under: when the relay sets the
+    /// slot's budget anew, the meter starts again or is carried over ([`FastSlot::start`]).
+    pub epoch: u64,
     /// DATA datagrams forwarded in XDP (atomic adds).
     pub packets: u64,
     /// Their bytes, relay header included (atomic adds).
@@ -397,6 +437,24 @@ pub struct FastSlot {
     /// `bpf_ktime_get_ns` (`CLOCK_MONOTONIC`) when DATA from this slot last reached the fast
     /// path, forwarded or over budget; 0 never.
     pub last_seen: u64,
+}
+
+impl FastSlot {
+    /// The meter's arrival time to charge the next datagram from `slot` against: `tat` itself
+    /// while the relay has not set the slot's budget anew since it was last charged; else the
+    /// meter as the relay's bucket was left at [`BoundSlot::budget_since`]: full for a budget
+    /// created then, carried over from [`FastSlot::charged_under`] for a rate changed then.
+    #[inline(always)]
+    pub fn start(tat: u64, epoch: u64, charged_under: &ByteBudget, slot: &BoundSlot) -> u64 {
+        if epoch == slot.budget_since {
+            tat
+        } else if slot.budget_fresh == 1 {
+            slot.budget_since.wrapping_shl(FAST_SHIFT)
+        } else {
+            slot.budget
+                .carry_over(tat, slot.budget_since, charged_under, &slot.budget_before)
+        }
+    }
 }
 
 /// The value of [`MAP_FAST_STATE`]: slot A's direction, then slot B's.
@@ -714,10 +772,13 @@ mod tests {
             4 * 16 + 16 + 2 * MAX_PORTS + 2 + 6
         );
         assert_eq!(size_of::<CounterValue>(), 16);
-        assert_eq!(size_of::<BoundSlot>(), 16 + 2 + 1 + 1 + 2 + 2 + 16 + 16);
+        assert_eq!(
+            size_of::<BoundSlot>(),
+            16 + 2 + 1 + 1 + 2 + 1 + 1 + 16 + 16 + 8 + 16
+        );
         assert_eq!(size_of::<ByteBudget>(), 16);
-        assert_eq!(size_of::<FastSlot>(), 48);
-        assert_eq!(size_of::<FastState>(), 96);
+        assert_eq!(size_of::<FastSlot>(), 56);
+        assert_eq!(size_of::<FastState>(), 112);
         assert_eq!(size_of::<SessionEntry>(), 2 * size_of::<BoundSlot>());
     }
 
@@ -755,7 +816,7 @@ mod tests {
     }
 
     #[test]
-    fn the_fast_route_needs_a_bound_sender_a_bound_receiver_one_family_and_a_budget() {
+    fn the_fast_path_needs_a_bound_sender_a_bound_receiver_a_budget_and_one_family() {
         let v6 = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
         let mut entry = SessionEntry::default();
         assert_eq!(entry.fast_route(&v4(2), 1), Err(Counter::FastPeerUnbound));
@@ -765,13 +826,15 @@ mod tests {
         assert_eq!(entry.fast_route(&v4(2), 1), Ok((0, 1)));
         assert_eq!(entry.fast_route(&v4(3), 2), Ok((1, 0)));
         assert_eq!(entry.fast_route(&v4(3), 1), Err(Counter::FastPeerUnbound));
+        assert_eq!(entry.fast_sendable(0, 1), Ok(()));
         entry.slots[1] = slot(v6, 2, 1000);
-        assert_eq!(entry.fast_route(&v4(2), 1), Err(Counter::FastMixedFamily));
+        assert_eq!(entry.fast_route(&v4(2), 1), Ok((0, 1)));
+        assert_eq!(entry.fast_sendable(0, 1), Err(Counter::FastMixedFamily));
         entry.slots[1] = slot(v4(3), 2, 0);
         assert_eq!(entry.fast_route(&v4(2), 1), Ok((0, 1)));
         assert_eq!(entry.fast_route(&v4(3), 2), Err(Counter::FastNotEligible));
         entry.slots[1].relay_port = 0;
-        assert_eq!(entry.fast_route(&v4(2), 1), Err(Counter::FastNotEligible));
+        assert_eq!(entry.fast_sendable(0, 1), Err(Counter::FastNotEligible));
     }
 
     #[test]
@@ -779,7 +842,7 @@ mod tests {
         let budget = ByteBudget::new(1000, 3000).expect("valid"); // 1 ms a byte
         // Start just before the meter's clock (ns << 10) wraps.
         let t0 = (u64::MAX >> FAST_SHIFT) - 1_000_000;
-        let mut tat = budget.carry_over(0, t0, &ByteBudget::default());
+        let mut tat = t0.wrapping_shl(FAST_SHIFT);
         for _ in 0..3 {
             tat = budget.admit(tat, t0, 1000).expect("within the burst");
         }
@@ -805,21 +868,28 @@ mod tests {
         let fast = ByteBudget::new(1_000_000, 1_000_000).expect("valid");
         let now = 1 << 40;
         // 2000 of 3000 bytes spent: 1000 saved.
-        let tat = slow.admit(0, now, 2000).expect("within");
-        let moved = fast.carry_over(tat, now, &slow);
+        let tat = slow.admit(now << FAST_SHIFT, now, 2000).expect("within");
+        let moved = fast.carry_over(tat, now, &slow, &slow);
         assert!(fast.admit(moved, now, 1000).is_some());
         assert_eq!(fast.admit(moved, now, 1001), None);
-        // Down again: the 1000 saved are capped at... nothing lost, the burst is 3000.
-        let back = slow.carry_over(moved, now, &fast);
+        // And back: the 1000 saved fit the smaller burst.
+        let back = slow.carry_over(moved, now, &fast, &fast);
         assert!(slow.admit(back, now, 1000).is_some());
         assert_eq!(slow.admit(back, now, 1001), None);
-        // Saved more than the new burst: capped.
-        let full = slow.carry_over(0, now, &fast);
+        // A full meter keeps the burst it had, capped at the new one.
+        let full = slow.carry_over(0, now, &fast, &fast);
         assert!(slow.admit(full, now, 3000).is_some());
         assert_eq!(slow.admit(full, now, 3001), None);
-        // A meter never charged starts full.
-        let fresh = fast.carry_over(0, now, &ByteBudget::default());
-        assert_eq!(fresh, now << FAST_SHIFT);
+        let up = fast.carry_over(0, now, &slow, &slow);
+        assert!(fast.admit(up, now, 3000).is_some());
+        assert_eq!(
+            fast.admit(up, now, 3001),
+            None,
+            "only what was saved: slow's burst"
+        );
+        // A meter never charged was full under the budget before.
+        let never = fast.carry_over(0, now, &ByteBudget::default(), &slow);
+        assert_eq!(never, up);
     }
 
     proptest! {

@@ -5,9 +5,9 @@
 //! the relay exactly as before, counted under its reason.
 //!
 //! Order of decisions, so that a peer cannot double its rate by making some of its datagrams
-//! fall back: first what holds for every datagram of a direction (the session entry, the
-//! slots, the families), then the byte budget, charged before any reason that depends on
-//! the datagram's own shape (VLAN tags, IP options, its route). A datagram charged here that
+//! fall back: first the relay's own decision (a bound sender, a bound receiver) and whether
+//! there is a budget to charge, then the byte budget, charged before every other reason to
+//! fall back (mixed families, VLAN tags, IP options, the route). A datagram charged here that
 //! then falls back is charged again by the relay against its own bucket of the same rate, so
 //! the two together never let through more than the rate.
 
@@ -20,7 +20,9 @@ use aya_ebpf::helpers::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_ns};
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::{DevMapHash, HashMap, PerCpuArray};
 use aya_ebpf::programs::XdpContext;
-use ferry_common::xdp::{BoundSlot, Counter, CounterValue, FastState, GuardConfig, MAX_SESSIONS};
+use ferry_common::xdp::{
+    BoundSlot, Counter, CounterValue, FastSlot, FastState, GuardConfig, MAX_SESSIONS,
+};
 
 use crate::{ETH_HLEN, IPV6_HLEN, SESSIONS, UDP_HLEN};
 
@@ -99,18 +101,16 @@ pub fn forward(ctx: &XdpContext, cfg: &GuardConfig, data: &Data) -> (u32, u32) {
     let mut charged = false;
     // SAFETY: as above; written only after a successful exchange, by whichever CPU made it.
     let under = unsafe { &raw mut (*slot).charged_under };
+    // SAFETY: as above.
+    let epoch = unsafe { &raw mut (*slot).epoch };
     for _ in 0..CAS_TRIES {
         // SAFETY: as above; an aligned 8-byte load is one instruction, never torn.
         let old = unsafe { tat.read_volatile() };
-        // SAFETY: as above. Two CPUs race here only if they charge the same direction at the
-        // moment the relay changes its budget; one datagram may then be charged at the old
-        // cost.
-        let last = unsafe { under.read_volatile() };
-        let start = if last == sender.budget {
-            old
-        } else {
-            sender.budget.carry_over(old, now, &last)
-        };
+        // SAFETY: as above. Two CPUs race here only if they charge the same direction right
+        // after the relay set its budget anew; one datagram may then be charged against the
+        // meter as it was before.
+        let (last, since) = unsafe { (under.read_volatile(), epoch.read_volatile()) };
+        let start = FastSlot::start(old, since, &last, sender);
         let Some(new) = sender.budget.admit(start, now, bytes) else {
             return (XDP_DROP, Counter::FastOverBudget as u32);
         };
@@ -122,9 +122,12 @@ pub fn forward(ctx: &XdpContext, cfg: &GuardConfig, data: &Data) -> (u32, u32) {
             )
         };
         if swapped {
-            if last != sender.budget {
+            if since != sender.budget_since {
                 // SAFETY: as above.
-                unsafe { under.write_volatile(sender.budget) };
+                unsafe {
+                    under.write_volatile(sender.budget);
+                    epoch.write_volatile(sender.budget_since);
+                }
             }
             charged = true;
             break;
@@ -132,6 +135,9 @@ pub fn forward(ctx: &XdpContext, cfg: &GuardConfig, data: &Data) -> (u32, u32) {
     }
     if !charged {
         return pass(Counter::FastContended);
+    }
+    if let Err(reason) = entry.fast_sendable(from, to) {
+        return pass(reason);
     }
 
     // ---- What depends on this datagram's own shape and route ----
