@@ -16,7 +16,7 @@ use crate::metrics::{self, Families};
 use crate::session::{Counters, DropReason, NoticeKind};
 use crate::shards::Sessions;
 use crate::worker::WorkerStats;
-use crate::xdp::Guard;
+use crate::xdp::{FastPathStatus, Guard};
 
 /// One per-worker counter family: name, help, and how to read it.
 type WorkerMetric = (&'static str, &'static str, fn(&WorkerStats) -> u64);
@@ -147,6 +147,11 @@ pub struct XdpSnapshot {
     pub session_map_errors: u64,
     /// Every counter slot summed over CPUs; `None` when the map could not be read.
     pub counters: Option<Vec<CounterValue>>,
+    /// Per attached interface, 1 when the fast path is active on it.
+    pub fast_path: Vec<(String, u64)>,
+    /// DATA the fast path forwarded (datagrams, bytes): already added into
+    /// [`Snapshot::sessions`]' `forwarded` and `forwarded_bytes`.
+    pub fast_forwarded: CounterValue,
 }
 
 impl Snapshot {
@@ -159,6 +164,17 @@ impl Snapshot {
         for stats in workers {
             stats.add_to_session_counters(&mut counters);
         }
+        // DATA forwarded in XDP counts in the same totals as DATA the workers forwarded.
+        let fast_forwarded = xdp
+            .map(|guard| {
+                guard
+                    .fast_totals()
+                    .inspect_err(|e| tracing::warn!("reading the XDP fast path's totals: {e}"))
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default();
+        counters.forwarded += fast_forwarded.packets;
+        counters.forwarded_bytes += fast_forwarded.bytes;
         Self {
             sessions: counters,
             active,
@@ -176,6 +192,17 @@ impl Snapshot {
                     .counters()
                     .inspect_err(|e| tracing::warn!("reading the XDP counters: {e}"))
                     .ok(),
+                fast_path: guard
+                    .fast_path()
+                    .iter()
+                    .map(|(interface, status)| {
+                        (
+                            interface.clone(),
+                            u64::from(*status == FastPathStatus::Active),
+                        )
+                    })
+                    .collect(),
+                fast_forwarded,
             }),
         }
     }
@@ -313,6 +340,23 @@ impl Snapshot {
                 .iter()
                 .map(|(interface, mode)| ([("interface", interface.as_str()), ("mode", *mode)], 1)),
         )?;
+        w.gauges(
+            "ferry_xdp_fast_path_active",
+            "1 when the XDP fast path forwards DATA arriving on this interface.",
+            xdp.fast_path
+                .iter()
+                .map(|(interface, active)| ([("interface", interface.as_str())], *active)),
+        )?;
+        w.counter(
+            "ferry_xdp_fast_forwarded_packets",
+            "DATA datagrams forwarded in XDP (included in ferry_forwarded_packets_total).",
+            xdp.fast_forwarded.packets,
+        )?;
+        w.counter(
+            "ferry_xdp_fast_forwarded_bytes",
+            "Bytes of DATA datagrams forwarded in XDP, headers included (included in ferry_forwarded_bytes_total).",
+            xdp.fast_forwarded.bytes,
+        )?;
         w.counter(
             "ferry_xdp_session_map_errors",
             "Session-map updates the kernel refused (that session's datagrams are dropped by the guard).",
@@ -392,6 +436,11 @@ mod tests {
                     packets: 7,
                     bytes: 700,
                 }]),
+                fast_path: vec![("eth0".into(), 1)],
+                fast_forwarded: CounterValue {
+                    packets: 3,
+                    bytes: 300,
+                },
             }),
         }
     }
@@ -418,6 +467,9 @@ mod tests {
             "# TYPE ferry_uring_recv_rearms_total counter\n",
             "ferry_xdp_enabled 1\n",
             "ferry_xdp_attached{interface=\"eth0\",mode=\"native\"} 1\n",
+            "ferry_xdp_fast_path_active{interface=\"eth0\"} 1\n",
+            "ferry_xdp_fast_forwarded_packets_total 3\n",
+            "ferry_xdp_fast_forwarded_bytes_total 300\n",
             "ferry_xdp_session_map_errors_total 1\n",
             "ferry_xdp_packets_total{action=\"pass\",reason=\"relay\"} 7\n",
             "ferry_xdp_bytes_total{action=\"pass\",reason=\"relay\"} 700\n",

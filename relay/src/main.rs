@@ -213,7 +213,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
     let cookies = CookieJar::generate(&rng).context("drawing the cookie secret")?;
     let mut sessions = build_sessions(&cfg, cookies.clone())?;
     if let Some(guard) = xdp.lock().unwrap_or_else(PoisonError::into_inner).as_mut() {
-        sessions = sessions.with_observer(guard.session_filter()?);
+        sessions = sessions.with_observer(guard.session_filter(&cfg.listen)?);
     }
     // The guard checks address cookies with the window keys, rewritten as windows pass.
     let mut cookie_window = None;

@@ -377,6 +377,9 @@ struct Binding {
     claimed_rate: u64,
     /// What the slot may still send.
     budget: TokenBucket,
+    /// When `budget` was last created or given a new rate, whether it was created then, and
+    /// its rate before.
+    budget_set: (Instant, bool, u64),
 }
 
 #[derive(Default)]
@@ -390,6 +393,14 @@ impl Session {
         SessionEvent::Bound {
             session: id,
             slots: [0, 1].map(|i| self.slots[i].as_ref().map(|b| b.addr)),
+            budgets: [0, 1].map(|i| {
+                self.slots[i].as_ref().map(|b| SlotBudget {
+                    rate: b.budget.rate(),
+                    set_at: b.budget_set.0,
+                    fresh: b.budget_set.1,
+                    previous_rate: b.budget_set.2,
+                })
+            }),
         }
     }
 
@@ -432,17 +443,36 @@ pub struct SessionTable {
 /// follows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SessionEvent {
-    /// The session's slots (A, B) are bound to these addresses now: after a BIND or REBIND was
-    /// accepted, or after one slot was reaped while the other stays. A session's first `Bound`
-    /// opens it.
+    /// The session's slots (A, B) are bound to these addresses now, with these DATA byte
+    /// budgets: after a BIND or REBIND was accepted, after one slot was reaped while the other
+    /// stays, or after a reload changed a slot's rate. A session's first `Bound` opens it.
     Bound {
         /// The session id.
         session: u64,
         /// Where slot A and slot B are bound, if they are.
         slots: [Option<SocketAddr>; 2],
+        /// Each bound slot's DATA byte budget.
+        budgets: [Option<SlotBudget>; 2],
     },
     /// The session was closed or reaped, and is forgotten.
     Closed(u64),
+}
+
+/// A bound slot's DATA byte budget, as a [`SessionEvent::Bound`] tells it: a token bucket of
+/// `rate` bytes a second and a burst of [`SessionLimits::slot_burst`] of it, which was created
+/// full at `set_at` (`fresh`) or had its rate changed then, keeping what was saved up to the
+/// new burst (a reload). A cache of the budget starts or carries over its meter at `set_at`
+/// the same way, and so admits exactly what the table's bucket admits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotBudget {
+    /// Bytes a second.
+    pub rate: u64,
+    /// When the bucket was created or last given a new rate.
+    pub set_at: Instant,
+    /// Created then (full), rather than given a new rate.
+    pub fresh: bool,
+    /// The rate before `set_at` (the same as `rate` when `fresh`).
+    pub previous_rate: u64,
 }
 
 impl SessionEvent {
@@ -553,17 +583,25 @@ impl SessionTable {
     }
 
     /// Applies new limits (SIGHUP) without dropping sessions: slot budgets are re-capped at
-    /// the new maximum rate. The replay cache keeps its size until the relay restarts.
+    /// the new maximum rate, and each session whose budgets changed gets a
+    /// [`SessionEvent::Bound`] with them. The replay cache keeps its size until the relay
+    /// restarts.
     pub fn set_limits(&mut self, limits: SessionLimits, now: Instant) {
-        for binding in self
-            .sessions
-            .values_mut()
-            .flat_map(|s| s.slots.iter_mut().flatten())
-        {
-            let rate = limits.slot_rate(binding.claimed_rate);
-            binding
-                .budget
-                .set_rate(rate, SessionLimits::slot_burst(rate), now);
+        for (&id, session) in &mut self.sessions {
+            let mut changed = false;
+            for binding in session.slots.iter_mut().flatten() {
+                let rate = limits.slot_rate(binding.claimed_rate);
+                if rate != binding.budget.rate() {
+                    changed = true;
+                    binding.budget_set = (now, false, binding.budget.rate());
+                }
+                binding
+                    .budget
+                    .set_rate(rate, SessionLimits::slot_burst(rate), now);
+            }
+            if changed {
+                self.events.push(session.bound_event(id));
+            }
         }
         self.limits = limits;
     }
@@ -629,6 +667,21 @@ impl SessionTable {
         ips: &mut impl SlotAccounts,
         notices: &mut Vec<Notice>,
     ) -> usize {
+        self.reap_seen(now, wall, ips, notices, |_| [None, None])
+    }
+
+    /// [`SessionTable::reap`], for a relay whose DATA partly bypasses the table (the XDP fast
+    /// path): before a slot is reaped as idle, `seen(session)` says when each slot last sent
+    /// DATA elsewhere, and a slot that did so within the idle timeout stays (its last-seen
+    /// time moves up to then). Asked only for slots about to be reaped as idle.
+    pub fn reap_seen(
+        &mut self,
+        now: Instant,
+        wall: UnixTime,
+        ips: &mut impl SlotAccounts,
+        notices: &mut Vec<Notice>,
+        mut seen: impl FnMut(u64) -> [Option<Instant>; 2],
+    ) -> usize {
         let idle = self.limits.idle_timeout;
         let skew = self.max_skew_secs;
         let mut reaped = 0;
@@ -637,15 +690,21 @@ impl SessionTable {
         let counters = &mut self.counters;
         self.sessions.retain(|&sid, session| {
             let reaped_before = reaped;
-            for (slot, index) in session.slots.iter_mut().zip([Slot::A, Slot::B]) {
-                let reason = slot.as_ref().and_then(|b| {
+            let mut elsewhere = None;
+            for ((slot, index), i) in session.slots.iter_mut().zip([Slot::A, Slot::B]).zip(0..) {
+                let reason = slot.as_mut().and_then(|b| {
                     if wall >= b.expires.saturating_add(skew) {
-                        Some(CloseReason::Expired)
-                    } else if now.saturating_duration_since(b.last_seen) >= idle {
-                        Some(CloseReason::Idle)
-                    } else {
-                        None
+                        return Some(CloseReason::Expired);
                     }
+                    if now.saturating_duration_since(b.last_seen) < idle {
+                        return None;
+                    }
+                    let seen: &[Option<Instant>; 2] = elsewhere.get_or_insert_with(|| seen(sid));
+                    if let Some(at) = seen[i].filter(|at| *at > b.last_seen) {
+                        b.last_seen = at;
+                    }
+                    (now.saturating_duration_since(b.last_seen) >= idle)
+                        .then_some(CloseReason::Idle)
                 });
                 let Some(reason) = reason else {
                     continue;
@@ -869,6 +928,7 @@ impl SessionTable {
             last_seen: now,
             claimed_rate,
             budget: TokenBucket::new(rate, SessionLimits::slot_burst(rate), now),
+            budget_set: (now, true, rate),
         };
         if held.is_none() {
             ips.attach(from.ip(), now);

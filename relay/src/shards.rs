@@ -37,6 +37,14 @@ pub trait SessionObserver: Send + Sync + std::fmt::Debug {
     /// Called with no shard locked, in order per session; a `Bound` arrives before the
     /// BIND-ACK of the BIND or REBIND that made it is handed to the worker (see [`Sessions`]).
     fn session_event(&self, event: SessionEvent);
+
+    /// When each slot of `session` last sent DATA that did not reach the tables (forwarded by
+    /// the XDP fast path), if it has: the reaper asks before it unbinds a slot as idle. Called
+    /// with the session's shard locked.
+    fn last_seen(&self, session: u64) -> [Option<Instant>; 2] {
+        let _ = session;
+        [None, None]
+    }
 }
 
 /// Locks a mutex, carrying on with the data if a panicking thread poisoned it: every update
@@ -260,7 +268,11 @@ impl Sessions {
             .iter()
             .map(|shard| {
                 let mut table = lock(&shard.table);
-                let reaped = table.reap(now, wall, &mut SharedIps(&self.ips), notices);
+                let observer = self.observer.as_deref();
+                let reaped =
+                    table.reap_seen(now, wall, &mut SharedIps(&self.ips), notices, |sid| {
+                        observer.map_or([None, None], |o| o.last_seen(sid))
+                    });
                 self.publish(shard, table);
                 reaped
             })
@@ -306,7 +318,9 @@ impl Sessions {
     ) {
         let shard_limits = shard_limits(limits);
         for shard in &self.shards {
-            lock(&shard.table).set_limits(shard_limits.clone(), now);
+            let mut table = lock(&shard.table);
+            table.set_limits(shard_limits.clone(), now);
+            self.publish(shard, table);
         }
         let mut verifier = TokenVerifier::clone(&self.verifier());
         let old: Vec<u32> = verifier.trusted_kids().collect();

@@ -14,22 +14,23 @@ use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aya::maps::lpm_trie::Key;
-use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray};
+use aya::maps::{Array, DevMapHash, HashMap, LpmTrie, MapData, MapError, PerCpuArray};
 use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use ferry_common::cookie::CookieKey;
 use ferry_common::xdp::{
-    BoundSlot, COUNTER_SLOTS, CookieKeys, CounterValue, FLAG_ACTIVE, FLAG_DROP_ALL_FRAGMENTS,
-    FLAG_SESSION_FILTER, GuardConfig, LIST_ALLOW, LIST_DENY, MAP_CIDR_V4, MAP_CIDR_V6, MAP_CONFIG,
-    MAP_COOKIE_KEYS, MAP_COUNTERS, MAP_SESSIONS, MAP_SOURCES, MAX_PORTS, PROGRAM_NAME, Rate,
-    SessionEntry,
+    BoundSlot, ByteBudget, COUNTER_SLOTS, CookieKeys, CounterValue, FLAG_ACTIVE,
+    FLAG_DROP_ALL_FRAGMENTS, FLAG_FAST_PATH, FLAG_SESSION_FILTER, FastState, GuardConfig,
+    LIST_ALLOW, LIST_DENY, MAP_CIDR_V4, MAP_CIDR_V6, MAP_CONFIG, MAP_COOKIE_KEYS, MAP_COUNTERS,
+    MAP_FAST_IFACES, MAP_FAST_STATE, MAP_FAST_TOTALS, MAP_SESSIONS, MAP_SOURCES, MAX_PORTS,
+    PROGRAM_NAME, Rate, SessionEntry,
 };
 pub use ferry_core::cidr::Cidr;
 
-use crate::session::SessionEvent;
+use crate::session::{SessionEvent, SessionLimits, SlotBudget};
 use crate::shards::SessionObserver;
 
 /// The XDP program, built from source by `build.rs`; empty when built with
@@ -40,6 +41,10 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fe
 pub const XDP_DROP: u32 = 1;
 /// XDP's return code for "pass to the kernel".
 pub const XDP_PASS: u32 = 2;
+/// XDP's return code for "send back out of the interface it came in on".
+pub const XDP_TX: u32 = 3;
+/// XDP's return code for "send out of another interface" (through a device map).
+pub const XDP_REDIRECT: u32 = 4;
 
 /// How the guard attaches (`xdp.mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,6 +129,9 @@ pub struct XdpSettings {
     /// Drop DATA, KEEPALIVE, REBIND and CLOSE for sessions the relay does not hold; the relay
     /// keeps the guard's session map in step through [`SessionFilter`].
     pub session_filter: bool,
+    /// Forward bound sessions' DATA in XDP on the interfaces the guard is attached to in
+    /// native mode (`xdp.fast_path`).
+    pub fast_path: bool,
     /// Sources dropped outright.
     pub deny: Vec<Cidr>,
     /// Sources exempt from metering (the longest matching prefix wins over `deny`).
@@ -141,8 +149,13 @@ impl XdpSettings {
             handshake_total: self.handshake_total,
             ipv6_mask: GuardConfig::ipv6_mask_for(self.ipv6_prefix_len),
             flags: FLAG_ACTIVE,
+            ttl: host_default("/proc/sys/net/ipv4/ip_default_ttl"),
+            hop_limit: host_default("/proc/sys/net/ipv6/conf/default/hop_limit"),
             ..GuardConfig::default()
         };
+        if self.fast_path {
+            cfg.flags |= FLAG_FAST_PATH;
+        }
         if self.drop_all_fragments {
             cfg.flags |= FLAG_DROP_ALL_FRAGMENTS;
         }
@@ -230,6 +243,13 @@ pub struct Guard {
     ebpf: Ebpf,
     filter: Option<Arc<SessionFilter>>,
     attached: Vec<(String, Attachment)>,
+    /// Per attached interface, whether the fast path is active on it and why not.
+    fast: Vec<(String, FastPathStatus)>,
+    /// The index of each attached interface, learnt when attaching (in the namespace the
+    /// guard attached in, which later calls may not run in).
+    indexes: BTreeMap<String, u32>,
+    /// `xdp.fast_path` as last configured.
+    fast_wanted: bool,
     /// The CIDR entries written into the tries, so a reload removes exactly the stale ones.
     lists: BTreeMap<Cidr, u32>,
 }
@@ -255,6 +275,9 @@ impl Guard {
             ebpf,
             filter: None,
             attached: Vec::new(),
+            fast: Vec::new(),
+            indexes: BTreeMap::new(),
+            fast_wanted: false,
             lists: BTreeMap::new(),
         })
     }
@@ -270,6 +293,7 @@ impl Guard {
         for interface in &settings.interfaces {
             guard.attach(interface, settings.mode)?;
         }
+        guard.sync_fast_path()?;
         Ok(Some(guard))
     }
 
@@ -286,7 +310,81 @@ impl Guard {
         config
             .set(0, settings.guard_config(ports), 0)
             .map_err(|e| map_error(MAP_CONFIG, e))?;
+        let changed = self.fast_wanted != settings.fast_path;
+        self.fast_wanted = settings.fast_path;
+        if changed && !self.attached.is_empty() {
+            self.sync_fast_path()?;
+        }
         Ok(())
+    }
+
+    /// Brings the fast path's interface map in line with `xdp.fast_path` and how each
+    /// interface is attached, and logs, per interface, whether the fast path is active and
+    /// why not.
+    fn sync_fast_path(&mut self) -> Result<(), XdpError> {
+        let mut ifaces: DevMapHash<&mut MapData> = map_mut(&mut self.ebpf, MAP_FAST_IFACES)?;
+        let mut status = Vec::with_capacity(self.attached.len());
+        for (interface, attachment) in &self.attached {
+            let index = self.indexes.get(interface).copied();
+            let forwarding = forwarding(interface);
+            let state = match (self.fast_wanted, attachment, index) {
+                (false, _, _) => FastPathStatus::Off,
+                (true, Attachment::Generic, _) => FastPathStatus::GenericMode,
+                (true, Attachment::Native, None) => FastPathStatus::Gone,
+                (true, Attachment::Native, _) if forwarding == [false, false] => {
+                    FastPathStatus::ForwardingOff
+                }
+                (true, Attachment::Native, Some(index)) => {
+                    match ifaces.insert(index, index, None, 0) {
+                        Ok(()) => FastPathStatus::Active,
+                        Err(e) => FastPathStatus::Refused(format!("{e:#}")),
+                    }
+                }
+            };
+            if state != FastPathStatus::Active
+                && let Some(index) = index
+            {
+                // Already absent is fine: the goal is that it is not there.
+                let _ = ifaces.remove(index);
+            }
+            match &state {
+                FastPathStatus::Active => tracing::info!(
+                    interface,
+                    ipv4 = forwarding[0],
+                    ipv6 = forwarding[1],
+                    "XDP fast path active (for the address families with forwarding on here)"
+                ),
+                other => tracing::info!(interface, reason = %other, "XDP fast path not active"),
+            }
+            status.push((interface.clone(), state));
+        }
+        self.fast = status;
+        Ok(())
+    }
+
+    /// Per attached interface, whether the fast path is active on it and why not.
+    pub fn fast_path(&self) -> &[(String, FastPathStatus)] {
+        &self.fast
+    }
+
+    /// DATA datagrams the fast path has forwarded, and their bytes (relay header included),
+    /// summed over CPUs.
+    pub fn fast_totals(&self) -> Result<CounterValue, XdpError> {
+        let map = self
+            .ebpf
+            .map(MAP_FAST_TOTALS)
+            .ok_or_else(|| map_error(MAP_FAST_TOTALS, "missing"))?;
+        let totals: PerCpuArray<&MapData, CounterValue> =
+            PerCpuArray::try_from(map).map_err(|e| map_error(MAP_FAST_TOTALS, e))?;
+        let per_cpu = totals
+            .get(&0, 0)
+            .map_err(|e| map_error(MAP_FAST_TOTALS, e))?;
+        let mut sum = CounterValue::default();
+        for value in per_cpu.iter() {
+            sum.packets = sum.packets.wrapping_add(value.packets);
+            sum.bytes = sum.bytes.wrapping_add(value.bytes);
+        }
+        Ok(sum)
     }
 
     /// Writes the address cookie's keys of the previous, current and next window
@@ -351,12 +449,20 @@ impl Guard {
         };
         tracing::info!(interface, mode = attachment.name(), "XDP guard attached");
         self.attached.push((interface.to_owned(), attachment));
+        if let Some(index) = interface_index(interface) {
+            self.indexes.insert(interface.to_owned(), index);
+        }
         Ok(attachment)
     }
 
-    /// The writer of the guard's session map, for [`crate::shards::Sessions::with_observer`].
-    /// The first call takes the map from the program's map set; later calls share it.
-    pub fn session_filter(&mut self) -> Result<Arc<SessionFilter>, XdpError> {
+    /// The writer of the guard's session map, for [`crate::shards::Sessions::with_observer`];
+    /// `listen` are the relay's listen addresses, from which it learns what address and port
+    /// the relay sends to each slot from (see [`RelaySources`]). The first call takes the
+    /// session maps from the program's map set; later calls share them.
+    pub fn session_filter(
+        &mut self,
+        listen: &[SocketAddr],
+    ) -> Result<Arc<SessionFilter>, XdpError> {
         if let Some(filter) = &self.filter {
             return Ok(Arc::clone(filter));
         }
@@ -366,8 +472,19 @@ impl Guard {
             .ok_or_else(|| map_error(MAP_SESSIONS, "missing"))?;
         let map: HashMap<MapData, u64, SessionEntry> =
             HashMap::try_from(map).map_err(|e| map_error(MAP_SESSIONS, e))?;
+        let state = self
+            .ebpf
+            .take_map(MAP_FAST_STATE)
+            .ok_or_else(|| map_error(MAP_FAST_STATE, "missing"))?;
+        let state: HashMap<MapData, u64, FastState> =
+            HashMap::try_from(state).map_err(|e| map_error(MAP_FAST_STATE, e))?;
         let filter = Arc::new(SessionFilter {
-            map: Mutex::new(map),
+            maps: Mutex::new(FilterMaps {
+                sessions: map,
+                state,
+            }),
+            sources: RelaySources::of(listen),
+            clock: KernelClock::now(),
             errors: AtomicU64::new(0),
         });
         self.filter = Some(Arc::clone(&filter));
@@ -409,6 +526,30 @@ impl Guard {
         Ok(out)
     }
 
+    /// Runs the program once on `frame` as if it arrived on interface `ingress` (an index in
+    /// the calling thread's network namespace), and returns its action and the frame as the
+    /// program left it (rewritten, when the fast path forwarded it).
+    pub fn test_run_on(&self, frame: &[u8], ingress: u32) -> Result<(u32, Vec<u8>), XdpError> {
+        let program = program(&self.ebpf, PROGRAM_NAME)?;
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex.
+        let fields = [0, frame.len() as u32, 0, ingress, 0, 0];
+        let mut ctx = Vec::with_capacity(24);
+        for field in fields {
+            ctx.extend_from_slice(&field.to_ne_bytes());
+        }
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        opts.ctx_in = Some(&ctx);
+        let result = program
+            .test_run(opts)
+            .map_err(|e| XdpError::TestRun(format!("{e:#}")))?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    }
+
     /// Runs the program `repeat` times on `frame` with `BPF_PROG_TEST_RUN` (no interface
     /// needed; maps and counters are the live ones).
     pub fn test_run(&self, frame: &[u8], repeat: u32) -> Result<TestRunOutcome, XdpError> {
@@ -426,23 +567,144 @@ impl Guard {
     }
 }
 
+/// Whether the fast path is active on one interface, and why not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FastPathStatus {
+    /// Active: DATA arriving here or routed out of here is forwarded in XDP.
+    Active,
+    /// `xdp.fast_path = false`.
+    Off,
+    /// The guard runs in generic mode here, where forwarding in XDP saves nothing.
+    GenericMode,
+    /// The interface had no index when the guard attached.
+    Gone,
+    /// Neither `net.ipv4.conf.<interface>.forwarding` nor `net.ipv6.conf.<interface>.forwarding`
+    /// is on: the kernel's FIB lookup, which finds the next hop, answers XDP programs only for
+    /// traffic arriving on an interface that forwards.
+    ForwardingOff,
+    /// The kernel refused the interface in the fast path's device map.
+    Refused(String),
+}
+
+impl fmt::Display for FastPathStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FastPathStatus::Active => f.write_str("active"),
+            FastPathStatus::Off => f.write_str("xdp.fast_path is false"),
+            FastPathStatus::GenericMode => f.write_str(
+                "the guard is attached in generic mode here (the driver has no native XDP)",
+            ),
+            FastPathStatus::Gone => f.write_str("the interface had no index when attached"),
+            FastPathStatus::ForwardingOff => f.write_str(
+                "forwarding is off on this interface (net.ipv4.conf.<interface>.forwarding and \
+                 net.ipv6.conf.<interface>.forwarding are 0), and the kernel's FIB lookup \
+                 needs it",
+            ),
+            FastPathStatus::Refused(e) => write!(f, "the device map refused it: {e}"),
+        }
+    }
+}
+
+/// Where the relay's io_uring workers send from to each address family: the first listen
+/// address of that family, as the workers pick their sending socket. The fast path sends from
+/// the same address and port, so a peer cannot tell which path a datagram took.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelaySources {
+    /// Datagrams to IPv4 peers.
+    pub v4: Option<SocketAddr>,
+    /// Datagrams to IPv6 peers.
+    pub v6: Option<SocketAddr>,
+}
+
+impl RelaySources {
+    /// The sources for listen addresses `listen`.
+    pub fn of(listen: &[SocketAddr]) -> Self {
+        RelaySources {
+            v4: listen.iter().find(|a| a.is_ipv4()).copied(),
+            v6: listen.iter().find(|a| a.is_ipv6()).copied(),
+        }
+    }
+
+    /// The listen address datagrams to `peer` leave from, if any.
+    fn for_peer(&self, peer: SocketAddr) -> Option<SocketAddr> {
+        let v4 = match peer.ip() {
+            IpAddr::V4(_) => true,
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().is_some(),
+        };
+        if v4 { self.v4 } else { self.v6 }
+    }
+}
+
+/// The two maps a [`SessionFilter`] writes, under one lock so that a session's entries change
+/// together.
+struct FilterMaps {
+    sessions: HashMap<MapData, u64, SessionEntry>,
+    state: HashMap<MapData, u64, FastState>,
+}
+
 /// Keeps the guard's session map equal to the relay's session tables: a session goes in when
-/// its first slot binds, its entry is replaced with the slots' new addresses whenever a BIND or
-/// REBIND is accepted or one slot is reaped (each before the BIND-ACK leaves, so the peer's
-/// first DATA from that address finds it), and it goes out when the session is closed or
-/// reaped. An update replaces the whole entry, so the program never reads one half written.
+/// its first slot binds, its entry is replaced with the slots' new addresses and budgets
+/// whenever a BIND or REBIND is accepted, one slot is reaped, or a reload changes a rate (each
+/// before the BIND-ACK leaves, so the peer's first DATA from that address finds it), and it
+/// goes out when the session is closed or reaped. An update replaces the whole entry, so the
+/// program never reads one half written.
+///
+/// The fast path's per-session state ([`FastState`]: byte meters, counters, last-seen times)
+/// lives in a second map, which the program updates in place: it is created when the session
+/// opens (before its entry, so the program finds both), kept while the session lives (a
+/// rebind keeps the meters and counters), and removed after the entry when the session goes.
 pub struct SessionFilter {
-    map: Mutex<HashMap<MapData, u64, SessionEntry>>,
+    maps: Mutex<FilterMaps>,
+    sources: RelaySources,
+    clock: KernelClock,
     errors: AtomicU64,
+}
+
+/// Turns [`Instant`]s into the program's clock (`bpf_ktime_get_ns`, `CLOCK_MONOTONIC` in
+/// nanoseconds): both are the monotonic clock, read once together here so that one `Instant`
+/// always gives the same nanoseconds.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelClock {
+    base: Instant,
+    base_ns: u64,
+}
+
+impl KernelClock {
+    /// The clock, read now.
+    pub fn now() -> Self {
+        KernelClock {
+            base: Instant::now(),
+            base_ns: monotonic_ns(),
+        }
+    }
+
+    /// A clock on which `base` is `base_ns` (tests).
+    pub fn at(base: Instant, base_ns: u64) -> Self {
+        KernelClock { base, base_ns }
+    }
+
+    /// `at` on the program's clock.
+    pub fn ns(&self, at: Instant) -> u64 {
+        match at.checked_duration_since(self.base) {
+            Some(after) => self.base_ns.wrapping_add(after.as_nanos() as u64),
+            None => self
+                .base_ns
+                .wrapping_sub(self.base.duration_since(at).as_nanos() as u64),
+        }
+    }
 }
 
 impl fmt::Debug for SessionFilter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SessionFilter")
+            .field("sources", &self.sources)
             .field("errors", &self.errors.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
 }
+
+/// `BPF_NOEXIST`: insert only if the key is absent.
+const BPF_NOEXIST: u64 = 1;
 
 impl SessionFilter {
     /// Whether `session` is in the map now.
@@ -452,19 +714,52 @@ impl SessionFilter {
 
     /// The map's entry for `session`, if it has one.
     pub fn get(&self, session: u64) -> Option<SessionEntry> {
-        let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        map.get(&session, 0).ok()
+        let maps = self.maps.lock().unwrap_or_else(PoisonError::into_inner);
+        maps.sessions.get(&session, 0).ok()
+    }
+
+    /// The fast path's state for `session`, if it has some.
+    pub fn fast_state(&self, session: u64) -> Option<FastState> {
+        let maps = self.maps.lock().unwrap_or_else(PoisonError::into_inner);
+        maps.state.get(&session, 0).ok()
+    }
+
+    fn apply(&self, event: SessionEvent) -> Result<(), MapError> {
+        let mut maps = self.maps.lock().unwrap_or_else(PoisonError::into_inner);
+        match event {
+            SessionEvent::Bound {
+                session,
+                slots,
+                budgets,
+            } => {
+                match maps
+                    .state
+                    .insert(session, FastState::default(), BPF_NOEXIST)
+                {
+                    Ok(()) => {}
+                    // Kept: the session's meters and counters carry on.
+                    Err(MapError::SyscallError(e))
+                        if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                    Err(e) => return Err(e),
+                }
+                maps.sessions.insert(
+                    session,
+                    entry(slots, budgets, &self.sources, &self.clock),
+                    0,
+                )
+            }
+            SessionEvent::Closed(id) => {
+                let entry = maps.sessions.remove(&id);
+                let _ = maps.state.remove(&id);
+                entry
+            }
+        }
     }
 }
 
 impl SessionObserver for SessionFilter {
     fn session_event(&self, event: SessionEvent) {
-        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        let result = match event {
-            SessionEvent::Bound { session, slots } => map.insert(session, entry(slots), 0),
-            SessionEvent::Closed(id) => map.remove(&id),
-        };
-        if let Err(e) = result {
+        if let Err(e) = self.apply(event) {
             // The map holds every session `limits.max_sessions` allows, so this is a kernel
             // allocation failure: that session's datagrams are dropped by the guard until it
             // is bound again. Counted, and logged once in a while.
@@ -474,42 +769,133 @@ impl SessionObserver for SessionFilter {
             }
         }
     }
+
+    fn last_seen(&self, session: u64) -> [Option<Instant>; 2] {
+        let Some(state) = self.fast_state(session) else {
+            return [None, None];
+        };
+        let now = Instant::now();
+        let now_ns = monotonic_ns();
+        state.slots.map(|slot| {
+            (slot.last_seen != 0)
+                .then(|| {
+                    now.checked_sub(Duration::from_nanos(now_ns.saturating_sub(slot.last_seen)))
+                })
+                .flatten()
+        })
+    }
+}
+
+/// Whether IPv4 and IPv6 forwarding are on for `interface` (this process's namespace).
+fn forwarding(interface: &str) -> [bool; 2] {
+    ["ipv4", "ipv6"].map(|family| {
+        std::fs::read_to_string(format!(
+            "/proc/sys/net/{family}/conf/{interface}/forwarding"
+        ))
+        .is_ok_and(|v| v.trim() != "0")
+    })
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns` and of [`Instant`].
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    #[allow(unsafe_code)]
+    // SAFETY: clock_gettime writes one timespec into `ts`, which lives across the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// The index of interface `name` in this network namespace, if it exists.
+fn interface_index(name: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    #[allow(unsafe_code)]
+    // SAFETY: if_nametoindex reads the NUL-terminated string, which lives across the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+/// The TTL or hop limit in sysctl file `path` (what the relay's own sockets send with), or 64
+/// when it cannot be read.
+fn host_default(path: &str) -> u8 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse::<u8>().ok())
+        .filter(|v| *v > 0)
+        .unwrap_or(64)
+}
+
+/// Whether this network namespace has an interface named `name`.
+pub fn interface_exists(name: &str) -> bool {
+    interface_index(name).is_some()
+}
+
+/// An address as the guard keys it: IPv4 as IPv4-mapped IPv6 (a dual-stack socket may report
+/// an IPv4 peer that way already).
+fn guard_addr(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The guard's map entry for a session whose slots are bound at `slots` with DATA byte budgets
+/// `budgets`, for a relay that sends from `sources`; times on the program's clock `clock`. A
+/// slot whose budget the fast path cannot express (see [`ByteBudget::new`]) gets a zero
+/// budget, and its DATA goes to the relay.
+pub fn entry(
+    slots: [Option<SocketAddr>; 2],
+    budgets: [Option<SlotBudget>; 2],
+    sources: &RelaySources,
+    clock: &KernelClock,
+) -> SessionEntry {
+    let slot = |(addr, budget): (Option<SocketAddr>, Option<SlotBudget>)| match addr {
+        Some(addr) => {
+            let source = sources.for_peer(addr);
+            let (relay_addr, relay_addr_set) = match source {
+                Some(s) if !s.ip().is_unspecified() => (guard_addr(s.ip()), 1),
+                _ => ([0; 16], 0),
+            };
+            let (rate, since, fresh, previous) = budget.map_or((0, 0, 0, 0), |b| {
+                (
+                    b.rate,
+                    clock.ns(b.set_at),
+                    u8::from(b.fresh),
+                    b.previous_rate,
+                )
+            });
+            let budget_of =
+                |rate| ByteBudget::new(rate, SessionLimits::slot_burst(rate)).unwrap_or_default();
+            BoundSlot {
+                addr: guard_addr(addr.ip()),
+                port: addr.port(),
+                bound: 1,
+                relay_addr_set,
+                relay_port: source.map_or(0, |s| s.port()),
+                budget_fresh: fresh,
+                _pad: 0,
+                relay_addr,
+                budget: budget_of(rate),
+                budget_since: since,
+                budget_before: budget_of(previous),
+            }
+        }
+        None => BoundSlot::default(),
+    };
+    SessionEntry {
+        slots: [(slots[0], budgets[0]), (slots[1], budgets[1])].map(slot),
+    }
 }
 
 /// Loads `object` with `loader` and its XDP program `name` into the kernel (verifier
 /// included).
-/// Whether this network namespace has an interface named `name`.
-pub fn interface_exists(name: &str) -> bool {
-    let Ok(name) = std::ffi::CString::new(name) else {
-        return false;
-    };
-    #[allow(unsafe_code)]
-    // SAFETY: if_nametoindex reads the NUL-terminated string, which lives across the call.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    index != 0
-}
-
-/// The guard's map entry for a session whose slots are bound at `slots`.
-fn entry(slots: [Option<SocketAddr>; 2]) -> SessionEntry {
-    let slot = |addr: Option<SocketAddr>| match addr {
-        Some(addr) => BoundSlot {
-            // The guard sees IPv4 sources as IPv4-mapped IPv6 addresses; a dual-stack socket
-            // may report an IPv4 peer that way already.
-            addr: match addr.ip() {
-                IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-                IpAddr::V6(v6) => v6.octets(),
-            },
-            port: addr.port(),
-            bound: 1,
-            _pad: [0; 5],
-        },
-        None => BoundSlot::default(),
-    };
-    SessionEntry {
-        slots: slots.map(slot),
-    }
-}
-
 fn load_object(mut loader: EbpfLoader<'_>, object: &[u8], name: &str) -> Result<Ebpf, XdpError> {
     if object.is_empty() {
         return Err(XdpError::NotBuilt);
@@ -542,7 +928,7 @@ fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp, XdpErr
 /// Map `name` of `ebpf` as the typed map `M`.
 fn map_mut<'a, M>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<M, XdpError>
 where
-    M: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+    M: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
 {
     let map = ebpf
         .map_mut(name)

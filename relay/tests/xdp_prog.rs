@@ -36,6 +36,7 @@ fn settings() -> XdpSettings {
         handshake: Rate::new(1_000, 1_000).unwrap(),
         handshake_total: Rate::new(1_000_000, 1_000_000).unwrap(),
         session_filter: false,
+        fast_path: false,
         deny: Vec::new(),
         allow: Vec::new(),
     }
@@ -726,7 +727,7 @@ fn the_session_filter_drops_datagrams_for_sessions_the_relay_does_not_hold() {
     );
     use ferry_relay::session::SessionEvent;
     use ferry_relay::shards::SessionObserver;
-    let filter = g.session_filter().unwrap();
+    let filter = g.session_filter(&[]).unwrap();
     let unknown = Counter::DropUnknownSession as u32;
     let sid = 0x0102_0304_0506_0708; // the session of `datagram()`
     let d = v4_from("198.18.0.2").build(&data(100));
@@ -760,6 +761,7 @@ fn the_session_filter_drops_datagrams_for_sessions_the_relay_does_not_hold() {
     filter.session_event(SessionEvent::Bound {
         session: sid,
         slots: [Some(a), None],
+        budgets: [None, None],
     });
     assert!(filter.contains(sid));
     expect(
@@ -808,7 +810,7 @@ fn data_and_keepalives_for_a_held_session_pass_only_from_its_bound_slots() {
     );
     use ferry_relay::session::SessionEvent;
     use ferry_relay::shards::SessionObserver;
-    let filter = g.session_filter().unwrap();
+    let filter = g.session_filter(&[]).unwrap();
     let unbound = Counter::DropUnboundSource as u32;
     let sid = 0x0102_0304_0506_0708; // the session of `datagram()`
     let (a, b): (std::net::SocketAddr, std::net::SocketAddr) = (
@@ -831,6 +833,7 @@ fn data_and_keepalives_for_a_held_session_pass_only_from_its_bound_slots() {
     filter.session_event(SessionEvent::Bound {
         session: sid,
         slots: [Some(a), Some(b)],
+        budgets: [None, None],
     });
     let entry = filter.get(sid).unwrap();
     assert!(entry.slots.iter().all(|s| s.bound == 1));
@@ -898,6 +901,7 @@ fn data_and_keepalives_for_a_held_session_pass_only_from_its_bound_slots() {
     filter.session_event(SessionEvent::Bound {
         session: sid,
         slots: [Some("198.18.0.9:5000".parse().unwrap()), Some(b)],
+        budgets: [None, None],
     });
     expect(
         &g,
@@ -917,6 +921,7 @@ fn data_and_keepalives_for_a_held_session_pass_only_from_its_bound_slots() {
     filter.session_event(SessionEvent::Bound {
         session: sid,
         slots: [Some("198.18.0.9:5000".parse().unwrap()), None],
+        budgets: [None, None],
     });
     expect(
         &g,

@@ -8,6 +8,14 @@
 //! packets per second at the sink, it reports the forwarder's CPU time per forwarded packet
 //! (from /proc), which stays meaningful when the generator, not the forwarder, is the limit.
 //!
+//! With `--netns`, the topology is three namespaces instead (see [`netns`]): generator →
+//! relay host with two veths → sink, all in 198.18.0.0/15, and four paths in interleaved
+//! rounds: the kernel forwarding between the two veths (direct), the plain forwarder, the
+//! io_uring relay (`xdp.fast_path = false`), and the relay's XDP fast path. Besides the sink's
+//! rate it reports busy CPU per delivered packet over all CPUs (from /proc/stat: generator,
+//! sink and relay host share the machine) and, with `kernel.bpf_stats_enabled`, the XDP
+//! program's own run time per run.
+//!
 //! With `--latency`, the generator instead sends one datagram at a time, paced to each
 //! `--rate`, with the send time (monotonic clock, nanoseconds) in its last 8 bytes; the sink
 //! records one-way latency into a histogram and the table gives p50/p99/p99.9/max next to CPU
@@ -71,6 +79,10 @@ struct Cli {
     /// Where ferry-relay and ferry-plainfwd are (default: next to this program).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// The three-namespace topology (needs root): direct path, plain forwarder, io_uring
+    /// relay and XDP fast path, interleaved.
+    #[arg(long)]
+    netns: bool,
 }
 
 /// What one measurement saw.
@@ -83,6 +95,11 @@ struct Run {
     latency: Option<Latency>,
     /// The relay's io_uring submits per datagram it received (Ferry only).
     submits_per_datagram: Option<f64>,
+    /// Busy CPU time of all CPUs per delivered packet, ns (/proc/stat).
+    host_ns_per_packet: f64,
+    /// The XDP programs' run time per run in the measured process, ns, when
+    /// `kernel.bpf_stats_enabled` is on and it holds one.
+    xdp_ns_per_run: Option<f64>,
 }
 
 /// One-way latency at the sink, in microseconds.
@@ -112,6 +129,9 @@ fn main() -> anyhow::Result<()> {
             .context("no directory for this program")?
             .to_owned(),
     };
+    if cli.netns {
+        return netns::table(&cli, &bin_dir);
+    }
     if cli.latency {
         if cli.rates.contains(&0) {
             bail!("--latency needs a rate above 0 (one datagram at a time, paced)");
@@ -275,6 +295,8 @@ fn latency_table(cli: &Cli, bin_dir: &Path, load: Load) -> anyhow::Result<()> {
                     p999: med(&lat(|l| l.p999), which),
                     max: med(&lat(|l| l.max), which),
                 }),
+                host_ns_per_packet: med(&|r| r.host_ns_per_packet, which),
+                xdp_ns_per_run: None,
                 submits_per_datagram: Some(med(
                     &|r| r.submits_per_datagram.unwrap_or(f64::NAN),
                     which,
@@ -392,6 +414,7 @@ fn measure(
     };
     std::thread::sleep(Duration::from_secs(1));
     recording.store(true, Ordering::Relaxed);
+    let (h0, x0) = (host_busy_ns(), xdp_stats(pid));
     let (s0, r0, c0, t0) = (
         sent.load(Ordering::Relaxed),
         received.load(Ordering::Relaxed),
@@ -405,6 +428,7 @@ fn measure(
         task_cpu_ns(pid)?,
         Instant::now(),
     );
+    let (h1, x1) = (host_busy_ns(), xdp_stats(pid));
     recording.store(false, Ordering::Relaxed);
     stop.store(true, Ordering::Relaxed);
     let _ = gen_thread.join();
@@ -426,7 +450,66 @@ fn measure(
             max: us(histogram.max()),
         }),
         submits_per_datagram: None,
+        host_ns_per_packet: h1.saturating_sub(h0) as f64 / forwarded as f64,
+        xdp_ns_per_run: match (x0, x1) {
+            (Some((t0, n0)), Some((t1, n1))) if n1 > n0 => {
+                Some((t1 - t0) as f64 / (n1 - n0) as f64)
+            }
+            _ => None,
+        },
     })
+}
+
+/// Busy time of all CPUs so far, ns: /proc/stat's first line without idle and iowait.
+fn host_busy_ns() -> u64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return 0;
+    };
+    let Some(line) = stat.lines().next() else {
+        return 0;
+    };
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let busy: u64 = fields
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| *v)
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    #[allow(unsafe_code)]
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    busy.saturating_mul(1_000_000_000 / hz)
+}
+
+/// The run time (ns) and run count of the XDP programs process `pid` holds, summed, from its
+/// fdinfo: counted only while `kernel.bpf_stats_enabled` is 1.
+fn xdp_stats(pid: u32) -> Option<(u64, u64)> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/fdinfo")).ok()?;
+    let (mut time, mut count, mut found) = (0u64, 0u64, false);
+    for entry in dir.flatten() {
+        let Ok(info) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        // BPF_PROG_TYPE_XDP.
+        if field("prog_type:") != Some(6) {
+            continue;
+        }
+        if let (Some(t), Some(n)) = (field("run_time_ns:"), field("run_cnt:")) {
+            time += t;
+            count += n;
+            found = true;
+        }
+    }
+    found.then_some((time, count))
 }
 
 /// The send time a latency-mode datagram carries in its last 8 bytes.
@@ -660,4 +743,347 @@ fn bind(sock: &UdpSocket, relay: SocketAddr, token: &MintedToken) -> anyhow::Res
         }
     }
     bail!("BIND did not complete")
+}
+
+/// The three-namespace topology of `--netns`.
+mod netns {
+    use std::net::{IpAddr, SocketAddr, UdpSocket};
+    use std::path::Path;
+    use std::process::{Command, Stdio};
+    use std::time::Duration;
+
+    use anyhow::{Context, bail};
+    use ferry_core::wire::Slot;
+    use ferry_relay::xdp::{Guard, Mode};
+    use ferry_testkit::fixtures::Authority;
+    use ferry_testkit::netns::in_ns;
+    use ferry_testkit::relay::{RelayConfig, RelayProcess};
+
+    use super::{Cli, Load, Reaped, Run, bind, measure, median, payload_datagram, rand8};
+    use ferry_bench::udp::socket;
+
+    const RELAY_PORT: u16 = 7000;
+    const SINK_PORT: u16 = 9000;
+
+    /// Generator namespace (198.18.1.2) ─ veth ─ relay namespace (198.18.1.1, 198.18.2.1,
+    /// forwarding on, XDP-capable veths) ─ veth ─ sink namespace (198.18.2.2). The generator's
+    /// veth computes UDP checksums in full (a partial one cannot be forwarded from XDP), and
+    /// the sink's veth runs an XDP program that passes everything, without which a veth
+    /// drops frames redirected to it. Removed on drop.
+    struct Topology {
+        gen_ns: String,
+        relay_ns: String,
+        sink_ns: String,
+        /// Keeps the sink veth's pass-all XDP program attached.
+        _pass: Option<Guard>,
+    }
+
+    fn ip(args: &[&str]) -> anyhow::Result<()> {
+        let status = Command::new("ip")
+            .args(args)
+            .stdout(Stdio::null())
+            .status()
+            .context("running ip")?;
+        if !status.success() {
+            bail!("ip {} failed", args.join(" "));
+        }
+        Ok(())
+    }
+
+    fn exec(ns: &str, args: &[&str]) -> anyhow::Result<()> {
+        let mut all = vec!["netns", "exec", ns];
+        all.extend_from_slice(args);
+        ip(&all)
+    }
+
+    impl Topology {
+        fn new() -> anyhow::Result<Self> {
+            let pid = std::process::id();
+            let mut topo = Topology {
+                gen_ns: format!("ferry-bg-{pid}"),
+                relay_ns: format!("ferry-br-{pid}"),
+                sink_ns: format!("ferry-bs-{pid}"),
+                _pass: None,
+            };
+            let (g, r, s) = (
+                topo.gen_ns.clone(),
+                topo.relay_ns.clone(),
+                topo.sink_ns.clone(),
+            );
+            for ns in [&g, &r, &s] {
+                ip(&["netns", "add", ns])?;
+                exec(ns, &["ip", "link", "set", "lo", "up"])?;
+            }
+            for (side, ns, net) in [("g", &g, 1), ("s", &s, 2)] {
+                let (outer, inner) = (format!("fb{side}{pid}"), format!("fr{side}{pid}"));
+                let (outer, inner) = (
+                    outer.chars().take(15).collect::<String>(),
+                    inner.chars().take(15).collect::<String>(),
+                );
+                ip(&[
+                    "link", "add", &outer, "type", "veth", "peer", "name", &inner,
+                ])?;
+                ip(&["link", "set", &outer, "netns", ns])?;
+                ip(&["link", "set", &inner, "netns", &r])?;
+                exec(
+                    ns,
+                    &[
+                        "ip",
+                        "addr",
+                        "add",
+                        &format!("198.18.{net}.2/24"),
+                        "dev",
+                        &outer,
+                    ],
+                )?;
+                exec(
+                    &r,
+                    &[
+                        "ip",
+                        "addr",
+                        "add",
+                        &format!("198.18.{net}.1/24"),
+                        "dev",
+                        &inner,
+                    ],
+                )?;
+                exec(ns, &["ip", "link", "set", &outer, "up"])?;
+                exec(&r, &["ip", "link", "set", &inner, "up"])?;
+                exec(
+                    ns,
+                    &[
+                        "ip",
+                        "route",
+                        "add",
+                        "198.18.0.0/15",
+                        "via",
+                        &format!("198.18.{net}.1"),
+                    ],
+                )?;
+                exec(
+                    &r,
+                    &[
+                        "sysctl",
+                        "-qw",
+                        &format!("net.ipv4.conf.{inner}.forwarding=1"),
+                    ],
+                )?;
+                if side == "g" {
+                    exec(ns, &["ethtool", "-K", &outer, "tx-checksumming", "off"])?;
+                } else {
+                    let mut pass = Guard::load(16)?;
+                    let outer = outer.clone();
+                    in_ns(ns, || pass.attach(&outer, Mode::Native).map(|_| ()))??;
+                    topo._pass = Some(pass);
+                }
+            }
+            exec(&r, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            Ok(topo)
+        }
+
+        /// The relay namespace's veths: to the generator, to the sink.
+        fn relay_ifs() -> [String; 2] {
+            let pid = std::process::id();
+            ["g", "s"].map(|side| format!("fr{side}{pid}").chars().take(15).collect())
+        }
+
+        fn socket_in(ns: &str, addr: &str) -> anyhow::Result<UdpSocket> {
+            let addr: SocketAddr = addr.parse()?;
+            Ok(in_ns(ns, || socket(addr))??)
+        }
+    }
+
+    impl Drop for Topology {
+        fn drop(&mut self) {
+            for ns in [&self.gen_ns, &self.relay_ns, &self.sink_ns] {
+                let _ = ip(&["netns", "del", ns]);
+            }
+        }
+    }
+
+    /// Which way datagrams go from the generator to the sink.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Path4 {
+        Direct,
+        Plain,
+        Uring,
+        Fast,
+    }
+
+    const PATHS: [(Path4, &str); 4] = [
+        (Path4::Direct, "direct"),
+        (Path4::Plain, "plain"),
+        (Path4::Uring, "io_uring"),
+        (Path4::Fast, "xdp fast"),
+    ];
+
+    pub(super) fn table(cli: &Cli, bin_dir: &Path) -> anyhow::Result<()> {
+        let topo = Topology::new().context("setting up the namespaces (needs root)")?;
+        let stats_before = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+            .unwrap_or_else(|_| "0".into());
+        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
+        let load = Load {
+            rate: cli.rates.first().copied().unwrap_or(0),
+            latency: false,
+        };
+        println!(
+            "ferry-fwdbench --netns: generator ns -> relay ns (2 veths) -> sink ns, {} s per run, {} round(s), offered {}",
+            cli.seconds,
+            cli.rounds,
+            match load.rate {
+                0 => "as fast as possible".to_string(),
+                r => format!("{r} pps"),
+            }
+        );
+        println!(
+            "{:>7} {:>9} | {:>10} {:>6} | {:>10} {:>10} | {:>8}",
+            "payload", "path", "pps", "x dir", "host ns/p", "proc ns/p", "xdp ns"
+        );
+        for &size in &cli.sizes {
+            let mut results: Vec<Vec<Run>> = vec![Vec::new(); PATHS.len()];
+            for _ in 0..cli.rounds {
+                for (i, (path, _)) in PATHS.iter().enumerate() {
+                    let run = run_path(cli, bin_dir, &topo, *path, size, load)?;
+                    results[i].push(run);
+                }
+            }
+            let mut direct = results[0]
+                .iter()
+                .map(|r| r.received_pps)
+                .collect::<Vec<_>>();
+            let direct = median(&mut direct);
+            for (i, (_, name)) in PATHS.iter().enumerate() {
+                let runs = &results[i];
+                let med = |f: &dyn Fn(&Run) -> f64| {
+                    let mut v: Vec<f64> = runs.iter().map(f).collect();
+                    median(&mut v)
+                };
+                let pps = med(&|r| r.received_pps);
+                let xdp = runs
+                    .iter()
+                    .filter_map(|r| r.xdp_ns_per_run)
+                    .collect::<Vec<_>>();
+                let process = med(&|r| r.cpu_ns_per_packet);
+                println!(
+                    "{:>6}B {:>9} | {:>10.0} {:>5.2}x | {:>10.0} {:>10} | {:>8}",
+                    size,
+                    name,
+                    pps,
+                    pps / direct.max(1.0),
+                    med(&|r| r.host_ns_per_packet),
+                    match process.is_nan() {
+                        true => "-".to_string(),
+                        false => format!("{process:.0}"),
+                    },
+                    match xdp.is_empty() {
+                        true => "-".to_string(),
+                        false => format!("{:.0}", median(&mut xdp.clone())),
+                    },
+                );
+            }
+        }
+        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats_before.trim());
+        println!(
+            "medians over rounds; x dir: delivered rate / the direct path's; host ns/p: busy CPU \
+             of all CPUs per delivered packet (generator and sink included); proc ns/p: the \
+             forwarder process's CPU per delivered packet; xdp ns: the relay's XDP program's \
+             run time per run (every frame it saw, kernel.bpf_stats_enabled)"
+        );
+        drop(topo);
+        Ok(())
+    }
+
+    fn run_path(
+        cli: &Cli,
+        bin_dir: &Path,
+        topo: &Topology,
+        path: Path4,
+        size: usize,
+        load: Load,
+    ) -> anyhow::Result<Run> {
+        let generator = Topology::socket_in(&topo.gen_ns, "198.18.1.2:0")?;
+        let sink = Topology::socket_in(&topo.sink_ns, &format!("198.18.2.2:{SINK_PORT}"))?;
+        match path {
+            Path4::Direct => {
+                let to: SocketAddr = format!("198.18.2.2:{SINK_PORT}").parse()?;
+                let run = measure(
+                    cli,
+                    load,
+                    generator,
+                    sink,
+                    to,
+                    &payload_datagram(1, size)?,
+                    std::process::id(),
+                )?;
+                // No forwarder process: this process's CPU is the generator's and the sink's,
+                // and the XDP program it holds is the sink's pass-all one.
+                Ok(Run {
+                    cpu_ns_per_packet: f64::NAN,
+                    xdp_ns_per_run: None,
+                    ..run
+                })
+            }
+            Path4::Plain => {
+                let listen = format!("198.18.1.1:{RELAY_PORT}");
+                let child = Command::new("ip")
+                    .args(["netns", "exec", &topo.relay_ns])
+                    .arg(bin_dir.join("ferry-plainfwd"))
+                    .args(["--listen", &listen])
+                    .args(["--to", &format!("198.18.2.2:{SINK_PORT}")])
+                    .args(["--seconds", &(cli.seconds + 3).to_string()])
+                    .args(["--cpu", &cli.forwarder_cpu.to_string()])
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .context("starting ferry-plainfwd")?;
+                let child = Reaped(child);
+                std::thread::sleep(Duration::from_millis(300));
+                measure(
+                    cli,
+                    load,
+                    generator,
+                    sink,
+                    listen.parse()?,
+                    &payload_datagram(1, size)?,
+                    child.0.id(),
+                )
+            }
+            Path4::Uring | Path4::Fast => {
+                let auth = Authority::new()?;
+                let [to_gen, to_sink] = Topology::relay_ifs();
+                let config = RelayConfig {
+                    listen: vec![SocketAddr::new(IpAddr::from([0, 0, 0, 0]), RELAY_PORT)],
+                    relay_extra: format!("cpus = [{}]", cli.forwarder_cpu),
+                    sections: format!(
+                        "[xdp]\nmode = \"native\"\ninterfaces = [\"{to_gen}\", \"{to_sink}\"]\n\
+                         fast_path = {}\ndata_packets_per_second = 1099511627776\n\
+                         data_packet_burst = 1099511627776\ndata_bytes_per_second = 1099511627776\n\
+                         data_byte_burst = 1099511627776\n\n\
+                         [limits]\ndefault_session_rate = 100000000000\nmax_session_rate = 100000000000\n\n\
+                         [log]\nlevel = \"warn\"\n",
+                        path == Path4::Fast
+                    ),
+                    netns: Some(topo.relay_ns.clone()),
+                    log_to_file: true,
+                    ..RelayConfig::loopback(vec![auth.gateway_key()])?
+                };
+                let relay =
+                    RelayProcess::start(&bin_dir.join("ferry-relay"), &auth.relay_key, &config)?;
+                let rng = ring::rand::SystemRandom::new();
+                let session = u64::from_be_bytes(rand8(&rng)?).max(1);
+                let to_relay_gen: SocketAddr = format!("198.18.1.1:{RELAY_PORT}").parse()?;
+                let to_relay_sink: SocketAddr = format!("198.18.2.1:{RELAY_PORT}").parse()?;
+                bind(&generator, to_relay_gen, &auth.mint(session, Slot::A, 600)?)?;
+                bind(&sink, to_relay_sink, &auth.mint(session, Slot::B, 600)?)?;
+                measure(
+                    cli,
+                    load,
+                    generator,
+                    sink,
+                    to_relay_gen,
+                    &payload_datagram(session, size)?,
+                    relay.pid(),
+                )
+            }
+        }
+    }
 }

@@ -43,6 +43,7 @@ fn settings(packets: Rate, handshake: Rate, denied: Cidr) -> XdpSettings {
         handshake,
         handshake_total: Rate::UNLIMITED,
         session_filter: false,
+        fast_path: false,
         // A deny entry that never matches the benchmark's source: the trie lookup is real.
         deny: vec![denied],
         allow: Vec::new(),

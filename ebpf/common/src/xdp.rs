@@ -40,6 +40,17 @@ pub const MAP_CIDR_V6: &str = "CIDR_V6";
 /// sessions dies in the driver; so are DATA and KEEPALIVE for a held session from an address
 /// none of its slots is bound to, which the relay would drop too.
 pub const MAP_SESSIONS: &str = "SESSIONS";
+/// Map: `HashMap<u64, FastState>`, the fast path's per-session state (byte meters, packet and
+/// byte counters, last-seen times per direction), keyed like [`MAP_SESSIONS`]. The relay
+/// creates an entry when a session opens (keeping one that exists) and removes it when the
+/// session goes; the program only updates entries in place.
+pub const MAP_FAST_STATE: &str = "FAST_STATE";
+/// Map: `DevMapHash` keyed by interface index: the interfaces on which the fast path is active,
+/// both as the way in and the way out (`XDP_REDIRECT` goes through it).
+pub const MAP_FAST_IFACES: &str = "FAST_IFACES";
+/// Map: `PerCpuArray<CounterValue>` with one entry: DATA datagrams the fast path forwarded and
+/// their bytes (relay header included, as the relay's own `forwarded_bytes` counts them).
+pub const MAP_FAST_TOTALS: &str = "FAST_TOTALS";
 /// Map: `Array<Meter>` with one entry, the relay-wide handshake meter.
 pub const MAP_HANDSHAKES: &str = "HANDSHAKES";
 /// Map: `Array<CookieKeys>` with one entry: the address cookie's keys of the previous, current
@@ -70,6 +81,10 @@ pub const FLAG_DROP_ALL_FRAGMENTS: u16 = 2;
 /// [`GuardConfig::flags`]: drop DATA, KEEPALIVE, REBIND and CLOSE for sessions missing from
 /// [`MAP_SESSIONS`].
 pub const FLAG_SESSION_FILTER: u16 = 4;
+
+/// [`GuardConfig::flags`]: forward DATA of bound sessions in XDP (the fast path), on the
+/// interfaces in [`MAP_FAST_IFACES`].
+pub const FLAG_FAST_PATH: u16 = 8;
 
 /// Most UDP ports the guard protects (the relay's distinct listen ports).
 pub const MAX_PORTS: usize = 4;
@@ -193,7 +208,8 @@ pub struct SourceKey {
     pub addr: [u8; 16],
 }
 
-/// One slot of a [`SessionEntry`]: the address and port the slot is bound to.
+/// One slot of a [`SessionEntry`]: the address and port the slot is bound to, and what the fast
+/// path needs to forward to it and from it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BoundSlot {
@@ -203,8 +219,31 @@ pub struct BoundSlot {
     pub port: u16,
     /// 1 when the slot is bound; 0 when it is not (the other fields are then zero).
     pub bound: u8,
+    /// 1 when [`BoundSlot::relay_addr`] is the address the relay sends to this slot from; 0
+    /// when the relay listens on the unspecified address, and the kernel's route to the slot
+    /// picks the source (the fast path then asks the FIB for it).
+    pub relay_addr_set: u8,
+    /// The relay's UDP port that datagrams to this slot leave from, host order; 0 when the
+    /// fast path may not forward to this slot.
+    pub relay_port: u16,
+    /// 1 when [`BoundSlot::budget`] was created full at [`BoundSlot::budget_since`] (a new
+    /// binding); 0 when its rate was changed then, keeping what was saved (a reload).
+    pub budget_fresh: u8,
     /// Zero.
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    /// The relay address datagrams to this slot leave from (see
+    /// [`BoundSlot::relay_addr_set`]), in the slot's family, IPv4 mapped as in
+    /// [`BoundSlot::addr`].
+    pub relay_addr: [u8; 16],
+    /// The byte budget of DATA *from* this slot; a zero cost means the fast path may not
+    /// forward from it.
+    pub budget: ByteBudget,
+    /// When (`bpf_ktime_get_ns`) the relay created the slot's budget or changed its rate: the
+    /// fast path starts or carries over its meter at that instant, as the relay's bucket did.
+    pub budget_since: u64,
+    /// The budget in force before [`BoundSlot::budget_since`] (the same as `budget` for a
+    /// fresh one).
+    pub budget_before: ByteBudget,
 }
 
 impl BoundSlot {
@@ -213,6 +252,19 @@ impl BoundSlot {
     pub fn is(&self, addr: &[u8; 16], port: u16) -> bool {
         self.bound == 1 && self.port == port && self.addr == *addr
     }
+
+    /// Whether the slot's address is IPv4 (IPv4-mapped).
+    #[inline(always)]
+    pub fn is_v4(&self) -> bool {
+        is_v4_mapped(&self.addr)
+    }
+}
+
+/// Whether `addr` is an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), the form the guard keys
+/// IPv4 addresses in.
+#[inline(always)]
+pub fn is_v4_mapped(addr: &[u8; 16]) -> bool {
+    addr[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
 }
 
 /// The value of [`MAP_SESSIONS`]: what the guard knows of one session the relay holds.
@@ -230,6 +282,187 @@ impl SessionEntry {
     pub fn from_bound_slot(&self, addr: &[u8; 16], port: u16) -> bool {
         self.slots[0].is(addr, port) || self.slots[1].is(addr, port)
     }
+
+    /// Where the fast path would send a DATA from `addr`, `port`: `Ok((from, to))` (slot
+    /// indexes), or the counter of the reason it leaves the datagram to the relay. The same
+    /// decision as the relay's for DATA (docs/protocol.md §7: from a bound slot, to the other
+    /// slot, which must be bound), plus a budget the fast path can charge. What else it cannot
+    /// do is checked after the budget is charged ([`SessionEntry::fast_sendable`]).
+    #[inline(always)]
+    pub fn fast_route(&self, addr: &[u8; 16], port: u16) -> Result<(usize, usize), Counter> {
+        let (from, to) = if self.slots[0].is(addr, port) {
+            (0, 1)
+        } else if self.slots[1].is(addr, port) {
+            (1, 0)
+        } else {
+            // The session filter drops these when it is on; the relay drops them either way.
+            return Err(Counter::FastPeerUnbound);
+        };
+        if self.slots[to].bound != 1 {
+            return Err(Counter::FastPeerUnbound);
+        }
+        if self.slots[from].budget.cost == 0 {
+            return Err(Counter::FastNotEligible);
+        }
+        Ok((from, to))
+    }
+
+    /// Whether the fast path can send from slot `from` to slot `to` itself, once the budget
+    /// is charged: both in one IP family, and a relay port to send from. Checked after the
+    /// charge so that DATA the relay forwards instead is charged in both places alike, and
+    /// the two meters stay equal.
+    #[inline(always)]
+    pub fn fast_sendable(&self, from: usize, to: usize) -> Result<(), Counter> {
+        let (sender, receiver) = (&self.slots[from & 1], &self.slots[to & 1]);
+        if sender.is_v4() != receiver.is_v4() {
+            return Err(Counter::FastMixedFamily);
+        }
+        if receiver.relay_port == 0 {
+            return Err(Counter::FastNotEligible);
+        }
+        Ok(())
+    }
+}
+
+/// Fixed-point shift of [`ByteBudget`] costs and of [`FastSlot::tat`]: units of 2⁻¹⁰ ns.
+pub const FAST_SHIFT: u32 = 10;
+
+/// A slot's DATA byte budget as the fast path applies it: the relay's token bucket for that
+/// slot (`rate` bytes a second, at most `burst` saved up) written as a GCRA meter whose whole
+/// state is one 64-bit theoretical arrival time ([`FastSlot::tat`]), so that CPUs update it
+/// with one compare-and-swap. Costs are in 2⁻¹⁰ ns, and times wrap modulo 2⁶⁴ of those units
+/// (comparisons are of differences), so the meter never overflows however long the host runs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ByteBudget {
+    /// Time one byte is worth, in 2⁻¹⁰ ns; 0 when the budget cannot be represented.
+    pub cost: u64,
+    /// Backlog allowed, in 2⁻¹⁰ ns: `burst × cost`.
+    pub tolerance: u64,
+}
+
+impl ByteBudget {
+    /// The budget of `rate` bytes a second with bursts of `burst` bytes; `None` when either is
+    /// 0, the rate is over 2⁴⁰ bytes a second, or the burst is worth more than
+    /// [`MAX_BURST_SECONDS`].
+    pub const fn new(rate: u64, burst: u64) -> Option<ByteBudget> {
+        if rate == 0 || burst == 0 || rate > 1 << 40 || burst / rate >= MAX_BURST_SECONDS {
+            return None;
+        }
+        let cost = (1_000_000_000u64 << FAST_SHIFT) / rate;
+        let cost = if cost == 0 { 1 } else { cost };
+        Some(ByteBudget {
+            cost,
+            // cost × burst ≤ 1e9·2¹⁰·MAX_BURST_SECONDS < 2⁶²: no overflow.
+            tolerance: cost * burst,
+        })
+    }
+
+    /// Admits a datagram of `bytes` at `now_ns` (the clock of `bpf_ktime_get_ns`) against a
+    /// meter at `tat`; returns the meter's new arrival time, or `None` (meter unchanged) when
+    /// the datagram is over budget. A silent slot may send `burst` bytes at once, then `rate`
+    /// a second: the relay's `TokenBucket` admits exactly the same, up to rounding of the cost.
+    #[inline(always)]
+    pub fn admit(&self, tat: u64, now_ns: u64, bytes: u64) -> Option<u64> {
+        let now = now_ns.wrapping_shl(FAST_SHIFT);
+        // The backlog left by earlier datagrams: tat − now as a signed difference (both wrap
+        // together), none when tat is in the past.
+        let ahead = tat.wrapping_sub(now) as i64;
+        let backlog = if ahead > 0 { ahead as u64 } else { 0 };
+        // A datagram is at most 65,535 bytes and a cost under 2⁴⁰: no overflow.
+        let bytes = if bytes > 0xffff { 0xffff } else { bytes };
+        let backlog = backlog + bytes * self.cost;
+        if backlog > self.tolerance {
+            return None;
+        }
+        Some(now.wrapping_add(backlog))
+    }
+
+    /// A meter at `tat`, last charged under budget `charged`, carried over to this budget at
+    /// `now_ns`, when the relay changed the slot's budget from `before` to this one: as the
+    /// relay's `TokenBucket::set_rate` does it, what was saved is kept, capped at this
+    /// budget's burst. A meter with nothing pending at `now_ns` was full, so it keeps
+    /// `before`'s burst. One charged under an older budget than `before` (two changes with no
+    /// DATA between) keeps at most `before`'s burst; what it saved under `charged` is an
+    /// estimate then, exact only if the budget in between refilled as fast.
+    #[inline(always)]
+    pub fn carry_over(
+        &self,
+        tat: u64,
+        now_ns: u64,
+        charged: &ByteBudget,
+        before: &ByteBudget,
+    ) -> u64 {
+        let now = now_ns.wrapping_shl(FAST_SHIFT);
+        let Some(burst) = self.tolerance.checked_div(self.cost) else {
+            return tat;
+        };
+        let before_burst = before.tolerance.checked_div(before.cost).unwrap_or(burst);
+        let ahead = tat.wrapping_sub(now) as i64;
+        let saved = if ahead <= 0 || charged.cost == 0 {
+            before_burst
+        } else {
+            let saved = charged
+                .tolerance
+                .saturating_sub(ahead as u64)
+                .checked_div(charged.cost)
+                .unwrap_or(0);
+            if saved < before_burst {
+                saved
+            } else {
+                before_burst
+            }
+        };
+        let saved = if saved < burst { saved } else { burst };
+        now.wrapping_add(self.tolerance - saved * self.cost)
+    }
+}
+
+/// The fast path's state for DATA *from* one slot of a session.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FastSlot {
+    /// The byte meter's theoretical arrival time (see [`ByteBudget`]); updated with a
+    /// compare-and-swap.
+    pub tat: u64,
+    /// The budget `tat` was last charged under.
+    pub charged_under: ByteBudget,
+    /// The [`BoundSlot::budget_since`] `tat` was last charged under: when the relay sets the
+    /// slot's budget anew, the meter starts again or is carried over ([`FastSlot::start`]).
+    pub epoch: u64,
+    /// DATA datagrams forwarded in XDP (atomic adds).
+    pub packets: u64,
+    /// Their bytes, relay header included (atomic adds).
+    pub bytes: u64,
+    /// `bpf_ktime_get_ns` (`CLOCK_MONOTONIC`) when DATA from this slot last reached the fast
+    /// path, forwarded or over budget; 0 never.
+    pub last_seen: u64,
+}
+
+impl FastSlot {
+    /// The meter's arrival time to charge the next datagram from `slot` against: `tat` itself
+    /// while the relay has not set the slot's budget anew since it was last charged; else the
+    /// meter as the relay's bucket was left at [`BoundSlot::budget_since`]: full for a budget
+    /// created then, carried over from [`FastSlot::charged_under`] for a rate changed then.
+    #[inline(always)]
+    pub fn start(tat: u64, epoch: u64, charged_under: &ByteBudget, slot: &BoundSlot) -> u64 {
+        if epoch == slot.budget_since {
+            tat
+        } else if slot.budget_fresh == 1 {
+            slot.budget_since.wrapping_shl(FAST_SHIFT)
+        } else {
+            slot.budget
+                .carry_over(tat, slot.budget_since, charged_under, &slot.budget_before)
+        }
+    }
+}
+
+/// The value of [`MAP_FAST_STATE`]: slot A's direction, then slot B's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FastState {
+    /// Per sending slot.
+    pub slots: [FastSlot; 2],
 }
 
 /// Everything the program needs to know, in map [`MAP_CONFIG`] at index 0.
@@ -249,10 +482,16 @@ pub struct GuardConfig {
     pub ipv6_mask: [u8; 16],
     /// The relay's UDP ports, host order; unused entries are 0 (port 0 never matches).
     pub ports: [u16; MAX_PORTS],
-    /// [`FLAG_ACTIVE`] | [`FLAG_DROP_ALL_FRAGMENTS`] | [`FLAG_SESSION_FILTER`].
+    /// [`FLAG_ACTIVE`] | [`FLAG_DROP_ALL_FRAGMENTS`] | [`FLAG_SESSION_FILTER`] |
+    /// [`FLAG_FAST_PATH`].
     pub flags: u16,
+    /// The IPv4 TTL of datagrams the fast path sends (the relay host's
+    /// `net.ipv4.ip_default_ttl`, what the relay's own sockets use).
+    pub ttl: u8,
+    /// The IPv6 hop limit of datagrams the fast path sends (the host's default hop limit).
+    pub hop_limit: u8,
     /// Zero; keeps the struct free of padding.
-    pub reserved: [u16; 3],
+    pub reserved: [u16; 2],
 }
 
 impl GuardConfig {
@@ -337,10 +576,37 @@ pub enum Counter {
     /// A BIND or REBIND with an address cookie valid for its source: passed to the relay after
     /// its source's meter for such handshakes, without the relay-wide budget.
     PassCookie = 14,
+    /// DATA the fast path forwarded out of the interface it came in on (`XDP_TX`).
+    FastTx = 15,
+    /// DATA the fast path forwarded out of another interface (`XDP_REDIRECT`).
+    FastRedirect = 16,
+    /// DATA over its sending slot's byte budget, dropped by the fast path as the relay would.
+    FastOverBudget = 17,
+    /// Fast path fallback: DATA for a session not in the map, from an address no slot is
+    /// bound to, or whose other slot is not bound; the relay decides (and drops it).
+    FastPeerUnbound = 18,
+    /// Fast path fallback: the two slots are bound in different IP families.
+    FastMixedFamily = 19,
+    /// Fast path fallback: the relay did not clear the session for the fast path (a budget it
+    /// cannot express, no relay port for the receiving slot's family).
+    FastNotEligible = 20,
+    /// Fast path fallback: VLAN-tagged frame.
+    FastVlan = 21,
+    /// Fast path fallback: IPv4 options or IPv6 extension headers.
+    FastIpOptions = 22,
+    /// Fast path fallback: the interface it came in on, or the one the route leaves by, is not
+    /// one the fast path is active on.
+    FastInterface = 23,
+    /// Fast path fallback: the FIB has no route, no neighbour entry yet, or a smaller MTU.
+    FastFibMiss = 24,
+    /// Fast path fallback: IPv6 UDP without a checksum (the kernel drops it).
+    FastNoChecksum = 25,
+    /// Fast path fallback: the byte meter changed under this CPU too often in a row.
+    FastContended = 26,
 }
 
 /// The first slot of the malformed-header counters.
-pub const FIRST_MALFORMED: u32 = 15;
+pub const FIRST_MALFORMED: u32 = 27;
 /// Number of counter slots: the [`Counter`] variants, then one per [`HeaderError`].
 pub const COUNTER_SLOTS: u32 = FIRST_MALFORMED + HeaderError::COUNT as u32;
 
@@ -362,6 +628,31 @@ impl Counter {
         Counter::DropUnknownSession,
         Counter::DropUnboundSource,
         Counter::PassCookie,
+        Counter::FastTx,
+        Counter::FastRedirect,
+        Counter::FastOverBudget,
+        Counter::FastPeerUnbound,
+        Counter::FastMixedFamily,
+        Counter::FastNotEligible,
+        Counter::FastVlan,
+        Counter::FastIpOptions,
+        Counter::FastInterface,
+        Counter::FastFibMiss,
+        Counter::FastNoChecksum,
+        Counter::FastContended,
+    ];
+
+    /// The fast path's fallbacks: DATA it passed to the relay, and why.
+    pub const FAST_FALLBACKS: [Counter; 9] = [
+        Counter::FastPeerUnbound,
+        Counter::FastMixedFamily,
+        Counter::FastNotEligible,
+        Counter::FastVlan,
+        Counter::FastIpOptions,
+        Counter::FastInterface,
+        Counter::FastFibMiss,
+        Counter::FastNoChecksum,
+        Counter::FastContended,
     ];
 
     /// The counter slot.
@@ -392,6 +683,18 @@ impl Counter {
             Counter::DropUnknownSession => ("drop", "unknown_session"),
             Counter::DropUnboundSource => ("drop", "unbound_source"),
             Counter::PassCookie => ("pass", "relay_cookie"),
+            Counter::FastTx => ("tx", "fast_path"),
+            Counter::FastRedirect => ("redirect", "fast_path"),
+            Counter::FastOverBudget => ("drop", "fast_over_budget"),
+            Counter::FastPeerUnbound => ("pass", "fast_peer_unbound"),
+            Counter::FastMixedFamily => ("pass", "fast_mixed_family"),
+            Counter::FastNotEligible => ("pass", "fast_not_eligible"),
+            Counter::FastVlan => ("pass", "fast_vlan"),
+            Counter::FastIpOptions => ("pass", "fast_ip_options"),
+            Counter::FastInterface => ("pass", "fast_interface"),
+            Counter::FastFibMiss => ("pass", "fast_fib_miss"),
+            Counter::FastNoChecksum => ("pass", "fast_no_checksum"),
+            Counter::FastContended => ("pass", "fast_contended"),
         }
     }
 }
@@ -428,11 +731,11 @@ mod pod {
     #![allow(unsafe_code)]
 
     use super::{
-        BoundSlot, CookieKeys, CounterValue, GuardConfig, Meter, Rate, SessionEntry, SourceKey,
-        SourceState,
+        BoundSlot, ByteBudget, CookieKeys, CounterValue, FastSlot, FastState, GuardConfig, Meter,
+        Rate, SessionEntry, SourceKey, SourceState,
     };
 
-    // SAFETY (all nine impls below): #[repr(C)], fields are integers or integer arrays laid out
+    // SAFETY (all twelve impls below): #[repr(C)], fields are integers or integer arrays laid out
     // without padding (checked by the size assertions in the tests), so any bytes are a valid
     // value.
     unsafe impl aya::Pod for Rate {}
@@ -444,6 +747,9 @@ mod pod {
     unsafe impl aya::Pod for BoundSlot {}
     unsafe impl aya::Pod for SessionEntry {}
     unsafe impl aya::Pod for CookieKeys {}
+    unsafe impl aya::Pod for ByteBudget {}
+    unsafe impl aya::Pod for FastSlot {}
+    unsafe impl aya::Pod for FastState {}
 }
 
 #[cfg(test)]
@@ -466,7 +772,13 @@ mod tests {
             4 * 16 + 16 + 2 * MAX_PORTS + 2 + 6
         );
         assert_eq!(size_of::<CounterValue>(), 16);
-        assert_eq!(size_of::<BoundSlot>(), 16 + 2 + 1 + 5);
+        assert_eq!(
+            size_of::<BoundSlot>(),
+            16 + 2 + 1 + 1 + 2 + 1 + 1 + 16 + 16 + 8 + 16
+        );
+        assert_eq!(size_of::<ByteBudget>(), 16);
+        assert_eq!(size_of::<FastSlot>(), 56);
+        assert_eq!(size_of::<FastState>(), 112);
         assert_eq!(size_of::<SessionEntry>(), 2 * size_of::<BoundSlot>());
     }
 
@@ -480,12 +792,133 @@ mod tests {
             addr: v4(2),
             port: 4000,
             bound: 1,
-            _pad: [0; 5],
+            ..BoundSlot::default()
         };
         assert!(entry.from_bound_slot(&v4(2), 4000));
         assert!(!entry.from_bound_slot(&v4(2), 4001));
         assert!(!entry.from_bound_slot(&v4(3), 4000));
         assert!(!entry.from_bound_slot(&[0; 16], 0));
+    }
+
+    fn v4(last: u8) -> [u8; 16] {
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 198, 18, 0, last]
+    }
+
+    fn slot(addr: [u8; 16], port: u16, rate: u64) -> BoundSlot {
+        BoundSlot {
+            addr,
+            port,
+            bound: 1,
+            relay_port: 7000,
+            budget: ByteBudget::new(rate, rate).unwrap_or_default(),
+            ..BoundSlot::default()
+        }
+    }
+
+    #[test]
+    fn the_fast_path_needs_a_bound_sender_a_bound_receiver_a_budget_and_one_family() {
+        let v6 = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
+        let mut entry = SessionEntry::default();
+        assert_eq!(entry.fast_route(&v4(2), 1), Err(Counter::FastPeerUnbound));
+        entry.slots[0] = slot(v4(2), 1, 1000);
+        assert_eq!(entry.fast_route(&v4(2), 1), Err(Counter::FastPeerUnbound));
+        entry.slots[1] = slot(v4(3), 2, 1000);
+        assert_eq!(entry.fast_route(&v4(2), 1), Ok((0, 1)));
+        assert_eq!(entry.fast_route(&v4(3), 2), Ok((1, 0)));
+        assert_eq!(entry.fast_route(&v4(3), 1), Err(Counter::FastPeerUnbound));
+        assert_eq!(entry.fast_sendable(0, 1), Ok(()));
+        entry.slots[1] = slot(v6, 2, 1000);
+        assert_eq!(entry.fast_route(&v4(2), 1), Ok((0, 1)));
+        assert_eq!(entry.fast_sendable(0, 1), Err(Counter::FastMixedFamily));
+        entry.slots[1] = slot(v4(3), 2, 0);
+        assert_eq!(entry.fast_route(&v4(2), 1), Ok((0, 1)));
+        assert_eq!(entry.fast_route(&v4(3), 2), Err(Counter::FastNotEligible));
+        entry.slots[1].relay_port = 0;
+        assert_eq!(entry.fast_sendable(0, 1), Err(Counter::FastNotEligible));
+    }
+
+    #[test]
+    fn a_silent_slot_gets_its_burst_then_its_rate_across_the_clock_wrapping() {
+        let budget = ByteBudget::new(1000, 3000).expect("valid"); // 1 ms a byte
+        // Start just before the meter's clock (ns << 10) wraps.
+        let t0 = (u64::MAX >> FAST_SHIFT) - 1_000_000;
+        let mut tat = t0.wrapping_shl(FAST_SHIFT);
+        for _ in 0..3 {
+            tat = budget.admit(tat, t0, 1000).expect("within the burst");
+        }
+        assert_eq!(budget.admit(tat, t0, 1), None, "burst spent");
+        assert_eq!(budget.admit(tat, t0 + 999_000, 1), None, "too early");
+        let later = t0 + 1_000_000 + 10;
+        tat = budget
+            .admit(tat, later, 1)
+            .expect("a byte's worth of time refills a byte");
+        // Far past the wrap, a silent slot has its whole burst again.
+        let much_later = later + 3_600_000_000_000;
+        assert!(budget.admit(tat, much_later, 3000).is_some());
+        assert_eq!(
+            budget.admit(tat, much_later, 3001),
+            None,
+            "never more than the burst"
+        );
+    }
+
+    #[test]
+    fn a_budget_change_keeps_what_was_saved_capped_at_the_new_burst() {
+        let slow = ByteBudget::new(1000, 3000).expect("valid");
+        let fast = ByteBudget::new(1_000_000, 1_000_000).expect("valid");
+        let now = 1 << 40;
+        // 2000 of 3000 bytes spent: 1000 saved.
+        let tat = slow.admit(now << FAST_SHIFT, now, 2000).expect("within");
+        let moved = fast.carry_over(tat, now, &slow, &slow);
+        assert!(fast.admit(moved, now, 1000).is_some());
+        assert_eq!(fast.admit(moved, now, 1001), None);
+        // And back: the 1000 saved fit the smaller burst.
+        let back = slow.carry_over(moved, now, &fast, &fast);
+        assert!(slow.admit(back, now, 1000).is_some());
+        assert_eq!(slow.admit(back, now, 1001), None);
+        // A full meter keeps the burst it had, capped at the new one.
+        let full = slow.carry_over(0, now, &fast, &fast);
+        assert!(slow.admit(full, now, 3000).is_some());
+        assert_eq!(slow.admit(full, now, 3001), None);
+        let up = fast.carry_over(0, now, &slow, &slow);
+        assert!(fast.admit(up, now, 3000).is_some());
+        assert_eq!(
+            fast.admit(up, now, 3001),
+            None,
+            "only what was saved: slow's burst"
+        );
+        // A meter never charged was full under the budget before.
+        let never = fast.carry_over(0, now, &ByteBudget::default(), &slow);
+        assert_eq!(never, up);
+    }
+
+    proptest! {
+        /// Over any arrival pattern, the fast path's meter admits what a token bucket of the
+        /// same rate and burst admits, to within rounding of one byte's cost.
+        #[test]
+        fn the_byte_budget_admits_no_more_than_burst_plus_rate(
+            rate in 1_000u64..200_000_000,
+            gaps in proptest::collection::vec(0u64..2_000_000, 1..300),
+            sizes in proptest::collection::vec(17u64..1473, 1..300),
+        ) {
+            let burst = rate.max(2944);
+            let budget = ByteBudget::new(rate, burst).expect("valid");
+            let start = 5_000_000_000u64;
+            let mut now = start;
+            let mut tat = 0;
+            let mut admitted = 0u128;
+            for (gap, size) in gaps.iter().zip(sizes.iter().cycle()) {
+                now += gap;
+                if let Some(t) = budget.admit(tat, now, *size) {
+                    tat = t;
+                    admitted += u128::from(*size);
+                }
+            }
+            let elapsed = u128::from(now - start);
+            let base = u128::from(burst) + elapsed * u128::from(rate) / 1_000_000_000 + 1;
+            let bound = base + base / u128::from(budget.cost) + 1;
+            prop_assert!(admitted <= bound, "admitted {admitted} > bound {bound}");
+        }
     }
 
     #[test]

@@ -19,11 +19,21 @@
 //! session the relay does not hold, and DATA and KEEPALIVE from an address none of the
 //! session's slots is bound to (the relay's session map, [`SESSIONS`]).
 //!
-//! Every outcome increments one per-CPU counter (frames and bytes). The program never writes
+//! With the fast path on ([`FLAG_FAST_PATH`]), DATA that passed every check above is forwarded
+//! in XDP when the session, its slots, the budget and the route allow ([`fast`]); otherwise it
+//! passes to the relay as before.
+//!
+//! Every outcome increments one per-CPU counter (frames and bytes). Only the fast path writes
 //! to the packet. Each access is bounds-checked against `data_end` right before it, the form
 //! the verifier can follow.
 #![no_std]
 #![no_main]
+// The fast path's byte meter is shared by all CPUs: compare-and-swap and atomic adds on map
+// memory, which the BPF target offers only as intrinsics.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+mod fast;
 
 use core::mem::size_of;
 
@@ -38,8 +48,8 @@ use ferry_common::cookie::{cookie, cookie_input};
 use ferry_common::header::{HEADER_LEN, PacketType, check_header};
 use ferry_common::xdp::{
     COUNTER_SLOTS, CookieKeys, Counter, CounterValue, DEFAULT_MAX_SOURCES, FLAG_ACTIVE,
-    FLAG_DROP_ALL_FRAGMENTS, FLAG_SESSION_FILTER, GuardConfig, LIST_ALLOW, LIST_DENY, MAX_CIDRS,
-    MAX_SESSIONS, Meter, SessionEntry, SourceKey, SourceState,
+    FLAG_DROP_ALL_FRAGMENTS, FLAG_FAST_PATH, FLAG_SESSION_FILTER, GuardConfig, LIST_ALLOW,
+    LIST_DENY, MAX_CIDRS, MAX_SESSIONS, Meter, SessionEntry, SourceKey, SourceState,
 };
 
 #[map(name = "CONFIG")]
@@ -59,7 +69,7 @@ static CIDR_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
 static CIDR_V6: LpmTrie<[u8; 16], u32> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
 
 #[map(name = "SESSIONS")]
-static SESSIONS: HashMap<u64, SessionEntry> =
+pub(crate) static SESSIONS: HashMap<u64, SessionEntry> =
     HashMap::with_max_entries(MAX_SESSIONS, BPF_F_NO_PREALLOC);
 
 #[map(name = "HANDSHAKES")]
@@ -73,14 +83,14 @@ static COOKIE_KEYS: Array<CookieKeys> = Array::with_max_entries(1, 0);
 const BODY_SLOT: usize = 0;
 const BODY_COOKIE: usize = 12;
 
-const ETH_HLEN: usize = 14;
+pub(crate) const ETH_HLEN: usize = 14;
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_UDP: u8 = 17;
-const IPV6_HLEN: usize = 40;
-const UDP_HLEN: usize = 8;
+pub(crate) const IPV6_HLEN: usize = 40;
+pub(crate) const UDP_HLEN: usize = 8;
 /// IPv6 extension headers the guard walks before it gives up on a frame (and drops it as
 /// `bad_ip_header` if it might be relay traffic). Real traffic carries at most one or two.
 const MAX_EXT_HEADERS: usize = 4;
@@ -94,7 +104,10 @@ const NEXTHDR_DEST: u8 = 60;
 #[xdp]
 pub fn ferry_xdp(ctx: XdpContext) -> u32 {
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
-    let (action, counter) = guard(&ctx);
+    let (action, counter) = match guard(&ctx) {
+        Verdict::Done(action, counter) => (action, counter),
+        Verdict::Fast(cfg, data) => fast::forward(&ctx, cfg, &data),
+    };
     count(counter, frame_len);
     action
 }
@@ -144,6 +157,10 @@ fn drop(counter: Counter) -> (u32, u32) {
 
 /// Where the UDP header is and what the IP layer said about it.
 struct L4 {
+    /// Offset of the IP header in the frame.
+    ip_offset: usize,
+    /// IPv4 options or IPv6 extension headers present.
+    ip_options: bool,
     /// Offset of the UDP header in the frame.
     offset: usize,
     /// Bytes from the UDP header to the end of the IP payload.
@@ -156,25 +173,43 @@ struct L4 {
     first_fragment: bool,
 }
 
-/// The verdict and counter slot for one frame.
+/// What the guard decided about one frame.
+enum Verdict<'a> {
+    /// This action, counted in this slot.
+    Done(u32, u32),
+    /// DATA that passed every check, for the fast path to forward or pass.
+    Fast(&'a GuardConfig, fast::Data),
+}
+
+/// The guard's verdict for one frame. The fast path runs after it returns, so that the
+/// guard's stack is free again by then (BPF programs have 512 bytes of it).
 #[inline(always)]
-fn guard(ctx: &XdpContext) -> (u32, u32) {
+fn guard(ctx: &XdpContext) -> Verdict<'static> {
+    match guard_checks(ctx) {
+        Ok(verdict) => verdict,
+        Err(done) => Verdict::Done(done.0, done.1),
+    }
+}
+
+/// The guard's checks: `Err` for a verdict reached before the fast path's question.
+#[inline(always)]
+fn guard_checks(ctx: &XdpContext) -> Result<Verdict<'static>, (u32, u32)> {
     let Some(cfg) = CONFIG.get(0) else {
-        return PASS_OTHER;
+        return Err(PASS_OTHER);
     };
     if cfg.flags & FLAG_ACTIVE == 0 {
-        return PASS_OTHER;
+        return Err(PASS_OTHER);
     }
 
     // ---- Ethernet and VLAN ----
     let Some(mut proto) = read_u16(ctx, 12) else {
-        return PASS_OTHER;
+        return Err(PASS_OTHER);
     };
     let mut offset = ETH_HLEN;
     for _ in 0..2 {
         if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
             let Some(inner) = read_u16(ctx, offset + 2) else {
-                return PASS_OTHER;
+                return Err(PASS_OTHER);
             };
             proto = inner;
             offset += 4;
@@ -185,31 +220,28 @@ fn guard(ctx: &XdpContext) -> (u32, u32) {
     let l4 = match proto {
         ETH_P_IPV4 => ipv4(ctx, offset, cfg),
         ETH_P_IPV6 => ipv6(ctx, offset, cfg),
-        _ => return PASS_OTHER,
+        _ => return Err(PASS_OTHER),
     };
-    let l4 = match l4 {
-        Ok(l4) => l4,
-        Err(verdict) => return verdict,
-    };
+    let l4 = l4?;
 
     // ---- UDP ----
     let Some(dst_port) = read_u16(ctx, l4.offset + 2) else {
         // The IP header promised more than the frame holds; ip*() checked lengths, so this
         // is a UDP header cut short.
-        return drop(Counter::DropBadIpHeader);
+        return Err(drop(Counter::DropBadIpHeader));
     };
     if !cfg.is_relay_port(dst_port) {
-        return PASS_OTHER;
+        return Err(PASS_OTHER);
     }
     if l4.first_fragment {
-        return drop(Counter::DropFragment);
+        return Err(drop(Counter::DropFragment));
     }
     let Some(udp_len) = read_u16(ctx, l4.offset + 4) else {
-        return drop(Counter::DropBadIpHeader);
+        return Err(drop(Counter::DropBadIpHeader));
     };
     let udp_len = usize::from(udp_len);
     if udp_len < UDP_HLEN || udp_len != l4.ip_payload_len {
-        return drop(Counter::DropBadUdpLength);
+        return Err(drop(Counter::DropBadUdpLength));
     }
 
     // ---- Deny and allow lists ----
@@ -218,7 +250,7 @@ fn guard(ctx: &XdpContext) -> (u32, u32) {
         None => CIDR_V6.get(Key::new(128, l4.source)).copied(),
     };
     if listed == Some(LIST_DENY) {
-        return drop(Counter::DropDenyListed);
+        return Err(drop(Counter::DropDenyListed));
     }
 
     // ---- The relay header (docs/protocol.md §2.1) ----
@@ -227,7 +259,7 @@ fn guard(ctx: &XdpContext) -> (u32, u32) {
     let first16 = if datagram_len >= HEADER_LEN {
         match read::<[u8; HEADER_LEN]>(ctx, payload) {
             Some(bytes) => bytes,
-            None => return drop(Counter::DropBadIpHeader),
+            None => return Err(drop(Counter::DropBadIpHeader)),
         }
     } else {
         // Rule 1 fails on the length alone; the bytes are not looked at.
@@ -235,51 +267,71 @@ fn guard(ctx: &XdpContext) -> (u32, u32) {
     };
     let header = match check_header(&first16, datagram_len) {
         Ok(header) => header,
-        Err(rule) => return (XDP_DROP, Counter::malformed_slot(rule)),
+        Err(rule) => return Err((XDP_DROP, Counter::malformed_slot(rule))),
     };
     if !header.packet_type.sent_by_peer() {
-        return drop(Counter::DropUnexpectedType);
+        return Err(drop(Counter::DropUnexpectedType));
     }
     // Everything but BIND names a session the relay must already hold; DATA and KEEPALIVE
     // must come from one of its bound slots. REBIND (from a new address) and CLOSE (from any)
     // are proved by their MAC, which the relay checks.
     if cfg.flags & FLAG_SESSION_FILTER != 0 && header.packet_type != PacketType::Bind {
         let Some(entry) = SESSIONS.get_ptr(header.session_id) else {
-            return drop(Counter::DropUnknownSession);
+            return Err(drop(Counter::DropUnknownSession));
         };
         if matches!(header.packet_type, PacketType::Data | PacketType::Keepalive) {
             let Some(src_port) = read_u16(ctx, l4.offset) else {
-                return drop(Counter::DropBadIpHeader);
+                return Err(drop(Counter::DropBadIpHeader));
             };
             // SAFETY: the map's value for this key, valid for this run; the relay replaces
             // entries whole, so it is never seen half written.
             if !unsafe { (*entry).from_bound_slot(&l4.source, src_port) } {
-                return drop(Counter::DropUnboundSource);
+                return Err(drop(Counter::DropUnboundSource));
             }
         }
     }
-    if listed == Some(LIST_ALLOW) {
-        return (XDP_PASS, Counter::PassAllowListed as u32);
-    }
-
-    // ---- Per-source meters ----
-    let handshake = match header.packet_type {
-        PacketType::Bind | PacketType::Rebind => {
-            match cookie_is_valid(ctx, payload, header.session_id, &l4) {
-                Some(true) => Handshake::Proven,
-                Some(false) => Handshake::Unproven,
-                None => return drop(Counter::DropBadIpHeader),
+    let verdict = if listed == Some(LIST_ALLOW) {
+        (XDP_PASS, Counter::PassAllowListed as u32)
+    } else {
+        // ---- Per-source meters ----
+        let handshake = match header.packet_type {
+            PacketType::Bind | PacketType::Rebind => {
+                match cookie_is_valid(ctx, payload, header.session_id, &l4) {
+                    Some(true) => Handshake::Proven,
+                    Some(false) => Handshake::Unproven,
+                    None => return Err(drop(Counter::DropBadIpHeader)),
+                }
+            }
+            _ => Handshake::No,
+        };
+        let mut key = SourceKey { addr: l4.source };
+        if l4.v4.is_none() {
+            for i in 0..16 {
+                key.addr[i] &= cfg.ipv6_mask[i];
             }
         }
-        _ => Handshake::No,
+        meter(cfg, &key, handshake, datagram_len as u64)
     };
-    let mut key = SourceKey { addr: l4.source };
-    if l4.v4.is_none() {
-        for i in 0..16 {
-            key.addr[i] &= cfg.ipv6_mask[i];
-        }
+
+    // ---- The fast path: DATA the guard passed ----
+    if verdict.0 != XDP_PASS
+        || header.packet_type != PacketType::Data
+        || cfg.flags & FLAG_FAST_PATH == 0
+    {
+        return Err(verdict);
     }
-    meter(cfg, &key, handshake, datagram_len as u64)
+    let Some(src_port) = read_u16(ctx, l4.offset) else {
+        return Err(drop(Counter::DropBadIpHeader));
+    };
+    let data = fast::Data {
+        session_id: header.session_id,
+        source: l4.source,
+        src_port,
+        ip_offset: l4.ip_offset,
+        ip_options: l4.ip_options,
+        datagram_len,
+    };
+    Ok(Verdict::Fast(cfg, data))
 }
 
 /// What kind of packet the meters see.
@@ -413,6 +465,8 @@ fn ipv4(ctx: &XdpContext, offset: usize, cfg: &GuardConfig) -> Result<L4, (u32, 
         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, fixed[12], fixed[13], fixed[14], fixed[15],
     ];
     Ok(L4 {
+        ip_offset: offset,
+        ip_options: ihl != 20,
         offset: offset + ihl,
         ip_payload_len: total_len - ihl,
         source,
@@ -487,6 +541,8 @@ fn ipv6(ctx: &XdpContext, offset: usize, cfg: &GuardConfig) -> Result<L4, (u32, 
         return Err(drop(Counter::DropBadIpHeader));
     }
     Ok(L4 {
+        ip_offset: offset,
+        ip_options: ext_len != 0,
         offset: offset + IPV6_HLEN + ext_len,
         ip_payload_len: payload_len - ext_len,
         source,

@@ -162,6 +162,7 @@ pub(super) struct XdpSection {
     pub(super) handshake_total_per_second: u64,
     pub(super) handshake_total_burst: u64,
     pub(super) session_filter: bool,
+    pub(super) fast_path: bool,
     pub(super) deny: Vec<String>,
     pub(super) allow: Vec<String>,
 }
@@ -183,6 +184,7 @@ impl Default for XdpSection {
             handshake_total_per_second: 2_000,
             handshake_total_burst: 400,
             session_filter: true,
+            fast_path: true,
             deny: Vec::new(),
             allow: Vec::new(),
         }

@@ -401,6 +401,7 @@ fn xdp_lists_and_ports_are_checked() {
     assert_eq!(cfg.xdp.mode, Mode::Auto);
     assert_eq!(cfg.xdp_ports(), [7000]);
     assert_eq!(cfg.xdp.interfaces, ["eth0"]);
+    assert!(cfg.xdp.fast_path, "the fast path is on by default");
 }
 
 #[test]
@@ -540,6 +541,9 @@ fn reload_takes_limits_and_keys_but_not_addresses_or_keys_of_the_relay() {
         ))
         .unwrap();
     assert_eq!(applied.xdp.deny.len(), 1);
+    // So does the fast path's switch.
+    let applied = old.reload_from(xdp("fast_path = false")).unwrap();
+    assert!(!applied.xdp.fast_path);
     for line in ["mode = \"generic\"", "max_sources = 1000"] {
         match old.reload_from(xdp(line)) {
             Err(ConfigError::NeedsRestart(fields)) => {

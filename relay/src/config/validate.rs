@@ -521,6 +521,7 @@ pub(super) fn validate_xdp(
         handshake,
         handshake_total,
         session_filter: x.session_filter,
+        fast_path: x.fast_path,
         deny,
         allow,
     }

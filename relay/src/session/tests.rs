@@ -785,7 +785,7 @@ fn sessions_opened_and_forgotten_are_queued_as_events_in_order() {
     assert!(!f.table.has_events());
     let (ta, _) = f.bound_pair(a, b);
     assert_eq!(
-        f.table.take_events(),
+        placed_events(&mut f.table),
         [bound(SID, Some(a), None), bound(SID, Some(a), Some(b))]
     );
     let keys = SlotKeys::derive(&ta.slot_secret);
@@ -802,7 +802,7 @@ fn sessions_opened_and_forgotten_are_queued_as_events_in_order() {
     f.expect_ack(outcome);
     f.reap(f.now + Duration::from_secs(3600), T0);
     assert_eq!(
-        f.table.take_events(),
+        placed_events(&mut f.table),
         [
             SessionEvent::Closed(SID),
             bound(SID + 1, Some(a), None),
@@ -812,10 +812,30 @@ fn sessions_opened_and_forgotten_are_queued_as_events_in_order() {
     assert!(!f.table.has_events());
 }
 
+/// `event` without its budgets, whose times the tests do not pin down: the session and where
+/// its slots are bound.
+fn placed(event: SessionEvent) -> SessionEvent {
+    match event {
+        SessionEvent::Bound { session, slots, .. } => SessionEvent::Bound {
+            session,
+            slots,
+            budgets: [None, None],
+        },
+        closed => closed,
+    }
+}
+
+/// [`placed`] of every event `table` queued.
+fn placed_events(table: &mut SessionTable) -> Vec<SessionEvent> {
+    table.take_events().into_iter().map(placed).collect()
+}
+
+/// The event for slots bound at `a` and `b`, as [`placed`] shows it.
 fn bound(session: u64, a: Option<SocketAddr>, b: Option<SocketAddr>) -> SessionEvent {
     SessionEvent::Bound {
         session,
         slots: [a, b],
+        budgets: [None, None],
     }
 }
 
@@ -832,7 +852,7 @@ fn a_rebind_and_a_reaped_slot_tell_the_guard_where_the_slots_are_now() {
     // A refused REBIND (bad cookie) changes nothing; an accepted one moves slot A.
     let outcome = rebind(&mut f, a2, &ta, Slot::A, 11);
     f.expect_ack(outcome);
-    assert_eq!(f.table.take_events(), [bound(SID, Some(a2), Some(b))]);
+    assert_eq!(placed_events(&mut f.table), [bound(SID, Some(a2), Some(b))]);
     let outcome = rebind(&mut f, a2, &ta, Slot::A, 11);
     f.expect_reject(outcome);
     assert!(!f.table.has_events());
@@ -840,7 +860,7 @@ fn a_rebind_and_a_reaped_slot_tell_the_guard_where_the_slots_are_now() {
     f.now += Duration::from_secs(59);
     assert_eq!(f.send(a2, &f.data(SID)), Outcome::Forward { to: b });
     assert_eq!(f.reap(f.now + Duration::from_secs(1), T0), 1);
-    assert_eq!(f.table.take_events(), [bound(SID, Some(a2), None)]);
+    assert_eq!(placed_events(&mut f.table), [bound(SID, Some(a2), None)]);
     // DATA and a reap that unbinds nothing make no event.
     f.send(a2, &f.data(SID));
     f.reap(f.now, T0);
@@ -1118,4 +1138,286 @@ fn a_health_probe_is_answered_and_binds_nothing() {
     let (_, authenticated) = f.expect_reject(outcome);
     assert!(!authenticated);
     assert_eq!(f.counters().probes, 1);
+}
+
+/// The differential test of the XDP fast path's decision against the table's: the guard's
+/// maps as the relay's `SessionFilter` writes them from the table's events, and the program's
+/// verdict as `ferry_common::xdp` computes it (the same functions the program runs).
+mod fast_path {
+    use std::collections::HashMap;
+
+    use ferry_common::xdp::{Counter, FastSlot, FastState, SessionEntry};
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::xdp::{KernelClock, RelaySources, entry};
+
+    /// The guard's `SESSIONS` and `FAST_STATE` maps, kept as the relay keeps them.
+    struct Maps {
+        sessions: HashMap<u64, SessionEntry>,
+        state: HashMap<u64, FastState>,
+        sources: RelaySources,
+        clock: KernelClock,
+    }
+
+    /// What the fast path does with one DATA.
+    #[derive(Debug, PartialEq)]
+    enum Fast {
+        /// Sends it to this slot's address.
+        Forward(usize),
+        /// Charged it, then left it to the relay (another family).
+        Charged,
+        /// Dropped it: over budget.
+        OverBudget,
+        /// Left it to the relay uncharged, for this reason.
+        Pass(Option<Counter>),
+    }
+
+    impl Maps {
+        fn apply(&mut self, events: Vec<SessionEvent>) {
+            for event in events {
+                match event {
+                    SessionEvent::Bound {
+                        session,
+                        slots,
+                        budgets,
+                    } => {
+                        self.state.entry(session).or_default();
+                        let e = entry(slots, budgets, &self.sources, &self.clock);
+                        self.sessions.insert(session, e);
+                    }
+                    SessionEvent::Closed(session) => {
+                        self.sessions.remove(&session);
+                        self.state.remove(&session);
+                    }
+                }
+            }
+        }
+
+        /// The program's decision for DATA of `len` bytes from `from` at `now`.
+        fn data(&mut self, sid: u64, from: SocketAddr, len: usize, now: Instant) -> Fast {
+            let Some(entry) = self.sessions.get(&sid) else {
+                return Fast::Pass(None);
+            };
+            let addr = match from.ip() {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+                IpAddr::V6(v6) => v6.octets(),
+            };
+            let (i, j) = match entry.fast_route(&addr, from.port()) {
+                Ok(route) => route,
+                Err(reason) => return Fast::Pass(Some(reason)),
+            };
+            let Some(state) = self.state.get_mut(&sid) else {
+                return Fast::Pass(Some(Counter::FastNotEligible));
+            };
+            let slot = &mut state.slots[i];
+            let sender = &entry.slots[i];
+            let start = FastSlot::start(slot.tat, slot.epoch, &slot.charged_under, sender);
+            let now_ns = self.clock.ns(now);
+            let Some(tat) = sender.budget.admit(start, now_ns, len as u64) else {
+                return Fast::OverBudget;
+            };
+            slot.tat = tat;
+            slot.charged_under = sender.budget;
+            slot.epoch = sender.budget_since;
+            match entry.fast_sendable(i, j) {
+                Ok(()) => Fast::Forward(j),
+                Err(_) => Fast::Charged,
+            }
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// BIND slot `slot` of session `sid` from address `addr` (a fresh token).
+        Bind {
+            sid: usize,
+            slot: usize,
+            addr: usize,
+        },
+        /// BIND both slots of session `sid`, from addresses of its own.
+        Pair { sid: usize },
+        /// REBIND slot `slot` of session `sid` to address `addr`.
+        Rebind {
+            sid: usize,
+            slot: usize,
+            addr: usize,
+        },
+        /// A verified CLOSE from slot `slot` of session `sid`.
+        Close { sid: usize, slot: usize },
+        /// DATA of `len` bytes for session `sid`, `gap_us` later: from where slot `who` was
+        /// last sent to bind (`who` 0 or 1, most of the time), else from address `who - 2`.
+        Data {
+            sid: usize,
+            who: usize,
+            len: usize,
+            gap_us: u64,
+        },
+        /// The reaper, after `secs` of silence (idle slots go), or past every token's expiry.
+        Reap { secs: u64, expired: bool },
+        /// A reload to the `rate`th rate, after a pause that fills every budget.
+        Limits { rate: usize },
+    }
+
+    /// Rates whose per-byte cost in the program's units (2⁻¹⁰ ns) is a whole number, so the
+    /// program's meter and the relay's bucket round alike.
+    /// Small enough that DATA every few milliseconds runs out of budget.
+    const RATES: [u64; 4] = [2_000, 4_000, 8_000, 16_000];
+    const SIDS: [u64; 3] = [0x5101, 0x5202, 0x5303];
+
+    fn addr(i: usize) -> SocketAddr {
+        match i {
+            6 => SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 9)),
+                4009,
+            ),
+            i => v4(10 + i as u8, 4000 + i as u16),
+        }
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            2 => (0..3usize, 0..2usize, 0..7usize).prop_map(|(sid, slot, addr)| Op::Bind { sid, slot, addr }),
+            2 => (0..3usize).prop_map(|sid| Op::Pair { sid }),
+            1 => (0..3usize, 0..2usize, 0..7usize).prop_map(|(sid, slot, addr)| Op::Rebind { sid, slot, addr }),
+            1 => (0..3usize, 0..2usize).prop_map(|(sid, slot)| Op::Close { sid, slot }),
+            16 => (0..3usize, 0..8usize, 1..1400usize, 0..500u64).prop_map(|(sid, who, len, gap_us)| {
+                // Mostly from where a slot is bound: three in eight from each, one in four
+                // from elsewhere.
+                let who = match who { 0..=2 => 0, 3..=5 => 1, n => n - 4 };
+                Op::Data { sid, who, len, gap_us }
+            }),
+            1 => (0..70u64, 0..4u8).prop_map(|(secs, e)| Op::Reap { secs, expired: e == 0 }),
+            1 => (0..RATES.len()).prop_map(|rate| Op::Limits { rate }),
+        ]
+    }
+
+    fn limits(rate: u64) -> SessionLimits {
+        SessionLimits {
+            default_session_rate: rate,
+            max_session_rate: rate,
+            ..SessionLimits::default()
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        /// For every DATA, the fast path's verdict is the table's: it forwards exactly what
+        /// the table forwards (to the same address), drops as over budget exactly what the
+        /// table drops as rate limited, and leaves to the table everything else.
+        #[test]
+        fn the_fast_path_decides_every_data_as_the_table_does(
+            ops in proptest::collection::vec(op(), 1..120),
+        ) {
+            let mut f = Fixture::new(limits(RATES[0]));
+            let mut maps = Maps {
+                sessions: HashMap::new(),
+                state: HashMap::new(),
+                sources: RelaySources::of(&[
+                    v4(100, 7000),
+                    SocketAddr::new(IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)), 7000),
+                ]),
+                clock: KernelClock::at(f.now, 1 << 40),
+            };
+            let mut tokens: HashMap<(usize, usize), MintedToken> = HashMap::new();
+            // Where each slot was last sent to bind from, whether the table took it or not.
+            let mut placed: HashMap<(usize, usize), usize> = HashMap::new();
+            let mut seq = 100u64;
+            let wall = T0;
+            for op in ops {
+                seq += 1;
+                let binds = match op {
+                    Op::Bind { sid, slot, addr } => vec![(sid, slot, addr)],
+                    Op::Pair { sid } => vec![(sid, 0, 7 + 2 * sid), (sid, 1, 8 + 2 * sid)],
+                    _ => Vec::new(),
+                };
+                for (sid, slot, a) in binds {
+                    let s = [Slot::A, Slot::B][slot];
+                    let token = f.mint(SIDS[sid], s);
+                    let cookie = f.cookie_for(addr(a), &token, s);
+                    let bind = f.bind_packet(&token, s, seq, cookie);
+                    f.send_at(wall, addr(a), &bind);
+                    tokens.insert((sid, slot), token);
+                    placed.insert((sid, slot), a);
+                    maps.apply(f.table.take_events());
+                }
+                match op {
+                    Op::Bind { .. } | Op::Pair { .. } => {}
+                    Op::Rebind { sid, slot, addr: a } => {
+                        if let Some(token) = tokens.get(&(sid, slot)) {
+                            rebind(&mut f, addr(a), token, [Slot::A, Slot::B][slot], seq);
+                            placed.insert((sid, slot), a);
+                        }
+                    }
+                    Op::Close { sid, slot } => {
+                        if let Some(token) = tokens.get(&(sid, slot)) {
+                            let keys = SlotKeys::derive(&token.slot_secret);
+                            let fields = CloseFields {
+                                slot: [Slot::A, Slot::B][slot],
+                                reason: CloseReason::PeerClosed,
+                                seq,
+                            };
+                            let mut buf = vec![0; MAX_DATAGRAM];
+                            let n = wire::encode_close(&mut buf, SIDS[sid], &fields, |m| {
+                                keys.peer.mac(m)
+                            })
+                            .unwrap();
+                            // From wherever: a CLOSE is proved by its MAC.
+                            f.send_at(wall, addr(0), &buf[..n]);
+                        }
+                    }
+                    Op::Data { sid, who, len, gap_us } => {
+                        f.now += Duration::from_micros(gap_us);
+                        let from = match who {
+                            0 | 1 => placed.get(&(sid, who)).map_or(v4(99, 1), |a| addr(*a)),
+                            n => addr(n - 2),
+                        };
+                        let mut buf = vec![0; MAX_DATAGRAM];
+                        let body = vec![0x42; len];
+                        let n = wire::encode_data(&mut buf, SIDS[sid], &body).unwrap();
+                        let fast = maps.data(SIDS[sid], from, n, f.now);
+                        let table = f.send_at(wall, from, &buf[..n]);
+                        match (&fast, table) {
+                            (Fast::Forward(j), Outcome::Forward { to }) => {
+                                let e = maps.sessions[&SIDS[sid]];
+                                let want = match to.ip() {
+                                    IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+                                    IpAddr::V6(v6) => v6.octets(),
+                                };
+                                prop_assert_eq!(e.slots[*j].addr, want);
+                                prop_assert_eq!(e.slots[*j].port, to.port());
+                            }
+                            (Fast::Charged, Outcome::Forward { .. }) => {}
+                            (Fast::OverBudget, Outcome::Drop(DropReason::RateLimited)) => {}
+                            (Fast::Pass(None | Some(Counter::FastPeerUnbound)),
+                             Outcome::Drop(DropReason::DataUnbound)) => {}
+                            (fast, table) => prop_assert!(
+                                false,
+                                "DATA {len} B for session {sid} from {from}: fast path {fast:?}, table {table:?}"
+                            ),
+                        }
+                    }
+                    Op::Reap { secs, expired } => {
+                        f.now += Duration::from_secs(secs);
+                        // Past every token's expiry for this pass only: later BINDs mint
+                        // tokens valid at T0 again.
+                        let at = if expired { T0.saturating_add(10_000) } else { T0 };
+                        let now = f.now;
+                        f.reap(now, at);
+                    }
+                    Op::Limits { rate } => {
+                        // After a pause that fills every budget, where the relay's bucket
+                        // and the program's meter agree exactly. (Mid-burst, the meter
+                        // carries over in whole bytes, rounding down: it may then refuse a
+                        // fraction of a byte the relay would admit, never the reverse.)
+                        f.now += Duration::from_millis(1100);
+                        let now = f.now;
+                        f.table.set_limits(limits(RATES[rate]), now);
+                    }
+                }
+                maps.apply(f.table.take_events());
+            }
+        }
+    }
 }

@@ -328,6 +328,15 @@ fn events_reach_the_observer_outside_the_shard_lock_and_bound_before_the_ack() {
     let opened = SessionEvent::Bound {
         session: sid,
         slots: [Some(from), None],
+        budgets: [
+            Some(session::SlotBudget {
+                rate: SessionLimits::default().default_session_rate,
+                set_at: r.now,
+                fresh: true,
+                previous_rate: SessionLimits::default().default_session_rate,
+            }),
+            None,
+        ],
     };
     assert_eq!(*lock(&recorder.seen), [(opened, true)]);
     let later = r.now + Duration::from_secs(3600);

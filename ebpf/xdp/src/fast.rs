@@ -1,0 +1,390 @@
+//! The fast path: DATA of a bound session, from one of its bound slots and within that slot's
+//! byte budget, rewritten to the other slot and sent on from XDP (`XDP_TX` out of the interface
+//! it came in on, `XDP_REDIRECT` through [`FAST_IFACES`] otherwise). It runs only after every
+//! guard check has passed the datagram; whatever it cannot or should not forward goes on to
+//! the relay exactly as before, counted under its reason.
+//!
+//! Order of decisions, so that a peer cannot double its rate by making some of its datagrams
+//! fall back: first the relay's own decision (a bound sender, a bound receiver) and whether
+//! there is a budget to charge, then the byte budget, charged before every other reason to
+//! fall back (mixed families, VLAN tags, IP options, the route). A datagram charged here that
+//! then falls back is charged again by the relay against its own bucket of the same rate, so
+//! the two together never let through more than the rate.
+
+use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
+use core::mem::size_of;
+
+use aya_ebpf::bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX};
+use aya_ebpf::bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup};
+use aya_ebpf::helpers::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_ns};
+use aya_ebpf::macros::map;
+use aya_ebpf::maps::{DevMapHash, HashMap, PerCpuArray};
+use aya_ebpf::programs::XdpContext;
+use ferry_common::xdp::{
+    BoundSlot, Counter, CounterValue, FastSlot, FastState, GuardConfig, MAX_SESSIONS,
+};
+
+use crate::{ETH_HLEN, IPV6_HLEN, SESSIONS, UDP_HLEN};
+
+#[map(name = "FAST_STATE")]
+static FAST_STATE: HashMap<u64, FastState> =
+    HashMap::with_max_entries(MAX_SESSIONS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+#[map(name = "FAST_IFACES")]
+static FAST_IFACES: DevMapHash = DevMapHash::with_max_entries(64, 0);
+
+#[map(name = "FAST_TOTALS")]
+static FAST_TOTALS: PerCpuArray<CounterValue> = PerCpuArray::with_max_entries(1, 0);
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const IPPROTO_UDP: u8 = 17;
+/// `BPF_FIB_LOOKUP_SRC`: fill in the route's preferred source address.
+const FIB_SRC: u32 = 16;
+/// Tries of the byte meter's compare-and-swap before giving the datagram to the relay.
+const CAS_TRIES: usize = 4;
+/// Ethernet + IPv4 (no options) + UDP.
+const V4_HEADERS: usize = ETH_HLEN + 20 + UDP_HLEN;
+/// Ethernet + IPv6 (no extension headers) + UDP.
+const V6_HEADERS: usize = ETH_HLEN + IPV6_HLEN + UDP_HLEN;
+
+/// What the guard learnt of a DATA datagram it passed.
+pub struct Data {
+    /// The session id.
+    pub session_id: u64,
+    /// The source address (IPv4-mapped for IPv4) and port.
+    pub source: [u8; 16],
+    /// The UDP source port.
+    pub src_port: u16,
+    /// Offset of the IP header (14 without VLAN tags).
+    pub ip_offset: usize,
+    /// Whether the IP header has options (IPv4) or extension headers (IPv6).
+    pub ip_options: bool,
+    /// The relay datagram's length (UDP payload).
+    pub datagram_len: usize,
+}
+
+/// The fast path's verdict on `data`, and the counter slot that counts it.
+#[inline(always)]
+pub fn forward(ctx: &XdpContext, cfg: &GuardConfig, data: &Data) -> (u32, u32) {
+    // Looked up again rather than handed over from the guard: a map value pointer kept across
+    // the guard's return loses its type for the verifier.
+    let Some(entry) = SESSIONS.get_ptr(data.session_id) else {
+        return pass(Counter::FastPeerUnbound);
+    };
+    // SAFETY: the map's value for this key, valid for this run; the relay replaces entries
+    // whole, so it is never seen half written.
+    let entry = unsafe { &*entry };
+    let (from, to) = match entry.fast_route(&data.source, data.src_port) {
+        Ok(route) => route,
+        Err(reason) => return pass(reason),
+    };
+    let Some(state) = FAST_STATE.get_ptr_mut(data.session_id) else {
+        // The relay creates the state with the session; a session without it is new or its
+        // creation failed (counted by the relay).
+        return pass(Counter::FastNotEligible);
+    };
+    let sender = &entry.slots[from];
+    let receiver = &entry.slots[to];
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: `state` is the map's value for this key, valid for this run; its fields are
+    // 8-byte aligned u64s (the value is #[repr(C)] of u64s), shared with other CPUs and
+    // touched only through atomics or whole 8-byte stores.
+    let slot = unsafe { &raw mut (*state).slots[from] };
+    // SAFETY: as above; an aligned 8-byte store (one instruction, never torn) of a recent
+    // time is all the reaper needs.
+    unsafe { (&raw mut (*slot).last_seen).write_volatile(now) };
+    // SAFETY: as above.
+    let tat = unsafe { &raw mut (*slot).tat };
+    let bytes = data.datagram_len as u64;
+    let mut charged = false;
+    // SAFETY: as above; written only after a successful exchange, by whichever CPU made it.
+    let under = unsafe { &raw mut (*slot).charged_under };
+    // SAFETY: as above.
+    let epoch = unsafe { &raw mut (*slot).epoch };
+    for _ in 0..CAS_TRIES {
+        // SAFETY: as above; an aligned 8-byte load is one instruction, never torn.
+        let old = unsafe { tat.read_volatile() };
+        // SAFETY: as above. Two CPUs race here only if they charge the same direction right
+        // after the relay set its budget anew; one datagram may then be charged against the
+        // meter as it was before.
+        let (last, since) = unsafe { (under.read_volatile(), epoch.read_volatile()) };
+        let start = FastSlot::start(old, since, &last, sender);
+        let Some(new) = sender.budget.admit(start, now, bytes) else {
+            return (XDP_DROP, Counter::FastOverBudget as u32);
+        };
+        // SAFETY: as above. The exchange succeeds only if no other CPU charged the meter
+        // since the load, so every admitted datagram is charged exactly once.
+        let (_, swapped) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+                tat, old, new,
+            )
+        };
+        if swapped {
+            if since != sender.budget_since {
+                // SAFETY: as above.
+                unsafe {
+                    under.write_volatile(sender.budget);
+                    epoch.write_volatile(sender.budget_since);
+                }
+            }
+            charged = true;
+            break;
+        }
+    }
+    if !charged {
+        return pass(Counter::FastContended);
+    }
+    if let Err(reason) = entry.fast_sendable(from, to) {
+        return pass(reason);
+    }
+
+    // ---- What depends on this datagram's own shape and route ----
+    if data.ip_offset != ETH_HLEN {
+        return pass(Counter::FastVlan);
+    }
+    if data.ip_options {
+        return pass(Counter::FastIpOptions);
+    }
+    let ingress = ctx.ingress_ifindex() as u32;
+    if FAST_IFACES.get(ingress).is_none() {
+        return pass(Counter::FastInterface);
+    }
+    let action = if receiver.is_v4() {
+        forward_v4(ctx, cfg, receiver, ingress)
+    } else {
+        forward_v6(ctx, cfg, receiver, ingress)
+    };
+    let action = match action {
+        Ok(action) => action,
+        Err(reason) => return pass(reason),
+    };
+    // SAFETY: as above.
+    unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*slot).packets, 1);
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*slot).bytes, bytes);
+    }
+    if let Some(total) = FAST_TOTALS.get_ptr_mut(0) {
+        // SAFETY: a per-CPU array slot belongs to this CPU while the program runs.
+        unsafe {
+            (*total).packets += 1;
+            (*total).bytes += bytes;
+        }
+    }
+    action
+}
+
+#[inline(always)]
+fn pass(reason: Counter) -> (u32, u32) {
+    (XDP_PASS, reason as u32)
+}
+
+/// Sends the frame out: `XDP_TX` when the route leaves by `ingress`, else a redirect.
+#[inline(always)]
+fn send(egress: u32, ingress: u32) -> (u32, u32) {
+    if egress == ingress {
+        return (XDP_TX, Counter::FastTx as u32);
+    }
+    match FAST_IFACES.redirect(egress, 0) {
+        Ok(action) => (action, Counter::FastRedirect as u32),
+        // Checked before the rewrite, so this cannot happen unless the relay removed the
+        // interface in between: the frame is rewritten already, so it cannot pass.
+        Err(_) => (XDP_ABORTED, Counter::FastInterface as u32),
+    }
+}
+
+/// A FIB lookup for the route to the receiving slot from the relay address (or, when
+/// `want_src`, from the route's preferred source, which the lookup fills in), as the
+/// forwarding path does it: the kernel answers only if forwarding is enabled on the ingress
+/// interface (the relay checks and says so).
+#[inline(always)]
+fn lookup(ctx: &XdpContext, params: &mut bpf_fib_lookup, want_src: bool) -> bool {
+    let flags = if want_src { FIB_SRC } else { 0 };
+    let size = size_of::<bpf_fib_lookup>() as i32;
+    // SAFETY: `params` is a valid bpf_fib_lookup of `size` bytes for the call's duration.
+    let rc = unsafe { fib_lookup(ctx.ctx as *mut _, params, size, flags) };
+    rc == BPF_FIB_LKUP_RET_SUCCESS as i64
+}
+
+/// The 16-bit one's-complement sum of the `len` bytes of `bytes` from `start` (big-endian
+/// words), not folded.
+#[inline(always)]
+fn sum16<const N: usize>(bytes: &[u8; N], start: usize, len: usize) -> u32 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i + 1 < len {
+        sum += u32::from(u16::from_be_bytes([bytes[start + i], bytes[start + i + 1]]));
+        i += 2;
+    }
+    sum
+}
+
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// The UDP checksum after the words summing to `old` were replaced by words summing to `new`
+/// (RFC 1624: `HC' = ~(~HC + ~m + m')`), for a checksum that is not zero.
+#[inline(always)]
+fn udp_checksum_update(check: u16, old: u32, new: u32) -> u16 {
+    // ~m summed over the old words is (0xffff × words − Σm); with folding, adding the
+    // complement of the folded old sum is the same thing.
+    let sum = u32::from(!check) + u32::from(!fold(old)) + u32::from(fold(new));
+    let c = !fold(sum);
+    // 0 means "no checksum" in UDP; the same value is sent as 0xffff.
+    if c == 0 { 0xffff } else { c }
+}
+
+#[inline(always)]
+fn forward_v4(
+    ctx: &XdpContext,
+    cfg: &GuardConfig,
+    to: &BoundSlot,
+    ingress: u32,
+) -> Result<(u32, u32), Counter> {
+    let start = ctx.data();
+    if start + V4_HEADERS > ctx.data_end() {
+        return Err(Counter::FastIpOptions);
+    }
+    // SAFETY: the whole header block lies inside the frame (checked just above), which this
+    // run owns; byte arrays need no alignment. Rewritten in place: a copy on the stack would
+    // not fit next to the guard's.
+    let h = unsafe { &mut *(start as *mut [u8; V4_HEADERS]) };
+    let ip = ETH_HLEN;
+    let udp = ETH_HLEN + 20;
+    let dst = [to.addr[12], to.addr[13], to.addr[14], to.addr[15]];
+    let tot_len = u16::from_be_bytes([h[ip + 2], h[ip + 3]]);
+    let want_src = to.relay_addr_set != 1;
+    // SAFETY: all-zero bytes are a valid bpf_fib_lookup (integers and unions of integers).
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    {
+        let p = &mut params;
+        p.family = AF_INET;
+        p.l4_protocol = IPPROTO_UDP;
+        p.sport = to.relay_port.to_be();
+        p.dport = to.port.to_be();
+        p.__bindgen_anon_1.tot_len = tot_len;
+        p.ifindex = ingress;
+        p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+        p.__bindgen_anon_3.ipv4_src = if want_src {
+            0
+        } else {
+            u32::from_ne_bytes([
+                to.relay_addr[12],
+                to.relay_addr[13],
+                to.relay_addr[14],
+                to.relay_addr[15],
+            ])
+        };
+    }
+    if !lookup(ctx, &mut params, want_src) {
+        return Err(Counter::FastFibMiss);
+    }
+    let egress = params.ifindex;
+    if FAST_IFACES.get(egress).is_none() {
+        return Err(Counter::FastInterface);
+    }
+    // SAFETY: the kernel wrote an IPv4 source into the union for an AF_INET lookup.
+    let src = unsafe { params.__bindgen_anon_3.ipv4_src }.to_ne_bytes();
+
+    // The words the UDP checksum covers that change: the pseudo-header's addresses and the
+    // ports.
+    let old = sum16(h, ip + 12, 8) + sum16(h, udp, 4);
+    h[..6].copy_from_slice(&params.dmac);
+    h[6..12].copy_from_slice(&params.smac);
+    h[ip + 8] = cfg.ttl;
+    h[ip + 10] = 0;
+    h[ip + 11] = 0;
+    h[ip + 12..ip + 16].copy_from_slice(&src);
+    h[ip + 16..ip + 20].copy_from_slice(&dst);
+    let ip_check = !fold(sum16(h, ip, 20));
+    h[ip + 10..ip + 12].copy_from_slice(&ip_check.to_be_bytes());
+    h[udp..udp + 2].copy_from_slice(&to.relay_port.to_be_bytes());
+    h[udp + 2..udp + 4].copy_from_slice(&to.port.to_be_bytes());
+    let check = u16::from_be_bytes([h[udp + 6], h[udp + 7]]);
+    if check != 0 {
+        let new = sum16(h, ip + 12, 8) + sum16(h, udp, 4);
+        let check = udp_checksum_update(check, old, new);
+        h[udp + 6..udp + 8].copy_from_slice(&check.to_be_bytes());
+    }
+    Ok(send(egress, ingress))
+}
+
+#[inline(always)]
+fn forward_v6(
+    ctx: &XdpContext,
+    cfg: &GuardConfig,
+    to: &BoundSlot,
+    ingress: u32,
+) -> Result<(u32, u32), Counter> {
+    let start = ctx.data();
+    if start + V6_HEADERS > ctx.data_end() {
+        return Err(Counter::FastIpOptions);
+    }
+    // SAFETY: as in `forward_v4`.
+    let h = unsafe { &mut *(start as *mut [u8; V6_HEADERS]) };
+    let ip = ETH_HLEN;
+    let udp = ETH_HLEN + IPV6_HLEN;
+    let check = u16::from_be_bytes([h[udp + 6], h[udp + 7]]);
+    if check == 0 {
+        return Err(Counter::FastNoChecksum);
+    }
+    let tot_len = u16::from_be_bytes([h[ip + 4], h[ip + 5]]).wrapping_add(IPV6_HLEN as u16);
+    let want_src = to.relay_addr_set != 1;
+    // SAFETY: all-zero bytes are a valid bpf_fib_lookup (integers and unions of integers).
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    {
+        let p = &mut params;
+        p.family = AF_INET6;
+        p.l4_protocol = IPPROTO_UDP;
+        p.sport = to.relay_port.to_be();
+        p.dport = to.port.to_be();
+        p.__bindgen_anon_1.tot_len = tot_len;
+        p.ifindex = ingress;
+        p.__bindgen_anon_4.ipv6_dst = words(&to.addr);
+        p.__bindgen_anon_3.ipv6_src = if want_src {
+            [0; 4]
+        } else {
+            words(&to.relay_addr)
+        };
+    }
+    if !lookup(ctx, &mut params, want_src) {
+        return Err(Counter::FastFibMiss);
+    }
+    let egress = params.ifindex;
+    if FAST_IFACES.get(egress).is_none() {
+        return Err(Counter::FastInterface);
+    }
+    // SAFETY: the kernel wrote an IPv6 source into the union for an AF_INET6 lookup.
+    let src = unsafe { params.__bindgen_anon_3.ipv6_src };
+
+    let old = sum16(h, ip + 8, 32) + sum16(h, udp, 4);
+    h[..6].copy_from_slice(&params.dmac);
+    h[6..12].copy_from_slice(&params.smac);
+    h[ip + 7] = cfg.hop_limit;
+    for (i, w) in src.iter().enumerate() {
+        h[ip + 8 + 4 * i..ip + 12 + 4 * i].copy_from_slice(&w.to_ne_bytes());
+    }
+    h[ip + 24..ip + 40].copy_from_slice(&to.addr);
+    h[udp..udp + 2].copy_from_slice(&to.relay_port.to_be_bytes());
+    h[udp + 2..udp + 4].copy_from_slice(&to.port.to_be_bytes());
+    let new = sum16(h, ip + 8, 32) + sum16(h, udp, 4);
+    let check = udp_checksum_update(check, old, new);
+    h[udp + 6..udp + 8].copy_from_slice(&check.to_be_bytes());
+    Ok(send(egress, ingress))
+}
+
+/// An IPv6 address as the FIB lookup's four network-order words.
+#[inline(always)]
+fn words(addr: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]),
+        u32::from_ne_bytes([addr[4], addr[5], addr[6], addr[7]]),
+        u32::from_ne_bytes([addr[8], addr[9], addr[10], addr[11]]),
+        u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]),
+    ]
+}
