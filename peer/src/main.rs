@@ -142,7 +142,9 @@ enum Command {
     /// Send a file to the other peer of the session, which runs `ferry-peer recv`: a reliable,
     /// ordered transfer (QUIC over the session) with a SHA-256 check at the end and a progress
     /// bar on a terminal. Prints `name`, `bytes`, `seconds`, `mb_per_s` (10^6 bytes per
-    /// second), `sha256`, then the session's counters, one `name value` per line.
+    /// second), `sha256`, QUIC's `quic_packets_sent`, `quic_packets_lost` (declared lost and
+    /// sent again) and `quic_rtt_us` (smoothed round trip at the end), then the session's
+    /// counters, one `name value` per line.
     #[command(after_long_help = SESSION_HELP)]
     Send {
         #[command(flatten)]
@@ -153,7 +155,8 @@ enum Command {
     /// Receive one file from the other peer of the session, which runs `ferry-peer send`, into
     /// --dir. The file appears under its sent name only once its SHA-256 matches; an existing
     /// file is never replaced. Prints `name`, `path`, `bytes`, `seconds`, `mb_per_s`, `sha256`,
-    /// then the session's counters, one `name value` per line.
+    /// the same three `quic_*` lines for its side, then the session's counters, one
+    /// `name value` per line.
     #[command(after_long_help = SESSION_HELP)]
     Recv {
         #[command(flatten)]
@@ -295,6 +298,9 @@ fn transfer(args: &SessionArgs, direction: Direction) -> anyhow::Result<()> {
             report.bytes as f64 / seconds.max(1e-9) / 1e6
         );
         println!("sha256 {}", report.hash_hex);
+        println!("quic_packets_sent {}", report.sent_packets);
+        println!("quic_packets_lost {}", report.lost_packets);
+        println!("quic_rtt_us {}", report.rtt.as_micros());
         cli_session::print_stats(&session.stats());
         Ok(())
     })
