@@ -101,6 +101,14 @@ impl Batch {
         self.hdrs[i].msg_hdr.msg_namelen = name_len;
     }
 
+    /// The last `n` bytes of the datagram in slot `i` (as filled), e.g. to write a timestamp
+    /// just before sending; `None` when the slot does not exist or holds fewer bytes.
+    pub fn tail_mut(&mut self, i: usize, n: usize) -> Option<&mut [u8]> {
+        let len = self.iovs.get(i)?.iov_len;
+        let start = len.checked_sub(n)?;
+        self.bufs.get_mut(i)?.get_mut(start..len)
+    }
+
     /// Sends the first `n` slots; returns how many the kernel took.
     pub fn send(&mut self, socket: &UdpSocket, n: usize) -> io::Result<usize> {
         let n = n.min(self.hdrs.len());
@@ -219,6 +227,21 @@ pub fn pin_to(cpu: usize) -> io::Result<()> {
         let mut set: libc::cpu_set_t = zeroed();
         libc::CPU_SET(cpu, &mut set);
         libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Pins thread (or process) `tid` to `cpu`.
+pub fn pin_pid(tid: u32, cpu: usize) -> io::Result<()> {
+    // SAFETY: as in `pin_to`; the call affects thread `tid` only.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(tid as libc::pid_t, size_of::<libc::cpu_set_t>(), &set)
     };
     if rc == 0 {
         Ok(())
