@@ -190,3 +190,43 @@ fn point_name(p: &Value) -> String {
         None => String::new(),
     }
 }
+
+#[test]
+#[ignore = "needs root: ferry-bench builds network namespaces"]
+fn the_scale_scenario_binds_every_session_and_measures_each_count() {
+    require_root("the_scale_scenario_binds_every_session_and_measures_each_count");
+    let relay = workspace_binary("ferry-relay", "ferry-relay").expect("building ferry-relay");
+    let out = ferry_testkit::temp_dir("bench-scale").expect("a temporary directory");
+    let status = Command::new(env!("CARGO_BIN_EXE_ferry-bench"))
+        .args(["run", "scale", "--quick", "--scale-sessions", "1,40"])
+        .args(["--search-steps", "1", "--trial-seconds", "0.3"])
+        .arg("--relay-bin")
+        .arg(&relay)
+        .arg("--out")
+        .arg(out.path())
+        .status()
+        .expect("running ferry-bench");
+    assert!(status.success(), "ferry-bench failed: {status}");
+    let text = std::fs::read_to_string(out.path().join("result.json")).expect("result.json");
+    let result: Value = serde_json::from_str(&text).expect("result.json is JSON");
+    schema::validate(&result).expect("result.json matches docs/bench-result.schema.json");
+    assert!(
+        result["runs"].as_array().expect("runs").is_empty(),
+        "scale alone measures no other path"
+    );
+    let scale = result["scale"].as_array().expect("scale");
+    let counts: Vec<f64> = scale.iter().map(|r| num(r, "sessions")).collect();
+    assert_eq!(counts, [1.0, 40.0]);
+    for run in scale {
+        assert_eq!(run["path"], "ferry");
+        let setup = &run["setup"];
+        assert!(num(setup, "binds_per_second") > 0.0);
+        assert!(num(setup, "rss_after_bytes") > 0.0);
+        assert!(num(&run["zero_loss"], "pps") > 0.0);
+        check_trial(
+            "ferry",
+            "at the zero-loss rate",
+            &run["zero_loss"]["at_rate"],
+        );
+    }
+}

@@ -26,7 +26,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Runs scenarios (all three when none is named) and writes result.json and summary.md.
+    /// Runs scenarios (throughput, latency and rates when none is named) and writes
+    /// result.json and summary.md.
     Run(Box<RunArgs>),
     /// Checks a result.json against the schema.
     Validate {
@@ -39,7 +40,7 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// Scenarios to run: throughput, latency, rates (default: all).
+    /// Scenarios to run: throughput, latency, rates, scale (default: the first three).
     #[arg(value_enum)]
     scenarios: Vec<Scenario>,
     /// The quick profile (under two minutes): 64 B, 4 sessions, short trials, two fixed rates.
@@ -88,6 +89,10 @@ struct RunArgs {
     /// The fixed offered rates of the rates scenario (default: the profile's).
     #[arg(long, value_delimiter = ',')]
     rates: Option<Vec<u64>>,
+    /// Session counts of the scale scenario (default: the profile's; at most 100,000, the
+    /// relay's limit of slots per source address).
+    #[arg(long, value_delimiter = ',')]
+    scale_sessions: Option<Vec<usize>>,
     /// The CPU every forwarder is pinned to.
     #[arg(long, default_value_t = 1)]
     relay_cpu: usize,
@@ -191,9 +196,23 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
                 vec![1000, 20_000, 100_000, 200_000]
             }
         }),
+        scale_sessions: args.scale_sessions.clone().unwrap_or_else(|| {
+            if quick {
+                vec![1, 10, 100]
+            } else {
+                vec![1, 100, 1000, 10_000, 100_000]
+            }
+        }),
         relay_cpu: args.relay_cpu,
         load_cpu: args.load_cpu,
     };
+    if let Some(&n) = plan
+        .scale_sessions
+        .iter()
+        .find(|&&n| !(1..=100_000).contains(&n))
+    {
+        bail!("--scale-sessions {n}: 1 to 100,000");
+    }
     if plan.fixed_rates.contains(&0) {
         bail!("--rates are above 0");
     }

@@ -344,7 +344,9 @@ impl RunningPath {
         let gen_side = SocketAddr::new(bed.relay_ip_to_generator(), RELAY_PORT);
         let sink_side = SocketAddr::new(bed.relay_ip_to_sink(), RELAY_PORT);
         let sessions = options.sessions.max(1);
-        let max_sessions = (sessions + 64).max(1000);
+        // The table enforces max_sessions per shard (64 of them, by session id): room to
+        // spare, so that no shard fills first.
+        let max_sessions = sessions * 3 / 2 + 4096;
         // One address per family: the relay host's wildcard, so that each side reaches it
         // on its own veth (and replies leave from that side's address).
         let config = RelayConfig {

@@ -34,6 +34,8 @@ pub struct BenchResult {
     pub skipped: Vec<Skipped>,
     /// One entry per payload and path.
     pub runs: Vec<PathRun>,
+    /// The scale scenario: Ferry with the first payload, one entry per session count.
+    pub scale: Vec<PathRun>,
     /// Every Ferry figure against every baseline of the same payload.
     pub ratios: Vec<Ratio>,
     /// Capacity lines, one per payload Ferry was measured with.
@@ -78,6 +80,8 @@ pub struct RunConfig {
     pub low_rate: u64,
     /// The fixed offered rates of the `rates` scenario.
     pub fixed_rates: Vec<u64>,
+    /// The session counts of the `scale` scenario.
+    pub scale_sessions: Vec<usize>,
     /// The CPU every forwarder is pinned to.
     pub relay_cpu: usize,
     /// The CPU of the generator and the sink.
@@ -251,17 +255,24 @@ pub struct Ratio {
     pub baseline_value: f64,
     /// `ferry / baseline_value`.
     pub ratio: f64,
+    /// Whether both trials lost at most the run's `max_loss`: a latency ratio between a path
+    /// that kept up and one that queued and dropped compares queues, not forwarders.
+    pub both_within_loss: bool,
 }
 
 /// The ratios of every Ferry figure to every baseline's, per payload.
-pub fn ratios(runs: &[PathRun]) -> Vec<Ratio> {
+pub fn ratios(runs: &[PathRun], max_loss: f64) -> Vec<Ratio> {
     let mut out = Vec::new();
     for ferry in runs.iter().filter(|r| r.path == "ferry") {
         for base in runs
             .iter()
             .filter(|r| r.path != "ferry" && r.payload == ferry.payload)
         {
-            let mut push = |figure: &str, point: &str, f: Option<f64>, b: Option<f64>| {
+            let mut push = |figure: &str,
+                            point: &str,
+                            f: Option<f64>,
+                            b: Option<f64>,
+                            both_within_loss: bool| {
                 if let (Some(f), Some(b)) = (f, b)
                     && b > 0.0
                     && f.is_finite()
@@ -274,29 +285,51 @@ pub fn ratios(runs: &[PathRun]) -> Vec<Ratio> {
                         ferry: f,
                         baseline_value: b,
                         ratio: f / b,
+                        both_within_loss,
                     });
                 }
             };
             if let (Some(f), Some(b)) = (&ferry.zero_loss, &base.zero_loss) {
-                push("zero_loss_pps", "zero_loss", Some(f.pps), Some(b.pps));
+                let passed = f.at_rate.is_some() && b.at_rate.is_some();
+                push(
+                    "zero_loss_pps",
+                    "zero_loss",
+                    Some(f.pps),
+                    Some(b.pps),
+                    passed,
+                );
                 let cpu = |z: &ZeroLoss| z.at_rate.as_ref().and_then(|t| t.relay_cpu_ns_per_packet);
-                push("relay_cpu_ns_per_packet", "zero_loss", cpu(f), cpu(b));
+                push(
+                    "relay_cpu_ns_per_packet",
+                    "zero_loss",
+                    cpu(f),
+                    cpu(b),
+                    passed,
+                );
             }
             for fp in &ferry.points {
                 let Some(bp) = base.points.iter().find(|p| same_point(p, fp)) else {
                     continue;
                 };
                 let point = point_name(fp);
+                let ok = fp.trial.passes(max_loss) && bp.trial.passes(max_loss);
                 let lat =
                     |p: &Point, pick: fn(&Latency) -> f64| p.trial.latency_us.map(|l| pick(&l));
-                push("p50_us", &point, lat(fp, |l| l.p50), lat(bp, |l| l.p50));
-                push("p99_us", &point, lat(fp, |l| l.p99), lat(bp, |l| l.p99));
-                push("p999_us", &point, lat(fp, |l| l.p999), lat(bp, |l| l.p999));
+                push("p50_us", &point, lat(fp, |l| l.p50), lat(bp, |l| l.p50), ok);
+                push("p99_us", &point, lat(fp, |l| l.p99), lat(bp, |l| l.p99), ok);
+                push(
+                    "p999_us",
+                    &point,
+                    lat(fp, |l| l.p999),
+                    lat(bp, |l| l.p999),
+                    ok,
+                );
                 push(
                     "relay_cpu_ns_per_packet",
                     &point,
                     fp.trial.relay_cpu_ns_per_packet,
                     bp.trial.relay_cpu_ns_per_packet,
+                    ok,
                 );
             }
         }
@@ -486,17 +519,48 @@ pub fn markdown(result: &BenchResult) -> String {
                         ratios
                             .iter()
                             .find(|r| r.figure == figure && r.point == point && &r.baseline == b)
-                            .map_or("–".into(), |r| format!("{:.2}×", r.ratio))
+                            .map_or("–".into(), |r| {
+                                let mark = if r.both_within_loss { "" } else { " (loss)" };
+                                format!("{:.2}×{mark}", r.ratio)
+                            })
                     })
                     .collect();
                 let _ = writeln!(md, "| {figure} | {point} | {} |", cells.join(" | "));
             }
         }
     }
+    if !result.scale.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n## Session scale (ferry, {} B)\n\n\
+             | sessions | bind time | sessions bound/s | relay RSS growth per session | zero-loss pps | relay CPU/pkt |\n\
+             |---:|---:|---:|---:|---:|---:|",
+            result.scale[0].payload
+        );
+        for r in &result.scale {
+            let z = r.zero_loss.as_ref();
+            let _ = writeln!(
+                md,
+                "| {} | {} s | {} | {} B | {} | {} ns |",
+                r.sessions,
+                opt(r.setup.bind_seconds, 2),
+                opt(r.setup.binds_per_second, 0),
+                opt(r.setup.rss_per_session_bytes, 0),
+                opt(z.map(|z| z.pps), 0),
+                opt(
+                    z.and_then(|z| z.at_rate.as_ref())
+                        .and_then(|t| t.relay_cpu_ns_per_packet),
+                    0
+                ),
+            );
+        }
+    }
     let _ = writeln!(
         md,
         "\nRatios are Ferry's figure over the baseline's, same payload, same point: above 1 is \
-         better for throughput, below 1 is better for latency and CPU."
+         better for throughput, below 1 is better for latency and CPU. (loss): one of the \
+         two trials lost more than the run's max loss, so the ratio compares queues, not \
+         forwarders."
     );
     md
 }

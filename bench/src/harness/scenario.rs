@@ -3,7 +3,7 @@
 //! each payload measured in turn on the same testbed.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
@@ -28,6 +28,9 @@ pub enum Scenario {
     Latency,
     /// Latency, loss and CPU at the fixed offered rates.
     Rates,
+    /// Ferry alone as its sessions grow: bind rate, relay memory per session, zero-loss
+    /// throughput at each count.
+    Scale,
 }
 
 impl Scenario {
@@ -37,6 +40,7 @@ impl Scenario {
             Self::Throughput => "throughput",
             Self::Latency => "latency",
             Self::Rates => "rates",
+            Self::Scale => "scale",
         }
     }
 }
@@ -73,6 +77,8 @@ pub struct Plan {
     pub low_rate: u64,
     /// Fixed offered rates.
     pub fixed_rates: Vec<u64>,
+    /// Session counts of the scale scenario.
+    pub scale_sessions: Vec<usize>,
     /// Forwarders' CPU.
     pub relay_cpu: usize,
     /// Generator's and sink's CPU.
@@ -114,7 +120,10 @@ pub fn run(plan: &Plan, bed: &dyn Testbed, bins: &Binaries) -> anyhow::Result<Be
         paths.retain(|p| *p != PathKind::Coturn);
     }
     let mut runs = Vec::new();
-    for payload in &plan.payloads {
+    let per_path = [Scenario::Throughput, Scenario::Latency, Scenario::Rates]
+        .iter()
+        .any(|s| plan.scenarios.contains(s));
+    for payload in plan.payloads.iter().filter(|_| per_path) {
         for &kind in &paths {
             check_interrupted()?;
             let tag = format!("[{} B {}]", payload.label(), kind.name());
@@ -140,7 +149,33 @@ pub fn run(plan: &Plan, bed: &dyn Testbed, bins: &Binaries) -> anyhow::Result<Be
             runs.push(run);
         }
     }
-    let ratios = ratios(&runs);
+    let mut scale = Vec::new();
+    if plan.scenarios.contains(&Scenario::Scale)
+        && let Some(&payload) = plan.payloads.first()
+    {
+        for &sessions in &plan.scale_sessions {
+            check_interrupted()?;
+            let tag = format!("[scale {} B ferry {sessions}]", payload.label());
+            println!("{tag} binding {sessions} sessions");
+            let path = RunningPath::start(
+                PathKind::Ferry,
+                bed,
+                bins,
+                PathOptions {
+                    sessions,
+                    relay_cpu: plan.relay_cpu,
+                },
+            )
+            .with_context(|| format!("setting up ferry with {sessions} sessions"))?;
+            let search_only = Plan {
+                scenarios: vec![Scenario::Throughput],
+                search_steps: plan.search_steps.min(4),
+                ..plan.clone()
+            };
+            scale.push(measure_path(&search_only, bed, &path, payload, &tag)?);
+        }
+    }
+    let ratios = ratios(&runs, plan.max_loss);
     let capacity = capacity_lines(&runs, plan.max_loss);
     Ok(BenchResult {
         schema: super::report::SCHEMA_NAME,
@@ -163,11 +198,13 @@ pub fn run(plan: &Plan, bed: &dyn Testbed, bins: &Binaries) -> anyhow::Result<Be
             latency_fractions: plan.latency_fractions.clone(),
             low_rate: plan.low_rate,
             fixed_rates: plan.fixed_rates.clone(),
+            scale_sessions: plan.scale_sessions.clone(),
             relay_cpu: plan.relay_cpu,
             load_cpu: plan.load_cpu,
         },
         skipped,
         runs,
+        scale,
         ratios,
         capacity,
     })
@@ -417,11 +454,12 @@ pub fn trial(
     let sink0 = bed.sink_kernel_counters()?;
     let since = now_ns();
     let stop = Arc::new(AtomicBool::new(false));
+    let arrivals = Arc::new(AtomicU64::new(0));
     let sink_socket = path.sink.try_clone()?;
     let load_cpu = plan.load_cpu;
     let sink_thread = {
-        let stop = Arc::clone(&stop);
-        std::thread::spawn(move || sink(&sink_socket, since, Some(load_cpu), &stop))
+        let (stop, arrivals) = (Arc::clone(&stop), Arc::clone(&arrivals));
+        std::thread::spawn(move || sink(&sink_socket, since, Some(load_cpu), &stop, &arrivals))
     };
     let sent = std::thread::scope(|s| {
         s.spawn(|| {
@@ -436,8 +474,17 @@ pub fn trial(
         })
         .join()
     });
-    // Let the queues drain before counting.
-    std::thread::sleep(Duration::from_millis(200));
+    // Let the queues drain before counting: until nothing arrived for 30 ms (at most 2 s).
+    let drain_deadline = Instant::now() + Duration::from_secs(2);
+    let mut seen = arrivals.load(Ordering::Relaxed);
+    loop {
+        std::thread::sleep(Duration::from_millis(30));
+        let now = arrivals.load(Ordering::Relaxed);
+        if now == seen || Instant::now() > drain_deadline {
+            break;
+        }
+        seen = now;
+    }
     stop.store(true, Ordering::Relaxed);
     let received = sink_thread
         .join()
