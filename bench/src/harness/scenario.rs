@@ -374,7 +374,9 @@ fn search(
             plan.max_loss,
         );
         if ok {
-            lo = target as f64;
+            // A generator that fell behind (descheduled) offered less than asked: what
+            // passed is the rate it offered.
+            lo = (target as f64).min(t.offered_pps);
             best = Some(t.clone());
         } else {
             hi = target as f64;
