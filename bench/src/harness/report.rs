@@ -555,6 +555,9 @@ pub fn markdown(result: &BenchResult) -> String {
             );
         }
     }
+    if result.ratios.is_empty() {
+        return md;
+    }
     let _ = writeln!(
         md,
         "\nRatios are Ferry's figure over the baseline's, same payload, same point: above 1 is \
