@@ -40,7 +40,7 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// Scenarios to run: throughput, latency, rates, scale (default: the first three).
+    /// Scenarios to run: throughput, latency, rates, scale, flood (default: the first three).
     #[arg(value_enum)]
     scenarios: Vec<Scenario>,
     /// The quick profile (under two minutes): 64 B, 4 sessions, short trials, two fixed rates.
@@ -93,6 +93,10 @@ struct RunArgs {
     /// relay's limit of slots per source address).
     #[arg(long, value_delimiter = ',')]
     scale_sessions: Option<Vec<usize>>,
+    /// The legitimate sessions' rate in the flood scenario, datagrams per second in all
+    /// (default: 2000 quick, 20,000 full).
+    #[arg(long)]
+    flood_legit_rate: Option<u64>,
     /// The CPU every forwarder is pinned to.
     #[arg(long, default_value_t = 1)]
     relay_cpu: usize,
@@ -203,6 +207,10 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
                 vec![1, 100, 1000, 10_000, 100_000]
             }
         }),
+        flood_legit_rate: args
+            .flood_legit_rate
+            .unwrap_or(if quick { 2000 } else { 20_000 })
+            .max(1),
         relay_cpu: args.relay_cpu,
         load_cpu: args.load_cpu,
     };

@@ -1,9 +1,10 @@
 //! `ferry-bench`, the harness capacity planners run: a topology ([`topology`]), a batched,
 //! paced load generator with timestamps in its payloads and a sink that records one-way
 //! latency ([`load`]), the forwarders under test and the baselines beside them ([`paths`]),
-//! the scenarios that drive them ([`scenario`]) and the reports they write ([`report`],
-//! [`schema`]). docs/bench.md says how to run it and how to read what it writes.
+//! the scenarios that drive them ([`scenario`]), a spoofed-source flood ([`flood`]) and the
+//! reports they write ([`report`], [`schema`]). docs/bench.md says how to run it and how to read what it writes.
 
+pub mod flood;
 pub mod load;
 pub mod paths;
 pub mod report;

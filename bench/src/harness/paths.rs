@@ -122,6 +122,9 @@ pub struct PathOptions {
     pub sessions: usize,
     /// The CPU every forwarder is pinned to.
     pub relay_cpu: usize,
+    /// Ferry only: its XDP guard on the relay host's interface towards the generator
+    /// (native mode).
+    pub xdp_guard: bool,
 }
 
 /// Datagram counts at the relay host, since some earlier [`Snapshot`].
@@ -179,6 +182,8 @@ pub struct RunningPath {
     pub sink: UdpSocket,
     /// The forwarder's process id.
     pub pid: Option<u32>,
+    /// The UDP port the forwarder receives the generator's datagrams on.
+    pub port: Option<u16>,
     /// Seconds it took to bind every session (Ferry: both slots of each), if it binds.
     pub bind_seconds: Option<f64>,
     /// The forwarder's resident memory before and after the sessions were set up, bytes.
@@ -223,6 +228,11 @@ impl RunningPath {
                 generator,
                 sink: sink.try_clone().context("cloning the sink socket")?,
                 pid,
+                port: match kind {
+                    PathKind::Direct => None,
+                    PathKind::Coturn => Some(TURN_PORT),
+                    _ => Some(RELAY_PORT),
+                },
                 bind_seconds: None,
                 rss_bytes: None,
                 relay: None,
@@ -349,12 +359,19 @@ impl RunningPath {
         let max_sessions = sessions * 3 / 2 + 4096;
         // One address per family: the relay host's wildcard, so that each side reaches it
         // on its own veth (and replies leave from that side's address).
+        let xdp = match options.xdp_guard {
+            true => format!(
+                "[xdp]\nmode = \"native\"\ninterfaces = [\"{}\"]",
+                bed.relay_interface_to_generator()
+            ),
+            false => "[xdp]\nmode = \"off\"".to_string(),
+        };
         let config = RelayConfig {
             listen: vec![SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), RELAY_PORT)],
             admin: "127.0.0.1:9477".parse()?,
             relay_extra: format!("cpus = [{}]", options.relay_cpu),
             sections: format!(
-                "[xdp]\nmode = \"off\"\n\n[limits]\nmax_sessions = {max_sessions}\n\
+                "{xdp}\n\n[limits]\nmax_sessions = {max_sessions}\n\
                  replay_cache_capacity = {}\nmax_bindings_per_ip = {}\n\
                  bind_rate_per_ip = 1000000\nbind_burst_per_ip = 1000000\n\
                  default_session_rate = 100000000000\nmax_session_rate = 100000000000\n\
@@ -460,6 +477,13 @@ impl RunningPath {
                 source: "kernel",
             },
         }
+    }
+
+    /// The sum of the samples of `prefix` on Ferry's metrics page (`None` for other paths or
+    /// when the page cannot be read).
+    pub fn metric(&self, prefix: &str) -> Option<u64> {
+        let page = self.relay.as_ref()?.metrics();
+        (!page.is_empty()).then(|| sum_metric(&page, prefix))
     }
 
     /// The relay's log so far (Ferry only), for an error message.

@@ -36,6 +36,8 @@ pub struct BenchResult {
     pub runs: Vec<PathRun>,
     /// The scale scenario: Ferry with the first payload, one entry per session count.
     pub scale: Vec<PathRun>,
+    /// The flood scenario: Ferry with the first payload, guard off and on, flood off and on.
+    pub flood: Vec<FloodRun>,
     /// Every Ferry figure against every baseline of the same payload.
     pub ratios: Vec<Ratio>,
     /// Capacity lines, one per payload Ferry was measured with.
@@ -82,6 +84,8 @@ pub struct RunConfig {
     pub fixed_rates: Vec<u64>,
     /// The session counts of the `scale` scenario.
     pub scale_sessions: Vec<usize>,
+    /// The legitimate rate of the `flood` scenario, datagrams per second.
+    pub flood_legit_rate: u64,
     /// The CPU every forwarder is pinned to.
     pub relay_cpu: usize,
     /// The CPU of the generator and the sink.
@@ -117,6 +121,24 @@ pub struct PathRun {
     /// The latency points (fractions of the zero-loss rate, the low steady rate, the fixed
     /// rates), in the order measured.
     pub points: Vec<Point>,
+}
+
+/// One measurement of the flood scenario.
+#[derive(Clone, Debug, Serialize)]
+pub struct FloodRun {
+    /// Whether Ferry's XDP guard was on.
+    pub guard: bool,
+    /// Whether the flood ran.
+    pub flood: bool,
+    /// Flood frames the packet socket sent per second.
+    pub flood_pps: f64,
+    /// Datagrams the XDP guard dropped per second (`ferry_xdp_packets_total{action="drop"}`).
+    pub xdp_drops_per_second: f64,
+    /// The relay process's CPU time over wall time (1.0: one core busy).
+    pub relay_cpu_share: f64,
+    /// The legitimate sessions' trial. With the flood on and the guard off, the relay's
+    /// counts include the flood datagrams it received.
+    pub trial: Trial,
 }
 
 /// Session set-up figures.
@@ -552,6 +574,32 @@ pub fn markdown(result: &BenchResult) -> String {
                         .and_then(|t| t.relay_cpu_ns_per_packet),
                     0
                 ),
+            );
+        }
+    }
+    if !result.flood.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n## Flood (ferry, {} B, legitimate {} pps)\n\n\
+             | XDP guard | flood | flood frames/s | XDP drops/s | relay CPU (of a core) | legitimate delivered pps | loss % | p50 / p99 µs |\n\
+             |---|---|---:|---:|---:|---:|---:|---|",
+            result.config.payloads.first().map_or("", String::as_str),
+            result.config.flood_legit_rate
+        );
+        for f in &result.flood {
+            let t = &f.trial;
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.0} | {:.0} | {:.0} % | {:.0} | {:.3} | {} |",
+                if f.guard { "on" } else { "off" },
+                if f.flood { "on" } else { "off" },
+                f.flood_pps,
+                f.xdp_drops_per_second,
+                f.relay_cpu_share * 100.0,
+                t.delivered_pps,
+                t.loss * 100.0,
+                t.latency_us
+                    .map_or("–".into(), |l| format!("{:.0} / {:.0}", l.p50, l.p99)),
             );
         }
     }

@@ -2,20 +2,21 @@
 //! at fractions of that rate, at a low steady rate and at fixed offered rates; each path of
 //! each payload measured in turn on the same testbed.
 
+use std::net::{IpAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 
-use super::check_interrupted;
 use super::load::{Pacing, Payload, drain, now_ns, sink};
-use super::paths::{Binaries, PathKind, PathOptions, RunningPath};
+use super::paths::{Binaries, PathKind, PathOptions, RELAY_PORT, RunningPath};
 use super::report::{
-    BenchResult, Host, Latency, PathRun, Point, RelayStage, RunConfig, Setup, Skipped, Trial,
-    ZeroLoss, capacity_lines, ratios,
+    BenchResult, FloodRun, Host, Latency, PathRun, Point, RelayStage, RunConfig, Setup, Skipped,
+    Trial, ZeroLoss, capacity_lines, ratios,
 };
 use super::topology::Testbed;
+use super::{check_interrupted, flood};
 use crate::cpu::task_cpu_ns;
 
 /// A scenario `ferry-bench run` can run on its own.
@@ -31,6 +32,9 @@ pub enum Scenario {
     /// Ferry alone as its sessions grow: bind rate, relay memory per session, zero-loss
     /// throughput at each count.
     Scale,
+    /// Ferry's legitimate sessions at a steady rate while a spoofed many-source flood hits
+    /// the relay, its XDP guard off and on.
+    Flood,
 }
 
 impl Scenario {
@@ -41,6 +45,7 @@ impl Scenario {
             Self::Latency => "latency",
             Self::Rates => "rates",
             Self::Scale => "scale",
+            Self::Flood => "flood",
         }
     }
 }
@@ -79,6 +84,8 @@ pub struct Plan {
     pub fixed_rates: Vec<u64>,
     /// Session counts of the scale scenario.
     pub scale_sessions: Vec<usize>,
+    /// The legitimate sessions' rate in the flood scenario, datagrams per second in all.
+    pub flood_legit_rate: u64,
     /// Forwarders' CPU.
     pub relay_cpu: usize,
     /// Generator's and sink's CPU.
@@ -135,6 +142,7 @@ pub fn run(plan: &Plan, bed: &dyn Testbed, bins: &Binaries) -> anyhow::Result<Be
                 PathOptions {
                     sessions: plan.sessions,
                     relay_cpu: plan.relay_cpu,
+                    xdp_guard: false,
                 },
             )
             .with_context(|| format!("setting up {}", kind.name()))?;
@@ -164,6 +172,7 @@ pub fn run(plan: &Plan, bed: &dyn Testbed, bins: &Binaries) -> anyhow::Result<Be
                 PathOptions {
                     sessions,
                     relay_cpu: plan.relay_cpu,
+                    xdp_guard: false,
                 },
             )
             .with_context(|| format!("setting up ferry with {sessions} sessions"))?;
@@ -174,6 +183,12 @@ pub fn run(plan: &Plan, bed: &dyn Testbed, bins: &Binaries) -> anyhow::Result<Be
             };
             scale.push(measure_path(&search_only, bed, &path, payload, &tag)?);
         }
+    }
+    let mut flood_runs = Vec::new();
+    if plan.scenarios.contains(&Scenario::Flood)
+        && let Some(&payload) = plan.payloads.first()
+    {
+        flood_runs = flood_scenario(plan, bed, bins, payload)?;
     }
     let ratios = ratios(&runs, plan.max_loss);
     let capacity = capacity_lines(&runs, plan.max_loss);
@@ -199,15 +214,122 @@ pub fn run(plan: &Plan, bed: &dyn Testbed, bins: &Binaries) -> anyhow::Result<Be
             low_rate: plan.low_rate,
             fixed_rates: plan.fixed_rates.clone(),
             scale_sessions: plan.scale_sessions.clone(),
+            flood_legit_rate: plan.flood_legit_rate,
             relay_cpu: plan.relay_cpu,
             load_cpu: plan.load_cpu,
         },
         skipped,
         runs,
         scale,
+        flood: flood_runs,
         ratios,
         capacity,
     })
+}
+
+/// Ferry with its guard off, then on; each time the legitimate sessions at
+/// `flood_legit_rate` alone, then under the flood.
+fn flood_scenario(
+    plan: &Plan,
+    bed: &dyn Testbed,
+    bins: &Binaries,
+    payload: Payload,
+) -> anyhow::Result<Vec<FloodRun>> {
+    bed.route_to_generator(flood::SPOOF_NET)?;
+    let (raw, gen_mac, relay_mac) = bed.generator_packet_socket()?;
+    let IpAddr::V4(relay_ip) = bed.relay_ip_to_generator() else {
+        anyhow::bail!("the flood is IPv4");
+    };
+    let frames = flood::frames(
+        4096,
+        SocketAddrV4::new(relay_ip, RELAY_PORT),
+        gen_mac,
+        relay_mac,
+    )?;
+    let mut out = Vec::new();
+    for guard in [false, true] {
+        let tag = format!(
+            "[flood {} B ferry, guard {}]",
+            payload.label(),
+            if guard { "on" } else { "off" }
+        );
+        println!("{tag} setting up ({} sessions)", plan.sessions);
+        let path = RunningPath::start(
+            PathKind::Ferry,
+            bed,
+            bins,
+            PathOptions {
+                sessions: plan.sessions,
+                relay_cpu: plan.relay_cpu,
+                xdp_guard: guard,
+            },
+        )
+        .with_context(|| {
+            format!(
+                "setting up ferry with its guard {}",
+                if guard { "on" } else { "off" }
+            )
+        })?;
+        trial(plan, bed, &path, payload, 1000, Pacing::Constant, 0.3)?;
+        for flooding in [false, true] {
+            let xdp_drop = "ferry_xdp_packets_total{action=\"drop\"";
+            let drops0 = path.metric(xdp_drop).unwrap_or(0);
+            let cpu0 = path.pid.map(task_cpu_ns).transpose()?.unwrap_or(0);
+            let started = Instant::now();
+            let stop = AtomicBool::new(false);
+            let (t, flood_sent) = std::thread::scope(|s| -> anyhow::Result<_> {
+                let flooder = flooding
+                    .then(|| s.spawn(|| flood::send(&raw, &frames, Some(plan.load_cpu), &stop)));
+                let t = trial(
+                    plan,
+                    bed,
+                    &path,
+                    payload,
+                    plan.flood_legit_rate,
+                    Pacing::Constant,
+                    plan.latency_seconds,
+                );
+                stop.store(true, Ordering::Relaxed);
+                let sent = match flooder {
+                    Some(f) => f
+                        .join()
+                        .map_err(|_| anyhow::anyhow!("the flood thread panicked"))?,
+                    None => 0,
+                };
+                Ok((t?, sent))
+            })?;
+            let wall = started.elapsed().as_secs_f64();
+            let cpu1 = path.pid.map(task_cpu_ns).transpose()?.unwrap_or(0);
+            let drops1 = path.metric(xdp_drop).unwrap_or(0);
+            let run = FloodRun {
+                guard,
+                flood: flooding,
+                flood_pps: flood_sent as f64 / wall,
+                xdp_drops_per_second: drops1.saturating_sub(drops0) as f64 / wall,
+                relay_cpu_share: cpu1.saturating_sub(cpu0) as f64 / 1e9 / wall,
+                trial: t,
+            };
+            println!(
+                "{tag} flood {}: {:.0} flood frames/s, XDP drops {:.0}/s, relay CPU {:.0} % of a \
+                 core; legitimate: sent {} ({:.0} pps), sink {} ({:.0} pps), loss {:.3} %{}",
+                if flooding { "on" } else { "off" },
+                run.flood_pps,
+                run.xdp_drops_per_second,
+                run.relay_cpu_share * 100.0,
+                run.trial.sent,
+                run.trial.offered_pps,
+                run.trial.sink_received,
+                run.trial.delivered_pps,
+                run.trial.loss * 100.0,
+                run.trial.latency_us.map_or(String::new(), |l| format!(
+                    ", p50/p99 {:.0}/{:.0} µs",
+                    l.p50, l.p99
+                )),
+            );
+            out.push(run);
+        }
+    }
+    Ok(out)
 }
 
 fn measure_path(
@@ -449,6 +571,14 @@ pub fn trial(
     seconds: f64,
 ) -> anyhow::Result<Trial> {
     check_interrupted()?;
+    // What an earlier trial left queued at the forwarder goes first (at most 5 s), so that this
+    // trial's datagrams do not wait behind it.
+    if let Some(port) = path.port {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while bed.relay_udp_queued(port)? > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
     drain(&path.sink)?;
     let before = path.snapshot(bed)?;
     let cpu0 = path.pid.map(task_cpu_ns).transpose()?;

@@ -15,9 +15,9 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context as _, bail};
-use ferry_testkit::netns::in_ns;
+use ferry_testkit::netns::{in_ns, link_info};
 
-use crate::udp::socket;
+use crate::udp::{packet_socket, socket};
 
 /// What a scenario needs from a topology.
 pub trait Testbed: std::fmt::Debug {
@@ -43,6 +43,17 @@ pub trait Testbed: std::fmt::Debug {
     fn relay_kernel_counters(&self) -> anyhow::Result<KernelCounters>;
     /// The sink host's kernel counters.
     fn sink_kernel_counters(&self) -> anyhow::Result<KernelCounters>;
+    /// Bytes waiting in the receive queues of the relay host's UDP sockets on `port`.
+    fn relay_udp_queued(&self, port: u16) -> anyhow::Result<u64>;
+    /// The relay host's interface towards the generator (where the XDP guard attaches).
+    fn relay_interface_to_generator(&self) -> &str;
+    /// A packet socket on the generator's interface towards the relay host (it sends whole
+    /// frames, qdisc bypassed), with that link's MAC addresses: the generator's, the relay
+    /// host's. For a flood with forged source addresses.
+    fn generator_packet_socket(&self) -> anyhow::Result<(UdpSocket, [u8; 6], [u8; 6])>;
+    /// Routes `cidr` from the relay host back to the generator, so that reverse-path filtering
+    /// keeps datagrams forged from it.
+    fn route_to_generator(&self, cidr: &str) -> anyhow::Result<()>;
 }
 
 /// A host's kernel counters, from its `/proc/net/snmp`.
@@ -145,6 +156,8 @@ pub struct NetnsTestbed {
     pub relay_if_generator: String,
     /// The relay host's veth towards the sink.
     pub relay_if_sink: String,
+    /// The generator's veth.
+    pub generator_if: String,
 }
 
 impl NetnsTestbed {
@@ -163,9 +176,10 @@ impl NetnsTestbed {
             net,
             relay_if_generator: ifname("r"),
             relay_if_sink: ifname("q"),
+            generator_if: ifname("g"),
         };
         // From here on, dropping `bed` removes whatever was created.
-        bed.build(&ifname("g"), &ifname("s"))?;
+        bed.build(&bed.generator_if, &ifname("s"))?;
         Ok(bed)
     }
 
@@ -297,6 +311,30 @@ impl Testbed for NetnsTestbed {
     fn sink_kernel_counters(&self) -> anyhow::Result<KernelCounters> {
         Self::counters(&self.sink_ns)
     }
+
+    fn relay_udp_queued(&self, port: u16) -> anyhow::Result<u64> {
+        let table = in_ns(&self.relay_ns, || {
+            std::fs::read_to_string("/proc/thread-self/net/udp")
+        })??;
+        Ok(udp_queued(&table, port))
+    }
+
+    fn relay_interface_to_generator(&self) -> &str {
+        &self.relay_if_generator
+    }
+
+    fn generator_packet_socket(&self) -> anyhow::Result<(UdpSocket, [u8; 6], [u8; 6])> {
+        let (index, gen_mac) = link_info(&self.generator_ns, &self.generator_if)?;
+        let (_, relay_mac) = link_info(&self.relay_ns, &self.relay_if_generator)?;
+        let raw = in_ns(&self.generator_ns, || packet_socket(index))?
+            .context("a packet socket on the generator's veth")?;
+        Ok((raw, gen_mac, relay_mac))
+    }
+
+    fn route_to_generator(&self, cidr: &str) -> anyhow::Result<()> {
+        let via = self.generator_ip().to_string();
+        ip(&["-n", &self.relay_ns, "route", "replace", cidr, "via", &via])
+    }
 }
 
 impl Drop for NetnsTestbed {
@@ -306,6 +344,23 @@ impl Drop for NetnsTestbed {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
     }
+}
+
+/// The bytes in the receive queues of the sockets bound to `port` in a `/proc/net/udp` table
+/// (`local_address` `ADDR:PORT` and `tx_queue:rx_queue`, all hexadecimal).
+fn udp_queued(table: &str, port: u16) -> u64 {
+    let want = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let mut fields = l.split_whitespace();
+            let local = fields.nth(1)?;
+            let queues = fields.nth(2)?;
+            local.ends_with(&want).then_some(queues)
+        })
+        .filter_map(|q| u64::from_str_radix(q.split(':').nth(1)?, 16).ok())
+        .sum()
 }
 
 /// Namespaces named `ferry-b?-PID-N` whose process `PID` is gone: what a run killed with
@@ -367,5 +422,16 @@ mod tests {
         let later = KernelCounters { udp_in: 15, ..c };
         assert_eq!(later.since(&c).udp_in, 5);
         assert!(KernelCounters::parse("Udp: InDatagrams\nUdp: 1\n").is_err());
+    }
+
+    #[test]
+    fn queued_bytes_are_summed_over_the_sockets_of_a_port() {
+        let table = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when\n\
+                     1: 00000000:1B58 00000000:0000 07 00000000:00000100 00:00000000\n\
+                     2: 00000000:1B58 00000000:0000 07 00000000:00000010 00:00000000\n\
+                     3: 0100007F:2328 00000000:0000 07 00000000:00000fff 00:00000000\n";
+        assert_eq!(udp_queued(table, 7000), 0x110);
+        assert_eq!(udp_queued(table, 9000), 0xfff);
+        assert_eq!(udp_queued(table, 1), 0);
     }
 }
