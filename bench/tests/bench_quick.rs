@@ -89,11 +89,16 @@ fn the_quick_profile_runs_end_to_end_and_its_report_holds_together() {
     let text = std::fs::read_to_string(out.path().join("result.json")).expect("result.json");
     let result: Value = serde_json::from_str(&text).expect("result.json is JSON");
     schema::validate(&result).expect("result.json matches docs/bench-result.schema.json");
-    assert!(
-        std::fs::read_to_string(out.path().join("summary.md"))
-            .expect("summary.md")
-            .contains("| ferry |")
-    );
+    let summary = std::fs::read_to_string(out.path().join("summary.md")).expect("summary.md");
+    assert!(summary.contains("| ferry |"));
+    for chart in ["throughput.svg", "latency.svg"] {
+        let svg = std::fs::read_to_string(out.path().join(chart)).expect("a chart");
+        assert!(svg.starts_with("<svg") && svg.contains("ferry"), "{chart}");
+        assert!(
+            summary.contains(&format!("]({chart})")),
+            "summary.md links {chart}"
+        );
+    }
 
     let runs = result["runs"].as_array().expect("runs");
     let paths: Vec<&str> = runs.iter().filter_map(|r| r["path"].as_str()).collect();
@@ -224,6 +229,8 @@ fn the_scale_and_flood_scenarios_bind_measure_and_count_the_guard() {
         result["runs"].as_array().expect("runs").is_empty(),
         "scale and flood measure no other path"
     );
+    let svg = std::fs::read_to_string(out.path().join("scale.svg")).expect("the scale chart");
+    assert!(svg.starts_with("<svg"));
     let scale = result["scale"].as_array().expect("scale");
     let counts: Vec<f64> = scale.iter().map(|r| num(r, "sessions")).collect();
     assert_eq!(counts, [1.0, 40.0]);

@@ -13,7 +13,7 @@ use ferry_bench::harness::load::{Pacing, Payload};
 use ferry_bench::harness::paths::{Binaries, PathKind};
 use ferry_bench::harness::scenario::{Plan, Scenario, run};
 use ferry_bench::harness::topology::{NetnsTestbed, delete_namespace, stale_namespaces};
-use ferry_bench::harness::{catch_interrupts, report, schema};
+use ferry_bench::harness::{catch_interrupts, charts, report, schema};
 
 /// Ferry's bench harness: zero-loss throughput, latency and CPU per packet, against
 /// baselines measured in the same run on the same topology.
@@ -249,7 +249,16 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
         out.join("result.json"),
         serde_json::to_string_pretty(&json)?,
     )?;
-    let md = report::markdown(&result);
+    let charts = charts::draw(&result, &out).context("drawing the charts")?;
+    let mut md = report::markdown(&result);
+    if !charts.is_empty() {
+        md.push_str("\n## Charts\n\n");
+        for chart in &charts {
+            if let Some(name) = chart.file_name().and_then(|n| n.to_str()) {
+                md.push_str(&format!("![{name}]({name})\n"));
+            }
+        }
+    }
     std::fs::write(out.join("summary.md"), &md)?;
     println!("\n{md}");
     println!(

@@ -2,8 +2,9 @@
 //! paced load generator with timestamps in its payloads and a sink that records one-way
 //! latency ([`load`]), the forwarders under test and the baselines beside them ([`paths`]),
 //! the scenarios that drive them ([`scenario`]), a spoofed-source flood ([`flood`]) and the
-//! reports they write ([`report`], [`schema`]). docs/bench.md says how to run it and how to read what it writes.
+//! reports they write ([`report`], [`schema`], [`charts`]). docs/bench.md says how to run it and how to read what it writes.
 
+pub mod charts;
 pub mod flood;
 pub mod load;
 pub mod paths;
