@@ -9,6 +9,10 @@
 //! - [`udp`]: batched `sendmmsg`/`recvmmsg`; `ferry-plainfwd` (the baseline forwarder) and
 //!   `ferry-fwdbench` (Ferry against that baseline, same run, same topology) are built on it.
 //! - [`cpu`]: a process's CPU time, for the CPU-per-packet figures.
+//! - [`harness`]: `ferry-bench`, the harness capacity planners run: a namespace topology,
+//!   a batched and paced load generator, the scenarios (zero-loss throughput, latency, fixed
+//!   rates) against baselines (`ferry-plainfwd`, `ferry-tokiorelay`, coturn) in the same
+//!   run, and the JSON and Markdown reports.
 //! - `ferry-floodbench` runs the XDP guard under a flood in network namespaces;
 //!   `ferry-xdpbench` times the guard's paths with `BPF_PROG_TEST_RUN`.
 //!
@@ -17,5 +21,6 @@
 
 pub mod cpu;
 pub mod demo;
+pub mod harness;
 pub mod live;
 pub mod udp;

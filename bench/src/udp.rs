@@ -101,6 +101,23 @@ impl Batch {
         self.hdrs[i].msg_hdr.msg_namelen = name_len;
     }
 
+    /// The last `n` bytes of the datagram in slot `i` (as filled), e.g. to write a timestamp
+    /// just before sending; `None` when the slot does not exist or holds fewer bytes.
+    pub fn tail_mut(&mut self, i: usize, n: usize) -> Option<&mut [u8]> {
+        let len = self.iovs.get(i)?.iov_len;
+        let start = len.checked_sub(n)?;
+        self.bufs.get_mut(i)?.get_mut(start..len)
+    }
+
+    /// The first `n` bytes of the datagram in slot `i` (as filled); `None` when the slot does
+    /// not exist or holds fewer bytes.
+    pub fn head_mut(&mut self, i: usize, n: usize) -> Option<&mut [u8]> {
+        if self.iovs.get(i)?.iov_len < n {
+            return None;
+        }
+        self.bufs.get_mut(i)?.get_mut(..n)
+    }
+
     /// Sends the first `n` slots; returns how many the kernel took.
     pub fn send(&mut self, socket: &UdpSocket, n: usize) -> io::Result<usize> {
         let n = n.min(self.hdrs.len());
@@ -227,12 +244,50 @@ pub fn pin_to(cpu: usize) -> io::Result<()> {
     }
 }
 
-/// A UDP socket on `addr` with large buffers.
+/// Pins thread (or process) `tid` to `cpu`.
+pub fn pin_pid(tid: u32, cpu: usize) -> io::Result<()> {
+    // SAFETY: as in `pin_to`; the call affects thread `tid` only.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(tid as libc::pid_t, size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A UDP socket on `addr` with 8 MiB buffers each way: forced past `net.core.rmem_max` /
+/// `wmem_max` when the process may (`SO_RCVBUFFORCE`, as `ferry-relay` does for its own
+/// sockets), else as large as those limits allow. So the generator, the sink and the
+/// baseline forwarders queue as much as the relay under test does.
 pub fn socket(addr: SocketAddr) -> io::Result<UdpSocket> {
     let domain = socket2::Domain::for_address(addr);
     let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
-    let _ = s.set_recv_buffer_size(8 << 20);
-    let _ = s.set_send_buffer_size(8 << 20);
+    const BYTES: libc::c_int = 8 << 20;
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        let set = |option: libc::c_int| {
+            // SAFETY: a valid descriptor, and a pointer to a c_int of the size given.
+            unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    option,
+                    (&BYTES as *const libc::c_int).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            }
+        };
+        if set(force) != 0 {
+            // Not allowed (no CAP_NET_ADMIN): capped by the sysctl, which is no error.
+            let _ = set(plain);
+        }
+    }
     s.bind(&addr.into())?;
     Ok(s.into())
 }

@@ -1,0 +1,270 @@
+//! `ferry-bench`: the harness capacity planners run. It builds a topology (three network
+//! namespaces: generator → relay host → sink), sets each path up on it in turn — the direct
+//! path, the plain `recvmmsg`/`sendmmsg` forwarder, a plain tokio relay, coturn and
+//! `ferry-relay` — drives each with the same batched, paced generator, and writes a JSON
+//! result (schema docs/bench-result.schema.json) and a Markdown summary. docs/bench.md says
+//! how to run it and how to read the report. Needs root (namespaces).
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use ferry_bench::harness::load::{Pacing, Payload};
+use ferry_bench::harness::paths::{Binaries, PathKind};
+use ferry_bench::harness::scenario::{Plan, Scenario, run};
+use ferry_bench::harness::topology::{NetnsTestbed, delete_namespace, stale_namespaces};
+use ferry_bench::harness::{catch_interrupts, charts, report, schema};
+
+/// Ferry's bench harness: zero-loss throughput, latency and CPU per packet, against
+/// baselines measured in the same run on the same topology.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs scenarios (throughput, latency and rates when none is named) and writes
+    /// result.json and summary.md.
+    Run(Box<RunArgs>),
+    /// Checks a result.json against the schema.
+    Validate {
+        /// The file.
+        file: PathBuf,
+    },
+    /// Deletes the namespaces of runs that were killed (SIGKILL) before they could.
+    Cleanup,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Scenarios to run: throughput, latency, rates, scale, flood (default: the first three).
+    #[arg(value_enum)]
+    scenarios: Vec<Scenario>,
+    /// The quick profile (under two minutes): 64 B, 4 sessions, short trials, two fixed rates.
+    #[arg(long, conflicts_with = "full")]
+    quick: bool,
+    /// The full profile (the default): 64 and 1200 B, 16 sessions, longer trials, the fixed
+    /// rates 1k/20k/100k/200k pps.
+    #[arg(long)]
+    full: bool,
+    /// DATA body sizes in bytes, or `imix` (default: the profile's).
+    #[arg(long, value_delimiter = ',')]
+    payloads: Option<Vec<String>>,
+    /// Paths to measure (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    paths: Option<Vec<PathKind>>,
+    /// Fail instead of skipping a path that cannot run here (coturn not installed).
+    #[arg(long)]
+    require_all_paths: bool,
+    /// Concurrent sessions.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    sessions: Option<u32>,
+    /// Largest loss (a fraction) a zero-loss trial may have.
+    #[arg(long, default_value_t = 0.001)]
+    max_loss: f64,
+    /// Seconds per search trial.
+    #[arg(long)]
+    trial_seconds: Option<f64>,
+    /// Seconds per latency point.
+    #[arg(long)]
+    latency_seconds: Option<f64>,
+    /// Search trials after the first.
+    #[arg(long)]
+    search_steps: Option<u32>,
+    /// `constant`, or `bursty` (`--burst` datagrams back to back).
+    #[arg(long, default_value = "constant")]
+    pacing: String,
+    /// Datagrams per burst with `--pacing bursty`.
+    #[arg(long, default_value_t = 32)]
+    burst: usize,
+    /// Fractions of the zero-loss rate the latency scenario measures at.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![0.1, 0.5, 0.9])]
+    fractions: Vec<f64>,
+    /// The low steady rate of the latency scenario, datagrams per second.
+    #[arg(long, default_value_t = 1000)]
+    low_rate: u64,
+    /// The fixed offered rates of the rates scenario (default: the profile's).
+    #[arg(long, value_delimiter = ',')]
+    rates: Option<Vec<u64>>,
+    /// Session counts of the scale scenario (default: the profile's; at most 100,000, the
+    /// relay's limit of slots per source address).
+    #[arg(long, value_delimiter = ',')]
+    scale_sessions: Option<Vec<usize>>,
+    /// The legitimate sessions' rate in the flood scenario, datagrams per second in all
+    /// (default: 2000 quick, 20,000 full).
+    #[arg(long)]
+    flood_legit_rate: Option<u64>,
+    /// The CPU every forwarder is pinned to.
+    #[arg(long, default_value_t = 1)]
+    relay_cpu: usize,
+    /// The CPU of the generator and the sink.
+    #[arg(long, default_value_t = 0)]
+    load_cpu: usize,
+    /// The ferry-relay binary (default: next to this program).
+    #[arg(long)]
+    relay_bin: Option<PathBuf>,
+    /// Where ferry-plainfwd and ferry-tokiorelay are (default: next to this program).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Where result.json and summary.md go (default: target/ferry-bench/<unix time>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run_command(*args),
+        Command::Validate { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let value: serde_json::Value = serde_json::from_str(&text)?;
+            schema::validate(&value)?;
+            println!("{}: valid ferry-bench result", file.display());
+            Ok(())
+        }
+        Command::Cleanup => {
+            for ns in stale_namespaces()? {
+                delete_namespace(&ns)?;
+                println!("deleted namespace {ns}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn run_command(args: RunArgs) -> anyhow::Result<()> {
+    if !ferry_testkit::skip::is_root() {
+        bail!("ferry-bench needs root (network namespaces)");
+    }
+    if !(0.0..1.0).contains(&args.max_loss) {
+        bail!("--max-loss is a fraction in [0, 1)");
+    }
+    catch_interrupts()?;
+    let quick = args.quick;
+    let profile = if quick { "quick" } else { "full" };
+    let pacing = match args.pacing.as_str() {
+        "constant" => Pacing::Constant,
+        "bursty" => Pacing::Bursty {
+            burst: args.burst.clamp(1, 1024),
+        },
+        other => bail!("--pacing {other:?}: constant or bursty"),
+    };
+    let payloads = match &args.payloads {
+        Some(list) => list
+            .iter()
+            .map(|p| Payload::parse(p))
+            .collect::<anyhow::Result<Vec<_>>>()?,
+        None if quick => vec![Payload::Fixed(64)],
+        None => vec![Payload::Fixed(64), Payload::Fixed(1200)],
+    };
+    let mut scenarios = args.scenarios.clone();
+    if scenarios.is_empty() {
+        scenarios = vec![Scenario::Throughput, Scenario::Latency, Scenario::Rates];
+    }
+    scenarios.sort();
+    scenarios.dedup();
+    let seconds = |given: Option<f64>, quick_s: f64, full_s: f64| -> anyhow::Result<f64> {
+        let s = given.unwrap_or(if quick { quick_s } else { full_s });
+        if !(0.1..=600.0).contains(&s) {
+            bail!("{s} s: trials last 0.1 to 600 s");
+        }
+        Ok(s)
+    };
+    let plan = Plan {
+        profile: profile.into(),
+        scenarios,
+        payloads,
+        paths: args.paths.clone().unwrap_or_else(|| PathKind::ALL.to_vec()),
+        require_all_paths: args.require_all_paths,
+        sessions: args
+            .sessions
+            .map_or(if quick { 4 } else { 16 }, |s| s as usize),
+        max_loss: args.max_loss,
+        trial_seconds: seconds(args.trial_seconds, 0.5, 2.0)?,
+        latency_seconds: seconds(args.latency_seconds, 0.5, 3.0)?,
+        search_steps: args
+            .search_steps
+            .unwrap_or(if quick { 3 } else { 7 })
+            .min(30),
+        pacing,
+        latency_fractions: args.fractions.clone(),
+        low_rate: args.low_rate.max(1),
+        fixed_rates: args.rates.clone().unwrap_or_else(|| {
+            if quick {
+                vec![1000, 20_000]
+            } else {
+                vec![1000, 20_000, 100_000, 200_000]
+            }
+        }),
+        scale_sessions: args.scale_sessions.clone().unwrap_or_else(|| {
+            if quick {
+                vec![1, 10, 100]
+            } else {
+                vec![1, 100, 1000, 10_000, 100_000]
+            }
+        }),
+        flood_legit_rate: args
+            .flood_legit_rate
+            .unwrap_or(if quick { 2000 } else { 20_000 })
+            .max(1),
+        relay_cpu: args.relay_cpu,
+        load_cpu: args.load_cpu,
+    };
+    if let Some(&n) = plan
+        .scale_sessions
+        .iter()
+        .find(|&&n| !(1..=100_000).contains(&n))
+    {
+        bail!("--scale-sessions {n}: 1 to 100,000");
+    }
+    if plan.fixed_rates.contains(&0) {
+        bail!("--rates are above 0");
+    }
+    let here = std::env::current_exe()?
+        .parent()
+        .context("no directory for this program")?
+        .to_owned();
+    let bins = Binaries::find(
+        args.bin_dir.as_deref().unwrap_or(&here),
+        args.relay_bin
+            .clone()
+            .or_else(|| Some(here.join("ferry-relay"))),
+    );
+    let bed = NetnsTestbed::new().context("building the namespace topology (needs iproute2)")?;
+    let result = run(&plan, &bed, &bins);
+    // The namespaces go before anything else can fail.
+    drop(bed);
+    let result = result?;
+    let json = serde_json::to_value(&result)?;
+    schema::validate(&json).context("the result does not match its own schema")?;
+    let out = args.out.clone().unwrap_or_else(|| {
+        PathBuf::from("target/ferry-bench").join(result.started_unix.to_string())
+    });
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::write(
+        out.join("result.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    let charts = charts::draw(&result, &out).context("drawing the charts")?;
+    let mut md = report::markdown(&result);
+    if !charts.is_empty() {
+        md.push_str("\n## Charts\n\n");
+        for chart in &charts {
+            if let Some(name) = chart.file_name().and_then(|n| n.to_str()) {
+                md.push_str(&format!("![{name}]({name})\n"));
+            }
+        }
+    }
+    std::fs::write(out.join("summary.md"), &md)?;
+    println!("\n{md}");
+    println!(
+        "wrote {} and {}",
+        out.join("result.json").display(),
+        out.join("summary.md").display()
+    );
+    Ok(())
+}

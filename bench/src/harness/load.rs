@@ -1,0 +1,506 @@
+//! The load: a generator that sends DATA datagrams for many sessions, paced (constant or in
+//! bursts) or as fast as it can, with batched `sendmmsg` so that it is not what is measured;
+//! and a sink that counts what arrives with `recvmmsg` and records one-way latency.
+//!
+//! Every datagram carries its send time in its last 8 bytes (nanoseconds on the monotonic
+//! clock since [`epoch`], little-endian), written just before the `sendmmsg` that sends it.
+//! The generator and the sink are threads of one process, and network namespaces share the
+//! monotonic clock, so arrival minus that stamp is the one-way latency of the path.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use ferry_core::wire::{self, MAX_DATA_BODY, MAX_DATAGRAM};
+use hdrhistogram::Histogram;
+
+use super::turn;
+use crate::udp::{Batch, fine_timer_slack, pin_to};
+
+/// Bytes of the send timestamp at the end of every datagram.
+pub const STAMP_LEN: usize = 8;
+/// Datagrams per `sendmmsg`/`recvmmsg` at most.
+pub const BATCH: usize = 64;
+
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+
+/// The instant that timestamps count from (the first call fixes it).
+pub fn epoch() -> Instant {
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Nanoseconds since [`epoch`], at least 1.
+pub fn now_ns() -> u64 {
+    (epoch().elapsed().as_nanos() as u64).max(1)
+}
+
+/// The DATA body sizes a run sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Payload {
+    /// Every body this many bytes.
+    Fixed(usize),
+    /// A simple IMIX: of every 12 datagrams, 7 with 64-byte bodies, 4 with 576 and 1 with 1400
+    /// (mean 346 bytes).
+    Imix,
+}
+
+impl Payload {
+    /// The IMIX cycle.
+    const IMIX: [usize; 12] = [64, 576, 64, 64, 576, 64, 1400, 64, 576, 64, 576, 64];
+
+    /// Parses `64`, `1200`, … or `imix`.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        if text.eq_ignore_ascii_case("imix") {
+            return Ok(Self::Imix);
+        }
+        let size: usize = text
+            .parse()
+            .with_context(|| format!("payload {text:?}: a size in bytes or \"imix\""))?;
+        if !(STAMP_LEN..=MAX_DATA_BODY).contains(&size) {
+            bail!("payload {size}: outside {STAMP_LEN}..={MAX_DATA_BODY} bytes");
+        }
+        Ok(Self::Fixed(size))
+    }
+
+    /// The body sizes, in the order they cycle.
+    pub fn sizes(&self) -> Vec<usize> {
+        match self {
+            Self::Fixed(n) => vec![*n],
+            Self::Imix => Self::IMIX.to_vec(),
+        }
+    }
+
+    /// The mean body size in bytes.
+    pub fn mean_bytes(&self) -> f64 {
+        let sizes = self.sizes();
+        sizes.iter().sum::<usize>() as f64 / sizes.len() as f64
+    }
+
+    /// `64`, `1200`, `imix`: the name in reports.
+    pub fn label(&self) -> String {
+        match self {
+            Self::Fixed(n) => n.to_string(),
+            Self::Imix => "imix".into(),
+        }
+    }
+}
+
+/// How the generator spaces its datagrams at a given rate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pacing {
+    /// Each datagram at its own due time `k / rate`; late ones go out together in one batch.
+    Constant,
+    /// `burst` datagrams back to back every `burst / rate` seconds.
+    Bursty {
+        /// Datagrams per burst.
+        burst: usize,
+    },
+}
+
+impl Pacing {
+    /// `constant` or `bursty`.
+    pub fn label(&self) -> String {
+        match self {
+            Self::Constant => "constant".into(),
+            Self::Bursty { burst } => format!("bursty-{burst}"),
+        }
+    }
+}
+
+/// How one session's datagrams look on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// A Ferry DATA datagram for `session`.
+    FerryData {
+        /// The session id in the header.
+        session: u64,
+    },
+    /// The same DATA datagram inside TURN ChannelData on `channel` (coturn).
+    ChannelData {
+        /// The session id of the inner DATA header.
+        session: u64,
+        /// The TURN channel number.
+        channel: u16,
+    },
+}
+
+/// One session as the generator drives it: which of its sockets sends, to where, framed how.
+#[derive(Clone, Copy, Debug)]
+pub struct Flow {
+    /// Index into the generator's sockets.
+    pub socket: usize,
+    /// Where its datagrams go.
+    pub target: SocketAddr,
+    /// How they are framed.
+    pub framing: Framing,
+}
+
+/// The datagram of `framing` with a body of `body` bytes (0xa5, the stamp left to the
+/// sender).
+pub fn datagram(framing: Framing, body: usize) -> anyhow::Result<Vec<u8>> {
+    let session = match framing {
+        Framing::FerryData { session } | Framing::ChannelData { session, .. } => session,
+    };
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let n = wire::encode_data(&mut buf, session, &vec![0xa5u8; body])?;
+    buf.truncate(n);
+    Ok(match framing {
+        Framing::FerryData { .. } => buf,
+        Framing::ChannelData { channel, .. } => turn::channel_data(channel, &buf),
+    })
+}
+
+/// The longest head that differs between the datagrams of two sessions: a ChannelData prefix
+/// and a DATA header.
+const HEAD_LEN: usize = 4 + wire::HEADER_LEN;
+
+/// How many leading bytes of a datagram of `framing` depend on the session.
+fn head_len(framing: Framing) -> usize {
+    match framing {
+        Framing::FerryData { .. } => wire::HEADER_LEN,
+        Framing::ChannelData { .. } => HEAD_LEN,
+    }
+}
+
+/// The session-dependent head of the datagram of `framing` with a body of `body` bytes.
+fn head(framing: Framing, body: usize) -> anyhow::Result<[u8; HEAD_LEN]> {
+    let whole = datagram(framing, body)?;
+    let mut out = [0u8; HEAD_LEN];
+    let n = head_len(framing);
+    out[..n].copy_from_slice(
+        whole
+            .get(..n)
+            .context("a datagram shorter than its header")?,
+    );
+    Ok(out)
+}
+
+/// What one generator run sent.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sent {
+    /// Datagrams the kernel accepted.
+    pub datagrams: u64,
+    /// Their DATA body bytes.
+    pub body_bytes: u64,
+    /// Seconds from the first send to the last.
+    pub seconds: f64,
+    /// Failed `sendmmsg` calls.
+    pub errors: u64,
+}
+
+/// A load generator: sockets on the generator host and the sessions it drives through them.
+#[derive(Debug)]
+pub struct Generator {
+    sockets: Vec<UdpSocket>,
+    flows: Vec<Flow>,
+    /// Consecutive datagrams of one flow: 1 when every flow shares one socket, 16 when flows
+    /// have sockets of their own, so that one `sendmmsg` still carries many datagrams.
+    run: u64,
+}
+
+impl Generator {
+    /// A generator over `sockets` driving `flows`: datagram `k` belongs to flow `k mod
+    /// flows`, or with several sockets to flow `(k / 16) mod flows`.
+    pub fn new(sockets: Vec<UdpSocket>, flows: Vec<Flow>) -> anyhow::Result<Self> {
+        if flows.is_empty() {
+            bail!("a generator needs at least one flow");
+        }
+        if let Some(f) = flows.iter().find(|f| f.socket >= sockets.len()) {
+            bail!("flow on socket {} of {}", f.socket, sockets.len());
+        }
+        let run = if sockets.len() > 1 { 16 } else { 1 };
+        Ok(Self {
+            sockets,
+            flows,
+            run,
+        })
+    }
+
+    /// Sessions it drives.
+    pub fn flows(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// Sends `payload` at `rate` datagrams a second (0: as fast as it can) with `pacing`,
+    /// for `seconds` or until `stop`, from the calling thread pinned to `cpu`.
+    pub fn run(
+        &self,
+        payload: Payload,
+        rate: u64,
+        pacing: Pacing,
+        seconds: f64,
+        cpu: Option<usize>,
+        stop: &AtomicBool,
+    ) -> anyhow::Result<Sent> {
+        if let Some(cpu) = cpu {
+            let _ = pin_to(cpu);
+        }
+        let _ = fine_timer_slack();
+        let sizes = payload.sizes();
+        // One whole datagram per size (from the first flow), and per flow and size only the
+        // head that differs (the header with its session id, the ChannelData prefix): 100,000
+        // sessions of IMIX cost 24 MB, not 400.
+        let templates: Vec<Vec<u8>> = sizes
+            .iter()
+            .map(|&s| datagram(self.flows[0].framing, s))
+            .collect::<anyhow::Result<_>>()?;
+        let heads: Vec<Vec<[u8; HEAD_LEN]>> = self
+            .flows
+            .iter()
+            .map(|f| sizes.iter().map(|&s| head(f.framing, s)).collect())
+            .collect::<anyhow::Result<_>>()?;
+        let mut batch = Batch::new(BATCH);
+        let (flows, n_sizes) = (self.flows.len() as u64, sizes.len() as u64);
+        let mut sent = Sent::default();
+        let mut k = 0u64;
+        let started = Instant::now();
+        let duration = Duration::from_secs_f64(seconds);
+        let interval_ns = match rate {
+            0 => 0.0,
+            r => 1e9 / r as f64,
+        };
+        let burst = match pacing {
+            Pacing::Constant => 1u64,
+            Pacing::Bursty { burst } => burst.max(1) as u64,
+        };
+        loop {
+            let elapsed = started.elapsed();
+            if elapsed >= duration || stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let due = match rate {
+                0 => k + BATCH as u64,
+                _ => {
+                    let slots = (elapsed.as_nanos() as f64 / (interval_ns * burst as f64)) as u64;
+                    (slots + 1) * burst
+                }
+            };
+            if due <= k {
+                // Sleep until the next datagram (or burst) is due.
+                let next_ns = (k / burst) as f64 * interval_ns * burst as f64;
+                let wait = (next_ns - elapsed.as_nanos() as f64).max(1000.0);
+                std::thread::sleep(Duration::from_nanos(wait as u64));
+                continue;
+            }
+            let want = (due - k).min(BATCH as u64) as usize;
+            let flow_of = |index: u64| ((index / self.run) % flows) as usize;
+            let first = &self.flows[flow_of(k)];
+            let mut n = 0;
+            let mut bytes = 0u64;
+            let stamp = now_ns().to_le_bytes();
+            while n < want {
+                let index = k + n as u64;
+                let flow = &self.flows[flow_of(index)];
+                if flow.socket != first.socket {
+                    break;
+                }
+                let size_index = (index % n_sizes) as usize;
+                let template = &templates[size_index];
+                batch.fill_slot(n, template, flow.target);
+                let flow_head = &heads[flow_of(index)][size_index];
+                if let Some(h) = batch.head_mut(n, head_len(flow.framing)) {
+                    h.copy_from_slice(&flow_head[..h.len()]);
+                }
+                if let Some(tail) = batch.tail_mut(n, STAMP_LEN) {
+                    tail.copy_from_slice(&stamp);
+                }
+                bytes += sizes[size_index] as u64;
+                n += 1;
+            }
+            match batch.send(&self.sockets[first.socket], n) {
+                Ok(got) => {
+                    // What the kernel did not take is sent again next time round.
+                    if got < n {
+                        bytes = (0..got)
+                            .map(|i| sizes[((k + i as u64) % n_sizes) as usize] as u64)
+                            .sum();
+                    }
+                    k += got as u64;
+                    sent.body_bytes += bytes;
+                }
+                Err(_) => {
+                    sent.errors += 1;
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            }
+        }
+        sent.datagrams = k;
+        sent.seconds = started.elapsed().as_secs_f64();
+        Ok(sent)
+    }
+}
+
+/// What the sink saw.
+#[derive(Debug)]
+pub struct Received {
+    /// Datagrams stamped at or after the start given to [`sink`].
+    pub datagrams: u64,
+    /// Datagrams stamped before it (late arrivals of an earlier trial), not counted.
+    pub stale: u64,
+    /// One-way latency of the counted datagrams, in nanoseconds.
+    pub latency: Histogram<u64>,
+}
+
+/// Counts and times what arrives on `socket` until `stop`, from the calling thread pinned to
+/// `cpu`; datagrams stamped before `since_ns` are not counted. `arrivals` counts every
+/// datagram as it comes, so the caller can see when the queues have drained.
+pub fn sink(
+    socket: &UdpSocket,
+    since_ns: u64,
+    cpu: Option<usize>,
+    stop: &AtomicBool,
+    arrivals: &AtomicU64,
+) -> anyhow::Result<Received> {
+    if let Some(cpu) = cpu {
+        let _ = pin_to(cpu);
+    }
+    socket.set_read_timeout(Some(Duration::from_millis(20)))?;
+    // 1 ns to 100 s at 3 significant figures.
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 100_000_000_000, 3)?;
+    let mut batch = Batch::new(BATCH);
+    let (mut datagrams, mut stale) = (0u64, 0u64);
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(n) = batch.recv(socket) else { continue };
+        arrivals.fetch_add(n as u64, Ordering::Relaxed);
+        let arrived = now_ns();
+        for i in 0..n {
+            let d = batch.datagram(i);
+            let Some(stamp) = d
+                .len()
+                .checked_sub(STAMP_LEN)
+                .and_then(|at| d.get(at..))
+                .and_then(|t| <[u8; 8]>::try_from(t).ok())
+                .map(u64::from_le_bytes)
+            else {
+                stale += 1;
+                continue;
+            };
+            if stamp < since_ns || stamp > arrived {
+                stale += 1;
+                continue;
+            }
+            datagrams += 1;
+            latency.saturating_record((arrived - stamp).max(1));
+        }
+    }
+    Ok(Received {
+        datagrams,
+        stale,
+        latency,
+    })
+}
+
+/// Reads and drops whatever waits on `socket` (left from an earlier trial).
+pub fn drain(socket: &UdpSocket) -> anyhow::Result<()> {
+    socket.set_nonblocking(true)?;
+    let mut buf = [0u8; 2048];
+    while socket.recv_from(&mut buf).is_ok() {}
+    socket.set_nonblocking(false)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::udp::socket;
+
+    #[test]
+    fn payloads_parse_and_imix_has_its_mean() {
+        assert_eq!(Payload::parse("64").expect("64"), Payload::Fixed(64));
+        assert_eq!(Payload::parse("IMIX").expect("imix"), Payload::Imix);
+        assert!(Payload::parse("4").is_err(), "no room for the stamp");
+        assert!(Payload::parse("99999").is_err());
+        assert!(Payload::parse("big").is_err());
+        assert!((Payload::Imix.mean_bytes() - 346.0).abs() < 1.0);
+    }
+
+    #[test]
+    fn the_generator_paces_and_the_sink_times_what_it_stamped() {
+        let rx = socket("127.0.0.1:0".parse().expect("addr")).expect("rx");
+        let tx = socket("127.0.0.1:0".parse().expect("addr")).expect("tx");
+        let target = rx.local_addr().expect("addr");
+        let flows = (1..=3)
+            .map(|s| Flow {
+                socket: 0,
+                target,
+                framing: Framing::FerryData { session: s },
+            })
+            .collect();
+        let generator = Generator::new(vec![tx], flows).expect("generator");
+        let stop = Arc::new(AtomicBool::new(false));
+        let since = now_ns();
+        let sink_thread = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || sink(&rx, since, None, &stop, &AtomicU64::new(0)))
+        };
+        let sent = generator
+            .run(
+                Payload::Imix,
+                2000,
+                Pacing::Bursty { burst: 4 },
+                0.25,
+                None,
+                &AtomicBool::new(false),
+            )
+            .expect("run");
+        std::thread::sleep(Duration::from_millis(100));
+        stop.store(true, Ordering::Relaxed);
+        let got = sink_thread.join().expect("sink").expect("sink");
+        // Paced to 2000/s for 0.25 s: about 500, never far more.
+        assert!(
+            (100..=700).contains(&sent.datagrams),
+            "sent {}",
+            sent.datagrams
+        );
+        assert!(got.datagrams > 0 && got.datagrams <= sent.datagrams);
+        assert_eq!(got.latency.len(), got.datagrams);
+        assert!(got.latency.max() < 10_000_000_000);
+    }
+
+    #[test]
+    fn sessions_differ_only_in_their_heads() {
+        for (a, b) in [
+            (
+                Framing::FerryData { session: 1 },
+                Framing::FerryData { session: 2 },
+            ),
+            (
+                Framing::ChannelData {
+                    session: 1,
+                    channel: 0x4000,
+                },
+                Framing::ChannelData {
+                    session: 9,
+                    channel: 0x4000,
+                },
+            ),
+        ] {
+            for size in [8, 64, 1400] {
+                let (da, db) = (datagram(a, size).expect("a"), datagram(b, size).expect("b"));
+                let n = head_len(a);
+                assert_ne!(da[..n], db[..n]);
+                assert_eq!(da[n..], db[n..], "only the head differs");
+                assert_eq!(head(b, size).expect("head")[..n], db[..n]);
+            }
+        }
+    }
+
+    #[test]
+    fn a_channel_data_datagram_wraps_the_data_datagram() {
+        let inner = datagram(Framing::FerryData { session: 7 }, 64).expect("data");
+        let outer = datagram(
+            Framing::ChannelData {
+                session: 7,
+                channel: 0x4001,
+            },
+            64,
+        )
+        .expect("channel data");
+        assert_eq!(&outer[4..], &inner[..]);
+        assert_eq!(&outer[..2], &[0x40, 0x01]);
+    }
+}

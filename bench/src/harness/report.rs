@@ -1,0 +1,627 @@
+//! What a run writes: the JSON result (schema `ferry-bench/result`, version
+//! [`SCHEMA_VERSION`], described by docs/bench-result.schema.json), a Markdown summary, and
+//! the capacity lines.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+/// The `schema` field of every result.
+pub const SCHEMA_NAME: &str = "ferry-bench/result";
+/// The `version` field: raised whenever a field changes meaning or goes away.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// A whole run.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchResult {
+    /// Always [`SCHEMA_NAME`].
+    pub schema: &'static str,
+    /// Always [`SCHEMA_VERSION`].
+    pub version: u32,
+    /// When the run started, seconds since the Unix epoch.
+    pub started_unix: u64,
+    /// How long it took, seconds.
+    pub elapsed_seconds: f64,
+    /// `quick` or `full`.
+    pub profile: String,
+    /// The machine.
+    pub host: Host,
+    /// The topology, in words.
+    pub topology: String,
+    /// What was asked for.
+    pub config: RunConfig,
+    /// Paths that were asked for and not measured, and why.
+    pub skipped: Vec<Skipped>,
+    /// One entry per payload and path.
+    pub runs: Vec<PathRun>,
+    /// The scale scenario: Ferry with the first payload, one entry per session count.
+    pub scale: Vec<PathRun>,
+    /// The flood scenario: Ferry with the first payload, guard off and on, flood off and on.
+    pub flood: Vec<FloodRun>,
+    /// Every Ferry figure against every baseline of the same payload.
+    pub ratios: Vec<Ratio>,
+    /// Capacity lines, one per payload Ferry was measured with.
+    pub capacity: Vec<String>,
+}
+
+/// The machine a run measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct Host {
+    /// CPUs online.
+    pub cpus: usize,
+    /// `uname -r`.
+    pub kernel: String,
+    /// The 1-minute load average when the run started (other work competes for the CPUs).
+    pub load_average_start: f64,
+}
+
+/// The run's settings.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunConfig {
+    /// Scenarios run.
+    pub scenarios: Vec<String>,
+    /// Payloads (DATA body bytes, or `imix`).
+    pub payloads: Vec<String>,
+    /// Paths asked for.
+    pub paths: Vec<String>,
+    /// Concurrent sessions.
+    pub sessions: usize,
+    /// The loss a zero-loss trial may have, a fraction.
+    pub max_loss: f64,
+    /// Seconds per search trial.
+    pub trial_seconds: f64,
+    /// Seconds per latency point.
+    pub latency_seconds: f64,
+    /// Search trials after the first.
+    pub search_steps: u32,
+    /// `constant` or `bursty-N`.
+    pub pacing: String,
+    /// Fractions of the zero-loss rate the latency scenario measures at.
+    pub latency_fractions: Vec<f64>,
+    /// The low steady rate, datagrams per second.
+    pub low_rate: u64,
+    /// The fixed offered rates of the `rates` scenario.
+    pub fixed_rates: Vec<u64>,
+    /// The session counts of the `scale` scenario.
+    pub scale_sessions: Vec<usize>,
+    /// The legitimate rate of the `flood` scenario, datagrams per second.
+    pub flood_legit_rate: u64,
+    /// The CPU every forwarder is pinned to.
+    pub relay_cpu: usize,
+    /// The CPU of the generator and the sink.
+    pub load_cpu: usize,
+}
+
+/// A path that was not measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct Skipped {
+    /// The path.
+    pub path: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// One path with one payload.
+#[derive(Clone, Debug, Serialize)]
+pub struct PathRun {
+    /// The payload.
+    pub payload: String,
+    /// Mean DATA body bytes.
+    pub mean_body_bytes: f64,
+    /// The path.
+    pub path: String,
+    /// Concurrent sessions.
+    pub sessions: usize,
+    /// How the sessions were set up.
+    pub setup: Setup,
+    /// What the generator sends as fast as it can on this path: its ceiling here.
+    pub generator_ceiling: Trial,
+    /// The zero-loss throughput search, when run.
+    pub zero_loss: Option<ZeroLoss>,
+    /// The latency points (fractions of the zero-loss rate, the low steady rate, the fixed
+    /// rates), in the order measured.
+    pub points: Vec<Point>,
+}
+
+/// One measurement of the flood scenario.
+#[derive(Clone, Debug, Serialize)]
+pub struct FloodRun {
+    /// Whether Ferry's XDP guard was on.
+    pub guard: bool,
+    /// Whether the flood ran.
+    pub flood: bool,
+    /// Flood frames the packet socket sent per second.
+    pub flood_pps: f64,
+    /// Datagrams the XDP guard dropped per second (`ferry_xdp_packets_total{action="drop"}`).
+    pub xdp_drops_per_second: f64,
+    /// The relay process's CPU time over wall time (1.0: one core busy).
+    pub relay_cpu_share: f64,
+    /// The legitimate sessions' trial. With the flood on and the guard off, the relay's
+    /// counts include the flood datagrams it received.
+    pub trial: Trial,
+}
+
+/// Session set-up figures.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Setup {
+    /// Seconds to bind (Ferry) or allocate (coturn) every session.
+    pub bind_seconds: Option<f64>,
+    /// Sessions set up per second.
+    pub binds_per_second: Option<f64>,
+    /// The forwarder's resident memory before the sessions, bytes.
+    pub rss_before_bytes: Option<u64>,
+    /// And after.
+    pub rss_after_bytes: Option<u64>,
+    /// The difference per session, bytes.
+    pub rss_per_session_bytes: Option<f64>,
+}
+
+/// The zero-loss throughput.
+#[derive(Clone, Debug, Serialize)]
+pub struct ZeroLoss {
+    /// The highest offered rate whose trial lost at most `max_loss` (0 when none did).
+    pub pps: f64,
+    /// The same in Mbit/s of DATA body.
+    pub body_mbps: f64,
+    /// Whether the generator's own ceiling was reached without loss (the path may carry more).
+    pub generator_limited: bool,
+    /// The trial at that rate, when one passed.
+    pub at_rate: Option<Trial>,
+    /// Every search trial in order.
+    pub trials: Vec<Trial>,
+}
+
+/// One latency point.
+#[derive(Clone, Debug, Serialize)]
+pub struct Point {
+    /// `10%`, `50%`, `90%` (of the zero-loss rate), `low`, or `fixed`.
+    pub label: String,
+    /// The trial.
+    pub trial: Trial,
+}
+
+/// One-way latency at the sink, microseconds.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
+    /// Largest.
+    pub max: f64,
+    /// Mean.
+    pub mean: f64,
+}
+
+/// The relay host's counts in one trial.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct RelayStage {
+    /// Datagrams the forwarder took in.
+    pub received: u64,
+    /// Dropped by the kernel at the forwarder's full socket.
+    pub socket_drops: u64,
+    /// Sent on.
+    pub forwarded: u64,
+    /// `kernel` or `metrics`.
+    pub source: &'static str,
+}
+
+/// One measurement: load offered for a while, every stage counted.
+#[derive(Clone, Debug, Serialize)]
+pub struct Trial {
+    /// Asked rate, datagrams per second (0: as fast as the generator can).
+    pub target_pps: u64,
+    /// `constant`, `bursty-N` or `blast`.
+    pub pacing: String,
+    /// Seconds the generator sent.
+    pub seconds: f64,
+    /// Datagrams the generator's kernel accepted.
+    pub sent: u64,
+    /// `sent / seconds`.
+    pub offered_pps: f64,
+    /// The relay host's counts.
+    pub relay: RelayStage,
+    /// Datagrams the sink host's kernel dropped at the sink's full socket (part of
+    /// `lost_after_relay`: the sink, not the path, could not keep up).
+    pub sink_socket_drops: u64,
+    /// Datagrams of this trial at the sink.
+    pub sink_received: u64,
+    /// Datagrams of earlier trials that arrived during this one (not counted).
+    pub stale: u64,
+    /// `(sent − sink_received) / sent`.
+    pub loss: f64,
+    /// Lost between the generator and the forwarder: `sent − received − socket_drops`.
+    pub lost_before_relay: i64,
+    /// Lost in the forwarder: `received − forwarded`.
+    pub lost_in_relay: i64,
+    /// Lost between the forwarder and the sink: `forwarded − sink_received`.
+    pub lost_after_relay: i64,
+    /// `sink_received / seconds`.
+    pub delivered_pps: f64,
+    /// DATA body Mbit/s delivered.
+    pub delivered_body_mbps: f64,
+    /// One-way latency of the datagrams delivered.
+    pub latency_us: Option<Latency>,
+    /// The forwarder process's CPU time per forwarded datagram, ns (`/proc/PID/task/*/schedstat`).
+    pub relay_cpu_ns_per_packet: Option<f64>,
+    /// The whole host's busy CPU time per delivered datagram, ns (`/proc/stat`; includes the
+    /// generator and the sink).
+    pub host_cpu_ns_per_packet: f64,
+    /// Failed `sendmmsg` calls.
+    pub send_errors: u64,
+}
+
+impl Trial {
+    /// Whether the trial lost at most `max_loss` and delivered something.
+    pub fn passes(&self, max_loss: f64) -> bool {
+        self.sink_received > 0 && self.loss <= max_loss
+    }
+}
+
+/// A Ferry figure over a baseline's, same payload, same point.
+#[derive(Clone, Debug, Serialize)]
+pub struct Ratio {
+    /// The payload.
+    pub payload: String,
+    /// `zero_loss_pps`, `relay_cpu_ns_per_packet`, `p50_us`, `p99_us`, `p999_us`.
+    pub figure: String,
+    /// `zero_loss`, or a point's label.
+    pub point: String,
+    /// The baseline path.
+    pub baseline: String,
+    /// Ferry's value.
+    pub ferry: f64,
+    /// The baseline's value.
+    pub baseline_value: f64,
+    /// `ferry / baseline_value`.
+    pub ratio: f64,
+    /// Whether both trials lost at most the run's `max_loss`: a latency ratio between a path
+    /// that kept up and one that queued and dropped compares queues, not forwarders.
+    pub both_within_loss: bool,
+}
+
+/// The ratios of every Ferry figure to every baseline's, per payload.
+pub fn ratios(runs: &[PathRun], max_loss: f64) -> Vec<Ratio> {
+    let mut out = Vec::new();
+    for ferry in runs.iter().filter(|r| r.path == "ferry") {
+        for base in runs
+            .iter()
+            .filter(|r| r.path != "ferry" && r.payload == ferry.payload)
+        {
+            let mut push = |figure: &str,
+                            point: &str,
+                            f: Option<f64>,
+                            b: Option<f64>,
+                            both_within_loss: bool| {
+                if let (Some(f), Some(b)) = (f, b)
+                    && b > 0.0
+                    && f.is_finite()
+                {
+                    out.push(Ratio {
+                        payload: ferry.payload.clone(),
+                        figure: figure.into(),
+                        point: point.into(),
+                        baseline: base.path.clone(),
+                        ferry: f,
+                        baseline_value: b,
+                        ratio: f / b,
+                        both_within_loss,
+                    });
+                }
+            };
+            if let (Some(f), Some(b)) = (&ferry.zero_loss, &base.zero_loss) {
+                let passed = f.at_rate.is_some() && b.at_rate.is_some();
+                push(
+                    "zero_loss_pps",
+                    "zero_loss",
+                    Some(f.pps),
+                    Some(b.pps),
+                    passed,
+                );
+                let cpu = |z: &ZeroLoss| z.at_rate.as_ref().and_then(|t| t.relay_cpu_ns_per_packet);
+                push(
+                    "relay_cpu_ns_per_packet",
+                    "zero_loss",
+                    cpu(f),
+                    cpu(b),
+                    passed,
+                );
+            }
+            for fp in &ferry.points {
+                let Some(bp) = base.points.iter().find(|p| same_point(p, fp)) else {
+                    continue;
+                };
+                let point = point_name(fp);
+                let ok = fp.trial.passes(max_loss) && bp.trial.passes(max_loss);
+                let lat =
+                    |p: &Point, pick: fn(&Latency) -> f64| p.trial.latency_us.map(|l| pick(&l));
+                push("p50_us", &point, lat(fp, |l| l.p50), lat(bp, |l| l.p50), ok);
+                push("p99_us", &point, lat(fp, |l| l.p99), lat(bp, |l| l.p99), ok);
+                push(
+                    "p999_us",
+                    &point,
+                    lat(fp, |l| l.p999),
+                    lat(bp, |l| l.p999),
+                    ok,
+                );
+                push(
+                    "relay_cpu_ns_per_packet",
+                    &point,
+                    fp.trial.relay_cpu_ns_per_packet,
+                    bp.trial.relay_cpu_ns_per_packet,
+                    ok,
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Points are the same when their labels are and, for fixed rates, their rates are.
+fn same_point(a: &Point, b: &Point) -> bool {
+    a.label == b.label && (a.label != "fixed" || a.trial.target_pps == b.trial.target_pps)
+}
+
+/// `10%`, `low`, or `fixed 20000`.
+pub fn point_name(p: &Point) -> String {
+    match p.label.as_str() {
+        "fixed" => format!("fixed {}", p.trial.target_pps),
+        other => other.to_string(),
+    }
+}
+
+/// "This host carries N sessions of R Mbit/s each with p99 < L µs", from Ferry's highest
+/// latency point of each payload that lost at most `max_loss`.
+pub fn capacity_lines(runs: &[PathRun], max_loss: f64) -> Vec<String> {
+    let mut out = Vec::new();
+    for ferry in runs.iter().filter(|r| r.path == "ferry") {
+        let best = ferry
+            .points
+            .iter()
+            .filter(|p| p.trial.passes(max_loss) && p.trial.latency_us.is_some())
+            .max_by(|a, b| a.trial.delivered_pps.total_cmp(&b.trial.delivered_pps));
+        let Some(p) = best else { continue };
+        let Some(lat) = p.trial.latency_us else {
+            continue;
+        };
+        let sessions = ferry.sessions.max(1);
+        out.push(format!(
+            "with {} B payloads this host carries {} concurrent sessions of {:.3} Mbit/s each \
+             ({:.0} datagrams/s in all, {} point) with p99 < {:.0} µs and {:.3} % loss, \
+             through one ferry-relay worker",
+            ferry.payload,
+            sessions,
+            p.trial.delivered_body_mbps / sessions as f64,
+            p.trial.delivered_pps,
+            point_name(p),
+            lat.p99.ceil(),
+            p.trial.loss * 100.0
+        ));
+    }
+    out
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    match v {
+        Some(v) if v.is_finite() => format!("{v:.digits$}"),
+        _ => "–".into(),
+    }
+}
+
+/// The Markdown summary of `result`.
+pub fn markdown(result: &BenchResult) -> String {
+    let mut md = String::new();
+    let c = &result.config;
+    let _ = writeln!(md, "# ferry-bench ({} profile)\n", result.profile);
+    let _ = writeln!(
+        md,
+        "- host: {} CPUs, kernel {}, load average {:.2} at the start\n- topology: {}\n\
+         - sessions: {}, pacing: {}, max loss {} %, {} s per search trial, {} s per latency point\n\
+         - forwarders on CPU {}, generator and sink on CPU {}\n- took {:.0} s",
+        result.host.cpus,
+        result.host.kernel,
+        result.host.load_average_start,
+        result.topology,
+        c.sessions,
+        c.pacing,
+        c.max_loss * 100.0,
+        c.trial_seconds,
+        c.latency_seconds,
+        c.relay_cpu,
+        c.load_cpu,
+        result.elapsed_seconds
+    );
+    for s in &result.skipped {
+        let _ = writeln!(md, "- skipped {}: {}", s.path, s.reason);
+    }
+    if !result.capacity.is_empty() {
+        let _ = writeln!(md, "\n## Capacity\n");
+        for line in &result.capacity {
+            let _ = writeln!(md, "- {line}");
+        }
+    }
+    for payload in &c.payloads {
+        let runs: Vec<&PathRun> = result
+            .runs
+            .iter()
+            .filter(|r| &r.payload == payload)
+            .collect();
+        if runs.is_empty() {
+            continue;
+        }
+        let _ = writeln!(md, "\n## {payload} B payloads\n");
+        let _ = writeln!(
+            md,
+            "| path | generator ceiling (sent pps) | zero-loss pps | body Mbit/s | relay CPU/pkt | \
+             host CPU/pkt | sent / relay in / relay out / sink at that rate |\n\
+             |---|---:|---:|---:|---:|---:|---|"
+        );
+        for r in &runs {
+            let z = r.zero_loss.as_ref();
+            let at = z.and_then(|z| z.at_rate.as_ref());
+            let _ = writeln!(
+                md,
+                "| {} | {:.0} | {}{} | {} | {} | {} | {} |",
+                r.path,
+                r.generator_ceiling.offered_pps,
+                opt(z.map(|z| z.pps), 0),
+                if z.is_some_and(|z| z.generator_limited) {
+                    " (generator-limited)"
+                } else {
+                    ""
+                },
+                opt(z.map(|z| z.body_mbps), 1),
+                opt(at.and_then(|t| t.relay_cpu_ns_per_packet), 0) + " ns",
+                opt(at.map(|t| t.host_cpu_ns_per_packet), 0) + " ns",
+                at.map_or("–".into(), |t| format!(
+                    "{} / {} / {} / {}",
+                    t.sent, t.relay.received, t.relay.forwarded, t.sink_received
+                )),
+            );
+        }
+        let _ = writeln!(
+            md,
+            "\n| point | path | offered pps | delivered pps | loss % | p50 / p99 / p99.9 / max µs | relay CPU/pkt |\n\
+             |---|---|---:|---:|---:|---|---:|"
+        );
+        let mut names: Vec<String> = Vec::new();
+        for r in &runs {
+            for p in &r.points {
+                let n = point_name(p);
+                if !names.contains(&n) {
+                    names.push(n);
+                }
+            }
+        }
+        for name in &names {
+            for r in &runs {
+                for p in r.points.iter().filter(|p| &point_name(p) == name) {
+                    let t = &p.trial;
+                    let _ = writeln!(
+                        md,
+                        "| {name} | {} | {:.0} | {:.0} | {:.3} | {} | {} ns |",
+                        r.path,
+                        t.offered_pps,
+                        t.delivered_pps,
+                        t.loss * 100.0,
+                        t.latency_us.map_or("–".into(), |l| format!(
+                            "{:.0} / {:.0} / {:.0} / {:.0}",
+                            l.p50, l.p99, l.p999, l.max
+                        )),
+                        opt(t.relay_cpu_ns_per_packet, 0),
+                    );
+                }
+            }
+        }
+        let ratios: Vec<&Ratio> = result
+            .ratios
+            .iter()
+            .filter(|r| &r.payload == payload)
+            .collect();
+        if !ratios.is_empty() {
+            let _ = writeln!(
+                md,
+                "\n| Ferry ÷ baseline | point | {} |\n|---|---|{}",
+                baselines(&ratios).join(" | "),
+                "---:|".repeat(baselines(&ratios).len())
+            );
+            let mut rows: Vec<(String, String)> = Vec::new();
+            for r in &ratios {
+                let key = (r.figure.clone(), r.point.clone());
+                if !rows.contains(&key) {
+                    rows.push(key);
+                }
+            }
+            for (figure, point) in rows {
+                let cells: Vec<String> = baselines(&ratios)
+                    .iter()
+                    .map(|b| {
+                        ratios
+                            .iter()
+                            .find(|r| r.figure == figure && r.point == point && &r.baseline == b)
+                            .map_or("–".into(), |r| {
+                                let mark = if r.both_within_loss { "" } else { " (loss)" };
+                                format!("{:.2}×{mark}", r.ratio)
+                            })
+                    })
+                    .collect();
+                let _ = writeln!(md, "| {figure} | {point} | {} |", cells.join(" | "));
+            }
+        }
+    }
+    if !result.scale.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n## Session scale (ferry, {} B)\n\n\
+             | sessions | bind time | sessions bound/s | relay RSS growth per session | zero-loss pps | relay CPU/pkt |\n\
+             |---:|---:|---:|---:|---:|---:|",
+            result.scale[0].payload
+        );
+        for r in &result.scale {
+            let z = r.zero_loss.as_ref();
+            let _ = writeln!(
+                md,
+                "| {} | {} s | {} | {} B | {} | {} ns |",
+                r.sessions,
+                opt(r.setup.bind_seconds, 2),
+                opt(r.setup.binds_per_second, 0),
+                opt(r.setup.rss_per_session_bytes, 0),
+                opt(z.map(|z| z.pps), 0),
+                opt(
+                    z.and_then(|z| z.at_rate.as_ref())
+                        .and_then(|t| t.relay_cpu_ns_per_packet),
+                    0
+                ),
+            );
+        }
+    }
+    if !result.flood.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n## Flood (ferry, {} B, legitimate {} pps)\n\n\
+             | XDP guard | flood | flood frames/s | XDP drops/s | relay CPU (of a core) | legitimate delivered pps | loss % | p50 / p99 µs |\n\
+             |---|---|---:|---:|---:|---:|---:|---|",
+            result.config.payloads.first().map_or("", String::as_str),
+            result.config.flood_legit_rate
+        );
+        for f in &result.flood {
+            let t = &f.trial;
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.0} | {:.0} | {:.0} % | {:.0} | {:.3} | {} |",
+                if f.guard { "on" } else { "off" },
+                if f.flood { "on" } else { "off" },
+                f.flood_pps,
+                f.xdp_drops_per_second,
+                f.relay_cpu_share * 100.0,
+                t.delivered_pps,
+                t.loss * 100.0,
+                t.latency_us
+                    .map_or("–".into(), |l| format!("{:.0} / {:.0}", l.p50, l.p99)),
+            );
+        }
+    }
+    if result.ratios.is_empty() {
+        return md;
+    }
+    let _ = writeln!(
+        md,
+        "\nRatios are Ferry's figure over the baseline's, same payload, same point: above 1 is \
+         better for throughput, below 1 is better for latency and CPU. (loss): one of the \
+         two trials lost more than the run's max loss, so the ratio compares queues, not \
+         forwarders."
+    );
+    md
+}
+
+fn baselines(ratios: &[&Ratio]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for r in ratios {
+        if !out.contains(&r.baseline) {
+            out.push(r.baseline.clone());
+        }
+    }
+    out
+}

@@ -1,0 +1,683 @@
+//! The scenarios: the generator's ceiling, zero-loss throughput by binary search, latency
+//! at fractions of that rate, at a low steady rate and at fixed offered rates; each path of
+//! each payload measured in turn on the same testbed.
+
+use std::net::{IpAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context as _;
+
+use super::load::{Pacing, Payload, drain, now_ns, sink};
+use super::paths::{Binaries, PathKind, PathOptions, RELAY_PORT, RunningPath};
+use super::report::{
+    BenchResult, FloodRun, Host, Latency, PathRun, Point, RelayStage, RunConfig, Setup, Skipped,
+    Trial, ZeroLoss, capacity_lines, ratios,
+};
+use super::topology::Testbed;
+use super::{check_interrupted, flood};
+use crate::cpu::task_cpu_ns;
+
+/// A scenario `ferry-bench run` can run on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Scenario {
+    /// The zero-loss throughput search (always preceded by the generator's ceiling).
+    Throughput,
+    /// Latency at fractions of the zero-loss rate (runs the search first) and at a low
+    /// steady rate.
+    Latency,
+    /// Latency, loss and CPU at the fixed offered rates.
+    Rates,
+    /// Ferry alone as its sessions grow: bind rate, relay memory per session, zero-loss
+    /// throughput at each count.
+    Scale,
+    /// Ferry's legitimate sessions at a steady rate while a spoofed many-source flood hits
+    /// the relay, its XDP guard off and on.
+    Flood,
+}
+
+impl Scenario {
+    /// Its name in reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Throughput => "throughput",
+            Self::Latency => "latency",
+            Self::Rates => "rates",
+            Self::Scale => "scale",
+            Self::Flood => "flood",
+        }
+    }
+}
+
+/// Everything a run does.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// `quick` or `full`.
+    pub profile: String,
+    /// What to run.
+    pub scenarios: Vec<Scenario>,
+    /// Payloads, each measured on every path.
+    pub payloads: Vec<Payload>,
+    /// Paths.
+    pub paths: Vec<PathKind>,
+    /// Whether a path that cannot run (coturn not installed) fails the run instead of being
+    /// skipped.
+    pub require_all_paths: bool,
+    /// Concurrent sessions.
+    pub sessions: usize,
+    /// Largest loss fraction a zero-loss trial may have.
+    pub max_loss: f64,
+    /// Seconds per search trial.
+    pub trial_seconds: f64,
+    /// Seconds per latency point.
+    pub latency_seconds: f64,
+    /// Search trials after the first.
+    pub search_steps: u32,
+    /// How paced load is spaced.
+    pub pacing: Pacing,
+    /// Fractions of the zero-loss rate for the latency scenario.
+    pub latency_fractions: Vec<f64>,
+    /// The low steady rate (one datagram at a time).
+    pub low_rate: u64,
+    /// Fixed offered rates.
+    pub fixed_rates: Vec<u64>,
+    /// Session counts of the scale scenario.
+    pub scale_sessions: Vec<usize>,
+    /// The legitimate sessions' rate in the flood scenario, datagrams per second in all.
+    pub flood_legit_rate: u64,
+    /// Forwarders' CPU.
+    pub relay_cpu: usize,
+    /// Generator's and sink's CPU.
+    pub load_cpu: usize,
+}
+
+/// Runs `plan` on `bed`, printing a progress line per trial.
+pub fn run(plan: &Plan, bed: &dyn Testbed, bins: &Binaries) -> anyhow::Result<BenchResult> {
+    let started = Instant::now();
+    let started_unix = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let host = Host {
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        load_average_start: std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| l.split_whitespace().next()?.parse().ok())
+            .unwrap_or(f64::NAN),
+    };
+    println!("ferry-bench: {}", bed.describe());
+    let mut skipped = Vec::new();
+    let mut paths = plan.paths.clone();
+    paths.sort();
+    paths.dedup();
+    if paths.contains(&PathKind::Coturn) && bins.turnserver.is_none() {
+        let reason = "coturn's turnserver is not installed (.ci/setup --bench installs it)";
+        if plan.require_all_paths {
+            anyhow::bail!("{reason}");
+        }
+        println!("skipping coturn: {reason}");
+        skipped.push(Skipped {
+            path: "coturn".into(),
+            reason: reason.into(),
+        });
+        paths.retain(|p| *p != PathKind::Coturn);
+    }
+    let mut runs = Vec::new();
+    let per_path = [Scenario::Throughput, Scenario::Latency, Scenario::Rates]
+        .iter()
+        .any(|s| plan.scenarios.contains(s));
+    for payload in plan.payloads.iter().filter(|_| per_path) {
+        for &kind in &paths {
+            check_interrupted()?;
+            let tag = format!("[{} B {}]", payload.label(), kind.name());
+            println!("{tag} setting up ({} sessions)", plan.sessions);
+            let path = RunningPath::start(
+                kind,
+                bed,
+                bins,
+                PathOptions {
+                    sessions: plan.sessions,
+                    relay_cpu: plan.relay_cpu,
+                    xdp_guard: false,
+                },
+            )
+            .with_context(|| format!("setting up {}", kind.name()))?;
+            let run = measure_path(plan, bed, &path, *payload, &tag).with_context(|| match path
+                .relay_log()
+            {
+                Some(log) if !log.is_empty() => {
+                    format!("measuring {}; the relay's log:\n{log}", kind.name())
+                }
+                _ => format!("measuring {}", kind.name()),
+            })?;
+            runs.push(run);
+        }
+    }
+    let mut scale = Vec::new();
+    if plan.scenarios.contains(&Scenario::Scale)
+        && let Some(&payload) = plan.payloads.first()
+    {
+        for &sessions in &plan.scale_sessions {
+            check_interrupted()?;
+            let tag = format!("[scale {} B ferry {sessions}]", payload.label());
+            println!("{tag} binding {sessions} sessions");
+            let path = RunningPath::start(
+                PathKind::Ferry,
+                bed,
+                bins,
+                PathOptions {
+                    sessions,
+                    relay_cpu: plan.relay_cpu,
+                    xdp_guard: false,
+                },
+            )
+            .with_context(|| format!("setting up ferry with {sessions} sessions"))?;
+            let search_only = Plan {
+                scenarios: vec![Scenario::Throughput],
+                search_steps: plan.search_steps.min(4),
+                ..plan.clone()
+            };
+            scale.push(measure_path(&search_only, bed, &path, payload, &tag)?);
+        }
+    }
+    let mut flood_runs = Vec::new();
+    if plan.scenarios.contains(&Scenario::Flood)
+        && let Some(&payload) = plan.payloads.first()
+    {
+        flood_runs = flood_scenario(plan, bed, bins, payload)?;
+    }
+    let ratios = ratios(&runs, plan.max_loss);
+    let capacity = capacity_lines(&runs, plan.max_loss);
+    Ok(BenchResult {
+        schema: super::report::SCHEMA_NAME,
+        version: super::report::SCHEMA_VERSION,
+        started_unix,
+        elapsed_seconds: started.elapsed().as_secs_f64(),
+        profile: plan.profile.clone(),
+        host,
+        topology: bed.describe(),
+        config: RunConfig {
+            scenarios: plan.scenarios.iter().map(|s| s.name().into()).collect(),
+            payloads: plan.payloads.iter().map(Payload::label).collect(),
+            paths: plan.paths.iter().map(|p| p.name().into()).collect(),
+            sessions: plan.sessions,
+            max_loss: plan.max_loss,
+            trial_seconds: plan.trial_seconds,
+            latency_seconds: plan.latency_seconds,
+            search_steps: plan.search_steps,
+            pacing: plan.pacing.label(),
+            latency_fractions: plan.latency_fractions.clone(),
+            low_rate: plan.low_rate,
+            fixed_rates: plan.fixed_rates.clone(),
+            scale_sessions: plan.scale_sessions.clone(),
+            flood_legit_rate: plan.flood_legit_rate,
+            relay_cpu: plan.relay_cpu,
+            load_cpu: plan.load_cpu,
+        },
+        skipped,
+        runs,
+        scale,
+        flood: flood_runs,
+        ratios,
+        capacity,
+    })
+}
+
+/// Ferry with its guard off, then on; each time the legitimate sessions at
+/// `flood_legit_rate` alone, then under the flood.
+fn flood_scenario(
+    plan: &Plan,
+    bed: &dyn Testbed,
+    bins: &Binaries,
+    payload: Payload,
+) -> anyhow::Result<Vec<FloodRun>> {
+    bed.route_to_generator(flood::SPOOF_NET)?;
+    let (raw, gen_mac, relay_mac) = bed.generator_packet_socket()?;
+    let IpAddr::V4(relay_ip) = bed.relay_ip_to_generator() else {
+        anyhow::bail!("the flood is IPv4");
+    };
+    let frames = flood::frames(
+        4096,
+        SocketAddrV4::new(relay_ip, RELAY_PORT),
+        gen_mac,
+        relay_mac,
+    )?;
+    let mut out = Vec::new();
+    for guard in [false, true] {
+        let tag = format!(
+            "[flood {} B ferry, guard {}]",
+            payload.label(),
+            if guard { "on" } else { "off" }
+        );
+        println!("{tag} setting up ({} sessions)", plan.sessions);
+        let path = RunningPath::start(
+            PathKind::Ferry,
+            bed,
+            bins,
+            PathOptions {
+                sessions: plan.sessions,
+                relay_cpu: plan.relay_cpu,
+                xdp_guard: guard,
+            },
+        )
+        .with_context(|| {
+            format!(
+                "setting up ferry with its guard {}",
+                if guard { "on" } else { "off" }
+            )
+        })?;
+        trial(plan, bed, &path, payload, 1000, Pacing::Constant, 0.3)?;
+        for flooding in [false, true] {
+            let xdp_drop = "ferry_xdp_packets_total{action=\"drop\"";
+            let drops0 = path.metric(xdp_drop).unwrap_or(0);
+            let cpu0 = path.pid.map(task_cpu_ns).transpose()?.unwrap_or(0);
+            let started = Instant::now();
+            let stop = AtomicBool::new(false);
+            let (t, flood_sent) = std::thread::scope(|s| -> anyhow::Result<_> {
+                let flooder = flooding
+                    .then(|| s.spawn(|| flood::send(&raw, &frames, Some(plan.load_cpu), &stop)));
+                let t = trial(
+                    plan,
+                    bed,
+                    &path,
+                    payload,
+                    plan.flood_legit_rate,
+                    Pacing::Constant,
+                    plan.latency_seconds,
+                );
+                stop.store(true, Ordering::Relaxed);
+                let sent = match flooder {
+                    Some(f) => f
+                        .join()
+                        .map_err(|_| anyhow::anyhow!("the flood thread panicked"))?,
+                    None => 0,
+                };
+                Ok((t?, sent))
+            })?;
+            let wall = started.elapsed().as_secs_f64();
+            let cpu1 = path.pid.map(task_cpu_ns).transpose()?.unwrap_or(0);
+            let drops1 = path.metric(xdp_drop).unwrap_or(0);
+            let run = FloodRun {
+                guard,
+                flood: flooding,
+                flood_pps: flood_sent as f64 / wall,
+                xdp_drops_per_second: drops1.saturating_sub(drops0) as f64 / wall,
+                relay_cpu_share: cpu1.saturating_sub(cpu0) as f64 / 1e9 / wall,
+                trial: t,
+            };
+            println!(
+                "{tag} flood {}: {:.0} flood frames/s, XDP drops {:.0}/s, relay CPU {:.0} % of a \
+                 core; legitimate: sent {} ({:.0} pps), sink {} ({:.0} pps), loss {:.3} %{}",
+                if flooding { "on" } else { "off" },
+                run.flood_pps,
+                run.xdp_drops_per_second,
+                run.relay_cpu_share * 100.0,
+                run.trial.sent,
+                run.trial.offered_pps,
+                run.trial.sink_received,
+                run.trial.delivered_pps,
+                run.trial.loss * 100.0,
+                run.trial.latency_us.map_or(String::new(), |l| format!(
+                    ", p50/p99 {:.0}/{:.0} µs",
+                    l.p50, l.p99
+                )),
+            );
+            out.push(run);
+        }
+    }
+    Ok(out)
+}
+
+fn measure_path(
+    plan: &Plan,
+    bed: &dyn Testbed,
+    path: &RunningPath,
+    payload: Payload,
+    tag: &str,
+) -> anyhow::Result<PathRun> {
+    let sessions = path.generator.flows();
+    let setup = Setup {
+        bind_seconds: path.bind_seconds,
+        binds_per_second: path
+            .bind_seconds
+            .filter(|s| *s > 0.0)
+            .map(|s| sessions as f64 / s),
+        rss_before_bytes: path.rss_bytes.map(|r| r.0),
+        rss_after_bytes: path.rss_bytes.map(|r| r.1),
+        rss_per_session_bytes: path
+            .rss_bytes
+            .map(|(a, b)| b.saturating_sub(a) as f64 / sessions.max(1) as f64),
+    };
+    if let Some(s) = path.bind_seconds {
+        println!(
+            "{tag} {sessions} sessions set up in {s:.3} s ({:.0}/s)",
+            sessions as f64 / s.max(1e-9)
+        );
+    }
+    // A short warm-up: caches, ARP, the forwarder's first allocations.
+    trial(plan, bed, path, payload, 1000, Pacing::Constant, 0.3)?;
+    let ceiling = trial(plan, bed, path, payload, 0, plan.pacing, plan.trial_seconds)?;
+    progress(
+        tag,
+        "generator ceiling (as fast as it can)",
+        &ceiling,
+        plan.max_loss,
+    );
+    let wants = |s: Scenario| plan.scenarios.contains(&s);
+    let mut zero_loss = None;
+    if wants(Scenario::Throughput) || wants(Scenario::Latency) {
+        zero_loss = Some(search(plan, bed, path, payload, &ceiling, tag)?);
+    }
+    let mut points = Vec::new();
+    if wants(Scenario::Latency) {
+        let rate = zero_loss.as_ref().map_or(0.0, |z: &ZeroLoss| z.pps);
+        for &f in &plan.latency_fractions {
+            let target = (rate * f).round() as u64;
+            if target == 0 {
+                continue;
+            }
+            let label = format!("{:.0}%", f * 100.0);
+            let t = trial(
+                plan,
+                bed,
+                path,
+                payload,
+                target,
+                plan.pacing,
+                plan.latency_seconds,
+            )?;
+            progress(
+                tag,
+                &format!("latency at {label} ({target} pps)"),
+                &t,
+                plan.max_loss,
+            );
+            points.push(Point { label, trial: t });
+        }
+        let t = trial(
+            plan,
+            bed,
+            path,
+            payload,
+            plan.low_rate,
+            Pacing::Constant,
+            plan.latency_seconds,
+        )?;
+        progress(
+            tag,
+            &format!("low steady rate ({} pps)", plan.low_rate),
+            &t,
+            plan.max_loss,
+        );
+        points.push(Point {
+            label: "low".into(),
+            trial: t,
+        });
+    }
+    if wants(Scenario::Rates) {
+        for &rate in &plan.fixed_rates {
+            let t = trial(
+                plan,
+                bed,
+                path,
+                payload,
+                rate,
+                plan.pacing,
+                plan.latency_seconds,
+            )?;
+            progress(tag, &format!("fixed {rate} pps"), &t, plan.max_loss);
+            points.push(Point {
+                label: "fixed".into(),
+                trial: t,
+            });
+        }
+    }
+    Ok(PathRun {
+        payload: payload.label(),
+        mean_body_bytes: payload.mean_bytes(),
+        path: path.kind.name().into(),
+        sessions,
+        setup,
+        generator_ceiling: ceiling,
+        zero_loss,
+        points,
+    })
+}
+
+/// RFC 2544-style: the ceiling's delivered rate first, then halving the interval between the
+/// highest passing and the lowest failing rate, `search_steps` times or until it is within 1 %.
+fn search(
+    plan: &Plan,
+    bed: &dyn Testbed,
+    path: &RunningPath,
+    payload: Payload,
+    ceiling: &Trial,
+    tag: &str,
+) -> anyhow::Result<ZeroLoss> {
+    let mut trials = Vec::new();
+    if ceiling.passes(plan.max_loss) {
+        // The generator could not offer more than the path carried.
+        return Ok(ZeroLoss {
+            pps: ceiling.offered_pps,
+            body_mbps: ceiling.delivered_body_mbps,
+            generator_limited: true,
+            at_rate: Some(ceiling.clone()),
+            trials: vec![ceiling.clone()],
+        });
+    }
+    let (mut lo, mut hi) = (0.0f64, ceiling.offered_pps);
+    let mut best: Option<Trial> = None;
+    let mut next = ceiling.delivered_pps.clamp(1.0, hi);
+    for step in 0..=plan.search_steps {
+        check_interrupted()?;
+        let target = next.round().max(1.0) as u64;
+        let t = trial(
+            plan,
+            bed,
+            path,
+            payload,
+            target,
+            plan.pacing,
+            plan.trial_seconds,
+        )?;
+        let ok = t.passes(plan.max_loss);
+        progress(
+            tag,
+            &format!(
+                "search {}/{}: {target} pps",
+                step + 1,
+                plan.search_steps + 1
+            ),
+            &t,
+            plan.max_loss,
+        );
+        if ok {
+            // A generator that fell behind (descheduled) offered less than asked: what
+            // passed is the rate it offered.
+            lo = (target as f64).min(t.offered_pps);
+            best = Some(t.clone());
+        } else {
+            hi = target as f64;
+        }
+        trials.push(t);
+        if hi - lo <= 0.01 * hi {
+            break;
+        }
+        next = (lo + hi) / 2.0;
+    }
+    let body_mbps = best.as_ref().map_or(0.0, |t| t.delivered_body_mbps);
+    println!(
+        "{tag} zero-loss throughput: {lo:.0} pps ({body_mbps:.1} Mbit/s of body), loss ≤ {} %",
+        plan.max_loss * 100.0
+    );
+    Ok(ZeroLoss {
+        pps: lo,
+        body_mbps,
+        generator_limited: false,
+        at_rate: best,
+        trials,
+    })
+}
+
+fn progress(tag: &str, what: &str, t: &Trial, max_loss: f64) {
+    println!(
+        "{tag} {what}: sent {} ({:.0} pps), relay in {} (+{} socket drops) out {}, sink {} \
+         ({:.0} pps, +{} socket drops), loss {:.3} % {}{}",
+        t.sent,
+        t.offered_pps,
+        t.relay.received,
+        t.relay.socket_drops,
+        t.relay.forwarded,
+        t.sink_received,
+        t.delivered_pps,
+        t.sink_socket_drops,
+        t.loss * 100.0,
+        if t.passes(max_loss) { "ok" } else { "LOSS" },
+        t.latency_us.map_or(String::new(), |l| format!(
+            ", p50/p99/p99.9/max {:.0}/{:.0}/{:.0}/{:.0} µs",
+            l.p50, l.p99, l.p999, l.max
+        )),
+    );
+}
+
+/// Busy (not idle, not iowait) CPU time of the whole host, ns, from `/proc/stat`.
+fn host_busy_ns() -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("an empty /proc/stat")?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    let total: u64 = fields.iter().sum();
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    // USER_HZ is 100 on every Linux ABI Ferry runs on.
+    Ok(total.saturating_sub(idle) * 10_000_000)
+}
+
+/// One trial: `rate` (0: as fast as possible) for `seconds`, every stage counted.
+pub fn trial(
+    plan: &Plan,
+    bed: &dyn Testbed,
+    path: &RunningPath,
+    payload: Payload,
+    rate: u64,
+    pacing: Pacing,
+    seconds: f64,
+) -> anyhow::Result<Trial> {
+    check_interrupted()?;
+    // What an earlier trial left queued at the forwarder goes first (at most 5 s), so that this
+    // trial's datagrams do not wait behind it.
+    if let Some(port) = path.port {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while bed.relay_udp_queued(port)? > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    drain(&path.sink)?;
+    let before = path.snapshot(bed)?;
+    let cpu0 = path.pid.map(task_cpu_ns).transpose()?;
+    let host0 = host_busy_ns()?;
+    let sink0 = bed.sink_kernel_counters()?;
+    let since = now_ns();
+    let stop = Arc::new(AtomicBool::new(false));
+    let arrivals = Arc::new(AtomicU64::new(0));
+    let sink_socket = path.sink.try_clone()?;
+    let load_cpu = plan.load_cpu;
+    let sink_thread = {
+        let (stop, arrivals) = (Arc::clone(&stop), Arc::clone(&arrivals));
+        std::thread::spawn(move || sink(&sink_socket, since, Some(load_cpu), &stop, &arrivals))
+    };
+    let sent = std::thread::scope(|s| {
+        s.spawn(|| {
+            path.generator.run(
+                payload,
+                rate,
+                pacing,
+                seconds,
+                Some(load_cpu),
+                &AtomicBool::new(false),
+            )
+        })
+        .join()
+    });
+    // Let the queues drain before counting: until nothing arrived for 30 ms (at most 2 s).
+    let drain_deadline = Instant::now() + Duration::from_secs(2);
+    let mut seen = arrivals.load(Ordering::Relaxed);
+    loop {
+        std::thread::sleep(Duration::from_millis(30));
+        let now = arrivals.load(Ordering::Relaxed);
+        if now == seen || Instant::now() > drain_deadline {
+            break;
+        }
+        seen = now;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let received = sink_thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("the sink thread panicked"))??;
+    let sent = sent.map_err(|_| anyhow::anyhow!("the generator thread panicked"))??;
+    let after = path.snapshot(bed)?;
+    let cpu1 = path.pid.map(task_cpu_ns).transpose()?;
+    let host1 = host_busy_ns()?;
+    let sink_drops = bed.sink_kernel_counters()?.since(&sink0).udp_rcvbuf_errors;
+    let relay = path.counts(&before, &after);
+    let secs = sent.seconds.max(1e-9);
+    let delivered = received.datagrams;
+    let loss = match sent.datagrams {
+        0 => 1.0,
+        n => n.saturating_sub(delivered) as f64 / n as f64,
+    };
+    let h = &received.latency;
+    let us = |ns: u64| ns as f64 / 1000.0;
+    let body_per_datagram = match sent.datagrams {
+        0 => 0.0,
+        n => sent.body_bytes as f64 / n as f64,
+    };
+    let signed = |a: u64, b: u64| a as i64 - b as i64;
+    Ok(Trial {
+        target_pps: rate,
+        pacing: match rate {
+            0 => "blast".into(),
+            _ => pacing.label(),
+        },
+        seconds: secs,
+        sent: sent.datagrams,
+        offered_pps: sent.datagrams as f64 / secs,
+        relay: RelayStage {
+            received: relay.received,
+            socket_drops: relay.socket_drops,
+            forwarded: relay.forwarded,
+            source: relay.source,
+        },
+        sink_socket_drops: sink_drops,
+        sink_received: delivered,
+        stale: received.stale,
+        loss,
+        lost_before_relay: signed(sent.datagrams, relay.received + relay.socket_drops),
+        lost_in_relay: signed(relay.received, relay.forwarded),
+        lost_after_relay: signed(relay.forwarded, delivered),
+        delivered_pps: delivered as f64 / secs,
+        delivered_body_mbps: delivered as f64 * body_per_datagram * 8.0 / secs / 1e6,
+        latency_us: (!h.is_empty()).then(|| Latency {
+            p50: us(h.value_at_quantile(0.50)),
+            p99: us(h.value_at_quantile(0.99)),
+            p999: us(h.value_at_quantile(0.999)),
+            max: us(h.max()),
+            mean: h.mean() / 1000.0,
+        }),
+        relay_cpu_ns_per_packet: match (cpu0, cpu1) {
+            (Some(a), Some(b)) if relay.forwarded > 0 => {
+                Some(b.saturating_sub(a) as f64 / relay.forwarded as f64)
+            }
+            _ => None,
+        },
+        host_cpu_ns_per_packet: host1.saturating_sub(host0) as f64 / delivered.max(1) as f64,
+        send_errors: sent.errors,
+    })
+}

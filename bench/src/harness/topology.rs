@@ -1,0 +1,437 @@
+//! Where the load runs: a generator host, the relay host and a sink host.
+//!
+//! [`Testbed`] is what every scenario needs from a topology: where the generator and the sink
+//! open their sockets, how the relay host runs a process and reads its kernel's UDP counters.
+//! [`NetnsTestbed`] builds it on one machine from three network namespaces and two veth pairs,
+//! generator → relay host → sink, addressed from 198.18.0.0/15, and removes them on drop (so
+//! also on an error, a panic, or a SIGINT/SIGTERM that the caller turns into an error; see
+//! [`super::catch_interrupts`]). A testbed on real interfaces (the relay on a NIC, the generator on
+//! another machine) implements the same trait.
+
+use std::io::BufRead as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{Context as _, bail};
+use ferry_testkit::netns::{in_ns, link_info};
+
+use crate::udp::{packet_socket, socket};
+
+/// What a scenario needs from a topology.
+pub trait Testbed: std::fmt::Debug {
+    /// One line saying what the topology is.
+    fn describe(&self) -> String;
+    /// The generator host's address.
+    fn generator_ip(&self) -> IpAddr;
+    /// The sink host's address.
+    fn sink_ip(&self) -> IpAddr;
+    /// The relay host's address on the generator's side.
+    fn relay_ip_to_generator(&self) -> IpAddr;
+    /// The relay host's address on the sink's side.
+    fn relay_ip_to_sink(&self) -> IpAddr;
+    /// A UDP socket (large buffers) on the generator host, bound to `addr`.
+    fn generator_socket(&self, addr: SocketAddr) -> anyhow::Result<UdpSocket>;
+    /// A UDP socket (large buffers) on the sink host, bound to `addr`.
+    fn sink_socket(&self, addr: SocketAddr) -> anyhow::Result<UdpSocket>;
+    /// A command that runs `program` on the relay host.
+    fn relay_command(&self, program: &Path) -> Command;
+    /// The relay host's network namespace, when it is one on this machine.
+    fn relay_netns(&self) -> Option<&str>;
+    /// The relay host's kernel counters (UDP and IP forwarding).
+    fn relay_kernel_counters(&self) -> anyhow::Result<KernelCounters>;
+    /// The sink host's kernel counters.
+    fn sink_kernel_counters(&self) -> anyhow::Result<KernelCounters>;
+    /// Bytes waiting in the receive queues of the relay host's UDP sockets on `port`.
+    fn relay_udp_queued(&self, port: u16) -> anyhow::Result<u64>;
+    /// The relay host's interface towards the generator (where the XDP guard attaches).
+    fn relay_interface_to_generator(&self) -> &str;
+    /// A packet socket on the generator's interface towards the relay host (it sends whole
+    /// frames, qdisc bypassed), with that link's MAC addresses: the generator's, the relay
+    /// host's. For a flood with forged source addresses.
+    fn generator_packet_socket(&self) -> anyhow::Result<(UdpSocket, [u8; 6], [u8; 6])>;
+    /// Routes `cidr` from the relay host back to the generator, so that reverse-path filtering
+    /// keeps datagrams forged from it.
+    fn route_to_generator(&self, cidr: &str) -> anyhow::Result<()>;
+}
+
+/// A host's kernel counters, from its `/proc/net/snmp`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters {
+    /// `Udp: InDatagrams`: datagrams delivered to a socket.
+    pub udp_in: u64,
+    /// `Udp: RcvbufErrors`: datagrams dropped because a socket's receive queue was full.
+    pub udp_rcvbuf_errors: u64,
+    /// `Udp: OutDatagrams`: datagrams sent (a GSO send may count once for many).
+    pub udp_out: u64,
+    /// `Ip: ForwDatagrams`: packets the host routed on (the direct path).
+    pub ip_forwarded: u64,
+}
+
+impl KernelCounters {
+    /// Parses a `/proc/net/snmp` page.
+    pub fn parse(page: &str) -> anyhow::Result<Self> {
+        let field = |proto: &str, name: &str| -> anyhow::Result<u64> {
+            let mut lines = page.lines().filter(|l| l.starts_with(proto));
+            let names = lines.next().with_context(|| format!("no {proto} header"))?;
+            let values = lines.next().with_context(|| format!("no {proto} values"))?;
+            let at = names
+                .split_whitespace()
+                .position(|n| n == name)
+                .with_context(|| format!("no {proto} {name}"))?;
+            values
+                .split_whitespace()
+                .nth(at)
+                .with_context(|| format!("no value for {proto} {name}"))?
+                .parse()
+                .with_context(|| format!("{proto} {name} is not a number"))
+        };
+        Ok(Self {
+            udp_in: field("Udp:", "InDatagrams")?,
+            udp_rcvbuf_errors: field("Udp:", "RcvbufErrors")?,
+            udp_out: field("Udp:", "OutDatagrams")?,
+            ip_forwarded: field("Ip:", "ForwDatagrams")?,
+        })
+    }
+
+    /// The counts since `earlier`.
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self {
+            udp_in: self.udp_in.saturating_sub(earlier.udp_in),
+            udp_rcvbuf_errors: self
+                .udp_rcvbuf_errors
+                .saturating_sub(earlier.udp_rcvbuf_errors),
+            udp_out: self.udp_out.saturating_sub(earlier.udp_out),
+            ip_forwarded: self.ip_forwarded.saturating_sub(earlier.ip_forwarded),
+        }
+    }
+}
+
+fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    run("ip", args)
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Three network namespaces on this machine: the generator's, the relay host's and the
+/// sink's, joined by two veth pairs.
+///
+/// ```text
+///  generator ns            relay ns                         sink ns
+///  198.18.N.2 ── veth ── 198.18.N.1 | 198.19.N.1 ── veth ── 198.19.N.2
+/// ```
+///
+/// The generator's and the sink's default routes point at the relay host, which routes
+/// between its two veths (`net.ipv4.ip_forward = 1`): the direct path, with no relay process,
+/// is the topology's own limit. `N` differs between processes and between the testbeds of one
+/// process; names carry the process id and a counter.
+#[derive(Debug)]
+pub struct NetnsTestbed {
+    /// The generator's namespace.
+    pub generator_ns: String,
+    /// The relay host's namespace.
+    pub relay_ns: String,
+    /// The sink's namespace.
+    pub sink_ns: String,
+    /// The third octet of every address.
+    pub net: u8,
+    /// The relay host's veth towards the generator.
+    pub relay_if_generator: String,
+    /// The relay host's veth towards the sink.
+    pub relay_if_sink: String,
+    /// The generator's veth.
+    pub generator_if: String,
+}
+
+impl NetnsTestbed {
+    /// Creates the namespaces, veths, addresses and routes. Needs root and iproute2.
+    pub fn new() -> anyhow::Result<Self> {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let net = (pid.wrapping_mul(37).wrapping_add(n) % 200) as u8 + 20;
+        // Interface names are at most 15 bytes.
+        let ifname =
+            |tag: &str| -> String { format!("fb{tag}{pid}x{n}").chars().take(15).collect() };
+        let bed = Self {
+            generator_ns: format!("ferry-bg-{pid}-{n}"),
+            relay_ns: format!("ferry-br-{pid}-{n}"),
+            sink_ns: format!("ferry-bs-{pid}-{n}"),
+            net,
+            relay_if_generator: ifname("r"),
+            relay_if_sink: ifname("q"),
+            generator_if: ifname("g"),
+        };
+        // From here on, dropping `bed` removes whatever was created.
+        bed.build(&bed.generator_if, &ifname("s"))?;
+        Ok(bed)
+    }
+
+    fn build(&self, gen_if: &str, sink_if: &str) -> anyhow::Result<()> {
+        let (g, r, s) = (
+            self.generator_ns.as_str(),
+            self.relay_ns.as_str(),
+            self.sink_ns.as_str(),
+        );
+        for ns in [g, r, s] {
+            ip(&["netns", "add", ns])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        let net = self.net;
+        for (outer_ns, outer_if, inner_if, outer_ip, inner_ip) in [
+            (
+                g,
+                gen_if,
+                self.relay_if_generator.as_str(),
+                format!("198.18.{net}.2/24"),
+                format!("198.18.{net}.1/24"),
+            ),
+            (
+                s,
+                sink_if,
+                self.relay_if_sink.as_str(),
+                format!("198.19.{net}.2/24"),
+                format!("198.19.{net}.1/24"),
+            ),
+        ] {
+            ip(&[
+                "link", "add", outer_if, "type", "veth", "peer", "name", inner_if,
+            ])?;
+            ip(&["link", "set", outer_if, "netns", outer_ns])?;
+            ip(&["link", "set", inner_if, "netns", r])?;
+            ip(&["-n", outer_ns, "addr", "add", &outer_ip, "dev", outer_if])?;
+            ip(&["-n", r, "addr", "add", &inner_ip, "dev", inner_if])?;
+            ip(&["-n", outer_ns, "link", "set", outer_if, "up"])?;
+            ip(&["-n", r, "link", "set", inner_if, "up"])?;
+        }
+        ip(&[
+            "-n",
+            g,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("198.18.{net}.1"),
+        ])?;
+        ip(&[
+            "-n",
+            s,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("198.19.{net}.1"),
+        ])?;
+        run(
+            "ip",
+            &["netns", "exec", r, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
+        )?;
+        Ok(())
+    }
+
+    fn counters(ns: &str) -> anyhow::Result<KernelCounters> {
+        // /proc/thread-self/net is the calling thread's namespace; /proc/net would be the
+        // process's (its main thread's).
+        let page = in_ns(ns, || std::fs::read_to_string("/proc/thread-self/net/snmp"))?
+            .with_context(|| format!("reading /proc/net/snmp in {ns}"))?;
+        KernelCounters::parse(&page)
+    }
+}
+
+impl Testbed for NetnsTestbed {
+    fn describe(&self) -> String {
+        format!(
+            "network namespaces: generator {} (198.18.{n}.2) → relay host {} (198.18.{n}.1, \
+             198.19.{n}.1) → sink {} (198.19.{n}.2), veth pairs",
+            self.generator_ns,
+            self.relay_ns,
+            self.sink_ns,
+            n = self.net
+        )
+    }
+
+    fn generator_ip(&self) -> IpAddr {
+        Ipv4Addr::new(198, 18, self.net, 2).into()
+    }
+
+    fn sink_ip(&self) -> IpAddr {
+        Ipv4Addr::new(198, 19, self.net, 2).into()
+    }
+
+    fn relay_ip_to_generator(&self) -> IpAddr {
+        Ipv4Addr::new(198, 18, self.net, 1).into()
+    }
+
+    fn relay_ip_to_sink(&self) -> IpAddr {
+        Ipv4Addr::new(198, 19, self.net, 1).into()
+    }
+
+    fn generator_socket(&self, addr: SocketAddr) -> anyhow::Result<UdpSocket> {
+        in_ns(&self.generator_ns, || socket(addr))?
+            .with_context(|| format!("binding {addr} in {}", self.generator_ns))
+    }
+
+    fn sink_socket(&self, addr: SocketAddr) -> anyhow::Result<UdpSocket> {
+        in_ns(&self.sink_ns, || socket(addr))?
+            .with_context(|| format!("binding {addr} in {}", self.sink_ns))
+    }
+
+    fn relay_command(&self, program: &Path) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.relay_ns])
+            .arg(program)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn relay_netns(&self) -> Option<&str> {
+        Some(&self.relay_ns)
+    }
+
+    fn relay_kernel_counters(&self) -> anyhow::Result<KernelCounters> {
+        Self::counters(&self.relay_ns)
+    }
+
+    fn sink_kernel_counters(&self) -> anyhow::Result<KernelCounters> {
+        Self::counters(&self.sink_ns)
+    }
+
+    fn relay_udp_queued(&self, port: u16) -> anyhow::Result<u64> {
+        let table = in_ns(&self.relay_ns, || {
+            std::fs::read_to_string("/proc/thread-self/net/udp")
+        })??;
+        Ok(udp_queued(&table, port))
+    }
+
+    fn relay_interface_to_generator(&self) -> &str {
+        &self.relay_if_generator
+    }
+
+    fn generator_packet_socket(&self) -> anyhow::Result<(UdpSocket, [u8; 6], [u8; 6])> {
+        let (index, gen_mac) = link_info(&self.generator_ns, &self.generator_if)?;
+        let (_, relay_mac) = link_info(&self.relay_ns, &self.relay_if_generator)?;
+        let raw = in_ns(&self.generator_ns, || packet_socket(index))?
+            .context("a packet socket on the generator's veth")?;
+        Ok((raw, gen_mac, relay_mac))
+    }
+
+    fn route_to_generator(&self, cidr: &str) -> anyhow::Result<()> {
+        let via = self.generator_ip().to_string();
+        ip(&["-n", &self.relay_ns, "route", "replace", cidr, "via", &via])
+    }
+}
+
+impl Drop for NetnsTestbed {
+    fn drop(&mut self) {
+        // Deleting a namespace removes its ends of the veths, which removes the pairs.
+        for ns in [&self.generator_ns, &self.relay_ns, &self.sink_ns] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+/// The bytes in the receive queues of the sockets bound to `port` in a `/proc/net/udp` table
+/// (`local_address` `ADDR:PORT` and `tx_queue:rx_queue`, all hexadecimal).
+fn udp_queued(table: &str, port: u16) -> u64 {
+    let want = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let mut fields = l.split_whitespace();
+            let local = fields.nth(1)?;
+            let queues = fields.nth(2)?;
+            local.ends_with(&want).then_some(queues)
+        })
+        .filter_map(|q| u64::from_str_radix(q.split(':').nth(1)?, 16).ok())
+        .sum()
+}
+
+/// Namespaces named `ferry-b?-PID-N` whose process `PID` is gone: what a run killed with
+/// SIGKILL left behind. Returns their names (`ferry-bench cleanup` deletes them).
+pub fn stale_namespaces() -> anyhow::Result<Vec<String>> {
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .context("running ip netns list")?;
+    let mut stale = Vec::new();
+    for line in out.stdout.lines() {
+        let line = line?;
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(rest) = ["ferry-bg-", "ferry-br-", "ferry-bs-"]
+            .iter()
+            .find_map(|p| name.strip_prefix(p))
+        else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            stale.push(name.to_string());
+        }
+    }
+    Ok(stale)
+}
+
+/// Deletes namespace `name`.
+pub fn delete_namespace(name: &str) -> anyhow::Result<()> {
+    ip(&["netns", "del", name])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snmp_counters_are_read_by_name() {
+        let page = "Ip: Forwarding DefaultTTL InReceives ForwDatagrams\n\
+                    Ip: 1 64 100 42\n\
+                    Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n\
+                    Udp: 10 1 2 20 3 0\n\
+                    UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n\
+                    UdpLite: 0 0 0 0 0 0\n";
+        let c = KernelCounters::parse(page).expect("a valid page");
+        assert_eq!(
+            c,
+            KernelCounters {
+                udp_in: 10,
+                udp_rcvbuf_errors: 3,
+                udp_out: 20,
+                ip_forwarded: 42
+            }
+        );
+        let later = KernelCounters { udp_in: 15, ..c };
+        assert_eq!(later.since(&c).udp_in, 5);
+        assert!(KernelCounters::parse("Udp: InDatagrams\nUdp: 1\n").is_err());
+    }
+
+    #[test]
+    fn queued_bytes_are_summed_over_the_sockets_of_a_port() {
+        let table = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when\n\
+                     1: 00000000:1B58 00000000:0000 07 00000000:00000100 00:00000000\n\
+                     2: 00000000:1B58 00000000:0000 07 00000000:00000010 00:00000000\n\
+                     3: 0100007F:2328 00000000:0000 07 00000000:00000fff 00:00000000\n";
+        assert_eq!(udp_queued(table, 7000), 0x110);
+        assert_eq!(udp_queued(table, 9000), 0xfff);
+        assert_eq!(udp_queued(table, 1), 0);
+    }
+}
