@@ -18,6 +18,7 @@ use ferry_peer::udp::UdpPeer;
 use ferry_relay::xdp::frame::Frame;
 use ferry_testkit::fixtures::Authority;
 use ferry_testkit::metrics::metric;
+use ferry_testkit::monitoring::{self, Exporter};
 use ferry_testkit::netns::{self, Topology};
 use ferry_testkit::peers::{peer_pair, talk};
 use ferry_testkit::relay::{RelayConfig, RelayProcess};
@@ -226,6 +227,12 @@ fn the_relay_process_serves_peers_and_refuses_everyone_else() {
     assert_eq!(xdp(&after, "drop", "malformed_bad_magic"), 1);
     assert!(xdp(&after, "pass", "relay") > xdp(&before, "pass", "relay"));
     assert_eq!(metric(&after, "ferry_xdp_enabled"), 1);
+    // Every relay metric the alert rules and the dashboard in monitoring/ use is on the page.
+    assert_eq!(
+        monitoring::missing_from(&after, Exporter::Relay),
+        Vec::<String>::new(),
+        "monitoring/ uses relay metrics this page lacks"
+    );
     assert!(
         after.contains(&format!(
             "ferry_xdp_attached{{interface=\"{}\",mode=\"native\"}} 1",

@@ -18,6 +18,7 @@ pub mod fixtures;
 pub mod gateway;
 pub mod hop;
 pub mod metrics;
+pub mod monitoring;
 pub mod netns;
 pub mod peers;
 pub mod relay;
