@@ -59,6 +59,16 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Prepare a new install: create DIR (mode 0700) and the relay's static key in it
+    /// (DIR/relay.key, public key in DIR/relay.key.pub), unless it already exists.
+    ///
+    /// Safe to run again: an existing key is kept. The shipped config names these files; the
+    /// Debian package runs it after install.
+    Init {
+        /// The directory for the key.
+        #[arg(long, default_value = "/var/lib/ferry")]
+        dir: PathBuf,
+    },
     /// Print the public key of an existing relay key file.
     Pubkey {
         /// The secret key file.
@@ -72,6 +82,7 @@ fn main() -> ExitCode {
         Command::Run => run(&cli.config),
         Command::CheckConfig { file } => check_config(&file),
         Command::Keygen { out, force } => keygen(&out, force),
+        Command::Init { dir } => init(&dir),
         Command::Pubkey { key } => ferry_keyfile::load_secret_file::<RelayStaticKey>(&key)
             .map(|k| println!("{}", k.public()))
             .map_err(anyhow::Error::from),
@@ -96,6 +107,23 @@ fn keygen(out: &Path, force: bool) -> anyhow::Result<()> {
     );
     println!("public key: {}", key.public());
     Ok(())
+}
+
+/// The file name of the static key `init` creates in its directory.
+const INIT_KEY_NAME: &str = "relay.key";
+
+fn init(dir: &Path) -> anyhow::Result<()> {
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let key_path = dir.join(INIT_KEY_NAME);
+    if key_path.exists() {
+        let key = ferry_keyfile::load_secret_file::<RelayStaticKey>(&key_path)?;
+        println!("relay key {} kept", key_path.display());
+        println!("public key: {}", key.public());
+        return Ok(());
+    }
+    keygen(&key_path, false)
 }
 
 fn check_config(file: &Path) -> anyhow::Result<()> {

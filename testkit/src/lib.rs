@@ -14,6 +14,7 @@
 //! Errors are `anyhow` errors, as in a binary: every caller is a test (which unwraps) or a
 //! benchmark binary (which prints them).
 
+pub mod config_fields;
 pub mod fixtures;
 pub mod gateway;
 pub mod hop;
