@@ -255,6 +255,12 @@ async fn a_slot_is_renewed_only_by_the_key_that_took_it_while_the_session_may_la
         Vec::<String>::new(),
         "monitoring/ uses gateway metrics this page lacks"
     );
+    // And docs/gateway-api.md names every family on it.
+    assert_eq!(
+        monitoring::undocumented(&page, &["gateway-api.md"]),
+        Vec::<String>::new(),
+        "gateway metrics docs/gateway-api.md does not name"
+    );
     // Slot B before the join, the unknown session, three slots not held, and the old session.
     assert_eq!(
         metric(&page, "ferry_gateway_renewals_refused_total"),

@@ -233,6 +233,12 @@ fn the_relay_process_serves_peers_and_refuses_everyone_else() {
         Vec::<String>::new(),
         "monitoring/ uses relay metrics this page lacks"
     );
+    // And docs/operations.md names every family on it.
+    assert_eq!(
+        monitoring::undocumented(&after, &["operations.md"]),
+        Vec::<String>::new(),
+        "relay metrics docs/operations.md does not name"
+    );
     assert!(
         after.contains(&format!(
             "ferry_xdp_attached{{interface=\"{}\",mode=\"native\"}} 1",

@@ -95,6 +95,29 @@ pub fn missing_from(page: &str, exporter: Exporter) -> Vec<String> {
         .collect()
 }
 
+/// The metric families on `page` that none of `docs` (paths under the workspace's docs/) names:
+/// empty when an operator reading the docs finds every metric the process serves.
+///
+/// # Panics
+///
+/// When a file of docs/ cannot be read.
+pub fn undocumented(page: &str, docs: &[&str]) -> Vec<String> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
+    let text: String = docs
+        .iter()
+        .map(|file| {
+            let path = dir.join(file);
+            std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+        })
+        .collect();
+    let documented = names_in(&text);
+    names_on_page(page)
+        .into_iter()
+        .filter(|n| !documented.contains(n))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
