@@ -4,8 +4,9 @@
 //! because the eBPF crate lives outside this workspace (it builds only on nightly, and the
 //! workspace's `cargo test` runs on stable).
 //!
-//! Needs the nightly toolchain with `rust-src` and `bpf-linker` on the PATH; `.ci/setup`
-//! installs both.
+//! Needs the dated nightly pinned in `ebpf/xdp/rust-toolchain.toml` (so the object loaded into
+//! the kernel is reproducible) with `rust-src`, and `bpf-linker` on the PATH; `.ci/setup`
+//! installs both. `FERRY_XDP_TOOLCHAIN` names another toolchain instead.
 //!
 //! `FERRY_SKIP_EBPF=1` (or `true`) skips that build, as `AYA_BUILD_SKIP` does in aya-build:
 //! the objects are left empty, so the workspace checks, lints, documents and tests on stable
@@ -56,7 +57,9 @@ fn build(ebpf: &Path, out_dir: &Path) {
         println!("cargo::rerun-if-changed={}", ebpf.join(path).display());
     }
     println!("cargo::rerun-if-env-changed=FERRY_XDP_TOOLCHAIN");
-    let toolchain = env::var("FERRY_XDP_TOOLCHAIN").unwrap_or_else(|_| "nightly".into());
+    let pin = ebpf.join("xdp").join("rust-toolchain.toml");
+    println!("cargo::rerun-if-changed={}", pin.display());
+    let toolchain = env::var("FERRY_XDP_TOOLCHAIN").unwrap_or_else(|_| pinned_channel(&pin));
 
     let target_dir = out_dir.join("xdp-target");
     let mut cargo = Command::new("rustup");
@@ -104,4 +107,17 @@ fn build(ebpf: &Path, out_dir: &Path) {
         std::fs::copy(&object, &dest)
             .unwrap_or_else(|e| panic!("copying {} to {}: {e}", object.display(), dest.display()));
     }
+}
+
+/// The `channel = "..."` of the `rust-toolchain.toml` at `path`: the dated nightly the XDP
+/// object is built with.
+fn pinned_channel(path: &Path) -> String {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix("channel"))
+        .filter_map(|rest| rest.trim().strip_prefix('='))
+        .map(|value| value.trim().trim_matches('"').to_owned())
+        .next()
+        .unwrap_or_else(|| panic!("{} names no channel", path.display()))
 }

@@ -198,7 +198,11 @@ struct KeyFile {
 struct RelayEntry {
     id: u64,
     address: String,
-    public_key: String,
+    /// The key itself; or, with `public_key_file`, the file `ferry-relay keygen` wrote it to.
+    #[serde(default)]
+    public_key: Option<String>,
+    #[serde(default)]
+    public_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -600,7 +604,7 @@ pub fn parse_str(text: &str, path: &Path, base_dir: &Path) -> Result<GatewayConf
         }
     }
     let revoked_keys = validate_revoked(&file.auth.revoked_keys, &mut check);
-    let relays = validate_relays(&file.relays, &mut check);
+    let relays = validate_relays(&file.relays, base_dir, &mut check);
     let relay_health = validate_relay_health(&file.relay_health, &mut check);
     let limits = validate_limits(&file.limits, &mut check);
     let state = validate_state(&file.state, base_dir, &mut check);
@@ -927,7 +931,7 @@ fn validate_revoked(entries: &[String], check: &mut Check) -> Vec<String> {
     out
 }
 
-fn validate_relays(entries: &[RelayEntry], check: &mut Check) -> Vec<StaticRelay> {
+fn validate_relays(entries: &[RelayEntry], base_dir: &Path, check: &mut Check) -> Vec<StaticRelay> {
     let mut out: Vec<StaticRelay> = Vec::new();
     for (i, entry) in entries.iter().enumerate() {
         if entry.id == 0 {
@@ -954,10 +958,29 @@ fn validate_relays(entries: &[RelayEntry], check: &mut Check) -> Vec<StaticRelay
                 None
             }
         };
-        let public_key = match RelayPublicKey::from_str(entry.public_key.trim()) {
-            Ok(key) => Some(key),
-            Err(e) => {
-                check.fail(format!("relays[{i}].public_key"), e.to_string());
+        let public_key = match (&entry.public_key, &entry.public_key_file) {
+            (Some(text), None) => match RelayPublicKey::from_str(text.trim()) {
+                Ok(key) => Some(key),
+                Err(e) => {
+                    check.fail(format!("relays[{i}].public_key"), e.to_string());
+                    None
+                }
+            },
+            (None, Some(file)) => {
+                let path = base_dir.join(file);
+                match ferry_keyfile::load_public_file::<RelayPublicKey>(&path) {
+                    Ok(key) => Some(key),
+                    Err(e) => {
+                        check.fail(format!("relays[{i}].public_key_file"), e.to_string());
+                        None
+                    }
+                }
+            }
+            _ => {
+                check.fail(
+                    format!("relays[{i}]"),
+                    "needs exactly one of public_key and public_key_file",
+                );
                 None
             }
         };

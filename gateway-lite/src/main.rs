@@ -1,14 +1,19 @@
 //! `ferry-gateway`: the gateway binary. This file only wires things together: the CLI, the
 //! config, and the server in [`ferry_gateway::server`].
 
+use std::fs::{DirBuilder, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ferry_core::keys::GatewaySigningKey;
 use ferry_gateway::apikey;
 use ferry_gateway::config;
+use zeroize::Zeroizing;
 
 /// Ferry gateway-lite: authenticates clients and issues relay tokens.
 #[derive(Debug, Parser)]
@@ -42,6 +47,23 @@ enum Command {
         /// Replace an existing key file.
         #[arg(long)]
         force: bool,
+    },
+    /// Prepare a new install: create DIR (mode 0700) with the first signing key
+    /// (DIR/gateway-1.key, public key in DIR/gateway-1.key.pub) and a self-signed TLS
+    /// certificate (DIR/gateway-tls.crt, its key in DIR/gateway-tls.key, mode 0600), each
+    /// unless it already exists.
+    ///
+    /// Safe to run again: existing files are kept. The shipped config names these files; the
+    /// Debian package runs it after install. The certificate is valid for a year for
+    /// localhost, 127.0.0.1, ::1, this host's name and every --name; replace it with one
+    /// clients trust (docs/operations.md, key rotation).
+    Init {
+        /// The directory for the keys and the certificate.
+        #[arg(long, default_value = "/var/lib/ferry")]
+        dir: PathBuf,
+        /// More DNS names or IP addresses for the certificate. Repeat for several.
+        #[arg(long = "name")]
+        names: Vec<String>,
     },
     /// Print the public key of an existing signing key file.
     Pubkey {
@@ -79,6 +101,7 @@ fn main() -> ExitCode {
         Command::Run => ferry_gateway::server::run(&cli.config),
         Command::CheckConfig { file } => check_config(&file),
         Command::Keygen { out, force } => keygen(&out, force),
+        Command::Init { dir, names } => init(&dir, &names),
         Command::Pubkey { key } => ferry_keyfile::load_secret_file::<GatewaySigningKey>(&key)
             .map(|k| println!("{}", k.public()))
             .map_err(anyhow::Error::from),
@@ -106,6 +129,86 @@ fn keygen(out: &Path, force: bool) -> anyhow::Result<()> {
     );
     println!("public key: {}", key.public());
     Ok(())
+}
+
+/// How long the self-signed certificate of `init` is valid.
+const INIT_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+fn init(dir: &Path, names: &[String]) -> anyhow::Result<()> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let key_path = dir.join("gateway-1.key");
+    if key_path.exists() {
+        let key = ferry_keyfile::load_secret_file::<GatewaySigningKey>(&key_path)?;
+        println!("gateway signing key {} kept", key_path.display());
+        println!("public key: {}", key.public());
+    } else {
+        keygen(&key_path, false)?;
+    }
+    let (cert_path, tls_key_path) = (dir.join("gateway-tls.crt"), dir.join("gateway-tls.key"));
+    match (cert_path.exists(), tls_key_path.exists()) {
+        (true, true) => println!("TLS certificate {} kept", cert_path.display()),
+        (false, false) => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            let mut all: Vec<String> = Vec::new();
+            for name in ["localhost", "127.0.0.1", "::1", host.trim()]
+                .into_iter()
+                .chain(names.iter().map(String::as_str))
+            {
+                if !name.is_empty() && !all.iter().any(|n| n == name) {
+                    all.push(name.to_owned());
+                }
+            }
+            let (cert, key) = self_signed(&all)?;
+            write_new(&tls_key_path, key.as_bytes(), 0o600)?;
+            write_new(&cert_path, cert.as_bytes(), 0o644)?;
+            println!(
+                "self-signed TLS certificate for {} written to {} (key in {})",
+                all.join(", "),
+                cert_path.display(),
+                tls_key_path.display()
+            );
+        }
+        _ => anyhow::bail!(
+            "only one of {} and {} exists: remove it, or put its partner next to it",
+            cert_path.display(),
+            tls_key_path.display()
+        ),
+    }
+    Ok(())
+}
+
+/// A self-signed certificate for `names` (DNS names or IP addresses), valid from now for
+/// [`INIT_CERT_VALIDITY`]: the certificate's PEM and its private key's PEM.
+fn self_signed(names: &[String]) -> anyhow::Result<(String, Zeroizing<String>)> {
+    let mut params =
+        rcgen::CertificateParams::new(names.to_vec()).context("the certificate's names")?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "ferry-gateway (self-signed)");
+    params.not_before = SystemTime::now().into();
+    params.not_after = params.not_before + INIT_CERT_VALIDITY;
+    let key = rcgen::KeyPair::generate().context("generating the certificate's key")?;
+    let cert = params
+        .self_signed(&key)
+        .context("signing the certificate")?;
+    Ok((cert.pem(), Zeroizing::new(key.serialize_pem())))
+}
+
+/// Writes `bytes` to a new file `path` with `mode`; an existing file is an error.
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn check_config(file: &Path) -> anyhow::Result<()> {

@@ -84,3 +84,84 @@ fn apikey_new_prints_the_key_once_and_refuses_bad_input() {
     let (ok, _, _) = gateway(&["apikey", "new"]);
     assert!(!ok, "a key without scope is refused");
 }
+
+/// What the Debian packages' post-install step does, into a scratch directory instead of
+/// /var/lib/ferry: `ferry-gateway init` and `ferry-relay init` make the keys and the
+/// certificate, after which the shipped example configs pass `check-config` unedited, and a
+/// second run keeps every file.
+#[test]
+fn init_makes_the_shipped_configs_pass_check_config() {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let scratch = ferry_testkit::temp_dir("gateway-init").unwrap();
+    let dir = scratch.path().join("state");
+    let dir_arg = dir.to_str().unwrap();
+    let relay = ferry_testkit::gateway::workspace_binary("ferry-relay", "ferry-relay").unwrap();
+    let relay_init = || {
+        let out = Command::new(&relay)
+            .args(["init", "--dir", dir_arg])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let (ok, out, err) = gateway(&["init", "--dir", dir_arg, "--name", "gw.example.net"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("gw.example.net"), "{out}");
+    relay_init();
+
+    let mode = |name: &str| {
+        std::fs::metadata(dir.join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(""), 0o700);
+    for secret in ["gateway-1.key", "gateway-tls.key", "relay.key"] {
+        assert_eq!(mode(secret), 0o600, "{secret}");
+    }
+    let files = [
+        "gateway-1.key",
+        "gateway-1.key.pub",
+        "gateway-tls.crt",
+        "gateway-tls.key",
+        "relay.key",
+        "relay.key.pub",
+    ];
+    let before: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| std::fs::read(dir.join(f)).unwrap())
+        .collect();
+
+    let shipped = |text: &str, name: &str| {
+        let path = scratch.path().join(name);
+        std::fs::write(&path, text.replace("/var/lib/ferry", dir_arg)).unwrap();
+        path
+    };
+    let gateway_toml = shipped(include_str!("../gateway.example.toml"), "gateway.toml");
+    let relay_toml = shipped(include_str!("../../relay/relay.example.toml"), "relay.toml");
+    let (ok, out, err) = gateway(&["check-config", gateway_toml.to_str().unwrap()]);
+    assert!(ok, "the shipped gateway config: {out}{err}");
+    let out = Command::new(&relay)
+        .arg("check-config")
+        .arg(&relay_toml)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the shipped relay config: {out:?}");
+
+    // Again: everything kept, nothing overwritten.
+    let (ok, out, err) = gateway(&["init", "--dir", dir_arg]);
+    assert!(ok && out.contains("kept"), "{out}{err}");
+    assert!(relay_init().contains("kept"));
+    let after: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| std::fs::read(dir.join(f)).unwrap())
+        .collect();
+    assert!(before == after, "a second init changed a file");
+
+    // Half a TLS pair is refused rather than silently replaced.
+    std::fs::remove_file(dir.join("gateway-tls.crt")).unwrap();
+    let (ok, _, err) = gateway(&["init", "--dir", dir_arg]);
+    assert!(!ok && err.contains("only one of"), "{err}");
+}

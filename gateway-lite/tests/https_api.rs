@@ -12,6 +12,7 @@ use common::*;
 use ferry_core::keys::{PeerPublicKey, PeerStaticKey};
 use ferry_core::token::TokenError;
 use ferry_testkit::metrics::metric;
+use ferry_testkit::monitoring::{self, Exporter};
 use serde_json::json;
 
 fn peer_key() -> PeerPublicKey {
@@ -247,6 +248,18 @@ async fn a_slot_is_renewed_only_by_the_key_that_took_it_while_the_session_may_la
         metric(&page, "ferry_gateway_sessions_renewed_total"),
         3,
         "{page}"
+    );
+    // Every gateway metric the alert rules and the dashboard in monitoring/ use is on the page.
+    assert_eq!(
+        monitoring::missing_from(&page, Exporter::Gateway),
+        Vec::<String>::new(),
+        "monitoring/ uses gateway metrics this page lacks"
+    );
+    // And docs/gateway-api.md names every family on it.
+    assert_eq!(
+        monitoring::undocumented(&page, &["gateway-api.md"]),
+        Vec::<String>::new(),
+        "gateway metrics docs/gateway-api.md does not name"
     );
     // Slot B before the join, the unknown session, three slots not held, and the old session.
     assert_eq!(

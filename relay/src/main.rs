@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
+use caps::{CapSet, Capability};
 use clap::{Parser, Subcommand};
 use ferry_core::keys::RelayStaticKey;
 use ferry_core::problems::Check;
@@ -59,6 +60,16 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Prepare a new install: create DIR (mode 0700) and the relay's static key in it
+    /// (DIR/relay.key, public key in DIR/relay.key.pub), unless it already exists.
+    ///
+    /// Safe to run again: an existing key is kept. The shipped config names these files; the
+    /// Debian package runs it after install.
+    Init {
+        /// The directory for the key.
+        #[arg(long, default_value = "/var/lib/ferry")]
+        dir: PathBuf,
+    },
     /// Print the public key of an existing relay key file.
     Pubkey {
         /// The secret key file.
@@ -72,6 +83,7 @@ fn main() -> ExitCode {
         Command::Run => run(&cli.config),
         Command::CheckConfig { file } => check_config(&file),
         Command::Keygen { out, force } => keygen(&out, force),
+        Command::Init { dir } => init(&dir),
         Command::Pubkey { key } => ferry_keyfile::load_secret_file::<RelayStaticKey>(&key)
             .map(|k| println!("{}", k.public()))
             .map_err(anyhow::Error::from),
@@ -96,6 +108,23 @@ fn keygen(out: &Path, force: bool) -> anyhow::Result<()> {
     );
     println!("public key: {}", key.public());
     Ok(())
+}
+
+/// The file name of the static key `init` creates in its directory.
+const INIT_KEY_NAME: &str = "relay.key";
+
+fn init(dir: &Path) -> anyhow::Result<()> {
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let key_path = dir.join(INIT_KEY_NAME);
+    if key_path.exists() {
+        let key = ferry_keyfile::load_secret_file::<RelayStaticKey>(&key_path)?;
+        println!("relay key {} kept", key_path.display());
+        println!("public key: {}", key.public());
+        return Ok(());
+    }
+    keygen(&key_path, false)
 }
 
 fn check_config(file: &Path) -> anyhow::Result<()> {
@@ -241,8 +270,17 @@ fn run(path: &Path) -> anyhow::Result<()> {
             page
         }
     }));
-    let admin = AdminServer::start(cfg.admin_listen, Arc::clone(&admin_state))
-        .with_context(|| format!("starting the admin listener on {}", cfg.admin_listen))?;
+    // The start-only capabilities go once every thread that holds them is past its privileged
+    // steps: each worker drops them itself (capabilities belong to threads) once its sockets
+    // are open, and this thread before it starts the admin listener, whose threads inherit
+    // the reduced sets.
+    let drop_caps = match start_caps_needed_later(cfg.xdp.mode != xdp::Mode::Off) {
+        None => true,
+        Some(why) => {
+            tracing::info!("keeping CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN after start: {why}");
+            false
+        }
+    };
 
     let (started_tx, started_rx) = std::sync::mpsc::channel();
     let mut workers = Vec::with_capacity(cfg.workers);
@@ -263,7 +301,12 @@ fn run(path: &Path) -> anyhow::Result<()> {
             .name(format!("ferry-worker-{index}"))
             .spawn(move || {
                 let result = worker::run_worker(worker_cfg, handler, || {
-                    let _ = started.send(Ok(()));
+                    let dropped = if drop_caps {
+                        drop_start_caps().map_err(|e| format!("dropping capabilities: {e}"))
+                    } else {
+                        Ok(())
+                    };
+                    let _ = started.send(dropped);
                 });
                 if let Err(e) = &result {
                     let _ = started.send(Err(e.to_string()));
@@ -287,6 +330,14 @@ fn run(path: &Path) -> anyhow::Result<()> {
             }
         }
     }
+    if drop_caps {
+        drop_start_caps().context("dropping capabilities")?;
+        tracing::info!(
+            "XDP guard attached and sockets open: dropped CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN"
+        );
+    }
+    let admin = AdminServer::start(cfg.admin_listen, Arc::clone(&admin_state))
+        .with_context(|| format!("starting the admin listener on {}", cfg.admin_listen))?;
     admin_state.ready.store(true, Ordering::Relaxed);
     // Heartbeats start once the workers serve, so the gateway's first probe finds the relay.
     let heartbeat = match cfg.heartbeat.clone() {
@@ -358,6 +409,52 @@ fn run(path: &Path) -> anyhow::Result<()> {
         "ferry-relay stopped"
     );
     failed.map_or(Ok(()), Err)
+}
+
+/// Capabilities the relay needs only while it starts: CAP_BPF and CAP_PERFMON load the XDP
+/// guard, CAP_NET_ADMIN attaches it and lets the sockets take buffers beyond
+/// `net.core.rmem_max` (SO_RCVBUFFORCE); CAP_SYS_ADMIN (a relay run as root) implies all three.
+const START_ONLY_CAPS: [Capability; 4] = [
+    Capability::CAP_BPF,
+    Capability::CAP_PERFMON,
+    Capability::CAP_NET_ADMIN,
+    Capability::CAP_SYS_ADMIN,
+];
+
+/// Why the running relay still needs [`START_ONLY_CAPS`], or `None` if it can drop them.
+///
+/// After start the relay only reads and writes maps through file descriptors it already holds
+/// (reloads, the session filter, cookie keys, metrics) and detaches the guard by closing its
+/// link. Since Linux 6.5 the kernel checks `kernel.unprivileged_bpf_disabled` only when a
+/// map is created or a program loaded, not on every bpf() call, and detaching a BPF link
+/// (Linux 5.9 and later) needs no capability; on older kernels both need the capabilities.
+fn start_caps_needed_later(xdp_on: bool) -> Option<String> {
+    if !xdp_on {
+        return None;
+    }
+    match aya::util::KernelVersion::current() {
+        Ok(version) if version >= aya::util::KernelVersion::new(6, 5, 0) => None,
+        Ok(version) => Some(format!(
+            "Linux {version} checks CAP_BPF on every map access (6.5 and later do not)"
+        )),
+        Err(e) => Some(format!("the kernel version is unknown ({e})")),
+    }
+}
+
+/// Removes [`START_ONLY_CAPS`] from the calling thread's effective and permitted sets, and
+/// clears its inheritable and ambient sets (the relay runs no other program). Capability sets
+/// belong to a thread; threads it starts later inherit the reduced sets.
+fn drop_start_caps() -> Result<(), caps::errors::CapsError> {
+    caps::clear(None, CapSet::Ambient)?;
+    caps::clear(None, CapSet::Inheritable)?;
+    let mut permitted = caps::read(None, CapSet::Permitted)?;
+    let mut effective = caps::read(None, CapSet::Effective)?;
+    for cap in START_ONLY_CAPS {
+        permitted.remove(&cap);
+        effective.remove(&cap);
+    }
+    caps::set(None, CapSet::Effective, &effective)?;
+    caps::set(None, CapSet::Permitted, &permitted)
 }
 
 /// SIGHUP: re-read the config; apply limits and gateway keys if it is valid and changes

@@ -18,6 +18,7 @@ use ferry_peer::udp::UdpPeer;
 use ferry_relay::xdp::frame::Frame;
 use ferry_testkit::fixtures::Authority;
 use ferry_testkit::metrics::metric;
+use ferry_testkit::monitoring::{self, Exporter};
 use ferry_testkit::netns::{self, Topology};
 use ferry_testkit::peers::{peer_pair, talk};
 use ferry_testkit::relay::{RelayConfig, RelayProcess};
@@ -100,6 +101,9 @@ fn the_relay_process_serves_peers_and_refuses_everyone_else() {
     let topo = Topology::new().unwrap();
     let auth = Authority::new().unwrap();
     let relay = start_relay(&auth, &topo, "");
+    // Ready, the relay holds none of the capabilities it needed to start, in any thread (the
+    // binds, reloads and scrapes below then show the guard's maps still work without them).
+    assert_start_caps_dropped(relay.process.pid());
     let relay_v4 = SocketAddr::new(topo.relay_v4().into(), PORT);
     let relay_v6 = SocketAddr::new(topo.relay_v6().into(), PORT);
     let at = |ip: Ipv4Addr| topo.peer_socket(SocketAddr::new(ip.into(), 0)).unwrap();
@@ -223,6 +227,18 @@ fn the_relay_process_serves_peers_and_refuses_everyone_else() {
     assert_eq!(xdp(&after, "drop", "malformed_bad_magic"), 1);
     assert!(xdp(&after, "pass", "relay") > xdp(&before, "pass", "relay"));
     assert_eq!(metric(&after, "ferry_xdp_enabled"), 1);
+    // Every relay metric the alert rules and the dashboard in monitoring/ use is on the page.
+    assert_eq!(
+        monitoring::missing_from(&after, Exporter::Relay),
+        Vec::<String>::new(),
+        "monitoring/ uses relay metrics this page lacks"
+    );
+    // And docs/operations.md names every family on it.
+    assert_eq!(
+        monitoring::undocumented(&after, &["operations.md"]),
+        Vec::<String>::new(),
+        "relay metrics docs/operations.md does not name"
+    );
     assert!(
         after.contains(&format!(
             "ferry_xdp_attached{{interface=\"{}\",mode=\"native\"}} 1",
@@ -323,6 +339,31 @@ fn the_relay_process_serves_peers_and_refuses_everyone_else() {
     // Unknown paths and methods get proper errors.
     assert_eq!(http_get(&relay.ns, "/nope").0, 404);
     assert_eq!(http_get(&relay.ns, "/healthz").0, 200);
+}
+
+/// Asserts that no thread of process `pid` has CAP_NET_ADMIN (12), CAP_SYS_ADMIN (21),
+/// CAP_PERFMON (38) or CAP_BPF (39) in its effective or permitted set (the relay drops them
+/// after start on Linux 6.5 and later; this host's kernel is newer).
+fn assert_start_caps_dropped(pid: u32) {
+    let start_only: u64 = (1 << 12) | (1 << 21) | (1 << 38) | (1 << 39);
+    let mut threads = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        for set in ["CapEff:", "CapPrm:"] {
+            let line = status.lines().find(|l| l.starts_with(set)).unwrap();
+            let bits = u64::from_str_radix(line[set.len()..].trim(), 16).unwrap();
+            assert_eq!(
+                bits & start_only,
+                0,
+                "a relay thread kept a start-only capability: {line}"
+            );
+        }
+        threads += 1;
+    }
+    assert!(
+        threads >= 3,
+        "the main thread, two workers and the admin listener"
+    );
 }
 
 fn hup(relay: &Relay) {

@@ -14,10 +14,12 @@
 //! Errors are `anyhow` errors, as in a binary: every caller is a test (which unwraps) or a
 //! benchmark binary (which prints them).
 
+pub mod config_fields;
 pub mod fixtures;
 pub mod gateway;
 pub mod hop;
 pub mod metrics;
+pub mod monitoring;
 pub mod netns;
 pub mod peers;
 pub mod relay;

@@ -92,26 +92,19 @@ fn fields(result: Result<GatewayConfig, ConfigError>) -> Vec<String> {
     problems(result).into_iter().map(|p| p.field).collect()
 }
 
-/// The example file with its paths pointed at `dir`'s files and, if `fill`, its placeholders
-/// filled in.
-fn example_in(dir: &Dir, fill: bool) -> String {
-    let keys = format!(
-        "[[api_keys]]\nid = \"from-file\"\nhash = \"{}\"\nscopes = [\"join:*\"]\n",
-        hash()
-    );
-    write_file(&dir.0.join("api-keys.toml"), &keys, 0o600);
+/// The shipped example file with its paths pointed at `dir`'s files (what `ferry-gateway init`
+/// makes, and the relay's public key file `ferry-relay init` makes, written here).
+fn example_in(dir: &Dir) -> (String, RelayPublicKey) {
+    let relay = RelayStaticKey::generate(&SystemRandom::new())
+        .unwrap()
+        .public();
+    let path = dir.0.join("relay.key.pub");
+    let _ = std::fs::remove_file(&path);
+    ferry_keyfile::write_public_file(&path, &relay, false).unwrap();
     let text = include_str!("../../gateway.example.toml")
-        .replace("/etc/ferry/gateway-tls.crt", "tls.crt")
-        .replace("/etc/ferry/gateway-tls.key", "tls.key")
-        .replace("/etc/ferry/gateway-clients-ca.crt", "ca.crt")
-        .replace("/etc/ferry/gateway-1.key", "gateway-1.key")
-        .replace("/etc/ferry/gateway-api-keys.toml", "api-keys.toml");
-    match fill {
-        true => text
-            .replace("sha256:REPLACE-WITH-THE-HASH-FROM-APIKEY-NEW", &hash())
-            .replace("REPLACE-WITH-THE-RELAY-PUBLIC-KEY", &relay_key()),
-        false => text,
-    }
+        .replace("/var/lib/ferry/gateway-tls.", "tls.")
+        .replace("/var/lib/ferry/", "");
+    (text, relay)
 }
 
 #[test]
@@ -134,11 +127,14 @@ fn a_minimal_file_gets_safe_defaults() {
 #[test]
 fn the_example_file_is_valid_and_means_the_defaults() {
     let dir = Dir::new("example");
-    let cfg = dir.parse(&example_in(&dir, true)).unwrap();
-    assert!(cfg.server.client_auth);
-    assert_eq!(cfg.api_keys.len(), 2);
-    assert_eq!(cfg.api_keys[1].id, "from-file");
+    let (text, relay) = example_in(&dir);
+    let cfg = dir.parse(&text).unwrap();
+    // No mTLS unless asked for; no API key until the operator adds one; the relay next door.
+    assert!(!cfg.server.client_auth);
+    assert!(cfg.api_keys.is_empty());
     assert_eq!(cfg.relays.len(), 1);
+    assert_eq!(cfg.relays[0].public_key, relay);
+    assert_eq!(cfg.relays[0].address, "127.0.0.1:7000".parse().unwrap());
     let min = dir.parse(&minimal()).unwrap();
     assert_eq!(cfg.sessions, min.sessions);
     assert_eq!(cfg.limits, min.limits);
@@ -149,10 +145,28 @@ fn the_example_file_is_valid_and_means_the_defaults() {
     assert_eq!(cfg.server.request_timeout, min.server.request_timeout);
     assert_eq!(cfg.admin.listen, min.admin.listen);
     assert_eq!(cfg.log_level, min.log_level);
-    // Copied unedited, it fails closed, naming each placeholder.
+    // Without the relay's public key file it fails closed, naming the field.
+    std::fs::remove_file(dir.0.join("relay.key.pub")).unwrap();
+    assert_eq!(fields(dir.parse(&text)), ["relays[0].public_key_file"]);
+}
+
+#[test]
+fn a_relay_key_is_inline_or_in_a_file_never_both() {
+    let dir = Dir::new("relay-keyfile");
+    let (_, relay) = example_in(&dir);
+    let with = |entry: &str| {
+        minimal() + &format!("\n[[relays]]\nid = 1\naddress = \"198.51.100.1:7000\"\n{entry}")
+    };
+    let cfg = dir
+        .parse(&with("public_key_file = \"relay.key.pub\"\n"))
+        .unwrap();
+    assert_eq!(cfg.relays[0].public_key, relay);
+    let both = format!("public_key_file = \"relay.key.pub\"\npublic_key = \"{relay}\"\n");
+    assert_eq!(fields(dir.parse(&with(&both))), ["relays[0]"]);
+    assert_eq!(fields(dir.parse(&with(""))), ["relays[0]"]);
     assert_eq!(
-        fields(dir.parse(&example_in(&dir, false))),
-        ["api_keys[0].hash", "relays[0].public_key"]
+        fields(dir.parse(&with("public_key_file = \"missing.pub\"\n"))),
+        ["relays[0].public_key_file"]
     );
 }
 
@@ -209,8 +223,27 @@ fn documented_fields() -> Vec<String> {
 
 #[test]
 fn every_field_is_in_the_example_and_the_docs() {
+    // docs/config.md names every field the parser accepts (asked of the parser itself), and
+    // the example shows every field but the ones it leaves commented out.
+    let accepted = ferry_testkit::config_fields::accepted_fields(|text| {
+        toml::from_str::<File>(text)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    });
+    assert_eq!(accepted, documented_fields());
     let example = example_fields();
-    assert_eq!(example, documented_fields());
+    let commented: Vec<&String> = accepted.iter().filter(|f| !example.contains(f)).collect();
+    assert_eq!(
+        commented,
+        [
+            "api_keys.hash",
+            "api_keys.id",
+            "api_keys.scopes",
+            "auth.key_file",
+            "relays.public_key",
+            "tls.client_ca"
+        ]
+    );
     assert!(example.len() >= 35, "{example:?}");
     let dir = Dir::new("fields");
     for section in [

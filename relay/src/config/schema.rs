@@ -76,7 +76,11 @@ fn default_listen() -> Vec<String> {
 #[serde(deny_unknown_fields)]
 pub(super) struct GatewayKeyEntry {
     pub(super) kid: u32,
-    pub(super) public_key: String,
+    /// The key itself; or, with `public_key_file`, the file `ferry-gateway keygen` wrote it to.
+    #[serde(default)]
+    pub(super) public_key: Option<String>,
+    #[serde(default)]
+    pub(super) public_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]

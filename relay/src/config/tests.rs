@@ -4,7 +4,7 @@ use std::os::unix::fs::PermissionsExt;
 
 use ferry_core::problems::Check;
 
-use super::schema::LimitsSection;
+use super::schema::{File, LimitsSection};
 use super::validate::validate_limits;
 use super::*;
 use crate::xdp::Mode;
@@ -81,10 +81,17 @@ fn a_minimal_file_gets_safe_defaults() {
 #[test]
 fn the_example_file_is_valid() {
     let dir = Dir::new("example");
-    let text = include_str!("../../relay.example.toml")
-        .replace("/etc/ferry/relay.key", "relay.key")
-        .replace("REPLACE-WITH-THE-GATEWAY-PUBLIC-KEY", &gateway_key());
+    // The files `ferry-relay init` and `ferry-gateway init` make, here in the test's directory.
+    let rng = SystemRandom::new();
+    let gateway = GatewaySigningKey::generate(&rng).unwrap();
+    ferry_keyfile::write_public_file(&dir.0.join("gateway-1.key.pub"), &gateway.public(), false)
+        .unwrap();
+    let shipped = include_str!("../../relay.example.toml");
+    let text = shipped.replace("/var/lib/ferry/", "");
     let cfg = dir.parse(&text).unwrap();
+    assert_eq!(cfg.gateway_keys, [(1, gateway.public())]);
+    // Shipped with the guard off (the interface names are the host's), saying how to turn it on.
+    assert_eq!(cfg.xdp.mode, Mode::Off);
     assert_eq!(
         cfg.limits,
         validate_limits(&LimitsSection::default(), &mut Check::default())
@@ -102,10 +109,38 @@ fn the_example_file_is_valid() {
         (min.admin_listen, &min.log_level)
     );
     assert_eq!(cfg.limits, min.limits);
-    // Copied unedited, it fails closed: its gateway key is a placeholder.
-    let unedited =
-        include_str!("../../relay.example.toml").replace("/etc/ferry/relay.key", "relay.key");
-    assert_eq!(fields(dir.parse(&unedited)), ["gateway_keys[0].public_key"]);
+    // Without the gateway's public key file, it fails closed, naming the field.
+    std::fs::remove_file(dir.0.join("gateway-1.key.pub")).unwrap();
+    assert_eq!(
+        fields(dir.parse(&text)),
+        ["gateway_keys[0].public_key_file"]
+    );
+}
+
+#[test]
+fn a_gateway_key_is_inline_or_in_a_file_never_both() {
+    let dir = Dir::new("keyfile");
+    let rng = SystemRandom::new();
+    let gateway = GatewaySigningKey::generate(&rng).unwrap();
+    ferry_keyfile::write_public_file(&dir.0.join("gw.pub"), &gateway.public(), false).unwrap();
+    let with = |entry: &str| {
+        format!(
+            "[relay]\nid = 1\nstatic_key = \"relay.key\"\n\n[[gateway_keys]]\nkid = 1\n{entry}\n\
+             [xdp]\nmode = \"off\"\n"
+        )
+    };
+    let cfg = dir.parse(&with("public_key_file = \"gw.pub\"\n")).unwrap();
+    assert_eq!(cfg.gateway_keys, [(1, gateway.public())]);
+    let both = format!(
+        "public_key_file = \"gw.pub\"\npublic_key = \"{}\"\n",
+        gateway.public()
+    );
+    assert_eq!(fields(dir.parse(&with(&both))), ["gateway_keys[0]"]);
+    assert_eq!(fields(dir.parse(&with(""))), ["gateway_keys[0]"]);
+    assert_eq!(
+        fields(dir.parse(&with("public_key_file = \"missing.pub\"\n"))),
+        ["gateway_keys[0].public_key_file"]
+    );
 }
 
 /// The fields of the example file, `section.field`.
@@ -162,8 +197,17 @@ fn documented_fields() -> Vec<String> {
 
 #[test]
 fn every_field_is_in_the_example_and_the_docs() {
+    // docs/config.md names every field the parser accepts (asked of the parser itself), and
+    // the example shows every field but the alternatives it leaves commented out.
+    let accepted = ferry_testkit::config_fields::accepted_fields(|text| {
+        toml::from_str::<File>(text)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    });
+    assert_eq!(accepted, documented_fields());
     let example = example_fields();
-    assert_eq!(example, documented_fields());
+    let commented: Vec<&String> = accepted.iter().filter(|f| !example.contains(f)).collect();
+    assert_eq!(commented, ["gateway_keys.public_key"]);
     // And the parser knows each of them: a file with all of them parsed above, and here
     // every section rejects a field it does not know.
     assert!(example.len() >= 20, "{example:?}");

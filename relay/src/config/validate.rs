@@ -47,7 +47,7 @@ pub fn parse_str(text: &str, path: &Path, base_dir: &Path) -> Result<RelayConfig
     ] {
         check.range(field, value, MIN_SOCKET_BUFFER, MAX_SOCKET_BUFFER);
     }
-    let gateway_keys = validate_gateway_keys(&file.gateway_keys, &mut check);
+    let gateway_keys = validate_gateway_keys(&file.gateway_keys, base_dir, &mut check);
     let limits = validate_limits(&file.limits, &mut check);
     let admin_listen = validate_admin(&file.admin, &mut check);
     let xdp = validate_xdp(&file.xdp, &listen, &mut check);
@@ -274,6 +274,7 @@ pub(super) fn validate_listen(relay: &RelaySection, check: &mut Check) -> Vec<So
 
 pub(super) fn validate_gateway_keys(
     entries: &[GatewayKeyEntry],
+    base_dir: &Path,
     check: &mut Check,
 ) -> Vec<(u32, GatewayPublicKey)> {
     if entries.is_empty() {
@@ -291,9 +292,24 @@ pub(super) fn validate_gateway_keys(
             );
             continue;
         }
-        match GatewayPublicKey::from_str(entry.public_key.trim()) {
-            Ok(key) => out.push((entry.kid, key)),
-            Err(e) => check.fail(format!("gateway_keys[{i}].public_key"), e.to_string()),
+        match (&entry.public_key, &entry.public_key_file) {
+            (Some(text), None) => match GatewayPublicKey::from_str(text.trim()) {
+                Ok(key) => out.push((entry.kid, key)),
+                Err(e) => check.fail(format!("gateway_keys[{i}].public_key"), e.to_string()),
+            },
+            (None, Some(file)) => {
+                let path = base_dir.join(file);
+                match ferry_keyfile::load_public_file::<GatewayPublicKey>(&path) {
+                    Ok(key) => out.push((entry.kid, key)),
+                    Err(e) => {
+                        check.fail(format!("gateway_keys[{i}].public_key_file"), e.to_string())
+                    }
+                }
+            }
+            _ => check.fail(
+                format!("gateway_keys[{i}]"),
+                "needs exactly one of public_key and public_key_file",
+            ),
         }
     }
     out
