@@ -796,6 +796,11 @@ mod tests {
             hop.clients(),
             vec![a.local_addr().unwrap(), b.local_addr().unwrap()]
         );
+        // The hop counts a reply forwarded after sending it: wait for the last count.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while hop.counts().forwarded_to_clients < 6 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let counts = hop.counts();
         assert_eq!(counts.clients, 2);
         assert_eq!(counts.from_clients, 6);
