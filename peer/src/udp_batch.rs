@@ -134,7 +134,7 @@ impl std::fmt::Debug for RecvBatch {
     }
 }
 
-/// No buffers: a placeholder while a batch is taken out to be worked on.
+/// No buffers: what the driver leaves in a batch's place while it works on the datagrams.
 impl Default for RecvBatch {
     fn default() -> Self {
         Self {

@@ -72,21 +72,7 @@ fn run(args: &[&str]) {
 }
 
 fn relay_config(auth: &Authority, topo: &Topology, extra: &str) -> RelayConfig {
-    RelayConfig {
-        listen: vec![
-            SocketAddr::new(topo.relay_v4().into(), PORT),
-            SocketAddr::new(topo.relay_v6().into(), PORT),
-        ],
-        workers: 2,
-        admin: SocketAddr::new(IpAddr::from([127, 0, 0, 1]), ADMIN_PORT),
-        sections: format!(
-            "[xdp]\nmode = \"native\"\ninterfaces = [\"{}\"]\n{extra}",
-            topo.relay_if
-        ),
-        netns: Some(topo.relay_ns.clone()),
-        log_filter: "info".into(),
-        ..RelayConfig::loopback(vec![auth.gateway_key()]).unwrap()
-    }
+    RelayConfig::native_in(topo, vec![auth.gateway_key()], PORT, ADMIN_PORT, extra).unwrap()
 }
 
 fn start(auth: &Authority, topo: &Topology, extra: &str) -> RelayProcess {

@@ -32,20 +32,10 @@ const ADMIN_PORT: u16 = 9477;
 /// sections), logging everything to its file.
 fn relay_config(auth: &Authority, topo: &Topology, xdp_extra: &str) -> RelayConfig {
     RelayConfig {
-        listen: vec![
-            SocketAddr::new(topo.relay_v4().into(), PORT),
-            SocketAddr::new(topo.relay_v6().into(), PORT),
-        ],
-        workers: 2,
-        admin: SocketAddr::new(IpAddr::from([127, 0, 0, 1]), ADMIN_PORT),
-        sections: format!(
-            "[xdp]\nmode = \"native\"\ninterfaces = [\"{}\"]\n{xdp_extra}",
-            topo.relay_if
-        ),
-        netns: Some(topo.relay_ns.clone()),
         // The most verbose level: even then nothing secret may appear.
         log_filter: "trace".into(),
-        ..RelayConfig::loopback(vec![auth.gateway_key()]).unwrap()
+        ..RelayConfig::native_in(topo, vec![auth.gateway_key()], PORT, ADMIN_PORT, xdp_extra)
+            .unwrap()
     }
 }
 

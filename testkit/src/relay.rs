@@ -66,6 +66,34 @@ impl RelayConfig {
         })
     }
 
+    /// A relay in `topo`'s relay namespace on its IPv4 and IPv6 addresses at `port`, two
+    /// workers, its XDP guard native on the relay's veth, with `xdp_extra` appended to the
+    /// `[xdp]` section (more lines, or more sections), its admin listener on
+    /// 127.0.0.1:`admin_port` inside the namespace, logging at `info` to its file.
+    pub fn native_in(
+        topo: &crate::netns::Topology,
+        gateway_keys: Vec<(u32, GatewayPublicKey)>,
+        port: u16,
+        admin_port: u16,
+        xdp_extra: &str,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            listen: vec![
+                SocketAddr::new(topo.relay_v4().into(), port),
+                SocketAddr::new(topo.relay_v6().into(), port),
+            ],
+            workers: 2,
+            admin: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), admin_port),
+            sections: format!(
+                "[xdp]\nmode = \"native\"\ninterfaces = [\"{}\"]\n{xdp_extra}",
+                topo.relay_if
+            ),
+            netns: Some(topo.relay_ns.clone()),
+            log_filter: "info".into(),
+            ..Self::loopback(gateway_keys)?
+        })
+    }
+
     /// The config file's text; the relay's key is in `relay.key` beside it.
     pub fn text(&self) -> String {
         let listen: Vec<String> = self.listen.iter().map(|a| format!("\"{a}\"")).collect();
