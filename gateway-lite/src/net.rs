@@ -129,7 +129,10 @@ fn parse_hop(entry: &str) -> Option<IpAddr> {
         return Some(addr.ip().to_canonical());
     }
     let inner = entry.strip_prefix('[')?.strip_suffix(']')?;
-    inner.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6)
+    inner
+        .parse::<std::net::Ipv6Addr>()
+        .ok()
+        .map(|ip| IpAddr::V6(ip).to_canonical())
 }
 
 #[cfg(test)]
@@ -265,6 +268,18 @@ mod tests {
             trusted.client_ip(peer("127.0.0.1"), &garbled),
             via("127.0.0.1", "127.0.0.1")
         );
+        // An IPv4-mapped entry is the IPv4 address, however it is written.
+        for entry in [
+            "::ffff:203.0.113.9",
+            "[::ffff:203.0.113.9]",
+            "[::ffff:203.0.113.9]:80",
+        ] {
+            assert_eq!(
+                trusted.client_ip(peer("127.0.0.1"), &headers(&["198.51.100.66", entry])),
+                via("203.0.113.9", "127.0.0.1"),
+                "{entry}"
+            );
+        }
         // An IPv4-mapped peer is the same proxy.
         assert_eq!(
             trusted.client_ip(peer("::ffff:127.0.0.1"), &headers(&["203.0.113.9"])),
