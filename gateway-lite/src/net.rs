@@ -91,17 +91,19 @@ impl TrustedProxies {
         if values.peek().is_none() {
             return direct;
         }
-        // Several headers are one list, in order.
-        let mut entries: Vec<&str> = Vec::new();
+        // Several headers are one list, in order. Entries are split as bytes: one that is not
+        // text is garbage when it is reached, like any other, and left of the client it is
+        // never read (the client may have written it).
+        let mut entries: Vec<&[u8]> = Vec::new();
         for value in values {
-            let Ok(text) = value.to_str() else {
-                return forwarded(direct.ip, direct.ip);
-            };
-            entries.extend(text.split(','));
+            entries.extend(value.as_bytes().split(|&b| b == b','));
         }
         let mut client = direct.ip;
         for entry in entries.iter().rev().take(MAX_FORWARDED_HOPS) {
-            let Some(ip) = parse_hop(entry.trim()) else {
+            let hop = std::str::from_utf8(entry)
+                .ok()
+                .and_then(|e| parse_hop(e.trim()));
+            let Some(ip) = hop else {
                 return forwarded(client, direct.ip);
             };
             client = ip;
@@ -127,7 +129,10 @@ fn parse_hop(entry: &str) -> Option<IpAddr> {
         return Some(addr.ip().to_canonical());
     }
     let inner = entry.strip_prefix('[')?.strip_suffix(']')?;
-    inner.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6)
+    inner
+        .parse::<std::net::Ipv6Addr>()
+        .ok()
+        .map(|ip| IpAddr::V6(ip).to_canonical())
 }
 
 #[cfg(test)]
@@ -236,6 +241,45 @@ mod tests {
             ),
             via("10.0.0.5", "127.0.0.1")
         );
+        // Bytes that are not text in the client's own part of a value (the proxy appended
+        // to what it got) are never read: the client cannot make itself count as the proxy.
+        let mut joined = HeaderMap::new();
+        joined.append(
+            "x-forwarded-for",
+            HeaderValue::from_bytes(b"\xff\xfe, 203.0.113.9, 10.0.0.5").unwrap(),
+        );
+        assert_eq!(
+            trusted.client_ip(peer("127.0.0.1"), &joined),
+            via("203.0.113.9", "127.0.0.1")
+        );
+        // Nor in a value of its own before the proxies' ones; reached, such an entry is
+        // garbage like any other.
+        let mut separate = HeaderMap::new();
+        for value in [&b"\xff"[..], b"203.0.113.9", b"10.0.0.5"] {
+            separate.append("x-forwarded-for", HeaderValue::from_bytes(value).unwrap());
+        }
+        assert_eq!(
+            trusted.client_ip(peer("127.0.0.1"), &separate),
+            via("203.0.113.9", "127.0.0.1")
+        );
+        let mut garbled = headers(&["203.0.113.9", "10.0.0.7"]);
+        garbled.append("x-forwarded-for", HeaderValue::from_bytes(b"\xff").unwrap());
+        assert_eq!(
+            trusted.client_ip(peer("127.0.0.1"), &garbled),
+            via("127.0.0.1", "127.0.0.1")
+        );
+        // An IPv4-mapped entry is the IPv4 address, however it is written.
+        for entry in [
+            "::ffff:203.0.113.9",
+            "[::ffff:203.0.113.9]",
+            "[::ffff:203.0.113.9]:80",
+        ] {
+            assert_eq!(
+                trusted.client_ip(peer("127.0.0.1"), &headers(&["198.51.100.66", entry])),
+                via("203.0.113.9", "127.0.0.1"),
+                "{entry}"
+            );
+        }
         // An IPv4-mapped peer is the same proxy.
         assert_eq!(
             trusted.client_ip(peer("::ffff:127.0.0.1"), &headers(&["203.0.113.9"])),

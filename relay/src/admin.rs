@@ -257,18 +257,10 @@ fn serve(stream: &TcpStream, state: &AdminState, options: AdminOptions) -> io::R
             return respond(stream, status, "text/plain", b"", false, &[]);
         }
     };
-    let line_end = head.windows(2).position(|w| w == b"\r\n").unwrap_or(0);
-    let line = std::str::from_utf8(&head[..line_end]).unwrap_or("");
-    let mut parts = line.split(' ');
-    let (method, target, version) = (parts.next(), parts.next(), parts.next());
-    let well_formed = parts.next().is_none()
-        && matches!(version, Some("HTTP/1.1" | "HTTP/1.0"))
-        && target.is_some_and(|t| t.starts_with('/'));
-    let (Some(method), Some(target), true) = (method, target, well_formed) else {
+    let Some((method, path)) = parse_request_line(&head) else {
         state.count(3, 400);
         return respond(stream, 400, "text/plain", b"bad request\n", false, &[]);
     };
-    let path = target.split('?').next().unwrap_or(target);
     let route = ROUTES.iter().position(|r| *r == path).unwrap_or(3);
     let head_only = method == "HEAD";
     if method != "GET" && !head_only {
@@ -296,6 +288,22 @@ fn serve(stream: &TcpStream, state: &AdminState, options: AdminOptions) -> io::R
         _ => "text/plain; charset=utf-8",
     };
     respond(stream, status, content_type, &body, head_only, &[])
+}
+
+/// The method and path (the target without its query) of the request line that starts
+/// `head`, or `None` when that line is not `METHOD SP /target SP HTTP/1.x CRLF` (a 400).
+/// Public so that the fuzz target `admin_head` can call it.
+#[doc(hidden)]
+pub fn parse_request_line(head: &[u8]) -> Option<(&str, &str)> {
+    let line_end = head.windows(2).position(|w| w == b"\r\n").unwrap_or(0);
+    let line = std::str::from_utf8(&head[..line_end]).unwrap_or("");
+    let mut parts = line.split(' ');
+    let (method, target, version) = (parts.next()?, parts.next()?, parts.next()?);
+    let well_formed = parts.next().is_none()
+        && matches!(version, "HTTP/1.1" | "HTTP/1.0")
+        && target.starts_with('/');
+    let path = target.split('?').next().unwrap_or(target);
+    well_formed.then_some((method, path))
 }
 
 /// The relay's page followed by the admin server's own request counts.
