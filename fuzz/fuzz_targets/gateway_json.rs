@@ -1,6 +1,6 @@
 //! Fuzzes the gateway's JSON request bodies (`ferry_gateway::api`: `CreateSession`,
 //! `JoinSession`, `RenewSession`, `Heartbeat`, `Revoke`), read the way the API reads them
-//! (`serde_json::from_slice`), against the schema docs/gateway-openapi.yaml states.
+//! (`ferry_gateway::api::parse_body`), against the schema docs/gateway-openapi.yaml states.
 //!
 //! The first byte picks the body type. Nothing may panic, and for each body:
 //! - what it accepts is a JSON object holding only the type's fields, every required field
@@ -9,7 +9,7 @@
 //! - any JSON object that follows those rules is accepted.
 #![no_main]
 
-use ferry_gateway::api::{CreateSession, Heartbeat, JoinSession, RenewSession, Revoke};
+use ferry_gateway::api::{CreateSession, Heartbeat, JoinSession, RenewSession, Revoke, parse_body};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value};
 
@@ -48,7 +48,7 @@ const BODIES: [Body; 5] = [
             ("expected_peer_public_key", Kind::Str, false),
         ],
         read: |b| {
-            let c: CreateSession = serde_json::from_slice(b).ok()?;
+            let c: CreateSession = parse_body(b)?;
             Some(strings(&[
                 ("realm", c.realm),
                 ("peer_public_key", c.peer_public_key),
@@ -62,7 +62,7 @@ const BODIES: [Body; 5] = [
             ("peer_public_key", Kind::Str, false),
         ],
         read: |b| {
-            let j: JoinSession = serde_json::from_slice(b).ok()?;
+            let j: JoinSession = parse_body(b)?;
             Some(strings(&[
                 ("join_code", Some(j.join_code)),
                 ("peer_public_key", j.peer_public_key),
@@ -72,7 +72,7 @@ const BODIES: [Body; 5] = [
     Body {
         fields: &[("session_id", Kind::Str, true), ("slot", Kind::Str, true)],
         read: |b| {
-            let r: RenewSession = serde_json::from_slice(b).ok()?;
+            let r: RenewSession = parse_body(b)?;
             Some(strings(&[
                 ("session_id", Some(r.session_id)),
                 ("slot", Some(r.slot)),
@@ -88,7 +88,7 @@ const BODIES: [Body; 5] = [
             ("capacity", Kind::Int, true),
         ],
         read: |b| {
-            let h: Heartbeat = serde_json::from_slice(b).ok()?;
+            let h: Heartbeat = parse_body(b)?;
             let mut got = strings(&[
                 ("address", Some(h.address)),
                 ("public_key", Some(h.public_key)),
@@ -104,7 +104,7 @@ const BODIES: [Body; 5] = [
     Body {
         fields: &[("key_id", Kind::Str, true)],
         read: |b| {
-            let r: Revoke = serde_json::from_slice(b).ok()?;
+            let r: Revoke = parse_body(b)?;
             Some(strings(&[("key_id", Some(r.key_id))]))
         },
     },

@@ -39,7 +39,7 @@ use self::handlers::{
     metrics_page, relay_heartbeat, renew_session,
 };
 pub use self::types::{
-    CreateSession, Grant, Heartbeat, JoinSession, RelayBody, RenewSession, Revoke,
+    CreateSession, Grant, Heartbeat, JoinSession, RelayBody, RenewSession, Revoke, parse_body,
 };
 use crate::metrics::Limiter;
 use crate::net as client_net;

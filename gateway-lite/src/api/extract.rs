@@ -12,6 +12,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use serde::de::DeserializeOwned;
 
 use super::app::{App, Live, Shared};
+use super::types::parse_body;
 use super::{AUDIT, ApiError};
 use crate::apikey::{PresentedKey, Scopes};
 use crate::metrics::{AuthFailure, Limiter};
@@ -56,9 +57,7 @@ impl<T: DeserializeOwned> FromRequest<Shared> for JsonBody<T> {
                     StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
                     _ => ApiError::BadRequest,
                 })?;
-        serde_json::from_slice(&bytes)
-            .map(JsonBody)
-            .map_err(|_| ApiError::BadRequest)
+        parse_body(&bytes).map(JsonBody).ok_or(ApiError::BadRequest)
     }
 }
 

@@ -1,6 +1,21 @@
 //! The JSON bodies of the API: what clients send and what they get back.
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
+
+/// Reads a request body of type `T`: a JSON object with `T`'s fields, as the API takes it.
+/// serde's derived structs would also take a JSON array (the fields by position, so `[]` is an
+/// empty create), which docs/gateway-openapi.yaml does not allow: anything but an object is
+/// refused. Public so that the fuzz target `gateway_json` reads bodies the same way.
+pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+    let first = bytes
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
+    match first {
+        Some(b'{') => serde_json::from_slice(bytes).ok(),
+        _ => None,
+    }
+}
 
 /// An optional string field: absent is `None`, a string is `Some`, and `null` (or anything
 /// else) is refused, so that the body is exactly what docs/gateway-openapi.yaml allows.
@@ -187,6 +202,19 @@ mod tests {
                 .is_err()
         );
         assert!(serde_json::from_str::<JoinSession>(r#"{"join_code": null}"#).is_err());
+    }
+
+    #[test]
+    fn bodies_are_objects_never_arrays() {
+        assert!(parse_body::<CreateSession>(b" \r\n\t{}").is_some());
+        assert!(parse_body::<CreateSession>(b"[]").is_none());
+        assert!(parse_body::<CreateSession>(br#"["realm"]"#).is_none());
+        assert!(parse_body::<JoinSession>(br#"["code"]"#).is_none());
+        assert!(parse_body::<RenewSession>(br#" ["0123456789abcdef", "A"]"#).is_none());
+        assert!(parse_body::<Revoke>(br#"["ops"]"#).is_none());
+        assert!(parse_body::<Heartbeat>(br#"[1, "198.51.100.7:7000", "k", 0, 1]"#).is_none());
+        assert!(parse_body::<Revoke>(br#"{"key_id": "ops"}"#).is_some());
+        assert!(parse_body::<Revoke>(b"").is_none());
     }
 
     #[test]
