@@ -332,9 +332,12 @@ fn run(path: &Path) -> anyhow::Result<()> {
     }
     if drop_caps {
         drop_start_caps().context("dropping capabilities")?;
-        tracing::info!(
-            "XDP guard attached and sockets open: dropped CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN"
-        );
+        let ready = if cfg.xdp.mode == xdp::Mode::Off {
+            "sockets open"
+        } else {
+            "XDP guard attached and sockets open"
+        };
+        tracing::info!("{ready}: dropped CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN");
     }
     let admin = AdminServer::start(cfg.admin_listen, Arc::clone(&admin_state))
         .with_context(|| format!("starting the admin listener on {}", cfg.admin_listen))?;
