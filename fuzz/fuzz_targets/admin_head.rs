@@ -9,7 +9,7 @@
 //!   whatever header lines follow it.
 #![no_main]
 
-use ferry_relay::admin::parse_request_line;
+use ferry_relay::admin::{is_token_char, parse_request_line};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -22,6 +22,7 @@ fuzz_target!(|data: &[u8]| {
         let (head, version) = line.rsplit_once(' ').expect("three parts");
         let (m, target) = head.split_once(' ').expect("three parts");
         assert_eq!(m, method);
+        assert!(!method.is_empty() && method.bytes().all(is_token_char));
         assert!(!method.contains(' ') && !target.contains(' '));
         assert!(
             matches!(version, "HTTP/1.1" | "HTTP/1.0"),
@@ -41,7 +42,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let target = format!("/{target}");
-    if method.contains(['\r', '\n']) || target.contains(['\r', '\n', ' ']) {
+    let method_is_token = !method.is_empty() && method.bytes().all(is_token_char);
+    if !method_is_token || target.contains(['\r', '\n', ' ']) {
         return;
     }
     let rest = words.next().unwrap_or("");

@@ -291,8 +291,9 @@ fn serve(stream: &TcpStream, state: &AdminState, options: AdminOptions) -> io::R
 }
 
 /// The method and path (the target without its query) of the request line that starts
-/// `head`, or `None` when that line is not `METHOD SP /target SP HTTP/1.x CRLF` (a 400).
-/// Public so that the fuzz target `admin_head` can call it.
+/// `head`, or `None` when that line is not `METHOD SP /target SP HTTP/1.x CRLF` with METHOD
+/// an HTTP token (RFC 9110 §5.6.2: one or more of the characters [`is_token_char`] accepts),
+/// which is a 400. Public so that the fuzz target `admin_head` can call it.
 #[doc(hidden)]
 pub fn parse_request_line(head: &[u8]) -> Option<(&str, &str)> {
     let line_end = head.windows(2).position(|w| w == b"\r\n").unwrap_or(0);
@@ -300,10 +301,18 @@ pub fn parse_request_line(head: &[u8]) -> Option<(&str, &str)> {
     let mut parts = line.split(' ');
     let (method, target, version) = (parts.next()?, parts.next()?, parts.next()?);
     let well_formed = parts.next().is_none()
+        && !method.is_empty()
+        && method.bytes().all(is_token_char)
         && matches!(version, "HTTP/1.1" | "HTTP/1.0")
         && target.starts_with('/');
     let path = target.split('?').next().unwrap_or(target);
     well_formed.then_some((method, path))
+}
+
+/// Whether `byte` may appear in an HTTP token such as a method (RFC 9110 §5.6.2 `tchar`).
+#[doc(hidden)]
+pub fn is_token_char(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
 }
 
 /// The relay's page followed by the admin server's own request counts.

@@ -64,6 +64,12 @@ fn routes_methods_and_bad_requests() {
     assert!(post.contains("Allow: GET, HEAD"));
     assert_eq!(status(&request(addr, b"\x16\x03\x01garbage\r\n\r\n")), 400);
     assert_eq!(status(&request(addr, b"GET metrics HTTP/1.1\r\n\r\n")), 400);
+    // A method that is not an HTTP token is a malformed request line, not an unknown method.
+    assert_eq!(status(&request(addr, b" /metrics HTTP/1.1\r\n\r\n")), 400);
+    assert_eq!(
+        status(&request(addr, b"G\x01T /metrics HTTP/1.1\r\n\r\n")),
+        400
+    );
     let mut huge = b"GET /metrics HTTP/1.1\r\n".to_vec();
     for _ in 0..200 {
         huge.extend_from_slice(b"X-Padding: 0123456789012345678901234567890123456789\r\n");
