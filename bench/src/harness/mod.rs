@@ -4,6 +4,7 @@
 //! the scenarios that drive them ([`scenario`]), a spoofed-source flood ([`flood`]) and the
 //! reports they write ([`report`], [`schema`], [`charts`]). docs/bench.md says how to run it and how to read what it writes.
 
+pub mod agent;
 pub mod charts;
 pub mod flood;
 pub mod load;
