@@ -9,9 +9,11 @@ pub mod charts;
 pub mod flood;
 pub mod load;
 pub mod paths;
+pub mod remote;
 pub mod report;
 pub mod scenario;
 pub mod schema;
+pub mod testbed;
 pub mod topology;
 pub mod turn;
 

@@ -224,6 +224,7 @@ pub fn run(plan: &Plan, bed: &dyn Testbed, bins: &Binaries) -> anyhow::Result<Be
         flood: flood_runs,
         ratios,
         capacity,
+        testbed: None,
     })
 }
 
