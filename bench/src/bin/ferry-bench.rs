@@ -4,6 +4,9 @@
 //! `ferry-relay` — drives each with the same batched, paced generator, and writes a JSON
 //! result (schema docs/bench-result.schema.json) and a Markdown summary. docs/bench.md says
 //! how to run it and how to read the report. Needs root (namespaces).
+//!
+//! `ferry-bench run --testbed FILE` runs the same scenarios on a relay on real interfaces with
+//! `ferry-bench agent`s generating and sinking on other machines (no root needed).
 
 use std::path::PathBuf;
 
@@ -56,7 +59,12 @@ struct RunArgs {
     scenarios: Vec<Scenario>,
     /// Run on the relay and agents a testbed file describes instead of on namespaces; the
     /// load settings come from the file, only the scenarios and --out apply.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = [
+        "quick", "full", "payloads", "paths", "require_all_paths", "sessions", "max_loss",
+        "trial_seconds", "latency_seconds", "search_steps", "pacing", "burst", "fractions",
+        "low_rate", "rates", "scale_sessions", "flood_legit_rate", "relay_cpu", "load_cpu",
+        "relay_bin", "bin_dir",
+    ])]
     testbed: Option<PathBuf>,
     /// The quick profile (under two minutes): 64 B, 4 sessions, short trials, two fixed rates.
     #[arg(long, conflicts_with = "full")]
