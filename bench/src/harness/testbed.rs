@@ -361,12 +361,6 @@ impl TestbedFile {
                     "lanes[{i}].generator_ip: name the address generators send from"
                 ));
             }
-            if l.generator_ip.is_ipv4() != r.generator_side.is_ipv4() {
-                problem(format!(
-                    "lanes[{i}].generator_ip: {} is not of relay.generator_side's family",
-                    l.generator_ip
-                ));
-            }
             if let (Some(generator), Some(sink)) = (generator, sink) {
                 lanes.push(LaneSpec {
                     generator,
@@ -377,16 +371,6 @@ impl TestbedFile {
             }
         }
         let sink_side = r.sink_side.unwrap_or(r.generator_side);
-        if let Some(l) = raw
-            .lanes
-            .iter()
-            .find(|l| l.sink_addr.is_ipv4() != sink_side.is_ipv4())
-        {
-            problem(format!(
-                "lanes: sink_addr {} is not of relay.sink_side's family",
-                l.sink_addr
-            ));
-        }
 
         // The load.
         let load = &raw.load;
@@ -442,6 +426,23 @@ impl TestbedFile {
                      to one sink)"
                         .into(),
                 );
+            }
+        }
+        if paths.contains(&PathKind::Ferry) {
+            // The relay answers each side's binds from the address that side reaches.
+            for (i, l) in raw.lanes.iter().enumerate() {
+                if l.generator_ip.is_ipv4() != r.generator_side.is_ipv4() {
+                    problem(format!(
+                        "lanes[{i}].generator_ip: {} is not of relay.generator_side's family",
+                        l.generator_ip
+                    ));
+                }
+                if l.sink_addr.is_ipv4() != sink_side.is_ipv4() {
+                    problem(format!(
+                        "lanes[{i}].sink_addr: {} is not of relay.sink_side's family",
+                        l.sink_addr
+                    ));
+                }
             }
         }
         let payloads: Vec<Payload> = load
