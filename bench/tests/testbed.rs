@@ -212,6 +212,7 @@ plain = "{plain_addr}"
         summary.contains("## Testbed") && summary.contains("| ferry |"),
         "{summary}"
     );
+    assert!(!summary.contains("forwarders on CPU"), "{summary}");
 
     let bed = &result["testbed"];
     assert_eq!(bed["relay"]["started_by_coordinator"], true);

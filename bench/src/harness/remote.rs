@@ -788,6 +788,12 @@ pub fn write_report(result: &BenchResult, out: &Path) -> anyhow::Result<String> 
     let charts = charts::draw(result, out).context("drawing the charts")?;
     let mut md = report::markdown(result);
     if let Some(t) = &result.testbed {
+        // The namespace topology's CPU line says nothing about machines the agents pinned.
+        let cpus = format!(
+            "- forwarders on CPU {}, generator and sink on CPU {}\n",
+            result.config.relay_cpu, result.config.load_cpu
+        );
+        md = md.replacen(&cpus, "", 1);
         md.push_str(&testbed_markdown(t));
     }
     if !charts.is_empty() {
