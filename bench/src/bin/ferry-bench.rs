@@ -4,16 +4,21 @@
 //! `ferry-relay` — drives each with the same batched, paced generator, and writes a JSON
 //! result (schema docs/bench-result.schema.json) and a Markdown summary. docs/bench.md says
 //! how to run it and how to read the report. Needs root (namespaces).
+//!
+//! `ferry-bench run --testbed FILE` runs the same scenarios on a relay on real interfaces with
+//! `ferry-bench agent`s generating and sinking on other machines (no root needed).
 
 use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+use ferry_bench::harness::agent::{self, Secret};
 use ferry_bench::harness::load::{Pacing, Payload};
 use ferry_bench::harness::paths::{Binaries, PathKind};
 use ferry_bench::harness::scenario::{Plan, Scenario, run};
+use ferry_bench::harness::testbed::TestbedFile;
 use ferry_bench::harness::topology::{NetnsTestbed, delete_namespace, stale_namespaces};
-use ferry_bench::harness::{catch_interrupts, charts, report, schema};
+use ferry_bench::harness::{catch_interrupts, charts, remote, report, schema};
 
 /// Ferry's bench harness: zero-loss throughput, latency and CPU per packet, against
 /// baselines measured in the same run on the same topology.
@@ -36,6 +41,15 @@ enum Command {
     },
     /// Deletes the namespaces of runs that were killed (SIGKILL) before they could.
     Cleanup,
+    /// Serves a testbed's coordinator on a generator or sink machine (see docs/bench.md).
+    Agent {
+        /// The TCP address to listen on for the coordinator.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// The testbed's pre-shared secret (at least 32 bytes, mode 0600).
+        #[arg(long)]
+        secret_file: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -43,6 +57,15 @@ struct RunArgs {
     /// Scenarios to run: throughput, latency, rates, scale, flood (default: the first three).
     #[arg(value_enum)]
     scenarios: Vec<Scenario>,
+    /// Run on the relay and agents a testbed file describes instead of on namespaces; the
+    /// load settings come from the file, only the scenarios and --out apply.
+    #[arg(long, conflicts_with_all = [
+        "quick", "full", "payloads", "paths", "require_all_paths", "sessions", "max_loss",
+        "trial_seconds", "latency_seconds", "search_steps", "pacing", "burst", "fractions",
+        "low_rate", "rates", "scale_sessions", "flood_legit_rate", "relay_cpu", "load_cpu",
+        "relay_bin", "bin_dir",
+    ])]
+    testbed: Option<PathBuf>,
     /// The quick profile (under two minutes): 64 B, 4 sessions, short trials, two fixed rates.
     #[arg(long, conflicts_with = "full")]
     quick: bool,
@@ -126,6 +149,19 @@ fn main() -> anyhow::Result<()> {
             println!("{}: valid ferry-bench result", file.display());
             Ok(())
         }
+        Command::Agent {
+            listen,
+            secret_file,
+        } => {
+            // First, before anything reads the stamp clock.
+            ferry_bench::harness::load::anchor_epoch_to_realtime()?;
+            let secret = Secret::load(&secret_file)?;
+            let listener = std::net::TcpListener::bind(listen)
+                .with_context(|| format!("listening on {listen}"))?;
+            println!("ferry-bench agent listening on {}", listener.local_addr()?);
+            std::io::Write::flush(&mut std::io::stdout())?;
+            agent::serve(listener, std::sync::Arc::new(secret), true)
+        }
         Command::Cleanup => {
             for ns in stale_namespaces()? {
                 delete_namespace(&ns)?;
@@ -137,6 +173,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn run_command(args: RunArgs) -> anyhow::Result<()> {
+    if let Some(file) = &args.testbed {
+        return testbed_command(file, &args);
+    }
     if !ferry_testkit::skip::is_root() {
         bail!("ferry-bench needs root (network namespaces)");
     }
@@ -260,6 +299,24 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     std::fs::write(out.join("summary.md"), &md)?;
+    println!("\n{md}");
+    println!(
+        "wrote {} and {}",
+        out.join("result.json").display(),
+        out.join("summary.md").display()
+    );
+    Ok(())
+}
+
+/// `ferry-bench run --testbed FILE`: the file is checked whole before anything runs.
+fn testbed_command(file: &std::path::Path, args: &RunArgs) -> anyhow::Result<()> {
+    let bed = TestbedFile::load(file)?;
+    catch_interrupts()?;
+    let result = remote::run(&bed, &args.scenarios)?;
+    let out = args.out.clone().unwrap_or_else(|| {
+        PathBuf::from("target/ferry-bench").join(result.started_unix.to_string())
+    });
+    let md = remote::write_report(&result, &out)?;
     println!("\n{md}");
     println!(
         "wrote {} and {}",

@@ -31,6 +31,24 @@ pub fn epoch() -> Instant {
     *EPOCH.get_or_init(Instant::now)
 }
 
+/// Fixes [`epoch`] at the Unix epoch of the realtime clock, so that [`now_ns`] reads
+/// nanoseconds since 1970 (advancing with the monotonic clock from here on) and stamps written
+/// by processes on different machines compare, to within how well their clocks are
+/// synchronized (PTP, chrony). A `ferry-bench agent` calls it before anything reads the clock;
+/// an error when the epoch was already fixed or the clock is before 1970.
+pub fn anchor_epoch_to_realtime() -> anyhow::Result<()> {
+    let since_1970 = std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .context("the realtime clock is before 1970")?;
+    let anchored = Instant::now()
+        .checked_sub(since_1970)
+        .context("the monotonic clock cannot express 1970")?;
+    if EPOCH.set(anchored).is_err() {
+        bail!("the stamp clock's epoch was fixed before it could be anchored to realtime");
+    }
+    Ok(())
+}
+
 /// Nanoseconds since [`epoch`], at least 1.
 pub fn now_ns() -> u64 {
     (epoch().elapsed().as_nanos() as u64).max(1)
@@ -339,6 +357,10 @@ pub struct Received {
     pub datagrams: u64,
     /// Datagrams stamped before it (late arrivals of an earlier trial), not counted.
     pub stale: u64,
+    /// Counted datagrams whose stamp was later than their arrival (only possible within the
+    /// clock tolerance of [`sink_across_clocks`]: the sender's clock is ahead); their latency
+    /// is recorded as 1 ns.
+    pub ahead: u64,
     /// One-way latency of the counted datagrams, in nanoseconds.
     pub latency: Histogram<u64>,
 }
@@ -353,6 +375,20 @@ pub fn sink(
     stop: &AtomicBool,
     arrivals: &AtomicU64,
 ) -> anyhow::Result<Received> {
+    sink_across_clocks(socket, since_ns, 0, cpu, stop, arrivals)
+}
+
+/// [`sink`] for stamps from another machine's clock: a datagram counts when its stamp lies
+/// between `since_ns − tolerance_ns` and its arrival `+ tolerance_ns`, where `tolerance_ns`
+/// bounds how far the two clocks may differ.
+pub fn sink_across_clocks(
+    socket: &UdpSocket,
+    since_ns: u64,
+    tolerance_ns: u64,
+    cpu: Option<usize>,
+    stop: &AtomicBool,
+    arrivals: &AtomicU64,
+) -> anyhow::Result<Received> {
     if let Some(cpu) = cpu {
         let _ = pin_to(cpu);
     }
@@ -360,7 +396,8 @@ pub fn sink(
     // 1 ns to 100 s at 3 significant figures.
     let mut latency = Histogram::<u64>::new_with_bounds(1, 100_000_000_000, 3)?;
     let mut batch = Batch::new(BATCH);
-    let (mut datagrams, mut stale) = (0u64, 0u64);
+    let (mut datagrams, mut stale, mut ahead) = (0u64, 0u64, 0u64);
+    let since_ns = since_ns.saturating_sub(tolerance_ns);
     while !stop.load(Ordering::Relaxed) {
         let Ok(n) = batch.recv(socket) else { continue };
         arrivals.fetch_add(n as u64, Ordering::Relaxed);
@@ -377,17 +414,21 @@ pub fn sink(
                 stale += 1;
                 continue;
             };
-            if stamp < since_ns || stamp > arrived {
+            if stamp < since_ns || stamp > arrived.saturating_add(tolerance_ns) {
                 stale += 1;
                 continue;
             }
             datagrams += 1;
-            latency.saturating_record((arrived - stamp).max(1));
+            if stamp > arrived {
+                ahead += 1;
+            }
+            latency.saturating_record(arrived.saturating_sub(stamp).max(1));
         }
     }
     Ok(Received {
         datagrams,
         stale,
+        ahead,
         latency,
     })
 }

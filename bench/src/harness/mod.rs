@@ -2,15 +2,20 @@
 //! paced load generator with timestamps in its payloads and a sink that records one-way
 //! latency ([`load`]), the forwarders under test and the baselines beside them ([`paths`]),
 //! the scenarios that drive them ([`scenario`]), a spoofed-source flood ([`flood`]) and the
-//! reports they write ([`report`], [`schema`], [`charts`]). docs/bench.md says how to run it and how to read what it writes.
+//! reports they write ([`report`], [`schema`], [`charts`]); and for real hardware, a testbed
+//! from a config file ([`testbed`]) whose coordinator ([`remote`]) drives `ferry-bench agent`s
+//! ([`agent`]) on other machines. docs/bench.md says how to run it and how to read what it writes.
 
+pub mod agent;
 pub mod charts;
 pub mod flood;
 pub mod load;
 pub mod paths;
+pub mod remote;
 pub mod report;
 pub mod scenario;
 pub mod schema;
+pub mod testbed;
 pub mod topology;
 pub mod turn;
 

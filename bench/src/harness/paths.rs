@@ -575,7 +575,7 @@ static BIND_SEQ: LazyLock<AtomicU64> =
     LazyLock::new(|| AtomicU64::new(ferry_testkit::micros_now()));
 
 /// BIND, CHALLENGE, BIND, BIND-ACK from `sock` to the relay at `relay`.
-fn bind(sock: &UdpSocket, relay: SocketAddr, token: &MintedToken) -> anyhow::Result<()> {
+pub(crate) fn bind(sock: &UdpSocket, relay: SocketAddr, token: &MintedToken) -> anyhow::Result<()> {
     let keys = SlotKeys::derive(&token.slot_secret);
     let slot = token.claims.slot;
     sock.set_read_timeout(Some(Duration::from_secs(2)))?;

@@ -42,6 +42,10 @@ pub struct BenchResult {
     pub ratios: Vec<Ratio>,
     /// Capacity lines, one per payload Ferry was measured with.
     pub capacity: Vec<String>,
+    /// The machines of a run on a testbed from a config file (absent on the namespace
+    /// topology).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub testbed: Option<super::remote::TestbedReport>,
 }
 
 /// The machine a run measured.

@@ -224,6 +224,7 @@ pub fn run(plan: &Plan, bed: &dyn Testbed, bins: &Binaries) -> anyhow::Result<Be
         flood: flood_runs,
         ratios,
         capacity,
+        testbed: None,
     })
 }
 
@@ -370,7 +371,17 @@ fn measure_path(
     let wants = |s: Scenario| plan.scenarios.contains(&s);
     let mut zero_loss = None;
     if wants(Scenario::Throughput) || wants(Scenario::Latency) {
-        zero_loss = Some(search(plan, bed, path, payload, &ceiling, tag)?);
+        zero_loss = Some(search(plan, &ceiling, tag, |target| {
+            trial(
+                plan,
+                bed,
+                path,
+                payload,
+                target,
+                plan.pacing,
+                plan.trial_seconds,
+            )
+        })?);
     }
     let mut points = Vec::new();
     if wants(Scenario::Latency) {
@@ -450,13 +461,12 @@ fn measure_path(
 
 /// RFC 2544-style: the ceiling's delivered rate first, then halving the interval between the
 /// highest passing and the lowest failing rate, `search_steps` times or until it is within 1 %.
-fn search(
+/// `run_trial` runs one search trial at the rate it is given.
+pub(crate) fn search(
     plan: &Plan,
-    bed: &dyn Testbed,
-    path: &RunningPath,
-    payload: Payload,
     ceiling: &Trial,
     tag: &str,
+    mut run_trial: impl FnMut(u64) -> anyhow::Result<Trial>,
 ) -> anyhow::Result<ZeroLoss> {
     let mut trials = Vec::new();
     if ceiling.passes(plan.max_loss) {
@@ -475,15 +485,7 @@ fn search(
     for step in 0..=plan.search_steps {
         check_interrupted()?;
         let target = next.round().max(1.0) as u64;
-        let t = trial(
-            plan,
-            bed,
-            path,
-            payload,
-            target,
-            plan.pacing,
-            plan.trial_seconds,
-        )?;
+        let t = run_trial(target)?;
         let ok = t.passes(plan.max_loss);
         progress(
             tag,
@@ -523,7 +525,7 @@ fn search(
     })
 }
 
-fn progress(tag: &str, what: &str, t: &Trial, max_loss: f64) {
+pub(crate) fn progress(tag: &str, what: &str, t: &Trial, max_loss: f64) {
     println!(
         "{tag} {what}: sent {} ({:.0} pps), relay in {} (+{} socket drops) out {}, sink {} \
          ({:.0} pps, +{} socket drops), loss {:.3} % {}{}",
@@ -545,7 +547,7 @@ fn progress(tag: &str, what: &str, t: &Trial, max_loss: f64) {
 }
 
 /// Busy (not idle, not iowait) CPU time of the whole host, ns, from `/proc/stat`.
-fn host_busy_ns() -> anyhow::Result<u64> {
+pub(crate) fn host_busy_ns() -> anyhow::Result<u64> {
     let stat = std::fs::read_to_string("/proc/stat")?;
     let line = stat.lines().next().context("an empty /proc/stat")?;
     let fields: Vec<u64> = line
