@@ -75,6 +75,9 @@ fn the_quick_profile_runs_end_to_end_and_its_report_holds_together() {
     let out = ferry_testkit::temp_dir("bench-quick").expect("a temporary directory");
     let mut child = Command::new(env!("CARGO_BIN_EXE_ferry-bench"))
         .args(["run", "--quick", "--sessions", "3", "--search-steps", "2"])
+        // These tests check the report's mechanics, not the forwarders: on a loaded machine
+        // even the search's lowest trial can lose a few of its datagrams, so up to 5 % passes.
+        .args(["--max-loss", "0.05"])
         .args(["--trial-seconds", "0.3", "--latency-seconds", "0.3"])
         .args(["--rates", "2000", "--fractions", "0.1,0.5"])
         .arg("--relay-bin")
@@ -214,6 +217,7 @@ fn the_scale_and_flood_scenarios_bind_measure_and_count_the_guard() {
             "1,40",
         ])
         .args(["--search-steps", "1", "--trial-seconds", "0.3"])
+        .args(["--max-loss", "0.05"])
         .args(["--latency-seconds", "0.3", "--flood-legit-rate", "1000"])
         .arg("--relay-bin")
         .arg(&relay)
