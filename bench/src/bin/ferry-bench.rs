@@ -40,7 +40,8 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// Scenarios to run: throughput, latency, rates, scale, flood (default: the first three).
+    /// Scenarios to run: throughput, latency, rates, scale, flood, workers (default: the first
+    /// three).
     #[arg(value_enum)]
     scenarios: Vec<Scenario>,
     /// The quick profile (under two minutes): 64 B, 4 sessions, short trials, two fixed rates.
@@ -103,6 +104,12 @@ struct RunArgs {
     /// The CPU of the generator and the sink.
     #[arg(long, default_value_t = 0)]
     load_cpu: usize,
+    /// The largest worker count of the workers scenario (default: every CPU).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    max_workers: Option<u32>,
+    /// Send one datagram per message instead of UDP GSO runs (to measure what GSO buys).
+    #[arg(long)]
+    no_gso: bool,
     /// The ferry-relay binary (default: next to this program).
     #[arg(long)]
     relay_bin: Option<PathBuf>,
@@ -213,6 +220,11 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
             .max(1),
         relay_cpu: args.relay_cpu,
         load_cpu: args.load_cpu,
+        max_workers: args.max_workers.map_or_else(
+            || std::thread::available_parallelism().map_or(1, |n| n.get()),
+            |n| n as usize,
+        ),
+        gso: !args.no_gso,
     };
     if let Some(&n) = plan
         .scale_sessions

@@ -1,6 +1,8 @@
 //! The flood of the `flood` scenario: whole Ethernet frames from forged source addresses,
 //! sent with a packet socket on the generator's link (qdisc bypassed) as fast as one core
-//! can. Half are random bytes, half well-formed DATA for sessions that do not exist; sources
+//! can. A third are random bytes, a third well-formed DATA for sessions that do not exist, a
+//! third well-formed BIND (far over any source's handshake rate, with a token that does not
+//! verify); sources
 //! cycle over [`SOURCES`] addresses of [`SPOOF_NET`], which the relay host routes back towards
 //! the generator so that reverse-path filtering keeps them.
 
@@ -8,6 +10,7 @@ use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
+use ferry_common::header::{BIND_BODY_LEN, PacketType};
 use ring::rand::{SecureRandom, SystemRandom};
 
 use super::load::BATCH;
@@ -73,22 +76,15 @@ pub fn frames(
             Ipv4Addr::new(198, 18, 240 + (host >> 8) as u8, host as u8),
             1024 + (host as u16 % 50_000),
         );
-        let payload = match i % 2 {
+        let session = u64::from_be_bytes([r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11]]) | 1;
+        let payload = match i % 3 {
             0 => {
                 let mut garbage = vec![0u8; 64 + usize::from(r[12]) * 4];
                 rng.fill(&mut garbage).map_err(fail)?;
                 garbage
             }
-            _ => {
-                let session =
-                    u64::from_be_bytes([r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11]]);
-                super::load::datagram(
-                    super::load::Framing::FerryData {
-                        session: session | 1,
-                    },
-                    256,
-                )?
-            }
+            1 => super::load::datagram(super::load::Framing::FerryData { session }, 256)?,
+            _ => ferry_relay::xdp::frame::datagram(PacketType::Bind, session, BIND_BODY_LEN),
         };
         out.push(frame(src_mac, dst_mac, src, relay, &payload));
     }
