@@ -31,9 +31,11 @@ fn check_trial(path: &str, what: &str, t: &Value) {
     // Each stage sees at most what the one before it passed on, give or take what an
     // earlier trial left queued in the forwarder (it reached the sink as `stale`) and a
     // little slack for the kernel's counters, which also count the odd set-up datagram.
+    // On a loaded machine a forwarder descheduled past the end-of-trial wait (30 ms without
+    // arrivals) counts the last datagrams of the trial before in this one: 1 % of slack.
     let stale = num(t, "stale");
     assert!(
-        rx + drops <= sent + stale + 16.0,
+        rx + drops <= sent + stale + 16.0 + sent * 0.01,
         "{path} {what}: relay in {rx}+{drops} > sent {sent} + stale {stale}"
     );
     assert!(
@@ -114,7 +116,7 @@ fn the_quick_profile_runs_end_to_end_and_its_report_holds_together() {
     let relay = workspace_binary("ferry-relay", "ferry-relay").expect("building ferry-relay");
     let out = ferry_testkit::temp_dir("bench-quick").expect("a temporary directory");
     let mut child = Command::new(env!("CARGO_BIN_EXE_ferry-bench"))
-        .args(["run", "--quick", "--sessions", "3", "--search-steps", "2"])
+        .args(["run", "--quick", "--sessions", "3", "--search-steps", "3"])
         .args(["--trial-seconds", "0.3", "--latency-seconds", "0.3"])
         .args(["--rates", "2000", "--fractions", "0.1,0.5"])
         .arg("--relay-bin")

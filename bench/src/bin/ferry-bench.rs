@@ -110,6 +110,10 @@ struct RunArgs {
     /// Send one datagram per message instead of UDP GSO runs (to measure what GSO buys).
     #[arg(long)]
     no_gso: bool,
+    /// What sends the flood scenario's flood: `packet` (a packet socket) or `xdp` (the XDP
+    /// flood generator, about twice as much from one core).
+    #[arg(long, default_value = "packet", value_parser = ["packet", "xdp"])]
+    flood_generator: String,
     /// The ferry-relay binary (default: next to this program).
     #[arg(long)]
     relay_bin: Option<PathBuf>,
@@ -225,6 +229,7 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
             |n| n as usize,
         ),
         gso: !args.no_gso,
+        flood_xdp: args.flood_generator == "xdp",
     };
     if let Some(&n) = plan
         .scale_sessions

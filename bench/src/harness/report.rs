@@ -88,6 +88,8 @@ pub struct RunConfig {
     pub scale_sessions: Vec<usize>,
     /// The legitimate rate of the `flood` scenario, datagrams per second.
     pub flood_legit_rate: u64,
+    /// What sends the flood: `packet` (a packet socket) or `xdp` (the XDP flood generator).
+    pub flood_generator: String,
     /// The CPU every forwarder is pinned to.
     pub relay_cpu: usize,
     /// The CPU of the generator and the sink.

@@ -98,6 +98,8 @@ pub struct Plan {
     pub max_workers: usize,
     /// Whether the generator may send with UDP GSO.
     pub gso: bool,
+    /// Whether the flood comes from the XDP flood generator instead of a packet socket.
+    pub flood_xdp: bool,
 }
 
 /// The options of a path with one worker and one generator socket.
@@ -319,6 +321,7 @@ pub fn run(plan: &Plan, bed: &dyn Testbed, bins: &Binaries) -> anyhow::Result<Be
             fixed_rates: plan.fixed_rates.clone(),
             scale_sessions: plan.scale_sessions.clone(),
             flood_legit_rate: plan.flood_legit_rate,
+            flood_generator: if plan.flood_xdp { "xdp" } else { "packet" }.into(),
             relay_cpu: plan.relay_cpu,
             load_cpu: plan.load_cpu,
             max_workers: plan.max_workers,
@@ -371,6 +374,10 @@ fn flood_scenario(
         gen_mac,
         relay_mac,
     )?;
+    let xdp_flooder = match plan.flood_xdp {
+        true => Some(bed.generator_xdp_flooder()?),
+        false => None,
+    };
     let mut out = Vec::new();
     for guard in [false, true] {
         let tag = format!(
@@ -399,8 +406,12 @@ fn flood_scenario(
             let started = Instant::now();
             let stop = AtomicBool::new(false);
             let (t, flood_sent) = std::thread::scope(|s| -> anyhow::Result<_> {
-                let flooder = flooding
-                    .then(|| s.spawn(|| flood::send(&raw, &frames, Some(plan.load_cpu), &stop)));
+                let flooder = flooding.then(|| {
+                    s.spawn(|| match &xdp_flooder {
+                        Some(x) => x.send(&frames, Some(plan.load_cpu), &stop),
+                        None => flood::send(&raw, &frames, Some(plan.load_cpu), &stop),
+                    })
+                });
                 let t = trial(
                     plan,
                     bed,
@@ -420,6 +431,12 @@ fn flood_scenario(
                 Ok((t?, sent))
             })?;
             let wall = started.elapsed().as_secs_f64();
+            if flooding && flood_sent == 0 {
+                println!(
+                    "{tag} the flood generator sent nothing (the XDP one needs an XDP program on \
+                     the relay host's veth, which the guard brings; on 6.18, GRO alone did not)"
+                );
+            }
             let cpu1 = path.pid.map(task_cpu_ns).transpose()?.unwrap_or(0);
             let drops1 = path.metric(xdp_drop).unwrap_or(0);
             let run = FloodRun {

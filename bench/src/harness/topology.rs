@@ -19,6 +19,7 @@ use anyhow::{Context as _, bail};
 use ferry_relay::xdp::{Guard, Mode};
 use ferry_testkit::netns::{in_ns, link_info};
 
+use super::flood::{self, XdpFlooder};
 use crate::udp::{packet_socket, socket};
 
 /// What a scenario needs from a topology.
@@ -56,6 +57,11 @@ pub trait Testbed: std::fmt::Debug {
     /// Routes `cidr` from the relay host back to the generator, so that reverse-path filtering
     /// keeps datagrams forged from it.
     fn route_to_generator(&self, cidr: &str) -> anyhow::Result<()>;
+    /// An XDP flood generator on the generator's interface (with what it needs of the
+    /// relay host's interface); it routes [`flood::XDP_SPOOF_NET`] back towards the generator.
+    fn generator_xdp_flooder(&self) -> anyhow::Result<XdpFlooder> {
+        bail!("this testbed has no XDP flood generator")
+    }
     /// The relay host's interface towards the sink, when the XDP fast path can redirect to
     /// it.
     fn relay_interface_to_sink(&self) -> Option<&str> {
@@ -400,6 +406,31 @@ impl Testbed for NetnsTestbed {
 
     fn relay_interface_to_sink(&self) -> Option<&str> {
         Some(&self.relay_if_sink)
+    }
+
+    fn generator_xdp_flooder(&self) -> anyhow::Result<XdpFlooder> {
+        self.route_to_generator(flood::XDP_SPOOF_NET)?;
+        let (ifindex, _) = link_info(&self.generator_ns, &self.generator_if)?;
+        let flooder = XdpFlooder {
+            generator_ns: self.generator_ns.clone(),
+            ifindex,
+            relay_if: (self.relay_ns.clone(), self.relay_if_generator.clone()),
+        };
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.relay_ns,
+                "ethtool",
+                "-K",
+                &self.relay_if_generator,
+                "gro",
+                "on",
+            ],
+        )
+        .context("ethtool (GRO on the relay host's veth, for the XDP flood)")?;
+        Ok(flooder)
     }
 
     fn set_fast_path_topology(&self, on: bool) -> anyhow::Result<()> {
