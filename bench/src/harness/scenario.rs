@@ -618,7 +618,7 @@ fn search(
     for step in 0..=plan.search_steps {
         check_interrupted()?;
         let target = next.round().max(1.0) as u64;
-        let t = trial(
+        let mut t = trial(
             plan,
             bed,
             path,
@@ -627,6 +627,22 @@ fn search(
             plan.pacing,
             plan.trial_seconds,
         )?;
+        if !t.passes(plan.max_loss) && load_side_failed(&t, target) {
+            // The sink's own socket overflowed, or the generator offered under 90 % of the
+            // target: the load CPU was taken from them (other work), which says nothing of
+            // the path. The trial is run once more, and the second one counts.
+            progress(tag, "load side fell behind, once more", &t, plan.max_loss);
+            trials.push(t);
+            t = trial(
+                plan,
+                bed,
+                path,
+                payload,
+                target,
+                plan.pacing,
+                plan.trial_seconds,
+            )?;
+        }
         let ok = t.passes(plan.max_loss);
         progress(
             tag,
@@ -664,6 +680,12 @@ fn search(
         at_rate: best,
         trials,
     })
+}
+
+/// Whether a trial failed on the load side rather than on the path: the sink's socket dropped
+/// datagrams, or the generator offered less than 90 % of `target`.
+fn load_side_failed(t: &Trial, target: u64) -> bool {
+    t.sink_socket_drops > 0 || t.offered_pps < 0.9 * target as f64
 }
 
 fn progress(tag: &str, what: &str, t: &Trial, max_loss: f64) {
