@@ -6,15 +6,15 @@
 //!   an in-memory network; `ferry-demo` runs it, `.ci/demo` runs `ferry-demo`.
 //! - [`live`]: the real `ferry-relay` process and two peers over UDP, the second half of
 //!   `ferry-demo`.
-//! - [`udp`]: batched `sendmmsg`/`recvmmsg`; `ferry-plainfwd` (the baseline forwarder) and
-//!   `ferry-fwdbench` (Ferry against that baseline, same run, same topology) are built on it.
+//! - [`udp`]: batched `sendmmsg`/`recvmmsg`, UDP GSO sends and GRO receives; the generator
+//!   and sink of [`harness`] and `ferry-plainfwd` (the baseline forwarder) are built on it.
 //! - [`cpu`]: a process's CPU time, for the CPU-per-packet figures.
 //! - [`harness`]: `ferry-bench`, the harness capacity planners run: a namespace topology,
 //!   a batched and paced load generator, the scenarios (zero-loss throughput, latency, fixed
-//!   rates) against baselines (`ferry-plainfwd`, `ferry-tokiorelay`, coturn) in the same
-//!   run, and the JSON and Markdown reports.
-//! - `ferry-floodbench` runs the XDP guard under a flood in network namespaces;
-//!   `ferry-xdpbench` times the guard's paths with `BPF_PROG_TEST_RUN`.
+//!   rates, session scale, worker scaling, a spoofed flood with the XDP guard off and on)
+//!   against baselines (`ferry-plainfwd`, `ferry-tokiorelay`, coturn) and beside Ferry's XDP
+//!   fast path in the same run, and the JSON and Markdown reports.
+//! - `ferry-xdpbench` times the guard's paths with `BPF_PROG_TEST_RUN`.
 //!
 //! The relay process, the namespaces, the peers and the metrics page come from
 //! `ferry-testkit`, which the relay's and the gateway's tests share.

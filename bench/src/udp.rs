@@ -16,6 +16,8 @@ pub struct Batch {
     iovs: Vec<libc::iovec>,
     addrs: Vec<libc::sockaddr_storage>,
     hdrs: Vec<libc::mmsghdr>,
+    /// The headers of GSO sends, made on the first one.
+    gso: Option<GsoHeaders>,
 }
 
 impl std::fmt::Debug for Batch {
@@ -50,6 +52,7 @@ impl Batch {
             // SAFETY: all-zero is a valid sockaddr_storage.
             addrs: vec![unsafe { zeroed() }; n],
             hdrs: Vec::with_capacity(n),
+            gso: None,
         };
         for i in 0..n {
             batch.iovs.push(libc::iovec {
@@ -172,6 +175,235 @@ impl Batch {
             self.hdrs[i].msg_hdr.msg_namelen = name_len;
         }
         self.send(socket, n)
+    }
+}
+
+/// `setsockopt(SOL_UDP, UDP_SEGMENT)` / the cmsg type of a GSO send (linux/udp.h).
+const UDP_SEGMENT: libc::c_int = 103;
+/// `setsockopt(SOL_UDP, UDP_GRO)` / the cmsg type carrying a coalesced receive's segment size.
+const UDP_GRO: libc::c_int = 104;
+/// The most segments one GSO send may carry (`UDP_MAX_SEGMENTS` of kernels before 6.10; later
+/// ones allow 128).
+pub const GSO_MAX_SEGMENTS: usize = 64;
+/// The most bytes one GSO send may carry: an IPv4 datagram's limit less its headers.
+const GSO_MAX_BYTES: usize = 65_507;
+/// Room for one `cmsghdr` with a `u16` or an `int` of data, 8-byte aligned.
+const CMSG_ROOM: usize = 32;
+
+/// The headers of GSO sends over a [`Batch`]'s slots: a run of equal-sized datagrams to one
+/// address is one message whose iovecs are those slots and whose `UDP_SEGMENT` control message
+/// tells the kernel where to cut. One `sendmmsg` then builds one socket buffer per run instead
+/// of one per datagram; the interface (or the receiver's stack) cuts it back into datagrams.
+struct GsoHeaders {
+    hdrs: Vec<libc::mmsghdr>,
+    control: Vec<[u64; CMSG_ROOM / 8]>,
+    /// The datagrams of each message.
+    runs: Vec<usize>,
+}
+
+impl Batch {
+    /// Sends the first `n` slots as UDP GSO messages: consecutive slots of equal length to the
+    /// same address go in one message (at most [`GSO_MAX_SEGMENTS`] and 64 KiB). Returns how
+    /// many datagrams the kernel took (whole messages only). `EIO` means the route's interface
+    /// cannot checksum in hardware, without which the kernel refuses GSO: send with
+    /// [`send`](Self::send) instead.
+    pub fn send_gso(&mut self, socket: &UdpSocket, n: usize) -> io::Result<usize> {
+        let n = n.min(self.hdrs.len());
+        let gso = self.gso.get_or_insert_with(|| GsoHeaders {
+            // SAFETY: all-zero is a valid mmsghdr; every field used is set before a send.
+            hdrs: vec![unsafe { zeroed() }; self.bufs.len()],
+            control: vec![[0u64; CMSG_ROOM / 8]; self.bufs.len()],
+            runs: vec![0; self.bufs.len()],
+        });
+        let same_addr = |a: &libc::sockaddr_storage, b: &libc::sockaddr_storage, len: usize| {
+            // SAFETY: both point at whole sockaddr_storage values, of which `len` bytes (at most
+            // their size) are compared.
+            unsafe {
+                std::slice::from_raw_parts((a as *const libc::sockaddr_storage).cast::<u8>(), len)
+                    == std::slice::from_raw_parts(
+                        (b as *const libc::sockaddr_storage).cast::<u8>(),
+                        len,
+                    )
+            }
+        };
+        let mut messages = 0;
+        let mut i = 0;
+        while i < n {
+            let segment = self.iovs[i].iov_len;
+            let name_len = self.hdrs[i].msg_hdr.msg_namelen;
+            let most = GSO_MAX_SEGMENTS.min((GSO_MAX_BYTES / segment.max(1)).max(1));
+            let mut count = 1;
+            while i + count < n
+                && count < most
+                && self.iovs[i + count].iov_len == segment
+                && self.hdrs[i + count].msg_hdr.msg_namelen == name_len
+                && same_addr(&self.addrs[i], &self.addrs[i + count], name_len as usize)
+            {
+                count += 1;
+            }
+            let h = &mut gso.hdrs[messages];
+            h.msg_len = 0;
+            h.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_hdr.msg_namelen = name_len;
+            h.msg_hdr.msg_iov = &mut self.iovs[i];
+            h.msg_hdr.msg_iovlen = count as _;
+            h.msg_hdr.msg_flags = 0;
+            if count > 1 {
+                let control = &mut gso.control[messages];
+                h.msg_hdr.msg_control = control.as_mut_ptr().cast();
+                h.msg_hdr.msg_controllen = CMSG_ROOM as _;
+                // SAFETY: msg_control points at CMSG_ROOM bytes of 8-byte aligned memory owned
+                // by `gso`, enough for one cmsghdr and a u16, as CMSG_SPACE(2) says; CMSG_FIRSTHDR
+                // and CMSG_DATA stay inside it.
+                unsafe {
+                    let c = libc::CMSG_FIRSTHDR(&h.msg_hdr);
+                    (*c).cmsg_level = libc::SOL_UDP;
+                    (*c).cmsg_type = UDP_SEGMENT;
+                    (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), segment as u16);
+                    h.msg_hdr.msg_controllen = libc::CMSG_SPACE(size_of::<u16>() as u32) as _;
+                }
+            } else {
+                h.msg_hdr.msg_control = std::ptr::null_mut();
+                h.msg_hdr.msg_controllen = 0;
+            }
+            gso.runs[messages] = count;
+            messages += 1;
+            i += count;
+        }
+        // SAFETY: the first `messages` headers point at this batch's own iovecs, addresses and
+        // control buffers, which live as long as `self` and do not move during the call.
+        let sent = unsafe {
+            libc::sendmmsg(
+                socket.as_raw_fd(),
+                gso.hdrs.as_mut_ptr(),
+                messages as u32,
+                0,
+            )
+        };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(gso.runs[..sent as usize].iter().sum())
+    }
+}
+
+/// Turns UDP GRO on or off for `socket`: with it on, the kernel may hand over several datagrams
+/// of one flow as one buffer, which [`GroBatch`] cuts apart.
+pub fn set_gro(socket: &UdpSocket, on: bool) -> io::Result<()> {
+    let one: libc::c_int = on.into();
+    // SAFETY: a valid descriptor, and a pointer to a c_int of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_UDP,
+            UDP_GRO,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Largest buffer one GRO receive fills.
+const GRO_SLOT: usize = 65_536;
+
+/// `recvmmsg` into 64 KiB slots on a socket with UDP GRO on: each slot may hold several
+/// datagrams of one flow, all `segment` bytes but the last, which [`datagrams`](Self::datagrams)
+/// cuts apart again.
+pub struct GroBatch {
+    bufs: Vec<u8>,
+    iovs: Vec<libc::iovec>,
+    control: Vec<[u64; CMSG_ROOM / 8]>,
+    hdrs: Vec<libc::mmsghdr>,
+}
+
+impl std::fmt::Debug for GroBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroBatch")
+            .field("slots", &self.hdrs.len())
+            .finish()
+    }
+}
+
+impl GroBatch {
+    /// `n` slots of 64 KiB.
+    pub fn new(n: usize) -> Self {
+        let mut batch = Self {
+            bufs: vec![0u8; n * GRO_SLOT],
+            iovs: Vec::with_capacity(n),
+            control: vec![[0u64; CMSG_ROOM / 8]; n],
+            hdrs: Vec::with_capacity(n),
+        };
+        for i in 0..n {
+            let base = batch.bufs[i * GRO_SLOT..].as_mut_ptr();
+            batch.iovs.push(libc::iovec {
+                iov_base: base.cast(),
+                iov_len: GRO_SLOT,
+            });
+        }
+        for i in 0..n {
+            // SAFETY: all-zero is a valid mmsghdr; the pointers are filled in right after.
+            let mut h: libc::mmsghdr = unsafe { zeroed() };
+            h.msg_hdr.msg_iov = &mut batch.iovs[i];
+            h.msg_hdr.msg_iovlen = 1;
+            batch.hdrs.push(h);
+        }
+        batch
+    }
+
+    /// Receives up to a full batch (waiting for the first as the socket's timeout allows);
+    /// returns how many buffers arrived.
+    pub fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
+        for (i, h) in self.hdrs.iter_mut().enumerate() {
+            h.msg_len = 0;
+            h.msg_hdr.msg_control = self.control[i].as_mut_ptr().cast();
+            h.msg_hdr.msg_controllen = CMSG_ROOM as _;
+            h.msg_hdr.msg_flags = 0;
+        }
+        // SAFETY: every header points at this batch's own slot, iovec and control buffer, which
+        // live as long as `self`; the kernel writes at most iov_len and msg_controllen bytes.
+        let got = unsafe {
+            libc::recvmmsg(
+                socket.as_raw_fd(),
+                self.hdrs.as_mut_ptr(),
+                self.hdrs.len() as u32,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        if got < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(got as usize)
+        }
+    }
+
+    /// The datagrams in buffer `i`: one, or several of `segment` bytes (the last may be shorter)
+    /// when the kernel coalesced them.
+    pub fn datagrams(&self, i: usize) -> impl Iterator<Item = &[u8]> {
+        let h = &self.hdrs[i];
+        let len = (h.msg_len as usize).min(GRO_SLOT);
+        let mut segment = len;
+        // SAFETY: msg_control and msg_controllen are as the kernel left them after `recv`,
+        // within this batch's control buffer; CMSG_FIRSTHDR/NXTHDR stay inside it.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&h.msg_hdr);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == UDP_GRO {
+                    let size = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+                    if size > 0 {
+                        segment = size as usize;
+                    }
+                }
+                c = libc::CMSG_NXTHDR(&h.msg_hdr, c);
+            }
+        }
+        self.bufs[i * GRO_SLOT..i * GRO_SLOT + len].chunks(segment.max(1))
     }
 }
 

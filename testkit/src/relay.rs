@@ -1,6 +1,6 @@
 //! A real `ferry-relay` process with a config generated for it, on loopback or in a network
-//! namespace: what the relay's namespace tests, the gateway's end-to-end test, the live demo,
-//! `ferry-fwdbench` and `ferry-floodbench` start.
+//! namespace: what the relay's namespace tests, the gateway's end-to-end test, the live demo and
+//! `ferry-bench` start.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};

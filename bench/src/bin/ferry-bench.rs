@@ -54,7 +54,8 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// Scenarios to run: throughput, latency, rates, scale, flood (default: the first three).
+    /// Scenarios to run: throughput, latency, rates, scale, flood, workers (default: the first
+    /// three).
     #[arg(value_enum)]
     scenarios: Vec<Scenario>,
     /// Run on the relay and agents a testbed file describes instead of on namespaces; the
@@ -126,6 +127,16 @@ struct RunArgs {
     /// The CPU of the generator and the sink.
     #[arg(long, default_value_t = 0)]
     load_cpu: usize,
+    /// The largest worker count of the workers scenario (default: every CPU).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    max_workers: Option<u32>,
+    /// Send one datagram per message instead of UDP GSO runs (to measure what GSO buys).
+    #[arg(long)]
+    no_gso: bool,
+    /// What sends the flood scenario's flood: `packet` (a packet socket) or `xdp` (the XDP
+    /// flood generator, about twice as much from one core).
+    #[arg(long, default_value = "packet", value_parser = ["packet", "xdp"])]
+    flood_generator: String,
     /// The ferry-relay binary (default: next to this program).
     #[arg(long)]
     relay_bin: Option<PathBuf>,
@@ -252,6 +263,12 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
             .max(1),
         relay_cpu: args.relay_cpu,
         load_cpu: args.load_cpu,
+        max_workers: args.max_workers.map_or_else(
+            || std::thread::available_parallelism().map_or(1, |n| n.get()),
+            |n| n as usize,
+        ),
+        gso: !args.no_gso,
+        flood_xdp: args.flood_generator == "xdp",
     };
     if let Some(&n) = plan
         .scale_sessions

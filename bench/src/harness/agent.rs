@@ -271,6 +271,9 @@ pub enum Response {
         seconds: f64,
         /// Failed sends.
         errors: u64,
+        /// Whether it sent with UDP GSO to the end (false: the kernel refused it and the
+        /// generator fell back to one datagram per message).
+        gso: bool,
     },
     /// What the sink counted.
     Received {
@@ -647,6 +650,7 @@ impl Connection {
                     body_bytes: sent.body_bytes,
                     seconds: sent.seconds,
                     errors: sent.errors,
+                    gso: generator.uses_gso(),
                 }
             }
             Request::Close { socket: id } => {

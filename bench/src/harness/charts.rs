@@ -17,6 +17,7 @@ fn color(path: &str) -> RGBColor {
         "plain" => RGBColor(31, 119, 180),
         "tokio" => RGBColor(44, 160, 44),
         "coturn" => RGBColor(214, 39, 40),
+        "ferry-fast" => RGBColor(148, 103, 189),
         _ => RGBColor(255, 127, 14),
     }
 }

@@ -1,13 +1,17 @@
 //! The flood of the `flood` scenario: whole Ethernet frames from forged source addresses,
 //! sent with a packet socket on the generator's link (qdisc bypassed) as fast as one core
-//! can. Half are random bytes, half well-formed DATA for sessions that do not exist; sources
+//! can. A third are random bytes, a third well-formed DATA for sessions that do not exist, a
+//! third well-formed BIND (far over any source's handshake rate, with a token that does not
+//! verify); sources
 //! cycle over [`SOURCES`] addresses of [`SPOOF_NET`], which the relay host routes back towards
 //! the generator so that reverse-path filtering keeps them.
 
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::Context as _;
+use ferry_common::header::{BIND_BODY_LEN, PacketType};
 use ring::rand::{SecureRandom, SystemRandom};
 
 use super::load::BATCH;
@@ -73,26 +77,105 @@ pub fn frames(
             Ipv4Addr::new(198, 18, 240 + (host >> 8) as u8, host as u8),
             1024 + (host as u16 % 50_000),
         );
-        let payload = match i % 2 {
+        let session = u64::from_be_bytes([r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11]]) | 1;
+        let payload = match i % 3 {
             0 => {
                 let mut garbage = vec![0u8; 64 + usize::from(r[12]) * 4];
                 rng.fill(&mut garbage).map_err(fail)?;
                 garbage
             }
-            _ => {
-                let session =
-                    u64::from_be_bytes([r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11]]);
-                super::load::datagram(
-                    super::load::Framing::FerryData {
-                        session: session | 1,
-                    },
-                    256,
-                )?
-            }
+            1 => super::load::datagram(super::load::Framing::FerryData { session }, 256)?,
+            _ => ferry_relay::xdp::frame::datagram(PacketType::Bind, session, BIND_BODY_LEN),
         };
         out.push(frame(src_mac, dst_mac, src, relay, &payload));
     }
     Ok(out)
+}
+
+/// Where the XDP flood generator's sources come from: it rewrites the template's source to the
+/// next of [`SOURCES`] addresses of 198.19.0.0/16 (198.19.0.0 to 198.19.15.255 here), below
+/// every testbed's sink /24 (198.19.20.0 and up).
+pub const XDP_SPOOF_NET: &str = "198.19.0.0/20";
+
+/// The flood from an XDP program instead of a packet socket (`--flood-generator xdp`):
+/// `ferry_relay::xdp::flood`, the `ferry_flood` program of ebpf/xdp run with
+/// `BPF_PROG_TEST_RUN` in live-frames mode on the generator's veth, so the kernel transmits a
+/// template frame 65,536 times a call, each with the next spoofed source. About twice what a
+/// packet socket sends from one core. While it exists, the relay host's veth towards the
+/// generator has GRO on: a frame an XDP program transmits onto a veth is delivered only when
+/// the receiving end has NAPI, which GRO (or the relay's guard) brings.
+#[derive(Debug)]
+pub struct XdpFlooder {
+    /// The generator's namespace.
+    pub generator_ns: String,
+    /// Its veth's index there.
+    pub ifindex: u32,
+    /// The relay host's namespace and its veth towards the generator, GRO off again on drop.
+    pub relay_if: (String, String),
+}
+
+impl XdpFlooder {
+    /// Sends the templates among `frames` (the first three: garbage, DATA, BIND), sources
+    /// rewritten, until `stop`, from the calling thread pinned to `cpu`; returns how many
+    /// frames the program handled.
+    pub fn send(&self, frames: &[Vec<u8>], cpu: Option<usize>, stop: &AtomicBool) -> u64 {
+        let templates: Vec<Vec<u8>> = frames
+            .iter()
+            .take(3)
+            .map(|f| {
+                let mut f = f.clone();
+                // The program rewrites the low 16 bits of a source in 198.19.0.0/16: start
+                // from 198.19.0.1, with the IPv4 header checksum to match.
+                if f.len() >= 34 {
+                    f[26..30].copy_from_slice(&[198, 19, 0, 1]);
+                    f[24..26].copy_from_slice(&[0, 0]);
+                    let sum: u32 = f[14..34]
+                        .chunks(2)
+                        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+                        .sum();
+                    let folded = (sum & 0xffff) + (sum >> 16);
+                    let folded = (folded & 0xffff) + (folded >> 16);
+                    f[24..26].copy_from_slice(&(!(folded as u16)).to_be_bytes());
+                }
+                f
+            })
+            .collect();
+        if templates.is_empty() {
+            return 0;
+        }
+        ferry_testkit::netns::in_ns(&self.generator_ns, || {
+            if let Some(cpu) = cpu {
+                let _ = pin_to(cpu);
+            }
+            let Ok(generator) = ferry_relay::xdp::flood::Generator::load(SOURCES) else {
+                return 0;
+            };
+            let (mut sent, mut next) = (0u64, 0usize);
+            while !stop.load(Ordering::Relaxed) {
+                let template = &templates[next % templates.len()];
+                next += 1;
+                // 65,536 frames a call: each call sets up a page pool, so smaller calls send
+                // far less.
+                match generator.run(template, self.ifindex, 65_536, Duration::from_millis(1)) {
+                    Ok(n) => sent += n,
+                    Err(_) => break,
+                }
+            }
+            sent
+        })
+        .unwrap_or(0)
+    }
+}
+
+impl Drop for XdpFlooder {
+    fn drop(&mut self) {
+        let (ns, interface) = &self.relay_if;
+        let _ = std::process::Command::new("ip")
+            .args([
+                "netns", "exec", ns, "ethtool", "-K", interface, "gro", "off",
+            ])
+            .output();
+    }
 }
 
 /// Sends `frames` in turn on the packet socket `raw` until `stop`, from the calling thread

@@ -17,7 +17,7 @@ use ferry_core::wire::{self, MAX_DATA_BODY, MAX_DATAGRAM};
 use hdrhistogram::Histogram;
 
 use super::turn;
-use crate::udp::{Batch, fine_timer_slack, pin_to};
+use crate::udp::{Batch, GroBatch, fine_timer_slack, pin_to, set_gro};
 
 /// Bytes of the send timestamp at the end of every datagram.
 pub const STAMP_LEN: usize = 8;
@@ -216,6 +216,9 @@ pub struct Generator {
     /// Consecutive datagrams of one flow: 1 when every flow shares one socket, 16 when flows
     /// have sockets of their own, so that one `sendmmsg` still carries many datagrams.
     run: u64,
+    /// Whether it sends with UDP GSO (a run of equal-sized datagrams to one address in one
+    /// message); cleared for good when the kernel refuses it.
+    gso: AtomicBool,
 }
 
 impl Generator {
@@ -233,7 +236,25 @@ impl Generator {
             sockets,
             flows,
             run,
+            gso: AtomicBool::new(true),
         })
+    }
+
+    /// Sends with UDP GSO (the default) or one datagram per message.
+    pub fn set_gso(&self, on: bool) {
+        self.gso.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether it sends with UDP GSO: on unless [`set_gso`](Self::set_gso) turned it off or
+    /// the kernel refused it (an interface without checksum offload, as the fast path's
+    /// topology needs).
+    pub fn uses_gso(&self) -> bool {
+        self.gso.load(Ordering::Relaxed)
+    }
+
+    /// Sockets it sends from.
+    pub fn sockets(&self) -> usize {
+        self.sockets.len()
     }
 
     /// Sessions it drives.
@@ -327,7 +348,24 @@ impl Generator {
                 bytes += sizes[size_index] as u64;
                 n += 1;
             }
-            match batch.send(&self.sockets[first.socket], n) {
+            let socket = &self.sockets[first.socket];
+            let gso = self.gso.load(Ordering::Relaxed);
+            let result = match gso {
+                true => batch.send_gso(socket, n),
+                false => batch.send(socket, n),
+            };
+            if gso && let Err(e) = &result {
+                // EIO: no checksum offload on the route's interface, so no GSO; EINVAL: a
+                // kernel without UDP_SEGMENT. Either way, one datagram per message from now on.
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT)
+                ) {
+                    self.gso.store(false, Ordering::Relaxed);
+                    continue;
+                }
+            }
+            match result {
                 Ok(got) => {
                     // What the kernel did not take is sent again next time round.
                     if got < n {
@@ -393,37 +431,62 @@ pub fn sink_across_clocks(
         let _ = pin_to(cpu);
     }
     socket.set_read_timeout(Some(Duration::from_millis(20)))?;
+    // UDP GRO: datagrams of one flow that the sink host's interface coalesced come in one
+    // buffer, so the sink costs less per datagram; each still carries its own stamp.
+    let gro = set_gro(socket, true).is_ok();
     // 1 ns to 100 s at 3 significant figures.
     let mut latency = Histogram::<u64>::new_with_bounds(1, 100_000_000_000, 3)?;
     let mut batch = Batch::new(BATCH);
+    let mut gro_batch = GroBatch::new(if gro { 32 } else { 0 });
     let (mut datagrams, mut stale, mut ahead) = (0u64, 0u64, 0u64);
     let since_ns = since_ns.saturating_sub(tolerance_ns);
+    let mut record = |d: &[u8], arrived: u64| {
+        let Some(stamp) = d
+            .len()
+            .checked_sub(STAMP_LEN)
+            .and_then(|at| d.get(at..))
+            .and_then(|t| <[u8; 8]>::try_from(t).ok())
+            .map(u64::from_le_bytes)
+        else {
+            stale += 1;
+            return;
+        };
+        if stamp < since_ns || stamp > arrived.saturating_add(tolerance_ns) {
+            stale += 1;
+            return;
+        }
+        datagrams += 1;
+        if stamp > arrived {
+            ahead += 1;
+        }
+        latency.saturating_record(arrived.saturating_sub(stamp).max(1));
+    };
     while !stop.load(Ordering::Relaxed) {
+        if gro {
+            let Ok(n) = gro_batch.recv(socket) else {
+                continue;
+            };
+            let arrived = now_ns();
+            let mut count = 0;
+            for i in 0..n {
+                for d in gro_batch.datagrams(i) {
+                    record(d, arrived);
+                    count += 1;
+                }
+            }
+            arrivals.fetch_add(count, Ordering::Relaxed);
+            continue;
+        }
         let Ok(n) = batch.recv(socket) else { continue };
         arrivals.fetch_add(n as u64, Ordering::Relaxed);
         let arrived = now_ns();
         for i in 0..n {
-            let d = batch.datagram(i);
-            let Some(stamp) = d
-                .len()
-                .checked_sub(STAMP_LEN)
-                .and_then(|at| d.get(at..))
-                .and_then(|t| <[u8; 8]>::try_from(t).ok())
-                .map(u64::from_le_bytes)
-            else {
-                stale += 1;
-                continue;
-            };
-            if stamp < since_ns || stamp > arrived.saturating_add(tolerance_ns) {
-                stale += 1;
-                continue;
-            }
-            datagrams += 1;
-            if stamp > arrived {
-                ahead += 1;
-            }
-            latency.saturating_record(arrived.saturating_sub(stamp).max(1));
+            record(batch.datagram(i), arrived);
         }
+    }
+    if gro {
+        // A socket outlives the trial: leave it as it was.
+        let _ = set_gro(socket, false);
     }
     Ok(Received {
         datagrams,

@@ -10,10 +10,14 @@
 //! - `coturn`: Debian's `turnserver`, with a generated config, driven with TURN ChannelData
 //!   after Allocate and ChannelBind;
 //! - `ferry`: the real `ferry-relay` (io_uring, one worker), every session bound through
-//!   BIND / CHALLENGE / BIND / BIND-ACK with gateway tokens minted for it.
+//!   BIND / CHALLENGE / BIND / BIND-ACK with gateway tokens minted for it;
+//! - `ferry-fast`: the same relay with its XDP guard native on both of the relay host's veths
+//!   and `xdp.fast_path` on, so that bound sessions' DATA is forwarded inside XDP
+//!   (`XDP_REDIRECT` from one veth to the other) and never reaches a socket.
 //!
 //! Every forwarder process is pinned to the relay CPU; the generator and the sink run on the
-//! load CPU.
+//! load CPU. (On veths, XDP runs where the sender's softirq does: the fast path's work lands
+//! on the load CPU, and is seen in the host's CPU per packet, not the relay process's.)
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -55,16 +59,20 @@ pub enum PathKind {
     Coturn,
     /// `ferry-relay`.
     Ferry,
+    /// `ferry-relay` with its XDP fast path.
+    #[value(name = "ferry-fast")]
+    FerryFast,
 }
 
 impl PathKind {
     /// Every path, in the order a run measures them.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::Direct,
         Self::Plain,
         Self::Tokio,
         Self::Coturn,
         Self::Ferry,
+        Self::FerryFast,
     ];
 
     /// Its name in reports and on the command line.
@@ -75,7 +83,13 @@ impl PathKind {
             Self::Tokio => "tokio",
             Self::Coturn => "coturn",
             Self::Ferry => "ferry",
+            Self::FerryFast => "ferry-fast",
         }
+    }
+
+    /// Whether it is `ferry-relay` (either column).
+    pub fn is_ferry(&self) -> bool {
+        matches!(self, Self::Ferry | Self::FerryFast)
     }
 
     /// Whether a relay process forwards (all but `direct`).
@@ -123,8 +137,24 @@ pub struct PathOptions {
     /// The CPU every forwarder is pinned to.
     pub relay_cpu: usize,
     /// Ferry only: its XDP guard on the relay host's interface towards the generator
-    /// (native mode).
+    /// (native mode). `ferry-fast` always has it, on both interfaces.
     pub xdp_guard: bool,
+    /// Ferry only: its io_uring workers, one per CPU: `relay_cpu` first, then the other CPUs
+    /// in order.
+    pub workers: usize,
+    /// Ferry only: the generator's sockets, its sessions spread over them (each socket is
+    /// one source 4-tuple, which `SO_REUSEPORT` hashes to one worker).
+    pub generator_sockets: usize,
+}
+
+impl PathOptions {
+    /// The CPUs of `workers` workers: the relay CPU, then the others of `cpus` in order.
+    pub fn worker_cpus(&self, cpus: usize) -> Vec<usize> {
+        std::iter::once(self.relay_cpu)
+            .chain((0..cpus).filter(|&c| c != self.relay_cpu))
+            .take(self.workers.max(1))
+            .collect()
+    }
 }
 
 /// Datagram counts at the relay host, since some earlier [`Snapshot`].
@@ -136,6 +166,8 @@ pub struct RelayCounts {
     pub socket_drops: u64,
     /// Datagrams the forwarder sent on (`direct`: the kernel routed).
     pub forwarded: u64,
+    /// Of those, forwarded inside XDP (`ferry-fast`).
+    pub fast_forwarded: u64,
     /// Where these counts come from: `kernel` (`/proc/net/snmp` of the relay host) or
     /// `metrics` (Ferry's own `/metrics` page).
     pub source: &'static str,
@@ -145,7 +177,23 @@ pub struct RelayCounts {
 #[derive(Clone, Debug)]
 pub struct Snapshot {
     kernel: KernelCounters,
-    metrics: Option<(u64, u64, u64)>,
+    metrics: Option<FerryCounts>,
+    xdp: Option<(u64, u64)>,
+}
+
+/// Ferry's own counters (`/metrics`) at one moment.
+#[derive(Clone, Copy, Debug, Default)]
+struct FerryCounts {
+    /// `ferry_worker_rx_packets`: datagrams its sockets delivered.
+    rx: u64,
+    /// `ferry_forwarded_packets`: forwarded, by a worker or by the fast path.
+    forwarded: u64,
+    /// `ferry_worker_socket_drops`.
+    socket_drops: u64,
+    /// `ferry_xdp_fast_forwarded_packets`: forwarded inside XDP.
+    fast_forwarded: u64,
+    /// `ferry_xdp_packets_total{action="drop"}`: dropped by the guard.
+    xdp_drops: u64,
 }
 
 /// A forwarder process that is stopped (SIGTERM, then SIGKILL) on drop.
@@ -334,11 +382,14 @@ impl RunningPath {
                 path.rss_bytes = rss_before.zip(rss_bytes(pid).ok());
                 Ok(path)
             }
-            PathKind::Ferry => Self::start_ferry(bed, bins, options, base, &sink),
+            PathKind::Ferry | PathKind::FerryFast => {
+                Self::start_ferry(kind, bed, bins, options, base, &sink)
+            }
         }
     }
 
     fn start_ferry(
+        kind: PathKind,
         bed: &dyn Testbed,
         bins: &Binaries,
         options: PathOptions,
@@ -359,17 +410,34 @@ impl RunningPath {
         let max_sessions = sessions * 3 / 2 + 4096;
         // One address per family: the relay host's wildcard, so that each side reaches it
         // on its own veth (and replies leave from that side's address).
-        let xdp = match options.xdp_guard {
-            true => format!(
-                "[xdp]\nmode = \"native\"\ninterfaces = [\"{}\"]",
+        let xdp = match (kind, options.xdp_guard) {
+            (PathKind::FerryFast, _) => format!(
+                // The guard's per-source DATA limits out of the way: one source sends it all.
+                "[xdp]\nmode = \"native\"\ninterfaces = [\"{}\", \"{}\"]\nfast_path = true\n\
+                 data_packets_per_second = 1099511627776\ndata_packet_burst = 1099511627776\n\
+                 data_bytes_per_second = 1099511627776\ndata_byte_burst = 1099511627776",
+                bed.relay_interface_to_generator(),
+                bed.relay_interface_to_sink()
+                    .context("this testbed has no XDP fast path")?,
+            ),
+            (_, true) => format!(
+                "[xdp]\nmode = \"native\"\ninterfaces = [\"{}\"]\nfast_path = false",
                 bed.relay_interface_to_generator()
             ),
-            false => "[xdp]\nmode = \"off\"".to_string(),
+            (_, false) => "[xdp]\nmode = \"off\"".to_string(),
         };
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let worker_cpu_list = options.worker_cpus(cpus);
+        let worker_cpus = worker_cpu_list
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
         let config = RelayConfig {
             listen: vec![SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), RELAY_PORT)],
             admin: "127.0.0.1:9477".parse()?,
-            relay_extra: format!("cpus = [{}]", options.relay_cpu),
+            workers: worker_cpu_list.len(),
+            relay_extra: format!("cpus = [{worker_cpus}]"),
             sections: format!(
                 "{xdp}\n\n[limits]\nmax_sessions = {max_sessions}\n\
                  replay_cache_capacity = {}\nmax_bindings_per_ip = {}\n\
@@ -386,7 +454,9 @@ impl RunningPath {
         let relay = RelayProcess::start(&bins.relay, &auth.relay_key, &config)?;
         let pid = relay.pid();
         let rss_before = rss_bytes(pid).ok();
-        let generator_socket = bed.generator_socket(SocketAddr::new(bed.generator_ip(), 0))?;
+        let generator_sockets = (0..options.generator_sockets.clamp(1, sessions))
+            .map(|_| bed.generator_socket(SocketAddr::new(bed.generator_ip(), 0)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let rng = ring::rand::SystemRandom::new();
         let first = u64::from_be_bytes(rand8(&rng)?) >> 2 | 1;
         // Tokens are minted first, so that the bind time is the relay's and the round trips,
@@ -409,19 +479,20 @@ impl RunningPath {
             if s % 256 == 0 {
                 check_interrupted()?;
             }
-            bind(&generator_socket, gen_side, token_a)
+            let socket = s % generator_sockets.len();
+            bind(&generator_sockets[socket], gen_side, token_a)
                 .with_context(|| format!("binding slot A of session {s}"))?;
             bind(sink, sink_side, token_b)
                 .with_context(|| format!("binding slot B of session {s}"))?;
             flows.push(Flow {
-                socket: 0,
+                socket,
                 target: gen_side,
                 framing: Framing::FerryData { session: *session },
             });
         }
         let bind_seconds = started.elapsed().as_secs_f64();
         let mut path = base(
-            Generator::new(vec![generator_socket], flows)?,
+            Generator::new(generator_sockets, flows)?,
             Some(pid),
             None,
             None,
@@ -440,17 +511,20 @@ impl RunningPath {
                 if page.is_empty() {
                     bail!("ferry-relay's /metrics page could not be read");
                 }
-                Some((
-                    sum_metric(&page, "ferry_worker_rx_packets"),
-                    sum_metric(&page, "ferry_forwarded_packets"),
-                    sum_metric(&page, "ferry_worker_socket_drops"),
-                ))
+                Some(FerryCounts {
+                    rx: sum_metric(&page, "ferry_worker_rx_packets"),
+                    forwarded: sum_metric(&page, "ferry_forwarded_packets"),
+                    socket_drops: sum_metric(&page, "ferry_worker_socket_drops"),
+                    fast_forwarded: sum_metric(&page, "ferry_xdp_fast_forwarded_packets"),
+                    xdp_drops: sum_metric(&page, "ferry_xdp_packets_total{action=\"drop\""),
+                })
             }
             None => None,
         };
         Ok(Snapshot {
             kernel: bed.relay_kernel_counters()?,
             metrics,
+            xdp: self.pid.and_then(xdp_stats),
         })
     }
 
@@ -458,25 +532,47 @@ impl RunningPath {
     pub fn counts(&self, before: &Snapshot, after: &Snapshot) -> RelayCounts {
         let k = after.kernel.since(&before.kernel);
         match (self.kind, before.metrics, after.metrics) {
-            (PathKind::Ferry, Some((rx0, fw0, dr0)), Some((rx1, fw1, dr1))) => RelayCounts {
-                received: rx1.saturating_sub(rx0),
-                forwarded: fw1.saturating_sub(fw0),
-                socket_drops: dr1.saturating_sub(dr0).max(k.udp_rcvbuf_errors),
+            (PathKind::Ferry | PathKind::FerryFast, Some(b), Some(a)) => RelayCounts {
+                // What the fast path forwarded, or its guard dropped, never reached a socket,
+                // but the relay host took it in. (`ferry` with its guard on faces a flood in
+                // the flood scenario: what the guard drops there is the flood's.)
+                received: a.rx.saturating_sub(b.rx)
+                    + a.fast_forwarded.saturating_sub(b.fast_forwarded)
+                    + match self.kind {
+                        PathKind::FerryFast => a.xdp_drops.saturating_sub(b.xdp_drops),
+                        _ => 0,
+                    },
+                forwarded: a.forwarded.saturating_sub(b.forwarded),
+                socket_drops: a
+                    .socket_drops
+                    .saturating_sub(b.socket_drops)
+                    .max(k.udp_rcvbuf_errors),
+                fast_forwarded: a.fast_forwarded.saturating_sub(b.fast_forwarded),
                 source: "metrics",
             },
             (PathKind::Direct, _, _) => RelayCounts {
                 received: k.ip_forwarded,
                 socket_drops: 0,
                 forwarded: k.ip_forwarded,
+                fast_forwarded: 0,
                 source: "kernel",
             },
             _ => RelayCounts {
                 received: k.udp_in,
                 socket_drops: k.udp_rcvbuf_errors,
                 forwarded: k.udp_out,
+                fast_forwarded: 0,
                 source: "kernel",
             },
         }
+    }
+
+    /// The run time per run of the XDP programs the forwarder holds between `before` and
+    /// `after`, ns: `None` unless `kernel.bpf_stats_enabled` is on and they ran.
+    pub fn xdp_ns_per_run(&self, before: &Snapshot, after: &Snapshot) -> Option<f64> {
+        let ((t0, n0), (t1, n1)) = (before.xdp?, after.xdp?);
+        let runs = n1.checked_sub(n0).filter(|&n| n > 0)?;
+        Some(t1.saturating_sub(t0) as f64 / runs as f64)
     }
 
     /// The sum of the samples of `prefix` on Ferry's metrics page (`None` for other paths or
@@ -534,6 +630,33 @@ fn wait_for_udp_listener(pid: u32, port: u16) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The run time (ns) and run count of the XDP programs process `pid` holds, summed over its
+/// descriptors' fdinfo; counted only while `kernel.bpf_stats_enabled` is 1.
+pub fn xdp_stats(pid: u32) -> Option<(u64, u64)> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/fdinfo")).ok()?;
+    let (mut time, mut count, mut found) = (0u64, 0u64, false);
+    for entry in dir.flatten() {
+        let Ok(info) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        // BPF_PROG_TYPE_XDP.
+        if field("prog_type:") != Some(6) {
+            continue;
+        }
+        if let (Some(t), Some(n)) = (field("run_time_ns:"), field("run_cnt:")) {
+            time += t;
+            count += n;
+            found = true;
+        }
+    }
+    found.then_some((time, count))
 }
 
 /// Pins every thread of process `pid` to `cpu`.

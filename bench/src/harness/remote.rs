@@ -31,8 +31,8 @@ use super::agent::{AgentClient, Request, Response, Role};
 use super::load::{Pacing, Payload};
 use super::paths::{PathKind, rss_bytes};
 use super::report::{
-    BenchResult, Host, Latency, PathRun, Point, RelayStage, RunConfig, Setup, Trial, ZeroLoss,
-    capacity_lines, ratios,
+    BenchResult, GeneratorSetup, Host, Latency, PathRun, Point, RelayStage, RunConfig, Setup,
+    Trial, ZeroLoss, capacity_lines, ratios,
 };
 use super::scenario::{Plan, Scenario, host_busy_ns, progress, search};
 use super::testbed::TestbedFile;
@@ -134,16 +134,29 @@ impl Drop for StartedRelay {
     }
 }
 
-/// The relay's counters on its `/metrics` page: received, forwarded, socket drops.
-fn relay_counters(admin: SocketAddr) -> anyhow::Result<(u64, u64, u64)> {
+/// The relay's counters on its `/metrics` page.
+#[derive(Clone, Copy)]
+struct RelayCounters {
+    /// Datagrams its workers received.
+    received: u64,
+    /// Datagrams it forwarded, by its workers or in XDP.
+    forwarded: u64,
+    /// Of those, forwarded by the XDP fast path (which its workers never see).
+    fast_forwarded: u64,
+    /// Datagrams the kernel dropped at the workers' full sockets.
+    socket_drops: u64,
+}
+
+fn relay_counters(admin: SocketAddr) -> anyhow::Result<RelayCounters> {
     let response = http_get(admin, "/metrics");
     let page = ok_body(&response)
         .with_context(|| format!("the relay's /metrics at {admin} could not be read"))?;
-    Ok((
-        sum_metric(page, "ferry_worker_rx_packets"),
-        sum_metric(page, "ferry_forwarded_packets"),
-        sum_metric(page, "ferry_worker_socket_drops"),
-    ))
+    Ok(RelayCounters {
+        received: sum_metric(page, "ferry_worker_rx_packets"),
+        forwarded: sum_metric(page, "ferry_forwarded_packets"),
+        fast_forwarded: sum_metric(page, "ferry_xdp_fast_forwarded_packets"),
+        socket_drops: sum_metric(page, "ferry_worker_socket_drops"),
+    })
 }
 
 /// Starts the relay with `command` when given, then waits until `/readyz` answers.
@@ -249,6 +262,8 @@ struct Run<'a> {
     relay: Option<StartedRelay>,
     minter: Option<&'a TokenMinter>,
     rng: ring::rand::SystemRandom,
+    /// Whether every generator sent with UDP GSO in every trial so far.
+    gso: bool,
 }
 
 impl Run<'_> {
@@ -407,7 +422,9 @@ impl Run<'_> {
                     body_bytes: b,
                     seconds: t,
                     errors: e,
+                    gso,
                 }) => {
+                    self.gso &= gso;
                     datagrams += d;
                     body_bytes += b;
                     secs = secs.max(t);
@@ -443,17 +460,23 @@ impl Run<'_> {
         let cpu1 = pid.map(task_cpu_ns).transpose()?;
         let host1 = host_busy_ns()?;
         let relay = match (before, after) {
-            (Some((rx0, fw0, dr0)), Some((rx1, fw1, dr1))) => RelayStage {
-                received: rx1.saturating_sub(rx0),
-                socket_drops: dr1.saturating_sub(dr0),
-                forwarded: fw1.saturating_sub(fw0),
-                source: "metrics",
-            },
+            (Some(b), Some(a)) => {
+                // What the fast path forwarded never reached a worker: it was received too.
+                let fast = a.fast_forwarded.saturating_sub(b.fast_forwarded);
+                RelayStage {
+                    received: a.received.saturating_sub(b.received) + fast,
+                    socket_drops: a.socket_drops.saturating_sub(b.socket_drops),
+                    forwarded: a.forwarded.saturating_sub(b.forwarded),
+                    fast_forwarded: fast,
+                    source: "metrics",
+                }
+            }
             // No relay stage is counted on these paths: everything lost is lost on the way.
             _ => RelayStage {
                 received: delivered,
                 socket_drops: 0,
                 forwarded: delivered,
+                fast_forwarded: 0,
                 source: "none",
             },
         };
@@ -501,6 +524,9 @@ impl Run<'_> {
                 _ => None,
             },
             host_cpu_ns_per_packet: host1.saturating_sub(host0) as f64 / delivered.max(1) as f64,
+            // The XDP programs' run time is read from the relay process's BPF file descriptors
+            // in the namespace topology; a testbed does not read it.
+            xdp_ns_per_run: None,
             send_errors: errors,
         })
     }
@@ -508,6 +534,7 @@ impl Run<'_> {
     /// The namespace harness's sequence for one path and payload: a warm-up, the ceiling,
     /// the search, the latency points, the fixed rates.
     fn measure(&mut self, kind: PathKind, payload: Payload) -> anyhow::Result<PathRun> {
+        self.gso = true;
         let plan: Plan = self.plan.clone();
         let tag = format!("[{} B {}]", payload.label(), kind.name());
         let setup = match kind {
@@ -565,6 +592,11 @@ impl Run<'_> {
             generator_ceiling: ceiling,
             zero_loss,
             points,
+            workers: 1,
+            generator: GeneratorSetup {
+                sockets: self.lanes.len(),
+                gso: self.gso,
+            },
         })
     }
 }
@@ -668,6 +700,7 @@ pub fn run(bed: &TestbedFile, scenarios: &[Scenario]) -> anyhow::Result<BenchRes
         relay,
         minter: bed.gateway.as_ref().map(|g| &g.minter),
         rng: ring::rand::SystemRandom::new(),
+        gso: true,
     };
     let mut runs = Vec::new();
     for &payload in &plan.payloads {
@@ -732,10 +765,14 @@ pub fn run(bed: &TestbedFile, scenarios: &[Scenario]) -> anyhow::Result<BenchRes
             flood_legit_rate: plan.flood_legit_rate,
             relay_cpu: plan.relay_cpu,
             load_cpu: plan.load_cpu,
+            max_workers: plan.max_workers,
+            generator_gso: plan.gso,
+            flood_generator: "packet".into(),
         },
         skipped: Vec::new(),
         runs,
         scale: Vec::new(),
+        workers: Vec::new(),
         flood: Vec::new(),
         ratios,
         capacity,

@@ -9,7 +9,7 @@ use serde::Serialize;
 /// The `schema` field of every result.
 pub const SCHEMA_NAME: &str = "ferry-bench/result";
 /// The `version` field: raised whenever a field changes meaning or goes away.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// A whole run.
 #[derive(Clone, Debug, Serialize)]
@@ -36,6 +36,8 @@ pub struct BenchResult {
     pub runs: Vec<PathRun>,
     /// The scale scenario: Ferry with the first payload, one entry per session count.
     pub scale: Vec<PathRun>,
+    /// The workers scenario: Ferry with the first payload, one entry per worker count.
+    pub workers: Vec<PathRun>,
     /// The flood scenario: Ferry with the first payload, guard off and on, flood off and on.
     pub flood: Vec<FloodRun>,
     /// Every Ferry figure against every baseline of the same payload.
@@ -90,10 +92,16 @@ pub struct RunConfig {
     pub scale_sessions: Vec<usize>,
     /// The legitimate rate of the `flood` scenario, datagrams per second.
     pub flood_legit_rate: u64,
+    /// What sends the flood: `packet` (a packet socket) or `xdp` (the XDP flood generator).
+    pub flood_generator: String,
     /// The CPU every forwarder is pinned to.
     pub relay_cpu: usize,
     /// The CPU of the generator and the sink.
     pub load_cpu: usize,
+    /// The largest worker count of the `workers` scenario (no larger than the CPUs).
+    pub max_workers: usize,
+    /// Whether the generator was allowed UDP GSO.
+    pub generator_gso: bool,
 }
 
 /// A path that was not measured.
@@ -116,6 +124,10 @@ pub struct PathRun {
     pub path: String,
     /// Concurrent sessions.
     pub sessions: usize,
+    /// The relay's workers (1 but in the `workers` scenario; baselines have one thread).
+    pub workers: usize,
+    /// How the generator sent.
+    pub generator: GeneratorSetup,
     /// How the sessions were set up.
     pub setup: Setup,
     /// What the generator sends as fast as it can on this path: its ceiling here.
@@ -125,6 +137,17 @@ pub struct PathRun {
     /// The latency points (fractions of the zero-loss rate, the low steady rate, the fixed
     /// rates), in the order measured.
     pub points: Vec<Point>,
+}
+
+/// How the generator sent on a path.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct GeneratorSetup {
+    /// Sockets (source 4-tuples) it sent from.
+    pub sockets: usize,
+    /// Whether it sent with UDP GSO (false: one datagram per message, because `--no-gso` said
+    /// so or the kernel refused GSO, as kernels before 6.11 do on an interface without
+    /// checksum offload, which `ferry-fast` needs).
+    pub gso: bool,
 }
 
 /// One measurement of the flood scenario.
@@ -208,6 +231,8 @@ pub struct RelayStage {
     pub socket_drops: u64,
     /// Sent on.
     pub forwarded: u64,
+    /// Of those, forwarded inside XDP (`ferry-fast`; 0 elsewhere).
+    pub fast_forwarded: u64,
     /// `kernel` or `metrics`.
     pub source: &'static str,
 }
@@ -253,6 +278,9 @@ pub struct Trial {
     /// The whole host's busy CPU time per delivered datagram, ns (`/proc/stat`; includes the
     /// generator and the sink).
     pub host_cpu_ns_per_packet: f64,
+    /// The forwarder's XDP programs' run time per run, ns (every frame they saw;
+    /// `kernel.bpf_stats_enabled`), when it has any that ran.
+    pub xdp_ns_per_run: Option<f64>,
     /// Failed `sendmmsg` calls.
     pub send_errors: u64,
 }
@@ -269,13 +297,16 @@ impl Trial {
 pub struct Ratio {
     /// The payload.
     pub payload: String,
-    /// `zero_loss_pps`, `relay_cpu_ns_per_packet`, `p50_us`, `p99_us`, `p999_us`.
+    /// The Ferry column: `ferry` or `ferry-fast`.
+    pub path: String,
+    /// `zero_loss_pps`, `relay_cpu_ns_per_packet`, `host_cpu_ns_per_packet`, `p50_us`,
+    /// `p99_us`, `p999_us`.
     pub figure: String,
     /// `zero_loss`, or a point's label.
     pub point: String,
     /// The baseline path.
     pub baseline: String,
-    /// Ferry's value.
+    /// The Ferry column's value.
     pub ferry: f64,
     /// The baseline's value.
     pub baseline_value: f64,
@@ -286,14 +317,21 @@ pub struct Ratio {
     pub both_within_loss: bool,
 }
 
-/// The ratios of every Ferry figure to every baseline's, per payload.
+/// Whether `path` is one of Ferry's columns.
+pub fn is_ferry(path: &str) -> bool {
+    path == "ferry" || path == "ferry-fast"
+}
+
+/// The ratios of every Ferry figure (`ferry`, `ferry-fast`) to every baseline's of the same
+/// payload: the paths that are not Ferry, and for `ferry-fast` also `ferry`.
 pub fn ratios(runs: &[PathRun], max_loss: f64) -> Vec<Ratio> {
     let mut out = Vec::new();
-    for ferry in runs.iter().filter(|r| r.path == "ferry") {
-        for base in runs
-            .iter()
-            .filter(|r| r.path != "ferry" && r.payload == ferry.payload)
-        {
+    for ferry in runs.iter().filter(|r| is_ferry(&r.path)) {
+        for base in runs.iter().filter(|r| {
+            r.payload == ferry.payload
+                && r.path != ferry.path
+                && (!is_ferry(&r.path) || ferry.path == "ferry-fast")
+        }) {
             let mut push = |figure: &str,
                             point: &str,
                             f: Option<f64>,
@@ -305,6 +343,7 @@ pub fn ratios(runs: &[PathRun], max_loss: f64) -> Vec<Ratio> {
                 {
                     out.push(Ratio {
                         payload: ferry.payload.clone(),
+                        path: ferry.path.clone(),
                         figure: figure.into(),
                         point: point.into(),
                         baseline: base.path.clone(),
@@ -330,6 +369,14 @@ pub fn ratios(runs: &[PathRun], max_loss: f64) -> Vec<Ratio> {
                     "zero_loss",
                     cpu(f),
                     cpu(b),
+                    passed,
+                );
+                let host = |z: &ZeroLoss| z.at_rate.as_ref().map(|t| t.host_cpu_ns_per_packet);
+                push(
+                    "host_cpu_ns_per_packet",
+                    "zero_loss",
+                    host(f),
+                    host(b),
                     passed,
                 );
             }
@@ -380,7 +427,7 @@ pub fn point_name(p: &Point) -> String {
 /// latency point of each payload that lost at most `max_loss`.
 pub fn capacity_lines(runs: &[PathRun], max_loss: f64) -> Vec<String> {
     let mut out = Vec::new();
-    for ferry in runs.iter().filter(|r| r.path == "ferry") {
+    for ferry in runs.iter().filter(|r| is_ferry(&r.path)) {
         let best = ferry
             .points
             .iter()
@@ -394,14 +441,19 @@ pub fn capacity_lines(runs: &[PathRun], max_loss: f64) -> Vec<String> {
         out.push(format!(
             "with {} B payloads this host carries {} concurrent sessions of {:.3} Mbit/s each \
              ({:.0} datagrams/s in all, {} point) with p99 < {:.0} µs and {:.3} % loss, \
-             through one ferry-relay worker",
+             through one ferry-relay worker{}",
             ferry.payload,
             sessions,
             p.trial.delivered_body_mbps / sessions as f64,
             p.trial.delivered_pps,
             point_name(p),
             lat.p99.ceil(),
-            p.trial.loss * 100.0
+            p.trial.loss * 100.0,
+            if ferry.path == "ferry-fast" {
+                " and its XDP fast path"
+            } else {
+                ""
+            }
         ));
     }
     out
@@ -459,17 +511,18 @@ pub fn markdown(result: &BenchResult) -> String {
         let _ = writeln!(
             md,
             "| path | generator ceiling (sent pps) | zero-loss pps | body Mbit/s | relay CPU/pkt | \
-             host CPU/pkt | sent / relay in / relay out / sink at that rate |\n\
-             |---|---:|---:|---:|---:|---:|---|"
+             host CPU/pkt | XDP ns/run | sent / relay in / relay out / sink at that rate |\n\
+             |---|---:|---:|---:|---:|---:|---:|---|"
         );
         for r in &runs {
             let z = r.zero_loss.as_ref();
             let at = z.and_then(|z| z.at_rate.as_ref());
             let _ = writeln!(
                 md,
-                "| {} | {:.0} | {}{} | {} | {} | {} | {} |",
+                "| {} | {:.0} ({}) | {}{} | {} | {} | {} | {} | {} |",
                 r.path,
                 r.generator_ceiling.offered_pps,
+                if r.generator.gso { "GSO" } else { "sendmmsg" },
                 opt(z.map(|z| z.pps), 0),
                 if z.is_some_and(|z| z.generator_limited) {
                     " (generator-limited)"
@@ -479,6 +532,7 @@ pub fn markdown(result: &BenchResult) -> String {
                 opt(z.map(|z| z.body_mbps), 1),
                 opt(at.and_then(|t| t.relay_cpu_ns_per_packet), 0) + " ns",
                 opt(at.map(|t| t.host_cpu_ns_per_packet), 0) + " ns",
+                opt(at.and_then(|t| t.xdp_ns_per_run), 0),
                 at.map_or("–".into(), |t| format!(
                     "{} / {} / {} / {}",
                     t.sent, t.relay.received, t.relay.forwarded, t.sink_received
@@ -527,31 +581,40 @@ pub fn markdown(result: &BenchResult) -> String {
         if !ratios.is_empty() {
             let _ = writeln!(
                 md,
-                "\n| Ferry ÷ baseline | point | {} |\n|---|---|{}",
+                "\n| Ferry column | figure ÷ baseline | point | {} |\n|---|---|---|{}",
                 baselines(&ratios).join(" | "),
                 "---:|".repeat(baselines(&ratios).len())
             );
-            let mut rows: Vec<(String, String)> = Vec::new();
+            let mut rows: Vec<(String, String, String)> = Vec::new();
             for r in &ratios {
-                let key = (r.figure.clone(), r.point.clone());
+                let key = (r.path.clone(), r.figure.clone(), r.point.clone());
                 if !rows.contains(&key) {
                     rows.push(key);
                 }
             }
-            for (figure, point) in rows {
+            for (path, figure, point) in rows {
                 let cells: Vec<String> = baselines(&ratios)
                     .iter()
                     .map(|b| {
                         ratios
                             .iter()
-                            .find(|r| r.figure == figure && r.point == point && &r.baseline == b)
+                            .find(|r| {
+                                r.path == path
+                                    && r.figure == figure
+                                    && r.point == point
+                                    && &r.baseline == b
+                            })
                             .map_or("–".into(), |r| {
                                 let mark = if r.both_within_loss { "" } else { " (loss)" };
                                 format!("{:.2}×{mark}", r.ratio)
                             })
                     })
                     .collect();
-                let _ = writeln!(md, "| {figure} | {point} | {} |", cells.join(" | "));
+                let _ = writeln!(
+                    md,
+                    "| {path} | {figure} | {point} | {} |",
+                    cells.join(" | ")
+                );
             }
         }
     }
@@ -580,6 +643,44 @@ pub fn markdown(result: &BenchResult) -> String {
                 ),
             );
         }
+    }
+    if !result.workers.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n## Worker scaling (ferry, {} B)\n\n\
+             | workers | generator ceiling (sent pps) | zero-loss pps | relay CPU/pkt | host CPU/pkt | \
+             sent / relay in / relay out / sink at that rate |\n\
+             |---:|---:|---:|---:|---:|---|",
+            result.workers[0].payload
+        );
+        for r in &result.workers {
+            let z = r.zero_loss.as_ref();
+            let at = z.and_then(|z| z.at_rate.as_ref());
+            let _ = writeln!(
+                md,
+                "| {} | {:.0} | {}{} | {} ns | {} ns | {} |",
+                r.workers,
+                r.generator_ceiling.offered_pps,
+                opt(z.map(|z| z.pps), 0),
+                if z.is_some_and(|z| z.generator_limited) {
+                    " (generator-limited)"
+                } else {
+                    ""
+                },
+                opt(at.and_then(|t| t.relay_cpu_ns_per_packet), 0),
+                opt(at.map(|t| t.host_cpu_ns_per_packet), 0),
+                at.map_or("–".into(), |t| format!(
+                    "{} / {} / {} / {}",
+                    t.sent, t.relay.received, t.relay.forwarded, t.sink_received
+                )),
+            );
+        }
+        let _ = writeln!(
+            md,
+            "\nWorkers take the relay CPU first, then the others in order; with as many workers \
+             as CPUs, workers share CPUs with the generator and the sink, so the rate is the \
+             machine's, not the relay's alone."
+        );
     }
     if !result.flood.is_empty() {
         let _ = writeln!(

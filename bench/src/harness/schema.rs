@@ -166,6 +166,9 @@ mod tests {
         // An empty object fails on its first required field, not on the schema itself.
         let err = validate(&json!({})).expect_err("an empty result is invalid");
         assert!(format!("{err}").contains("required"), "{err}");
-        assert_eq!(schema["properties"]["version"]["const"], json!(1));
+        assert_eq!(
+            schema["properties"]["version"]["const"],
+            json!(super::super::report::SCHEMA_VERSION)
+        );
     }
 }

@@ -12,11 +12,14 @@ use std::io::BufRead as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context as _, bail};
+use ferry_relay::xdp::{Guard, Mode};
 use ferry_testkit::netns::{in_ns, link_info};
 
+use super::flood::{self, XdpFlooder};
 use crate::udp::{packet_socket, socket};
 
 /// What a scenario needs from a topology.
@@ -54,6 +57,25 @@ pub trait Testbed: std::fmt::Debug {
     /// Routes `cidr` from the relay host back to the generator, so that reverse-path filtering
     /// keeps datagrams forged from it.
     fn route_to_generator(&self, cidr: &str) -> anyhow::Result<()>;
+    /// An XDP flood generator on the generator's interface (with what it needs of the
+    /// relay host's interface); it routes [`flood::XDP_SPOOF_NET`] back towards the generator.
+    fn generator_xdp_flooder(&self) -> anyhow::Result<XdpFlooder> {
+        bail!("this testbed has no XDP flood generator")
+    }
+    /// The relay host's interface towards the sink, when the XDP fast path can redirect to
+    /// it.
+    fn relay_interface_to_sink(&self) -> Option<&str> {
+        None
+    }
+    /// Readies the topology for the XDP fast path (`on`) or puts it back: whatever a testbed
+    /// needs beyond the relay's own XDP program (on veths: an XDP program on the sink's end,
+    /// and full UDP checksums from the generator).
+    fn set_fast_path_topology(&self, on: bool) -> anyhow::Result<()> {
+        if on {
+            bail!("this testbed cannot host the XDP fast path");
+        }
+        Ok(())
+    }
 }
 
 /// A host's kernel counters, from its `/proc/net/snmp`.
@@ -158,6 +180,10 @@ pub struct NetnsTestbed {
     pub relay_if_sink: String,
     /// The generator's veth.
     pub generator_if: String,
+    /// The sink's veth.
+    pub sink_if: String,
+    /// While the fast path is set up: the pass-everything XDP program on the sink's veth.
+    sink_pass: Mutex<Option<Guard>>,
 }
 
 impl NetnsTestbed {
@@ -177,9 +203,11 @@ impl NetnsTestbed {
             relay_if_generator: ifname("r"),
             relay_if_sink: ifname("q"),
             generator_if: ifname("g"),
+            sink_if: ifname("s"),
+            sink_pass: Mutex::new(None),
         };
         // From here on, dropping `bed` removes whatever was created.
-        bed.build(&bed.generator_if, &ifname("s"))?;
+        bed.build(&bed.generator_if, &bed.sink_if)?;
         Ok(bed)
     }
 
@@ -242,6 +270,46 @@ impl NetnsTestbed {
             "ip",
             &["netns", "exec", r, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
         )?;
+        // The generator sends runs of datagrams as one UDP GSO buffer; its veth cuts them
+        // into datagrams before they cross, so that the relay host receives them one by one,
+        // as from a wire. The sink's veth coalesces what arrives (GRO, which turns the veth's
+        // NAPI on), so that the sink, reading with UDP GRO, costs less per datagram.
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                g,
+                "ethtool",
+                "-K",
+                gen_if,
+                "tx-udp-segmentation",
+                "off",
+            ],
+        )
+        .context("ethtool (the topology turns GSO off on the generator's veth)")?;
+        // A veth hands what it sends to its peer's GRO only when it has no TSO (or the
+        // datagram is the sender's own and the peer forwards with GRO): off on the relay
+        // host's side, which sends UDP only.
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                r,
+                "ethtool",
+                "-K",
+                &self.relay_if_sink,
+                "tso",
+                "off",
+            ],
+        )
+        .context("ethtool (the topology turns TSO off on the relay host's veth to the sink)")?;
+        run(
+            "ip",
+            &["netns", "exec", s, "ethtool", "-K", sink_if, "gro", "on"],
+        )
+        .context("ethtool (the topology turns GRO on on the sink's veth)")?;
         Ok(())
     }
 
@@ -335,10 +403,79 @@ impl Testbed for NetnsTestbed {
         let via = self.generator_ip().to_string();
         ip(&["-n", &self.relay_ns, "route", "replace", cidr, "via", &via])
     }
+
+    fn relay_interface_to_sink(&self) -> Option<&str> {
+        Some(&self.relay_if_sink)
+    }
+
+    fn generator_xdp_flooder(&self) -> anyhow::Result<XdpFlooder> {
+        self.route_to_generator(flood::XDP_SPOOF_NET)?;
+        let (ifindex, _) = link_info(&self.generator_ns, &self.generator_if)?;
+        let flooder = XdpFlooder {
+            generator_ns: self.generator_ns.clone(),
+            ifindex,
+            relay_if: (self.relay_ns.clone(), self.relay_if_generator.clone()),
+        };
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.relay_ns,
+                "ethtool",
+                "-K",
+                &self.relay_if_generator,
+                "gro",
+                "on",
+            ],
+        )
+        .context("ethtool (GRO on the relay host's veth, for the XDP flood)")?;
+        Ok(flooder)
+    }
+
+    fn set_fast_path_topology(&self, on: bool) -> anyhow::Result<()> {
+        let mut pass = self
+            .sink_pass
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the sink's XDP program lock is poisoned"))?;
+        // A frame redirected onto a veth is delivered only when the receiving end runs XDP
+        // itself: an unconfigured guard, which passes everything.
+        *pass = None;
+        if on {
+            let mut guard = Guard::load(16).context("loading the sink veth's XDP program")?;
+            in_ns(&self.sink_ns, || guard.attach(&self.sink_if, Mode::Native))?
+                .context("attaching XDP to the sink's veth")?;
+            *pass = Some(guard);
+        }
+        // The fast path cannot complete a checksum left to offload: the generator's veth
+        // computes it in full. (Kernels before 6.11 then refuse UDP GSO, and the generator
+        // falls back to one datagram per message; later ones segment and checksum in
+        // software.)
+        let csum = if on { "off" } else { "on" };
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.generator_ns,
+                "ethtool",
+                "-K",
+                &self.generator_if,
+                "tx-checksumming",
+                csum,
+                "tx-udp-segmentation",
+                "off",
+            ],
+        )
+        .context("ethtool on the generator's veth")
+    }
 }
 
 impl Drop for NetnsTestbed {
     fn drop(&mut self) {
+        if let Ok(mut pass) = self.sink_pass.lock() {
+            *pass = None;
+        }
         // Deleting a namespace removes its ends of the veths, which removes the pairs.
         for ns in [&self.generator_ns, &self.relay_ns, &self.sink_ns] {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
