@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const TARGET: &str = "bpfel-unknown-none";
-/// The programs of `ebpf/xdp`: the guard, and the flood generator that ferry-floodbench drives
-/// (never attached).
+/// The programs of `ebpf/xdp`: the guard, and the flood generator that
+/// `ferry-bench run flood --flood-generator xdp` drives (never attached).
 const OBJECTS: [&str; 2] = ["ferry-xdp", "ferry-flood"];
 const SKIP: &str = "FERRY_SKIP_EBPF";
 

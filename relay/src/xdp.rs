@@ -1158,8 +1158,8 @@ pub mod frame {
     }
 }
 
-/// A traffic generator for benchmarks (`ferry-floodbench`): the `ferry_flood` program of
-/// `ebpf/xdp`, run with `BPF_PROG_TEST_RUN` in live-frames mode, so the kernel transmits one
+/// A traffic generator for benchmarks (`ferry-bench run flood --flood-generator xdp`): the
+/// `ferry_flood` program of `ebpf/xdp`, run with `BPF_PROG_TEST_RUN` in live-frames mode, so the kernel transmits one
 /// template frame out of an interface millions of times a second, each with the next of
 /// `sources` spoofed IPv4 sources (198.19.0.0/16). The relay never loads it.
 pub mod flood {

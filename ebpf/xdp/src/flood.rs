@@ -1,4 +1,5 @@
-//! `ferry_flood`: a traffic generator for `ferry-floodbench`, never attached by the relay.
+//! `ferry_flood`: a traffic generator for `ferry-bench run flood --flood-generator xdp`, never
+//! attached by the relay.
 //!
 //! Run with `BPF_PROG_TEST_RUN` in live-frames mode on the peers' end of a veth pair: the
 //! kernel feeds it copies of one template frame (Ethernet, IPv4 without options, UDP) and
