@@ -568,7 +568,10 @@ pub enum Wait {
     /// Wait for any completion, or the tick: the worker has caught up.
     Any,
     /// Wait for [`WorkerConfig::batch_target`] completions, at most
-    /// [`WorkerConfig::coalesce`]: a backlog.
+    /// [`WorkerConfig::coalesce`]: a backlog. On a `DEFER_TASKRUN` ring this in practice lasts
+    /// the whole `coalesce`: the kernel wakes a waiter early only once as many completion tasks
+    /// are queued as it waits for, and a multishot receive queues one, however many datagrams
+    /// it then brings in.
     Batch,
 }
 
