@@ -475,6 +475,9 @@ pub struct Ring {
     /// Sends queued whose last completion (without `more`: the result, or for a zero-copy
     /// send the notification) has not been reaped yet.
     sends_in_kernel: usize,
+    /// Sends queued since the last [`submit_and_wait`](Self::submit_and_wait): each posts its
+    /// (first) completion as it is submitted, which that wait does not count as one it waits for.
+    sends_since_wait: usize,
     /// Set by the shutdown; `Drop` frees the lent memory only if it says so.
     shut: Option<ShutdownReport>,
     /// Forwards of at least this many bytes use SEND_ZC; `None`: never.
@@ -581,6 +584,7 @@ impl Ring {
             armed: vec![false; sockets.len()],
             sockets,
             sends_in_kernel: 0,
+            sends_since_wait: 0,
             shut: None,
             zero_copy_min: None,
             fixed_buffers: false,
@@ -633,8 +637,24 @@ impl Ring {
         }
     }
 
-    /// Submits queued work and waits for at least `want` completions or `timeout`.
+    /// Submits queued work and waits, at most `timeout`, for `want` completions besides those
+    /// of the sends queued since the last wait, in one entry into the kernel.
+    ///
+    /// A UDP `sendmsg` completes as it is submitted: the kernel copies the datagram into the
+    /// socket's send queue, or fails, inside the submission, and posts the completion right
+    /// there (a zero-copy send posts its result there; its notification comes later and only
+    /// ends a wait early). So a wait for `want` completions counting those would return at once
+    /// with nothing but the sends' own completions, and the worker would enter the kernel a
+    /// second time to wait for the next datagram: two entries per forwarded datagram below
+    /// saturation, where a `recvmmsg`/`sendmmsg` forwarder makes two system calls too. Waiting
+    /// for `want` more makes the submission of a batch's sends and the wait for the next
+    /// datagram one entry, and the sends' completions are reaped with the next drain, without
+    /// a wake-up of their own. A send that does not complete at once (its socket's send buffer
+    /// is full, so the kernel waits for room before sending) still counts as one that will: the
+    /// wait then needs it, or one completion more, before it ends. That happens only while the
+    /// relay offers a device more than it transmits, when datagrams wait in queues anyway.
     pub fn submit_and_wait(&mut self, want: usize, timeout: &Timespec) -> Result<(), UringError> {
+        let want = want.saturating_add(std::mem::take(&mut self.sends_since_wait));
         let args = SubmitArgs::new().timespec(timeout);
         match self.ring.submitter().submit_with_args(want, &args) {
             Ok(_) => Ok(()),
@@ -956,6 +976,7 @@ impl Ring {
         };
         self.push(&entry.user_data(TAG_SEND | u64::from(slot)))?;
         self.sends_in_kernel += 1;
+        self.sends_since_wait += 1;
         Ok(true)
     }
 

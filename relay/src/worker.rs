@@ -2,8 +2,10 @@
 //! `SO_REUSEPORT` socket per listen address, that hands every datagram to a
 //! [`PacketHandler`] and carries out the outcome.
 //!
-//! The loop, per iteration: submit everything queued and wait for a completion (at most
-//! `tick` long; for a batch of them only while a backlog lasts, see [`Wait`]); read the clocks
+//! The loop, per iteration: submit everything queued and, in the same entry into the kernel,
+//! wait for a completion other than those the submitted sends post at once (at most `tick`
+//! long; for a batch of them only while a backlog lasts, see [`Wait`] and
+//! [`Ring::submit_and_wait`]); read the clocks
 //! once; drain all completions; for each received datagram ask the handler and queue the send
 //! (forwards go out from the receive buffer itself); re-arm receives the kernel ended; on a
 //! tick, send what the handler's timers produced (the reaper's CLOSEs); publish counters. No
@@ -170,7 +172,7 @@ pub struct WorkerConfig {
     /// Under a backlog (the last drain found at least this many completions), wait for this
     /// many per batch...
     pub batch_target: usize,
-    /// ...but never longer than this (under a millisecond).
+    /// ...but never longer than this.
     pub coalesce: Duration,
     /// Forward sends of at least this many bytes with SEND_ZC (zero copy); `None`: never.
     pub zero_copy_min: Option<usize>,
@@ -421,9 +423,7 @@ pub fn run_worker<H: PacketHandler>(
     }
     ready();
 
-    let tick = Timespec::new()
-        .sec(cfg.tick.as_secs())
-        .nsec(cfg.tick.subsec_nanos());
+    let tick = Timespec::from(cfg.tick);
     let mut completions = Vec::with_capacity(4096);
     let mut reply = vec![0u8; MAX_DATAGRAM];
     let mut notices = Vec::new();
@@ -436,7 +436,7 @@ pub fn run_worker<H: PacketHandler>(
         len: 0,
         segments: Vec::with_capacity(MAX_SEGMENTS),
     };
-    let coalesce = Timespec::new().nsec(cfg.coalesce.subsec_nanos());
+    let coalesce = Timespec::from(cfg.coalesce);
     let mut wait = Wait::Any;
     while !cfg.stop.load(Ordering::Relaxed) {
         match wait {
@@ -568,7 +568,10 @@ pub enum Wait {
     /// Wait for any completion, or the tick: the worker has caught up.
     Any,
     /// Wait for [`WorkerConfig::batch_target`] completions, at most
-    /// [`WorkerConfig::coalesce`]: a backlog.
+    /// [`WorkerConfig::coalesce`]: a backlog. On a `DEFER_TASKRUN` ring this in practice lasts
+    /// the whole `coalesce`: the kernel wakes a waiter early only once as many completion tasks
+    /// are queued as it waits for, and a multishot receive queues one, however many datagrams
+    /// it then brings in.
     Batch,
 }
 

@@ -12,9 +12,42 @@ use ferry_relay::session::{DropReason, Notice, Outcome};
 use ferry_relay::worker::{PacketHandler, WorkerConfig, WorkerError, WorkerStats, run_worker};
 
 /// 'F…' is forwarded to `sink`, 'R…' answered with its bytes reversed, 'S…' holds the worker
-/// for 50 ms (so that datagrams queue up behind it) and is dropped, anything else dropped.
+/// for 50 ms (so that datagrams queue up behind it) and is dropped, 'H…' holds it until the
+/// test opens `gate` (at most 10 s) and is dropped, anything else dropped.
 struct TestHandler {
     sink: SocketAddr,
+    gate: Arc<Gate>,
+}
+
+/// Lets a test hold the worker inside its handler ('H') while it queues datagrams behind it.
+#[derive(Default)]
+struct Gate {
+    /// Set by the handler once it holds the worker.
+    holding: AtomicBool,
+    /// Set by the test to let it go on.
+    open: AtomicBool,
+}
+
+impl Gate {
+    fn hold(&self) {
+        self.holding.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.open.load(Ordering::SeqCst) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Waits (at most 10 s) until the handler holds the worker.
+    fn wait_holding(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.holding.load(Ordering::SeqCst) {
+            assert!(
+                Instant::now() < deadline,
+                "the worker never took the 'H' datagram"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
 }
 
 impl PacketHandler for TestHandler {
@@ -39,6 +72,10 @@ impl PacketHandler for TestHandler {
                 std::thread::sleep(Duration::from_millis(50));
                 Outcome::Drop(DropReason::Malformed)
             }
+            Some(b'H') => {
+                self.gate.hold();
+                Outcome::Drop(DropReason::Malformed)
+            }
             _ => Outcome::Drop(DropReason::Malformed),
         }
     }
@@ -54,33 +91,53 @@ fn free_port(ip: &str) -> u16 {
 struct Running {
     stop: Arc<AtomicBool>,
     stats: Arc<WorkerStats>,
+    gate: Arc<Gate>,
     thread: std::thread::JoinHandle<Result<ferry_relay::worker::WorkerReport, WorkerError>>,
 }
 
 /// Starts a worker; `None` when io_uring is unavailable and skipping is allowed.
 fn start(listen: Vec<SocketAddr>, sink: SocketAddr) -> Option<Running> {
-    start_with(listen, sink, None)
+    start_with(listen, sink, |_| {})
+}
+
+/// Starts a worker whose tick (the longest wait for a completion) is a minute long, so that a
+/// datagram it held until the tick released it would not arrive within any read timeout here,
+/// and whose wait for a batch lasts `coalesce`. Stop it with [`Running::stop_waking`].
+fn start_without_tick(
+    listen: Vec<SocketAddr>,
+    sink: SocketAddr,
+    coalesce: Duration,
+) -> Option<Running> {
+    start_with(listen, sink, |cfg| {
+        cfg.tick = Duration::from_secs(60);
+        cfg.coalesce = coalesce;
+    })
 }
 
 fn start_with(
     listen: Vec<SocketAddr>,
     sink: SocketAddr,
-    zero_copy_min: Option<usize>,
+    configure: impl FnOnce(&mut WorkerConfig),
 ) -> Option<Running> {
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(WorkerStats::default());
-    let cfg = WorkerConfig {
+    let gate = Arc::new(Gate::default());
+    let mut cfg = WorkerConfig {
         listen,
         stop: Arc::clone(&stop),
         stats: Arc::clone(&stats),
         tick: Duration::from_millis(20),
-        zero_copy_min,
         ..WorkerConfig::default()
     };
+    configure(&mut cfg);
     let (tx, rx) = std::sync::mpsc::channel();
+    let handler = TestHandler {
+        sink,
+        gate: Arc::clone(&gate),
+    };
     let thread = std::thread::spawn(move || {
         let ready = tx.clone();
-        let result = run_worker(cfg, TestHandler { sink }, move || drop(ready.send(None)));
+        let result = run_worker(cfg, handler, move || drop(ready.send(None)));
         if let Err(e) = &result {
             let _ = tx.send(Some(e.to_string()));
         }
@@ -90,6 +147,7 @@ fn start_with(
         None => Some(Running {
             stop,
             stats,
+            gate,
             thread,
         }),
         Some(e) => {
@@ -100,6 +158,23 @@ fn start_with(
 }
 
 impl Running {
+    /// Stops a worker started [without a tick](start_without_tick): sets the flag, then
+    /// sends it a datagram it drops, which ends a wait for any completion. (A wait for a batch
+    /// ends only with its timer: the kernel wakes such a wait early only when as many
+    /// deferred completion tasks are queued as it wants completions, and a multishot receive
+    /// queues one, however many datagrams it then brings.) `within` is how long the worker
+    /// may take to stop.
+    fn stop_waking(self, listen: SocketAddr, within: Duration) -> Arc<WorkerStats> {
+        let started = Instant::now();
+        self.stop.store(true, Ordering::Relaxed);
+        let client = UdpSocket::bind(SocketAddr::new(listen.ip(), 0)).unwrap();
+        client.send_to(b"x", listen).unwrap();
+        let report = self.thread.join().unwrap().unwrap();
+        assert!(started.elapsed() < within, "the worker stops promptly");
+        assert!(report.shutdown_drained);
+        self.stats
+    }
+
     fn stop(self) -> Arc<WorkerStats> {
         let started = Instant::now();
         self.stop.store(true, Ordering::Relaxed);
@@ -270,7 +345,9 @@ fn zero_copy_forwards_arrive_and_give_their_buffers_back() {
         .unwrap();
     let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
     sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let Some(worker) = start_with(vec![listen], sink.local_addr().unwrap(), Some(1)) else {
+    let sink_addr = sink.local_addr().unwrap();
+    let Some(worker) = start_with(vec![listen], sink_addr, |cfg| cfg.zero_copy_min = Some(1))
+    else {
         return;
     };
     let client = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -358,5 +435,112 @@ fn a_backlog_makes_the_worker_wait_for_batches() {
     assert!(
         stats.batch_waits.load(Ordering::Relaxed) >= 1,
         "a drain of a whole batch is followed by a wait for a batch"
+    );
+}
+
+#[test]
+fn a_lone_datagram_is_never_held_for_a_timer() {
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sink.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // A minute to coalesce: a datagram held for a batch would miss the read timeouts too.
+    let coalesce = Duration::from_secs(60);
+    let Some(worker) = start_without_tick(vec![listen], sink.local_addr().unwrap(), coalesce)
+    else {
+        return;
+    };
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 128];
+    let mut handled = 0u64;
+    for round in 0..100u8 {
+        // One at a time: each is sent only once the one before has arrived, so the worker
+        // never has a second datagram to wait for. Held for a batch, or until the tick, it
+        // would miss the read timeout.
+        burst(&client, listen, &sink, round, 1);
+        let reply = [b'R', round];
+        client.send_to(&reply, listen).unwrap();
+        let (n, _) = client.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &[round, b'R'], "a reply is not held either");
+        handled += 2;
+        if round % 10 == 0 {
+            // A burst whose drains hold several datagrams, then a lone one again.
+            burst(&client, listen, &sink, round, 8);
+            handled += 8;
+        }
+    }
+    let submits = worker.stats.submits.load(Ordering::Relaxed);
+    let stats = worker.stop_waking(listen, Duration::from_secs(1));
+    assert!(stats.rx_packets.load(Ordering::Relaxed) >= handled);
+    assert_eq!(
+        stats.batch_waits.load(Ordering::Relaxed),
+        0,
+        "no drain reached a batch, so no wait was one for a batch"
+    );
+    // A lone datagram costs one entry into the kernel: the one that submits its send and waits
+    // for the next datagram. (Waiting for the send's own completion as well made it two.)
+    assert!(
+        submits <= handled + handled / 4,
+        "{submits} entries into the kernel for {handled} datagrams handled one at a time"
+    );
+}
+
+#[test]
+fn a_reply_leaves_at_once_while_the_worker_waits_for_a_batch() {
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sink.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // Long enough that the reply could not arrive before the wait for a batch ends, were it
+    // sent only after it; short enough for the test to end soon after.
+    let coalesce = Duration::from_secs(3);
+    let Some(worker) = start_without_tick(vec![listen], sink.local_addr().unwrap(), coalesce)
+    else {
+        return;
+    };
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // Hold the worker while a request and a burst of 40 forwards queue up behind it: once let
+    // go, its drain holds the request and a whole batch (32) of datagrams, so its next wait is
+    // one for a batch, which only its timer ends (see `Running::stop_waking`).
+    client.send_to(b"H", listen).unwrap();
+    worker.gate.wait_holding();
+    client.send_to(b"Rq", listen).unwrap();
+    for i in 0..40u8 {
+        let mut msg = [0u8; 64];
+        msg[..3].copy_from_slice(&[b'F', 0, i]);
+        client.send_to(&msg, listen).unwrap();
+    }
+    worker.gate.open.store(true, Ordering::SeqCst);
+    let mut buf = [0u8; 128];
+    let (n, _) = client.recv_from(&mut buf).unwrap();
+    assert_eq!(
+        &buf[..n],
+        b"qR",
+        "the reply left in the entry that began the wait"
+    );
+    assert_eq!(
+        worker.stats.batch_waits.load(Ordering::Relaxed),
+        0,
+        "no wait for a batch had ended when the reply arrived"
+    );
+    // Once the wait for a batch has timed out, every forward queued behind the request leaves.
+    let stats = worker.stop_waking(listen, coalesce + Duration::from_secs(5));
+    for _ in 0..40 {
+        let (len, _) = sink.recv_from(&mut buf).unwrap();
+        assert_eq!((len, buf[0]), (64, b'F'));
+    }
+    assert!(
+        stats.batch_waits.load(Ordering::Relaxed) >= 1,
+        "the drain with the request held a batch, so the worker waited for one"
     );
 }
