@@ -623,9 +623,9 @@ fn the_cached_next_hop_follows_rebinds_at_once_and_route_and_neighbour_changes_s
     let out = b.expect(&small, XDP_TX, Counter::FastTx, "after the move");
     check_rewrite(&b, &small, &out, bb2, mac_moved);
 
-    // A route with a smaller MTU (locked: forwarding honours a route's MTU only then): datagrams
-    // that fit go on through the cached hop at once,
-    // a longer one is never sent through it (the lookup refuses it) and goes to the relay.
+    // A route with a smaller MTU (locked: forwarding honours a route's MTU only then):
+    // datagrams that fit go on through the cached hop at once, a longer one is never sent
+    // through it (the lookup refuses it) and goes to the relay.
     ip_in(
         &ns,
         &[
@@ -663,6 +663,39 @@ fn the_cached_next_hop_follows_rebinds_at_once_and_route_and_neighbour_changes_s
         "the removed route never reached the fast path"
     );
     b.expect(&small, XDP_PASS, Counter::FastFibMiss, "no route");
+
+    // A route out of an interface the fast path is not active on: the redirect is refused
+    // before the frame is touched, and it goes to the relay.
+    let other = format!("fo{}", std::process::id())
+        .chars()
+        .take(15)
+        .collect::<String>();
+    let peer = format!("{other}p").chars().take(15).collect::<String>();
+    ip_in(
+        &ns,
+        &["link", "add", &other, "type", "veth", "peer", "name", &peer],
+    );
+    ip_in(&ns, &["link", "set", &other, "up"]);
+    ip_in(&ns, &["link", "set", &peer, "up"]);
+    let elsewhere: SocketAddr = "198.19.99.3:50000".parse().unwrap();
+    ip_in(&ns, &["route", "add", "198.19.99.3/32", "dev", &other]);
+    ip_in(
+        &ns,
+        &[
+            "neigh",
+            "replace",
+            "198.19.99.3",
+            "lladdr",
+            "02:ee:00:00:00:03",
+            "dev",
+            &other,
+            "nud",
+            "permanent",
+        ],
+    );
+    b.bind(Some(a), Some(elsewhere), 10_000_000);
+    let out = b.expect(&small, XDP_PASS, Counter::FastInterface, "not active there");
+    assert_eq!(out, small, "the frame is left as it came");
 
     // Closing the session removes its cached hops with it.
     b.filter.session_event(SessionEvent::Closed(SID));

@@ -158,10 +158,9 @@ pub fn forward(ctx: &XdpContext, cfg: &GuardConfig, data: &Data) -> (u32, u32) {
     if data.ip_options {
         return pass(Counter::FastIpOptions);
     }
+    // Whether the fast path is active on the interface it came in on is checked when its next
+    // hop is resolved (`next_hop`), and holds for as long as the hop does.
     let ingress = ctx.ingress_ifindex() as u32;
-    if FAST_IFACES.get(ingress).is_none() {
-        return pass(Counter::FastInterface);
-    }
     let action = if receiver.is_v4() {
         forward_v4(ctx, cfg, data, to, receiver, ingress)
     } else {
@@ -208,7 +207,7 @@ fn send(egress: u32, ingress: u32) -> Result<(u32, u32), Counter> {
 
 /// The next hop for DATA `data` to slot `to` of its session (bound at `receiver`) that came
 /// in on `ingress` with IP length `ip_len`: the cached one when it serves ([`FibHop::serves`]),
-/// else a FIB lookup, as the forwarding path does it (the kernel answers only if forwarding is
+/// else, if the fast path is active on `ingress`, a FIB lookup, as the forwarding path does it (the kernel answers only if forwarding is
 /// enabled on the ingress interface; the relay checks and says so), whose result replaces
 /// the cached hop. The hop returned lies in map memory (the cache, or this CPU's scratch
 /// entry), valid for this run.
@@ -231,6 +230,9 @@ fn next_hop(
         if hop.serves(ingress, &receiver.addr, receiver.port, ip_len, now) {
             return Ok(hop);
         }
+    }
+    if FAST_IFACES.get(ingress).is_none() {
+        return Err(Counter::FastInterface);
     }
     let Some(fresh) = FIB_SCRATCH.get_ptr_mut(0) else {
         return Err(Counter::FastFibMiss);

@@ -437,6 +437,14 @@ fn meter(
         let Some(bytes) = state.data_bytes.admit(&cfg.data_bytes, now, bytes) else {
             return drop(Counter::DropRateDataBytes);
         };
+        if let Some(p) = existing {
+            // SAFETY: as above. Only the two meters that changed are written back.
+            unsafe {
+                (*p).data_packets = packets;
+                (*p).data_bytes = bytes;
+            }
+            return verdict;
+        }
         state.data_packets = packets;
         state.data_bytes = bytes;
     }
