@@ -519,3 +519,185 @@ fn what_the_fast_path_must_not_forward_goes_to_the_relay_each_reason_counted() {
     b.expect(&d, XDP_DROP, Counter::DropUnknownSession, "closed");
     let _ = XDP_DROP;
 }
+
+/// Runs `frame` until the program's action and output satisfy `done`, or two seconds pass
+/// (the cached next hop lives `FIB_CACHE_NS`, a hundred times less).
+fn until(b: &Bench, frame: &[u8], done: impl Fn(u32, &[u8]) -> bool) -> bool {
+    let deadline = Instant::now() + std::time::Duration::from_secs(2);
+    while Instant::now() < deadline {
+        let (action, out) = in_ns(&b.topo.relay_ns, || {
+            b.guard.test_run_on(frame, b.ifindex).unwrap()
+        })
+        .unwrap();
+        if done(action, &out) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    false
+}
+
+fn ip_in(ns: &str, args: &[&str]) {
+    let status = Command::new("ip")
+        .args(["-n", ns])
+        .args(args)
+        .status()
+        .unwrap();
+    assert!(status.success(), "ip {args:?}");
+}
+
+#[test]
+#[cfg_attr(not(ferry_skip_ebpf), ignore = "needs root: loads the XDP program")]
+#[cfg_attr(
+    ferry_skip_ebpf,
+    ignore = "built with FERRY_SKIP_EBPF=1: no XDP program"
+)]
+fn the_cached_next_hop_follows_rebinds_at_once_and_route_and_neighbour_changes_soon() {
+    let b = Bench::new(
+        "the_cached_next_hop_follows_rebinds_at_once_and_route_and_neighbour_changes_soon",
+    );
+    let (ns, dev) = (b.topo.relay_ns.clone(), b.topo.relay_if.clone());
+    let (a, bb) = (b.peer(2, false, 40_000), b.peer(3, false, 50_000));
+    let relay = b.relay(false);
+    b.bind(Some(a), Some(bb), 10_000_000);
+    let small = frame_from(a, relay, &data(100), true);
+    let out = b.expect(&small, XDP_TX, Counter::FastTx, "first");
+    check_rewrite(&b, &small, &out, bb, MAC_B);
+    // The hop is cached for slot B, for B's address and port and this interface.
+    let hop = b.filter.fib_cache(SID).unwrap().slots[1];
+    assert_eq!(hop.dmac, MAC_B);
+    assert_eq!(hop.smac, b.relay_mac);
+    assert_eq!((hop.egress, hop.ingress), (b.ifindex, b.ifindex));
+    assert_eq!(hop.dst_port, 50_000);
+    assert_ne!(hop.expires, 0);
+    assert_eq!(b.filter.fib_cache(SID).unwrap().slots[0].expires, 0);
+
+    // B rebinds to another host: its first datagram there takes that host's MAC, not the
+    // hop cached for the old address.
+    let mac_c = [0x02, 0xcc, 0, 0, 0, 4];
+    let c = b.peer(4, false, 50_000);
+    ip_in(
+        &ns,
+        &[
+            "neigh",
+            "replace",
+            &c.ip().to_string(),
+            "lladdr",
+            "02:cc:00:00:00:04",
+            "dev",
+            &dev,
+            "nud",
+            "permanent",
+        ],
+    );
+    b.bind(Some(a), Some(c), 10_000_000);
+    let out = b.expect(&small, XDP_TX, Counter::FastTx, "after the rebind");
+    check_rewrite(&b, &small, &out, c, mac_c);
+    // Back to B; its port changes too.
+    let bb2 = b.peer(3, false, 50_001);
+    b.bind(Some(a), Some(bb2), 10_000_000);
+    let out = b.expect(&small, XDP_TX, Counter::FastTx, "back to B");
+    check_rewrite(&b, &small, &out, bb2, MAC_B);
+
+    // B's host moves to another MAC: the fast path follows once the cached hop expires.
+    let mac_moved = [0x02, 0xdd, 0, 0, 0, 3];
+    ip_in(
+        &ns,
+        &[
+            "neigh",
+            "replace",
+            &bb.ip().to_string(),
+            "lladdr",
+            "02:dd:00:00:00:03",
+            "dev",
+            &dev,
+            "nud",
+            "permanent",
+        ],
+    );
+    assert!(
+        until(&b, &small, |action, out| action == XDP_TX
+            && out[..6] == mac_moved),
+        "the new neighbour MAC never reached the fast path"
+    );
+    let out = b.expect(&small, XDP_TX, Counter::FastTx, "after the move");
+    check_rewrite(&b, &small, &out, bb2, mac_moved);
+
+    // A route with a smaller MTU (locked: forwarding honours a route's MTU only then):
+    // datagrams that fit go on through the cached hop at once, a longer one is never sent
+    // through it (the lookup refuses it) and goes to the relay.
+    ip_in(
+        &ns,
+        &[
+            "route",
+            "add",
+            &format!("{}/32", bb.ip()),
+            "dev",
+            &dev,
+            "mtu",
+            "lock",
+            "600",
+        ],
+    );
+    let big = frame_from(a, relay, &data(1000), true);
+    assert!(
+        until(&b, &big, |action, _| action == XDP_PASS),
+        "the smaller MTU never reached the fast path"
+    );
+    b.expect(&big, XDP_PASS, Counter::FastFibMiss, "longer than the MTU");
+    let out = b.expect(&small, XDP_TX, Counter::FastTx, "within the MTU");
+    check_rewrite(&b, &small, &out, bb2, mac_moved);
+
+    // The route goes away: the fast path stops using the hop once it expires.
+    ip_in(
+        &ns,
+        &[
+            "route",
+            "replace",
+            "unreachable",
+            &format!("{}/32", bb.ip()),
+        ],
+    );
+    assert!(
+        until(&b, &small, |action, _| action == XDP_PASS),
+        "the removed route never reached the fast path"
+    );
+    b.expect(&small, XDP_PASS, Counter::FastFibMiss, "no route");
+
+    // A route out of an interface the fast path is not active on: the redirect is refused
+    // before the frame is touched, and it goes to the relay.
+    let other = format!("fo{}", std::process::id())
+        .chars()
+        .take(15)
+        .collect::<String>();
+    let peer = format!("{other}p").chars().take(15).collect::<String>();
+    ip_in(
+        &ns,
+        &["link", "add", &other, "type", "veth", "peer", "name", &peer],
+    );
+    ip_in(&ns, &["link", "set", &other, "up"]);
+    ip_in(&ns, &["link", "set", &peer, "up"]);
+    let elsewhere: SocketAddr = "198.19.99.3:50000".parse().unwrap();
+    ip_in(&ns, &["route", "add", "198.19.99.3/32", "dev", &other]);
+    ip_in(
+        &ns,
+        &[
+            "neigh",
+            "replace",
+            "198.19.99.3",
+            "lladdr",
+            "02:ee:00:00:00:03",
+            "dev",
+            &other,
+            "nud",
+            "permanent",
+        ],
+    );
+    b.bind(Some(a), Some(elsewhere), 10_000_000);
+    let out = b.expect(&small, XDP_PASS, Counter::FastInterface, "not active there");
+    assert_eq!(out, small, "the frame is left as it came");
+
+    // Closing the session removes its cached hops with it.
+    b.filter.session_event(SessionEvent::Closed(SID));
+    assert!(b.filter.fib_cache(SID).is_none());
+}

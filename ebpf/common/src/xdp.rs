@@ -45,6 +45,14 @@ pub const MAP_SESSIONS: &str = "SESSIONS";
 /// creates an entry when a session opens (keeping one that exists) and removes it when the
 /// session goes; the program only updates entries in place.
 pub const MAP_FAST_STATE: &str = "FAST_STATE";
+/// Map: `HashMap<u64, FibCache>`, keyed like [`MAP_SESSIONS`]: per receiving slot, the next
+/// hop the fast path last resolved with `bpf_fib_lookup` ([`FibHop`]), reused for
+/// [`FIB_CACHE_NS`]. The relay creates an entry when a session opens (keeping one that exists)
+/// and removes it when the session goes; the program only replaces existing entries, whole.
+pub const MAP_FIB_CACHE: &str = "FIB_CACHE";
+/// How long the fast path reuses a next hop it resolved (ns): after that it asks the FIB
+/// again, so a route or neighbour change reaches the fast path within this time.
+pub const FIB_CACHE_NS: u64 = 20_000_000;
 /// Map: `DevMapHash` keyed by interface index: the interfaces on which the fast path is active,
 /// both as the way in and the way out (`XDP_REDIRECT` goes through it).
 pub const MAP_FAST_IFACES: &str = "FAST_IFACES";
@@ -465,6 +473,60 @@ pub struct FastState {
     pub slots: [FastSlot; 2],
 }
 
+/// A next hop the fast path resolved for DATA to one slot: where `bpf_fib_lookup` sent a
+/// datagram from [`FibHop::ingress`] to [`FibHop::dst`] port [`FibHop::dst_port`], and when
+/// to ask again. It is used only for a datagram with exactly those three inputs (so a slot
+/// that rebinds, or DATA that arrives on another interface, never takes a hop resolved for
+/// something else), no longer than its IPv4 total length or IPv6 payload plus header length
+/// [`FibHop::max_len`] (the MTU the lookup checked), and only until [`FibHop::expires`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FibHop {
+    /// `bpf_ktime_get_ns` after which the hop is stale; 0: never resolved.
+    pub expires: u64,
+    /// The receiving slot's address it was resolved for, as in [`BoundSlot::addr`].
+    pub dst: [u8; 16],
+    /// The source address to send from (the relay address, or the route's preferred source),
+    /// as in [`BoundSlot::relay_addr`].
+    pub src: [u8; 16],
+    /// The interface the datagram leaves by.
+    pub egress: u32,
+    /// The interface the datagram that resolved it came in on.
+    pub ingress: u32,
+    /// The receiving slot's port it was resolved for, host order.
+    pub dst_port: u16,
+    /// The longest IP length (IPv4 total length, IPv6 payload length + 40) the lookup cleared
+    /// against the route's MTU.
+    pub max_len: u16,
+    /// The next hop's MAC address (Ethernet destination).
+    pub dmac: [u8; 6],
+    /// The egress interface's MAC address (Ethernet source).
+    pub smac: [u8; 6],
+    /// Zero.
+    pub _pad: [u8; 8],
+}
+
+impl FibHop {
+    /// Whether the hop may carry a datagram of IP length `len` that came in on `ingress`, for
+    /// a receiving slot bound at `dst`, `dst_port`, at `now` (ns).
+    #[inline(always)]
+    pub fn serves(&self, ingress: u32, dst: &[u8; 16], dst_port: u16, len: u16, now: u64) -> bool {
+        now < self.expires
+            && self.ingress == ingress
+            && self.dst_port == dst_port
+            && len <= self.max_len
+            && self.dst == *dst
+    }
+}
+
+/// The value of [`MAP_FIB_CACHE`]: the next hop to slot A, then to slot B.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FibCache {
+    /// Per receiving slot.
+    pub slots: [FibHop; 2],
+}
+
 /// Everything the program needs to know, in map [`MAP_CONFIG`] at index 0.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -731,11 +793,11 @@ mod pod {
     #![allow(unsafe_code)]
 
     use super::{
-        BoundSlot, ByteBudget, CookieKeys, CounterValue, FastSlot, FastState, GuardConfig, Meter,
-        Rate, SessionEntry, SourceKey, SourceState,
+        BoundSlot, ByteBudget, CookieKeys, CounterValue, FastSlot, FastState, FibCache, FibHop,
+        GuardConfig, Meter, Rate, SessionEntry, SourceKey, SourceState,
     };
 
-    // SAFETY (all twelve impls below): #[repr(C)], fields are integers or integer arrays laid out
+    // SAFETY (all fourteen impls below): #[repr(C)], fields are integers or integer arrays laid out
     // without padding (checked by the size assertions in the tests), so any bytes are a valid
     // value.
     unsafe impl aya::Pod for Rate {}
@@ -750,6 +812,8 @@ mod pod {
     unsafe impl aya::Pod for ByteBudget {}
     unsafe impl aya::Pod for FastSlot {}
     unsafe impl aya::Pod for FastState {}
+    unsafe impl aya::Pod for FibHop {}
+    unsafe impl aya::Pod for FibCache {}
 }
 
 #[cfg(test)]
@@ -779,6 +843,8 @@ mod tests {
         assert_eq!(size_of::<ByteBudget>(), 16);
         assert_eq!(size_of::<FastSlot>(), 56);
         assert_eq!(size_of::<FastState>(), 112);
+        assert_eq!(size_of::<FibHop>(), 8 + 16 + 16 + 4 + 4 + 2 + 2 + 6 + 6 + 8);
+        assert_eq!(size_of::<FibCache>(), 2 * size_of::<FibHop>());
         assert_eq!(size_of::<SessionEntry>(), 2 * size_of::<BoundSlot>());
     }
 

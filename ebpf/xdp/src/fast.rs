@@ -14,21 +14,31 @@
 use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 use core::mem::size_of;
 
-use aya_ebpf::bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX};
+use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX};
 use aya_ebpf::bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup};
-use aya_ebpf::helpers::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_ns};
+use aya_ebpf::helpers::bpf_fib_lookup as fib_lookup;
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::{DevMapHash, HashMap, PerCpuArray};
 use aya_ebpf::programs::XdpContext;
 use ferry_common::xdp::{
-    BoundSlot, Counter, CounterValue, FastSlot, FastState, GuardConfig, MAX_SESSIONS,
+    BoundSlot, Counter, CounterValue, FIB_CACHE_NS, FastSlot, FastState, FibCache, FibHop,
+    GuardConfig, MAX_SESSIONS, SessionEntry,
 };
 
-use crate::{ETH_HLEN, IPV6_HLEN, SESSIONS, UDP_HLEN};
+use crate::{ETH_HLEN, IPV6_HLEN, UDP_HLEN};
 
 #[map(name = "FAST_STATE")]
 static FAST_STATE: HashMap<u64, FastState> =
     HashMap::with_max_entries(MAX_SESSIONS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+#[map(name = "FIB_CACHE")]
+static FIB_CACHE: HashMap<u64, FibCache> =
+    HashMap::with_max_entries(MAX_SESSIONS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// Where a next hop is put together before it replaces the cached one: a per-CPU entry, as
+/// the stack has no room for it next to the guard's.
+#[map(name = "FIB_SCRATCH")]
+static FIB_SCRATCH: PerCpuArray<FibCache> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "FAST_IFACES")]
 static FAST_IFACES: DevMapHash = DevMapHash::with_max_entries(64, 0);
@@ -41,6 +51,8 @@ const AF_INET6: u8 = 10;
 const IPPROTO_UDP: u8 = 17;
 /// `BPF_FIB_LOOKUP_SRC`: fill in the route's preferred source address.
 const FIB_SRC: u32 = 16;
+/// `BPF_EXIST`: update an entry only if it exists.
+const BPF_EXIST: u64 = 2;
 /// Tries of the byte meter's compare-and-swap before giving the datagram to the relay.
 const CAS_TRIES: usize = 4;
 /// Ethernet + IPv4 (no options) + UDP.
@@ -50,6 +62,11 @@ const V6_HEADERS: usize = ETH_HLEN + IPV6_HLEN + UDP_HLEN;
 
 /// What the guard learnt of a DATA datagram it passed.
 pub struct Data {
+    /// The session's entry in [`SESSIONS`](crate::SESSIONS), which the guard looked up (not
+    /// null; valid for this run).
+    pub entry: *const SessionEntry,
+    /// `bpf_ktime_get_ns` as the guard read it for this datagram.
+    pub now: u64,
     /// The session id.
     pub session_id: u64,
     /// The source address (IPv4-mapped for IPv4) and port.
@@ -67,14 +84,9 @@ pub struct Data {
 /// The fast path's verdict on `data`, and the counter slot that counts it.
 #[inline(always)]
 pub fn forward(ctx: &XdpContext, cfg: &GuardConfig, data: &Data) -> (u32, u32) {
-    // Looked up again rather than handed over from the guard: a map value pointer kept across
-    // the guard's return loses its type for the verifier.
-    let Some(entry) = SESSIONS.get_ptr(data.session_id) else {
-        return pass(Counter::FastPeerUnbound);
-    };
-    // SAFETY: the map's value for this key, valid for this run; the relay replaces entries
-    // whole, so it is never seen half written.
-    let entry = unsafe { &*entry };
+    // SAFETY: the guard's lookup of this session in SESSIONS, not null, valid for this run;
+    // the relay replaces entries whole, so it is never seen half written.
+    let entry = unsafe { &*data.entry };
     let (from, to) = match entry.fast_route(&data.source, data.src_port) {
         Ok(route) => route,
         Err(reason) => return pass(reason),
@@ -86,8 +98,7 @@ pub fn forward(ctx: &XdpContext, cfg: &GuardConfig, data: &Data) -> (u32, u32) {
     };
     let sender = &entry.slots[from];
     let receiver = &entry.slots[to];
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = data.now;
     // SAFETY: `state` is the map's value for this key, valid for this run; its fields are
     // 8-byte aligned u64s (the value is #[repr(C)] of u64s), shared with other CPUs and
     // touched only through atomics or whole 8-byte stores.
@@ -147,14 +158,13 @@ pub fn forward(ctx: &XdpContext, cfg: &GuardConfig, data: &Data) -> (u32, u32) {
     if data.ip_options {
         return pass(Counter::FastIpOptions);
     }
+    // Whether the fast path is active on the interface it came in on is checked when its next
+    // hop is resolved (`next_hop`), and holds for as long as the hop does.
     let ingress = ctx.ingress_ifindex() as u32;
-    if FAST_IFACES.get(ingress).is_none() {
-        return pass(Counter::FastInterface);
-    }
     let action = if receiver.is_v4() {
-        forward_v4(ctx, cfg, receiver, ingress)
+        forward_v4(ctx, cfg, data, to, receiver, ingress)
     } else {
-        forward_v6(ctx, cfg, receiver, ingress)
+        forward_v6(ctx, cfg, data, to, receiver, ingress)
     };
     let action = match action {
         Ok(action) => action,
@@ -180,31 +190,123 @@ fn pass(reason: Counter) -> (u32, u32) {
     (XDP_PASS, reason as u32)
 }
 
-/// Sends the frame out: `XDP_TX` when the route leaves by `ingress`, else a redirect.
+/// How the frame leaves by `egress`: `XDP_TX` when that is `ingress`, else a redirect through
+/// the device map, which fails (and the frame goes to the relay, untouched) when the fast path
+/// is not active on `egress`. Decided before the frame is rewritten: a rewritten frame cannot
+/// be passed on.
 #[inline(always)]
-fn send(egress: u32, ingress: u32) -> (u32, u32) {
+fn send(egress: u32, ingress: u32) -> Result<(u32, u32), Counter> {
     if egress == ingress {
-        return (XDP_TX, Counter::FastTx as u32);
+        return Ok((XDP_TX, Counter::FastTx as u32));
     }
     match FAST_IFACES.redirect(egress, 0) {
-        Ok(action) => (action, Counter::FastRedirect as u32),
-        // Checked before the rewrite, so this cannot happen unless the relay removed the
-        // interface in between: the frame is rewritten already, so it cannot pass.
-        Err(_) => (XDP_ABORTED, Counter::FastInterface as u32),
+        Ok(action) => Ok((action, Counter::FastRedirect as u32)),
+        Err(_) => Err(Counter::FastInterface),
     }
 }
 
-/// A FIB lookup for the route to the receiving slot from the relay address (or, when
-/// `want_src`, from the route's preferred source, which the lookup fills in), as the
-/// forwarding path does it: the kernel answers only if forwarding is enabled on the ingress
-/// interface (the relay checks and says so).
+/// The next hop for DATA `data` to slot `to` of its session (bound at `receiver`) that came
+/// in on `ingress` with IP length `ip_len`: the cached one when it serves ([`FibHop::serves`]),
+/// else, if the fast path is active on `ingress`, a FIB lookup, as the forwarding path does it (the kernel answers only if forwarding is
+/// enabled on the ingress interface; the relay checks and says so), whose result replaces
+/// the cached hop. The hop returned lies in map memory (the cache, or this CPU's scratch
+/// entry), valid for this run.
 #[inline(always)]
-fn lookup(ctx: &XdpContext, params: &mut bpf_fib_lookup, want_src: bool) -> bool {
+fn next_hop(
+    ctx: &XdpContext,
+    data: &Data,
+    to: usize,
+    receiver: &BoundSlot,
+    ingress: u32,
+    ip_len: u16,
+) -> Result<*const FibHop, Counter> {
+    let (session_id, now) = (data.session_id, data.now);
+    let to = to & 1;
+    let cached = FIB_CACHE.get_ptr(session_id);
+    if let Some(cache) = cached {
+        // SAFETY: the map's value for this key, valid for this run; the program replaces
+        // entries whole (below), so it is never seen half written.
+        let hop = unsafe { &(*cache).slots[to] };
+        if hop.serves(ingress, &receiver.addr, receiver.port, ip_len, now) {
+            return Ok(hop);
+        }
+    }
+    if FAST_IFACES.get(ingress).is_none() {
+        return Err(Counter::FastInterface);
+    }
+    let Some(fresh) = FIB_SCRATCH.get_ptr_mut(0) else {
+        return Err(Counter::FastFibMiss);
+    };
+    // SAFETY: a per-CPU array entry belongs to this CPU while the program runs.
+    let fresh = unsafe { &mut *fresh };
+    match cached {
+        // SAFETY: as above; copied so that the other slot's hop is kept.
+        Some(cache) => *fresh = unsafe { *cache },
+        None => *fresh = FibCache::default(),
+    }
+    let v4 = receiver.is_v4();
+    let want_src = receiver.relay_addr_set != 1;
+    // SAFETY: all-zero bytes are a valid bpf_fib_lookup (integers and unions of integers).
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.l4_protocol = IPPROTO_UDP;
+    params.sport = receiver.relay_port.to_be();
+    params.dport = receiver.port.to_be();
+    params.__bindgen_anon_1.tot_len = ip_len;
+    params.ifindex = ingress;
+    if v4 {
+        params.family = AF_INET;
+        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(last4(&receiver.addr));
+        params.__bindgen_anon_3.ipv4_src = if want_src {
+            0
+        } else {
+            u32::from_ne_bytes(last4(&receiver.relay_addr))
+        };
+    } else {
+        params.family = AF_INET6;
+        params.__bindgen_anon_4.ipv6_dst = words(&receiver.addr);
+        params.__bindgen_anon_3.ipv6_src = if want_src {
+            [0; 4]
+        } else {
+            words(&receiver.relay_addr)
+        };
+    }
     let flags = if want_src { FIB_SRC } else { 0 };
     let size = size_of::<bpf_fib_lookup>() as i32;
     // SAFETY: `params` is a valid bpf_fib_lookup of `size` bytes for the call's duration.
-    let rc = unsafe { fib_lookup(ctx.ctx as *mut _, params, size, flags) };
-    rc == BPF_FIB_LKUP_RET_SUCCESS as i64
+    let rc = unsafe { fib_lookup(ctx.ctx as *mut _, &mut params, size, flags) };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return Err(Counter::FastFibMiss);
+    }
+    let hop = &mut fresh.slots[to];
+    hop.expires = now.wrapping_add(FIB_CACHE_NS);
+    hop.dst = receiver.addr;
+    if v4 {
+        // SAFETY: the kernel wrote an IPv4 source into the union for an AF_INET lookup.
+        let src = unsafe { params.__bindgen_anon_3.ipv4_src }.to_ne_bytes();
+        hop.src = [
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, src[0], src[1], src[2], src[3],
+        ];
+    } else {
+        // SAFETY: the kernel wrote an IPv6 source into the union for an AF_INET6 lookup.
+        let src = unsafe { params.__bindgen_anon_3.ipv6_src };
+        for (i, w) in src.iter().enumerate() {
+            hop.src[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+    }
+    hop.egress = params.ifindex;
+    hop.ingress = ingress;
+    hop.dst_port = receiver.port;
+    hop.max_len = ip_len;
+    hop.dmac = params.dmac;
+    hop.smac = params.smac;
+    let hop: *const FibHop = hop;
+    if cached.is_some() {
+        // Replaces the entry whole (from map memory: no copy on the stack), and only if the
+        // relay still has it (it removes it with the session): a failure costs only the next
+        // datagram's lookup.
+        let _ = FIB_CACHE.insert(session_id, fresh, BPF_EXIST);
+    }
+    Ok(hop)
 }
 
 /// The 16-bit one's-complement sum of the `len` bytes of `bytes` from `start` (big-endian
@@ -243,7 +345,9 @@ fn udp_checksum_update(check: u16, old: u32, new: u32) -> u16 {
 fn forward_v4(
     ctx: &XdpContext,
     cfg: &GuardConfig,
-    to: &BoundSlot,
+    data: &Data,
+    to: usize,
+    receiver: &BoundSlot,
     ingress: u32,
 ) -> Result<(u32, u32), Counter> {
     let start = ctx.data();
@@ -256,69 +360,41 @@ fn forward_v4(
     let h = unsafe { &mut *(start as *mut [u8; V4_HEADERS]) };
     let ip = ETH_HLEN;
     let udp = ETH_HLEN + 20;
-    let dst = [to.addr[12], to.addr[13], to.addr[14], to.addr[15]];
     let tot_len = u16::from_be_bytes([h[ip + 2], h[ip + 3]]);
-    let want_src = to.relay_addr_set != 1;
-    // SAFETY: all-zero bytes are a valid bpf_fib_lookup (integers and unions of integers).
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    {
-        let p = &mut params;
-        p.family = AF_INET;
-        p.l4_protocol = IPPROTO_UDP;
-        p.sport = to.relay_port.to_be();
-        p.dport = to.port.to_be();
-        p.__bindgen_anon_1.tot_len = tot_len;
-        p.ifindex = ingress;
-        p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
-        p.__bindgen_anon_3.ipv4_src = if want_src {
-            0
-        } else {
-            u32::from_ne_bytes([
-                to.relay_addr[12],
-                to.relay_addr[13],
-                to.relay_addr[14],
-                to.relay_addr[15],
-            ])
-        };
-    }
-    if !lookup(ctx, &mut params, want_src) {
-        return Err(Counter::FastFibMiss);
-    }
-    let egress = params.ifindex;
-    if FAST_IFACES.get(egress).is_none() {
-        return Err(Counter::FastInterface);
-    }
-    // SAFETY: the kernel wrote an IPv4 source into the union for an AF_INET lookup.
-    let src = unsafe { params.__bindgen_anon_3.ipv4_src }.to_ne_bytes();
+    // SAFETY: map memory valid for this run (see `next_hop`).
+    let hop = unsafe { &*next_hop(ctx, data, to, receiver, ingress, tot_len)? };
+    let action = send(hop.egress, ingress)?;
 
     // The words the UDP checksum covers that change: the pseudo-header's addresses and the
     // ports.
     let old = sum16(h, ip + 12, 8) + sum16(h, udp, 4);
-    h[..6].copy_from_slice(&params.dmac);
-    h[6..12].copy_from_slice(&params.smac);
+    h[..6].copy_from_slice(&hop.dmac);
+    h[6..12].copy_from_slice(&hop.smac);
     h[ip + 8] = cfg.ttl;
     h[ip + 10] = 0;
     h[ip + 11] = 0;
-    h[ip + 12..ip + 16].copy_from_slice(&src);
-    h[ip + 16..ip + 20].copy_from_slice(&dst);
+    h[ip + 12..ip + 16].copy_from_slice(&hop.src[12..16]);
+    h[ip + 16..ip + 20].copy_from_slice(&receiver.addr[12..16]);
     let ip_check = !fold(sum16(h, ip, 20));
     h[ip + 10..ip + 12].copy_from_slice(&ip_check.to_be_bytes());
-    h[udp..udp + 2].copy_from_slice(&to.relay_port.to_be_bytes());
-    h[udp + 2..udp + 4].copy_from_slice(&to.port.to_be_bytes());
+    h[udp..udp + 2].copy_from_slice(&receiver.relay_port.to_be_bytes());
+    h[udp + 2..udp + 4].copy_from_slice(&receiver.port.to_be_bytes());
     let check = u16::from_be_bytes([h[udp + 6], h[udp + 7]]);
     if check != 0 {
         let new = sum16(h, ip + 12, 8) + sum16(h, udp, 4);
         let check = udp_checksum_update(check, old, new);
         h[udp + 6..udp + 8].copy_from_slice(&check.to_be_bytes());
     }
-    Ok(send(egress, ingress))
+    Ok(action)
 }
 
 #[inline(always)]
 fn forward_v6(
     ctx: &XdpContext,
     cfg: &GuardConfig,
-    to: &BoundSlot,
+    data: &Data,
+    to: usize,
+    receiver: &BoundSlot,
     ingress: u32,
 ) -> Result<(u32, u32), Counter> {
     let start = ctx.data();
@@ -334,48 +410,28 @@ fn forward_v6(
         return Err(Counter::FastNoChecksum);
     }
     let tot_len = u16::from_be_bytes([h[ip + 4], h[ip + 5]]).wrapping_add(IPV6_HLEN as u16);
-    let want_src = to.relay_addr_set != 1;
-    // SAFETY: all-zero bytes are a valid bpf_fib_lookup (integers and unions of integers).
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    {
-        let p = &mut params;
-        p.family = AF_INET6;
-        p.l4_protocol = IPPROTO_UDP;
-        p.sport = to.relay_port.to_be();
-        p.dport = to.port.to_be();
-        p.__bindgen_anon_1.tot_len = tot_len;
-        p.ifindex = ingress;
-        p.__bindgen_anon_4.ipv6_dst = words(&to.addr);
-        p.__bindgen_anon_3.ipv6_src = if want_src {
-            [0; 4]
-        } else {
-            words(&to.relay_addr)
-        };
-    }
-    if !lookup(ctx, &mut params, want_src) {
-        return Err(Counter::FastFibMiss);
-    }
-    let egress = params.ifindex;
-    if FAST_IFACES.get(egress).is_none() {
-        return Err(Counter::FastInterface);
-    }
-    // SAFETY: the kernel wrote an IPv6 source into the union for an AF_INET6 lookup.
-    let src = unsafe { params.__bindgen_anon_3.ipv6_src };
+    // SAFETY: map memory valid for this run (see `next_hop`).
+    let hop = unsafe { &*next_hop(ctx, data, to, receiver, ingress, tot_len)? };
+    let action = send(hop.egress, ingress)?;
 
     let old = sum16(h, ip + 8, 32) + sum16(h, udp, 4);
-    h[..6].copy_from_slice(&params.dmac);
-    h[6..12].copy_from_slice(&params.smac);
+    h[..6].copy_from_slice(&hop.dmac);
+    h[6..12].copy_from_slice(&hop.smac);
     h[ip + 7] = cfg.hop_limit;
-    for (i, w) in src.iter().enumerate() {
-        h[ip + 8 + 4 * i..ip + 12 + 4 * i].copy_from_slice(&w.to_ne_bytes());
-    }
-    h[ip + 24..ip + 40].copy_from_slice(&to.addr);
-    h[udp..udp + 2].copy_from_slice(&to.relay_port.to_be_bytes());
-    h[udp + 2..udp + 4].copy_from_slice(&to.port.to_be_bytes());
+    h[ip + 8..ip + 24].copy_from_slice(&hop.src);
+    h[ip + 24..ip + 40].copy_from_slice(&receiver.addr);
+    h[udp..udp + 2].copy_from_slice(&receiver.relay_port.to_be_bytes());
+    h[udp + 2..udp + 4].copy_from_slice(&receiver.port.to_be_bytes());
     let new = sum16(h, ip + 8, 32) + sum16(h, udp, 4);
     let check = udp_checksum_update(check, old, new);
     h[udp + 6..udp + 8].copy_from_slice(&check.to_be_bytes());
-    Ok(send(egress, ingress))
+    Ok(action)
+}
+
+/// The last four bytes of an address: an IPv4-mapped address's IPv4 part.
+#[inline(always)]
+fn last4(addr: &[u8; 16]) -> [u8; 4] {
+    [addr[12], addr[13], addr[14], addr[15]]
 }
 
 /// An IPv6 address as the FIB lookup's four network-order words.

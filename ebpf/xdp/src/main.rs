@@ -274,9 +274,16 @@ fn guard_checks(ctx: &XdpContext) -> Result<Verdict<'static>, (u32, u32)> {
     }
     // Everything but BIND names a session the relay must already hold; DATA and KEEPALIVE
     // must come from one of its bound slots. REBIND (from a new address) and CLOSE (from any)
-    // are proved by their MAC, which the relay checks.
-    if cfg.flags & FLAG_SESSION_FILTER != 0 && header.packet_type != PacketType::Bind {
-        let Some(entry) = SESSIONS.get_ptr(header.session_id) else {
+    // are proved by their MAC, which the relay checks. The entry looked up here is the one
+    // the fast path uses: one lookup per datagram.
+    let fast = header.packet_type == PacketType::Data && cfg.flags & FLAG_FAST_PATH != 0;
+    let filter = cfg.flags & FLAG_SESSION_FILTER != 0 && header.packet_type != PacketType::Bind;
+    let mut session: Option<*const SessionEntry> = None;
+    if filter || fast {
+        session = SESSIONS.get_ptr(header.session_id);
+    }
+    if filter {
+        let Some(entry) = session else {
             return Err(drop(Counter::DropUnknownSession));
         };
         if matches!(header.packet_type, PacketType::Data | PacketType::Keepalive) {
@@ -290,6 +297,9 @@ fn guard_checks(ctx: &XdpContext) -> Result<Verdict<'static>, (u32, u32)> {
             }
         }
     }
+    // SAFETY: bpf_ktime_get_ns has no preconditions. Read once for the meters and the fast
+    // path's byte budget.
+    let now = unsafe { bpf_ktime_get_ns() };
     let verdict = if listed == Some(LIST_ALLOW) {
         (XDP_PASS, Counter::PassAllowListed as u32)
     } else {
@@ -310,20 +320,23 @@ fn guard_checks(ctx: &XdpContext) -> Result<Verdict<'static>, (u32, u32)> {
                 key.addr[i] &= cfg.ipv6_mask[i];
             }
         }
-        meter(cfg, &key, handshake, datagram_len as u64)
+        meter(cfg, &key, handshake, datagram_len as u64, now)
     };
 
     // ---- The fast path: DATA the guard passed ----
-    if verdict.0 != XDP_PASS
-        || header.packet_type != PacketType::Data
-        || cfg.flags & FLAG_FAST_PATH == 0
-    {
+    if verdict.0 != XDP_PASS || !fast {
         return Err(verdict);
     }
+    let Some(entry) = session else {
+        // Only without the session filter: the relay decides (and drops it).
+        return Err((XDP_PASS, Counter::FastPeerUnbound as u32));
+    };
     let Some(src_port) = read_u16(ctx, l4.offset) else {
         return Err(drop(Counter::DropBadIpHeader));
     };
     let data = fast::Data {
+        entry,
+        now,
         session_id: header.session_id,
         source: l4.source,
         src_port,
@@ -379,9 +392,13 @@ fn cookie_is_valid(ctx: &XdpContext, payload: usize, session_id: u64, l4: &L4) -
 
 /// Admits or refuses one relay datagram from `key`, updating its meters in place.
 #[inline(always)]
-fn meter(cfg: &GuardConfig, key: &SourceKey, handshake: Handshake, bytes: u64) -> (u32, u32) {
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+fn meter(
+    cfg: &GuardConfig,
+    key: &SourceKey,
+    handshake: Handshake,
+    bytes: u64,
+    now: u64,
+) -> (u32, u32) {
     let existing = SOURCES.get_ptr_mut(key);
     let mut state = match existing {
         // SAFETY: the pointer is the map's value for `key`, valid for this run. Two CPUs may
@@ -420,6 +437,14 @@ fn meter(cfg: &GuardConfig, key: &SourceKey, handshake: Handshake, bytes: u64) -
         let Some(bytes) = state.data_bytes.admit(&cfg.data_bytes, now, bytes) else {
             return drop(Counter::DropRateDataBytes);
         };
+        if let Some(p) = existing {
+            // SAFETY: as above. Only the two meters that changed are written back.
+            unsafe {
+                (*p).data_packets = packets;
+                (*p).data_bytes = bytes;
+            }
+            return verdict;
+        }
         state.data_packets = packets;
         state.data_bytes = bytes;
     }
