@@ -94,9 +94,12 @@ fn check_trial(path: &str, what: &str, t: &Value) {
             );
         }
     }
+    // The host's busy time comes from /proc/stat, in clock ticks (10 ms): a short, light
+    // trial (the low steady rate) can fall between them and show none.
+    let host = num(t, "host_cpu_ns_per_packet");
     assert!(
-        num(t, "host_cpu_ns_per_packet") > 0.0,
-        "{path} {what}: no host CPU"
+        host > 0.0 || (host == 0.0 && sent < 50_000.0),
+        "{path} {what}: host CPU {host} for {sent} datagrams"
     );
 }
 
