@@ -33,11 +33,14 @@ fn check_trial(path: &str, what: &str, t: &Value) {
     // little slack for the kernel's counters, which also count the odd set-up datagram.
     // On a loaded machine a forwarder descheduled past the end-of-trial wait (30 ms without
     // arrivals) counts the last datagrams of the trial before in this one: 5 % of slack, as
-    // much as the loss these tests let a trial have.
+    // much as the loss these tests let a trial have. Socket drops are left out of the bound:
+    // Ferry learns of its socket's drops only with the next datagram it reads (the kernel's
+    // drop counter rides on each received datagram), so drops at the end of a trial that
+    // overflowed the socket are counted in the next trial.
     let stale = num(t, "stale");
     assert!(
-        rx + drops <= sent + stale + 16.0 + sent * 0.05,
-        "{path} {what}: relay in {rx}+{drops} > sent {sent} + stale {stale}"
+        rx <= sent + stale + 16.0 + sent * 0.05,
+        "{path} {what}: relay in {rx} > sent {sent} + stale {stale}"
     );
     assert!(
         sink <= fwd + 16.0,
