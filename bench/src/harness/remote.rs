@@ -490,7 +490,6 @@ impl Run<'_> {
             n => body_bytes as f64 / n as f64,
         };
         let signed = |a: u64, b: u64| a as i64 - b as i64;
-        let us = |ns: u64| ns as f64 / 1000.0;
         Ok(Trial {
             target_pps: rate,
             pacing: match rate {
@@ -510,13 +509,7 @@ impl Run<'_> {
             lost_after_relay: signed(relay.forwarded, delivered),
             delivered_pps: delivered as f64 / secs,
             delivered_body_mbps: delivered as f64 * body_per_datagram * 8.0 / secs / 1e6,
-            latency_us: (!latency.is_empty()).then(|| Latency {
-                p50: us(latency.value_at_quantile(0.50)),
-                p99: us(latency.value_at_quantile(0.99)),
-                p999: us(latency.value_at_quantile(0.999)),
-                max: us(latency.max()),
-                mean: latency.mean() / 1000.0,
-            }),
+            latency_us: Latency::from_ns(&latency),
             relay_cpu_ns_per_packet: match (cpu0, cpu1) {
                 (Some(a), Some(b)) if relay.forwarded > 0 => {
                     Some(b.saturating_sub(a) as f64 / relay.forwarded as f64)

@@ -222,6 +222,21 @@ pub struct Latency {
     pub mean: f64,
 }
 
+impl Latency {
+    /// The percentiles of a histogram of one-way latencies in nanoseconds, or `None` when
+    /// nothing was recorded.
+    pub fn from_ns(h: &hdrhistogram::Histogram<u64>) -> Option<Self> {
+        let us = |ns: u64| ns as f64 / 1000.0;
+        (!h.is_empty()).then(|| Self {
+            p50: us(h.value_at_quantile(0.50)),
+            p99: us(h.value_at_quantile(0.99)),
+            p999: us(h.value_at_quantile(0.999)),
+            max: us(h.max()),
+            mean: h.mean() / 1000.0,
+        })
+    }
+}
+
 /// The relay host's counts in one trial.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct RelayStage {

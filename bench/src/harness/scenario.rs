@@ -793,7 +793,6 @@ pub fn trial(
         n => n.saturating_sub(delivered) as f64 / n as f64,
     };
     let h = &received.latency;
-    let us = |ns: u64| ns as f64 / 1000.0;
     let body_per_datagram = match sent.datagrams {
         0 => 0.0,
         n => sent.body_bytes as f64 / n as f64,
@@ -825,13 +824,7 @@ pub fn trial(
         lost_after_relay: signed(relay.forwarded, delivered),
         delivered_pps: delivered as f64 / secs,
         delivered_body_mbps: delivered as f64 * body_per_datagram * 8.0 / secs / 1e6,
-        latency_us: (!h.is_empty()).then(|| Latency {
-            p50: us(h.value_at_quantile(0.50)),
-            p99: us(h.value_at_quantile(0.99)),
-            p999: us(h.value_at_quantile(0.999)),
-            max: us(h.max()),
-            mean: h.mean() / 1000.0,
-        }),
+        latency_us: Latency::from_ns(h),
         relay_cpu_ns_per_packet: match (cpu0, cpu1) {
             (Some(a), Some(b)) if relay.forwarded > 0 => {
                 Some(b.saturating_sub(a) as f64 / relay.forwarded as f64)
