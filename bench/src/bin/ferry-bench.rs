@@ -18,7 +18,7 @@ use ferry_bench::harness::paths::{Binaries, PathKind};
 use ferry_bench::harness::scenario::{Plan, Scenario, run};
 use ferry_bench::harness::testbed::TestbedFile;
 use ferry_bench::harness::topology::{NetnsTestbed, delete_namespace, stale_namespaces};
-use ferry_bench::harness::{catch_interrupts, charts, remote, report, schema};
+use ferry_bench::harness::{catch_interrupts, remote, schema};
 
 /// Ferry's bench harness: zero-loss throughput, latency and CPU per packet, against
 /// baselines measured in the same run on the same topology.
@@ -295,27 +295,10 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
     // The namespaces go before anything else can fail.
     drop(bed);
     let result = result?;
-    let json = serde_json::to_value(&result)?;
-    schema::validate(&json).context("the result does not match its own schema")?;
     let out = args.out.clone().unwrap_or_else(|| {
         PathBuf::from("target/ferry-bench").join(result.started_unix.to_string())
     });
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    std::fs::write(
-        out.join("result.json"),
-        serde_json::to_string_pretty(&json)?,
-    )?;
-    let charts = charts::draw(&result, &out).context("drawing the charts")?;
-    let mut md = report::markdown(&result);
-    if !charts.is_empty() {
-        md.push_str("\n## Charts\n\n");
-        for chart in &charts {
-            if let Some(name) = chart.file_name().and_then(|n| n.to_str()) {
-                md.push_str(&format!("![{name}]({name})\n"));
-            }
-        }
-    }
-    std::fs::write(out.join("summary.md"), &md)?;
+    let md = remote::write_report(&result, &out)?;
     println!("\n{md}");
     println!(
         "wrote {} and {}",

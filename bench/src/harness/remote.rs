@@ -729,17 +729,7 @@ pub fn run(bed: &TestbedFile, scenarios: &[Scenario]) -> anyhow::Result<BenchRes
         started_unix,
         elapsed_seconds: started.elapsed().as_secs_f64(),
         profile: plan.profile.clone(),
-        host: Host {
-            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-                .unwrap_or_default()
-                .trim()
-                .to_string(),
-            load_average_start: std::fs::read_to_string("/proc/loadavg")
-                .ok()
-                .and_then(|l| l.split_whitespace().next()?.parse().ok())
-                .unwrap_or(f64::NAN),
-        },
+        host: Host::here(),
         topology,
         config: RunConfig {
             scenarios: plan.scenarios.iter().map(|s| s.name().into()).collect(),
@@ -806,7 +796,8 @@ fn describe(bed: &TestbedFile) -> String {
 }
 
 /// Writes result.json (checked against the schema), the charts and summary.md (with the
-/// testbed's own section) to `out`; returns the summary.
+/// testbed's own section when the run was on a testbed) to `out`; returns the summary. Both
+/// the namespace and the testbed runs write their reports with it.
 pub fn write_report(result: &BenchResult, out: &Path) -> anyhow::Result<String> {
     let json = serde_json::to_value(result)?;
     schema::validate(&json).context("the result does not match its own schema")?;

@@ -61,6 +61,23 @@ pub struct Host {
     pub load_average_start: f64,
 }
 
+impl Host {
+    /// This machine, now: its CPUs, kernel release and 1-minute load average.
+    pub fn here() -> Self {
+        Self {
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+            load_average_start: std::fs::read_to_string("/proc/loadavg")
+                .ok()
+                .and_then(|l| l.split_whitespace().next()?.parse().ok())
+                .unwrap_or(f64::NAN),
+        }
+    }
+}
+
 /// The run's settings.
 #[derive(Clone, Debug, Serialize)]
 pub struct RunConfig {

@@ -145,17 +145,7 @@ pub fn run(plan: &Plan, bed: &dyn Testbed, bins: &Binaries) -> anyhow::Result<Be
     let started_unix = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let host = Host {
-        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
-            .to_string(),
-        load_average_start: std::fs::read_to_string("/proc/loadavg")
-            .ok()
-            .and_then(|l| l.split_whitespace().next()?.parse().ok())
-            .unwrap_or(f64::NAN),
-    };
+    let host = Host::here();
     println!("ferry-bench: {}", bed.describe());
     let mut skipped = Vec::new();
     let mut paths = plan.paths.clone();
