@@ -176,15 +176,7 @@ impl PeerProcess {
 
     /// Stops the process (SIGTERM, then SIGKILL after five seconds).
     fn stop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.running() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        ferry_testkit::process::terminate(&mut self.child, Duration::from_secs(5));
     }
 }
 

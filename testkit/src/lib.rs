@@ -10,6 +10,7 @@
 //! - [`netns`]: two network namespaces joined by a veth pair, removed on drop.
 //! - [`hop`]: an on-path UDP hop that impairs (loss, reordering, delay), injects and replays.
 //! - [`metrics`]: samples of a Prometheus page and a minimal HTTP GET for admin listeners.
+//! - [`process`]: a signal to one child process, and a stop with SIGTERM, then SIGKILL.
 //!
 //! Errors are `anyhow` errors, as in a binary: every caller is a test (which unwraps) or a
 //! benchmark binary (which prints them).
@@ -22,6 +23,7 @@ pub mod metrics;
 pub mod monitoring;
 pub mod netns;
 pub mod peers;
+pub mod process;
 pub mod relay;
 pub mod skip;
 

@@ -222,14 +222,7 @@ impl RelayProcess {
 
     /// Sends `signal` (a name such as `HUP`) to the relay.
     pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.pid().to_string()])
-            .status()
-            .context("running kill")?;
-        if !status.success() {
-            bail!("kill -{signal} {}: {status}", self.pid());
-        }
-        Ok(())
+        crate::process::signal(&self.child, signal)
     }
 
     /// Whether the process is still running.
@@ -240,15 +233,6 @@ impl RelayProcess {
 
 impl Drop for RelayProcess {
     fn drop(&mut self) {
-        let _ = self.signal("TERM");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        crate::process::terminate(&mut self.child, Duration::from_secs(5));
     }
 }

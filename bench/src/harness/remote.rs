@@ -118,19 +118,7 @@ impl StartedRelay {
 
 impl Drop for StartedRelay {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .stderr(Stdio::null())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        ferry_testkit::process::terminate(&mut self.child, Duration::from_secs(5));
     }
 }
 
@@ -599,6 +587,8 @@ impl Run<'_> {
 pub fn run(bed: &TestbedFile, scenarios: &[Scenario]) -> anyhow::Result<BenchResult> {
     let started = Instant::now();
     let started_unix = realtime_ns() / 1_000_000_000;
+    // Read now: the report labels the load average as the one at the start.
+    let host = Host::here();
     let mut plan = bed.plan.clone();
     if !scenarios.is_empty() {
         if let Some(s) = scenarios
@@ -729,7 +719,7 @@ pub fn run(bed: &TestbedFile, scenarios: &[Scenario]) -> anyhow::Result<BenchRes
         started_unix,
         elapsed_seconds: started.elapsed().as_secs_f64(),
         profile: plan.profile.clone(),
-        host: Host::here(),
+        host,
         topology,
         config: RunConfig {
             scenarios: plan.scenarios.iter().map(|s| s.name().into()).collect(),

@@ -308,11 +308,7 @@ impl Gateway {
 
     /// Sends `signal` (e.g. `HUP`) to this gateway's process, by its pid.
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -{signal} failed");
+        ferry_testkit::process::signal(&self.child, signal).unwrap();
     }
 
     /// Whether the process is still running.
@@ -322,20 +318,8 @@ impl Gateway {
 
     /// Stops the gateway with SIGTERM (graceful), waiting at most 15 s.
     pub fn stop(mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                return self.child.wait().unwrap();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        ferry_testkit::process::terminate(&mut self.child, Duration::from_secs(15))
+            .expect("the gateway's exit status")
     }
 }
 
