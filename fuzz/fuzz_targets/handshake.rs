@@ -39,7 +39,9 @@ fn pair() -> Option<(Handshake, Handshake)> {
 }
 
 fn responder_reads(input: &[u8]) {
-    let Some((_, mut responder)) = pair() else { return };
+    let Some((_, mut responder)) = pair() else {
+        return;
+    };
     let mut known = KnownPeers::new();
     if responder.read_message(input, &mut known).is_ok() {
         let mut out = [0u8; 256];
@@ -49,14 +51,20 @@ fn responder_reads(input: &[u8]) {
 }
 
 fn after_message_1(input: &[u8]) {
-    let Some((mut initiator, mut responder)) = pair() else { return };
+    let Some((mut initiator, mut responder)) = pair() else {
+        return;
+    };
     let mut known = KnownPeers::new();
     let mut buf = [0u8; 256];
-    let Ok(n) = initiator.write_message(&mut buf) else { return };
+    let Ok(n) = initiator.write_message(&mut buf) else {
+        return;
+    };
     if responder.read_message(&buf[..n], &mut known).is_err() {
         return;
     }
-    let Ok(n) = responder.write_message(&mut buf) else { return };
+    let Ok(n) = responder.write_message(&mut buf) else {
+        return;
+    };
     let _ = initiator.read_message(input, &mut known);
     let _ = responder.read_message(input, &mut known);
     let _ = initiator.read_message(&buf[..n], &mut known);
@@ -83,7 +91,9 @@ fn established() -> Option<Transport> {
 }
 
 fn open_frames(mut input: &[u8]) {
-    let Some(mut transport) = established() else { return };
+    let Some(mut transport) = established() else {
+        return;
+    };
     let base = Instant::now();
     let mut out = [0u8; 2048];
     let mut step = 0u64;
@@ -101,7 +111,9 @@ fn open_frames(mut input: &[u8]) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&selector, rest)) = data.split_first() else { return };
+    let Some((&selector, rest)) = data.split_first() else {
+        return;
+    };
     match selector % 4 {
         0 => responder_reads(rest),
         1 => after_message_1(rest),
