@@ -1,6 +1,8 @@
 //! The load: a generator that sends DATA datagrams for many sessions, paced (constant or in
 //! bursts) or as fast as it can, with batched `sendmmsg` so that it is not what is measured;
-//! and a sink that counts what arrives with `recvmmsg` and records one-way latency.
+//! a sink that counts what arrives with `recvmmsg` and records one-way latency; and a probe
+//! that times round trips through Ferry's reply path (full binds, KEEPALIVE echoes) while the
+//! load runs ([`ReplyProbe`]).
 //!
 //! Every datagram carries its send time in its last 8 bytes (nanoseconds on the monotonic
 //! clock since [`epoch`], little-endian), written just before the `sendmmsg` that sends it.
