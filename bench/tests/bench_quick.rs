@@ -106,6 +106,63 @@ fn check_trial(path: &str, what: &str, t: &Value) {
     );
 }
 
+/// One kind of reply-path probe in one window: probes went out and came back, none is
+/// unaccounted for, none failed (a REJECT), and the percentiles are in order. No figure is
+/// held to a speed.
+fn check_rtt(path: &str, what: &str, kind: &str, r: &Value) {
+    let f = &r[kind];
+    let (sent, answered, lost, failed) = (
+        num(f, "sent"),
+        num(f, "answered"),
+        num(f, "lost"),
+        num(f, "failed"),
+    );
+    assert!(
+        sent > 0.0 && answered > 0.0,
+        "{path} {what}: no {kind} probe answered: {r}"
+    );
+    assert!(
+        sent >= answered + lost + failed,
+        "{path} {what}: {kind} probes unaccounted for: {f}"
+    );
+    assert_eq!(failed, 0.0, "{path} {what}: a {kind} probe failed: {r}");
+    let rtt = &f["rtt_us"];
+    assert!(
+        num(rtt, "p50") > 0.0 && num(rtt, "p50") <= num(rtt, "p99"),
+        "{path} {what}: {kind} {rtt}"
+    );
+    assert!(
+        num(rtt, "p99") <= num(rtt, "max"),
+        "{path} {what}: {kind} {rtt}"
+    );
+}
+
+/// The reply path's figures: on Ferry's columns an idle baseline and every latency point,
+/// elsewhere none.
+fn check_reply(path: &str, run: &Value) {
+    let points = run["points"].as_array().expect("points");
+    if !path.starts_with("ferry") {
+        assert!(run["reply_idle"].is_null(), "{path}: reply_idle");
+        assert!(points.iter().all(|p| p["reply"].is_null()), "{path}: reply");
+        return;
+    }
+    let idle = &run["reply_idle"];
+    for kind in ["bind", "keepalive"] {
+        check_rtt(path, "idle", kind, idle);
+    }
+    assert!(
+        num(idle, "relay_cpu_ns_per_second") > 0.0,
+        "{path}: the probes cost the relay nothing? {idle}"
+    );
+    for p in points {
+        let label = p["label"].as_str().expect("label");
+        for kind in ["bind", "keepalive"] {
+            check_rtt(path, label, kind, &p["reply"]);
+        }
+        assert!(num(&p["reply"], "seconds") > 0.0, "{path} {label}");
+    }
+}
+
 /// Whether the relay's XDP fast path can run here: native XDP on veth, which the relay's own
 /// tests also need (their skip policy says so when it is missing).
 fn fast_path_expected(result: &Value) -> bool {
@@ -206,7 +263,13 @@ fn the_quick_profile_runs_end_to_end_and_its_report_holds_together() {
         if path.starts_with("ferry") {
             assert!(num(&run["setup"], "binds_per_second") > 0.0);
         }
+        check_reply(path, run);
     }
+    assert!(
+        summary.contains("Reply path") && summary.contains("| ferry | idle |"),
+        "summary.md has the reply path's table"
+    );
+    assert_eq!(num(&result["config"], "probe_rate"), 20.0, "the default");
 
     // Every ratio is Ferry's value over the baseline's, both as measured in this run.
     let ratios = result["ratios"].as_array().expect("ratios");

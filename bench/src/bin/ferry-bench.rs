@@ -64,7 +64,7 @@ struct RunArgs {
         "quick", "full", "payloads", "paths", "require_all_paths", "sessions", "max_loss",
         "trial_seconds", "latency_seconds", "search_steps", "pacing", "burst", "fractions",
         "low_rate", "rates", "scale_sessions", "flood_legit_rate", "relay_cpu", "load_cpu",
-        "relay_bin", "bin_dir",
+        "relay_bin", "bin_dir", "probe_rate", "probe_timeout_ms",
     ])]
     testbed: Option<PathBuf>,
     /// The quick profile (under two minutes): 64 B, 4 sessions, short trials, two fixed rates.
@@ -133,6 +133,16 @@ struct RunArgs {
     /// Send one datagram per message instead of UDP GSO runs (to measure what GSO buys).
     #[arg(long)]
     no_gso: bool,
+    /// Reply-path probes of each kind a second (0 to 50; 0: none) during Ferry's latency
+    /// points (latency and rates scenarios) and in an idle window before them: full binds of
+    /// fresh sessions (BIND, CHALLENGE, BIND, BIND-ACK) and KEEPALIVE echoes, one at a time
+    /// from a socket of their own in the generator's host. The binds cost the relay CPU (the
+    /// report says how much); at most 50, the XDP guard's handshake rate per source.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=50))]
+    probe_rate: u64,
+    /// How long a reply-path probe waits for each answer before it counts as lost, ms.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    probe_timeout_ms: u64,
     /// What sends the flood scenario's flood: `packet` (a packet socket) or `xdp` (the XDP
     /// flood generator, about twice as much from one core).
     #[arg(long, default_value = "packet", value_parser = ["packet", "xdp"])]
@@ -269,6 +279,8 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
         ),
         gso: !args.no_gso,
         flood_xdp: args.flood_generator == "xdp",
+        probe_rate: args.probe_rate,
+        probe_timeout: std::time::Duration::from_millis(args.probe_timeout_ms),
     };
     if let Some(&n) = plan
         .scale_sessions

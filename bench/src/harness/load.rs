@@ -1,6 +1,8 @@
 //! The load: a generator that sends DATA datagrams for many sessions, paced (constant or in
 //! bursts) or as fast as it can, with batched `sendmmsg` so that it is not what is measured;
-//! and a sink that counts what arrives with `recvmmsg` and records one-way latency.
+//! a sink that counts what arrives with `recvmmsg` and records one-way latency; and a probe
+//! that times round trips through Ferry's reply path (full binds, KEEPALIVE echoes) while the
+//! load runs ([`ReplyProbe`]).
 //!
 //! Every datagram carries its send time in its last 8 bytes (nanoseconds on the monotonic
 //! clock since [`epoch`], little-endian), written just before the `sendmmsg` that sends it.
@@ -13,7 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use ferry_core::wire::{self, MAX_DATA_BODY, MAX_DATAGRAM};
+use ferry_core::proof::SlotKeys;
+use ferry_core::token::MintedToken;
+use ferry_core::wire::{self, MAX_DATA_BODY, MAX_DATAGRAM, Packet};
 use hdrhistogram::Histogram;
 
 use super::turn;
@@ -505,6 +509,315 @@ pub fn drain(socket: &UdpSocket) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The most reply-path probes of each kind a second: the XDP guard of `ferry-fast` lets one
+/// source send 50 BIND packets a second of each kind (with and without a cookie), and a bind
+/// probe sends one of each.
+pub const MAX_PROBE_RATE: u64 = 50;
+
+/// Sessions the probe keeps bound for its KEEPALIVEs, used in turn: an echo that comes after
+/// its probe gave up is for another session than the next probe's, and is not taken for its
+/// answer.
+const KEEPALIVE_SESSIONS: u64 = 4;
+
+/// How the reply-path probe of one window fared with one kind of round trip.
+#[derive(Debug)]
+pub struct RttSeries {
+    /// Probes started.
+    pub sent: u64,
+    /// Probes answered within the timeout; their round trips are in `rtt_ns`.
+    pub answered: u64,
+    /// Probes with no answer within the timeout (given up, not waited for).
+    pub lost: u64,
+    /// Probes that failed otherwise: a REJECT, or a socket error.
+    pub failed: u64,
+    /// Round-trip times of the answered probes, nanoseconds.
+    pub rtt_ns: Histogram<u64>,
+}
+
+impl RttSeries {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            sent: 0,
+            answered: 0,
+            lost: 0,
+            failed: 0,
+            // 1 ns to 100 s at 3 significant figures, as the sink's.
+            rtt_ns: Histogram::new_with_bounds(1, 100_000_000_000, 3)?,
+        })
+    }
+
+    fn answered_after(&mut self, started: Instant) {
+        self.answered += 1;
+        self.rtt_ns
+            .saturating_record((started.elapsed().as_nanos() as u64).max(1));
+    }
+}
+
+/// What the reply-path probe measured in one window.
+#[derive(Debug)]
+pub struct ReplyWindow {
+    /// Seconds it probed.
+    pub seconds: f64,
+    /// Full bind round trips of fresh sessions: BIND, CHALLENGE, BIND with the cookie and
+    /// proof, BIND-ACK (two round trips through the relay).
+    pub bind: RttSeries,
+    /// KEEPALIVE echoes on a bound session (one round trip).
+    pub keepalive: RttSeries,
+    /// Why the first failed probe failed, if one did.
+    pub first_failure: Option<String>,
+}
+
+/// Mints a slot-A token for a session id, one the relay under test accepts.
+pub type MintFn<'m> = dyn Fn(u64) -> anyhow::Result<MintedToken> + Sync + 'm;
+
+/// Times the relay's reply path from the generator's host while load runs: on a socket of its
+/// own it alternates full binds of fresh sessions (each closed again once timed, so it holds
+/// no slot) and KEEPALIVE echoes on sessions it bound at the start, at a fixed rate, one
+/// probe at a time, each given up after a timeout.
+pub struct ReplyProbe<'m> {
+    socket: UdpSocket,
+    relay: SocketAddr,
+    mint: &'m MintFn<'m>,
+    /// Probes of each kind a second.
+    rate: u64,
+    timeout: Duration,
+    /// The sessions its KEEPALIVEs are for, bound from `socket`.
+    keepalive: Vec<MintedToken>,
+    next_keepalive: usize,
+    next_session: u64,
+    /// Sessions whose bind probe got no answer in time: the relay may still bind them, so they
+    /// are closed again at the end of the window.
+    unsettled: Vec<MintedToken>,
+}
+
+impl std::fmt::Debug for ReplyProbe<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplyProbe")
+            .field("relay", &self.relay)
+            .field("rate", &self.rate)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl<'m> ReplyProbe<'m> {
+    /// A probe on `socket` for the relay at `relay`, `rate` probes of each kind a second (1 to
+    /// [`MAX_PROBE_RATE`]), each given up after `timeout`; binds its KEEPALIVE sessions now,
+    /// with tokens from `mint` for session ids from `first_session` on.
+    pub fn new(
+        socket: UdpSocket,
+        relay: SocketAddr,
+        mint: &'m MintFn<'m>,
+        first_session: u64,
+        rate: u64,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        if !(1..=MAX_PROBE_RATE).contains(&rate) {
+            bail!("a probe rate of {rate}/s: 1 to {MAX_PROBE_RATE}");
+        }
+        let mut probe = Self {
+            socket,
+            relay,
+            mint,
+            rate,
+            timeout,
+            keepalive: Vec::new(),
+            next_keepalive: 0,
+            next_session: first_session,
+            unsettled: Vec::new(),
+        };
+        for _ in 0..KEEPALIVE_SESSIONS {
+            let token = probe.fresh_token()?;
+            super::paths::bind(&probe.socket, relay, &token)
+                .context("binding a session for the reply-path probe's KEEPALIVEs")?;
+            probe.keepalive.push(token);
+        }
+        Ok(probe)
+    }
+
+    fn fresh_token(&mut self) -> anyhow::Result<MintedToken> {
+        let session = self.next_session;
+        self.next_session = self.next_session.wrapping_add(1);
+        (self.mint)(session)
+    }
+
+    /// Probes for `seconds` or until `stop`, from the calling thread pinned to `cpu`: bind and
+    /// KEEPALIVE in turn, `2 × rate` probes a second in all. A probe that is late (the one
+    /// before it took long) starts at once; the ones it would have overlapped are skipped.
+    pub fn run(
+        &mut self,
+        seconds: f64,
+        cpu: Option<usize>,
+        stop: &AtomicBool,
+    ) -> anyhow::Result<ReplyWindow> {
+        if let Some(cpu) = cpu {
+            let _ = pin_to(cpu);
+        }
+        let _ = fine_timer_slack();
+        let mut window = ReplyWindow {
+            seconds: 0.0,
+            bind: RttSeries::new()?,
+            keepalive: RttSeries::new()?,
+            first_failure: None,
+        };
+        let interval = Duration::from_secs_f64(1.0 / (2 * self.rate) as f64);
+        let started = Instant::now();
+        let until = started + Duration::from_secs_f64(seconds);
+        let mut slot = 0u32;
+        let mut bind_next = true;
+        loop {
+            let now = Instant::now();
+            if now >= until || stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let due = started + interval * slot;
+            if now < due {
+                // Short sleeps, so that `stop` is seen within a few milliseconds.
+                std::thread::sleep((due - now).min(until - now).min(Duration::from_millis(5)));
+                continue;
+            }
+            let failure = if bind_next {
+                self.bind_probe(&mut window.bind)?
+            } else {
+                self.keepalive_probe(&mut window.keepalive)
+            };
+            if window.first_failure.is_none() {
+                window.first_failure = failure;
+            }
+            bind_next = !bind_next;
+            let elapsed = started.elapsed();
+            slot = (slot + 1).max((elapsed.as_nanos() / interval.as_nanos().max(1)) as u32);
+        }
+        window.seconds = started.elapsed().as_secs_f64();
+        // What the relay may have bound after its probe gave up.
+        for token in std::mem::take(&mut self.unsettled) {
+            self.close(&token);
+        }
+        Ok(window)
+    }
+
+    /// One full bind of a fresh session, timed from the first BIND to the BIND-ACK (the token
+    /// is minted before); the session is closed again. A failure other than a timeout is
+    /// returned in words.
+    fn bind_probe(&mut self, series: &mut RttSeries) -> anyhow::Result<Option<String>> {
+        let token = self.fresh_token()?;
+        series.sent += 1;
+        let started = Instant::now();
+        let outcome = super::paths::bind_within(&self.socket, self.relay, &token, self.timeout);
+        let mut failure = None;
+        match &outcome {
+            Ok(()) => series.answered_after(started),
+            Err(e) if timed_out(e) => series.lost += 1,
+            Err(e) => {
+                series.failed += 1;
+                failure = Some(format!("bind probe: {e:#}"));
+            }
+        }
+        self.close(&token);
+        if outcome.is_err() {
+            // The relay may still bind it after the probe gave up: closed again later.
+            self.unsettled.push(token);
+        }
+        Ok(failure)
+    }
+
+    /// One KEEPALIVE and its echo, on the next of the probe's bound sessions. A failure other
+    /// than a timeout is returned in words.
+    fn keepalive_probe(&mut self, series: &mut RttSeries) -> Option<String> {
+        let Some(token) = self
+            .keepalive
+            .get(self.next_keepalive % self.keepalive.len().max(1))
+        else {
+            return Some("keepalive probe: no bound session".into());
+        };
+        self.next_keepalive += 1;
+        let session = token.claims.session_id;
+        let mut buf = [0u8; MAX_DATAGRAM];
+        let n = match wire::encode_keepalive(&mut buf, session) {
+            Ok(n) => n,
+            Err(e) => return Some(format!("keepalive probe: {e}")),
+        };
+        series.sent += 1;
+        let started = Instant::now();
+        let deadline = started + self.timeout;
+        if let Err(e) = self.socket.send_to(&buf[..n], self.relay) {
+            series.failed += 1;
+            return Some(format!("keepalive probe: sending: {e}"));
+        }
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                series.lost += 1;
+                return None;
+            }
+            if let Err(e) = self.socket.set_read_timeout(Some(left)) {
+                series.failed += 1;
+                return Some(format!("keepalive probe: {e}"));
+            }
+            match self.socket.recv_from(&mut buf) {
+                // Only the echo of this session: late answers to earlier probes are skipped.
+                Ok((len, _)) => match wire::parse(&buf[..len]) {
+                    Ok(Packet::Keepalive(k)) if k.session_id() == session => {
+                        series.answered_after(started);
+                        return None;
+                    }
+                    _ => continue,
+                },
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    series.lost += 1;
+                    return None;
+                }
+                Err(e) => {
+                    series.failed += 1;
+                    return Some(format!("keepalive probe: receiving: {e}"));
+                }
+            }
+        }
+    }
+
+    /// Closes `token`'s session (slot A; best effort, the relay does not answer): a number
+    /// above any the probe used, so the relay takes it whatever the session's last one.
+    fn close(&self, token: &MintedToken) {
+        let keys = SlotKeys::derive(&token.slot_secret);
+        let fields = wire::CloseFields {
+            slot: token.claims.slot,
+            reason: wire::CloseReason::PeerClosed,
+            seq: u64::MAX,
+        };
+        let mut buf = [0u8; MAX_DATAGRAM];
+        if let Ok(n) = wire::encode_close(&mut buf, token.claims.session_id, &fields, |m| {
+            keys.peer.mac(m)
+        }) {
+            let _ = self.socket.send_to(&buf[..n], self.relay);
+        }
+    }
+}
+
+impl Drop for ReplyProbe<'_> {
+    fn drop(&mut self) {
+        for token in self.keepalive.iter().chain(&self.unsettled) {
+            self.close(token);
+        }
+    }
+}
+
+/// Whether `e` says that an answer did not come in time (the socket's read timeout).
+fn timed_out(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            )
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -606,5 +919,112 @@ mod tests {
         .expect("channel data");
         assert_eq!(&outer[4..], &inner[..]);
         assert_eq!(&outer[..2], &[0x40, 0x01]);
+    }
+
+    /// A stand-in relay on loopback: BIND with no cookie gets a CHALLENGE, BIND with one a
+    /// BIND-ACK (the probe does not check its MAC), every other KEEPALIVE an echo; it returns
+    /// the sessions it got a CLOSE for.
+    fn fake_relay(
+        socket: UdpSocket,
+        stop: Arc<AtomicBool>,
+    ) -> std::thread::JoinHandle<std::collections::HashSet<u64>> {
+        std::thread::spawn(move || {
+            socket
+                .set_read_timeout(Some(Duration::from_millis(10)))
+                .expect("timeout");
+            let (mut buf, mut out) = ([0u8; MAX_DATAGRAM], [0u8; MAX_DATAGRAM]);
+            let mut keepalives = 0u64;
+            let mut closed = std::collections::HashSet::new();
+            loop {
+                // Until stopped and nothing more is queued (loopback queues at send time).
+                let Ok((len, from)) = socket.recv_from(&mut buf) else {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    continue;
+                };
+                let n = match wire::parse(&buf[..len]) {
+                    Ok(Packet::Bind(b)) if *b.cookie() == [0; 16] => wire::encode_challenge(
+                        &mut out,
+                        b.session_id(),
+                        &wire::ChallengeFields {
+                            bind_seq: b.bind_seq(),
+                            cookie: [7; 16],
+                        },
+                    ),
+                    Ok(Packet::Bind(b)) => wire::encode_bind_ack(
+                        &mut out,
+                        b.session_id(),
+                        &wire::BindAckFields {
+                            slot: b.slot(),
+                            peer_present: false,
+                            idle_timeout_secs: 60,
+                            bind_seq: b.bind_seq(),
+                            expires_at: 0,
+                        },
+                        |_| [0; 16],
+                    ),
+                    Ok(Packet::Keepalive(k)) => {
+                        keepalives += 1;
+                        if keepalives.is_multiple_of(2) {
+                            continue;
+                        }
+                        wire::encode_keepalive(&mut out, k.session_id())
+                    }
+                    Ok(Packet::Close(c)) => {
+                        closed.insert(c.session_id());
+                        continue;
+                    }
+                    _ => continue,
+                };
+                socket
+                    .send_to(&out[..n.expect("encodes")], from)
+                    .expect("answer");
+            }
+            closed
+        })
+    }
+
+    #[test]
+    fn the_reply_probe_times_binds_and_echoes_and_counts_what_is_lost() {
+        let relay = socket("127.0.0.1:0".parse().expect("addr")).expect("relay");
+        let relay_addr = relay.local_addr().expect("addr");
+        let stop = Arc::new(AtomicBool::new(false));
+        let fake = fake_relay(relay, Arc::clone(&stop));
+        let auth = ferry_testkit::fixtures::Authority::new().expect("keys");
+        let mint = |s: u64| auth.mint(s, wire::Slot::A, 600);
+        let mint: &MintFn<'_> = &mint;
+        let probe_socket = socket("127.0.0.1:0".parse().expect("addr")).expect("probe");
+        let mut probe = ReplyProbe::new(
+            probe_socket,
+            relay_addr,
+            mint,
+            1000,
+            MAX_PROBE_RATE,
+            Duration::from_millis(30),
+        )
+        .expect("the probe binds its KEEPALIVE sessions");
+        let w = probe
+            .run(0.4, None, &AtomicBool::new(false))
+            .expect("probing");
+        drop(probe);
+        stop.store(true, Ordering::Relaxed);
+        let closed = fake.join().expect("the fake relay");
+        for (kind, s) in [("bind", &w.bind), ("keepalive", &w.keepalive)] {
+            assert!(s.sent > 0 && s.answered > 0, "{kind}: {s:?}");
+            assert_eq!(s.sent, s.answered + s.lost + s.failed, "{kind}: {s:?}");
+            assert_eq!(s.failed, 0, "{kind}: {:?}", w.first_failure);
+            assert_eq!(s.rtt_ns.len(), s.answered, "{kind}");
+        }
+        assert_eq!(w.bind.lost, 0, "the fake relay answers every bind");
+        // Every other echo is dropped, and a lost one is given up on, not waited for.
+        assert!(w.keepalive.lost > 0, "{:?}", w.keepalive);
+        // Every session it bound was closed again: the bind probes' and its KEEPALIVE ones.
+        let sessions = KEEPALIVE_SESSIONS + w.bind.sent;
+        assert!(
+            (1000..1000 + sessions).all(|s| closed.contains(&s)),
+            "closed {} of {sessions}",
+            closed.len()
+        );
     }
 }

@@ -237,6 +237,9 @@ pub struct RunningPath {
     /// The forwarder's resident memory before and after the sessions were set up, bytes.
     pub rss_bytes: Option<(u64, u64)>,
     relay: Option<RelayProcess>,
+    /// Ferry only: the gateway key the relay trusts, to mint tokens for sessions of its own
+    /// (the reply-path probe's).
+    authority: Option<Authority>,
     _child: Option<Reaped>,
     _dir: Option<ferry_testkit::TempDir>,
 }
@@ -284,6 +287,7 @@ impl RunningPath {
                 bind_seconds: None,
                 rss_bytes: None,
                 relay: None,
+                authority: None,
                 _child: child,
                 _dir: dir,
             })
@@ -500,6 +504,7 @@ impl RunningPath {
         path.bind_seconds = Some(bind_seconds);
         path.rss_bytes = rss_before.zip(rss_bytes(pid).ok());
         path.relay = Some(relay);
+        path.authority = Some(auth);
         Ok(path)
     }
 
@@ -580,6 +585,20 @@ impl RunningPath {
     pub fn metric(&self, prefix: &str) -> Option<u64> {
         let page = self.relay.as_ref()?.metrics();
         (!page.is_empty()).then(|| sum_metric(&page, prefix))
+    }
+
+    /// A token for `slot` of `session_id` that this path's relay accepts, valid for
+    /// `lifetime_secs` (Ferry only: an error for other paths).
+    pub fn mint(
+        &self,
+        session_id: u64,
+        slot: Slot,
+        lifetime_secs: u64,
+    ) -> anyhow::Result<MintedToken> {
+        self.authority
+            .as_ref()
+            .context("only ferry-relay paths take tokens")?
+            .mint(session_id, slot, lifetime_secs)
     }
 
     /// The relay's log so far (Ferry only), for an error message.
@@ -699,9 +718,20 @@ static BIND_SEQ: LazyLock<AtomicU64> =
 
 /// BIND, CHALLENGE, BIND, BIND-ACK from `sock` to the relay at `relay`.
 pub(crate) fn bind(sock: &UdpSocket, relay: SocketAddr, token: &MintedToken) -> anyhow::Result<()> {
+    bind_within(sock, relay, token, Duration::from_secs(2))
+}
+
+/// [`bind`], each answer awaited at most `timeout`: the error of a missing answer holds the
+/// socket's `WouldBlock` or `TimedOut`.
+pub(crate) fn bind_within(
+    sock: &UdpSocket,
+    relay: SocketAddr,
+    token: &MintedToken,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let keys = SlotKeys::derive(&token.slot_secret);
     let slot = token.claims.slot;
-    sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+    sock.set_read_timeout(Some(timeout))?;
     let (mut out, mut inbuf) = (vec![0u8; MAX_DATAGRAM], vec![0u8; MAX_DATAGRAM]);
     let mut cookie = [0u8; 16];
     for _ in 0..3 {

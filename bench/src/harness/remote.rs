@@ -541,7 +541,11 @@ impl Run<'_> {
         let mut point = |run: &mut Self, label: String, what: String, rate: u64, pacing| {
             let t = run.trial(kind, payload, rate, pacing, plan.latency_seconds)?;
             progress(&tag, &what, &t, plan.max_loss);
-            points.push(Point { label, trial: t });
+            points.push(Point {
+                label,
+                trial: t,
+                reply: None,
+            });
             anyhow::Ok(())
         };
         if wants(Scenario::Latency) {
@@ -578,6 +582,8 @@ impl Run<'_> {
                 sockets: self.lanes.len(),
                 gso: self.gso,
             },
+            // The reply-path probe runs on the namespace topology only.
+            reply_idle: None,
         })
     }
 }
@@ -741,6 +747,8 @@ pub fn run(bed: &TestbedFile, scenarios: &[Scenario]) -> anyhow::Result<BenchRes
             max_workers: plan.max_workers,
             generator_gso: plan.gso,
             flood_generator: "packet".into(),
+            probe_rate: plan.probe_rate,
+            probe_timeout_ms: plan.probe_timeout.as_millis() as u64,
         },
         skipped: Vec::new(),
         runs,

@@ -9,7 +9,7 @@ use serde::Serialize;
 /// The `schema` field of every result.
 pub const SCHEMA_NAME: &str = "ferry-bench/result";
 /// The `version` field: raised whenever a field changes meaning or goes away.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// A whole run.
 #[derive(Clone, Debug, Serialize)]
@@ -119,6 +119,11 @@ pub struct RunConfig {
     pub max_workers: usize,
     /// Whether the generator was allowed UDP GSO.
     pub generator_gso: bool,
+    /// Reply-path probes of each kind (bind, KEEPALIVE) a second at Ferry's latency points
+    /// (0: none).
+    pub probe_rate: u64,
+    /// How long a probe waits for each answer before it counts as lost, milliseconds.
+    pub probe_timeout_ms: u64,
 }
 
 /// A path that was not measured.
@@ -154,6 +159,9 @@ pub struct PathRun {
     /// The latency points (fractions of the zero-loss rate, the low steady rate, the fixed
     /// rates), in the order measured.
     pub points: Vec<Point>,
+    /// Ferry's reply path with no load, before the latency points: the baseline of their
+    /// `reply` (null on other paths, when no latency point ran, or with probes off).
+    pub reply_idle: Option<ReplyRtt>,
 }
 
 /// How the generator sent on a path.
@@ -222,6 +230,63 @@ pub struct Point {
     pub label: String,
     /// The trial.
     pub trial: Trial,
+    /// Ferry's reply path timed while the trial's load ran (null on other paths or with
+    /// probes off).
+    pub reply: Option<ReplyRtt>,
+}
+
+/// Round trips through the relay's reply path, timed by a probe in the generator's host on a
+/// socket of its own, one probe at a time.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReplyRtt {
+    /// Seconds it probed.
+    pub seconds: f64,
+    /// Full binds of fresh sessions: BIND, CHALLENGE, BIND with cookie and proof, BIND-ACK
+    /// (two round trips and the relay's token check).
+    pub bind: RttFigures,
+    /// KEEPALIVE echoes on a bound session (one round trip).
+    pub keepalive: RttFigures,
+    /// Idle window only: the relay process's CPU time per second while nothing but the probes
+    /// reached it, ns — what they add to its CPU at every point (null under load).
+    pub relay_cpu_ns_per_second: Option<f64>,
+    /// Why the window's first failed probe failed (null when none did).
+    pub first_failure: Option<String>,
+}
+
+impl ReplyRtt {
+    /// The figures of what a probe measured; `relay_cpu_ns` is the relay's CPU time over the
+    /// window, given for the idle one.
+    pub fn from_window(w: &super::load::ReplyWindow, relay_cpu_ns: Option<u64>) -> Self {
+        let figures = |s: &super::load::RttSeries| RttFigures {
+            sent: s.sent,
+            answered: s.answered,
+            lost: s.lost,
+            failed: s.failed,
+            rtt_us: Latency::from_ns(&s.rtt_ns),
+        };
+        Self {
+            seconds: w.seconds,
+            bind: figures(&w.bind),
+            keepalive: figures(&w.keepalive),
+            relay_cpu_ns_per_second: relay_cpu_ns.map(|ns| ns as f64 / w.seconds.max(1e-9)),
+            first_failure: w.first_failure.clone(),
+        }
+    }
+}
+
+/// One kind of reply-path probe in one window.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct RttFigures {
+    /// Probes started.
+    pub sent: u64,
+    /// Answered within the timeout.
+    pub answered: u64,
+    /// Given up after the timeout.
+    pub lost: u64,
+    /// Failed otherwise (a REJECT, a socket error); `sent ≥ answered + lost + failed`.
+    pub failed: u64,
+    /// Round-trip times of the answered probes (null when none was).
+    pub rtt_us: Option<Latency>,
 }
 
 /// One-way latency at the sink, microseconds.
@@ -605,6 +670,7 @@ pub fn markdown(result: &BenchResult) -> String {
                 }
             }
         }
+        reply_table(&mut md, &runs);
         let ratios: Vec<&Ratio> = result
             .ratios
             .iter()
@@ -751,6 +817,79 @@ pub fn markdown(result: &BenchResult) -> String {
          forwarders."
     );
     md
+}
+
+/// The reply path's round trips beside the data latency of the same point, for the runs (of
+/// one payload) that probed it: the idle baseline first, then every point.
+fn reply_table(md: &mut String, runs: &[&PathRun]) {
+    let probed: Vec<&&PathRun> = runs
+        .iter()
+        .filter(|r| r.reply_idle.is_some() || r.points.iter().any(|p| p.reply.is_some()))
+        .collect();
+    if probed.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "\nReply path (round trips from the generator's host; a bind is BIND, CHALLENGE, BIND, \
+         BIND-ACK):\n\n\
+         | path | point | offered pps | data p50 / p99 µs | bind RTT p50 / p99 / max µs | \
+         keepalive RTT p50 / p99 / max µs | bind probes sent / lost / failed | keepalive probes sent / lost / failed |\n\
+         |---|---|---:|---|---|---|---:|---:|"
+    );
+    let rtt = |f: &RttFigures| {
+        f.rtt_us.map_or("–".into(), |l| {
+            format!("{:.0} / {:.0} / {:.0}", l.p50, l.p99, l.max)
+        })
+    };
+    let counts = |f: &RttFigures| format!("{} / {} / {}", f.sent, f.lost, f.failed);
+    for r in probed {
+        if let Some(idle) = &r.reply_idle {
+            let _ = writeln!(
+                md,
+                "| {} | idle | 0 | – | {} | {} | {} | {} |",
+                r.path,
+                rtt(&idle.bind),
+                rtt(&idle.keepalive),
+                counts(&idle.bind),
+                counts(&idle.keepalive),
+            );
+        }
+        for p in &r.points {
+            let Some(reply) = &p.reply else { continue };
+            let t = &p.trial;
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.0} | {} | {} | {} | {} | {} |",
+                r.path,
+                point_name(p),
+                t.offered_pps,
+                t.latency_us
+                    .map_or("–".into(), |l| format!("{:.0} / {:.0}", l.p50, l.p99)),
+                rtt(&reply.bind),
+                rtt(&reply.keepalive),
+                counts(&reply.bind),
+                counts(&reply.keepalive),
+            );
+        }
+    }
+    if let Some(cpu) = runs
+        .iter()
+        .filter_map(|r| {
+            Some((
+                r.path.as_str(),
+                r.reply_idle.as_ref()?.relay_cpu_ns_per_second?,
+            ))
+        })
+        .map(|(path, ns)| format!("{path} {:.0} µs/s", ns / 1000.0))
+        .reduce(|a, b| format!("{a}, {b}"))
+    {
+        let _ = writeln!(
+            md,
+            "\nThe probes cost the relay (CPU per second of probing, idle): {cpu}; at a point of R \
+             pps that adds that figure ÷ R to its relay CPU per packet."
+        );
+    }
 }
 
 fn baselines(ratios: &[&Ratio]) -> Vec<String> {

@@ -2,22 +2,23 @@
 //! at fractions of that rate, at a low steady rate and at fixed offered rates; each path of
 //! each payload measured in turn on the same testbed.
 
-use std::net::{IpAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 
-use super::load::{Pacing, Payload, drain, now_ns, sink};
+use super::load::{MintFn, Pacing, Payload, ReplyProbe, drain, now_ns, sink};
 use super::paths::{Binaries, PathKind, PathOptions, RELAY_PORT, RunningPath};
 use super::report::{
-    BenchResult, FloodRun, GeneratorSetup, Host, Latency, PathRun, Point, RelayStage, RunConfig,
-    Setup, Skipped, Trial, ZeroLoss, capacity_lines, ratios,
+    BenchResult, FloodRun, GeneratorSetup, Host, Latency, PathRun, Point, RelayStage, ReplyRtt,
+    RunConfig, Setup, Skipped, Trial, ZeroLoss, capacity_lines, ratios,
 };
 use super::topology::Testbed;
 use super::{check_interrupted, flood};
 use crate::cpu::task_cpu_ns;
+use ferry_core::wire::Slot;
 
 /// A scenario `ferry-bench run` can run on its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
@@ -100,6 +101,11 @@ pub struct Plan {
     pub gso: bool,
     /// Whether the flood comes from the XDP flood generator instead of a packet socket.
     pub flood_xdp: bool,
+    /// Reply-path probes of each kind (bind, KEEPALIVE) a second during Ferry's latency
+    /// points, and in an idle window before them (0: no probes).
+    pub probe_rate: u64,
+    /// How long a probe waits for each answer before it counts it lost.
+    pub probe_timeout: Duration,
 }
 
 /// The options of a path with one worker and one generator socket.
@@ -316,6 +322,8 @@ pub fn run(plan: &Plan, bed: &dyn Testbed, bins: &Binaries) -> anyhow::Result<Be
             load_cpu: plan.load_cpu,
             max_workers: plan.max_workers,
             generator_gso: plan.gso,
+            probe_rate: plan.probe_rate,
+            probe_timeout_ms: plan.probe_timeout.as_millis() as u64,
         },
         skipped,
         runs,
@@ -489,6 +497,30 @@ fn measure_path(
     }
     // A short warm-up: caches, ARP, the forwarder's first allocations.
     trial(plan, bed, path, payload, 1000, Pacing::Constant, 0.3)?;
+    let wants = |s: Scenario| plan.scenarios.contains(&s);
+    // Ferry's reply path is timed at every latency point, from an idle baseline on.
+    let mint = |session: u64| path.mint(session, Slot::A, 3000);
+    let mint: &MintFn<'_> = &mint;
+    let mut probe = match path.kind.is_ferry()
+        && plan.probe_rate > 0
+        && (wants(Scenario::Latency) || wants(Scenario::Rates))
+    {
+        true => Some(start_probe(plan, bed, mint)?),
+        false => None,
+    };
+    let mut reply_idle = None;
+    if let Some(probe) = probe.as_mut() {
+        let cpu0 = path.pid.map(task_cpu_ns).transpose()?;
+        let window = probe.run(
+            plan.latency_seconds,
+            Some(plan.load_cpu),
+            &AtomicBool::new(false),
+        )?;
+        let cpu1 = path.pid.map(task_cpu_ns).transpose()?;
+        let idle = ReplyRtt::from_window(&window, cpu0.zip(cpu1).map(|(a, b)| b.saturating_sub(a)));
+        reply_progress(tag, "idle", &idle);
+        reply_idle = Some(idle);
+    }
     let ceiling = trial(plan, bed, path, payload, 0, plan.pacing, plan.trial_seconds)?;
     progress(
         tag,
@@ -496,7 +528,6 @@ fn measure_path(
         &ceiling,
         plan.max_loss,
     );
-    let wants = |s: Scenario| plan.scenarios.contains(&s);
     let mut zero_loss = None;
     if wants(Scenario::Throughput) || wants(Scenario::Latency) {
         zero_loss = Some(search(plan, &ceiling, tag, |target| {
@@ -520,61 +551,42 @@ fn measure_path(
                 continue;
             }
             let label = format!("{:.0}%", f * 100.0);
-            let t = trial(
+            let (t, reply) = probed_trial(
                 plan,
                 bed,
                 path,
                 payload,
                 target,
                 plan.pacing,
-                plan.latency_seconds,
+                probe.as_mut(),
             )?;
-            progress(
-                tag,
-                &format!("latency at {label} ({target} pps)"),
-                &t,
-                plan.max_loss,
-            );
-            points.push(Point { label, trial: t });
+            let what = format!("latency at {label} ({target} pps)");
+            progress(tag, &what, &t, plan.max_loss);
+            points.push(point(tag, &what, label, t, reply));
         }
-        let t = trial(
+        let (t, reply) = probed_trial(
             plan,
             bed,
             path,
             payload,
             plan.low_rate,
             Pacing::Constant,
-            plan.latency_seconds,
+            probe.as_mut(),
         )?;
-        progress(
-            tag,
-            &format!("low steady rate ({} pps)", plan.low_rate),
-            &t,
-            plan.max_loss,
-        );
-        points.push(Point {
-            label: "low".into(),
-            trial: t,
-        });
+        let what = format!("low steady rate ({} pps)", plan.low_rate);
+        progress(tag, &what, &t, plan.max_loss);
+        points.push(point(tag, &what, "low".into(), t, reply));
     }
     if wants(Scenario::Rates) {
         for &rate in &plan.fixed_rates {
-            let t = trial(
-                plan,
-                bed,
-                path,
-                payload,
-                rate,
-                plan.pacing,
-                plan.latency_seconds,
-            )?;
-            progress(tag, &format!("fixed {rate} pps"), &t, plan.max_loss);
-            points.push(Point {
-                label: "fixed".into(),
-                trial: t,
-            });
+            let (t, reply) =
+                probed_trial(plan, bed, path, payload, rate, plan.pacing, probe.as_mut())?;
+            let what = format!("fixed {rate} pps");
+            progress(tag, &what, &t, plan.max_loss);
+            points.push(point(tag, &what, "fixed".into(), t, reply));
         }
     }
+    drop(probe);
     Ok(PathRun {
         payload: payload.label(),
         mean_body_bytes: payload.mean_bytes(),
@@ -589,7 +601,95 @@ fn measure_path(
         generator_ceiling: ceiling,
         zero_loss,
         points,
+        reply_idle,
     })
+}
+
+/// The reply-path probe of a Ferry path: a socket of its own in the generator's host, its
+/// KEEPALIVE sessions bound, fresh session ids from a random start (far from the load's).
+fn start_probe<'m>(
+    plan: &Plan,
+    bed: &dyn Testbed,
+    mint: &'m MintFn<'m>,
+) -> anyhow::Result<ReplyProbe<'m>> {
+    let socket = bed.generator_socket(SocketAddr::new(bed.generator_ip(), 0))?;
+    let mut random = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut random)
+        .map_err(|_| anyhow::anyhow!("the system RNG failed"))?;
+    // The load's session ids are below 2^62; these have the top bit set.
+    let first = 1 << 63 | u64::from_be_bytes(random) >> 2;
+    ReplyProbe::new(
+        socket,
+        SocketAddr::new(bed.relay_ip_to_generator(), RELAY_PORT),
+        mint,
+        first,
+        plan.probe_rate,
+        plan.probe_timeout,
+    )
+    .context("starting the reply-path probe")
+}
+
+/// A latency point, its reply-path figures printed when it has them.
+fn point(tag: &str, what: &str, label: String, trial: Trial, reply: Option<ReplyRtt>) -> Point {
+    if let Some(r) = &reply {
+        reply_progress(tag, what, r);
+    }
+    Point {
+        label,
+        trial,
+        reply,
+    }
+}
+
+/// A latency point's trial, with the reply path probed while it runs when there is a probe.
+#[allow(clippy::too_many_arguments)]
+fn probed_trial(
+    plan: &Plan,
+    bed: &dyn Testbed,
+    path: &RunningPath,
+    payload: Payload,
+    rate: u64,
+    pacing: Pacing,
+    probe: Option<&mut ReplyProbe<'_>>,
+) -> anyhow::Result<(Trial, Option<ReplyRtt>)> {
+    trial_with_probe(
+        plan,
+        bed,
+        path,
+        payload,
+        rate,
+        pacing,
+        plan.latency_seconds,
+        probe,
+    )
+}
+
+fn reply_progress(tag: &str, what: &str, r: &ReplyRtt) {
+    let rtt = |f: &super::report::RttFigures| {
+        f.rtt_us.map_or("–".into(), |l| {
+            format!("{:.0}/{:.0}/{:.0}", l.p50, l.p99, l.max)
+        })
+    };
+    println!(
+        "{tag} reply path, {what}: bind p50/p99/max {} µs ({} sent, {} lost, {} failed), \
+         keepalive {} µs ({} sent, {} lost, {} failed){}",
+        rtt(&r.bind),
+        r.bind.sent,
+        r.bind.lost,
+        r.bind.failed,
+        rtt(&r.keepalive),
+        r.keepalive.sent,
+        r.keepalive.lost,
+        r.keepalive.failed,
+        r.relay_cpu_ns_per_second
+            .map_or(String::new(), |ns| format!(
+                "; relay CPU {:.0} µs a second",
+                ns / 1000.0
+            )),
+    );
+    if let Some(f) = &r.first_failure {
+        println!("{tag} reply path, {what}: a probe failed: {f}");
+    }
 }
 
 /// RFC 2544-style: the ceiling's delivered rate first, then halving the interval between the
@@ -719,6 +819,21 @@ pub fn trial(
     pacing: Pacing,
     seconds: f64,
 ) -> anyhow::Result<Trial> {
+    Ok(trial_with_probe(plan, bed, path, payload, rate, pacing, seconds, None)?.0)
+}
+
+/// [`trial`], with `probe` timing the reply path while the generator sends.
+#[allow(clippy::too_many_arguments)]
+fn trial_with_probe(
+    plan: &Plan,
+    bed: &dyn Testbed,
+    path: &RunningPath,
+    payload: Payload,
+    rate: u64,
+    pacing: Pacing,
+    seconds: f64,
+    probe: Option<&mut ReplyProbe<'_>>,
+) -> anyhow::Result<(Trial, Option<ReplyRtt>)> {
     check_interrupted()?;
     // What an earlier trial left queued at the forwarder goes first (at most 5 s), so that this
     // trial's datagrams do not wait behind it.
@@ -742,19 +857,32 @@ pub fn trial(
         let (stop, arrivals) = (Arc::clone(&stop), Arc::clone(&arrivals));
         std::thread::spawn(move || sink(&sink_socket, since, Some(load_cpu), &stop, &arrivals))
     };
-    let sent = std::thread::scope(|s| {
-        s.spawn(|| {
-            path.generator.run(
-                payload,
-                rate,
-                pacing,
-                seconds,
-                Some(load_cpu),
-                &AtomicBool::new(false),
-            )
-        })
-        .join()
+    let probe_stop = AtomicBool::new(false);
+    let (sent, window) = std::thread::scope(|s| {
+        // The probe stops with the generator (and, bounded, a second after it should have).
+        let prober = probe.map(|p| s.spawn(|| p.run(seconds + 1.0, Some(load_cpu), &probe_stop)));
+        let sent = s
+            .spawn(|| {
+                path.generator.run(
+                    payload,
+                    rate,
+                    pacing,
+                    seconds,
+                    Some(load_cpu),
+                    &AtomicBool::new(false),
+                )
+            })
+            .join();
+        probe_stop.store(true, Ordering::Relaxed);
+        (sent, prober.map(|p| p.join()))
     });
+    let reply = match window {
+        Some(w) => Some(ReplyRtt::from_window(
+            &w.map_err(|_| anyhow::anyhow!("the reply-path probe panicked"))??,
+            None,
+        )),
+        None => None,
+    };
     // Let the queues drain before counting: until nothing arrived for 30 ms (at most 2 s).
     let drain_deadline = Instant::now() + Duration::from_secs(2);
     let mut seen = arrivals.load(Ordering::Relaxed);
@@ -788,7 +916,7 @@ pub fn trial(
         n => sent.body_bytes as f64 / n as f64,
     };
     let signed = |a: u64, b: u64| a as i64 - b as i64;
-    Ok(Trial {
+    let trial = Trial {
         target_pps: rate,
         pacing: match rate {
             0 => "blast".into(),
@@ -823,5 +951,6 @@ pub fn trial(
         },
         host_cpu_ns_per_packet: host1.saturating_sub(host0) as f64 / delivered.max(1) as f64,
         send_errors: sent.errors,
-    })
+    };
+    Ok((trial, reply))
 }

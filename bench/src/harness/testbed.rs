@@ -565,6 +565,9 @@ impl TestbedFile {
                 max_workers: 1,
                 gso: true,
                 flood_xdp: false,
+                // Not on a testbed: the probe needs the relay's gateway key in this process.
+                probe_rate: 0,
+                probe_timeout: std::time::Duration::ZERO,
             },
             sink_cpu: load.sink_cpu,
             generator_cpu: load.generator_cpu,
