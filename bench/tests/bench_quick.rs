@@ -4,11 +4,23 @@
 //! values.
 
 use std::process::Command;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use ferry_bench::harness::schema;
 use ferry_testkit::gateway::workspace_binary;
 use ferry_testkit::skip::require_root;
 use serde_json::Value;
+
+/// Held by each test for its whole run: both pin the forwarder to CPU 1 and the load to CPU 0,
+/// so run side by side each would measure the other (a scale trial lost everything once).
+static ONE_BENCH_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn one_bench_at_a_time() -> MutexGuard<'static, ()> {
+    // A test that failed while holding it says so itself; the other may still run.
+    ONE_BENCH_AT_A_TIME
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+}
 
 fn num(v: &Value, field: &str) -> f64 {
     v[field]
@@ -177,6 +189,7 @@ fn fast_path_expected(result: &Value) -> bool {
 #[ignore = "needs root: ferry-bench builds network namespaces"]
 fn the_quick_profile_runs_end_to_end_and_its_report_holds_together() {
     require_root("the_quick_profile_runs_end_to_end_and_its_report_holds_together");
+    let _alone = one_bench_at_a_time();
     let relay = workspace_binary("ferry-relay", "ferry-relay").expect("building ferry-relay");
     let out = ferry_testkit::temp_dir("bench-quick").expect("a temporary directory");
     let mut child = Command::new(env!("CARGO_BIN_EXE_ferry-bench"))
@@ -346,6 +359,7 @@ fn point_name(p: &Value) -> String {
 #[ignore = "needs root: ferry-bench builds network namespaces"]
 fn the_scale_and_flood_scenarios_bind_measure_and_count_the_guard() {
     require_root("the_scale_and_flood_scenarios_bind_measure_and_count_the_guard");
+    let _alone = one_bench_at_a_time();
     let relay = workspace_binary("ferry-relay", "ferry-relay").expect("building ferry-relay");
     let out = ferry_testkit::temp_dir("bench-scale").expect("a temporary directory");
     let status = Command::new(env!("CARGO_BIN_EXE_ferry-bench"))

@@ -133,11 +133,12 @@ struct RunArgs {
     /// Send one datagram per message instead of UDP GSO runs (to measure what GSO buys).
     #[arg(long)]
     no_gso: bool,
-    /// Reply-path probes of each kind a second (0 to 50; 0: none) during Ferry's latency
-    /// points (latency and rates scenarios) and in an idle window before them: full binds of
-    /// fresh sessions (BIND, CHALLENGE, BIND, BIND-ACK) and KEEPALIVE echoes, one at a time
-    /// from a socket of their own in the generator's host. The binds cost the relay CPU (the
-    /// report says how much); at most 50, the XDP guard's handshake rate per source.
+    /// Reply-path probes of each kind a second (0 to 50; 0: none) at Ferry's latency points
+    /// (latency and rates scenarios), each in a window of its own after the point's trial at
+    /// the same load, and in an idle window before them: full binds of fresh sessions (BIND,
+    /// CHALLENGE, BIND, BIND-ACK) and KEEPALIVE echoes, one at a time from a socket of their
+    /// own in the generator's host. Their windows double each Ferry point's time; the points'
+    /// CPU figures exclude them. At most 50, the XDP guard's handshake rate per source.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=50))]
     probe_rate: u64,
     /// How long a reply-path probe waits for each answer before it counts as lost, ms.
