@@ -62,7 +62,7 @@ struct RunArgs {
     /// load settings come from the file, only the scenarios and --out apply.
     #[arg(long, conflicts_with_all = [
         "quick", "full", "payloads", "paths", "require_all_paths", "sessions", "max_loss",
-        "trial_seconds", "latency_seconds", "search_steps", "pacing", "burst", "fractions",
+        "trial_seconds", "latency_seconds", "search_steps", "rounds", "pacing", "burst", "fractions",
         "low_rate", "rates", "scale_sessions", "flood_legit_rate", "relay_cpu", "load_cpu",
         "relay_bin", "bin_dir", "probe_rate", "probe_timeout_ms",
     ])]
@@ -98,6 +98,11 @@ struct RunArgs {
     /// Search trials after the first.
     #[arg(long)]
     search_steps: Option<u32>,
+    /// Rounds of the per-path scenarios (throughput, latency, rates): every path of a payload
+    /// is measured once per round, the paths interleaved, and the report adds per ratio the
+    /// median over the rounds and their range (1 to 20).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    rounds: u32,
     /// `constant`, or `bursty` (`--burst` datagrams back to back).
     #[arg(long, default_value = "constant")]
     pacing: String,
@@ -282,6 +287,7 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
         flood_xdp: args.flood_generator == "xdp",
         probe_rate: args.probe_rate,
         probe_timeout: std::time::Duration::from_millis(args.probe_timeout_ms),
+        rounds: args.rounds,
     };
     if let Some(&n) = plan
         .scale_sessions

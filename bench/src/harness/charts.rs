@@ -1,6 +1,6 @@
 //! SVG charts of a run (plotters, SVG backend only): zero-loss throughput against payload
 //! size, latency percentiles against offered load, and the session-scale curve. Written next
-//! to result.json; summary.md links them.
+//! to result.json; summary.md links them. With several rounds, the charts draw the first.
 
 use std::path::{Path, PathBuf};
 
@@ -53,7 +53,7 @@ fn throughput(result: &BenchResult, dir: &Path) -> anyhow::Result<Option<PathBuf
         let mut v: Vec<(f64, f64)> = result
             .runs
             .iter()
-            .filter(|r| r.path == path)
+            .filter(|r| r.path == path && r.round == 1)
             .filter_map(|r| Some((r.mean_body_bytes, r.zero_loss.as_ref()?.pps)))
             .collect();
         v.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -114,7 +114,7 @@ fn latency(result: &BenchResult, dir: &Path) -> anyhow::Result<Option<PathBuf>> 
         let mut v: Vec<(f64, f64)> = result
             .runs
             .iter()
-            .filter(|r| r.path == path && &r.payload == payload)
+            .filter(|r| r.path == path && &r.payload == payload && r.round == 1)
             .flat_map(|r| r.points.iter())
             .filter(|p| p.trial.delivered_pps > 0.0)
             .filter_map(|p| Some((p.trial.offered_pps, pick(&p.trial.latency_us?).max(1.0))))

@@ -32,7 +32,7 @@ use super::load::{Pacing, Payload};
 use super::paths::{PathKind, rss_bytes};
 use super::report::{
     BenchResult, GeneratorSetup, Host, Latency, PathRun, Point, RelayStage, RunConfig, Setup,
-    Trial, ZeroLoss, capacity_lines, ratios,
+    Trial, ZeroLoss, capacity_lines, medians, ratios,
 };
 use super::scenario::{Plan, Scenario, host_busy_ns, progress, search};
 use super::testbed::TestbedFile;
@@ -569,6 +569,7 @@ impl Run<'_> {
             }
         }
         Ok(PathRun {
+            round: 1,
             payload: payload.label(),
             mean_body_bytes: payload.mean_bytes(),
             path: kind.name().into(),
@@ -692,7 +693,8 @@ pub fn run(bed: &TestbedFile, scenarios: &[Scenario]) -> anyhow::Result<BenchRes
         gso: true,
     };
     let mut runs = Vec::new();
-    for &payload in &plan.payloads {
+    let rounds = 1..=plan.rounds.max(1);
+    for (round, &payload) in rounds.flat_map(|r| plan.payloads.iter().map(move |p| (r, p))) {
         for &kind in &plan.paths {
             let r = run.measure(kind, payload).with_context(|| {
                 match run.relay.as_ref().map(StartedRelay::log_text) {
@@ -702,13 +704,14 @@ pub fn run(bed: &TestbedFile, scenarios: &[Scenario]) -> anyhow::Result<BenchRes
                     _ => format!("measuring {}", kind.name()),
                 }
             })?;
-            runs.push(r);
+            runs.push(PathRun { round, ..r });
         }
     }
     let started_by_coordinator = run.relay.is_some();
     drop(run);
 
     let ratios = ratios(&runs, plan.max_loss);
+    let medians = medians(&ratios);
     let capacity = capacity_lines(&runs, plan.max_loss)
         .into_iter()
         .map(|l| {
@@ -749,6 +752,7 @@ pub fn run(bed: &TestbedFile, scenarios: &[Scenario]) -> anyhow::Result<BenchRes
             flood_generator: "packet".into(),
             probe_rate: plan.probe_rate,
             probe_timeout_ms: plan.probe_timeout.as_millis() as u64,
+            rounds: plan.rounds.max(1),
         },
         skipped: Vec::new(),
         runs,
@@ -756,6 +760,7 @@ pub fn run(bed: &TestbedFile, scenarios: &[Scenario]) -> anyhow::Result<BenchRes
         workers: Vec::new(),
         flood: Vec::new(),
         ratios,
+        medians,
         capacity,
         testbed: Some(TestbedReport {
             file: bed.path.display().to_string(),

@@ -32,7 +32,7 @@ pub struct BenchResult {
     pub config: RunConfig,
     /// Paths that were asked for and not measured, and why.
     pub skipped: Vec<Skipped>,
-    /// One entry per payload and path.
+    /// One entry per round, payload and path.
     pub runs: Vec<PathRun>,
     /// The scale scenario: Ferry with the first payload, one entry per session count.
     pub scale: Vec<PathRun>,
@@ -40,8 +40,11 @@ pub struct BenchResult {
     pub workers: Vec<PathRun>,
     /// The flood scenario: Ferry with the first payload, guard off and on, flood off and on.
     pub flood: Vec<FloodRun>,
-    /// Every Ferry figure against every baseline of the same payload.
+    /// Every Ferry figure against every baseline of the same payload and round.
     pub ratios: Vec<Ratio>,
+    /// With more than one round: per Ferry figure and baseline, the median over the rounds
+    /// (empty with one round).
+    pub medians: Vec<MedianRatio>,
     /// Capacity lines, one per payload Ferry was measured with.
     pub capacity: Vec<String>,
     /// The machines of a run on a testbed from a config file (absent on the namespace
@@ -124,6 +127,8 @@ pub struct RunConfig {
     pub probe_rate: u64,
     /// How long a probe waits for each answer before it counts as lost, milliseconds.
     pub probe_timeout_ms: u64,
+    /// How many times the per-path scenarios ran, every path of a payload once per round.
+    pub rounds: u32,
 }
 
 /// A path that was not measured.
@@ -135,9 +140,11 @@ pub struct Skipped {
     pub reason: String,
 }
 
-/// One path with one payload.
+/// One path with one payload, in one round.
 #[derive(Clone, Debug, Serialize)]
 pub struct PathRun {
+    /// The round, from 1 (always 1 in the scale and workers scenarios).
+    pub round: u32,
     /// The payload.
     pub payload: String,
     /// Mean DATA body bytes.
@@ -389,9 +396,11 @@ impl Trial {
     }
 }
 
-/// A Ferry figure over a baseline's, same payload, same point.
+/// A Ferry figure over a baseline's, same payload, same round, same point.
 #[derive(Clone, Debug, Serialize)]
 pub struct Ratio {
+    /// The round both were measured in.
+    pub round: u32,
     /// The payload.
     pub payload: String,
     /// The Ferry column: `ferry` or `ferry-fast`.
@@ -414,18 +423,104 @@ pub struct Ratio {
     pub both_within_loss: bool,
 }
 
+/// The median over the rounds of one [`Ratio`]'s figures (same payload, Ferry column, figure,
+/// point and baseline in every round).
+#[derive(Clone, Debug, Serialize)]
+pub struct MedianRatio {
+    /// The payload.
+    pub payload: String,
+    /// The Ferry column.
+    pub path: String,
+    /// As in [`Ratio::figure`].
+    pub figure: String,
+    /// As in [`Ratio::point`].
+    pub point: String,
+    /// The baseline path.
+    pub baseline: String,
+    /// Rounds that had both figures.
+    pub rounds: u32,
+    /// Of those, rounds where both trials lost at most the run's `max_loss`.
+    pub rounds_within_loss: u32,
+    /// The median of the Ferry column's values.
+    pub ferry: f64,
+    /// The median of the baseline's values.
+    pub baseline_value: f64,
+    /// The median of the rounds' ratios (not the ratio of the two medians).
+    pub ratio: f64,
+    /// The smallest and the largest of the rounds' ratios.
+    pub ratio_min: f64,
+    /// See `ratio_min`.
+    pub ratio_max: f64,
+}
+
+/// The median of `v` (the mean of the middle two for an even count); `v` must not be empty.
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n % 2 {
+        1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The medians over the rounds of `ratios`, one per payload, Ferry column, figure, point and
+/// baseline, in the order they first appear; empty unless some figure has more than one round.
+pub fn medians(ratios: &[Ratio]) -> Vec<MedianRatio> {
+    let mut out: Vec<MedianRatio> = Vec::new();
+    for first in ratios {
+        let same = |r: &&Ratio| {
+            r.payload == first.payload
+                && r.path == first.path
+                && r.figure == first.figure
+                && r.point == first.point
+                && r.baseline == first.baseline
+        };
+        if out.iter().any(|m| {
+            m.payload == first.payload
+                && m.path == first.path
+                && m.figure == first.figure
+                && m.point == first.point
+                && m.baseline == first.baseline
+        }) {
+            continue;
+        }
+        let group: Vec<&Ratio> = ratios.iter().filter(same).collect();
+        let pick = |f: fn(&Ratio) -> f64| group.iter().map(|r| f(r)).collect::<Vec<f64>>();
+        let mut ratio = pick(|r| r.ratio);
+        out.push(MedianRatio {
+            payload: first.payload.clone(),
+            path: first.path.clone(),
+            figure: first.figure.clone(),
+            point: first.point.clone(),
+            baseline: first.baseline.clone(),
+            rounds: group.len() as u32,
+            rounds_within_loss: group.iter().filter(|r| r.both_within_loss).count() as u32,
+            ferry: median(&mut pick(|r| r.ferry)),
+            baseline_value: median(&mut pick(|r| r.baseline_value)),
+            ratio_min: ratio.iter().copied().fold(f64::INFINITY, f64::min),
+            ratio_max: ratio.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            ratio: median(&mut ratio),
+        });
+    }
+    if out.iter().all(|m| m.rounds <= 1) {
+        out.clear();
+    }
+    out
+}
+
 /// Whether `path` is one of Ferry's columns.
 pub fn is_ferry(path: &str) -> bool {
     path == "ferry" || path == "ferry-fast"
 }
 
 /// The ratios of every Ferry figure (`ferry`, `ferry-fast`) to every baseline's of the same
-/// payload: the paths that are not Ferry, and for `ferry-fast` also `ferry`.
+/// payload and round: the paths that are not Ferry, and for `ferry-fast` also `ferry`.
 pub fn ratios(runs: &[PathRun], max_loss: f64) -> Vec<Ratio> {
     let mut out = Vec::new();
     for ferry in runs.iter().filter(|r| is_ferry(&r.path)) {
         for base in runs.iter().filter(|r| {
             r.payload == ferry.payload
+                && r.round == ferry.round
                 && r.path != ferry.path
                 && (!is_ferry(&r.path) || ferry.path == "ferry-fast")
         }) {
@@ -439,6 +534,7 @@ pub fn ratios(runs: &[PathRun], max_loss: f64) -> Vec<Ratio> {
                     && f.is_finite()
                 {
                     out.push(Ratio {
+                        round: ferry.round,
                         payload: ferry.payload.clone(),
                         path: ferry.path.clone(),
                         figure: figure.into(),
@@ -521,21 +617,23 @@ pub fn point_name(p: &Point) -> String {
 }
 
 /// "This host carries N sessions of R Mbit/s each with p99 < L µs", from Ferry's highest
-/// latency point of each payload that lost at most `max_loss`.
+/// latency point of each payload that lost at most `max_loss`; with several rounds, from the
+/// round whose such point carried the least (the figure a planner can count on).
 pub fn capacity_lines(runs: &[PathRun], max_loss: f64) -> Vec<String> {
-    let mut out = Vec::new();
+    // Per payload and Ferry column: (rounds seen, the least delivered rate, its line).
+    let mut best: Vec<(&str, &str, u32, f64, String)> = Vec::new();
     for ferry in runs.iter().filter(|r| is_ferry(&r.path)) {
-        let best = ferry
+        let top = ferry
             .points
             .iter()
             .filter(|p| p.trial.passes(max_loss) && p.trial.latency_us.is_some())
             .max_by(|a, b| a.trial.delivered_pps.total_cmp(&b.trial.delivered_pps));
-        let Some(p) = best else { continue };
+        let Some(p) = top else { continue };
         let Some(lat) = p.trial.latency_us else {
             continue;
         };
         let sessions = ferry.sessions.max(1);
-        out.push(format!(
+        let line = format!(
             "with {} B payloads this host carries {} concurrent sessions of {:.3} Mbit/s each \
              ({:.0} datagrams/s in all, {} point) with p99 < {:.0} µs and {:.3} % loss, \
              through one ferry-relay worker{}",
@@ -551,9 +649,27 @@ pub fn capacity_lines(runs: &[PathRun], max_loss: f64) -> Vec<String> {
             } else {
                 ""
             }
-        ));
+        );
+        let pps = p.trial.delivered_pps;
+        match best
+            .iter_mut()
+            .find(|b| b.0 == ferry.payload && b.1 == ferry.path)
+        {
+            Some(b) => {
+                b.2 += 1;
+                if pps < b.3 {
+                    (b.3, b.4) = (pps, line);
+                }
+            }
+            None => best.push((&ferry.payload, &ferry.path, 1, pps, line)),
+        }
     }
-    out
+    best.into_iter()
+        .map(|(_, _, rounds, _, line)| match rounds {
+            1 => line,
+            n => format!("{line} (the least of {n} rounds)"),
+        })
+        .collect()
 }
 
 fn opt(v: Option<f64>, digits: usize) -> String {
@@ -572,7 +688,7 @@ pub fn markdown(result: &BenchResult) -> String {
         md,
         "- host: {} CPUs, kernel {}, load average {:.2} at the start\n- topology: {}\n\
          - sessions: {}, pacing: {}, max loss {} %, {} s per search trial, {} s per latency point\n\
-         - forwarders on CPU {}, generator and sink on CPU {}\n- took {:.0} s",
+         - forwarders on CPU {}, generator and sink on CPU {}\n- took {:.0} s{}",
         result.host.cpus,
         result.host.kernel,
         result.host.load_average_start,
@@ -584,7 +700,14 @@ pub fn markdown(result: &BenchResult) -> String {
         c.latency_seconds,
         c.relay_cpu,
         c.load_cpu,
-        result.elapsed_seconds
+        result.elapsed_seconds,
+        match c.rounds {
+            0 | 1 => String::new(),
+            n => format!(
+                "\n- {n} rounds: every path of a payload once per round, interleaved; the ratio \
+                 tables give the median over the rounds and the range of the rounds' ratios"
+            ),
+        }
     );
     for s in &result.skipped {
         let _ = writeln!(md, "- skipped {}: {}", s.path, s.reason);
@@ -617,7 +740,7 @@ pub fn markdown(result: &BenchResult) -> String {
             let _ = writeln!(
                 md,
                 "| {} | {:.0} ({}) | {}{} | {} | {} | {} | {} | {} |",
-                r.path,
+                path_label(r, c.rounds),
                 r.generator_ceiling.offered_pps,
                 if r.generator.gso { "GSO" } else { "sendmmsg" },
                 opt(z.map(|z| z.pps), 0),
@@ -657,7 +780,7 @@ pub fn markdown(result: &BenchResult) -> String {
                     let _ = writeln!(
                         md,
                         "| {name} | {} | {:.0} | {:.0} | {:.3} | {} | {} ns |",
-                        r.path,
+                        path_label(r, c.rounds),
                         t.offered_pps,
                         t.delivered_pps,
                         t.loss * 100.0,
@@ -670,51 +793,8 @@ pub fn markdown(result: &BenchResult) -> String {
                 }
             }
         }
-        reply_table(&mut md, &runs);
-        let ratios: Vec<&Ratio> = result
-            .ratios
-            .iter()
-            .filter(|r| &r.payload == payload)
-            .collect();
-        if !ratios.is_empty() {
-            let _ = writeln!(
-                md,
-                "\n| Ferry column | figure ÷ baseline | point | {} |\n|---|---|---|{}",
-                baselines(&ratios).join(" | "),
-                "---:|".repeat(baselines(&ratios).len())
-            );
-            let mut rows: Vec<(String, String, String)> = Vec::new();
-            for r in &ratios {
-                let key = (r.path.clone(), r.figure.clone(), r.point.clone());
-                if !rows.contains(&key) {
-                    rows.push(key);
-                }
-            }
-            for (path, figure, point) in rows {
-                let cells: Vec<String> = baselines(&ratios)
-                    .iter()
-                    .map(|b| {
-                        ratios
-                            .iter()
-                            .find(|r| {
-                                r.path == path
-                                    && r.figure == figure
-                                    && r.point == point
-                                    && &r.baseline == b
-                            })
-                            .map_or("–".into(), |r| {
-                                let mark = if r.both_within_loss { "" } else { " (loss)" };
-                                format!("{:.2}×{mark}", r.ratio)
-                            })
-                    })
-                    .collect();
-                let _ = writeln!(
-                    md,
-                    "| {path} | {figure} | {point} | {} |",
-                    cells.join(" | ")
-                );
-            }
-        }
+        reply_table(&mut md, &runs, c.rounds);
+        ratio_table(&mut md, result, payload);
     }
     if !result.scale.is_empty() {
         let _ = writeln!(
@@ -821,7 +901,7 @@ pub fn markdown(result: &BenchResult) -> String {
 
 /// The reply path's round trips beside the data latency of the same point, for the runs (of
 /// one payload) that probed it: the idle baseline first, then every point.
-fn reply_table(md: &mut String, runs: &[&PathRun]) {
+fn reply_table(md: &mut String, runs: &[&PathRun], rounds: u32) {
     let probed: Vec<&&PathRun> = runs
         .iter()
         .filter(|r| r.reply_idle.is_some() || r.points.iter().any(|p| p.reply.is_some()))
@@ -848,7 +928,7 @@ fn reply_table(md: &mut String, runs: &[&PathRun]) {
             let _ = writeln!(
                 md,
                 "| {} | idle | 0 | – | {} | {} | {} | {} |",
-                r.path,
+                path_label(r, rounds),
                 rtt(&idle.bind),
                 rtt(&idle.keepalive),
                 counts(&idle.bind),
@@ -861,7 +941,7 @@ fn reply_table(md: &mut String, runs: &[&PathRun]) {
             let _ = writeln!(
                 md,
                 "| {} | {} | {:.0} | {} | {} | {} | {} | {} |",
-                r.path,
+                path_label(r, rounds),
                 point_name(p),
                 t.offered_pps,
                 t.latency_us
@@ -886,18 +966,140 @@ fn reply_table(md: &mut String, runs: &[&PathRun]) {
     {
         let _ = writeln!(
             md,
-            "\nThe probes cost the relay (CPU per second of probing, idle): {cpu}; at a point of R \
-             pps that adds that figure ÷ R to its relay CPU per packet."
+            "\nThe probes cost the relay (CPU per second of probing, idle): {cpu}. They run in a \
+             window of their own after each point, so the points' CPU figures do not include it."
         );
     }
 }
 
-fn baselines(ratios: &[&Ratio]) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for r in ratios {
-        if !out.contains(&r.baseline) {
-            out.push(r.baseline.clone());
+/// A path's name in the tables, with its round when the run had several.
+fn path_label(r: &PathRun, rounds: u32) -> String {
+    match rounds {
+        0 | 1 => r.path.clone(),
+        _ => format!("{} (round {})", r.path, r.round),
+    }
+}
+
+/// The Ferry columns' figures over each baseline's for `payload`: the ratios of the one round,
+/// or with several rounds the median of the rounds' ratios and their range.
+fn ratio_table(md: &mut String, result: &BenchResult, payload: &str) {
+    // (Ferry column, figure, point, baseline, cell)
+    let cells: Vec<(&str, &str, &str, &str, String)> = match result.medians.is_empty() {
+        true => result
+            .ratios
+            .iter()
+            .filter(|r| r.payload == payload)
+            .map(|r| {
+                let mark = if r.both_within_loss { "" } else { " (loss)" };
+                let cell = format!("{:.2}×{mark}", r.ratio);
+                (&*r.path, &*r.figure, &*r.point, &*r.baseline, cell)
+            })
+            .collect(),
+        false => result
+            .medians
+            .iter()
+            .filter(|m| m.payload == payload)
+            .map(|m| {
+                let mark = match m.rounds - m.rounds_within_loss {
+                    0 => String::new(),
+                    k => format!(" (loss in {k} of {})", m.rounds),
+                };
+                let cell = format!(
+                    "{:.2}× [{:.2}–{:.2}]{mark}",
+                    m.ratio, m.ratio_min, m.ratio_max
+                );
+                (&*m.path, &*m.figure, &*m.point, &*m.baseline, cell)
+            })
+            .collect(),
+    };
+    if cells.is_empty() {
+        return;
+    }
+    let mut baselines: Vec<&str> = Vec::new();
+    let mut rows: Vec<(&str, &str, &str)> = Vec::new();
+    for &(path, figure, point, baseline, _) in &cells {
+        if !baselines.contains(&baseline) {
+            baselines.push(baseline);
+        }
+        if !rows.contains(&(path, figure, point)) {
+            rows.push((path, figure, point));
         }
     }
-    out
+    let _ = writeln!(
+        md,
+        "\n| Ferry column | figure ÷ baseline{} | point | {} |\n|---|---|---|{}",
+        match result.medians.is_empty() {
+            true => String::new(),
+            false => format!(", median of {} rounds [range]", result.config.rounds),
+        },
+        baselines.join(" | "),
+        "---:|".repeat(baselines.len())
+    );
+    for (path, figure, point) in rows {
+        let row: Vec<&str> = baselines
+            .iter()
+            .map(|&b| {
+                cells
+                    .iter()
+                    .find(|c| (c.0, c.1, c.2, c.3) == (path, figure, point, b))
+                    .map_or("–", |c| c.4.as_str())
+            })
+            .collect();
+        let _ = writeln!(md, "| {path} | {figure} | {point} | {} |", row.join(" | "));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ratio(round: u32, baseline: &str, ferry: f64, base: f64, ok: bool) -> Ratio {
+        Ratio {
+            round,
+            payload: "64".into(),
+            path: "ferry".into(),
+            figure: "p50_us".into(),
+            point: "low".into(),
+            baseline: baseline.into(),
+            ferry,
+            baseline_value: base,
+            ratio: ferry / base,
+            both_within_loss: ok,
+        }
+    }
+
+    #[test]
+    fn one_round_has_no_medians() {
+        let one = [
+            ratio(1, "plain", 10.0, 20.0, true),
+            ratio(1, "direct", 10.0, 5.0, true),
+        ];
+        assert!(medians(&one).is_empty());
+    }
+
+    #[test]
+    fn medians_take_each_figure_over_its_rounds_apart_from_the_others() {
+        let rounds = [
+            ratio(1, "plain", 10.0, 20.0, true),
+            ratio(2, "plain", 30.0, 20.0, false),
+            ratio(3, "plain", 12.0, 10.0, true),
+            ratio(1, "direct", 8.0, 4.0, true),
+            ratio(2, "direct", 8.0, 2.0, true),
+        ];
+        let m = medians(&rounds);
+        assert_eq!(m.len(), 2);
+        let plain = &m[0];
+        assert_eq!(plain.baseline, "plain");
+        assert_eq!((plain.rounds, plain.rounds_within_loss), (3, 2));
+        assert_eq!(plain.ferry, 12.0);
+        assert_eq!(plain.baseline_value, 20.0);
+        // The rounds' ratios are 0.5, 1.5 and 1.2: the median is theirs, not 12 / 20.
+        assert_eq!(plain.ratio, 1.2);
+        assert_eq!((plain.ratio_min, plain.ratio_max), (0.5, 1.5));
+        let direct = &m[1];
+        assert_eq!(direct.rounds, 2);
+        // An even count: the mean of the middle two.
+        assert_eq!(direct.baseline_value, 3.0);
+        assert_eq!(direct.ratio, 3.0);
+    }
 }

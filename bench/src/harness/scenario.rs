@@ -13,7 +13,7 @@ use super::load::{MintFn, Pacing, Payload, ReplyProbe, drain, now_ns, sink};
 use super::paths::{Binaries, PathKind, PathOptions, RELAY_PORT, RunningPath};
 use super::report::{
     BenchResult, FloodRun, GeneratorSetup, Host, Latency, PathRun, Point, RelayStage, ReplyRtt,
-    RunConfig, Setup, Skipped, Trial, ZeroLoss, capacity_lines, ratios,
+    RunConfig, Setup, Skipped, Trial, ZeroLoss, capacity_lines, medians, ratios,
 };
 use super::topology::Testbed;
 use super::{check_interrupted, flood};
@@ -106,6 +106,9 @@ pub struct Plan {
     pub probe_rate: u64,
     /// How long a probe waits for each answer before it counts it lost.
     pub probe_timeout: Duration,
+    /// How many times the per-path scenarios run (at least 1), every path of a payload once
+    /// per round, so that a shared machine's drifts fall on every path alike.
+    pub rounds: u32,
 }
 
 /// The options of a path with one worker and one generator socket.
@@ -174,10 +177,18 @@ pub fn run(plan: &Plan, bed: &dyn Testbed, bins: &Binaries) -> anyhow::Result<Be
     let per_path = [Scenario::Throughput, Scenario::Latency, Scenario::Rates]
         .iter()
         .any(|s| plan.scenarios.contains(s));
-    for payload in plan.payloads.iter().filter(|_| per_path) {
+    let rounds = (1..=plan.rounds.max(1)).filter(|_| per_path);
+    for (round, payload) in rounds.flat_map(|r| plan.payloads.iter().map(move |p| (r, p))) {
         for &kind in &paths {
             check_interrupted()?;
-            let tag = format!("[{} B {}]", payload.label(), kind.name());
+            let tag = match plan.rounds {
+                0 | 1 => format!("[{} B {}]", payload.label(), kind.name()),
+                n => format!(
+                    "[{} B {}, round {round} of {n}]",
+                    payload.label(),
+                    kind.name()
+                ),
+            };
             println!("{tag} setting up ({} sessions)", plan.sessions);
             let fast = kind == PathKind::FerryFast;
             if fast && let Err(e) = bed.set_fast_path_topology(true) {
@@ -209,7 +220,8 @@ pub fn run(plan: &Plan, bed: &dyn Testbed, bins: &Binaries) -> anyhow::Result<Be
                 skip(plan, &mut skipped, kind, reason)?;
                 continue;
             }
-            let run = measure_path(plan, bed, &path, *payload, &tag);
+            let run =
+                measure_path(plan, bed, &path, *payload, &tag).map(|r| PathRun { round, ..r });
             if fast {
                 let log = path.relay_log();
                 drop(path);
@@ -293,6 +305,7 @@ pub fn run(plan: &Plan, bed: &dyn Testbed, bins: &Binaries) -> anyhow::Result<Be
         flood_runs = flood_scenario(plan, bed, bins, payload)?;
     }
     let ratios = ratios(&runs, plan.max_loss);
+    let medians = medians(&ratios);
     let capacity = capacity_lines(&runs, plan.max_loss);
     Ok(BenchResult {
         schema: super::report::SCHEMA_NAME,
@@ -324,6 +337,7 @@ pub fn run(plan: &Plan, bed: &dyn Testbed, bins: &Binaries) -> anyhow::Result<Be
             generator_gso: plan.gso,
             probe_rate: plan.probe_rate,
             probe_timeout_ms: plan.probe_timeout.as_millis() as u64,
+            rounds: plan.rounds.max(1),
         },
         skipped,
         runs,
@@ -331,6 +345,7 @@ pub fn run(plan: &Plan, bed: &dyn Testbed, bins: &Binaries) -> anyhow::Result<Be
         workers,
         flood: flood_runs,
         ratios,
+        medians,
         capacity,
         testbed: None,
     })
@@ -588,6 +603,7 @@ fn measure_path(
     }
     drop(probe);
     Ok(PathRun {
+        round: 1,
         payload: payload.label(),
         mean_body_bytes: payload.mean_bytes(),
         path: path.kind.name().into(),

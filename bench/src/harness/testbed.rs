@@ -96,6 +96,7 @@ struct RawLoad {
     trial_seconds: f64,
     latency_seconds: f64,
     search_steps: u32,
+    rounds: u32,
     pacing: String,
     burst: usize,
     fractions: Vec<f64>,
@@ -117,6 +118,7 @@ impl Default for RawLoad {
             trial_seconds: 2.0,
             latency_seconds: 3.0,
             search_steps: 7,
+            rounds: 1,
             pacing: "constant".into(),
             burst: 32,
             fractions: vec![0.1, 0.5, 0.9],
@@ -477,6 +479,9 @@ impl TestbedFile {
                 problem(format!("{field}: {s} (0.1 to 600 s)"));
             }
         }
+        if !(1..=20).contains(&load.rounds) {
+            problem(format!("load.rounds: {} (1 to 20)", load.rounds));
+        }
         if load.search_steps > 30 {
             problem(format!(
                 "load.search_steps: {} (at most 30)",
@@ -568,6 +573,7 @@ impl TestbedFile {
                 // Not on a testbed: the probe needs the relay's gateway key in this process.
                 probe_rate: 0,
                 probe_timeout: std::time::Duration::ZERO,
+                rounds: load.rounds,
             },
             sink_cpu: load.sink_cpu,
             generator_cpu: load.generator_cpu,
