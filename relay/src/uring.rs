@@ -485,6 +485,10 @@ pub struct Ring {
     /// The receive buffers are also registered as fixed buffer 0, so zero-copy sends skip
     /// pinning their pages on every send.
     fixed_buffers: bool,
+    /// The sockets are registered with the ring (fixed files, at their indexes), so a request
+    /// names its socket by index and the kernel takes no reference to the socket's file per
+    /// request (an atomic increment and decrement on every send otherwise).
+    fixed_files: bool,
 }
 
 impl std::fmt::Debug for Ring {
@@ -566,6 +570,14 @@ impl Ring {
         }
         let bufs = BufRing::new(buffers, buf_size).map_err(UringError::BufRing)?;
         bufs.register(&ring).map_err(UringError::BufRing)?;
+        // Where the kernel refuses (a file table limit), requests name the raw descriptors.
+        let fixed_files = match ring.submitter().register_files(&sockets) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!("registering the sockets with the ring: {e}; using descriptors");
+                false
+            }
+        };
         let recv_hdrs = sockets
             .iter()
             .map(|_| {
@@ -588,6 +600,7 @@ impl Ring {
             shut: None,
             zero_copy_min: None,
             fixed_buffers: false,
+            fixed_files,
         })
     }
 
@@ -612,12 +625,20 @@ impl Ring {
         self.fixed_buffers
     }
 
+    /// Whether requests name their sockets as registered (fixed) files.
+    pub fn uses_fixed_files(&self) -> bool {
+        self.fixed_files
+    }
+
     /// Arms (or re-arms) multishot receive on socket `index`.
     pub fn arm_recv(&mut self, index: usize) -> Result<(), UringError> {
         let hdr: *const libc::msghdr = &self.recv_hdrs[index];
-        let entry = opcode::RecvMsgMulti::new(types::Fd(self.sockets[index]), hdr, BGID)
-            .build()
-            .user_data(TAG_RECV | index as u64);
+        let entry = match self.fixed_files {
+            // Lossless: `register_files` took one entry per socket, so the index fits its u32.
+            true => opcode::RecvMsgMulti::new(types::Fixed(index as u32), hdr, BGID).build(),
+            false => opcode::RecvMsgMulti::new(types::Fd(self.sockets[index]), hdr, BGID).build(),
+        }
+        .user_data(TAG_RECV | index as u64);
         self.push(&entry)?;
         self.armed[index] = true;
         Ok(())
@@ -783,6 +804,13 @@ impl Ring {
                 tracing::warn!("unregistering the fixed buffers at shutdown: {e}; leaking them");
                 report.leaked = true;
             }
+            // The ring holds a reference to each registered socket until then; let the sockets
+            // close with their owner, not whenever the kernel gets round to freeing the ring.
+            if self.fixed_files
+                && let Err(e) = self.ring.submitter().unregister_files()
+            {
+                tracing::debug!("unregistering the sockets at shutdown: {e}");
+            }
         } else {
             tracing::warn!(
                 recvs_armed = report.armed_left,
@@ -875,30 +903,26 @@ impl Ring {
         to: SocketAddr,
     ) -> Result<bool, UringError> {
         let n = segments.len();
-        let mut iovs = [libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        }; MAX_SEGMENTS];
-        for (iov, seg) in iovs.iter_mut().zip(segments) {
+        if n > MAX_SEGMENTS {
+            return Err(UringError::BadSegment);
+        }
+        let Some(&slot) = self.slab.free.last() else {
+            return Ok(false);
+        };
+        // Only the iovecs this send uses are written, in place: the kernel reads `n` of them.
+        // The slot is taken only once they all check out, so a bad segment holds no slot.
+        let s = &mut self.slab.slots[slot as usize];
+        for ((iov, bid), seg) in s.iovs.iter_mut().zip(s.bids.iter_mut()).zip(segments) {
             let base = self.bufs.span(seg.bid, seg.offset, len);
             // The kernel only reads through a send's iovecs.
             iov.iov_base = base.ok_or(UringError::BadSegment)?.cast_mut().cast();
             iov.iov_len = len;
-        }
-        if n > MAX_SEGMENTS {
-            return Err(UringError::BadSegment);
-        }
-        let Some(slot) = self.slab.free.pop() else {
-            return Ok(false);
-        };
-        let s = &mut self.slab.slots[slot as usize];
-        s.iovs = iovs;
-        for (bid, seg) in s.bids.iter_mut().zip(segments) {
             *bid = seg.bid;
         }
         s.nbids = n;
         s.segments = n;
         s.zero_copy = self.zero_copy_min.is_some_and(|min| n * len >= min);
+        self.slab.free.pop();
         let gso = (n > 1).then_some(len);
         self.submit_send(socket, slot, to, n, gso)
     }
@@ -967,12 +991,17 @@ impl Ring {
             }
         }
         let hdr: *const libc::msghdr = &s.hdr;
-        let fd = types::Fd(self.sockets[socket]);
-        let entry = match (s.zero_copy, self.fixed_buffers && s.nbids > 0) {
-            // Forwards point into the registered receive buffers: fixed buffer 0.
-            (true, true) => opcode::SendMsgZc::new(fd, hdr).buf_index(Some(0)).build(),
-            (true, false) => opcode::SendMsgZc::new(fd, hdr).build(),
-            (false, _) => opcode::SendMsg::new(fd, hdr).build(),
+        // Forwards point into the registered receive buffers: fixed buffer 0.
+        let fixed_buffer = (self.fixed_buffers && s.nbids > 0).then_some(0);
+        let entry = match (s.zero_copy, self.fixed_files) {
+            (true, true) => opcode::SendMsgZc::new(types::Fixed(socket as u32), hdr)
+                .buf_index(fixed_buffer)
+                .build(),
+            (true, false) => opcode::SendMsgZc::new(types::Fd(self.sockets[socket]), hdr)
+                .buf_index(fixed_buffer)
+                .build(),
+            (false, true) => opcode::SendMsg::new(types::Fixed(socket as u32), hdr).build(),
+            (false, false) => opcode::SendMsg::new(types::Fd(self.sockets[socket]), hdr).build(),
         };
         self.push(&entry.user_data(TAG_SEND | u64::from(slot)))?;
         self.sends_in_kernel += 1;

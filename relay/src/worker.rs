@@ -47,6 +47,10 @@ pub trait PacketHandler: Send {
 }
 
 /// Counters one worker publishes for metrics (relaxed atomics, updated once per batch).
+///
+/// Each `WorkerStats` has one writer, its worker, which adds with a plain load and store rather
+/// than an atomic read-modify-write (no locked instruction per counter per batch); readers see
+/// every update whole.
 #[derive(Debug, Default)]
 pub struct WorkerStats {
     /// Datagrams received and handed to the [`PacketHandler`].
@@ -130,10 +134,12 @@ impl WorkerStats {
         }
     }
 
+    /// Adds one batch's counts. Only the worker that owns `self` calls this (and stores
+    /// [`WorkerStats::socket_drops`]), so a load and a store add without losing an update.
     fn add(&self, b: &BatchStats) {
         let add = |c: &AtomicU64, n: u64| {
             if n > 0 {
-                c.fetch_add(n, Ordering::Relaxed);
+                c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
             }
         };
         add(&self.rx_packets, b.rx_packets);
@@ -150,7 +156,7 @@ impl WorkerStats {
         add(&self.rearms, b.rearms);
         add(&self.gso_sends, b.gso_sends);
         add(&self.gso_disabled, b.gso_disabled);
-        self.submits.fetch_add(1, Ordering::Relaxed);
+        add(&self.submits, 1);
     }
 }
 
@@ -429,6 +435,7 @@ pub fn run_worker<H: PacketHandler>(
     let mut notices = Vec::new();
     let mut report = WorkerReport::default();
     let mut next_tick = Instant::now();
+    let mut wall_clock = WallClock::read();
     let mut pending = PendingForwards {
         gso: cfg.gso,
         socket: 0,
@@ -445,7 +452,10 @@ pub fn run_worker<H: PacketHandler>(
         }
         ring.drain(&mut completions);
         let now = Instant::now();
-        let wall = UnixTime::from(SystemTime::now());
+        if now >= next_tick {
+            wall_clock = WallClock::read();
+        }
+        let wall = wall_clock.at(now);
         let mut batch = BatchStats {
             completions: completions.len() as u64,
             batch_waits: u64::from(wait == Wait::Batch),
@@ -550,6 +560,45 @@ pub fn run_worker<H: PacketHandler>(
     tracing::debug!(?shutdown, "worker ring shut down");
     report.shutdown_drained = shutdown.drained;
     Ok(report)
+}
+
+/// The wall clock as the worker reads it: `SystemTime` once a tick, and in between that
+/// reading advanced by the monotonic clock the worker reads for every batch anyway, so a batch
+/// costs one clock read, not two. A step of the system clock (NTP, an operator) shows within a
+/// tick; tokens and cookies count in whole seconds.
+#[derive(Clone, Copy, Debug)]
+pub struct WallClock {
+    /// Time since the Unix epoch at `base`.
+    since_epoch: Duration,
+    /// When the system clock was read.
+    base: Instant,
+}
+
+impl WallClock {
+    /// Reads both clocks now.
+    pub fn read() -> Self {
+        Self::from_readings(SystemTime::now(), Instant::now())
+    }
+
+    /// A clock that read `wall` at `base` (times before the epoch count as the epoch).
+    pub fn from_readings(wall: SystemTime, base: Instant) -> Self {
+        Self {
+            since_epoch: wall
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default(),
+            base,
+        }
+    }
+
+    /// The wall-clock time at `now` (a monotonic reading no earlier than the base; an
+    /// earlier one counts as the base).
+    pub fn at(&self, now: Instant) -> UnixTime {
+        UnixTime(
+            self.since_epoch
+                .saturating_add(now.saturating_duration_since(self.base))
+                .as_secs(),
+        )
+    }
 }
 
 /// How the worker waits for completions next.
@@ -826,6 +875,40 @@ mod tests {
                 "{drained} drained, target {target}"
             );
         }
+    }
+
+    #[test]
+    fn the_wall_clock_advances_with_the_monotonic_one() {
+        let base = Instant::now();
+        let epoch = SystemTime::UNIX_EPOCH;
+        let clock =
+            WallClock::from_readings(epoch + Duration::from_millis(1_700_000_000_400), base);
+        assert_eq!(clock.at(base), UnixTime(1_700_000_000));
+        assert_eq!(
+            clock.at(base + Duration::from_millis(599)),
+            UnixTime(1_700_000_000)
+        );
+        assert_eq!(
+            clock.at(base + Duration::from_millis(600)),
+            UnixTime(1_700_000_001),
+            "whole seconds of the sum, not of each part"
+        );
+        assert_eq!(
+            clock.at(base + Duration::from_secs(3600)),
+            UnixTime(1_700_003_600)
+        );
+        let later = base + Duration::from_secs(5);
+        let clock = WallClock::from_readings(epoch + Duration::from_secs(10), later);
+        assert_eq!(
+            clock.at(base),
+            UnixTime(10),
+            "an earlier reading counts as the base"
+        );
+        let before_epoch = epoch - Duration::from_secs(1);
+        assert_eq!(
+            WallClock::from_readings(before_epoch, base).at(base),
+            UnixTime(0)
+        );
     }
 
     #[test]
