@@ -491,51 +491,6 @@ pub fn pin_pid(tid: u32, cpu: usize) -> io::Result<()> {
     }
 }
 
-/// `struct sched_attr` as `sched_setattr(2)` takes it (its first version, 48 bytes).
-#[repr(C)]
-struct SchedAttr {
-    size: u32,
-    policy: u32,
-    flags: u64,
-    nice: i32,
-    priority: u32,
-    runtime: u64,
-    deadline: u64,
-    period: u64,
-}
-
-/// Makes thread `tid` an ordinary (`SCHED_OTHER`) thread of niceness `nice` with a time slice
-/// of `slice_ns` (0: the kernel's default; Linux 6.12 and later take 0.1–100 ms): a thread
-/// with a slice shorter than the running one's preempts it when it wakes, and threads of one
-/// niceness share a CPU fairly while they are busy.
-pub fn set_fair_scheduling(tid: u32, nice: i32, slice_ns: u64) -> io::Result<()> {
-    let attr = SchedAttr {
-        size: size_of::<SchedAttr>() as u32,
-        policy: libc::SCHED_OTHER as u32,
-        flags: 0,
-        nice,
-        priority: 0,
-        runtime: slice_ns,
-        deadline: 0,
-        period: 0,
-    };
-    // SAFETY: `attr` is a valid sched_attr of the size it states, read by the kernel for the
-    // call's duration; the call affects thread `tid` only.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_sched_setattr,
-            tid as libc::pid_t,
-            &attr as *const SchedAttr,
-            0u32,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 /// A UDP socket on `addr` with 8 MiB buffers each way: forced past `net.core.rmem_max` /
 /// `wmem_max` when the process may (`SO_RCVBUFFORCE`, as `ferry-relay` does for its own
 /// sockets), else as large as those limits allow. So the generator, the sink and the

@@ -37,9 +37,9 @@ use ferry_testkit::metrics::sum_metric;
 use ferry_testkit::relay::{RelayConfig, RelayProcess};
 
 use super::load::{Flow, Framing, Generator};
-use super::topology::{KernelCounters, RELAY_HOST_NICE, Testbed};
+use super::topology::{KernelCounters, Realtime, Testbed, set_realtime};
 use super::{check_interrupted, turn};
-use crate::udp::{pin_pid, set_fair_scheduling};
+use crate::udp::pin_pid;
 
 /// The UDP port every forwarder listens on (on the generator's side of the relay host).
 pub const RELAY_PORT: u16 = 7000;
@@ -319,7 +319,7 @@ impl RunningPath {
                 let child = Reaped(child);
                 let pid = child.0.id();
                 wait_for_udp_listener(pid, RELAY_PORT)?;
-                renice_forwarder(pid)?;
+                realtime_forwarder(pid)?;
                 base(
                     Generator::new(one_socket()?, flows_to(relay_addr))?,
                     Some(pid),
@@ -375,7 +375,7 @@ impl RunningPath {
                 }
                 let bind_seconds = started.elapsed().as_secs_f64();
                 pin_all_threads(pid, options.relay_cpu)?;
-                renice_forwarder(pid)?;
+                realtime_forwarder(pid)?;
                 let mut path = base(
                     Generator::new(sockets, flows)?,
                     Some(pid),
@@ -457,7 +457,7 @@ impl RunningPath {
         };
         let relay = RelayProcess::start(&bins.relay, &auth.relay_key, &config)?;
         let pid = relay.pid();
-        renice_forwarder(pid)?;
+        realtime_forwarder(pid)?;
         let rss_before = rss_bytes(pid).ok();
         let generator_sockets = (0..options.generator_sockets.clamp(1, sessions))
             .map(|_| bed.generator_socket(SocketAddr::new(bed.generator_ip(), 0)))
@@ -687,12 +687,12 @@ fn pin_all_threads(pid: u32, cpu: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Gives every thread of forwarder `pid` the relay host's niceness
-/// ([`RELAY_HOST_NICE`]), that of the relay host's receive threads.
-fn renice_forwarder(pid: u32) -> anyhow::Result<()> {
+/// Schedules every thread of forwarder `pid` as the relay host's receive threads are
+/// ([`Realtime::RoundRobin`]): they take turns on the relay CPU, ahead of everything else.
+fn realtime_forwarder(pid: u32) -> anyhow::Result<()> {
     for tid in threads(pid)? {
-        set_fair_scheduling(tid, RELAY_HOST_NICE, 0)
-            .with_context(|| format!("the niceness of forwarder thread {tid}"))?;
+        set_realtime(tid, Realtime::RoundRobin)
+            .with_context(|| format!("real-time scheduling for forwarder thread {tid}"))?;
     }
     Ok(())
 }

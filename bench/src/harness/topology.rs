@@ -18,7 +18,7 @@ use anyhow::{Context as _, bail};
 use ferry_testkit::netns::{in_ns, link_info};
 
 use super::flood::{self, XdpFlooder};
-use crate::udp::{packet_socket, pin_pid, set_fair_scheduling, socket};
+use crate::udp::{packet_socket, pin_pid, socket};
 
 /// What a scenario needs from a topology.
 pub trait Testbed: std::fmt::Debug {
@@ -160,17 +160,34 @@ fn ethtool(ns: &str, dev: &str, args: &[&str]) -> anyhow::Result<()> {
     run("ip", &all).with_context(|| format!("ethtool -K {dev} {} in {ns}", args.join(" ")))
 }
 
-/// The real-time priority of the sink's NAPI thread: that of interrupt threads.
-const NAPI_PRIORITY: &str = "50";
-/// The niceness of the relay host's NAPI threads and of every forwarder process: equal, so
-/// that they share the relay CPU fairly, and above whatever else runs on the machine (other
-/// work gets about a tenth of the CPU against one of them), so that the relay host behaves
-/// alike on a quiet and a busy machine.
-pub const RELAY_HOST_NICE: i32 = -10;
-/// The time slice of the relay host's NAPI threads: the shortest the kernel allows, so that
-/// a thread woken by arriving frames preempts the forwarder at once (as a softirq would)
-/// instead of waiting out the forwarder's slice while the veth's 256-frame ring overflows.
-const NAPI_SLICE_NS: u64 = 100_000;
+/// Frames the generator's veth queues while the relay host's veth ring is full.
+const GENERATOR_QUEUE: &str = "4096";
+
+/// The real-time priority of the testbed's NAPI threads and of every forwarder: that of
+/// interrupt threads.
+pub const REALTIME_PRIORITY: &str = "50";
+
+/// How a thread of the testbed is scheduled, always at [`REALTIME_PRIORITY`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Realtime {
+    /// `SCHED_RR`: threads of the relay host (its NAPI threads, the forwarder) preempt
+    /// everything else on the relay CPU, and take turns with each other: each runs until it
+    /// waits for work or its round-robin slice (100 ms) ends, so that under overload neither
+    /// starves the other.
+    RoundRobin,
+    /// `SCHED_FIFO`: the sink's NAPI thread runs as soon as frames wait, ahead of the
+    /// generator.
+    Fifo,
+}
+
+/// Makes thread `tid` real-time: `policy`, at [`REALTIME_PRIORITY`].
+pub fn set_realtime(tid: u32, policy: Realtime) -> anyhow::Result<()> {
+    let flag = match policy {
+        Realtime::RoundRobin => "-r",
+        Realtime::Fifo => "-f",
+    };
+    run("chrt", &[flag, "-p", REALTIME_PRIORITY, &tid.to_string()])
+}
 
 /// The process ids of the kernel's NAPI threads (`napi/<interface>-<id>`).
 fn napi_threads() -> anyhow::Result<Vec<u32>> {
@@ -195,9 +212,9 @@ fn napi_threads() -> anyhow::Result<Vec<u32>> {
 }
 
 /// Turns threaded NAPI on for `dev` in namespace `ns` (which must have NAPI: GRO or XDP on),
-/// pins its NAPI threads to `cpu` and, if `realtime`, makes them `SCHED_FIFO`. The threads are the ones that appear when it is turned
+/// pins its NAPI threads to `cpu` and makes them real-time with `policy`. The threads are the ones that appear when it is turned
 /// on (a thread's name is cut to 15 bytes, too short to tell the testbeds' interfaces apart).
-fn threaded_napi(ns: &str, dev: &str, cpu: usize, realtime: bool) -> anyhow::Result<Vec<u32>> {
+fn threaded_napi(ns: &str, dev: &str, cpu: usize, policy: Realtime) -> anyhow::Result<Vec<u32>> {
     let before = napi_threads()?;
     // `ip netns exec` mounts the namespace's own /sys.
     run(
@@ -227,16 +244,8 @@ fn threaded_napi(ns: &str, dev: &str, cpu: usize, realtime: bool) -> anyhow::Res
     for &pid in &new {
         pin_pid(pid, cpu)
             .with_context(|| format!("pinning {dev}'s NAPI thread {pid} to CPU {cpu}"))?;
-        if realtime {
-            run("chrt", &["-f", "-p", NAPI_PRIORITY, &pid.to_string()])
-                .with_context(|| format!("SCHED_FIFO for {dev}'s NAPI thread {pid}"))?;
-        } else if let Err(e) = set_fair_scheduling(pid, RELAY_HOST_NICE, NAPI_SLICE_NS) {
-            // Kernels before 6.12 take no slice for ordinary threads: the thread then waits
-            // up to a whole default slice for its CPU when it wakes.
-            eprintln!("note: {dev}'s NAPI thread keeps the default time slice: {e}");
-            set_fair_scheduling(pid, RELAY_HOST_NICE, 0)
-                .with_context(|| format!("niceness of {dev}'s NAPI thread {pid}"))?;
-        }
+        set_realtime(pid, policy)
+            .with_context(|| format!("real-time scheduling for {dev}'s NAPI thread {pid}"))?;
     }
     Ok(new)
 }
@@ -257,11 +266,12 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 /// process; names carry the process id and a counter.
 ///
 /// Each host receives as if it had a NIC of its own: every receiving veth polls with threaded
-/// NAPI, the relay host's two on the relay CPU (ordinary threads, as ksoftirqd), the sink's on
-/// the load CPU (real-time). So the relay host's routing, its stack up to the forwarder's
-/// socket and its XDP programs run on the relay CPU whichever path is measured, not in the
-/// sending generator's softirq, and [`Testbed::relay_host_threads`] lets a trial count them.
-/// The generator's veth checksums every datagram in full (no offload), for every path.
+/// NAPI, the relay host's two on the relay CPU (real-time round-robin, as the forwarder),
+/// the sink's on the load CPU (real-time). So the relay host's routing, its stack up to the
+/// forwarder's socket and its XDP programs run on the relay CPU whichever path is measured,
+/// not in the sending generator's softirq, and [`Testbed::relay_host_threads`] lets a trial
+/// count them. The generator's veth checksums every datagram in full (no offload) and queues
+/// what the relay host's veth cannot take yet, for every path.
 #[derive(Debug)]
 pub struct NetnsTestbed {
     /// The generator's namespace.
@@ -387,6 +397,30 @@ impl NetnsTestbed {
             gen_if,
             &["tx-checksumming", "off", "tx-udp-segmentation", "off"],
         )?;
+        // A queue in front of the generator's veth: when the relay host's veth ring (256
+        // frames) is full, the veth stops taking frames and they wait here (Linux 6.16 and
+        // later; before, the veth drops them), as behind a wire into a NIC with a ring of a few
+        // thousand descriptors, instead of being lost to the bursts a generator catching up
+        // after a pause sends faster than any wire. What the relay host cannot take in then
+        // slows the generator down rather than counting as loss before the relay.
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                g,
+                "tc",
+                "qdisc",
+                "replace",
+                "dev",
+                gen_if,
+                "root",
+                "pfifo",
+                "limit",
+                GENERATOR_QUEUE,
+            ],
+        )
+        .context("tc (a queue on the generator's veth)")?;
         // A veth hands what it sends to its peer's GRO only when it has no TSO (or the
         // datagram is the sender's own and the peer forwards with GRO): off on the relay
         // host's side, which sends UDP only.
@@ -396,21 +430,29 @@ impl NetnsTestbed {
         // thread of its own (threaded NAPI) pinned to its host's CPU, as a NIC's receive queue
         // whose interrupt goes to that CPU. Without it a veth's receive work runs in the
         // softirq of the CPU that sent: the relay host's routing, or its XDP program, on the
-        // generator's CPU. The same for every path. The relay host's threads are ordinary
-        // (CFS) threads that share the relay CPU with the forwarder, as ksoftirqd does under
-        // load: a real-time one would starve a forwarder process of its CPU above the rate it
-        // keeps up with. The sink's is real-time, so that the load CPU's generator never
-        // delays the sink's receiving while the veth's 256-frame ring overflows. The sink's
-        // veth coalesces what arrives (GRO), so that the sink, reading with UDP GRO, costs
-        // less per datagram.
+        // generator's CPU. The same for every path. The threads are real-time, as interrupt
+        // threads, so that other work on the machine never delays them while a veth's
+        // 256-frame ring overflows: the relay host's round-robin, as the forwarder is (see
+        // `Realtime`), the sink's first-in-first-out. The sink's veth coalesces what arrives
+        // (GRO), so that the sink, reading with UDP GRO, costs less per datagram.
         let mut relay_napi = Vec::new();
-        for (ns, dev, cpu, realtime) in [
-            (r, self.relay_if_generator.as_str(), self.relay_cpu, false),
-            (r, self.relay_if_sink.as_str(), self.relay_cpu, false),
-            (s, sink_if, self.load_cpu, true),
+        for (ns, dev, cpu, policy) in [
+            (
+                r,
+                self.relay_if_generator.as_str(),
+                self.relay_cpu,
+                Realtime::RoundRobin,
+            ),
+            (
+                r,
+                self.relay_if_sink.as_str(),
+                self.relay_cpu,
+                Realtime::RoundRobin,
+            ),
+            (s, sink_if, self.load_cpu, Realtime::Fifo),
         ] {
             ethtool(ns, dev, &["gro", "on"])?;
-            let threads = threaded_napi(ns, dev, cpu, realtime)?;
+            let threads = threaded_napi(ns, dev, cpu, policy)?;
             if ns == r {
                 relay_napi.extend(threads);
             }
