@@ -309,7 +309,8 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
             .clone()
             .or_else(|| Some(here.join("ferry-relay"))),
     );
-    let bed = NetnsTestbed::new().context("building the namespace topology (needs iproute2)")?;
+    let bed = NetnsTestbed::new(args.relay_cpu, args.load_cpu)
+        .context("building the namespace topology (needs iproute2)")?;
     let result = run(&plan, &bed, &bins);
     // The namespaces go before anything else can fail.
     drop(bed);

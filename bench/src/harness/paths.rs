@@ -16,8 +16,10 @@
 //!   (`XDP_REDIRECT` from one veth to the other) and never reaches a socket.
 //!
 //! Every forwarder process is pinned to the relay CPU; the generator and the sink run on the
-//! load CPU. (On veths, XDP runs where the sender's softirq does: the fast path's work lands
-//! on the load CPU, and is seen in the host's CPU per packet, not the relay process's.)
+//! load CPU. The relay host's receive processing (routing for `direct`, the stack up to the
+//! socket, the fast path's XDP program) runs in its veths' NAPI threads, also on the relay CPU
+//! (see [`NetnsTestbed`](super::topology::NetnsTestbed)): counted in the relay host's CPU per
+//! packet, not the relay process's.
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -35,7 +37,7 @@ use ferry_testkit::metrics::sum_metric;
 use ferry_testkit::relay::{RelayConfig, RelayProcess};
 
 use super::load::{Flow, Framing, Generator};
-use super::topology::{KernelCounters, Testbed};
+use super::topology::{KernelCounters, Realtime, Testbed, set_realtime};
 use super::{check_interrupted, turn};
 use crate::udp::pin_pid;
 
@@ -321,6 +323,7 @@ impl RunningPath {
                 let child = Reaped(child);
                 let pid = child.0.id();
                 wait_for_udp_listener(pid, RELAY_PORT)?;
+                realtime_forwarder(pid)?;
                 base(
                     Generator::new(one_socket()?, flows_to(relay_addr))?,
                     Some(pid),
@@ -376,6 +379,7 @@ impl RunningPath {
                 }
                 let bind_seconds = started.elapsed().as_secs_f64();
                 pin_all_threads(pid, options.relay_cpu)?;
+                realtime_forwarder(pid)?;
                 let mut path = base(
                     Generator::new(sockets, flows)?,
                     Some(pid),
@@ -457,6 +461,11 @@ impl RunningPath {
         };
         let relay = RelayProcess::start(&bins.relay, &auth.relay_key, &config)?;
         let pid = relay.pid();
+        // The workers are pinned by the config (several CPUs in the workers scenario); its other
+        // threads (the main loop, the admin listener) join the relay CPU, so that none of the
+        // forwarder's work lands on the load CPU, as with the single-threaded baselines.
+        pin_threads_but(pid, options.relay_cpu, "ferry-worker")?;
+        realtime_forwarder(pid)?;
         let rss_before = rss_bytes(pid).ok();
         let generator_sockets = (0..options.generator_sockets.clamp(1, sessions))
             .map(|_| bed.generator_socket(SocketAddr::new(bed.generator_ip(), 0)))
@@ -678,15 +687,47 @@ pub fn xdp_stats(pid: u32) -> Option<(u64, u64)> {
     found.then_some((time, count))
 }
 
+/// The thread ids of process `pid`.
+fn threads(pid: u32) -> anyhow::Result<Vec<u32>> {
+    let mut tids = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        tids.push(
+            task?
+                .file_name()
+                .to_string_lossy()
+                .parse()
+                .context("a task id")?,
+        );
+    }
+    Ok(tids)
+}
+
 /// Pins every thread of process `pid` to `cpu`.
 fn pin_all_threads(pid: u32, cpu: usize) -> anyhow::Result<()> {
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let tid: u32 = task?
-            .file_name()
-            .to_string_lossy()
-            .parse()
-            .context("a task id")?;
+    for tid in threads(pid)? {
         pin_pid(tid, cpu).with_context(|| format!("pinning thread {tid} to CPU {cpu}"))?;
+    }
+    Ok(())
+}
+
+/// Pins every thread of process `pid` whose name does not start with `except` to `cpu`.
+fn pin_threads_but(pid: u32, cpu: usize, except: &str) -> anyhow::Result<()> {
+    for tid in threads(pid)? {
+        let name = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+            .with_context(|| format!("reading thread {tid}'s name"))?;
+        if !name.starts_with(except) {
+            pin_pid(tid, cpu).with_context(|| format!("pinning thread {tid} to CPU {cpu}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Schedules every thread of forwarder `pid` as the relay host's receive threads are
+/// ([`Realtime::RoundRobin`]): they take turns on the relay CPU, ahead of everything else.
+fn realtime_forwarder(pid: u32) -> anyhow::Result<()> {
+    for tid in threads(pid)? {
+        set_realtime(tid, Realtime::RoundRobin)
+            .with_context(|| format!("real-time scheduling for forwarder thread {tid}"))?;
     }
     Ok(())
 }

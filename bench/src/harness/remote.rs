@@ -507,6 +507,7 @@ impl Run<'_> {
             host_cpu_ns_per_packet: host1.saturating_sub(host0) as f64 / delivered.max(1) as f64,
             // The XDP programs' run time is read from the relay process's BPF file descriptors
             // in the namespace topology; a testbed does not read it.
+            relay_host_cpu_ns_per_packet: None,
             xdp_ns_per_run: None,
             send_errors: errors,
         })

@@ -382,6 +382,12 @@ pub struct Trial {
     /// The whole host's busy CPU time per delivered datagram, ns (`/proc/stat`; includes the
     /// generator and the sink).
     pub host_cpu_ns_per_packet: f64,
+    /// The relay host's own CPU time per delivered datagram, ns: the forwarder process's
+    /// threads plus the kernel threads that do the relay host's receive processing (on the
+    /// namespace testbed, the threaded NAPI of its two veths: routing, XDP, the stack up to the
+    /// socket), from their `schedstat`; not the generator's or the sink's. `None` where the
+    /// testbed cannot tell them apart.
+    pub relay_host_cpu_ns_per_packet: Option<f64>,
     /// The forwarder's XDP programs' run time per run, ns (every frame they saw;
     /// `kernel.bpf_stats_enabled`), when it has any that ran.
     pub xdp_ns_per_run: Option<f64>,
@@ -405,8 +411,8 @@ pub struct Ratio {
     pub payload: String,
     /// The Ferry column: `ferry` or `ferry-fast`.
     pub path: String,
-    /// `zero_loss_pps`, `relay_cpu_ns_per_packet`, `host_cpu_ns_per_packet`, `p50_us`,
-    /// `p99_us`, `p999_us`.
+    /// `zero_loss_pps`, `relay_cpu_ns_per_packet`, `host_cpu_ns_per_packet`,
+    /// `relay_host_cpu_ns_per_packet`, `p50_us`, `p99_us`, `p999_us`.
     pub figure: String,
     /// `zero_loss`, or a point's label.
     pub point: String,
@@ -572,6 +578,18 @@ pub fn ratios(runs: &[PathRun], max_loss: f64) -> Vec<Ratio> {
                     host(b),
                     passed,
                 );
+                let relay_host = |z: &ZeroLoss| {
+                    z.at_rate
+                        .as_ref()
+                        .and_then(|t| t.relay_host_cpu_ns_per_packet)
+                };
+                push(
+                    "relay_host_cpu_ns_per_packet",
+                    "zero_loss",
+                    relay_host(f),
+                    relay_host(b),
+                    passed,
+                );
             }
             for fp in &ferry.points {
                 let Some(bp) = base.points.iter().find(|p| same_point(p, fp)) else {
@@ -595,6 +613,13 @@ pub fn ratios(runs: &[PathRun], max_loss: f64) -> Vec<Ratio> {
                     &point,
                     fp.trial.relay_cpu_ns_per_packet,
                     bp.trial.relay_cpu_ns_per_packet,
+                    ok,
+                );
+                push(
+                    "relay_host_cpu_ns_per_packet",
+                    &point,
+                    fp.trial.relay_host_cpu_ns_per_packet,
+                    bp.trial.relay_host_cpu_ns_per_packet,
                     ok,
                 );
             }
@@ -731,15 +756,15 @@ pub fn markdown(result: &BenchResult) -> String {
         let _ = writeln!(
             md,
             "| path | generator ceiling (sent pps) | zero-loss pps | body Mbit/s | relay CPU/pkt | \
-             host CPU/pkt | XDP ns/run | sent / relay in / relay out / sink at that rate |\n\
-             |---|---:|---:|---:|---:|---:|---:|---|"
+             relay host CPU/pkt | host CPU/pkt | XDP ns/run | sent / relay in / relay out / sink \
+             at that rate |\n|---|---:|---:|---:|---:|---:|---:|---:|---|"
         );
         for r in &runs {
             let z = r.zero_loss.as_ref();
             let at = z.and_then(|z| z.at_rate.as_ref());
             let _ = writeln!(
                 md,
-                "| {} | {:.0} ({}) | {}{} | {} | {} | {} | {} | {} |",
+                "| {} | {:.0} ({}) | {}{} | {} | {} | {} | {} | {} | {} |",
                 path_label(r, c.rounds),
                 r.generator_ceiling.offered_pps,
                 if r.generator.gso { "GSO" } else { "sendmmsg" },
@@ -751,6 +776,7 @@ pub fn markdown(result: &BenchResult) -> String {
                 },
                 opt(z.map(|z| z.body_mbps), 1),
                 opt(at.and_then(|t| t.relay_cpu_ns_per_packet), 0) + " ns",
+                opt(at.and_then(|t| t.relay_host_cpu_ns_per_packet), 0) + " ns",
                 opt(at.map(|t| t.host_cpu_ns_per_packet), 0) + " ns",
                 opt(at.and_then(|t| t.xdp_ns_per_run), 0),
                 at.map_or("–".into(), |t| format!(

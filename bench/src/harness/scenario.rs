@@ -828,6 +828,11 @@ pub(crate) fn host_busy_ns() -> anyhow::Result<u64> {
     Ok(total.saturating_sub(idle) * 10_000_000)
 }
 
+/// The CPU time of threads `tids` (each a thread of its own, as kernel threads are), ns.
+fn threads_cpu_ns(tids: &[u32]) -> anyhow::Result<u64> {
+    tids.iter().map(|&t| task_cpu_ns(t)).sum()
+}
+
 /// One trial: `rate` (0: as fast as possible) for `seconds`, every stage counted.
 pub fn trial(
     plan: &Plan,
@@ -865,6 +870,8 @@ fn trial_with_probe(
     drain(&path.sink)?;
     let before = path.snapshot(bed)?;
     let cpu0 = path.pid.map(task_cpu_ns).transpose()?;
+    let kthreads = bed.relay_host_threads();
+    let kernel0 = threads_cpu_ns(&kthreads)?;
     let host0 = host_busy_ns()?;
     let sink0 = bed.sink_kernel_counters()?;
     let since = now_ns();
@@ -920,6 +927,7 @@ fn trial_with_probe(
     let sent = sent.map_err(|_| anyhow::anyhow!("the generator thread panicked"))??;
     let after = path.snapshot(bed)?;
     let cpu1 = path.pid.map(task_cpu_ns).transpose()?;
+    let kernel1 = threads_cpu_ns(&kthreads)?;
     let host1 = host_busy_ns()?;
     let sink_drops = bed.sink_kernel_counters()?.since(&sink0).udp_rcvbuf_errors;
     let relay = path.counts(&before, &after);
@@ -969,6 +977,10 @@ fn trial_with_probe(
             _ => None,
         },
         host_cpu_ns_per_packet: host1.saturating_sub(host0) as f64 / delivered.max(1) as f64,
+        relay_host_cpu_ns_per_packet: (!kthreads.is_empty()).then(|| {
+            let process = cpu1.zip(cpu0).map_or(0, |(b, a)| b.saturating_sub(a));
+            (kernel1.saturating_sub(kernel0) + process) as f64 / delivered.max(1) as f64
+        }),
         send_errors: sent.errors,
     };
     Ok((trial, reply))

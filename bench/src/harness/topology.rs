@@ -12,15 +12,13 @@ use std::io::BufRead as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context as _, bail};
-use ferry_relay::xdp::{Guard, Mode};
 use ferry_testkit::netns::{in_ns, link_info};
 
 use super::flood::{self, XdpFlooder};
-use crate::udp::{packet_socket, socket};
+use crate::udp::{packet_socket, pin_pid, socket};
 
 /// What a scenario needs from a topology.
 pub trait Testbed: std::fmt::Debug {
@@ -62,14 +60,20 @@ pub trait Testbed: std::fmt::Debug {
     fn generator_xdp_flooder(&self) -> anyhow::Result<XdpFlooder> {
         bail!("this testbed has no XDP flood generator")
     }
+    /// The kernel threads that do the relay host's receive processing, when they are threads
+    /// of their own that this machine can measure (threaded NAPI on the namespace testbed):
+    /// their CPU time counts in the relay host's CPU per packet.
+    fn relay_host_threads(&self) -> Vec<u32> {
+        Vec::new()
+    }
     /// The relay host's interface towards the sink, when the XDP fast path can redirect to
     /// it.
     fn relay_interface_to_sink(&self) -> Option<&str> {
         None
     }
     /// Readies the topology for the XDP fast path (`on`) or puts it back: whatever a testbed
-    /// needs beyond the relay's own XDP program (on veths: an XDP program on the sink's end,
-    /// and full UDP checksums from the generator).
+    /// needs beyond the relay's own XDP program (veths need NAPI on the sink's end and full
+    /// UDP checksums from the generator, which the namespace testbed has for every path).
     fn set_fast_path_topology(&self, on: bool) -> anyhow::Result<()> {
         if on {
             bail!("this testbed cannot host the XDP fast path");
@@ -150,6 +154,102 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
     run("ip", args)
 }
 
+fn ethtool(ns: &str, dev: &str, args: &[&str]) -> anyhow::Result<()> {
+    let mut all = vec!["netns", "exec", ns, "ethtool", "-K", dev];
+    all.extend_from_slice(args);
+    run("ip", &all).with_context(|| format!("ethtool -K {dev} {} in {ns}", args.join(" ")))
+}
+
+/// Frames the generator's veth queues while the relay host's veth ring is full.
+const GENERATOR_QUEUE: &str = "4096";
+
+/// The real-time priority of the testbed's NAPI threads and of every forwarder: that of
+/// interrupt threads.
+pub const REALTIME_PRIORITY: &str = "50";
+
+/// How a thread of the testbed is scheduled, always at [`REALTIME_PRIORITY`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Realtime {
+    /// `SCHED_RR`: threads of the relay host (its NAPI threads, the forwarder) preempt
+    /// everything else on the relay CPU, and take turns with each other: each runs until it
+    /// waits for work or its round-robin slice (100 ms) ends, so that under overload neither
+    /// starves the other.
+    RoundRobin,
+    /// `SCHED_FIFO`: the sink's NAPI thread runs as soon as frames wait, ahead of the
+    /// generator.
+    Fifo,
+}
+
+/// Makes thread `tid` real-time: `policy`, at [`REALTIME_PRIORITY`].
+pub fn set_realtime(tid: u32, policy: Realtime) -> anyhow::Result<()> {
+    let flag = match policy {
+        Realtime::RoundRobin => "-r",
+        Realtime::Fifo => "-f",
+    };
+    run("chrt", &[flag, "-p", REALTIME_PRIORITY, &tid.to_string()])
+}
+
+/// The process ids of the kernel's NAPI threads (`napi/<interface>-<id>`).
+fn napi_threads() -> anyhow::Result<Vec<u32>> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").context("reading /proc")? {
+        let entry = entry?;
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A process that ended since the listing has no comm: skipped.
+        if let Ok(comm) = std::fs::read_to_string(entry.path().join("comm"))
+            && comm.starts_with("napi/")
+        {
+            pids.push(pid);
+        }
+    }
+    Ok(pids)
+}
+
+/// Turns threaded NAPI on for `dev` in namespace `ns` (which must have NAPI: GRO or XDP on),
+/// pins its NAPI threads to `cpu` and makes them real-time with `policy`. The threads are the ones that appear when it is turned
+/// on (a thread's name is cut to 15 bytes, too short to tell the testbeds' interfaces apart).
+fn threaded_napi(ns: &str, dev: &str, cpu: usize, policy: Realtime) -> anyhow::Result<Vec<u32>> {
+    let before = napi_threads()?;
+    // `ip netns exec` mounts the namespace's own /sys.
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            ns,
+            "sh",
+            "-c",
+            &format!("echo 1 > /sys/class/net/{dev}/threaded"),
+        ],
+    )
+    .with_context(|| format!("threaded NAPI on {dev} in {ns}"))?;
+    let tag: String = format!("napi/{dev}").chars().take(15).collect();
+    let new: Vec<u32> = napi_threads()?
+        .into_iter()
+        .filter(|pid| !before.contains(pid))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim_end().starts_with(&tag))
+        })
+        .collect();
+    if new.is_empty() {
+        bail!("threaded NAPI on {dev} in {ns}: no NAPI thread of it appeared");
+    }
+    for &pid in &new {
+        pin_pid(pid, cpu)
+            .with_context(|| format!("pinning {dev}'s NAPI thread {pid} to CPU {cpu}"))?;
+        set_realtime(pid, policy)
+            .with_context(|| format!("real-time scheduling for {dev}'s NAPI thread {pid}"))?;
+    }
+    Ok(new)
+}
+
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// Three network namespaces on this machine: the generator's, the relay host's and the
@@ -164,6 +264,14 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 /// between its two veths (`net.ipv4.ip_forward = 1`): the direct path, with no relay process,
 /// is the topology's own limit. `N` differs between processes and between the testbeds of one
 /// process; names carry the process id and a counter.
+///
+/// Each host receives as if it had a NIC of its own: every receiving veth polls with threaded
+/// NAPI, the relay host's two on the relay CPU (real-time round-robin, as the forwarder),
+/// the sink's on the load CPU (real-time). So the relay host's routing, its stack up to the
+/// forwarder's socket and its XDP programs run on the relay CPU whichever path is measured,
+/// not in the sending generator's softirq, and [`Testbed::relay_host_threads`] lets a trial
+/// count them. The generator's veth checksums every datagram in full (no offload) and queues
+/// what the relay host's veth cannot take yet, for every path.
 #[derive(Debug)]
 pub struct NetnsTestbed {
     /// The generator's namespace.
@@ -182,20 +290,26 @@ pub struct NetnsTestbed {
     pub generator_if: String,
     /// The sink's veth.
     pub sink_if: String,
-    /// While the fast path is set up: the pass-everything XDP program on the sink's veth.
-    sink_pass: Mutex<Option<Guard>>,
+    /// The CPU the relay host's receive processing (its veths' NAPI threads) runs on.
+    pub relay_cpu: usize,
+    /// The CPU the sink's receive processing (its veth's NAPI thread) runs on.
+    pub load_cpu: usize,
+    /// The NAPI threads of the relay host's two veths.
+    relay_napi: Vec<u32>,
 }
 
 impl NetnsTestbed {
-    /// Creates the namespaces, veths, addresses and routes. Needs root and iproute2.
-    pub fn new() -> anyhow::Result<Self> {
+    /// Creates the namespaces, veths, addresses and routes, with the relay host's receive
+    /// processing on `relay_cpu` and the sink's on `load_cpu` (see [`NetnsTestbed`]). Needs
+    /// root, iproute2 and ethtool.
+    pub fn new(relay_cpu: usize, load_cpu: usize) -> anyhow::Result<Self> {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         let net = (pid.wrapping_mul(37).wrapping_add(n) % 200) as u8 + 20;
         // Interface names are at most 15 bytes.
         let ifname =
             |tag: &str| -> String { format!("fb{tag}{pid}x{n}").chars().take(15).collect() };
-        let bed = Self {
+        let mut bed = Self {
             generator_ns: format!("ferry-bg-{pid}-{n}"),
             relay_ns: format!("ferry-br-{pid}-{n}"),
             sink_ns: format!("ferry-bs-{pid}-{n}"),
@@ -204,14 +318,17 @@ impl NetnsTestbed {
             relay_if_sink: ifname("q"),
             generator_if: ifname("g"),
             sink_if: ifname("s"),
-            sink_pass: Mutex::new(None),
+            relay_cpu,
+            load_cpu,
+            relay_napi: Vec::new(),
         };
         // From here on, dropping `bed` removes whatever was created.
-        bed.build(&bed.generator_if, &bed.sink_if)?;
+        bed.relay_napi = bed.build(&bed.generator_if, &bed.sink_if)?;
         Ok(bed)
     }
 
-    fn build(&self, gen_if: &str, sink_if: &str) -> anyhow::Result<()> {
+    /// Builds the topology; returns the NAPI threads of the relay host's veths.
+    fn build(&self, gen_if: &str, sink_if: &str) -> anyhow::Result<Vec<u32>> {
         let (g, r, s) = (
             self.generator_ns.as_str(),
             self.relay_ns.as_str(),
@@ -271,46 +388,76 @@ impl NetnsTestbed {
             &["netns", "exec", r, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
         )?;
         // The generator sends runs of datagrams as one UDP GSO buffer; its veth cuts them
-        // into datagrams before they cross, so that the relay host receives them one by one,
-        // as from a wire. The sink's veth coalesces what arrives (GRO, which turns the veth's
-        // NAPI on), so that the sink, reading with UDP GRO, costs less per datagram.
+        // into datagrams and checksums each in full before they cross, so that the relay host
+        // receives them one by one, complete, as from a wire (a partial checksum left to
+        // offload is something the XDP fast path cannot finish; every path gets the same
+        // frames). Without TSO on the sending veth, its peer takes every frame through NAPI.
+        ethtool(
+            g,
+            gen_if,
+            &["tx-checksumming", "off", "tx-udp-segmentation", "off"],
+        )?;
+        // A queue in front of the generator's veth: when the relay host's veth ring (256
+        // frames) is full, the veth stops taking frames and they wait here (Linux 6.16 and
+        // later; before, the veth drops them), as behind a wire into a NIC with a ring of a few
+        // thousand descriptors, instead of being lost to the bursts a generator catching up
+        // after a pause sends faster than any wire. What the relay host cannot take in then
+        // slows the generator down rather than counting as loss before the relay.
         run(
             "ip",
             &[
                 "netns",
                 "exec",
                 g,
-                "ethtool",
-                "-K",
+                "tc",
+                "qdisc",
+                "replace",
+                "dev",
                 gen_if,
-                "tx-udp-segmentation",
-                "off",
+                "root",
+                "pfifo",
+                "limit",
+                GENERATOR_QUEUE,
             ],
         )
-        .context("ethtool (the topology turns GSO off on the generator's veth)")?;
+        .context("tc (a queue on the generator's veth)")?;
         // A veth hands what it sends to its peer's GRO only when it has no TSO (or the
         // datagram is the sender's own and the peer forwards with GRO): off on the relay
         // host's side, which sends UDP only.
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
+        ethtool(r, &self.relay_if_sink, &["tso", "off"])?;
+        // Receive processing as on hosts with NICs of their own: every receiving veth polls
+        // with NAPI (GRO on: a veth has NAPI only with GRO or an XDP program), in a kernel
+        // thread of its own (threaded NAPI) pinned to its host's CPU, as a NIC's receive queue
+        // whose interrupt goes to that CPU. Without it a veth's receive work runs in the
+        // softirq of the CPU that sent: the relay host's routing, or its XDP program, on the
+        // generator's CPU. The same for every path. The threads are real-time, as interrupt
+        // threads, so that other work on the machine never delays them while a veth's
+        // 256-frame ring overflows: the relay host's round-robin, as the forwarder is (see
+        // `Realtime`), the sink's first-in-first-out. The sink's veth coalesces what arrives
+        // (GRO), so that the sink, reading with UDP GRO, costs less per datagram.
+        let mut relay_napi = Vec::new();
+        for (ns, dev, cpu, policy) in [
+            (
                 r,
-                "ethtool",
-                "-K",
-                &self.relay_if_sink,
-                "tso",
-                "off",
-            ],
-        )
-        .context("ethtool (the topology turns TSO off on the relay host's veth to the sink)")?;
-        run(
-            "ip",
-            &["netns", "exec", s, "ethtool", "-K", sink_if, "gro", "on"],
-        )
-        .context("ethtool (the topology turns GRO on on the sink's veth)")?;
-        Ok(())
+                self.relay_if_generator.as_str(),
+                self.relay_cpu,
+                Realtime::RoundRobin,
+            ),
+            (
+                r,
+                self.relay_if_sink.as_str(),
+                self.relay_cpu,
+                Realtime::RoundRobin,
+            ),
+            (s, sink_if, self.load_cpu, Realtime::Fifo),
+        ] {
+            ethtool(ns, dev, &["gro", "on"])?;
+            let threads = threaded_napi(ns, dev, cpu, policy)?;
+            if ns == r {
+                relay_napi.extend(threads);
+            }
+        }
+        Ok(relay_napi)
     }
 
     fn counters(ns: &str) -> anyhow::Result<KernelCounters> {
@@ -408,6 +555,10 @@ impl Testbed for NetnsTestbed {
         Some(&self.relay_if_sink)
     }
 
+    fn relay_host_threads(&self) -> Vec<u32> {
+        self.relay_napi.clone()
+    }
+
     fn generator_xdp_flooder(&self) -> anyhow::Result<XdpFlooder> {
         self.route_to_generator(flood::XDP_SPOOF_NET)?;
         let (ifindex, _) = link_info(&self.generator_ns, &self.generator_if)?;
@@ -433,49 +584,15 @@ impl Testbed for NetnsTestbed {
         Ok(flooder)
     }
 
-    fn set_fast_path_topology(&self, on: bool) -> anyhow::Result<()> {
-        let mut pass = self
-            .sink_pass
-            .lock()
-            .map_err(|_| anyhow::anyhow!("the sink's XDP program lock is poisoned"))?;
-        // A frame redirected onto a veth is delivered only when the receiving end runs XDP
-        // itself: an unconfigured guard, which passes everything.
-        *pass = None;
-        if on {
-            let mut guard = Guard::load(16).context("loading the sink veth's XDP program")?;
-            in_ns(&self.sink_ns, || guard.attach(&self.sink_if, Mode::Native))?
-                .context("attaching XDP to the sink's veth")?;
-            *pass = Some(guard);
-        }
-        // The fast path cannot complete a checksum left to offload: the generator's veth
-        // computes it in full. (Kernels before 6.11 then refuse UDP GSO, and the generator
-        // falls back to one datagram per message; later ones segment and checksum in
-        // software.)
-        let csum = if on { "off" } else { "on" };
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &self.generator_ns,
-                "ethtool",
-                "-K",
-                &self.generator_if,
-                "tx-checksumming",
-                csum,
-                "tx-udp-segmentation",
-                "off",
-            ],
-        )
-        .context("ethtool on the generator's veth")
+    fn set_fast_path_topology(&self, _on: bool) -> anyhow::Result<()> {
+        // Nothing beyond what every path has: the sink's veth has NAPI (GRO on), so it takes
+        // frames redirected to it, and the generator's frames carry full UDP checksums.
+        Ok(())
     }
 }
 
 impl Drop for NetnsTestbed {
     fn drop(&mut self) {
-        if let Ok(mut pass) = self.sink_pass.lock() {
-            *pass = None;
-        }
         // Deleting a namespace removes its ends of the veths, which removes the pairs.
         for ns in [&self.generator_ns, &self.relay_ns, &self.sink_ns] {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
