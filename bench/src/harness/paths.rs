@@ -23,7 +23,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -205,19 +205,7 @@ struct Reaped(Child);
 impl Drop for Reaped {
     fn drop(&mut self) {
         // SIGTERM to this child's pid only, so it can shut down cleanly.
-        let _ = Command::new("kill")
-            .arg(self.0.id().to_string())
-            .stderr(Stdio::null())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        ferry_testkit::process::terminate(&mut self.0, Duration::from_secs(3));
     }
 }
 
