@@ -83,7 +83,10 @@ fn check_trial(path: &str, what: &str, t: &Value) {
                 rx > 0.0 && fwd > 0.0,
                 "{path} {what}: the relay counted nothing"
             );
-            assert!(rx + drops <= sent + num(t, "stale") + 16.0, "{path} {what}");
+            // Socket drops are left out of the bound: Ferry learns of its socket's drops only
+            // with the next datagram it reads, so drops at the end of a trial that overflowed
+            // show in the next trial's count (docs/bench.md, "Reading the report").
+            assert!(rx <= sent + num(t, "stale") + 16.0, "{path} {what}");
             assert!(
                 sink <= fwd + 16.0,
                 "{path} {what}: sink {sink} > relay out {fwd}"

@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand};
 use ferry_bench::harness::agent::{self, Secret};
 use ferry_bench::harness::load::{Pacing, Payload};
 use ferry_bench::harness::paths::{Binaries, PathKind};
+use ferry_bench::harness::report::BenchResult;
 use ferry_bench::harness::scenario::{Plan, Scenario, run};
 use ferry_bench::harness::testbed::TestbedFile;
 use ferry_bench::harness::topology::{NetnsTestbed, delete_namespace, stale_namespaces};
@@ -315,10 +316,16 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
     // The namespaces go before anything else can fail.
     drop(bed);
     let result = result?;
+    publish(&result, &args)
+}
+
+/// Writes `result.json` and `summary.md` to `--out` (default `target/ferry-bench/<start>`) and
+/// prints the summary.
+fn publish(result: &BenchResult, args: &RunArgs) -> anyhow::Result<()> {
     let out = args.out.clone().unwrap_or_else(|| {
         PathBuf::from("target/ferry-bench").join(result.started_unix.to_string())
     });
-    let md = remote::write_report(&result, &out)?;
+    let md = remote::write_report(result, &out)?;
     println!("\n{md}");
     println!(
         "wrote {} and {}",
@@ -333,15 +340,5 @@ fn testbed_command(file: &std::path::Path, args: &RunArgs) -> anyhow::Result<()>
     let bed = TestbedFile::load(file)?;
     catch_interrupts()?;
     let result = remote::run(&bed, &args.scenarios)?;
-    let out = args.out.clone().unwrap_or_else(|| {
-        PathBuf::from("target/ferry-bench").join(result.started_unix.to_string())
-    });
-    let md = remote::write_report(&result, &out)?;
-    println!("\n{md}");
-    println!(
-        "wrote {} and {}",
-        out.join("result.json").display(),
-        out.join("summary.md").display()
-    );
-    Ok(())
+    publish(&result, args)
 }
