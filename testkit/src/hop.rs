@@ -500,20 +500,13 @@ fn tune(socket: &UdpSocket) -> anyhow::Result<()> {
         .context("setting a read timeout")
 }
 
-fn is_timeout(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-    )
-}
-
 /// The client-facing socket's reader.
 fn read_clients(shared: &Arc<Shared>) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     while !shared.stop.load(Ordering::Relaxed) {
         let (len, client) = match shared.client_socket.recv_from(&mut buf) {
             Ok(got) => got,
-            Err(e) if is_timeout(&e) => continue,
+            Err(e) if crate::is_read_timeout(&e) => continue,
             // ECONNREFUSED and the like from an earlier send: nothing to do with this read.
             Err(_) => continue,
         };

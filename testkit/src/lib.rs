@@ -36,6 +36,15 @@ use std::time::SystemTime;
 use anyhow::Context as _;
 pub use tempfile::TempDir;
 
+/// Whether `e` is what a socket read with a timeout returns when nothing came in time
+/// (`WouldBlock` or `TimedOut`, depending on the platform and the call).
+pub fn is_read_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
 /// A fresh directory under the system's temporary directory, named `ferry-<name>-…`, removed
 /// (with everything in it) when the returned value drops.
 pub fn temp_dir(name: &str) -> anyhow::Result<TempDir> {

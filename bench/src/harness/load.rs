@@ -763,12 +763,7 @@ impl<'m> ReplyProbe<'m> {
                     }
                     _ => continue,
                 },
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
+                Err(e) if ferry_testkit::is_read_timeout(&e) => {
                     series.lost += 1;
                     return None;
                 }
@@ -809,12 +804,9 @@ impl Drop for ReplyProbe<'_> {
 /// Whether `e` says that an answer did not come in time (the socket's read timeout).
 fn timed_out(e: &anyhow::Error) -> bool {
     e.chain().any(|cause| {
-        cause.downcast_ref::<std::io::Error>().is_some_and(|io| {
-            matches!(
-                io.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            )
-        })
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(ferry_testkit::is_read_timeout)
     })
 }
 

@@ -734,7 +734,8 @@ pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
     Ok(kb * 1024)
 }
 
-fn rand8(rng: &dyn ring::rand::SecureRandom) -> anyhow::Result<[u8; 8]> {
+/// Eight random bytes from `rng` (session ids start from them).
+pub(crate) fn rand8(rng: &dyn ring::rand::SecureRandom) -> anyhow::Result<[u8; 8]> {
     let mut b = [0u8; 8];
     rng.fill(&mut b)
         .map_err(|_| anyhow::anyhow!("the system RNG failed"))?;

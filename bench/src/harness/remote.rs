@@ -292,10 +292,7 @@ impl Run<'_> {
     /// Fresh Ferry sessions on every lane: slot A from its generator, slot B from its sink.
     fn bind_ferry(&mut self, tag: &str) -> anyhow::Result<Setup> {
         let sessions = self.plan.sessions as u64;
-        let mut b = [0u8; 8];
-        ring::rand::SecureRandom::fill(&self.rng, &mut b)
-            .map_err(|_| anyhow::anyhow!("the system RNG failed"))?;
-        let first = (u64::from_be_bytes(b) >> 2) | 1;
+        let first = (u64::from_be_bytes(super::paths::rand8(&self.rng)?) >> 2) | 1;
         let rss_before = self.relay_pid().and_then(|p| rss_bytes(p).ok());
         let mut bind_seconds = 0.0;
         for i in 0..self.lanes.len() {

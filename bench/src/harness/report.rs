@@ -472,25 +472,19 @@ fn median(v: &mut [f64]) -> f64 {
 /// The medians over the rounds of `ratios`, one per payload, Ferry column, figure, point and
 /// baseline, in the order they first appear; empty unless some figure has more than one round.
 pub fn medians(ratios: &[Ratio]) -> Vec<MedianRatio> {
+    // What makes two rounds' ratios the same figure.
+    fn key(r: &Ratio) -> (&str, &str, &str, &str, &str) {
+        (&r.payload, &r.path, &r.figure, &r.point, &r.baseline)
+    }
     let mut out: Vec<MedianRatio> = Vec::new();
+    let mut seen = Vec::new();
     for first in ratios {
-        let same = |r: &&Ratio| {
-            r.payload == first.payload
-                && r.path == first.path
-                && r.figure == first.figure
-                && r.point == first.point
-                && r.baseline == first.baseline
-        };
-        if out.iter().any(|m| {
-            m.payload == first.payload
-                && m.path == first.path
-                && m.figure == first.figure
-                && m.point == first.point
-                && m.baseline == first.baseline
-        }) {
+        let k = key(first);
+        if seen.contains(&k) {
             continue;
         }
-        let group: Vec<&Ratio> = ratios.iter().filter(same).collect();
+        let group: Vec<&Ratio> = ratios.iter().filter(|r| key(r) == k).collect();
+        seen.push(k);
         let pick = |f: fn(&Ratio) -> f64| group.iter().map(|r| f(r)).collect::<Vec<f64>>();
         let mut ratio = pick(|r| r.ratio);
         out.push(MedianRatio {

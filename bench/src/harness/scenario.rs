@@ -191,11 +191,6 @@ pub fn run(plan: &Plan, bed: &dyn Testbed, bins: &Binaries) -> anyhow::Result<Be
             };
             println!("{tag} setting up ({} sessions)", plan.sessions);
             let fast = kind == PathKind::FerryFast;
-            if fast && let Err(e) = bed.set_fast_path_topology(true) {
-                let _ = bed.set_fast_path_topology(false);
-                skip(plan, &mut skipped, kind, format!("{e:#}"))?;
-                continue;
-            }
             let started = RunningPath::start(kind, bed, bins, options(plan, plan.sessions, false))
                 .with_context(|| format!("setting up {}", kind.name()));
             let path = match started {
@@ -203,7 +198,6 @@ pub fn run(plan: &Plan, bed: &dyn Testbed, bins: &Binaries) -> anyhow::Result<Be
                 // A relay built without its eBPF object, or a kernel without native XDP on
                 // veth: the column is skipped, saying why.
                 Err(e) if fast => {
-                    bed.set_fast_path_topology(false)?;
                     skip(plan, &mut skipped, kind, format!("{e:#}"))?;
                     continue;
                 }
@@ -216,24 +210,11 @@ pub fn run(plan: &Plan, bed: &dyn Testbed, bins: &Binaries) -> anyhow::Result<Be
                     path.relay_log().unwrap_or_default()
                 );
                 drop(path);
-                bed.set_fast_path_topology(false)?;
                 skip(plan, &mut skipped, kind, reason)?;
                 continue;
             }
             let run =
                 measure_path(plan, bed, &path, *payload, &tag).map(|r| PathRun { round, ..r });
-            if fast {
-                let log = path.relay_log();
-                drop(path);
-                bed.set_fast_path_topology(false)?;
-                runs.push(run.with_context(|| {
-                    format!(
-                        "measuring ferry-fast; the relay's log:\n{}",
-                        log.unwrap_or_default()
-                    )
-                })?);
-                continue;
-            }
             let run = run.with_context(|| match path.relay_log() {
                 Some(log) if !log.is_empty() => {
                     format!("measuring {}; the relay's log:\n{log}", kind.name())
@@ -629,9 +610,7 @@ fn start_probe<'m>(
     mint: &'m MintFn<'m>,
 ) -> anyhow::Result<ReplyProbe<'m>> {
     let socket = bed.generator_socket(SocketAddr::new(bed.generator_ip(), 0))?;
-    let mut random = [0u8; 8];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut random)
-        .map_err(|_| anyhow::anyhow!("the system RNG failed"))?;
+    let random = super::paths::rand8(&ring::rand::SystemRandom::new())?;
     // The load's session ids are below 2^62; these have the top bit set.
     let first = 1 << 63 | u64::from_be_bytes(random) >> 2;
     ReplyProbe::new(

@@ -71,15 +71,6 @@ pub trait Testbed: std::fmt::Debug {
     fn relay_interface_to_sink(&self) -> Option<&str> {
         None
     }
-    /// Readies the topology for the XDP fast path (`on`) or puts it back: whatever a testbed
-    /// needs beyond the relay's own XDP program (veths need NAPI on the sink's end and full
-    /// UDP checksums from the generator, which the namespace testbed has for every path).
-    fn set_fast_path_topology(&self, on: bool) -> anyhow::Result<()> {
-        if on {
-            bail!("this testbed cannot host the XDP fast path");
-        }
-        Ok(())
-    }
 }
 
 /// A host's kernel counters, from its `/proc/net/snmp`.
@@ -582,12 +573,6 @@ impl Testbed for NetnsTestbed {
         )
         .context("ethtool (GRO on the relay host's veth, for the XDP flood)")?;
         Ok(flooder)
-    }
-
-    fn set_fast_path_topology(&self, _on: bool) -> anyhow::Result<()> {
-        // Nothing beyond what every path has: the sink's veth has NAPI (GRO on), so it takes
-        // frames redirected to it, and the generator's frames carry full UDP checksums.
-        Ok(())
     }
 }
 

@@ -122,11 +122,7 @@ fn transact(
         sock.send_to(&msg, server)?;
         match sock.recv_from(&mut buf) {
             Ok((n, _)) => return response(&buf[..n], kind, txid),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
+            Err(e) if ferry_testkit::is_read_timeout(&e) => {}
             Err(e) => return Err(e.into()),
         }
     }
