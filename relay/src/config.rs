@@ -126,6 +126,8 @@ pub struct RelayConfig {
     pub cpus: Vec<usize>,
     /// Forward bursts for one peer as UDP GSO sends.
     pub udp_gso: bool,
+    /// Receive consecutive datagrams of one sender as one coalesced receive (UDP GRO).
+    pub udp_gro: bool,
     /// Forwards of at least this many bytes use SEND_ZC; `None`: off.
     pub send_zc_min_bytes: Option<usize>,
     /// The kernel buffer sizes of each socket.

@@ -25,7 +25,7 @@ type WorkerMetric = (&'static str, &'static str, fn(&WorkerStats) -> u64);
 type XdpMetric = (&'static str, &'static str, fn(&CounterValue) -> u64);
 
 /// The per-worker counter families.
-const PER_WORKER: [WorkerMetric; 15] = [
+const PER_WORKER: [WorkerMetric; 16] = [
     (
         "ferry_worker_rx_packets",
         "Datagrams received, per worker.",
@@ -92,6 +92,11 @@ const PER_WORKER: [WorkerMetric; 15] = [
         "ferry_worker_gso_sends",
         "Sends carrying several datagrams at once (UDP GSO).",
         |s| s.gso_sends.load(Ordering::Relaxed),
+    ),
+    (
+        "ferry_worker_gro_receives",
+        "Receives carrying several datagrams of one sender at once (UDP GRO).",
+        |s| s.gro_receives.load(Ordering::Relaxed),
     ),
     (
         "ferry_worker_gso_disabled",

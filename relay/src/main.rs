@@ -289,6 +289,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
             listen: cfg.listen.clone(),
             cpu: cfg.cpu_for_worker(index),
             gso: cfg.udp_gso,
+            gro: cfg.udp_gro,
             socket_buffers: cfg.socket_buffers,
             zero_copy_min: cfg.send_zc_min_bytes,
             stop: Arc::clone(&stop),

@@ -80,8 +80,11 @@ pub enum UringError {
 /// bytes only through the `unsafe` [`BufRing::bytes`], whose caller vouches that the kernel has
 /// handed that buffer to userspace (as s2n-quic-xdp's `Umem` does for its frames). A buffer
 /// belongs to the kernel from [`BufRing::give_back`] (or `new`) until a receive completion
-/// names it ([`BufRing::take`]), and to userspace from then until it is given back. The ring
-/// keeps track, so a buffer is never given to the kernel twice.
+/// names it ([`BufRing::take`]), and to userspace from then until its last reference is given
+/// back. Userspace counts references: the completion holds one, and each send that forwards
+/// bytes of the buffer takes one more ([`BufRing::retain`]), since with UDP GRO one buffer
+/// holds several datagrams that may leave in different sends. The ring keeps track, so a
+/// buffer is never given to the kernel twice, nor while a send still reads it.
 pub(crate) struct BufRing {
     entries: NonNull<BufRingEntry>,
     entries_layout: Layout,
@@ -92,8 +95,8 @@ pub(crate) struct BufRing {
     buffers: NonNull<u8>,
     buffers_layout: Layout,
     buf_size: usize,
-    /// Per buffer: userspace holds it (a completion named it, not given back since).
-    held: Box<[bool]>,
+    /// Per buffer: the references userspace holds (0: the kernel owns it).
+    refs: Box<[u16]>,
 }
 
 /// Allocates `layout` zeroed, or fails with `what` in the error.
@@ -140,7 +143,7 @@ impl BufRing {
             buffers,
             buffers_layout,
             buf_size,
-            held: vec![false; usize::from(count)].into_boxed_slice(),
+            refs: vec![0; usize::from(count)].into_boxed_slice(),
         };
         for bid in 0..count {
             ring.push(bid);
@@ -189,19 +192,37 @@ impl BufRing {
         tail.store(self.tail, Ordering::Release);
     }
 
-    /// Notes that a receive completion handed buffer `bid` to userspace.
+    /// Notes that a receive completion handed buffer `bid` to userspace: the completion's
+    /// reference.
     fn take(&mut self, bid: u16) {
-        if let Some(held) = self.held.get_mut(usize::from(bid)) {
-            *held = true;
+        if let Some(refs) = self.refs.get_mut(usize::from(bid)) {
+            *refs = 1;
         }
     }
 
-    /// Gives buffer `bid` back to the kernel, which may write it at any time from then on.
-    /// A buffer userspace does not hold (never received, already given back, or no buffer of
-    /// this ring) is left alone, so the kernel never gets one buffer twice.
+    /// Takes one more reference to buffer `bid`, for a send that forwards bytes of it.
+    /// Returns false (and takes none) unless userspace holds the buffer.
+    pub fn retain(&mut self, bid: u16) -> bool {
+        match self.refs.get_mut(usize::from(bid)) {
+            Some(refs) if *refs > 0 => {
+                *refs = refs.saturating_add(1);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Gives back one reference to buffer `bid`; with the last one the buffer goes back to
+    /// the kernel, which may write it at any time from then on. A buffer userspace does not
+    /// hold (never received, already given back, or no buffer of this ring) is left alone, so
+    /// the kernel never gets one buffer twice.
     pub fn give_back(&mut self, bid: u16) {
-        match self.held.get_mut(usize::from(bid)) {
-            Some(held) if *held => *held = false,
+        match self.refs.get_mut(usize::from(bid)) {
+            Some(refs) if *refs > 1 => {
+                *refs -= 1;
+                return;
+            }
+            Some(refs) if *refs == 1 => *refs = 0,
             _ => {
                 tracing::error!(bid, "giving back a receive buffer userspace does not hold");
                 return;
@@ -213,7 +234,7 @@ impl BufRing {
 
     /// Whether userspace holds buffer `bid`.
     fn holds(&self, bid: u16) -> bool {
-        self.held.get(usize::from(bid)).copied().unwrap_or(false)
+        self.refs.get(usize::from(bid)).is_some_and(|&r| r > 0)
     }
 
     /// The address of buffer `bid`, which must be in range (callers check; out of range it
@@ -239,25 +260,22 @@ impl BufRing {
         Some(unsafe { self.start(bid).add(offset) }.cast_const())
     }
 
-    /// The first `len` bytes (at most the buffer size) of buffer `bid`, or `None` unless
-    /// userspace holds that buffer.
+    /// Bytes `offset..offset + len` of buffer `bid`, or `None` unless userspace holds that
+    /// buffer and the range lies inside it.
     ///
     /// # Safety
     ///
     /// Nothing may write buffer `bid` for as long as the returned slice lives. That holds
-    /// when a receive completion reaped from the ring named the buffer and it has not been
-    /// given back since: the kernel writes only buffers it owns, and [`BufRing::give_back`]
-    /// needs `&mut self`, so it cannot run while the slice borrows `self`. (Sends may read the
-    /// bytes meanwhile; they never write them.)
-    unsafe fn bytes(&self, bid: u16, len: usize) -> Option<&[u8]> {
-        if !self.holds(bid) {
-            return None;
-        }
-        let len = len.min(self.buf_size);
-        // SAFETY: the range lies inside buffer `bid` of the live allocation, which is
-        // initialised (zeroed by `new`, then written by the kernel); by the caller's contract
-        // nothing writes it while the returned borrow of `self` lives.
-        Some(unsafe { std::slice::from_raw_parts(self.start(bid), len) })
+    /// when a receive completion reaped from the ring named the buffer and its last reference
+    /// has not been given back since: the kernel writes only buffers it owns, and
+    /// [`BufRing::give_back`] needs `&mut self`, so it cannot run while the slice borrows
+    /// `self`. (Sends may read the bytes meanwhile; they never write them.)
+    unsafe fn bytes(&self, bid: u16, offset: usize, len: usize) -> Option<&[u8]> {
+        let start = self.span(bid, offset, len)?;
+        // SAFETY: `span` checked that the range lies inside buffer `bid` of the live
+        // allocation, which is initialised (zeroed by `new`, then written by the kernel); by
+        // the caller's contract nothing writes it while the returned borrow of `self` lives.
+        Some(unsafe { std::slice::from_raw_parts(start, len) })
     }
 
     /// The whole buffer region, for registering it as a fixed buffer.
@@ -428,15 +446,33 @@ pub struct ShutdownReport {
     pub elapsed: Duration,
 }
 
-/// A received datagram, borrowed from its provided buffer (see [`Ring::datagram`]).
+/// A received datagram, borrowed from its provided buffer (see [`Ring::datagram`]): with UDP
+/// GRO, several datagrams of one sender, back to back.
 #[derive(Debug)]
 pub struct Datagram<'a> {
     /// Who sent it.
     pub from: SocketAddr,
-    /// The datagram bytes.
+    /// The datagram bytes: with `segment_size`, several datagrams back to back.
     pub payload: &'a [u8],
     /// Offset of the payload in its buffer (for forwarding it in place).
     pub offset: usize,
+    /// Set when the kernel coalesced several datagrams of one sender into this receive (UDP
+    /// GRO): each is this many bytes long but the last, which may be shorter.
+    pub segment_size: Option<usize>,
+}
+
+impl Datagram<'_> {
+    /// The datagrams this receive carried, as (offset in the buffer, length): one, or with
+    /// UDP GRO every `segment_size` bytes.
+    pub fn segments(&self) -> impl Iterator<Item = (usize, usize)> + use<> {
+        let (offset, total) = (self.offset, self.payload.len());
+        // A segment size of 0 (which the kernel never reports) counts as no coalescing.
+        let size = self.segment_size.filter(|&s| s > 0).unwrap_or(total.max(1));
+        (0..total.div_ceil(size).max(1)).map(move |k| {
+            let start = k * size;
+            (offset + start, size.min(total - start))
+        })
+    }
 }
 
 /// Why a received completion carried no usable datagram.
@@ -454,10 +490,42 @@ pub enum RecvProblem {
 /// start of every buffer of a multishot `recvmsg`.
 const RECVMSG_OUT_LEN: usize = 16;
 
+/// Room for the one control message a UDP GRO receive carries (`UDP_GRO`, an int: the
+/// segment size): `CMSG_SPACE(sizeof(int))` on 64-bit Linux.
+pub const GRO_CONTROL_LEN: usize = 24;
+
 /// The most payload a receive buffer of `buf_size` bytes holds: the rest goes to the kernel's
-/// header and the room for the source address. A longer datagram is [`RecvProblem::Truncated`].
-pub const fn recv_payload_room(buf_size: usize) -> usize {
-    buf_size.saturating_sub(RECVMSG_OUT_LEN + size_of::<libc::sockaddr_storage>())
+/// header, the room for the source address and, with UDP GRO (`gro`), the room for its
+/// control message. A longer datagram is [`RecvProblem::Truncated`].
+pub const fn recv_payload_room(buf_size: usize, gro: bool) -> usize {
+    let control = if gro { GRO_CONTROL_LEN } else { 0 };
+    buf_size.saturating_sub(RECVMSG_OUT_LEN + size_of::<libc::sockaddr_storage>() + control)
+}
+
+/// The segment size of a UDP GRO receive, from its control messages (`control`, as the kernel
+/// wrote them): `None` when the receive carried one datagram (no `UDP_GRO` message).
+fn gro_segment_size(control: &[u8]) -> Option<usize> {
+    const HDR: usize = size_of::<libc::cmsghdr>();
+    let mut rest = control;
+    while rest.len() >= HDR {
+        // SAFETY: `rest` holds at least a whole cmsghdr; it is read unaligned, by value.
+        let hdr: libc::cmsghdr = unsafe { std::ptr::read_unaligned(rest.as_ptr().cast()) };
+        let len = hdr.cmsg_len;
+        if len < HDR || len > rest.len() {
+            return None;
+        }
+        if hdr.cmsg_level == libc::SOL_UDP
+            && hdr.cmsg_type == libc::UDP_GRO
+            && let Some(data) = rest.get(HDR..HDR + size_of::<libc::c_int>())
+        {
+            let size = libc::c_int::from_ne_bytes(data.try_into().ok()?);
+            return usize::try_from(size).ok().filter(|&s| s > 0);
+        }
+        // The next message starts at the aligned end of this one.
+        let next = len.next_multiple_of(size_of::<usize>());
+        rest = rest.get(next..)?;
+    }
+    None
 }
 
 /// One io_uring with its buffer ring, receive headers and send slab.
@@ -544,13 +612,16 @@ fn build_ring(entries: u32) -> Result<IoUring, UringError> {
 
 impl Ring {
     /// A ring of `entries` submission slots, `buffers` receive buffers of `buf_size` bytes and
-    /// `sends` in-flight sends, for `sockets` (which must outlive the ring).
+    /// `sends` in-flight sends, for `sockets` (which must outlive the ring). With `gro` the
+    /// receives leave room for the `UDP_GRO` control message of sockets that coalesce
+    /// datagrams (see [`Datagram::segment_size`]).
     pub fn new(
         entries: u32,
         buffers: u16,
         buf_size: usize,
         sends: u32,
         sockets: Vec<RawFd>,
+        gro: bool,
     ) -> Result<Self, UringError> {
         // One thread submits and reaps (a `Ring` holds raw pointers, so it is not `Send`), which
         // lets the kernel defer completion work until that thread waits (Linux 6.1+): no task
@@ -585,6 +656,7 @@ impl Ring {
                 // for multishot recvmsg (the name and control areas live in each buffer).
                 let mut hdr: libc::msghdr = unsafe { zeroed() };
                 hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+                hdr.msg_controllen = if gro { GRO_CONTROL_LEN } else { 0 };
                 hdr
             })
             .collect();
@@ -836,8 +908,10 @@ impl Ring {
 
     /// The datagram of a receive completion on socket `socket`, with the id of the buffer the
     /// completion handed to userspace; `None` if it handed over no buffer (an error, or the
-    /// kernel found no free buffer). The buffer stays userspace's until
-    /// [`give_back`](Self::give_back) or, once forwarded, [`finish_send`](Self::finish_send).
+    /// kernel found no free buffer). The completion holds one reference to the buffer, which
+    /// stays userspace's until that reference is given back ([`give_back`](Self::give_back))
+    /// and so is every one a forward of its bytes took ([`retain`](Self::retain), returned by
+    /// [`finish_send`](Self::finish_send)).
     ///
     /// # Safety
     ///
@@ -859,7 +933,7 @@ impl Ring {
         // SAFETY: by this function's contract the completion handed buffer `bid` to userspace
         // and it has not been given back, so the kernel is not writing it, and it cannot be
         // given back while the slice (and the `Datagram` made from it) borrows `self`.
-        let Some(buffer) = (unsafe { self.bufs.bytes(bid, len) }) else {
+        let Some(buffer) = (unsafe { self.bufs.bytes(bid, 0, len.min(self.bufs.buf_size)) }) else {
             return Some((bid, Err(RecvProblem::Undecodable)));
         };
         let parsed = match RecvMsgOut::parse(buffer, hdr) {
@@ -875,6 +949,7 @@ impl Ring {
                         from,
                         payload,
                         offset,
+                        segment_size: gro_segment_size(out.control_data()),
                     }),
                     _ => Err(RecvProblem::Undecodable),
                 }
@@ -883,8 +958,29 @@ impl Ring {
         Some((bid, parsed))
     }
 
-    /// Gives a receive buffer back to the kernel (ignored, with an error logged, unless
-    /// userspace holds it).
+    /// Bytes `offset..offset + len` of receive buffer `bid`, or `None` unless userspace holds
+    /// that buffer and the range lies inside it: one datagram of a receive that carried several
+    /// (UDP GRO), read again after the ring was used in between.
+    ///
+    /// # Safety
+    ///
+    /// As for [`datagram`](Self::datagram): a receive completion reaped from this ring named
+    /// buffer `bid`, and its last reference has not been given back since.
+    pub unsafe fn received(&self, bid: u16, offset: usize, len: usize) -> Option<&[u8]> {
+        // SAFETY: by this function's contract userspace holds buffer `bid`, so the kernel is
+        // not writing it, and it cannot be given back while the slice borrows `self`.
+        unsafe { self.bufs.bytes(bid, offset, len) }
+    }
+
+    /// Takes one more reference to receive buffer `bid`, for a forward of bytes of it; false
+    /// unless userspace holds it. [`finish_send`](Self::finish_send), or
+    /// [`give_back`](Self::give_back) if the forward is abandoned, returns the reference.
+    pub fn retain(&mut self, bid: u16) -> bool {
+        self.bufs.retain(bid)
+    }
+
+    /// Gives back one reference to a receive buffer; with the last one the buffer goes back
+    /// to the kernel (ignored, with an error logged, unless userspace holds it).
     pub fn give_back(&mut self, bid: u16) {
         self.bufs.give_back(bid);
     }
@@ -892,7 +988,9 @@ impl Ring {
     /// Queues one send of `segments` (received datagrams of `len` bytes each, in their
     /// receive buffers, not copied) to `to` on socket `socket`. With more than one segment it
     /// is a UDP GSO send: one system-level send, split by the kernel into `len`-byte
-    /// datagrams. Returns false (and the caller gives the buffers back) if every send slot is
+    /// datagrams. Each segment brings one reference to its buffer ([`retain`](Self::retain)),
+    /// which the send's [`finish_send`](Self::finish_send) gives back. Returns false (and the
+    /// caller gives those references back) if every send slot is
     /// in use, and [`UringError::BadSegment`] (sending nothing) for more than [`MAX_SEGMENTS`]
     /// segments or one outside a buffer userspace holds.
     pub fn send_forward(
@@ -1151,13 +1249,101 @@ mod tests {
         assert!(ring.span(9, 0, 1).is_none());
         // SAFETY: buffer 3 is held (taken above, as a completion would) and nothing writes it:
         // no kernel ring was registered.
-        let bytes = unsafe { ring.bytes(3, 4096) }.unwrap();
-        assert_eq!(bytes.len(), 2048, "clamped to the buffer");
+        let bytes = unsafe { ring.bytes(3, 0, 2048) }.unwrap();
         assert!(bytes.iter().all(|&b| b == 0), "the buffers start zeroed");
+        // SAFETY: as above.
+        assert!(unsafe { ring.bytes(3, 0, 2049) }.is_none(), "past the end");
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { ring.bytes(3, 2000, 48) }.map(<[u8]>::len),
+            Some(48)
+        );
+        // Two forwards of bytes of buffer 3: it stays userspace's until all three references
+        // (the completion's and the forwards') are back.
+        assert!(ring.retain(3));
+        assert!(ring.retain(3));
+        assert!(
+            !ring.retain(4),
+            "a buffer the kernel owns takes no reference"
+        );
+        ring.give_back(3);
+        ring.give_back(3);
+        assert_eq!(ring.tail, 8, "a send still reads it");
+        assert!(ring.span(3, 0, 1).is_some());
         ring.give_back(3);
         ring.give_back(3);
         assert_eq!(ring.tail, 9, "given back once, however often asked");
         // SAFETY: as above; buffer 3 is no longer held, so `bytes` must refuse it.
-        assert!(unsafe { ring.bytes(3, 1) }.is_none());
+        assert!(unsafe { ring.bytes(3, 0, 1) }.is_none());
+    }
+
+    /// A control area as the kernel writes it: one message of `level`/`kind` with `data`.
+    fn cmsg(level: i32, kind: i32, data: &[u8]) -> Vec<u8> {
+        let len = size_of::<libc::cmsghdr>() + data.len();
+        let mut out = Vec::new();
+        out.extend_from_slice(&len.to_ne_bytes());
+        out.extend_from_slice(&level.to_ne_bytes());
+        out.extend_from_slice(&kind.to_ne_bytes());
+        out.extend_from_slice(data);
+        out.resize(len.next_multiple_of(8), 0);
+        out
+    }
+
+    #[test]
+    fn the_gro_segment_size_is_read_from_its_control_message() {
+        let gro = cmsg(libc::SOL_UDP, libc::UDP_GRO, &1200i32.to_ne_bytes());
+        assert_eq!(gro.len(), GRO_CONTROL_LEN);
+        assert_eq!(gro_segment_size(&gro), Some(1200));
+        assert_eq!(gro_segment_size(&[]), None, "one datagram: no message");
+        assert_eq!(gro_segment_size(&[0; GRO_CONTROL_LEN]), None, "zeroed room");
+        let other = cmsg(libc::SOL_IP, libc::IP_TTL, &64i32.to_ne_bytes());
+        assert_eq!(
+            gro_segment_size(&[other.clone(), gro.clone()].concat()),
+            Some(1200)
+        );
+        assert_eq!(gro_segment_size(&other), None);
+        assert_eq!(
+            gro_segment_size(&gro[..20]),
+            Some(1200),
+            "the padding may be left out"
+        );
+        assert_eq!(gro_segment_size(&gro[..19]), None, "cut short");
+        let zero = cmsg(libc::SOL_UDP, libc::UDP_GRO, &0i32.to_ne_bytes());
+        assert_eq!(gro_segment_size(&zero), None);
+        let negative = cmsg(libc::SOL_UDP, libc::UDP_GRO, &(-5i32).to_ne_bytes());
+        assert_eq!(gro_segment_size(&negative), None);
+        let mut huge = gro.clone();
+        huge[..8].copy_from_slice(&usize::MAX.to_ne_bytes());
+        assert_eq!(gro_segment_size(&huge), None, "a length past the area");
+    }
+
+    #[test]
+    fn a_coalesced_receive_splits_into_its_datagrams() {
+        static BYTES: [u8; 3000] = [0; 3000];
+        let bytes = &BYTES;
+        let from: SocketAddr = "198.18.0.1:9".parse().unwrap();
+        let at = |payload: &'static [u8], segment_size| Datagram {
+            from,
+            payload,
+            offset: 160,
+            segment_size,
+        };
+        let all = |d: Datagram<'_>| d.segments().collect::<Vec<_>>();
+        assert_eq!(all(at(&bytes[..1200], None)), [(160, 1200)]);
+        assert_eq!(
+            all(at(&bytes[..3000], Some(1200))),
+            [(160, 1200), (1360, 1200), (2560, 600)],
+            "the last may be shorter"
+        );
+        assert_eq!(
+            all(at(&bytes[..2400], Some(1200))),
+            [(160, 1200), (1360, 1200)]
+        );
+        assert_eq!(
+            all(at(&bytes[..0], None)),
+            [(160, 0)],
+            "an empty datagram is one"
+        );
+        assert_eq!(all(at(&bytes[..64], Some(0))), [(160, 64)]);
     }
 }

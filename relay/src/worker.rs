@@ -6,8 +6,9 @@
 //! wait for a completion other than those the submitted sends post at once (at most `tick`
 //! long; for a batch of them only while a backlog lasts, see [`Wait`] and
 //! [`Ring::submit_and_wait`]); read the clocks
-//! once; drain all completions; for each received datagram ask the handler and queue the send
-//! (forwards go out from the receive buffer itself); re-arm receives the kernel ended; on a
+//! once; drain all completions; for each received datagram (with UDP GRO, a receive may carry
+//! several of one sender) ask the handler and queue the send (forwards go out from the receive
+//! buffer itself); re-arm receives the kernel ended; on a
 //! tick, send what the handler's timers produced (the reaper's CLOSEs); publish counters. No
 //! allocation happens per received datagram.
 
@@ -28,6 +29,10 @@ use crate::uring::{
     Completion, MAX_GSO_BYTES, MAX_SEGMENTS, RecvProblem, Ring, SHUTDOWN_LIMIT, Segment,
     UringError, is_v4, recv_payload_room,
 };
+
+/// `SOL_UDP` option that lets a socket receive coalesced datagrams (UDP GRO), from
+/// `linux/udp.h`.
+const UDP_GRO: libc::c_int = 104;
 
 /// What the worker asks about each datagram.
 pub trait PacketHandler: Send {
@@ -62,7 +67,8 @@ pub struct WorkerStats {
     /// Bytes of those datagrams.
     pub tx_bytes: AtomicU64,
     /// Datagrams longer than a receive buffer has room for ([`recv_payload_room`] of
-    /// [`RECV_BUF_SIZE`]: 1904 bytes), and so longer than [`MAX_DATAGRAM`]: malformed by rule
+    /// [`RECV_BUF_SIZE`]: 1904 bytes; with UDP GRO the buffers hold any UDP datagram, so this
+    /// stays 0), and so longer than [`MAX_DATAGRAM`]: malformed by rule
     /// `too_long` (protocol.md §2.1), cut short by the kernel and dropped without reaching the
     /// handler. [`WorkerStats::add_to_session_counters`] adds them to the session
     /// counters, where the handler counts the shorter datagrams over [`MAX_DATAGRAM`].
@@ -89,6 +95,8 @@ pub struct WorkerStats {
     pub rearms: AtomicU64,
     /// Sends that carried several datagrams at once (UDP GSO).
     pub gso_sends: AtomicU64,
+    /// Receives that carried several datagrams of one sender at once (UDP GRO).
+    pub gro_receives: AtomicU64,
     /// Times the worker turned UDP GSO off because the kernel or device cannot do it (see
     /// [`SendFailure::GsoUnsupported`]); at most 1 per worker.
     pub gso_disabled: AtomicU64,
@@ -115,6 +123,7 @@ struct BatchStats {
     rearms: u64,
     gso_sends: u64,
     gso_disabled: u64,
+    gro_receives: u64,
 }
 
 impl WorkerStats {
@@ -156,6 +165,7 @@ impl WorkerStats {
         add(&self.rearms, b.rearms);
         add(&self.gso_sends, b.gso_sends);
         add(&self.gso_disabled, b.gso_disabled);
+        add(&self.gro_receives, b.gro_receives);
         add(&self.submits, 1);
     }
 }
@@ -169,8 +179,14 @@ pub struct WorkerConfig {
     pub cpu: Option<usize>,
     /// Submission queue entries.
     pub ring_entries: u32,
-    /// Receive buffers (a power of two).
+    /// Receive buffers of [`RECV_BUF_SIZE`] bytes (a power of two), without UDP GRO.
     pub buffers: u16,
+    /// Receive buffers of [`GRO_RECV_BUF_SIZE`] bytes (a power of two), with UDP GRO.
+    pub gro_buffers: u16,
+    /// Let the kernel coalesce consecutive datagrams of one sender into one receive (UDP
+    /// GRO), where the receiving device does GRO. Turned off by the worker itself (with a
+    /// warning) if a socket refuses the option.
+    pub gro: bool,
     /// Sends in flight at most.
     pub sends: u32,
     /// Longest wait for completions, and so the timer granularity.
@@ -201,6 +217,8 @@ impl Default for WorkerConfig {
             cpu: None,
             ring_entries: 2048,
             buffers: 4096,
+            gro_buffers: 256,
+            gro: true,
             sends: 4096,
             tick: Duration::from_millis(100),
             batch_target: 32,
@@ -222,7 +240,34 @@ pub const RECV_BUF_SIZE: usize = 2048;
 
 // A datagram cut short by the kernel is longer than the room in a buffer, and so, by this, longer
 // than MAX_DATAGRAM: counting it as `too_long` is right.
-const _: () = assert!(recv_payload_room(RECV_BUF_SIZE) >= MAX_DATAGRAM);
+const _: () = assert!(recv_payload_room(RECV_BUF_SIZE, false) >= MAX_DATAGRAM);
+
+/// Receive buffer size with UDP GRO: room for the kernel's header, a full source address, the
+/// `UDP_GRO` control message and the largest coalesced receive (64 KiB, the kernel's limit for
+/// one GRO packet), so a coalesced receive is never cut short.
+pub const GRO_RECV_BUF_SIZE: usize = 68 << 10;
+
+const _: () = assert!(recv_payload_room(GRO_RECV_BUF_SIZE, true) >= 1 << 16);
+
+/// Turns UDP GRO on (`on`) or off for `socket`.
+fn set_gro(socket: &UdpSocket, on: bool) -> io::Result<()> {
+    let on = libc::c_int::from(on);
+    #[allow(unsafe_code)]
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live c_int.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_UDP,
+            UDP_GRO,
+            (&raw const on).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    match rc {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
 
 /// What a worker did, returned when it stops.
 #[derive(Clone, Debug, Default)]
@@ -414,7 +459,25 @@ pub fn run_worker<H: PacketHandler>(
     let fds = sockets.iter().map(AsRawFd::as_raw_fd).collect();
     let v4_socket = cfg.listen.iter().position(|a| a.is_ipv4());
     let v6_socket = cfg.listen.iter().position(|a| a.is_ipv6());
-    let mut ring = Ring::new(cfg.ring_entries, cfg.buffers, RECV_BUF_SIZE, cfg.sends, fds)?;
+    let gro = cfg.gro
+        && match sockets.iter().try_for_each(|s| set_gro(s, true)) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(
+                    "the kernel refused UDP GRO on a socket ({e}); receiving datagrams one by one"
+                );
+                // The small buffers cannot hold a coalesced receive: no socket may keep it.
+                for (socket, &addr) in sockets.iter().zip(&cfg.listen) {
+                    set_gro(socket, false).map_err(|source| WorkerError::Bind { addr, source })?;
+                }
+                false
+            }
+        };
+    let (buffers, buf_size) = match gro {
+        true => (cfg.gro_buffers, GRO_RECV_BUF_SIZE),
+        false => (cfg.buffers, RECV_BUF_SIZE),
+    };
+    let mut ring = Ring::new(cfg.ring_entries, buffers, buf_size, cfg.sends, fds, gro)?;
     if cfg.zero_copy_min.is_some() {
         match ring.set_zero_copy_min(cfg.zero_copy_min) {
             false => tracing::warn!("the kernel lacks SEND_ZC for sendmsg; forwarding with copies"),
@@ -660,16 +723,16 @@ fn on_recv<H: PacketHandler>(
     // anyway, it would come back as undecodable and be given back).
     #[allow(unsafe_code)]
     // SAFETY: `cx` is a receive completion that `drain` reaped from `ring` in this batch, and
-    // the worker handles each completion once. The buffer it handed to userspace is given back
-    // only further down (dropped: `give_back`; forwarded: `finish_send` after the send's last
-    // completion), by calls that take `&mut ring` and so come after the last use of
-    // `datagram`, whose borrow of `ring` has ended by then. Until then the kernel does not
-    // write that buffer.
+    // the worker handles each completion once. The completion's reference to the buffer it
+    // handed to userspace is given back only at the end of this function, and the references
+    // forwards take only after the bytes were read; every such call takes `&mut ring`, so it
+    // comes after the last use of `datagram`, whose borrow of `ring` has ended by then. Until
+    // the last reference is given back the kernel does not write that buffer.
     let Some((bid, parsed)) = (unsafe { ring.datagram(cx.socket, cx.result, cx.flags) }) else {
         return Ok(());
     };
-    let datagram = match parsed {
-        Ok(d) => d,
+    let (from, segments) = match parsed {
+        Ok(d) => (d.from, d.segments()),
         Err(problem) => {
             match problem {
                 RecvProblem::Truncated => batch.rx_too_long += 1,
@@ -679,21 +742,53 @@ fn on_recv<H: PacketHandler>(
             return Ok(());
         }
     };
+    let mut count = 0;
+    for (offset, len) in segments {
+        count += 1;
+        on_datagram(
+            ring, handler, pending, &cx, from, bid, offset, len, reply, batch,
+        )?;
+    }
+    batch.gro_receives += u64::from(count > 1);
+    ring.give_back(bid);
+    Ok(())
+}
+
+/// Hands one received datagram (`len` bytes at `offset` of buffer `bid`, which the caller
+/// holds) to the handler and carries out the outcome.
+#[allow(clippy::too_many_arguments)]
+fn on_datagram<H: PacketHandler>(
+    ring: &mut Ring,
+    handler: &mut H,
+    pending: &mut PendingForwards,
+    cx: &RecvCtx,
+    from: SocketAddr,
+    bid: u16,
+    offset: usize,
+    len: usize,
+    reply: &mut [u8],
+    batch: &mut BatchStats,
+) -> Result<(), UringError> {
+    #[allow(unsafe_code)]
+    // SAFETY: the caller holds the completion's reference to buffer `bid` until after this
+    // call, so the kernel does not write it; the slice's borrow of `ring` ends with `handle`,
+    // before anything below takes `&mut ring`.
+    let Some(payload) = (unsafe { ring.received(bid, offset, len) }) else {
+        batch.rx_undecodable += 1;
+        return Ok(());
+    };
     batch.rx_packets += 1;
-    batch.rx_bytes += datagram.payload.len() as u64;
-    let (from, len, offset) = (datagram.from, datagram.payload.len(), datagram.offset);
-    let outcome = handler.handle(cx.now, cx.wall, from, datagram.payload, reply);
+    batch.rx_bytes += len as u64;
+    let outcome = handler.handle(cx.now, cx.wall, from, payload, reply);
     let out_socket = |to: SocketAddr| out_socket(cx.v4_socket, cx.v6_socket, to);
     match outcome {
         Outcome::Forward { to } => match out_socket(to) {
-            Some(socket) => pending.add(ring, socket, to, len, Segment { bid, offset }, batch)?,
-            None => {
-                batch.tx_slots_full += 1;
-                ring.give_back(bid);
+            Some(socket) if ring.retain(bid) => {
+                pending.add(ring, socket, to, len, Segment { bid, offset }, batch)?;
             }
+            _ => batch.tx_slots_full += 1,
         },
         Outcome::Reply { to, len } => {
-            ring.give_back(bid);
             send_reply(ring, out_socket(to), reply.get(..len), to, batch)?;
         }
         Outcome::ReplyAndNotify {
@@ -702,12 +797,11 @@ fn on_recv<H: PacketHandler>(
             notify,
             notice_len,
         } => {
-            ring.give_back(bid);
             send_reply(ring, out_socket(to), reply.get(..len), to, batch)?;
             let notice = reply.get(len..len.saturating_add(notice_len));
             send_reply(ring, out_socket(notify), notice, notify, batch)?;
         }
-        Outcome::Consumed | Outcome::Drop(_) => ring.give_back(bid),
+        Outcome::Consumed | Outcome::Drop(_) => {}
     }
     Ok(())
 }
@@ -913,7 +1007,7 @@ mod tests {
 
     #[test]
     fn a_receive_buffer_has_the_room_the_docs_state() {
-        assert_eq!(recv_payload_room(RECV_BUF_SIZE), 1904);
+        assert_eq!(recv_payload_room(RECV_BUF_SIZE, false), 1904);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use io_uring::types::Timespec;
 
 /// A ring on `socket`; `None` when io_uring is unavailable and skipping is allowed.
 fn ring_on(socket: &UdpSocket) -> Option<Ring> {
-    match Ring::new(256, 256, 2048, 256, vec![socket.as_raw_fd()]) {
+    match Ring::new(256, 256, 2048, 256, vec![socket.as_raw_fd()], false) {
         Ok(ring) => Some(ring),
         Err(e) => {
             skip::skip("ring shutdown test", format!("io_uring unavailable: {e}"));

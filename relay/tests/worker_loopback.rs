@@ -191,12 +191,16 @@ impl Running {
     }
 }
 
+/// Forwards, replies and drops one datagram at a time, with the small receive buffers a worker
+/// has without UDP GRO, so that the one datagram longer than a buffer is cut short by the
+/// kernel (with GRO's buffers it would arrive whole: `bursts_of_one_sender` covers that mode).
 fn roundtrip(family_ip: &str) {
     let port = free_port(family_ip);
     let listen: SocketAddr = format!("{family_ip}:{port}").parse().unwrap();
     let sink = UdpSocket::bind(format!("{family_ip}:0")).unwrap();
     sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let Some(worker) = start(vec![listen], sink.local_addr().unwrap()) else {
+    let Some(worker) = start_with(vec![listen], sink.local_addr().unwrap(), |c| c.gro = false)
+    else {
         return;
     };
     let client = UdpSocket::bind(format!("{family_ip}:0")).unwrap();
@@ -543,4 +547,103 @@ fn a_reply_leaves_at_once_while_the_worker_waits_for_a_batch() {
         stats.batch_waits.load(Ordering::Relaxed) >= 1,
         "the drain with the request held a batch, so the worker waited for one"
     );
+}
+
+/// Makes every send of `socket` a UDP GSO send of `size`-byte datagrams (`UDP_SEGMENT` as a
+/// socket option): one `send_to` of several times `size` bytes leaves as one packet that the
+/// kernel splits only where it must. Over loopback it reaches a socket with UDP GRO whole, as
+/// a burst a GRO-capable device coalesced would.
+fn segment_sends(socket: &UdpSocket, size: u16) {
+    use std::os::fd::AsRawFd;
+    let size = libc::c_int::from(size);
+    #[allow(unsafe_code)]
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live c_int.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_SEGMENT,
+            (&raw const size).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
+}
+
+/// Coalesced receives (`gro`) and one-by-one receives of the same bursts: every datagram is
+/// handled on its own (forwarded, answered or dropped by its first byte), forwards arrive whole
+/// with their own lengths, the last, shorter one included, and a receive buffer shared by
+/// several forwards is given back only once all of them are sent (the burst count is far over
+/// the worker's 256 receive buffers, so a buffer given back early or never would show).
+fn bursts_of_one_sender(ip: &str, gro: bool) {
+    let listen: SocketAddr = format!("{ip}:{}", free_port(ip)).parse().unwrap();
+    let sink = UdpSocket::bind(format!("{ip}:0")).unwrap();
+    sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let Some(worker) = start_with(vec![listen], sink.local_addr().unwrap(), |c| c.gro = gro) else {
+        return;
+    };
+    let client = UdpSocket::bind(format!("{ip}:0")).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    const SIZE: usize = 300;
+    segment_sends(&client, SIZE as u16);
+    // Per burst: F, R, x (dropped), F, then a shorter F.
+    let kinds = [b'F', b'R', b'x', b'F', b'F'];
+    let bursts = 400u32;
+    let mut buf = vec![0u8; 4096];
+    for n in 0..bursts {
+        let mut burst = Vec::new();
+        for (i, &kind) in kinds.iter().enumerate() {
+            let len = if i == kinds.len() - 1 { 100 } else { SIZE };
+            let mut msg = vec![i as u8; len];
+            msg[0] = kind;
+            msg[1..5].copy_from_slice(&n.to_be_bytes());
+            burst.extend_from_slice(&msg);
+        }
+        client.send_to(&burst, listen).unwrap();
+        for (i, want_len) in [(0u8, SIZE), (3, SIZE), (4, 100)] {
+            let (len, _) = sink.recv_from(&mut buf).unwrap();
+            assert_eq!(len, want_len, "burst {n}, datagram {i}: its own length");
+            assert_eq!(buf[0], b'F');
+            assert_eq!(buf[1..5], n.to_be_bytes(), "in order, from burst {n}");
+            assert!(
+                buf[5..len].iter().all(|&b| b == i),
+                "burst {n} datagram {i}"
+            );
+        }
+        let (len, from) = client.recv_from(&mut buf).unwrap();
+        assert_eq!((len, from), (SIZE, listen));
+        assert_eq!(buf[SIZE - 1], b'R', "the reply reverses the datagram");
+    }
+    let stats = worker.stop();
+    let per_burst = kinds.len() as u64;
+    assert_eq!(
+        stats.rx_packets.load(Ordering::Relaxed),
+        per_burst * u64::from(bursts),
+        "every datagram counted on its own"
+    );
+    assert_eq!(
+        stats.tx_packets.load(Ordering::Relaxed),
+        4 * u64::from(bursts),
+        "three forwards and a reply per burst"
+    );
+    assert_eq!(stats.rx_too_long.load(Ordering::Relaxed), 0);
+    assert_eq!(stats.tx_slots_full.load(Ordering::Relaxed), 0);
+    let coalesced = stats.gro_receives.load(Ordering::Relaxed);
+    match gro {
+        true => assert_eq!(coalesced, u64::from(bursts), "one receive per burst"),
+        false => assert_eq!(coalesced, 0, "without GRO the kernel splits each burst"),
+    }
+}
+
+#[test]
+fn a_coalesced_burst_is_handled_datagram_by_datagram() {
+    bursts_of_one_sender("127.0.0.1", true);
+    bursts_of_one_sender("[::1]", true);
+}
+
+#[test]
+fn without_gro_the_same_bursts_arrive_one_by_one() {
+    bursts_of_one_sender("127.0.0.1", false);
 }

@@ -20,9 +20,10 @@ const RESTART_ONLY: &[RestartOnly] = &[
     ("relay.workers / relay.cpus", |c| {
         format!("{} {:?}", c.workers, c.cpus)
     }),
-    ("relay.udp_gso / relay.send_zc_min_bytes", |c| {
-        format!("{} {:?}", c.udp_gso, c.send_zc_min_bytes)
-    }),
+    (
+        "relay.udp_gso / relay.udp_gro / relay.send_zc_min_bytes",
+        |c| format!("{} {} {:?}", c.udp_gso, c.udp_gro, c.send_zc_min_bytes),
+    ),
     (
         "relay.udp_recv_buffer_bytes / relay.udp_send_buffer_bytes",
         |c| format!("{:?}", c.socket_buffers),

@@ -52,6 +52,8 @@ pub(super) struct RelaySection {
     pub(super) cpus: Vec<usize>,
     #[serde(default = "yes")]
     pub(super) udp_gso: bool,
+    #[serde(default = "yes")]
+    pub(super) udp_gro: bool,
     #[serde(default)]
     pub(super) send_zc_min_bytes: u64,
     #[serde(default = "default_socket_buffer")]

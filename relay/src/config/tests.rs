@@ -101,8 +101,8 @@ fn the_example_file_is_valid() {
     assert_eq!(cfg.listen, min.listen);
     assert_eq!((cfg.workers, &cfg.cpus), (min.workers, &min.cpus));
     assert_eq!(
-        (cfg.udp_gso, cfg.send_zc_min_bytes),
-        (min.udp_gso, min.send_zc_min_bytes)
+        (cfg.udp_gso, cfg.udp_gro, cfg.send_zc_min_bytes),
+        (min.udp_gso, min.udp_gro, min.send_zc_min_bytes)
     );
     assert_eq!(
         (cfg.admin_listen, &cfg.log_level),

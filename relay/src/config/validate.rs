@@ -87,6 +87,7 @@ pub fn parse_str(text: &str, path: &Path, base_dir: &Path) -> Result<RelayConfig
         workers,
         cpus: file.relay.cpus,
         udp_gso: file.relay.udp_gso,
+        udp_gro: file.relay.udp_gro,
         send_zc_min_bytes: match file.relay.send_zc_min_bytes {
             0 => None,
             n => Some(usize::try_from(n).unwrap_or(usize::MAX)),
