@@ -52,7 +52,8 @@ const PER_WORKER: [WorkerMetric; 16] = [
     (
         "ferry_worker_socket_drops",
         "Datagrams the kernel dropped at the worker's sockets before the worker read them \
-         (a full receive queue: see relay.udp_recv_buffer_bytes).",
+         (a full receive queue: see relay.udp_recv_buffer_bytes); with UDP GRO a dropped \
+         coalesced receive counts once, however many datagrams it held.",
         |s| s.socket_drops.load(Ordering::Relaxed),
     ),
     (

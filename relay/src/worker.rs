@@ -102,7 +102,8 @@ pub struct WorkerStats {
     pub gso_disabled: AtomicU64,
     /// Datagrams the kernel dropped at this worker's sockets before the worker saw them
     /// (mostly a full receive queue), as the kernel counts them (`SO_MEMINFO`): read once a
-    /// tick, so up to one tick behind.
+    /// tick, so up to one tick behind. The kernel counts socket buffers, so with UDP GRO a
+    /// dropped coalesced receive (up to 64 datagrams) counts once: a lower bound on datagrams.
     pub socket_drops: AtomicU64,
 }
 
