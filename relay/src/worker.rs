@@ -30,10 +30,6 @@ use crate::uring::{
     UringError, is_v4, recv_payload_room,
 };
 
-/// `SOL_UDP` option that lets a socket receive coalesced datagrams (UDP GRO), from
-/// `linux/udp.h`.
-const UDP_GRO: libc::c_int = 104;
-
 /// What the worker asks about each datagram.
 pub trait PacketHandler: Send {
     /// Decides what to do with `datagram` from `from`; replies go into `reply`.
@@ -252,15 +248,26 @@ const _: () = assert!(recv_payload_room(GRO_RECV_BUF_SIZE, true) >= 1 << 16);
 
 /// Turns UDP GRO on (`on`) or off for `socket`.
 fn set_gro(socket: &UdpSocket, on: bool) -> io::Result<()> {
-    let on = libc::c_int::from(on);
+    set_int_option(socket, libc::SOL_UDP, libc::UDP_GRO, libc::c_int::from(on))
+}
+
+/// `setsockopt` of an `int` option (`level`, `name`: the C constants, e.g. `libc::SOL_UDP`,
+/// `libc::UDP_GRO`) on `socket`.
+pub fn set_int_option(
+    socket: &impl AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     #[allow(unsafe_code)]
-    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live c_int.
+    // SAFETY: setsockopt reads exactly `size_of::<c_int>()` bytes from a live c_int, on a
+    // descriptor the caller borrows to us.
     let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
-            libc::SOL_UDP,
-            UDP_GRO,
-            (&raw const on).cast(),
+            level,
+            name,
+            (&raw const value).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
@@ -352,18 +359,7 @@ fn size_buffer(socket: &Socket, kind: BufferKind, bytes: usize) -> usize {
         BufferKind::Send => libc::SO_SNDBUFFORCE,
     };
     let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    #[allow(unsafe_code)]
-    // SAFETY: setsockopt reads exactly `size_of::<c_int>()` bytes from a live c_int, on a
-    // descriptor this function borrows.
-    let forced = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            force,
-            (&raw const value).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    } == 0;
+    let forced = set_int_option(socket, libc::SOL_SOCKET, force, value).is_ok();
     let result = match kind {
         BufferKind::Recv if !forced => socket.set_recv_buffer_size(bytes),
         BufferKind::Send if !forced => socket.set_send_buffer_size(bytes),

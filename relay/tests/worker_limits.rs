@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)] // a test: a failed unwrap fails the test
 
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -22,7 +22,7 @@ use ferry_relay::shards::{Sessions, SessionsHandler};
 use ferry_relay::uring::recv_payload_room;
 use ferry_relay::worker::{
     GRO_RECV_BUF_SIZE, PacketHandler, RECV_BUF_SIZE, SocketBuffers, WorkerConfig, WorkerError,
-    WorkerReport, WorkerStats, run_worker, socket_drops,
+    WorkerReport, WorkerStats, run_worker, set_int_option, socket_drops,
 };
 
 struct Running {
@@ -423,20 +423,7 @@ fn turn_udp_checksums_off(addr: SocketAddr) {
         if bound != Some(addr) || socket.r#type().ok() != Some(socket2::Type::DGRAM) {
             continue;
         }
-        let on: libc::c_int = 1;
-        #[allow(unsafe_code)]
-        // SAFETY: `owned` is an open socket; the option value is a c_int of the size given,
-        // which the kernel only reads.
-        let rc = unsafe {
-            libc::setsockopt(
-                owned.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_NO_CHECK,
-                (&on as *const libc::c_int).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0, "SO_NO_CHECK: {}", std::io::Error::last_os_error());
+        set_int_option(&owned, libc::SOL_SOCKET, libc::SO_NO_CHECK, 1).expect("SO_NO_CHECK");
         found = true;
     }
     assert!(found, "the worker's socket on {addr}");

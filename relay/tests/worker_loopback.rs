@@ -554,20 +554,13 @@ fn a_reply_leaves_at_once_while_the_worker_waits_for_a_batch() {
 /// kernel splits only where it must. Over loopback it reaches a socket with UDP GRO whole, as
 /// a burst a GRO-capable device coalesced would.
 fn segment_sends(socket: &UdpSocket, size: u16) {
-    use std::os::fd::AsRawFd;
-    let size = libc::c_int::from(size);
-    #[allow(unsafe_code)]
-    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live c_int.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_UDP,
-            libc::UDP_SEGMENT,
-            (&raw const size).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
+    ferry_relay::worker::set_int_option(
+        socket,
+        libc::SOL_UDP,
+        libc::UDP_SEGMENT,
+        libc::c_int::from(size),
+    )
+    .expect("UDP_SEGMENT");
 }
 
 /// Coalesced receives (`gro`) and one-by-one receives of the same bursts: every datagram is
