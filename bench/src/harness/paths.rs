@@ -690,34 +690,52 @@ fn threads(pid: u32) -> anyhow::Result<Vec<u32>> {
     Ok(tids)
 }
 
-/// Pins every thread of process `pid` to `cpu`.
-fn pin_all_threads(pid: u32, cpu: usize) -> anyhow::Result<()> {
+/// Applies `apply` to every thread of process `pid`. A thread that ends between the listing
+/// and `apply` is skipped (the relay's admin listener, for one, serves each connection on a
+/// short-lived thread, and the harness polls it while a forwarder starts); any other failure
+/// is returned.
+fn for_each_thread(
+    pid: u32,
+    mut apply: impl FnMut(u32) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     for tid in threads(pid)? {
-        pin_pid(tid, cpu).with_context(|| format!("pinning thread {tid} to CPU {cpu}"))?;
-    }
-    Ok(())
-}
-
-/// Pins every thread of process `pid` whose name does not start with `except` to `cpu`.
-fn pin_threads_but(pid: u32, cpu: usize, except: &str) -> anyhow::Result<()> {
-    for tid in threads(pid)? {
-        let name = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
-            .with_context(|| format!("reading thread {tid}'s name"))?;
-        if !name.starts_with(except) {
-            pin_pid(tid, cpu).with_context(|| format!("pinning thread {tid} to CPU {cpu}"))?;
+        if let Err(e) = apply(tid)
+            && Path::new(&format!("/proc/{pid}/task/{tid}")).exists()
+        {
+            return Err(e);
         }
     }
     Ok(())
 }
 
+/// Pins every thread of process `pid` to `cpu`.
+fn pin_all_threads(pid: u32, cpu: usize) -> anyhow::Result<()> {
+    for_each_thread(pid, |tid| {
+        pin_pid(tid, cpu).with_context(|| format!("pinning thread {tid} to CPU {cpu}"))
+    })
+}
+
+/// Pins every thread of process `pid` whose name does not start with `except` to `cpu`.
+fn pin_threads_but(pid: u32, cpu: usize, except: &str) -> anyhow::Result<()> {
+    for_each_thread(pid, |tid| {
+        let name = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+            .with_context(|| format!("reading thread {tid}'s name"))?;
+        match name.starts_with(except) {
+            true => Ok(()),
+            false => {
+                pin_pid(tid, cpu).with_context(|| format!("pinning thread {tid} to CPU {cpu}"))
+            }
+        }
+    })
+}
+
 /// Schedules every thread of forwarder `pid` as the relay host's receive threads are
 /// ([`Realtime::RoundRobin`]): they take turns on the relay CPU, ahead of everything else.
 fn realtime_forwarder(pid: u32) -> anyhow::Result<()> {
-    for tid in threads(pid)? {
+    for_each_thread(pid, |tid| {
         set_realtime(tid, Realtime::RoundRobin)
-            .with_context(|| format!("real-time scheduling for forwarder thread {tid}"))?;
-    }
-    Ok(())
+            .with_context(|| format!("real-time scheduling for forwarder thread {tid}"))
+    })
 }
 
 /// The resident memory of process `pid` (`VmRSS` of `/proc/PID/status`), bytes.
