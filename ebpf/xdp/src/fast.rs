@@ -25,7 +25,7 @@ use ferry_common::xdp::{
     GuardConfig, MAX_SESSIONS, SessionEntry,
 };
 
-use crate::{ETH_HLEN, IPV6_HLEN, UDP_HLEN};
+use crate::{ETH_HLEN, IPV6_HLEN, UDP_HLEN, ipv4_mapped};
 
 #[map(name = "FAST_STATE")]
 static FAST_STATE: HashMap<u64, FastState> =
@@ -283,9 +283,7 @@ fn next_hop(
     if v4 {
         // SAFETY: the kernel wrote an IPv4 source into the union for an AF_INET lookup.
         let src = unsafe { params.__bindgen_anon_3.ipv4_src }.to_ne_bytes();
-        hop.src = [
-            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, src[0], src[1], src[2], src[3],
-        ];
+        hop.src = ipv4_mapped(src);
     } else {
         // SAFETY: the kernel wrote an IPv6 source into the union for an AF_INET6 lookup.
         let src = unsafe { params.__bindgen_anon_3.ipv6_src };
