@@ -704,9 +704,10 @@ pub struct SessionFilter {
     errors: AtomicU64,
 }
 
-/// Turns [`Instant`]s into the program's clock (`bpf_ktime_get_ns`, `CLOCK_MONOTONIC` in
-/// nanoseconds): both are the monotonic clock, read once together here so that one `Instant`
-/// always gives the same nanoseconds.
+/// Turns [`Instant`]s into the program's clock (`CLOCK_MONOTONIC` in nanoseconds, which the
+/// program reads coarse, `bpf_ktime_get_coarse_ns`: as of the last scheduler tick): both are
+/// the monotonic clock, read once together here so that one `Instant` always gives the same
+/// nanoseconds.
 #[derive(Clone, Copy, Debug)]
 pub struct KernelClock {
     base: Instant,
@@ -857,7 +858,8 @@ fn forwarding(interface: &str) -> [bool; 2] {
     })
 }
 
-/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns` and of [`Instant`].
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of [`Instant`], and the one the program's
+/// `bpf_ktime_get_coarse_ns` reads as of the last scheduler tick.
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

@@ -65,7 +65,7 @@ pub struct Data {
     /// The session's entry in [`SESSIONS`](crate::SESSIONS), which the guard looked up (not
     /// null; valid for this run).
     pub entry: *const SessionEntry,
-    /// `bpf_ktime_get_ns` as the guard read it for this datagram.
+    /// `bpf_ktime_get_coarse_ns` as the guard read it for this datagram.
     pub now: u64,
     /// The session id.
     pub session_id: u64,
@@ -122,7 +122,7 @@ pub fn forward(ctx: &XdpContext, cfg: &GuardConfig, data: &Data) -> (u32, u32) {
         // meter as it was before.
         let (last, since) = unsafe { (under.read_volatile(), epoch.read_volatile()) };
         let start = FastSlot::start(old, since, &last, sender);
-        let Some(new) = sender.budget.admit(start, now, bytes) else {
+        let Some(new) = sender.budget.admit(start, sender.charge_time(now), bytes) else {
             return (XDP_DROP, Counter::FastOverBudget as u32);
         };
         // SAFETY: as above. The exchange succeeds only if no other CPU charged the meter

@@ -39,7 +39,7 @@ use core::mem::size_of;
 
 use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS};
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use aya_ebpf::macros::{map, xdp};
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray};
@@ -297,9 +297,12 @@ fn guard_checks(ctx: &XdpContext) -> Result<Verdict<'static>, (u32, u32)> {
             }
         }
     }
-    // SAFETY: bpf_ktime_get_ns has no preconditions. Read once for the meters and the fast
-    // path's byte budget.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: the helper has no preconditions. Read once for the meters, the fast path's byte
+    // budget, last-seen time and next-hop cache. The coarse clock (CLOCK_MONOTONIC as of the
+    // last scheduler tick) reads no clock source (bpf_ktime_get_ns reads the TSC, and under
+    // KVM the pvclock page: 15-35 ns a datagram on the development VM); what its resolution
+    // means for the meters is in docs/architecture.md ("The program's clock").
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let verdict = if listed == Some(LIST_ALLOW) {
         (XDP_PASS, Counter::PassAllowListed as u32)
     } else {
