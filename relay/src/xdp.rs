@@ -1296,3 +1296,61 @@ pub mod flood {
         }
     }
 }
+
+/// One end of an XDP wire for benchmarks (`ferry-bench run --xdp-wire`): the `ferry_wire`
+/// program of `ebpf/xdp`, attached natively to a veth, redirects every frame it receives to
+/// another interface. A veth that gets a frame that way hands it to its peer as an XDP frame in
+/// a page of its own, as a NIC driver receives into its DMA pages; a frame that a veth gets
+/// as a socket buffer (anything a local socket sent) it copies into a fresh page before it runs
+/// the peer's native XDP program. The relay never loads it.
+pub mod wire {
+    use aya::maps::{DevMap, MapData};
+    use aya::programs::XdpMode;
+    use aya::{Ebpf, EbpfLoader};
+
+    use super::{XdpError, interface_index, load_object, map_error, map_mut, program_mut};
+
+    /// Built from source by `build.rs`; empty when built with `FERRY_SKIP_EBPF=1`.
+    static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferry-wire.o"));
+
+    /// An attached end; dropping it detaches the program.
+    pub struct WireEnd {
+        _ebpf: Ebpf,
+    }
+
+    impl std::fmt::Debug for WireEnd {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("WireEnd").finish_non_exhaustive()
+        }
+    }
+
+    impl WireEnd {
+        /// Attaches natively to interface `from`, redirecting every frame it receives to
+        /// interface `to`; both must be in the calling thread's network namespace, and `to`
+        /// must be able to transmit XDP frames (a veth whose peer polls with NAPI: has GRO on
+        /// or an XDP program).
+        pub fn attach(from: &str, to: &str) -> Result<Self, XdpError> {
+            let missing = |name: &str| XdpError::Attach {
+                interface: name.to_owned(),
+                mode: "native",
+                message: "there is no network interface of this name here".into(),
+            };
+            let to_index = interface_index(to).ok_or_else(|| missing(to))?;
+            if interface_index(from).is_none() {
+                return Err(missing(from));
+            }
+            let mut ebpf = load_object(EbpfLoader::new(), OBJECT, "ferry_wire")?;
+            let mut out: DevMap<&mut MapData> = map_mut(&mut ebpf, "WIRE_OUT")?;
+            out.set(0, to_index, None, 0)
+                .map_err(|e| map_error("WIRE_OUT", e))?;
+            program_mut(&mut ebpf, "ferry_wire")?
+                .attach(from, XdpMode::Driver)
+                .map_err(|e| XdpError::Attach {
+                    interface: from.to_owned(),
+                    mode: "native",
+                    message: format!("{e:#}"),
+                })?;
+            Ok(WireEnd { _ebpf: ebpf })
+        }
+    }
+}
