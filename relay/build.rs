@@ -19,9 +19,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const TARGET: &str = "bpfel-unknown-none";
-/// The programs of `ebpf/xdp`: the guard, and the flood generator that
-/// `ferry-bench run flood --flood-generator xdp` drives (never attached).
-const OBJECTS: [&str; 2] = ["ferry-xdp", "ferry-flood"];
+/// The programs of `ebpf/xdp`: the guard, the flood generator that
+/// `ferry-bench run flood --flood-generator xdp` drives, and the wire of
+/// `ferry-bench run --xdp-wire` (neither attached by the relay).
+const OBJECTS: [&str; 3] = ["ferry-xdp", "ferry-flood", "ferry-wire"];
 const SKIP: &str = "FERRY_SKIP_EBPF";
 
 fn main() {

@@ -436,3 +436,56 @@ fn the_scale_and_flood_scenarios_bind_measure_and_count_the_guard() {
         );
     }
 }
+
+#[test]
+#[ignore = "needs root: ferry-bench builds network namespaces"]
+fn behind_the_xdp_wire_every_path_forwards_and_ferry_answers() {
+    require_root("behind_the_xdp_wire_every_path_forwards_and_ferry_answers");
+    let _alone = one_bench_at_a_time();
+    let relay = workspace_binary("ferry-relay", "ferry-relay").expect("building ferry-relay");
+    let out = ferry_testkit::temp_dir("bench-wire").expect("a temporary directory");
+    let status = Command::new(env!("CARGO_BIN_EXE_ferry-bench"))
+        .args([
+            "run",
+            "rates",
+            "--xdp-wire",
+            "--paths",
+            "direct,ferry,ferry-fast",
+        ])
+        .args(["--payloads", "64", "--sessions", "2", "--rates", "2000"])
+        .args(["--max-loss", "0.05", "--latency-seconds", "0.3"])
+        .args(["--trial-seconds", "0.3", "--probe-rate", "10"])
+        .arg("--relay-bin")
+        .arg(&relay)
+        .arg("--out")
+        .arg(out.path())
+        .status()
+        .expect("running ferry-bench");
+    assert!(status.success(), "ferry-bench failed: {status}");
+    let text = std::fs::read_to_string(out.path().join("result.json")).expect("result.json");
+    let result: Value = serde_json::from_str(&text).expect("result.json is JSON");
+    schema::validate(&result).expect("result.json matches docs/bench-result.schema.json");
+    let summary = std::fs::read_to_string(out.path().join("summary.md")).expect("summary.md");
+    assert!(summary.contains("an XDP wire"), "the topology says so");
+    let runs = result["runs"].as_array().expect("runs");
+    let paths: Vec<&str> = runs.iter().filter_map(|r| r["path"].as_str()).collect();
+    assert!(
+        paths.contains(&"direct") && paths.contains(&"ferry"),
+        "{paths:?}"
+    );
+    assert_eq!(
+        paths.contains(&"ferry-fast"),
+        fast_path_expected(&result),
+        "ferry-fast is neither measured nor said to be skipped: {paths:?}"
+    );
+    for run in runs {
+        let path = run["path"].as_str().expect("path");
+        for p in run["points"].as_array().expect("points") {
+            let label = p["label"].as_str().expect("label");
+            // Through the wire one way (the datagrams) …
+            check_trial(path, label, &p["trial"]);
+        }
+        // … and back (binds and keepalives, answered across the wire).
+        check_reply(path, run);
+    }
+}

@@ -704,9 +704,10 @@ pub struct SessionFilter {
     errors: AtomicU64,
 }
 
-/// Turns [`Instant`]s into the program's clock (`bpf_ktime_get_ns`, `CLOCK_MONOTONIC` in
-/// nanoseconds): both are the monotonic clock, read once together here so that one `Instant`
-/// always gives the same nanoseconds.
+/// Turns [`Instant`]s into the program's clock (`CLOCK_MONOTONIC` in nanoseconds, which the
+/// program reads coarse, `bpf_ktime_get_coarse_ns`: as of the last scheduler tick): both are
+/// the monotonic clock, read once together here so that one `Instant` always gives the same
+/// nanoseconds.
 #[derive(Clone, Copy, Debug)]
 pub struct KernelClock {
     base: Instant,
@@ -857,7 +858,8 @@ fn forwarding(interface: &str) -> [bool; 2] {
     })
 }
 
-/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns` and of [`Instant`].
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of [`Instant`], and the one the program's
+/// `bpf_ktime_get_coarse_ns` reads as of the last scheduler tick.
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -1291,6 +1293,64 @@ pub mod flood {
                 sent += u64::from(frames.max(1));
             }
             Ok(sent)
+        }
+    }
+}
+
+/// One end of an XDP wire for benchmarks (`ferry-bench run --xdp-wire`): the `ferry_wire`
+/// program of `ebpf/xdp`, attached natively to a veth, redirects every frame it receives to
+/// another interface. A veth that gets a frame that way hands it to its peer as an XDP frame in
+/// a page of its own, as a NIC driver receives into its DMA pages; a frame that a veth gets
+/// as a socket buffer (anything a local socket sent) it copies into a fresh page before it runs
+/// the peer's native XDP program. The relay never loads it.
+pub mod wire {
+    use aya::maps::{DevMap, MapData};
+    use aya::programs::XdpMode;
+    use aya::{Ebpf, EbpfLoader};
+
+    use super::{XdpError, interface_index, load_object, map_error, map_mut, program_mut};
+
+    /// Built from source by `build.rs`; empty when built with `FERRY_SKIP_EBPF=1`.
+    static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferry-wire.o"));
+
+    /// An attached end; dropping it detaches the program.
+    pub struct WireEnd {
+        _ebpf: Ebpf,
+    }
+
+    impl std::fmt::Debug for WireEnd {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("WireEnd").finish_non_exhaustive()
+        }
+    }
+
+    impl WireEnd {
+        /// Attaches natively to interface `from`, redirecting every frame it receives to
+        /// interface `to`; both must be in the calling thread's network namespace, and `to`
+        /// must be able to transmit XDP frames (a veth whose peer polls with NAPI: has GRO on
+        /// or an XDP program).
+        pub fn attach(from: &str, to: &str) -> Result<Self, XdpError> {
+            let missing = |name: &str| XdpError::Attach {
+                interface: name.to_owned(),
+                mode: "native",
+                message: "there is no network interface of this name here".into(),
+            };
+            let to_index = interface_index(to).ok_or_else(|| missing(to))?;
+            if interface_index(from).is_none() {
+                return Err(missing(from));
+            }
+            let mut ebpf = load_object(EbpfLoader::new(), OBJECT, "ferry_wire")?;
+            let mut out: DevMap<&mut MapData> = map_mut(&mut ebpf, "WIRE_OUT")?;
+            out.set(0, to_index, None, 0)
+                .map_err(|e| map_error("WIRE_OUT", e))?;
+            program_mut(&mut ebpf, "ferry_wire")?
+                .attach(from, XdpMode::Driver)
+                .map_err(|e| XdpError::Attach {
+                    interface: from.to_owned(),
+                    mode: "native",
+                    message: format!("{e:#}"),
+                })?;
+            Ok(WireEnd { _ebpf: ebpf })
         }
     }
 }

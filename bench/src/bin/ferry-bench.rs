@@ -139,6 +139,12 @@ struct RunArgs {
     /// Send one datagram per message instead of UDP GSO runs (to measure what GSO buys).
     #[arg(long)]
     no_gso: bool,
+    /// Put an XDP wire between the generator's veth and the relay host's, so that the relay
+    /// host receives XDP frames in pages of their own, as from a NIC, instead of socket
+    /// buffers that a veth copies before a native XDP program sees them (every path alike;
+    /// docs/bench.md, "The veth copy and the XDP wire").
+    #[arg(long)]
+    xdp_wire: bool,
     /// Reply-path probes of each kind a second (0 to 50; 0: none) at Ferry's latency points
     /// (latency and rates scenarios), each in a window of its own after the point's trial at
     /// the same load, and in an idle window before them: full binds of fresh sessions (BIND,
@@ -310,7 +316,7 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
             .clone()
             .or_else(|| Some(here.join("ferry-relay"))),
     );
-    let bed = NetnsTestbed::new(args.relay_cpu, args.load_cpu)
+    let bed = NetnsTestbed::new(args.relay_cpu, args.load_cpu, args.xdp_wire)
         .context("building the namespace topology (needs iproute2)")?;
     let result = run(&plan, &bed, &bins);
     // The namespaces go before anything else can fail.

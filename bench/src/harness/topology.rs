@@ -15,6 +15,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context as _, bail};
+use ferry_relay::xdp::wire::WireEnd;
 use ferry_testkit::netns::{in_ns, link_info};
 
 use super::flood::{self, XdpFlooder};
@@ -287,13 +288,17 @@ pub struct NetnsTestbed {
     pub load_cpu: usize,
     /// The NAPI threads of the relay host's two veths.
     relay_napi: Vec<u32>,
+    /// With `--xdp-wire`: the two ends of the XDP wire between the generator's veth and the
+    /// relay host's (in the generator's namespace), attached while the testbed lives.
+    wire: Vec<WireEnd>,
 }
 
 impl NetnsTestbed {
     /// Creates the namespaces, veths, addresses and routes, with the relay host's receive
-    /// processing on `relay_cpu` and the sink's on `load_cpu` (see [`NetnsTestbed`]). Needs
+    /// processing on `relay_cpu` and the sink's on `load_cpu` (see [`NetnsTestbed`]), and with
+    /// `xdp_wire` an XDP wire in front of the relay host (`--xdp-wire`, docs/bench.md). Needs
     /// root, iproute2 and ethtool.
-    pub fn new(relay_cpu: usize, load_cpu: usize) -> anyhow::Result<Self> {
+    pub fn new(relay_cpu: usize, load_cpu: usize, xdp_wire: bool) -> anyhow::Result<Self> {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         let net = (pid.wrapping_mul(37).wrapping_add(n) % 200) as u8 + 20;
@@ -312,14 +317,61 @@ impl NetnsTestbed {
             relay_cpu,
             load_cpu,
             relay_napi: Vec::new(),
+            wire: Vec::new(),
         };
         // From here on, dropping `bed` removes whatever was created.
-        bed.relay_napi = bed.build(&bed.generator_if, &bed.sink_if)?;
+        let wire = xdp_wire.then(|| (ifname("a"), ifname("b")));
+        let wire_ends = wire.as_ref().map(|(a, b)| (a.as_str(), b.as_str()));
+        bed.relay_napi = bed.build(&bed.generator_if, &bed.sink_if, wire_ends)?;
+        if let Some((a, b)) = wire_ends {
+            bed.wire = bed.attach_wire(a, b)?;
+        }
         Ok(bed)
     }
 
-    /// Builds the topology; returns the NAPI threads of the relay host's veths.
-    fn build(&self, gen_if: &str, sink_if: &str) -> anyhow::Result<Vec<u32>> {
+    /// Attaches the XDP wire that [`NetnsTestbed::build`] laid between the generator's veth and
+    /// the relay host's: `wire_a` (the generator's veth's peer) and `wire_b` (the relay host's
+    /// veth's), both in the generator's namespace, each redirecting every frame it receives to
+    /// the other with the `ferry_wire` XDP program. The relay host's veth then receives what
+    /// the generator sends as XDP frames in pages of their own, as a NIC driver receives into
+    /// its DMA pages, rather than as the generator's socket buffers, which a veth copies into a
+    /// fresh page before it runs a native XDP program (`skb_pp_cow_data`: a socket's buffer has
+    /// a head of its own allocation, not a page fragment, and less than 256 bytes of
+    /// headroom). So the XDP fast path pays no copy that a NIC would not make; the copy moves
+    /// to the wire, on the generator's CPU, for every path alike. What the relay host's
+    /// 256-frame ring cannot take is then dropped at the wire, as by a NIC whose ring is full,
+    /// instead of waiting in the generator's queue.
+    fn attach_wire(&self, wire_a: &str, wire_b: &str) -> anyhow::Result<Vec<WireEnd>> {
+        let g = self.generator_ns.as_str();
+        // The generator's veth receives the wire's XDP frames (the replies) only with NAPI.
+        // What the relay host sends back (replies) crosses the wire too: its veth checksums
+        // in full (an XDP frame cannot carry a checksum left to offload, so the generator
+        // would drop it), which also turns TSO off, without which wire_b would take those
+        // frames past its XDP program, into its own stack.
+        ethtool(g, &self.generator_if, &["gro", "on"])?;
+        ethtool(
+            &self.relay_ns,
+            &self.relay_if_generator,
+            &["tx-checksumming", "off"],
+        )?;
+        in_ns(g, || -> anyhow::Result<Vec<WireEnd>> {
+            Ok(vec![
+                WireEnd::attach(wire_a, wire_b).context("the XDP wire (a to b)")?,
+                WireEnd::attach(wire_b, wire_a).context("the XDP wire (b to a)")?,
+            ])
+        })?
+    }
+
+    /// Builds the topology; returns the NAPI threads of the relay host's veths. With `wire`,
+    /// the generator's veth and the relay host's are not each other's peers: each is paired
+    /// with one of the wire's two veths, both in the generator's namespace
+    /// ([`NetnsTestbed::attach_wire`]).
+    fn build(
+        &self,
+        gen_if: &str,
+        sink_if: &str,
+        wire: Option<(&str, &str)>,
+    ) -> anyhow::Result<Vec<u32>> {
         let (g, r, s) = (
             self.generator_ns.as_str(),
             self.relay_ns.as_str(),
@@ -346,9 +398,23 @@ impl NetnsTestbed {
                 format!("198.19.{net}.1/24"),
             ),
         ] {
-            ip(&[
-                "link", "add", outer_if, "type", "veth", "peer", "name", inner_if,
-            ])?;
+            match wire {
+                Some((wire_a, wire_b)) if outer_ns == g => {
+                    ip(&[
+                        "link", "add", wire_a, "type", "veth", "peer", "name", outer_if,
+                    ])?;
+                    ip(&[
+                        "link", "add", wire_b, "type", "veth", "peer", "name", inner_if,
+                    ])?;
+                    for dev in [wire_a, wire_b] {
+                        ip(&["link", "set", dev, "netns", g])?;
+                        ip(&["-n", g, "link", "set", dev, "up"])?;
+                    }
+                }
+                _ => ip(&[
+                    "link", "add", outer_if, "type", "veth", "peer", "name", inner_if,
+                ])?,
+            }
             ip(&["link", "set", outer_if, "netns", outer_ns])?;
             ip(&["link", "set", inner_if, "netns", r])?;
             ip(&["-n", outer_ns, "addr", "add", &outer_ip, "dev", outer_if])?;
@@ -464,10 +530,15 @@ impl Testbed for NetnsTestbed {
     fn describe(&self) -> String {
         format!(
             "network namespaces: generator {} (198.18.{n}.2) → relay host {} (198.18.{n}.1, \
-             198.19.{n}.1) → sink {} (198.19.{n}.2), veth pairs",
+             198.19.{n}.1) → sink {} (198.19.{n}.2), veth pairs{}",
             self.generator_ns,
             self.relay_ns,
             self.sink_ns,
+            if self.wire.is_empty() {
+                ""
+            } else {
+                ", an XDP wire in front of the relay host (--xdp-wire)"
+            },
             n = self.net
         )
     }

@@ -144,7 +144,7 @@ impl Rate {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Meter {
-    /// Whole nanoseconds (the clock of `bpf_ktime_get_ns`).
+    /// Whole nanoseconds (the program's clock, `bpf_ktime_get_coarse_ns`).
     pub tat: u64,
     /// The fraction of a nanosecond past `tat`, in 2⁻¹⁶ ns.
     pub carry: u64,
@@ -246,8 +246,10 @@ pub struct BoundSlot {
     /// The byte budget of DATA *from* this slot; a zero cost means the fast path may not
     /// forward from it.
     pub budget: ByteBudget,
-    /// When (`bpf_ktime_get_ns`) the relay created the slot's budget or changed its rate: the
-    /// fast path starts or carries over its meter at that instant, as the relay's bucket did.
+    /// When (`CLOCK_MONOTONIC` ns, read by the relay) the relay created the slot's budget or
+    /// changed its rate: the fast path starts or carries over its meter at that instant, as
+    /// the relay's bucket did, and charges no datagram at an earlier time
+    /// ([`BoundSlot::charge_time`]).
     pub budget_since: u64,
     /// The budget in force before [`BoundSlot::budget_since`] (the same as `budget` for a
     /// fresh one).
@@ -265,6 +267,21 @@ impl BoundSlot {
     #[inline(always)]
     pub fn is_v4(&self) -> bool {
         is_v4_mapped(&self.addr)
+    }
+
+    /// When to charge DATA from this slot against its budget, given the program's clock
+    /// reading `now_ns`: `now_ns`, or [`BoundSlot::budget_since`] if that is later. The
+    /// program reads the kernel's coarse monotonic clock (`bpf_ktime_get_coarse_ns`), which
+    /// lags the precise one the relay stamps `budget_since` with by up to one scheduler tick:
+    /// without this, a budget the relay has just created full would look partly spent for up
+    /// to a tick. Times compare as wrapping differences, as the meter's do.
+    #[inline(always)]
+    pub fn charge_time(&self, now_ns: u64) -> u64 {
+        if self.budget_since.wrapping_sub(now_ns) as i64 > 0 {
+            self.budget_since
+        } else {
+            now_ns
+        }
     }
 }
 
@@ -366,7 +383,7 @@ impl ByteBudget {
         })
     }
 
-    /// Admits a datagram of `bytes` at `now_ns` (the clock of `bpf_ktime_get_ns`) against a
+    /// Admits a datagram of `bytes` at `now_ns` (`CLOCK_MONOTONIC` ns) against a
     /// meter at `tat`; returns the meter's new arrival time, or `None` (meter unchanged) when
     /// the datagram is over budget. A silent slot may send `burst` bytes at once, then `rate`
     /// a second: the relay's `TokenBucket` admits exactly the same, up to rounding of the cost.
@@ -442,8 +459,8 @@ pub struct FastSlot {
     pub packets: u64,
     /// Their bytes, relay header included (atomic adds).
     pub bytes: u64,
-    /// `bpf_ktime_get_ns` (`CLOCK_MONOTONIC`) when DATA from this slot last reached the fast
-    /// path, forwarded or over budget; 0 never.
+    /// `bpf_ktime_get_coarse_ns` (`CLOCK_MONOTONIC` at the last scheduler tick) when DATA
+    /// from this slot last reached the fast path, forwarded or over budget; 0 never.
     pub last_seen: u64,
 }
 
@@ -482,7 +499,7 @@ pub struct FastState {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FibHop {
-    /// `bpf_ktime_get_ns` after which the hop is stale; 0: never resolved.
+    /// `bpf_ktime_get_coarse_ns` after which the hop is stale; 0: never resolved.
     pub expires: u64,
     /// The receiving slot's address it was resolved for, as in [`BoundSlot::addr`].
     pub dst: [u8; 16],
@@ -958,6 +975,36 @@ mod tests {
         assert_eq!(never, up);
     }
 
+    #[test]
+    fn a_budget_is_charged_no_earlier_than_the_relay_set_it() {
+        let budget = ByteBudget::new(1000, 3000).expect("valid"); // 1 ms a byte
+        let since = 1u64 << 40;
+        let slot = BoundSlot {
+            budget,
+            budget_since: since,
+            budget_fresh: 1,
+            ..BoundSlot::default()
+        };
+        // The program's coarse clock may still read up to a tick before the relay's stamp.
+        let lagging = since - 3_999_999;
+        assert_eq!(slot.charge_time(lagging), since);
+        assert_eq!(slot.charge_time(since + 5), since + 5);
+        let start = FastSlot::start(0, 0, &ByteBudget::default(), &slot);
+        let tat = budget
+            .admit(start, slot.charge_time(lagging), 3000)
+            .expect("a budget the relay just created is full");
+        assert_eq!(budget.admit(tat, slot.charge_time(lagging), 1), None);
+        // Never set (0): the clock as read; and across the clock's wrap.
+        let unset = BoundSlot::default();
+        assert_eq!(unset.charge_time(12345), 12345);
+        let wrapping = BoundSlot {
+            budget_since: 5,
+            ..BoundSlot::default()
+        };
+        assert_eq!(wrapping.charge_time(u64::MAX - 5), 5);
+        assert_eq!(wrapping.charge_time(6), 6);
+    }
+
     proptest! {
         /// Over any arrival pattern, the fast path's meter admits what a token bucket of the
         /// same rate and burst admits, to within rounding of one byte's cost.
@@ -984,6 +1031,44 @@ mod tests {
             let base = u128::from(burst) + elapsed * u128::from(rate) / 1_000_000_000 + 1;
             let bound = base + base / u128::from(budget.cost) + 1;
             prop_assert!(admitted <= bound, "admitted {admitted} > bound {bound}");
+        }
+
+        /// With the program's coarse clock, which reads the time of the last scheduler tick,
+        /// every interval between two admissions holds at most burst + rate × (its length + one
+        /// tick): one tick more than the precise meter, never more over time.
+        #[test]
+        fn on_a_ticking_clock_the_byte_budget_admits_at_most_one_tick_more(
+            rate in 1_000u64..200_000_000,
+            tick in prop_oneof![Just(1_000_000u64), Just(4_000_000), Just(10_000_000)],
+            gaps in proptest::collection::vec(0u64..100, 1..400),
+            sizes in proptest::collection::vec(17u64..1473, 1..400),
+        ) {
+            let burst = 2944; // two of the largest datagrams: the meter limits at once
+            let budget = ByteBudget::new(rate, burst).expect("valid");
+            // Start just before a tick, when the coarse clock lags the most.
+            let mut now = 5_000_000_000u64 + tick - 1;
+            let mut tat = 0;
+            let mut admitted: std::vec::Vec<(u64, u64)> = std::vec::Vec::new();
+            for (gap, size) in gaps.iter().zip(sizes.iter().cycle()) {
+                let coarse = now - now % tick;
+                if let Some(t) = budget.admit(tat, coarse, *size) {
+                    tat = t;
+                    admitted.push((now, *size));
+                }
+                // Offered faster than the rate (each gap under its datagram's worth of time),
+                // so the meter is what limits.
+                now += size * 1_000_000_000 / rate * gap / 100;
+            }
+            for i in 0..admitted.len() {
+                let mut bytes = 0u128;
+                for &(at, size) in &admitted[i..] {
+                    bytes += u128::from(size);
+                    let window = u128::from(at - admitted[i].0 + tick);
+                    let base = u128::from(burst) + window * u128::from(rate) / 1_000_000_000 + 1;
+                    let bound = base + base / u128::from(budget.cost) + 1;
+                    prop_assert!(bytes <= bound, "{bytes} bytes in a window, bound {bound}");
+                }
+            }
         }
     }
 

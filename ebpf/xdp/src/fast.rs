@@ -25,7 +25,7 @@ use ferry_common::xdp::{
     GuardConfig, MAX_SESSIONS, SessionEntry,
 };
 
-use crate::{ETH_HLEN, IPV6_HLEN, UDP_HLEN};
+use crate::{ETH_HLEN, IPV6_HLEN, UDP_HLEN, ipv4_mapped};
 
 #[map(name = "FAST_STATE")]
 static FAST_STATE: HashMap<u64, FastState> =
@@ -65,7 +65,7 @@ pub struct Data {
     /// The session's entry in [`SESSIONS`](crate::SESSIONS), which the guard looked up (not
     /// null; valid for this run).
     pub entry: *const SessionEntry,
-    /// `bpf_ktime_get_ns` as the guard read it for this datagram.
+    /// `bpf_ktime_get_coarse_ns` as the guard read it for this datagram.
     pub now: u64,
     /// The session id.
     pub session_id: u64,
@@ -122,7 +122,7 @@ pub fn forward(ctx: &XdpContext, cfg: &GuardConfig, data: &Data) -> (u32, u32) {
         // meter as it was before.
         let (last, since) = unsafe { (under.read_volatile(), epoch.read_volatile()) };
         let start = FastSlot::start(old, since, &last, sender);
-        let Some(new) = sender.budget.admit(start, now, bytes) else {
+        let Some(new) = sender.budget.admit(start, sender.charge_time(now), bytes) else {
             return (XDP_DROP, Counter::FastOverBudget as u32);
         };
         // SAFETY: as above. The exchange succeeds only if no other CPU charged the meter
@@ -283,9 +283,7 @@ fn next_hop(
     if v4 {
         // SAFETY: the kernel wrote an IPv4 source into the union for an AF_INET lookup.
         let src = unsafe { params.__bindgen_anon_3.ipv4_src }.to_ne_bytes();
-        hop.src = [
-            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, src[0], src[1], src[2], src[3],
-        ];
+        hop.src = ipv4_mapped(src);
     } else {
         // SAFETY: the kernel wrote an IPv6 source into the union for an AF_INET6 lookup.
         let src = unsafe { params.__bindgen_anon_3.ipv6_src };

@@ -1213,7 +1213,7 @@ mod fast_path {
             let slot = &mut state.slots[i];
             let sender = &entry.slots[i];
             let start = FastSlot::start(slot.tat, slot.epoch, &slot.charged_under, sender);
-            let now_ns = self.clock.ns(now);
+            let now_ns = sender.charge_time(self.clock.ns(now));
             let Some(tat) = sender.budget.admit(start, now_ns, len as u64) else {
                 return Fast::OverBudget;
             };
