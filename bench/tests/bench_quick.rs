@@ -22,6 +22,35 @@ fn one_bench_at_a_time() -> MutexGuard<'static, ()> {
         .unwrap_or_else(PoisonError::into_inner)
 }
 
+/// What one `ferry-bench` run left: its output directory, its process id, and its result.
+struct BenchRun {
+    out: ferry_testkit::TempDir,
+    pid: u32,
+    result: Value,
+}
+
+/// Runs `ferry-bench` with `args`, the workspace's `ferry-relay` and a fresh output directory
+/// named after `name`; asserts that it succeeded and that its result.json matches the schema.
+fn run_bench(name: &str, args: &[&str]) -> BenchRun {
+    let relay = workspace_binary("ferry-relay", "ferry-relay").expect("building ferry-relay");
+    let out = ferry_testkit::temp_dir(name).expect("a temporary directory");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry-bench"))
+        .args(args)
+        .arg("--relay-bin")
+        .arg(&relay)
+        .arg("--out")
+        .arg(out.path())
+        .spawn()
+        .expect("running ferry-bench");
+    let pid = child.id();
+    let status = child.wait().expect("waiting for ferry-bench");
+    assert!(status.success(), "ferry-bench failed: {status}");
+    let text = std::fs::read_to_string(out.path().join("result.json")).expect("result.json");
+    let result: Value = serde_json::from_str(&text).expect("result.json is JSON");
+    schema::validate(&result).expect("result.json matches docs/bench-result.schema.json");
+    BenchRun { out, pid, result }
+}
+
 fn num(v: &Value, field: &str) -> f64 {
     v[field]
         .as_f64()
@@ -200,27 +229,30 @@ fn fast_path_expected(result: &Value) -> bool {
 fn the_quick_profile_runs_end_to_end_and_its_report_holds_together() {
     require_root("the_quick_profile_runs_end_to_end_and_its_report_holds_together");
     let _alone = one_bench_at_a_time();
-    let relay = workspace_binary("ferry-relay", "ferry-relay").expect("building ferry-relay");
-    let out = ferry_testkit::temp_dir("bench-quick").expect("a temporary directory");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry-bench"))
-        .args(["run", "--quick", "--sessions", "3", "--search-steps", "3"])
-        // These tests check the report's mechanics, not the forwarders: on a loaded machine
-        // even the search's lowest trial can lose a few of its datagrams, so up to 5 % passes.
-        .args(["--max-loss", "0.05"])
-        .args(["--trial-seconds", "0.3", "--latency-seconds", "0.3"])
-        .args(["--rates", "2000", "--fractions", "0.1,0.5"])
-        .arg("--relay-bin")
-        .arg(&relay)
-        .arg("--out")
-        .arg(out.path())
-        .spawn()
-        .expect("running ferry-bench");
-    let pid = child.id();
-    let status = child.wait().expect("waiting for ferry-bench");
-    assert!(status.success(), "ferry-bench failed: {status}");
-    let text = std::fs::read_to_string(out.path().join("result.json")).expect("result.json");
-    let result: Value = serde_json::from_str(&text).expect("result.json is JSON");
-    schema::validate(&result).expect("result.json matches docs/bench-result.schema.json");
+    let BenchRun { out, pid, result } = run_bench(
+        "bench-quick",
+        &[
+            "run",
+            "--quick",
+            "--sessions",
+            "3",
+            "--search-steps",
+            "3",
+            // These tests check the report's mechanics, not the forwarders: on a loaded
+            // machine even the search's lowest trial can lose a few of its datagrams, so up to
+            // 5 % passes.
+            "--max-loss",
+            "0.05",
+            "--trial-seconds",
+            "0.3",
+            "--latency-seconds",
+            "0.3",
+            "--rates",
+            "2000",
+            "--fractions",
+            "0.1,0.5",
+        ],
+    );
     let summary = std::fs::read_to_string(out.path().join("summary.md")).expect("summary.md");
     assert!(summary.contains("| ferry |"));
     assert!(summary.contains("XDP ns/run"));
@@ -371,10 +403,9 @@ fn point_name(p: &Value) -> String {
 fn the_scale_and_flood_scenarios_bind_measure_and_count_the_guard() {
     require_root("the_scale_and_flood_scenarios_bind_measure_and_count_the_guard");
     let _alone = one_bench_at_a_time();
-    let relay = workspace_binary("ferry-relay", "ferry-relay").expect("building ferry-relay");
-    let out = ferry_testkit::temp_dir("bench-scale").expect("a temporary directory");
-    let status = Command::new(env!("CARGO_BIN_EXE_ferry-bench"))
-        .args([
+    let BenchRun { out, result, .. } = run_bench(
+        "bench-scale",
+        &[
             "run",
             "scale",
             "flood",
@@ -384,22 +415,20 @@ fn the_scale_and_flood_scenarios_bind_measure_and_count_the_guard() {
             "1,40",
             "--max-workers",
             "2",
-        ])
-        // Two halvings: the relay's receive processing shares its CPU with it, and a blast
-        // can leave the first halving above what that CPU forwards.
-        .args(["--search-steps", "2", "--trial-seconds", "0.3"])
-        .args(["--max-loss", "0.05"])
-        .args(["--latency-seconds", "0.3", "--flood-legit-rate", "1000"])
-        .arg("--relay-bin")
-        .arg(&relay)
-        .arg("--out")
-        .arg(out.path())
-        .status()
-        .expect("running ferry-bench");
-    assert!(status.success(), "ferry-bench failed: {status}");
-    let text = std::fs::read_to_string(out.path().join("result.json")).expect("result.json");
-    let result: Value = serde_json::from_str(&text).expect("result.json is JSON");
-    schema::validate(&result).expect("result.json matches docs/bench-result.schema.json");
+            // Two halvings: the relay's receive processing shares its CPU with it, and a blast
+            // can leave the first halving above what that CPU forwards.
+            "--search-steps",
+            "2",
+            "--trial-seconds",
+            "0.3",
+            "--max-loss",
+            "0.05",
+            "--latency-seconds",
+            "0.3",
+            "--flood-legit-rate",
+            "1000",
+        ],
+    );
     assert!(
         result["runs"].as_array().expect("runs").is_empty(),
         "scale, flood and workers measure no other path"
@@ -442,29 +471,30 @@ fn the_scale_and_flood_scenarios_bind_measure_and_count_the_guard() {
 fn behind_the_xdp_wire_every_path_forwards_and_ferry_answers() {
     require_root("behind_the_xdp_wire_every_path_forwards_and_ferry_answers");
     let _alone = one_bench_at_a_time();
-    let relay = workspace_binary("ferry-relay", "ferry-relay").expect("building ferry-relay");
-    let out = ferry_testkit::temp_dir("bench-wire").expect("a temporary directory");
-    let status = Command::new(env!("CARGO_BIN_EXE_ferry-bench"))
-        .args([
+    let BenchRun { out, result, .. } = run_bench(
+        "bench-wire",
+        &[
             "run",
             "rates",
             "--xdp-wire",
             "--paths",
             "direct,ferry,ferry-fast",
-        ])
-        .args(["--payloads", "64", "--sessions", "2", "--rates", "2000"])
-        .args(["--max-loss", "0.05", "--latency-seconds", "0.3"])
-        .args(["--trial-seconds", "0.3", "--probe-rate", "10"])
-        .arg("--relay-bin")
-        .arg(&relay)
-        .arg("--out")
-        .arg(out.path())
-        .status()
-        .expect("running ferry-bench");
-    assert!(status.success(), "ferry-bench failed: {status}");
-    let text = std::fs::read_to_string(out.path().join("result.json")).expect("result.json");
-    let result: Value = serde_json::from_str(&text).expect("result.json is JSON");
-    schema::validate(&result).expect("result.json matches docs/bench-result.schema.json");
+            "--payloads",
+            "64",
+            "--sessions",
+            "2",
+            "--rates",
+            "2000",
+            "--max-loss",
+            "0.05",
+            "--latency-seconds",
+            "0.3",
+            "--trial-seconds",
+            "0.3",
+            "--probe-rate",
+            "10",
+        ],
+    );
     let summary = std::fs::read_to_string(out.path().join("summary.md")).expect("summary.md");
     assert!(summary.contains("an XDP wire"), "the topology says so");
     let runs = result["runs"].as_array().expect("runs");
