@@ -1265,6 +1265,21 @@ mod fast_path {
     const RATES: [u64; 4] = [2_000, 4_000, 8_000, 16_000];
     const SIDS: [u64; 3] = [0x5101, 0x5202, 0x5303];
 
+    /// A pause after which every slot's budget is full, at every rate in [`RATES`]: its
+    /// burst over its rate, for the rate where that is longest. The smallest rate's burst is
+    /// two of the largest datagrams (2,944 bytes), which takes 1.47 s to refill at 2,000
+    /// bytes a second.
+    const FILL_EVERY_BUDGET: Duration = Duration::from_millis(1_500);
+
+    #[test]
+    fn the_pause_before_a_reload_fills_every_budget() {
+        for rate in RATES {
+            let fill =
+                Duration::from_secs_f64(SessionLimits::slot_burst(rate) as f64 / rate as f64);
+            assert!(fill <= FILL_EVERY_BUDGET, "{rate} B/s refills in {fill:?}");
+        }
+    }
+
     fn addr(i: usize) -> SocketAddr {
         match i {
             6 => SocketAddr::new(
@@ -1411,7 +1426,7 @@ mod fast_path {
                         // and the program's meter agree exactly. (Mid-burst, the meter
                         // carries over in whole bytes, rounding down: it may then refuse a
                         // fraction of a byte the relay would admit, never the reverse.)
-                        f.now += Duration::from_millis(1100);
+                        f.now += FILL_EVERY_BUDGET;
                         let now = f.now;
                         f.table.set_limits(limits(RATES[rate]), now);
                     }
