@@ -1,0 +1,884 @@
+"""The checks .ci/interop/run runs, each a function of `Live` (docs/protocol.md and
+docs/gateway-api.md are the only source of what they expect)."""
+
+import base64
+import ipaddress
+import os
+import socket
+import struct
+import subprocess
+import time
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+import ferry_wire as w
+from ferry_gateway import GatewayClient, Grant, http_request, metric, metrics, read_public_key_file
+from ferry_peer import ProtocolError, RelayPeer, random_session_id
+
+
+def raw_public(private):
+    return private.public_key().public_bytes(serialization.Encoding.Raw,
+                                             serialization.PublicFormat.Raw)
+
+
+def b64(data):
+    return base64.b64encode(data).decode()
+
+
+class CheckFailed(Exception):
+    pass
+
+
+def need(condition, message):
+    if not condition:
+        raise CheckFailed(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Appendix A
+
+
+def selftest():
+    r_priv = X25519PrivateKey.from_private_bytes(b"\x01" * 32)
+    relay_pub = raw_public(r_priv)
+    need(relay_pub.hex() == "a4e09292b651c278b9772c569f5fa9bb13d906b46ab68c9df9dc2b4409f8a209",
+         "relay public key")
+    need(raw_public(Ed25519PrivateKey.from_private_bytes(b"\x02" * 32)).hex() ==
+         "8139770ea87d175f56a35466c34c7ecccb8d8a91b4ee37a25df60f5b8fc9b394", "gateway key")
+    token = w.mint_token(b"\x02" * 32, kid=7, slot=1, token_id=b"\x33" * 16, relay_id=77,
+                         session_id=0x12345678, nbf=1000, exp=2000, rate=125000,
+                         slot_secret=b"\x11" * 32, relay_public=relay_pub,
+                         ephemeral_private=b"\x22" * 32)
+    need(token[:64].hex() == "010100000000000733333333333333333333333333333333000000000000004d"
+         "000000001234567800000000000003e800000000000007d0000000000001e848", "token claims")
+    need(token[64:96].hex() ==
+         "0faa684ed28867b97f4a6a2dee5df8ce974e76b7018e3f22a1c4cf2678570f20", "token E")
+    need(token[96:144].hex() == "74f2d5c60f65242918313ebcb9db67765eef016ace4e79df8a9ac67ddd6a5f38"
+         "aeff103447cbb9fac12b9dd324696701", "sealed slot secret")
+    need(token[144:].hex() == "bd72fe5a85188783c2db750125779aafc7a2a5d488021f7356ee51e438ed33f6"
+         "f7c0a0848ce1f8e7ae6e07d22570507ab12da10c14cd388e20a4385227518601", "token signature")
+    k_peer, k_relay = w.slot_keys(b"\x11" * 32)
+    need(w.rebind_packet(0x12345678, 1, 2, b"\x44" * 16, k_peer).hex() ==
+         "465201070000000012345678002c0000010000000000000000000002"
+         "44444444444444444444444444444444efe71721526822bbd6a0a2fb5c308da3", "REBIND proof")
+    body = struct.pack(">BBHIQQ", 1, 1, 0, 60, 2, 2000)
+    head = w.header(w.BIND_ACK, 0x12345678, 40)
+    need((head + body + w.mac(k_relay, head + body)).hex() ==
+         "46520103000000001234567800280000010100000000003c"
+         "000000000000000200000000000007d069e865386c954704d51f0d795bef25b1", "BIND-ACK MAC")
+    mapped = ipaddress.ip_address("::ffff:198.18.0.1").packed
+    k_window, c4 = w.cookie(b"\x55" * 32, 1_800_000_000, 0x12345678, 1, mapped, 4000)
+    need(k_window.hex() == "3a1fb2811a606601305b9481772f99e2", "K_window")
+    need(c4.hex() == "662afc3662180fa821d0329859ff865a", "IPv4 cookie")
+    _, c6 = w.cookie(b"\x55" * 32, 1_800_000_000, 0x12345678, 1,
+                     ipaddress.ip_address("2001:db8::1").packed, 4000)
+    need(c6.hex() == "bd4c489d281155c87616ab75ff671eda", "IPv6 cookie")
+
+
+# ---------------------------------------------------------------------------------------------
+# The live checks
+
+
+class Live:
+    """Everything the checks share: the environment, clients, and the main session."""
+
+    def __init__(self, env):
+        self.env = env
+        self.gw = GatewayClient(env["gateway"], env["ca"])
+        with open(env["api_key_file"]) as f:
+            self.api_key = f.read().strip()
+        with open(env["join_only_key_file"]) as f:
+            self.join_only_key = f.read().strip()
+        self.gateway_public = read_public_key_file(env["gateway_public_key_file"],
+                                                   "gateway-ed25519")
+        self.relay_public = read_public_key_file(env["relay_public_key_file"], "relay-x25519")
+        with open(env["mint_key_file"], "rb") as f:
+            self.mint_seed = f.read()
+        self.relay_v4 = env["relay_v4"]
+        self.relay_v6 = env["relay_v6"]
+        self.lifetime = env.get("token_lifetime_secs", 300)
+        self.skew = env["max_clock_skew_secs"]
+        self.idle = env["idle_timeout_secs"]
+        self.a_identity = X25519PrivateKey.generate()
+        self.b_identity = X25519PrivateKey.generate()
+        self.main = {}  # the main session's grants and peers
+        self.peers = []  # every RelayPeer made, for the last check
+
+    # -- helpers --------------------------------------------------------------------------
+    def relay_metrics(self):
+        return metrics(self.env["relay_admin"])
+
+    def wait_metric(self, before, name, delta=1, timeout=3.0, **labels):
+        """Waits until the relay's counter grew by at least `delta` since `before`."""
+        start = metric(before, name, **labels)
+        deadline = time.monotonic() + timeout
+        while True:
+            now = metric(self.relay_metrics(), name, **labels)
+            if now >= start + delta:
+                return now - start
+            if time.monotonic() > deadline:
+                label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+                raise CheckFailed(f"{name}{{{label_text}}} grew by {now - start:g}, expected "
+                                  f"at least {delta}")
+            time.sleep(0.05)
+
+    def session(self, expect_peer=True):
+        """A session made through the gateway: (create grant, join grant)."""
+        a_key, b_key = b64(raw_public(self.a_identity)), b64(raw_public(self.b_identity))
+        created = self.gw.create(self.api_key, peer_public_key=a_key,
+                                 expected_peer=b_key if expect_peer else None)
+        need(created.status == 201, f"create: {created}")
+        doc = created.json()
+        joined = self.gw.join(self.api_key, doc["join_code"], peer_public_key=b_key)
+        need(joined.status == 200, f"join: {joined}")
+        return Grant(doc), Grant(joined.json())
+
+    def peer(self, grant, relay=None, name="peer"):
+        return RelayPeer(relay or self.relay_v4, grant.session_id, grant.slot, grant.token.raw,
+                         grant.slot_secret, name=name)
+
+    def bound_pair(self):
+        """A session with both slots bound (A over IPv4, B over IPv6)."""
+        ga, gb = self.session()
+        a, b = self.peer(ga, name="A"), self.peer(gb, self.relay_v6, name="B")
+        for p in (a, b):
+            ack, _ = p.bind()
+            need(ack.type == w.BIND_ACK, f"{p.name}'s BIND: {ack.name()}")
+        notice = a.expect(w.BIND_ACK, 2.0)
+        need(notice is not None, "no peer-present notice")
+        return ga, gb, a, b
+
+    def mint(self, session_id, slot, *, kid=None, relay_id=None, nbf=None, exp=None,
+             flags=0, slot_secret=None, relay_public=None, token_id=None, seed=None):
+        now = int(time.time())
+        nbf = now - 5 if nbf is None else nbf
+        slot_secret = slot_secret or os.urandom(32)
+        token = w.mint_token(seed or self.mint_seed, kid=self.env["mint_kid"] if kid is None
+                             else kid, slot=slot, token_id=token_id or os.urandom(16),
+                             relay_id=self.env["relay_id"] if relay_id is None else relay_id,
+                             session_id=session_id, nbf=nbf,
+                             exp=nbf + 120 if exp is None else exp, rate=0,
+                             slot_secret=slot_secret,
+                             relay_public=relay_public or self.relay_public, flags=flags)
+        return token, slot_secret
+
+    def quiet(self, peer):
+        """Asserts the relay sent `peer` nothing in answer to what it sent so far: a marker
+        request (a BIND without a cookie for a made-up session, which always gets a CHALLENGE
+        first, §7) must get the first datagram that arrives. With one relay worker the relay
+        handles one source's datagrams in order, so an answer to the earlier datagram would
+        arrive before the marker's CHALLENGE."""
+        sid = random_session_id()
+        token, secret = self.mint(sid, 0)
+        peer.send(w.bind_packet(sid, 0, 1, bytes(16), token, w.slot_keys(secret)[0]))
+        before_marker = []
+        deadline = time.monotonic() + 3.0
+        while True:
+            p = peer.recv(deadline - time.monotonic())
+            need(p is not None, "the marker BIND got no CHALLENGE within 3 s")
+            if p.type == w.CHALLENGE and p.session_id == sid:
+                break
+            before_marker.append(p)
+        need(not before_marker, "the relay answered: " + ", ".join(
+            f"{p.name()} for session {p.session_id:#x}" for p in before_marker))
+
+
+def expect_reject(answer, reason, what):
+    need(answer.type == w.REJECT, f"{what}: {answer.name()}, expected REJECT "
+         f"{w.REJECT_NAMES[reason]}")
+    need(answer.reason == reason, f"{what}: REJECT {w.REJECT_NAMES[answer.reason]}, expected "
+         f"{w.REJECT_NAMES[reason]}")
+    # (the authenticated flag and MAC are checked by RelayPeer against §3.4)
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Gateway (docs/gateway-api.md)
+
+
+def gateway_create_join(live):
+    a_key, b_key = b64(raw_public(live.a_identity)), b64(raw_public(live.b_identity))
+    created = live.gw.create(live.api_key, peer_public_key=a_key, expected_peer=b_key)
+    need(created.status == 201, f"create: {created}")
+    need(created.headers.get("content-type", "").startswith("application/json"),
+         f"create answered Content-Type {created.headers.get('content-type')!r}")
+    doc = created.json()
+    want = Grant.FIELDS_COMMON | {"join_code", "join_code_expires_at"}
+    need(set(doc) == want, f"create answer fields {sorted(doc)}, documented {sorted(want)}")
+    ga = Grant(doc)
+    need(ga.slot == 0, "create gave slot B")
+    problems = ga.consistency_problems(live.gateway_public, live.lifetime)
+    need(not problems, "create: " + "; ".join(problems))
+    need(ga.relay_public_key == live.relay_public, "relay.public_key is not the relay's key")
+    need(ga.relay_address == live.relay_v4, f"relay.address {ga.relay_address}")
+    need(ga.relay_id == live.env["relay_id"], f"relay.id {ga.relay_id}")
+    need(ga.expected_peer == b_key, f"expected_peer_public_key {ga.expected_peer!r}")
+    code = doc["join_code"]
+    need(len(code) == 26 and set(code) <= set("abcdefghijklmnopqrstuvwxyz234567"),
+         f"join code {code!r} is not 26 of a-z2-7")
+    now = time.time()
+    need(abs(doc["join_code_expires_at"] - (now + 120)) <= 5,
+         f"join_code_expires_at is {doc['join_code_expires_at'] - now:.0f} s away, default 120")
+    need(abs(ga.not_before - now) <= 5, f"not_before {ga.not_before - now:.0f} s from now")
+
+    joined = live.gw.join(live.api_key, code, peer_public_key=b_key)
+    need(joined.status == 200, f"join: {joined}")
+    jdoc = joined.json()
+    need(set(jdoc) == Grant.FIELDS_COMMON, f"join answer fields {sorted(jdoc)}")
+    gb = Grant(jdoc)
+    need(gb.slot == 1 and gb.session_id == ga.session_id, "join: other slot or session")
+    problems = gb.consistency_problems(live.gateway_public, live.lifetime)
+    need(not problems, "join: " + "; ".join(problems))
+    need(gb.expected_peer == a_key, "join: expected_peer_public_key is not the creator's key")
+    need(gb.token.token_id != ga.token.token_id, "both slots' tokens have the same token id")
+    need(gb.slot_secret != ga.slot_secret, "both slots have the same slot secret")
+    again = live.gw.join(live.api_key, code, peer_public_key=b_key)
+    need(again.status == 404 and again.error() == "invalid_join_code",
+         f"a second join with the code: {again}")
+    live.main.update(ga=ga, gb=gb)
+
+
+def gateway_errors(live):
+    gw = live.gw
+    a_key = b64(raw_public(live.a_identity))
+    cases = []
+    no_auth = gw.call("POST", "/v1/sessions", doc={})
+    cases.append(("no Authorization", no_auth, 401, "unauthorized"))
+    need(no_auth.headers.get("www-authenticate", "").startswith("Bearer"),
+         "401 without WWW-Authenticate: Bearer")
+    wrong = live.api_key[:-1] + ("A" if live.api_key[-1] != "A" else "B")
+    cases.append(("a wrong secret", gw.call("POST", "/v1/sessions", api_key=wrong, doc={}),
+                  401, "unauthorized"))
+    cases.append(("no Content-Type", gw.call("POST", "/v1/sessions", api_key=live.api_key,
+                                             raw_body=b"{}", content_type=None),
+                  415, "unsupported_media_type"))
+    cases.append(("a JSON array body", gw.call("POST", "/v1/sessions", api_key=live.api_key,
+                                               raw_body=b"[]"), 400, "bad_request"))
+    cases.append(("an unknown field", gw.call("POST", "/v1/sessions", api_key=live.api_key,
+                                              doc={"colour": "red"}), 400, "bad_request"))
+    cases.append(("a null field", gw.call("POST", "/v1/sessions", api_key=live.api_key,
+                                          doc={"realm": None}), 400, "bad_request"))
+    cases.append(("a bad public key", gw.call("POST", "/v1/sessions", api_key=live.api_key,
+                                              doc={"peer_public_key": "abc"}),
+                  400, "bad_request"))
+    cases.append(("a join-only key creating", gw.create(live.join_only_key), 403, "forbidden"))
+    cases.append(("a malformed join code", gw.join(live.api_key, "not-a-code"), 404,
+                  "invalid_join_code"))
+    cases.append(("GET on a POST route", gw.call("GET", "/v1/sessions"), 405,
+                  "method_not_allowed"))
+    cases.append(("an unknown path", gw.call("GET", "/v1/nothing-here"), 404, "not_found"))
+    cases.append(("renew: a session id that is not 16 hex digits",
+                  gw.call("POST", "/v1/sessions/renew", api_key=live.api_key,
+                          doc={"session_id": "XYZ", "slot": "A"}), 400, "bad_request"))
+    cases.append(("renew: slot C", gw.call("POST", "/v1/sessions/renew", api_key=live.api_key,
+                                           doc={"session_id": "0123456789abcdef", "slot": "C"}),
+                  400, "bad_request"))
+    cases.append(("renew: an unknown session", live.gw.renew(live.api_key, 0x0123456789abcdef,
+                                                             0), 404, "not_found"))
+    minimal = gw.call("POST", "/v1/sessions", api_key=live.api_key, doc={})
+    cases.append(("create with {} (every field optional)", minimal, 201, None))
+    if minimal.status == 201:
+        sid = int(minimal.json()["session_id"], 16)
+        cases.append(("renew of slot A by a key that did not take it",
+                      gw.renew(live.join_only_key, sid, 0), 404, "not_found"))
+        cases.append(("renew of slot B before anyone joined", gw.renew(live.api_key, sid, 1),
+                      404, "not_found"))
+    # The creator names B's key; a join claiming another key is refused and the code survives.
+    b_key = b64(raw_public(live.b_identity))
+    expecting = gw.create(live.api_key, peer_public_key=a_key, expected_peer=b_key)
+    need(expecting.status == 201, f"create: {expecting}")
+    code = expecting.json()["join_code"]
+    other = b64(raw_public(X25519PrivateKey.generate()))
+    cases.append(("a join with another key than expected", gw.join(live.api_key, code, other),
+                  403, "peer_identity_mismatch"))
+    cases.append(("the join code after a refused join", gw.join(live.join_only_key, code, b_key),
+                  200, None))
+    bad = []
+    for what, answer, status, code in cases:
+        if answer.status != status or (code is not None and answer.error() != code):
+            bad.append(f"{what}: {answer.status} {answer.body[:80]!r}, documented {status} "
+                       f"{code or ''}")
+        elif code is not None:
+            if not answer.headers.get("content-type", "").startswith("application/json") or \
+                    answer.json() != {"error": code}:
+                bad.append(f"{what}: the body is {answer.body!r}, documented {{\"error\": code}}")
+    allow = gw.call("GET", "/v1/sessions").headers.get("allow")
+    if allow != "POST":
+        bad.append(f"405 with Allow {allow!r}, documented `Allow: POST`")
+    need(not bad, "; ".join(bad))
+
+
+def gateway_renew(live):
+    ga = live.main["ga"]
+    answer = live.gw.renew(live.api_key, ga.session_id, 0)
+    need(answer.status == 200, f"renew: {answer}")
+    doc = answer.json()
+    need(set(doc) == Grant.FIELDS_COMMON, f"renew answer fields {sorted(doc)}")
+    fresh = Grant(doc)
+    problems = fresh.consistency_problems(live.gateway_public, live.lifetime)
+    need(not problems, "renew: " + "; ".join(problems))
+    need(fresh.session_id == ga.session_id and fresh.slot == 0 and
+         fresh.relay_id == ga.relay_id, "renew: another session, slot or relay")
+    need(fresh.token.token_id != ga.token.token_id, "renew: the same token id")
+    need(fresh.slot_secret != ga.slot_secret, "renew: the same slot secret")
+    need(fresh.expected_peer == ga.expected_peer, "renew: another expected_peer_public_key")
+    live.main["ga_renewed"] = fresh
+
+
+# ---------------------------------------------------------------------------------------------
+# The relay layer, one session through its life (docs/protocol.md §3, §5, §6, §7)
+
+
+def main_peers(live):
+    need("ga" in live.main, "depends on the gateway's create and join")
+    return live.main["ga"], live.main["gb"]
+
+
+def relay_bind_a(live):
+    ga, _ = main_peers(live)
+    before = live.relay_metrics()
+    a = live.peer(ga, name="A")
+    live.peers.append(a)
+    ack, challenges = a.bind()
+    need(len(challenges) == 1, f"{len(challenges)} CHALLENGEs to a first BIND with a zero cookie")
+    c = challenges[0]
+    need(len(c.raw) == 40 and c.raw[:16] == w.header(w.CHALLENGE, ga.session_id, 24),
+         f"CHALLENGE header {c.raw[:16].hex()}")
+    need(ack.type == w.BIND_ACK, f"BIND with the cookie: {ack.name()}")
+    need(len(ack.raw) == 56 and ack.raw[:16] == w.header(w.BIND_ACK, ga.session_id, 40),
+         f"BIND-ACK header {ack.raw[:16].hex()}")
+    need(ack.peer_present == 0, "peer present 1 with slot B free")
+    need(ack.idle_timeout == live.idle, f"idle timeout {ack.idle_timeout}, config {live.idle}")
+    live.wait_metric(before, "ferry_challenges_total")
+    live.wait_metric(before, "ferry_binds_accepted_total")
+    live.wait_metric(before, "ferry_sessions_opened_total")
+    live.main["a"] = a
+
+
+def relay_bind_b_v6(live):
+    _, gb = main_peers(live)
+    a = live.main["a"]
+    before = live.relay_metrics()
+    b = live.peer(gb, live.relay_v6, name="B")
+    live.peers.append(b)
+    ack, challenges = b.bind()
+    need(ack.type == w.BIND_ACK, f"B's BIND over IPv6: {ack.name()}")
+    need(len(challenges) == 1, "B's first BIND was not challenged")
+    need(ack.peer_present == 1, "B's BIND-ACK says peer present 0 with slot A bound")
+    notice = a.expect(w.BIND_ACK, 2.0)
+    need(notice is not None, "A got no peer-present notice when B bound")
+    a.check_notice(notice)
+    need(notice.idle_timeout == live.idle and notice.expires_at == a.expires_at,
+         "the notice's idle timeout or expires-at differs from A's BIND-ACK")
+    live.wait_metric(before, "ferry_notices_total", kind="peer_present")
+    live.main["b"] = b
+
+
+def relay_data(live):
+    a, b = live.main["a"], live.main["b"]
+    before = live.relay_metrics()
+    sent = 0
+    for src, dst, body in ((a, b, b"hello B"), (b, a, b"hello A"),
+                           (a, b, os.urandom(w.MAX_DATA_BODY)), (b, a, b"\x00")):
+        datagram = w.data_packet(src.session_id, body)
+        src.send(datagram)
+        sent += len(datagram)
+        p = dst.expect(w.DATA, 2.0)
+        need(p is not None, f"{src.name} → {dst.name}: nothing forwarded")
+        need(p.raw == datagram, f"{src.name} → {dst.name}: the datagram changed on the way")
+    live.wait_metric(before, "ferry_forwarded_packets_total", 4)
+    live.wait_metric(before, "ferry_forwarded_bytes_total", sent)
+
+
+def relay_keepalive(live):
+    before = live.relay_metrics()
+    for p in (live.main["a"], live.main["b"]):
+        need(p.keepalive() is not None, f"{p.name}'s KEEPALIVE was not echoed")
+    live.wait_metric(before, "ferry_keepalives_total", 2)
+
+
+def relay_retransmission(live):
+    """§3.1: the same BIND again (number ≥ last) is acknowledged again; a lower one REPLAYED."""
+    a = live.main["a"]
+    before = live.relay_metrics()
+    seq = a.last_acked
+
+    def same(n, cookie):
+        return w.bind_packet(a.session_id, a.slot, n, cookie, a.token, a.k_peer)
+    ack = a.request(same, seq)
+    need(ack is not None and ack.type == w.BIND_ACK, f"a retransmitted BIND: {ack and ack.name()}")
+    need(ack.peer_present == 1, "retransmission's BIND-ACK says peer present 0")
+    live.wait_metric(before, "ferry_binds_accepted_total")
+    old = a.request(same, seq - 1)
+    need(old is not None, "no answer to a BIND with a number below last")
+    expect_reject(old, w.REPLAYED, "the bound token with a lower number")
+    live.wait_metric(before, "ferry_binds_rejected_total", reason="replayed")
+
+
+def relay_rebind(live):
+    """§3.7: a NAT rebinding; the REBIND from the new port is challenged, then moves the slot."""
+    a, b = live.main["a"], live.main["b"]
+    before = live.relay_metrics()
+    old_sock = a.sock
+    a.sock = None
+    a.new_socket()
+    try:
+        ack, challenges = a.rebind()
+        need(len(challenges) == 1, "a REBIND from a new port was not challenged")
+        need(ack.type == w.BIND_ACK, f"REBIND: {ack.name()}")
+        need(ack.peer_present == 1, "REBIND's BIND-ACK says peer present 0")
+        live.wait_metric(before, "ferry_rebinds_accepted_total")
+        b.send_data(b"to A's new port")
+        p = a.expect(w.DATA, 2.0)
+        need(p is not None and p.body == b"to A's new port", "B → A after the rebind: lost")
+        a.send_data(b"from A's new port")
+        p = b.expect(w.DATA, 2.0)
+        need(p is not None and p.body == b"from A's new port", "A → B after the rebind: lost")
+        old_sock.sendto(w.data_packet(a.session_id, b"from the old port"), a.relay)
+        live.quiet(b)
+        live.wait_metric(before, "ferry_drops_total", reason="data_unbound")
+    finally:
+        old_sock.close()
+
+
+def relay_rebind_refusals(live):
+    a, b = live.main["a"], live.main["b"]
+    before = live.relay_metrics()
+
+    def stale(n, cookie):
+        return w.rebind_packet(a.session_id, a.slot, n, cookie, a.k_peer)
+    answer = a.request(stale, a.last_acked)
+    need(answer is not None, "no answer to a REBIND with number = last")
+    expect_reject(answer, w.REPLAYED, "REBIND with number = last")
+
+    def forged(n, cookie):
+        return w.rebind_packet(a.session_id, a.slot, n, cookie, os.urandom(32))
+    answer = a.request(forged, a.next_seq())
+    need(answer is not None, "no answer to a REBIND with a bad proof")
+    expect_reject(answer, w.BAD_PROOF, "REBIND with a bad proof")
+    # B moving its slot to A's address: SESSION_FULL (one address, one slot).
+    b_on_a = RelayPeer(live.relay_v4, b.session_id, b.slot, b.token, b.slot_secret, name="B@A")
+    b_on_a.close_socket()
+    b_on_a.sock = a.sock
+    b_on_a.seq = b.seq
+    answer, _ = b_on_a.rebind()
+    b.seq = b_on_a.seq
+    need(answer.type == w.REJECT, f"B's REBIND from A's address: {answer.name()}")
+    expect_reject(answer, w.SESSION_FULL, "B's REBIND from A's address")
+    live.wait_metric(before, "ferry_binds_rejected_total", reason="session_full")
+    live.wait_metric(before, "ferry_binds_rejected_total", reason="bad_proof")
+    # Nothing changed: DATA still flows both ways.
+    a.send_data(b"still bound")
+    need(b.expect(w.DATA, 2.0) is not None, "A → B lost after the refused REBINDs")
+
+
+def relay_bind_refusals(live):
+    """§7: the slot state rows of the BIND table."""
+    a, b = live.main["a"], live.main["b"]
+    gb = live.main["gb"]
+    before = live.relay_metrics()
+    # B's token from A's address: the source holds the session's other slot.
+    b_on_a = RelayPeer(live.relay_v4, b.session_id, 1, b.token, b.slot_secret, name="B@A")
+    b_on_a.close_socket()
+    b_on_a.sock = a.sock
+    answer, _ = b_on_a.bind()
+    expect_reject(answer, w.SESSION_FULL, "B's bound token from A's address")
+    # B's bound token from a third address: REPLAYED.
+    thief = RelayPeer(live.relay_v4, b.session_id, 1, b.token, b.slot_secret, name="B-elsewhere")
+    live.peers.append(thief)
+    answer, _ = thief.bind()
+    expect_reject(answer, w.REPLAYED, "B's bound token from another address")
+    # A fresh token for slot B (the gateway renews it) from a third address: SESSION_FULL.
+    renewed = live.gw.renew(live.api_key, gb.session_id, 1)
+    need(renewed.status == 200, f"renew of slot B: {renewed}")
+    fresh = Grant(renewed.json())
+    other = RelayPeer(live.relay_v4, b.session_id, 1, fresh.token.raw, fresh.slot_secret,
+                      name="B-fresh-elsewhere")
+    live.peers.append(other)
+    answer, _ = other.bind()
+    expect_reject(answer, w.SESSION_FULL, "a fresh slot-B token from another address")
+    live.wait_metric(before, "ferry_binds_rejected_total", 2, reason="session_full")
+    live.wait_metric(before, "ferry_binds_rejected_total", reason="replayed")
+    live.main["gb_fresh"] = fresh
+
+
+def relay_renewal(live):
+    """§3.1 *Renewal*: a BIND with a fresh token from the bound address replaces the binding;
+    its answer comes under the fresh K_relay. B renews with the token the previous check's
+    refused BIND presented (a REJECTed BIND changes no token-cache state, §7)."""
+    a, b = live.main["a"], live.main["b"]
+    need("ga_renewed" in live.main and "gb_fresh" in live.main, "depends on earlier renewals")
+    before = live.relay_metrics()
+    for peer, fresh in ((a, live.main["ga_renewed"]), (b, live.main["gb_fresh"])):
+        old_expiry = peer.expires_at
+        ack, challenges = peer.bind(token=fresh.token.raw, slot_secret=fresh.slot_secret)
+        need(ack.type == w.BIND_ACK, f"{peer.name}'s renewal: {ack.name()}")
+        need(not challenges, f"{peer.name}'s renewal was challenged with a valid cookie")
+        need(ack.expires_at == fresh.expires_at and ack.expires_at >= old_expiry,
+             "the renewal's expires-at is not the fresh token's exp")
+        need(ack.peer_present == 1, "renewal's BIND-ACK says peer present 0")
+    live.wait_metric(before, "ferry_binds_accepted_total", 2)
+    need(metric(live.relay_metrics(), "ferry_notices_total", kind="peer_present") ==
+         metric(before, "ferry_notices_total", kind="peer_present"),
+         "a renewal sent a peer-present notice (§3.3: only when a free slot is bound)")
+    a.send_data(b"after renewal")
+    need(b.expect(w.DATA, 2.0) is not None, "A → B lost after the renewals")
+    need(a.keepalive() is not None, "no KEEPALIVE echo after the renewal")
+
+
+def relay_close_refusals(live):
+    a, b = live.main["a"], live.main["b"]
+    before = live.relay_metrics()
+    # A bad MAC, then a stale number: both dropped as bad_close, unanswered.
+    forged = w.close_packet(a.session_id, a.slot, a.seq + 1000, os.urandom(32))
+    a.send(forged)
+    stale = w.close_packet(a.session_id, a.slot, a.last_acked, a.k_peer)
+    a.send(stale)
+    live.quiet(a)
+    live.quiet(b)
+    live.wait_metric(before, "ferry_drops_total", 2, reason="bad_close")
+    # A CLOSE with reason 1 from a peer: malformed (body rule 7).
+    a.send(w.close_packet(a.session_id, a.slot, a.seq + 2000, a.k_peer, reason=w.EXPIRED))
+    live.quiet(a)
+    live.wait_metric(before, "ferry_malformed_total", rule="body")
+    a.send_data(b"still bound")
+    need(b.expect(w.DATA, 2.0) is not None, "the session did not survive the refused CLOSEs")
+
+
+def relay_close(live):
+    """§3.8: a CLOSE from any address ends the session; the other peer gets PEER_CLOSED."""
+    a, b = live.main["a"], live.main["b"]
+    before = live.relay_metrics()
+    elsewhere = RelayPeer(live.relay_v4, a.session_id, a.slot, a.token, a.slot_secret,
+                          name="A-elsewhere")
+    live.peers.append(elsewhere)
+    elsewhere.k_peer = a.k_peer
+    close = elsewhere.close(seq=a.next_seq())
+    p = b.expect(w.CLOSE, 2.0)
+    need(p is not None, "B got no CLOSE after A's")
+    b.check_relay_close(p, w.PEER_CLOSED)
+    need(len(p.raw) == 44, f"the relay's CLOSE is {len(p.raw)} bytes")
+    live.quiet(a)
+    live.quiet(elsewhere)
+    live.wait_metric(before, "ferry_closes_total")
+    live.wait_metric(before, "ferry_notices_total", kind="peer_closed")
+    live.wait_metric(before, "ferry_sessions_closed_total")
+    # The session is gone: B's KEEPALIVE is not echoed, a resent CLOSE is bad_close.
+    need(b.keepalive(timeout=0.5) is None, "B's KEEPALIVE echoed after the session closed")
+    live.wait_metric(before, "ferry_drops_total", reason="keepalive_unbound")
+    elsewhere.send(close)
+    live.quiet(elsewhere)
+    live.wait_metric(before, "ferry_drops_total", reason="bad_close")
+    # A's token bound once: used again it is REPLAYED (authenticated), even with the session gone.
+    answer, _ = a.bind(token=a.token, slot_secret=a.slot_secret)
+    expect_reject(answer, w.REPLAYED, "a spent token after CLOSE")
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals the docs define answers for
+
+
+def malformed_headers(live):
+    """§2.1: every rule broken once; no answer, counted by rule; §3 body rules; §7 relay-only
+    types."""
+    sock = RelayPeer(live.relay_v4, random_session_id(), 0, bytes(208), bytes(32), name="junk")
+    live.peers.append(sock)
+    sid = random_session_id()
+    ka = w.keepalive_packet(sid)
+    token, secret = live.mint(sid, 0)
+    k_peer = w.slot_keys(secret)[0]
+    cases = [
+        ("too_short", ka[:10]),
+        ("too_long", w.header(w.DATA, sid, w.MAX_DATA_BODY + 1) + bytes(w.MAX_DATA_BODY + 1)),
+        ("bad_magic", w.header(w.KEEPALIVE, sid, 0, magic=b"FS")),
+        ("bad_version", w.header(w.KEEPALIVE, sid, 0, version=2)),
+        ("unknown_type", w.header(9, sid, 0)),
+        ("zero_session", w.header(w.KEEPALIVE, 0, 0)),
+        ("reserved_non_zero", w.header(w.KEEPALIVE, sid, 0, reserved=1)),
+        ("length_mismatch", ka + b"\0"),
+        ("body_length_out_of_range", w.header(w.KEEPALIVE, sid, 1) + b"\0"),
+        ("body", w.bind_packet(sid, 0, 1, bytes(16), token, k_peer, reserved=1)),
+        ("body", w.bind_packet(sid, 0, 1, bytes(16), token, k_peer, token_len=207)),
+        ("body", w.bind_packet(sid, 2, 1, bytes(16), token, k_peer)),
+        ("body", w.header(w.REBIND, sid, 44) + bytes([0, 1, 0, 0]) + bytes(40)),
+    ]
+    bad = []
+    for rule, datagram in cases:
+        before = live.relay_metrics()
+        sock.send(datagram)
+        try:
+            live.quiet(sock)
+            live.wait_metric(before, "ferry_malformed_total", rule=rule)
+            live.wait_metric(before, "ferry_drops_total", reason="malformed")
+        except CheckFailed as e:
+            bad.append(f"{rule} ({datagram[:16].hex()}…): {e}")
+    # Types only the relay sends, well-formed: unexpected_type.
+    for ptype, body in ((w.CHALLENGE, bytes(8) + os.urandom(16)),
+                        (w.BIND_ACK, bytes(40)), (w.REJECT, bytes([1, 0, 0, 0]) + bytes(24))):
+        before = live.relay_metrics()
+        sock.send(w.packet(ptype, sid, body))
+        try:
+            live.quiet(sock)
+            live.wait_metric(before, "ferry_drops_total", reason="unexpected_type")
+        except CheckFailed as e:
+            bad.append(f"{w.TYPE_NAMES[ptype]} sent to the relay: {e}")
+    need(not bad, "; ".join(bad))
+
+
+def cookies(live):
+    """§5: a BIND without a cookie valid for its source address gets a CHALLENGE."""
+    sid = random_session_id()
+    token, secret = live.mint(sid, 0)
+    one = RelayPeer(live.relay_v4, sid, 0, token, secret, name="cookie-1")
+    two = RelayPeer(live.relay_v4, sid, 0, token, secret, name="cookie-2")
+    live.peers += [one, two]
+
+    def challenge(peer, cookie):
+        seq = peer.next_seq()
+        peer.cookie = cookie
+        p = peer.request(lambda n, c: w.bind_packet(sid, 0, n, c, token, peer.k_peer), seq)
+        need(p is not None, "no answer")
+        return p
+    first = challenge(one, bytes(16))
+    need(first.type == w.CHALLENGE, f"a zero cookie: {first.name()}")
+    p = challenge(one, os.urandom(16))
+    need(p.type == w.CHALLENGE, f"a made-up cookie: {p.name()}")
+    p = challenge(two, first.cookie)
+    need(p.type == w.CHALLENGE, f"another address's cookie: {p.name()}")
+    need(p.cookie != first.cookie, "two source ports got the same cookie")
+    # Another slot of the same session from the same address: the cookie covers the slot.
+    other_slot = w.bind_packet(sid, 1, one.next_seq(), first.cookie, token, one.k_peer)
+    one.send(other_slot)
+    p = one.expect(w.CHALLENGE, 2.0)
+    need(p is not None, "a cookie of slot A used for slot B was not challenged")
+    # And the valid cookie is accepted, with a new number (§3.2).
+    p = challenge(one, first.cookie)
+    need(p.type == w.BIND_ACK, f"the valid cookie: {p.name()}")
+    one.close(seq=one.next_seq())
+
+
+def bad_proof(live):
+    before = live.relay_metrics()
+    sid = random_session_id()
+    token, secret = live.mint(sid, 0)
+    peer = RelayPeer(live.relay_v4, sid, 0, token, os.urandom(32), name="bad-proof")
+    live.peers.append(peer)
+    answer, _ = peer.bind()
+    expect_reject(answer, w.BAD_PROOF, "a BIND whose proof is under another key")
+    need(answer.mac == bytes(16) and answer.authenticated == 0, "BAD_PROOF authenticated")
+    need(len(answer.raw) == 44, f"REJECT is {len(answer.raw)} bytes, documented 44")
+    live.wait_metric(before, "ferry_binds_rejected_total", reason="bad_proof")
+    # The token was not spent: the same token with the right proof binds.
+    right = RelayPeer(live.relay_v4, sid, 0, token, secret, name="right-proof")
+    live.peers.append(right)
+    answer, _ = right.bind()
+    need(answer.type == w.BIND_ACK, f"the token after a BAD_PROOF: {answer.name()}")
+    right.close()
+
+
+def token_refusals(live):
+    """§4.2 steps 1–10 and their REJECT reasons (tokens minted with a key the relay trusts)."""
+    now = int(time.time())
+    skew = live.skew
+    other_relay_key = raw_public(X25519PrivateKey.generate())
+    other_seed = os.urandom(32)
+    cases = []
+
+    def case(what, reason, header_sid=None, bind_slot=0, corrupt=None, **mint):
+        sid = random_session_id()
+        token, secret = live.mint(sid, mint.pop("slot", 0), **mint)
+        if corrupt:
+            token = corrupt(token)
+        cases.append((what, reason, header_sid or sid, bind_slot, token, secret))
+    flip = (lambda t: t[:150] + bytes([t[150] ^ 1]) + t[151:])
+    case("a bad signature", w.TOKEN_INVALID, corrupt=flip)
+    case("an unknown kid", w.TOKEN_INVALID, kid=99)
+    case("a kid that names another key", w.TOKEN_INVALID, seed=other_seed)
+    case("another relay id", w.TOKEN_INVALID, relay_id=live.env["relay_id"] + 1)
+    case("a lifetime over the maximum", w.TOKEN_INVALID, nbf=now - 5,
+         exp=now - 5 + live.env["max_token_lifetime_secs"] + 1)
+    case("an empty lifetime (exp = nbf)", w.TOKEN_INVALID, nbf=now - 5, exp=now - 5)
+    case("a secret sealed to another relay", w.TOKEN_INVALID, relay_public=other_relay_key)
+    case("an unknown flag", w.TOKEN_INVALID, flags=2)
+    case("expired", w.TOKEN_EXPIRED, nbf=now - 100, exp=now - skew - 10)
+    case("not yet valid", w.TOKEN_NOT_YET_VALID, nbf=now + skew + 60, exp=now + skew + 120)
+    case("a token of another session", w.WRONG_SESSION, header_sid=random_session_id())
+    case("a token of slot B in a BIND for slot A", w.WRONG_SESSION, slot=1, bind_slot=0)
+    bad = []
+    for what, reason, sid, bind_slot, token, secret in cases:
+        before = live.relay_metrics()
+        peer = RelayPeer(live.relay_v4, sid, bind_slot, token, secret, name=what)
+        live.peers.append(peer)
+        try:
+            answer, _ = peer.bind()
+            expect_reject(answer, reason, what)
+            live.wait_metric(before, "ferry_binds_rejected_total",
+                             reason=w.REJECT_NAMES[reason].lower())
+        except (CheckFailed, ProtocolError) as e:
+            bad.append(str(e))
+        peer.close_socket()
+    need(not bad, "; ".join(bad))
+
+
+def probe_token(live):
+    """§7: a probe token gets a BIND-ACK that binds nothing (idle 0, peer present 0), and its
+    token id is not remembered."""
+    before = live.relay_metrics()
+    sid = random_session_id()
+    token, secret = live.mint(sid, 1, flags=1)
+    probe = RelayPeer(live.relay_v4, sid, 1, token, secret, name="probe")
+    live.peers.append(probe)
+    for attempt in (1, 2):
+        ack, _ = probe.bind()
+        need(ack.type == w.BIND_ACK, f"probe {attempt}: {ack.name()}")
+        need(ack.idle_timeout == 0 and ack.peer_present == 0, "probe BIND-ACK: idle timeout "
+             f"{ack.idle_timeout}, peer present {ack.peer_present}; documented 0 and 0")
+    live.wait_metric(before, "ferry_probes_total", 2)
+    need(probe.keepalive(timeout=0.5) is None, "a probe's KEEPALIVE was echoed: it bound")
+    after = live.relay_metrics()
+    need(metric(after, "ferry_binds_accepted_total") == metric(before, "ferry_binds_accepted_total"),
+         "a probe was counted as a bind")
+
+
+def unbound_traffic(live):
+    """§3.5, §3.6, §3.7: DATA and KEEPALIVE from unbound sources are dropped silently;
+    DATA with the other slot free too; a REBIND for a session the relay lacks: UNKNOWN_SESSION."""
+    before = live.relay_metrics()
+    ga, gb = live.session()
+    a = live.peer(ga, name="half")
+    live.peers.append(a)
+    ack, _ = a.bind()
+    need(ack.type == w.BIND_ACK, f"bind: {ack.name()}")
+    a.send_data(b"nobody there")
+    live.quiet(a)
+    stranger = live.peer(gb, name="stranger")
+    live.peers.append(stranger)
+    stranger.send_data(b"from nowhere")
+    stranger.send(w.keepalive_packet(ga.session_id))
+    stranger.send(w.keepalive_packet(random_session_id()))
+    live.quiet(stranger)
+    live.quiet(a)
+    live.wait_metric(before, "ferry_drops_total", 2, reason="data_unbound")
+    live.wait_metric(before, "ferry_drops_total", 2, reason="keepalive_unbound")
+    ghost = RelayPeer(live.relay_v4, random_session_id(), 0, bytes(208), os.urandom(32),
+                      name="ghost")
+    live.peers.append(ghost)
+    answer, challenges = ghost.rebind()
+    need(challenges, "a REBIND without a cookie was answered before the cookie check")
+    expect_reject(answer, w.UNKNOWN_SESSION, "a REBIND for an unknown session")
+    # Slot B of a held session that is not bound: UNKNOWN_SESSION too ("session or slot").
+    free_slot = RelayPeer(live.relay_v4, ga.session_id, 1, gb.token.raw, gb.slot_secret,
+                          name="free-slot")
+    live.peers.append(free_slot)
+    answer, _ = free_slot.rebind()
+    expect_reject(answer, w.UNKNOWN_SESSION, "a REBIND for the free slot of a held session")
+    live.wait_metric(before, "ferry_binds_rejected_total", 2, reason="unknown_session")
+    a.close()
+
+
+def idle_and_recovery(live):
+    """§3.8 *Reaping* with reason IDLE, then §3.1 *Recovery*: the old token is spent, a fresh
+    one from the gateway binds again and the other peer gets the peer-present notice."""
+    before = live.relay_metrics()
+    ga, gb, a, b = live.bound_pair()
+    live.peers += [a, b]
+    deadline = time.monotonic() + live.idle + 4
+    close = None
+    while time.monotonic() < deadline and close is None:
+        need(b.keepalive(timeout=1.0) is not None, "B's KEEPALIVE not echoed while A idles")
+        close = a.expect(w.CLOSE, 0.7)
+    need(close is not None, f"A got no CLOSE within {live.idle + 4} s of idling")
+    a.check_relay_close(close, w.IDLE)
+    need(not [p for p in b.notices if p.type == w.CLOSE], "B was told of A's reaping")
+    live.wait_metric(before, "ferry_notices_total", kind="idle")
+    live.wait_metric(before, "ferry_reaped_total")
+    b.send_data(b"into the void")
+    live.quiet(b)
+    answer, _ = a.bind()
+    expect_reject(answer, w.REPLAYED, "the reaped slot's old token")
+    renewed = live.gw.renew(live.api_key, ga.session_id, 0)
+    need(renewed.status == 200, f"renew after the idle-out: {renewed}")
+    fresh = Grant(renewed.json())
+    ack, _ = a.bind(token=fresh.token.raw, slot_secret=fresh.slot_secret)
+    need(ack.type == w.BIND_ACK and ack.peer_present == 1, f"rebinding: {ack.name()}")
+    notice = b.expect(w.BIND_ACK, 2.0)
+    need(notice is not None, "B got no peer-present notice when A bound again")
+    b.check_notice(notice)
+    a.send_data(b"back")
+    p = b.expect(w.DATA, 2.0)
+    need(p is not None and p.body == b"back", "A → B lost after the recovery")
+    a.close()
+
+
+def expiry(live):
+    """§3.8 *Reaping* with reason EXPIRED: at exp + skew both slots are unbound and told."""
+    before = live.relay_metrics()
+    sid = random_session_id()
+    now = int(time.time())
+    peers = []
+    for slot in (0, 1):
+        token, secret = live.mint(sid, slot, nbf=now - 10, exp=now + 2)
+        p = RelayPeer(live.relay_v4 if slot == 0 else live.relay_v6, sid, slot, token, secret,
+                      name=f"expiring-{slot}")
+        live.peers.append(p)
+        ack, _ = p.bind()
+        need(ack.type == w.BIND_ACK, f"bind of slot {slot}: {ack.name()}")
+        need(ack.expires_at == now + 2, "BIND-ACK's expires-at is not the token's exp")
+        peers.append(p)
+    peers[0].expect(w.BIND_ACK, 1.0)  # the peer-present notice
+    deadline = time.monotonic() + 2 + live.skew + 4
+    closes = {}
+    while time.monotonic() < deadline and len(closes) < 2:
+        for p in peers:
+            if p.slot in closes:
+                continue
+            p.send(w.keepalive_packet(sid))
+            c = p.expect(w.CLOSE, 0.3)
+            if c is not None:
+                closes[p.slot] = (c, time.time())
+    need(len(closes) == 2, f"{len(closes)} of 2 slots got a CLOSE after exp + skew")
+    for p in peers:
+        c, at = closes[p.slot]
+        p.check_relay_close(c, w.EXPIRED)
+        need(at >= now + 2 + live.skew - 0.5, f"slot {p.slot} reaped {now + 2 + live.skew - at:.1f}"
+             " s before exp + skew")
+    live.wait_metric(before, "ferry_notices_total", 2, kind="expired")
+
+
+def no_foreign_datagrams(live):
+    """§1: everything a peer receives from the relay comes from the address it sends to."""
+    bad = []
+    for p in live.peers:
+        for source, data, why in p.ignored:
+            bad.append(f"{p.name}: {why} ({source}, {data[:16].hex()})")
+    need(not bad, "; ".join(bad[:5]))
+
+
+ALL = [
+    ("gateway: create and join a session, tokens verified against protocol.md §4", gateway_create_join),
+    ("gateway: documented error answers (401, 415, 400, 403, 404, 405)", gateway_errors),
+    ("gateway: renew slot A (fresh token id and slot secret)", gateway_renew),
+    ("relay: A binds over IPv4 (CHALLENGE, BIND with cookie, BIND-ACK MAC)", relay_bind_a),
+    ("relay: B binds over IPv6, A gets the peer-present notice", relay_bind_b_v6),
+    ("relay: DATA both ways forwarded unchanged (up to 1456-byte bodies)", relay_data),
+    ("relay: KEEPALIVE echoed to both peers", relay_keepalive),
+    ("relay: BIND retransmission re-acknowledged, a lower number REPLAYED", relay_retransmission),
+    ("relay: REBIND from a new port (NAT rebinding), DATA after it, old port dropped", relay_rebind),
+    ("relay: REBIND refusals (REPLAYED, BAD_PROOF, SESSION_FULL)", relay_rebind_refusals),
+    ("relay: BIND refusals by slot state (SESSION_FULL, REPLAYED)", relay_bind_refusals),
+    ("relay: renewal BINDs with fresh tokens, answered under the fresh K_relay", relay_renewal),
+    ("relay: CLOSE with a bad MAC, a stale number or a reason dropped", relay_close_refusals),
+    ("relay: CLOSE from another address ends the session, the other peer told", relay_close),
+    ("relay: malformed datagrams dropped unanswered, counted by rule", malformed_headers),
+    ("relay: address cookies (zero, made-up, another address's, another slot's)", cookies),
+    ("relay: BIND with a bad proof: REJECT BAD_PROOF, token not spent", bad_proof),
+    ("relay: token refusals of §4.2 with their REJECT reasons", token_refusals),
+    ("relay: probe token answered with a BIND-ACK that binds nothing", probe_token),
+    ("relay: DATA/KEEPALIVE from unbound sources dropped, REBIND UNKNOWN_SESSION", unbound_traffic),
+    ("relay: idle slot reaped with CLOSE IDLE, recovery with a fresh token", idle_and_recovery),
+    ("relay: slots reaped with CLOSE EXPIRED at exp + skew", expiry),
+    ("relay: every datagram a peer received came from the relay's address", no_foreign_datagrams),
+]
