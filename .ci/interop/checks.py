@@ -151,7 +151,7 @@ class Live:
         return ga, gb, a, b
 
     def mint(self, session_id, slot, *, kid=None, relay_id=None, nbf=None, exp=None,
-             flags=0, slot_secret=None, relay_public=None, token_id=None, seed=None):
+             flags=0, slot_secret=None, relay_public=None, token_id=None, seed=None, rate=0):
         now = int(time.time())
         nbf = now - 5 if nbf is None else nbf
         slot_secret = slot_secret or os.urandom(32)
@@ -159,7 +159,7 @@ class Live:
                              else kid, slot=slot, token_id=token_id or os.urandom(16),
                              relay_id=self.env["relay_id"] if relay_id is None else relay_id,
                              session_id=session_id, nbf=nbf,
-                             exp=nbf + 120 if exp is None else exp, rate=0,
+                             exp=nbf + 120 if exp is None else exp, rate=rate,
                              slot_secret=slot_secret,
                              relay_public=relay_public or self.relay_public, flags=flags)
         return token, slot_secret
@@ -243,6 +243,7 @@ def gateway_create_join(live):
 
 def gateway_errors(live):
     gw = live.gw
+    gw_before = metrics(live.env["gateway_admin"])
     a_key = b64(raw_public(live.a_identity))
     cases = []
     no_auth = gw.call("POST", "/v1/sessions", doc={})
@@ -278,6 +279,22 @@ def gateway_errors(live):
                   400, "bad_request"))
     cases.append(("renew: an unknown session", live.gw.renew(live.api_key, 0x0123456789abcdef,
                                                              0), 404, "not_found"))
+    too_large = gw.call("POST", "/v1/sessions", api_key=live.api_key, announce_only=17000)
+    cases.append(("a Content-Length over max_body_bytes", too_large, 413, "payload_too_large"))
+    if too_large.headers.get("connection", "").lower() != "close":
+        cases.append(("413 without Connection: close", too_large, 0, None))
+    cases.append(("Content-Type in capitals with a charset", gw.call(
+        "POST", "/v1/sessions", api_key=live.api_key, raw_body=b"{}",
+        content_type="Application/JSON; charset=utf-8"), 201, None))
+    line = gw.create(live.api_key, peer_public_key="ferry-public-v1 peer-x25519 " + a_key)
+    cases.append(("a public key given as its key file's line", line, 201, None))
+    if line.status == 201:
+        joined = gw.join(live.api_key, line.json()["join_code"])
+        cases.append(("join of a session whose creator gave a key line", joined, 200, None))
+        if joined.status == 200 and joined.json()["expected_peer_public_key"] != a_key:
+            bad_line = joined.json()["expected_peer_public_key"]
+            cases.append((f"the key comes back as {bad_line!r}, not plain base64", joined, 0,
+                          None))
     minimal = gw.call("POST", "/v1/sessions", api_key=live.api_key, doc={})
     cases.append(("create with {} (every field optional)", minimal, 201, None))
     if minimal.status == 201:
@@ -308,6 +325,39 @@ def gateway_errors(live):
     allow = gw.call("GET", "/v1/sessions").headers.get("allow")
     if allow != "POST":
         bad.append(f"405 with Allow {allow!r}, documented `Allow: POST`")
+    post_health = gw.call("POST", "/healthz", raw_body=b"{}")
+    if post_health.status != 405 or post_health.headers.get("allow") != "GET,HEAD":
+        bad.append(f"POST /healthz: {post_health.status}, Allow "
+                   f"{post_health.headers.get('allow')!r}; documented 405, `Allow: GET,HEAD`")
+    admin_host, admin_port = live.env["gateway_admin"].rsplit(":", 1)
+    for listener, answer in (
+            ("public", gw.call("GET", "/metrics")),
+            ("admin", http_request(admin_host, int(admin_port), "POST", "/v1/sessions",
+                                   body=b"{}", headers={"Authorization": f"Bearer {live.api_key}",
+                                                        "Content-Type": "application/json"}))):
+        if answer.status != 404 or answer.error() != "not_found":
+            bad.append(f"the other listener's route on the {listener} listener: {answer}")
+    admin = http_request(admin_host, int(admin_port), "GET", "/admin/v1/sessions")
+    if admin.status != 401 or admin.error() != "unauthorized":
+        bad.append(f"GET /admin/v1/sessions without the admin token: {admin}")
+    head = gw.call("HEAD", "/healthz")
+    if head.status != 200 or head.body:
+        bad.append(f"HEAD /healthz: {head.status} with {len(head.body)} body bytes")
+    gw_after = metrics(live.env["gateway_admin"])
+    for name, labels, least in (
+            ("ferry_gateway_auth_failures_total", {"reason": "missing"}, 1),
+            ("ferry_gateway_auth_failures_total", {"reason": "wrong_secret"}, 1),
+            ("ferry_gateway_auth_failures_total", {"reason": "scope"}, 1),
+            ("ferry_gateway_join_codes_refused_total", {}, 1),
+            ("ferry_gateway_renewals_refused_total", {}, 3),
+            ("ferry_gateway_sessions_created_total", {}, 2),
+            ("ferry_gateway_sessions_joined_total", {}, 1),
+            ("ferry_gateway_requests_total", {"route": "/v1/sessions", "status": "401"}, 2),
+            ("ferry_gateway_requests_total", {"route": "/v1/sessions", "status": "415"}, 1),
+            ("ferry_gateway_requests_total", {"route": "other", "status": "404"}, 1)):
+        grew = metric(gw_after, name, **labels) - metric(gw_before, name, **labels)
+        if grew < least:
+            bad.append(f"{name}{labels} grew by {grew:g}, expected at least {least}")
     need(not bad, "; ".join(bad))
 
 
@@ -440,6 +490,12 @@ def relay_rebind(live):
         old_sock.sendto(w.data_packet(a.session_id, b"from the old port"), a.relay)
         live.quiet(b)
         live.wait_metric(before, "ferry_drops_total", reason="data_unbound")
+        need(not [p for p in b.notices if p.type == w.BIND_ACK],
+             "B got a peer-present notice for A's REBIND (§3.3: never for a REBIND)")
+        # §3.7: a REBIND from the address already bound is accepted like any other.
+        ack, challenges = a.rebind()
+        need(ack.type == w.BIND_ACK and not challenges,
+             f"a REBIND from the bound address: {ack.name()}, {len(challenges)} CHALLENGEs")
     finally:
         old_sock.close()
 
@@ -527,6 +583,14 @@ def relay_renewal(live):
     a.send_data(b"after renewal")
     need(b.expect(w.DATA, 2.0) is not None, "A → B lost after the renewals")
     need(a.keepalive() is not None, "no KEEPALIVE echo after the renewal")
+    # The old K_peer no longer proves the slot; the fresh one does.
+    old_k_peer = w.slot_keys(live.main["ga"].slot_secret)[0]
+    answer = a.request(lambda n, c: w.rebind_packet(a.session_id, a.slot, n, c, old_k_peer),
+                       a.next_seq())
+    need(answer is not None, "no answer to a REBIND under the replaced K_peer")
+    expect_reject(answer, w.BAD_PROOF, "a REBIND under the replaced K_peer")
+    ack, _ = a.rebind()
+    need(ack.type == w.BIND_ACK, f"a REBIND under the fresh K_peer: {ack.name()}")
 
 
 def relay_close_refusals(live):
@@ -599,6 +663,8 @@ def malformed_headers(live):
         ("zero_session", w.header(w.KEEPALIVE, 0, 0)),
         ("reserved_non_zero", w.header(w.KEEPALIVE, sid, 0, reserved=1)),
         ("length_mismatch", ka + b"\0"),
+        ("too_long", w.header(w.DATA, sid, 3000) + bytes(3000)),
+        ("too_long", w.header(w.DATA, sid, 65000) + bytes(65000)),
         ("body_length_out_of_range", w.header(w.KEEPALIVE, sid, 1) + b"\0"),
         ("body", w.bind_packet(sid, 0, 1, bytes(16), token, k_peer, reserved=1)),
         ("body", w.bind_packet(sid, 0, 1, bytes(16), token, k_peer, token_len=207)),
@@ -720,6 +786,16 @@ def token_refusals(live):
         except (CheckFailed, ProtocolError) as e:
             bad.append(str(e))
         peer.close_socket()
+    # Inside the skew: a token whose nbf is a second ahead binds (§4.2 step 8).
+    sid = random_session_id()
+    token, secret = live.mint(sid, 0, nbf=now + 1, exp=now + 100)
+    early = RelayPeer(live.relay_v4, sid, 0, token, secret, name="early")
+    live.peers.append(early)
+    answer, _ = early.bind()
+    if answer.type != w.BIND_ACK:
+        bad.append(f"nbf 1 s ahead with a {skew} s skew: {answer.name()}")
+    else:
+        early.close()
     need(not bad, "; ".join(bad))
 
 
@@ -754,6 +830,7 @@ def unbound_traffic(live):
     need(ack.type == w.BIND_ACK, f"bind: {ack.name()}")
     a.send_data(b"nobody there")
     live.quiet(a)
+    need(a.keepalive() is not None, "a bound slot's KEEPALIVE not echoed while the other is free")
     stranger = live.peer(gb, name="stranger")
     live.peers.append(stranger)
     stranger.send_data(b"from nowhere")
@@ -779,22 +856,69 @@ def unbound_traffic(live):
     a.close()
 
 
+def byte_budget(live):
+    """§3.5: a slot's budget holds max(1 s of its rate, 2944 bytes) and charges whole
+    datagrams; DATA over it is dropped and counted as rate_limited."""
+    before = live.relay_metrics()
+    sid = random_session_id()
+    peers = []
+    for slot in (0, 1):
+        token, secret = live.mint(sid, slot, rate=1500)
+        p = RelayPeer(live.relay_v4, sid, slot, token, secret, name=f"budget-{slot}")
+        live.peers.append(p)
+        ack, _ = p.bind()
+        need(ack.type == w.BIND_ACK, f"bind: {ack.name()}")
+        peers.append(p)
+    a, b = peers
+    a.expect(w.BIND_ACK, 1.0)  # the peer-present notice
+    full = [w.data_packet(sid, bytes([i]) * w.MAX_DATA_BODY) for i in range(5)]
+    for datagram in full:
+        a.send(datagram)
+    got = []
+    while True:
+        p = b.expect(w.DATA, 0.5)
+        if p is None:
+            break
+        got.append(p.raw)
+    need(got[:2] == full[:2], f"{len(got)} datagrams arrived; the first two (2944 bytes, the "
+         "budget's least size) must")
+    need(len(got) <= 3, f"{len(got)} of 5 full datagrams forwarded at 1500 B/s")
+    live.wait_metric(before, "ferry_drops_total", 2, reason="rate_limited")
+    a.close()
+
+
 def idle_and_recovery(live):
     """§3.8 *Reaping* with reason IDLE, then §3.1 *Recovery*: the old token is spent, a fresh
     one from the gateway binds again and the other peer gets the peer-present notice."""
     before = live.relay_metrics()
     ga, gb, a, b = live.bound_pair()
     live.peers += [a, b]
+    # A half-bound session whose peer sends only DATA: with the other slot free, DATA does not
+    # refresh the idle timer (§8), so it idles out too.
+    gc, _ = live.session()
+    c = live.peer(gc, name="half-bound")
+    live.peers.append(c)
+    ack, _ = c.bind()
+    need(ack.type == w.BIND_ACK, f"half-bound session's BIND: {ack.name()}")
     deadline = time.monotonic() + live.idle + 4
-    close = None
-    while time.monotonic() < deadline and close is None:
+    close = c_close = None
+    while time.monotonic() < deadline and (close is None or c_close is None):
+        # B keeps its own slot alive and sends A DATA, which does not refresh A's timer.
         need(b.keepalive(timeout=1.0) is not None, "B's KEEPALIVE not echoed while A idles")
-        close = a.expect(w.CLOSE, 0.7)
-    need(close is not None, f"A got no CLOSE within {live.idle + 4} s of idling")
+        if close is None:
+            b.send_data(b"to the idle A")
+            close = a.expect(w.CLOSE, 0.5)
+        if c_close is None:
+            c.send_data(b"nobody listens")
+            c_close = c.expect(w.CLOSE, 0.2)
+    need(close is not None, f"A got no CLOSE within {live.idle + 4} s of idling while it "
+         "received DATA")
+    need(c_close is not None, "a slot sending DATA with the other slot free was not reaped")
+    c.check_relay_close(c_close, w.IDLE)
     a.check_relay_close(close, w.IDLE)
     need(not [p for p in b.notices if p.type == w.CLOSE], "B was told of A's reaping")
-    live.wait_metric(before, "ferry_notices_total", kind="idle")
-    live.wait_metric(before, "ferry_reaped_total")
+    live.wait_metric(before, "ferry_notices_total", 2, kind="idle")
+    live.wait_metric(before, "ferry_reaped_total", 2)
     b.send_data(b"into the void")
     live.quiet(b)
     answer, _ = a.bind()
@@ -857,6 +981,128 @@ def no_foreign_datagrams(live):
     need(not bad, "; ".join(bad[:5]))
 
 
+# ---------------------------------------------------------------------------------------------
+# The end-to-end layer (§9) against a real ferry-peer
+
+
+def e2e_with_ferry_peer(live):
+    """§9.1–§9.4: this client is slot A (the Noise initiator) and a real `ferry-peer tunnel`
+    slot B (`--connect`, delivering to a UDP socket of this process): the handshake, the
+    responder's key confirmation (an empty TRANSPORT frame, epoch 0, counter 0), one
+    application datagram each way, a replayed frame not delivered twice, and a CLOSE that
+    ends the tunnel."""
+    import ferry_noise as noise
+    fp, work = live.env["ferry_peer"], live.env["work"]
+    b_key = os.path.join(work, "tunnel-b.key")
+    subprocess.run([fp, "keygen", "--out", b_key], check=True, capture_output=True)
+    out = subprocess.run([fp, "pubkey", b_key], check=True, capture_output=True, text=True)
+    b_public_text = out.stdout.strip().split()[-1]
+    b_public = base64.b64decode(b_public_text)
+    need(len(b_public) == 32, f"ferry-peer pubkey printed {out.stdout!r}")
+    a_static = X25519PrivateKey.generate()
+    created = live.gw.create(live.api_key, peer_public_key=b64(raw_public(a_static)),
+                             expected_peer=b_public_text)
+    need(created.status == 201, f"create: {created}")
+    joined = live.gw.join(live.api_key, created.json()["join_code"], b_public_text)
+    need(joined.status == 200, f"join: {joined}")
+    grant_path = os.path.join(work, "tunnel-b.grant")
+    fd = os.open(grant_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(joined.body)
+    ga = Grant(created.json())
+    app = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    app.bind(("127.0.0.1", 0))
+    log_path = os.path.join(work, "tunnel-b.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([fp, "tunnel", "--grant", grant_path, "--identity", b_key,
+                                 "--connect", "127.0.0.1:%d" % app.getsockname()[1],
+                                 "--connect-timeout", "20"], stdout=log, stderr=log)
+    try:
+        _e2e_exchange(live, noise, ga, a_static, b_public, app, proc)
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        with open(log_path, "rb") as f:
+            print("---- ferry-peer tunnel's output\n" + f.read().decode(errors="replace")[-2000:])
+        raise
+    finally:
+        app.close()
+
+
+def _e2e_exchange(live, noise, ga, a_static, b_public, app, proc):
+    a = live.peer(ga, name="noise-A")
+    live.peers.append(a)
+    ack, _ = a.bind()
+    need(ack.type == w.BIND_ACK, f"A's BIND: {ack.name()}")
+
+    def next_frame(timeout):
+        deadline = time.monotonic() + timeout
+        while True:
+            p = a.recv(deadline - time.monotonic())
+            if p is None or p.type == w.DATA:
+                return p and p.body
+            if p.type == w.BIND_ACK:
+                a.check_notice(p)  # B's arrival
+
+    # Rule 1 of §9.1.1: a fresh HANDSHAKE-1 at 0, 1, 3, 7 … s until a HANDSHAKE-2 answers.
+    deadline = time.monotonic() + 20
+    interval, handshake, frame = 1.0, None, None
+    while time.monotonic() < deadline:
+        handshake = noise.Initiator(a_static, ga.session_id)
+        a.send_data(handshake.message_1())
+        frame = next_frame(interval)
+        while frame is not None and frame[0] != noise.HANDSHAKE_2:
+            frame = next_frame(interval)
+        if frame is not None:
+            break
+        need(proc.poll() is None, f"ferry-peer tunnel exited with {proc.returncode}")
+        interval = min(interval * 2, 8.0)
+    need(frame is not None, "no HANDSHAKE-2 within 20 s")
+    need(len(frame) == 97, f"HANDSHAKE-2 frame of {len(frame)} bytes, §9 says 1 + 96")
+    remote = handshake.read_message_2(frame)
+    need(remote == b_public, "the responder's static key is not the key its grant names")
+    message_3, transport = handshake.message_3()
+    need(len(message_3) == 65, f"HANDSHAKE-3 of {len(message_3)} bytes")
+    a.send_data(message_3)
+    ping = b"ping from a client written from protocol.md"
+    ping_frame = transport.seal(ping)
+    a.send_data(ping_frame)
+    app.settimeout(5.0)
+    got, tunnel_addr = app.recvfrom(2048)
+    need(got == ping, f"the application got {got!r}")
+    app.sendto(b"pong from the application", tunnel_addr)
+    delivered, confirmation = [], None
+    end = time.monotonic() + 5
+    while time.monotonic() < end and not delivered:
+        frame = next_frame(end - time.monotonic())
+        need(frame is not None, "no TRANSPORT frame came back within 5 s")
+        need(frame[0] == noise.TRANSPORT, f"frame kind {frame[0]} after the handshake")
+        epoch, counter, plaintext = transport.open(frame)
+        if plaintext:
+            delivered.append(plaintext)
+        elif confirmation is None:
+            confirmation = (len(frame), epoch, counter)
+    need(delivered == [b"pong from the application"], f"A got {delivered!r}")
+    need(confirmation == (29, 0, 0), f"the confirmation was {confirmation} (length, epoch, "
+         "counter), §9.1.1 rule 6 says (29, 0, 0) before any data")
+    # §9.2: a replayed frame is dropped by the replay window; the next new one is delivered.
+    a.send_data(ping_frame)
+    forged = bytearray(transport.seal(b"forged"))
+    forged[-1] ^= 1
+    a.send_data(bytes(forged))
+    a.send_data(transport.seal(b"second"))
+    got, _ = app.recvfrom(2048)
+    need(got == b"second", f"after a replayed and a forged frame the application got {got!r}")
+    # A CLOSE ends the session for both peers (§3.8), and so the tunnel.
+    a.close()
+    try:
+        rc = proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        raise CheckFailed("ferry-peer tunnel still runs 10 s after A's CLOSE")
+    need(rc == 0, f"ferry-peer tunnel exited with {rc} after the other peer closed")
+
+
 ALL = [
     ("gateway: create and join a session, tokens verified against protocol.md §4", gateway_create_join),
     ("gateway: documented error answers (401, 415, 400, 403, 404, 405)", gateway_errors),
@@ -878,7 +1124,9 @@ ALL = [
     ("relay: token refusals of §4.2 with their REJECT reasons", token_refusals),
     ("relay: probe token answered with a BIND-ACK that binds nothing", probe_token),
     ("relay: DATA/KEEPALIVE from unbound sources dropped, REBIND UNKNOWN_SESSION", unbound_traffic),
+    ("relay: a slot's byte budget (rate 1500 B/s: 2944-byte burst, then rate_limited)", byte_budget),
     ("relay: idle slot reaped with CLOSE IDLE, recovery with a fresh token", idle_and_recovery),
     ("relay: slots reaped with CLOSE EXPIRED at exp + skew", expiry),
+    ("end to end: Noise XX handshake and datagrams both ways with a real ferry-peer tunnel", e2e_with_ferry_peer),
     ("relay: every datagram a peer received came from the relay's address", no_foreign_datagrams),
 ]

@@ -30,14 +30,25 @@ class HttpAnswer:
         return f"HTTP {self.status} {self.body[:200]!r}"
 
 
-def http_request(host, port, method, path, *, body=None, headers=None, tls_ca=None, timeout=10):
+def http_request(host, port, method, path, *, body=None, headers=None, tls_ca=None, timeout=10,
+                 announce_only=None):
+    """One request on a fresh connection. `announce_only=N` sends only the head, announcing
+    a body of N bytes, and reads the answer (a server that refuses the length answers at once
+    and closes, so sending the body could fail)."""
     if tls_ca is not None:
         context = ssl.create_default_context(cafile=tls_ca)
         conn = http.client.HTTPSConnection(host, port, context=context, timeout=timeout)
     else:
         conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
-        conn.request(method, path, body=body, headers=headers or {})
+        if announce_only is not None:
+            conn.putrequest(method, path)
+            for name, value in (headers or {}).items():
+                conn.putheader(name, value)
+            conn.putheader("Content-Length", str(announce_only))
+            conn.endheaders()
+        else:
+            conn.request(method, path, body=body, headers=headers or {})
         answer = conn.getresponse()
         return HttpAnswer(answer.status, {k.lower(): v for k, v in answer.getheaders()},
                           answer.read())
@@ -108,18 +119,18 @@ class GatewayClient:
         self.ca = ca_file
 
     def call(self, method, path, *, api_key=None, doc=None, raw_body=None,
-             content_type="application/json", extra_headers=None):
+             content_type="application/json", extra_headers=None, announce_only=None):
         headers = {}
         if api_key is not None:
             headers["Authorization"] = f"Bearer {api_key}"
         body = raw_body
         if doc is not None:
             body = json.dumps(doc).encode()
-        if body is not None and content_type is not None:
+        if (body is not None or announce_only is not None) and content_type is not None:
             headers["Content-Type"] = content_type
         headers.update(extra_headers or {})
         return http_request(self.host, self.port, method, path, body=body, headers=headers,
-                            tls_ca=self.ca)
+                            tls_ca=self.ca, announce_only=announce_only)
 
     def create(self, api_key, peer_public_key=None, expected_peer=None, realm=None):
         doc = {}
