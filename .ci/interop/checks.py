@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 import ferry_wire as w
 from ferry_gateway import GatewayClient, Grant, http_request, metric, metrics, read_public_key_file
-from ferry_peer import ProtocolError, RelayPeer, random_session_id
+from ferry_peer import ProtocolError, RelayPeer, next_local_v4, random_session_id
 
 
 def raw_public(private):
@@ -86,7 +86,10 @@ class Live:
 
     def __init__(self, env):
         self.env = env
-        self.gw = GatewayClient(env["gateway"], env["ca"])
+        # The gateway's per-IP limit keeps its default (20/s, burst 40): the checks' requests
+        # come from 16 loopback addresses in turn, and the limit's own check from another.
+        self.gw = GatewayClient(env["gateway"], env["ca"],
+                                sources=[f"127.0.1.{n}" for n in range(200, 216)])
         with open(env["api_key_file"]) as f:
             self.api_key = f.read().strip()
         with open(env["join_only_key_file"]) as f:
@@ -250,7 +253,9 @@ def gateway_errors(live):
     cases.append(("no Authorization", no_auth, 401, "unauthorized"))
     need(no_auth.headers.get("www-authenticate", "").startswith("Bearer"),
          "401 without WWW-Authenticate: Bearer")
-    wrong = live.api_key[:-1] + ("A" if live.api_key[-1] != "A" else "B")
+    # Another secret of the same form: one character in the middle changed.
+    i = len(live.api_key) - 10
+    wrong = live.api_key[:i] + ("A" if live.api_key[i] != "A" else "B") + live.api_key[i + 1:]
     cases.append(("a wrong secret", gw.call("POST", "/v1/sessions", api_key=wrong, doc={}),
                   401, "unauthorized"))
     cases.append(("no Content-Type", gw.call("POST", "/v1/sessions", api_key=live.api_key,
@@ -982,6 +987,106 @@ def no_foreign_datagrams(live):
 
 
 # ---------------------------------------------------------------------------------------------
+# Per-source limits (§8): each check below sends from loopback addresses of its own.
+
+
+def bind_rate(live):
+    """§7, §8: BINDs with a valid cookie beyond the source's burst are dropped unanswered and
+    counted as bind_rate_limited; BINDs without a cookie are not charged."""
+    before = live.relay_metrics()
+    sid = random_session_id()
+    token, _ = live.mint(sid, 0)
+    peer = RelayPeer(live.relay_v4, sid, 0, token, os.urandom(32), name="bind-flood")
+    live.peers.append(peer)
+    first = peer.request(lambda n, c: w.bind_packet(sid, 0, n, c, token, peer.k_peer),
+                         peer.next_seq())
+    need(first is not None and first.type == w.CHALLENGE, "no CHALLENGE to the first BIND")
+    count = live.env["bind_burst_per_ip"] * 2
+    for _ in range(count):
+        peer.send(w.bind_packet(sid, 0, peer.next_seq(), first.cookie, token, peer.k_peer))
+    answers = []
+    while True:
+        p = peer.recv(0.5)
+        if p is None:
+            break
+        answers.append(p)
+    need(all(p.type == w.REJECT and p.reason == w.BAD_PROOF for p in answers),
+         "answers other than REJECT BAD_PROOF: " + ", ".join({p.name() for p in answers}))
+    burst = live.env["bind_burst_per_ip"]
+    need(burst <= len(answers) < count, f"{len(answers)} of {count} BINDs with the cookie "
+         f"answered at once; the source's burst is {burst}")
+    live.wait_metric(before, "ferry_drops_total", count - len(answers) - 5,
+                     reason="bind_rate_limited")
+
+
+def slots_per_source(live):
+    """§8 slots per source: a BIND for a free slot, or a REBIND moving a slot to a source,
+    beyond `max_bindings_per_ip` gets an authenticated OVERLOADED."""
+    before = live.relay_metrics()
+    limit = live.env["max_bindings_per_ip"]
+    source = next_local_v4()
+    held = []
+    for i in range(limit + 1):
+        sid = random_session_id()
+        token, secret = live.mint(sid, 0)
+        p = RelayPeer(live.relay_v4, sid, 0, token, secret, name=f"slot-{i}", local=source)
+        live.peers.append(p)
+        answer, _ = p.bind()
+        if i < limit:
+            need(answer.type == w.BIND_ACK, f"slot {i + 1} of {limit} from one source: "
+                 f"{answer.name()}")
+            held.append(p)
+        else:
+            expect_reject(answer, w.OVERLOADED, f"slot {limit + 1} from one source")
+            extra = p
+    # A slot bound elsewhere cannot move to the full source.
+    sid = random_session_id()
+    token, secret = live.mint(sid, 0)
+    mover = RelayPeer(live.relay_v4, sid, 0, token, secret, name="mover")
+    live.peers.append(mover)
+    answer, _ = mover.bind()
+    need(answer.type == w.BIND_ACK, f"bind elsewhere: {answer.name()}")
+    mover.new_socket(local=source)
+    answer, _ = mover.rebind()
+    expect_reject(answer, w.OVERLOADED, "a REBIND to a source that holds its maximum")
+    live.wait_metric(before, "ferry_binds_rejected_total", 2, reason="overloaded")
+    # One slot freed: the refused BIND now binds (it was not spent, §7).
+    held[0].close()
+    deadline = time.monotonic() + 3
+    while True:
+        answer, _ = extra.bind()
+        if answer.type == w.BIND_ACK or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    need(answer.type == w.BIND_ACK, f"after a CLOSE freed a slot: {answer.name()}")
+    for p in held[1:] + [extra, mover]:
+        p.close()
+
+
+def gateway_rate_limit(live):
+    """gateway-api.md *Abuse controls*: over the per-IP limit, 429 `rate_limited` with
+    Retry-After, before authentication."""
+    before = metrics(live.env["gateway_admin"])
+    flood = GatewayClient(live.env["gateway"], live.env["ca"], sources=["127.0.1.250"])
+    statuses = []
+    for _ in range(60):
+        answer = flood.call("POST", "/v1/sessions", doc={})
+        statuses.append(answer.status)
+        if answer.status == 429:
+            break
+    need(answer.status == 429, f"60 requests from one address: {sorted(set(statuses))}, no 429")
+    need(set(statuses[:-1]) == {401}, f"before the 429: {sorted(set(statuses[:-1]))}")
+    need(len(statuses) > 40, f"429 after {len(statuses) - 1} requests; the burst is 40")
+    need(answer.error() == "rate_limited", f"429 body {answer.body!r}")
+    retry = answer.headers.get("retry-after", "")
+    need(retry.isdigit() and int(retry) >= 1, f"Retry-After {retry!r}")
+    after = metrics(live.env["gateway_admin"])
+    need(metric(after, "ferry_gateway_rate_limited_total", limiter="ip") >
+         metric(before, "ferry_gateway_rate_limited_total", limiter="ip"),
+         "ferry_gateway_rate_limited_total{limiter=\"ip\"} did not grow")
+
+
+# ---------------------------------------------------------------------------------------------
 # The end-to-end layer (§9) against a real ferry-peer
 
 
@@ -1125,6 +1230,9 @@ ALL = [
     ("relay: probe token answered with a BIND-ACK that binds nothing", probe_token),
     ("relay: DATA/KEEPALIVE from unbound sources dropped, REBIND UNKNOWN_SESSION", unbound_traffic),
     ("relay: a slot's byte budget (rate 1500 B/s: 2944-byte burst, then rate_limited)", byte_budget),
+    ("relay: BINDs over the source's bind rate dropped (bind_rate_limited)", bind_rate),
+    ("relay: slots per source: BIND and REBIND beyond the maximum get OVERLOADED", slots_per_source),
+    ("gateway: over the per-IP limit, 429 rate_limited with Retry-After", gateway_rate_limit),
     ("relay: idle slot reaped with CLOSE IDLE, recovery with a fresh token", idle_and_recovery),
     ("relay: slots reaped with CLOSE EXPIRED at exp + skew", expiry),
     ("end to end: Noise XX handshake and datagrams both ways with a real ferry-peer tunnel", e2e_with_ferry_peer),

@@ -31,15 +31,16 @@ class HttpAnswer:
 
 
 def http_request(host, port, method, path, *, body=None, headers=None, tls_ca=None, timeout=10,
-                 announce_only=None):
+                 announce_only=None, source=None):
     """One request on a fresh connection. `announce_only=N` sends only the head, announcing
     a body of N bytes, and reads the answer (a server that refuses the length answers at once
     and closes, so sending the body could fail)."""
     if tls_ca is not None:
         context = ssl.create_default_context(cafile=tls_ca)
-        conn = http.client.HTTPSConnection(host, port, context=context, timeout=timeout)
+        conn = http.client.HTTPSConnection(host, port, context=context, timeout=timeout,
+                                           source_address=source)
     else:
-        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        conn = http.client.HTTPConnection(host, port, timeout=timeout, source_address=source)
     try:
         if announce_only is not None:
             conn.putrequest(method, path)
@@ -110,7 +111,11 @@ class Grant:
 
 
 class GatewayClient:
-    def __init__(self, base_url, ca_file):
+    def __init__(self, base_url, ca_file, sources=None):
+        """`sources`: local addresses to send from, in turn (the gateway's per-IP limit,
+        gateway-api.md *Abuse controls*, then sees each as another client)."""
+        self.sources = list(sources or [])
+        self.turn = 0
         m = re.fullmatch(r"https://([^/:\[\]]+|\[[0-9a-fA-F:]+\]):(\d+)", base_url)
         if not m:
             raise ValueError(f"gateway URL {base_url!r}")
@@ -129,8 +134,12 @@ class GatewayClient:
         if (body is not None or announce_only is not None) and content_type is not None:
             headers["Content-Type"] = content_type
         headers.update(extra_headers or {})
+        source = None
+        if self.sources:
+            source = (self.sources[self.turn % len(self.sources)], 0)
+            self.turn += 1
         return http_request(self.host, self.port, method, path, body=body, headers=headers,
-                            tls_ca=self.ca, announce_only=announce_only)
+                            tls_ca=self.ca, announce_only=announce_only, source=source)
 
     def create(self, api_key, peer_public_key=None, expected_peer=None, realm=None):
         doc = {}

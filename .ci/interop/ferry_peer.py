@@ -33,10 +33,21 @@ def parse_address(text):
     return socket.AF_INET, (host, int(port))
 
 
+_next_local = [2]
+
+
+def next_local_v4():
+    """A loopback address of its own (127.0.0.2, 127.0.0.3, …): the relay's per-source limits
+    (§8) count each as another source, so one check's binds never charge another's."""
+    n = _next_local[0]
+    _next_local[0] += 1
+    return f"127.0.{n // 250}.{n % 250 + 2}"
+
+
 class RelayPeer:
     """One slot's bind client on one source address (a UDP socket of its own)."""
 
-    def __init__(self, relay, session_id, slot, token, slot_secret, *, name="peer"):
+    def __init__(self, relay, session_id, slot, token, slot_secret, *, name="peer", local=None):
         self.family, self.relay = parse_address(relay) if isinstance(relay, str) else relay
         self.name = name
         self.session_id = session_id
@@ -50,17 +61,19 @@ class RelayPeer:
         self.expires_at = None
         self.idle_timeout = None
         self.sock = None
+        self.local = local or ("::1" if self.family == socket.AF_INET6 else next_local_v4())
         self.ignored = []  # (source, bytes, why) of datagrams a peer ignores
         self.notices = []  # unsolicited packets seen while waiting for something else
         self.new_socket()
 
     # -- sockets ---------------------------------------------------------------------------
-    def new_socket(self):
-        """A fresh source port, as a NAT rebinding gives."""
+    def new_socket(self, local=None):
+        """A fresh source port (on another address if given), as a NAT rebinding gives."""
         if self.sock is not None:
             self.sock.close()
+        self.local = local or self.local
         self.sock = socket.socket(self.family, socket.SOCK_DGRAM)
-        self.sock.bind(("::1" if self.family == socket.AF_INET6 else "127.0.0.1", 0))
+        self.sock.bind((self.local, 0))
         return self.sock.getsockname()[:2]
 
     def address(self):
