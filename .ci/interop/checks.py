@@ -258,6 +258,16 @@ def gateway_errors(live):
     wrong = live.api_key[:i] + ("A" if live.api_key[i] != "A" else "B") + live.api_key[i + 1:]
     cases.append(("a wrong secret", gw.call("POST", "/v1/sessions", api_key=wrong, doc={}),
                   401, "unauthorized"))
+    # The secret's last character carries 4 bits and 2 unused ones, which must be zero
+    # (gateway-api.md, Authentication): setting one makes the key malformed.
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = alphabet.index(live.api_key[-1])
+    non_canonical = live.api_key[:-1] + alphabet[last | 1]
+    cases.append(("a secret with unused bits set", gw.call(
+        "POST", "/v1/sessions", api_key=non_canonical, doc={}), 401, "unauthorized"))
+    cases.append(("the scheme in lower case", gw.call(
+        "POST", "/v1/sessions", doc={}, extra_headers={"Authorization": "bearer " + live.api_key}),
+        201, None))
     cases.append(("no Content-Type", gw.call("POST", "/v1/sessions", api_key=live.api_key,
                                              raw_body=b"{}", content_type=None),
                   415, "unsupported_media_type"))
@@ -352,10 +362,11 @@ def gateway_errors(live):
     for name, labels, least in (
             ("ferry_gateway_auth_failures_total", {"reason": "missing"}, 1),
             ("ferry_gateway_auth_failures_total", {"reason": "wrong_secret"}, 1),
+            ("ferry_gateway_auth_failures_total", {"reason": "malformed"}, 1),
             ("ferry_gateway_auth_failures_total", {"reason": "scope"}, 1),
             ("ferry_gateway_join_codes_refused_total", {}, 1),
             ("ferry_gateway_renewals_refused_total", {}, 3),
-            ("ferry_gateway_sessions_created_total", {}, 2),
+            ("ferry_gateway_sessions_created_total", {}, 3),
             ("ferry_gateway_sessions_joined_total", {}, 1),
             ("ferry_gateway_requests_total", {"route": "/v1/sessions", "status": "401"}, 2),
             ("ferry_gateway_requests_total", {"route": "/v1/sessions", "status": "415"}, 1),
