@@ -167,6 +167,52 @@ class Live:
                              relay_public=relay_public or self.relay_public, flags=flags)
         return token, slot_secret
 
+    def restart_relay(self):
+        """Stops the relay (SIGTERM to the pid the run script wrote) and starts it again with
+        the same config; the new process is this client's, stopped when it exits."""
+        import atexit
+        import signal
+        pid_file = self.env["relay_pid_file"]
+        with open(pid_file) as f:
+            old = int(f.read())
+        os.kill(old, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with open(f"/proc/{old}/stat") as f:
+                    gone = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+            except FileNotFoundError:
+                gone = True
+            if gone:
+                break
+            need(time.monotonic() < deadline, "the relay did not stop within 10 s of SIGTERM")
+            time.sleep(0.05)
+        log = open(self.env["relay_log"], "ab")
+        proc = subprocess.Popen(self.env["relay_command"], stdout=log, stderr=log)
+        log.close()
+        with open(pid_file, "w") as f:
+            f.write(str(proc.pid))
+
+        def stop():
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        atexit.register(stop)
+        host, port = self.env["relay_admin"].rsplit(":", 1)
+        deadline = time.monotonic() + 30
+        while True:
+            need(proc.poll() is None, f"the restarted relay exited with {proc.returncode}")
+            try:
+                if http_request(host, int(port), "GET", "/readyz", timeout=2).status == 200:
+                    return
+            except OSError:
+                pass
+            need(time.monotonic() < deadline, "the restarted relay was not ready within 30 s")
+            time.sleep(0.05)
+
     def quiet(self, peer):
         """Asserts the relay sent `peer` nothing in answer to what it sent so far: a marker
         request (a BIND without a cookie for a made-up session, which always gets a CHALLENGE
@@ -988,6 +1034,39 @@ def expiry(live):
     live.wait_metric(before, "ferry_notices_total", 2, kind="expired")
 
 
+def relay_restart(live):
+    """§3.1 *Recovery* after a relay restart: no KEEPALIVE echo, the old cookie is no longer
+    valid, a REBIND gets UNKNOWN_SESSION, the slots bind again (B with a fresh token from the
+    gateway, A with its token of before the restart, which the relay no longer remembers, §4.2
+    step 11), the other peer hears of it, and DATA flows."""
+    ga, gb, a, b = live.bound_pair()
+    live.peers += [a, b]
+    live.restart_relay()
+    need(a.keepalive(timeout=1.0) is None, "a KEEPALIVE was echoed by the restarted relay")
+    answer, challenges = a.rebind()
+    need(challenges, "the old cookie was accepted after the restart (§3.1: a new cookie secret)")
+    expect_reject(answer, w.UNKNOWN_SESSION, "a REBIND after the restart")
+    answer, challenges = a.bind(token=a.token, slot_secret=a.slot_secret)
+    need(answer.type == w.BIND_ACK and answer.peer_present == 0,
+         f"A's token of before the restart: {answer.name()}")
+    renewed = live.gw.renew(live.api_key, gb.session_id, 1)
+    need(renewed.status == 200, f"renew of slot B after the restart: {renewed}")
+    fresh = Grant(renewed.json())
+    answer, challenges = b.bind(token=fresh.token.raw, slot_secret=fresh.slot_secret)
+    need(challenges, "B's old cookie was accepted after the restart")
+    need(answer.type == w.BIND_ACK and answer.peer_present == 1,
+         f"B's fresh token after the restart: {answer.name()}")
+    notice = a.expect(w.BIND_ACK, 2.0)
+    need(notice is not None, "A got no peer-present notice after B bound again")
+    a.check_notice(notice)
+    for src, dst in ((a, b), (b, a)):
+        src.send_data(b"after the restart")
+        p = dst.expect(w.DATA, 2.0)
+        need(p is not None and p.body == b"after the restart",
+             f"{src.name} → {dst.name} lost after the restart")
+    a.close()
+
+
 def no_foreign_datagrams(live):
     """§1: everything a peer receives from the relay comes from the address it sends to."""
     bad = []
@@ -1247,5 +1326,6 @@ ALL = [
     ("relay: idle slot reaped with CLOSE IDLE, recovery with a fresh token", idle_and_recovery),
     ("relay: slots reaped with CLOSE EXPIRED at exp + skew", expiry),
     ("end to end: Noise XX handshake and datagrams both ways with a real ferry-peer tunnel", e2e_with_ferry_peer),
+    ("relay: restarted, the peers bind again (an old token too), DATA flows", relay_restart),
     ("relay: every datagram a peer received came from the relay's address", no_foreign_datagrams),
 ]
