@@ -269,8 +269,9 @@ def gateway_create_join(live):
     need(len(code) == 26 and set(code) <= set("abcdefghijklmnopqrstuvwxyz234567"),
          f"join code {code!r} is not 26 of a-z2-7")
     now = time.time()
-    need(abs(doc["join_code_expires_at"] - (now + 120)) <= 5,
-         f"join_code_expires_at is {doc['join_code_expires_at'] - now:.0f} s away, default 120")
+    ttl = live.env["join_code_ttl_secs"]
+    need(abs(doc["join_code_expires_at"] - (now + ttl)) <= 2,
+         f"join_code_expires_at is {doc['join_code_expires_at'] - now:.0f} s away, config {ttl}")
     need(abs(ga.not_before - now) <= 5, f"not_before {ga.not_before - now:.0f} s from now")
 
     joined = live.gw.join(live.api_key, code, peer_public_key=b_key)
@@ -287,7 +288,11 @@ def gateway_create_join(live):
     again = live.gw.join(live.api_key, code, peer_public_key=b_key)
     need(again.status == 404 and again.error() == "invalid_join_code",
          f"a second join with the code: {again}")
-    live.main.update(ga=ga, gb=gb)
+    live.main.update(ga=ga, gb=gb, created_at=now)
+    # A code nobody uses, for the check of expired codes at the end.
+    unused = live.gw.create(live.api_key)
+    need(unused.status == 201, f"create: {unused}")
+    live.main["unused_code"] = unused.json()["join_code"]
 
 
 def gateway_errors(live):
@@ -1067,6 +1072,27 @@ def relay_restart(live):
     a.close()
 
 
+def gateway_expiry(live):
+    """gateway-api.md: a join code works for `join_code_ttl_secs`, then 404
+    `invalid_join_code`; a slot is renewed for `max_session_age_secs` after the session's
+    creation, then 410 `session_too_old`."""
+    need("created_at" in live.main, "depends on the gateway's create and join")
+    before = metrics(live.env["gateway_admin"])
+    ttl, max_age = live.env["join_code_ttl_secs"], live.env["max_session_age_secs"]
+    wait = live.main["created_at"] + max(ttl, max_age) + 1 - time.time()
+    if wait > 0:
+        time.sleep(wait)
+    joined = live.gw.join(live.api_key, live.main["unused_code"])
+    need(joined.status == 404 and joined.error() == "invalid_join_code",
+         f"a join code {ttl} s after its creation: {joined}")
+    renewed = live.gw.renew(live.api_key, live.main["ga"].session_id, 0)
+    need(renewed.status == 410 and renewed.error() == "session_too_old",
+         f"a renewal {max_age} s after the session's creation: {renewed}")
+    after = metrics(live.env["gateway_admin"])
+    for name in ("ferry_gateway_join_codes_refused_total", "ferry_gateway_renewals_refused_total"):
+        need(metric(after, name) > metric(before, name), f"{name} did not grow")
+
+
 def no_foreign_datagrams(live):
     """§1: everything a peer receives from the relay comes from the address it sends to."""
     bad = []
@@ -1327,5 +1353,6 @@ ALL = [
     ("relay: slots reaped with CLOSE EXPIRED at exp + skew", expiry),
     ("end to end: Noise XX handshake and datagrams both ways with a real ferry-peer tunnel", e2e_with_ferry_peer),
     ("relay: restarted, the peers bind again (an old token too), DATA flows", relay_restart),
+    ("gateway: an expired join code 404, a renewal past the session's maximum age 410", gateway_expiry),
     ("relay: every datagram a peer received came from the relay's address", no_foreign_datagrams),
 ]
