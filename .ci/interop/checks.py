@@ -1251,6 +1251,71 @@ def e2e_with_ferry_peer(live):
         app.close()
 
 
+def _e2e_handshake_rules(live, noise, a, ga, a_static, app, transport, first_message_1,
+                         message_3, confirmed_at, next_frame):
+    """§9.1.1 rules 4, 7, 8 and 11 against the responder, on the established channel."""
+    def frames_for(seconds):
+        out, end = [], time.monotonic() + seconds
+        while True:
+            frame = next_frame(end - time.monotonic())
+            if frame is None:
+                return out
+            out.append(frame)
+
+    def kinds(frames):
+        return [f[0] for f in frames]
+    # Rule 4: the message 1 that made the current transport, again: dropped.
+    a.send_data(first_message_1)
+    got = frames_for(0.7)
+    need(noise.HANDSHAKE_2 not in kinds(got), "a replayed HANDSHAKE-1 of the current transport "
+         "was answered")
+    # Rule 7: the same HANDSHAKE-3 again, HS_ANSWER_INTERVAL after the confirmation: another
+    # empty TRANSPORT frame.
+    time.sleep(max(0.0, confirmed_at + 1.1 - time.monotonic()))
+    a.send_data(message_3)
+    got = frames_for(1.0)
+    need(got and all(f[0] == noise.TRANSPORT for f in got),
+         f"a repeated HANDSHAKE-3 got frames of kinds {kinds(got)}, expected a confirmation")
+    need(transport.open(got[0])[2] == b"", "the repeated confirmation is not empty")
+    # Rule 4: a fresh HANDSHAKE-1 on the established channel is answered, another one within
+    # HS_ANSWER_INTERVAL of that answer is not.
+    second = noise.Initiator(a_static, ga.session_id)
+    a.send_data(second.message_1())
+    got = [next_frame(2.0)]
+    need(got[0] is not None and got[0][0] == noise.HANDSHAKE_2,
+         "a fresh HANDSHAKE-1 on the established channel got no HANDSHAKE-2")
+    answer_2 = got[0]
+    third = noise.Initiator(a_static, ga.session_id)
+    a.send_data(third.message_1())
+    got = frames_for(0.5)
+    need(noise.HANDSHAKE_2 not in kinds(got), "a HANDSHAKE-1 less than 1 s after the last "
+         "HANDSHAKE-2 on an established channel was answered")
+    a.send_data(transport.seal(b"the old transport still works"))
+    msg, _ = app.recvfrom(2048)
+    need(msg == b"the old transport still works", f"during the re-handshake the app got {msg!r}")
+    # Rule 11 (the application asks for a new handshake) and rule 8: the responder switches
+    # when message 3 authenticates and confirms under the new keys; frames under the replaced
+    # transport are still received.
+    second.read_message_2(answer_2)
+    message_3b, transport_b = second.message_3()
+    a.send_data(message_3b)
+    got = frames_for(1.0)
+    need(got, "no confirmation of the re-handshake")
+    epoch, counter, plaintext = transport_b.open(got[0])
+    need((len(got[0]), epoch, counter, plaintext) == (29, 0, 0, b""),
+         "the re-handshake's confirmation is not an empty frame at epoch 0, counter 0")
+    a.send_data(transport_b.seal(b"under the new keys"))
+    a.send_data(transport.seal(b"late, under the replaced keys"))
+    for want in (b"under the new keys", b"late, under the replaced keys"):
+        msg, addr = app.recvfrom(2048)
+        need(msg == want, f"after the re-handshake the app got {msg!r}, expected {want!r}")
+    app.sendto(b"answer under the new keys", addr)
+    frame = next_frame(3.0)
+    need(frame is not None, "no answer after the re-handshake")
+    need(transport_b.open(frame)[2] == b"answer under the new keys",
+         "the responder's answer after the re-handshake")
+
+
 def _e2e_exchange(live, noise, ga, a_static, b_public, app, proc):
     a = live.peer(ga, name="noise-A")
     live.peers.append(a)
@@ -1271,7 +1336,8 @@ def _e2e_exchange(live, noise, ga, a_static, b_public, app, proc):
     interval, handshake, frame = 1.0, None, None
     while time.monotonic() < deadline:
         handshake = noise.Initiator(a_static, ga.session_id)
-        a.send_data(handshake.message_1())
+        first_message_1 = handshake.message_1()
+        a.send_data(first_message_1)
         frame = next_frame(interval)
         while frame is not None and frame[0] != noise.HANDSHAKE_2:
             frame = next_frame(interval)
@@ -1304,6 +1370,7 @@ def _e2e_exchange(live, noise, ga, a_static, b_public, app, proc):
             delivered.append(plaintext)
         elif confirmation is None:
             confirmation = (len(frame), epoch, counter)
+            confirmed_at = time.monotonic()
     need(delivered == [b"pong from the application"], f"A got {delivered!r}")
     need(confirmation == (29, 0, 0), f"the confirmation was {confirmation} (length, epoch, "
          "counter), §9.1.1 rule 6 says (29, 0, 0) before any data")
@@ -1315,6 +1382,8 @@ def _e2e_exchange(live, noise, ga, a_static, b_public, app, proc):
     a.send_data(transport.seal(b"second"))
     got, _ = app.recvfrom(2048)
     need(got == b"second", f"after a replayed and a forged frame the application got {got!r}")
+    _e2e_handshake_rules(live, noise, a, ga, a_static, app, transport, first_message_1,
+                         message_3, confirmed_at, next_frame)
     # A CLOSE ends the session for both peers (§3.8), and so the tunnel.
     a.close()
     try:
@@ -1351,7 +1420,7 @@ ALL = [
     ("gateway: over the per-IP limit, 429 rate_limited with Retry-After", gateway_rate_limit),
     ("relay: idle slot reaped with CLOSE IDLE, recovery with a fresh token", idle_and_recovery),
     ("relay: slots reaped with CLOSE EXPIRED at exp + skew", expiry),
-    ("end to end: Noise XX handshake and datagrams both ways with a real ferry-peer tunnel", e2e_with_ferry_peer),
+    ("end to end: Noise XX with a real ferry-peer tunnel: handshake, data both ways, replay, §9.1.1 rules 4, 7, 8, 11", e2e_with_ferry_peer),
     ("relay: restarted, the peers bind again (an old token too), DATA flows", relay_restart),
     ("gateway: an expired join code 404, a renewal past the session's maximum age 410", gateway_expiry),
     ("relay: every datagram a peer received came from the relay's address", no_foreign_datagrams),
