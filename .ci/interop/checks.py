@@ -428,6 +428,72 @@ def gateway_errors(live):
     need(not bad, "; ".join(bad))
 
 
+def gateway_relays_and_admin(live):
+    """gateway-api.md *Relay registry* and the admin routes: a heartbeat of the listed relay
+    with its own address and key is accepted, one that would move it is not; the admin lists
+    and a revocation (of a key made for it) answer as documented."""
+    with open(live.env["relay_key_file"]) as f:
+        relay_key = f.read().strip()
+    with open(live.env["admin_token_file"]) as f:
+        admin_token = f.read().strip()
+    relay_pub = b64(live.relay_public)
+    beat = {"relay_id": live.env["relay_id"], "address": live.relay_v4, "public_key": relay_pub,
+            "sessions": 3, "capacity": 100000}
+    gw = live.gw
+    ok = gw.call("POST", "/v1/relays/heartbeat", api_key=relay_key, doc=beat)
+    need(ok.status == 200, f"heartbeat of the listed relay: {ok}")
+    doc = ok.json()
+    need(set(doc) == {"relay_id", "expires_at"} and doc["relay_id"] == beat["relay_id"],
+         f"heartbeat answer {doc}")
+    need(abs(doc["expires_at"] - time.time() - live.env["heartbeat_ttl_secs"]) <= 2,
+         f"heartbeat expires_at {doc['expires_at'] - time.time():.0f} s away")
+    bad = []
+    for what, body, status, code in (
+            ("another address for the listed relay", dict(beat, address="127.0.0.1:9"), 403,
+             "forbidden"),
+            ("another relay id than the key's", dict(beat, relay_id=2), 403, "forbidden"),
+            ("capacity 0", dict(beat, capacity=0), 400, "bad_request"),
+            ("port 0", dict(beat, address="127.0.0.1:0"), 400, "bad_request"),
+            ("a missing field", {k: v for k, v in beat.items() if k != "sessions"}, 400,
+             "bad_request")):
+        answer = gw.call("POST", "/v1/relays/heartbeat", api_key=relay_key, doc=body)
+        if answer.status != status or answer.error() != code:
+            bad.append(f"heartbeat with {what}: {answer}, documented {status} {code}")
+    host, port = live.env["gateway_admin"].rsplit(":", 1)
+    auth = {"Authorization": f"Bearer {admin_token}"}
+    relays = http_request(host, int(port), "GET", "/admin/v1/relays", headers=auth)
+    if relays.status != 200:
+        bad.append(f"GET /admin/v1/relays: {relays}")
+    else:
+        listed = relays.json()["relays"]
+        mine = [r for r in listed if r["id"] == live.env["relay_id"]]
+        if not mine or mine[0].get("source") != "config" or mine[0].get("healthy") is not True \
+                or mine[0].get("sessions") != 3 or mine[0].get("address") != live.relay_v4:
+            bad.append(f"GET /admin/v1/relays lists {listed}")
+    sessions = http_request(host, int(port), "GET", "/admin/v1/sessions?limit=2", headers=auth)
+    if sessions.status != 200 or len(sessions.json().get("sessions", [])) != 2:
+        bad.append(f"GET /admin/v1/sessions?limit=2: {sessions}")
+    else:
+        view = sessions.json()["sessions"][0]
+        want = {"session_id", "realm", "relay_id", "created_by", "created_at",
+                "join_code_expires_at", "expires_at", "joined", "joined_by"}
+        if set(view) != want:
+            bad.append(f"a session of GET /admin/v1/sessions has the fields {sorted(view)}")
+    plus = http_request(host, int(port), "GET", "/admin/v1/sessions?limit=+1", headers=auth)
+    if plus.status != 400 or plus.error() != "bad_request":
+        bad.append(f"GET /admin/v1/sessions?limit=+1: {plus}")
+    revoked = http_request(host, int(port), "POST", "/admin/v1/keys/revoke", headers=dict(
+        auth, **{"Content-Type": "application/json"}), body=b'{"key_id": "relay1"}')
+    if revoked.status != 200 or revoked.json() != {"key_id": "relay1", "revoked": True,
+                                                   "already_revoked": False,
+                                                   "configured": True}:
+        bad.append(f"POST /admin/v1/keys/revoke: {revoked}")
+    after = gw.call("POST", "/v1/relays/heartbeat", api_key=relay_key, doc=beat)
+    if after.status != 401 or after.error() != "unauthorized":
+        bad.append(f"a heartbeat with the revoked key: {after}")
+    need(not bad, "; ".join(bad))
+
+
 def gateway_renew(live):
     ga = live.main["ga"]
     answer = live.gw.renew(live.api_key, ga.session_id, 0)
@@ -1397,6 +1463,7 @@ ALL = [
     ("gateway: create and join a session, tokens verified against protocol.md §4", gateway_create_join),
     ("gateway: documented error answers (401, 415, 400, 403, 404, 405)", gateway_errors),
     ("gateway: renew slot A (fresh token id and slot secret)", gateway_renew),
+    ("gateway: relay heartbeats, the admin lists, a key revocation", gateway_relays_and_admin),
     ("relay: A binds over IPv4 (CHALLENGE, BIND with cookie, BIND-ACK MAC)", relay_bind_a),
     ("relay: B binds over IPv6, A gets the peer-present notice", relay_bind_b_v6),
     ("relay: DATA both ways forwarded unchanged (up to 1456-byte bodies)", relay_data),
