@@ -7,6 +7,7 @@ import os
 import socket
 import struct
 import subprocess
+import sys
 import time
 
 from cryptography.hazmat.primitives import serialization
@@ -1317,6 +1318,113 @@ def e2e_with_ferry_peer(live):
         app.close()
 
 
+def e2e_ferry_peer_initiates(live):
+    """§9.1.1 rules 1–3 from the other side: a real `ferry-peer tunnel --listen` is slot A (the
+    initiator) and this client slot B (the responder). It answers only the second HANDSHAKE-1
+    (the first must be retried with a fresh ephemeral key) and holds back the confirmation
+    once (the same HANDSHAKE-3 must come again); then one datagram each way."""
+    import ferry_noise as noise
+    fp, work = live.env["ferry_peer"], live.env["work"]
+    a_key = os.path.join(work, "tunnel-a.key")
+    subprocess.run([fp, "keygen", "--out", a_key], check=True, capture_output=True)
+    out = subprocess.run([fp, "pubkey", a_key], check=True, capture_output=True, text=True)
+    a_public_text = out.stdout.strip().split()[-1]
+    a_public = base64.b64decode(a_public_text)
+    b_static = X25519PrivateKey.generate()
+    b_public_text = b64(raw_public(b_static))
+    created = live.gw.create(live.api_key, peer_public_key=a_public_text,
+                             expected_peer=b_public_text)
+    need(created.status == 201, f"create: {created}")
+    joined = live.gw.join(live.api_key, created.json()["join_code"], b_public_text)
+    need(joined.status == 200, f"join: {joined}")
+    grant_path = os.path.join(work, "tunnel-a.grant")
+    fd = os.open(grant_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(created.body)
+    gb = Grant(joined.json())
+    listen_port = int(subprocess.check_output([sys.executable, os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "client.py"), "free-ports", "1"]).split()[0])
+    log_path = os.path.join(work, "tunnel-a.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([fp, "tunnel", "--grant", grant_path, "--identity", a_key,
+                                 "--listen", f"127.0.0.1:{listen_port}",
+                                 "--connect-timeout", "20"], stdout=log, stderr=log)
+    app = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    app.bind(("127.0.0.1", 0))
+    try:
+        b = live.peer(gb, name="noise-B")
+        live.peers.append(b)
+        ack, _ = b.bind()
+        need(ack.type == w.BIND_ACK, f"B's BIND: {ack.name()}")
+
+        def next_frame(timeout):
+            deadline = time.monotonic() + timeout
+            while True:
+                p = b.recv(deadline - time.monotonic())
+                if p is None or p.type == w.DATA:
+                    return p and p.body
+                if p.type == w.BIND_ACK:
+                    b.check_notice(p)
+
+        def next_kind(kind, timeout):
+            deadline = time.monotonic() + timeout
+            while True:
+                frame = next_frame(deadline - time.monotonic())
+                need(proc.poll() is None, f"ferry-peer tunnel exited with {proc.returncode}")
+                if frame is None or frame[0] == kind:
+                    return frame, time.monotonic()
+        first, t1 = next_kind(noise.HANDSHAKE_1, 20)
+        need(first is not None, "no HANDSHAKE-1 from ferry-peer within 20 s")
+        need(len(first) == 33, f"HANDSHAKE-1 frame of {len(first)} bytes, §9 says 1 + 32")
+        second, t2 = next_kind(noise.HANDSHAKE_1, 10)
+        need(second is not None, "the unanswered HANDSHAKE-1 was not retried within 10 s")
+        need(second != first, "the retried HANDSHAKE-1 repeats the first (rule 1: a fresh state)")
+        need(t2 - t1 >= 0.5, f"HANDSHAKE-1 retried after {t2 - t1:.2f} s (HS_RETRY is 1 s)")
+        responder = noise.Responder(b_static, gb.session_id)
+        responder.read_message_1(second)
+        b.send_data(responder.message_2())
+        third, t3 = next_kind(noise.HANDSHAKE_3, 5)
+        need(third is not None, "no HANDSHAKE-3 after HANDSHAKE-2")
+        remote, transport = responder.read_message_3(third)
+        need(remote == a_public, "the initiator's static key is not the one its grant names")
+        again, t4 = next_kind(noise.HANDSHAKE_3, 5)
+        need(again == third, "HANDSHAKE-3 was not resent unchanged without a confirmation "
+             "(rule 3)")
+        need(t4 - t3 >= 0.5, f"HANDSHAKE-3 resent after {t4 - t3:.2f} s (HS_RETRY is 1 s)")
+        b.send_data(transport.seal(b""))  # the confirmation (rule 6)
+        # ferry-peer opens its --listen socket once the channel is up (docs/operations.md,
+        # Peers): the application sends until its datagram comes through, as UDP
+        # applications do.
+        for _ in range(20):
+            app.sendto(b"hello from the application", ("127.0.0.1", listen_port))
+            frame, _ = next_kind(noise.TRANSPORT, 0.25)
+            if frame is not None:
+                break
+        need(frame is not None, "the application's datagram did not come through")
+        _, _, plaintext = transport.open(frame)
+        need(plaintext == b"hello from the application", f"B got {plaintext!r}")
+        b.send_data(transport.seal(b"hello back"))
+        app.settimeout(5)
+        got, source = app.recvfrom(2048)
+        need(got == b"hello back" and source == ("127.0.0.1", listen_port),
+             f"the application got {got!r} from {source}")
+        b.close()
+        try:
+            rc = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            raise CheckFailed("ferry-peer tunnel still runs 10 s after B's CLOSE")
+        need(rc == 0, f"ferry-peer tunnel exited with {rc} after the other peer closed")
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        with open(log_path, "rb") as f:
+            print("---- ferry-peer tunnel's output\n" + f.read().decode(errors="replace")[-2000:])
+        raise
+    finally:
+        app.close()
+
+
 def _e2e_handshake_rules(live, noise, a, ga, a_static, app, transport, first_message_1,
                          message_3, confirmed_at, next_frame):
     """§9.1.1 rules 4, 7, 8 and 11 against the responder, on the established channel."""
@@ -1448,6 +1556,17 @@ def _e2e_exchange(live, noise, ga, a_static, b_public, app, proc):
     a.send_data(transport.seal(b"second"))
     got, _ = app.recvfrom(2048)
     need(got == b"second", f"after a replayed and a forged frame the application got {got!r}")
+    # §9.4: 1427 bytes is the largest datagram the tunnel carries; a longer one is dropped.
+    largest = os.urandom(noise.MAX_PLAINTEXT)
+    a.send_data(transport.seal(largest))
+    got, _ = app.recvfrom(2048)
+    need(got == largest, f"the application got {len(got)} bytes of a 1427-byte datagram")
+    app.sendto(os.urandom(noise.MAX_PLAINTEXT + 1), tunnel_addr)
+    app.sendto(largest, tunnel_addr)
+    frame = next_frame(3.0)
+    need(frame is not None and len(frame) == w.MAX_DATA_BODY,
+         f"after a 1428-byte datagram the first frame is {frame and len(frame)} bytes")
+    need(transport.open(frame)[2] == largest, "the 1427-byte datagram back is not the one sent")
     _e2e_handshake_rules(live, noise, a, ga, a_static, app, transport, first_message_1,
                          message_3, confirmed_at, next_frame)
     # A CLOSE ends the session for both peers (§3.8), and so the tunnel.
@@ -1490,5 +1609,6 @@ ALL = [
     ("end to end: Noise XX with a real ferry-peer tunnel: handshake, data both ways, replay, §9.1.1 rules 4, 7, 8, 11", e2e_with_ferry_peer),
     ("relay: restarted, the peers bind again (an old token too), DATA flows", relay_restart),
     ("gateway: an expired join code 404, a renewal past the session's maximum age 410", gateway_expiry),
+    ("end to end: a real ferry-peer tunnel initiates; its retries of message 1 and 3 (§9.1.1 rules 1-3)", e2e_ferry_peer_initiates),
     ("relay: every datagram a peer received came from the relay's address", no_foreign_datagrams),
 ]

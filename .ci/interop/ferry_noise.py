@@ -1,5 +1,5 @@
 """The end-to-end layer of docs/protocol.md §9, by hand from the Noise spec (revision 34) and
-§9's framing: Noise_XX_25519_ChaChaPoly_BLAKE2s, the initiator's side (slot A), and the
+§9's framing: Noise_XX_25519_ChaChaPoly_BLAKE2s, both sides (slot A initiates, slot B answers), and the
 TRANSPORT frames of §9.2 (epoch 0 only: a short test never rekeys)."""
 
 import hashlib
@@ -156,3 +156,41 @@ class Transport:
         plaintext = self.recv.decrypt(nonce(counter), frame[13:], frame[:13])
         self.seen.add(counter)
         return epoch, counter, plaintext
+
+
+class Responder:
+    """XX as the responder: read message 1, message 2, read message 3, then split()."""
+
+    def __init__(self, static_private, session_id):
+        self.s = static_private
+        self.e = X25519PrivateKey.generate()
+        self.ss = SymmetricState(prologue(session_id))
+        self.re = None
+
+    def read_message_1(self, frame):
+        if len(frame) != 33 or frame[0] != HANDSHAKE_1:
+            raise ValueError(f"HANDSHAKE-1 frame of {len(frame)} bytes, kind {frame[:1].hex()}")
+        self.re = frame[1:33]
+        self.ss.mix_hash(self.re)
+        if self.ss.decrypt_and_hash(b""):
+            raise ValueError("HANDSHAKE-1 with a payload")
+
+    def message_2(self):
+        e_pub = pub_bytes(self.e)
+        self.ss.mix_hash(e_pub)
+        self.ss.mix_key(dh(self.e, self.re))
+        out = e_pub + self.ss.encrypt_and_hash(pub_bytes(self.s))
+        self.ss.mix_key(dh(self.s, self.re))
+        out += self.ss.encrypt_and_hash(b"")
+        return bytes([HANDSHAKE_2]) + out
+
+    def read_message_3(self, frame):
+        """(the initiator's static key, Transport); raises ValueError or InvalidTag."""
+        if len(frame) != 65 or frame[0] != HANDSHAKE_3:
+            raise ValueError(f"HANDSHAKE-3 frame of {len(frame)} bytes, kind {frame[:1].hex()}")
+        rs = self.ss.decrypt_and_hash(frame[1:49])
+        self.ss.mix_key(dh(self.e, rs))
+        if self.ss.decrypt_and_hash(frame[49:65]):
+            raise ValueError("HANDSHAKE-3 with a non-empty payload (§9: payloads are empty)")
+        initiator_send, initiator_recv = self.ss.split()
+        return rs, Transport(initiator_recv, initiator_send)
