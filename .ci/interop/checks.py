@@ -1488,6 +1488,29 @@ def _e2e_handshake_rules(live, noise, a, ga, a_static, app, transport, first_mes
     need(frame is not None, "no answer after the re-handshake")
     need(transport_b.open(frame)[2] == b"answer under the new keys",
          "the responder's answer after the re-handshake")
+    # §9.3: epochs. The receiver opens a frame up to 8 epochs ahead by applying REKEY to a copy
+    # of its key, keeps the epoch it left as the previous one, and drops frames of skipped,
+    # older and too distant epochs.
+    k0 = transport_b.send_key
+    k1 = noise.rekey(k0)
+    k2 = noise.rekey(k1)
+    k3 = noise.rekey(k2)
+    k12 = k3
+    for _ in range(9):
+        k12 = noise.rekey(k12)
+    for frame in (noise.seal_at(k1, 1, 0, b"epoch 1"), noise.seal_at(k3, 3, 0, b"epoch 3"),
+                  noise.seal_at(k1, 1, 1, b"late, epoch 1"),
+                  noise.seal_at(k2, 2, 0, b"skipped epoch 2"),
+                  noise.seal_at(k12, 12, 0, b"9 epochs ahead"),
+                  noise.seal_at(k0, 0, 100, b"epoch 0, two back"),
+                  noise.seal_at(k3, 3, 1, b"marker")):
+        a.send_data(frame)
+    got = []
+    while not got or got[-1] != b"marker":
+        msg, _ = app.recvfrom(2048)
+        got.append(msg)
+    need(got == [b"epoch 1", b"epoch 3", b"late, epoch 1", b"marker"],
+         f"frames of epochs 1, 3, 1, 2, 12, 0, 3 delivered {got}")
 
 
 def _e2e_exchange(live, noise, ga, a_static, b_public, app, proc):
@@ -1606,7 +1629,7 @@ ALL = [
     ("gateway: over the per-IP limit, 429 rate_limited with Retry-After", gateway_rate_limit),
     ("relay: idle slot reaped with CLOSE IDLE, recovery with a fresh token", idle_and_recovery),
     ("relay: slots reaped with CLOSE EXPIRED at exp + skew", expiry),
-    ("end to end: Noise XX with a real ferry-peer tunnel: handshake, data both ways, replay, §9.1.1 rules 4, 7, 8, 11", e2e_with_ferry_peer),
+    ("end to end: Noise XX with a real ferry-peer tunnel: handshake, data both ways, replay, §9.1.1 rules 4, 7, 8, 11, §9.3 epochs", e2e_with_ferry_peer),
     ("relay: restarted, the peers bind again (an old token too), DATA flows", relay_restart),
     ("gateway: an expired join code 404, a renewal past the session's maximum age 410", gateway_expiry),
     ("end to end: a real ferry-peer tunnel initiates; its retries of message 1 and 3 (§9.1.1 rules 1-3)", e2e_ferry_peer_initiates),

@@ -129,10 +129,22 @@ class Initiator:
         return bytes([HANDSHAKE_3]) + out, Transport(send, recv)
 
 
+def rekey(key):
+    """Noise REKEY (§9.3): the first 32 bytes of ENCRYPT(k, 2^64 - 1, empty ad, 32 zeros)."""
+    return ChaCha20Poly1305(key).encrypt(nonce(2**64 - 1), bytes(32), b"")[:32]
+
+
+def seal_at(key, epoch, counter, plaintext):
+    """A TRANSPORT frame under `key` with a chosen epoch and counter (§9.2)."""
+    head = bytes([TRANSPORT]) + struct.pack(">IQ", epoch, counter)
+    return head + ChaCha20Poly1305(key).encrypt(nonce(counter), plaintext, head)
+
+
 class Transport:
     """§9.2 TRANSPORT frames at epoch 0, with a replay check for received counters."""
 
     def __init__(self, send_key, recv_key):
+        self.send_key = send_key
         self.send = ChaCha20Poly1305(send_key)
         self.recv = ChaCha20Poly1305(recv_key)
         self.counter = 0
