@@ -3,6 +3,7 @@ docs/gateway-api.md are the only source of what they expect)."""
 
 import base64
 import ipaddress
+import json
 import os
 import socket
 import struct
@@ -346,6 +347,13 @@ def gateway_errors(live):
                   400, "bad_request"))
     cases.append(("renew: an unknown session", live.gw.renew(live.api_key, 0x0123456789abcdef,
                                                              0), 404, "not_found"))
+    cases.append(("a realm the key may not create in", gw.create(live.api_key, realm="other"),
+                  403, "forbidden"))
+    cases.append(("an invalid realm", gw.create(live.api_key, realm="Upper"), 400,
+                  "bad_request"))
+    cases.append(("a field given twice", gw.call(
+        "POST", "/v1/sessions", api_key=live.api_key,
+        raw_body=b'{"realm": "default", "realm": "default"}'), 400, "bad_request"))
     too_large = gw.call("POST", "/v1/sessions", api_key=live.api_key, announce_only=17000)
     cases.append(("a Content-Length over max_body_bytes", too_large, 413, "payload_too_large"))
     if too_large.headers.get("connection", "").lower() != "close":
@@ -456,8 +464,15 @@ def gateway_relays_and_admin(live):
             ("capacity 0", dict(beat, capacity=0), 400, "bad_request"),
             ("port 0", dict(beat, address="127.0.0.1:0"), 400, "bad_request"),
             ("a missing field", {k: v for k, v in beat.items() if k != "sessions"}, 400,
-             "bad_request")):
-        answer = gw.call("POST", "/v1/relays/heartbeat", api_key=relay_key, doc=body)
+             "bad_request"),
+            ("a fractional capacity", dict(beat, capacity=7.5), 400, "bad_request"),
+            ("capacity 7.0 (an integer, as JSON Schema says)", dict(beat, capacity=7.0), 200,
+             None),
+            ("capacity 7e0", dict(beat, capacity=7e0), 200, None)):
+        raw = json.dumps(body).encode()
+        if "7e0" in what:
+            raw = raw.replace(b'"capacity": 7.0', b'"capacity": 7e0')
+        answer = gw.call("POST", "/v1/relays/heartbeat", api_key=relay_key, raw_body=raw)
         if answer.status != status or answer.error() != code:
             bad.append(f"heartbeat with {what}: {answer}, documented {status} {code}")
     host, port = live.env["gateway_admin"].rsplit(":", 1)
@@ -599,6 +614,17 @@ def relay_retransmission(live):
     old = a.request(same, seq - 1)
     need(old is not None, "no answer to a BIND with a number below last")
     expect_reject(old, w.REPLAYED, "the bound token with a lower number")
+    # The same BIND with a higher number is accepted and raises last: a REBIND between the two
+    # numbers is then REPLAYED.
+    higher = a.request(same, seq + 10)
+    need(higher is not None and higher.type == w.BIND_ACK and higher.seq == seq + 10,
+         f"the bound token with a higher number: {higher and higher.name()}")
+    a.last_acked = seq + 10
+    between = a.request(lambda n, c: w.rebind_packet(a.session_id, a.slot, n, c, a.k_peer),
+                        seq + 5)
+    need(between is not None, "no answer to a REBIND below the raised last")
+    expect_reject(between, w.REPLAYED, "a REBIND below the number of an accepted BIND")
+    a.seq = max(a.seq, seq + 10)
     live.wait_metric(before, "ferry_binds_rejected_total", reason="replayed")
 
 
@@ -849,6 +875,14 @@ def cookies(live):
     p = challenge(two, first.cookie)
     need(p.type == w.CHALLENGE, f"another address's cookie: {p.name()}")
     need(p.cookie != first.cookie, "two source ports got the same cookie")
+    # Another session from the same address: the cookie covers the session id.
+    other_sid = random_session_id()
+    other_token, other_secret = live.mint(other_sid, 0)
+    one.send(w.bind_packet(other_sid, 0, one.next_seq(), first.cookie, other_token,
+                           w.slot_keys(other_secret)[0]))
+    p = one.expect(w.CHALLENGE, 2.0)
+    need(p is not None and p.session_id == other_sid,
+         "a cookie of one session used for another was not challenged")
     # Another slot of the same session from the same address: the cookie covers the slot.
     other_slot = w.bind_packet(sid, 1, one.next_seq(), first.cookie, token, one.k_peer)
     one.send(other_slot)
@@ -1273,15 +1307,12 @@ def gateway_rate_limit(live):
 # The end-to-end layer (§9) against a real ferry-peer
 
 
-def e2e_with_ferry_peer(live):
-    """§9.1–§9.4: this client is slot A (the Noise initiator) and a real `ferry-peer tunnel`
-    slot B (`--connect`, delivering to a UDP socket of this process): the handshake, the
-    responder's key confirmation (an empty TRANSPORT frame, epoch 0, counter 0), one
-    application datagram each way, a replayed frame not delivered twice, and a CLOSE that
-    ends the tunnel."""
-    import ferry_noise as noise
+def _tunnel_b(live, name):
+    """A session whose slot B is a real `ferry-peer tunnel --connect` delivering to a UDP
+    socket of this process; slot A is left to the caller. Returns (A's grant, A's static key,
+    B's public key, the application socket, the process, its log path)."""
     fp, work = live.env["ferry_peer"], live.env["work"]
-    b_key = os.path.join(work, "tunnel-b.key")
+    b_key = os.path.join(work, f"{name}-b.key")
     subprocess.run([fp, "keygen", "--out", b_key], check=True, capture_output=True)
     out = subprocess.run([fp, "pubkey", b_key], check=True, capture_output=True, text=True)
     b_public_text = out.stdout.strip().split()[-1]
@@ -1293,20 +1324,23 @@ def e2e_with_ferry_peer(live):
     need(created.status == 201, f"create: {created}")
     joined = live.gw.join(live.api_key, created.json()["join_code"], b_public_text)
     need(joined.status == 200, f"join: {joined}")
-    grant_path = os.path.join(work, "tunnel-b.grant")
+    grant_path = os.path.join(work, f"{name}-b.grant")
     fd = os.open(grant_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(joined.body)
-    ga = Grant(created.json())
     app = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     app.bind(("127.0.0.1", 0))
-    log_path = os.path.join(work, "tunnel-b.log")
+    log_path = os.path.join(work, f"{name}-b.log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([fp, "tunnel", "--grant", grant_path, "--identity", b_key,
                                  "--connect", "127.0.0.1:%d" % app.getsockname()[1],
                                  "--connect-timeout", "20"], stdout=log, stderr=log)
+    return Grant(created.json()), a_static, b_public, app, proc, log_path
+
+
+def _run_with_tunnel(proc, log_path, app, body):
     try:
-        _e2e_exchange(live, noise, ga, a_static, b_public, app, proc)
+        body()
     except BaseException:
         if proc.poll() is None:
             proc.kill()
@@ -1316,6 +1350,56 @@ def e2e_with_ferry_peer(live):
         raise
     finally:
         app.close()
+
+
+def e2e_with_ferry_peer(live):
+    """§9.1–§9.4: this client is slot A (the Noise initiator) and a real `ferry-peer tunnel`
+    slot B (`--connect`, delivering to a UDP socket of this process): the handshake, the
+    responder's key confirmation (an empty TRANSPORT frame, epoch 0, counter 0), application
+    datagrams each way, replayed and forged frames, the rules of §9.1.1 on an established
+    channel, epochs (§9.3), and a CLOSE that ends the tunnel."""
+    import ferry_noise as noise
+    ga, a_static, b_public, app, proc, log_path = _tunnel_b(live, "tunnel")
+    _run_with_tunnel(proc, log_path, app,
+                     lambda: _e2e_exchange(live, noise, ga, a_static, b_public, app, proc))
+
+
+def e2e_wrong_identity_connecting(live):
+    """The reference peer while connecting (no transport yet): a handshake finished with
+    another static key than the one its grant pins ends `ferry-peer tunnel` with an error
+    (§9.1.1, *wrong identity*; docs/operations.md, Peers)."""
+    import ferry_noise as noise
+    ga, _, _, app, proc, log_path = _tunnel_b(live, "impostor")
+
+    def body():
+        a = live.peer(ga, name="impostor-A")
+        live.peers.append(a)
+        ack, _ = a.bind()
+        need(ack.type == w.BIND_ACK, f"A's BIND: {ack.name()}")
+        deadline = time.monotonic() + 20
+        frame = None
+        while frame is None and time.monotonic() < deadline:
+            impostor = noise.Initiator(X25519PrivateKey.generate(), ga.session_id)
+            a.send_data(impostor.message_1())
+            p = a.recv(1.0)
+            while p is not None and p.type != w.DATA:
+                p = a.recv(1.0)
+            frame = p and p.body
+            need(proc.poll() is None, f"ferry-peer tunnel exited with {proc.returncode}")
+        need(frame is not None and frame[0] == noise.HANDSHAKE_2, "no HANDSHAKE-2 within 20 s")
+        impostor.read_message_2(frame)
+        a.send_data(impostor.message_3()[0])
+        try:
+            rc = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            raise CheckFailed("ferry-peer tunnel still runs 10 s after a handshake with the "
+                              "wrong identity while connecting")
+        with open(log_path, "rb") as f:
+            output = f.read().decode(errors="replace")
+        need(rc == 1 and "wrong identity" in output,
+             f"ferry-peer tunnel exited with {rc}, output {output[-300:]!r}")
+        a.close()
+    _run_with_tunnel(proc, log_path, app, body)
 
 
 def e2e_ferry_peer_initiates(live):
@@ -1459,6 +1543,7 @@ def _e2e_handshake_rules(live, noise, a, ga, a_static, app, transport, first_mes
     need(got[0] is not None and got[0][0] == noise.HANDSHAKE_2,
          "a fresh HANDSHAKE-1 on the established channel got no HANDSHAKE-2")
     answer_2 = got[0]
+    answered_at = time.monotonic()
     third = noise.Initiator(a_static, ga.session_id)
     a.send_data(third.message_1())
     got = frames_for(0.5)
@@ -1488,6 +1573,21 @@ def _e2e_handshake_rules(live, noise, a, ga, a_static, app, transport, first_mes
     need(frame is not None, "no answer after the re-handshake")
     need(transport_b.open(frame)[2] == b"answer under the new keys",
          "the responder's answer after the re-handshake")
+    # Rules 5 and 12: on an established channel, a handshake finished with another static key
+    # than the expected one is discarded without a confirmation; the transport goes on.
+    time.sleep(max(0.0, answered_at + 1.1 - time.monotonic()))
+    impostor = noise.Initiator(X25519PrivateKey.generate(), ga.session_id)
+    a.send_data(impostor.message_1())
+    frame = next_frame(2.0)
+    need(frame is not None and frame[0] == noise.HANDSHAKE_2,
+         "a fresh HANDSHAKE-1 1 s after the last answer got no HANDSHAKE-2")
+    impostor.read_message_2(frame)
+    a.send_data(impostor.message_3()[0])
+    got = frames_for(0.7)
+    need(not got, f"a handshake with the wrong static key was answered: kinds {kinds(got)}")
+    a.send_data(transport_b.seal(b"after the impostor"))
+    msg, _ = app.recvfrom(2048)
+    need(msg == b"after the impostor", f"after a wrong-identity handshake the app got {msg!r}")
     # §9.3: epochs. The receiver opens a frame up to 8 epochs ahead by applying REKEY to a copy
     # of its key, keeps the epoch it left as the previous one, and drops frames of skipped,
     # older and too distant epochs.
@@ -1632,6 +1732,7 @@ ALL = [
     ("end to end: Noise XX with a real ferry-peer tunnel: handshake, data both ways, replay, §9.1.1 rules 4, 7, 8, 11, §9.3 epochs", e2e_with_ferry_peer),
     ("relay: restarted, the peers bind again (an old token too), DATA flows", relay_restart),
     ("gateway: an expired join code 404, a renewal past the session's maximum age 410", gateway_expiry),
+    ("end to end: ferry-peer gives up connecting on a handshake with the wrong identity", e2e_wrong_identity_connecting),
     ("end to end: a real ferry-peer tunnel initiates; its retries of message 1 and 3 (§9.1.1 rules 1-3)", e2e_ferry_peer_initiates),
     ("relay: every datagram a peer received came from the relay's address", no_foreign_datagrams),
 ]
