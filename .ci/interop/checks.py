@@ -347,6 +347,13 @@ def gateway_errors(live):
                   400, "bad_request"))
     cases.append(("renew: an unknown session", live.gw.renew(live.api_key, 0x0123456789abcdef,
                                                              0), 404, "not_found"))
+    # The checks run in a fixed order: authentication before the body, 415 before 400.
+    cases.append(("a wrong key with a bad body", gw.call(
+        "POST", "/v1/sessions", api_key=wrong, raw_body=b"[", content_type=None), 401,
+        "unauthorized"))
+    cases.append(("no Content-Type and an unknown field", gw.call(
+        "POST", "/v1/sessions", api_key=live.api_key, raw_body=b'{"colour": 1}',
+        content_type=None), 415, "unsupported_media_type"))
     cases.append(("a realm the key may not create in", gw.create(live.api_key, realm="other"),
                   403, "forbidden"))
     cases.append(("an invalid realm", gw.create(live.api_key, realm="Upper"), 400,
@@ -826,6 +833,15 @@ def malformed_headers(live):
         ("too_long", w.header(w.DATA, sid, 3000) + bytes(3000)),
         ("too_long", w.header(w.DATA, sid, 65000) + bytes(65000)),
         ("body_length_out_of_range", w.header(w.KEEPALIVE, sid, 1) + b"\0"),
+        # Several rules broken: the first in §2.1's order is the one counted.
+        ("too_long", b"XX" + bytes(1500)),
+        ("bad_magic", w.header(w.KEEPALIVE, 0, 5, magic=b"fr", version=9, reserved=1)),
+        ("bad_version", w.header(w.KEEPALIVE, sid, 0, version=0, reserved=7)),
+        ("unknown_type", w.header(0, 0, 3)),
+        ("zero_session", w.header(w.DATA, 0, 0, reserved=1)),
+        ("reserved_non_zero", w.header(w.DATA, sid, 9, reserved=1)),
+        ("length_mismatch", w.header(w.KEEPALIVE, sid, 5)),
+        ("body_length_out_of_range", w.header(w.DATA, sid, 0)),
         ("body", w.bind_packet(sid, 0, 1, bytes(16), token, k_peer, reserved=1)),
         ("body", w.bind_packet(sid, 0, 1, bytes(16), token, k_peer, token_len=207)),
         ("body", w.bind_packet(sid, 2, 1, bytes(16), token, k_peer)),
@@ -888,9 +904,17 @@ def cookies(live):
     one.send(other_slot)
     p = one.expect(w.CHALLENGE, 2.0)
     need(p is not None, "a cookie of slot A used for slot B was not challenged")
-    # And the valid cookie is accepted, with a new number (§3.2).
-    p = challenge(one, first.cookie)
-    need(p.type == w.BIND_ACK, f"the valid cookie: {p.name()}")
+    # And the valid cookie is accepted; the repeat MAY reuse the challenged request's number
+    # (§3.1: a request answered with a CHALLENGE sets nothing).
+    seq = one.next_seq()
+    one.send(w.bind_packet(sid, 0, seq, bytes(16), token, one.k_peer))
+    p = one.expect(w.CHALLENGE, 2.0)
+    need(p is not None and p.seq == seq and p.cookie == first.cookie,
+         "no CHALLENGE with the same cookie for the same address, session and slot")
+    p = one.request(lambda n, _: w.bind_packet(sid, 0, n, first.cookie, token, one.k_peer),
+                    seq)
+    need(p is not None and p.type == w.BIND_ACK and p.seq == seq,
+         f"the valid cookie with the challenged request's number: {p and p.name()}")
     one.close(seq=one.next_seq())
 
 
