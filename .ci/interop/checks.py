@@ -1232,6 +1232,45 @@ def gateway_expiry(live):
         need(metric(after, name) > metric(before, name), f"{name} did not grow")
 
 
+def logs_hold_no_secrets(live):
+    """gateway-api.md *Audit log* and docs/operations.md *Observability*: the logs never hold
+    an API key, admin token, token, slot secret, join code or payload bytes; the relay logs its
+    security events under `ferry::security` (these come early in the run: the relay logs at
+    most 10 a second, bursts of 50, and the bind flood's events may be held back)."""
+    import ferry_gateway
+    secrets = set(ferry_gateway.SECRETS_SEEN)
+    for name in ("api_key_file", "join_only_key_file", "relay_key_file", "admin_token_file"):
+        with open(live.env[name]) as f:
+            key = f.read().strip()
+        secrets.add(key)
+        secrets.add(key.rsplit(".", 1)[1])  # the secret part alone
+    forms = set()
+    for secret in secrets:
+        forms.add(secret)
+        try:
+            raw = base64.b64decode(secret, validate=True)
+            forms.add(raw.hex())
+        except ValueError:
+            pass
+    forms |= {"hello from the application", "ping from a client written from protocol.md"}
+    need(len(secrets) > 20, f"only {len(secrets)} secrets were seen: the check would be empty")
+    bad = []
+    logs = {}
+    for name in ("gateway_log", "relay_log"):
+        with open(live.env[name], errors="replace") as f:
+            logs[name] = f.read()
+        for form in forms:
+            if form in logs[name]:
+                bad.append(f"{name} holds a secret or payload ({form[:6]}…)")
+    relay = logs["relay_log"]
+    for event, reason in (("bind_refused", "bad_proof"), ("bind_refused", "token_expired"),
+                          ("close_refused", "bad_close")):
+        if not any("ferry::security" in line and f'event="{event}"' in line and
+                   f'reason="{reason}"' in line for line in relay.splitlines()):
+            bad.append(f"the relay log has no ferry::security event={event} reason={reason}")
+    need(not bad, "; ".join(bad[:6]))
+
+
 def no_foreign_datagrams(live):
     """§1: everything a peer receives from the relay comes from the address it sends to."""
     bad = []
@@ -1791,5 +1830,6 @@ ALL = [
     ("end to end: ferry-peer gives up connecting on a handshake with the wrong identity", e2e_wrong_identity_connecting),
     ("end to end: a real ferry-peer tunnel initiates; its retries of message 1 and 3 (§9.1.1 rules 1-3)", e2e_ferry_peer_initiates),
     ("relay: restarted, the peers bind again (an old token too), DATA flows", relay_restart),
+    ("logs: no key, token, slot secret, join code or payload; the relay's security events", logs_hold_no_secrets),
     ("relay: every datagram a peer received came from the relay's address", no_foreign_datagrams),
 ]

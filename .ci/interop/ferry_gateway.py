@@ -101,13 +101,30 @@ class Grant:
                 ("token relay id", t.relay_id, self.relay_id), ("token nbf", t.nbf,
                                                                 self.not_before),
                 ("token exp", t.exp, self.expires_at),
-                ("token lifetime exp - nbf", t.exp - t.nbf, lifetime)]
+                ("token lifetime exp - nbf", t.exp - t.nbf, lifetime),
+                ("token rate (sessions.rate_bytes_per_sec, default 0)", t.rate, 0)]
         for what, got, expected in want:
             if got != expected:
                 problems.append(f"{what} is {got}, expected {expected}")
         if not t.signature_ok(gateway_public):
             problems.append("the token's Ed25519 signature does not verify under the gateway key")
         return problems
+
+
+# Every secret string an answer carried (tokens, slot secrets, join codes): the last check
+# looks for them in the logs, which must never hold one (gateway-api.md, Audit log).
+SECRETS_SEEN = set()
+
+
+def remember_secrets(answer):
+    try:
+        doc = json.loads(answer.body)
+    except ValueError:
+        return
+    if isinstance(doc, dict):
+        for field in ("token", "slot_secret", "join_code"):
+            if isinstance(doc.get(field), str):
+                SECRETS_SEEN.add(doc[field])
 
 
 class GatewayClient:
@@ -138,8 +155,10 @@ class GatewayClient:
         if self.sources:
             source = (self.sources[self.turn % len(self.sources)], 0)
             self.turn += 1
-        return http_request(self.host, self.port, method, path, body=body, headers=headers,
-                            tls_ca=self.ca, announce_only=announce_only, source=source)
+        answer = http_request(self.host, self.port, method, path, body=body, headers=headers,
+                              tls_ca=self.ca, announce_only=announce_only, source=source)
+        remember_secrets(answer)
+        return answer
 
     def create(self, api_key, peer_public_key=None, expected_peer=None, realm=None):
         doc = {}
