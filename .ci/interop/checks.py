@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+import ferry_noise as noise
 import ferry_wire as w
 from ferry_gateway import (GatewayClient, Grant, HttpAnswer, http_request, metric, metrics,
                            read_public_key_file)
@@ -1454,7 +1455,6 @@ def e2e_with_ferry_peer(live):
     responder's key confirmation (an empty TRANSPORT frame, epoch 0, counter 0), application
     datagrams each way, replayed and forged frames, the rules of §9.1.1 on an established
     channel, epochs (§9.3), and a CLOSE that ends the tunnel."""
-    import ferry_noise as noise
     ga, a_static, b_public, app, proc, log_path = _tunnel_b(live, "tunnel")
     _run_with_tunnel(proc, log_path, app,
                      lambda: _e2e_exchange(live, noise, ga, a_static, b_public, app, proc))
@@ -1464,7 +1464,6 @@ def e2e_wrong_identity_connecting(live):
     """The reference peer while connecting (no transport yet): a handshake finished with
     another static key than the one its grant pins ends `ferry-peer tunnel` with an error
     (§9.1.1, *wrong identity*; docs/operations.md, Peers)."""
-    import ferry_noise as noise
     ga, _, _, app, proc, log_path = _tunnel_b(live, "impostor")
 
     def body():
@@ -1503,7 +1502,6 @@ def e2e_ferry_peer_initiates(live):
     initiator) and this client slot B (the responder). It answers only the second HANDSHAKE-1
     (the first must be retried with a fresh ephemeral key) and holds back the confirmation
     once (the same HANDSHAKE-3 must come again); then one datagram each way."""
-    import ferry_noise as noise
     fp, work = live.env["ferry_peer"], live.env["work"]
     a_key = os.path.join(work, "tunnel-a.key")
     subprocess.run([fp, "keygen", "--out", a_key], check=True, capture_output=True)
