@@ -1064,13 +1064,16 @@ def unbound_traffic(live):
 
 
 def byte_budget(live):
-    """§3.5: a slot's budget holds max(1 s of its rate, 2944 bytes) and charges whole
-    datagrams; DATA over it is dropped and counted as rate_limited."""
+    """§3.5: a slot's budget holds max(1 s of its rate, 2944 bytes) and charges each DATA
+    datagram its whole length, header included; DATA over it is dropped and counted as
+    rate_limited. At a rate claim of 1 B/s nothing refills during the check: two full
+    datagrams (2 × 1472 = 2944 bytes) pass, and then not even a 17-byte one, which would fit
+    if only bodies were charged (2944 − 2 × 1456 = 32 bytes left)."""
     before = live.relay_metrics()
     sid = random_session_id()
     peers = []
     for slot in (0, 1):
-        token, secret = live.mint(sid, slot, rate=1500)
+        token, secret = live.mint(sid, slot, rate=1)
         p = RelayPeer(live.relay_v4, sid, slot, token, secret, name=f"budget-{slot}")
         live.peers.append(p)
         ack, _ = p.bind()
@@ -1078,8 +1081,9 @@ def byte_budget(live):
         peers.append(p)
     a, b = peers
     a.expect(w.BIND_ACK, 1.0)  # the peer-present notice
-    full = [w.data_packet(sid, bytes([i]) * w.MAX_DATA_BODY) for i in range(5)]
-    for datagram in full:
+    sent = [w.data_packet(sid, bytes([i]) * w.MAX_DATA_BODY) for i in range(2)]
+    sent += [w.data_packet(sid, b"x"), w.data_packet(sid, b"y" * w.MAX_DATA_BODY)]
+    for datagram in sent:
         a.send(datagram)
     got = []
     while True:
@@ -1087,10 +1091,13 @@ def byte_budget(live):
         if p is None:
             break
         got.append(p.raw)
-    need(got[:2] == full[:2], f"{len(got)} datagrams arrived; the first two (2944 bytes, the "
-         "budget's least size) must")
-    need(len(got) <= 3, f"{len(got)} of 5 full datagrams forwarded at 1500 B/s")
+    need(got == sent[:2], f"{len(got)} datagrams forwarded ({[len(d) for d in got]} bytes); "
+         "expected the two full ones only")
     live.wait_metric(before, "ferry_drops_total", 2, reason="rate_limited")
+    # The other direction has a budget of its own.
+    b.send_data(b"the other direction")
+    p = a.expect(w.DATA, 1.0)
+    need(p is not None and p.body == b"the other direction", "B → A lost: budgets are per slot")
     a.close()
 
 
@@ -1817,7 +1824,7 @@ ALL = [
     ("relay: token refusals of §4.2 with their REJECT reasons", token_refusals),
     ("relay: probe token answered with a BIND-ACK that binds nothing", probe_token),
     ("relay: DATA/KEEPALIVE from unbound sources dropped, REBIND UNKNOWN_SESSION", unbound_traffic),
-    ("relay: a slot's byte budget (rate 1500 B/s: 2944-byte burst, then rate_limited)", byte_budget),
+    ("relay: a slot's byte budget: 2944 bytes, whole datagrams charged, then rate_limited", byte_budget),
     ("relay: BINDs over the source's bind rate dropped (bind_rate_limited)", bind_rate),
     ("relay: slots per source: BIND and REBIND beyond the maximum get OVERLOADED", slots_per_source),
     ("gateway: over the per-IP limit, 429 rate_limited with Retry-After", gateway_rate_limit),
