@@ -1365,6 +1365,52 @@ def slots_per_source(live):
         p.close()
 
 
+def flood_one(live, headers):
+    """One unauthenticated create from the flood's address."""
+    gw = GatewayClient(live.env["gateway"], live.env["ca"], sources=["127.0.1.250"])
+    return gw.call("POST", "/v1/sessions", doc={}, extra_headers=headers)
+
+
+def raw_https(live, request):
+    """Sends raw bytes over TLS to the public listener; returns everything read back."""
+    import ssl
+    context = ssl.create_default_context(cafile=live.env["ca"])
+    with socket.create_connection((live.gw.host, live.gw.port), timeout=5) as tcp:
+        with context.wrap_socket(tcp, server_hostname=live.gw.host) as tls:
+            tls.sendall(request)
+            out = b""
+            while True:
+                try:
+                    chunk = tls.recv(65536)
+                except (OSError, ssl.SSLError):
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            return out
+
+
+def gateway_http_layer(live):
+    """gateway-api.md *Errors*: the HTTP layer answers a malformed request line 400 and a head
+    with more than 64 headers 431, both with an empty body and `Connection: close`."""
+    bad = []
+    for what, request, status in (
+            ("a malformed request line", b"GARBAGE\r\n\r\n", b"400"),
+            ("70 headers", b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(
+                b"X-H%d: v\r\n" % i for i in range(70)) + b"\r\n", b"431"),
+            ("a 17 KiB head", b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 17000 +
+             b"\r\n\r\n", b"431")):
+        answer = raw_https(live, request)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        fields = {l.split(b":", 1)[0].strip().lower(): l.split(b":", 1)[1].strip()
+                  for l in lines[1:] if b":" in l}
+        if not lines[0].startswith(b"HTTP/1.1 " + status) or body or \
+                fields.get(b"connection", b"").lower() != b"close":
+            bad.append(f"{what}: {answer[:120]!r}")
+    need(not bad, "; ".join(bad))
+
+
 def gateway_rate_limit(live):
     """gateway-api.md *Abuse controls*: over the per-IP limit, 429 `rate_limited` with
     Retry-After, before authentication."""
@@ -1399,6 +1445,16 @@ def gateway_rate_limit(live):
     need(set(statuses[:-1]) == {401}, f"before the 429: {sorted(set(statuses[:-1]))}")
     need(len(statuses) > 40, f"429 after {len(statuses) - 1} requests; the burst is 40")
     need(answer.error() == "rate_limited", f"429 body {answer.body!r}")
+    # X-Forwarded-For from a peer that is not a trusted proxy is ignored: the audit log names
+    # the TCP peer as the client (the bucket may have refilled a token meanwhile, so the
+    # status is 401 or 429).
+    forwarded = flood_one(live, {"X-Forwarded-For": "198.18.0.77"})
+    need(forwarded.status in (401, 429), f"with X-Forwarded-For: {forwarded}")
+    time.sleep(0.2)
+    with open(live.env["gateway_log"], errors="replace") as f:
+        audit = f.read()
+    need("client=198.18.0.77" not in audit, "the audit log took X-Forwarded-For from an "
+         "untrusted peer as the client")
     retry = answer.headers.get("retry-after", "")
     need(retry.isdigit() and int(retry) >= 1, f"Retry-After {retry!r}")
     after = metrics(live.env["gateway_admin"])
@@ -1827,6 +1883,7 @@ ALL = [
     ("relay: a slot's byte budget: 2944 bytes, whole datagrams charged, then rate_limited", byte_budget),
     ("relay: BINDs over the source's bind rate dropped (bind_rate_limited)", bind_rate),
     ("relay: slots per source: BIND and REBIND beyond the maximum get OVERLOADED", slots_per_source),
+    ("gateway: the HTTP layer's 400 and 431 (empty body, Connection: close)", gateway_http_layer),
     ("gateway: over the per-IP limit, 429 rate_limited with Retry-After", gateway_rate_limit),
     ("relay: idle slot reaped with CLOSE IDLE, recovery with a fresh token", idle_and_recovery),
     ("relay: slots reaped with CLOSE EXPIRED at exp + skew", expiry),
