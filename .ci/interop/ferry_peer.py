@@ -216,7 +216,8 @@ class RelayPeer:
         def build(n, cookie):
             return w.rebind_packet(self.session_id, self.slot, n, cookie, self.k_peer)
         p, challenges = self._bind_like(build, self.next_seq(), "REBIND", timeout)
-        self._accept_ack(p)
+        token_exp = w.Token(self.token).exp if len(self.token) == w.TOKEN_LEN else None
+        self._accept_ack(p, token_exp)
         return p, challenges
 
     def keepalive(self, timeout=2.0):
