@@ -312,6 +312,21 @@ def gateway_create_join(live):
     live.main["unused_code"] = unused.json()["join_code"]
 
 
+def cli_create_and_bind(live):
+    """The client's own command line: `create` writes a grant, `bind` binds it."""
+    client = os.path.join(os.path.dirname(os.path.abspath(__file__)), "client.py")
+    grant = os.path.join(live.env["work"], "cli.grant")
+    with open(grant, "wb") as out:
+        subprocess.run([sys.executable, client, "create", "--gateway", live.env["gateway"],
+                        "--ca", live.env["ca"], "--api-key-file", live.env["api_key_file"]],
+                       stdout=out, check=True, timeout=20)
+    result = subprocess.run([sys.executable, client, "bind", "--grant", grant],
+                            capture_output=True, text=True, timeout=20)
+    need(result.returncode == 0 and "BIND-ACK" in result.stdout and
+         "keepalive echoed" in result.stdout, f"client.py bind: {result.stdout!r} "
+         f"{result.stderr[-300:]!r}")
+
+
 def gateway_errors(live):
     gw = live.gw
     gw_before = metrics(live.env["gateway_admin"])
@@ -1860,6 +1875,7 @@ def _e2e_exchange(live, noise, ga, a_static, b_public, app, proc):
 
 ALL = [
     ("gateway: create and join a session, tokens verified against protocol.md §4", gateway_create_join),
+    ("client.py create, then client.py bind of its grant", cli_create_and_bind),
     ("gateway: documented error answers (401, 415, 400, 403, 404, 405)", gateway_errors),
     ("gateway: renew slot A (fresh token id and slot secret)", gateway_renew),
     ("gateway: relay heartbeats, the admin lists, a key revocation", gateway_relays_and_admin),

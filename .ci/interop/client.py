@@ -10,6 +10,8 @@ CLI:
   client.py free-ports N             N free loopback ports (TCP and UDP), for the run script
   client.py wait-relay ADDR SECS     wait for the relay admin listener's /readyz to answer 200
   client.py mint-keygen FILE         an Ed25519 seed for minting test tokens; prints its public key
+  client.py create|join|renew ...    the gateway's routes by hand; the grant (JSON) to stdout
+  client.py bind --grant FILE        bind a grant's slot, check a KEEPALIVE echo, then CLOSE
 """
 
 import json
@@ -141,6 +143,63 @@ def mint_keygen(path):
     print(b64(raw_public(Ed25519PrivateKey.from_private_bytes(seed))))
 
 
+def peer_commands(argv):
+    """create / join / renew / bind: the gateway calls and a bind, by hand."""
+    import argparse
+    import ferry_wire as w
+    from ferry_gateway import GatewayClient, Grant
+    from ferry_peer import RelayPeer
+    parser = argparse.ArgumentParser(prog="client.py")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("create", "join", "renew"):
+        p = sub.add_parser(name, help=f"POST the gateway's {name} route; the grant to stdout")
+        p.add_argument("--gateway", required=True, help="https://host:port")
+        p.add_argument("--ca", required=True, help="PEM file the gateway's certificate chains to")
+        p.add_argument("--api-key-file", required=True)
+        if name == "create":
+            p.add_argument("--peer-key", help="this peer's Noise key, base64")
+            p.add_argument("--expect-peer", help="the other peer's key, base64")
+        elif name == "join":
+            p.add_argument("--code", required=True)
+            p.add_argument("--peer-key", help="this peer's Noise key, base64")
+        else:
+            p.add_argument("--grant", required=True, help="the grant of the slot to renew")
+    p = sub.add_parser("bind", help="bind a grant's slot, check a KEEPALIVE echo, CLOSE")
+    p.add_argument("--grant", required=True)
+    p.add_argument("--relay", help="ip:port instead of the grant's relay address")
+    args = parser.parse_args(argv[1:])
+    if args.command == "bind":
+        with open(args.grant) as f:
+            grant = Grant(json.load(f))
+        peer = RelayPeer(args.relay or grant.relay_address, grant.session_id, grant.slot,
+                         grant.token.raw, grant.slot_secret)
+        answer, challenges = peer.bind()
+        print(f"{len(challenges)} CHALLENGE(s), then {answer.name()}")
+        if answer.type != w.BIND_ACK:
+            return 1
+        print(f"peer_present {answer.peer_present} idle_timeout {answer.idle_timeout} "
+              f"expires_at {answer.expires_at}")
+        print("keepalive echoed" if peer.keepalive() else "keepalive NOT echoed")
+        peer.close()
+        return 0
+    with open(args.api_key_file) as f:
+        key = f.read().strip()
+    gw = GatewayClient(args.gateway, args.ca)
+    if args.command == "create":
+        answer = gw.create(key, peer_public_key=args.peer_key, expected_peer=args.expect_peer)
+    elif args.command == "join":
+        answer = gw.join(key, args.code, peer_public_key=args.peer_key)
+    else:
+        with open(args.grant) as f:
+            grant = Grant(json.load(f))
+        answer = gw.renew(key, grant.session_id, grant.slot)
+    if answer.status not in (200, 201):
+        print(f"{answer.status} {answer.body.decode(errors='replace')}", file=sys.stderr)
+        return 1
+    sys.stdout.write(answer.body.decode() + "\n")
+    return 0
+
+
 def main(argv):
     if len(argv) >= 2 and argv[1] == "selftest":
         selftest()
@@ -156,6 +215,8 @@ def main(argv):
     if len(argv) == 3 and argv[1] == "mint-keygen":
         mint_keygen(argv[2])
         return 0
+    if len(argv) >= 2 and argv[1] in ("create", "join", "renew", "bind"):
+        return peer_commands(argv)
     print(__doc__, file=sys.stderr)
     return 2
 
