@@ -780,6 +780,20 @@ def relay_renewal(live):
     a.send_data(b"after renewal")
     need(b.expect(w.DATA, 2.0) is not None, "A → B lost after the renewals")
     need(a.keepalive() is not None, "no KEEPALIVE echo after the renewal")
+    # §3.1: a BIND with another token has no sequence check, and its number becomes last.
+    renewed = live.gw.renew(live.api_key, a.session_id, 0)
+    need(renewed.status == 200, f"renew: {renewed}")
+    fresh = Grant(renewed.json())
+    high = a.seq
+    ack, _ = a.bind(token=fresh.token.raw, slot_secret=fresh.slot_secret, seq=high - 1000)
+    need(ack.type == w.BIND_ACK and ack.seq == high - 1000,
+         f"a renewal with a number below last: {ack.name()}")
+    a.seq = high - 600
+    ack, _ = a.rebind()
+    need(ack.type == w.BIND_ACK and ack.seq == high - 599,
+         f"a REBIND above the renewal's number but below the old last: {ack.name()}")
+    a.seq = high
+    live.main["ga_renewed"] = fresh
     # The old K_peer no longer proves the slot; the fresh one does.
     old_k_peer = w.slot_keys(live.main["ga"].slot_secret)[0]
     answer = a.request(lambda n, c: w.rebind_packet(a.session_id, a.slot, n, c, old_k_peer),
@@ -1075,7 +1089,13 @@ def unbound_traffic(live):
     answer, _ = free_slot.rebind()
     expect_reject(answer, w.UNKNOWN_SESSION, "a REBIND for the free slot of a held session")
     live.wait_metric(before, "ferry_binds_rejected_total", 2, reason="unknown_session")
+    # A CLOSE of a half-bound session: accepted, no one to tell.
+    notices = metric(live.relay_metrics(), "ferry_notices_total", kind="peer_closed")
     a.close()
+    live.wait_metric(before, "ferry_closes_total")
+    need(metric(live.relay_metrics(), "ferry_notices_total", kind="peer_closed") == notices,
+         "a CLOSE of a half-bound session sent a peer_closed notice")
+    need(a.keepalive(timeout=0.5) is None, "the closed half-bound session still echoes")
 
 
 def byte_budget(live):
