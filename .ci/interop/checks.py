@@ -425,6 +425,13 @@ def gateway_errors(live):
                   403, "peer_identity_mismatch"))
     cases.append(("the join code after a refused join", gw.join(live.join_only_key, code, b_key),
                   200, None))
+    # Only the key that took a slot renews it: slot B belongs to the join-only key here,
+    # although the creator's key may join in the realm too.
+    sid = int(expecting.json()["session_id"], 16)
+    cases.append(("renew of slot B by the creator's key", gw.renew(live.api_key, sid, 1), 404,
+                  "not_found"))
+    cases.append(("renew of slot B by the joiner's key", gw.renew(live.join_only_key, sid, 1),
+                  200, None))
     bad = []
     for what, answer, status, code in cases:
         if answer.status != status or (code is not None and answer.error() != code):
