@@ -1156,9 +1156,25 @@ def idle_and_recovery(live):
     live.peers.append(c)
     ack, _ = c.bind()
     need(ack.type == w.BIND_ACK, f"half-bound session's BIND: {ack.name()}")
+    # A session whose slot A sends only DATA over its budget (a 1 B/s claim) while slot B is
+    # bound: that DATA is dropped but still refreshes A's idle timer (§8), so A stays bound.
+    sid = random_session_id()
+    budget = []
+    for slot in (0, 1):
+        token, secret = live.mint(sid, slot, rate=1)
+        p = RelayPeer(live.relay_v4, sid, slot, token, secret, name=f"over-budget-{slot}")
+        live.peers.append(p)
+        ack, _ = p.bind()
+        need(ack.type == w.BIND_ACK, f"over-budget session's BIND: {ack.name()}")
+        budget.append(p)
+    d_a, d_b = budget
+    for _ in range(2):
+        d_a.send_data(bytes(w.MAX_DATA_BODY))  # the whole budget
     deadline = time.monotonic() + live.idle + 4
     close = c_close = None
     while time.monotonic() < deadline and (close is None or c_close is None):
+        d_a.send_data(b"over budget")
+        need(d_b.keepalive(timeout=1.0) is not None, "over-budget session: B's KEEPALIVE")
         # B keeps its own slot alive and sends A DATA, which does not refresh A's timer.
         need(b.keepalive(timeout=1.0) is not None, "B's KEEPALIVE not echoed while A idles")
         if close is None:
@@ -1171,6 +1187,18 @@ def idle_and_recovery(live):
          "received DATA")
     need(c_close is not None, "a slot sending DATA with the other slot free was not reaped")
     c.check_relay_close(c_close, w.IDLE)
+    # Slot A of the over-budget session was bound after the other two: give the reaper
+    # (about once a second) another 1.5 s to show it would have idled out too.
+    end = time.monotonic() + 1.5
+    while time.monotonic() < end:
+        d_a.send_data(b"over budget")
+        d_b.send(w.keepalive_packet(sid))
+        need(d_a.expect(w.CLOSE, 0.3) is None, "a slot sending DATA over its budget was reaped "
+             "as idle (§8: such DATA refreshes the idle timer)")
+    got = [p for p in d_b.notices if p.type == w.DATA]
+    need(len(got) == 2, f"{len(got)} DATA forwarded from the over-budget slot, expected the "
+         "first two")
+    d_a.close()
     a.check_relay_close(close, w.IDLE)
     need(not [p for p in b.notices if p.type == w.CLOSE], "B was told of A's reaping")
     live.wait_metric(before, "ferry_notices_total", 2, kind="idle")
