@@ -1105,6 +1105,38 @@ def unbound_traffic(live):
     need(a.keepalive(timeout=0.5) is None, "the closed half-bound session still echoes")
 
 
+def cross_session(live):
+    """A peer bound in one session cannot use its binding in another: DATA and KEEPALIVE it
+    sends under another session's id are dropped, a CLOSE is bad_close, a REBIND to take over
+    a slot is BAD_PROOF; the other session goes on untouched (§3.5–§3.8)."""
+    before = live.relay_metrics()
+    _, _, a, b = live.bound_pair()
+    _, _, c, d = live.bound_pair()
+    live.peers += [a, b, c, d]
+    victim = a.session_id
+    c.send(w.data_packet(victim, b"injected"))
+    c.send(w.keepalive_packet(victim))
+    c.send(w.close_packet(victim, 0, c.seq + 1, c.k_peer))
+    live.quiet(c)
+    live.quiet(b)
+    live.quiet(a)
+    live.wait_metric(before, "ferry_drops_total", reason="data_unbound")
+    live.wait_metric(before, "ferry_drops_total", reason="keepalive_unbound")
+    live.wait_metric(before, "ferry_drops_total", reason="bad_close")
+    thief = RelayPeer(live.relay_v4, victim, 0, c.token, c.slot_secret, name="thief")
+    thief.close_socket()
+    thief.sock = c.sock
+    answer, _ = thief.rebind()
+    expect_reject(answer, w.BAD_PROOF, "a REBIND of another session's slot with this one's key")
+    a.send_data(b"still mine")
+    p = b.expect(w.DATA, 2.0)
+    need(p is not None and p.body == b"still mine", "the victim session lost A → B")
+    need(not [p for p in b.notices if p.type == w.DATA and p.body == b"injected"],
+         "B received the injected DATA")
+    for p in (a, c):
+        p.close()
+
+
 def byte_budget(live):
     """§3.5: a slot's budget holds max(1 s of its rate, 2944 bytes) and charges each DATA
     datagram its whole length, header included; DATA over it is dropped and counted as
@@ -1951,6 +1983,7 @@ ALL = [
     ("relay: token refusals of §4.2 with their REJECT reasons", token_refusals),
     ("relay: probe token answered with a BIND-ACK that binds nothing", probe_token),
     ("relay: DATA/KEEPALIVE from unbound sources dropped, REBIND UNKNOWN_SESSION", unbound_traffic),
+    ("relay: a peer of one session cannot send DATA, KEEPALIVE, CLOSE or REBIND into another", cross_session),
     ("relay: a slot's byte budget: 2944 bytes, whole datagrams charged, then rate_limited", byte_budget),
     ("relay: BINDs over the source's bind rate dropped (bind_rate_limited)", bind_rate),
     ("relay: slots per source: BIND and REBIND beyond the maximum get OVERLOADED", slots_per_source),
