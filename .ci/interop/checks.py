@@ -1029,6 +1029,15 @@ def token_refusals(live):
         except (CheckFailed, ProtocolError) as e:
             bad.append(str(e))
         peer.close_socket()
+    # §7's order: the token (steps 1–10) before the proof.
+    sid = random_session_id()
+    token, _ = live.mint(sid, 0, nbf=now - 100, exp=now - skew - 10)
+    both = RelayPeer(live.relay_v4, sid, 0, token, os.urandom(32), name="expired-and-bad-proof")
+    live.peers.append(both)
+    answer, _ = both.bind()
+    if answer.type != w.REJECT or answer.reason != w.TOKEN_EXPIRED:
+        bad.append(f"an expired token with a bad proof: {answer.name()}, §7 checks the token "
+                   "first")
     # Inside the skew: a token whose nbf is a second ahead binds (§4.2 step 8).
     sid = random_session_id()
     token, secret = live.mint(sid, 0, nbf=now + 1, exp=now + 100)
