@@ -1390,6 +1390,37 @@ def logs_hold_no_secrets(live):
     need(not bad, "; ".join(bad[:6]))
 
 
+def check_config_refusals(live):
+    """docs/config.md: `check-config` reports every problem at once, each naming its field
+    (the doc's own example: `limits.idle_timeout_secs: must be between 5 and 3600, got 2`),
+    and unknown fields are errors."""
+    relay_bin, _, relay_config = live.env["relay_command"]
+    with open(relay_config) as f:
+        text = f.read()
+    def check(what, broken, wanted):
+        need(broken != text, f"{what}: the relay config has no line to break")
+        path = os.path.join(live.env["work"], "broken-relay.toml")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(broken)
+        result = subprocess.run([relay_bin, "check-config", path], capture_output=True,
+                                text=True, timeout=30)
+        output = result.stdout + result.stderr
+        need(result.returncode != 0, f"check-config accepted {what}")
+        for line in wanted:
+            need(line in output, f"{what}: check-config's output lacks {line!r}: "
+                 f"{output[-400:]!r}")
+    check("two values out of range",
+          text.replace("idle_timeout_secs = 5", "idle_timeout_secs = 2")
+              .replace("max_clock_skew_secs = 2", "max_clock_skew_secs = 301"),
+          ["limits.idle_timeout_secs: must be between 5 and 3600, got 2",
+           "limits.max_clock_skew_secs"])
+    # An unknown field is a TOML parse error: reported alone, with its line (config.md).
+    check("an unknown field", text.replace("idle_timeout_secs = 5",
+                                           "idle_timeout_secs = 5\nfavourite_colour = 1"),
+          ["unknown field `favourite_colour`", "line "])
+
+
 def no_foreign_datagrams(live):
     """§1: everything a peer receives from the relay comes from the address it sends to."""
     bad = []
@@ -2006,5 +2037,6 @@ ALL = [
     ("end to end: a real ferry-peer tunnel initiates; its retries of message 1 and 3 (§9.1.1 rules 1-3)", e2e_ferry_peer_initiates),
     ("relay: restarted, the peers bind again (an old token too), DATA flows", relay_restart),
     ("logs: no key, token, slot secret, join code or payload; the relay's security events", logs_hold_no_secrets),
+    ("ferry-relay check-config: every problem at once, named by field", check_config_refusals),
     ("relay: every datagram a peer received came from the relay's address", no_foreign_datagrams),
 ]
