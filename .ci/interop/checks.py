@@ -305,6 +305,24 @@ def gateway_create_join(live):
     again = live.gw.join(live.api_key, code, peer_public_key=b_key)
     need(again.status == 404 and again.error() == "invalid_join_code",
          f"a second join with the code: {again}")
+    # Two joins with one code at once: exactly one gets the slot.
+    import threading
+    racing = live.gw.create(live.api_key)
+    need(racing.status == 201, f"create: {racing}")
+    results = []
+    start = threading.Barrier(2)
+
+    def join():
+        start.wait()
+        results.append(live.gw.join(live.api_key, racing.json()["join_code"]))
+    threads = [threading.Thread(target=join) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    statuses = sorted((r.status, r.error()) for r in results)
+    need(statuses == [(200, None), (404, "invalid_join_code")],
+         f"two joins with one code at once: {statuses}")
     live.main.update(ga=ga, gb=gb, created_at=now)
     # A code nobody uses, for the check of expired codes at the end.
     unused = live.gw.create(live.api_key)
