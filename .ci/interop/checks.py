@@ -1758,14 +1758,7 @@ def e2e_ferry_peer_initiates(live):
         ack, _ = b.bind()
         need(ack.type == w.BIND_ACK, f"B's BIND: {ack.name()}")
 
-        def next_frame(timeout):
-            deadline = time.monotonic() + timeout
-            while True:
-                p = b.recv(deadline - time.monotonic())
-                if p is None or p.type == w.DATA:
-                    return p and p.body
-                if p.type == w.BIND_ACK:
-                    b.check_notice(p)
+        next_frame = b.next_data_body
 
         def next_kind(kind, timeout):
             deadline = time.monotonic() + timeout
@@ -1936,14 +1929,7 @@ def _e2e_exchange(live, noise, ga, a_static, b_public, app, proc):
     ack, _ = a.bind()
     need(ack.type == w.BIND_ACK, f"A's BIND: {ack.name()}")
 
-    def next_frame(timeout):
-        deadline = time.monotonic() + timeout
-        while True:
-            p = a.recv(deadline - time.monotonic())
-            if p is None or p.type == w.DATA:
-                return p and p.body
-            if p.type == w.BIND_ACK:
-                a.check_notice(p)  # B's arrival
+    next_frame = a.next_data_body  # passes over B's arrival notice
 
     # Rule 1 of §9.1.1: a fresh HANDSHAKE-1 at 0, 1, 3, 7 … s until a HANDSHAKE-2 answers.
     deadline = time.monotonic() + 20

@@ -286,6 +286,18 @@ class RelayPeer:
             raise ProtocolError(f"peer-present notice carries {p.seq}, our last acknowledged "
                                 f"request was {self.last_acked}")
 
+    def next_data_body(self, timeout):
+        """The body of the next DATA from the relay within `timeout` seconds, or None: what the
+        other peer sent (§3.5). A peer-present notice on the way (a BIND-ACK, §3.3) is checked
+        and passed over; any other packet is passed over too."""
+        deadline = time.monotonic() + timeout
+        while True:
+            p = self.recv(deadline - time.monotonic())
+            if p is None or p.type == w.DATA:
+                return p and p.body
+            if p.type == w.BIND_ACK:
+                self.check_notice(p)
+
 
 def random_session_id():
     while True:
