@@ -157,6 +157,21 @@ class Live:
         need(notice is not None, "no peer-present notice")
         return ga, gb, a, b
 
+    def minted_pair(self, rate, name):
+        """A session of our own minting (not the gateway's) whose two slots claim `rate` bytes a
+        second, both bound over IPv4 and kept for cleanup; returns the session id and the two
+        peers, slot A first."""
+        sid = random_session_id()
+        peers = []
+        for slot in (0, 1):
+            token, secret = self.mint(sid, slot, rate=rate)
+            p = RelayPeer(self.relay_v4, sid, slot, token, secret, name=f"{name}-{slot}")
+            self.peers.append(p)
+            ack, _ = p.bind()
+            need(ack.type == w.BIND_ACK, f"{p.name}'s BIND: {ack.name()}")
+            peers.append(p)
+        return sid, peers[0], peers[1]
+
     def mint(self, session_id, slot, *, kid=None, relay_id=None, nbf=None, exp=None,
              flags=0, slot_secret=None, relay_public=None, token_id=None, seed=None, rate=0):
         now = int(time.time())
@@ -1171,16 +1186,7 @@ def byte_budget(live):
     datagrams (2 × 1472 = 2944 bytes) pass, and then not even a 17-byte one, which would fit
     if only bodies were charged (2944 − 2 × 1456 = 32 bytes left)."""
     before = live.relay_metrics()
-    sid = random_session_id()
-    peers = []
-    for slot in (0, 1):
-        token, secret = live.mint(sid, slot, rate=1)
-        p = RelayPeer(live.relay_v4, sid, slot, token, secret, name=f"budget-{slot}")
-        live.peers.append(p)
-        ack, _ = p.bind()
-        need(ack.type == w.BIND_ACK, f"bind: {ack.name()}")
-        peers.append(p)
-    a, b = peers
+    sid, a, b = live.minted_pair(1, "budget")
     a.expect(w.BIND_ACK, 1.0)  # the peer-present notice
     sent = [w.data_packet(sid, bytes([i]) * w.MAX_DATA_BODY) for i in range(2)]
     sent += [w.data_packet(sid, b"x"), w.data_packet(sid, b"y" * w.MAX_DATA_BODY)]
@@ -1217,16 +1223,7 @@ def idle_and_recovery(live):
     need(ack.type == w.BIND_ACK, f"half-bound session's BIND: {ack.name()}")
     # A session whose slot A sends only DATA over its budget (a 1 B/s claim) while slot B is
     # bound: that DATA is dropped but still refreshes A's idle timer (§8), so A stays bound.
-    sid = random_session_id()
-    budget = []
-    for slot in (0, 1):
-        token, secret = live.mint(sid, slot, rate=1)
-        p = RelayPeer(live.relay_v4, sid, slot, token, secret, name=f"over-budget-{slot}")
-        live.peers.append(p)
-        ack, _ = p.bind()
-        need(ack.type == w.BIND_ACK, f"over-budget session's BIND: {ack.name()}")
-        budget.append(p)
-    d_a, d_b = budget
+    sid, d_a, d_b = live.minted_pair(1, "over-budget")
     for _ in range(2):
         d_a.send_data(bytes(w.MAX_DATA_BODY))  # the whole budget
     deadline = time.monotonic() + live.idle + 4
