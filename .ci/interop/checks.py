@@ -1749,7 +1749,8 @@ def e2e_ferry_peer_initiates(live):
                                  "--connect-timeout", "20"], stdout=log, stderr=log)
     app = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     app.bind(("127.0.0.1", 0))
-    try:
+
+    def body():
         b = live.peer(gb, name="noise-B")
         live.peers.append(b)
         ack, _ = b.bind()
@@ -1805,15 +1806,8 @@ def e2e_ferry_peer_initiates(live):
         except subprocess.TimeoutExpired:
             raise CheckFailed("ferry-peer tunnel still runs 10 s after B's CLOSE")
         need(rc == 0, f"ferry-peer tunnel exited with {rc} after the other peer closed")
-    except BaseException:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        with open(log_path, "rb") as f:
-            print("---- ferry-peer tunnel's output\n" + f.read().decode(errors="replace")[-2000:])
-        raise
-    finally:
-        app.close()
+
+    _run_with_tunnel(proc, log_path, app, body)
 
 
 def _e2e_handshake_rules(live, noise, a, ga, a_static, app, transport, first_message_1,
