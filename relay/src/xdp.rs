@@ -222,6 +222,16 @@ pub enum XdpError {
     NotBuilt,
 }
 
+/// Attaching to `interface` in `mode` failed before it began: no interface has that name in this
+/// network namespace.
+fn no_such_interface(interface: &str, mode: &'static str) -> XdpError {
+    XdpError::Attach {
+        interface: interface.to_owned(),
+        mode,
+        message: "there is no network interface of this name here (`ip link` lists them)".into(),
+    }
+}
+
 fn map_error(name: &'static str, e: impl fmt::Display) -> XdpError {
     XdpError::Map {
         name,
@@ -402,12 +412,7 @@ impl Guard {
     /// to generic mode with a warning.
     pub fn attach(&mut self, interface: &str, mode: Mode) -> Result<Attachment, XdpError> {
         if !interface_exists(interface) {
-            return Err(XdpError::Attach {
-                interface: interface.to_owned(),
-                mode: mode.name(),
-                message: "there is no network interface of this name here (`ip link` lists them)"
-                    .into(),
-            });
+            return Err(no_such_interface(interface, mode.name()));
         }
         let program = program_mut(&mut self.ebpf, PROGRAM_NAME)?;
         let fail = |mode: &'static str, e: ProgramError| XdpError::Attach {
@@ -1308,7 +1313,10 @@ pub mod wire {
     use aya::programs::XdpMode;
     use aya::{Ebpf, EbpfLoader};
 
-    use super::{XdpError, interface_index, load_object, map_error, map_mut, program_mut};
+    use super::{
+        XdpError, interface_exists, interface_index, load_object, map_error, map_mut,
+        no_such_interface, program_mut,
+    };
 
     /// Built from source by `build.rs`; empty when built with `FERRY_SKIP_EBPF=1`.
     static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferry-wire.o"));
@@ -1330,14 +1338,9 @@ pub mod wire {
         /// must be able to transmit XDP frames (a veth whose peer polls with NAPI: has GRO on
         /// or an XDP program).
         pub fn attach(from: &str, to: &str) -> Result<Self, XdpError> {
-            let missing = |name: &str| XdpError::Attach {
-                interface: name.to_owned(),
-                mode: "native",
-                message: "there is no network interface of this name here".into(),
-            };
-            let to_index = interface_index(to).ok_or_else(|| missing(to))?;
-            if interface_index(from).is_none() {
-                return Err(missing(from));
+            let to_index = interface_index(to).ok_or_else(|| no_such_interface(to, "native"))?;
+            if !interface_exists(from) {
+                return Err(no_such_interface(from, "native"));
             }
             let mut ebpf = load_object(EbpfLoader::new(), OBJECT, "ferry_wire")?;
             let mut out: DevMap<&mut MapData> = map_mut(&mut ebpf, "WIRE_OUT")?;
