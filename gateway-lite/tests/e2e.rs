@@ -13,7 +13,8 @@
 //! the same `cargo` that built this test (`env!("CARGO")`) to build `ferry-relay` with the same
 //! profile into the same target directory, and uses the result. Under `cargo test --workspace`
 //! that is a no-op check (the relay's own tests built it); under `cargo test -p ferry-gateway`
-//! it builds it once; and it can never pick up a stale binary left over from an older build.
+//! it builds the workspace's binaries once; and it can never pick up a stale binary left over
+//! from an older build.
 //! Cargo does not hold the target directory's lock while tests run, so the nested build
 //! does not wait for the outer one.
 #![allow(clippy::unwrap_used)]

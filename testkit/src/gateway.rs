@@ -24,7 +24,8 @@ const START_WITHIN: Duration = Duration::from_secs(20);
 
 /// Builds `bin` of `package` with cargo (a no-op when it is up to date) in the target directory
 /// and profile the running test executable was built in, and returns its path. Only for test
-/// executables (`<target>/<profile>/deps/<test>-<hash>`).
+/// executables (`<target>/<profile>/deps/<test>-<hash>`). The build is of every binary and
+/// example of the workspace (see [`cargo_build`]).
 pub fn workspace_binary(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
     cargo_build(package, "--bin", bin, Path::new(bin))
 }
@@ -39,8 +40,9 @@ pub fn workspace_example(package: &str, name: &str) -> anyhow::Result<PathBuf> {
     )
 }
 
-/// `cargo build --package <package> <kind> <name>` in the running test's target directory and
-/// profile; the built file is `<profile dir>/<built>`.
+/// `cargo build --workspace --bins --examples` in the running test's target directory and
+/// profile, for `kind` `name` of `package` (named in errors); the built file is
+/// `<profile dir>/<built>`.
 fn cargo_build(package: &str, kind: &str, name: &str, built: &Path) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("finding the test executable")?;
     let profile_dir = exe
@@ -78,8 +80,13 @@ fn cargo_build(package: &str, kind: &str, name: &str, built: &Path) -> anyhow::R
             cargo.env_remove(name.as_ref());
         }
     }
+    // Every binary and example of the workspace, whichever one was asked for: `cargo test
+    // --workspace` builds them with the features the whole workspace turns on, and building
+    // one package alone would turn on fewer, compiling that package and a few dozen of its
+    // dependencies again (docs/architecture.md, "The test suite's time"). So under `cargo
+    // test --workspace` this is a no-op.
     let out = cargo
-        .args(["build", "--locked", "--package", package, kind, name])
+        .args(["build", "--locked", "--workspace", "--bins", "--examples"])
         .args(["--profile", &profile])
         .arg("--target-dir")
         .arg(target_dir)
@@ -89,7 +96,7 @@ fn cargo_build(package: &str, kind: &str, name: &str, built: &Path) -> anyhow::R
         .context("running cargo build")?;
     if !out.status.success() {
         bail!(
-            "cargo build -p {package} {kind} {name} failed:\n{}",
+            "cargo build --workspace --bins --examples (for {package}'s {kind} {name}) failed:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
