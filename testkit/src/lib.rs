@@ -28,7 +28,7 @@ pub mod relay;
 pub mod skip;
 
 use std::io::Write as _;
-use std::net::{IpAddr, UdpSocket};
+use std::net::{IpAddr, TcpListener, UdpSocket};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 use std::time::SystemTime;
@@ -54,10 +54,52 @@ pub fn temp_dir(name: &str) -> anyhow::Result<TempDir> {
         .context("creating a temporary directory")
 }
 
-/// A UDP port on `ip` that was free a moment ago.
+/// A port on `ip` that was free for both UDP and TCP a moment ago, for a test to give a process
+/// it starts (a relay's datagram port, an admin listener's). It is taken below the kernel's
+/// ephemeral range (`net.ipv4.ip_local_port_range`), from which the kernel picks the port of
+/// every `bind(0)` and outgoing connection: a port from inside it, free a moment ago, may be
+/// any connection's by the time the process binds it. Tests that pick at the same moment can
+/// still meet, one chance in thousands.
 pub fn free_port(ip: IpAddr) -> anyhow::Result<u16> {
-    let socket = UdpSocket::bind((ip, 0)).with_context(|| format!("binding a port on {ip}"))?;
-    Ok(socket.local_addr()?.port())
+    const LOWEST: u16 = 10_000;
+    let below = ephemeral_start().unwrap_or(32_768).saturating_sub(1);
+    let rng = ring::rand::SystemRandom::new();
+    if below > LOWEST + 1_000 {
+        for _ in 0..256 {
+            let draw: [u8; 2] = ring::rand::generate(&rng)
+                .map_err(|_| anyhow::anyhow!("no random numbers"))?
+                .expose();
+            let port = LOWEST + u16::from_ne_bytes(draw) % (below - LOWEST);
+            if port_is_free(ip, port) {
+                return Ok(port);
+            }
+        }
+    }
+    // No room below the range (or every try was taken): the kernel's pick.
+    for _ in 0..64 {
+        let socket = UdpSocket::bind((ip, 0)).with_context(|| format!("binding a port on {ip}"))?;
+        let port = socket.local_addr()?.port();
+        drop(socket);
+        if port_is_free(ip, port) {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no port on {ip} is free for both UDP and TCP")
+}
+
+/// Whether `port` on `ip` can be bound for UDP and for TCP.
+fn port_is_free(ip: IpAddr, port: u16) -> bool {
+    UdpSocket::bind((ip, port)).is_ok() && TcpListener::bind((ip, port)).is_ok()
+}
+
+/// The first port of the kernel's ephemeral range, in this network namespace.
+fn ephemeral_start() -> Option<u16> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Microseconds since the Unix epoch: the start of a peer's BIND sequence numbers.
@@ -78,4 +120,24 @@ pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", path.display()))?;
     file.write_all(text.as_bytes())
         .with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_free_port_is_below_the_ephemeral_range_and_bindable_for_udp_and_tcp() {
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let start = ephemeral_start().unwrap();
+        for _ in 0..20 {
+            let port = free_port(lo).unwrap();
+            assert!(
+                (10_000..start).contains(&port),
+                "{port} (range from {start})"
+            );
+            let _udp = UdpSocket::bind((lo, port)).unwrap();
+            let _tcp = TcpListener::bind((lo, port)).unwrap();
+        }
+    }
 }
