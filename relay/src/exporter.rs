@@ -16,7 +16,7 @@ use crate::metrics::{self, Families};
 use crate::session::{Counters, DropReason, NoticeKind};
 use crate::shards::Sessions;
 use crate::worker::WorkerStats;
-use crate::xdp::{FastPathStatus, Guard};
+use crate::xdp::Guard;
 
 /// One per-worker counter family: name, help, and how to read it.
 type WorkerMetric = (&'static str, &'static str, fn(&WorkerStats) -> u64);
@@ -153,8 +153,9 @@ pub struct XdpSnapshot {
     pub session_map_errors: u64,
     /// Every counter slot summed over CPUs; `None` when the map could not be read.
     pub counters: Option<Vec<CounterValue>>,
-    /// Per attached interface, 1 when the fast path is active on it.
-    pub fast_path: Vec<(String, u64)>,
+    /// Per attached interface: 1 when the fast path takes DATA in there, and 1 when it sends
+    /// DATA out of there.
+    pub fast_path: Vec<(String, u64, u64)>,
     /// DATA the fast path forwarded (datagrams, bytes): already added into
     /// [`Snapshot::sessions`]' `forwarded` and `forwarded_bytes`.
     pub fast_forwarded: CounterValue,
@@ -204,7 +205,8 @@ impl Snapshot {
                     .map(|(interface, status)| {
                         (
                             interface.clone(),
-                            u64::from(*status == FastPathStatus::Active),
+                            u64::from(status.takes_data_in()),
+                            u64::from(status.sends_data_out()),
                         )
                     })
                     .collect(),
@@ -351,7 +353,14 @@ impl Snapshot {
             "1 when the XDP fast path forwards DATA arriving on this interface.",
             xdp.fast_path
                 .iter()
-                .map(|(interface, active)| ([("interface", interface.as_str())], *active)),
+                .map(|(interface, active, _)| ([("interface", interface.as_str())], *active)),
+        )?;
+        w.gauges(
+            "ferry_xdp_fast_path_sends",
+            "1 when the XDP fast path sends DATA out of this interface (0 on a veth whose peer takes no XDP frames).",
+            xdp.fast_path
+                .iter()
+                .map(|(interface, _, sends)| ([("interface", interface.as_str())], *sends)),
         )?;
         w.counter(
             "ferry_xdp_fast_forwarded_packets",
@@ -442,7 +451,7 @@ mod tests {
                     packets: 7,
                     bytes: 700,
                 }]),
-                fast_path: vec![("eth0".into(), 1)],
+                fast_path: vec![("eth0".into(), 1, 1), ("veth0".into(), 1, 0)],
                 fast_forwarded: CounterValue {
                     packets: 3,
                     bytes: 300,
@@ -474,6 +483,9 @@ mod tests {
             "ferry_xdp_enabled 1\n",
             "ferry_xdp_attached{interface=\"eth0\",mode=\"native\"} 1\n",
             "ferry_xdp_fast_path_active{interface=\"eth0\"} 1\n",
+            "ferry_xdp_fast_path_active{interface=\"veth0\"} 1\n",
+            "ferry_xdp_fast_path_sends{interface=\"eth0\"} 1\n",
+            "ferry_xdp_fast_path_sends{interface=\"veth0\"} 0\n",
             "ferry_xdp_fast_forwarded_packets_total 3\n",
             "ferry_xdp_fast_forwarded_bytes_total 300\n",
             "ferry_xdp_session_map_errors_total 1\n",

@@ -11,12 +11,14 @@
 //!   at a bounded rate.
 //! - [`uring`]: the unsafe io_uring plumbing (buffer ring, multishot recvmsg, sends), one module.
 //! - [`worker`]: the per-core loop that drives a ring and the shared sessions.
-//! - [`xdp`]: loads the XDP guard (`ebpf/xdp`), writes its limits and lists, reads its counters.
+//! - [`xdp`]: loads the XDP guard (`ebpf/xdp`), writes its limits and lists, reads its counters;
+//!   [`ethtool`]: a device's driver and statistics, which it asks of a veth.
 //! - [`metrics`], [`exporter`], [`admin`]: Prometheus text, the relay's page, and the loopback
 //!   admin listener.
 
 pub mod admin;
 pub mod config;
+pub mod ethtool;
 pub mod exporter;
 pub mod heartbeat;
 pub mod limits;

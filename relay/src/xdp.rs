@@ -22,14 +22,15 @@ use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use ferry_common::cookie::CookieKey;
 use ferry_common::xdp::{
-    BoundSlot, ByteBudget, COUNTER_SLOTS, CookieKeys, CounterValue, FLAG_ACTIVE,
-    FLAG_DROP_ALL_FRAGMENTS, FLAG_FAST_PATH, FLAG_SESSION_FILTER, FastState, FibCache, GuardConfig,
-    LIST_ALLOW, LIST_DENY, MAP_CIDR_V4, MAP_CIDR_V6, MAP_CONFIG, MAP_COOKIE_KEYS, MAP_COUNTERS,
-    MAP_FAST_IFACES, MAP_FAST_STATE, MAP_FAST_TOTALS, MAP_FIB_CACHE, MAP_SESSIONS, MAP_SOURCES,
-    MAX_PORTS, PROGRAM_NAME, Rate, SessionEntry,
+    BoundSlot, ByteBudget, COUNTER_SLOTS, CookieKeys, CounterValue, FAST_BACK_BY_REDIRECT, FAST_IN,
+    FLAG_ACTIVE, FLAG_DROP_ALL_FRAGMENTS, FLAG_FAST_PATH, FLAG_SESSION_FILTER, FastState, FibCache,
+    GuardConfig, LIST_ALLOW, LIST_DENY, MAP_CIDR_V4, MAP_CIDR_V6, MAP_CONFIG, MAP_COOKIE_KEYS,
+    MAP_COUNTERS, MAP_FAST_IFACES, MAP_FAST_INGRESS, MAP_FAST_STATE, MAP_FAST_TOTALS,
+    MAP_FIB_CACHE, MAP_SESSIONS, MAP_SOURCES, MAX_PORTS, PROGRAM_NAME, Rate, SessionEntry,
 };
 pub use ferry_core::cidr::Cidr;
 
+use crate::ethtool;
 use crate::session::{SessionEvent, SessionLimits, SlotBudget};
 use crate::shards::SessionObserver;
 
@@ -258,6 +259,10 @@ pub struct Guard {
     /// The index of each attached interface, learnt when attaching (in the namespace the
     /// guard attached in, which later calls may not run in).
     indexes: BTreeMap<String, u32>,
+    /// For each interface attached in native mode, whether the XDP frames the fast path would
+    /// send out of it arrive, checked when attaching (the relay may lack the privilege to
+    /// check later).
+    peers: BTreeMap<String, VethPeer>,
     /// `xdp.fast_path` as last configured.
     fast_wanted: bool,
     /// The CIDR entries written into the tries, so a reload removes exactly the stale ones.
@@ -287,6 +292,7 @@ impl Guard {
             attached: Vec::new(),
             fast: Vec::new(),
             indexes: BTreeMap::new(),
+            peers: BTreeMap::new(),
             fast_wanted: false,
             lists: BTreeMap::new(),
         })
@@ -328,13 +334,13 @@ impl Guard {
         Ok(())
     }
 
-    /// Brings the fast path's interface map in line with `xdp.fast_path` and how each
-    /// interface is attached, and logs, per interface, whether the fast path is active and
-    /// why not.
+    /// Brings the fast path's interface maps in line with `xdp.fast_path`, how each interface
+    /// is attached and whether its peer takes XDP frames, and logs, per interface, whether the
+    /// fast path is active and why not.
     fn sync_fast_path(&mut self) -> Result<(), XdpError> {
-        let mut ifaces: DevMapHash<&mut MapData> = map_mut(&mut self.ebpf, MAP_FAST_IFACES)?;
         let mut status = Vec::with_capacity(self.attached.len());
-        for (interface, attachment) in &self.attached {
+        for (interface, attachment) in self.attached.clone() {
+            let interface = interface.as_str();
             let index = self.indexes.get(interface).copied();
             let forwarding = forwarding(interface);
             let state = match (self.fast_wanted, attachment, index) {
@@ -345,17 +351,23 @@ impl Guard {
                     FastPathStatus::ForwardingOff
                 }
                 (true, Attachment::Native, Some(index)) => {
-                    match ifaces.insert(index, index, None, 0) {
-                        Ok(()) => FastPathStatus::Active,
-                        Err(e) => FastPathStatus::Refused(format!("{e:#}")),
-                    }
+                    let peer = self.peers.get(interface).cloned();
+                    self.activate(index, peer.unwrap_or(VethPeer::NotVeth))
+                        .unwrap_or_else(|e| FastPathStatus::Refused(format!("{e:#}")))
                 }
             };
-            if state != FastPathStatus::Active
-                && let Some(index) = index
-            {
+            if let Some(index) = index {
                 // Already absent is fine: the goal is that it is not there.
-                let _ = ifaces.remove(index);
+                if !state.takes_data_in() {
+                    let mut ingress: HashMap<&mut MapData, u32, u32> =
+                        map_mut(&mut self.ebpf, MAP_FAST_INGRESS)?;
+                    let _ = ingress.remove(&index);
+                }
+                if state != FastPathStatus::Active {
+                    let mut ifaces: DevMapHash<&mut MapData> =
+                        map_mut(&mut self.ebpf, MAP_FAST_IFACES)?;
+                    let _ = ifaces.remove(index);
+                }
             }
             match &state {
                 FastPathStatus::Active => tracing::info!(
@@ -364,12 +376,43 @@ impl Guard {
                     ipv6 = forwarding[1],
                     "XDP fast path active (for the address families with forwarding on here)"
                 ),
+                FastPathStatus::ReceiveOnly(why) => tracing::warn!(
+                    interface,
+                    ipv4 = forwarding[0],
+                    ipv6 = forwarding[1],
+                    reason = %why,
+                    "XDP fast path active for DATA arriving here, but DATA that leaves by this \
+                     interface goes through the relay"
+                ),
                 other => tracing::info!(interface, reason = %other, "XDP fast path not active"),
             }
-            status.push((interface.clone(), state));
+            status.push((interface.to_owned(), state));
         }
         self.fast = status;
         Ok(())
+    }
+
+    /// Puts interface `index` in the fast path's maps: in [`MAP_FAST_INGRESS`] always (a veth
+    /// with [`FAST_BACK_BY_REDIRECT`]), in [`MAP_FAST_IFACES`] (the ways out) unless `peer`
+    /// says its XDP frames would be lost.
+    fn activate(&mut self, index: u32, peer: VethPeer) -> Result<FastPathStatus, XdpError> {
+        let flags = match peer {
+            VethPeer::NotVeth => FAST_IN,
+            _ => FAST_IN | FAST_BACK_BY_REDIRECT,
+        };
+        let mut ingress: HashMap<&mut MapData, u32, u32> =
+            map_mut(&mut self.ebpf, MAP_FAST_INGRESS)?;
+        ingress
+            .insert(index, flags, 0)
+            .map_err(|e| map_error(MAP_FAST_INGRESS, e))?;
+        if let Some(why) = peer.loses_frames() {
+            return Ok(FastPathStatus::ReceiveOnly(why));
+        }
+        let mut ifaces: DevMapHash<&mut MapData> = map_mut(&mut self.ebpf, MAP_FAST_IFACES)?;
+        ifaces
+            .insert(index, index, None, 0)
+            .map_err(|e| map_error(MAP_FAST_IFACES, e))?;
+        Ok(FastPathStatus::Active)
     }
 
     /// Per attached interface, whether the fast path is active on it and why not.
@@ -456,6 +499,10 @@ impl Guard {
         self.attached.push((interface.to_owned(), attachment));
         if let Some(index) = interface_index(interface) {
             self.indexes.insert(interface.to_owned(), index);
+            if attachment == Attachment::Native {
+                self.peers
+                    .insert(interface.to_owned(), check_veth_peer(interface, index));
+            }
         }
         Ok(attachment)
     }
@@ -617,6 +664,10 @@ impl Guard {
 pub enum FastPathStatus {
     /// Active: DATA arriving here or routed out of here is forwarded in XDP.
     Active,
+    /// DATA arriving here is forwarded in XDP, but not out of here: this is a veth whose peer
+    /// takes no XDP frames (it runs no XDP program and has GRO off), so a veth would drop
+    /// them; or whether it does could not be checked. The reason says which.
+    ReceiveOnly(String),
     /// `xdp.fast_path = false`.
     Off,
     /// The guard runs in generic mode here, where forwarding in XDP saves nothing.
@@ -631,10 +682,26 @@ pub enum FastPathStatus {
     Refused(String),
 }
 
+impl FastPathStatus {
+    /// Whether the fast path forwards DATA arriving on this interface.
+    pub fn takes_data_in(&self) -> bool {
+        matches!(
+            self,
+            FastPathStatus::Active | FastPathStatus::ReceiveOnly(_)
+        )
+    }
+
+    /// Whether the fast path sends DATA out of this interface.
+    pub fn sends_data_out(&self) -> bool {
+        *self == FastPathStatus::Active
+    }
+}
+
 impl fmt::Display for FastPathStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             FastPathStatus::Active => f.write_str("active"),
+            FastPathStatus::ReceiveOnly(why) => f.write_str(why),
             FastPathStatus::Off => f.write_str("xdp.fast_path is false"),
             FastPathStatus::GenericMode => f.write_str(
                 "the guard is attached in generic mode here (the driver has no native XDP)",
@@ -850,6 +917,83 @@ impl SessionObserver for SessionFilter {
                 })
                 .flatten()
         })
+    }
+}
+
+/// Whether the XDP frames the fast path sends out of an interface arrive, as checked when the
+/// guard attached to it natively.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum VethPeer {
+    /// Not a veth: a driver that transmits XDP frames on its own hardware.
+    NotVeth,
+    /// A veth whose peer took the check's frame.
+    Takes,
+    /// A veth whose peer did not take it; `ethtool -S` names the peer's index (in the peer's
+    /// namespace).
+    Refuses(Option<u64>),
+    /// A veth the check could not be run on, and why.
+    Unknown(String),
+}
+
+impl VethPeer {
+    /// Why the fast path must not send out of this interface, if it must not.
+    fn loses_frames(&self) -> Option<String> {
+        let fix = "turn GRO on there (`ethtool -K <peer> gro on`) or attach an XDP program \
+                   to it, then restart the relay (docs/operations.md, \"veth\")";
+        match self {
+            VethPeer::NotVeth | VethPeer::Takes => None,
+            VethPeer::Refuses(peer) => Some(format!(
+                "a veth whose peer{} takes no XDP frames, so it would drop what the fast path \
+                 sends: {fix}",
+                peer.map(|p| format!(" (interface index {p} in its namespace)"))
+                    .unwrap_or_default()
+            )),
+            VethPeer::Unknown(why) => Some(format!(
+                "a veth whose peer could not be checked for XDP frames ({why}): {fix}"
+            )),
+        }
+    }
+}
+
+/// The `ethtool -S` statistics of a veth that count the XDP frames its peer took, one per
+/// queue (`tx_queue_0_xdp_xmit`, ...).
+const VETH_XDP_TAKEN: &str = "_xdp_xmit";
+/// The IEEE local experimental EtherType, of the frame [`check_veth_peer`] sends.
+const ETHERTYPE_LOCAL_EXPERIMENTAL: u16 = 0x88b5;
+
+/// Whether the XDP frames the fast path would send out of `interface` (index `index`, in the
+/// calling thread's namespace) arrive. A NIC driver transmits them itself. A veth hands them
+/// to its peer, and only if the peer polls with NAPI (runs an XDP program, or has GRO on);
+/// otherwise it drops them, and nothing the program could see says so. So for a veth this
+/// sends one frame out of it as the fast path would (`XDP_REDIRECT`, from a program run in
+/// live-frame mode) and reads the veth's count of frames its peer took. The frame goes from
+/// and to the interface's own MAC address with EtherType 0x88B5 (IEEE local experimental),
+/// which the peer's stack drops.
+fn check_veth_peer(interface: &str, index: u32) -> VethPeer {
+    match ethtool::driver(interface) {
+        Ok(driver) if driver == "veth" => {}
+        // A device without a driver name (the loopback device, for one) is no veth.
+        _ => return VethPeer::NotVeth,
+    }
+    let taken =
+        || ethtool::sum_of(interface, VETH_XDP_TAKEN).map_err(|e| format!("its statistics: {e}"));
+    let check = || -> Result<bool, String> {
+        let mac =
+            ethtool::hardware_address(interface).map_err(|e| format!("its MAC address: {e}"))?;
+        let mut frame = Vec::with_capacity(60);
+        frame.extend_from_slice(&mac);
+        frame.extend_from_slice(&mac);
+        frame.extend_from_slice(&ETHERTYPE_LOCAL_EXPERIMENTAL.to_be_bytes());
+        frame.extend_from_slice(b"ferry-relay: does this veth's peer take XDP frames?");
+        frame.resize(frame.len().max(60), 0);
+        let before = taken()?;
+        wire::send_one(index, &frame).map_err(|e| e.to_string())?;
+        Ok(taken()? > before)
+    };
+    match check() {
+        Ok(true) => VethPeer::Takes,
+        Ok(false) => VethPeer::Refuses(ethtool::stat(interface, "peer_ifindex").ok().flatten()),
+        Err(why) => VethPeer::Unknown(why),
     }
 }
 
@@ -1307,15 +1451,16 @@ pub mod flood {
 /// another interface. A veth that gets a frame that way hands it to its peer as an XDP frame in
 /// a page of its own, as a NIC driver receives into its DMA pages; a frame that a veth gets
 /// as a socket buffer (anything a local socket sent) it copies into a fresh page before it runs
-/// the peer's native XDP program. The relay never loads it.
+/// the peer's native XDP program. The relay attaches it nowhere; it runs it once, unattached,
+/// to send the frame that checks a veth's peer ([`send_one`]).
 pub mod wire {
     use aya::maps::{DevMap, MapData};
-    use aya::programs::XdpMode;
+    use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, XdpMode};
     use aya::{Ebpf, EbpfLoader};
 
     use super::{
         XdpError, interface_exists, interface_index, load_object, map_error, map_mut,
-        no_such_interface, program_mut,
+        no_such_interface, program, program_mut,
     };
 
     /// Built from source by `build.rs`; empty when built with `FERRY_SKIP_EBPF=1`.
@@ -1330,6 +1475,32 @@ pub mod wire {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.debug_struct("WireEnd").finish_non_exhaustive()
         }
+    }
+
+    /// Sends `frame` out of interface `index` (in the calling thread's network namespace)
+    /// once, the way the fast path sends: `XDP_REDIRECT` through a device map, from the
+    /// program run unattached with `BPF_PROG_TEST_RUN` in live-frame mode, as if the frame had
+    /// come in on that interface.
+    pub(super) fn send_one(index: u32, frame: &[u8]) -> Result<(), XdpError> {
+        let mut ebpf = load_object(EbpfLoader::new(), OBJECT, "ferry_wire")?;
+        let mut out: DevMap<&mut MapData> = map_mut(&mut ebpf, "WIRE_OUT")?;
+        out.set(0, index, None, 0)
+            .map_err(|e| map_error("WIRE_OUT", e))?;
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex.
+        let mut ctx = Vec::with_capacity(24);
+        for field in [0, frame.len() as u32, 0, index, 0, 0] {
+            ctx.extend_from_slice(&field.to_ne_bytes());
+        }
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.ctx_in = Some(&ctx);
+        opts.repeat = 1;
+        opts.attrs = TestRunAttrs::new().xdp_live_frames(1);
+        program(&ebpf, "ferry_wire")?
+            .test_run(opts)
+            .map_err(|e| XdpError::TestRun(format!("{e:#}")))?;
+        Ok(())
     }
 
     impl WireEnd {

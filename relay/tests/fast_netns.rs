@@ -94,7 +94,9 @@ fn scrape(topo: &Topology) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-const FAST_TX: &str = "ferry_xdp_packets_total{action=\"tx\",reason=\"fast_path\"}";
+/// DATA the fast path sent back out of the veth it came in on: by `XDP_REDIRECT`, as on every
+/// veth.
+const FAST_BACK: &str = "ferry_xdp_packets_total{action=\"redirect\",reason=\"fast_path\"}";
 
 /// Datagrams the relay's workers received from their sockets.
 fn socket_rx(page: &str) -> u64 {
@@ -253,7 +255,7 @@ fn peers_talk_through_the_fast_path_and_get_what_the_io_uring_path_delivers() {
         }
     }
     let after = scrape(&topo);
-    let fast = metric(&after, FAST_TX) - metric(&before, FAST_TX);
+    let fast = metric(&after, FAST_BACK) - metric(&before, FAST_BACK);
     assert!(fast >= 400, "the fast path carried {fast} of 400");
     let rx = socket_rx(&after) - socket_rx(&before);
     assert!(
@@ -286,7 +288,7 @@ fn peers_talk_through_the_fast_path_and_get_what_the_io_uring_path_delivers() {
         assert_eq!(a.recv_message(Duration::from_secs(5)).unwrap(), b"got it");
     }
     let after = scrape(&topo);
-    assert!(metric(&after, FAST_TX) - metric(&before, FAST_TX) >= 19);
+    assert!(metric(&after, FAST_BACK) - metric(&before, FAST_BACK) >= 19);
 
     // Close: both entries go, and B's DATA dies in the driver as for any unknown session.
     c.close().unwrap();
@@ -340,7 +342,7 @@ fn peers_talk_through_the_fast_path_and_get_what_the_io_uring_path_delivers() {
                 got.push((bytes[..8].to_vec(), bytes[16..].to_vec(), from));
             }
             let after = scrape(&topo);
-            let fast = metric(&after, FAST_TX) - metric(&before, FAST_TX);
+            let fast = metric(&after, FAST_BACK) - metric(&before, FAST_BACK);
             if fast_path {
                 assert_eq!(fast, 3, "the fast path carried them");
             } else {
@@ -422,7 +424,7 @@ fn an_xdp_only_flow_stays_alive_is_held_to_its_rate_and_is_reaped_when_it_stops(
         last_y_got.elapsed()
     );
     let after = scrape(&topo);
-    assert!(metric(&after, FAST_TX) - metric(&before, FAST_TX) >= 40);
+    assert!(metric(&after, FAST_BACK) - metric(&before, FAST_BACK) >= 40);
     assert!(
         socket_rx(&after) - socket_rx(&before) < 10,
         "the relay's sockets saw the flow"
@@ -486,4 +488,130 @@ fn an_xdp_only_flow_stays_alive_is_held_to_its_rate_and_is_reaped_when_it_stops(
     assert_eq!(closed(&y), Some(CloseReason::Idle));
     assert_eq!(closed(&x), Some(CloseReason::Idle));
     drop(relay);
+}
+
+/// The number of frames the guard counted under fast-path `reason` (`pass` action).
+fn fast_pass(page: &str, reason: &str) -> u64 {
+    metric(
+        page,
+        &format!("ferry_xdp_packets_total{{action=\"pass\",reason=\"{reason}\"}}"),
+    )
+}
+
+/// Binds a fresh pair of IPv4 peers as session `session`, runs their Noise handshake and
+/// exchanges `messages` more each way; every one must arrive.
+fn pair_talks(topo: &Topology, auth: &Authority, session: u64, hosts: [u8; 2], messages: usize) {
+    let relay = SocketAddr::new(topo.relay_v4().into(), PORT);
+    let at = |host: u8| {
+        topo.peer_socket(SocketAddr::new(topo.peer_v4(host).into(), 0))
+            .unwrap()
+    };
+    let (mut a, mut b) = peer_pair(auth, session, relay, at(hosts[0]), at(hosts[1])).unwrap();
+    a.bind(Duration::from_secs(5)).unwrap();
+    b.bind(Duration::from_secs(5)).unwrap();
+    if let Err(e) = talk(&mut a, &mut b, 5) {
+        let page = scrape(topo);
+        let xdp: Vec<&str> = page
+            .lines()
+            .filter(|l| l.starts_with("ferry_xdp_packets_total") && !l.ends_with(" 0"))
+            .collect();
+        panic!("session {session:#x}: {e:#}\n{}", xdp.join("\n"));
+    }
+    for i in 0..messages {
+        let msg = format!("message {i}");
+        a.send(msg.as_bytes()).unwrap();
+        assert_eq!(
+            b.recv_message(Duration::from_secs(5)).unwrap(),
+            msg.as_bytes()
+        );
+        b.send(msg.as_bytes()).unwrap();
+        assert_eq!(
+            a.recv_message(Duration::from_secs(5)).unwrap(),
+            msg.as_bytes()
+        );
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(ferry_skip_ebpf),
+    ignore = "needs root: network namespaces, the XDP guard"
+)]
+#[cfg_attr(
+    ferry_skip_ebpf,
+    ignore = "built with FERRY_SKIP_EBPF=1: no XDP program"
+)]
+fn on_a_veth_left_as_created_nothing_is_lost_and_the_fast_path_takes_what_it_safely_can() {
+    skip::require_root("fast_netns");
+    // The peers' veth as `ip link add` makes it: no XDP program and GRO off, so it takes no
+    // XDP frames, and checksum offload on, so the peers' datagrams carry partial checksums.
+    // Forwarding is on at the relay, as for the kernel's own forwarding.
+    let topo = Topology::new().unwrap();
+    for family in ["ipv4", "ipv6"] {
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &topo.relay_ns,
+            "sysctl",
+            "-qw",
+            &format!("net.{family}.conf.{}.forwarding=1", topo.relay_if),
+        ]);
+    }
+    let auth = Authority::new().unwrap();
+    let sends = format!(
+        "ferry_xdp_fast_path_sends{{interface=\"{}\"}}",
+        topo.relay_if
+    );
+    let active = format!(
+        "ferry_xdp_fast_path_active{{interface=\"{}\"}}",
+        topo.relay_if
+    );
+
+    let peers_ethtool = |setting: &str| {
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &topo.peers_ns,
+            "ethtool",
+            "-K",
+            &topo.peers_if,
+            setting,
+            if setting == "gro" { "on" } else { "off" },
+        ]);
+    };
+
+    {
+        // The relay finds out that its veth's peer would drop what XDP sends it: the fast
+        // path takes DATA in there but sends nothing out. The partial checksums go to the
+        // relay first, which completes them, and every message arrives.
+        let relay = start(&auth, &topo, "");
+        let log = relay.log_text();
+        assert!(log.contains("takes no XDP frames"), "{log}");
+        pair_talks(&topo, &auth, 0x5101, [2, 3], 20);
+        let page = scrape(&topo);
+        assert_eq!(metric(&page, &active), 1, "{page}");
+        assert_eq!(metric(&page, &sends), 0, "{page}");
+        assert!(fast_pass(&page, "fast_partial_checksum") >= 40, "{page}");
+
+        // Complete checksums: now it is the way out that sends them to the relay, and again
+        // every message arrives.
+        peers_ethtool("tx-checksumming");
+        pair_talks(&topo, &auth, 0x5102, [4, 5], 20);
+        let page = scrape(&topo);
+        assert!(fast_pass(&page, "fast_interface") >= 40, "{page}");
+        assert_eq!(metric(&page, FAST_BACK), 0, "{page}");
+    }
+
+    // GRO on at the peer, and a restart: the fast path sends out of the veth, and carries the
+    // messages.
+    peers_ethtool("gro");
+    let relay = start(&auth, &topo, "");
+    let log = relay.log_text();
+    assert!(log.contains("XDP fast path active"), "{log}");
+    pair_talks(&topo, &auth, 0x5103, [6, 7], 20);
+    let page = scrape(&topo);
+    assert_eq!(metric(&page, &sends), 1, "{page}");
+    assert!(metric(&page, FAST_BACK) >= 40, "{page}");
 }

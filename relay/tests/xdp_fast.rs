@@ -3,7 +3,9 @@
 //! DATA is rewritten field by field as the relay's own socket would have sent it, checked by
 //! a parser of its own (full checksums recomputed from scratch, not the program's incremental
 //! update), and everything the fast path must not forward reaches the relay or is dropped,
-//! each under its counter.
+//! each under its counter. The relay's interface is a veth, so what goes back out of it
+//! leaves by `XDP_REDIRECT` (a veth's `XDP_TX` would reach a peer without an XDP program only
+//! when something else woke it).
 //!
 //! Needs root (CAP_BPF, namespaces), so every test is `#[ignore]`d.
 #![allow(clippy::unwrap_used)] // a test: a failed unwrap fails the test
@@ -18,7 +20,7 @@ use ferry_common::xdp::{Counter, CounterValue, Rate, slot_labels};
 use ferry_relay::session::{SessionEvent, SlotBudget};
 use ferry_relay::shards::SessionObserver;
 use ferry_relay::xdp::frame::{self, Frame};
-use ferry_relay::xdp::{Guard, Mode, SessionFilter, XDP_DROP, XDP_PASS, XDP_TX, XdpSettings};
+use ferry_relay::xdp::{Guard, Mode, SessionFilter, XDP_DROP, XDP_PASS, XDP_REDIRECT, XdpSettings};
 use ferry_testkit::netns::{Topology, in_ns, link_info};
 use ferry_testkit::skip;
 
@@ -58,8 +60,25 @@ struct Bench {
 
 impl Bench {
     fn new(test: &str) -> Self {
+        Self::with_peer(test, true)
+    }
+
+    /// With `gro` false, the peers' veth is left as created: GRO off and no XDP program, so it
+    /// takes no XDP frames, and the fast path must not send out of the relay's veth.
+    fn with_peer(test: &str, gro: bool) -> Self {
         skip::require_root(test);
         let topo = Topology::new().unwrap();
+        if gro {
+            // A veth hands the frames XDP sends out of it to its peer only if the peer polls
+            // with NAPI, which GRO turns on.
+            let status = Command::new("ip")
+                .args(["netns", "exec", &topo.peers_ns, "ethtool", "-K"])
+                .args([&topo.peers_if, "gro", "on"])
+                .stdout(std::process::Stdio::null())
+                .status()
+                .unwrap();
+            assert!(status.success(), "ethtool -K {} gro on", topo.peers_if);
+        }
         for (host, mac) in [(2, MAC_A), (3, MAC_B)] {
             let mac = mac.map(|b| format!("{b:02x}")).join(":");
             for addr in [
@@ -98,7 +117,10 @@ impl Bench {
             (guard, filter)
         })
         .unwrap();
-        assert_eq!(guard.fast_path().len(), 1);
+        let fast = guard.fast_path();
+        assert_eq!(fast.len(), 1);
+        assert!(fast[0].1.takes_data_in(), "{fast:?}");
+        assert_eq!(fast[0].1.sends_data_out(), gro, "{fast:?}");
         Bench {
             topo,
             guard,
@@ -197,6 +219,26 @@ fn frame_from(from: SocketAddr, relay: IpAddr, datagram: &[u8], checksum: bool) 
         let check = parsed.expected_udp_checksum(&bytes);
         bytes[parsed.udp + 6..parsed.udp + 8].copy_from_slice(&check.to_be_bytes());
     }
+    bytes
+}
+
+/// `datagram` from `from` as a sender that leaves the UDP checksum to its device sends it: the
+/// checksum field holds the folded sum of the pseudo-header alone (what Linux writes for
+/// `CHECKSUM_PARTIAL`: `~csum_tcpudp_magic(..)`, `~csum_ipv6_magic(..)`).
+fn frame_with_partial_checksum(from: SocketAddr, relay: IpAddr, datagram: &[u8]) -> Vec<u8> {
+    let mut bytes = frame_from(from, relay, datagram, false);
+    let parsed = Parsed::of(&bytes);
+    let mut pseudo = Vec::new();
+    for ip in [parsed.src, parsed.dst] {
+        match ip {
+            IpAddr::V4(a) => pseudo.extend_from_slice(&a.octets()),
+            IpAddr::V6(a) => pseudo.extend_from_slice(&a.octets()),
+        }
+    }
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&((8 + parsed.payload.len()) as u16).to_be_bytes());
+    let partial = fold(sum(&pseudo));
+    bytes[parsed.udp + 6..parsed.udp + 8].copy_from_slice(&partial.to_be_bytes());
     bytes
 }
 
@@ -377,12 +419,22 @@ fn bound_ipv4_data_is_rewritten_field_by_field_and_sent_back_out() {
     for len in [1, 2, 101, 1200] {
         for checksum in [true, false] {
             let input = frame_from(a, b.relay(false), &data(len), checksum);
-            let out = b.expect(&input, XDP_TX, Counter::FastTx, "A to B");
+            let out = b.expect(&input, XDP_REDIRECT, Counter::FastRedirect, "A to B");
             check_rewrite(&b, &input, &out, bb, MAC_B);
         }
         let input = frame_from(bb, b.relay(false), &data(len), true);
-        let out = b.expect(&input, XDP_TX, Counter::FastTx, "B to A");
+        let out = b.expect(&input, XDP_REDIRECT, Counter::FastRedirect, "B to A");
         check_rewrite(&b, &input, &out, a, MAC_A);
+    }
+    // A partial checksum (the sender's device was to finish it) goes to the relay.
+    for len in [1, 1200] {
+        let input = frame_with_partial_checksum(a, b.relay(false), &data(len));
+        b.expect(
+            &input,
+            XDP_PASS,
+            Counter::FastPartialChecksum,
+            "partial checksum",
+        );
     }
     let state = b.filter.fast_state(SID).unwrap();
     assert_eq!(state.slots[0].packets, 8);
@@ -405,16 +457,53 @@ fn bound_ipv6_data_is_rewritten_field_by_field_and_sent_back_out() {
     b.bind(Some(a), Some(bb), 10_000_000);
     for len in [1, 2, 101, 1200] {
         let input = frame_from(a, b.relay(true), &data(len), true);
-        let out = b.expect(&input, XDP_TX, Counter::FastTx, "A to B");
+        let out = b.expect(&input, XDP_REDIRECT, Counter::FastRedirect, "A to B");
         check_rewrite(&b, &input, &out, bb, MAC_B);
         let input = frame_from(bb, b.relay(true), &data(len), true);
-        let out = b.expect(&input, XDP_TX, Counter::FastTx, "B to A");
+        let out = b.expect(&input, XDP_REDIRECT, Counter::FastRedirect, "B to A");
         check_rewrite(&b, &input, &out, a, MAC_A);
     }
     // IPv6 UDP without a checksum is not valid; the kernel drops it, the fast path does not
     // forward it.
     let input = frame_from(a, b.relay(true), &data(10), false);
     b.expect(&input, XDP_PASS, Counter::FastNoChecksum, "no checksum");
+    for len in [1, 1200] {
+        let input = frame_with_partial_checksum(a, b.relay(true), &data(len));
+        b.expect(
+            &input,
+            XDP_PASS,
+            Counter::FastPartialChecksum,
+            "partial checksum",
+        );
+    }
+}
+
+#[test]
+#[cfg_attr(not(ferry_skip_ebpf), ignore = "needs root: loads the XDP program")]
+#[cfg_attr(
+    ferry_skip_ebpf,
+    ignore = "built with FERRY_SKIP_EBPF=1: no XDP program"
+)]
+fn nothing_is_sent_out_of_a_veth_whose_peer_takes_no_xdp_frames() {
+    // The veth would drop every frame the fast path sent out of it: the relay found that out
+    // when it attached (by sending one such frame), so the program passes DATA that would
+    // leave by that veth to the relay, for each family, while it still takes DATA in there.
+    let b = Bench::with_peer(
+        "nothing_is_sent_out_of_a_veth_whose_peer_takes_no_xdp_frames",
+        false,
+    );
+    let status = &b.guard.fast_path()[0].1;
+    assert!(
+        status.to_string().contains("takes no XDP frames"),
+        "{status}"
+    );
+    for v6 in [false, true] {
+        let (a, bb) = (b.peer(2, v6, 40_000), b.peer(3, v6, 50_000));
+        b.bind(Some(a), Some(bb), 10_000_000);
+        let input = frame_from(a, b.relay(v6), &data(100), true);
+        b.expect(&input, XDP_PASS, Counter::FastInterface, "A to B");
+    }
+    assert_eq!(b.guard.fast_totals().unwrap().packets, 0);
 }
 
 #[test]
@@ -491,7 +580,7 @@ fn what_the_fast_path_must_not_forward_goes_to_the_relay_each_reason_counted() {
             b.guard.test_run_on(&big, b.ifindex).unwrap()
         })
         .unwrap();
-        forwarded += usize::from(action == XDP_TX);
+        forwarded += usize::from(action == XDP_REDIRECT);
     }
     assert!(forwarded >= 2, "the burst passes: {forwarded}");
     b.expect(&big, XDP_DROP, Counter::FastOverBudget, "over budget");
@@ -510,7 +599,12 @@ fn what_the_fast_path_must_not_forward_goes_to_the_relay_each_reason_counted() {
     // And on again.
     s.fast_path = true;
     in_ns(&b.topo.relay_ns, || b.guard.configure(&s, &[PORT]).unwrap()).unwrap();
-    b.expect(&d, XDP_TX, Counter::FastTx, "fast path on again");
+    b.expect(
+        &d,
+        XDP_REDIRECT,
+        Counter::FastRedirect,
+        "fast path on again",
+    );
 
     // Closing the session removes both of its entries.
     b.filter.session_event(SessionEvent::Closed(SID));
@@ -561,7 +655,7 @@ fn the_cached_next_hop_follows_rebinds_at_once_and_route_and_neighbour_changes_s
     let relay = b.relay(false);
     b.bind(Some(a), Some(bb), 10_000_000);
     let small = frame_from(a, relay, &data(100), true);
-    let out = b.expect(&small, XDP_TX, Counter::FastTx, "first");
+    let out = b.expect(&small, XDP_REDIRECT, Counter::FastRedirect, "first");
     check_rewrite(&b, &small, &out, bb, MAC_B);
     // The hop is cached for slot B, for B's address and port and this interface.
     let hop = b.filter.fib_cache(SID).unwrap().slots[1];
@@ -591,12 +685,17 @@ fn the_cached_next_hop_follows_rebinds_at_once_and_route_and_neighbour_changes_s
         ],
     );
     b.bind(Some(a), Some(c), 10_000_000);
-    let out = b.expect(&small, XDP_TX, Counter::FastTx, "after the rebind");
+    let out = b.expect(
+        &small,
+        XDP_REDIRECT,
+        Counter::FastRedirect,
+        "after the rebind",
+    );
     check_rewrite(&b, &small, &out, c, mac_c);
     // Back to B; its port changes too.
     let bb2 = b.peer(3, false, 50_001);
     b.bind(Some(a), Some(bb2), 10_000_000);
-    let out = b.expect(&small, XDP_TX, Counter::FastTx, "back to B");
+    let out = b.expect(&small, XDP_REDIRECT, Counter::FastRedirect, "back to B");
     check_rewrite(&b, &small, &out, bb2, MAC_B);
 
     // B's host moves to another MAC: the fast path follows once the cached hop expires.
@@ -616,11 +715,16 @@ fn the_cached_next_hop_follows_rebinds_at_once_and_route_and_neighbour_changes_s
         ],
     );
     assert!(
-        until(&b, &small, |action, out| action == XDP_TX
+        until(&b, &small, |action, out| action == XDP_REDIRECT
             && out[..6] == mac_moved),
         "the new neighbour MAC never reached the fast path"
     );
-    let out = b.expect(&small, XDP_TX, Counter::FastTx, "after the move");
+    let out = b.expect(
+        &small,
+        XDP_REDIRECT,
+        Counter::FastRedirect,
+        "after the move",
+    );
     check_rewrite(&b, &small, &out, bb2, mac_moved);
 
     // A route with a smaller MTU (locked: forwarding honours a route's MTU only then):
@@ -645,7 +749,12 @@ fn the_cached_next_hop_follows_rebinds_at_once_and_route_and_neighbour_changes_s
         "the smaller MTU never reached the fast path"
     );
     b.expect(&big, XDP_PASS, Counter::FastFibMiss, "longer than the MTU");
-    let out = b.expect(&small, XDP_TX, Counter::FastTx, "within the MTU");
+    let out = b.expect(
+        &small,
+        XDP_REDIRECT,
+        Counter::FastRedirect,
+        "within the MTU",
+    );
     check_rewrite(&b, &small, &out, bb2, mac_moved);
 
     // The route goes away: the fast path stops using the hop once it expires.

@@ -53,9 +53,22 @@ pub const MAP_FIB_CACHE: &str = "FIB_CACHE";
 /// How long the fast path reuses a next hop it resolved (ns): after that it asks the FIB
 /// again, so a route or neighbour change reaches the fast path within this time.
 pub const FIB_CACHE_NS: u64 = 20_000_000;
-/// Map: `DevMapHash` keyed by interface index: the interfaces on which the fast path is active,
-/// both as the way in and the way out (`XDP_REDIRECT` goes through it).
+/// Map: `DevMapHash` keyed by interface index: the interfaces the fast path sends out of, by
+/// `XDP_TX` or `XDP_REDIRECT` (which goes through it). Each is also in [`MAP_FAST_INGRESS`];
+/// one that is not here is a veth whose peer takes no XDP frames.
 pub const MAP_FAST_IFACES: &str = "FAST_IFACES";
+/// Map: `HashMap<u32, u32>` keyed by interface index, valued [`FAST_IN`] and maybe
+/// [`FAST_BACK_BY_REDIRECT`]: the interfaces on which the fast path takes DATA in.
+pub const MAP_FAST_INGRESS: &str = "FAST_INGRESS";
+/// [`MAP_FAST_INGRESS`] value bit: the fast path takes DATA in here.
+pub const FAST_IN: u32 = 1;
+/// [`MAP_FAST_INGRESS`] value bit: DATA that leaves by the interface it came in on leaves by
+/// `XDP_REDIRECT`, not `XDP_TX`. Set on a veth: its `XDP_TX` wakes the peer's receive only if
+/// the peer runs an XDP program, where a redirect wakes it whenever it polls with NAPI (GRO
+/// on will do).
+pub const FAST_BACK_BY_REDIRECT: u32 = 2;
+/// Interfaces [`MAP_FAST_IFACES`] and [`MAP_FAST_INGRESS`] can hold.
+pub const MAX_FAST_IFACES: u32 = 64;
 /// Map: `PerCpuArray<CounterValue>` with one entry: DATA datagrams the fast path forwarded and
 /// their bytes (relay header included, as the relay's own `forwarded_bytes` counts them).
 pub const MAP_FAST_TOTALS: &str = "FAST_TOTALS";
@@ -90,8 +103,8 @@ pub const FLAG_DROP_ALL_FRAGMENTS: u16 = 2;
 /// [`MAP_SESSIONS`].
 pub const FLAG_SESSION_FILTER: u16 = 4;
 
-/// [`GuardConfig::flags`]: forward DATA of bound sessions in XDP (the fast path), on the
-/// interfaces in [`MAP_FAST_IFACES`].
+/// [`GuardConfig::flags`]: forward DATA of bound sessions in XDP (the fast path), in from the
+/// interfaces in [`MAP_FAST_INGRESS`] and out of those in [`MAP_FAST_IFACES`].
 pub const FLAG_FAST_PATH: u16 = 8;
 
 /// Most UDP ports the guard protects (the relay's distinct listen ports).
@@ -519,8 +532,11 @@ pub struct FibHop {
     pub dmac: [u8; 6],
     /// The egress interface's MAC address (Ethernet source).
     pub smac: [u8; 6],
+    /// 1: leave by `XDP_REDIRECT` even when [`FibHop::egress`] is [`FibHop::ingress`] (the
+    /// ingress interface has [`FAST_BACK_BY_REDIRECT`]).
+    pub back_by_redirect: u8,
     /// Zero.
-    pub _pad: [u8; 8],
+    pub _pad: [u8; 7],
 }
 
 impl FibHop {
@@ -657,7 +673,8 @@ pub enum Counter {
     PassCookie = 14,
     /// DATA the fast path forwarded out of the interface it came in on (`XDP_TX`).
     FastTx = 15,
-    /// DATA the fast path forwarded out of another interface (`XDP_REDIRECT`).
+    /// DATA the fast path forwarded by `XDP_REDIRECT`: out of another interface, or back out
+    /// of a veth it came in on ([`FAST_BACK_BY_REDIRECT`]).
     FastRedirect = 16,
     /// DATA over its sending slot's byte budget, dropped by the fast path as the relay would.
     FastOverBudget = 17,
@@ -673,8 +690,9 @@ pub enum Counter {
     FastVlan = 21,
     /// Fast path fallback: IPv4 options or IPv6 extension headers.
     FastIpOptions = 22,
-    /// Fast path fallback: the interface it came in on, or the one the route leaves by, is not
-    /// one the fast path is active on.
+    /// Fast path fallback: the fast path does not take DATA in on the interface it came in on,
+    /// or does not send out of the one the route leaves by (not active there, or a veth whose
+    /// peer takes no XDP frames).
     FastInterface = 23,
     /// Fast path fallback: the FIB has no route, no neighbour entry yet, or a smaller MTU.
     FastFibMiss = 24,
@@ -682,10 +700,14 @@ pub enum Counter {
     FastNoChecksum = 25,
     /// Fast path fallback: the byte meter changed under this CPU too often in a row.
     FastContended = 26,
+    /// Fast path fallback: the UDP checksum field holds only the pseudo-header's sum, which a
+    /// sender leaves when it hands the rest of the checksum to its device (checksum offload,
+    /// on a veth or a local socket's path); forwarded as it is, the receiver would drop it.
+    FastPartialChecksum = 27,
 }
 
 /// The first slot of the malformed-header counters.
-pub const FIRST_MALFORMED: u32 = 27;
+pub const FIRST_MALFORMED: u32 = 28;
 /// Number of counter slots: the [`Counter`] variants, then one per [`HeaderError`].
 pub const COUNTER_SLOTS: u32 = FIRST_MALFORMED + HeaderError::COUNT as u32;
 
@@ -719,10 +741,11 @@ impl Counter {
         Counter::FastFibMiss,
         Counter::FastNoChecksum,
         Counter::FastContended,
+        Counter::FastPartialChecksum,
     ];
 
     /// The fast path's fallbacks: DATA it passed to the relay, and why.
-    pub const FAST_FALLBACKS: [Counter; 9] = [
+    pub const FAST_FALLBACKS: [Counter; 10] = [
         Counter::FastPeerUnbound,
         Counter::FastMixedFamily,
         Counter::FastNotEligible,
@@ -732,6 +755,7 @@ impl Counter {
         Counter::FastFibMiss,
         Counter::FastNoChecksum,
         Counter::FastContended,
+        Counter::FastPartialChecksum,
     ];
 
     /// The counter slot.
@@ -774,6 +798,7 @@ impl Counter {
             Counter::FastFibMiss => ("pass", "fast_fib_miss"),
             Counter::FastNoChecksum => ("pass", "fast_no_checksum"),
             Counter::FastContended => ("pass", "fast_contended"),
+            Counter::FastPartialChecksum => ("pass", "fast_partial_checksum"),
         }
     }
 }

@@ -21,8 +21,8 @@ use aya_ebpf::macros::map;
 use aya_ebpf::maps::{DevMapHash, HashMap, PerCpuArray};
 use aya_ebpf::programs::XdpContext;
 use ferry_common::xdp::{
-    BoundSlot, Counter, CounterValue, FIB_CACHE_NS, FastSlot, FastState, FibCache, FibHop,
-    GuardConfig, MAX_SESSIONS, SessionEntry,
+    BoundSlot, Counter, CounterValue, FAST_BACK_BY_REDIRECT, FIB_CACHE_NS, FastSlot, FastState,
+    FibCache, FibHop, GuardConfig, MAX_FAST_IFACES, MAX_SESSIONS, SessionEntry,
 };
 
 use crate::{ETH_HLEN, IPV6_HLEN, UDP_HLEN, ipv4_mapped};
@@ -40,8 +40,13 @@ static FIB_CACHE: HashMap<u64, FibCache> =
 #[map(name = "FIB_SCRATCH")]
 static FIB_SCRATCH: PerCpuArray<FibCache> = PerCpuArray::with_max_entries(1, 0);
 
+/// The interfaces the fast path sends out of.
 #[map(name = "FAST_IFACES")]
-static FAST_IFACES: DevMapHash = DevMapHash::with_max_entries(64, 0);
+static FAST_IFACES: DevMapHash = DevMapHash::with_max_entries(MAX_FAST_IFACES, 0);
+
+/// The interfaces the fast path takes DATA in from.
+#[map(name = "FAST_INGRESS")]
+static FAST_INGRESS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_FAST_IFACES, 0);
 
 #[map(name = "FAST_TOTALS")]
 static FAST_TOTALS: PerCpuArray<CounterValue> = PerCpuArray::with_max_entries(1, 0);
@@ -190,13 +195,14 @@ fn pass(reason: Counter) -> (u32, u32) {
     (XDP_PASS, reason as u32)
 }
 
-/// How the frame leaves by `egress`: `XDP_TX` when that is `ingress`, else a redirect through
-/// the device map, which fails (and the frame goes to the relay, untouched) when the fast path
-/// is not active on `egress`. Decided before the frame is rewritten: a rewritten frame cannot
-/// be passed on.
+/// How the frame leaves by `hop`: `XDP_TX` when that is back out of `ingress` (unless the hop
+/// says to redirect there too), else a redirect through the device map, which fails (and the
+/// frame goes to the relay, untouched) when the fast path does not send out of the egress
+/// interface. Decided before the frame is rewritten: a rewritten frame cannot be passed on.
 #[inline(always)]
-fn send(egress: u32, ingress: u32) -> Result<(u32, u32), Counter> {
-    if egress == ingress {
+fn send(hop: &FibHop, ingress: u32) -> Result<(u32, u32), Counter> {
+    let egress = hop.egress;
+    if egress == ingress && hop.back_by_redirect == 0 {
         return Ok((XDP_TX, Counter::FastTx as u32));
     }
     match FAST_IFACES.redirect(egress, 0) {
@@ -207,10 +213,11 @@ fn send(egress: u32, ingress: u32) -> Result<(u32, u32), Counter> {
 
 /// The next hop for DATA `data` to slot `to` of its session (bound at `receiver`) that came
 /// in on `ingress` with IP length `ip_len`: the cached one when it serves ([`FibHop::serves`]),
-/// else, if the fast path is active on `ingress`, a FIB lookup, as the forwarding path does it (the kernel answers only if forwarding is
-/// enabled on the ingress interface; the relay checks and says so), whose result replaces
-/// the cached hop. The hop returned lies in map memory (the cache, or this CPU's scratch
-/// entry), valid for this run.
+/// else, if the fast path takes DATA in on `ingress`, a FIB lookup, as the forwarding path
+/// does it (the kernel answers only if forwarding is enabled on the ingress interface; the
+/// relay checks and says so), whose result replaces the cached hop if the fast path sends
+/// out of the interface it names. The hop returned lies in map memory (the cache, or this
+/// CPU's scratch entry), valid for this run.
 #[inline(always)]
 fn next_hop(
     ctx: &XdpContext,
@@ -231,9 +238,10 @@ fn next_hop(
             return Ok(hop);
         }
     }
-    if FAST_IFACES.get(ingress).is_none() {
+    // SAFETY: a plain value read from map memory valid for this run.
+    let Some(&ingress_flags) = (unsafe { FAST_INGRESS.get(ingress) }) else {
         return Err(Counter::FastInterface);
-    }
+    };
     let Some(fresh) = FIB_SCRATCH.get_ptr_mut(0) else {
         return Err(Counter::FastFibMiss);
     };
@@ -277,6 +285,12 @@ fn next_hop(
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return Err(Counter::FastFibMiss);
     }
+    // Out of an interface the fast path does not send out of (a veth whose peer would drop
+    // the frame, or one without the fast path), the relay sends it. Checked here, so that a
+    // cached hop never leads out of such an interface, `XDP_TX` included.
+    if FAST_IFACES.get(params.ifindex).is_none() {
+        return Err(Counter::FastInterface);
+    }
     let hop = &mut fresh.slots[to];
     hop.expires = now.wrapping_add(FIB_CACHE_NS);
     hop.dst = receiver.addr;
@@ -297,6 +311,7 @@ fn next_hop(
     hop.max_len = ip_len;
     hop.dmac = params.dmac;
     hop.smac = params.smac;
+    hop.back_by_redirect = u8::from(ingress_flags & FAST_BACK_BY_REDIRECT != 0);
     let hop: *const FibHop = hop;
     if cached.is_some() {
         // Replaces the entry whole (from map memory: no copy on the stack), and only if the
@@ -325,6 +340,18 @@ fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     sum as u16
+}
+
+/// Whether UDP checksum `check` is a partial one: the folded sum of the pseudo-header alone
+/// (addresses summing to `addresses`, the protocol, UDP length `udp_len`; the same sum for IPv4
+/// and IPv6), which a sender that leaves the checksum to its device (`CHECKSUM_PARTIAL`: a
+/// veth with checksum offload on, a local socket's path) puts there for the device to
+/// complete. Rewritten and sent on, the receiver would find it wrong and drop the datagram. A
+/// complete checksum equals it only by chance (one datagram in 65,536), and such a datagram
+/// goes to the relay, which forwards it too.
+#[inline(always)]
+fn is_partial(check: u16, addresses: u32, udp_len: u16) -> bool {
+    check == fold(addresses + u32::from(IPPROTO_UDP) + u32::from(udp_len))
 }
 
 /// The UDP checksum after the words summing to `old` were replaced by words summing to `new`
@@ -358,10 +385,15 @@ fn forward_v4(
     let h = unsafe { &mut *(start as *mut [u8; V4_HEADERS]) };
     let ip = ETH_HLEN;
     let udp = ETH_HLEN + 20;
+    let check = u16::from_be_bytes([h[udp + 6], h[udp + 7]]);
+    let udp_len = u16::from_be_bytes([h[udp + 4], h[udp + 5]]);
+    if check != 0 && is_partial(check, sum16(h, ip + 12, 8), udp_len) {
+        return Err(Counter::FastPartialChecksum);
+    }
     let tot_len = u16::from_be_bytes([h[ip + 2], h[ip + 3]]);
     // SAFETY: map memory valid for this run (see `next_hop`).
     let hop = unsafe { &*next_hop(ctx, data, to, receiver, ingress, tot_len)? };
-    let action = send(hop.egress, ingress)?;
+    let action = send(hop, ingress)?;
 
     // The words the UDP checksum covers that change: the pseudo-header's addresses and the
     // ports.
@@ -377,7 +409,6 @@ fn forward_v4(
     h[ip + 10..ip + 12].copy_from_slice(&ip_check.to_be_bytes());
     h[udp..udp + 2].copy_from_slice(&receiver.relay_port.to_be_bytes());
     h[udp + 2..udp + 4].copy_from_slice(&receiver.port.to_be_bytes());
-    let check = u16::from_be_bytes([h[udp + 6], h[udp + 7]]);
     if check != 0 {
         let new = sum16(h, ip + 12, 8) + sum16(h, udp, 4);
         let check = udp_checksum_update(check, old, new);
@@ -407,10 +438,14 @@ fn forward_v6(
     if check == 0 {
         return Err(Counter::FastNoChecksum);
     }
+    let udp_len = u16::from_be_bytes([h[udp + 4], h[udp + 5]]);
+    if is_partial(check, sum16(h, ip + 8, 32), udp_len) {
+        return Err(Counter::FastPartialChecksum);
+    }
     let tot_len = u16::from_be_bytes([h[ip + 4], h[ip + 5]]).wrapping_add(IPV6_HLEN as u16);
     // SAFETY: map memory valid for this run (see `next_hop`).
     let hop = unsafe { &*next_hop(ctx, data, to, receiver, ingress, tot_len)? };
-    let action = send(hop.egress, ingress)?;
+    let action = send(hop, ingress)?;
 
     let old = sum16(h, ip + 8, 32) + sum16(h, udp, 4);
     h[..6].copy_from_slice(&hop.dmac);
