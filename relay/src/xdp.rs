@@ -1452,7 +1452,7 @@ pub mod flood {
 /// a page of its own, as a NIC driver receives into its DMA pages; a frame that a veth gets
 /// as a socket buffer (anything a local socket sent) it copies into a fresh page before it runs
 /// the peer's native XDP program. The relay attaches it nowhere; it runs it once, unattached,
-/// to send the frame that checks a veth's peer ([`send_one`]).
+/// to send the frame that checks a veth's peer (`send_one`).
 pub mod wire {
     use aya::maps::{DevMap, MapData};
     use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, XdpMode};

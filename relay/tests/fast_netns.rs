@@ -33,18 +33,7 @@ const ADMIN_PORT: u16 = 9478;
 /// computed in full by the peers' side (no partial checksum to pass on). The guard is
 /// returned: dropping it detaches it.
 fn topology() -> (Topology, Guard) {
-    let topo = Topology::new().unwrap();
-    for family in ["ipv4", "ipv6"] {
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            &topo.relay_ns,
-            "sysctl",
-            "-qw",
-            &format!("net.{family}.conf.{}.forwarding=1", topo.relay_if),
-        ]);
-    }
+    let topo = forwarding_topology();
     let (peers_ns, peers_if) = (topo.peers_ns.as_str(), topo.peers_if.as_str());
     run(&[
         "ip",
@@ -60,6 +49,24 @@ fn topology() -> (Topology, Guard) {
     let mut pass = Guard::load(16).unwrap();
     in_ns(peers_ns, || pass.attach(peers_if, Mode::Native).unwrap()).unwrap();
     (topo, pass)
+}
+
+/// The namespaces, with forwarding on at the relay's veth (the FIB lookup needs it) and the
+/// peers' veth as `ip link add` makes it.
+fn forwarding_topology() -> Topology {
+    let topo = Topology::new().unwrap();
+    for family in ["ipv4", "ipv6"] {
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &topo.relay_ns,
+            "sysctl",
+            "-qw",
+            &format!("net.{family}.conf.{}.forwarding=1", topo.relay_if),
+        ]);
+    }
+    topo
 }
 
 fn run(args: &[&str]) {
@@ -546,18 +553,7 @@ fn on_a_veth_left_as_created_nothing_is_lost_and_the_fast_path_takes_what_it_saf
     // The peers' veth as `ip link add` makes it: no XDP program and GRO off, so it takes no
     // XDP frames, and checksum offload on, so the peers' datagrams carry partial checksums.
     // Forwarding is on at the relay, as for the kernel's own forwarding.
-    let topo = Topology::new().unwrap();
-    for family in ["ipv4", "ipv6"] {
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            &topo.relay_ns,
-            "sysctl",
-            "-qw",
-            &format!("net.{family}.conf.{}.forwarding=1", topo.relay_if),
-        ]);
-    }
+    let topo = forwarding_topology();
     let auth = Authority::new().unwrap();
     let sends = format!(
         "ferry_xdp_fast_path_sends{{interface=\"{}\"}}",
