@@ -23,10 +23,11 @@ use aya::{Ebpf, EbpfLoader};
 use ferry_common::cookie::CookieKey;
 use ferry_common::xdp::{
     BoundSlot, ByteBudget, COUNTER_SLOTS, CookieKeys, CounterValue, FAST_BACK_BY_REDIRECT, FAST_IN,
-    FLAG_ACTIVE, FLAG_DROP_ALL_FRAGMENTS, FLAG_FAST_PATH, FLAG_SESSION_FILTER, FastState, FibCache,
-    GuardConfig, LIST_ALLOW, LIST_DENY, MAP_CIDR_V4, MAP_CIDR_V6, MAP_CONFIG, MAP_COOKIE_KEYS,
-    MAP_COUNTERS, MAP_FAST_IFACES, MAP_FAST_INGRESS, MAP_FAST_STATE, MAP_FAST_TOTALS,
-    MAP_FIB_CACHE, MAP_SESSIONS, MAP_SOURCES, MAX_PORTS, PROGRAM_NAME, Rate, SessionEntry,
+    FLAG_ACTIVE, FLAG_DROP_ALL_FRAGMENTS, FLAG_FAST_PATH, FLAG_LISTS_V4, FLAG_LISTS_V6,
+    FLAG_SESSION_FILTER, FastState, FibCache, GuardConfig, LIST_ALLOW, LIST_DENY, MAP_CIDR_V4,
+    MAP_CIDR_V6, MAP_CONFIG, MAP_COOKIE_KEYS, MAP_COUNTERS, MAP_FAST_IFACES, MAP_FAST_INGRESS,
+    MAP_FAST_STATE, MAP_FAST_TOTALS, MAP_FIB_CACHE, MAP_SESSIONS, MAP_SOURCES, MAX_PORTS,
+    PROGRAM_NAME, Rate, SessionEntry,
 };
 pub use ferry_core::cidr::Cidr;
 
@@ -162,6 +163,12 @@ impl XdpSettings {
         }
         if self.session_filter {
             cfg.flags |= FLAG_SESSION_FILTER;
+        }
+        for cidr in self.deny.iter().chain(&self.allow) {
+            cfg.flags |= match cidr.addr() {
+                IpAddr::V4(_) => FLAG_LISTS_V4,
+                IpAddr::V6(_) => FLAG_LISTS_V6,
+            };
         }
         for (slot, port) in cfg.ports.iter_mut().zip(ports.iter().take(MAX_PORTS)) {
             *slot = *port;
@@ -1210,6 +1217,35 @@ mod tests {
             assert_eq!(mode.name().parse::<Mode>(), Ok(mode));
         }
         assert!("xdpdrv".parse::<Mode>().is_err());
+    }
+
+    #[test]
+    fn the_program_asks_only_a_trie_that_has_entries() {
+        let rate = Rate::new(1, 1).unwrap();
+        let mut s = XdpSettings {
+            mode: Mode::Native,
+            interfaces: Vec::new(),
+            max_sources: 16,
+            ipv6_prefix_len: 64,
+            drop_all_fragments: false,
+            data_packets: rate,
+            data_bytes: rate,
+            handshake: rate,
+            handshake_total: rate,
+            session_filter: true,
+            fast_path: true,
+            deny: Vec::new(),
+            allow: Vec::new(),
+        };
+        let lists =
+            |s: &XdpSettings| s.guard_config(&[7000]).flags & (FLAG_LISTS_V4 | FLAG_LISTS_V6);
+        assert_eq!(lists(&s), 0);
+        s.deny = vec!["198.18.0.0/15".parse().unwrap()];
+        assert_eq!(lists(&s), FLAG_LISTS_V4);
+        s.allow = vec!["2001:db8::/32".parse().unwrap()];
+        assert_eq!(lists(&s), FLAG_LISTS_V4 | FLAG_LISTS_V6);
+        s.deny.clear();
+        assert_eq!(lists(&s), FLAG_LISTS_V6);
     }
 }
 

@@ -107,6 +107,12 @@ pub const FLAG_SESSION_FILTER: u16 = 4;
 /// interfaces in [`MAP_FAST_INGRESS`] and out of those in [`MAP_FAST_IFACES`].
 pub const FLAG_FAST_PATH: u16 = 8;
 
+/// [`GuardConfig::flags`]: the IPv4 deny/allow trie has entries; without it the program skips
+/// the lookup (a helper call per datagram), as an empty trie matches nothing.
+pub const FLAG_LISTS_V4: u16 = 16;
+/// [`GuardConfig::flags`]: the IPv6 trie has entries, as [`FLAG_LISTS_V4`].
+pub const FLAG_LISTS_V6: u16 = 32;
+
 /// Most UDP ports the guard protects (the relay's distinct listen ports).
 pub const MAX_PORTS: usize = 4;
 

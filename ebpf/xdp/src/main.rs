@@ -48,8 +48,9 @@ use ferry_common::cookie::{cookie, cookie_input};
 use ferry_common::header::{HEADER_LEN, PacketType, check_header};
 use ferry_common::xdp::{
     COUNTER_SLOTS, CookieKeys, Counter, CounterValue, DEFAULT_MAX_SOURCES, FLAG_ACTIVE,
-    FLAG_DROP_ALL_FRAGMENTS, FLAG_FAST_PATH, FLAG_SESSION_FILTER, GuardConfig, LIST_ALLOW,
-    LIST_DENY, MAX_CIDRS, MAX_SESSIONS, Meter, SessionEntry, SourceKey, SourceState,
+    FLAG_DROP_ALL_FRAGMENTS, FLAG_FAST_PATH, FLAG_LISTS_V4, FLAG_LISTS_V6, FLAG_SESSION_FILTER,
+    GuardConfig, LIST_ALLOW, LIST_DENY, MAX_CIDRS, MAX_SESSIONS, Meter, SessionEntry, SourceKey,
+    SourceState,
 };
 
 #[map(name = "CONFIG")]
@@ -244,10 +245,11 @@ fn guard_checks(ctx: &XdpContext) -> Result<Verdict<'static>, (u32, u32)> {
         return Err(drop(Counter::DropBadUdpLength));
     }
 
-    // ---- Deny and allow lists ----
+    // ---- Deny and allow lists (an empty trie is not asked) ----
     let listed = match l4.v4 {
-        Some(v4) => CIDR_V4.get(Key::new(32, v4)).copied(),
-        None => CIDR_V6.get(Key::new(128, l4.source)).copied(),
+        Some(v4) if cfg.flags & FLAG_LISTS_V4 != 0 => CIDR_V4.get(Key::new(32, v4)).copied(),
+        None if cfg.flags & FLAG_LISTS_V6 != 0 => CIDR_V6.get(Key::new(128, l4.source)).copied(),
+        _ => None,
     };
     if listed == Some(LIST_DENY) {
         return Err(drop(Counter::DropDenyListed));
