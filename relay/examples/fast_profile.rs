@@ -234,6 +234,11 @@ fn main() -> anyhow::Result<()> {
         settings.fast_path = false;
         in_ns(&ns, || guard.configure(&settings, &[PORT]))??;
         time(&guard, "DATA, guard only (fast path off)", &from_a)?;
+        // The same with a deny list of one entry that does not match: the trie is asked.
+        settings.deny = vec!["198.19.200.0/24".parse().map_err(anyhow::Error::msg)?];
+        in_ns(&ns, || guard.configure(&settings, &[PORT]))??;
+        time(&guard, "DATA, guard only, a deny list of one", &from_a)?;
+        settings.deny.clear();
         settings.fast_path = true;
         in_ns(&ns, || guard.configure(&settings, &[PORT]))??;
         bind(&filter, Some(a), None);
