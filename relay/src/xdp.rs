@@ -630,13 +630,7 @@ impl Guard {
         ingress: u32,
     ) -> Result<(u32, Vec<u8>, Duration), XdpError> {
         let program = program(&self.ebpf, PROGRAM_NAME)?;
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-        // egress_ifindex.
-        let fields = [0, frame.len() as u32, 0, ingress, 0, 0];
-        let mut ctx = Vec::with_capacity(24);
-        for field in fields {
-            ctx.extend_from_slice(&field.to_ne_bytes());
-        }
+        let ctx = xdp_md(frame, ingress);
         let mut out = vec![0u8; frame.len() + 256];
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
@@ -1002,6 +996,16 @@ fn check_veth_peer(interface: &str, index: u32) -> VethPeer {
         Ok(false) => VethPeer::Refuses(ethtool::stat(interface, "peer_ifindex").ok().flatten()),
         Err(why) => VethPeer::Unknown(why),
     }
+}
+
+/// The `struct xdp_md` context for a `BPF_PROG_TEST_RUN` of `frame` as if it arrived on
+/// interface `ingress`: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+/// egress_ifindex.
+fn xdp_md(frame: &[u8], ingress: u32) -> Vec<u8> {
+    [0, frame.len() as u32, 0, ingress, 0, 0]
+        .iter()
+        .flat_map(|field| field.to_ne_bytes())
+        .collect()
 }
 
 /// Whether IPv4 and IPv6 forwarding are on for `interface` (this process's namespace).
@@ -1417,7 +1421,7 @@ pub mod flood {
     use aya::programs::{TestRun, TestRunAttrs, TestRunOptions};
     use aya::{Ebpf, EbpfLoader};
 
-    use super::{XdpError, load_object, map_error, map_mut, program};
+    use super::{XdpError, load_object, map_error, map_mut, program, xdp_md};
 
     /// Built from source by `build.rs`; empty when built with `FERRY_SKIP_EBPF=1`.
     static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferry-flood.o"));
@@ -1457,13 +1461,7 @@ pub mod flood {
             duration: Duration,
         ) -> Result<u64, XdpError> {
             let program = program(&self.ebpf, "ferry_flood")?;
-            // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-            // egress_ifindex.
-            let fields = [0, frame.len() as u32, 0, ifindex, 0, 0];
-            let mut ctx = Vec::with_capacity(24);
-            for field in fields {
-                ctx.extend_from_slice(&field.to_ne_bytes());
-            }
+            let ctx = xdp_md(frame, ifindex);
             let deadline = Instant::now() + duration;
             let mut sent = 0u64;
             while Instant::now() < deadline {
@@ -1496,7 +1494,7 @@ pub mod wire {
 
     use super::{
         XdpError, interface_exists, interface_index, load_object, map_error, map_mut,
-        no_such_interface, program, program_mut,
+        no_such_interface, program, program_mut, xdp_md,
     };
 
     /// Built from source by `build.rs`; empty when built with `FERRY_SKIP_EBPF=1`.
@@ -1513,21 +1511,22 @@ pub mod wire {
         }
     }
 
+    /// The program, loaded, with interface `index` as the one every frame leaves by.
+    fn load_towards(index: u32) -> Result<Ebpf, XdpError> {
+        let mut ebpf = load_object(EbpfLoader::new(), OBJECT, "ferry_wire")?;
+        let mut out: DevMap<&mut MapData> = map_mut(&mut ebpf, "WIRE_OUT")?;
+        out.set(0, index, None, 0)
+            .map_err(|e| map_error("WIRE_OUT", e))?;
+        Ok(ebpf)
+    }
+
     /// Sends `frame` out of interface `index` (in the calling thread's network namespace)
     /// once, the way the fast path sends: `XDP_REDIRECT` through a device map, from the
     /// program run unattached with `BPF_PROG_TEST_RUN` in live-frame mode, as if the frame had
     /// come in on that interface.
     pub(super) fn send_one(index: u32, frame: &[u8]) -> Result<(), XdpError> {
-        let mut ebpf = load_object(EbpfLoader::new(), OBJECT, "ferry_wire")?;
-        let mut out: DevMap<&mut MapData> = map_mut(&mut ebpf, "WIRE_OUT")?;
-        out.set(0, index, None, 0)
-            .map_err(|e| map_error("WIRE_OUT", e))?;
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-        // egress_ifindex.
-        let mut ctx = Vec::with_capacity(24);
-        for field in [0, frame.len() as u32, 0, index, 0, 0] {
-            ctx.extend_from_slice(&field.to_ne_bytes());
-        }
+        let ebpf = load_towards(index)?;
+        let ctx = xdp_md(frame, index);
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
         opts.ctx_in = Some(&ctx);
@@ -1549,10 +1548,7 @@ pub mod wire {
             if !interface_exists(from) {
                 return Err(no_such_interface(from, "native"));
             }
-            let mut ebpf = load_object(EbpfLoader::new(), OBJECT, "ferry_wire")?;
-            let mut out: DevMap<&mut MapData> = map_mut(&mut ebpf, "WIRE_OUT")?;
-            out.set(0, to_index, None, 0)
-                .map_err(|e| map_error("WIRE_OUT", e))?;
+            let mut ebpf = load_towards(to_index)?;
             program_mut(&mut ebpf, "ferry_wire")?
                 .attach(from, XdpMode::Driver)
                 .map_err(|e| XdpError::Attach {

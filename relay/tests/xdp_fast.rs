@@ -228,16 +228,7 @@ fn frame_from(from: SocketAddr, relay: IpAddr, datagram: &[u8], checksum: bool) 
 fn frame_with_partial_checksum(from: SocketAddr, relay: IpAddr, datagram: &[u8]) -> Vec<u8> {
     let mut bytes = frame_from(from, relay, datagram, false);
     let parsed = Parsed::of(&bytes);
-    let mut pseudo = Vec::new();
-    for ip in [parsed.src, parsed.dst] {
-        match ip {
-            IpAddr::V4(a) => pseudo.extend_from_slice(&a.octets()),
-            IpAddr::V6(a) => pseudo.extend_from_slice(&a.octets()),
-        }
-    }
-    pseudo.extend_from_slice(&[0, 17]);
-    pseudo.extend_from_slice(&((8 + parsed.payload.len()) as u16).to_be_bytes());
-    let partial = fold(sum(&pseudo));
+    let partial = fold(parsed.pseudo_header_sum());
     bytes[parsed.udp + 6..parsed.udp + 8].copy_from_slice(&partial.to_be_bytes());
     bytes
 }
@@ -322,7 +313,8 @@ impl Parsed {
 
     /// The UDP checksum the frame should carry, computed from scratch over the pseudo-header
     /// and the whole datagram with its checksum field taken as zero.
-    fn expected_udp_checksum(&self, f: &[u8]) -> u16 {
+    /// The unfolded sum of the UDP pseudo-header (RFC 768, RFC 8200 §8.1).
+    fn pseudo_header_sum(&self) -> u32 {
         let udp_len = 8 + self.payload.len();
         let mut pseudo = Vec::new();
         for ip in [self.src, self.dst] {
@@ -341,13 +333,18 @@ impl Parsed {
                 pseudo.extend_from_slice(&[0, 0, 0, 17]);
             }
         }
+        sum(&pseudo)
+    }
+
+    fn expected_udp_checksum(&self, f: &[u8]) -> u16 {
+        let udp_len = 8 + self.payload.len();
         let mut datagram = f[self.udp..self.udp + udp_len].to_vec();
         datagram[6] = 0;
         datagram[7] = 0;
         if datagram.len() % 2 == 1 {
             datagram.push(0);
         }
-        let c = !fold(sum(&pseudo) + sum(&datagram));
+        let c = !fold(self.pseudo_header_sum() + sum(&datagram));
         if c == 0 { 0xffff } else { c }
     }
 
