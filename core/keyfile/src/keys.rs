@@ -122,7 +122,7 @@ fn read_key_file(path: &Path, secret: bool) -> Result<Zeroizing<String>, KeyFile
         path: path.to_owned(),
         source,
     };
-    let file = File::open(path).map_err(io_error)?;
+    let file = crate::open_regular_file(path).map_err(io_error)?;
     if secret {
         // Checked on the open file, so the file we read is the file we checked.
         let mode = file.metadata().map_err(io_error)?.permissions().mode() & 0o7777;

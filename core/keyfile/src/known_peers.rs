@@ -64,14 +64,14 @@ pub fn load_known_peers(path: &Path) -> Result<KnownPeers, KnownPeersFileError> 
         path: path.to_owned(),
         source,
     };
-    let file = match fs::File::open(path) {
+    let file = match crate::open_regular_file(path) {
         Ok(file) => file,
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(KnownPeers::new()),
         Err(source) => return Err(io_error(source)),
     };
     let meta = file.metadata().map_err(io_error)?;
     let mode = meta.permissions().mode() & 0o7777;
-    if meta.is_file() && mode & 0o022 != 0 {
+    if mode & 0o022 != 0 {
         return Err(KnownPeersFileError::InsecurePermissions {
             path: path.to_owned(),
             mode,

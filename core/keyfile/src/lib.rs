@@ -14,10 +14,15 @@
 //!   (never through a symbolic link) and renames it over the old one, so a crash never leaves
 //!   half a file, and an update holds a lock so that concurrent writers lose nothing. The
 //!   format is described in [`ferry_core::known_peers`].
+//! - [`open_regular_file`], how every Ferry program opens a file it reads (a key, a
+//!   certificate, a config): anything but a regular file (a FIFO, a directory, a device, a
+//!   socket) is refused at once with an error naming what it is, where a FIFO would otherwise
+//!   block the open until something writes to it.
 #![forbid(unsafe_code)]
 
 mod keys;
 mod known_peers;
+mod regular;
 
 pub use keys::{
     KeyFileError, load_public_file, load_secret_file, load_secret_text, write_key_pair,
@@ -26,3 +31,4 @@ pub use keys::{
 pub use known_peers::{
     KnownPeersFileError, load_known_peers, save_known_peers, update_known_peers,
 };
+pub use regular::open_regular_file;
