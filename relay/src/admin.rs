@@ -230,16 +230,24 @@ fn refuse_busy(stream: &TcpStream) {
     let _ = stream.shutdown(std::net::Shutdown::Write);
 }
 
-/// Closes gracefully: stop sending, then read (and discard) what the client still sends for a
-/// moment, so that closing with unread input does not reset the connection and destroy the
-/// response before the client has read it.
+/// How long a connection may linger after its answer, in all: a client that keeps sending a
+/// byte now and then cannot hold one of the [`AdminOptions::max_connections`] slots longer.
+pub const LINGER_LIMIT: Duration = Duration::from_millis(500);
+
+/// Closes gracefully: stop sending, then read (and discard) what the client still sends, for
+/// at most [`LINGER_LIMIT`] and 64 KiB, so that closing with unread input does not reset the
+/// connection and destroy the response before the client has read it.
 fn linger(stream: &TcpStream) {
     let _ = stream.shutdown(std::net::Shutdown::Write);
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    let deadline = std::time::Instant::now() + LINGER_LIMIT;
     let mut sink = [0u8; 4096];
     let mut left: usize = 64 * 1024;
     let mut reader = stream;
     while left > 0 {
+        let wait = deadline.saturating_duration_since(std::time::Instant::now());
+        if wait.is_zero() || stream.set_read_timeout(Some(wait)).is_err() {
+            break;
+        }
         match reader.read(&mut sink) {
             Ok(0) | Err(_) => break,
             Ok(n) => left = left.saturating_sub(n),

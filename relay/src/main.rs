@@ -228,6 +228,21 @@ fn run(path: &Path) -> anyhow::Result<()> {
     signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&reload))
         .context("installing SIGHUP")?;
 
+    // Another relay on a listen port would take part of its sources: refuse before touching
+    // anything it may own (its XDP guard on the same interfaces included).
+    for &addr in &cfg.listen {
+        if let Err(e) = worker::check_not_in_use(addr) {
+            match e.kind() {
+                std::io::ErrorKind::AddrInUse => anyhow::bail!(
+                    "relay.listen: {addr} is already in use: is another ferry-relay running on \
+                     it? Two relays on one port would split its sources, and the sessions \
+                     between them, so this one does not start"
+                ),
+                _ => return Err(e).with_context(|| format!("relay.listen: checking {addr}")),
+            }
+        }
+    }
+
     // The XDP guard first: if it cannot run as the config asks, nothing else starts. Dropping
     // it (on any return from here) detaches it.
     let xdp = Arc::new(Mutex::new(

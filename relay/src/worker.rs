@@ -322,6 +322,25 @@ pub fn bind_reuseport(addr: SocketAddr, buffers: SocketBuffers) -> io::Result<Ud
     Ok(socket.into())
 }
 
+/// Fails with [`io::ErrorKind::AddrInUse`] if a socket already holds `addr`, mostly another
+/// relay's workers. `SO_REUSEPORT` lets any process of the same user join a port's group, and
+/// the kernel then splits the port's sources between the two processes: a session whose two
+/// slots land on different relays cannot forward. A socket bound without the option conflicts
+/// with every other binding of the port, so binding one (and closing it at once) finds them.
+/// A relay starting at the very same moment could still slip in between; that is the
+/// operator's doing, not a state this check can see.
+pub fn check_not_in_use(addr: SocketAddr) -> io::Result<()> {
+    let domain = match addr {
+        SocketAddr::V4(_) => Domain::IPV4,
+        SocketAddr::V6(_) => Domain::IPV6,
+    };
+    let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())
+}
+
 /// The kernel buffer sizes each relay socket asks for (`relay.udp_recv_buffer_bytes`,
 /// `relay.udp_send_buffer_bytes`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -914,6 +933,20 @@ impl PendingForwards {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_port_another_relay_holds_is_found_in_use() {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        let holder = bind_reuseport(any, SocketBuffers::default()).expect("bind");
+        let held = holder.local_addr().expect("addr");
+        let e = check_not_in_use(held).expect_err("in use");
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        // The same check passes once the holder is gone, and leaves nothing bound behind it.
+        drop(holder);
+        check_not_in_use(held).expect("free");
+        let again = bind_reuseport(held, SocketBuffers::default()).expect("rebind");
+        assert_eq!(again.local_addr().expect("addr"), held);
+    }
 
     #[test]
     fn only_eio_and_einval_on_a_gso_send_turn_gso_off() {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use ferry_relay::admin::{AdminOptions, AdminServer, AdminState};
+use ferry_relay::admin::{AdminOptions, AdminServer, AdminState, LINGER_LIMIT};
 
 fn server() -> (AdminServer, Arc<AdminState>) {
     let state = Arc::new(AdminState::new(|| "# TYPE x counter\nx 1\n".to_string()));
@@ -152,5 +152,44 @@ fn a_trickling_client_is_dropped_as_soon_as_a_silent_one() {
     let _ = slow.read_to_string(&mut answer);
     assert_eq!(status(&answer), 408, "{answer:?}");
     assert!(started.elapsed() < Duration::from_secs(3));
+    server.shutdown();
+}
+
+#[test]
+fn a_client_that_keeps_sending_after_its_answer_frees_its_slot_within_the_linger_limit() {
+    let state = Arc::new(AdminState::new(String::new));
+    let options = AdminOptions {
+        max_connections: 1,
+        ..AdminOptions::default()
+    };
+    let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let server = AdminServer::start_with(addr, state, options).unwrap();
+    let addr = server.local_addr();
+    let mut holder = TcpStream::connect(addr).unwrap();
+    holder
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    holder.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    holder.read_to_string(&mut answer).unwrap();
+    assert_eq!(status(&answer), 200);
+    // The holder goes on sending a byte every 50 ms, far apart enough for no single read to
+    // time out: only the linger's overall limit lets its slot go.
+    let started = Instant::now();
+    let trickle = std::thread::spawn(move || {
+        while started.elapsed() < LINGER_LIMIT * 6 {
+            if holder.write_all(b"x").is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    std::thread::sleep(LINGER_LIMIT * 2);
+    assert_eq!(
+        status(&request(addr, b"GET /healthz HTTP/1.1\r\n\r\n")),
+        200,
+        "the one slot is still held after twice the linger limit"
+    );
+    trickle.join().unwrap();
     server.shutdown();
 }

@@ -1,5 +1,6 @@
-//! `ferry-relay check-config` as an operator runs it: what a config names on the host (XDP
-//! interfaces) is checked there, and a key file's problem is told once.
+//! `ferry-relay` as an operator runs it: what a config names on the host (XDP interfaces) is
+//! checked there, a key file's problem is told once, and a second relay on a port in use does
+//! not start.
 #![allow(clippy::unwrap_used)] // a test: a failed unwrap fails the test
 
 use std::os::unix::fs::PermissionsExt as _;
@@ -8,7 +9,7 @@ use std::process::{Command, Output};
 
 use ferry_testkit::fixtures::Authority;
 use ferry_testkit::gateway::workspace_binary;
-use ferry_testkit::relay::RelayConfig;
+use ferry_testkit::relay::{RelayConfig, RelayProcess};
 
 /// Writes a relay config with `xdp` as its `[xdp]` section and a fresh relay key beside it
 /// into `dir`; returns the config's path.
@@ -72,4 +73,33 @@ fn a_key_file_readable_by_others_is_reported_once() {
     assert!(!out.status.success(), "{stderr}");
     assert_eq!(stderr.matches("mode 0640").count(), 1, "{stderr}");
     assert!(stderr.contains("chmod 600"), "{stderr}");
+}
+
+#[test]
+fn a_second_relay_on_a_port_in_use_does_not_start() {
+    let bin = workspace_binary("ferry-relay", "ferry-relay").unwrap();
+    let auth = Authority::new().unwrap();
+    let cfg = RelayConfig::loopback(vec![auth.gateway_key()]).unwrap();
+    let first = RelayProcess::start(&bin, &auth.relay_key, &cfg).unwrap();
+    // The same UDP port, its own admin port: only the UDP check can stop it.
+    let second = RelayConfig {
+        admin: RelayConfig::loopback(vec![auth.gateway_key()])
+            .unwrap()
+            .admin,
+        ..cfg.clone()
+    };
+    let e = RelayProcess::start(&bin, &auth.relay_key, &second).expect_err("started twice");
+    let text = format!("{e:#}");
+    assert!(
+        text.contains(&format!(
+            "relay.listen: {} is already in use",
+            cfg.listen[0]
+        )),
+        "{text}"
+    );
+    // The first relay still answers.
+    assert!(
+        first.metrics().contains("ferry_"),
+        "the first relay stopped answering"
+    );
 }

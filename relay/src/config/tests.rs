@@ -537,6 +537,66 @@ fn a_readable_key_file_is_refused_with_the_fix() {
 }
 
 #[test]
+fn a_key_or_ca_path_that_is_no_regular_file_is_named_as_such_without_waiting() {
+    let dir = Dir::new("not-regular");
+    let mkfifo = |name: &str| {
+        let path = dir.0.join(name);
+        let made = std::process::Command::new("mkfifo").arg(&path).status();
+        assert!(made.unwrap().success(), "mkfifo {}", path.display());
+    };
+    // A FIFO would block a plain open until something writes to it.
+    std::fs::remove_file(dir.0.join("relay.key")).unwrap();
+    mkfifo("relay.key");
+    let message = dir.parse(&minimal()).unwrap_err().to_string();
+    assert!(message.starts_with("relay.static_key"), "{message}");
+    assert!(message.contains("is a FIFO"), "{message}");
+    // A directory is a directory, not a file with loose permissions.
+    std::fs::remove_file(dir.0.join("relay.key")).unwrap();
+    std::fs::create_dir(dir.0.join("relay.key")).unwrap();
+    std::fs::set_permissions(
+        dir.0.join("relay.key"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let message = dir.parse(&minimal()).unwrap_err().to_string();
+    assert!(message.contains("is a directory"), "{message}");
+    assert!(!message.contains("chmod"), "{message}");
+    std::fs::remove_dir(dir.0.join("relay.key")).unwrap();
+    let rng = SystemRandom::new();
+    ferry_keyfile::write_secret_file(
+        &dir.0.join("relay.key"),
+        &RelayStaticKey::generate(&rng).unwrap(),
+        true,
+    )
+    .unwrap();
+    // A gateway's public key file and the heartbeat's CA file alike.
+    mkfifo("gw.pub");
+    mkfifo("ca.pem");
+    let key_file = dir.0.join("hb.key");
+    std::fs::write(
+        &key_file,
+        "fgk1.relay7.c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2Vj\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let text = "[relay]\nid = 1\nstatic_key = \"relay.key\"\n\n[[gateway_keys]]\nkid = 1\n\
+                public_key_file = \"gw.pub\"\n\n[xdp]\nmode = \"off\"\n\n[heartbeat]\n\
+                gateway_url = \"https://gateway.test\"\napi_key_file = \"hb.key\"\n\
+                ca_file = \"ca.pem\"\naddress = \"198.18.0.1:7000\"\ninterval_secs = 5\n";
+    let found = problems(dir.parse(text));
+    let fields: Vec<&str> = found.iter().map(|p| p.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        ["gateway_keys[0].public_key_file", "heartbeat.ca_file"],
+        "{found:?}"
+    );
+    assert!(
+        found.iter().all(|p| p.problem.contains("is a FIFO")),
+        "{found:?}"
+    );
+}
+
+#[test]
 fn reload_takes_limits_and_keys_but_not_addresses_or_keys_of_the_relay() {
     let dir = Dir::new("reload");
     let old = dir.parse(&minimal()).unwrap();

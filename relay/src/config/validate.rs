@@ -159,7 +159,7 @@ fn validate_heartbeat(
         }
     };
     let ca_file = base_dir.join(&h.ca_file);
-    let ca_pem = match std::fs::read(&ca_file) {
+    let ca_pem = match read_ca_file(&ca_file) {
         Ok(pem) => match crate::heartbeat::check_ca(&pem) {
             Ok(()) => Some(pem),
             Err(e) => {
@@ -542,4 +542,24 @@ pub(super) fn validate_xdp(
         deny,
         allow,
     }
+}
+
+/// The largest CA file read: a system bundle of every public root is about 220 KiB.
+const MAX_CA_FILE: u64 = 1 << 20;
+
+/// Reads `heartbeat.ca_file`: a regular file (a FIFO would block the read until something
+/// writes to it) of at most [`MAX_CA_FILE`] bytes.
+fn read_ca_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut pem = Vec::new();
+    ferry_keyfile::open_regular_file(path)?
+        .take(MAX_CA_FILE + 1)
+        .read_to_end(&mut pem)?;
+    if pem.len() as u64 > MAX_CA_FILE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("is over {} KiB, more than any CA bundle", MAX_CA_FILE >> 10),
+        ));
+    }
+    Ok(pem)
 }
