@@ -177,6 +177,7 @@ fn main() -> anyhow::Result<()> {
         handshake_total: Rate::new(1_000_000, 1_000_000).context("rate")?,
         session_filter: true,
         fast_path: true,
+        answer_challenges: false,
         deny: Vec::new(),
         allow: Vec::new(),
     };

@@ -7,7 +7,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use ferry_common::xdp::{CounterValue, slot_labels};
+use ferry_common::xdp::{Counter, CounterValue, slot_labels};
 use ferry_core::wire::{HeaderError, RejectReason};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
@@ -182,6 +182,20 @@ impl Snapshot {
             .unwrap_or_default();
         counters.forwarded += fast_forwarded.packets;
         counters.forwarded_bytes += fast_forwarded.bytes;
+        let xdp_counters = xdp.map(|guard| {
+            guard
+                .counters()
+                .inspect_err(|e| tracing::warn!("reading the XDP counters: {e}"))
+                .ok()
+        });
+        // So do the CHALLENGEs the guard sent itself.
+        if let Some(Some(slots)) = &xdp_counters {
+            for counter in [Counter::ChallengeTx, Counter::ChallengeRedirect] {
+                if let Some(value) = slots.get(counter.slot() as usize) {
+                    counters.challenges += value.packets;
+                }
+            }
+        }
         Self {
             sessions: counters,
             active,
@@ -195,10 +209,7 @@ impl Snapshot {
                     .map(|(interface, mode)| (interface.clone(), mode.name()))
                     .collect(),
                 session_map_errors: guard.session_filter_errors(),
-                counters: guard
-                    .counters()
-                    .inspect_err(|e| tracing::warn!("reading the XDP counters: {e}"))
-                    .ok(),
+                counters: xdp_counters.flatten(),
                 fast_path: guard
                     .fast_path()
                     .iter()
@@ -291,7 +302,7 @@ impl Snapshot {
         )?;
         w.counter(
             "ferry_challenges",
-            "CHALLENGEs sent to BIND/REBIND without a valid cookie.",
+            "CHALLENGEs sent to BIND/REBIND without a valid cookie (by the relay or its XDP guard).",
             c.challenges,
         )?;
         w.counter(

@@ -258,6 +258,9 @@ fn run(path: &Path) -> anyhow::Result<()> {
     let mut sessions = build_sessions(&cfg, cookies.clone())?;
     if let Some(guard) = xdp.lock().unwrap_or_else(PoisonError::into_inner).as_mut() {
         sessions = sessions.with_observer(guard.session_filter(&cfg.listen)?);
+        guard
+            .set_relay_addresses(&cfg.listen)
+            .context("writing the relay's addresses for the guard's CHALLENGEs")?;
     }
     // The guard checks address cookies with the window keys, rewritten as windows pass.
     let mut cookie_window = None;

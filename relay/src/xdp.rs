@@ -23,11 +23,12 @@ use aya::{Ebpf, EbpfLoader};
 use ferry_common::cookie::CookieKey;
 use ferry_common::xdp::{
     BoundSlot, ByteBudget, COUNTER_SLOTS, CookieKeys, CounterValue, FAST_BACK_BY_REDIRECT, FAST_IN,
-    FLAG_ACTIVE, FLAG_DROP_ALL_FRAGMENTS, FLAG_FAST_PATH, FLAG_LISTS_V4, FLAG_LISTS_V6,
-    FLAG_SESSION_FILTER, FastState, FibCache, GuardConfig, LIST_ALLOW, LIST_DENY, MAP_CIDR_V4,
-    MAP_CIDR_V6, MAP_CONFIG, MAP_COOKIE_KEYS, MAP_COUNTERS, MAP_FAST_IFACES, MAP_FAST_INGRESS,
-    MAP_FAST_STATE, MAP_FAST_TOTALS, MAP_FIB_CACHE, MAP_SESSIONS, MAP_SOURCES, MAX_PORTS,
-    PROGRAM_NAME, Rate, SessionEntry,
+    FLAG_ACTIVE, FLAG_CHALLENGE, FLAG_DROP_ALL_FRAGMENTS, FLAG_FAST_PATH, FLAG_LISTS_V4,
+    FLAG_LISTS_V6, FLAG_SESSION_FILTER, FastState, FibCache, GuardConfig, LIST_ALLOW, LIST_DENY,
+    MAP_CIDR_V4, MAP_CIDR_V6, MAP_CONFIG, MAP_COOKIE_KEYS, MAP_COUNTERS, MAP_FAST_IFACES,
+    MAP_FAST_INGRESS, MAP_FAST_STATE, MAP_FAST_TOTALS, MAP_FIB_CACHE, MAP_RELAY_ADDRS,
+    MAP_REPLY_IFACES, MAP_SESSIONS, MAP_SOURCES, MAX_PORTS, PROGRAM_NAME, REPLY_REDIRECT, REPLY_TX,
+    Rate, SessionEntry,
 };
 pub use ferry_core::cidr::Cidr;
 
@@ -134,6 +135,9 @@ pub struct XdpSettings {
     /// Forward bound sessions' DATA in XDP on the interfaces the guard is attached to in
     /// native mode (`xdp.fast_path`).
     pub fast_path: bool,
+    /// Answer BINDs and REBINDs without a valid address cookie with a CHALLENGE from XDP
+    /// where the interface allows (`xdp.answer_challenges`).
+    pub answer_challenges: bool,
     /// Sources dropped outright.
     pub deny: Vec<Cidr>,
     /// Sources exempt from metering (the longest matching prefix wins over `deny`).
@@ -157,6 +161,9 @@ impl XdpSettings {
         };
         if self.fast_path {
             cfg.flags |= FLAG_FAST_PATH;
+        }
+        if self.answer_challenges {
+            cfg.flags |= FLAG_CHALLENGE;
         }
         if self.drop_all_fragments {
             cfg.flags |= FLAG_DROP_ALL_FRAGMENTS;
@@ -507,11 +514,56 @@ impl Guard {
         if let Some(index) = interface_index(interface) {
             self.indexes.insert(interface.to_owned(), index);
             if attachment == Attachment::Native {
-                self.peers
-                    .insert(interface.to_owned(), check_veth_peer(interface, index));
+                let peer = check_veth_peer(interface, index);
+                let reply = match &peer {
+                    VethPeer::NotVeth => Some(Reply::Tx),
+                    VethPeer::Takes => Some(Reply::Redirect),
+                    VethPeer::Refuses(_) | VethPeer::Unknown(_) => None,
+                };
+                match reply {
+                    Some(how) => self.reply_on(index, how)?,
+                    None => tracing::info!(
+                        interface,
+                        "the relay answers cookie-less BINDs and REBINDs arriving here: the \
+                         guard cannot send out of this veth (see the fast path's warning)"
+                    ),
+                }
+                self.peers.insert(interface.to_owned(), peer);
             }
         }
         Ok(attachment)
+    }
+
+    /// Lets the program answer cookie-less BINDs and REBINDs that arrive on interface `index`
+    /// with a CHALLENGE itself (when `xdp.answer_challenges` is on), sent back `how`.
+    /// [`Guard::attach`] calls it for each interface attached in native mode whose XDP frames
+    /// arrive; tests call it for the interface their test runs name.
+    pub fn reply_on(&mut self, index: u32, how: Reply) -> Result<(), XdpError> {
+        let mut map: HashMap<&mut MapData, u32, u32> = map_mut(&mut self.ebpf, MAP_REPLY_IFACES)?;
+        let value = match how {
+            Reply::Tx => REPLY_TX,
+            Reply::Redirect => REPLY_REDIRECT,
+        };
+        map.insert(index, value, 0)
+            .map_err(|e| map_error(MAP_REPLY_IFACES, e))
+    }
+
+    /// Tells the program the relay's listen addresses: it answers a handshake with a CHALLENGE
+    /// only if it is addressed to one of them (a wildcard address stands for every address of
+    /// its family). Until this is called it answers none. The addresses are fixed for the
+    /// relay's life (changing them needs a restart), so this is called once, at start.
+    pub fn set_relay_addresses(&mut self, listen: &[SocketAddr]) -> Result<(), XdpError> {
+        let mut map: HashMap<&mut MapData, [u8; 16], u32> =
+            map_mut(&mut self.ebpf, MAP_RELAY_ADDRS)?;
+        for addr in listen {
+            let key = match addr.ip() {
+                IpAddr::V4(ip) => ip.to_ipv6_mapped().octets(),
+                IpAddr::V6(ip) => ip.octets(),
+            };
+            map.insert(key, 1, 0)
+                .map_err(|e| map_error(MAP_RELAY_ADDRS, e))?;
+        }
+        Ok(())
     }
 
     /// The writer of the guard's session map, for [`crate::shards::Sessions::with_observer`];
@@ -921,6 +973,16 @@ impl SessionObserver for SessionFilter {
     }
 }
 
+/// How the program sends its CHALLENGEs back out of an interface ([`Guard::reply_on`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// `XDP_TX`: a NIC driver transmits the frame itself.
+    Tx,
+    /// `XDP_REDIRECT` to the same interface: a veth, whose `XDP_TX` reaches the peer only if
+    /// the peer runs an XDP program.
+    Redirect,
+}
+
 /// Whether the XDP frames the fast path sends out of an interface arrive, as checked when the
 /// guard attached to it natively.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1238,6 +1300,7 @@ mod tests {
             handshake_total: rate,
             session_filter: true,
             fast_path: true,
+            answer_challenges: true,
             deny: Vec::new(),
             allow: Vec::new(),
         };

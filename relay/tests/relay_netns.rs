@@ -819,3 +819,162 @@ fn the_xdp_guard_cuts_a_flood_to_its_rate_and_keeps_the_other_session_going() {
     assert!((reached as f64) >= 500.0 * secs * 0.5, "{reached}");
     assert!(got as f64 >= sent as f64 * 0.95, "goodput {got} of {sent}");
 }
+
+/// A cookie-less BIND (slot 0, a token length of 208 as the body rules want; the token itself
+/// does not matter: the answer comes before any check of it) for `session`.
+fn spoofed_bind(session: u64) -> Vec<u8> {
+    let mut d = ferry_relay::xdp::frame::datagram(
+        ferry_common::header::PacketType::Bind,
+        session,
+        ferry_common::header::BIND_BODY_LEN,
+    );
+    let body = ferry_common::header::HEADER_LEN;
+    d[body + 2..body + 4].copy_from_slice(&208u16.to_be_bytes());
+    d
+}
+
+/// Sends cookie-less BINDs forged from `sources` addresses of 198.19.`net`.0/24 (round robin)
+/// to `relay` from a raw socket in the peers' namespace, for `secs` seconds; returns how many.
+fn spoofed_bind_flood(topo: &Topology, relay: SocketAddrV4, sources: u8, secs: f64) -> u64 {
+    let payload = spoofed_bind(0x5555_0000_0000_0001);
+    let packets: Vec<Vec<u8>> = (1..=sources)
+        .map(|host| {
+            let src = Ipv4Addr::new(198, 19, topo.net, host);
+            let mut frame = Frame::udp(IpAddr::V4(src), IpAddr::V4(*relay.ip()), relay.port());
+            frame.src_port = 40_000;
+            frame.build(&payload).split_off(14)
+        })
+        .collect();
+    netns::in_ns(&topo.peers_ns, || {
+        let socket = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::RAW,
+            Some(socket2::Protocol::from(libc::IPPROTO_RAW)),
+        )
+        .unwrap();
+        let to = SocketAddrV4::new(*relay.ip(), 0).into();
+        let end = Instant::now() + Duration::from_secs_f64(secs);
+        let mut sent = 0u64;
+        while Instant::now() < end {
+            for packet in &packets {
+                if socket.send_to(packet, &to).is_ok() {
+                    sent += 1;
+                }
+            }
+            // About 50,000 a second: far above the relay-wide budget, within the machine.
+            std::thread::sleep(Duration::from_micros(u64::from(sources) * 20));
+        }
+        sent
+    })
+    .unwrap()
+}
+
+#[test]
+#[cfg_attr(
+    not(ferry_skip_ebpf),
+    ignore = "needs root: network namespaces, the XDP guard"
+)]
+#[cfg_attr(
+    ferry_skip_ebpf,
+    ignore = "built with FERRY_SKIP_EBPF=1: no XDP program"
+)]
+fn under_a_spoofed_bind_flood_the_guard_answers_the_challenges_and_real_peers_bind() {
+    skip::require_root("relay_netns_challenge_flood");
+    let topo = Topology::new().unwrap();
+    // The guard sends out of the relay's veth only if the peers' end takes XDP frames.
+    topo.gro_on_peers().unwrap();
+    let auth = Authority::new().unwrap();
+    // A relay-wide budget of one cookie-less handshake a second: with the relay answering, a
+    // flood would leave a real peer's first BIND about no chance.
+    let budget = |answer: bool| {
+        format!(
+            "handshake_total_per_second = 1\nhandshake_total_burst = 1\n\
+             answer_challenges = {answer}\n"
+        )
+    };
+    let relay = start_relay(&auth, &topo, &budget(true));
+    let relay_v4 = SocketAddrV4::new(topo.relay_v4(), PORT);
+    let before = scrape(&relay);
+    let flood = {
+        let topo = &topo;
+        std::thread::scope(|s| {
+            let flood = s.spawn(move || spoofed_bind_flood(topo, relay_v4, 200, 3.0));
+            std::thread::sleep(Duration::from_millis(300));
+            for (i, session) in [0x6001u64, 0x6002, 0x6003].into_iter().enumerate() {
+                let host = 2 + 2 * i as u8;
+                let (mut a, mut b) = peer_pair_in(
+                    &auth,
+                    topo,
+                    session,
+                    relay_v4.into(),
+                    topo.peer_v4(host),
+                    topo.peer_v4(host + 1),
+                );
+                assert!(
+                    !a.bind(Duration::from_secs(2)).unwrap(),
+                    "pair {i}: A binds"
+                );
+                assert!(b.bind(Duration::from_secs(2)).unwrap(), "pair {i}: B binds");
+                talk(&mut a, &mut b, 2).unwrap();
+            }
+            flood.join().unwrap()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let after = scrape(&relay);
+    let delta = |name: &str| metric(&after, name) - metric(&before, name);
+    let answered = delta("ferry_xdp_packets_total{action=\"redirect\",reason=\"challenge\"}");
+    let over_rate = delta("ferry_xdp_packets_total{action=\"drop\",reason=\"rate_handshake\"}");
+    eprintln!(
+        "{flood} forged BINDs sent, {answered} answered in XDP, {over_rate} over their \
+         source's rate"
+    );
+    // Each of the 200 sources gets its burst of 100 answers and then 50 a second; the rest
+    // is over its source's rate. Nothing else happens to them.
+    assert!(answered >= 200 * 100, "{answered} answered");
+    assert!(
+        (answered + over_rate) as f64 >= 0.95 * flood as f64,
+        "every forged BIND is answered or over its rate: {answered} + {over_rate} of {flood}"
+    );
+    assert_eq!(
+        delta("ferry_xdp_packets_total{action=\"drop\",reason=\"rate_handshake_total\"}"),
+        0,
+        "what the guard answers never spends the relay-wide budget"
+    );
+    assert_eq!(
+        delta("ferry_challenges_total"),
+        answered,
+        "every CHALLENGE came from the guard (the real peers' too), and is counted"
+    );
+    assert_eq!(delta("ferry_binds_accepted_total"), 6);
+
+    // Switched off by a reload, the relay answers again, within its budget of one a second.
+    std::fs::write(
+        relay.process.config_path(),
+        relay_config(&auth, &topo, &budget(false)).text(),
+    )
+    .unwrap();
+    hup(&relay);
+    std::thread::sleep(Duration::from_millis(500));
+    let before = scrape(&relay);
+    let flood = spoofed_bind_flood(&topo, relay_v4, 200, 1.0);
+    std::thread::sleep(Duration::from_millis(300));
+    let after = scrape(&relay);
+    let delta = |name: &str| metric(&after, name) - metric(&before, name);
+    assert_eq!(
+        delta("ferry_xdp_packets_total{action=\"redirect\",reason=\"challenge\"}"),
+        0
+    );
+    let over_budget =
+        delta("ferry_xdp_packets_total{action=\"drop\",reason=\"rate_handshake_total\"}");
+    let relay_challenges = delta("ferry_challenges_total");
+    eprintln!("{flood} forged BINDs sent, {over_budget} over the relay-wide budget");
+    assert!(
+        over_budget >= 1000,
+        "the relay-wide budget holds the flood again: {over_budget} of {flood} dropped"
+    );
+    assert!(
+        relay_challenges <= 3,
+        "the relay sent {relay_challenges} CHALLENGEs, its budget is one a second"
+    );
+}

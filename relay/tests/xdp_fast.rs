@@ -43,6 +43,7 @@ fn settings() -> XdpSettings {
         handshake_total: Rate::new(1_000_000, 1_000_000).unwrap(),
         session_filter: true,
         fast_path: true,
+        answer_challenges: false,
         deny: Vec::new(),
         allow: Vec::new(),
     }
@@ -69,15 +70,7 @@ impl Bench {
         skip::require_root(test);
         let topo = Topology::new().unwrap();
         if gro {
-            // A veth hands the frames XDP sends out of it to its peer only if the peer polls
-            // with NAPI, which GRO turns on.
-            let status = Command::new("ip")
-                .args(["netns", "exec", &topo.peers_ns, "ethtool", "-K"])
-                .args([&topo.peers_if, "gro", "on"])
-                .stdout(std::process::Stdio::null())
-                .status()
-                .unwrap();
-            assert!(status.success(), "ethtool -K {} gro on", topo.peers_if);
+            topo.gro_on_peers().unwrap();
         }
         for (host, mac) in [(2, MAC_A), (3, MAC_B)] {
             let mac = mac.map(|b| format!("{b:02x}")).join(":");

@@ -37,6 +37,7 @@ fn settings() -> XdpSettings {
         handshake_total: Rate::new(1_000_000, 1_000_000).unwrap(),
         session_filter: false,
         fast_path: false,
+        answer_challenges: false,
         deny: Vec::new(),
         allow: Vec::new(),
     }
@@ -1310,4 +1311,262 @@ fn random_frames_get_exactly_one_verdict_each() {
         );
         assert_eq!(bytes, frame.len() as u64);
     }
+}
+
+/// The one's-complement sum of `bytes` as big-endian 16-bit words (an odd last byte padded
+/// with zero), not folded: the checksum arithmetic of RFC 1071, written here apart from the
+/// program's.
+fn ones_sum(bytes: &[u8]) -> u64 {
+    bytes
+        .chunks(2)
+        .map(|c| u64::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum()
+}
+
+fn folded(mut sum: u64) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// A cookie-less BIND (or REBIND) of slot 1 with bind sequence number `seq`, keeping every
+/// body rule (a BIND's token length is 208), from `src`:`port` to `dst`.
+fn first_attempt(packet_type: PacketType, src: &str, port: u16, dst: &str, seq: u64) -> Vec<u8> {
+    let body_len = match packet_type {
+        PacketType::Bind => BIND_BODY_LEN,
+        _ => REBIND_BODY_LEN,
+    };
+    let mut d = datagram(packet_type, body_len);
+    d[HEADER_LEN] = 1;
+    if packet_type == PacketType::Bind {
+        d[HEADER_LEN + 2..HEADER_LEN + 4].copy_from_slice(&208u16.to_be_bytes());
+    }
+    d[HEADER_LEN + 4..HEADER_LEN + 12].copy_from_slice(&seq.to_be_bytes());
+    let mut f = Frame::udp(ip(src), ip(dst), PORT);
+    f.src_port = port;
+    f.build(&d)
+}
+
+/// Checks that `out` is the CHALLENGE the relay would send in answer to `request` (built by
+/// [`first_attempt`] from `src`:`port` with `seq`): the request's frame turned around
+/// (Ethernet addresses, IP addresses, UDP ports swapped), a fresh IP header (TTL or hop limit
+/// of the host's default), correct IPv4 and UDP checksums, and as UDP payload exactly what
+/// `ferry_core::wire::encode_challenge` writes for the cookie `jar` issues now.
+fn check_challenge(
+    out: &[u8],
+    request: &[u8],
+    src: std::net::SocketAddr,
+    seq: u64,
+    jar: &ferry_core::proof::CookieJar,
+    now: ferry_core::time::UnixTime,
+) {
+    use ferry_core::wire::{ChallengeFields, encode_challenge};
+    let mut want = [0u8; 64];
+    let fields = ChallengeFields {
+        bind_seq: seq,
+        cookie: jar.issue(now, 0x0102_0304_0506_0708, 1, src),
+    };
+    let n = encode_challenge(&mut want, 0x0102_0304_0506_0708, &fields).unwrap();
+    let want = &want[..n];
+    assert_eq!(&out[..6], &request[6..12], "to the request's source MAC");
+    assert_eq!(&out[6..12], &request[..6], "from the MAC it was sent to");
+    assert_eq!(&out[12..14], &request[12..14], "same EtherType");
+    let (udp, addresses) = if src.is_ipv4() {
+        let ip = &out[14..34];
+        assert_eq!(ip[0], 0x45);
+        assert_eq!(u16::from_be_bytes([ip[2], ip[3]]) as usize, 20 + 8 + n);
+        assert_eq!(&ip[6..8], &[0x40, 0], "DF, not a fragment");
+        let ttl: u8 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_default_ttl")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(ip[8], ttl);
+        assert_eq!(ip[9], 17);
+        assert_eq!(folded(ones_sum(ip)), 0xffff, "IPv4 header checksum");
+        assert_eq!(
+            &ip[12..16],
+            &request[30..34],
+            "from the relay address asked"
+        );
+        assert_eq!(&ip[16..20], &request[26..30], "to the requester");
+        (34, ones_sum(&ip[12..20]))
+    } else {
+        let ip = &out[14..54];
+        assert_eq!(&ip[..4], &[0x60, 0, 0, 0]);
+        assert_eq!(u16::from_be_bytes([ip[4], ip[5]]) as usize, 8 + n);
+        assert_eq!(ip[6], 17);
+        let hops: u8 = std::fs::read_to_string("/proc/sys/net/ipv6/conf/default/hop_limit")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(ip[7], hops);
+        assert_eq!(&ip[8..24], &request[38..54], "from the relay address asked");
+        assert_eq!(&ip[24..40], &request[22..38], "to the requester");
+        (54, ones_sum(&ip[8..40]))
+    };
+    assert_eq!(out.len(), udp + 8 + n, "nothing after the CHALLENGE");
+    assert_eq!(
+        &out[udp..udp + 2],
+        &request[udp + 2..udp + 4],
+        "from the relay port"
+    );
+    assert_eq!(
+        &out[udp + 2..udp + 4],
+        &src.port().to_be_bytes(),
+        "to the source port"
+    );
+    assert_eq!(
+        u16::from_be_bytes([out[udp + 4], out[udp + 5]]) as usize,
+        8 + n
+    );
+    let pseudo = addresses + 17 + (8 + n) as u64;
+    assert_ne!(&out[udp + 6..udp + 8], &[0, 0], "a UDP checksum is there");
+    assert_eq!(
+        folded(pseudo + ones_sum(&out[udp..])),
+        0xffff,
+        "UDP checksum"
+    );
+    assert_eq!(&out[udp + 8..], want, "the CHALLENGE the relay would send");
+    // And the relay takes the cookie back.
+    assert!(jar.check(now, &fields.cookie, 0x0102_0304_0506_0708, 1, src));
+}
+
+#[test]
+#[cfg_attr(not(ferry_skip_ebpf), ignore = "needs root: loads the XDP program")]
+#[cfg_attr(
+    ferry_skip_ebpf,
+    ignore = "built with FERRY_SKIP_EBPF=1: no XDP program"
+)]
+fn the_guard_answers_cookie_less_handshakes_with_the_relays_challenge_itself() {
+    use ferry_core::proof::CookieJar;
+    use ferry_core::time::UnixTime;
+    use ferry_relay::xdp::Reply;
+    let test = "the_guard_answers_cookie_less_handshakes_with_the_relays_challenge_itself";
+    let mut s = settings();
+    s.answer_challenges = true;
+    s.handshake = Rate::new(1, 3).unwrap();
+    // A relay-wide budget of one: what the guard answers itself does not spend it.
+    s.handshake_total = Rate::new(1, 1).unwrap();
+    let mut g = guard(test, &s);
+    let jar = CookieJar::new([7; 32]);
+    let now = UnixTime::from(std::time::SystemTime::now());
+    g.set_cookie_keys(jar.window_keys(now)).unwrap();
+    let (total, rate) = (
+        Counter::DropRateHandshakeTotal as u32,
+        Counter::DropRateHandshake as u32,
+    );
+    // The interface the test runs name is the loopback device (index 1): until the relay
+    // says the guard may send out of it, and which addresses are its own, the relay answers.
+    let lo = 1;
+    let bind = first_attempt(PacketType::Bind, "198.18.0.2", 40_000, RELAY4, 77);
+    expect(
+        &g,
+        &bind,
+        XDP_PASS,
+        PASS_RELAY,
+        "no interface to answer on yet",
+    );
+    g.reply_on(lo, Reply::Tx).unwrap();
+    let other = first_attempt(PacketType::Bind, "198.18.0.3", 40_000, RELAY4, 77);
+    expect(
+        &g,
+        &other,
+        XDP_DROP,
+        total,
+        "no relay address yet: the budget",
+    );
+    g.set_relay_addresses(&[
+        format!("{RELAY4}:{PORT}").parse().unwrap(),
+        format!("[{RELAY6}]:{PORT}").parse().unwrap(),
+    ])
+    .unwrap();
+
+    // IPv4 and IPv6, BIND and REBIND: answered in XDP, byte for byte as the relay would.
+    for (packet_type, src, relay) in [
+        (PacketType::Bind, "198.18.0.4", RELAY4),
+        (PacketType::Rebind, "198.18.0.5", RELAY4),
+        (PacketType::Bind, "2001:db8::4", RELAY6),
+        (PacketType::Rebind, "2001:db8:0:1::5", RELAY6),
+    ] {
+        let request = first_attempt(packet_type, src, 40_001, relay, 0x1122_3344_5566_7788);
+        let before = g.counters().unwrap();
+        let (action, out) = g.test_run_on(&request, lo).unwrap();
+        let moved = moved(&before, &g.counters().unwrap());
+        assert_eq!(action, 3, "{packet_type:?} from {src}: XDP_TX");
+        assert_eq!(moved, vec![("tx", "challenge", request.len() as u64)]);
+        let source = std::net::SocketAddr::new(ip(src), 40_001);
+        check_challenge(&out, &request, source, 0x1122_3344_5566_7788, &jar, now);
+    }
+
+    // What the relay would not answer with a CHALLENGE, the guard does not answer either: a
+    // broken body rule (the relay drops it), another destination address, a VLAN tag or IP
+    // options (left to the relay), a valid cookie (the relay's business).
+    let mut bad_slot = first_attempt(PacketType::Bind, "198.18.0.6", 1, RELAY4, 1);
+    bad_slot[42 + HEADER_LEN] = 2;
+    let mut bad_token_len = first_attempt(PacketType::Bind, "198.18.0.6", 2, RELAY4, 1);
+    bad_token_len[42 + HEADER_LEN + 3] = 207;
+    let mut bad_reserved = first_attempt(PacketType::Rebind, "198.18.0.6", 3, RELAY4, 1);
+    bad_reserved[42 + HEADER_LEN + 2] = 1;
+    let elsewhere = first_attempt(PacketType::Bind, "198.18.0.6", 4, "198.18.0.99", 1);
+    for (frame, what) in [
+        (&bad_slot, "slot 2"),
+        (&bad_token_len, "token length 207"),
+        (&bad_reserved, "a reserved byte set"),
+        (&elsewhere, "not a relay address"),
+    ] {
+        let (action, _) = g.test_run_on(frame, lo).unwrap();
+        assert_ne!(action, 3, "{what}: answered");
+    }
+    let valid = {
+        let source: std::net::SocketAddr = "198.18.0.7:5000".parse().unwrap();
+        let mut f = first_attempt(PacketType::Bind, "198.18.0.7", 5000, RELAY4, 1);
+        let cookie = jar.issue(now, 0x0102_0304_0506_0708, 1, source);
+        f[42 + HEADER_LEN + 12..42 + HEADER_LEN + 28].copy_from_slice(&cookie);
+        f
+    };
+    expect(
+        &g,
+        &valid,
+        XDP_PASS,
+        Counter::PassCookie as u32,
+        "a valid cookie",
+    );
+
+    // Each source still gets at most its handshake rate of answers (burst 3).
+    let flood = first_attempt(PacketType::Bind, "198.18.0.8", 9, RELAY4, 1);
+    for i in 0..3 {
+        let (action, _) = g.test_run_on(&flood, lo).unwrap();
+        assert_eq!(action, 3, "answer {i}");
+    }
+    expect(&g, &flood, XDP_DROP, rate, "over the source's rate");
+
+    // On a veth the answer leaves by a redirect back out of it.
+    g.reply_on(lo, Reply::Redirect).unwrap();
+    let request = first_attempt(PacketType::Bind, "198.18.0.9", 40_002, RELAY4, 5);
+    let before = g.counters().unwrap();
+    let (action, out) = g.test_run_on(&request, lo).unwrap();
+    assert_eq!(action, 4, "XDP_REDIRECT");
+    assert_eq!(
+        moved(&before, &g.counters().unwrap()),
+        vec![("redirect", "challenge", request.len() as u64)]
+    );
+    check_challenge(
+        &out,
+        &request,
+        "198.18.0.9:40002".parse().unwrap(),
+        5,
+        &jar,
+        now,
+    );
+
+    // Switched off by the config, the relay answers again (within the relay-wide budget).
+    s.answer_challenges = false;
+    g.configure(&s, &[PORT, OTHER_PORT]).unwrap();
+    let again = first_attempt(PacketType::Bind, "198.18.0.10", 1, RELAY4, 1);
+    let (action, _) = g.test_run_on(&again, lo).unwrap();
+    assert_ne!(action, 3, "answered with the switch off");
+    assert_ne!(action, 4, "answered with the switch off");
 }

@@ -103,6 +103,22 @@ impl Topology {
         ip(&["-n", &self.relay_ns, "route", "add", cidr, "via", &via])
     }
 
+    /// Turns GRO on at the peers' end of the veth. A veth hands the frames XDP sends out of it
+    /// (the fast path's, the guard's CHALLENGEs) to its peer only if the peer polls with NAPI,
+    /// which GRO turns on; the relay checks that when it attaches.
+    pub fn gro_on_peers(&self) -> anyhow::Result<()> {
+        let status = Command::new("ip")
+            .args(["netns", "exec", &self.peers_ns, "ethtool", "-K"])
+            .args([&self.peers_if, "gro", "on"])
+            .stdout(Stdio::null())
+            .status()
+            .context("running ethtool")?;
+        if !status.success() {
+            bail!("ethtool -K {} gro on: {status}", self.peers_if);
+        }
+        Ok(())
+    }
+
     /// The relay's IPv4 address.
     pub fn relay_v4(&self) -> Ipv4Addr {
         Ipv4Addr::new(198, 18, self.net, 1)

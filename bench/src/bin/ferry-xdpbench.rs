@@ -44,6 +44,7 @@ fn settings(packets: Rate, handshake: Rate, denied: Cidr) -> XdpSettings {
         handshake_total: Rate::UNLIMITED,
         session_filter: false,
         fast_path: false,
+        answer_challenges: false,
         // A deny entry that never matches the benchmark's source: the trie lookup is real.
         deny: vec![denied],
         allow: Vec::new(),

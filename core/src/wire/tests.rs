@@ -525,3 +525,47 @@ proptest! {
         prop_assert_eq!(p.session_id(), session);
     }
 }
+
+proptest! {
+    /// The XDP guard answers a cookie-less BIND or REBIND itself only if
+    /// `ferry_common::header::handshake_body_ok` accepts its first four body bytes, and must
+    /// then answer exactly what this parser accepts: for any first four body bytes (the other
+    /// fields take any value), the two agree.
+    #[test]
+    fn the_guards_handshake_body_check_agrees_with_the_parser(
+        first4 in prop_oneof![
+            any::<[u8; 4]>(),
+            (0u8..4, 0u8..2, any::<bool>()).prop_map(|(slot, reserved, exact)| {
+                let len = if exact { TOKEN_LEN as u16 } else { TOKEN_LEN as u16 + 1 };
+                let [hi, lo] = len.to_be_bytes();
+                [slot, reserved, hi, lo]
+            }),
+            (0u8..4, 0u8..2, 0u8..2, 0u8..2).prop_map(|(a, b, c, d)| [a, b, c, d]),
+        ],
+        rest in any::<u8>(),
+    ) {
+        for packet_type in [PacketType::Bind, PacketType::Rebind] {
+            let body_len = match packet_type {
+                PacketType::Bind => BIND_BODY_LEN,
+                _ => REBIND_BODY_LEN,
+            };
+            let mut datagram = vec![rest; HEADER_LEN + body_len];
+            let mut header = [0u8; HEADER_LEN];
+            Header {
+                packet_type,
+                session_id: SESSION,
+                body_len: body_len as u16,
+            }
+            .write(&mut header);
+            datagram[..HEADER_LEN].copy_from_slice(&header);
+            datagram[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&first4);
+            prop_assert_eq!(
+                parse(&datagram).is_ok(),
+                ferry_common::header::handshake_body_ok(packet_type, first4),
+                "{:?} with body {:?}",
+                packet_type,
+                first4
+            );
+        }
+    }
+}

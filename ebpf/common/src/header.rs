@@ -326,6 +326,26 @@ pub fn parse_header(datagram: &[u8]) -> Result<Header, HeaderError> {
     }
 }
 
+/// Whether the first four body bytes of a BIND or REBIND keep the body rules of §3 that
+/// concern them: the slot is 0 or 1, the reserved bytes are zero (BIND byte 1, REBIND bytes
+/// 1–3), and a BIND's token length is `TOKEN_LEN`. These are all of the two types' body rules
+/// (their other fields take any value); the relay's parser (`ferry_core::wire`) checks the
+/// same, and the XDP guard checks them before it answers a request with a CHALLENGE itself,
+/// since the relay answers a request that breaks one with nothing. `false` for other types.
+#[inline(always)]
+pub fn handshake_body_ok(packet_type: PacketType, first4: [u8; 4]) -> bool {
+    let slot_ok = first4[0] <= 1;
+    match packet_type {
+        PacketType::Bind => {
+            slot_ok
+                && first4[1] == 0
+                && u16::from_be_bytes([first4[2], first4[3]]) == TOKEN_LEN as u16
+        }
+        PacketType::Rebind => slot_ok && first4[1] == 0 && first4[2] == 0 && first4[3] == 0,
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     extern crate std;

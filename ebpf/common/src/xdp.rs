@@ -72,6 +72,25 @@ pub const MAX_FAST_IFACES: u32 = 64;
 /// Map: `PerCpuArray<CounterValue>` with one entry: DATA datagrams the fast path forwarded and
 /// their bytes (relay header included, as the relay's own `forwarded_bytes` counts them).
 pub const MAP_FAST_TOTALS: &str = "FAST_TOTALS";
+/// Map: `HashMap<u32, u32>` keyed by interface index, valued [`REPLY_TX`] or
+/// [`REPLY_REDIRECT`]: the interfaces the guard answers cookie-less BINDs and REBINDs on itself
+/// (a CHALLENGE back out of the interface the request came in on; docs/architecture.md, "The
+/// guard's CHALLENGEs"). The relay puts each interface attached in native mode here whose
+/// XDP frames arrive (not a veth whose peer takes none); elsewhere the relay answers.
+pub const MAP_REPLY_IFACES: &str = "REPLY_IFACES";
+/// [`MAP_REPLY_IFACES`] value: answer with `XDP_TX`.
+pub const REPLY_TX: u32 = 1;
+/// [`MAP_REPLY_IFACES`] value: answer with `XDP_REDIRECT` back to the same interface (a veth:
+/// see [`FAST_BACK_BY_REDIRECT`]).
+pub const REPLY_REDIRECT: u32 = 2;
+/// Map: `HashMap<[u8; 16], u32>`: the relay's listen addresses (IPv4 as IPv4-mapped), each
+/// valued 1. The guard answers a handshake only if it is addressed to one of them;
+/// `::ffff:0.0.0.0` stands for every IPv4 address (a wildcard listen address), `::` for every
+/// IPv6 one.
+pub const MAP_RELAY_ADDRS: &str = "RELAY_ADDRS";
+/// Addresses [`MAP_RELAY_ADDRS`] can hold.
+pub const MAX_RELAY_ADDRS: u32 = 64;
+
 /// Map: `Array<Meter>` with one entry, the relay-wide handshake meter.
 pub const MAP_HANDSHAKES: &str = "HANDSHAKES";
 /// Map: `Array<CookieKeys>` with one entry: the address cookie's keys of the previous, current
@@ -112,6 +131,12 @@ pub const FLAG_FAST_PATH: u16 = 8;
 pub const FLAG_LISTS_V4: u16 = 16;
 /// [`GuardConfig::flags`]: the IPv6 trie has entries, as [`FLAG_LISTS_V4`].
 pub const FLAG_LISTS_V6: u16 = 32;
+
+/// [`GuardConfig::flags`]: answer a BIND or REBIND without a valid address cookie with the
+/// CHALLENGE the relay would send, from XDP, where the interface allows
+/// ([`MAP_REPLY_IFACES`]); such requests then skip the relay-wide handshake budget
+/// (`xdp.answer_challenges`).
+pub const FLAG_CHALLENGE: u16 = 64;
 
 /// Most UDP ports the guard protects (the relay's distinct listen ports).
 pub const MAX_PORTS: usize = 4;
@@ -710,10 +735,15 @@ pub enum Counter {
     /// sender leaves when it hands the rest of the checksum to its device (checksum offload,
     /// on a veth or a local socket's path); forwarded as it is, the receiver would drop it.
     FastPartialChecksum = 27,
+    /// A BIND or REBIND without a valid address cookie, answered by the guard with a
+    /// CHALLENGE by `XDP_TX` ([`FLAG_CHALLENGE`]).
+    ChallengeTx = 28,
+    /// The same, answered by `XDP_REDIRECT` back out of the veth it came in on.
+    ChallengeRedirect = 29,
 }
 
 /// The first slot of the malformed-header counters.
-pub const FIRST_MALFORMED: u32 = 28;
+pub const FIRST_MALFORMED: u32 = 30;
 /// Number of counter slots: the [`Counter`] variants, then one per [`HeaderError`].
 pub const COUNTER_SLOTS: u32 = FIRST_MALFORMED + HeaderError::COUNT as u32;
 
@@ -748,6 +778,8 @@ impl Counter {
         Counter::FastNoChecksum,
         Counter::FastContended,
         Counter::FastPartialChecksum,
+        Counter::ChallengeTx,
+        Counter::ChallengeRedirect,
     ];
 
     /// The fast path's fallbacks: DATA it passed to the relay, and why.
@@ -805,6 +837,8 @@ impl Counter {
             Counter::FastNoChecksum => ("pass", "fast_no_checksum"),
             Counter::FastContended => ("pass", "fast_contended"),
             Counter::FastPartialChecksum => ("pass", "fast_partial_checksum"),
+            Counter::ChallengeTx => ("tx", "challenge"),
+            Counter::ChallengeRedirect => ("redirect", "challenge"),
         }
     }
 }

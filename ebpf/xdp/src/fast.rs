@@ -325,7 +325,7 @@ fn next_hop(
 /// The 16-bit one's-complement sum of the `len` bytes of `bytes` from `start` (big-endian
 /// words), not folded.
 #[inline(always)]
-fn sum16<const N: usize>(bytes: &[u8; N], start: usize, len: usize) -> u32 {
+pub(crate) fn sum16<const N: usize>(bytes: &[u8; N], start: usize, len: usize) -> u32 {
     let mut sum = 0u32;
     let mut i = 0;
     while i + 1 < len {
@@ -336,7 +336,7 @@ fn sum16<const N: usize>(bytes: &[u8; N], start: usize, len: usize) -> u32 {
 }
 
 #[inline(always)]
-fn fold(mut sum: u32) -> u16 {
+pub(crate) fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     sum as u16

@@ -33,6 +33,7 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod challenge;
 mod fast;
 
 use core::mem::size_of;
@@ -108,6 +109,7 @@ pub fn ferry_xdp(ctx: XdpContext) -> u32 {
     let (action, counter) = match guard(&ctx) {
         Verdict::Done(action, counter) => (action, counter),
         Verdict::Fast(cfg, data) => fast::forward(&ctx, cfg, &data),
+        Verdict::Challenge(cfg, keys, request) => challenge::answer(&ctx, cfg, keys, &request),
     };
     count(counter, frame_len);
     action
@@ -138,14 +140,14 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
 
 /// Reads a `T` (a byte array: no alignment needed) at `offset`.
 #[inline(always)]
-fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+pub(crate) fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
     // SAFETY: `ptr_at` checked that the whole `T` lies inside the frame; `T` is a byte array,
     // read unaligned.
     ptr_at::<T>(ctx, offset).map(|p| unsafe { p.read_unaligned() })
 }
 
 #[inline(always)]
-fn read_u16(ctx: &XdpContext, offset: usize) -> Option<u16> {
+pub(crate) fn read_u16(ctx: &XdpContext, offset: usize) -> Option<u16> {
     read::<[u8; 2]>(ctx, offset).map(u16::from_be_bytes)
 }
 
@@ -157,19 +159,19 @@ fn drop(counter: Counter) -> (u32, u32) {
 }
 
 /// Where the UDP header is and what the IP layer said about it.
-struct L4 {
+pub(crate) struct L4 {
     /// Offset of the IP header in the frame.
-    ip_offset: usize,
+    pub(crate) ip_offset: usize,
     /// IPv4 options or IPv6 extension headers present.
-    ip_options: bool,
+    pub(crate) ip_options: bool,
     /// Offset of the UDP header in the frame.
-    offset: usize,
+    pub(crate) offset: usize,
     /// Bytes from the UDP header to the end of the IP payload.
     ip_payload_len: usize,
     /// The source, as the per-source map keys it (before the IPv6 mask).
-    source: [u8; 16],
+    pub(crate) source: [u8; 16],
     /// The IPv4 source, for the IPv4 trie.
-    v4: Option<[u8; 4]>,
+    pub(crate) v4: Option<[u8; 4]>,
     /// A first fragment (the UDP header is there, but not the whole datagram).
     first_fragment: bool,
 }
@@ -180,6 +182,9 @@ enum Verdict<'a> {
     Done(u32, u32),
     /// DATA that passed every check, for the fast path to forward or pass.
     Fast(&'a GuardConfig, fast::Data),
+    /// A BIND or REBIND without a valid cookie that passed every check, for the guard to
+    /// answer with a CHALLENGE itself.
+    Challenge(&'a GuardConfig, &'a CookieKeys, challenge::Request),
 }
 
 /// The guard's verdict for one frame. The fast path runs after it returns, so that the
@@ -305,16 +310,35 @@ fn guard_checks(ctx: &XdpContext) -> Result<Verdict<'static>, (u32, u32)> {
     // KVM the pvclock page: 15-35 ns a datagram on the development VM); what its resolution
     // means for the meters is in docs/architecture.md ("The program's clock").
     let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let mut answer = None;
     let verdict = if listed == Some(LIST_ALLOW) {
         (XDP_PASS, Counter::PassAllowListed as u32)
     } else {
         // ---- Per-source meters ----
         let handshake = match header.packet_type {
             PacketType::Bind | PacketType::Rebind => {
-                match cookie_is_valid(ctx, payload, header.session_id, &l4) {
-                    Some(true) => Handshake::Proven,
-                    Some(false) => Handshake::Unproven,
-                    None => return Err(drop(Counter::DropBadIpHeader)),
+                // One bounds check and one copy for all the body bytes needed: the verifier
+                // follows that form, where separate reads at nearby offsets may be merged past
+                // their checks.
+                let Some(body) = read::<[u8; BODY_COOKIE + 16]>(ctx, payload + HEADER_LEN) else {
+                    return Err(drop(Counter::DropBadIpHeader));
+                };
+                let Some(src_port) = read_u16(ctx, l4.offset) else {
+                    return Err(drop(Counter::DropBadIpHeader));
+                };
+                let keys = COOKIE_KEYS.get(0);
+                if cookie_is_valid(&body, keys, header.session_id, &l4.source, src_port) {
+                    Handshake::Proven
+                } else {
+                    answer = keys.and_then(|keys| {
+                        let request =
+                            challenge::answerable(ctx, cfg, &l4, header.packet_type, &body, keys)?;
+                        Some((keys, request))
+                    });
+                    match answer {
+                        Some(_) => Handshake::Answered,
+                        None => Handshake::Unproven,
+                    }
                 }
             }
             _ => Handshake::No,
@@ -327,6 +351,13 @@ fn guard_checks(ctx: &XdpContext) -> Result<Verdict<'static>, (u32, u32)> {
         }
         meter(cfg, &key, handshake, datagram_len as u64, now)
     };
+
+    // ---- The guard's own CHALLENGE: a handshake the meters passed ----
+    if let Some((keys, request)) = answer
+        && verdict.0 == XDP_PASS
+    {
+        return Ok(Verdict::Challenge(cfg, keys, request));
+    }
 
     // ---- The fast path: DATA the guard passed ----
     if verdict.0 != XDP_PASS || !fast {
@@ -362,37 +393,42 @@ enum Handshake {
     /// BIND or REBIND with a cookie valid for its source, which only a host that receives at
     /// that address can have.
     Proven,
+    /// BIND or REBIND without a valid cookie that the guard answers itself if its source's
+    /// meter admits it: it costs the relay nothing, so it skips the relay-wide budget.
+    Answered,
 }
 
-/// Whether the BIND or REBIND whose relay header starts at `payload` carries an address cookie
-/// valid for its source in one of the windows whose keys the relay wrote; `None` if the frame
-/// is cut short (the header check already made sure the body is there).
+/// Whether a BIND or REBIND with body fields `body` (its first 28 bytes), from `source` and
+/// `port`, carries an address cookie valid for its source in one of the windows whose keys
+/// the relay wrote (`keys`).
 #[inline(always)]
-fn cookie_is_valid(ctx: &XdpContext, payload: usize, session_id: u64, l4: &L4) -> Option<bool> {
-    // One bounds check and one copy for all the body bytes needed: the verifier follows that
-    // form, where separate reads at nearby offsets may be merged past their checks.
-    let body = read::<[u8; BODY_COOKIE + 16]>(ctx, payload + HEADER_LEN)?;
-    let port = read_u16(ctx, l4.offset)?;
+fn cookie_is_valid(
+    body: &[u8; BODY_COOKIE + 16],
+    keys: Option<&CookieKeys>,
+    session_id: u64,
+    source: &[u8; 16],
+    port: u16,
+) -> bool {
     let slot = body[BODY_SLOT];
     let mut given = [0u8; 16];
     given.copy_from_slice(&body[BODY_COOKIE..]);
     // The all-zero cookie (a first attempt) is never valid.
     if given == [0; 16] {
-        return Some(false);
+        return false;
     }
-    let Some(keys) = COOKIE_KEYS.get(0) else {
-        return Some(false);
+    let Some(keys) = keys else {
+        return false;
     };
     if keys.set != 1 {
-        return Some(false);
+        return false;
     }
-    let input = cookie_input(session_id, slot, &l4.source, port);
+    let input = cookie_input(session_id, slot, source, port);
     for key in &keys.keys {
         if cookie(key, &input) == given {
-            return Some(true);
+            return true;
         }
     }
-    Some(false)
+    false
 }
 
 /// Admits or refuses one relay datagram from `key`, updating its meters in place.
@@ -420,6 +456,13 @@ fn meter(
             None => return drop(Counter::DropRateHandshake),
         }
         verdict = (XDP_PASS, Counter::PassCookie as u32);
+    } else if handshake == Handshake::Answered {
+        // The guard answers it: the relay's CPU is not spent, so only the source's own
+        // cookie-less meter applies.
+        match state.handshake.admit(&cfg.handshake, now, 1) {
+            Some(m) => state.handshake = m,
+            None => return drop(Counter::DropRateHandshake),
+        }
     } else if handshake == Handshake::Unproven {
         match state.handshake.admit(&cfg.handshake, now, 1) {
             Some(m) => state.handshake = m,

@@ -169,6 +169,7 @@ pub(super) struct XdpSection {
     pub(super) handshake_total_burst: u64,
     pub(super) session_filter: bool,
     pub(super) fast_path: bool,
+    pub(super) answer_challenges: bool,
     pub(super) deny: Vec<String>,
     pub(super) allow: Vec<String>,
 }
@@ -191,6 +192,7 @@ impl Default for XdpSection {
             handshake_total_burst: 400,
             session_filter: true,
             fast_path: true,
+            answer_challenges: true,
             deny: Vec::new(),
             allow: Vec::new(),
         }

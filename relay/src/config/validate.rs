@@ -539,6 +539,7 @@ pub(super) fn validate_xdp(
         handshake_total,
         session_filter: x.session_filter,
         fast_path: x.fast_path,
+        answer_challenges: x.answer_challenges,
         deny,
         allow,
     }
