@@ -432,7 +432,14 @@ pub enum ProbeError {
     /// No BIND-ACK for the probe, with a MAC under the probe's key, came in time.
     #[error("no authenticated BIND-ACK in time")]
     NoAnswer,
-    /// The relay refused the probe's BIND (it cannot open the token: another key or id).
+    /// No authenticated BIND-ACK came in time, but an unauthenticated REJECT (or one whose MAC
+    /// did not verify) for the probe did: the relay cannot open the token (another key or
+    /// id), or someone spoofing the relay's address sent it. Only a hint (protocol.md §3.4),
+    /// so the probe kept waiting for the BIND-ACK until its timeout.
+    #[error("no authenticated BIND-ACK in time (an unauthenticated REJECT came: {0})")]
+    NoAnswerAfterReject(&'static str),
+    /// The relay refused the probe's BIND with a REJECT whose MAC verifies under the slot's
+    /// `K_relay` (it opened the token, so it holds the key, but refused the BIND).
     #[error("the relay refused the probe: {0}")]
     Refused(&'static str),
     /// The probe token could not be minted.
@@ -482,7 +489,10 @@ impl ProbeLine {
     /// answers with a BIND-ACK under the slot's `K_relay` and binds nothing (§7). Only a relay
     /// holding that key's private half, and calling itself `relay.id`, can open the token and
     /// compute the MAC, so a relay at the right address with the wrong key fails. A CHALLENGE
-    /// (the first probe, or an aged cookie) is answered with the cookie, once or twice.
+    /// (the first probe, or an aged cookie) is answered with the cookie, once or twice. A
+    /// REJECT fails the probe at once only if its MAC verifies under `K_relay`; an
+    /// unauthenticated one is a hint anyone can forge (protocol.md §3.4), so the probe keeps
+    /// waiting for the BIND-ACK and fails at `timeout` ([`ProbeError::NoAnswerAfterReject`]).
     pub async fn probe(
         &mut self,
         rng: &(dyn SecureRandom + Sync),
@@ -518,10 +528,14 @@ impl ProbeLine {
         self.socket.send(&bind(self.cookie)?).await?;
         let deadline = tokio::time::Instant::now() + timeout;
         let mut challenges = 0;
+        // The reason of an unauthenticated REJECT seen, for the error at the deadline.
+        let mut hint: Option<&'static str> = None;
         let mut buf = [0u8; 512];
         loop {
             let n = match tokio::time::timeout_at(deadline, self.socket.recv(&mut buf)).await {
-                Err(_) => return Err(ProbeError::NoAnswer),
+                Err(_) => {
+                    return Err(hint.map_or(ProbeError::NoAnswer, ProbeError::NoAnswerAfterReject));
+                }
                 Ok(received) => received?,
             };
             match wire::parse(&buf[..n]) {
@@ -541,10 +555,16 @@ impl ProbeLine {
                 {
                     return Ok(());
                 }
+                // Only a REJECT under K_relay fails the probe at once. An unauthenticated one
+                // is a hint anyone spoofing the relay's address can send (protocol.md §3.4):
+                // the probe keeps waiting for the authenticated BIND-ACK.
                 Ok(Packet::Reject(r))
                     if r.session_id() == self.session_id && r.bind_seq() == self.seq =>
                 {
-                    return Err(ProbeError::Refused(r.reason().name()));
+                    if r.authenticated() && keys.relay.verify(r.mac_input(), r.mac()) {
+                        return Err(ProbeError::Refused(r.reason().name()));
+                    }
+                    hint = Some(r.reason().name());
                 }
                 // Anything else (a stale answer, a forged one) is ignored until the deadline.
                 _ => {}
@@ -653,15 +673,38 @@ mod tests {
         )
     }
 
+    /// How [`tiny_relay`] answers a BIND whose token opens.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Answer {
+        /// A BIND-ACK under `K_relay`, as a relay does.
+        Ack,
+        /// An unauthenticated REJECT first (as an attacker spoofing the relay's address would
+        /// send), then the BIND-ACK.
+        ForgedRejectThenAck,
+        /// Only the unauthenticated REJECT (the BIND-ACK lost, a forged REJECT arriving).
+        ForgedRejectOnly,
+        /// A REJECT under `K_relay` (the relay opened the token and refuses the BIND).
+        AuthenticatedReject,
+    }
+
     /// A relay in miniature for probes: CHALLENGEs a BIND without its cookie, then verifies
-    /// the token with `key` (trusting `gateway`) and answers a BIND-ACK under the slot's
-    /// `K_relay`, or an unauthenticated REJECT when the token does not open. Serves `binds`
-    /// BINDs, then stops.
+    /// the token with `key` (trusting `gateway`) and answers as `answer` says, or with an
+    /// unauthenticated REJECT when the token does not open. Serves `binds` BINDs, then stops.
     async fn tiny_relay(
         key: ferry_core::keys::RelayStaticKey,
         relay_id: u64,
         gateway: ferry_core::keys::GatewayPublicKey,
         binds: usize,
+    ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        tiny_relay_answering(key, relay_id, gateway, binds, Answer::Ack).await
+    }
+
+    async fn tiny_relay_answering(
+        key: ferry_core::keys::RelayStaticKey,
+        relay_id: u64,
+        gateway: ferry_core::keys::GatewayPublicKey,
+        binds: usize,
+        answer: Answer,
     ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
         use ferry_core::token::{TokenVerifier, VerifierConfig};
         let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -694,15 +737,46 @@ mod tests {
                         Ok(verified) => {
                             assert!(verified.claims.probe, "a probe token");
                             let keys = SlotKeys::derive(&verified.slot_secret);
-                            let fields = wire::BindAckFields {
+                            let reject = wire::RejectFields {
+                                reason: wire::RejectReason::Overloaded,
                                 slot: Slot::A,
-                                peer_present: false,
-                                idle_timeout_secs: 0,
                                 bind_seq: seq,
-                                expires_at: verified.claims.expires.as_secs(),
                             };
-                            wire::encode_bind_ack(&mut out, session, &fields, |m| keys.relay.mac(m))
-                                .unwrap()
+                            if matches!(
+                                answer,
+                                Answer::ForgedRejectThenAck | Answer::ForgedRejectOnly
+                            ) {
+                                let mut forged = [0u8; 64];
+                                let m = wire::encode_reject_unauthenticated(
+                                    &mut forged,
+                                    session,
+                                    &reject,
+                                )
+                                .unwrap();
+                                socket.send_to(&forged[..m], from).await.unwrap();
+                            }
+                            match answer {
+                                Answer::ForgedRejectOnly => continue,
+                                Answer::AuthenticatedReject => {
+                                    wire::encode_reject(&mut out, session, &reject, |m| {
+                                        keys.relay.mac(m)
+                                    })
+                                    .unwrap()
+                                }
+                                Answer::Ack | Answer::ForgedRejectThenAck => {
+                                    let fields = wire::BindAckFields {
+                                        slot: Slot::A,
+                                        peer_present: false,
+                                        idle_timeout_secs: 0,
+                                        bind_seq: seq,
+                                        expires_at: verified.claims.expires.as_secs(),
+                                    };
+                                    wire::encode_bind_ack(&mut out, session, &fields, |m| {
+                                        keys.relay.mac(m)
+                                    })
+                                    .unwrap()
+                                }
+                            }
                         }
                         Err(_) => {
                             let fields = wire::RejectFields {
@@ -770,14 +844,82 @@ mod tests {
             .unwrap();
         relay.await.unwrap();
 
-        // An impostor: the address and id claimed, but not the key sealed to.
+        // An impostor: the address and id claimed, but not the key sealed to. It can only
+        // answer an unauthenticated REJECT, a hint: the probe fails, at its timeout.
         let impostor_key = ferry_core::keys::RelayStaticKey::generate(&rng).unwrap();
         let (address, impostor) = tiny_relay(impostor_key, 9, minter.public(), 2).await;
         let claimed = RelayInfo { address, ..info };
         let mut line = ProbeLine::open(&rng, address).await.unwrap();
-        let result = line.probe(&rng, &minter, &claimed, now, timeout).await;
-        assert!(matches!(result, Err(ProbeError::Refused(_))), "{result:?}");
+        let short = Duration::from_millis(300);
+        let result = line.probe(&rng, &minter, &claimed, now, short).await;
+        assert!(
+            matches!(
+                result,
+                Err(ProbeError::NoAnswerAfterReject("token_invalid"))
+            ),
+            "{result:?}"
+        );
         impostor.await.unwrap();
+    }
+
+    /// Probes a [`tiny_relay_answering`] holding the key once (CHALLENGE, then the BIND with
+    /// the cookie), with `timeout`; returns the result and how long the probe took.
+    async fn probe_answered(
+        answer: Answer,
+        timeout: Duration,
+    ) -> (Result<(), ProbeError>, Duration) {
+        let rng = ring::rand::SystemRandom::new();
+        let minter = test_minter();
+        let key = ferry_core::keys::RelayStaticKey::generate(&rng).unwrap();
+        let public_key = key.public();
+        let (address, relay) = tiny_relay_answering(key, 9, minter.public(), 2, answer).await;
+        let info = RelayInfo {
+            id: 9,
+            address,
+            public_key,
+        };
+        let now = UnixTime::from(std::time::SystemTime::now());
+        let mut line = ProbeLine::open(&rng, address).await.unwrap();
+        let start = Instant::now();
+        let result = line.probe(&rng, &minter, &info, now, timeout).await;
+        let took = start.elapsed();
+        relay.await.unwrap();
+        (result, took)
+    }
+
+    /// An unauthenticated REJECT (anyone able to spoof the relay's address can send one) does
+    /// not fail a probe: the BIND-ACK that follows it passes it.
+    #[tokio::test]
+    async fn a_forged_reject_does_not_fail_a_probe_the_relay_answers() {
+        let (result, _) = probe_answered(Answer::ForgedRejectThenAck, Duration::from_secs(5)).await;
+        assert!(result.is_ok(), "{result:?}");
+    }
+
+    /// With only an unauthenticated REJECT and no BIND-ACK, the probe waits its whole timeout
+    /// and then fails, naming the REJECT seen.
+    #[tokio::test]
+    async fn only_a_forged_reject_fails_the_probe_at_its_timeout() {
+        let timeout = Duration::from_millis(400);
+        let (result, took) = probe_answered(Answer::ForgedRejectOnly, timeout).await;
+        assert!(
+            matches!(result, Err(ProbeError::NoAnswerAfterReject("overloaded"))),
+            "{result:?}"
+        );
+        assert!(took >= timeout, "failed after {took:?}, before the timeout");
+        let message = result.unwrap_err().to_string();
+        assert!(message.contains("unauthenticated REJECT"), "{message}");
+    }
+
+    /// A REJECT whose MAC verifies under the slot's K_relay fails the probe at once.
+    #[tokio::test]
+    async fn an_authenticated_reject_fails_the_probe_at_once() {
+        let timeout = Duration::from_secs(5);
+        let (result, took) = probe_answered(Answer::AuthenticatedReject, timeout).await;
+        assert!(
+            matches!(result, Err(ProbeError::Refused("overloaded"))),
+            "{result:?}"
+        );
+        assert!(took < Duration::from_secs(2), "took {took:?}");
     }
 
     /// A registered relay is handed out only after a probe of the address and key it reported
@@ -829,7 +971,7 @@ mod tests {
                 &minter,
                 &mut lines,
                 now,
-                Duration::from_secs(5),
+                Duration::from_secs(1),
             )
             .await;
         assert_eq!(passed, 1);
