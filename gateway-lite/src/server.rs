@@ -14,12 +14,15 @@
 //! Against slow or greedy clients: at most `server.max_connections` connections are served at
 //! once (more wait in the kernel's backlog), the TLS handshake and the request head each have a
 //! deadline, request heads are capped at 16 KiB and 64 headers, bodies at
-//! `server.max_body_bytes`, and every request at `server.request_timeout_ms`.
+//! `server.max_body_bytes`, and every request at `server.request_timeout_ms`. An answer given
+//! before the request's body was read to its end says `Connection: close` and ends the
+//! connection (`TrackedBody`).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -410,7 +413,13 @@ async fn serve_connection(
 ) {
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(ClientAddr(peer));
-        router.clone().oneshot(req.map(axum::body::Body::new))
+        let (body, read) = TrackedBody::new(req.into_parts());
+        let answer = router.clone().oneshot(body.map(axum::body::Body::new));
+        async move {
+            let mut response = answer.await?;
+            close_unless_read(&read, &mut response);
+            Ok::<_, std::convert::Infallible>(response)
+        }
     });
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -445,5 +454,68 @@ async fn serve_connection(
             let conn = http.serve_connection(TokioIo::new(stream), service);
             let _ = watcher.watch(conn).await;
         }
+    }
+}
+
+/// A request body that records whether it was read to its end (or had none).
+struct TrackedBody {
+    inner: Incoming,
+    read: Arc<AtomicBool>,
+}
+
+impl TrackedBody {
+    /// The request rebuilt around a tracked body, and the flag saying it was read.
+    fn new(
+        (parts, inner): (hyper::http::request::Parts, Incoming),
+    ) -> (hyper::Request<Self>, Arc<AtomicBool>) {
+        let read = Arc::new(AtomicBool::new(hyper::body::Body::is_end_stream(&inner)));
+        let body = Self {
+            inner,
+            read: Arc::clone(&read),
+        };
+        (hyper::Request::from_parts(parts, body), read)
+    }
+}
+
+impl hyper::body::Body for TrackedBody {
+    type Data = hyper::body::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        let end = match &polled {
+            std::task::Poll::Ready(None) => true,
+            std::task::Poll::Ready(Some(Ok(_))) => self.inner.is_end_stream(),
+            _ => false,
+        };
+        if end {
+            self.read.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// An answer given before the request's body was read to its end (401, 415, 429, 413 and
+/// the like answer before reading it, and its rest may not have arrived yet) says
+/// `Connection: close`: hyper then closes the connection after it, with a TLS close_notify,
+/// and a keep-alive client knows not to send its next request there. Reading the rest
+/// instead would make the answer wait for a body the gateway has no use for.
+fn close_unless_read(read: &AtomicBool, response: &mut hyper::Response<axum::body::Body>) {
+    if !read.load(Ordering::Relaxed) {
+        response.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
     }
 }

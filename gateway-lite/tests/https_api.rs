@@ -1379,3 +1379,174 @@ async fn one_address_cannot_hold_more_than_its_share_of_connections() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A raw TLS client connection to `gw`, trusting the test CA, offering `alpn`.
+async fn raw_tls(
+    setup: &Setup,
+    gw: &Gateway,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(setup.pki.ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(gw.public).await.unwrap();
+    connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// One response read off a raw connection: the head (lower-cased) and the body.
+#[derive(Debug)]
+struct RawResponse {
+    head: String,
+    body: String,
+}
+
+impl RawResponse {
+    fn status(&self) -> u16 {
+        self.head[9..12].parse().unwrap()
+    }
+
+    fn closes(&self) -> bool {
+        self.head.contains("\r\nconnection: close\r\n")
+    }
+}
+
+/// Reads one response (a `Content-Length` body) off `stream`.
+async fn read_response<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> RawResponse {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte))
+            .await
+            .expect("a response within 5 s")
+            .expect("a response, not an error");
+        assert_eq!(
+            n,
+            1,
+            "EOF in the response head: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8(buf).unwrap().to_ascii_lowercase();
+    let len: usize = head
+        .split("\r\n")
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .map_or(0, |v| v.parse().unwrap());
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await.unwrap();
+    RawResponse {
+        head,
+        body: String::from_utf8(body).unwrap(),
+    }
+}
+
+/// Sends a POST to `path` whose head and body go in separate writes (separate TLS records,
+/// 150 ms apart), as a client streaming its body does, and reads the answer.
+async fn split_post(
+    stream: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    key: &str,
+    content_type: &str,
+    body: &str,
+) -> RawResponse {
+    use tokio::io::AsyncWriteExt as _;
+    let head = format!(
+        "POST /v1/sessions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // The server may have answered and closed already; the answer is read either way.
+    let _ = stream.write_all(body.as_bytes()).await;
+    let _ = stream.flush().await;
+    read_response(stream).await
+}
+
+/// After a response with `Connection: close`, the server ends the TLS session with a
+/// close_notify (a clean EOF here; a TCP close without it is an error in rustls).
+async fn assert_closed_gracefully(
+    stream: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) {
+    use tokio::io::AsyncReadExt as _;
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+        .await
+        .expect("the server closes the connection");
+    assert_eq!(
+        read.map_err(|e| e.to_string()),
+        Ok(0),
+        "after: {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+}
+
+/// An answer given before the request's body was read (it arrives in a later TLS record):
+/// 401, 415 and 429 say `Connection: close` and end the connection with a close_notify, so a
+/// keep-alive client knows not to send its next request there; an answer after the body was
+/// read keeps the connection open for the next request.
+#[tokio::test]
+async fn answers_before_the_body_is_read_close_the_connection_gracefully() {
+    use tokio::io::AsyncWriteExt as _;
+    let setup = Setup::new("early-close");
+    let gw = setup.start(
+        "gw",
+        &setup.config(1, "[limits]\nper_key_rate = 0.01\nper_key_burst = 2\n"),
+    );
+    let wrong = format!("fgk1.app.{}", "A".repeat(43));
+    let cases = [
+        (wrong.as_str(), "application/json", 401, "unauthorized"),
+        // The 415 takes one of the key's two tokens, the 201 below the other.
+        (
+            setup.key("app"),
+            "text/plain",
+            415,
+            "unsupported_media_type",
+        ),
+    ];
+    for (key, content_type, status, code) in cases {
+        let mut tls = raw_tls(&setup, &gw, &[b"http/1.1"]).await;
+        let answer = split_post(&mut tls, key, content_type, "{}").await;
+        assert_eq!(answer.status(), status, "{answer:?}");
+        assert_eq!(answer.body, format!("{{\"error\":\"{code}\"}}"));
+        assert!(answer.closes(), "no Connection: close: {answer:?}");
+        assert_closed_gracefully(&mut tls).await;
+    }
+
+    // The body read (201): the connection stays open, and serves the next request.
+    let mut tls = raw_tls(&setup, &gw, &[b"http/1.1"]).await;
+    let answer = split_post(&mut tls, setup.key("app"), "application/json", "{}").await;
+    assert_eq!(answer.status(), 201, "{answer:?}");
+    assert!(!answer.closes(), "{answer:?}");
+    // The key's budget is spent: 429, before the body is read.
+    let answer = split_post(&mut tls, setup.key("app"), "application/json", "{}").await;
+    assert_eq!(answer.status(), 429, "{answer:?}");
+    assert!(answer.closes(), "no Connection: close: {answer:?}");
+    assert_closed_gracefully(&mut tls).await;
+
+    // A request without a body is answered on a kept connection, whatever its status.
+    let mut tls = raw_tls(&setup, &gw, &[b"http/1.1"]).await;
+    for path in ["/nope", "/healthz"] {
+        tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let answer = read_response(&mut tls).await;
+        assert!(!answer.closes(), "{answer:?}");
+    }
+}
