@@ -4,6 +4,7 @@
 //! reported at once, each naming its field, so `ferry-gateway check-config` shows them all.
 
 use std::fmt;
+use std::io::Read as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -561,12 +562,28 @@ fn clamp(v: u64) -> usize {
 
 /// Reads, parses and validates the config at `path`, and loads every file it names.
 pub fn load(path: &Path) -> Result<GatewayConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+    let text = read_text(path).map_err(|source| ConfigError::Io {
         path: path.to_owned(),
         source,
     })?;
     let base = path.parent().unwrap_or(Path::new("."));
     parse_str(&text, path, base)
+}
+
+/// Reads the whole text of `path`, which must be a regular file: a FIFO, a directory, a device
+/// or a socket is refused at once, naming what it is ([`ferry_keyfile::open_regular_file`]),
+/// where the open of a FIFO would wait for a writer forever.
+pub fn read_text(path: &Path) -> std::io::Result<String> {
+    let mut text = String::new();
+    ferry_keyfile::open_regular_file(path)?.read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// Reads the whole of `path`, a regular file, as [`read_text`] does, as bytes.
+fn read_bytes(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    ferry_keyfile::open_regular_file(path)?.read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// Parses and validates config `text` (named `path` in messages); relative paths are
@@ -583,7 +600,7 @@ pub fn parse_str(text: &str, path: &Path, base_dir: &Path) -> Result<GatewayConf
     let mut api_keys = validate_api_keys(&file.api_keys, "api_keys", &mut check);
     if let Some(key_file) = &file.auth.key_file {
         let key_path = base_dir.join(key_file);
-        match std::fs::read_to_string(&key_path) {
+        match read_text(&key_path) {
             Err(e) => check.fail("auth.key_file", format!("{}: {e}", key_path.display())),
             Ok(text) => match toml::from_str::<KeyFile>(&text) {
                 Err(e) => check.fail("auth.key_file", format!("{}: {e}", key_path.display())),
@@ -1109,7 +1126,7 @@ fn validate_state(s: &StateSection, base: &Path, check: &mut Check) -> StateBack
     if s.backend == "redis" {
         if !s.redis_ca_file.is_empty() {
             let path = base.join(&s.redis_ca_file);
-            match std::fs::read(&path) {
+            match read_bytes(&path) {
                 Ok(pem) if CertificateDer::pem_slice_iter(&pem).any(|c| c.is_ok()) => {
                     ca_pem = Some(pem)
                 }

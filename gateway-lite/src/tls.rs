@@ -56,7 +56,9 @@ fn read_pem(path: &Path, secret: bool) -> Result<Vec<u8>, TlsError> {
         path: path.to_owned(),
         source,
     };
-    let file = std::fs::File::open(path).map_err(io)?;
+    // Anything but a regular file is refused before its permissions are looked at (a
+    // directory is called one, not told to `chmod 600`), and a FIFO without blocking.
+    let file = ferry_keyfile::open_regular_file(path).map_err(io)?;
     if secret {
         let mode = file.metadata().map_err(io)?.permissions().mode() & 0o7777;
         if mode & 0o077 != 0 {

@@ -165,3 +165,66 @@ fn init_makes_the_shipped_configs_pass_check_config() {
     let (ok, _, err) = gateway(&["init", "--dir", dir_arg]);
     assert!(!ok && err.contains("only one of"), "{err}");
 }
+
+/// Runs the gateway with `args`; fails the test if it has not exited within 10 s.
+fn gateway_within_10s(args: &[&str]) -> (bool, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry-gateway"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{args:?} still running after 10 s (blocked on a file?)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    (status.success(), stderr)
+}
+
+/// A FIFO or a directory where the TLS certificate, the TLS key or a signing key should be:
+/// `check-config` and `run` fail at once, saying what the path is.
+#[test]
+fn a_fifo_or_a_directory_as_a_key_or_certificate_fails_at_once() {
+    let setup = Setup::new("cli-fifo");
+    let fifo = setup.file("fifo");
+    let made = Command::new("mkfifo")
+        .args(["-m", "600"])
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    std::fs::create_dir(setup.file("dir")).unwrap();
+    let good = setup.config(1, "");
+    for (field, name) in [
+        ("tls.cert", "tls.crt"),
+        ("tls.key", "tls.key"),
+        ("signing.keys[0].key_file", "gateway-1.key"),
+    ] {
+        for (special, what) in [
+            ("fifo", "is a FIFO (named pipe), not a regular file"),
+            ("dir", "is a directory, not a regular file"),
+        ] {
+            let path = setup.file(&format!("{special}-{name}.toml"));
+            let text = good.replacen(&format!("\"{name}\""), &format!("\"{special}\""), 1);
+            write_file(&path, &text, 0o600);
+            let path = path.to_str().unwrap();
+            for args in [&["check-config", path][..], &["--config", path, "run"][..]] {
+                let (ok, stderr) = gateway_within_10s(args);
+                assert!(!ok, "{args:?}");
+                assert!(stderr.contains(field), "{args:?}: {stderr}");
+                assert!(stderr.contains(what), "{args:?}: {stderr}");
+                assert!(!stderr.contains("chmod"), "{args:?}: {stderr}");
+            }
+        }
+    }
+}

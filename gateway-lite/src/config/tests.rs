@@ -704,3 +704,82 @@ fn redis_tls_and_credentials_are_checked_and_read() {
         assert_eq!(fields(dir.parse(&state(lines))), [field], "{lines}");
     }
 }
+
+/// Runs `f` on a thread and fails the test if it has not returned within 10 s (an open of a
+/// FIFO would otherwise block the test forever).
+fn within_10s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("blocked: a file that is not a regular file was opened as one")
+}
+
+fn mkfifo(path: &Path) {
+    let made = std::process::Command::new("mkfifo")
+        .arg("-m")
+        .arg("600")
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(made.success(), "mkfifo {}", path.display());
+}
+
+/// Every file the config names, and the config itself, must be a regular file: a FIFO is
+/// refused at once (its open would wait for a writer forever) and a directory is called one,
+/// before any permission check (which would otherwise say `chmod 600`).
+#[test]
+fn files_that_are_not_regular_files_are_refused_at_once_and_named() {
+    let dir = Dir::new("not-regular");
+    mkfifo(&dir.0.join("fifo"));
+    std::fs::create_dir(dir.0.join("dir")).unwrap();
+    let redis = "\n[state]\nbackend = \"redis\"\nredis_url = \"rediss://127.0.0.1:1/0\"\n";
+    let cases: [(&str, &str, String); 5] = [
+        ("tls.cert", "tls.crt", minimal()),
+        ("tls.key", "tls.key", minimal()),
+        ("signing.keys[0].key_file", "gateway-1.key", minimal()),
+        (
+            "tls.client_ca",
+            "ca.crt",
+            minimal().replace("[tls]\n", "[tls]\nclient_ca = \"ca.crt\"\n"),
+        ),
+        (
+            "state.redis_ca_file",
+            "ca.crt",
+            minimal() + redis + "redis_ca_file = \"ca.crt\"\n",
+        ),
+    ];
+    for (field, name, text) in cases {
+        for (special, what) in [
+            ("fifo", "is a FIFO (named pipe), not a regular file"),
+            ("dir", "is a directory, not a regular file"),
+        ] {
+            let text = text.replace(&format!("\"{name}\""), &format!("\"{special}\""));
+            let path = dir.0.clone();
+            let found = problems(within_10s(move || {
+                parse_str(&text, &path.join("gateway.toml"), &path)
+            }));
+            assert_eq!(found.len(), 1, "{field} {special}: {found:?}");
+            assert_eq!(found[0].field, field, "{found:?}");
+            assert!(found[0].problem.contains(what), "{field}: {found:?}");
+            assert!(!found[0].problem.contains("chmod"), "{field}: {found:?}");
+        }
+    }
+    // auth.key_file, and the config file itself.
+    for (special, what) in [
+        ("fifo", "is a FIFO (named pipe), not a regular file"),
+        ("dir", "is a directory, not a regular file"),
+    ] {
+        let text = minimal() + &format!("\n[auth]\nkey_file = \"{special}\"\n");
+        let path = dir.0.clone();
+        let found = problems(within_10s(move || {
+            parse_str(&text, &path.join("gateway.toml"), &path)
+        }));
+        assert_eq!(found[0].field, "auth.key_file", "{found:?}");
+        assert!(found[0].problem.contains(what), "{found:?}");
+        let path = dir.0.join(special);
+        let error = within_10s(move || load(&path)).unwrap_err().to_string();
+        assert!(error.contains(what), "{error}");
+    }
+}
