@@ -488,6 +488,9 @@ pub struct GatewayConfig {
     pub admin: AdminSettings,
     /// Log level.
     pub log_level: String,
+    /// What is legal but likely wrong (an expired TLS certificate): `check-config` prints
+    /// these, and the gateway logs them at start and on a reload.
+    pub warnings: Vec<String>,
 }
 
 /// The settings only a restart changes, as they were when the gateway started. A reload
@@ -594,7 +597,14 @@ pub fn parse_str(text: &str, path: &Path, base_dir: &Path) -> Result<GatewayConf
         message: e.to_string(),
     })?;
     let mut check = Check::default();
-    let server = validate_server(&file.server, file.tls.as_ref(), base_dir, &mut check);
+    let mut warnings = Vec::new();
+    let server = validate_server(
+        &file.server,
+        file.tls.as_ref(),
+        base_dir,
+        &mut check,
+        &mut warnings,
+    );
     let signing = validate_signing(&file.signing, base_dir, &mut check);
     let sessions = validate_sessions(&file.sessions, &mut check);
     let mut api_keys = validate_api_keys(&file.api_keys, "api_keys", &mut check);
@@ -666,6 +676,7 @@ pub fn parse_str(text: &str, path: &Path, base_dir: &Path) -> Result<GatewayConf
             state,
             admin,
             log_level: file.log.level,
+            warnings,
         }),
         _ => Err(ConfigError::Invalid {
             path: path.to_owned(),
@@ -679,6 +690,7 @@ fn validate_server(
     tls_section: Option<&TlsSection>,
     base_dir: &Path,
     check: &mut Check,
+    warnings: &mut Vec<String>,
 ) -> Option<ServerSettings> {
     let listen = match SocketAddr::from_str(&s.listen) {
         Ok(addr) => Some(addr),
@@ -748,15 +760,21 @@ fn validate_server(
         }
         (false, Some(t)) => {
             let ca = t.client_ca.as_ref().map(|p| base_dir.join(p));
-            match tls::server_config(
-                &base_dir.join(&t.cert),
-                &base_dir.join(&t.key),
-                ca.as_deref(),
-            ) {
-                Ok(cfg) => (Some(Transport::Tls(cfg)), ca.is_some()),
+            let cert = base_dir.join(&t.cert);
+            match tls::server_config(&cert, &base_dir.join(&t.key), ca.as_deref()) {
+                Ok(tls) => {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+                    if let Some(warning) = tls.warning(&cert, now) {
+                        warnings.push(format!("tls.cert: {warning}"));
+                    }
+                    (Some(Transport::Tls(tls.config)), ca.is_some())
+                }
                 Err(e) => {
                     let field = match &e {
-                        tls::TlsError::InsecurePermissions { .. } => "tls.key",
+                        tls::TlsError::InsecurePermissions { .. }
+                        | tls::TlsError::UnsupportedKey { .. } => "tls.key",
                         tls::TlsError::Io { path, .. } | tls::TlsError::Pem { path, .. }
                             if Some(path) == ca.as_ref() =>
                         {

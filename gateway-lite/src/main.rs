@@ -239,6 +239,9 @@ fn check_config(file: &Path) -> anyhow::Result<()> {
         };
         println!("signing key kid {kid} ({role}): {public}");
     }
+    for warning in &cfg.warnings {
+        eprintln!("warning: {warning}");
+    }
     Ok(())
 }
 

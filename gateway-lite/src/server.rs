@@ -52,6 +52,9 @@ const DRAIN: Duration = Duration::from_secs(10);
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let config = config::load(config_path)?;
     init_logging(&config.log_level);
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("ferry-gateway")
@@ -255,6 +258,9 @@ async fn reload_on_hangup(
             new.relays.len(),
         );
         let revoked = new.revoked_keys.len();
+        for warning in &new.warnings {
+            tracing::warn!("{warning}");
+        }
         app.reload(new);
         app.metrics.reloads_applied.inc();
         tracing::info!(

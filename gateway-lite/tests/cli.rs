@@ -228,3 +228,33 @@ fn a_fifo_or_a_directory_as_a_key_or_certificate_fails_at_once() {
         }
     }
 }
+
+/// An expired certificate is legal (the gateway serves it) but `check-config` and the start
+/// warn, naming its notAfter date.
+#[test]
+fn an_expired_certificate_is_warned_about_by_check_config_and_at_start() {
+    let setup = Setup::new("cli-expired");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2020, 1, 2);
+    let cert = params.self_signed(&key).unwrap();
+    write_file(&setup.file("old.crt"), &cert.pem(), 0o644);
+    write_file(&setup.file("old.key"), &key.serialize_pem(), 0o600);
+    let config = setup
+        .config(1, "")
+        .replace("\"tls.crt\"", "\"old.crt\"")
+        .replace("\"tls.key\"", "\"old.key\"");
+    let path = setup.file("expired.toml");
+    write_file(&path, &config, 0o600);
+    let warning = format!(
+        "tls.cert: {}: the certificate expired on 2020-01-02 00:00:00 UTC (notAfter)",
+        setup.file("old.crt").display()
+    );
+    let (ok, _, stderr) = gateway(&["check-config", path.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains(&format!("warning: {warning}")), "{stderr}");
+    let gw = setup.start("expired", &config);
+    let log = gw.log_text();
+    assert!(log.contains("WARN") && log.contains(&warning), "{log}");
+}

@@ -438,6 +438,39 @@ fn tls_files_are_checked_naming_the_field() {
     assert_eq!(found.len(), 1);
     assert_eq!(found[0].field, "tls.key");
     assert!(found[0].problem.contains("chmod 600"), "{found:?}");
+    // A key ring cannot sign with is named as such, as the TLS key's problem.
+    write_file(&dir.0.join("rsa1024.key"), tls::tests::RSA_1024_KEY, 0o600);
+    let weak = minimal().replace("key = \"tls.key\"", "key = \"rsa1024.key\"");
+    let found = problems(dir.parse(&weak));
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].field, "tls.key");
+    assert!(
+        found[0]
+            .problem
+            .contains("cannot sign with this private key"),
+        "{found:?}"
+    );
+    // An expired certificate is no problem but a warning.
+    let (cert, key) = tls::tests::cert_valid((2020, 1, 1), (2020, 1, 2));
+    write_file(&dir.0.join("old.crt"), &cert, 0o644);
+    write_file(&dir.0.join("old.key"), &key, 0o600);
+    let old = minimal()
+        .replace("\"tls.crt\"", "\"old.crt\"")
+        .replace("\"tls.key\"", "\"old.key\"");
+    let cfg = dir.parse(&old).unwrap();
+    assert_eq!(cfg.warnings.len(), 1, "{:?}", cfg.warnings);
+    assert!(
+        cfg.warnings[0].starts_with("tls.cert: ")
+            && cfg.warnings[0].contains("expired on 2020-01-02 00:00:00 UTC"),
+        "{:?}",
+        cfg.warnings
+    );
+    std::fs::set_permissions(
+        dir.0.join("tls.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    assert!(dir.parse(&minimal()).unwrap().warnings.is_empty());
 }
 
 #[test]
