@@ -1550,3 +1550,71 @@ async fn answers_before_the_body_is_read_close_the_connection_gracefully() {
         assert!(!answer.closes(), "{answer:?}");
     }
 }
+
+/// The gateway speaks HTTP/1.1 only. ALPN offers `http/1.1` alone: a client offering only `h2`
+/// fails the handshake (`no_application_protocol`), one offering both gets `http/1.1`, one
+/// offering none is served HTTP/1.1. A client sending the HTTP/2 connection preface anyway
+/// (prior knowledge) gets no answer: the connection is closed, without a TLS close_notify.
+#[tokio::test]
+async fn only_http_1_1_is_spoken_and_an_http2_preface_gets_the_connection_closed() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let setup = Setup::new("h2");
+    let gw = setup.start("gw", &setup.config(1, ""));
+    for (offered, chosen) in [
+        (
+            &[b"h2".as_slice(), b"http/1.1"][..],
+            Some(b"http/1.1".as_slice()),
+        ),
+        (&[b"http/1.1".as_slice()][..], Some(b"http/1.1".as_slice())),
+        (&[][..], None),
+    ] {
+        let tls = raw_tls(&setup, &gw, offered).await;
+        assert_eq!(tls.get_ref().1.alpn_protocol(), chosen, "{offered:?}");
+    }
+    // Only h2 offered: rustls refuses the handshake.
+    {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject as _;
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(setup.pki.ca_pem.as_bytes()).unwrap())
+            .unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(gw.public).await.unwrap();
+        let e = connector
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("NoApplicationProtocol"), "{e}");
+    }
+    // The HTTP/2 preface over HTTP/1.1: no bytes come back.
+    let mut tls = raw_tls(&setup, &gw, &[]).await;
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut answer))
+        .await
+        .expect("the connection is closed");
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    // As gateway-api.md says: closed without a TLS close_notify.
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::UnexpectedEof)
+    );
+    // The gateway serves on.
+    let http = client(&setup.pki.ca_pem, None);
+    assert_eq!(
+        http.get(gw.url("/healthz")).send().await.unwrap().status(),
+        200
+    );
+}
