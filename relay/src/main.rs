@@ -216,6 +216,11 @@ fn update_cookie_keys(
     Ok(())
 }
 
+/// How long a start waits for a listen address to be released: a relay that was just killed
+/// holds its sockets until the kernel has torn its io_uring rings down, which it does in the
+/// background after the process is gone (usually within milliseconds).
+const LISTEN_RELEASE_WAIT: Duration = Duration::from_secs(3);
+
 fn run(path: &Path) -> anyhow::Result<()> {
     let cfg = config::load(path)?;
     init_logging(&cfg.log_level);
@@ -231,7 +236,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
     // Another relay on a listen port would take part of its sources: refuse before touching
     // anything it may own (its XDP guard on the same interfaces included).
     for &addr in &cfg.listen {
-        if let Err(e) = worker::check_not_in_use(addr) {
+        if let Err(e) = worker::wait_until_not_in_use(addr, LISTEN_RELEASE_WAIT) {
             match e.kind() {
                 std::io::ErrorKind::AddrInUse => anyhow::bail!(
                     "relay.listen: {addr} is already in use: is another ferry-relay running on \

@@ -341,6 +341,22 @@ pub fn check_not_in_use(addr: SocketAddr) -> io::Result<()> {
     socket.bind(&addr.into())
 }
 
+/// [`check_not_in_use`], asked again every 50 ms for up to `patience` while `addr` is in use:
+/// a relay killed a moment ago keeps its sockets until the kernel has torn its io_uring rings
+/// down, which happens in the background once the process is gone; a running relay keeps them
+/// for good.
+pub fn wait_until_not_in_use(addr: SocketAddr, patience: Duration) -> io::Result<()> {
+    let deadline = Instant::now() + patience;
+    loop {
+        match check_not_in_use(addr) {
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The kernel buffer sizes each relay socket asks for (`relay.udp_recv_buffer_bytes`,
 /// `relay.udp_send_buffer_bytes`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -946,6 +962,17 @@ mod tests {
         check_not_in_use(held).expect("free");
         let again = bind_reuseport(held, SocketBuffers::default()).expect("rebind");
         assert_eq!(again.local_addr().expect("addr"), held);
+        // A holder that lets go within the patience is waited for; one that does not is not.
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            drop(again);
+        });
+        wait_until_not_in_use(held, Duration::from_secs(5)).expect("released");
+        late.join().expect("thread");
+        let holder = bind_reuseport(held, SocketBuffers::default()).expect("rebind");
+        let e = wait_until_not_in_use(held, Duration::from_millis(120)).expect_err("held");
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        drop(holder);
     }
 
     #[test]
