@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use ferry_core::keys::PeerStaticKey;
 use ferry_core::noise::LocalIdentity;
 use ferry_peer::gateway::{ApiKey, GatewayClient, Grant};
+use ferry_peer::link::DatagramLink as _;
 use ferry_peer::session::{Expectation, Session, SessionConfig, SessionStats, Timeouts};
 
 /// The environment variable that holds the API key when `--api-key-file` is not given.
@@ -26,6 +27,11 @@ With --gateway, --ca and an API key (--api-key-file, else FERRY_API_KEY; never o
 line), the session renews its token before it expires and recovers after a relay restart or an
 idle-out, for as long as the gateway renews the session. Without --gateway it cannot: it says so
 at the start and ends when the grant's token expires.
+
+Through an IPv4 relay address a message (a tunnelled datagram, a QUIC packet of a transfer) is
+at most 1427 bytes, through an IPv6 one at most 1407 (its header is 20 bytes longer), so that
+every datagram fits a 1500-byte path unfragmented; the line that says the session is connected
+says which.
 
 When the session ends the command prints the session's counters, one `name value` per line.
 Exit status: 0 on success, 1 on failure with a one-line error on stderr.";
@@ -179,10 +185,13 @@ impl Prepared {
             }
         }
         eprintln!(
-            "ferry-peer: connected as slot {slot:?} of session {:016x} through {} (peer {})",
+            "ferry-peer: connected as slot {slot:?} of session {:016x} through {} (peer {}); \
+             messages of up to {} bytes over {}",
             session.session_id(),
             session.relay(),
-            session.remote_identity()
+            session.remote_identity(),
+            session.max_payload(),
+            session.family()
         );
         Ok(session)
     }

@@ -17,6 +17,8 @@
 //!   [`link::DatagramLink`]: QUIC (quinn-proto) for retransmission and congestion control, an
 //!   end-to-end SHA-256, and a receiver that never overwrites and never leaves a partial file.
 //! - [`tunnel`] carries a local UDP application's datagrams over a link, both ways.
+//! - [`sizes`] says how large a datagram to the relay may be: by the relay address's family
+//!   (IPv6's header is 20 bytes longer than IPv4's), so how large a session's messages are.
 //! - [`udp::UdpPeer`] drives a bind client and a channel over a blocking
 //!   `std::net::UdpSocket`, for the CLI and tests.
 
@@ -25,6 +27,7 @@ pub mod channel;
 pub mod gateway;
 pub mod link;
 pub mod session;
+pub mod sizes;
 pub mod transfer;
 pub mod tunnel;
 pub mod udp;

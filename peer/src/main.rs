@@ -16,7 +16,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ferry_core::keys::{PeerPublicKey, PeerStaticKey};
 use ferry_peer::gateway::{GatewayClient, Grant};
-use ferry_peer::link::LinkError;
+use ferry_peer::link::{DatagramLink as _, LinkError};
 use ferry_peer::session::Session;
 use ferry_peer::transfer::{BarProgress, TransferOptions, TransferReport};
 use ferry_peer::tunnel::{TunnelError, TunnelMode, TunnelStats};
@@ -168,8 +168,10 @@ enum Command {
     /// Carry a local UDP application's traffic through the relay to the other peer, both ways,
     /// until Ctrl-C or the other peer closes. One end listens (--listen: the local application
     /// sends to ADDR as to its server), the other connects (--connect: delivers to the
-    /// application's server at ADDR). A datagram longer than 1427 bytes is dropped, never split.
-    /// Prints the tunnel's and the session's counters at the end.
+    /// application's server at ADDR). A datagram longer than one DATA datagram carries is
+    /// dropped, never split, and counted in `dropped_too_long`: 1427 bytes through an IPv4 relay
+    /// address, 1407 through an IPv6 one (said at the start). Prints the tunnel's and the
+    /// session's counters at the end.
     #[command(after_long_help = SESSION_HELP)]
     Tunnel {
         #[command(flatten)]
@@ -313,7 +315,12 @@ fn tunnel(args: &SessionArgs, mode: TunnelMode) -> anyhow::Result<()> {
     runtime.block_on(async {
         let session = Arc::new(prepared.connect().await?);
         let stats = Arc::new(TunnelStats::default());
-        eprintln!("ferry-peer: tunnel up ({mode:?}); Ctrl-C ends it");
+        let max = session.max_payload();
+        let family = session.family();
+        eprintln!(
+            "ferry-peer: tunnel up ({mode:?}); datagrams of up to {max} bytes through this \
+             {family} relay address (longer ones are dropped: dropped_too_long); Ctrl-C ends it"
+        );
         let started = std::time::Instant::now();
         let ended = tokio::select! {
             result = ferry_peer::tunnel::run(session.clone(), mode, stats.clone()) => result,
@@ -321,6 +328,7 @@ fn tunnel(args: &SessionArgs, mode: TunnelMode) -> anyhow::Result<()> {
                 signal.context("waiting for Ctrl-C")?;
                 Ok(())
             }
+            never = warn_too_long(&stats, max, family) => match never {},
         };
         session.close().await;
         let seconds = started.elapsed().as_secs_f64();
@@ -345,6 +353,31 @@ fn tunnel(args: &SessionArgs, mode: TunnelMode) -> anyhow::Result<()> {
         }
     })
 }
+
+/// Says once on stderr, within a second of the first, that the tunnel dropped a datagram for
+/// its length, with the limit; never returns.
+async fn warn_too_long(
+    stats: &TunnelStats,
+    max: usize,
+    family: ferry_peer::sizes::Family,
+) -> std::convert::Infallible {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    while stats.snapshot().dropped_too_long == 0 {
+        tick.tick().await;
+    }
+    eprintln!(
+        "ferry-peer: dropping local datagrams longer than {max} bytes (the most one DATA \
+         datagram carries through a {family} relay address on a 1500-byte path): lower the \
+         application's packet size or MTU (WireGuard: MTU = {} or less)",
+        max - WIREGUARD_OVERHEAD
+    );
+    std::future::pending().await
+}
+
+/// What WireGuard adds to an inner packet of at most its `MTU`: type, receiver index and
+/// counter (16 bytes) and the Poly1305 tag (16); it pads the packet to a multiple of 16 bytes
+/// but never beyond its `MTU`.
+const WIREGUARD_OVERHEAD: usize = 32;
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {

@@ -29,8 +29,11 @@
 //!
 //! The session is a [`DatagramLink`]: [`DatagramLink::send`] queues a message for the driver
 //! (waiting while the bounded queue is full), [`DatagramLink::recv`] takes the next decrypted
-//! message. Nothing is retransmitted: a message sent while the binding is being recovered is
-//! lost, as on any datagram link. When the session ends — [`Session::close`], the other peer's
+//! message. Its messages are at most [`DatagramLink::max_payload`] bytes, which depends on the
+//! relay address's family ([`Family::max_plaintext`]: 1427 bytes over IPv4, 1407 over IPv6), so
+//! that every DATA datagram fits a 1500-byte path unfragmented; a longer message is refused
+//! with [`LinkError::TooLong`]. Nothing is retransmitted: a message sent while the binding is
+//! being recovered is lost, as on any datagram link. When the session ends — [`Session::close`], the other peer's
 //! CLOSE, or a binding that could not be recovered — both return [`LinkError::Closed`] with
 //! the reason.
 
@@ -48,13 +51,14 @@ use std::time::Duration;
 
 use ferry_core::keys::PeerPublicKey;
 use ferry_core::known_peers::KnownPeers;
-use ferry_core::noise::{LocalIdentity, MAX_PLAINTEXT, PeerExpectation, TransportLimits};
+use ferry_core::noise::{LocalIdentity, PeerExpectation, TransportLimits};
 use ferry_core::wire::Slot;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use crate::channel::ChannelError;
 use crate::gateway::{GatewayClient, GatewayError, Grant};
 use crate::link::{DatagramLink, LinkError};
+use crate::sizes::Family;
 
 /// Where a [`Renewer`] gets a fresh grant for a slot: the gateway, or a fake in tests.
 pub trait Renewer: Send + Sync + 'static {
@@ -505,6 +509,11 @@ impl Session {
         self.relay
     }
 
+    /// The IP family of the session's datagrams to the relay, which sizes its messages.
+    pub fn family(&self) -> Family {
+        Family::of(self.relay)
+    }
+
     /// The session's counters so far.
     pub fn stats(&self) -> SessionStats {
         self.shared.counters.snapshot()
@@ -537,8 +546,10 @@ impl Session {
 }
 
 impl DatagramLink for Session {
+    /// 1427 bytes through an IPv4 relay address, 1407 through an IPv6 one
+    /// ([`Family::max_plaintext`]).
     fn max_payload(&self) -> usize {
-        MAX_PLAINTEXT
+        self.family().max_plaintext()
     }
 
     /// The driver batches DATA by itself; runs let the sender hand over several at once.
@@ -547,7 +558,7 @@ impl DatagramLink for Session {
     }
 
     async fn send(&self, message: &[u8]) -> Result<(), LinkError> {
-        LinkError::check_len(message, MAX_PLAINTEXT)?;
+        LinkError::check_len(message, self.max_payload())?;
         self.outgoing
             .send(message.to_vec())
             .await

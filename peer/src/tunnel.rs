@@ -12,9 +12,10 @@
 //!   taken), and sends the replies back through the link.
 //!
 //! A datagram is carried whole or not at all: one longer than the link's
-//! [`max_payload`](DatagramLink::max_payload) (1427 bytes through a relay) is dropped and
-//! counted, never split. Applications with their own MTU setting (WireGuard's `MTU`) should
-//! keep their datagrams within it. Like UDP itself, the tunnel neither retransmits nor
+//! [`max_payload`](DatagramLink::max_payload) (1427 bytes through an IPv4 relay address, 1407
+//! through an IPv6 one: [`crate::sizes`]) is dropped and counted in
+//! [`TunnelCounts::dropped_too_long`], never split. Applications with their own MTU setting
+//! (WireGuard's `MTU`) should keep their datagrams within it. Like UDP itself, the tunnel neither retransmits nor
 //! reorders; the application keeps whatever loss handling it has.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};

@@ -157,7 +157,12 @@ fn session_commands_help_names_the_session_options_and_the_key_rules() {
         ("recv", &["--dir <DIR>", "never replaced"][..]),
         (
             "tunnel",
-            &["--listen <ADDR>", "--connect <ADDR>", "1427 bytes"][..],
+            &[
+                "--listen <ADDR>",
+                "--connect <ADDR>",
+                "1427 bytes through an IPv4 relay address, 1407 through an IPv6 one",
+                "dropped_too_long",
+            ][..],
         ),
     ] {
         let out = run(&[command, "--help"]);
@@ -189,6 +194,7 @@ fn session_help_says(help: &str) {
         "never on the command\nline",
         "ends when the grant's token expires",
         "Exit status: 0 on success, 1 on failure",
+        "at most 1427 bytes, through an IPv6 one at most 1407",
     ] {
         assert!(help.contains(needle), "{needle:?} missing from:\n{help}");
     }
@@ -515,6 +521,14 @@ fn tunnel_carries_a_local_udp_exchange_through_a_real_relay_and_reports_on_ctrl_
         }
     };
     assert_eq!(echoed, b"marker 51c0");
+    // The relay is on 127.0.0.1: an IPv4 relay address carries datagrams of up to 1427 bytes.
+    let largest = vec![0x4c; 1427];
+    client.send_to(&largest, &listen_addr).unwrap();
+    let (n, _) = client.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], &largest[..]);
+    // One byte more is dropped and counted, and said on stderr within a second.
+    client.send_to(&[0x4d; 1428], &listen_addr).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
 
     // Ctrl-C on the listening end: it closes the session, reports and exits 0; the other end
     // sees the close, reports and exits 0 too.
@@ -556,6 +570,15 @@ fn tunnel_carries_a_local_udp_exchange_through_a_real_relay_and_reports_on_ctrl_
         "{out_c}"
     );
     assert_eq!(field(&out_c, "handshakes"), "1");
+    assert_eq!(field(&out_l, "dropped_too_long"), "1", "{out_l}");
+    let err_l = text(&listener.stderr);
+    for said in [
+        "messages of up to 1427 bytes over IPv4",
+        "datagrams of up to 1427 bytes through this IPv4 relay address",
+        "dropping local datagrams longer than 1427 bytes",
+    ] {
+        assert!(err_l.contains(said), "{said:?} missing from:\n{err_l}");
+    }
 }
 
 #[test]

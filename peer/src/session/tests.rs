@@ -38,6 +38,8 @@ struct RelayState {
     /// REBINDs.
     binds: u64,
     rebinds: u64,
+    /// The longest DATA datagram it received.
+    longest_data: usize,
 }
 
 struct FakeRelay {
@@ -72,7 +74,12 @@ fn other(slot: Slot) -> Slot {
 
 impl FakeRelay {
     async fn start() -> Self {
-        let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        Self::start_on("127.0.0.1:0").await
+    }
+
+    /// A fake relay on `addr` (a port of 0 takes a free one).
+    async fn start_on(addr: &str) -> Self {
+        let socket = Arc::new(UdpSocket::bind(addr).await.unwrap());
         let state = Arc::new(StdMutex::new(RelayState {
             expires_at: wall_secs() + 3600,
             ..RelayState::default()
@@ -217,6 +224,7 @@ fn serve(state: &mut RelayState, datagram: &[u8], from: SocketAddr) -> Vec<(Vec<
             replies.push((datagram.to_vec(), from));
         }
         Ok(Packet::Data(_)) => {
+            state.longest_data = state.longest_data.max(datagram.len());
             let [a, b] = &state.bound;
             if let (Some(a), Some(b)) = (a, b) {
                 if from == a.0 {
@@ -533,4 +541,37 @@ async fn a_changed_path_is_healed_with_a_rebind_without_the_gateway() {
     let stats = a.stats();
     assert_eq!((stats.rebinds, stats.recoveries), (1, 0), "{stats}");
     assert!(a.end_reason().is_none(), "no gateway was needed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn messages_are_sized_for_the_relay_address_family() {
+    // IPv6's header is 20 bytes longer: a full message through an IPv6 relay address is 20
+    // bytes shorter, so that its DATA datagram fits a 1500-byte path as over IPv4.
+    for (addr, family, longest) in [
+        ("127.0.0.1:0", Family::Ipv4, 1427),
+        ("[::1]:0", Family::Ipv6, 1407),
+    ] {
+        let relay = FakeRelay::start_on(addr).await;
+        let (a, b) = pair(&relay, None).await;
+        assert_eq!(a.family(), family);
+        assert_eq!(a.max_payload(), longest, "{family}");
+        assert_eq!(b.max_payload(), longest, "{family}");
+        let too_long = a.send(&vec![7; longest + 1]).await;
+        assert!(
+            matches!(too_long, Err(LinkError::TooLong { len, max }) if len == longest + 1 && max == longest),
+            "{family}: {too_long:?}"
+        );
+        a.send(&vec![7; longest]).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), b.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.len(), longest, "{family}");
+        assert_eq!(
+            relay.state.lock().unwrap().longest_data,
+            family.max_datagram(),
+            "{family}: the full message's DATA datagram"
+        );
+        assert_eq!(a.stats().dropped_outgoing, 0, "{family}");
+    }
 }
