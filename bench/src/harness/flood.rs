@@ -1,8 +1,8 @@
 //! The flood of the `flood` scenario: whole Ethernet frames from forged source addresses,
 //! sent with a packet socket on the generator's link (qdisc bypassed) as fast as one core
 //! can. A third are random bytes, a third well-formed DATA for sessions that do not exist, a
-//! third well-formed BIND (far over any source's handshake rate, with a token that does not
-//! verify); sources
+//! third well-formed BIND (far over any source's handshake rate, without a cookie, with a token
+//! that does not verify: the relay or its guard answers it with a CHALLENGE); sources
 //! cycle over [`SOURCES`] addresses of [`SPOOF_NET`], which the relay host routes back towards
 //! the generator so that reverse-path filtering keeps them.
 
@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use ferry_common::header::{BIND_BODY_LEN, PacketType};
+use ferry_common::header::{BIND_BODY_LEN, HEADER_LEN, PacketType, TOKEN_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
 
 use super::load::BATCH;
@@ -85,7 +85,15 @@ pub fn frames(
                 garbage
             }
             1 => super::load::datagram(super::load::Framing::FerryData { session }, 256)?,
-            _ => ferry_relay::xdp::frame::datagram(PacketType::Bind, session, BIND_BODY_LEN),
+            _ => {
+                // Well-formed through the body rules too (a token length of 208), so the relay
+                // answers it, or its guard does, with a CHALLENGE, as a real flood's would be.
+                let mut bind =
+                    ferry_relay::xdp::frame::datagram(PacketType::Bind, session, BIND_BODY_LEN);
+                bind[HEADER_LEN + 2..HEADER_LEN + 4]
+                    .copy_from_slice(&(TOKEN_LEN as u16).to_be_bytes());
+                bind
+            }
         };
         out.push(frame(src_mac, dst_mac, src, relay, &payload));
     }
