@@ -80,15 +80,18 @@ impl Network {
         let wall = UnixTime::from(SystemTime::now());
         let outcome = self
             .relay
-            .handle(now, wall, from, datagram, &mut self.reply);
+            .handle(now, wall, from, None, datagram, &mut self.reply);
         match outcome {
-            Outcome::Forward { to } => self.to_peers.push_back((to, datagram.to_vec())),
-            Outcome::Reply { to, len } => self.to_peers.push_back((to, self.reply[..len].to_vec())),
+            Outcome::Forward { to, .. } => self.to_peers.push_back((to, datagram.to_vec())),
+            Outcome::Reply { to, len, .. } => {
+                self.to_peers.push_back((to, self.reply[..len].to_vec()))
+            }
             Outcome::ReplyAndNotify {
                 to,
                 len,
                 notify,
                 notice_len,
+                ..
             } => {
                 self.to_peers.push_back((to, self.reply[..len].to_vec()));
                 if let Some(notice) = self.reply.get(len..len + notice_len) {
@@ -450,7 +453,11 @@ fn exchange(
     from.bind.note_data_sent(Instant::now());
     let outcome = net.send_to_relay(from.addr, &buf[..n]);
     ensure!(
-        outcome == Outcome::Forward { to: to.addr },
+        outcome
+            == Outcome::Forward {
+                to: to.addr,
+                src: None
+            },
         "{} -> {}: relay did not forward: {outcome:?}",
         from.name,
         to.name

@@ -239,6 +239,7 @@ impl Run {
             |ip| ips.try_bind_attempt(ip, now).is_ok(),
             self.wall,
             from,
+            None,
             datagram,
             &mut self.reply,
         ) {
@@ -314,7 +315,7 @@ impl Run {
     /// Checks what a BIND or REBIND for `slot` of `sid` from `from` got.
     fn check_bind_outcome(&self, outcome: Outcome, from: SocketAddr, sid: u64, slot: usize) {
         match outcome {
-            Outcome::Reply { to, len } => {
+            Outcome::Reply { to, len, .. } => {
                 assert_eq!(to, from, "a BIND answered elsewhere");
                 if let Packet::BindAck(ack) = self.reply_packet(0, len) {
                     assert_eq!(ack.session_id(), sid);
@@ -327,6 +328,7 @@ impl Run {
                 len,
                 notify,
                 notice_len,
+                ..
             } => {
                 assert_eq!(to, from, "a BIND answered elsewhere");
                 assert!(matches!(self.reply_packet(0, len), Packet::BindAck(_)));
@@ -453,8 +455,8 @@ impl Run {
                     .bound_slot(sid, from)
                     .and_then(|i| self.bound_at(sid, 1 - i));
                 match (outcome, route) {
-                    (Outcome::Forward { to }, Some(other)) => assert_eq!(to, other),
-                    (Outcome::Forward { to }, None) => {
+                    (Outcome::Forward { to, .. }, Some(other)) => assert_eq!(to, other),
+                    (Outcome::Forward { to, .. }, None) => {
                         panic!("DATA from {from} forwarded to {to} without a binding")
                     }
                     (Outcome::Drop(DropReason::RateLimited), Some(_)) => {}
@@ -471,7 +473,7 @@ impl Run {
                 self.take_events();
                 assert_eq!(self.model, before, "a KEEPALIVE changed a binding");
                 match (outcome, self.bound_slot(sid, from)) {
-                    (Outcome::Reply { to, len }, Some(_)) => {
+                    (Outcome::Reply { to, len, .. }, Some(_)) => {
                         assert_eq!(to, from);
                         assert!(matches!(self.reply_packet(0, len), Packet::Keepalive(_)));
                     }
@@ -505,7 +507,7 @@ impl Run {
                 }
                 assert_eq!(self.model, expected, "a CLOSE changed another session");
                 match outcome {
-                    Outcome::Reply { to, len } => {
+                    Outcome::Reply { to, len, .. } => {
                         assert!(closed, "a CLOSE answered without closing");
                         let other = before.get(&sid).and_then(|s| s[1 - slot_index(slot)]);
                         assert_eq!(Some(to), other, "the CLOSE notice went astray");
@@ -524,7 +526,7 @@ impl Run {
                 ops.0 = rest;
                 let outcome = self.deliver(from, datagram);
                 self.take_events();
-                if let Outcome::Forward { to } = outcome {
+                if let Outcome::Forward { to, .. } = outcome {
                     let sid = wire::parse(datagram)
                         .expect("forwarded DATA parses")
                         .session_id();

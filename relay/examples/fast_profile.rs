@@ -89,6 +89,7 @@ fn bind(filter: &SessionFilter, a: Option<SocketAddr>, b: Option<SocketAddr>) {
     filter.session_event(SessionEvent::Bound {
         session: SID,
         slots: [a, b],
+        locals: [None, None],
         budgets: [a, b].map(|slot| {
             slot.map(|_| SlotBudget {
                 rate: 100_000_000_000,

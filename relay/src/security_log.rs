@@ -160,7 +160,16 @@ mod tests {
         let n =
             wire::encode_reject(&mut reply, 0xabc, &fields, |m| keys.relay.mac(m)).expect("encode");
         let to = source();
-        let event = Event::of(to, &[], &Outcome::Reply { to, len: n }, &reply);
+        let event = Event::of(
+            to,
+            &[],
+            &Outcome::Reply {
+                to,
+                src: None,
+                len: n,
+            },
+            &reply,
+        );
         assert_eq!(
             event,
             Some(Event {
@@ -193,7 +202,10 @@ mod tests {
             Some(("bind_rate_limited", 0))
         );
         // Forwards, acknowledgements and ordinary drops are not security events.
-        assert_eq!(Event::of(to, &[], &Outcome::Forward { to }, &[]), None);
+        assert_eq!(
+            Event::of(to, &[], &Outcome::Forward { to, src: None }, &[]),
+            None
+        );
         assert_eq!(Event::of(to, &[], &Outcome::Consumed, &[]), None);
         assert_eq!(
             Event::of(to, &[], &Outcome::Drop(DropReason::DataUnbound), &[]),

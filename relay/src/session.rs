@@ -21,7 +21,7 @@
 //! back a [`Notice`] (an authenticated CLOSE saying why) for each of their peers to send.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ferry_core::proof::SlotKeys;
@@ -83,17 +83,27 @@ impl Default for SessionLimits {
 }
 
 /// What the caller does with a datagram after [`SessionTable::handle`].
+///
+/// Every send names its source address (`src`, `notify_src`): the relay address the peer it
+/// goes to sends to, so that the peer sees it come from there (docs/protocol.md §1). For a
+/// reply to the datagram that is the datagram's own destination; for a forward or a notice,
+/// the one the receiving slot was bound through. `None` when the relay does not know it, on a
+/// socket bound to a specific address, whose address it is anyway.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// Send the received datagram, unchanged, to this address.
     Forward {
         /// The other slot's bound address.
         to: SocketAddr,
+        /// The relay address the other slot was bound through.
+        src: Option<IpAddr>,
     },
     /// Send the first `len` bytes of the reply buffer to this address.
     Reply {
         /// Where the reply goes.
         to: SocketAddr,
+        /// The relay address it leaves from.
+        src: Option<IpAddr>,
         /// Bytes written into the reply buffer.
         len: usize,
     },
@@ -104,10 +114,14 @@ pub enum Outcome {
     ReplyAndNotify {
         /// Where the reply goes.
         to: SocketAddr,
+        /// The relay address the reply leaves from (the BIND's destination).
+        src: Option<IpAddr>,
         /// Bytes of the reply, at the start of the reply buffer.
         len: usize,
         /// Where the notice goes: the other slot's bound address.
         notify: SocketAddr,
+        /// The relay address the notice leaves from: the one the other slot was bound through.
+        notify_src: Option<IpAddr>,
         /// Bytes of the notice, right after the reply.
         notice_len: usize,
     },
@@ -214,6 +228,9 @@ impl NoticeKind {
 pub struct Notice {
     /// The peer's bound address.
     pub to: SocketAddr,
+    /// The relay address the peer was bound through, which the notice leaves from (`None`:
+    /// unknown, on a socket bound to a specific address).
+    pub src: Option<IpAddr>,
     /// The whole datagram (a CLOSE, 44 bytes).
     pub datagram: Vec<u8>,
 }
@@ -368,6 +385,9 @@ impl Counters {
 /// One peer's claim on a slot.
 struct Binding {
     addr: SocketAddr,
+    /// The relay address the peer sends to (that its accepted BIND or REBIND was sent to),
+    /// when the socket said: every datagram to the peer leaves from it.
+    local: Option<IpAddr>,
     token_id: [u8; 16],
     keys: SlotKeys,
     last_seq: u64,
@@ -393,6 +413,7 @@ impl Session {
         SessionEvent::Bound {
             session: id,
             slots: [0, 1].map(|i| self.slots[i].as_ref().map(|b| b.addr)),
+            locals: [0, 1].map(|i| self.slots[i].as_ref().and_then(|b| b.local)),
             budgets: [0, 1].map(|i| {
                 self.slots[i].as_ref().map(|b| SlotBudget {
                     rate: b.budget.rate(),
@@ -418,6 +439,8 @@ impl Session {
 pub struct Request {
     /// The source address.
     pub from: SocketAddr,
+    /// The relay address it was sent to, when the socket said.
+    pub local: Option<IpAddr>,
     /// The session asked for.
     pub session_id: u64,
     /// The slot asked for.
@@ -451,6 +474,9 @@ pub enum SessionEvent {
         session: u64,
         /// Where slot A and slot B are bound, if they are.
         slots: [Option<SocketAddr>; 2],
+        /// The relay address each bound slot was bound through (and DATA to it leaves from),
+        /// when the relay knows it: on a socket bound to a wildcard address.
+        locals: [Option<IpAddr>; 2],
         /// Each bound slot's DATA byte budget.
         budgets: [Option<SlotBudget>; 2],
     },
@@ -531,7 +557,11 @@ fn encode_reject(
         None => wire::encode_reject_unauthenticated(reply, req.session_id, &fields),
     };
     match written {
-        Ok(len) => Outcome::Reply { to: req.from, len },
+        Ok(len) => Outcome::Reply {
+            to: req.from,
+            src: req.local,
+            len,
+        },
         Err(_) => Outcome::Consumed,
     }
 }
@@ -551,6 +581,7 @@ fn close_notice(sid: u64, slot: Slot, binding: &Binding, reason: CloseReason) ->
     datagram.truncate(len);
     Some(Notice {
         to: binding.addr,
+        src: binding.local,
         datagram,
     })
 }
@@ -648,9 +679,11 @@ impl SessionTable {
             } => self.on_data(now, from, session_id, len),
             Input::Bind(bind) => self.on_bind(now, wall, bind, ips, reply),
             Input::Rebind { req, rebind } => self.on_rebind(now, &req, &rebind, ips, reply),
-            Input::Keepalive { from, session_id } => {
-                self.on_keepalive(now, from, session_id, reply)
-            }
+            Input::Keepalive {
+                from,
+                local,
+                session_id,
+            } => self.on_keepalive(now, (from, local), session_id, reply),
             Input::Close(close) => self.on_close(&close, ips, reply),
         }
     }
@@ -744,7 +777,7 @@ impl SessionTable {
         let Some(i) = session.slot_of(from) else {
             return self.drop(DropReason::DataUnbound);
         };
-        let Some(to) = session.slots[1 - i].as_ref().map(|b| b.addr) else {
+        let Some((to, src)) = session.slots[1 - i].as_ref().map(|b| (b.addr, b.local)) else {
             return self.drop(DropReason::DataUnbound);
         };
         let Some(sender) = session.slots[i].as_mut() else {
@@ -756,7 +789,7 @@ impl SessionTable {
         }
         self.counters.forwarded += 1;
         self.counters.forwarded_bytes += len as u64;
-        Outcome::Forward { to }
+        Outcome::Forward { to, src }
     }
 
     /// Answers `req` with a REJECT authenticated with `keys` (the requester proved them).
@@ -814,7 +847,11 @@ impl SessionTable {
         };
         let peer_present = session.slots[1 - i].is_some();
         match self.encode_ack(req.session_id, req.slot, binding, peer_present, reply) {
-            Ok(len) => Outcome::Reply { to: req.from, len },
+            Ok(len) => Outcome::Reply {
+                to: req.from,
+                src: req.local,
+                len,
+            },
             Err(_) => Outcome::Consumed,
         }
     }
@@ -823,7 +860,8 @@ impl SessionTable {
     /// slot is bound, tells that slot's peer with an unsolicited BIND-ACK of its own binding
     /// (peer present, docs/protocol.md §3.3), written into `reply` right after the ACK.
     fn ack_and_notify(&mut self, req: &Request, reply: &mut [u8]) -> Outcome {
-        let Outcome::Reply { to, len } = self.ack(req, reply) else {
+        let reply_to = self.ack(req, reply);
+        let Outcome::Reply { to, src, len } = reply_to else {
             return Outcome::Consumed;
         };
         let other = req.slot.other();
@@ -832,20 +870,22 @@ impl SessionTable {
             .get(&req.session_id)
             .and_then(|s| s.slots[slot_index(other)].as_ref())
         else {
-            return Outcome::Reply { to, len };
+            return reply_to;
         };
-        let notify = binding.addr;
+        let (notify, notify_src) = (binding.addr, binding.local);
         let written = reply
             .get_mut(len..)
             .map(|out| self.encode_ack(req.session_id, other, binding, true, out));
         let Some(Ok(notice_len)) = written else {
-            return Outcome::Reply { to, len };
+            return reply_to;
         };
         self.counters.count_notice(NoticeKind::PeerPresent);
         Outcome::ReplyAndNotify {
             to,
+            src,
             len,
             notify,
+            notify_src,
             notice_len,
         }
     }
@@ -891,7 +931,7 @@ impl SessionTable {
         match held {
             Some((true, true, last)) if req.seq >= last => {
                 // Same token, same place: the ACK was lost, or a newer sequence. Re-ACK.
-                self.touch(req.session_id, i, now, req.seq);
+                self.touch(req.session_id, i, now, &req);
                 self.counters.binds_accepted += 1;
                 return self.ack(&req, reply);
             }
@@ -921,6 +961,7 @@ impl SessionTable {
         let rate = self.limits.slot_rate(claimed_rate);
         let binding = Binding {
             addr: from,
+            local: req.local,
             token_id,
             keys,
             last_seq: req.seq,
@@ -946,14 +987,20 @@ impl SessionTable {
         }
     }
 
-    fn touch(&mut self, sid: u64, i: usize, now: Instant, seq: u64) {
-        if let Some(b) = self
-            .sessions
-            .get_mut(&sid)
-            .and_then(|s| s.slots[i].as_mut())
-        {
+    /// Refreshes slot `i` of session `sid` for a BIND accepted again (`req`): its last-seen
+    /// time, sequence number, and the relay address it was sent to, which the guard hears of
+    /// if it changed.
+    fn touch(&mut self, sid: u64, i: usize, now: Instant, req: &Request) {
+        let Some(session) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        if let Some(b) = session.slots[i].as_mut() {
             b.last_seen = now;
-            b.last_seq = seq;
+            b.last_seq = req.seq;
+            if b.local != req.local {
+                b.local = req.local;
+                self.events.push(session.bound_event(sid));
+            }
         }
     }
 
@@ -995,6 +1042,7 @@ impl SessionTable {
             return self.reject(req, RejectReason::Overloaded, &keys, reply);
         }
         binding.addr = req.from;
+        binding.local = req.local;
         binding.last_seq = req.seq;
         binding.last_seen = now;
         self.counters.rebinds_accepted += 1;
@@ -1004,10 +1052,11 @@ impl SessionTable {
         self.ack(req, reply)
     }
 
+    /// Echoes a KEEPALIVE from `from.0` (sent to `from.1`) if that address is bound.
     fn on_keepalive(
         &mut self,
         now: Instant,
-        from: SocketAddr,
+        (from, local): (SocketAddr, Option<IpAddr>),
         sid: u64,
         reply: &mut [u8],
     ) -> Outcome {
@@ -1021,7 +1070,11 @@ impl SessionTable {
         binding.last_seen = now;
         self.counters.keepalives += 1;
         match wire::encode_keepalive(reply, sid) {
-            Ok(len) => Outcome::Reply { to: from, len },
+            Ok(len) => Outcome::Reply {
+                to: from,
+                src: local,
+                len,
+            },
             Err(_) => Outcome::Consumed,
         }
     }
@@ -1065,6 +1118,7 @@ impl SessionTable {
                 self.counters.count_notice(NoticeKind::PeerClosed);
                 Outcome::Reply {
                     to: other.addr,
+                    src: other.local,
                     len,
                 }
             }

@@ -187,26 +187,30 @@ impl Sessions {
         Arc::clone(&self.verifier.read().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// Handles one datagram: [`session::check`] with no lock held (but the per-source table's,
-    /// for a moment, to charge a bind attempt), then the session's shard under its lock.
+    /// Handles one datagram from `from`, sent to relay address `local` if the socket said:
+    /// [`session::check`] with no lock held (but the per-source table's, for a moment, to
+    /// charge a bind attempt), then the session's shard under its lock.
     pub fn handle(
         &self,
         now: Instant,
         wall: UnixTime,
         from: SocketAddr,
+        local: Option<IpAddr>,
         datagram: &[u8],
         reply: &mut [u8],
     ) -> Outcome {
-        let checked = self.check(now, wall, from, datagram, reply);
+        let checked = self.check(now, wall, from, local, datagram, reply);
         self.apply(now, wall, checked, reply)
     }
 
     /// The first half of [`Sessions::handle`]: everything that needs no shard.
+    #[allow(clippy::result_large_err)] // as `session::check`
     fn check<'a>(
         &self,
         now: Instant,
         wall: UnixTime,
         from: SocketAddr,
+        local: Option<IpAddr>,
         datagram: &'a [u8],
         reply: &mut [u8],
     ) -> Checked<'a> {
@@ -216,6 +220,7 @@ impl Sessions {
             |ip| lock(&self.ips).try_bind_attempt(ip, now).is_ok(),
             wall,
             from,
+            local,
             datagram,
             reply,
         )
@@ -370,10 +375,13 @@ impl PacketHandler for SessionsHandler {
         now: Instant,
         wall: UnixTime,
         from: SocketAddr,
+        local: Option<IpAddr>,
         datagram: &[u8],
         reply: &mut [u8],
     ) -> Outcome {
-        let outcome = self.sessions.handle(now, wall, from, datagram, reply);
+        let outcome = self
+            .sessions
+            .handle(now, wall, from, local, datagram, reply);
         // Only replies and drops can be security events: forwards, the bulk of the traffic,
         // skip the check.
         if !matches!(outcome, Outcome::Forward { .. })

@@ -29,7 +29,7 @@
 use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::io;
 use std::mem::{ManuallyDrop, size_of, zeroed};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::RawFd;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -310,8 +310,8 @@ struct SendSlot {
     iovs: [libc::iovec; MAX_SEGMENTS],
     /// The destination; `hdr.msg_name` points into it.
     addr: SockAddr,
-    /// Control message space for UDP_SEGMENT (a cmsghdr and a u16, aligned).
-    control: [u64; 4],
+    /// Control message space for UDP_SEGMENT and IP_PKTINFO / IPV6_PKTINFO ([`encode_control`]).
+    control: ControlBuf,
     /// Receive buffers this send forwards, given back on completion.
     bids: [u16; MAX_SEGMENTS],
     nbids: usize,
@@ -339,7 +339,7 @@ impl SendSlab {
                     iov_len: 0,
                 }; MAX_SEGMENTS],
                 addr: SockAddr::from(SocketAddr::from(([0, 0, 0, 0], 0))),
-                control: [0; 4],
+                control: ControlBuf([0; SEND_CONTROL_LEN]),
                 bids: [0; MAX_SEGMENTS],
                 nbids: 0,
                 segments: 0,
@@ -452,6 +452,9 @@ pub struct ShutdownReport {
 pub struct Datagram<'a> {
     /// Who sent it.
     pub from: SocketAddr,
+    /// The address it was sent to, on a socket that asked for it (one bound to a wildcard
+    /// address, see [`Ring::new`]); `None` on others, and when the kernel did not say.
+    pub local: Option<IpAddr>,
     /// The datagram bytes: with `segment_size`, several datagrams back to back.
     pub payload: &'a [u8],
     /// Offset of the payload in its buffer (for forwarding it in place).
@@ -490,42 +493,159 @@ pub enum RecvProblem {
 /// start of every buffer of a multishot `recvmsg`.
 const RECVMSG_OUT_LEN: usize = 16;
 
-/// Room for the one control message a UDP GRO receive carries (`UDP_GRO`, an int: the
-/// segment size): `CMSG_SPACE(sizeof(int))` on 64-bit Linux.
-pub const GRO_CONTROL_LEN: usize = 24;
+/// Size of a `struct cmsghdr`.
+const CMSG_HDR: usize = size_of::<libc::cmsghdr>();
 
-/// The most payload a receive buffer of `buf_size` bytes holds: the rest goes to the kernel's
-/// header, the room for the source address and, with UDP GRO (`gro`), the room for its
-/// control message. A longer datagram is [`RecvProblem::Truncated`].
-pub const fn recv_payload_room(buf_size: usize, gro: bool) -> usize {
-    let control = if gro { GRO_CONTROL_LEN } else { 0 };
-    buf_size.saturating_sub(RECVMSG_OUT_LEN + size_of::<libc::sockaddr_storage>() + control)
+/// `CMSG_SPACE(len)`: a control message of `len` data bytes with its header, padded to the
+/// alignment of the next one (that of a `long`, as Linux's `CMSG_ALIGN`).
+const fn cmsg_space(len: usize) -> usize {
+    CMSG_HDR + len.next_multiple_of(size_of::<usize>())
 }
 
-/// The segment size of a UDP GRO receive, from its control messages (`control`, as the kernel
-/// wrote them): `None` when the receive carried one datagram (no `UDP_GRO` message).
-fn gro_segment_size(control: &[u8]) -> Option<usize> {
-    const HDR: usize = size_of::<libc::cmsghdr>();
+/// `CMSG_LEN(len)`: a control message's `cmsg_len` for `len` data bytes.
+const fn cmsg_len(len: usize) -> usize {
+    CMSG_HDR + len
+}
+
+/// Room for the one control message a UDP GRO receive carries (`UDP_GRO`, an int: the
+/// segment size): `CMSG_SPACE(sizeof(int))` on 64-bit Linux.
+pub const GRO_CONTROL_LEN: usize = cmsg_space(size_of::<libc::c_int>());
+
+/// Room for the control message that names a received datagram's destination address on a
+/// socket bound to a wildcard address (`IP_PKTINFO` or `IPV6_PKTINFO`, the larger):
+/// `CMSG_SPACE(sizeof(struct in6_pktinfo))`.
+pub const PKTINFO_CONTROL_LEN: usize = cmsg_space(size_of::<libc::in6_pktinfo>());
+
+/// Room for a send's control messages: `UDP_SEGMENT` (a u16) and a source address
+/// (`IPV6_PKTINFO`, the larger of the two).
+const SEND_CONTROL_LEN: usize = cmsg_space(size_of::<u16>()) + PKTINFO_CONTROL_LEN;
+
+/// A send's control message area, aligned for `struct cmsghdr`.
+#[repr(C, align(8))]
+struct ControlBuf([u8; SEND_CONTROL_LEN]);
+
+/// The room a receive on a socket leaves for control messages: the `UDP_GRO` message with UDP
+/// GRO (`gro`), the destination address message on a wildcard socket (`pktinfo`).
+pub const fn recv_control_len(gro: bool, pktinfo: bool) -> usize {
+    (if gro { GRO_CONTROL_LEN } else { 0 }) + if pktinfo { PKTINFO_CONTROL_LEN } else { 0 }
+}
+
+/// The most payload a receive buffer of `buf_size` bytes holds: the rest goes to the kernel's
+/// header, the room for the source address and that for control messages
+/// ([`recv_control_len`] of `gro` and `pktinfo`). A longer datagram is
+/// [`RecvProblem::Truncated`].
+pub const fn recv_payload_room(buf_size: usize, gro: bool, pktinfo: bool) -> usize {
+    buf_size.saturating_sub(
+        RECVMSG_OUT_LEN + size_of::<libc::sockaddr_storage>() + recv_control_len(gro, pktinfo),
+    )
+}
+
+/// What a receive's control messages say.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Received {
+    /// The UDP GRO segment size; `None` when the receive carried one datagram.
+    segment_size: Option<usize>,
+    /// The address the datagram was sent to (`IP_PKTINFO`'s `ipi_addr`, `IPV6_PKTINFO`'s
+    /// `ipi6_addr`), when it is one the relay can send from: not multicast, broadcast or
+    /// unspecified.
+    local: Option<IpAddr>,
+}
+
+/// Reads the control messages the kernel wrote for a receive (`control`): the `UDP_GRO`
+/// segment size and the destination address. A message cut short, or a header that does not
+/// fit, ends the reading (what was read before it stands); other messages are skipped.
+fn read_control(control: &[u8]) -> Received {
+    let mut out = Received::default();
     let mut rest = control;
-    while rest.len() >= HDR {
+    while rest.len() >= CMSG_HDR {
         // SAFETY: `rest` holds at least a whole cmsghdr; it is read unaligned, by value.
         let hdr: libc::cmsghdr = unsafe { std::ptr::read_unaligned(rest.as_ptr().cast()) };
-        let len = hdr.cmsg_len;
-        if len < HDR || len > rest.len() {
-            return None;
+        let len = hdr.cmsg_len as usize;
+        if len < CMSG_HDR || len > rest.len() {
+            break;
         }
-        if hdr.cmsg_level == libc::SOL_UDP
-            && hdr.cmsg_type == libc::UDP_GRO
-            && let Some(data) = rest.get(HDR..HDR + size_of::<libc::c_int>())
-        {
-            let size = libc::c_int::from_ne_bytes(data.try_into().ok()?);
-            return usize::try_from(size).ok().filter(|&s| s > 0);
+        let data = &rest[CMSG_HDR..len];
+        match (hdr.cmsg_level, hdr.cmsg_type) {
+            (libc::SOL_UDP, libc::UDP_GRO) => {
+                if let Some(bytes) = data.get(..4).and_then(|b| b.try_into().ok()) {
+                    let size = libc::c_int::from_ne_bytes(bytes);
+                    out.segment_size = usize::try_from(size).ok().filter(|&s| s > 0);
+                }
+            }
+            // struct in_pktinfo { int ipi_ifindex; in_addr ipi_spec_dst; in_addr ipi_addr; }:
+            // `ipi_addr` is the header's destination. (`ipi_spec_dst` is the source the
+            // kernel's route back to the sender would pick, the very address not to use.)
+            (libc::SOL_IP, libc::IP_PKTINFO) => {
+                if let Some(bytes) = data.get(8..12).and_then(|b| <[u8; 4]>::try_from(b).ok()) {
+                    let ip = Ipv4Addr::from(bytes);
+                    let usable = !(ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast());
+                    out.local = usable.then_some(IpAddr::V4(ip));
+                }
+            }
+            // struct in6_pktinfo { in6_addr ipi6_addr; int ipi6_ifindex; }
+            (libc::SOL_IPV6, libc::IPV6_PKTINFO) => {
+                if let Some(bytes) = data.get(..16).and_then(|b| <[u8; 16]>::try_from(b).ok()) {
+                    let ip = Ipv6Addr::from(bytes);
+                    let usable = !(ip.is_unspecified() || ip.is_multicast());
+                    out.local = usable.then_some(IpAddr::V6(ip));
+                }
+            }
+            _ => {}
         }
         // The next message starts at the aligned end of this one.
-        let next = len.next_multiple_of(size_of::<usize>());
-        rest = rest.get(next..)?;
+        match rest.get(len.next_multiple_of(size_of::<usize>())..) {
+            Some(next) => rest = next,
+            None => break,
+        }
     }
-    None
+    out
+}
+
+/// Writes one control message (`level`, `kind`, `data`) at the start of `out`, which must
+/// have [`cmsg_space`] of its length; returns that space.
+fn put_cmsg(out: &mut [u8], level: i32, kind: i32, data: &[u8]) -> usize {
+    let space = cmsg_space(data.len());
+    let out = &mut out[..space];
+    out.fill(0);
+    // SAFETY: all-zero is a valid cmsghdr (plain integers, and padding on some libcs).
+    let mut hdr: libc::cmsghdr = unsafe { zeroed() };
+    hdr.cmsg_len = cmsg_len(data.len()) as _;
+    hdr.cmsg_level = level;
+    hdr.cmsg_type = kind;
+    // SAFETY: `out` has at least `CMSG_HDR` bytes (`space` is more); the header is written
+    // unaligned, by value.
+    unsafe { std::ptr::write_unaligned(out.as_mut_ptr().cast::<libc::cmsghdr>(), hdr) };
+    out[CMSG_HDR..CMSG_HDR + data.len()].copy_from_slice(data);
+    space
+}
+
+/// Writes a send's control messages into `out` and returns their length (0: none): a
+/// `UDP_SEGMENT` of `gso` bytes for a GSO send, and `IP_PKTINFO` (`ipi_spec_dst`) or
+/// `IPV6_PKTINFO` (`ipi6_addr`) naming `src` as the datagrams' source address, for a socket
+/// on a wildcard address (interface 0: the route picks it, as for any send).
+fn encode_control(
+    out: &mut [u8; SEND_CONTROL_LEN],
+    gso: Option<u16>,
+    src: Option<IpAddr>,
+) -> usize {
+    let mut at = 0;
+    if let Some(size) = gso {
+        at += put_cmsg(out, libc::SOL_UDP, libc::UDP_SEGMENT, &size.to_ne_bytes());
+    }
+    match src {
+        Some(IpAddr::V4(ip)) => {
+            let mut info = [0u8; size_of::<libc::in_pktinfo>()];
+            info[4..8].copy_from_slice(&ip.octets());
+            at += put_cmsg(&mut out[at..], libc::SOL_IP, libc::IP_PKTINFO, &info);
+        }
+        Some(IpAddr::V6(ip)) => {
+            let mut info = [0u8; size_of::<libc::in6_pktinfo>()];
+            info[..16].copy_from_slice(&ip.octets());
+            at += put_cmsg(&mut out[at..], libc::SOL_IPV6, libc::IPV6_PKTINFO, &info);
+        }
+        None => {}
+    }
+    at
 }
 
 /// One io_uring with its buffer ring, receive headers and send slab.
@@ -614,7 +734,9 @@ impl Ring {
     /// A ring of `entries` submission slots, `buffers` receive buffers of `buf_size` bytes and
     /// `sends` in-flight sends, for `sockets` (which must outlive the ring). With `gro` the
     /// receives leave room for the `UDP_GRO` control message of sockets that coalesce
-    /// datagrams (see [`Datagram::segment_size`]).
+    /// datagrams (see [`Datagram::segment_size`]); on the sockets `pktinfo` marks (by index;
+    /// those bound to a wildcard address, with `IP_PKTINFO` or `IPV6_RECVPKTINFO` on), for the
+    /// message that names each datagram's destination address ([`Datagram::local`]).
     pub fn new(
         entries: u32,
         buffers: u16,
@@ -622,6 +744,7 @@ impl Ring {
         sends: u32,
         sockets: Vec<RawFd>,
         gro: bool,
+        pktinfo: &[bool],
     ) -> Result<Self, UringError> {
         // One thread submits and reaps (a `Ring` holds raw pointers, so it is not `Send`), which
         // lets the kernel defer completion work until that thread waits (Linux 6.1+): no task
@@ -649,14 +772,14 @@ impl Ring {
                 false
             }
         };
-        let recv_hdrs = sockets
-            .iter()
-            .map(|_| {
+        let recv_hdrs = (0..sockets.len())
+            .map(|i| {
                 // SAFETY: an all-zero msghdr is valid; only the lengths matter to the kernel
                 // for multishot recvmsg (the name and control areas live in each buffer).
                 let mut hdr: libc::msghdr = unsafe { zeroed() };
                 hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-                hdr.msg_controllen = if gro { GRO_CONTROL_LEN } else { 0 };
+                let pktinfo = pktinfo.get(i).copied().unwrap_or(false);
+                hdr.msg_controllen = recv_control_len(gro, pktinfo);
                 hdr
             })
             .collect();
@@ -944,12 +1067,14 @@ impl Ring {
                 let payload = out.payload_data();
                 let offset = payload.as_ptr() as usize - buffer.as_ptr() as usize;
                 let payload = buffer.get(offset..offset + payload.len());
+                let control = read_control(out.control_data());
                 match (read_sockaddr(out.name_data()), payload) {
                     (Some(from), Some(payload)) => Ok(Datagram {
                         from,
+                        local: control.local,
                         payload,
                         offset,
-                        segment_size: gro_segment_size(out.control_data()),
+                        segment_size: control.segment_size,
                     }),
                     _ => Err(RecvProblem::Undecodable),
                 }
@@ -986,7 +1111,9 @@ impl Ring {
     }
 
     /// Queues one send of `segments` (received datagrams of `len` bytes each, in their
-    /// receive buffers, not copied) to `to` on socket `socket`. With more than one segment it
+    /// receive buffers, not copied) to `to` on socket `socket`, from source address `src` if
+    /// set (an `IP_PKTINFO` or `IPV6_PKTINFO` control message; only for a socket on a wildcard
+    /// address). With more than one segment it
     /// is a UDP GSO send: one system-level send, split by the kernel into `len`-byte
     /// datagrams. Each segment brings one reference to its buffer ([`retain`](Self::retain)),
     /// which the send's [`finish_send`](Self::finish_send) gives back. Returns false (and the
@@ -999,6 +1126,7 @@ impl Ring {
         segments: &[Segment],
         len: usize,
         to: SocketAddr,
+        src: Option<IpAddr>,
     ) -> Result<bool, UringError> {
         let n = segments.len();
         if n > MAX_SEGMENTS {
@@ -1021,17 +1149,20 @@ impl Ring {
         s.segments = n;
         s.zero_copy = self.zero_copy_min.is_some_and(|min| n * len >= min);
         self.slab.free.pop();
-        let gso = (n > 1).then_some(len);
-        self.submit_send(socket, slot, to, n, gso)
+        // Lossless: a GSO send carries at most MAX_GSO_BYTES, so its segments are shorter.
+        let gso = (n > 1).then_some(len as u16);
+        self.submit_send(socket, slot, to, n, gso, src)
     }
 
-    /// Queues a send of a copy of `bytes` to `to` on socket `socket`. Returns false if every
-    /// send slot is in use.
+    /// Queues a send of a copy of `bytes` to `to` on socket `socket`, from source address
+    /// `src` if set (as for [`send_forward`](Self::send_forward)). Returns false if every send
+    /// slot is in use.
     pub fn send_reply(
         &mut self,
         socket: usize,
         bytes: &[u8],
         to: SocketAddr,
+        src: Option<IpAddr>,
     ) -> Result<bool, UringError> {
         let Some(slot) = self.slab.free.pop() else {
             return Ok(false);
@@ -1046,18 +1177,20 @@ impl Ring {
         s.nbids = 0;
         s.segments = 1;
         s.zero_copy = false;
-        self.submit_send(socket, slot, to, 1, None)
+        self.submit_send(socket, slot, to, 1, None, src)
     }
 
-    /// Fills in slot `slot`'s message header (address, `iovs` iovecs, and a UDP_SEGMENT
-    /// control message when `gso` is set) and queues its `sendmsg`.
+    /// Fills in slot `slot`'s message header (address, `iovs` iovecs, and control messages:
+    /// UDP_SEGMENT when `gso` is set, the source address when `src` is) and queues its
+    /// `sendmsg`.
     fn submit_send(
         &mut self,
         socket: usize,
         slot: u32,
         to: SocketAddr,
         iovs: usize,
-        gso: Option<usize>,
+        gso: Option<u16>,
+        src: Option<IpAddr>,
     ) -> Result<bool, UringError> {
         let s = &mut self.slab.slots[slot as usize];
         s.addr = SockAddr::from(to);
@@ -1066,27 +1199,14 @@ impl Ring {
         s.hdr.msg_namelen = s.addr.len();
         s.hdr.msg_iov = s.iovs.as_mut_ptr();
         s.hdr.msg_iovlen = iovs;
-        match gso {
-            Some(size) => {
-                // SAFETY: CMSG_SPACE is a pure size computation.
-                let space = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as usize;
-                s.hdr.msg_control = s.control.as_mut_ptr().cast();
-                s.hdr.msg_controllen = space;
-                // SAFETY: msg_control points at `control` (32 bytes, 8-aligned), which holds
-                // CMSG_SPACE(2) = 24 bytes, so CMSG_FIRSTHDR is non-null and the header and its
-                // u16 payload fit.
-                unsafe {
-                    let cmsg = libc::CMSG_FIRSTHDR(&s.hdr);
-                    (*cmsg).cmsg_level = libc::SOL_UDP;
-                    (*cmsg).cmsg_type = libc::UDP_SEGMENT;
-                    (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as usize;
-                    std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), size as u16);
-                }
-            }
-            None => {
-                s.hdr.msg_control = std::ptr::null_mut();
-                s.hdr.msg_controllen = 0;
-            }
+        if gso.is_none() && src.is_none() {
+            // A single datagram from a socket on a specific address: no control message.
+            s.hdr.msg_control = std::ptr::null_mut();
+            s.hdr.msg_controllen = 0;
+        } else {
+            let len = encode_control(&mut s.control.0, gso, src);
+            s.hdr.msg_control = s.control.0.as_mut_ptr().cast();
+            s.hdr.msg_controllen = len;
         }
         let hdr: *const libc::msghdr = &s.hdr;
         // Forwards point into the registered receive buffers: fixed buffer 0.
@@ -1289,32 +1409,142 @@ mod tests {
         out
     }
 
+    /// What `read_control` makes of `control`: the segment size and the local address.
+    fn read(control: &[u8]) -> (Option<usize>, Option<IpAddr>) {
+        let r = read_control(control);
+        (r.segment_size, r.local)
+    }
+
     #[test]
     fn the_gro_segment_size_is_read_from_its_control_message() {
         let gro = cmsg(libc::SOL_UDP, libc::UDP_GRO, &1200i32.to_ne_bytes());
         assert_eq!(gro.len(), GRO_CONTROL_LEN);
-        assert_eq!(gro_segment_size(&gro), Some(1200));
-        assert_eq!(gro_segment_size(&[]), None, "one datagram: no message");
-        assert_eq!(gro_segment_size(&[0; GRO_CONTROL_LEN]), None, "zeroed room");
+        assert_eq!(read(&gro), (Some(1200), None));
+        assert_eq!(read(&[]), (None, None), "one datagram: no message");
+        assert_eq!(read(&[0; GRO_CONTROL_LEN]), (None, None), "zeroed room");
         let other = cmsg(libc::SOL_IP, libc::IP_TTL, &64i32.to_ne_bytes());
+        assert_eq!(read(&[other.clone(), gro.clone()].concat()).0, Some(1200));
+        assert_eq!(read(&other), (None, None));
         assert_eq!(
-            gro_segment_size(&[other.clone(), gro.clone()].concat()),
-            Some(1200)
-        );
-        assert_eq!(gro_segment_size(&other), None);
-        assert_eq!(
-            gro_segment_size(&gro[..20]),
+            read(&gro[..20]).0,
             Some(1200),
             "the padding may be left out"
         );
-        assert_eq!(gro_segment_size(&gro[..19]), None, "cut short");
+        assert_eq!(read(&gro[..19]).0, None, "cut short");
         let zero = cmsg(libc::SOL_UDP, libc::UDP_GRO, &0i32.to_ne_bytes());
-        assert_eq!(gro_segment_size(&zero), None);
+        assert_eq!(read(&zero).0, None);
         let negative = cmsg(libc::SOL_UDP, libc::UDP_GRO, &(-5i32).to_ne_bytes());
-        assert_eq!(gro_segment_size(&negative), None);
+        assert_eq!(read(&negative).0, None);
         let mut huge = gro.clone();
         huge[..8].copy_from_slice(&usize::MAX.to_ne_bytes());
-        assert_eq!(gro_segment_size(&huge), None, "a length past the area");
+        assert_eq!(read(&huge).0, None, "a length past the area");
+    }
+
+    /// `struct in_pktinfo` as Linux lays it out: interface, `ipi_spec_dst`, `ipi_addr`.
+    fn in_pktinfo(ifindex: i32, spec_dst: [u8; 4], addr: [u8; 4]) -> Vec<u8> {
+        [&ifindex.to_ne_bytes()[..], &spec_dst, &addr].concat()
+    }
+
+    /// `struct in6_pktinfo` as Linux lays it out: `ipi6_addr`, interface.
+    fn in6_pktinfo(addr: Ipv6Addr, ifindex: u32) -> Vec<u8> {
+        [&addr.octets()[..], &ifindex.to_ne_bytes()].concat()
+    }
+
+    #[test]
+    fn the_destination_address_is_read_from_its_control_message() {
+        // The kernel's route back to the sender would leave from 198.19.1.1 (`ipi_spec_dst`);
+        // the datagram was sent to 198.18.1.1 (`ipi_addr`), which is the one that counts.
+        let v4 = cmsg(
+            libc::SOL_IP,
+            libc::IP_PKTINFO,
+            &in_pktinfo(3, [198, 19, 1, 1], [198, 18, 1, 1]),
+        );
+        assert_eq!(v4.len(), 32);
+        let far = IpAddr::from([198, 18, 1, 1]);
+        assert_eq!(read(&v4), (None, Some(far)));
+        let v6_addr: Ipv6Addr = "2001:db8:1::1".parse().unwrap();
+        let v6 = cmsg(libc::SOL_IPV6, libc::IPV6_PKTINFO, &in6_pktinfo(v6_addr, 3));
+        assert_eq!(v6.len(), PKTINFO_CONTROL_LEN);
+        assert_eq!(read(&v6), (None, Some(IpAddr::V6(v6_addr))));
+        // With UDP GRO, both messages, in either order.
+        let gro = cmsg(libc::SOL_UDP, libc::UDP_GRO, &1200i32.to_ne_bytes());
+        assert_eq!(
+            read(&[gro.clone(), v4.clone()].concat()),
+            (Some(1200), Some(far))
+        );
+        assert_eq!(
+            read(&[v6.clone(), gro.clone()].concat()),
+            (Some(1200), Some(IpAddr::V6(v6_addr)))
+        );
+        assert_eq!(
+            read(&[v4.clone(), gro[..19].to_vec()].concat()),
+            (None, Some(far)),
+            "what came before a message cut short stands"
+        );
+        assert_eq!(read(&v4[..27]), (None, None), "cut short");
+        // Addresses no datagram can leave from are not taken.
+        for bad in [[0, 0, 0, 0], [255, 255, 255, 255], [224, 0, 0, 1]] {
+            let m = cmsg(
+                libc::SOL_IP,
+                libc::IP_PKTINFO,
+                &in_pktinfo(3, [198, 19, 1, 1], bad),
+            );
+            assert_eq!(read(&m), (None, None), "{bad:?}");
+        }
+        for bad in [Ipv6Addr::UNSPECIFIED, "ff02::1".parse().unwrap()] {
+            let m = cmsg(libc::SOL_IPV6, libc::IPV6_PKTINFO, &in6_pktinfo(bad, 3));
+            assert_eq!(read(&m), (None, None), "{bad}");
+        }
+        // Right type, wrong level: not a destination address.
+        let wrong = cmsg(libc::SOL_IPV6, libc::IP_PKTINFO, &in6_pktinfo(v6_addr, 3));
+        assert_eq!(read(&wrong), (None, None));
+    }
+
+    #[test]
+    fn a_send_names_its_segment_size_and_source_in_control_messages() {
+        let mut out = [0xaa; SEND_CONTROL_LEN];
+        assert_eq!(encode_control(&mut out, None, None), 0, "nothing to say");
+
+        let n = encode_control(&mut out, Some(1200), None);
+        assert_eq!(
+            out[..n],
+            cmsg(libc::SOL_UDP, libc::UDP_SEGMENT, &1200u16.to_ne_bytes())[..]
+        );
+
+        let v4 = IpAddr::from([198, 18, 1, 1]);
+        let n = encode_control(&mut out, None, Some(v4));
+        let want = cmsg(
+            libc::SOL_IP,
+            libc::IP_PKTINFO,
+            &in_pktinfo(0, [198, 18, 1, 1], [0; 4]),
+        );
+        assert_eq!(out[..n], want[..], "ipi_spec_dst names the source");
+
+        let v6: Ipv6Addr = "2001:db8:1::1".parse().unwrap();
+        let n = encode_control(&mut out, Some(600), Some(IpAddr::V6(v6)));
+        assert_eq!(n, SEND_CONTROL_LEN, "the area holds both messages");
+        let want = [
+            cmsg(libc::SOL_UDP, libc::UDP_SEGMENT, &600u16.to_ne_bytes()),
+            cmsg(libc::SOL_IPV6, libc::IPV6_PKTINFO, &in6_pktinfo(v6, 0)),
+        ]
+        .concat();
+        assert_eq!(out[..n], want[..]);
+        // What a send writes, a receive reads back.
+        assert_eq!(read(&out[..n]).1, Some(IpAddr::V6(v6)));
+    }
+
+    #[test]
+    fn a_wildcard_socket_leaves_room_for_the_destination_address() {
+        assert_eq!(recv_control_len(false, false), 0);
+        assert_eq!(recv_control_len(true, false), GRO_CONTROL_LEN);
+        assert_eq!(
+            recv_control_len(true, true),
+            GRO_CONTROL_LEN + PKTINFO_CONTROL_LEN
+        );
+        assert_eq!(
+            recv_payload_room(2048, false, false) - recv_payload_room(2048, false, true),
+            PKTINFO_CONTROL_LEN
+        );
     }
 
     #[test]
@@ -1324,6 +1554,7 @@ mod tests {
         let from: SocketAddr = "198.18.0.1:9".parse().unwrap();
         let at = |payload: &'static [u8], segment_size| Datagram {
             from,
+            local: None,
             payload,
             offset: 160,
             segment_size,

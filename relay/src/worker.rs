@@ -13,7 +13,7 @@
 //! allocation happens per received datagram.
 
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,12 +32,16 @@ use crate::uring::{
 
 /// What the worker asks about each datagram.
 pub trait PacketHandler: Send {
-    /// Decides what to do with `datagram` from `from`; replies go into `reply`.
+    /// Decides what to do with `datagram` from `from`, sent to the relay's address `local`
+    /// (known on a socket bound to a wildcard address, `None` on one bound to a specific
+    /// address); replies go into `reply`. Each send the outcome asks for names its source
+    /// address, which the worker passes to the kernel (`IP_PKTINFO` / `IPV6_PKTINFO`).
     fn handle(
         &mut self,
         now: Instant,
         wall: UnixTime,
         from: SocketAddr,
+        local: Option<IpAddr>,
         datagram: &[u8],
         reply: &mut [u8],
     ) -> Outcome;
@@ -63,7 +67,7 @@ pub struct WorkerStats {
     /// Bytes of those datagrams.
     pub tx_bytes: AtomicU64,
     /// Datagrams longer than a receive buffer has room for ([`recv_payload_room`] of
-    /// [`RECV_BUF_SIZE`]: 1904 bytes; with UDP GRO the buffers hold any UDP datagram, so this
+    /// [`RECV_BUF_SIZE`]: 1904 bytes, 1864 on a socket bound to a wildcard address; with UDP GRO the buffers hold any UDP datagram, so this
     /// stays 0), and so longer than [`MAX_DATAGRAM`]: malformed by rule
     /// `too_long` (protocol.md §2.1), cut short by the kernel and dropped without reaching the
     /// handler. [`WorkerStats::add_to_session_counters`] adds them to the session
@@ -237,14 +241,25 @@ pub const RECV_BUF_SIZE: usize = 2048;
 
 // A datagram cut short by the kernel is longer than the room in a buffer, and so, by this, longer
 // than MAX_DATAGRAM: counting it as `too_long` is right.
-const _: () = assert!(recv_payload_room(RECV_BUF_SIZE, false) >= MAX_DATAGRAM);
+const _: () = assert!(recv_payload_room(RECV_BUF_SIZE, false, true) >= MAX_DATAGRAM);
 
 /// Receive buffer size with UDP GRO: room for the kernel's header, a full source address, the
-/// `UDP_GRO` control message and the largest coalesced receive (64 KiB, the kernel's limit for
+/// `UDP_GRO` and destination address control messages and the largest coalesced receive (64 KiB, the kernel's limit for
 /// one GRO packet), so a coalesced receive is never cut short.
 pub const GRO_RECV_BUF_SIZE: usize = 68 << 10;
 
-const _: () = assert!(recv_payload_room(GRO_RECV_BUF_SIZE, true) >= 1 << 16);
+const _: () = assert!(recv_payload_room(GRO_RECV_BUF_SIZE, true, true) >= 1 << 16);
+
+/// Makes `socket`, bound to the wildcard address `addr`, tell the destination address of each
+/// datagram it receives (`IP_PKTINFO`, `IPV6_RECVPKTINFO`): the relay answers and forwards to
+/// a peer from the address the peer sends to, which on a host with several addresses is not
+/// always the one the kernel's route would pick.
+pub fn set_pktinfo(socket: &impl AsRawFd, addr: SocketAddr) -> io::Result<()> {
+    match addr {
+        SocketAddr::V4(_) => set_int_option(socket, libc::SOL_IP, libc::IP_PKTINFO, 1),
+        SocketAddr::V6(_) => set_int_option(socket, libc::SOL_IPV6, libc::IPV6_RECVPKTINFO, 1),
+    }
+}
 
 /// Turns UDP GRO on (`on`) or off for `socket`.
 fn set_gro(socket: &UdpSocket, on: bool) -> io::Result<()> {
@@ -489,6 +504,14 @@ pub fn run_worker<H: PacketHandler>(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let fds = sockets.iter().map(AsRawFd::as_raw_fd).collect();
+    // Sockets on a wildcard address learn each datagram's destination address; on a
+    // specific one it is the socket's own, and nothing changes.
+    let pktinfo: Vec<bool> = cfg.listen.iter().map(|a| a.ip().is_unspecified()).collect();
+    for (socket, &addr) in sockets.iter().zip(&cfg.listen) {
+        if addr.ip().is_unspecified() {
+            set_pktinfo(socket, addr).map_err(|source| WorkerError::Bind { addr, source })?;
+        }
+    }
     let v4_socket = cfg.listen.iter().position(|a| a.is_ipv4());
     let v6_socket = cfg.listen.iter().position(|a| a.is_ipv6());
     let gro = cfg.gro
@@ -509,7 +532,15 @@ pub fn run_worker<H: PacketHandler>(
         true => (cfg.gro_buffers, GRO_RECV_BUF_SIZE),
         false => (cfg.buffers, RECV_BUF_SIZE),
     };
-    let mut ring = Ring::new(cfg.ring_entries, buffers, buf_size, cfg.sends, fds, gro)?;
+    let mut ring = Ring::new(
+        cfg.ring_entries,
+        buffers,
+        buf_size,
+        cfg.sends,
+        fds,
+        gro,
+        &pktinfo,
+    )?;
     if cfg.zero_copy_min.is_some() {
         match ring.set_zero_copy_min(cfg.zero_copy_min) {
             false => tracing::warn!("the kernel lacks SEND_ZC for sendmsg; forwarding with copies"),
@@ -535,6 +566,7 @@ pub fn run_worker<H: PacketHandler>(
         gso: cfg.gso,
         socket: 0,
         to: SocketAddr::from(([0, 0, 0, 0], 0)),
+        src: None,
         len: 0,
         segments: Vec::with_capacity(MAX_SEGMENTS),
     };
@@ -634,7 +666,7 @@ pub fn run_worker<H: PacketHandler>(
                     &mut ring,
                     socket,
                     Some(&notice.datagram),
-                    notice.to,
+                    (notice.to, notice.src),
                     &mut batch,
                 )?;
             }
@@ -763,8 +795,8 @@ fn on_recv<H: PacketHandler>(
     let Some((bid, parsed)) = (unsafe { ring.datagram(cx.socket, cx.result, cx.flags) }) else {
         return Ok(());
     };
-    let (from, segments) = match parsed {
-        Ok(d) => (d.from, d.segments()),
+    let (from, local, segments) = match parsed {
+        Ok(d) => (d.from, d.local, d.segments()),
         Err(problem) => {
             match problem {
                 RecvProblem::Truncated => batch.rx_too_long += 1,
@@ -778,7 +810,16 @@ fn on_recv<H: PacketHandler>(
     for (offset, len) in segments {
         count += 1;
         on_datagram(
-            ring, handler, pending, &cx, from, bid, offset, len, reply, batch,
+            ring,
+            handler,
+            pending,
+            &cx,
+            (from, local),
+            bid,
+            offset,
+            len,
+            reply,
+            batch,
         )?;
     }
     batch.gro_receives += u64::from(count > 1);
@@ -787,14 +828,15 @@ fn on_recv<H: PacketHandler>(
 }
 
 /// Hands one received datagram (`len` bytes at `offset` of buffer `bid`, which the caller
-/// holds) to the handler and carries out the outcome.
+/// holds; from `from.0`, sent to `from.1` when the socket says) to the handler and carries
+/// out the outcome.
 #[allow(clippy::too_many_arguments)]
 fn on_datagram<H: PacketHandler>(
     ring: &mut Ring,
     handler: &mut H,
     pending: &mut PendingForwards,
     cx: &RecvCtx,
-    from: SocketAddr,
+    (from, local): (SocketAddr, Option<IpAddr>),
     bid: u16,
     offset: usize,
     len: usize,
@@ -811,27 +853,31 @@ fn on_datagram<H: PacketHandler>(
     };
     batch.rx_packets += 1;
     batch.rx_bytes += len as u64;
-    let outcome = handler.handle(cx.now, cx.wall, from, payload, reply);
+    let outcome = handler.handle(cx.now, cx.wall, from, local, payload, reply);
     let out_socket = |to: SocketAddr| out_socket(cx.v4_socket, cx.v6_socket, to);
     match outcome {
-        Outcome::Forward { to } => match out_socket(to) {
+        Outcome::Forward { to, src } => match out_socket(to) {
             Some(socket) if ring.retain(bid) => {
-                pending.add(ring, socket, to, len, Segment { bid, offset }, batch)?;
+                let segment = Segment { bid, offset };
+                pending.add(ring, socket, (to, src), len, segment, batch)?;
             }
             _ => batch.tx_slots_full += 1,
         },
-        Outcome::Reply { to, len } => {
-            send_reply(ring, out_socket(to), reply.get(..len), to, batch)?;
+        Outcome::Reply { to, src, len } => {
+            send_reply(ring, out_socket(to), reply.get(..len), (to, src), batch)?;
         }
         Outcome::ReplyAndNotify {
             to,
+            src,
             len,
             notify,
+            notify_src,
             notice_len,
         } => {
-            send_reply(ring, out_socket(to), reply.get(..len), to, batch)?;
+            send_reply(ring, out_socket(to), reply.get(..len), (to, src), batch)?;
             let notice = reply.get(len..len.saturating_add(notice_len));
-            send_reply(ring, out_socket(notify), notice, notify, batch)?;
+            let dest = (notify, notify_src);
+            send_reply(ring, out_socket(notify), notice, dest, batch)?;
         }
         Outcome::Consumed | Outcome::Drop(_) => {}
     }
@@ -846,18 +892,19 @@ fn out_socket(v4_socket: Option<usize>, v6_socket: Option<usize>, to: SocketAddr
     }
 }
 
-/// Queues `bytes` for `to` from a send slot of `socket`; counts it as
+/// Queues `bytes` for `to.0` from a send slot of `socket`, from source address `to.1` if set;
+/// counts it as
 /// [`WorkerStats::tx_slots_full`] when no slot is free or no socket of its family is open
 /// (or, which the handler never does, when the outcome named bytes past the reply buffer).
 fn send_reply(
     ring: &mut Ring,
     socket: Option<usize>,
     bytes: Option<&[u8]>,
-    to: SocketAddr,
+    (to, src): (SocketAddr, Option<IpAddr>),
     batch: &mut BatchStats,
 ) -> Result<(), UringError> {
     let queued = match (socket, bytes) {
-        (Some(s), Some(bytes)) => ring.send_reply(s, bytes, to)?,
+        (Some(s), Some(bytes)) => ring.send_reply(s, bytes, to, src)?,
         _ => false,
     };
     if !queued {
@@ -892,12 +939,14 @@ impl SendFailure {
 }
 
 /// Forwards decided in this batch and not yet queued. Consecutive datagrams of one length for
-/// one destination leave as a single UDP GSO send: a bulk flow through the relay costs one
-/// send per batch instead of one per datagram.
+/// one destination from one source address leave as a single UDP GSO send: a bulk flow
+/// through the relay costs one send per batch instead of one per datagram.
 struct PendingForwards {
     gso: bool,
     socket: usize,
     to: SocketAddr,
+    /// The source address the datagrams leave from (a wildcard socket's), if set.
+    src: Option<IpAddr>,
     len: usize,
     segments: Vec<Segment>,
 }
@@ -907,7 +956,7 @@ impl PendingForwards {
         &mut self,
         ring: &mut Ring,
         socket: usize,
-        to: SocketAddr,
+        (to, src): (SocketAddr, Option<IpAddr>),
         len: usize,
         segment: Segment,
         batch: &mut BatchStats,
@@ -915,12 +964,13 @@ impl PendingForwards {
         let joins = self.gso
             && socket == self.socket
             && to == self.to
+            && src == self.src
             && len == self.len
             && self.segments.len() < MAX_SEGMENTS
             && (self.segments.len() + 1) * len <= MAX_GSO_BYTES;
         if !joins {
             self.flush(ring, batch)?;
-            (self.socket, self.to, self.len) = (socket, to, len);
+            (self.socket, self.to, self.src, self.len) = (socket, to, src, len);
         }
         self.segments.push(segment);
         if !self.gso {
@@ -933,7 +983,7 @@ impl PendingForwards {
         if self.segments.is_empty() {
             return Ok(());
         }
-        if ring.send_forward(self.socket, &self.segments, self.len, self.to)? {
+        if ring.send_forward(self.socket, &self.segments, self.len, self.to, self.src)? {
             batch.gso_sends += u64::from(self.segments.len() > 1);
         } else {
             batch.tx_slots_full += self.segments.len() as u64;
@@ -1064,7 +1114,8 @@ mod tests {
 
     #[test]
     fn a_receive_buffer_has_the_room_the_docs_state() {
-        assert_eq!(recv_payload_room(RECV_BUF_SIZE, false), 1904);
+        assert_eq!(recv_payload_room(RECV_BUF_SIZE, false, false), 1904);
+        assert_eq!(recv_payload_room(RECV_BUF_SIZE, false, true), 1864);
     }
 
     #[test]

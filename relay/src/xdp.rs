@@ -770,9 +770,11 @@ impl fmt::Display for FastPathStatus {
     }
 }
 
-/// Where the relay's io_uring workers send from to each address family: the first listen
-/// address of that family, as the workers pick their sending socket. The fast path sends from
-/// the same address and port, so a peer cannot tell which path a datagram took.
+/// Where the relay's io_uring workers send from to each address family: the listen address of
+/// that family (at most one each), as the workers pick their sending socket. On a wildcard
+/// address the workers send to each slot from the address it was bound through, which the
+/// session's events carry (see [`entry`]). The fast path sends from the same address and port,
+/// so a peer cannot tell which path a datagram took.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RelaySources {
     /// Datagrams to IPv4 peers.
@@ -906,8 +908,18 @@ impl SessionFilter {
             SessionEvent::Bound {
                 session,
                 slots,
+                locals,
                 budgets,
             } => {
+                let entry = entry(slots, locals, budgets, &self.sources, &self.clock);
+                if let Ok(old) = maps.sessions.get(&session, 0)
+                    && source_moved(&old, &entry)
+                {
+                    // A cached hop keeps the source its slot's datagrams left from; a slot
+                    // that stays at its address but is now sent to at another relay address
+                    // (a BIND again, through the other one) needs a fresh lookup.
+                    let _ = maps.hops.insert(session, FibCache::default(), 0);
+                }
                 match maps
                     .state
                     .insert(session, FastState::default(), BPF_NOEXIST)
@@ -923,11 +935,7 @@ impl SessionFilter {
                     Err(e) if exists(&e) => {}
                     Err(e) => return Err(e),
                 }
-                maps.sessions.insert(
-                    session,
-                    entry(slots, budgets, &self.sources, &self.clock),
-                    0,
-                )
+                maps.sessions.insert(session, entry, 0)
             }
             SessionEvent::Closed(id) => {
                 let entry = maps.sessions.remove(&id);
@@ -1131,24 +1139,42 @@ fn guard_addr(ip: IpAddr) -> [u8; 16] {
     }
 }
 
-/// The guard's map entry for a session whose slots are bound at `slots` with DATA byte budgets
-/// `budgets`, for a relay that sends from `sources`; times on the program's clock `clock`. A
-/// slot whose budget the fast path cannot express (see [`ByteBudget::new`]) gets a zero
-/// budget, and its DATA goes to the relay.
+/// Whether a slot bound in both `old` and `new`, at the same address, leaves from another
+/// relay address in `new`.
+fn source_moved(old: &SessionEntry, new: &SessionEntry) -> bool {
+    old.slots.iter().zip(&new.slots).any(|(o, n)| {
+        o.bound == 1
+            && n.bound == 1
+            && (o.addr, o.port) == (n.addr, n.port)
+            && (o.relay_addr_set, o.relay_addr) != (n.relay_addr_set, n.relay_addr)
+    })
+}
+
+/// The guard's map entry for a session whose slots are bound at `slots` through the relay
+/// addresses `locals` (those the workers know: on a wildcard listen address) with DATA byte
+/// budgets `budgets`, for a relay that sends from `sources`; times on the program's clock
+/// `clock`. DATA to a slot leaves from its local address when known, else from the listen
+/// address of its family; only when that is a wildcard and the slot's local address unknown
+/// does the fast path let the FIB pick the source. A slot whose budget the fast path cannot
+/// express (see [`ByteBudget::new`]) gets a zero budget, and its DATA goes to the relay.
 pub fn entry(
     slots: [Option<SocketAddr>; 2],
+    locals: [Option<IpAddr>; 2],
     budgets: [Option<SlotBudget>; 2],
     sources: &RelaySources,
     clock: &KernelClock,
 ) -> SessionEntry {
-    let slot = |(addr, budget): (Option<SocketAddr>, Option<SlotBudget>)| match addr {
+    let slot = |i: usize| match slots[i] {
         Some(addr) => {
             let source = sources.for_peer(addr);
-            let (relay_addr, relay_addr_set) = match source {
-                Some(s) if !s.ip().is_unspecified() => (guard_addr(s.ip()), 1),
+            // A local address of the other family (which a worker never records) is ignored.
+            let local = locals[i].filter(|l| source.is_some_and(|s| s.is_ipv4() == l.is_ipv4()));
+            let relay_ip = local.or(source.map(|s| s.ip()));
+            let (relay_addr, relay_addr_set) = match relay_ip {
+                Some(ip) if !ip.is_unspecified() => (guard_addr(ip), 1),
                 _ => ([0; 16], 0),
             };
-            let (rate, since, fresh, previous) = budget.map_or((0, 0, 0, 0), |b| {
+            let (rate, since, fresh, previous) = budgets[i].map_or((0, 0, 0, 0), |b| {
                 (
                     b.rate,
                     clock.ns(b.set_at),
@@ -1175,7 +1201,7 @@ pub fn entry(
         None => BoundSlot::default(),
     };
     SessionEntry {
-        slots: [(slots[0], budgets[0]), (slots[1], budgets[1])].map(slot),
+        slots: [slot(0), slot(1)],
     }
 }
 

@@ -21,7 +21,15 @@ use io_uring::types::Timespec;
 
 /// A ring on `socket`; `None` when io_uring is unavailable and skipping is allowed.
 fn ring_on(socket: &UdpSocket) -> Option<Ring> {
-    match Ring::new(256, 256, 2048, 256, vec![socket.as_raw_fd()], false) {
+    match Ring::new(
+        256,
+        256,
+        2048,
+        256,
+        vec![socket.as_raw_fd()],
+        false,
+        &[false],
+    ) {
         Ok(ring) => Some(ring),
         Err(e) => {
             skip::skip("ring shutdown test", format!("io_uring unavailable: {e}"));
@@ -63,7 +71,7 @@ fn pump(
                             let segment = Segment { bid, offset };
                             match forward_to {
                                 Some(to) => {
-                                    if ring.send_forward(0, &[segment], len, to).unwrap() {
+                                    if ring.send_forward(0, &[segment], len, to, None).unwrap() {
                                         queued += 1;
                                     } else {
                                         ring.give_back(bid);
@@ -153,11 +161,11 @@ fn busy_ring(rx: &UdpSocket, sink: SocketAddr) -> Option<(Ring, Flood)> {
     }
     // Replies too (never zero copy), submitted, with their completions left unreaped.
     for _ in 0..8 {
-        assert!(ring.send_reply(0, b"Rreply", flood.from).unwrap());
+        assert!(ring.send_reply(0, b"Rreply", flood.from, None).unwrap());
     }
     ring.submit_and_wait(0, &Timespec::new()).unwrap();
     for _ in 0..4 {
-        assert!(ring.send_reply(0, b"Rqueued", flood.from).unwrap());
+        assert!(ring.send_reply(0, b"Rqueued", flood.from, None).unwrap());
     }
     assert!(forwards > 0);
     assert_eq!(ring.recvs_armed(), 1);
@@ -267,7 +275,7 @@ fn a_send_blocked_on_a_full_socket_buffer_is_cancelled_and_drained() {
     ring.arm_recv(0).unwrap();
     let to = sink.local_addr().unwrap();
     for _ in 0..16 {
-        assert!(ring.send_reply(0, &[0x52; 1000], to).unwrap());
+        assert!(ring.send_reply(0, &[0x52; 1000], to, None).unwrap());
     }
     let started = Instant::now();
     let mut keep = Vec::new();
@@ -325,7 +333,7 @@ fn a_zero_copy_send_the_network_still_holds_is_leaked_not_freed() {
     }
     let to = sink.local_addr().unwrap();
     for &(segment, len) in &keep {
-        assert!(ring.send_forward(0, &[segment], len, to).unwrap());
+        assert!(ring.send_forward(0, &[segment], len, to, None).unwrap());
     }
     let started = Instant::now();
     let mut more = Vec::new();

@@ -46,14 +46,15 @@ fn peers_bind_handshake_and_talk_through_a_socket_relay() {
                     continue;
                 };
                 let wall = UnixTime::from(SystemTime::now());
-                match sessions.handle(Instant::now(), wall, from, &buf[..n], &mut reply) {
-                    Outcome::Forward { to } => drop(socket.send_to(&buf[..n], to)),
-                    Outcome::Reply { to, len } => drop(socket.send_to(&reply[..len], to)),
+                match sessions.handle(Instant::now(), wall, from, None, &buf[..n], &mut reply) {
+                    Outcome::Forward { to, .. } => drop(socket.send_to(&buf[..n], to)),
+                    Outcome::Reply { to, len, .. } => drop(socket.send_to(&reply[..len], to)),
                     Outcome::ReplyAndNotify {
                         to,
                         len,
                         notify,
                         notice_len,
+                        ..
                     } => {
                         drop(socket.send_to(&reply[..len], to));
                         drop(socket.send_to(&reply[len..len + notice_len], notify));

@@ -4,7 +4,7 @@
 //! cannot work turns GSO off).
 #![allow(clippy::unwrap_used)] // a test: a failed unwrap fails the test
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -153,8 +153,8 @@ fn oversized_datagrams_are_malformed_too_long(ip: &str, gro: bool) {
         return;
     };
     let room = match gro {
-        false => recv_payload_room(RECV_BUF_SIZE, false),
-        true => recv_payload_room(GRO_RECV_BUF_SIZE, true),
+        false => recv_payload_room(RECV_BUF_SIZE, false, false),
+        true => recv_payload_room(GRO_RECV_BUF_SIZE, true, false),
     };
     assert!(
         gro || (1500..1999).contains(&room),
@@ -243,13 +243,18 @@ impl PacketHandler for ForwardHandler {
         _now: Instant,
         _wall: UnixTime,
         _from: SocketAddr,
+        _local: Option<IpAddr>,
         datagram: &[u8],
         _reply: &mut [u8],
     ) -> Outcome {
         match datagram.first() {
-            Some(b'F') => Outcome::Forward { to: self.sink },
+            Some(b'F') => Outcome::Forward {
+                to: self.sink,
+                src: None,
+            },
             Some(b'U') => Outcome::Forward {
                 to: LOOPBACK_BROADCAST.parse().unwrap(),
+                src: None,
             },
             _ => Outcome::Drop(DropReason::Malformed),
         }
@@ -492,6 +497,7 @@ impl PacketHandler for Stalling {
         _now: Instant,
         _wall: UnixTime,
         _from: SocketAddr,
+        _local: Option<IpAddr>,
         _datagram: &[u8],
         _reply: &mut [u8],
     ) -> Outcome {

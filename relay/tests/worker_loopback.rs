@@ -1,8 +1,9 @@
 //! The io_uring worker on loopback: zero-copy forwards, replies, oversized datagrams, both
-//! address families, two workers on one port, and a prompt stop.
+//! address families, two workers on one port, a wildcard listen address answering from the
+//! address each peer sends to, and a prompt stop.
 #![allow(clippy::unwrap_used)] // a test: a failed unwrap fails the test
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -11,11 +12,13 @@ use ferry_core::time::UnixTime;
 use ferry_relay::session::{DropReason, Notice, Outcome};
 use ferry_relay::worker::{PacketHandler, WorkerConfig, WorkerError, WorkerStats, run_worker};
 
-/// 'F…' is forwarded to `sink`, 'R…' answered with its bytes reversed, 'S…' holds the worker
-/// for 50 ms (so that datagrams queue up behind it) and is dropped, 'H…' holds it until the
-/// test opens `gate` (at most 10 s) and is dropped, anything else dropped.
+/// 'F…' is forwarded to `sink` (from `sink_src`), 'R…' answered with its bytes reversed (from
+/// the address it was sent to), 'S…' holds the worker for 50 ms (so that datagrams queue up
+/// behind it) and is dropped, 'H…' holds it until the test opens `gate` (at most 10 s) and is
+/// dropped, anything else dropped.
 struct TestHandler {
     sink: SocketAddr,
+    sink_src: Option<IpAddr>,
     gate: Arc<Gate>,
 }
 
@@ -56,17 +59,25 @@ impl PacketHandler for TestHandler {
         _now: Instant,
         _wall: UnixTime,
         from: SocketAddr,
+        local: Option<IpAddr>,
         datagram: &[u8],
         reply: &mut [u8],
     ) -> Outcome {
         match datagram.first() {
-            Some(b'F') => Outcome::Forward { to: self.sink },
+            Some(b'F') => Outcome::Forward {
+                to: self.sink,
+                src: self.sink_src,
+            },
             Some(b'R') => {
                 let n = datagram.len();
                 for (i, b) in datagram.iter().rev().enumerate() {
                     reply[i] = *b;
                 }
-                Outcome::Reply { to: from, len: n }
+                Outcome::Reply {
+                    to: from,
+                    src: local,
+                    len: n,
+                }
             }
             Some(b'S') => {
                 std::thread::sleep(Duration::from_millis(50));
@@ -119,6 +130,16 @@ fn start_with(
     sink: SocketAddr,
     configure: impl FnOnce(&mut WorkerConfig),
 ) -> Option<Running> {
+    start_from(listen, (sink, None), configure)
+}
+
+/// Starts a worker that forwards to `sink.0` from source address `sink.1`.
+fn start_from(
+    listen: Vec<SocketAddr>,
+    sink: (SocketAddr, Option<IpAddr>),
+    configure: impl FnOnce(&mut WorkerConfig),
+) -> Option<Running> {
+    let (sink, sink_src) = sink;
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(WorkerStats::default());
     let gate = Arc::new(Gate::default());
@@ -133,6 +154,7 @@ fn start_with(
     let (tx, rx) = std::sync::mpsc::channel();
     let handler = TestHandler {
         sink,
+        sink_src,
         gate: Arc::clone(&gate),
     };
     let thread = std::thread::spawn(move || {
@@ -262,6 +284,86 @@ fn forwards_and_replies_over_ipv4() {
 #[test]
 fn forwards_and_replies_over_ipv6() {
     roundtrip("[::1]");
+}
+
+/// On a wildcard listen address the worker learns where each datagram was sent and sends from
+/// there: peers on connected sockets (which take datagrams only from the address they are
+/// connected to) hear from the relay address each talks to, not from the one the kernel's
+/// route back would pick (127.0.0.1 for every address of 127.0.0.0/8). Forwards in bursts
+/// leave as GSO sends carrying the source too.
+#[test]
+fn a_wildcard_worker_sends_from_the_address_each_peer_sends_to() {
+    let port = free_port("127.0.0.1");
+    let listen: SocketAddr = format!("0.0.0.0:{port}").parse().unwrap();
+    let relay_at = |last: u8| SocketAddr::from(([127, 0, 0, last], port));
+    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sink.connect(relay_at(3)).unwrap();
+    sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let sink_src = Some(relay_at(3).ip());
+    let Some(worker) = start_from(vec![listen], (sink.local_addr().unwrap(), sink_src), |_| {})
+    else {
+        return;
+    };
+    let mut buf = vec![0u8; 4096];
+    for last in [2u8, 4] {
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.connect(relay_at(last)).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        client.send(b"Rhello").unwrap();
+        let n = client
+            .recv(&mut buf)
+            .expect("the answer, from 127.0.0.x it was sent to");
+        assert_eq!(&buf[..n], b"ollehR");
+        for round in 0..20u8 {
+            for i in 0..16u8 {
+                client.send(&[b'F', round, i, 0, 0, 0, 0, 0]).unwrap();
+            }
+            for i in 0..16u8 {
+                let n = sink.recv(&mut buf).expect("forwarded from 127.0.0.3");
+                assert_eq!(&buf[..n], &[b'F', round, i, 0, 0, 0, 0, 0]);
+            }
+        }
+    }
+    let stats = worker.stop();
+    assert_eq!(stats.tx_errors.load(Ordering::Relaxed), 0);
+    assert_eq!(stats.tx_packets.load(Ordering::Relaxed), 2 + 2 * 20 * 16);
+}
+
+/// The same over IPv6, where loopback has one address: the worker reads the destination from
+/// `IPV6_PKTINFO` and sends from it.
+#[test]
+fn a_wildcard_ipv6_worker_answers_from_the_address_it_was_sent_to() {
+    let port = free_port("[::1]");
+    let listen: SocketAddr = format!("[::]:{port}").parse().unwrap();
+    let relay: SocketAddr = format!("[::1]:{port}").parse().unwrap();
+    let sink = UdpSocket::bind("[::1]:0").unwrap();
+    sink.connect(relay).unwrap();
+    sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let sink_src = Some(relay.ip());
+    let Some(worker) = start_from(vec![listen], (sink.local_addr().unwrap(), sink_src), |_| {})
+    else {
+        return;
+    };
+    let client = UdpSocket::bind("[::1]:0").unwrap();
+    client.connect(relay).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    client.send(b"Rsix").unwrap();
+    let n = client.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"xisR");
+    for i in 0..32u8 {
+        client.send(&[b'F', i, 0, 0]).unwrap();
+    }
+    for i in 0..32u8 {
+        let n = sink.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], &[b'F', i, 0, 0]);
+    }
+    let stats = worker.stop();
+    assert_eq!(stats.tx_errors.load(Ordering::Relaxed), 0);
 }
 
 #[test]

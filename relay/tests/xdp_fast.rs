@@ -144,6 +144,7 @@ impl Bench {
         self.filter.session_event(SessionEvent::Bound {
             session: SID,
             slots: [a, b],
+            locals: [None, None],
             budgets: [a, b].map(|slot| {
                 slot.map(|_| SlotBudget {
                     rate,

@@ -762,6 +762,7 @@ fn the_session_filter_drops_datagrams_for_sessions_the_relay_does_not_hold() {
     filter.session_event(SessionEvent::Bound {
         session: sid,
         slots: [Some(a), None],
+        locals: [None, None],
         budgets: [None, None],
     });
     assert!(filter.contains(sid));
@@ -834,6 +835,7 @@ fn data_and_keepalives_for_a_held_session_pass_only_from_its_bound_slots() {
     filter.session_event(SessionEvent::Bound {
         session: sid,
         slots: [Some(a), Some(b)],
+        locals: [None, None],
         budgets: [None, None],
     });
     let entry = filter.get(sid).unwrap();
@@ -902,6 +904,7 @@ fn data_and_keepalives_for_a_held_session_pass_only_from_its_bound_slots() {
     filter.session_event(SessionEvent::Bound {
         session: sid,
         slots: [Some("198.18.0.9:5000".parse().unwrap()), Some(b)],
+        locals: [None, None],
         budgets: [None, None],
     });
     expect(
@@ -922,6 +925,7 @@ fn data_and_keepalives_for_a_held_session_pass_only_from_its_bound_slots() {
     filter.session_event(SessionEvent::Bound {
         session: sid,
         slots: [Some("198.18.0.9:5000".parse().unwrap()), None],
+        locals: [None, None],
         budgets: [None, None],
     });
     expect(

@@ -7,7 +7,8 @@
 //! - [`peers`]: two peers of one session, bound and through their Noise handshake.
 //! - [`gateway`]: a real `ferry-gateway` process over HTTPS with a test CA, stopped on drop.
 //! - [`relay`]: a real `ferry-relay` process with a generated config, stopped on drop.
-//! - [`netns`]: two network namespaces joined by a veth pair, removed on drop.
+//! - [`netns`]: two network namespaces joined by a veth pair (or three in a row, the relay
+//!   between two networks), removed on drop.
 //! - [`hop`]: an on-path UDP hop that impairs (loss, reordering, delay), injects and replays.
 //! - [`metrics`]: samples of a Prometheus page and a minimal HTTP GET for admin listeners.
 //! - [`process`]: a signal to one child process, and a stop with SIGTERM, then SIGKILL.

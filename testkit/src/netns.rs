@@ -163,6 +163,166 @@ impl Drop for Topology {
     }
 }
 
+/// Three namespaces in a row, the relay's host between two networks, as a router: a
+/// *generator* side and a *sink* side, each joined to the relay's namespace by a veth pair,
+/// with forwarding on in the relay's namespace and a default route through the relay on
+/// either side. The relay's host thus has two addresses per family, one on each side, and a
+/// peer on either side can reach both: sent to the far one, a datagram crosses to it through
+/// the relay's near interface, and the kernel's route back leaves from the near address.
+///
+/// Generator side: relay 198.18.`net`.1/24 and 2001:db8:`net`::1/64, hosts .2 … .9.
+/// Sink side: relay 198.19.`net`.1/24 and 2001:db8:`net`:1::1/64, hosts .2 … .9.
+/// Every namespace (and with them the veth pairs) is removed on drop.
+#[derive(Debug)]
+pub struct TwoSided {
+    /// The relay's namespace.
+    pub relay_ns: String,
+    /// The generator side's namespace.
+    pub gen_ns: String,
+    /// The sink side's namespace.
+    pub sink_ns: String,
+    /// The third octet (and third IPv6 group) of every address of this topology.
+    pub net: u8,
+    /// The relay's veth toward the generator side.
+    pub relay_gen_if: String,
+    /// The generator side's veth.
+    pub gen_if: String,
+    /// The relay's veth toward the sink side.
+    pub relay_sink_if: String,
+    /// The sink side's veth.
+    pub sink_if: String,
+}
+
+/// A side of a [`TwoSided`] topology.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// 198.18.`net`.0/24, 2001:db8:`net`::/64.
+    Gen,
+    /// 198.19.`net`.0/24, 2001:db8:`net`:1::/64.
+    Sink,
+}
+
+impl TwoSided {
+    /// Creates the namespaces, the veth pairs, the addresses and routes, and turns forwarding
+    /// on in the relay's namespace.
+    pub fn new() -> anyhow::Result<Self> {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let net = (pid.wrapping_mul(31).wrapping_add(n) % 200) as u8 + 10;
+        let name =
+            |prefix: &str| -> String { format!("{prefix}{pid}x{n}").chars().take(15).collect() };
+        let topo = Self {
+            relay_ns: format!("ferry-w-{pid}-{n}"),
+            gen_ns: format!("ferry-g-{pid}-{n}"),
+            sink_ns: format!("ferry-s-{pid}-{n}"),
+            net,
+            relay_gen_if: name("wg"),
+            gen_if: name("gw"),
+            relay_sink_if: name("ws"),
+            sink_if: name("sw"),
+        };
+        // From here on, dropping `topo` removes whatever was created.
+        for ns in [&topo.relay_ns, &topo.gen_ns, &topo.sink_ns] {
+            ip(&["netns", "add", ns])?;
+        }
+        let r = topo.relay_ns.as_str();
+        for side in [Side::Gen, Side::Sink] {
+            let (ns, relay_if, host_if) = topo.side(side);
+            ip(&[
+                "link", "add", relay_if, "type", "veth", "peer", "name", host_if,
+            ])?;
+            ip(&["link", "set", relay_if, "netns", r])?;
+            ip(&["link", "set", host_if, "netns", ns])?;
+            let v4 = format!("{}/24", topo.relay_v4(side));
+            ip(&["-n", r, "addr", "add", &v4, "dev", relay_if])?;
+            let v6 = format!("{}/64", topo.relay_v6(side));
+            ip(&["-n", r, "addr", "add", &v6, "dev", relay_if, "nodad"])?;
+            for host in 2..=9 {
+                let v4 = format!("{}/24", topo.host_v4(side, host));
+                ip(&["-n", ns, "addr", "add", &v4, "dev", host_if])?;
+                let v6 = format!("{}/64", topo.host_v6(side, host));
+                ip(&["-n", ns, "addr", "add", &v6, "dev", host_if, "nodad"])?;
+            }
+            for (ns, dev) in [(r, relay_if), (ns, host_if)] {
+                ip(&["-n", ns, "link", "set", "lo", "up"])?;
+                ip(&["-n", ns, "link", "set", dev, "up"])?;
+            }
+            let via4 = topo.relay_v4(side).to_string();
+            ip(&["-n", ns, "route", "add", "default", "via", &via4])?;
+            let via6 = topo.relay_v6(side).to_string();
+            ip(&["-n", ns, "-6", "route", "add", "default", "via", &via6])?;
+        }
+        for key in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+            &format!("net.ipv4.conf.{}.forwarding=1", topo.relay_gen_if),
+            &format!("net.ipv4.conf.{}.forwarding=1", topo.relay_sink_if),
+        ] {
+            let out = Command::new("ip")
+                .args(["netns", "exec", r, "sysctl", "-qw", key])
+                .output()
+                .context("running sysctl")?;
+            if !out.status.success() {
+                bail!(
+                    "sysctl {key}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+        Ok(topo)
+    }
+
+    /// The namespace of `side`, the relay's veth toward it and that side's veth.
+    pub fn side(&self, side: Side) -> (&str, &str, &str) {
+        match side {
+            Side::Gen => (&self.gen_ns, &self.relay_gen_if, &self.gen_if),
+            Side::Sink => (&self.sink_ns, &self.relay_sink_if, &self.sink_if),
+        }
+    }
+
+    fn octets(&self, side: Side) -> (u8, u16) {
+        match side {
+            Side::Gen => (18, 0),
+            Side::Sink => (19, 1),
+        }
+    }
+
+    /// The relay's IPv4 address on `side`.
+    pub fn relay_v4(&self, side: Side) -> Ipv4Addr {
+        self.host_v4(side, 1)
+    }
+
+    /// The relay's IPv6 address on `side`.
+    pub fn relay_v6(&self, side: Side) -> Ipv6Addr {
+        self.host_v6(side, 1)
+    }
+
+    /// Host `host` (1 is the relay, 2..=9 the side's) on `side`, IPv4.
+    pub fn host_v4(&self, side: Side, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(198, self.octets(side).0, self.net, host)
+    }
+
+    /// Host `host` (1 is the relay, 2..=9 the side's) on `side`, IPv6.
+    pub fn host_v6(&self, side: Side, host: u8) -> Ipv6Addr {
+        let group = self.octets(side).1;
+        Ipv6Addr::new(0x2001, 0xdb8, self.net.into(), group, 0, 0, 0, host.into())
+    }
+
+    /// A UDP socket bound to `addr` inside the namespace of `side`.
+    pub fn socket(&self, side: Side, addr: SocketAddr) -> anyhow::Result<UdpSocket> {
+        let ns = self.side(side).0;
+        in_ns(ns, || UdpSocket::bind(addr))?.with_context(|| format!("binding {addr} in {ns}"))
+    }
+}
+
+impl Drop for TwoSided {
+    fn drop(&mut self) {
+        for ns in [&self.gen_ns, &self.sink_ns, &self.relay_ns] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
 /// Runs `f` on a scratch thread that has joined namespace `ns`, and returns its result:
 /// sockets it opens stay in that namespace wherever they are used later.
 pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {

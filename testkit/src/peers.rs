@@ -25,6 +25,18 @@ pub fn peer_pair(
     socket_a: UdpSocket,
     socket_b: UdpSocket,
 ) -> anyhow::Result<(UdpPeer, UdpPeer)> {
+    peer_pair_via(auth, session_id, [relay, relay], socket_a, socket_b)
+}
+
+/// A [`peer_pair`] whose peers talk to the relay at different addresses: A at `relays[0]`, B
+/// at `relays[1]` (a relay with several addresses).
+pub fn peer_pair_via(
+    auth: &Authority,
+    session_id: u64,
+    relays: [SocketAddr; 2],
+    socket_a: UdpSocket,
+    socket_b: UdpSocket,
+) -> anyhow::Result<(UdpPeer, UdpPeer)> {
     let [id_a, id_b] = [
         PeerStaticKey::generate(&auth.rng)?,
         PeerStaticKey::generate(&auth.rng)?,
@@ -38,7 +50,7 @@ pub fn peer_pair(
     let initiator = Channel::initiator(&id_a, PeerExpectation::Pinned(pub_b), session_id, limits)?;
     let a = UdpPeer::new(
         socket_a,
-        relay,
+        relays[0],
         BindClient::new(
             session_id,
             Slot::A,
@@ -51,7 +63,7 @@ pub fn peer_pair(
     );
     let b = UdpPeer::new(
         socket_b,
-        relay,
+        relays[1],
         BindClient::new(
             session_id,
             Slot::B,

@@ -41,6 +41,8 @@ pub enum Input<'a> {
     Keepalive {
         /// The source address.
         from: SocketAddr,
+        /// The relay address it was sent to, when the socket said (the echo leaves from it).
+        local: Option<IpAddr>,
         /// The session the datagram names.
         session_id: u64,
     },
@@ -127,13 +129,20 @@ pub type Checked<'a> = Result<Input<'a>, Answered>;
 ///   a BIND-ACK under the slot's `K_relay` and binds nothing: only a relay holding the private
 ///   key the token's secret was sealed to can compute that MAC, which is what the probe checks.
 ///
-/// Replies are written into `reply`, which must hold at least [`wire::MAX_DATAGRAM`] bytes.
+/// `from` is the datagram's source and `local` the relay address it was sent to, when the
+/// socket said: the answers leave from it. Replies are written into `reply`, which must hold
+/// at least [`wire::MAX_DATAGRAM`] bytes.
+// `Answered` (an `Outcome` naming two destinations and their source addresses) is a little
+// over clippy's 128 bytes; boxing it would allocate for every CHALLENGE and every dropped
+// datagram of a flood, where moving it costs a few stores.
+#[allow(clippy::too_many_arguments, clippy::result_large_err)]
 pub fn check<'a, V: Deref<Target = TokenVerifier>>(
     cookies: &CookieJar,
     verifier: impl FnOnce() -> V,
     charge_bind: impl FnOnce(IpAddr) -> bool,
     wall: UnixTime,
     from: SocketAddr,
+    local: Option<IpAddr>,
     datagram: &'a [u8],
     reply: &mut [u8],
 ) -> Checked<'a> {
@@ -156,6 +165,7 @@ pub fn check<'a, V: Deref<Target = TokenVerifier>>(
     };
     let request = |session_id, slot, seq| Request {
         from,
+        local,
         session_id,
         slot,
         seq,
@@ -171,6 +181,7 @@ pub fn check<'a, V: Deref<Target = TokenVerifier>>(
         Packet::Keepalive(ka) => {
             return Ok(Input::Keepalive {
                 from,
+                local,
                 session_id: ka.session_id(),
             });
         }
@@ -236,7 +247,14 @@ pub fn check<'a, V: Deref<Target = TokenVerifier>>(
         };
         return Err(
             match wire::encode_bind_ack(reply, req.session_id, &fields, |m| keys.relay.mac(m)) {
-                Ok(len) => answered(Outcome::Reply { to: req.from, len }, Tally::Probed),
+                Ok(len) => {
+                    let outcome = Outcome::Reply {
+                        to: req.from,
+                        src: req.local,
+                        len,
+                    };
+                    answered(outcome, Tally::Probed)
+                }
                 Err(_) => answered(Outcome::Consumed, Tally::Probed),
             },
         );
@@ -264,7 +282,11 @@ fn challenge(cookies: &CookieJar, wall: UnixTime, req: &Request, reply: &mut [u8
         cookie,
     };
     match wire::encode_challenge(reply, req.session_id, &fields) {
-        Ok(len) => Outcome::Reply { to: req.from, len },
+        Ok(len) => Outcome::Reply {
+            to: req.from,
+            src: req.local,
+            len,
+        },
         Err(_) => Outcome::Consumed,
     }
 }

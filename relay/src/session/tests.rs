@@ -33,6 +33,9 @@ struct Fixture {
     reply: Vec<u8>,
     /// What the reaper told peers, oldest first.
     notices: Vec<Notice>,
+    /// The relay address every datagram is sent to, as a wildcard socket would tell it
+    /// (`None`: a socket on a specific address).
+    local: Option<IpAddr>,
     rng: SystemRandom,
 }
 
@@ -56,6 +59,7 @@ impl Fixture {
             now: Instant::now(),
             reply: vec![0; MAX_DATAGRAM],
             notices: Vec::new(),
+            local: None,
             rng,
         }
     }
@@ -87,6 +91,7 @@ impl Fixture {
             |ip| ips.try_bind_attempt(ip, now).is_ok(),
             wall,
             from,
+            self.local,
             datagram,
             &mut self.reply,
         );
@@ -194,8 +199,8 @@ fn two_peers_bind_and_data_is_forwarded_both_ways() {
     let (a, b) = (v4(1, 1000), v4(2, 2000));
     f.bound_pair(a, b);
     let data = f.data(SID);
-    assert_eq!(f.send(a, &data), Outcome::Forward { to: b });
-    assert_eq!(f.send(b, &data), Outcome::Forward { to: a });
+    assert_eq!(f.send(a, &data), Outcome::Forward { to: b, src: None });
+    assert_eq!(f.send(b, &data), Outcome::Forward { to: a, src: None });
     assert_eq!(f.counters().forwarded, 2);
     assert_eq!(f.counters().binds_accepted, 2);
     assert_eq!(f.counters().challenges, 2);
@@ -213,7 +218,10 @@ fn ipv6_peers_bind_and_forward() {
         2000,
     );
     f.bound_pair(a, b);
-    assert_eq!(f.send(a, &f.data(SID)), Outcome::Forward { to: b });
+    assert_eq!(
+        f.send(a, &f.data(SID)),
+        Outcome::Forward { to: b, src: None }
+    );
 }
 
 #[test]
@@ -399,8 +407,8 @@ fn rebind_moves_the_slot_only_with_proof() {
     let outcome = f.send(a2, &rebind(cookie, 11, true));
     assert_eq!(f.expect_reject(outcome), (RejectReason::Replayed, true));
     let data = f.data(SID);
-    assert_eq!(f.send(a2, &data), Outcome::Forward { to: b });
-    assert_eq!(f.send(b, &data), Outcome::Forward { to: a2 });
+    assert_eq!(f.send(a2, &data), Outcome::Forward { to: b, src: None });
+    assert_eq!(f.send(b, &data), Outcome::Forward { to: a2, src: None });
     assert_eq!(f.send(a, &data), Outcome::Drop(DropReason::DataUnbound));
     assert_eq!(f.counters().rebinds_accepted, 1);
 }
@@ -433,7 +441,14 @@ fn keepalives_are_echoed_only_to_bound_sources() {
     let mut buf = vec![0; MAX_DATAGRAM];
     let n = wire::encode_keepalive(&mut buf, SID).unwrap();
     let outcome = f.send(a, &buf[..n]);
-    assert_eq!(outcome, Outcome::Reply { to: a, len: n });
+    assert_eq!(
+        outcome,
+        Outcome::Reply {
+            to: a,
+            src: None,
+            len: n
+        }
+    );
     assert_eq!(
         f.send(v4(66, 1), &buf[..n]),
         Outcome::Drop(DropReason::KeepaliveUnbound)
@@ -468,7 +483,7 @@ fn a_verified_close_ends_the_session_and_tells_the_other_peer() {
         "stale seq"
     );
     let outcome = f.send(a, &close(&keys, 11));
-    let Outcome::Reply { to, len } = outcome else {
+    let Outcome::Reply { to, len, .. } = outcome else {
         panic!("expected a CLOSE for b, got {outcome:?}");
     };
     assert_eq!(to, b);
@@ -501,7 +516,10 @@ fn idle_and_expired_bindings_are_reaped() {
     assert_eq!(f.reap(f.now + Duration::from_secs(59), T0), 0);
     // A keeps talking, B falls silent.
     f.now += Duration::from_secs(59);
-    assert_eq!(f.send(a, &f.data(SID)), Outcome::Forward { to: b });
+    assert_eq!(
+        f.send(a, &f.data(SID)),
+        Outcome::Forward { to: b, src: None }
+    );
     assert_eq!(f.reap(f.now + Duration::from_secs(1), T0), 1);
     assert_eq!(
         f.send(a, &f.data(SID)),
@@ -574,15 +592,15 @@ fn data_over_the_slot_budget_is_dropped_and_the_other_direction_is_not() {
     big.truncate(n);
     // A burst of 10,000 bytes: nine 1016-byte datagrams fit, the tenth does not.
     let forwarded = (0..10)
-        .filter(|_| f.send(a, &big) == Outcome::Forward { to: b })
+        .filter(|_| f.send(a, &big) == Outcome::Forward { to: b, src: None })
         .count();
     assert_eq!(forwarded, 9);
     assert_eq!(f.counters().rate_limited, 1);
     // B's budget is its own.
-    assert_eq!(f.send(b, &big), Outcome::Forward { to: a });
+    assert_eq!(f.send(b, &big), Outcome::Forward { to: a, src: None });
     // A second later A may send again.
     f.now += Duration::from_secs(1);
-    assert_eq!(f.send(a, &big), Outcome::Forward { to: b });
+    assert_eq!(f.send(a, &big), Outcome::Forward { to: b, src: None });
 }
 
 #[test]
@@ -601,7 +619,7 @@ fn a_token_rate_claim_is_capped_by_the_relay_and_reload_recaps_it() {
     let data = f.data(SID);
     let fits = |f: &mut Fixture| {
         (0..100_000)
-            .take_while(|_| f.send(a, &data) == Outcome::Forward { to: b })
+            .take_while(|_| f.send(a, &data) == Outcome::Forward { to: b, src: None })
             .count()
     };
     let before = fits(&mut f);
@@ -679,7 +697,10 @@ fn removing_a_gateway_key_refuses_its_new_tokens_but_keeps_bound_sessions() {
         f.expect_reject(outcome),
         (RejectReason::TokenInvalid, false)
     );
-    assert_eq!(f.send(a, &f.data(SID)), Outcome::Forward { to: b });
+    assert_eq!(
+        f.send(a, &f.data(SID)),
+        Outcome::Forward { to: b, src: None }
+    );
 }
 
 /// A REBIND of `token`'s slot from `from`, through the CHALLENGE, proved with its secret.
@@ -730,14 +751,20 @@ fn one_address_may_not_hold_both_slots_of_a_session() {
     let outcome = rebind(&mut f, a, &tb, Slot::B, 3);
     session_full(&f, outcome);
     let data = f.data(SID);
-    assert_eq!(f.send(a, &data), Outcome::Forward { to: b });
-    assert_eq!(f.send(b, &data), Outcome::Forward { to: a });
+    assert_eq!(f.send(a, &data), Outcome::Forward { to: b, src: None });
+    assert_eq!(f.send(b, &data), Outcome::Forward { to: a, src: None });
     let full = RejectReason::SessionFull.as_u8() as usize;
     assert_eq!(f.counters().binds_rejected[full], 2);
     // Another port of A's host is another address: B may move there.
     let outcome = rebind(&mut f, v4(1, 1001), &tb, Slot::B, 4);
     assert!(f.expect_ack(outcome));
-    assert_eq!(f.send(a, &data), Outcome::Forward { to: v4(1, 1001) });
+    assert_eq!(
+        f.send(a, &data),
+        Outcome::Forward {
+            to: v4(1, 1001),
+            src: None
+        }
+    );
 }
 
 #[test]
@@ -816,9 +843,15 @@ fn sessions_opened_and_forgotten_are_queued_as_events_in_order() {
 /// its slots are bound.
 fn placed(event: SessionEvent) -> SessionEvent {
     match event {
-        SessionEvent::Bound { session, slots, .. } => SessionEvent::Bound {
+        SessionEvent::Bound {
             session,
             slots,
+            locals,
+            ..
+        } => SessionEvent::Bound {
+            session,
+            slots,
+            locals,
             budgets: [None, None],
         },
         closed => closed,
@@ -835,6 +868,7 @@ fn bound(session: u64, a: Option<SocketAddr>, b: Option<SocketAddr>) -> SessionE
     SessionEvent::Bound {
         session,
         slots: [a, b],
+        locals: [None, None],
         budgets: [None, None],
     }
 }
@@ -858,7 +892,10 @@ fn a_rebind_and_a_reaped_slot_tell_the_guard_where_the_slots_are_now() {
     assert!(!f.table.has_events());
     // A keeps talking, B falls silent and is reaped: only A's address is left.
     f.now += Duration::from_secs(59);
-    assert_eq!(f.send(a2, &f.data(SID)), Outcome::Forward { to: b });
+    assert_eq!(
+        f.send(a2, &f.data(SID)),
+        Outcome::Forward { to: b, src: None }
+    );
     assert_eq!(f.reap(f.now + Duration::from_secs(1), T0), 1);
     assert_eq!(placed_events(&mut f.table), [bound(SID, Some(a2), None)]);
     // DATA and a reap that unbinds nothing make no event.
@@ -888,7 +925,10 @@ fn reaped_peers_are_told_why_with_an_authenticated_close() {
     assert!(f.notices.is_empty(), "nothing to tell before a slot goes");
     // A keeps talking, B falls silent for the idle timeout.
     f.now += Duration::from_secs(59);
-    assert_eq!(f.send(a, &f.data(SID)), Outcome::Forward { to: b });
+    assert_eq!(
+        f.send(a, &f.data(SID)),
+        Outcome::Forward { to: b, src: None }
+    );
     assert_eq!(f.reap(f.now + Duration::from_secs(1), T0), 1);
     let [idle] = f.notices.as_slice() else {
         panic!("expected one notice, got {:?}", f.notices);
@@ -974,6 +1014,7 @@ fn the_bind_that_completes_a_session_notifies_the_other_peer() {
         len,
         notify,
         notice_len,
+        ..
     } = outcome
     else {
         panic!("expected an ACK and a notice, got {outcome:?}");
@@ -1036,7 +1077,10 @@ fn a_slot_bound_again_after_a_reap_is_news_to_the_other_peer() {
     let (a, b) = (v4(1, 1000), v4(2, 2000));
     let (ta, _) = f.bound_pair(a, b);
     f.now += Duration::from_secs(59);
-    assert_eq!(f.send(a, &f.data(SID)), Outcome::Forward { to: b });
+    assert_eq!(
+        f.send(a, &f.data(SID)),
+        Outcome::Forward { to: b, src: None }
+    );
     assert_eq!(f.reap(f.now + Duration::from_secs(1), T0), 1);
     // B comes back with a fresh token: A hears of it.
     let fresh = f.mint(SID, Slot::B);
@@ -1113,7 +1157,7 @@ fn a_health_probe_is_answered_and_binds_nothing() {
         .unwrap();
     let prober = v4(9, 9000);
     let outcome = f.bind(prober, &probe, Slot::A, 5);
-    let Outcome::Reply { to, len } = outcome else {
+    let Outcome::Reply { to, len, .. } = outcome else {
         panic!("expected a reply, got {outcome:?}");
     };
     assert_eq!(to, prober);
@@ -1180,10 +1224,11 @@ mod fast_path {
                     SessionEvent::Bound {
                         session,
                         slots,
+                        locals,
                         budgets,
                     } => {
                         self.state.entry(session).or_default();
-                        let e = entry(slots, budgets, &self.sources, &self.clock);
+                        let e = entry(slots, locals, budgets, &self.sources, &self.clock);
                         self.sessions.insert(session, e);
                     }
                     SessionEvent::Closed(session) => {
@@ -1394,7 +1439,7 @@ mod fast_path {
                         let fast = maps.data(SIDS[sid], from, n, f.now);
                         let table = f.send_at(wall, from, &buf[..n]);
                         match (&fast, table) {
-                            (Fast::Forward(j), Outcome::Forward { to }) => {
+                            (Fast::Forward(j), Outcome::Forward { to, .. }) => {
                                 let e = maps.sessions[&SIDS[sid]];
                                 let want = match to.ip() {
                                     IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
@@ -1435,4 +1480,215 @@ mod fast_path {
             }
         }
     }
+}
+
+/// The source address of every datagram `outcome` sends: (to, from) pairs.
+fn sources(outcome: Outcome) -> Vec<(SocketAddr, Option<IpAddr>)> {
+    match outcome {
+        Outcome::Forward { to, src } | Outcome::Reply { to, src, .. } => vec![(to, src)],
+        Outcome::ReplyAndNotify {
+            to,
+            src,
+            notify,
+            notify_src,
+            ..
+        } => vec![(to, src), (notify, notify_src)],
+        Outcome::Consumed | Outcome::Drop(_) => Vec::new(),
+    }
+}
+
+/// On a wildcard listen address each peer may send to another relay address; everything the
+/// relay sends a peer leaves from the address that peer sends to: answers to a datagram from
+/// its destination, forwards and notices from the one the receiving slot was bound through.
+#[test]
+fn every_datagram_to_a_peer_leaves_from_the_address_it_sends_to() {
+    let mut f = Fixture::new(SessionLimits {
+        idle_timeout: Duration::from_secs(60),
+        ..SessionLimits::default()
+    });
+    let (a, b, a2) = (v4(1, 1000), v4(2, 2000), v4(3, 3000));
+    let (near, far, third) = (
+        Some(IpAddr::from([198, 19, 1, 1])),
+        Some(IpAddr::from([198, 18, 1, 1])),
+        Some(IpAddr::from([198, 18, 2, 1])),
+    );
+    let ta = f.mint(SID, Slot::A);
+    let tb = f.mint(SID, Slot::B);
+
+    // A binds through `near`: its CHALLENGE and BIND-ACK come from there.
+    f.local = near;
+    let probe = f.bind_packet(&ta, Slot::A, 1, [0; 16]);
+    assert_eq!(sources(f.send(a, &probe)), [(a, near)], "CHALLENGE");
+    assert_eq!(
+        sources(f.bind(a, &ta, Slot::A, 10)),
+        [(a, near)],
+        "BIND-ACK"
+    );
+    // B binds through `far`: its answers come from `far`, and A's peer-present notice from
+    // `near`.
+    f.local = far;
+    assert_eq!(
+        sources(f.bind(b, &tb, Slot::B, 10)),
+        [(b, far), (a, near)],
+        "BIND-ACK and peer-present notice"
+    );
+    assert_eq!(
+        placed_events(&mut f.table).last(),
+        Some(&SessionEvent::Bound {
+            session: SID,
+            slots: [Some(a), Some(b)],
+            locals: [near, far],
+            budgets: [None, None],
+        }),
+        "the guard learns where each slot's DATA leaves from"
+    );
+
+    // DATA goes out from the receiving slot's address, whichever address it came in on.
+    let data = f.data(SID);
+    for arrived in [near, far, None] {
+        f.local = arrived;
+        assert_eq!(f.send(a, &data), Outcome::Forward { to: b, src: far });
+        assert_eq!(f.send(b, &data), Outcome::Forward { to: a, src: near });
+    }
+    // A KEEPALIVE is echoed from where it was sent.
+    let mut buf = vec![0; MAX_DATAGRAM];
+    let n = wire::encode_keepalive(&mut buf, SID).unwrap();
+    f.local = third;
+    assert_eq!(
+        sources(f.send(a, &buf[..n])),
+        [(a, third)],
+        "KEEPALIVE echo"
+    );
+    // An unauthenticated REJECT answers from the BIND's destination.
+    let stranger = f.mint(SID + 1, Slot::A);
+    let cookie = f.cookie_for(a2, &stranger, Slot::A);
+    let mut bad = f.bind_packet(&stranger, Slot::A, 1, cookie);
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    assert_eq!(sources(f.send(a2, &bad)), [(a2, third)], "REJECT");
+
+    // A moves and REBINDs through `third`: from now on its datagrams leave from there.
+    f.local = third;
+    assert_eq!(sources(rebind(&mut f, a2, &ta, Slot::A, 11)), [(a2, third)]);
+    f.local = far;
+    assert_eq!(f.send(b, &data), Outcome::Forward { to: a2, src: third });
+    // B BINDs again from the same address through `near` (the same token, a newer
+    // sequence): its slot follows, and the guard hears of it.
+    placed_events(&mut f.table);
+    f.local = near;
+    assert_eq!(sources(f.bind(b, &tb, Slot::B, 11)), [(b, near)]);
+    assert_eq!(
+        placed_events(&mut f.table),
+        [SessionEvent::Bound {
+            session: SID,
+            slots: [Some(a2), Some(b)],
+            locals: [third, near],
+            budgets: [None, None],
+        }]
+    );
+    assert_eq!(f.send(a2, &data), Outcome::Forward { to: b, src: near });
+
+    // Only A keeps sending, so B idles out: the reaper's CLOSE leaves from B's address.
+    for _ in 0..2 {
+        f.now += Duration::from_secs(40);
+        f.local = third;
+        f.send(a2, &buf[..n]);
+    }
+    f.reap(f.now, T0);
+    let notices: Vec<_> = f.notices.iter().map(|n| (n.to, n.src)).collect();
+    assert_eq!(notices, [(b, near)], "the idle CLOSE");
+
+    // B binds again through `far`; A's CLOSE goes to B from `far`.
+    f.local = far;
+    let tb2 = f.mint(SID, Slot::B);
+    assert_eq!(
+        sources(f.bind(b, &tb2, Slot::B, 20)),
+        [(b, far), (a2, third)]
+    );
+    let keys = SlotKeys::derive(&ta.slot_secret);
+    let fields = CloseFields {
+        slot: Slot::A,
+        reason: CloseReason::PeerClosed,
+        seq: 12,
+    };
+    let n = wire::encode_close(&mut buf, SID, &fields, |m| keys.peer.mac(m)).unwrap();
+    f.local = None;
+    assert_eq!(
+        sources(f.send(a2, &buf[..n])),
+        [(b, far)],
+        "the CLOSE notice"
+    );
+}
+
+/// On a socket bound to a specific address the worker passes no local address, and nothing
+/// the relay sends names a source: the kernel sends from the socket's address, as before.
+#[test]
+fn on_a_specific_address_no_send_names_a_source() {
+    let mut f = Fixture::new(SessionLimits::default());
+    let (a, b) = (v4(1, 1000), v4(2, 2000));
+    let ta = f.mint(SID, Slot::A);
+    let tb = f.mint(SID, Slot::B);
+    let probe = f.bind_packet(&ta, Slot::A, 1, [0; 16]);
+    let mut all = sources(f.send(a, &probe));
+    all.extend(sources(f.bind(a, &ta, Slot::A, 10)));
+    all.extend(sources(f.bind(b, &tb, Slot::B, 10)));
+    all.extend(sources(f.send(a, &f.data(SID))));
+    assert_eq!(all.len(), 5);
+    assert!(all.iter().all(|(_, src)| src.is_none()), "{all:?}");
+}
+
+/// The guard's entry for a slot bound through a wildcard listen address names the relay
+/// address the slot was bound through as the source of DATA to it; without one (a specific
+/// listen address) the listen address; only when neither is known does the fast path let the
+/// FIB pick the source.
+#[test]
+fn the_guard_sends_to_each_slot_from_the_address_it_was_bound_through() {
+    use crate::xdp::{KernelClock, RelaySources, entry};
+
+    let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+    let mapped = |ip: IpAddr| match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    let clock = KernelClock::at(Instant::now(), 1 << 40);
+    let wildcard = RelaySources::of(&[
+        "0.0.0.0:7000".parse().unwrap(),
+        "[::]:7001".parse().unwrap(),
+    ]);
+    let specific = RelaySources::of(&[
+        "198.18.1.1:7000".parse().unwrap(),
+        "[2001:db8::1]:7001".parse().unwrap(),
+    ]);
+    let a = v4(2, 1000);
+    let b: SocketAddr = "[2001:db8:2::2]:2000".parse().unwrap();
+    let far = IpAddr::from([198, 18, 1, 1]);
+    let far6 = v6("2001:db8:1::1");
+    let slot = |sources: &RelaySources, locals: [Option<IpAddr>; 2]| {
+        let e = entry([Some(a), Some(b)], locals, [None, None], sources, &clock);
+        e.slots
+            .map(|s| (s.relay_addr_set, s.relay_addr, s.relay_port))
+    };
+    assert_eq!(
+        slot(&wildcard, [Some(far), Some(far6)]),
+        [(1, mapped(far), 7000), (1, mapped(far6), 7001)],
+        "wildcard, bound through known addresses"
+    );
+    assert_eq!(
+        slot(&wildcard, [None, None]),
+        [(0, [0; 16], 7000), (0, [0; 16], 7001)],
+        "wildcard, unknown: the FIB picks"
+    );
+    assert_eq!(
+        slot(&specific, [None, None]),
+        [
+            (1, mapped(IpAddr::from([198, 18, 1, 1])), 7000),
+            (1, mapped(v6("2001:db8::1")), 7001)
+        ],
+        "specific listen addresses"
+    );
+    assert_eq!(
+        slot(&wildcard, [Some(far6), Some(far)]),
+        [(0, [0; 16], 7000), (0, [0; 16], 7001)],
+        "an address of the other family is not the slot's"
+    );
 }

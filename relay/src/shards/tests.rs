@@ -86,7 +86,7 @@ impl Relay {
         let probe = Self::bind_packet(token, slot, 1, [0; 16], &keys);
         let outcome = self
             .sessions
-            .handle(self.now, T0, from, &probe, &mut self.reply);
+            .handle(self.now, T0, from, None, &probe, &mut self.reply);
         let Outcome::Reply { len, .. } = outcome else {
             panic!("no answer: {outcome:?}");
         };
@@ -110,9 +110,9 @@ impl Relay {
                 token: &token.bytes,
             };
             let n = wire::encode_bind(&mut buf, sid, &fields, |m| keys.peer.mac(m)).unwrap();
-            let outcome = self
-                .sessions
-                .handle(self.now, T0, from, &buf[..n], &mut self.reply);
+            let outcome =
+                self.sessions
+                    .handle(self.now, T0, from, None, &buf[..n], &mut self.reply);
             // The BIND that completes a session also notifies the other slot's peer.
             let (Outcome::Reply { len, .. } | Outcome::ReplyAndNotify { len, .. }) = outcome else {
                 panic!("no answer: {outcome:?}");
@@ -141,8 +141,10 @@ fn sessions_in_different_shards_forward_and_counters_sum_up() {
         assert!(matches!(r.bind(pb, &b, Slot::B), Packet::BindAck(_)));
         let mut data = vec![0; MAX_DATAGRAM];
         let n = wire::encode_data(&mut data, sid, b"opaque").unwrap();
-        let outcome = r.sessions.handle(r.now, T0, pa, &data[..n], &mut r.reply);
-        assert_eq!(outcome, Outcome::Forward { to: pb });
+        let outcome = r
+            .sessions
+            .handle(r.now, T0, pa, None, &data[..n], &mut r.reply);
+        assert_eq!(outcome, Outcome::Forward { to: pb, src: None });
     }
     let counters = r.sessions.counters();
     assert_eq!(counters.forwarded, 3);
@@ -153,7 +155,7 @@ fn sessions_in_different_shards_forward_and_counters_sum_up() {
     // Garbage is counted once, by the shard for session 0.
     let outcome = r
         .sessions
-        .handle(r.now, T0, addr(99), b"junk", &mut r.reply);
+        .handle(r.now, T0, addr(99), None, b"junk", &mut r.reply);
     assert!(matches!(outcome, Outcome::Drop(_)));
     assert_eq!(r.sessions.counters().malformed, 1);
     // Everything idles out.
@@ -226,6 +228,7 @@ fn with_shard_locked<T: Send>(sessions: &Sessions, sid: u64, work: impl FnOnce()
 }
 
 #[test]
+#[allow(clippy::result_large_err)] // as `session::check`
 fn tokens_and_proofs_are_verified_without_the_shard_lock() {
     let mut r = Relay::new(SessionLimits::default());
     let sid = 0x77;
@@ -242,7 +245,7 @@ fn tokens_and_proofs_are_verified_without_the_shard_lock() {
     let bind = Relay::bind_packet(&forged, Slot::A, 2, cookie, &keys);
     let reply = with_shard_locked(sessions, sid, || {
         let mut reply = vec![0; MAX_DATAGRAM];
-        let outcome = sessions.handle(now, T0, from, &bind, &mut reply);
+        let outcome = sessions.handle(now, T0, from, None, &bind, &mut reply);
         let Outcome::Reply { len, .. } = outcome else {
             panic!("expected a REJECT, got {outcome:?}");
         };
@@ -257,7 +260,7 @@ fn tokens_and_proofs_are_verified_without_the_shard_lock() {
     let wrong = SlotKeys::derive(&r.mint(&r.minter, sid, Slot::A).slot_secret);
     let bind = Relay::bind_packet(&token, Slot::A, 2, cookie, &wrong);
     let outcome = with_shard_locked(sessions, sid, || {
-        sessions.handle(now, T0, from, &bind, &mut vec![0; MAX_DATAGRAM])
+        sessions.handle(now, T0, from, None, &bind, &mut vec![0; MAX_DATAGRAM])
     });
     assert!(matches!(outcome, Outcome::Reply { .. }), "{outcome:?}");
     let rejected = sessions.counters().binds_rejected;
@@ -270,7 +273,7 @@ fn tokens_and_proofs_are_verified_without_the_shard_lock() {
     // A good BIND is verified with the shard locked too; only binding it needs the lock.
     let bind = Relay::bind_packet(&token, Slot::A, 2, cookie, &keys);
     let checked = with_shard_locked(sessions, sid, || {
-        sessions.check(now, T0, from, &bind, &mut vec![0; MAX_DATAGRAM])
+        sessions.check(now, T0, from, None, &bind, &mut vec![0; MAX_DATAGRAM])
     });
     let Ok(input @ Input::Bind(_)) = checked else {
         panic!("expected a verified BIND, got {checked:?}");
@@ -315,19 +318,21 @@ fn events_reach_the_observer_outside_the_shard_lock_and_bound_before_the_ack() {
     let token = r.mint(&r.minter, sid, Slot::A);
     let keys = SlotKeys::derive(&token.slot_secret);
     let probe = Relay::bind_packet(&token, Slot::A, 1, [0; 16], &keys);
-    let Outcome::Reply { len, .. } = sessions.handle(r.now, T0, from, &probe, &mut r.reply) else {
+    let Outcome::Reply { len, .. } = sessions.handle(r.now, T0, from, None, &probe, &mut r.reply)
+    else {
         panic!("expected a CHALLENGE");
     };
     let Ok(Packet::Challenge(c)) = wire::parse(&r.reply[..len]) else {
         panic!("expected a CHALLENGE");
     };
     let bind = Relay::bind_packet(&token, Slot::A, 2, *c.cookie(), &keys);
-    let outcome = sessions.handle(r.now, T0, from, &bind, &mut r.reply);
+    let outcome = sessions.handle(r.now, T0, from, None, &bind, &mut r.reply);
     assert!(matches!(outcome, Outcome::Reply { .. }));
     // By the time the BIND-ACK is handed back, the observer knows the session.
     let opened = SessionEvent::Bound {
         session: sid,
         slots: [Some(from), None],
+        locals: [None, None],
         budgets: [
             Some(session::SlotBudget {
                 rate: SessionLimits::default().default_session_rate,

@@ -1,0 +1,208 @@
+//! A relay listening on the wildcard addresses (`0.0.0.0:7000`, `[::]:7000`, the documented
+//! default) on a host with two networks, a generator side and a sink side, routing between
+//! them. A peer may send to either of the relay's addresses, also to the far one, which its
+//! datagrams reach through the near interface; the kernel's route back would answer from the
+//! near address, which the peer (ignoring every source but the relay address it sends to, as
+//! docs/protocol.md §1 says it should) drops. The relay must answer and forward to each peer
+//! from the address that peer sends to: the bind completes, DATA flows both ways, a KEEPALIVE
+//! is echoed and a CLOSE reaches the other peer, over IPv4 and IPv6, with the XDP guard off
+//! and with the XDP fast path forwarding between the two interfaces.
+//!
+//! Needs root (namespaces, the XDP guard), so every test is `#[ignore]`d.
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap fails the test
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use ferry_peer::udp::{UdpPeer, UdpPeerError};
+use ferry_relay::xdp::{Guard, Mode};
+use ferry_testkit::fixtures::Authority;
+use ferry_testkit::metrics::{metric, sum_metric};
+use ferry_testkit::netns::{Side, TwoSided, in_ns};
+use ferry_testkit::peers::{peer_pair_via, talk};
+use ferry_testkit::relay::{RelayConfig, RelayProcess};
+use ferry_testkit::skip;
+
+const PORT: u16 = 7000;
+const ADMIN_PORT: u16 = 9479;
+
+/// DATA the fast path sent out of another interface than it came in on, or back out of the
+/// same veth: by `XDP_REDIRECT` either way.
+const FAST_REDIRECT: &str = "ferry_xdp_packets_total{action=\"redirect\",reason=\"fast_path\"}";
+
+/// The relay in `topo`'s relay namespace on the wildcard addresses, two workers, with
+/// `sections` (its `[xdp]` section and more).
+fn start(auth: &Authority, topo: &TwoSided, sections: String) -> RelayProcess {
+    let config = RelayConfig {
+        listen: vec![
+            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), PORT),
+            SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), PORT),
+        ],
+        workers: 2,
+        admin: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), ADMIN_PORT),
+        sections,
+        netns: Some(topo.relay_ns.clone()),
+        log_filter: "info".into(),
+        ..RelayConfig::loopback(vec![auth.gateway_key()]).unwrap()
+    };
+    let bin = Path::new(env!("CARGO_BIN_EXE_ferry-relay"));
+    RelayProcess::start(bin, &auth.relay_key, &config).unwrap()
+}
+
+/// The relay's address on `side` in the family of `v6`, at the relay port.
+fn relay_on(topo: &TwoSided, side: Side, v6: bool) -> SocketAddr {
+    let ip: IpAddr = match v6 {
+        false => topo.relay_v4(side).into(),
+        true => topo.relay_v6(side).into(),
+    };
+    SocketAddr::new(ip, PORT)
+}
+
+/// A peer pair for `session`: A on the generator side talking to the relay's address on
+/// `a_to`, B on the sink side talking to the one on `b_to`, in the family of `v6`; both bound.
+fn bound_pair(
+    auth: &Authority,
+    topo: &TwoSided,
+    session: u64,
+    (a_to, b_to): (Side, Side),
+    v6: bool,
+) -> (UdpPeer, UdpPeer) {
+    let host = |side: Side| -> IpAddr {
+        match v6 {
+            false => topo.host_v4(side, 2).into(),
+            true => topo.host_v6(side, 2).into(),
+        }
+    };
+    let socket = |side: Side| topo.socket(side, SocketAddr::new(host(side), 0)).unwrap();
+    let relays = [relay_on(topo, a_to, v6), relay_on(topo, b_to, v6)];
+    let (mut a, mut b) =
+        peer_pair_via(auth, session, relays, socket(Side::Gen), socket(Side::Sink)).unwrap();
+    let what = format!(
+        "session {session:#x}: A to {}, B to {}",
+        relays[0], relays[1]
+    );
+    assert!(
+        !a.bind(Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("{what}: A's bind: {e}")),
+        "{what}: B is not bound yet"
+    );
+    assert!(
+        b.bind(Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("{what}: B's bind: {e}")),
+        "{what}: A is bound"
+    );
+    (a, b)
+}
+
+/// The relay's addresses each peer talks to: A (generator side), B (sink side). The first is
+/// the audit's case, both at the address a gateway hands out, which is far for B; in the
+/// second each talks to the other side's address, so every datagram of the session leaves
+/// from an address the kernel's route would not pick, and from a different one to each peer.
+const CASES: [(Side, Side); 2] = [(Side::Gen, Side::Gen), (Side::Sink, Side::Gen)];
+
+#[test]
+#[ignore = "needs root: network namespaces"]
+fn peers_sending_to_the_far_address_of_a_wildcard_relay_bind_and_talk() {
+    skip::require_root("wildcard_netns");
+    let topo = TwoSided::new().unwrap();
+    let auth = Authority::new().unwrap();
+    let relay = start(&auth, &topo, "[xdp]\nmode = \"off\"\n".into());
+    let mut session = 0x7100;
+    for v6 in [false, true] {
+        for case in CASES {
+            session += 1;
+            let (mut a, mut b) = bound_pair(&auth, &topo, session, case, v6);
+            talk(&mut a, &mut b, 5).unwrap();
+            assert!(a.keepalive(Duration::from_secs(2)).unwrap(), "A's echo");
+            assert!(b.keepalive(Duration::from_secs(2)).unwrap(), "B's echo");
+            // A's CLOSE reaches B as the relay's CLOSE, from the address B sends to.
+            a.close().unwrap();
+            match b.recv_message(Duration::from_secs(5)) {
+                Err(UdpPeerError::Closed) => {}
+                other => panic!("session {session:#x}: B got {other:?}, not the CLOSE"),
+            }
+        }
+    }
+    let page = relay.metrics();
+    assert_eq!(
+        sum_metric(&page, "ferry_worker_tx_errors_total"),
+        0,
+        "{page}"
+    );
+}
+
+/// Runs `args` (a command and its arguments), which must succeed.
+fn run(args: &[&str]) {
+    let status = Command::new(args[0])
+        .args(&args[1..])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "{args:?}");
+}
+
+#[test]
+#[cfg_attr(
+    not(ferry_skip_ebpf),
+    ignore = "needs root: network namespaces, the XDP guard"
+)]
+#[cfg_attr(
+    ferry_skip_ebpf,
+    ignore = "built with FERRY_SKIP_EBPF=1: no XDP program"
+)]
+fn the_fast_path_forwards_from_the_address_each_peer_sends_to() {
+    skip::require_root("wildcard_netns");
+    let topo = TwoSided::new().unwrap();
+    // As in fast_netns: an XDP program on each side's veth, so that a veth delivers the frames
+    // the fast path redirects into it, and full checksums from the sides.
+    let mut pass = Guard::load(16).unwrap();
+    for side in [Side::Gen, Side::Sink] {
+        let (ns, _, host_if) = topo.side(side);
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "ethtool",
+            "-K",
+            host_if,
+            "tx-checksumming",
+            "off",
+        ]);
+        in_ns(ns, || pass.attach(host_if, Mode::Native).unwrap()).unwrap();
+    }
+    let auth = Authority::new().unwrap();
+    let sections = format!(
+        "[xdp]\nmode = \"native\"\ninterfaces = [\"{}\", \"{}\"]\n",
+        topo.relay_gen_if, topo.relay_sink_if
+    );
+    let relay = start(&auth, &topo, sections);
+    let log = relay.log_text();
+    assert!(log.contains("XDP fast path active"), "{log}");
+    let mut session = 0x7200;
+    for v6 in [false, true] {
+        for case in CASES {
+            session += 1;
+            let (mut a, mut b) = bound_pair(&auth, &topo, session, case, v6);
+            talk(&mut a, &mut b, 3).unwrap();
+            let before = relay.metrics();
+            for i in 0..50 {
+                let msg = format!("fast {i}");
+                a.send(msg.as_bytes()).unwrap();
+                let got = b.recv_message(Duration::from_secs(5));
+                assert_eq!(got.unwrap(), msg.as_bytes(), "session {session:#x} to B");
+                b.send(msg.as_bytes()).unwrap();
+                let got = a.recv_message(Duration::from_secs(5));
+                assert_eq!(got.unwrap(), msg.as_bytes(), "session {session:#x} to A");
+            }
+            let after = relay.metrics();
+            let fast = metric(&after, FAST_REDIRECT) - metric(&before, FAST_REDIRECT);
+            assert!(
+                fast >= 100,
+                "session {session:#x}: the fast path carried {fast} of 100"
+            );
+        }
+    }
+}
