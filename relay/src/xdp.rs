@@ -345,6 +345,28 @@ impl Guard {
         if changed && !self.attached.is_empty() {
             self.sync_fast_path()?;
         }
+        self.write_fast_flag()
+    }
+
+    /// Writes [`FLAG_FAST_PATH`] as it takes effect: set only while `xdp.fast_path` is on and
+    /// some attached interface takes DATA in. Elsewhere (generic mode, forwarding off, or no
+    /// interface attached yet) the program would only look the session up for nothing and
+    /// count every DATA as a fast-path fallback (`fast_interface`); without the flag it is
+    /// `pass relay`, like any datagram the relay handles.
+    fn write_fast_flag(&mut self) -> Result<(), XdpError> {
+        let on = self.fast_wanted && self.fast.iter().any(|(_, s)| s.takes_data_in());
+        let mut config: Array<&mut MapData, GuardConfig> = map_mut(&mut self.ebpf, MAP_CONFIG)?;
+        let mut cfg = config.get(&0, 0).map_err(|e| map_error(MAP_CONFIG, e))?;
+        let flags = match on {
+            true => cfg.flags | FLAG_FAST_PATH,
+            false => cfg.flags & !FLAG_FAST_PATH,
+        };
+        if flags != cfg.flags {
+            cfg.flags = flags;
+            config
+                .set(0, cfg, 0)
+                .map_err(|e| map_error(MAP_CONFIG, e))?;
+        }
         Ok(())
     }
 
@@ -403,7 +425,7 @@ impl Guard {
             status.push((interface.to_owned(), state));
         }
         self.fast = status;
-        Ok(())
+        self.write_fast_flag()
     }
 
     /// Puts interface `index` in the fast path's maps: in [`MAP_FAST_INGRESS`] always (a veth

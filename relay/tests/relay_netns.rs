@@ -12,6 +12,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use ferry_common::xdp::Counter;
 use ferry_core::proof::SlotKeys;
 use ferry_core::wire::{self, BindFields, MAX_DATAGRAM, Packet, RejectReason, Slot};
 use ferry_peer::udp::UdpPeer;
@@ -216,6 +217,12 @@ fn the_relay_process_serves_peers_and_refuses_everyone_else() {
     };
     assert_eq!(xdp(&after, "drop", "malformed_bad_magic"), 1);
     assert!(xdp(&after, "pass", "relay") > xdp(&before, "pass", "relay"));
+    // Forwarding is off in the relay's namespace, so the fast path is active nowhere: DATA is
+    // the relay's, counted as such, not as a fast-path fallback on every datagram.
+    for fallback in Counter::FAST_FALLBACKS {
+        let (action, reason) = fallback.labels();
+        assert_eq!(xdp(&after, action, reason), 0, "{reason}");
+    }
     assert_eq!(metric(&after, "ferry_xdp_enabled"), 1);
     // Every relay metric the alert rules and the dashboard in monitoring/ use is on the page.
     assert_eq!(
