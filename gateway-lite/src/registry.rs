@@ -450,6 +450,10 @@ pub enum ProbeError {
 /// How long a probe token is valid: long enough for any clock skew the relay allows.
 const PROBE_TOKEN_SECS: u64 = 60;
 
+/// CHALLENGEs with a new cookie a probe answers at most (each with a BIND): the relay's own
+/// after a few forged ones, which anyone able to spoof the relay's address can send.
+const MAX_PROBE_CHALLENGES: u32 = 8;
+
 /// One replica's probing of one relay (address and key): a socket kept from probe to probe, a
 /// session id of its own and the last cookie the relay gave it, so that a probe costs the relay
 /// a CHALLENGE only when that cookie has aged out (about once a minute), not every time.
@@ -489,7 +493,8 @@ impl ProbeLine {
     /// answers with a BIND-ACK under the slot's `K_relay` and binds nothing (§7). Only a relay
     /// holding that key's private half, and calling itself `relay.id`, can open the token and
     /// compute the MAC, so a relay at the right address with the wrong key fails. A CHALLENGE
-    /// (the first probe, or an aged cookie) is answered with the cookie, once or twice. A
+    /// (the first probe, or an aged cookie) is answered with its cookie, each new cookie once, up to
+    /// [`MAX_PROBE_CHALLENGES`] a probe (a forged CHALLENGE costs the relay one BIND and no more). A
     /// REJECT fails the probe at once only if its MAC verifies under `K_relay`; an
     /// unauthenticated one is a hint anyone can forge (protocol.md §3.4), so the probe keeps
     /// waiting for the BIND-ACK and fails at `timeout` ([`ProbeError::NoAnswerAfterReject`]).
@@ -539,10 +544,15 @@ impl ProbeLine {
                 Ok(received) => received?,
             };
             match wire::parse(&buf[..n]) {
+                // A CHALLENGE is unauthenticated, so one with a forged cookie may come first:
+                // each new cookie gets its BIND, up to a bound, and the relay's own CHALLENGE
+                // (its answer to a BIND with a forged cookie, if not sooner) then leads to
+                // the BIND-ACK. One repeating the cookie just sent is a duplicate.
                 Ok(Packet::Challenge(c))
                     if c.session_id() == self.session_id
                         && c.bind_seq() == self.seq
-                        && challenges < 2 =>
+                        && *c.cookie() != self.cookie
+                        && challenges < MAX_PROBE_CHALLENGES =>
                 {
                     challenges += 1;
                     self.cookie = *c.cookie();
@@ -683,6 +693,9 @@ mod tests {
         ForgedRejectThenAck,
         /// Only the unauthenticated REJECT (the BIND-ACK lost, a forged REJECT arriving).
         ForgedRejectOnly,
+        /// Before the first CHALLENGE, [`FORGED_CHALLENGES`] CHALLENGEs with cookies of an
+        /// attacker's making, then the rest as [`Answer::Ack`].
+        ForgedChallengesFirst,
         /// A REJECT under `K_relay` (the relay opened the token and refuses the BIND).
         AuthenticatedReject,
     }
@@ -722,6 +735,17 @@ mod tests {
                 let (session, seq) = (bind.session_id(), bind.bind_seq());
                 let mut out = [0u8; 128];
                 let n = if *bind.cookie() != cookie {
+                    if answer == Answer::ForgedChallengesFirst && *bind.cookie() == [0; 16] {
+                        for i in 0..FORGED_CHALLENGES {
+                            let fields = wire::ChallengeFields {
+                                bind_seq: seq,
+                                cookie: [0xf0 + i; wire::COOKIE_LEN],
+                            };
+                            let mut forged = [0u8; 64];
+                            let m = wire::encode_challenge(&mut forged, session, &fields).unwrap();
+                            socket.send_to(&forged[..m], from).await.unwrap();
+                        }
+                    }
                     let fields = wire::ChallengeFields {
                         bind_seq: seq,
                         cookie,
@@ -763,7 +787,9 @@ mod tests {
                                     })
                                     .unwrap()
                                 }
-                                Answer::Ack | Answer::ForgedRejectThenAck => {
+                                Answer::Ack
+                                | Answer::ForgedRejectThenAck
+                                | Answer::ForgedChallengesFirst => {
                                     let fields = wire::BindAckFields {
                                         slot: Slot::A,
                                         peer_present: false,
@@ -909,6 +935,42 @@ mod tests {
         let message = result.unwrap_err().to_string();
         assert!(message.contains("unauthenticated REJECT"), "{message}");
     }
+
+    /// Forged CHALLENGEs before the relay's own (anyone able to spoof the relay's address can
+    /// send them) cost the relay one BIND each, and the probe passes: the relay answers each
+    /// forged cookie with its own CHALLENGE, whose cookie leads to the BIND-ACK.
+    #[tokio::test]
+    async fn forged_challenges_do_not_fail_a_probe_the_relay_answers() {
+        let rng = ring::rand::SystemRandom::new();
+        let minter = test_minter();
+        let key = ferry_core::keys::RelayStaticKey::generate(&rng).unwrap();
+        let public_key = key.public();
+        // The first BIND, one per forged cookie, and the one with the relay's cookie.
+        let binds = 2 + usize::from(FORGED_CHALLENGES);
+        let (address, relay) = tiny_relay_answering(
+            key,
+            9,
+            minter.public(),
+            binds,
+            Answer::ForgedChallengesFirst,
+        )
+        .await;
+        let info = RelayInfo {
+            id: 9,
+            address,
+            public_key,
+        };
+        let now = UnixTime::from(std::time::SystemTime::now());
+        let mut line = ProbeLine::open(&rng, address).await.unwrap();
+        let result = line
+            .probe(&rng, &minter, &info, now, Duration::from_secs(5))
+            .await;
+        assert!(result.is_ok(), "{result:?}");
+        relay.await.unwrap();
+    }
+
+    /// CHALLENGEs a forger sends [`tiny_relay_answering`]'s prober before the relay's own.
+    const FORGED_CHALLENGES: u8 = 4;
 
     /// A REJECT whose MAC verifies under the slot's K_relay fails the probe at once.
     #[tokio::test]
