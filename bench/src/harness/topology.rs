@@ -492,8 +492,7 @@ impl NetnsTestbed {
         // 256-frame ring overflows: the relay host's round-robin, as the forwarder is (see
         // `Realtime`), the sink's first-in-first-out. The sink's veth coalesces what arrives
         // (GRO), so that the sink, reading with UDP GRO, costs less per datagram.
-        let mut relay_napi = Vec::new();
-        for (ns, dev, cpu, policy) in [
+        let mut receivers = vec![
             (
                 r,
                 self.relay_if_generator.as_str(),
@@ -507,7 +506,17 @@ impl NetnsTestbed {
                 Realtime::RoundRobin,
             ),
             (s, sink_if, self.load_cpu, Realtime::Fifo),
-        ] {
+        ];
+        // The generator's host receives too: the relay's replies, and the CHALLENGEs the XDP
+        // guard sends back to the flood's forged sources. With NAPI on its veth the guard can
+        // send there (a veth hands XDP frames only to a peer that polls with NAPI), as out of
+        // a NIC, and the work stays on the load CPU. (Behind the XDP wire, the wire's own
+        // setup takes care of it.)
+        if wire.is_none() {
+            receivers.push((g, gen_if, self.load_cpu, Realtime::Fifo));
+        }
+        let mut relay_napi = Vec::new();
+        for (ns, dev, cpu, policy) in receivers {
             ethtool(ns, dev, &["gro", "on"])?;
             let threads = threaded_napi(ns, dev, cpu, policy)?;
             if ns == r {
