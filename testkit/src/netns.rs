@@ -33,6 +33,21 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// This process's id, the topology's number in it, and the third octet (and third IPv6
+/// group) of its addresses, which differs between the topologies of one process (the
+/// namespaces are private to each topology anyway).
+fn next_topology() -> (u32, u32, u8) {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id();
+    let net = (pid.wrapping_mul(31).wrapping_add(n) % 200) as u8 + 10;
+    (pid, n, net)
+}
+
+/// An interface name for topology `n` of process `pid`: at most 15 bytes, the kernel's limit.
+fn interface_name(prefix: &str, pid: u32, n: u32) -> String {
+    format!("{prefix}{pid}x{n}").chars().take(15).collect()
+}
+
 /// Two namespaces, `relay_ns` and `peers_ns`, joined by `relay_if` ↔ `peers_if`.
 ///
 /// Relay side: 198.18.`net`.1/24 and 2001:db8:`net`::1/64. Peers side: 198.18.`net`.2 … .9
@@ -54,15 +69,8 @@ pub struct Topology {
 impl Topology {
     /// Creates the namespaces, the veth pair and the addresses.
     pub fn new() -> anyhow::Result<Self> {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let pid = std::process::id();
-        // Differs between the topologies of one process; the namespaces are private to each
-        // topology anyway.
-        let net = (pid.wrapping_mul(31).wrapping_add(n) % 200) as u8 + 10;
-        let name = |prefix: &str| -> String {
-            // Interface names are at most 15 bytes.
-            format!("{prefix}{pid}x{n}").chars().take(15).collect()
-        };
+        let (pid, n, net) = next_topology();
+        let name = |prefix: &str| interface_name(prefix, pid, n);
         let topo = Self {
             relay_ns: format!("ferry-r-{pid}-{n}"),
             peers_ns: format!("ferry-p-{pid}-{n}"),
@@ -206,11 +214,8 @@ impl TwoSided {
     /// Creates the namespaces, the veth pairs, the addresses and routes, and turns forwarding
     /// on in the relay's namespace.
     pub fn new() -> anyhow::Result<Self> {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let pid = std::process::id();
-        let net = (pid.wrapping_mul(31).wrapping_add(n) % 200) as u8 + 10;
-        let name =
-            |prefix: &str| -> String { format!("{prefix}{pid}x{n}").chars().take(15).collect() };
+        let (pid, n, net) = next_topology();
+        let name = |prefix: &str| interface_name(prefix, pid, n);
         let topo = Self {
             relay_ns: format!("ferry-w-{pid}-{n}"),
             gen_ns: format!("ferry-g-{pid}-{n}"),
