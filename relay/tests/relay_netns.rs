@@ -565,9 +565,12 @@ fn spoofed_sources_idle_and_expired_bindings_get_nothing() {
     }
     // ...then, still well inside the 5 s idle timeout, wait for the expiry and a reap pass.
     while started.elapsed() < Duration::from_millis(4500) {
+        // Past 3 s the token may have expired: no echo, or the relay's CLOSE (`EXPIRED`)
+        // answering the KEEPALIVE, are both what comes next.
+        let alive = c.keepalive(Duration::from_secs(1));
         assert!(
-            c.keepalive(Duration::from_secs(1)).unwrap()
-                || started.elapsed() > Duration::from_secs(3)
+            matches!(alive, Ok(true)) || started.elapsed() > Duration::from_secs(3),
+            "{alive:?}"
         );
         std::thread::sleep(Duration::from_millis(400));
     }
