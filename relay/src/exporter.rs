@@ -101,7 +101,8 @@ const PER_WORKER: [WorkerMetric; 16] = [
     ),
     (
         "ferry_worker_gso_disabled",
-        "Times the worker turned UDP GSO off because a GSO send failed with EIO or EINVAL.",
+        "Times the worker turned UDP GSO off because a GSO send failed with EIO or EINVAL \
+         (not an EINVAL of a send naming a source address that is gone).",
         |s| s.gso_disabled.load(Ordering::Relaxed),
     ),
 ];

@@ -319,6 +319,8 @@ struct SendSlot {
     segments: usize,
     /// Sent with SEND_ZC: the buffers stay lent until the kernel's notification.
     zero_copy: bool,
+    /// The source address the send names (an `IP_PKTINFO` / `IPV6_PKTINFO` message), if any.
+    src: Option<IpAddr>,
     reply: [u8; ferry_core::wire::MAX_DATAGRAM],
 }
 
@@ -344,6 +346,7 @@ impl SendSlab {
                 nbids: 0,
                 segments: 0,
                 zero_copy: false,
+                src: None,
                 reply: [0; ferry_core::wire::MAX_DATAGRAM],
             })
             .collect();
@@ -1194,6 +1197,7 @@ impl Ring {
     ) -> Result<bool, UringError> {
         let s = &mut self.slab.slots[slot as usize];
         s.addr = SockAddr::from(to);
+        s.src = src;
         // The kernel only reads a send's address.
         s.hdr.msg_name = s.addr.as_ptr().cast_mut().cast();
         s.hdr.msg_namelen = s.addr.len();
@@ -1230,6 +1234,11 @@ impl Ring {
     /// Datagrams the send in `slot` carries.
     pub fn send_segments(&self, slot: u32) -> usize {
         self.slab.slots[slot as usize].segments
+    }
+
+    /// The source address the send in `slot` names, if it names one (a wildcard socket's).
+    pub fn send_source(&self, slot: u32) -> Option<IpAddr> {
+        self.slab.slots[slot as usize].src
     }
 
     /// Frees a send slot once the kernel is done with it (its completion, or for a zero-copy

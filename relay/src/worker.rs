@@ -629,6 +629,7 @@ pub fn run_worker<H: PacketHandler>(
                         continue;
                     }
                     let segments = ring.send_segments(slot) as u64;
+                    let src = ring.send_source(slot);
                     if !io_uring::cqueue::more(flags) {
                         ring.finish_send(slot);
                     }
@@ -639,7 +640,8 @@ pub fn run_worker<H: PacketHandler>(
                         }
                         Err(_) => {
                             batch.tx_errors += segments;
-                            let failure = SendFailure::classify(-result, segments > 1);
+                            let errno = -result;
+                            let failure = SendFailure::classify(errno, segments > 1, src.is_some());
                             if failure == SendFailure::GsoUnsupported && pending.gso {
                                 // Degrade instead of failing: every later forward goes out on
                                 // its own. GSO sends already queued may fail the same way;
@@ -647,7 +649,8 @@ pub fn run_worker<H: PacketHandler>(
                                 pending.gso = false;
                                 batch.gso_disabled += 1;
                                 tracing::warn!(
-                                    errno = -result,
+                                    errno,
+                                    source = ?src,
                                     "the kernel or device cannot do UDP GSO here; sending \
                                      datagrams one by one from now on"
                                 );
@@ -922,16 +925,25 @@ pub enum SendFailure {
     /// e.g. on a socket with UDP checksums off): GSO cannot work here, so the worker turns it
     /// off for good, logs it once and counts it in [`WorkerStats::gso_disabled`].
     GsoUnsupported,
-    /// Anything else (unreachable or forbidden destination, full queue, message too long...)
-    /// and any failure of a single-datagram send: counted as a send error; GSO stays on.
+    /// Anything else (unreachable or forbidden destination, full queue, message too long...),
+    /// any failure of a single-datagram send, and an `EINVAL` of a send that names its source
+    /// address (a wildcard socket's): Linux refuses an `IPV6_PKTINFO` source that is no longer
+    /// on the host, or still tentative, with `EINVAL`, GSO or not, and an operator removing
+    /// the address one session was bound through must not cost every session its GSO. (The
+    /// GSO causes of `EINVAL` cannot be Ferry's: it never turns UDP checksums off, and never
+    /// sends more than [`MAX_SEGMENTS`] at once. Whether the address is there cannot be asked
+    /// when the completion is read: it may have come back since.) Counted as a send error;
+    /// GSO stays on.
     Other,
 }
 
 impl SendFailure {
     /// Classifies a failed send by its `errno`; `gso` says whether it carried several datagrams
-    /// (a `UDP_SEGMENT` control message).
-    pub fn classify(errno: i32, gso: bool) -> Self {
+    /// (a `UDP_SEGMENT` control message), `names_source` whether it named its source address
+    /// (an `IP_PKTINFO` or `IPV6_PKTINFO` control message).
+    pub fn classify(errno: i32, gso: bool, names_source: bool) -> Self {
         match (gso, errno) {
+            (true, libc::EINVAL) if names_source => SendFailure::Other,
             (true, libc::EIO | libc::EINVAL) => SendFailure::GsoUnsupported,
             _ => SendFailure::Other,
         }
@@ -1028,6 +1040,9 @@ mod tests {
     #[test]
     fn only_eio_and_einval_on_a_gso_send_turn_gso_off() {
         use SendFailure::{GsoUnsupported, Other};
+        // A send naming a source address that is gone fails with EINVAL (IPv6), GSO or not.
+        assert_eq!(SendFailure::classify(libc::EINVAL, true, true), Other);
+        assert_eq!(SendFailure::classify(libc::EIO, true, true), GsoUnsupported);
         let cases = [
             (libc::EIO, true, GsoUnsupported),
             (libc::EINVAL, true, GsoUnsupported),
@@ -1046,7 +1061,7 @@ mod tests {
         ];
         for (errno, gso, want) in cases {
             assert_eq!(
-                SendFailure::classify(errno, gso),
+                SendFailure::classify(errno, gso, false),
                 want,
                 "errno {errno}, gso {gso}"
             );

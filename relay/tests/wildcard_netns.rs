@@ -69,6 +69,19 @@ fn bound_pair(
     (a_to, b_to): (Side, Side),
     v6: bool,
 ) -> (UdpPeer, UdpPeer) {
+    let relays = [relay_on(topo, a_to, v6), relay_on(topo, b_to, v6)];
+    bound_pair_via(auth, topo, session, relays)
+}
+
+/// A peer pair for `session`: A on the generator side talking to the relay at `relays[0]`,
+/// B on the sink side talking to it at `relays[1]` (both of one family); both bound.
+fn bound_pair_via(
+    auth: &Authority,
+    topo: &TwoSided,
+    session: u64,
+    relays: [SocketAddr; 2],
+) -> (UdpPeer, UdpPeer) {
+    let v6 = relays[0].is_ipv6();
     let host = |side: Side| -> IpAddr {
         match v6 {
             false => topo.host_v4(side, 2).into(),
@@ -76,7 +89,6 @@ fn bound_pair(
         }
     };
     let socket = |side: Side| topo.socket(side, SocketAddr::new(host(side), 0)).unwrap();
-    let relays = [relay_on(topo, a_to, v6), relay_on(topo, b_to, v6)];
     let (mut a, mut b) =
         peer_pair_via(auth, session, relays, socket(Side::Gen), socket(Side::Sink)).unwrap();
     let what = format!(
@@ -131,6 +143,80 @@ fn peers_sending_to_the_far_address_of_a_wildcard_relay_bind_and_talk() {
         0,
         "{page}"
     );
+}
+
+/// Sends of the relay's workers toward a peer bound through an address the operator then
+/// removes fail (Linux refuses an IPv6 source address that is gone with `EINVAL`, for a GSO
+/// send as for any other), and are counted as send errors. They must not turn UDP GSO off for
+/// the worker, and the peer is reached again, in GSO sends, once the address is back.
+#[test]
+#[ignore = "needs root: network namespaces"]
+fn removing_the_address_a_peer_is_bound_through_leaves_gso_on() {
+    skip::require_root("wildcard_netns");
+    let topo = TwoSided::new().unwrap();
+    let auth = Authority::new().unwrap();
+    // A second relay address on the sink side (hosts 2..=9 are the side's), for B alone.
+    let extra = format!("{}/64", topo.host_v6(Side::Sink, 10));
+    let relay_ns = topo.relay_ns.as_str();
+    let dev = topo.relay_sink_if.as_str();
+    let address = |op: &str| {
+        run(&[
+            "ip", "-n", relay_ns, "addr", op, &extra, "dev", dev, "nodad",
+        ])
+    };
+    address("add");
+    let relay = start(&auth, &topo, "[xdp]\nmode = \"off\"\n".into());
+    let session = 0x7300;
+    let relays = [
+        relay_on(&topo, Side::Sink, true),
+        SocketAddr::new(topo.host_v6(Side::Sink, 10).into(), PORT),
+    ];
+    let (mut a, mut b) = bound_pair_via(&auth, &topo, session, relays);
+    talk(&mut a, &mut b, 3).unwrap();
+    let gso_sends = |page: &str| sum_metric(page, "ferry_worker_gso_sends_total");
+    // A burst of DATA from A (the relay forwards it unread), until the workers have sent B
+    // at least one GSO send since `since`; returns the datagrams B received.
+    let burst_until_gso = |since: u64| -> u64 {
+        let b_socket = b.socket();
+        b_socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let mut received = 0;
+        let mut buf = vec![0u8; 2048];
+        for _ in 0..50 {
+            for i in 0..32u8 {
+                let mut datagram = [0u8; 700];
+                let n = ferry_core::wire::encode_data(&mut datagram, session, &[i; 600]).unwrap();
+                a.socket().send_to(&datagram[..n], relays[0]).unwrap();
+            }
+            while b_socket.recv(&mut buf).is_ok() {
+                received += 1;
+            }
+            if gso_sends(&relay.metrics()) > since {
+                return received;
+            }
+        }
+        let page = relay.metrics();
+        let log = relay.log_text();
+        panic!("no GSO send toward B in 50 bursts of 32 datagrams: {page}\n{log}");
+    };
+    address("del");
+    let before = relay.metrics();
+    let received = burst_until_gso(gso_sends(&before));
+    let page = relay.metrics();
+    assert_eq!(received, 0, "B is unreachable without the address");
+    assert!(
+        sum_metric(&page, "ferry_worker_tx_errors_total") > 0,
+        "the failed sends are counted: {page}"
+    );
+    assert_eq!(
+        sum_metric(&page, "ferry_worker_gso_disabled_total"),
+        0,
+        "a source address that is gone says nothing about GSO: {page}"
+    );
+    address("add");
+    let received = burst_until_gso(gso_sends(&page));
+    assert!(received > 0, "B is reached again once the address is back");
 }
 
 /// Runs `args` (a command and its arguments), which must succeed.
