@@ -950,6 +950,17 @@ impl SendFailure {
     }
 }
 
+/// Longest datagram a GSO send carries to an IPv6 destination: a 1500-byte MTU less the IPv6
+/// and UDP headers. DATA from a peer on IPv4 may be up to `MAX_DATAGRAM` = 1472 bytes; forwarded
+/// to a peer on IPv6 it leaves alone, for the kernel to fragment as it does any single datagram
+/// over the path MTU, where a GSO send of such datagrams would be refused whole (`EMSGSIZE`).
+pub const MAX_GSO_SEGMENT_V6: usize = 1452;
+
+/// Whether datagrams of `len` bytes to `to` may leave in a GSO send.
+fn gso_fits(to: SocketAddr, len: usize) -> bool {
+    to.is_ipv4() || len <= MAX_GSO_SEGMENT_V6
+}
+
 /// Forwards decided in this batch and not yet queued. Consecutive datagrams of one length for
 /// one destination from one source address leave as a single UDP GSO send: a bulk flow
 /// through the relay costs one send per batch instead of one per datagram.
@@ -973,7 +984,8 @@ impl PendingForwards {
         segment: Segment,
         batch: &mut BatchStats,
     ) -> Result<(), UringError> {
-        let joins = self.gso
+        let gso = self.gso && gso_fits(to, len);
+        let joins = gso
             && socket == self.socket
             && to == self.to
             && src == self.src
@@ -985,7 +997,7 @@ impl PendingForwards {
             (self.socket, self.to, self.src, self.len) = (socket, to, src, len);
         }
         self.segments.push(segment);
-        if !self.gso {
+        if !gso {
             self.flush(ring, batch)?;
         }
         Ok(())

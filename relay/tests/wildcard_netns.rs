@@ -74,23 +74,23 @@ fn bound_pair(
 }
 
 /// A peer pair for `session`: A on the generator side talking to the relay at `relays[0]`,
-/// B on the sink side talking to it at `relays[1]` (both of one family); both bound.
+/// B on the sink side talking to it at `relays[1]`, each from a host address of its relay
+/// address's family; both bound.
 fn bound_pair_via(
     auth: &Authority,
     topo: &TwoSided,
     session: u64,
     relays: [SocketAddr; 2],
 ) -> (UdpPeer, UdpPeer) {
-    let v6 = relays[0].is_ipv6();
-    let host = |side: Side| -> IpAddr {
-        match v6 {
+    let socket = |side: Side, relay: SocketAddr| {
+        let host: IpAddr = match relay.is_ipv6() {
             false => topo.host_v4(side, 2).into(),
             true => topo.host_v6(side, 2).into(),
-        }
+        };
+        topo.socket(side, SocketAddr::new(host, 0)).unwrap()
     };
-    let socket = |side: Side| topo.socket(side, SocketAddr::new(host(side), 0)).unwrap();
-    let (mut a, mut b) =
-        peer_pair_via(auth, session, relays, socket(Side::Gen), socket(Side::Sink)).unwrap();
+    let (a_socket, b_socket) = (socket(Side::Gen, relays[0]), socket(Side::Sink, relays[1]));
+    let (mut a, mut b) = peer_pair_via(auth, session, relays, a_socket, b_socket).unwrap();
     let what = format!(
         "session {session:#x}: A to {}, B to {}",
         relays[0], relays[1]
@@ -217,6 +217,56 @@ fn removing_the_address_a_peer_is_bound_through_leaves_gso_on() {
     address("add");
     let received = burst_until_gso(gso_sends(&page));
     assert!(received > 0, "B is reached again once the address is back");
+}
+
+/// The largest DATA from a peer on IPv4 (a 1472-byte datagram) does not fit a 1500-byte IPv6
+/// path to the other peer; the relay sends each such datagram alone, which the kernel
+/// fragments, and never in a GSO send, which the kernel would refuse whole. Bursts of them
+/// arrive complete.
+#[test]
+#[ignore = "needs root: network namespaces"]
+fn full_size_data_from_ipv4_reaches_a_peer_on_ipv6_whole() {
+    skip::require_root("wildcard_netns");
+    let topo = TwoSided::new().unwrap();
+    let auth = Authority::new().unwrap();
+    let relay = start(&auth, &topo, "[xdp]\nmode = \"off\"\n".into());
+    let session = 0x7400;
+    let relays = [
+        relay_on(&topo, Side::Gen, false),
+        relay_on(&topo, Side::Sink, true),
+    ];
+    let (mut a, mut b) = bound_pair_via(&auth, &topo, session, relays);
+    talk(&mut a, &mut b, 3).unwrap();
+    let body = ferry_core::wire::MAX_DATAGRAM - ferry_core::wire::HEADER_LEN;
+    let b_socket = b.socket();
+    b_socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    for round in 0..10u8 {
+        for i in 0..16u8 {
+            let mut datagram = [0u8; ferry_core::wire::MAX_DATAGRAM];
+            let n = ferry_core::wire::encode_data(&mut datagram, session, &vec![i ^ round; body])
+                .unwrap();
+            assert_eq!(n, ferry_core::wire::MAX_DATAGRAM);
+            a.socket().send_to(&datagram[..n], relays[0]).unwrap();
+        }
+        for i in 0..16u8 {
+            let n = b_socket.recv(&mut buf).unwrap_or_else(|e| {
+                panic!(
+                    "round {round}: datagram {i} of 16 never came ({e}): {}",
+                    relay.metrics()
+                )
+            });
+            assert_eq!(n, ferry_core::wire::MAX_DATAGRAM, "round {round}");
+        }
+    }
+    let page = relay.metrics();
+    assert_eq!(
+        sum_metric(&page, "ferry_worker_tx_errors_total"),
+        0,
+        "{page}"
+    );
 }
 
 /// Runs `args` (a command and its arguments), which must succeed.
