@@ -20,6 +20,7 @@
 pub mod api;
 pub mod apikey;
 pub mod config;
+pub mod linger;
 pub mod metrics;
 pub mod net;
 pub mod ratelimit;

@@ -16,7 +16,7 @@
 //! deadline, request heads are capped at 16 KiB and 64 headers, bodies at
 //! `server.max_body_bytes`, and every request at `server.request_timeout_ms`. An answer given
 //! before the request's body was read to its end says `Connection: close` and ends the
-//! connection (`TrackedBody`).
+//! connection (`TrackedBody`), lingering until the client has sent the rest (`crate::linger`).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -37,6 +37,7 @@ use tower::ServiceExt as _;
 
 use crate::api::{self, App, ClientAddr};
 use crate::config::{self, GatewayConfig, RestartSettings, StateBackend, Transport};
+use crate::linger::{LingerStream, linger};
 use crate::metrics::Metrics;
 use crate::registry::{ProbeLines, Registry};
 use crate::state::{MemoryState, State};
@@ -417,13 +418,18 @@ async fn serve_connection(
     options: &ConnOptions,
     watcher: hyper_util::server::graceful::Watcher,
 ) {
+    let (stream, lingering) = LingerStream::new(stream);
+    let wants_linger = stream.wanted();
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(ClientAddr(peer));
         let (body, read) = TrackedBody::new(req.into_parts());
         let answer = router.clone().oneshot(body.map(axum::body::Body::new));
+        let wants_linger = Arc::clone(&wants_linger);
         async move {
             let mut response = answer.await?;
-            close_unless_read(&read, &mut response);
+            if close_unless_read(&read, &mut response) {
+                wants_linger.store(true, Ordering::Relaxed);
+            }
             Ok::<_, std::convert::Infallible>(response)
         }
     });
@@ -460,6 +466,10 @@ async fn serve_connection(
             let conn = http.serve_connection(TokioIo::new(stream), service);
             let _ = watcher.watch(conn).await;
         }
+    }
+    // Handed back only after an answer that ended the connection before its body was read.
+    if let Ok(stream) = lingering.await {
+        linger(stream).await;
     }
 }
 
@@ -516,12 +526,16 @@ impl hyper::body::Body for TrackedBody {
 /// the like answer before reading it, and its rest may not have arrived yet) says
 /// `Connection: close`: hyper then closes the connection after it, with a TLS close_notify,
 /// and a keep-alive client knows not to send its next request there. Reading the rest
-/// instead would make the answer wait for a body the gateway has no use for.
-fn close_unless_read(read: &AtomicBool, response: &mut hyper::Response<axum::body::Body>) {
-    if !read.load(Ordering::Relaxed) {
+/// instead would make the answer wait for a body the gateway has no use for; the rest is read
+/// and discarded after the answer, while the connection lingers (`crate::linger`). Returns
+/// whether the answer closes the connection so.
+fn close_unless_read(read: &AtomicBool, response: &mut hyper::Response<axum::body::Body>) -> bool {
+    let unread = !read.load(Ordering::Relaxed);
+    if unread {
         response.headers_mut().insert(
             hyper::header::CONNECTION,
             hyper::header::HeaderValue::from_static("close"),
         );
     }
+    unread
 }

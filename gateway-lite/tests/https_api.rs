@@ -1551,6 +1551,45 @@ async fn answers_before_the_body_is_read_close_the_connection_gracefully() {
     }
 }
 
+/// A client that sends its whole body before it reads the answer, as most do, gets the early
+/// answer and not a connection reset: after an answer given before the body was read, the
+/// gateway reads and discards what the client still sends before it closes, so its kernel
+/// holds no unread data to answer with a TCP reset.
+#[tokio::test]
+async fn a_client_that_sends_its_whole_body_before_reading_gets_the_early_answer() {
+    use tokio::io::AsyncWriteExt as _;
+    let setup = Setup::new("linger");
+    let gw = setup.start("gw", &setup.config(1, ""));
+    let wrong = format!("fgk1.app.{}", "A".repeat(43));
+    // Within `server.max_body_bytes`, so the answer is the key's 401; JSON whitespace.
+    let body = vec![b' '; 16 * 1024];
+    for round in 0..3 {
+        let mut tls = raw_tls(&setup, &gw, &[b"http/1.1"]).await;
+        let head = format!(
+            "POST /v1/sessions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {wrong}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        tls.write_all(head.as_bytes()).await.unwrap();
+        tls.flush().await.unwrap();
+        // The answer is given and the connection closed on the gateway's side meanwhile.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for chunk in body.chunks(1024) {
+            let sent = async {
+                tls.write_all(chunk).await?;
+                tls.flush().await
+            };
+            sent.await
+                .unwrap_or_else(|e| panic!("round {round}: the body's write failed: {e}"));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let answer = read_response(&mut tls).await;
+        assert_eq!(answer.status(), 401, "round {round}: {answer:?}");
+        assert!(answer.closes(), "round {round}: {answer:?}");
+        assert_closed_gracefully(&mut tls).await;
+    }
+}
+
 /// The gateway speaks HTTP/1.1 only. ALPN offers `http/1.1` alone: a client offering only `h2`
 /// fails the handshake (`no_application_protocol`), one offering both gets `http/1.1`, one
 /// offering none is served HTTP/1.1. A client sending the HTTP/2 connection preface anyway
