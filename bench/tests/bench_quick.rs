@@ -433,6 +433,35 @@ fn the_scale_and_flood_scenarios_bind_measure_and_count_the_guard() {
         result["runs"].as_array().expect("runs").is_empty(),
         "scale, flood and workers measure no other path"
     );
+    // The flood: guard off, then on, each without and with the flood.
+    let flood = result["flood"].as_array().expect("flood");
+    let cases: Vec<(bool, bool)> = flood
+        .iter()
+        .map(|r| (r["guard"] == true, r["flood"] == true))
+        .collect();
+    assert_eq!(
+        cases,
+        [(false, false), (false, true), (true, false), (true, true)]
+    );
+    for run in flood {
+        let what = format!("flood, guard {}, flood {}", run["guard"], run["flood"]);
+        assert!(num(&run["trial"], "sent") > 0.0, "{what}: {run}");
+        let (drops, challenges) = (
+            num(run, "xdp_drops_per_second"),
+            num(run, "xdp_challenges_per_second"),
+        );
+        if run["flood"] == true {
+            assert!(num(run, "flood_pps") > 0.0, "{what}: {run}");
+        }
+        if run["guard"] == true && run["flood"] == true {
+            // The spoofed BINDs carry no cookie: the guard answers them itself.
+            assert!(challenges > 0.0, "{what}: no CHALLENGE from XDP: {run}");
+        } else if run["guard"] == false {
+            assert_eq!((drops, challenges), (0.0, 0.0), "{what}: {run}");
+        }
+    }
+    let summary_md = std::fs::read_to_string(out.path().join("summary.md")).expect("summary.md");
+    assert!(summary_md.contains("CHALLENGEs from XDP/s"), "{summary_md}");
     let workers = result["workers"].as_array().expect("workers");
     let cpus = num(&result["host"], "cpus").min(2.0);
     let counts: Vec<f64> = workers.iter().map(|r| num(r, "workers")).collect();

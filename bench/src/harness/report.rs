@@ -9,7 +9,7 @@ use serde::Serialize;
 /// The `schema` field of every result.
 pub const SCHEMA_NAME: &str = "ferry-bench/result";
 /// The `version` field: raised whenever a field changes meaning or goes away.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// A whole run.
 #[derive(Clone, Debug, Serialize)]
@@ -193,6 +193,10 @@ pub struct FloodRun {
     pub flood_pps: f64,
     /// Datagrams the XDP guard dropped per second (`ferry_xdp_packets_total{action="drop"}`).
     pub xdp_drops_per_second: f64,
+    /// CHALLENGEs the XDP guard sent itself per second, answering cookie-less BINDs and
+    /// REBINDs (`ferry_xdp_packets_total{reason="challenge"}`, `tx` and `redirect`): the
+    /// flood's requests the relay process never saw.
+    pub xdp_challenges_per_second: f64,
     /// The relay process's CPU time over wall time (1.0: one core busy).
     pub relay_cpu_share: f64,
     /// The legitimate sessions' trial. With the flood on and the guard off, the relay's
@@ -884,8 +888,8 @@ pub fn markdown(result: &BenchResult) -> String {
         let _ = writeln!(
             md,
             "\n## Flood (ferry, {} B, legitimate {} pps)\n\n\
-             | XDP guard | flood | flood frames/s | XDP drops/s | relay CPU (of a core) | legitimate delivered pps | loss % | p50 / p99 µs |\n\
-             |---|---|---:|---:|---:|---:|---:|---|",
+             | XDP guard | flood | flood frames/s | XDP drops/s | CHALLENGEs from XDP/s | relay CPU (of a core) | legitimate delivered pps | loss % | p50 / p99 µs |\n\
+             |---|---|---:|---:|---:|---:|---:|---:|---|",
             result.config.payloads.first().map_or("", String::as_str),
             result.config.flood_legit_rate
         );
@@ -893,11 +897,12 @@ pub fn markdown(result: &BenchResult) -> String {
             let t = &f.trial;
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.0} | {:.0} | {:.0} % | {:.0} | {:.3} | {} |",
+                "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} % | {:.0} | {:.3} | {} |",
                 if f.guard { "on" } else { "off" },
                 if f.flood { "on" } else { "off" },
                 f.flood_pps,
                 f.xdp_drops_per_second,
+                f.xdp_challenges_per_second,
                 f.relay_cpu_share * 100.0,
                 t.delivered_pps,
                 t.loss * 100.0,

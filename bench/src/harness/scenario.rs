@@ -397,6 +397,7 @@ fn flood_scenario(
         for flooding in [false, true] {
             let xdp_drop = "ferry_xdp_packets_total{action=\"drop\"";
             let drops0 = path.metric(xdp_drop).unwrap_or(0);
+            let challenges0 = xdp_challenges(&path);
             let cpu0 = path.pid.map(task_cpu_ns).transpose()?.unwrap_or(0);
             let started = Instant::now();
             let stop = AtomicBool::new(false);
@@ -434,20 +435,24 @@ fn flood_scenario(
             }
             let cpu1 = path.pid.map(task_cpu_ns).transpose()?.unwrap_or(0);
             let drops1 = path.metric(xdp_drop).unwrap_or(0);
+            let challenges1 = xdp_challenges(&path);
             let run = FloodRun {
                 guard,
                 flood: flooding,
                 flood_pps: flood_sent as f64 / wall,
                 xdp_drops_per_second: drops1.saturating_sub(drops0) as f64 / wall,
+                xdp_challenges_per_second: challenges1.saturating_sub(challenges0) as f64 / wall,
                 relay_cpu_share: cpu1.saturating_sub(cpu0) as f64 / 1e9 / wall,
                 trial: t,
             };
             println!(
-                "{tag} flood {}: {:.0} flood frames/s, XDP drops {:.0}/s, relay CPU {:.0} % of a \
-                 core; legitimate: sent {} ({:.0} pps), sink {} ({:.0} pps), loss {:.3} %{}",
+                "{tag} flood {}: {:.0} flood frames/s, XDP drops {:.0}/s, CHALLENGEs from XDP \
+                 {:.0}/s, relay CPU {:.0} % of a core; legitimate: sent {} ({:.0} pps), sink {} \
+                 ({:.0} pps), loss {:.3} %{}",
                 if flooding { "on" } else { "off" },
                 run.flood_pps,
                 run.xdp_drops_per_second,
+                run.xdp_challenges_per_second,
                 run.relay_cpu_share * 100.0,
                 run.trial.sent,
                 run.trial.offered_pps,
@@ -463,6 +468,19 @@ fn flood_scenario(
         }
     }
     Ok(out)
+}
+
+/// CHALLENGEs the XDP guard of `path`'s relay has sent itself so far (`XDP_TX` and
+/// `XDP_REDIRECT`).
+fn xdp_challenges(path: &RunningPath) -> u64 {
+    ["tx", "redirect"]
+        .iter()
+        .map(|action| {
+            let name =
+                format!("ferry_xdp_packets_total{{action=\"{action}\",reason=\"challenge\"}}");
+            path.metric(&name).unwrap_or(0)
+        })
+        .sum()
 }
 
 fn measure_path(
