@@ -740,10 +740,14 @@ pub enum Counter {
     ChallengeTx = 28,
     /// The same, answered by `XDP_REDIRECT` back out of the veth it came in on.
     ChallengeRedirect = 29,
+    /// A CHALLENGE the guard had begun to write over its request could not be sent (the
+    /// kernel cut the frame to another length than asked, or refused the redirect): the frame
+    /// is no longer the request, so it is dropped. Not expected to happen.
+    DropChallengeFailed = 30,
 }
 
 /// The first slot of the malformed-header counters.
-pub const FIRST_MALFORMED: u32 = 30;
+pub const FIRST_MALFORMED: u32 = 31;
 /// Number of counter slots: the [`Counter`] variants, then one per [`HeaderError`].
 pub const COUNTER_SLOTS: u32 = FIRST_MALFORMED + HeaderError::COUNT as u32;
 
@@ -780,6 +784,7 @@ impl Counter {
         Counter::FastPartialChecksum,
         Counter::ChallengeTx,
         Counter::ChallengeRedirect,
+        Counter::DropChallengeFailed,
     ];
 
     /// The fast path's fallbacks: DATA it passed to the relay, and why.
@@ -839,6 +844,7 @@ impl Counter {
             Counter::FastPartialChecksum => ("pass", "fast_partial_checksum"),
             Counter::ChallengeTx => ("tx", "challenge"),
             Counter::ChallengeRedirect => ("redirect", "challenge"),
+            Counter::DropChallengeFailed => ("drop", "challenge_failed"),
         }
     }
 }

@@ -21,12 +21,13 @@ use ferry_common::cookie::{cookie, cookie_input};
 use ferry_common::header::{CHALLENGE_BODY_LEN, HEADER_LEN, PacketType, handshake_body_ok};
 use ferry_common::xdp::{
     CookieKeys, Counter, FLAG_CHALLENGE, GuardConfig, MAX_FAST_IFACES, MAX_RELAY_ADDRS,
-    REPLY_REDIRECT, REPLY_TX,
+    REPLY_REDIRECT,
 };
 
 use crate::{ETH_HLEN, IPV6_HLEN, L4, UDP_HLEN, ipv4_mapped};
 
-/// The interfaces the guard answers on, and how ([`REPLY_TX`], [`REPLY_REDIRECT`]).
+/// The interfaces the guard answers on, and how ([`REPLY_TX`](ferry_common::xdp::REPLY_TX),
+/// [`REPLY_REDIRECT`]).
 #[map(name = "REPLY_IFACES")]
 static REPLY_IFACES: HashMap<u32, u32> = HashMap::with_max_entries(MAX_FAST_IFACES, 0);
 
@@ -49,11 +50,12 @@ const ANY_V4: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 0];
 /// `::`, the key standing for every IPv6 address.
 const ANY_V6: [u8; 16] = [0; 16];
 
-/// A request the guard answers: how the answer leaves ([`REPLY_TX`] or [`REPLY_REDIRECT`]) and
-/// whether it came over IPv4. The rest is read from the frame again when the answer is made,
+/// A request the guard answers: how the answer leaves
+/// ([`REPLY_TX`](ferry_common::xdp::REPLY_TX) or [`REPLY_REDIRECT`]) and whether it came over
+/// IPv4. The rest is read from the frame again when the answer is made,
 /// at offsets [`answerable`] made sure of, so that the guard's stack need not carry it.
 pub struct Request {
-    /// [`REPLY_TX`] or [`REPLY_REDIRECT`].
+    /// [`REPLY_TX`](ferry_common::xdp::REPLY_TX) or [`REPLY_REDIRECT`].
     pub how: u32,
     /// IPv4 (else IPv6).
     pub v4: bool,
@@ -182,7 +184,7 @@ pub fn answer(ctx: &XdpContext, cfg: &GuardConfig, keys: &CookieKeys, req: &Requ
         // the request, so it must not reach the relay.
         return (
             aya_ebpf::bindings::xdp_action::XDP_DROP,
-            Counter::DropBadIpHeader as u32,
+            Counter::DropChallengeFailed as u32,
         );
     }
     if req.how == REPLY_REDIRECT {
@@ -193,11 +195,10 @@ pub fn answer(ctx: &XdpContext, cfg: &GuardConfig, keys: &CookieKeys, req: &Requ
         }
         return (
             aya_ebpf::bindings::xdp_action::XDP_DROP,
-            Counter::DropBadIpHeader as u32,
+            Counter::DropChallengeFailed as u32,
         );
     }
-    // REPLY_TX: the relay writes no other value.
-    let _ = REPLY_TX;
+    // Otherwise REPLY_TX: the relay writes no third value.
     (XDP_TX, Counter::ChallengeTx as u32)
 }
 
