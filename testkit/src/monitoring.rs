@@ -95,8 +95,10 @@ pub fn missing_from(page: &str, exporter: Exporter) -> Vec<String> {
         .collect()
 }
 
-/// The metric families on `page` that none of `docs` (paths under the workspace's docs/) names:
-/// empty when an operator reading the docs finds every metric the process serves.
+/// The metric families on `page` that none of `docs` (paths under the workspace's docs/) names
+/// in a metric reference table (the first cell of a Markdown table row): empty when an
+/// operator reading the docs' tables finds every metric the process serves. A name mentioned
+/// only in passing elsewhere does not count.
 ///
 /// # Panics
 ///
@@ -111,16 +113,34 @@ pub fn undocumented(page: &str, docs: &[&str]) -> Vec<String> {
                 .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
         })
         .collect();
-    let documented = names_in(&text);
+    let documented = names_in(&first_cells(&text));
     names_on_page(page)
         .into_iter()
         .filter(|n| !documented.contains(n))
         .collect()
 }
 
+/// The first cell of every Markdown table row of `text`, one per line.
+fn first_cells(text: &str) -> String {
+    text.lines()
+        .filter_map(|l| l.trim_start().strip_prefix('|'))
+        .filter_map(|row| row.split('|').next())
+        .map(|cell| format!("{cell}\n"))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_names_in_a_tables_first_cell_are_documented() {
+        let text = "The `ferry_prose_total` counter.\n\
+                    | metric | labels |\n|---|---|\n\
+                    | `ferry_a_total`, `ferry_b` | `ferry_in_labels_total` |\n";
+        let names: Vec<_> = names_in(&first_cells(text)).into_iter().collect();
+        assert_eq!(names, ["ferry_a_total", "ferry_b"]);
+    }
 
     #[test]
     fn names_are_found_whole() {
