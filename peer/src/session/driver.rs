@@ -405,11 +405,15 @@ impl Driver {
             Input::Readable(Err(_)) => {}
             Input::Command(Some(Command::Rebind)) => self.rebind_now().await,
             Input::Command(Some(Command::Close(done))) => {
+                self.send_what_the_app_queued().await;
                 self.close().await;
                 let _ = done.send(());
             }
             // The Session handle is gone: close as it would have.
-            Input::Command(None) => self.close().await,
+            Input::Command(None) => {
+                self.send_what_the_app_queued().await;
+                self.close().await;
+            }
             Input::App(Some(message)) => {
                 self.queue_message(&message).await;
                 for _ in 1..BATCH {
@@ -445,6 +449,25 @@ impl Driver {
             }
         }
         self.rx = rx;
+    }
+
+    /// Sends the messages the application queued before it asked to close, so that they
+    /// reach the other peer before the CLOSE does (a QUIC CONNECTION_CLOSE among them): the
+    /// relay drops DATA of a session it no longer holds. (`step` picks among ready inputs at
+    /// random, so a CLOSE command may be taken before messages queued ahead of it.)
+    async fn send_what_the_app_queued(&mut self) {
+        if self.connecting {
+            return;
+        }
+        let mut queued = 0;
+        while let Ok(message) = self.queues.from_app.try_recv() {
+            self.queue_message(&message).await;
+            queued += 1;
+            if queued % BATCH == 0 {
+                self.flush_data().await;
+            }
+        }
+        self.flush_data().await;
     }
 
     /// Sends CLOSE and ends the session.

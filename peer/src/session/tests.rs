@@ -337,6 +337,32 @@ async fn the_other_peers_close_ends_the_session_with_its_reason() {
     assert!(matches!(b.send(b"x").await, Err(LinkError::Closed(_))));
 }
 
+/// What the application sent before it closed the session reaches the other peer before the
+/// CLOSE does (a QUIC CONNECTION_CLOSE, say): the relay drops DATA of a session it no longer
+/// holds.
+#[tokio::test(start_paused = true)]
+async fn messages_sent_before_close_reach_the_other_peer_before_the_close() {
+    let relay = FakeRelay::start().await;
+    for round in 0..10 {
+        let (a, b) = pair(&relay, None).await;
+        assert!(gets_through(&a, &b, Duration::from_secs(5)).await);
+        for i in 0..8u8 {
+            b.send(&[b'm', i]).await.unwrap();
+        }
+        b.close().await;
+        let mut got = Vec::new();
+        let end = loop {
+            match a.recv().await {
+                Ok(m) if m == b"ping" => continue,
+                Ok(m) => got.push(m),
+                Err(e) => break e,
+            }
+        };
+        let want: Vec<Vec<u8>> = (0..8u8).map(|i| vec![b'm', i]).collect();
+        assert_eq!(got, want, "round {round}: ended with {end}");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_binding_is_renewed_two_thirds_into_the_tokens_life() {
     let relay = FakeRelay::start().await;
