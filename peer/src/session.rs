@@ -52,7 +52,7 @@ use std::time::Duration;
 use ferry_core::keys::PeerPublicKey;
 use ferry_core::known_peers::KnownPeers;
 use ferry_core::noise::{LocalIdentity, PeerExpectation, TransportLimits};
-use ferry_core::wire::Slot;
+use ferry_core::wire::{RejectReason, Slot};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use crate::channel::ChannelError;
@@ -234,8 +234,15 @@ pub enum SessionError {
         /// The token's `exp`.
         expires_at: u64,
     },
-    /// The renewer could not give a fresh grant for an expired one.
-    #[error("the grant's token expired and the gateway could not renew it: {0}")]
+    /// The relay refused the bind because the grant's token was used before (a token binds
+    /// once: a grant is good for one session), and there is no renewer to get a fresh one.
+    #[error(
+        "the relay rejected the bind: this grant's token was already used (a token binds once): \
+         renew it (`ferry-peer renew`) or give the session a gateway"
+    )]
+    TokenUsed,
+    /// The renewer could not give a fresh grant for an expired or used one.
+    #[error("the grant's token expired or was used, and the gateway could not renew it: {0}")]
     Renew(#[source] GatewayError),
     /// The session ended while connecting (the other peer closed it, the relay unbound it).
     #[error("the session ended while connecting: {0}")]
@@ -363,6 +370,27 @@ impl Shared {
     }
 }
 
+/// Replaces `config`'s grant by a fresh one from its renewer (which the caller made sure of),
+/// keeping the caller's pin when the renewal names no key.
+async fn renew_grant(config: &mut SessionConfig) -> Result<(), SessionError> {
+    let Some(renewer) = &config.renewer else {
+        return Err(SessionError::TokenUsed);
+    };
+    let fresh = renewer
+        .renew(config.grant.session_id, config.grant.slot)
+        .await
+        .map_err(SessionError::Renew)?;
+    config.grant = Grant {
+        // The pin and the relay's address are the caller's; a renewal repeats them.
+        expected_peer_public_key: config
+            .grant
+            .expected_peer_public_key
+            .or(fresh.expected_peer_public_key),
+        ..fresh
+    };
+    Ok(())
+}
+
 /// What the application asks of the driver besides sending.
 #[derive(Debug)]
 enum Command {
@@ -395,32 +423,37 @@ pub struct Session {
 impl Session {
     /// Binds, waits for the other peer, runs the handshake, and starts the driver task (see
     /// the module doc). A grant whose token has expired (or expires within 5 s) is first
-    /// renewed through the renewer; without one that is an error. Fails at once when the other peer presents the wrong identity or the
-    /// relay refuses the bind with an authenticated REJECT, and after
-    /// [`Timeouts::connect`] otherwise.
+    /// renewed through the renewer; without one that is an error. A token the relay says was
+    /// used before (REJECT `REPLAYED`: a token binds once) is renewed and the bind tried once
+    /// more; without a renewer that is an error. Fails at once when the other peer presents
+    /// the wrong identity or the relay refuses the bind with an authenticated REJECT, and
+    /// after [`Timeouts::connect`] otherwise.
     pub async fn connect(mut config: SessionConfig) -> Result<Self, SessionError> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         if config.grant.expires_at <= now + EXPIRY_MARGIN_SECS {
-            let Some(renewer) = &config.renewer else {
+            if config.renewer.is_none() {
                 return Err(SessionError::GrantExpired {
                     expires_at: config.grant.expires_at,
                 });
-            };
-            let fresh = renewer
-                .renew(config.grant.session_id, config.grant.slot)
-                .await
-                .map_err(SessionError::Renew)?;
-            config.grant = Grant {
-                // The pin and the relay's address are the caller's; a renewal repeats them.
-                expected_peer_public_key: config
-                    .grant
-                    .expected_peer_public_key
-                    .or(fresh.expected_peer_public_key),
-                ..fresh
-            };
+            }
+            renew_grant(&mut config).await?;
         }
+        match Self::connect_once(&config).await {
+            Err(SessionError::Rejected(reason)) if reason == RejectReason::Replayed.name() => {
+                if config.renewer.is_none() {
+                    return Err(SessionError::TokenUsed);
+                }
+                renew_grant(&mut config).await?;
+                Self::connect_once(&config).await
+            }
+            other => other,
+        }
+    }
+
+    /// One attempt of [`connect`](Self::connect) with the grant as it is.
+    async fn connect_once(config: &SessionConfig) -> Result<Self, SessionError> {
         let (expect, known) = match &config.expectation {
             Expectation::FromGrant => match config.grant.expected_peer_public_key {
                 Some(key) => (PeerExpectation::Pinned(*key.as_bytes()), KnownPeers::new()),
@@ -443,7 +476,7 @@ impl Session {
         let session_id = config.grant.session_id;
         let slot = config.grant.slot;
         let mut driver = driver::Driver::new(
-            &config,
+            config,
             expect,
             known,
             relay,

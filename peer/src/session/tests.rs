@@ -40,6 +40,8 @@ struct RelayState {
     rebinds: u64,
     /// The longest DATA datagram it received.
     longest_data: usize,
+    /// Tokens used before: a BIND with one gets an authenticated REJECT `REPLAYED`.
+    spent: std::collections::HashSet<[u8; TOKEN_LEN]>,
 }
 
 struct FakeRelay {
@@ -181,6 +183,19 @@ fn serve(state: &mut RelayState, datagram: &[u8], from: SocketAddr) -> Vec<(Vec<
             };
             let slot = bind.slot();
             let keys = SlotKeys::derive(&SlotSecret::from_bytes(secret));
+            if state.spent.contains(bind.token()) {
+                let fields = wire::RejectFields {
+                    reason: wire::RejectReason::Replayed,
+                    slot,
+                    bind_seq: bind.bind_seq(),
+                };
+                let mut out = vec![0u8; MAX_DATAGRAM];
+                let n =
+                    wire::encode_reject(&mut out, SESSION, &fields, |m| keys.relay.mac(m)).unwrap();
+                out.truncate(n);
+                replies.push((out, from));
+                return replies;
+            }
             let was_free = state.bound[slot_index(slot)].is_none();
             if !was_free {
                 state.binds += 1;
@@ -502,6 +517,35 @@ async fn a_grant_without_a_peer_key_is_refused_unless_trust_on_first_use_is_aske
     let (a, b) = tokio::join!(Session::connect(a), Session::connect(b));
     let (a, _b) = (a.unwrap(), b.unwrap());
     assert_eq!(a.known_peers().get("bob"), Some(key(2).public().as_bytes()));
+}
+
+/// A token binds once: run again with the same grant, a session is refused with advice, or
+/// with a renewer renews the grant and binds.
+#[tokio::test(start_paused = true)]
+async fn a_used_token_is_renewed_and_bound_again_or_refused_with_advice_without_a_renewer() {
+    let relay = FakeRelay::start().await;
+    let (alice, bob) = (key(1), key(2));
+    let used = relay.grant(Slot::A, 51, &bob);
+    relay.state.lock().unwrap().spent.insert([51; TOKEN_LEN]);
+    let err = Session::connect(SessionConfig::new(used.clone(), identity(&alice)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SessionError::TokenUsed), "{err}");
+    assert!(err.to_string().contains("ferry-peer renew"), "{err}");
+
+    let renewer = Arc::new(FakeRenewer::default());
+    renewer
+        .grants
+        .lock()
+        .unwrap()
+        .push_back(relay.grant(Slot::A, 52, &bob));
+    let mut a = SessionConfig::new(used, identity(&alice));
+    a.renewer = Some(renewer.clone());
+    let b = SessionConfig::new(relay.grant(Slot::B, 53, &alice), identity(&bob));
+    let (a, b) = tokio::join!(Session::connect(a), Session::connect(b));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(renewer.calls.load(Ordering::Relaxed), 1);
+    assert!(gets_through(&a, &b, Duration::from_secs(5)).await);
 }
 
 #[tokio::test(start_paused = true)]
