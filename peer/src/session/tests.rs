@@ -171,7 +171,7 @@ fn serve(state: &mut RelayState, datagram: &[u8], from: SocketAddr) -> Vec<(Vec<
             let Some(secret) = state.secrets.get(bind.token()).copied() else {
                 // An unknown token: what a relay says about an expired one, unauthenticated.
                 let fields = wire::RejectFields {
-                    reason: wire::RejectReason::TokenExpired,
+                    reason: RejectReason::TokenExpired,
                     slot: bind.slot(),
                     bind_seq: bind.bind_seq(),
                 };
@@ -185,7 +185,7 @@ fn serve(state: &mut RelayState, datagram: &[u8], from: SocketAddr) -> Vec<(Vec<
             let keys = SlotKeys::derive(&SlotSecret::from_bytes(secret));
             if state.spent.contains(bind.token()) {
                 let fields = wire::RejectFields {
-                    reason: wire::RejectReason::Replayed,
+                    reason: RejectReason::Replayed,
                     slot,
                     bind_seq: bind.bind_seq(),
                 };
@@ -219,7 +219,7 @@ fn serve(state: &mut RelayState, datagram: &[u8], from: SocketAddr) -> Vec<(Vec<
             } else {
                 // What a relay says to a REBIND for a slot it does not hold.
                 let fields = wire::RejectFields {
-                    reason: wire::RejectReason::UnknownSession,
+                    reason: RejectReason::UnknownSession,
                     slot,
                     bind_seq: rebind.bind_seq(),
                 };
