@@ -2,6 +2,7 @@
 //! optional gateway for renewal) and how a session is opened and reported.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,8 +61,9 @@ pub struct SessionArgs {
     /// Talk to the relay at this address instead of the grant's `relay.address`.
     #[arg(long, value_name = "ADDR")]
     pub relay: Option<SocketAddr>,
-    /// Seconds to wait for the relay, the other peer and the handshake.
-    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    /// Seconds to wait for the relay, the other peer and the handshake (1 to 86400).
+    #[arg(long, value_name = "SECS", default_value_t = 120,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_CONNECT_TIMEOUT_SECS))]
     pub connect_timeout: u64,
     /// Trust the other peer's key on first use under NAME instead of pinning the key the grant
     /// names: the first key seen is recorded in --known-peers, a later different one is
@@ -73,13 +75,18 @@ pub struct SessionArgs {
     pub known_peers: Option<PathBuf>,
 }
 
-/// The API key from `file`, else from the environment.
+/// The longest `--connect-timeout`: a day.
+pub const MAX_CONNECT_TIMEOUT_SECS: u64 = 86_400;
+
+/// The longest grant file read (a grant is under 2 KiB).
+const MAX_GRANT_FILE_LEN: u64 = 64 * 1024;
+
+/// The API key from `file` (a secret: a regular file readable by its owner only, like a key
+/// file), else from the environment.
 pub fn api_key(file: Option<&std::path::Path>) -> anyhow::Result<ApiKey> {
     let text = match file {
-        Some(path) => zeroize::Zeroizing::new(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("reading the API key file {}", path.display()))?,
-        ),
+        Some(path) => ferry_keyfile::load_secret_text(path)
+            .with_context(|| format!("reading the API key file {}", path.display()))?,
         None => match std::env::var(API_KEY_ENV) {
             Ok(key) => zeroize::Zeroizing::new(key),
             Err(_) => anyhow::bail!(
@@ -93,13 +100,25 @@ pub fn api_key(file: Option<&std::path::Path>) -> anyhow::Result<ApiKey> {
     Ok(ApiKey::new(&text))
 }
 
-/// Reads the grant file at `path`.
+/// Reads the grant file at `path`: a regular file (a FIFO or a device is refused without
+/// blocking) of at most 64 KiB.
 pub fn read_grant(path: &std::path::Path) -> anyhow::Result<Grant> {
-    let text = zeroize::Zeroizing::new(
-        std::fs::read_to_string(path)
-            .with_context(|| format!("reading the grant {}", path.display()))?,
-    );
-    Grant::from_json(&text).with_context(|| format!("reading the grant {}", path.display()))
+    use std::io::Read as _;
+    let context = || format!("reading the grant {}", path.display());
+    let file = ferry_keyfile::open_regular_file(path).with_context(context)?;
+    // Room for the longest file read, so that the buffer holding the slot secret never grows
+    // (and leaves no copy behind in freed memory).
+    let mut text = zeroize::Zeroizing::new(String::with_capacity(MAX_GRANT_FILE_LEN as usize + 1));
+    file.take(MAX_GRANT_FILE_LEN + 1)
+        .read_to_string(&mut text)
+        .with_context(context)?;
+    if text.len() as u64 > MAX_GRANT_FILE_LEN {
+        anyhow::bail!(
+            "reading the grant {}: longer than {MAX_GRANT_FILE_LEN} bytes, not a grant",
+            path.display()
+        );
+    }
+    Grant::from_json(&text).with_context(context)
 }
 
 /// Everything of [`SessionArgs`] read and checked, before any network traffic.
@@ -132,7 +151,20 @@ pub fn prepare(args: &SessionArgs) -> anyhow::Result<Prepared> {
             .known_peers
             .clone()
             .unwrap_or_else(crate::default_known_peers);
-        let known = ferry_keyfile::load_known_peers(&file)
+        // Made now if missing (a fresh machine has no ~/.config/ferry), and opened for writing
+        // under its lock, so that a file the key cannot be recorded in fails before the
+        // session spends its token rather than after.
+        if let Some(dir) = file.parent()
+            && !dir.as_os_str().is_empty()
+            && !dir.exists()
+        {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("creating the directory {}", dir.display()))?;
+        }
+        let known = ferry_keyfile::update_known_peers(&file, |known| (false, known.clone()))
             .with_context(|| format!("reading the known-peers file {}", file.display()))?;
         config.expectation = Expectation::TrustOnFirstUse {
             name: name.clone(),

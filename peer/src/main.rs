@@ -104,9 +104,12 @@ enum Command {
         /// the gateway refuses a join with another key.
         #[arg(long, value_name = "KEY")]
         expect_peer: Option<String>,
-        /// Where to write the grant (JSON, mode 0600).
+        /// Where to write the grant (JSON, mode 0600); an existing file is kept unless --force.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+        /// Replace an existing --out file (the grant of another session, maybe).
+        #[arg(long)]
+        force: bool,
     },
     /// Join a session with its join code (this peer takes slot B) and write the grant to --out;
     /// prints `session_id`, `slot`, `peer` (the creator's public key, which the grant pins) and
@@ -121,9 +124,12 @@ enum Command {
         /// The join code the creator handed over.
         #[arg(long)]
         code: String,
-        /// Where to write the grant (JSON, mode 0600).
+        /// Where to write the grant (JSON, mode 0600); an existing file is kept unless --force.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+        /// Replace an existing --out file (the grant of another session, maybe).
+        #[arg(long)]
+        force: bool,
     },
     /// Get a fresh token and slot secret for the session and slot of a grant file, with the
     /// API key that created or joined it, and write the new grant; prints `session_id` and
@@ -225,8 +231,14 @@ fn block_on<T>(future: impl Future<Output = T>) -> anyhow::Result<T> {
 }
 
 /// Writes `grant` to `path` with mode 0600, through a temporary file next to it and a rename,
-/// so that a reader never sees half a grant.
-fn write_grant(path: &Path, grant: &Grant) -> anyhow::Result<()> {
+/// so that a reader never sees half a grant. An existing file is replaced only if `replace`.
+fn write_grant(path: &Path, grant: &Grant, replace: bool) -> anyhow::Result<()> {
+    if !replace && std::fs::symlink_metadata(path).is_ok() {
+        anyhow::bail!(
+            "{} already exists (the grant of another session?): give --force to replace it",
+            path.display()
+        );
+    }
     let name = path
         .file_name()
         .with_context(|| format!("{} is not a file name", path.display()))?;
@@ -251,6 +263,32 @@ fn write_grant(path: &Path, grant: &Grant) -> anyhow::Result<()> {
     })
 }
 
+/// Waits for SIGINT (Ctrl-C) or SIGTERM and names it; never returns if neither can be
+/// watched.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        },
+        _ => std::future::pending().await,
+    }
+}
+
+/// Creates and removes a file in `dir`, to learn that files can be created there.
+fn tempfile_in(dir: &Path) -> std::io::Result<()> {
+    let probe = dir.join(format!(".ferry-peer-probe-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)?;
+    std::fs::remove_file(&probe)
+}
+
 /// Which way a file goes.
 enum Direction {
     Send(PathBuf),
@@ -259,14 +297,28 @@ enum Direction {
 
 /// Runs `ferry-peer send` or `recv`.
 fn transfer(args: &SessionArgs, direction: Direction) -> anyhow::Result<()> {
-    if let Direction::Send(file) = &direction {
-        // Fail before the session when the file cannot be read.
-        std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
-    }
-    if let Direction::Recv(dir) = &direction
-        && !dir.is_dir()
-    {
-        anyhow::bail!("{} is not a directory", dir.display());
+    // Everything that can be checked is checked before the session, whose token a failure
+    // afterwards would have spent (and the other peer would see only the session end).
+    match &direction {
+        Direction::Send(file) => {
+            // A regular file (a FIFO is refused, not waited on), readable, whose name the
+            // receiver takes.
+            ferry_keyfile::open_regular_file(file)
+                .with_context(|| format!("opening {}", file.display()))?;
+            let name = file
+                .file_name()
+                .and_then(|n| n.to_str())
+                .with_context(|| format!("{}: the path has no UTF-8 file name", file.display()))?;
+            ferry_peer::transfer::check_file_name(name)
+                .map_err(|reason| anyhow::anyhow!("{}: {reason}", file.display()))?;
+        }
+        Direction::Recv(dir) => {
+            if !dir.is_dir() {
+                anyhow::bail!("{} is not a directory", dir.display());
+            }
+            // Writable: a file can be created there (and is removed at once).
+            tempfile_in(dir).with_context(|| format!("{} is not writable", dir.display()))?;
+        }
     }
     let prepared = cli_session::prepare(args)?;
     let runtime = cli_session::runtime()?;
@@ -274,17 +326,28 @@ fn transfer(args: &SessionArgs, direction: Direction) -> anyhow::Result<()> {
         let session: Arc<Session> = Arc::new(prepared.connect().await?);
         let options = TransferOptions::default();
         let progress = BarProgress::new();
-        let result = match &direction {
-            Direction::Send(file) => {
-                ferry_peer::transfer::send_file(session.clone(), file, &options, &progress)
-                    .await
-                    .with_context(|| format!("sending {}", file.display()))
+        let transfer = async {
+            match &direction {
+                Direction::Send(file) => {
+                    ferry_peer::transfer::send_file(session.clone(), file, &options, &progress)
+                        .await
+                        .with_context(|| format!("sending {}", file.display()))
+                }
+                Direction::Recv(dir) => {
+                    ferry_peer::transfer::receive_file(session.clone(), dir, &options, &progress)
+                        .await
+                        .context("receiving a file")
+                }
             }
-            Direction::Recv(dir) => {
-                ferry_peer::transfer::receive_file(session.clone(), dir, &options, &progress)
-                    .await
-                    .context("receiving a file")
-            }
+        };
+        // On Ctrl-C or SIGTERM the transfer is dropped, which removes a file being received
+        // (nothing is kept under its name, nor half of it under another), and the session
+        // is closed.
+        let result = tokio::select! {
+            result = transfer => result,
+            signal = interrupted() => Err(anyhow::anyhow!(
+                "interrupted by {signal}: the transfer was abandoned"
+            )),
         };
         session.close().await;
         let report: TransferReport = result?;
@@ -435,6 +498,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             realm,
             expect_peer,
             out,
+            force,
         } => {
             let key: PeerStaticKey = ferry_keyfile::load_secret_file(&identity)?;
             let expected: Option<PeerPublicKey> = expect_peer
@@ -443,7 +507,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let client = gateway_client(&gateway)?;
             let grant = block_on(client.create(&realm, &key.public(), expected.as_ref()))?
                 .context("creating a session")?;
-            write_grant(&out, &grant)?;
+            write_grant(&out, &grant, force)?;
             println!("session_id {}", grant.session_id_hex());
             println!("slot A");
             if let Some(code) = &grant.join_code {
@@ -456,12 +520,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             identity,
             code,
             out,
+            force,
         } => {
             let key: PeerStaticKey = ferry_keyfile::load_secret_file(&identity)?;
             let client = gateway_client(&gateway)?;
             let grant = block_on(client.join(code.trim(), &key.public()))?
                 .context("joining the session")?;
-            write_grant(&out, &grant)?;
+            write_grant(&out, &grant, force)?;
             println!("session_id {}", grant.session_id_hex());
             println!("slot B");
             if let Some(peer) = &grant.expected_peer_public_key {
@@ -474,16 +539,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             grant: grant_file,
             out,
         } => {
-            let text = zeroize::Zeroizing::new(
-                std::fs::read_to_string(&grant_file)
-                    .with_context(|| format!("reading the grant {}", grant_file.display()))?,
-            );
-            let old = Grant::from_json(&text)
-                .with_context(|| format!("reading the grant {}", grant_file.display()))?;
+            let old = cli_session::read_grant(&grant_file)?;
             let client = gateway_client(&gateway)?;
             let grant =
                 block_on(client.renew(old.session_id, old.slot))?.context("renewing the slot")?;
-            write_grant(out.as_deref().unwrap_or(&grant_file), &grant)?;
+            // Renewing replaces the grant it renews: that is its purpose.
+            write_grant(out.as_deref().unwrap_or(&grant_file), &grant, true)?;
             println!("session_id {}", grant.session_id_hex());
             println!("expires_at {}", grant.expires_at);
         }

@@ -269,6 +269,137 @@ fn session_commands_fail_with_one_clear_line_on_bad_input() {
     }
 }
 
+/// What can be checked is checked before any network traffic, with one clear line: files that
+/// are no regular files (a FIFO would block for ever), an API key file others can read, a
+/// file to send that the receiver would refuse, and a connect timeout out of range.
+#[test]
+fn bad_files_and_arguments_are_refused_before_the_session() {
+    let dir = scratch("before-session");
+    let (grant, key) = grant_and_key(dir.path());
+    let fifo = dir.path().join("fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    let loose_key = dir.path().join("api.key");
+    std::fs::write(&loose_key, "fgk1.app.AAAA\n").unwrap();
+    std::fs::set_permissions(&loose_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let bad_name = dir.path().join("bad\u{7}name");
+    std::fs::write(&bad_name, "x").unwrap();
+    let (g, k) = (path_str(&grant), path_str(&key));
+    let session = ["--grant", g, "--identity", k, "--connect-timeout", "1"];
+    let with = |cmd: &str, extra: &[&str]| -> Vec<String> {
+        let mut args = vec![cmd.to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            with(
+                "recv",
+                &["--grant", path_str(&fifo), "--identity", k, "--dir", "."],
+            ),
+            "FIFO",
+        ),
+        (
+            with(
+                "recv",
+                &["--grant", "/dev/zero", "--identity", k, "--dir", "."],
+            ),
+            "not a regular file",
+        ),
+        (
+            with("send", &[&session[..], &[path_str(&fifo)]].concat()),
+            "FIFO",
+        ),
+        (
+            with("send", &[&session[..], &[path_str(dir.path())]].concat()),
+            "a directory",
+        ),
+        (
+            with("send", &[&session[..], &[path_str(&bad_name)]].concat()),
+            "control character",
+        ),
+        (
+            with(
+                "renew",
+                &[
+                    "--gateway",
+                    "https://localhost:1",
+                    "--ca",
+                    g,
+                    "--api-key-file",
+                    path_str(&loose_key),
+                    "--grant",
+                    g,
+                ],
+            ),
+            "chmod 600",
+        ),
+    ];
+    for (args, needle) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let started = std::time::Instant::now();
+        let out = run_without_key(&args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.contains(needle),
+            "{args:?}: {needle:?} missing from {err}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{args:?} took {:?}",
+            started.elapsed()
+        );
+    }
+    // Out of range: a usage error (exit 2) naming the option, not a panic.
+    let out = run_without_key(&[
+        "recv",
+        "--grant",
+        g,
+        "--identity",
+        k,
+        "--dir",
+        ".",
+        "--connect-timeout",
+        "18446744073709551615",
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--connect-timeout"), "{err}");
+}
+
+/// Trust on first use on a machine without the known-peers file's directory: the directory
+/// is made (mode 0700) before the session starts.
+#[test]
+fn trust_on_first_use_makes_the_known_peers_directory() {
+    let dir = scratch("tofu-dir");
+    let (grant, key) = grant_and_key(dir.path());
+    let known = dir.path().join("home/.config/ferry/known-peers");
+    let out = run_without_key(&[
+        "recv",
+        "--grant",
+        path_str(&grant),
+        "--identity",
+        path_str(&key),
+        "--dir",
+        path_str(dir.path()),
+        "--trust-on-first-use",
+        "bob",
+        "--known-peers",
+        path_str(&known),
+        "--connect-timeout",
+        "1",
+    ]);
+    let err = text(&out.stderr);
+    // The grant's relay is nobody: the session times out, after the directory was made.
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("timed out"), "{err}");
+    let parent = known.parent().unwrap();
+    let mode = std::fs::metadata(parent).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "{}", parent.display());
+}
+
 #[test]
 fn without_a_gateway_the_session_says_it_cannot_renew_and_times_out_clearly() {
     let dir = scratch("session-nogw");

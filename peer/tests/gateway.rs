@@ -131,6 +131,19 @@ fn create_join_and_renew_write_grants_that_pin_each_other() {
     assert_eq!(a.join_code.as_deref(), Some(code));
     assert_eq!(a.expected_peer_public_key, Some(bob_pub));
     assert!(!created.contains(&api_key));
+    // A second create to the same --out keeps the first session's grant, unless --force.
+    let again = peer(&args, Some(&api_key));
+    assert!(!again.status.success());
+    assert!(
+        text(&again.stderr).contains("--force"),
+        "{}",
+        text(&again.stderr)
+    );
+    assert_eq!(
+        grant(&alice_grant).session_id,
+        a.session_id,
+        "the grant is kept"
+    );
 
     // Bob joins with the code; the key comes from a file. He learns Alice's key.
     let bob_grant = dir.path().join("bob.grant");
@@ -393,6 +406,8 @@ fn the_exchange_example_binds_both_grants_on_a_real_relay_and_talks() {
             &bob_text,
             "--out",
             s(&a_grant),
+            // A new session's grant over the old one's.
+            "--force",
         ],
         Some(&api_key),
     ));
