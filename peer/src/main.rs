@@ -402,6 +402,7 @@ fn tunnel(args: &SessionArgs, mode: TunnelMode) -> anyhow::Result<()> {
         println!("from_peer_datagrams {}", counts.from_peer_datagrams);
         println!("from_peer_bytes {}", counts.from_peer_bytes);
         println!("dropped_too_long {}", counts.dropped_too_long);
+        println!("dropped_empty {}", counts.dropped_empty);
         println!("dropped_no_application {}", counts.dropped_no_application);
         println!("local_errors {}", counts.local_errors);
         cli_session::print_stats(&session.stats());
@@ -556,7 +557,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             connect,
         } => {
             let mode = match (listen, connect) {
-                (Some(addr), _) => TunnelMode::Listen(addr),
+                (Some(addr), _) => {
+                    if !addr.ip().is_loopback() {
+                        eprintln!(
+                            "ferry-peer: warning: --listen {addr} is not a loopback address: any \
+                             host that reaches it can send into the tunnel, and the last sender \
+                             gets the replies"
+                        );
+                    }
+                    TunnelMode::Listen(addr)
+                }
                 (None, Some(addr)) => TunnelMode::Connect(addr),
                 (None, None) => anyhow::bail!("give --listen ADDR or --connect ADDR"),
             };

@@ -62,6 +62,7 @@ pub struct TunnelStats {
     from_peer_datagrams: AtomicU64,
     from_peer_bytes: AtomicU64,
     dropped_too_long: AtomicU64,
+    dropped_empty: AtomicU64,
     dropped_no_application: AtomicU64,
     local_errors: AtomicU64,
 }
@@ -79,6 +80,9 @@ pub struct TunnelCounts {
     pub from_peer_bytes: u64,
     /// Local datagrams dropped for being longer than the link carries.
     pub dropped_too_long: u64,
+    /// Empty local datagrams, dropped: an empty message on the link is the end-to-end
+    /// layer's key confirmation (protocol.md §9.1.1), which the other end never delivers.
+    pub dropped_empty: u64,
     /// Datagrams from the link dropped on the listening end because no local application had
     /// sent anything yet, so there was nobody to give them to.
     pub dropped_no_application: u64,
@@ -97,6 +101,7 @@ impl TunnelStats {
             from_peer_datagrams: get(&self.from_peer_datagrams),
             from_peer_bytes: get(&self.from_peer_bytes),
             dropped_too_long: get(&self.dropped_too_long),
+            dropped_empty: get(&self.dropped_empty),
             dropped_no_application: get(&self.dropped_no_application),
             local_errors: get(&self.local_errors),
         }
@@ -182,6 +187,10 @@ async fn local_to_link<L: DatagramLink>(
         };
         if len > max {
             count(&stats.dropped_too_long, 1);
+            continue;
+        }
+        if len == 0 {
+            count(&stats.dropped_empty, 1);
             continue;
         }
         if let TunnelMode::Listen(_) = mode
@@ -318,6 +327,24 @@ mod tests {
             .expect("send");
         assert_eq!(ask(&client, listen, b"after").await, b"after");
         assert_eq!(listen_stats.snapshot().dropped_too_long, 1);
+    }
+
+    #[tokio::test]
+    async fn an_empty_datagram_is_dropped_and_counted_and_not_sent() {
+        let server = echo_server().await;
+        let (listen, listen_stats, _) = tunnel_to(server).await;
+        let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        assert_eq!(ask(&client, listen, b"before").await, b"before");
+        let sent = listen_stats.snapshot().to_peer_datagrams;
+        client.send_to(b"", listen).await.expect("send");
+        assert_eq!(ask(&client, listen, b"after").await, b"after");
+        let counts = listen_stats.snapshot();
+        assert_eq!(counts.dropped_empty, 1, "{counts:?}");
+        assert_eq!(
+            counts.to_peer_datagrams,
+            sent + 1,
+            "only \"after\" went: {counts:?}"
+        );
     }
 
     #[tokio::test]
