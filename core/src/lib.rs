@@ -27,6 +27,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cidr;
+pub mod error_line;
 pub mod keys;
 pub mod known_peers;
 pub mod noise;

@@ -112,7 +112,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ferry-gateway: {e:#}");
+            let line = ferry_core::error_line::one_line(e.as_ref());
+            eprintln!("ferry-gateway: {line}");
             ExitCode::FAILURE
         }
     }

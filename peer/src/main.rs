@@ -447,8 +447,9 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line: the error and its causes.
-            eprintln!("ferry-peer: error: {e:#}");
+            // One line: the error and its causes, each said once.
+            let line = ferry_core::error_line::one_line(e.as_ref());
+            eprintln!("ferry-peer: error: {line}");
             ExitCode::FAILURE
         }
     }

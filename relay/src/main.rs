@@ -91,7 +91,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ferry-relay: {e:#}");
+            let line = ferry_core::error_line::one_line(e.as_ref());
+            eprintln!("ferry-relay: {line}");
             ExitCode::FAILURE
         }
     }
