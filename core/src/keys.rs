@@ -191,10 +191,14 @@ macro_rules! public_key_type {
         impl FromStr for $name {
             type Err = KeyError;
 
-            /// Parses plain base64, or a full `ferry-public-v1 <kind> <base64>` line.
+            /// Parses plain base64, a full `ferry-public-v1 <kind> <base64>` line, or the
+            /// whole text of a public key file (its `#` comment line and that line).
             fn from_str(text: &str) -> Result<Self, KeyError> {
                 let text = text.trim();
-                if text.starts_with(PUBLIC_HEADER) || text.starts_with(SECRET_HEADER) {
+                if text.starts_with(PUBLIC_HEADER)
+                    || text.starts_with(SECRET_HEADER)
+                    || text.starts_with('#')
+                {
                     return parse_key_text::<Self>(text, PUBLIC_HEADER).map(|bytes| Self(*bytes));
                 }
                 decode_key(text).map(|bytes| Self(*bytes))
@@ -528,6 +532,19 @@ mod tests {
     use super::sealed::SecretBytes as _;
     use super::*;
     use ring::rand::SystemRandom;
+
+    #[test]
+    fn a_public_key_parses_from_base64_its_line_or_its_whole_file() {
+        let key = PeerStaticKey::generate(&SystemRandom::new())
+            .unwrap()
+            .public();
+        let file = format_public_key(&key);
+        let line = file.lines().nth(1).unwrap();
+        let b64 = line.split_whitespace().nth(2).unwrap();
+        for text in [file.as_str(), line, b64] {
+            assert_eq!(text.parse::<PeerPublicKey>().unwrap(), key, "{text:?}");
+        }
+    }
 
     #[test]
     fn key_text_round_trip_for_each_kind() {

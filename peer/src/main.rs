@@ -76,7 +76,7 @@ enum Command {
     },
     /// Print the public key (the identity other peers pin) of a peer key file.
     Pubkey {
-        /// The secret key file.
+        /// The secret key file (or its public key file, KEY.pub).
         key: PathBuf,
     },
     /// The peers trusted on first use.
@@ -100,8 +100,8 @@ enum Command {
         /// The realm to create the session in.
         #[arg(long, default_value = "default")]
         realm: String,
-        /// The public key of the peer that may join (base64 or its public key file's line);
-        /// the gateway refuses a join with another key.
+        /// The public key of the peer that may join (base64, its public key file's line, or
+        /// the whole file: "$(cat bob.key.pub)"); the gateway refuses a join with another key.
         #[arg(long, value_name = "KEY")]
         expect_peer: Option<String>,
         /// Where to write the grant (JSON, mode 0600); an existing file is kept unless --force.
@@ -468,9 +468,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             println!("identity: {}", key.public());
         }
-        Command::Pubkey { key } => {
-            let key: PeerStaticKey = ferry_keyfile::load_secret_file(&key)?;
-            println!("{}", key.public());
+        Command::Pubkey { key: file } => {
+            let public = match ferry_keyfile::load_secret_file::<PeerStaticKey>(&file) {
+                Ok(key) => key.public(),
+                // A public key file (readable by all, as it should be) names its key too.
+                Err(secret_error) => ferry_keyfile::load_public_file::<PeerPublicKey>(&file)
+                    .map_err(|_| secret_error)?,
+            };
+            println!("{public}");
         }
         Command::KnownPeers { file, action } => {
             let known =

@@ -46,6 +46,15 @@ fn keygen_writes_a_private_key_and_pubkey_reads_it_back() {
         public.contains(printed.trim()),
         "{public:?} should contain {printed:?}"
     );
+    // The public key file names the same key.
+    let pub_path = dir.path().join("peer.key.pub");
+    let from_public = run(&["pubkey", path_str(&pub_path)]);
+    assert!(
+        from_public.status.success(),
+        "{}",
+        text(&from_public.stderr)
+    );
+    assert_eq!(text(&from_public.stdout), printed);
     // The secret never reaches the terminal.
     let secret_line = std::fs::read_to_string(&key).unwrap();
     let secret_b64 = secret_line

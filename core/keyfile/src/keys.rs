@@ -33,6 +33,19 @@ pub enum KeyFileError {
         /// The file.
         path: PathBuf,
     },
+    /// Writing refused because the path is a symbolic link: a key is never written through
+    /// one (into whatever file it points at).
+    #[error("key file {} is a symbolic link; refusing to write a key through it", path.display())]
+    SymbolicLink {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file is longer than any key file.
+    #[error("key file {}: longer than {MAX_FILE_LEN} bytes; not a key file", path.display())]
+    TooLong {
+        /// The file.
+        path: PathBuf,
+    },
     /// A secret key file may be accessed by group or others (the operator is to blame).
     #[error(
         "key file {path} is readable by group or others (mode {mode:04o}); run `chmod 600 {path}`",
@@ -60,7 +73,11 @@ pub enum KeyFileError {
 /// `overwrite`).
 fn create_key_file(path: &Path, mode: u32, overwrite: bool) -> Result<File, KeyFileError> {
     let mut options = OpenOptions::new();
-    options.write(true).mode(mode);
+    // Never through a symbolic link (ELOOP), be it new or overwritten.
+    options
+        .write(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW);
     if overwrite {
         options.create(true).truncate(true);
     } else {
@@ -69,6 +86,10 @@ fn create_key_file(path: &Path, mode: u32, overwrite: bool) -> Result<File, KeyF
     let file = options.open(path).map_err(|source| {
         if source.kind() == io::ErrorKind::AlreadyExists {
             KeyFileError::AlreadyExists {
+                path: path.to_owned(),
+            }
+        } else if source.raw_os_error() == Some(libc::ELOOP) {
+            KeyFileError::SymbolicLink {
                 path: path.to_owned(),
             }
         } else {
@@ -136,9 +157,14 @@ fn read_key_file(path: &Path, secret: bool) -> Result<Zeroizing<String>, KeyFile
     // Room for the longest file read, so the buffer never grows: growing would leave copies
     // of a secret behind in freed memory, which the final zeroize cannot reach.
     let mut text = Zeroizing::new(String::with_capacity(MAX_FILE_LEN as usize + 1));
-    file.take(MAX_FILE_LEN)
+    file.take(MAX_FILE_LEN + 1)
         .read_to_string(&mut text)
         .map_err(io_error)?;
+    if text.len() as u64 > MAX_FILE_LEN {
+        return Err(KeyFileError::TooLong {
+            path: path.to_owned(),
+        });
+    }
     Ok(text)
 }
 
@@ -177,6 +203,16 @@ pub fn write_key_pair<K: SecretKey>(
     let mut public = secret_path.as_os_str().to_owned();
     public.push(".pub");
     let public = PathBuf::from(public);
+    // Both checked first, so that a refusal leaves no half of a pair behind.
+    if !overwrite {
+        for path in [secret_path, public.as_path()] {
+            if std::fs::symlink_metadata(path).is_ok() {
+                return Err(KeyFileError::AlreadyExists {
+                    path: path.to_owned(),
+                });
+            }
+        }
+    }
     write_secret_file(secret_path, key, overwrite)?;
     write_public_file(&public, &key.public_key(), overwrite)?;
     Ok(public)
@@ -283,6 +319,54 @@ mod tests {
             write_key_pair(&secret, &key, false),
             Err(KeyFileError::AlreadyExists { .. })
         ));
+    }
+
+    #[test]
+    fn a_pair_whose_public_file_exists_writes_nothing() {
+        let rng = SystemRandom::new();
+        let dir = TempDir::new("pair-half");
+        let key = PeerStaticKey::generate(&rng).unwrap();
+        let secret = dir.path("peer.key");
+        std::fs::write(dir.path("peer.key.pub"), "someone's\n").unwrap();
+        let err = write_key_pair(&secret, &key, false).unwrap_err();
+        assert!(matches!(err, KeyFileError::AlreadyExists { .. }), "{err}");
+        assert!(!secret.exists(), "no secret left behind");
+    }
+
+    #[test]
+    fn a_key_is_never_written_through_a_symbolic_link() {
+        let rng = SystemRandom::new();
+        let dir = TempDir::new("symlink");
+        let target = dir.path("elsewhere");
+        std::fs::write(&target, "precious\n").unwrap();
+        let link = dir.path("peer.key");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let key = PeerStaticKey::generate(&rng).unwrap();
+        for overwrite in [false, true] {
+            let err = write_secret_file(&link, &key, overwrite).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    KeyFileError::SymbolicLink { .. } | KeyFileError::AlreadyExists { .. }
+                ),
+                "{err}"
+            );
+        }
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious\n");
+        let err = write_secret_file(&link, &key, true).unwrap_err();
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+    }
+
+    #[test]
+    fn a_file_longer_than_any_key_file_is_refused_not_cut() {
+        let rng = SystemRandom::new();
+        let dir = TempDir::new("long");
+        let key = PeerStaticKey::generate(&rng).unwrap().public();
+        let path = dir.path("peer.key.pub");
+        let text = format!("{}{}", "# padding\n".repeat(2000), format_public_key(&key));
+        std::fs::write(&path, text).unwrap();
+        let err = load_public_file::<PeerPublicKey>(&path).unwrap_err();
+        assert!(matches!(err, KeyFileError::TooLong { .. }), "{err}");
     }
 
     #[test]
