@@ -95,11 +95,24 @@ pub fn load_known_peers(path: &Path) -> Result<KnownPeers, KnownPeersFileError> 
 /// Loads the known-peers file at `path`, lets `change` modify it, and saves it, holding an
 /// exclusive lock (on `dir/.name.lock`) throughout, so that two processes updating the file at
 /// once cannot lose each other's changes. Returns what `change` returns; nothing is written
-/// when it returns `false` as its first value.
+/// when it returns `false` as its first value. A `path` that is a symbolic link is resolved
+/// first, so the file the owner keeps elsewhere is the one updated (rather than the link
+/// replaced by a copy). The file is written anew: comment lines are not kept.
 pub fn update_known_peers<R>(
     path: &Path,
     change: impl FnOnce(&mut KnownPeers) -> (bool, R),
 ) -> Result<R, KnownPeersFileError> {
+    let resolved;
+    let path = match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => {
+            resolved = fs::canonicalize(path).map_err(|source| KnownPeersFileError::Io {
+                path: path.to_owned(),
+                source,
+            })?;
+            resolved.as_path()
+        }
+        _ => path,
+    };
     let lock_path = sibling(path, ".lock");
     let lock = fs::OpenOptions::new()
         .read(true)
@@ -223,6 +236,32 @@ mod tests {
         let reloaded = load_known_peers(&path).expect("reload");
         assert_eq!(reloaded.len(), 1);
         assert_eq!(reloaded.get("alice"), None);
+        fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    #[test]
+    fn an_update_through_a_symbolic_link_updates_the_file_it_points_at() {
+        let dir = temp_dir("symlink");
+        let real = dir.join("elsewhere");
+        let mut peers = KnownPeers::new();
+        peers.insert("alice", [1; 32]).expect("valid");
+        save_known_peers(&real, &peers).expect("save");
+        let link = dir.join("known-peers");
+        std::os::unix::fs::symlink(&real, &link).expect("symlink");
+        let forgot = update_known_peers(&link, |known| {
+            let forgot = known.forget("alice");
+            (forgot, forgot)
+        })
+        .expect("update");
+        assert!(forgot);
+        assert!(
+            fs::symlink_metadata(&link)
+                .expect("stat")
+                .file_type()
+                .is_symlink(),
+            "the link stays a link"
+        );
+        assert_eq!(load_known_peers(&real).expect("load").get("alice"), None);
         fs::remove_dir_all(&dir).expect("clean up");
     }
 
