@@ -25,7 +25,7 @@ type WorkerMetric = (&'static str, &'static str, fn(&WorkerStats) -> u64);
 type XdpMetric = (&'static str, &'static str, fn(&CounterValue) -> u64);
 
 /// The per-worker counter families.
-const PER_WORKER: [WorkerMetric; 16] = [
+const PER_WORKER: [WorkerMetric; 17] = [
     (
         "ferry_worker_rx_packets",
         "Datagrams received, per worker.",
@@ -98,6 +98,12 @@ const PER_WORKER: [WorkerMetric; 16] = [
         "ferry_worker_gro_receives",
         "Receives carrying several datagrams of one sender at once (UDP GRO).",
         |s| s.gro_receives.load(Ordering::Relaxed),
+    ),
+    (
+        "ferry_worker_gso_resent",
+        "Datagrams of GSO sends refused for their size (EMSGSIZE: over the path MTU), sent \
+         again one per send for the kernel to fragment.",
+        |s| s.gso_resent.load(Ordering::Relaxed),
     ),
     (
         "ferry_worker_gso_disabled",

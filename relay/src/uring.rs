@@ -314,7 +314,12 @@ struct SendSlot {
     control: ControlBuf,
     /// Receive buffers this send forwards, given back on completion.
     bids: [u16; MAX_SEGMENTS],
+    /// Where in each of them its datagram starts.
+    offsets: [usize; MAX_SEGMENTS],
     nbids: usize,
+    /// The socket it goes out on, and the length of each datagram of a forward.
+    socket: usize,
+    len: usize,
     /// Datagrams this send carries.
     segments: usize,
     /// Sent with SEND_ZC: the buffers stay lent until the kernel's notification.
@@ -343,7 +348,10 @@ impl SendSlab {
                 addr: SockAddr::from(SocketAddr::from(([0, 0, 0, 0], 0))),
                 control: ControlBuf([0; SEND_CONTROL_LEN]),
                 bids: [0; MAX_SEGMENTS],
+                offsets: [0; MAX_SEGMENTS],
                 nbids: 0,
+                socket: 0,
+                len: 0,
                 segments: 0,
                 zero_copy: false,
                 src: None,
@@ -1141,14 +1149,16 @@ impl Ring {
         // Only the iovecs this send uses are written, in place: the kernel reads `n` of them.
         // The slot is taken only once they all check out, so a bad segment holds no slot.
         let s = &mut self.slab.slots[slot as usize];
-        for ((iov, bid), seg) in s.iovs.iter_mut().zip(s.bids.iter_mut()).zip(segments) {
+        for (i, seg) in segments.iter().enumerate() {
             let base = self.bufs.span(seg.bid, seg.offset, len);
             // The kernel only reads through a send's iovecs.
-            iov.iov_base = base.ok_or(UringError::BadSegment)?.cast_mut().cast();
-            iov.iov_len = len;
-            *bid = seg.bid;
+            s.iovs[i].iov_base = base.ok_or(UringError::BadSegment)?.cast_mut().cast();
+            s.iovs[i].iov_len = len;
+            s.bids[i] = seg.bid;
+            s.offsets[i] = seg.offset;
         }
         s.nbids = n;
+        (s.socket, s.len) = (socket, len);
         s.segments = n;
         s.zero_copy = self.zero_copy_min.is_some_and(|min| n * len >= min);
         self.slab.free.pop();
@@ -1239,6 +1249,34 @@ impl Ring {
     /// The source address the send in `slot` names, if it names one (a wildcard socket's).
     pub fn send_source(&self, slot: u32) -> Option<IpAddr> {
         self.slab.slots[slot as usize].src
+    }
+
+    /// Queues the datagrams of the forward in `slot` again, each in a send of its own, before
+    /// the slot is finished: for a GSO send the kernel refused whole with `EMSGSIZE` (its
+    /// datagrams are longer than the path's MTU, which it would fragment one by one but will
+    /// not segment). Returns how many were queued; the rest (every send slot in use) are lost.
+    pub fn resend_alone(&mut self, slot: u32) -> Result<usize, UringError> {
+        let s = &self.slab.slots[slot as usize];
+        let (socket, len, src, n) = (s.socket, s.len, s.src, s.nbids);
+        let to = s.addr.as_socket().ok_or(UringError::BadSegment)?;
+        let segments: Vec<Segment> = s.bids[..n]
+            .iter()
+            .zip(&s.offsets[..n])
+            .map(|(&bid, &offset)| Segment { bid, offset })
+            .collect();
+        let mut queued = 0;
+        for segment in segments {
+            // The slot still holds its own reference, so this one cannot fail.
+            if !self.retain(segment.bid) {
+                continue;
+            }
+            if !self.send_forward(socket, &[segment], len, to, src)? {
+                self.give_back(segment.bid);
+                break;
+            }
+            queued += 1;
+        }
+        Ok(queued)
     }
 
     /// Frees a send slot once the kernel is done with it (its completion, or for a zero-copy

@@ -100,6 +100,9 @@ pub struct WorkerStats {
     /// Times the worker turned UDP GSO off because the kernel or device cannot do it (see
     /// [`SendFailure::GsoUnsupported`]); at most 1 per worker.
     pub gso_disabled: AtomicU64,
+    /// Datagrams of GSO sends the kernel refused for their size (`EMSGSIZE`: longer than the
+    /// path's MTU), sent again one per send for the kernel to fragment.
+    pub gso_resent: AtomicU64,
     /// Datagrams the kernel dropped at this worker's sockets before the worker saw them
     /// (mostly a full receive queue), as the kernel counts them (`SO_MEMINFO`): read once a
     /// tick, so up to one tick behind. The kernel counts socket buffers, so with UDP GRO a
@@ -124,6 +127,7 @@ struct BatchStats {
     rearms: u64,
     gso_sends: u64,
     gso_disabled: u64,
+    gso_resent: u64,
     gro_receives: u64,
 }
 
@@ -166,6 +170,7 @@ impl WorkerStats {
         add(&self.rearms, b.rearms);
         add(&self.gso_sends, b.gso_sends);
         add(&self.gso_disabled, b.gso_disabled);
+        add(&self.gso_resent, b.gso_resent);
         add(&self.gro_receives, b.gro_receives);
         add(&self.submits, 1);
     }
@@ -630,7 +635,17 @@ pub fn run_worker<H: PacketHandler>(
                     }
                     let segments = ring.send_segments(slot) as u64;
                     let src = ring.send_source(slot);
-                    if !io_uring::cqueue::more(flags) {
+                    let more = io_uring::cqueue::more(flags);
+                    // A GSO send refused for its size goes out again one datagram per send,
+                    // which the kernel fragments to the path's MTU (a zero-copy send still
+                    // lends its buffers: it is left as it is).
+                    let resent = if result == -libc::EMSGSIZE && segments > 1 && !more {
+                        ring.resend_alone(slot)? as u64
+                    } else {
+                        0
+                    };
+                    batch.gso_resent += resent;
+                    if !more {
                         ring.finish_send(slot);
                     }
                     match usize::try_from(result) {
@@ -639,7 +654,7 @@ pub fn run_worker<H: PacketHandler>(
                             batch.tx_bytes += n as u64;
                         }
                         Err(_) => {
-                            batch.tx_errors += segments;
+                            batch.tx_errors += segments - resent;
                             let errno = -result;
                             let failure = SendFailure::classify(errno, segments > 1, src.is_some());
                             if failure == SendFailure::GsoUnsupported && pending.gso {

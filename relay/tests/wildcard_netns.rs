@@ -269,6 +269,74 @@ fn full_size_data_from_ipv4_reaches_a_peer_on_ipv6_whole() {
     );
 }
 
+/// A peer behind a path with a smaller MTU than the sender's (1400 bytes on the relay's sink
+/// side): the kernel refuses a GSO send of 1472-byte datagrams there whole (`EMSGSIZE`), so
+/// the relay sends them again one per send, which the kernel fragments; bursts of them arrive
+/// complete, and nothing is counted as a send error.
+#[test]
+#[ignore = "needs root: network namespaces"]
+fn datagrams_over_a_smaller_path_mtu_are_resent_alone_and_arrive_whole() {
+    skip::require_root("wildcard_netns");
+    let topo = TwoSided::new().unwrap();
+    run(&[
+        "ip",
+        "-n",
+        &topo.relay_ns,
+        "link",
+        "set",
+        &topo.relay_sink_if,
+        "mtu",
+        "1400",
+    ]);
+    let auth = Authority::new().unwrap();
+    let relay = start(&auth, &topo, "[xdp]\nmode = \"off\"\n".into());
+    let session = 0x7500;
+    let relays = [
+        relay_on(&topo, Side::Gen, false),
+        relay_on(&topo, Side::Gen, false),
+    ];
+    let (mut a, mut b) = bound_pair_via(&auth, &topo, session, relays);
+    talk(&mut a, &mut b, 3).unwrap();
+    let body = ferry_core::wire::MAX_DATAGRAM - ferry_core::wire::HEADER_LEN;
+    let b_socket = b.socket();
+    b_socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    for round in 0..10u8 {
+        for i in 0..16u8 {
+            let mut datagram = [0u8; ferry_core::wire::MAX_DATAGRAM];
+            let n = ferry_core::wire::encode_data(&mut datagram, session, &vec![i ^ round; body])
+                .unwrap();
+            a.socket().send_to(&datagram[..n], relays[0]).unwrap();
+        }
+        for i in 0..16u8 {
+            let n = b_socket.recv(&mut buf).unwrap_or_else(|e| {
+                panic!(
+                    "round {round}: datagram {i} of 16 never came ({e}): {}",
+                    relay.metrics()
+                )
+            });
+            assert_eq!(n, ferry_core::wire::MAX_DATAGRAM, "round {round}");
+        }
+    }
+    let page = relay.metrics();
+    assert_eq!(
+        sum_metric(&page, "ferry_worker_tx_errors_total"),
+        0,
+        "{page}"
+    );
+    assert!(
+        sum_metric(&page, "ferry_worker_gso_resent_total") > 0,
+        "some arrived in one receive and left as a GSO send first: {page}"
+    );
+    assert_eq!(
+        sum_metric(&page, "ferry_worker_gso_disabled_total"),
+        0,
+        "{page}"
+    );
+}
+
 /// Runs `args` (a command and its arguments), which must succeed.
 fn run(args: &[&str]) {
     let status = Command::new(args[0])
