@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 
 use super::TransferError;
 use super::quic::PEER_LABEL;
-use super::wire::close;
+use super::wire::{close, escape_untrusted};
 use crate::link::{DatagramLink, LinkError};
 
 /// How many received datagrams the receiving task may queue for the driver.
@@ -320,11 +320,12 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 }
 
 /// The transfer error for a lost connection, from the point of view of the side that lost it.
+/// What the other peer wrote (its close reason) is escaped: it ends up on a terminal.
 pub(crate) fn lost(reason: ConnectionError, idle: Duration) -> TransferError {
     match reason {
         ConnectionError::TimedOut => TransferError::Timeout(idle),
         ConnectionError::ApplicationClosed(close) => {
-            let text = String::from_utf8_lossy(&close.reason).into_owned();
+            let text = escape_untrusted(&String::from_utf8_lossy(&close.reason));
             match close.error_code.into_inner() {
                 c if c == u64::from(close::REFUSED) => TransferError::PeerRefused(text),
                 c if c == u64::from(close::PROTOCOL) => {
@@ -336,6 +337,7 @@ pub(crate) fn lost(reason: ConnectionError, idle: Duration) -> TransferError {
                 _ => TransferError::PeerAborted(text),
             }
         }
-        other => TransferError::Quic(other.to_string()),
+        // A transport close carries the other peer's reason too.
+        other => TransferError::Quic(escape_untrusted(&other.to_string())),
     }
 }

@@ -205,7 +205,17 @@ async fn the_sender_refuses_an_unsafe_name_before_connecting() {
 #[test]
 fn the_receiver_refuses_unsafe_names_and_creates_nothing() {
     let dest = tempfile::tempdir().expect("tempdir");
-    for name in ["", ".", "..", "../escape", "a/b", "nul\0", "esc\x1b[2J"] {
+    for name in [
+        "",
+        ".",
+        "..",
+        "../escape",
+        "a/b",
+        "nul\0",
+        "esc\x1b[2J",
+        "invoice_\u{202e}fdp.exe",
+        "zero\u{200b}width",
+    ] {
         let mut r = Receiver::default();
         let err = take_inbound(
             &mut r,
@@ -374,4 +384,35 @@ async fn a_transfer_larger_than_the_window_never_waits_for_a_keep_alive() {
     sent.expect("send");
     received.expect("receive");
     assert!(std::fs::read(dest.path().join("windowed")).expect("read") == data);
+}
+
+#[test]
+fn the_other_peers_close_reason_is_escaped_before_it_is_printed() {
+    use quinn_proto::{ApplicationClose, ConnectionClose, ConnectionError, TransportErrorCode};
+    let reason = Bytes::from_static(b"\x1b[2J\r\nferry-peer: saved \xe2\x80\xaefdp.exe\x07");
+    let escaped = "\\u{1b}[2J\\r\\nferry-peer: saved \\u{202e}fdp.exe\\u{7}";
+    let application = |code: u32| {
+        ConnectionError::ApplicationClosed(ApplicationClose {
+            error_code: quinn_proto::VarInt::from_u32(code),
+            reason: reason.clone(),
+        })
+    };
+    let transport = ConnectionError::ConnectionClosed(ConnectionClose {
+        error_code: TransportErrorCode::PROTOCOL_VIOLATION,
+        frame_type: None,
+        reason: reason.clone(),
+    });
+    for error in [
+        application(close::REFUSED),
+        application(close::PROTOCOL),
+        application(close::ABORTED),
+        transport,
+    ] {
+        let text = lost(error, Duration::ZERO).to_string();
+        assert!(text.contains(escaped), "{text:?}");
+        assert!(
+            !text.chars().any(|c| c.is_control() || c == '\u{202e}'),
+            "{text:?}"
+        );
+    }
 }

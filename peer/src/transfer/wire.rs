@@ -63,8 +63,9 @@ impl Verdict {
 ///
 /// Refused: the empty name, `.` and `..`, a name with `/` or NUL (it would not be one
 /// component), a name with a control character (it could rewrite the terminal that prints
-/// it), and a name longer than 255 bytes. `a..b` is allowed: without a `/` it cannot
-/// leave the directory.
+/// it), a name with a Unicode format character (an invisible one, or a bidirectional override
+/// that makes `invoice_\u{202e}fdp.exe` show as `invoice_exe.pdf`), and a name longer than 255
+/// bytes. `a..b` is allowed: without a `/` it cannot leave the directory.
 pub fn check_file_name(name: &str) -> Result<(), &'static str> {
     if name.is_empty() {
         return Err("the name is empty");
@@ -81,10 +82,58 @@ pub fn check_file_name(name: &str) -> Result<(), &'static str> {
     if name.chars().any(char::is_control) {
         return Err("the name contains a control character");
     }
+    if name.chars().any(is_format) {
+        return Err("the name contains an invisible or bidirectional formatting character");
+    }
     if name.len() > MAX_NAME {
         return Err("the name is longer than 255 bytes");
     }
     Ok(())
+}
+
+/// Whether `c` is a Unicode format character (general category Cf, Unicode 16): invisible
+/// characters such as zero-width spaces and joiners, the byte order mark, and the
+/// bidirectional controls that reorder how the text around them is shown.
+fn is_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{ad}'
+            | '\u{600}'..='\u{605}'
+            | '\u{61c}'
+            | '\u{6dd}'
+            | '\u{70f}'
+            | '\u{890}'..='\u{891}'
+            | '\u{8e2}'
+            | '\u{180e}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206f}'
+            | '\u{feff}'
+            | '\u{fff9}'..='\u{fffb}'
+            | '\u{110bd}'
+            | '\u{110cd}'
+            | '\u{13430}'..='\u{1343f}'
+            | '\u{1bca0}'..='\u{1bca3}'
+            | '\u{1d173}'..='\u{1d17a}'
+            | '\u{e0001}'
+            | '\u{e0020}'..='\u{e007f}'
+    )
+}
+
+/// `text` from the other peer (a close reason), safe to print: control and format characters,
+/// which could move the cursor, rewrite the terminal or reorder what is shown, are escaped
+/// (`\n`, `\u{1b}`, `\u{202e}`) as [`check_file_name`] keeps them out of names.
+pub(crate) fn escape_untrusted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() || is_format(c) {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The header the sender writes first.
@@ -346,7 +395,15 @@ mod tests {
 
     #[test]
     fn only_single_safe_components_are_file_names() {
-        for ok in ["file.txt", "a..b", ".hidden", "ümlaut ok", &"x".repeat(255)] {
+        for ok in [
+            "file.txt",
+            "a..b",
+            ".hidden",
+            "ümlaut ok",
+            "\u{65e5}\u{672c}.txt",
+            "a\\b",
+            &"x".repeat(255),
+        ] {
             assert_eq!(check_file_name(ok), Ok(()), "{ok:?}");
         }
         for bad in [
@@ -359,11 +416,29 @@ mod tests {
             "a\0b",
             "bell\x07",
             "new\nline",
+            "c1\u{9b}",
+            "invoice_\u{202e}fdp.exe",
+            "isolate\u{2066}",
+            "report\u{200b}.txt",
+            "joiner\u{2060}",
+            "bom\u{feff}",
+            "soft\u{ad}hyphen",
+            "tag\u{e0041}",
             &"x".repeat(256),
         ] {
             assert!(check_file_name(bad).is_err(), "{bad:?}");
             assert!(encode_header(bad, 1).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn untrusted_text_is_printed_with_control_and_format_characters_escaped() {
+        assert_eq!(
+            escape_untrusted("\u{1b}[2J\r\nferry-peer: saved \u{202e}fdp.exe\u{7}"),
+            "\\u{1b}[2J\\r\\nferry-peer: saved \\u{202e}fdp.exe\\u{7}"
+        );
+        let plain = "the file \"r\u{e9}sum\u{e9}.pdf\" already exists; it's kept \\ \u{65e5}\u{672c}";
+        assert_eq!(escape_untrusted(plain), plain);
     }
 
     #[test]
