@@ -2,12 +2,16 @@
 //! so the driver's thread only moves bytes), the receiver's partial file, and putting it in
 //! place once its hash matched.
 
+use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use ring::digest::{Context, SHA256};
+use ring::rand::{SecureRandom as _, SystemRandom};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -101,8 +105,13 @@ fn digest(hash: Context) -> [u8; HASH_LEN] {
     out
 }
 
-/// The receiver's file while it arrives: `.NAME.ferry-partial` in the target directory,
-/// deleted on drop unless [`conclude`] put it in place.
+/// The beginning of a staging file's name; a random part follows.
+pub(crate) const STAGING_PREFIX: &str = ".ferry-partial-";
+
+/// The receiver's file while it arrives: `.ferry-partial-RANDOM` in the target directory,
+/// deleted on drop unless [`conclude`] put it in place. The name does not depend on the file's
+/// name, so it always fits (a file name may be 255 bytes, the file system's limit), and a
+/// staging file left behind by a `recv` that was killed never blocks a later transfer.
 #[derive(Debug)]
 pub(crate) struct PartialFile {
     /// The partial file's path.
@@ -114,32 +123,109 @@ pub(crate) struct PartialFile {
 }
 
 impl PartialFile {
-    /// Creates the partial file for `name` in `dir`, refusing when `name` already exists there.
-    /// A partial file left by an earlier run is refused too, rather than overwritten: it may be
-    /// something else of the same name.
-    pub(crate) fn create(dir: &Path, name: &str) -> Result<(Self, File), TransferError> {
+    /// Creates the partial file for `name`, `size` bytes long, in `dir`: refused when `name`
+    /// already exists there or when the file system has less than `size` bytes free.
+    pub(crate) fn create(dir: &Path, name: &str, size: u64) -> Result<(Self, File), TransferError> {
         let target = dir.join(name);
         if target.symlink_metadata().is_ok() {
             return Err(TransferError::FileExists { path: target });
         }
-        let path = dir.join(format!(".{name}.ferry-partial"));
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|source| TransferError::Io {
-                action: "creating",
-                path: path.clone(),
-                source,
-            })?;
-        Ok((
-            Self {
-                path,
-                target,
-                armed: true,
-            },
-            file,
-        ))
+        let free = free_space(dir).map_err(|source| TransferError::Io {
+            action: "checking the free space of",
+            path: dir.to_owned(),
+            source,
+        })?;
+        if let Some(free) = free
+            && size > free
+        {
+            return Err(TransferError::NoSpace {
+                dir: dir.to_owned(),
+                name: name.to_owned(),
+                size,
+                free,
+            });
+        }
+        let mut attempts = 0;
+        loop {
+            let path = dir.join(staging_name()?);
+            // `create_new` is O_CREAT | O_EXCL: never an existing file, never through a link.
+            match OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(file) => {
+                    let partial = Self {
+                        path,
+                        target,
+                        armed: true,
+                    };
+                    return Ok((partial, file));
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempts < 8 => {
+                    attempts += 1;
+                }
+                Err(source) => {
+                    return Err(TransferError::Io {
+                        action: "creating",
+                        path,
+                        source,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// A fresh staging file name: [`STAGING_PREFIX`] and 16 random hex digits.
+fn staging_name() -> Result<String, TransferError> {
+    let mut random = [0; 8];
+    SystemRandom::new()
+        .fill(&mut random)
+        .map_err(|_| TransferError::Setup("the system's random generator failed".into()))?;
+    Ok(format!("{STAGING_PREFIX}{}", hex(&random)))
+}
+
+/// The bytes an unprivileged user may still write to the file system holding `dir`; `None`
+/// when the file system reports no size at all (some FUSE and network file systems), which
+/// says nothing about its space.
+#[allow(unsafe_code)]
+fn free_space(dir: &Path) -> io::Result<Option<u64>> {
+    let path = CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "the path contains NUL"))?;
+    let mut stat = MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `path` is NUL-terminated and `stat` is writable memory of statvfs's own type;
+    // both outlive the call, which keeps neither pointer.
+    if unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: zero-initialised, and filled in by the successful statvfs.
+    let stat = unsafe { stat.assume_init() };
+    if stat.f_blocks == 0 {
+        return Ok(None);
+    }
+    Ok(Some(stat.f_bavail.saturating_mul(stat.f_frsize)))
+}
+
+/// Renames `from` to `to` unless `to` exists (`renameat2` with `RENAME_NOREPLACE`): an
+/// `AlreadyExists` error then, and `to` untouched.
+#[allow(unsafe_code)]
+fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
+    let c_path = |path: &Path| {
+        CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "the path contains NUL"))
+    };
+    let (from, to) = (c_path(from)?, c_path(to)?);
+    // SAFETY: both paths are NUL-terminated and outlive the call, which keeps neither.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -192,34 +278,30 @@ pub(crate) fn conclude(
             computed: hex(computed),
         });
     }
-    // A hard link fails if the target exists, which a rename would silently replace.
-    match std::fs::hard_link(&partial.path, &partial.target) {
+    let exists = || TransferError::FileExists {
+        path: partial.target.clone(),
+    };
+    let failed = |source| TransferError::Io {
+        action: "putting in place",
+        path: partial.target.clone(),
+        source,
+    };
+    match rename_no_replace(&partial.path, &partial.target) {
         Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            return Err(TransferError::FileExists {
-                path: partial.target.clone(),
-            });
-        }
-        Err(_) => {
-            // A file system without hard links: check, then rename.
-            if partial.target.symlink_metadata().is_ok() {
-                return Err(TransferError::FileExists {
-                    path: partial.target.clone(),
-                });
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(exists()),
+        // A file system without RENAME_NOREPLACE (EINVAL): a hard link, which never replaces a
+        // file either, then the staging name goes.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            match std::fs::hard_link(&partial.path, &partial.target) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(exists()),
+                Err(e) => return Err(failed(e)),
             }
-            std::fs::rename(&partial.path, &partial.target).map_err(|source| {
-                TransferError::Io {
-                    action: "renaming into place",
-                    path: partial.target.clone(),
-                    source,
-                }
-            })?;
-            partial.armed = false;
-            return Ok(partial.target.clone());
+            let _ = std::fs::remove_file(&partial.path);
         }
+        Err(e) => return Err(failed(e)),
     }
     partial.armed = false;
-    let _ = std::fs::remove_file(&partial.path);
     Ok(partial.target.clone())
 }
 
@@ -233,18 +315,27 @@ mod tests {
     use super::*;
     use crate::transfer::tests::entries;
 
+    /// The one staging file in `dir`.
+    fn staging(dir: &Path) -> Vec<String> {
+        entries(dir)
+            .into_iter()
+            .filter(|name| name.starts_with(STAGING_PREFIX))
+            .collect()
+    }
+
     #[test]
     fn a_matching_hash_puts_the_file_in_place_and_a_mismatch_leaves_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (partial, mut file) = PartialFile::create(dir.path(), "good").expect("create");
+        let (partial, mut file) = PartialFile::create(dir.path(), "good", 7).expect("create");
         file.write_all(b"content").expect("write");
-        assert_eq!(entries(dir.path()), vec![".good.ferry-partial"]);
+        assert_eq!(entries(dir.path()), staging(dir.path()));
+        assert_eq!(staging(dir.path()).len(), 1);
         let placed = conclude(partial, &[1; HASH_LEN], &[1; HASH_LEN]).expect("matches");
         assert_eq!(placed, dir.path().join("good"));
         assert_eq!(std::fs::read(&placed).expect("read"), b"content");
         assert_eq!(entries(dir.path()), vec!["good"]);
 
-        let (partial, _file) = PartialFile::create(dir.path(), "bad").expect("create");
+        let (partial, _file) = PartialFile::create(dir.path(), "bad", 0).expect("create");
         let err = conclude(partial, &[1; HASH_LEN], &[2; HASH_LEN]).expect_err("mismatch");
         assert!(
             matches!(&err, TransferError::HashMismatch { sent, computed }
@@ -259,11 +350,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("taken"), b"mine").expect("write");
         assert!(matches!(
-            PartialFile::create(dir.path(), "taken"),
+            PartialFile::create(dir.path(), "taken", 1),
             Err(TransferError::FileExists { .. })
         ));
         // A file that appears while the transfer runs is not replaced either.
-        let (partial, _file) = PartialFile::create(dir.path(), "late").expect("create");
+        let (partial, _file) = PartialFile::create(dir.path(), "late", 0).expect("create");
         std::fs::write(dir.path().join("late"), b"theirs").expect("write");
         assert!(matches!(
             conclude(partial, &[0; HASH_LEN], &[0; HASH_LEN]),
@@ -274,5 +365,41 @@ mod tests {
             b"theirs"
         );
         assert_eq!(entries(dir.path()), vec!["late", "taken"]);
+    }
+
+    #[test]
+    fn the_longest_name_is_staged_and_stored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let name = "n".repeat(255);
+        let (partial, _file) = PartialFile::create(dir.path(), &name, 0).expect("create");
+        assert!(partial.path.file_name().expect("name").len() < 40);
+        conclude(partial, &[0; HASH_LEN], &[0; HASH_LEN]).expect("in place");
+        assert_eq!(entries(dir.path()), vec![name]);
+    }
+
+    #[test]
+    fn leftovers_of_earlier_runs_block_nothing_and_stay_untouched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // What an older ferry-peer left, and a staging file of a run that was killed.
+        std::fs::write(dir.path().join(".f.ferry-partial"), b"old").expect("write");
+        let (killed, _file) = PartialFile::create(dir.path(), "f", 0).expect("create");
+        let leftover = killed.path.clone();
+        std::mem::forget(killed);
+        let (partial, _file) = PartialFile::create(dir.path(), "f", 0).expect("create again");
+        assert_ne!(partial.path, leftover);
+        conclude(partial, &[0; HASH_LEN], &[0; HASH_LEN]).expect("in place");
+        assert_eq!(std::fs::read(&leftover).expect("leftover kept"), b"");
+        assert_eq!(entries(dir.path()).len(), 3);
+    }
+
+    #[test]
+    fn a_file_larger_than_the_free_space_is_refused_before_anything_is_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = PartialFile::create(dir.path(), "huge", u64::MAX).expect_err("refused");
+        assert!(
+            matches!(&err, TransferError::NoSpace { size: u64::MAX, .. }),
+            "{err:?}"
+        );
+        assert!(entries(dir.path()).is_empty());
     }
 }

@@ -11,10 +11,11 @@
 //! `quic` module (the link is Noise, already end-to-end authenticated).
 //!
 //! On its one stream the sender writes a header (magic, version, file name, size), the content
-//! and the content's SHA-256; the receiver writes the content to `DIR/.NAME.ferry-partial`,
-//! compares its own SHA-256, renames the file into place only on a match, and answers with a
-//! verdict byte. The receiver refuses a name that is not one safe path component
-//! ([`check_file_name`]) and a name that exists in `DIR`. Either side ends a transfer whose
+//! and the content's SHA-256; the receiver writes the content to a staging file
+//! `DIR/.ferry-partial-RANDOM`, compares its own SHA-256, renames the file into place only on a
+//! match (never over an existing file), and answers with a verdict byte. The receiver refuses a
+//! name that is not one safe path component ([`check_file_name`]), a name that exists in `DIR`
+//! and a file larger than the free space of `DIR`'s file system. Either side ends a transfer whose
 //! peer stays silent for [`TransferOptions::idle_timeout`].
 
 mod driver;
@@ -125,7 +126,8 @@ pub enum TransferError {
     /// The link under the transfer failed (the session ended).
     #[error("the link to the other peer failed: {0}")]
     Link(#[from] LinkError),
-    /// The receiver would not take the file (unsafe name, file exists, its disk); it says why.
+    /// The receiver would not take the file (unsafe name, file exists, not enough space); it
+    /// says why.
     #[error("the receiver refused the file: {0}")]
     PeerRefused(String),
     /// The other peer gave up on its own (its file could not be read or written).
@@ -144,6 +146,18 @@ pub enum TransferError {
     FileExists {
         /// The existing file.
         path: PathBuf,
+    },
+    /// The file is larger than the free space of the receiver's file system.
+    #[error("not enough space for {name:?} ({size} bytes) in {}: {free} bytes free", dir.display())]
+    NoSpace {
+        /// The receiver's directory.
+        dir: PathBuf,
+        /// The file's name.
+        name: String,
+        /// The file's size, as announced.
+        size: u64,
+        /// The space left on the directory's file system.
+        free: u64,
     },
     /// The receiver's SHA-256 of what arrived differs from the sender's; nothing was kept.
     #[error(
@@ -194,10 +208,47 @@ impl TransferError {
     /// The QUIC close code that tells the other peer about this error.
     fn close_code(&self) -> u32 {
         match self {
-            Self::UnsafeName { .. } | Self::FileExists { .. } => close::REFUSED,
+            Self::UnsafeName { .. } | Self::FileExists { .. } | Self::NoSpace { .. } => {
+                close::REFUSED
+            }
             Self::Protocol(_) => close::PROTOCOL,
+            // The verdict told the other peer the outcome; the transfer itself is done.
+            Self::HashMismatch { .. } | Self::ReceiverHashMismatch { .. } => close::DONE,
             _ => close::ABORTED,
         }
+    }
+
+    /// The reason a close for this error gives the other peer: the error's text without this
+    /// side's directories (a file's name alone), cut to [`MAX_REASON`] bytes.
+    fn peer_reason(&self) -> String {
+        let base = |path: &Path| {
+            path.file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        let mut text = match self {
+            Self::FileExists { path } => format!(
+                "{} already exists; a transfer never replaces a file",
+                base(path)
+            ),
+            Self::NoSpace { name, size, .. } => {
+                format!("not enough space for {name:?} ({size} bytes)")
+            }
+            Self::Io {
+                action,
+                path,
+                source,
+            } => format!("{action} {}: {source}", base(path)),
+            other => other.to_string(),
+        };
+        if text.len() > MAX_REASON {
+            let mut end = MAX_REASON;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+        }
+        text
     }
 }
 
@@ -257,7 +308,7 @@ pub async fn send_file<L: DatagramLink>(
             Ok(report(&driver, name, size, started, &hash, None))
         }
         Err(e) => {
-            driver.close(e.close_code(), &reason_text(&e)).await;
+            driver.close(e.close_code(), &e.peer_reason()).await;
             Err(e)
         }
     }
@@ -476,7 +527,7 @@ pub async fn receive_file<L: DatagramLink>(
             Ok(report(&driver, name, size, started, &hash, Some(path)))
         }
         Err(e) => {
-            driver.close(e.close_code(), &reason_text(&e)).await;
+            driver.close(e.close_code(), &e.peer_reason()).await;
             Err(e)
         }
     }
@@ -692,7 +743,7 @@ fn take_inbound(
                 name: name.clone(),
                 reason,
             })?;
-            let (partial, file) = PartialFile::create(dir, &name)?;
+            let (partial, file) = PartialFile::create(dir, &name, size)?;
             let (writer, task) = files::spawn_writer(file, partial.path.clone());
             progress.start(&name, size);
             r.file = Some(partial);
@@ -767,17 +818,4 @@ fn report<L: DatagramLink>(
         rtt: stats.path.rtt,
         ignored_datagrams: driver.ignored,
     }
-}
-
-/// The reason text of a close for `e`, cut to [`MAX_REASON`] bytes.
-fn reason_text(e: &TransferError) -> String {
-    let mut text = e.to_string();
-    if text.len() > MAX_REASON {
-        let mut end = MAX_REASON;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-    }
-    text
 }

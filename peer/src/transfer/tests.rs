@@ -177,7 +177,12 @@ async fn an_existing_file_is_refused_and_kept() {
     let (sent, received) = run_pair(a, b, &path, dest.path(), quick(), quick()).await;
     match sent {
         Err(TransferError::PeerRefused(reason)) => {
-            assert!(reason.contains("already exists"), "{reason}");
+            // The name alone: the receiver's directory is none of the sender's business.
+            assert!(reason.starts_with("taken.txt already exists"), "{reason}");
+            assert!(
+                !reason.contains(dest.path().to_str().expect("UTF-8")),
+                "{reason}"
+            );
         }
         other => panic!("the sender got {other:?}"),
     }
@@ -415,4 +420,129 @@ fn the_other_peers_close_reason_is_escaped_before_it_is_printed() {
             "{text:?}"
         );
     }
+}
+
+#[test]
+fn after_either_verdict_both_sides_close_with_done() {
+    let receiver = TransferError::HashMismatch {
+        sent: "01".repeat(32),
+        computed: "02".repeat(32),
+    };
+    let sender = TransferError::ReceiverHashMismatch {
+        sent: "01".repeat(32),
+    };
+    assert_eq!(receiver.close_code(), close::DONE);
+    assert_eq!(sender.close_code(), close::DONE);
+    assert!(sender.peer_reason().contains("does not match"));
+}
+
+#[test]
+fn the_receiver_refuses_a_file_larger_than_its_free_space_without_naming_its_directory() {
+    let dest = tempfile::tempdir().expect("tempdir");
+    let mut r = Receiver::default();
+    let err = take_inbound(
+        &mut r,
+        Inbound::Header {
+            name: "huge.iso".into(),
+            size: u64::MAX,
+        },
+        dest.path(),
+        &NoProgress,
+    )
+    .expect_err("refused");
+    assert!(matches!(err, TransferError::NoSpace { .. }), "{err:?}");
+    assert_eq!(err.close_code(), close::REFUSED);
+    let reason = err.peer_reason();
+    assert_eq!(
+        reason,
+        format!("not enough space for \"huge.iso\" ({} bytes)", u64::MAX)
+    );
+    assert!(r.file.is_none());
+    assert!(entries(dest.path()).is_empty());
+
+    // Nor does a local failure: the name of the file alone.
+    let io = TransferError::Io {
+        action: "creating",
+        path: dest.path().join(".ferry-partial-0123"),
+        source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+    };
+    assert_eq!(
+        io.peer_reason(),
+        "creating .ferry-partial-0123: permission denied"
+    );
+}
+
+/// A QUIC client that writes `stream` on the transfer's stream once connected (`None`: opens
+/// no stream), never finishes it, then only keeps its connection alive, until it is lost.
+async fn scripted_sender<L: DatagramLink>(
+    link: L,
+    stream: Option<Vec<u8>>,
+    options: &TransferOptions,
+) -> TransferError {
+    let link = Arc::new(link);
+    let datagram = quic::datagram_size(link.max_payload()).expect("size");
+    let transport = quic::transport_config(options, datagram, 0).expect("transport");
+    let config = quic::endpoint_config(datagram).expect("endpoint");
+    let endpoint = Endpoint::new(config, None, false, None);
+    let client = quic::client_config(transport).expect("client");
+    let mut driver = Driver::connect(link, endpoint, client).expect("connect");
+    loop {
+        while let Some(event) = driver.poll() {
+            match event {
+                Event::Connected => {
+                    if let Some(bytes) = &stream {
+                        let id = driver.conn.streams().open(Dir::Bi).expect("stream");
+                        driver.conn.send_stream(id).write(bytes).expect("write");
+                    }
+                }
+                Event::ConnectionLost { reason } => return lost(reason, options.idle_timeout),
+                _ => {}
+            }
+        }
+        if let Err(e) = driver.flush().await {
+            return e;
+        }
+        if let Err(e) = driver.wait(std::future::pending::<()>()).await {
+            return e;
+        }
+    }
+}
+
+/// The start of a sender's stream: the header of `name`, `size` bytes long, and `content`.
+fn stream_start(name: &str, size: u64, content: &[u8]) -> Vec<u8> {
+    let mut bytes = wire::encode_header(name, size).expect("header").to_vec();
+    bytes.extend_from_slice(content);
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_receive_removes_its_staging_file() {
+    let (a, b) = memory_pair(Impairment::NONE);
+    let dest = tempfile::tempdir().expect("tempdir");
+    let sender = tokio::spawn(async move {
+        scripted_sender(a, Some(stream_start("big", 1 << 20, &[7; 1000])), &quick()).await
+    });
+    let dir = dest.path().to_owned();
+    let receiver =
+        tokio::spawn(async move { receive_file(Arc::new(b), &dir, &quick(), &NoProgress).await });
+    let staged = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let names = entries(dest.path());
+            if !names.is_empty() {
+                return names;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("no staging file appeared");
+    assert!(staged[0].starts_with(".ferry-partial-"), "{staged:?}");
+    receiver.abort();
+    assert!(receiver.await.expect_err("aborted").is_cancelled());
+    assert!(
+        entries(dest.path()).is_empty(),
+        "{:?}",
+        entries(dest.path())
+    );
+    sender.abort();
 }

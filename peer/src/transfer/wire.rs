@@ -437,7 +437,8 @@ mod tests {
             escape_untrusted("\u{1b}[2J\r\nferry-peer: saved \u{202e}fdp.exe\u{7}"),
             "\\u{1b}[2J\\r\\nferry-peer: saved \\u{202e}fdp.exe\\u{7}"
         );
-        let plain = "the file \"r\u{e9}sum\u{e9}.pdf\" already exists; it's kept \\ \u{65e5}\u{672c}";
+        let plain =
+            "the file \"r\u{e9}sum\u{e9}.pdf\" already exists; it's kept \\ \u{65e5}\u{672c}";
         assert_eq!(escape_untrusted(plain), plain);
     }
 
