@@ -295,7 +295,7 @@ pub async fn send_file<L: DatagramLink>(
     })?;
 
     let datagram = quic::datagram_size(link.max_payload())?;
-    let transport = quic::transport_config(options, datagram, 0)?;
+    let transport = quic::transport_config(options, datagram, quic::Role::Client)?;
     let endpoint = Endpoint::new(quic::endpoint_config(datagram)?, None, false, None);
     let started = Instant::now();
     let mut driver = Driver::connect(link, endpoint, quic::client_config(transport)?)?;
@@ -504,7 +504,7 @@ pub async fn receive_file<L: DatagramLink>(
         });
     }
     let datagram = quic::datagram_size(link.max_payload())?;
-    let transport = quic::transport_config(options, datagram, 1)?;
+    let transport = quic::transport_config(options, datagram, quic::Role::Server)?;
     let server = quic::server_config(transport)?;
     let endpoint = Endpoint::new(
         quic::endpoint_config(datagram)?,

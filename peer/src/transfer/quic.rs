@@ -35,6 +35,23 @@ use super::{Congestion, TransferError, TransferOptions};
 /// QUIC's smallest allowed UDP payload (RFC 9000 §14): a link that carries less cannot run it.
 pub(crate) const QUIC_MIN_PAYLOAD: usize = 1200;
 
+/// The largest datagram the QUIC client sends, from its first Initial on: the limit of a peer
+/// whose relay address is IPv6 (protocol.md §1, §9.4). The client learns the server's limit
+/// only from the server's transport parameters, after its first flight; keeping to the smaller
+/// family's limit from the start makes that flight fit the server's path whatever its family.
+/// Without path MTU discovery the client's packets keep that size for the whole connection
+/// (1.4 % more packets than 1427 over an IPv4 pair; the server's packets are not affected).
+pub(crate) const CLIENT_MAX_DATAGRAM: u16 = 1407;
+
+/// Which end of the QUIC connection a config is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// The sender, which connects and opens the stream.
+    Client,
+    /// The receiver, which accepts one connection and one stream.
+    Server,
+}
+
 /// The name the client asks for; the certificate is made for it, and it is never looked up.
 pub(crate) const SERVER_NAME: &str = "ferry-transfer.invalid";
 
@@ -77,14 +94,18 @@ pub(crate) fn endpoint_config(datagram: u16) -> Result<Arc<EndpointConfig>, Tran
     Ok(Arc::new(config))
 }
 
-/// The transport config of either side. `accept_streams` is how many bidirectional streams the
-/// other side may open: 1 for the receiver (the sender opens the transfer's stream), 0 for the
-/// sender.
+/// The transport config of either side, whose link carries `datagram` bytes at most. The
+/// server lets the client open one bidirectional stream (the transfer's), the client accepts
+/// none; the client sends no datagram over [`CLIENT_MAX_DATAGRAM`].
 pub(crate) fn transport_config(
     options: &TransferOptions,
     datagram: u16,
-    accept_streams: u32,
+    role: Role,
 ) -> Result<Arc<TransportConfig>, TransferError> {
+    let (accept_streams, mtu) = match role {
+        Role::Client => (0, datagram.min(CLIENT_MAX_DATAGRAM)),
+        Role::Server => (1, datagram),
+    };
     let idle = IdleTimeout::try_from(options.idle_timeout).map_err(|_| {
         TransferError::Setup(format!(
             "idle timeout {:?} is too long for QUIC",
@@ -103,8 +124,10 @@ pub(crate) fn transport_config(
                 .min(super::KEEP_ALIVE)
                 .max(Duration::from_millis(100)),
         ))
-        .initial_mtu(datagram)
-        .min_mtu(datagram)
+        // Client Initials are padded to `min_mtu` (at least QUIC's 1200); with no path MTU
+        // discovery nothing grows past `initial_mtu`, and nothing shrinks below `min_mtu`.
+        .initial_mtu(mtu)
+        .min_mtu(mtu)
         .mtu_discovery_config(None)
         .enable_segmentation_offload(false)
         .stream_receive_window(window)

@@ -481,7 +481,8 @@ async fn scripted_sender<L: DatagramLink>(
 ) -> TransferError {
     let link = Arc::new(link);
     let datagram = quic::datagram_size(link.max_payload()).expect("size");
-    let transport = quic::transport_config(options, datagram, 0).expect("transport");
+    let transport =
+        quic::transport_config(options, datagram, quic::Role::Client).expect("transport");
     let config = quic::endpoint_config(datagram).expect("endpoint");
     let endpoint = Endpoint::new(config, None, false, None);
     let client = quic::client_config(transport).expect("client");
@@ -545,4 +546,59 @@ async fn a_dropped_receive_removes_its_staging_file() {
         entries(dest.path())
     );
     sender.abort();
+}
+
+/// A link end that records the size of every message it sends.
+struct Recording {
+    inner: MemoryLink,
+    sizes: std::sync::Mutex<Vec<usize>>,
+}
+
+impl DatagramLink for Recording {
+    fn max_payload(&self) -> usize {
+        self.inner.max_payload()
+    }
+
+    async fn send(&self, message: &[u8]) -> Result<(), LinkError> {
+        self.sizes.lock().expect("lock").push(message.len());
+        self.inner.send(message).await
+    }
+
+    async fn recv(&self) -> Result<Vec<u8>, LinkError> {
+        self.inner.recv().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sender_sends_nothing_over_the_ipv6_limit_from_its_first_initial_on() {
+    let (a, b) = memory_pair(Impairment::NONE);
+    assert_eq!(a.max_payload(), 1427, "an IPv4-sized link");
+    let recording = |inner| {
+        Arc::new(Recording {
+            inner,
+            sizes: std::sync::Mutex::new(Vec::new()),
+        })
+    };
+    let (a, b) = (recording(a), recording(b));
+    let data = content(1 << 20, 9);
+    let (_src, path) = source("sized", &data);
+    let dest = tempfile::tempdir().expect("tempdir");
+    let (sender, receiver) = (a.clone(), b.clone());
+    let options = quick();
+    let (sent, received) = tokio::join!(
+        send_file(sender, &path, &options, &NoProgress),
+        receive_file(receiver, dest.path(), &options, &NoProgress),
+    );
+    sent.expect("send");
+    received.expect("receive");
+    let client = a.sizes.lock().expect("lock").clone();
+    let server = b.sizes.lock().expect("lock").clone();
+    assert!(
+        (1200..=1407).contains(&client[0]),
+        "the first Initial is {} bytes",
+        client[0]
+    );
+    assert_eq!(client.iter().max(), Some(&1407), "{client:?}");
+    // The server keeps to its own limit, which the client announced too.
+    assert!(server.iter().all(|&size| size <= 1427), "{server:?}");
 }
