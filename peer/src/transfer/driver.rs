@@ -32,6 +32,8 @@ pub(crate) enum Wake<T> {
     Network,
     /// The caller's own work finished with this.
     App(T),
+    /// The caller's stall deadline passed first.
+    Stalled,
 }
 
 /// Receives from the link on a task of its own, so that no `recv` future is ever dropped
@@ -128,6 +130,11 @@ pub(crate) struct Driver<L: DatagramLink> {
     pub(crate) ignored: u64,
     /// The link failed after datagrams that are still to be acted on.
     link_error: Option<TransferError>,
+    /// This side is the QUIC client.
+    client: bool,
+    /// A QUIC client's first packet (a long-header Initial of at least 1200 bytes for a
+    /// connection that is not ours) reached this client: the other peer is a client too.
+    pub(crate) peer_is_client: bool,
 }
 
 impl<L: DatagramLink> Driver<L> {
@@ -150,27 +157,27 @@ impl<L: DatagramLink> Driver<L> {
             buf: Vec::new(),
             ignored: 0,
             link_error: None,
+            client: true,
+            peer_is_client: false,
         })
     }
 
     /// The receiver's side: waits for the sender's first packet and accepts its connection.
-    /// Waits at most `wait` (forever with `None`), and fails when the link closes.
+    /// Waits at most `wait`, and fails when the link closes.
     pub(crate) async fn accept(
         link: Arc<L>,
         mut endpoint: Endpoint,
         server: Arc<ServerConfig>,
-        wait: Option<Duration>,
+        wait: Duration,
     ) -> Result<Self, TransferError> {
         let mut inbound = Inbound::start(link.clone());
-        let deadline = wait.map(|w| tokio::time::Instant::now() + w);
+        let deadline = tokio::time::Instant::now().checked_add(wait);
         let mut buf = Vec::new();
         let mut ignored = 0;
         loop {
             let message = tokio::select! {
                 message = inbound.next() => message?,
-                () = sleep_until(deadline) => {
-                    return Err(TransferError::Timeout(wait.unwrap_or_default()));
-                }
+                () = sleep_until(deadline) => return Err(TransferError::NoConnection(wait)),
             };
             let now = Instant::now();
             match endpoint.handle(now, PEER_LABEL, None, None, bytes_mut(message), &mut buf) {
@@ -187,6 +194,8 @@ impl<L: DatagramLink> Driver<L> {
                                 buf,
                                 ignored,
                                 link_error: None,
+                                client: false,
+                                peer_is_client: false,
                             });
                         }
                         Err(e) => {
@@ -233,11 +242,13 @@ impl<L: DatagramLink> Driver<L> {
         self.conn.poll()
     }
 
-    /// Waits for the link, the connection's timer, or `app`, and feeds what came to the
-    /// connection. Call [`poll`](Self::poll) and [`flush`](Self::flush) after it.
+    /// Waits for the link, the connection's timer, `app`, or the `stall` deadline, and feeds
+    /// what came to the connection. Call [`poll`](Self::poll) and [`flush`](Self::flush) after
+    /// it.
     pub(crate) async fn wait<T>(
         &mut self,
         app: impl Future<Output = T>,
+        stall: Option<tokio::time::Instant>,
     ) -> Result<Wake<T>, TransferError> {
         let deadline = self.conn.poll_timeout().map(tokio::time::Instant::from_std);
         if let Some(e) = self.link_error.take() {
@@ -265,11 +276,13 @@ impl<L: DatagramLink> Driver<L> {
                 Ok(Wake::Network)
             }
             value = app => Ok(Wake::App(value)),
+            () = sleep_until(stall) => Ok(Wake::Stalled),
         }
     }
 
     /// Hands one datagram to the endpoint, and what it finds for the connection to it.
     fn feed(&mut self, message: Vec<u8>) {
+        let client_initial = self.client && is_client_initial(&message);
         self.buf.clear();
         match self.endpoint.handle(
             Instant::now(),
@@ -290,7 +303,10 @@ impl<L: DatagramLink> Driver<L> {
             }
             // Stateless answers (a reset for an unknown connection) and datagrams that are not
             // QUIC are of no use to the one connection.
-            _ => self.ignored += 1,
+            _ => {
+                self.ignored += 1;
+                self.peer_is_client |= client_initial;
+            }
         }
     }
 
@@ -304,6 +320,15 @@ impl<L: DatagramLink> Driver<L> {
         // The link may be gone already; the close is a courtesy then.
         let _ = self.flush().await;
     }
+}
+
+/// Whether `datagram` looks like a QUIC version 1 client's first flight: a long header of type
+/// Initial in a datagram of at least 1200 bytes (RFC 9000 §17.2.2, §14.1). A server's Initials
+/// go to the client's own connection and never get this far.
+fn is_client_initial(datagram: &[u8]) -> bool {
+    datagram.len() >= super::quic::QUIC_MIN_PAYLOAD
+        && datagram[0] & 0xf0 == 0xc0
+        && datagram[1..5] == [0, 0, 0, 1]
 }
 
 /// The datagram as quinn-proto takes it, without a copy.

@@ -16,7 +16,8 @@
 //! match (never over an existing file), and answers with a verdict byte. The receiver refuses a
 //! name that is not one safe path component ([`check_file_name`]), a name that exists in `DIR`
 //! and a file larger than the free space of `DIR`'s file system. Either side ends a transfer whose
-//! peer stays silent for [`TransferOptions::idle_timeout`].
+//! peer stays silent for [`TransferOptions::idle_timeout`], or whose peer makes no progress
+//! (no connection, no stream data, no verdict) for [`TransferOptions::stall_timeout`].
 
 mod driver;
 mod files;
@@ -74,9 +75,13 @@ pub struct TransferOptions {
     /// a session has recovered its binding (after a relay restart, about 20 s of silence).
     /// Default 60 s.
     pub idle_timeout: Duration,
-    /// How long [`receive_file`] waits for the sender's first packet; `None` (the default)
-    /// waits as long as the link is open.
-    pub accept_timeout: Option<Duration>,
+    /// A transfer in which nothing moves for this long while this side waits for the other
+    /// peer ends with [`TransferError::Stalled`]: no QUIC connection from the sender
+    /// ([`receive_file`] fails with [`TransferError::NoConnection`]), no stream, no content,
+    /// no room to send more, no verdict. Keep-alives do not count, so a peer that keeps QUIC
+    /// alive but does nothing is caught too; waiting on this side's own disk does not count
+    /// either. Default 60 s.
+    pub stall_timeout: Duration,
     /// QUIC's flow-control window, in bytes: the most content in flight and buffered at the
     /// receiver at once, which caps throughput at `window / round-trip time`. Default 16 MiB
     /// (about 670 Mbit/s at a 200 ms round trip).
@@ -89,7 +94,7 @@ impl Default for TransferOptions {
     fn default() -> Self {
         Self {
             idle_timeout: Duration::from_secs(60),
-            accept_timeout: None,
+            stall_timeout: Duration::from_secs(60),
             window: 16 * 1024 * 1024,
             congestion: Congestion::default(),
         }
@@ -187,9 +192,27 @@ pub enum TransferError {
         /// The operating system's error.
         source: std::io::Error,
     },
-    /// The other peer sent nothing for this long (or never started).
+    /// The other peer sent nothing for this long, not even a QUIC keep-alive.
     #[error("the other peer was silent for {0:?}; the transfer is abandoned")]
     Timeout(Duration),
+    /// Nothing moved for this long while this side waited for the other peer.
+    #[error("nothing moved for {waited:?} while waiting for {awaiting}; the transfer is abandoned")]
+    Stalled {
+        /// How long nothing moved ([`TransferOptions::stall_timeout`]).
+        waited: Duration,
+        /// What this side was waiting for.
+        awaiting: &'static str,
+    },
+    /// No sender opened a QUIC connection within this long of the receiver's start.
+    #[error(
+        "the other peer opened no transfer within {0:?}; it must run `ferry-peer send` (is it running `recv` too?)"
+    )]
+    NoConnection(Duration),
+    /// The other peer is a QUIC client too: both sides run [`send_file`].
+    #[error(
+        "the other peer is sending too (its QUIC client's first packet reached this one); one side must run `ferry-peer recv`"
+    )]
+    PeerAlsoSending,
     /// The other peer broke the transfer protocol.
     #[error("transfer protocol violation: {0}")]
     Protocol(String),
@@ -330,12 +353,17 @@ async fn run_sender<L: DatagramLink>(
     let mut hash: Option<[u8; HASH_LEN]> = None;
     let mut finished = false;
     let mut blocked = false;
+    let mut stopped = false;
     let mut written: u64 = 0;
     let mut verdict: Vec<u8> = Vec::new();
+    // When something last moved: the connection came up, the stream took data, the verdict
+    // arrived.
+    let mut moved = tokio::time::Instant::now();
     loop {
         while let Some(event) = driver.poll() {
             match event {
                 Event::Connected => {
+                    moved = tokio::time::Instant::now();
                     stream = Some(driver.conn.streams().open(Dir::Bi).ok_or_else(|| {
                         TransferError::Protocol("the receiver allows no stream".into())
                     })?);
@@ -343,6 +371,7 @@ async fn run_sender<L: DatagramLink>(
                 Event::ConnectionLost { reason } => return Err(lost(reason, options.idle_timeout)),
                 Event::Stream(StreamEvent::Writable { .. }) => blocked = false,
                 Event::Stream(StreamEvent::Readable { id }) if Some(id) == stream => {
+                    moved = tokio::time::Instant::now();
                     let ended = read_verdict(driver, id, &mut verdict)?;
                     if ended {
                         return judge(&verdict, finished, hash);
@@ -350,6 +379,9 @@ async fn run_sender<L: DatagramLink>(
                 }
                 _ => {}
             }
+        }
+        if stream.is_none() && driver.peer_is_client {
+            return Err(TransferError::PeerAlsoSending);
         }
         if let Some(id) = stream
             && !blocked
@@ -376,6 +408,7 @@ async fn run_sender<L: DatagramLink>(
                     // The receiver stopped the stream: its close, with the reason, follows.
                     Err(WriteError::Stopped(_)) => {
                         blocked = true;
+                        stopped = true;
                         pending.clear();
                         break;
                     }
@@ -387,6 +420,7 @@ async fn run_sender<L: DatagramLink>(
                 }
             }
             if written != before {
+                moved = tokio::time::Instant::now();
                 progress.advance(written.saturating_sub(header_len).min(size));
             }
             if pending.is_empty() && hash.is_some() && !finished {
@@ -407,7 +441,26 @@ async fn run_sender<L: DatagramLink>(
                 std::future::pending().await
             }
         };
-        match driver.wait(next_chunk).await? {
+        // What this side waits for from the receiver; nothing while it waits for its own file.
+        let awaiting = if stream.is_none() {
+            Some("the receiver's QUIC handshake")
+        } else if stopped {
+            Some("the receiver's close after it stopped the stream")
+        } else if blocked {
+            Some("the receiver to take more of the file")
+        } else if finished {
+            Some("the receiver's verdict")
+        } else {
+            None
+        };
+        let stall = awaiting.map(|_| moved + options.stall_timeout);
+        match driver.wait(next_chunk, stall).await? {
+            Wake::Stalled => {
+                return Err(TransferError::Stalled {
+                    waited: options.stall_timeout,
+                    awaiting: awaiting.unwrap_or("the receiver"),
+                });
+            }
             Wake::Network => {}
             Wake::App(Some(ReadChunk::Data(chunk))) => pending.push_back(chunk),
             Wake::App(Some(ReadChunk::Done(digest))) => {
@@ -512,7 +565,7 @@ pub async fn receive_file<L: DatagramLink>(
         false,
         None,
     );
-    let mut driver = Driver::accept(link, endpoint, server, options.accept_timeout).await?;
+    let mut driver = Driver::accept(link, endpoint, server, options.stall_timeout).await?;
     let started = Instant::now();
     let mut receiver = Receiver {
         more_to_read: true,
@@ -559,6 +612,9 @@ struct Receiver {
     outcome: Option<Result<(PathBuf, [u8; HASH_LEN]), TransferError>>,
     /// The sender acknowledged everything on the stream, the verdict included.
     verdict_acknowledged: bool,
+    /// When something last moved (the stream opened, data came, the writer took some); `None`
+    /// until the first turn.
+    moved: Option<tokio::time::Instant>,
 }
 
 /// What the receiver's file work finished with.
@@ -604,11 +660,14 @@ async fn receiver_turn<L: DatagramLink>(
     progress: &dyn Progress,
     options: &TransferOptions,
 ) -> Result<(), TransferError> {
+    let handed_before = r.handed;
+    let mut moved = false;
     while let Some(event) = driver.poll() {
         match event {
             Event::ConnectionLost { reason } => return Err(lost(reason, options.idle_timeout)),
             Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) if r.stream.is_none() => {
                 r.stream = driver.conn.streams().accept(Dir::Bi);
+                moved = true;
             }
             Event::Stream(StreamEvent::Finished { id }) if Some(id) == r.stream => {
                 r.verdict_acknowledged = true;
@@ -659,6 +718,7 @@ async fn receiver_turn<L: DatagramLink>(
             }
         }
         let _ = chunks.finalize();
+        moved |= read > 0;
         if let Some(e) = failure {
             return Err(e);
         }
@@ -681,6 +741,21 @@ async fn receiver_turn<L: DatagramLink>(
     let writer = r.writer.as_ref();
     let more_to_read =
         r.more_to_read && r.stream.is_some() && !r.stream_ended && r.to_writer.is_empty();
+    let now = tokio::time::Instant::now();
+    if moved || r.handed != handed_before || r.moved.is_none() {
+        r.moved = Some(now);
+    }
+    // What this side waits for from the sender; nothing while its own disk is busy.
+    let awaiting = if r.stream.is_none() {
+        Some("the sender's stream")
+    } else if r.outcome.is_some() {
+        Some("the sender to acknowledge the verdict")
+    } else if want_room || writer_task.is_some() || more_to_read {
+        None
+    } else {
+        Some("more of the sender's stream")
+    };
+    let stall = awaiting.map(|_| r.moved.unwrap_or(now) + options.stall_timeout);
     let file_work = async {
         match (want_room, writer, writer_task) {
             // No packet may come to wake the loop for data QUIC already holds.
@@ -695,11 +770,18 @@ async fn receiver_turn<L: DatagramLink>(
             _ => std::future::pending().await,
         }
     };
-    match driver.wait(file_work).await? {
+    match driver.wait(file_work, stall).await? {
+        Wake::Stalled => {
+            return Err(TransferError::Stalled {
+                waited: options.stall_timeout,
+                awaiting: awaiting.unwrap_or("the sender"),
+            });
+        }
         Wake::Network => r.more_to_read = true,
         Wake::App(FileWake::WriterReady | FileWake::ReadMore) => {}
         Wake::App(FileWake::WriterDone(result)) => {
             r.writer_task = None;
+            r.moved = Some(tokio::time::Instant::now());
             let computed = result?;
             let id = r
                 .stream

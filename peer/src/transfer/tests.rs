@@ -26,7 +26,7 @@ fn content(len: usize, seed: u64) -> Vec<u8> {
 fn quick() -> TransferOptions {
     TransferOptions {
         idle_timeout: Duration::from_secs(2),
-        accept_timeout: Some(Duration::from_secs(10)),
+        stall_timeout: Duration::from_secs(10),
         ..TransferOptions::default()
     }
 }
@@ -313,18 +313,47 @@ async fn a_silent_peer_ends_the_transfer_after_the_idle_timeout() {
         .expect_err("times out");
     assert!(matches!(err, TransferError::Timeout(_)), "{err:?}");
     drop(silent);
+}
 
-    // A receiver with nobody sending gives up after its accept timeout.
-    let (a, _quiet) = memory_pair(Impairment::NONE);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_gives_up_when_no_sender_connects() {
+    // The other peer runs `recv` too, or nothing: either way no QUIC packet comes.
+    let (a, _also_receiving) = memory_pair(Impairment::NONE);
     let dest = tempfile::tempdir().expect("tempdir");
     let options = TransferOptions {
-        accept_timeout: Some(Duration::from_millis(300)),
+        stall_timeout: Duration::from_millis(300),
         ..quick()
     };
     let err = receive_file(Arc::new(a), dest.path(), &options, &NoProgress)
         .await
-        .expect_err("times out");
-    assert!(matches!(err, TransferError::Timeout(_)), "{err:?}");
+        .expect_err("nobody sends");
+    assert!(matches!(err, TransferError::NoConnection(_)), "{err:?}");
+    assert!(err.to_string().contains("`recv` too"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_senders_tell_that_both_are_sending() {
+    let (a, b) = memory_pair(Impairment::NONE);
+    let (_src, path) = source("mine", b"x");
+    // Long enough that the idle timeout cannot be what ends them.
+    let options = TransferOptions {
+        idle_timeout: Duration::from_secs(30),
+        ..quick()
+    };
+    let both = async {
+        tokio::join!(
+            send_file(Arc::new(a), &path, &options, &NoProgress),
+            send_file(Arc::new(b), &path, &options, &NoProgress),
+        )
+    };
+    let (one, two) = tokio::time::timeout(Duration::from_secs(5), both)
+        .await
+        .expect("the senders did not notice each other");
+    for result in [one, two] {
+        let err = result.expect_err("nobody receives");
+        assert!(matches!(err, TransferError::PeerAlsoSending), "{err:?}");
+        assert!(err.to_string().contains("`ferry-peer recv`"), "{err}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -503,7 +532,7 @@ async fn scripted_sender<L: DatagramLink>(
         if let Err(e) = driver.flush().await {
             return e;
         }
-        if let Err(e) = driver.wait(std::future::pending::<()>()).await {
+        if let Err(e) = driver.wait(std::future::pending::<()>(), None).await {
             return e;
         }
     }
@@ -601,4 +630,106 @@ async fn the_sender_sends_nothing_over_the_ipv6_limit_from_its_first_initial_on(
     assert_eq!(client.iter().max(), Some(&1407), "{client:?}");
     // The server keeps to its own limit, which the client announced too.
     assert!(server.iter().all(|&size| size <= 1427), "{server:?}");
+}
+
+/// Options whose stall timeout ends a test quickly, while QUIC's keep-alives go on.
+fn stalling() -> TransferOptions {
+    TransferOptions {
+        stall_timeout: Duration::from_millis(500),
+        ..quick()
+    }
+}
+
+/// What `receive_file` says about a sender that writes `stream` (`None`: opens no stream) and
+/// then does nothing but keep QUIC alive; `dest` is its directory.
+async fn receive_from_a_stalling_sender(stream: Option<Vec<u8>>, dest: &Path) -> TransferError {
+    let (a, b) = memory_pair(Impairment::NONE);
+    let sender = tokio::spawn(async move { scripted_sender(a, stream, &quick()).await });
+    let err = tokio::time::timeout(
+        Duration::from_secs(10),
+        receive_file(Arc::new(b), dest, &stalling(), &NoProgress),
+    )
+    .await
+    .expect("the receiver kept waiting")
+    .expect_err("stalls");
+    sender.abort();
+    err
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_gives_up_on_a_sender_that_keeps_quic_alive_but_sends_nothing() {
+    let dest = tempfile::tempdir().expect("tempdir");
+    let err = receive_from_a_stalling_sender(None, dest.path()).await;
+    assert!(
+        matches!(err, TransferError::Stalled { awaiting, .. } if awaiting == "the sender's stream"),
+        "{err:?}"
+    );
+    let err =
+        receive_from_a_stalling_sender(Some(stream_start("big", 1 << 20, &[1; 1000])), dest.path())
+            .await;
+    assert!(
+        matches!(err, TransferError::Stalled { awaiting, .. } if awaiting == "more of the sender's stream"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("nothing moved for 500ms"), "{err}");
+    assert!(
+        entries(dest.path()).is_empty(),
+        "{:?}",
+        entries(dest.path())
+    );
+}
+
+/// A QUIC server that accepts the connection and then never reads the stream or answers, until
+/// the connection is lost; its flow-control window is `window` bytes.
+async fn scripted_receiver<L: DatagramLink>(link: L, window: u64) -> TransferError {
+    let options = TransferOptions { window, ..quick() };
+    let link = Arc::new(link);
+    let datagram = quic::datagram_size(link.max_payload()).expect("size");
+    let transport =
+        quic::transport_config(&options, datagram, quic::Role::Server).expect("transport");
+    let server = quic::server_config(transport).expect("server");
+    let config = quic::endpoint_config(datagram).expect("endpoint");
+    let endpoint = Endpoint::new(config, Some(server.clone()), false, None);
+    let mut driver = match Driver::accept(link, endpoint, server, options.stall_timeout).await {
+        Ok(driver) => driver,
+        Err(e) => return e,
+    };
+    loop {
+        while let Some(event) = driver.poll() {
+            if let Event::ConnectionLost { reason } = event {
+                return lost(reason, options.idle_timeout);
+            }
+        }
+        if let Err(e) = driver.flush().await {
+            return e;
+        }
+        if let Err(e) = driver.wait(std::future::pending::<()>(), None).await {
+            return e;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_gives_up_on_a_receiver_that_keeps_quic_alive_but_takes_nothing_or_never_answers()
+{
+    for (size, awaiting) in [
+        (1000, "the receiver's verdict"),
+        (1 << 20, "the receiver to take more of the file"),
+    ] {
+        let (a, b) = memory_pair(Impairment::NONE);
+        let receiver = tokio::spawn(scripted_receiver(b, 64 << 10));
+        let (_src, path) = source("file", &content(size, 10));
+        let err = tokio::time::timeout(
+            Duration::from_secs(10),
+            send_file(Arc::new(a), &path, &stalling(), &NoProgress),
+        )
+        .await
+        .expect("the sender kept waiting")
+        .expect_err("stalls");
+        assert!(
+            matches!(&err, TransferError::Stalled { awaiting: a, .. } if *a == awaiting),
+            "{size}: {err:?}"
+        );
+        receiver.abort();
+    }
 }
