@@ -6,7 +6,8 @@ things §9.4 asks of QUIC that aioquic does not do by itself:
 - each side announces its own limit (1427 bytes through an IPv4 relay address, 1407 through an
   IPv6 one) as its `max_udp_payload_size` transport parameter, and
 - once it has the other's, sends no datagram larger than the smaller of the two; before that
-  only the client's Initials go out, padded to 1200 bytes.
+  only the client's Initials go out, of at least 1200 bytes and at most 1407 (this client's
+  are 1200).
 
 `Channel` is one bound slot with the §9 channel on it; `Link` pumps one QUIC connection through
 a Channel, one QUIC UDP datagram per transport plaintext, and records every datagram's size.

@@ -139,7 +139,8 @@ def lines(text):
 def check_sizes(link, peer_limit, what):
     """§9.4: the other side announced its own limit as max_udp_payload_size and, once it had
     this client's, sent nothing larger than the smaller of the two limits; before that only a
-    client's Initials, padded to 1200 bytes. Returns the largest datagram each way."""
+    client's Initials, of at least 1200 bytes and at most 1407. Returns the largest datagram
+    each way."""
     mine = link.channel.limit
     announced = link.conn.peer_max_udp_payload_size
     need(announced == peer_limit, f"{what}: ferry-peer announced max_udp_payload_size "
@@ -322,12 +323,16 @@ REFUSED_NAMES = [
     ("/etc-x", b"/etc-x"), ("NUL", b"a\0b"), ("control 0x01", b"a\x01b"),
     ("newline", b"a\nb"), ("tab", b"a\tb"), ("escape 0x1b", b"\x1b[1m"), ("DEL", b"a\x7fb"),
     ("C1 U+0085", "a\u0085b".encode()), ("C1 U+009B", "\u009b31m".encode()),
+    ("Cf U+202E", "invoice_\u202efdp.exe".encode()), ("Cf U+200B", "a\u200bb".encode()),
+    ("Cf U+2066", "a\u2066b".encode()), ("Cf U+FEFF", "\ufeffa".encode()),
+    ("Cf U+00AD", "a\u00adb".encode()),
 ]
 
 
 def send_refused_names(live):
-    """§9.4: a name that is empty, `.` or `..`, or contains `/` or a control character
-    (Unicode's Cc: U+0000-U+001F, U+007F-U+009F) is refused: ferry-peer recv closes with
+    """§9.4: a name that is empty, `.` or `..`, or contains `/`, a control character
+    (Unicode's Cc: U+0000-U+001F, U+007F-U+009F) or a format character (Cf: bidi controls,
+    zero-width characters, U+FEFF, U+00AD, ...) is refused: ferry-peer recv closes with
     application error 1 (refused), with a reason text, stores nothing and exits 1."""
     content = ft.random_content(1000)
     bad = []
@@ -345,11 +350,11 @@ def send_refused_names(live):
 
 def send_accepted_names(live):
     """The names §9.4 does not refuse are taken: 255 bytes (the limit), a dot-file, `...`,
-    `a..b`, a backslash, a space, non-ASCII UTF-8, a format character (U+202E, not Cc)."""
+    `a..b`, a backslash, a space, non-ASCII UTF-8."""
     content = ft.random_content(1000)
     bad = []
     for name in ("x" * 251 + ".bin", ".hidden", "...", "a..b", "a\\b", " ",
-                 "\u65e5\u672c.txt", "a\u202eb"):
+                 "\u65e5\u672c.txt"):
         try:
             r = python_sends(live, "ok-name", good_stream(name, content))
             check_stored(r, name, content)
@@ -365,6 +370,8 @@ def send_existing(live):
     r = python_sends(live, "existing", good_stream("old.txt", content),
                      existing=[("old.txt", b"the old content\n")])
     check_refused(r, ft.REFUSED, "an existing name", "already exists")
+    need(r.close_lost or r.dir not in r.app_close[1], f"the reason {r.app_close[1]!r} names "
+         "ferry-peer recv's directory (§9.4: never a directory of the peer that sends it)")
     need(r.files == ["old.txt"], f"the directory holds {r.files}")
     with open(os.path.join(r.dir, "old.txt"), "rb") as f:
         need(f.read() == b"the old content\n", "the existing file was changed")
@@ -452,19 +459,35 @@ def send_staged(live):
 
 
 def send_leftover_partial(live):
-    """operations.md: ferry-peer recv stages a file as `.NAME.ferry-partial` and never
-    overwrites one already there (another file, or one a killed recv left): the transfer of
-    NAME ends with application error 3 (its file could not be written), the file there is left
-    as it was, and nothing else is written."""
+    """operations.md: ferry-peer recv stages a file under a hidden name of its own
+    (`.ferry-partial-` and 16 random hex digits), never an existing file: files there with the
+    name of a staging file (of an older ferry-peer, or one a killed recv left) block nothing
+    and are left as they were."""
     content = ft.random_content(5000)
     name = "other.bin"
-    other = f".{name}.ferry-partial"
+    others = [f".{name}.ferry-partial", ".ferry-partial-0123456789abcdef"]
     r = python_sends(live, "leftover", good_stream(name, content),
-                     existing=[(other, b"not ferry-peer's\n")])
-    with open(os.path.join(r.dir, other), "rb") as f:
-        need(f.read() == b"not ferry-peer's\n", f"the file {other!r} was changed")
-    need(r.files == [other], f"--dir holds {r.files}")
-    check_refused(r, ft.ABORTED, f"with {other!r} in --dir", other)
+                     existing=[(other, b"not ferry-peer's\n") for other in others])
+    need(r.verdict == b"\x00" and r.rc == 0, f"verdict {r.verdict!r}, close {r.close}; "
+         f"ferry-peer: rc {r.rc}, {r.stderr[-300:]!r}")
+    for other in others:
+        with open(os.path.join(r.dir, other), "rb") as f:
+            need(f.read() == b"not ferry-peer's\n", f"the file {other!r} was changed")
+    need(r.files == sorted(others + [name]), f"--dir holds {r.files}")
+    with open(os.path.join(r.dir, name), "rb") as f:
+        need(f.read() == content, "the stored file's content differs from what was sent")
+
+
+def send_too_large(live):
+    """§9.4 code 1 (refused), not enough space: a size larger than the free space of --dir's
+    file system is refused at the header, before anything is written."""
+    def driver(link, r):
+        link.send_stream(ft.header("huge.bin", 1 << 62) + ft.random_content(1000), False)
+    r = python_sends(live, "too-large", None, driver=driver)
+    check_refused(r, ft.REFUSED, "a size of 2^62 bytes", "not enough space")
+    need(r.close_lost or "not enough space" in r.app_close[1],
+         f"the reason is {r.app_close and r.app_close[1]!r}")
+    need(r.files == [], f"the directory holds {r.files}")
 
 
 def send_abort(live):
@@ -549,16 +572,20 @@ def python_receives(live, name, verdict, *, python_slot=1, python_v6=False, ferr
 
 def check_client_initial(r, what):
     """§9.4: a client sends, before it has the server's max_udp_payload_size, only its
-    Initials, padded to 1200 bytes: the first datagram from ferry-peer send."""
+    Initials, of at least 1200 bytes and at most 1407 (the IPv6 limit): the first datagram
+    from ferry-peer send; and ferry-peer's client sends no datagram over 1407 at all."""
     first = r.link.received[0]
     need(ft.is_long_header_initial(first), f"{what}: the first datagram is not an Initial")
-    need(len(first) == ft.QUIC_MIN, f"{what}: ferry-peer send's first Initial is {len(first)} "
-         f"bytes, not 1200 (its limit is {r.peer_limit}, this client's {r.link.channel.limit})")
+    need(ft.QUIC_MIN <= len(first) <= ft.LIMIT_V6, f"{what}: ferry-peer send's first Initial "
+         f"is {len(first)} bytes, not 1200 to 1407 (its limit is {r.peer_limit}, this "
+         f"client's {r.link.channel.limit})")
+    largest = max(len(d) for d in r.link.received)
+    need(largest <= ft.LIMIT_V6, f"{what}: ferry-peer send sent a datagram of {largest} bytes")
 
 
 def recv_initial(live):
-    """ferry-peer send pads its first Initial (sent before it knows the server's
-    max_udp_payload_size) to 1200 bytes, over IPv4 and across families (§9.4)."""
+    """ferry-peer send's first Initial (sent before it knows the server's
+    max_udp_payload_size) is 1200 to 1407 bytes, over IPv4 and across families (§9.4)."""
     bad = []
     for python_v6, ferry_v6 in ((False, False), (True, False)):
         r = python_receives(live, f"initial-{int(python_v6)}{int(ferry_v6)}", 0,
@@ -597,14 +624,16 @@ def check_framing(r, file_name):
 def recv_v4(live):
     """ferry-peer send (slot A, IPv4) sends a 300 KiB file to this client (slot B, IPv4, the
     QUIC server): the framing of stream 0, the ClientHello (SNI ferry-transfer.invalid, no
-    ALPN, TLS_AES_128_GCM_SHA256), datagram sizes (its Initial 1200, then at most 1427);
+    ALPN, TLS_AES_128_GCM_SHA256), datagram sizes (its Initial 1200 to 1407, then at most
+    1407: its client sends nothing larger);
     verdict 0 makes it exit 0 with its `name value` lines."""
     r = python_receives(live, "recv-v4", 0, file_name="big file.bin")
     check_framing(r, "big file.bin")
     need(r.early_close is None, f"ferry-peer send closed before the verdict: {r.early_close}")
     largest, _ = check_sizes(r.link, r.peer_limit, "IPv4/IPv4")
-    need(largest == r.peer_limit, f"ferry-peer's largest datagram was {largest} bytes, not "
-         f"its limit {r.peer_limit} (no full-size packets in a 300 KiB transfer?)")
+    need(largest == min(r.peer_limit, ft.LIMIT_V6), f"ferry-peer's largest datagram was "
+         f"{largest} bytes, not 1407 (its client's most; no full-size packets in a 300 KiB "
+         "transfer?)")
     need(r.rc == 0, f"ferry-peer send exited with {r.rc} after verdict 0: {r.stderr[-300:]!r}")
     out = lines(r.stdout)
     need(out.get("name") == "big file.bin" and out.get("bytes") == str(len(r.content)) and
@@ -728,7 +757,7 @@ ALL = [
      send_v4),
     ("transfer: this client sends over IPv6 and across families; max_udp_payload_size and "
      "datagram sizes", send_families),
-    ("transfer: ferry-peer recv refuses unsafe names (empty, ., .., /, Cc) with error 1",
+    ("transfer: ferry-peer recv refuses unsafe names (empty, ., .., /, Cc, Cf) with error 1",
      send_refused_names),
     ("transfer: ferry-peer recv takes names §9.4 does not refuse (255 bytes, dot-files, "
      "UTF-8)", send_accepted_names),
@@ -739,8 +768,10 @@ ALL = [
      send_violations),
     ("transfer: ferry-peer recv stores the file only once the hash matched",
      send_staged),
-    ("transfer: ferry-peer recv leaves a .NAME.ferry-partial alone and ends with error 3",
-     send_leftover_partial),
+    ("transfer: ferry-peer recv takes a file when staging-like files are in --dir, and leaves "
+     "them alone", send_leftover_partial),
+    ("transfer: ferry-peer recv refuses a file larger than its free space (error 1)",
+     send_too_large),
     ("transfer: the sender aborts halfway (error 3): ferry-peer recv keeps nothing", send_abort),
     ("transfer: ferry-peer send to this client over IPv4: framing, TLS, sizes, verdict 0",
      recv_v4),
@@ -748,7 +779,8 @@ ALL = [
      recv_families),
     ("transfer: ferry-peer send accepts any certificate, but checks the handshake signature",
      recv_any_certificate),
-    ("transfer: ferry-peer send pads its first Initial to 1200 bytes", recv_initial),
+    ("transfer: ferry-peer send's first Initial is 1200 to 1407 bytes, and nothing over 1407",
+     recv_initial),
     ("transfer: ferry-peer send after verdict 1 closes with 0 (done), exits 1", recv_verdict_1),
     ("transfer: ferry-peer send after a refusal (application error 1) exits 1", recv_refused),
     ("transfer: ferry-peer's QUIC close reaches this client before its relay CLOSE",

@@ -453,7 +453,7 @@ async fn run_sender<L: DatagramLink>(
         } else {
             None
         };
-        let stall = awaiting.map(|_| moved + options.stall_timeout);
+        let stall = awaiting.and_then(|_| moved.checked_add(options.stall_timeout));
         match driver.wait(next_chunk, stall).await? {
             Wake::Stalled => {
                 return Err(TransferError::Stalled {
@@ -755,7 +755,7 @@ async fn receiver_turn<L: DatagramLink>(
     } else {
         Some("more of the sender's stream")
     };
-    let stall = awaiting.map(|_| r.moved.unwrap_or(now) + options.stall_timeout);
+    let stall = awaiting.and_then(|_| r.moved.unwrap_or(now).checked_add(options.stall_timeout));
     let file_work = async {
         match (want_room, writer, writer_task) {
             // No packet may come to wake the loop for data QUIC already holds.

@@ -657,6 +657,20 @@ async fn receive_from_a_stalling_sender(stream: Option<Vec<u8>>, dest: &Path) ->
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stall_timeout_too_long_to_add_means_no_limit() {
+    let options = TransferOptions {
+        stall_timeout: Duration::MAX,
+        ..quick()
+    };
+    let (a, b) = memory_pair(Impairment::NONE);
+    let (_src, path) = source("patient", &content(100_000, 12));
+    let dest = tempfile::tempdir().expect("tempdir");
+    let (sent, received) = run_pair(a, b, &path, dest.path(), options.clone(), options).await;
+    sent.expect("send");
+    received.expect("receive");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiver_gives_up_on_a_sender_that_keeps_quic_alive_but_sends_nothing() {
     let dest = tempfile::tempdir().expect("tempdir");
     let err = receive_from_a_stalling_sender(None, dest.path()).await;
