@@ -130,9 +130,10 @@ def lines(text):
     """`name value` lines as a dict."""
     out = {}
     for line in text.splitlines():
-        parts = line.split(None, 1)
-        if len(parts) == 2:
-            out[parts[0]] = parts[1]
+        # One space after the name: the value may itself be or hold spaces (a file named " ").
+        key, space, value = line.partition(" ")
+        if space:
+            out[key] = value
     return out
 
 
@@ -492,18 +493,24 @@ def send_too_large(live):
 
 def send_abort(live):
     """§9.4 code 3 (aborted) from the sender halfway through: ferry-peer recv exits 1 and
-    keeps nothing in --dir."""
+    keeps nothing in --dir. The reason, with terminal escapes and a line break in it, reaches
+    ferry-peer's stderr escaped (§9.4: printed with control and format characters escaped)."""
     content = ft.random_content(FILE_SIZE)
+    reason = "cannot read\x1b[2J\r\nferry-peer: saved \u202efdp.exe"
 
     def driver(link, r):
         link.send_stream(ft.header("half.bin", len(content)) + content[:len(content) // 2],
                          False)
         link.drain(0.3)
-        link.close(ft.ABORTED, "the sender's file could not be read")
+        link.close(ft.ABORTED, reason)
         r.aborted = True
     r = python_sends(live, "abort", None, driver=driver)
     need(r.rc == 1, f"ferry-peer recv exited with {r.rc} after the sender aborted")
     need(r.files == [], f"--dir holds {r.files} after an aborted transfer")
+    need(not any(c in r.stderr for c in "\x1b\r\u202e"), f"ferry-peer recv printed the "
+         f"reason unescaped: {r.stderr[-300:]!r}")
+    need("cannot read\\u{1b}[2J\\r\\nferry-peer: saved \\u{202e}fdp.exe" in r.stderr,
+         f"ferry-peer recv's stderr does not quote the reason escaped: {r.stderr[-300:]!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -772,7 +779,8 @@ ALL = [
      "them alone", send_leftover_partial),
     ("transfer: ferry-peer recv refuses a file larger than its free space (error 1)",
      send_too_large),
-    ("transfer: the sender aborts halfway (error 3): ferry-peer recv keeps nothing", send_abort),
+    ("transfer: the sender aborts halfway (error 3): ferry-peer recv keeps nothing, prints the "
+     "reason escaped", send_abort),
     ("transfer: ferry-peer send to this client over IPv4: framing, TLS, sizes, verdict 0",
      recv_v4),
     ("transfer: ferry-peer send across families keeps to the smaller max_udp_payload_size",
