@@ -371,8 +371,9 @@ def send_existing(live):
     r = python_sends(live, "existing", good_stream("old.txt", content),
                      existing=[("old.txt", b"the old content\n")])
     check_refused(r, ft.REFUSED, "an existing name", "already exists")
-    need(r.close_lost or r.dir not in r.app_close[1], f"the reason {r.app_close[1]!r} names "
-         "ferry-peer recv's directory (§9.4: never a directory of the peer that sends it)")
+    reason = r.app_close[1] if r.app_close else ""
+    need(r.dir not in reason, f"the reason {reason!r} names ferry-peer recv's directory "
+         "(§9.4: never a directory of the peer that sends it)")
     need(r.files == ["old.txt"], f"the directory holds {r.files}")
     with open(os.path.join(r.dir, "old.txt"), "rb") as f:
         need(f.read() == b"the old content\n", "the existing file was changed")
