@@ -149,24 +149,29 @@ enum Command {
     /// ordered transfer (QUIC over the session) with a SHA-256 check at the end and a progress
     /// bar on a terminal. Prints `name`, `bytes`, `seconds`, `mb_per_s` (10^6 bytes per
     /// second), `sha256`, QUIC's `quic_packets_sent`, `quic_packets_lost` (declared lost and
-    /// sent again) and `quic_rtt_us` (smoothed round trip at the end), then the session's
+    /// sent again), `quic_rtt_us` (smoothed round trip at the end) and `ignored_datagrams`
+    /// (messages on the session that were no QUIC packet of the transfer), then the session's
     /// counters, one `name value` per line.
     #[command(after_long_help = SESSION_HELP)]
     Send {
         #[command(flatten)]
         session: SessionArgs,
+        #[command(flatten)]
+        transfer: TransferArgs,
         /// The file to send; the receiver stores it under its base name.
         file: PathBuf,
     },
     /// Receive one file from the other peer of the session, which runs `ferry-peer send`, into
     /// --dir. The file appears under its sent name only once its SHA-256 matches; an existing
     /// file is never replaced. Prints `name`, `path`, `bytes`, `seconds`, `mb_per_s`, `sha256`,
-    /// the same three `quic_*` lines for its side, then the session's counters, one
-    /// `name value` per line.
+    /// the same three `quic_*` lines and `ignored_datagrams` for its side, then the session's
+    /// counters, one `name value` per line.
     #[command(after_long_help = SESSION_HELP)]
     Recv {
         #[command(flatten)]
         session: SessionArgs,
+        #[command(flatten)]
+        transfer: TransferArgs,
         /// The directory to write the file into.
         #[arg(long, value_name = "DIR", default_value = ".")]
         dir: PathBuf,
@@ -289,6 +294,17 @@ fn tempfile_in(dir: &Path) -> std::io::Result<()> {
     std::fs::remove_file(&probe)
 }
 
+/// The options of `send` and `recv` beyond the session's.
+#[derive(Debug, clap::Args)]
+struct TransferArgs {
+    /// Give up when the other peer makes no progress for this many seconds: no QUIC
+    /// connection (is it running `recv` too?), no file data, no verdict. Keepalives do not
+    /// count; waiting on this machine's own disk does not either.
+    #[arg(long, value_name = "SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=cli_session::MAX_CONNECT_TIMEOUT_SECS))]
+    stall_timeout: u64,
+}
+
 /// Which way a file goes.
 enum Direction {
     Send(PathBuf),
@@ -296,7 +312,11 @@ enum Direction {
 }
 
 /// Runs `ferry-peer send` or `recv`.
-fn transfer(args: &SessionArgs, direction: Direction) -> anyhow::Result<()> {
+fn transfer(
+    args: &SessionArgs,
+    transfer_args: &TransferArgs,
+    direction: Direction,
+) -> anyhow::Result<()> {
     // Everything that can be checked is checked before the session, whose token a failure
     // afterwards would have spent (and the other peer would see only the session end).
     match &direction {
@@ -324,7 +344,10 @@ fn transfer(args: &SessionArgs, direction: Direction) -> anyhow::Result<()> {
     let runtime = cli_session::runtime()?;
     runtime.block_on(async {
         let session: Arc<Session> = Arc::new(prepared.connect().await?);
-        let options = TransferOptions::default();
+        let options = TransferOptions {
+            stall_timeout: std::time::Duration::from_secs(transfer_args.stall_timeout),
+            ..TransferOptions::default()
+        };
         let progress = BarProgress::new();
         let transfer = async {
             match &direction {
@@ -366,6 +389,7 @@ fn transfer(args: &SessionArgs, direction: Direction) -> anyhow::Result<()> {
         println!("quic_packets_sent {}", report.sent_packets);
         println!("quic_packets_lost {}", report.lost_packets);
         println!("quic_rtt_us {}", report.rtt.as_micros());
+        println!("ignored_datagrams {}", report.ignored_datagrams);
         cli_session::print_stats(&session.stats());
         Ok(())
     })
@@ -555,8 +579,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("session_id {}", grant.session_id_hex());
             println!("expires_at {}", grant.expires_at);
         }
-        Command::Send { session, file } => transfer(&session, Direction::Send(file))?,
-        Command::Recv { session, dir } => transfer(&session, Direction::Recv(dir))?,
+        Command::Send {
+            session,
+            transfer: t,
+            file,
+        } => transfer(&session, &t, Direction::Send(file))?,
+        Command::Recv {
+            session,
+            transfer: t,
+            dir,
+        } => transfer(&session, &t, Direction::Recv(dir))?,
         Command::Tunnel {
             session,
             listen,
