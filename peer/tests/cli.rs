@@ -626,6 +626,58 @@ fn send_and_recv_move_a_file_through_a_real_relay_and_print_the_figures() {
     assert!(field(&received, "path").ends_with("inbox/payload.bin"));
 }
 
+/// Ctrl-C while a file comes in: `recv` says it was interrupted, exits 1, and leaves nothing
+/// in --dir, neither the file nor its staging file.
+#[test]
+fn ctrl_c_during_recv_leaves_nothing_behind() {
+    let setup = RelaySetup::start("recv-ctrl-c", true);
+    let dir = &setup.dir;
+    // Large enough to be still coming in when the signal arrives.
+    let file = dir.path().join("big.bin");
+    let content: Vec<u8> = (0..256u32 << 20).map(|i| (i >> 7) as u8).collect();
+    std::fs::write(&file, &content).unwrap();
+    drop(content);
+    let inbox = dir.path().join("inbox");
+    std::fs::create_dir(&inbox).unwrap();
+    let receiver = setup.spawn(&setup.args("recv", false, &["--dir", path_str(&inbox)]));
+    let mut sender = setup.spawn(&setup.args("send", true, &[path_str(&file)]));
+    // Wait until the staging file holds some of it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let staging = loop {
+        let found = std::fs::read_dir(&inbox)
+            .unwrap()
+            .filter_map(Result::ok)
+            .find(|e| e.metadata().map(|m| m.len() > 0).unwrap_or(false));
+        if let Some(entry) = found {
+            break entry.path();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no staging file in {}",
+            inbox.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let pid = receiver.id().to_string();
+    let status = Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    assert!(status.success());
+    let received = receiver.wait_with_output().unwrap();
+    let err = text(&received.stderr);
+    assert_eq!(received.status.code(), Some(1), "{err}");
+    assert!(err.contains("interrupted by SIGINT"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(&inbox)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "{left:?} left (the staging file was {staging:?})"
+    );
+    let _ = sender.kill();
+    let _ = sender.wait();
+}
+
 #[test]
 fn tunnel_carries_a_local_udp_exchange_through_a_real_relay_and_reports_on_ctrl_c() {
     let setup = RelaySetup::start("tunnel", true);
