@@ -177,8 +177,8 @@ enum Command {
         dir: PathBuf,
     },
     /// Carry a local UDP application's traffic through the relay to the other peer, both ways,
-    /// until Ctrl-C or the other peer closes. One end listens (--listen: the local application
-    /// sends to ADDR as to its server), the other connects (--connect: delivers to the
+    /// until Ctrl-C (or SIGTERM) or the other peer closes. One end listens (--listen: the local
+    /// application sends to ADDR as to its server), the other connects (--connect: delivers to the
     /// application's server at ADDR). A datagram longer than one DATA datagram carries is
     /// dropped, never split, and counted in `dropped_too_long`: 1427 bytes through an IPv4 relay
     /// address, 1407 through an IPv6 one (said at the start). Prints the tunnel's and the
@@ -406,15 +406,15 @@ fn tunnel(args: &SessionArgs, mode: TunnelMode) -> anyhow::Result<()> {
         let family = session.family();
         eprintln!(
             "ferry-peer: tunnel up ({mode:?}); datagrams of up to {max} bytes through this \
-             {family} relay address (longer ones are dropped: dropped_too_long); Ctrl-C ends it"
+             {family} relay address (longer ones are dropped: dropped_too_long); Ctrl-C (or \
+             SIGTERM) ends it"
         );
         let started = std::time::Instant::now();
+        // Ctrl-C, or SIGTERM (a service manager stopping it), ends the tunnel normally: the
+        // counters are printed and the session closed, so the other peer learns at once.
         let ended = tokio::select! {
             result = ferry_peer::tunnel::run(session.clone(), mode, stats.clone()) => result,
-            signal = tokio::signal::ctrl_c() => {
-                signal.context("waiting for Ctrl-C")?;
-                Ok(())
-            }
+            _ = interrupted() => Ok(()),
             never = warn_too_long(&stats, max, family) => match never {},
         };
         session.close().await;
