@@ -4,18 +4,18 @@
 //! (so that a log line of the error alone is complete). Printing the whole chain, as
 //! `anyhow`'s `{:#}` does, then says each such cause twice ("key file k: No such file or
 //! directory (os error 2): No such file or directory (os error 2)"). [`one_line`] joins the
-//! chain with `": "` but leaves out a cause whose text the line already ends with.
+//! chain with `": "` but leaves out a cause whose text the line already holds.
 
 use std::error::Error;
 
-/// `error` and its causes (`source()` after `source()`) on one line, each cause that the
-/// message before it already ends with left out.
-pub fn one_line(error: &(dyn Error + 'static)) -> String {
+/// `error` and its causes (`source()` after `source()`) on one line, each cause whose text
+/// the line already holds left out.
+pub fn one_line(error: &dyn Error) -> String {
     let mut line = error.to_string();
     let mut cause = error.source();
     while let Some(e) = cause {
         let text = e.to_string();
-        if !line.ends_with(&text) {
+        if !line.contains(&text) {
             line.push_str(": ");
             line.push_str(&text);
         }

@@ -392,21 +392,6 @@ struct ErrorJson {
     error: String,
 }
 
-/// The message of `error` and of every error below it, joined with `: `.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let line = cause.to_string();
-        if !text.contains(&line) {
-            text.push_str(": ");
-            text.push_str(&line);
-        }
-        source = cause.source();
-    }
-    text
-}
-
 impl GatewayClient {
     /// A client of the gateway at `base_url` (`https://host[:port]`, without a path), trusting
     /// only the CA certificates in the PEM file `ca_file`, authenticating with `api_key`.
@@ -429,7 +414,7 @@ impl GatewayClient {
         let certs =
             reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| GatewayError::BadCa {
                 path: ca_file.to_owned(),
-                reason: error_chain(&e),
+                reason: ferry_core::error_line::one_line(&e),
             })?;
         if certs.is_empty() {
             return Err(GatewayError::BadCa {
@@ -448,7 +433,7 @@ impl GatewayClient {
         }
         let http = builder
             .build()
-            .map_err(|e| GatewayError::Client(error_chain(&e)))?;
+            .map_err(|e| GatewayError::Client(ferry_core::error_line::one_line(&e)))?;
         Ok(Self {
             base_url,
             http,
@@ -503,7 +488,7 @@ impl GatewayClient {
         let url = format!("{}{path}", self.base_url);
         let unreachable = |e: reqwest::Error| GatewayError::Unreachable {
             url: url.clone(),
-            detail: error_chain(&e.without_url()),
+            detail: ferry_core::error_line::one_line(&e.without_url()),
         };
         let response = self
             .http

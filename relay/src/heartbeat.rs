@@ -222,7 +222,7 @@ async fn send(
         .json(report)
         .send()
         .await
-        .map_err(|e| error_chain(&e))?;
+        .map_err(|e| ferry_core::error_line::one_line(&e))?;
     let status = response.status();
     if status.is_success() {
         return Ok(());
@@ -234,16 +234,4 @@ async fn send(
         .and_then(|v| v["error"].as_str().map(str::to_owned))
         .unwrap_or(body);
     Err(format!("the gateway answered {status}: {code}"))
-}
-
-/// The message of `error` and of every error below it.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -219,6 +219,54 @@ fn removing_the_address_a_peer_is_bound_through_leaves_gso_on() {
     assert!(received > 0, "B is reached again once the address is back");
 }
 
+/// Ten bursts of 16 DATA datagrams of the largest size (`MAX_DATAGRAM`, 1472 bytes) from A to
+/// the relay at `relay_addr`, every one of which must reach B whole (the relay forwards DATA
+/// unread, so these are not A's Noise messages); then no send error on the relay's metrics
+/// page, which is returned.
+fn full_size_bursts_arrive_whole(
+    a: &UdpPeer,
+    b: &UdpPeer,
+    session: u64,
+    relay_addr: SocketAddr,
+    relay: &RelayProcess,
+) -> String {
+    use ferry_core::wire::{HEADER_LEN, MAX_DATAGRAM, encode_data};
+    let b_socket = b.socket();
+    b_socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    for round in 0..10u8 {
+        for i in 0..16u8 {
+            let mut datagram = [0u8; MAX_DATAGRAM];
+            let n = encode_data(
+                &mut datagram,
+                session,
+                &[i ^ round; MAX_DATAGRAM - HEADER_LEN],
+            )
+            .unwrap();
+            assert_eq!(n, MAX_DATAGRAM);
+            a.socket().send_to(&datagram[..n], relay_addr).unwrap();
+        }
+        for i in 0..16u8 {
+            let n = b_socket.recv(&mut buf).unwrap_or_else(|e| {
+                panic!(
+                    "round {round}: datagram {i} of 16 never came ({e}): {}",
+                    relay.metrics()
+                )
+            });
+            assert_eq!(n, MAX_DATAGRAM, "round {round}");
+        }
+    }
+    let page = relay.metrics();
+    assert_eq!(
+        sum_metric(&page, "ferry_worker_tx_errors_total"),
+        0,
+        "{page}"
+    );
+    page
+}
+
 /// The largest DATA from a peer on IPv4 (a 1472-byte datagram) does not fit a 1500-byte IPv6
 /// path to the other peer; the relay sends each such datagram alone, which the kernel
 /// fragments, and never in a GSO send, which the kernel would refuse whole. Bursts of them
@@ -237,36 +285,7 @@ fn full_size_data_from_ipv4_reaches_a_peer_on_ipv6_whole() {
     ];
     let (mut a, mut b) = bound_pair_via(&auth, &topo, session, relays);
     talk(&mut a, &mut b, 3).unwrap();
-    let body = ferry_core::wire::MAX_DATAGRAM - ferry_core::wire::HEADER_LEN;
-    let b_socket = b.socket();
-    b_socket
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-    let mut buf = vec![0u8; 4096];
-    for round in 0..10u8 {
-        for i in 0..16u8 {
-            let mut datagram = [0u8; ferry_core::wire::MAX_DATAGRAM];
-            let n = ferry_core::wire::encode_data(&mut datagram, session, &vec![i ^ round; body])
-                .unwrap();
-            assert_eq!(n, ferry_core::wire::MAX_DATAGRAM);
-            a.socket().send_to(&datagram[..n], relays[0]).unwrap();
-        }
-        for i in 0..16u8 {
-            let n = b_socket.recv(&mut buf).unwrap_or_else(|e| {
-                panic!(
-                    "round {round}: datagram {i} of 16 never came ({e}): {}",
-                    relay.metrics()
-                )
-            });
-            assert_eq!(n, ferry_core::wire::MAX_DATAGRAM, "round {round}");
-        }
-    }
-    let page = relay.metrics();
-    assert_eq!(
-        sum_metric(&page, "ferry_worker_tx_errors_total"),
-        0,
-        "{page}"
-    );
+    full_size_bursts_arrive_whole(&a, &b, session, relays[0], &relay);
 }
 
 /// A peer behind a path with a smaller MTU than the sender's (1400 bytes on the relay's sink
@@ -297,35 +316,7 @@ fn datagrams_over_a_smaller_path_mtu_are_resent_alone_and_arrive_whole() {
     ];
     let (mut a, mut b) = bound_pair_via(&auth, &topo, session, relays);
     talk(&mut a, &mut b, 3).unwrap();
-    let body = ferry_core::wire::MAX_DATAGRAM - ferry_core::wire::HEADER_LEN;
-    let b_socket = b.socket();
-    b_socket
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-    let mut buf = vec![0u8; 4096];
-    for round in 0..10u8 {
-        for i in 0..16u8 {
-            let mut datagram = [0u8; ferry_core::wire::MAX_DATAGRAM];
-            let n = ferry_core::wire::encode_data(&mut datagram, session, &vec![i ^ round; body])
-                .unwrap();
-            a.socket().send_to(&datagram[..n], relays[0]).unwrap();
-        }
-        for i in 0..16u8 {
-            let n = b_socket.recv(&mut buf).unwrap_or_else(|e| {
-                panic!(
-                    "round {round}: datagram {i} of 16 never came ({e}): {}",
-                    relay.metrics()
-                )
-            });
-            assert_eq!(n, ferry_core::wire::MAX_DATAGRAM, "round {round}");
-        }
-    }
-    let page = relay.metrics();
-    assert_eq!(
-        sum_metric(&page, "ferry_worker_tx_errors_total"),
-        0,
-        "{page}"
-    );
+    let page = full_size_bursts_arrive_whole(&a, &b, session, relays[0], &relay);
     assert!(
         sum_metric(&page, "ferry_worker_gso_resent_total") > 0,
         "some arrived in one receive and left as a GSO send first: {page}"
