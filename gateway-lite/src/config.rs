@@ -4,7 +4,6 @@
 //! reported at once, each naming its field, so `ferry-gateway check-config` shows them all.
 
 use std::fmt;
-use std::io::Read as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -576,17 +575,17 @@ pub fn load(path: &Path) -> Result<GatewayConfig, ConfigError> {
 /// Reads the whole text of `path`, which must be a regular file: a FIFO, a directory, a device
 /// or a socket is refused at once, naming what it is ([`ferry_keyfile::open_regular_file`]),
 /// where the open of a FIFO would wait for a writer forever.
-pub fn read_text(path: &Path) -> std::io::Result<String> {
-    let mut text = String::new();
-    ferry_keyfile::open_regular_file(path)?.read_to_string(&mut text)?;
-    Ok(text)
+/// A file longer than [`MAX_FILE`] is refused.
+pub fn read_text(path: &Path) -> std::io::Result<zeroize::Zeroizing<String>> {
+    ferry_keyfile::read_text_file(path, MAX_FILE)
 }
+
+/// The longest file the gateway reads as its config, key list or CA bundle.
+pub const MAX_FILE: u64 = 16 << 20;
 
 /// Reads the whole of `path`, a regular file, as [`read_text`] does, as bytes.
 fn read_bytes(path: &Path) -> std::io::Result<Vec<u8>> {
-    let mut bytes = Vec::new();
-    ferry_keyfile::open_regular_file(path)?.read_to_end(&mut bytes)?;
-    Ok(bytes)
+    Ok(read_text(path)?.as_bytes().to_vec())
 }
 
 /// Parses and validates config `text` (named `path` in messages); relative paths are

@@ -2,7 +2,6 @@
 //! 1.2 (rustls speaks nothing older, and prefers 1.3), certificate chain and key from PEM
 //! files, and optional client certificates (mTLS) checked against a CA file.
 
-use std::io::Read as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -104,9 +103,8 @@ fn read_pem(path: &Path, secret: bool) -> Result<Vec<u8>, TlsError> {
             });
         }
     }
-    let mut bytes = Vec::new();
-    file.take(MAX_PEM_LEN).read_to_end(&mut bytes).map_err(io)?;
-    Ok(bytes)
+    let text = ferry_keyfile::read_text_at_most(file, MAX_PEM_LEN).map_err(io)?;
+    Ok(text.as_bytes().to_vec())
 }
 
 /// Reads every certificate of a PEM file (a chain, leaf first, or a CA bundle).

@@ -103,21 +103,8 @@ pub fn api_key(file: Option<&std::path::Path>) -> anyhow::Result<ApiKey> {
 /// Reads the grant file at `path`: a regular file (a FIFO or a device is refused without
 /// blocking) of at most 64 KiB.
 pub fn read_grant(path: &std::path::Path) -> anyhow::Result<Grant> {
-    use std::io::Read as _;
     let context = || format!("reading the grant {}", path.display());
-    let file = ferry_keyfile::open_regular_file(path).with_context(context)?;
-    // Room for the longest file read, so that the buffer holding the slot secret never grows
-    // (and leaves no copy behind in freed memory).
-    let mut text = zeroize::Zeroizing::new(String::with_capacity(MAX_GRANT_FILE_LEN as usize + 1));
-    file.take(MAX_GRANT_FILE_LEN + 1)
-        .read_to_string(&mut text)
-        .with_context(context)?;
-    if text.len() as u64 > MAX_GRANT_FILE_LEN {
-        anyhow::bail!(
-            "reading the grant {}: longer than {MAX_GRANT_FILE_LEN} bytes, not a grant",
-            path.display()
-        );
-    }
+    let text = ferry_keyfile::read_text_file(path, MAX_GRANT_FILE_LEN).with_context(context)?;
     Grant::from_json(&text).with_context(context)
 }
 

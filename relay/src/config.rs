@@ -146,12 +146,18 @@ pub struct RelayConfig {
     pub heartbeat: Option<crate::heartbeat::HeartbeatSettings>,
 }
 
-/// Reads, parses and validates the config at `path`, and loads its key file.
+/// The longest config file read (a deny list of 16,384 prefixes is under 1 MiB).
+pub const MAX_CONFIG_FILE: u64 = 16 << 20;
+
+/// Reads, parses and validates the config at `path`, and loads its key file. The file must be
+/// a regular file of at most [`MAX_CONFIG_FILE`] bytes: a FIFO or a device is refused at once
+/// rather than blocking `check-config`, a start or a reload.
 pub fn load(path: &Path) -> Result<RelayConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
+    let text =
+        ferry_keyfile::read_text_file(path, MAX_CONFIG_FILE).map_err(|source| ConfigError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
     let base = path.parent().unwrap_or(Path::new("."));
     parse_str(&text, path, base)
 }

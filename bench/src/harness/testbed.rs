@@ -225,7 +225,8 @@ impl TestbedFile {
     /// Reads and checks the file at `path`; relative paths in it are relative to its
     /// directory. The error lists every problem found.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
+        // A regular file (a FIFO would block the read) of at most 16 MiB.
+        let text = ferry_keyfile::read_text_file(path, 16 << 20)
             .with_context(|| format!("reading the testbed file {}", path.display()))?;
         let dir = path.parent().unwrap_or(Path::new("."));
         Self::parse(&text, dir)

@@ -1,7 +1,7 @@
 //! Key files: text parsed and formatted by [`ferry_core::keys`], read and written here.
 
 use std::fs::{File, OpenOptions, Permissions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -154,18 +154,15 @@ fn read_key_file(path: &Path, secret: bool) -> Result<Zeroizing<String>, KeyFile
             });
         }
     }
-    // Room for the longest file read, so the buffer never grows: growing would leave copies
-    // of a secret behind in freed memory, which the final zeroize cannot reach.
-    let mut text = Zeroizing::new(String::with_capacity(MAX_FILE_LEN as usize + 1));
-    file.take(MAX_FILE_LEN + 1)
-        .read_to_string(&mut text)
-        .map_err(io_error)?;
-    if text.len() as u64 > MAX_FILE_LEN {
-        return Err(KeyFileError::TooLong {
-            path: path.to_owned(),
-        });
-    }
-    Ok(text)
+    crate::read_text_at_most(file, MAX_FILE_LEN).map_err(|source| {
+        if source.kind() == io::ErrorKind::FileTooLarge {
+            KeyFileError::TooLong {
+                path: path.to_owned(),
+            }
+        } else {
+            io_error(source)
+        }
+    })
 }
 
 /// Loads a secret key file of kind `K`, refusing files with any group or other permission bit.

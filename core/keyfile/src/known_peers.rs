@@ -2,7 +2,7 @@
 //! written here.
 
 use std::fs;
-use std::io::{self, Read as _, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
@@ -77,15 +77,15 @@ pub fn load_known_peers(path: &Path) -> Result<KnownPeers, KnownPeersFileError> 
             mode,
         });
     }
-    let mut text = String::new();
-    file.take(MAX_FILE_LEN + 1)
-        .read_to_string(&mut text)
-        .map_err(io_error)?;
-    if text.len() as u64 > MAX_FILE_LEN {
-        return Err(KnownPeersFileError::TooLong {
-            path: path.to_owned(),
-        });
-    }
+    let text = crate::read_text_at_most(file, MAX_FILE_LEN).map_err(|source| {
+        if source.kind() == io::ErrorKind::FileTooLarge {
+            KnownPeersFileError::TooLong {
+                path: path.to_owned(),
+            }
+        } else {
+            io_error(source)
+        }
+    })?;
     KnownPeers::parse(&text).map_err(|source| KnownPeersFileError::Parse {
         path: path.to_owned(),
         source,

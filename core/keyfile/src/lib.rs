@@ -17,7 +17,8 @@
 //! - [`open_regular_file`], how every Ferry program opens a file it reads (a key, a
 //!   certificate, a config): anything but a regular file (a FIFO, a directory, a device, a
 //!   socket) is refused at once with an error naming what it is, where a FIFO would otherwise
-//!   block the open until something writes to it.
+//!   block the open until something writes to it; [`read_text_file`] and
+//!   [`read_text_at_most`] read such a file whole, up to a limit, into memory erased on drop.
 #![forbid(unsafe_code)]
 
 mod keys;
@@ -31,4 +32,4 @@ pub use keys::{
 pub use known_peers::{
     KnownPeersFileError, load_known_peers, save_known_peers, update_known_peers,
 };
-pub use regular::open_regular_file;
+pub use regular::{open_regular_file, read_text_at_most, read_text_file};

@@ -7,9 +7,11 @@
 //! error that says so rather than one about its contents or its permission bits.
 
 use std::fs::{File, FileType, OpenOptions};
-use std::io;
+use std::io::{self, Read as _};
 use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
 use std::path::Path;
+
+use zeroize::Zeroizing;
 
 /// Opens `path` for reading if it is a regular file once symbolic links are followed.
 /// Anything else is refused with [`io::ErrorKind::InvalidInput`] and a message naming what it
@@ -32,6 +34,34 @@ pub fn open_regular_file(path: &Path) -> io::Result<File> {
         true => Ok(file),
         false => Err(not_regular(kind)),
     }
+}
+
+/// Reads the regular file at `path` ([`open_regular_file`]) to its end as UTF-8 text, as
+/// [`read_text_at_most`] does.
+pub fn read_text_file(path: &Path, max: u64) -> io::Result<Zeroizing<String>> {
+    read_text_at_most(open_regular_file(path)?, max)
+}
+
+/// The most bytes reserved before a read: a secret file no longer than this (a key, a grant,
+/// an API key) is read into one buffer that never grows, so no copy of it is left behind in
+/// freed memory, which the final zeroize could not reach.
+const RESERVED: u64 = 64 << 10;
+
+/// Reads `file` to its end as UTF-8 text into memory that is erased when dropped. A file of
+/// more than `max` bytes is refused with [`io::ErrorKind::FileTooLarge`] ("is longer than
+/// `max` bytes") after reading at most one byte past `max`, so `/dev/zero` behind a check that
+/// missed it, or a file that keeps growing, cannot fill the memory.
+pub fn read_text_at_most(file: File, max: u64) -> io::Result<Zeroizing<String>> {
+    let reserve = usize::try_from(max.min(RESERVED) + 1).unwrap_or(usize::MAX);
+    let mut text = Zeroizing::new(String::with_capacity(reserve));
+    file.take(max.saturating_add(1)).read_to_string(&mut text)?;
+    if text.len() as u64 > max {
+        return Err(io::Error::new(
+            io::ErrorKind::FileTooLarge,
+            format!("is longer than {max} bytes"),
+        ));
+    }
+    Ok(text)
 }
 
 fn not_regular(kind: FileType) -> io::Error {
@@ -57,7 +87,6 @@ fn not_regular(kind: FileType) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read as _;
     use std::path::PathBuf;
 
     fn temp_dir(name: &str) -> PathBuf {
@@ -120,6 +149,33 @@ mod tests {
         let socket = dir.join("socket.key");
         let _listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
         assert!(refusal(&socket).contains("socket"));
+        std::fs::remove_dir_all(dir).expect("cleanup");
+    }
+
+    #[test]
+    fn a_file_is_read_whole_up_to_its_limit_and_refused_past_it() {
+        let dir = temp_dir("limit");
+        let file = dir.join("config");
+        std::fs::write(&file, "0123456789").expect("write");
+        assert_eq!(
+            read_text_file(&file, 10).expect("at the limit").as_str(),
+            "0123456789"
+        );
+        let e = read_text_file(&file, 9).expect_err("one byte over");
+        assert_eq!(e.kind(), io::ErrorKind::FileTooLarge, "{e}");
+        assert_eq!(e.to_string(), "is longer than 9 bytes");
+        // Past the reserved buffer the text still arrives whole.
+        let long = "x".repeat(RESERVED as usize * 3);
+        std::fs::write(&file, &long).expect("write");
+        assert_eq!(read_text_file(&file, 1 << 20).expect("long").as_str(), long);
+        // An endless file stops one byte past the limit.
+        let zero = dir.join("zero");
+        std::os::unix::fs::symlink("/dev/zero", &zero).expect("symlink");
+        let e = read_text_at_most(File::open(&zero).expect("open"), 1000).expect_err("endless");
+        assert_eq!(e.kind(), io::ErrorKind::FileTooLarge, "{e}");
+        std::fs::write(&file, [0xff, 0xfe]).expect("write");
+        let e = read_text_file(&file, 100).expect_err("not UTF-8");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
         std::fs::remove_dir_all(dir).expect("cleanup");
     }
 

@@ -537,6 +537,34 @@ fn a_readable_key_file_is_refused_with_the_fix() {
 }
 
 #[test]
+fn the_config_file_itself_must_be_a_regular_file_of_bounded_length() {
+    let dir = Dir::new("config-file");
+    let path = dir.0.join("relay.toml");
+    // A FIFO would block the read until something writes to it: check-config, a start and a
+    // reload would hang.
+    let made = std::process::Command::new("mkfifo").arg(&path).status();
+    assert!(made.unwrap().success(), "mkfifo {}", path.display());
+    let message = load(&path).unwrap_err().to_string();
+    assert!(message.contains("is a FIFO"), "{message}");
+    std::fs::remove_file(&path).unwrap();
+    // A device behind a link (endless) and a file past the limit are refused, not read whole.
+    std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
+    let message = load(&path).unwrap_err().to_string();
+    assert!(message.contains("character device"), "{message}");
+    std::fs::remove_file(&path).unwrap();
+    let padding = "#".repeat(MAX_CONFIG_FILE as usize);
+    std::fs::write(&path, minimal() + &padding).unwrap();
+    let message = load(&path).unwrap_err().to_string();
+    assert!(
+        message.ends_with(&format!("is longer than {MAX_CONFIG_FILE} bytes")),
+        "{message}"
+    );
+    // The same text within the limit loads.
+    std::fs::write(&path, minimal()).unwrap();
+    load(&path).unwrap();
+}
+
+#[test]
 fn a_key_or_ca_path_that_is_no_regular_file_is_named_as_such_without_waiting() {
     let dir = Dir::new("not-regular");
     let mkfifo = |name: &str| {

@@ -551,16 +551,7 @@ const MAX_CA_FILE: u64 = 1 << 20;
 /// Reads `heartbeat.ca_file`: a regular file (a FIFO would block the read until something
 /// writes to it) of at most [`MAX_CA_FILE`] bytes.
 fn read_ca_file(path: &Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Read as _;
-    let mut pem = Vec::new();
-    ferry_keyfile::open_regular_file(path)?
-        .take(MAX_CA_FILE + 1)
-        .read_to_end(&mut pem)?;
-    if pem.len() as u64 > MAX_CA_FILE {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("is over {} KiB, more than any CA bundle", MAX_CA_FILE >> 10),
-        ));
-    }
-    Ok(pem)
+    Ok(ferry_keyfile::read_text_file(path, MAX_CA_FILE)?
+        .as_bytes()
+        .to_vec())
 }
