@@ -1246,6 +1246,11 @@ impl Ring {
         self.slab.slots[slot as usize].segments
     }
 
+    /// The destination of the send in `slot`.
+    pub fn send_destination(&self, slot: u32) -> Option<SocketAddr> {
+        self.slab.slots[slot as usize].addr.as_socket()
+    }
+
     /// The source address the send in `slot` names, if it names one (a wildcard socket's).
     pub fn send_source(&self, slot: u32) -> Option<IpAddr> {
         self.slab.slots[slot as usize].src

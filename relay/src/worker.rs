@@ -12,6 +12,7 @@
 //! tick, send what the handler's timers produced (the reaper's CLOSEs); publish counters. No
 //! allocation happens per received datagram.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -569,6 +570,7 @@ pub fn run_worker<H: PacketHandler>(
     let mut wall_clock = WallClock::read();
     let mut pending = PendingForwards {
         gso: cfg.gso,
+        alone: SendAlone::default(),
         socket: 0,
         to: SocketAddr::from(([0, 0, 0, 0], 0)),
         src: None,
@@ -640,6 +642,9 @@ pub fn run_worker<H: PacketHandler>(
                     // which the kernel fragments to the path's MTU (a zero-copy send still
                     // lends its buffers: it is left as it is).
                     let resent = if result == -libc::EMSGSIZE && segments > 1 && !more {
+                        if let Some(to) = ring.send_destination(slot) {
+                            pending.alone.insert(to, now);
+                        }
                         ring.resend_alone(slot)? as u64
                     } else {
                         0
@@ -678,6 +683,7 @@ pub fn run_worker<H: PacketHandler>(
         pending.flush(&mut ring, &mut batch)?;
         if now >= next_tick {
             handler.tick(now, wall, &mut notices);
+            pending.alone.forget_expired(now);
             for notice in notices.drain(..) {
                 let socket = out_socket(v4_socket, v6_socket, notice.to);
                 send_reply(
@@ -877,7 +883,7 @@ fn on_datagram<H: PacketHandler>(
         Outcome::Forward { to, src } => match out_socket(to) {
             Some(socket) if ring.retain(bid) => {
                 let segment = Segment { bid, offset };
-                pending.add(ring, socket, (to, src), len, segment, batch)?;
+                pending.add(ring, cx.now, socket, (to, src), len, segment, batch)?;
             }
             _ => batch.tx_slots_full += 1,
         },
@@ -981,6 +987,8 @@ fn gso_fits(to: SocketAddr, len: usize) -> bool {
 /// through the relay costs one send per batch instead of one per datagram.
 struct PendingForwards {
     gso: bool,
+    /// Destinations sent one datagram per send until the instant given.
+    alone: SendAlone,
     socket: usize,
     to: SocketAddr,
     /// The source address the datagrams leave from (a wildcard socket's), if set.
@@ -990,16 +998,18 @@ struct PendingForwards {
 }
 
 impl PendingForwards {
+    #[allow(clippy::too_many_arguments)]
     fn add(
         &mut self,
         ring: &mut Ring,
+        now: Instant,
         socket: usize,
         (to, src): (SocketAddr, Option<IpAddr>),
         len: usize,
         segment: Segment,
         batch: &mut BatchStats,
     ) -> Result<(), UringError> {
-        let gso = self.gso && gso_fits(to, len);
+        let gso = self.gso && gso_fits(to, len) && !self.alone.holds(to, now);
         let joins = gso
             && socket == self.socket
             && to == self.to
@@ -1032,6 +1042,46 @@ impl PendingForwards {
         }
         self.segments.clear();
         Ok(())
+    }
+}
+
+/// Destinations whose path refused a GSO send for its size (`EMSGSIZE`: the path's MTU is
+/// under the datagrams' length, which the kernel fragments one by one but will not segment):
+/// later forwards to them go one datagram per send for [`SendAlone::FOR`], as long as the
+/// kernel keeps a learnt path MTU (`net.ipv4.route.mtu_expires`), instead of each burst being
+/// refused and sent again. Empty, as it is on almost every relay, it costs a forward one
+/// length check.
+#[derive(Default)]
+struct SendAlone {
+    until: HashMap<SocketAddr, Instant>,
+}
+
+impl SendAlone {
+    const FOR: Duration = Duration::from_secs(600);
+    /// The most destinations remembered; past it, the oldest half is forgotten.
+    const MAX: usize = 4096;
+
+    fn holds(&self, to: SocketAddr, now: Instant) -> bool {
+        !self.until.is_empty() && self.until.get(&to).is_some_and(|&until| now < until)
+    }
+
+    fn insert(&mut self, to: SocketAddr, now: Instant) {
+        if self.until.len() >= Self::MAX {
+            self.until.retain(|_, until| *until > now);
+        }
+        if self.until.len() >= Self::MAX {
+            let mut ends: Vec<Instant> = self.until.values().copied().collect();
+            let (_, &mut middle, _) = ends.select_nth_unstable(Self::MAX / 2);
+            self.until.retain(|_, until| *until > middle);
+        }
+        self.until.insert(to, now + Self::FOR);
+    }
+
+    /// Forgets the destinations whose time is up (once a tick).
+    fn forget_expired(&mut self, now: Instant) {
+        if !self.until.is_empty() {
+            self.until.retain(|_, until| *until > now);
+        }
     }
 }
 
@@ -1158,6 +1208,31 @@ mod tests {
     fn a_receive_buffer_has_the_room_the_docs_state() {
         assert_eq!(recv_payload_room(RECV_BUF_SIZE, false, false), 1904);
         assert_eq!(recv_payload_room(RECV_BUF_SIZE, false, true), 1864);
+    }
+
+    #[test]
+    fn a_destination_refused_a_gso_send_is_sent_alone_for_a_while_and_the_memory_is_bounded() {
+        let mut alone = SendAlone::default();
+        let t0 = Instant::now();
+        let to = SocketAddr::from(([198, 18, 0, 9], 4000));
+        let other = SocketAddr::from(([198, 18, 0, 9], 4001));
+        assert!(!alone.holds(to, t0));
+        alone.insert(to, t0);
+        assert!(alone.holds(to, t0 + Duration::from_secs(1)));
+        assert!(!alone.holds(other, t0));
+        assert!(!alone.holds(to, t0 + SendAlone::FOR));
+        alone.forget_expired(t0 + SendAlone::FOR);
+        assert!(alone.until.is_empty());
+        // Full: the oldest half goes, the newest stays, and it never holds more than MAX.
+        for i in 0..SendAlone::MAX as u32 + 10 {
+            let at = t0 + Duration::from_millis(u64::from(i));
+            alone.insert(SocketAddr::from((i.to_be_bytes(), 9)), at);
+            assert!(alone.until.len() <= SendAlone::MAX);
+        }
+        let last = SendAlone::MAX as u32 + 9;
+        let now = t0 + Duration::from_millis(u64::from(last));
+        assert!(alone.holds(SocketAddr::from((last.to_be_bytes(), 9)), now));
+        assert!(!alone.holds(SocketAddr::from((0u32.to_be_bytes(), 9)), now));
     }
 
     #[test]

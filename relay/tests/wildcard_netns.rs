@@ -317,9 +317,12 @@ fn datagrams_over_a_smaller_path_mtu_are_resent_alone_and_arrive_whole() {
     let (mut a, mut b) = bound_pair_via(&auth, &topo, session, relays);
     talk(&mut a, &mut b, 3).unwrap();
     let page = full_size_bursts_arrive_whole(&a, &b, session, relays[0], &relay);
+    // Some arrived in one receive and left as a GSO send first; once refused, the destination
+    // is sent one datagram per send, so only the first round's GSO sends were refused.
+    let resent = sum_metric(&page, "ferry_worker_gso_resent_total");
     assert!(
-        sum_metric(&page, "ferry_worker_gso_resent_total") > 0,
-        "some arrived in one receive and left as a GSO send first: {page}"
+        (1..=16).contains(&resent),
+        "{resent} resent: some in the first round, none after: {page}"
     );
     assert_eq!(
         sum_metric(&page, "ferry_worker_gso_disabled_total"),
