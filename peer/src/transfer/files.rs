@@ -2,11 +2,8 @@
 //! so the driver's thread only moves bytes), the receiver's partial file, and putting it in
 //! place once its hash matched.
 
-use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::mem::MaybeUninit;
-use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -185,18 +182,8 @@ fn staging_name() -> Result<String, TransferError> {
 /// The bytes an unprivileged user may still write to the file system holding `dir`; `None`
 /// when the file system reports no size at all (some FUSE and network file systems), which
 /// says nothing about its space.
-#[allow(unsafe_code)]
 fn free_space(dir: &Path) -> io::Result<Option<u64>> {
-    let path = CString::new(dir.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "the path contains NUL"))?;
-    let mut stat = MaybeUninit::<libc::statvfs>::zeroed();
-    // SAFETY: `path` is NUL-terminated and `stat` is writable memory of statvfs's own type;
-    // both outlive the call, which keeps neither pointer.
-    if unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: zero-initialised, and filled in by the successful statvfs.
-    let stat = unsafe { stat.assume_init() };
+    let stat = rustix::fs::statvfs(dir)?;
     if stat.f_blocks == 0 {
         return Ok(None);
     }
@@ -205,28 +192,9 @@ fn free_space(dir: &Path) -> io::Result<Option<u64>> {
 
 /// Renames `from` to `to` unless `to` exists (`renameat2` with `RENAME_NOREPLACE`): an
 /// `AlreadyExists` error then, and `to` untouched.
-#[allow(unsafe_code)]
 fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
-    let c_path = |path: &Path| {
-        CString::new(path.as_os_str().as_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "the path contains NUL"))
-    };
-    let (from, to) = (c_path(from)?, c_path(to)?);
-    // SAFETY: both paths are NUL-terminated and outlive the call, which keeps neither.
-    let rc = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
+    Ok(renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE)?)
 }
 
 impl Drop for PartialFile {
