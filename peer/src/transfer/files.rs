@@ -221,15 +221,40 @@ pub(crate) fn spawn_writer(
             path: path.clone(),
             source,
         };
-        let mut hash = Context::new(&SHA256);
-        while let Some(chunk) = rx.blocking_recv() {
-            hash.update(&chunk);
-            file.write_all(&chunk).map_err(io_error)?;
-        }
-        file.sync_all().map_err(io_error)?;
-        Ok(digest(hash))
+        let chunks = std::iter::from_fn(|| rx.blocking_recv());
+        let (hash, _flushes) = write_chunks(&mut file, chunks, FLUSH_EVERY).map_err(io_error)?;
+        Ok(hash)
     });
     (tx, task)
+}
+
+/// The receiver flushes what it has written to disk every this many bytes.
+const FLUSH_EVERY: u64 = 64 << 20;
+
+/// Writes `chunks` to `file`, hashing them, and returns the hash once everything is on disk,
+/// with the number of flushes made on the way. Every `flush_every` bytes it waits for what it
+/// wrote to reach the disk (`fdatasync`), so that the last flush, which the sender waits for
+/// with its stall timeout running, never has more than that to write, however large the file
+/// and however slow the disk; the waits on the way hold up the stream instead, through the
+/// bounded queue and QUIC's flow control, while the connection stays alive.
+fn write_chunks(
+    file: &mut File,
+    chunks: impl Iterator<Item = Bytes>,
+    flush_every: u64,
+) -> io::Result<([u8; HASH_LEN], u32)> {
+    let mut hash = Context::new(&SHA256);
+    let (mut unflushed, mut flushes) = (0u64, 0u32);
+    for chunk in chunks {
+        hash.update(&chunk);
+        file.write_all(&chunk)?;
+        unflushed += chunk.len() as u64;
+        if unflushed >= flush_every {
+            file.sync_data()?;
+            (unflushed, flushes) = (0, flushes + 1);
+        }
+    }
+    file.sync_all()?;
+    Ok((digest(hash), flushes))
 }
 
 /// The receiver's decision once the content is written and synced: on a matching hash the
@@ -289,6 +314,23 @@ mod tests {
             .into_iter()
             .filter(|name| name.starts_with(STAGING_PREFIX))
             .collect()
+    }
+
+    #[test]
+    fn the_writer_flushes_on_the_way_so_the_last_flush_is_short() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("file");
+        let mut file = File::create(&path).expect("create");
+        let chunks = (0..10u8).map(|i| Bytes::from(vec![i; 100]));
+        let (hash, flushes) = write_chunks(&mut file, chunks, 250).expect("write");
+        // After 300, 600 and 900 bytes; the last 100 are left to the final sync.
+        assert_eq!(flushes, 3);
+        let written = std::fs::read(&path).expect("read");
+        let expected: Vec<u8> = (0..10u8).flat_map(|i| vec![i; 100]).collect();
+        assert_eq!(written, expected);
+        let mut whole = Context::new(&SHA256);
+        whole.update(&expected);
+        assert_eq!(hash, digest(whole));
     }
 
     #[test]
