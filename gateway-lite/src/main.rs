@@ -145,6 +145,12 @@ fn init(dir: &Path, names: &[String]) -> anyhow::Result<()> {
     if key_path.exists() {
         let key = ferry_keyfile::load_secret_file::<GatewaySigningKey>(&key_path)?;
         println!("gateway signing key {} kept", key_path.display());
+        if let Some(public) = ferry_keyfile::write_missing_public_file(&key_path, &key)? {
+            println!(
+                "its public key was missing: written to {}",
+                public.display()
+            );
+        }
         println!("public key: {}", key.public());
     } else {
         keygen(&key_path, false)?;

@@ -160,6 +160,22 @@ fn init_makes_the_shipped_configs_pass_check_config() {
         .collect();
     assert!(before == after, "a second init changed a file");
 
+    // A key moved in without its public half gets it back (the packages chown both).
+    for public in ["gateway-1.key.pub", "relay.key.pub"] {
+        std::fs::remove_file(dir.join(public)).unwrap();
+    }
+    let (ok, out, err) = gateway(&["init", "--dir", dir_arg]);
+    assert!(
+        ok && out.contains("its public key was missing"),
+        "{out}{err}"
+    );
+    assert!(relay_init().contains("its public key was missing"));
+    let again: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| std::fs::read(dir.join(f)).unwrap())
+        .collect();
+    assert!(before == again, "the public keys written again differ");
+
     // Half a TLS pair is refused rather than silently replaced.
     std::fs::remove_file(dir.join("gateway-tls.crt")).unwrap();
     let (ok, _, err) = gateway(&["init", "--dir", dir_arg]);

@@ -122,6 +122,12 @@ fn init(dir: &Path) -> anyhow::Result<()> {
     if key_path.exists() {
         let key = ferry_keyfile::load_secret_file::<RelayStaticKey>(&key_path)?;
         println!("relay key {} kept", key_path.display());
+        if let Some(public) = ferry_keyfile::write_missing_public_file(&key_path, &key)? {
+            println!(
+                "its public key was missing: written to {}",
+                public.display()
+            );
+        }
         println!("public key: {}", key.public());
         return Ok(());
     }

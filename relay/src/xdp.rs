@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -378,12 +379,14 @@ impl Guard {
         for (interface, attachment) in self.attached.clone() {
             let interface = interface.as_str();
             let index = self.indexes.get(interface).copied();
-            let forwarding = forwarding(interface);
+            let (forwarding, unknown) = forwarding(Path::new("/proc"), interface);
             let state = match (self.fast_wanted, attachment, index) {
                 (false, _, _) => FastPathStatus::Off,
                 (true, Attachment::Generic, _) => FastPathStatus::GenericMode,
                 (true, Attachment::Native, None) => FastPathStatus::Gone,
-                (true, Attachment::Native, _) if forwarding == [false, false] => {
+                (true, Attachment::Native, _)
+                    if forwarding == [false, false] && unknown.is_none() =>
+                {
                     FastPathStatus::ForwardingOff
                 }
                 (true, Attachment::Native, Some(index)) => {
@@ -421,6 +424,16 @@ impl Guard {
                      interface goes through the relay"
                 ),
                 other => tracing::info!(interface, reason = %other, "XDP fast path not active"),
+            }
+            if let Some(why) = &unknown
+                && state.takes_data_in()
+            {
+                tracing::warn!(
+                    interface,
+                    %why,
+                    "whether this interface forwards is unknown; the fast path runs anyway, and \
+                     if forwarding is off its DATA falls back to the relay (counted as fast_fib_miss)"
+                );
             }
             status.push((interface.to_owned(), state));
         }
@@ -1100,14 +1113,20 @@ fn xdp_md(frame: &[u8], ingress: u32) -> Vec<u8> {
         .collect()
 }
 
-/// Whether IPv4 and IPv6 forwarding are on for `interface` (this process's namespace).
-fn forwarding(interface: &str) -> [bool; 2] {
-    ["ipv4", "ipv6"].map(|family| {
-        std::fs::read_to_string(format!(
-            "/proc/sys/net/{family}/conf/{interface}/forwarding"
-        ))
-        .is_ok_and(|v| v.trim() != "0")
-    })
+/// Whether IPv4 and IPv6 forwarding are on for `interface` (this process's namespace), from
+/// `/proc/sys` under `proc`; with why the IPv4 setting could not be read, if it could not (a
+/// sandbox that hides `/proc/sys`, such as systemd's `ProcSubset=pid`). An unreadable IPv6
+/// setting counts as off: a kernel booted with `ipv6.disable=1` has none.
+fn forwarding(proc: &Path, interface: &str) -> ([bool; 2], Option<String>) {
+    let read = |family: &str| {
+        let path = proc.join(format!("sys/net/{family}/conf/{interface}/forwarding"));
+        std::fs::read_to_string(&path)
+            .map(|v| v.trim() != "0")
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))
+    };
+    let (v4, v6) = (read("ipv4"), read("ipv6"));
+    let unknown = v4.as_ref().err().cloned();
+    ([v4.unwrap_or(false), v6.unwrap_or(false)], unknown)
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of [`Instant`], and the one the program's
@@ -1324,6 +1343,28 @@ fn v6_key(cidr: &Cidr) -> Option<[u8; 16]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forwarding_that_cannot_be_read_is_unknown_not_off() {
+        let proc = std::env::temp_dir().join(format!("ferry-proc-{}", std::process::id()));
+        let conf = |family: &str| proc.join(format!("sys/net/{family}/conf/eth9"));
+        std::fs::create_dir_all(conf("ipv4")).unwrap();
+        std::fs::write(conf("ipv4").join("forwarding"), "1\n").unwrap();
+        // No IPv6 at all (ipv6.disable=1): off, and nothing unknown.
+        assert_eq!(forwarding(&proc, "eth9"), ([true, false], None));
+        std::fs::write(conf("ipv4").join("forwarding"), "0\n").unwrap();
+        std::fs::create_dir_all(conf("ipv6")).unwrap();
+        std::fs::write(conf("ipv6").join("forwarding"), "1\n").unwrap();
+        assert_eq!(forwarding(&proc, "eth9"), ([false, true], None));
+        // A /proc without sys (systemd's ProcSubset=pid): unknown, with the path and the error.
+        std::fs::remove_dir_all(proc.join("sys")).unwrap();
+        let (on, unknown) = forwarding(&proc, "eth9");
+        assert_eq!(on, [false, false]);
+        let why = unknown.expect("unknown");
+        assert!(why.contains("sys/net/ipv4/conf/eth9/forwarding"), "{why}");
+        assert!(why.contains("No such file"), "{why}");
+        std::fs::remove_dir_all(&proc).unwrap();
+    }
 
     #[test]
     fn modes_parse() {

@@ -189,6 +189,28 @@ pub fn load_public_file<K: PublicKey>(path: &Path) -> Result<K, KeyFileError> {
     })
 }
 
+/// The public key file of `secret_path`: the same path with `.pub` added.
+fn public_path(secret_path: &Path) -> PathBuf {
+    let mut public = secret_path.as_os_str().to_owned();
+    public.push(".pub");
+    PathBuf::from(public)
+}
+
+/// Writes the public key of `key` (read from `secret_path`) to `secret_path` + `.pub`
+/// (mode 0644) if no file is there: what an `init` that keeps an existing key does, so that a
+/// key moved in without its public half gets it back. Returns the path when it wrote one.
+pub fn write_missing_public_file<K: SecretKey>(
+    secret_path: &Path,
+    key: &K,
+) -> Result<Option<PathBuf>, KeyFileError> {
+    let public = public_path(secret_path);
+    if std::fs::symlink_metadata(&public).is_ok() {
+        return Ok(None);
+    }
+    write_public_file(&public, &key.public_key(), false)?;
+    Ok(Some(public))
+}
+
 /// Writes `key` to `secret_path` (mode 0600) and its public key next to it, at
 /// `secret_path` + `.pub` (mode 0644): what every `keygen` command does. Returns the public
 /// key's path.
@@ -197,9 +219,7 @@ pub fn write_key_pair<K: SecretKey>(
     key: &K,
     overwrite: bool,
 ) -> Result<PathBuf, KeyFileError> {
-    let mut public = secret_path.as_os_str().to_owned();
-    public.push(".pub");
-    let public = PathBuf::from(public);
+    let public = public_path(secret_path);
     // Both checked first, so that a refusal leaves no half of a pair behind.
     if !overwrite {
         for path in [secret_path, public.as_path()] {

@@ -27,7 +27,7 @@ mod regular;
 
 pub use keys::{
     KeyFileError, load_public_file, load_secret_file, load_secret_text, write_key_pair,
-    write_public_file, write_secret_file,
+    write_missing_public_file, write_public_file, write_secret_file,
 };
 pub use known_peers::{
     KnownPeersFileError, load_known_peers, save_known_peers, update_known_peers,
