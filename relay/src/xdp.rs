@@ -238,6 +238,39 @@ pub enum XdpError {
     NotBuilt,
 }
 
+/// What the kernel said when attaching to `interface` in `mode` failed (the error and its
+/// causes on one line, errno included), and what to do about the usual reasons.
+fn attach_failure(interface: &str, mode: &str, e: &ProgramError) -> String {
+    let line = ferry_core::error_line::one_line(e);
+    match os_error(e) {
+        Some(libc::EBUSY) => format!(
+            "{line}: another XDP program is already attached to {interface} (`bpftool net \
+             show dev {interface}` lists it; `ip link set dev {interface} xdp off` removes \
+             one attached without a BPF link, else stop the program holding it)"
+        ),
+        Some(libc::EOPNOTSUPP | libc::EINVAL) if mode == "native" => format!(
+            "{line}: the driver of {interface} cannot run XDP natively (set xdp.mode = \"auto\" \
+             to fall back to generic mode)"
+        ),
+        _ => line,
+    }
+}
+
+/// The OS error number at the bottom of `e`'s causes, if there is one.
+fn os_error(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut cause = Some(e);
+    while let Some(e) = cause {
+        if let Some(code) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+        {
+            return Some(code);
+        }
+        cause = e.source();
+    }
+    None
+}
+
 /// Attaching to `interface` in `mode` failed before it began: no interface has that name in this
 /// network namespace.
 fn no_such_interface(interface: &str, mode: &'static str) -> XdpError {
@@ -510,7 +543,7 @@ impl Guard {
         let fail = |mode: &'static str, e: ProgramError| XdpError::Attach {
             interface: interface.to_owned(),
             mode,
-            message: format!("{e:#}"),
+            message: attach_failure(interface, mode, &e),
         };
         let attachment = match mode {
             Mode::Native => program
@@ -523,10 +556,14 @@ impl Guard {
                 .map_err(|e| fail("generic", e))?,
             Mode::Auto => match program.attach(interface, XdpMode::Driver) {
                 Ok(_) => Attachment::Native,
+                // Another program holds the interface: generic mode would not change that.
+                Err(native) if os_error(&native) == Some(libc::EBUSY) => {
+                    return Err(fail("native", native));
+                }
                 Err(native) => {
                     tracing::warn!(
                         interface,
-                        error = %native,
+                        error = %ferry_core::error_line::one_line(&native),
                         "the driver cannot run XDP natively; attaching in generic mode, which \
                          drops later in the receive path and saves less CPU"
                     );

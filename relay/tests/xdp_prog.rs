@@ -1222,6 +1222,11 @@ fn attach_modes_fall_back_as_configured_and_dropping_the_guard_detaches() {
     // Loopback has no native XDP: `native` fails with a clear error, `auto` falls back.
     let err = in_ns(&mut || g.attach("lo", Mode::Native).map_err(|e| e.to_string())).unwrap_err();
     assert!(err.contains("lo") && err.contains("native"), "{err}");
+    assert!(
+        err.contains("os error"),
+        "the kernel's errno is shown: {err}"
+    );
+    assert!(err.contains("cannot run XDP natively"), "{err}");
     let mode = in_ns(&mut || g.attach("lo", Mode::Auto).map_err(|e| e.to_string())).unwrap();
     assert_eq!(mode, ferry_relay::xdp::Attachment::Generic);
     assert!(
@@ -1239,6 +1244,22 @@ fn attach_modes_fall_back_as_configured_and_dropping_the_guard_detaches() {
         "{details}"
     );
     assert_eq!(g.attached().len(), 2);
+
+    // A second guard on the same veth: the error says another program holds it, and `auto`
+    // does not blame the driver by falling back to generic mode.
+    let mut second = load("attach_modes_busy", 16);
+    second.configure(&settings(), &[PORT]).unwrap();
+    let err = in_ns(&mut || {
+        second
+            .attach(&relay_if, Mode::Auto)
+            .map_err(|e| e.to_string())
+    })
+    .unwrap_err();
+    assert!(
+        err.contains("another XDP program is already attached") && err.contains("os error 16"),
+        "{err}"
+    );
+    drop(second);
 
     // An interface that does not exist is an error naming it.
     let err =
