@@ -24,6 +24,7 @@ use ferry_relay::admin::{AdminServer, AdminState};
 use ferry_relay::config::{self, RelayConfig};
 use ferry_relay::exporter;
 use ferry_relay::heartbeat::{self, HeartbeatStats, Reporter};
+use ferry_relay::metrics::ReloadStats;
 use ferry_relay::shards::{Sessions, SessionsHandler};
 use ferry_relay::worker::{self, WorkerConfig, WorkerStats};
 use ferry_relay::xdp::{self, Guard};
@@ -283,8 +284,10 @@ fn run(path: &Path) -> anyhow::Result<()> {
         .map(|_| Arc::new(WorkerStats::default()))
         .collect();
     let heartbeat_stats = Arc::new(HeartbeatStats::default());
+    let reloads = Arc::new(ReloadStats::default());
     let admin_state = Arc::new(AdminState::new({
         let sessions = Arc::clone(&sessions);
+        let reloads = Arc::clone(&reloads);
         let stats = stats.clone();
         let xdp = Arc::clone(&xdp);
         let heartbeat = cfg
@@ -294,6 +297,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
         move || {
             let guard = xdp.lock().unwrap_or_else(PoisonError::into_inner);
             let mut page = exporter::render(&sessions, &stats, guard.as_ref());
+            page.push_str(&reloads.metrics_page());
             if let Some(heartbeat) = &heartbeat {
                 page.push_str(&heartbeat.metrics_page());
             }
@@ -405,7 +409,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
         if reload.swap(false, Ordering::Relaxed) {
-            current = apply_reload(path, current, &sessions, &xdp);
+            current = apply_reload(path, current, &sessions, &xdp, &reloads);
         }
         if let Err(e) = update_cookie_keys(&xdp, &cookies, &mut cookie_window) {
             // The guard keeps the previous keys, so cookies issued from now on count as
@@ -498,11 +502,13 @@ fn apply_reload(
     current: RelayConfig,
     sessions: &Sessions,
     xdp: &Mutex<Option<Guard>>,
+    reloads: &ReloadStats,
 ) -> RelayConfig {
     let new = match config::load(path) {
         Ok(new) => new,
         Err(e) => {
             tracing::error!("reload refused, the running config stays in force: {e}");
+            reloads.count(false);
             return current;
         }
     };
@@ -525,10 +531,12 @@ fn apply_reload(
                 gateway_keys = new.gateway_keys.len(),
                 "config reloaded: limits, gateway keys and XDP rates and lists applied, sessions kept"
             );
+            reloads.count(true);
             new
         }
         Err(e) => {
             tracing::error!("reload refused, the running config stays in force: {e}");
+            reloads.count(false);
             current
         }
     }

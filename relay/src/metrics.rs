@@ -6,6 +6,7 @@
 //! exported as `ferry_drops_total` (in the `# HELP` and `# TYPE` lines too).
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
@@ -79,6 +80,53 @@ impl Families<'_> {
             ConstGauge::new(value).encode(metric.encode_family(&labels)?)?;
         }
         Ok(())
+    }
+}
+
+/// Config reloads (SIGHUP) applied and refused: `ferry_config_reloads_total{result}`. A
+/// refused reload leaves the running config in force, and `systemctl reload` cannot tell (its
+/// `check-config` passes a valid file whose changes need a restart), so this is what an alert
+/// watches.
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    applied: AtomicU64,
+    refused: AtomicU64,
+}
+
+impl ReloadStats {
+    /// Counts one reload.
+    pub fn count(&self, applied: bool) {
+        let counter = if applied {
+            &self.applied
+        } else {
+            &self.refused
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The family as Prometheus text.
+    pub fn metrics_page(&self) -> String {
+        page(ReloadCounts([
+            self.applied.load(Ordering::Relaxed),
+            self.refused.load(Ordering::Relaxed),
+        ]))
+    }
+}
+
+/// Applied and refused reloads, as one scrape shows them.
+#[derive(Debug)]
+struct ReloadCounts([u64; 2]);
+
+impl Collector for ReloadCounts {
+    fn encode(&self, encoder: DescriptorEncoder) -> fmt::Result {
+        Families(encoder).counters(
+            "ferry_config_reloads",
+            "Config reloads (SIGHUP), by result: applied, or refused with the running config kept.",
+            [
+                ([("result", "applied")], self.0[0]),
+                ([("result", "refused")], self.0[1]),
+            ],
+        )
     }
 }
 

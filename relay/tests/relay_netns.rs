@@ -326,6 +326,17 @@ fn the_relay_process_serves_peers_and_refuses_everyone_else() {
     let text = relay.process.log_text();
     assert!(text.contains("reload refused"), "{text}");
     assert!(text.contains("config reloaded"), "{text}");
+    let page = scrape(&relay);
+    assert_eq!(
+        metric(&page, "ferry_config_reloads_total{result=\"refused\"}"),
+        1,
+        "{page}"
+    );
+    assert_eq!(
+        metric(&page, "ferry_config_reloads_total{result=\"applied\"}"),
+        1,
+        "{page}"
+    );
     // No secrets in the log: not a token, not a slot secret.
     assert!(!text.contains(&base64(&token.bytes)), "a token was logged");
     assert!(
