@@ -863,12 +863,14 @@ fn validate_sessions(s: &SessionsSection, check: &mut Check) -> SessionSettings 
         10,
         3600,
     );
-    if s.rate_bytes_per_sec != 0 {
-        check.range(
+    if s.rate_bytes_per_sec != 0 && !(1500..=100_000_000_000).contains(&s.rate_bytes_per_sec) {
+        check.fail(
             "sessions.rate_bytes_per_sec",
-            s.rate_bytes_per_sec,
-            1500,
-            100_000_000_000,
+            format!(
+                "must be 0 (the relay's default_session_rate) or between 1500 and \
+                 100000000000, got {}",
+                s.rate_bytes_per_sec
+            ),
         );
     }
     check.range(

@@ -28,7 +28,7 @@ pub enum TlsError {
     },
     /// The private key file may be read by group or others.
     #[error(
-        "{path} is readable by group or others (mode {mode:04o}); run `chmod 600 {path}`",
+        "{path} is open to group or others (mode {mode:04o}); run `chmod 600 {path}`",
         path = path.display()
     )]
     InsecurePermissions {
@@ -186,9 +186,14 @@ pub fn server_config(
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder
-        .with_single_cert(chain, key)
-        .map_err(|e| TlsError::Rustls(format!("certificate and key: {e}")))?;
+    let mut config = builder.with_single_cert(chain, key).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => TlsError::Rustls(format!(
+            "the key {} is not the key of the certificate {}",
+            key_path.display(),
+            cert.display()
+        )),
+        e => TlsError::Rustls(format!("certificate and key: {e}")),
+    })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(ServerTls {
         config: Arc::new(config),
@@ -405,6 +410,24 @@ i45l0DS/UBDJPNBzwzLkx/wB3zEhS7uCOQ==
         let whole = der(&pem);
         assert!(Validity::of(&whole[..whole.len() / 2]).is_err());
         assert!(Validity::of(&[]).is_err());
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_certificates_is_named_with_both_files() {
+        let files = Files::new("mismatch");
+        let (cert, _) = cert_valid((2020, 1, 1), (2100, 1, 1));
+        let (_, other_key) = cert_valid((2020, 1, 1), (2100, 1, 1));
+        let cert = files.write("gw.crt", &cert);
+        let key = files.write("other.key", &other_key);
+        let Err(e) = server_config(&cert, &key, None) else {
+            panic!("a key of another certificate was accepted");
+        };
+        let message = e.to_string();
+        assert!(
+            message.contains("other.key is not the key of the certificate")
+                && message.contains("gw.crt"),
+            "{message}"
+        );
     }
 
     #[test]

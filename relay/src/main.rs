@@ -54,7 +54,7 @@ enum Command {
     /// Writes the secret to OUT with mode 0600 and the public key to OUT.pub; the public key
     /// goes into the gateway's relay registry.
     Keygen {
-        /// Where to write the secret key, e.g. /etc/ferry/relay.key.
+        /// Where to write the secret key, e.g. /var/lib/ferry/relay.key.
         #[arg(long)]
         out: PathBuf,
         /// Replace an existing key file.
@@ -247,9 +247,9 @@ fn run(path: &Path) -> anyhow::Result<()> {
         if let Err(e) = worker::wait_until_not_in_use(addr, LISTEN_RELEASE_WAIT) {
             match e.kind() {
                 std::io::ErrorKind::AddrInUse => anyhow::bail!(
-                    "relay.listen: {addr} is already in use: is another ferry-relay running on \
-                     it? Two relays on one port would split its sources, and the sessions \
-                     between them, so this one does not start"
+                    "relay.listen: {addr} is already in use: is another ferry-relay, or another \
+                     program, running on it (`ss -ulpn` names it)? Two relays on one port would \
+                     split its sources, and the sessions between them, so this one does not start"
                 ),
                 _ => return Err(e).with_context(|| format!("relay.listen: checking {addr}")),
             }

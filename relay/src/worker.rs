@@ -324,9 +324,22 @@ pub fn bind_reuseport(addr: SocketAddr, buffers: SocketBuffers) -> io::Result<Ud
     }
     let recv = size_buffer(&socket, BufferKind::Recv, buffers.recv);
     let send = size_buffer(&socket, BufferKind::Send, buffers.send);
-    for (kind, wanted, got, sysctl) in [
-        ("receive", buffers.recv, recv, "net.core.rmem_max"),
-        ("send", buffers.send, send, "net.core.wmem_max"),
+    for (kind, wanted, got, sysctl, beyond) in [
+        (
+            "receive",
+            buffers.recv,
+            recv,
+            "net.core.rmem_max",
+            "bursts beyond it are dropped by the kernel and counted in \
+             ferry_worker_socket_drops_total",
+        ),
+        (
+            "send",
+            buffers.send,
+            send,
+            "net.core.wmem_max",
+            "sends beyond it wait for room, which slows the worker under a burst",
+        ),
     ] {
         if got < wanted {
             tracing::warn!(
@@ -334,8 +347,7 @@ pub fn bind_reuseport(addr: SocketAddr, buffers: SocketBuffers) -> io::Result<Ud
                 wanted,
                 got,
                 "the kernel gave the socket a smaller {kind} buffer than configured: without \
-                 CAP_NET_ADMIN it is capped at {sysctl}; bursts beyond it are dropped by the \
-                 kernel and counted in ferry_worker_socket_drops_total"
+                 CAP_NET_ADMIN it is capped at {sysctl}; {beyond}"
             );
         }
     }

@@ -48,7 +48,7 @@ pub enum KeyFileError {
     },
     /// A secret key file may be accessed by group or others (the operator is to blame).
     #[error(
-        "key file {path} is readable by group or others (mode {mode:04o}); run `chmod 600 {path}`",
+        "key file {path} is open to group or others (mode {mode:04o}); run `chmod 600 {path}`",
         path = path.display()
     )]
     InsecurePermissions {
@@ -165,9 +165,29 @@ fn read_key_file(path: &Path, secret: bool) -> Result<Zeroizing<String>, KeyFile
     })
 }
 
+/// Whether `text` is a public key file's: a line (after any comments) with the public
+/// header.
+fn is_public_key_text(text: &str) -> bool {
+    text.lines().any(|line| {
+        line.trim_start()
+            .starts_with(ferry_core::keys::PUBLIC_HEADER)
+    })
+}
+
 /// Loads a secret key file of kind `K`, refusing files with any group or other permission bit.
 pub fn load_secret_file<K: SecretKey>(path: &Path) -> Result<K, KeyFileError> {
-    let text = read_key_file(path, true)?;
+    let text = match read_key_file(path, true) {
+        Ok(text) => text,
+        // A public key file (mode 0644, as it should be) where the secret key belongs: say
+        // that, rather than `chmod 600` it.
+        Err(insecure @ KeyFileError::InsecurePermissions { .. }) => {
+            match read_key_file(path, false) {
+                Ok(text) if is_public_key_text(&text) => text,
+                _ => return Err(insecure),
+            }
+        }
+        Err(e) => return Err(e),
+    };
     parse_secret_key(&text).map_err(|source| KeyFileError::Key {
         path: path.to_owned(),
         source,
@@ -419,6 +439,20 @@ mod tests {
         }
         std::fs::set_permissions(&path, Permissions::from_mode(0o400)).unwrap();
         load_secret_file::<RelayStaticKey>(&path).unwrap();
+        // The public key file named where the secret one belongs: told so, not `chmod 600`.
+        let public = write_key_pair(
+            &dir.path("pair.key"),
+            &RelayStaticKey::generate(&rng).unwrap(),
+            false,
+        )
+        .unwrap();
+        let msg = load_secret_file::<RelayStaticKey>(&public)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains(ferry_core::keys::PUBLIC_HEADER) && !msg.contains("chmod"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -130,7 +130,7 @@ fn validate_heartbeat(
             check.fail(
                 "heartbeat.address",
                 format!(
-                    "must be the ip:port peers reach this relay at (no port 0, no 0.0.0.0 or                      ::); got {:?}",
+                    "must be the ip:port peers reach this relay at (no port 0, no 0.0.0.0 or ::); got {:?}",
                     h.address
                 ),
             );
