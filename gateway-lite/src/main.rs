@@ -136,6 +136,13 @@ fn keygen(out: &Path, force: bool) -> anyhow::Result<()> {
 const INIT_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 
 fn init(dir: &Path, names: &[String]) -> anyhow::Result<()> {
+    for name in names {
+        if !is_certificate_name(name) {
+            anyhow::bail!(
+                "--name {name:?}: not a DNS name (letters, digits, '-' and '.') or an IP address"
+            );
+        }
+    }
     DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -157,7 +164,16 @@ fn init(dir: &Path, names: &[String]) -> anyhow::Result<()> {
     }
     let (cert_path, tls_key_path) = (dir.join("gateway-tls.crt"), dir.join("gateway-tls.key"));
     match (cert_path.exists(), tls_key_path.exists()) {
-        (true, true) => println!("TLS certificate {} kept", cert_path.display()),
+        (true, true) => {
+            println!("TLS certificate {} kept", cert_path.display());
+            if !names.is_empty() {
+                println!(
+                    "--name not applied: the certificate exists (remove {} and {} for a new one)",
+                    cert_path.display(),
+                    tls_key_path.display()
+                );
+            }
+        }
         (false, false) => {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
             let mut all: Vec<String> = Vec::new();
@@ -186,6 +202,26 @@ fn init(dir: &Path, names: &[String]) -> anyhow::Result<()> {
         ),
     }
     Ok(())
+}
+
+/// Whether `name` can stand in a certificate as `--name` asks: an IP address, or a DNS name of
+/// dot-separated labels of 1 to 63 letters, digits and hyphens (not at either end), at most
+/// 253 characters.
+fn is_certificate_name(name: &str) -> bool {
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 /// A self-signed certificate for `names` (DNS names or IP addresses), valid from now for

@@ -176,6 +176,13 @@ fn init_makes_the_shipped_configs_pass_check_config() {
         .collect();
     assert!(before == again, "the public keys written again differ");
 
+    // A name no certificate can hold is refused before anything is written; a name given for a
+    // certificate that is kept is said to be ignored.
+    let (ok, _, err) = gateway(&["init", "--dir", dir_arg, "--name", "bad name!"]);
+    assert!(!ok && err.contains("not a DNS name"), "{err}");
+    let (ok, out, err) = gateway(&["init", "--dir", dir_arg, "--name", "gw.example.net"]);
+    assert!(ok && out.contains("--name not applied"), "{out}{err}");
+
     // Half a TLS pair is refused rather than silently replaced.
     std::fs::remove_file(dir.join("gateway-tls.crt")).unwrap();
     let (ok, _, err) = gateway(&["init", "--dir", dir_arg]);

@@ -337,7 +337,9 @@ fn run(path: &Path) -> anyhow::Result<()> {
             .spawn(move || {
                 let result = worker::run_worker(worker_cfg, handler, || {
                     let dropped = if drop_caps {
-                        drop_start_caps().map_err(|e| format!("dropping capabilities: {e}"))
+                        drop_start_caps()
+                            .map(|_| ())
+                            .map_err(|e| format!("dropping capabilities: {e}"))
                     } else {
                         Ok(())
                     };
@@ -366,13 +368,16 @@ fn run(path: &Path) -> anyhow::Result<()> {
         }
     }
     if drop_caps {
-        drop_start_caps().context("dropping capabilities")?;
+        let dropped = drop_start_caps().context("dropping capabilities")?;
         let ready = if cfg.xdp.mode == xdp::Mode::Off {
             "sockets open"
         } else {
             "XDP guard attached and sockets open"
         };
-        tracing::info!("{ready}: dropped CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN");
+        if !dropped.is_empty() {
+            let names: Vec<String> = dropped.iter().map(ToString::to_string).collect();
+            tracing::info!("{ready}: dropped {}", names.join(", "));
+        }
     }
     let admin = AdminServer::start(cfg.admin_listen, Arc::clone(&admin_state))
         .with_context(|| format!("starting the admin listener on {}", cfg.admin_listen))?;
@@ -482,17 +487,22 @@ fn start_caps_needed_later(xdp_on: bool) -> Option<String> {
 /// Removes [`START_ONLY_CAPS`] from the calling thread's effective and permitted sets, and
 /// clears its inheritable and ambient sets (the relay runs no other program). Capability sets
 /// belong to a thread; threads it starts later inherit the reduced sets.
-fn drop_start_caps() -> Result<(), caps::errors::CapsError> {
+/// Drops [`START_ONLY_CAPS`] for good; returns those of them the process held.
+fn drop_start_caps() -> Result<Vec<Capability>, caps::errors::CapsError> {
     caps::clear(None, CapSet::Ambient)?;
     caps::clear(None, CapSet::Inheritable)?;
     let mut permitted = caps::read(None, CapSet::Permitted)?;
     let mut effective = caps::read(None, CapSet::Effective)?;
+    let mut dropped = Vec::new();
     for cap in START_ONLY_CAPS {
-        permitted.remove(&cap);
+        if permitted.remove(&cap) {
+            dropped.push(cap);
+        }
         effective.remove(&cap);
     }
     caps::set(None, CapSet::Effective, &effective)?;
-    caps::set(None, CapSet::Permitted, &permitted)
+    caps::set(None, CapSet::Permitted, &permitted)?;
+    Ok(dropped)
 }
 
 /// SIGHUP: re-read the config; apply limits and gateway keys if it is valid and changes
@@ -512,8 +522,17 @@ fn apply_reload(
             return current;
         }
     };
+    let replay_cap = current.limits.replay_cache_capacity;
     match current.reload_from(new) {
         Ok(new) => {
+            if new.limits.replay_cache_capacity != replay_cap {
+                tracing::warn!(
+                    running = replay_cap,
+                    configured = new.limits.replay_cache_capacity,
+                    "limits.replay_cache_capacity changed: the running replay cache keeps its \
+                     size until the relay restarts"
+                );
+            }
             sessions.reload(
                 Instant::now(),
                 new.session_limits(),
