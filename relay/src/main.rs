@@ -29,13 +29,16 @@ use ferry_relay::shards::{Sessions, SessionsHandler};
 use ferry_relay::worker::{self, WorkerConfig, WorkerStats};
 use ferry_relay::xdp::{self, Guard};
 
+/// The config file when none is given.
+const DEFAULT_CONFIG: &str = "/etc/ferry/relay.toml";
+
 /// Ferry relay: forwards end-to-end encrypted datagrams between two bound peers, blind.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
-    /// The config file.
-    #[arg(long, default_value = "/etc/ferry/relay.toml")]
-    config: PathBuf,
+    /// The config file [default: /etc/ferry/relay.toml].
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -46,8 +49,9 @@ enum Command {
     Run,
     /// Validate a config file, print every problem found, and exit non-zero if there is one.
     CheckConfig {
-        /// The config file to check.
-        file: PathBuf,
+        /// The config file to check (or give it with --config) [default:
+        /// /etc/ferry/relay.toml].
+        file: Option<PathBuf>,
     },
     /// Generate the relay's static X25519 key (opens the slot secrets sealed in tokens).
     ///
@@ -80,9 +84,21 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let config = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
     let result = match cli.command.unwrap_or(Command::Run) {
-        Command::Run => run(&cli.config),
-        Command::CheckConfig { file } => check_config(&file),
+        Command::Run => run(&config),
+        Command::CheckConfig { file } => match (file, cli.config) {
+            (Some(file), Some(other)) if file != other => Err(anyhow::anyhow!(
+                "check-config was given two config files ({} and --config {}): give one",
+                file.display(),
+                other.display()
+            )),
+            (Some(file), _) => check_config(&file),
+            (None, _) => check_config(&config),
+        },
         Command::Keygen { out, force } => keygen(&out, force),
         Command::Init { dir } => init(&dir),
         Command::Pubkey { key } => ferry_keyfile::load_secret_file::<RelayStaticKey>(&key)

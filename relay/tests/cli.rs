@@ -63,6 +63,28 @@ fn check_config_refuses_an_xdp_interface_this_host_does_not_have() {
 }
 
 #[test]
+fn check_config_takes_the_file_as_an_argument_or_as_config_but_not_two() {
+    let dir = ferry_testkit::temp_dir("relay-cli").unwrap();
+    let good = config(dir.path(), "[xdp]\nmode = \"off\"\n");
+    let relay = workspace_binary("ferry-relay", "ferry-relay").unwrap();
+    let run = |args: &[&str]| Command::new(&relay).args(args).output().unwrap();
+    let good = good.to_str().unwrap();
+    for args in [
+        ["check-config", good].as_slice(),
+        &["check-config", "--config", good],
+        &["--config", good, "check-config"],
+        &["--config", good, "check-config", good],
+    ] {
+        let out = run(args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    }
+    let out = run(&["--config", "/nonexistent/relay.toml", "check-config", good]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("two config files"), "{stderr}");
+}
+
+#[test]
 fn a_key_file_readable_by_others_is_reported_once() {
     let dir = ferry_testkit::temp_dir("relay-cli").unwrap();
     let path = config(dir.path(), "[xdp]\nmode = \"off\"\n");
