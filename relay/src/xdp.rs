@@ -592,12 +592,13 @@ impl Guard {
                     VethPeer::Takes => Some(Reply::Redirect),
                     VethPeer::Refuses(_) | VethPeer::Unknown(_) => None,
                 };
-                match reply {
-                    Some(how) => self.reply_on(index, how)?,
-                    None => tracing::info!(
+                match (reply, peer.loses_frames()) {
+                    (Some(how), _) => self.reply_on(index, how)?,
+                    (None, why) => tracing::info!(
                         interface,
+                        reason = why.as_deref().unwrap_or("its peer takes no XDP frames"),
                         "the relay answers cookie-less BINDs and REBINDs arriving here: the \
-                         guard cannot send out of this veth (see the fast path's warning)"
+                         guard cannot send out of this veth"
                     ),
                 }
                 self.peers.insert(interface.to_owned(), peer);
