@@ -153,10 +153,22 @@ fn init(dir: &Path) -> anyhow::Result<()> {
 
 fn check_config(file: &Path) -> anyhow::Result<()> {
     let cfg = config::load(file)?;
-    // The interfaces are a fact of the host, not of the file: checked here and at start, not
-    // by the parser (a config may be checked on one machine for another).
+    // The interfaces and CPUs are facts of the host, not of the file: checked here (and the
+    // interfaces at start), not by the parser (a config may be checked on one machine for
+    // another).
+    let mut check = Check::default();
+    for (i, cpu) in cfg.cpus.iter().enumerate() {
+        if !Path::new(&format!("/sys/devices/system/cpu/cpu{cpu}")).exists() {
+            check.fail(
+                format!("relay.cpus[{i}]"),
+                format!(
+                    "this host has no CPU {cpu} (/sys/devices/system/cpu lists them); a worker \
+                     cannot be pinned to it"
+                ),
+            );
+        }
+    }
     if cfg.xdp.mode != xdp::Mode::Off {
-        let mut check = Check::default();
         for (i, name) in cfg.xdp.interfaces.iter().enumerate() {
             if !xdp::interface_exists(name) {
                 check.fail(
@@ -168,13 +180,13 @@ fn check_config(file: &Path) -> anyhow::Result<()> {
                 );
             }
         }
-        if !check.problems.is_empty() {
-            return Err(config::ConfigError::Invalid {
-                path: file.to_owned(),
-                problems: check.problems,
-            }
-            .into());
+    }
+    if !check.problems.is_empty() {
+        return Err(config::ConfigError::Invalid {
+            path: file.to_owned(),
+            problems: check.problems,
         }
+        .into());
     }
     let xdp = match cfg.xdp.mode {
         xdp::Mode::Off => "XDP guard off".to_string(),

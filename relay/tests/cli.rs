@@ -78,6 +78,18 @@ fn check_config_takes_the_file_as_an_argument_or_as_config_but_not_two() {
         let out = run(args);
         assert!(out.status.success(), "{args:?}: {out:?}");
     }
+    // A CPU the host does not have is a fact of the host, checked here as interfaces are.
+    let text = std::fs::read_to_string(good).unwrap();
+    let cpus = text.replace("[relay]\n", "[relay]\ncpus = [1000]\n");
+    assert_ne!(cpus, text);
+    let many = dir.path().join("cpus.toml");
+    std::fs::write(&many, cpus).unwrap();
+    let out = run(&["check-config", many.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("relay.cpus[0]: this host has no CPU 1000"),
+        "{stderr}"
+    );
     let out = run(&["--config", "/nonexistent/relay.toml", "check-config", good]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");

@@ -458,6 +458,20 @@ fn gateway_keys_are_checked() {
     );
     let found = fields(dir.parse(&text));
     assert_eq!(found, ["gateway_keys[1].kid", "gateway_keys[2].public_key"]);
+    // A repeated kid with a bad key: both problems, and a first entry whose file is missing
+    // does not hide the repetition.
+    let text = "[relay]\nid = 1\nstatic_key = \"relay.key\"\n\n[[gateway_keys]]\nkid = 1\n\
+                public_key_file = \"none.pub\"\n\n[[gateway_keys]]\nkid = 1\npublic_key = \"xyz\"\n\n\
+                [xdp]\nmode = \"off\"\n";
+    let found = fields(dir.parse(text));
+    assert_eq!(
+        found,
+        [
+            "gateway_keys[0].public_key_file",
+            "gateway_keys[1].kid",
+            "gateway_keys[1].public_key"
+        ]
+    );
     let none = "[relay]\nid = 1\nstatic_key = \"relay.key\"\n[xdp]\nmode = \"off\"\n";
     assert_eq!(fields(dir.parse(none)), ["gateway_keys"]);
 }

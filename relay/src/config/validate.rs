@@ -286,31 +286,31 @@ pub(super) fn validate_gateway_keys(
     }
     let mut out: Vec<(u32, GatewayPublicKey)> = Vec::new();
     for (i, entry) in entries.iter().enumerate() {
-        if out.iter().any(|(kid, _)| *kid == entry.kid) {
+        // A repeated kid is one problem and its key (checked below) may be another: every
+        // problem is reported at once, whatever its entry's other faults.
+        let repeated = entries[..i].iter().any(|e| e.kid == entry.kid);
+        if repeated {
             check.fail(
                 format!("gateway_keys[{i}].kid"),
                 format!("kid {} is listed twice", entry.kid),
             );
-            continue;
         }
-        match (&entry.public_key, &entry.public_key_file) {
-            (Some(text), None) => match GatewayPublicKey::from_str(text.trim()) {
-                Ok(key) => out.push((entry.kid, key)),
-                Err(e) => check.fail(format!("gateway_keys[{i}].public_key"), e.to_string()),
-            },
+        let key = match (&entry.public_key, &entry.public_key_file) {
+            (Some(text), None) => GatewayPublicKey::from_str(text.trim())
+                .map_err(|e| (format!("gateway_keys[{i}].public_key"), e.to_string())),
             (None, Some(file)) => {
-                let path = base_dir.join(file);
-                match ferry_keyfile::load_public_file::<GatewayPublicKey>(&path) {
-                    Ok(key) => out.push((entry.kid, key)),
-                    Err(e) => {
-                        check.fail(format!("gateway_keys[{i}].public_key_file"), e.to_string())
-                    }
-                }
+                ferry_keyfile::load_public_file::<GatewayPublicKey>(&base_dir.join(file))
+                    .map_err(|e| (format!("gateway_keys[{i}].public_key_file"), e.to_string()))
             }
-            _ => check.fail(
+            _ => Err((
                 format!("gateway_keys[{i}]"),
-                "needs exactly one of public_key and public_key_file",
-            ),
+                "needs exactly one of public_key and public_key_file".to_owned(),
+            )),
+        };
+        match key {
+            Ok(key) if !repeated => out.push((entry.kid, key)),
+            Ok(_) => {}
+            Err((field, problem)) => check.fail(field, problem),
         }
     }
     out
