@@ -40,15 +40,26 @@ impl FromStr for Cidr {
             Some((addr, prefix)) => (addr, Some(prefix)),
             None => (s, None),
         };
-        let addr = IpAddr::from_str(addr)
-            .map_err(|_| format!("{s:?} is not an IP address or CIDR prefix"))?
-            .to_canonical();
+        let written = IpAddr::from_str(addr)
+            .map_err(|_| format!("{s:?} is not an IP address or CIDR prefix"))?;
+        let addr = written.to_canonical();
         let max = if addr.is_ipv4() { 32 } else { 128 };
+        // An IPv4-mapped IPv6 address (`::ffff:198.18.0.0`) is taken as the IPv4 one, with an
+        // IPv4 prefix length.
+        let mapped = if written.is_ipv6() && addr.is_ipv4() {
+            format!(" (an IPv4-mapped address is taken as IPv4: {addr}/N)")
+        } else {
+            String::new()
+        };
         let prefix_len = match prefix {
             None => max,
             Some(p) => match p.parse::<u8>() {
                 Ok(n) if n <= max && !p.starts_with('+') => n,
-                _ => return Err(format!("{s:?}: the prefix length must be 0 to {max}")),
+                _ => {
+                    return Err(format!(
+                        "{s:?}: the prefix length must be 0 to {max}{mapped}"
+                    ));
+                }
             },
         };
         let network = mask(addr, prefix_len);
@@ -137,6 +148,8 @@ mod tests {
         );
         let mapped: Cidr = "::ffff:198.18.0.0/16".parse().expect("valid");
         assert_eq!(mapped.to_string(), "198.18.0.0/16");
+        let err = "::ffff:198.18.0.0/111".parse::<Cidr>().unwrap_err();
+        assert!(err.contains("taken as IPv4: 198.18.0.0/N"), "{err}");
         for bad in [
             "10.1.0.1/16",
             "10.0.0.0/33",
