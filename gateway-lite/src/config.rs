@@ -574,14 +574,11 @@ pub fn load(path: &Path) -> Result<GatewayConfig, ConfigError> {
 
 /// Reads the whole text of `path`, which must be a regular file: a FIFO, a directory, a device
 /// or a socket is refused at once, naming what it is ([`ferry_keyfile::open_regular_file`]),
-/// where the open of a FIFO would wait for a writer forever.
-/// A file longer than [`MAX_FILE`] is refused.
+/// where the open of a FIFO would wait for a writer forever; so is a file longer than
+/// [`ferry_keyfile::MAX_CONFIG_FILE`].
 pub fn read_text(path: &Path) -> std::io::Result<zeroize::Zeroizing<String>> {
-    ferry_keyfile::read_text_file(path, MAX_FILE)
+    ferry_keyfile::read_text_file(path, ferry_keyfile::MAX_CONFIG_FILE)
 }
-
-/// The longest file the gateway reads as its config, key list or CA bundle.
-pub const MAX_FILE: u64 = 16 << 20;
 
 /// Reads the whole of `path`, a regular file, as [`read_text`] does, as bytes.
 fn read_bytes(path: &Path) -> std::io::Result<Vec<u8>> {

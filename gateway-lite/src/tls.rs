@@ -11,9 +11,6 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 
-/// Largest PEM file read (a long chain is a few KiB).
-const MAX_PEM_LEN: u64 = 1 << 20;
-
 /// Why the TLS files could not be turned into a server config.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -103,7 +100,7 @@ fn read_pem(path: &Path, secret: bool) -> Result<Vec<u8>, TlsError> {
             });
         }
     }
-    let text = ferry_keyfile::read_text_at_most(file, MAX_PEM_LEN).map_err(io)?;
+    let text = ferry_keyfile::read_text_at_most(file, ferry_keyfile::MAX_PEM_FILE).map_err(io)?;
     Ok(text.as_bytes().to_vec())
 }
 

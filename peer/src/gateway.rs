@@ -40,10 +40,6 @@ use ferry_core::wire::Slot;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-/// The longest CA certificate file read: a system bundle of every public root is about
-/// 220 KiB.
-const MAX_CA_FILE: u64 = 1 << 20;
-
 /// How long one request to the gateway may take, connection and TLS handshake included.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -411,12 +407,12 @@ impl GatewayClient {
         let mut auth =
             reqwest::header::HeaderValue::from_str(&bearer).map_err(|_| GatewayError::ApiKey)?;
         auth.set_sensitive(true);
-        let pem = ferry_keyfile::read_text_file(ca_file, MAX_CA_FILE).map_err(|source| {
-            GatewayError::ReadCa {
+        let pem = ferry_keyfile::read_text_file(ca_file, ferry_keyfile::MAX_PEM_FILE).map_err(
+            |source| GatewayError::ReadCa {
                 path: ca_file.to_owned(),
                 source,
-            }
-        })?;
+            },
+        )?;
         let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes()).map_err(|e| {
             GatewayError::BadCa {
                 path: ca_file.to_owned(),

@@ -146,8 +146,7 @@ pub struct RelayConfig {
     pub heartbeat: Option<crate::heartbeat::HeartbeatSettings>,
 }
 
-/// The longest config file read (a deny list of 16,384 prefixes is under 1 MiB).
-pub const MAX_CONFIG_FILE: u64 = 16 << 20;
+pub use ferry_keyfile::MAX_CONFIG_FILE;
 
 /// Reads, parses and validates the config at `path`, and loads its key file. The file must be
 /// a regular file of at most [`MAX_CONFIG_FILE`] bytes: a FIFO or a device is refused at once

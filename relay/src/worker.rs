@@ -1079,7 +1079,7 @@ impl SendAlone {
 
     fn insert(&mut self, to: SocketAddr, now: Instant) {
         if self.until.len() >= Self::MAX {
-            self.until.retain(|_, until| *until > now);
+            self.forget_expired(now);
         }
         if self.until.len() >= Self::MAX {
             let mut ends: Vec<Instant> = self.until.values().copied().collect();

@@ -225,8 +225,8 @@ impl TestbedFile {
     /// Reads and checks the file at `path`; relative paths in it are relative to its
     /// directory. The error lists every problem found.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        // A regular file (a FIFO would block the read) of at most 16 MiB.
-        let text = ferry_keyfile::read_text_file(path, 16 << 20)
+        // A regular file (a FIFO would block the read) of bounded length.
+        let text = ferry_keyfile::read_text_file(path, ferry_keyfile::MAX_CONFIG_FILE)
             .with_context(|| format!("reading the testbed file {}", path.display()))?;
         let dir = path.parent().unwrap_or(Path::new("."));
         Self::parse(&text, dir)

@@ -32,4 +32,6 @@ pub use keys::{
 pub use known_peers::{
     KnownPeersFileError, load_known_peers, save_known_peers, update_known_peers,
 };
-pub use regular::{open_regular_file, read_text_at_most, read_text_file};
+pub use regular::{
+    MAX_CONFIG_FILE, MAX_PEM_FILE, open_regular_file, read_text_at_most, read_text_file,
+};

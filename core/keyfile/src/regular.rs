@@ -42,6 +42,14 @@ pub fn read_text_file(path: &Path, max: u64) -> io::Result<Zeroizing<String>> {
     read_text_at_most(open_regular_file(path)?, max)
 }
 
+/// The longest config file Ferry reads (the relay's, the gateway's and its key list, the
+/// bench's testbed file): a relay deny list of 16,384 prefixes is under 1 MiB.
+pub const MAX_CONFIG_FILE: u64 = 16 << 20;
+
+/// The longest PEM file Ferry reads (a certificate chain, a key, a CA bundle): a system bundle
+/// of every public root is about 220 KiB.
+pub const MAX_PEM_FILE: u64 = 1 << 20;
+
 /// The most bytes reserved before a read: a secret file no longer than this (a key, a grant,
 /// an API key) is read into one buffer that never grows, so no copy of it is left behind in
 /// freed memory, which the final zeroize could not reach.

@@ -545,13 +545,12 @@ pub(super) fn validate_xdp(
     }
 }
 
-/// The largest CA file read: a system bundle of every public root is about 220 KiB.
-const MAX_CA_FILE: u64 = 1 << 20;
-
 /// Reads `heartbeat.ca_file`: a regular file (a FIFO would block the read until something
-/// writes to it) of at most [`MAX_CA_FILE`] bytes.
+/// writes to it) of at most [`ferry_keyfile::MAX_PEM_FILE`] bytes.
 fn read_ca_file(path: &Path) -> std::io::Result<Vec<u8>> {
-    Ok(ferry_keyfile::read_text_file(path, MAX_CA_FILE)?
-        .as_bytes()
-        .to_vec())
+    Ok(
+        ferry_keyfile::read_text_file(path, ferry_keyfile::MAX_PEM_FILE)?
+            .as_bytes()
+            .to_vec(),
+    )
 }
