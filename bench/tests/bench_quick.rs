@@ -256,6 +256,17 @@ fn the_quick_profile_runs_end_to_end_and_its_report_holds_together() {
     let summary = std::fs::read_to_string(out.path().join("summary.md")).expect("summary.md");
     assert!(summary.contains("| ferry |"));
     assert!(summary.contains("XDP ns/run"));
+    // The idle policy is this machine's, in the JSON and in the summary's `idle:` line.
+    let driver = std::fs::read_to_string("/sys/devices/system/cpu/cpuidle/current_driver")
+        .map(|d| d.trim().to_string())
+        .ok()
+        .filter(|d| !d.is_empty() && d != "none");
+    assert_eq!(result["host"]["idle"]["driver"].as_str(), driver.as_deref());
+    let idle_line = summary.lines().find(|l| l.starts_with("- idle: "));
+    match &driver {
+        Some(d) => assert!(idle_line.is_some_and(|l| l.contains(&format!("cpuidle {d}")))),
+        None => assert!(idle_line.is_some_and(|l| l.contains("no cpuidle driver"))),
+    }
     for chart in ["throughput.svg", "latency.svg"] {
         let svg = std::fs::read_to_string(out.path().join(chart)).expect("a chart");
         assert!(svg.starts_with("<svg") && svg.contains("ferry"), "{chart}");

@@ -3,13 +3,14 @@
 //! the capacity lines.
 
 use std::fmt::Write as _;
+use std::path::Path;
 
 use serde::Serialize;
 
 /// The `schema` field of every result.
 pub const SCHEMA_NAME: &str = "ferry-bench/result";
 /// The `version` field: raised whenever a field changes meaning or goes away.
-pub const SCHEMA_VERSION: u32 = 4;
+pub const SCHEMA_VERSION: u32 = 5;
 
 /// A whole run.
 #[derive(Clone, Debug, Serialize)]
@@ -62,10 +63,13 @@ pub struct Host {
     pub kernel: String,
     /// The 1-minute load average when the run started (other work competes for the CPUs).
     pub load_average_start: f64,
+    /// How idle CPUs wait for work, which decides much of what a datagram costs below
+    /// saturation (docs/bench.md, "Idle states").
+    pub idle: IdlePolicy,
 }
 
 impl Host {
-    /// This machine, now: its CPUs, kernel release and 1-minute load average.
+    /// This machine, now: its CPUs, kernel release, 1-minute load average and idle policy.
     pub fn here() -> Self {
         Self {
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -77,7 +81,135 @@ impl Host {
                 .ok()
                 .and_then(|l| l.split_whitespace().next()?.parse().ok())
                 .unwrap_or(f64::NAN),
+            idle: IdlePolicy::read(Path::new("/"), read_cpu_latency_limit()),
         }
+    }
+}
+
+/// How a machine's idle CPUs wait for work. A CPU that halts (or, in a virtual machine, gives
+/// its host core away) until the next datagram wakes later and with colder caches than one
+/// that polls; at 1,000 datagrams a second that changed relay CPU per packet 2–3× here.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct IdlePolicy {
+    /// The cpuidle driver (`/sys/devices/system/cpu/cpuidle/current_driver`: `intel_idle`,
+    /// `acpi_idle`, `haltpoll`, …); `None` where the kernel runs none.
+    pub driver: Option<String>,
+    /// The cpuidle governor (`current_governor`, or `current_governor_ro`).
+    pub governor: Option<String>,
+    /// How long an idle virtual CPU polls before it halts (`haltpoll`'s `guest_halt_poll_ns`);
+    /// `None` where that module is not loaded.
+    pub guest_halt_poll_ns: Option<u64>,
+    /// The limit on every CPU's wake-up latency that programs hold through
+    /// `/dev/cpu_dma_latency`, µs; `None` when there is none (or it cannot be read).
+    pub cpu_latency_limit_us: Option<u64>,
+    /// CPUs with a wake-up latency limit of their own (`power/pm_qos_resume_latency_us`),
+    /// in CPU order; a CPU without one is left out.
+    pub cpu_resume_limits: Vec<CpuResumeLimit>,
+}
+
+/// One CPU's own wake-up latency limit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CpuResumeLimit {
+    /// The CPU.
+    pub cpu: usize,
+    /// The limit, µs; 0 for `n/a`, where the CPU idles by polling only.
+    pub limit_us: u64,
+}
+
+/// The value `/dev/cpu_dma_latency` reports when no program asks for a limit (2,000 s).
+const NO_CPU_LATENCY_LIMIT_US: i32 = 2_000_000_000;
+
+/// The system-wide CPU latency limit, µs, or `None` when there is none or the device cannot
+/// be read (it is root's). Opening the device adds a request for "no limit", which ends
+/// when the file is closed, so reading it changes nothing.
+fn read_cpu_latency_limit() -> Option<u64> {
+    let mut value = [0u8; 4];
+    std::fs::File::open("/dev/cpu_dma_latency")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut value))
+        .ok()?;
+    match i32::from_ne_bytes(value) {
+        NO_CPU_LATENCY_LIMIT_US => None,
+        limit => u64::try_from(limit).ok(),
+    }
+}
+
+impl IdlePolicy {
+    /// Reads the policy from the sysfs below `root` (`/` for this machine), with the
+    /// system-wide limit read separately.
+    pub fn read(root: &Path, cpu_latency_limit_us: Option<u64>) -> Self {
+        let text = |path: &str| {
+            std::fs::read_to_string(root.join(path))
+                .ok()
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty() && t != "none")
+        };
+        let cpuidle = "sys/devices/system/cpu/cpuidle";
+        let mut cpu_resume_limits = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(root.join("sys/devices/system/cpu")) {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let Some(cpu) = name
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("cpu"))
+                    .and_then(|n| n.parse::<usize>().ok())
+                else {
+                    continue;
+                };
+                let limit = match text(&format!(
+                    "sys/devices/system/cpu/cpu{cpu}/power/pm_qos_resume_latency_us"
+                ))
+                .as_deref()
+                {
+                    Some("n/a") => Some(0),
+                    // 0 is "no limit".
+                    Some(us) => us.parse::<u64>().ok().filter(|&us| us > 0),
+                    None => None,
+                };
+                if let Some(limit_us) = limit {
+                    cpu_resume_limits.push(CpuResumeLimit { cpu, limit_us });
+                }
+            }
+        }
+        cpu_resume_limits.sort_by_key(|l| l.cpu);
+        Self {
+            driver: text(&format!("{cpuidle}/current_driver")),
+            governor: text(&format!("{cpuidle}/current_governor"))
+                .or_else(|| text(&format!("{cpuidle}/current_governor_ro"))),
+            guest_halt_poll_ns: text("sys/module/haltpoll/parameters/guest_halt_poll_ns")
+                .and_then(|ns| ns.parse().ok()),
+            cpu_latency_limit_us,
+            cpu_resume_limits,
+        }
+    }
+
+    /// One line for the summary: "cpuidle haltpoll (governor haltpoll), idle vCPUs poll 0 ns
+    /// before they halt, no CPU latency limit".
+    pub fn describe(&self) -> String {
+        let mut parts = vec![match (&self.driver, &self.governor) {
+            (Some(d), Some(g)) => format!("cpuidle {d} (governor {g})"),
+            (Some(d), None) => format!("cpuidle {d}"),
+            (None, _) => "no cpuidle driver".to_string(),
+        }];
+        if let Some(ns) = self.guest_halt_poll_ns {
+            parts.push(format!("idle vCPUs poll {ns} ns before they halt"));
+        }
+        parts.push(match self.cpu_latency_limit_us {
+            Some(0) => "every CPU idles by polling (/dev/cpu_dma_latency 0)".to_string(),
+            Some(us) => format!("CPU wake-up latency limited to {us} µs"),
+            None => "no CPU latency limit".to_string(),
+        });
+        let polling: Vec<String> = self
+            .cpu_resume_limits
+            .iter()
+            .map(|l| match l.limit_us {
+                0 => format!("CPU {} polls", l.cpu),
+                us => format!("CPU {} wakes within {us} µs", l.cpu),
+            })
+            .collect();
+        if !polling.is_empty() {
+            parts.push(polling.join(", "));
+        }
+        parts.join(", ")
     }
 }
 
@@ -709,12 +841,14 @@ pub fn markdown(result: &BenchResult) -> String {
     let _ = writeln!(md, "# ferry-bench ({} profile)\n", result.profile);
     let _ = writeln!(
         md,
-        "- host: {} CPUs, kernel {}, load average {:.2} at the start\n- topology: {}\n\
+        "- host: {} CPUs, kernel {}, load average {:.2} at the start\n- idle: {}\n\
+         - topology: {}\n\
          - sessions: {}, pacing: {}, max loss {} %, {} s per search trial, {} s per latency point\n\
          - forwarders on CPU {}, generator and sink on CPU {}\n- took {:.0} s{}",
         result.host.cpus,
         result.host.kernel,
         result.host.load_average_start,
+        result.host.idle.describe(),
         result.topology,
         c.sessions,
         c.pacing,
@@ -1077,6 +1211,99 @@ fn ratio_table(md: &mut String, result: &BenchResult, payload: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Writes `text` at `path` below `root`, creating its directories.
+    fn put(root: &Path, path: &str, text: &str) {
+        let file = root.join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, text).unwrap();
+    }
+
+    #[test]
+    fn the_idle_policy_is_read_from_sysfs_and_said_in_one_line() {
+        let root = ferry_testkit::temp_dir("idle").unwrap();
+        let cpu = "sys/devices/system/cpu";
+        put(
+            root.path(),
+            &format!("{cpu}/cpuidle/current_driver"),
+            "haltpoll\n",
+        );
+        put(
+            root.path(),
+            &format!("{cpu}/cpuidle/current_governor_ro"),
+            "haltpoll\n",
+        );
+        put(
+            root.path(),
+            "sys/module/haltpoll/parameters/guest_halt_poll_ns",
+            "0\n",
+        );
+        // cpu0 has no limit (0), cpu1 polls (n/a), cpu10 wakes within 20 µs; cpufreq and a
+        // CPU without the file are not CPUs with a limit.
+        put(
+            root.path(),
+            &format!("{cpu}/cpu0/power/pm_qos_resume_latency_us"),
+            "0\n",
+        );
+        put(
+            root.path(),
+            &format!("{cpu}/cpu10/power/pm_qos_resume_latency_us"),
+            "20\n",
+        );
+        put(
+            root.path(),
+            &format!("{cpu}/cpu1/power/pm_qos_resume_latency_us"),
+            "n/a\n",
+        );
+        put(root.path(), &format!("{cpu}/cpufreq/boost"), "1\n");
+        std::fs::create_dir_all(root.path().join(format!("{cpu}/cpu2"))).unwrap();
+
+        let idle = IdlePolicy::read(root.path(), None);
+        assert_eq!(
+            idle,
+            IdlePolicy {
+                driver: Some("haltpoll".into()),
+                governor: Some("haltpoll".into()),
+                guest_halt_poll_ns: Some(0),
+                cpu_latency_limit_us: None,
+                cpu_resume_limits: vec![
+                    CpuResumeLimit {
+                        cpu: 1,
+                        limit_us: 0
+                    },
+                    CpuResumeLimit {
+                        cpu: 10,
+                        limit_us: 20
+                    },
+                ],
+            }
+        );
+        assert_eq!(
+            idle.describe(),
+            "cpuidle haltpoll (governor haltpoll), idle vCPUs poll 0 ns before they halt, \
+             no CPU latency limit, CPU 1 polls, CPU 10 wakes within 20 µs"
+        );
+        let polling = IdlePolicy::read(root.path(), Some(0));
+        assert!(polling.describe().contains("every CPU idles by polling"));
+    }
+
+    #[test]
+    fn a_machine_without_cpuidle_says_so() {
+        let root = ferry_testkit::temp_dir("idle").unwrap();
+        put(
+            root.path(),
+            "sys/devices/system/cpu/cpuidle/current_driver",
+            "none\n",
+        );
+        let idle = IdlePolicy::read(root.path(), Some(10));
+        assert_eq!(idle.driver, None);
+        assert_eq!(idle.guest_halt_poll_ns, None);
+        assert!(idle.cpu_resume_limits.is_empty());
+        assert_eq!(
+            idle.describe(),
+            "no cpuidle driver, CPU wake-up latency limited to 10 µs"
+        );
+    }
 
     fn ratio(round: u32, baseline: &str, ferry: f64, base: f64, ok: bool) -> Ratio {
         Ratio {
