@@ -1692,3 +1692,19 @@ fn the_guard_sends_to_each_slot_from_the_address_it_was_bound_through() {
         "an address of the other family is not the slot's"
     );
 }
+
+#[test]
+fn what_a_forward_touches_of_a_binding_lies_in_its_first_two_cache_lines() {
+    use std::mem::{offset_of, size_of};
+    let hot_end = offset_of!(Binding, budget) + size_of::<TokenBucket>();
+    assert!(
+        hot_end <= 128,
+        "address, local address, last seen and budget end at {hot_end}"
+    );
+    // The slot keys are out of line: a session's two bindings stay a few lines apart.
+    let session = size_of::<Session>();
+    assert!(
+        session <= 512,
+        "a session takes {session} bytes in the table"
+    );
+}
