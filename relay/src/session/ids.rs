@@ -23,7 +23,7 @@ pub struct SessionIds {
 }
 
 impl Default for SessionIds {
-    /// Keys drawn from std's per-process random seed (the one `RandomState` uses).
+    /// Keys drawn from the random seed std's `RandomState` draws for each new map.
     fn default() -> Self {
         let seed = RandomState::new();
         // The second key is made odd, so the multiply by it loses no bit of the id.
@@ -54,9 +54,9 @@ pub struct IdHasher {
 /// The fractional part of π as a 64-bit odd constant, for the second fold.
 const SPREAD: u64 = 0x243f_6a88_85a3_08d3;
 
-/// The full 128-bit product of `a` and `b`, its halves XORed: every bit of either input moves
-/// the low and the high bits of the result, which the table uses for the bucket and the
-/// control byte.
+/// The full 128-bit product of `a` and `b`, its two halves XORed: the high half brings the
+/// multiply's mixing of the high bits down into the low ones, which the table uses for the
+/// bucket (the top 7 bits make the control byte).
 fn folded_multiply(a: u64, b: u64) -> u64 {
     let product = u128::from(a) * u128::from(b);
     // Truncation intended: the low half.
