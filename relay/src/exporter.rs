@@ -58,7 +58,7 @@ const PER_WORKER: [WorkerMetric; 17] = [
     ),
     (
         "ferry_worker_rx_no_buffers",
-        "Times the kernel had no free receive buffer.",
+        "Times a receive found no receive buffer lent to the kernel (its datagrams wait in the socket queue until the worker lends more).",
         |s| s.rx_no_buffers.load(Ordering::Relaxed),
     ),
     ("ferry_worker_tx_errors", "Sends the kernel failed.", |s| {

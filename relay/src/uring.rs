@@ -85,6 +85,22 @@ pub enum UringError {
 /// bytes of the buffer takes one more ([`BufRing::retain`]), since with UDP GRO one buffer
 /// holds several datagrams that may leave in different sends. The ring keeps track, so a
 /// buffer is never given to the kernel twice, nor while a send still reads it.
+///
+/// # Lending only what the load needs
+///
+/// The kernel takes buffers in the order they were lent, so with every buffer lent each
+/// datagram lands in the buffer used longest ago: below saturation, when datagrams come one
+/// at a time, that is a buffer whose page and cache lines went cold long before (256 buffers
+/// of 68 KiB, one datagram a millisecond: the buffer was last written a quarter of a second
+/// earlier). So the ring lends the kernel only a window of buffers, [`MIN_LENT`] to start
+/// with, and keeps the rest back as spares. One at a time, the same few buffers go round and
+/// stay warm. When a drain finds the kernel used the whole window, or ran out
+/// ([`BufRing::after_drain`]), the window grows fourfold at once (to the whole ring in three
+/// steps, since a backlog must not wait for buffers; meanwhile its datagrams wait in the
+/// socket's queue); after [`QUIET_DRAINS`] drains in a row that used a quarter of it or less,
+/// it halves. A buffer given back goes to the kernel while fewer than
+/// the window are lent, and otherwise on top of the spares, which are lent last-given-back
+/// first for the same reason.
 pub(crate) struct BufRing {
     entries: NonNull<BufRingEntry>,
     entries_layout: Layout,
@@ -95,9 +111,26 @@ pub(crate) struct BufRing {
     buffers: NonNull<u8>,
     buffers_layout: Layout,
     buf_size: usize,
-    /// Per buffer: the references userspace holds (0: the kernel owns it).
+    /// Per buffer: the references userspace holds (0: the kernel owns it, or it is a spare).
     refs: Box<[u16]>,
+    /// Buffers neither lent nor held, the one given back last on top.
+    spare: Vec<u16>,
+    /// Buffers lent to the kernel that no completion has named yet.
+    lent: u16,
+    /// How many buffers to keep lent: from `min_lent` to `count`.
+    window: u16,
+    /// The smallest window: [`MIN_LENT`] (or `count`, if smaller) unless set otherwise.
+    min_lent: u16,
+    /// Drains in a row that found the kernel used a quarter of the window or less.
+    quiet: u16,
 }
+
+/// The fewest buffers lent to the kernel at a time: the window below saturation.
+pub const MIN_LENT: u16 = 8;
+
+/// Drains in a row that used at most a quarter of the window before the window halves: at one
+/// datagram a millisecond, 64 ms after a burst.
+pub(crate) const QUIET_DRAINS: u16 = 64;
 
 /// Allocates `layout` zeroed, or fails with `what` in the error.
 fn alloc_region(layout: Layout, what: &str) -> io::Result<NonNull<u8>> {
@@ -108,7 +141,7 @@ fn alloc_region(layout: Layout, what: &str) -> io::Result<NonNull<u8>> {
 
 impl BufRing {
     /// `count` buffers (a power of two, at most 32768) of `buf_size` bytes each (at most
-    /// `u32::MAX`), all given to the kernel.
+    /// `u32::MAX`); the first [`MIN_LENT`] (or all, if fewer) are lent to the kernel.
     pub fn new(count: u16, buf_size: usize) -> io::Result<Self> {
         let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, what.to_owned());
         if !count.is_power_of_two() || count > 32768 {
@@ -144,11 +177,13 @@ impl BufRing {
             buffers_layout,
             buf_size,
             refs: vec![0; usize::from(count)].into_boxed_slice(),
+            spare: (0..count).rev().collect(),
+            lent: 0,
+            window: MIN_LENT.min(count),
+            min_lent: MIN_LENT.min(count),
+            quiet: 0,
         };
-        for bid in 0..count {
-            ring.push(bid);
-        }
-        ring.publish();
+        ring.lend_spares();
         Ok(ring)
     }
 
@@ -184,6 +219,53 @@ impl BufRing {
         self.tail = self.tail.wrapping_add(1);
     }
 
+    /// Lends spares, the one given back last first, until the window is lent or none is left.
+    fn lend_spares(&mut self) {
+        let mut lent_any = false;
+        while self.lent < self.window
+            && let Some(bid) = self.spare.pop()
+        {
+            self.push(bid);
+            self.lent += 1;
+            lent_any = true;
+        }
+        if lent_any {
+            self.publish();
+        }
+    }
+
+    /// Resizes the window after a drain in which receive completions named `taken` buffers
+    /// and, if `starved`, one found none lent. Quadruples it (at least) whenever the kernel
+    /// used all of it, or ran out; halves it after [`QUIET_DRAINS`] drains in a row that used
+    /// a quarter of it or less. The few datagrams a paced sender's late timer bunches together
+    /// use less than the window, so they do not widen it.
+    pub fn after_drain(&mut self, taken: usize, starved: bool) {
+        let window = usize::from(self.window);
+        if starved || taken >= window {
+            let wanted = taken.saturating_mul(2).max(window.saturating_mul(4));
+            // Lossless: at most `count`, a u16.
+            self.window = wanted.min(usize::from(self.count)) as u16;
+            self.quiet = 0;
+            self.lend_spares();
+        } else if taken.saturating_mul(4) <= window {
+            self.quiet += 1;
+            if self.quiet >= QUIET_DRAINS {
+                self.window = (self.window / 2).max(self.min_lent);
+                self.quiet = 0;
+            }
+        } else {
+            self.quiet = 0;
+        }
+    }
+
+    /// Sets the smallest window to `min_lent` buffers (at least 1, at most all of them) and
+    /// lends as many at once.
+    pub fn set_min_lent(&mut self, min_lent: u16) {
+        self.min_lent = min_lent.clamp(1, self.count);
+        self.window = self.window.max(self.min_lent);
+        self.lend_spares();
+    }
+
     /// Makes pushed buffers visible to the kernel.
     fn publish(&self) {
         // SAFETY: `entries` is the base of an initialised buffer ring; `tail` returns the
@@ -197,6 +279,7 @@ impl BufRing {
     fn take(&mut self, bid: u16) {
         if let Some(refs) = self.refs.get_mut(usize::from(bid)) {
             *refs = 1;
+            self.lent = self.lent.saturating_sub(1);
         }
     }
 
@@ -213,9 +296,10 @@ impl BufRing {
     }
 
     /// Gives back one reference to buffer `bid`; with the last one the buffer goes back to
-    /// the kernel, which may write it at any time from then on. A buffer userspace does not
-    /// hold (never received, already given back, or no buffer of this ring) is left alone, so
-    /// the kernel never gets one buffer twice.
+    /// the kernel, which may write it at any time from then on, or, while the window is lent,
+    /// on top of the spares. A buffer userspace does not hold (never received, already given
+    /// back, a spare, or no buffer of this ring) is left alone, so the kernel never gets one
+    /// buffer twice.
     pub fn give_back(&mut self, bid: u16) {
         match self.refs.get_mut(usize::from(bid)) {
             Some(refs) if *refs > 1 => {
@@ -228,8 +312,13 @@ impl BufRing {
                 return;
             }
         }
-        self.push(bid);
-        self.publish();
+        if self.lent < self.window {
+            self.push(bid);
+            self.lent += 1;
+            self.publish();
+        } else {
+            self.spare.push(bid);
+        }
     }
 
     /// Whether userspace holds buffer `bid`.
@@ -836,6 +925,12 @@ impl Ring {
         self.fixed_files
     }
 
+    /// Keeps at least `min_lent` receive buffers lent to the kernel ([`MIN_LENT`] unless set;
+    /// see [`BufRing`]'s window).
+    pub fn set_min_lent(&mut self, min_lent: u16) {
+        self.bufs.set_min_lent(min_lent);
+    }
+
     /// Arms (or re-arms) multishot receive on socket `index`.
     pub fn arm_recv(&mut self, index: usize) -> Result<(), UringError> {
         let hdr: *const libc::msghdr = &self.recv_hdrs[index];
@@ -896,6 +991,7 @@ impl Ring {
     /// Moves every available completion into `out` (cleared first).
     pub fn drain(&mut self, out: &mut Vec<Completion>) {
         out.clear();
+        let (mut taken, mut starved) = (0, false);
         for cqe in self.ring.completion() {
             let data = cqe.user_data();
             let index = data & !TAG_MASK;
@@ -907,7 +1003,9 @@ impl Ring {
                     }
                     if let Some(bid) = cqueue::buffer_select(cqe.flags()) {
                         self.bufs.take(bid);
+                        taken += 1;
                     }
+                    starved |= cqe.result() == -libc::ENOBUFS;
                     out.push(Completion::Recv {
                         socket: index as usize,
                         result: cqe.result(),
@@ -927,6 +1025,7 @@ impl Ring {
                 _ => {}
             }
         }
+        self.bufs.after_drain(taken, starved);
     }
 
     /// Multishot receives armed now (queued, last completion not reaped).
@@ -1399,7 +1498,12 @@ mod tests {
         assert!(BufRing::new(0, 2048).is_err());
         assert!(BufRing::new(8, 0).is_err());
         let ring = BufRing::new(8, 2048).unwrap();
-        assert_eq!(ring.tail, 8, "every buffer starts out given to the kernel");
+        assert_eq!(
+            ring.tail, 8,
+            "every buffer of the window starts out lent to the kernel"
+        );
+        let ring = BufRing::new(1024, 2048).unwrap();
+        assert_eq!(ring.tail, MIN_LENT, "the rest are spares");
     }
 
     #[test]
@@ -1447,6 +1551,171 @@ mod tests {
         assert_eq!(ring.tail, 9, "given back once, however often asked");
         // SAFETY: as above; buffer 3 is no longer held, so `bytes` must refuse it.
         assert!(unsafe { ring.bytes(3, 0, 1) }.is_none());
+    }
+
+    /// The kernel's side of a buffer ring in a test: it takes the buffers lent, in the order
+    /// they were lent, from its head up to the published tail.
+    struct KernelSide {
+        head: u16,
+    }
+
+    impl KernelSide {
+        /// The buffers lent and not yet taken, in the order the kernel will take them.
+        fn lent(&self, ring: &BufRing) -> Vec<u16> {
+            (0..ring.tail.wrapping_sub(self.head))
+                .map(|i| {
+                    let slot = usize::from(self.head.wrapping_add(i) & (ring.count - 1));
+                    // SAFETY: `slot < count`: an initialised entry of the live allocation.
+                    unsafe { &*ring.entries.as_ptr().add(slot) }.bid()
+                })
+                .collect()
+        }
+
+        /// Receives one datagram into the next lent buffer, as a completion would hand it
+        /// over; `None` if none is lent (`ENOBUFS`).
+        fn receive(&mut self, ring: &mut BufRing) -> Option<u16> {
+            let bid = *self.lent(ring).first()?;
+            self.head = self.head.wrapping_add(1);
+            ring.take(bid);
+            Some(bid)
+        }
+
+        /// Checks that every buffer is in exactly one place: lent, a spare, or `held`.
+        fn check(&self, ring: &BufRing, held: &[u16]) {
+            let lent = self.lent(ring);
+            assert_eq!(
+                lent.len(),
+                usize::from(ring.lent),
+                "the count matches the ring"
+            );
+            let mut all: Vec<u16> = [lent.as_slice(), &ring.spare, held].concat();
+            all.sort_unstable();
+            assert_eq!(all, (0..ring.count).collect::<Vec<_>>(), "each buffer once");
+        }
+    }
+
+    #[test]
+    fn the_kernel_is_lent_a_window_of_buffers_that_follows_the_load() {
+        let mut ring = BufRing::new(256, 2048).unwrap();
+        let mut kernel = KernelSide { head: 0 };
+        assert_eq!(kernel.lent(&ring), (0..MIN_LENT).collect::<Vec<_>>());
+        kernel.check(&ring, &[]);
+
+        // One datagram at a time: the same few buffers go round, however long it lasts.
+        let mut used = std::collections::BTreeSet::new();
+        for _ in 0..1000 {
+            let bid = kernel.receive(&mut ring).unwrap();
+            used.insert(bid);
+            ring.give_back(bid);
+            ring.after_drain(1, false);
+            kernel.check(&ring, &[]);
+        }
+        assert_eq!(used.len(), usize::from(MIN_LENT), "{used:?}");
+        assert_eq!(ring.window, MIN_LENT);
+
+        // A burst: the kernel takes the whole window and runs out. The window at once grows
+        // fourfold (the spares given back last go out first) and then, burst after burst, to
+        // the whole ring.
+        let mut held = Vec::new();
+        while let Some(bid) = kernel.receive(&mut ring) {
+            held.push(bid);
+        }
+        assert_eq!(held.len(), usize::from(MIN_LENT));
+        ring.after_drain(held.len(), true);
+        assert_eq!(ring.window, 4 * MIN_LENT);
+        assert_eq!(
+            kernel.lent(&ring),
+            (MIN_LENT..5 * MIN_LENT).collect::<Vec<_>>()
+        );
+        kernel.check(&ring, &held);
+        for bid in held.drain(..) {
+            ring.give_back(bid);
+        }
+        assert_eq!(
+            ring.spare.last(),
+            Some(&7),
+            "the window was lent: back to the spares"
+        );
+        kernel.check(&ring, &[]);
+        let mut windows = Vec::new();
+        for starved in [true, false, true, false] {
+            while let Some(bid) = kernel.receive(&mut ring) {
+                held.push(bid);
+            }
+            // The kernel used every buffer lent; whether it also ran out makes no difference.
+            ring.after_drain(held.len(), starved);
+            windows.push(ring.window);
+            kernel.check(&ring, &held);
+            for bid in held.drain(..) {
+                ring.give_back(bid);
+            }
+        }
+        assert_eq!(windows, [128, 256, 256, 256]);
+        assert_eq!(
+            usize::from(ring.lent),
+            256,
+            "the whole ring is lent under a backlog"
+        );
+
+        // A drain that used more than a quarter of the window but not all of it neither grows
+        // nor shrinks it, and restarts the count of quiet drains.
+        for _ in 0..QUIET_DRAINS - 1 {
+            ring.after_drain(1, false);
+        }
+        ring.after_drain(255, false);
+        for _ in 0..QUIET_DRAINS - 1 {
+            ring.after_drain(1, false);
+        }
+        assert_eq!(ring.window, 256);
+        ring.after_drain(1, false);
+        assert_eq!(
+            ring.window, 128,
+            "halved after {QUIET_DRAINS} quiet drains in a row"
+        );
+
+        // Quiet again: the window shrinks back to MIN_LENT, and as the kernel uses up what it
+        // was lent the buffers given back go to the spares, until only the window is lent.
+        for _ in 0..2000 {
+            let bid = kernel.receive(&mut ring).unwrap();
+            ring.give_back(bid);
+            ring.after_drain(1, false);
+            kernel.check(&ring, &[]);
+        }
+        assert_eq!(ring.window, MIN_LENT);
+        assert_eq!(ring.lent, MIN_LENT);
+    }
+
+    #[test]
+    fn a_smallest_window_set_higher_is_lent_at_once_and_kept() {
+        let mut ring = BufRing::new(64, 2048).unwrap();
+        let kernel = KernelSide { head: 0 };
+        ring.set_min_lent(u16::MAX);
+        assert_eq!((ring.window, ring.lent), (64, 64), "at most every buffer");
+        kernel.check(&ring, &[]);
+        for _ in 0..10 * QUIET_DRAINS {
+            ring.after_drain(0, false);
+        }
+        assert_eq!(
+            ring.window, 64,
+            "quiet drains do not shrink it below the minimum"
+        );
+        ring.set_min_lent(0);
+        assert_eq!(ring.min_lent, 1, "at least one buffer");
+    }
+
+    #[test]
+    fn a_ring_smaller_than_the_window_lends_every_buffer() {
+        let mut ring = BufRing::new(4, 2048).unwrap();
+        let mut kernel = KernelSide { head: 0 };
+        assert_eq!(kernel.lent(&ring), [0, 1, 2, 3]);
+        for _ in 0..100 {
+            ring.after_drain(0, false);
+        }
+        assert_eq!(ring.window, 4, "never below the ring's size");
+        let bid = kernel.receive(&mut ring).unwrap();
+        ring.after_drain(1, true);
+        assert_eq!(ring.window, 4, "never above it");
+        kernel.check(&ring, &[bid]);
     }
 
     /// A control area as the kernel writes it: one message of `level`/`kind` with `data`.

@@ -27,7 +27,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::session::{Counters, Notice, Outcome};
 use crate::uring::{
-    Completion, MAX_GSO_BYTES, MAX_SEGMENTS, RecvProblem, Ring, SHUTDOWN_LIMIT, Segment,
+    Completion, MAX_GSO_BYTES, MAX_SEGMENTS, MIN_LENT, RecvProblem, Ring, SHUTDOWN_LIMIT, Segment,
     UringError, is_v4, recv_payload_room,
 };
 
@@ -77,7 +77,10 @@ pub struct WorkerStats {
     /// Receive completions whose header or source address could not be read (not expected from
     /// a UDP socket); their datagrams are dropped.
     pub rx_undecodable: AtomicU64,
-    /// Times the kernel found no free receive buffer (datagrams lost before us).
+    /// Times a multishot receive found no receive buffer lent to the kernel: a burst used up
+    /// the few lent below saturation (or every buffer was in use). The receive ends; its
+    /// datagrams wait in the socket's queue (lost only if that overflows, counted in
+    /// [`WorkerStats::socket_drops`]) while the worker lends more buffers and re-arms it.
     pub rx_no_buffers: AtomicU64,
     /// Datagrams whose send the kernel failed (e.g. unreachable destination, or a UDP GSO send
     /// the device cannot do).
@@ -190,6 +193,10 @@ pub struct WorkerConfig {
     pub buffers: u16,
     /// Receive buffers of [`GRO_RECV_BUF_SIZE`] bytes (a power of two), with UDP GRO.
     pub gro_buffers: u16,
+    /// Receive buffers lent to the kernel at the least: below saturation the same few go
+    /// round and stay warm in the cache, and the worker lends more at once while bursts need
+    /// them ([`MIN_LENT`] by default; the window is described in `uring.rs`).
+    pub min_lent_buffers: u16,
     /// Let the kernel coalesce consecutive datagrams of one sender into one receive (UDP
     /// GRO), where the receiving device does GRO. Turned off by the worker itself (with a
     /// warning) if a socket refuses the option.
@@ -225,6 +232,7 @@ impl Default for WorkerConfig {
             ring_entries: 2048,
             buffers: 4096,
             gro_buffers: 256,
+            min_lent_buffers: MIN_LENT,
             gro: true,
             sends: 4096,
             tick: Duration::from_millis(100),
@@ -559,6 +567,7 @@ pub fn run_worker<H: PacketHandler>(
         gro,
         &pktinfo,
     )?;
+    ring.set_min_lent(cfg.min_lent_buffers);
     if cfg.zero_copy_min.is_some() {
         match ring.set_zero_copy_min(cfg.zero_copy_min) {
             false => tracing::warn!("the kernel lacks SEND_ZC for sendmsg; forwarding with copies"),

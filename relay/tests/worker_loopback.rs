@@ -113,7 +113,8 @@ fn start(listen: Vec<SocketAddr>, sink: SocketAddr) -> Option<Running> {
 
 /// Starts a worker whose tick (the longest wait for a completion) is a minute long, so that a
 /// datagram it held until the tick released it would not arrive within any read timeout here,
-/// and whose wait for a batch lasts `coalesce`. Stop it with [`Running::stop_waking`].
+/// whose wait for a batch lasts `coalesce`, and which lends the kernel all its receive
+/// buffers at once. Stop it with [`Running::stop_waking`].
 fn start_without_tick(
     listen: Vec<SocketAddr>,
     sink: SocketAddr,
@@ -122,6 +123,9 @@ fn start_without_tick(
     start_with(listen, sink, |cfg| {
         cfg.tick = Duration::from_secs(60);
         cfg.coalesce = coalesce;
+        // Every receive buffer lent from the start, as under a sustained load, so that a
+        // burst that queued up while the worker was held comes in one drain.
+        cfg.min_lent_buffers = u16::MAX;
     })
 }
 
@@ -648,6 +652,48 @@ fn a_reply_leaves_at_once_while_the_worker_waits_for_a_batch() {
     assert!(
         stats.batch_waits.load(Ordering::Relaxed) >= 1,
         "the drain with the request held a batch, so the worker waited for one"
+    );
+}
+
+/// Below saturation a worker lends the kernel only a few of its receive buffers (8), so that
+/// the same few go round and stay warm. A burst that is all there at once runs them out: the
+/// rest of it waits in the socket's queue while the worker lends more (each time counted in
+/// `rx_no_buffers`), and every datagram is forwarded, in order.
+#[test]
+fn a_burst_longer_than_the_buffers_lent_waits_in_the_queue_and_all_of_it_is_forwarded() {
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sink.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let Some(worker) = start(vec![listen], sink.local_addr().unwrap()) else {
+        return;
+    };
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    // Hold the worker while the burst queues up behind the 'H' datagram.
+    client.send_to(b"H", listen).unwrap();
+    worker.gate.wait_holding();
+    const BURST: u8 = 100;
+    for i in 0..BURST {
+        let mut msg = [0u8; 64];
+        msg[..3].copy_from_slice(&[b'F', 1, i]);
+        client.send_to(&msg, listen).unwrap();
+    }
+    worker.gate.open.store(true, Ordering::SeqCst);
+    let mut buf = [0u8; 128];
+    for i in 0..BURST {
+        let (len, _) = sink.recv_from(&mut buf).unwrap();
+        assert_eq!(
+            (len, buf[0], buf[1], buf[2]),
+            (64, b'F', 1, i),
+            "datagram {i}"
+        );
+    }
+    let stats = worker.stop();
+    assert_eq!(stats.tx_packets.load(Ordering::Relaxed), u64::from(BURST));
+    assert!(
+        stats.rx_no_buffers.load(Ordering::Relaxed) >= 1,
+        "the burst ran out the buffers lent at first"
     );
 }
 
