@@ -926,7 +926,7 @@ impl Ring {
     }
 
     /// Keeps at least `min_lent` receive buffers lent to the kernel ([`MIN_LENT`] unless set;
-    /// see [`BufRing`]'s window).
+    /// see the receive-buffer window in this module's `BufRing`).
     pub fn set_min_lent(&mut self, min_lent: u16) {
         self.bufs.set_min_lent(min_lent);
     }
