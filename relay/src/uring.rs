@@ -98,9 +98,8 @@ pub enum UringError {
 /// ([`BufRing::after_drain`]), the window grows fourfold at once (to the whole ring in three
 /// steps, since a backlog must not wait for buffers; meanwhile its datagrams wait in the
 /// socket's queue); after [`QUIET_DRAINS`] drains in a row that used a quarter of it or less,
-/// it halves. A buffer given back goes to the kernel while fewer than
-/// the window are lent, and otherwise on top of the spares, which are lent last-given-back
-/// first for the same reason.
+/// it halves. A buffer given back goes on top of the spares, which are lent last-given-back
+/// first for the same reason, whenever fewer than the window are lent.
 pub(crate) struct BufRing {
     entries: NonNull<BufRingEntry>,
     entries_layout: Layout,
@@ -312,13 +311,8 @@ impl BufRing {
                 return;
             }
         }
-        if self.lent < self.window {
-            self.push(bid);
-            self.lent += 1;
-            self.publish();
-        } else {
-            self.spare.push(bid);
-        }
+        self.spare.push(bid);
+        self.lend_spares();
     }
 
     /// Whether userspace holds buffer `bid`.
